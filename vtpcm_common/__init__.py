@@ -1,0 +1,1 @@
+"""Pieces shared by the compute-node agent and the controller engine."""

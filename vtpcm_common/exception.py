@@ -1,0 +1,126 @@
+"""One exception hierarchy for the whole project.
+
+Subclasses only set ``msg_fmt``; callers pass the named values. Messages
+name *what* was wrong (an instance uuid, a field, a state) and never carry
+key material or TPM state: the format strings are fixed here, so a secret can
+only leak if someone passes one as a keyword, and the reviewers look for that.
+"""
+
+from typing import Any
+
+
+class VTPCMException(Exception):
+    """Base class; ``code`` lets RPC callers and the CLI map errors."""
+
+    msg_fmt = "An unknown vTPCM error occurred."
+    code = "error"
+
+    def __init__(self, message: str | None = None, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        if message is None:
+            try:
+                message = self.msg_fmt % kwargs
+            except (KeyError, TypeError, ValueError):
+                message = self.msg_fmt
+        self.message = message
+        super().__init__(message)
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(VTPCMException):
+    msg_fmt = "Invalid input: %(reason)s"
+    code = "invalid_input"
+
+
+class InvalidPayload(InvalidInput):
+    msg_fmt = "Invalid %(message_type)s payload: field %(field)s: %(reason)s"
+    code = "invalid_payload"
+
+
+class NotFound(VTPCMException):
+    msg_fmt = "%(what)s %(key)s not found"
+    code = "not_found"
+
+
+class AlreadyExists(VTPCMException):
+    msg_fmt = "%(what)s %(key)s already exists"
+    code = "already_exists"
+
+
+class InvalidTransition(VTPCMException):
+    msg_fmt = ("Illegal transition of %(what)s %(key)s from %(current)s "
+               "to %(target)s")
+    code = "invalid_transition"
+
+
+class SwtpmError(VTPCMException):
+    msg_fmt = "swtpm error for vTPCM %(vtpcm_id)s: %(reason)s"
+    code = "swtpm_error"
+
+
+class CtrlChannelError(VTPCMException):
+    msg_fmt = "swtpm control channel %(command)s failed: %(reason)s"
+    code = "ctrl_channel_error"
+
+
+class StateImportError(VTPCMException):
+    msg_fmt = "Importing state into vTPCM %(vtpcm_id)s failed: %(reason)s"
+    code = "state_import_error"
+
+
+class KeyStoreError(VTPCMException):
+    msg_fmt = "Key store error: %(reason)s"
+    code = "keystore_error"
+
+
+class HostTPMError(VTPCMException):
+    msg_fmt = "Host TPM error: %(reason)s"
+    code = "host_tpm_error"
+
+
+class SealError(VTPCMException):
+    msg_fmt = "Sealed key envelope rejected: %(reason)s"
+    code = "seal_error"
+
+
+class AttestationError(VTPCMException):
+    msg_fmt = "Attestation of host %(host)s failed: %(reason)s"
+    code = "attestation_error"
+
+
+class HostNotTrusted(VTPCMException):
+    msg_fmt = "Host %(host)s is not trusted: %(reason)s"
+    code = "host_not_trusted"
+
+
+class MigrationError(VTPCMException):
+    msg_fmt = "vTPCM migration %(migration_id)s failed: %(reason)s"
+    code = "migration_error"
+
+
+class GenerationMismatch(VTPCMException):
+    msg_fmt = ("vTPCM of instance %(instance_uuid)s: generation %(given)s "
+               "refused, authoritative generation is %(expected)s")
+    code = "generation_mismatch"
+
+
+class LabError(VTPCMException):
+    msg_fmt = "Two-host lab: %(reason)s"
+    code = "lab_error"
+
+
+class InvalidAttestationKey(AttestationError):
+    msg_fmt = "Attestation key of host %(host)s rejected: %(reason)s"
+    code = "invalid_attestation_key"
+
+
+class CertificationError(AttestationError):
+    msg_fmt = "KEM key certification of host %(host)s rejected: %(reason)s"
+    code = "certification_error"
+
+
+class QuoteVerificationError(AttestationError):
+    msg_fmt = "Quote from host %(host)s rejected: %(reason)s"
+    code = "quote_verification_error"
