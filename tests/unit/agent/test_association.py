@@ -1,0 +1,163 @@
+"""The association list: transition table, tombstones, atomicity."""
+
+import itertools
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from vtpcm_agent import association
+from vtpcm_agent.association import AssociationList, VTPCMState
+from vtpcm_common import exception
+
+S = VTPCMState
+
+
+@pytest.fixture
+def alist(tmp_path):
+    al = AssociationList(tmp_path / "assoc.sqlite")
+    yield al
+    al.close()
+
+
+def _add(al, state=S.CREATING, generation=0, instance=None):
+    instance = instance or str(uuid.uuid4())
+    return al.add(instance_uuid=instance, vtpcm_id=str(uuid.uuid4()), state=state,
+                  generation=generation, state_dir="/x", ctrl_socket="/x.ctrl")
+
+
+def _drive_to(al, instance, path):
+    for target in path:
+        al.transition(instance, target)
+
+
+# A path from CREATING to every state, used to reach each start state.
+PATHS = {
+    S.CREATING: [],
+    S.STOPPED: [S.STOPPED],
+    S.ACTIVE: [S.STOPPED, S.ACTIVE],
+    S.MIGRATING_OUT: [S.STOPPED, S.ACTIVE, S.MIGRATING_OUT],
+    S.DESTROYED: [S.DESTROYED],
+}
+
+
+@pytest.mark.parametrize(("current", "target"),
+                         list(itertools.product(list(S), list(S))))
+def test_every_pair_of_the_transition_table(alist, current, target):
+    if current is S.MIGRATING_IN:
+        rec = _add(alist, state=S.MIGRATING_IN)
+    else:
+        rec = _add(alist)
+        _drive_to(alist, rec.instance_uuid, PATHS[current])
+    before = alist.get(rec.instance_uuid)
+    assert before.state is current
+    if target is current:
+        # Re-asserting the current state is a no-op (idempotent retries).
+        assert alist.transition(rec.instance_uuid, target).state is current
+    elif target in association.TRANSITIONS[current]:
+        assert alist.transition(rec.instance_uuid, target).state is target
+    else:
+        with pytest.raises(exception.InvalidTransition) as err:
+            alist.transition(rec.instance_uuid, target)
+        assert current.value in str(err.value) and target.value in str(err.value)
+        after = alist.get(rec.instance_uuid)
+        assert after.state is current and after.updated_at == before.updated_at
+
+
+def test_destroyed_is_final(alist):
+    rec = _add(alist)
+    alist.transition(rec.instance_uuid, S.DESTROYED)
+    for target in S:
+        if target is S.DESTROYED:
+            continue
+        with pytest.raises(exception.InvalidTransition):
+            alist.transition(rec.instance_uuid, target)
+
+
+def test_expected_states_narrow_the_table(alist):
+    rec = _add(alist)
+    alist.transition(rec.instance_uuid, S.STOPPED)
+    with pytest.raises(exception.InvalidTransition):
+        alist.transition(rec.instance_uuid, S.ACTIVE,
+                         expected=frozenset({S.MIGRATING_OUT}))
+    assert alist.get(rec.instance_uuid).state is S.STOPPED
+
+
+def test_duplicate_add_refused(alist):
+    rec = _add(alist)
+    with pytest.raises(exception.AlreadyExists):
+        _add(alist, instance=rec.instance_uuid)
+    assert alist.get(rec.instance_uuid).vtpcm_id == rec.vtpcm_id
+
+
+def test_tombstone_refuses_old_generation(alist):
+    rec = _add(alist, state=S.MIGRATING_IN, generation=3)
+    alist.transition(rec.instance_uuid, S.DESTROYED)
+    for gen in (0, 3):
+        with pytest.raises(exception.GenerationMismatch):
+            _add(alist, state=S.MIGRATING_IN, generation=gen, instance=rec.instance_uuid)
+    newer = _add(alist, state=S.MIGRATING_IN, generation=4, instance=rec.instance_uuid)
+    assert newer.generation == 4 and newer.state is S.MIGRATING_IN
+
+
+def test_generation_never_decreases(alist):
+    rec = _add(alist, state=S.MIGRATING_IN, generation=2)
+    with pytest.raises(exception.GenerationMismatch):
+        alist.transition(rec.instance_uuid, S.ACTIVE, generation=1)
+    assert alist.get(rec.instance_uuid).state is S.MIGRATING_IN
+
+
+def test_unknown_instance(alist):
+    with pytest.raises(exception.NotFound):
+        alist.transition(str(uuid.uuid4()), S.ACTIVE)
+
+
+def test_survives_reopen_and_lists_without_tombstones(tmp_path):
+    path = tmp_path / "a.sqlite"
+    al = AssociationList(path)
+    keep = _add(al)
+    gone = _add(al)
+    al.transition(gone.instance_uuid, S.DESTROYED)
+    al.close()
+    al = AssociationList(path)
+    assert [a.instance_uuid for a in al.list()] == [keep.instance_uuid]
+    assert len(al.list(include_destroyed=True)) == 2
+    al.close()
+
+
+def test_kill_9_mid_write_leaves_no_half_record(tmp_path):
+    """A writer killed at random points leaves only whole rows behind."""
+    path = tmp_path / "k.sqlite"
+    AssociationList(path).close()
+    script = (
+        "import sys, uuid\n"
+        "from vtpcm_agent.association import AssociationList, VTPCMState as S\n"
+        "al = AssociationList(sys.argv[1])\n"
+        "print('ready', flush=True)\n"
+        "while True:\n"
+        "    i = str(uuid.uuid4())\n"
+        "    al.add(instance_uuid=i, vtpcm_id=str(uuid.uuid4()), state=S.CREATING,\n"
+        "           generation=0, state_dir='/d', ctrl_socket='/c')\n"
+        "    al.transition(i, S.STOPPED)\n"
+    )
+    env = dict(os.environ, PYTHONPATH=os.getcwd())
+    for delay in (0.05, 0.2, 0.4):
+        proc = subprocess.Popen([sys.executable, "-c", script, str(path)],
+                                stdout=subprocess.PIPE, env=env)
+        try:
+            assert proc.stdout.readline().strip() == b"ready"
+            import time
+            time.sleep(delay)
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
+            proc.stdout.close()
+    al = AssociationList(path)
+    rows = al.list(include_destroyed=True)
+    assert rows, "the writer made no progress"
+    for row in rows:
+        assert row.state in (S.CREATING, S.STOPPED)
+        assert row.vtpcm_id and row.state_dir == "/d" and row.ctrl_socket == "/c"
+    al.close()

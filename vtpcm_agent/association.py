@@ -1,0 +1,261 @@
+"""The durable VM-vTPCM association list of one compute node.
+
+One row per instance. SQLite in WAL mode with synchronous=FULL: every change
+is one transaction, so a kill -9 at any point leaves either the old or the
+new row, never half of one. States move only along ``TRANSITIONS``; an
+illegal move raises ``InvalidTransition`` and writes nothing. DESTROYED rows
+stay as tombstones: they remember the last generation, so an older
+generation of the same instance can never be brought back on this host.
+"""
+
+import contextlib
+import dataclasses
+import datetime
+import enum
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from oslo_log import log as logging
+
+from vtpcm_common import exception
+
+LOG = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+_UNSET: Any = object()  # 'leave this column as it is'
+
+
+class VTPCMState(enum.StrEnum):
+    CREATING = "CREATING"
+    STOPPED = "STOPPED"
+    ACTIVE = "ACTIVE"
+    MIGRATING_OUT = "MIGRATING_OUT"
+    MIGRATING_IN = "MIGRATING_IN"
+    DESTROYED = "DESTROYED"
+
+
+S = VTPCMState
+
+# Allowed moves. A new row starts in CREATING (local create) or MIGRATING_IN
+# (incoming migration); DESTROYED is final.
+TRANSITIONS: dict[VTPCMState, frozenset[VTPCMState]] = {
+    S.CREATING: frozenset({S.STOPPED, S.DESTROYED}),
+    S.STOPPED: frozenset({S.ACTIVE, S.MIGRATING_OUT, S.DESTROYED}),
+    S.ACTIVE: frozenset({S.STOPPED, S.MIGRATING_OUT}),
+    S.MIGRATING_OUT: frozenset({S.ACTIVE, S.STOPPED, S.DESTROYED}),
+    S.MIGRATING_IN: frozenset({S.ACTIVE, S.STOPPED, S.DESTROYED}),
+    S.DESTROYED: frozenset(),
+}
+INITIAL_STATES = frozenset({S.CREATING, S.MIGRATING_IN})
+
+
+def check_transition(instance_uuid: str, current: VTPCMState, target: VTPCMState) -> None:
+    """Raise InvalidTransition unless ``current -> target`` is in the table."""
+    if target not in TRANSITIONS[current]:
+        raise exception.InvalidTransition(
+            what="vTPCM of instance", key=instance_uuid, current=current.value,
+            target=target.value)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
+
+
+@dataclasses.dataclass(frozen=True)
+class Association:
+    """One VM-vTPCM record. Holds paths and ids, never key material."""
+
+    instance_uuid: str
+    vtpcm_id: str
+    state: VTPCMState
+    generation: int
+    migration_id: str | None
+    state_dir: str
+    ctrl_socket: str
+    pid: int | None
+    created_at: str
+    updated_at: str
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["state"] = self.state.value
+        return out
+
+
+_COLUMNS = ("instance_uuid", "vtpcm_id", "state", "generation", "migration_id",
+            "state_dir", "ctrl_socket", "pid", "created_at", "updated_at")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS associations (
+    instance_uuid TEXT PRIMARY KEY,
+    vtpcm_id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL CHECK (generation >= 0),
+    migration_id TEXT,
+    state_dir TEXT NOT NULL,
+    ctrl_socket TEXT NOT NULL,
+    pid INTEGER,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+"""
+
+
+class AssociationList:
+    """The association list backed by one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(str(self._path), isolation_level=None,
+                                     check_same_thread=False, timeout=10.0)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.executescript(_SCHEMA)
+        self._check_schema_version()
+
+    def _check_schema_version(self) -> None:
+        with self._transaction() as cur:
+            row = cur.execute("SELECT version FROM schema_version").fetchone()
+            if row is None:
+                cur.execute("INSERT INTO schema_version (version) VALUES (?)",
+                            (SCHEMA_VERSION,))
+            elif row[0] != SCHEMA_VERSION:
+                raise exception.VTPCMException(
+                    "Association list %s has schema version %s, this agent needs %s"
+                    % (self._path, row[0], SCHEMA_VERSION))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        with self._lock:
+            cur = self._conn.cursor()
+            cur.execute("BEGIN IMMEDIATE")
+            try:
+                yield cur
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+
+    @staticmethod
+    def _row(row: tuple[Any, ...]) -> Association:
+        values = dict(zip(_COLUMNS, row, strict=True))
+        values["state"] = VTPCMState(values["state"])
+        return Association(**values)
+
+    def _fetch(self, cur: sqlite3.Cursor, instance_uuid: str) -> Association | None:
+        row = cur.execute(
+            "SELECT %s FROM associations WHERE instance_uuid = ?" % ", ".join(_COLUMNS),
+            (instance_uuid,)).fetchone()
+        return self._row(row) if row else None
+
+    def get(self, instance_uuid: str) -> Association:
+        with self._transaction() as cur:
+            assoc = self._fetch(cur, instance_uuid)
+        if assoc is None:
+            raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
+        return assoc
+
+    def find(self, instance_uuid: str) -> Association | None:
+        with self._transaction() as cur:
+            return self._fetch(cur, instance_uuid)
+
+    def list(self, include_destroyed: bool = False) -> list[Association]:
+        sql = "SELECT %s FROM associations" % ", ".join(_COLUMNS)
+        if not include_destroyed:
+            sql += " WHERE state != 'DESTROYED'"
+        with self._transaction() as cur:
+            rows = cur.execute(sql + " ORDER BY created_at").fetchall()
+        return [self._row(r) for r in rows]
+
+    def add(self, *, instance_uuid: str, vtpcm_id: str, state: VTPCMState,
+            generation: int, state_dir: str, ctrl_socket: str,
+            migration_id: str | None = None) -> Association:
+        """Insert a new record; a tombstone with a generation >= ours refuses it."""
+        if state not in INITIAL_STATES:
+            raise exception.InvalidTransition(
+                what="vTPCM of instance", key=instance_uuid, current="(none)",
+                target=state.value)
+        now = _now()
+        with self._transaction() as cur:
+            existing = self._fetch(cur, instance_uuid)
+            if existing is not None:
+                if existing.state is not S.DESTROYED:
+                    raise exception.AlreadyExists(what="vTPCM of instance", key=instance_uuid)
+                if generation <= existing.generation:
+                    raise exception.GenerationMismatch(
+                        instance_uuid=instance_uuid, given=generation,
+                        expected="> %d" % existing.generation)
+                cur.execute("DELETE FROM associations WHERE instance_uuid = ?",
+                            (instance_uuid,))
+            cur.execute(
+                "INSERT INTO associations (%s) VALUES (%s)"
+                % (", ".join(_COLUMNS), ", ".join("?" * len(_COLUMNS))),
+                (instance_uuid, vtpcm_id, state.value, generation, migration_id,
+                 state_dir, ctrl_socket, None, now, now))
+            created = self._fetch(cur, instance_uuid)
+        assert created is not None
+        LOG.info("vTPCM %(vtpcm)s of instance %(instance)s recorded as %(state)s "
+                 "(generation %(gen)d)",
+                 {"vtpcm": vtpcm_id, "instance": instance_uuid, "state": state.value,
+                  "gen": generation})
+        return created
+
+    def transition(self, instance_uuid: str, target: VTPCMState, *,
+                   expected: frozenset[VTPCMState] | None = None,
+                   generation: int | None = None,
+                   migration_id: Any = _UNSET, pid: Any = _UNSET) -> Association:
+        """Move a record to ``target`` in one transaction.
+
+        ``expected`` narrows the allowed current states further (a caller that
+        only acts from MIGRATING_OUT says so). ``generation`` may only grow.
+        """
+        with self._transaction() as cur:
+            current = self._fetch(cur, instance_uuid)
+            if current is None:
+                raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
+            if expected is not None and current.state not in expected:
+                raise exception.InvalidTransition(
+                    what="vTPCM of instance", key=instance_uuid,
+                    current=current.state.value, target=target.value)
+            if current.state is not target:
+                check_transition(instance_uuid, current.state, target)
+            sets = {"state": target.value, "updated_at": _now()}
+            if generation is not None:
+                if generation < current.generation:
+                    raise exception.GenerationMismatch(
+                        instance_uuid=instance_uuid, given=generation,
+                        expected=">= %d" % current.generation)
+                sets["generation"] = generation
+            if migration_id is not _UNSET:
+                sets["migration_id"] = migration_id
+            if pid is not _UNSET:
+                sets["pid"] = pid
+            cur.execute(
+                "UPDATE associations SET %s WHERE instance_uuid = ?"
+                % ", ".join("%s = ?" % k for k in sets),
+                (*sets.values(), instance_uuid))
+            updated = self._fetch(cur, instance_uuid)
+        assert updated is not None
+        if current.state is not target:
+            LOG.info("vTPCM of instance %(instance)s: %(old)s -> %(new)s "
+                     "(generation %(gen)d)",
+                     {"instance": instance_uuid, "old": current.state.value,
+                      "new": target.value, "gen": updated.generation})
+        return updated
+
+    def set_pid(self, instance_uuid: str, pid: int | None) -> Association:
+        """Record the swtpm pid without changing the state."""
+        current = self.get(instance_uuid)
+        return self.transition(instance_uuid, current.state,
+                               expected=frozenset({current.state}), pid=pid)
