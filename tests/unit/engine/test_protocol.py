@@ -1,0 +1,147 @@
+"""The migration protocol state machine, driven by events only, exhaustively."""
+
+import itertools
+
+import pytest
+
+from vtpcm_common import exception
+from vtpcm_nova.engine import protocol as p
+from vtpcm_nova.engine.protocol import MigrationState as M
+
+OK = p.Begin(destination_trusted=True, source_is_location=True, generation_matches=True)
+
+SAMPLE_EVENTS = [
+    OK,
+    p.KeySealed(envelope=b"sealed"),
+    p.DestinationPrepared(),
+    p.CommitRequested(),
+    p.DestinationCommitted(),
+    p.SourceShredded(),
+    p.AbortRequested(reason="operator"),
+    p.Failure(reason="libvirt said no"),
+    p.DeadlinePassed(),
+    p.DestinationDestroyed(),
+    p.SourceRestored(),
+]
+
+# Event sequences from NEW that reach each state.
+ROUTES = {
+    M.NEW: [],
+    M.REFUSED: [p.Begin(False, True, True)],
+    M.SEALING: [OK],
+    M.PREPARING: [OK, SAMPLE_EVENTS[1]],
+    M.PREPARED: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared()],
+    M.COMMITTING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.CommitRequested()],
+    M.SHREDDING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.CommitRequested(),
+                  p.DestinationCommitted()],
+    M.COMMITTED: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.CommitRequested(),
+                  p.DestinationCommitted(), p.SourceShredded()],
+    M.ABORTING: [OK, p.Failure("x")],
+    M.RESTORING: [OK, p.Failure("x"), p.DestinationDestroyed()],
+    M.ABORTED: [OK, p.Failure("x"), p.DestinationDestroyed(), p.SourceRestored()],
+}
+
+
+def at(state):
+    proto = p.MigrationProtocol("m-1")
+    for event in ROUTES[state]:
+        proto.handle(event)
+    assert proto.state is state
+    return proto
+
+
+def test_every_state_has_a_route():
+    assert set(ROUTES) == set(M)
+
+
+@pytest.mark.parametrize(("state", "event"), list(itertools.product(list(M), SAMPLE_EVENTS)),
+                         ids=lambda v: getattr(v, "value", type(v).__name__))
+def test_whole_table(state, event):
+    proto = at(state)
+    key = (state, type(event))
+    if isinstance(event, p.Begin):
+        legal = state in (M.NEW, M.SEALING, M.PREPARING, M.PREPARED)
+    else:
+        legal = key in p.TRANSITIONS or key in p.IDEMPOTENT
+    if legal:
+        proto.handle(event)
+        if isinstance(event, p.Begin):
+            expected = M.SEALING if state is M.NEW else state
+        else:
+            expected = p.TRANSITIONS.get(key, state)
+        assert proto.state is expected
+    else:
+        with pytest.raises(exception.InvalidTransition) as err:
+            proto.handle(event)
+        assert proto.state is state, "an illegal event must not move the state"
+        assert state.value in str(err.value)
+
+
+def test_terminal_states_accept_nothing_new():
+    for state in p.TERMINAL:
+        for event in SAMPLE_EVENTS:
+            key = (state, type(event))
+            assert key not in p.TRANSITIONS
+
+
+def test_abort_after_commit_point_is_refused():
+    for state in (M.COMMITTING, M.SHREDDING, M.COMMITTED):
+        proto = at(state)
+        for event in (p.AbortRequested("late"), p.Failure("late"), p.DeadlinePassed()):
+            with pytest.raises(exception.InvalidTransition):
+                proto.handle(event)
+            assert proto.state is state
+
+
+def test_commit_after_abort_is_refused():
+    for state in (M.ABORTING, M.RESTORING, M.ABORTED):
+        proto = at(state)
+        with pytest.raises(exception.InvalidTransition):
+            proto.handle(p.CommitRequested())
+        assert proto.state is state
+
+
+@pytest.mark.parametrize("flags", [f for f in itertools.product([True, False], repeat=3)
+                                   if not all(f)])
+def test_begin_refusals_name_the_reason(flags):
+    proto = p.MigrationProtocol("m-2")
+    actions = proto.handle(p.Begin(*flags, reason="verdict UNTRUSTED"))
+    assert proto.state is M.REFUSED
+    assert actions == [a for a in actions if isinstance(a, p.Audit)]
+    detail = actions[0].detail
+    assert "verdict UNTRUSTED" in detail
+    if not flags[0]:
+        assert "destination not trusted" in detail
+    if not flags[2]:
+        assert "generation" in detail
+
+
+def test_happy_path_actions_in_order():
+    proto = p.MigrationProtocol("m-3")
+    names = []
+    for event in ROUTES[M.COMMITTED]:
+        names += [a.name for a in proto.handle(event) if not isinstance(a, p.Audit)]
+    assert names == ["seal_key", "prepare_destination", "move_authority",
+                     "commit_destination", "shred_source"]
+
+
+def test_abort_path_destroys_destination_before_restoring_source():
+    proto = at(M.PREPARED)
+    names = []
+    for event in (p.DeadlinePassed(), p.DestinationDestroyed(), p.SourceRestored()):
+        names += [a.name for a in proto.handle(event) if not isinstance(a, p.Audit)]
+    assert names == ["destroy_destination", "restore_source"]
+    assert proto.state is M.ABORTED
+
+
+def test_envelope_reaches_prepare_action_and_stays_out_of_reprs():
+    proto = at(M.SEALING)
+    (action,) = proto.handle(p.KeySealed(envelope=b"\x01secret-ciphertext"))
+    assert isinstance(action, p.PrepareDestination)
+    assert action.envelope == b"\x01secret-ciphertext"
+    assert "secret" not in repr(action) and "secret" not in repr(p.KeySealed(b"secret"))
+
+
+def test_pending_actions_only_in_pending_states():
+    for state in M:
+        assert bool(p.pending_actions(state)) == (state in p.PENDING_WORK)

@@ -1,0 +1,1 @@
+"""Nova side of vTPCM: engine, scheduler filter, compute driver."""

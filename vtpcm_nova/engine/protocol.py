@@ -1,0 +1,279 @@
+"""The VM-vTPCM synchronous migration protocol as a pure state machine.
+
+No I/O here: the coordinator feeds events in and carries the returned actions
+out (RPC to agents, DB writes). States, events and the transition table are
+declared once; an event that the table does not allow in the current state
+raises ``InvalidTransition`` and leaves the state unchanged. Repeating the
+event that led to the current state is a no-op (idempotent retries).
+
+Happy path::
+
+    NEW --Begin(ok)--> SEALING --KeySealed--> PREPARING --DestinationPrepared-->
+    PREPARED --CommitRequested--> COMMITTING --DestinationCommitted-->
+    SHREDDING --SourceShredded--> COMMITTED
+
+Failure before the commit point (any of SEALING, PREPARING, PREPARED)::
+
+    --AbortRequested / Failure / DeadlinePassed--> ABORTING
+    --DestinationDestroyed--> RESTORING --SourceRestored--> ABORTED
+
+The commit point is ``CommitRequested``: from then on the vTPCM lives at the
+destination (the engine moves its authority record to dest, generation+1 in
+the same transaction), so abort is refused and the source is shredded only
+after the destination confirmed. Before it, the source copy stays the live one.
+"""
+
+import dataclasses
+import enum
+from typing import ClassVar, TypeAlias
+
+from vtpcm_common import exception
+
+
+class MigrationState(enum.StrEnum):
+    NEW = "NEW"
+    REFUSED = "REFUSED"
+    SEALING = "SEALING"
+    PREPARING = "PREPARING"
+    PREPARED = "PREPARED"
+    COMMITTING = "COMMITTING"
+    SHREDDING = "SHREDDING"
+    COMMITTED = "COMMITTED"
+    ABORTING = "ABORTING"
+    RESTORING = "RESTORING"
+    ABORTED = "ABORTED"
+
+
+M = MigrationState
+TERMINAL = frozenset({M.REFUSED, M.COMMITTED, M.ABORTED})
+# States in which the coordinator still owes agent calls after a restart.
+PENDING_WORK = frozenset({M.COMMITTING, M.SHREDDING, M.ABORTING, M.RESTORING})
+ABORTABLE = frozenset({M.SEALING, M.PREPARING, M.PREPARED})
+
+
+# --- events -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Begin:
+    """Preconditions, evaluated by the coordinator from its own records."""
+
+    destination_trusted: bool
+    source_is_location: bool
+    generation_matches: bool
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class KeySealed:
+    """The source agent sealed the migration key for the destination's TPM."""
+
+    envelope: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class DestinationPrepared:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitRequested:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DestinationCommitted:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceShredded:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortRequested:
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Failure:
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadlinePassed:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class DestinationDestroyed:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceRestored:
+    pass
+
+
+Event: TypeAlias = (Begin | KeySealed | DestinationPrepared | CommitRequested
+                    | DestinationCommitted | SourceShredded | AbortRequested | Failure
+                    | DeadlinePassed | DestinationDestroyed | SourceRestored)
+
+
+# --- actions ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Action:
+    name: ClassVar[str] = "action"
+
+
+@dataclasses.dataclass(frozen=True)
+class SealKey(Action):
+    """Ask the source agent to mark MIGRATING_OUT and seal the key to dest."""
+
+    name: ClassVar[str] = "seal_key"
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareDestination(Action):
+    name: ClassVar[str] = "prepare_destination"
+    envelope: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class MoveAuthority(Action):
+    """The commit point: the engine's record says dest, generation + 1."""
+
+    name: ClassVar[str] = "move_authority"
+
+
+@dataclasses.dataclass(frozen=True)
+class CommitDestination(Action):
+    name: ClassVar[str] = "commit_destination"
+
+
+@dataclasses.dataclass(frozen=True)
+class ShredSource(Action):
+    name: ClassVar[str] = "shred_source"
+
+
+@dataclasses.dataclass(frozen=True)
+class DestroyDestination(Action):
+    name: ClassVar[str] = "destroy_destination"
+
+
+@dataclasses.dataclass(frozen=True)
+class RestoreSource(Action):
+    name: ClassVar[str] = "restore_source"
+
+
+@dataclasses.dataclass(frozen=True)
+class Audit(Action):
+    name: ClassVar[str] = "audit"
+    event: str = ""
+    outcome: str = ""
+    detail: str = ""
+
+
+# --- the table ----------------------------------------------------------------
+
+_ABORT_EVENTS = (AbortRequested, Failure, DeadlinePassed)
+
+# (state, event type) -> next state. Events not listed are illegal there.
+TRANSITIONS: dict[tuple[MigrationState, type], MigrationState] = {
+    (M.SEALING, KeySealed): M.PREPARING,
+    (M.PREPARING, DestinationPrepared): M.PREPARED,
+    (M.PREPARED, CommitRequested): M.COMMITTING,
+    (M.COMMITTING, DestinationCommitted): M.SHREDDING,
+    (M.SHREDDING, SourceShredded): M.COMMITTED,
+    (M.ABORTING, DestinationDestroyed): M.RESTORING,
+    (M.RESTORING, SourceRestored): M.ABORTED,
+    **{(state, ev): M.ABORTING for state in ABORTABLE for ev in _ABORT_EVENTS},
+}
+
+# Events that repeat what already happened: accepted, no new actions.
+IDEMPOTENT: frozenset[tuple[MigrationState, type]] = frozenset({
+    (M.PREPARED, DestinationPrepared),
+    (M.COMMITTING, CommitRequested),
+    (M.SHREDDING, CommitRequested),
+    (M.SHREDDING, DestinationCommitted),
+    (M.COMMITTED, CommitRequested),
+    (M.COMMITTED, DestinationCommitted),
+    (M.COMMITTED, SourceShredded),
+    *((s, ev) for s in (M.ABORTING, M.RESTORING, M.ABORTED) for ev in _ABORT_EVENTS),
+    (M.RESTORING, DestinationDestroyed),
+    (M.ABORTED, DestinationDestroyed),
+    (M.ABORTED, SourceRestored),
+})
+
+
+def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
+    """What the coordinator must do on entering ``state``."""
+    if state is M.SEALING:
+        return [SealKey()]
+    if state is M.PREPARING:
+        assert isinstance(event, KeySealed)
+        return [PrepareDestination(envelope=event.envelope)]
+    if state is M.COMMITTING:
+        return [MoveAuthority(), CommitDestination(),
+                Audit(event="migration.commit", outcome="committed")]
+    if state is M.SHREDDING:
+        return [ShredSource()]
+    if state is M.ABORTING:
+        reason = getattr(event, "reason", "deadline passed")
+        return [Audit(event="migration.abort", outcome="aborting", detail=reason),
+                DestroyDestination()]
+    if state is M.RESTORING:
+        return [RestoreSource()]
+    return []
+
+
+def pending_actions(state: MigrationState) -> list[Action]:
+    """Actions to re-run after a coordinator restart (all are idempotent)."""
+    return {
+        M.COMMITTING: [CommitDestination()],
+        M.SHREDDING: [ShredSource()],
+        M.ABORTING: [DestroyDestination()],
+        M.RESTORING: [RestoreSource()],
+    }.get(state, [])
+
+
+@dataclasses.dataclass
+class MigrationProtocol:
+    """One migration's protocol state. ``handle`` is the only way to move it."""
+
+    migration_id: str
+    state: MigrationState = M.NEW
+
+    def handle(self, event: Event) -> list[Action]:
+        if isinstance(event, Begin):
+            return self._begin(event)
+        key = (self.state, type(event))
+        if key in IDEMPOTENT:
+            return []
+        target = TRANSITIONS.get(key)
+        if target is None:
+            raise exception.InvalidTransition(
+                what="migration", key=self.migration_id, current=self.state.value,
+                target=type(event).__name__)
+        self.state = target
+        return _entry_actions(target, event)
+
+    def _begin(self, event: Begin) -> list[Action]:
+        if self.state is not M.NEW:
+            if self.state in (M.SEALING, M.PREPARING, M.PREPARED):
+                return []  # begin retried: already under way
+            raise exception.InvalidTransition(
+                what="migration", key=self.migration_id, current=self.state.value,
+                target="Begin")
+        refusals = [text for ok, text in (
+            (event.destination_trusted, "destination not trusted"),
+            (event.source_is_location, "source is not where the vTPCM lives"),
+            (event.generation_matches, "generation does not match the authority"),
+        ) if not ok]
+        if refusals:
+            self.state = M.REFUSED
+            detail = "; ".join(refusals) + (": " + event.reason if event.reason else "")
+            return [Audit(event="migration.begin", outcome="refused", detail=detail)]
+        self.state = M.SEALING
+        return [Audit(event="migration.begin", outcome="accepted"), SealKey()]
