@@ -120,6 +120,53 @@ def _optional(inner: Checker) -> Checker:
     return check
 
 
+def _message(cls: "type[Message]") -> Checker:
+    def check(value: Any) -> Message:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls.from_wire(value)
+        except exception.InvalidPayload as err:
+            raise _Reject(err.kwargs.get("field", "?") + " " + err.kwargs.get("reason", "")) \
+                from None
+    return check
+
+
+def _message_list(cls: "type[Message]", max_items: int = 10000) -> Checker:
+    return _list(_message(cls), max_items)
+
+
+def _blob_map(max_items: int, key: Checker, value: Checker) -> Checker:
+    """A JSON object (keys are text on the wire) of checked keys and values."""
+    def check(raw: Any) -> dict[Any, Any]:
+        if not isinstance(raw, Mapping) or len(raw) > max_items:
+            raise _Reject(f"must be an object of at most {max_items} entries")
+        return {key(k): value(v) for k, v in raw.items()}
+    return check
+
+
+def _digit_key(minimum: int, maximum: int) -> Checker:
+    def check(value: Any) -> int:
+        text = str(value)
+        if not text.isdigit() or not minimum <= int(text) <= maximum:
+            raise _Reject(f"has a key outside {minimum}-{maximum}")
+        return int(text)
+    return check
+
+
+def _list(item: Checker, max_items: int = 10000) -> Checker:
+    def check(value: Any) -> tuple[Any, ...]:
+        if not isinstance(value, (list, tuple)) or len(value) > max_items:
+            raise _Reject(f"must be a list of at most {max_items} entries")
+        return tuple(item(v) for v in value)
+    return check
+
+
+list_field = _list
+message_field = _message
+message_list_field = _message_list
+map_field = _blob_map
+digit_key = _digit_key
 uuid_field = _uuid
 host_field = _host
 int_field = _int
@@ -173,16 +220,22 @@ class Message:
         return cls(**values)
 
     def to_wire(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for spec in dataclasses.fields(self):
-            value = getattr(self, spec.name)
-            if isinstance(value, bytes):
-                value = base64.b64encode(value).decode("ascii")
-            elif isinstance(value, tuple):
-                value = list(value)
-            out[spec.name] = value
-        return out
+        return {spec.name: _encode(getattr(self, spec.name))
+                for spec in dataclasses.fields(self)}
 
     def validated(self) -> Self:
         """Round-trip through the checkers: the sender checks what it sends."""
         return type(self).from_wire(self.to_wire())
+
+
+def _encode(value: Any) -> Any:
+    """Python value -> JSON-safe value (bytes as base64, nested messages as dicts)."""
+    if isinstance(value, Message):
+        return value.to_wire()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode("ascii")
+    if isinstance(value, (list, tuple)):
+        return [_encode(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _encode(v) for k, v in value.items()}
+    return value

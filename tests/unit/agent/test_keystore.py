@@ -1,0 +1,210 @@
+"""Unit tests of the key store with the dev (file) host key provider."""
+
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vtpcm_agent import keystore
+from vtpcm_agent.keystore import DevKeyFileHostKey, InstanceKeys, KeyStore
+from vtpcm_common.exception import AlreadyExists, InvalidInput, KeyStoreError, NotFound
+
+VID = "3f2504e0-4f89-11d3-9a0c-0305e82c3301"
+VID2 = "3f2504e0-4f89-11d3-9a0c-0305e82c3302"
+
+
+class FixedHostKey:
+    def __init__(self, key: bytes) -> None:
+        self._key = key
+
+    def host_key(self) -> bytes:
+        return self._key
+
+
+@pytest.fixture
+def provider(tmp_path: Path) -> DevKeyFileHostKey:
+    return DevKeyFileHostKey(tmp_path / "hostkey")
+
+
+@pytest.fixture
+def store(tmp_path: Path, provider: DevKeyFileHostKey) -> KeyStore:
+    return KeyStore(tmp_path / "keys", provider)
+
+
+def test_round_trip(store: KeyStore, tmp_path: Path) -> None:
+    keys = InstanceKeys.generate()
+    assert not store.exists(VID)
+    store.put(VID, keys)
+    assert store.exists(VID)
+    assert store.get(VID) == keys
+    path = tmp_path / "keys" / (VID + ".keys")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    raw = path.read_bytes()
+    assert keys.at_rest_key not in raw and keys.migration_key not in raw
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temp file left
+
+
+def test_survives_new_objects(tmp_path: Path) -> None:
+    keys = InstanceKeys.generate()
+    KeyStore(tmp_path / "keys", DevKeyFileHostKey(tmp_path / "hk")).put(VID, keys)
+    assert KeyStore(tmp_path / "keys", DevKeyFileHostKey(tmp_path / "hk")).get(VID) == keys
+
+
+def test_uppercase_id_is_canonicalized(store: KeyStore) -> None:
+    keys = InstanceKeys.generate()
+    store.put(VID.upper(), keys)
+    assert store.get(VID) == keys
+
+
+def test_refuses_overwrite_unless_replace(store: KeyStore) -> None:
+    first, second = InstanceKeys.generate(), InstanceKeys.generate()
+    store.put(VID, first)
+    with pytest.raises(AlreadyExists):
+        store.put(VID, second)
+    assert store.get(VID) == first
+    store.put(VID, second, replace=True)
+    assert store.get(VID) == second
+
+
+def test_missing_entry(store: KeyStore) -> None:
+    with pytest.raises(NotFound, match=VID):
+        store.get(VID)
+
+
+def entry(tmp_path: Path, vid: str = VID) -> Path:
+    return tmp_path / "keys" / (vid + ".keys")
+
+
+def test_every_flipped_byte_refused(store: KeyStore, tmp_path: Path) -> None:
+    store.put(VID, InstanceKeys.generate())
+    good = entry(tmp_path).read_bytes()
+    for i in range(len(good)):
+        bad = bytearray(good)
+        bad[i] ^= 0x01
+        entry(tmp_path).write_bytes(bytes(bad))
+        with pytest.raises(KeyStoreError, match=VID):
+            store.get(VID)
+
+
+def test_truncated_and_extended_refused(store: KeyStore, tmp_path: Path) -> None:
+    store.put(VID, InstanceKeys.generate())
+    good = entry(tmp_path).read_bytes()
+    for bad in (good[:-1], good[:10], b"", good + b"\x00"):
+        entry(tmp_path).write_bytes(bad)
+        with pytest.raises(KeyStoreError, match=VID):
+            store.get(VID)
+
+
+def test_entry_of_other_id_refused(store: KeyStore, tmp_path: Path) -> None:
+    store.put(VID, InstanceKeys.generate())
+    os.link(entry(tmp_path), entry(tmp_path, VID2))
+    with pytest.raises(KeyStoreError, match=VID2):
+        store.get(VID2)
+
+
+def test_other_host_key_refused(tmp_path: Path) -> None:
+    KeyStore(tmp_path / "keys", FixedHostKey(b"a" * 32)).put(VID, InstanceKeys.generate())
+    with pytest.raises(KeyStoreError, match="failed authentication"):
+        KeyStore(tmp_path / "keys", FixedHostKey(b"b" * 32)).get(VID)
+
+
+def test_group_readable_entry_refused(store: KeyStore, tmp_path: Path) -> None:
+    store.put(VID, InstanceKeys.generate())
+    entry(tmp_path).chmod(0o640)
+    with pytest.raises(KeyStoreError, match="mode 0600"):
+        store.get(VID)
+
+
+def test_destroy(store: KeyStore, tmp_path: Path) -> None:
+    store.put(VID, InstanceKeys.generate())
+    store.put(VID2, InstanceKeys.generate())
+    store.destroy(VID)
+    assert not store.exists(VID)
+    assert not entry(tmp_path).exists()
+    store.destroy(VID)  # idempotent
+    assert store.exists(VID2)
+    with pytest.raises(NotFound):
+        store.get(VID)
+
+
+@pytest.mark.parametrize("bad", [
+    "../etc/passwd", "/etc/shadow", "..", "", "abc", VID + "/x", VID + "\x00",
+    "3f2504e0-4f89-11d3-9a0c-0305e82c330", 42, None,
+])
+def test_bad_ids_refused(store: KeyStore, bad: Any, tmp_path: Path) -> None:
+    for op in (store.exists, store.get, store.destroy):
+        with pytest.raises(InvalidInput):
+            op(bad)
+    with pytest.raises(InvalidInput):
+        store.put(bad, InstanceKeys.generate())
+    assert list((tmp_path / "keys").iterdir()) == []
+
+
+def test_no_key_bytes_in_repr(store: KeyStore, provider: DevKeyFileHostKey) -> None:
+    keys = InstanceKeys.generate()
+    store.put(VID, keys)
+    host_key = provider.host_key()
+    texts = [repr(keys), str(keys), repr(store), str(store), repr(provider), str(provider),
+             repr(store.get(VID)), str([keys]), repr({"k": keys})]
+    for secret in (keys.at_rest_key, keys.migration_key, host_key):
+        for text in texts:
+            assert secret.hex() not in text
+            assert repr(secret)[2:-1] not in text
+    assert "hidden" in repr(keys)
+
+
+def test_instance_keys_validation() -> None:
+    with pytest.raises(InvalidInput):
+        InstanceKeys(at_rest_key=b"x" * 31, migration_key=b"y" * 32)
+    with pytest.raises(InvalidInput):
+        InstanceKeys(at_rest_key=b"x" * 32, migration_key="y" * 32)  # type: ignore[arg-type]
+    a = InstanceKeys.generate()
+    assert a != InstanceKeys.generate()
+    assert a.at_rest_key != a.migration_key
+    assert a == InstanceKeys(at_rest_key=a.at_rest_key, migration_key=a.migration_key)
+
+
+def test_dev_host_key_file(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "hk"
+    with caplog.at_level(logging.WARNING):
+        first = DevKeyFileHostKey(path)
+    assert any("INSECURE" in r.getMessage() for r in caplog.records)
+    key = first.host_key()
+    assert len(key) == 32 and first.host_key() is key
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        second = DevKeyFileHostKey(path)
+    assert any("INSECURE" in r.getMessage() for r in caplog.records)
+    assert second.host_key() == key
+    for record in caplog.records:
+        assert key.hex() not in record.getMessage()
+
+
+def test_dev_host_key_file_checks(tmp_path: Path) -> None:
+    path = tmp_path / "hk"
+    path.write_bytes(b"x" * 32)
+    path.chmod(0o644)
+    with pytest.raises(KeyStoreError, match="mode 0600"):
+        DevKeyFileHostKey(path).host_key()
+    path.chmod(0o600)
+    path.write_bytes(b"x" * 31)
+    with pytest.raises(KeyStoreError, match="exactly 32"):
+        DevKeyFileHostKey(path).host_key()
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    with pytest.raises(KeyStoreError):
+        DevKeyFileHostKey(link).host_key()
+
+
+def test_bad_provider_key(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "keys", FixedHostKey(b"short"))
+    with pytest.raises(KeyStoreError, match="malformed"):
+        store.put(VID, InstanceKeys.generate())
+
+
+def test_validate_vtpcm_id() -> None:
+    assert keystore.validate_vtpcm_id(VID.upper()) == VID

@@ -1,0 +1,193 @@
+"""Unit tests of the migration-key envelope with a software KEM key."""
+
+import dataclasses
+import struct
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from vtpcm_agent import sealing
+from vtpcm_common.exception import HostTPMError, SealError
+
+CTX = sealing.SealContext(migration_id="6a1e7c6e-9d0b-4a44-8f43-2a4f3b0cf001",
+                          instance_uuid="0f8a3c1e-3b7d-4c9a-9a57-1b2c3d4e5f60",
+                          generation=7, source_host="compute-a", dest_host="compute-b")
+SECRET = bytes(range(32))
+
+# TPMA_OBJECT bits of the KEM key: fixedTPM|fixedParent|sensitiveDataOrigin|
+# userWithAuth|decrypt, as the host TPM creates it.
+KEM_ATTRS = 0x00000002 | 0x00000010 | 0x00000020 | 0x00000040 | 0x00020000
+
+
+def tpmt_public(x: bytes, y: bytes, attrs: int = KEM_ATTRS, scheme: int = 0x0019,
+                curve: int = 0x0003, alg: int = 0x0023) -> bytes:
+    """A marshaled ECC TPMT_PUBLIC laid out exactly as the TPM returns it."""
+    body = struct.pack(">HHI", alg, 0x000B, attrs) + struct.pack(">H", 0)
+    body += struct.pack(">H", 0x0010)  # symmetric NULL
+    body += struct.pack(">H", scheme) + (struct.pack(">H", 0x000B) if scheme != 0x0010 else b"")
+    body += struct.pack(">HH", curve, 0x0010)  # curve, kdf NULL
+    body += struct.pack(">H", len(x)) + x + struct.pack(">H", len(y)) + y
+    return body
+
+
+class SoftKEM:
+    """A software stand-in for the TPM's KEM key (unit tests only)."""
+
+    def __init__(self) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        nums = self.key.public_key().public_numbers()
+        self.x = nums.x.to_bytes(32, "big")
+        self.y = nums.y.to_bytes(32, "big")
+        self.public = tpmt_public(self.x, self.y)
+
+    def zgen(self, x: bytes, y: bytes) -> bytes:
+        peer = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
+                                             ec.SECP256R1()).public_key()
+        return self.key.exchange(ec.ECDH(), peer)
+
+
+@pytest.fixture(scope="module")
+def kem() -> SoftKEM:
+    return SoftKEM()
+
+
+@pytest.fixture(scope="module")
+def envelope(kem: SoftKEM) -> bytes:
+    return sealing.seal(kem.public, SECRET, CTX)
+
+
+def test_round_trip(kem: SoftKEM, envelope: bytes) -> None:
+    assert sealing.open_envelope(envelope, CTX, kem.zgen) == SECRET
+    assert SECRET not in envelope
+    assert len(envelope) == sealing.HEADER_LEN + len(SECRET) + 16
+    assert envelope[:5] == b"VTPE\x01"
+
+
+def test_envelopes_are_randomized(kem: SoftKEM) -> None:
+    a, b = (sealing.seal(kem.public, SECRET, CTX) for _ in range(2))
+    assert a != b
+    assert sealing.open_envelope(a, CTX, kem.zgen) == sealing.open_envelope(b, CTX, kem.zgen)
+
+
+@pytest.mark.parametrize("field,value", [
+    ("migration_id", "6a1e7c6e-9d0b-4a44-8f43-2a4f3b0cf002"),
+    ("instance_uuid", "0f8a3c1e-3b7d-4c9a-9a57-1b2c3d4e5f61"),
+    ("generation", 8),
+    ("generation", 6),
+    ("source_host", "compute-c"),
+    ("dest_host", "compute-c"),
+])
+def test_other_context_refused(kem: SoftKEM, envelope: bytes, field: str, value: Any) -> None:
+    other = dataclasses.replace(CTX, **{field: value})
+    with pytest.raises(SealError) as err:
+        sealing.open_envelope(envelope, other, kem.zgen)
+    assert "authentication failed" in str(err.value)
+    assert SECRET.hex() not in str(err.value)
+
+
+def test_swapped_hosts_refused(kem: SoftKEM, envelope: bytes) -> None:
+    swapped = dataclasses.replace(CTX, source_host=CTX.dest_host, dest_host=CTX.source_host)
+    with pytest.raises(SealError):
+        sealing.open_envelope(envelope, swapped, kem.zgen)
+
+
+def test_aad_is_unambiguous() -> None:
+    a = sealing.SealContext("ab", "c", 1, "h1", "h2")
+    b = sealing.SealContext("a", "bc", 1, "h1", "h2")
+    assert a.aad() != b.aad()
+    assert a.aad() == sealing.SealContext("ab", "c", 1, "h1", "h2").aad()
+
+
+def test_every_flipped_byte_refused(kem: SoftKEM, envelope: bytes) -> None:
+    for i in range(len(envelope)):
+        for mask in (0x01, 0x80):
+            bad = bytearray(envelope)
+            bad[i] ^= mask
+            with pytest.raises(SealError):
+                sealing.open_envelope(bytes(bad), CTX, kem.zgen)
+
+
+def test_truncated_and_extended_refused(kem: SoftKEM, envelope: bytes) -> None:
+    for n in range(len(envelope)):
+        with pytest.raises(SealError):
+            sealing.open_envelope(envelope[:n], CTX, kem.zgen)
+    with pytest.raises(SealError):
+        sealing.open_envelope(envelope + b"\x00", CTX, kem.zgen)
+
+
+def test_wrong_kem_key_refused(envelope: bytes) -> None:
+    with pytest.raises(SealError, match="authentication failed"):
+        sealing.open_envelope(envelope, CTX, SoftKEM().zgen)
+
+
+def test_zgen_failure_becomes_seal_error(envelope: bytes) -> None:
+    def broken(x: bytes, y: bytes) -> bytes:
+        raise HostTPMError(reason="ECDH_ZGen failed: tpm:boom")
+
+    with pytest.raises(SealError, match="could not derive"):
+        sealing.open_envelope(envelope, CTX, broken)
+
+    with pytest.raises(SealError, match="malformed shared secret"):
+        sealing.open_envelope(envelope, CTX, lambda x, y: b"\x00" * 31)
+
+
+def test_bad_version_and_magic(kem: SoftKEM, envelope: bytes) -> None:
+    with pytest.raises(SealError, match="version 2"):
+        sealing.open_envelope(envelope[:4] + b"\x02" + envelope[5:], CTX, kem.zgen)
+    with pytest.raises(SealError, match="bad magic"):
+        sealing.open_envelope(b"XXXX" + envelope[4:], CTX, kem.zgen)
+
+
+def test_kem_point_from_public(kem: SoftKEM) -> None:
+    assert sealing.kem_point_from_public(kem.public) == (kem.x, kem.y)
+
+
+@pytest.mark.parametrize("kwargs,reason", [
+    ({"alg": 0x0001}, "not an ECC key"),
+    ({"curve": 0x0004}, "P-256"),
+    ({"attrs": KEM_ATTRS & ~0x00020000}, "lacks"),
+    ({"attrs": KEM_ATTRS & ~0x00000002}, "lacks"),
+    ({"attrs": KEM_ATTRS | 0x00040000}, "signing or restricted"),
+    ({"attrs": KEM_ATTRS | 0x00010000}, "signing or restricted"),
+    ({"scheme": 0x0018}, "not ECDH"),
+])
+def test_kem_public_rejected(kem: SoftKEM, kwargs: dict[str, int], reason: str) -> None:
+    with pytest.raises(SealError, match=reason):
+        sealing.kem_point_from_public(tpmt_public(kem.x, kem.y, **kwargs))
+    with pytest.raises(SealError):
+        sealing.seal(tpmt_public(kem.x, kem.y, **kwargs), SECRET, CTX)
+
+
+def test_kem_public_malformed(kem: SoftKEM) -> None:
+    with pytest.raises(SealError, match="trailing"):
+        sealing.kem_point_from_public(kem.public + b"\x00")
+    with pytest.raises(SealError, match="truncated"):
+        sealing.kem_point_from_public(kem.public[:-1])
+    with pytest.raises(SealError, match="not on NIST P-256"):
+        sealing.kem_point_from_public(tpmt_public(kem.x, bytes(32)))
+    with pytest.raises(SealError, match="32 bytes"):
+        sealing.kem_point_from_public(tpmt_public(kem.x[1:], kem.y))
+
+
+def test_object_name(kem: SoftKEM) -> None:
+    import hashlib
+    assert sealing.object_name(kem.public) == b"\x00\x0b" + hashlib.sha256(kem.public).digest()
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"migration_id": ""}, {"generation": -1}, {"generation": True}, {"dest_host": 5},
+    {"source_host": "x" * 256},
+])
+def test_bad_context_rejected(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(SealError):
+        dataclasses.replace(CTX, **kwargs)
+
+
+def test_secret_size_limits(kem: SoftKEM) -> None:
+    with pytest.raises(SealError):
+        sealing.seal(kem.public, b"", CTX)
+    with pytest.raises(SealError):
+        sealing.seal(kem.public, b"x" * (sealing.MAX_SECRET + 1), CTX)
+    big = b"y" * sealing.MAX_SECRET
+    assert sealing.open_envelope(sealing.seal(kem.public, big, CTX), CTX, kem.zgen) == big

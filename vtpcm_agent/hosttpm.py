@@ -1,0 +1,481 @@
+"""The agent's host TPM: attestation key, KEM key, quotes, ECDH and sealing.
+
+Everything here runs inside the compute node's own TPM (``/dev/tpmrm0`` in
+production, a swtpm stand-in in tests). No private key ever leaves it: the
+AK signs quotes and certifies the KEM key, the KEM key only answers
+TPM2_ECDH_ZGen, and sealed objects are only TPM-wrapped blobs.
+
+Keys are *primaries* re-derived on demand from the hierarchy seeds (same
+template, same seed -> same key), created for one operation and flushed right
+after: libtpms has only 3 transient slots and without a resource manager a
+leaked handle would stay loaded, so nothing is kept loaded between calls.
+
+Byte formats handed out (all TPM 2.0 big-endian marshaling, Part 2 of the
+spec), which the engine's verifier parses:
+
+* ``ak_public`` / ``kem_public``: a marshaled ``TPMT_PUBLIC`` (the contents of
+  ``TPM2B_PUBLIC`` without its 2-byte size). For these ECC P-256 keys:
+  ``type u16=0x0023 | nameAlg u16=0x000b | objectAttributes u32 |
+  authPolicy (u16 size=0) | symmetric u16=0x0010 (NULL) | scheme u16
+  (0x0018 ECDSA + hash u16 0x000b for the AK; 0x0019 ECDH + 0x000b for the
+  KEM key) | curveID u16=0x0003 | kdf u16=0x0010 | x (u16 32 + 32 bytes) |
+  y (u16 32 + 32 bytes)``.
+* ``ak_name`` / ``kem_name``: the TPM object name, ``nameAlg u16 (0x000b) ||
+  SHA-256(marshaled TPMT_PUBLIC)`` (34 bytes); see ``sealing.object_name``.
+* ``attest``: a marshaled ``TPMS_ATTEST`` (contents of ``TPM2B_ATTEST``):
+  ``magic u32=0xff544347 | type u16 (0x8018 quote, 0x8017 certify) |
+  qualifiedSigner TPM2B_NAME | extraData TPM2B_DATA (the nonce) | clockInfo
+  (clock u64, resetCount u32, restartCount u32, safe u8) | firmwareVersion
+  u64 | attested``: for a quote ``TPML_PCR_SELECTION (count u32, then per
+  bank hash u16, sizeofSelect u8, bitmap) | pcrDigest TPM2B_DIGEST``; for a
+  certify ``name TPM2B_NAME | qualifiedName TPM2B_NAME``.
+* ``signature``: a marshaled ``TPMT_SIGNATURE``: ``sigAlg u16=0x0018
+  (ECDSA) | hash u16=0x000b | r (u16 size + bytes) | s (u16 size + bytes)``;
+  verify as ECDSA P-256/SHA-256 over the attest bytes with the AK point.
+* ``pcr_values``: PCR index -> raw digest of the quoted bank; the quote's
+  ``pcrDigest`` is the bank hash of the values concatenated in ascending
+  index order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
+from typing import TypeVar
+
+from oslo_log import log as logging
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_CAP,
+    TPM2_HC,
+    TPM2_HT,
+    TPMA_OBJECT,
+)
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+from tpm2_pytss.types import (
+    TPM2B_ECC_POINT,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
+    TPML_DIGEST_VALUES,
+    TPML_PCR_SELECTION,
+    TPMS_ATTEST,
+    TPMS_ECC_POINT,
+    TPMS_PCR_SELECTION,
+    TPMS_SENSITIVE_CREATE,
+    TPMT_HA,
+    TPMT_PUBLIC,
+    TPMT_SIG_SCHEME,
+    TPMU_HA,
+)
+
+from vtpcm_common.exception import HostTPMError
+
+LOG = logging.getLogger(__name__)
+
+T = TypeVar("T")
+_Loaded = AbstractContextManager[tuple[ESYS_TR, TPM2B_PUBLIC]]
+
+_BASE_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+               | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH)
+AK_TEMPLATE = "ecc256:ecdsa-sha256:null"
+AK_ATTRS = _BASE_ATTRS | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT
+KEM_TEMPLATE = "ecc256:ecdh-sha256:null"
+KEM_ATTRS = _BASE_ATTRS | TPMA_OBJECT.DECRYPT
+SRK_TEMPLATE = "ecc256:aes128cfb"
+SRK_ATTRS = _BASE_ATTRS | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
+# A sealed data object: the caller supplies the sensitive data, so no
+# sensitiveDataOrigin; no sign/decrypt; unseal needs only the (empty) auth.
+SEALED_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.USERWITHAUTH
+
+# TCG EK Credential Profile EK certificate NV indices, in preference order:
+# RSA 2048, ECC P-256 (low range), then the high range (RSA 2048, P-256,
+# P-384 -- what swtpm_setup writes for its ECC EK --, P-521, RSA 3072/4096).
+EK_CERT_INDICES = (0x01C00002, 0x01C0000A, 0x01C00012, 0x01C00014, 0x01C00016,
+                   0x01C00018, 0x01C0001C, 0x01C0001E)
+MAX_SEAL_BYTES = 128  # MAX_SYM_DATA: the largest sensitive data a TPM seals
+_PCR_BANKS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256,
+              "sha384": TPM2_ALG.SHA384, "sha512": TPM2_ALG.SHA512}
+_BANK_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
+_NV_CHUNK = 512
+_MAX_NONCE = 64
+_QUOTE_ATTEMPTS = 3
+_LOCKS: dict[str, threading.RLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+@dataclass(frozen=True)
+class HostIdentity:
+    """What the engine needs to enroll and trust a host (all public)."""
+
+    ak_public: bytes
+    ak_name: bytes
+    kem_public: bytes
+    kem_name: bytes
+    kem_certify_attest: bytes
+    kem_certify_signature: bytes
+    ek_certificate: bytes | None
+
+
+@dataclass(frozen=True)
+class QuoteResult:
+    """A TPM2_Quote (marshaled TPMS_ATTEST + TPMT_SIGNATURE) and the PCRs."""
+
+    attest: bytes
+    signature: bytes
+    pcr_values: dict[int, bytes]
+
+
+@dataclass(frozen=True, repr=False)
+class SealedObject:
+    """A TPM-wrapped sealed data object (safe to store on disk).
+
+    ``public`` is a marshaled TPM2B_PUBLIC and ``private`` a marshaled
+    TPM2B_PRIVATE (both with their 2-byte size prefix), as TPM2_Load wants.
+    Only the TPM that sealed it can load it. The repr shows sizes only.
+    """
+
+    public: bytes
+    private: bytes
+
+    _MAGIC = b"VTSO\x01"
+
+    def to_bytes(self) -> bytes:
+        """File format: ``b"VTSO" 0x01 | u32 len | public | u32 len | private``."""
+        return (self._MAGIC + struct.pack(">I", len(self.public)) + self.public
+                + struct.pack(">I", len(self.private)) + self.private)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> SealedObject:
+        """Parse ``to_bytes`` output strictly (HostTPMError on any mismatch)."""
+        magic = cls._MAGIC
+        if len(data) < len(magic) + 8 or data[:len(magic)] != magic:
+            raise HostTPMError(reason="sealed object: bad magic/version or too short")
+        off = len(magic)
+        parts = []
+        for name in ("public", "private"):
+            if off + 4 > len(data):
+                raise HostTPMError(reason=f"sealed object: truncated before {name}")
+            (n,) = struct.unpack_from(">I", data, off)
+            off += 4
+            if n == 0 or off + n > len(data):
+                raise HostTPMError(reason=f"sealed object: bad {name} length")
+            parts.append(data[off:off + n])
+            off += n
+        if off != len(data):
+            raise HostTPMError(reason="sealed object: trailing bytes")
+        return cls(public=parts[0], private=parts[1])
+
+    def __repr__(self) -> str:
+        return (f"SealedObject(public=<{len(self.public)} bytes>, "
+                f"private=<{len(self.private)} bytes>)")
+
+
+def _template(alg: str, attrs: TPMA_OBJECT) -> TPM2B_PUBLIC:
+    return TPM2B_PUBLIC(TPMT_PUBLIC.parse(alg, objectAttributes=attrs))
+
+
+def _sealed_template() -> TPM2B_PUBLIC:
+    tmpl = TPMT_PUBLIC.parse("keyedhash", objectAttributes=SEALED_ATTRS)
+    tmpl.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
+    return TPM2B_PUBLIC(tmpl)
+
+
+def _pcr_selection(bank: str, pcrs: Sequence[int]) -> TPML_PCR_SELECTION:
+    bitmap = bytearray(3)
+    for i in pcrs:
+        bitmap[i // 8] |= 1 << (i % 8)
+    sel = TPMS_PCR_SELECTION(hash=_PCR_BANKS[bank], sizeofSelect=3,
+                             pcrSelect=bytes(bitmap) + b"\x00")
+    return TPML_PCR_SELECTION([sel])
+
+
+def _selected_indices(sel: TPML_PCR_SELECTION) -> list[int]:
+    out: list[int] = []
+    for i in range(sel.count):
+        s = sel.pcrSelections[i]
+        bitmap = bytes(s.pcrSelect)[:s.sizeofSelect]
+        for byte_no, byte in enumerate(bitmap):
+            for bit in range(8):
+                if byte & (1 << bit):
+                    out.append(byte_no * 8 + bit)
+    return sorted(out)
+
+
+class HostTPM:
+    """Thread-safe access to one host TPM through a tpm2-tss TCTI string.
+
+    ``tcti`` is e.g. ``"device:/dev/tpmrm0"`` or ``"swtpm:path=/run/x/tpm"``.
+    One ESAPI context per object. All objects of this process that use the
+    same TCTI string share one lock, because without a resource manager
+    (swtpm) concurrent operations would compete for the 3 object slots.
+    (The swtpm TCTI opens a connection per command, so other processes can
+    use the same stand-in between our commands.)
+    """
+
+    def __init__(self, tcti: str) -> None:
+        if not isinstance(tcti, str) or ":" not in tcti and tcti not in ("device", "swtpm"):
+            raise HostTPMError(reason="invalid TCTI configuration string")
+        self._tcti = tcti
+        with _LOCKS_GUARD:
+            self._lock = _LOCKS.setdefault(tcti, threading.RLock())
+        try:
+            self._esapi: ESAPI | None = ESAPI(tcti)
+        except TSS2_Exception as exc:
+            raise HostTPMError(reason=f"cannot open TCTI {tcti}: {exc}") from exc
+        LOG.debug("Opened host TPM through TCTI %(tcti)s", {"tcti": tcti})
+
+    def __repr__(self) -> str:
+        return f"HostTPM(tcti={self._tcti!r})"
+
+    # -- lifecycle -------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            if self._esapi is not None:
+                esapi, self._esapi = self._esapi, None
+                esapi.close()
+
+    def __enter__(self) -> HostTPM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, what: str, fn: Callable[[ESAPI], T]) -> T:
+        """Run ``fn`` under the lock; turn TSS errors into HostTPMError.
+
+        TSS error texts are response-code descriptions, never data.
+        """
+        with self._lock:
+            if self._esapi is None:
+                raise HostTPMError(reason=f"{what}: host TPM connection is closed")
+            try:
+                return fn(self._esapi)
+            except TSS2_Exception as exc:
+                raise HostTPMError(reason=f"{what} failed: {exc}") from exc
+
+    def flush_stale_transients(self) -> None:
+        """Flush transient objects a crashed earlier process left loaded.
+
+        Call once at agent start-up. Without a resource manager (the swtpm
+        stand-in) leaked objects would hold the TPM's 3 slots forever; under
+        /dev/tpmrm0 we see none. Never call it while another process uses
+        the same TPM without a resource manager: it would flush its objects.
+        """
+        def flush(e: ESAPI) -> None:
+            _more, data = e.get_capability(TPM2_CAP.HANDLES,
+                                           TPM2_HT.TRANSIENT << 24, 64)
+            for handle in list(data.data.handles):
+                tr = e.tr_from_tpmpublic(handle)
+                e.flush_context(tr)
+                LOG.warning("Flushed stale transient object %(h)#x from the host TPM",
+                            {"h": int(handle)})
+        self._call("flushing stale transient objects", flush)
+
+    @contextmanager
+    def _primary(self, e: ESAPI, hierarchy: ESYS_TR, alg: str,
+                 attrs: TPMA_OBJECT) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
+        handle, public, _cdata, _cdigest, _ticket = e.create_primary(
+            None, _template(alg, attrs), hierarchy)
+        try:
+            yield handle, public
+        finally:
+            e.flush_context(handle)
+
+    def _ak(self, e: ESAPI) -> _Loaded:
+        return self._primary(e, ESYS_TR.ENDORSEMENT, AK_TEMPLATE, AK_ATTRS)
+
+    def _kem(self, e: ESAPI) -> _Loaded:
+        return self._primary(e, ESYS_TR.OWNER, KEM_TEMPLATE, KEM_ATTRS)
+
+    def _srk(self, e: ESAPI) -> _Loaded:
+        return self._primary(e, ESYS_TR.OWNER, SRK_TEMPLATE, SRK_ATTRS)
+
+    # -- identity --------------------------------------------------------
+    def identity(self, nonce: bytes) -> HostIdentity:
+        """AK and KEM public keys, plus a TPM2_Certify of the KEM key by the AK.
+
+        ``nonce`` (the verifier's freshness value, at most 64 bytes) becomes
+        the certify's qualifyingData (``extraData`` in the attest).
+        """
+        _check_nonce(nonce)
+
+        def run(e: ESAPI) -> HostIdentity:
+            with self._ak(e) as (ak, ak_pub), self._kem(e) as (kem, kem_pub):
+                attest, sig = e.certify(kem, ak, nonce,
+                                        TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
+                ak_name = bytes(e.tr_get_name(ak))
+                kem_name = bytes(e.tr_get_name(kem))
+            return HostIdentity(
+                ak_public=ak_pub.publicArea.marshal(),
+                ak_name=ak_name,
+                kem_public=kem_pub.publicArea.marshal(),
+                kem_name=kem_name,
+                kem_certify_attest=bytes(attest),
+                kem_certify_signature=sig.marshal(),
+                ek_certificate=self._read_ek_certificate(e),
+            )
+        return self._call("identity", run)
+
+    def _read_ek_certificate(self, e: ESAPI) -> bytes | None:
+        _more, data = e.get_capability(TPM2_CAP.HANDLES, TPM2_HC.NV_INDEX_FIRST, 256)
+        present = {int(h) for h in data.data.handles}
+        for index in EK_CERT_INDICES:
+            if index not in present:
+                continue
+            try:
+                tr = e.tr_from_tpmpublic(index)
+                nv_public, _name = e.nv_read_public(tr)
+                size = int(nv_public.nvPublic.dataSize)
+                chunks = []
+                for off in range(0, size, _NV_CHUNK):
+                    chunks.append(bytes(e.nv_read(tr, min(_NV_CHUNK, size - off), off)))
+            except TSS2_Exception as exc:
+                # The certificate is optional evidence: report, try the next.
+                LOG.warning("Cannot read the EK certificate at NV index %(i)#x: %(err)s",
+                            {"i": index, "err": exc})
+                continue
+            return b"".join(chunks)
+        return None
+
+    # -- quote and PCRs --------------------------------------------------
+    def quote(self, nonce: bytes, pcrs: Sequence[int], bank: str = "sha256") -> QuoteResult:
+        """TPM2_Quote by the AK over ``pcrs`` of ``bank`` with ``nonce``.
+
+        The PCRs are read right after the quote in the same locked section;
+        a verifier recomputes the digest from ``pcr_values`` and compares.
+        If someone else extended a PCR in between (another process on a TPM
+        without resource manager), the pair is inconsistent: retry a few
+        times rather than hand out a quote that will fail verification.
+        """
+        _check_nonce(nonce)
+        indices = _check_pcrs(pcrs, bank)
+
+        def run(e: ESAPI) -> QuoteResult:
+            with self._ak(e) as (ak, _pub):
+                for _attempt in range(_QUOTE_ATTEMPTS):
+                    attest, sig = e.quote(ak, _pcr_selection(bank, indices), nonce)
+                    values = self._read_pcrs(e, indices, bank)
+                    quoted = TPMS_ATTEST.unmarshal(bytes(attest))[0]
+                    digest = hashlib.new(bank, b"".join(values[i] for i in indices))
+                    if bytes(quoted.attested.quote.pcrDigest) == digest.digest():
+                        return QuoteResult(attest=bytes(attest), signature=sig.marshal(),
+                                           pcr_values=values)
+            raise HostTPMError(reason="quote: PCRs kept changing while quoting")
+        return self._call("quote", run)
+
+    def read_pcrs(self, pcrs: Sequence[int], bank: str = "sha256") -> dict[int, bytes]:
+        indices = _check_pcrs(pcrs, bank)
+        return self._call("PCR read", lambda e: self._read_pcrs(e, indices, bank))
+
+    @staticmethod
+    def _read_pcrs(e: ESAPI, indices: list[int], bank: str) -> dict[int, bytes]:
+        """TPM2_PCR_Read returns at most 8 digests per call: read until done."""
+        values: dict[int, bytes] = {}
+        todo = list(indices)
+        while todo:
+            _counter, sel, digests = e.pcr_read(_pcr_selection(bank, todo))
+            got = _selected_indices(sel)
+            if not got:
+                raise HostTPMError(
+                    reason=f"PCR read returned no value for PCRs {todo} of bank {bank}")
+            for i, idx in enumerate(got):
+                values[idx] = bytes(digests[i])
+            todo = [i for i in todo if i not in values]
+        return values
+
+    def extend_pcr(self, index: int, data: bytes, bank: str = "sha256") -> None:
+        """TPM2_PCR_Extend ``index`` of ``bank`` with the digest ``data``."""
+        _check_pcrs([index], bank)
+        if not isinstance(data, bytes) or len(data) != _BANK_SIZES[bank]:
+            raise HostTPMError(
+                reason=f"extend_pcr: data must be a {_BANK_SIZES[bank]}-byte {bank} digest")
+        digest = TPMT_HA(hashAlg=_PCR_BANKS[bank], digest=TPMU_HA(**{bank: data}))
+
+        def run(e: ESAPI) -> None:
+            e.pcr_extend(_pcr_handle(index), TPML_DIGEST_VALUES([digest]))
+        self._call(f"PCR {index} extend", run)
+
+    # -- KEM -------------------------------------------------------------
+    def ecdh_zgen(self, x: bytes, y: bytes) -> bytes:
+        """TPM2_ECDH_ZGen with the KEM key: the shared point's x (32 bytes).
+
+        The result is a secret: it is never logged; the TPM itself rejects a
+        point that is not on P-256.
+        """
+        if not (isinstance(x, bytes) and isinstance(y, bytes) and len(x) == 32
+                and len(y) == 32):
+            raise HostTPMError(reason="ecdh_zgen: point coordinates must be 32 bytes each")
+        point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=x, y=y))
+
+        def run(e: ESAPI) -> bytes:
+            with self._kem(e) as (kem, _pub):
+                out = e.ecdh_zgen(kem, point)
+            z = bytes(out.point.x)
+            if len(z) > 32:
+                raise HostTPMError(reason="ecdh_zgen: unexpected shared point size")
+            return z.rjust(32, b"\x00")
+        return self._call("ECDH_ZGen", run)
+
+    # -- sealing ---------------------------------------------------------
+    def seal(self, secret: bytes) -> SealedObject:
+        """Seal ``secret`` (1..128 bytes) under the owner storage primary."""
+        if not isinstance(secret, bytes) or not 0 < len(secret) <= MAX_SEAL_BYTES:
+            raise HostTPMError(reason=f"seal: secret must be 1..{MAX_SEAL_BYTES} bytes")
+        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=secret))
+
+        def run(e: ESAPI) -> SealedObject:
+            with self._srk(e) as (srk, _pub):
+                priv, pub, _cd, _cdig, _tk = e.create(srk, sensitive, _sealed_template())
+            return SealedObject(public=pub.marshal(), private=priv.marshal())
+        return self._call("seal", run)
+
+    def unseal(self, sealed: SealedObject) -> bytes:
+        """Load ``sealed`` under the storage primary and unseal it.
+
+        Fails (HostTPMError) in any other TPM: the blob's integrity is
+        checked with a key derived from this TPM's owner seed.
+        """
+        try:
+            pub, used_pub = TPM2B_PUBLIC.unmarshal(sealed.public)
+            priv, used_priv = TPM2B_PRIVATE.unmarshal(sealed.private)
+        except (TSS2_Exception, ValueError, TypeError) as exc:
+            raise HostTPMError(reason="unseal: malformed sealed object") from exc
+        if used_pub != len(sealed.public) or used_priv != len(sealed.private):
+            raise HostTPMError(reason="unseal: trailing bytes in sealed object")
+
+        def run(e: ESAPI) -> bytes:
+            with self._srk(e) as (srk, _pub):
+                obj = e.load(srk, priv, pub)
+                try:
+                    return bytes(e.unseal(obj))
+                finally:
+                    e.flush_context(obj)
+        return self._call("unseal", run)
+
+
+def _pcr_handle(index: int) -> ESYS_TR:
+    return ESYS_TR(int(ESYS_TR.PCR0) + index)
+
+
+def _check_nonce(nonce: bytes) -> None:
+    if not isinstance(nonce, bytes) or len(nonce) > _MAX_NONCE:
+        raise HostTPMError(reason=f"nonce must be bytes of at most {_MAX_NONCE} bytes")
+
+
+def _check_pcrs(pcrs: Sequence[int], bank: str) -> list[int]:
+    if bank not in _PCR_BANKS:
+        raise HostTPMError(reason=f"unknown PCR bank {bank!r}")
+    indices = sorted(set(pcrs))
+    if not indices or len(indices) != len(list(pcrs)):
+        raise HostTPMError(reason="PCR list must be non-empty and without duplicates")
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= 23:
+            raise HostTPMError(reason=f"PCR index {i!r} out of range 0..23")
+    return indices

@@ -1,0 +1,349 @@
+"""Per-instance keys, stored on disk only wrapped by a host key.
+
+Each vTPCM has an at-rest key (swtpm ``--key``) and a migration key (swtpm
+``--migration-key``). They are wrapped with AES-256-GCM under a key derived
+from the *host key*, which itself lives sealed in the host TPM
+(``TPMSealedHostKey``) or, in an explicit dev mode only, in a root-only file
+(``DevKeyFileHostKey``). Stealing the key store directory alone yields nothing.
+
+Entry file ``<dir>/<vtpcm_id>.keys`` (97 bytes)::
+
+    b"VTKS" | u8 version=1 | nonce (12) | AES-256-GCM(at_rest || migration) + tag
+
+with AAD = ``b"VTKS" | version | vtpcm_id`` (so an entry copied to another
+id's name does not open) and the wrapping key
+``HKDF-SHA256(host_key, info=b"vtpcm keystore wrap v1")``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+import stat
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from oslo_log import log as logging
+
+from vtpcm_agent.hosttpm import HostTPM, SealedObject
+from vtpcm_common.exception import (
+    AlreadyExists,
+    HostTPMError,
+    InvalidInput,
+    KeyStoreError,
+    NotFound,
+)
+
+LOG = logging.getLogger(__name__)
+
+KEY_LEN = 32
+_MAGIC = b"VTKS"
+_VERSION = 1
+_NONCE = 12
+_ENTRY_LEN = len(_MAGIC) + 1 + _NONCE + 2 * KEY_LEN + 16
+_WRAP_INFO = b"vtpcm keystore wrap v1"
+
+
+@dataclass(frozen=True, eq=False)
+class InstanceKeys:
+    """The two 32-byte keys of one vTPCM. repr/str never show them."""
+
+    at_rest_key: bytes
+    migration_key: bytes
+
+    def __post_init__(self) -> None:
+        for name in ("at_rest_key", "migration_key"):
+            value = getattr(self, name)
+            if not isinstance(value, bytes) or len(value) != KEY_LEN:
+                raise InvalidInput(reason=f"{name} must be {KEY_LEN} bytes")
+
+    @classmethod
+    def generate(cls) -> InstanceKeys:
+        return cls(at_rest_key=secrets.token_bytes(KEY_LEN),
+                   migration_key=secrets.token_bytes(KEY_LEN))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, InstanceKeys):
+            return NotImplemented
+        return (hmac.compare_digest(self.at_rest_key, other.at_rest_key)
+                & hmac.compare_digest(self.migration_key, other.migration_key))
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self) -> str:
+        return "InstanceKeys(<hidden>)"
+
+    __str__ = __repr__
+
+
+class HostKeyProvider(Protocol):
+    """Gives the 32-byte host key that wraps every instance's keys."""
+
+    def host_key(self) -> bytes: ...
+
+
+def validate_vtpcm_id(vtpcm_id: str) -> str:
+    """Return the canonical uuid string; anything else is refused.
+
+    The id becomes a file name: only a canonical uuid is safe from path
+    traversal ("../x", "/etc/x", NUL, ...).
+    """
+    if not isinstance(vtpcm_id, str):
+        raise InvalidInput(reason="vTPCM id must be a uuid string")
+    try:
+        canonical = str(uuid.UUID(vtpcm_id))
+    except ValueError:
+        raise InvalidInput(reason=f"vTPCM id {vtpcm_id[:80]!r} is not a uuid") from None
+    return canonical
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new_file(path: Path, data: bytes, replace: bool) -> None:
+    """Write ``data`` to ``path`` atomically, 0600, fsynced.
+
+    Without ``replace`` the final step is ``link``, which fails if ``path``
+    exists (FileExistsError), so nothing is ever overwritten by accident.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, path)
+        else:
+            os.link(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _read_private_file(path: Path, what: str) -> bytes:
+    """Read a file that must be a regular file owned by us, mode 0600 or stricter."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise KeyStoreError(reason=f"cannot open {what} {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise KeyStoreError(reason=f"{what} {path} is not a regular file")
+        if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise KeyStoreError(reason=f"{what} {path} must be owned by uid {os.geteuid()} "
+                                       "with mode 0600")
+        chunks = []
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class DevKeyFileHostKey:
+    """DEV ONLY: the host key in a root-only 0600 file, not in a TPM.
+
+    Anyone who can read the file (root, a disk image, a backup) can unwrap
+    every instance key on the host. Construction always logs a warning.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._key: bytes | None = None
+        self._lock = threading.Lock()
+        LOG.warning("INSECURE dev mode: the vTPCM host key is kept in the plain file "
+                    "%(path)s instead of being sealed in the host TPM; never use this "
+                    "in production", {"path": self._path})
+
+    def __repr__(self) -> str:
+        return f"DevKeyFileHostKey(path={str(self._path)!r})"
+
+    def host_key(self) -> bytes:
+        with self._lock:
+            if self._key is None:
+                self._key = self._load_or_create()
+            return self._key
+
+    def _load_or_create(self) -> bytes:
+        try:
+            data = _read_private_file(self._path, "dev host key file")
+        except FileNotFoundError:
+            key = secrets.token_bytes(KEY_LEN)
+            try:
+                _write_new_file(self._path, key, replace=False)
+                LOG.warning("Created dev host key file %(path)s", {"path": self._path})
+                return key
+            except FileExistsError:
+                data = _read_private_file(self._path, "dev host key file")
+        if len(data) != KEY_LEN:
+            raise KeyStoreError(reason=f"dev host key file {self._path} must hold exactly "
+                                       f"{KEY_LEN} bytes")
+        return data
+
+
+class TPMSealedHostKey:
+    """The host key sealed in the host TPM; the file holds only the TPM blob.
+
+    First use generates a random key, seals it and writes the sealed object
+    (0600, atomic). Later uses unseal it. If the file exists but this TPM
+    cannot unseal it, that is an error: silently making a new key would
+    orphan every wrapped instance key.
+    """
+
+    def __init__(self, host_tpm: HostTPM, path: Path) -> None:
+        self._tpm = host_tpm
+        self._path = Path(path)
+        self._key: bytes | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"TPMSealedHostKey(path={str(self._path)!r})"
+
+    def host_key(self) -> bytes:
+        with self._lock:
+            if self._key is None:
+                self._key = self._load_or_create()
+            return self._key
+
+    def _load_or_create(self) -> bytes:
+        try:
+            data = _read_private_file(self._path, "sealed host key file")
+        except FileNotFoundError:
+            key = secrets.token_bytes(KEY_LEN)
+            sealed = self._tpm.seal(key)
+            try:
+                _write_new_file(self._path, sealed.to_bytes(), replace=False)
+            except FileExistsError:
+                data = _read_private_file(self._path, "sealed host key file")
+            else:
+                LOG.info("Sealed a new host key in the host TPM, blob at %(path)s",
+                         {"path": self._path})
+                return key
+        try:
+            key = self._tpm.unseal(SealedObject.from_bytes(data))
+        except HostTPMError as exc:
+            raise KeyStoreError(reason=f"host key {self._path} cannot be unsealed by this host TPM "
+                                       "(another TPM, cleared owner hierarchy or damaged "
+                                       f"file): {exc.message}") from exc
+        if len(key) != KEY_LEN:
+            raise KeyStoreError(reason=f"unsealed host key {self._path} has a wrong length")
+        return key
+
+
+class KeyStore:
+    """Wrapped per-instance keys in one directory (0700), one file each."""
+
+    def __init__(self, directory: Path, host_key_provider: HostKeyProvider) -> None:
+        self._dir = Path(directory)
+        self._provider = host_key_provider
+        self._lock = threading.Lock()
+        self._dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self._dir.stat().st_mode & 0o077:
+            LOG.warning("Key store directory %(dir)s is accessible by group/others",
+                        {"dir": self._dir})
+
+    def __repr__(self) -> str:
+        return f"KeyStore(directory={str(self._dir)!r})"
+
+    def _path(self, vtpcm_id: str) -> tuple[str, Path]:
+        canonical = validate_vtpcm_id(vtpcm_id)
+        return canonical, self._dir / (canonical + ".keys")
+
+    def _aead(self) -> AESGCM:
+        host_key = self._provider.host_key()
+        if not isinstance(host_key, bytes) or len(host_key) != KEY_LEN:
+            raise KeyStoreError(reason="host key provider returned a malformed key")
+        wrap_key = HKDF(algorithm=hashes.SHA256(), length=KEY_LEN, salt=None,
+                        info=_WRAP_INFO).derive(host_key)
+        return AESGCM(wrap_key)
+
+    @staticmethod
+    def _aad(vtpcm_id: str) -> bytes:
+        return _MAGIC + bytes([_VERSION]) + vtpcm_id.encode("ascii")
+
+    def exists(self, vtpcm_id: str) -> bool:
+        return self._path(vtpcm_id)[1].exists()
+
+    def put(self, vtpcm_id: str, keys: InstanceKeys, replace: bool = False) -> None:
+        """Store ``keys`` wrapped; refuse to overwrite unless ``replace``."""
+        canonical, path = self._path(vtpcm_id)
+        if not isinstance(keys, InstanceKeys):
+            raise InvalidInput(reason="keys must be InstanceKeys")
+        nonce = secrets.token_bytes(_NONCE)
+        ct = self._aead().encrypt(nonce, keys.at_rest_key + keys.migration_key,
+                                  self._aad(canonical))
+        with self._lock:
+            try:
+                _write_new_file(path, _MAGIC + bytes([_VERSION]) + nonce + ct, replace)
+            except FileExistsError:
+                raise AlreadyExists(what="key store entry for vTPCM", key=canonical) from None
+        LOG.info("Stored wrapped keys of vTPCM %(id)s", {"id": canonical})
+
+    def get(self, vtpcm_id: str) -> InstanceKeys:
+        canonical, path = self._path(vtpcm_id)
+        try:
+            data = _read_private_file(path, "key store entry")
+        except FileNotFoundError:
+            raise NotFound(what="key store entry for vTPCM", key=canonical) from None
+        if len(data) != _ENTRY_LEN:
+            raise KeyStoreError(reason=f"entry of vTPCM {canonical} has a wrong size "
+                                       f"({len(data)} bytes)")
+        if data[:len(_MAGIC)] != _MAGIC or data[len(_MAGIC)] != _VERSION:
+            raise KeyStoreError(reason=f"entry of vTPCM {canonical} has a bad magic/version")
+        off = len(_MAGIC) + 1
+        nonce, ct = data[off:off + _NONCE], data[off + _NONCE:]
+        try:
+            plain = self._aead().decrypt(nonce, ct, self._aad(canonical))
+        except InvalidTag:
+            raise KeyStoreError(reason=f"entry of vTPCM {canonical} failed authentication "
+                                       "(tampered, or written for another id or host key)"
+                                ) from None
+        return InstanceKeys(at_rest_key=plain[:KEY_LEN], migration_key=plain[KEY_LEN:])
+
+    def destroy(self, vtpcm_id: str) -> None:
+        """Crypto-shred an entry: overwrite with random bytes, fsync, unlink.
+
+        Idempotent. On copy-on-write or wear-levelled storage the overwrite
+        is best effort; the entry is useless without the host key anyway.
+        """
+        canonical, path = self._path(vtpcm_id)
+        with self._lock:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                return
+            try:
+                size = os.fstat(fd).st_size
+                os.write(fd, secrets.token_bytes(max(size, _ENTRY_LEN)))
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            path.unlink()
+            _fsync_dir(self._dir)
+        LOG.info("Destroyed the keys of vTPCM %(id)s", {"id": canonical})
