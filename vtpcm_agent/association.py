@@ -155,7 +155,7 @@ class AssociationList:
 
     def _fetch(self, cur: sqlite3.Cursor, instance_uuid: str) -> Association | None:
         row = cur.execute(
-            "SELECT %s FROM associations WHERE instance_uuid = ?" % ", ".join(_COLUMNS),
+            "SELECT %s FROM associations WHERE instance_uuid = ?" % ", ".join(_COLUMNS),  # noqa: S608 (fixed column names)
             (instance_uuid,)).fetchone()
         return self._row(row) if row else None
 
@@ -171,7 +171,7 @@ class AssociationList:
             return self._fetch(cur, instance_uuid)
 
     def list(self, include_destroyed: bool = False) -> list[Association]:
-        sql = "SELECT %s FROM associations" % ", ".join(_COLUMNS)
+        sql = "SELECT %s FROM associations" % ", ".join(_COLUMNS)  # noqa: S608 (fixed column names)
         if not include_destroyed:
             sql += " WHERE state != 'DESTROYED'"
         with self._transaction() as cur:
@@ -199,7 +199,7 @@ class AssociationList:
                 cur.execute("DELETE FROM associations WHERE instance_uuid = ?",
                             (instance_uuid,))
             cur.execute(
-                "INSERT INTO associations (%s) VALUES (%s)"
+                "INSERT INTO associations (%s) VALUES (%s)"  # noqa: S608 (fixed column names)
                 % (", ".join(_COLUMNS), ", ".join("?" * len(_COLUMNS))),
                 (instance_uuid, vtpcm_id, state.value, generation, migration_id,
                  state_dir, ctrl_socket, None, now, now))
@@ -242,7 +242,7 @@ class AssociationList:
             if pid is not _UNSET:
                 sets["pid"] = pid
             cur.execute(
-                "UPDATE associations SET %s WHERE instance_uuid = ?"
+                "UPDATE associations SET %s WHERE instance_uuid = ?"  # noqa: S608 (fixed column names)
                 % ", ".join("%s = ?" % k for k in sets),
                 (*sets.values(), instance_uuid))
             updated = self._fetch(cur, instance_uuid)
@@ -259,3 +259,12 @@ class AssociationList:
         current = self.get(instance_uuid)
         return self.transition(instance_uuid, current.state,
                                expected=frozenset({current.state}), pid=pid)
+
+    def forget(self, instance_uuid: str, vtpcm_id: str) -> None:
+        """Delete a record that never went live (CREATING, MIGRATING_IN).
+
+        Only those states: a live or destroyed vTPCM keeps its row (tombstone)."""
+        with self._transaction() as cur:
+            cur.execute(
+                "DELETE FROM associations WHERE instance_uuid = ? AND vtpcm_id = ? "
+                "AND state IN ('CREATING', 'MIGRATING_IN')", (instance_uuid, vtpcm_id))

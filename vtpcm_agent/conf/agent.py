@@ -1,0 +1,80 @@
+"""Options of the compute-node agent."""
+
+import socket
+
+from oslo_config import cfg
+
+DEFAULT_OPTS = [
+    cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
+               help="Name of this compute host, as nova-compute knows it. The agent's "
+                    "RPC server listens on topic vtpcm-agent with this server name."),
+]
+
+agent_group = cfg.OptGroup("agent", title="vTPCM agent")
+AGENT_OPTS = [
+    cfg.StrOpt("state_dir", default="/var/lib/vtpcm",
+               help="Where the association list, wrapped keys and the encrypted swtpm "
+                    "state of every vTPCM live. Must be on local, persistent storage."),
+    cfg.StrOpt("run_dir", default="/run/vtpcm",
+               help="Directory of the swtpm control sockets, <instance uuid>.ctrl. Nova's "
+                    "guest XML points at the same path on every host."),
+    cfg.StrOpt("swtpm_binary", default="swtpm", help="The swtpm executable."),
+    cfg.StrOpt("swtpm_setup_binary", default="swtpm_setup",
+               help="The swtpm_setup executable used to create new vTPCM state."),
+    cfg.IntOpt("socket_mode", default=0o660, min=0, max=0o777,
+               help="Permission bits of each control socket (as a decimal or 0o octal "
+                    "number). QEMU must be able to connect."),
+    cfg.StrOpt("socket_user", help="Owner of each control socket (the QEMU user, e.g. "
+                                   "libvirt-qemu). Unset: the agent's user."),
+    cfg.StrOpt("socket_group", help="Group of each control socket. Unset: the agent's "
+                                    "group."),
+    cfg.BoolOpt("create_ek", default=True,
+                help="Create an EK with EK and platform certificates from this host's "
+                     "local CA when a vTPCM is created (Windows 11 guests want them)."),
+    cfg.BoolOpt("expose_data_socket", default=False, advanced=True,
+                help="Also open a TPM data socket next to the control socket "
+                     "(<uuid>.ctrl without .ctrl). Only for tests and diagnostics: "
+                     "anyone who can connect can use the guest's TPM."),
+    cfg.IntOpt("max_state_blob_bytes", default=256 * 1024, min=4096,
+               help="Largest state blob accepted on import."),
+    cfg.FloatOpt("swtpm_timeout", default=10.0, min=0.5,
+                 help="Seconds to wait for swtpm to start, answer or stop."),
+    cfg.BoolOpt("register_with_engine", default=True,
+                help="At start, ask the vtpcm-engine to enroll this host (the engine "
+                     "pulls a fresh, certified identity; an operator or auto_approve "
+                     "approves it)."),
+]
+
+host_tpm_group = cfg.OptGroup("host_tpm", title="The host's own TPM")
+HOST_TPM_OPTS = [
+    cfg.StrOpt("tcti", default="device:/dev/tpmrm0",
+               help="tpm2-tss TCTI of the host TPM that holds this host's identity and "
+                    "seals its host key. swtpm:path=... for a stand-in in a lab."),
+    cfg.ListOpt("policy_pcrs", default=["0", "1", "2", "3", "4", "5", "6", "7"],
+                help="PCR indices the engine usually asks to quote (informational; the "
+                     "engine's policy decides)."),
+]
+
+keystore_group = cfg.OptGroup("keystore", title="Per-instance key storage")
+KEYSTORE_OPTS = [
+    cfg.StrOpt("host_key_mode", default="tpm", choices=["tpm", "dev-keyfile"],
+               help="How the host key that wraps every instance key is protected: "
+                    "sealed in the host TPM (tpm), or a root-only file (dev-keyfile, "
+                    "insecure, development only; the agent warns at every start)."),
+    cfg.StrOpt("dev_keyfile", help="Path of the host key file in dev-keyfile mode."),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    conf.register_opts(DEFAULT_OPTS)
+    conf.register_group(agent_group)
+    conf.register_opts(AGENT_OPTS, group=agent_group)
+    conf.register_group(host_tpm_group)
+    conf.register_opts(HOST_TPM_OPTS, group=host_tpm_group)
+    conf.register_group(keystore_group)
+    conf.register_opts(KEYSTORE_OPTS, group=keystore_group)
+
+
+def list_opts() -> list[tuple[cfg.OptGroup | None, list[cfg.Opt]]]:
+    return [(None, DEFAULT_OPTS), (agent_group, AGENT_OPTS),
+            (host_tpm_group, HOST_TPM_OPTS), (keystore_group, KEYSTORE_OPTS)]

@@ -1,0 +1,411 @@
+"""The vTPCM instance manager: one swtpm per VM, its keys and its record.
+
+Order matters for safety and is the same everywhere:
+- create: record (CREATING) -> keys -> encrypted state -> STOPPED; a failure
+  or a crash in between is cleaned up (``recover``) and leaves no record.
+- destroy / commit_outgoing: keys are shredded FIRST (the state on disk is
+  then unreadable), then swtpm stops and the files go; the row stays as a
+  tombstone that remembers the generation.
+- incoming: the migration key is unwrapped inside this host's TPM, a fresh
+  at-rest key is made, swtpm starts empty at the instance's socket and QEMU
+  fills it from the migration stream.
+"""
+
+import dataclasses
+import os
+import shutil
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from oslo_log import log as logging
+
+from vtpcm_agent import sealing
+from vtpcm_agent.association import Association, AssociationList, VTPCMState
+from vtpcm_agent.keystore import InstanceKeys, KeyStore
+from vtpcm_agent.swtpm import ctrl, process, provision
+from vtpcm_common import exception
+
+LOG = logging.getLogger(__name__)
+S = VTPCMState
+PERMANENT_STATE_FILE = "tpm2-00.permall"
+
+
+class HostTPMLike(Protocol):
+    def ecdh_zgen(self, x: bytes, y: bytes) -> bytes: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class AgentSettings:
+    """What the instance manager needs from the configuration."""
+
+    host: str
+    state_root: Path
+    run_dir: Path
+    swtpm_binary: str = "swtpm"
+    swtpm_setup_binary: str = "swtpm_setup"
+    socket_mode: int = 0o660
+    socket_uid: int | None = None
+    socket_gid: int | None = None
+    create_ek: bool = True
+    expose_data_socket: bool = False
+    max_state_blob_bytes: int = 256 * 1024
+    timeout: float = 10.0
+
+
+class InstanceManager:
+    def __init__(self, settings: AgentSettings, associations: AssociationList,
+                 keystore: KeyStore, host_tpm: HostTPMLike | None = None) -> None:
+        self.settings = settings
+        self.associations = associations
+        self.keystore = keystore
+        self.host_tpm = host_tpm
+        for sub in ("vtpcms", "logs", "localca"):
+            (settings.state_root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        settings.run_dir.mkdir(parents=True, exist_ok=True)
+        # QEMU (another user) must traverse it to reach its socket.
+        os.chmod(settings.run_dir, 0o755)  # noqa: S103
+
+    # --- paths -------------------------------------------------------------
+
+    def paths(self, instance_uuid: str, vtpcm_id: str) -> process.SwtpmPaths:
+        run = self.settings.run_dir
+        data = run / instance_uuid if self.settings.expose_data_socket else None
+        return process.SwtpmPaths(
+            state_dir=self.settings.state_root / "vtpcms" / vtpcm_id,
+            ctrl_socket=run / (instance_uuid + ".ctrl"),
+            pid_file=run / (instance_uuid + ".pid"),
+            log_file=self.settings.state_root / "logs" / (vtpcm_id + ".log"),
+            data_socket=data)
+
+    def _paths_of(self, assoc: Association) -> process.SwtpmPaths:
+        return self.paths(assoc.instance_uuid, assoc.vtpcm_id)
+
+    # --- queries -------------------------------------------------------------
+
+    def get(self, instance_uuid: str) -> Association:
+        return self.associations.get(instance_uuid)
+
+    def list(self) -> list[Association]:
+        return self.associations.list()
+
+    def is_running(self, assoc: Association) -> bool:
+        return assoc.pid is not None and process.is_alive(assoc.pid, self._paths_of(assoc))
+
+    def crashed(self) -> list[str]:
+        """Instances whose swtpm should run (ACTIVE, migrating) but does not."""
+        return [a.instance_uuid for a in self.associations.list()
+                if a.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN)
+                and a.pid is not None and not self.is_running(a)]
+
+    # --- lifecycle -----------------------------------------------------------
+
+    def create(self, instance_uuid: str) -> Association:
+        """Create a vTPCM whose state is encrypted from its first byte."""
+        existing = self.associations.find(instance_uuid)
+        if existing is not None and existing.state is not S.DESTROYED:
+            raise exception.AlreadyExists(what="vTPCM of instance", key=instance_uuid)
+        generation = existing.generation + 1 if existing is not None else 0
+        vtpcm_id = str(uuid.uuid4())
+        paths = self.paths(instance_uuid, vtpcm_id)
+        self.associations.add(
+            instance_uuid=instance_uuid, vtpcm_id=vtpcm_id, state=S.CREATING,
+            generation=generation, state_dir=str(paths.state_dir),
+            ctrl_socket=str(paths.ctrl_socket))
+        try:
+            keys = InstanceKeys.generate()
+            self.keystore.put(vtpcm_id, keys)
+            provision.provision_state(
+                paths.state_dir, keys.at_rest_key, vtpcm_id=vtpcm_id,
+                create_ek=self.settings.create_ek,
+                localca_dir=self.settings.state_root / "localca",
+                swtpm_setup_binary=self.settings.swtpm_setup_binary)
+        except BaseException:
+            self._discard(instance_uuid, vtpcm_id, paths)
+            raise
+        return self.associations.transition(instance_uuid, S.STOPPED)
+
+    def start(self, instance_uuid: str) -> Association:
+        """Start (or re-adopt) the swtpm of a STOPPED or ACTIVE vTPCM."""
+        assoc = self.associations.get(instance_uuid)
+        if assoc.state is S.ACTIVE and self.is_running(assoc):
+            return assoc
+        if assoc.state not in (S.STOPPED, S.ACTIVE):
+            raise exception.InvalidTransition(
+                what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
+                target=S.ACTIVE.value)
+        pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
+        return self.associations.transition(
+            instance_uuid, S.ACTIVE, expected=frozenset({S.STOPPED, S.ACTIVE}), pid=pid)
+
+    def stop(self, instance_uuid: str) -> Association:
+        assoc = self.associations.get(instance_uuid)
+        if assoc.state is S.STOPPED:
+            return assoc
+        if assoc.state is not S.ACTIVE:
+            raise exception.InvalidTransition(
+                what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
+                target=S.STOPPED.value)
+        self._kill(assoc)
+        return self.associations.transition(
+            instance_uuid, S.STOPPED, expected=frozenset({S.ACTIVE}), pid=None)
+
+    def destroy(self, instance_uuid: str) -> Association:
+        """Crypto-shred: keys first, then the process and the files."""
+        assoc = self.associations.get(instance_uuid)
+        if assoc.state is S.DESTROYED:
+            return assoc
+        if assoc.state in (S.MIGRATING_OUT, S.MIGRATING_IN):
+            raise exception.InvalidTransition(
+                what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
+                target=S.DESTROYED.value)
+        if assoc.state is S.ACTIVE:
+            assoc = self.stop(instance_uuid)
+        self._shred(assoc)
+        return self.associations.transition(instance_uuid, S.DESTROYED, pid=None)
+
+    # --- state collector -----------------------------------------------------
+
+    def export_state(self, instance_uuid: str) -> tuple[Association, ctrl.ExportedState]:
+        """Blobs of a vTPCM that QEMU is not attached to, encrypted by swtpm
+        under the migration key. A stopped vTPCM is started for the read and
+        stopped again."""
+        assoc = self.associations.get(instance_uuid)
+        if assoc.state not in (S.ACTIVE, S.STOPPED, S.MIGRATING_OUT):
+            raise exception.InvalidTransition(
+                what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
+                target="export")
+        paths = self._paths_of(assoc)
+        if self.is_running(assoc):
+            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout)
+        pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
+        try:
+            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout)
+        finally:
+            process.stop(pid, paths, timeout=self.settings.timeout)
+
+    def import_state(self, instance_uuid: str, generation: int,
+                     state: ctrl.ExportedState) -> Association:
+        """Set blobs into this host's vTPCM of the instance (same migration key)."""
+        assoc = self.associations.get(instance_uuid)
+        if assoc.state not in (S.MIGRATING_IN, S.STOPPED, S.ACTIVE):
+            raise exception.InvalidTransition(
+                what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
+                target="import")
+        if generation != assoc.generation:
+            raise exception.GenerationMismatch(
+                instance_uuid=instance_uuid, given=generation, expected=assoc.generation)
+        size = len(state.permanent) + len(state.volatile)
+        if size > self.settings.max_state_blob_bytes:
+            raise exception.StateImportError(
+                vtpcm_id=assoc.vtpcm_id,
+                reason="state of %d bytes exceeds the limit of %d"
+                % (size, self.settings.max_state_blob_bytes))
+        paths = self._paths_of(assoc)
+        if not self.is_running(assoc):
+            pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
+            assoc = self.associations.set_pid(instance_uuid, pid)
+        ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout)
+        LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
+                 {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
+        return assoc
+
+    # --- migration (source side) ----------------------------------------------
+
+    def seal_migration_key(self, ctx: sealing.SealContext, dest_kem_public: bytes) -> bytes:
+        """Mark MIGRATING_OUT and seal the migration key to dest's TPM KEM key."""
+        if ctx.source_host != self.settings.host or ctx.dest_host == self.settings.host:
+            raise exception.MigrationError(
+                migration_id=ctx.migration_id,
+                reason="this host is %s, the request names source %s and destination %s"
+                % (self.settings.host, ctx.source_host, ctx.dest_host))
+        assoc = self.associations.get(ctx.instance_uuid)
+        self._check_generation(assoc, ctx)
+        if assoc.state is S.MIGRATING_OUT:
+            if assoc.migration_id != ctx.migration_id:
+                raise exception.MigrationError(
+                    migration_id=ctx.migration_id,
+                    reason="the vTPCM is already migrating out in migration %s"
+                    % assoc.migration_id)
+        else:
+            assoc = self.associations.transition(
+                ctx.instance_uuid, S.MIGRATING_OUT,
+                expected=frozenset({S.ACTIVE, S.STOPPED}), migration_id=ctx.migration_id)
+        keys = self.keystore.get(assoc.vtpcm_id)
+        envelope = sealing.seal(dest_kem_public, keys.migration_key, ctx)
+        LOG.info("Sealed the migration key of instance %(instance)s for host %(dest)s "
+                 "(migration %(mig)s, generation %(gen)d)",
+                 {"instance": ctx.instance_uuid, "dest": ctx.dest_host,
+                  "mig": ctx.migration_id, "gen": ctx.generation})
+        return envelope
+
+    def commit_outgoing(self, ctx: sealing.SealContext) -> Association:
+        assoc = self.associations.get(ctx.instance_uuid)
+        if assoc.state is S.DESTROYED and assoc.migration_id == ctx.migration_id:
+            return assoc
+        self._check_migration(assoc, ctx, S.MIGRATING_OUT)
+        self._kill(assoc)
+        self._shred(assoc)
+        return self.associations.transition(
+            ctx.instance_uuid, S.DESTROYED, expected=frozenset({S.MIGRATING_OUT}), pid=None)
+
+    def abort_outgoing(self, ctx: sealing.SealContext) -> Association:
+        assoc = self.associations.get(ctx.instance_uuid)
+        if assoc.state in (S.ACTIVE, S.STOPPED) and assoc.migration_id in (None,
+                                                                           ctx.migration_id):
+            return assoc
+        self._check_migration(assoc, ctx, S.MIGRATING_OUT)
+        target = S.ACTIVE if self.is_running(assoc) else S.STOPPED
+        return self.associations.transition(
+            ctx.instance_uuid, target, expected=frozenset({S.MIGRATING_OUT}),
+            migration_id=None)
+
+    # --- migration (destination side) ------------------------------------------
+
+    def prepare_incoming(self, ctx: sealing.SealContext, envelope: bytes) -> Association:
+        """Unwrap the key in this host's TPM and start an empty swtpm for QEMU."""
+        if ctx.dest_host != self.settings.host:
+            raise exception.MigrationError(
+                migration_id=ctx.migration_id,
+                reason="this host is %s, not the destination %s"
+                % (self.settings.host, ctx.dest_host))
+        if self.host_tpm is None:
+            raise exception.HostTPMError(reason="this agent has no host TPM configured")
+        existing = self.associations.find(ctx.instance_uuid)
+        if (existing is not None and existing.state is S.MIGRATING_IN
+                and existing.migration_id == ctx.migration_id):
+            return existing
+        if existing is not None and existing.state is not S.DESTROYED:
+            raise exception.AlreadyExists(what="vTPCM of instance", key=ctx.instance_uuid)
+        migration_key = sealing.open_envelope(envelope, ctx, self.host_tpm.ecdh_zgen)
+        keys = InstanceKeys(at_rest_key=InstanceKeys.generate().at_rest_key,
+                            migration_key=migration_key)
+        vtpcm_id = str(uuid.uuid4())
+        paths = self.paths(ctx.instance_uuid, vtpcm_id)
+        self.associations.add(
+            instance_uuid=ctx.instance_uuid, vtpcm_id=vtpcm_id, state=S.MIGRATING_IN,
+            generation=ctx.generation, state_dir=str(paths.state_dir),
+            ctrl_socket=str(paths.ctrl_socket), migration_id=ctx.migration_id)
+        try:
+            self.keystore.put(vtpcm_id, keys)
+            paths.state_dir.mkdir(parents=True, mode=0o700)
+            pid = self._spawn_paths(paths, keys)
+        except BaseException:
+            self._discard(ctx.instance_uuid, vtpcm_id, paths)
+            raise
+        return self.associations.set_pid(ctx.instance_uuid, pid)
+
+    def commit_incoming(self, ctx: sealing.SealContext) -> Association:
+        assoc = self.associations.get(ctx.instance_uuid)
+        if (assoc.state is S.ACTIVE and assoc.generation == ctx.generation + 1
+                and assoc.migration_id == ctx.migration_id):
+            return assoc
+        self._check_migration(assoc, ctx, S.MIGRATING_IN)
+        return self.associations.transition(
+            ctx.instance_uuid, S.ACTIVE, expected=frozenset({S.MIGRATING_IN}),
+            generation=ctx.generation + 1)
+
+    def abort_incoming(self, ctx: sealing.SealContext, only_if_unused: bool = False) -> None:
+        """Destroy an incoming vTPCM; no tombstone, since it never went live."""
+        assoc = self.associations.find(ctx.instance_uuid)
+        if assoc is None or assoc.state is not S.MIGRATING_IN \
+                or assoc.migration_id != ctx.migration_id:
+            LOG.info("Abort of incoming migration %(mig)s: nothing to clean up for "
+                     "instance %(instance)s", {"mig": ctx.migration_id,
+                                               "instance": ctx.instance_uuid})
+            return
+        paths = self._paths_of(assoc)
+        if only_if_unused and (paths.state_dir / PERMANENT_STATE_FILE).exists():
+            raise exception.MigrationError(
+                migration_id=ctx.migration_id,
+                reason="the incoming vTPCM already received its state; refusing to "
+                       "destroy it on a timeout")
+        self._kill(assoc)
+        self._discard(ctx.instance_uuid, assoc.vtpcm_id, paths)
+
+    # --- start-up --------------------------------------------------------------
+
+    def recover(self) -> dict[str, list[str]]:
+        """Re-adopt running swtpm processes and clean up interrupted creates."""
+        report: dict[str, list[str]] = {"adopted": [], "crashed": [], "cleaned": []}
+        for assoc in self.associations.list():
+            paths = self._paths_of(assoc)
+            if assoc.state is S.CREATING:
+                self._discard(assoc.instance_uuid, assoc.vtpcm_id, paths)
+                report["cleaned"].append(assoc.instance_uuid)
+                continue
+            pid = process.find_running(paths)
+            if pid is not None:
+                if pid != assoc.pid:
+                    self.associations.set_pid(assoc.instance_uuid, pid)
+                report["adopted"].append(assoc.instance_uuid)
+            elif assoc.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN):
+                report["crashed"].append(assoc.instance_uuid)
+                LOG.error("swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
+                          "is not running", {"instance": assoc.instance_uuid,
+                                             "vtpcm": assoc.vtpcm_id,
+                                             "state": assoc.state.value})
+        LOG.info("Recovered: %(a)d adopted, %(c)d crashed, %(x)d interrupted creates "
+                 "cleaned", {"a": len(report["adopted"]), "c": len(report["crashed"]),
+                             "x": len(report["cleaned"])})
+        return report
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _spawn(self, assoc: Association, keys: InstanceKeys) -> int:
+        return self._spawn_paths(self._paths_of(assoc), keys)
+
+    def _spawn_paths(self, paths: process.SwtpmPaths, keys: InstanceKeys) -> int:
+        running = process.find_running(paths)
+        if running is not None:
+            return running
+        return process.start(
+            paths, keys.at_rest_key, keys.migration_key,
+            socket_mode=self.settings.socket_mode, socket_uid=self.settings.socket_uid,
+            socket_gid=self.settings.socket_gid, swtpm_binary=self.settings.swtpm_binary,
+            startup_clear=self.settings.expose_data_socket, timeout=self.settings.timeout)
+
+    def _kill(self, assoc: Association) -> None:
+        paths = self._paths_of(assoc)
+        pid = process.find_running(paths) or assoc.pid
+        if pid is not None and process.is_alive(pid, paths):
+            process.stop(pid, paths, timeout=self.settings.timeout)
+
+    def _shred(self, assoc: Association) -> None:
+        self.keystore.destroy(assoc.vtpcm_id)
+        process.remove_state(self._paths_of(assoc))
+
+    def _discard(self, instance_uuid: str, vtpcm_id: str, paths: process.SwtpmPaths) -> None:
+        """Undo a create or an incoming that never went live: no tombstone."""
+        self.keystore.destroy(vtpcm_id)
+        if paths.state_dir.exists():
+            shutil.rmtree(paths.state_dir)
+        self.associations.forget(instance_uuid, vtpcm_id)
+
+    @staticmethod
+    def _check_generation(assoc: Association, ctx: sealing.SealContext) -> None:
+        if assoc.generation != ctx.generation:
+            raise exception.GenerationMismatch(
+                instance_uuid=ctx.instance_uuid, given=ctx.generation,
+                expected=assoc.generation)
+
+    def _check_migration(self, assoc: Association, ctx: sealing.SealContext,
+                         state: VTPCMState) -> None:
+        if assoc.state is not state or assoc.migration_id != ctx.migration_id:
+            raise exception.MigrationError(
+                migration_id=ctx.migration_id,
+                reason="vTPCM of instance %s is %s in migration %s, expected %s"
+                % (ctx.instance_uuid, assoc.state.value, assoc.migration_id, state.value))
+        self._check_generation(assoc, ctx)
+
+
+def context_from(message: Any) -> sealing.SealContext:
+    """messages.MigrationContext -> sealing.SealContext."""
+    return sealing.SealContext(
+        migration_id=message.migration_id, instance_uuid=message.instance_uuid,
+        generation=message.generation, source_host=message.source_host,
+        dest_host=message.dest_host)
+
+
+ZGen = Callable[[bytes, bytes], bytes]

@@ -1,0 +1,159 @@
+"""RPC endpoints of the vtpcm-agent: check the message, call the instance
+manager, answer with one checked message.
+
+Errors raised here are vTPCM exceptions whose text names what was wrong;
+oslo.messaging sends them back to the caller (``allowed_remote_exmods``).
+Each refusal is logged once, with ids and reasons only.
+"""
+
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import oslo_messaging as messaging
+from oslo_log import log as logging
+
+from vtpcm_agent import messages as m
+from vtpcm_agent import rpcapi
+from vtpcm_agent.association import Association
+from vtpcm_agent.instances import InstanceManager, context_from
+from vtpcm_agent.swtpm import ctrl
+from vtpcm_common import exception
+from vtpcm_common.wire import Message
+
+LOG = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def endpoint(request_type: type[Message]) -> Callable[[F], F]:
+    """Parse ``payload`` into ``request_type``; log refusals without secrets."""
+    def wrap(func: F) -> F:
+        @functools.wraps(func)
+        def inner(self: "AgentManager", ctxt: dict[str, Any], payload: Any) -> Any:
+            try:
+                request = request_type.from_wire(payload)
+                reply: Message = func(self, request)
+                return reply.to_wire()
+            except exception.VTPCMException as err:
+                LOG.warning("Refused %(method)s: %(error)s",
+                            {"method": func.__name__, "error": err})
+                raise
+        return inner  # type: ignore[return-value]
+    return wrap
+
+
+class AgentManager:
+    target = messaging.Target(version=rpcapi.RPC_API_VERSION)
+
+    def __init__(self, host: str, instances: InstanceManager, host_tpm: Any = None) -> None:
+        self.host = host
+        self.instances = instances
+        self.host_tpm = host_tpm
+
+    def _info(self, assoc: Association) -> m.VTPCMInfo:
+        return m.VTPCMInfo(
+            instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
+            state=assoc.state.value, generation=assoc.generation,
+            migration_id=assoc.migration_id, ctrl_socket=assoc.ctrl_socket,
+            running=self.instances.is_running(assoc), pid=assoc.pid)
+
+    # 1.0 ---------------------------------------------------------------------
+    @endpoint(m.InstanceRef)
+    def create(self, req: m.InstanceRef) -> m.VTPCMInfo:
+        return self._info(self.instances.create(req.instance_uuid))
+
+    @endpoint(m.InstanceRef)
+    def get(self, req: m.InstanceRef) -> m.VTPCMInfo:
+        return self._info(self.instances.get(req.instance_uuid))
+
+    @endpoint(m.Empty)
+    def list(self, req: m.Empty) -> m.VTPCMList:
+        return m.VTPCMList(tuple(self._info(a) for a in self.instances.list()))
+
+    @endpoint(m.InstanceRef)
+    def start(self, req: m.InstanceRef) -> m.VTPCMInfo:
+        return self._info(self.instances.start(req.instance_uuid))
+
+    @endpoint(m.InstanceRef)
+    def stop(self, req: m.InstanceRef) -> m.VTPCMInfo:
+        return self._info(self.instances.stop(req.instance_uuid))
+
+    @endpoint(m.InstanceRef)
+    def destroy(self, req: m.InstanceRef) -> m.VTPCMInfo:
+        return self._info(self.instances.destroy(req.instance_uuid))
+
+    @endpoint(m.InstanceRef)
+    def export_state(self, req: m.InstanceRef) -> m.StateBlobs:
+        assoc, state = self.instances.export_state(req.instance_uuid)
+        return m.StateBlobs(
+            instance_uuid=assoc.instance_uuid, generation=assoc.generation,
+            permanent=state.permanent, permanent_flags=state.permanent_flags,
+            volatile=state.volatile, volatile_flags=state.volatile_flags)
+
+    @endpoint(m.StateBlobs)
+    def import_state(self, req: m.StateBlobs) -> m.VTPCMInfo:
+        state = ctrl.ExportedState(
+            permanent=req.permanent, permanent_flags=req.permanent_flags,
+            volatile=req.volatile, volatile_flags=req.volatile_flags)
+        return self._info(self.instances.import_state(req.instance_uuid, req.generation,
+                                                      state))
+
+    @endpoint(m.Empty)
+    def health(self, req: m.Empty) -> m.Health:
+        vtpcms = self.instances.list()
+        return m.Health(
+            host=self.host, api_version=rpcapi.RPC_API_VERSION, vtpcms=len(vtpcms),
+            running=sum(1 for a in vtpcms if self.instances.is_running(a)),
+            crashed=tuple(self.instances.crashed()))
+
+    # 1.1 ---------------------------------------------------------------------
+    def _tpm(self) -> Any:
+        if self.host_tpm is None:
+            raise exception.HostTPMError(reason="this agent has no host TPM configured")
+        return self.host_tpm
+
+    @endpoint(m.IdentityRequest)
+    def get_identity(self, req: m.IdentityRequest) -> m.HostIdentity:
+        ident = self._tpm().identity(req.nonce)
+        return m.HostIdentity(
+            host=self.host, ak_public=ident.ak_public, kem_public=ident.kem_public,
+            kem_certify_attest=ident.kem_certify_attest,
+            kem_certify_signature=ident.kem_certify_signature,
+            ek_certificate=ident.ek_certificate)
+
+    @endpoint(m.QuoteRequest)
+    def quote(self, req: m.QuoteRequest) -> m.Quote:
+        result = self._tpm().quote(req.nonce, req.pcrs, req.bank)
+        return m.Quote(host=self.host, attest=result.attest, signature=result.signature,
+                       pcr_values=dict(result.pcr_values))
+
+    # 1.2 ---------------------------------------------------------------------
+    @endpoint(m.SealRequest)
+    def seal_migration_key(self, req: m.SealRequest) -> m.SealedKey:
+        return m.SealedKey(self.instances.seal_migration_key(
+            context_from(req.context), req.dest_kem_public))
+
+    @endpoint(m.PrepareIncoming)
+    def prepare_incoming(self, req: m.PrepareIncoming) -> m.VTPCMInfo:
+        return self._info(self.instances.prepare_incoming(
+            context_from(req.context), req.envelope))
+
+    @endpoint(m.MigrationStep)
+    def commit_incoming(self, req: m.MigrationStep) -> m.Empty:
+        self.instances.commit_incoming(context_from(req.context))
+        return m.Empty()
+
+    @endpoint(m.MigrationStep)
+    def commit_outgoing(self, req: m.MigrationStep) -> m.Empty:
+        self.instances.commit_outgoing(context_from(req.context))
+        return m.Empty()
+
+    @endpoint(m.MigrationStep)
+    def abort_incoming(self, req: m.MigrationStep) -> m.Empty:
+        self.instances.abort_incoming(context_from(req.context), req.only_if_unused)
+        return m.Empty()
+
+    @endpoint(m.MigrationStep)
+    def abort_outgoing(self, req: m.MigrationStep) -> m.Empty:
+        self.instances.abort_outgoing(context_from(req.context))
+        return m.Empty()

@@ -1,0 +1,147 @@
+"""One schema-checked message type per agent RPC method (see rpcapi.py)."""
+
+import dataclasses
+
+from vtpcm_common import wire
+from vtpcm_common.wire import Message, field
+
+MAX_STATE_BLOB = 256 * 1024
+NONCE = wire.blob_field(max_len=64, min_len=16)
+STATES = ("CREATING", "STOPPED", "ACTIVE", "MIGRATING_OUT", "MIGRATING_IN", "DESTROYED")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceRef(Message):
+    """Names one instance's vTPCM (get, start, stop, destroy, export_state)."""
+
+    message_type = "instance_ref"
+    instance_uuid: str = field(wire.uuid_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class Empty(Message):
+    message_type = "empty"
+
+
+@dataclasses.dataclass(frozen=True)
+class VTPCMInfo(Message):
+    message_type = "vtpcm_info"
+    instance_uuid: str = field(wire.uuid_field)
+    vtpcm_id: str = field(wire.uuid_field)
+    state: str = field(wire.choice_field(*STATES))
+    generation: int = field(wire.int_field(0, 2**62))
+    migration_id: str | None = field(wire.optional(wire.uuid_field))
+    ctrl_socket: str = field(wire.text_field(4096))
+    running: bool = field(wire.bool_field)
+    pid: int | None = field(wire.optional(wire.int_field(1, 2**31)))
+
+
+@dataclasses.dataclass(frozen=True)
+class VTPCMList(Message):
+    message_type = "vtpcm_list"
+    vtpcms: tuple[VTPCMInfo, ...] = field(wire.message_list_field(VTPCMInfo))
+
+
+@dataclasses.dataclass(frozen=True)
+class StateBlobs(Message):
+    """Permanent + volatile blobs as swtpm gave them: encrypted and MACed under
+    the instance's migration key; opaque to everyone without that key."""
+
+    message_type = "state_blobs"
+    instance_uuid: str = field(wire.uuid_field)
+    generation: int = field(wire.int_field(0, 2**62))
+    permanent: bytes = field(wire.blob_field(MAX_STATE_BLOB, 1), secret=True)
+    permanent_flags: int = field(wire.int_field(0, 2**32 - 1))
+    volatile: bytes = field(wire.blob_field(MAX_STATE_BLOB, 0), secret=True)
+    volatile_flags: int = field(wire.int_field(0, 2**32 - 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class Health(Message):
+    message_type = "health"
+    host: str = field(wire.host_field)
+    api_version: str = field(wire.text_field(16))
+    vtpcms: int = field(wire.int_field(0, 2**31))
+    running: int = field(wire.int_field(0, 2**31))
+    crashed: tuple[str, ...] = field(wire.list_field(wire.uuid_field))
+
+
+# --- 1.1: host identity ----------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class IdentityRequest(Message):
+    message_type = "identity_request"
+    nonce: bytes = field(NONCE)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostIdentity(Message):
+    message_type = "host_identity"
+    host: str = field(wire.host_field)
+    ak_public: bytes = field(wire.blob_field(1024, 1))
+    kem_public: bytes = field(wire.blob_field(1024, 1))
+    kem_certify_attest: bytes = field(wire.blob_field(1024, 1))
+    kem_certify_signature: bytes = field(wire.blob_field(512, 1))
+    ek_certificate: bytes | None = field(wire.optional(wire.blob_field(8192, 1)))
+
+
+@dataclasses.dataclass(frozen=True)
+class QuoteRequest(Message):
+    message_type = "quote_request"
+    nonce: bytes = field(NONCE)
+    pcrs: tuple[int, ...] = field(wire.int_list_field(0, 23))
+    bank: str = field(wire.choice_field("sha256"), default="sha256")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quote(Message):
+    message_type = "quote"
+    host: str = field(wire.host_field)
+    attest: bytes = field(wire.blob_field(2048, 1))
+    signature: bytes = field(wire.blob_field(512, 1))
+    pcr_values: dict[int, bytes] = field(
+        wire.map_field(24, wire.digit_key(0, 23), wire.blob_field(64, 20)))
+
+
+# --- 1.2: migration -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class MigrationContext(Message):
+    """What a sealed key is bound to (the AEAD associated data)."""
+
+    message_type = "migration_context"
+    migration_id: str = field(wire.uuid_field)
+    instance_uuid: str = field(wire.uuid_field)
+    generation: int = field(wire.int_field(0, 2**62))
+    source_host: str = field(wire.host_field)
+    dest_host: str = field(wire.host_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class SealRequest(Message):
+    message_type = "seal_request"
+    context: MigrationContext = field(wire.message_field(MigrationContext))
+    dest_kem_public: bytes = field(wire.blob_field(1024, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class SealedKey(Message):
+    message_type = "sealed_key"
+    envelope: bytes = field(wire.blob_field(1024, 1), secret=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareIncoming(Message):
+    message_type = "prepare_incoming"
+    context: MigrationContext = field(wire.message_field(MigrationContext))
+    envelope: bytes = field(wire.blob_field(1024, 1), secret=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationStep(Message):
+    """commit/abort on either side: which migration, bound to which context."""
+
+    message_type = "migration_step"
+    context: MigrationContext = field(wire.message_field(MigrationContext))
+    # Abort of an incoming vTPCM after the deadline: refuse if state arrived.
+    only_if_unused: bool = field(wire.bool_field, default=False)

@@ -1,0 +1,9 @@
+"""Entry point for oslo-config-generator (namespace vtpcm.agent)."""
+
+from oslo_config import cfg
+
+from vtpcm_agent.conf import agent
+
+
+def list_opts() -> list[tuple[cfg.OptGroup | None, list[cfg.Opt]]]:
+    return agent.list_opts()

@@ -1,0 +1,100 @@
+"""Assemble the agent from its configuration and run its RPC server.
+
+SIGTERM stops the RPC server only: swtpm processes run in their own sessions
+and keep serving their guests; the next agent re-adopts them.
+"""
+
+import grp
+import pwd
+import threading
+from pathlib import Path
+from typing import Any
+
+import oslo_messaging as messaging
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from vtpcm_agent import keystore as ks
+from vtpcm_agent import manager, rpcapi
+from vtpcm_agent.association import AssociationList
+from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_agent.instances import AgentSettings, InstanceManager
+from vtpcm_common import exception, rpc
+
+LOG = logging.getLogger(__name__)
+
+
+def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
+    a = conf.agent
+    try:
+        uid = pwd.getpwnam(a.socket_user).pw_uid if a.socket_user else None
+        gid = grp.getgrnam(a.socket_group).gr_gid if a.socket_group else None
+    except KeyError as err:
+        raise exception.InvalidInput(reason="[agent] socket user/group: %s" % err) from None
+    return AgentSettings(
+        host=conf.host, state_root=Path(a.state_dir), run_dir=Path(a.run_dir),
+        swtpm_binary=a.swtpm_binary, swtpm_setup_binary=a.swtpm_setup_binary,
+        socket_mode=a.socket_mode, socket_uid=uid, socket_gid=gid, create_ek=a.create_ek,
+        expose_data_socket=a.expose_data_socket,
+        max_state_blob_bytes=a.max_state_blob_bytes, timeout=a.swtpm_timeout)
+
+
+def host_key_provider(conf: cfg.ConfigOpts, host_tpm: HostTPM | None,
+                      state_root: Path) -> Any:
+    if conf.keystore.host_key_mode == "dev-keyfile":
+        if not conf.keystore.dev_keyfile:
+            raise exception.InvalidInput(
+                reason="[keystore] host_key_mode = dev-keyfile needs [keystore] dev_keyfile")
+        return ks.DevKeyFileHostKey(Path(conf.keystore.dev_keyfile))
+    if host_tpm is None:
+        raise exception.InvalidInput(reason="[keystore] host_key_mode = tpm needs a host TPM")
+    return ks.TPMSealedHostKey(host_tpm, state_root / "hostkey.sealed")
+
+
+class AgentService:
+    """One agent: instance manager + RPC server on topic vtpcm-agent."""
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        self.conf = conf
+        self.settings = settings_from(conf)
+        self.settings.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.host_tpm = HostTPM(conf.host_tpm.tcti)
+        provider = host_key_provider(conf, self.host_tpm, self.settings.state_root)
+        self.keystore = ks.KeyStore(self.settings.state_root / "keys", provider)
+        self.associations = AssociationList(self.settings.state_root / "associations.sqlite")
+        self.instances = InstanceManager(self.settings, self.associations, self.keystore,
+                                         self.host_tpm)
+        self.transport = rpc.get_transport(conf)
+        self.server: Any = None
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        self.instances.recover()
+        target = messaging.Target(topic=rpcapi.TOPIC, server=self.settings.host)
+        endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm)]
+        self.server = messaging.get_rpc_server(
+            self.transport, target, endpoints,
+            access_policy=messaging.DefaultRPCAccessPolicy)
+        self.server.start()
+        if self.conf.agent.register_with_engine:
+            # Imported here: the engine's client is optional for the agent.
+            from vtpcm_nova.engine.rpcapi import EngineAPI
+            EngineAPI(self.conf, self.transport).register_agent(self.settings.host)
+        LOG.info("vtpcm-agent of host %(host)s serving topic %(topic)s (API %(v)s)",
+                 {"host": self.settings.host, "topic": rpcapi.TOPIC,
+                  "v": rpcapi.RPC_API_VERSION})
+
+    def stop(self) -> None:
+        """Stop serving RPC. swtpm processes keep running on purpose."""
+        if self.server is not None:
+            self.server.stop()
+            self.server.wait()
+            self.server = None
+        self.associations.close()
+        self.host_tpm.close()
+        self._stopped.set()
+        LOG.info("vtpcm-agent of host %(host)s stopped; swtpm processes left running",
+                 {"host": self.settings.host})
+
+    def wait(self) -> None:
+        self._stopped.wait()
