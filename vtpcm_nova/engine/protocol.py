@@ -208,15 +208,18 @@ IDEMPOTENT: frozenset[tuple[MigrationState, type]] = frozenset({
 
 
 def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
-    """What the coordinator must do on entering ``state``."""
+    """What the coordinator must do on entering ``state``, in order.
+
+    At most one action per list produces the next event, and it comes last:
+    the coordinator moves on as soon as an action yields an event."""
     if state is M.SEALING:
         return [SealKey()]
     if state is M.PREPARING:
         assert isinstance(event, KeySealed)
         return [PrepareDestination(envelope=event.envelope)]
     if state is M.COMMITTING:
-        return [MoveAuthority(), CommitDestination(),
-                Audit(event="migration.commit", outcome="committed")]
+        return [Audit(event="migration.commit", outcome="commit point passed"),
+                MoveAuthority(), CommitDestination()]
     if state is M.SHREDDING:
         return [ShredSource()]
     if state is M.ABORTING:
@@ -231,7 +234,7 @@ def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
 def pending_actions(state: MigrationState) -> list[Action]:
     """Actions to re-run after a coordinator restart (all are idempotent)."""
     return {
-        M.COMMITTING: [CommitDestination()],
+        M.COMMITTING: [MoveAuthority(), CommitDestination()],
         M.SHREDDING: [ShredSource()],
         M.ABORTING: [DestroyDestination()],
         M.RESTORING: [RestoreSource()],

@@ -1,0 +1,224 @@
+"""The migration coordinator over a real SQLite database and a fake agent."""
+
+import dataclasses
+import datetime
+import uuid
+
+import pytest
+
+from vtpcm_agent import messages as am
+from vtpcm_common import exception
+from vtpcm_nova.engine.coordinator import Coordinator
+from vtpcm_nova.engine.db.api import Database
+
+INSTANCE = str(uuid.uuid4())
+
+
+@dataclasses.dataclass
+class FakeVerdict:
+    status: str
+    reason: str = ""
+
+
+class FakeTrust:
+    def __init__(self):
+        self.verdicts = {}
+
+    def check_fresh(self, host):
+        return self.verdicts.get(host, FakeVerdict("UNKNOWN", "never attested"))
+
+
+class FakeAgents:
+    """Records calls; ``fail`` maps a method name to an exception to raise once."""
+
+    def __init__(self):
+        self.calls = []
+        self.fail = {}
+        self.generation = 0
+
+    def _record(self, name, host, *args):
+        self.calls.append((name, host))
+        err = self.fail.pop(name, None)
+        if err is not None:
+            raise err
+
+    def get(self, host, instance_uuid):
+        self._record("get", host)
+        return am.VTPCMInfo(instance_uuid, str(uuid.uuid4()), "ACTIVE", self.generation,
+                            None, "/run/x.ctrl", True, 42)
+
+    def create(self, host, instance_uuid):
+        self._record("create", host)
+        return am.VTPCMInfo(instance_uuid, str(uuid.uuid4()), "STOPPED", 0, None,
+                            "/run/x.ctrl", False, None)
+
+    def destroy(self, host, instance_uuid):
+        self._record("destroy", host)
+
+    def seal_migration_key(self, host, context, dest_kem_public):
+        self._record("seal", host)
+        assert dest_kem_public == b"kem-of-b"
+        return am.SealedKey(b"envelope")
+
+    def prepare_incoming(self, host, context, envelope):
+        self._record("prepare", host)
+        assert envelope == b"envelope"
+
+    def commit_incoming(self, host, context):
+        self._record("commit_incoming", host)
+
+    def commit_outgoing(self, host, context):
+        self._record("commit_outgoing", host)
+
+    def abort_incoming(self, host, context, only_if_unused=False):
+        self._record("abort_incoming", host)
+
+    def abort_outgoing(self, host, context):
+        self._record("abort_outgoing", host)
+
+
+@pytest.fixture
+def env(tmp_path):
+    db = Database("sqlite:///%s" % (tmp_path / "engine.sqlite"))
+    for host in ("host-a", "host-b"):
+        db.enroll_host(host, ak_public=b"ak-" + host.encode(), ak_name=b"n-" + host.encode(),
+                       kem_public=b"kem-of-" + host[-1].encode(), kem_name=b"k" + host.encode(),
+                       ek_certificate=None, approved=True)
+    agents, trust = FakeAgents(), FakeTrust()
+    trust.verdicts["host-b"] = FakeVerdict("TRUSTED")
+    clock = {"now": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)}
+    coord = Coordinator(db, agents, trust, timeout=60, now=lambda: clock["now"])
+    coord.create_vtpcm(INSTANCE, "host-a")
+    yield coord, db, agents, trust, clock
+    db.dispose()
+
+
+def names(agents):
+    return [c[0] for c in agents.calls if c[0] not in ("get", "create")]
+
+
+def test_happy_path_moves_authority_and_generation(env):
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    assert db.get_vtpcm(INSTANCE).host == "host-a"
+    assert coord.commit(mid).state == "COMMITTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id) == ("host-b", 1, None)
+    assert names(agents) == ["seal", "prepare", "commit_incoming", "commit_outgoing"]
+    assert agents.calls[-1] == ("commit_outgoing", "host-a")
+    # commit again: no-op
+    assert coord.commit(mid).state == "COMMITTED"
+    assert names(agents).count("commit_outgoing") == 1
+
+
+def test_untrusted_destination_never_sees_a_key(env):
+    coord, db, agents, trust, _ = env
+    trust.verdicts["host-b"] = FakeVerdict("UNTRUSTED", "PCR 16 differs from policy 'golden'")
+    mid = str(uuid.uuid4())
+    with pytest.raises(exception.HostNotTrusted) as err:
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert "PCR 16" in str(err.value)
+    assert "seal" not in names(agents) and "prepare" not in names(agents)
+    assert db.get_migration(mid).state == "REFUSED"
+    assert db.get_vtpcm(INSTANCE).host == "host-a"
+    audit = db.list_audit(limit=10)
+    assert any(a.outcome == "refused" and "PCR 16" in a.detail for a in audit)
+    with pytest.raises(exception.HostNotTrusted):
+        coord.check_destination(INSTANCE, "host-b")
+
+
+def test_wrong_source_refused(env):
+    coord, db, agents, trust, _ = env
+    trust.verdicts["host-a"] = FakeVerdict("TRUSTED")
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-b", "host-a")
+    assert "source is not where the vTPCM lives" in str(err.value)
+    assert "seal" not in names(agents)
+
+
+def test_stale_generation_at_source_refused(env):
+    coord, db, agents, _, _ = env
+    agents.generation = 5  # source agent holds another generation than the authority
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+    assert "generation" in str(err.value)
+    assert "seal" not in names(agents)
+
+
+def test_prepare_failure_aborts_and_restores_source(env):
+    coord, db, agents, _, _ = env
+    agents.fail["prepare"] = exception.SealError(reason="tampered envelope")
+    mid = str(uuid.uuid4())
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert "tampered" in str(err.value)
+    assert names(agents) == ["seal", "prepare", "abort_incoming", "abort_outgoing"]
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id, rec.state) == \
+        ("host-a", 0, None, "ACTIVE")
+    assert db.get_migration(mid).state == "ABORTED"
+    # a new migration may follow
+    assert coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b").state == "PREPARED"
+
+
+def test_abort_then_commit_refused(env):
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.abort(mid, "libvirt failed").state == "ABORTED"
+    with pytest.raises(exception.InvalidTransition):
+        coord.commit(mid)
+    assert db.get_vtpcm(INSTANCE).host == "host-a"
+
+
+def test_abort_after_commit_refused(env):
+    coord, db, _, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.commit(mid)
+    with pytest.raises(exception.InvalidTransition):
+        coord.abort(mid, "too late")
+    assert db.get_vtpcm(INSTANCE).host == "host-b"
+
+
+def test_commit_survives_agent_outage_and_reconcile_finishes(env):
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.fail["commit_outgoing"] = exception.VTPCMException("agent host-a unreachable")
+    with pytest.raises(exception.VTPCMException):
+        coord.commit(mid)
+    assert db.get_migration(mid).state == "SHREDDING"
+    assert db.get_vtpcm(INSTANCE).host == "host-b"  # the commit point has passed
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "COMMITTED"
+
+
+def test_deadline_aborts_unfinished_migration(env):
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.reconcile() == 0
+    clock["now"] += datetime.timedelta(seconds=61)
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "ABORTED"
+    assert names(agents)[-2:] == ["abort_incoming", "abort_outgoing"]
+
+
+def test_begin_is_idempotent_and_ids_cannot_be_reused(env):
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    assert names(agents).count("seal") == 1
+    with pytest.raises(exception.MigrationError):
+        coord.begin(mid, str(uuid.uuid4()), "host-a", "host-b")
+
+
+def test_second_migration_while_one_runs_refused(env):
+    coord, _, agents, _, _ = env
+    coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+    with pytest.raises(exception.MigrationError):
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+    assert names(agents).count("seal") == 1

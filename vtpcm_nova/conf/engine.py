@@ -1,0 +1,64 @@
+"""Options of the controller engine (vtpcm-engine) and its clients."""
+
+import socket
+
+from oslo_config import cfg
+
+engine_group = cfg.OptGroup("engine", title="vTPCM engine")
+ENGINE_OPTS = [
+    cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
+               help="Server name of this engine worker on the vtpcm-engine topic. "
+                    "Several workers may share the topic and one database."),
+    cfg.StrOpt("connection", default="sqlite:////var/lib/vtpcm/engine.sqlite",
+               secret=True,
+               help="SQLAlchemy URL of the engine database: SQLite for one controller, "
+                    "postgresql:// or mysql+pymysql:// for several engine workers."),
+    cfg.FloatOpt("rpc_timeout", default=60.0, min=1.0,
+                 help="Seconds the engine waits for an agent to answer one call."),
+]
+
+attestation_group = cfg.OptGroup("attestation", title="Host attestation")
+ATTESTATION_OPTS = [
+    cfg.BoolOpt("auto_approve", default=False,
+                help="Approve a host as soon as its AK and certified KEM key check out. "
+                     "For labs; in production an operator approves each host with "
+                     "vtpcm-manage hosts approve."),
+    cfg.StrOpt("default_policy",
+               help="Golden PCR policy assigned to newly enrolled hosts (by name)."),
+    cfg.IntOpt("verdict_ttl", default=300, min=5,
+               help="Seconds a TRUSTED verdict stays fresh. The scheduler and the "
+                    "migration pre-check attest again once it is stale."),
+    cfg.IntOpt("nonce_ttl", default=60, min=5,
+               help="Seconds a challenge nonce may be answered."),
+    cfg.IntOpt("interval", default=120, min=0,
+               help="Seconds between periodic attestations of every approved host "
+                    "(0 disables the periodic task)."),
+    cfg.IntOpt("jitter", default=15, min=0,
+               help="Random extra delay, up to this many seconds, per periodic round."),
+    cfg.StrOpt("reboot_policy", default="reapprove", choices=["reapprove", "accept"],
+               help="A host whose TPM resetCount grew has rebooted: reapprove makes it "
+                    "UNTRUSTED until an operator approves it again; accept trusts it if "
+                    "its PCRs still match."),
+]
+
+migration_group = cfg.OptGroup("migration", title="vTPCM migration coordinator")
+MIGRATION_OPTS = [
+    cfg.IntOpt("timeout", default=900, min=10,
+               help="Seconds a migration may stay between begin and commit before the "
+                    "engine aborts it (only while the destination has not received "
+                    "the state)."),
+    cfg.IntOpt("reconcile_interval", default=30, min=0,
+               help="Seconds between retries of unfinished commits/aborts and deadline "
+                    "checks (0 disables)."),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    for group, opts in list_opts():
+        conf.register_group(group)
+        conf.register_opts(opts, group=group)
+
+
+def list_opts() -> list[tuple[cfg.OptGroup, list[cfg.Opt]]]:
+    return [(engine_group, ENGINE_OPTS), (attestation_group, ATTESTATION_OPTS),
+            (migration_group, MIGRATION_OPTS)]

@@ -1,0 +1,1 @@
+"""vtpcm-engine: host attestation, trust verdicts, migration bookkeeping."""

@@ -1,0 +1,298 @@
+"""The migration coordinator: drives the pure protocol with real I/O.
+
+For each migration the coordinator loads the protocol state from the
+database, feeds it one event, writes the new state with a compare-and-set
+(several engine workers may share the database) and only then carries out
+the actions. Every action is idempotent on the agent side, so a coordinator
+that dies half-way is finished by ``reconcile`` in any worker.
+
+The engine is the authority on where each vTPCM lives and its generation:
+``begin`` refuses unless the source is that location and the source agent
+holds that generation; the commit point moves the authority to the
+destination with generation + 1 in one compare-and-set.
+"""
+
+import dataclasses
+import datetime
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from oslo_log import log as logging
+
+from vtpcm_agent import messages as am
+from vtpcm_common import exception
+from vtpcm_nova.engine import protocol as p
+from vtpcm_nova.engine.db import api as db_api
+from vtpcm_nova.engine.protocol import MigrationState as M
+
+LOG = logging.getLogger(__name__)
+
+
+class AgentClient(Protocol):
+    def get(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
+    def create(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
+    def destroy(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
+    def seal_migration_key(self, host: str, context: am.MigrationContext,
+                           dest_kem_public: bytes) -> am.SealedKey: ...
+    def prepare_incoming(self, host: str, context: am.MigrationContext,
+                         envelope: bytes) -> am.VTPCMInfo: ...
+    def commit_incoming(self, host: str, context: am.MigrationContext) -> Any: ...
+    def commit_outgoing(self, host: str, context: am.MigrationContext) -> Any: ...
+    def abort_incoming(self, host: str, context: am.MigrationContext,
+                       only_if_unused: bool = False) -> Any: ...
+    def abort_outgoing(self, host: str, context: am.MigrationContext) -> Any: ...
+
+
+class TrustChecker(Protocol):
+    def check_fresh(self, host: str) -> Any: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationStatus:
+    migration_id: str
+    instance_uuid: str
+    source: str
+    dest: str
+    generation: int
+    state: str
+    error: str | None
+
+
+def _status(rec: db_api.MigrationRecord) -> MigrationStatus:
+    return MigrationStatus(rec.migration_id, rec.instance_uuid, rec.source, rec.dest,
+                           rec.generation, rec.state, rec.error)
+
+
+class Coordinator:
+    def __init__(self, db: db_api.Database, agents: AgentClient, trust: TrustChecker, *,
+                 timeout: float = 900.0,
+                 now: Callable[[], datetime.datetime] = db_api.utcnow) -> None:
+        self.db = db
+        self.agents = agents
+        self.trust = trust
+        self.timeout = timeout
+        self.now = now
+
+    # --- vTPCM lifecycle through the authority ---------------------------------
+
+    def create_vtpcm(self, instance_uuid: str, host: str) -> db_api.VtpcmRecord:
+        info = self.agents.create(host, instance_uuid)
+        rec = self.db.create_vtpcm(instance_uuid, info.vtpcm_id, host,
+                                   generation=info.generation, state=info.state)
+        self.db.audit("vtpcm.create", "created", host=host, instance=instance_uuid,
+                      detail="generation %d" % info.generation)
+        return rec
+
+    def destroy_vtpcm(self, instance_uuid: str) -> None:
+        rec = self.db.get_vtpcm(instance_uuid)
+        if rec.migration_id is not None:
+            raise exception.MigrationError(
+                migration_id=rec.migration_id, reason="vTPCM is migrating; abort first")
+        self.agents.destroy(rec.host, instance_uuid)
+        self.db.delete_vtpcm(instance_uuid, rec.generation)
+        self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=instance_uuid)
+
+    # --- protocol steps -----------------------------------------------------------
+
+    def check_destination(self, instance_uuid: str, dest: str) -> Any:
+        """Fail closed unless ``dest`` has a fresh TRUSTED verdict (attest now if stale)."""
+        verdict = self.trust.check_fresh(dest)
+        if not _trusted(verdict):
+            self.db.audit("migration.check_destination", "refused", host=dest,
+                          instance=instance_uuid, detail=_reason(verdict))
+            raise exception.HostNotTrusted(host=dest, reason=_reason(verdict))
+        return verdict
+
+    def begin(self, migration_id: str, instance_uuid: str, source: str,
+              dest: str) -> MigrationStatus:
+        """Seal the key for dest's TPM and prepare dest; idempotent per migration id."""
+        try:
+            rec = self.db.get_migration(migration_id)
+        except exception.NotFound:
+            rec = None
+        if rec is not None:
+            if (rec.instance_uuid, rec.source, rec.dest) != (instance_uuid, source, dest):
+                self._refuse_audit(migration_id, instance_uuid, dest,
+                                   "migration id reused with other parameters")
+                raise exception.MigrationError(
+                    migration_id=migration_id,
+                    reason="this migration id was used for another instance or hosts")
+            if rec.state in (M.PREPARED, M.COMMITTING, M.SHREDDING, M.COMMITTED):
+                return _status(rec)
+            raise exception.MigrationError(migration_id=migration_id,
+                                           reason="migration is %s" % rec.state)
+        if source == dest:
+            raise exception.MigrationError(migration_id=migration_id,
+                                           reason="source and destination are the same host")
+        vtpcm = self.db.get_vtpcm(instance_uuid)
+        verdict = self.trust.check_fresh(dest)
+        dest_host = self.db.get_host(dest) if _trusted(verdict) else None
+        source_gen_ok = False
+        if vtpcm.host == source and vtpcm.migration_id is None:
+            info = self.agents.get(source, instance_uuid)
+            source_gen_ok = (info.generation == vtpcm.generation
+                             and info.state in ("ACTIVE", "STOPPED"))
+        proto = p.MigrationProtocol(migration_id)
+        actions = proto.handle(p.Begin(
+            destination_trusted=_trusted(verdict) and dest_host is not None,
+            source_is_location=vtpcm.host == source,
+            generation_matches=source_gen_ok,
+            reason=_reason(verdict) if not _trusted(verdict) else ""))
+        deadline = self.now() + datetime.timedelta(seconds=self.timeout)
+        self.db.create_migration(migration_id, instance_uuid, source, dest,
+                                 vtpcm.generation, proto.state.value, deadline)
+        ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
+        if proto.state is M.REFUSED:
+            self._run(proto, ctx, actions)
+            detail = next(a.detail for a in actions if isinstance(a, p.Audit))
+            if not _trusted(verdict):
+                raise exception.HostNotTrusted(host=dest, reason=_reason(verdict))
+            raise exception.MigrationError(migration_id=migration_id, reason=detail)
+        if not self.db.set_vtpcm_state(instance_uuid, vtpcm.generation, "MIGRATING",
+                                       expected_state=vtpcm.state,
+                                       migration_id=migration_id):
+            self._advance(proto, ctx, p.Failure("vTPCM record changed concurrently"))
+            raise exception.MigrationError(migration_id=migration_id,
+                                           reason="vTPCM record changed concurrently")
+        assert dest_host is not None
+        self._run(proto, ctx, actions, kem_public=dest_host.kem_public)
+        if proto.state is not M.PREPARED:
+            rec = self.db.get_migration(migration_id)
+            raise exception.MigrationError(migration_id=migration_id,
+                                           reason=rec.error or "aborted")
+        return _status(self.db.get_migration(migration_id))
+
+    def commit(self, migration_id: str) -> MigrationStatus:
+        proto, ctx = self._load(migration_id)
+        self._advance(proto, ctx, p.CommitRequested())
+        return _status(self.db.get_migration(migration_id))
+
+    def abort(self, migration_id: str, reason: str) -> MigrationStatus:
+        proto, ctx = self._load(migration_id)
+        self._advance(proto, ctx, p.AbortRequested(reason))
+        return _status(self.db.get_migration(migration_id))
+
+    def get_migration(self, migration_id: str) -> MigrationStatus:
+        return _status(self.db.get_migration(migration_id))
+
+    def reconcile(self) -> int:
+        """Finish commits/aborts left half-done; abort migrations past deadline."""
+        done = 0
+        for rec in self.db.list_migrations():
+            state = M(rec.state)
+            try:
+                proto, ctx = self._load(rec.migration_id)
+                if state in p.PENDING_WORK:
+                    self._run(proto, ctx, p.pending_actions(state))
+                    done += 1
+                elif state in p.ABORTABLE and rec.deadline <= self.now():
+                    self._advance(proto, ctx, p.DeadlinePassed())
+                    done += 1
+            except exception.VTPCMException as err:
+                LOG.warning("Reconcile of migration %(mig)s (%(state)s) failed: %(err)s",
+                            {"mig": rec.migration_id, "state": rec.state, "err": err})
+        return done
+
+    # --- machinery ---------------------------------------------------------------
+
+    def _load(self, migration_id: str) -> tuple[p.MigrationProtocol, am.MigrationContext]:
+        rec = self.db.get_migration(migration_id)
+        ctx = am.MigrationContext(migration_id, rec.instance_uuid, rec.generation,
+                                  rec.source, rec.dest)
+        return p.MigrationProtocol(migration_id, M(rec.state)), ctx
+
+    def _advance(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,
+                 event: p.Event, **extra: Any) -> None:
+        before = proto.state
+        actions = proto.handle(event)
+        if proto.state is not before:
+            # The first failure reason stays with the migration record.
+            error = (self.db.get_migration(ctx.migration_id).error
+                     or getattr(event, "reason", None))
+            if not self.db.update_migration_state(ctx.migration_id, before.value,
+                                                  proto.state.value, error=error):
+                proto.state = before
+                raise exception.MigrationError(
+                    migration_id=ctx.migration_id,
+                    reason="state changed concurrently (expected %s)" % before.value)
+        self._run(proto, ctx, actions, **extra)
+
+    def _run(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,
+             actions: list[p.Action], kem_public: bytes | None = None) -> None:
+        for action in actions:
+            if isinstance(action, p.Audit):
+                self.db.audit(action.event, action.outcome, host=ctx.dest_host,
+                              instance=ctx.instance_uuid, migration_id=ctx.migration_id,
+                              detail=action.detail)
+                continue
+            try:
+                event = self._execute(action, ctx, kem_public)
+            except exception.VTPCMException as err:
+                LOG.warning("Migration %(mig)s: %(action)s failed: %(err)s",
+                            {"mig": ctx.migration_id, "action": action.name, "err": err})
+                if proto.state in p.ABORTABLE:
+                    self._advance(proto, ctx, p.Failure("%s: %s" % (action.name, err)))
+                    return
+                raise
+            if event is not None:
+                self._advance(proto, ctx, event)
+                return
+
+    def _execute(self, action: p.Action, ctx: am.MigrationContext,
+                 kem_public: bytes | None) -> p.Event | None:
+        src, dst = ctx.source_host, ctx.dest_host
+        if isinstance(action, p.SealKey):
+            if kem_public is None:
+                raise exception.MigrationError(migration_id=ctx.migration_id,
+                                               reason="no certified KEM key for dest")
+            sealed = self.agents.seal_migration_key(src, ctx, kem_public)
+            return p.KeySealed(envelope=sealed.envelope)
+        if isinstance(action, p.PrepareDestination):
+            self.agents.prepare_incoming(dst, ctx, action.envelope)
+            return p.DestinationPrepared()
+        if isinstance(action, p.MoveAuthority):
+            moved = self.db.update_vtpcm_location(
+                ctx.instance_uuid, src, ctx.generation, dst, ctx.generation + 1,
+                state="ACTIVE", migration_id=None)
+            if not moved:
+                rec = self.db.get_vtpcm(ctx.instance_uuid)
+                if (rec.host, rec.generation) != (dst, ctx.generation + 1):
+                    raise exception.GenerationMismatch(
+                        instance_uuid=ctx.instance_uuid, given=ctx.generation,
+                        expected=rec.generation)
+            return None
+        if isinstance(action, p.CommitDestination):
+            self.agents.commit_incoming(dst, ctx)
+            return p.DestinationCommitted()
+        if isinstance(action, p.ShredSource):
+            self.agents.commit_outgoing(src, ctx)
+            return p.SourceShredded()
+        if isinstance(action, p.DestroyDestination):
+            self.agents.abort_incoming(dst, ctx)
+            return p.DestinationDestroyed()
+        if isinstance(action, p.RestoreSource):
+            self.agents.abort_outgoing(src, ctx)
+            self.db.set_vtpcm_state(ctx.instance_uuid, ctx.generation, "ACTIVE",
+                                    expected_state="MIGRATING", migration_id=None)
+            return p.SourceRestored()
+        raise exception.MigrationError(migration_id=ctx.migration_id,
+                                       reason="unknown action %s" % action.name)
+
+    def _refuse_audit(self, migration_id: str, instance_uuid: str, host: str,
+                      detail: str) -> None:
+        self.db.audit("migration.begin", "refused", host=host, instance=instance_uuid,
+                      migration_id=migration_id, detail=detail)
+
+
+def _trusted(verdict: Any) -> bool:
+    status = getattr(verdict, "status", None)
+    return str(getattr(status, "value", status)) == "TRUSTED"
+
+
+def _reason(verdict: Any) -> str:
+    return str(getattr(verdict, "reason", "") or "no verdict")
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,207 @@
+"""RPC endpoints of the vtpcm-engine: parse, delegate, answer.
+
+Attestation lives in ``attestation.Attestor``, the migration protocol in
+``coordinator.Coordinator``; this module only maps checked messages onto
+them and records refusals in the log.
+"""
+
+import dataclasses
+import datetime
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import oslo_messaging as messaging
+from oslo_log import log as logging
+
+from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_common import exception
+from vtpcm_common.wire import Message
+from vtpcm_nova.engine import messages as m
+from vtpcm_nova.engine import rpcapi
+from vtpcm_nova.engine.attestation import Attestor
+from vtpcm_nova.engine.coordinator import Coordinator, MigrationStatus
+from vtpcm_nova.engine.db import api as db_api
+
+LOG = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class AgentAttestationClient:
+    """Adapts the agent RPC client to what the Attestor expects (mappings of bytes)."""
+
+    def __init__(self, agents: AgentAPI) -> None:
+        self.agents = agents
+
+    def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
+        return dataclasses.asdict(self.agents.get_identity(host, nonce))
+
+    def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
+              bank: str) -> Mapping[str, Any]:
+        return dataclasses.asdict(self.agents.quote(host, nonce, tuple(pcrs), bank))
+
+
+def endpoint(request_type: type[Message]) -> Callable[[F], F]:
+    def wrap(func: F) -> F:
+        @functools.wraps(func)
+        def inner(self: "EngineManager", ctxt: dict[str, Any], payload: Any) -> Any:
+            try:
+                reply: Message = func(self, request_type.from_wire(payload))
+                return reply.to_wire()
+            except exception.VTPCMException as err:
+                LOG.warning("Refused %(method)s: %(error)s",
+                            {"method": func.__name__, "error": err})
+                raise
+        return inner  # type: ignore[return-value]
+    return wrap
+
+
+def _ts(value: datetime.datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def host_info(rec: db_api.HostRecord) -> m.HostInfo:
+    return m.HostInfo(name=rec.name, status=rec.status.value, policy_name=rec.policy_name,
+                      ak_name=rec.ak_name.hex(), enrolled_at=_ts(rec.enrolled_at) or "",
+                      approved_at=_ts(rec.approved_at),
+                      has_ek_certificate=rec.ek_certificate is not None)
+
+
+def verdict_info(rec: db_api.VerdictRecord) -> m.Verdict:
+    return m.Verdict(host=rec.host, status=rec.status.value, reason=rec.reason[:2000],
+                     attested_at=_ts(rec.attested_at), expires_at=_ts(rec.expires_at))
+
+
+def policy_info(rec: db_api.PolicyRecord) -> m.PolicyInfo:
+    return m.PolicyInfo(name=rec.name, bank=rec.bank, pcrs=dict(rec.pcrs),
+                        description=rec.description)
+
+
+def migration_info(st: MigrationStatus) -> m.MigrationInfo:
+    return m.MigrationInfo(st.migration_id, st.instance_uuid, st.source, st.dest,
+                           st.generation, st.state, (st.error or None) and st.error[:4000])
+
+
+def vtpcm_info(rec: db_api.VtpcmRecord) -> m.VtpcmRecord:
+    return m.VtpcmRecord(rec.instance_uuid, rec.vtpcm_id, rec.host, rec.generation,
+                         rec.state, rec.migration_id)
+
+
+class EngineManager:
+    target = messaging.Target(version=rpcapi.RPC_API_VERSION)
+
+    def __init__(self, db: db_api.Database, attestor: Attestor, coordinator: Coordinator,
+                 *, auto_approve: bool = False, default_policy: str | None = None) -> None:
+        self.db = db
+        self.attestor = attestor
+        self.coordinator = coordinator
+        self.auto_approve = auto_approve
+        self.default_policy = default_policy
+
+    # hosts -----------------------------------------------------------------------
+    def register_agent(self, ctxt: dict[str, Any], payload: Any) -> None:
+        """Cast from an agent at start: enroll it by pulling a fresh identity."""
+        try:
+            self.enroll(ctxt, payload)
+        except exception.VTPCMException as err:
+            LOG.warning("Enrollment on agent registration failed: %(err)s", {"err": err})
+
+    @endpoint(m.HostRef)
+    def enroll(self, req: m.HostRef) -> m.HostInfo:
+        rec = self.attestor.enroll_from_agent(req.host, auto_approve=self.auto_approve)
+        if rec.policy_name is None and self.default_policy:
+            rec = self.db.assign_policy(req.host, self.default_policy)
+        return host_info(rec)
+
+    @endpoint(m.HostRef)
+    def approve_host(self, req: m.HostRef) -> m.HostInfo:
+        return host_info(self.attestor.approve(req.host))
+
+    @endpoint(m.HostRef)
+    def revoke_host(self, req: m.HostRef) -> m.HostInfo:
+        return host_info(self.attestor.revoke(req.host))
+
+    @endpoint(m.Empty)
+    def list_hosts(self, req: m.Empty) -> m.HostList:
+        return m.HostList(tuple(host_info(h) for h in self.db.list_hosts()))
+
+    @endpoint(m.HostRef)
+    def show_host(self, req: m.HostRef) -> m.HostInfo:
+        return host_info(self.db.get_host(req.host))
+
+    @endpoint(m.AssignPolicy)
+    def assign_policy(self, req: m.AssignPolicy) -> m.HostInfo:
+        rec = self.db.assign_policy(req.host, req.policy_name)
+        self.db.audit("policy.assign", "assigned", host=req.host,
+                      detail="policy %s" % req.policy_name)
+        return host_info(rec)
+
+    # policies ----------------------------------------------------------------------
+    @endpoint(m.PolicyInfo)
+    def put_policy(self, req: m.PolicyInfo) -> m.PolicyInfo:
+        rec = self.db.put_policy(req.name, req.bank, req.pcrs, description=req.description)
+        self.db.audit("policy.put", "stored", detail="policy %s PCRs %s"
+                      % (req.name, sorted(req.pcrs)))
+        return policy_info(rec)
+
+    @endpoint(m.RecordPolicy)
+    def record_policy(self, req: m.RecordPolicy) -> m.PolicyInfo:
+        return policy_info(self.attestor.record_policy_from_host(
+            req.name, req.host, req.pcrs, description=req.description))
+
+    @endpoint(m.Empty)
+    def list_policies(self, req: m.Empty) -> m.PolicyList:
+        return m.PolicyList(tuple(policy_info(p) for p in self.db.list_policies()))
+
+    # verdicts ----------------------------------------------------------------------
+    @endpoint(m.HostRef)
+    def attest(self, req: m.HostRef) -> m.Verdict:
+        return verdict_info(self.attestor.attest(req.host))
+
+    @endpoint(m.Empty)
+    def verdicts(self, req: m.Empty) -> m.VerdictList:
+        return m.VerdictList(tuple(verdict_info(v)
+                                   for v in self.db.fresh_verdicts().values()))
+
+    @endpoint(m.AuditQuery)
+    def list_audit(self, req: m.AuditQuery) -> m.AuditList:
+        return m.AuditList(tuple(
+            m.AuditEntry(at=_ts(a.at) or "", event=a.event[:64], outcome=a.outcome[:64],
+                         host=a.host, instance=a.instance, migration_id=a.migration_id,
+                         detail=a.detail[:4000])
+            for a in self.db.list_audit(limit=req.limit, host=req.host)))
+
+    # vTPCMs and migrations ------------------------------------------------------------
+    @endpoint(m.VtpcmPlacement)
+    def create_vtpcm(self, req: m.VtpcmPlacement) -> m.VtpcmRecord:
+        return vtpcm_info(self.coordinator.create_vtpcm(req.instance_uuid, req.host))
+
+    @endpoint(m.InstanceRef)
+    def destroy_vtpcm(self, req: m.InstanceRef) -> m.Empty:
+        self.coordinator.destroy_vtpcm(req.instance_uuid)
+        return m.Empty()
+
+    @endpoint(m.InstanceRef)
+    def get_vtpcm(self, req: m.InstanceRef) -> m.VtpcmRecord:
+        return vtpcm_info(self.db.get_vtpcm(req.instance_uuid))
+
+    @endpoint(m.CheckDestination)
+    def check_destination(self, req: m.CheckDestination) -> m.Verdict:
+        return verdict_info(self.coordinator.check_destination(req.instance_uuid, req.dest))
+
+    @endpoint(m.BeginMigration)
+    def begin(self, req: m.BeginMigration) -> m.MigrationInfo:
+        return migration_info(self.coordinator.begin(req.migration_id, req.instance_uuid,
+                                                     req.source, req.dest))
+
+    @endpoint(m.MigrationRef)
+    def commit(self, req: m.MigrationRef) -> m.MigrationInfo:
+        return migration_info(self.coordinator.commit(req.migration_id))
+
+    @endpoint(m.AbortMigration)
+    def abort(self, req: m.AbortMigration) -> m.MigrationInfo:
+        return migration_info(self.coordinator.abort(req.migration_id, req.reason))
+
+    @endpoint(m.MigrationRef)
+    def get_migration(self, req: m.MigrationRef) -> m.MigrationInfo:
+        return migration_info(self.coordinator.get_migration(req.migration_id))

@@ -1,0 +1,179 @@
+"""One schema-checked message type per engine RPC method (see rpcapi.py)."""
+
+import dataclasses
+
+from vtpcm_common import wire
+from vtpcm_common.wire import Message, field
+
+_TS = wire.text_field(40)
+_OPT_TS = wire.optional(_TS)
+_NAME = wire.text_field(64, r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclasses.dataclass(frozen=True)
+class Empty(Message):
+    message_type = "empty"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostRef(Message):
+    message_type = "host_ref"
+    host: str = field(wire.host_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceRef(Message):
+    message_type = "instance_ref"
+    instance_uuid: str = field(wire.uuid_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostInfo(Message):
+    message_type = "host_info"
+    name: str = field(wire.host_field)
+    status: str = field(wire.choice_field("PENDING", "APPROVED", "REVOKED"))
+    policy_name: str | None = field(wire.optional(_NAME))
+    ak_name: str = field(wire.text_field(140))
+    enrolled_at: str = field(_TS)
+    approved_at: str | None = field(_OPT_TS)
+    has_ek_certificate: bool = field(wire.bool_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class HostList(Message):
+    message_type = "host_list"
+    hosts: tuple[HostInfo, ...] = field(wire.message_list_field(HostInfo))
+
+
+@dataclasses.dataclass(frozen=True)
+class AssignPolicy(Message):
+    message_type = "assign_policy"
+    host: str = field(wire.host_field)
+    policy_name: str | None = field(wire.optional(_NAME))
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict(Message):
+    message_type = "verdict"
+    host: str = field(wire.host_field)
+    status: str = field(wire.choice_field("TRUSTED", "UNTRUSTED", "UNKNOWN"))
+    reason: str = field(wire.text_field(2000))
+    attested_at: str | None = field(_OPT_TS)
+    expires_at: str | None = field(_OPT_TS)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerdictList(Message):
+    message_type = "verdict_list"
+    verdicts: tuple[Verdict, ...] = field(wire.message_list_field(Verdict))
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyInfo(Message):
+    message_type = "policy_info"
+    name: str = field(_NAME)
+    bank: str = field(wire.choice_field("sha256"))
+    pcrs: dict[int, bytes] = field(wire.map_field(24, wire.digit_key(0, 23),
+                                                  wire.blob_field(32, 32)))
+    description: str = field(wire.text_field(255), default="")
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyList(Message):
+    message_type = "policy_list"
+    policies: tuple[PolicyInfo, ...] = field(wire.message_list_field(PolicyInfo))
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordPolicy(Message):
+    """Record a golden policy from what a known-good host quotes now."""
+
+    message_type = "record_policy"
+    name: str = field(_NAME)
+    host: str = field(wire.host_field)
+    pcrs: tuple[int, ...] = field(wire.int_list_field(0, 23))
+    description: str = field(wire.text_field(255), default="")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditQuery(Message):
+    message_type = "audit_query"
+    limit: int = field(wire.int_field(1, 10000), default=100)
+    host: str | None = field(wire.optional(wire.host_field), default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEntry(Message):
+    message_type = "audit_entry"
+    at: str = field(_TS)
+    event: str = field(wire.text_field(64))
+    outcome: str = field(wire.text_field(64))
+    host: str | None = field(wire.optional(wire.text_field(255)))
+    instance: str | None = field(wire.optional(wire.text_field(64)))
+    migration_id: str | None = field(wire.optional(wire.text_field(64)))
+    detail: str = field(wire.text_field(4000))
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditList(Message):
+    message_type = "audit_list"
+    entries: tuple[AuditEntry, ...] = field(wire.message_list_field(AuditEntry))
+
+
+@dataclasses.dataclass(frozen=True)
+class VtpcmPlacement(Message):
+    message_type = "vtpcm_placement"
+    instance_uuid: str = field(wire.uuid_field)
+    host: str = field(wire.host_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class VtpcmRecord(Message):
+    message_type = "vtpcm_record"
+    instance_uuid: str = field(wire.uuid_field)
+    vtpcm_id: str = field(wire.uuid_field)
+    host: str = field(wire.host_field)
+    generation: int = field(wire.int_field(0, 2**62))
+    state: str = field(wire.text_field(32))
+    migration_id: str | None = field(wire.optional(wire.uuid_field))
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckDestination(Message):
+    message_type = "check_destination"
+    instance_uuid: str = field(wire.uuid_field)
+    dest: str = field(wire.host_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class BeginMigration(Message):
+    message_type = "begin_migration"
+    migration_id: str = field(wire.uuid_field)
+    instance_uuid: str = field(wire.uuid_field)
+    source: str = field(wire.host_field)
+    dest: str = field(wire.host_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationRef(Message):
+    message_type = "migration_ref"
+    migration_id: str = field(wire.uuid_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class AbortMigration(Message):
+    message_type = "abort_migration"
+    migration_id: str = field(wire.uuid_field)
+    reason: str = field(wire.text_field(1000))
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationInfo(Message):
+    message_type = "migration_info"
+    migration_id: str = field(wire.uuid_field)
+    instance_uuid: str = field(wire.uuid_field)
+    source: str = field(wire.host_field)
+    dest: str = field(wire.host_field)
+    generation: int = field(wire.int_field(0, 2**62))
+    state: str = field(wire.text_field(32))
+    error: str | None = field(wire.optional(wire.text_field(4000)))

@@ -1,0 +1,78 @@
+"""Assemble the engine from its configuration; run RPC and periodic tasks."""
+
+import random
+import threading
+from typing import Any
+
+import oslo_messaging as messaging
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_common import exception, rpc
+from vtpcm_nova.engine import rpcapi
+from vtpcm_nova.engine.attestation import Attestor
+from vtpcm_nova.engine.coordinator import Coordinator
+from vtpcm_nova.engine.db.api import Database
+from vtpcm_nova.engine.manager import AgentAttestationClient, EngineManager
+
+LOG = logging.getLogger(__name__)
+
+
+class EngineService:
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        self.conf = conf
+        self.db = Database(conf.engine.connection)
+        self.transport = rpc.get_transport(conf)
+        self.agents = AgentAPI(conf, self.transport, timeout=conf.engine.rpc_timeout)
+        att = conf.attestation
+        client = AgentAttestationClient(self.agents)
+        self.attestor = Attestor(self.db, lambda: client, verdict_ttl=att.verdict_ttl,
+                                 nonce_ttl=att.nonce_ttl, reboot_policy=att.reboot_policy)
+        self.coordinator = Coordinator(self.db, self.agents, self.attestor,
+                                       timeout=conf.migration.timeout)
+        self.manager = EngineManager(self.db, self.attestor, self.coordinator,
+                                     auto_approve=att.auto_approve,
+                                     default_policy=att.default_policy)
+        self.server: Any = None
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        target = messaging.Target(topic=rpcapi.TOPIC, server=self.conf.engine.host)
+        self.server = messaging.get_rpc_server(
+            self.transport, target, [self.manager],
+            access_policy=messaging.DefaultRPCAccessPolicy)
+        self.server.start()
+        self.coordinator.reconcile()
+        att, mig = self.conf.attestation, self.conf.migration
+        if att.interval:
+            self._periodic("attest-all", att.interval, att.jitter, self.attestor.attest_all)
+        if mig.reconcile_interval:
+            self._periodic("reconcile", mig.reconcile_interval, 0, self.coordinator.reconcile)
+        LOG.info("vtpcm-engine %(host)s serving topic %(topic)s (API %(v)s)",
+                 {"host": self.conf.engine.host, "topic": rpcapi.TOPIC,
+                  "v": rpcapi.RPC_API_VERSION})
+
+    def _periodic(self, name: str, interval: float, jitter: float, func: Any) -> None:
+        def loop() -> None:
+            while not self._stop.wait(interval + random.uniform(0, jitter)):  # noqa: S311
+                try:
+                    func()
+                except exception.VTPCMException as err:
+                    LOG.warning("Periodic task %(name)s failed: %(err)s",
+                                {"name": name, "err": err})
+        thread = threading.Thread(target=loop, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.server is not None:
+            self.server.stop()
+            self.server.wait()
+            self.server = None
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.db.dispose()
+        LOG.info("vtpcm-engine %(host)s stopped", {"host": self.conf.engine.host})
