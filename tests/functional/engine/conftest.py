@@ -1,0 +1,56 @@
+"""Database URLs for the engine's functional tests: SQLite and local PostgreSQL.
+
+The PostgreSQL database is created with a unique name for this run and
+dropped afterwards; if the server is unreachable those cases are skipped.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+from sqlalchemy.exc import OperationalError
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    name = "vtpcm_engine_" + uuid.uuid4().hex[:12]
+    admin = sqlalchemy.create_engine(PG_ADMIN_URL, isolation_level="AUTOCOMMIT",
+                                     connect_args={"connect_timeout": 5})
+    try:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    except OperationalError as err:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} unreachable: {err.orig}")
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A URL of an EMPTY database per test."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/engine.sqlite"
+        return
+    base: str = request.getfixturevalue("pg_url")
+    # one schema per test keeps tests independent inside the run's database
+    schema = "t_" + uuid.uuid4().hex[:12]
+    eng = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
+    with eng.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield f"{base}?options=-csearch_path%3D{schema}"
+    finally:
+        with eng.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        eng.dispose()

@@ -1,0 +1,513 @@
+"""Attestor tests with fake agents on a temporary SQLite database.
+
+The fake "TPM" re-signs the real swtpm attestation structures (from
+vectors/tpm_vectors.json) with a software P-256 key, so it can answer any
+fresh nonce; two tests also drive the real swtpm bytes end to end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+from tpm2_pytss.types import (
+    TPM2B_PUBLIC,
+    TPML_PCR_SELECTION,
+    TPMS_ATTEST,
+    TPMS_SIGNATURE_ECC,
+    TPMT_SIGNATURE,
+    TPMU_SIGNATURE,
+)
+
+from vtpcm_common import exception
+from vtpcm_nova.engine import attestation, verifier
+from vtpcm_nova.engine.db import api
+from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.verifier import TrustStatus
+
+VECTORS = json.loads((Path(__file__).parent / "vectors" / "tpm_vectors.json").read_text())
+H = bytes.fromhex
+QUOTE_TEMPLATE = H(VECTORS["tpm_a"]["boot1"]["quote1"]["attest"])
+CERTIFY_TEMPLATE = H(VECTORS["tpm_a"]["certify"]["attest"])
+AK_ATTRS = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
+            | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
+            | TPMA_OBJECT.USERWITHAUTH)
+KEM_ATTRS = (TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+             | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH)
+POLICY_PCRS = [0, 7, 16]
+
+
+def _public(key: ec.EllipticCurvePrivateKey, template: str, attrs: int) -> bytes:
+    pub = TPM2B_PUBLIC.parse(template, objectAttributes=attrs).publicArea
+    nums = key.public_key().public_numbers()
+    pub.unique.ecc.x = nums.x.to_bytes(32, "big")
+    pub.unique.ecc.y = nums.y.to_bytes(32, "big")
+    return bytes(pub.marshal())
+
+
+class FakeTPM:
+    """Software stand-in producing TPM-format bytes for any nonce."""
+
+    def __init__(self) -> None:
+        self.ak = ec.generate_private_key(ec.SECP256R1())
+        self.ak_public = _public(self.ak, "ecc256:ecdsa-sha256:null", AK_ATTRS)
+        self.kem_public = _public(ec.generate_private_key(ec.SECP256R1()),
+                                  "ecc256:ecdh-sha256:null", KEM_ATTRS)
+        self.pcrs = {i: b"\x00" * 32 for i in range(24)}
+        self.clock, self.reset_count, self.restart_count = 1000, 1, 0
+
+    def extend(self, index: int, data: bytes) -> None:
+        self.pcrs[index] = hashlib.sha256(self.pcrs[index] + hashlib.sha256(data).digest()
+                                          ).digest()
+
+    def reboot(self) -> None:
+        self.pcrs = {i: b"\x00" * 32 for i in range(24)}
+        self.clock, self.reset_count = 10, self.reset_count + 1
+
+    def _sign(self, obj: TPMS_ATTEST) -> tuple[bytes, bytes]:
+        raw = bytes(obj.marshal())
+        r, s = decode_dss_signature(self.ak.sign(raw, ec.ECDSA(hashes.SHA256())))
+        sig = TPMT_SIGNATURE(sigAlg=TPM2_ALG.ECDSA, signature=TPMU_SIGNATURE(
+            ecdsa=TPMS_SIGNATURE_ECC(hash=TPM2_ALG.SHA256, signatureR=r.to_bytes(32, "big"),
+                                     signatureS=s.to_bytes(32, "big"))))
+        return raw, bytes(sig.marshal())
+
+    def identity(self, nonce: bytes) -> dict[str, Any]:
+        obj, _ = TPMS_ATTEST.unmarshal(CERTIFY_TEMPLATE)
+        obj.extraData = nonce
+        obj.attested.certify.name = verifier.tpm_name(self.kem_public)
+        attest, sig = self._sign(obj)
+        return {"ak_public": self.ak_public, "kem_public": self.kem_public,
+                "kem_certify_attest": attest, "kem_certify_signature": sig,
+                "ek_certificate": None}
+
+    def quote(self, nonce: bytes, pcrs: Sequence[int]) -> dict[str, Any]:
+        self.clock += 100
+        obj, _ = TPMS_ATTEST.unmarshal(QUOTE_TEMPLATE)
+        obj.extraData = nonce
+        obj.clockInfo.clock = self.clock
+        obj.clockInfo.resetCount = self.reset_count
+        obj.clockInfo.restartCount = self.restart_count
+        idx = sorted(pcrs)
+        obj.attested.quote.pcrSelect = TPML_PCR_SELECTION.parse(
+            "sha256:" + ",".join(map(str, idx)))
+        obj.attested.quote.pcrDigest = hashlib.sha256(
+            b"".join(self.pcrs[i] for i in idx)).digest()
+        attest, sig = self._sign(obj)
+        return {"attest": attest, "signature": sig,
+                "pcr_values": {i: self.pcrs[i] for i in idx}}
+
+
+UNSET = object()
+
+
+class FakeAgent:
+    def __init__(self) -> None:
+        self.tpms: dict[str, FakeTPM] = {}
+        self.fail: Exception | None = None
+        self.replay: Any = UNSET
+        self.lie_pcrs: dict[int, bytes] | None = None
+        self.calls = 0
+
+    def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
+        return self.tpms[host].identity(nonce)
+
+    def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
+              bank: str) -> Mapping[str, Any]:
+        self.calls += 1
+        if self.fail is not None:
+            raise self.fail
+        if self.replay is not UNSET:
+            return self.replay
+        reply = self.tpms[host].quote(nonce, pcrs)
+        if self.lie_pcrs is not None:
+            reply["pcr_values"] = {**reply["pcr_values"], **self.lie_pcrs}
+        return reply
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[tuple[attestation.Attestor, FakeAgent, Clock]]:
+    db = api.Database(f"sqlite:///{tmp_path}/engine.sqlite")
+    agent, clock = FakeAgent(), Clock()
+    att = attestation.Attestor(db, lambda: agent, verdict_ttl=60, nonce_ttl=30, clock=clock)
+    try:
+        yield att, agent, clock
+    finally:
+        db.dispose()
+
+
+def enrolled(att: attestation.Attestor, agent: FakeAgent, host: str = "cmp1",
+             approve: bool = True) -> FakeTPM:
+    tpm = agent.tpms.setdefault(host, FakeTPM())
+    tpm.extend(16, b"good-boot")
+    att.enroll_from_agent(host, auto_approve=False)
+    att.record_policy_from_host("golden", host, POLICY_PCRS)
+    att.db.assign_policy(host, "golden")
+    if approve:
+        att.approve(host)
+    return tpm
+
+
+def events(att: attestation.Attestor, host: str) -> list[tuple[str, str]]:
+    return [(a.event, a.outcome) for a in reversed(att.db.list_audit(host=host))]
+
+
+# ---- enrollment -------------------------------------------------------------------
+
+def test_enroll_pending_then_approve(env: Any) -> None:
+    att, agent, _ = env
+    agent.tpms["cmp1"] = FakeTPM()
+    rec = att.enroll_from_agent("cmp1")
+    assert rec.status is HostStatus.PENDING
+    assert rec.ak_name == verifier.tpm_name(agent.tpms["cmp1"].ak_public)
+    assert att.approve("cmp1").status is HostStatus.APPROVED
+    assert events(att, "cmp1") == [("enroll", "PENDING"), ("approve", "APPROVED")]
+
+
+def test_enroll_auto_approve(env: Any) -> None:
+    att, agent, _ = env
+    agent.tpms["cmp1"] = FakeTPM()
+    assert att.enroll_from_agent("cmp1", auto_approve=True).status is HostStatus.APPROVED
+
+
+def test_enroll_nonce_single_use(env: Any) -> None:
+    att, agent, _ = env
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    nonce = att.enrollment_nonce("cmp1")
+    identity = tpm.identity(nonce)
+    att.enroll("cmp1", identity, nonce)
+    att.revoke("cmp1")
+    with pytest.raises(exception.CertificationError, match="already used"):
+        att.enroll("cmp1", identity, nonce)  # replayed enrollment
+    assert att.db.get_host("cmp1").status is HostStatus.REVOKED
+    assert events(att, "cmp1")[-1] == ("enroll", "refused")
+
+
+def test_enroll_nonce_expires(env: Any) -> None:
+    att, agent, clock = env
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    nonce = att.enrollment_nonce("cmp1")
+    clock.t += 31
+    with pytest.raises(exception.CertificationError, match="expired"):
+        att.enroll("cmp1", tpm.identity(nonce), nonce)
+
+
+def test_enroll_nonce_of_other_host_refused(env: Any) -> None:
+    att, agent, _ = env
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    nonce = att.enrollment_nonce("cmp2")
+    with pytest.raises(exception.CertificationError, match="nonce"):
+        att.enroll("cmp1", tpm.identity(nonce), nonce)
+
+
+def test_enroll_certified_by_other_ak_refused(env: Any) -> None:
+    att, agent, _ = env
+    tpm, other = FakeTPM(), FakeTPM()
+    nonce = att.enrollment_nonce("cmp1")
+    identity = dict(tpm.identity(nonce), ak_public=other.ak_public)
+    with pytest.raises(exception.CertificationError, match="signature does not verify"):
+        att.enroll("cmp1", identity, nonce)
+    with pytest.raises(exception.NotFound):
+        att.db.get_host("cmp1")
+    # the failed attempt consumed the nonce
+    with pytest.raises(exception.CertificationError, match="already used"):
+        att.enroll("cmp1", tpm.identity(nonce), nonce)
+
+
+def test_enroll_duplicate_ak_refused(env: Any) -> None:
+    att, agent, _ = env
+    agent.tpms["cmp1"] = FakeTPM()
+    att.enroll_from_agent("cmp1")
+    agent.tpms["cmp2"] = agent.tpms["cmp1"]  # same TPM claims a second name
+    with pytest.raises(exception.CertificationError, match="already enrolled for host cmp1"):
+        att.enroll_from_agent("cmp2")
+
+
+@pytest.mark.parametrize("field", ["ak_public", "kem_certify_attest", "kem_public"])
+def test_enroll_malformed_identity(env: Any, field: str) -> None:
+    att, agent, _ = env
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    nonce = att.enrollment_nonce("cmp1")
+    with pytest.raises(exception.CertificationError, match=field):
+        att.enroll("cmp1", dict(tpm.identity(nonce), **{field: "not-bytes"}), nonce)
+
+
+def test_enroll_wrong_claimed_name(env: Any) -> None:
+    att, agent, _ = env
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    nonce = att.enrollment_nonce("cmp1")
+    with pytest.raises(exception.CertificationError, match="AK name"):
+        att.enroll("cmp1", dict(tpm.identity(nonce), ak_name=b"\x00\x0b" + b"\x01" * 32),
+                   nonce)
+
+
+def test_enroll_real_swtpm_vectors(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    att, _, _ = env
+    a = VECTORS["tpm_a"]
+    monkeypatch.setattr(api.secrets, "token_bytes", lambda n: H(a["certify"]["nonce"]))
+    nonce = att.enrollment_nonce("real-a")
+    identity = {"ak_public": H(a["ak_public"]), "kem_public": H(a["kem_public"]),
+                "kem_certify_attest": H(a["certify"]["attest"]),
+                "kem_certify_signature": H(a["certify"]["signature"]),
+                "ak_name": H(a["ak_name"]), "kem_name": H(a["kem_name"])}
+    rec = att.enroll("real-a", identity, nonce)
+    assert rec.kem_name.hex() == a["kem_name"]
+
+
+# ---- attestation ------------------------------------------------------------------
+
+def test_attest_trusted_and_fresh(env: Any) -> None:
+    att, agent, clock = env
+    enrolled(att, agent)
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.TRUSTED and "golden" in v.reason
+    assert (v.expires_at - v.attested_at).total_seconds() == 60
+    calls = agent.calls
+    assert att.check_fresh("cmp1") == v and agent.calls == calls  # cached
+    clock.t += 61
+    assert att.check_fresh("cmp1").trusted and agent.calls == calls + 1
+    assert att.db.get_clock_state("cmp1") is not None
+
+
+def test_attest_pcr_change_untrusted(env: Any) -> None:
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    att.attest("cmp1")
+    tpm.extend(16, b"rootkit")
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED
+    assert v.reason == "PCR 16 differs from policy 'golden'"
+    assert events(att, "cmp1")[-1] == ("verdict", "UNTRUSTED")
+
+
+def test_attest_agent_lying_about_pcrs(env: Any) -> None:
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    golden = dict(tpm.pcrs)
+    tpm.extend(16, b"rootkit")
+    agent.lie_pcrs = {16: golden[16]}
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED and "PCR digest" in v.reason
+
+
+def test_attest_replayed_quote(env: Any) -> None:
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    old_nonce = att.db.create_nonce("cmp1", "quote", att._now())
+    agent.replay = tpm.quote(old_nonce, POLICY_PCRS)
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED and "nonce mismatch" in v.reason
+
+
+def test_attest_quote_from_other_tpm(env: Any) -> None:
+    att, agent, _ = env
+    enrolled(att, agent)
+    agent.tpms["cmp1"] = FakeTPM()  # the TPM was swapped
+    agent.tpms["cmp1"].extend(16, b"good-boot")
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED and "enrolled AK" in v.reason
+
+
+def test_attest_slow_agent_nonce_expired(env: Any) -> None:
+    att, agent, clock = env
+    tpm = enrolled(att, agent)
+
+    def slow(host: str, nonce: bytes, pcrs: Sequence[int], bank: str) -> Mapping[str, Any]:
+        clock.t += 31
+        return tpm.quote(nonce, pcrs)
+    agent.quote = slow  # type: ignore[method-assign]
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED and "nonce expired" in v.reason
+
+
+def test_attest_clock_rollback(env: Any) -> None:
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    assert att.attest("cmp1").trusted
+    tpm.clock -= 500  # state rolled back to an older snapshot
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED and "clock went backwards" in v.reason
+    # the baseline did not move back
+    assert att.db.get_clock_state("cmp1").clock > tpm.clock
+
+
+def test_attest_reboot_requires_reapproval(env: Any) -> None:
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    assert att.attest("cmp1").trusted
+    tpm.reboot()
+    tpm.extend(16, b"good-boot")
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED
+    assert v.reason == "host rebooted (resetCount 1 -> 2); re-approval required"
+    assert att.db.get_host("cmp1").status is HostStatus.PENDING
+    assert "approval required" in att.attest("cmp1").reason
+    att.approve("cmp1")
+    assert att.attest("cmp1").trusted
+    assert ("reboot", "PENDING") in events(att, "cmp1")
+
+
+def test_attest_reboot_accepted_by_policy(env: Any) -> None:
+    att, agent, clock = env
+    tpm = enrolled(att, agent)
+    att.reboot_policy = "accept"
+    assert att.attest("cmp1").trusted
+    tpm.reboot()
+    tpm.extend(16, b"good-boot")
+    assert att.attest("cmp1").trusted
+    assert att.db.get_clock_state("cmp1").reset_count == 2
+
+
+@pytest.mark.parametrize("error", [TimeoutError("no reply in 30s"),
+                                   ConnectionError("broker down"),
+                                   exception.HostTPMError(reason="TPM busy")])
+def test_attest_agent_failure_is_unknown(env: Any, error: Exception) -> None:
+    att, agent, _ = env
+    enrolled(att, agent)
+    agent.fail = error
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNKNOWN
+    assert type(error).__name__ in v.reason and "cmp1" in v.reason
+    assert events(att, "cmp1")[-1] == ("verdict", "UNKNOWN")
+
+
+@pytest.mark.parametrize("reply", [None, {}, {"attest": b"x", "signature": b"y"},
+                                   {"attest": b"x", "signature": b"y", "pcr_values": {}},
+                                   {"attest": "x", "signature": b"y", "pcr_values": {0: b""}}])
+def test_attest_malformed_reply_untrusted(env: Any, reply: Any) -> None:
+    att, agent, _ = env
+    enrolled(att, agent)
+    agent.replay = reply
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED
+
+
+def test_attest_json_string_pcr_keys_accepted(env: Any) -> None:
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    orig = tpm.quote
+
+    def stringly(nonce: bytes, pcrs: Sequence[int]) -> dict[str, Any]:
+        r = orig(nonce, pcrs)
+        r["pcr_values"] = {str(k): v for k, v in r["pcr_values"].items()}
+        return r
+    tpm.quote = stringly  # type: ignore[method-assign]
+    assert att.attest("cmp1").trusted
+
+
+def test_attest_refusals(env: Any) -> None:
+    att, agent, _ = env
+    enrolled(att, agent, approve=False)
+    assert "PENDING" in att.attest("cmp1").reason
+    agent.tpms["cmp2"] = FakeTPM()
+    att.enroll_from_agent("cmp2", auto_approve=True)
+    assert att.attest("cmp2").reason == "no PCR policy assigned"
+    att.revoke("cmp2")
+    v = att.check_fresh("cmp2")
+    assert v.status is TrustStatus.UNTRUSTED and "REVOKED" in v.reason
+    with pytest.raises(exception.NotFound):
+        att.attest("ghost")
+    assert agent.calls == 1  # only the policy recording quoted
+
+
+def test_attest_all_and_audit_only_changes(env: Any) -> None:
+    att, agent, _ = env
+    enrolled(att, agent, "cmp1")
+    enrolled(att, agent, "cmp2")
+    agent.tpms["cmp3"] = FakeTPM()
+    att.enroll_from_agent("cmp3")  # pending: not attested periodically
+    for _ in range(3):
+        verdicts = att.attest_all()
+    assert sorted(verdicts) == ["cmp1", "cmp2"]
+    assert all(v.trusted for v in verdicts.values())
+    assert events(att, "cmp1").count(("verdict", "TRUSTED")) == 1
+    assert sorted(att.db.fresh_verdicts(att._now())) == ["cmp1", "cmp2"]
+
+
+def test_record_policy_refuses_bad_quote(env: Any) -> None:
+    att, agent, _ = env
+    agent.tpms["cmp1"] = FakeTPM()
+    att.enroll_from_agent("cmp1")
+    agent.lie_pcrs = {0: b"\x01" * 32}
+    with pytest.raises(exception.QuoteVerificationError, match="PCR digest"):
+        att.record_policy_from_host("golden", "cmp1", [0, 16])
+    with pytest.raises(exception.NotFound):
+        att.db.get_policy("golden")
+    agent.lie_pcrs, agent.fail = None, TimeoutError("gone")
+    with pytest.raises(exception.AttestationError, match="did not answer"):
+        att.record_policy_from_host("golden", "cmp1", [0, 16])
+
+
+def test_attest_real_swtpm_quote(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    att, _, _ = env
+    a = VECTORS["tpm_a"]
+    q1, q2 = a["boot1"]["quote1"], a["boot1"]["quote2"]
+    att.db.enroll_host("real-a", ak_public=H(a["ak_public"]), ak_name=H(a["ak_name"]),
+                       kem_public=H(a["kem_public"]), kem_name=H(a["kem_name"]),
+                       approved=True)
+    pcrs = {int(k): H(v) for k, v in q1["pcr_values"].items()}
+    att.db.put_policy("real", "sha256", pcrs)
+    att.db.assign_policy("real-a", "real")
+    replies = iter([q1, q2])
+    current: dict[str, Any] = {}
+
+    def next_nonce(n: int) -> bytes:
+        current.update(next(replies))
+        return H(current["nonce"])
+
+    class RealAgent:
+        def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
+                  bank: str) -> Mapping[str, Any]:
+            assert list(pcrs) == [0, 1, 2, 3, 7, 16]
+            return {"attest": H(current["attest"]), "signature": H(current["signature"]),
+                    "pcr_values": {int(k): H(v) for k, v in current["pcr_values"].items()}}
+    att._agents = RealAgent
+    with monkeypatch.context() as m:
+        m.setattr(api.secrets, "token_bytes", next_nonce)
+        assert att.attest("real-a").trusted
+        assert att.attest("real-a").trusted
+    # the older TPM quote served again for a fresh nonce: refused
+    current.update(q1)
+    assert "nonce mismatch" in att.attest("real-a").reason
+
+
+def test_attest_latency_p50(env: Any) -> None:
+    att, agent, _ = env
+    enrolled(att, agent)
+    samples = []
+    for _ in range(50):
+        t = time.perf_counter()
+        assert att.attest("cmp1").trusted
+        samples.append(time.perf_counter() - t)
+    samples.sort()
+    print(f"\nAttestor.attest p50 {samples[25] * 1000:.2f} ms (sqlite, in-process fake)")
+    assert samples[25] < 0.5
+
+
+def test_attestor_rejects_bad_config(tmp_path: Path) -> None:
+    db = api.Database(f"sqlite:///{tmp_path}/e.sqlite")
+    try:
+        with pytest.raises(exception.InvalidInput):
+            attestation.Attestor(db, FakeAgent, verdict_ttl=0, nonce_ttl=1)
+        with pytest.raises(exception.InvalidInput):
+            attestation.Attestor(db, FakeAgent, verdict_ttl=1, nonce_ttl=1,
+                                 reboot_policy="never")  # type: ignore[arg-type]
+    finally:
+        db.dispose()

@@ -1,0 +1,300 @@
+"""The engine's attestation service: enrollment, approval, periodic quotes, verdicts.
+
+Why a separate layer: ``verifier`` decides from bytes, ``db`` stores; this
+module owns the protocol around them (nonce lifetime and single use, which AK
+to trust, when a clock baseline may move, what is audited) and turns every
+failure of a host or its agent into a recorded UNTRUSTED/UNKNOWN verdict, so
+the periodic task and the migration gate never see an exception from a bad
+host, only a verdict with a reason.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol
+
+from oslo_log import log as logging
+
+from vtpcm_common import exception
+from vtpcm_nova.engine import verifier
+from vtpcm_nova.engine.db.api import Database, HostRecord, PolicyRecord, VerdictRecord
+from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.verifier import TrustStatus
+
+LOG = logging.getLogger(__name__)
+
+PURPOSE_ENROLL = "enroll"
+PURPOSE_QUOTE = "quote"
+PURPOSE_POLICY = "policy"
+_MAX_REASON = 500
+
+
+class AgentClient(Protocol):
+    """What the engine needs from a host's agent (an RPC client in production)."""
+
+    def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]: ...
+
+    def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
+              bank: str) -> Mapping[str, Any]: ...
+
+
+class Attestor:
+    """Attestation logic over one database and an injected agent client factory.
+
+    ``agent_client_factory()`` is called for each operation that talks to an
+    agent, so it may return a shared client or a fresh one.
+    """
+
+    def __init__(self, db: Database, agent_client_factory: Callable[[], AgentClient], *,
+                 verdict_ttl: float, nonce_ttl: float,
+                 reboot_policy: verifier.RebootPolicy = "reapprove",
+                 clock: Callable[[], float] = time.time) -> None:
+        if verdict_ttl <= 0 or nonce_ttl <= 0:
+            raise exception.InvalidInput(reason="verdict_ttl and nonce_ttl must be positive")
+        if reboot_policy not in ("reapprove", "accept"):
+            raise exception.InvalidInput(reason=f"unknown reboot policy {reboot_policy!r}")
+        self.db = db
+        self._agents = agent_client_factory
+        self.verdict_ttl = datetime.timedelta(seconds=verdict_ttl)
+        self.nonce_ttl = datetime.timedelta(seconds=nonce_ttl)
+        self.reboot_policy: verifier.RebootPolicy = reboot_policy
+        self._clock = clock
+        self._aks: dict[bytes, verifier.AttestationKey] = {}
+
+    def _now(self) -> datetime.datetime:
+        return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
+
+    def _ak(self, host: HostRecord) -> verifier.AttestationKey:
+        ak = self._aks.get(host.ak_public)
+        if ak is None:
+            ak = verifier.load_ak(host.ak_public, host=host.name)
+            self._aks[host.ak_public] = ak
+        return ak
+
+    def _new_nonce(self, host: str, purpose: str) -> bytes:
+        now = self._now()
+        return self.db.create_nonce(host, purpose, now + self.nonce_ttl, now=now)
+
+    # ---- enrollment -------------------------------------------------------------
+
+    def enrollment_nonce(self, host: str) -> bytes:
+        return self._new_nonce(host, PURPOSE_ENROLL)
+
+    def enroll(self, host: str, identity: Mapping[str, Any], nonce: bytes,
+               auto_approve: bool = False) -> HostRecord:
+        """Enroll a host from its identity, certified with our enrollment nonce."""
+        try:
+            return self._enroll(host, identity, nonce, auto_approve)
+        except exception.VTPCMException as err:
+            self.db.audit("enroll", "refused", host=host, detail=_short(str(err)),
+                          now=self._now())
+            LOG.warning("Enrollment of host %(host)s refused: %(reason)s",
+                        {"host": host, "reason": err})
+            raise
+
+    def _enroll(self, host: str, identity: Mapping[str, Any], nonce: bytes,
+                auto_approve: bool) -> HostRecord:
+        fields = _identity_fields(host, identity)
+        # one try per nonce, whatever the outcome: a failed attempt cannot be retried
+        if not self.db.consume_nonce(host, nonce, PURPOSE_ENROLL, now=self._now()):
+            raise exception.CertificationError(
+                host=host, reason="enrollment nonce is unknown, expired or already used")
+        ak = verifier.load_ak(fields["ak_public"], host=host)
+        kem_public = fields["kem_public"]
+        verifier.verify_certification(ak, kem_public, fields["kem_certify_attest"],
+                                      fields["kem_certify_signature"], nonce, host=host)
+        kem_name = verifier.tpm_name(kem_public)
+        for claimed, actual, what in ((identity.get("ak_name"), ak.name, "AK"),
+                                      (identity.get("kem_name"), kem_name, "KEM key")):
+            if claimed is not None and claimed != actual:
+                raise exception.CertificationError(
+                    host=host, reason=f"reported {what} name does not match its public area")
+        others = [h for h in self.db.hosts_with_ak(ak.name) if h != host]
+        if others:
+            raise exception.CertificationError(
+                host=host, reason=f"AK already enrolled for host {others[0]}")
+        record = self.db.enroll_host(
+            host, ak_public=ak.public, ak_name=ak.name, kem_public=kem_public,
+            kem_name=kem_name, ek_certificate=fields.get("ek_certificate"),
+            approved=auto_approve, now=self._now())
+        self.db.audit("enroll", record.status.value, host=host,
+                      detail=f"AK {ak.name.hex()[:16]}... certified KEM key", now=self._now())
+        LOG.info("Host %(host)s enrolled (%(status)s)",
+                 {"host": host, "status": record.status.value})
+        return record
+
+    def enroll_from_agent(self, host: str, auto_approve: bool = False) -> HostRecord:
+        """Convenience: fresh nonce, ask the agent for its identity, enroll."""
+        nonce = self.enrollment_nonce(host)
+        identity = self._agents().get_identity(host, nonce)
+        return self.enroll(host, identity, nonce, auto_approve)
+
+    def approve(self, host: str) -> HostRecord:
+        """Admin vouches for the host's current boot: the clock baseline restarts."""
+        record = self.db.approve_host(host, now=self._now())
+        self.db.audit("approve", "APPROVED", host=host, now=self._now())
+        LOG.info("Host %(host)s approved", {"host": host})
+        return record
+
+    def revoke(self, host: str) -> HostRecord:
+        record = self.db.revoke_host(host)
+        self._store(host, TrustStatus.UNTRUSTED, "host revoked", audit_always=True)
+        self.db.audit("revoke", "REVOKED", host=host, now=self._now())
+        LOG.info("Host %(host)s revoked", {"host": host})
+        return record
+
+    # ---- attestation ------------------------------------------------------------
+
+    def attest(self, host: str) -> VerdictRecord:
+        """Quote the host now and record the verdict; raises only NotFound."""
+        record = self.db.get_host(host)
+        if record.status is not HostStatus.APPROVED:
+            reason = f"host is {record.status.value}"
+            if record.status is HostStatus.PENDING:
+                reason += " (approval required)"
+            return self._store(host, TrustStatus.UNTRUSTED, reason)
+        if record.policy_name is None:
+            return self._store(host, TrustStatus.UNTRUSTED, "no PCR policy assigned")
+        policy = self.db.get_policy(record.policy_name)
+        try:
+            evidence = self._verified_quote(record, policy.bank, sorted(policy.pcrs),
+                                            PURPOSE_QUOTE)
+        except exception.AttestationError as err:
+            return self._store(host, TrustStatus.UNTRUSTED, str(err))
+        except _AgentFailure as err:
+            return self._store(host, TrustStatus.UNKNOWN, str(err))
+        previous = self.db.get_clock_state(host)
+        verdict = verifier.evaluate(evidence, policy.spec(), previous,
+                                    reboot_policy=self.reboot_policy)
+        if verdict.trusted or verdict.rebooted:
+            self.db.set_clock_state(host, verifier.clock_state(evidence))
+        if verdict.rebooted and not verdict.trusted and self.reboot_policy == "reapprove":
+            self.db.require_reapproval(host)
+            self.db.audit("reboot", "PENDING", host=host, detail=verdict.reason,
+                          now=self._now())
+        return self._store(host, verdict.status, verdict.reason)
+
+    def attest_all(self) -> dict[str, VerdictRecord]:
+        """Attest every APPROVED host (the periodic task)."""
+        out: dict[str, VerdictRecord] = {}
+        for record in self.db.list_hosts(HostStatus.APPROVED):
+            try:
+                out[record.name] = self.attest(record.name)
+            except exception.NotFound:
+                continue  # deleted meanwhile
+        return out
+
+    def check_fresh(self, host: str) -> VerdictRecord:
+        """A fresh TRUSTED verdict if there is one, else attest now (migration gate)."""
+        current = self.db.get_verdict(host)
+        if current is not None and current.trusted and current.is_fresh(self._now()):
+            return current
+        return self.attest(host)
+
+    def record_policy_from_host(self, name: str, host: str, pcrs: Sequence[int],
+                                bank: str = "sha256", description: str = "") -> PolicyRecord:
+        """Store the PCR values of a verified quote of ``host`` as golden policy ``name``."""
+        record = self.db.get_host(host)
+        if record.status is HostStatus.REVOKED:
+            raise exception.HostNotTrusted(host=host, reason="host is REVOKED")
+        wanted = sorted(set(pcrs))
+        if not wanted:
+            raise exception.InvalidInput(reason="no PCRs requested for the policy")
+        try:
+            evidence = self._verified_quote(record, bank, wanted, PURPOSE_POLICY)
+        except exception.AttestationError as err:
+            self.db.audit("policy", "refused", host=host, detail=_short(str(err)),
+                          now=self._now())
+            raise
+        except _AgentFailure as err:
+            self.db.audit("policy", "refused", host=host, detail=_short(str(err)),
+                          now=self._now())
+            raise exception.AttestationError(host=host, reason=_short(str(err))) from None
+        policy = self.db.put_policy(
+            name, bank, {i: evidence.pcr_values[i] for i in wanted},
+            description or f"recorded from host {host}", now=self._now())
+        self.db.audit("policy", "recorded", host=host,
+                      detail=f"policy '{name}' PCRs {wanted} ({bank})", now=self._now())
+        return policy
+
+    # ---- internals --------------------------------------------------------------
+
+    def _verified_quote(self, record: HostRecord, bank: str, pcrs: list[int],
+                        purpose: str) -> verifier.QuoteEvidence:
+        host = record.name
+        ak = self._ak(record)
+        nonce = self._new_nonce(host, purpose)
+        try:
+            reply = self._agents().quote(host, nonce, pcrs, bank)
+        except Exception as err:  # noqa: BLE001 - any agent failure becomes a verdict
+            raise _AgentFailure(f"agent of host {host} did not answer the quote: "
+                                f"{type(err).__name__}: {_short(str(err), 200)}") from err
+        if not self.db.consume_nonce(host, nonce, purpose, now=self._now()):
+            raise exception.QuoteVerificationError(
+                host=host, reason="quote nonce expired or already used")
+        attest, signature, values = _quote_fields(host, reply)
+        return verifier.verify_quote(ak, attest, signature, nonce, values, bank, host=host)
+
+    def _store(self, host: str, status: TrustStatus, reason: str, *,
+               audit_always: bool = False) -> VerdictRecord:
+        now = self._now()
+        reason = _short(reason)
+        previous = self.db.get_verdict(host)
+        verdict = self.db.record_verdict(host, status, reason, now, now + self.verdict_ttl)
+        changed = previous is None or previous.status is not status
+        if changed or status is not TrustStatus.TRUSTED or audit_always:
+            self.db.audit("verdict", status.value, host=host, detail=reason, now=now)
+        if status is TrustStatus.TRUSTED:
+            if changed:
+                LOG.info("Host %(host)s is TRUSTED", {"host": host})
+        else:
+            LOG.warning("Host %(host)s is %(status)s: %(reason)s",
+                        {"host": host, "status": status.value, "reason": reason})
+        return verdict
+
+
+class _AgentFailure(Exception):
+    """Internal: the agent raised or timed out (verdict UNKNOWN, not UNTRUSTED)."""
+
+
+def _short(text: str, limit: int = _MAX_REASON) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _identity_fields(host: str, identity: Mapping[str, Any]) -> dict[str, Any]:
+    if not isinstance(identity, Mapping):
+        raise exception.CertificationError(host=host, reason="identity must be a mapping")
+    out: dict[str, Any] = {}
+    for name in ("ak_public", "kem_public", "kem_certify_attest", "kem_certify_signature"):
+        value = identity.get(name)
+        if not isinstance(value, bytes) or not value:
+            raise exception.CertificationError(
+                host=host, reason=f"identity field {name} is missing or not bytes")
+        out[name] = value
+    ek = identity.get("ek_certificate")
+    if ek is not None and not isinstance(ek, bytes):
+        raise exception.CertificationError(host=host,
+                                           reason="identity field ek_certificate is not bytes")
+    out["ek_certificate"] = ek
+    return out
+
+
+def _quote_fields(host: str, reply: Mapping[str, Any]) -> tuple[bytes, bytes, dict[int, bytes]]:
+    err = exception.QuoteVerificationError
+    if not isinstance(reply, Mapping):
+        raise err(host=host, reason="quote reply must be a mapping")
+    attest, signature = reply.get("attest"), reply.get("signature")
+    raw = reply.get("pcr_values")
+    if not isinstance(attest, bytes) or not isinstance(signature, bytes):
+        raise err(host=host, reason="quote reply lacks attest/signature bytes")
+    if not isinstance(raw, Mapping):
+        raise err(host=host, reason="quote reply lacks pcr_values")
+    values: dict[int, bytes] = {}
+    for key, value in raw.items():
+        # JSON transports turn int keys into strings
+        if isinstance(key, str) and key.isdigit() and len(key) <= 2:
+            key = int(key)
+        values[key] = value
+    return attest, signature, values

@@ -1,0 +1,1 @@
+"""Engine persistence: SQLAlchemy models and typed access functions."""

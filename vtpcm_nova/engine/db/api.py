@@ -1,0 +1,584 @@
+"""Typed access to the engine database.
+
+Why a thin function layer: callers (attestation, migration coordinator,
+scheduler filter) get frozen records, never ORM objects bound to a session,
+and every check-then-change that guards a security property (single-use
+nonce, vTPCM location/generation, migration state) is ONE conditional UPDATE
+whose rowcount decides, so it stays correct with several engine processes on
+one database.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import secrets
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from oslo_log import log as logging
+from sqlalchemy import create_engine, delete, event, select, update
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from vtpcm_common import exception
+from vtpcm_nova.engine import verifier
+from vtpcm_nova.engine.db import models
+from vtpcm_nova.engine.db.models import HostStatus
+
+LOG = logging.getLogger(__name__)
+
+DEFAULT_URL = "sqlite:////var/lib/vtpcm/engine.sqlite"
+NONCE_BYTES = 32
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+# ---- records ----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HostRecord:
+    name: str
+    ak_public: bytes = dataclasses.field(repr=False)
+    ak_name: bytes
+    kem_public: bytes = dataclasses.field(repr=False)
+    kem_name: bytes
+    ek_certificate: bytes | None = dataclasses.field(repr=False)
+    status: HostStatus
+    policy_name: str | None
+    enrolled_at: datetime.datetime
+    approved_at: datetime.datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyRecord:
+    name: str
+    bank: str
+    pcrs: Mapping[int, bytes]
+    description: str
+    created_at: datetime.datetime
+
+    def spec(self) -> verifier.PolicySpec:
+        return verifier.PolicySpec(self.name, self.bank, dict(self.pcrs))
+
+
+@dataclasses.dataclass(frozen=True)
+class VerdictRecord:
+    host: str
+    status: verifier.TrustStatus
+    reason: str
+    attested_at: datetime.datetime
+    expires_at: datetime.datetime
+
+    @property
+    def trusted(self) -> bool:
+        return self.status is verifier.TrustStatus.TRUSTED
+
+    def is_fresh(self, now: datetime.datetime) -> bool:
+        return self.expires_at > now
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditRecord:
+    id: int
+    at: datetime.datetime
+    event: str
+    host: str | None
+    instance: str | None
+    migration_id: str | None
+    outcome: str
+    detail: str
+
+
+@dataclasses.dataclass(frozen=True)
+class VtpcmRecord:
+    instance_uuid: str
+    vtpcm_id: str
+    host: str
+    generation: int
+    state: str
+    migration_id: str | None
+    updated_at: datetime.datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class MigrationRecord:
+    migration_id: str
+    instance_uuid: str
+    source: str
+    dest: str
+    generation: int
+    state: str
+    created_at: datetime.datetime
+    updated_at: datetime.datetime
+    deadline: datetime.datetime
+    error: str | None
+
+
+def _host_rec(r: models.Host) -> HostRecord:
+    return HostRecord(r.name, r.ak_public, r.ak_name, r.kem_public, r.kem_name,
+                      r.ek_certificate, HostStatus(r.status), r.policy_name, r.enrolled_at,
+                      r.approved_at)
+
+
+def _policy_rec(r: models.Policy) -> PolicyRecord:
+    return PolicyRecord(r.name, r.bank, {int(k): bytes.fromhex(v) for k, v in r.pcrs.items()},
+                        r.description, r.created_at)
+
+
+def _verdict_rec(r: models.VerdictRow) -> VerdictRecord:
+    return VerdictRecord(r.host, verifier.TrustStatus(r.status), r.reason, r.attested_at,
+                         r.expires_at)
+
+
+def _vtpcm_rec(r: models.Vtpcm) -> VtpcmRecord:
+    return VtpcmRecord(r.instance_uuid, r.vtpcm_id, r.host, r.generation, r.state,
+                       r.migration_id, r.updated_at)
+
+
+def _migration_rec(r: models.Migration) -> MigrationRecord:
+    return MigrationRecord(r.migration_id, r.instance_uuid, r.source, r.dest, r.generation,
+                           r.state, r.created_at, r.updated_at, r.deadline, r.error)
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cur = dbapi_conn.cursor()
+    try:
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute("PRAGMA busy_timeout=30000")
+    finally:
+        cur.close()
+
+
+class Database:
+    """One engine database; safe to have several (processes or objects) on one URL."""
+
+    def __init__(self, url: str = DEFAULT_URL, *, create: bool = True) -> None:
+        parsed: URL = make_url(url)
+        kwargs: dict[str, Any] = {"future": True}
+        if parsed.get_backend_name() == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(parsed.database)) or ".",
+                            mode=0o700, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs["pool_pre_ping"] = True
+        self.engine: Engine = create_engine(parsed, **kwargs)
+        if parsed.get_backend_name() == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._backend = parsed.get_backend_name()
+        if create:
+            self.create_schema()
+
+    def __repr__(self) -> str:
+        # never show credentials from the URL
+        return f"<Database {self._backend}>"
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    def create_schema(self) -> None:
+        """Create missing tables and record the schema version (refuse a newer DB)."""
+        models.Base.metadata.create_all(self.engine)
+        with self.session() as s:
+            row = s.get(models.SchemaVersion, 1)
+            if row is None:
+                s.add(models.SchemaVersion(id=1, version=models.SCHEMA_VERSION))
+                try:
+                    s.flush()
+                except IntegrityError:
+                    s.rollback()  # another process created it first
+                    row = s.get(models.SchemaVersion, 1)
+            if row is not None and row.version > models.SCHEMA_VERSION:
+                raise exception.InvalidInput(
+                    reason=f"database schema version {row.version} is newer than this "
+                           f"engine's {models.SCHEMA_VERSION}")
+
+    def schema_version(self) -> int:
+        with self.session() as s:
+            row = s.get(models.SchemaVersion, 1)
+            return 0 if row is None else row.version
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: commit on success, roll back on any error."""
+        s = self._sessions()
+        try:
+            yield s
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    # ---- hosts ------------------------------------------------------------------
+
+    def enroll_host(self, name: str, *, ak_public: bytes, ak_name: bytes, kem_public: bytes,
+                    kem_name: bytes, ek_certificate: bytes | None = None,
+                    approved: bool = False, now: datetime.datetime | None = None
+                    ) -> HostRecord:
+        """Store a new host; a REVOKED host may be re-enrolled (new keys, no history)."""
+        now = now or utcnow()
+        status = HostStatus.APPROVED if approved else HostStatus.PENDING
+        with self.session() as s:
+            row = s.scalar(select(models.Host).where(models.Host.name == name)
+                           .with_for_update())
+            if row is not None:
+                if row.status != HostStatus.REVOKED.value:
+                    raise exception.AlreadyExists(what="host", key=name)
+                s.execute(delete(models.VerdictRow).where(models.VerdictRow.host == name))
+                s.execute(delete(models.ClockStateRow)
+                          .where(models.ClockStateRow.host == name))
+            else:
+                row = models.Host(name=name)
+                s.add(row)
+            row.ak_public, row.ak_name = ak_public, ak_name
+            row.kem_public, row.kem_name = kem_public, kem_name
+            row.ek_certificate, row.status = ek_certificate, status.value
+            row.enrolled_at = now
+            row.approved_at = now if approved else None
+            try:
+                s.flush()
+            except IntegrityError:
+                raise exception.AlreadyExists(what="host", key=name) from None
+            return _host_rec(row)
+
+    def _host_row(self, s: Session, name: str, lock: bool = False) -> models.Host:
+        q = select(models.Host).where(models.Host.name == name)
+        row = s.scalar(q.with_for_update() if lock else q)
+        if row is None:
+            raise exception.NotFound(what="host", key=name)
+        return row
+
+    def approve_host(self, name: str, now: datetime.datetime | None = None) -> HostRecord:
+        """PENDING/APPROVED -> APPROVED; forgets the clock baseline (re-approval)."""
+        with self.session() as s:
+            row = self._host_row(s, name, lock=True)
+            if row.status == HostStatus.REVOKED.value:
+                raise exception.InvalidTransition(what="host", key=name, current=row.status,
+                                                  target=HostStatus.APPROVED.value)
+            row.status = HostStatus.APPROVED.value
+            row.approved_at = now or utcnow()
+            s.execute(delete(models.ClockStateRow).where(models.ClockStateRow.host == name))
+            return _host_rec(row)
+
+    def revoke_host(self, name: str) -> HostRecord:
+        with self.session() as s:
+            row = self._host_row(s, name, lock=True)
+            row.status = HostStatus.REVOKED.value
+            return _host_rec(row)
+
+    def get_host(self, name: str) -> HostRecord:
+        with self.session() as s:
+            return _host_rec(self._host_row(s, name))
+
+    def list_hosts(self, status: HostStatus | None = None) -> list[HostRecord]:
+        q = select(models.Host).order_by(models.Host.name)
+        if status is not None:
+            q = q.where(models.Host.status == status.value)
+        with self.session() as s:
+            return [_host_rec(r) for r in s.scalars(q)]
+
+    def hosts_with_ak(self, ak_name: bytes) -> list[str]:
+        """Names of non-revoked hosts enrolled with this AK (one TPM, one host)."""
+        q = select(models.Host.name).where(models.Host.ak_name == ak_name,
+                                           models.Host.status != HostStatus.REVOKED.value)
+        with self.session() as s:
+            return sorted(s.scalars(q))
+
+    def assign_policy(self, host: str, policy_name: str | None) -> HostRecord:
+        with self.session() as s:
+            row = self._host_row(s, host, lock=True)
+            if policy_name is not None and s.scalar(
+                    select(models.Policy.id).where(models.Policy.name == policy_name)) is None:
+                raise exception.NotFound(what="policy", key=policy_name)
+            row.policy_name = policy_name
+            return _host_rec(row)
+
+    # ---- policies ---------------------------------------------------------------
+
+    def put_policy(self, name: str, bank: str, pcrs: Mapping[int, bytes],
+                   description: str = "", now: datetime.datetime | None = None
+                   ) -> PolicyRecord:
+        """Create or replace a golden policy after checking its shape."""
+        if not name or len(name) > 255:
+            raise exception.InvalidInput(reason="policy name must be 1-255 characters")
+        if bank not in verifier.BANKS:
+            raise exception.InvalidInput(reason=f"unsupported PCR bank {bank!r}")
+        size = verifier.BANKS[bank][1]
+        if not pcrs:
+            raise exception.InvalidInput(reason=f"policy {name!r} has no PCRs")
+        for index, value in pcrs.items():
+            if isinstance(index, bool) or not isinstance(index, int) or \
+                    not 0 <= index <= verifier.MAX_PCR:
+                raise exception.InvalidInput(reason=f"policy PCR index {index!r} is invalid")
+            if not isinstance(value, bytes) or len(value) != size:
+                raise exception.InvalidInput(
+                    reason=f"policy PCR {index} must be {size} bytes for bank {bank}")
+        stored = {str(i): pcrs[i].hex() for i in sorted(pcrs)}
+        with self.session() as s:
+            row = s.scalar(select(models.Policy).where(models.Policy.name == name)
+                           .with_for_update())
+            if row is None:
+                row = models.Policy(name=name)
+                s.add(row)
+            row.bank, row.pcrs, row.description = bank, stored, description
+            row.created_at = now or utcnow()
+            s.flush()
+            return _policy_rec(row)
+
+    def get_policy(self, name: str) -> PolicyRecord:
+        with self.session() as s:
+            row = s.scalar(select(models.Policy).where(models.Policy.name == name))
+            if row is None:
+                raise exception.NotFound(what="policy", key=name)
+            return _policy_rec(row)
+
+    def list_policies(self) -> list[PolicyRecord]:
+        with self.session() as s:
+            return [_policy_rec(r) for r in
+                    s.scalars(select(models.Policy).order_by(models.Policy.name))]
+
+    # ---- verdicts ---------------------------------------------------------------
+
+    def record_verdict(self, host: str, status: verifier.TrustStatus, reason: str,
+                       attested_at: datetime.datetime, expires_at: datetime.datetime
+                       ) -> VerdictRecord:
+        """Replace the host's current verdict (one row per host)."""
+        with self.session() as s:
+            self._host_row(s, host)
+            row = s.get(models.VerdictRow, host, with_for_update=True)
+            if row is None:
+                row = models.VerdictRow(host=host)
+                s.add(row)
+            row.status, row.reason = status.value, reason
+            row.attested_at, row.expires_at = attested_at, expires_at
+            s.flush()
+            return _verdict_rec(row)
+
+    def get_verdict(self, host: str) -> VerdictRecord | None:
+        with self.session() as s:
+            row = s.get(models.VerdictRow, host)
+            return None if row is None else _verdict_rec(row)
+
+    def fresh_verdicts(self, now: datetime.datetime | None = None) -> dict[str, VerdictRecord]:
+        """All unexpired verdicts in ONE query (the scheduler filter calls this)."""
+        q = select(models.VerdictRow).where(models.VerdictRow.expires_at > (now or utcnow()))
+        with self.session() as s:
+            return {r.host: _verdict_rec(r) for r in s.scalars(q)}
+
+    # ---- nonces -----------------------------------------------------------------
+
+    def create_nonce(self, host: str, purpose: str, expires_at: datetime.datetime,
+                     now: datetime.datetime | None = None) -> bytes:
+        """A fresh random nonce bound to host and purpose, usable once before expiry."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        with self.session() as s:
+            s.add(models.Nonce(host=host, nonce=nonce.hex(), purpose=purpose,
+                               created_at=now or utcnow(), expires_at=expires_at,
+                               used=False))
+        return nonce
+
+    def consume_nonce(self, host: str, nonce: bytes, purpose: str,
+                      now: datetime.datetime | None = None) -> bool:
+        """Mark the nonce used; True only for the one caller that found it unused."""
+        if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+            return False
+        q = (update(models.Nonce)
+             .where(models.Nonce.nonce == nonce.hex(), models.Nonce.host == host,
+                    models.Nonce.purpose == purpose, models.Nonce.used.is_(False),
+                    models.Nonce.expires_at > (now or utcnow()))
+             .values(used=True))
+        with self.session() as s:
+            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    def purge_nonces(self, now: datetime.datetime | None = None) -> int:
+        q = delete(models.Nonce).where(models.Nonce.expires_at <= (now or utcnow()))
+        with self.session() as s:
+            return int(s.execute(q).rowcount)  # type: ignore[attr-defined]
+
+    # ---- clock states -----------------------------------------------------------
+
+    def get_clock_state(self, host: str) -> verifier.ClockState | None:
+        with self.session() as s:
+            row = s.get(models.ClockStateRow, host)
+            if row is None:
+                return None
+            return verifier.ClockState(row.clock, row.reset_count, row.restart_count)
+
+    def set_clock_state(self, host: str, state: verifier.ClockState, *,
+                        only_forward: bool = True) -> bool:
+        """Store the TPM clock baseline; by default never move it backwards.
+
+        Two engine workers attesting one host at once must not leave the older
+        quote's clock as the baseline (that would weaken rollback detection).
+        """
+        with self.session() as s:
+            self._host_row(s, host)
+            row = s.get(models.ClockStateRow, host, with_for_update=True)
+            if row is None:
+                row = models.ClockStateRow(host=host)
+                s.add(row)
+            elif only_forward and (state.reset_count, state.restart_count, state.clock) < \
+                    (row.reset_count, row.restart_count, row.clock):
+                return False
+            row.clock, row.reset_count = state.clock, state.reset_count
+            row.restart_count = state.restart_count
+            return True
+
+    def require_reapproval(self, name: str) -> bool:
+        """APPROVED -> PENDING (e.g. after a reboot); False if it was not APPROVED."""
+        q = (update(models.Host)
+             .where(models.Host.name == name, models.Host.status == HostStatus.APPROVED.value)
+             .values(status=HostStatus.PENDING.value))
+        with self.session() as s:
+            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    # ---- audit ------------------------------------------------------------------
+
+    def audit(self, event: str, outcome: str, *, host: str | None = None,
+              instance: str | None = None, migration_id: str | None = None,
+              detail: str = "", now: datetime.datetime | None = None) -> None:
+        """Append an audit entry. ``detail`` is a human reason, never key material."""
+        with self.session() as s:
+            s.add(models.Audit(at=now or utcnow(), event=event, host=host, instance=instance,
+                               migration_id=migration_id, outcome=outcome, detail=detail))
+
+    def list_audit(self, limit: int = 100, host: str | None = None) -> list[AuditRecord]:
+        """Newest first."""
+        q = select(models.Audit).order_by(models.Audit.id.desc()).limit(limit)
+        if host is not None:
+            q = q.where(models.Audit.host == host)
+        with self.session() as s:
+            return [AuditRecord(r.id, r.at, r.event, r.host, r.instance, r.migration_id,
+                                r.outcome, r.detail) for r in s.scalars(q)]
+
+    # ---- vTPCM association ------------------------------------------------------
+
+    def create_vtpcm(self, instance_uuid: str, vtpcm_id: str, host: str, *,
+                     generation: int = 0, state: str = "ACTIVE",
+                     now: datetime.datetime | None = None) -> VtpcmRecord:
+        with self.session() as s:
+            row = models.Vtpcm(instance_uuid=instance_uuid, vtpcm_id=vtpcm_id, host=host,
+                               generation=generation, state=state, migration_id=None,
+                               updated_at=now or utcnow())
+            s.add(row)
+            try:
+                s.flush()
+            except IntegrityError:
+                raise exception.AlreadyExists(what="vTPCM of instance",
+                                              key=instance_uuid) from None
+            return _vtpcm_rec(row)
+
+    def get_vtpcm(self, instance_uuid: str) -> VtpcmRecord:
+        with self.session() as s:
+            row = s.scalar(select(models.Vtpcm)
+                           .where(models.Vtpcm.instance_uuid == instance_uuid))
+            if row is None:
+                raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
+            return _vtpcm_rec(row)
+
+    def list_vtpcms(self, host: str | None = None) -> list[VtpcmRecord]:
+        q = select(models.Vtpcm).order_by(models.Vtpcm.instance_uuid)
+        if host is not None:
+            q = q.where(models.Vtpcm.host == host)
+        with self.session() as s:
+            return [_vtpcm_rec(r) for r in s.scalars(q)]
+
+    def update_vtpcm_location(self, instance_uuid: str, expected_host: str,
+                              expected_generation: int, new_host: str, new_generation: int,
+                              *, state: str | None = None, migration_id: str | None = None,
+                              now: datetime.datetime | None = None) -> bool:
+        """Move the authoritative location iff (host, generation) are still as expected."""
+        if new_generation < expected_generation:
+            raise exception.GenerationMismatch(instance_uuid=instance_uuid,
+                                               given=new_generation,
+                                               expected=expected_generation)
+        values: dict[str, Any] = {"host": new_host, "generation": new_generation,
+                                  "migration_id": migration_id, "updated_at": now or utcnow()}
+        if state is not None:
+            values["state"] = state
+        q = (update(models.Vtpcm)
+             .where(models.Vtpcm.instance_uuid == instance_uuid,
+                    models.Vtpcm.host == expected_host,
+                    models.Vtpcm.generation == expected_generation)
+             .values(**values))
+        with self.session() as s:
+            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    def set_vtpcm_state(self, instance_uuid: str, expected_generation: int, state: str, *,
+                        expected_state: str | None = None, migration_id: str | None = None,
+                        now: datetime.datetime | None = None) -> bool:
+        """Change the state iff the generation (and optionally state) still match."""
+        conds = [models.Vtpcm.instance_uuid == instance_uuid,
+                 models.Vtpcm.generation == expected_generation]
+        if expected_state is not None:
+            conds.append(models.Vtpcm.state == expected_state)
+        q = (update(models.Vtpcm).where(*conds)
+             .values(state=state, migration_id=migration_id, updated_at=now or utcnow()))
+        with self.session() as s:
+            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    def delete_vtpcm(self, instance_uuid: str, expected_generation: int) -> bool:
+        q = delete(models.Vtpcm).where(models.Vtpcm.instance_uuid == instance_uuid,
+                                       models.Vtpcm.generation == expected_generation)
+        with self.session() as s:
+            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    # ---- migrations -------------------------------------------------------------
+
+    def create_migration(self, migration_id: str, instance_uuid: str, source: str, dest: str,
+                         generation: int, state: str, deadline: datetime.datetime,
+                         now: datetime.datetime | None = None) -> MigrationRecord:
+        now = now or utcnow()
+        with self.session() as s:
+            row = models.Migration(migration_id=migration_id, instance_uuid=instance_uuid,
+                                   source=source, dest=dest, generation=generation,
+                                   state=state, created_at=now, updated_at=now,
+                                   deadline=deadline, error=None)
+            s.add(row)
+            try:
+                s.flush()
+            except IntegrityError:
+                raise exception.AlreadyExists(what="migration", key=migration_id) from None
+            return _migration_rec(row)
+
+    def get_migration(self, migration_id: str) -> MigrationRecord:
+        with self.session() as s:
+            row = s.scalar(select(models.Migration)
+                           .where(models.Migration.migration_id == migration_id))
+            if row is None:
+                raise exception.NotFound(what="migration", key=migration_id)
+            return _migration_rec(row)
+
+    def list_migrations(self, *, state: str | None = None, instance_uuid: str | None = None,
+                        overdue_at: datetime.datetime | None = None
+                        ) -> list[MigrationRecord]:
+        q = select(models.Migration).order_by(models.Migration.id)
+        if state is not None:
+            q = q.where(models.Migration.state == state)
+        if instance_uuid is not None:
+            q = q.where(models.Migration.instance_uuid == instance_uuid)
+        if overdue_at is not None:
+            q = q.where(models.Migration.deadline <= overdue_at)
+        with self.session() as s:
+            return [_migration_rec(r) for r in s.scalars(q)]
+
+    def update_migration_state(self, migration_id: str, expected_state: str, new_state: str,
+                               *, error: str | None = None,
+                               now: datetime.datetime | None = None) -> bool:
+        """Compare-and-set of the migration state; False if someone moved it first."""
+        q = (update(models.Migration)
+             .where(models.Migration.migration_id == migration_id,
+                    models.Migration.state == expected_state)
+             .values(state=new_state, error=error, updated_at=now or utcnow()))
+        with self.session() as s:
+            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]

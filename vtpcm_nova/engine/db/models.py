@@ -1,0 +1,170 @@
+"""SQLAlchemy 2.0 tables of the engine (SQLite by default, PostgreSQL/MySQL by URL).
+
+Why these shapes: every row a security decision reads (host keys, policies,
+verdicts, nonces, clock states, vTPCM generation) is a plain typed column so
+the checks in ``api`` can be single conditional UPDATEs that stay atomic across
+several engine processes. Datetimes are stored as naive UTC and handed back
+timezone-aware, identically on every backend.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+SCHEMA_VERSION = 1
+
+
+class HostStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    APPROVED = "APPROVED"
+    REVOKED = "REVOKED"
+
+
+class UTCDateTime(TypeDecorator[datetime.datetime]):
+    """Aware UTC in Python, naive UTC in the database (same on every backend)."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime.datetime | None,
+                           dialect: Dialect) -> datetime.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime refused: use timezone-aware UTC")
+        return value.astimezone(datetime.UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime.datetime | None,
+                             dialect: Dialect) -> datetime.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=datetime.UTC)
+
+
+HOST_LEN = 255
+UUID_LEN = 36
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SchemaVersion(Base):
+    __tablename__ = "schema_version"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+
+
+class Policy(Base):
+    __tablename__ = "policies"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    bank: Mapped[str] = mapped_column(String(16))
+    pcrs: Mapped[dict[str, str]] = mapped_column(JSON)
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+
+
+class Host(Base):
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(HOST_LEN), unique=True)
+    ak_public: Mapped[bytes] = mapped_column(LargeBinary)
+    ak_name: Mapped[bytes] = mapped_column(LargeBinary)
+    kem_public: Mapped[bytes] = mapped_column(LargeBinary)
+    kem_name: Mapped[bytes] = mapped_column(LargeBinary)
+    ek_certificate: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    status: Mapped[str] = mapped_column(String(16))
+    policy_name: Mapped[str | None] = mapped_column(
+        String(255), ForeignKey("policies.name"), nullable=True)
+    enrolled_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    approved_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+
+
+class VerdictRow(Base):
+    __tablename__ = "verdicts"
+    host: Mapped[str] = mapped_column(
+        String(HOST_LEN), ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(Text)
+    attested_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ClockStateRow(Base):
+    __tablename__ = "clock_states"
+    host: Mapped[str] = mapped_column(
+        String(HOST_LEN), ForeignKey("hosts.name", ondelete="CASCADE"), primary_key=True)
+    clock: Mapped[int] = mapped_column(BigInteger)
+    reset_count: Mapped[int] = mapped_column(BigInteger)
+    restart_count: Mapped[int] = mapped_column(BigInteger)
+
+
+class Nonce(Base):
+    """Nonces are not tied to ``hosts``: enrollment nonces precede the host row."""
+
+    __tablename__ = "nonces"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    host: Mapped[str] = mapped_column(String(HOST_LEN), index=True)
+    nonce: Mapped[str] = mapped_column(String(128), unique=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
+    used: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class Audit(Base):
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
+    event: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str | None] = mapped_column(String(HOST_LEN), nullable=True, index=True)
+    instance: Mapped[str | None] = mapped_column(String(UUID_LEN), nullable=True)
+    migration_id: Mapped[str | None] = mapped_column(String(UUID_LEN), nullable=True)
+    outcome: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text, default="")
+
+
+class Vtpcm(Base):
+    __tablename__ = "vtpcms"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    instance_uuid: Mapped[str] = mapped_column(String(UUID_LEN), unique=True)
+    vtpcm_id: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(HOST_LEN), index=True)
+    generation: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(32))
+    migration_id: Mapped[str | None] = mapped_column(String(UUID_LEN), nullable=True)
+    updated_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+
+
+class Migration(Base):
+    __tablename__ = "migrations"
+    __table_args__ = (UniqueConstraint("migration_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    migration_id: Mapped[str] = mapped_column(String(UUID_LEN))
+    instance_uuid: Mapped[str] = mapped_column(String(UUID_LEN), index=True)
+    source: Mapped[str] = mapped_column(String(HOST_LEN))
+    dest: Mapped[str] = mapped_column(String(HOST_LEN))
+    generation: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(32), index=True)
+    created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    deadline: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
