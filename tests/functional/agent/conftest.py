@@ -1,0 +1,89 @@
+"""Fixtures for functional tests of the swtpm layer (real swtpm processes).
+
+Every swtpm started through ``swtpm_factory`` is stopped by pid in the
+fixture finalizer, also when the test failed; socket dirs are short paths
+under /tmp (unix socket paths are limited to 107 bytes).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from vtpcm_agent.swtpm import process
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vt", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _make_paths(base: Path, name: str, data_socket: bool = True) -> process.SwtpmPaths:
+    run = base / name
+    run.mkdir(exist_ok=True)
+    state = base / ("state-" + name)
+    if data_socket:
+        return process.SwtpmPaths.for_data_socket(state, run / "tpm", run / "pid", run / "log")
+    return process.SwtpmPaths(state, run / "ctrl", run / "pid", run / "log")
+
+
+@pytest.fixture
+def swtpm_paths(short_dir: Path) -> Callable[..., process.SwtpmPaths]:
+    """``make(name, data_socket=True)``: paths under ``short_dir``; state in state-<name>.
+
+    With a data socket, the control socket is ``<data_socket>.ctrl`` (tpm2-tss TCTI rule).
+    """
+
+    def make(name: str, data_socket: bool = True) -> process.SwtpmPaths:
+        return _make_paths(short_dir, name, data_socket)
+
+    return make
+
+
+def _kill_hard(pid: int, paths: process.SwtpmPaths) -> None:
+    """Last resort when process.stop itself failed: SIGKILL by pid, bounded wait."""
+    if not process._is_our_swtpm(pid, paths):
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and process._is_our_swtpm(pid, paths):
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def swtpm_factory() -> Iterator[Callable[..., int]]:
+    """``start(paths, at_rest_key, migration_key, **kw) -> pid``; all stopped at teardown."""
+    started: list[tuple[int, process.SwtpmPaths]] = []
+
+    def start(paths: process.SwtpmPaths, at_rest_key: bytes, migration_key: bytes,
+              **kwargs: object) -> int:
+        pid = process.start(paths, at_rest_key, migration_key, **kwargs)  # type: ignore[arg-type]
+        started.append((pid, paths))
+        return pid
+
+    def track(pid: int, paths: process.SwtpmPaths) -> None:
+        started.append((pid, paths))
+
+    start.track = track  # type: ignore[attr-defined]
+    try:
+        yield start
+    finally:
+        for pid, paths in reversed(started):
+            try:
+                process.stop(pid, paths, timeout=6.0)
+            finally:
+                _kill_hard(pid, paths)

@@ -1,0 +1,383 @@
+"""swtpm process management, detached from the agent.
+
+Why detached: the agent may be restarted or SIGTERMed while guests run; a
+guest's TPM must not notice. swtpm is started with ``--daemon`` (it forks,
+calls setsid and forks again; the launched process exits only once the
+grandchild wrote its pid file, opened its sockets and read its keys, with
+the grandchild's exit status on failure). So the agent never owns the
+running swtpm as a child: no zombies to reap, no signal propagation, and
+``find_running`` re-adopts it after an agent restart.
+
+Keys reach swtpm through pipes (``fd=N``, pass_fds), never argv or files.
+The swtpm log level stays at 1: level 2 and above hex-dump control channel
+commands (state blobs) and higher levels TPM commands.
+
+Data socket: optional, for tests/tools that speak TPM commands through
+tpm2-tss's ``swtpm:path=<data_socket>`` TCTI, which requires the control
+socket at ``<data_socket>.ctrl``; so when a data socket is wanted the caller
+sets ``ctrl_socket = data_socket + ".ctrl"`` (``SwtpmPaths.for_data_socket``).
+QEMU needs no data socket: it passes its own through SET_DATAFD.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import time
+from pathlib import Path
+
+from oslo_log import log as logging
+
+from vtpcm_agent.swtpm import ctrl
+from vtpcm_common import exception
+
+LOG = logging.getLogger(__name__)
+
+KEY_SIZE = 32  # aes-256-cbc, binary
+MAX_UNIX_PATH = 107
+LOG_LEVEL = 1
+_POLL = 0.02
+
+
+@dataclasses.dataclass(frozen=True)
+class SwtpmPaths:
+    """Where one vTPCM's swtpm keeps its state and sockets (absolute paths)."""
+
+    state_dir: Path
+    ctrl_socket: Path
+    pid_file: Path
+    log_file: Path
+    data_socket: Path | None = None
+
+    @classmethod
+    def for_data_socket(cls, state_dir: Path, data_socket: Path, pid_file: Path,
+                        log_file: Path) -> SwtpmPaths:
+        """Paths usable with the ``swtpm:path=<data_socket>`` TCTI."""
+        return cls(Path(state_dir), Path(str(data_socket) + ".ctrl"), Path(pid_file),
+                   Path(log_file), Path(data_socket))
+
+    def validate(self) -> None:
+        for name in ("state_dir", "ctrl_socket", "pid_file", "log_file", "data_socket"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not Path(value).is_absolute():
+                raise exception.InvalidInput(reason="%s %s must be absolute" % (name, value))
+            if "," in str(value):
+                raise exception.InvalidInput(reason="%s %s must not contain ','" % (name, value))
+        for name in ("ctrl_socket", "data_socket"):
+            value = getattr(self, name)
+            if value is not None and len(os.fsencode(str(value))) > MAX_UNIX_PATH:
+                raise exception.InvalidInput(reason="%s %s is longer than %d bytes"
+                                             % (name, value, MAX_UNIX_PATH))
+
+
+def _key_pipe(key: bytes) -> int:
+    read_fd, write_fd = os.pipe()
+    try:
+        os.write(write_fd, key)
+    finally:
+        os.close(write_fd)
+    return read_fd
+
+
+def _check_key(key: bytes, what: str) -> None:
+    if not isinstance(key, bytes) or len(key) != KEY_SIZE:
+        raise exception.InvalidInput(reason="%s must be %d bytes" % (what, KEY_SIZE))
+
+
+def build_command(paths: SwtpmPaths, key_fd: int, migration_key_fd: int, *,
+                  socket_mode: int = 0o660, socket_uid: int | None = None,
+                  socket_gid: int | None = None, swtpm_binary: str = "swtpm",
+                  startup_clear: bool = False) -> list[str]:
+    """The swtpm argv: paths and fd numbers only, never a key."""
+    ctrl_opt = "type=unixio,path=%s,mode=0%o" % (paths.ctrl_socket, socket_mode)
+    if socket_uid is not None:
+        ctrl_opt += ",uid=%d" % socket_uid
+    if socket_gid is not None:
+        ctrl_opt += ",gid=%d" % socket_gid
+    cmd = [swtpm_binary, "socket", "--tpm2", "--daemon",
+           "--tpmstate", "dir=%s,mode=0600" % paths.state_dir,
+           "--ctrl", ctrl_opt,
+           "--key", "fd=%d,mode=aes-256-cbc,format=binary" % key_fd,
+           "--migration-key", "fd=%d,mode=aes-256-cbc,format=binary" % migration_key_fd,
+           "--pid", "file=%s" % paths.pid_file,
+           "--log", "file=%s,level=%d" % (paths.log_file, LOG_LEVEL)]
+    if paths.data_socket is not None:
+        server_opt = "type=unixio,path=%s,mode=0%o" % (paths.data_socket, socket_mode)
+        if socket_uid is not None:
+            server_opt += ",uid=%d" % socket_uid
+        if socket_gid is not None:
+            server_opt += ",gid=%d" % socket_gid
+        cmd += ["--server", server_opt]
+    if startup_clear:
+        cmd += ["--flags", "startup-clear"]
+    return cmd
+
+
+# --------------------------------------------------------------------------
+# Inspection
+# --------------------------------------------------------------------------
+
+def _read_pid(pid_file: Path) -> int | None:
+    try:
+        text = pid_file.read_text(encoding="ascii").strip()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return None
+    return int(text) if text.isdigit() and int(text) > 1 else None
+
+
+def _proc_state(pid: int) -> str | None:
+    """Process state letter from /proc, None if the pid does not exist."""
+    try:
+        with open("/proc/%d/stat" % pid, encoding="ascii", errors="replace") as fh:
+            data = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data.rpartition(")")[2].split()
+    return fields[0] if fields else None
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as fh:
+            raw = fh.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [os.fsdecode(arg) for arg in raw.split(b"\0") if arg]
+
+
+def _is_our_swtpm(pid: int, paths: SwtpmPaths) -> bool:
+    """pid runs swtpm on this state dir and control socket (guards pid reuse)."""
+    state = _proc_state(pid)
+    if state is None or state in ("Z", "X"):
+        return False
+    argv = _cmdline(pid)
+    if not argv or os.path.basename(argv[0]) != "swtpm" or "socket" not in argv:
+        return False
+    want_state = "dir=%s," % paths.state_dir
+    want_ctrl = "path=%s," % paths.ctrl_socket
+    return (any(arg.startswith(want_state) for arg in argv)
+            and any(want_ctrl in arg + "," for arg in argv))
+
+
+def _is_socket(path: Path) -> bool:
+    try:
+        return stat.S_ISSOCK(path.lstat().st_mode)
+    except FileNotFoundError:
+        return False
+
+
+def is_alive(pid: int, paths: SwtpmPaths) -> bool:
+    """The swtpm of ``paths`` runs as ``pid`` and its control socket exists.
+
+    A crashed swtpm (process gone or zombie, socket left stale) is not alive.
+    Does not connect: QEMU may hold the single control connection.
+    """
+    return _is_our_swtpm(pid, paths) and _is_socket(paths.ctrl_socket)
+
+
+def find_running(paths: SwtpmPaths) -> int | None:
+    """Pid of a live swtpm serving ``paths``, for re-adoption after a restart."""
+    pid = _read_pid(paths.pid_file)
+    if pid is None or not is_alive(pid, paths):
+        return None
+    return pid
+
+
+# --------------------------------------------------------------------------
+# Start / stop
+# --------------------------------------------------------------------------
+
+def _remove_runtime_files(paths: SwtpmPaths) -> None:
+    for path in (paths.ctrl_socket, paths.data_socket, paths.pid_file):
+        if path is None:
+            continue
+        try:
+            if path.is_symlink() or path.exists():
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _log_tail(paths: SwtpmPaths, limit: int = 600) -> str:
+    try:
+        return paths.log_file.read_text(encoding="utf-8", errors="replace")[-limit:].strip()
+    except FileNotFoundError:
+        return ""
+
+
+def start(paths: SwtpmPaths, at_rest_key: bytes, migration_key: bytes, *,
+          socket_mode: int = 0o660, socket_uid: int | None = None,
+          socket_gid: int | None = None, swtpm_binary: str = "swtpm",
+          startup_clear: bool = False, timeout: float = 10.0) -> int:
+    """Start a detached swtpm for ``paths``; return its pid once it is usable.
+
+    Usable = pid file and control socket exist and GET_CONFIG reports both
+    keys active. Refuses to start a second swtpm on the same paths.
+    Without ``startup_clear`` the TPM waits for INIT (QEMU sends it).
+    """
+    _check_key(at_rest_key, "at-rest key")
+    _check_key(migration_key, "migration key")
+    if at_rest_key == migration_key:
+        raise exception.InvalidInput(reason="at-rest and migration keys must differ")
+    paths.validate()
+    if timeout <= 0:
+        raise exception.InvalidInput(reason="timeout must be positive")
+    if not paths.state_dir.is_dir():
+        raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                   reason="state dir %s does not exist" % paths.state_dir)
+    running = find_running(paths)
+    if running is not None:
+        raise exception.AlreadyExists(what="swtpm for state dir", key="%s (pid %d)"
+                                      % (paths.state_dir, running))
+    _remove_runtime_files(paths)  # stale leftovers of a crashed swtpm
+
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    key_fd = _key_pipe(at_rest_key)
+    try:
+        mig_fd = _key_pipe(migration_key)
+        try:
+            cmd = build_command(paths, key_fd, mig_fd, socket_mode=socket_mode,
+                                socket_uid=socket_uid, socket_gid=socket_gid,
+                                swtpm_binary=swtpm_binary, startup_clear=startup_clear)
+            _launch(cmd, (key_fd, mig_fd), paths, deadline)
+        finally:
+            os.close(mig_fd)
+    finally:
+        os.close(key_fd)
+
+    pid = _read_pid(paths.pid_file)
+    if pid is None or not is_alive(pid, paths):
+        raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                   reason="swtpm reported ready but is not running: %s"
+                                   % _log_tail(paths))
+    try:
+        _wait_config(paths, deadline)
+    except exception.SwtpmError:
+        stop(pid, paths, timeout=max(deadline - time.monotonic(), 2.0))
+        raise
+    LOG.info("Started swtpm pid %(pid)d for %(dir)s in %(t).3fs",
+             {"pid": pid, "dir": str(paths.state_dir), "t": time.monotonic() - started})
+    return pid
+
+
+def _launch(cmd: list[str], fds: tuple[int, int], paths: SwtpmPaths, deadline: float) -> None:
+    try:
+        proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                start_new_session=True)
+    except OSError as exc:
+        raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                   reason="cannot run %s: %s" % (cmd[0], exc.strerror)) from None
+    try:
+        _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.01))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pid = _read_pid(paths.pid_file)
+        if pid is not None and _is_our_swtpm(pid, paths):
+            os.kill(pid, signal.SIGKILL)
+        _remove_runtime_files(paths)
+        raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                   reason="swtpm did not become ready in time") from None
+    if proc.returncode != 0:
+        detail = (err.decode("utf-8", "replace").strip() + " " + _log_tail(paths)).strip()
+        _remove_runtime_files(paths)
+        raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                   reason="swtpm exited with %d: %s"
+                                   % (proc.returncode, detail[-600:]))
+
+
+def _wait_config(paths: SwtpmPaths, deadline: float) -> None:
+    want = ctrl.CONFIG_FLAG_FILE_KEY | ctrl.CONFIG_FLAG_MIGRATION_KEY
+    last = "control socket never answered"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                       reason="swtpm not ready: %s" % last)
+        try:
+            with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(remaining, 2.0)) as client:
+                flags = client.get_config()
+        except exception.CtrlChannelError as exc:
+            last = exc.message
+            time.sleep(_POLL)
+            continue
+        if flags != want:
+            raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                       reason="swtpm config flags 0x%x, expected 0x%x (keys "
+                                       "not active)" % (flags, want))
+        return
+
+
+def _wait_gone(pid: int, paths: SwtpmPaths, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while _is_our_swtpm(pid, paths):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(_POLL)
+    return True
+
+
+def _signal(pid: int, paths: SwtpmPaths, signum: signal.Signals) -> None:
+    """Signal pid only if it is still our swtpm (pidfd: no reuse race)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        if _is_our_swtpm(pid, paths):
+            signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        pass
+    finally:
+        os.close(pidfd)
+
+
+def stop(pid: int, paths: SwtpmPaths, timeout: float = 10.0) -> None:
+    """Stop the swtpm: CMD_SHUTDOWN, then SIGTERM, then SIGKILL.
+
+    Each step gets a third of ``timeout``. Stale socket and pid files are
+    removed. Raises SwtpmError if the process survives SIGKILL.
+    """
+    step = max(timeout / 3.0, 0.1)
+    if _is_our_swtpm(pid, paths):
+        if _is_socket(paths.ctrl_socket):
+            try:
+                with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(step, 2.0)) as client:
+                    client.shutdown()
+            except exception.CtrlChannelError as exc:
+                LOG.warning("swtpm pid %(pid)d: CMD_SHUTDOWN failed (%(err)s); signalling",
+                            {"pid": pid, "err": exc.message})
+        for signum in (None, signal.SIGTERM, signal.SIGKILL):
+            if signum is not None:
+                LOG.warning("swtpm pid %(pid)d still running; sending %(sig)s",
+                            {"pid": pid, "sig": signum.name})
+                _signal(pid, paths, signum)
+            if _wait_gone(pid, paths, step):
+                break
+        else:
+            raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                       reason="swtpm pid %d survived SIGKILL" % pid)
+    _remove_runtime_files(paths)
+    LOG.info("Stopped swtpm pid %(pid)d for %(dir)s", {"pid": pid, "dir": str(paths.state_dir)})
+
+
+def remove_state(paths: SwtpmPaths) -> None:
+    """Delete the state directory (key destruction is the key store's job)."""
+    running = find_running(paths)
+    if running is not None:
+        raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                   reason="swtpm pid %d still runs on this state" % running)
+    _remove_runtime_files(paths)
+    if paths.state_dir.is_symlink():
+        raise exception.InvalidInput(reason="state dir %s is a symlink" % paths.state_dir)
+    if paths.state_dir.exists():
+        shutil.rmtree(paths.state_dir)
+    LOG.info("Removed swtpm state %(dir)s", {"dir": str(paths.state_dir)})
