@@ -230,7 +230,7 @@ class AssociationList:
                     current=current.state.value, target=target.value)
             if current.state is not target:
                 check_transition(instance_uuid, current.state, target)
-            sets = {"state": target.value, "updated_at": _now()}
+            sets: dict[str, Any] = {"state": target.value, "updated_at": _now()}
             if generation is not None:
                 if generation < current.generation:
                     raise exception.GenerationMismatch(

@@ -87,7 +87,7 @@ class InstanceManager:
     def get(self, instance_uuid: str) -> Association:
         return self.associations.get(instance_uuid)
 
-    def list(self) -> list[Association]:
+    def list_vtpcms(self) -> list[Association]:
         return self.associations.list()
 
     def is_running(self, assoc: Association) -> bool:
@@ -206,7 +206,9 @@ class InstanceManager:
         if not self.is_running(assoc):
             pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
             assoc = self.associations.set_pid(instance_uuid, pid)
-        ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout)
+        ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout,
+                          vtpcm_id=assoc.vtpcm_id,
+                          max_blob_size=self.settings.max_state_blob_bytes)
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
         return assoc

@@ -68,7 +68,7 @@ class AgentManager:
 
     @endpoint(m.Empty)
     def list(self, req: m.Empty) -> m.VTPCMList:
-        return m.VTPCMList(tuple(self._info(a) for a in self.instances.list()))
+        return m.VTPCMList(tuple(self._info(a) for a in self.instances.list_vtpcms()))
 
     @endpoint(m.InstanceRef)
     def start(self, req: m.InstanceRef) -> m.VTPCMInfo:
@@ -100,7 +100,7 @@ class AgentManager:
 
     @endpoint(m.Empty)
     def health(self, req: m.Empty) -> m.Health:
-        vtpcms = self.instances.list()
+        vtpcms = self.instances.list_vtpcms()
         return m.Health(
             host=self.host, api_version=rpcapi.RPC_API_VERSION, vtpcms=len(vtpcms),
             running=sum(1 for a in vtpcms if self.instances.is_running(a)),

@@ -1,9 +1,11 @@
 """Entry point for oslo-config-generator (namespace vtpcm.agent)."""
 
+from typing import Any
+
 from oslo_config import cfg
 
 from vtpcm_agent.conf import agent
 
 
-def list_opts() -> list[tuple[cfg.OptGroup | None, list[cfg.Opt]]]:
+def list_opts() -> list[tuple[cfg.OptGroup | None, list[Any]]]:
     return agent.list_opts()

@@ -1,9 +1,11 @@
 """Entry point for oslo-config-generator (namespace vtpcm.engine)."""
 
+from typing import Any
+
 from oslo_config import cfg
 
 from vtpcm_nova.conf import engine
 
 
-def list_opts() -> list[tuple[cfg.OptGroup, list[cfg.Opt]]]:
+def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
     return engine.list_opts()

@@ -1,6 +1,7 @@
 """Options of the compute-node agent."""
 
 import socket
+from typing import Any
 
 from oslo_config import cfg
 
@@ -75,6 +76,6 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     conf.register_opts(KEYSTORE_OPTS, group=keystore_group)
 
 
-def list_opts() -> list[tuple[cfg.OptGroup | None, list[cfg.Opt]]]:
+def list_opts() -> list[tuple[cfg.OptGroup | None, list[Any]]]:
     return [(None, DEFAULT_OPTS), (agent_group, AGENT_OPTS),
             (host_tpm_group, HOST_TPM_OPTS), (keystore_group, KEYSTORE_OPTS)]

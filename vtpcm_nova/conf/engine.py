@@ -1,6 +1,7 @@
 """Options of the controller engine (vtpcm-engine) and its clients."""
 
 import socket
+from typing import Any
 
 from oslo_config import cfg
 
@@ -59,6 +60,6 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
         conf.register_opts(opts, group=group)
 
 
-def list_opts() -> list[tuple[cfg.OptGroup, list[cfg.Opt]]]:
+def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
     return [(engine_group, ENGINE_OPTS), (attestation_group, ATTESTATION_OPTS),
             (migration_group, MIGRATION_OPTS)]

@@ -102,12 +102,15 @@ class EngineManager:
     def register_agent(self, ctxt: dict[str, Any], payload: Any) -> None:
         """Cast from an agent at start: enroll it by pulling a fresh identity."""
         try:
-            self.enroll(ctxt, payload)
+            self._enroll(m.HostRef.from_wire(payload))
         except exception.VTPCMException as err:
             LOG.warning("Enrollment on agent registration failed: %(err)s", {"err": err})
 
     @endpoint(m.HostRef)
     def enroll(self, req: m.HostRef) -> m.HostInfo:
+        return self._enroll(req)
+
+    def _enroll(self, req: m.HostRef) -> m.HostInfo:
         rec = self.attestor.enroll_from_agent(req.host, auto_approve=self.auto_approve)
         if rec.policy_name is None and self.default_policy:
             rec = self.db.assign_policy(req.host, self.default_policy)

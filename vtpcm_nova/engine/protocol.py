@@ -233,12 +233,13 @@ def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
 
 def pending_actions(state: MigrationState) -> list[Action]:
     """Actions to re-run after a coordinator restart (all are idempotent)."""
-    return {
+    pending: dict[MigrationState, list[Action]] = {
         M.COMMITTING: [MoveAuthority(), CommitDestination()],
         M.SHREDDING: [ShredSource()],
         M.ABORTING: [DestroyDestination()],
         M.RESTORING: [RestoreSource()],
-    }.get(state, [])
+    }
+    return pending.get(state, [])
 
 
 @dataclasses.dataclass
