@@ -1,0 +1,243 @@
+"""Two real vtpcm-agent daemons over the local RabbitMQ, each with its own
+swtpm host-TPM stand-in: lifecycle, state collector, sealed key hand-over,
+re-adoption after kill -9, and bad input."""
+
+import dataclasses
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import oslo_messaging as messaging
+import pytest
+
+from tests.functional import tpmtools
+from tests.functional.harness import AgentDaemon, client_conf, short_dir, wait_for
+from tests.functional.hosttpm_fixture import HostTPMStandIn
+from vtpcm_agent import messages as m
+from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_agent.keystore import KeyStore, TPMSealedHostKey
+from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_agent.swtpm import process
+from vtpcm_common import exception
+
+pytestmark = pytest.mark.functional
+
+
+@dataclasses.dataclass
+class Host:
+    name: str
+    tpm: HostTPMStandIn
+    agent: AgentDaemon
+    run_dir: Path
+
+    @property
+    def state_root(self) -> Path:
+        return Path(self.agent.config["agent"]["state_dir"])
+
+    def keys(self, vtpcm_id: str):
+        with HostTPM(self.tpm.tcti) as tpm:
+            store = KeyStore(self.state_root / "keys",
+                             TPMSealedHostKey(tpm, self.state_root / "hostkey.sealed"))
+            return store.get(vtpcm_id)
+
+    def paths(self, instance: str, vtpcm_id: str) -> process.SwtpmPaths:
+        return process.SwtpmPaths.for_data_socket(
+            self.state_root / "vtpcms" / vtpcm_id, self.run_dir / instance,
+            self.run_dir / (instance + ".pid"), self.state_root / "logs" / (vtpcm_id + ".log"))
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    work = short_dir("vtrpc")
+    exchange = "vtpcm-test-" + uuid.uuid4().hex[:8]
+    conf = client_conf(exchange)
+    api = AgentAPI(conf, timeout=30)
+    hosts, started = [], []
+    try:
+        for label in ("a", "b"):
+            name = "h%s-%s" % (label, uuid.uuid4().hex[:6])
+            tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
+            tpm.start()
+            started.append(tpm)
+            run_dir = work / ("run-" + label)
+            agent = AgentDaemon(work, name, exchange, tpm.tcti, run_dir=run_dir,
+                                extra={"agent": {"register_with_engine": "false"}})
+            agent.start()
+            started.append(agent)
+            agent.wait_ready(api)
+            hosts.append(Host(name, tpm, agent, run_dir))
+        yield api, hosts[0], hosts[1]
+    finally:
+        for host in hosts:  # stop every swtpm the agents left running, by pid
+            for pidfile in host.run_dir.glob("*.pid"):
+                pid = int(pidfile.read_text() or 0)
+                if pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        for proc in reversed(started):
+            proc.stop()
+        api.transport.cleanup()
+
+
+def _new(api: AgentAPI, host: Host) -> m.VTPCMInfo:
+    instance = str(uuid.uuid4())
+    info = api.create(host.name, instance)
+    assert info.state == "STOPPED" and not info.running and info.generation == 0
+    return api.start(host.name, instance)
+
+
+def _hand_over(api, src: Host, dst: Host, instance: str, generation: int) -> m.MigrationContext:
+    """Seal src's migration key for dst's TPM and prepare dst (the protocol's step 3)."""
+    ctx = m.MigrationContext(str(uuid.uuid4()), instance, generation, src.name, dst.name)
+    kem = api.get_identity(dst.name, os.urandom(32)).kem_public
+    sealed = api.seal_migration_key(src.name, ctx, kem)
+    assert api.get(src.name, instance).state == "MIGRATING_OUT"
+    incoming = api.prepare_incoming(dst.name, ctx, sealed.envelope)
+    assert incoming.state == "MIGRATING_IN" and incoming.running
+    return ctx
+
+
+def test_export_import_between_agents_keeps_guest_state(cluster):
+    api, a, b = cluster
+    info = _new(api, a)
+    assert info.state == "ACTIVE" and info.running
+    pa = a.paths(info.instance_uuid, info.vtpcm_id)
+    tpmtools.write_guest_state(pa, b"guest secret NV data 0123456789", os.urandom(32),
+                               make_key=True)
+    before = tpmtools.read_guest_state(pa, with_key=True)
+
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
+    blobs = api.export_state(a.name, info.instance_uuid)
+    assert blobs.generation == 0 and len(blobs.permanent) > 1000
+    assert "permanent=" not in repr(blobs)
+    imported = api.import_state(b.name, blobs)
+    pb = b.paths(info.instance_uuid, imported.vtpcm_id)
+    assert tpmtools.read_guest_state(pb, with_key=True) == before
+
+    api.commit_incoming(b.name, ctx)
+    api.commit_outgoing(a.name, ctx)
+    after_b = api.get(b.name, info.instance_uuid)
+    assert (after_b.state, after_b.generation) == ("ACTIVE", 1)
+    gone = api.get(a.name, info.instance_uuid)
+    assert gone.state == "DESTROYED" and not gone.running
+    assert not pa.state_dir.exists()
+    assert not (a.state_root / "keys" / (info.vtpcm_id + ".keys")).exists()
+    # the old generation cannot come back on the source
+    with pytest.raises(exception.InvalidTransition):
+        api.start(a.name, info.instance_uuid)
+    with pytest.raises(exception.VTPCMException):
+        api.prepare_incoming(a.name, m.MigrationContext(
+            str(uuid.uuid4()), info.instance_uuid, 0, b.name, a.name), b"\x00" * 120)
+
+
+def test_import_with_other_migration_key_fails_and_changes_nothing(cluster):
+    api, a, b = cluster
+    src = _new(api, a)
+    tpmtools.write_guest_state(a.paths(src.instance_uuid, src.vtpcm_id), b"source state",
+                               os.urandom(32), make_key=False)
+    src_before = tpmtools.read_guest_state(a.paths(src.instance_uuid, src.vtpcm_id), False)
+    other = _new(api, b)  # its own, different migration key
+    po = b.paths(other.instance_uuid, other.vtpcm_id)
+    tpmtools.write_guest_state(po, b"target state", os.urandom(32), make_key=False)
+    other_before = tpmtools.read_guest_state(po, False)
+    blobs = api.export_state(a.name, src.instance_uuid)
+    forged = dataclasses.replace(blobs, instance_uuid=other.instance_uuid)
+    with pytest.raises(exception.VTPCMException) as err:
+        api.import_state(b.name, forged)
+    assert "decrypt" in str(err.value).lower() or "import" in str(err.value).lower()
+    assert tpmtools.read_guest_state(po, False) == other_before
+    assert tpmtools.read_guest_state(a.paths(src.instance_uuid, src.vtpcm_id),
+                                     False) == src_before
+    assert api.get(b.name, other.instance_uuid).state == "ACTIVE"
+
+
+def test_no_plaintext_state_on_disk_or_in_logs(cluster, tmp_path):
+    api, a, _ = cluster
+    info = _new(api, a)
+    pa = a.paths(info.instance_uuid, info.vtpcm_id)
+    tpmtools.write_guest_state(pa, os.urandom(48), os.urandom(32), make_key=True)
+    api.stop(a.name, info.instance_uuid)
+    keys = a.keys(info.vtpcm_id)
+    base = short_dir("vtpl")
+    with tpmtools.plaintext_permanent(pa.state_dir, keys.at_rest_key, base) as plain:
+        windows = tpmtools.windows(plain)
+    assert len(windows) > 100
+    api.start(a.name, info.instance_uuid)
+    blobs = api.export_state(a.name, info.instance_uuid)
+    # Everything the agent owns; the host-TPM stand-in's own state is not ours.
+    scanned = tpmtools.files(a.state_root, a.run_dir) + [a.agent.log_file]
+    assert any(p.name.endswith(".keys") for p in scanned)
+    for path in scanned:
+        assert tpmtools.leaks(windows, path.read_bytes()) == 0, path
+    assert tpmtools.leaks(windows, blobs.permanent) == 0
+    for key in (keys.at_rest_key, keys.migration_key):
+        for path in scanned:
+            assert key not in path.read_bytes(), path
+        assert key.hex() not in a.agent.log_text()
+
+
+def test_agent_kill9_and_sigterm_keep_swtpm_and_readopt(cluster):
+    api, a, _ = cluster
+    info = _new(api, a)
+    swtpm_pid = info.pid
+    a.agent.kill9()
+    os.kill(swtpm_pid, 0)  # still alive
+    a.agent.start()
+    a.agent.wait_ready(api)
+    again = api.get(a.name, info.instance_uuid)
+    assert again.running and again.pid == swtpm_pid
+    assert api.start(a.name, info.instance_uuid).pid == swtpm_pid  # no double start
+    a.agent.stop()  # SIGTERM
+    os.kill(swtpm_pid, 0)
+    a.agent.start()
+    a.agent.wait_ready(api)
+    health = api.health(a.name)
+    assert health.crashed == ()
+    assert api.get(a.name, info.instance_uuid).pid == swtpm_pid
+    # a crashed swtpm is detected and reported
+    os.kill(swtpm_pid, signal.SIGKILL)
+    wait_for("crash report", lambda: info.instance_uuid in api.health(a.name).crashed, 10)
+    assert not api.get(a.name, info.instance_uuid).running
+
+
+def _raw(api: AgentAPI, host: str, method: str, payload):
+    cctxt = api.client.prepare(server=host, version="1.0")
+    return cctxt.call({}, method, payload=payload)
+
+
+def test_bad_input_is_refused_clearly_and_changes_nothing(cluster):
+    api, a, _ = cluster
+    info = _new(api, a)
+    with pytest.raises(exception.NotFound) as err:
+        api.get(a.name, str(uuid.uuid4()))
+    assert "not found" in str(err.value)
+    with pytest.raises(exception.AlreadyExists):
+        api.create(a.name, info.instance_uuid)
+    blobs = api.export_state(a.name, info.instance_uuid)
+    for bad in (dataclasses.replace(blobs, permanent=blobs.permanent[:100]),
+                dataclasses.replace(blobs, permanent=blobs.permanent[:-40]
+                                    + bytes(b ^ 0x5A for b in blobs.permanent[-40:]))):
+        with pytest.raises(exception.VTPCMException):
+            api.import_state(a.name, bad)
+    after = api.get(a.name, info.instance_uuid)
+    assert after.state == "ACTIVE" and after.pid == info.pid and after.running
+    for method, payload, field in (
+            ("get", {"instance_uuid": "../../etc/passwd"}, "instance_uuid"),
+            ("get", {"instance_uuid": 42}, "instance_uuid"),
+            ("get", {}, "instance_uuid"),
+            ("create", {"instance_uuid": info.instance_uuid, "extra": 1}, "extra"),
+            ("import_state", {**blobs.to_wire(), "permanent": "A" * 400000}, "permanent"),
+            ("import_state", {**blobs.to_wire(), "generation": "zero"}, "generation"),
+            ("quote", {"nonce": "AAAA", "pcrs": [0]}, "nonce"),
+            ("quote", {"nonce": "A" * 44, "pcrs": [99]}, "pcrs")):
+        with pytest.raises(messaging.RemoteError) as err:
+            _raw(api, a.name, method, payload)
+        assert err.value.exc_type == "InvalidPayload", (method, err.value)
+        assert field in str(err.value.value)
+    assert api.get(a.name, info.instance_uuid).pid == info.pid
+    log = a.agent.log_text()
+    assert "Refused import_state" in log
+    assert blobs.to_wire()["permanent"][:64] not in log
