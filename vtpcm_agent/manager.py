@@ -29,6 +29,7 @@ def endpoint(request_type: type[Message]) -> Callable[[F], F]:
     """Parse ``payload`` into ``request_type``; log refusals without secrets."""
     def wrap(func: F) -> F:
         @functools.wraps(func)
+        @messaging.expected_exceptions(exception.VTPCMException)
         def inner(self: "AgentManager", ctxt: dict[str, Any], payload: Any) -> Any:
             try:
                 request = request_type.from_wire(payload)

@@ -150,7 +150,8 @@ class EngineDaemon(Daemon):
         config: dict[str, dict[str, Any]] = {
             "DEFAULT": {"transport_url": TRANSPORT_URL, "control_exchange": exchange,
                         "debug": "true"},
-            "engine": {"host": "engine-" + uuid.uuid4().hex[:6], "connection": connection},
+            "engine": {"host": "engine-" + uuid.uuid4().hex[:6], "connection": connection,
+                       "rpc_timeout": 20},
             "attestation": {"auto_approve": "true", "interval": 0},
             "migration": {"reconcile_interval": 0},
         }
@@ -162,6 +163,6 @@ class EngineDaemon(Daemon):
         def ready() -> bool:
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError("engine exited:\n%s" % self.log_text()[-3000:])
-            api.list_hosts()
+            api.list_hosts(timeout=2)
             return True
         wait_for("engine", ready, timeout)

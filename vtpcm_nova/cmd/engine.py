@@ -1,5 +1,6 @@
 """vtpcm-engine: the controller service (attestation + migration coordinator)."""
 
+import faulthandler
 import signal
 import sys
 import threading
@@ -28,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
         LOG.info("Signal %(sig)d received, stopping", {"sig": signum})
         stopping.set()
 
+    # SIGUSR1 dumps every thread's stack to stderr: for a daemon that seems stuck.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     svc.start()

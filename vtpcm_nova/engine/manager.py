@@ -44,6 +44,7 @@ class AgentAttestationClient:
 def endpoint(request_type: type[Message]) -> Callable[[F], F]:
     def wrap(func: F) -> F:
         @functools.wraps(func)
+        @messaging.expected_exceptions(exception.VTPCMException)
         def inner(self: "EngineManager", ctxt: dict[str, Any], payload: Any) -> Any:
             try:
                 reply: Message = func(self, request_type.from_wire(payload))

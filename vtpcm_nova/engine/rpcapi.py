@@ -59,8 +59,8 @@ class EngineAPI:
     def revoke_host(self, host: str) -> m.HostInfo:
         return self._call("revoke_host", m.HostRef(host), m.HostInfo)
 
-    def list_hosts(self) -> m.HostList:
-        return self._call("list_hosts", m.Empty(), m.HostList)
+    def list_hosts(self, timeout: float | None = None) -> m.HostList:
+        return self._call("list_hosts", m.Empty(), m.HostList, timeout=timeout)
 
     def show_host(self, host: str) -> m.HostInfo:
         return self._call("show_host", m.HostRef(host), m.HostInfo)

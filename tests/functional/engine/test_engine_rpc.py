@@ -1,0 +1,232 @@
+"""The vtpcm-engine daemon over RabbitMQ attesting real host TPMs (swtpm
+stand-ins): one honest agent daemon, and one in-process agent whose answers
+the test can make dishonest (replayed, foreign-signed, tampered). The same
+module runs against SQLite and the local PostgreSQL."""
+
+import dataclasses
+import hashlib
+import os
+import uuid
+
+import oslo_messaging as messaging
+import pytest
+import sqlalchemy
+
+from tests.functional.harness import (
+    AgentDaemon,
+    EngineDaemon,
+    client_conf,
+    short_dir,
+)
+from tests.functional.hosttpm_fixture import HostTPMStandIn
+from vtpcm_agent import messages as am
+from vtpcm_agent import rpcapi as agent_rpcapi
+from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_agent.manager import AgentManager, endpoint
+from vtpcm_common import exception, rpc
+from vtpcm_nova.engine.rpcapi import EngineAPI
+
+pytestmark = pytest.mark.functional
+POLICY_PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
+
+
+def boot(tcti: str) -> None:
+    """Simulated measured boot: the same firmware/kernel digests on every host."""
+    with HostTPM(tcti) as tpm:
+        for index in POLICY_PCRS:
+            tpm.extend_pcr(index, hashlib.sha256(b"golden boot stage %d" % index).digest())
+
+
+class DishonestAgent(AgentManager):
+    """A real agent's identity and quotes, bent on request by the test."""
+
+    mode = "honest"
+    recorded: am.Quote | None = None
+    foreign: HostTPM | None = None
+
+    @endpoint(am.QuoteRequest)
+    def quote(self, req: am.QuoteRequest) -> am.Quote:
+        tpm = self.foreign if self.mode == "foreign" else self.host_tpm
+        result = tpm.quote(req.nonce, req.pcrs, req.bank)
+        honest = am.Quote(host=self.host, attest=result.attest, signature=result.signature,
+                          pcr_values=dict(result.pcr_values))
+        if self.mode == "replay" and self.recorded is not None:
+            return self.recorded
+        self.recorded = honest
+        if self.mode == "tamper":
+            attest = bytearray(honest.attest)
+            attest[-5] ^= 0x01
+            return dataclasses.replace(honest, attest=bytes(attest))
+        if self.mode == "lie":  # claims golden values it does not have
+            values = {i: hashlib.sha256(b"x").digest() for i in honest.pcr_values}
+            return dataclasses.replace(honest, pcr_values=values)
+        return honest
+
+    @endpoint(am.IdentityRequest)
+    def get_identity(self, req: am.IdentityRequest) -> am.HostIdentity:
+        own = self.host_tpm.identity(req.nonce)
+        if self.mode != "unknown-ak":
+            return AgentManager.get_identity.__wrapped__(self, req)
+        other = self.foreign.identity(req.nonce)  # our KEM, certified by a foreign AK
+        return am.HostIdentity(host=self.host, ak_public=own.ak_public,
+                               kem_public=own.kem_public,
+                               kem_certify_attest=other.kem_certify_attest,
+                               kem_certify_signature=other.kem_certify_signature,
+                               ek_certificate=None)
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def setup(request):
+    work = short_dir("vteng")
+    exchange = "vtpcm-test-" + uuid.uuid4().hex[:8]
+    conf = client_conf(exchange)
+    started, cleanups = [], []
+    try:
+        if request.param == "sqlite":
+            url = "sqlite:///%s/engine.sqlite" % work
+        else:
+            base = request.getfixturevalue("pg_url")
+            schema = "e_" + uuid.uuid4().hex[:10]
+            eng = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
+            with eng.connect() as conn:
+                conn.execute(sqlalchemy.text('CREATE SCHEMA "%s"' % schema))
+            eng.dispose()
+            url = "%s?options=-csearch_path%%3D%s" % (base, schema)
+        tpms = {}
+        for label in ("a", "b", "x"):
+            tpms[label] = HostTPMStandIn(work / ("tpm-" + label), name=label)
+            tpms[label].start()
+            started.append(tpms[label])
+            boot(tpms[label].tcti)
+        host_a, host_b = "ea-" + uuid.uuid4().hex[:6], "eb-" + uuid.uuid4().hex[:6]
+        agents = agent_rpcapi.AgentAPI(conf, timeout=30)
+        agent_a = AgentDaemon(work, host_a, exchange, tpms["a"].tcti, run_dir=work / "run-a",
+                              extra={"agent": {"register_with_engine": "false"}})
+        agent_a.start()
+        started.append(agent_a)
+        agent_a.wait_ready(agents)
+        # host B: an in-process agent the test can make dishonest
+        tpm_b, tpm_x = HostTPM(tpms["b"].tcti), HostTPM(tpms["x"].tcti)
+        cleanups += [tpm_b.close, tpm_x.close]
+        dishonest = DishonestAgent(host_b, instances=None, host_tpm=tpm_b)
+        dishonest.foreign = tpm_x
+        transport = rpc.get_transport(conf)
+        server = messaging.get_rpc_server(
+            transport, messaging.Target(topic=agent_rpcapi.TOPIC, server=host_b),
+            [dishonest], access_policy=messaging.DefaultRPCAccessPolicy)
+        server.start()
+        cleanups.append(lambda: (server.stop(), server.wait()))
+        engine = EngineDaemon(work, exchange, url, extra={
+            "attestation": {"verdict_ttl": 600}})
+        engine.start()
+        started.append(engine)
+        api = EngineAPI(conf, timeout=60)
+        engine.wait_ready(api)
+        yield api, engine, host_a, host_b, dishonest, tpms
+    finally:
+        for cleanup in reversed(cleanups):
+            cleanup()
+        for proc in reversed(started):
+            proc.stop()
+
+
+def _audit(api, host, outcome=None):
+    return [e for e in api.list_audit(limit=200, host=host).entries
+            if outcome is None or e.outcome == outcome]
+
+
+def test_enroll_policy_and_honest_hosts_become_trusted(setup):
+    api, _, host_a, host_b, _, _ = setup
+    for host in (host_a, host_b):
+        info = api.enroll(host)
+        assert info.status == "APPROVED"  # auto_approve in this lab config
+    policy = api.record_policy("golden", host_a, POLICY_PCRS, "lab boot chain")
+    assert sorted(policy.pcrs) == list(POLICY_PCRS)
+    for host in (host_a, host_b):
+        api.assign_policy(host, "golden")
+        verdict = api.attest(host)
+        assert verdict.status == "TRUSTED", verdict.reason
+    fresh = {v.host: v.status for v in api.verdicts().verdicts}
+    assert fresh[host_a] == fresh[host_b] == "TRUSTED"
+
+
+@pytest.mark.parametrize(("mode", "words"), [
+    ("replay", "nonce"),
+    ("foreign", "signature"),
+    ("tamper", ""),
+    ("lie", "PCR"),
+])
+def test_dishonest_quotes_are_refused_and_audited(setup, mode, words):
+    api, _, _, host_b, dishonest, _ = setup
+    dishonest.mode = "honest"
+    assert api.attest(host_b).status == "TRUSTED"  # records a quote for the replay
+    refused_before = len(_audit(api, host_b))
+    dishonest.mode = mode
+    try:
+        verdict = api.attest(host_b)
+    finally:
+        dishonest.mode = "honest"
+    assert verdict.status == "UNTRUSTED", (mode, verdict)
+    assert words.lower() in verdict.reason.lower(), verdict.reason
+    assert len(_audit(api, host_b)) > refused_before
+    fresh = {v.host: v.status for v in api.verdicts().verdicts}
+    assert fresh[host_b] == "UNTRUSTED"
+
+
+def test_kem_key_certified_by_unknown_ak_is_refused(setup):
+    api, _, _, host_b, dishonest, _ = setup
+    dishonest.mode = "unknown-ak"
+    try:
+        with pytest.raises(exception.VTPCMException) as err:
+            api.enroll(host_b)
+    finally:
+        dishonest.mode = "honest"
+    assert "certif" in str(err.value).lower() or "signature" in str(err.value).lower()
+    assert any(e.event == "enroll" and e.outcome == "refused" for e in _audit(api, host_b))
+
+
+def test_changed_pcr_names_the_pcr(setup):
+    api, _, _, host_b, _, tpms = setup
+    api.attest(host_b)
+    with HostTPM(tpms["b"].tcti) as tpm:
+        tpm.extend_pcr(4, hashlib.sha256(b"evil bootloader").digest())
+    verdict = api.attest(host_b)
+    assert verdict.status == "UNTRUSTED"
+    assert "PCR 4" in verdict.reason
+
+
+def test_reboot_needs_reapproval_and_engine_restart_keeps_state(setup):
+    api, engine, host_a, _, _, tpms = setup
+    assert api.attest(host_a).status == "TRUSTED"
+    # Engine restart: registry, policies and verdicts survive.
+    engine.stop()
+    engine.start()
+    engine.wait_ready(api)
+    assert host_a in {h.name for h in api.list_hosts().hosts}
+    assert "golden" in {p.name for p in api.list_policies().policies}
+    assert {v.host: v.status for v in api.verdicts().verdicts}[host_a] == "TRUSTED"
+    # Reboot of host A's TPM (resetCount grows); PCRs re-measured identically.
+    tpms["a"].stop()
+    tpms["a"].start()
+    boot(tpms["a"].tcti)
+    verdict = api.attest(host_a)
+    assert verdict.status == "UNTRUSTED"
+    assert "reboot" in verdict.reason.lower()
+    assert api.show_host(host_a).status == "PENDING"
+    api.approve_host(host_a)
+    assert api.attest(host_a).status == "TRUSTED"
+
+
+def test_unknown_host_and_bad_input(setup):
+    api, _, _, _, _, _ = setup
+    with pytest.raises(exception.NotFound):
+        api.attest("no-such-host")
+    cctxt = api.client.prepare(version="1.0")
+    with pytest.raises(messaging.RemoteError) as err:
+        cctxt.call({}, "attest", payload={"host": "bad host/../"})
+    assert err.value.exc_type == "InvalidPayload" and "host" in str(err.value.value)
+    with pytest.raises(messaging.RemoteError) as err:
+        cctxt.call({}, "begin", payload={"migration_id": "x", "instance_uuid": str(uuid.uuid4()),
+                                         "source": "a", "dest": "b"})
+    assert "migration_id" in str(err.value.value)
+    assert os.environ.get("VTPCM_NEVER_SET") is None
