@@ -24,17 +24,14 @@ from vtpcm_agent import rpcapi as agent_rpcapi
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.manager import AgentManager, endpoint
 from vtpcm_common import exception, rpc
+from vtpcm_lab.hosttpm import measured_boot
 from vtpcm_nova.engine.rpcapi import EngineAPI
 
 pytestmark = pytest.mark.functional
 POLICY_PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
 
 
-def boot(tcti: str) -> None:
-    """Simulated measured boot: the same firmware/kernel digests on every host."""
-    with HostTPM(tcti) as tpm:
-        for index in POLICY_PCRS:
-            tpm.extend_pcr(index, hashlib.sha256(b"golden boot stage %d" % index).digest())
+boot = measured_boot
 
 
 class DishonestAgent(AgentManager):

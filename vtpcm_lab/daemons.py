@@ -1,0 +1,169 @@
+"""Real vtpcm-agent / vtpcm-engine daemons as subprocesses.
+
+Each daemon has its own config file and is stopped by pid (TERM, then KILL)
+in ``stop()``; callers (the lab, test fixtures) call ``stop()`` in finally
+blocks. Every wait has a deadline.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from oslo_config import cfg
+
+from vtpcm_agent import conf as agent_conf
+from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_common import rpc
+from vtpcm_nova import conf as engine_conf
+from vtpcm_nova.engine.rpcapi import EngineAPI
+
+TRANSPORT_URL = os.environ.get("VTPCM_TEST_TRANSPORT_URL",
+                               "rabbit://guest:guest@127.0.0.1:5672/")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def short_dir(prefix: str) -> Path:
+    """A short directory (unix socket paths are limited to 107 bytes) that other
+    users may traverse: QEMU runs as a lab user and must reach its socket."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    os.chmod(path, 0o755)  # noqa: S103
+    return path
+
+
+def client_conf(exchange: str) -> cfg.ConfigOpts:
+    conf = cfg.ConfigOpts()
+    agent_conf.register_opts(conf)
+    engine_conf.register_opts(conf)
+    conf([], project="vtpcm", default_config_files=[])
+    rpc.get_transport(conf)  # registers transport options
+    conf.set_override("transport_url", TRANSPORT_URL)
+    conf.set_override("control_exchange", exchange)
+    return conf
+
+
+def wait_for(what: str, predicate: Callable[[], Any], timeout: float,
+             interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            result = predicate()
+            if result:
+                return result
+        except Exception as err:  # noqa: BLE001 - retried until the deadline
+            last = err
+        time.sleep(interval)
+    raise TimeoutError("%s not ready after %.0fs (last error: %r)" % (what, timeout, last))
+
+
+class Daemon:
+    """One daemon process with a config file; ``stop`` kills by pid."""
+
+    module = ""
+
+    def __init__(self, workdir: Path, name: str, config: dict[str, dict[str, Any]]) -> None:
+        self.workdir = workdir
+        self.name = name
+        self.config_file = workdir / ("%s.conf" % name)
+        self.log_file = workdir / ("%s.log" % name)
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def write_config(self) -> None:
+        lines = []
+        for section, values in self.config.items():
+            lines.append("[%s]" % section)
+            lines += ["%s = %s" % (k, v) for k, v in values.items()]
+        self.config_file.write_text("\n".join(lines) + "\n")
+
+    def start(self) -> None:
+        self.write_config()
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        log = open(self.log_file, "ab")  # noqa: SIM115 - owned by the child
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", self.module, "--config-file", str(self.config_file)],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+        log.close()
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log_text(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+
+class AgentDaemon(Daemon):
+    module = "vtpcm_agent.cmd.agent"
+
+    def __init__(self, workdir: Path, host: str, exchange: str, tcti: str, *,
+                 run_dir: Path, extra: dict[str, dict[str, Any]] | None = None) -> None:
+        config: dict[str, dict[str, Any]] = {
+            "DEFAULT": {"host": host, "transport_url": TRANSPORT_URL,
+                        "control_exchange": exchange, "debug": "true"},
+            "agent": {"state_dir": workdir / ("state-" + host), "run_dir": run_dir,
+                      "expose_data_socket": "true"},
+            "host_tpm": {"tcti": tcti},
+        }
+        for section, values in (extra or {}).items():
+            config.setdefault(section, {}).update(values)
+        super().__init__(workdir, "agent-" + host, config)
+        self.host = host
+
+    def wait_ready(self, api: AgentAPI, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError("agent %s exited:\n%s" % (self.host, self.log_text()[-3000:]))
+            return bool(api.health(self.host, timeout=2))
+        wait_for("agent " + self.host, ready, timeout)
+
+
+class EngineDaemon(Daemon):
+    module = "vtpcm_nova.cmd.engine"
+
+    def __init__(self, workdir: Path, exchange: str, connection: str, *,
+                 extra: dict[str, dict[str, Any]] | None = None) -> None:
+        config: dict[str, dict[str, Any]] = {
+            "DEFAULT": {"transport_url": TRANSPORT_URL, "control_exchange": exchange,
+                        "debug": "true"},
+            "engine": {"host": "engine-" + uuid.uuid4().hex[:6], "connection": connection,
+                       "rpc_timeout": 20},
+            "attestation": {"auto_approve": "true", "interval": 0},
+            "migration": {"reconcile_interval": 0},
+        }
+        for section, values in (extra or {}).items():
+            config.setdefault(section, {}).update(values)
+        super().__init__(workdir, "engine", config)
+
+    def wait_ready(self, api: EngineAPI, timeout: float = 60.0) -> None:
+        def ready() -> bool:
+            if self.proc is None or self.proc.poll() is not None:
+                raise RuntimeError("engine exited:\n%s" % self.log_text()[-3000:])
+            api.list_hosts(timeout=2)
+            return True
+        wait_for("engine", ready, timeout)

@@ -1,0 +1,106 @@
+"""Boot a lab guest with a vTPCM and live-migrate it with the protocol.
+
+This is the sequence the Nova driver runs (check_can_live_migrate_destination
+-> pre_live_migration -> live_migration -> post_live_migration or rollback),
+driven here straight through libvirt-python so the lab needs no Nova.
+"""
+
+import dataclasses
+import socket
+import time
+import uuid
+
+import libvirt
+from oslo_log import log as logging
+
+from vtpcm_common import exception
+from vtpcm_lab import console, domain, migrate
+from vtpcm_lab.stack import Stack, StackHost
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveMigration:
+    migration_id: str
+    instance_uuid: str
+    source: str
+    dest: str
+    verdict: str
+    check_s: float
+    begin_s: float
+    commit_s: float
+    libvirt: migrate.MigrationResult
+    total_s: float
+
+    @property
+    def protocol_s(self) -> float:
+        """What the vTPCM protocol adds around libvirt's migration."""
+        return self.check_s + self.begin_s + self.commit_s
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def boot_guest(stack: Stack, host: StackHost, name: str,
+               instance_uuid: str | None = None) -> tuple[str, console.GuestConsole]:
+    """Create the vTPCM through the engine, start it, define and boot the VM."""
+    image = stack.lab.image
+    if image is None:
+        raise exception.LabError(reason="lab is not up")
+    instance = instance_uuid or str(uuid.uuid4())
+    stack.engine.create_vtpcm(instance, host.name)
+    stack.agents.start(host.name, instance)
+    xml = domain.render_domain_xml(name, image, host.ctrl_socket(instance),
+                                   host.lab_host.serial_path(name), domain_uuid=instance)
+    conn = host.lab_host.connect()
+    try:
+        conn.defineXML(xml).create()
+    finally:
+        conn.close()
+    con = console.GuestConsole(host.lab_host.serial_path(name))
+    con.wait_ready(timeout=120.0)
+    return instance, con
+
+
+def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
+                 port: int | None = None, connect_host: str = "127.0.0.1",
+                 listen_address: str | None = None,
+                 timeout: float = 120.0) -> LiveMigration:
+    """Attest dst, begin, migrate, then commit, or abort on any failure."""
+    start = time.monotonic()
+    conn_src = src.lab_host.connect()
+    conn_dst = dst.lab_host.connect()
+    try:
+        dom = conn_src.lookupByName(name)
+        instance = dom.UUIDString()
+        verdict = stack.engine.check_destination(instance, dst.name)
+        checked = time.monotonic()
+        migration_id = str(uuid.uuid4())
+        stack.engine.begin(migration_id, instance, src.name, dst.name)
+        begun = time.monotonic()
+        try:
+            dest_xml = domain.render_destination_xml(
+                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), dst.ctrl_socket(instance),
+                dst.lab_host.serial_path(name))
+            result = migrate.migrate(dom, conn_dst, dst.lab_host.uri, dest_xml,
+                                     port or free_port(), connect_host=connect_host,
+                                     listen_address=listen_address, timeout=timeout)
+        except (exception.VTPCMException, libvirt.libvirtError) as err:
+            LOG.warning("Live migration %(mig)s failed, aborting: %(err)s",
+                        {"mig": migration_id, "err": err})
+            stack.engine.abort(migration_id, str(err)[:900])
+            raise
+        migrated = time.monotonic()
+        stack.engine.commit(migration_id)
+        done = time.monotonic()
+    finally:
+        conn_src.close()
+        conn_dst.close()
+    return LiveMigration(
+        migration_id=migration_id, instance_uuid=instance, source=src.name, dest=dst.name,
+        verdict=verdict.status, check_s=checked - start, begin_s=begun - checked,
+        commit_s=done - migrated, libvirt=result, total_s=done - start)

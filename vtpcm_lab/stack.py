@@ -1,0 +1,154 @@
+"""The vTPCM control plane on top of the two-host lab.
+
+Per lab host: a swtpm standing in for the host TPM (measured boot into PCRs
+0-7) and a vtpcm-agent whose control sockets live in the host's ``tpm/``
+dir, owned by the host's QEMU user. One vtpcm-engine with SQLite. All on the
+local RabbitMQ, in an exchange of their own. ``up`` starts from a clean
+slate (it stops what a crashed earlier run left behind); ``down`` stops
+everything by pid, swtpm processes of the guests included.
+"""
+
+import dataclasses
+import os
+import shutil
+import signal
+from pathlib import Path
+
+from oslo_log import log as logging
+
+from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_lab import daemons
+from vtpcm_lab.hosts import Lab, LabHost
+from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, measured_boot
+from vtpcm_nova.engine.rpcapi import EngineAPI
+
+LOG = logging.getLogger(__name__)
+EXCHANGE = "vtpcm-lab"
+GOLDEN_POLICY = "lab-golden"
+
+
+@dataclasses.dataclass
+class StackHost:
+    """One compute host of the lab as the vTPCM services see it."""
+
+    lab_host: LabHost
+    name: str
+    tpm: HostTPMStandIn
+    agent: daemons.AgentDaemon
+
+    @property
+    def run_dir(self) -> Path:
+        return self.lab_host.tpm_dir
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.agent.config["agent"]["state_dir"])
+
+    def ctrl_socket(self, instance_uuid: str) -> Path:
+        return self.run_dir / (instance_uuid + ".ctrl")
+
+
+class Stack:
+    def __init__(self, lab: Lab, exchange: str = EXCHANGE) -> None:
+        self.lab = lab
+        self.base = lab.base_dir / "vtpcm"
+        self.exchange = exchange
+        conf = daemons.client_conf(exchange)
+        self.agents = AgentAPI(conf, timeout=60)
+        self.engine = EngineAPI(conf, timeout=120)
+        self.engine_daemon: daemons.EngineDaemon | None = None
+        self.hosts: dict[str, StackHost] = {}
+
+    def host(self, lab_host: LabHost) -> StackHost:
+        return self.hosts[lab_host.name]
+
+    def up(self) -> None:
+        self._kill_leftovers()
+        shutil.rmtree(self.base, ignore_errors=True)
+        self.base.mkdir(parents=True, mode=0o700)
+        try:
+            self.engine_daemon = daemons.EngineDaemon(
+                self.base, self.exchange, "sqlite:///%s" % (self.base / "engine.sqlite"),
+                extra={"attestation": {"verdict_ttl": 300}})
+            self.engine_daemon.start()
+            self._record(self.engine_daemon)
+            for lab_host in self.lab.hosts:
+                name = "lab-" + lab_host.name
+                tpm = HostTPMStandIn(self.base / ("hosttpm-" + lab_host.name), name=name)
+                tpm.start()
+                self._record_pid("hosttpm-" + name, tpm.pid)
+                measured_boot(tpm.tcti)
+                agent = daemons.AgentDaemon(
+                    self.base, name, self.exchange, tpm.tcti, run_dir=lab_host.tpm_dir,
+                    extra={"agent": {"expose_data_socket": "false",
+                                     "register_with_engine": "false",
+                                     "socket_user": lab_host.user}})
+                agent.start()
+                self._record(agent)
+                self.hosts[lab_host.name] = StackHost(lab_host, name, tpm, agent)
+            for host in self.hosts.values():
+                host.agent.wait_ready(self.agents)
+            self.engine_daemon.wait_ready(self.engine)
+            for host in self.hosts.values():
+                self.engine.enroll(host.name)
+            first = self.hosts[self.lab.a.name].name
+            self.engine.record_policy(GOLDEN_POLICY, first, BOOT_PCRS,
+                                      "lab measured boot (PCRs 0-7)")
+            for host in self.hosts.values():
+                self.engine.assign_policy(host.name, GOLDEN_POLICY)
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        for host in self.hosts.values():
+            host.agent.stop()
+            _kill_pidfiles(host.run_dir)
+            host.tpm.cleanup()
+        if self.engine_daemon is not None:
+            self.engine_daemon.stop()
+        self.hosts.clear()
+        self.engine_daemon = None
+        for pidfile in (self.base / "pids").glob("*.pid") if self.base.exists() else ():
+            pidfile.unlink()
+
+    # A crashed earlier run may have left daemons behind: their pids are on disk.
+    def _record(self, daemon: daemons.Daemon) -> None:
+        self._record_pid(daemon.name, daemon.pid)
+
+    def _record_pid(self, name: str, pid: int | None) -> None:
+        if pid is None:
+            return
+        pids = self.base / "pids"
+        pids.mkdir(exist_ok=True)
+        (pids / (name + ".pid")).write_text(str(pid))
+
+    def _kill_leftovers(self) -> None:
+        _kill_pidfiles(self.base / "pids")
+        for lab_host in self.lab.hosts:
+            _kill_pidfiles(lab_host.tpm_dir)
+
+
+def _kill_pidfiles(directory: Path) -> None:
+    """SIGKILL every process named by a pid file in ``directory`` that still runs
+    one of our programs (python daemons, swtpm)."""
+    if not directory.exists():
+        return
+    for pidfile in directory.glob("*.pid"):
+        try:
+            pid = int(pidfile.read_text().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if pid <= 1:
+            continue
+        try:
+            cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
+        except OSError:
+            continue
+        if b"swtpm" in cmdline or b"vtpcm" in cmdline:
+            LOG.info("Stopping leftover process %(pid)d (%(file)s)",
+                     {"pid": pid, "file": pidfile.name})
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
