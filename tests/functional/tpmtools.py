@@ -13,8 +13,8 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
-from tpm2_pytss import ESAPI, TCTILdr
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPMA_NV
+from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HT, TPMA_NV
 from tpm2_pytss.types import (
     TPM2B_NV_PUBLIC,
     TPML_DIGEST_VALUES,
@@ -81,10 +81,66 @@ def plaintext_permanent(state_dir: Path, at_rest_key: bytes, base: Path) -> Iter
     """Decrypted permanent state, read from a key-only swtpm on a copy of the files.
 
     The throwaway swtpm is stopped by pid and the copy removed, also on failure."""
+    with _clone(state_dir, at_rest_key, base, data_socket=False) as paths:
+        with ctrl.CtrlClient(paths.ctrl_socket) as client:
+            assert client.get_config() == ctrl.CONFIG_FLAG_FILE_KEY
+            blob = client.get_stateblob(ctrl.BlobType.PERMANENT, decrypted=True)
+        header = ctrl.parse_blob_header(blob.data)
+        assert not header.migration_encrypted and not header.at_rest_encrypted
+        # header (10) + TLV migration-data header (6) + TLV data header (6)
+        yield blob.data[22:]
+
+
+def public_material(state_dir: Path, at_rest_key: bytes, base: Path) -> list[bytes]:
+    """Everything a guest can read through the TPM's public interface: public
+    areas and names of persistent objects, public areas, names and readable
+    contents of NV indices (EK/platform certificates, the guest's own data),
+    each bare and with its TPM2B size prefix.
+
+    A guest that used its TPM holds these in its RAM, so they legitimately
+    appear in a migration stream; anything else of the state must not."""
+    items: list[bytes] = []
+    with _clone(state_dir, at_rest_key, base, data_socket=True) as paths, \
+            esapi(paths) as esys:
+        for handle_type, reader in ((TPM2_HT.PERSISTENT, _object_public),
+                                    (TPM2_HT.NV_INDEX, _nv_public)):
+            _, data = esys.get_capability(TPM2_CAP.HANDLES, handle_type << 24, 256)
+            for handle in data.data.handles:
+                items += reader(esys, esys.tr_from_tpmpublic(handle))
+    return [i for i in items if len(i) >= WINDOW]
+
+
+def _object_public(esys: ESAPI, tr: int) -> list[bytes]:
+    public, name, qualified = esys.read_public(tr)
+    return [public.publicArea.marshal(), public.marshal(), bytes(name), name.marshal(),
+            bytes(qualified), qualified.marshal()]
+
+
+def _nv_public(esys: ESAPI, tr: int) -> list[bytes]:
+    public, name = esys.nv_read_public(tr)
+    out = [public.nvPublic.marshal(), public.marshal(), bytes(name), name.marshal()]
+    size = public.nvPublic.dataSize
+    for auth in (tr, ESYS_TR.OWNER):
+        data = b""
+        try:
+            while len(data) < size:
+                data += bytes(esys.nv_read(tr, min(512, size - len(data)), len(data),
+                                           auth_handle=auth))
+        except TSS2_Exception:
+            continue
+        out.append(data)
+        break
+    return out
+
+
+@contextlib.contextmanager
+def _clone(state_dir: Path, at_rest_key: bytes, base: Path,
+           data_socket: bool) -> Iterator[process.SwtpmPaths]:
+    """A key-only swtpm (no migration key) on a copy of ``state_dir``."""
     copy = base / "state-plain"
     copy.mkdir()
     paths = process.SwtpmPaths(copy, base / "plain.ctrl", base / "plain.pid",
-                               base / "plain.log")
+                               base / "plain.log", base / "plain" if data_socket else None)
     pid = None
     try:
         for entry in state_dir.iterdir():
@@ -93,25 +149,22 @@ def plaintext_permanent(state_dir: Path, at_rest_key: bytes, base: Path) -> Iter
         read_fd, write_fd = os.pipe()
         os.write(write_fd, at_rest_key)
         os.close(write_fd)
+        argv = ["swtpm", "socket", "--tpm2", "--daemon",
+                "--flags", "not-need-init" + (",startup-clear" if data_socket else ""),
+                "--tpmstate", "dir=%s,mode=0600" % copy,
+                "--ctrl", "type=unixio,path=%s,mode=0600" % paths.ctrl_socket,
+                "--key", "fd=%d,mode=aes-256-cbc,format=binary" % read_fd,
+                "--pid", "file=%s" % paths.pid_file,
+                "--log", "file=%s,level=1" % paths.log_file]
+        if paths.data_socket is not None:
+            argv += ["--server", "type=unixio,path=%s" % paths.data_socket]
         try:
-            subprocess.run(
-                ["swtpm", "socket", "--tpm2", "--daemon", "--flags", "not-need-init",
-                 "--tpmstate", "dir=%s,mode=0600" % copy,
-                 "--ctrl", "type=unixio,path=%s,mode=0600" % paths.ctrl_socket,
-                 "--key", "fd=%d,mode=aes-256-cbc,format=binary" % read_fd,
-                 "--pid", "file=%s" % paths.pid_file,
-                 "--log", "file=%s,level=1" % paths.log_file],
-                pass_fds=(read_fd,), stdin=subprocess.DEVNULL, check=True, timeout=10)
+            subprocess.run(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL, check=True,
+                           timeout=10)
         finally:
             os.close(read_fd)
         pid = int(paths.pid_file.read_text())
-        with ctrl.CtrlClient(paths.ctrl_socket) as client:
-            assert client.get_config() == ctrl.CONFIG_FLAG_FILE_KEY
-            blob = client.get_stateblob(ctrl.BlobType.PERMANENT, decrypted=True)
-        header = ctrl.parse_blob_header(blob.data)
-        assert not header.migration_encrypted and not header.at_rest_encrypted
-        # header (10) + TLV migration-data header (6) + TLV data header (6)
-        yield blob.data[22:]
+        yield paths
     finally:
         if pid is not None:
             process.stop(pid, paths)
@@ -122,6 +175,19 @@ def windows(plain: bytes) -> set[bytes]:
     """32-byte windows with enough variety (runs of zeros match anything)."""
     return {plain[i:i + WINDOW] for i in range(len(plain) - WINDOW + 1)
             if len(set(plain[i:i + WINDOW])) >= 12}
+
+
+def secret_offsets(plain: bytes, public: list[bytes], candidates: set[int]) -> set[int]:
+    """Offsets of windows lying wholly outside every public item's bytes in
+    ``plain``. Seeds and private keys are at least 32 bytes long, so each of
+    them still yields whole windows here."""
+    covered = bytearray(len(plain))
+    for item in public:
+        start = plain.find(item)
+        while start >= 0:
+            covered[start:start + len(item)] = b"\x01" * len(item)
+            start = plain.find(item, start + 1)
+    return {o for o in candidates if not any(covered[o:o + WINDOW])}
 
 
 def leaks(found: set[bytes], data: bytes) -> int:

@@ -1,0 +1,259 @@
+"""VM + vTPCM live migration through the real protocol in the two-host lab:
+real libvirt/QEMU (TCG), real swtpm under real vtpcm-agents, a real
+vtpcm-engine attesting swtpm host-TPM stand-ins, over the local RabbitMQ.
+
+Tests run in file order on one stack; the one that makes host B untrusted
+comes last."""
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from tests.functional import tpmtools
+from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_agent.keystore import KeyStore, TPMSealedHostKey
+from vtpcm_common import exception
+from vtpcm_lab import console, domain, hosts, live, migrate, proxy
+from vtpcm_lab.stack import Stack
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def stack(lab):
+    the_stack = Stack(lab, exchange="vtpcm-e2e-" + uuid.uuid4().hex[:6])
+    try:
+        the_stack.up()
+        yield the_stack
+    finally:
+        _destroy_guests(lab)
+        the_stack.down()
+
+
+def _destroy_guests(lab):
+    for host in lab.hosts:
+        conn = host.connect()
+        try:
+            for dom in conn.listAllDomains():
+                if dom.name().startswith("vte-"):
+                    if dom.isActive():
+                        dom.destroy()
+                    if dom.isPersistent():
+                        dom.undefine()
+        finally:
+            conn.close()
+
+
+@pytest.fixture
+def guest(stack):
+    name = "vte-" + uuid.uuid4().hex[:6]
+    a = stack.host(stack.lab.a)
+    instance, con = live.boot_guest(stack, a, name)
+    con.write(os.urandom(32).hex())
+    before = con.report()
+    con.close()
+    yield name, instance, before
+    _destroy_guests(stack.lab)
+
+
+def _report(host: hosts.LabHost, name: str) -> dict[str, str]:
+    with console.GuestConsole(host.serial_path(name)) as con:
+        con.wait_ready(timeout=30)
+        return con.report()
+
+
+def _same_tpm(before, after):
+    assert {k: after[k] for k in ("PCR16", "NV", "EK", "BOOTID")} == \
+        {k: before[k] for k in ("PCR16", "NV", "EK", "BOOTID")}
+    assert float(after["UPTIME"]) > float(before["UPTIME"])
+
+
+def _dom_state(host: hosts.LabHost, name: str) -> int:
+    conn = host.connect()
+    try:
+        return conn.lookupByName(name).state()[0]
+    finally:
+        conn.close()
+
+
+def test_round_trip_keeps_guest_tpm_and_moves_generation(stack, guest):
+    name, instance, before = guest
+    a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
+    there = live.live_migrate(stack, name, a, b)
+    assert there.verdict == "TRUSTED"
+    _same_tpm(before, _report(b.lab_host, name))
+    assert stack.engine.get_vtpcm(instance).generation == 1
+    back = live.live_migrate(stack, name, b, a)
+    _same_tpm(before, _report(a.lab_host, name))
+    record = stack.engine.get_vtpcm(instance)
+    assert (record.host, record.generation) == (a.name, 2)
+    for hop, src in ((there, a), (back, b)):
+        assert stack.engine.get_migration(hop.migration_id).state == "COMMITTED"
+        assert hop.protocol_s < hop.libvirt.total_s
+    assert stack.agents.get(b.name, instance).state == "DESTROYED"
+
+
+def test_old_generation_cannot_be_activated_again(stack, guest):
+    name, instance, _ = guest
+    a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
+    live.live_migrate(stack, name, a, b)
+    old = stack.agents.get(a.name, instance)
+    assert old.state == "DESTROYED" and not old.running
+    assert not (a.state_dir / "keys" / (old.vtpcm_id + ".keys")).exists()
+    assert not (a.state_dir / "vtpcms" / old.vtpcm_id).exists()
+    with pytest.raises(exception.InvalidTransition):
+        stack.agents.start(a.name, instance)
+    with pytest.raises(exception.MigrationError) as err:
+        stack.engine.begin(str(uuid.uuid4()), instance, a.name, b.name)
+    assert "source is not where the vTPCM lives" in str(err.value)
+    assert stack.agents.get(b.name, instance).state == "ACTIVE"
+
+
+def test_migration_stream_carries_no_plaintext_vtpcm_state(stack, guest):
+    """Seeds, private keys and every other non-public byte of the vTPCM's
+    permanent state stay out of the stream. What the guest can read through
+    its TPM (EK public area, certificates, its own NV data, names) is in its
+    RAM by design, so it is classified as public first, from a clone of the
+    state, and must be a minority."""
+    name, instance, before = guest
+    a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
+    info = stack.agents.get(a.name, instance)
+    with HostTPM(a.tpm.tcti) as tpm:
+        keys = KeyStore(a.state_dir / "keys", TPMSealedHostKey(
+            tpm, a.state_dir / "hostkey.sealed")).get(info.vtpcm_id)
+    base = Path(tempfile.mkdtemp(prefix="vtpe", dir="/tmp"))
+    try:
+        state_dir = a.state_dir / "vtpcms" / info.vtpcm_id
+        with tpmtools.plaintext_permanent(state_dir, keys.at_rest_key, base) as plain:
+            pass
+        public = tpmtools.public_material(state_dir, keys.at_rest_key, base)
+        assert any(bytes.fromhex(before["NV"]) in item for item in public)
+        secret = tpmtools.secret_offsets(plain, public, proxy.high_entropy_windows(plain))
+        assert len(secret) > 1000, "too little of the state counts as secret"
+        capture = base / "stream"
+        port = live.free_port()
+        with proxy.CaptureProxy(("127.0.0.1", port), ("127.0.0.2", port), capture):
+            live.live_migrate(stack, name, a, b, port=port, connect_host="127.0.0.1",
+                              listen_address="127.0.0.2")
+        stream = capture.read_bytes()
+        assert len(stream) > 1 << 20, "the stream did not go through the proxy"
+        hits = proxy.find_windows(plain, stream, secret)
+        assert hits == set(), "%d secret windows of vTPCM state in the stream" % len(hits)
+        _same_tpm(before, _report(b.lab_host, name))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_destination_that_cannot_load_the_state_leaves_vm_on_source(stack, guest):
+    name, instance, before = guest
+    a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
+    source_before = stack.agents.get(a.name, instance)
+    migration_id = str(uuid.uuid4())
+    stack.engine.check_destination(instance, b.name)
+    stack.engine.begin(migration_id, instance, a.name, b.name)
+    incoming = stack.agents.get(b.name, instance)
+    assert incoming.state == "MIGRATING_IN" and incoming.running
+    # Fault injection: the destination's swtpm is replaced by one with a WRONG
+    # migration key at the same socket (what a broken or hostile dest does).
+    os.kill(incoming.pid, 15)
+    tpmdir = Path(tempfile.mkdtemp(prefix="vtpw", dir="/tmp"))
+    wrong = None
+    try:
+        live_ctrl = b.ctrl_socket(instance)
+        for _ in range(100):
+            if not live_ctrl.exists():
+                break
+            time.sleep(0.05)
+        wrong = _raw_swtpm(tpmdir, live_ctrl, b.lab_host.uid)
+        conn_a, conn_b = a.lab_host.connect(), b.lab_host.connect()
+        try:
+            dom = conn_a.lookupByName(name)
+            xml = domain.render_destination_xml(
+                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), live_ctrl,
+                b.lab_host.serial_path(name))
+            with pytest.raises(exception.LabError):
+                migrate.migrate(dom, conn_b, b.lab_host.uri, xml, live.free_port(),
+                                timeout=60)
+        finally:
+            conn_a.close()
+            conn_b.close()
+        info = stack.engine.abort(migration_id, "libvirt: destination failed to load state")
+        assert info.state == "ABORTED"
+    finally:
+        if wrong is not None:
+            hosts.kill_pid(wrong.pid, timeout=5)
+            wrong.wait(timeout=5)
+        shutil.rmtree(tpmdir, ignore_errors=True)
+    assert _dom_state(a.lab_host, name) == libvirt.VIR_DOMAIN_RUNNING
+    _same_tpm(before, _report(a.lab_host, name))
+    after = stack.agents.get(a.name, instance)
+    assert (after.state, after.generation, after.pid) == \
+        ("ACTIVE", source_before.generation, source_before.pid)
+    with pytest.raises(exception.NotFound):
+        stack.agents.get(b.name, instance)
+    assert not (b.state_dir / "keys" / (incoming.vtpcm_id + ".keys")).exists()
+    record = stack.engine.get_vtpcm(instance)
+    assert (record.host, record.migration_id) == (a.name, None)
+    # and the VM can still migrate afterwards
+    live.live_migrate(stack, name, a, b)
+    _same_tpm(before, _report(b.lab_host, name))
+
+
+def _raw_swtpm(tpmdir: Path, ctrl: Path, uid: int):
+    fds = []
+    for _ in range(2):
+        r, w = os.pipe()
+        os.write(w, os.urandom(32))
+        os.close(w)
+        fds.append(r)
+    try:
+        proc = subprocess.Popen(
+            ["swtpm", "socket", "--tpm2", "--tpmstate", "dir=%s" % tpmdir,
+             "--ctrl", "type=unixio,path=%s,mode=0660,uid=%d" % (ctrl, uid),
+             "--key", "fd=%d,mode=aes-256-cbc,format=binary" % fds[0],
+             "--migration-key", "fd=%d,mode=aes-256-cbc,format=binary" % fds[1]],
+            pass_fds=tuple(fds), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    deadline = time.monotonic() + 10
+    while not ctrl.exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    return proc
+
+
+def test_untrusted_destination_gets_no_key_and_vm_stays(stack, guest):
+    """Last in the file: host B stays UNTRUSTED afterwards."""
+    name, instance, before = guest
+    a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
+    source_before = stack.agents.get(a.name, instance)
+    with HostTPM(b.tpm.tcti) as tpm:
+        tpm.extend_pcr(5, hashlib.sha256(b"unexpected bootloader").digest())
+    stack.engine.attest(b.name)
+    with pytest.raises(exception.HostNotTrusted) as err:
+        live.live_migrate(stack, name, a, b)
+    assert "PCR 5" in str(err.value)
+    # begin itself re-checks (the scheduler or the pre-check may be bypassed)
+    with pytest.raises(exception.HostNotTrusted):
+        stack.engine.begin(str(uuid.uuid4()), instance, a.name, b.name)
+    assert "Sealed the migration key of instance %s" % instance not in a.agent.log_text()
+    with pytest.raises(exception.NotFound):
+        stack.agents.get(b.name, instance)
+    after = stack.agents.get(a.name, instance)
+    assert (after.state, after.generation, after.pid, after.migration_id) == \
+        ("ACTIVE", source_before.generation, source_before.pid, None)
+    assert _dom_state(a.lab_host, name) == libvirt.VIR_DOMAIN_RUNNING
+    _same_tpm(before, _report(a.lab_host, name))
+    refusals = [e for e in stack.engine.list_audit(limit=50, host=b.name).entries
+                if e.outcome == "refused"]
+    assert refusals and any("PCR 5" in e.detail for e in refusals)
