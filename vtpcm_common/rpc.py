@@ -6,7 +6,6 @@ from oslo_config import cfg
 from vtpcm_common import exception
 
 
-
 def get_transport(conf: cfg.ConfigOpts) -> messaging.Transport:
     """Build the RPC transport for ``conf``.
 

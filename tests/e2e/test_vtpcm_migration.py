@@ -95,7 +95,7 @@ def test_round_trip_keeps_guest_tpm_and_moves_generation(stack, guest):
     _same_tpm(before, _report(a.lab_host, name))
     record = stack.engine.get_vtpcm(instance)
     assert (record.host, record.generation) == (a.name, 2)
-    for hop, src in ((there, a), (back, b)):
+    for hop in (there, back):
         assert stack.engine.get_migration(hop.migration_id).state == "COMMITTED"
         assert hop.protocol_s < hop.libvirt.total_s
     assert stack.agents.get(b.name, instance).state == "DESTROYED"
