@@ -11,7 +11,6 @@ import shutil
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 import types
@@ -245,9 +244,13 @@ def make_guest(lab: hosts.Lab) -> Iterator[object]:
 
 
 @pytest.fixture
-def lab_fx() -> types.ModuleType:
-    """This module's helpers (Key, setup_state, console, ...) for the tests."""
-    return sys.modules[__name__]
+def lab_fx() -> types.SimpleNamespace:
+    """This module's helpers (Key, setup_state, console, ...) for the tests.
+
+    Not ``sys.modules[__name__]``: every conftest.py is imported as
+    ``conftest``, so that name may belong to another directory's conftest."""
+    return types.SimpleNamespace(**{k: v for k, v in globals().items()
+                                    if not k.startswith("__")})
 
 
 def free_port() -> int:
