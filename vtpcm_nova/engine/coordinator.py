@@ -12,7 +12,6 @@ holds that generation; the commit point moves the authority to the
 destination with generation + 1 in one compare-and-set.
 """
 
-import dataclasses
 import datetime
 import time
 from collections.abc import Callable
@@ -46,22 +45,6 @@ class AgentClient(Protocol):
 
 class TrustChecker(Protocol):
     def check_fresh(self, host: str) -> Any: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class MigrationStatus:
-    migration_id: str
-    instance_uuid: str
-    source: str
-    dest: str
-    generation: int
-    state: str
-    error: str | None
-
-
-def _status(rec: db_api.MigrationRecord) -> MigrationStatus:
-    return MigrationStatus(rec.migration_id, rec.instance_uuid, rec.source, rec.dest,
-                           rec.generation, rec.state, rec.error)
 
 
 class Coordinator:
@@ -105,7 +88,7 @@ class Coordinator:
         return verdict
 
     def begin(self, migration_id: str, instance_uuid: str, source: str,
-              dest: str) -> MigrationStatus:
+              dest: str) -> db_api.MigrationRecord:
         """Seal the key for dest's TPM and prepare dest; idempotent per migration id."""
         try:
             rec = self.db.get_migration(migration_id)
@@ -119,7 +102,7 @@ class Coordinator:
                     migration_id=migration_id,
                     reason="this migration id was used for another instance or hosts")
             if rec.state in (M.PREPARED, M.COMMITTING, M.SHREDDING, M.COMMITTED):
-                return _status(rec)
+                return rec
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="migration is %s" % rec.state)
         if source == dest:
@@ -161,20 +144,20 @@ class Coordinator:
             rec = self.db.get_migration(migration_id)
             raise exception.MigrationError(migration_id=migration_id,
                                            reason=rec.error or "aborted")
-        return _status(self.db.get_migration(migration_id))
+        return self.db.get_migration(migration_id)
 
-    def commit(self, migration_id: str) -> MigrationStatus:
+    def commit(self, migration_id: str) -> db_api.MigrationRecord:
         proto, ctx = self._load(migration_id)
         self._advance(proto, ctx, p.CommitRequested())
-        return _status(self.db.get_migration(migration_id))
+        return self.db.get_migration(migration_id)
 
-    def abort(self, migration_id: str, reason: str) -> MigrationStatus:
+    def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
         proto, ctx = self._load(migration_id)
         self._advance(proto, ctx, p.AbortRequested(reason))
-        return _status(self.db.get_migration(migration_id))
+        return self.db.get_migration(migration_id)
 
-    def get_migration(self, migration_id: str) -> MigrationStatus:
-        return _status(self.db.get_migration(migration_id))
+    def get_migration(self, migration_id: str) -> db_api.MigrationRecord:
+        return self.db.get_migration(migration_id)
 
     def reconcile(self) -> int:
         """Finish commits/aborts left half-done; abort migrations past deadline."""
@@ -184,7 +167,8 @@ class Coordinator:
             try:
                 proto, ctx = self._load(rec.migration_id)
                 if state in p.PENDING_WORK:
-                    self._run(proto, ctx, p.pending_actions(state))
+                    after_deadline = rec.error == p.DEADLINE_REASON
+                    self._run(proto, ctx, p.pending_actions(state, after_deadline))
                     done += 1
                 elif state in p.ABORTABLE and rec.deadline <= self.now():
                     self._advance(proto, ctx, p.DeadlinePassed())
@@ -269,7 +253,7 @@ class Coordinator:
             self.agents.commit_outgoing(src, ctx)
             return p.SourceShredded()
         if isinstance(action, p.DestroyDestination):
-            self.agents.abort_incoming(dst, ctx)
+            self.agents.abort_incoming(dst, ctx, only_if_unused=action.only_if_unused)
             return p.DestinationDestroyed()
         if isinstance(action, p.RestoreSource):
             self.agents.abort_outgoing(src, ctx)

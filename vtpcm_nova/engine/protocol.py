@@ -100,9 +100,14 @@ class Failure:
     reason: str
 
 
+DEADLINE_REASON = "deadline passed"
+
+
 @dataclasses.dataclass(frozen=True)
 class DeadlinePassed:
-    pass
+    """The migration outlived its deadline without a commit or an abort."""
+
+    reason: str = DEADLINE_REASON
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +164,11 @@ class ShredSource(Action):
 
 @dataclasses.dataclass(frozen=True)
 class DestroyDestination(Action):
+    """Destroy the incoming vTPCM. After a deadline (not an explicit abort)
+    only if it never received state: QEMU may be running on it already."""
+
     name: ClassVar[str] = "destroy_destination"
+    only_if_unused: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -223,20 +232,22 @@ def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
     if state is M.SHREDDING:
         return [ShredSource()]
     if state is M.ABORTING:
-        reason = getattr(event, "reason", "deadline passed")
+        reason = getattr(event, "reason", DEADLINE_REASON)
         return [Audit(event="migration.abort", outcome="aborting", detail=reason),
-                DestroyDestination()]
+                DestroyDestination(only_if_unused=isinstance(event, DeadlinePassed))]
     if state is M.RESTORING:
         return [RestoreSource()]
     return []
 
 
-def pending_actions(state: MigrationState) -> list[Action]:
-    """Actions to re-run after a coordinator restart (all are idempotent)."""
+def pending_actions(state: MigrationState, after_deadline: bool = False) -> list[Action]:
+    """Actions to re-run after a coordinator restart (all are idempotent).
+
+    ``after_deadline``: the abort under way was caused by the deadline."""
     pending: dict[MigrationState, list[Action]] = {
         M.COMMITTING: [MoveAuthority(), CommitDestination()],
         M.SHREDDING: [ShredSource()],
-        M.ABORTING: [DestroyDestination()],
+        M.ABORTING: [DestroyDestination(only_if_unused=after_deadline)],
         M.RESTORING: [RestoreSource()],
     }
     return pending.get(state, [])

@@ -71,6 +71,7 @@ class FakeAgents:
         self._record("commit_outgoing", host)
 
     def abort_incoming(self, host, context, only_if_unused=False):
+        self.only_if_unused = only_if_unused
         self._record("abort_incoming", host)
 
     def abort_outgoing(self, host, context):
@@ -204,6 +205,22 @@ def test_deadline_aborts_unfinished_migration(env):
     assert coord.reconcile() == 1
     assert db.get_migration(mid).state == "ABORTED"
     assert names(agents)[-2:] == ["abort_incoming", "abort_outgoing"]
+    assert agents.only_if_unused is True  # QEMU may already run on the destination
+
+
+def test_deadline_abort_refused_by_a_used_destination_stays_pending(env):
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    clock["now"] += datetime.timedelta(seconds=61)
+    agents.fail["abort_incoming"] = exception.MigrationError(
+        migration_id=mid, reason="the incoming vTPCM already received its state")
+    coord.reconcile()
+    rec = db.get_migration(mid)
+    assert (rec.state, rec.error) == ("ABORTING", "deadline passed")
+    assert "abort_outgoing" not in names(agents)  # the source is not touched
+    coord.reconcile()  # the retry keeps the deadline's caution
+    assert agents.only_if_unused is True and db.get_migration(mid).state == "ABORTED"
 
 
 def test_begin_is_idempotent_and_ids_cannot_be_reused(env):

@@ -145,3 +145,14 @@ def test_envelope_reaches_prepare_action_and_stays_out_of_reprs():
 def test_pending_actions_only_in_pending_states():
     for state in M:
         assert bool(p.pending_actions(state)) == (state in p.PENDING_WORK)
+
+
+def test_only_a_deadline_abort_spares_a_destination_that_received_state():
+    for event, expected in ((p.DeadlinePassed(), True), (p.AbortRequested("nova"), False),
+                            (p.Failure("libvirt"), False)):
+        proto = at(M.PREPARED)
+        (destroy,) = [a for a in proto.handle(event) if isinstance(a, p.DestroyDestination)]
+        assert destroy.only_if_unused is expected
+    assert p.pending_actions(M.ABORTING, after_deadline=True) == \
+        [p.DestroyDestination(only_if_unused=True)]
+    assert p.pending_actions(M.ABORTING) == [p.DestroyDestination(only_if_unused=False)]
