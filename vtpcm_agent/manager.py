@@ -6,9 +6,7 @@ oslo.messaging sends them back to the caller (``allowed_remote_exmods``).
 Each refusal is logged once, with ids and reasons only.
 """
 
-import functools
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import oslo_messaging as messaging
 from oslo_log import log as logging
@@ -19,28 +17,9 @@ from vtpcm_agent.association import Association
 from vtpcm_agent.instances import InstanceManager, context_from
 from vtpcm_agent.swtpm import ctrl
 from vtpcm_common import exception
-from vtpcm_common.wire import Message
+from vtpcm_common.rpc import endpoint
 
 LOG = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def endpoint(request_type: type[Message]) -> Callable[[F], F]:
-    """Parse ``payload`` into ``request_type``; log refusals without secrets."""
-    def wrap(func: F) -> F:
-        @functools.wraps(func)
-        @messaging.expected_exceptions(exception.VTPCMException)
-        def inner(self: "AgentManager", ctxt: dict[str, Any], payload: Any) -> Any:
-            try:
-                request = request_type.from_wire(payload)
-                reply: Message = func(self, request)
-                return reply.to_wire()
-            except exception.VTPCMException as err:
-                LOG.warning("Refused %(method)s: %(error)s",
-                            {"method": func.__name__, "error": err})
-                raise
-        return inner  # type: ignore[return-value]
-    return wrap
 
 
 class AgentManager:

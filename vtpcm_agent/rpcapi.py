@@ -12,101 +12,91 @@ Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
 """
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import oslo_messaging as messaging
 from oslo_config import cfg
 
 from vtpcm_agent import messages as m
 from vtpcm_common import rpc
-from vtpcm_common.rpc import remote_to_local
 from vtpcm_common.wire import Message
 
-TOPIC = "vtpcm-agent"
 RPC_API_VERSION = "1.2"
+
 
 R = TypeVar("R", bound=Message)
 
 
-class AgentAPI:
+class AgentAPI(rpc.Client):
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
                  timeout: float = 60.0) -> None:
-        self.transport = transport or rpc.get_transport(conf)
-        target = messaging.Target(topic=TOPIC, version="1.0")
-        self.client = messaging.get_rpc_client(self.transport, target, timeout=timeout)
+        super().__init__(conf, rpc.topic(conf, "agent_topic"), transport, timeout)
 
-    def _call(self, host: str, method: str, version: str, request: Message,
-              reply_type: type[R], timeout: float | None = None) -> R:
-        kwargs: dict[str, Any] = {"server": host, "version": version}
-        if timeout is not None:
-            kwargs["timeout"] = timeout
-        cctxt = self.client.prepare(**kwargs)
-        try:
-            reply = cctxt.call({}, method, payload=request.validated().to_wire())
-        except messaging.RemoteError as err:
-            raise remote_to_local(err) from None
-        return reply_type.from_wire(reply)
+    def _at(self, host: str, method: str, version: str, request: Message,
+            reply_type: type[R]) -> R:
+        """Call the agent of one compute host."""
+        return self._call(method, version, request, reply_type, server=host)
 
     # 1.0
     def create(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._call(host, "create", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "create", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def get(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._call(host, "get", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "get", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def list(self, host: str) -> m.VTPCMList:
-        return self._call(host, "list", "1.0", m.Empty(), m.VTPCMList)
+        return self._at(host, "list", "1.0", m.Empty(), m.VTPCMList)
 
     def start(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._call(host, "start", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "start", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def stop(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._call(host, "stop", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "stop", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def destroy(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._call(host, "destroy", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "destroy", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def export_state(self, host: str, instance_uuid: str) -> m.StateBlobs:
-        return self._call(host, "export_state", "1.0", m.InstanceRef(instance_uuid),
+        return self._at(host, "export_state", "1.0", m.InstanceRef(instance_uuid),
                           m.StateBlobs)
 
     def import_state(self, host: str, blobs: m.StateBlobs) -> m.VTPCMInfo:
-        return self._call(host, "import_state", "1.0", blobs, m.VTPCMInfo)
+        return self._at(host, "import_state", "1.0", blobs, m.VTPCMInfo)
 
     def health(self, host: str, timeout: float | None = None) -> m.Health:
-        return self._call(host, "health", "1.0", m.Empty(), m.Health, timeout=timeout)
+        return self._call("health", "1.0", m.Empty(), m.Health, server=host, timeout=timeout)
 
     # 1.1
     def get_identity(self, host: str, nonce: bytes) -> m.HostIdentity:
-        return self._call(host, "get_identity", "1.1", m.IdentityRequest(nonce),
+        return self._at(host, "get_identity", "1.1", m.IdentityRequest(nonce),
                           m.HostIdentity)
 
     def quote(self, host: str, nonce: bytes, pcrs: tuple[int, ...],
               bank: str = "sha256") -> m.Quote:
-        return self._call(host, "quote", "1.1", m.QuoteRequest(nonce, tuple(pcrs), bank),
+        return self._at(host, "quote", "1.1", m.QuoteRequest(nonce, tuple(pcrs), bank),
                           m.Quote)
 
     # 1.2
     def seal_migration_key(self, host: str, context: m.MigrationContext,
                            dest_kem_public: bytes) -> m.SealedKey:
-        return self._call(host, "seal_migration_key", "1.2",
+        return self._at(host, "seal_migration_key", "1.2",
                           m.SealRequest(context, dest_kem_public), m.SealedKey)
 
     def prepare_incoming(self, host: str, context: m.MigrationContext,
                          envelope: bytes) -> m.VTPCMInfo:
-        return self._call(host, "prepare_incoming", "1.2",
+        return self._at(host, "prepare_incoming", "1.2",
                           m.PrepareIncoming(context, envelope), m.VTPCMInfo)
 
     def commit_incoming(self, host: str, context: m.MigrationContext) -> m.Empty:
-        return self._call(host, "commit_incoming", "1.2", m.MigrationStep(context), m.Empty)
+        return self._at(host, "commit_incoming", "1.2", m.MigrationStep(context), m.Empty)
 
     def commit_outgoing(self, host: str, context: m.MigrationContext) -> m.Empty:
-        return self._call(host, "commit_outgoing", "1.2", m.MigrationStep(context), m.Empty)
+        return self._at(host, "commit_outgoing", "1.2", m.MigrationStep(context), m.Empty)
 
     def abort_incoming(self, host: str, context: m.MigrationContext,
                        only_if_unused: bool = False) -> m.Empty:
-        return self._call(host, "abort_incoming", "1.2",
+        return self._at(host, "abort_incoming", "1.2",
                           m.MigrationStep(context, only_if_unused), m.Empty)
 
     def abort_outgoing(self, host: str, context: m.MigrationContext) -> m.Empty:
-        return self._call(host, "abort_outgoing", "1.2", m.MigrationStep(context), m.Empty)
+        return self._at(host, "abort_outgoing", "1.2", m.MigrationStep(context), m.Empty)

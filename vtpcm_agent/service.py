@@ -34,7 +34,7 @@ def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
     return AgentSettings(
         host=conf.host, state_root=Path(a.state_dir), run_dir=Path(a.run_dir),
         swtpm_binary=a.swtpm_binary, swtpm_setup_binary=a.swtpm_setup_binary,
-        socket_mode=a.socket_mode, socket_uid=uid, socket_gid=gid, create_ek=a.create_ek,
+        socket_mode=int(a.socket_mode, 8), socket_uid=uid, socket_gid=gid, create_ek=a.create_ek,
         expose_data_socket=a.expose_data_socket,
         max_state_blob_bytes=a.max_state_blob_bytes, timeout=a.swtpm_timeout)
 
@@ -70,7 +70,8 @@ class AgentService:
 
     def start(self) -> None:
         self.instances.recover()
-        target = messaging.Target(topic=rpcapi.TOPIC, server=self.settings.host)
+        topic = rpc.topic(self.conf, "agent_topic")
+        target = messaging.Target(topic=topic, server=self.settings.host)
         endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm)]
         self.server = messaging.get_rpc_server(
             self.transport, target, endpoints,
@@ -81,7 +82,7 @@ class AgentService:
             from vtpcm_nova.engine.rpcapi import EngineAPI
             EngineAPI(self.conf, self.transport).register_agent(self.settings.host)
         LOG.info("vtpcm-agent of host %(host)s serving topic %(topic)s (API %(v)s)",
-                 {"host": self.settings.host, "topic": rpcapi.TOPIC,
+                 {"host": self.settings.host, "topic": topic,
                   "v": rpcapi.RPC_API_VERSION})
 
     def stop(self) -> None:

@@ -1,9 +1,47 @@
 """oslo.messaging plumbing shared by agent and engine."""
 
+import functools
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import oslo_messaging as messaging
 from oslo_config import cfg
+from oslo_log import log as logging
 
 from vtpcm_common import exception
+from vtpcm_common.wire import Message
+
+LOG = logging.getLogger(__name__)
+
+rpc_group = cfg.OptGroup("vtpcm_rpc", title="vTPCM RPC topics")
+RPC_OPTS = [
+    cfg.StrOpt("agent_topic", default="vtpcm-agent",
+               help="RPC topic of the vtpcm-agents (each listens as server = its host)."),
+    cfg.StrOpt("engine_topic", default="vtpcm-engine",
+               help="RPC topic of the vtpcm-engine workers."),
+]
+# RabbitMQ queue names are global per virtual host whatever control_exchange
+# says: two deployments (or test runs) on one broker and virtual host must
+# use different topics, or they consume each other's messages.
+
+
+def register_rpc_opts(conf: cfg.ConfigOpts) -> None:
+    conf.register_group(rpc_group)
+    conf.register_opts(RPC_OPTS, group=rpc_group)
+
+
+def list_rpc_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
+    return [(rpc_group, RPC_OPTS)]
+
+
+def topic(conf: cfg.ConfigOpts, which: str) -> str:
+    """The configured topic, ``which`` being 'agent_topic' or 'engine_topic'."""
+    register_rpc_opts(conf)
+    return str(getattr(conf.vtpcm_rpc, which))
+
+
+R = TypeVar("R", bound=Message)
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def get_transport(conf: cfg.ConfigOpts) -> messaging.Transport:
@@ -41,3 +79,49 @@ def _all_subclasses(cls: type) -> list[type]:
         out.append(sub)
         out.extend(_all_subclasses(sub))
     return out
+
+
+class Client:
+    """A versioned RPC client: one checked message out, one checked message back.
+
+    Remote vTPCM errors come back as their own exception classes."""
+
+    def __init__(self, conf: cfg.ConfigOpts, topic_name: str,
+                 transport: messaging.Transport | None = None, timeout: float = 60.0) -> None:
+        self.transport = transport or get_transport(conf)
+        self.topic = topic_name
+        target = messaging.Target(topic=topic_name, version="1.0")
+        self.client = messaging.get_rpc_client(self.transport, target, timeout=timeout)
+
+    def _call(self, method: str, version: str, request: Message, reply_type: type[R], *,
+              server: str | None = None, timeout: float | None = None) -> R:
+        kwargs: dict[str, Any] = {"version": version}
+        if server is not None:
+            kwargs["server"] = server
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        try:
+            reply = self.client.prepare(**kwargs).call(
+                {}, method, payload=request.validated().to_wire())
+        except messaging.RemoteError as err:
+            raise remote_to_local(err) from None
+        return reply_type.from_wire(reply)
+
+
+def endpoint(request_type: type[Message]) -> Callable[[F], F]:
+    """Server side of one RPC method: parse ``payload`` into ``request_type``,
+    answer with the method's message; refusals go back to the caller and are
+    logged once, without secrets (messages hide secret fields)."""
+    def wrap(func: F) -> F:
+        @functools.wraps(func)
+        @messaging.expected_exceptions(exception.VTPCMException)
+        def inner(self: Any, ctxt: dict[str, Any], payload: Any) -> Any:
+            try:
+                reply: Message = func(self, request_type.from_wire(payload))
+                return reply.to_wire()
+            except exception.VTPCMException as err:
+                LOG.warning("Refused %(method)s: %(error)s",
+                            {"method": func.__name__, "error": err})
+                raise
+        return inner  # type: ignore[return-value]
+    return wrap

@@ -37,14 +37,25 @@ def short_dir(prefix: str) -> Path:
     return path
 
 
-def client_conf(exchange: str) -> cfg.ConfigOpts:
+def topics(namespace: str) -> dict[str, str]:
+    """RPC topics of one isolated deployment on the shared broker.
+
+    RabbitMQ queue names are global per virtual host, so a separate
+    control_exchange alone does not isolate two runs: the topics differ too."""
+    return {"agent_topic": "vtpcm-agent-" + namespace,
+            "engine_topic": "vtpcm-engine-" + namespace}
+
+
+def client_conf(namespace: str) -> cfg.ConfigOpts:
     conf = cfg.ConfigOpts()
     agent_conf.register_opts(conf)
     engine_conf.register_opts(conf)
     conf([], project="vtpcm", default_config_files=[])
     rpc.get_transport(conf)  # registers transport options
     conf.set_override("transport_url", TRANSPORT_URL)
-    conf.set_override("control_exchange", exchange)
+    conf.set_override("control_exchange", namespace)
+    for name, value in topics(namespace).items():
+        conf.set_override(name, value, group="vtpcm_rpc")
     return conf
 
 
@@ -126,6 +137,7 @@ class AgentDaemon(Daemon):
         config: dict[str, dict[str, Any]] = {
             "DEFAULT": {"host": host, "transport_url": TRANSPORT_URL,
                         "control_exchange": exchange, "debug": "true"},
+            "vtpcm_rpc": topics(exchange),
             "agent": {"state_dir": workdir / ("state-" + host), "run_dir": run_dir,
                       "expose_data_socket": "true"},
             "host_tpm": {"tcti": tcti},
@@ -151,6 +163,7 @@ class EngineDaemon(Daemon):
         config: dict[str, dict[str, Any]] = {
             "DEFAULT": {"transport_url": TRANSPORT_URL, "control_exchange": exchange,
                         "debug": "true"},
+            "vtpcm_rpc": topics(exchange),
             "engine": {"host": "engine-" + uuid.uuid4().hex[:6], "connection": connection,
                        "rpc_timeout": 20},
             "attestation": {"auto_approve": "true", "interval": 0},

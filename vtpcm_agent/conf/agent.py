@@ -5,6 +5,8 @@ from typing import Any
 
 from oslo_config import cfg
 
+from vtpcm_common import rpc
+
 DEFAULT_OPTS = [
     cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
                help="Name of this compute host, as nova-compute knows it. The agent's "
@@ -22,9 +24,9 @@ AGENT_OPTS = [
     cfg.StrOpt("swtpm_binary", default="swtpm", help="The swtpm executable."),
     cfg.StrOpt("swtpm_setup_binary", default="swtpm_setup",
                help="The swtpm_setup executable used to create new vTPCM state."),
-    cfg.IntOpt("socket_mode", default=0o660, min=0, max=0o777,
-               help="Permission bits of each control socket (as a decimal or 0o octal "
-                    "number). QEMU must be able to connect."),
+    cfg.StrOpt("socket_mode", default="0660", regex=r"^0?[0-7]{3}$",
+               help="Permission bits of each control socket, in octal (e.g. 0660). "
+                    "QEMU must be able to connect."),
     cfg.StrOpt("socket_user", help="Owner of each control socket (the QEMU user, e.g. "
                                    "libvirt-qemu). Unset: the agent's user."),
     cfg.StrOpt("socket_group", help="Group of each control socket. Unset: the agent's "
@@ -34,8 +36,10 @@ AGENT_OPTS = [
                      "local CA when a vTPCM is created (Windows 11 guests want them)."),
     cfg.BoolOpt("expose_data_socket", default=False, advanced=True,
                 help="Also open a TPM data socket next to the control socket "
-                     "(<uuid>.ctrl without .ctrl). Only for tests and diagnostics: "
-                     "anyone who can connect can use the guest's TPM."),
+                     "(<uuid>.ctrl without .ctrl) and start swtpm with "
+                     "--flags startup-clear, so TPM commands work without QEMU. Only "
+                     "for tests and diagnostics: anyone who can connect can use the "
+                     "guest's TPM."),
     cfg.IntOpt("max_state_blob_bytes", default=256 * 1024, min=4096,
                help="Largest state blob accepted on import."),
     cfg.FloatOpt("swtpm_timeout", default=10.0, min=0.5,
@@ -51,14 +55,14 @@ HOST_TPM_OPTS = [
     cfg.StrOpt("tcti", default="device:/dev/tpmrm0",
                help="tpm2-tss TCTI of the host TPM that holds this host's identity and "
                     "seals its host key. swtpm:path=... for a stand-in in a lab."),
-    cfg.ListOpt("policy_pcrs", default=["0", "1", "2", "3", "4", "5", "6", "7"],
-                help="PCR indices the engine usually asks to quote (informational; the "
-                     "engine's policy decides)."),
 ]
 
 keystore_group = cfg.OptGroup("keystore", title="Per-instance key storage")
 KEYSTORE_OPTS = [
-    cfg.StrOpt("host_key_mode", default="tpm", choices=["tpm", "dev-keyfile"],
+    cfg.StrOpt("host_key_mode", default="tpm",
+               choices=[("tpm", "host key sealed in the host TPM"),
+                        ("dev-keyfile", "host key in a root-only file; insecure, "
+                                        "development only")],
                help="How the host key that wraps every instance key is protected: "
                     "sealed in the host TPM (tpm), or a root-only file (dev-keyfile, "
                     "insecure, development only; the agent warns at every start)."),
@@ -67,6 +71,7 @@ KEYSTORE_OPTS = [
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
+    rpc.register_rpc_opts(conf)
     conf.register_opts(DEFAULT_OPTS)
     conf.register_group(agent_group)
     conf.register_opts(AGENT_OPTS, group=agent_group)
@@ -78,4 +83,5 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 
 def list_opts() -> list[tuple[cfg.OptGroup | None, list[Any]]]:
     return [(None, DEFAULT_OPTS), (agent_group, AGENT_OPTS),
-            (host_tpm_group, HOST_TPM_OPTS), (keystore_group, KEYSTORE_OPTS)]
+            (host_tpm_group, HOST_TPM_OPTS), (keystore_group, KEYSTORE_OPTS),
+            *rpc.list_rpc_opts()]

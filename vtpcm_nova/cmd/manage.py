@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     hosts = group("hosts", "compute hosts and their attestation")
     command(hosts, "list", hosts_list, "list enrolled hosts")
     for name, func, text in (("show", hosts_show, "show one host"),
-                             ("enroll", hosts_enroll, "(re)enroll a host from its agent"),
+                             ("enroll", hosts_enroll,
+                              "enroll a host from its agent (a revoked host may enroll again)"),
                              ("approve", hosts_approve, "approve an enrolled host"),
                              ("revoke", hosts_revoke, "revoke a host")):
         command(hosts, name, func, text).add_argument("host", metavar="HOST")

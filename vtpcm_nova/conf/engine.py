@@ -5,6 +5,8 @@ from typing import Any
 
 from oslo_config import cfg
 
+from vtpcm_common import rpc
+
 engine_group = cfg.OptGroup("engine", title="vTPCM engine")
 ENGINE_OPTS = [
     cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
@@ -27,8 +29,8 @@ ATTESTATION_OPTS = [
     cfg.StrOpt("default_policy",
                help="Golden PCR policy assigned to newly enrolled hosts (by name)."),
     cfg.IntOpt("verdict_ttl", default=300, min=5,
-               help="Seconds a TRUSTED verdict stays fresh. The scheduler and the "
-                    "migration pre-check attest again once it is stale."),
+               help="Seconds a TRUSTED verdict stays fresh. The migration pre-check "
+                    "(check_destination) and begin attest again once it is stale."),
     cfg.IntOpt("nonce_ttl", default=60, min=5,
                help="Seconds a challenge nonce may be answered."),
     cfg.IntOpt("interval", default=120, min=0,
@@ -36,7 +38,10 @@ ATTESTATION_OPTS = [
                     "(0 disables the periodic task)."),
     cfg.IntOpt("jitter", default=15, min=0,
                help="Random extra delay, up to this many seconds, per periodic round."),
-    cfg.StrOpt("reboot_policy", default="reapprove", choices=["reapprove", "accept"],
+    cfg.StrOpt("reboot_policy", default="reapprove",
+               choices=[("reapprove", "a rebooted host is UNTRUSTED and PENDING until "
+                                      "an operator approves it again"),
+                        ("accept", "a rebooted host stays TRUSTED if its PCRs match")],
                help="A host whose TPM resetCount grew has rebooted: reapprove makes it "
                     "UNTRUSTED until an operator approves it again; accept trusts it if "
                     "its PCRs still match."),
@@ -62,4 +67,4 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 
 def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
     return [(engine_group, ENGINE_OPTS), (attestation_group, ATTESTATION_OPTS),
-            (migration_group, MIGRATION_OPTS)]
+            (migration_group, MIGRATION_OPTS), *rpc.list_rpc_opts()]

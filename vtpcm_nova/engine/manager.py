@@ -7,24 +7,22 @@ them and records refusals in the log.
 
 import dataclasses
 import datetime
-import functools
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import oslo_messaging as messaging
 from oslo_log import log as logging
 
 from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import exception
-from vtpcm_common.wire import Message
+from vtpcm_common.rpc import endpoint
 from vtpcm_nova.engine import messages as m
 from vtpcm_nova.engine import rpcapi
 from vtpcm_nova.engine.attestation import Attestor
-from vtpcm_nova.engine.coordinator import Coordinator, MigrationStatus
+from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api
 
 LOG = logging.getLogger(__name__)
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 class AgentAttestationClient:
@@ -39,22 +37,6 @@ class AgentAttestationClient:
     def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
               bank: str) -> Mapping[str, Any]:
         return dataclasses.asdict(self.agents.quote(host, nonce, tuple(pcrs), bank))
-
-
-def endpoint(request_type: type[Message]) -> Callable[[F], F]:
-    def wrap(func: F) -> F:
-        @functools.wraps(func)
-        @messaging.expected_exceptions(exception.VTPCMException)
-        def inner(self: "EngineManager", ctxt: dict[str, Any], payload: Any) -> Any:
-            try:
-                reply: Message = func(self, request_type.from_wire(payload))
-                return reply.to_wire()
-            except exception.VTPCMException as err:
-                LOG.warning("Refused %(method)s: %(error)s",
-                            {"method": func.__name__, "error": err})
-                raise
-        return inner  # type: ignore[return-value]
-    return wrap
 
 
 def _ts(value: datetime.datetime | None) -> str | None:
@@ -78,7 +60,7 @@ def policy_info(rec: db_api.PolicyRecord) -> m.PolicyInfo:
                         description=rec.description)
 
 
-def migration_info(st: MigrationStatus) -> m.MigrationInfo:
+def migration_info(st: db_api.MigrationRecord) -> m.MigrationInfo:
     return m.MigrationInfo(st.migration_id, st.instance_uuid, st.source, st.dest,
                            st.generation, st.state, (st.error or None) and st.error[:4000])
 
@@ -101,9 +83,18 @@ class EngineManager:
 
     # hosts -----------------------------------------------------------------------
     def register_agent(self, ctxt: dict[str, Any], payload: Any) -> None:
-        """Cast from an agent at start: enroll it by pulling a fresh identity."""
+        """Cast from an agent at start: enroll it by pulling a fresh identity,
+        unless it is enrolled already (a revoked host must be re-enrolled by
+        an operator)."""
         try:
-            self._enroll(m.HostRef.from_wire(payload))
+            req = m.HostRef.from_wire(payload)
+            try:
+                existing = self.db.get_host(req.host)
+            except exception.NotFound:
+                self._enroll(req)
+            else:
+                LOG.debug("Agent of host %(host)s registered; host already %(status)s",
+                          {"host": req.host, "status": existing.status.value})
         except exception.VTPCMException as err:
             LOG.warning("Enrollment on agent registration failed: %(err)s", {"err": err})
 

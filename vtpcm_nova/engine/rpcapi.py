@@ -11,109 +11,97 @@ API version history:
 Any engine worker on the topic may answer: the state lives in the database.
 """
 
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import oslo_messaging as messaging
 from oslo_config import cfg
 
 from vtpcm_common import rpc
-from vtpcm_common.rpc import remote_to_local
 from vtpcm_common.wire import Message
 from vtpcm_nova.engine import messages as m
 
-TOPIC = "vtpcm-engine"
 RPC_API_VERSION = "1.0"
 
 R = TypeVar("R", bound=Message)
 
 
-class EngineAPI:
+class EngineAPI(rpc.Client):
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
                  timeout: float = 120.0) -> None:
-        self.transport = transport or rpc.get_transport(conf)
-        target = messaging.Target(topic=TOPIC, version="1.0")
-        self.client = messaging.get_rpc_client(self.transport, target, timeout=timeout)
+        super().__init__(conf, rpc.topic(conf, "engine_topic"), transport, timeout)
 
-    def _call(self, method: str, request: Message, reply_type: type[R],
-              timeout: float | None = None) -> R:
-        kwargs: dict[str, Any] = {"version": "1.0"}
-        if timeout is not None:
-            kwargs["timeout"] = timeout
-        try:
-            reply = self.client.prepare(**kwargs).call(
-                {}, method, payload=request.validated().to_wire())
-        except messaging.RemoteError as err:
-            raise remote_to_local(err) from None
-        return reply_type.from_wire(reply)
+    def _ask(self, method: str, request: Message, reply_type: type[R],
+             timeout: float | None = None) -> R:
+        return self._call(method, "1.0", request, reply_type, timeout=timeout)
 
     def register_agent(self, host: str) -> None:
         self.client.prepare(version="1.0").cast(
             {}, "register_agent", payload=m.HostRef(host).validated().to_wire())
 
     def enroll(self, host: str) -> m.HostInfo:
-        return self._call("enroll", m.HostRef(host), m.HostInfo)
+        return self._ask("enroll", m.HostRef(host), m.HostInfo)
 
     def approve_host(self, host: str) -> m.HostInfo:
-        return self._call("approve_host", m.HostRef(host), m.HostInfo)
+        return self._ask("approve_host", m.HostRef(host), m.HostInfo)
 
     def revoke_host(self, host: str) -> m.HostInfo:
-        return self._call("revoke_host", m.HostRef(host), m.HostInfo)
+        return self._ask("revoke_host", m.HostRef(host), m.HostInfo)
 
     def list_hosts(self, timeout: float | None = None) -> m.HostList:
-        return self._call("list_hosts", m.Empty(), m.HostList, timeout=timeout)
+        return self._ask("list_hosts", m.Empty(), m.HostList, timeout=timeout)
 
     def show_host(self, host: str) -> m.HostInfo:
-        return self._call("show_host", m.HostRef(host), m.HostInfo)
+        return self._ask("show_host", m.HostRef(host), m.HostInfo)
 
     def assign_policy(self, host: str, policy_name: str | None) -> m.HostInfo:
-        return self._call("assign_policy", m.AssignPolicy(host, policy_name), m.HostInfo)
+        return self._ask("assign_policy", m.AssignPolicy(host, policy_name), m.HostInfo)
 
     def put_policy(self, policy: m.PolicyInfo) -> m.PolicyInfo:
-        return self._call("put_policy", policy, m.PolicyInfo)
+        return self._ask("put_policy", policy, m.PolicyInfo)
 
     def record_policy(self, name: str, host: str, pcrs: tuple[int, ...],
                       description: str = "") -> m.PolicyInfo:
-        return self._call("record_policy", m.RecordPolicy(name, host, tuple(pcrs),
+        return self._ask("record_policy", m.RecordPolicy(name, host, tuple(pcrs),
                                                           description), m.PolicyInfo)
 
     def list_policies(self) -> m.PolicyList:
-        return self._call("list_policies", m.Empty(), m.PolicyList)
+        return self._ask("list_policies", m.Empty(), m.PolicyList)
 
     def attest(self, host: str) -> m.Verdict:
-        return self._call("attest", m.HostRef(host), m.Verdict)
+        return self._ask("attest", m.HostRef(host), m.Verdict)
 
     def verdicts(self) -> m.VerdictList:
         """All fresh verdicts in one call (the scheduler filter's only query)."""
-        return self._call("verdicts", m.Empty(), m.VerdictList)
+        return self._ask("verdicts", m.Empty(), m.VerdictList)
 
     def list_audit(self, limit: int = 100, host: str | None = None) -> m.AuditList:
-        return self._call("list_audit", m.AuditQuery(limit, host), m.AuditList)
+        return self._ask("list_audit", m.AuditQuery(limit, host), m.AuditList)
 
     def create_vtpcm(self, instance_uuid: str, host: str) -> m.VtpcmRecord:
-        return self._call("create_vtpcm", m.VtpcmPlacement(instance_uuid, host),
+        return self._ask("create_vtpcm", m.VtpcmPlacement(instance_uuid, host),
                           m.VtpcmRecord)
 
     def destroy_vtpcm(self, instance_uuid: str) -> m.Empty:
-        return self._call("destroy_vtpcm", m.InstanceRef(instance_uuid), m.Empty)
+        return self._ask("destroy_vtpcm", m.InstanceRef(instance_uuid), m.Empty)
 
     def get_vtpcm(self, instance_uuid: str) -> m.VtpcmRecord:
-        return self._call("get_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmRecord)
+        return self._ask("get_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmRecord)
 
     def check_destination(self, instance_uuid: str, dest: str) -> m.Verdict:
-        return self._call("check_destination", m.CheckDestination(instance_uuid, dest),
+        return self._ask("check_destination", m.CheckDestination(instance_uuid, dest),
                           m.Verdict)
 
     def begin(self, migration_id: str, instance_uuid: str, source: str,
               dest: str) -> m.MigrationInfo:
-        return self._call("begin", m.BeginMigration(migration_id, instance_uuid, source,
+        return self._ask("begin", m.BeginMigration(migration_id, instance_uuid, source,
                                                     dest), m.MigrationInfo)
 
     def commit(self, migration_id: str) -> m.MigrationInfo:
-        return self._call("commit", m.MigrationRef(migration_id), m.MigrationInfo)
+        return self._ask("commit", m.MigrationRef(migration_id), m.MigrationInfo)
 
     def abort(self, migration_id: str, reason: str) -> m.MigrationInfo:
-        return self._call("abort", m.AbortMigration(migration_id, reason[:1000]),
+        return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
                           m.MigrationInfo)
 
     def get_migration(self, migration_id: str) -> m.MigrationInfo:
-        return self._call("get_migration", m.MigrationRef(migration_id), m.MigrationInfo)
+        return self._ask("get_migration", m.MigrationRef(migration_id), m.MigrationInfo)

@@ -39,7 +39,8 @@ class EngineService:
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
-        target = messaging.Target(topic=rpcapi.TOPIC, server=self.conf.engine.host)
+        topic = rpc.topic(self.conf, "engine_topic")
+        target = messaging.Target(topic=topic, server=self.conf.engine.host)
         self.server = messaging.get_rpc_server(
             self.transport, target, [self.manager],
             access_policy=messaging.DefaultRPCAccessPolicy)
@@ -51,7 +52,7 @@ class EngineService:
         if mig.reconcile_interval:
             self._periodic("reconcile", mig.reconcile_interval, 0, self.coordinator.reconcile)
         LOG.info("vtpcm-engine %(host)s serving topic %(topic)s (API %(v)s)",
-                 {"host": self.conf.engine.host, "topic": rpcapi.TOPIC,
+                 {"host": self.conf.engine.host, "topic": topic,
                   "v": rpcapi.RPC_API_VERSION})
 
     def _periodic(self, name: str, interval: float, jitter: float, func: Any) -> None:

@@ -109,7 +109,7 @@ def setup(request):
         dishonest.foreign = tpm_x
         transport = rpc.get_transport(conf)
         server = messaging.get_rpc_server(
-            transport, messaging.Target(topic=agent_rpcapi.TOPIC, server=host_b),
+            transport, messaging.Target(topic=rpc.topic(conf, "agent_topic"), server=host_b),
             [dishonest], access_policy=messaging.DefaultRPCAccessPolicy)
         server.start()
         cleanups.append(lambda: (server.stop(), server.wait()))
