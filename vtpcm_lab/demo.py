@@ -84,23 +84,7 @@ def _plain_baseline(stack: Stack) -> migrate.MigrationResult:
 
 
 def _cleanup_guests(lab: Lab) -> None:
-    for host in lab.hosts:
-        try:
-            conn = host.connect()
-        except libvirt.libvirtError:
-            continue
-        try:
-            for name in (GUEST, PLAIN_GUEST):
-                try:
-                    dom = conn.lookupByName(name)
-                except libvirt.libvirtError:
-                    continue
-                if dom.isActive():
-                    dom.destroy()
-                if dom.isPersistent():
-                    dom.undefine()
-        finally:
-            conn.close()
+    live.destroy_guests(lab, lambda name: name in (GUEST, PLAIN_GUEST))
 
 
 def run(one_way: bool, keep: bool) -> int:

@@ -9,12 +9,14 @@ import dataclasses
 import socket
 import time
 import uuid
+from collections.abc import Callable
 
 import libvirt
 from oslo_log import log as logging
 
 from vtpcm_common import exception
 from vtpcm_lab import console, domain, migrate
+from vtpcm_lab.hosts import Lab
 from vtpcm_lab.stack import Stack, StackHost
 
 LOG = logging.getLogger(__name__)
@@ -104,3 +106,22 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
         migration_id=migration_id, instance_uuid=instance, source=src.name, dest=dst.name,
         verdict=verdict.status, check_s=checked - start, begin_s=begun - checked,
         commit_s=done - migrated, libvirt=result, total_s=done - start)
+
+
+def destroy_guests(lab: Lab, match: Callable[[str], bool]) -> None:
+    """Destroy and undefine every lab guest whose name ``match``es, on both hosts."""
+    for host in lab.hosts:
+        try:
+            conn = host.connect()
+        except libvirt.libvirtError:
+            continue  # host daemon not running: nothing to clean there
+        try:
+            for dom in conn.listAllDomains():
+                if not match(dom.name()):
+                    continue
+                if dom.isActive():
+                    dom.destroy()
+                if dom.isPersistent():
+                    dom.undefine()
+        finally:
+            conn.close()

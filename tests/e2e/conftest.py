@@ -21,6 +21,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_lab import console, domain, hosts
 
 SWTPM_START_TIMEOUT = 10.0
@@ -43,20 +44,12 @@ class Key:
         return "Key(<hidden>)"
 
 
-def _key_pipe(data: bytes) -> int:
-    """Read end of a pipe already holding ``data`` (the writer is closed)."""
-    rfd, wfd = os.pipe()
-    try:
-        os.write(wfd, data)
-    finally:
-        os.close(wfd)
-    return rfd
 
 
 def setup_state(state_dir: Path, key: Key) -> None:
     """Manufacture an encrypted TPM 2 state with EK + certificates."""
     state_dir.mkdir(parents=True, exist_ok=True)
-    fd = _key_pipe(key.raw.hex().encode())
+    fd = key_pipe(key.raw.hex().encode())
     try:
         proc = subprocess.run(
             ["swtpm_setup", "--tpm2", "--tpmstate", str(state_dir), "--createek",
@@ -79,13 +72,13 @@ class SwtpmProcs:
         state_dir.mkdir(parents=True, exist_ok=True)
         if ctrl.exists():
             ctrl.unlink()
-        fds = [_key_pipe(key.raw)]
+        fds = [key_pipe(key.raw)]
         argv = ["swtpm", "socket", "--tpm2", "--tpmstate", "dir=%s" % state_dir,
                 "--ctrl", "type=unixio,path=%s,mode=0660,uid=%d" % (ctrl, uid),
                 "--key", "fd=%d,mode=aes-256-cbc,format=binary" % fds[0],
                 "--log", "file=%s,level=1" % (state_dir / "swtpm.log")]
         if migration_key is not None:
-            fds.append(_key_pipe(migration_key.raw))
+            fds.append(key_pipe(migration_key.raw))
             argv += ["--migration-key", "fd=%d,mode=aes-256-cbc,format=binary" % fds[1]]
         try:
             proc = subprocess.Popen(argv, pass_fds=tuple(fds), stdin=subprocess.DEVNULL,

@@ -20,6 +20,7 @@ import pytest
 from tests.functional import tpmtools
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import KeyStore, TPMSealedHostKey
+from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_common import exception
 from vtpcm_lab import console, domain, hosts, live, migrate, proxy
 from vtpcm_lab.stack import Stack
@@ -39,17 +40,7 @@ def stack(lab):
 
 
 def _destroy_guests(lab):
-    for host in lab.hosts:
-        conn = host.connect()
-        try:
-            for dom in conn.listAllDomains():
-                if dom.name().startswith("vte-"):
-                    if dom.isActive():
-                        dom.destroy()
-                    if dom.isPersistent():
-                        dom.undefine()
-        finally:
-            conn.close()
+    live.destroy_guests(lab, lambda name: name.startswith("vte-"))
 
 
 @pytest.fixture
@@ -208,12 +199,7 @@ def test_destination_that_cannot_load_the_state_leaves_vm_on_source(stack, guest
 
 
 def _raw_swtpm(tpmdir: Path, ctrl: Path, uid: int):
-    fds = []
-    for _ in range(2):
-        r, w = os.pipe()
-        os.write(w, os.urandom(32))
-        os.close(w)
-        fds.append(r)
+    fds = [key_pipe(os.urandom(32)), key_pipe(os.urandom(32))]
     try:
         proc = subprocess.Popen(
             ["swtpm", "socket", "--tpm2", "--tpmstate", "dir=%s" % tpmdir,

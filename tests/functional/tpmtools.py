@@ -24,6 +24,7 @@ from tpm2_pytss.types import (
 )
 
 from vtpcm_agent.swtpm import ctrl, process
+from vtpcm_agent.swtpm.keypipe import key_pipe
 
 NV_INDEX = 0x01500016
 PERSISTENT = 0x81000010
@@ -146,9 +147,7 @@ def _clone(state_dir: Path, at_rest_key: bytes, base: Path,
         for entry in state_dir.iterdir():
             if entry.name != ".lock":
                 shutil.copy2(entry, copy / entry.name)
-        read_fd, write_fd = os.pipe()
-        os.write(write_fd, at_rest_key)
-        os.close(write_fd)
+        read_fd = key_pipe(at_rest_key)
         argv = ["swtpm", "socket", "--tpm2", "--daemon",
                 "--flags", "not-need-init" + (",startup-clear" if data_socket else ""),
                 "--tpmstate", "dir=%s,mode=0600" % copy,

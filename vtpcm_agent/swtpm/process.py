@@ -33,6 +33,7 @@ from pathlib import Path
 from oslo_log import log as logging
 
 from vtpcm_agent.swtpm import ctrl
+from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
@@ -76,13 +77,6 @@ class SwtpmPaths:
                                              % (name, value, MAX_UNIX_PATH))
 
 
-def _key_pipe(key: bytes) -> int:
-    read_fd, write_fd = os.pipe()
-    try:
-        os.write(write_fd, key)
-    finally:
-        os.close(write_fd)
-    return read_fd
 
 
 def _check_key(key: bytes, what: str) -> None:
@@ -239,9 +233,9 @@ def start(paths: SwtpmPaths, at_rest_key: bytes, migration_key: bytes, *,
 
     deadline = time.monotonic() + timeout
     started = time.monotonic()
-    key_fd = _key_pipe(at_rest_key)
+    key_fd = key_pipe(at_rest_key)
     try:
-        mig_fd = _key_pipe(migration_key)
+        mig_fd = key_pipe(migration_key)
         try:
             cmd = build_command(paths, key_fd, mig_fd, socket_mode=socket_mode,
                                 socket_uid=socket_uid, socket_gid=socket_gid,

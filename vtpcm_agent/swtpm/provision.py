@@ -18,6 +18,7 @@ from pathlib import Path
 from oslo_log import log as logging
 
 from vtpcm_agent.swtpm import ctrl, localca
+from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
@@ -27,14 +28,6 @@ PERMANENT_STATE_FILE = "tpm2-00.permall"
 _TAIL = 800
 
 
-def _key_pipe(data: bytes) -> int:
-    """Return the read end of a pipe that already holds ``data`` (then EOF)."""
-    read_fd, write_fd = os.pipe()
-    try:
-        os.write(write_fd, data)
-    finally:
-        os.close(write_fd)
-    return read_fd
 
 
 def _safe_tail(output: str, key: bytes) -> str:
@@ -103,7 +96,7 @@ def provision_state(state_dir: Path, at_rest_key: bytes, *, vtpcm_id: str,
     state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     started = time.monotonic()
-    key_fd = _key_pipe(at_rest_key.hex().encode("ascii"))  # swtpm_setup passes no format=: hex
+    key_fd = key_pipe(at_rest_key.hex().encode("ascii"))  # swtpm_setup passes no format=: hex
     try:
         _run_setup(_command(state_dir, key_fd, create_ek=create_ek, setup_conf=setup_conf,
                             binary=swtpm_setup_binary),
