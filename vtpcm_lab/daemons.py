@@ -159,7 +159,8 @@ class EngineDaemon(Daemon):
     module = "vtpcm_nova.cmd.engine"
 
     def __init__(self, workdir: Path, exchange: str, connection: str, *,
-                 extra: dict[str, dict[str, Any]] | None = None) -> None:
+                 extra: dict[str, dict[str, Any]] | None = None,
+                 name: str = "engine") -> None:
         config: dict[str, dict[str, Any]] = {
             "DEFAULT": {"transport_url": TRANSPORT_URL, "control_exchange": exchange,
                         "debug": "true"},
@@ -171,7 +172,7 @@ class EngineDaemon(Daemon):
         }
         for section, values in (extra or {}).items():
             config.setdefault(section, {}).update(values)
-        super().__init__(workdir, "engine", config)
+        super().__init__(workdir, name, config)
 
     def wait_ready(self, api: EngineAPI, timeout: float = 60.0) -> None:
         def ready() -> bool:

@@ -5,6 +5,7 @@ vtpcm-engine attesting swtpm host-TPM stand-ins, over the local RabbitMQ.
 Tests run in file order on one stack; the one that makes host B untrusted
 comes last."""
 
+import base64
 import hashlib
 import os
 import shutil
@@ -139,6 +140,13 @@ def test_migration_stream_carries_no_plaintext_vtpcm_state(stack, guest):
         hits = proxy.find_windows(plain, stream, secret)
         assert hits == set(), "%d secret windows of vTPCM state in the stream" % len(hits)
         _same_tpm(before, _report(b.lab_host, name))
+        # Neither key, in any encoding, in any DEBUG log of the services.
+        logs = [h.agent.log_file for h in stack.hosts.values()]
+        logs.append(stack.engine_daemon.log_file)
+        for key in (keys.at_rest_key, keys.migration_key):
+            for form in (key, key.hex().encode(), base64.b64encode(key)):
+                for log in logs:
+                    assert form not in log.read_bytes(), log
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

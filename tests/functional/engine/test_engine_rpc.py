@@ -17,6 +17,7 @@ from tests.functional.harness import (
     EngineDaemon,
     client_conf,
     short_dir,
+    wait_for,
 )
 from tests.functional.hosttpm_fixture import HostTPMStandIn
 from vtpcm_agent import messages as am
@@ -227,3 +228,26 @@ def test_unknown_host_and_bad_input(setup):
                                          "source": "a", "dest": "b"})
     assert "migration_id" in str(err.value.value)
     assert os.environ.get("VTPCM_NEVER_SET") is None
+
+
+def test_two_engine_workers_share_the_topic_and_attest_periodically(setup):
+    """A second worker on the same database and topic serves calls when the
+    first is gone, and its periodic task re-attests without anyone asking."""
+    api, engine, host_a, _, _, _ = setup
+    first = {v.host: v.attested_at for v in api.verdicts().verdicts}[host_a]
+    second = EngineDaemon(engine.workdir, engine.config["DEFAULT"]["control_exchange"],
+                          engine.config["engine"]["connection"], name="engine-second",
+                          extra={"engine": {"host": "engine-second"},
+                                 "attestation": {"verdict_ttl": 600, "interval": 1,
+                                                 "jitter": 1}})
+    second.start()
+    try:
+        second.wait_ready(api)
+        engine.stop()
+        assert api.show_host(host_a).name == host_a  # only the second one is left
+        wait_for("periodic attestation", lambda: {
+            v.host: v.attested_at for v in api.verdicts().verdicts}[host_a] != first, 20)
+    finally:
+        second.stop()
+        engine.start()
+        engine.wait_ready(api)
