@@ -166,7 +166,28 @@ def _read_private_file(path: Path, what: str) -> bytes:
         os.close(fd)
 
 
-class DevKeyFileHostKey:
+class _CachedHostKey:
+    """Loads (or creates) the host key once, under a lock, then keeps it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = Path(path)
+        self._key: bytes | None = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(path={str(self._path)!r})"
+
+    def host_key(self) -> bytes:
+        with self._lock:
+            if self._key is None:
+                self._key = self._load_or_create()
+            return self._key
+
+    def _load_or_create(self) -> bytes:
+        raise NotImplementedError
+
+
+class DevKeyFileHostKey(_CachedHostKey):
     """DEV ONLY: the host key in a root-only 0600 file, not in a TPM.
 
     Anyone who can read the file (root, a disk image, a backup) can unwrap
@@ -174,21 +195,10 @@ class DevKeyFileHostKey:
     """
 
     def __init__(self, path: Path) -> None:
-        self._path = Path(path)
-        self._key: bytes | None = None
-        self._lock = threading.Lock()
+        super().__init__(path)
         LOG.warning("INSECURE dev mode: the vTPCM host key is kept in the plain file "
                     "%(path)s instead of being sealed in the host TPM; never use this "
                     "in production", {"path": self._path})
-
-    def __repr__(self) -> str:
-        return f"DevKeyFileHostKey(path={str(self._path)!r})"
-
-    def host_key(self) -> bytes:
-        with self._lock:
-            if self._key is None:
-                self._key = self._load_or_create()
-            return self._key
 
     def _load_or_create(self) -> bytes:
         try:
@@ -207,7 +217,7 @@ class DevKeyFileHostKey:
         return data
 
 
-class TPMSealedHostKey:
+class TPMSealedHostKey(_CachedHostKey):
     """The host key sealed in the host TPM; the file holds only the TPM blob.
 
     First use generates a random key, seals it and writes the sealed object
@@ -217,19 +227,8 @@ class TPMSealedHostKey:
     """
 
     def __init__(self, host_tpm: HostTPM, path: Path) -> None:
+        super().__init__(path)
         self._tpm = host_tpm
-        self._path = Path(path)
-        self._key: bytes | None = None
-        self._lock = threading.Lock()
-
-    def __repr__(self) -> str:
-        return f"TPMSealedHostKey(path={str(self._path)!r})"
-
-    def host_key(self) -> bytes:
-        with self._lock:
-            if self._key is None:
-                self._key = self._load_or_create()
-            return self._key
 
     def _load_or_create(self) -> bytes:
         try:

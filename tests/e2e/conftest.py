@@ -8,8 +8,6 @@ pid at teardown, every wait bounded.
 
 import os
 import shutil
-import socket
-import struct
 import subprocess
 import tempfile
 import time
@@ -21,8 +19,10 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests.functional import tpmtools
 from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_lab import console, domain, hosts
+from vtpcm_lab.live import free_port  # noqa: F401 (lab_fx.free_port)
 
 SWTPM_START_TIMEOUT = 10.0
 
@@ -104,41 +104,14 @@ class SwtpmProcs:
         self.procs.clear()
 
 
-def _ctrl_call(sock: socket.socket, request: bytes, reply_len: int) -> bytes:
-    sock.sendall(request)
-    data = b""
-    while len(data) < reply_len:
-        chunk = sock.recv(reply_len - len(data))
-        assert chunk, "swtpm control socket closed"
-        data += chunk
-    return data
-
-
-def plaintext_permanent_state(src_state: Path, key: Key, procs: SwtpmProcs) -> bytes:
-    """Plaintext permanent blob of a COPY of ``src_state``.
-
-    A second swtpm with only the at-rest key (no migration key) reads the
-    copy; GET_STATEBLOB(permanent, decrypted) then returns the blob in clear.
-    """
-    work = Path(tempfile.mkdtemp(dir="/tmp", prefix="vtp-"))
+def plaintext_permanent_state(src_state: Path, key: Key) -> bytes:
+    """Plaintext permanent state of ``src_state``, from a key-only clone."""
+    base = Path(tempfile.mkdtemp(dir="/tmp", prefix="vtp-"))
     try:
-        shutil.copy2(src_state / "tpm2-00.permall", work / "tpm2-00.permall")
-        ctrl = work / "c"
-        proc = procs.start(work, ctrl, os.getuid(), key, None)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(10.0)
-            sock.connect(str(ctrl))
-            res = _ctrl_call(sock, struct.pack(">II", 0x02, 0), 4)
-            assert struct.unpack(">I", res)[0] == 0, "INIT failed"
-            head = _ctrl_call(sock, struct.pack(">IIII", 0x0C, 1, 1, 0), 16)
-            result, _flags, total, length = struct.unpack(">IIII", head)
-            assert result == 0 and total == length, (result, total, length)
-            blob = _ctrl_call(sock, b"", length) if length else b""
-        hosts.kill_pid(proc.pid, timeout=5.0)
-        proc.wait(timeout=5.0)
-        return blob
+        with tpmtools.plaintext_permanent(src_state, key.raw, base) as plain:
+            return plain
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -244,9 +217,3 @@ def lab_fx() -> types.SimpleNamespace:
     ``conftest``, so that name may belong to another directory's conftest."""
     return types.SimpleNamespace(**{k: v for k, v in globals().items()
                                     if not k.startswith("__")})
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])

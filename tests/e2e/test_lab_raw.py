@@ -119,7 +119,7 @@ def _capture_run(lab_fx: Any, lab: Any, swtpms: Any, tpm_dirs: Path, make_guest:
           % (tag, res.total_s, res.downtime_s, capture.stat().st_size))
     with console.GuestConsole(lab.b.serial_path(guest.name)) as con_b:
         con_b.wait_ready(timeout=10.0)
-    plain = lab_fx.plaintext_permanent_state(state_a, key_a, swtpms)
+    plain = lab_fx.plaintext_permanent_state(state_a, key_a)
     offsets = proxy.high_entropy_windows(plain)
     hits = proxy.find_windows(plain, capture.read_bytes(), offsets)
     # Windows the guest's own image contains (e.g. the EK policy digest in
