@@ -117,8 +117,14 @@ def test_export_import_between_agents_keeps_guest_state(cluster):
     pb = b.paths(info.instance_uuid, imported.vtpcm_id)
     assert tpmtools.read_guest_state(pb, with_key=True) == before
 
-    api.commit_incoming(b.name, ctx)
-    api.commit_outgoing(a.name, ctx)
+    # Every migration step may be retried (lost replies, engine restarts).
+    kem = api.get_identity(b.name, os.urandom(32)).kem_public
+    resealed = api.seal_migration_key(a.name, ctx, kem)
+    again = api.prepare_incoming(b.name, ctx, resealed.envelope)
+    assert again.vtpcm_id == imported.vtpcm_id and again.pid == imported.pid
+    for _ in range(2):
+        api.commit_incoming(b.name, ctx)
+        api.commit_outgoing(a.name, ctx)
     after_b = api.get(b.name, info.instance_uuid)
     assert (after_b.state, after_b.generation) == ("ACTIVE", 1)
     gone = api.get(a.name, info.instance_uuid)
@@ -241,3 +247,28 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(cluster):
     log = a.agent.log_text()
     assert "Refused import_state" in log
     assert blobs.to_wire()["permanent"][:64] not in log
+
+
+def test_abort_steps_restore_the_source_and_may_be_retried(cluster):
+    api, a, b = cluster
+    info = _new(api, a)
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
+    incoming = api.get(b.name, info.instance_uuid)
+    for _ in range(2):
+        api.abort_incoming(b.name, ctx)
+        api.abort_outgoing(a.name, ctx)
+    with pytest.raises(exception.NotFound):
+        api.get(b.name, info.instance_uuid)
+    assert not (b.state_root / "keys" / (incoming.vtpcm_id + ".keys")).exists()
+    assert not (b.state_root / "vtpcms" / incoming.vtpcm_id).exists()
+    source = api.get(a.name, info.instance_uuid)
+    assert (source.state, source.generation, source.migration_id, source.pid) == \
+        ("ACTIVE", 0, None, info.pid)
+    # a commit for the aborted migration is refused on both sides
+    with pytest.raises(exception.VTPCMException):
+        api.commit_outgoing(a.name, ctx)
+    with pytest.raises(exception.NotFound):
+        api.commit_incoming(b.name, ctx)
+    assert api.get(a.name, info.instance_uuid).state == "ACTIVE"
+    # and the same generation can migrate again afterwards
+    _hand_over(api, a, b, info.instance_uuid, 0)
