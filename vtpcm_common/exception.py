@@ -124,3 +124,8 @@ class CertificationError(AttestationError):
 class QuoteVerificationError(AttestationError):
     msg_fmt = "Quote from host %(host)s rejected: %(reason)s"
     code = "quote_verification_error"
+
+
+class ServiceUnreachable(VTPCMException):
+    msg_fmt = "%(service)s did not answer %(method)s: %(reason)s"
+    code = "unreachable"

@@ -105,6 +105,12 @@ class Client:
                 {}, method, payload=request.validated().to_wire())
         except messaging.RemoteError as err:
             raise remote_to_local(err) from None
+        except messaging.MessagingException as err:
+            # Timeouts and transport failures are vTPCM errors too: callers
+            # (the coordinator's abort path, reconcile) handle one class.
+            raise exception.ServiceUnreachable(
+                service="%s%s" % (self.topic, "." + server if server else ""),
+                method=method, reason=type(err).__name__) from None
         return reply_type.from_wire(reply)
 
 
