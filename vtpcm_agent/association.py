@@ -24,7 +24,7 @@ from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _UNSET: Any = object()  # 'leave this column as it is'
 
 
@@ -102,6 +102,16 @@ CREATE TABLE IF NOT EXISTS associations (
     updated_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tombstones (
+    instance_uuid TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    destroyed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS aborted_migrations (
+    migration_id TEXT PRIMARY KEY,
+    instance_uuid TEXT NOT NULL,
+    aborted_at TEXT NOT NULL
+);
 """
 
 
@@ -125,6 +135,13 @@ class AssociationList:
             if row is None:
                 cur.execute("INSERT INTO schema_version (version) VALUES (?)",
                             (SCHEMA_VERSION,))
+            elif row[0] == 1:
+                # v2 keeps tombstone generations apart from the rows, so that
+                # discarding an aborted incoming cannot erase them.
+                cur.execute("INSERT OR REPLACE INTO tombstones "
+                            "SELECT instance_uuid, generation, updated_at FROM associations "
+                            "WHERE state = 'DESTROYED'")
+                cur.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise exception.VTPCMException(
                     "Association list %s has schema version %s, this agent needs %s"
@@ -189,13 +206,14 @@ class AssociationList:
         now = _now()
         with self._transaction() as cur:
             existing = self._fetch(cur, instance_uuid)
+            if existing is not None and existing.state is not S.DESTROYED:
+                raise exception.AlreadyExists(what="vTPCM of instance", key=instance_uuid)
+            tombstone = self._tombstone(cur, instance_uuid)
+            if tombstone is not None and generation <= tombstone:
+                raise exception.GenerationMismatch(
+                    instance_uuid=instance_uuid, given=generation,
+                    expected="> %d" % tombstone)
             if existing is not None:
-                if existing.state is not S.DESTROYED:
-                    raise exception.AlreadyExists(what="vTPCM of instance", key=instance_uuid)
-                if generation <= existing.generation:
-                    raise exception.GenerationMismatch(
-                        instance_uuid=instance_uuid, given=generation,
-                        expected="> %d" % existing.generation)
                 cur.execute("DELETE FROM associations WHERE instance_uuid = ?",
                             (instance_uuid,))
             cur.execute(
@@ -241,6 +259,9 @@ class AssociationList:
                 sets["migration_id"] = migration_id
             if pid is not _UNSET:
                 sets["pid"] = pid
+            if target is S.DESTROYED:
+                self._record_tombstone(cur, instance_uuid,
+                                       max(current.generation, generation or 0))
             cur.execute(
                 "UPDATE associations SET %s WHERE instance_uuid = ?"  # noqa: S608 (fixed column names)
                 % ", ".join("%s = ?" % k for k in sets),
@@ -268,3 +289,33 @@ class AssociationList:
             cur.execute(
                 "DELETE FROM associations WHERE instance_uuid = ? AND vtpcm_id = ? "
                 "AND state IN ('CREATING', 'MIGRATING_IN')", (instance_uuid, vtpcm_id))
+
+    # --- tombstones and aborted migrations --------------------------------
+
+    @staticmethod
+    def _tombstone(cur: sqlite3.Cursor, instance_uuid: str) -> int | None:
+        row = cur.execute("SELECT generation FROM tombstones WHERE instance_uuid = ?",
+                          (instance_uuid,)).fetchone()
+        return int(row[0]) if row else None
+
+    def _record_tombstone(self, cur: sqlite3.Cursor, instance_uuid: str,
+                          generation: int) -> None:
+        previous = self._tombstone(cur, instance_uuid)
+        cur.execute("INSERT OR REPLACE INTO tombstones VALUES (?, ?, ?)",
+                    (instance_uuid, max(generation, previous or 0), _now()))
+
+    def tombstone(self, instance_uuid: str) -> int | None:
+        """Highest generation of this instance that was live here and left."""
+        with self._transaction() as cur:
+            return self._tombstone(cur, instance_uuid)
+
+    def record_aborted(self, migration_id: str, instance_uuid: str) -> None:
+        """Remember an aborted migration: its late or replayed steps are refused."""
+        with self._transaction() as cur:
+            cur.execute("INSERT OR IGNORE INTO aborted_migrations VALUES (?, ?, ?)",
+                        (migration_id, instance_uuid, _now()))
+
+    def was_aborted(self, migration_id: str) -> bool:
+        with self._transaction() as cur:
+            return cur.execute("SELECT 1 FROM aborted_migrations WHERE migration_id = ?",
+                               (migration_id,)).fetchone() is not None

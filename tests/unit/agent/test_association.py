@@ -161,3 +161,45 @@ def test_kill_9_mid_write_leaves_no_half_record(tmp_path):
         assert row.state in (S.CREATING, S.STOPPED)
         assert row.vtpcm_id and row.state_dir == "/d" and row.ctrl_socket == "/c"
     al.close()
+
+
+def test_discarding_an_incoming_keeps_the_tombstone(alist):
+    """Review finding: an aborted incoming must not erase the generation memory."""
+    rec = _add(alist, state=S.MIGRATING_IN, generation=1)
+    alist.transition(rec.instance_uuid, S.ACTIVE)
+    alist.transition(rec.instance_uuid, S.MIGRATING_OUT)
+    alist.transition(rec.instance_uuid, S.DESTROYED)  # left this host at generation 1
+    again = _add(alist, state=S.MIGRATING_IN, generation=2, instance=rec.instance_uuid)
+    alist.forget(again.instance_uuid, again.vtpcm_id)  # that incoming was aborted
+    assert alist.tombstone(rec.instance_uuid) == 1
+    for old in (0, 1):
+        with pytest.raises(exception.GenerationMismatch):
+            _add(alist, state=S.MIGRATING_IN, generation=old, instance=rec.instance_uuid)
+    assert _add(alist, state=S.MIGRATING_IN, generation=2,
+                instance=rec.instance_uuid).generation == 2
+
+
+def test_aborted_migrations_are_remembered(tmp_path):
+    path = tmp_path / "a.sqlite"
+    al = AssociationList(path)
+    al.record_aborted("m-1", "i-1")
+    al.record_aborted("m-1", "i-1")
+    al.close()
+    al = AssociationList(path)
+    assert al.was_aborted("m-1") and not al.was_aborted("m-2")
+    al.close()
+
+
+def test_schema_v1_is_upgraded_with_its_tombstones(tmp_path):
+    import sqlite3
+    path = tmp_path / "v1.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(association._SCHEMA.split("CREATE TABLE IF NOT EXISTS tombstones")[0])
+    conn.execute("INSERT INTO schema_version VALUES (1)")
+    conn.execute("INSERT INTO associations VALUES ('i', 'v', 'DESTROYED', 4, NULL, '/d', "
+                 "'/c', NULL, 't', 't')")
+    conn.commit()
+    conn.close()
+    al = AssociationList(path)
+    assert al.tombstone("i") == 4
+    al.close()
