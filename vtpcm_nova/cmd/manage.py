@@ -517,6 +517,8 @@ class DeadlineAPI:
 
 
 def _error_code(err: exception.VTPCMException) -> int:
+    if isinstance(err, exception.ServiceUnreachable):
+        return EXIT_UNREACHABLE
     return EXIT_NOT_FOUND if isinstance(err, exception.NotFound) else EXIT_REFUSED
 
 
@@ -558,6 +560,8 @@ def main(argv: list[str] | None = None) -> int:
         code, data = run(conf, args)
     except cfg.Error as err:
         return fail(_config_error_text(err), EXIT_USAGE)
+    except exception.ServiceUnreachable as err:
+        return fail(f"engine unreachable: {err}", EXIT_UNREACHABLE)
     except exception.VTPCMException as err:
         return fail(str(err), _error_code(err))
     except messaging.MessagingTimeout as err:

@@ -116,12 +116,24 @@ class Coordinator:
             info = self.agents.get(source, instance_uuid)
             source_gen_ok = (info.generation == vtpcm.generation
                              and info.state in ("ACTIVE", "STOPPED"))
+        trusted = _trusted(verdict) and dest_host is not None
+        reason = _reason(verdict) if not _trusted(verdict) else ""
+        claimed = False
+        if trusted and vtpcm.host == source and source_gen_ok:
+            # Claim the vTPCM for this migration before anything moves: of two
+            # concurrent begins exactly one wins; the other ends REFUSED
+            # without touching any agent.
+            claimed = self.db.set_vtpcm_state(
+                instance_uuid, vtpcm.generation, "MIGRATING", expected_state=vtpcm.state,
+                migration_id=migration_id, expected_migration_id=None)
+            if not claimed:
+                reason = "another migration holds the vTPCM"
         proto = p.MigrationProtocol(migration_id)
         actions = proto.handle(p.Begin(
-            destination_trusted=_trusted(verdict) and dest_host is not None,
+            destination_trusted=trusted,
             source_is_location=vtpcm.host == source,
-            generation_matches=source_gen_ok,
-            reason=_reason(verdict) if not _trusted(verdict) else ""))
+            generation_matches=source_gen_ok and (claimed or not trusted),
+            reason=reason))
         deadline = self.now() + datetime.timedelta(seconds=self.timeout)
         self.db.create_migration(migration_id, instance_uuid, source, dest,
                                  vtpcm.generation, proto.state.value, deadline)
@@ -132,12 +144,6 @@ class Coordinator:
             if not _trusted(verdict):
                 raise exception.HostNotTrusted(host=dest, reason=_reason(verdict))
             raise exception.MigrationError(migration_id=migration_id, reason=detail)
-        if not self.db.set_vtpcm_state(instance_uuid, vtpcm.generation, "MIGRATING",
-                                       expected_state=vtpcm.state,
-                                       migration_id=migration_id):
-            self._advance(proto, ctx, p.Failure("vTPCM record changed concurrently"))
-            raise exception.MigrationError(migration_id=migration_id,
-                                           reason="vTPCM record changed concurrently")
         assert dest_host is not None
         self._run(proto, ctx, actions, kem_public=dest_host.kem_public)
         if proto.state is not M.PREPARED:
@@ -257,8 +263,10 @@ class Coordinator:
             return p.DestinationDestroyed()
         if isinstance(action, p.RestoreSource):
             self.agents.abort_outgoing(src, ctx)
+            # Only this migration's claim is released, never another's.
             self.db.set_vtpcm_state(ctx.instance_uuid, ctx.generation, "ACTIVE",
-                                    expected_state="MIGRATING", migration_id=None)
+                                    expected_state="MIGRATING", migration_id=None,
+                                    expected_migration_id=ctx.migration_id)
             return p.SourceRestored()
         raise exception.MigrationError(migration_id=ctx.migration_id,
                                        reason="unknown action %s" % action.name)

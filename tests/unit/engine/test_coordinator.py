@@ -239,3 +239,33 @@ def test_second_migration_while_one_runs_refused(env):
     with pytest.raises(exception.MigrationError):
         coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
     assert names(agents).count("seal") == 1
+
+
+def test_loser_of_a_begin_race_is_refused_without_agent_calls(env, monkeypatch):
+    coord, db, agents, _, _ = env
+    real = db.set_vtpcm_state
+
+    def lost_race(*args, **kwargs):  # another worker claimed the record first
+        if kwargs.get("expected_migration_id", ...) is None:
+            return False
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(db, "set_vtpcm_state", lost_race)
+    mid = str(uuid.uuid4())
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert "another migration holds the vTPCM" in str(err.value)
+    assert db.get_migration(mid).state == "REFUSED"
+    assert names(agents) == []
+
+
+def test_restore_releases_only_its_own_claim(env):
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    other = str(uuid.uuid4())
+    # as if a later migration held the record when this one's abort runs
+    assert db.set_vtpcm_state(INSTANCE, 0, "MIGRATING", expected_state="MIGRATING",
+                              migration_id=other, expected_migration_id=mid)
+    coord.abort(mid, "rolled back")
+    assert db.get_vtpcm(INSTANCE).migration_id == other

@@ -14,6 +14,7 @@ import dataclasses
 import datetime
 import os
 import secrets
+import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
@@ -516,12 +517,17 @@ class Database:
 
     def set_vtpcm_state(self, instance_uuid: str, expected_generation: int, state: str, *,
                         expected_state: str | None = None, migration_id: str | None = None,
+                        expected_migration_id: "str | None | types.EllipsisType" = ...,
                         now: datetime.datetime | None = None) -> bool:
-        """Change the state iff the generation (and optionally state) still match."""
+        """Change the state iff the generation (and optionally state and the
+        migration holding the record) still match."""
         conds = [models.Vtpcm.instance_uuid == instance_uuid,
                  models.Vtpcm.generation == expected_generation]
         if expected_state is not None:
             conds.append(models.Vtpcm.state == expected_state)
+        if expected_migration_id is not ...:
+            conds.append(models.Vtpcm.migration_id.is_(None) if expected_migration_id is None
+                         else models.Vtpcm.migration_id == expected_migration_id)
         q = (update(models.Vtpcm).where(*conds)
              .values(state=state, migration_id=migration_id, updated_at=now or utcnow()))
         with self.session() as s:
