@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Self, TypeVar
 from vtpcm_common import exception
 
 MAX_BLOB = 256 * 1024
-_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+_HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 Checker = Callable[[Any], Any]
 
@@ -38,7 +38,7 @@ def _uuid(value: Any) -> str:
 
 
 def _host(value: Any) -> str:
-    if not isinstance(value, str) or not _HOST_RE.match(value):
+    if not isinstance(value, str) or not _HOST_RE.fullmatch(value):
         raise _Reject("must be a host name ([A-Za-z0-9._-], at most 253 characters)")
     return value
 
@@ -148,7 +148,8 @@ def _blob_map(max_items: int, key: Checker, value: Checker) -> Checker:
 def _digit_key(minimum: int, maximum: int) -> Checker:
     def check(value: Any) -> int:
         text = str(value)
-        if not text.isdigit() or not minimum <= int(text) <= maximum:
+        if not (text.isascii() and text.isdigit() and len(text) <= len(str(maximum))) \
+                or not minimum <= int(text) <= maximum:
             raise _Reject(f"has a key outside {minimum}-{maximum}")
         return int(text)
     return check
