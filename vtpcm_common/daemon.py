@@ -32,6 +32,10 @@ def run(prog: str, register_opts: Callable[[cfg.ConfigOpts], None],
     conf(sys.argv[1:] if argv is None else argv, project="vtpcm", prog=prog,
          default_config_files=cfg.find_config_files(project="vtpcm", prog=prog))
     logging.setup(conf, prog)
+    # This logger's DEBUG lines print whole RPC payloads (sealed keys,
+    # encrypted state blobs) of late replies: keep it at INFO whatever
+    # default_log_levels says.
+    logging.getLogger("oslo_messaging._drivers.amqpdriver").logger.setLevel("INFO")
     service = make_service(conf)
     stopping = threading.Event()
 

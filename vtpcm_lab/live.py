@@ -47,6 +47,13 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _running_on(conn: libvirt.virConnect, name: str) -> bool:
+    try:
+        return bool(conn.lookupByName(name).isActive())
+    except libvirt.libvirtError:
+        return False
+
+
 def boot_guest(stack: Stack, host: StackHost, name: str,
                instance_uuid: str | None = None) -> tuple[str, console.GuestConsole]:
     """Create the vTPCM through the engine, start it, define and boot the VM."""
@@ -92,6 +99,14 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
                                      port or free_port(), connect_host=connect_host,
                                      listen_address=listen_address, timeout=timeout)
         except (exception.VTPCMException, libvirt.libvirtError) as err:
+            if _running_on(conn_dst, name):
+                # Finished right as we gave up (timeout): the VM runs on dst,
+                # so the vTPCM must follow it; an abort would destroy its TPM.
+                LOG.warning("Migration %(mig)s reported %(err)s but the VM runs on "
+                            "%(dst)s: committing", {"mig": migration_id, "err": err,
+                                                   "dst": dst.name})
+                stack.engine.commit(migration_id)
+                raise
             LOG.warning("Live migration %(mig)s failed, aborting: %(err)s",
                         {"mig": migration_id, "err": err})
             stack.engine.abort(migration_id, str(err)[:900])
