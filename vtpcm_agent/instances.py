@@ -12,12 +12,14 @@ Order matters for safety and is the same everywhere:
 """
 
 import dataclasses
+import functools
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from oslo_log import log as logging
 
@@ -30,6 +32,23 @@ from vtpcm_common import exception
 LOG = logging.getLogger(__name__)
 S = VTPCMState
 PERMANENT_STATE_FILE = "tpm2-00.permall"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def serialized(func: F) -> F:
+    """Run one instance's operations one at a time.
+
+    RPC calls arrive on several threads; two calls for one instance (a start
+    racing an export, a late seal racing an abort) must not interleave their
+    check-then-act steps. Calls for different instances still run in parallel."""
+    @functools.wraps(func)
+    def inner(self: "InstanceManager", target: Any, *args: Any, **kwargs: Any) -> Any:
+        instance_uuid = target if isinstance(target, str) else target.instance_uuid
+        with self._lock_for(instance_uuid):
+            return func(self, target, *args, **kwargs)
+    return inner  # type: ignore[return-value]
 
 
 class HostTPMLike(Protocol):
@@ -61,11 +80,17 @@ class InstanceManager:
         self.associations = associations
         self.keystore = keystore
         self.host_tpm = host_tpm
+        self._locks: dict[str, threading.RLock] = {}
+        self._locks_guard = threading.Lock()
         for sub in ("vtpcms", "logs", "localca"):
             (settings.state_root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         # QEMU (another user) must traverse it to reach its socket.
         os.chmod(settings.run_dir, 0o755)  # noqa: S103
+
+    def _lock_for(self, instance_uuid: str) -> threading.RLock:
+        with self._locks_guard:
+            return self._locks.setdefault(instance_uuid, threading.RLock())
 
     # --- paths -------------------------------------------------------------
 
@@ -101,6 +126,7 @@ class InstanceManager:
 
     # --- lifecycle -----------------------------------------------------------
 
+    @serialized
     def create(self, instance_uuid: str) -> Association:
         """Create a vTPCM whose state is encrypted from its first byte."""
         existing = self.associations.find(instance_uuid)
@@ -126,6 +152,7 @@ class InstanceManager:
             raise
         return self.associations.transition(instance_uuid, S.STOPPED)
 
+    @serialized
     def start(self, instance_uuid: str) -> Association:
         """Start (or re-adopt) the swtpm of a STOPPED or ACTIVE vTPCM."""
         assoc = self.associations.get(instance_uuid)
@@ -139,6 +166,7 @@ class InstanceManager:
         return self.associations.transition(
             instance_uuid, S.ACTIVE, expected=frozenset({S.STOPPED, S.ACTIVE}), pid=pid)
 
+    @serialized
     def stop(self, instance_uuid: str) -> Association:
         assoc = self.associations.get(instance_uuid)
         if assoc.state is S.STOPPED:
@@ -151,6 +179,7 @@ class InstanceManager:
         return self.associations.transition(
             instance_uuid, S.STOPPED, expected=frozenset({S.ACTIVE}), pid=None)
 
+    @serialized
     def destroy(self, instance_uuid: str) -> Association:
         """Crypto-shred: keys first, then the process and the files."""
         assoc = self.associations.get(instance_uuid)
@@ -162,11 +191,13 @@ class InstanceManager:
                 target=S.DESTROYED.value)
         if assoc.state is S.ACTIVE:
             assoc = self.stop(instance_uuid)
+        self._kill(assoc)  # also a swtpm that a STOPPED record may still have
         self._shred(assoc)
         return self.associations.transition(instance_uuid, S.DESTROYED, pid=None)
 
     # --- state collector -----------------------------------------------------
 
+    @serialized
     def export_state(self, instance_uuid: str) -> tuple[Association, ctrl.ExportedState]:
         """Blobs of a vTPCM that QEMU is not attached to, encrypted by swtpm
         under the migration key. A stopped vTPCM is started for the read and
@@ -185,36 +216,62 @@ class InstanceManager:
         finally:
             process.stop(pid, paths, timeout=self.settings.timeout)
 
-    def import_state(self, instance_uuid: str, generation: int,
+    @serialized
+    def import_state(self, instance_uuid: str, migration_id: str | None, generation: int,
                      state: ctrl.ExportedState) -> Association:
-        """Set blobs into this host's vTPCM of the instance (same migration key)."""
+        """Set exported blobs into this host's incoming vTPCM of the instance.
+
+        Only into a vTPCM prepared for that very migration (same migration
+        key), at the same generation, and only once: blobs exported earlier
+        can never be set over a vTPCM that already has state (no rollback).
+        A refused import discards the incoming swtpm's state and restarts it
+        empty, so the migration can still be retried or aborted."""
         assoc = self.associations.get(instance_uuid)
-        if assoc.state not in (S.MIGRATING_IN, S.STOPPED, S.ACTIVE):
+        if assoc.state is not S.MIGRATING_IN:
             raise exception.InvalidTransition(
                 what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
                 target="import")
+        if migration_id != assoc.migration_id:
+            raise exception.MigrationError(
+                migration_id=migration_id or "(none)",
+                reason="the incoming vTPCM of instance %s was prepared for migration %s"
+                % (instance_uuid, assoc.migration_id))
         if generation != assoc.generation:
             raise exception.GenerationMismatch(
                 instance_uuid=instance_uuid, given=generation, expected=assoc.generation)
+        paths = self._paths_of(assoc)
+        if self._received_state(assoc):
+            raise exception.StateImportError(
+                vtpcm_id=assoc.vtpcm_id, reason="this vTPCM already holds state")
         size = len(state.permanent) + len(state.volatile)
         if size > self.settings.max_state_blob_bytes:
             raise exception.StateImportError(
                 vtpcm_id=assoc.vtpcm_id,
                 reason="state of %d bytes exceeds the limit of %d"
                 % (size, self.settings.max_state_blob_bytes))
-        paths = self._paths_of(assoc)
+        keys = self.keystore.get(assoc.vtpcm_id)
         if not self.is_running(assoc):
-            pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
-            assoc = self.associations.set_pid(instance_uuid, pid)
-        ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout,
-                          vtpcm_id=assoc.vtpcm_id,
-                          max_blob_size=self.settings.max_state_blob_bytes)
+            assoc = self.associations.set_pid(
+                instance_uuid, self._spawn_paths(paths, keys, startup_clear=False))
+        try:
+            ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout,
+                              vtpcm_id=assoc.vtpcm_id,
+                              max_blob_size=self.settings.max_state_blob_bytes,
+                              empty_target=True)
+        except exception.VTPCMException:
+            self._kill(assoc)
+            shutil.rmtree(paths.state_dir)
+            paths.state_dir.mkdir(mode=0o700)
+            self.associations.set_pid(
+                instance_uuid, self._spawn_paths(paths, keys, startup_clear=False))
+            raise
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
         return assoc
 
     # --- migration (source side) ----------------------------------------------
 
+    @serialized
     def seal_migration_key(self, ctx: sealing.SealContext, dest_kem_public: bytes) -> bytes:
         """Mark MIGRATING_OUT and seal the migration key to dest's TPM KEM key."""
         if ctx.source_host != self.settings.host or ctx.dest_host == self.settings.host:
@@ -222,6 +279,7 @@ class InstanceManager:
                 migration_id=ctx.migration_id,
                 reason="this host is %s, the request names source %s and destination %s"
                 % (self.settings.host, ctx.source_host, ctx.dest_host))
+        self._refuse_aborted(ctx)
         assoc = self.associations.get(ctx.instance_uuid)
         self._check_generation(assoc, ctx)
         if assoc.state is S.MIGRATING_OUT:
@@ -242,6 +300,7 @@ class InstanceManager:
                   "mig": ctx.migration_id, "gen": ctx.generation})
         return envelope
 
+    @serialized
     def commit_outgoing(self, ctx: sealing.SealContext) -> Association:
         assoc = self.associations.get(ctx.instance_uuid)
         if assoc.state is S.DESTROYED and assoc.migration_id == ctx.migration_id:
@@ -252,7 +311,9 @@ class InstanceManager:
         return self.associations.transition(
             ctx.instance_uuid, S.DESTROYED, expected=frozenset({S.MIGRATING_OUT}), pid=None)
 
+    @serialized
     def abort_outgoing(self, ctx: sealing.SealContext) -> Association:
+        self.associations.record_aborted(ctx.migration_id, ctx.instance_uuid)
         assoc = self.associations.get(ctx.instance_uuid)
         if assoc.state in (S.ACTIVE, S.STOPPED) and assoc.migration_id in (None,
                                                                            ctx.migration_id):
@@ -265,6 +326,7 @@ class InstanceManager:
 
     # --- migration (destination side) ------------------------------------------
 
+    @serialized
     def prepare_incoming(self, ctx: sealing.SealContext, envelope: bytes) -> Association:
         """Unwrap the key in this host's TPM and start an empty swtpm for QEMU."""
         if ctx.dest_host != self.settings.host:
@@ -274,6 +336,7 @@ class InstanceManager:
                 % (self.settings.host, ctx.dest_host))
         if self.host_tpm is None:
             raise exception.HostTPMError(reason="this agent has no host TPM configured")
+        self._refuse_aborted(ctx)
         existing = self.associations.find(ctx.instance_uuid)
         if (existing is not None and existing.state is S.MIGRATING_IN
                 and existing.migration_id == ctx.migration_id):
@@ -292,24 +355,34 @@ class InstanceManager:
         try:
             self.keystore.put(vtpcm_id, keys)
             paths.state_dir.mkdir(parents=True, mode=0o700)
-            pid = self._spawn_paths(paths, keys)
+            # Empty and never initialized: QEMU (or import_state) brings the state.
+            pid = self._spawn_paths(paths, keys, startup_clear=False)
         except BaseException:
             self._discard(ctx.instance_uuid, vtpcm_id, paths)
             raise
         return self.associations.set_pid(ctx.instance_uuid, pid)
 
+    @serialized
     def commit_incoming(self, ctx: sealing.SealContext) -> Association:
         assoc = self.associations.get(ctx.instance_uuid)
         if (assoc.state is S.ACTIVE and assoc.generation == ctx.generation + 1
                 and assoc.migration_id == ctx.migration_id):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_IN)
+        if not (self.is_running(assoc) and self._received_state(assoc)):
+            raise exception.MigrationError(
+                migration_id=ctx.migration_id,
+                reason="the incoming vTPCM of instance %s has not received its state "
+                       "(or its swtpm is not running); refusing to commit"
+                % ctx.instance_uuid)
         return self.associations.transition(
             ctx.instance_uuid, S.ACTIVE, expected=frozenset({S.MIGRATING_IN}),
             generation=ctx.generation + 1)
 
+    @serialized
     def abort_incoming(self, ctx: sealing.SealContext, only_if_unused: bool = False) -> None:
         """Destroy an incoming vTPCM; no tombstone, since it never went live."""
+        self.associations.record_aborted(ctx.migration_id, ctx.instance_uuid)
         assoc = self.associations.find(ctx.instance_uuid)
         if assoc is None or assoc.state is not S.MIGRATING_IN \
                 or assoc.migration_id != ctx.migration_id:
@@ -318,7 +391,7 @@ class InstanceManager:
                                                "instance": ctx.instance_uuid})
             return
         paths = self._paths_of(assoc)
-        if only_if_unused and (paths.state_dir / PERMANENT_STATE_FILE).exists():
+        if only_if_unused and self._received_state(assoc):
             raise exception.MigrationError(
                 migration_id=ctx.migration_id,
                 reason="the incoming vTPCM already received its state; refusing to "
@@ -358,15 +431,28 @@ class InstanceManager:
     def _spawn(self, assoc: Association, keys: InstanceKeys) -> int:
         return self._spawn_paths(self._paths_of(assoc), keys)
 
-    def _spawn_paths(self, paths: process.SwtpmPaths, keys: InstanceKeys) -> int:
+    def _spawn_paths(self, paths: process.SwtpmPaths, keys: InstanceKeys,
+                     startup_clear: bool | None = None) -> int:
         running = process.find_running(paths)
         if running is not None:
             return running
+        if startup_clear is None:
+            startup_clear = self.settings.expose_data_socket
         return process.start(
             paths, keys.at_rest_key, keys.migration_key,
             socket_mode=self.settings.socket_mode, socket_uid=self.settings.socket_uid,
             socket_gid=self.settings.socket_gid, swtpm_binary=self.settings.swtpm_binary,
-            startup_clear=self.settings.expose_data_socket, timeout=self.settings.timeout)
+            startup_clear=startup_clear, timeout=self.settings.timeout)
+
+    def _received_state(self, assoc: Association) -> bool:
+        """An incoming vTPCM holds state once QEMU or import_state set it."""
+        return (self._paths_of(assoc).state_dir / PERMANENT_STATE_FILE).exists()
+
+    def _refuse_aborted(self, ctx: sealing.SealContext) -> None:
+        if self.associations.was_aborted(ctx.migration_id):
+            raise exception.MigrationError(
+                migration_id=ctx.migration_id,
+                reason="this migration was aborted; a new migration needs a new id")
 
     def _kill(self, assoc: Association) -> None:
         paths = self._paths_of(assoc)

@@ -3,7 +3,8 @@ manager, answer with one checked message.
 
 Errors raised here are vTPCM exceptions whose text names what was wrong;
 oslo.messaging sends them back to the caller (``allowed_remote_exmods``).
-Each refusal is logged once, with ids and reasons only.
+Each refusal is logged once, with ids and reasons only. State-changing
+methods (``signed=True``) run only for commands the engine signed.
 """
 
 from typing import Any
@@ -17,6 +18,7 @@ from vtpcm_agent.association import Association
 from vtpcm_agent.instances import InstanceManager, context_from
 from vtpcm_agent.swtpm import ctrl
 from vtpcm_common import exception
+from vtpcm_common.authn import CommandVerifier
 from vtpcm_common.rpc import endpoint
 
 LOG = logging.getLogger(__name__)
@@ -25,10 +27,14 @@ LOG = logging.getLogger(__name__)
 class AgentManager:
     target = messaging.Target(version=rpcapi.RPC_API_VERSION)
 
-    def __init__(self, host: str, instances: InstanceManager, host_tpm: Any = None) -> None:
+    def __init__(self, host: str, instances: InstanceManager, host_tpm: Any = None,
+                 verifier: CommandVerifier | None = None) -> None:
+        """``verifier`` checks the engine's signature on state-changing
+        commands; without one, those commands are all refused."""
         self.host = host
         self.instances = instances
         self.host_tpm = host_tpm
+        self.verifier = verifier
 
     def _info(self, assoc: Association) -> m.VTPCMInfo:
         return m.VTPCMInfo(
@@ -38,7 +44,7 @@ class AgentManager:
             running=self.instances.is_running(assoc), pid=assoc.pid)
 
     # 1.0 ---------------------------------------------------------------------
-    @endpoint(m.InstanceRef)
+    @endpoint(m.InstanceRef, signed=True)
     def create(self, req: m.InstanceRef) -> m.VTPCMInfo:
         return self._info(self.instances.create(req.instance_uuid))
 
@@ -50,33 +56,34 @@ class AgentManager:
     def list(self, req: m.Empty) -> m.VTPCMList:
         return m.VTPCMList(tuple(self._info(a) for a in self.instances.list_vtpcms()))
 
-    @endpoint(m.InstanceRef)
+    @endpoint(m.InstanceRef, signed=True)
     def start(self, req: m.InstanceRef) -> m.VTPCMInfo:
         return self._info(self.instances.start(req.instance_uuid))
 
-    @endpoint(m.InstanceRef)
+    @endpoint(m.InstanceRef, signed=True)
     def stop(self, req: m.InstanceRef) -> m.VTPCMInfo:
         return self._info(self.instances.stop(req.instance_uuid))
 
-    @endpoint(m.InstanceRef)
+    @endpoint(m.InstanceRef, signed=True)
     def destroy(self, req: m.InstanceRef) -> m.VTPCMInfo:
         return self._info(self.instances.destroy(req.instance_uuid))
 
-    @endpoint(m.InstanceRef)
+    @endpoint(m.InstanceRef, signed=True)
     def export_state(self, req: m.InstanceRef) -> m.StateBlobs:
         assoc, state = self.instances.export_state(req.instance_uuid)
         return m.StateBlobs(
-            instance_uuid=assoc.instance_uuid, generation=assoc.generation,
-            permanent=state.permanent, permanent_flags=state.permanent_flags,
-            volatile=state.volatile, volatile_flags=state.volatile_flags)
+            instance_uuid=assoc.instance_uuid, migration_id=assoc.migration_id,
+            generation=assoc.generation, permanent=state.permanent,
+            permanent_flags=state.permanent_flags, volatile=state.volatile,
+            volatile_flags=state.volatile_flags)
 
-    @endpoint(m.StateBlobs)
+    @endpoint(m.StateBlobs, signed=True)
     def import_state(self, req: m.StateBlobs) -> m.VTPCMInfo:
         state = ctrl.ExportedState(
             permanent=req.permanent, permanent_flags=req.permanent_flags,
             volatile=req.volatile, volatile_flags=req.volatile_flags)
-        return self._info(self.instances.import_state(req.instance_uuid, req.generation,
-                                                      state))
+        return self._info(self.instances.import_state(req.instance_uuid, req.migration_id,
+                                                      req.generation, state))
 
     @endpoint(m.Empty)
     def health(self, req: m.Empty) -> m.Health:
@@ -108,32 +115,32 @@ class AgentManager:
                        pcr_values=dict(result.pcr_values))
 
     # 1.2 ---------------------------------------------------------------------
-    @endpoint(m.SealRequest)
+    @endpoint(m.SealRequest, signed=True)
     def seal_migration_key(self, req: m.SealRequest) -> m.SealedKey:
         return m.SealedKey(self.instances.seal_migration_key(
             context_from(req.context), req.dest_kem_public))
 
-    @endpoint(m.PrepareIncoming)
+    @endpoint(m.PrepareIncoming, signed=True)
     def prepare_incoming(self, req: m.PrepareIncoming) -> m.VTPCMInfo:
         return self._info(self.instances.prepare_incoming(
             context_from(req.context), req.envelope))
 
-    @endpoint(m.MigrationStep)
+    @endpoint(m.MigrationStep, signed=True)
     def commit_incoming(self, req: m.MigrationStep) -> m.Empty:
         self.instances.commit_incoming(context_from(req.context))
         return m.Empty()
 
-    @endpoint(m.MigrationStep)
+    @endpoint(m.MigrationStep, signed=True)
     def commit_outgoing(self, req: m.MigrationStep) -> m.Empty:
         self.instances.commit_outgoing(context_from(req.context))
         return m.Empty()
 
-    @endpoint(m.MigrationStep)
+    @endpoint(m.MigrationStep, signed=True)
     def abort_incoming(self, req: m.MigrationStep) -> m.Empty:
         self.instances.abort_incoming(context_from(req.context), req.only_if_unused)
         return m.Empty()
 
-    @endpoint(m.MigrationStep)
+    @endpoint(m.MigrationStep, signed=True)
     def abort_outgoing(self, req: m.MigrationStep) -> m.Empty:
         self.instances.abort_outgoing(context_from(req.context))
         return m.Empty()

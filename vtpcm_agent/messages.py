@@ -49,6 +49,7 @@ class StateBlobs(Message):
 
     message_type = "state_blobs"
     instance_uuid: str = field(wire.uuid_field)
+    migration_id: str | None = field(wire.optional(wire.uuid_field))
     generation: int = field(wire.int_field(0, 2**62))
     permanent: bytes = field(wire.blob_field(MAX_STATE_BLOB, 1), secret=True)
     permanent_flags: int = field(wire.int_field(0, 2**32 - 1))

@@ -7,9 +7,15 @@ API version history:
     1.1 - Host identity: get_identity, quote.
     1.2 - Migration: seal_migration_key, prepare_incoming, commit_incoming,
           commit_outgoing, abort_incoming, abort_outgoing.
+    1.3 - state-changing methods require an engine signature: create, start,
+          stop, destroy, export_state, import_state and every 1.2 method take
+          an ``auth`` argument signed with the engine's command key
+          (``vtpcm_common/authn.py``); get, list, health, get_identity and
+          quote do not (read-only, or bound to the caller's nonce).
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
+Clients still prepare each call with the version that introduced the method.
 """
 
 from typing import TypeVar
@@ -18,10 +24,10 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 
 from vtpcm_agent import messages as m
-from vtpcm_common import rpc
+from vtpcm_common import authn, rpc
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.2"
+RPC_API_VERSION = "1.3"
 
 
 R = TypeVar("R", bound=Message)
@@ -29,8 +35,14 @@ R = TypeVar("R", bound=Message)
 
 class AgentAPI(rpc.Client):
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
-                 timeout: float = 60.0) -> None:
-        super().__init__(conf, rpc.topic(conf, "agent_topic"), transport, timeout)
+                 timeout: float = 60.0, signer: authn.CommandSigner | None = None) -> None:
+        """``signer``: the engine's command signer. Without one, the key named
+        by ``[engine] command_signing_key`` is used if it exists (tools and
+        tests next to the engine); otherwise state-changing calls are sent
+        unsigned and agents refuse them."""
+        if signer is None:
+            signer = authn.signer_from_conf(conf)
+        super().__init__(conf, rpc.topic(conf, "agent_topic"), transport, timeout, signer)
 
     def _at(self, host: str, method: str, version: str, request: Message,
             reply_type: type[R]) -> R:

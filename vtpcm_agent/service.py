@@ -19,7 +19,7 @@ from vtpcm_agent import manager, rpcapi
 from vtpcm_agent.association import AssociationList
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.instances import AgentSettings, InstanceManager
-from vtpcm_common import exception, rpc
+from vtpcm_common import authn, exception, rpc
 
 LOG = logging.getLogger(__name__)
 
@@ -51,12 +51,29 @@ def host_key_provider(conf: cfg.ConfigOpts, host_tpm: HostTPM | None,
     return ks.TPMSealedHostKey(host_tpm, state_root / "hostkey.sealed")
 
 
+def verifier_from(conf: cfg.ConfigOpts, host: str) -> authn.CommandVerifier:
+    """The check of engine signatures; an agent without one would obey any
+    broker client, so it does not start."""
+    path = conf.agent.engine_public_key
+    if not path:
+        raise exception.InvalidInput(
+            reason="[agent] engine_public_key is not set: the agent needs the "
+                   "vtpcm-engine's command signing public key (<[engine] "
+                   "command_signing_key>.pub on the controller) to accept commands")
+    try:
+        return authn.CommandVerifier(Path(path), host)
+    except exception.InvalidInput as err:
+        raise exception.InvalidInput(
+            reason="[agent] engine_public_key: %s" % err.kwargs.get("reason", err)) from None
+
+
 class AgentService:
     """One agent: instance manager + RPC server on topic vtpcm-agent."""
 
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
         self.settings = settings_from(conf)
+        self.verifier = verifier_from(conf, self.settings.host)
         self.settings.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.host_tpm = HostTPM(conf.host_tpm.tcti)
         provider = host_key_provider(conf, self.host_tpm, self.settings.state_root)
@@ -72,7 +89,8 @@ class AgentService:
         self.instances.recover()
         topic = rpc.topic(self.conf, "agent_topic")
         target = messaging.Target(topic=topic, server=self.settings.host)
-        endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm)]
+        endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
+                                          self.verifier)]
         self.server = messaging.get_rpc_server(
             self.transport, target, endpoints,
             access_policy=messaging.DefaultRPCAccessPolicy)
@@ -81,9 +99,10 @@ class AgentService:
             # Imported here: the engine's client is optional for the agent.
             from vtpcm_nova.engine.rpcapi import EngineAPI
             EngineAPI(self.conf, self.transport).register_agent(self.settings.host)
-        LOG.info("vtpcm-agent of host %(host)s serving topic %(topic)s (API %(v)s)",
+        LOG.info("vtpcm-agent of host %(host)s serving topic %(topic)s (API %(v)s); "
+                 "commands must be signed with engine key %(key)s",
                  {"host": self.settings.host, "topic": topic,
-                  "v": rpcapi.RPC_API_VERSION})
+                  "v": rpcapi.RPC_API_VERSION, "key": self.verifier.fingerprint})
 
     def stop(self) -> None:
         """Stop serving RPC. swtpm processes keep running on purpose."""

@@ -129,3 +129,8 @@ class QuoteVerificationError(AttestationError):
 class ServiceUnreachable(VTPCMException):
     msg_fmt = "%(service)s did not answer %(method)s: %(reason)s"
     code = "unreachable"
+
+
+class CommandRefused(VTPCMException):
+    msg_fmt = "Command %(method)s refused: %(reason)s"
+    code = "command_refused"

@@ -8,7 +8,7 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_common.wire import Message
 
 LOG = logging.getLogger(__name__)
@@ -87,7 +87,9 @@ class Client:
     Remote vTPCM errors come back as their own exception classes."""
 
     def __init__(self, conf: cfg.ConfigOpts, topic_name: str,
-                 transport: messaging.Transport | None = None, timeout: float = 60.0) -> None:
+                 transport: messaging.Transport | None = None, timeout: float = 60.0,
+                 signer: authn.CommandSigner | None = None) -> None:
+        self.signer = signer
         self.transport = transport or get_transport(conf)
         self.topic = topic_name
         target = messaging.Target(topic=topic_name, version="1.0")
@@ -100,9 +102,13 @@ class Client:
             kwargs["server"] = server
         if timeout is not None:
             kwargs["timeout"] = timeout
+        payload = request.validated().to_wire()
+        args: dict[str, Any] = {"payload": payload}
+        if self.signer is not None:
+            # Sent to every method: endpoints that need no signature ignore it.
+            args["auth"] = self.signer.sign(method, server or "", payload)
         try:
-            reply = self.client.prepare(**kwargs).call(
-                {}, method, payload=request.validated().to_wire())
+            reply = self.client.prepare(**kwargs).call({}, method, **args)
         except messaging.RemoteError as err:
             raise remote_to_local(err) from None
         except messaging.MessagingException as err:
@@ -114,20 +120,36 @@ class Client:
         return reply_type.from_wire(reply)
 
 
-def endpoint(request_type: type[Message]) -> Callable[[F], F]:
+def endpoint(request_type: type[Message], signed: bool = False) -> Callable[[F], F]:
     """Server side of one RPC method: parse ``payload`` into ``request_type``,
     answer with the method's message; refusals go back to the caller and are
-    logged once, without secrets (messages hide secret fields)."""
+    logged once, without secrets (messages hide secret fields).
+
+    ``signed``: the method changes state, so it runs only for a command the
+    engine signed (``auth``), checked by the endpoint object's ``verifier``
+    over the payload as received. The schema check comes first (a pure
+    function every unsigned method already exposes), so a malformed command
+    is named precisely; nothing acts before both passed. Without a verifier
+    it refuses: an agent that cannot check the sender acts for nobody."""
     def wrap(func: F) -> F:
         @functools.wraps(func)
         @messaging.expected_exceptions(exception.VTPCMException)
-        def inner(self: Any, ctxt: dict[str, Any], payload: Any) -> Any:
+        def inner(self: Any, ctxt: dict[str, Any], payload: Any, auth: Any = None) -> Any:
             try:
-                reply: Message = func(self, request_type.from_wire(payload))
+                request = request_type.from_wire(payload)
+                if signed:
+                    verifier = getattr(self, "verifier", None)
+                    if verifier is None:
+                        raise exception.CommandRefused(
+                            method=func.__name__,
+                            reason="this service has no engine public key to check it")
+                    verifier.verify(func.__name__, payload, auth)
+                reply: Message = func(self, request)
                 return reply.to_wire()
             except exception.VTPCMException as err:
                 LOG.warning("Refused %(method)s: %(error)s",
                             {"method": func.__name__, "error": err})
                 raise
+        inner.signed = signed  # type: ignore[attr-defined]
         return inner  # type: ignore[return-value]
     return wrap

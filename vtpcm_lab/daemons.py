@@ -3,10 +3,19 @@
 Each daemon has its own config file and is stopped by pid (TERM, then KILL)
 in ``stop()``; callers (the lab, test fixtures) call ``stop()`` in finally
 blocks. Every wait has a deadline.
+
+Each deployment (namespace = control exchange) has one engine command
+signing key, made on first use under a per-user directory keyed by the
+namespace: the engine daemons sign with it, the agent daemons pin its public
+half, and ``client_conf`` lets test and lab clients sign like the engine. It
+lives outside the work dirs because ``client_conf`` is built before any work
+dir exists (and the lab clears its work dir on ``up``).
 """
 
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -20,7 +29,7 @@ from oslo_config import cfg
 
 from vtpcm_agent import conf as agent_conf
 from vtpcm_agent.rpcapi import AgentAPI
-from vtpcm_common import rpc
+from vtpcm_common import authn, exception, rpc
 from vtpcm_nova import conf as engine_conf
 from vtpcm_nova.engine.rpcapi import EngineAPI
 
@@ -46,7 +55,33 @@ def topics(namespace: str) -> dict[str, str]:
             "engine_topic": "vtpcm-engine-" + namespace}
 
 
-def client_conf(namespace: str) -> cfg.ConfigOpts:
+KEY_ROOT = Path(tempfile.gettempdir()) / ("vtpcm-lab-keys-%d" % os.getuid())
+
+
+def signing_key_path(namespace: str) -> Path:
+    """Where the engine signing key of deployment ``namespace`` lives."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", namespace):
+        raise exception.LabError(reason="namespace %r is not a plain name" % namespace[:100])
+    return KEY_ROOT / namespace / "engine-signing.key"
+
+
+def ensure_signing_key(namespace: str) -> Path:
+    """The engine signing key of ``namespace``, created if missing (0600, its
+    public half next to it as ``.pub``)."""
+    path = signing_key_path(namespace)
+    KEY_ROOT.mkdir(mode=0o700, exist_ok=True)
+    st = os.lstat(KEY_ROOT)  # in /tmp: refuse a directory someone else planted
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise exception.LabError(
+            reason="%s must be a directory of uid %d with mode 0700" % (KEY_ROOT, os.getuid()))
+    authn.load_or_create_signing_key(path)
+    return path
+
+
+def client_conf(namespace: str, *, signing: bool = True) -> cfg.ConfigOpts:
+    """Client options for deployment ``namespace``. With ``signing`` the
+    client holds the engine's signing key (``AgentAPI(conf)`` signs like the
+    engine); without it, it is any host with broker credentials."""
     conf = cfg.ConfigOpts()
     agent_conf.register_opts(conf)
     engine_conf.register_opts(conf)
@@ -56,6 +91,8 @@ def client_conf(namespace: str) -> cfg.ConfigOpts:
     conf.set_override("control_exchange", namespace)
     for name, value in topics(namespace).items():
         conf.set_override(name, value, group="vtpcm_rpc")
+    key = str(ensure_signing_key(namespace)) if signing else ""
+    conf.set_override("command_signing_key", key, group="engine")
     return conf
 
 
@@ -139,7 +176,9 @@ class AgentDaemon(Daemon):
                         "control_exchange": exchange, "debug": "true"},
             "vtpcm_rpc": topics(exchange),
             "agent": {"state_dir": workdir / ("state-" + host), "run_dir": run_dir,
-                      "expose_data_socket": "true"},
+                      "expose_data_socket": "true",
+                      "engine_public_key": authn.public_key_path(
+                          ensure_signing_key(exchange))},
             "host_tpm": {"tcti": tcti},
         }
         for section, values in (extra or {}).items():
@@ -166,7 +205,8 @@ class EngineDaemon(Daemon):
                         "debug": "true"},
             "vtpcm_rpc": topics(exchange),
             "engine": {"host": "engine-" + uuid.uuid4().hex[:6], "connection": connection,
-                       "rpc_timeout": 20},
+                       "rpc_timeout": 20,
+                       "command_signing_key": ensure_signing_key(exchange)},
             "attestation": {"auto_approve": "true", "interval": 0},
             "migration": {"reconcile_interval": 0},
         }

@@ -44,6 +44,14 @@ AGENT_OPTS = [
                help="Largest state blob accepted on import."),
     cfg.FloatOpt("swtpm_timeout", default=10.0, min=0.5,
                  help="Seconds to wait for swtpm to start, answer or stop."),
+    cfg.StrOpt("engine_public_key",
+               help="Path of the vtpcm-engine's Ed25519 command signing public key "
+                    "(PEM; the engine writes it next to its [engine] "
+                    "command_signing_key as <key>.pub). Required: the agent runs "
+                    "state-changing commands (create, destroy, export, every "
+                    "migration step) only when the engine signed them with this "
+                    "key, so a host holding broker credentials cannot command "
+                    "another host's agent. The agent refuses to start without it."),
     cfg.BoolOpt("register_with_engine", default=True,
                 help="At start, ask the vtpcm-engine to enroll this host (the engine "
                      "pulls a fresh, certified identity; an operator or auto_approve "

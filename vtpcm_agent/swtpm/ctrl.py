@@ -548,7 +548,8 @@ def _validate_import(state: ExportedState, max_blob_size: int) -> None:
 
 
 def import_state(path: Path | str, state: ExportedState, timeout: float = 5.0, *,
-                 vtpcm_id: str = "<unnamed>", max_blob_size: int = MAX_BLOB_SIZE) -> None:
+                 vtpcm_id: str = "<unnamed>", max_blob_size: int = MAX_BLOB_SIZE,
+                 empty_target: bool = False) -> None:
     """Replace the state of a swtpm QEMU is not attached to, then run it.
 
     Sequence: (INIT if stopped,) snapshot the target's own blobs, STOP,
@@ -561,6 +562,11 @@ def import_state(path: Path | str, state: ExportedState, timeout: float = 5.0, *
     INIT, and a zero-length SET does not clear it: it sets an EMPTY state,
     hence the snapshot). A target that was stopped is stopped again.
     StateImportError is raised. Bad input is refused before any contact.
+
+    ``empty_target``: the swtpm was started on an empty state directory and
+    never initialized (an incoming vTPCM). The blobs are set and INIT run as
+    QEMU's incoming side does; there is nothing to snapshot, and INITing it
+    first would manufacture a TPM. After a failure the caller discards it.
     """
     try:
         _validate_import(state, max_blob_size)
@@ -573,6 +579,20 @@ def import_state(path: Path | str, state: ExportedState, timeout: float = 5.0, *
                 vtpcm_id=vtpcm_id,
                 reason="target swtpm must run with an at-rest and a migration key "
                        "(config flags 0x%x)" % config)
+        if empty_target:
+            try:
+                client.set_stateblob(BlobType.PERMANENT, state.permanent,
+                                     state.permanent_flags)
+                client.set_stateblob(BlobType.VOLATILE, state.volatile, state.volatile_flags)
+                client.init(delete_volatile=True)
+            except exception.CtrlChannelError as exc:
+                raise exception.StateImportError(
+                    vtpcm_id=vtpcm_id,
+                    reason="swtpm refused the state (%s); wrong migration key or damaged "
+                           "blob" % exc.message) from None
+            LOG.info("Imported swtpm state into empty vTPCM %(id)s (%(p)d + %(v)d bytes)",
+                     {"id": vtpcm_id, "p": len(state.permanent), "v": len(state.volatile)})
+            return
         was_running = _ensure_running(client)
         snapshot = (client.get_stateblob(BlobType.PERMANENT),
                     client.get_stateblob(BlobType.VOLATILE))

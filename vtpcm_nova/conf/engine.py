@@ -16,6 +16,12 @@ ENGINE_OPTS = [
                secret=True,
                help="SQLAlchemy URL of the engine database: SQLite for one controller, "
                     "postgresql:// or mysql+pymysql:// for several engine workers."),
+    cfg.StrOpt("command_signing_key", default="/var/lib/vtpcm/engine-signing.key",
+               help="Path of the Ed25519 private key (PEM, mode 0600) the engine signs "
+                    "every state-changing agent command with; created on first start, "
+                    "its public key written to <path>.pub. Copy that public key to "
+                    "every compute host ([agent] engine_public_key). Every engine "
+                    "worker must use the same key."),
     cfg.FloatOpt("rpc_timeout", default=60.0, min=1.0,
                  help="Seconds the engine waits for an agent to answer one call."),
 ]

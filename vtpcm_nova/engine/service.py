@@ -2,6 +2,7 @@
 
 import random
 import threading
+from pathlib import Path
 from typing import Any
 
 import oslo_messaging as messaging
@@ -9,7 +10,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpcm_agent.rpcapi import AgentAPI
-from vtpcm_common import exception, rpc
+from vtpcm_common import authn, exception, rpc
 from vtpcm_nova.engine import rpcapi
 from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
@@ -24,7 +25,9 @@ class EngineService:
         self.conf = conf
         self.db = Database(conf.engine.connection)
         self.transport = rpc.get_transport(conf)
-        self.agents = AgentAPI(conf, self.transport, timeout=conf.engine.rpc_timeout)
+        self.signer = authn.load_or_create_signing_key(Path(conf.engine.command_signing_key))
+        self.agents = AgentAPI(conf, self.transport, timeout=conf.engine.rpc_timeout,
+                               signer=self.signer)
         att = conf.attestation
         client = AgentAttestationClient(self.agents)
         self.attestor = Attestor(self.db, lambda: client, verdict_ttl=att.verdict_ttl,
@@ -51,9 +54,11 @@ class EngineService:
             self._periodic("attest-all", att.interval, att.jitter, self.attestor.attest_all)
         if mig.reconcile_interval:
             self._periodic("reconcile", mig.reconcile_interval, 0, self.coordinator.reconcile)
-        LOG.info("vtpcm-engine %(host)s serving topic %(topic)s (API %(v)s)",
+        LOG.info("vtpcm-engine %(host)s serving topic %(topic)s (API %(v)s); agent "
+                 "commands signed with key %(key)s (public key %(pub)s)",
                  {"host": self.conf.engine.host, "topic": topic,
-                  "v": rpcapi.RPC_API_VERSION})
+                  "v": rpcapi.RPC_API_VERSION, "key": self.signer.fingerprint,
+                  "pub": authn.public_key_path(Path(self.conf.engine.command_signing_key))})
 
     def _periodic(self, name: str, interval: float, jitter: float, func: Any) -> None:
         def loop() -> None:

@@ -140,24 +140,48 @@ def test_export_import_between_agents_keeps_guest_state(cluster):
 
 
 def test_import_with_other_migration_key_fails_and_changes_nothing(cluster):
+    """Blobs of vTPCM X set into the incoming vTPCM prepared for Y (Y's
+    migration key): swtpm refuses them, X is unchanged, Y's incoming stays
+    usable and takes Y's own state afterwards."""
+    api, a, b = cluster
+    x, y = _new(api, a), _new(api, a)
+    px, py = (a.paths(v.instance_uuid, v.vtpcm_id) for v in (x, y))
+    tpmtools.write_guest_state(px, b"state of x", os.urandom(32), make_key=False)
+    tpmtools.write_guest_state(py, b"state of y", os.urandom(32), make_key=False)
+    x_before, y_before = (tpmtools.read_guest_state(p, False) for p in (px, py))
+    ctx = _hand_over(api, a, b, y.instance_uuid, 0)
+    blobs_x = api.export_state(a.name, x.instance_uuid)
+    forged = dataclasses.replace(blobs_x, instance_uuid=y.instance_uuid,
+                                 migration_id=ctx.migration_id)
+    with pytest.raises(exception.StateImportError) as err:
+        api.import_state(b.name, forged)
+    assert "wrong migration key" in str(err.value)
+    incoming = api.get(b.name, y.instance_uuid)
+    assert incoming.state == "MIGRATING_IN" and incoming.running
+    assert tpmtools.read_guest_state(px, False) == x_before
+    api.import_state(b.name, api.export_state(a.name, y.instance_uuid))
+    assert tpmtools.read_guest_state(b.paths(y.instance_uuid, incoming.vtpcm_id),
+                                     False) == y_before
+
+
+def test_import_only_once_and_only_into_its_migration(cluster):
+    """No rollback through import_state: not into a live vTPCM, not for
+    another migration, not a second time."""
     api, a, b = cluster
     src = _new(api, a)
-    tpmtools.write_guest_state(a.paths(src.instance_uuid, src.vtpcm_id), b"source state",
-                               os.urandom(32), make_key=False)
-    src_before = tpmtools.read_guest_state(a.paths(src.instance_uuid, src.vtpcm_id), False)
-    other = _new(api, b)  # its own, different migration key
-    po = b.paths(other.instance_uuid, other.vtpcm_id)
-    tpmtools.write_guest_state(po, b"target state", os.urandom(32), make_key=False)
-    other_before = tpmtools.read_guest_state(po, False)
+    ctx = _hand_over(api, a, b, src.instance_uuid, 0)
     blobs = api.export_state(a.name, src.instance_uuid)
-    forged = dataclasses.replace(blobs, instance_uuid=other.instance_uuid)
-    with pytest.raises(exception.VTPCMException) as err:
-        api.import_state(b.name, forged)
-    assert "decrypt" in str(err.value).lower() or "import" in str(err.value).lower()
-    assert tpmtools.read_guest_state(po, False) == other_before
-    assert tpmtools.read_guest_state(a.paths(src.instance_uuid, src.vtpcm_id),
-                                     False) == src_before
-    assert api.get(b.name, other.instance_uuid).state == "ACTIVE"
+    with pytest.raises(exception.InvalidTransition):
+        api.import_state(a.name, blobs)  # the live source itself
+    with pytest.raises(exception.MigrationError):
+        api.import_state(b.name, dataclasses.replace(blobs, migration_id=str(uuid.uuid4())))
+    api.import_state(b.name, blobs)
+    with pytest.raises(exception.StateImportError) as err:
+        api.import_state(b.name, blobs)  # replayed
+    assert "already holds state" in str(err.value)
+    api.commit_incoming(b.name, ctx)
+    with pytest.raises(exception.InvalidTransition):
+        api.import_state(b.name, blobs)  # now live
 
 
 def test_no_plaintext_state_on_disk_or_in_logs(cluster, tmp_path):

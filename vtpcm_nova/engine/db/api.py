@@ -517,7 +517,7 @@ class Database:
 
     def set_vtpcm_state(self, instance_uuid: str, expected_generation: int, state: str, *,
                         expected_state: str | None = None, migration_id: str | None = None,
-                        expected_migration_id: "str | None | types.EllipsisType" = ...,
+                        expected_migration_id: str | None | types.EllipsisType = ...,
                         now: datetime.datetime | None = None) -> bool:
         """Change the state iff the generation (and optionally state and the
         migration holding the record) still match."""

@@ -1,0 +1,192 @@
+"""Real vtpcm-agent daemons over the local RabbitMQ obey only commands the
+engine signed: a compromised compute node with broker credentials (a client
+without the engine's signing key, or with a key of its own) cannot seal a
+VM's migration key to its own KEM key, export, destroy or move a vTPCM; a
+captured signed command cannot be replayed or redirected to another host."""
+
+import dataclasses
+import os
+import signal
+import uuid
+from pathlib import Path
+
+import oslo_messaging as messaging
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+
+from tests.functional.harness import AgentDaemon, client_conf, short_dir
+from tests.functional.hosttpm_fixture import HostTPMStandIn
+from vtpcm_agent import messages as m
+from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_common import authn, exception
+
+pytestmark = pytest.mark.functional
+
+SEALED_LOG = "Sealed the migration key"
+
+
+@dataclasses.dataclass
+class Host:
+    name: str
+    agent: AgentDaemon
+    run_dir: Path
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    work = short_dir("vtauth")
+    exchange = "vtpcm-test-" + uuid.uuid4().hex[:8]
+    api = AgentAPI(client_conf(exchange), timeout=30)  # holds the engine's key
+    rogue = AgentAPI(client_conf(exchange, signing=False), timeout=30)  # broker creds only
+    assert api.signer is not None and rogue.signer is None
+    hosts, started = [], []
+    try:
+        for label in ("a", "b"):
+            name = "au%s-%s" % (label, uuid.uuid4().hex[:6])
+            tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
+            tpm.start()
+            started.append(tpm)
+            run_dir = work / ("run-" + label)
+            agent = AgentDaemon(work, name, exchange, tpm.tcti, run_dir=run_dir,
+                                extra={"agent": {"register_with_engine": "false"}})
+            agent.start()
+            started.append(agent)
+            agent.wait_ready(api)
+            hosts.append(Host(name, agent, run_dir))
+        yield api, rogue, hosts[0], hosts[1], work, exchange
+    finally:
+        for host in hosts:  # stop every swtpm the agents left running, by pid
+            for pidfile in host.run_dir.glob("*.pid"):
+                pid = int(pidfile.read_text() or 0)
+                if pid:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+        for proc in reversed(started):
+            proc.stop()
+        api.transport.cleanup()
+        rogue.transport.cleanup()
+
+
+def _active(api: AgentAPI, host: Host) -> m.VTPCMInfo:
+    instance = str(uuid.uuid4())
+    api.create(host.name, instance)
+    return api.start(host.name, instance)
+
+
+def _raw(api: AgentAPI, host: str, method: str, version: str, **kwargs):
+    """The bare oslo.messaging call a compromised node can make."""
+    try:
+        return api.client.prepare(server=host, version=version, timeout=30).call(
+            {}, method, **kwargs)
+    except messaging.RemoteError as err:
+        raise exception.VTPCMException(message="%s: %s" % (err.exc_type, err.value)) from None
+
+
+def test_signed_client_works_and_readers_need_no_signature(cluster):
+    api, rogue, a, b, _, _ = cluster
+    info = _active(api, a)
+    assert info.state == "ACTIVE" and info.running
+    # read-only and nonce-bound methods stay open to any broker client
+    assert rogue.get(a.name, info.instance_uuid) == api.get(a.name, info.instance_uuid)
+    assert info.instance_uuid in {v.instance_uuid for v in rogue.list(a.name).vtpcms}
+    assert rogue.health(a.name).api_version == "1.3"
+    kem = rogue.get_identity(b.name, os.urandom(32)).kem_public
+    ctx = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, a.name, b.name)
+    sealed = api.seal_migration_key(a.name, ctx, kem)
+    incoming = api.prepare_incoming(b.name, ctx, sealed.envelope)
+    assert incoming.state == "MIGRATING_IN"
+    api.abort_incoming(b.name, ctx)
+    api.abort_outgoing(a.name, ctx)
+    assert api.get(a.name, info.instance_uuid).state == "ACTIVE"
+
+
+def test_unsigned_commands_are_refused_and_change_nothing(cluster):
+    api, rogue, a, b, _, _ = cluster
+    info = _active(api, a)
+    before = api.get(a.name, info.instance_uuid)
+    attacker_kem = rogue.get_identity(b.name, os.urandom(32)).kem_public
+    ctx = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, a.name, b.name)
+    attempts = [
+        lambda: rogue.seal_migration_key(a.name, ctx, attacker_kem),
+        lambda: rogue.export_state(a.name, info.instance_uuid),
+        lambda: rogue.destroy(a.name, info.instance_uuid),
+        lambda: rogue.stop(a.name, info.instance_uuid),
+        lambda: rogue.commit_outgoing(a.name, ctx),
+        lambda: rogue.abort_outgoing(a.name, ctx),
+        lambda: rogue.create(a.name, str(uuid.uuid4())),
+    ]
+    for attempt in attempts:
+        with pytest.raises(exception.CommandRefused, match="no engine signature"):
+            attempt()
+    assert api.get(a.name, info.instance_uuid) == before
+    assert len(api.list(a.name).vtpcms) == len(rogue.list(a.name).vtpcms)
+    log = a.agent.log_text()
+    assert not any(SEALED_LOG in line and info.instance_uuid in line
+                   for line in log.splitlines())
+    assert "Command seal_migration_key refused: no engine signature" in log
+
+
+def test_a_key_of_its_own_does_not_help(cluster):
+    api, rogue, a, b, _, _ = cluster
+    info = _active(api, a)
+    forger = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate())
+    attacker_kem = rogue.get_identity(b.name, os.urandom(32)).kem_public
+    ctx = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, a.name, b.name)
+    payload = m.SealRequest(ctx, attacker_kem).validated().to_wire()
+    with pytest.raises(exception.VTPCMException, match="CommandRefused.*signature does not"):
+        _raw(rogue, a.name, "seal_migration_key", "1.2", payload=payload,
+             auth=forger.sign("seal_migration_key", a.name, payload))
+    assert api.get(a.name, info.instance_uuid).state == "ACTIVE"
+    assert not any(SEALED_LOG in line and info.instance_uuid in line
+                   for line in a.agent.log_text().splitlines())
+
+
+def test_captured_signed_command_cannot_be_replayed(cluster):
+    api, rogue, a, _, _, _ = cluster
+    info = _active(api, a)
+    api.stop(a.name, info.instance_uuid)
+    payload = m.InstanceRef(info.instance_uuid).validated().to_wire()
+    auth = api.signer.sign("start", a.name, payload)  # what the engine put on the wire
+    assert _raw(api, a.name, "start", "1.0", payload=payload, auth=auth)["state"] == "ACTIVE"
+    api.stop(a.name, info.instance_uuid)
+    with pytest.raises(exception.VTPCMException, match="CommandRefused.*replayed"):
+        _raw(rogue, a.name, "start", "1.0", payload=payload, auth=auth)
+    after = api.get(a.name, info.instance_uuid)
+    assert after.state == "STOPPED" and not after.running
+    # nor used for another method with the same payload
+    with pytest.raises(exception.VTPCMException, match="CommandRefused.*signature does not"):
+        _raw(rogue, a.name, "destroy", "1.0", payload=payload,
+             auth=api.signer.sign("start", a.name, payload))
+    assert api.get(a.name, info.instance_uuid).state == "STOPPED"
+
+
+def test_command_signed_for_one_host_is_refused_by_another(cluster):
+    api, rogue, a, b, _, _ = cluster
+    info = _active(api, b)
+    payload = m.InstanceRef(info.instance_uuid).validated().to_wire()
+    auth = api.signer.sign("destroy", a.name, payload)  # signed for host A
+    with pytest.raises(exception.VTPCMException, match="CommandRefused.*misdirected"):
+        _raw(rogue, b.name, "destroy", "1.0", payload=payload, auth=auth)
+    forged = dict(auth, server=b.name)  # relabelled: the signature still says A
+    with pytest.raises(exception.VTPCMException, match="CommandRefused.*signature does not"):
+        _raw(rogue, b.name, "destroy", "1.0", payload=payload, auth=forged)
+    after = api.get(b.name, info.instance_uuid)
+    assert after.state == "ACTIVE" and after.running
+
+
+def test_agent_without_engine_public_key_does_not_start(cluster):
+    _, _, _, _, work, exchange = cluster
+    # the key check comes first: no host TPM is needed to see the refusal
+    agent = AgentDaemon(work, "nokey-" + uuid.uuid4().hex[:6], exchange,
+                        "swtpm:path=/nonexistent", run_dir=work / "run-nokey",
+                        extra={"agent": {"register_with_engine": "false",
+                                         "engine_public_key": ""}})
+    agent.start()
+    try:
+        assert agent.proc is not None
+        assert agent.proc.wait(timeout=60) != 0
+        assert "[agent] engine_public_key is not set" in agent.log_text()
+    finally:
+        agent.stop()

@@ -1,0 +1,301 @@
+"""Engine-signed agent commands (vtpcm_common/authn.py) and the signed
+endpoints: every way a command can be wrong is refused before it runs."""
+
+import base64
+import copy
+import os
+import stat
+import threading
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from oslo_messaging.rpc.dispatcher import ExpectedException
+
+from vtpcm_agent import messages as m
+from vtpcm_agent.manager import AgentManager
+from vtpcm_common import authn, exception
+from vtpcm_common.rpc import endpoint
+
+HOST = "host-a"
+PAYLOAD = {"instance_uuid": "6b1c8f46-3c2e-4d4e-9a0e-1c1c5b6f9d10"}
+
+
+class Clock:
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    return tmp_path / "keys" / "engine-signing.key"
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+@pytest.fixture
+def signer(keyfile, clock):
+    made = authn.load_or_create_signing_key(keyfile)
+    return authn.CommandSigner(made._key, clock=clock)
+
+
+@pytest.fixture
+def verifier(keyfile, signer, clock):
+    return authn.CommandVerifier(authn.public_key_path(keyfile), HOST, clock=clock)
+
+
+def _refused(verifier, method, payload, auth, reason):
+    with pytest.raises(exception.CommandRefused) as err:
+        verifier.verify(method, payload, auth)
+    assert method in str(err.value) and reason in str(err.value), str(err.value)
+
+
+def test_key_files_are_created_private_and_reloaded(keyfile):
+    first = authn.load_or_create_signing_key(keyfile)
+    assert stat.S_IMODE(keyfile.stat().st_mode) == 0o600
+    pub = authn.public_key_path(keyfile)
+    assert pub.name == "engine-signing.key.pub"
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644
+    assert authn.fingerprint(authn.load_public_key(pub)) == first.fingerprint
+    pub.unlink()  # the public half is rewritten from the private key
+    again = authn.load_or_create_signing_key(keyfile)
+    assert again.fingerprint == first.fingerprint and pub.exists()
+    assert [p.name for p in keyfile.parent.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_readable_or_foreign_private_key_is_refused(keyfile, tmp_path):
+    authn.load_or_create_signing_key(keyfile)
+    os.chmod(keyfile, 0o644)
+    with pytest.raises(exception.InvalidInput, match="chmod 600"):
+        authn.load_or_create_signing_key(keyfile)
+    other = tmp_path / "ec.key"
+    other.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+    os.chmod(other, 0o600)
+    with pytest.raises(exception.InvalidInput, match="not an Ed25519 key"):
+        authn.load_signing_key(other)
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
+    os.chmod(garbage, 0o600)
+    with pytest.raises(exception.InvalidInput) as err:
+        authn.load_signing_key(garbage)
+    assert "c2VjcmV0" not in str(err.value)
+
+
+def test_public_key_errors_name_the_file(tmp_path):
+    with pytest.raises(exception.InvalidInput, match="missing.pub"):
+        authn.CommandVerifier(tmp_path / "missing.pub", HOST)
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key")
+    with pytest.raises(exception.InvalidInput, match="not a PEM public key"):
+        authn.CommandVerifier(bad, HOST)
+
+
+def test_concurrent_creators_agree_on_one_key(keyfile):
+    fingerprints, errors = [], []
+
+    def make():
+        try:
+            fingerprints.append(authn.load_or_create_signing_key(keyfile).fingerprint)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+    threads = [threading.Thread(target=make) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not errors and len(set(fingerprints)) == 1 and len(fingerprints) == 8
+
+
+def test_signed_command_is_accepted_once(signer, verifier):
+    auth = signer.sign("destroy", HOST, PAYLOAD)
+    assert set(auth) == authn.AUTH_FIELDS and auth["server"] == HOST
+    assert auth["expires_at"] - auth["issued_at"] == authn.DEFAULT_TTL
+    verifier.verify("destroy", dict(PAYLOAD), copy.deepcopy(auth))
+    _refused(verifier, "destroy", dict(PAYLOAD), auth, "replayed")
+    verifier.verify("destroy", PAYLOAD, signer.sign("destroy", HOST, PAYLOAD))  # new nonce
+
+
+def test_payload_survives_json_normalisation(signer, verifier):
+    payload = {"pcrs": (0, 1, 2), "nested": {"b": 1, "a": [True, None, 2.5]}, "s": "ü"}
+    auth = signer.sign("import_state", HOST, payload)
+    wire = {"s": "ü", "nested": {"a": [True, None, 2.5], "b": 1}, "pcrs": [0, 1, 2]}
+    verifier.verify("import_state", wire, auth)
+
+
+@pytest.mark.parametrize("change", ["payload", "method", "issued_at", "expires_at", "nonce"])
+def test_tampering_with_any_signed_part_is_refused(signer, verifier, change):
+    auth = signer.sign("seal_migration_key", HOST, PAYLOAD)
+    payload, method = dict(PAYLOAD), "seal_migration_key"
+    if change == "payload":
+        payload["instance_uuid"] = "0" + payload["instance_uuid"][1:]
+    elif change == "method":
+        method = "destroy"
+    elif change == "nonce":
+        auth["nonce"] = ("0" if auth["nonce"][0] != "0" else "1") + auth["nonce"][1:]
+    else:
+        auth[change] += 1.0
+    _refused(verifier, method, payload, auth, "signature does not verify")
+
+
+def test_command_for_another_host_is_refused(signer, verifier):
+    auth = signer.sign("export_state", "host-b", PAYLOAD)
+    _refused(verifier, "export_state", PAYLOAD, auth, "misdirected")
+    auth["server"] = HOST  # claiming to be for us does not help: the signature says host-b
+    _refused(verifier, "export_state", PAYLOAD, auth, "signature does not verify")
+
+
+def test_expired_future_and_pre_start_commands_are_refused(signer, verifier, clock):
+    start = clock.now
+    auth = signer.sign("stop", HOST, PAYLOAD)
+    clock.now = start + authn.DEFAULT_TTL + 0.5
+    _refused(verifier, "stop", PAYLOAD, auth, "expired")
+
+    clock.now = start + 31
+    future = signer.sign("stop", HOST, PAYLOAD)
+    clock.now = start
+    _refused(verifier, "stop", PAYLOAD, future, "issued in the future")
+    clock.now = start + 29
+    slightly = signer.sign("stop", HOST, PAYLOAD)
+    clock.now = start
+    verifier.verify("stop", PAYLOAD, slightly)  # within max_skew
+
+    clock.now = start - 31
+    old = signer.sign("stop", HOST, PAYLOAD)
+    clock.now = start - 30.5 + 60  # still within its ttl
+    _refused(verifier, "stop", PAYLOAD, old, "before this agent started")
+
+
+def test_overlong_validity_is_refused(keyfile, verifier, clock):
+    long_signer = authn.CommandSigner(authn.load_signing_key(keyfile)._key, ttl=3600,
+                                      clock=clock)
+    _refused(verifier, "create", PAYLOAD, long_signer.sign("create", HOST, PAYLOAD),
+             "validity period")
+
+
+def test_foreign_key_is_refused(verifier, clock):
+    foreign = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate(), clock=clock)
+    _refused(verifier, "destroy", PAYLOAD, foreign.sign("destroy", HOST, PAYLOAD),
+             "signature does not verify")
+
+
+@pytest.mark.parametrize("mangle,reason", [
+    (lambda a: None, "no engine signature"),
+    (lambda a: "token", "must be an object"),
+    (lambda a: {k: v for k, v in a.items() if k != "nonce"}, "exactly the fields"),
+    (lambda a: dict(a, extra=1), "exactly the fields"),
+    (lambda a: dict(a, issued_at="now"), "issued_at must be a finite number"),
+    (lambda a: dict(a, expires_at=float("inf")), "expires_at must be a finite number"),
+    (lambda a: dict(a, issued_at=True), "issued_at must be a finite number"),
+    (lambda a: dict(a, nonce="XYZ"), "nonce must be"),
+    (lambda a: dict(a, nonce=a["nonce"].upper()), "nonce must be"),
+    (lambda a: dict(a, signature="%%%"), "must be base64"),
+    (lambda a: dict(a, signature=12), "must be base64"),
+    (lambda a: dict(a, signature=base64.b64encode(b"x" * 10).decode()), "64 bytes"),
+    (lambda a: dict(a, server=["x"]), "server must be a host name"),
+])
+def test_malformed_auth_is_refused(signer, verifier, mangle, reason):
+    auth = mangle(signer.sign("destroy", HOST, PAYLOAD))
+    _refused(verifier, "destroy", PAYLOAD, auth, reason)
+
+
+def test_refusals_do_not_use_up_the_nonce(signer, verifier):
+    auth = signer.sign("destroy", HOST, PAYLOAD)
+    _refused(verifier, "destroy", {"instance_uuid": "x"}, auth, "signature")
+    verifier.verify("destroy", PAYLOAD, auth)
+
+
+def test_used_nonces_are_forgotten_after_expiry(signer, verifier, clock):
+    for _ in range(5):
+        verifier.verify("stop", PAYLOAD, signer.sign("stop", HOST, PAYLOAD))
+    assert len(verifier._seen) == 5
+    clock.now += authn.DEFAULT_TTL + verifier.max_skew + 1
+    verifier.verify("stop", PAYLOAD, signer.sign("stop", HOST, PAYLOAD))
+    assert len(verifier._seen) == 1
+
+
+def test_no_key_bytes_in_reprs(keyfile, signer, verifier):
+    raw = signer._key.private_bytes(serialization.Encoding.Raw,
+                                    serialization.PrivateFormat.Raw,
+                                    serialization.NoEncryption())
+    pem = keyfile.read_text()
+    body = "".join(pem.strip().splitlines()[1:-1])
+    for text in (repr(signer), str(signer), repr(verifier)):
+        assert raw.hex() not in text and body not in text
+        assert base64.b64encode(raw).decode() not in text
+        assert signer.fingerprint in text
+
+
+# The endpoint decorator ------------------------------------------------------
+
+class FakeInstances:
+    def __init__(self):
+        self.calls = []
+
+    def destroy(self, instance_uuid):
+        self.calls.append(("destroy", instance_uuid))
+        raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
+
+    def get(self, instance_uuid):
+        self.calls.append(("get", instance_uuid))
+        raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
+
+
+def _raises(exc_type, func, *args, match=None, **kwargs):
+    """Endpoints wrap vTPCM errors in oslo.messaging's ExpectedException."""
+    with pytest.raises(ExpectedException) as err:
+        func(*args, **kwargs)
+    inner = err.value.exc_info[1]
+    assert isinstance(inner, exc_type), repr(inner)
+    assert match is None or match in str(inner), str(inner)
+
+
+def test_agent_state_changing_endpoints_are_exactly_the_signed_ones():
+    signed = {name for name in dir(AgentManager)
+              if getattr(getattr(AgentManager, name), "signed", False)}
+    assert signed == {"create", "start", "stop", "destroy", "export_state", "import_state",
+                      "seal_migration_key", "prepare_incoming", "commit_incoming",
+                      "commit_outgoing", "abort_incoming", "abort_outgoing"}
+    unsigned = {name for name in dir(AgentManager)
+                if getattr(getattr(AgentManager, name), "signed", None) is False}
+    assert unsigned == {"get", "list", "health", "get_identity", "quote"}
+
+
+def test_signed_endpoint_checks_before_acting(signer, verifier):
+    instances = FakeInstances()
+    agent = AgentManager(HOST, instances, verifier=verifier)  # type: ignore[arg-type]
+    _raises(exception.CommandRefused, agent.destroy, {}, PAYLOAD, match="no engine signature")
+    # a malformed command is named precisely, signed or not
+    _raises(exception.InvalidPayload, agent.destroy, {}, {"garbage": 1}, match="garbage")
+    assert instances.calls == []
+    _raises(exception.NotFound, agent.destroy, {}, PAYLOAD,  # signed: it runs
+            auth=signer.sign("destroy", HOST, PAYLOAD))
+    assert instances.calls == [("destroy", PAYLOAD["instance_uuid"])]
+    # unsigned methods ignore auth
+    _raises(exception.NotFound, agent.get, {}, PAYLOAD, auth={"anything": 1})
+    _raises(exception.NotFound, agent.get, {}, PAYLOAD)
+
+
+def test_agent_without_verifier_refuses_every_signed_command(signer):
+    instances = FakeInstances()
+    agent = AgentManager(HOST, instances)  # type: ignore[arg-type]
+    _raises(exception.CommandRefused, agent.destroy, {}, PAYLOAD,
+            auth=signer.sign("destroy", HOST, PAYLOAD), match="no engine public key")
+    assert instances.calls == []
+
+
+def test_endpoint_defaults_to_unsigned():
+    class Thing:
+        verifier = None
+
+        @endpoint(m.Empty)
+        def ping(self, req):
+            return m.Empty()
+    assert Thing().ping({}, {}) == {} and Thing.ping.signed is False

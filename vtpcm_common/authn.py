@@ -1,0 +1,335 @@
+"""Engine-signed agent commands.
+
+Anyone with broker credentials (every compute node has them) can publish on
+the agent topic, so the broker does not tell who sent a message. The engine
+therefore signs every state-changing agent command with an Ed25519 key only
+it holds; each agent pins the engine's public key and refuses a command that
+is unsigned, signed by another key, meant for another host or method, altered,
+stale, or seen before.
+
+The signature covers the canonical JSON of ``{"v": 1, "method", "server",
+"payload", "issued_at", "expires_at", "nonce"}`` (sorted keys, no spaces), so
+the payload the agent parses is exactly the one the engine signed.
+"""
+
+import base64
+import binascii
+import hashlib
+import json
+import math
+import os
+import secrets
+import stat
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from oslo_config import cfg
+from oslo_log import log as logging
+
+from vtpcm_common import exception
+
+LOG = logging.getLogger(__name__)
+
+VERSION = 1
+DEFAULT_TTL = 120.0
+AUTH_FIELDS = frozenset({"server", "issued_at", "expires_at", "nonce", "signature"})
+NONCE_BYTES = 16
+SIGNATURE_BYTES = 64
+
+Clock = Callable[[], float]
+
+
+def canonical_bytes(method: str, server: str, payload: Any, issued_at: float,
+                    expires_at: float, nonce: str) -> bytes:
+    """The signed bytes. The payload goes through JSON once first, so the
+    sender signs what the receiver decodes (tuples become lists, int keys
+    strings)."""
+    wire_payload = json.loads(json.dumps(payload))
+    doc = {"v": VERSION, "method": method, "server": server, "payload": wire_payload,
+           "issued_at": issued_at, "expires_at": expires_at, "nonce": nonce}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                      allow_nan=False).encode()
+
+
+def fingerprint(public_key: ed25519.Ed25519PublicKey) -> str:
+    """Short, loggable name of a key (SHA-256 of the raw public key)."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw,
+                                  serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def _public_pem(public_key: ed25519.Ed25519PublicKey) -> bytes:
+    return public_key.public_bytes(serialization.Encoding.PEM,
+                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+class CommandSigner:
+    """The engine's side: signs commands. Holds the private key; its repr
+    shows only the public key's fingerprint."""
+
+    def __init__(self, private_key: ed25519.Ed25519PrivateKey, *, ttl: float = DEFAULT_TTL,
+                 clock: Clock = time.time) -> None:
+        if not isinstance(private_key, ed25519.Ed25519PrivateKey):
+            raise exception.InvalidInput(reason="command signing key must be Ed25519")
+        if not (math.isfinite(ttl) and ttl > 0):
+            raise exception.InvalidInput(reason="command signature ttl must be > 0")
+        self._key = private_key
+        self.ttl = float(ttl)
+        self._clock = clock
+        self.public_key = private_key.public_key()
+        self.fingerprint = fingerprint(self.public_key)
+
+    def __repr__(self) -> str:
+        return "<CommandSigner key=%s ttl=%s>" % (self.fingerprint, self.ttl)
+
+    def public_key_pem(self) -> bytes:
+        return _public_pem(self.public_key)
+
+    def sign(self, method: str, server: str, payload: Mapping[str, Any]) -> dict[str, Any]:
+        """The ``auth`` argument sent next to ``payload``."""
+        issued_at = float(self._clock())
+        expires_at = issued_at + self.ttl
+        nonce = secrets.token_hex(NONCE_BYTES)
+        data = canonical_bytes(method, server, payload, issued_at, expires_at, nonce)
+        return {"server": server, "issued_at": issued_at, "expires_at": expires_at,
+                "nonce": nonce,
+                "signature": base64.b64encode(self._key.sign(data)).decode("ascii")}
+
+
+def _refuse(method: str, reason: str) -> exception.CommandRefused:
+    return exception.CommandRefused(method=method, reason=reason)
+
+
+class CommandVerifier:
+    """The agent's side: checks each signed command against the pinned engine
+    public key, for this host (``server``) only.
+
+    Replays: a nonce is accepted once while its command is valid; commands
+    issued before this verifier existed (minus ``max_skew``) are refused, so
+    an agent restart does not reopen the window. ``max_ttl`` bounds how long
+    a nonce must be remembered."""
+
+    def __init__(self, public_key_path: Path, server: str, *, clock: Clock = time.time,
+                 max_skew: float = 30.0, max_ttl: float = 300.0) -> None:
+        self.public_key = load_public_key(public_key_path)
+        self.fingerprint = fingerprint(self.public_key)
+        self.server = server
+        self._clock = clock
+        self.max_skew = float(max_skew)
+        self.max_ttl = float(max_ttl)
+        self.created_at = float(clock())
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return "<CommandVerifier server=%s key=%s>" % (self.server, self.fingerprint)
+
+    def verify(self, method: str, payload: Any, auth: Any) -> None:
+        """Return if ``auth`` is a valid, fresh, unused engine signature over
+        this method, this host and this payload; raise CommandRefused if not."""
+        server, issued_at, expires_at, nonce, signature = self._parse(method, auth)
+        if server != self.server:
+            raise _refuse(method, "misdirected: signed for host %r, this is host %s"
+                          % (server[:64], self.server))
+        try:
+            data = canonical_bytes(method, self.server, payload, issued_at, expires_at, nonce)
+        except (TypeError, ValueError):
+            raise _refuse(method, "payload is not canonical JSON") from None
+        try:
+            self.public_key.verify(signature, data)
+        except InvalidSignature:
+            # A command signed for another host fails here too: the server
+            # name is part of the signed bytes.
+            raise _refuse(method, "signature does not verify with the engine key %s "
+                                  "for host %s" % (self.fingerprint, self.server)) from None
+        now = float(self._clock())
+        if expires_at - issued_at > self.max_ttl or expires_at < issued_at:
+            raise _refuse(method, "validity period longer than %ss" % self.max_ttl)
+        if issued_at > now + self.max_skew:
+            raise _refuse(method, "issued in the future")
+        if now > expires_at:
+            raise _refuse(method, "expired")
+        if issued_at < self.created_at - self.max_skew:
+            raise _refuse(method, "issued before this agent started")
+        with self._lock:
+            self._prune(now)
+            if nonce in self._seen:
+                raise _refuse(method, "replayed (nonce already used)")
+            self._seen[nonce] = expires_at
+
+    def _prune(self, now: float) -> None:
+        # Kept max_skew past expiry: a clock stepping back a little must not
+        # make a forgotten nonce usable again.
+        for nonce in [n for n, exp in self._seen.items() if exp + self.max_skew < now]:
+            del self._seen[nonce]
+
+    @staticmethod
+    def _parse(method: str, auth: Any) -> tuple[str, float, float, str, bytes]:
+        if auth is None:
+            raise _refuse(method, "no engine signature")
+        if not isinstance(auth, Mapping):
+            raise _refuse(method, "auth must be an object")
+        if set(auth) != AUTH_FIELDS:
+            raise _refuse(method, "auth must have exactly the fields %s"
+                          % ", ".join(sorted(AUTH_FIELDS)))
+        server = auth["server"]
+        if not isinstance(server, str) or len(server) > 255:
+            raise _refuse(method, "auth server must be a host name")
+        times = []
+        for name in ("issued_at", "expires_at"):
+            value = auth[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise _refuse(method, "auth %s must be a finite number" % name)
+            times.append(float(value))
+        nonce = auth["nonce"]
+        if not isinstance(nonce, str) or len(nonce) != 2 * NONCE_BYTES \
+                or any(c not in "0123456789abcdef" for c in nonce):
+            raise _refuse(method, "auth nonce must be %d lowercase hex digits"
+                          % (2 * NONCE_BYTES))
+        sig = auth["signature"]
+        try:
+            if not isinstance(sig, str):
+                raise ValueError("not a string")
+            raw = base64.b64decode(sig, validate=True)
+        except (ValueError, binascii.Error):
+            raise _refuse(method, "auth signature must be base64") from None
+        if len(raw) != SIGNATURE_BYTES:
+            raise _refuse(method, "auth signature must be %d bytes" % SIGNATURE_BYTES)
+        return server, times[0], times[1], nonce, raw
+
+
+# Key files -------------------------------------------------------------------
+
+def load_public_key(path: Path) -> ed25519.Ed25519PublicKey:
+    """The engine's public key (PEM) pinned on an agent."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise exception.InvalidInput(
+            reason="engine public key %s: %s" % (path, err.strerror)) from None
+    try:
+        key = serialization.load_pem_public_key(data)
+    except ValueError:
+        raise exception.InvalidInput(
+            reason="engine public key %s is not a PEM public key" % path) from None
+    if not isinstance(key, ed25519.Ed25519PublicKey):
+        raise exception.InvalidInput(
+            reason="engine public key %s is not an Ed25519 key" % path)
+    return key
+
+
+def _load_private_key(path: Path) -> ed25519.Ed25519PrivateKey:
+    mode = path.stat().st_mode
+    if not stat.S_ISREG(mode) or mode & 0o077:
+        raise exception.InvalidInput(
+            reason="command signing key %s must be a regular file readable by its "
+                   "owner only (chmod 600)" % path)
+    try:
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError):
+        # The library's message could quote key bytes; name the file only.
+        raise exception.InvalidInput(
+            reason="command signing key %s is not an unencrypted PEM private key"
+                   % path) from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise exception.InvalidInput(
+            reason="command signing key %s is not an Ed25519 key" % path)
+    return key
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> Path:
+    """Write ``data`` to a fresh temporary file next to ``path``."""
+    tmp = path.with_name(".%s.%s.tmp" % (path.name, secrets.token_hex(6)))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return tmp
+
+
+def _create_private_key(path: Path) -> None:
+    """Create the key atomically: a concurrent creator's key wins, never a mix."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption())
+    tmp = _write_new(path, pem, 0o600)
+    try:
+        os.link(tmp, path)  # fails if the key appeared meanwhile
+        LOG.info("Created the command signing key %(path)s", {"path": path})
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def _write_public_key(path: Path, pem: bytes) -> None:
+    try:
+        if path.read_bytes() == pem:
+            return
+    except FileNotFoundError:
+        pass
+    tmp = _write_new(path, pem, 0o644)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def public_key_path(private_key_path: Path) -> Path:
+    """Where the public half of a signing key is written: ``<path>.pub``."""
+    return private_key_path.with_name(private_key_path.name + ".pub")
+
+
+def load_or_create_signing_key(path: Path, *, ttl: float = DEFAULT_TTL) -> CommandSigner:
+    """The engine's signer; creates the key (0600) on first use and (re)writes
+    the public key to ``<path>.pub`` (0644) for the agents."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():
+            _create_private_key(path)
+        signer = CommandSigner(_load_private_key(path), ttl=ttl)
+        _write_public_key(public_key_path(path), signer.public_key_pem())
+    except OSError as err:
+        raise exception.InvalidInput(
+            reason="command signing key %s: %s" % (path, err.strerror)) from None
+    return signer
+
+
+def load_signing_key(path: Path, *, ttl: float = DEFAULT_TTL) -> CommandSigner:
+    """An existing signing key (never creates one)."""
+    try:
+        return CommandSigner(_load_private_key(Path(path)), ttl=ttl)
+    except OSError as err:
+        raise exception.InvalidInput(
+            reason="command signing key %s: %s" % (path, err.strerror)) from None
+
+
+def signer_from_conf(conf: cfg.ConfigOpts) -> CommandSigner | None:
+    """The signer named by ``[engine] command_signing_key`` if that option is
+    registered, set and the file exists (tools and tests running next to the
+    engine); None otherwise. Never creates a key: only the engine does."""
+    try:
+        value = conf.engine.command_signing_key
+    except (cfg.NoSuchOptError, cfg.NoSuchGroupError):
+        return None
+    if not value or not Path(value).exists():
+        return None
+    return load_signing_key(Path(value))
