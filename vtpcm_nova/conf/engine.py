@@ -55,10 +55,11 @@ ATTESTATION_OPTS = [
 
 migration_group = cfg.OptGroup("migration", title="vTPCM migration coordinator")
 MIGRATION_OPTS = [
-    cfg.IntOpt("timeout", default=900, min=10,
+    cfg.IntOpt("timeout", default=10800, min=10,
                help="Seconds a migration may stay between begin and commit before the "
                     "engine aborts it (only while the destination has not received "
-                    "the state)."),
+                    "the state). Keep it above Nova's live_migration_completion_timeout "
+                    "(800 s per GiB of guest RAM by default) for your largest guests."),
     cfg.IntOpt("reconcile_interval", default=30, min=0,
                help="Seconds between retries of unfinished commits/aborts and deadline "
                     "checks (0 disables)."),

@@ -48,10 +48,12 @@ class EngineService:
             self.transport, target, [self.manager],
             access_policy=messaging.DefaultRPCAccessPolicy)
         self.server.start()
-        self.coordinator.reconcile()
+        # Finish what a previous run left half-done, without holding up the
+        # start: an agent that is down must not keep the engine from serving.
+        self._once("reconcile-at-start", self.coordinator.reconcile)
         att, mig = self.conf.attestation, self.conf.migration
         if att.interval:
-            self._periodic("attest-all", att.interval, att.jitter, self.attestor.attest_all)
+            self._periodic("attest-all", att.interval, att.jitter, self._attest_all)
         if mig.reconcile_interval:
             self._periodic("reconcile", mig.reconcile_interval, 0, self.coordinator.reconcile)
         LOG.info("vtpcm-engine %(host)s serving topic %(topic)s (API %(v)s); agent "
@@ -60,17 +62,34 @@ class EngineService:
                   "v": rpcapi.RPC_API_VERSION, "key": self.signer.fingerprint,
                   "pub": authn.public_key_path(Path(self.conf.engine.command_signing_key))})
 
+    def _attest_all(self) -> None:
+        self.attestor.attest_all()
+        self.db.purge_nonces()
+
+    def _once(self, name: str, func: Any) -> None:
+        thread = threading.Thread(target=self._guarded, args=(name, func), name=name,
+                                  daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
     def _periodic(self, name: str, interval: float, jitter: float, func: Any) -> None:
         def loop() -> None:
             while not self._stop.wait(interval + random.uniform(0, jitter)):  # noqa: S311
-                try:
-                    func()
-                except exception.VTPCMException as err:
-                    LOG.warning("Periodic task %(name)s failed: %(err)s",
-                                {"name": name, "err": err})
+                self._guarded(name, func)
         thread = threading.Thread(target=loop, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
+
+    @staticmethod
+    def _guarded(name: str, func: Any) -> None:
+        """A background task logs its failure and lives on: a dead periodic
+        thread would silently stop deadlines, retries and attestation."""
+        try:
+            func()
+        except exception.VTPCMException as err:
+            LOG.warning("Task %(name)s failed: %(err)s", {"name": name, "err": err})
+        except Exception:  # noqa: BLE001 - logged with its traceback, task continues
+            LOG.exception("Task %(name)s failed unexpectedly", {"name": name})
 
     def stop(self) -> None:
         self._stop.set()
