@@ -92,6 +92,7 @@ function configure_vtpcm_agent {
         iniset "$conf" host_tpm tcti "device:$VTPCM_HOST_TPM_DEVICE"
     fi
     iniset "$conf" keystore host_key_mode tpm
+    iniset "$conf" agent engine_public_key "$VTPCM_ENGINE_PUBLIC_KEY"
 }
 
 # configure_vtpcm_engine - write $VTPCM_ENGINE_CONF (DevStack's database)
@@ -102,6 +103,16 @@ function configure_vtpcm_engine {
     iniset_rpc_backend vtpcm "$conf" DEFAULT
     iniset "$conf" engine host "$(hostname)"
     iniset "$conf" engine connection "$(database_connection_url "$VTPCM_DB_NAME")"
+    iniset "$conf" engine command_signing_key "$VTPCM_SIGNING_KEY"
+    # Created now (not at the engine's first start) so that an all-in-one
+    # agent configured next finds the public key.
+    sudo install -d -m 0700 "$(dirname "$VTPCM_SIGNING_KEY")"
+    local py
+    py="$(get_python_exec_prefix)/python3"
+    [[ -x "$py" ]] || py=${PYTHON:-python3}
+    sudo "$py" -c \
+        "import sys; from vtpcm_common.authn import load_or_create_signing_key as f; f(sys.argv[1])" \
+        "$VTPCM_SIGNING_KEY"
     iniset "$conf" attestation auto_approve "$VTPCM_AUTO_APPROVE"
     iniset "$conf" attestation reboot_policy "$VTPCM_REBOOT_POLICY"
     if [[ -n "$VTPCM_DEFAULT_POLICY" ]]; then
@@ -156,6 +167,9 @@ function start_vtpcm_engine {
 }
 
 function start_vtpcm_agent {
+    if ! sudo test -r "$VTPCM_ENGINE_PUBLIC_KEY"; then
+        die $LINENO "vtpcm: no engine public key at $VTPCM_ENGINE_PUBLIC_KEY; copy ${VTPCM_SIGNING_KEY}.pub from the controller (VTPCM_ENGINE_PUBLIC_KEY)"
+    fi
     run_process vtpcm-agent "$(get_python_exec_prefix)/vtpcm-agent --config-file $VTPCM_AGENT_CONF" "" root
 }
 
