@@ -132,7 +132,8 @@ class InstanceManager:
         existing = self.associations.find(instance_uuid)
         if existing is not None and existing.state is not S.DESTROYED:
             raise exception.AlreadyExists(what="vTPCM of instance", key=instance_uuid)
-        generation = existing.generation + 1 if existing is not None else 0
+        tombstone = self.associations.tombstone(instance_uuid)
+        generation = tombstone + 1 if tombstone is not None else 0
         vtpcm_id = str(uuid.uuid4())
         paths = self.paths(instance_uuid, vtpcm_id)
         self.associations.add(
@@ -495,5 +496,3 @@ def context_from(message: Any) -> sealing.SealContext:
         generation=message.generation, source_host=message.source_host,
         dest_host=message.dest_host)
 
-
-ZGen = Callable[[bytes, bytes], bytes]

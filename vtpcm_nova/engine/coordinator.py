@@ -13,7 +13,6 @@ destination with generation + 1 in one compare-and-set.
 """
 
 import datetime
-import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -284,7 +283,3 @@ def _trusted(verdict: Any) -> bool:
 
 def _reason(verdict: Any) -> str:
     return str(getattr(verdict, "reason", "") or "no verdict")
-
-
-def monotonic() -> float:
-    return time.monotonic()
