@@ -8,7 +8,7 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpcm_common import authn, exception
+from vtpcm_common import authn, config, exception
 from vtpcm_common.wire import Message
 
 LOG = logging.getLogger(__name__)
@@ -26,8 +26,7 @@ RPC_OPTS = [
 
 
 def register_rpc_opts(conf: cfg.ConfigOpts) -> None:
-    conf.register_group(rpc_group)
-    conf.register_opts(RPC_OPTS, group=rpc_group)
+    config.register(conf, rpc_group, RPC_OPTS)
 
 
 def list_rpc_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:

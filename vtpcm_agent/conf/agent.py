@@ -5,7 +5,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from vtpcm_common import rpc
+from vtpcm_common import config, rpc
 
 DEFAULT_OPTS = [
     cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
@@ -81,12 +81,9 @@ KEYSTORE_OPTS = [
 def register_opts(conf: cfg.ConfigOpts) -> None:
     rpc.register_rpc_opts(conf)
     conf.register_opts(DEFAULT_OPTS)
-    conf.register_group(agent_group)
-    conf.register_opts(AGENT_OPTS, group=agent_group)
-    conf.register_group(host_tpm_group)
-    conf.register_opts(HOST_TPM_OPTS, group=host_tpm_group)
-    conf.register_group(keystore_group)
-    conf.register_opts(KEYSTORE_OPTS, group=keystore_group)
+    for group, opts in ((agent_group, AGENT_OPTS), (host_tpm_group, HOST_TPM_OPTS),
+                        (keystore_group, KEYSTORE_OPTS)):
+        config.register(conf, group, opts)
 
 
 def list_opts() -> list[tuple[cfg.OptGroup | None, list[Any]]]:
