@@ -6,7 +6,8 @@
 # root: it chowns the swtpm control sockets to the QEMU user and opens the host
 # TPM). Without a host TPM device it runs a swtpm stand-in (vtpcm-hosttpm).
 # Controller (service vtpcm-engine): writes $VTPCM_ENGINE_CONF with DevStack's
-# database and runs vtpcm-engine.
+# database and the DevStack user's operator key ($VTPCM_OPERATOR_KEY, made
+# here) and runs vtpcm-engine.
 #
 # Not configured here because it does not exist yet: the Nova libvirt driver
 # subclass (compute_driver) and the VTPCMFilter scheduler filter. Nova itself
@@ -113,6 +114,11 @@ function configure_vtpcm_engine {
     sudo "$py" -c \
         "import sys; from vtpcm_common.authn import load_or_create_signing_key as f; f(sys.argv[1])" \
         "$VTPCM_SIGNING_KEY"
+    # The DevStack user's operator key (kept if it exists): the engine trusts
+    # its public half for admin calls, vtpcm-manage signs with it.
+    "$(get_python_exec_prefix)/vtpcm-manage" keys create "$VTPCM_OPERATOR_KEY"
+    iniset "$conf" engine admin_public_keys "$VTPCM_ADMIN_PUBLIC_KEYS"
+    iniset "$conf" manage admin_key "$VTPCM_OPERATOR_KEY"
     iniset "$conf" attestation auto_approve "$VTPCM_AUTO_APPROVE"
     iniset "$conf" attestation reboot_policy "$VTPCM_REBOOT_POLICY"
     if [[ -n "$VTPCM_DEFAULT_POLICY" ]]; then

@@ -1,4 +1,4 @@
-"""Engine-signed agent commands.
+"""Signed RPC commands: engine -> agent, and operator -> engine.
 
 Anyone with broker credentials (every compute node has them) can publish on
 the agent topic, so the broker does not tell who sent a message. The engine
@@ -10,6 +10,12 @@ stale, or seen before.
 The signature covers the canonical JSON of ``{"v": 1, "method", "server",
 "payload", "issued_at", "expires_at", "nonce"}`` (sorted keys, no spaces), so
 the payload the agent parses is exactly the one the engine signed.
+
+The same scheme protects the engine's admin methods (approve a host, store a
+policy, ...): operators sign them with their own Ed25519 keys and the engine
+accepts a signature by any of its configured operator public keys. Those
+calls go to a topic that any engine worker may answer, so the signed
+``server`` is the engine topic name (``CommandSigner.for_server``).
 """
 
 import base64
@@ -22,9 +28,9 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -74,7 +80,7 @@ class CommandSigner:
     shows only the public key's fingerprint."""
 
     def __init__(self, private_key: ed25519.Ed25519PrivateKey, *, ttl: float = DEFAULT_TTL,
-                 clock: Clock = time.time) -> None:
+                 clock: Clock = time.time, server: str | None = None) -> None:
         if not isinstance(private_key, ed25519.Ed25519PrivateKey):
             raise exception.InvalidInput(reason="command signing key must be Ed25519")
         if not (math.isfinite(ttl) and ttl > 0):
@@ -84,15 +90,27 @@ class CommandSigner:
         self._clock = clock
         self.public_key = private_key.public_key()
         self.fingerprint = fingerprint(self.public_key)
+        self.server = server
 
     def __repr__(self) -> str:
-        return "<CommandSigner key=%s ttl=%s>" % (self.fingerprint, self.ttl)
+        bound = "" if self.server is None else " server=%s" % self.server
+        return "<CommandSigner key=%s ttl=%s%s>" % (self.fingerprint, self.ttl, bound)
+
+    def for_server(self, server: str) -> "CommandSigner":
+        """The same key, always signing for ``server``: for calls that go to
+        a topic rather than to one named server (RPC clients pass "" then)."""
+        return CommandSigner(self._key, ttl=self.ttl, clock=self._clock, server=server)
 
     def public_key_pem(self) -> bytes:
         return _public_pem(self.public_key)
 
     def sign(self, method: str, server: str, payload: Mapping[str, Any]) -> dict[str, Any]:
         """The ``auth`` argument sent next to ``payload``."""
+        if self.server is not None:
+            if server not in ("", self.server):
+                raise exception.InvalidInput(
+                    reason="this signer signs for %s only, not %s" % (self.server, server))
+            server = self.server
         issued_at = float(self._clock())
         expires_at = issued_at + self.ttl
         nonce = secrets.token_hex(NONCE_BYTES)
@@ -107,19 +125,39 @@ def _refuse(method: str, reason: str) -> exception.CommandRefused:
 
 
 class CommandVerifier:
-    """The agent's side: checks each signed command against the pinned engine
-    public key, for this host (``server``) only.
+    """The receiving side: checks each signed command against the pinned
+    public key(s), for this server (``server``) only.
+
+    ``public_key_path`` is one PEM file (an agent pins the engine's key) or
+    several (the engine accepts any of its operators' keys); a signature by
+    any of them is accepted. ``signer_role``, ``service_role`` and
+    ``server_kind`` only name things in refusal reasons.
 
     Replays: a nonce is accepted once while its command is valid; commands
     issued before this verifier existed (minus ``max_skew``) are refused, so
-    an agent restart does not reopen the window. ``max_ttl`` bounds how long
+    a restart does not reopen the window. ``max_ttl`` bounds how long
     a nonce must be remembered."""
 
-    def __init__(self, public_key_path: Path, server: str, *, clock: Clock = time.time,
-                 max_skew: float = 30.0, max_ttl: float = 300.0) -> None:
-        self.public_key = load_public_key(public_key_path)
-        self.fingerprint = fingerprint(self.public_key)
+    def __init__(self, public_key_path: Path | Sequence[Path], server: str, *,
+                 clock: Clock = time.time, max_skew: float = 30.0, max_ttl: float = 300.0,
+                 signer_role: str = "engine", service_role: str = "agent",
+                 server_kind: str = "host") -> None:
+        paths = [public_key_path] if isinstance(public_key_path, (str, os.PathLike)) \
+            else list(public_key_path)
+        if not paths:
+            raise exception.InvalidInput(reason="no %s public key given" % signer_role)
+        keys: dict[str, ed25519.Ed25519PublicKey] = {}
+        for path in paths:
+            key = load_public_key(Path(path), role=signer_role)
+            keys.setdefault(fingerprint(key), key)  # the same key twice counts once
+        self.public_keys = tuple(keys.values())
+        self.fingerprints = tuple(keys)
+        self.public_key = self.public_keys[0]
+        self.fingerprint = ",".join(self.fingerprints)
         self.server = server
+        self.signer_role = signer_role
+        self.service_role = service_role
+        self.server_kind = server_kind
         self._clock = clock
         self.max_skew = float(max_skew)
         self.max_ttl = float(max_ttl)
@@ -130,24 +168,28 @@ class CommandVerifier:
     def __repr__(self) -> str:
         return "<CommandVerifier server=%s key=%s>" % (self.server, self.fingerprint)
 
-    def verify(self, method: str, payload: Any, auth: Any) -> None:
-        """Return if ``auth`` is a valid, fresh, unused engine signature over
-        this method, this host and this payload; raise CommandRefused if not."""
+    def verify(self, method: str, payload: Any, auth: Any) -> str:
+        """Return the fingerprint of the key whose valid, fresh, unused
+        signature ``auth`` is, over this method, this server and this payload;
+        raise CommandRefused if there is none."""
         server, issued_at, expires_at, nonce, signature = self._parse(method, auth)
         if server != self.server:
-            raise _refuse(method, "misdirected: signed for host %r, this is host %s"
-                          % (server[:64], self.server))
+            raise _refuse(method, "misdirected: signed for %s %r, this is %s %s"
+                          % (self.server_kind, server[:64], self.server_kind, self.server))
         try:
             data = canonical_bytes(method, self.server, payload, issued_at, expires_at, nonce)
         except (TypeError, ValueError):
             raise _refuse(method, "payload is not canonical JSON") from None
-        try:
-            self.public_key.verify(signature, data)
-        except InvalidSignature:
-            # A command signed for another host fails here too: the server
+        signed_by = self._signed_by(signature, data)
+        if signed_by is None:
+            # A command signed for another server fails here too: the server
             # name is part of the signed bytes.
-            raise _refuse(method, "signature does not verify with the engine key %s "
-                                  "for host %s" % (self.fingerprint, self.server)) from None
+            which = ("the %s key %s" % (self.signer_role, self.fingerprint)
+                     if len(self.fingerprints) == 1 else
+                     "any of the %d %s keys %s" % (len(self.fingerprints), self.signer_role,
+                                                   self.fingerprint))
+            raise _refuse(method, "signature does not verify with %s for %s %s"
+                          % (which, self.server_kind, self.server))
         now = float(self._clock())
         if expires_at - issued_at > self.max_ttl or expires_at < issued_at:
             raise _refuse(method, "validity period longer than %ss" % self.max_ttl)
@@ -156,12 +198,22 @@ class CommandVerifier:
         if now > expires_at:
             raise _refuse(method, "expired")
         if issued_at < self.created_at - self.max_skew:
-            raise _refuse(method, "issued before this agent started")
+            raise _refuse(method, "issued before this %s started" % self.service_role)
         with self._lock:
             self._prune(now)
             if nonce in self._seen:
                 raise _refuse(method, "replayed (nonce already used)")
             self._seen[nonce] = expires_at
+        return signed_by
+
+    def _signed_by(self, signature: bytes, data: bytes) -> str | None:
+        for fp, key in zip(self.fingerprints, self.public_keys, strict=True):
+            try:
+                key.verify(signature, data)
+            except InvalidSignature:
+                continue
+            return fp
+        return None
 
     def _prune(self, now: float) -> None:
         # Kept max_skew past expiry: a clock stepping back a little must not
@@ -169,10 +221,9 @@ class CommandVerifier:
         for nonce in [n for n, exp in self._seen.items() if exp + self.max_skew < now]:
             del self._seen[nonce]
 
-    @staticmethod
-    def _parse(method: str, auth: Any) -> tuple[str, float, float, str, bytes]:
+    def _parse(self, method: str, auth: Any) -> tuple[str, float, float, str, bytes]:
         if auth is None:
-            raise _refuse(method, "no engine signature")
+            raise _refuse(method, "no %s signature" % self.signer_role)
         if not isinstance(auth, Mapping):
             raise _refuse(method, "auth must be an object")
         if set(auth) != AUTH_FIELDS:
@@ -205,23 +256,45 @@ class CommandVerifier:
         return server, times[0], times[1], nonce, raw
 
 
+class Verifier(Protocol):
+    """What a signed endpoint needs from its ``verifier``."""
+
+    def verify(self, method: str, payload: Any, auth: Any) -> str: ...
+
+
+class RefuseAll:
+    """The verifier of a service that has no public key to check with: it
+    refuses every signed command with ``reason`` (fail closed, and say how to
+    fix it) instead of obeying anyone."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __repr__(self) -> str:
+        return "<RefuseAll>"
+
+    def verify(self, method: str, payload: Any, auth: Any) -> str:
+        raise _refuse(method, self.reason)
+
+
 # Key files -------------------------------------------------------------------
 
-def load_public_key(path: Path) -> ed25519.Ed25519PublicKey:
-    """The engine's public key (PEM) pinned on an agent."""
+def load_public_key(path: Path, *, role: str = "engine") -> ed25519.Ed25519PublicKey:
+    """A pinned public key (PEM): the engine's on an agent, an operator's on
+    the engine. ``role`` names it in errors."""
     try:
         data = Path(path).read_bytes()
     except OSError as err:
         raise exception.InvalidInput(
-            reason="engine public key %s: %s" % (path, err.strerror)) from None
+            reason="%s public key %s: %s" % (role, path, err.strerror)) from None
     try:
         key = serialization.load_pem_public_key(data)
     except ValueError:
         raise exception.InvalidInput(
-            reason="engine public key %s is not a PEM public key" % path) from None
+            reason="%s public key %s is not a PEM public key" % (role, path)) from None
     if not isinstance(key, ed25519.Ed25519PublicKey):
         raise exception.InvalidInput(
-            reason="engine public key %s is not an Ed25519 key" % path)
+            reason="%s public key %s is not an Ed25519 key" % (role, path))
     return key
 
 

@@ -5,11 +5,13 @@ in ``stop()``; callers (the lab, test fixtures) call ``stop()`` in finally
 blocks. Every wait has a deadline.
 
 Each deployment (namespace = control exchange) has one engine command
-signing key, made on first use under a per-user directory keyed by the
-namespace: the engine daemons sign with it, the agent daemons pin its public
-half, and ``client_conf`` lets test and lab clients sign like the engine. It
-lives outside the work dirs because ``client_conf`` is built before any work
-dir exists (and the lab clears its work dir on ``up``).
+signing key and one operator key, made on first use under a per-user
+directory keyed by the namespace: the engine daemons sign with the first and
+trust the second's public half for admin calls, the agent daemons pin the
+first's public half, and ``client_conf`` lets test and lab clients sign like
+the engine and like an operator. They live outside the work dirs because
+``client_conf`` is built before any work dir exists (and the lab clears its
+work dir on ``up``).
 """
 
 import os
@@ -65,10 +67,13 @@ def signing_key_path(namespace: str) -> Path:
     return KEY_ROOT / namespace / "engine-signing.key"
 
 
-def ensure_signing_key(namespace: str) -> Path:
-    """The engine signing key of ``namespace``, created if missing (0600, its
-    public half next to it as ``.pub``)."""
-    path = signing_key_path(namespace)
+def operator_key_path(namespace: str) -> Path:
+    """Where the operator key of deployment ``namespace`` lives (its public
+    half is the engine's only ``admin_public_keys`` entry)."""
+    return signing_key_path(namespace).with_name("operator.key")
+
+
+def _ensure_key(path: Path) -> Path:
     KEY_ROOT.mkdir(mode=0o700, exist_ok=True)
     st = os.lstat(KEY_ROOT)  # in /tmp: refuse a directory someone else planted
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
@@ -78,10 +83,23 @@ def ensure_signing_key(namespace: str) -> Path:
     return path
 
 
+def ensure_signing_key(namespace: str) -> Path:
+    """The engine signing key of ``namespace``, created if missing (0600, its
+    public half next to it as ``.pub``)."""
+    return _ensure_key(signing_key_path(namespace))
+
+
+def ensure_operator_key(namespace: str) -> Path:
+    """The operator key of ``namespace``, created if missing (0600, ``.pub``
+    next to it)."""
+    return _ensure_key(operator_key_path(namespace))
+
+
 def client_conf(namespace: str, *, signing: bool = True) -> cfg.ConfigOpts:
     """Client options for deployment ``namespace``. With ``signing`` the
     client holds the engine's signing key (``AgentAPI(conf)`` signs like the
-    engine); without it, it is any host with broker credentials."""
+    engine) and the operator key (``EngineAPI(conf)`` signs admin calls like
+    vtpcm-manage); without it, it is any host with broker credentials."""
     conf = cfg.ConfigOpts()
     agent_conf.register_opts(conf)
     engine_conf.register_opts(conf)
@@ -93,6 +111,8 @@ def client_conf(namespace: str, *, signing: bool = True) -> cfg.ConfigOpts:
         conf.set_override(name, value, group="vtpcm_rpc")
     key = str(ensure_signing_key(namespace)) if signing else ""
     conf.set_override("command_signing_key", key, group="engine")
+    admin_key = str(ensure_operator_key(namespace)) if signing else ""
+    conf.set_override("admin_key", admin_key, group="manage")
     return conf
 
 
@@ -206,7 +226,9 @@ class EngineDaemon(Daemon):
             "vtpcm_rpc": topics(exchange),
             "engine": {"host": "engine-" + uuid.uuid4().hex[:6], "connection": connection,
                        "rpc_timeout": 20,
-                       "command_signing_key": ensure_signing_key(exchange)},
+                       "command_signing_key": ensure_signing_key(exchange),
+                       "admin_public_keys": authn.public_key_path(
+                           ensure_operator_key(exchange))},
             "attestation": {"auto_approve": "true", "interval": 0},
             "migration": {"reconcile_interval": 0},
         }

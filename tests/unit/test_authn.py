@@ -14,7 +14,7 @@ from oslo_messaging.rpc.dispatcher import ExpectedException
 
 from vtpcm_agent import messages as m
 from vtpcm_agent.manager import AgentManager
-from vtpcm_common import authn, exception
+from vtpcm_common import authn, exception, rpc
 from vtpcm_common.rpc import endpoint
 
 HOST = "host-a"
@@ -299,3 +299,202 @@ def test_endpoint_defaults_to_unsigned():
         def ping(self, req):
             return m.Empty()
     assert Thing().ping({}, {}) == {} and Thing.ping.signed is False
+
+
+# Operator-signed engine admin calls ---------------------------------------------
+
+TOPIC = "vtpcm-engine"
+HOSTREF = {"host": "cmp1"}
+
+
+@pytest.fixture
+def operators(tmp_path, clock):
+    """Two operators' signers and the engine's verifier trusting both."""
+    signers = []
+    for name in ("alice", "bob"):
+        made = authn.load_or_create_signing_key(tmp_path / "ops" / (name + ".key"))
+        signers.append(authn.CommandSigner(made._key, clock=clock).for_server(TOPIC))
+    verifier = authn.CommandVerifier(
+        [authn.public_key_path(tmp_path / "ops" / (n + ".key")) for n in ("alice", "bob")],
+        TOPIC, clock=clock, signer_role="operator", service_role="engine",
+        server_kind="engine topic")
+    return signers, verifier
+
+
+def test_any_configured_operator_key_is_accepted_and_named(operators):
+    (alice, bob), verifier = operators
+    assert verifier.fingerprints == (alice.fingerprint, bob.fingerprint)
+    assert verifier.verify("approve_host", HOSTREF,
+                           alice.sign("approve_host", "", HOSTREF)) == alice.fingerprint
+    assert verifier.verify("approve_host", HOSTREF,
+                           bob.sign("approve_host", "", HOSTREF)) == bob.fingerprint
+
+
+def test_operator_refusals_name_the_operator_keys(operators, clock):
+    (alice, _), verifier = operators
+    stranger = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate(),
+                                   clock=clock).for_server(TOPIC)
+    _refused(verifier, "put_policy", HOSTREF, stranger.sign("put_policy", "", HOSTREF),
+             "does not verify with any of the 2 operator keys")
+    _refused(verifier, "enroll", HOSTREF, None, "no operator signature")
+    auth = alice.sign("revoke_host", "", HOSTREF)
+    verifier.verify("revoke_host", HOSTREF, auth)
+    _refused(verifier, "revoke_host", HOSTREF, auth, "replayed")
+    # signed for another deployment's topic
+    other = authn.CommandSigner(alice._key, clock=clock).for_server("vtpcm-engine-other")
+    _refused(verifier, "enroll", HOSTREF, other.sign("enroll", "", HOSTREF),
+             "misdirected: signed for engine topic")
+    # a signature for one method is not one for another
+    _refused(verifier, "approve_host", HOSTREF, alice.sign("show_host", "", HOSTREF),
+             "signature does not verify")
+    clock.now -= 100
+    old = alice.sign("enroll", "", HOSTREF)
+    clock.now += 100
+    verifier.created_at = clock.now + 31
+    _refused(verifier, "enroll", HOSTREF, old, "before this engine started")
+
+
+def test_one_key_verifier_keeps_its_single_key_api(keyfile, signer):
+    verifier = authn.CommandVerifier(authn.public_key_path(keyfile), HOST)
+    assert verifier.fingerprint == signer.fingerprint == verifier.fingerprints[0]
+    assert verifier.public_key == verifier.public_keys[0]
+    twice = authn.CommandVerifier([authn.public_key_path(keyfile)] * 2, HOST)
+    assert twice.fingerprints == (signer.fingerprint,)
+    assert authn.CommandVerifier(str(authn.public_key_path(keyfile)), HOST).fingerprint \
+        == signer.fingerprint
+    with pytest.raises(exception.InvalidInput, match="no operator public key"):
+        authn.CommandVerifier([], TOPIC, signer_role="operator")
+    with pytest.raises(exception.InvalidInput, match="operator public key .*missing.pub"):
+        authn.CommandVerifier([authn.public_key_path(keyfile), keyfile.parent / "missing.pub"],
+                              TOPIC, signer_role="operator")
+
+
+def test_bound_signer_signs_for_its_server_only(signer):
+    bound = signer.for_server(TOPIC)
+    assert bound.sign("enroll", "", HOSTREF)["server"] == TOPIC
+    assert bound.sign("enroll", TOPIC, HOSTREF)["server"] == TOPIC
+    with pytest.raises(exception.InvalidInput, match="signs for vtpcm-engine only"):
+        bound.sign("enroll", "host-b", HOSTREF)
+    assert signer.sign("destroy", HOST, PAYLOAD)["server"] == HOST  # unbound: unchanged
+    assert "server=vtpcm-engine" in repr(bound) and bound.fingerprint == signer.fingerprint
+
+
+def test_refuse_all_refuses_with_its_reason():
+    refuse = authn.RefuseAll("no operator keys configured: set [engine] admin_public_keys")
+    with pytest.raises(exception.CommandRefused, match="set \\[engine\\] admin_public_keys"):
+        refuse.verify("approve_host", HOSTREF, None)
+
+
+class FakeDB:
+    def __init__(self):
+        self.audits = []
+
+    def audit(self, event, outcome, *, host=None, detail="", **kw):
+        self.audits.append((event, outcome, host, detail))
+
+
+class FakeAttestor:
+    def __init__(self):
+        self.calls = []
+
+    def approve(self, host):
+        self.calls.append(("approve", host))
+        raise exception.NotFound(what="host", key=host)
+
+
+def _engine_manager(verifier=None):
+    from vtpcm_nova.engine.manager import EngineManager
+    db, attestor = FakeDB(), FakeAttestor()
+    return EngineManager(db, attestor, None, admin_verifier=verifier), db, attestor
+
+
+def test_engine_admin_methods_are_exactly_the_signed_ones():
+    from vtpcm_nova.engine import rpcapi
+    from vtpcm_nova.engine.manager import EngineManager
+    signed = {name for name in dir(EngineManager)
+              if getattr(getattr(EngineManager, name), "signed", False)}
+    assert signed == rpcapi.ADMIN_METHODS == {
+        "enroll", "approve_host", "revoke_host", "assign_policy", "put_policy",
+        "record_policy"}
+    unsigned = {name for name in dir(EngineManager)
+                if getattr(getattr(EngineManager, name), "signed", None) is False}
+    assert unsigned == {"list_hosts", "show_host", "list_policies", "attest", "verdicts",
+                        "list_audit", "create_vtpcm", "destroy_vtpcm", "get_vtpcm",
+                        "check_destination", "begin", "commit", "abort", "get_migration"}
+
+
+def test_engine_without_operator_keys_refuses_admin_calls(operators):
+    (alice, _), _ = operators
+    manager, db, attestor = _engine_manager()
+    _raises(exception.CommandRefused, manager.approve_host, {}, HOSTREF,
+            auth=alice.sign("approve_host", "", HOSTREF),
+            match="no operator keys configured: set [engine] admin_public_keys")
+    assert attestor.calls == []
+    assert db.audits[0][:3] == ("admin", "refused", "cmp1")
+
+
+def test_engine_admin_call_runs_only_when_operator_signed_and_is_audited(operators):
+    (alice, _), verifier = operators
+    manager, db, attestor = _engine_manager(verifier)
+    _raises(exception.CommandRefused, manager.approve_host, {}, HOSTREF,
+            match="no operator signature")
+    _raises(exception.InvalidPayload, manager.approve_host, {}, {"host": "bad host/"},
+            auth=alice.sign("approve_host", "", {"host": "bad host/"}))
+    assert attestor.calls == []
+    assert [a[:3] for a in db.audits] == [("admin", "refused", "cmp1")]
+    _raises(exception.NotFound, manager.approve_host, {}, HOSTREF,  # signed: it runs
+            auth=alice.sign("approve_host", "", HOSTREF))
+    assert attestor.calls == [("approve", "cmp1")]
+    assert db.audits[-1] == ("admin", "accepted", "cmp1",
+                             "approve_host signed by operator key %s" % alice.fingerprint)
+
+
+def test_engine_api_signs_for_the_engine_topic(tmp_path):
+    from oslo_config import cfg
+
+    from vtpcm_nova import conf as engine_conf
+    from vtpcm_nova.engine import rpcapi
+    conf = cfg.ConfigOpts()
+    engine_conf.register_opts(conf)
+    conf([], project="vtpcm", default_config_files=[])
+    rpc.get_transport(conf).cleanup()  # registers the transport options
+    conf.set_override("transport_url", "fake:/")
+    conf.set_override("engine_topic", "vtpcm-engine-x", group="vtpcm_rpc")
+    transport = rpc.get_transport(conf)
+    try:
+        # no key: admin calls go unsigned (and the engine refuses them)
+        assert rpcapi.EngineAPI(conf, transport).signer is None
+        key = tmp_path / "op.key"
+        made = authn.load_or_create_signing_key(key)
+        conf.set_override("admin_key", str(key), group="manage")
+        api = rpcapi.EngineAPI(conf, transport)
+        assert api.signer.server == "vtpcm-engine-x"
+        assert api.signer.fingerprint == made.fingerprint
+        conf.set_override("admin_key", str(tmp_path / "gone.key"), group="manage")
+        with pytest.raises(exception.InvalidInput,
+                           match="\\[manage\\] admin_key: .*gone.key"):
+            rpcapi.EngineAPI(conf, transport)
+    finally:
+        transport.cleanup()
+
+
+def test_engine_admin_verifier_from_config(tmp_path):
+    from oslo_config import cfg
+
+    from vtpcm_nova import conf as engine_conf
+    from vtpcm_nova.engine import service
+    conf = cfg.ConfigOpts()
+    engine_conf.register_opts(conf)
+    conf([], project="vtpcm", default_config_files=[])
+    assert isinstance(service.admin_verifier_from(conf), authn.RefuseAll)
+    pubs = []
+    for name in ("a", "b"):
+        authn.load_or_create_signing_key(tmp_path / (name + ".key"))
+        pubs.append(str(authn.public_key_path(tmp_path / (name + ".key"))))
+    conf.set_override("admin_public_keys", pubs, group="engine")
+    verifier = service.admin_verifier_from(conf)
+    assert verifier.server == "vtpcm-engine" and len(verifier.fingerprints) == 2
+    conf.set_override("admin_public_keys", pubs + [str(tmp_path / "c.pub")], group="engine")
+    with pytest.raises(exception.InvalidInput,
+                       match="\\[engine\\] admin_public_keys: operator public key .*c.pub"):
+        service.admin_verifier_from(conf)

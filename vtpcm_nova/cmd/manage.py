@@ -17,6 +17,14 @@ Commands::
     audit list [--host HOST] [--limit N]
     vtpcm show INSTANCE_UUID
     migration show MIGRATION_ID
+    keys create PATH
+
+Admin commands (hosts enroll/approve/revoke/assign-policy, policies
+record/set) change what the engine trusts: they are signed with an operator
+key, ``--admin-key PATH`` or ``[manage] admin_key``, whose public half is in
+the engine's ``[engine] admin_public_keys``. Without a key they stop here
+with exit 2; the engine refuses a call signed by a key it does not know
+(exit 4). ``keys create PATH`` makes an operator key pair (no engine needed).
 
 Exit codes (scripts may rely on them):
 
@@ -39,16 +47,18 @@ import re
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any, cast
 
 import oslo_messaging as messaging
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_common.wire import Message
 from vtpcm_nova import conf as engine_conf
 from vtpcm_nova.engine import messages as m
+from vtpcm_nova.engine import rpcapi
 from vtpcm_nova.engine.rpcapi import EngineAPI
 
 LOG = logging.getLogger(__name__)
@@ -114,6 +124,7 @@ class Listing:
 Data = Listing | dict[str, Any]
 Result = tuple[int, Data]
 Command = Callable[[EngineAPI, argparse.Namespace], Result]
+LocalCommand = Callable[[argparse.Namespace], Result]
 
 
 def to_json(value: Any) -> Any:
@@ -311,9 +322,26 @@ def migration_show(api: EngineAPI, args: argparse.Namespace) -> Result:
     return EXIT_OK, _one(api.get_migration(args.migration_id))
 
 
+def keys_create(args: argparse.Namespace) -> Result:
+    """Make an operator key pair (or show an existing one: safe to repeat).
+    Only the fingerprint and paths are printed, never key material."""
+    path = Path(args.path)
+    existed = path.exists()
+    signer = authn.load_or_create_signing_key(path)
+    return EXIT_OK, {"private_key": str(path),
+                     "public_key": str(authn.public_key_path(path)),
+                     "fingerprint": signer.fingerprint, "created": not existed}
+
+
 def _progress(text: str) -> None:
     sys.stderr.write(text)
     sys.stderr.flush()
+
+
+# Commands that change what the engine trusts: signed with an operator key.
+ADMIN_COMMANDS: frozenset[Command] = frozenset({
+    hosts_enroll, hosts_approve, hosts_revoke, hosts_assign_policy, policies_record,
+    policies_set})
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -340,6 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output format (default: table)")
     parser.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="SECONDS",
                         help="seconds to wait for each engine reply (default: 120)")
+    parser.add_argument("--admin-key", metavar="PATH",
+                        help="operator private key (Ed25519 PEM, mode 0600) to sign admin "
+                             "commands with (default: [manage] admin_key)")
     fmt = [_format_opt()]
     groups = parser.add_subparsers(dest="group", metavar="GROUP", required=True)
 
@@ -347,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         cmd: argparse.ArgumentParser = sub.add_parser(
             name, help=help_text, description=help_text, parents=fmt, epilog=EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter)
-        cmd.set_defaults(func=func)
+        cmd.set_defaults(func=func, admin=func in ADMIN_COMMANDS)
         return cmd
 
     def group(name: str, help_text: str) -> Any:
@@ -403,6 +434,17 @@ def build_parser() -> argparse.ArgumentParser:
     migration = group("migration", "vTPCM migrations")
     command(migration, "show", migration_show, "show a vTPCM migration").add_argument(
         "migration_id", metavar="MIGRATION_ID")
+
+    keys = group("keys", "operator keys that sign admin commands")
+    create = keys.add_parser(
+        "create", parents=fmt, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        help="create an operator key pair (PATH 0600, PATH.pub)",
+        description="Create an operator key pair: the private key PATH (mode 0600, keep "
+                    "it with the operator) and PATH.pub (add it to the engine's [engine] "
+                    "admin_public_keys). An existing key is kept and shown.")
+    create.add_argument("path", metavar="PATH")
+    create.set_defaults(func=None, local=keys_create, admin=False)
     return parser
 
 
@@ -471,7 +513,34 @@ def load_config(args: argparse.Namespace) -> cfg.ConfigOpts:
         oslo_argv += ["--config-dir", path]
     conf(oslo_argv, project="vtpcm", prog="vtpcm-engine",
          default_config_files=cfg.find_config_files(project="vtpcm", prog="vtpcm-engine"))
+    if args.admin_key:
+        conf.set_override("admin_key", args.admin_key, group="manage")
     return conf
+
+
+def bare_config() -> cfg.ConfigOpts:
+    """Options for the commands that need no engine (no config files read);
+    their log lines go to stderr, stdout is for the result."""
+    conf = cfg.ConfigOpts()
+    logging.register_options(conf)
+    conf([], project="vtpcm", prog=PROG, default_config_files=[])
+    conf.set_override("use_stderr", True)
+    return conf
+
+
+def admin_key_problem(conf: cfg.ConfigOpts, args: argparse.Namespace) -> str | None:
+    """Why this command cannot run with the configured operator key, if so.
+    Checked before any call: a missing key is a usage error, not something
+    to learn from the engine's refusal, and a broken one is named."""
+    try:
+        signer = rpcapi.admin_signer_from_conf(conf)
+    except exception.InvalidInput as err:
+        return str(err.kwargs.get("reason", err))
+    if args.admin and signer is None:
+        return (f"'{args.group} {args.command}' must be signed with an operator key: "
+                "pass --admin-key PATH or set [manage] admin_key (create one with "
+                f"'{PROG} keys create PATH')")
+    return None
 
 
 def build_api(conf: cfg.ConfigOpts, timeout: float) -> EngineAPI:
@@ -554,9 +623,21 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     except SystemExit as done:  # argparse: --help (0) or a usage error (2)
         return done.code if isinstance(done.code, int) else EXIT_USAGE
+    local: LocalCommand | None = getattr(args, "local", None)
+    if local is not None:
+        try:
+            logging.setup(bare_config(), PROG)
+            code, data = local(args)
+        except exception.VTPCMException as err:
+            return fail(str(err), EXIT_USAGE)
+        render(data, args.format, sys.stdout)
+        return code
     try:
         conf = load_config(args)
         logging.setup(conf, PROG)
+        problem = admin_key_problem(conf, args)
+        if problem is not None:
+            return fail(problem, EXIT_USAGE)
         code, data = run(conf, args)
     except cfg.Error as err:
         return fail(_config_error_text(err), EXIT_USAGE)

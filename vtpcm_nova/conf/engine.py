@@ -5,7 +5,7 @@ from typing import Any
 
 from oslo_config import cfg
 
-from vtpcm_common import rpc
+from vtpcm_common import config, rpc
 
 engine_group = cfg.OptGroup("engine", title="vTPCM engine")
 ENGINE_OPTS = [
@@ -22,6 +22,14 @@ ENGINE_OPTS = [
                     "its public key written to <path>.pub. Copy that public key to "
                     "every compute host ([agent] engine_public_key). Every engine "
                     "worker must use the same key."),
+    cfg.ListOpt("admin_public_keys", default=[],
+                help="Paths of the operators' Ed25519 public keys (PEM, made with "
+                     "vtpcm-manage keys create). The admin methods (enroll, "
+                     "approve_host, revoke_host, assign_policy, put_policy, "
+                     "record_policy) run only when signed by one of these keys; "
+                     "with none configured they are all refused. One key per "
+                     "operator; remove a key (and restart the engine workers: keys "
+                     "are read at start) to lock its holder out."),
     cfg.FloatOpt("rpc_timeout", default=60.0, min=1.0,
                  help="Seconds the engine waits for an agent to answer one call."),
 ]
@@ -66,12 +74,29 @@ MIGRATION_OPTS = [
 ]
 
 
+manage_group = cfg.OptGroup("manage", title="vtpcm-manage (operator CLI)")
+MANAGE_OPTS = [
+    cfg.StrOpt("admin_key",
+               help="Path of the operator's Ed25519 private key (PEM, mode 0600) that "
+                    "vtpcm-manage signs admin calls with (overridden by "
+                    "--admin-key). Read by clients only, never by the engine: keep "
+                    "the key with the operator and set this in the operator's own "
+                    "config file (vtpcm-manage --config-file ... --config-file "
+                    "<own file>). Its public half (<path>.pub) goes into the "
+                    "engine's [engine] admin_public_keys."),
+]
+
+
 def register_opts(conf: cfg.ConfigOpts) -> None:
+    """Register on ``conf`` through a fresh OptGroup per group: oslo.config
+    keeps overrides in the group object, so a group shared by several
+    ConfigOpts (tests, the lab, the CLI in one process) would leak one's
+    set_override into the others."""
     for group, opts in list_opts():
-        conf.register_group(group)
-        conf.register_opts(opts, group=group)
+        config.register(conf, group, opts)
 
 
 def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
     return [(engine_group, ENGINE_OPTS), (attestation_group, ATTESTATION_OPTS),
-            (migration_group, MIGRATION_OPTS), *rpc.list_rpc_opts()]
+            (migration_group, MIGRATION_OPTS), (manage_group, MANAGE_OPTS),
+            *rpc.list_rpc_opts()]

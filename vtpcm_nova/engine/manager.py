@@ -3,6 +3,10 @@
 Attestation lives in ``attestation.Attestor``, the migration protocol in
 ``coordinator.Coordinator``; this module only maps checked messages onto
 them and records refusals in the log.
+
+The admin methods (``rpcapi.ADMIN_METHODS``) are signed endpoints: they run
+only for a call an operator key signed (``AuditedVerifier``); every other
+method is unsigned for now (see the design notes).
 """
 
 import dataclasses
@@ -14,7 +18,7 @@ import oslo_messaging as messaging
 from oslo_log import log as logging
 
 from vtpcm_agent.rpcapi import AgentAPI
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_common.rpc import endpoint
 from vtpcm_nova.engine import messages as m
 from vtpcm_nova.engine import rpcapi
@@ -24,6 +28,8 @@ from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.verifier import TrustStatus
 
 LOG = logging.getLogger(__name__)
+
+NO_ADMIN_KEYS = "no operator keys configured: set [engine] admin_public_keys"
 
 
 class AgentAttestationClient:
@@ -38,6 +44,34 @@ class AgentAttestationClient:
     def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
               bank: str) -> Mapping[str, Any]:
         return dataclasses.asdict(self.agents.quote(host, nonce, tuple(pcrs), bank))
+
+
+class AuditedVerifier:
+    """Checks the operator signature of an admin call and audits the outcome:
+    which operator key changed trust, and every call refused for want of
+    one (as the endpoint did the schema check first, ``host`` is a valid
+    host name when present)."""
+
+    def __init__(self, inner: authn.Verifier, db: db_api.Database) -> None:
+        self.inner = inner
+        self.db = db
+
+    def __repr__(self) -> str:
+        return "<AuditedVerifier %r>" % (self.inner,)
+
+    def verify(self, method: str, payload: Any, auth: Any) -> str:
+        host = payload.get("host") if isinstance(payload, Mapping) else None
+        host = host if isinstance(host, str) else None
+        try:
+            key = self.inner.verify(method, payload, auth)
+        except exception.CommandRefused as err:
+            self.db.audit("admin", "refused", host=host, detail=str(err)[:1000])
+            raise
+        self.db.audit("admin", "accepted", host=host,
+                      detail="%s signed by operator key %s" % (method, key))
+        LOG.info("Admin call %(method)s signed by operator key %(key)s",
+                 {"method": method, "key": key})
+        return key
 
 
 def _ts(value: datetime.datetime | None) -> str | None:
@@ -75,8 +109,12 @@ class EngineManager:
     target = messaging.Target(version=rpcapi.RPC_API_VERSION)
 
     def __init__(self, db: db_api.Database, attestor: Attestor, coordinator: Coordinator,
-                 *, auto_approve: bool = False, default_policy: str | None = None) -> None:
+                 *, auto_approve: bool = False, default_policy: str | None = None,
+                 admin_verifier: authn.Verifier | None = None) -> None:
+        """``admin_verifier`` checks operator signatures on the admin
+        methods; without one they are all refused (fail closed)."""
         self.db = db
+        self.verifier = AuditedVerifier(admin_verifier or authn.RefuseAll(NO_ADMIN_KEYS), db)
         self.attestor = attestor
         self.coordinator = coordinator
         self.auto_approve = auto_approve
@@ -99,7 +137,7 @@ class EngineManager:
         except exception.VTPCMException as err:
             LOG.warning("Enrollment on agent registration failed: %(err)s", {"err": err})
 
-    @endpoint(m.HostRef)
+    @endpoint(m.HostRef, signed=True)
     def enroll(self, req: m.HostRef) -> m.HostInfo:
         return self._enroll(req)
 
@@ -109,11 +147,11 @@ class EngineManager:
             rec = self.db.assign_policy(req.host, self.default_policy)
         return host_info(rec)
 
-    @endpoint(m.HostRef)
+    @endpoint(m.HostRef, signed=True)
     def approve_host(self, req: m.HostRef) -> m.HostInfo:
         return host_info(self.attestor.approve(req.host))
 
-    @endpoint(m.HostRef)
+    @endpoint(m.HostRef, signed=True)
     def revoke_host(self, req: m.HostRef) -> m.HostInfo:
         return host_info(self.attestor.revoke(req.host))
 
@@ -125,7 +163,7 @@ class EngineManager:
     def show_host(self, req: m.HostRef) -> m.HostInfo:
         return host_info(self.db.get_host(req.host))
 
-    @endpoint(m.AssignPolicy)
+    @endpoint(m.AssignPolicy, signed=True)
     def assign_policy(self, req: m.AssignPolicy) -> m.HostInfo:
         rec = self.db.assign_policy(req.host, req.policy_name)
         self.db.audit("policy.assign", "assigned", host=req.host,
@@ -134,7 +172,7 @@ class EngineManager:
         return host_info(rec)
 
     # policies ----------------------------------------------------------------------
-    @endpoint(m.PolicyInfo)
+    @endpoint(m.PolicyInfo, signed=True)
     def put_policy(self, req: m.PolicyInfo) -> m.PolicyInfo:
         rec = self.db.put_policy(req.name, req.bank, req.pcrs, description=req.description)
         self.db.audit("policy.put", "stored", detail="policy %s PCRs %s"
@@ -152,7 +190,7 @@ class EngineManager:
                 self.db.record_verdict(host, TrustStatus.UNKNOWN,
                                        reason + "; attest again", now, now)
 
-    @endpoint(m.RecordPolicy)
+    @endpoint(m.RecordPolicy, signed=True)
     def record_policy(self, req: m.RecordPolicy) -> m.PolicyInfo:
         return policy_info(self.attestor.record_policy_from_host(
             req.name, req.host, req.pcrs, description=req.description))

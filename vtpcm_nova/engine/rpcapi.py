@@ -7,28 +7,78 @@ API version history:
           record_policy, list_policies, attest, verdicts, list_audit,
           create_vtpcm, destroy_vtpcm, get_vtpcm, check_destination, begin,
           commit, abort, get_migration.
+    1.1 - admin methods require an operator signature: enroll,
+          approve_host, revoke_host, assign_policy, put_policy and
+          record_policy take an ``auth`` argument signed with an operator
+          key for the engine topic (``vtpcm_common/authn.py``); the other
+          methods do not (yet).
+
+Clients still prepare each call with the version that introduced the method.
 
 Any engine worker on the topic may answer: the state lives in the database.
+
+The admin methods (``ADMIN_METHODS``) run only when signed by an operator key
+the engine trusts (``[engine] admin_public_keys``); the signature is bound to
+the engine topic, since no single worker is addressed. This client signs with
+the key given as ``admin_signer`` or named by ``[manage] admin_key``.
 """
 
+from pathlib import Path
 from typing import TypeVar
 
 import oslo_messaging as messaging
 from oslo_config import cfg
 
-from vtpcm_common import rpc
+from vtpcm_common import authn, exception, rpc
 from vtpcm_common.wire import Message
 from vtpcm_nova.engine import messages as m
 
-RPC_API_VERSION = "1.0"
+RPC_API_VERSION = "1.1"
 
 R = TypeVar("R", bound=Message)
+
+# State-changing calls that decide which hosts are trusted: operator-signed.
+ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
+                           "put_policy", "record_policy"})
+
+
+def admin_key_path(conf: cfg.ConfigOpts) -> Path | None:
+    """``[manage] admin_key`` if that option is registered and set."""
+    try:
+        value = conf.manage.admin_key
+    except (cfg.NoSuchOptError, cfg.NoSuchGroupError):
+        return None
+    return Path(value) if value else None
+
+
+def admin_signer_from_conf(conf: cfg.ConfigOpts) -> authn.CommandSigner | None:
+    """The operator's signer named by ``[manage] admin_key``; None if unset.
+    A key that is set but unusable is an error naming the option (never a
+    silent fall back to unsigned calls the engine would refuse anyway)."""
+    path = admin_key_path(conf)
+    if path is None:
+        return None
+    try:
+        return authn.load_signing_key(path)
+    except exception.InvalidInput as err:
+        raise exception.InvalidInput(
+            reason="[manage] admin_key: %s" % err.kwargs.get("reason", err)) from None
 
 
 class EngineAPI(rpc.Client):
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
-                 timeout: float = 120.0) -> None:
-        super().__init__(conf, rpc.topic(conf, "engine_topic"), transport, timeout)
+                 timeout: float = 120.0,
+                 admin_signer: authn.CommandSigner | None = None) -> None:
+        """``admin_signer``: an operator key; without one the key named by
+        ``[manage] admin_key`` is used if set. Without either, admin calls go
+        out unsigned and the engine refuses them. The signer is bound to the
+        engine topic and signs every call: the engine checks it on the admin
+        methods and ignores it elsewhere."""
+        topic = rpc.topic(conf, "engine_topic")
+        if admin_signer is None:
+            admin_signer = admin_signer_from_conf(conf)
+        signer = admin_signer.for_server(topic) if admin_signer is not None else None
+        super().__init__(conf, topic, transport, timeout, signer)
 
     def _ask(self, method: str, request: Message, reply_type: type[R],
              timeout: float | None = None) -> R:

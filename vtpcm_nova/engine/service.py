@@ -15,14 +15,35 @@ from vtpcm_nova.engine import rpcapi
 from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.api import Database
-from vtpcm_nova.engine.manager import AgentAttestationClient, EngineManager
+from vtpcm_nova.engine.manager import NO_ADMIN_KEYS, AgentAttestationClient, EngineManager
 
 LOG = logging.getLogger(__name__)
+
+
+def admin_verifier_from(conf: cfg.ConfigOpts) -> authn.CommandVerifier | authn.RefuseAll:
+    """The check of operator signatures on admin calls, bound to the engine
+    topic (any worker may answer). Without keys the engine still starts (the
+    Nova-facing and read-only methods work) but refuses every admin call; a
+    configured key that cannot be read stops the start, naming it."""
+    paths = [Path(p) for p in conf.engine.admin_public_keys if p.strip()]
+    if not paths:
+        LOG.warning("No operator keys configured ([engine] admin_public_keys): every "
+                    "admin call (enroll, approve, revoke, policies) will be refused")
+        return authn.RefuseAll(NO_ADMIN_KEYS)
+    try:
+        return authn.CommandVerifier(paths, rpc.topic(conf, "engine_topic"),
+                                     signer_role="operator", service_role="engine",
+                                     server_kind="engine topic")
+    except exception.InvalidInput as err:
+        raise exception.InvalidInput(
+            reason="[engine] admin_public_keys: %s" % err.kwargs.get("reason", err)) from None
 
 
 class EngineService:
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
+        # Checked first: a bad key path stops the start before anything opens.
+        self.admin_verifier = admin_verifier_from(conf)
         self.db = Database(conf.engine.connection)
         self.transport = rpc.get_transport(conf)
         self.signer = authn.load_or_create_signing_key(Path(conf.engine.command_signing_key))
@@ -36,7 +57,8 @@ class EngineService:
                                        timeout=conf.migration.timeout)
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,
                                      auto_approve=att.auto_approve,
-                                     default_policy=att.default_policy)
+                                     default_policy=att.default_policy,
+                                     admin_verifier=self.admin_verifier)
         self.server: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -57,10 +79,12 @@ class EngineService:
         if mig.reconcile_interval:
             self._periodic("reconcile", mig.reconcile_interval, 0, self.coordinator.reconcile)
         LOG.info("vtpcm-engine %(host)s serving topic %(topic)s (API %(v)s); agent "
-                 "commands signed with key %(key)s (public key %(pub)s)",
+                 "commands signed with key %(key)s (public key %(pub)s); admin calls "
+                 "accepted from operator keys %(ops)s",
                  {"host": self.conf.engine.host, "topic": topic,
                   "v": rpcapi.RPC_API_VERSION, "key": self.signer.fingerprint,
-                  "pub": authn.public_key_path(Path(self.conf.engine.command_signing_key))})
+                  "pub": authn.public_key_path(Path(self.conf.engine.command_signing_key)),
+                  "ops": getattr(self.admin_verifier, "fingerprint", "(none)")})
 
     def _attest_all(self) -> None:
         self.attestor.attest_all()

@@ -8,9 +8,10 @@ import oslo_messaging as messaging
 import pytest
 from oslo_config import cfg
 
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_nova.cmd import manage
 from vtpcm_nova.engine import messages as m
+from vtpcm_nova.engine import rpcapi
 
 INSTANCE = "6f1c2a3e-0000-4000-8000-000000000001"
 VTPCM_ID = "6f1c2a3e-0000-4000-8000-000000000002"
@@ -117,7 +118,16 @@ class FakeEngine:
 
 
 @pytest.fixture
-def engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
+def operator_key(tmp_path: Any) -> Any:
+    path = tmp_path / "keys" / "operator.key"
+    authn.load_or_create_signing_key(path)
+    return path
+
+
+@pytest.fixture
+def engine(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, operator_key: Any) -> FakeEngine:
+    """The fake engine; the default config file names an operator key, so
+    admin commands pass the local key check (as with [manage] admin_key)."""
     fake = FakeEngine()
     seen: dict[str, Any] = {}
 
@@ -125,10 +135,19 @@ def engine(monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
         seen["conf"], seen["timeout"] = conf, timeout
         return fake
 
+    default_conf = tmp_path / "default-engine.conf"
+    default_conf.write_text(f"[manage]\nadmin_key = {operator_key}\n")
     monkeypatch.setattr(manage, "build_api", build_api)
-    monkeypatch.setattr(cfg, "find_config_files", lambda **kw: [])
+    monkeypatch.setattr(cfg, "find_config_files", lambda **kw: [str(default_conf)])
     fake.seen = seen  # type: ignore[attr-defined]
     return fake
+
+
+@pytest.fixture
+def keyless(engine: FakeEngine, monkeypatch: pytest.MonkeyPatch) -> FakeEngine:
+    """The fake engine with no operator key configured anywhere."""
+    monkeypatch.setattr(cfg, "find_config_files", lambda **kw: [])
+    return engine
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -499,3 +518,102 @@ def test_real_client_without_engine_is_unreachable(tmp_path: Any,
                              "hosts", "list")
         assert (code, out) == (5, "")
         assert err.startswith("vtpcm-manage: error: engine unreachable: ")
+
+
+# --- operator keys -------------------------------------------------------------------------
+
+ADMIN_ARGV = [
+    ["hosts", "enroll", "host-a"],
+    ["hosts", "approve", "host-a"],
+    ["hosts", "revoke", "host-a"],
+    ["hosts", "assign-policy", "host-a", "golden"],
+    ["policies", "record", "gold", "--from-host", "host-a", "--pcrs", "0,7"],
+    ["policies", "set", "gold", "--pcr", "7=" + "00" * 32],
+]
+
+
+def test_admin_commands_are_exactly_the_engine_admin_methods(
+        engine: FakeEngine, capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in ADMIN_ARGV:
+        assert run(capsys, *argv)[0] == 0
+    assert {call[0] for call in engine.calls} == rpcapi.ADMIN_METHODS
+    assert len(manage.ADMIN_COMMANDS) == len(rpcapi.ADMIN_METHODS)
+
+
+@pytest.mark.parametrize("argv", ADMIN_ARGV, ids=lambda a: "-".join(a[:2]))
+def test_admin_command_without_key_stops_before_calling(
+        keyless: FakeEngine, capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    code, out, err = run(capsys, *argv)
+    assert (code, out) == (2, "")
+    assert err.startswith(f"vtpcm-manage: error: '{argv[0]} {argv[1]}' must be signed with "
+                          "an operator key: pass --admin-key PATH")
+    assert keyless.calls == [] and "conf" not in keyless.seen  # type: ignore[attr-defined]
+
+
+def test_read_only_commands_need_no_key(keyless: FakeEngine,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    for argv in (["hosts", "list"], ["hosts", "attest", "host-a"], ["verdicts", "list"],
+                 ["policies", "list"], ["audit", "list"]):
+        assert run(capsys, *argv)[0] == 0, argv
+
+
+def test_admin_key_option_reaches_the_client(keyless: FakeEngine, operator_key: Any,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(capsys, "--admin-key", str(operator_key), "hosts", "approve", "h")
+    assert (code, err) == (0, "")
+    assert keyless.calls == [("approve_host", "h")]
+    conf = keyless.seen["conf"]  # type: ignore[attr-defined]
+    assert conf.manage.admin_key == str(operator_key)
+    signer = rpcapi.admin_signer_from_conf(conf)
+    assert signer is not None
+    assert signer.fingerprint == authn.load_signing_key(operator_key).fingerprint
+
+
+def test_admin_key_option_overrides_the_config(engine: FakeEngine, tmp_path: Any,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    other = tmp_path / "other.key"
+    authn.load_or_create_signing_key(other)
+    assert run(capsys, "--admin-key", str(other), "hosts", "revoke", "h")[0] == 0
+    assert engine.seen["conf"].manage.admin_key == str(other)  # type: ignore[attr-defined]
+
+
+def test_unusable_admin_key_is_a_usage_error(keyless: FakeEngine, tmp_path: Any,
+                                             operator_key: Any,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run(capsys, "--admin-key", str(tmp_path / "nope.key"), "hosts", "list")
+    assert (code, out) == (2, "")
+    assert "[manage] admin_key" in err and "nope.key" in err
+    operator_key.chmod(0o640)
+    code, _, err = run(capsys, "--admin-key", str(operator_key), "hosts", "approve", "h")
+    assert code == 2 and "chmod 600" in err
+    assert keyless.calls == []
+
+
+def test_keys_create_makes_a_private_pair_and_is_repeatable(
+        keyless: FakeEngine, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "ops" / "alice.key"
+    code, out, err = run(capsys, "--format", "json", "keys", "create", str(path))
+    assert code == 0 and "BEGIN" not in err
+    made = json.loads(out)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    pub = authn.public_key_path(path)
+    assert made == {"private_key": str(path), "public_key": str(pub),
+                    "fingerprint": authn.fingerprint(authn.load_public_key(pub)),
+                    "created": True}
+    pem = path.read_text()
+    assert "".join(pem.strip().splitlines()[1:-1]) not in out + err
+    code, out, _ = run(capsys, "keys", "create", str(path))  # table; the key is kept
+    assert code == 0
+    assert ["fingerprint", made["fingerprint"]] in table(out) and ["created", "no"] in table(out)
+    assert path.read_text() == pem
+    assert keyless.calls == [] and "conf" not in keyless.seen  # type: ignore[attr-defined]
+
+
+def test_keys_create_refuses_a_file_that_is_not_a_key(
+        keyless: FakeEngine, tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    path.chmod(0o600)
+    code, out, err = run(capsys, "keys", "create", str(path))
+    assert (code, out) == (2, "") and "not an unencrypted PEM private key" in err
+    assert path.read_text() == "hello"
