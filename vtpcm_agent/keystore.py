@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from oslo_log import log as logging
 
 from vtpcm_agent.hosttpm import HostTPM, SealedObject
+from vtpcm_common import fileutil
 from vtpcm_common.exception import (
     AlreadyExists,
     HostTPMError,
@@ -106,40 +107,6 @@ def validate_vtpcm_id(vtpcm_id: str) -> str:
     return canonical
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new_file(path: Path, data: bytes, replace: bool) -> None:
-    """Write ``data`` to ``path`` atomically, 0600, fsynced.
-
-    Without ``replace`` the final step is ``link``, which fails if ``path``
-    exists (FileExistsError), so nothing is ever overwritten by accident.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if replace:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
-
-
 def _read_private_file(path: Path, what: str) -> bytes:
     """Read a file that must be a regular file owned by us, mode 0600 or stricter."""
     try:
@@ -206,7 +173,7 @@ class DevKeyFileHostKey(_CachedHostKey):
         except FileNotFoundError:
             key = secrets.token_bytes(KEY_LEN)
             try:
-                _write_new_file(self._path, key, replace=False)
+                fileutil.write_atomic(self._path, key, replace=False)
                 LOG.warning("Created dev host key file %(path)s", {"path": self._path})
                 return key
             except FileExistsError:
@@ -237,7 +204,7 @@ class TPMSealedHostKey(_CachedHostKey):
             key = secrets.token_bytes(KEY_LEN)
             sealed = self._tpm.seal(key)
             try:
-                _write_new_file(self._path, sealed.to_bytes(), replace=False)
+                fileutil.write_atomic(self._path, sealed.to_bytes(), replace=False)
             except FileExistsError:
                 data = _read_private_file(self._path, "sealed host key file")
             else:
@@ -299,7 +266,8 @@ class KeyStore:
                                   self._aad(canonical))
         with self._lock:
             try:
-                _write_new_file(path, _MAGIC + bytes([_VERSION]) + nonce + ct, replace)
+                fileutil.write_atomic(path, _MAGIC + bytes([_VERSION]) + nonce + ct,
+                                      replace=replace)
             except FileExistsError:
                 raise AlreadyExists(what="key store entry for vTPCM", key=canonical) from None
         LOG.info("Stored wrapped keys of vTPCM %(id)s", {"id": canonical})
@@ -344,5 +312,5 @@ class KeyStore:
             finally:
                 os.close(fd)
             path.unlink()
-            _fsync_dir(self._dir)
+            fileutil.fsync_dir(self._dir)
         LOG.info("Destroyed the keys of vTPCM %(id)s", {"id": canonical})

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_common import exception, fileutil
 
 LOG = logging.getLogger(__name__)
 
@@ -317,41 +317,16 @@ def _load_private_key(path: Path) -> ed25519.Ed25519PrivateKey:
     return key
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new(path: Path, data: bytes, mode: int) -> Path:
-    """Write ``data`` to a fresh temporary file next to ``path``."""
-    tmp = path.with_name(".%s.%s.tmp" % (path.name, secrets.token_hex(6)))
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return tmp
-
-
 def _create_private_key(path: Path) -> None:
     """Create the key atomically: a concurrent creator's key wins, never a mix."""
     key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
-    tmp = _write_new(path, pem, 0o600)
     try:
-        os.link(tmp, path)  # fails if the key appeared meanwhile
+        fileutil.write_atomic(path, pem, mode=0o600)  # fails if the key appeared meanwhile
         LOG.info("Created the command signing key %(path)s", {"path": path})
     except FileExistsError:
         pass
-    finally:
-        tmp.unlink()
-    _fsync_dir(path.parent)
 
 
 def _write_public_key(path: Path, pem: bytes) -> None:
@@ -360,9 +335,7 @@ def _write_public_key(path: Path, pem: bytes) -> None:
             return
     except FileNotFoundError:
         pass
-    tmp = _write_new(path, pem, 0o644)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fileutil.write_atomic(path, pem, mode=0o644, replace=True)
 
 
 def public_key_path(private_key_path: Path) -> Path:
