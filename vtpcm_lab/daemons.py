@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from oslo_config import cfg
+from oslo_log import log as logging
 
 from vtpcm_agent import conf as agent_conf
 from vtpcm_agent.rpcapi import AgentAPI
@@ -35,6 +36,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_nova import conf as engine_conf
 from vtpcm_nova.engine.rpcapi import EngineAPI
 
+LOG = logging.getLogger(__name__)
 TRANSPORT_URL = os.environ.get("VTPCM_TEST_TRANSPORT_URL",
                                "rabbit://guest:guest@127.0.0.1:5672/")
 ROOT = Path(__file__).resolve().parents[1]
@@ -243,3 +245,28 @@ class EngineDaemon(Daemon):
             api.list_hosts(timeout=2)
             return True
         wait_for("engine", ready, timeout)
+
+
+def kill_pidfiles(directory: Path) -> None:
+    """SIGKILL every process named by a pid file in ``directory`` that still runs
+    one of our programs (python daemons, swtpm)."""
+    if not directory.exists():
+        return
+    for pidfile in directory.glob("*.pid"):
+        try:
+            pid = int(pidfile.read_text().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if pid <= 1:
+            continue
+        try:
+            cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
+        except OSError:
+            continue
+        if b"swtpm" in cmdline or b"vtpcm" in cmdline:
+            LOG.info("Stopping leftover process %(pid)d (%(file)s)",
+                     {"pid": pid, "file": pidfile.name})
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -9,9 +9,7 @@ everything by pid, swtpm processes of the guests included.
 """
 
 import dataclasses
-import os
 import shutil
-import signal
 from pathlib import Path
 
 from oslo_log import log as logging
@@ -103,7 +101,7 @@ class Stack:
     def down(self) -> None:
         for host in self.hosts.values():
             host.agent.stop()
-            _kill_pidfiles(host.run_dir)
+            daemons.kill_pidfiles(host.run_dir)
             host.tpm.cleanup()
         if self.engine_daemon is not None:
             self.engine_daemon.stop()
@@ -124,31 +122,6 @@ class Stack:
         (pids / (name + ".pid")).write_text(str(pid))
 
     def _kill_leftovers(self) -> None:
-        _kill_pidfiles(self.base / "pids")
+        daemons.kill_pidfiles(self.base / "pids")
         for lab_host in self.lab.hosts:
-            _kill_pidfiles(lab_host.tpm_dir)
-
-
-def _kill_pidfiles(directory: Path) -> None:
-    """SIGKILL every process named by a pid file in ``directory`` that still runs
-    one of our programs (python daemons, swtpm)."""
-    if not directory.exists():
-        return
-    for pidfile in directory.glob("*.pid"):
-        try:
-            pid = int(pidfile.read_text().strip() or 0)
-        except (OSError, ValueError):
-            continue
-        if pid <= 1:
-            continue
-        try:
-            cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
-        except OSError:
-            continue
-        if b"swtpm" in cmdline or b"vtpcm" in cmdline:
-            LOG.info("Stopping leftover process %(pid)d (%(file)s)",
-                     {"pid": pid, "file": pidfile.name})
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            daemons.kill_pidfiles(lab_host.tpm_dir)

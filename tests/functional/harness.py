@@ -1,14 +1,55 @@
 """Test-side names for the daemon helpers (they live in vtpcm_lab.daemons)."""
 
+import contextlib
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_lab.daemons import (
     TRANSPORT_URL,
     AgentDaemon,
     Daemon,
     EngineDaemon,
     client_conf,
+    kill_pidfiles,
     short_dir,
     wait_for,
 )
+from vtpcm_lab.hosttpm import HostTPMStandIn
 
-__all__ = ["TRANSPORT_URL", "AgentDaemon", "Daemon", "EngineDaemon", "client_conf",
-           "short_dir", "wait_for"]
+__all__ = ["TRANSPORT_URL", "AgentDaemon", "Daemon", "EngineDaemon", "agent_cluster",
+           "client_conf", "short_dir", "wait_for"]
+
+
+@contextlib.contextmanager
+def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
+                  labels: tuple[str, ...] = ("a", "b")
+                  ) -> Iterator[list[tuple[str, HostTPMStandIn, AgentDaemon, Path]]]:
+    """Agent daemons with their own host-TPM stand-ins, ready to serve.
+
+    Yields (host name, stand-in, agent, run dir) per label. Afterwards the
+    swtpm processes the agents left running are killed through their pid
+    files, then the agents and stand-ins stop, also when the test failed."""
+    hosts: list[tuple[str, HostTPMStandIn, AgentDaemon, Path]] = []
+    started: list[Any] = []
+    try:
+        for label in labels:
+            name = "%s%s-%s" % (prefix, label, uuid.uuid4().hex[:6])
+            tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
+            tpm.start()
+            started.append(tpm)
+            run_dir = work / ("run-" + label)
+            agent = AgentDaemon(work, name, exchange, tpm.tcti, run_dir=run_dir,
+                                extra={"agent": {"register_with_engine": "false"}})
+            agent.start()
+            started.append(agent)
+            agent.wait_ready(api)
+            hosts.append((name, tpm, agent, run_dir))
+        yield hosts
+    finally:
+        for _, _, _, run_dir in hosts:
+            kill_pidfiles(run_dir)
+        for proc in reversed(started):
+            proc.stop()

@@ -6,7 +6,6 @@ captured signed command cannot be replayed or redirected to another host."""
 
 import dataclasses
 import os
-import signal
 import uuid
 from pathlib import Path
 
@@ -14,8 +13,7 @@ import oslo_messaging as messaging
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.functional.harness import AgentDaemon, client_conf, short_dir
-from tests.functional.hosttpm_fixture import HostTPMStandIn
+from tests.functional.harness import AgentDaemon, agent_cluster, client_conf, short_dir
 from vtpcm_agent import messages as m
 from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import authn, exception
@@ -39,32 +37,11 @@ def cluster():
     api = AgentAPI(client_conf(exchange), timeout=30)  # holds the engine's key
     rogue = AgentAPI(client_conf(exchange, signing=False), timeout=30)  # broker creds only
     assert api.signer is not None and rogue.signer is None
-    hosts, started = [], []
     try:
-        for label in ("a", "b"):
-            name = "au%s-%s" % (label, uuid.uuid4().hex[:6])
-            tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
-            tpm.start()
-            started.append(tpm)
-            run_dir = work / ("run-" + label)
-            agent = AgentDaemon(work, name, exchange, tpm.tcti, run_dir=run_dir,
-                                extra={"agent": {"register_with_engine": "false"}})
-            agent.start()
-            started.append(agent)
-            agent.wait_ready(api)
-            hosts.append(Host(name, agent, run_dir))
-        yield api, rogue, hosts[0], hosts[1], work, exchange
+        with agent_cluster(work, "au", exchange, api) as hosts:
+            a, b = (Host(name, agent, run_dir) for name, _, agent, run_dir in hosts)
+            yield api, rogue, a, b, work, exchange
     finally:
-        for host in hosts:  # stop every swtpm the agents left running, by pid
-            for pidfile in host.run_dir.glob("*.pid"):
-                pid = int(pidfile.read_text() or 0)
-                if pid:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-        for proc in reversed(started):
-            proc.stop()
         api.transport.cleanup()
         rogue.transport.cleanup()
 

@@ -12,7 +12,13 @@ import oslo_messaging as messaging
 import pytest
 
 from tests.functional import tpmtools
-from tests.functional.harness import AgentDaemon, client_conf, short_dir, wait_for
+from tests.functional.harness import (
+    AgentDaemon,
+    agent_cluster,
+    client_conf,
+    short_dir,
+    wait_for,
+)
 from tests.functional.hosttpm_fixture import HostTPMStandIn
 from vtpcm_agent import messages as m
 from vtpcm_agent.hosttpm import HostTPM
@@ -51,34 +57,12 @@ class Host:
 def cluster():
     work = short_dir("vtrpc")
     exchange = "vtpcm-test-" + uuid.uuid4().hex[:8]
-    conf = client_conf(exchange)
-    api = AgentAPI(conf, timeout=30)
-    hosts, started = [], []
+    api = AgentAPI(client_conf(exchange), timeout=30)
     try:
-        for label in ("a", "b"):
-            name = "h%s-%s" % (label, uuid.uuid4().hex[:6])
-            tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
-            tpm.start()
-            started.append(tpm)
-            run_dir = work / ("run-" + label)
-            agent = AgentDaemon(work, name, exchange, tpm.tcti, run_dir=run_dir,
-                                extra={"agent": {"register_with_engine": "false"}})
-            agent.start()
-            started.append(agent)
-            agent.wait_ready(api)
-            hosts.append(Host(name, tpm, agent, run_dir))
-        yield api, hosts[0], hosts[1]
+        with agent_cluster(work, "h", exchange, api) as hosts:
+            a, b = (Host(*h) for h in hosts)
+            yield api, a, b
     finally:
-        for host in hosts:  # stop every swtpm the agents left running, by pid
-            for pidfile in host.run_dir.glob("*.pid"):
-                pid = int(pidfile.read_text() or 0)
-                if pid:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
-        for proc in reversed(started):
-            proc.stop()
         api.transport.cleanup()
 
 
