@@ -579,36 +579,28 @@ def import_state(path: Path | str, state: ExportedState, timeout: float = 5.0, *
                 vtpcm_id=vtpcm_id,
                 reason="target swtpm must run with an at-rest and a migration key "
                        "(config flags 0x%x)" % config)
-        if empty_target:
-            try:
-                client.set_stateblob(BlobType.PERMANENT, state.permanent,
-                                     state.permanent_flags)
-                client.set_stateblob(BlobType.VOLATILE, state.volatile, state.volatile_flags)
-                client.init(delete_volatile=True)
-            except exception.CtrlChannelError as exc:
-                raise exception.StateImportError(
-                    vtpcm_id=vtpcm_id,
-                    reason="swtpm refused the state (%s); wrong migration key or damaged "
-                           "blob" % exc.message) from None
-            LOG.info("Imported swtpm state into empty vTPCM %(id)s (%(p)d + %(v)d bytes)",
-                     {"id": vtpcm_id, "p": len(state.permanent), "v": len(state.volatile)})
-            return
-        was_running = _ensure_running(client)
-        snapshot = (client.get_stateblob(BlobType.PERMANENT),
-                    client.get_stateblob(BlobType.VOLATILE))
-        client.stop()
+        was_running = False
+        snapshot: tuple[StateBlob, StateBlob] | None = None
+        if not empty_target:
+            was_running = _ensure_running(client)
+            snapshot = (client.get_stateblob(BlobType.PERMANENT),
+                        client.get_stateblob(BlobType.VOLATILE))
+            client.stop()
         try:
             client.set_stateblob(BlobType.PERMANENT, state.permanent, state.permanent_flags)
             client.set_stateblob(BlobType.VOLATILE, state.volatile, state.volatile_flags)
             client.init(delete_volatile=True)
         except exception.CtrlChannelError as exc:
-            _restore_after_failed_import(client, snapshot, was_running, vtpcm_id)
+            if snapshot is not None:
+                _restore_after_failed_import(client, snapshot, was_running, vtpcm_id)
             raise exception.StateImportError(
                 vtpcm_id=vtpcm_id,
-                reason="swtpm refused the state (%s); wrong migration key or damaged blob; "
-                       "target restored" % exc.message) from None
-    LOG.info("Imported swtpm state into vTPCM %(id)s (%(p)d + %(v)d bytes)",
-             {"id": vtpcm_id, "p": len(state.permanent), "v": len(state.volatile)})
+                reason="swtpm refused the state (%s); wrong migration key or damaged blob%s"
+                % (exc.message, "; target restored" if snapshot is not None else "")
+            ) from None
+    LOG.info("Imported swtpm state into %(kind)svTPCM %(id)s (%(p)d + %(v)d bytes)",
+             {"kind": "empty " if empty_target else "", "id": vtpcm_id,
+              "p": len(state.permanent), "v": len(state.volatile)})
 
 
 def _ensure_running(client: CtrlClient) -> bool:
