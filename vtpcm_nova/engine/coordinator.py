@@ -196,11 +196,9 @@ class Coordinator:
         before = proto.state
         actions = proto.handle(event)
         if proto.state is not before:
-            # The first failure reason stays with the migration record.
-            error = (self.db.get_migration(ctx.migration_id).error
-                     or getattr(event, "reason", None))
             if not self.db.update_migration_state(ctx.migration_id, before.value,
-                                                  proto.state.value, error=error):
+                                                  proto.state.value,
+                                                  error=getattr(event, "reason", None)):
                 proto.state = before
                 raise exception.MigrationError(
                     migration_id=ctx.migration_id,

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from oslo_log import log as logging
-from sqlalchemy import create_engine, delete, event, select, update
+from sqlalchemy import create_engine, delete, event, func, select, update
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -581,10 +581,14 @@ class Database:
     def update_migration_state(self, migration_id: str, expected_state: str, new_state: str,
                                *, error: str | None = None,
                                now: datetime.datetime | None = None) -> bool:
-        """Compare-and-set of the migration state; False if someone moved it first."""
+        """Compare-and-set of the migration state; False if someone moved it first.
+
+        ``error`` is recorded only if the migration has none yet: the first
+        failure reason is the one worth keeping."""
         q = (update(models.Migration)
              .where(models.Migration.migration_id == migration_id,
                     models.Migration.state == expected_state)
-             .values(state=new_state, error=error, updated_at=now or utcnow()))
+             .values(state=new_state, error=func.coalesce(models.Migration.error, error),
+                     updated_at=now or utcnow()))
         with self.session() as s:
             return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
