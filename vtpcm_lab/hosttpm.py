@@ -103,9 +103,10 @@ class HostTPMStandIn:
             assert self._proc is not None
             if self._proc.poll() is not None:
                 raise RuntimeError(f"swtpm exited early with code {self._proc.returncode}")
-            if os.path.exists(self.socket_path) and os.path.exists(self.ctrl_path):
-                if self._connectable(self.ctrl_path):
-                    return
+            # swtpm binds (the file appears) before it listens: only a
+            # successful connect to BOTH sockets means a TCTI can open it
+            if self._connectable(self.ctrl_path) and self._connectable(self.socket_path):
+                return
             time.sleep(0.02)
         raise TimeoutError(f"swtpm host TPM stand-in not ready after {START_TIMEOUT:.0f} s")
 
