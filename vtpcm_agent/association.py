@@ -24,7 +24,7 @@ from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 _UNSET: Any = object()  # 'leave this column as it is'
 
 
@@ -112,6 +112,11 @@ CREATE TABLE IF NOT EXISTS aborted_migrations (
     instance_uuid TEXT NOT NULL,
     aborted_at TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS command_nonces (
+    nonce TEXT PRIMARY KEY,
+    keep_until REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS command_nonces_keep_until ON command_nonces (keep_until);
 """
 
 
@@ -135,12 +140,14 @@ class AssociationList:
             if row is None:
                 cur.execute("INSERT INTO schema_version (version) VALUES (?)",
                             (SCHEMA_VERSION,))
-            elif row[0] == 1:
-                # v2 keeps tombstone generations apart from the rows, so that
-                # discarding an aborted incoming cannot erase them.
-                cur.execute("INSERT OR REPLACE INTO tombstones "
-                            "SELECT instance_uuid, generation, updated_at FROM associations "
-                            "WHERE state = 'DESTROYED'")
+            elif row[0] in (1, 2):
+                if row[0] == 1:
+                    # v2 keeps tombstone generations apart from the rows, so
+                    # that discarding an aborted incoming cannot erase them.
+                    cur.execute("INSERT OR REPLACE INTO tombstones "
+                                "SELECT instance_uuid, generation, updated_at "
+                                "FROM associations WHERE state = 'DESTROYED'")
+                # v3 adds command_nonces (created by _SCHEMA): nothing to copy.
                 cur.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
                 raise exception.VTPCMException(
@@ -319,3 +326,15 @@ class AssociationList:
         with self._transaction() as cur:
             return cur.execute("SELECT 1 FROM aborted_migrations WHERE migration_id = ?",
                                (migration_id,)).fetchone() is not None
+
+    def claim_nonce(self, nonce: str, keep_until: float, now: float) -> bool:
+        """Record an engine command's nonce; False if it was seen before.
+
+        Durable (synchronous=FULL), so a command replayed after an agent
+        restart is still refused; entries past ``keep_until`` are dropped in
+        the same transaction."""
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM command_nonces WHERE keep_until < ?", (now,))
+            cur.execute("INSERT OR IGNORE INTO command_nonces VALUES (?, ?)",
+                        (nonce, keep_until))
+            return cur.rowcount == 1

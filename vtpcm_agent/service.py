@@ -79,6 +79,9 @@ class AgentService:
         provider = host_key_provider(conf, self.host_tpm, self.settings.state_root)
         self.keystore = ks.KeyStore(self.settings.state_root / "keys", provider)
         self.associations = AssociationList(self.settings.state_root / "associations.sqlite")
+        # accepted command nonces survive a restart: a captured command
+        # cannot be replayed into the next agent process
+        self.verifier.remember_nonces_in(self.associations)
         self.instances = InstanceManager(self.settings, self.associations, self.keystore,
                                          self.host_tpm)
         self.transport = rpc.get_transport(conf)

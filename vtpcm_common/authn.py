@@ -124,6 +124,36 @@ def _refuse(method: str, reason: str) -> exception.CommandRefused:
     return exception.CommandRefused(method=method, reason=reason)
 
 
+class NonceStore(Protocol):
+    """Where a verifier remembers the nonces it accepted.
+
+    ``claim_nonce`` must be atomic: of two callers with the same nonce, exactly one
+    gets True, also across processes sharing the store. Entries may be
+    forgotten once ``keep_until`` has passed (the command is then refused as
+    expired anyway)."""
+
+    def claim_nonce(self, nonce: str, keep_until: float, now: float) -> bool: ...
+
+
+class MemoryNonceStore:
+    """Nonces in this process only: a restart or a second process forgets
+    them, so it suits tests and single short-lived verifiers. Services use a
+    durable store (the agent's association list, the engine database)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def claim_nonce(self, nonce: str, keep_until: float, now: float) -> bool:
+        with self._lock:
+            for old in [n for n, until in self._seen.items() if until < now]:
+                del self._seen[old]
+            if nonce in self._seen:
+                return False
+            self._seen[nonce] = keep_until
+            return True
+
+
 class CommandVerifier:
     """The receiving side: checks each signed command against the pinned
     public key(s), for this server (``server``) only.
@@ -133,10 +163,14 @@ class CommandVerifier:
     any of them is accepted. ``signer_role``, ``service_role`` and
     ``server_kind`` only name things in refusal reasons.
 
-    Replays: a nonce is accepted once while its command is valid; commands
-    issued before this verifier existed (minus ``max_skew``) are refused, so
-    a restart does not reopen the window. ``max_ttl`` bounds how long
-    a nonce must be remembered."""
+    Replays: a nonce is accepted once while its command is valid. The
+    nonces live in ``nonces`` (in memory unless a durable store is given with
+    ``remember_nonces_in``: the agent's association list, the engine
+    database shared by all workers), so neither a restart nor another worker
+    reopens the window. Commands issued before this verifier existed (minus
+    ``max_skew``) are refused as well: with an in-memory store that is what
+    limits a replay across a restart. ``max_ttl`` bounds how long a nonce
+    must be remembered."""
 
     def __init__(self, public_key_path: Path | Sequence[Path], server: str, *,
                  clock: Clock = time.time, max_skew: float = 30.0, max_ttl: float = 300.0,
@@ -162,8 +196,11 @@ class CommandVerifier:
         self.max_skew = float(max_skew)
         self.max_ttl = float(max_ttl)
         self.created_at = float(clock())
-        self._seen: dict[str, float] = {}
-        self._lock = threading.Lock()
+        self.nonces: NonceStore = MemoryNonceStore()
+
+    def remember_nonces_in(self, store: NonceStore) -> None:
+        """Keep accepted nonces in ``store`` from now on (set before serving)."""
+        self.nonces = store
 
     def __repr__(self) -> str:
         return "<CommandVerifier server=%s key=%s>" % (self.server, self.fingerprint)
@@ -199,11 +236,10 @@ class CommandVerifier:
             raise _refuse(method, "expired")
         if issued_at < self.created_at - self.max_skew:
             raise _refuse(method, "issued before this %s started" % self.service_role)
-        with self._lock:
-            self._prune(now)
-            if nonce in self._seen:
-                raise _refuse(method, "replayed (nonce already used)")
-            self._seen[nonce] = expires_at
+        # Kept max_skew past expiry: a clock stepping back a little must not
+        # make a forgotten nonce usable again.
+        if not self.nonces.claim_nonce(nonce, expires_at + self.max_skew, now):
+            raise _refuse(method, "replayed (nonce already used)")
         return signed_by
 
     def _signed_by(self, signature: bytes, data: bytes) -> str | None:
@@ -214,12 +250,6 @@ class CommandVerifier:
                 continue
             return fp
         return None
-
-    def _prune(self, now: float) -> None:
-        # Kept max_skew past expiry: a clock stepping back a little must not
-        # make a forgotten nonce usable again.
-        for nonce in [n for n, exp in self._seen.items() if exp + self.max_skew < now]:
-            del self._seen[nonce]
 
     def _parse(self, method: str, auth: Any) -> tuple[str, float, float, str, bytes]:
         if auth is None:

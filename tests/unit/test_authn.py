@@ -215,10 +215,25 @@ def test_refusals_do_not_use_up_the_nonce(signer, verifier):
 def test_used_nonces_are_forgotten_after_expiry(signer, verifier, clock):
     for _ in range(5):
         verifier.verify("stop", PAYLOAD, signer.sign("stop", HOST, PAYLOAD))
-    assert len(verifier._seen) == 5
+    assert len(verifier.nonces._seen) == 5
     clock.now += authn.DEFAULT_TTL + verifier.max_skew + 1
     verifier.verify("stop", PAYLOAD, signer.sign("stop", HOST, PAYLOAD))
-    assert len(verifier._seen) == 1
+    assert len(verifier.nonces._seen) == 1
+
+
+def test_verifiers_sharing_a_store_refuse_each_others_replays(signer, keyfile, clock):
+    """Two engine workers (or an agent before and after a restart) with one
+    store: a command accepted by one is a replay for the other."""
+    store = authn.MemoryNonceStore()
+    first, second = (authn.CommandVerifier(authn.public_key_path(keyfile), HOST, clock=clock)
+                     for _ in range(2))
+    for verifier in (first, second):
+        verifier.remember_nonces_in(store)
+    auth = signer.sign("destroy", HOST, PAYLOAD)
+    first.verify("destroy", PAYLOAD, auth)
+    _refused(second, "destroy", PAYLOAD, auth, "replayed")
+    alone = authn.CommandVerifier(authn.public_key_path(keyfile), HOST, clock=clock)
+    alone.verify("destroy", PAYLOAD, auth)  # the control: its own memory knew nothing
 
 
 def test_no_key_bytes_in_reprs(keyfile, signer, verifier):

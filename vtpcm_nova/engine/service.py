@@ -45,6 +45,10 @@ class EngineService:
         # Checked first: a bad key path stops the start before anything opens.
         self.admin_verifier = admin_verifier_from(conf)
         self.db = Database(conf.engine.connection)
+        if isinstance(self.admin_verifier, authn.CommandVerifier):
+            # one nonce table for all workers: a captured admin command is
+            # refused by every worker, also after a restart
+            self.admin_verifier.remember_nonces_in(self.db)
         self.transport = rpc.get_transport(conf)
         self.signer = authn.load_or_create_signing_key(Path(conf.engine.command_signing_key))
         self.agents = AgentAPI(conf, self.transport, timeout=conf.engine.rpc_timeout,

@@ -139,6 +139,26 @@ def test_captured_signed_command_cannot_be_replayed(cluster):
     assert api.get(a.name, info.instance_uuid).state == "STOPPED"
 
 
+def test_a_replay_after_an_agent_restart_is_refused(cluster):
+    """Accepted nonces are in the agent's association list: the replay comes
+    seconds after signing, inside the validity period and the start-time
+    allowance, so only the stored nonce can refuse it."""
+    api, rogue, a, _, _, _ = cluster
+    info = _active(api, a)
+    api.stop(a.name, info.instance_uuid)
+    payload = m.InstanceRef(info.instance_uuid).validated().to_wire()
+    auth = api.signer.sign("start", a.name, payload)
+    assert _raw(api, a.name, "start", "1.0", payload=payload, auth=auth)["state"] == "ACTIVE"
+    api.stop(a.name, info.instance_uuid)
+    a.agent.stop()
+    a.agent.start()
+    a.agent.wait_ready(api)
+    with pytest.raises(exception.VTPCMException, match="CommandRefused.*replayed"):
+        _raw(rogue, a.name, "start", "1.0", payload=payload, auth=auth)
+    after = api.get(a.name, info.instance_uuid)
+    assert after.state == "STOPPED" and not after.running
+
+
 def test_command_signed_for_one_host_is_refused_by_another(cluster):
     api, rogue, a, b, _, _ = cluster
     info = _active(api, b)

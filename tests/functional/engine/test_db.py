@@ -216,3 +216,33 @@ def test_naive_datetime_refused(make_db: MakeDb) -> None:
 
 def test_repr_hides_url(db_url: str, make_db: MakeDb) -> None:
     assert repr(make_db()) in ("<Database sqlite>", "<Database postgresql>")
+
+
+def test_command_nonces_are_claimed_once_across_handles(make_db: MakeDb) -> None:
+    """Two Database objects = two engine workers on one database."""
+    first, second = make_db(), make_db()
+    now = T0.timestamp()
+    assert first.claim_nonce("ab" * 16, now + 150, now)
+    assert not second.claim_nonce("ab" * 16, now + 150, now)
+    assert not first.claim_nonce("ab" * 16, now + 150, now)
+    assert second.claim_nonce("cd" * 16, now + 150, now)
+    # purged only once past keep_until, then claimable (it is expired by then)
+    assert first.purge_nonces(now=T0) == 0
+    assert first.purge_nonces(now=T0 + datetime.timedelta(seconds=151)) == 2
+    assert second.claim_nonce("ab" * 16, now + 400, now + 151)
+    first.dispose()
+    second.dispose()
+
+
+def test_schema_v1_database_is_upgraded(make_db: MakeDb) -> None:
+    old = make_db()
+    models.CommandNonce.__table__.drop(old.engine)  # type: ignore[attr-defined]
+    with old.session() as s:
+        row = s.get(models.SchemaVersion, 1)
+        assert row is not None
+        row.version = 1
+    old.dispose()
+    db = make_db()
+    assert db.schema_version() == models.SCHEMA_VERSION == 2
+    assert db.claim_nonce("ef" * 16, T0.timestamp() + 10, T0.timestamp())
+    db.dispose()

@@ -172,6 +172,34 @@ def test_a_replayed_signed_approve_is_refused(deployment):
     assert operator.show_host(host).status == "PENDING"
 
 
+def test_a_replay_after_an_engine_restart_is_refused(deployment):
+    """Accepted nonces live in the engine database, not in the process: a
+    restarted worker (or another one on the same database) still knows them.
+    The replay comes seconds after signing, well inside the validity period
+    and the start-time allowance, so only the stored nonce can refuse it."""
+    operator, rogue, _, engine, host = deployment
+    if host not in {h.name for h in operator.list_hosts().hosts}:
+        operator.enroll(host)
+    if operator.show_host(host).status != "APPROVED":
+        operator.approve_host(host)
+    payload = m.HostRef(host).validated().to_wire()
+    auth = operator.signer.sign("revoke_host", "", payload)
+    cctxt = rogue.client.prepare(version="1.0")
+    assert cctxt.call({}, "revoke_host", payload=payload, auth=dict(auth))["status"] == \
+        "REVOKED"
+    operator.enroll(host)
+    operator.approve_host(host)
+    engine.stop()
+    engine.start()
+    engine.wait_ready(operator)
+    with pytest.raises(messaging.RemoteError) as err:
+        cctxt.call({}, "revoke_host", payload=payload, auth=dict(auth))
+    refused = rpc.remote_to_local(err.value)
+    assert isinstance(refused, exception.CommandRefused), err.value
+    assert "replayed" in str(refused)
+    assert operator.show_host(host).status == "APPROVED"
+
+
 def test_engine_without_operator_keys_refuses_every_admin_call():
     """Fail closed: no [engine] admin_public_keys, no admin calls, and the
     refusal says what to configure. Its own deployment (topic) and database."""

@@ -203,3 +203,45 @@ def test_schema_v1_is_upgraded_with_its_tombstones(tmp_path):
     al = AssociationList(path)
     assert al.tombstone("i") == 4
     al.close()
+
+
+def test_schema_v2_is_upgraded_and_gains_command_nonces(tmp_path):
+    import sqlite3
+    path = tmp_path / "v2.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(association._SCHEMA.split("CREATE TABLE IF NOT EXISTS command_nonces")[0])
+    conn.execute("INSERT INTO schema_version VALUES (2)")
+    conn.commit()
+    conn.close()
+    al = AssociationList(path)
+    assert al.claim_nonce("n1", 100.0, 50.0)
+    al.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
+    conn.close()
+
+
+def test_command_nonces_are_claimed_once_and_survive_a_reopen(tmp_path):
+    path = tmp_path / "a.sqlite"
+    al = AssociationList(path)
+    assert al.claim_nonce("n1", 100.0, 50.0)
+    assert not al.claim_nonce("n1", 100.0, 51.0)
+    al.close()
+    al = AssociationList(path)  # an agent restart
+    assert not al.claim_nonce("n1", 100.0, 52.0)
+    assert al.claim_nonce("n2", 100.0, 52.0)
+    # forgotten only once past keep_until (the command is expired by then)
+    assert al.claim_nonce("n1", 300.0, 100.5)
+    al.close()
+
+
+def test_a_newer_schema_is_refused(tmp_path):
+    import sqlite3
+    path = tmp_path / "v9.sqlite"
+    AssociationList(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE schema_version SET version = 9")
+    conn.commit()
+    conn.close()
+    with pytest.raises(exception.VTPCMException, match="schema version 9"):
+        AssociationList(path)

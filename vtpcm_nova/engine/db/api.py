@@ -201,6 +201,11 @@ class Database:
                 raise exception.InvalidInput(
                     reason=f"database schema version {row.version} is newer than this "
                            f"engine's {models.SCHEMA_VERSION}")
+            if row is not None and row.version < models.SCHEMA_VERSION:
+                # every upgrade so far only adds tables, which create_all made
+                LOG.info("Engine database schema upgraded from version %d to %d",
+                         row.version, models.SCHEMA_VERSION)
+                row.version = models.SCHEMA_VERSION
 
     def schema_version(self) -> int:
         with self.session() as s:
@@ -402,9 +407,27 @@ class Database:
             return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
     def purge_nonces(self, now: datetime.datetime | None = None) -> int:
-        q = delete(models.Nonce).where(models.Nonce.expires_at <= (now or utcnow()))
+        """Drop expired challenge nonces and forgettable command nonces."""
+        now = now or utcnow()
+        challenges = delete(models.Nonce).where(models.Nonce.expires_at <= now)
+        commands = delete(models.CommandNonce).where(
+            models.CommandNonce.keep_until < now.timestamp())
         with self.session() as s:
-            return int(s.execute(q).rowcount)  # type: ignore[attr-defined]
+            return int(s.execute(challenges).rowcount  # type: ignore[attr-defined]
+                       + s.execute(commands).rowcount)  # type: ignore[attr-defined]
+
+    def claim_nonce(self, nonce: str, keep_until: float, now: float) -> bool:
+        """Record a signed admin command's nonce; False if any worker saw it.
+
+        The primary key makes the claim atomic across engine processes;
+        ``now`` is unused because expired rows go in ``purge_nonces``."""
+        del now
+        try:
+            with self.session() as s:
+                s.add(models.CommandNonce(nonce=nonce, keep_until=keep_until))
+        except IntegrityError:
+            return False
+        return True
 
     # ---- clock states -----------------------------------------------------------
 

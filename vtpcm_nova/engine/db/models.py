@@ -18,6 +18,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Integer,
     LargeBinary,
@@ -28,7 +29,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 class HostStatus(enum.StrEnum):
@@ -128,6 +129,18 @@ class Nonce(Base):
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
     used: Mapped[bool] = mapped_column(Boolean, default=False)
+
+
+class CommandNonce(Base):
+    """Nonces of operator-signed admin commands already accepted (schema v2).
+
+    Shared by all engine workers, so a captured command replayed to another
+    worker, or to a restarted one, is refused. ``keep_until`` is a POSIX time
+    (the signed command's own time base)."""
+
+    __tablename__ = "command_nonces"
+    nonce: Mapped[str] = mapped_column(String(64), primary_key=True)
+    keep_until: Mapped[float] = mapped_column(Float, index=True)
 
 
 class Audit(Base):
