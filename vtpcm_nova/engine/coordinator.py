@@ -26,6 +26,9 @@ from vtpcm_nova.engine.protocol import MigrationState as M
 
 LOG = logging.getLogger(__name__)
 
+CREATING = "CREATING"
+PENDING_VTPCM_ID = "(creating)"
+
 
 class AgentClient(Protocol):
     def get(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
@@ -59,21 +62,55 @@ class Coordinator:
     # --- vTPCM lifecycle through the authority ---------------------------------
 
     def create_vtpcm(self, instance_uuid: str, host: str) -> db_api.VtpcmRecord:
-        info = self.agents.create(host, instance_uuid)
-        rec = self.db.create_vtpcm(instance_uuid, info.vtpcm_id, host,
-                                   generation=info.generation, state=info.state)
+        """Reserve the record, then ask the agent: of two creates for one
+        instance (or a create while it has a vTPCM) only the one holding the
+        reservation reaches an agent, so no VM gets a second vTPCM.
+
+        A refused create frees the reservation. If the agent's answer is lost
+        (unreachable, timeout) the record stays CREATING: the vTPCM may
+        exist, and ``destroy_vtpcm`` removes it and the record."""
+        self.db.create_vtpcm(instance_uuid, PENDING_VTPCM_ID, host, state=CREATING)
+        try:
+            info = self.agents.create(host, instance_uuid)
+        except exception.ServiceUnreachable:
+            self.db.audit("vtpcm.create", "unknown", host=host, instance=instance_uuid,
+                          detail="agent did not answer; record left CREATING")
+            raise
+        except BaseException:
+            self.db.delete_vtpcm(instance_uuid, 0, expected_state=CREATING)
+            raise
+        if not self.db.complete_vtpcm(instance_uuid, info.vtpcm_id, info.generation,
+                                      info.state):
+            raise exception.AlreadyExists(what="vTPCM of instance", key=instance_uuid)
         self.db.audit("vtpcm.create", "created", host=host, instance=instance_uuid,
                       detail="generation %d" % info.generation)
-        return rec
+        return self.db.get_vtpcm(instance_uuid)
 
     def destroy_vtpcm(self, instance_uuid: str) -> None:
         rec = self.db.get_vtpcm(instance_uuid)
         if rec.migration_id is not None:
             raise exception.MigrationError(
                 migration_id=rec.migration_id, reason="vTPCM is migrating; abort first")
-        self.agents.destroy(rec.host, instance_uuid)
+        try:
+            self.agents.destroy(rec.host, instance_uuid)
+        except exception.NotFound:
+            if rec.state != CREATING:
+                raise
+            # the create whose answer was lost never happened on the agent
         self.db.delete_vtpcm(instance_uuid, rec.generation)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=instance_uuid)
+
+    def _record_incoming_id(self, ctx: am.MigrationContext) -> None:
+        """The destination made a vTPCM of its own (new id): record it. Only
+        bookkeeping for operators, so a failure here does not fail the commit."""
+        try:
+            info = self.agents.get(ctx.dest_host, ctx.instance_uuid)
+            self.db.set_vtpcm_id(ctx.instance_uuid, ctx.dest_host, ctx.generation + 1,
+                                 info.vtpcm_id)
+        except exception.VTPCMException as err:
+            LOG.warning("Migration %(m)s: could not record the destination's vTPCM id "
+                        "of instance %(i)s: %(err)s",
+                        {"m": ctx.migration_id, "i": ctx.instance_uuid, "err": err})
 
     # --- protocol steps -----------------------------------------------------------
 
@@ -108,6 +145,11 @@ class Coordinator:
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="source and destination are the same host")
         vtpcm = self.db.get_vtpcm(instance_uuid)
+        if vtpcm.state == CREATING:
+            raise exception.MigrationError(
+                migration_id=migration_id,
+                reason="the vTPCM's creation is unfinished (state CREATING); "
+                       "destroy the vTPCM and create it again")
         verdict = self.trust.check_fresh(dest)
         dest_host = self.db.get_host(dest) if _trusted(verdict) else None
         source_gen_ok = False
@@ -251,6 +293,7 @@ class Coordinator:
             return None
         if isinstance(action, p.CommitDestination):
             self.agents.commit_incoming(dst, ctx)
+            self._record_incoming_id(ctx)
             return p.DestinationCommitted()
         if isinstance(action, p.ShredSource):
             self.agents.commit_outgoing(src, ctx)

@@ -269,3 +269,57 @@ def test_restore_releases_only_its_own_claim(env):
                               migration_id=other, expected_migration_id=mid)
     coord.abort(mid, "rolled back")
     assert db.get_vtpcm(INSTANCE).migration_id == other
+
+
+def test_a_second_create_reaches_no_agent(env):
+    """The record is reserved before any agent is asked: a VM never gets two
+    vTPCMs, not even from two creates for different hosts."""
+    coord, db, agents, _, _ = env
+    before = list(agents.calls)
+    with pytest.raises(exception.AlreadyExists):
+        coord.create_vtpcm(INSTANCE, "host-b")
+    assert agents.calls == before
+    assert db.get_vtpcm(INSTANCE).host == "host-a"
+
+
+def test_a_refused_create_frees_the_reservation(env):
+    coord, db, agents, _, _ = env
+    other = str(uuid.uuid4())
+    agents.fail["create"] = exception.InvalidInput(reason="no room")
+    with pytest.raises(exception.InvalidInput):
+        coord.create_vtpcm(other, "host-b")
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(other)
+    rec = coord.create_vtpcm(other, "host-b")
+    assert (rec.host, rec.state, rec.generation) == ("host-b", "STOPPED", 0)
+    assert rec.vtpcm_id != "(creating)"
+
+
+def test_a_lost_create_answer_keeps_the_reservation_until_destroyed(env):
+    coord, db, agents, trust, _ = env
+    other = str(uuid.uuid4())
+    agents.fail["create"] = exception.ServiceUnreachable(
+        service="agent", method="create", reason="timeout")
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.create_vtpcm(other, "host-b")
+    assert db.get_vtpcm(other).state == "CREATING"
+    with pytest.raises(exception.AlreadyExists):
+        coord.create_vtpcm(other, "host-a")  # maybe it exists on host-b
+    trust.verdicts["host-a"] = FakeVerdict("TRUSTED")
+    with pytest.raises(exception.MigrationError, match="creation is unfinished"):
+        coord.begin(str(uuid.uuid4()), other, "host-b", "host-a")
+    agents.fail["destroy"] = exception.NotFound(what="vTPCM", key=other)
+    coord.destroy_vtpcm(other)  # the agent never made it: the record goes
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(other)
+
+
+def test_commit_records_the_destination_vtpcm_id(env):
+    coord, db, agents, _, _ = env
+    first = db.get_vtpcm(INSTANCE).vtpcm_id
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.commit(mid)
+    rec = db.get_vtpcm(INSTANCE)
+    assert rec.host == "host-b" and rec.vtpcm_id not in (first, "(creating)")
+    assert ("get", "host-b") in agents.calls

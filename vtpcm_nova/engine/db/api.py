@@ -556,9 +556,33 @@ class Database:
         with self.session() as s:
             return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
-    def delete_vtpcm(self, instance_uuid: str, expected_generation: int) -> bool:
+    def complete_vtpcm(self, instance_uuid: str, vtpcm_id: str, generation: int,
+                       state: str, now: datetime.datetime | None = None) -> bool:
+        """Fill in a CREATING reservation with what the agent made."""
+        q = (update(models.Vtpcm)
+             .where(models.Vtpcm.instance_uuid == instance_uuid,
+                    models.Vtpcm.state == "CREATING")
+             .values(vtpcm_id=vtpcm_id, generation=generation, state=state,
+                     updated_at=now or utcnow()))
+        with self.session() as s:
+            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    def set_vtpcm_id(self, instance_uuid: str, host: str, generation: int,
+                     vtpcm_id: str) -> bool:
+        """Record the agent's id of the vTPCM at (host, generation)."""
+        q = (update(models.Vtpcm)
+             .where(models.Vtpcm.instance_uuid == instance_uuid, models.Vtpcm.host == host,
+                    models.Vtpcm.generation == generation)
+             .values(vtpcm_id=vtpcm_id))
+        with self.session() as s:
+            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    def delete_vtpcm(self, instance_uuid: str, expected_generation: int, *,
+                     expected_state: str | None = None) -> bool:
         q = delete(models.Vtpcm).where(models.Vtpcm.instance_uuid == instance_uuid,
                                        models.Vtpcm.generation == expected_generation)
+        if expected_state is not None:
+            q = q.where(models.Vtpcm.state == expected_state)
         with self.session() as s:
             return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
