@@ -5,6 +5,9 @@ the source QEMU (connecting to ``listen``) and the destination QEMU
 (listening on ``target``) and scans the capture afterwards. Forward bytes
 (client -> target) go to ``capture``, the return direction to
 ``capture.rev``, so a window of the stream is never split by interleaving.
+With several connections (a broker relay) the files interleave them;
+``keep_streams=True`` also keeps each connection direction apart, in order,
+in ``streams``.
 """
 
 import select
@@ -26,12 +29,16 @@ class CaptureProxy:
     """Relay ``listen`` -> ``target`` in threads; bounded capture; clean stop."""
 
     def __init__(self, listen: tuple[str, int], target: tuple[str, int],
-                 capture: Path, max_capture_bytes: int = 1 << 30) -> None:
+                 capture: Path, max_capture_bytes: int = 1 << 30,
+                 keep_streams: bool = False) -> None:
         self.listen = listen
         self.target = target
         self.capture = capture
         self.max_capture_bytes = max_capture_bytes
         self.forwarded = 0
+        self.keep_streams = keep_streams
+        # (client -> target?, bytes) per connection direction, if kept
+        self.streams: list[tuple[bool, bytearray]] = []
         self._stopping = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -100,6 +107,10 @@ class CaptureProxy:
     def _pump(self, src: socket.socket, dst: socket.socket, capture: BinaryIO,
               forward: bool) -> None:
         written = 0
+        stream = bytearray()
+        if self.keep_streams:
+            with self._lock:
+                self.streams.append((forward, stream))
         try:
             while not self._stopping.is_set():
                 try:
@@ -112,7 +123,10 @@ class CaptureProxy:
                 if not data:
                     break
                 if written < self.max_capture_bytes:
-                    capture.write(data[: self.max_capture_bytes - written])
+                    kept = data[: self.max_capture_bytes - written]
+                    capture.write(kept)
+                    if self.keep_streams:
+                        stream += kept
                     written += len(data)
                 try:
                     dst.sendall(data)

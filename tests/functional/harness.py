@@ -25,9 +25,10 @@ __all__ = ["TRANSPORT_URL", "AgentDaemon", "Daemon", "EngineDaemon", "agent_clus
 
 @contextlib.contextmanager
 def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
-                  labels: tuple[str, ...] = ("a", "b")
+                  labels: tuple[str, ...] = ("a", "b"), transport_url: str | None = None
                   ) -> Iterator[list[tuple[str, HostTPMStandIn, AgentDaemon, Path]]]:
-    """Agent daemons with their own host-TPM stand-ins, ready to serve.
+    """Agent daemons with their own host-TPM stand-ins, ready to serve
+    (through ``transport_url`` instead of the lab broker if given).
 
     Yields (host name, stand-in, agent, run dir) per label. Afterwards the
     swtpm processes the agents left running are killed through their pid
@@ -41,8 +42,10 @@ def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
             tpm.start()
             started.append(tpm)
             run_dir = work / ("run-" + label)
-            agent = AgentDaemon(work, name, exchange, tpm.tcti, run_dir=run_dir,
-                                extra={"agent": {"register_with_engine": "false"}})
+            extra: dict[str, dict[str, Any]] = {"agent": {"register_with_engine": "false"}}
+            if transport_url is not None:
+                extra["DEFAULT"] = {"transport_url": transport_url}
+            agent = AgentDaemon(work, name, exchange, tpm.tcti, run_dir=run_dir, extra=extra)
             agent.start()
             started.append(agent)
             agent.wait_ready(api)
@@ -52,4 +55,5 @@ def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
         for _, _, _, run_dir in hosts:
             kill_pidfiles(run_dir)
         for proc in reversed(started):
-            proc.stop()
+            # a stand-in's cleanup also removes its socket directory
+            proc.cleanup() if isinstance(proc, HostTPMStandIn) else proc.stop()

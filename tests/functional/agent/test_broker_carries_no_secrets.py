@@ -32,20 +32,25 @@ import struct
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
 from tests.functional import tpmtools
-from tests.functional.harness import TRANSPORT_URL, AgentDaemon, client_conf, short_dir
+from tests.functional.harness import (
+    TRANSPORT_URL,
+    AgentDaemon,
+    agent_cluster,
+    client_conf,
+    short_dir,
+)
 from vtpcm_agent import messages as m
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import InstanceKeys, KeyStore, TPMSealedHostKey
 from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_agent.swtpm import process
 from vtpcm_lab import proxy
-from vtpcm_lab.daemons import kill_pidfiles
 from vtpcm_lab.hosttpm import HostTPMStandIn
 from vtpcm_lab.live import free_port
 
@@ -53,35 +58,6 @@ pytestmark = pytest.mark.functional
 
 SECRET_METHODS = ("seal_migration_key", "prepare_incoming", "export_state", "import_state")
 _SEP = b"\x00" * tpmtools.WINDOW  # between scanned pieces: adds no random window
-
-
-class _Tee:
-    """The relay's capture file, and a copy of this one direction's bytes."""
-
-    def __init__(self, file: BinaryIO, stream: bytearray) -> None:
-        self._file = file
-        self._stream = stream
-
-    def write(self, data: bytes) -> int:
-        self._stream += data
-        return self._file.write(data)
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class _Relay(proxy.CaptureProxy):
-    """CaptureProxy that also keeps every connection direction apart, in order."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.streams: list[tuple[bool, bytearray]] = []  # (client -> broker?, bytes)
-
-    def _pump(self, src: Any, dst: Any, capture: BinaryIO, forward: bool) -> None:
-        stream = bytearray()
-        with self._lock:
-            self.streams.append((forward, stream))
-        super()._pump(src, dst, _Tee(capture, stream), forward)  # type: ignore[arg-type]
 
 
 def _amqp_bodies(stream: bytes) -> list[bytes]:
@@ -261,39 +237,18 @@ def run() -> Iterator[Run]:
         exchange = "vtpcm-test-" + uuid.uuid4().hex[:8]
         port = free_port()
         url, broker = _relay_url(port)
-        relay = _Relay(("127.0.0.1", port), broker, work / "broker.capture")
+        relay = proxy.CaptureProxy(("127.0.0.1", port), broker, work / "broker.capture",
+                                   keep_streams=True)
         conf = client_conf(exchange)  # signs like the engine
         conf.set_override("transport_url", url)
         relay.start()
         try:
             api = AgentAPI(conf, timeout=30)
-            hosts: list[Host] = []
-            run_dirs: list[Path] = []
-            started: list[Any] = []
             try:
-                for label in ("a", "b"):  # agent_cluster, with the relay as broker
-                    name = "bk%s-%s" % (label, uuid.uuid4().hex[:6])
-                    tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
-                    tpm.start()
-                    started.append(tpm)
-                    run_dir = work / ("run-" + label)
-                    run_dirs.append(run_dir)
-                    agent = AgentDaemon(work, name, exchange, tpm.tcti, run_dir=run_dir,
-                                        extra={"DEFAULT": {"transport_url": url},
-                                               "agent": {"register_with_engine": "false"}})
-                    agent.start()
-                    started.append(agent)
-                    agent.wait_ready(api)
-                    hosts.append(Host(name, tpm, agent, run_dir))
-                result = _traffic(api, hosts[0], hosts[1], base)
+                with agent_cluster(work, "bk", exchange, api, transport_url=url) as cluster:
+                    hosts = [Host(*entry) for entry in cluster]
+                    result = _traffic(api, hosts[0], hosts[1], base)
             finally:
-                for run_dir in run_dirs:
-                    kill_pidfiles(run_dir)
-                for proc in reversed(started):
-                    if isinstance(proc, HostTPMStandIn):
-                        proc.cleanup()
-                    else:
-                        proc.stop()
                 api.transport.cleanup()
         finally:
             relay.stop()

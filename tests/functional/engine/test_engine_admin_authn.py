@@ -65,7 +65,7 @@ def deployment():
         yield operator, rogue, stranger, engine, host
     finally:
         for proc in reversed(started):
-            proc.stop()
+            proc.cleanup() if isinstance(proc, HostTPMStandIn) else proc.stop()
         for api in apis:
             api.transport.cleanup()
         shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)

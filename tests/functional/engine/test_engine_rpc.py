@@ -6,6 +6,7 @@ module runs against SQLite and the local PostgreSQL."""
 import dataclasses
 import hashlib
 import os
+import shutil
 import uuid
 
 import oslo_messaging as messaging
@@ -125,7 +126,8 @@ def setup(request):
         for cleanup in reversed(cleanups):
             cleanup()
         for proc in reversed(started):
-            proc.stop()
+            proc.cleanup() if isinstance(proc, HostTPMStandIn) else proc.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _audit(api, host, outcome=None):
