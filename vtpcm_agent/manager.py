@@ -17,7 +17,7 @@ from vtpcm_agent import rpcapi
 from vtpcm_agent.association import Association
 from vtpcm_agent.instances import InstanceManager, context_from
 from vtpcm_agent.swtpm import ctrl
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_common.authn import CommandVerifier
 from vtpcm_common.rpc import endpoint
 
@@ -28,13 +28,17 @@ class AgentManager:
     target = messaging.Target(version=rpcapi.RPC_API_VERSION)
 
     def __init__(self, host: str, instances: InstanceManager, host_tpm: Any = None,
-                 verifier: CommandVerifier | None = None) -> None:
+                 verifier: CommandVerifier | None = None,
+                 command_public: bytes | None = None) -> None:
         """``verifier`` checks the engine's signature on state-changing
-        commands; without one, those commands are all refused."""
+        commands; without one, those commands are all refused.
+        ``command_public``: this host's command public key, reported (and
+        bound into the TPM's certify) by ``get_identity``."""
         self.host = host
         self.instances = instances
         self.host_tpm = host_tpm
         self.verifier = verifier
+        self.command_public = command_public
 
     def _info(self, assoc: Association) -> m.VTPCMInfo:
         return m.VTPCMInfo(
@@ -101,12 +105,14 @@ class AgentManager:
 
     @endpoint(m.IdentityRequest)
     def get_identity(self, req: m.IdentityRequest) -> m.HostIdentity:
-        ident = self._tpm().identity(req.nonce)
+        qualifying = req.nonce if self.command_public is None else \
+            authn.host_key_binding(req.nonce, self.command_public)
+        ident = self._tpm().identity(qualifying)
         return m.HostIdentity(
             host=self.host, ak_public=ident.ak_public, kem_public=ident.kem_public,
             kem_certify_attest=ident.kem_certify_attest,
             kem_certify_signature=ident.kem_certify_signature,
-            ek_certificate=ident.ek_certificate)
+            ek_certificate=ident.ek_certificate, command_public=self.command_public)
 
     @endpoint(m.QuoteRequest)
     def quote(self, req: m.QuoteRequest) -> m.Quote:

@@ -84,6 +84,9 @@ class HostIdentity(Message):
     kem_certify_attest: bytes = field(wire.blob_field(1024, 1))
     kem_certify_signature: bytes = field(wire.blob_field(512, 1))
     ek_certificate: bytes | None = field(wire.optional(wire.blob_field(8192, 1)))
+    # 1.4: raw Ed25519 public key the host's Nova driver signs engine calls with
+    command_public: bytes | None = field(wire.optional(wire.blob_field(32, 32)),
+                                         default=None)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,10 @@ API version history:
           an ``auth`` argument signed with the engine's command key
           (``vtpcm_common/authn.py``); get, list, health, get_identity and
           quote do not (read-only, or bound to the caller's nonce).
+    1.4 - get_identity also returns the host's command public key
+          (``command_public``), bound into the KEM certify's qualifying data
+          (``authn.host_key_binding``): the engine checks the Nova driver's
+          calls from this host against it.
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
@@ -27,7 +31,7 @@ from vtpcm_agent import messages as m
 from vtpcm_common import authn, rpc
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.3"
+RPC_API_VERSION = "1.4"
 
 
 R = TypeVar("R", bound=Message)
@@ -80,7 +84,7 @@ class AgentAPI(rpc.Client):
 
     # 1.1
     def get_identity(self, host: str, nonce: bytes) -> m.HostIdentity:
-        return self._at(host, "get_identity", "1.1", m.IdentityRequest(nonce),
+        return self._at(host, "get_identity", "1.4", m.IdentityRequest(nonce),
                           m.HostIdentity)
 
     def quote(self, host: str, nonce: bytes, pcrs: tuple[int, ...],

@@ -51,6 +51,21 @@ def host_key_provider(conf: cfg.ConfigOpts, host_tpm: HostTPM | None,
     return ks.TPMSealedHostKey(host_tpm, state_root / "hostkey.sealed")
 
 
+def host_command_key_path(conf: cfg.ConfigOpts) -> Path:
+    """Where this host's command key is (see ``[agent] host_command_key``)."""
+    return Path(conf.agent.host_command_key or Path(conf.agent.state_dir) / "host-command.key")
+
+
+def host_signer_from(conf: cfg.ConfigOpts) -> authn.CommandSigner:
+    group = conf.agent.host_command_key_group
+    try:
+        gid = grp.getgrnam(group).gr_gid if group else None
+    except KeyError:
+        raise exception.InvalidInput(
+            reason="[agent] host_command_key_group: no group %r" % group) from None
+    return authn.load_or_create_host_key(host_command_key_path(conf), gid=gid)
+
+
 def verifier_from(conf: cfg.ConfigOpts, host: str) -> authn.CommandVerifier:
     """The check of engine signatures; an agent without one would obey any
     broker client, so it does not start."""
@@ -75,6 +90,7 @@ class AgentService:
         self.settings = settings_from(conf)
         self.verifier = verifier_from(conf, self.settings.host)
         self.settings.state_root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.host_signer = host_signer_from(conf)
         self.host_tpm = HostTPM(conf.host_tpm.tcti)
         provider = host_key_provider(conf, self.host_tpm, self.settings.state_root)
         self.keystore = ks.KeyStore(self.settings.state_root / "keys", provider)
@@ -93,7 +109,8 @@ class AgentService:
         topic = rpc.topic(self.conf, "agent_topic")
         target = messaging.Target(topic=topic, server=self.settings.host)
         endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
-                                          self.verifier)]
+                                          self.verifier,
+                                          authn.public_raw(self.host_signer.public_key))]
         self.server = messaging.get_rpc_server(
             self.transport, target, endpoints,
             access_policy=messaging.DefaultRPCAccessPolicy)

@@ -70,6 +70,30 @@ def fingerprint(public_key: ed25519.Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def public_raw(public_key: ed25519.Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of a public key (how host command keys travel)."""
+    return public_key.public_bytes(serialization.Encoding.Raw,
+                                   serialization.PublicFormat.Raw)
+
+
+def load_public_raw(raw: bytes, *, what: str = "public key") -> ed25519.Ed25519PublicKey:
+    try:
+        return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    except (TypeError, ValueError):
+        raise exception.InvalidInput(reason="%s is not a raw Ed25519 public key" % what) \
+            from None
+
+
+HOST_KEY_BINDING = b"vtpcm host command key v1\0"
+
+
+def host_key_binding(nonce: bytes, command_public: bytes) -> bytes:
+    """The qualifying data of a host's enrollment certify: the engine's nonce
+    bound to the host's command public key, so the AK that the engine trusts
+    for quotes also vouches, in the TPM, for the key the host signs with."""
+    return hashlib.sha256(HOST_KEY_BINDING + nonce + command_public).digest()
+
+
 def _public_pem(public_key: ed25519.Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.PEM,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -172,22 +196,24 @@ class CommandVerifier:
     limits a replay across a restart. ``max_ttl`` bounds how long a nonce
     must be remembered."""
 
-    def __init__(self, public_key_path: Path | Sequence[Path], server: str, *,
+    def __init__(self, public_key_path: Path | Sequence[Path] | None, server: str, *,
                  clock: Clock = time.time, max_skew: float = 30.0, max_ttl: float = 300.0,
                  signer_role: str = "engine", service_role: str = "agent",
                  server_kind: str = "host") -> None:
-        paths = [public_key_path] if isinstance(public_key_path, (str, os.PathLike)) \
-            else list(public_key_path)
-        if not paths:
-            raise exception.InvalidInput(reason="no %s public key given" % signer_role)
+        if public_key_path is None:  # keys come with each call (verify_with)
+            paths = []
+        else:
+            paths = [public_key_path] if isinstance(public_key_path, (str, os.PathLike)) \
+                else list(public_key_path)
+            if not paths:
+                raise exception.InvalidInput(reason="no %s public key given" % signer_role)
         keys: dict[str, ed25519.Ed25519PublicKey] = {}
         for path in paths:
             key = load_public_key(Path(path), role=signer_role)
             keys.setdefault(fingerprint(key), key)  # the same key twice counts once
         self.public_keys = tuple(keys.values())
         self.fingerprints = tuple(keys)
-        self.public_key = self.public_keys[0]
-        self.fingerprint = ",".join(self.fingerprints)
+        self.fingerprint = ",".join(self.fingerprints) or "(per call)"
         self.server = server
         self.signer_role = signer_role
         self.service_role = service_role
@@ -209,6 +235,26 @@ class CommandVerifier:
         """Return the fingerprint of the key whose valid, fresh, unused
         signature ``auth`` is, over this method, this server and this payload;
         raise CommandRefused if there is none."""
+        if not self.public_keys:
+            raise _refuse(method, "no %s key is pinned here" % self.signer_role)
+        keys = dict(zip(self.fingerprints, self.public_keys, strict=True))
+        which = ("the %s key %s" % (self.signer_role, self.fingerprint)
+                 if len(self.fingerprints) == 1 else
+                 "any of the %d %s keys %s" % (len(self.fingerprints), self.signer_role,
+                                               self.fingerprint))
+        return self._verify(method, payload, auth, keys, which)
+
+    def verify_with(self, method: str, payload: Any, auth: Any,
+                    keys: Mapping[str, ed25519.Ed25519PublicKey]) -> str:
+        """Like ``verify``, with the keys this call may be signed by (named,
+        e.g. by host); returns the name of the key that signed."""
+        if not keys:
+            raise _refuse(method, "no %s key may sign it" % self.signer_role)
+        which = "the %s key of %s" % (self.signer_role, " or ".join(sorted(keys)))
+        return self._verify(method, payload, auth, keys, which)
+
+    def _verify(self, method: str, payload: Any, auth: Any,
+                keys: Mapping[str, ed25519.Ed25519PublicKey], which: str) -> str:
         server, issued_at, expires_at, nonce, signature = self._parse(method, auth)
         if server != self.server:
             raise _refuse(method, "misdirected: signed for %s %r, this is %s %s"
@@ -217,14 +263,10 @@ class CommandVerifier:
             data = canonical_bytes(method, self.server, payload, issued_at, expires_at, nonce)
         except (TypeError, ValueError):
             raise _refuse(method, "payload is not canonical JSON") from None
-        signed_by = self._signed_by(signature, data)
+        signed_by = self._signed_by(signature, data, keys)
         if signed_by is None:
             # A command signed for another server fails here too: the server
             # name is part of the signed bytes.
-            which = ("the %s key %s" % (self.signer_role, self.fingerprint)
-                     if len(self.fingerprints) == 1 else
-                     "any of the %d %s keys %s" % (len(self.fingerprints), self.signer_role,
-                                                   self.fingerprint))
             raise _refuse(method, "signature does not verify with %s for %s %s"
                           % (which, self.server_kind, self.server))
         now = float(self._clock())
@@ -242,13 +284,15 @@ class CommandVerifier:
             raise _refuse(method, "replayed (nonce already used)")
         return signed_by
 
-    def _signed_by(self, signature: bytes, data: bytes) -> str | None:
-        for fp, key in zip(self.fingerprints, self.public_keys, strict=True):
+    @staticmethod
+    def _signed_by(signature: bytes, data: bytes,
+                   keys: Mapping[str, ed25519.Ed25519PublicKey]) -> str | None:
+        for name, key in keys.items():
             try:
                 key.verify(signature, data)
             except InvalidSignature:
                 continue
-            return fp
+            return name
         return None
 
     def _parse(self, method: str, auth: Any) -> tuple[str, float, float, str, bytes]:
@@ -328,12 +372,12 @@ def load_public_key(path: Path, *, role: str = "engine") -> ed25519.Ed25519Publi
     return key
 
 
-def _load_private_key(path: Path) -> ed25519.Ed25519PrivateKey:
+def _load_private_key(path: Path, group_readable: bool = False) -> ed25519.Ed25519PrivateKey:
     mode = path.stat().st_mode
-    if not stat.S_ISREG(mode) or mode & 0o077:
+    if not stat.S_ISREG(mode) or mode & (0o037 if group_readable else 0o077):
         raise exception.InvalidInput(
             reason="command signing key %s must be a regular file readable by its "
-                   "owner only (chmod 600)" % path)
+                   "owner only (chmod %s)" % (path, "640" if group_readable else "600"))
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError):
@@ -347,13 +391,13 @@ def _load_private_key(path: Path) -> ed25519.Ed25519PrivateKey:
     return key
 
 
-def _create_private_key(path: Path) -> None:
+def _create_private_key(path: Path, mode: int = 0o600) -> None:
     """Create the key atomically: a concurrent creator's key wins, never a mix."""
     key = ed25519.Ed25519PrivateKey.generate()
     pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                             serialization.NoEncryption())
     try:
-        fileutil.write_atomic(path, pem, mode=0o600)  # fails if the key appeared meanwhile
+        fileutil.write_atomic(path, pem, mode=mode)  # fails if the key appeared meanwhile
         LOG.info("Created the command signing key %(path)s", {"path": path})
     except FileExistsError:
         pass
@@ -387,6 +431,33 @@ def load_or_create_signing_key(path: Path, *, ttl: float = DEFAULT_TTL) -> Comma
         raise exception.InvalidInput(
             reason="command signing key %s: %s" % (path, err.strerror)) from None
     return signer
+
+
+def load_or_create_host_key(path: Path, *, gid: int | None = None,
+                            ttl: float = DEFAULT_TTL) -> CommandSigner:
+    """A compute host's command key: like the engine's, but the file may be
+    readable by one group (``gid``, 0640), the group of nova-compute, which
+    signs the Nova driver's engine calls with it."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750 if gid is not None else 0o700)
+        if not path.exists():
+            _create_private_key(path, mode=0o640 if gid is not None else 0o600)
+            if gid is not None:
+                os.chown(path, -1, gid)
+        return CommandSigner(_load_private_key(path, group_readable=True), ttl=ttl)
+    except OSError as err:
+        raise exception.InvalidInput(
+            reason="host command key %s: %s" % (path, err.strerror)) from None
+
+
+def load_host_key(path: Path, *, ttl: float = DEFAULT_TTL) -> CommandSigner:
+    """An existing host command key (what the Nova driver signs with)."""
+    try:
+        return CommandSigner(_load_private_key(Path(path), group_readable=True), ttl=ttl)
+    except OSError as err:
+        raise exception.InvalidInput(
+            reason="host command key %s: %s" % (path, err.strerror)) from None
 
 
 def load_signing_key(path: Path, *, ttl: float = DEFAULT_TTL) -> CommandSigner:

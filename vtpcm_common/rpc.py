@@ -1,6 +1,7 @@
 """oslo.messaging plumbing shared by agent and engine."""
 
 import functools
+import types
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -95,7 +96,10 @@ class Client:
         self.client = messaging.get_rpc_client(self.transport, target, timeout=timeout)
 
     def _call(self, method: str, version: str, request: Message, reply_type: type[R], *,
-              server: str | None = None, timeout: float | None = None) -> R:
+              server: str | None = None, timeout: float | None = None,
+              signer: authn.CommandSigner | None | types.EllipsisType = ...) -> R:
+        """``signer``: overrides the client's own signer for this call."""
+        use = self.signer if signer is ... else signer
         kwargs: dict[str, Any] = {"version": version}
         if server is not None:
             kwargs["server"] = server
@@ -103,9 +107,9 @@ class Client:
             kwargs["timeout"] = timeout
         payload = request.validated().to_wire()
         args: dict[str, Any] = {"payload": payload}
-        if self.signer is not None:
+        if use is not None:
             # Sent to every method: endpoints that need no signature ignore it.
-            args["auth"] = self.signer.sign(method, server or "", payload)
+            args["auth"] = use.sign(method, server or "", payload)
         try:
             reply = self.client.prepare(**kwargs).call({}, method, **args)
         except messaging.RemoteError as err:
@@ -119,7 +123,8 @@ class Client:
         return reply_type.from_wire(reply)
 
 
-def endpoint(request_type: type[Message], signed: bool = False) -> Callable[[F], F]:
+def endpoint(request_type: type[Message], signed: bool = False,
+             host_signed: bool = False) -> Callable[[F], F]:
     """Server side of one RPC method: parse ``payload`` into ``request_type``,
     answer with the method's message; refusals go back to the caller and are
     logged once, without secrets (messages hide secret fields).
@@ -129,7 +134,12 @@ def endpoint(request_type: type[Message], signed: bool = False) -> Callable[[F],
     over the payload as received. The schema check comes first (a pure
     function every unsigned method already exposes), so a malformed command
     is named precisely; nothing acts before both passed. Without a verifier
-    it refuses: an agent that cannot check the sender acts for nobody."""
+    it refuses: an agent that cannot check the sender acts for nobody.
+
+    ``host_signed``: the method is called by a compute node (the Nova
+    driver); the endpoint object's ``verify_host_command(method, payload,
+    auth, request)`` decides which hosts may sign it and checks the
+    signature, after the schema check and before the method runs."""
     def wrap(func: F) -> F:
         @functools.wraps(func)
         @messaging.expected_exceptions(exception.VTPCMException)
@@ -143,6 +153,8 @@ def endpoint(request_type: type[Message], signed: bool = False) -> Callable[[F],
                             method=func.__name__,
                             reason="this service has no engine public key to check it")
                     verifier.verify(func.__name__, payload, auth)
+                if host_signed:
+                    self.verify_host_command(func.__name__, payload, auth, request)
                 reply: Message = func(self, request)
                 return reply.to_wire()
             except exception.VTPCMException as err:
@@ -150,5 +162,6 @@ def endpoint(request_type: type[Message], signed: bool = False) -> Callable[[F],
                             {"method": func.__name__, "error": err})
                 raise
         inner.signed = signed  # type: ignore[attr-defined]
+        inner.host_signed = host_signed  # type: ignore[attr-defined]
         return inner  # type: ignore[return-value]
     return wrap

@@ -61,7 +61,7 @@ def boot_guest(stack: Stack, host: StackHost, name: str,
     if image is None:
         raise exception.LabError(reason="lab is not up")
     instance = instance_uuid or str(uuid.uuid4())
-    stack.engine.create_vtpcm(instance, host.name)
+    stack.engine_at(host).create_vtpcm(instance, host.name)
     stack.agents.start(host.name, instance)
     xml = domain.render_domain_xml(name, image, host.ctrl_socket(instance),
                                    host.lab_host.serial_path(name), domain_uuid=instance)
@@ -86,10 +86,13 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
     try:
         dom = conn_src.lookupByName(name)
         instance = dom.UUIDString()
-        verdict = stack.engine.check_destination(instance, dst.name)
+        # as Nova: the pre-checks and pre_live_migration run on the destination,
+        # post_live_migration_at_destination too, the rollback on the source
+        at_dst, at_src = stack.engine_at(dst), stack.engine_at(src)
+        verdict = at_dst.check_destination(instance, dst.name)
         checked = time.monotonic()
         migration_id = str(uuid.uuid4())
-        stack.engine.begin(migration_id, instance, src.name, dst.name)
+        at_dst.begin(migration_id, instance, src.name, dst.name)
         begun = time.monotonic()
         try:
             dest_xml = domain.render_destination_xml(
@@ -105,14 +108,14 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
                 LOG.warning("Migration %(mig)s reported %(err)s but the VM runs on "
                             "%(dst)s: committing", {"mig": migration_id, "err": err,
                                                    "dst": dst.name})
-                stack.engine.commit(migration_id)
+                at_dst.commit(migration_id)
                 raise
             LOG.warning("Live migration %(mig)s failed, aborting: %(err)s",
                         {"mig": migration_id, "err": err})
-            stack.engine.abort(migration_id, str(err)[:900])
+            at_src.abort(migration_id, str(err)[:900])
             raise
         migrated = time.monotonic()
-        stack.engine.commit(migration_id)
+        at_dst.commit(migration_id)
         done = time.monotonic()
     finally:
         conn_src.close()

@@ -15,6 +15,7 @@ from pathlib import Path
 from oslo_log import log as logging
 
 from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_common import authn
 from vtpcm_lab import daemons
 from vtpcm_lab.hosts import Lab, LabHost
 from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, measured_boot
@@ -45,6 +46,11 @@ class StackHost:
     def ctrl_socket(self, instance_uuid: str) -> Path:
         return self.run_dir / (instance_uuid + ".ctrl")
 
+    @property
+    def command_key(self) -> Path:
+        """The host's command key, made by its agent ([agent] host_command_key)."""
+        return self.state_dir / "host-command.key"
+
 
 class Stack:
     def __init__(self, lab: Lab, exchange: str = EXCHANGE) -> None:
@@ -54,8 +60,20 @@ class Stack:
         conf = daemons.client_conf(exchange)
         self.agents = AgentAPI(conf, timeout=60)
         self.engine = EngineAPI(conf, timeout=120)
+        self.conf = conf
         self.engine_daemon: daemons.EngineDaemon | None = None
         self.hosts: dict[str, StackHost] = {}
+        self._host_engines: dict[str, EngineAPI] = {}
+
+    def engine_at(self, host: StackHost) -> EngineAPI:
+        """The engine as the Nova driver on ``host`` calls it: compute-node
+        calls signed with that host's command key."""
+        api = self._host_engines.get(host.name)
+        if api is None:
+            api = EngineAPI(self.conf, self.engine.transport, timeout=120,
+                            host_signer=authn.load_host_key(host.command_key))
+            self._host_engines[host.name] = api
+        return api
 
     def host(self, lab_host: LabHost) -> StackHost:
         return self.hosts[lab_host.name]
@@ -106,6 +124,7 @@ class Stack:
         if self.engine_daemon is not None:
             self.engine_daemon.stop()
         self.hosts.clear()
+        self._host_engines.clear()
         self.engine_daemon = None
         for pidfile in (self.base / "pids").glob("*.pid") if self.base.exists() else ():
             pidfile.unlink()

@@ -104,7 +104,7 @@ def test_old_generation_cannot_be_activated_again(stack, guest):
     with pytest.raises(exception.InvalidTransition):
         stack.agents.start(a.name, instance)
     with pytest.raises(exception.MigrationError) as err:
-        stack.engine.begin(str(uuid.uuid4()), instance, a.name, b.name)
+        stack.engine_at(b).begin(str(uuid.uuid4()), instance, a.name, b.name)
     assert "source is not where the vTPCM lives" in str(err.value)
     assert stack.agents.get(b.name, instance).state == "ACTIVE"
 
@@ -156,8 +156,8 @@ def test_destination_that_cannot_load_the_state_leaves_vm_on_source(stack, guest
     a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
     source_before = stack.agents.get(a.name, instance)
     migration_id = str(uuid.uuid4())
-    stack.engine.check_destination(instance, b.name)
-    stack.engine.begin(migration_id, instance, a.name, b.name)
+    stack.engine_at(b).check_destination(instance, b.name)
+    stack.engine_at(b).begin(migration_id, instance, a.name, b.name)
     incoming = stack.agents.get(b.name, instance)
     assert incoming.state == "MIGRATING_IN" and incoming.running
     # Fault injection: the destination's swtpm is replaced by one with a WRONG
@@ -184,7 +184,8 @@ def test_destination_that_cannot_load_the_state_leaves_vm_on_source(stack, guest
         finally:
             conn_a.close()
             conn_b.close()
-        info = stack.engine.abort(migration_id, "libvirt: destination failed to load state")
+        info = stack.engine_at(a).abort(migration_id,
+                                        "libvirt: destination failed to load state")
         assert info.state == "ABORTED"
     finally:
         if wrong is not None:
@@ -239,7 +240,7 @@ def test_untrusted_destination_gets_no_key_and_vm_stays(stack, guest):
     assert "PCR 5" in str(err.value)
     # begin itself re-checks (the scheduler or the pre-check may be bypassed)
     with pytest.raises(exception.HostNotTrusted):
-        stack.engine.begin(str(uuid.uuid4()), instance, a.name, b.name)
+        stack.engine_at(b).begin(str(uuid.uuid4()), instance, a.name, b.name)
     assert "Sealed the migration key of instance %s" % instance not in a.agent.log_text()
     with pytest.raises(exception.NotFound):
         stack.agents.get(b.name, instance)

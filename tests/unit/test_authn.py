@@ -50,9 +50,9 @@ def verifier(keyfile, signer, clock):
     return authn.CommandVerifier(authn.public_key_path(keyfile), HOST, clock=clock)
 
 
-def _refused(verifier, method, payload, auth, reason):
+def _refused(verifier, method, payload, auth, reason, call=None):
     with pytest.raises(exception.CommandRefused) as err:
-        verifier.verify(method, payload, auth)
+        (call or (lambda v, *a: v.verify(*a)))(verifier, method, payload, auth)
     assert method in str(err.value) and reason in str(err.value), str(err.value)
 
 
@@ -372,7 +372,6 @@ def test_operator_refusals_name_the_operator_keys(operators, clock):
 def test_one_key_verifier_keeps_its_single_key_api(keyfile, signer):
     verifier = authn.CommandVerifier(authn.public_key_path(keyfile), HOST)
     assert verifier.fingerprint == signer.fingerprint == verifier.fingerprints[0]
-    assert verifier.public_key == verifier.public_keys[0]
     twice = authn.CommandVerifier([authn.public_key_path(keyfile)] * 2, HOST)
     assert twice.fingerprints == (signer.fingerprint,)
     assert authn.CommandVerifier(str(authn.public_key_path(keyfile)), HOST).fingerprint \
@@ -513,3 +512,50 @@ def test_engine_admin_verifier_from_config(tmp_path):
     with pytest.raises(exception.InvalidInput,
                        match="\\[engine\\] admin_public_keys: operator public key .*c.pub"):
         service.admin_verifier_from(conf)
+
+
+def test_verify_with_takes_the_keys_of_this_call_and_names_the_signer(clock):
+    """The engine checks compute-node calls against the keys of the hosts the
+    call concerns, looked up per call."""
+    keys = {name: authn.CommandSigner(ed25519.Ed25519PrivateKey.generate(), clock=clock)
+            for name in ("host-a", "host-b", "host-c")}
+    verifier = authn.CommandVerifier(None, TOPIC, clock=clock, signer_role="host command",
+                                     service_role="engine", server_kind="engine topic")
+    public = {name: s.public_key for name, s in keys.items()}
+    auth = keys["host-b"].for_server(TOPIC).sign("begin", "", PAYLOAD)
+    assert verifier.verify_with("begin", PAYLOAD, auth,
+                                {h: public[h] for h in ("host-a", "host-b")}) == "host-b"
+    auth = keys["host-c"].for_server(TOPIC).sign("begin", "", PAYLOAD)
+    _refused(verifier, "begin", PAYLOAD, auth, "host command key of host-a or host-b",
+             lambda v, *a: v.verify_with(*a, {h: public[h] for h in ("host-a", "host-b")}))
+    _refused(verifier, "begin", PAYLOAD, auth, "no host command key may sign it",
+             lambda v, *a: v.verify_with(*a, {}))
+    _refused(verifier, "begin", PAYLOAD, auth, "no host command key is pinned",
+             lambda v, *a: v.verify(*a))
+
+
+def test_host_key_binding_depends_on_nonce_and_key():
+    a, b = os.urandom(32), os.urandom(32)
+    nonce = os.urandom(32)
+    assert authn.host_key_binding(nonce, a) == authn.host_key_binding(nonce, a)
+    assert authn.host_key_binding(nonce, a) != authn.host_key_binding(nonce, b)
+    assert authn.host_key_binding(nonce, a) != authn.host_key_binding(os.urandom(32), a)
+    assert len(authn.host_key_binding(nonce, a)) == 32
+    raw = authn.public_raw(ed25519.Ed25519PrivateKey.generate().public_key())
+    assert authn.public_raw(authn.load_public_raw(raw)) == raw
+    with pytest.raises(exception.InvalidInput, match="host key is not a raw Ed25519"):
+        authn.load_public_raw(b"short", what="host key")
+
+
+def test_host_command_key_is_group_readable_only(tmp_path):
+    path = tmp_path / "hk" / "host-command.key"
+    signer = authn.load_or_create_host_key(path, gid=os.getgid())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o750
+    assert authn.load_host_key(path).fingerprint == signer.fingerprint
+    assert authn.load_or_create_host_key(path).fingerprint == signer.fingerprint  # kept
+    os.chmod(path, 0o644)
+    with pytest.raises(exception.InvalidInput, match="chmod 640"):
+        authn.load_host_key(path)
+    with pytest.raises(exception.InvalidInput, match="host command key .*missing"):
+        authn.load_host_key(tmp_path / "missing")

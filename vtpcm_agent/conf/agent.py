@@ -52,6 +52,17 @@ AGENT_OPTS = [
                     "migration step) only when the engine signed them with this "
                     "key, so a host holding broker credentials cannot command "
                     "another host's agent. The agent refuses to start without it."),
+    cfg.StrOpt("host_command_key", default="",
+               help="Path of this compute host's Ed25519 command key (created 0640 on "
+                    "first start; empty: <state_dir>/host-command.key). The Nova driver "
+                    "on this host signs its calls to the engine (create/destroy a "
+                    "vTPCM, check_destination, begin, commit, abort) with it; the "
+                    "engine learns the public key at enrollment, vouched for by the "
+                    "host TPM's attestation key. nova-compute must be able to read "
+                    "it (group of the file), nobody else."),
+    cfg.StrOpt("host_command_key_group", default="",
+               help="Group given read access to host_command_key when the agent "
+                    "creates it (e.g. nova). Empty: the agent's own group."),
     cfg.BoolOpt("register_with_engine", default=True,
                 help="At start, ask the vtpcm-engine to enroll this host (the engine "
                      "pulls a fresh, certified identity; an operator or auto_approve "

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_nova.engine import verifier
 from vtpcm_nova.engine.db.api import Database, HostRecord, PolicyRecord, VerdictRecord
 from vtpcm_nova.engine.db.models import HostStatus
@@ -103,8 +103,14 @@ class Attestor:
                 host=host, reason="enrollment nonce is unknown, expired or already used")
         ak = verifier.load_ak(fields["ak_public"], host=host)
         kem_public = fields["kem_public"]
+        # The certify's qualifying data binds our nonce to the host's command
+        # key: the AK vouches for the key the host's Nova driver signs with.
+        command_public = fields["command_public"]
         verifier.verify_certification(ak, kem_public, fields["kem_certify_attest"],
-                                      fields["kem_certify_signature"], nonce, host=host)
+                                      fields["kem_certify_signature"],
+                                      authn.host_key_binding(nonce, command_public), host=host,
+                                      nonce_mismatch="certify does not bind this enrollment's "
+                                                     "nonce to the reported host command key")
         kem_name = verifier.tpm_name(kem_public)
         for claimed, actual, what in ((identity.get("ak_name"), ak.name, "AK"),
                                       (identity.get("kem_name"), kem_name, "KEM key")):
@@ -118,6 +124,7 @@ class Attestor:
         record = self.db.enroll_host(
             host, ak_public=ak.public, ak_name=ak.name, kem_public=kem_public,
             kem_name=kem_name, ek_certificate=fields.get("ek_certificate"),
+            command_public=command_public,
             approved=auto_approve, now=self._now())
         self.db.audit("enroll", record.status.value, host=host,
                       detail=f"AK {ak.name.hex()[:16]}... certified KEM key", now=self._now())
@@ -273,6 +280,15 @@ def _identity_fields(host: str, identity: Mapping[str, Any]) -> dict[str, Any]:
             raise exception.CertificationError(
                 host=host, reason=f"identity field {name} is missing or not bytes")
         out[name] = value
+    command_public = identity.get("command_public")
+    if not isinstance(command_public, bytes):
+        raise exception.CertificationError(
+            host=host, reason="identity has no host command key (agent API older than 1.4)")
+    try:
+        authn.load_public_raw(command_public, what="identity field command_public")
+    except exception.InvalidInput as err:
+        raise exception.CertificationError(host=host, reason=err.kwargs["reason"]) from None
+    out["command_public"] = command_public
     ek = identity.get("ek_certificate")
     if ek is not None and not isinstance(ek, bytes):
         raise exception.CertificationError(host=host,

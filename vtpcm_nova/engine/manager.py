@@ -5,8 +5,11 @@ Attestation lives in ``attestation.Attestor``, the migration protocol in
 them and records refusals in the log.
 
 The admin methods (``rpcapi.ADMIN_METHODS``) are signed endpoints: they run
-only for a call an operator key signed (``AuditedVerifier``); every other
-method is unsigned for now (see the design notes).
+only for a call an operator key signed (``AuditedVerifier``). The compute-node
+methods (``rpcapi.HOST_METHODS``) run only for a call signed by the command
+key of a host the call concerns (``verify_host_command``): a broker client
+cannot destroy a vTPCM, nor begin, commit or abort a migration of hosts it
+does not hold the keys of. Read-only methods and ``attest`` are unsigned.
 """
 
 import dataclasses
@@ -110,15 +113,68 @@ class EngineManager:
 
     def __init__(self, db: db_api.Database, attestor: Attestor, coordinator: Coordinator,
                  *, auto_approve: bool = False, default_policy: str | None = None,
-                 admin_verifier: authn.Verifier | None = None) -> None:
+                 admin_verifier: authn.Verifier | None = None,
+                 host_verifier: authn.CommandVerifier | None = None) -> None:
         """``admin_verifier`` checks operator signatures on the admin
-        methods; without one they are all refused (fail closed)."""
+        methods; without one they are all refused (fail closed).
+        ``host_verifier`` checks compute-node calls against the enrolled
+        host command keys (bound to the engine topic); without one those
+        calls are all refused."""
         self.db = db
         self.verifier = AuditedVerifier(admin_verifier or authn.RefuseAll(NO_ADMIN_KEYS), db)
+        self.host_verifier = host_verifier
         self.attestor = attestor
         self.coordinator = coordinator
         self.auto_approve = auto_approve
         self.default_policy = default_policy
+
+    # compute-node calls ------------------------------------------------------------
+    def _hosts_concerned(self, method: str, request: Any) -> tuple[str, ...]:
+        """Who may sign a compute-node call: the hosts it is about (a
+        NotFound here is the honest answer to any caller)."""
+        if method == "create_vtpcm":
+            return (request.host,)
+        if method == "destroy_vtpcm":
+            return (self.db.get_vtpcm(request.instance_uuid).host,)
+        if method == "check_destination":
+            try:
+                return (request.dest, self.db.get_vtpcm(request.instance_uuid).host)
+            except exception.NotFound:
+                return (request.dest,)
+        if method == "begin":
+            return (request.source, request.dest)
+        if method in ("commit", "abort"):
+            rec = self.db.get_migration(request.migration_id)
+            return (rec.source, rec.dest)
+        raise exception.CommandRefused(method=method, reason="not a compute-node method")
+
+    def verify_host_command(self, method: str, payload: Any, auth: Any, request: Any) -> str:
+        """Run ``method`` only if a host it concerns signed it with the
+        command key enrolled for that host; refusals are audited."""
+        hosts = tuple(dict.fromkeys(self._hosts_concerned(method, request)))
+        try:
+            if self.host_verifier is None:
+                raise exception.CommandRefused(
+                    method=method, reason="this engine checks no host command keys")
+            keys = {}
+            for host in hosts:
+                try:
+                    raw = self.db.get_host(host).command_public
+                except exception.NotFound:
+                    continue
+                if raw is not None:
+                    keys[host] = authn.load_public_raw(raw, what="command key of " + host)
+            if not keys:
+                raise exception.CommandRefused(
+                    method=method,
+                    reason="no command key enrolled for host %s (enroll it with an "
+                           "agent of API 1.4 or later)" % " or ".join(hosts))
+            signer = self.host_verifier.verify_with(method, payload, auth, keys)
+        except exception.CommandRefused as err:
+            self.db.audit("host-call", "refused", host=hosts[0], detail=str(err)[:1000])
+            raise
+        LOG.debug("%(method)s signed by host %(host)s", {"method": method, "host": signer})
+        return signer
 
     # hosts -----------------------------------------------------------------------
     def register_agent(self, ctxt: dict[str, Any], payload: Any) -> None:
@@ -218,11 +274,11 @@ class EngineManager:
             for a in self.db.list_audit(limit=req.limit, host=req.host)))
 
     # vTPCMs and migrations ------------------------------------------------------------
-    @endpoint(m.VtpcmPlacement)
+    @endpoint(m.VtpcmPlacement, host_signed=True)
     def create_vtpcm(self, req: m.VtpcmPlacement) -> m.VtpcmRecord:
         return vtpcm_info(self.coordinator.create_vtpcm(req.instance_uuid, req.host))
 
-    @endpoint(m.InstanceRef)
+    @endpoint(m.InstanceRef, host_signed=True)
     def destroy_vtpcm(self, req: m.InstanceRef) -> m.Empty:
         self.coordinator.destroy_vtpcm(req.instance_uuid)
         return m.Empty()
@@ -231,20 +287,20 @@ class EngineManager:
     def get_vtpcm(self, req: m.InstanceRef) -> m.VtpcmRecord:
         return vtpcm_info(self.db.get_vtpcm(req.instance_uuid))
 
-    @endpoint(m.CheckDestination)
+    @endpoint(m.CheckDestination, host_signed=True)
     def check_destination(self, req: m.CheckDestination) -> m.Verdict:
         return verdict_info(self.coordinator.check_destination(req.instance_uuid, req.dest))
 
-    @endpoint(m.BeginMigration)
+    @endpoint(m.BeginMigration, host_signed=True)
     def begin(self, req: m.BeginMigration) -> m.MigrationInfo:
         return migration_info(self.coordinator.begin(req.migration_id, req.instance_uuid,
                                                      req.source, req.dest))
 
-    @endpoint(m.MigrationRef)
+    @endpoint(m.MigrationRef, host_signed=True)
     def commit(self, req: m.MigrationRef) -> m.MigrationInfo:
         return migration_info(self.coordinator.commit(req.migration_id))
 
-    @endpoint(m.AbortMigration)
+    @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration) -> m.MigrationInfo:
         return migration_info(self.coordinator.abort(req.migration_id, req.reason))
 

@@ -12,6 +12,10 @@ API version history:
           record_policy take an ``auth`` argument signed with an operator
           key for the engine topic (``vtpcm_common/authn.py``); the other
           methods do not (yet).
+    1.2 - the compute-node methods (``HOST_METHODS``: create_vtpcm,
+          destroy_vtpcm, check_destination, begin, commit, abort) require
+          the signature of a host the call concerns, with the host command
+          key the engine learnt at enrollment (agent API 1.4).
 
 Clients still prepare each call with the version that introduced the method.
 
@@ -33,13 +37,16 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.wire import Message
 from vtpcm_nova.engine import messages as m
 
-RPC_API_VERSION = "1.1"
+RPC_API_VERSION = "1.2"
 
 R = TypeVar("R", bound=Message)
 
 # State-changing calls that decide which hosts are trusted: operator-signed.
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
                            "put_policy", "record_policy"})
+# Calls of the Nova driver on a compute node: signed with that host's key.
+HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "check_destination", "begin",
+                          "commit", "abort"})
 
 
 def admin_key_path(conf: cfg.ConfigOpts) -> Path | None:
@@ -68,20 +75,29 @@ def admin_signer_from_conf(conf: cfg.ConfigOpts) -> authn.CommandSigner | None:
 class EngineAPI(rpc.Client):
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
                  timeout: float = 120.0,
-                 admin_signer: authn.CommandSigner | None = None) -> None:
+                 admin_signer: authn.CommandSigner | None = None,
+                 host_signer: authn.CommandSigner | None = None) -> None:
         """``admin_signer``: an operator key; without one the key named by
         ``[manage] admin_key`` is used if set. Without either, admin calls go
         out unsigned and the engine refuses them. The signer is bound to the
-        engine topic and signs every call: the engine checks it on the admin
-        methods and ignores it elsewhere."""
+        engine topic and signs every call but the compute-node ones: the
+        engine checks it on the admin methods and ignores it elsewhere.
+
+        ``host_signer``: the command key of the compute host this client
+        runs on (``[agent] host_command_key``); it signs ``HOST_METHODS``.
+        Without it those calls go out unsigned and the engine refuses them."""
         topic = rpc.topic(conf, "engine_topic")
         if admin_signer is None:
             admin_signer = admin_signer_from_conf(conf)
         signer = admin_signer.for_server(topic) if admin_signer is not None else None
+        self.host_signer = host_signer.for_server(topic) if host_signer is not None else None
         super().__init__(conf, topic, transport, timeout, signer)
 
     def _ask(self, method: str, request: Message, reply_type: type[R],
              timeout: float | None = None) -> R:
+        if method in HOST_METHODS:
+            return self._call(method, "1.0", request, reply_type, timeout=timeout,
+                              signer=self.host_signer)
         return self._call(method, "1.0", request, reply_type, timeout=timeout)
 
     def register_agent(self, host: str) -> None:

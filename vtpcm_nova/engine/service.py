@@ -49,6 +49,11 @@ class EngineService:
             # one nonce table for all workers: a captured admin command is
             # refused by every worker, also after a restart
             self.admin_verifier.remember_nonces_in(self.db)
+        # compute-node calls: keys per call, from the hosts' enrollment
+        self.host_verifier = authn.CommandVerifier(
+            None, rpc.topic(conf, "engine_topic"), signer_role="host command",
+            service_role="engine", server_kind="engine topic")
+        self.host_verifier.remember_nonces_in(self.db)
         self.transport = rpc.get_transport(conf)
         self.signer = authn.load_or_create_signing_key(Path(conf.engine.command_signing_key))
         self.agents = AgentAPI(conf, self.transport, timeout=conf.engine.rpc_timeout,
@@ -62,7 +67,8 @@ class EngineService:
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,
-                                     admin_verifier=self.admin_verifier)
+                                     admin_verifier=self.admin_verifier,
+                                     host_verifier=self.host_verifier)
         self.server: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
+import sqlalchemy
 
 from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
@@ -236,7 +237,10 @@ def test_command_nonces_are_claimed_once_across_handles(make_db: MakeDb) -> None
 
 def test_schema_v1_database_is_upgraded(make_db: MakeDb) -> None:
     old = make_db()
+    enroll(old)  # becomes a v1 host row, without a command key
     models.CommandNonce.__table__.drop(old.engine)  # type: ignore[attr-defined]
+    with old.engine.begin() as conn:
+        conn.execute(sqlalchemy.text("ALTER TABLE hosts DROP COLUMN command_public"))
     with old.session() as s:
         row = s.get(models.SchemaVersion, 1)
         assert row is not None
@@ -245,4 +249,8 @@ def test_schema_v1_database_is_upgraded(make_db: MakeDb) -> None:
     db = make_db()
     assert db.schema_version() == models.SCHEMA_VERSION == 2
     assert db.claim_nonce("ef" * 16, T0.timestamp() + 10, T0.timestamp())
+    assert db.get_host("cmp1").command_public is None  # re-enrol to learn its key
+    db.enroll_host("cmp2", ak_public=b"ak2", ak_name=b"n2", kem_public=b"k",
+                   kem_name=b"kn2", command_public=b"\x01" * 32, now=T0)
+    assert db.get_host("cmp2").command_public == b"\x01" * 32
     db.dispose()

@@ -12,6 +12,7 @@ import uuid
 import oslo_messaging as messaging
 import pytest
 import sqlalchemy
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.functional.harness import (
     AgentDaemon,
@@ -25,7 +26,7 @@ from vtpcm_agent import messages as am
 from vtpcm_agent import rpcapi as agent_rpcapi
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.manager import AgentManager, endpoint
-from vtpcm_common import exception, rpc
+from vtpcm_common import authn, exception, rpc
 from vtpcm_lab.hosttpm import measured_boot
 from vtpcm_nova.engine.rpcapi import EngineAPI
 
@@ -63,15 +64,16 @@ class DishonestAgent(AgentManager):
 
     @endpoint(am.IdentityRequest)
     def get_identity(self, req: am.IdentityRequest) -> am.HostIdentity:
-        own = self.host_tpm.identity(req.nonce)
+        honest = AgentManager.get_identity.__wrapped__(self, req)
+        if self.mode == "other-command-key":  # a key the TPM did not vouch for
+            return dataclasses.replace(honest, command_public=authn.public_raw(
+                ed25519.Ed25519PrivateKey.generate().public_key()))
         if self.mode != "unknown-ak":
-            return AgentManager.get_identity.__wrapped__(self, req)
-        other = self.foreign.identity(req.nonce)  # our KEM, certified by a foreign AK
-        return am.HostIdentity(host=self.host, ak_public=own.ak_public,
-                               kem_public=own.kem_public,
-                               kem_certify_attest=other.kem_certify_attest,
-                               kem_certify_signature=other.kem_certify_signature,
-                               ek_certificate=None)
+            return honest
+        # our KEM key, certified (with the right binding) by a foreign AK
+        other = self.foreign.identity(authn.host_key_binding(req.nonce, self.command_public))
+        return dataclasses.replace(honest, kem_certify_attest=other.kem_certify_attest,
+                                   kem_certify_signature=other.kem_certify_signature)
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -107,7 +109,9 @@ def setup(request):
         # host B: an in-process agent the test can make dishonest
         tpm_b, tpm_x = HostTPM(tpms["b"].tcti), HostTPM(tpms["x"].tcti)
         cleanups += [tpm_b.close, tpm_x.close]
-        dishonest = DishonestAgent(host_b, instances=None, host_tpm=tpm_b)
+        dishonest = DishonestAgent(host_b, instances=None, host_tpm=tpm_b,
+                                   command_public=authn.public_raw(
+                                       ed25519.Ed25519PrivateKey.generate().public_key()))
         dishonest.foreign = tpm_x
         transport = rpc.get_transport(conf)
         server = messaging.get_rpc_server(
@@ -181,8 +185,22 @@ def test_kem_key_certified_by_unknown_ak_is_refused(setup):
             api.enroll(host_b)
     finally:
         dishonest.mode = "honest"
-    assert "certif" in str(err.value).lower() or "signature" in str(err.value).lower()
+    assert "signature" in str(err.value).lower(), str(err.value)
     assert any(e.event == "enroll" and e.outcome == "refused" for e in _audit(api, host_b))
+
+
+def test_a_command_key_the_tpm_did_not_vouch_for_is_refused(setup):
+    api, _, _, host_b, dishonest, _ = setup
+    dishonest.mode = "other-command-key"
+    try:
+        with pytest.raises(exception.VTPCMException) as err:
+            api.enroll(host_b)
+    finally:
+        dishonest.mode = "honest"
+    assert "does not bind this enrollment's nonce to the reported host command key" \
+        in str(err.value)
+    refused = [e for e in _audit(api, host_b) if e.event == "enroll" and e.outcome == "refused"]
+    assert refused and "host command key" in refused[0].detail
 
 
 def test_changed_pcr_names_the_pcr(setup):

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
 from tpm2_pytss.types import (
@@ -28,7 +28,7 @@ from tpm2_pytss.types import (
     TPMU_SIGNATURE,
 )
 
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_nova.engine import attestation, verifier
 from vtpcm_nova.engine.db import api
 from vtpcm_nova.engine.db.models import HostStatus
@@ -64,6 +64,8 @@ class FakeTPM:
                                   "ecc256:ecdh-sha256:null", KEM_ATTRS)
         self.pcrs = {i: b"\x00" * 32 for i in range(24)}
         self.clock, self.reset_count, self.restart_count = 1000, 1, 0
+        self.command_public = authn.public_raw(
+            ed25519.Ed25519PrivateKey.generate().public_key())
 
     def extend(self, index: int, data: bytes) -> None:
         self.pcrs[index] = hashlib.sha256(self.pcrs[index] + hashlib.sha256(data).digest()
@@ -83,12 +85,12 @@ class FakeTPM:
 
     def identity(self, nonce: bytes) -> dict[str, Any]:
         obj, _ = TPMS_ATTEST.unmarshal(CERTIFY_TEMPLATE)
-        obj.extraData = nonce
+        obj.extraData = authn.host_key_binding(nonce, self.command_public)
         obj.attested.certify.name = verifier.tpm_name(self.kem_public)
         attest, sig = self._sign(obj)
         return {"ak_public": self.ak_public, "kem_public": self.kem_public,
                 "kem_certify_attest": attest, "kem_certify_signature": sig,
-                "ek_certificate": None}
+                "ek_certificate": None, "command_public": self.command_public}
 
     def quote(self, nonce: bytes, pcrs: Sequence[int]) -> dict[str, Any]:
         self.clock += 100
@@ -258,15 +260,40 @@ def test_enroll_wrong_claimed_name(env: Any) -> None:
                    nonce)
 
 
+def test_enroll_needs_a_command_key_bound_by_the_certify(env: Any) -> None:
+    att, agent, _ = env
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    nonce = att.enrollment_nonce("cmp1")
+    identity = dict(tpm.identity(nonce))
+    del identity["command_public"]
+    with pytest.raises(exception.CertificationError, match="no host command key"):
+        att.enroll("cmp1", identity, nonce)
+    nonce = att.enrollment_nonce("cmp1")
+    other = authn.public_raw(ed25519.Ed25519PrivateKey.generate().public_key())
+    with pytest.raises(exception.CertificationError, match="does not bind"):
+        att.enroll("cmp1", dict(tpm.identity(nonce), command_public=other), nonce)
+    nonce = att.enrollment_nonce("cmp1")
+    with pytest.raises(exception.CertificationError, match="not a raw Ed25519"):
+        att.enroll("cmp1", dict(tpm.identity(nonce), command_public=b"\x01" * 5), nonce)
+    nonce = att.enrollment_nonce("cmp1")
+    rec = att.enroll("cmp1", tpm.identity(nonce), nonce)
+    assert rec.command_public == tpm.command_public
+
+
 def test_enroll_real_swtpm_vectors(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     att, _, _ = env
     a = VECTORS["tpm_a"]
     monkeypatch.setattr(api.secrets, "token_bytes", lambda n: H(a["certify"]["nonce"]))
+    # The recorded certify qualifies the bare nonce: these bytes test parsing
+    # and signatures of real swtpm output; the command-key binding is tested
+    # above and against live swtpm in the functional tests.
+    monkeypatch.setattr(attestation.authn, "host_key_binding", lambda nonce, key: nonce)
     nonce = att.enrollment_nonce("real-a")
     identity = {"ak_public": H(a["ak_public"]), "kem_public": H(a["kem_public"]),
                 "kem_certify_attest": H(a["certify"]["attest"]),
                 "kem_certify_signature": H(a["certify"]["signature"]),
-                "ak_name": H(a["ak_name"]), "kem_name": H(a["kem_name"])}
+                "ak_name": H(a["ak_name"]), "kem_name": H(a["kem_name"]),
+                "command_public": b"\x07" * 32}
     rec = att.enroll("real-a", identity, nonce)
     assert rec.kem_name.hex() == a["kem_name"]
 

@@ -20,9 +20,9 @@ from contextlib import contextmanager
 from typing import Any
 
 from oslo_log import log as logging
-from sqlalchemy import create_engine, delete, event, func, select, update
+from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from vtpcm_common import exception
@@ -54,6 +54,7 @@ class HostRecord:
     policy_name: str | None
     enrolled_at: datetime.datetime
     approved_at: datetime.datetime | None
+    command_public: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,7 +125,7 @@ class MigrationRecord:
 def _host_rec(r: models.Host) -> HostRecord:
     return HostRecord(r.name, r.ak_public, r.ak_name, r.kem_public, r.kem_name,
                       r.ek_certificate, HostStatus(r.status), r.policy_name, r.enrolled_at,
-                      r.approved_at)
+                      r.approved_at, r.command_public)
 
 
 def _policy_rec(r: models.Policy) -> PolicyRecord:
@@ -188,6 +189,7 @@ class Database:
     def create_schema(self) -> None:
         """Create missing tables and record the schema version (refuse a newer DB)."""
         models.Base.metadata.create_all(self.engine)
+        self._add_missing_columns()
         with self.session() as s:
             row = s.get(models.SchemaVersion, 1)
             if row is None:
@@ -206,6 +208,24 @@ class Database:
                 LOG.info("Engine database schema upgraded from version %d to %d",
                          row.version, models.SCHEMA_VERSION)
                 row.version = models.SCHEMA_VERSION
+
+    def _add_missing_columns(self) -> None:
+        """Upgrade step create_all cannot do: new nullable columns of old
+        tables (v1 -> v2: hosts.command_public)."""
+        present = {c["name"] for c in inspect(self.engine).get_columns("hosts")}
+        column = models.Host.__table__.c.command_public  # type: ignore[attr-defined]
+        if column.name in present:
+            return
+        ddl = "ALTER TABLE hosts ADD COLUMN %s %s" % (
+            column.name, column.type.compile(dialect=self.engine.dialect))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(text(ddl))
+        except DBAPIError:
+            # another engine process added it first
+            present = {c["name"] for c in inspect(self.engine).get_columns("hosts")}
+            if column.name not in present:
+                raise
 
     def schema_version(self) -> int:
         with self.session() as s:
@@ -229,6 +249,7 @@ class Database:
 
     def enroll_host(self, name: str, *, ak_public: bytes, ak_name: bytes, kem_public: bytes,
                     kem_name: bytes, ek_certificate: bytes | None = None,
+                    command_public: bytes | None = None,
                     approved: bool = False, now: datetime.datetime | None = None
                     ) -> HostRecord:
         """Store a new host; a REVOKED host may be re-enrolled (new keys, no history)."""
@@ -249,6 +270,7 @@ class Database:
             row.ak_public, row.ak_name = ak_public, ak_name
             row.kem_public, row.kem_name = kem_public, kem_name
             row.ek_certificate, row.status = ek_certificate, status.value
+            row.command_public = command_public
             row.enrolled_at = now
             row.approved_at = now if approved else None
             try:

@@ -92,6 +92,8 @@ class Host(Base):
     kem_public: Mapped[bytes] = mapped_column(LargeBinary)
     kem_name: Mapped[bytes] = mapped_column(LargeBinary)
     ek_certificate: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    # schema v2: raw Ed25519 key the host's Nova driver signs engine calls with
+    command_public: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
     status: Mapped[str] = mapped_column(String(16))
     policy_name: Mapped[str | None] = mapped_column(
         String(255), ForeignKey("policies.name"), nullable=True)
