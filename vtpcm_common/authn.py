@@ -279,8 +279,11 @@ class CommandVerifier:
         if issued_at < self.created_at - self.max_skew:
             raise _refuse(method, "issued before this %s started" % self.service_role)
         # Kept max_skew past expiry: a clock stepping back a little must not
-        # make a forgotten nonce usable again.
-        if not self.nonces.claim_nonce(nonce, expires_at + self.max_skew, now):
+        # make a forgotten nonce usable again. Scoped by the signing key: a
+        # key holder who copies another signer's nonce into a command of its
+        # own cannot use it up.
+        scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
+        if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
             raise _refuse(method, "replayed (nonce already used)")
         return signed_by
 
@@ -442,9 +445,14 @@ def load_or_create_host_key(path: Path, *, gid: int | None = None,
     try:
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o750 if gid is not None else 0o700)
         if not path.exists():
-            _create_private_key(path, mode=0o640 if gid is not None else 0o600)
+            _create_private_key(path)
             if gid is not None:
-                os.chown(path, -1, gid)
+                try:  # the group gets read access only once it is the right group
+                    os.chown(path, -1, gid)
+                    os.chmod(path, 0o640)
+                except OSError:
+                    path.unlink()
+                    raise
         return CommandSigner(_load_private_key(path, group_readable=True), ttl=ttl)
     except OSError as err:
         raise exception.InvalidInput(

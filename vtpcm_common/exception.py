@@ -100,6 +100,13 @@ class MigrationError(VTPCMException):
     code = "migration_error"
 
 
+class VTPCMBusy(VTPCMException):
+    """Another operation holds the vTPCM's record; retrying later may work."""
+
+    msg_fmt = "vTPCM of instance %(instance_uuid)s is busy: %(reason)s"
+    code = "busy"
+
+
 class GenerationMismatch(VTPCMException):
     msg_fmt = ("vTPCM of instance %(instance_uuid)s: generation %(given)s "
                "refused, authoritative generation is %(expected)s")

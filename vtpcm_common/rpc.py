@@ -138,8 +138,9 @@ def endpoint(request_type: type[Message], signed: bool = False,
 
     ``host_signed``: the method is called by a compute node (the Nova
     driver); the endpoint object's ``verify_host_command(method, payload,
-    auth, request)`` decides which hosts may sign it and checks the
-    signature, after the schema check and before the method runs."""
+    auth, request)`` decides which hosts may sign it, checks the signature
+    and returns the signing host, which the method gets as ``signer``
+    (its actions stay bound to that host)."""
     def wrap(func: F) -> F:
         @functools.wraps(func)
         @messaging.expected_exceptions(exception.VTPCMException)
@@ -153,9 +154,12 @@ def endpoint(request_type: type[Message], signed: bool = False,
                             method=func.__name__,
                             reason="this service has no engine public key to check it")
                     verifier.verify(func.__name__, payload, auth)
+                reply: Message
                 if host_signed:
-                    self.verify_host_command(func.__name__, payload, auth, request)
-                reply: Message = func(self, request)
+                    signer = self.verify_host_command(func.__name__, payload, auth, request)
+                    reply = func(self, request, signer)
+                else:
+                    reply = func(self, request)
                 return reply.to_wire()
             except exception.VTPCMException as err:
                 LOG.warning("Refused %(method)s: %(error)s",

@@ -86,13 +86,15 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
     try:
         dom = conn_src.lookupByName(name)
         instance = dom.UUIDString()
-        # as Nova: the pre-checks and pre_live_migration run on the destination,
-        # post_live_migration_at_destination too, the rollback on the source
+        # As the Nova driver: the destination pre-check runs on the destination;
+        # begin (in live_migration, before libvirt starts), commit (in
+        # post_live_migration) and the rollback run on the source, whose
+        # consent moving the vTPCM needs (the engine refuses them from dst).
         at_dst, at_src = stack.engine_at(dst), stack.engine_at(src)
         verdict = at_dst.check_destination(instance, dst.name)
         checked = time.monotonic()
         migration_id = str(uuid.uuid4())
-        at_dst.begin(migration_id, instance, src.name, dst.name)
+        at_src.begin(migration_id, instance, src.name, dst.name)
         begun = time.monotonic()
         try:
             dest_xml = domain.render_destination_xml(
@@ -108,14 +110,14 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
                 LOG.warning("Migration %(mig)s reported %(err)s but the VM runs on "
                             "%(dst)s: committing", {"mig": migration_id, "err": err,
                                                    "dst": dst.name})
-                at_dst.commit(migration_id)
+                at_src.commit(migration_id)
                 raise
             LOG.warning("Live migration %(mig)s failed, aborting: %(err)s",
                         {"mig": migration_id, "err": err})
             at_src.abort(migration_id, str(err)[:900])
             raise
         migrated = time.monotonic()
-        at_dst.commit(migration_id)
+        at_src.commit(migration_id)
         done = time.monotonic()
     finally:
         conn_src.close()

@@ -103,6 +103,10 @@ def test_old_generation_cannot_be_activated_again(stack, guest):
     assert not (a.state_dir / "vtpcms" / old.vtpcm_id).exists()
     with pytest.raises(exception.InvalidTransition):
         stack.agents.start(a.name, instance)
+    # the old holder may no longer move it; the new one cannot name the old
+    # place as the source
+    with pytest.raises(exception.CommandRefused):
+        stack.engine_at(a).begin(str(uuid.uuid4()), instance, a.name, b.name)
     with pytest.raises(exception.MigrationError) as err:
         stack.engine_at(b).begin(str(uuid.uuid4()), instance, a.name, b.name)
     assert "source is not where the vTPCM lives" in str(err.value)
@@ -157,7 +161,7 @@ def test_destination_that_cannot_load_the_state_leaves_vm_on_source(stack, guest
     source_before = stack.agents.get(a.name, instance)
     migration_id = str(uuid.uuid4())
     stack.engine_at(b).check_destination(instance, b.name)
-    stack.engine_at(b).begin(migration_id, instance, a.name, b.name)
+    stack.engine_at(a).begin(migration_id, instance, a.name, b.name)
     incoming = stack.agents.get(b.name, instance)
     assert incoming.state == "MIGRATING_IN" and incoming.running
     # Fault injection: the destination's swtpm is replaced by one with a WRONG
@@ -240,7 +244,7 @@ def test_untrusted_destination_gets_no_key_and_vm_stays(stack, guest):
     assert "PCR 5" in str(err.value)
     # begin itself re-checks (the scheduler or the pre-check may be bypassed)
     with pytest.raises(exception.HostNotTrusted):
-        stack.engine_at(b).begin(str(uuid.uuid4()), instance, a.name, b.name)
+        stack.engine_at(a).begin(str(uuid.uuid4()), instance, a.name, b.name)
     assert "Sealed the migration key of instance %s" % instance not in a.agent.log_text()
     with pytest.raises(exception.NotFound):
         stack.agents.get(b.name, instance)

@@ -121,6 +121,10 @@ class Attestor:
         if others:
             raise exception.CertificationError(
                 host=host, reason=f"AK already enrolled for host {others[0]}")
+        others = [h for h in self.db.hosts_with_command_key(command_public) if h != host]
+        if others:
+            raise exception.CertificationError(
+                host=host, reason=f"host command key already enrolled for host {others[0]}")
         record = self.db.enroll_host(
             host, ak_public=ak.public, ak_name=ak.name, kem_public=kem_public,
             kem_name=kem_name, ek_certificate=fields.get("ek_certificate"),

@@ -13,13 +13,14 @@ destination with generation + 1 in one compare-and-set.
 """
 
 import datetime
+import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
 
 from oslo_log import log as logging
 
 from vtpcm_agent import messages as am
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_nova.engine import protocol as p
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.protocol import MigrationState as M
@@ -27,7 +28,11 @@ from vtpcm_nova.engine.protocol import MigrationState as M
 LOG = logging.getLogger(__name__)
 
 CREATING = "CREATING"
-PENDING_VTPCM_ID = "(creating)"
+DESTROYING = "DESTROYING"
+RESERVED_PREFIX = "creating-"
+# How long a signed agent command may still run after the engine sent it:
+# its validity plus the agents' clock allowance (authn.CommandVerifier).
+COMMAND_LIFETIME = authn.DEFAULT_TTL + 30.0
 
 
 class AgentClient(Protocol):
@@ -66,10 +71,12 @@ class Coordinator:
         instance (or a create while it has a vTPCM) only the one holding the
         reservation reaches an agent, so no VM gets a second vTPCM.
 
-        A refused create frees the reservation. If the agent's answer is lost
-        (unreachable, timeout) the record stays CREATING: the vTPCM may
-        exist, and ``destroy_vtpcm`` removes it and the record."""
-        self.db.create_vtpcm(instance_uuid, PENDING_VTPCM_ID, host, state=CREATING)
+        The reservation carries a token of its own (``vtpcm_id``), so a late
+        answer completes only its own reservation. A refused create frees it.
+        If the agent's answer is lost (unreachable, timeout) the record stays
+        CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both."""
+        token = RESERVED_PREFIX + str(uuid.uuid4())
+        self.db.create_vtpcm(instance_uuid, token, host, state=CREATING, now=self.now())
         try:
             info = self.agents.create(host, instance_uuid)
         except exception.ServiceUnreachable:
@@ -77,28 +84,65 @@ class Coordinator:
                           detail="agent did not answer; record left CREATING")
             raise
         except BaseException:
-            self.db.delete_vtpcm(instance_uuid, 0, expected_state=CREATING)
+            self.db.delete_vtpcm(instance_uuid, 0, expected_state=CREATING,
+                                 expected_vtpcm_id=token)
             raise
-        if not self.db.complete_vtpcm(instance_uuid, info.vtpcm_id, info.generation,
+        if not self.db.complete_vtpcm(instance_uuid, token, info.vtpcm_id, info.generation,
                                       info.state):
-            raise exception.AlreadyExists(what="vTPCM of instance", key=instance_uuid)
+            # our reservation was destroyed meanwhile: undo what the agent made
+            LOG.warning("vTPCM of instance %(i)s was created on %(h)s after its "
+                        "reservation was dropped: destroying it",
+                        {"i": instance_uuid, "h": host})
+            self.agents.destroy(host, instance_uuid)
+            raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                      reason="its reservation was destroyed during the create")
         self.db.audit("vtpcm.create", "created", host=host, instance=instance_uuid,
                       detail="generation %d" % info.generation)
         return self.db.get_vtpcm(instance_uuid)
 
-    def destroy_vtpcm(self, instance_uuid: str) -> None:
+    def destroy_vtpcm(self, instance_uuid: str, requested_by: str | None = None) -> None:
+        """Crypto-shred the vTPCM where it lives, then drop the record.
+
+        ``requested_by``: the host that asked (signed); the vTPCM must still
+        live there. The record is first claimed (DESTROYING, same generation,
+        no migration), so a migration cannot start or move it meanwhile and a
+        destroy meant for the old place never reaches the new one."""
         rec = self.db.get_vtpcm(instance_uuid)
         if rec.migration_id is not None:
             raise exception.MigrationError(
                 migration_id=rec.migration_id, reason="vTPCM is migrating; abort first")
-        try:
-            self.agents.destroy(rec.host, instance_uuid)
-        except exception.NotFound:
-            if rec.state != CREATING:
-                raise
-            # the create whose answer was lost never happened on the agent
-        self.db.delete_vtpcm(instance_uuid, rec.generation)
+        if requested_by is not None and rec.host != requested_by:
+            raise exception.CommandRefused(
+                method="destroy_vtpcm",
+                reason="the vTPCM lives on %s, not on %s" % (rec.host, requested_by))
+        if rec.state == CREATING:
+            self._destroy_reservation(rec)
+            return
+        if not self.db.set_vtpcm_state(instance_uuid, rec.generation, DESTROYING,
+                                       expected_state=rec.state, expected_migration_id=None):
+            raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                      reason="its record changed meanwhile; retry")
+        self.agents.destroy(rec.host, instance_uuid)
+        self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=instance_uuid)
+
+    def _destroy_reservation(self, rec: db_api.VtpcmRecord) -> None:
+        """A create whose answer was lost: destroy what the agent may have
+        made. If the agent knows nothing, a queued create could still run
+        until its signature expires, so the reservation outlives that."""
+        try:
+            self.agents.destroy(rec.host, rec.instance_uuid)
+        except exception.NotFound:
+            age = (self.now() - rec.updated_at).total_seconds()
+            if age < COMMAND_LIFETIME:
+                raise exception.VTPCMBusy(
+                    instance_uuid=rec.instance_uuid,
+                    reason="its create may still reach host %s; retry in %d s"
+                           % (rec.host, COMMAND_LIFETIME - age + 1)) from None
+        self.db.delete_vtpcm(rec.instance_uuid, rec.generation, expected_state=CREATING,
+                             expected_vtpcm_id=rec.vtpcm_id)
+        self.db.audit("vtpcm.destroy", "destroyed", host=rec.host,
+                      instance=rec.instance_uuid, detail="unfinished creation")
 
     def _record_incoming_id(self, ctx: am.MigrationContext) -> None:
         """The destination made a vTPCM of its own (new id): record it. Only
@@ -150,6 +194,9 @@ class Coordinator:
                 migration_id=migration_id,
                 reason="the vTPCM's creation is unfinished (state CREATING); "
                        "destroy the vTPCM and create it again")
+        if vtpcm.state == DESTROYING:
+            raise exception.MigrationError(migration_id=migration_id,
+                                           reason="the vTPCM is being destroyed")
         verdict = self.trust.check_fresh(dest)
         dest_host = self.db.get_host(dest) if _trusted(verdict) else None
         source_gen_ok = False

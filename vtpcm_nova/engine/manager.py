@@ -28,6 +28,7 @@ from vtpcm_nova.engine import rpcapi
 from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api
+from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.verifier import TrustStatus
 
 LOG = logging.getLogger(__name__)
@@ -130,8 +131,10 @@ class EngineManager:
 
     # compute-node calls ------------------------------------------------------------
     def _hosts_concerned(self, method: str, request: Any) -> tuple[str, ...]:
-        """Who may sign a compute-node call: the hosts it is about (a
-        NotFound here is the honest answer to any caller)."""
+        """Who may sign a compute-node call, from the engine's own records
+        wherever a vTPCM or migration exists (never from names the caller
+        chose): moving a vTPCM out needs the consent of the host holding it.
+        A NotFound here is the honest answer to any caller."""
         if method == "create_vtpcm":
             return (request.host,)
         if method == "destroy_vtpcm":
@@ -141,9 +144,11 @@ class EngineManager:
                 return (request.dest, self.db.get_vtpcm(request.instance_uuid).host)
             except exception.NotFound:
                 return (request.dest,)
-        if method == "begin":
-            return (request.source, request.dest)
-        if method in ("commit", "abort"):
+        if method == "begin":  # the source, as recorded: Nova's live_migration on it
+            return (self.db.get_vtpcm(request.instance_uuid).host,)
+        if method == "commit":  # the source saw the migration complete
+            return (self.db.get_migration(request.migration_id).source,)
+        if method == "abort":  # either side may roll back
             rec = self.db.get_migration(request.migration_id)
             return (rec.source, rec.dest)
         raise exception.CommandRefused(method=method, reason="not a compute-node method")
@@ -159,19 +164,24 @@ class EngineManager:
             keys = {}
             for host in hosts:
                 try:
-                    raw = self.db.get_host(host).command_public
+                    rec = self.db.get_host(host)
                 except exception.NotFound:
                     continue
-                if raw is not None:
-                    keys[host] = authn.load_public_raw(raw, what="command key of " + host)
+                # only approved hosts act: a PENDING record may be anyone's
+                # (the registration cast is unsigned), a REVOKED one is out
+                if rec.command_public is not None and rec.status is HostStatus.APPROVED:
+                    keys[host] = authn.load_public_raw(rec.command_public,
+                                                       what="command key of " + host)
             if not keys:
                 raise exception.CommandRefused(
                     method=method,
-                    reason="no command key enrolled for host %s (enroll it with an "
-                           "agent of API 1.4 or later)" % " or ".join(hosts))
+                    reason="no approved host with an enrolled command key may sign it "
+                           "(%s)" % " or ".join(hosts))
             signer = self.host_verifier.verify_with(method, payload, auth, keys)
-        except exception.CommandRefused as err:
-            self.db.audit("host-call", "refused", host=hosts[0], detail=str(err)[:1000])
+        except (exception.CommandRefused, exception.InvalidInput) as err:
+            # not attributed to a host: the caller chose the names
+            self.db.audit("host-call", "refused",
+                          detail=("%s (for %s)" % (err, ", ".join(hosts)))[:1000])
             raise
         LOG.debug("%(method)s signed by host %(host)s", {"method": method, "host": signer})
         return signer
@@ -275,12 +285,12 @@ class EngineManager:
 
     # vTPCMs and migrations ------------------------------------------------------------
     @endpoint(m.VtpcmPlacement, host_signed=True)
-    def create_vtpcm(self, req: m.VtpcmPlacement) -> m.VtpcmRecord:
+    def create_vtpcm(self, req: m.VtpcmPlacement, signer: str) -> m.VtpcmRecord:
         return vtpcm_info(self.coordinator.create_vtpcm(req.instance_uuid, req.host))
 
     @endpoint(m.InstanceRef, host_signed=True)
-    def destroy_vtpcm(self, req: m.InstanceRef) -> m.Empty:
-        self.coordinator.destroy_vtpcm(req.instance_uuid)
+    def destroy_vtpcm(self, req: m.InstanceRef, signer: str) -> m.Empty:
+        self.coordinator.destroy_vtpcm(req.instance_uuid, requested_by=signer)
         return m.Empty()
 
     @endpoint(m.InstanceRef)
@@ -288,20 +298,22 @@ class EngineManager:
         return vtpcm_info(self.db.get_vtpcm(req.instance_uuid))
 
     @endpoint(m.CheckDestination, host_signed=True)
-    def check_destination(self, req: m.CheckDestination) -> m.Verdict:
+    def check_destination(self, req: m.CheckDestination, signer: str) -> m.Verdict:
         return verdict_info(self.coordinator.check_destination(req.instance_uuid, req.dest))
 
     @endpoint(m.BeginMigration, host_signed=True)
-    def begin(self, req: m.BeginMigration) -> m.MigrationInfo:
+    def begin(self, req: m.BeginMigration, signer: str) -> m.MigrationInfo:
+        # the coordinator refuses unless req.source is (still) where the
+        # vTPCM lives, i.e. the signer
         return migration_info(self.coordinator.begin(req.migration_id, req.instance_uuid,
                                                      req.source, req.dest))
 
     @endpoint(m.MigrationRef, host_signed=True)
-    def commit(self, req: m.MigrationRef) -> m.MigrationInfo:
+    def commit(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.commit(req.migration_id))
 
     @endpoint(m.AbortMigration, host_signed=True)
-    def abort(self, req: m.AbortMigration) -> m.MigrationInfo:
+    def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.abort(req.migration_id, req.reason))
 
     @endpoint(m.MigrationRef)

@@ -37,6 +37,8 @@ class Deployment:
     names: dict[str, str]  # label -> host name
     agents: AgentAPI
     engine: EngineDaemon
+    agents_by_label: dict[str, AgentDaemon]
+    conf: object
 
 
 def _host_key(agent: AgentDaemon) -> Path:
@@ -57,15 +59,16 @@ def deployment():
         with agent_cluster(work, "ha", exchange, agents, labels=("a", "b", "c")) as hosts:
             engine.start()
             engine.wait_ready(operator)
-            names = {}
+            names, daemons_by_label = {}, {}
             for (name, _, agent, _), label in zip(hosts, ("a", "b", "c"), strict=True):
                 assert operator.enroll(name).status == "APPROVED"
                 names[label] = name
+                daemons_by_label[label] = agent
                 api = EngineAPI(conf, operator.transport, timeout=60,
                                 host_signer=authn.load_host_key(_host_key(agent)))
                 apis.append(api)
             yield Deployment(operator, dict(zip(("a", "b", "c"), apis, strict=True)), names,
-                             agents, engine)
+                             agents, engine, daemons_by_label, conf)
     finally:
         engine.stop()
         agents.transport.cleanup()
@@ -91,10 +94,16 @@ def test_the_host_itself_may_create_and_destroy_its_vtpcm(deployment):
         d.operator.get_vtpcm(instance)
 
 
+def _host_refusals(d):
+    return [e for e in d.operator.list_audit(limit=500).entries
+            if e.event == "host-call" and e.outcome == "refused"]
+
+
 def test_calls_without_the_concerned_hosts_key_are_refused_and_change_nothing(deployment):
     d = deployment
     a, b = d.names["a"], d.names["b"]
     instance = str(uuid.uuid4())
+    audited = len(_host_refusals(d))
     # create for host A: unsigned (any broker client), or signed by host C
     _refused(lambda: d.operator.create_vtpcm(instance, a), "no host command signature")
     _refused(lambda: d.at["c"].create_vtpcm(instance, a),
@@ -105,21 +114,66 @@ def test_calls_without_the_concerned_hosts_key_are_refused_and_change_nothing(de
         d.agents.get(a, instance)
     rec = d.at["a"].create_vtpcm(instance, a)
     before = d.agents.get(a, instance)
-    # destroy, begin (A -> B) and check_destination need A's or B's key
-    for who in ("operator", "c"):
-        api = d.operator if who == "operator" else d.at["c"]
-        _refused(lambda api=api: api.destroy_vtpcm(instance), "destroy_vtpcm")
+    # destroy and check_destination need A's key (or B's, for the check);
+    # moving the vTPCM out of A (begin) needs A's: not C's, not the
+    # destination's, and not a broker client's
+    mismatch = "signature does not verify with the host command key of %s" % a
+    for who, api in (("broker client", d.operator), ("host C", d.at["c"])):
+        reason = "no host command signature" if who == "broker client" else mismatch
+        _refused(lambda api=api: api.destroy_vtpcm(instance), reason)
+        _refused(lambda api=api: api.check_destination(instance, b),
+                 reason if who == "broker client" else
+                 "host command key of %s or %s" % (a, b) if a < b else
+                 "host command key of %s or %s" % (b, a))
+    for who, api in (("broker client", d.operator), ("host C", d.at["c"]),
+                     ("destination B", d.at["b"])):
         mid = str(uuid.uuid4())
-        _refused(lambda api=api, mid=mid: api.begin(mid, instance, a, b), "begin")
+        _refused(lambda api=api, mid=mid: api.begin(mid, instance, a, b),
+                 "no host command signature" if who == "broker client" else mismatch)
         with pytest.raises(exception.NotFound):
             d.operator.get_migration(mid)
-        _refused(lambda api=api: api.check_destination(instance, b), "check_destination")
     assert d.operator.get_vtpcm(instance) == rec
     assert d.agents.get(a, instance) == before
-    refusals = [e for e in d.operator.list_audit(limit=200, host=a).entries
-                if e.event == "host-call" and e.outcome == "refused"]
-    assert len(refusals) >= 5
+    assert len(_host_refusals(d)) == audited + 9
     d.at["a"].destroy_vtpcm(instance)
+
+
+def test_only_the_source_commits_and_only_the_two_hosts_abort(deployment):
+    """begin as the Nova driver on A would; then B (destination) and C try to
+    commit, C tries to abort: refused. A commit by B would shred A's vTPCM
+    while the VM may still run there."""
+    d = deployment
+    a, b = d.names["a"], d.names["b"]
+    instance = str(uuid.uuid4())
+    d.at["a"].create_vtpcm(instance, a)
+    mid = str(uuid.uuid4())
+    try:
+        d.at["a"].begin(mid, instance, a, b)
+    except exception.HostNotTrusted:
+        pass  # no PCR policy in this deployment: begin ends REFUSED, still a migration
+    state = d.operator.get_migration(mid).state
+    _refused(lambda: d.at["b"].commit(mid),
+             "signature does not verify with the host command key of %s" % a)
+    _refused(lambda: d.at["c"].commit(mid), "host command key of %s" % a)
+    _refused(lambda: d.at["c"].abort(mid, "hostile"), "host command key of")
+    assert d.operator.get_migration(mid).state == state
+    assert d.agents.get(a, instance).state in ("ACTIVE", "STOPPED")
+    d.at["a"].destroy_vtpcm(instance)
+
+
+def test_a_pending_or_revoked_hosts_key_does_not_count(deployment):
+    d = deployment
+    c = d.names["c"]
+    instance = str(uuid.uuid4())
+    d.operator.revoke_host(c)
+    try:
+        _refused(lambda: d.at["c"].create_vtpcm(instance, c),
+                 "no approved host with an enrolled command key may sign it")
+        # re-enrolled but (with auto-approve off) it would be PENDING: same refusal
+    finally:
+        assert d.operator.enroll(c).status == "APPROVED"
+    with pytest.raises(exception.NotFound):
+        d.operator.get_vtpcm(instance)
 
 
 def test_a_captured_host_call_cannot_be_replayed(deployment):
@@ -142,13 +196,25 @@ def test_a_captured_host_call_cannot_be_replayed(deployment):
     assert tombstone.state == "DESTROYED" and not tombstone.running
 
 
-def test_reenrolment_learns_the_hosts_key_again(deployment):
-    """A revoked host re-enrolled: the engine learns the command key afresh
-    from the TPM-vouched identity, and the host's calls work again."""
+def test_reenrolment_learns_a_rotated_key(deployment):
+    """Key rotation: stop the agent, delete its key, start it (new key),
+    revoke and re-enroll: the engine knows only the new key."""
     d = deployment
     c = d.names["c"]
+    agent = d.agents_by_label["c"]
+    old = d.at["c"]
+    agent.stop()
+    _host_key(agent).unlink()
+    agent.start()
+    agent.wait_ready(d.agents)
     d.operator.revoke_host(c)
     assert d.operator.enroll(c).status == "APPROVED"
+    new = EngineAPI(d.conf, d.operator.transport, timeout=60,
+                    host_signer=authn.load_host_key(_host_key(agent)))
+    assert new.host_signer.fingerprint != old.host_signer.fingerprint
     instance = str(uuid.uuid4())
-    assert d.at["c"].create_vtpcm(instance, c).host == c
-    d.at["c"].destroy_vtpcm(instance)
+    _refused(lambda: old.create_vtpcm(instance, c),
+             "signature does not verify with the host command key of %s" % c)
+    assert new.create_vtpcm(instance, c).host == c
+    new.destroy_vtpcm(instance)
+    d.at["c"] = new

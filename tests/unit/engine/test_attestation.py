@@ -280,6 +280,19 @@ def test_enroll_needs_a_command_key_bound_by_the_certify(env: Any) -> None:
     assert rec.command_public == tpm.command_public
 
 
+def test_a_command_key_enrolled_for_another_host_is_refused(env: Any) -> None:
+    att, agent, _ = env
+    first = agent.tpms["cmp1"] = FakeTPM()
+    nonce = att.enrollment_nonce("cmp1")
+    att.enroll("cmp1", first.identity(nonce), nonce)
+    second = agent.tpms["cmp2"] = FakeTPM()
+    second.command_public = first.command_public  # its TPM vouches, but the key is taken
+    nonce = att.enrollment_nonce("cmp2")
+    with pytest.raises(exception.CertificationError,
+                       match="host command key already enrolled for host cmp1"):
+        att.enroll("cmp2", second.identity(nonce), nonce)
+
+
 def test_enroll_real_swtpm_vectors(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     att, _, _ = env
     a = VECTORS["tpm_a"]

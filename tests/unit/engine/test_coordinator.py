@@ -8,6 +8,7 @@ import pytest
 
 from vtpcm_agent import messages as am
 from vtpcm_common import exception
+from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.api import Database
 
@@ -292,11 +293,11 @@ def test_a_refused_create_frees_the_reservation(env):
         db.get_vtpcm(other)
     rec = coord.create_vtpcm(other, "host-b")
     assert (rec.host, rec.state, rec.generation) == ("host-b", "STOPPED", 0)
-    assert rec.vtpcm_id != "(creating)"
+    assert not rec.vtpcm_id.startswith(coordinator.RESERVED_PREFIX)
 
 
 def test_a_lost_create_answer_keeps_the_reservation_until_destroyed(env):
-    coord, db, agents, trust, _ = env
+    coord, db, agents, trust, clock = env
     other = str(uuid.uuid4())
     agents.fail["create"] = exception.ServiceUnreachable(
         service="agent", method="create", reason="timeout")
@@ -305,13 +306,51 @@ def test_a_lost_create_answer_keeps_the_reservation_until_destroyed(env):
     assert db.get_vtpcm(other).state == "CREATING"
     with pytest.raises(exception.AlreadyExists):
         coord.create_vtpcm(other, "host-a")  # maybe it exists on host-b
+    assert db.get_vtpcm(other).vtpcm_id.startswith(coordinator.RESERVED_PREFIX)
     trust.verdicts["host-a"] = FakeVerdict("TRUSTED")
     with pytest.raises(exception.MigrationError, match="creation is unfinished"):
         coord.begin(str(uuid.uuid4()), other, "host-b", "host-a")
+    # The agent knows nothing, but the signed create may still be queued for
+    # it: the reservation stays until that command has expired.
     agents.fail["destroy"] = exception.NotFound(what="vTPCM", key=other)
-    coord.destroy_vtpcm(other)  # the agent never made it: the record goes
+    with pytest.raises(exception.VTPCMBusy, match="may still reach host host-b"):
+        coord.destroy_vtpcm(other)
+    assert db.get_vtpcm(other).state == "CREATING"
+    clock["now"] += datetime.timedelta(seconds=coordinator.COMMAND_LIFETIME + 1)
+    agents.fail["destroy"] = exception.NotFound(what="vTPCM", key=other)
+    coord.destroy_vtpcm(other)
     with pytest.raises(exception.NotFound):
         db.get_vtpcm(other)
+
+
+def test_destroy_only_by_the_holder_and_never_during_a_migration(env):
+    coord, db, agents, _, _ = env
+    with pytest.raises(exception.CommandRefused, match="lives on host-a, not on host-b"):
+        coord.destroy_vtpcm(INSTANCE, requested_by="host-b")
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    with pytest.raises(exception.MigrationError, match="migrating"):
+        coord.destroy_vtpcm(INSTANCE, requested_by="host-a")
+    coord.commit(mid)
+    with pytest.raises(exception.CommandRefused, match="lives on host-b"):
+        coord.destroy_vtpcm(INSTANCE, requested_by="host-a")  # the old holder
+    coord.destroy_vtpcm(INSTANCE, requested_by="host-b")
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(INSTANCE)
+
+
+def test_a_failed_agent_destroy_leaves_the_record_destroying_and_unmovable(env):
+    coord, db, agents, trust, _ = env
+    agents.fail["destroy"] = exception.ServiceUnreachable(
+        service="agent", method="destroy", reason="timeout")
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.destroy_vtpcm(INSTANCE, requested_by="host-a")
+    assert db.get_vtpcm(INSTANCE).state == "DESTROYING"
+    with pytest.raises(exception.MigrationError, match="being destroyed"):
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+    coord.destroy_vtpcm(INSTANCE, requested_by="host-a")  # the retry finishes it
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(INSTANCE)
 
 
 def test_commit_records_the_destination_vtpcm_id(env):
@@ -321,5 +360,5 @@ def test_commit_records_the_destination_vtpcm_id(env):
     coord.begin(mid, INSTANCE, "host-a", "host-b")
     coord.commit(mid)
     rec = db.get_vtpcm(INSTANCE)
-    assert rec.host == "host-b" and rec.vtpcm_id not in (first, "(creating)")
+    assert rec.host == "host-b" and rec.vtpcm_id != first
     assert ("get", "host-b") in agents.calls

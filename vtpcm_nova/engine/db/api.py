@@ -187,7 +187,15 @@ class Database:
         self.engine.dispose()
 
     def create_schema(self) -> None:
-        """Create missing tables and record the schema version (refuse a newer DB)."""
+        """Create missing tables and record the schema version (refuse a newer DB
+        before changing anything in it)."""
+        if inspect(self.engine).has_table("schema_version"):
+            with self.session() as s:
+                found = s.get(models.SchemaVersion, 1)
+                if found is not None and found.version > models.SCHEMA_VERSION:
+                    raise exception.InvalidInput(
+                        reason=f"database schema version {found.version} is newer than "
+                               f"this engine's {models.SCHEMA_VERSION}")
         models.Base.metadata.create_all(self.engine)
         self._add_missing_columns()
         with self.session() as s:
@@ -314,6 +322,11 @@ class Database:
             q = q.where(models.Host.status == status.value)
         with self.session() as s:
             return [_host_rec(r) for r in s.scalars(q)]
+
+    def hosts_with_command_key(self, command_public: bytes) -> list[str]:
+        q = select(models.Host.name).where(models.Host.command_public == command_public)
+        with self.session() as s:
+            return list(s.scalars(q))
 
     def hosts_with_ak(self, ak_name: bytes) -> list[str]:
         """Names of non-revoked hosts enrolled with this AK (one TPM, one host)."""
@@ -578,12 +591,12 @@ class Database:
         with self.session() as s:
             return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
-    def complete_vtpcm(self, instance_uuid: str, vtpcm_id: str, generation: int,
+    def complete_vtpcm(self, instance_uuid: str, token: str, vtpcm_id: str, generation: int,
                        state: str, now: datetime.datetime | None = None) -> bool:
-        """Fill in a CREATING reservation with what the agent made."""
+        """Fill in THIS CREATING reservation (``token``) with what the agent made."""
         q = (update(models.Vtpcm)
              .where(models.Vtpcm.instance_uuid == instance_uuid,
-                    models.Vtpcm.state == "CREATING")
+                    models.Vtpcm.state == "CREATING", models.Vtpcm.vtpcm_id == token)
              .values(vtpcm_id=vtpcm_id, generation=generation, state=state,
                      updated_at=now or utcnow()))
         with self.session() as s:
@@ -600,11 +613,14 @@ class Database:
             return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
     def delete_vtpcm(self, instance_uuid: str, expected_generation: int, *,
-                     expected_state: str | None = None) -> bool:
+                     expected_state: str | None = None,
+                     expected_vtpcm_id: str | None = None) -> bool:
         q = delete(models.Vtpcm).where(models.Vtpcm.instance_uuid == instance_uuid,
                                        models.Vtpcm.generation == expected_generation)
         if expected_state is not None:
             q = q.where(models.Vtpcm.state == expected_state)
+        if expected_vtpcm_id is not None:
+            q = q.where(models.Vtpcm.vtpcm_id == expected_vtpcm_id)
         with self.session() as s:
             return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
