@@ -1,12 +1,16 @@
 """Test-side names for the daemon helpers (they live in vtpcm_lab.daemons)."""
 
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_agent.keystore import InstanceKeys, KeyStore, TPMSealedHostKey
 from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_agent.swtpm import process
 from vtpcm_lab.daemons import (
     TRANSPORT_URL,
     AgentDaemon,
@@ -19,8 +23,33 @@ from vtpcm_lab.daemons import (
 )
 from vtpcm_lab.hosttpm import HostTPMStandIn
 
-__all__ = ["TRANSPORT_URL", "AgentDaemon", "Daemon", "EngineDaemon", "agent_cluster",
-           "client_conf", "short_dir", "wait_for"]
+__all__ = ["TRANSPORT_URL", "AgentDaemon", "ClusterHost", "Daemon", "EngineDaemon",
+           "agent_cluster", "client_conf", "short_dir", "wait_for"]
+
+
+@dataclasses.dataclass
+class ClusterHost:
+    """One host of ``agent_cluster``: ``ClusterHost(*entry)``."""
+
+    name: str
+    tpm: HostTPMStandIn
+    agent: AgentDaemon
+    run_dir: Path
+
+    @property
+    def state_root(self) -> Path:
+        return Path(self.agent.config["agent"]["state_dir"])
+
+    def keys(self, vtpcm_id: str) -> InstanceKeys:
+        """The instance's keys, unwrapped through the host TPM (tests only)."""
+        with HostTPM(self.tpm.tcti) as tpm:
+            return KeyStore(self.state_root / "keys", TPMSealedHostKey(
+                tpm, self.state_root / "hostkey.sealed")).get(vtpcm_id)
+
+    def paths(self, instance: str, vtpcm_id: str) -> process.SwtpmPaths:
+        return process.SwtpmPaths.for_data_socket(
+            self.state_root / "vtpcms" / vtpcm_id, self.run_dir / instance,
+            self.run_dir / (instance + ".pid"), self.state_root / "logs" / (vtpcm_id + ".log"))
 
 
 @contextlib.contextmanager

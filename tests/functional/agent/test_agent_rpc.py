@@ -6,51 +6,23 @@ import dataclasses
 import os
 import signal
 import uuid
-from pathlib import Path
 
 import oslo_messaging as messaging
 import pytest
 
 from tests.functional import tpmtools
 from tests.functional.harness import (
-    AgentDaemon,
+    ClusterHost,
     agent_cluster,
     client_conf,
     short_dir,
     wait_for,
 )
-from tests.functional.hosttpm_fixture import HostTPMStandIn
 from vtpcm_agent import messages as m
-from vtpcm_agent.hosttpm import HostTPM
-from vtpcm_agent.keystore import KeyStore, TPMSealedHostKey
 from vtpcm_agent.rpcapi import AgentAPI
-from vtpcm_agent.swtpm import process
 from vtpcm_common import exception
 
 pytestmark = pytest.mark.functional
-
-
-@dataclasses.dataclass
-class Host:
-    name: str
-    tpm: HostTPMStandIn
-    agent: AgentDaemon
-    run_dir: Path
-
-    @property
-    def state_root(self) -> Path:
-        return Path(self.agent.config["agent"]["state_dir"])
-
-    def keys(self, vtpcm_id: str):
-        with HostTPM(self.tpm.tcti) as tpm:
-            store = KeyStore(self.state_root / "keys",
-                             TPMSealedHostKey(tpm, self.state_root / "hostkey.sealed"))
-            return store.get(vtpcm_id)
-
-    def paths(self, instance: str, vtpcm_id: str) -> process.SwtpmPaths:
-        return process.SwtpmPaths.for_data_socket(
-            self.state_root / "vtpcms" / vtpcm_id, self.run_dir / instance,
-            self.run_dir / (instance + ".pid"), self.state_root / "logs" / (vtpcm_id + ".log"))
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +32,21 @@ def cluster():
     api = AgentAPI(client_conf(exchange), timeout=30)
     try:
         with agent_cluster(work, "h", exchange, api) as hosts:
-            a, b = (Host(*h) for h in hosts)
+            a, b = (ClusterHost(*h) for h in hosts)
             yield api, a, b
     finally:
         api.transport.cleanup()
 
 
-def _new(api: AgentAPI, host: Host) -> m.VTPCMInfo:
+def _new(api: AgentAPI, host: ClusterHost) -> m.VTPCMInfo:
     instance = str(uuid.uuid4())
     info = api.create(host.name, instance)
     assert info.state == "STOPPED" and not info.running and info.generation == 0
     return api.start(host.name, instance)
 
 
-def _hand_over(api, src: Host, dst: Host, instance: str, generation: int) -> m.MigrationContext:
+def _hand_over(api, src: ClusterHost, dst: ClusterHost, instance: str,
+               generation: int) -> m.MigrationContext:
     """Seal src's migration key for dst's TPM and prepare dst (the protocol's step 3)."""
     ctx = m.MigrationContext(str(uuid.uuid4()), instance, generation, src.name, dst.name)
     kem = api.get_identity(dst.name, os.urandom(32)).kem_public

@@ -40,18 +40,14 @@ import pytest
 from tests.functional import tpmtools
 from tests.functional.harness import (
     TRANSPORT_URL,
-    AgentDaemon,
+    ClusterHost,
     agent_cluster,
     client_conf,
     short_dir,
 )
 from vtpcm_agent import messages as m
-from vtpcm_agent.hosttpm import HostTPM
-from vtpcm_agent.keystore import InstanceKeys, KeyStore, TPMSealedHostKey
 from vtpcm_agent.rpcapi import AgentAPI
-from vtpcm_agent.swtpm import process
 from vtpcm_lab import proxy
-from vtpcm_lab.hosttpm import HostTPMStandIn
 from vtpcm_lab.live import free_port
 
 pytestmark = pytest.mark.functional
@@ -123,28 +119,6 @@ def _key_forms(key: bytes) -> list[tuple[str, bytes]]:
 
 
 @dataclasses.dataclass
-class Host:
-    name: str
-    tpm: HostTPMStandIn
-    agent: AgentDaemon
-    run_dir: Path
-
-    @property
-    def state_root(self) -> Path:
-        return Path(self.agent.config["agent"]["state_dir"])
-
-    def keys(self, vtpcm_id: str) -> InstanceKeys:
-        with HostTPM(self.tpm.tcti) as tpm:
-            return KeyStore(self.state_root / "keys", TPMSealedHostKey(
-                tpm, self.state_root / "hostkey.sealed")).get(vtpcm_id)
-
-    def paths(self, instance: str, vtpcm_id: str) -> process.SwtpmPaths:
-        return process.SwtpmPaths.for_data_socket(
-            self.state_root / "vtpcms" / vtpcm_id, self.run_dir / instance,
-            self.run_dir / (instance + ".pid"), self.state_root / "logs" / (vtpcm_id + ".log"))
-
-
-@dataclasses.dataclass
 class Run:
     """What one run put on the wire, and what must not be there (hidden from repr)."""
 
@@ -166,7 +140,7 @@ class Run:
                           *(t.encode() for t in self.texts), *self.blobs])
 
 
-def _hand_over(api: AgentAPI, src: Host, dst: Host, instance: str, generation: int,
+def _hand_over(api: AgentAPI, src: ClusterHost, dst: ClusterHost, instance: str, generation: int,
                envelopes: list[bytes]) -> m.MigrationContext:
     ctx = m.MigrationContext(str(uuid.uuid4()), instance, generation, src.name, dst.name)
     kem = api.get_identity(dst.name, os.urandom(32)).kem_public
@@ -176,7 +150,7 @@ def _hand_over(api: AgentAPI, src: Host, dst: Host, instance: str, generation: i
     return ctx
 
 
-def _traffic(api: AgentAPI, a: Host, b: Host, base: Path) -> dict[str, Any]:
+def _traffic(api: AgentAPI, a: ClusterHost, b: ClusterHost, base: Path) -> dict[str, Any]:
     """The secret-carrying RPCs of one vTPCM, through the relay."""
     instance = str(uuid.uuid4())
     api.create(a.name, instance)
@@ -246,7 +220,7 @@ def run() -> Iterator[Run]:
             api = AgentAPI(conf, timeout=30)
             try:
                 with agent_cluster(work, "bk", exchange, api, transport_url=url) as cluster:
-                    hosts = [Host(*entry) for entry in cluster]
+                    hosts = [ClusterHost(*entry) for entry in cluster]
                     result = _traffic(api, hosts[0], hosts[1], base)
             finally:
                 api.transport.cleanup()
