@@ -148,6 +148,15 @@ def test_operator_signed_calls_work_and_name_the_key(deployment):
                for e in accepted)
 
 
+def _assert_replay_refused(cctxt, method, payload, auth):
+    """The raw call of someone who saw ``auth`` on the broker is refused."""
+    with pytest.raises(messaging.RemoteError) as err:
+        cctxt.call({}, method, payload=payload, auth=dict(auth))
+    refused = rpc.remote_to_local(err.value)
+    assert isinstance(refused, exception.CommandRefused), err.value
+    assert "replayed" in str(refused)
+
+
 def test_a_replayed_signed_approve_is_refused(deployment):
     operator, rogue, _, _, host = deployment
     if host not in {h.name for h in operator.list_hosts().hosts}:
@@ -164,11 +173,7 @@ def test_a_replayed_signed_approve_is_refused(deployment):
     operator.revoke_host(host)
     operator.enroll(host)
     assert operator.show_host(host).status == "PENDING"
-    with pytest.raises(messaging.RemoteError) as err:
-        cctxt.call({}, "approve_host", payload=payload, auth=dict(auth))
-    refused = rpc.remote_to_local(err.value)
-    assert isinstance(refused, exception.CommandRefused), err.value
-    assert "replayed" in str(refused)
+    _assert_replay_refused(cctxt, "approve_host", payload, auth)
     assert operator.show_host(host).status == "PENDING"
 
 
@@ -192,11 +197,7 @@ def test_a_replay_after_an_engine_restart_is_refused(deployment):
     engine.stop()
     engine.start()
     engine.wait_ready(operator)
-    with pytest.raises(messaging.RemoteError) as err:
-        cctxt.call({}, "revoke_host", payload=payload, auth=dict(auth))
-    refused = rpc.remote_to_local(err.value)
-    assert isinstance(refused, exception.CommandRefused), err.value
-    assert "replayed" in str(refused)
+    _assert_replay_refused(cctxt, "revoke_host", payload, auth)
     assert operator.show_host(host).status == "APPROVED"
 
 

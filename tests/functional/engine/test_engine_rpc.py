@@ -177,29 +177,30 @@ def test_dishonest_quotes_are_refused_and_audited(setup, mode, words):
     assert fresh[host_b] == "UNTRUSTED"
 
 
-def test_kem_key_certified_by_unknown_ak_is_refused(setup):
-    api, _, _, host_b, dishonest, _ = setup
-    dishonest.mode = "unknown-ak"
+def _dishonest_enroll(api, host, dishonest, mode) -> tuple[str, list]:
+    """Enroll ``host`` while its agent answers in ``mode``; the refusal text
+    and the enroll refusals audited for it, newest first."""
+    dishonest.mode = mode
     try:
         with pytest.raises(exception.VTPCMException) as err:
-            api.enroll(host_b)
+            api.enroll(host)
     finally:
         dishonest.mode = "honest"
-    assert "signature" in str(err.value).lower(), str(err.value)
-    assert any(e.event == "enroll" and e.outcome == "refused" for e in _audit(api, host_b))
+    return str(err.value), [e for e in _audit(api, host)
+                            if e.event == "enroll" and e.outcome == "refused"]
+
+
+def test_kem_key_certified_by_unknown_ak_is_refused(setup):
+    api, _, _, host_b, dishonest, _ = setup
+    reason, refused = _dishonest_enroll(api, host_b, dishonest, "unknown-ak")
+    assert "signature" in reason.lower(), reason
+    assert refused
 
 
 def test_a_command_key_the_tpm_did_not_vouch_for_is_refused(setup):
     api, _, _, host_b, dishonest, _ = setup
-    dishonest.mode = "other-command-key"
-    try:
-        with pytest.raises(exception.VTPCMException) as err:
-            api.enroll(host_b)
-    finally:
-        dishonest.mode = "honest"
-    assert "does not bind this enrollment's nonce to the reported host command key" \
-        in str(err.value)
-    refused = [e for e in _audit(api, host_b) if e.event == "enroll" and e.outcome == "refused"]
+    reason, refused = _dishonest_enroll(api, host_b, dishonest, "other-command-key")
+    assert "does not bind this enrollment's nonce to the reported host command key" in reason
     assert refused and "host command key" in refused[0].detail
 
 
