@@ -55,11 +55,14 @@ from tpm2_pytss.constants import (
     TPM2_CAP,
     TPM2_HC,
     TPM2_HT,
+    TPM2_SE,
     TPMA_OBJECT,
 )
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
     TPM2B_ECC_POINT,
+    TPM2B_ENCRYPTED_SECRET,
+    TPM2B_ID_OBJECT,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
@@ -72,8 +75,10 @@ from tpm2_pytss.types import (
     TPMT_HA,
     TPMT_PUBLIC,
     TPMT_SIG_SCHEME,
+    TPMT_SYM_DEF,
     TPMU_HA,
 )
+from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
 from vtpcm_common.exception import HostTPMError
 
@@ -99,6 +104,10 @@ SEALED_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.USER
 # P-384 -- what swtpm_setup writes for its ECC EK --, P-521, RSA 3072/4096).
 EK_CERT_INDICES = (0x01C00002, 0x01C0000A, 0x01C00012, 0x01C00014, 0x01C00016,
                    0x01C00018, 0x01C0001C, 0x01C0001E)
+# The same preference as tpm2-pytss EK types: the EK re-created from the
+# template that belongs to the certificate (TCG EK Credential Profile).
+EK_TYPES = ("EK-RSA2048", "EK-ECC256", "EK-HIGH-RSA2048", "EK-HIGH-ECC256",
+            "EK-HIGH-ECC384", "EK-HIGH-ECC521", "EK-HIGH-RSA3072", "EK-HIGH-RSA4096")
 MAX_SEAL_BYTES = 128  # MAX_SYM_DATA: the largest sensitive data a TPM seals
 _PCR_BANKS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256,
               "sha384": TPM2_ALG.SHA384, "sha512": TPM2_ALG.SHA512}
@@ -121,6 +130,8 @@ class HostIdentity:
     kem_certify_attest: bytes
     kem_certify_signature: bytes
     ek_certificate: bytes | None
+    # marshaled TPMT_PUBLIC of the EK that ek_certificate certifies
+    ek_public: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -307,6 +318,14 @@ class HostTPM:
         _check_nonce(nonce)
 
         def run(e: ESAPI) -> HostIdentity:
+            found = self._ek_template(e)
+            ek_cert, ek_public = None, None
+            if found is not None:
+                ek_cert = found[0]
+                with self._ek(e, found[1]) as (_ek, ek_pub):
+                    ek_public = bytes(ek_pub.publicArea.marshal())
+            else:
+                ek_cert = self._read_ek_certificate(e)  # one of an unknown type
             with self._ak(e) as (ak, ak_pub), self._kem(e) as (kem, kem_pub):
                 attest, sig = e.certify(kem, ak, nonce,
                                         TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
@@ -319,9 +338,75 @@ class HostTPM:
                 kem_name=kem_name,
                 kem_certify_attest=bytes(attest),
                 kem_certify_signature=sig.marshal(),
-                ek_certificate=self._read_ek_certificate(e),
+                ek_certificate=ek_cert,
+                ek_public=ek_public,
             )
         return self._call("identity", run)
+
+    def _nv_read(self, e: ESAPI, index: int) -> bytes:
+        """A whole NV index; NoSuchIndex if it is not defined (what
+        tpm2-pytss' EK template builder expects)."""
+        _more, data = e.get_capability(TPM2_CAP.HANDLES, TPM2_HC.NV_INDEX_FIRST, 256)
+        if int(index) not in {int(h) for h in data.data.handles}:
+            raise NoSuchIndex(int(index))
+        tr = e.tr_from_tpmpublic(int(index))
+        nv_public, _name = e.nv_read_public(tr)
+        size = int(nv_public.nvPublic.dataSize)
+        return b"".join(bytes(e.nv_read(tr, min(_NV_CHUNK, size - off), off))
+                        for off in range(0, size, _NV_CHUNK))
+
+    def _ek_template(self, e: ESAPI) -> tuple[bytes, TPM2B_PUBLIC] | None:
+        """(EK certificate, EK template) of the first EK type whose
+        certificate is provisioned; None on a TPM without one."""
+        for ek_type in EK_TYPES:
+            try:
+                cert, template = create_ek_template(ek_type, lambda i: self._nv_read(e, i))
+            except ValueError:  # tpm2-pytss: no certificate of this (high range) type
+                continue
+            except TSS2_Exception as exc:
+                LOG.warning("Cannot read the %(t)s certificate or template: %(err)s",
+                            {"t": ek_type, "err": exc})
+                continue
+            if cert:
+                return bytes(cert), template
+        return None
+
+    @contextmanager
+    def _ek(self, e: ESAPI, template: TPM2B_PUBLIC) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
+        handle, public, _cdata, _cdigest, _ticket = e.create_primary(
+            None, template, ESYS_TR.ENDORSEMENT)
+        try:
+            yield handle, public
+        finally:
+            e.flush_context(handle)
+
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+        """TPM2_ActivateCredential: the engine's secret, which the TPM releases
+        only if the AK it names lives in the same TPM as the EK the secret
+        was encrypted to (proof that the AK is a key of this certified TPM).
+
+        ``credential_blob`` and ``encrypted_secret`` are a marshaled
+        TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (with size prefixes)."""
+        blob, _ = TPM2B_ID_OBJECT.unmarshal(credential_blob)
+        secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+
+        def run(e: ESAPI) -> bytes:
+            found = self._ek_template(e)
+            if found is None:
+                raise HostTPMError(reason="no EK certificate provisioned in the host TPM")
+            with self._ak(e) as (ak, _ak_pub), self._ek(e, found[1]) as (ek, _ek_pub):
+                session = e.start_auth_session(
+                    ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+                    TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
+                try:
+                    # the EK's policy: PolicySecret(TPM_RH_ENDORSEMENT)
+                    e.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+                    return bytes(e.activate_credential(ak, ek, blob, secret,
+                                                       session1=ESYS_TR.PASSWORD,
+                                                       session2=session))
+                finally:
+                    e.flush_context(session)
+        return self._call("activate credential", run)
 
     def _read_ek_certificate(self, e: ESAPI) -> bytes | None:
         _more, data = e.get_capability(TPM2_CAP.HANDLES, TPM2_HC.NV_INDEX_FIRST, 256)

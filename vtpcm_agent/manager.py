@@ -112,7 +112,13 @@ class AgentManager:
             host=self.host, ak_public=ident.ak_public, kem_public=ident.kem_public,
             kem_certify_attest=ident.kem_certify_attest,
             kem_certify_signature=ident.kem_certify_signature,
-            ek_certificate=ident.ek_certificate, command_public=self.command_public)
+            ek_certificate=ident.ek_certificate, command_public=self.command_public,
+            ek_public=ident.ek_public)
+
+    @endpoint(m.CredentialChallenge)
+    def activate_credential(self, req: m.CredentialChallenge) -> m.ActivatedCredential:
+        secret = self._tpm().activate_credential(req.credential_blob, req.encrypted_secret)
+        return m.ActivatedCredential(host=self.host, secret=secret)
 
     @endpoint(m.QuoteRequest)
     def quote(self, req: m.QuoteRequest) -> m.Quote:

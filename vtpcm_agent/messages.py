@@ -87,6 +87,25 @@ class HostIdentity(Message):
     # 1.4: raw Ed25519 public key the host's Nova driver signs engine calls with
     command_public: bytes | None = field(wire.optional(wire.blob_field(32, 32)),
                                          default=None)
+    # 1.5: marshaled TPMT_PUBLIC of the EK that ek_certificate certifies
+    ek_public: bytes | None = field(wire.optional(wire.blob_field(1024, 1)), default=None)
+
+
+@dataclasses.dataclass(frozen=True)
+class CredentialChallenge(Message):
+    """TPM2_MakeCredential output (marshaled TPM2B_ID_OBJECT and
+    TPM2B_ENCRYPTED_SECRET) for this host's EK and AK name."""
+
+    message_type = "credential_challenge"
+    credential_blob: bytes = field(wire.blob_field(1024, 1))
+    encrypted_secret: bytes = field(wire.blob_field(1024, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivatedCredential(Message):
+    message_type = "activated_credential"
+    host: str = field(wire.host_field)
+    secret: bytes = field(wire.blob_field(64, 1))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,11 @@ API version history:
           (``command_public``), bound into the KEM certify's qualifying data
           (``authn.host_key_binding``): the engine checks the Nova driver's
           calls from this host against it.
+    1.5 - get_identity also returns ``ek_public`` (the EK its certificate
+          certifies) and activate_credential (TPM2_ActivateCredential with
+          the AK and that EK), so the engine can prove the AK is a key of
+          the TPM the EK certificate vouches for. Unsigned: the answer is
+          only the engine's one-time challenge.
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
@@ -31,7 +36,7 @@ from vtpcm_agent import messages as m
 from vtpcm_common import authn, rpc
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.4"
+RPC_API_VERSION = "1.5"
 
 
 R = TypeVar("R", bound=Message)
@@ -84,8 +89,14 @@ class AgentAPI(rpc.Client):
 
     # 1.1
     def get_identity(self, host: str, nonce: bytes) -> m.HostIdentity:
-        return self._at(host, "get_identity", "1.4", m.IdentityRequest(nonce),
+        return self._at(host, "get_identity", "1.5", m.IdentityRequest(nonce),
                           m.HostIdentity)
+
+    def activate_credential(self, host: str, credential_blob: bytes,
+                            encrypted_secret: bytes) -> m.ActivatedCredential:
+        return self._at(host, "activate_credential", "1.5",
+                        m.CredentialChallenge(credential_blob, encrypted_secret),
+                        m.ActivatedCredential)
 
     def quote(self, host: str, nonce: bytes, pcrs: tuple[int, ...],
               bank: str = "sha256") -> m.Quote:

@@ -100,6 +100,12 @@ def run(one_way: bool, keep: bool) -> int:
         stack.up()
         up_s = time.monotonic() - started
         a, b = stack.host(lab.a), stack.host(lab.b)
+        for host in (a, b):
+            enrolled = [e for e in stack.engine.list_audit(limit=20, host=host.name).entries
+                        if e.event == "enroll" and e.outcome == "APPROVED"]
+            checks.expect(bool(enrolled) and "AK activated" in enrolled[0].detail,
+                          "%s enrolled: EK certificate verified, AK proven in its TPM"
+                          % host.name)
         for verdict in (stack.engine.attest(a.name), stack.engine.attest(b.name)):
             print("  %s: %s %s" % (verdict.host, verdict.status, verdict.reason))
         print("\n== booting %s with a vTPCM on %s" % (GUEST, a.name))

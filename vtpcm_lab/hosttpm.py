@@ -28,6 +28,29 @@ STOP_TIMEOUT = 10.0
 BOOT_PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
 
 
+LOCALCA_CONF = Path("/etc/swtpm-localca.conf")
+
+
+def localca_ek_cas(dest: Path) -> Path:
+    """Write the certificates of swtpm-localca (the "manufacturer" of
+    stand-ins made ``with_ek_cert``) to ``dest``: the engine's
+    ``[attestation] ek_ca_file`` for the lab. Call after one stand-in was
+    manufactured (swtpm_setup creates the CA on first use)."""
+    settings = {}
+    for line in LOCALCA_CONF.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not key.strip().startswith("#"):
+            settings[key.strip()] = value.strip()
+    statedir = Path(settings.get("statedir", "/var/lib/swtpm-localca"))
+    issuer = Path(settings.get("issuercert", statedir / "issuercert.pem"))
+    pems = [issuer.read_bytes()]
+    root = statedir / "swtpm-localca-rootca-cert.pem"
+    if root.exists():
+        pems.append(root.read_bytes())
+    dest.write_bytes(b"".join(pems))
+    return dest
+
+
 def measured_boot(tcti: str) -> None:
     """Simulate firmware + bootloader + kernel measurements into PCRs 0-7."""
     from vtpcm_agent.hosttpm import HostTPM

@@ -18,7 +18,7 @@ from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import authn
 from vtpcm_lab import daemons
 from vtpcm_lab.hosts import Lab, LabHost
-from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, measured_boot
+from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, localca_ek_cas, measured_boot
 from vtpcm_nova.engine.rpcapi import EngineAPI
 
 LOG = logging.getLogger(__name__)
@@ -83,14 +83,11 @@ class Stack:
         shutil.rmtree(self.base, ignore_errors=True)
         self.base.mkdir(parents=True, mode=0o700)
         try:
-            self.engine_daemon = daemons.EngineDaemon(
-                self.base, self.exchange, "sqlite:///%s" % (self.base / "engine.sqlite"),
-                extra={"attestation": {"verdict_ttl": 300}})
-            self.engine_daemon.start()
-            self._record(self.engine_daemon)
             for lab_host in self.lab.hosts:
                 name = "lab-" + lab_host.name
-                tpm = HostTPMStandIn(self.base / ("hosttpm-" + lab_host.name), name=name)
+                # manufactured like a real host TPM: EKs with certificates
+                tpm = HostTPMStandIn(self.base / ("hosttpm-" + lab_host.name), name=name,
+                                     with_ek_cert=True)
                 tpm.start()
                 self._record_pid("hosttpm-" + name, tpm.pid)
                 measured_boot(tpm.tcti)
@@ -102,6 +99,13 @@ class Stack:
                 agent.start()
                 self._record(agent)
                 self.hosts[lab_host.name] = StackHost(lab_host, name, tpm, agent)
+            # the engine trusts the lab's TPM "manufacturer" and no one else
+            ek_cas = localca_ek_cas(self.base / "ek-cas.pem")
+            self.engine_daemon = daemons.EngineDaemon(
+                self.base, self.exchange, "sqlite:///%s" % (self.base / "engine.sqlite"),
+                extra={"attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas}})
+            self.engine_daemon.start()
+            self._record(self.engine_daemon)
             for host in self.hosts.values():
                 host.agent.wait_ready(self.agents)
             self.engine_daemon.wait_ready(self.engine)

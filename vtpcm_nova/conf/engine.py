@@ -40,6 +40,15 @@ ATTESTATION_OPTS = [
                 help="Approve a host as soon as its AK and certified KEM key check out. "
                      "For labs; in production an operator approves each host with "
                      "vtpcm-manage hosts approve."),
+    cfg.StrOpt("ek_ca_file", default="",
+               help="PEM file of the CA certificates that issue host TPMs' EK "
+                    "certificates (the TPM manufacturers' roots and intermediates; "
+                    "swtpm-localca's in a lab). When set, enrollment requires the "
+                    "host's EK certificate to chain to one of them and to certify "
+                    "the EK the agent reports, and proves by credential activation "
+                    "that the AK lives in that same TPM. Empty: the AK is trusted on "
+                    "its own attributes and the operator's approval (a warning at "
+                    "every start)."),
     cfg.StrOpt("default_policy",
                help="Golden PCR policy assigned to newly enrolled hosts (by name)."),
     cfg.IntOpt("verdict_ttl", default=300, min=5,

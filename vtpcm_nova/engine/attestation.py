@@ -11,14 +11,19 @@ host, only a verdict with a reason.
 from __future__ import annotations
 
 import datetime
+import hmac
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from cryptography import x509
 from oslo_log import log as logging
+from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
+from tpm2_pytss.utils import make_credential
 
 from vtpcm_common import authn, exception
-from vtpcm_nova.engine import verifier
+from vtpcm_nova.engine import ekcert, verifier
 from vtpcm_nova.engine.db.api import Database, HostRecord, PolicyRecord, VerdictRecord
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.verifier import TrustStatus
@@ -39,6 +44,9 @@ class AgentClient(Protocol):
     def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
               bank: str) -> Mapping[str, Any]: ...
 
+    def activate_credential(self, host: str, credential_blob: bytes,
+                            encrypted_secret: bytes) -> bytes: ...
+
 
 class Attestor:
     """Attestation logic over one database and an injected agent client factory.
@@ -50,7 +58,10 @@ class Attestor:
     def __init__(self, db: Database, agent_client_factory: Callable[[], AgentClient], *,
                  verdict_ttl: float, nonce_ttl: float,
                  reboot_policy: verifier.RebootPolicy = "reapprove",
+                 ek_cas: Sequence[x509.Certificate] = (),
                  clock: Callable[[], float] = time.time) -> None:
+        """``ek_cas``: trusted EK CA certificates; when given, enrollment
+        checks the EK certificate and activates a credential (``ekcert``)."""
         if verdict_ttl <= 0 or nonce_ttl <= 0:
             raise exception.InvalidInput(reason="verdict_ttl and nonce_ttl must be positive")
         if reboot_policy not in ("reapprove", "accept"):
@@ -61,6 +72,7 @@ class Attestor:
         self.nonce_ttl = datetime.timedelta(seconds=nonce_ttl)
         self.reboot_policy: verifier.RebootPolicy = reboot_policy
         self._clock = clock
+        self.ek_cas = tuple(ek_cas)
         self._aks: dict[bytes, verifier.AttestationKey] = {}
 
     def _now(self) -> datetime.datetime:
@@ -125,16 +137,47 @@ class Attestor:
         if others:
             raise exception.CertificationError(
                 host=host, reason=f"host command key already enrolled for host {others[0]}")
+        ek_detail = "EK not checked ([attestation] ek_ca_file unset)"
+        if self.ek_cas:
+            ek_detail = self._prove_ak_in_certified_tpm(host, fields, ak)
         record = self.db.enroll_host(
             host, ak_public=ak.public, ak_name=ak.name, kem_public=kem_public,
             kem_name=kem_name, ek_certificate=fields.get("ek_certificate"),
             command_public=command_public,
             approved=auto_approve, now=self._now())
         self.db.audit("enroll", record.status.value, host=host,
-                      detail=f"AK {ak.name.hex()[:16]}... certified KEM key", now=self._now())
+                      detail=f"AK {ak.name.hex()[:16]}... certified KEM key; {ek_detail}",
+                      now=self._now())
         LOG.info("Host %(host)s enrolled (%(status)s)",
                  {"host": host, "status": record.status.value})
         return record
+
+    def _prove_ak_in_certified_tpm(self, host: str, fields: Mapping[str, Any],
+                                   ak: verifier.AttestationKey) -> str:
+        """EK certificate from a trusted CA for the reported EK, then
+        TPM2_MakeCredential to that EK naming the AK: only the TPM holding
+        both can return the secret."""
+        cert_der, ek_public = fields.get("ek_certificate"), fields.get("ek_public")
+        if not cert_der or not ek_public:
+            raise exception.CertificationError(
+                host=host, reason="no EK certificate (required by [attestation] ek_ca_file)")
+        cert = ekcert.verify(cert_der, ek_public, self.ek_cas, host=host, now=self._now())
+        secret = secrets.token_bytes(32)
+        ek = TPMT_PUBLIC.unmarshal(ek_public)[0]
+        blob, encrypted = make_credential(TPM2B_PUBLIC(publicArea=ek), secret,
+                                          TPM2B_NAME(ak.name))
+        try:
+            answer = self._agents().activate_credential(host, bytes(blob.marshal()),
+                                                        bytes(encrypted.marshal()))
+        except exception.VTPCMException as err:
+            raise exception.CertificationError(
+                host=host, reason="credential activation failed: %s" % _short(str(err), 300)) \
+                from None
+        if not hmac.compare_digest(answer, secret):
+            raise exception.CertificationError(
+                host=host, reason="credential activation returned a wrong secret")
+        return "EK certificate from %s verified, AK activated" % _short(
+            cert.issuer.rfc4514_string(), 120)
 
     def enroll_from_agent(self, host: str, auto_approve: bool = False) -> HostRecord:
         """Convenience: fresh nonce, ask the agent for its identity, enroll."""
@@ -293,6 +336,11 @@ def _identity_fields(host: str, identity: Mapping[str, Any]) -> dict[str, Any]:
     except exception.InvalidInput as err:
         raise exception.CertificationError(host=host, reason=err.kwargs["reason"]) from None
     out["command_public"] = command_public
+    ek_public = identity.get("ek_public")
+    if ek_public is not None and not isinstance(ek_public, bytes):
+        raise exception.CertificationError(host=host,
+                                           reason="identity field ek_public is not bytes")
+    out["ek_public"] = ek_public
     ek = identity.get("ek_certificate")
     if ek is not None and not isinstance(ek, bytes):
         raise exception.CertificationError(host=host,

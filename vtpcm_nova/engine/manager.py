@@ -49,6 +49,11 @@ class AgentAttestationClient:
               bank: str) -> Mapping[str, Any]:
         return dataclasses.asdict(self.agents.quote(host, nonce, tuple(pcrs), bank))
 
+    def activate_credential(self, host: str, credential_blob: bytes,
+                            encrypted_secret: bytes) -> bytes:
+        return self.agents.activate_credential(host, credential_blob,
+                                               encrypted_secret).secret
+
 
 class AuditedVerifier:
     """Checks the operator signature of an admin call and audits the outcome:

@@ -11,7 +11,7 @@ from oslo_log import log as logging
 
 from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import authn, exception, rpc
-from vtpcm_nova.engine import rpcapi
+from vtpcm_nova.engine import ekcert, rpcapi
 from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.api import Database
@@ -39,11 +39,31 @@ def admin_verifier_from(conf: cfg.ConfigOpts) -> authn.CommandVerifier | authn.R
             reason="[engine] admin_public_keys: %s" % err.kwargs.get("reason", err)) from None
 
 
+def ek_cas_from(conf: cfg.ConfigOpts) -> list[Any]:
+    """The trusted EK CAs; without them enrollment cannot tell a TPM's AK
+    from a software key, which the operator must know."""
+    path = conf.attestation.ek_ca_file
+    if not path:
+        LOG.warning("EK certificates are not checked ([attestation] ek_ca_file is not set): "
+                    "enrollment cannot prove a host's attestation key is a TPM key; "
+                    "approve hosts only after checking them out of band")
+        return []
+    try:
+        cas = ekcert.load_ca_file(path)
+    except exception.InvalidInput as err:
+        raise exception.InvalidInput(
+            reason="[attestation] ek_ca_file: %s" % err.kwargs.get("reason", err)) from None
+    LOG.info("Enrollment requires EK certificates from %(n)d CA(s) in %(path)s",
+             {"n": len(cas), "path": path})
+    return cas
+
+
 class EngineService:
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
         # Checked first: a bad key path stops the start before anything opens.
         self.admin_verifier = admin_verifier_from(conf)
+        self.ek_cas = ek_cas_from(conf)
         self.db = Database(conf.engine.connection)
         if isinstance(self.admin_verifier, authn.CommandVerifier):
             # one nonce table for all workers: a captured admin command is
@@ -61,7 +81,8 @@ class EngineService:
         att = conf.attestation
         client = AgentAttestationClient(self.agents)
         self.attestor = Attestor(self.db, lambda: client, verdict_ttl=att.verdict_ttl,
-                                 nonce_ttl=att.nonce_ttl, reboot_policy=att.reboot_policy)
+                                 nonce_ttl=att.nonce_ttl, reboot_policy=att.reboot_policy,
+                                 ek_cas=self.ek_cas)
         self.coordinator = Coordinator(self.db, self.agents, self.attestor,
                                        timeout=conf.migration.timeout)
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,

@@ -320,3 +320,46 @@ def test_timings(tpm: HostTPM) -> None:
     print(f"\nHostTPM timings (ms per call, mean of {n}):")
     for name, ms in results.items():
         print(f"  {name:<20} {ms:7.2f}")
+
+
+@pytest.fixture(scope="module")
+def certified_tpms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[HostTPMStandIn]]:
+    """Two manufactured stand-ins: EKs with certificates from swtpm-localca."""
+    base = tmp_path_factory.mktemp("ektpm")
+    standins = [HostTPMStandIn(base, name, with_ek_cert=True) for name in ("ek1", "ek2")]
+    try:
+        for standin in standins:
+            standin.start()
+        yield standins
+    finally:
+        for standin in standins:
+            standin.cleanup()
+
+
+def test_identity_reports_the_ek_its_certificate_certifies(certified_tpms):
+    from tpm2_pytss.types import TPMT_PUBLIC
+    with HostTPM(certified_tpms[0].tcti) as t:
+        ident = t.identity(os.urandom(32))
+    assert ident.ek_certificate is not None and ident.ek_public is not None
+    ek, _ = TPMT_PUBLIC.unmarshal(ident.ek_public)
+    cert_key = x509.load_der_x509_certificate(ident.ek_certificate).public_key()
+    assert int.from_bytes(bytes(ek.unique.rsa), "big") == cert_key.public_numbers().n
+
+
+def test_credential_activates_only_for_an_ak_of_the_ek_s_tpm(certified_tpms):
+    from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
+    from tpm2_pytss.utils import make_credential
+    with HostTPM(certified_tpms[0].tcti) as one, HostTPM(certified_tpms[1].tcti) as two:
+        ident_one, ident_two = one.identity(os.urandom(32)), two.identity(os.urandom(32))
+        ek_one = TPM2B_PUBLIC(publicArea=TPMT_PUBLIC.unmarshal(ident_one.ek_public)[0])
+        secret = os.urandom(32)
+        blob, enc = make_credential(ek_one, secret, TPM2B_NAME(ident_one.ak_name))
+        assert one.activate_credential(bytes(blob.marshal()), bytes(enc.marshal())) == secret
+        # the other TPM's AK named against this EK: the TPM refuses
+        blob, enc = make_credential(ek_one, secret, TPM2B_NAME(ident_two.ak_name))
+        with pytest.raises(HostTPMError, match="activate credential failed"):
+            one.activate_credential(bytes(blob.marshal()), bytes(enc.marshal()))
+        # encrypted to this EK, asked of the other TPM: it cannot open it
+        blob, enc = make_credential(ek_one, secret, TPM2B_NAME(ident_one.ak_name))
+        with pytest.raises(HostTPMError):
+            two.activate_credential(bytes(blob.marshal()), bytes(enc.marshal()))
