@@ -387,19 +387,30 @@ class HostTPM:
 
         ``credential_blob`` and ``encrypted_secret`` are a marshaled
         TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (with size prefixes)."""
-        blob, _ = TPM2B_ID_OBJECT.unmarshal(credential_blob)
-        secret, _ = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+        try:
+            blob, used_blob = TPM2B_ID_OBJECT.unmarshal(credential_blob)
+            secret, used_secret = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
+        except Exception:  # tpm2-pytss raises several types on malformed bytes
+            raise HostTPMError(reason="credential challenge does not parse") from None
+        if (used_blob, used_secret) != (len(credential_blob), len(encrypted_secret)):
+            raise HostTPMError(reason="credential challenge has trailing bytes")
 
         def run(e: ESAPI) -> bytes:
             found = self._ek_template(e)
             if found is None:
                 raise HostTPMError(reason="no EK certificate provisioned in the host TPM")
-            with self._ak(e) as (ak, _ak_pub), self._ek(e, found[1]) as (ek, _ek_pub):
+            template = found[1]
+            with self._ak(e) as (ak, _ak_pub), self._ek(e, template) as (ek, _ek_pub):
+                if template.publicArea.objectAttributes & TPMA_OBJECT.USERWITHAUTH:
+                    # high-range EK templates: empty auth value, no policy
+                    return bytes(e.activate_credential(ak, ek, blob, secret,
+                                                       session1=ESYS_TR.PASSWORD,
+                                                       session2=ESYS_TR.PASSWORD))
                 session = e.start_auth_session(
                     ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
                     TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
                 try:
-                    # the EK's policy: PolicySecret(TPM_RH_ENDORSEMENT)
+                    # low-range EK policy: PolicySecret(TPM_RH_ENDORSEMENT)
                     e.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
                     return bytes(e.activate_credential(ak, ek, blob, secret,
                                                        session1=ESYS_TR.PASSWORD,

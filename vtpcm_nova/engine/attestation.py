@@ -156,16 +156,28 @@ class Attestor:
                                    ak: verifier.AttestationKey) -> str:
         """EK certificate from a trusted CA for the reported EK, then
         TPM2_MakeCredential to that EK naming the AK: only the TPM holding
-        both can return the secret."""
+        both can return the secret. Sound because ``verifier.load_ak``
+        requires fixedTPM: a key whose private part was ever outside a TPM
+        cannot carry it (so has another name), and an object loaded with
+        only its public part cannot be authorized for ActivateCredential."""
         cert_der, ek_public = fields.get("ek_certificate"), fields.get("ek_public")
         if not cert_der or not ek_public:
             raise exception.CertificationError(
                 host=host, reason="no EK certificate (required by [attestation] ek_ca_file)")
         cert = ekcert.verify(cert_der, ek_public, self.ek_cas, host=host, now=self._now())
+        others = [h for h in self.db.hosts_with_ek_certificate(cert_der) if h != host]
+        if others:  # one TPM, one host: a second name would be a second AK
+            raise exception.CertificationError(
+                host=host, reason=f"EK certificate already enrolled for host {others[0]}")
         secret = secrets.token_bytes(32)
-        ek = TPMT_PUBLIC.unmarshal(ek_public)[0]
-        blob, encrypted = make_credential(TPM2B_PUBLIC(publicArea=ek), secret,
-                                          TPM2B_NAME(ak.name))
+        try:
+            ek = TPMT_PUBLIC.unmarshal(ek_public)[0]
+            blob, encrypted = make_credential(TPM2B_PUBLIC(publicArea=ek), secret,
+                                              TPM2B_NAME(ak.name))
+        except Exception as err:  # parameters tpm2-pytss cannot encrypt to
+            raise exception.CertificationError(
+                host=host, reason="cannot make a credential for the reported EK (%s)"
+                                  % type(err).__name__) from None
         try:
             answer = self._agents().activate_credential(host, bytes(blob.marshal()),
                                                         bytes(encrypted.marshal()))
@@ -176,8 +188,9 @@ class Attestor:
         if not hmac.compare_digest(answer, secret):
             raise exception.CertificationError(
                 host=host, reason="credential activation returned a wrong secret")
-        return "EK certificate from %s verified, AK activated" % _short(
-            cert.issuer.rfc4514_string(), 120)
+        issuer = "".join(c if c.isprintable() else "?" for c in cert.issuer.rfc4514_string())
+        return "EK certificate %s from %s verified, AK activated" % (
+            ekcert.fingerprint(cert), _short(issuer, 120))
 
     def enroll_from_agent(self, host: str, auto_approve: bool = False) -> HostRecord:
         """Convenience: fresh nonce, ask the agent for its identity, enroll."""

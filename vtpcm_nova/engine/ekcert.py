@@ -24,12 +24,14 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC
 from tpm2_pytss.types import TPMT_PUBLIC
 
 from vtpcm_common import exception
 
+TCG_KP_EK_CERTIFICATE = x509.ObjectIdentifier("2.23.133.8.1")
 _CURVES: dict[int, type[ec.EllipticCurve]] = {
     int(TPM2_ECC.NIST_P256): ec.SECP256R1, int(TPM2_ECC.NIST_P384): ec.SECP384R1,
     int(TPM2_ECC.NIST_P521): ec.SECP521R1}
@@ -54,22 +56,38 @@ def _err(host: str, reason: str) -> exception.CertificationError:
     return exception.CertificationError(host=host, reason="EK certificate: " + reason)
 
 
-def _signed_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
-    key = issuer.public_key()
-    algorithm = cert.signature_hash_algorithm
-    if algorithm is None:
-        return False
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Name chaining and the signature (PKCS#1 v1.5, PSS or ECDSA)."""
     try:
-        if isinstance(key, rsa.RSAPublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, padding.PKCS1v15(),
-                       algorithm)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            key.verify(cert.signature, cert.tbs_certificate_bytes, ec.ECDSA(algorithm))
-        else:
-            return False
-    except InvalidSignature:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca)
+    except x509.ExtensionNotFound:
+        return False
+
+
+def _printable(text: str, limit: int = 120) -> str:
+    """Certificate names are attacker text: no control characters, bounded."""
+    return "".join(c if c.isprintable() else "?" for c in text)[:limit]
+
+
+def _check_ek_profile(cert: x509.Certificate, host: str) -> None:
+    """TCG EK credential profile, as far as it protects us: an end-entity
+    certificate whose extended key usage, if present, is the EK one."""
+    if _is_ca(cert):
+        raise _err(host, "it is a CA certificate, not an EK certificate")
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return
+    if TCG_KP_EK_CERTIFICATE not in list(usages):
+        raise _err(host, "its extended key usage is not tcg-kp-EKCertificate")
 
 
 def _valid_at(cert: x509.Certificate, now: datetime.datetime) -> bool:
@@ -109,13 +127,19 @@ def verify(cert_der: bytes, ek_public: bytes, cas: Sequence[x509.Certificate], *
         raise _err(host, "the reported EK public area has trailing bytes")
     if not _matches(cert, ek):
         raise _err(host, "it does not certify the reported EK")
-    if not _valid_at(cert, now):
-        raise _err(host, "%s is not valid now" % cert.subject.rfc4514_string())
-    issuers = [ca for ca in cas if ca.subject == cert.issuer and _signed_by(cert, ca)]
+    _check_ek_profile(cert, host)
+    # the signature first: names of an untrusted certificate are not repeated
+    issuers = [ca for ca in cas if _is_ca(ca) and _issued_by(cert, ca)]
     if not issuers:
-        raise _err(host, "not signed by a trusted EK CA (issuer %s)"
-                   % cert.issuer.rfc4514_string())
+        raise _err(host, "not signed by a trusted EK CA")
+    if not _valid_at(cert, now):
+        raise _err(host, "%s is not valid now" % _printable(cert.subject.rfc4514_string()))
     if not any(_valid_at(ca, now) for ca in issuers):
         raise _err(host, "the issuing CA %s is not valid now"
-                   % issuers[0].subject.rfc4514_string())
+                   % _printable(issuers[0].subject.rfc4514_string()))
     return cert
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """Short SHA-256 fingerprint of an EK certificate, for the audit."""
+    return cert.fingerprint(hashes.SHA256()).hex()[:16]

@@ -363,3 +363,26 @@ def test_credential_activates_only_for_an_ak_of_the_ek_s_tpm(certified_tpms):
         blob, enc = make_credential(ek_one, secret, TPM2B_NAME(ident_one.ak_name))
         with pytest.raises(HostTPMError):
             two.activate_credential(bytes(blob.marshal()), bytes(enc.marshal()))
+
+
+def test_credential_activates_with_a_high_range_ek(certified_tpms, monkeypatch):
+    """swtpm's second EK certificate (ECC P-384, high range 0x01c00016):
+    its template allows the empty auth value instead of the low range's
+    PolicySecret, and the agent must use it."""
+    from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
+    from tpm2_pytss.utils import make_credential
+
+    from vtpcm_agent import hosttpm
+    monkeypatch.setattr(hosttpm, "EK_TYPES", ("EK-HIGH-ECC384",))
+    with HostTPM(certified_tpms[0].tcti) as t:
+        ident = t.identity(os.urandom(32))
+        ek, _ = TPMT_PUBLIC.unmarshal(ident.ek_public)
+        cert_key = x509.load_der_x509_certificate(ident.ek_certificate).public_key()
+        assert isinstance(cert_key, ec.EllipticCurvePublicKey) and cert_key.curve.name == \
+            "secp384r1"
+        secret = os.urandom(32)
+        blob, enc = make_credential(TPM2B_PUBLIC(publicArea=ek), secret,
+                                    TPM2B_NAME(ident.ak_name))
+        assert t.activate_credential(bytes(blob.marshal()), bytes(enc.marshal())) == secret
+        with pytest.raises(HostTPMError, match="trailing bytes"):
+            t.activate_credential(bytes(blob.marshal()) + b"\x00", bytes(enc.marshal()))

@@ -123,6 +123,14 @@ class FakeAgent:
     def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
         return self.tpms[host].identity(nonce)
 
+    activation: Any = None
+
+    def activate_credential(self, host: str, credential_blob: bytes,
+                            encrypted_secret: bytes) -> bytes:
+        if self.activation is None:
+            raise exception.HostTPMError(reason="activate credential failed: TPM_RC_INTEGRITY")
+        return bytes(self.activation(host, credential_blob, encrypted_secret))
+
     def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
               bank: str) -> Mapping[str, Any]:
         self.calls += 1
@@ -551,3 +559,80 @@ def test_attestor_rejects_bad_config(tmp_path: Path) -> None:
                                  reboot_policy="never")  # type: ignore[arg-type]
     finally:
         db.dispose()
+
+
+# ---- EK certificates and credential activation --------------------------------------
+
+def _ek_setup(att: attestation.Attestor, clock: Any) -> tuple[bytes, bytes]:
+    """A CA the attestor trusts and (EK certificate, EK public) it issued."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    now = dt.datetime.fromtimestamp(clock(), dt.UTC)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ek_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    base = (x509.CertificateBuilder().serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=1)))
+    ca = (base.subject_name(name("EK CA")).issuer_name(name("EK CA"))
+          .public_key(ca_key.public_key())
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    cert = (base.subject_name(name("ek")).issuer_name(name("EK CA"))
+            .public_key(ek_key.public_key()).sign(ca_key, hashes.SHA256()))
+    att.ek_cas = (ca,)
+    pem = ek_key.public_key().public_bytes(serialization.Encoding.PEM,
+                                           serialization.PublicFormat.SubjectPublicKeyInfo)
+    from tpm2_pytss.types import TPMT_PUBLIC, TPMT_SYM_DEF_OBJECT, TPMU_SYM_KEY_BITS, TPMU_SYM_MODE
+    ek = TPMT_PUBLIC.from_pem(pem, symmetric=TPMT_SYM_DEF_OBJECT(  # as the TCG EK template
+        algorithm=TPM2_ALG.AES, keyBits=TPMU_SYM_KEY_BITS(aes=128),
+        mode=TPMU_SYM_MODE(aes=TPM2_ALG.CFB)))
+    return cert.public_bytes(serialization.Encoding.DER), bytes(ek.marshal())
+
+
+def _enroll_refused(att: attestation.Attestor, tpm: FakeTPM, host: str,
+                    reason: str, **extra: Any) -> None:
+    nonce = att.enrollment_nonce(host)
+    with pytest.raises(exception.CertificationError, match=reason):
+        att.enroll(host, dict(tpm.identity(nonce), **extra), nonce)
+    audit = [e for e in att.db.list_audit(limit=5, host=host) if e.event == "enroll"]
+    assert audit and audit[0].outcome == "refused"
+
+
+def test_ek_checks_refuse_and_audit_before_any_secret_is_trusted(env: Any) -> None:
+    att, agent, clock = env
+    cert, ek_public = _ek_setup(att, clock)
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    _enroll_refused(att, tpm, "cmp1", "no EK certificate")
+    # parameters make_credential cannot use (nameAlg NULL): refused, not a crash
+    from tpm2_pytss.types import TPMT_PUBLIC
+    bent, _ = TPMT_PUBLIC.unmarshal(ek_public)
+    bent.nameAlg = TPM2_ALG.NULL
+    _enroll_refused(att, tpm, "cmp1", "cannot make a credential for the reported EK",
+                    ek_certificate=cert, ek_public=bytes(bent.marshal()))
+    # the agent's answer is checked (this fake TPM cannot really activate)
+    agent.activation = lambda host, blob, secret: b"\x00" * 32
+    _enroll_refused(att, tpm, "cmp1", "returned a wrong secret",
+                    ek_certificate=cert, ek_public=ek_public)
+    agent.activation = None
+    _enroll_refused(att, tpm, "cmp1", "credential activation failed",
+                    ek_certificate=cert, ek_public=ek_public)
+
+
+def test_an_ek_certificate_enrolled_for_another_host_is_refused(env: Any) -> None:
+    att, agent, clock = env
+    cert, ek_public = _ek_setup(att, clock)
+    att.db.enroll_host("cmp1", ak_public=b"ak", ak_name=b"n1", kem_public=b"k",
+                       kem_name=b"kn1", ek_certificate=cert)
+    tpm = agent.tpms["cmp2"] = FakeTPM()
+    agent.activation = lambda host, blob, secret: pytest.fail("no secret may be asked for")
+    _enroll_refused(att, tpm, "cmp2", "EK certificate already enrolled for host cmp1",
+                    ek_certificate=cert, ek_public=ek_public)

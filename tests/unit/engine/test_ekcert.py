@@ -22,12 +22,14 @@ def _name(cn: str) -> x509.Name:
 
 
 def _cert(subject: str, key, issuer: str, issuer_key, *, ca: bool,
-          start=NOW - DAY, end=NOW + 365 * DAY) -> x509.Certificate:
+          start=NOW - DAY, end=NOW + 365 * DAY, eku=None) -> x509.Certificate:
     builder = (x509.CertificateBuilder().subject_name(_name(subject))
                .issuer_name(_name(issuer)).public_key(key.public_key())
                .serial_number(x509.random_serial_number())
                .not_valid_before(start).not_valid_after(end)
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if eku is not None:
+        builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -86,10 +88,42 @@ def test_an_unknown_or_impostor_ca_is_refused(pki):
 
 
 def test_expired_certificates_are_refused(pki):
-    _refused(pki, "not valid now", now=NOW + 400 * DAY)
     old = _cert("ek", pki["ek_rsa"], "TPM EK Issuing CA", pki["mid_key"], ca=False,
                 start=NOW - 10 * DAY, end=NOW - DAY)
     _refused(pki, "CN=ek is not valid now", cert=_der(old))
+    # the EK certificate is valid, its issuing CA no longer
+    ca_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    expired_ca = _cert("Old CA", ca_key, "Old CA", ca_key, ca=True, start=NOW - 10 * DAY,
+                       end=NOW - DAY)
+    ek = _cert("ek", pki["ek_rsa"], "Old CA", ca_key, ca=False, start=NOW - 10 * DAY)
+    _refused(pki, "the issuing CA CN=Old CA is not valid now", cert=_der(ek),
+             cas=[expired_ca])
+
+
+def test_only_an_end_entity_ek_certificate_from_a_ca_counts(pki):
+    # the issuing CA's own certificate presented as an EK certificate
+    _refused(pki, "it is a CA certificate", cert=_der(pki["mid"]),
+             ek=_tpmt(pki["mid_key"]), cas=[pki["root"]])
+    # signed by a certificate of the file that is not a CA
+    leaf_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    leaf = _cert("Not a CA", leaf_key, "TPM EK Issuing CA", pki["mid_key"], ca=False)
+    ek = _cert("ek", pki["ek_rsa"], "Not a CA", leaf_key, ca=False)
+    _refused(pki, "not signed by a trusted EK CA", cert=_der(ek), cas=[leaf, pki["mid"]])
+    # an extended key usage other than the EK one
+    tls = _cert("ek", pki["ek_rsa"], "TPM EK Issuing CA", pki["mid_key"], ca=False,
+                eku=[x509.oid.ExtendedKeyUsageOID.SERVER_AUTH])
+    _refused(pki, "not tcg-kp-EKCertificate", cert=_der(tls))
+    ok = _cert("ek", pki["ek_rsa"], "TPM EK Issuing CA", pki["mid_key"], ca=False,
+               eku=[ekcert.TCG_KP_EK_CERTIFICATE])
+    assert ekcert.verify(_der(ok), _tpmt(pki["ek_rsa"]), [pki["mid"]], host="h", now=NOW)
+
+
+def test_an_ecc_ek_on_another_curve_is_refused(pki):
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    cert = _cert("ek", p384, "TPM EK Issuing CA", pki["mid_key"], ca=False)
+    _refused(pki, "does not certify the reported EK", cert=_der(cert),
+             ek=_tpmt(pki["ek_ecc"]))
+    assert ekcert.verify(_der(cert), _tpmt(p384), [pki["mid"]], host="h", now=NOW)
 
 
 def test_malformed_input_is_named(pki, tmp_path):

@@ -323,6 +323,11 @@ class Database:
         with self.session() as s:
             return [_host_rec(r) for r in s.scalars(q)]
 
+    def hosts_with_ek_certificate(self, certificate: bytes) -> list[str]:
+        q = select(models.Host.name).where(models.Host.ek_certificate == certificate)
+        with self.session() as s:
+            return list(s.scalars(q))
+
     def hosts_with_command_key(self, command_public: bytes) -> list[str]:
         q = select(models.Host.name).where(models.Host.command_public == command_public)
         with self.session() as s:
