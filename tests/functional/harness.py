@@ -3,14 +3,18 @@
 import contextlib
 import dataclasses
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import oslo_messaging as messaging
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import InstanceKeys, KeyStore, TPMSealedHostKey
 from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_agent.swtpm import process
+from vtpcm_common import authn, rpc
 from vtpcm_lab.daemons import (
     TRANSPORT_URL,
     AgentDaemon,
@@ -24,7 +28,8 @@ from vtpcm_lab.daemons import (
 from vtpcm_lab.hosttpm import HostTPMStandIn
 
 __all__ = ["TRANSPORT_URL", "AgentDaemon", "ClusterHost", "Daemon", "EngineDaemon",
-           "agent_cluster", "client_conf", "short_dir", "wait_for"]
+           "agent_cluster", "client_conf", "random_command_public", "serve_agent_in_process",
+           "short_dir", "wait_for"]
 
 
 @dataclasses.dataclass
@@ -86,3 +91,24 @@ def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
         for proc in reversed(started):
             # a stand-in's cleanup also removes its socket directory
             proc.cleanup() if isinstance(proc, HostTPMStandIn) else proc.stop()
+
+
+def serve_agent_in_process(conf: Any, manager: Any) -> Callable[[], None]:
+    """Serve an agent endpoint object (a test may bend its answers) on the
+    deployment's agent topic as its host, like a daemon; returns the stop."""
+    transport = rpc.get_transport(conf)
+    server = messaging.get_rpc_server(
+        transport, messaging.Target(topic=rpc.topic(conf, "agent_topic"), server=manager.host),
+        [manager], access_policy=messaging.DefaultRPCAccessPolicy)
+    server.start()
+
+    def stop() -> None:
+        server.stop()
+        server.wait()
+        transport.cleanup()
+    return stop
+
+
+def random_command_public() -> bytes:
+    """A host command public key of nobody (for in-process test agents)."""
+    return authn.public_raw(ed25519.Ed25519PrivateKey.generate().public_key())

@@ -11,16 +11,21 @@ import re
 import shutil
 import uuid
 
-import oslo_messaging as messaging
 import pytest
-from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.functional.harness import AgentDaemon, EngineDaemon, client_conf, short_dir
+from tests.functional.harness import (
+    AgentDaemon,
+    EngineDaemon,
+    client_conf,
+    random_command_public,
+    serve_agent_in_process,
+    short_dir,
+)
 from vtpcm_agent import messages as am
 from vtpcm_agent import rpcapi as agent_rpcapi
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.manager import AgentManager, endpoint
-from vtpcm_common import authn, exception, rpc
+from vtpcm_common import exception
 from vtpcm_lab import daemons
 from vtpcm_lab.hosttpm import HostTPMStandIn, localca_ek_cas, measured_boot
 from vtpcm_nova.engine.rpcapi import EngineAPI
@@ -81,16 +86,9 @@ def setup():
         tpm_y, tpm_x = HostTPM(tpms["y"].tcti), HostTPM(tpms["x"].tcti)
         cleanups += [tpm_y.close, tpm_x.close]
         liar = LyingAgent(names["y"], instances=None, host_tpm=tpm_y,
-                          command_public=authn.public_raw(
-                              ed25519.Ed25519PrivateKey.generate().public_key()))
+                          command_public=random_command_public())
         liar.other = tpm_x
-        transport = rpc.get_transport(conf)
-        server = messaging.get_rpc_server(
-            transport, messaging.Target(topic=rpc.topic(conf, "agent_topic"),
-                                        server=names["y"]),
-            [liar], access_policy=messaging.DefaultRPCAccessPolicy)
-        server.start()
-        cleanups.append(lambda: (server.stop(), server.wait()))
+        cleanups.append(serve_agent_in_process(conf, liar))
         engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work, extra={
             "attestation": {"ek_ca_file": localca_ek_cas(work / "ek-cas.pem"),
                             "auto_approve": "true"}})

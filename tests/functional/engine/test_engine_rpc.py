@@ -18,6 +18,8 @@ from tests.functional.harness import (
     AgentDaemon,
     EngineDaemon,
     client_conf,
+    random_command_public,
+    serve_agent_in_process,
     short_dir,
     wait_for,
 )
@@ -26,7 +28,7 @@ from vtpcm_agent import messages as am
 from vtpcm_agent import rpcapi as agent_rpcapi
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.manager import AgentManager, endpoint
-from vtpcm_common import authn, exception, rpc
+from vtpcm_common import authn, exception
 from vtpcm_lab.hosttpm import measured_boot
 from vtpcm_nova.engine.rpcapi import EngineAPI
 
@@ -110,15 +112,9 @@ def setup(request):
         tpm_b, tpm_x = HostTPM(tpms["b"].tcti), HostTPM(tpms["x"].tcti)
         cleanups += [tpm_b.close, tpm_x.close]
         dishonest = DishonestAgent(host_b, instances=None, host_tpm=tpm_b,
-                                   command_public=authn.public_raw(
-                                       ed25519.Ed25519PrivateKey.generate().public_key()))
+                                   command_public=random_command_public())
         dishonest.foreign = tpm_x
-        transport = rpc.get_transport(conf)
-        server = messaging.get_rpc_server(
-            transport, messaging.Target(topic=rpc.topic(conf, "agent_topic"), server=host_b),
-            [dishonest], access_policy=messaging.DefaultRPCAccessPolicy)
-        server.start()
-        cleanups.append(lambda: (server.stop(), server.wait()))
+        cleanups.append(serve_agent_in_process(conf, dishonest))
         engine = EngineDaemon(work, exchange, url, extra={
             "attestation": {"verdict_ttl": 600}})
         engine.start()
