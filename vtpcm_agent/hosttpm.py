@@ -420,24 +420,15 @@ class HostTPM:
         return self._call("activate credential", run)
 
     def _read_ek_certificate(self, e: ESAPI) -> bytes | None:
-        _more, data = e.get_capability(TPM2_CAP.HANDLES, TPM2_HC.NV_INDEX_FIRST, 256)
-        present = {int(h) for h in data.data.handles}
         for index in EK_CERT_INDICES:
-            if index not in present:
-                continue
             try:
-                tr = e.tr_from_tpmpublic(index)
-                nv_public, _name = e.nv_read_public(tr)
-                size = int(nv_public.nvPublic.dataSize)
-                chunks = []
-                for off in range(0, size, _NV_CHUNK):
-                    chunks.append(bytes(e.nv_read(tr, min(_NV_CHUNK, size - off), off)))
+                return self._nv_read(e, index)
+            except NoSuchIndex:
+                continue
             except TSS2_Exception as exc:
                 # The certificate is optional evidence: report, try the next.
                 LOG.warning("Cannot read the EK certificate at NV index %(i)#x: %(err)s",
                             {"i": index, "err": exc})
-                continue
-            return b"".join(chunks)
         return None
 
     # -- quote and PCRs --------------------------------------------------
