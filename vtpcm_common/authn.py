@@ -44,6 +44,9 @@ LOG = logging.getLogger(__name__)
 
 VERSION = 1
 DEFAULT_TTL = 120.0
+# How far a verifier's clock may be behind the signer's: a command is still
+# accepted this long after its expiry as the signer counts it.
+DEFAULT_MAX_SKEW = 30.0
 AUTH_FIELDS = frozenset({"server", "issued_at", "expires_at", "nonce", "signature"})
 NONCE_BYTES = 16
 SIGNATURE_BYTES = 64
@@ -197,7 +200,8 @@ class CommandVerifier:
     must be remembered."""
 
     def __init__(self, public_key_path: Path | Sequence[Path] | None, server: str, *,
-                 clock: Clock = time.time, max_skew: float = 30.0, max_ttl: float = 300.0,
+                 clock: Clock = time.time, max_skew: float = DEFAULT_MAX_SKEW,
+                 max_ttl: float = 300.0,
                  signer_role: str = "engine", service_role: str = "agent",
                  server_kind: str = "host") -> None:
         if public_key_path is None:  # keys come with each call (verify_with)
@@ -453,28 +457,24 @@ def load_or_create_host_key(path: Path, *, gid: int | None = None,
                 except OSError:
                     path.unlink()
                     raise
-        return CommandSigner(_load_private_key(path, group_readable=True), ttl=ttl)
     except OSError as err:
         raise exception.InvalidInput(
             reason="host command key %s: %s" % (path, err.strerror)) from None
+    return load_host_key(path, ttl=ttl)
 
 
 def load_host_key(path: Path, *, ttl: float = DEFAULT_TTL) -> CommandSigner:
     """An existing host command key (what the Nova driver signs with)."""
-    try:
-        return CommandSigner(_load_private_key(Path(path), group_readable=True), ttl=ttl)
-    except OSError as err:
-        raise exception.InvalidInput(
-            reason="host command key %s: %s" % (path, err.strerror)) from None
+    return load_signing_key(path, ttl=ttl, group_readable=True, what="host command key")
 
 
-def load_signing_key(path: Path, *, ttl: float = DEFAULT_TTL) -> CommandSigner:
-    """An existing signing key (never creates one)."""
+def load_signing_key(path: Path, *, ttl: float = DEFAULT_TTL, group_readable: bool = False,
+                     what: str = "command signing key") -> CommandSigner:
+    """An existing signing key (never creates one); ``what`` names it in errors."""
     try:
-        return CommandSigner(_load_private_key(Path(path)), ttl=ttl)
+        return CommandSigner(_load_private_key(Path(path), group_readable), ttl=ttl)
     except OSError as err:
-        raise exception.InvalidInput(
-            reason="command signing key %s: %s" % (path, err.strerror)) from None
+        raise exception.InvalidInput(reason="%s %s: %s" % (what, path, err.strerror)) from None
 
 
 def signer_from_conf(conf: cfg.ConfigOpts) -> CommandSigner | None:

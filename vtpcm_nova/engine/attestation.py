@@ -188,9 +188,8 @@ class Attestor:
         if not hmac.compare_digest(answer, secret):
             raise exception.CertificationError(
                 host=host, reason="credential activation returned a wrong secret")
-        issuer = "".join(c if c.isprintable() else "?" for c in cert.issuer.rfc4514_string())
         return "EK certificate %s from %s verified, AK activated" % (
-            ekcert.fingerprint(cert), _short(issuer, 120))
+            ekcert.fingerprint(cert), ekcert.printable(cert.issuer.rfc4514_string()))
 
     def enroll_from_agent(self, host: str, auto_approve: bool = False) -> HostRecord:
         """Convenience: fresh nonce, ask the agent for its identity, enroll."""

@@ -32,7 +32,7 @@ DESTROYING = "DESTROYING"
 RESERVED_PREFIX = "creating-"
 # How long a signed agent command may still run after the engine sent it:
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
-COMMAND_LIFETIME = authn.DEFAULT_TTL + 30.0
+COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
 
 
 class AgentClient(Protocol):

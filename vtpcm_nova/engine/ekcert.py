@@ -72,7 +72,7 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _printable(text: str, limit: int = 120) -> str:
+def printable(text: str, limit: int = 120) -> str:
     """Certificate names are attacker text: no control characters, bounded."""
     return "".join(c if c.isprintable() else "?" for c in text)[:limit]
 
@@ -133,10 +133,10 @@ def verify(cert_der: bytes, ek_public: bytes, cas: Sequence[x509.Certificate], *
     if not issuers:
         raise _err(host, "not signed by a trusted EK CA")
     if not _valid_at(cert, now):
-        raise _err(host, "%s is not valid now" % _printable(cert.subject.rfc4514_string()))
+        raise _err(host, "%s is not valid now" % printable(cert.subject.rfc4514_string()))
     if not any(_valid_at(ca, now) for ca in issuers):
         raise _err(host, "the issuing CA %s is not valid now"
-                   % _printable(issuers[0].subject.rfc4514_string()))
+                   % printable(issuers[0].subject.rfc4514_string()))
     return cert
 
 
