@@ -16,11 +16,11 @@ import time
 import uuid
 
 from vtpcm_agent.hosttpm import HostTPM
-from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
 from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, measured_boot
 from vtpcm_nova.engine import verifier
-from vtpcm_nova.engine.rpcapi import EngineAPI
 
 
 def percentile(values: list[float], q: float) -> float:

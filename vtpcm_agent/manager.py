@@ -12,12 +12,12 @@ from typing import Any
 import oslo_messaging as messaging
 from oslo_log import log as logging
 
-from vtpcm_agent import messages as m
-from vtpcm_agent import rpcapi
 from vtpcm_agent.association import Association
 from vtpcm_agent.instances import InstanceManager, context_from
 from vtpcm_agent.swtpm import ctrl
 from vtpcm_common import authn, exception
+from vtpcm_common.api.agent import messages as m
+from vtpcm_common.api.agent import rpcapi
 from vtpcm_common.authn import CommandVerifier
 from vtpcm_common.rpc import endpoint
 

@@ -15,11 +15,13 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpcm_agent import keystore as ks
-from vtpcm_agent import manager, rpcapi
+from vtpcm_agent import manager
 from vtpcm_agent.association import AssociationList
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.instances import AgentSettings, InstanceManager
 from vtpcm_common import authn, exception, rpc
+from vtpcm_common.api.agent import rpcapi
+from vtpcm_common.api.engine.rpcapi import EngineAPI
 
 LOG = logging.getLogger(__name__)
 
@@ -116,8 +118,6 @@ class AgentService:
             access_policy=messaging.DefaultRPCAccessPolicy)
         self.server.start()
         if self.conf.agent.register_with_engine:
-            # Imported here: the engine's client is optional for the agent.
-            from vtpcm_nova.engine.rpcapi import EngineAPI
             EngineAPI(self.conf, self.transport).register_agent(self.settings.host)
         LOG.info("vtpcm-agent of host %(host)s serving topic %(topic)s (API %(v)s); "
                  "commands must be signed with engine key %(key)s",

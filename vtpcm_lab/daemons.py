@@ -31,10 +31,10 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpcm_agent import conf as agent_conf
-from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import authn, exception, rpc
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_nova import conf as engine_conf
-from vtpcm_nova.engine.rpcapi import EngineAPI
 
 LOG = logging.getLogger(__name__)
 TRANSPORT_URL = os.environ.get("VTPCM_TEST_TRANSPORT_URL",

@@ -14,12 +14,12 @@ from pathlib import Path
 
 from oslo_log import log as logging
 
-from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import authn
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
 from vtpcm_lab.hosts import Lab, LabHost
 from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, localca_ek_cas, measured_boot
-from vtpcm_nova.engine.rpcapi import EngineAPI
 
 LOG = logging.getLogger(__name__)
 EXCHANGE = "vtpcm-lab"

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import InstanceKeys, KeyStore, TPMSealedHostKey
-from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_agent.swtpm import process
 from vtpcm_common import authn, rpc
+from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_lab.daemons import (
     TRANSPORT_URL,
     AgentDaemon,

@@ -12,9 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
-from vtpcm_agent import messages as m
 from vtpcm_agent.manager import AgentManager
 from vtpcm_common import authn, exception, rpc
+from vtpcm_common.api.agent import messages as m
 from vtpcm_common.rpc import endpoint
 
 HOST = "host-a"
@@ -423,7 +423,7 @@ def _engine_manager(verifier=None):
 
 
 def test_engine_admin_methods_are_exactly_the_signed_ones():
-    from vtpcm_nova.engine import rpcapi
+    from vtpcm_common.api.engine import rpcapi
     from vtpcm_nova.engine.manager import EngineManager
     signed = {name for name in dir(EngineManager)
               if getattr(getattr(EngineManager, name), "signed", False)}
@@ -469,8 +469,8 @@ def test_engine_admin_call_runs_only_when_operator_signed_and_is_audited(operato
 def test_engine_api_signs_for_the_engine_topic(tmp_path):
     from oslo_config import cfg
 
+    from vtpcm_common.api.engine import rpcapi
     from vtpcm_nova import conf as engine_conf
-    from vtpcm_nova.engine import rpcapi
     conf = cfg.ConfigOpts()
     engine_conf.register_opts(conf)
     conf([], project="vtpcm", default_config_files=[])

@@ -1,6 +1,6 @@
 """vtpcm-manage: the operator CLI of the vtpcm-engine (hosts, policies, verdicts, audit).
 
-It is a thin RPC client of the running engine (``vtpcm_nova.engine.rpcapi``):
+It is a thin RPC client of the running engine (``vtpcm_common.api.engine.rpcapi``):
 every answer comes from the engine's database, nothing is cached here. Each
 command is one small function ``(api, args) -> (exit_code, data)``; rendering
 (aligned table or ``--format json``) is separate, so scripts get stable keys.
@@ -55,11 +55,11 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpcm_common import authn, exception
+from vtpcm_common.api.engine import messages as m
+from vtpcm_common.api.engine import rpcapi
+from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_common.wire import Message
 from vtpcm_nova import conf as engine_conf
-from vtpcm_nova.engine import messages as m
-from vtpcm_nova.engine import rpcapi
-from vtpcm_nova.engine.rpcapi import EngineAPI
 
 LOG = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from typing import Any, Protocol
 
 from oslo_log import log as logging
 
-from vtpcm_agent import messages as am
 from vtpcm_common import authn, exception
+from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import protocol as p
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.protocol import MigrationState as M

@@ -20,11 +20,11 @@ from typing import Any
 import oslo_messaging as messaging
 from oslo_log import log as logging
 
-from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import authn, exception
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine import messages as m
+from vtpcm_common.api.engine import rpcapi
 from vtpcm_common.rpc import endpoint
-from vtpcm_nova.engine import messages as m
-from vtpcm_nova.engine import rpcapi
 from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api

@@ -9,9 +9,10 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import authn, exception, rpc
-from vtpcm_nova.engine import ekcert, rpcapi
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine import rpcapi
+from vtpcm_nova.engine import ekcert
 from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.api import Database

@@ -14,9 +14,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.functional.harness import AgentDaemon, agent_cluster, client_conf, short_dir
-from vtpcm_agent import messages as m
-from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import authn, exception
+from vtpcm_common.api.agent import messages as m
+from vtpcm_common.api.agent.rpcapi import AgentAPI
 
 pytestmark = pytest.mark.functional
 

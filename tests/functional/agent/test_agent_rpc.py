@@ -18,9 +18,9 @@ from tests.functional.harness import (
     short_dir,
     wait_for,
 )
-from vtpcm_agent import messages as m
-from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import exception
+from vtpcm_common.api.agent import messages as m
+from vtpcm_common.api.agent.rpcapi import AgentAPI
 
 pytestmark = pytest.mark.functional
 

@@ -45,8 +45,8 @@ from tests.functional.harness import (
     client_conf,
     short_dir,
 )
-from vtpcm_agent import messages as m
-from vtpcm_agent.rpcapi import AgentAPI
+from vtpcm_common.api.agent import messages as m
+from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_lab import proxy
 from vtpcm_lab.live import free_port
 

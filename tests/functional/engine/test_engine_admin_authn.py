@@ -15,13 +15,13 @@ import oslo_messaging as messaging
 import pytest
 
 from tests.functional.hosttpm_fixture import HostTPMStandIn
-from vtpcm_agent import rpcapi as agent_rpcapi
 from vtpcm_common import authn, exception, rpc
+from vtpcm_common.api.agent import rpcapi as agent_rpcapi
+from vtpcm_common.api.engine import messages as m
+from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
 from vtpcm_lab.daemons import AgentDaemon, EngineDaemon, client_conf, short_dir
 from vtpcm_lab.hosttpm import measured_boot
-from vtpcm_nova.engine import messages as m
-from vtpcm_nova.engine.rpcapi import EngineAPI
 
 pytestmark = pytest.mark.functional
 PCRS = (0, 1, 2, 3, 4, 5, 6, 7)

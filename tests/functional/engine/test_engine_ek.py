@@ -21,14 +21,14 @@ from tests.functional.harness import (
     serve_agent_in_process,
     short_dir,
 )
-from vtpcm_agent import messages as am
-from vtpcm_agent import rpcapi as agent_rpcapi
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.manager import AgentManager, endpoint
 from vtpcm_common import exception
+from vtpcm_common.api.agent import messages as am
+from vtpcm_common.api.agent import rpcapi as agent_rpcapi
+from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
 from vtpcm_lab.hosttpm import HostTPMStandIn, localca_ek_cas, measured_boot
-from vtpcm_nova.engine.rpcapi import EngineAPI
 
 pytestmark = pytest.mark.functional
 

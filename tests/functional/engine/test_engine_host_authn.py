@@ -21,11 +21,11 @@ from tests.functional.harness import (
     client_conf,
     short_dir,
 )
-from vtpcm_agent.rpcapi import AgentAPI
 from vtpcm_common import authn, exception, rpc
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine import messages as m
+from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
-from vtpcm_nova.engine import messages as m
-from vtpcm_nova.engine.rpcapi import EngineAPI
 
 pytestmark = pytest.mark.functional
 

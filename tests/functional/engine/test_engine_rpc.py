@@ -24,13 +24,13 @@ from tests.functional.harness import (
     wait_for,
 )
 from tests.functional.hosttpm_fixture import HostTPMStandIn
-from vtpcm_agent import messages as am
-from vtpcm_agent import rpcapi as agent_rpcapi
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.manager import AgentManager, endpoint
 from vtpcm_common import authn, exception
+from vtpcm_common.api.agent import messages as am
+from vtpcm_common.api.agent import rpcapi as agent_rpcapi
+from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab.hosttpm import measured_boot
-from vtpcm_nova.engine.rpcapi import EngineAPI
 
 pytestmark = pytest.mark.functional
 POLICY_PCRS = (0, 1, 2, 3, 4, 5, 6, 7)

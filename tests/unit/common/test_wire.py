@@ -2,8 +2,8 @@
 
 import pytest
 
-from vtpcm_agent import messages as m
 from vtpcm_common import exception
+from vtpcm_common.api.agent import messages as m
 
 
 @pytest.mark.parametrize("host", ["hostB\n", "host b", "", "-x", "a" * 254, "h/../x", 7])

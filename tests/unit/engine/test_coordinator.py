@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from vtpcm_agent import messages as am
 from vtpcm_common import exception
+from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.api import Database

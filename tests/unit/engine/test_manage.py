@@ -9,9 +9,9 @@ import pytest
 from oslo_config import cfg
 
 from vtpcm_common import authn, exception
+from vtpcm_common.api.engine import messages as m
+from vtpcm_common.api.engine import rpcapi
 from vtpcm_nova.cmd import manage
-from vtpcm_nova.engine import messages as m
-from vtpcm_nova.engine import rpcapi
 
 INSTANCE = "6f1c2a3e-0000-4000-8000-000000000001"
 VTPCM_ID = "6f1c2a3e-0000-4000-8000-000000000002"

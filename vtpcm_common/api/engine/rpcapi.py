@@ -34,8 +34,8 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 
 from vtpcm_common import authn, exception, rpc
+from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
-from vtpcm_nova.engine import messages as m
 
 RPC_API_VERSION = "1.2"
 

@@ -32,8 +32,8 @@ from typing import TypeVar
 import oslo_messaging as messaging
 from oslo_config import cfg
 
-from vtpcm_agent import messages as m
 from vtpcm_common import authn, rpc
+from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
 RPC_API_VERSION = "1.5"

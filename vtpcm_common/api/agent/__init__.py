@@ -1,0 +1,1 @@
+"""Contract of vtpcm-agent (topic vtpcm-agent): messages and client."""

@@ -1,0 +1,1 @@
+"""Contract of vtpcm-engine (topic vtpcm-engine): messages and client."""
