@@ -12,5 +12,7 @@ echo "== lint"
 ruff check vtpcm_common vtpcm_agent vtpcm_nova vtpcm_lab tests
 echo "== types"
 mypy
+echo "== layering"
+lint-imports
 echo "== tests"
 exec python -m pytest -p no:cacheprovider -q --timeout=600 tests "$@"
