@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
 VENV=${VTPCM_VENV:-$PWD/.venv}
-exec "$VENV/bin/python" -W ignore::DeprecationWarning -m vtpcm_lab.demo "$@"
+exec "$VENV/bin/python" -m vtpcm_lab.demo "$@"

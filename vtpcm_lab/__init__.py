@@ -9,6 +9,11 @@ hand it the control-socket path of the swtpm they run on each host.
 import os
 from pathlib import Path
 
+from vtpcm_common import concurrency
+
+# The lab drives the daemons' RPC clients in-process: native threads, as they run.
+concurrency.use_native_threads()
+
 DEFAULT_LAB_DIR = "/var/tmp/vtpcm-lab"
 
 
