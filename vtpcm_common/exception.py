@@ -113,6 +113,19 @@ class GenerationMismatch(VTPCMException):
     code = "generation_mismatch"
 
 
+class VTPCMNotHere(VTPCMException):
+    msg_fmt = ("vTPCM of instance %(instance_uuid)s lives on %(holder)s, not on "
+               "%(host)s: %(reason)s")
+    code = "not_here"
+
+
+class UnsupportedOperation(VTPCMException):
+    """A Nova operation this project refuses for vTPCM instances (documented)."""
+
+    msg_fmt = "%(operation)s is not supported for vTPCM instance %(instance_uuid)s: %(reason)s"
+    code = "unsupported"
+
+
 class LabError(VTPCMException):
     msg_fmt = "Two-host lab: %(reason)s"
     code = "lab_error"

@@ -1,8 +1,10 @@
 """Boot a lab guest with a vTPCM and live-migrate it with the protocol.
 
-This is the sequence the Nova driver runs (check_can_live_migrate_destination
--> pre_live_migration -> live_migration -> post_live_migration or rollback),
-driven here straight through libvirt-python so the lab needs no Nova.
+The vTPCM steps are the Nova driver's own functions
+(``vtpcm_nova.virt.livemigration``: check in check_can_live_migrate_destination,
+begin in live_migration, commit in post_live_migration, settle/abort on
+rollback), driven here straight through libvirt-python so the lab needs no
+Nova: the lab and the driver run one code path.
 """
 
 import dataclasses
@@ -18,6 +20,7 @@ from vtpcm_common import exception
 from vtpcm_lab import console, domain, migrate
 from vtpcm_lab.hosts import Lab
 from vtpcm_lab.stack import Stack, StackHost
+from vtpcm_nova.virt import livemigration
 
 LOG = logging.getLogger(__name__)
 
@@ -91,33 +94,26 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
         # post_live_migration) and the rollback run on the source, whose
         # consent moving the vTPCM needs (the engine refuses them from dst).
         at_dst, at_src = stack.engine_at(dst), stack.engine_at(src)
-        verdict = at_dst.check_destination(instance, dst.name)
+        verdict = livemigration.check_destination(at_dst, instance, dst.name)
         checked = time.monotonic()
         migration_id = str(uuid.uuid4())
-        at_src.begin(migration_id, instance, src.name, dst.name)
+        livemigration.begin(at_src, migration_id, instance, src.name, dst.name)
         begun = time.monotonic()
         try:
             dest_xml = domain.render_destination_xml(
-                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), dst.ctrl_socket(instance),
+                dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE),
+                livemigration.destination_socket(stack.agents, dst.name, instance),
                 dst.lab_host.serial_path(name))
             result = migrate.migrate(dom, conn_dst, dst.lab_host.uri, dest_xml,
                                      port or free_port(), connect_host=connect_host,
                                      listen_address=listen_address, timeout=timeout)
         except (exception.VTPCMException, libvirt.libvirtError) as err:
-            if _running_on(conn_dst, name):
-                # Finished right as we gave up (timeout): the VM runs on dst,
-                # so the vTPCM must follow it; an abort would destroy its TPM.
-                LOG.warning("Migration %(mig)s reported %(err)s but the VM runs on "
-                            "%(dst)s: committing", {"mig": migration_id, "err": err,
-                                                   "dst": dst.name})
-                at_src.commit(migration_id)
-                raise
-            LOG.warning("Live migration %(mig)s failed, aborting: %(err)s",
-                        {"mig": migration_id, "err": err})
-            at_src.abort(migration_id, str(err)[:900])
+            livemigration.settle(at_src, migration_id,
+                                 running_on_dest=_running_on(conn_dst, name),
+                                 reason=str(err)[:900])
             raise
         migrated = time.monotonic()
-        at_src.commit(migration_id)
+        livemigration.commit(at_src, migration_id)
         done = time.monotonic()
     finally:
         conn_src.close()

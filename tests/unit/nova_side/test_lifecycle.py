@@ -1,0 +1,76 @@
+import pytest
+
+from tests.unit.nova_side.fakes import FakeAgents, FakeEngine
+from vtpcm_common import exception
+from vtpcm_common.api.engine import messages as em
+from vtpcm_nova.virt import lifecycle
+
+INSTANCE = "00000000-0000-0000-0000-000000000001"
+
+
+def test_spawn_creates_then_starts_and_returns_the_checked_socket() -> None:
+    engine = FakeEngine()
+    path = lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a")
+    assert path == "/run/vtpcm/%s.ctrl" % INSTANCE
+    assert engine.methods() == ["get_vtpcm", "create_vtpcm", "start_vtpcm"]
+
+
+def test_reboot_reuses_the_existing_vtpcm() -> None:
+    engine = FakeEngine()
+    engine.create_vtpcm(INSTANCE, "a")
+    engine.calls.clear()
+    lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a")
+    assert "create_vtpcm" not in engine.methods()
+
+
+def test_vtpcm_held_elsewhere_is_refused_without_starting() -> None:
+    engine = FakeEngine()
+    engine.create_vtpcm(INSTANCE, "b")
+    engine.calls.clear()
+    with pytest.raises(exception.VTPCMNotHere, match="lives on b, not on a"):
+        lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a")
+    assert engine.methods() == ["get_vtpcm"]
+
+
+def test_migrating_vtpcm_is_busy() -> None:
+    engine = FakeEngine()
+    engine.vtpcms[INSTANCE] = em.VtpcmRecord(INSTANCE, "00000000-0000-0000-0000-0000000000aa",
+                                             "a", 0, "MIGRATING",
+                                             "00000000-0000-0000-0000-0000000000bb")
+    with pytest.raises(exception.VTPCMBusy, match="migration .* holds it"):
+        lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a")
+
+
+def test_a_forged_socket_answer_is_refused() -> None:
+    engine = FakeEngine()
+    agents = FakeAgents()
+    agents.socket_dir = "/run/vtpcm/../../tmp"
+    with pytest.raises(exception.InvalidInput, match="is not an absolute path"):
+        lifecycle.ensure_running(engine, agents, INSTANCE, "a")
+
+
+def test_not_running_after_start_is_an_error() -> None:
+    with pytest.raises(exception.SwtpmError, match="stopped right after start"):
+        lifecycle.ensure_running(FakeEngine(), FakeAgents(running=False), INSTANCE, "a")
+
+
+def test_delete_destroys_only_on_the_holder() -> None:
+    engine = FakeEngine()
+    engine.create_vtpcm(INSTANCE, "b")
+    assert lifecycle.destroy_if_held(engine, INSTANCE, "a") is False
+    assert "destroy_vtpcm" not in engine.methods()
+    assert lifecycle.destroy_if_held(engine, INSTANCE, "b") is True
+    assert engine.methods().count("destroy_vtpcm") == 1
+    # a retried delete, or a VM that never got a vTPCM: nothing to do, no error
+    assert lifecycle.destroy_if_held(engine, INSTANCE, "b") is False
+    assert engine.methods().count("destroy_vtpcm") == 1
+
+
+def test_delete_while_migrating_aborts_first() -> None:
+    engine = FakeEngine()
+    mig = "00000000-0000-0000-0000-0000000000bb"
+    engine._mig(mig, "PREPARED")
+    engine.vtpcms[INSTANCE] = em.VtpcmRecord(INSTANCE, "00000000-0000-0000-0000-0000000000aa",
+                                             "a", 0, "MIGRATING", mig)
+    assert lifecycle.destroy_if_held(engine, INSTANCE, "a") is True
+    assert engine.methods()[-2:] == ["abort", "destroy_vtpcm"]

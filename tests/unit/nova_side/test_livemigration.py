@@ -1,0 +1,100 @@
+import pytest
+
+from tests.unit.nova_side.fakes import FakeAgents, FakeEngine
+from vtpcm_common import exception
+from vtpcm_nova.virt import livemigration as lm
+
+MIG = "00000000-0000-0000-0000-0000000000bb"
+INSTANCE = "00000000-0000-0000-0000-000000000001"
+
+
+def _no_sleep(_s: float) -> None:
+    pass
+
+
+def test_failed_begin_is_aborted_at_once_and_its_error_raised() -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARING")  # the engine recorded it before failing
+    engine.fail["begin"] = [exception.ServiceUnreachable(service="e", method="begin",
+                                                         reason="MessagingTimeout")]
+    with pytest.raises(exception.ServiceUnreachable, match="did not answer begin"):
+        lm.begin(engine, MIG, INSTANCE, "src", "dst")
+    assert engine.methods() == ["begin", "abort"]
+    assert engine.migrations[MIG].state == "ABORTED"
+
+
+def test_refused_begin_keeps_its_own_error_even_if_abort_fails() -> None:
+    engine = FakeEngine()
+    engine.fail["begin"] = [exception.HostNotTrusted(host="dst", reason="PCR 7 differs")]
+    engine.fail["abort"] = [exception.InvalidTransition(what="migration", key=MIG,
+                                                        current="REFUSED", target="ABORTING")]
+    with pytest.raises(exception.HostNotTrusted, match="PCR 7 differs"):
+        lm.begin(engine, MIG, INSTANCE, "src", "dst")
+
+
+def test_begin_that_answers_something_else_than_prepared_is_aborted() -> None:
+    engine = FakeEngine()
+    engine.begin = lambda *a: engine._mig(MIG, "COMMITTED")  # type: ignore[method-assign]
+    with pytest.raises(exception.MigrationError, match="begin answered COMMITTED"):
+        lm.begin(engine, MIG, INSTANCE, "src", "dst")
+
+
+def test_commit_whose_answer_was_lost_is_success() -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "COMMITTED")  # reconcile (or the lost call) finished it
+    engine.fail["commit"] = [exception.ServiceUnreachable(service="e", method="commit",
+                                                          reason="MessagingTimeout")]
+    assert lm.commit(engine, MIG, sleep=_no_sleep).state == "COMMITTED"
+    assert engine.methods() == ["commit", "get_migration"]
+
+
+def test_commit_retries_a_busy_record_then_succeeds() -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARED")
+    engine.fail["commit"] = [exception.VTPCMBusy(instance_uuid=INSTANCE, reason="x")] * 2
+    assert lm.commit(engine, MIG, sleep=_no_sleep).state == "COMMITTED"
+    assert engine.methods().count("commit") == 3
+
+
+def test_commit_gives_up_after_bounded_attempts() -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARED")
+    down = exception.ServiceUnreachable(service="e", method="commit", reason="down")
+    engine.fail["commit"] = [down] * 10
+    slept: list[float] = []
+    with pytest.raises(exception.ServiceUnreachable):
+        lm.commit(engine, MIG, attempts=3, sleep=slept.append)
+    assert engine.methods().count("commit") == 3
+    assert slept == [1.0, 2.0]
+
+
+def test_commit_of_an_aborted_migration_stops_retrying() -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "ABORTED")
+    engine.fail["commit"] = [exception.InvalidTransition(what="migration", key=MIG,
+                                                         current="ABORTED",
+                                                         target="COMMITTING")]
+    with pytest.raises(exception.InvalidTransition):
+        lm.commit(engine, MIG, sleep=_no_sleep)
+    assert engine.methods().count("commit") == 1
+
+
+def test_abort_of_an_unrecorded_migration_is_none() -> None:
+    assert lm.abort(FakeEngine(), MIG, "x") is None
+
+
+def test_settle_commits_when_the_guest_made_it_and_aborts_otherwise() -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARED")
+    assert lm.settle(engine, MIG, running_on_dest=True, reason="timeout").state == "COMMITTED"
+    engine2 = FakeEngine()
+    engine2._mig(MIG, "PREPARED")
+    assert lm.settle(engine2, MIG, running_on_dest=False, reason="x").state == "ABORTED"
+
+
+def test_destination_socket_must_be_incoming_and_this_instances() -> None:
+    path = lm.destination_socket(FakeAgents(state="MIGRATING_IN", socket_dir="/b"), "dst",
+                                 INSTANCE)
+    assert path == "/b/%s.ctrl" % INSTANCE
+    with pytest.raises(exception.MigrationError, match="is ACTIVE, not MIGRATING_IN"):
+        lm.destination_socket(FakeAgents(state="ACTIVE"), "dst", INSTANCE)

@@ -1,0 +1,52 @@
+"""Options of the Nova side (nova-compute's driver and nova-scheduler's filter).
+
+They live in ``nova.conf`` under ``[vtpcm]``; nothing here imports Nova, so
+the options can be documented and checked without it.
+"""
+
+from typing import Any
+
+from oslo_config import cfg
+
+from vtpcm_common import config
+
+vtpcm_group = cfg.OptGroup(
+    "vtpcm", title="vTPCM for Nova",
+    help="How nova-compute's VTPCMLibvirtDriver and nova-scheduler's VTPCMFilter reach "
+         "the vtpcm-engine and the local vtpcm-agent.")
+VTPCM_OPTS = [
+    cfg.StrOpt("transport_url", secret=True,
+               help="oslo.messaging URL of the broker the vtpcm-engine and agents use. "
+                    "Unset: Nova's own [DEFAULT] transport_url."),
+    cfg.StrOpt("host_command_key", default="/var/lib/vtpcm/host-command.key",
+               help="The compute host's Ed25519 command key, made by its vtpcm-agent "
+                    "([agent] host_command_key; group-readable by nova-compute through "
+                    "[agent] host_command_key_group). The driver signs its engine calls "
+                    "with it; it holds no other key."),
+    cfg.FloatOpt("engine_timeout", default=120.0, min=1.0,
+                 help="Seconds the driver waits for the engine to answer one call. begin "
+                      "seals and prepares the destination within it."),
+    cfg.FloatOpt("agent_timeout", default=10.0, min=0.5,
+                 help="Seconds to wait for an agent's read-only answer (health, where "
+                      "a vTPCM's socket is)."),
+    cfg.FloatOpt("verdict_cache_seconds", default=5.0, min=0.0,
+                 help="How long VTPCMFilter reuses the verdicts fetched for one "
+                      "scheduling request (0: fetch for every request)."),
+    cfg.FloatOpt("trait_refresh_seconds", default=60.0, min=0.0,
+                 help="How often the driver re-checks agent health and enrollment for "
+                      "the CUSTOM_VTPCM trait it reports to placement."),
+    cfg.BoolOpt("evacuate_with_new_vtpcm", default=False,
+                help="Allow evacuating a vTPCM instance by giving it a NEW, empty vTPCM "
+                     "on the destination. The guest loses its TPM state (keys sealed to "
+                     "it, BitLocker/LUKS unlock, EK); every such evacuation is logged and "
+                     "audited as state loss. Off: evacuation of vTPCM instances is "
+                     "refused with an instance fault."),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    config.register(conf, vtpcm_group, VTPCM_OPTS)
+
+
+def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
+    return [(vtpcm_group, VTPCM_OPTS)]

@@ -1,0 +1,99 @@
+"""A vTPCM through an instance's life on one compute host: create and start
+it before the guest's XML is made, destroy it when the instance is deleted.
+
+Plain functions over the engine (host-signed) and agent (read-only) clients,
+so the Nova driver and the lab run the same code; nothing here imports Nova.
+The engine remains the authority: it refuses a host that does not hold the
+vTPCM, so these functions only decide when to ask.
+"""
+
+from typing import Protocol
+
+from oslo_log import log as logging
+
+from vtpcm_common import exception
+from vtpcm_common.api.agent import messages as am
+from vtpcm_common.api.engine import messages as em
+from vtpcm_nova.virt import tpmxml
+
+LOG = logging.getLogger(__name__)
+
+SETTLED_STATES = frozenset({"ACTIVE", "STOPPED"})
+
+
+class Engine(Protocol):
+    def get_vtpcm(self, instance_uuid: str) -> em.VtpcmRecord: ...
+    def create_vtpcm(self, instance_uuid: str, host: str) -> em.VtpcmRecord: ...
+    def start_vtpcm(self, instance_uuid: str) -> object: ...
+    def destroy_vtpcm(self, instance_uuid: str) -> em.Empty: ...
+    def abort(self, migration_id: str, reason: str) -> em.MigrationInfo: ...
+
+
+class AgentReader(Protocol):
+    def get(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
+
+
+def _record(engine: Engine, instance_uuid: str) -> em.VtpcmRecord | None:
+    try:
+        return engine.get_vtpcm(instance_uuid)
+    except exception.NotFound:
+        return None
+
+
+def ensure_running(engine: Engine, agents: AgentReader, instance_uuid: str,
+                   host: str) -> str:
+    """Create the instance's vTPCM on ``host`` if it has none, start it, and
+    return the control socket QEMU must connect to.
+
+    Called wherever Nova (re)builds the guest's XML: spawn, hard reboot,
+    power on, host restart, unshelve. An existing vTPCM is reused, never
+    replaced: the guest's TPM belongs to the instance. A vTPCM held by
+    another host (or one in a migration) is refused by name, so a guest
+    never boots next to a second copy."""
+    rec = _record(engine, instance_uuid)
+    if rec is None:
+        rec = engine.create_vtpcm(instance_uuid, host)
+        LOG.info("Created vTPCM %(vtpcm)s for instance %(instance)s on %(host)s",
+                 {"vtpcm": rec.vtpcm_id, "instance": instance_uuid, "host": host})
+    if rec.host != host:
+        raise exception.VTPCMNotHere(instance_uuid=instance_uuid, holder=rec.host, host=host,
+                                     reason="the guest can only run where its vTPCM is")
+    if rec.migration_id is not None:
+        raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                  reason="migration %s holds it" % rec.migration_id)
+    engine.start_vtpcm(instance_uuid)
+    info = agents.get(host, instance_uuid)
+    if not info.running:
+        raise exception.SwtpmError(vtpcm_id=info.vtpcm_id,
+                                   reason="the agent reports it stopped right after start")
+    return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid)
+
+
+def destroy_if_held(engine: Engine, instance_uuid: str, host: str) -> bool:
+    """Crypto-shred the instance's vTPCM when the instance is deleted here.
+
+    Only the holder destroys: after a live migration, a revert or an
+    evacuation Nova also calls destroy on the host the guest left, where the
+    vTPCM no longer lives (the engine would refuse; we do not even ask).
+    True if this call destroyed it; already gone is not an error, so a
+    retried delete, or one of a VM that never started, is safe."""
+    rec = _record(engine, instance_uuid)
+    if rec is None:
+        LOG.debug("Instance %(instance)s has no vTPCM record: nothing to destroy",
+                  {"instance": instance_uuid})
+        return False
+    if rec.host != host:
+        LOG.info("vTPCM of instance %(instance)s lives on %(holder)s: not destroyed "
+                 "from %(host)s", {"instance": instance_uuid, "holder": rec.host,
+                                   "host": host})
+        return False
+    if rec.migration_id is not None:
+        # deleted while migrating: the guest is going away on both hosts
+        engine.abort(rec.migration_id, "instance %s deleted" % instance_uuid)
+    try:
+        engine.destroy_vtpcm(instance_uuid)
+    except exception.NotFound:
+        return False
+    LOG.info("Destroyed (crypto-shredded) the vTPCM of instance %(instance)s on %(host)s",
+             {"instance": instance_uuid, "host": host})
+    return True

@@ -1,0 +1,145 @@
+"""The vTPCM's part of a live migration, step by step, for whoever drives
+libvirt: the Nova driver's hooks and the lab.
+
+check (on the destination) -> begin (source, before libvirt starts) ->
+libvirt migrates; QEMU carries the blobs swtpm encrypted under the migration
+key -> commit (source, after the switchover) or abort (either side, on any
+rollback). Plain functions over the host-signed engine client; nothing here
+imports Nova or libvirt, and the engine decides everything that matters.
+"""
+
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from oslo_log import log as logging
+
+from vtpcm_common import exception
+from vtpcm_common.api.agent import messages as am
+from vtpcm_common.api.engine import messages as em
+from vtpcm_nova.virt import tpmxml
+
+LOG = logging.getLogger(__name__)
+
+COMMITTED = "COMMITTED"
+ABORTED_STATES = frozenset({"ABORTED", "REFUSED"})
+COMMIT_ATTEMPTS = 4
+_MAX_REASON = 900
+
+
+class Engine(Protocol):
+    def check_destination(self, instance_uuid: str, dest: str) -> em.Verdict: ...
+    def begin(self, migration_id: str, instance_uuid: str, source: str,
+              dest: str) -> em.MigrationInfo: ...
+    def commit(self, migration_id: str) -> em.MigrationInfo: ...
+    def abort(self, migration_id: str, reason: str) -> em.MigrationInfo: ...
+    def get_migration(self, migration_id: str) -> em.MigrationInfo: ...
+
+
+class AgentReader(Protocol):
+    def get(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
+
+
+def check_destination(engine: Engine, instance_uuid: str, dest: str) -> em.Verdict:
+    """The attestation gate: a fresh TRUSTED verdict for ``dest`` or
+    ``HostNotTrusted`` with the verdict's reason (the engine attests now if
+    the verdict is stale). Fails closed: an unreachable engine is an error."""
+    return engine.check_destination(instance_uuid, dest)
+
+
+def begin(engine: Engine, migration_id: str, instance_uuid: str, source: str,
+          dest: str) -> em.MigrationInfo:
+    """Seal the migration key to ``dest``'s TPM and prepare its incoming vTPCM.
+
+    A begin that failed or whose answer was lost may have half-prepared the
+    destination: it is aborted at once (the abort is idempotent and a no-op
+    for a migration the engine never recorded), then the error is raised."""
+    try:
+        info = engine.begin(migration_id, instance_uuid, source, dest)
+    except exception.VTPCMException as err:
+        _abort_after_failed_begin(engine, migration_id, "begin failed: %s" % err)
+        raise
+    if info.state != "PREPARED":
+        _abort_after_failed_begin(engine, migration_id, "begin answered %s" % info.state)
+        raise exception.MigrationError(migration_id=migration_id,
+                                       reason="begin answered %s, not PREPARED" % info.state)
+    return info
+
+
+def _abort_after_failed_begin(engine: Engine, migration_id: str, reason: str) -> None:
+    """Best effort: the begin's own error is what the caller must see."""
+    try:
+        abort(engine, migration_id, reason)
+    except exception.VTPCMException as err:
+        LOG.warning("Migration %(mig)s: abort after a failed begin failed too (reconcile "
+                    "finishes it): %(err)s", {"mig": migration_id, "err": err})
+
+
+def destination_socket(agents: AgentReader, dest: str, instance_uuid: str) -> str:
+    """Where the destination's incoming vTPCM listens, for the migration XML.
+    Read from the destination's agent after begin; checked to be this
+    instance's socket (``tpmxml.checked_socket_path``)."""
+    info = agents.get(dest, instance_uuid)
+    if info.state != "MIGRATING_IN":
+        raise exception.MigrationError(
+            migration_id=info.migration_id or "?",
+            reason="the destination's vTPCM of instance %s is %s, not MIGRATING_IN"
+                   % (instance_uuid, info.state))
+    return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid)
+
+
+def commit(engine: Engine, migration_id: str, *, attempts: int = COMMIT_ATTEMPTS,
+           sleep: Callable[[float], None] = time.sleep) -> em.MigrationInfo:
+    """Make the destination's vTPCM the live one and shred the source's.
+
+    Called once the guest runs on the destination, so giving up is not an
+    option the guest can afford: an unreachable engine or a busy record is
+    retried (bounded), and a commit that went through while its answer was
+    lost, or that reconcile finished, is success."""
+    last: exception.VTPCMException | None = None
+    for attempt in range(attempts):
+        try:
+            info = engine.commit(migration_id)
+            if info.state == COMMITTED:
+                return info
+            last = exception.MigrationError(migration_id=migration_id,
+                                            reason="commit answered %s" % info.state)
+        except exception.VTPCMException as err:
+            last = err
+        try:
+            now = engine.get_migration(migration_id)
+        except exception.VTPCMException:
+            now = None
+        if now is not None and now.state == COMMITTED:
+            return now
+        if now is not None and now.state in ABORTED_STATES:
+            break
+        if attempt + 1 < attempts:
+            sleep(min(2.0 ** attempt, 5.0))
+    assert last is not None
+    raise last
+
+
+def abort(engine: Engine, migration_id: str, reason: str) -> em.MigrationInfo | None:
+    """Undo a begun migration: the destination's incoming vTPCM is destroyed,
+    the source's is ACTIVE again. None when the engine never recorded the
+    migration (begin never reached it). The engine refuses after the commit
+    point, and that refusal is raised: then the vTPCM follows the guest."""
+    try:
+        return engine.abort(migration_id, reason[:_MAX_REASON])
+    except exception.NotFound:
+        return None
+
+
+def settle(engine: Engine, migration_id: str, *, running_on_dest: bool,
+           reason: str) -> em.MigrationInfo | None:
+    """After libvirt reported a failure: if the guest runs on the destination
+    anyway (it finished as we gave up), the vTPCM must follow it (commit);
+    an abort would leave the guest without its TPM. Otherwise abort."""
+    if running_on_dest:
+        LOG.warning("Migration %(mig)s reported %(reason)s but the guest runs on the "
+                    "destination: committing", {"mig": migration_id, "reason": reason})
+        return commit(engine, migration_id)
+    LOG.warning("Live migration %(mig)s failed, aborting: %(reason)s",
+                {"mig": migration_id, "reason": reason})
+    return abort(engine, migration_id, reason)
