@@ -32,15 +32,13 @@ VTPCM_OPTS = [
     cfg.FloatOpt("verdict_cache_seconds", default=5.0, min=0.0,
                  help="How long VTPCMFilter reuses the verdicts fetched for one "
                       "scheduling request (0: fetch for every request)."),
+    cfg.FloatOpt("scheduler_timeout", default=5.0, min=0.5,
+                 help="Seconds VTPCMFilter waits for the engine's verdicts. When the "
+                      "engine does not answer, vtpcm: requests find no valid host (fail "
+                      "closed) until the next try; other requests are not affected."),
     cfg.FloatOpt("trait_refresh_seconds", default=60.0, min=0.0,
                  help="How often the driver re-checks agent health and enrollment for "
                       "the CUSTOM_VTPCM trait it reports to placement."),
-    cfg.BoolOpt("evacuate_with_new_vtpcm", default=False,
-                help="Allow evacuating a vTPCM instance by giving it a NEW, empty vTPCM "
-                     "on the destination. The guest loses its TPM state (keys sealed to "
-                     "it, BitLocker/LUKS unlock, EK); every such evacuation is logged and "
-                     "audited as state loss. Off: evacuation of vTPCM instances is "
-                     "refused with an instance fault."),
 ]
 
 

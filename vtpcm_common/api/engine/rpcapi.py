@@ -136,9 +136,9 @@ class EngineAPI(rpc.Client):
     def attest(self, host: str) -> m.Verdict:
         return self._ask("attest", m.HostRef(host), m.Verdict)
 
-    def verdicts(self) -> m.VerdictList:
+    def verdicts(self, timeout: float | None = None) -> m.VerdictList:
         """All fresh verdicts in one call (the scheduler filter's only query)."""
-        return self._ask("verdicts", m.Empty(), m.VerdictList)
+        return self._ask("verdicts", m.Empty(), m.VerdictList, timeout=timeout)
 
     def list_audit(self, limit: int = 100, host: str | None = None) -> m.AuditList:
         return self._ask("list_audit", m.AuditQuery(limit, host), m.AuditList)

@@ -1,0 +1,1 @@
+"""nova-api side of the vTPCM: flavor extra spec validators (imports Nova)."""

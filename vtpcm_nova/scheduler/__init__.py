@@ -1,0 +1,1 @@
+"""nova-scheduler side of the vTPCM (imports Nova)."""
