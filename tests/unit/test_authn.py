@@ -15,6 +15,7 @@ from oslo_messaging.rpc.dispatcher import ExpectedException
 from vtpcm_agent.manager import AgentManager
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import messages as m
+from vtpcm_common.api.agent import rpcapi as agent_rpcapi
 from vtpcm_common.rpc import endpoint
 
 HOST = "host-a"
@@ -275,9 +276,10 @@ def _raises(exc_type, func, *args, match=None, **kwargs):
 def test_agent_state_changing_endpoints_are_exactly_the_signed_ones():
     signed = {name for name in dir(AgentManager)
               if getattr(getattr(AgentManager, name), "signed", False)}
-    assert signed == {"create", "start", "stop", "destroy", "export_state", "import_state",
-                      "seal_migration_key", "prepare_incoming", "commit_incoming",
-                      "commit_outgoing", "abort_incoming", "abort_outgoing"}
+    assert signed == agent_rpcapi.SIGNED_METHODS == {
+        "create", "start", "stop", "destroy", "export_state", "import_state",
+        "seal_migration_key", "prepare_incoming", "commit_incoming",
+        "commit_outgoing", "abort_incoming", "abort_outgoing"}
     unsigned = {name for name in dir(AgentManager)
                 if getattr(getattr(AgentManager, name), "signed", None) is False}
     assert unsigned == {"get", "list", "health", "get_identity", "quote", "activate_credential"}

@@ -24,7 +24,13 @@ API version history:
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
-Clients still prepare each call with the version that introduced the method.
+
+Each call is prepared with the version that introduced the method in the
+form this client sends it and relies on: the state-changing methods carry
+``auth`` since 1.3, ``get_identity`` must answer ``command_public`` (1.4)
+and preferably ``ek_public`` (1.5). An agent older than that refuses the
+call (oslo.messaging ``UnsupportedVersion``) instead of misreading it.
+Only ``SIGNED_METHODS`` carry ``auth``.
 """
 
 from typing import TypeVar
@@ -41,6 +47,12 @@ RPC_API_VERSION = "1.5"
 
 R = TypeVar("R", bound=Message)
 
+# State-changing calls: signed with the engine's command key (1.3).
+SIGNED_METHODS = frozenset({"create", "start", "stop", "destroy", "export_state",
+                            "import_state", "seal_migration_key", "prepare_incoming",
+                            "commit_incoming", "commit_outgoing", "abort_incoming",
+                            "abort_outgoing"})
+
 
 class AgentAPI(rpc.Client):
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
@@ -55,12 +67,13 @@ class AgentAPI(rpc.Client):
 
     def _at(self, host: str, method: str, version: str, request: Message,
             reply_type: type[R]) -> R:
-        """Call the agent of one compute host."""
-        return self._call(method, version, request, reply_type, server=host)
+        """Call the agent of one compute host; signed if the method needs it."""
+        signer = self.signer if method in SIGNED_METHODS else None
+        return self._call(method, version, request, reply_type, server=host, signer=signer)
 
-    # 1.0
+    # 1.0 (state-changing ones signed since 1.3)
     def create(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._at(host, "create", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "create", "1.3", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def get(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
         return self._at(host, "get", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
@@ -69,25 +82,27 @@ class AgentAPI(rpc.Client):
         return self._at(host, "list", "1.0", m.Empty(), m.VTPCMList)
 
     def start(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._at(host, "start", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "start", "1.3", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def stop(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._at(host, "stop", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "stop", "1.3", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def destroy(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._at(host, "destroy", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "destroy", "1.3", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def export_state(self, host: str, instance_uuid: str) -> m.StateBlobs:
-        return self._at(host, "export_state", "1.0", m.InstanceRef(instance_uuid),
+        return self._at(host, "export_state", "1.3", m.InstanceRef(instance_uuid),
                           m.StateBlobs)
 
     def import_state(self, host: str, blobs: m.StateBlobs) -> m.VTPCMInfo:
-        return self._at(host, "import_state", "1.0", blobs, m.VTPCMInfo)
+        return self._at(host, "import_state", "1.3", blobs, m.VTPCMInfo)
 
     def health(self, host: str, timeout: float | None = None) -> m.Health:
-        return self._call("health", "1.0", m.Empty(), m.Health, server=host, timeout=timeout)
+        return self._call("health", "1.0", m.Empty(), m.Health, server=host, timeout=timeout,
+                          signer=None)
 
-    # 1.1
+    # 1.1; get_identity answers command_public since 1.4 (the engine needs
+    # it) and ek_public since 1.5; activate_credential is 1.5
     def get_identity(self, host: str, nonce: bytes) -> m.HostIdentity:
         return self._at(host, "get_identity", "1.5", m.IdentityRequest(nonce),
                           m.HostIdentity)
@@ -103,27 +118,27 @@ class AgentAPI(rpc.Client):
         return self._at(host, "quote", "1.1", m.QuoteRequest(nonce, tuple(pcrs), bank),
                           m.Quote)
 
-    # 1.2
+    # 1.2, signed since 1.3
     def seal_migration_key(self, host: str, context: m.MigrationContext,
                            dest_kem_public: bytes) -> m.SealedKey:
-        return self._at(host, "seal_migration_key", "1.2",
+        return self._at(host, "seal_migration_key", "1.3",
                           m.SealRequest(context, dest_kem_public), m.SealedKey)
 
     def prepare_incoming(self, host: str, context: m.MigrationContext,
                          envelope: bytes) -> m.VTPCMInfo:
-        return self._at(host, "prepare_incoming", "1.2",
+        return self._at(host, "prepare_incoming", "1.3",
                           m.PrepareIncoming(context, envelope), m.VTPCMInfo)
 
     def commit_incoming(self, host: str, context: m.MigrationContext) -> m.Empty:
-        return self._at(host, "commit_incoming", "1.2", m.MigrationStep(context), m.Empty)
+        return self._at(host, "commit_incoming", "1.3", m.MigrationStep(context), m.Empty)
 
     def commit_outgoing(self, host: str, context: m.MigrationContext) -> m.Empty:
-        return self._at(host, "commit_outgoing", "1.2", m.MigrationStep(context), m.Empty)
+        return self._at(host, "commit_outgoing", "1.3", m.MigrationStep(context), m.Empty)
 
     def abort_incoming(self, host: str, context: m.MigrationContext,
                        only_if_unused: bool = False) -> m.Empty:
-        return self._at(host, "abort_incoming", "1.2",
+        return self._at(host, "abort_incoming", "1.3",
                           m.MigrationStep(context, only_if_unused), m.Empty)
 
     def abort_outgoing(self, host: str, context: m.MigrationContext) -> m.Empty:
-        return self._at(host, "abort_outgoing", "1.2", m.MigrationStep(context), m.Empty)
+        return self._at(host, "abort_outgoing", "1.3", m.MigrationStep(context), m.Empty)

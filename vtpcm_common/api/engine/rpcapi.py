@@ -17,7 +17,10 @@ API version history:
           the signature of a host the call concerns, with the host command
           key the engine learnt at enrollment (agent API 1.4).
 
-Clients still prepare each call with the version that introduced the method.
+Each call is prepared with the version that introduced the method in the
+form this client sends it (``METHOD_VERSIONS``): the admin methods carry
+``auth`` since 1.1, the compute-node methods since 1.2. Only those two sets
+carry ``auth``.
 
 Any engine worker on the topic may answer: the state lives in the database.
 
@@ -47,6 +50,15 @@ ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_poli
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "check_destination", "begin",
                           "commit", "abort"})
+
+# The version each method is prepared with: where it got the form sent today.
+METHOD_VERSIONS: dict[str, str] = {
+    **dict.fromkeys(("register_agent", "list_hosts", "show_host", "list_policies",
+                     "attest", "verdicts", "list_audit", "get_vtpcm", "get_migration"),
+                    "1.0"),
+    **dict.fromkeys(ADMIN_METHODS, "1.1"),
+    **dict.fromkeys(HOST_METHODS, "1.2"),
+}
 
 
 def admin_key_path(conf: cfg.ConfigOpts) -> Path | None:
@@ -80,8 +92,7 @@ class EngineAPI(rpc.Client):
         """``admin_signer``: an operator key; without one the key named by
         ``[manage] admin_key`` is used if set. Without either, admin calls go
         out unsigned and the engine refuses them. The signer is bound to the
-        engine topic and signs every call but the compute-node ones: the
-        engine checks it on the admin methods and ignores it elsewhere.
+        engine topic and signs ``ADMIN_METHODS`` only.
 
         ``host_signer``: the command key of the compute host this client
         runs on (``[agent] host_command_key``); it signs ``HOST_METHODS``.
@@ -95,13 +106,13 @@ class EngineAPI(rpc.Client):
 
     def _ask(self, method: str, request: Message, reply_type: type[R],
              timeout: float | None = None) -> R:
-        if method in HOST_METHODS:
-            return self._call(method, "1.0", request, reply_type, timeout=timeout,
-                              signer=self.host_signer)
-        return self._call(method, "1.0", request, reply_type, timeout=timeout)
+        signer = (self.host_signer if method in HOST_METHODS
+                  else self.signer if method in ADMIN_METHODS else None)
+        return self._call(method, METHOD_VERSIONS[method], request, reply_type,
+                          timeout=timeout, signer=signer)
 
     def register_agent(self, host: str) -> None:
-        self.client.prepare(version="1.0").cast(
+        self.client.prepare(version=METHOD_VERSIONS["register_agent"]).cast(
             {}, "register_agent", payload=m.HostRef(host).validated().to_wire())
 
     def enroll(self, host: str) -> m.HostInfo:
