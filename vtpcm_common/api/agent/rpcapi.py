@@ -33,6 +33,7 @@ call (oslo.messaging ``UnsupportedVersion``) instead of misreading it.
 Only ``SIGNED_METHODS`` carry ``auth``.
 """
 
+import types
 from typing import TypeVar
 
 import oslo_messaging as messaging
@@ -55,15 +56,22 @@ SIGNED_METHODS = frozenset({"create", "start", "stop", "destroy", "export_state"
 
 
 class AgentAPI(rpc.Client):
+    API_VERSION = RPC_API_VERSION
+    UPGRADE_LEVEL = "vtpcm_agent"
+
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
-                 timeout: float = 60.0, signer: authn.CommandSigner | None = None) -> None:
+                 timeout: float = 60.0, signer: authn.CommandSigner | None = None,
+                 version_cap: str | None | types.EllipsisType = ...) -> None:
         """``signer``: the engine's command signer. Without one, the key named
         by ``[engine] command_signing_key`` is used if it exists (tools and
         tests next to the engine); otherwise state-changing calls are sent
-        unsigned and agents refuse them."""
+        unsigned and agents refuse them.
+
+        ``version_cap``: default ``[upgrade_levels] vtpcm_agent``."""
         if signer is None:
             signer = authn.signer_from_conf(conf)
-        super().__init__(conf, rpc.topic(conf, "agent_topic"), transport, timeout, signer)
+        super().__init__(conf, rpc.topic(conf, "agent_topic"), transport, timeout, signer,
+                         version_cap)
 
     def _at(self, host: str, method: str, version: str, request: Message,
             reply_type: type[R]) -> R:
@@ -104,8 +112,12 @@ class AgentAPI(rpc.Client):
     # 1.1; get_identity answers command_public since 1.4 (the engine needs
     # it) and ek_public since 1.5; activate_credential is 1.5
     def get_identity(self, host: str, nonce: bytes) -> m.HostIdentity:
-        return self._at(host, "get_identity", "1.5", m.IdentityRequest(nonce),
-                          m.HostIdentity)
+        """Capped below 1.5, asked as 1.4: the answer lacks ``ek_public``,
+        so an engine that checks EK certificates refuses to enroll the
+        host until the cap is lifted; an engine that does not, enrolls it."""
+        version = "1.5" if self.can_send_version("1.5") else "1.4"
+        return self._at(host, "get_identity", version, m.IdentityRequest(nonce),
+                        m.HostIdentity)
 
     def activate_credential(self, host: str, credential_blob: bytes,
                             encrypted_secret: bytes) -> m.ActivatedCredential:

@@ -30,6 +30,7 @@ the engine topic, since no single worker is addressed. This client signs with
 the key given as ``admin_signer`` or named by ``[manage] admin_key``.
 """
 
+import types
 from pathlib import Path
 from typing import TypeVar
 
@@ -85,10 +86,14 @@ def admin_signer_from_conf(conf: cfg.ConfigOpts) -> authn.CommandSigner | None:
 
 
 class EngineAPI(rpc.Client):
+    API_VERSION = RPC_API_VERSION
+    UPGRADE_LEVEL = "vtpcm_engine"
+
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
                  timeout: float = 120.0,
                  admin_signer: authn.CommandSigner | None = None,
-                 host_signer: authn.CommandSigner | None = None) -> None:
+                 host_signer: authn.CommandSigner | None = None,
+                 version_cap: str | None | types.EllipsisType = ...) -> None:
         """``admin_signer``: an operator key; without one the key named by
         ``[manage] admin_key`` is used if set. Without either, admin calls go
         out unsigned and the engine refuses them. The signer is bound to the
@@ -96,13 +101,15 @@ class EngineAPI(rpc.Client):
 
         ``host_signer``: the command key of the compute host this client
         runs on (``[agent] host_command_key``); it signs ``HOST_METHODS``.
-        Without it those calls go out unsigned and the engine refuses them."""
+        Without it those calls go out unsigned and the engine refuses them.
+
+        ``version_cap``: default ``[upgrade_levels] vtpcm_engine``."""
         topic = rpc.topic(conf, "engine_topic")
         if admin_signer is None:
             admin_signer = admin_signer_from_conf(conf)
         signer = admin_signer.for_server(topic) if admin_signer is not None else None
         self.host_signer = host_signer.for_server(topic) if host_signer is not None else None
-        super().__init__(conf, topic, transport, timeout, signer)
+        super().__init__(conf, topic, transport, timeout, signer, version_cap)
 
     def _ask(self, method: str, request: Message, reply_type: type[R],
              timeout: float | None = None) -> R:
@@ -112,8 +119,7 @@ class EngineAPI(rpc.Client):
                           timeout=timeout, signer=signer)
 
     def register_agent(self, host: str) -> None:
-        self.client.prepare(version=METHOD_VERSIONS["register_agent"]).cast(
-            {}, "register_agent", payload=m.HostRef(host).validated().to_wire())
+        self._cast("register_agent", METHOD_VERSIONS["register_agent"], m.HostRef(host))
 
     def enroll(self, host: str) -> m.HostInfo:
         return self._ask("enroll", m.HostRef(host), m.HostInfo)
