@@ -154,6 +154,9 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "begin": ("1.2", lambda api: api.begin(MIGRATION, INSTANCE, HOST, "cmp2")),
     "commit": ("1.2", lambda api: api.commit(MIGRATION)),
     "abort": ("1.2", lambda api: api.abort(MIGRATION, "why")),
+    # 1.3, host-signed
+    "start_vtpcm": ("1.3", lambda api: api.start_vtpcm(INSTANCE)),
+    "stop_vtpcm": ("1.3", lambda api: api.stop_vtpcm(INSTANCE)),
 }
 
 

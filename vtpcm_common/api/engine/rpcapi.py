@@ -16,6 +16,10 @@ API version history:
           destroy_vtpcm, check_destination, begin, commit, abort) require
           the signature of a host the call concerns, with the host command
           key the engine learnt at enrollment (agent API 1.4).
+    1.3 - start_vtpcm, stop_vtpcm (in ``HOST_METHODS``, signed by the host
+          holding the vTPCM): the Nova driver starts and stops its vTPCMs
+          through the engine, with only its host command key; answer
+          ``VtpcmStatus``.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -41,7 +45,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.2"
+RPC_API_VERSION = "1.3"
 
 R = TypeVar("R", bound=Message)
 
@@ -49,8 +53,8 @@ R = TypeVar("R", bound=Message)
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
                            "put_policy", "record_policy"})
 # Calls of the Nova driver on a compute node: signed with that host's key.
-HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "check_destination", "begin",
-                          "commit", "abort"})
+HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
+                          "check_destination", "begin", "commit", "abort"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -59,6 +63,8 @@ METHOD_VERSIONS: dict[str, str] = {
                     "1.0"),
     **dict.fromkeys(ADMIN_METHODS, "1.1"),
     **dict.fromkeys(HOST_METHODS, "1.2"),
+    "start_vtpcm": "1.3",
+    "stop_vtpcm": "1.3",
 }
 
 
@@ -166,6 +172,15 @@ class EngineAPI(rpc.Client):
 
     def destroy_vtpcm(self, instance_uuid: str) -> m.Empty:
         return self._ask("destroy_vtpcm", m.InstanceRef(instance_uuid), m.Empty)
+
+    def start_vtpcm(self, instance_uuid: str) -> m.VtpcmStatus:
+        """Start the vTPCM's swtpm on the host holding it (this client's
+        host); an already running one is left as it is."""
+        return self._ask("start_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmStatus)
+
+    def stop_vtpcm(self, instance_uuid: str) -> m.VtpcmStatus:
+        """Stop the vTPCM's swtpm (its state stays); a stopped one stays so."""
+        return self._ask("stop_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmStatus)
 
     def get_vtpcm(self, instance_uuid: str) -> m.VtpcmRecord:
         return self._ask("get_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmRecord)
