@@ -154,3 +154,19 @@ class ServiceUnreachable(VTPCMException):
 class CommandRefused(VTPCMException):
     msg_fmt = "Command %(method)s refused: %(reason)s"
     code = "command_refused"
+
+
+class RPCVersionCapped(VTPCMException):
+    """Refused by the client itself: nothing was sent."""
+
+    msg_fmt = ("Not sent: %(method)s needs %(service)s RPC API %(version)s, but "
+               "[upgrade_levels] %(option)s caps this client at %(cap)s (some "
+               "%(service)s may still run an older release)")
+    code = "version_capped"
+
+
+class RPCVersionUnsupported(VTPCMException):
+    """The server answered that it cannot serve the call's version."""
+
+    msg_fmt = ("%(service)s cannot serve %(method)s (RPC API %(version)s): %(reason)s")
+    code = "version_unsupported"

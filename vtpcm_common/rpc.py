@@ -10,6 +10,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpcm_common import authn, config, exception
+from vtpcm_common.conf import upgrade_levels
 from vtpcm_common.wire import Message
 
 LOG = logging.getLogger(__name__)
@@ -81,24 +82,92 @@ def _all_subclasses(cls: type) -> list[type]:
     return out
 
 
+def parse_version(text: str) -> tuple[int, int]:
+    """'1.4' -> (1, 4); InvalidInput for anything else."""
+    major, dot, minor = text.partition(".")
+    if not (dot and major.isdigit() and minor.isdigit()):
+        raise exception.InvalidInput(reason="%r is not an RPC API version (N.N)" % text)
+    return int(major), int(minor)
+
+
+def version_allows(cap: str | None, version: str) -> bool:
+    """May a client capped at ``cap`` send a call prepared as ``version``?
+    (oslo.messaging's rule: same major, minor not above the cap's.)"""
+    if cap is None:
+        return True
+    (cap_major, cap_minor), (major, minor) = parse_version(cap), parse_version(version)
+    return major == cap_major and minor <= cap_minor
+
+
 class Client:
     """A versioned RPC client: one checked message out, one checked message back.
 
-    Remote vTPCM errors come back as their own exception classes."""
+    Remote vTPCM errors come back as their own exception classes.
+
+    ``API_VERSION`` is the newest version of the service's API the client
+    knows; ``UPGRADE_LEVEL`` names its ``[upgrade_levels]`` option. A call
+    prepared above the client's ``version_cap`` is refused before anything
+    is sent (``RPCVersionCapped``), and a server that answers it cannot
+    serve a version gives ``RPCVersionUnsupported``."""
+
+    API_VERSION = "1.0"
+    UPGRADE_LEVEL = ""
 
     def __init__(self, conf: cfg.ConfigOpts, topic_name: str,
                  transport: messaging.Transport | None = None, timeout: float = 60.0,
-                 signer: authn.CommandSigner | None = None) -> None:
+                 signer: authn.CommandSigner | None = None,
+                 version_cap: str | None | types.EllipsisType = ...) -> None:
+        """``version_cap``: the highest version this client sends; by
+        default the one ``[upgrade_levels]`` sets for the service (none:
+        up to ``API_VERSION``)."""
         self.signer = signer
-        self.transport = transport or get_transport(conf)
         self.topic = topic_name
+        if version_cap is ...:
+            version_cap = upgrade_levels.version_cap(conf, self.UPGRADE_LEVEL) \
+                if self.UPGRADE_LEVEL else None
+        self.version_cap = self._checked_cap(version_cap)
+        self.transport = transport or get_transport(conf)
         target = messaging.Target(topic=topic_name, version="1.0")
-        self.client = messaging.get_rpc_client(self.transport, target, timeout=timeout)
+        self.client = messaging.get_rpc_client(self.transport, target, timeout=timeout,
+                                               version_cap=self.version_cap)
+
+    def _checked_cap(self, cap: str | None) -> str | None:
+        """A cap of another major version would refuse every call: say so now."""
+        if cap is None:
+            return None
+        option = "[upgrade_levels] %s = %s" % (self.UPGRADE_LEVEL, cap)
+        try:
+            major = parse_version(cap)[0]
+        except exception.InvalidInput as err:
+            raise exception.InvalidInput(reason="%s: %s" % (option, err.kwargs["reason"])) \
+                from None
+        if major != parse_version(self.API_VERSION)[0]:
+            raise exception.InvalidInput(
+                reason="%s: this client speaks %s API versions %d.x (up to %s)"
+                       % (option, self.topic, parse_version(self.API_VERSION)[0],
+                          self.API_VERSION))
+        LOG.info("Calls to %(topic)s capped at RPC API %(cap)s ([upgrade_levels] %(opt)s)",
+                 {"topic": self.topic, "cap": cap, "opt": self.UPGRADE_LEVEL})
+        return cap
+
+    def can_send_version(self, version: str) -> bool:
+        return version_allows(self.version_cap, version)
+
+    def _check_cap(self, method: str, version: str) -> None:
+        if not self.can_send_version(version):
+            raise exception.RPCVersionCapped(
+                method=method, service=self.topic, version=version,
+                option=self.UPGRADE_LEVEL, cap=self.version_cap)
+
+    def _service(self, server: str | None) -> str:
+        return "%s%s" % (self.topic, "." + server if server else "")
 
     def _call(self, method: str, version: str, request: Message, reply_type: type[R], *,
               server: str | None = None, timeout: float | None = None,
               signer: authn.CommandSigner | None | types.EllipsisType = ...) -> R:
-        """``signer``: overrides the client's own signer for this call."""
+        """``signer``: overrides the client's own signer for this call
+        (None: unsigned)."""
+        self._check_cap(method, version)
         use = self.signer if signer is ... else signer
         kwargs: dict[str, Any] = {"version": version}
         if server is not None:
@@ -108,19 +177,37 @@ class Client:
         payload = request.validated().to_wire()
         args: dict[str, Any] = {"payload": payload}
         if use is not None:
-            # Sent to every method: endpoints that need no signature ignore it.
             args["auth"] = use.sign(method, server or "", payload)
         try:
             reply = self.client.prepare(**kwargs).call({}, method, **args)
         except messaging.RemoteError as err:
+            if err.exc_type in UNSERVED:
+                raise exception.RPCVersionUnsupported(
+                    service=self._service(server), method=method, version=version,
+                    reason=UNSERVED[err.exc_type] % {"option": self.UPGRADE_LEVEL}) \
+                    from None
             raise remote_to_local(err) from None
         except messaging.MessagingException as err:
             # Timeouts and transport failures are vTPCM errors too: callers
             # (the coordinator's abort path, reconcile) handle one class.
             raise exception.ServiceUnreachable(
-                service="%s%s" % (self.topic, "." + server if server else ""),
-                method=method, reason=type(err).__name__) from None
+                service=self._service(server), method=method,
+                reason=type(err).__name__) from None
         return reply_type.from_wire(reply)
+
+    def _cast(self, method: str, version: str, request: Message) -> None:
+        """A one-way call (no signature, no answer), capped like ``_call``."""
+        self._check_cap(method, version)
+        self.client.prepare(version=version).cast(
+            {}, method, payload=request.validated().to_wire())
+
+
+# What oslo.messaging's dispatcher answers when a server cannot serve a call.
+UNSERVED = {
+    "UnsupportedVersion": "it runs an older API version; upgrade it first, or cap "
+                          "this client with [upgrade_levels] %(option)s meanwhile",
+    "NoSuchMethod": "it has no such method",
+}
 
 
 def endpoint(request_type: type[Message], signed: bool = False,

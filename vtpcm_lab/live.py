@@ -59,13 +59,15 @@ def _running_on(conn: libvirt.virConnect, name: str) -> bool:
 
 def boot_guest(stack: Stack, host: StackHost, name: str,
                instance_uuid: str | None = None) -> tuple[str, console.GuestConsole]:
-    """Create the vTPCM through the engine, start it, define and boot the VM."""
+    """Create and start the vTPCM through the engine as the Nova driver on
+    ``host`` does (signed with that host's command key), define and boot the VM."""
     image = stack.lab.image
     if image is None:
         raise exception.LabError(reason="lab is not up")
     instance = instance_uuid or str(uuid.uuid4())
-    stack.engine_at(host).create_vtpcm(instance, host.name)
-    stack.agents.start(host.name, instance)
+    at_host = stack.engine_at(host)
+    at_host.create_vtpcm(instance, host.name)
+    at_host.start_vtpcm(instance)
     xml = domain.render_domain_xml(name, image, host.ctrl_socket(instance),
                                    host.lab_host.serial_path(name), domain_uuid=instance)
     conn = host.lab_host.connect()

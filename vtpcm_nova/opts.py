@@ -4,8 +4,9 @@ from typing import Any
 
 from oslo_config import cfg
 
+from vtpcm_common.conf import upgrade_levels
 from vtpcm_nova.conf import engine
 
 
 def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
-    return engine.list_opts()
+    return [*engine.list_opts(), *upgrade_levels.list_opts()]

@@ -15,6 +15,7 @@ from oslo_messaging.rpc.dispatcher import ExpectedException
 from vtpcm_agent.manager import AgentManager
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import messages as m
+from vtpcm_common.api.agent import rpcapi as agent_rpcapi
 from vtpcm_common.rpc import endpoint
 
 HOST = "host-a"
@@ -275,9 +276,10 @@ def _raises(exc_type, func, *args, match=None, **kwargs):
 def test_agent_state_changing_endpoints_are_exactly_the_signed_ones():
     signed = {name for name in dir(AgentManager)
               if getattr(getattr(AgentManager, name), "signed", False)}
-    assert signed == {"create", "start", "stop", "destroy", "export_state", "import_state",
-                      "seal_migration_key", "prepare_incoming", "commit_incoming",
-                      "commit_outgoing", "abort_incoming", "abort_outgoing"}
+    assert signed == agent_rpcapi.SIGNED_METHODS == {
+        "create", "start", "stop", "destroy", "export_state", "import_state",
+        "seal_migration_key", "prepare_incoming", "commit_incoming",
+        "commit_outgoing", "abort_incoming", "abort_outgoing"}
     unsigned = {name for name in dir(AgentManager)
                 if getattr(getattr(AgentManager, name), "signed", None) is False}
     assert unsigned == {"get", "list", "health", "get_identity", "quote", "activate_credential"}
@@ -433,7 +435,8 @@ def test_engine_admin_methods_are_exactly_the_signed_ones():
     host_signed = {name for name in dir(EngineManager)
                    if getattr(getattr(EngineManager, name), "host_signed", False)}
     assert host_signed == rpcapi.HOST_METHODS == {
-        "create_vtpcm", "destroy_vtpcm", "check_destination", "begin", "commit", "abort"}
+        "create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm", "check_destination",
+        "begin", "commit", "abort"}
     unsigned = {name for name in dir(EngineManager)
                 if getattr(getattr(EngineManager, name), "signed", None) is False} - host_signed
     assert unsigned == {"list_hosts", "show_host", "list_policies", "attest", "verdicts",

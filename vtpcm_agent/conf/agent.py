@@ -6,6 +6,7 @@ from typing import Any
 from oslo_config import cfg
 
 from vtpcm_common import config, rpc
+from vtpcm_common.conf import upgrade_levels
 
 DEFAULT_OPTS = [
     cfg.StrOpt("host", default=socket.gethostname(), sample_default="<hostname>",
@@ -91,6 +92,7 @@ KEYSTORE_OPTS = [
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
     rpc.register_rpc_opts(conf)
+    upgrade_levels.register_opts(conf)
     conf.register_opts(DEFAULT_OPTS)
     for group, opts in ((agent_group, AGENT_OPTS), (host_tpm_group, HOST_TPM_OPTS),
                         (keystore_group, KEYSTORE_OPTS)):

@@ -6,6 +6,7 @@ from typing import Any
 from oslo_config import cfg
 
 from vtpcm_common import config, rpc
+from vtpcm_common.conf import upgrade_levels
 
 engine_group = cfg.OptGroup("engine", title="vTPCM engine")
 ENGINE_OPTS = [
@@ -103,6 +104,7 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     set_override into the others."""
     for group, opts in list_opts():
         config.register(conf, group, opts)
+    upgrade_levels.register_opts(conf)
 
 
 def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:

@@ -39,6 +39,8 @@ class AgentClient(Protocol):
     def get(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
     def create(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
     def destroy(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
+    def start(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
+    def stop(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
     def seal_migration_key(self, host: str, context: am.MigrationContext,
                            dest_kem_public: bytes) -> am.SealedKey: ...
     def prepare_incoming(self, host: str, context: am.MigrationContext,
@@ -125,6 +127,63 @@ class Coordinator:
         self.agents.destroy(rec.host, instance_uuid)
         self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=instance_uuid)
+
+    def start_vtpcm(self, instance_uuid: str,
+                    requested_by: str | None = None) -> tuple[str, am.VTPCMInfo]:
+        """Start the swtpm where the vTPCM lives, only at the authoritative
+        generation (an older one is never activated again). Idempotent: the
+        agent leaves a running swtpm as it is. Returns (host, agent's answer)."""
+        rec = self._powered_record("start_vtpcm", instance_uuid, requested_by)
+
+        def start(host: str, instance: str) -> am.VTPCMInfo:
+            held = self.agents.get(host, instance)
+            if held.generation != rec.generation:
+                raise exception.GenerationMismatch(
+                    instance_uuid=instance, given=held.generation, expected=rec.generation)
+            return self.agents.start(host, instance)
+        return rec.host, self._power("start", rec, start)
+
+    def stop_vtpcm(self, instance_uuid: str,
+                   requested_by: str | None = None) -> tuple[str, am.VTPCMInfo]:
+        """Stop the swtpm where the vTPCM lives (its state stays on disk).
+        Idempotent: a stopped vTPCM stays stopped. Returns (host, answer)."""
+        rec = self._powered_record("stop_vtpcm", instance_uuid, requested_by)
+        return rec.host, self._power("stop", rec, self.agents.stop)
+
+    def _powered_record(self, method: str, instance_uuid: str,
+                        requested_by: str | None) -> db_api.VtpcmRecord:
+        """The record of a vTPCM its holder may start or stop now:
+        ``requested_by`` (the signing host) must still hold it, and no
+        creation, destruction or migration may hold the record."""
+        rec = self.db.get_vtpcm(instance_uuid)
+        if requested_by is not None and rec.host != requested_by:
+            raise exception.CommandRefused(
+                method=method,
+                reason="the vTPCM lives on %s, not on %s" % (rec.host, requested_by))
+        if rec.migration_id is not None:
+            raise exception.MigrationError(migration_id=rec.migration_id,
+                                           reason="vTPCM is migrating")
+        if rec.state in (CREATING, DESTROYING):
+            raise exception.VTPCMBusy(
+                instance_uuid=instance_uuid,
+                reason="its %s is unfinished" % ("creation" if rec.state == CREATING
+                                                 else "destruction"))
+        return rec
+
+    def _power(self, action: str, rec: db_api.VtpcmRecord,
+               call: Callable[[str, str], am.VTPCMInfo]) -> am.VTPCMInfo:
+        """Ask the holder's agent; audit its answer or its refusal."""
+        event = "vtpcm." + action
+        try:
+            info = call(rec.host, rec.instance_uuid)
+        except exception.VTPCMException as err:
+            self.db.audit(event, "refused", host=rec.host, instance=rec.instance_uuid,
+                          detail=str(err)[:1000])
+            raise
+        self.db.audit(event, "running" if info.running else "stopped", host=rec.host,
+                      instance=rec.instance_uuid,
+                      detail="generation %d, agent state %s" % (info.generation, info.state))
+        return info
 
     def _destroy_reservation(self, rec: db_api.VtpcmRecord) -> None:
         """A create whose answer was lost: destroy what the agent may have

@@ -8,8 +8,8 @@ The admin methods (``rpcapi.ADMIN_METHODS``) are signed endpoints: they run
 only for a call an operator key signed (``AuditedVerifier``). The compute-node
 methods (``rpcapi.HOST_METHODS``) run only for a call signed by the command
 key of a host the call concerns (``verify_host_command``): a broker client
-cannot destroy a vTPCM, nor begin, commit or abort a migration of hosts it
-does not hold the keys of. Read-only methods and ``attest`` are unsigned.
+cannot destroy, start or stop a vTPCM, nor begin, commit or abort a
+migration of hosts it does not hold the keys of. Read-only methods and ``attest`` are unsigned.
 """
 
 import dataclasses
@@ -21,6 +21,7 @@ import oslo_messaging as messaging
 from oslo_log import log as logging
 
 from vtpcm_common import authn, exception
+from vtpcm_common.api.agent import messages as am
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.api.engine import rpcapi
@@ -114,6 +115,12 @@ def vtpcm_info(rec: db_api.VtpcmRecord) -> m.VtpcmRecord:
                          rec.state, rec.migration_id)
 
 
+def vtpcm_status(host: str, info: am.VTPCMInfo) -> m.VtpcmStatus:
+    return m.VtpcmStatus(instance_uuid=info.instance_uuid, vtpcm_id=info.vtpcm_id, host=host,
+                         generation=info.generation, state=info.state, running=info.running,
+                         ctrl_socket=info.ctrl_socket)
+
+
 class EngineManager:
     target = messaging.Target(version=rpcapi.RPC_API_VERSION)
 
@@ -142,7 +149,7 @@ class EngineManager:
         A NotFound here is the honest answer to any caller."""
         if method == "create_vtpcm":
             return (request.host,)
-        if method == "destroy_vtpcm":
+        if method in ("destroy_vtpcm", "start_vtpcm", "stop_vtpcm"):
             return (self.db.get_vtpcm(request.instance_uuid).host,)
         if method == "check_destination":
             try:
@@ -297,6 +304,16 @@ class EngineManager:
     def destroy_vtpcm(self, req: m.InstanceRef, signer: str) -> m.Empty:
         self.coordinator.destroy_vtpcm(req.instance_uuid, requested_by=signer)
         return m.Empty()
+
+    @endpoint(m.InstanceRef, host_signed=True)
+    def start_vtpcm(self, req: m.InstanceRef, signer: str) -> m.VtpcmStatus:
+        return vtpcm_status(*self.coordinator.start_vtpcm(req.instance_uuid,
+                                                          requested_by=signer))
+
+    @endpoint(m.InstanceRef, host_signed=True)
+    def stop_vtpcm(self, req: m.InstanceRef, signer: str) -> m.VtpcmStatus:
+        return vtpcm_status(*self.coordinator.stop_vtpcm(req.instance_uuid,
+                                                         requested_by=signer))
 
     @endpoint(m.InstanceRef)
     def get_vtpcm(self, req: m.InstanceRef) -> m.VtpcmRecord:

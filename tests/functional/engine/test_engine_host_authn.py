@@ -1,4 +1,4 @@
-"""The engine runs the Nova driver's calls (create/destroy a vTPCM,
+"""The engine runs the Nova driver's calls (create/destroy/start/stop a vTPCM,
 check_destination, begin, commit, abort) only when a host the call concerns
 signed it with the command key the engine learnt when it enrolled that host,
 bound into the host TPM's certify. A broker client without a host key, or a
@@ -136,6 +136,71 @@ def test_calls_without_the_concerned_hosts_key_are_refused_and_change_nothing(de
     assert d.agents.get(a, instance) == before
     assert len(_host_refusals(d)) == audited + 9
     d.at["a"].destroy_vtpcm(instance)
+
+
+def _power_audits(d, host, instance):
+    return [(e.event, e.outcome) for e in d.operator.list_audit(limit=100, host=host).entries
+            if e.instance == instance and e.event in ("vtpcm.start", "vtpcm.stop")]
+
+
+def test_the_holder_starts_and_stops_its_vtpcm_through_the_engine(deployment):
+    """What the Nova driver does at power on/off, with only its host key.
+    Starting a running vTPCM and stopping a stopped one succeed unchanged."""
+    d = deployment
+    a = d.names["a"]
+    instance = str(uuid.uuid4())
+    rec = d.at["a"].create_vtpcm(instance, a)
+    try:
+        started = d.at["a"].start_vtpcm(instance)
+        assert (started.instance_uuid, started.vtpcm_id, started.host, started.generation,
+                started.state, started.running) == (instance, rec.vtpcm_id, a,
+                                                    rec.generation, "ACTIVE", True)
+        running = d.agents.get(a, instance)
+        assert running.state == "ACTIVE" and running.running and running.pid
+        assert started.ctrl_socket == running.ctrl_socket
+        assert d.at["a"].start_vtpcm(instance) == started
+        assert d.agents.get(a, instance).pid == running.pid  # the same swtpm
+
+        stopped = d.at["a"].stop_vtpcm(instance)
+        assert (stopped.state, stopped.running) == ("STOPPED", False)
+        assert d.at["a"].stop_vtpcm(instance) == stopped
+        after = d.agents.get(a, instance)
+        assert after.state == "STOPPED" and not after.running and after.pid is None
+        assert _power_audits(d, a, instance) == [  # newest first
+            ("vtpcm.stop", "stopped"), ("vtpcm.stop", "stopped"),
+            ("vtpcm.start", "running"), ("vtpcm.start", "running")]
+    finally:
+        d.at["a"].destroy_vtpcm(instance)
+
+
+def test_only_the_holder_may_start_or_stop_a_vtpcm(deployment):
+    d = deployment
+    a = d.names["a"]
+    instance = str(uuid.uuid4())
+    d.at["a"].create_vtpcm(instance, a)
+    try:
+        d.at["a"].start_vtpcm(instance)
+        before = d.agents.get(a, instance)
+        audited = len(_host_refusals(d))
+        mismatch = "signature does not verify with the host command key of %s" % a
+        for api, reason in ((d.operator, "no host command signature"),  # any broker client
+                            (d.at["b"], mismatch), (d.at["c"], mismatch)):  # other hosts
+            _refused(lambda api=api: api.stop_vtpcm(instance), reason)
+            _refused(lambda api=api: api.start_vtpcm(instance), reason)
+        assert d.agents.get(a, instance) == before  # still running, the same swtpm
+        assert len(_host_refusals(d)) == audited + 6
+        details = [e.detail for e in _host_refusals(d)[:6]]  # newest first
+        expected = [(method, reason) for reason in (mismatch, mismatch,
+                                                    "no host command signature")
+                    for method in ("start_vtpcm", "stop_vtpcm")]
+        for detail, (method, reason) in zip(details, expected, strict=True):
+            assert detail.startswith("Command %s refused: %s" % (method, reason)), detail
+            assert detail.endswith("(for %s)" % a), detail
+        assert _power_audits(d, a, instance) == [("vtpcm.start", "running")]
+        with pytest.raises(exception.NotFound):
+            d.at["a"].start_vtpcm(str(uuid.uuid4()))
+    finally:
+        d.at["a"].destroy_vtpcm(instance)
 
 
 def test_only_the_source_commits_and_only_the_two_hosts_abort(deployment):

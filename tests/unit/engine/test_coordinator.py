@@ -56,6 +56,16 @@ class FakeAgents:
     def destroy(self, host, instance_uuid):
         self._record("destroy", host)
 
+    def start(self, host, instance_uuid):
+        self._record("start", host)
+        return am.VTPCMInfo(instance_uuid, str(uuid.uuid4()), "ACTIVE", self.generation,
+                            None, "/run/x.ctrl", True, 42)
+
+    def stop(self, host, instance_uuid):
+        self._record("stop", host)
+        return am.VTPCMInfo(instance_uuid, str(uuid.uuid4()), "STOPPED", self.generation,
+                            None, "/run/x.ctrl", False, None)
+
     def seal_migration_key(self, host, context, dest_kem_public):
         self._record("seal", host)
         assert dest_kem_public == b"kem-of-b"
@@ -337,6 +347,84 @@ def test_destroy_only_by_the_holder_and_never_during_a_migration(env):
     coord.destroy_vtpcm(INSTANCE, requested_by="host-b")
     with pytest.raises(exception.NotFound):
         db.get_vtpcm(INSTANCE)
+
+
+def _audited(db, event):
+    return [(a.outcome, a.host) for a in db.list_audit(limit=100) if a.event == event]
+
+
+def test_start_and_stop_go_to_the_holder_and_are_audited(env):
+    coord, db, agents, _, _ = env
+    agents.calls.clear()
+    host, info = coord.start_vtpcm(INSTANCE, requested_by="host-a")
+    assert (host, info.state, info.running) == ("host-a", "ACTIVE", True)
+    host, info = coord.stop_vtpcm(INSTANCE, requested_by="host-a")
+    assert (host, info.state, info.running) == ("host-a", "STOPPED", False)
+    assert agents.calls == [("get", "host-a"), ("start", "host-a"), ("stop", "host-a")]
+    assert _audited(db, "vtpcm.start") == [("running", "host-a")]
+    assert _audited(db, "vtpcm.stop") == [("stopped", "host-a")]
+
+
+def test_start_and_stop_only_by_the_holder_and_never_during_a_migration(env):
+    coord, db, agents, _, _ = env
+    agents.calls.clear()
+    for power in (coord.start_vtpcm, coord.stop_vtpcm):
+        with pytest.raises(exception.CommandRefused, match="lives on host-a, not on host-b"):
+            power(INSTANCE, requested_by="host-b")
+    assert agents.calls == []
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.calls.clear()
+    for power in (coord.start_vtpcm, coord.stop_vtpcm):
+        with pytest.raises(exception.MigrationError, match="migrating"):
+            power(INSTANCE, requested_by="host-a")
+    assert agents.calls == []
+    coord.commit(mid)
+    with pytest.raises(exception.CommandRefused, match="lives on host-b"):
+        coord.start_vtpcm(INSTANCE, requested_by="host-a")  # the old holder
+    agents.generation = 1
+    assert coord.start_vtpcm(INSTANCE, requested_by="host-b")[0] == "host-b"
+
+
+def test_start_refuses_a_generation_other_than_the_authoritative_one(env):
+    coord, db, agents, _, _ = env
+    agents.generation = 7  # e.g. an agent database restored from an old backup
+    agents.calls.clear()
+    with pytest.raises(exception.GenerationMismatch, match="generation 7 refused"):
+        coord.start_vtpcm(INSTANCE, requested_by="host-a")
+    assert agents.calls == [("get", "host-a")]
+    assert _audited(db, "vtpcm.start") == [("refused", "host-a")]
+
+
+def test_an_agent_refusal_of_start_or_stop_is_audited(env):
+    coord, db, agents, _, _ = env
+    agents.fail["stop"] = exception.InvalidTransition(
+        what="vTPCM of instance", key=INSTANCE, current="MIGRATING_IN", target="STOPPED")
+    with pytest.raises(exception.InvalidTransition):
+        coord.stop_vtpcm(INSTANCE, requested_by="host-a")
+    assert _audited(db, "vtpcm.stop") == [("refused", "host-a")]
+
+
+def test_no_start_or_stop_while_created_or_destroyed(env):
+    coord, db, agents, _, _ = env
+    other = str(uuid.uuid4())
+    agents.fail["create"] = exception.ServiceUnreachable(
+        service="agent", method="create", reason="timeout")
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.create_vtpcm(other, "host-a")
+    agents.calls.clear()
+    with pytest.raises(exception.VTPCMBusy, match="creation is unfinished"):
+        coord.start_vtpcm(other, requested_by="host-a")
+    agents.fail["destroy"] = exception.ServiceUnreachable(
+        service="agent", method="destroy", reason="timeout")
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.destroy_vtpcm(INSTANCE, requested_by="host-a")
+    agents.calls.clear()
+    with pytest.raises(exception.VTPCMBusy, match="destruction is unfinished"):
+        coord.stop_vtpcm(INSTANCE, requested_by="host-a")
+    assert agents.calls == []
+    with pytest.raises(exception.NotFound):
+        coord.start_vtpcm(str(uuid.uuid4()), requested_by="host-a")
 
 
 def test_a_failed_agent_destroy_leaves_the_record_destroying_and_unmovable(env):

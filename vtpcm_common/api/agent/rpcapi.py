@@ -24,9 +24,16 @@ API version history:
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
-Clients still prepare each call with the version that introduced the method.
+
+Each call is prepared with the version that introduced the method in the
+form this client sends it and relies on: the state-changing methods carry
+``auth`` since 1.3, ``get_identity`` must answer ``command_public`` (1.4)
+and preferably ``ek_public`` (1.5). An agent older than that refuses the
+call (oslo.messaging ``UnsupportedVersion``) instead of misreading it.
+Only ``SIGNED_METHODS`` carry ``auth``.
 """
 
+import types
 from typing import TypeVar
 
 import oslo_messaging as messaging
@@ -41,26 +48,40 @@ RPC_API_VERSION = "1.5"
 
 R = TypeVar("R", bound=Message)
 
+# State-changing calls: signed with the engine's command key (1.3).
+SIGNED_METHODS = frozenset({"create", "start", "stop", "destroy", "export_state",
+                            "import_state", "seal_migration_key", "prepare_incoming",
+                            "commit_incoming", "commit_outgoing", "abort_incoming",
+                            "abort_outgoing"})
+
 
 class AgentAPI(rpc.Client):
+    API_VERSION = RPC_API_VERSION
+    UPGRADE_LEVEL = "vtpcm_agent"
+
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
-                 timeout: float = 60.0, signer: authn.CommandSigner | None = None) -> None:
+                 timeout: float = 60.0, signer: authn.CommandSigner | None = None,
+                 version_cap: str | None | types.EllipsisType = ...) -> None:
         """``signer``: the engine's command signer. Without one, the key named
         by ``[engine] command_signing_key`` is used if it exists (tools and
         tests next to the engine); otherwise state-changing calls are sent
-        unsigned and agents refuse them."""
+        unsigned and agents refuse them.
+
+        ``version_cap``: default ``[upgrade_levels] vtpcm_agent``."""
         if signer is None:
             signer = authn.signer_from_conf(conf)
-        super().__init__(conf, rpc.topic(conf, "agent_topic"), transport, timeout, signer)
+        super().__init__(conf, rpc.topic(conf, "agent_topic"), transport, timeout, signer,
+                         version_cap)
 
     def _at(self, host: str, method: str, version: str, request: Message,
             reply_type: type[R]) -> R:
-        """Call the agent of one compute host."""
-        return self._call(method, version, request, reply_type, server=host)
+        """Call the agent of one compute host; signed if the method needs it."""
+        signer = self.signer if method in SIGNED_METHODS else None
+        return self._call(method, version, request, reply_type, server=host, signer=signer)
 
-    # 1.0
+    # 1.0 (state-changing ones signed since 1.3)
     def create(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._at(host, "create", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "create", "1.3", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def get(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
         return self._at(host, "get", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
@@ -69,28 +90,34 @@ class AgentAPI(rpc.Client):
         return self._at(host, "list", "1.0", m.Empty(), m.VTPCMList)
 
     def start(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._at(host, "start", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "start", "1.3", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def stop(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._at(host, "stop", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "stop", "1.3", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def destroy(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
-        return self._at(host, "destroy", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
+        return self._at(host, "destroy", "1.3", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def export_state(self, host: str, instance_uuid: str) -> m.StateBlobs:
-        return self._at(host, "export_state", "1.0", m.InstanceRef(instance_uuid),
+        return self._at(host, "export_state", "1.3", m.InstanceRef(instance_uuid),
                           m.StateBlobs)
 
     def import_state(self, host: str, blobs: m.StateBlobs) -> m.VTPCMInfo:
-        return self._at(host, "import_state", "1.0", blobs, m.VTPCMInfo)
+        return self._at(host, "import_state", "1.3", blobs, m.VTPCMInfo)
 
     def health(self, host: str, timeout: float | None = None) -> m.Health:
-        return self._call("health", "1.0", m.Empty(), m.Health, server=host, timeout=timeout)
+        return self._call("health", "1.0", m.Empty(), m.Health, server=host, timeout=timeout,
+                          signer=None)
 
-    # 1.1
+    # 1.1; get_identity answers command_public since 1.4 (the engine needs
+    # it) and ek_public since 1.5; activate_credential is 1.5
     def get_identity(self, host: str, nonce: bytes) -> m.HostIdentity:
-        return self._at(host, "get_identity", "1.5", m.IdentityRequest(nonce),
-                          m.HostIdentity)
+        """Capped below 1.5, asked as 1.4: the answer lacks ``ek_public``,
+        so an engine that checks EK certificates refuses to enroll the
+        host until the cap is lifted; an engine that does not, enrolls it."""
+        version = "1.5" if self.can_send_version("1.5") else "1.4"
+        return self._at(host, "get_identity", version, m.IdentityRequest(nonce),
+                        m.HostIdentity)
 
     def activate_credential(self, host: str, credential_blob: bytes,
                             encrypted_secret: bytes) -> m.ActivatedCredential:
@@ -103,27 +130,27 @@ class AgentAPI(rpc.Client):
         return self._at(host, "quote", "1.1", m.QuoteRequest(nonce, tuple(pcrs), bank),
                           m.Quote)
 
-    # 1.2
+    # 1.2, signed since 1.3
     def seal_migration_key(self, host: str, context: m.MigrationContext,
                            dest_kem_public: bytes) -> m.SealedKey:
-        return self._at(host, "seal_migration_key", "1.2",
+        return self._at(host, "seal_migration_key", "1.3",
                           m.SealRequest(context, dest_kem_public), m.SealedKey)
 
     def prepare_incoming(self, host: str, context: m.MigrationContext,
                          envelope: bytes) -> m.VTPCMInfo:
-        return self._at(host, "prepare_incoming", "1.2",
+        return self._at(host, "prepare_incoming", "1.3",
                           m.PrepareIncoming(context, envelope), m.VTPCMInfo)
 
     def commit_incoming(self, host: str, context: m.MigrationContext) -> m.Empty:
-        return self._at(host, "commit_incoming", "1.2", m.MigrationStep(context), m.Empty)
+        return self._at(host, "commit_incoming", "1.3", m.MigrationStep(context), m.Empty)
 
     def commit_outgoing(self, host: str, context: m.MigrationContext) -> m.Empty:
-        return self._at(host, "commit_outgoing", "1.2", m.MigrationStep(context), m.Empty)
+        return self._at(host, "commit_outgoing", "1.3", m.MigrationStep(context), m.Empty)
 
     def abort_incoming(self, host: str, context: m.MigrationContext,
                        only_if_unused: bool = False) -> m.Empty:
-        return self._at(host, "abort_incoming", "1.2",
+        return self._at(host, "abort_incoming", "1.3",
                           m.MigrationStep(context, only_if_unused), m.Empty)
 
     def abort_outgoing(self, host: str, context: m.MigrationContext) -> m.Empty:
-        return self._at(host, "abort_outgoing", "1.2", m.MigrationStep(context), m.Empty)
+        return self._at(host, "abort_outgoing", "1.3", m.MigrationStep(context), m.Empty)

@@ -139,6 +139,20 @@ class VtpcmRecord(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class VtpcmStatus(Message):
+    """A vTPCM as the agent holding it answered start_vtpcm or stop_vtpcm (1.3)."""
+
+    message_type = "vtpcm_status"
+    instance_uuid: str = field(wire.uuid_field)
+    vtpcm_id: str = field(wire.uuid_field)
+    host: str = field(wire.host_field)
+    generation: int = field(wire.int_field(0, 2**62))
+    state: str = field(wire.text_field(32))
+    running: bool = field(wire.bool_field)
+    ctrl_socket: str = field(wire.text_field(4096))
+
+
+@dataclasses.dataclass(frozen=True)
 class CheckDestination(Message):
     message_type = "check_destination"
     instance_uuid: str = field(wire.uuid_field)

@@ -16,8 +16,15 @@ API version history:
           destroy_vtpcm, check_destination, begin, commit, abort) require
           the signature of a host the call concerns, with the host command
           key the engine learnt at enrollment (agent API 1.4).
+    1.3 - start_vtpcm, stop_vtpcm (in ``HOST_METHODS``, signed by the host
+          holding the vTPCM): the Nova driver starts and stops its vTPCMs
+          through the engine, with only its host command key; answer
+          ``VtpcmStatus``.
 
-Clients still prepare each call with the version that introduced the method.
+Each call is prepared with the version that introduced the method in the
+form this client sends it (``METHOD_VERSIONS``): the admin methods carry
+``auth`` since 1.1, the compute-node methods since 1.2. Only those two sets
+carry ``auth``.
 
 Any engine worker on the topic may answer: the state lives in the database.
 
@@ -27,6 +34,7 @@ the engine topic, since no single worker is addressed. This client signs with
 the key given as ``admin_signer`` or named by ``[manage] admin_key``.
 """
 
+import types
 from pathlib import Path
 from typing import TypeVar
 
@@ -37,7 +45,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.2"
+RPC_API_VERSION = "1.3"
 
 R = TypeVar("R", bound=Message)
 
@@ -45,8 +53,19 @@ R = TypeVar("R", bound=Message)
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
                            "put_policy", "record_policy"})
 # Calls of the Nova driver on a compute node: signed with that host's key.
-HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "check_destination", "begin",
-                          "commit", "abort"})
+HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
+                          "check_destination", "begin", "commit", "abort"})
+
+# The version each method is prepared with: where it got the form sent today.
+METHOD_VERSIONS: dict[str, str] = {
+    **dict.fromkeys(("register_agent", "list_hosts", "show_host", "list_policies",
+                     "attest", "verdicts", "list_audit", "get_vtpcm", "get_migration"),
+                    "1.0"),
+    **dict.fromkeys(ADMIN_METHODS, "1.1"),
+    **dict.fromkeys(HOST_METHODS, "1.2"),
+    "start_vtpcm": "1.3",
+    "stop_vtpcm": "1.3",
+}
 
 
 def admin_key_path(conf: cfg.ConfigOpts) -> Path | None:
@@ -73,36 +92,40 @@ def admin_signer_from_conf(conf: cfg.ConfigOpts) -> authn.CommandSigner | None:
 
 
 class EngineAPI(rpc.Client):
+    API_VERSION = RPC_API_VERSION
+    UPGRADE_LEVEL = "vtpcm_engine"
+
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
                  timeout: float = 120.0,
                  admin_signer: authn.CommandSigner | None = None,
-                 host_signer: authn.CommandSigner | None = None) -> None:
+                 host_signer: authn.CommandSigner | None = None,
+                 version_cap: str | None | types.EllipsisType = ...) -> None:
         """``admin_signer``: an operator key; without one the key named by
         ``[manage] admin_key`` is used if set. Without either, admin calls go
         out unsigned and the engine refuses them. The signer is bound to the
-        engine topic and signs every call but the compute-node ones: the
-        engine checks it on the admin methods and ignores it elsewhere.
+        engine topic and signs ``ADMIN_METHODS`` only.
 
         ``host_signer``: the command key of the compute host this client
         runs on (``[agent] host_command_key``); it signs ``HOST_METHODS``.
-        Without it those calls go out unsigned and the engine refuses them."""
+        Without it those calls go out unsigned and the engine refuses them.
+
+        ``version_cap``: default ``[upgrade_levels] vtpcm_engine``."""
         topic = rpc.topic(conf, "engine_topic")
         if admin_signer is None:
             admin_signer = admin_signer_from_conf(conf)
         signer = admin_signer.for_server(topic) if admin_signer is not None else None
         self.host_signer = host_signer.for_server(topic) if host_signer is not None else None
-        super().__init__(conf, topic, transport, timeout, signer)
+        super().__init__(conf, topic, transport, timeout, signer, version_cap)
 
     def _ask(self, method: str, request: Message, reply_type: type[R],
              timeout: float | None = None) -> R:
-        if method in HOST_METHODS:
-            return self._call(method, "1.0", request, reply_type, timeout=timeout,
-                              signer=self.host_signer)
-        return self._call(method, "1.0", request, reply_type, timeout=timeout)
+        signer = (self.host_signer if method in HOST_METHODS
+                  else self.signer if method in ADMIN_METHODS else None)
+        return self._call(method, METHOD_VERSIONS[method], request, reply_type,
+                          timeout=timeout, signer=signer)
 
     def register_agent(self, host: str) -> None:
-        self.client.prepare(version="1.0").cast(
-            {}, "register_agent", payload=m.HostRef(host).validated().to_wire())
+        self._cast("register_agent", METHOD_VERSIONS["register_agent"], m.HostRef(host))
 
     def enroll(self, host: str) -> m.HostInfo:
         return self._ask("enroll", m.HostRef(host), m.HostInfo)
@@ -149,6 +172,15 @@ class EngineAPI(rpc.Client):
 
     def destroy_vtpcm(self, instance_uuid: str) -> m.Empty:
         return self._ask("destroy_vtpcm", m.InstanceRef(instance_uuid), m.Empty)
+
+    def start_vtpcm(self, instance_uuid: str) -> m.VtpcmStatus:
+        """Start the vTPCM's swtpm on the host holding it (this client's
+        host); an already running one is left as it is."""
+        return self._ask("start_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmStatus)
+
+    def stop_vtpcm(self, instance_uuid: str) -> m.VtpcmStatus:
+        """Stop the vTPCM's swtpm (its state stays); a stopped one stays so."""
+        return self._ask("stop_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmStatus)
 
     def get_vtpcm(self, instance_uuid: str) -> m.VtpcmRecord:
         return self._ask("get_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmRecord)

@@ -1,0 +1,145 @@
+"""A rolling upgrade between engine API 1.2 and 1.3 over the local RabbitMQ.
+
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.2`` (what
+  an old Nova driver can send) against the current engine daemon: the 1.2
+  host calls work, start_vtpcm/stop_vtpcm are refused before sending.
+- An engine of the previous version (an in-process engine whose Target is
+  1.2) answering a current client: old methods are served, the new ones
+  come back as a clear ``RPCVersionUnsupported``.
+"""
+
+import shutil
+import uuid
+from pathlib import Path
+
+import oslo_messaging as messaging
+import pytest
+
+from tests.functional.harness import EngineDaemon, agent_cluster, client_conf, short_dir
+from vtpcm_common import authn, exception, rpc
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine.rpcapi import RPC_API_VERSION, EngineAPI
+from vtpcm_lab import daemons
+from vtpcm_nova.engine.db.api import Database
+from vtpcm_nova.engine.manager import EngineManager
+
+pytestmark = pytest.mark.functional
+
+PREVIOUS = "1.2"
+
+
+class PreviousEngine(EngineManager):
+    """Today's code behind the previous version's Target."""
+
+    target = messaging.Target(version=PREVIOUS)
+
+
+def _serve_engine_in_process(conf, manager, server):
+    transport = rpc.get_transport(conf)
+    rpc_server = messaging.get_rpc_server(
+        transport, messaging.Target(topic=rpc.topic(conf, "engine_topic"), server=server),
+        [manager], access_policy=messaging.DefaultRPCAccessPolicy)
+    rpc_server.start()
+
+    def stop():
+        rpc_server.stop()
+        rpc_server.wait()
+        transport.cleanup()
+    return stop
+
+
+@pytest.fixture(scope="module")
+def upgrade():
+    work = short_dir("vtengver")
+    exchange = "vtpcm-engver-" + uuid.uuid4().hex[:8]
+    old_exchange = "vtpcm-engold-" + uuid.uuid4().hex[:8]
+    conf = client_conf(exchange)
+    agents = AgentAPI(conf, timeout=30)
+    operator = EngineAPI(conf, agents.transport, timeout=60)
+    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
+                          extra={"attestation": {"auto_approve": "true"}})
+    old_conf = client_conf(old_exchange)
+    old_db = Database("sqlite:///%s/old-engine.sqlite" % work)
+    stop_old = _serve_engine_in_process(old_conf, PreviousEngine(old_db, None, None),
+                                        "old-engine")
+    on_old = EngineAPI(old_conf, timeout=30)  # unsigned: that engine checks no keys
+    try:
+        with agent_cluster(work, "ev", exchange, agents, labels=("a",)) as hosts:
+            name, _, agent, _ = hosts[0]
+            engine.start()
+            engine.wait_ready(operator)
+            assert operator.enroll(name).status == "APPROVED"
+            key = authn.load_host_key(Path(agent.config["agent"]["state_dir"])
+                                      / "host-command.key")
+            current = EngineAPI(conf, agents.transport, timeout=60, host_signer=key)
+            # an old compute node: the cap comes from its [upgrade_levels]
+            pinned_conf = client_conf(exchange)
+            pinned_conf.set_override("vtpcm_engine", PREVIOUS, group="upgrade_levels")
+            pinned = EngineAPI(pinned_conf, agents.transport, timeout=60, host_signer=key)
+            yield current, pinned, on_old, agents, name
+    finally:
+        engine.stop()
+        on_old.transport.cleanup()
+        stop_old()
+        old_db.dispose()
+        agents.transport.cleanup()
+        for namespace in (exchange, old_exchange):
+            shutil.rmtree(daemons.signing_key_path(namespace).parent, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def test_the_versions_compared_here_are_the_current_and_previous_minor():
+    major, minor = RPC_API_VERSION.split(".")
+    assert PREVIOUS == "%s.%d" % (major, int(minor) - 1)
+
+
+def test_a_pinned_compute_node_runs_the_old_host_calls_on_the_current_engine(upgrade):
+    _, pinned, _, agents, host = upgrade
+    assert pinned.version_cap == PREVIOUS
+    instance = str(uuid.uuid4())
+    rec = pinned.create_vtpcm(instance, host)
+    assert pinned.get_vtpcm(instance) == rec
+    assert host in {h.name for h in pinned.list_hosts().hosts}
+    pinned.destroy_vtpcm(instance)
+    assert agents.get(host, instance).state == "DESTROYED"
+
+
+def test_a_pinned_compute_node_refuses_start_and_stop_before_sending(upgrade):
+    current, pinned, _, agents, host = upgrade
+    instance = str(uuid.uuid4())
+    pinned.create_vtpcm(instance, host)
+    try:
+        for method, call in (("start_vtpcm", pinned.start_vtpcm),
+                             ("stop_vtpcm", pinned.stop_vtpcm)):
+            with pytest.raises(exception.RPCVersionCapped) as err:
+                call(instance)
+            assert str(err.value) == (
+                "Not sent: %s needs %s RPC API 1.3, but [upgrade_levels] vtpcm_engine "
+                "caps this client at 1.2 (some %s may still run an older release)"
+                % (method, pinned.topic, pinned.topic))
+        assert not agents.get(host, instance).running
+        assert current.start_vtpcm(instance).running  # unpinned, it works
+    finally:
+        current.destroy_vtpcm(instance)
+
+
+def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
+    _, _, on_old, _, host = upgrade
+    assert on_old.list_hosts().hosts == ()
+    with pytest.raises(exception.NotFound):
+        on_old.get_vtpcm(str(uuid.uuid4()))
+    # a 1.2 host call reaches it (this one checks no host keys, so refuses)
+    with pytest.raises(exception.CommandRefused, match="checks no host command keys"):
+        on_old.create_vtpcm(str(uuid.uuid4()), host)
+
+
+def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
+    _, _, on_old, _, _ = upgrade
+    for method, call in (("start_vtpcm", on_old.start_vtpcm),
+                         ("stop_vtpcm", on_old.stop_vtpcm)):
+        with pytest.raises(exception.RPCVersionUnsupported) as err:
+            call(str(uuid.uuid4()))
+        assert str(err.value) == (
+            "%s cannot serve %s (RPC API 1.3): it runs an older API version; upgrade it "
+            "first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
+            % (on_old.topic, method))

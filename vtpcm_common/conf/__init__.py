@@ -1,0 +1,1 @@
+"""Options shared by the agent, the engine and their clients."""
