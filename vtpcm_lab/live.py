@@ -20,7 +20,7 @@ from vtpcm_common import exception
 from vtpcm_lab import console, domain, migrate
 from vtpcm_lab.hosts import Lab
 from vtpcm_lab.stack import Stack, StackHost
-from vtpcm_nova.virt import livemigration
+from vtpcm_nova.virt import lifecycle, livemigration
 
 LOG = logging.getLogger(__name__)
 
@@ -59,16 +59,16 @@ def _running_on(conn: libvirt.virConnect, name: str) -> bool:
 
 def boot_guest(stack: Stack, host: StackHost, name: str,
                instance_uuid: str | None = None) -> tuple[str, console.GuestConsole]:
-    """Create and start the vTPCM through the engine as the Nova driver on
-    ``host`` does (signed with that host's command key), define and boot the VM."""
+    """Create and start the vTPCM with the Nova driver's own function
+    (``lifecycle.ensure_running``, engine calls signed with ``host``'s command
+    key), define and boot the VM on the socket it returns."""
     image = stack.lab.image
     if image is None:
         raise exception.LabError(reason="lab is not up")
     instance = instance_uuid or str(uuid.uuid4())
-    at_host = stack.engine_at(host)
-    at_host.create_vtpcm(instance, host.name)
-    at_host.start_vtpcm(instance)
-    xml = domain.render_domain_xml(name, image, host.ctrl_socket(instance),
+    socket_path = lifecycle.ensure_running(stack.engine_at(host), stack.agents, instance,
+                                           host.name)
+    xml = domain.render_domain_xml(name, image, socket_path,
                                    host.lab_host.serial_path(name), domain_uuid=instance)
     conn = host.lab_host.connect()
     try:

@@ -1,0 +1,313 @@
+"""VTPCMLibvirtDriver: Nova's libvirt driver, with the vTPCM for ``vtpcm:`` flavors.
+
+Thin on purpose: each override calls Nova's own method and hands the vTPCM's
+part to plain functions (``lifecycle``, ``livemigration``, ``tpmxml``) that
+the lab runs too. Instances whose flavor lacks ``vtpcm:enabled=true`` take
+Nova's paths untouched, with no engine call. Loaded by nova-compute as
+``compute_driver = vtpcm.VTPCMLibvirtDriver`` through the ``nova/virt/vtpcm``
+shim.
+
+Private Nova methods overridden here (``_add_vtpm_device``,
+``_live_migration_operation``) are pinned by a contract test against the
+supported Nova range (``SUPPORTED_NOVA``).
+"""
+
+import threading
+import time
+import xml.etree.ElementTree as ET
+from typing import Any
+
+import nova.conf
+from lxml import etree
+from nova import exception as nova_exception
+from nova.compute import task_states, vm_states
+from nova.virt.libvirt import config as vconfig
+from nova.virt.libvirt import driver as libvirt_driver
+from oslo_log import log as logging
+
+from vtpcm_common import exception
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_nova import clients, extra_specs
+from vtpcm_nova.conf import compute as compute_conf
+from vtpcm_nova.virt import lifecycle, livemigration, tpmxml
+
+LOG = logging.getLogger(__name__)
+CONF = nova.conf.CONF
+
+SUPPORTED_NOVA = (">=34.0.0", "<35")
+TRAIT = "CUSTOM_VTPCM"
+# Nova calls destroy for many reasons; the vTPCM is shredded only for these
+# (a delete, or a build that failed before the guest ever ran). Shelve
+# offload, rebuild, rescue, revert and the cleanup after a migration keep it.
+_SHRED_TASK_STATES = frozenset({task_states.DELETING})
+
+
+class VTPCMFault(nova_exception.NovaException):
+    """A vTPCM refusal or failure, shown to the user as the instance fault."""
+
+    msg_fmt = "vTPCM: %(reason)s"
+
+
+class LibvirtConfigGuestExternalTPM(vconfig.LibvirtConfigGuestDevice):
+    """``<tpm>`` on libvirt's external backend (Nova's own class hard-codes
+    the emulator backend, where libvirt runs swtpm and QEMU carries the
+    state without a migration key)."""
+
+    def __init__(self, socket_path: str, model: str, **kwargs: Any) -> None:
+        super().__init__(root_name="tpm", **kwargs)
+        self.socket_path = socket_path
+        self.model = model
+
+    def format_dom(self) -> Any:
+        element = tpmxml.tpm_element(self.socket_path, self.model)
+        return etree.fromstring(ET.tostring(element))
+
+
+class _RewritingGuest:
+    """Nova's Guest whose ``migrate`` sends the destination XML with the TPM
+    pointed at the destination's incoming vTPCM (Nova has no hook for it)."""
+
+    def __init__(self, guest: Any, socket_path: str) -> None:
+        self._guest = guest
+        self._socket_path = socket_path
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._guest, name)
+
+    def migrate(self, destination: str, *args: Any, **kwargs: Any) -> Any:
+        xml = kwargs.get("destination_xml")
+        if xml is None:
+            raise exception.MigrationError(
+                migration_id="?", reason="no destination XML to point at the vTPCM")
+        kwargs["destination_xml"] = tpmxml.rewrite_tpm_socket(xml, self._socket_path)
+        return self._guest.migrate(destination, *args, **kwargs)
+
+
+def vtpcm_spec(flavor: Any) -> extra_specs.VtpcmSpec:
+    """The flavor's vTPCM request; a malformed one is a fault naming the key."""
+    try:
+        return extra_specs.parse(flavor.extra_specs or {})
+    except exception.InvalidInput as err:
+        raise VTPCMFault(reason=str(err)) from None
+
+
+def _migration_id(migrate_data: Any) -> str:
+    migration = getattr(migrate_data, "migration", None) if migrate_data else None
+    if migration is None or not getattr(migration, "uuid", None):
+        raise nova_exception.MigrationError(
+            reason="vTPCM: Nova gave no migration record to bind the vTPCM's move to")
+    return str(migration.uuid)
+
+
+class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
+    """LibvirtDriver plus the vTPCM; see the module docstring."""
+
+    def __init__(self, virtapi: Any, read_only: bool = False) -> None:
+        super().__init__(virtapi, read_only)
+        compute_conf.register_opts(CONF)
+        self._clients_lock = threading.Lock()
+        self._engine: EngineAPI | None = None
+        self._agents: AgentAPI | None = None
+        self._dest_sockets: dict[str, str] = {}
+        self._trait: tuple[float, bool] = (0.0, False)
+        self._vtpcm_host: str | None = None
+
+    def init_host(self, host: str) -> None:
+        # the compute service's host name, as the engine and agents know it
+        self._vtpcm_host = host
+        super().init_host(host)
+
+    @property
+    def vtpcm_host(self) -> str:
+        return self._vtpcm_host or CONF.host
+
+    # --- clients -----------------------------------------------------------------
+    @property
+    def vtpcm_engine(self) -> EngineAPI:
+        """Made on first use: a compute without vTPCM instances never needs it."""
+        with self._clients_lock:
+            if self._engine is None:
+                self._engine = clients.engine_for_host(CONF)
+            return self._engine
+
+    @property
+    def vtpcm_agents(self) -> AgentAPI:
+        with self._clients_lock:
+            if self._agents is None:
+                self._agents = clients.agent_reader(CONF)
+            return self._agents
+
+    # --- the guest's TPM device (spawn, reboot, power on, host boot, unshelve) ----
+    def _add_vtpm_device(self, guest: Any, flavor: Any, instance: Any,
+                         image_meta: Any) -> None:
+        spec = vtpcm_spec(flavor)
+        if not spec.enabled:
+            super()._add_vtpm_device(guest, flavor, instance, image_meta)
+            return
+        try:
+            socket_path = lifecycle.ensure_running(self.vtpcm_engine, self.vtpcm_agents,
+                                                   instance.uuid, self.vtpcm_host)
+        except exception.VTPCMNotHere as err:
+            raise VTPCMFault(reason=_not_here_reason(instance, err)) from None
+        except exception.VTPCMException as err:
+            raise VTPCMFault(reason=str(err)) from None
+        guest.add_device(LibvirtConfigGuestExternalTPM(socket_path, spec.model))
+
+    def destroy(self, context: Any, instance: Any, network_info: Any,
+                block_device_info: Any = None, destroy_disks: bool = True,
+                destroy_secrets: bool = True) -> None:
+        super().destroy(context, instance, network_info, block_device_info, destroy_disks,
+                        destroy_secrets)
+        if not vtpcm_spec(instance.flavor).enabled or not _shreds(instance):
+            return
+        try:
+            lifecycle.destroy_if_held(self.vtpcm_engine, instance.uuid, self.vtpcm_host)
+        except exception.VTPCMException as err:
+            raise VTPCMFault(reason="could not destroy the vTPCM: %s" % err) from None
+
+    # --- live migration --------------------------------------------------------------
+    def check_can_live_migrate_destination(self, context: Any, instance: Any,
+                                           src_compute_info: Any, dst_compute_info: Any,
+                                           block_migration: bool = False,
+                                           disk_over_commit: bool = False) -> Any:
+        if vtpcm_spec(instance.flavor).enabled:
+            # before Nova's own checks, which leave state to clean up
+            try:
+                livemigration.check_destination(self.vtpcm_engine, instance.uuid,
+                                                self.vtpcm_host)
+            except exception.VTPCMException as err:
+                raise nova_exception.MigrationPreCheckError(reason="vTPCM: %s" % err) \
+                    from None
+        return super().check_can_live_migrate_destination(
+            context, instance, src_compute_info, dst_compute_info, block_migration,
+            disk_over_commit)
+
+    def live_migration(self, context: Any, instance: Any, dest: str, post_method: Any,
+                       recover_method: Any, block_migration: bool = False,
+                       migrate_data: Any = None) -> None:
+        if not vtpcm_spec(instance.flavor).enabled:
+            super().live_migration(context, instance, dest, post_method, recover_method,
+                                   block_migration, migrate_data)
+            return
+        migration_id = _migration_id(migrate_data)
+        try:
+            livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid, self.vtpcm_host,
+                                dest)
+            self._dest_sockets[instance.uuid] = livemigration.destination_socket(
+                self.vtpcm_agents, dest, instance.uuid)
+        except exception.VTPCMException as err:
+            # Nova's manager rolls back (rollback_live_migration_at_source aborts)
+            raise nova_exception.MigrationError(reason="vTPCM: %s" % err) from None
+        try:
+            super().live_migration(context, instance, dest, post_method, recover_method,
+                                   block_migration, migrate_data)
+        finally:
+            self._dest_sockets.pop(instance.uuid, None)
+
+    def _live_migration_operation(self, context: Any, instance: Any, dest: str,
+                                  block_migration: bool, migrate_data: Any, guest: Any,
+                                  device_names: Any) -> Any:
+        socket_path = self._dest_sockets.get(instance.uuid)
+        if socket_path is not None:
+            guest = _RewritingGuest(guest, socket_path)
+        return super()._live_migration_operation(context, instance, dest, block_migration,
+                                                 migrate_data, guest, device_names)
+
+    def post_live_migration(self, context: Any, instance: Any, block_device_info: Any,
+                            migrate_data: Any = None) -> None:
+        if vtpcm_spec(instance.flavor).enabled:
+            # the guest runs on the destination: its vTPCM must be the live one
+            migration_id = _migration_id(migrate_data)
+            try:
+                livemigration.commit(self.vtpcm_engine, migration_id)
+            except exception.VTPCMException as err:
+                # Raising would leave Nova believing the guest is on the source.
+                LOG.error("vTPCM commit of migration %(mig)s failed: %(err)s. The guest "
+                          "runs on the destination; the engine's reconcile retries, or "
+                          "run 'vtpcm-manage migration show %(mig)s'.",
+                          {"mig": migration_id, "err": err}, instance=instance)
+        super().post_live_migration(context, instance, block_device_info, migrate_data)
+
+    def rollback_live_migration_at_source(self, context: Any, instance: Any,
+                                          migrate_data: Any) -> None:
+        super().rollback_live_migration_at_source(context, instance, migrate_data)
+        if vtpcm_spec(instance.flavor).enabled:
+            self._abort(instance, migrate_data, "rolled back by Nova at the source")
+
+    def rollback_live_migration_at_destination(self, context: Any, instance: Any,
+                                               network_info: Any, block_device_info: Any,
+                                               destroy_disks: bool = True,
+                                               migrate_data: Any = None) -> None:
+        super().rollback_live_migration_at_destination(
+            context, instance, network_info, block_device_info, destroy_disks,
+            migrate_data)
+        if vtpcm_spec(instance.flavor).enabled and migrate_data is not None:
+            self._abort(instance, migrate_data, "rolled back by Nova at the destination")
+
+    def _abort(self, instance: Any, migrate_data: Any, reason: str) -> None:
+        """Abort on a rollback; never raises: Nova's rollback must go on, and
+        the engine's reconcile finishes an abort that did not get through."""
+        try:
+            migration_id = _migration_id(migrate_data)
+            livemigration.abort(self.vtpcm_engine, migration_id, reason)
+        except (exception.VTPCMException, nova_exception.MigrationError) as err:
+            LOG.warning("vTPCM abort on rollback failed: %(err)s", {"err": err},
+                        instance=instance)
+
+    # --- operations that would move the vTPCM without the protocol ---------------------
+    def migrate_disk_and_power_off(self, context: Any, instance: Any, dest: str,
+                                   flavor: Any, network_info: Any,
+                                   block_device_info: Any = None, timeout: int = 0,
+                                   retry_interval: int = 0) -> Any:
+        if vtpcm_spec(instance.flavor).enabled or vtpcm_spec(flavor).enabled:
+            raise nova_exception.InstanceFaultRollback(VTPCMFault(reason=(
+                "cold migration and resize of vTPCM instances are not supported yet; "
+                "use live migration")))
+        return super().migrate_disk_and_power_off(context, instance, dest, flavor,
+                                                  network_info, block_device_info,
+                                                  timeout, retry_interval)
+
+    # --- placement -----------------------------------------------------------------------
+    def update_provider_tree(self, provider_tree: Any, nodename: str,
+                             allocations: Any = None) -> None:
+        super().update_provider_tree(provider_tree, nodename, allocations=allocations)
+        if self._vtpcm_ready():
+            provider_tree.add_traits(nodename, TRAIT)
+        else:
+            provider_tree.remove_traits(nodename, TRAIT)
+
+    def _vtpcm_ready(self) -> bool:
+        """Agent healthy and host enrolled and approved; re-checked at most every
+        ``[vtpcm] trait_refresh_seconds`` (the periodic task must stay cheap)."""
+        checked_at, ready = self._trait
+        now = time.monotonic()
+        if checked_at and now - checked_at < CONF.vtpcm.trait_refresh_seconds:
+            return ready
+        try:
+            self.vtpcm_agents.health(self.vtpcm_host, timeout=CONF.vtpcm.agent_timeout)
+            ready = self.vtpcm_engine.show_host(self.vtpcm_host).status == "APPROVED"
+        except exception.VTPCMException as err:
+            if ready or not checked_at:
+                LOG.warning("vTPCM not available on %(host)s, not reporting %(trait)s: "
+                            "%(err)s", {"host": self.vtpcm_host, "trait": TRAIT, "err": err})
+            ready = False
+        self._trait = (now, ready)
+        return ready
+
+
+def _shreds(instance: Any) -> bool:
+    """Delete, or a build that failed before the guest ever ran."""
+    return (instance.task_state in _SHRED_TASK_STATES
+            or instance.vm_state in (vm_states.BUILDING, vm_states.DELETED))
+
+
+def _not_here_reason(instance: Any, err: exception.VTPCMNotHere) -> str:
+    """Name the Nova operation that tried to run the guest away from its vTPCM."""
+    if instance.task_state == task_states.REBUILD_SPAWNING:
+        return ("evacuate is refused for vTPCM instances: the vTPCM state cannot be read "
+                "from the failed host (%s)" % err)
+    if instance.vm_state == vm_states.SHELVED_OFFLOADED:
+        return ("unshelve onto another host is not supported yet for vTPCM instances: "
+                "the vTPCM is kept on its host (%s)" % err)
+    return str(err)
