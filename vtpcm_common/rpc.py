@@ -116,10 +116,13 @@ class Client:
     def __init__(self, conf: cfg.ConfigOpts, topic_name: str,
                  transport: messaging.Transport | None = None, timeout: float = 60.0,
                  signer: authn.CommandSigner | None = None,
-                 version_cap: str | None | types.EllipsisType = ...) -> None:
+                 version_cap: str | None | types.EllipsisType = ...,
+                 exchange: str | None = None) -> None:
         """``version_cap``: the highest version this client sends; by
         default the one ``[upgrade_levels]`` sets for the service (none:
-        up to ``API_VERSION``)."""
+        up to ``API_VERSION``). ``exchange``: the services' exchange when it
+        is not this process's ``[DEFAULT] control_exchange`` (Nova's is
+        ``nova``; the vTPCM daemons' default is ``openstack``)."""
         self.signer = signer
         self.topic = topic_name
         if version_cap is ...:
@@ -127,7 +130,7 @@ class Client:
                 if self.UPGRADE_LEVEL else None
         self.version_cap = self._checked_cap(version_cap)
         self.transport = transport or get_transport(conf)
-        target = messaging.Target(topic=topic_name, version="1.0")
+        target = messaging.Target(topic=topic_name, version="1.0", exchange=exchange)
         self.client = messaging.get_rpc_client(self.transport, target, timeout=timeout,
                                                version_cap=self.version_cap)
 

@@ -38,16 +38,18 @@ def engine_for_host(conf: cfg.ConfigOpts) -> EngineAPI:
     compute_conf.register_opts(conf)
     signer = authn.load_host_key(Path(conf.vtpcm.host_command_key))
     return EngineAPI(conf, transport(conf), timeout=conf.vtpcm.engine_timeout,
-                     host_signer=signer)
+                     host_signer=signer, exchange=conf.vtpcm.control_exchange)
 
 
 def engine_reader(conf: cfg.ConfigOpts) -> EngineAPI:
     """Unsigned engine client for read-only calls (the scheduler filter)."""
     compute_conf.register_opts(conf)
-    return EngineAPI(conf, transport(conf), timeout=conf.vtpcm.engine_timeout)
+    return EngineAPI(conf, transport(conf), timeout=conf.vtpcm.engine_timeout,
+                     exchange=conf.vtpcm.control_exchange)
 
 
 def agent_reader(conf: cfg.ConfigOpts) -> AgentAPI:
     """Unsigned agent client: health and where a vTPCM's socket is (read-only)."""
     compute_conf.register_opts(conf)
-    return AgentAPI(conf, transport(conf), timeout=conf.vtpcm.agent_timeout)
+    return AgentAPI(conf, transport(conf), timeout=conf.vtpcm.agent_timeout,
+                    exchange=conf.vtpcm.control_exchange)

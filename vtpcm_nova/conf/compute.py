@@ -18,6 +18,10 @@ VTPCM_OPTS = [
     cfg.StrOpt("transport_url", secret=True,
                help="oslo.messaging URL of the broker the vtpcm-engine and agents use. "
                     "Unset: Nova's own [DEFAULT] transport_url."),
+    cfg.StrOpt("control_exchange", default="openstack",
+               help="The exchange the vtpcm-engine and agents use: their [DEFAULT] "
+                    "control_exchange (Nova's own is 'nova', theirs defaults to "
+                    "'openstack')."),
     cfg.StrOpt("host_command_key", default="/var/lib/vtpcm/host-command.key",
                help="The compute host's Ed25519 command key, made by its vtpcm-agent "
                     "([agent] host_command_key; group-readable by nova-compute through "

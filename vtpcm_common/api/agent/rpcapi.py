@@ -61,7 +61,8 @@ class AgentAPI(rpc.Client):
 
     def __init__(self, conf: cfg.ConfigOpts, transport: messaging.Transport | None = None,
                  timeout: float = 60.0, signer: authn.CommandSigner | None = None,
-                 version_cap: str | None | types.EllipsisType = ...) -> None:
+                 version_cap: str | None | types.EllipsisType = ...,
+                 exchange: str | None = None) -> None:
         """``signer``: the engine's command signer. Without one, the key named
         by ``[engine] command_signing_key`` is used if it exists (tools and
         tests next to the engine); otherwise state-changing calls are sent
@@ -71,7 +72,7 @@ class AgentAPI(rpc.Client):
         if signer is None:
             signer = authn.signer_from_conf(conf)
         super().__init__(conf, rpc.topic(conf, "agent_topic"), transport, timeout, signer,
-                         version_cap)
+                         version_cap, exchange)
 
     def _at(self, host: str, method: str, version: str, request: Message,
             reply_type: type[R]) -> R:

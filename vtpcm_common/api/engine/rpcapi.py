@@ -99,7 +99,8 @@ class EngineAPI(rpc.Client):
                  timeout: float = 120.0,
                  admin_signer: authn.CommandSigner | None = None,
                  host_signer: authn.CommandSigner | None = None,
-                 version_cap: str | None | types.EllipsisType = ...) -> None:
+                 version_cap: str | None | types.EllipsisType = ...,
+                 exchange: str | None = None) -> None:
         """``admin_signer``: an operator key; without one the key named by
         ``[manage] admin_key`` is used if set. Without either, admin calls go
         out unsigned and the engine refuses them. The signer is bound to the
@@ -115,7 +116,7 @@ class EngineAPI(rpc.Client):
             admin_signer = admin_signer_from_conf(conf)
         signer = admin_signer.for_server(topic) if admin_signer is not None else None
         self.host_signer = host_signer.for_server(topic) if host_signer is not None else None
-        super().__init__(conf, topic, transport, timeout, signer, version_cap)
+        super().__init__(conf, topic, transport, timeout, signer, version_cap, exchange)
 
     def _ask(self, method: str, request: Message, reply_type: type[R],
              timeout: float | None = None) -> R:
