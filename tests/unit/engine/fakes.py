@@ -70,6 +70,11 @@ class FakeTPM:
         self.pcrs = {i: b"\x00" * 32 for i in range(24)}
         self.clock, self.reset_count = 10, self.reset_count + 1
 
+    def restart(self) -> None:
+        """TPM Restart: Shutdown(STATE) then Startup(CLEAR), no platform reset."""
+        self.pcrs = {i: b"\x00" * 32 for i in range(24)}
+        self.restart_count += 1
+
     def _sign(self, obj: TPMS_ATTEST) -> tuple[bytes, bytes]:
         raw = bytes(obj.marshal())
         r, s = decode_dss_signature(self.ak.sign(raw, ec.ECDSA(hashes.SHA256())))

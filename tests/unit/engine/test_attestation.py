@@ -277,6 +277,37 @@ def test_attest_reboot_requires_reapproval(env: Any) -> None:
     assert ("reboot", "PENDING") in events(att, "cmp1")
 
 
+def test_attest_tpm_restart_requires_reapproval(env: Any) -> None:
+    """A TPM Restart resets the PCRs but not resetCount: replaying the golden
+    measurements afterwards must not keep the host TRUSTED."""
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    assert att.attest("cmp1").trusted
+    tpm.extend(16, b"something else")  # runs what it likes ...
+    tpm.restart()                      # ... then wipes the PCRs
+    tpm.extend(16, b"good-boot")       # and replays the golden measurement
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED
+    assert v.reason == ("TPM restarted (restartCount 0 -> 1): PCRs were reset without a "
+                        "reboot; re-approval required")
+    assert att.db.get_host("cmp1").status is HostStatus.PENDING
+    assert ("reboot", "PENDING") in events(att, "cmp1")
+    att.approve("cmp1")
+    assert att.attest("cmp1").trusted
+    assert att.db.get_clock_state("cmp1").restart_count == 1
+
+
+def test_attest_tpm_restart_accepted_by_policy(env: Any) -> None:
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    att.reboot_policy = "accept"
+    assert att.attest("cmp1").trusted
+    tpm.restart()
+    tpm.extend(16, b"good-boot")
+    assert att.attest("cmp1").trusted
+    assert att.db.get_clock_state("cmp1").restart_count == 1
+
+
 def test_attest_reboot_accepted_by_policy(env: Any) -> None:
     att, agent, clock = env
     tpm = enrolled(att, agent)
