@@ -45,6 +45,16 @@ def enroll(db: api.Database, name: str = "cmp1", approved: bool = False) -> api.
                           now=T0)
 
 
+def record(db: api.Database, host: str, status: verifier.TrustStatus, reason: str,
+            at: datetime.datetime, until: datetime.datetime) -> api.VerdictRecord:
+    """Record a verdict as an attestation of the host as it is now would."""
+    rec = db.get_host(host)
+    policy = db.get_policy(rec.policy_name) if rec.policy_name else None
+    basis = api.TrustBasis(host, rec.revision, rec.policy_name,
+                           policy.revision if policy else None, at)
+    return db.record_attestation(basis, status, reason, until)
+
+
 def test_schema_version_and_persistence_across_restart(make_db: MakeDb) -> None:
     db = make_db()
     assert db.schema_version() == models.SCHEMA_VERSION
@@ -52,7 +62,7 @@ def test_schema_version_and_persistence_across_restart(make_db: MakeDb) -> None:
     db.put_policy("golden", "sha256", {0: b"\x00" * 32, 16: b"\x16" * 32}, "boot", now=T0)
     db.assign_policy("cmp1", "golden")
     db.approve_host("cmp1", now=T0 + MIN)
-    db.record_verdict("cmp1", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
+    record(db, "cmp1", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
     db.set_clock_state("cmp1", verifier.ClockState(10, 1, 0))
     db.audit("enroll", "ok", host="cmp1", detail="enrolled", now=T0)
     db.dispose()
@@ -87,7 +97,7 @@ def test_host_lifecycle(make_db: MakeDb) -> None:
     assert db.revoke_host("cmp1").status is HostStatus.REVOKED
     with pytest.raises(exception.InvalidTransition):
         db.approve_host("cmp1")
-    db.record_verdict("cmp1", verifier.TrustStatus.UNTRUSTED, "revoked", T0, T0 + MIN)
+    assert db.get_verdict("cmp1").reason == "host revoked"
     again = enroll(db, approved=True)  # re-enrollment of a revoked host
     assert again.status is HostStatus.APPROVED and db.get_verdict("cmp1") is None
     enroll(db, "cmp2")
@@ -109,20 +119,23 @@ def test_policy_validation(make_db: MakeDb) -> None:
 
 def test_fresh_verdicts_excludes_expired(make_db: MakeDb) -> None:
     db = make_db()
+    db.put_policy("golden", "sha256", {16: b"\x16" * 32})
     for name in ("a", "b", "c"):
-        enroll(db, name)
-    db.record_verdict("a", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + 5 * MIN)
-    db.record_verdict("b", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
-    db.record_verdict("c", verifier.TrustStatus.UNTRUSTED, "PCR 16", T0, T0 + 5 * MIN)
+        enroll(db, name, approved=True)
+        db.assign_policy(name, "golden")
+    record(db, "a", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + 5 * MIN)
+    record(db, "b", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
+    record(db, "c", verifier.TrustStatus.UNTRUSTED, "PCR 16", T0, T0 + 5 * MIN)
     fresh = db.fresh_verdicts(T0 + 2 * MIN)
     assert sorted(fresh) == ["a", "c"]
     assert fresh["a"].trusted and not fresh["c"].trusted
     assert db.fresh_verdicts(T0 + 10 * MIN) == {}
     # one row per host: a new verdict replaces the old
-    db.record_verdict("b", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + 9 * MIN)
+    record(db, "b", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + 9 * MIN)
     assert sorted(db.fresh_verdicts(T0 + 2 * MIN)) == ["a", "b", "c"]
-    with pytest.raises(exception.NotFound):
-        db.record_verdict("ghost", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
+    with pytest.raises(exception.StaleAttestation, match="host is no longer enrolled"):
+        db.record_attestation(api.TrustBasis("ghost", 0, "golden", 0, T0),
+                              verifier.TrustStatus.TRUSTED, "ok", T0 + MIN)
 
 
 def test_nonce_single_use_across_two_databases(make_db: MakeDb) -> None:
@@ -237,19 +250,26 @@ def test_command_nonces_are_claimed_once_across_handles(make_db: MakeDb) -> None
 
 def test_schema_v1_database_is_upgraded(make_db: MakeDb) -> None:
     old = make_db()
-    enroll(old)  # becomes a v1 host row, without a command key
+    old.put_policy("golden", "sha256", {16: b"\x16" * 32}, now=T0)
+    enroll(old, approved=True)  # becomes a v1 host row, without a command key
+    old.assign_policy("cmp1", "golden")
     models.CommandNonce.__table__.drop(old.engine)  # type: ignore[attr-defined]
     with old.engine.begin() as conn:
-        conn.execute(sqlalchemy.text("ALTER TABLE hosts DROP COLUMN command_public"))
+        for table, column in api.ADDED_COLUMNS:
+            conn.execute(sqlalchemy.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
     with old.session() as s:
         row = s.get(models.SchemaVersion, 1)
         assert row is not None
         row.version = 1
     old.dispose()
     db = make_db()
-    assert db.schema_version() == models.SCHEMA_VERSION == 2
+    assert db.schema_version() == models.SCHEMA_VERSION == 3
     assert db.claim_nonce("ef" * 16, T0.timestamp() + 10, T0.timestamp())
     assert db.get_host("cmp1").command_public is None  # re-enrol to learn its key
+    # v3: revisions start at 0 for the rows there were, and go on from there
+    assert db.get_host("cmp1").revision == 0 and db.get_policy("golden").revision == 0
+    assert record(db, "cmp1", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN).trusted
+    assert db.put_policy("golden", "sha256", {16: b"\x17" * 32}).revision == 1
     db.enroll_host("cmp2", ak_public=b"ak2", ak_name=b"n2", kem_public=b"k",
                    kem_name=b"kn2", command_public=b"\x01" * 32, now=T0)
     assert db.get_host("cmp2").command_public == b"\x01" * 32

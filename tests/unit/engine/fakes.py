@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping, Sequence
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +30,12 @@ from tpm2_pytss.types import (
 )
 
 from vtpcm_common import authn, exception
+from vtpcm_common.api.agent import messages as am
+from vtpcm_common.api.engine import messages as m
 from vtpcm_nova.engine import attestation, verifier
+from vtpcm_nova.engine.coordinator import Coordinator
+from vtpcm_nova.engine.db.api import Database, VerdictRecord
+from vtpcm_nova.engine.manager import EngineManager
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "tpm_vectors.json").read_text())
 H = bytes.fromhex
@@ -166,3 +174,122 @@ def enrolled(att: attestation.Attestor, agent: FakeAgent, host: str = "cmp1",
 
 def events(att: attestation.Attestor, host: str) -> list[tuple[str, str]]:
     return [(a.event, a.outcome) for a in reversed(att.db.list_audit(host=host))]
+
+
+# ---- a whole engine for the verdict race tests -------------------------------------
+
+HOST = "cmp1"
+SOURCE = "src-host"
+INSTANCE = str(uuid.uuid4())
+WAIT = 10.0
+
+
+class HeldAgent(FakeAgent):
+    """A host that quotes at once but answers when the test lets it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.holding = False
+        self.arrived = threading.Event()
+        self.release = threading.Event()
+
+    def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
+              bank: str) -> Mapping[str, Any]:
+        reply = super().quote(host, nonce, pcrs, bank)
+        if self.holding:
+            self.holding = False
+            self.arrived.set()
+            if not self.release.wait(WAIT):
+                raise TimeoutError("the test never released the quote")
+        return reply
+
+
+class MigrationAgents:
+    """The agents' side of ``begin``; ``on_seal`` runs while the source seals."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.kem: bytes | None = None
+        self.on_seal: Callable[[], None] = lambda: None
+
+    def get(self, host: str, instance_uuid: str) -> am.VTPCMInfo:
+        return am.VTPCMInfo(instance_uuid, str(uuid.uuid4()), "ACTIVE", 0, None,
+                            "/run/x.ctrl", True, 42)
+
+    def seal_migration_key(self, host: str, context: am.MigrationContext,
+                           dest_kem_public: bytes) -> am.SealedKey:
+        self.calls.append(("seal", host))
+        self.kem = dest_kem_public
+        self.on_seal()
+        return am.SealedKey(b"envelope")
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        def record(host: str, *args: Any, **kwargs: Any) -> None:
+            self.calls.append((name, host))
+        return record
+
+
+class AnyOperator:
+    """Accepts every admin call: operator signatures are tested elsewhere."""
+
+    def verify(self, method: str, payload: Any, auth: Any) -> str:
+        return "test-operator"
+
+
+class RaceStack:
+    """Real Attestor, Coordinator and EngineManager on one database, with a
+    host (``HOST``, TRUSTED) whose agent can hold a quote reply, and a vTPCM
+    at ``SOURCE`` to migrate to it."""
+
+    def __init__(self, url: str) -> None:
+        self.db = Database(url)
+        self.agent = HeldAgent()
+        self.att = attestation.Attestor(self.db, lambda: self.agent, verdict_ttl=300, nonce_ttl=60,
+                            clock=time.time)
+        self.agents = MigrationAgents()
+        self.coord = Coordinator(self.db, self.agents, self.att)  # type: ignore[arg-type]
+        self.manager = EngineManager(self.db, self.att, self.coord,
+                                     admin_verifier=AnyOperator())
+        self.tpm = enrolled(self.att, self.agent, HOST)
+        self.db.create_vtpcm(INSTANCE, "vt-1", SOURCE)
+        assert self.att.attest(HOST).trusted  # the verdict in force
+
+    def admin(self, method: str, request: Any) -> Any:
+        return getattr(self.manager, method)({}, payload=request.to_wire(), auth=None)
+
+    def scheduler_view(self) -> dict[str, str]:
+        """What VTPCMFilter gets: the engine's ``verdicts`` call."""
+        reply = m.VerdictList.from_wire(self.manager.verdicts({}, payload={}))
+        return {v.host: v.status for v in reply.verdicts}
+
+    def hold_attestation(self) -> Callable[[], VerdictRecord]:
+        """Start ``attest`` in a thread and return once the host holds its
+        quote; the returned function lets the reply land and gives the
+        verdict ``attest`` returned."""
+        result: list[VerdictRecord | BaseException] = []
+
+        def run() -> None:
+            try:
+                result.append(self.att.attest(HOST))
+            except BaseException as err:  # noqa: BLE001 - handed to the test
+                result.append(err)
+        self.agent.holding = True
+        thread = threading.Thread(target=run)
+        thread.start()
+        assert self.agent.arrived.wait(WAIT), "the quote never reached the agent"
+
+        def land() -> VerdictRecord:
+            self.agent.release.set()
+            thread.join(WAIT)
+            assert not thread.is_alive()
+            if isinstance(result[0], BaseException):
+                raise result[0]
+            return result[0]
+        return land
+
+    def begin(self) -> Any:
+        return self.coord.begin(str(uuid.uuid4()), INSTANCE, SOURCE, HOST)
+
+    def discarded(self) -> list[str]:
+        return [a.detail for a in self.db.list_audit(host=HOST)
+                if (a.event, a.outcome) == ("verdict", "discarded")]
