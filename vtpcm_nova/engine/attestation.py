@@ -32,6 +32,7 @@ from tpm2_pytss.utils import make_credential
 
 from vtpcm_common import authn, exception
 from vtpcm_nova.engine import ekcert, verifier
+from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.api import (
     Database,
     HostRecord,
@@ -143,21 +144,17 @@ class Attestor:
             if claimed is not None and claimed != actual:
                 raise exception.CertificationError(
                     host=host, reason=f"reported {what} name does not match its public area")
-        others = [h for h in self.db.hosts_with_ak(ak.name) if h != host]
-        if others:
-            raise exception.CertificationError(
-                host=host, reason=f"AK already enrolled for host {others[0]}")
-        others = [h for h in self.db.hosts_with_command_key(command_public) if h != host]
-        if others:
-            raise exception.CertificationError(
-                host=host, reason=f"host command key already enrolled for host {others[0]}")
-        ek_detail = "EK not checked ([attestation] ek_ca_file unset)"
+        # one TPM, one host name for good (enroll_host checks again, atomically)
+        self._refuse_taken_key(host, "ak", ak.name)
+        self._refuse_taken_key(host, "command", command_public)
+        ek_detail, proven_ek = "EK not checked ([attestation] ek_ca_file unset)", None
         if self.ek_cas:
             ek_detail = self._prove_ak_in_certified_tpm(host, fields, ak)
+            proven_ek = fields["ek_public"]
         record = self.db.enroll_host(
             host, ak_public=ak.public, ak_name=ak.name, kem_public=kem_public,
             kem_name=kem_name, ek_certificate=fields.get("ek_certificate"),
-            command_public=command_public,
+            command_public=command_public, ek_public=proven_ek,
             approved=auto_approve, now=self._now())
         self.db.audit("enroll", record.status.value, host=host,
                       detail=f"AK {ak.name.hex()[:16]}... certified KEM key; {ek_detail}",
@@ -179,10 +176,9 @@ class Attestor:
             raise exception.CertificationError(
                 host=host, reason="no EK certificate (required by [attestation] ek_ca_file)")
         cert = ekcert.verify(cert_der, ek_public, self.ek_cas, host=host, now=self._now())
-        others = [h for h in self.db.hosts_with_ek_certificate(cert_der) if h != host]
-        if others:  # one TPM, one host: a second name would be a second AK
-            raise exception.CertificationError(
-                host=host, reason=f"EK certificate already enrolled for host {others[0]}")
+        # one TPM, one host: a second name would be a second AK
+        self._refuse_taken_key(host, "ek-cert", cert_der)
+        self._refuse_taken_key(host, "ek", ek_public)
         secret = secrets.token_bytes(32)
         try:
             ek = TPMT_PUBLIC.unmarshal(ek_public)[0]
@@ -204,6 +200,14 @@ class Attestor:
                 host=host, reason="credential activation returned a wrong secret")
         return "EK certificate %s from %s verified, AK activated" % (
             ekcert.fingerprint(cert), ekcert.printable(cert.issuer.rfc4514_string()))
+
+    def _refuse_taken_key(self, host: str, kind: str, key: bytes) -> None:
+        """Refuse a key ever enrolled under another host name, revoked or
+        not: a revoked host must not come back under a new name."""
+        owner = self.db.key_owner(kind, key)
+        if owner is not None and owner != host:
+            raise exception.CertificationError(
+                host=host, reason=f"{db_api.KEY_KINDS[kind]} already enrolled for host {owner}")
 
     def enroll_from_agent(self, host: str, auto_approve: bool = False) -> HostRecord:
         """Convenience: fresh nonce, ask the agent for its identity, enroll."""

@@ -40,7 +40,8 @@ def make_db(db_url: str) -> Iterator[MakeDb]:
 
 
 def enroll(db: api.Database, name: str = "cmp1", approved: bool = False) -> api.HostRecord:
-    return db.enroll_host(name, ak_public=b"ak-" + name.encode(), ak_name=b"\x00\x0bak",
+    return db.enroll_host(name, ak_public=b"ak-" + name.encode(),
+                          ak_name=b"\x00\x0bak-" + name.encode(),
                           kem_public=b"kem", kem_name=b"\x00\x0bkem", approved=approved,
                           now=T0)
 
@@ -253,7 +254,12 @@ def test_schema_v1_database_is_upgraded(make_db: MakeDb) -> None:
     old.put_policy("golden", "sha256", {16: b"\x16" * 32}, now=T0)
     enroll(old, approved=True)  # becomes a v1 host row, without a command key
     old.assign_policy("cmp1", "golden")
+    with old.session() as s:  # old rules let a later name share a revoked AK
+        s.add(models.Host(name="cmp0", ak_public=b"ak", ak_name=b"\x00\x0bak-cmp1",
+                          kem_public=b"k", kem_name=b"k", status="APPROVED",
+                          enrolled_at=T0 + MIN))
     models.CommandNonce.__table__.drop(old.engine)  # type: ignore[attr-defined]
+    models.EnrolledKey.__table__.drop(old.engine)  # type: ignore[attr-defined]
     with old.engine.begin() as conn:
         for table, column in api.ADDED_COLUMNS:
             conn.execute(sqlalchemy.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
@@ -270,7 +276,55 @@ def test_schema_v1_database_is_upgraded(make_db: MakeDb) -> None:
     assert db.get_host("cmp1").revision == 0 and db.get_policy("golden").revision == 0
     assert record(db, "cmp1", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN).trusted
     assert db.put_policy("golden", "sha256", {16: b"\x17" * 32}).revision == 1
+    # v3: the keys there were are bound to the first name enrolled with them
+    assert db.key_owner("ak", b"\x00\x0bak-cmp1") == "cmp1"
+    with pytest.raises(exception.CertificationError, match="AK already enrolled for host cmp1"):
+        db.enroll_host("cmp9", ak_public=b"ak", ak_name=b"\x00\x0bak-cmp1", kem_public=b"k",
+                       kem_name=b"k")
     db.enroll_host("cmp2", ak_public=b"ak2", ak_name=b"n2", kem_public=b"k",
                    kem_name=b"kn2", command_public=b"\x01" * 32, now=T0)
     assert db.get_host("cmp2").command_public == b"\x01" * 32
     db.dispose()
+
+
+def _keys(ak: bytes, command: bytes | None = None) -> dict[str, bytes | None]:
+    return {"ak_public": b"ak", "ak_name": ak, "kem_public": b"k", "kem_name": b"kn",
+            "command_public": command}
+
+
+def test_a_key_stays_bound_to_its_first_host_name(make_db: MakeDb) -> None:
+    db1, db2 = make_db(), make_db()
+    db1.enroll_host("cmp1", **_keys(b"ak-1", b"\x01" * 32), now=T0)  # type: ignore[arg-type]
+    db1.revoke_host("cmp1")
+    with pytest.raises(exception.CertificationError, match="AK already enrolled for host cmp1"):
+        db2.enroll_host("cmp2", **_keys(b"ak-1"), now=T0)  # type: ignore[arg-type]
+    with pytest.raises(exception.CertificationError,
+                       match="host command key already enrolled for host cmp1"):
+        db2.enroll_host("cmp2", **_keys(b"ak-2", b"\x01" * 32), now=T0)  # type: ignore[arg-type]
+    with pytest.raises(exception.NotFound):
+        db2.get_host("cmp2")
+    db2.enroll_host("cmp1", **_keys(b"ak-3"), now=T0)  # type: ignore[arg-type]
+    assert (db1.key_owner("ak", b"ak-1"), db1.key_owner("ak", b"ak-3")) == ("cmp1", "cmp1")
+    assert db1.key_owner("ak", b"ak-2") is None
+
+
+def test_two_names_enrolling_one_ak_at_once_one_winner(make_db: MakeDb) -> None:
+    dbs = [make_db() for _ in range(4)]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(len(dbs))
+
+    def run(i: int, db: api.Database) -> None:
+        barrier.wait(timeout=10)
+        try:
+            db.enroll_host(f"cmp{i}", **_keys(b"ak-shared"), now=T0)  # type: ignore[arg-type]
+            outcomes.append("enrolled")
+        except exception.CertificationError as err:
+            assert "AK" in err.kwargs["reason"], err
+            outcomes.append("refused")
+    threads = [threading.Thread(target=run, args=(i, db)) for i, db in enumerate(dbs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(outcomes) == ["enrolled"] + ["refused"] * 3
+    assert len(dbs[0].list_hosts()) == 1

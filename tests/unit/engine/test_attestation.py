@@ -6,6 +6,7 @@ also drive the real swtpm bytes end to end.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -459,8 +460,10 @@ def test_attestor_rejects_bad_config(tmp_path: Path) -> None:
 
 # ---- EK certificates and credential activation --------------------------------------
 
-def _ek_setup(att: attestation.Attestor, clock: Any) -> tuple[bytes, bytes]:
-    """A CA the attestor trusts and (EK certificate, EK public) it issued."""
+def _ek_setup(att: attestation.Attestor, clock: Any,
+              reissued: list[bytes] | None = None) -> tuple[bytes, bytes]:
+    """A CA the attestor trusts and (EK certificate, EK public) it issued;
+    ``reissued`` gets a second certificate of the same EK."""
     import datetime as dt
 
     from cryptography import x509
@@ -485,6 +488,13 @@ def _ek_setup(att: attestation.Attestor, clock: Any) -> tuple[bytes, bytes]:
     cert = (base.subject_name(name("ek")).issuer_name(name("EK CA"))
             .public_key(ek_key.public_key()).sign(ca_key, hashes.SHA256()))
     att.ek_cas = (ca,)
+    if reissued is not None:
+        again = (x509.CertificateBuilder().serial_number(x509.random_serial_number())
+                 .not_valid_before(now - dt.timedelta(days=1))
+                 .not_valid_after(now + dt.timedelta(days=1))
+                 .subject_name(name("ek 2")).issuer_name(name("EK CA"))
+                 .public_key(ek_key.public_key()).sign(ca_key, hashes.SHA256()))
+        reissued.append(again.public_bytes(serialization.Encoding.DER))
     pem = ek_key.public_key().public_bytes(serialization.Encoding.PEM,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
     from tpm2_pytss.types import TPMT_PUBLIC, TPMT_SYM_DEF_OBJECT, TPMU_SYM_KEY_BITS, TPMU_SYM_MODE
@@ -527,8 +537,75 @@ def test_an_ek_certificate_enrolled_for_another_host_is_refused(env: Any) -> Non
     att, agent, clock = env
     cert, ek_public = _ek_setup(att, clock)
     att.db.enroll_host("cmp1", ak_public=b"ak", ak_name=b"n1", kem_public=b"k",
-                       kem_name=b"kn1", ek_certificate=cert)
+                       kem_name=b"kn1", ek_certificate=cert, ek_public=ek_public)
     tpm = agent.tpms["cmp2"] = FakeTPM()
     agent.activation = lambda host, blob, secret: pytest.fail("no secret may be asked for")
     _enroll_refused(att, tpm, "cmp2", "EK certificate already enrolled for host cmp1",
                     ek_certificate=cert, ek_public=ek_public)
+
+
+# ---- every key is bound to the first host name it was enrolled under ---------------
+
+def _same_tpm(tpm: FakeTPM) -> FakeTPM:
+    """The same TPM (AK, KEM key) with a host command key of its own."""
+    twin = copy.copy(tpm)
+    twin.command_public = authn.public_raw(ed25519.Ed25519PrivateKey.generate().public_key())
+    return twin
+
+
+def test_a_revoked_hosts_ak_is_refused_under_another_name(env: Any) -> None:
+    att, agent, _ = env
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    att.enroll_from_agent("cmp1")
+    att.revoke("cmp1")
+    agent.tpms["cmp2"] = _same_tpm(tpm)
+    with pytest.raises(exception.CertificationError,
+                       match="AK already enrolled for host cmp1"):
+        att.enroll_from_agent("cmp2")
+    assert events(att, "cmp2") == [("enroll", "refused")]
+    with pytest.raises(exception.NotFound):
+        att.db.get_host("cmp2")
+    # the same name enrolls again with the same TPM, as before
+    assert att.enroll_from_agent("cmp1").status is HostStatus.PENDING
+
+
+def test_keys_replaced_at_re_enrollment_stay_bound_to_their_host(env: Any) -> None:
+    """cmp1 comes back with a new TPM and command key after a revocation:
+    its old AK and command key still belong to cmp1 only."""
+    att, agent, _ = env
+    old = agent.tpms["cmp1"] = FakeTPM()
+    att.enroll_from_agent("cmp1")
+    att.revoke("cmp1")
+    agent.tpms["cmp1"] = FakeTPM()
+    assert att.enroll_from_agent("cmp1", auto_approve=True).status is HostStatus.APPROVED
+    agent.tpms["cmp2"] = _same_tpm(old)
+    with pytest.raises(exception.CertificationError,
+                       match="AK already enrolled for host cmp1"):
+        att.enroll_from_agent("cmp2")
+    agent.tpms["cmp2"] = FakeTPM()
+    agent.tpms["cmp2"].command_public = old.command_public
+    with pytest.raises(exception.CertificationError,
+                       match="host command key already enrolled for host cmp1"):
+        att.enroll_from_agent("cmp2")
+    agent.tpms["cmp2"] = FakeTPM()
+    assert att.enroll_from_agent("cmp2").status is HostStatus.PENDING
+
+
+def test_an_ek_of_another_host_is_refused_under_any_certificate(env: Any) -> None:
+    att, agent, clock = env
+    reissued: list[bytes] = []
+    cert, ek_public = _ek_setup(att, clock, reissued)
+    att.db.enroll_host("cmp1", ak_public=b"ak", ak_name=b"n1", kem_public=b"k",
+                       kem_name=b"kn1", ek_certificate=cert, ek_public=ek_public)
+    att.db.revoke_host("cmp1")
+    tpm = agent.tpms["cmp2"] = FakeTPM()
+    agent.activation = lambda host, blob, secret: pytest.fail("no secret may be asked for")
+    _enroll_refused(att, tpm, "cmp2", "EK certificate already enrolled for host cmp1",
+                    ek_certificate=cert, ek_public=ek_public)
+    _enroll_refused(att, tpm, "cmp2", "EK already enrolled for host cmp1",
+                    ek_certificate=reissued[0], ek_public=ek_public)
+    # an EK only claimed (enrolled without ek_ca_file) binds nothing: it is
+    # public data, anyone could squat it
+    att.db.enroll_host("cmp3", ak_public=b"ak", ak_name=b"n3", kem_public=b"k",
+                       kem_name=b"kn3", ek_certificate=b"claimed")
+    assert att.db.key_owner("ek-cert", b"claimed") is None

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import secrets
 import types
@@ -50,6 +51,9 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:////var/lib/vtpcm/engine.sqlite"
 NONCE_BYTES = 32
+# kinds of enrolled keys (table enrolled_keys) and how refusals name them
+KEY_KINDS = {"ak": "AK", "command": "host command key", "ek-cert": "EK certificate",
+             "ek": "EK"}
 # columns added to tables of older schemas, which create_all cannot add
 ADDED_COLUMNS = (("hosts", "command_public"),  # v2
                  ("hosts", "revision"),  # v3
@@ -184,6 +188,18 @@ def _effective_verdict(r: models.VerdictRow, host_status: str) -> VerdictRecord:
     return rec
 
 
+def _key_digest(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()
+
+
+def _host_keys(ak_name: bytes, command_public: bytes | None, ek_certificate: bytes | None,
+               ek_public: bytes | None) -> list[tuple[str, str]]:
+    """(kind, digest) of each key a host enrolls with."""
+    keys = {"ak": ak_name, "command": command_public, "ek-cert": ek_certificate,
+            "ek": ek_public}
+    return [(kind, _key_digest(key)) for kind, key in keys.items() if key]
+
+
 def _vtpcm_rec(r: models.Vtpcm) -> VtpcmRecord:
     return VtpcmRecord(r.instance_uuid, r.vtpcm_id, r.host, r.generation, r.state,
                        r.migration_id, r.updated_at)
@@ -258,7 +274,10 @@ class Database:
                     reason=f"database schema version {row.version} is newer than this "
                            f"engine's {models.SCHEMA_VERSION}")
             if row is not None and row.version < models.SCHEMA_VERSION:
-                # every upgrade so far only adds tables, which create_all made
+                # upgrades add tables (create_all made them), columns
+                # (_add_missing_columns) and, for v3, fill enrolled_keys
+                if row.version < 3:
+                    self._record_enrolled_keys()
                 LOG.info("Engine database schema upgraded from version %d to %d",
                          row.version, models.SCHEMA_VERSION)
                 row.version = models.SCHEMA_VERSION
@@ -286,6 +305,28 @@ class Database:
     def _columns(self, table: str) -> set[str]:
         return {c["name"] for c in inspect(self.engine).get_columns(table)}
 
+    def _record_enrolled_keys(self) -> None:
+        """v2 -> v3: bind the keys of the hosts there are to their names (the
+        first enrolled wins where old rules let two names share a key)."""
+        with self.session() as s:
+            hosts = [(h.name, _host_keys(h.ak_name, h.command_public, h.ek_certificate, None),
+                      h.enrolled_at)
+                     for h in s.scalars(select(models.Host).order_by(models.Host.enrolled_at))]
+        for name, keys, at in hosts:
+            for kind, digest in keys:
+                try:
+                    with self.session() as s:
+                        owner = s.get(models.EnrolledKey, (kind, digest))
+                        if owner is None:
+                            s.add(models.EnrolledKey(kind=kind, digest=digest, host=name,
+                                                     enrolled_at=at))
+                        elif owner.host != name:
+                            LOG.warning("Hosts %(a)s and %(b)s share an %(what)s; it stays "
+                                        "bound to %(a)s", {"a": owner.host, "b": name,
+                                                            "what": KEY_KINDS[kind]})
+                except IntegrityError:
+                    continue  # another engine process recorded it first
+
     def schema_version(self) -> int:
         with self.session() as s:
             row = s.get(models.SchemaVersion, 1)
@@ -308,10 +349,14 @@ class Database:
 
     def enroll_host(self, name: str, *, ak_public: bytes, ak_name: bytes, kem_public: bytes,
                     kem_name: bytes, ek_certificate: bytes | None = None,
-                    command_public: bytes | None = None,
+                    command_public: bytes | None = None, ek_public: bytes | None = None,
                     approved: bool = False, now: datetime.datetime | None = None
                     ) -> HostRecord:
-        """Store a new host; a REVOKED host may be re-enrolled (new keys, no history)."""
+        """Store a new host; a REVOKED host may be re-enrolled (new keys, no
+        history but the keys). Its AK and command key (and, with
+        ``ek_public``, an EK proven by credential activation, and its
+        certificate) are bound to ``name`` for good: the same transaction
+        refuses one that was ever enrolled under another name."""
         now = now or utcnow()
         status = HostStatus.APPROVED if approved else HostStatus.PENDING
         with self.session() as s:
@@ -336,7 +381,36 @@ class Database:
                 s.flush()
             except IntegrityError:
                 raise exception.AlreadyExists(what="host", key=name) from None
+            keys = _host_keys(ak_name, command_public,
+                              ek_certificate if ek_public else None, ek_public)
+            self._bind_keys(s, name, keys, now)
             return _host_rec(row)
+
+    @staticmethod
+    def _bind_keys(s: Session, host: str, keys: list[tuple[str, str]],
+                   now: datetime.datetime) -> None:
+        for kind, digest in keys:
+            owner = s.get(models.EnrolledKey, (kind, digest), with_for_update=True)
+            if owner is None:
+                s.add(models.EnrolledKey(kind=kind, digest=digest, host=host, enrolled_at=now))
+            elif owner.host != host:
+                raise exception.CertificationError(
+                    host=host, reason=f"{KEY_KINDS[kind]} already enrolled for host "
+                                      f"{owner.host}")
+        try:
+            s.flush()
+        except IntegrityError:  # another worker bound one of them just now
+            kinds = ", ".join(KEY_KINDS[kind] for kind, _ in keys)
+            raise exception.CertificationError(
+                host=host, reason=f"one of its keys ({kinds}) was enrolled for another "
+                                  "host meanwhile") from None
+
+    def key_owner(self, kind: str, key: bytes) -> str | None:
+        """The host name ``key`` (of ``KEY_KINDS``) was first enrolled
+        under, revoked or not, or None."""
+        with self.session() as s:
+            row = s.get(models.EnrolledKey, (kind, _key_digest(key)))
+            return None if row is None else row.host
 
     def _host_row(self, s: Session, name: str) -> models.Host:
         row = s.scalar(select(models.Host).where(models.Host.name == name))
@@ -400,16 +474,6 @@ class Database:
         with self.session() as s:
             return [_host_rec(r) for r in s.scalars(q)]
 
-    def hosts_with_ek_certificate(self, certificate: bytes) -> list[str]:
-        q = select(models.Host.name).where(models.Host.ek_certificate == certificate)
-        with self.session() as s:
-            return list(s.scalars(q))
-
-    def hosts_with_command_key(self, command_public: bytes) -> list[str]:
-        q = select(models.Host.name).where(models.Host.command_public == command_public)
-        with self.session() as s:
-            return list(s.scalars(q))
-
     def trusted_host(self, name: str, now: datetime.datetime) -> HostRecord | None:
         """The host iff it is APPROVED and has a fresh TRUSTED verdict, read
         in ONE query (the migration gate: its KEM key comes with the check)."""
@@ -422,13 +486,6 @@ class Database:
         with self.session() as s:
             row = s.scalar(q)
             return None if row is None else _host_rec(row)
-
-    def hosts_with_ak(self, ak_name: bytes) -> list[str]:
-        """Names of non-revoked hosts enrolled with this AK (one TPM, one host)."""
-        q = select(models.Host.name).where(models.Host.ak_name == ak_name,
-                                           models.Host.status != HostStatus.REVOKED.value)
-        with self.session() as s:
-            return sorted(s.scalars(q))
 
     def assign_policy(self, host: str, policy_name: str | None,
                       now: datetime.datetime | None = None) -> HostRecord:

@@ -108,6 +108,18 @@ class Host(Base):
     revision: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
+class EnrolledKey(Base):
+    """Every AK, EK and host command key ever enrolled, and for which host
+    (schema v3). Rows are never deleted: a key stays bound to its first host
+    name through revocation and re-enrollment with other keys."""
+
+    __tablename__ = "enrolled_keys"
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256, hex
+    host: Mapped[str] = mapped_column(String(HOST_LEN), index=True)
+    enrolled_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+
+
 class VerdictRow(Base):
     __tablename__ = "verdicts"
     host: Mapped[str] = mapped_column(
