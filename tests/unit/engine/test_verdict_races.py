@@ -105,6 +105,23 @@ def test_an_older_golden_quote_cannot_replace_a_newer_untrusted_verdict(env: Rac
     assert not env.att.check_fresh(HOST).trusted
 
 
+def test_an_approval_does_not_let_an_older_golden_quote_through(env: RaceStack) -> None:
+    """Approving forgets the clock baseline that orders quotes: a golden
+    reply held from before must not land TRUSTED after it."""
+    land = env.hold_attestation()
+    env.tpm.extend(16, b"rootkit")
+    assert env.att.attest(HOST).reason == "PCR 16 differs from policy 'golden'"
+    env.admin("approve_host", m.HostRef(HOST))
+    verdict = land()
+    assert (verdict.status, verdict.reason) == \
+        (TrustStatus.UNKNOWN, "host approved; attest again")
+    assert env.discarded() == [
+        "TRUSTED verdict not recorded: host record changed since the challenge"]
+    with pytest.raises(exception.HostNotTrusted,
+                       match="PCR 16 differs from policy 'golden'"):
+        env.begin()
+
+
 def test_a_revocation_during_begin_stops_the_key_before_the_destination(env: RaceStack) -> None:
     """``begin`` saw TRUSTED; the host is revoked while the source seals:
     the envelope never reaches it and the vTPCM stays at the source."""

@@ -27,7 +27,6 @@ from typing import Any
 from oslo_log import log as logging
 from sqlalchemy import (
     Column,
-    case,
     create_engine,
     delete,
     event,
@@ -419,36 +418,35 @@ class Database:
         return row
 
     @staticmethod
-    def _update_host(s: Session, name: str, *conditions: Any, bump: Any = True,
+    def _update_host(s: Session, name: str, *conditions: Any, bump: bool = True,
                      **values: Any) -> bool:
         """Change the host row iff ``conditions`` hold; True if it did.
 
         Run first in a transaction it locks the row (and, on SQLite, takes
         the write lock), so the checks after it see no concurrent change.
-        ``bump``: whether the revision grows (True, False or an SQL
-        condition), which makes attestations in flight stale."""
+        ``bump``: the revision grows, which makes attestations in flight
+        stale (their verdicts are dropped)."""
         revision = models.Host.revision
-        if bump is True:
-            values["revision"] = revision + 1
-        elif bump is not False:
-            values["revision"] = case((bump, revision + 1), else_=revision)
-        else:
-            values["revision"] = revision
+        values["revision"] = revision + 1 if bump else revision
         q = (update(models.Host).where(models.Host.name == name, *conditions)
              .values(**values).execution_options(synchronize_session=False))
         return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
     def approve_host(self, name: str, now: datetime.datetime | None = None) -> HostRecord:
-        """PENDING/APPROVED -> APPROVED; forgets the clock baseline (re-approval)."""
+        """PENDING/APPROVED -> APPROVED; forgets the clock baseline (re-approval).
+
+        Without the baseline a quote held back from before could no longer
+        be told from a newer one, so attestations in flight are dropped and
+        the verdict expires: the next attestation decides."""
+        now = now or utcnow()
         with self.session() as s:
-            if not self._update_host(
-                    s, name, models.Host.status != HostStatus.REVOKED.value,
-                    bump=models.Host.status != HostStatus.APPROVED.value,
-                    status=HostStatus.APPROVED.value, approved_at=now or utcnow()):
+            if not self._update_host(s, name, models.Host.status != HostStatus.REVOKED.value,
+                                     status=HostStatus.APPROVED.value, approved_at=now):
                 row = self._host_row(s, name)
                 raise exception.InvalidTransition(what="host", key=name, current=row.status,
                                                   target=HostStatus.APPROVED.value)
             s.execute(delete(models.ClockStateRow).where(models.ClockStateRow.host == name))
+            self._expire_verdicts(s, models.VerdictRow.host == name, "host approved", now)
             return _host_rec(self._host_row(s, name))
 
     def revoke_host(self, name: str, *, now: datetime.datetime | None = None,
