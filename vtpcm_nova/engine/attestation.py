@@ -32,8 +32,8 @@ from tpm2_pytss.utils import make_credential
 
 from vtpcm_common import authn, exception
 from vtpcm_nova.engine import ekcert, verifier
-from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.api import (
+    KEY_KINDS,
     Database,
     HostRecord,
     PolicyRecord,
@@ -207,7 +207,7 @@ class Attestor:
         owner = self.db.key_owner(kind, key)
         if owner is not None and owner != host:
             raise exception.CertificationError(
-                host=host, reason=f"{db_api.KEY_KINDS[kind]} already enrolled for host {owner}")
+                host=host, reason=f"{KEY_KINDS[kind]} already enrolled for host {owner}")
 
     def enroll_from_agent(self, host: str, auto_approve: bool = False) -> HostRecord:
         """Convenience: fresh nonce, ask the agent for its identity, enroll."""
