@@ -146,6 +146,14 @@ class QuoteVerificationError(AttestationError):
     code = "quote_verification_error"
 
 
+class StaleAttestation(AttestationError):
+    """What an attestation was decided on changed before its verdict was
+    stored (revocation, policy change, a newer quote): the verdict is dropped."""
+
+    msg_fmt = "Verdict of host %(host)s not recorded: %(reason)s"
+    code = "stale_attestation"
+
+
 class ServiceUnreachable(VTPCMException):
     msg_fmt = "%(service)s did not answer %(method)s: %(reason)s"
     code = "unreachable"

@@ -6,10 +6,18 @@ to trust, when a clock baseline may move, what is audited) and turns every
 failure of a host or its agent into a recorded UNTRUSTED/UNKNOWN verdict, so
 the periodic task and the migration gate never see an exception from a bad
 host, only a verdict with a reason.
+
+A quote may take as long as the RPC timeout, and a host may hold its reply
+on purpose. So each verdict carries the basis it was decided on (host and
+policy revisions, read before the challenge) and is stored only if that
+basis still holds when it lands (``Database.record_attestation``): a
+revocation or a policy change made meanwhile wins, and the dropped verdict
+is audited.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hmac
 import secrets
@@ -24,7 +32,14 @@ from tpm2_pytss.utils import make_credential
 
 from vtpcm_common import authn, exception
 from vtpcm_nova.engine import ekcert, verifier
-from vtpcm_nova.engine.db.api import Database, HostRecord, PolicyRecord, VerdictRecord
+from vtpcm_nova.engine.db.api import (
+    KEY_KINDS,
+    Database,
+    HostRecord,
+    PolicyRecord,
+    TrustBasis,
+    VerdictRecord,
+)
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.verifier import TrustStatus
 
@@ -129,21 +144,17 @@ class Attestor:
             if claimed is not None and claimed != actual:
                 raise exception.CertificationError(
                     host=host, reason=f"reported {what} name does not match its public area")
-        others = [h for h in self.db.hosts_with_ak(ak.name) if h != host]
-        if others:
-            raise exception.CertificationError(
-                host=host, reason=f"AK already enrolled for host {others[0]}")
-        others = [h for h in self.db.hosts_with_command_key(command_public) if h != host]
-        if others:
-            raise exception.CertificationError(
-                host=host, reason=f"host command key already enrolled for host {others[0]}")
-        ek_detail = "EK not checked ([attestation] ek_ca_file unset)"
+        # one TPM, one host name for good (enroll_host checks again, atomically)
+        self._refuse_taken_key(host, "ak", ak.name)
+        self._refuse_taken_key(host, "command", command_public)
+        ek_detail, proven_ek = "EK not checked ([attestation] ek_ca_file unset)", None
         if self.ek_cas:
             ek_detail = self._prove_ak_in_certified_tpm(host, fields, ak)
+            proven_ek = fields["ek_public"]
         record = self.db.enroll_host(
             host, ak_public=ak.public, ak_name=ak.name, kem_public=kem_public,
             kem_name=kem_name, ek_certificate=fields.get("ek_certificate"),
-            command_public=command_public,
+            command_public=command_public, ek_public=proven_ek,
             approved=auto_approve, now=self._now())
         self.db.audit("enroll", record.status.value, host=host,
                       detail=f"AK {ak.name.hex()[:16]}... certified KEM key; {ek_detail}",
@@ -165,10 +176,9 @@ class Attestor:
             raise exception.CertificationError(
                 host=host, reason="no EK certificate (required by [attestation] ek_ca_file)")
         cert = ekcert.verify(cert_der, ek_public, self.ek_cas, host=host, now=self._now())
-        others = [h for h in self.db.hosts_with_ek_certificate(cert_der) if h != host]
-        if others:  # one TPM, one host: a second name would be a second AK
-            raise exception.CertificationError(
-                host=host, reason=f"EK certificate already enrolled for host {others[0]}")
+        # one TPM, one host: a second name would be a second AK
+        self._refuse_taken_key(host, "ek-cert", cert_der)
+        self._refuse_taken_key(host, "ek", ek_public)
         secret = secrets.token_bytes(32)
         try:
             ek = TPMT_PUBLIC.unmarshal(ek_public)[0]
@@ -191,6 +201,14 @@ class Attestor:
         return "EK certificate %s from %s verified, AK activated" % (
             ekcert.fingerprint(cert), ekcert.printable(cert.issuer.rfc4514_string()))
 
+    def _refuse_taken_key(self, host: str, kind: str, key: bytes) -> None:
+        """Refuse a key ever enrolled under another host name, revoked or
+        not: a revoked host must not come back under a new name."""
+        owner = self.db.key_owner(kind, key)
+        if owner is not None and owner != host:
+            raise exception.CertificationError(
+                host=host, reason=f"{KEY_KINDS[kind]} already enrolled for host {owner}")
+
     def enroll_from_agent(self, host: str, auto_approve: bool = False) -> HostRecord:
         """Convenience: fresh nonce, ask the agent for its identity, enroll."""
         nonce = self.enrollment_nonce(host)
@@ -205,42 +223,47 @@ class Attestor:
         return record
 
     def revoke(self, host: str) -> HostRecord:
-        record = self.db.revoke_host(host)
-        self._store(host, TrustStatus.UNTRUSTED, "host revoked", audit_always=True)
-        self.db.audit("revoke", "REVOKED", host=host, now=self._now())
+        """REVOKED and UNTRUSTED at once; attestations in flight cannot undo it."""
+        now = self._now()
+        record = self.db.revoke_host(host, now=now, expires_at=now + self.verdict_ttl)
+        self.db.audit("verdict", TrustStatus.UNTRUSTED.value, host=host, detail="host revoked",
+                      now=now)
+        self.db.audit("revoke", "REVOKED", host=host, now=now)
         LOG.info("Host %(host)s revoked", {"host": host})
         return record
 
     # ---- attestation ------------------------------------------------------------
 
     def attest(self, host: str) -> VerdictRecord:
-        """Quote the host now and record the verdict; raises only NotFound."""
+        """Quote the host now and record the verdict; raises only NotFound.
+
+        Returns the verdict that stands afterwards: ours, or the one that
+        superseded it while the quote was under way."""
         record = self.db.get_host(host)
+        basis = TrustBasis(host, record.revision, record.policy_name, None, self._now())
         if record.status is not HostStatus.APPROVED:
             reason = f"host is {record.status.value}"
             if record.status is HostStatus.PENDING:
                 reason += " (approval required)"
-            return self._store(host, TrustStatus.UNTRUSTED, reason)
+            return self._store(basis, TrustStatus.UNTRUSTED, reason)
         if record.policy_name is None:
-            return self._store(host, TrustStatus.UNTRUSTED, "no PCR policy assigned")
+            return self._store(basis, TrustStatus.UNTRUSTED, "no PCR policy assigned")
         policy = self.db.get_policy(record.policy_name)
+        basis = dataclasses.replace(basis, policy_revision=policy.revision)
         try:
             evidence = self._verified_quote(record, policy.bank, sorted(policy.pcrs),
                                             PURPOSE_QUOTE)
         except exception.AttestationError as err:
-            return self._store(host, TrustStatus.UNTRUSTED, str(err))
+            return self._store(basis, TrustStatus.UNTRUSTED, str(err))
         except _AgentFailure as err:
-            return self._store(host, TrustStatus.UNKNOWN, str(err))
+            return self._store(basis, TrustStatus.UNKNOWN, str(err))
         previous = self.db.get_clock_state(host)
         verdict = verifier.evaluate(evidence, policy.spec(), previous,
                                     reboot_policy=self.reboot_policy)
-        if verdict.trusted or verdict.rebooted:
-            self.db.set_clock_state(host, verifier.clock_state(evidence))
-        if verdict.rebooted and not verdict.trusted and self.reboot_policy == "reapprove":
-            self.db.require_reapproval(host)
-            self.db.audit("reboot", "PENDING", host=host, detail=verdict.reason,
-                          now=self._now())
-        return self._store(host, verdict.status, verdict.reason)
+        reapprove = (verdict.rebooted and not verdict.trusted
+                     and self.reboot_policy == "reapprove")
+        return self._store(basis, verdict.status, verdict.reason,
+                           clock=verifier.clock_state(evidence), reapprove=reapprove)
 
     def attest_all(self) -> dict[str, VerdictRecord]:
         """Attest every APPROVED host (the periodic task)."""
@@ -303,14 +326,23 @@ class Attestor:
         attest, signature, values = _quote_fields(host, reply)
         return verifier.verify_quote(ak, attest, signature, nonce, values, bank, host=host)
 
-    def _store(self, host: str, status: TrustStatus, reason: str, *,
-               audit_always: bool = False) -> VerdictRecord:
-        now = self._now()
-        reason = _short(reason)
+    def _store(self, basis: TrustBasis, status: TrustStatus, reason: str, *,
+               clock: verifier.ClockState | None = None,
+               reapprove: bool = False) -> VerdictRecord:
+        """Record the verdict unless its basis changed meanwhile; the
+        evidence counts from the challenge, so the TTL does too."""
+        host, now, reason = basis.host, self._now(), _short(reason)
         previous = self.db.get_verdict(host)
-        verdict = self.db.record_verdict(host, status, reason, now, now + self.verdict_ttl)
+        try:
+            verdict = self.db.record_attestation(
+                basis, status, reason, basis.challenged_at + self.verdict_ttl,
+                clock=clock, reapprove=reapprove)
+        except exception.StaleAttestation as err:
+            return self._discarded(basis, status, err.kwargs["reason"])
+        if reapprove:
+            self.db.audit("reboot", "PENDING", host=host, detail=reason, now=now)
         changed = previous is None or previous.status is not status
-        if changed or status is not TrustStatus.TRUSTED or audit_always:
+        if changed or status is not TrustStatus.TRUSTED:
             self.db.audit("verdict", status.value, host=host, detail=reason, now=now)
         if status is TrustStatus.TRUSTED:
             if changed:
@@ -319,6 +351,20 @@ class Attestor:
             LOG.warning("Host %(host)s is %(status)s: %(reason)s",
                         {"host": host, "status": status.value, "reason": reason})
         return verdict
+
+    def _discarded(self, basis: TrustBasis, status: TrustStatus, why: str) -> VerdictRecord:
+        """Audit a verdict that lost to a change made while it was under
+        way, and return the verdict that stands."""
+        now = self._now()
+        self.db.audit("verdict", "discarded", host=basis.host,
+                      detail=f"{status.value} verdict not recorded: {why}", now=now)
+        LOG.warning("Attestation of host %(host)s discarded (%(status)s): %(why)s",
+                    {"host": basis.host, "status": status.value, "why": why})
+        current = self.db.get_verdict(basis.host)
+        if current is not None:
+            return current
+        return VerdictRecord(basis.host, TrustStatus.UNKNOWN,
+                             f"attestation superseded ({why}); attest again", now, now)
 
 
 class _AgentFailure(Exception):

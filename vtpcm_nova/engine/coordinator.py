@@ -23,6 +23,7 @@ from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import protocol as p
 from vtpcm_nova.engine.db import api as db_api
+from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.protocol import MigrationState as M
 
 LOG = logging.getLogger(__name__)
@@ -257,14 +258,14 @@ class Coordinator:
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="the vTPCM is being destroyed")
         verdict = self.trust.check_fresh(dest)
-        dest_host = self.db.get_host(dest) if _trusted(verdict) else None
+        dest_host, distrust = self._trusted_destination(dest, verdict)
         source_gen_ok = False
         if vtpcm.host == source and vtpcm.migration_id is None:
             info = self.agents.get(source, instance_uuid)
             source_gen_ok = (info.generation == vtpcm.generation
                              and info.state in ("ACTIVE", "STOPPED"))
-        trusted = _trusted(verdict) and dest_host is not None
-        reason = _reason(verdict) if not _trusted(verdict) else ""
+        trusted = dest_host is not None
+        reason = distrust
         claimed = False
         if trusted and vtpcm.host == source and source_gen_ok:
             # Claim the vTPCM for this migration before anything moves: of two
@@ -288,8 +289,8 @@ class Coordinator:
         if proto.state is M.REFUSED:
             self._run(proto, ctx, actions)
             detail = next(a.detail for a in actions if isinstance(a, p.Audit))
-            if not _trusted(verdict):
-                raise exception.HostNotTrusted(host=dest, reason=_reason(verdict))
+            if not trusted:
+                raise exception.HostNotTrusted(host=dest, reason=distrust)
             raise exception.MigrationError(migration_id=migration_id, reason=detail)
         assert dest_host is not None
         self._run(proto, ctx, actions, kem_public=dest_host.kem_public)
@@ -331,6 +332,41 @@ class Coordinator:
                             {"mig": rec.migration_id, "state": rec.state, "err": err})
         return done
 
+    def _trusted_destination(self, dest: str,
+                             verdict: Any) -> tuple[db_api.HostRecord | None, str]:
+        """The destination's record (its KEM key) iff it is APPROVED with a
+        fresh TRUSTED verdict, read in one query after ``check_fresh`` (a
+        revocation since counts); else None and why."""
+        if not _trusted(verdict):
+            return None, _reason(verdict)
+        host = self.db.trusted_host(dest, self.now())
+        if host is None:
+            return None, self._distrust(dest)
+        return host, ""
+
+    def _distrust(self, host: str) -> str:
+        """Why ``host`` no longer passes ``trusted_host``."""
+        rec = self.db.get_host(host)
+        if rec.status is not HostStatus.APPROVED:
+            return "host is %s" % rec.status.value
+        verdict = self.db.get_verdict(host)
+        if verdict is None:
+            return "no verdict"
+        return verdict.reason if not verdict.trusted else "its verdict expired"
+
+    def _recheck_destination(self, ctx: am.MigrationContext, kem_public: bytes | None) -> None:
+        """Right before the envelope leaves for the destination: still
+        APPROVED, fresh TRUSTED and the same KEM key the source sealed to.
+        A revocation while the source sealed stops the key here."""
+        host = self.db.trusted_host(ctx.dest_host, self.now())
+        if host is None:
+            reason = self._distrust(ctx.dest_host)
+        elif host.kem_public != kem_public:
+            reason = "its KEM key changed (re-enrolled) since the key was sealed"
+        else:
+            return
+        raise exception.HostNotTrusted(host=ctx.dest_host, reason=reason)
+
     # --- machinery ---------------------------------------------------------------
 
     def _load(self, migration_id: str) -> tuple[p.MigrationProtocol, am.MigrationContext]:
@@ -371,7 +407,9 @@ class Coordinator:
                     return
                 raise
             if event is not None:
-                self._advance(proto, ctx, event)
+                # the destination's KEM key goes along to the recheck before
+                # PrepareDestination
+                self._advance(proto, ctx, event, kem_public=kem_public)
                 return
 
     def _execute(self, action: p.Action, ctx: am.MigrationContext,
@@ -384,6 +422,7 @@ class Coordinator:
             sealed = self.agents.seal_migration_key(src, ctx, kem_public)
             return p.KeySealed(envelope=sealed.envelope)
         if isinstance(action, p.PrepareDestination):
+            self._recheck_destination(ctx, kem_public)
             self.agents.prepare_incoming(dst, ctx, action.envelope)
             return p.DestinationPrepared()
         if isinstance(action, p.MoveAuthority):

@@ -30,7 +30,6 @@ from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
-from vtpcm_nova.engine.verifier import TrustStatus
 
 LOG = logging.getLogger(__name__)
 
@@ -243,30 +242,20 @@ class EngineManager:
 
     @endpoint(m.AssignPolicy, signed=True)
     def assign_policy(self, req: m.AssignPolicy) -> m.HostInfo:
+        # the host's verdict expires with the change, in one transaction
         rec = self.db.assign_policy(req.host, req.policy_name)
         self.db.audit("policy.assign", "assigned", host=req.host,
                       detail="policy %s" % req.policy_name)
-        self._expire_verdicts([req.host], "policy assignment changed")
         return host_info(rec)
 
     # policies ----------------------------------------------------------------------
     @endpoint(m.PolicyInfo, signed=True)
     def put_policy(self, req: m.PolicyInfo) -> m.PolicyInfo:
+        # the verdicts of its hosts expire with the change, in one transaction
         rec = self.db.put_policy(req.name, req.bank, req.pcrs, description=req.description)
         self.db.audit("policy.put", "stored", detail="policy %s PCRs %s"
                       % (req.name, sorted(req.pcrs)))
-        self._expire_verdicts([h.name for h in self.db.list_hosts()
-                               if h.policy_name == req.name], "policy %s changed" % req.name)
         return policy_info(rec)
-
-    def _expire_verdicts(self, hosts: list[str], reason: str) -> None:
-        """A verdict holds only for the policy it was made against: after a
-        change the host must be attested again before it is trusted."""
-        now = db_api.utcnow()
-        for host in hosts:
-            if self.db.get_verdict(host) is not None:
-                self.db.record_verdict(host, TrustStatus.UNKNOWN,
-                                       reason + "; attest again", now, now)
 
     @endpoint(m.RecordPolicy, signed=True)
     def record_policy(self, req: m.RecordPolicy) -> m.PolicyInfo:

@@ -93,7 +93,9 @@ class ClockState:
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
-    """Outcome of ``evaluate``; ``rebooted`` tells the caller a new boot was seen."""
+    """Outcome of ``evaluate``; ``rebooted`` tells the caller a new boot was
+    seen: resetCount grew (TPM Reset) or restartCount grew (TPM Restart or
+    Resume), i.e. the PCRs may have started again from zero."""
 
     status: TrustStatus
     reason: str
@@ -231,7 +233,17 @@ def _clock_reason(ev: QuoteEvidence, prev: ClockState,
     if ev.restart_count < prev.restart_count:
         return (f"TPM restartCount went backwards ({prev.restart_count} -> "
                 f"{ev.restart_count}): replay or state rollback", False)
-    if ev.restart_count == prev.restart_count and ev.clock < prev.clock:
+    if ev.restart_count > prev.restart_count:
+        # TPM Restart (Shutdown(STATE) + Startup(CLEAR)) resets every PCR
+        # and keeps resetCount: the host could have run anything, then
+        # replayed its golden measurements. A quote cannot tell it from a
+        # TPM Resume (PCRs kept), so both count as a reboot.
+        if reboot_policy == "accept":
+            return None, True
+        return (f"TPM restarted (restartCount {prev.restart_count} -> "
+                f"{ev.restart_count}): PCRs were reset without a reboot; "
+                "re-approval required", True)
+    if ev.clock < prev.clock:
         return (f"TPM clock went backwards ({prev.clock} -> {ev.clock}): "
                 "replay or state rollback", False)
     return None, False

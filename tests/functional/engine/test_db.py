@@ -40,9 +40,20 @@ def make_db(db_url: str) -> Iterator[MakeDb]:
 
 
 def enroll(db: api.Database, name: str = "cmp1", approved: bool = False) -> api.HostRecord:
-    return db.enroll_host(name, ak_public=b"ak-" + name.encode(), ak_name=b"\x00\x0bak",
+    return db.enroll_host(name, ak_public=b"ak-" + name.encode(),
+                          ak_name=b"\x00\x0bak-" + name.encode(),
                           kem_public=b"kem", kem_name=b"\x00\x0bkem", approved=approved,
                           now=T0)
+
+
+def record(db: api.Database, host: str, status: verifier.TrustStatus, reason: str,
+            at: datetime.datetime, until: datetime.datetime) -> api.VerdictRecord:
+    """Record a verdict as an attestation of the host as it is now would."""
+    rec = db.get_host(host)
+    policy = db.get_policy(rec.policy_name) if rec.policy_name else None
+    basis = api.TrustBasis(host, rec.revision, rec.policy_name,
+                           policy.revision if policy else None, at)
+    return db.record_attestation(basis, status, reason, until)
 
 
 def test_schema_version_and_persistence_across_restart(make_db: MakeDb) -> None:
@@ -52,7 +63,7 @@ def test_schema_version_and_persistence_across_restart(make_db: MakeDb) -> None:
     db.put_policy("golden", "sha256", {0: b"\x00" * 32, 16: b"\x16" * 32}, "boot", now=T0)
     db.assign_policy("cmp1", "golden")
     db.approve_host("cmp1", now=T0 + MIN)
-    db.record_verdict("cmp1", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
+    record(db, "cmp1", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
     db.set_clock_state("cmp1", verifier.ClockState(10, 1, 0))
     db.audit("enroll", "ok", host="cmp1", detail="enrolled", now=T0)
     db.dispose()
@@ -87,7 +98,7 @@ def test_host_lifecycle(make_db: MakeDb) -> None:
     assert db.revoke_host("cmp1").status is HostStatus.REVOKED
     with pytest.raises(exception.InvalidTransition):
         db.approve_host("cmp1")
-    db.record_verdict("cmp1", verifier.TrustStatus.UNTRUSTED, "revoked", T0, T0 + MIN)
+    assert db.get_verdict("cmp1").reason == "host revoked"
     again = enroll(db, approved=True)  # re-enrollment of a revoked host
     assert again.status is HostStatus.APPROVED and db.get_verdict("cmp1") is None
     enroll(db, "cmp2")
@@ -109,20 +120,23 @@ def test_policy_validation(make_db: MakeDb) -> None:
 
 def test_fresh_verdicts_excludes_expired(make_db: MakeDb) -> None:
     db = make_db()
+    db.put_policy("golden", "sha256", {16: b"\x16" * 32})
     for name in ("a", "b", "c"):
-        enroll(db, name)
-    db.record_verdict("a", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + 5 * MIN)
-    db.record_verdict("b", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
-    db.record_verdict("c", verifier.TrustStatus.UNTRUSTED, "PCR 16", T0, T0 + 5 * MIN)
+        enroll(db, name, approved=True)
+        db.assign_policy(name, "golden")
+    record(db, "a", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + 5 * MIN)
+    record(db, "b", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
+    record(db, "c", verifier.TrustStatus.UNTRUSTED, "PCR 16", T0, T0 + 5 * MIN)
     fresh = db.fresh_verdicts(T0 + 2 * MIN)
     assert sorted(fresh) == ["a", "c"]
     assert fresh["a"].trusted and not fresh["c"].trusted
     assert db.fresh_verdicts(T0 + 10 * MIN) == {}
     # one row per host: a new verdict replaces the old
-    db.record_verdict("b", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + 9 * MIN)
+    record(db, "b", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + 9 * MIN)
     assert sorted(db.fresh_verdicts(T0 + 2 * MIN)) == ["a", "b", "c"]
-    with pytest.raises(exception.NotFound):
-        db.record_verdict("ghost", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN)
+    with pytest.raises(exception.StaleAttestation, match="host is no longer enrolled"):
+        db.record_attestation(api.TrustBasis("ghost", 0, "golden", 0, T0),
+                              verifier.TrustStatus.TRUSTED, "ok", T0 + MIN)
 
 
 def test_nonce_single_use_across_two_databases(make_db: MakeDb) -> None:
@@ -237,20 +251,80 @@ def test_command_nonces_are_claimed_once_across_handles(make_db: MakeDb) -> None
 
 def test_schema_v1_database_is_upgraded(make_db: MakeDb) -> None:
     old = make_db()
-    enroll(old)  # becomes a v1 host row, without a command key
+    old.put_policy("golden", "sha256", {16: b"\x16" * 32}, now=T0)
+    enroll(old, approved=True)  # becomes a v1 host row, without a command key
+    old.assign_policy("cmp1", "golden")
+    with old.session() as s:  # old rules let a later name share a revoked AK
+        s.add(models.Host(name="cmp0", ak_public=b"ak", ak_name=b"\x00\x0bak-cmp1",
+                          kem_public=b"k", kem_name=b"k", status="APPROVED",
+                          enrolled_at=T0 + MIN))
     models.CommandNonce.__table__.drop(old.engine)  # type: ignore[attr-defined]
+    models.EnrolledKey.__table__.drop(old.engine)  # type: ignore[attr-defined]
     with old.engine.begin() as conn:
-        conn.execute(sqlalchemy.text("ALTER TABLE hosts DROP COLUMN command_public"))
+        for table, column in api.ADDED_COLUMNS:
+            conn.execute(sqlalchemy.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
     with old.session() as s:
         row = s.get(models.SchemaVersion, 1)
         assert row is not None
         row.version = 1
     old.dispose()
     db = make_db()
-    assert db.schema_version() == models.SCHEMA_VERSION == 2
+    assert db.schema_version() == models.SCHEMA_VERSION == 3
     assert db.claim_nonce("ef" * 16, T0.timestamp() + 10, T0.timestamp())
     assert db.get_host("cmp1").command_public is None  # re-enrol to learn its key
+    # v3: revisions start at 0 for the rows there were, and go on from there
+    assert db.get_host("cmp1").revision == 0 and db.get_policy("golden").revision == 0
+    assert record(db, "cmp1", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN).trusted
+    assert db.put_policy("golden", "sha256", {16: b"\x17" * 32}).revision == 1
+    # v3: the keys there were are bound to the first name enrolled with them
+    assert db.key_owner("ak", b"\x00\x0bak-cmp1") == "cmp1"
+    with pytest.raises(exception.CertificationError, match="AK already enrolled for host cmp1"):
+        db.enroll_host("cmp9", ak_public=b"ak", ak_name=b"\x00\x0bak-cmp1", kem_public=b"k",
+                       kem_name=b"k")
     db.enroll_host("cmp2", ak_public=b"ak2", ak_name=b"n2", kem_public=b"k",
                    kem_name=b"kn2", command_public=b"\x01" * 32, now=T0)
     assert db.get_host("cmp2").command_public == b"\x01" * 32
     db.dispose()
+
+
+def _keys(ak: bytes, command: bytes | None = None) -> dict[str, bytes | None]:
+    return {"ak_public": b"ak", "ak_name": ak, "kem_public": b"k", "kem_name": b"kn",
+            "command_public": command}
+
+
+def test_a_key_stays_bound_to_its_first_host_name(make_db: MakeDb) -> None:
+    db1, db2 = make_db(), make_db()
+    db1.enroll_host("cmp1", **_keys(b"ak-1", b"\x01" * 32), now=T0)  # type: ignore[arg-type]
+    db1.revoke_host("cmp1")
+    with pytest.raises(exception.CertificationError, match="AK already enrolled for host cmp1"):
+        db2.enroll_host("cmp2", **_keys(b"ak-1"), now=T0)  # type: ignore[arg-type]
+    with pytest.raises(exception.CertificationError,
+                       match="host command key already enrolled for host cmp1"):
+        db2.enroll_host("cmp2", **_keys(b"ak-2", b"\x01" * 32), now=T0)  # type: ignore[arg-type]
+    with pytest.raises(exception.NotFound):
+        db2.get_host("cmp2")
+    db2.enroll_host("cmp1", **_keys(b"ak-3"), now=T0)  # type: ignore[arg-type]
+    assert (db1.key_owner("ak", b"ak-1"), db1.key_owner("ak", b"ak-3")) == ("cmp1", "cmp1")
+    assert db1.key_owner("ak", b"ak-2") is None
+
+
+def test_two_names_enrolling_one_ak_at_once_one_winner(make_db: MakeDb) -> None:
+    dbs = [make_db() for _ in range(4)]
+    outcomes: list[str] = []
+    barrier = threading.Barrier(len(dbs))
+
+    def run(i: int, db: api.Database) -> None:
+        barrier.wait(timeout=10)
+        try:
+            db.enroll_host(f"cmp{i}", **_keys(b"ak-shared"), now=T0)  # type: ignore[arg-type]
+            outcomes.append("enrolled")
+        except exception.CertificationError as err:
+            assert "AK" in err.kwargs["reason"], err
+            outcomes.append("refused")
+    threads = [threading.Thread(target=run, args=(i, db)) for i, db in enumerate(dbs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(outcomes) == ["enrolled"] + ["refused"] * 3
+    assert len(dbs[0].list_hosts()) == 1

@@ -1,14 +1,12 @@
 """Attestor tests with fake agents on a temporary SQLite database.
 
-The fake "TPM" re-signs the real swtpm attestation structures (from
-vectors/tpm_vectors.json) with a software P-256 key, so it can answer any
-fresh nonce; two tests also drive the real swtpm bytes end to end.
+The fake "TPM" (``fakes.FakeTPM``) can answer any fresh nonce; two tests
+also drive the real swtpm bytes end to end.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -17,139 +15,23 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
-from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
-from tpm2_pytss.types import (
-    TPM2B_PUBLIC,
-    TPML_PCR_SELECTION,
-    TPMS_ATTEST,
-    TPMS_SIGNATURE_ECC,
-    TPMT_SIGNATURE,
-    TPMU_SIGNATURE,
-)
+from tpm2_pytss.constants import TPM2_ALG
 
+from tests.unit.engine.fakes import (
+    POLICY_PCRS,
+    VECTORS,
+    Clock,
+    FakeAgent,
+    FakeTPM,
+    H,
+    enrolled,
+    events,
+)
 from vtpcm_common import authn, exception
 from vtpcm_nova.engine import attestation, verifier
 from vtpcm_nova.engine.db import api
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.verifier import TrustStatus
-
-VECTORS = json.loads((Path(__file__).parent / "vectors" / "tpm_vectors.json").read_text())
-H = bytes.fromhex
-QUOTE_TEMPLATE = H(VECTORS["tpm_a"]["boot1"]["quote1"]["attest"])
-CERTIFY_TEMPLATE = H(VECTORS["tpm_a"]["certify"]["attest"])
-AK_ATTRS = (TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
-            | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.SENSITIVEDATAORIGIN
-            | TPMA_OBJECT.USERWITHAUTH)
-KEM_ATTRS = (TPMA_OBJECT.DECRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-             | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH)
-POLICY_PCRS = [0, 7, 16]
-
-
-def _public(key: ec.EllipticCurvePrivateKey, template: str, attrs: int) -> bytes:
-    pub = TPM2B_PUBLIC.parse(template, objectAttributes=attrs).publicArea
-    nums = key.public_key().public_numbers()
-    pub.unique.ecc.x = nums.x.to_bytes(32, "big")
-    pub.unique.ecc.y = nums.y.to_bytes(32, "big")
-    return bytes(pub.marshal())
-
-
-class FakeTPM:
-    """Software stand-in producing TPM-format bytes for any nonce."""
-
-    def __init__(self) -> None:
-        self.ak = ec.generate_private_key(ec.SECP256R1())
-        self.ak_public = _public(self.ak, "ecc256:ecdsa-sha256:null", AK_ATTRS)
-        self.kem_public = _public(ec.generate_private_key(ec.SECP256R1()),
-                                  "ecc256:ecdh-sha256:null", KEM_ATTRS)
-        self.pcrs = {i: b"\x00" * 32 for i in range(24)}
-        self.clock, self.reset_count, self.restart_count = 1000, 1, 0
-        self.command_public = authn.public_raw(
-            ed25519.Ed25519PrivateKey.generate().public_key())
-
-    def extend(self, index: int, data: bytes) -> None:
-        self.pcrs[index] = hashlib.sha256(self.pcrs[index] + hashlib.sha256(data).digest()
-                                          ).digest()
-
-    def reboot(self) -> None:
-        self.pcrs = {i: b"\x00" * 32 for i in range(24)}
-        self.clock, self.reset_count = 10, self.reset_count + 1
-
-    def _sign(self, obj: TPMS_ATTEST) -> tuple[bytes, bytes]:
-        raw = bytes(obj.marshal())
-        r, s = decode_dss_signature(self.ak.sign(raw, ec.ECDSA(hashes.SHA256())))
-        sig = TPMT_SIGNATURE(sigAlg=TPM2_ALG.ECDSA, signature=TPMU_SIGNATURE(
-            ecdsa=TPMS_SIGNATURE_ECC(hash=TPM2_ALG.SHA256, signatureR=r.to_bytes(32, "big"),
-                                     signatureS=s.to_bytes(32, "big"))))
-        return raw, bytes(sig.marshal())
-
-    def identity(self, nonce: bytes) -> dict[str, Any]:
-        obj, _ = TPMS_ATTEST.unmarshal(CERTIFY_TEMPLATE)
-        obj.extraData = authn.host_key_binding(nonce, self.command_public)
-        obj.attested.certify.name = verifier.tpm_name(self.kem_public)
-        attest, sig = self._sign(obj)
-        return {"ak_public": self.ak_public, "kem_public": self.kem_public,
-                "kem_certify_attest": attest, "kem_certify_signature": sig,
-                "ek_certificate": None, "command_public": self.command_public}
-
-    def quote(self, nonce: bytes, pcrs: Sequence[int]) -> dict[str, Any]:
-        self.clock += 100
-        obj, _ = TPMS_ATTEST.unmarshal(QUOTE_TEMPLATE)
-        obj.extraData = nonce
-        obj.clockInfo.clock = self.clock
-        obj.clockInfo.resetCount = self.reset_count
-        obj.clockInfo.restartCount = self.restart_count
-        idx = sorted(pcrs)
-        obj.attested.quote.pcrSelect = TPML_PCR_SELECTION.parse(
-            "sha256:" + ",".join(map(str, idx)))
-        obj.attested.quote.pcrDigest = hashlib.sha256(
-            b"".join(self.pcrs[i] for i in idx)).digest()
-        attest, sig = self._sign(obj)
-        return {"attest": attest, "signature": sig,
-                "pcr_values": {i: self.pcrs[i] for i in idx}}
-
-
-UNSET = object()
-
-
-class FakeAgent:
-    def __init__(self) -> None:
-        self.tpms: dict[str, FakeTPM] = {}
-        self.fail: Exception | None = None
-        self.replay: Any = UNSET
-        self.lie_pcrs: dict[int, bytes] | None = None
-        self.calls = 0
-
-    def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
-        return self.tpms[host].identity(nonce)
-
-    activation: Any = None
-
-    def activate_credential(self, host: str, credential_blob: bytes,
-                            encrypted_secret: bytes) -> bytes:
-        if self.activation is None:
-            raise exception.HostTPMError(reason="activate credential failed: TPM_RC_INTEGRITY")
-        return bytes(self.activation(host, credential_blob, encrypted_secret))
-
-    def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
-              bank: str) -> Mapping[str, Any]:
-        self.calls += 1
-        if self.fail is not None:
-            raise self.fail
-        if self.replay is not UNSET:
-            return self.replay
-        reply = self.tpms[host].quote(nonce, pcrs)
-        if self.lie_pcrs is not None:
-            reply["pcr_values"] = {**reply["pcr_values"], **self.lie_pcrs}
-        return reply
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.t = 1_700_000_000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @pytest.fixture
@@ -161,22 +43,6 @@ def env(tmp_path: Path) -> Iterator[tuple[attestation.Attestor, FakeAgent, Clock
         yield att, agent, clock
     finally:
         db.dispose()
-
-
-def enrolled(att: attestation.Attestor, agent: FakeAgent, host: str = "cmp1",
-             approve: bool = True) -> FakeTPM:
-    tpm = agent.tpms.setdefault(host, FakeTPM())
-    tpm.extend(16, b"good-boot")
-    att.enroll_from_agent(host, auto_approve=False)
-    att.record_policy_from_host("golden", host, POLICY_PCRS)
-    att.db.assign_policy(host, "golden")
-    if approve:
-        att.approve(host)
-    return tpm
-
-
-def events(att: attestation.Attestor, host: str) -> list[tuple[str, str]]:
-    return [(a.event, a.outcome) for a in reversed(att.db.list_audit(host=host))]
 
 
 # ---- enrollment -------------------------------------------------------------------
@@ -412,6 +278,37 @@ def test_attest_reboot_requires_reapproval(env: Any) -> None:
     assert ("reboot", "PENDING") in events(att, "cmp1")
 
 
+def test_attest_tpm_restart_requires_reapproval(env: Any) -> None:
+    """A TPM Restart resets the PCRs but not resetCount: replaying the golden
+    measurements afterwards must not keep the host TRUSTED."""
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    assert att.attest("cmp1").trusted
+    tpm.extend(16, b"something else")  # runs what it likes ...
+    tpm.restart()                      # ... then wipes the PCRs
+    tpm.extend(16, b"good-boot")       # and replays the golden measurement
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED
+    assert v.reason == ("TPM restarted (restartCount 0 -> 1): PCRs were reset without a "
+                        "reboot; re-approval required")
+    assert att.db.get_host("cmp1").status is HostStatus.PENDING
+    assert ("reboot", "PENDING") in events(att, "cmp1")
+    att.approve("cmp1")
+    assert att.attest("cmp1").trusted
+    assert att.db.get_clock_state("cmp1").restart_count == 1
+
+
+def test_attest_tpm_restart_accepted_by_policy(env: Any) -> None:
+    att, agent, _ = env
+    tpm = enrolled(att, agent)
+    att.reboot_policy = "accept"
+    assert att.attest("cmp1").trusted
+    tpm.restart()
+    tpm.extend(16, b"good-boot")
+    assert att.attest("cmp1").trusted
+    assert att.db.get_clock_state("cmp1").restart_count == 1
+
+
 def test_attest_reboot_accepted_by_policy(env: Any) -> None:
     att, agent, clock = env
     tpm = enrolled(att, agent)
@@ -563,8 +460,10 @@ def test_attestor_rejects_bad_config(tmp_path: Path) -> None:
 
 # ---- EK certificates and credential activation --------------------------------------
 
-def _ek_setup(att: attestation.Attestor, clock: Any) -> tuple[bytes, bytes]:
-    """A CA the attestor trusts and (EK certificate, EK public) it issued."""
+def _ek_setup(att: attestation.Attestor, clock: Any,
+              reissued: list[bytes] | None = None) -> tuple[bytes, bytes]:
+    """A CA the attestor trusts and (EK certificate, EK public) it issued;
+    ``reissued`` gets a second certificate of the same EK."""
     import datetime as dt
 
     from cryptography import x509
@@ -589,6 +488,13 @@ def _ek_setup(att: attestation.Attestor, clock: Any) -> tuple[bytes, bytes]:
     cert = (base.subject_name(name("ek")).issuer_name(name("EK CA"))
             .public_key(ek_key.public_key()).sign(ca_key, hashes.SHA256()))
     att.ek_cas = (ca,)
+    if reissued is not None:
+        again = (x509.CertificateBuilder().serial_number(x509.random_serial_number())
+                 .not_valid_before(now - dt.timedelta(days=1))
+                 .not_valid_after(now + dt.timedelta(days=1))
+                 .subject_name(name("ek 2")).issuer_name(name("EK CA"))
+                 .public_key(ek_key.public_key()).sign(ca_key, hashes.SHA256()))
+        reissued.append(again.public_bytes(serialization.Encoding.DER))
     pem = ek_key.public_key().public_bytes(serialization.Encoding.PEM,
                                            serialization.PublicFormat.SubjectPublicKeyInfo)
     from tpm2_pytss.types import TPMT_PUBLIC, TPMT_SYM_DEF_OBJECT, TPMU_SYM_KEY_BITS, TPMU_SYM_MODE
@@ -631,8 +537,75 @@ def test_an_ek_certificate_enrolled_for_another_host_is_refused(env: Any) -> Non
     att, agent, clock = env
     cert, ek_public = _ek_setup(att, clock)
     att.db.enroll_host("cmp1", ak_public=b"ak", ak_name=b"n1", kem_public=b"k",
-                       kem_name=b"kn1", ek_certificate=cert)
+                       kem_name=b"kn1", ek_certificate=cert, ek_public=ek_public)
     tpm = agent.tpms["cmp2"] = FakeTPM()
     agent.activation = lambda host, blob, secret: pytest.fail("no secret may be asked for")
     _enroll_refused(att, tpm, "cmp2", "EK certificate already enrolled for host cmp1",
                     ek_certificate=cert, ek_public=ek_public)
+
+
+# ---- every key is bound to the first host name it was enrolled under ---------------
+
+def _same_tpm(tpm: FakeTPM) -> FakeTPM:
+    """The same TPM (AK, KEM key) with a host command key of its own."""
+    twin = copy.copy(tpm)
+    twin.command_public = authn.public_raw(ed25519.Ed25519PrivateKey.generate().public_key())
+    return twin
+
+
+def test_a_revoked_hosts_ak_is_refused_under_another_name(env: Any) -> None:
+    att, agent, _ = env
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    att.enroll_from_agent("cmp1")
+    att.revoke("cmp1")
+    agent.tpms["cmp2"] = _same_tpm(tpm)
+    with pytest.raises(exception.CertificationError,
+                       match="AK already enrolled for host cmp1"):
+        att.enroll_from_agent("cmp2")
+    assert events(att, "cmp2") == [("enroll", "refused")]
+    with pytest.raises(exception.NotFound):
+        att.db.get_host("cmp2")
+    # the same name enrolls again with the same TPM, as before
+    assert att.enroll_from_agent("cmp1").status is HostStatus.PENDING
+
+
+def test_keys_replaced_at_re_enrollment_stay_bound_to_their_host(env: Any) -> None:
+    """cmp1 comes back with a new TPM and command key after a revocation:
+    its old AK and command key still belong to cmp1 only."""
+    att, agent, _ = env
+    old = agent.tpms["cmp1"] = FakeTPM()
+    att.enroll_from_agent("cmp1")
+    att.revoke("cmp1")
+    agent.tpms["cmp1"] = FakeTPM()
+    assert att.enroll_from_agent("cmp1", auto_approve=True).status is HostStatus.APPROVED
+    agent.tpms["cmp2"] = _same_tpm(old)
+    with pytest.raises(exception.CertificationError,
+                       match="AK already enrolled for host cmp1"):
+        att.enroll_from_agent("cmp2")
+    agent.tpms["cmp2"] = FakeTPM()
+    agent.tpms["cmp2"].command_public = old.command_public
+    with pytest.raises(exception.CertificationError,
+                       match="host command key already enrolled for host cmp1"):
+        att.enroll_from_agent("cmp2")
+    agent.tpms["cmp2"] = FakeTPM()
+    assert att.enroll_from_agent("cmp2").status is HostStatus.PENDING
+
+
+def test_an_ek_of_another_host_is_refused_under_any_certificate(env: Any) -> None:
+    att, agent, clock = env
+    reissued: list[bytes] = []
+    cert, ek_public = _ek_setup(att, clock, reissued)
+    att.db.enroll_host("cmp1", ak_public=b"ak", ak_name=b"n1", kem_public=b"k",
+                       kem_name=b"kn1", ek_certificate=cert, ek_public=ek_public)
+    att.db.revoke_host("cmp1")
+    tpm = agent.tpms["cmp2"] = FakeTPM()
+    agent.activation = lambda host, blob, secret: pytest.fail("no secret may be asked for")
+    _enroll_refused(att, tpm, "cmp2", "EK certificate already enrolled for host cmp1",
+                    ek_certificate=cert, ek_public=ek_public)
+    _enroll_refused(att, tpm, "cmp2", "EK already enrolled for host cmp1",
+                    ek_certificate=reissued[0], ek_public=ek_public)
+    # an EK only claimed (enrolled without ek_ca_file) binds nothing: it is
+    # public data, anyone could squat it
+    att.db.enroll_host("cmp3", ak_public=b"ak", ak_name=b"n3", kem_public=b"k",
+                       kem_name=b"kn3", ek_certificate=b"claimed")
+    assert att.db.key_owner("ek-cert", b"claimed") is None

@@ -10,9 +10,12 @@ from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
-from vtpcm_nova.engine.db.api import Database
+from vtpcm_nova.engine.db.api import Database, TrustBasis
+from vtpcm_nova.engine.verifier import TrustStatus
 
 INSTANCE = str(uuid.uuid4())
+T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+YEAR = datetime.timedelta(days=365)
 
 
 @dataclasses.dataclass
@@ -89,16 +92,28 @@ class FakeAgents:
         self._record("abort_outgoing", host)
 
 
+def trusted_in_db(db, host):
+    """The engine's own record of a TRUSTED verdict, which ``begin`` reads
+    with the host's status (FakeTrust stands for the attestation before it)."""
+    rec = db.get_host(host)
+    policy = db.get_policy(rec.policy_name)
+    basis = TrustBasis(host, rec.revision, policy.name, policy.revision, T0)
+    db.record_attestation(basis, TrustStatus.TRUSTED, "quote verified", T0 + YEAR)
+
+
 @pytest.fixture
 def env(tmp_path):
     db = Database("sqlite:///%s" % (tmp_path / "engine.sqlite"))
+    db.put_policy("golden", "sha256", {16: b"\x16" * 32})
     for host in ("host-a", "host-b"):
         db.enroll_host(host, ak_public=b"ak-" + host.encode(), ak_name=b"n-" + host.encode(),
                        kem_public=b"kem-of-" + host[-1].encode(), kem_name=b"k" + host.encode(),
                        ek_certificate=None, approved=True)
+        db.assign_policy(host, "golden")
+        trusted_in_db(db, host)
     agents, trust = FakeAgents(), FakeTrust()
     trust.verdicts["host-b"] = FakeVerdict("TRUSTED")
-    clock = {"now": datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)}
+    clock = {"now": T0}
     coord = Coordinator(db, agents, trust, timeout=60, now=lambda: clock["now"])
     coord.create_vtpcm(INSTANCE, "host-a")
     yield coord, db, agents, trust, clock
@@ -138,6 +153,18 @@ def test_untrusted_destination_never_sees_a_key(env):
     assert any(a.outcome == "refused" and "PCR 16" in a.detail for a in audit)
     with pytest.raises(exception.HostNotTrusted):
         coord.check_destination(INSTANCE, "host-b")
+
+
+def test_begin_reads_the_destination_status_with_its_verdict(env):
+    """A TRUSTED answer from the trust checker is not enough: ``begin``
+    reads the host's status with its verdict, in one query of its own."""
+    coord, db, agents, _, _ = env
+    db.revoke_host("host-b")  # FakeTrust still answers TRUSTED
+    with pytest.raises(exception.HostNotTrusted,
+                       match="host-b is not trusted: host is REVOKED"):
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+    assert names(agents) == []
+    assert db.get_vtpcm(INSTANCE).migration_id is None
 
 
 def test_wrong_source_refused(env):

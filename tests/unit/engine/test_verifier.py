@@ -397,7 +397,12 @@ PREV = V.ClockState(clock=100, reset_count=5, restart_count=2)
     (100, 5, 2, "reapprove", "TRUSTED", "golden", False),
     (99, 5, 2, "reapprove", "UNTRUSTED", "clock went backwards (100 -> 99)", False),
     (99, 5, 2, "accept", "UNTRUSTED", "clock went backwards", False),
-    (5, 5, 3, "reapprove", "TRUSTED", "golden", False),
+    # TPM Restart (Shutdown(STATE) + Startup(CLEAR)): PCRs reset, resetCount kept
+    (5, 5, 3, "reapprove", "UNTRUSTED",
+     "TPM restarted (restartCount 2 -> 3): PCRs were reset without a reboot; "
+     "re-approval required", True),
+    (5, 5, 3, "accept", "TRUSTED", "golden", True),
+    (500, 5, 9, "reapprove", "UNTRUSTED", "TPM restarted (restartCount 2 -> 9)", True),
     (500, 5, 1, "reapprove", "UNTRUSTED", "restartCount went backwards (2 -> 1)", False),
     (5, 6, 0, "reapprove", "UNTRUSTED",
      "host rebooted (resetCount 5 -> 6); re-approval required", True),

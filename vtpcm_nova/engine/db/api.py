@@ -5,13 +5,18 @@ scheduler filter) get frozen records, never ORM objects bound to a session,
 and every check-then-change that guards a security property (single-use
 nonce, vTPCM location/generation, migration state) is ONE conditional UPDATE
 whose rowcount decides, so it stays correct with several engine processes on
-one database.
+one database. Where a change needs several statements (a verdict and the
+host it speaks for), the transaction starts with a conditional UPDATE of the
+host row: it takes the row lock on PostgreSQL/MySQL and, as the first write,
+the database write lock on SQLite (whose driver starts a transaction only
+at the first write), so every later read in it is current.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import os
 import secrets
 import types
@@ -20,10 +25,21 @@ from contextlib import contextmanager
 from typing import Any
 
 from oslo_log import log as logging
-from sqlalchemy import create_engine, delete, event, func, inspect, select, text, update
+from sqlalchemy import (
+    Column,
+    create_engine,
+    delete,
+    event,
+    func,
+    inspect,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.schema import CreateColumn
 
 from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
@@ -34,6 +50,13 @@ LOG = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:////var/lib/vtpcm/engine.sqlite"
 NONCE_BYTES = 32
+# kinds of enrolled keys (table enrolled_keys) and how refusals name them
+KEY_KINDS = {"ak": "AK", "command": "host command key", "ek-cert": "EK certificate",
+             "ek": "EK"}
+# columns added to tables of older schemas, which create_all cannot add
+ADDED_COLUMNS = (("hosts", "command_public"),  # v2
+                 ("hosts", "revision"),  # v3
+                 ("policies", "revision"))  # v3
 
 
 def utcnow() -> datetime.datetime:
@@ -55,6 +78,7 @@ class HostRecord:
     enrolled_at: datetime.datetime
     approved_at: datetime.datetime | None
     command_public: bytes | None = None
+    revision: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +88,7 @@ class PolicyRecord:
     pcrs: Mapping[int, bytes]
     description: str
     created_at: datetime.datetime
+    revision: int = 0
 
     def spec(self) -> verifier.PolicySpec:
         return verifier.PolicySpec(self.name, self.bank, dict(self.pcrs))
@@ -83,6 +108,20 @@ class VerdictRecord:
 
     def is_fresh(self, now: datetime.datetime) -> bool:
         return self.expires_at > now
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustBasis:
+    """What an attestation is decided on, read before its challenge: its
+    verdict is stored only if all of it still holds (``record_attestation``).
+    ``policy_revision`` is None when no policy was judged (e.g. "host is
+    PENDING")."""
+
+    host: str
+    host_revision: int
+    policy_name: str | None
+    policy_revision: int | None
+    challenged_at: datetime.datetime
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,17 +164,39 @@ class MigrationRecord:
 def _host_rec(r: models.Host) -> HostRecord:
     return HostRecord(r.name, r.ak_public, r.ak_name, r.kem_public, r.kem_name,
                       r.ek_certificate, HostStatus(r.status), r.policy_name, r.enrolled_at,
-                      r.approved_at, r.command_public)
+                      r.approved_at, r.command_public, r.revision)
 
 
 def _policy_rec(r: models.Policy) -> PolicyRecord:
     return PolicyRecord(r.name, r.bank, {int(k): bytes.fromhex(v) for k, v in r.pcrs.items()},
-                        r.description, r.created_at)
+                        r.description, r.created_at, r.revision)
 
 
 def _verdict_rec(r: models.VerdictRow) -> VerdictRecord:
     return VerdictRecord(r.host, verifier.TrustStatus(r.status), r.reason, r.attested_at,
                          r.expires_at)
+
+
+def _effective_verdict(r: models.VerdictRow, host_status: str) -> VerdictRecord:
+    """A verdict as read together with its host: only an APPROVED host is
+    TRUSTED, whatever the row says."""
+    rec = _verdict_rec(r)
+    if rec.trusted and host_status != HostStatus.APPROVED.value:
+        return dataclasses.replace(rec, status=verifier.TrustStatus.UNTRUSTED,
+                                   reason=f"host is {host_status}")
+    return rec
+
+
+def _key_digest(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()
+
+
+def _host_keys(ak_name: bytes, command_public: bytes | None, ek_certificate: bytes | None,
+               ek_public: bytes | None) -> list[tuple[str, str]]:
+    """(kind, digest) of each key a host enrolls with."""
+    keys = {"ak": ak_name, "command": command_public, "ek-cert": ek_certificate,
+            "ek": ek_public}
+    return [(kind, _key_digest(key)) for kind, key in keys.items() if key]
 
 
 def _vtpcm_rec(r: models.Vtpcm) -> VtpcmRecord:
@@ -212,28 +273,58 @@ class Database:
                     reason=f"database schema version {row.version} is newer than this "
                            f"engine's {models.SCHEMA_VERSION}")
             if row is not None and row.version < models.SCHEMA_VERSION:
-                # every upgrade so far only adds tables, which create_all made
+                # upgrades add tables (create_all made them), columns
+                # (_add_missing_columns) and, for v3, fill enrolled_keys
+                if row.version < 3:
+                    self._record_enrolled_keys()
                 LOG.info("Engine database schema upgraded from version %d to %d",
                          row.version, models.SCHEMA_VERSION)
                 row.version = models.SCHEMA_VERSION
 
     def _add_missing_columns(self) -> None:
-        """Upgrade step create_all cannot do: new nullable columns of old
-        tables (v1 -> v2: hosts.command_public)."""
-        present = {c["name"] for c in inspect(self.engine).get_columns("hosts")}
-        column = models.Host.__table__.c.command_public  # type: ignore[attr-defined]
-        if column.name in present:
+        """Upgrade step create_all cannot do: new columns of old tables
+        (``ADDED_COLUMNS``; each nullable or with a server default)."""
+        for table, name in ADDED_COLUMNS:
+            self._add_column(models.Base.metadata.tables[table].c[name])
+
+    def _add_column(self, column: Column[Any]) -> None:
+        table = column.table.name
+        if column.name in self._columns(table):
             return
-        ddl = "ALTER TABLE hosts ADD COLUMN %s %s" % (
-            column.name, column.type.compile(dialect=self.engine.dialect))
+        ddl = "ALTER TABLE %s ADD COLUMN %s" % (
+            table, CreateColumn(column).compile(dialect=self.engine.dialect))
         try:
             with self.engine.begin() as conn:
                 conn.execute(text(ddl))
         except DBAPIError:
             # another engine process added it first
-            present = {c["name"] for c in inspect(self.engine).get_columns("hosts")}
-            if column.name not in present:
+            if column.name not in self._columns(table):
                 raise
+
+    def _columns(self, table: str) -> set[str]:
+        return {c["name"] for c in inspect(self.engine).get_columns(table)}
+
+    def _record_enrolled_keys(self) -> None:
+        """v2 -> v3: bind the keys of the hosts there are to their names (the
+        first enrolled wins where old rules let two names share a key)."""
+        with self.session() as s:
+            hosts = [(h.name, _host_keys(h.ak_name, h.command_public, h.ek_certificate, None),
+                      h.enrolled_at)
+                     for h in s.scalars(select(models.Host).order_by(models.Host.enrolled_at))]
+        for name, keys, at in hosts:
+            for kind, digest in keys:
+                try:
+                    with self.session() as s:
+                        owner = s.get(models.EnrolledKey, (kind, digest))
+                        if owner is None:
+                            s.add(models.EnrolledKey(kind=kind, digest=digest, host=name,
+                                                     enrolled_at=at))
+                        elif owner.host != name:
+                            LOG.warning("Hosts %(a)s and %(b)s share an %(what)s; it stays "
+                                        "bound to %(a)s", {"a": owner.host, "b": name,
+                                                            "what": KEY_KINDS[kind]})
+                except IntegrityError:
+                    continue  # another engine process recorded it first
 
     def schema_version(self) -> int:
         with self.session() as s:
@@ -257,23 +348,27 @@ class Database:
 
     def enroll_host(self, name: str, *, ak_public: bytes, ak_name: bytes, kem_public: bytes,
                     kem_name: bytes, ek_certificate: bytes | None = None,
-                    command_public: bytes | None = None,
+                    command_public: bytes | None = None, ek_public: bytes | None = None,
                     approved: bool = False, now: datetime.datetime | None = None
                     ) -> HostRecord:
-        """Store a new host; a REVOKED host may be re-enrolled (new keys, no history)."""
+        """Store a new host; a REVOKED host may be re-enrolled (new keys, no
+        history but the keys). Its AK and command key (and, with
+        ``ek_public``, an EK proven by credential activation, and its
+        certificate) are bound to ``name`` for good: the same transaction
+        refuses one that was ever enrolled under another name."""
         now = now or utcnow()
         status = HostStatus.APPROVED if approved else HostStatus.PENDING
         with self.session() as s:
-            row = s.scalar(select(models.Host).where(models.Host.name == name)
-                           .with_for_update())
-            if row is not None:
-                if row.status != HostStatus.REVOKED.value:
-                    raise exception.AlreadyExists(what="host", key=name)
+            # of two re-enrollments only one still finds the host REVOKED
+            if self._update_host(s, name, models.Host.status == HostStatus.REVOKED.value):
+                row = self._host_row(s, name)
                 s.execute(delete(models.VerdictRow).where(models.VerdictRow.host == name))
                 s.execute(delete(models.ClockStateRow)
                           .where(models.ClockStateRow.host == name))
+            elif s.scalar(select(models.Host.id).where(models.Host.name == name)) is not None:
+                raise exception.AlreadyExists(what="host", key=name)
             else:
-                row = models.Host(name=name)
+                row = models.Host(name=name, revision=0)
                 s.add(row)
             row.ak_public, row.ak_name = ak_public, ak_name
             row.kem_public, row.kem_name = kem_public, kem_name
@@ -285,32 +380,86 @@ class Database:
                 s.flush()
             except IntegrityError:
                 raise exception.AlreadyExists(what="host", key=name) from None
+            keys = _host_keys(ak_name, command_public,
+                              ek_certificate if ek_public else None, ek_public)
+            self._bind_keys(s, name, keys, now)
             return _host_rec(row)
 
-    def _host_row(self, s: Session, name: str, lock: bool = False) -> models.Host:
-        q = select(models.Host).where(models.Host.name == name)
-        row = s.scalar(q.with_for_update() if lock else q)
+    @staticmethod
+    def _bind_keys(s: Session, host: str, keys: list[tuple[str, str]],
+                   now: datetime.datetime) -> None:
+        for kind, digest in keys:
+            owner = s.get(models.EnrolledKey, (kind, digest), with_for_update=True)
+            if owner is None:
+                s.add(models.EnrolledKey(kind=kind, digest=digest, host=host, enrolled_at=now))
+            elif owner.host != host:
+                raise exception.CertificationError(
+                    host=host, reason=f"{KEY_KINDS[kind]} already enrolled for host "
+                                      f"{owner.host}")
+        try:
+            s.flush()
+        except IntegrityError:  # another worker bound one of them just now
+            kinds = ", ".join(KEY_KINDS[kind] for kind, _ in keys)
+            raise exception.CertificationError(
+                host=host, reason=f"one of its keys ({kinds}) was enrolled for another "
+                                  "host meanwhile") from None
+
+    def key_owner(self, kind: str, key: bytes) -> str | None:
+        """The host name ``key`` (of ``KEY_KINDS``) was first enrolled
+        under, revoked or not, or None."""
+        with self.session() as s:
+            row = s.get(models.EnrolledKey, (kind, _key_digest(key)))
+            return None if row is None else row.host
+
+    def _host_row(self, s: Session, name: str) -> models.Host:
+        row = s.scalar(select(models.Host).where(models.Host.name == name))
         if row is None:
             raise exception.NotFound(what="host", key=name)
         return row
 
+    @staticmethod
+    def _update_host(s: Session, name: str, *conditions: Any, bump: bool = True,
+                     **values: Any) -> bool:
+        """Change the host row iff ``conditions`` hold; True if it did.
+
+        Run first in a transaction it locks the row (and, on SQLite, takes
+        the write lock), so the checks after it see no concurrent change.
+        ``bump``: the revision grows, which makes attestations in flight
+        stale (their verdicts are dropped)."""
+        revision = models.Host.revision
+        values["revision"] = revision + 1 if bump else revision
+        q = (update(models.Host).where(models.Host.name == name, *conditions)
+             .values(**values).execution_options(synchronize_session=False))
+        return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
     def approve_host(self, name: str, now: datetime.datetime | None = None) -> HostRecord:
-        """PENDING/APPROVED -> APPROVED; forgets the clock baseline (re-approval)."""
+        """PENDING/APPROVED -> APPROVED; forgets the clock baseline (re-approval).
+
+        Without the baseline a quote held back from before could no longer
+        be told from a newer one, so attestations in flight are dropped and
+        the verdict expires: the next attestation decides."""
+        now = now or utcnow()
         with self.session() as s:
-            row = self._host_row(s, name, lock=True)
-            if row.status == HostStatus.REVOKED.value:
+            if not self._update_host(s, name, models.Host.status != HostStatus.REVOKED.value,
+                                     status=HostStatus.APPROVED.value, approved_at=now):
+                row = self._host_row(s, name)
                 raise exception.InvalidTransition(what="host", key=name, current=row.status,
                                                   target=HostStatus.APPROVED.value)
-            row.status = HostStatus.APPROVED.value
-            row.approved_at = now or utcnow()
             s.execute(delete(models.ClockStateRow).where(models.ClockStateRow.host == name))
-            return _host_rec(row)
+            self._expire_verdicts(s, models.VerdictRow.host == name, "host approved", now)
+            return _host_rec(self._host_row(s, name))
 
-    def revoke_host(self, name: str) -> HostRecord:
+    def revoke_host(self, name: str, *, now: datetime.datetime | None = None,
+                    expires_at: datetime.datetime | None = None) -> HostRecord:
+        """-> REVOKED, and its verdict UNTRUSTED in the same transaction: no
+        reader ever sees a revoked host with its old TRUSTED verdict."""
+        now = now or utcnow()
         with self.session() as s:
-            row = self._host_row(s, name, lock=True)
-            row.status = HostStatus.REVOKED.value
-            return _host_rec(row)
+            if not self._update_host(s, name, status=HostStatus.REVOKED.value):
+                raise exception.NotFound(what="host", key=name)
+            self._put_verdict(s, name, verifier.TrustStatus.UNTRUSTED, "host revoked", now,
+                              expires_at or now)
+            return _host_rec(self._host_row(s, name))
 
     def get_host(self, name: str) -> HostRecord:
         with self.session() as s:
@@ -323,31 +472,32 @@ class Database:
         with self.session() as s:
             return [_host_rec(r) for r in s.scalars(q)]
 
-    def hosts_with_ek_certificate(self, certificate: bytes) -> list[str]:
-        q = select(models.Host.name).where(models.Host.ek_certificate == certificate)
+    def trusted_host(self, name: str, now: datetime.datetime) -> HostRecord | None:
+        """The host iff it is APPROVED and has a fresh TRUSTED verdict, read
+        in ONE query (the migration gate: its KEM key comes with the check)."""
+        q = (select(models.Host).join(models.VerdictRow,
+                                      models.VerdictRow.host == models.Host.name)
+             .where(models.Host.name == name,
+                    models.Host.status == HostStatus.APPROVED.value,
+                    models.VerdictRow.status == verifier.TrustStatus.TRUSTED.value,
+                    models.VerdictRow.expires_at > now))
         with self.session() as s:
-            return list(s.scalars(q))
+            row = s.scalar(q)
+            return None if row is None else _host_rec(row)
 
-    def hosts_with_command_key(self, command_public: bytes) -> list[str]:
-        q = select(models.Host.name).where(models.Host.command_public == command_public)
+    def assign_policy(self, host: str, policy_name: str | None,
+                      now: datetime.datetime | None = None) -> HostRecord:
+        """Set the host's policy; its verdict expires in the same transaction
+        (a verdict holds only for the policy it was decided against)."""
         with self.session() as s:
-            return list(s.scalars(q))
-
-    def hosts_with_ak(self, ak_name: bytes) -> list[str]:
-        """Names of non-revoked hosts enrolled with this AK (one TPM, one host)."""
-        q = select(models.Host.name).where(models.Host.ak_name == ak_name,
-                                           models.Host.status != HostStatus.REVOKED.value)
-        with self.session() as s:
-            return sorted(s.scalars(q))
-
-    def assign_policy(self, host: str, policy_name: str | None) -> HostRecord:
-        with self.session() as s:
-            row = self._host_row(s, host, lock=True)
             if policy_name is not None and s.scalar(
                     select(models.Policy.id).where(models.Policy.name == policy_name)) is None:
                 raise exception.NotFound(what="policy", key=policy_name)
-            row.policy_name = policy_name
-            return _host_rec(row)
+            if not self._update_host(s, host, policy_name=policy_name):
+                raise exception.NotFound(what="host", key=host)
+            self._expire_verdicts(s, models.VerdictRow.host == host,
+                                  "policy assignment changed", now or utcnow())
+            return _host_rec(self._host_row(s, host))
 
     # ---- policies ---------------------------------------------------------------
 
@@ -370,15 +520,21 @@ class Database:
                 raise exception.InvalidInput(
                     reason=f"policy PCR {index} must be {size} bytes for bank {bank}")
         stored = {str(i): pcrs[i].hex() for i in sorted(pcrs)}
+        now = now or utcnow()
         with self.session() as s:
             row = s.scalar(select(models.Policy).where(models.Policy.name == name)
                            .with_for_update())
             if row is None:
-                row = models.Policy(name=name)
+                row = models.Policy(name=name, revision=0)
                 s.add(row)
+            else:
+                row.revision = models.Policy.revision + 1  # type: ignore[assignment]
             row.bank, row.pcrs, row.description = bank, stored, description
-            row.created_at = now or utcnow()
+            row.created_at = now
             s.flush()
+            users = select(models.Host.name).where(models.Host.policy_name == name)
+            self._expire_verdicts(s, models.VerdictRow.host.in_(users),
+                                  f"policy {name} changed", now)
             return _policy_rec(row)
 
     def get_policy(self, name: str) -> PolicyRecord:
@@ -395,31 +551,101 @@ class Database:
 
     # ---- verdicts ---------------------------------------------------------------
 
-    def record_verdict(self, host: str, status: verifier.TrustStatus, reason: str,
-                       attested_at: datetime.datetime, expires_at: datetime.datetime
-                       ) -> VerdictRecord:
-        """Replace the host's current verdict (one row per host)."""
+    def record_attestation(self, basis: TrustBasis, status: verifier.TrustStatus,
+                           reason: str, expires_at: datetime.datetime, *,
+                           clock: verifier.ClockState | None = None,
+                           reapprove: bool = False) -> VerdictRecord:
+        """Store an attestation's verdict (one row per host), in ONE
+        transaction and only if nothing it was decided on changed since
+        its challenge: the host's revision (status, keys, policy
+        assignment), the policy's revision and, for TRUSTED, an APPROVED
+        host and no newer quote of it on record. Else StaleAttestation and
+        nothing changes. A quote's TPM clock becomes the host's baseline
+        (never moved back); ``reapprove`` sends an APPROVED host to PENDING.
+        """
+        trusted = status is verifier.TrustStatus.TRUSTED
+        if trusted and basis.policy_revision is None:
+            raise exception.InvalidInput(reason="a TRUSTED verdict needs a policy")
         with self.session() as s:
-            self._host_row(s, host)
-            row = s.get(models.VerdictRow, host, with_for_update=True)
-            if row is None:
-                row = models.VerdictRow(host=host)
-                s.add(row)
-            row.status, row.reason = status.value, reason
-            row.attested_at, row.expires_at = attested_at, expires_at
-            s.flush()
+            self._hold_basis(s, basis, trusted)
+            if clock is not None:
+                self._advance_clock(s, basis.host, clock, newest_only=trusted)
+            if reapprove:
+                self._update_host(s, basis.host,
+                                  models.Host.status == HostStatus.APPROVED.value,
+                                  status=HostStatus.PENDING.value)
+            row = self._put_verdict(s, basis.host, status, reason, basis.challenged_at,
+                                    expires_at)
             return _verdict_rec(row)
 
-    def get_verdict(self, host: str) -> VerdictRecord | None:
+    def _hold_basis(self, s: Session, basis: TrustBasis, trusted: bool) -> None:
+        """Lock the host row iff it is as the basis says, then check the
+        policy under a shared lock (a policy change waits for us, or we see it)."""
+        conds = [models.Host.revision == basis.host_revision,
+                 models.Host.policy_name.is_(None) if basis.policy_name is None
+                 else models.Host.policy_name == basis.policy_name]
+        if trusted:
+            conds.append(models.Host.status == HostStatus.APPROVED.value)
+        if not self._update_host(s, basis.host, *conds, bump=False):
+            raise exception.StaleAttestation(host=basis.host,
+                                             reason=self._why_stale(s, basis))
+        if basis.policy_revision is None:  # decided without a policy
+            return
+        revision = s.scalar(select(models.Policy.revision)
+                            .where(models.Policy.name == basis.policy_name)
+                            .with_for_update(read=True))
+        if revision != basis.policy_revision:
+            raise exception.StaleAttestation(
+                host=basis.host,
+                reason=f"policy {basis.policy_name} changed since the challenge")
+
+    def _why_stale(self, s: Session, basis: TrustBasis) -> str:
+        row = s.scalar(select(models.Host).where(models.Host.name == basis.host))
+        if row is None:
+            return "host is no longer enrolled"
+        if row.status != HostStatus.APPROVED.value:
+            return f"host is {row.status}"
+        if row.policy_name != basis.policy_name:
+            return "policy assignment changed since the challenge"
+        return "host record changed since the challenge"
+
+    def _put_verdict(self, s: Session, host: str, status: verifier.TrustStatus, reason: str,
+                     attested_at: datetime.datetime,
+                     expires_at: datetime.datetime) -> models.VerdictRow:
+        row = s.get(models.VerdictRow, host, with_for_update=True)
+        if row is None:
+            row = models.VerdictRow(host=host)
+            s.add(row)
+        row.status, row.reason = status.value, reason
+        row.attested_at, row.expires_at = attested_at, expires_at
+        s.flush()
+        return row
+
+    @staticmethod
+    def _expire_verdicts(s: Session, which: Any, why: str, now: datetime.datetime) -> None:
+        q = (update(models.VerdictRow).where(which)
+             .values(status=verifier.TrustStatus.UNKNOWN.value, reason=why + "; attest again",
+                     attested_at=now, expires_at=now)
+             .execution_options(synchronize_session=False))
+        s.execute(q)
+
+    def _verdicts_with_hosts(self, *conditions: Any) -> list[VerdictRecord]:
+        q = (select(models.VerdictRow, models.Host.status)
+             .join(models.Host, models.Host.name == models.VerdictRow.host)
+             .where(*conditions).order_by(models.VerdictRow.host))
         with self.session() as s:
-            row = s.get(models.VerdictRow, host)
-            return None if row is None else _verdict_rec(row)
+            return [_effective_verdict(row, status) for row, status in s.execute(q)]
+
+    def get_verdict(self, host: str) -> VerdictRecord | None:
+        """The host's verdict, read with its status (see _effective_verdict)."""
+        found = self._verdicts_with_hosts(models.VerdictRow.host == host)
+        return found[0] if found else None
 
     def fresh_verdicts(self, now: datetime.datetime | None = None) -> dict[str, VerdictRecord]:
-        """All unexpired verdicts in ONE query (the scheduler filter calls this)."""
-        q = select(models.VerdictRow).where(models.VerdictRow.expires_at > (now or utcnow()))
-        with self.session() as s:
-            return {r.host: _verdict_rec(r) for r in s.scalars(q)}
+        """All unexpired verdicts with their hosts' status in ONE query (the
+        scheduler filter calls this): only an APPROVED host is TRUSTED."""
+        return {v.host: v for v in self._verdicts_with_hosts(
+            models.VerdictRow.expires_at > (now or utcnow()))}
 
     # ---- nonces -----------------------------------------------------------------
 
@@ -478,33 +704,34 @@ class Database:
                 return None
             return verifier.ClockState(row.clock, row.reset_count, row.restart_count)
 
-    def set_clock_state(self, host: str, state: verifier.ClockState, *,
-                        only_forward: bool = True) -> bool:
-        """Store the TPM clock baseline; by default never move it backwards.
-
-        Two engine workers attesting one host at once must not leave the older
-        quote's clock as the baseline (that would weaken rollback detection).
-        """
+    def set_clock_state(self, host: str, state: verifier.ClockState) -> bool:
+        """Store the TPM clock baseline, never moving it backwards."""
         with self.session() as s:
-            self._host_row(s, host)
-            row = s.get(models.ClockStateRow, host, with_for_update=True)
-            if row is None:
-                row = models.ClockStateRow(host=host)
-                s.add(row)
-            elif only_forward and (state.reset_count, state.restart_count, state.clock) < \
-                    (row.reset_count, row.restart_count, row.clock):
-                return False
-            row.clock, row.reset_count = state.clock, state.reset_count
-            row.restart_count = state.restart_count
-            return True
+            if not self._update_host(s, host, bump=False):
+                raise exception.NotFound(what="host", key=host)
+            return self._advance_clock(s, host, state, newest_only=False)
 
-    def require_reapproval(self, name: str) -> bool:
-        """APPROVED -> PENDING (e.g. after a reboot); False if it was not APPROVED."""
-        q = (update(models.Host)
-             .where(models.Host.name == name, models.Host.status == HostStatus.APPROVED.value)
-             .values(status=HostStatus.PENDING.value))
-        with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+    def _advance_clock(self, s: Session, host: str, state: verifier.ClockState, *,
+                       newest_only: bool) -> bool:
+        """Move the baseline forward to ``state``; False if it is older.
+
+        Two engine workers attesting one host at once must not leave the
+        older quote's clock as the baseline (that would weaken rollback
+        detection). ``newest_only``: an older quote is refused
+        (StaleAttestation), since a newer one was judged already."""
+        row = s.get(models.ClockStateRow, host, with_for_update=True)
+        if row is None:
+            row = models.ClockStateRow(host=host)
+            s.add(row)
+        elif (state.reset_count, state.restart_count, state.clock) < \
+                (row.reset_count, row.restart_count, row.clock):
+            if newest_only:
+                raise exception.StaleAttestation(
+                    host=host, reason="a newer quote of the host was recorded")
+            return False
+        row.clock, row.reset_count = state.clock, state.reset_count
+        row.restart_count = state.restart_count
+        return True
 
     # ---- audit ------------------------------------------------------------------
 

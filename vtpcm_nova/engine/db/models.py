@@ -25,11 +25,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class HostStatus(enum.StrEnum):
@@ -81,6 +82,9 @@ class Policy(Base):
     pcrs: Mapped[dict[str, str]] = mapped_column(JSON)
     description: Mapped[str] = mapped_column(Text, default="")
     created_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    # schema v3: +1 at every put; a verdict holds only for the revision it
+    # was decided against
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
 
 
 class Host(Base):
@@ -99,6 +103,21 @@ class Host(Base):
         String(255), ForeignKey("policies.name"), nullable=True)
     enrolled_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     approved_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # schema v3: +1 whenever the status, the keys or the policy assignment
+    # change; an attestation's verdict is stored only if it is unchanged
+    revision: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+
+
+class EnrolledKey(Base):
+    """Every AK, EK and host command key ever enrolled, and for which host
+    (schema v3). Rows are never deleted: a key stays bound to its first host
+    name through revocation and re-enrollment with other keys."""
+
+    __tablename__ = "enrolled_keys"
+    kind: Mapped[str] = mapped_column(String(16), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)  # SHA-256, hex
+    host: Mapped[str] = mapped_column(String(HOST_LEN), index=True)
+    enrolled_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
 
 
 class VerdictRow(Base):

@@ -1,0 +1,133 @@
+"""A revocation or a policy change is never undone by an attestation in flight.
+
+A compromised host can hold its quote reply for as long as the RPC timeout
+(it may even start the attestation itself: ``attest`` is unsigned). Each
+test here holds one reply in the agent, changes the host's standing
+meanwhile, lets the reply land, then asks what the scheduler (the engine's
+``verdicts`` call), the migration gate (``check_fresh``) and ``begin`` see.
+Real Attestor, EngineManager and Coordinator on SQLite; the PostgreSQL
+variants are in tests/functional/engine/test_verdict_races_db.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.unit.engine.fakes import HOST, INSTANCE, SOURCE, RaceStack
+from vtpcm_common import exception
+from vtpcm_common.api.engine import messages as m
+from vtpcm_nova.engine.verifier import TrustStatus
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> Iterator[RaceStack]:
+    stack = RaceStack(f"sqlite:///{tmp_path}/engine.sqlite")
+    try:
+        yield stack
+    finally:
+        stack.db.dispose()
+
+
+def test_a_held_quote_lands_trusted_when_nothing_changed(env: RaceStack) -> None:
+    """Positive control: the same flow without a change ends TRUSTED."""
+    land = env.hold_attestation()
+    verdict = land()
+    assert verdict.status is TrustStatus.TRUSTED, verdict.reason
+    assert env.scheduler_view() == {HOST: "TRUSTED"}
+    assert env.att.check_fresh(HOST).trusted
+    assert env.begin().state == "PREPARED"
+    assert env.agents.kem == env.tpm.kem_public
+    assert env.discarded() == []
+
+
+def test_a_revocation_is_not_undone_by_a_held_quote(env: RaceStack) -> None:
+    land = env.hold_attestation()
+    env.admin("revoke_host", m.HostRef(HOST))
+    verdict = land()
+    assert (verdict.status, verdict.reason) == (TrustStatus.UNTRUSTED, "host revoked")
+    stored = env.db.get_verdict(HOST)
+    assert stored is not None and (stored.status, stored.reason) == \
+        (TrustStatus.UNTRUSTED, "host revoked")
+    assert env.discarded() == ["TRUSTED verdict not recorded: host is REVOKED"]
+    assert env.scheduler_view() == {HOST: "UNTRUSTED"}
+    gate = env.att.check_fresh(HOST)
+    assert (gate.status, gate.reason) == (TrustStatus.UNTRUSTED, "host is REVOKED")
+    with pytest.raises(exception.HostNotTrusted, match="is not trusted: host is REVOKED"):
+        env.begin()
+    assert env.agents.calls == []
+
+
+def test_a_policy_change_is_not_undone_by_a_held_quote(env: RaceStack) -> None:
+    land = env.hold_attestation()
+    stricter = {0: env.tpm.pcrs[0], 7: env.tpm.pcrs[7], 16: b"\x16" * 32}
+    env.admin("put_policy", m.PolicyInfo("golden", "sha256", stricter))
+    verdict = land()
+    assert (verdict.status, verdict.reason) == \
+        (TrustStatus.UNKNOWN, "policy golden changed; attest again")
+    assert env.discarded() == [
+        "TRUSTED verdict not recorded: policy golden changed since the challenge"]
+    assert HOST not in env.scheduler_view()  # expired at once
+    # the gate attests again, now against the policy as it is
+    with pytest.raises(exception.HostNotTrusted,
+                       match="PCR 16 differs from policy 'golden'"):
+        env.begin()
+    assert env.agents.calls == []
+
+
+def test_a_policy_reassignment_is_not_undone_by_a_held_quote(env: RaceStack) -> None:
+    env.admin("put_policy", m.PolicyInfo("other", "sha256", {16: b"\x17" * 32}))
+    land = env.hold_attestation()
+    env.admin("assign_policy", m.AssignPolicy(HOST, "other"))
+    verdict = land()
+    assert (verdict.status, verdict.reason) == \
+        (TrustStatus.UNKNOWN, "policy assignment changed; attest again")
+    assert env.discarded() == [
+        "TRUSTED verdict not recorded: policy assignment changed since the challenge"]
+    assert HOST not in env.scheduler_view()
+    with pytest.raises(exception.HostNotTrusted, match="PCR 16 differs from policy 'other'"):
+        env.begin()
+
+
+def test_an_older_golden_quote_cannot_replace_a_newer_untrusted_verdict(env: RaceStack) -> None:
+    """Quote while golden, hold it, get compromised (the next periodic
+    attestation says UNTRUSTED), then let the golden reply land."""
+    land = env.hold_attestation()
+    env.tpm.extend(16, b"rootkit")
+    newer = env.att.attest(HOST)
+    assert newer.reason == "PCR 16 differs from policy 'golden'"
+    verdict = land()
+    assert verdict.status is TrustStatus.UNTRUSTED
+    assert "TPM clock went backwards" in verdict.reason
+    assert env.scheduler_view() == {HOST: "UNTRUSTED"}
+    assert not env.att.check_fresh(HOST).trusted
+
+
+def test_an_approval_does_not_let_an_older_golden_quote_through(env: RaceStack) -> None:
+    """Approving forgets the clock baseline that orders quotes: a golden
+    reply held from before must not land TRUSTED after it."""
+    land = env.hold_attestation()
+    env.tpm.extend(16, b"rootkit")
+    assert env.att.attest(HOST).reason == "PCR 16 differs from policy 'golden'"
+    env.admin("approve_host", m.HostRef(HOST))
+    verdict = land()
+    assert (verdict.status, verdict.reason) == \
+        (TrustStatus.UNKNOWN, "host approved; attest again")
+    assert env.discarded() == [
+        "TRUSTED verdict not recorded: host record changed since the challenge"]
+    with pytest.raises(exception.HostNotTrusted,
+                       match="PCR 16 differs from policy 'golden'"):
+        env.begin()
+
+
+def test_a_revocation_during_begin_stops_the_key_before_the_destination(env: RaceStack) -> None:
+    """``begin`` saw TRUSTED; the host is revoked while the source seals:
+    the envelope never reaches it and the vTPCM stays at the source."""
+    env.agents.on_seal = lambda: env.admin("revoke_host", m.HostRef(HOST))
+    with pytest.raises(exception.MigrationError, match="host is REVOKED"):
+        env.begin()
+    assert ("prepare_incoming", HOST) not in env.agents.calls
+    rec = env.db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.state, rec.migration_id) == (SOURCE, "ACTIVE", None)
