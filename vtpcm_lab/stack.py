@@ -75,6 +75,11 @@ class Stack:
             self._host_engines[host.name] = api
         return api
 
+    @property
+    def socket_dirs(self) -> list[str]:
+        """Each lab host's swtpm socket dir (two hosts on one machine: two dirs)."""
+        return [str(host.run_dir) for host in self.hosts.values()]
+
     def host(self, lab_host: LabHost) -> StackHost:
         return self.hosts[lab_host.name]
 

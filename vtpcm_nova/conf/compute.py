@@ -27,6 +27,11 @@ VTPCM_OPTS = [
                     "([agent] host_command_key; group-readable by nova-compute through "
                     "[agent] host_command_key_group). The driver signs its engine calls "
                     "with it; it holds no other key."),
+    cfg.ListOpt("socket_dirs", default=["/run/vtpcm"],
+                help="Directories where the agents' vTPCM control sockets may be: their "
+                     "[agent] run_dir (the same on every host in a normal deployment). "
+                     "The driver connects a guest only to <one of these>/<instance "
+                     "uuid>.ctrl, whatever an agent's (unsigned) answer says."),
     cfg.FloatOpt("engine_timeout", default=120.0, min=1.0,
                  help="Seconds the driver waits for the engine to answer one call. begin "
                       "seals and prepares the destination within it."),

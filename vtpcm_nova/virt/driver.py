@@ -38,7 +38,8 @@ CONF = nova.conf.CONF
 SUPPORTED_NOVA = (">=34.0.0", "<35")
 TRAIT = "CUSTOM_VTPCM"
 # Nova calls destroy for many reasons; the vTPCM is shredded only for these
-# (a delete, or a build that failed before the guest ever ran). Shelve
+# (a delete, the reclaim of a soft delete, or a build that failed before the
+# guest ever ran). Shelve
 # offload, rebuild, rescue, revert and the cleanup after a migration keep it.
 _SHRED_TASK_STATES = frozenset({task_states.DELETING})
 
@@ -147,7 +148,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             return
         try:
             socket_path = lifecycle.ensure_running(self.vtpcm_engine, self.vtpcm_agents,
-                                                   instance.uuid, self.vtpcm_host)
+                                                   instance.uuid, self.vtpcm_host,
+                                                   CONF.vtpcm.socket_dirs)
         except exception.VTPCMNotHere as err:
             raise VTPCMFault(reason=_not_here_reason(instance, err)) from None
         except exception.VTPCMException as err:
@@ -192,13 +194,25 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             return
         migration_id = _migration_id(migrate_data)
         try:
-            livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid, self.vtpcm_host,
-                                dest)
-            self._dest_sockets[instance.uuid] = livemigration.destination_socket(
-                self.vtpcm_agents, dest, instance.uuid)
+            livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid,
+                                self.vtpcm_host, dest)
         except exception.VTPCMException as err:
-            # Nova's manager rolls back (rollback_live_migration_at_source aborts)
-            raise nova_exception.MigrationError(reason="vTPCM: %s" % err) from None
+            # begin aborted itself; Nova must roll back, not mark the
+            # instance ERROR (which an exception from here would do)
+            LOG.error("vTPCM begin of migration %(mig)s failed, rolling back: %(err)s",
+                      {"mig": migration_id, "err": err}, instance=instance)
+            recover_method(context, instance, dest, migrate_data)
+            return
+        try:
+            self._dest_sockets[instance.uuid] = livemigration.destination_socket(
+                self.vtpcm_agents, dest, instance.uuid, CONF.vtpcm.socket_dirs)
+        except exception.VTPCMException as err:
+            LOG.error("vTPCM of migration %(mig)s: no usable destination socket, "
+                      "rolling back: %(err)s", {"mig": migration_id, "err": err},
+                      instance=instance)
+            self._abort(instance, migrate_data, "no usable destination socket: %s" % err)
+            recover_method(context, instance, dest, migrate_data)
+            return
         try:
             super().live_migration(context, instance, dest, post_method, recover_method,
                                    block_migration, migrate_data)
@@ -224,10 +238,35 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             except exception.VTPCMException as err:
                 # Raising would leave Nova believing the guest is on the source.
                 LOG.error("vTPCM commit of migration %(mig)s failed: %(err)s. The guest "
-                          "runs on the destination; the engine's reconcile retries, or "
-                          "run 'vtpcm-manage migration show %(mig)s'.",
+                          "runs on the destination, whose driver commits again in "
+                          "post_live_migration_at_destination; check with "
+                          "'vtpcm-manage migration show %(mig)s'.",
                           {"mig": migration_id, "err": err}, instance=instance)
         super().post_live_migration(context, instance, block_device_info, migrate_data)
+
+    def post_live_migration_at_destination(self, context: Any, instance: Any,
+                                           network_info: Any, block_migration: bool = False,
+                                           block_device_info: Any = None) -> None:
+        super().post_live_migration_at_destination(context, instance, network_info,
+                                                   block_migration, block_device_info)
+        if vtpcm_spec(instance.flavor).enabled:
+            self._commit_here_if_pending(instance)
+
+    def _commit_here_if_pending(self, instance: Any) -> None:
+        """The guest runs here now; if the source's commit did not land, the
+        destination commits (the engine accepts it from either side). Costs
+        one read when the source's commit went through, as it normally has."""
+        try:
+            rec = self.vtpcm_engine.get_vtpcm(instance.uuid)
+            if rec.migration_id is None:
+                return
+            livemigration.commit(self.vtpcm_engine, rec.migration_id)
+            LOG.warning("vTPCM migration %(mig)s committed by the destination",
+                        {"mig": rec.migration_id}, instance=instance)
+        except exception.VTPCMException as err:
+            LOG.error("vTPCM of instance %(instance)s: commit from the destination "
+                      "failed: %(err)s", {"instance": instance.uuid, "err": err},
+                      instance=instance)
 
     def rollback_live_migration_at_source(self, context: Any, instance: Any,
                                           migrate_data: Any) -> None:
@@ -299,7 +338,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
 def _shreds(instance: Any) -> bool:
     """Delete, or a build that failed before the guest ever ran."""
     return (instance.task_state in _SHRED_TASK_STATES
-            or instance.vm_state in (vm_states.BUILDING, vm_states.DELETED))
+            or instance.vm_state in (vm_states.BUILDING, vm_states.DELETED,
+                                     vm_states.SOFT_DELETED))
 
 
 def _not_here_reason(instance: Any, err: exception.VTPCMNotHere) -> str:

@@ -7,6 +7,7 @@ The engine remains the authority: it refuses a host that does not hold the
 vTPCM, so these functions only decide when to ask.
 """
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from oslo_log import log as logging
@@ -41,7 +42,7 @@ def _record(engine: Engine, instance_uuid: str) -> em.VtpcmRecord | None:
 
 
 def ensure_running(engine: Engine, agents: AgentReader, instance_uuid: str,
-                   host: str) -> str:
+                   host: str, socket_dirs: Sequence[str]) -> str:
     """Create the instance's vTPCM on ``host`` if it has none, start it, and
     return the control socket QEMU must connect to.
 
@@ -66,7 +67,7 @@ def ensure_running(engine: Engine, agents: AgentReader, instance_uuid: str,
     if not info.running:
         raise exception.SwtpmError(vtpcm_id=info.vtpcm_id,
                                    reason="the agent reports it stopped right after start")
-    return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid)
+    return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid, socket_dirs)
 
 
 def destroy_if_held(engine: Engine, instance_uuid: str, host: str) -> bool:

@@ -9,7 +9,7 @@ imports Nova or libvirt, and the engine decides everything that matters.
 """
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from oslo_log import log as logging
@@ -75,7 +75,8 @@ def _abort_after_failed_begin(engine: Engine, migration_id: str, reason: str) ->
                     "finishes it): %(err)s", {"mig": migration_id, "err": err})
 
 
-def destination_socket(agents: AgentReader, dest: str, instance_uuid: str) -> str:
+def destination_socket(agents: AgentReader, dest: str, instance_uuid: str,
+                       socket_dirs: Sequence[str]) -> str:
     """Where the destination's incoming vTPCM listens, for the migration XML.
     Read from the destination's agent after begin; checked to be this
     instance's socket (``tpmxml.checked_socket_path``)."""
@@ -85,7 +86,7 @@ def destination_socket(agents: AgentReader, dest: str, instance_uuid: str) -> st
             migration_id=info.migration_id or "?",
             reason="the destination's vTPCM of instance %s is %s, not MIGRATING_IN"
                    % (instance_uuid, info.state))
-    return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid)
+    return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid, socket_dirs)
 
 
 def commit(engine: Engine, migration_id: str, *, attempts: int = COMMIT_ATTEMPTS,
@@ -129,6 +130,13 @@ def abort(engine: Engine, migration_id: str, reason: str) -> em.MigrationInfo | 
         return engine.abort(migration_id, reason[:_MAX_REASON])
     except exception.NotFound:
         return None
+    except exception.InvalidTransition:
+        # refused or aborted already (by begin itself, the other side, or
+        # reconcile): done, as the caller wanted; anything else is raised
+        info = engine.get_migration(migration_id)
+        if info.state in ABORTED_STATES:
+            return info
+        raise
 
 
 def settle(engine: Engine, migration_id: str, *, running_on_dest: bool,

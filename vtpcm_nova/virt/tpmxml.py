@@ -8,6 +8,7 @@ swtpm encrypted under the migration key.
 
 import os
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 
 from vtpcm_common import exception
 from vtpcm_nova import extra_specs
@@ -16,18 +17,23 @@ SOCKET_SUFFIX = ".ctrl"
 MAX_SOCKET_PATH = 107  # sun_path
 
 
-def checked_socket_path(path: str, instance_uuid: str) -> str:
-    """Where QEMU must connect, as an agent reported it. Accepted only as an
-    absolute, normalised path whose file name is this instance's socket: a
-    forged or confused answer cannot point a guest at another VM's vTPCM."""
+def checked_socket_path(path: str, instance_uuid: str,
+                        socket_dirs: Sequence[str]) -> str:
+    """Where QEMU must connect, as an agent reported it (an unsigned answer).
+    Accepted only as exactly ``<one of socket_dirs>/<instance uuid>.ctrl``:
+    a forged or confused answer can neither point a guest at another VM's
+    vTPCM nor at a socket in a directory someone else controls."""
     text = str(path)
+    allowed = {os.path.normpath(d) for d in socket_dirs if d}
     if (not text.startswith("/") or os.path.normpath(text) != text
             or len(text.encode()) > MAX_SOCKET_PATH
-            or os.path.basename(text) != instance_uuid + SOCKET_SUFFIX):
+            or os.path.basename(text) != instance_uuid + SOCKET_SUFFIX
+            or os.path.dirname(text) not in allowed):
         raise exception.InvalidInput(
-            reason="vTPCM socket path %r is not an absolute path of at most %d bytes "
-                   "ending in /%s%s" % (text[:200], MAX_SOCKET_PATH, instance_uuid,
-                                        SOCKET_SUFFIX))
+            reason="vTPCM socket path %r is not <dir>/%s%s of at most %d bytes with <dir> "
+                   "one of [vtpcm] socket_dirs %s" % (text[:200], instance_uuid,
+                                                     SOCKET_SUFFIX, MAX_SOCKET_PATH,
+                                                     sorted(allowed)))
     return text
 
 

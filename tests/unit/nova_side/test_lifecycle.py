@@ -6,11 +6,12 @@ from vtpcm_common.api.engine import messages as em
 from vtpcm_nova.virt import lifecycle
 
 INSTANCE = "00000000-0000-0000-0000-000000000001"
+DIRS = ["/run/vtpcm"]
 
 
 def test_spawn_creates_then_starts_and_returns_the_checked_socket() -> None:
     engine = FakeEngine()
-    path = lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a")
+    path = lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a", DIRS)
     assert path == "/run/vtpcm/%s.ctrl" % INSTANCE
     assert engine.methods() == ["get_vtpcm", "create_vtpcm", "start_vtpcm"]
 
@@ -19,7 +20,7 @@ def test_reboot_reuses_the_existing_vtpcm() -> None:
     engine = FakeEngine()
     engine.create_vtpcm(INSTANCE, "a")
     engine.calls.clear()
-    lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a")
+    lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a", DIRS)
     assert "create_vtpcm" not in engine.methods()
 
 
@@ -28,7 +29,7 @@ def test_vtpcm_held_elsewhere_is_refused_without_starting() -> None:
     engine.create_vtpcm(INSTANCE, "b")
     engine.calls.clear()
     with pytest.raises(exception.VTPCMNotHere, match="lives on b, not on a"):
-        lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a")
+        lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a", DIRS)
     assert engine.methods() == ["get_vtpcm"]
 
 
@@ -38,20 +39,19 @@ def test_migrating_vtpcm_is_busy() -> None:
                                              "a", 0, "MIGRATING",
                                              "00000000-0000-0000-0000-0000000000bb")
     with pytest.raises(exception.VTPCMBusy, match="migration .* holds it"):
-        lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a")
+        lifecycle.ensure_running(engine, FakeAgents(), INSTANCE, "a", DIRS)
 
 
-def test_a_forged_socket_answer_is_refused() -> None:
-    engine = FakeEngine()
-    agents = FakeAgents()
-    agents.socket_dir = "/run/vtpcm/../../tmp"
-    with pytest.raises(exception.InvalidInput, match="is not an absolute path"):
-        lifecycle.ensure_running(engine, agents, INSTANCE, "a")
+@pytest.mark.parametrize("socket_dir", ["/run/vtpcm/../../tmp", "/home/attacker", "/tmp"])
+def test_a_forged_socket_answer_is_refused(socket_dir: str) -> None:
+    agents = FakeAgents(socket_dir=socket_dir)
+    with pytest.raises(exception.InvalidInput, match="one of \\[vtpcm\\] socket_dirs"):
+        lifecycle.ensure_running(FakeEngine(), agents, INSTANCE, "a", DIRS)
 
 
 def test_not_running_after_start_is_an_error() -> None:
     with pytest.raises(exception.SwtpmError, match="stopped right after start"):
-        lifecycle.ensure_running(FakeEngine(), FakeAgents(running=False), INSTANCE, "a")
+        lifecycle.ensure_running(FakeEngine(), FakeAgents(running=False), INSTANCE, "a", DIRS)
 
 
 def test_delete_destroys_only_on_the_holder() -> None:

@@ -94,7 +94,30 @@ def test_settle_commits_when_the_guest_made_it_and_aborts_otherwise() -> None:
 
 def test_destination_socket_must_be_incoming_and_this_instances() -> None:
     path = lm.destination_socket(FakeAgents(state="MIGRATING_IN", socket_dir="/b"), "dst",
-                                 INSTANCE)
+                                 INSTANCE, ["/a", "/b"])
     assert path == "/b/%s.ctrl" % INSTANCE
     with pytest.raises(exception.MigrationError, match="is ACTIVE, not MIGRATING_IN"):
-        lm.destination_socket(FakeAgents(state="ACTIVE"), "dst", INSTANCE)
+        lm.destination_socket(FakeAgents(state="ACTIVE"), "dst", INSTANCE, ["/run/vtpcm"])
+    with pytest.raises(exception.InvalidInput, match="socket_dirs"):
+        lm.destination_socket(FakeAgents(state="MIGRATING_IN", socket_dir="/c"), "dst",
+                              INSTANCE, ["/a", "/b"])
+
+
+def test_abort_of_a_refused_or_aborted_migration_is_done() -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "REFUSED")
+    engine.fail["abort"] = [exception.InvalidTransition(what="migration", key=MIG,
+                                                        current="REFUSED",
+                                                        target="AbortRequested")]
+    info = lm.abort(engine, MIG, "x")
+    assert info is not None and info.state == "REFUSED"
+
+
+def test_abort_after_the_commit_point_is_raised() -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "COMMITTED")
+    engine.fail["abort"] = [exception.InvalidTransition(what="migration", key=MIG,
+                                                        current="COMMITTED",
+                                                        target="AbortRequested")]
+    with pytest.raises(exception.InvalidTransition, match="from COMMITTED"):
+        lm.abort(engine, MIG, "x")

@@ -52,10 +52,12 @@ def test_rewrite_refuses_garbage() -> None:
     "/" + "x" * 100 + "/%s.ctrl" % INSTANCE,
 ])
 def test_socket_path_must_be_this_instances(path: str) -> None:
-    with pytest.raises(exception.InvalidInput, match="is not an absolute path"):
-        tpmxml.checked_socket_path(path, INSTANCE)
+    with pytest.raises(exception.InvalidInput, match="is not <dir>/"):
+        tpmxml.checked_socket_path(path, INSTANCE, ["/run/vtpcm", "/" + "x" * 100])
 
 
 def test_socket_path_accepted() -> None:
     path = "/run/vtpcm/%s.ctrl" % INSTANCE
-    assert tpmxml.checked_socket_path(path, INSTANCE) == path
+    assert tpmxml.checked_socket_path(path, INSTANCE, ["/run/vtpcm/"]) == path
+    with pytest.raises(exception.InvalidInput, match="socket_dirs"):
+        tpmxml.checked_socket_path(path, INSTANCE, ["/elsewhere"])
