@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh Debian 12 machine: installs what is missing,
-# then runs lint + type checks, unit, functional (real swtpm, tpm2-pytss,
-# RabbitMQ, SQLite and PostgreSQL) and end-to-end tests (the two-host
-# libvirt/QEMU lab). Extra arguments go to pytest.
+# then runs lint + type checks + the layering check, unit, functional (real
+# swtpm, tpm2-pytss, RabbitMQ, SQLite and PostgreSQL) and end-to-end tests
+# (the two-host libvirt/QEMU lab), then the Nova functional tests in their own
+# virtualenv (.venv-nova: Nova 34 and its test requirements, pinned in
+# tools/nova-constraints.txt). Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
@@ -15,4 +17,8 @@ mypy
 echo "== layering"
 lint-imports
 echo "== tests"
-exec python -m pytest -p no:cacheprovider -q --timeout=600 tests "$@"
+python -m pytest -p no:cacheprovider -q --timeout=600 tests --ignore=tests/nova_functional "$@"
+echo "== nova functional (Nova 34's own harness, this driver and filter, real agents)"
+tools/install-nova-env.sh
+NOVA_VENV=${VTPCM_NOVA_VENV:-$PWD/.venv-nova}
+"$NOVA_VENV/bin/python" -m pytest -p no:cacheprovider -q --timeout=600 tests/nova_functional

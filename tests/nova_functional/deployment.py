@@ -1,0 +1,137 @@
+"""The vTPCM side of the Nova functional tests: a real vtpcm-engine, real
+vtpcm-agents with real swtpm, a swtpm host-TPM stand-in per host, on the local
+RabbitMQ. Nova's own harness (in-process, fake libvirt) runs beside it and
+reaches it through the driver and the filter, as nova-compute and
+nova-scheduler would.
+
+Host names are the Nova compute host names. Agents expose each vTPCM's TPM
+data socket (``[agent] expose_data_socket``) so the tests can read and write
+the guest-visible TPM state with tpm2-pytss.
+"""
+
+import contextlib
+import dataclasses
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_agent.swtpm import process
+from vtpcm_common import authn, exception
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_lab import daemons
+from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, measured_boot
+
+GOLDEN = "nova-golden"
+
+
+@dataclasses.dataclass
+class Host:
+    name: str
+    tpm: HostTPMStandIn
+    agent: daemons.AgentDaemon
+    run_dir: Path
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.agent.config["agent"]["state_dir"])
+
+    @property
+    def command_key(self) -> Path:
+        return self.state_dir / "host-command.key"
+
+    def data_paths(self, instance: str) -> process.SwtpmPaths:
+        """What tpm2-pytss needs to talk to the instance's vTPCM on this host."""
+        return process.SwtpmPaths.for_data_socket(
+            self.state_dir, self.run_dir / instance, self.run_dir / (instance + ".pid"),
+            self.state_dir / "unused.log")
+
+    def untrust(self) -> None:
+        """Something unmeasured ran: PCR 7 no longer matches the golden policy."""
+        with HostTPM(self.tpm.tcti) as tpm:
+            tpm.extend_pcr(7, b"\x66" * 32)
+
+
+@dataclasses.dataclass
+class Deployment:
+    exchange: str
+    conf: Any  # client options of this deployment (topics, exchange, keys)
+    operator: EngineAPI  # the operator's key, no host key
+    agents: AgentAPI  # engine-signed agent calls (tests only)
+    engine: daemons.EngineDaemon
+    hosts: dict[str, Host]
+    _at: dict[str, EngineAPI] = dataclasses.field(default_factory=dict)
+
+    def engine_at(self, host: str) -> EngineAPI:
+        """The engine as the driver on ``host`` calls it (that host's key)."""
+        api = self._at.get(host)
+        if api is None:
+            api = EngineAPI(self.conf, self.operator.transport, timeout=60,
+                            host_signer=authn.load_host_key(self.hosts[host].command_key))
+            self._at[host] = api
+        return api
+
+    def vtpcm_on(self, host: str, instance: str) -> Any:
+        """The agent's record of the instance's vTPCM on ``host``, None if it has none."""
+        try:
+            info = self.agents.get(host, instance)
+        except exception.NotFound:
+            return None
+        return None if info.state == "DESTROYED" else info
+
+
+@contextlib.contextmanager
+def deployment(labels: tuple[str, ...] = ("a", "b", "c")) -> Iterator[Deployment]:
+    """Engine + one agent per label, enrolled, approved, golden policy assigned."""
+    work = daemons.short_dir("vtnf")
+    exchange = "vtpcm-nf-" + uuid.uuid4().hex[:8]
+    conf = daemons.client_conf(exchange)
+    agents = AgentAPI(conf, timeout=30)
+    operator = EngineAPI(conf, agents.transport, timeout=60)
+    engine = daemons.EngineDaemon(
+        work, exchange, "sqlite:///%s/engine.sqlite" % work,
+        extra={"attestation": {"auto_approve": "true", "verdict_ttl": 600}})
+    started: list[object] = []
+    hosts: dict[str, Host] = {}
+    try:
+        for label in labels:
+            name = "nf%s-%s" % (label, uuid.uuid4().hex[:6])
+            tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
+            tpm.start()
+            started.append(tpm)
+            measured_boot(tpm.tcti)
+            run_dir = work / ("run-" + label)
+            agent = daemons.AgentDaemon(
+                work, name, exchange, tpm.tcti, run_dir=run_dir,
+                extra={"agent": {"register_with_engine": "false",
+                                 "expose_data_socket": "true"}})
+            agent.start()
+            started.append(agent)
+            hosts[name] = Host(name, tpm, agent, run_dir)
+        engine.start()
+        started.append(engine)
+        for host in hosts.values():
+            host.agent.wait_ready(agents)
+        engine.wait_ready(operator)
+        for name in hosts:
+            assert operator.enroll(name).status == "APPROVED"
+        first = next(iter(hosts))
+        operator.record_policy(GOLDEN, first, BOOT_PCRS, "nova functional golden boot")
+        for name in hosts:
+            operator.assign_policy(name, GOLDEN)
+            assert operator.attest(name).status == "TRUSTED"
+        yield Deployment(exchange, conf, operator, agents, engine, hosts)
+    finally:
+        for host in hosts.values():
+            daemons.kill_pidfiles(host.run_dir)
+        for proc in reversed(started):
+            if isinstance(proc, HostTPMStandIn):
+                proc.cleanup()
+            else:
+                proc.stop()  # type: ignore[attr-defined]
+        agents.transport.cleanup()
+        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)

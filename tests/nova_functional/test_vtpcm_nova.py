@@ -1,0 +1,447 @@
+"""VTPCMLibvirtDriver and VTPCMFilter inside Nova 34's own functional harness,
+with a real engine, real agents and real swtpm behind them.
+
+Run: ``.venv-nova/bin/python -m pytest -q tests/nova_functional`` (after
+``tools/install-nova-env.sh``). Nova's API, conductor, scheduler (with
+VTPCMFilter) and compute code run in-process on Nova's fake libvirt; the
+vTPCM services are the daemons of ``deployment.py``. Two things stand in for
+what the fake libvirt lacks:
+
+- its domains forget ``<tpm>`` in ``XMLDesc``: ``_KeepTPM`` keeps the
+  element, so Nova's migration XML carries it and the driver's rewrite to the
+  destination's socket runs on Nova's own XML;
+- it runs no QEMU: where the harness stubs ``migrateToURI3``, the stub moves
+  the TPM state the way QEMU's stream does at the switchover: the blobs as
+  swtpm hands them out (encrypted under the migration key) from the source
+  vTPCM's control socket into the socket the destination XML names.
+
+Every case checks through Nova's API and through tpm2-pytss on the vTPCM.
+"""
+
+import secrets
+import xml.etree.ElementTree as ET
+from typing import Any
+from urllib.parse import urlparse
+
+import fixtures
+import nova.conf
+import pytest
+from nova import context as nova_context
+from nova import objects
+from nova.tests.fixtures import libvirt as fakelibvirt
+from nova.tests.functional.api import client as api_client
+from nova.tests.functional.libvirt import base
+
+from tests.functional import tpmtools
+from tests.nova_functional import deployment as dep_mod
+from vtpcm_agent.swtpm import ctrl
+from vtpcm_common import exception, rpc
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_lab import daemons
+from vtpcm_nova.conf import compute as compute_conf
+from vtpcm_nova.virt import driver as vdriver
+from vtpcm_nova.virt import tpmxml
+
+CONF = nova.conf.CONF
+FILTER = "vtpcm_nova.scheduler.filters.vtpcm_filter.VTPCMFilter"
+VTPCM_SPECS = {"vtpcm:enabled": "true"}
+
+_DEPLOYMENT: dep_mod.Deployment | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def vtpcm_deployment() -> Any:
+    global _DEPLOYMENT
+    with dep_mod.deployment() as dep:
+        _DEPLOYMENT = dep
+        try:
+            yield dep
+        finally:
+            _DEPLOYMENT = None
+
+
+def _external_tpm_path(xml: str) -> str | None:
+    sources = tpmxml.external_tpm_sources(ET.fromstring(xml))  # noqa: S314
+    return sources[0].get("path") if sources else None
+
+
+class _KeepTPM:
+    """fakelibvirt's Domain keeps the ``<tpm>`` elements it was defined with."""
+
+    def __init__(self) -> None:
+        self.init = fakelibvirt.Domain.__init__
+        self.xml_desc = fakelibvirt.Domain.XMLDesc
+
+    def patched_init(self_, domain: Any, connection: Any, xml: str, *args: Any,
+                     **kwargs: Any) -> None:
+        self_.init(domain, connection, xml, *args, **kwargs)
+        root = ET.fromstring(xml)  # noqa: S314 - XML the driver made
+        domain._vtpcm_tpms = [ET.tostring(t, encoding="unicode")
+                              for t in root.findall("devices/tpm")]
+
+    def patched_xml_desc(self_, domain: Any, flags: int) -> str:
+        xml = self_.xml_desc(domain, flags)
+        tpms = getattr(domain, "_vtpcm_tpms", [])
+        if not tpms or "</devices>" not in xml:
+            return xml
+        return xml.replace("</devices>", "".join(tpms) + "</devices>", 1)
+
+
+class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
+    CAST_AS_CALL = False
+    ADMIN_API = True
+    microversion = "2.90"
+    ADDITIONAL_FILTERS = ["VTPCMFilter"]
+
+    def setUp(self) -> None:
+        assert _DEPLOYMENT is not None
+        self.dep = _DEPLOYMENT
+        self.drivers: dict[str, vdriver.VTPCMLibvirtDriver] = {}
+        self._next_host: str | None = None
+        self.fail_migration: str | None = None
+        self.engine_calls: list[tuple[str, Any]] = []
+        self.before_engine_call: dict[str, Any] = {}
+        super().setUp()
+        keep = _KeepTPM()
+        self.useFixture(fixtures.MonkeyPatch(
+            "nova.tests.fixtures.libvirt.Domain.__init__",
+            lambda domain, *a, **k: keep.patched_init(domain, *a, **k)))
+        self.useFixture(fixtures.MonkeyPatch(
+            "nova.tests.fixtures.libvirt.Domain.XMLDesc",
+            lambda domain, flags=0: keep.patched_xml_desc(domain, flags)))
+        self.stub_out("nova.virt.driver.load_compute_driver", self._load_driver)
+        self.names = list(self.dep.hosts)
+        flavor = self._create_flavor(name="vtpcm.small", extra_spec=dict(VTPCM_SPECS))
+        self.vtpcm_flavor = flavor
+        self.plain_flavor = self._create_flavor(name="plain.small")
+
+    # --- wiring --------------------------------------------------------------------
+    def _configure(self) -> None:
+        compute_conf.register_opts(CONF)
+        rpc.register_rpc_opts(CONF)
+        self.flags(transport_url=daemons.TRANSPORT_URL, control_exchange=self.dep.exchange,
+                   verdict_cache_seconds=0, scheduler_timeout=3, engine_timeout=60,
+                   agent_timeout=10, trait_refresh_seconds=0,
+                   socket_dirs=[str(h.run_dir) for h in self.dep.hosts.values()],
+                   group="vtpcm")
+        for option, value in daemons.topics(self.dep.exchange).items():
+            self.flags(**{option: value}, group="vtpcm_rpc")
+
+    def _setup_scheduler_service(self) -> Any:
+        self._configure()
+        self.flags(available_filters=["nova.scheduler.filters.all_filters", FILTER],
+                   group="filter_scheduler")
+        return super()._setup_scheduler_service()
+
+    def _load_driver(self, virtapi: Any, compute_driver: Any = None) -> Any:
+        host = self._next_host
+        assert host is not None
+        drv = vdriver.VTPCMLibvirtDriver(virtapi)
+        # the one key the driver holds: this host's command key
+        drv._engine = RecordingEngine(self.dep.engine_at(host), self.engine_calls,
+                                      self.before_engine_call)
+        drv._agents = AgentAPI(self.dep.conf, self.dep.operator.transport, timeout=10,
+                               signer=None)
+        self.drivers[host] = drv
+        return drv
+
+    def start_compute(self, hostname: str = "compute1", **kwargs: Any) -> Any:
+        self._next_host = hostname
+        try:
+            return super().start_compute(hostname=hostname, **kwargs)
+        finally:
+            self._next_host = None
+
+    def _start_hosts(self, count: int) -> list[str]:
+        names = self.names[:count]
+        for name in names:
+            self.start_compute(hostname=name)
+        return names
+
+    # --- QEMU's part of the migration -------------------------------------------------
+    def _migrate_stub(self, domain: Any, destination: str, params: Any, flags: int) -> None:
+        dest_host = urlparse(destination).hostname
+        xml = params["destination_xml"]
+        instance = domain.UUIDString()
+        dest_socket = _external_tpm_path(xml)
+        if dest_socket is not None:
+            src_host = objects.Instance.get_by_uuid(nova_context.get_admin_context(),
+                                                    instance).host
+            src_socket = self.dep.agents.get(src_host, instance).ctrl_socket
+            state = ctrl.export_state(src_socket)  # encrypted under the migration key
+            ctrl.import_state(dest_socket, state)
+        self.computes[dest_host].driver._host.get_connection().createXML(
+            xml, "fake-createXML-doesnt-care-about-flags")
+        if self.fail_migration:
+            # fails after the device state reached the destination: the
+            # worst moment for the vTPCM (a copy on each side)
+            domain.fail_job()
+            return
+        domain.complete_job()
+        self.migrate_stub_ran = True
+
+    # --- helpers -----------------------------------------------------------------------
+    def _boot(self, host: str | None = None, flavor: str | None = None,
+              expected_state: str = "ACTIVE") -> dict[str, Any]:
+        return self._create_server(flavor_id=flavor or self.vtpcm_flavor, networks="none",
+                                   host=host, expected_state=expected_state,
+                                   api=self.admin_api)
+
+    def _tpm(self, host: str, instance: str) -> dict[str, bytes]:
+        return tpmtools.read_guest_state(self.dep.hosts[host].data_paths(instance),
+                                         with_key=False)
+
+    def _write_tpm(self, host: str, instance: str) -> dict[str, bytes]:
+        tpmtools.write_guest_state(self.dep.hosts[host].data_paths(instance),
+                                   secrets.token_bytes(32), secrets.token_bytes(32),
+                                   make_key=False)
+        return self._tpm(host, instance)
+
+    def _host_of(self, server: dict[str, Any]) -> str:
+        return str(self.admin_api.get_server(server["id"])["OS-EXT-SRV-ATTR:host"])
+
+    def _domain_xml(self, host: str, instance: str) -> str:
+        conn = self.computes[host].driver._host.get_connection()
+        return str(conn.lookupByUUIDString(instance).XMLDesc(0))
+
+    def _untrusted(self) -> str:
+        """The third host, made UNTRUSTED for the rest of the module (PCRs
+        cannot be taken back without a reboot of its TPM)."""
+        name = self.names[2]
+        self.dep.hosts[name].untrust()
+        self.assertEqual("UNTRUSTED", self.dep.operator.attest(name).status)
+        return name
+
+    def _migrations(self, instance: str) -> list[dict[str, Any]]:
+        return [m for m in self.admin_api.get_migrations()
+                if m["instance_uuid"] == instance]
+
+    def _audit(self, instance: str, event: str) -> list[Any]:
+        return [e for e in self.dep.operator.list_audit(limit=500).entries
+                if e.instance == instance and e.event == event]
+
+    # --- cases -------------------------------------------------------------------------
+    def test_boot_gives_a_vtpcm_and_a_plain_flavor_is_untouched(self) -> None:
+        a, = self._start_hosts(1)
+        server = self._boot(host=a)
+        instance = server["id"]
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0), (rec.host, rec.generation))
+        info = self.dep.agents.get(a, instance)
+        self.assertTrue(info.running)
+        self.assertEqual(info.ctrl_socket, _external_tpm_path(self._domain_xml(a, instance)))
+        tpms = ET.fromstring(self._domain_xml(a, instance)).findall("devices/tpm")  # noqa: S314
+        self.assertEqual([("tpm-crb", "external")],
+                         [(t.get("model"), t.find("backend").get("type")) for t in tpms])
+        self._write_tpm(a, instance)  # the guest's TPM answers
+
+        self.assertIn(("create_vtpcm", instance), self.engine_calls)
+        plain = self._boot(host=a, flavor=self.plain_flavor)
+        self.assertIsNone(_external_tpm_path(self._domain_xml(a, plain["id"])))
+        self._delete_server(plain)
+        self.assertEqual([], [c for c in self.engine_calls if c[1] == plain["id"]])
+        with pytest.raises(exception.NotFound):
+            self.dep.operator.get_vtpcm(plain["id"])
+
+    def test_live_migration_moves_the_tpm_state_to_a_trusted_host(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        src_state = self.dep.hosts[a].state_dir / "vtpcms" / \
+            self.dep.agents.get(a, instance).vtpcm_id
+
+        server = self._live_migrate(server)  # no host: the scheduler picks
+
+        self.assertTrue(self.migrate_stub_ran)
+        self.assertEqual(b, self._host_of(server))
+        self.assertEqual(before, self._tpm(b, instance))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((b, 1, None), (rec.host, rec.generation, rec.migration_id))
+        self.assertIsNone(self.dep.vtpcm_on(a, instance))
+        self.assertFalse(src_state.exists())
+        mig = self.dep.operator.get_migration(self._migrations(instance)[0]["uuid"])
+        self.assertEqual("COMMITTED", mig.state)  # Nova's migration uuid is the protocol's
+
+        # and back, through the rewrite to a's socket again
+        server = self._live_migrate(server, host=a)
+        self.assertEqual(a, self._host_of(server))
+        self.assertEqual(before, self._tpm(a, instance))
+        self.assertEqual(2, self.dep.operator.get_vtpcm(instance).generation)
+
+    def test_untrusted_destination_is_refused_and_nothing_moves(self) -> None:
+        a = self.names[0]
+        self.start_compute(hostname=a)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        c = self._untrusted()
+        self.start_compute(hostname=c)
+
+        # requested host: the scheduler (VTPCMFilter) leaves no valid host
+        server = self._live_migrate(server, host=c, migration_expected_state="error",
+                                    server_expected_state="ACTIVE")
+        # forced host (2.30-2.67): no scheduler; the driver's gate on the
+        # destination refuses with the verdict's reason
+        self.admin_api.microversion = "2.67"
+        try:
+            self.admin_api.post_server_action(instance, {"os-migrateLive": {
+                "host": c, "block_migration": "auto", "force": True}})
+        finally:
+            self.admin_api.microversion = self.microversion
+        self._wait_for_migration_status(server, ["error"])
+        event = self._wait_for_instance_action_event(
+            server, "live-migration", "compute_check_can_live_migrate_destination", "Error")
+        self.assertIn("is not trusted", event["details"])
+        server = self._wait_for_state_change(server, "ACTIVE")
+
+        self.assertFalse(self.migrate_stub_ran)
+        self.assertEqual(a, self._host_of(server))
+        self.assertEqual(before, self._tpm(a, instance))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0, None), (rec.host, rec.generation, rec.migration_id))
+        self.assertIsNone(self.dep.vtpcm_on(c, instance))
+        refused = self._audit(instance, "migration.check_destination")
+        self.assertEqual(["refused"], [e.outcome for e in refused])
+
+    def test_scheduler_places_vtpcm_instances_on_trusted_hosts_only(self) -> None:
+        a = self.names[0]
+        c = self._untrusted()
+        for name in (a, c):
+            self.start_compute(hostname=name)
+        for _ in range(3):
+            server = self._boot()
+            self.assertEqual(a, self._host_of(server))
+            self._delete_server(server)
+        # requested onto the untrusted host: the filter leaves no valid host
+        server = self._boot(host=c, expected_state="ERROR")
+        self.assertIn("No valid host", server["fault"]["message"])
+        # a plain flavor may still go there
+        plain = self._boot(host=c, flavor=self.plain_flavor)
+        self.assertEqual(c, self._host_of(plain))
+
+    def test_engine_unreachable_fails_vtpcm_requests_closed_only(self) -> None:
+        self._start_hosts(1)
+        self.flags(engine_topic="vtpcm-nobody-listens", group="vtpcm_rpc")
+        for flt in self.scheduler.manager.host_manager.enabled_filters:
+            if type(flt).__name__ == "VTPCMFilter":
+                flt._cache = None  # rebuilt from the new topic
+        server = self._boot(expected_state="ERROR")
+        self.assertIn("No valid host", server["fault"]["message"])
+        plain = self._boot(flavor=self.plain_flavor)
+        self.assertEqual("ACTIVE", plain["status"])
+
+    def test_libvirt_failure_rolls_back_and_a_retry_succeeds(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        self.fail_migration = "injected failure in the middle of the migration"
+        server = self._live_migrate(server, host=b, migration_expected_state="failed",
+                                    server_expected_state="ACTIVE")
+        failed = self._migrations(instance)[0]["uuid"]
+        # the rollback on the destination is a cast: wait for the engine's view
+        daemons.wait_for("abort of %s" % failed,
+                         lambda: self.dep.operator.get_migration(failed).state == "ABORTED",
+                         timeout=60)
+        self.assertEqual(a, self._host_of(server))
+        self.assertEqual(before, self._tpm(a, instance))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0, None), (rec.host, rec.generation, rec.migration_id))
+        self.assertIsNone(self.dep.vtpcm_on(b, instance))
+
+        self.fail_migration = None
+        # fakelibvirt keeps the failed job on the domain; libvirt starts afresh
+        self.computes[a].driver._host.get_connection().lookupByUUIDString(
+            instance)._job_type = fakelibvirt.VIR_DOMAIN_JOB_NONE
+        server = self._live_migrate(server, host=b)
+        self.assertEqual(b, self._host_of(server))
+        self.assertEqual(before, self._tpm(b, instance))
+
+    def test_refused_begin_rolls_back_and_the_server_stays_active(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        # the operator revokes b after the destination check, before begin
+        self.before_engine_call["begin"] = lambda: self.dep.operator.revoke_host(b)
+        try:
+            server = self._live_migrate(server, host=b, migration_expected_state="failed",
+                                        server_expected_state="ACTIVE")
+            self.assertEqual(a, self._host_of(server))
+            self.assertFalse(self.migrate_stub_ran)
+            self.assertEqual(before, self._tpm(a, instance))
+            rec = self.dep.operator.get_vtpcm(instance)
+            self.assertEqual((a, 0, None), (rec.host, rec.generation, rec.migration_id))
+            self.assertIsNone(self.dep.vtpcm_on(b, instance))
+            mig = self.dep.operator.get_migration(self._migrations(instance)[0]["uuid"])
+            self.assertEqual("REFUSED", mig.state)
+        finally:
+            self.dep.operator.enroll(b)
+            self.dep.operator.assign_policy(b, dep_mod.GOLDEN)
+            self.assertEqual("TRUSTED", self.dep.operator.attest(b).status)
+
+    def test_cold_migration_is_refused_and_the_server_stays(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        self.admin_api.post_server_action(instance, {"migrate": {"host": b}})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self._wait_for_migration_status(server, ["error"])
+        self.assertEqual(a, self._host_of(server))
+        self.assertEqual(before, self._tpm(a, instance))
+        event = self._wait_for_instance_action_event(
+            server, "migrate", "compute_resize_instance", "Error")
+        self.assertIn("cold migration and resize of vTPCM instances", event["details"])
+
+    def test_delete_shreds_the_vtpcm(self) -> None:
+        a, = self._start_hosts(1)
+        server = self._boot(host=a)
+        instance = server["id"]
+        vtpcm_id = self.dep.agents.get(a, instance).vtpcm_id
+        state = self.dep.hosts[a].state_dir / "vtpcms" / vtpcm_id
+        keys = list((self.dep.hosts[a].state_dir / "keys").glob(vtpcm_id + "*"))
+        self.assertTrue(state.exists() and keys)
+        self._delete_server(server)
+        with pytest.raises(exception.NotFound):
+            self.dep.operator.get_vtpcm(instance)
+        self.assertIsNone(self.dep.vtpcm_on(a, instance))
+        self.assertFalse(state.exists())
+        self.assertEqual([], [k for k in keys if k.exists()])
+        self.assertEqual(["destroyed"],
+                         [e.outcome for e in self._audit(instance, "vtpcm.destroy")])
+
+    def test_bad_vtpcm_extra_specs_are_refused_by_the_flavor_api(self) -> None:
+        flavor = self._create_flavor(name="typo")
+        for spec in ({"vtpcm:enabled": "maybe"}, {"vtpcm:model": "tpm-spapr"},
+                     {"vtpcm:enable": "true"}):
+            with self.assertRaises(api_client.OpenStackApiException) as ctx:
+                self.admin_api.post_extra_spec(flavor, {"extra_specs": spec})
+            self.assertEqual(400, ctx.exception.response.status_code, spec)
+        self.admin_api.post_extra_spec(flavor, {"extra_specs": {"vtpcm:model": "tpm-tis"}})
+
+
+class RecordingEngine:
+    """The driver's engine client, counting calls (a plain flavor makes none)."""
+
+    def __init__(self, inner: Any, calls: list[tuple[str, Any]],
+                 before: dict[str, Any]) -> None:
+        self._inner = inner
+        self._calls = calls
+        self._before = before  # method -> callable run once before it (a race)
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._inner, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self._calls.append((name, args[0] if args else None))
+            hook = self._before.pop(name, None)
+            if hook is not None:
+                hook()
+            return attr(*args, **kwargs)
+        return call
+
+
