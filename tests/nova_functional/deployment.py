@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_agent.keystore import InstanceKeys, KeyStore, TPMSealedHostKey
 from vtpcm_agent.swtpm import process
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -48,6 +49,16 @@ class Host:
         return process.SwtpmPaths.for_data_socket(
             self.state_dir, self.run_dir / instance, self.run_dir / (instance + ".pid"),
             self.state_dir / "unused.log")
+
+    def keys(self, vtpcm_id: str) -> InstanceKeys:
+        """The vTPCM's keys, unwrapped through the host TPM (tests only)."""
+        with HostTPM(self.tpm.tcti) as tpm:
+            return KeyStore(self.state_dir / "keys", TPMSealedHostKey(
+                tpm, self.state_dir / "hostkey.sealed")).get(vtpcm_id)
+
+    def logs(self) -> list[Path]:
+        """The agent's log and every swtpm log of this host."""
+        return [Path(self.agent.log_file), *sorted((self.state_dir / "logs").glob("*"))]
 
     def untrust(self) -> None:
         """Something unmeasured ran: PCR 7 no longer matches the golden policy."""

@@ -20,6 +20,7 @@ Every case checks through Nova's API and through tpm2-pytss on the vTPCM.
 
 import secrets
 import xml.etree.ElementTree as ET
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -32,6 +33,7 @@ from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.tests.functional.api import client as api_client
 from nova.tests.functional.libvirt import base
 
+from tests import leakscan
 from tests.functional import tpmtools
 from tests.nova_functional import deployment as dep_mod
 from vtpcm_agent.swtpm import ctrl
@@ -411,6 +413,45 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertEqual([], [k for k in keys if k.exists()])
         self.assertEqual(["destroyed"],
                          [e.outcome for e in self._audit(instance, "vtpcm.destroy")])
+
+    def test_no_key_or_plaintext_state_in_any_log_at_debug(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        self._write_tpm(a, instance)
+        secrets_seen = self._secrets_of(a, instance, "source")
+        server = self._live_migrate(server, host=b)
+        secrets_seen += self._secrets_of(b, instance, "destination")
+
+        logs = [self.stdlog.logger.output.encode()]  # Nova, DEBUG included
+        for host in self.dep.hosts.values():
+            logs += [p.read_bytes() for p in host.logs() if p.is_file()]
+        logs.append(Path(self.dep.engine.log_file).read_bytes())
+        haystack = b"\n".join(logs)
+        self.assertIn(b"DEBUG", haystack)  # the capture really holds DEBUG lines
+        # planted control: one key, the way a careless debug line would show it
+        planted = haystack + ("DEBUG key=%s" % secrets_seen[0][1].hex()).encode()
+        self.assertEqual(["%s as hex" % secrets_seen[0][0]],
+                         leakscan.hits(secrets_seen[:1], planted))
+        self.assertEqual([], leakscan.hits(secrets_seen, haystack))
+        windows = self._plaintext_windows
+        self.assertTrue(windows)
+        self.assertEqual(0, tpmtools.leaks(windows, haystack))
+
+    def _secrets_of(self, host: str, instance: str, side: str) -> list[tuple[str, bytes]]:
+        vtpcm_id = self.dep.agents.get(host, instance).vtpcm_id
+        keys = self.dep.hosts[host].keys(vtpcm_id)
+        state_dir = self.dep.hosts[host].state_dir / "vtpcms" / vtpcm_id
+        pub = Path(self.useFixture(fixtures.TempDir(rootdir="/tmp")).path)
+        public = tpmtools.public_material(state_dir, keys.at_rest_key, pub)
+        base = Path(self.useFixture(fixtures.TempDir(rootdir="/tmp")).path)
+        with tpmtools.plaintext_permanent(state_dir, keys.at_rest_key, base) as plain:
+            offsets = {plain.find(w) for w in tpmtools.windows(plain)}
+            secret = tpmtools.secret_offsets(plain, public, offsets)
+            self._plaintext_windows = getattr(self, "_plaintext_windows", set()) | {
+                plain[o:o + tpmtools.WINDOW] for o in secret}
+        return [(side + " at-rest key", keys.at_rest_key),
+                (side + " migration key", keys.migration_key)]
 
     def test_bad_vtpcm_extra_specs_are_refused_by_the_flavor_api(self) -> None:
         flavor = self._create_flavor(name="typo")

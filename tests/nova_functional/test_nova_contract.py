@@ -1,0 +1,71 @@
+"""Contract with the Nova we run on: the private methods the driver
+overrides or relies on keep their shape, or this fails loudly (before a
+silently skipped override ships a guest without its vTPCM)."""
+
+import importlib.metadata
+import inspect
+
+from nova.virt.libvirt import driver as libvirt_driver
+from nova.virt.libvirt import guest as libvirt_guest
+from packaging.specifiers import SpecifierSet
+
+from vtpcm_nova.virt import driver as vdriver
+
+
+def _params(func: object) -> list[str]:
+    return list(inspect.signature(func).parameters)  # type: ignore[arg-type]
+
+
+def test_nova_version_is_supported() -> None:
+    version = importlib.metadata.version("nova")
+    assert version in SpecifierSet(",".join(vdriver.SUPPORTED_NOVA)), version
+
+
+def test_add_vtpm_device_signature() -> None:
+    assert _params(libvirt_driver.LibvirtDriver._add_vtpm_device) == [
+        "self", "guest", "flavor", "instance", "image_meta"]
+    # and Nova still builds every guest's TPM through it
+    assert "self._add_vtpm_device(guest, flavor, instance, image_meta)" in inspect.getsource(
+        libvirt_driver.LibvirtDriver._get_guest_config)
+
+
+def test_live_migration_operation_signature_and_its_migrate_call() -> None:
+    assert _params(libvirt_driver.LibvirtDriver._live_migration_operation) == [
+        "self", "context", "instance", "dest", "block_migration", "migrate_data", "guest",
+        "device_names"]
+    source = inspect.getsource(libvirt_driver.LibvirtDriver._live_migration_operation)
+    assert "guest.migrate(" in source and "destination_xml=new_xml_str" in source
+    assert "destination_xml" in _params(libvirt_guest.Guest.migrate)
+
+
+def test_public_hooks_keep_their_signatures() -> None:
+    expected = {
+        "spawn": ["self", "context", "instance", "image_meta", "injected_files",
+                  "admin_password", "allocations", "network_info", "block_device_info",
+                  "power_on", "accel_info"],
+        "destroy": ["self", "context", "instance", "network_info", "block_device_info",
+                    "destroy_disks", "destroy_secrets"],
+        "live_migration": ["self", "context", "instance", "dest", "post_method",
+                           "recover_method", "block_migration", "migrate_data"],
+        "post_live_migration": ["self", "context", "instance", "block_device_info",
+                                "migrate_data"],
+        "post_live_migration_at_destination": ["self", "context", "instance", "network_info",
+                                               "block_migration", "block_device_info"],
+        "rollback_live_migration_at_source": ["self", "context", "instance", "migrate_data"],
+        "rollback_live_migration_at_destination": [
+            "self", "context", "instance", "network_info", "block_device_info",
+            "destroy_disks", "migrate_data"],
+        "check_can_live_migrate_destination": [
+            "self", "context", "instance", "src_compute_info", "dst_compute_info",
+            "block_migration", "disk_over_commit"],
+        "migrate_disk_and_power_off": ["self", "context", "instance", "dest", "flavor",
+                                       "network_info", "block_device_info", "timeout",
+                                       "retry_interval"],
+        "update_provider_tree": ["self", "provider_tree", "nodename", "allocations"],
+        "init_host": ["self", "host"],
+    }
+    for name, params in expected.items():
+        assert _params(getattr(libvirt_driver.LibvirtDriver, name)) == params, name
+        # our override accepts the same arguments
+        assert _params(getattr(vdriver.VTPCMLibvirtDriver, name))[:len(params)] == params \
+            or name == "spawn", name
