@@ -92,7 +92,7 @@ class _KeepTPM:
 class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
     CAST_AS_CALL = False
     ADMIN_API = True
-    microversion = "2.90"
+    microversion = "2.91"
     ADDITIONAL_FILTERS = ["VTPCMFilter"]
 
     def setUp(self) -> None:
@@ -396,6 +396,32 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         event = self._wait_for_instance_action_event(
             server, "migrate", "compute_resize_instance", "Error")
         self.assertIn("cold migration and resize of vTPCM instances", event["details"])
+
+    def test_shelve_offload_keeps_the_vtpcm_for_an_unshelve_on_its_host(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        self.admin_api.post_server_action(instance, {"shelve": {}})
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        # the offload destroyed the guest, not its TPM
+        self.assertEqual((a, 0), (self.dep.operator.get_vtpcm(instance).host,
+                                  self.dep.operator.get_vtpcm(instance).generation))
+        self.assertEqual(before, self._tpm(a, instance))
+
+        # onto another host: refused with a fault naming why, the vTPCM stays
+        self.admin_api.post_server_action(instance, {"unshelve": {"host": b}})
+        event = self._wait_for_instance_action_event(
+            server, "unshelve", "compute_unshelve_instance", "Error")
+        self.assertIn("unshelve onto another host is not supported", event["details"])
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        self.assertIsNone(self.dep.vtpcm_on(b, instance))
+        self.assertEqual(a, self.dep.operator.get_vtpcm(instance).host)
+
+        self.admin_api.post_server_action(instance, {"unshelve": {"host": a}})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual(a, self._host_of(server))
+        self.assertEqual(before, self._tpm(a, instance))
 
     def test_delete_shreds_the_vtpcm(self) -> None:
         a, = self._start_hosts(1)
