@@ -234,7 +234,10 @@ class Coordinator:
 
     def begin(self, migration_id: str, instance_uuid: str, source: str,
               dest: str) -> db_api.MigrationRecord:
-        """Seal the key for dest's TPM and prepare dest; idempotent per migration id."""
+        """Seal the key for dest's TPM and prepare dest; idempotent per
+        migration id while it is PREPARED. Any other state of a known id is
+        refused: a begin answered with a finished or committing migration
+        would tell the driver to start libvirt for nothing."""
         try:
             rec = self.db.get_migration(migration_id)
         except exception.NotFound:
@@ -246,8 +249,13 @@ class Coordinator:
                 raise exception.MigrationError(
                     migration_id=migration_id,
                     reason="this migration id was used for another instance or hosts")
-            if rec.state in (M.PREPARED, M.COMMITTING, M.SHREDDING, M.COMMITTED):
-                return rec
+            if rec.state == M.PREPARED:
+                return rec  # a retried begin whose answer was lost
+            if rec.state in p.TERMINAL:
+                raise exception.MigrationError(
+                    migration_id=migration_id,
+                    reason="this migration already ended (%s); a new migration needs "
+                           "a new id" % rec.state)
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="migration is %s" % rec.state)
         if source == dest:
@@ -307,7 +315,10 @@ class Coordinator:
 
     def commit(self, migration_id: str,
                requested_by: str | None = None) -> db_api.MigrationRecord:
-        """Pass the commit point (idempotent: a finished commit is success).
+        """Pass the commit point and finish the commit. Idempotent for its
+        caller: a commit of a COMMITTED migration is a success, and one of a
+        migration whose commit is under way (COMMITTING, SHREDDING) runs the
+        steps left, as reconcile would.
 
         ``requested_by``: the signing host. The source's word suffices: it
         saw the migration complete. Before the commit point the
@@ -316,6 +327,10 @@ class Coordinator:
         the guest still runs on."""
         proto, ctx, rec = self._load(migration_id)
         self._settle_deadline_abort(proto, ctx, rec)
+        if proto.state in (M.COMMITTING, M.SHREDDING):
+            # past the commit point, a step failed: the retry finishes it
+            self._run(proto, ctx, p.pending_actions(proto.state))
+            return self.db.get_migration(migration_id)
         event: p.Event = p.CommitRequested()
         if requested_by not in (None, ctx.source_host) and \
                 proto.state in (M.PREPARED, M.IN_DOUBT):

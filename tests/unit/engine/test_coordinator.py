@@ -644,3 +644,50 @@ def test_the_destination_commits_only_once_the_guest_left_the_source(env):
     agents.held["host-b"] = ("MIGRATING_IN", True, mid)
     assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
     _committed_to_b(db, agents, mid)
+
+
+def test_begin_with_the_id_of_a_finished_migration_is_refused(env):
+    """A begin retried with the id of a migration that already ended must
+    not be answered as if it had just prepared the destination."""
+    coord, db, agents, trust, _ = env
+    aborted = str(uuid.uuid4())
+    coord.begin(aborted, INSTANCE, "host-a", "host-b")
+    coord.abort(aborted, "libvirt failed")
+    done = str(uuid.uuid4())
+    coord.begin(done, INSTANCE, "host-a", "host-b")
+    coord.commit(done)
+    agents.generation = 1
+    refused = str(uuid.uuid4())
+    trust.verdicts["host-a"] = FakeVerdict("UNTRUSTED", "PCR 16 differs")
+    with pytest.raises(exception.HostNotTrusted):
+        coord.begin(refused, INSTANCE, "host-b", "host-a")
+    trust.verdicts["host-a"] = FakeVerdict("TRUSTED")
+    seals = names(agents).count("seal")
+    for mid, source, dest, state in ((done, "host-a", "host-b", "COMMITTED"),
+                                     (aborted, "host-a", "host-b", "ABORTED"),
+                                     (refused, "host-b", "host-a", "REFUSED")):
+        with pytest.raises(exception.MigrationError) as err:
+            coord.begin(mid, INSTANCE, source, dest)
+        assert err.value.kwargs["reason"] == (
+            "this migration already ended (%s); a new migration needs a new id" % state)
+        assert db.get_migration(mid).state == state
+    assert names(agents).count("seal") == seals
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id) == ("host-b", 1, None)
+
+
+def test_begin_with_the_id_of_a_migration_past_its_commit_point_is_refused(env):
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.fail["commit_outgoing"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-a", method="commit_outgoing", reason="timeout")
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.commit(mid)
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert err.value.kwargs["reason"] == "migration is SHREDDING"
+    # the commit, retried by either host, is a success
+    assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert names(agents).count("commit_outgoing") == 2  # the failed try and its retry
