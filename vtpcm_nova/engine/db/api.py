@@ -558,16 +558,25 @@ class Database:
         """Store an attestation's verdict (one row per host), in ONE
         transaction and only if nothing it was decided on changed since
         its challenge: the host's revision (status, keys, policy
-        assignment), the policy's revision and, for TRUSTED, an APPROVED
-        host and no newer quote of it on record. Else StaleAttestation and
-        nothing changes. A quote's TPM clock becomes the host's baseline
-        (never moved back); ``reapprove`` sends an APPROVED host to PENDING.
+        assignment), the policy's revision, no verdict of a later challenge
+        on record (whatever either status: a failing verdict decided
+        without a quote leaves no clock to order by) and, for TRUSTED, an
+        APPROVED host and no newer quote of it on record. Else
+        StaleAttestation and nothing changes. A quote's TPM clock becomes
+        the host's baseline (never moved back); ``reapprove`` sends an
+        APPROVED host to PENDING.
         """
         trusted = status is verifier.TrustStatus.TRUSTED
         if trusted and basis.policy_revision is None:
             raise exception.InvalidInput(reason="a TRUSTED verdict needs a policy")
         with self.session() as s:
             self._hold_basis(s, basis, trusted)
+            later = (select(models.VerdictRow.host)
+                     .where(models.VerdictRow.host == basis.host,
+                            models.VerdictRow.attested_at > basis.challenged_at))
+            if s.scalar(later) is not None:
+                raise exception.StaleAttestation(
+                    host=basis.host, reason="a newer attestation of the host was recorded")
             if clock is not None:
                 self._advance_clock(s, basis.host, clock, newest_only=trusted)
             if reapprove:
