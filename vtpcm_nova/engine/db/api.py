@@ -305,12 +305,17 @@ class Database:
         return {c["name"] for c in inspect(self.engine).get_columns(table)}
 
     def _record_enrolled_keys(self) -> None:
-        """v2 -> v3: bind the keys of the hosts there are to their names (the
-        first enrolled wins where old rules let two names share a key)."""
+        """v2 -> v3: bind the keys of the hosts there are to their names.
+        Where old rules let two names share a key, a host in service wins
+        over a REVOKED one, then the first enrolled. EK certificates are
+        not bound: v2 never proved them (no credential activation), and
+        binding one would let that name squat the TPM's enrollment."""
+        revoked = models.Host.status == HostStatus.REVOKED.value
         with self.session() as s:
-            hosts = [(h.name, _host_keys(h.ak_name, h.command_public, h.ek_certificate, None),
+            hosts = [(h.name, _host_keys(h.ak_name, h.command_public, None, None),
                       h.enrolled_at)
-                     for h in s.scalars(select(models.Host).order_by(models.Host.enrolled_at))]
+                     for h in s.scalars(select(models.Host)
+                                        .order_by(revoked, models.Host.enrolled_at))]
         for name, keys, at in hosts:
             for kind, digest in keys:
                 try:
