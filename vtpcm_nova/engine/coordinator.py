@@ -348,8 +348,13 @@ class Coordinator:
         return self.db.get_migration(migration_id)
 
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
+        """Undo the migration before its commit point. One in doubt is
+        looked at first: if the agents show the guest left the source, the
+        vTPCM follows it and the abort is refused (InvalidTransition)."""
         proto, ctx, rec = self._load(migration_id)
         self._settle_deadline_abort(proto, ctx, rec)
+        if proto.state is M.IN_DOUBT:
+            self._run(proto, ctx, p.pending_actions(M.IN_DOUBT))
         self._advance(proto, ctx, p.AbortRequested(reason))
         return self.db.get_migration(migration_id)
 

@@ -620,6 +620,23 @@ def test_an_abort_in_doubt_discards_the_destination_and_restores_the_source(env)
         coord.commit(mid)
 
 
+def test_an_abort_in_doubt_is_refused_once_the_guest_left_the_source(env):
+    """A late rollback (or a hostile host) cannot discard the copy the
+    guest runs on: the abort looks at the agents first."""
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    _switched_over(agents, mid, source_running=True)
+    clock["now"] += datetime.timedelta(seconds=61)
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    agents.held["host-a"] = ("MIGRATING_OUT", False, mid)  # libvirt ended the source QEMU
+    with pytest.raises(exception.InvalidTransition,
+                       match="from COMMITTED to AbortRequested"):
+        coord.abort(mid, "rolled back by Nova at the destination")
+    _committed_to_b(db, agents, mid)
+
+
 def test_the_destination_commits_only_once_the_guest_left_the_source(env):
     """post_live_migration_at_destination may commit when the source's
     commit was lost, but a destination cannot shred a source whose swtpm
