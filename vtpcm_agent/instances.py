@@ -393,7 +393,7 @@ class InstanceManager:
             return
         paths = self._paths_of(assoc)
         if only_if_unused and self._received_state(assoc):
-            raise exception.MigrationError(
+            raise exception.DestinationInUse(
                 migration_id=ctx.migration_id,
                 reason="the incoming vTPCM already received its state; refusing to "
                        "destroy it on a timeout")

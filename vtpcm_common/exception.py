@@ -100,6 +100,14 @@ class MigrationError(VTPCMException):
     code = "migration_error"
 
 
+class DestinationInUse(MigrationError):
+    """The destination refused to destroy an incoming vTPCM that received
+    its state: the guest may run on it (the engine's deadline abort)."""
+
+    msg_fmt = "vTPCM migration %(migration_id)s: the destination keeps its vTPCM: %(reason)s"
+    code = "destination_in_use"
+
+
 class VTPCMBusy(VTPCMException):
     """Another operation holds the vTPCM's record; retrying later may work."""
 

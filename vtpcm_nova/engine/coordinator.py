@@ -10,6 +10,11 @@ The engine is the authority on where each vTPCM lives and its generation:
 ``begin`` refuses unless the source is that location and the source agent
 holds that generation; the commit point moves the authority to the
 destination with generation + 1 in one compare-and-set.
+
+A migration whose deadline abort found the destination holding the state
+is in doubt (``IN_DOUBT``): the guest may run there. It passes the commit
+point on a commit, or when both agents show that the guest left the source
+(``_switchover``), and is undone only by an explicit abort.
 """
 
 import datetime
@@ -229,7 +234,10 @@ class Coordinator:
 
     def begin(self, migration_id: str, instance_uuid: str, source: str,
               dest: str) -> db_api.MigrationRecord:
-        """Seal the key for dest's TPM and prepare dest; idempotent per migration id."""
+        """Seal the key for dest's TPM and prepare dest; idempotent per
+        migration id while it is PREPARED. Any other state of a known id is
+        refused: a begin answered with a finished or committing migration
+        would tell the driver to start libvirt for nothing."""
         try:
             rec = self.db.get_migration(migration_id)
         except exception.NotFound:
@@ -241,8 +249,13 @@ class Coordinator:
                 raise exception.MigrationError(
                     migration_id=migration_id,
                     reason="this migration id was used for another instance or hosts")
-            if rec.state in (M.PREPARED, M.COMMITTING, M.SHREDDING, M.COMMITTED):
-                return rec
+            if rec.state == M.PREPARED:
+                return rec  # a retried begin whose answer was lost
+            if rec.state in p.TERMINAL:
+                raise exception.MigrationError(
+                    migration_id=migration_id,
+                    reason="this migration already ended (%s); a new migration needs "
+                           "a new id" % rec.state)
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="migration is %s" % rec.state)
         if source == dest:
@@ -300,15 +313,59 @@ class Coordinator:
                                            reason=rec.error or "aborted")
         return self.db.get_migration(migration_id)
 
-    def commit(self, migration_id: str) -> db_api.MigrationRecord:
-        proto, ctx = self._load(migration_id)
-        self._advance(proto, ctx, p.CommitRequested())
+    def commit(self, migration_id: str,
+               requested_by: str | None = None) -> db_api.MigrationRecord:
+        """Pass the commit point and finish the commit. Idempotent for its
+        caller: a commit of a COMMITTED migration is a success, and one of a
+        migration whose commit is under way (COMMITTING, SHREDDING) runs the
+        steps left, as reconcile would.
+
+        ``requested_by``: the signing host. The source's word suffices: it
+        saw the migration complete. Before the commit point the
+        destination's counts only with the evidence that the guest left the
+        source (``_switchover``): else a destination could shred a source
+        the guest still runs on."""
+        proto, ctx, rec = self._load(migration_id)
+        self._settle_deadline_abort(proto, ctx, rec)
+        if proto.state in (M.COMMITTING, M.SHREDDING):
+            # past the commit point, a step failed: the retry finishes it
+            self._run(proto, ctx, p.pending_actions(proto.state))
+            return self.db.get_migration(migration_id)
+        event: p.Event = p.CommitRequested()
+        if requested_by not in (None, ctx.source_host) and \
+                proto.state in (M.PREPARED, M.IN_DOUBT):
+            released, why = self._switchover(ctx)
+            if released is None:
+                detail = "signed by %s, not the source: %s" % (requested_by, why)
+                self.db.audit("migration.commit", "refused", host=requested_by,
+                              instance=ctx.instance_uuid, migration_id=migration_id,
+                              detail=detail)
+                raise exception.MigrationError(
+                    migration_id=migration_id,
+                    reason="only the source may commit while %s" % why)
+            event = released
+        self._advance(proto, ctx, event)
         return self.db.get_migration(migration_id)
 
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
-        proto, ctx = self._load(migration_id)
+        """Undo the migration before its commit point. One in doubt is
+        looked at first: if the agents show the guest left the source, the
+        vTPCM follows it and the abort is refused (InvalidTransition)."""
+        proto, ctx, rec = self._load(migration_id)
+        self._settle_deadline_abort(proto, ctx, rec)
+        if proto.state is M.IN_DOUBT:
+            self._run(proto, ctx, p.pending_actions(M.IN_DOUBT))
         self._advance(proto, ctx, p.AbortRequested(reason))
         return self.db.get_migration(migration_id)
+
+    def _settle_deadline_abort(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,
+                               rec: db_api.MigrationRecord) -> None:
+        """A deadline abort whose destroy went unanswered (destination
+        unreachable): retry that step first, since its answer decides
+        between ABORTED (the destination never got the state) and IN_DOUBT
+        (it did), and the commit or abort at hand must act on that."""
+        if proto.state is M.ABORTING and rec.error == p.DEADLINE_REASON:
+            self._run(proto, ctx, p.pending_actions(M.ABORTING, after_deadline=True))
 
     def get_migration(self, migration_id: str) -> db_api.MigrationRecord:
         return self.db.get_migration(migration_id)
@@ -316,10 +373,10 @@ class Coordinator:
     def reconcile(self) -> int:
         """Finish commits/aborts left half-done; abort migrations past deadline."""
         done = 0
-        for rec in self.db.list_migrations():
-            state = M(rec.state)
+        for listed in self.db.list_migrations():
             try:
-                proto, ctx = self._load(rec.migration_id)
+                proto, ctx, rec = self._load(listed.migration_id)
+                state = proto.state
                 if state in p.PENDING_WORK:
                     after_deadline = rec.error == p.DEADLINE_REASON
                     self._run(proto, ctx, p.pending_actions(state, after_deadline))
@@ -329,7 +386,8 @@ class Coordinator:
                     done += 1
             except exception.VTPCMException as err:
                 LOG.warning("Reconcile of migration %(mig)s (%(state)s) failed: %(err)s",
-                            {"mig": rec.migration_id, "state": rec.state, "err": err})
+                            {"mig": listed.migration_id, "state": listed.state,
+                             "err": err})
         return done
 
     def _trusted_destination(self, dest: str,
@@ -369,11 +427,31 @@ class Coordinator:
 
     # --- machinery ---------------------------------------------------------------
 
-    def _load(self, migration_id: str) -> tuple[p.MigrationProtocol, am.MigrationContext]:
+    def _switchover(self, ctx: am.MigrationContext) -> tuple[p.SourceReleased | None, str]:
+        """Did the guest leave the source? Yes if the source's vTPCM of this
+        migration no longer runs (QEMU shuts its swtpm down when it exits,
+        and libvirt ends the source QEMU once the guest switched over) while
+        the destination's incoming one does. Else None and why not."""
+        src = self.agents.get(ctx.source_host, ctx.instance_uuid)
+        dst = self.agents.get(ctx.dest_host, ctx.instance_uuid)
+        if (src.state, src.migration_id) != ("MIGRATING_OUT", ctx.migration_id):
+            why = "the source's vTPCM is %s, not migrating out in this migration" % src.state
+        elif src.running:
+            why = "the source's vTPCM still runs on %s" % ctx.source_host
+        elif (dst.state, dst.migration_id) != ("MIGRATING_IN", ctx.migration_id):
+            why = "the destination's vTPCM is %s, not this migration's incoming" % dst.state
+        elif not dst.running:
+            why = "the destination's vTPCM does not run on %s" % ctx.dest_host
+        else:
+            return p.SourceReleased(), ""
+        return None, why
+
+    def _load(self, migration_id: str) -> tuple[p.MigrationProtocol, am.MigrationContext,
+                                                db_api.MigrationRecord]:
         rec = self.db.get_migration(migration_id)
         ctx = am.MigrationContext(migration_id, rec.instance_uuid, rec.generation,
                                   rec.source, rec.dest)
-        return p.MigrationProtocol(migration_id, M(rec.state)), ctx
+        return p.MigrationProtocol(migration_id, M(rec.state)), ctx, rec
 
     def _advance(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,
                  event: p.Event, **extra: Any) -> None:
@@ -444,8 +522,24 @@ class Coordinator:
             self.agents.commit_outgoing(src, ctx)
             return p.SourceShredded()
         if isinstance(action, p.DestroyDestination):
-            self.agents.abort_incoming(dst, ctx, only_if_unused=action.only_if_unused)
+            try:
+                self.agents.abort_incoming(dst, ctx, only_if_unused=action.only_if_unused)
+            except exception.DestinationInUse as err:
+                if not action.only_if_unused:
+                    raise
+                return p.DestinationInUse(reason=str(err)[:1000])
             return p.DestinationDestroyed()
+        if isinstance(action, p.CheckSwitchover):
+            try:
+                released, why = self._switchover(ctx)
+            except exception.VTPCMException as err:  # only a hint: ask again later
+                released, why = None, "an agent did not tell (%s)" % err
+            if released is None:
+                LOG.warning("Migration %(mig)s of instance %(i)s is in doubt: its deadline "
+                            "passed after the destination received the state, and %(why)s; "
+                            "a commit or an abort signed by either host settles it",
+                            {"mig": ctx.migration_id, "i": ctx.instance_uuid, "why": why})
+            return released
         if isinstance(action, p.RestoreSource):
             self.agents.abort_outgoing(src, ctx)
             # Only this migration's claim is released, never another's.

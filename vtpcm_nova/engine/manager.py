@@ -145,7 +145,12 @@ class EngineManager:
         """Who may sign a compute-node call, from the engine's own records
         wherever a vTPCM or migration exists (never from names the caller
         chose): moving a vTPCM out needs the consent of the host holding it.
-        A NotFound here is the honest answer to any caller."""
+        A commit may come from either side of the migration: the source saw
+        it complete (post_live_migration), the destination saw the guest
+        arrive (post_live_migration_at_destination), and the coordinator
+        takes the destination's word before the commit point only once the
+        agents show the guest left the source. A NotFound here is the
+        honest answer to any caller."""
         if method == "create_vtpcm":
             return (request.host,)
         if method in ("destroy_vtpcm", "start_vtpcm", "stop_vtpcm"):
@@ -157,9 +162,7 @@ class EngineManager:
                 return (request.dest,)
         if method == "begin":  # the source, as recorded: Nova's live_migration on it
             return (self.db.get_vtpcm(request.instance_uuid).host,)
-        if method == "commit":  # the source saw the migration complete
-            return (self.db.get_migration(request.migration_id).source,)
-        if method == "abort":  # either side may roll back
+        if method in ("commit", "abort"):  # either side may settle it
             rec = self.db.get_migration(request.migration_id)
             return (rec.source, rec.dest)
         raise exception.CommandRefused(method=method, reason="not a compute-node method")
@@ -321,7 +324,7 @@ class EngineManager:
 
     @endpoint(m.MigrationRef, host_signed=True)
     def commit(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:
-        return migration_info(self.coordinator.commit(req.migration_id))
+        return migration_info(self.coordinator.commit(req.migration_id, requested_by=signer))
 
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:

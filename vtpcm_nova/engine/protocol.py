@@ -17,7 +17,20 @@ Failure before the commit point (any of SEALING, PREPARING, PREPARED)::
     --AbortRequested / Failure / DeadlinePassed--> ABORTING
     --DestinationDestroyed--> RESTORING --SourceRestored--> ABORTED
 
-The commit point is ``CommitRequested``: from then on the vTPCM lives at the
+A deadline abort destroys the destination only if it never received the
+state. If it did, the guest may run there (its commit was lost), so the
+migration is in doubt and follows the guest once anyone can tell where
+it runs::
+
+    ABORTING --DestinationInUse--> IN_DOUBT
+    IN_DOUBT --CommitRequested / SourceReleased--> COMMITTING --> ...
+    IN_DOUBT --AbortRequested--> DISCARDING --DestinationDestroyed--> RESTORING
+
+``SourceReleased`` is the coordinator's evidence that the guest left the
+source (its swtpm stopped, the destination's runs): reconcile looks for it
+in IN_DOUBT, and a commit signed by the destination needs it in PREPARED.
+
+The commit point is entering COMMITTING: from then on the vTPCM lives at the
 destination (the engine moves its authority record to dest, generation+1 in
 the same transaction), so abort is refused and the source is shredded only
 after the destination confirmed. Before it, the source copy stays the live one.
@@ -40,6 +53,8 @@ class MigrationState(enum.StrEnum):
     SHREDDING = "SHREDDING"
     COMMITTED = "COMMITTED"
     ABORTING = "ABORTING"
+    IN_DOUBT = "IN_DOUBT"
+    DISCARDING = "DISCARDING"
     RESTORING = "RESTORING"
     ABORTED = "ABORTED"
 
@@ -47,7 +62,8 @@ class MigrationState(enum.StrEnum):
 M = MigrationState
 TERMINAL = frozenset({M.REFUSED, M.COMMITTED, M.ABORTED})
 # States in which the coordinator still owes agent calls after a restart.
-PENDING_WORK = frozenset({M.COMMITTING, M.SHREDDING, M.ABORTING, M.RESTORING})
+PENDING_WORK = frozenset({M.COMMITTING, M.SHREDDING, M.ABORTING, M.IN_DOUBT,
+                          M.DISCARDING, M.RESTORING})
 ABORTABLE = frozenset({M.SEALING, M.PREPARING, M.PREPARED})
 
 
@@ -116,13 +132,28 @@ class DestinationDestroyed:
 
 
 @dataclasses.dataclass(frozen=True)
+class DestinationInUse:
+    """The destination refused the deadline's destroy: its incoming vTPCM
+    received the state, so the guest may run on it."""
+
+    reason: str = "the destination received the state"
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceReleased:
+    """The guest left the source: the source's swtpm of this migration
+    stopped (its QEMU let go of it) while the destination's runs."""
+
+
+@dataclasses.dataclass(frozen=True)
 class SourceRestored:
     pass
 
 
 Event: TypeAlias = (Begin | KeySealed | DestinationPrepared | CommitRequested
                     | DestinationCommitted | SourceShredded | AbortRequested | Failure
-                    | DeadlinePassed | DestinationDestroyed | SourceRestored)
+                    | DeadlinePassed | DestinationDestroyed | DestinationInUse
+                    | SourceReleased | SourceRestored)
 
 
 # --- actions ----------------------------------------------------------------
@@ -172,6 +203,14 @@ class DestroyDestination(Action):
 
 
 @dataclasses.dataclass(frozen=True)
+class CheckSwitchover(Action):
+    """Ask both agents whether the guest left the source (``SourceReleased``
+    if so; no event, and the migration stays as it is, if not)."""
+
+    name: ClassVar[str] = "check_switchover"
+
+
+@dataclasses.dataclass(frozen=True)
 class RestoreSource(Action):
     name: ClassVar[str] = "restore_source"
 
@@ -196,6 +235,12 @@ TRANSITIONS: dict[tuple[MigrationState, type], MigrationState] = {
     (M.COMMITTING, DestinationCommitted): M.SHREDDING,
     (M.SHREDDING, SourceShredded): M.COMMITTED,
     (M.ABORTING, DestinationDestroyed): M.RESTORING,
+    (M.ABORTING, DestinationInUse): M.IN_DOUBT,
+    (M.IN_DOUBT, CommitRequested): M.COMMITTING,
+    (M.IN_DOUBT, SourceReleased): M.COMMITTING,
+    (M.PREPARED, SourceReleased): M.COMMITTING,
+    (M.IN_DOUBT, AbortRequested): M.DISCARDING,
+    (M.DISCARDING, DestinationDestroyed): M.RESTORING,
     (M.RESTORING, SourceRestored): M.ABORTED,
     **{(state, ev): M.ABORTING for state in ABORTABLE for ev in _ABORT_EVENTS},
 }
@@ -209,7 +254,10 @@ IDEMPOTENT: frozenset[tuple[MigrationState, type]] = frozenset({
     (M.COMMITTED, CommitRequested),
     (M.COMMITTED, DestinationCommitted),
     (M.COMMITTED, SourceShredded),
+    *((s, SourceReleased) for s in (M.COMMITTING, M.SHREDDING, M.COMMITTED)),
     *((s, ev) for s in (M.ABORTING, M.RESTORING, M.ABORTED) for ev in _ABORT_EVENTS),
+    (M.IN_DOUBT, DestinationInUse),
+    (M.DISCARDING, AbortRequested),
     (M.RESTORING, DestinationDestroyed),
     (M.ABORTED, DestinationDestroyed),
     (M.ABORTED, SourceRestored),
@@ -227,7 +275,10 @@ def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
         assert isinstance(event, KeySealed)
         return [PrepareDestination(envelope=event.envelope)]
     if state is M.COMMITTING:
-        return [Audit(event="migration.commit", outcome="commit point passed"),
+        detail = ("the guest left the source: its swtpm stopped, the destination's runs"
+                  if isinstance(event, SourceReleased) else "")
+        return [Audit(event="migration.commit", outcome="commit point passed",
+                      detail=detail),
                 MoveAuthority(), CommitDestination()]
     if state is M.SHREDDING:
         return [ShredSource()]
@@ -235,6 +286,15 @@ def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
         reason = getattr(event, "reason", DEADLINE_REASON)
         return [Audit(event="migration.abort", outcome="aborting", detail=reason),
                 DestroyDestination(only_if_unused=isinstance(event, DeadlinePassed))]
+    if state is M.IN_DOUBT:
+        assert isinstance(event, DestinationInUse)
+        return [Audit(event="migration.abort", outcome="in doubt", detail=event.reason),
+                CheckSwitchover()]
+    if state is M.DISCARDING:
+        assert isinstance(event, AbortRequested)
+        return [Audit(event="migration.abort", outcome="discarding the destination",
+                      detail=event.reason),
+                DestroyDestination()]
     if state is M.RESTORING:
         return [RestoreSource()]
     return []
@@ -248,6 +308,8 @@ def pending_actions(state: MigrationState, after_deadline: bool = False) -> list
         M.COMMITTING: [MoveAuthority(), CommitDestination()],
         M.SHREDDING: [ShredSource()],
         M.ABORTING: [DestroyDestination(only_if_unused=after_deadline)],
+        M.IN_DOUBT: [CheckSwitchover()],
+        M.DISCARDING: [DestroyDestination()],
         M.RESTORING: [RestoreSource()],
     }
     return pending.get(state, [])

@@ -253,3 +253,27 @@ def test_abort_steps_restore_the_source_and_may_be_retried(cluster):
     assert api.get(a.name, info.instance_uuid).state == "ACTIVE"
     # and the same generation can migrate again afterwards
     _hand_over(api, a, b, info.instance_uuid, 0)
+
+
+def test_a_timeout_abort_keeps_an_incoming_vtpcm_that_received_state(cluster):
+    """The engine's deadline abort (only_if_unused) must not destroy a vTPCM
+    the guest may already use, and says so with its own error class, which
+    the engine turns into the protocol's DestinationInUse."""
+    api, a, b = cluster
+    info = _new(api, a)
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
+    api.abort_incoming(b.name, dataclasses.replace(ctx, migration_id=str(uuid.uuid4())),
+                       True)  # another migration's abort: nothing to do here
+    api.import_state(b.name, api.export_state(a.name, info.instance_uuid))
+    incoming = api.get(b.name, info.instance_uuid)
+    with pytest.raises(exception.DestinationInUse) as err:
+        api.abort_incoming(b.name, ctx, True)
+    assert "already received its state" in str(err.value)
+    kept = api.get(b.name, info.instance_uuid)
+    assert (kept.state, kept.vtpcm_id, kept.running) == \
+        ("MIGRATING_IN", incoming.vtpcm_id, True)
+    # the commit still goes through; the source's copy is shredded
+    api.commit_incoming(b.name, ctx)
+    api.commit_outgoing(a.name, ctx)
+    assert api.get(b.name, info.instance_uuid).state == "ACTIVE"
+    assert api.get(a.name, info.instance_uuid).state == "DESTROYED"

@@ -287,6 +287,44 @@ def test_schema_v1_database_is_upgraded(make_db: MakeDb) -> None:
     db.dispose()
 
 
+def test_schema_v2_upgrade_binds_only_proven_keys_and_live_hosts_first(
+        make_db: MakeDb) -> None:
+    """v2 -> v3 binds the keys of the hosts there are. An EK certificate a
+    v2 host merely reported was never proven (no credential activation
+    binds it to that host): binding it would let that name squat the TPM.
+    Where the old rules let a new name take the AK of a revoked host, the
+    host in service keeps it, not the revoked one."""
+    old = make_db()
+    with old.session() as s:
+        s.add(models.Host(name="cmp-revoked", ak_public=b"ak", ak_name=b"\x00\x0bshared",
+                          kem_public=b"k", kem_name=b"k1", ek_certificate=b"ek-cert-1",
+                          command_public=b"\x01" * 32, status="REVOKED", enrolled_at=T0))
+        s.add(models.Host(name="cmp-live", ak_public=b"ak", ak_name=b"\x00\x0bshared",
+                          kem_public=b"k", kem_name=b"k2", ek_certificate=b"ek-cert-2",
+                          command_public=b"\x02" * 32, status="APPROVED",
+                          enrolled_at=T0 + MIN))
+    models.EnrolledKey.__table__.drop(old.engine)  # type: ignore[attr-defined]
+    with old.engine.begin() as conn:
+        for table, column in api.ADDED_COLUMNS[1:]:  # v2 had command_public
+            conn.execute(sqlalchemy.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
+    with old.session() as s:
+        row = s.get(models.SchemaVersion, 1)
+        assert row is not None
+        row.version = 2
+    old.dispose()
+    db = make_db()
+    assert db.schema_version() == models.SCHEMA_VERSION == 3
+    assert db.key_owner("ak", b"\x00\x0bshared") == "cmp-live"
+    assert db.key_owner("command", b"\x01" * 32) == "cmp-revoked"
+    assert db.key_owner("command", b"\x02" * 32) == "cmp-live"
+    for cert in (b"ek-cert-1", b"ek-cert-2"):
+        assert db.key_owner("ek-cert", cert) is None
+    # the TPM of that certificate may still enroll, under a name of its own
+    db.enroll_host("cmp-new", ak_public=b"ak3", ak_name=b"n3", kem_public=b"k",
+                   kem_name=b"k3", ek_certificate=b"ek-cert-1", ek_public=b"ek-1", now=T0)
+    assert db.key_owner("ek-cert", b"ek-cert-1") == "cmp-new"
+
+
 def _keys(ak: bytes, command: bytes | None = None) -> dict[str, bytes | None]:
     return {"ak_public": b"ak", "ak_name": ak, "kem_public": b"k", "kem_name": b"kn",
             "command_public": command}

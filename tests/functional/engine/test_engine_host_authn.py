@@ -203,25 +203,35 @@ def test_only_the_holder_may_start_or_stop_a_vtpcm(deployment):
         d.at["a"].destroy_vtpcm(instance)
 
 
-def test_only_the_source_commits_and_only_the_two_hosts_abort(deployment):
-    """begin as the Nova driver on A would; then B (destination) and C try to
-    commit, C tries to abort: refused. A commit by B would shred A's vTPCM
-    while the VM may still run there."""
+def test_the_two_hosts_may_commit_or_abort_and_no_third_host(deployment):
+    """begin as the Nova driver on A would; then C tries to commit and to
+    abort: refused before the coordinator sees it. A (post_live_migration)
+    and B (post_live_migration_at_destination) may sign a commit: their
+    calls reach the coordinator, which refuses to commit this REFUSED
+    migration. (The coordinator takes B's commit before the commit point
+    only once the agents show the guest left A:
+    tests/unit/engine/test_coordinator.py.)"""
     d = deployment
     a, b = d.names["a"], d.names["b"]
     instance = str(uuid.uuid4())
     d.at["a"].create_vtpcm(instance, a)
     mid = str(uuid.uuid4())
-    try:
-        d.at["a"].begin(mid, instance, a, b)
-    except exception.HostNotTrusted:
-        pass  # no PCR policy in this deployment: begin ends REFUSED, still a migration
-    state = d.operator.get_migration(mid).state
-    _refused(lambda: d.at["b"].commit(mid),
-             "signature does not verify with the host command key of %s" % a)
-    _refused(lambda: d.at["c"].commit(mid), "host command key of %s" % a)
-    _refused(lambda: d.at["c"].abort(mid, "hostile"), "host command key of")
-    assert d.operator.get_migration(mid).state == state
+    with pytest.raises(exception.HostNotTrusted):
+        d.at["a"].begin(mid, instance, a, b)  # no PCR policy in this deployment
+    assert d.operator.get_migration(mid).state == "REFUSED"
+    either = "host command key of %s or %s" % tuple(sorted((a, b)))
+    audited = len(_host_refusals(d))
+    for host in ("a", "b"):
+        with pytest.raises(exception.InvalidTransition,
+                           match="from REFUSED to CommitRequested"):
+            d.at[host].commit(mid)
+    assert len(_host_refusals(d)) == audited
+    _refused(lambda: d.at["c"].commit(mid), "signature does not verify with the " + either)
+    _refused(lambda: d.at["c"].abort(mid, "hostile"),
+             "signature does not verify with the " + either)
+    _refused(lambda: d.operator.commit(mid), "no host command signature")
+    assert len(_host_refusals(d)) == audited + 3
+    assert d.operator.get_migration(mid).state == "REFUSED"
     assert d.agents.get(a, instance).state in ("ACTIVE", "STOPPED")
     d.at["a"].destroy_vtpcm(instance)
 

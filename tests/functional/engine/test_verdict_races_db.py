@@ -11,6 +11,7 @@ backends too.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import threading
 from collections.abc import Callable, Iterator
@@ -208,6 +209,25 @@ def test_an_older_quote_cannot_replace_a_newer_one(make_db: MakeDb) -> None:
                           clock=ClockState(150, 1, 0))
     assert db.get_clock_state(HOST) == ClockState(200, 1, 0)
     assert trusted(db, basis, clock=ClockState(300, 1, 0)).trusted
+
+
+def test_a_verdict_of_an_older_challenge_never_replaces_a_newer_one(make_db: MakeDb) -> None:
+    """Whatever both statuses: a failing verdict without a clock (garbage,
+    no answer) is ordered by its challenge time like any other."""
+    db = make_db()
+    basis = approved_host(db)
+    later = dataclasses.replace(basis, challenged_at=T0 + datetime.timedelta(seconds=1))
+    db.record_attestation(later, TrustStatus.UNTRUSTED, "quote rejected", T0 + TTL)
+    for status in TrustStatus:
+        with pytest.raises(exception.StaleAttestation,
+                           match="a newer attestation of the host was recorded"):
+            db.record_attestation(basis, status, "held back", T0 + TTL,
+                                  clock=ClockState(100, 1, 0))
+    stored = db.get_verdict(HOST)
+    assert stored is not None and (stored.status, stored.reason, stored.attested_at) == \
+        (TrustStatus.UNTRUSTED, "quote rejected", later.challenged_at)
+    assert db.get_clock_state(HOST) is None  # nothing of the stale ones was kept
+    assert trusted(db, later, clock=ClockState(100, 1, 0)).trusted  # same challenge time
 
 
 def test_readers_see_trust_only_with_an_approved_host(make_db: MakeDb) -> None:

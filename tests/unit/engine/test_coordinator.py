@@ -39,6 +39,8 @@ class FakeAgents:
         self.calls = []
         self.fail = {}
         self.generation = 0
+        self.held = {}  # host -> (state, running, migration id) that get reports
+
 
     def _record(self, name, host, *args):
         self.calls.append((name, host))
@@ -48,8 +50,9 @@ class FakeAgents:
 
     def get(self, host, instance_uuid):
         self._record("get", host)
-        return am.VTPCMInfo(instance_uuid, str(uuid.uuid4()), "ACTIVE", self.generation,
-                            None, "/run/x.ctrl", True, 42)
+        state, running, mid = self.held.get(host, ("ACTIVE", True, None))
+        return am.VTPCMInfo(instance_uuid, str(uuid.uuid4()), state, self.generation,
+                            mid, "/run/x.ctrl", running, 42 if running else None)
 
     def create(self, host, instance_uuid):
         self._record("create", host)
@@ -246,7 +249,10 @@ def test_deadline_aborts_unfinished_migration(env):
     assert agents.only_if_unused is True  # QEMU may already run on the destination
 
 
-def test_deadline_abort_refused_by_a_used_destination_stays_pending(env):
+def test_deadline_abort_that_fails_otherwise_stays_pending(env):
+    """A refusal that is not DestinationInUse (here: the plain
+    MigrationError of an agent older than it) proves nothing about the
+    destination: the abort stays pending, and its retries stay cautious."""
     coord, db, agents, _, clock = env
     mid = str(uuid.uuid4())
     coord.begin(mid, INSTANCE, "host-a", "host-b")
@@ -477,3 +483,228 @@ def test_commit_records_the_destination_vtpcm_id(env):
     rec = db.get_vtpcm(INSTANCE)
     assert rec.host == "host-b" and rec.vtpcm_id != first
     assert ("get", "host-b") in agents.calls
+
+
+# --- a commit lost after the switchover (the deadline finds the destination used) ---
+
+def _switched_over(agents, mid, source_running=False):
+    """The guest runs on host-b: its incoming vTPCM holds the state (the
+    deadline's destroy is refused) and runs; the source's swtpm stopped
+    when libvirt ended the source QEMU (unless ``source_running``)."""
+    agents.fail["abort_incoming"] = exception.DestinationInUse(
+        migration_id=mid, reason="the incoming vTPCM already received its state; "
+                                 "refusing to destroy it on a timeout")
+    agents.held["host-a"] = ("MIGRATING_OUT", source_running, mid)
+    agents.held["host-b"] = ("MIGRATING_IN", True, mid)
+
+
+def _committed_to_b(db, agents, mid):
+    assert db.get_migration(mid).state == "COMMITTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
+        ("host-b", 1, "ACTIVE", None)
+    assert names(agents)[-2:] == ["commit_incoming", "commit_outgoing"]
+    assert agents.calls[-1] == ("commit_outgoing", "host-a")  # the old copy is shredded
+
+
+def test_a_commit_lost_after_the_switchover_is_finished_by_reconcile(env):
+    """post_live_migration's commit never reached the engine. At the
+    deadline the destination refuses to destroy the state it received;
+    the agents show the guest left the source: the vTPCM follows it."""
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    _switched_over(agents, mid)
+    clock["now"] += datetime.timedelta(seconds=61)
+    coord.reconcile()
+    assert agents.only_if_unused is True
+    _committed_to_b(db, agents, mid)
+    assert "abort_outgoing" not in names(agents)  # the source was never restored
+    assert [(o, d) for o, d in _audited_details(db, mid)] == [
+        ("accepted", ""),
+        ("aborting", "deadline passed"),
+        ("in doubt", "vTPCM migration %s: the destination keeps its vTPCM: the incoming "
+                     "vTPCM already received its state; refusing to destroy it on a "
+                     "timeout" % mid),
+        ("commit point passed",
+         "the guest left the source: its swtpm stopped, the destination's runs")]
+    # the Nova driver's late retry of the commit is a success, from either host
+    assert coord.commit(mid).state == "COMMITTED"
+    assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
+    assert names(agents).count("commit_outgoing") == 1
+
+
+def _audited_details(db, mid):
+    return [(a.outcome, a.detail) for a in reversed(db.list_audit(limit=100))
+            if a.migration_id == mid]
+
+
+def test_a_migration_in_doubt_waits_for_a_commit_while_the_source_runs(env):
+    """Same, but the source's swtpm still runs (libvirt had not finished):
+    reconcile does not guess; the commit that arrives later settles it."""
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    _switched_over(agents, mid, source_running=True)
+    clock["now"] += datetime.timedelta(seconds=61)
+    for _ in range(2):
+        coord.reconcile()
+        assert db.get_migration(mid).state == "IN_DOUBT"
+        rec = db.get_vtpcm(INSTANCE)
+        assert (rec.host, rec.generation, rec.migration_id) == ("host-a", 0, mid)
+    assert "commit_outgoing" not in names(agents) and "abort_outgoing" not in names(agents)
+    assert coord.commit(mid).state == "COMMITTED"
+    _committed_to_b(db, agents, mid)
+
+
+def test_a_commit_while_the_deadline_abort_is_unanswered_settles_it_first(env):
+    """The destination did not answer the deadline's destroy (ABORTING);
+    the commit retries that step, learns the destination is in use, and
+    passes the commit point instead of an illegal ABORTING -> commit."""
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    clock["now"] += datetime.timedelta(seconds=61)
+    agents.fail["abort_incoming"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-b", method="abort_incoming", reason="MessagingTimeout")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "ABORTING"
+    agents.fail["abort_incoming"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-b", method="abort_incoming", reason="timeout")
+    with pytest.raises(exception.ServiceUnreachable):  # still unreachable: no guess
+        coord.commit(mid)
+    assert db.get_migration(mid).state == "ABORTING"
+    _switched_over(agents, mid, source_running=True)
+    assert coord.commit(mid).state == "COMMITTED"
+    _committed_to_b(db, agents, mid)
+
+
+def test_a_commit_after_a_deadline_abort_of_an_unused_destination_is_refused(env):
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    clock["now"] += datetime.timedelta(seconds=61)
+    agents.fail["abort_incoming"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-b", method="abort_incoming", reason="timeout")
+    coord.reconcile()
+    with pytest.raises(exception.InvalidTransition,
+                       match="from ABORTED to CommitRequested"):
+        coord.commit(mid)  # the retried destroy went through: nothing arrived there
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
+        ("host-a", 0, "ACTIVE", None)
+
+
+def test_an_abort_in_doubt_discards_the_destination_and_restores_the_source(env):
+    """Nova rolled back after the destination received the state (QEMU
+    failed late): the guest runs on the source, which gets its vTPCM back."""
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    _switched_over(agents, mid, source_running=True)
+    clock["now"] += datetime.timedelta(seconds=61)
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    agents.fail["abort_incoming"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-b", method="abort_incoming", reason="timeout")
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.abort(mid, "rolled back by Nova at the source")
+    assert db.get_migration(mid).state == "DISCARDING"
+    coord.reconcile()  # the retry keeps the explicit abort's word
+    assert agents.only_if_unused is False
+    assert db.get_migration(mid).state == "ABORTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
+        ("host-a", 0, "ACTIVE", None)
+    with pytest.raises(exception.InvalidTransition, match="from ABORTED"):
+        coord.commit(mid)
+
+
+def test_an_abort_in_doubt_is_refused_once_the_guest_left_the_source(env):
+    """A late rollback (or a hostile host) cannot discard the copy the
+    guest runs on: the abort looks at the agents first."""
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    _switched_over(agents, mid, source_running=True)
+    clock["now"] += datetime.timedelta(seconds=61)
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    agents.held["host-a"] = ("MIGRATING_OUT", False, mid)  # libvirt ended the source QEMU
+    with pytest.raises(exception.InvalidTransition,
+                       match="from COMMITTED to AbortRequested"):
+        coord.abort(mid, "rolled back by Nova at the destination")
+    _committed_to_b(db, agents, mid)
+
+
+def test_the_destination_commits_only_once_the_guest_left_the_source(env):
+    """post_live_migration_at_destination may commit when the source's
+    commit was lost, but a destination cannot shred a source whose swtpm
+    still runs (the guest may still be there)."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.held["host-a"] = ("MIGRATING_OUT", True, mid)
+    agents.held["host-b"] = ("MIGRATING_IN", True, mid)
+    with pytest.raises(exception.MigrationError,
+                       match="only the source may commit while the source's vTPCM "
+                             "still runs on host-a"):
+        coord.commit(mid, requested_by="host-b")
+    assert db.get_migration(mid).state == "PREPARED"
+    assert db.get_vtpcm(INSTANCE).host == "host-a"
+    assert ("refused", "signed by host-b, not the source: the source's vTPCM still runs "
+                       "on host-a") in _audited_details(db, mid)
+    agents.held["host-a"] = ("MIGRATING_OUT", False, mid)
+    agents.held["host-b"] = ("MIGRATING_IN", False, mid)
+    with pytest.raises(exception.MigrationError, match="does not run on host-b"):
+        coord.commit(mid, requested_by="host-b")
+    agents.held["host-b"] = ("MIGRATING_IN", True, mid)
+    assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
+    _committed_to_b(db, agents, mid)
+
+
+def test_begin_with_the_id_of_a_finished_migration_is_refused(env):
+    """A begin retried with the id of a migration that already ended must
+    not be answered as if it had just prepared the destination."""
+    coord, db, agents, trust, _ = env
+    aborted = str(uuid.uuid4())
+    coord.begin(aborted, INSTANCE, "host-a", "host-b")
+    coord.abort(aborted, "libvirt failed")
+    done = str(uuid.uuid4())
+    coord.begin(done, INSTANCE, "host-a", "host-b")
+    coord.commit(done)
+    agents.generation = 1
+    refused = str(uuid.uuid4())
+    trust.verdicts["host-a"] = FakeVerdict("UNTRUSTED", "PCR 16 differs")
+    with pytest.raises(exception.HostNotTrusted):
+        coord.begin(refused, INSTANCE, "host-b", "host-a")
+    trust.verdicts["host-a"] = FakeVerdict("TRUSTED")
+    seals = names(agents).count("seal")
+    for mid, source, dest, state in ((done, "host-a", "host-b", "COMMITTED"),
+                                     (aborted, "host-a", "host-b", "ABORTED"),
+                                     (refused, "host-b", "host-a", "REFUSED")):
+        with pytest.raises(exception.MigrationError) as err:
+            coord.begin(mid, INSTANCE, source, dest)
+        assert err.value.kwargs["reason"] == (
+            "this migration already ended (%s); a new migration needs a new id" % state)
+        assert db.get_migration(mid).state == state
+    assert names(agents).count("seal") == seals
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id) == ("host-b", 1, None)
+
+
+def test_begin_with_the_id_of_a_migration_past_its_commit_point_is_refused(env):
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.fail["commit_outgoing"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-a", method="commit_outgoing", reason="timeout")
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.commit(mid)
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert err.value.kwargs["reason"] == "migration is SHREDDING"
+    # the commit, retried by either host, is a success
+    assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert names(agents).count("commit_outgoing") == 2  # the failed try and its retry

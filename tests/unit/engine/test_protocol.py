@@ -21,6 +21,8 @@ SAMPLE_EVENTS = [
     p.Failure(reason="libvirt said no"),
     p.DeadlinePassed(),
     p.DestinationDestroyed(),
+    p.DestinationInUse(),
+    p.SourceReleased(),
     p.SourceRestored(),
 ]
 
@@ -37,6 +39,10 @@ ROUTES = {
     M.COMMITTED: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.CommitRequested(),
                   p.DestinationCommitted(), p.SourceShredded()],
     M.ABORTING: [OK, p.Failure("x")],
+    M.IN_DOUBT: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.DeadlinePassed(),
+                 p.DestinationInUse()],
+    M.DISCARDING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.DeadlinePassed(),
+                   p.DestinationInUse(), p.AbortRequested("nova rolled back")],
     M.RESTORING: [OK, p.Failure("x"), p.DestinationDestroyed()],
     M.ABORTED: [OK, p.Failure("x"), p.DestinationDestroyed(), p.SourceRestored()],
 }
@@ -94,7 +100,7 @@ def test_abort_after_commit_point_is_refused():
 
 
 def test_commit_after_abort_is_refused():
-    for state in (M.ABORTING, M.RESTORING, M.ABORTED):
+    for state in (M.ABORTING, M.DISCARDING, M.RESTORING, M.ABORTED):
         proto = at(state)
         with pytest.raises(exception.InvalidTransition):
             proto.handle(p.CommitRequested())
@@ -156,3 +162,67 @@ def test_only_a_deadline_abort_spares_a_destination_that_received_state():
     assert p.pending_actions(M.ABORTING, after_deadline=True) == \
         [p.DestroyDestination(only_if_unused=True)]
     assert p.pending_actions(M.ABORTING) == [p.DestroyDestination(only_if_unused=False)]
+
+
+def _non_audit(actions):
+    return [a for a in actions if not isinstance(a, p.Audit)]
+
+
+@pytest.mark.parametrize("verdict", [p.CommitRequested(), p.SourceReleased()],
+                         ids=lambda v: type(v).__name__)
+def test_a_deadline_abort_that_finds_the_destination_used_follows_the_guest(verdict):
+    """The commit was lost after the switchover; at the deadline the
+    destination refuses to destroy the state it received. The migration is
+    then in doubt, not stuck in ABORTING: a commit (or the evidence that the
+    guest left the source) passes the commit point after all."""
+    proto = at(M.PREPARED)
+    assert _non_audit(proto.handle(p.DeadlinePassed())) == \
+        [p.DestroyDestination(only_if_unused=True)]
+    actions = proto.handle(p.DestinationInUse("the incoming vTPCM already received its state"))
+    assert proto.state is M.IN_DOUBT
+    assert actions == [p.Audit(event="migration.abort", outcome="in doubt",
+                               detail="the incoming vTPCM already received its state"),
+                       p.CheckSwitchover()]
+    assert proto.handle(p.DestinationInUse()) == []  # a repeated refusal changes nothing
+    names = [a.name for a in _non_audit(proto.handle(verdict))]
+    assert proto.state is M.COMMITTING
+    assert names == ["move_authority", "commit_destination"]
+    for event in (p.DestinationCommitted(), p.SourceShredded()):
+        proto.handle(event)
+    assert proto.state is M.COMMITTED
+    assert proto.handle(verdict) == []  # the caller's retry is a success
+
+
+def test_in_doubt_ends_only_by_commit_or_an_explicit_abort():
+    for event in (p.Failure("x"), p.DeadlinePassed(), p.DestinationDestroyed(),
+                  p.DestinationCommitted(), p.SourceShredded(), p.SourceRestored()):
+        proto = at(M.IN_DOUBT)
+        with pytest.raises(exception.InvalidTransition, match="from IN_DOUBT"):
+            proto.handle(event)
+        assert proto.state is M.IN_DOUBT
+    assert p.pending_actions(M.IN_DOUBT) == [p.CheckSwitchover()]
+
+
+def test_an_explicit_abort_in_doubt_destroys_the_destination_regardless():
+    """Nova's rollback says the guest stayed on the source: the state the
+    destination received is discarded, the source restored."""
+    proto = at(M.IN_DOUBT)
+    actions = proto.handle(p.AbortRequested("rolled back by Nova at the source"))
+    assert proto.state is M.DISCARDING
+    assert _non_audit(actions) == [p.DestroyDestination(only_if_unused=False)]
+    assert proto.handle(p.AbortRequested("retried")) == []
+    assert p.pending_actions(M.DISCARDING) == [p.DestroyDestination(only_if_unused=False)]
+    with pytest.raises(exception.InvalidTransition, match="from DISCARDING"):
+        proto.handle(p.CommitRequested())
+    for event in (p.DestinationDestroyed(), p.SourceRestored()):
+        proto.handle(event)
+    assert proto.state is M.ABORTED
+
+
+def test_only_a_prepared_or_doubtful_migration_moves_on_the_switchover_evidence():
+    for state in M:
+        key = (state, p.SourceReleased)
+        if state in (M.PREPARED, M.IN_DOUBT):
+            assert p.TRANSITIONS[key] is M.COMMITTING
+        else:
+            assert key not in p.TRANSITIONS

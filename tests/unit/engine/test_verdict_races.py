@@ -91,6 +91,9 @@ def test_a_policy_reassignment_is_not_undone_by_a_held_quote(env: RaceStack) -> 
         env.begin()
 
 
+NEWER = "UNTRUSTED verdict not recorded: a newer attestation of the host was recorded"
+
+
 def test_an_older_golden_quote_cannot_replace_a_newer_untrusted_verdict(env: RaceStack) -> None:
     """Quote while golden, hold it, get compromised (the next periodic
     attestation says UNTRUSTED), then let the golden reply land."""
@@ -99,10 +102,54 @@ def test_an_older_golden_quote_cannot_replace_a_newer_untrusted_verdict(env: Rac
     newer = env.att.attest(HOST)
     assert newer.reason == "PCR 16 differs from policy 'golden'"
     verdict = land()
-    assert verdict.status is TrustStatus.UNTRUSTED
-    assert "TPM clock went backwards" in verdict.reason
+    assert (verdict.status, verdict.reason) == \
+        (TrustStatus.UNTRUSTED, "PCR 16 differs from policy 'golden'")
+    # judged against the newer quote's clock it failed, and it is older anyway
+    assert env.discarded() == [NEWER]
     assert env.scheduler_view() == {HOST: "UNTRUSTED"}
     assert not env.att.check_fresh(HOST).trusted
+
+
+GARBAGE = {"attest": b"\x00garbage", "signature": b"\x00", "pcr_values": {}}
+
+
+@pytest.mark.parametrize(("failure", "status"), [
+    ("garbage", TrustStatus.UNTRUSTED), ("timeout", TrustStatus.UNKNOWN)])
+def test_a_held_golden_quote_cannot_replace_a_newer_verdict_without_a_clock(
+        env: RaceStack, failure: str, status: TrustStatus) -> None:
+    """A failing verdict decided without a quote (garbage, no answer) does
+    not move the TPM clock baseline, so the clock cannot order the held
+    golden reply behind it: the challenge times do."""
+    land = env.hold_attestation()
+    if failure == "garbage":
+        env.agent.replay = GARBAGE
+    else:
+        env.agent.fail = TimeoutError("no answer")
+    newer = env.att.attest(HOST)
+    assert newer.status is status
+    verdict = land()
+    assert (verdict.status, verdict.reason) == (status, newer.reason)
+    assert env.discarded() == [
+        "TRUSTED verdict not recorded: a newer attestation of the host was recorded"]
+    assert env.scheduler_view() == {HOST: status.value}
+    with pytest.raises(exception.HostNotTrusted, match="is not trusted: "):
+        env.begin()  # the gate attests again, and the host still fails
+    assert env.agents.calls == []
+
+
+def test_an_older_honest_quote_landing_late_leaves_a_newer_trusted_verdict(
+        env: RaceStack) -> None:
+    """The held reply is honest but older than the TRUSTED verdict judged
+    meanwhile: judged against the newer clock it would read as a replay
+    (UNTRUSTED); it is dropped instead."""
+    land = env.hold_attestation()
+    assert env.att.attest(HOST).trusted
+    verdict = land()
+    assert (verdict.status, verdict.reason) == \
+        (TrustStatus.TRUSTED, "quote verified; PCRs match policy 'golden'")
+    assert env.discarded() == [NEWER]
+    assert env.scheduler_view() == {HOST: "TRUSTED"}
+    assert env.begin().state == "PREPARED"
 
 
 def test_an_approval_does_not_let_an_older_golden_quote_through(env: RaceStack) -> None:

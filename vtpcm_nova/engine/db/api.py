@@ -305,12 +305,17 @@ class Database:
         return {c["name"] for c in inspect(self.engine).get_columns(table)}
 
     def _record_enrolled_keys(self) -> None:
-        """v2 -> v3: bind the keys of the hosts there are to their names (the
-        first enrolled wins where old rules let two names share a key)."""
+        """v2 -> v3: bind the keys of the hosts there are to their names.
+        Where old rules let two names share a key, a host in service wins
+        over a REVOKED one, then the first enrolled. EK certificates are
+        not bound: v2 never proved them (no credential activation), and
+        binding one would let that name squat the TPM's enrollment."""
+        revoked = models.Host.status == HostStatus.REVOKED.value
         with self.session() as s:
-            hosts = [(h.name, _host_keys(h.ak_name, h.command_public, h.ek_certificate, None),
+            hosts = [(h.name, _host_keys(h.ak_name, h.command_public, None, None),
                       h.enrolled_at)
-                     for h in s.scalars(select(models.Host).order_by(models.Host.enrolled_at))]
+                     for h in s.scalars(select(models.Host)
+                                        .order_by(revoked, models.Host.enrolled_at))]
         for name, keys, at in hosts:
             for kind, digest in keys:
                 try:
@@ -558,16 +563,25 @@ class Database:
         """Store an attestation's verdict (one row per host), in ONE
         transaction and only if nothing it was decided on changed since
         its challenge: the host's revision (status, keys, policy
-        assignment), the policy's revision and, for TRUSTED, an APPROVED
-        host and no newer quote of it on record. Else StaleAttestation and
-        nothing changes. A quote's TPM clock becomes the host's baseline
-        (never moved back); ``reapprove`` sends an APPROVED host to PENDING.
+        assignment), the policy's revision, no verdict of a later challenge
+        on record (whatever either status: a failing verdict decided
+        without a quote leaves no clock to order by) and, for TRUSTED, an
+        APPROVED host and no newer quote of it on record. Else
+        StaleAttestation and nothing changes. A quote's TPM clock becomes
+        the host's baseline (never moved back); ``reapprove`` sends an
+        APPROVED host to PENDING.
         """
         trusted = status is verifier.TrustStatus.TRUSTED
         if trusted and basis.policy_revision is None:
             raise exception.InvalidInput(reason="a TRUSTED verdict needs a policy")
         with self.session() as s:
             self._hold_basis(s, basis, trusted)
+            later = (select(models.VerdictRow.host)
+                     .where(models.VerdictRow.host == basis.host,
+                            models.VerdictRow.attested_at > basis.challenged_at))
+            if s.scalar(later) is not None:
+                raise exception.StaleAttestation(
+                    host=basis.host, reason="a newer attestation of the host was recorded")
             if clock is not None:
                 self._advance_clock(s, basis.host, clock, newest_only=trusted)
             if reapprove:
