@@ -9,7 +9,7 @@ VENV=${VTPCM_VENV:-$ROOT/.venv}
 
 PKGS=(swtpm swtpm-tools libtss2-dev pkg-config gcc python3-dev libvirt-dev
       libvirt-daemon-system libvirt-clients qemu-system-x86 busybox-static cpio
-      tpm2-tools linux-image-cloud-amd64 gnutls-bin procps iproute2)
+      tpm2-tools linux-image-cloud-amd64 gnutls-bin procps iproute2 shellcheck)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
