@@ -15,11 +15,13 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
-from tpm2_pytss.types import TPMT_PUBLIC
+from tpm2_pytss.types import TPMS_ATTEST, TPMT_PUBLIC
 
-from vtpcm_agent import hosttpm
+from tests.unit.engine.fakes import CERTIFY_TEMPLATE, FakeTPM
+from vtpcm_agent import hosttpm, sealing
 from vtpcm_common import tpmpublic
-from vtpcm_common.exception import InvalidKemKey
+from vtpcm_common.exception import CertificationError, InvalidKemKey, SealError
+from vtpcm_nova.engine import verifier
 
 VECTORS = json.loads((Path(__file__).parents[1] / "engine" / "vectors" /
                       "tpm_vectors.json").read_text())
@@ -151,3 +153,52 @@ def test_message_names_the_key() -> None:
         tpmpublic.kem_public_key(variant(set_attrs(REAL_ATTRS & ~TPMA_OBJECT.FIXEDTPM)))
     assert str(err.value) == "KEM key rejected: KEM key lacks the attribute fixedTPM"
 
+
+# ---- one check, one reason: enrollment and sealing agree on every key -------------
+
+def _all_variants() -> list[tuple[str, bytes]]:
+    out = [(f"no-{n}", variant(set_attrs(REAL_ATTRS & ~b))) for b, n in tpmpublic.KEM_REQUIRED]
+    out += [(f"with-{n}", variant(set_attrs(REAL_ATTRS | b)))
+            for b, n in tpmpublic.KEM_FORBIDDEN]
+    out += [("ecdsa", variant(_scheme(TPM2_ALG.ECDSA))), ("null", variant(_scheme(TPM2_ALG.NULL))),
+            ("p384", variant(_curve)), ("sha384-name", variant(_name_alg)),
+            ("off-curve", variant(_off_curve)), ("short-x", variant(_short_x)),
+            ("trailing", REAL_KEM + b"\x00"), ("truncated", REAL_KEM[:-1]),
+            ("honest", REAL_KEM)]
+    return out
+
+
+def _enrollment_reason(kem_public: bytes) -> str | None:
+    """Enroll-time verdict on a key, certified by a valid AK (name bound)."""
+    tpm = FakeTPM()
+    nonce = b"\x01" * 32
+    obj, _ = TPMS_ATTEST.unmarshal(CERTIFY_TEMPLATE)
+    obj.extraData = nonce
+    try:
+        obj.attested.certify.name = TPMT_PUBLIC.unmarshal(kem_public)[0].get_name()
+    except (RuntimeError, ValueError):  # unparsable: any name, the area is refused first
+        obj.attested.certify.name = b"\x00\x0b" + b"\x00" * 32
+    attest, sig = tpm._sign(obj)
+    try:
+        verifier.verify_certification(verifier.load_ak(tpm.ak_public), kem_public, attest,
+                                      sig, nonce, host="h1")
+    except CertificationError as err:
+        return str(err.kwargs["reason"])
+    return None
+
+
+def _sealing_reason(kem_public: bytes) -> str | None:
+    ctx = sealing.SealContext("m", "i", 1, "a", "b")
+    try:
+        sealing.seal(kem_public, b"k" * 32, ctx)
+    except SealError as err:
+        return str(err.kwargs["reason"])
+    return None
+
+
+@pytest.mark.parametrize("kem_public", [v for _, v in _all_variants()],
+                         ids=[n for n, _ in _all_variants()])
+def test_enrollment_and_sealing_decide_alike(kem_public: bytes) -> None:
+    enrolled = _enrollment_reason(kem_public)
+    assert enrolled == _sealing_reason(kem_public)
+    assert (enrolled is None) == (kem_public == REAL_KEM)
