@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Idempotent installer of everything vtpcm needs on Debian 12: system packages,
-# a running RabbitMQ, and the project's virtualenv (.venv) with test tools.
+# a running RabbitMQ, and the project's virtualenv (.venv) with test, lint and
+# docs tools.
 # Usage: tools/install-deps.sh   (as root; safe to run again)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,7 +42,7 @@ fi
 stamp="$VENV/.vtpcm-deps-$(sha256sum setup.cfg | cut -c1-16)"
 if [ ! -e "$stamp" ]; then
     "$VENV/bin/pip" install -q --upgrade pip
-    "$VENV/bin/pip" install -q -e ".[test,lint]"
+    "$VENV/bin/pip" install -q -e ".[test,lint,docs]"
     touch "$stamp"
 fi
 echo "install-deps: ready ($VENV)"

@@ -21,7 +21,8 @@ spec), which the engine's verifier parses:
   KEM key) | curveID u16=0x0003 | kdf u16=0x0010 | x (u16 32 + 32 bytes) |
   y (u16 32 + 32 bytes)``.
 * ``ak_name`` / ``kem_name``: the TPM object name, ``nameAlg u16 (0x000b) ||
-  SHA-256(marshaled TPMT_PUBLIC)`` (34 bytes); see ``sealing.object_name``.
+  SHA-256(marshaled TPMT_PUBLIC)`` (34 bytes); the engine and the agents check
+  the KEM key and compute its name with ``vtpcm_common.tpmpublic``.
 * ``attest``: a marshaled ``TPMS_ATTEST`` (contents of ``TPM2B_ATTEST``):
   ``magic u32=0xff544347 | type u16 (0x8018 quote, 0x8017 certify) |
   qualifiedSigner TPM2B_NAME | extraData TPM2B_DATA (the nonce) | clockInfo

@@ -22,14 +22,13 @@ bound twice (HKDF info and GCM AAD), so an envelope opens only for exactly
 the migration it was made for. The header is in the AAD, so no byte of it can
 change unnoticed either.
 
-Also here, because the engine's verifier needs the same pure parsing:
-``parse_ecc_public`` (marshaled TPMT_PUBLIC of an ECC key) and
-``object_name`` (TPM object name of a marshaled TPMT_PUBLIC).
+The KEM key is checked by ``vtpcm_common.tpmpublic.kem_public_key``, the
+same function the engine enrolled it with: a key the engine accepted is a
+key every source agent seals to, and no other.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import struct
 from collections.abc import Callable
@@ -42,7 +41,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from oslo_log import log as logging
 
-from vtpcm_common.exception import HostTPMError, SealError
+from vtpcm_common import tpmpublic
+from vtpcm_common.exception import HostTPMError, InvalidKemKey, SealError
 
 LOG = logging.getLogger(__name__)
 
@@ -55,21 +55,6 @@ _NONCE = 12
 _TAG = 16
 HEADER_LEN = len(MAGIC) + 1 + 2 * _COORD + _NONCE  # 81
 MAX_SECRET = 4096
-
-# TPM 2.0 constants used by the TPMT_PUBLIC parser.
-TPM2_ALG_SHA256 = 0x000B
-TPM2_ALG_ECC = 0x0023
-TPM2_ALG_NULL = 0x0010
-TPM2_ALG_ECDH = 0x0019
-TPM2_ECC_NIST_P256 = 0x0003
-TPMA_FIXEDTPM = 0x00000002
-TPMA_FIXEDPARENT = 0x00000010
-TPMA_SENSITIVEDATAORIGIN = 0x00000020
-TPMA_RESTRICTED = 0x00010000
-TPMA_DECRYPT = 0x00020000
-TPMA_SIGN_ENCRYPT = 0x00040000
-_HASH_SIZES = {0x0004: 20, 0x000B: 32, 0x000C: 48, 0x000D: 64}
-
 
 @dataclass(frozen=True)
 class SealContext:
@@ -108,92 +93,6 @@ class SealContext:
         return b"".join(out)
 
 
-@dataclass(frozen=True)
-class EccPublic:
-    """The fields of a marshaled ECC TPMT_PUBLIC that callers check."""
-
-    name_alg: int
-    attributes: int
-    auth_policy: bytes
-    symmetric: int
-    scheme: int
-    scheme_hash: int | None
-    curve: int
-    kdf: int
-    x: bytes
-    y: bytes
-
-
-class _Reader:
-    def __init__(self, data: bytes, what: str) -> None:
-        self.data, self.off, self.what = data, 0, what
-
-    def take(self, n: int) -> bytes:
-        if self.off + n > len(self.data):
-            raise SealError(reason=f"{self.what}: truncated")
-        out = self.data[self.off:self.off + n]
-        self.off += n
-        return out
-
-    def u16(self) -> int:
-        return int(struct.unpack(">H", self.take(2))[0])
-
-    def u32(self) -> int:
-        return int(struct.unpack(">I", self.take(4))[0])
-
-    def tpm2b(self) -> bytes:
-        return self.take(self.u16())
-
-    def end(self) -> None:
-        if self.off != len(self.data):
-            raise SealError(reason=f"{self.what}: {len(self.data) - self.off} trailing bytes")
-
-
-def parse_ecc_public(public: bytes) -> EccPublic:
-    """Parse a marshaled ECC ``TPMT_PUBLIC`` strictly (SealError otherwise).
-
-    Layout: type u16 | nameAlg u16 | objectAttributes u32 | authPolicy
-    TPM2B | symmetric (alg u16 [+ keyBits u16 + mode u16]) | scheme (alg u16
-    [+ hash u16]) | curveID u16 | kdf (alg u16 [+ hash u16]) | x TPM2B | y TPM2B.
-    """
-    if not isinstance(public, bytes):
-        raise SealError(reason="public key must be bytes")
-    r = _Reader(public, "TPMT_PUBLIC")
-    if r.u16() != TPM2_ALG_ECC:
-        raise SealError(reason="public key is not an ECC key")
-    name_alg = r.u16()
-    attributes = r.u32()
-    auth_policy = r.tpm2b()
-    symmetric = r.u16()
-    if symmetric != TPM2_ALG_NULL:
-        r.take(4)
-    scheme = r.u16()
-    scheme_hash = r.u16() if scheme != TPM2_ALG_NULL else None
-    curve = r.u16()
-    kdf = r.u16()
-    if kdf != TPM2_ALG_NULL:
-        r.u16()
-    x = r.tpm2b()
-    y = r.tpm2b()
-    r.end()
-    return EccPublic(name_alg=name_alg, attributes=attributes, auth_policy=auth_policy,
-                     symmetric=symmetric, scheme=scheme, scheme_hash=scheme_hash,
-                     curve=curve, kdf=kdf, x=x, y=y)
-
-
-def object_name(public: bytes) -> bytes:
-    """TPM object name of a marshaled TPMT_PUBLIC: nameAlg u16 || H(public).
-
-    Only SHA-256 names are supported (all keys of this project).
-    """
-    if len(public) < 4:
-        raise SealError(reason="TPMT_PUBLIC too short to have a name")
-    (name_alg,) = struct.unpack_from(">H", public, 2)
-    if name_alg != TPM2_ALG_SHA256:
-        raise SealError(reason=f"unsupported name algorithm {name_alg:#06x}")
-    return struct.pack(">H", name_alg) + hashlib.sha256(public).digest()
-
-
 def _p256_point(x: bytes, y: bytes, what: str) -> ec.EllipticCurvePublicKey:
     if len(x) != _COORD or len(y) != _COORD:
         raise SealError(reason=f"{what}: coordinates must be {_COORD} bytes")
@@ -204,25 +103,12 @@ def _p256_point(x: bytes, y: bytes, what: str) -> ec.EllipticCurvePublicKey:
         raise SealError(reason=f"{what}: point is not on NIST P-256") from None
 
 
-def kem_point_from_public(kem_public: bytes) -> tuple[bytes, bytes]:
-    """(x, y) of a KEM key: an ECC P-256, fixedTPM, decrypt-only, ECDH/NULL key.
-
-    Rejects signing keys, restricted (storage) keys, keys that could leave
-    their TPM, other curves, and points not on P-256.
-    """
-    pub = parse_ecc_public(kem_public)
-    if pub.curve != TPM2_ECC_NIST_P256:
-        raise SealError(reason=f"KEM key is not on NIST P-256 (curve {pub.curve:#06x})")
-    required = TPMA_DECRYPT | TPMA_FIXEDTPM | TPMA_FIXEDPARENT | TPMA_SENSITIVEDATAORIGIN
-    if pub.attributes & required != required:
-        raise SealError(reason="KEM key lacks decrypt/fixedTPM/fixedParent/"
-                               "sensitiveDataOrigin attributes")
-    if pub.attributes & (TPMA_SIGN_ENCRYPT | TPMA_RESTRICTED):
-        raise SealError(reason="KEM key must not be a signing or restricted key")
-    if pub.scheme not in (TPM2_ALG_ECDH, TPM2_ALG_NULL):
-        raise SealError(reason=f"KEM key scheme {pub.scheme:#06x} is not ECDH")
-    _p256_point(pub.x, pub.y, "KEM key")
-    return pub.x, pub.y
+def kem_public_key(kem_public: bytes) -> ec.EllipticCurvePublicKey:
+    """The destination's KEM public key, checked exactly as at its enrollment."""
+    try:
+        return tpmpublic.kem_public_key(kem_public).key
+    except InvalidKemKey as err:
+        raise SealError(reason=err.kwargs["reason"]) from None
 
 
 def _derive_key(z: bytes, eph_x: bytes, eph_y: bytes, ctx: SealContext) -> bytes:
@@ -237,8 +123,7 @@ def seal(kem_public: bytes, secret: bytes, ctx: SealContext) -> bytes:
         raise SealError(reason=f"secret must be 1..{MAX_SECRET} bytes")
     if not isinstance(ctx, SealContext):
         raise SealError(reason="a SealContext is required")
-    kx, ky = kem_point_from_public(kem_public)
-    peer = _p256_point(kx, ky, "KEM key")
+    peer = kem_public_key(kem_public)
     eph = ec.generate_private_key(ec.SECP256R1())
     z = eph.exchange(ec.ECDH(), peer)
     nums = eph.public_key().public_numbers()

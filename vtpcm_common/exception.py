@@ -85,6 +85,14 @@ class SealError(VTPCMException):
     code = "seal_error"
 
 
+class InvalidKemKey(VTPCMException):
+    """A KEM key public area fails ``vtpcm_common.tpmpublic.kem_public_key``;
+    enrollment and sealing re-raise it as their own error, same reason."""
+
+    msg_fmt = "KEM key rejected: %(reason)s"
+    code = "invalid_kem_key"
+
+
 class AttestationError(VTPCMException):
     msg_fmt = "Attestation of host %(host)s failed: %(reason)s"
     code = "attestation_error"

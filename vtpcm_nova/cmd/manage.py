@@ -363,7 +363,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="oslo.config file (repeatable; default: the vtpcm-engine "
                              "files, e.g. /etc/vtpcm/vtpcm-engine.conf)")
     parser.add_argument("--config-dir", action="append", default=[], metavar="DIR",
-                        help="directory of *.conf files (repeatable)")
+                        help="directory of configuration files ending in .conf "
+                             "(repeatable)")
     parser.add_argument("--format", choices=("table", "json"), default="table",
                         help="output format (default: table)")
     parser.add_argument("--timeout", type=positive_seconds, default=120.0, metavar="SECONDS",

@@ -59,7 +59,7 @@ class AgentClient(Protocol):
 
 
 class TrustChecker(Protocol):
-    def check_fresh(self, host: str) -> Any: ...
+    def check_fresh(self, host: str) -> db_api.VerdictRecord: ...
 
 
 class Coordinator:
@@ -223,7 +223,7 @@ class Coordinator:
 
     # --- protocol steps -----------------------------------------------------------
 
-    def check_destination(self, instance_uuid: str, dest: str) -> Any:
+    def check_destination(self, instance_uuid: str, dest: str) -> db_api.VerdictRecord:
         """Fail closed unless ``dest`` has a fresh TRUSTED verdict (attest now if stale)."""
         verdict = self.trust.check_fresh(dest)
         if not _trusted(verdict):
@@ -391,7 +391,8 @@ class Coordinator:
         return done
 
     def _trusted_destination(self, dest: str,
-                             verdict: Any) -> tuple[db_api.HostRecord | None, str]:
+                             verdict: db_api.VerdictRecord
+                             ) -> tuple[db_api.HostRecord | None, str]:
         """The destination's record (its KEM key) iff it is APPROVED with a
         fresh TRUSTED verdict, read in one query after ``check_fresh`` (a
         revocation since counts); else None and why."""
@@ -556,10 +557,9 @@ class Coordinator:
                       migration_id=migration_id, detail=detail)
 
 
-def _trusted(verdict: Any) -> bool:
-    status = getattr(verdict, "status", None)
-    return str(getattr(status, "value", status)) == "TRUSTED"
+def _trusted(verdict: db_api.VerdictRecord) -> bool:
+    return verdict.trusted
 
 
-def _reason(verdict: Any) -> str:
-    return str(getattr(verdict, "reason", "") or "no verdict")
+def _reason(verdict: db_api.VerdictRecord) -> str:
+    return verdict.reason or "no verdict"

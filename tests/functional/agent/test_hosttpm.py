@@ -13,6 +13,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
+from tpm2_pytss.types import TPMT_PUBLIC
 
 from tests.functional.hosttpm_fixture import (  # noqa: F401
     HostTPMStandIn,
@@ -21,6 +22,7 @@ from tests.functional.hosttpm_fixture import (  # noqa: F401
 )
 from vtpcm_agent import sealing
 from vtpcm_agent.hosttpm import HostTPM, SealedObject
+from vtpcm_common import tpmpublic
 from vtpcm_common.exception import HostTPMError, SealError
 
 pytestmark = pytest.mark.functional
@@ -88,7 +90,8 @@ def parse_attest(attest: bytes) -> dict[str, object]:
 
 
 def verify_signature(ak_public: bytes, attest: bytes, signature: bytes) -> None:
-    x, y = sealing.parse_ecc_public(ak_public).x, sealing.parse_ecc_public(ak_public).y
+    ak, _ = TPMT_PUBLIC.unmarshal(ak_public)
+    x, y = bytes(ak.unique.ecc.x), bytes(ak.unique.ecc.y)
     key = ec.EllipticCurvePublicNumbers(int.from_bytes(x, "big"), int.from_bytes(y, "big"),
                                         ec.SECP256R1()).public_key()
     r = Reader(signature)
@@ -102,11 +105,13 @@ def verify_signature(ak_public: bytes, attest: bytes, signature: bytes) -> None:
 def test_identity_certifies_kem_key(tpm: HostTPM) -> None:
     nonce = os.urandom(32)
     ident = tpm.identity(nonce)
-    assert sealing.object_name(ident.ak_public) == ident.ak_name
-    assert sealing.object_name(ident.kem_public) == ident.kem_name
-    ak = sealing.parse_ecc_public(ident.ak_public)
-    assert ak.attributes == 0x00050072  # restricted|sign|fixedTPM|fixedParent|sDO|userWithAuth
-    assert sealing.kem_point_from_public(ident.kem_public)
+    assert b"\x00\x0b" + hashlib.sha256(ident.ak_public).digest() == ident.ak_name
+    assert b"\x00\x0b" + hashlib.sha256(ident.kem_public).digest() == ident.kem_name
+    ak, _ = TPMT_PUBLIC.unmarshal(ident.ak_public)
+    # restricted|sign|fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth
+    assert int(ak.objectAttributes) == 0x00050072
+    # the KEM key the TPM made passes the engine's and the agents' one check
+    assert tpmpublic.kem_public_key(ident.kem_public).name == ident.kem_name
     verify_signature(ident.ak_public, ident.kem_certify_attest, ident.kem_certify_signature)
     attest = parse_attest(ident.kem_certify_attest)
     assert attest["magic"] == 0xFF544347 and attest["type"] == 0x8017
@@ -230,9 +235,7 @@ def test_envelope_opens_only_in_destination_tpm(tpm: HostTPM, other_tpm: HostTPM
 
 
 def test_ecdh_zgen_matches_software(tpm: HostTPM) -> None:
-    kx, ky = sealing.kem_point_from_public(tpm.identity(b"").kem_public)
-    kem = ec.EllipticCurvePublicNumbers(int.from_bytes(kx, "big"), int.from_bytes(ky, "big"),
-                                        ec.SECP256R1()).public_key()
+    kem = tpmpublic.kem_public_key(tpm.identity(b"").kem_public).key
     eph = ec.generate_private_key(ec.SECP256R1())
     nums = eph.public_key().public_numbers()
     z = tpm.ecdh_zgen(nums.x.to_bytes(32, "big"), nums.y.to_bytes(32, "big"))
@@ -303,12 +306,14 @@ def test_unreachable_tpm(tmp_path: Path) -> None:
 def test_timings(tpm: HostTPM) -> None:
     n = 50
     kem_public = tpm.identity(b"").kem_public
+    nums = tpmpublic.kem_public_key(kem_public).key.public_numbers()
+    kem_point = (nums.x.to_bytes(32, "big"), nums.y.to_bytes(32, "big"))
     results = {}
     for name, fn in [
         ("identity", lambda: tpm.identity(b"nonce")),
         ("quote(8 pcrs)", lambda: tpm.quote(b"nonce", list(range(8)))),
         ("quote(24 pcrs)", lambda: tpm.quote(b"nonce", list(range(24)))),
-        ("ecdh_zgen", lambda: tpm.ecdh_zgen(*sealing.kem_point_from_public(kem_public))),
+        ("ecdh_zgen", lambda: tpm.ecdh_zgen(*kem_point)),
         ("envelope seal+open", lambda: sealing.open_envelope(
             sealing.seal(kem_public, b"k" * 32, CTX), CTX, tpm.ecdh_zgen)),
         ("tpm seal+unseal", lambda: tpm.unseal(tpm.seal(b"k" * 32))),

@@ -8,6 +8,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from vtpcm_agent import sealing
+from vtpcm_common import tpmpublic
 from vtpcm_common.exception import HostTPMError, SealError
 
 CTX = sealing.SealContext(migration_id="6a1e7c6e-9d0b-4a44-8f43-2a4f3b0cf001",
@@ -139,40 +140,60 @@ def test_bad_version_and_magic(kem: SoftKEM, envelope: bytes) -> None:
         sealing.open_envelope(b"XXXX" + envelope[4:], CTX, kem.zgen)
 
 
-def test_kem_point_from_public(kem: SoftKEM) -> None:
-    assert sealing.kem_point_from_public(kem.public) == (kem.x, kem.y)
+def test_kem_public_key(kem: SoftKEM) -> None:
+    nums = sealing.kem_public_key(kem.public).public_numbers()
+    assert (nums.x.to_bytes(32, "big"), nums.y.to_bytes(32, "big")) == (kem.x, kem.y)
+
+
+# the names of TPM 2.0 Part 2, as enrollment names them too (test_verifier)
+@pytest.mark.parametrize("bit,name", [
+    (0x00020000, "decrypt"), (0x00000002, "fixedTPM"), (0x00000010, "fixedParent"),
+    (0x00000020, "sensitiveDataOrigin")])
+def test_seal_refuses_kem_key_lacking_attribute(kem: SoftKEM, bit: int, name: str) -> None:
+    with pytest.raises(SealError) as err:
+        sealing.seal(tpmt_public(kem.x, kem.y, attrs=KEM_ATTRS & ~bit), SECRET, CTX)
+    assert err.value.kwargs["reason"] == f"KEM key lacks the attribute {name}"
+    assert str(err.value) == f"Sealed key envelope rejected: KEM key lacks the attribute {name}"
 
 
 @pytest.mark.parametrize("kwargs,reason", [
-    ({"alg": 0x0001}, "not an ECC key"),
-    ({"curve": 0x0004}, "P-256"),
-    ({"attrs": KEM_ATTRS & ~0x00020000}, "lacks"),
-    ({"attrs": KEM_ATTRS & ~0x00000002}, "lacks"),
-    ({"attrs": KEM_ATTRS | 0x00040000}, "signing or restricted"),
-    ({"attrs": KEM_ATTRS | 0x00010000}, "signing or restricted"),
-    ({"scheme": 0x0018}, "not ECDH"),
+    ({"curve": 0x0004}, "KEM key curve is not NIST P-256"),
+    ({"attrs": KEM_ATTRS | 0x00040000}, "KEM key must not have the attribute sign"),
+    ({"attrs": KEM_ATTRS | 0x00010000}, "KEM key must not have the attribute restricted"),
+    ({"scheme": 0x0018}, "KEM key scheme is not ECDH"),
+    ({"scheme": 0x0010}, "KEM key scheme is not ECDH"),
 ])
 def test_kem_public_rejected(kem: SoftKEM, kwargs: dict[str, int], reason: str) -> None:
-    with pytest.raises(SealError, match=reason):
-        sealing.kem_point_from_public(tpmt_public(kem.x, kem.y, **kwargs))
-    with pytest.raises(SealError):
+    with pytest.raises(SealError) as err:
         sealing.seal(tpmt_public(kem.x, kem.y, **kwargs), SECRET, CTX)
+    assert err.value.kwargs["reason"] == reason
 
 
 def test_kem_public_malformed(kem: SoftKEM) -> None:
     with pytest.raises(SealError, match="trailing"):
-        sealing.kem_point_from_public(kem.public + b"\x00")
+        sealing.kem_public_key(kem.public + b"\x00")
     with pytest.raises(SealError, match="truncated"):
-        sealing.kem_point_from_public(kem.public[:-1])
-    with pytest.raises(SealError, match="not on NIST P-256"):
-        sealing.kem_point_from_public(tpmt_public(kem.x, bytes(32)))
-    with pytest.raises(SealError, match="32 bytes"):
-        sealing.kem_point_from_public(tpmt_public(kem.x[1:], kem.y))
+        sealing.kem_public_key(kem.public[:-1])
+    with pytest.raises(SealError, match="not on curve NIST P-256"):
+        sealing.kem_public_key(tpmt_public(kem.x, bytes(32)))
+    with pytest.raises(SealError, match="not 32 bytes"):
+        sealing.kem_public_key(tpmt_public(kem.x[1:], kem.y))
+    with pytest.raises(SealError, match="malformed"):  # RSA type, ECC layout
+        sealing.kem_public_key(tpmt_public(kem.x, kem.y, alg=0x0001))
 
 
-def test_object_name(kem: SoftKEM) -> None:
-    import hashlib
-    assert sealing.object_name(kem.public) == b"\x00\x0b" + hashlib.sha256(kem.public).digest()
+def test_seal_uses_the_enrollment_check(kem: SoftKEM, monkeypatch: pytest.MonkeyPatch) -> None:
+    # one check for both sides: sealing asks tpmpublic, nothing of its own
+    seen = []
+    real = tpmpublic.kem_public_key
+
+    def spy(data: bytes) -> tpmpublic.KemKey:
+        seen.append(data)
+        return real(data)
+
+    monkeypatch.setattr(tpmpublic, "kem_public_key", spy)
+    sealing.seal(kem.public, SECRET, CTX)
+    assert seen == [kem.public]
 
 
 @pytest.mark.parametrize("kwargs", [

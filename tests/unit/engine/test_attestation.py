@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from tpm2_pytss.constants import TPM2_ALG
+from tpm2_pytss.constants import TPM2_ALG, TPMA_OBJECT
+from tpm2_pytss.types import TPMT_PUBLIC
 
 from tests.unit.engine.fakes import (
+    KEM_ATTRS,
     POLICY_PCRS,
     VECTORS,
     Clock,
@@ -132,6 +134,23 @@ def test_enroll_wrong_claimed_name(env: Any) -> None:
     with pytest.raises(exception.CertificationError, match="AK name"):
         att.enroll("cmp1", dict(tpm.identity(nonce), ak_name=b"\x00\x0b" + b"\x01" * 32),
                    nonce)
+
+
+def test_enroll_refuses_a_kem_key_sealing_would_refuse(env: Any) -> None:
+    # a TPM-certified KEM key without fixedParent: the source agents refuse
+    # to seal to it, so it must not enroll (else every migration to the host fails)
+    att, agent, _ = env
+    tpm = agent.tpms["cmp1"] = FakeTPM()
+    pub, _ = TPMT_PUBLIC.unmarshal(tpm.kem_public)
+    pub.objectAttributes = KEM_ATTRS & ~TPMA_OBJECT.FIXEDPARENT
+    tpm.kem_public = bytes(pub.marshal())
+    with pytest.raises(exception.CertificationError) as err:
+        att.enroll_from_agent("cmp1")
+    assert err.value.kwargs["reason"] == "KEM key lacks the attribute fixedParent"
+    with pytest.raises(exception.NotFound):
+        att.db.get_host("cmp1")
+    assert events(att, "cmp1") == [("enroll", "refused")]
+    assert "fixedParent" in att.db.list_audit(host="cmp1")[0].detail
 
 
 def test_enroll_needs_a_command_key_bound_by_the_certify(env: Any) -> None:

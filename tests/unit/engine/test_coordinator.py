@@ -1,6 +1,5 @@
 """The migration coordinator over a real SQLite database and a fake agent."""
 
-import dataclasses
 import datetime
 import uuid
 
@@ -10,7 +9,7 @@ from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
-from vtpcm_nova.engine.db.api import Database, TrustBasis
+from vtpcm_nova.engine.db.api import Database, TrustBasis, VerdictRecord
 from vtpcm_nova.engine.verifier import TrustStatus
 
 INSTANCE = str(uuid.uuid4())
@@ -18,10 +17,10 @@ T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
 YEAR = datetime.timedelta(days=365)
 
 
-@dataclasses.dataclass
-class FakeVerdict:
-    status: str
-    reason: str = ""
+def FakeVerdict(status: str, reason: str = "") -> VerdictRecord:
+    """A real verdict record, as Attestor.check_fresh returns: the coordinator
+    reads its typed ``trusted``/``reason``, nothing duck-typed."""
+    return VerdictRecord("any-host", TrustStatus(status), reason, T0, T0 + YEAR)
 
 
 class FakeTrust:

@@ -22,7 +22,7 @@ from tpm2_pytss.types import (
     TPMU_SIGNATURE,
 )
 
-from vtpcm_common import exception
+from vtpcm_common import exception, tpmpublic
 from vtpcm_nova.engine import verifier as V
 
 VECTORS = json.loads((Path(__file__).parent / "vectors" / "tpm_vectors.json").read_text())
@@ -173,8 +173,63 @@ def test_certification_of_signing_key_refused(soft: Any) -> None:
     obj, _ = TPMS_ATTEST.unmarshal(H(A["certify"]["attest"]))
     obj.attested.certify.name = V.tpm_name(other)
     attest, sig = resign(soft, obj)
-    with pytest.raises(exception.CertificationError, match="decryption key"):
+    with pytest.raises(exception.CertificationError, match="lacks the attribute decrypt"):
         V.verify_certification(soft[1], other, attest, sig, H(A["certify"]["nonce"]))
+
+
+KEM_ATTRS = int(TPMT_PUBLIC.unmarshal(H(A["kem_public"]))[0].objectAttributes)
+
+
+def kem_variant(attrs: int) -> bytes:
+    """tpm_a's real KEM public area with other attributes (not re-certified)."""
+    pub, _ = TPMT_PUBLIC.unmarshal(H(A["kem_public"]))
+    pub.objectAttributes = attrs
+    return bytes(pub.marshal())
+
+
+@pytest.mark.parametrize("bit,name", tpmpublic.KEM_REQUIRED,
+                         ids=[n for _, n in tpmpublic.KEM_REQUIRED])
+def test_certification_refuses_kem_key_lacking_attribute(bit: int, name: str) -> None:
+    # the real certify (valid signature and nonce) offered with a variant of
+    # the key it certified: the public area check names what is missing
+    # before the name binding would refuse the substitution anyway
+    _, attest, sig, nonce = cert_args(A)
+    with pytest.raises(exception.CertificationError) as err:
+        V.verify_certification(AK_A, kem_variant(KEM_ATTRS & ~bit), attest, sig, nonce,
+                               host="h1")
+    assert err.value.kwargs["reason"] == f"KEM key lacks the attribute {name}"
+    assert str(err.value) == ("KEM key certification of host h1 rejected: "
+                              f"KEM key lacks the attribute {name}")
+
+
+@pytest.mark.parametrize("bit,name", tpmpublic.KEM_REQUIRED,
+                         ids=[n for _, n in tpmpublic.KEM_REQUIRED])
+def test_certified_kem_key_lacking_attribute_refused(soft: Any, bit: int, name: str) -> None:
+    # properly certified by a valid AK (the name binds this very key): the
+    # key a source agent would refuse to seal to must not enroll either
+    kem = kem_variant(KEM_ATTRS & ~bit)
+    obj, _ = TPMS_ATTEST.unmarshal(H(A["certify"]["attest"]))
+    obj.attested.certify.name = V.tpm_name(kem)
+    attest, sig = resign(soft, obj)
+    with pytest.raises(exception.CertificationError,
+                       match=f"KEM key lacks the attribute {name}$"):
+        V.verify_certification(soft[1], kem, attest, sig, H(A["certify"]["nonce"]))
+    # control: the same certification of the honest key passes
+    honest = H(A["kem_public"])
+    obj.attested.certify.name = V.tpm_name(honest)
+    attest, sig = resign(soft, obj)
+    V.verify_certification(soft[1], honest, attest, sig, H(A["certify"]["nonce"]))
+
+
+def test_certified_kem_key_with_wrong_scheme_refused(soft: Any) -> None:
+    pub, _ = TPMT_PUBLIC.unmarshal(H(A["kem_public"]))
+    pub.parameters.eccDetail.scheme.scheme = TPM2_ALG.NULL
+    kem = bytes(pub.marshal())
+    obj, _ = TPMS_ATTEST.unmarshal(H(A["certify"]["attest"]))
+    obj.attested.certify.name = V.tpm_name(kem)
+    attest, sig = resign(soft, obj)
+    with pytest.raises(exception.CertificationError, match="scheme is not ECDH"):
+        V.verify_certification(soft[1], kem, attest, sig, H(A["certify"]["nonce"]))
 
 
 @pytest.mark.parametrize("cut", [0, 1, 10, 50])
