@@ -13,8 +13,9 @@ destination with generation + 1 in one compare-and-set.
 
 A migration whose deadline abort found the destination holding the state
 is in doubt (``IN_DOUBT``): the guest may run there. It passes the commit
-point on a commit, or when both agents show that the guest left the source
-(``_switchover``), and is undone only by an explicit abort.
+point only on the source's signed commit and is undone only by an explicit
+abort; what the agents say about the switchover (``_switchover``) is only
+logged, since their answers are not authenticated.
 """
 
 import datetime
@@ -320,41 +321,36 @@ class Coordinator:
         migration whose commit is under way (COMMITTING, SHREDDING) runs the
         steps left, as reconcile would.
 
-        ``requested_by``: the signing host. The source's word suffices: it
-        saw the migration complete. Before the commit point the
-        destination's counts only with the evidence that the guest left the
-        source (``_switchover``): else a destination could shred a source
-        the guest still runs on."""
+        ``requested_by``: the signing host. Before the commit point only the
+        source's word counts (it saw the migration complete); the
+        destination may sign a commit already past it (finish a retry).
+        Agent answers about the switchover are not authenticated, so no
+        such evidence may stand in for the source's signature: a forged
+        "the source's swtpm stopped" would shred a source the guest runs on."""
         proto, ctx, rec = self._load(migration_id)
         self._settle_deadline_abort(proto, ctx, rec)
         if proto.state in (M.COMMITTING, M.SHREDDING):
             # past the commit point, a step failed: the retry finishes it
             self._run(proto, ctx, p.pending_actions(proto.state))
             return self.db.get_migration(migration_id)
-        event: p.Event = p.CommitRequested()
         if requested_by not in (None, ctx.source_host) and \
                 proto.state in (M.PREPARED, M.IN_DOUBT):
-            released, why = self._switchover(ctx)
-            if released is None:
-                detail = "signed by %s, not the source: %s" % (requested_by, why)
-                self.db.audit("migration.commit", "refused", host=requested_by,
-                              instance=ctx.instance_uuid, migration_id=migration_id,
-                              detail=detail)
-                raise exception.MigrationError(
-                    migration_id=migration_id,
-                    reason="only the source may commit while %s" % why)
-            event = released
-        self._advance(proto, ctx, event)
+            detail = "signed by %s, not the source, before the commit point" % requested_by
+            self.db.audit("migration.commit", "refused", host=requested_by,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail=detail)
+            raise exception.MigrationError(
+                migration_id=migration_id,
+                reason="only the source may pass the commit point (migration is %s)"
+                       % proto.state.value)
+        self._advance(proto, ctx, p.CommitRequested())
         return self.db.get_migration(migration_id)
 
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
-        """Undo the migration before its commit point. One in doubt is
-        looked at first: if the agents show the guest left the source, the
-        vTPCM follows it and the abort is refused (InvalidTransition)."""
+        """Undo the migration before its commit point (in doubt too: Nova's
+        rollback, signed by one of the two hosts, says the guest stayed)."""
         proto, ctx, rec = self._load(migration_id)
         self._settle_deadline_abort(proto, ctx, rec)
-        if proto.state is M.IN_DOUBT:
-            self._run(proto, ctx, p.pending_actions(M.IN_DOUBT))
         self._advance(proto, ctx, p.AbortRequested(reason))
         return self.db.get_migration(migration_id)
 
@@ -428,11 +424,11 @@ class Coordinator:
 
     # --- machinery ---------------------------------------------------------------
 
-    def _switchover(self, ctx: am.MigrationContext) -> tuple[p.SourceReleased | None, str]:
-        """Did the guest leave the source? Yes if the source's vTPCM of this
-        migration no longer runs (QEMU shuts its swtpm down when it exits,
-        and libvirt ends the source QEMU once the guest switched over) while
-        the destination's incoming one does. Else None and why not."""
+    def _switchover(self, ctx: am.MigrationContext) -> str:
+        """What the agents say about where the guest runs, for the operator's
+        log only (unauthenticated answers; QEMU stops its swtpm when it
+        exits, so a stopped source swtpm next to a running incoming one
+        suggests a switchover, or just a guest powered off on the source)."""
         src = self.agents.get(ctx.source_host, ctx.instance_uuid)
         dst = self.agents.get(ctx.dest_host, ctx.instance_uuid)
         if (src.state, src.migration_id) != ("MIGRATING_OUT", ctx.migration_id):
@@ -444,8 +440,9 @@ class Coordinator:
         elif not dst.running:
             why = "the destination's vTPCM does not run on %s" % ctx.dest_host
         else:
-            return p.SourceReleased(), ""
-        return None, why
+            why = ("the agents report the source's swtpm stopped and the destination's "
+                   "running (unverified)")
+        return why
 
     def _load(self, migration_id: str) -> tuple[p.MigrationProtocol, am.MigrationContext,
                                                 db_api.MigrationRecord]:
@@ -532,15 +529,14 @@ class Coordinator:
             return p.DestinationDestroyed()
         if isinstance(action, p.CheckSwitchover):
             try:
-                released, why = self._switchover(ctx)
-            except exception.VTPCMException as err:  # only a hint: ask again later
-                released, why = None, "an agent did not tell (%s)" % err
-            if released is None:
-                LOG.warning("Migration %(mig)s of instance %(i)s is in doubt: its deadline "
-                            "passed after the destination received the state, and %(why)s; "
-                            "a commit or an abort signed by either host settles it",
-                            {"mig": ctx.migration_id, "i": ctx.instance_uuid, "why": why})
-            return released
+                why = self._switchover(ctx)
+            except exception.VTPCMException as err:  # only a hint
+                why = "an agent did not tell (%s)" % err
+            LOG.warning("Migration %(mig)s of instance %(i)s is in doubt: its deadline "
+                        "passed after the destination received the state; %(why)s. The "
+                        "source's commit or an abort settles it",
+                        {"mig": ctx.migration_id, "i": ctx.instance_uuid, "why": why})
+            return None
         if isinstance(action, p.RestoreSource):
             self.agents.abort_outgoing(src, ctx)
             # Only this migration's claim is released, never another's.

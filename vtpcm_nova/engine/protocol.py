@@ -19,16 +19,17 @@ Failure before the commit point (any of SEALING, PREPARING, PREPARED)::
 
 A deadline abort destroys the destination only if it never received the
 state. If it did, the guest may run there (its commit was lost), so the
-migration is in doubt and follows the guest once anyone can tell where
-it runs::
+migration is in doubt, and only a signed word settles it: the source's
+commit (the guest arrived), or an abort (Nova rolled back)::
 
     ABORTING --DestinationInUse--> IN_DOUBT
-    IN_DOUBT --CommitRequested / SourceReleased--> COMMITTING --> ...
+    IN_DOUBT --CommitRequested--> COMMITTING --> ...
     IN_DOUBT --AbortRequested--> DISCARDING --DestinationDestroyed--> RESTORING
 
-``SourceReleased`` is the coordinator's evidence that the guest left the
-source (its swtpm stopped, the destination's runs): reconcile looks for it
-in IN_DOUBT, and a commit signed by the destination needs it in PREPARED.
+Agent answers about where the guest runs (which swtpm still runs) are not
+authenticated: a broker client can forge them, so they never move a
+migration, least of all past the commit point; ``CheckSwitchover`` only
+logs what they say, for the operator.
 
 The commit point is entering COMMITTING: from then on the vTPCM lives at the
 destination (the engine moves its authority record to dest, generation+1 in
@@ -140,12 +141,6 @@ class DestinationInUse:
 
 
 @dataclasses.dataclass(frozen=True)
-class SourceReleased:
-    """The guest left the source: the source's swtpm of this migration
-    stopped (its QEMU let go of it) while the destination's runs."""
-
-
-@dataclasses.dataclass(frozen=True)
 class SourceRestored:
     pass
 
@@ -153,7 +148,7 @@ class SourceRestored:
 Event: TypeAlias = (Begin | KeySealed | DestinationPrepared | CommitRequested
                     | DestinationCommitted | SourceShredded | AbortRequested | Failure
                     | DeadlinePassed | DestinationDestroyed | DestinationInUse
-                    | SourceReleased | SourceRestored)
+                    | SourceRestored)
 
 
 # --- actions ----------------------------------------------------------------
@@ -204,8 +199,8 @@ class DestroyDestination(Action):
 
 @dataclasses.dataclass(frozen=True)
 class CheckSwitchover(Action):
-    """Ask both agents whether the guest left the source (``SourceReleased``
-    if so; no event, and the migration stays as it is, if not)."""
+    """Log what both agents say about where the guest runs, for the
+    operator; never an event (their answers are not authenticated)."""
 
     name: ClassVar[str] = "check_switchover"
 
@@ -237,8 +232,6 @@ TRANSITIONS: dict[tuple[MigrationState, type], MigrationState] = {
     (M.ABORTING, DestinationDestroyed): M.RESTORING,
     (M.ABORTING, DestinationInUse): M.IN_DOUBT,
     (M.IN_DOUBT, CommitRequested): M.COMMITTING,
-    (M.IN_DOUBT, SourceReleased): M.COMMITTING,
-    (M.PREPARED, SourceReleased): M.COMMITTING,
     (M.IN_DOUBT, AbortRequested): M.DISCARDING,
     (M.DISCARDING, DestinationDestroyed): M.RESTORING,
     (M.RESTORING, SourceRestored): M.ABORTED,
@@ -254,7 +247,6 @@ IDEMPOTENT: frozenset[tuple[MigrationState, type]] = frozenset({
     (M.COMMITTED, CommitRequested),
     (M.COMMITTED, DestinationCommitted),
     (M.COMMITTED, SourceShredded),
-    *((s, SourceReleased) for s in (M.COMMITTING, M.SHREDDING, M.COMMITTED)),
     *((s, ev) for s in (M.ABORTING, M.RESTORING, M.ABORTED) for ev in _ABORT_EVENTS),
     (M.IN_DOUBT, DestinationInUse),
     (M.DISCARDING, AbortRequested),
@@ -275,10 +267,7 @@ def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
         assert isinstance(event, KeySealed)
         return [PrepareDestination(envelope=event.envelope)]
     if state is M.COMMITTING:
-        detail = ("the guest left the source: its swtpm stopped, the destination's runs"
-                  if isinstance(event, SourceReleased) else "")
-        return [Audit(event="migration.commit", outcome="commit point passed",
-                      detail=detail),
+        return [Audit(event="migration.commit", outcome="commit point passed"),
                 MoveAuthority(), CommitDestination()]
     if state is M.SHREDDING:
         return [ShredSource()]

@@ -206,11 +206,10 @@ def test_only_the_holder_may_start_or_stop_a_vtpcm(deployment):
 def test_the_two_hosts_may_commit_or_abort_and_no_third_host(deployment):
     """begin as the Nova driver on A would; then C tries to commit and to
     abort: refused before the coordinator sees it. A (post_live_migration)
-    and B (post_live_migration_at_destination) may sign a commit: their
-    calls reach the coordinator, which refuses to commit this REFUSED
-    migration. (The coordinator takes B's commit before the commit point
-    only once the agents show the guest left A:
-    tests/unit/engine/test_coordinator.py.)"""
+    and B may sign a commit: their calls reach the coordinator, which
+    refuses to commit this REFUSED migration. (Before the commit point the
+    coordinator takes only A's commit; B's counts only to finish one past
+    it: tests/unit/engine/test_coordinator.py.)"""
     d = deployment
     a, b = d.names["a"], d.names["b"]
     instance = str(uuid.uuid4())

@@ -506,27 +506,35 @@ def _committed_to_b(db, agents, mid):
     assert agents.calls[-1] == ("commit_outgoing", "host-a")  # the old copy is shredded
 
 
-def test_a_commit_lost_after_the_switchover_is_finished_by_reconcile(env):
+def test_a_commit_lost_after_the_switchover_waits_in_doubt_for_the_sources_commit(env):
     """post_live_migration's commit never reached the engine. At the
-    deadline the destination refuses to destroy the state it received;
-    the agents show the guest left the source: the vTPCM follows it."""
+    deadline the destination refuses to destroy the state it received: the
+    migration is in doubt. The agents say the guest left the source, but
+    their answers are not authenticated: nothing moves until the source's
+    signed commit arrives (or an abort)."""
     coord, db, agents, _, clock = env
     mid = str(uuid.uuid4())
     coord.begin(mid, INSTANCE, "host-a", "host-b")
     _switched_over(agents, mid)
     clock["now"] += datetime.timedelta(seconds=61)
-    coord.reconcile()
-    assert agents.only_if_unused is True
+    for _ in range(2):
+        coord.reconcile()
+        assert agents.only_if_unused is True
+        assert db.get_migration(mid).state == "IN_DOUBT"
+    assert "commit_outgoing" not in names(agents) and "abort_outgoing" not in names(agents)
+    with pytest.raises(exception.MigrationError,
+                       match="only the source may pass the commit point"):
+        coord.commit(mid, requested_by="host-b")
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
     _committed_to_b(db, agents, mid)
-    assert "abort_outgoing" not in names(agents)  # the source was never restored
     assert [(o, d) for o, d in _audited_details(db, mid)] == [
         ("accepted", ""),
         ("aborting", "deadline passed"),
         ("in doubt", "vTPCM migration %s: the destination keeps its vTPCM: the incoming "
                      "vTPCM already received its state; refusing to destroy it on a "
                      "timeout" % mid),
-        ("commit point passed",
-         "the guest left the source: its swtpm stopped, the destination's runs")]
+        ("refused", "signed by host-b, not the source, before the commit point"),
+        ("commit point passed", "")]
     # the Nova driver's late retry of the commit is a success, from either host
     assert coord.commit(mid).state == "COMMITTED"
     assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
@@ -619,9 +627,10 @@ def test_an_abort_in_doubt_discards_the_destination_and_restores_the_source(env)
         coord.commit(mid)
 
 
-def test_an_abort_in_doubt_is_refused_once_the_guest_left_the_source(env):
-    """A late rollback (or a hostile host) cannot discard the copy the
-    guest runs on: the abort looks at the agents first."""
+def test_agent_answers_never_refuse_an_abort_in_doubt(env):
+    """An abort signed by one of the two hosts (Nova rolled back) settles a
+    migration in doubt even when the agents claim a switchover: a forged
+    answer must not be able to keep it, nor to commit it."""
     coord, db, agents, _, clock = env
     mid = str(uuid.uuid4())
     coord.begin(mid, INSTANCE, "host-a", "host-b")
@@ -629,36 +638,35 @@ def test_an_abort_in_doubt_is_refused_once_the_guest_left_the_source(env):
     clock["now"] += datetime.timedelta(seconds=61)
     coord.reconcile()
     assert db.get_migration(mid).state == "IN_DOUBT"
-    agents.held["host-a"] = ("MIGRATING_OUT", False, mid)  # libvirt ended the source QEMU
-    with pytest.raises(exception.InvalidTransition,
-                       match="from COMMITTED to AbortRequested"):
-        coord.abort(mid, "rolled back by Nova at the destination")
-    _committed_to_b(db, agents, mid)
+    agents.held["host-a"] = ("MIGRATING_OUT", False, mid)  # "libvirt ended the source QEMU"
+    assert coord.abort(mid, "rolled back by Nova at the source").state == "ABORTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
+        ("host-a", 0, "ACTIVE", None)
+    assert "commit_outgoing" not in names(agents)
 
 
-def test_the_destination_commits_only_once_the_guest_left_the_source(env):
-    """post_live_migration_at_destination may commit when the source's
-    commit was lost, but a destination cannot shred a source whose swtpm
-    still runs (the guest may still be there)."""
+def test_forged_switchover_answers_never_let_the_destination_commit(env):
+    """Review finding: with the destination allowed to sign commit on the
+    agents' word, a compromised destination (or a broker client forging the
+    source agent's answer) shredded a source the guest still ran on. Before
+    the commit point only the source's signed commit counts."""
     coord, db, agents, _, _ = env
     mid = str(uuid.uuid4())
     coord.begin(mid, INSTANCE, "host-a", "host-b")
-    agents.held["host-a"] = ("MIGRATING_OUT", True, mid)
+    agents.held["host-a"] = ("MIGRATING_OUT", False, mid)  # forged: "source stopped"
     agents.held["host-b"] = ("MIGRATING_IN", True, mid)
     with pytest.raises(exception.MigrationError,
-                       match="only the source may commit while the source's vTPCM "
-                             "still runs on host-a"):
+                       match=r"only the source may pass the commit point \(migration is "
+                             r"PREPARED\)"):
         coord.commit(mid, requested_by="host-b")
     assert db.get_migration(mid).state == "PREPARED"
-    assert db.get_vtpcm(INSTANCE).host == "host-a"
-    assert ("refused", "signed by host-b, not the source: the source's vTPCM still runs "
-                       "on host-a") in _audited_details(db, mid)
-    agents.held["host-a"] = ("MIGRATING_OUT", False, mid)
-    agents.held["host-b"] = ("MIGRATING_IN", False, mid)
-    with pytest.raises(exception.MigrationError, match="does not run on host-b"):
-        coord.commit(mid, requested_by="host-b")
-    agents.held["host-b"] = ("MIGRATING_IN", True, mid)
-    assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation) == ("host-a", 0)
+    assert "commit_outgoing" not in names(agents)
+    assert ("refused", "signed by host-b, not the source, before the commit point") in \
+        _audited_details(db, mid)
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
     _committed_to_b(db, agents, mid)
 
 
