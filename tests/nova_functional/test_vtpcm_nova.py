@@ -19,6 +19,7 @@ Every case checks through Nova's API and through tpm2-pytss on the vTPCM.
 """
 
 import secrets
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -181,6 +182,33 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
             return
         domain.complete_job()
         self.migrate_stub_ran = True
+
+    # --- patience: real swtpm processes behind Nova's 5-second waits ----------------------
+    # Nova's helpers give up after ~10 polls of 0.5 s; creating a vTPCM
+    # (swtpm_setup with an EK and certificates) alone takes 1-2 s, and much
+    # more on a loaded CI machine. Same checks, a bounded longer wait.
+    WAIT_S = 120.0
+
+    def _patiently(self, wait: Any, *args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + self.WAIT_S
+        while True:
+            try:
+                return wait(*args, **kwargs)
+            except AssertionError:
+                if time.monotonic() > deadline:
+                    raise
+
+    def _wait_for_server_parameter(self, server: Any, expected_params: Any,
+                                   max_retries: int = 10, **kwargs: Any) -> Any:
+        return self._patiently(super()._wait_for_server_parameter, server,
+                               expected_params, max_retries, **kwargs)
+
+    def _wait_for_migration_status(self, server: Any, expected_statuses: Any) -> Any:
+        return self._patiently(super()._wait_for_migration_status, server,
+                               expected_statuses)
+
+    def _wait_for_instance_action_event(self, *args: Any, **kwargs: Any) -> Any:
+        return self._patiently(super()._wait_for_instance_action_event, *args, **kwargs)
 
     # --- helpers -----------------------------------------------------------------------
     def _boot(self, host: str | None = None, flavor: str | None = None,

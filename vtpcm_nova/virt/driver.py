@@ -217,6 +217,11 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             super().live_migration(context, instance, dest, post_method, recover_method,
                                    block_migration, migrate_data)
         finally:
+            # An exception out of Nova's own live_migration (not a failed
+            # job: those go through recover_method) leaves the guest's host
+            # unknown; no explicit abort here, which would destroy a
+            # destination copy the guest may run on. The engine's deadline
+            # abort spares a destination that received the state.
             self._dest_sockets.pop(instance.uuid, None)
 
     def _live_migration_operation(self, context: Any, instance: Any, dest: str,
@@ -238,35 +243,10 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             except exception.VTPCMException as err:
                 # Raising would leave Nova believing the guest is on the source.
                 LOG.error("vTPCM commit of migration %(mig)s failed: %(err)s. The guest "
-                          "runs on the destination, whose driver commits again in "
-                          "post_live_migration_at_destination; check with "
-                          "'vtpcm-manage migration show %(mig)s'.",
+                          "runs on the destination; the migration waits for this host's "
+                          "commit (check with 'vtpcm-manage migration show %(mig)s').",
                           {"mig": migration_id, "err": err}, instance=instance)
         super().post_live_migration(context, instance, block_device_info, migrate_data)
-
-    def post_live_migration_at_destination(self, context: Any, instance: Any,
-                                           network_info: Any, block_migration: bool = False,
-                                           block_device_info: Any = None) -> None:
-        super().post_live_migration_at_destination(context, instance, network_info,
-                                                   block_migration, block_device_info)
-        if vtpcm_spec(instance.flavor).enabled:
-            self._commit_here_if_pending(instance)
-
-    def _commit_here_if_pending(self, instance: Any) -> None:
-        """The guest runs here now; if the source's commit did not land, the
-        destination commits (the engine accepts it from either side). Costs
-        one read when the source's commit went through, as it normally has."""
-        try:
-            rec = self.vtpcm_engine.get_vtpcm(instance.uuid)
-            if rec.migration_id is None:
-                return
-            livemigration.commit(self.vtpcm_engine, rec.migration_id)
-            LOG.warning("vTPCM migration %(mig)s committed by the destination",
-                        {"mig": rec.migration_id}, instance=instance)
-        except exception.VTPCMException as err:
-            LOG.error("vTPCM of instance %(instance)s: commit from the destination "
-                      "failed: %(err)s", {"instance": instance.uuid, "err": err},
-                      instance=instance)
 
     def rollback_live_migration_at_source(self, context: Any, instance: Any,
                                           migrate_data: Any) -> None:

@@ -23,7 +23,7 @@ LOG = logging.getLogger(__name__)
 
 COMMITTED = "COMMITTED"
 ABORTED_STATES = frozenset({"ABORTED", "REFUSED"})
-COMMIT_ATTEMPTS = 4
+COMMIT_ATTEMPTS = 6  # sleeps 1 + 2 + 4 + 5 + 5 s between them
 _MAX_REASON = 900
 
 
