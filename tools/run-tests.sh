@@ -16,6 +16,8 @@ echo "== types"
 mypy
 echo "== layering"
 lint-imports
+echo "== docs (warnings are errors)"
+sphinx-build -E -W --keep-going -q -b html doc/source doc/build/html
 echo "== tests"
 python -m pytest -p no:cacheprovider -q --timeout=600 tests --ignore=tests/nova_functional "$@"
 echo "== nova functional (Nova 34's own harness, this driver and filter, real agents)"
