@@ -264,6 +264,10 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertEqual([("tpm-crb", "external")],
                          [(t.get("model"), t.find("backend").get("type")) for t in tpms])
         self._write_tpm(a, instance)  # the guest's TPM answers
+        # the host reports it can run vTPCMs: agent healthy, host APPROVED
+        self.computes[a].manager.update_available_resource(nova_context.get_admin_context())
+        self.assertIn("CUSTOM_VTPCM",
+                      self._get_provider_traits(self._get_provider_uuid_by_host(a)))
 
         self.assertIn(("create_vtpcm", instance), self.engine_calls)
         plain = self._boot(host=a, flavor=self.plain_flavor)
@@ -406,6 +410,11 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
             self.assertIsNone(self.dep.vtpcm_on(b, instance))
             mig = self.dep.operator.get_migration(self._migrations(instance)[0]["uuid"])
             self.assertEqual("REFUSED", mig.state)
+            # a revoked host no longer reports the trait
+            self.computes[b].manager.update_available_resource(
+                nova_context.get_admin_context())
+            self.assertNotIn("CUSTOM_VTPCM",
+                             self._get_provider_traits(self._get_provider_uuid_by_host(b)))
         finally:
             self.dep.operator.enroll(b)
             self.dep.operator.assign_policy(b, dep_mod.GOLDEN)
