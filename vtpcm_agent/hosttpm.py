@@ -3,7 +3,9 @@
 Everything here runs inside the compute node's own TPM (``/dev/tpmrm0`` in
 production, a swtpm stand-in in tests). No private key ever leaves it: the
 AK signs quotes and certifies the KEM key, the KEM key only answers
-TPM2_ECDH_ZGen, and sealed objects are only TPM-wrapped blobs.
+TPM2_ECDH_ZGen, and sealed objects are only TPM-wrapped blobs. The
+endorsement key (certificate, credential activation) is in ``hostek``,
+which ``HostTPM`` calls under its lock.
 
 Keys are *primaries* re-derived on demand from the hierarchy seeds (same
 template, same seed -> same key), created for one operation and flushed right
@@ -54,16 +56,12 @@ from tpm2_pytss.constants import (
     ESYS_TR,
     TPM2_ALG,
     TPM2_CAP,
-    TPM2_HC,
     TPM2_HT,
-    TPM2_SE,
     TPMA_OBJECT,
 )
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
     TPM2B_ECC_POINT,
-    TPM2B_ENCRYPTED_SECRET,
-    TPM2B_ID_OBJECT,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
@@ -76,11 +74,14 @@ from tpm2_pytss.types import (
     TPMT_HA,
     TPMT_PUBLIC,
     TPMT_SIG_SCHEME,
-    TPMT_SYM_DEF,
     TPMU_HA,
 )
-from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from vtpcm_agent import hostek
+
+# Re-exported: hosttpm's interface predates hostek (patch them in hostek).
+from vtpcm_agent.hostek import EK_CERT_INDICES as EK_CERT_INDICES
+from vtpcm_agent.hostek import EK_TYPES as EK_TYPES
 from vtpcm_common.exception import HostTPMError
 
 LOG = logging.getLogger(__name__)
@@ -100,20 +101,10 @@ SRK_ATTRS = _BASE_ATTRS | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
 # sensitiveDataOrigin; no sign/decrypt; unseal needs only the (empty) auth.
 SEALED_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.USERWITHAUTH
 
-# TCG EK Credential Profile EK certificate NV indices, in preference order:
-# RSA 2048, ECC P-256 (low range), then the high range (RSA 2048, P-256,
-# P-384 -- what swtpm_setup writes for its ECC EK --, P-521, RSA 3072/4096).
-EK_CERT_INDICES = (0x01C00002, 0x01C0000A, 0x01C00012, 0x01C00014, 0x01C00016,
-                   0x01C00018, 0x01C0001C, 0x01C0001E)
-# The same preference as tpm2-pytss EK types: the EK re-created from the
-# template that belongs to the certificate (TCG EK Credential Profile).
-EK_TYPES = ("EK-RSA2048", "EK-ECC256", "EK-HIGH-RSA2048", "EK-HIGH-ECC256",
-            "EK-HIGH-ECC384", "EK-HIGH-ECC521", "EK-HIGH-RSA3072", "EK-HIGH-RSA4096")
 MAX_SEAL_BYTES = 128  # MAX_SYM_DATA: the largest sensitive data a TPM seals
 _PCR_BANKS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256,
               "sha384": TPM2_ALG.SHA384, "sha512": TPM2_ALG.SHA512}
 _BANK_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
-_NV_CHUNK = 512
 _MAX_NONCE = 64
 _QUOTE_ATTEMPTS = 3
 _LOCKS: dict[str, threading.RLock] = {}
@@ -319,14 +310,7 @@ class HostTPM:
         _check_nonce(nonce)
 
         def run(e: ESAPI) -> HostIdentity:
-            found = self._ek_template(e)
-            ek_cert, ek_public = None, None
-            if found is not None:
-                ek_cert = found[0]
-                with self._ek(e, found[1]) as (_ek, ek_pub):
-                    ek_public = bytes(ek_pub.publicArea.marshal())
-            else:
-                ek_cert = self._read_ek_certificate(e)  # one of an unknown type
+            ek_cert, ek_public = hostek.certificate_and_public(e)
             with self._ak(e) as (ak, ak_pub), self._kem(e) as (kem, kem_pub):
                 attest, sig = e.certify(kem, ak, nonce,
                                         TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
@@ -344,43 +328,6 @@ class HostTPM:
             )
         return self._call("identity", run)
 
-    def _nv_read(self, e: ESAPI, index: int) -> bytes:
-        """A whole NV index; NoSuchIndex if it is not defined (what
-        tpm2-pytss' EK template builder expects)."""
-        _more, data = e.get_capability(TPM2_CAP.HANDLES, TPM2_HC.NV_INDEX_FIRST, 256)
-        if int(index) not in {int(h) for h in data.data.handles}:
-            raise NoSuchIndex(int(index))
-        tr = e.tr_from_tpmpublic(int(index))
-        nv_public, _name = e.nv_read_public(tr)
-        size = int(nv_public.nvPublic.dataSize)
-        return b"".join(bytes(e.nv_read(tr, min(_NV_CHUNK, size - off), off))
-                        for off in range(0, size, _NV_CHUNK))
-
-    def _ek_template(self, e: ESAPI) -> tuple[bytes, TPM2B_PUBLIC] | None:
-        """(EK certificate, EK template) of the first EK type whose
-        certificate is provisioned; None on a TPM without one."""
-        for ek_type in EK_TYPES:
-            try:
-                cert, template = create_ek_template(ek_type, lambda i: self._nv_read(e, i))
-            except ValueError:  # tpm2-pytss: no certificate of this (high range) type
-                continue
-            except TSS2_Exception as exc:
-                LOG.warning("Cannot read the %(t)s certificate or template: %(err)s",
-                            {"t": ek_type, "err": exc})
-                continue
-            if cert:
-                return bytes(cert), template
-        return None
-
-    @contextmanager
-    def _ek(self, e: ESAPI, template: TPM2B_PUBLIC) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
-        handle, public, _cdata, _cdigest, _ticket = e.create_primary(
-            None, template, ESYS_TR.ENDORSEMENT)
-        try:
-            yield handle, public
-        finally:
-            e.flush_context(handle)
-
     def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
         """TPM2_ActivateCredential: the engine's secret, which the TPM releases
         only if the AK it names lives in the same TPM as the EK the secret
@@ -388,49 +335,10 @@ class HostTPM:
 
         ``credential_blob`` and ``encrypted_secret`` are a marshaled
         TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (with size prefixes)."""
-        try:
-            blob, used_blob = TPM2B_ID_OBJECT.unmarshal(credential_blob)
-            secret, used_secret = TPM2B_ENCRYPTED_SECRET.unmarshal(encrypted_secret)
-        except Exception:  # tpm2-pytss raises several types on malformed bytes
-            raise HostTPMError(reason="credential challenge does not parse") from None
-        if (used_blob, used_secret) != (len(credential_blob), len(encrypted_secret)):
-            raise HostTPMError(reason="credential challenge has trailing bytes")
-
-        def run(e: ESAPI) -> bytes:
-            found = self._ek_template(e)
-            if found is None:
-                raise HostTPMError(reason="no EK certificate provisioned in the host TPM")
-            template = found[1]
-            with self._ak(e) as (ak, _ak_pub), self._ek(e, template) as (ek, _ek_pub):
-                if template.publicArea.objectAttributes & TPMA_OBJECT.USERWITHAUTH:
-                    # high-range EK templates: empty auth value, no policy
-                    return bytes(e.activate_credential(ak, ek, blob, secret,
-                                                       session1=ESYS_TR.PASSWORD,
-                                                       session2=ESYS_TR.PASSWORD))
-                session = e.start_auth_session(
-                    ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
-                    TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
-                try:
-                    # low-range EK policy: PolicySecret(TPM_RH_ENDORSEMENT)
-                    e.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
-                    return bytes(e.activate_credential(ak, ek, blob, secret,
-                                                       session1=ESYS_TR.PASSWORD,
-                                                       session2=session))
-                finally:
-                    e.flush_context(session)
-        return self._call("activate credential", run)
-
-    def _read_ek_certificate(self, e: ESAPI) -> bytes | None:
-        for index in EK_CERT_INDICES:
-            try:
-                return self._nv_read(e, index)
-            except NoSuchIndex:
-                continue
-            except TSS2_Exception as exc:
-                # The certificate is optional evidence: report, try the next.
-                LOG.warning("Cannot read the EK certificate at NV index %(i)#x: %(err)s",
-                            {"i": index, "err": exc})
-        return None
+        blob, secret = hostek.parse_challenge(credential_blob, encrypted_secret)
+        return self._call("activate credential",
+                          lambda e: hostek.activate_credential(e, lambda: self._ak(e),
+                                                               blob, secret))
 
     # -- quote and PCRs --------------------------------------------------
     def quote(self, nonce: bytes, pcrs: Sequence[int], bank: str = "sha256") -> QuoteResult:

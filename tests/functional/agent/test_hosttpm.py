@@ -377,8 +377,8 @@ def test_credential_activates_with_a_high_range_ek(certified_tpms, monkeypatch):
     from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
     from tpm2_pytss.utils import make_credential
 
-    from vtpcm_agent import hosttpm
-    monkeypatch.setattr(hosttpm, "EK_TYPES", ("EK-HIGH-ECC384",))
+    from vtpcm_agent import hostek
+    monkeypatch.setattr(hostek, "EK_TYPES", ("EK-HIGH-ECC384",))
     with HostTPM(certified_tpms[0].tcti) as t:
         ident = t.identity(os.urandom(32))
         ek, _ = TPMT_PUBLIC.unmarshal(ident.ek_public)
