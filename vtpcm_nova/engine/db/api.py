@@ -45,6 +45,24 @@ from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
 from vtpcm_nova.engine.db import models
 from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.db.records import (
+    AuditRecord,
+    HostRecord,
+    MigrationRecord,
+    PolicyRecord,
+    TrustBasis,
+    VerdictRecord,
+    VtpcmRecord,
+    host_rec,
+    migration_rec,
+    policy_rec,
+    verdict_rec,
+    vtpcm_rec,
+)
+
+__all__ = ["ADDED_COLUMNS", "DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AuditRecord",
+           "Database", "HostRecord", "MigrationRecord", "PolicyRecord", "TrustBasis",
+           "VerdictRecord", "VtpcmRecord", "utcnow"]
 
 LOG = logging.getLogger(__name__)
 
@@ -63,124 +81,10 @@ def utcnow() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-# ---- records ----------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class HostRecord:
-    name: str
-    ak_public: bytes = dataclasses.field(repr=False)
-    ak_name: bytes
-    kem_public: bytes = dataclasses.field(repr=False)
-    kem_name: bytes
-    ek_certificate: bytes | None = dataclasses.field(repr=False)
-    status: HostStatus
-    policy_name: str | None
-    enrolled_at: datetime.datetime
-    approved_at: datetime.datetime | None
-    command_public: bytes | None = None
-    revision: int = 0
-
-
-@dataclasses.dataclass(frozen=True)
-class PolicyRecord:
-    name: str
-    bank: str
-    pcrs: Mapping[int, bytes]
-    description: str
-    created_at: datetime.datetime
-    revision: int = 0
-
-    def spec(self) -> verifier.PolicySpec:
-        return verifier.PolicySpec(self.name, self.bank, dict(self.pcrs))
-
-
-@dataclasses.dataclass(frozen=True)
-class VerdictRecord:
-    host: str
-    status: verifier.TrustStatus
-    reason: str
-    attested_at: datetime.datetime
-    expires_at: datetime.datetime
-
-    @property
-    def trusted(self) -> bool:
-        return self.status is verifier.TrustStatus.TRUSTED
-
-    def is_fresh(self, now: datetime.datetime) -> bool:
-        return self.expires_at > now
-
-
-@dataclasses.dataclass(frozen=True)
-class TrustBasis:
-    """What an attestation is decided on, read before its challenge: its
-    verdict is stored only if all of it still holds (``record_attestation``).
-    ``policy_revision`` is None when no policy was judged (e.g. "host is
-    PENDING")."""
-
-    host: str
-    host_revision: int
-    policy_name: str | None
-    policy_revision: int | None
-    challenged_at: datetime.datetime
-
-
-@dataclasses.dataclass(frozen=True)
-class AuditRecord:
-    id: int
-    at: datetime.datetime
-    event: str
-    host: str | None
-    instance: str | None
-    migration_id: str | None
-    outcome: str
-    detail: str
-
-
-@dataclasses.dataclass(frozen=True)
-class VtpcmRecord:
-    instance_uuid: str
-    vtpcm_id: str
-    host: str
-    generation: int
-    state: str
-    migration_id: str | None
-    updated_at: datetime.datetime
-
-
-@dataclasses.dataclass(frozen=True)
-class MigrationRecord:
-    migration_id: str
-    instance_uuid: str
-    source: str
-    dest: str
-    generation: int
-    state: str
-    created_at: datetime.datetime
-    updated_at: datetime.datetime
-    deadline: datetime.datetime
-    error: str | None
-
-
-def _host_rec(r: models.Host) -> HostRecord:
-    return HostRecord(r.name, r.ak_public, r.ak_name, r.kem_public, r.kem_name,
-                      r.ek_certificate, HostStatus(r.status), r.policy_name, r.enrolled_at,
-                      r.approved_at, r.command_public, r.revision)
-
-
-def _policy_rec(r: models.Policy) -> PolicyRecord:
-    return PolicyRecord(r.name, r.bank, {int(k): bytes.fromhex(v) for k, v in r.pcrs.items()},
-                        r.description, r.created_at, r.revision)
-
-
-def _verdict_rec(r: models.VerdictRow) -> VerdictRecord:
-    return VerdictRecord(r.host, verifier.TrustStatus(r.status), r.reason, r.attested_at,
-                         r.expires_at)
-
-
 def _effective_verdict(r: models.VerdictRow, host_status: str) -> VerdictRecord:
     """A verdict as read together with its host: only an APPROVED host is
     TRUSTED, whatever the row says."""
-    rec = _verdict_rec(r)
+    rec = verdict_rec(r)
     if rec.trusted and host_status != HostStatus.APPROVED.value:
         return dataclasses.replace(rec, status=verifier.TrustStatus.UNTRUSTED,
                                    reason=f"host is {host_status}")
@@ -197,16 +101,6 @@ def _host_keys(ak_name: bytes, command_public: bytes | None, ek_certificate: byt
     keys = {"ak": ak_name, "command": command_public, "ek-cert": ek_certificate,
             "ek": ek_public}
     return [(kind, _key_digest(key)) for kind, key in keys.items() if key]
-
-
-def _vtpcm_rec(r: models.Vtpcm) -> VtpcmRecord:
-    return VtpcmRecord(r.instance_uuid, r.vtpcm_id, r.host, r.generation, r.state,
-                       r.migration_id, r.updated_at)
-
-
-def _migration_rec(r: models.Migration) -> MigrationRecord:
-    return MigrationRecord(r.migration_id, r.instance_uuid, r.source, r.dest, r.generation,
-                           r.state, r.created_at, r.updated_at, r.deadline, r.error)
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -388,7 +282,7 @@ class Database:
             keys = _host_keys(ak_name, command_public,
                               ek_certificate if ek_public else None, ek_public)
             self._bind_keys(s, name, keys, now)
-            return _host_rec(row)
+            return host_rec(row)
 
     @staticmethod
     def _bind_keys(s: Session, host: str, keys: list[tuple[str, str]],
@@ -452,7 +346,7 @@ class Database:
                                                   target=HostStatus.APPROVED.value)
             s.execute(delete(models.ClockStateRow).where(models.ClockStateRow.host == name))
             self._expire_verdicts(s, models.VerdictRow.host == name, "host approved", now)
-            return _host_rec(self._host_row(s, name))
+            return host_rec(self._host_row(s, name))
 
     def revoke_host(self, name: str, *, now: datetime.datetime | None = None,
                     expires_at: datetime.datetime | None = None) -> HostRecord:
@@ -464,18 +358,18 @@ class Database:
                 raise exception.NotFound(what="host", key=name)
             self._put_verdict(s, name, verifier.TrustStatus.UNTRUSTED, "host revoked", now,
                               expires_at or now)
-            return _host_rec(self._host_row(s, name))
+            return host_rec(self._host_row(s, name))
 
     def get_host(self, name: str) -> HostRecord:
         with self.session() as s:
-            return _host_rec(self._host_row(s, name))
+            return host_rec(self._host_row(s, name))
 
     def list_hosts(self, status: HostStatus | None = None) -> list[HostRecord]:
         q = select(models.Host).order_by(models.Host.name)
         if status is not None:
             q = q.where(models.Host.status == status.value)
         with self.session() as s:
-            return [_host_rec(r) for r in s.scalars(q)]
+            return [host_rec(r) for r in s.scalars(q)]
 
     def trusted_host(self, name: str, now: datetime.datetime) -> HostRecord | None:
         """The host iff it is APPROVED and has a fresh TRUSTED verdict, read
@@ -488,7 +382,7 @@ class Database:
                     models.VerdictRow.expires_at > now))
         with self.session() as s:
             row = s.scalar(q)
-            return None if row is None else _host_rec(row)
+            return None if row is None else host_rec(row)
 
     def assign_policy(self, host: str, policy_name: str | None,
                       now: datetime.datetime | None = None) -> HostRecord:
@@ -502,7 +396,7 @@ class Database:
                 raise exception.NotFound(what="host", key=host)
             self._expire_verdicts(s, models.VerdictRow.host == host,
                                   "policy assignment changed", now or utcnow())
-            return _host_rec(self._host_row(s, host))
+            return host_rec(self._host_row(s, host))
 
     # ---- policies ---------------------------------------------------------------
 
@@ -540,18 +434,18 @@ class Database:
             users = select(models.Host.name).where(models.Host.policy_name == name)
             self._expire_verdicts(s, models.VerdictRow.host.in_(users),
                                   f"policy {name} changed", now)
-            return _policy_rec(row)
+            return policy_rec(row)
 
     def get_policy(self, name: str) -> PolicyRecord:
         with self.session() as s:
             row = s.scalar(select(models.Policy).where(models.Policy.name == name))
             if row is None:
                 raise exception.NotFound(what="policy", key=name)
-            return _policy_rec(row)
+            return policy_rec(row)
 
     def list_policies(self) -> list[PolicyRecord]:
         with self.session() as s:
-            return [_policy_rec(r) for r in
+            return [policy_rec(r) for r in
                     s.scalars(select(models.Policy).order_by(models.Policy.name))]
 
     # ---- verdicts ---------------------------------------------------------------
@@ -590,7 +484,7 @@ class Database:
                                   status=HostStatus.PENDING.value)
             row = self._put_verdict(s, basis.host, status, reason, basis.challenged_at,
                                     expires_at)
-            return _verdict_rec(row)
+            return verdict_rec(row)
 
     def _hold_basis(self, s: Session, basis: TrustBasis, trusted: bool) -> None:
         """Lock the host row iff it is as the basis says, then check the
@@ -781,7 +675,7 @@ class Database:
             except IntegrityError:
                 raise exception.AlreadyExists(what="vTPCM of instance",
                                               key=instance_uuid) from None
-            return _vtpcm_rec(row)
+            return vtpcm_rec(row)
 
     def get_vtpcm(self, instance_uuid: str) -> VtpcmRecord:
         with self.session() as s:
@@ -789,14 +683,14 @@ class Database:
                            .where(models.Vtpcm.instance_uuid == instance_uuid))
             if row is None:
                 raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
-            return _vtpcm_rec(row)
+            return vtpcm_rec(row)
 
     def list_vtpcms(self, host: str | None = None) -> list[VtpcmRecord]:
         q = select(models.Vtpcm).order_by(models.Vtpcm.instance_uuid)
         if host is not None:
             q = q.where(models.Vtpcm.host == host)
         with self.session() as s:
-            return [_vtpcm_rec(r) for r in s.scalars(q)]
+            return [vtpcm_rec(r) for r in s.scalars(q)]
 
     def update_vtpcm_location(self, instance_uuid: str, expected_host: str,
                               expected_generation: int, new_host: str, new_generation: int,
@@ -886,7 +780,7 @@ class Database:
                 s.flush()
             except IntegrityError:
                 raise exception.AlreadyExists(what="migration", key=migration_id) from None
-            return _migration_rec(row)
+            return migration_rec(row)
 
     def get_migration(self, migration_id: str) -> MigrationRecord:
         with self.session() as s:
@@ -894,7 +788,7 @@ class Database:
                            .where(models.Migration.migration_id == migration_id))
             if row is None:
                 raise exception.NotFound(what="migration", key=migration_id)
-            return _migration_rec(row)
+            return migration_rec(row)
 
     def list_migrations(self, *, state: str | None = None, instance_uuid: str | None = None,
                         overdue_at: datetime.datetime | None = None
@@ -907,7 +801,7 @@ class Database:
         if overdue_at is not None:
             q = q.where(models.Migration.deadline <= overdue_at)
         with self.session() as s:
-            return [_migration_rec(r) for r in s.scalars(q)]
+            return [migration_rec(r) for r in s.scalars(q)]
 
     def update_migration_state(self, migration_id: str, expected_state: str, new_state: str,
                                *, error: str | None = None,
