@@ -18,10 +18,8 @@ import dataclasses
 import datetime
 import hashlib
 import os
-import secrets
-import types
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import secrets  # noqa: F401 - tests patch api.secrets.token_bytes
+from collections.abc import Mapping
 from typing import Any
 
 from oslo_log import log as logging
@@ -30,7 +28,6 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
-    func,
     inspect,
     select,
     text,
@@ -44,7 +41,10 @@ from sqlalchemy.schema import CreateColumn
 from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
 from vtpcm_nova.engine.db import models
+from vtpcm_nova.engine.db.audit import AuditStore
+from vtpcm_nova.engine.db.migrations import MigrationStore
 from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.db.nonces import NONCE_BYTES, NonceStore
 from vtpcm_nova.engine.db.records import (
     AuditRecord,
     HostRecord,
@@ -54,11 +54,11 @@ from vtpcm_nova.engine.db.records import (
     VerdictRecord,
     VtpcmRecord,
     host_rec,
-    migration_rec,
     policy_rec,
     verdict_rec,
-    vtpcm_rec,
 )
+from vtpcm_nova.engine.db.store import utcnow
+from vtpcm_nova.engine.db.vtpcms import VtpcmStore
 
 __all__ = ["ADDED_COLUMNS", "DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AuditRecord",
            "Database", "HostRecord", "MigrationRecord", "PolicyRecord", "TrustBasis",
@@ -67,7 +67,6 @@ __all__ = ["ADDED_COLUMNS", "DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AuditRec
 LOG = logging.getLogger(__name__)
 
 DEFAULT_URL = "sqlite:////var/lib/vtpcm/engine.sqlite"
-NONCE_BYTES = 32
 # kinds of enrolled keys (table enrolled_keys) and how refusals name them
 KEY_KINDS = {"ak": "AK", "command": "host command key", "ek-cert": "EK certificate",
              "ek": "EK"}
@@ -75,10 +74,6 @@ KEY_KINDS = {"ak": "AK", "command": "host command key", "ek-cert": "EK certifica
 ADDED_COLUMNS = (("hosts", "command_public"),  # v2
                  ("hosts", "revision"),  # v3
                  ("policies", "revision"))  # v3
-
-
-def utcnow() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
 
 
 def _effective_verdict(r: models.VerdictRow, host_status: str) -> VerdictRecord:
@@ -113,7 +108,7 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
         cur.close()
 
 
-class Database:
+class Database(VtpcmStore, MigrationStore, NonceStore, AuditStore):
     """One engine database; safe to have several (processes or objects) on one URL."""
 
     def __init__(self, url: str = DEFAULT_URL, *, create: bool = True) -> None:
@@ -230,18 +225,6 @@ class Database:
             row = s.get(models.SchemaVersion, 1)
             return 0 if row is None else row.version
 
-    @contextmanager
-    def session(self) -> Iterator[Session]:
-        """One transaction: commit on success, roll back on any error."""
-        s = self._sessions()
-        try:
-            yield s
-            s.commit()
-        except BaseException:
-            s.rollback()
-            raise
-        finally:
-            s.close()
 
     # ---- hosts ------------------------------------------------------------------
 
@@ -555,54 +538,6 @@ class Database:
         return {v.host: v for v in self._verdicts_with_hosts(
             models.VerdictRow.expires_at > (now or utcnow()))}
 
-    # ---- nonces -----------------------------------------------------------------
-
-    def create_nonce(self, host: str, purpose: str, expires_at: datetime.datetime,
-                     now: datetime.datetime | None = None) -> bytes:
-        """A fresh random nonce bound to host and purpose, usable once before expiry."""
-        nonce = secrets.token_bytes(NONCE_BYTES)
-        with self.session() as s:
-            s.add(models.Nonce(host=host, nonce=nonce.hex(), purpose=purpose,
-                               created_at=now or utcnow(), expires_at=expires_at,
-                               used=False))
-        return nonce
-
-    def consume_nonce(self, host: str, nonce: bytes, purpose: str,
-                      now: datetime.datetime | None = None) -> bool:
-        """Mark the nonce used; True only for the one caller that found it unused."""
-        if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
-            return False
-        q = (update(models.Nonce)
-             .where(models.Nonce.nonce == nonce.hex(), models.Nonce.host == host,
-                    models.Nonce.purpose == purpose, models.Nonce.used.is_(False),
-                    models.Nonce.expires_at > (now or utcnow()))
-             .values(used=True))
-        with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
-
-    def purge_nonces(self, now: datetime.datetime | None = None) -> int:
-        """Drop expired challenge nonces and forgettable command nonces."""
-        now = now or utcnow()
-        challenges = delete(models.Nonce).where(models.Nonce.expires_at <= now)
-        commands = delete(models.CommandNonce).where(
-            models.CommandNonce.keep_until < now.timestamp())
-        with self.session() as s:
-            return int(s.execute(challenges).rowcount  # type: ignore[attr-defined]
-                       + s.execute(commands).rowcount)  # type: ignore[attr-defined]
-
-    def claim_nonce(self, nonce: str, keep_until: float, now: float) -> bool:
-        """Record a signed admin command's nonce; False if any worker saw it.
-
-        The primary key makes the claim atomic across engine processes;
-        ``now`` is unused because expired rows go in ``purge_nonces``."""
-        del now
-        try:
-            with self.session() as s:
-                s.add(models.CommandNonce(nonce=nonce, keep_until=keep_until))
-        except IntegrityError:
-            return False
-        return True
-
     # ---- clock states -----------------------------------------------------------
 
     def get_clock_state(self, host: str) -> verifier.ClockState | None:
@@ -640,180 +575,3 @@ class Database:
         row.clock, row.reset_count = state.clock, state.reset_count
         row.restart_count = state.restart_count
         return True
-
-    # ---- audit ------------------------------------------------------------------
-
-    def audit(self, event: str, outcome: str, *, host: str | None = None,
-              instance: str | None = None, migration_id: str | None = None,
-              detail: str = "", now: datetime.datetime | None = None) -> None:
-        """Append an audit entry. ``detail`` is a human reason, never key material."""
-        with self.session() as s:
-            s.add(models.Audit(at=now or utcnow(), event=event, host=host, instance=instance,
-                               migration_id=migration_id, outcome=outcome, detail=detail))
-
-    def list_audit(self, limit: int = 100, host: str | None = None) -> list[AuditRecord]:
-        """Newest first."""
-        q = select(models.Audit).order_by(models.Audit.id.desc()).limit(limit)
-        if host is not None:
-            q = q.where(models.Audit.host == host)
-        with self.session() as s:
-            return [AuditRecord(r.id, r.at, r.event, r.host, r.instance, r.migration_id,
-                                r.outcome, r.detail) for r in s.scalars(q)]
-
-    # ---- vTPCM association ------------------------------------------------------
-
-    def create_vtpcm(self, instance_uuid: str, vtpcm_id: str, host: str, *,
-                     generation: int = 0, state: str = "ACTIVE",
-                     now: datetime.datetime | None = None) -> VtpcmRecord:
-        with self.session() as s:
-            row = models.Vtpcm(instance_uuid=instance_uuid, vtpcm_id=vtpcm_id, host=host,
-                               generation=generation, state=state, migration_id=None,
-                               updated_at=now or utcnow())
-            s.add(row)
-            try:
-                s.flush()
-            except IntegrityError:
-                raise exception.AlreadyExists(what="vTPCM of instance",
-                                              key=instance_uuid) from None
-            return vtpcm_rec(row)
-
-    def get_vtpcm(self, instance_uuid: str) -> VtpcmRecord:
-        with self.session() as s:
-            row = s.scalar(select(models.Vtpcm)
-                           .where(models.Vtpcm.instance_uuid == instance_uuid))
-            if row is None:
-                raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
-            return vtpcm_rec(row)
-
-    def list_vtpcms(self, host: str | None = None) -> list[VtpcmRecord]:
-        q = select(models.Vtpcm).order_by(models.Vtpcm.instance_uuid)
-        if host is not None:
-            q = q.where(models.Vtpcm.host == host)
-        with self.session() as s:
-            return [vtpcm_rec(r) for r in s.scalars(q)]
-
-    def update_vtpcm_location(self, instance_uuid: str, expected_host: str,
-                              expected_generation: int, new_host: str, new_generation: int,
-                              *, state: str | None = None, migration_id: str | None = None,
-                              now: datetime.datetime | None = None) -> bool:
-        """Move the authoritative location iff (host, generation) are still as expected."""
-        if new_generation < expected_generation:
-            raise exception.GenerationMismatch(instance_uuid=instance_uuid,
-                                               given=new_generation,
-                                               expected=expected_generation)
-        values: dict[str, Any] = {"host": new_host, "generation": new_generation,
-                                  "migration_id": migration_id, "updated_at": now or utcnow()}
-        if state is not None:
-            values["state"] = state
-        q = (update(models.Vtpcm)
-             .where(models.Vtpcm.instance_uuid == instance_uuid,
-                    models.Vtpcm.host == expected_host,
-                    models.Vtpcm.generation == expected_generation)
-             .values(**values))
-        with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
-
-    def set_vtpcm_state(self, instance_uuid: str, expected_generation: int, state: str, *,
-                        expected_state: str | None = None, migration_id: str | None = None,
-                        expected_migration_id: str | None | types.EllipsisType = ...,
-                        now: datetime.datetime | None = None) -> bool:
-        """Change the state iff the generation (and optionally state and the
-        migration holding the record) still match."""
-        conds = [models.Vtpcm.instance_uuid == instance_uuid,
-                 models.Vtpcm.generation == expected_generation]
-        if expected_state is not None:
-            conds.append(models.Vtpcm.state == expected_state)
-        if expected_migration_id is not ...:
-            conds.append(models.Vtpcm.migration_id.is_(None) if expected_migration_id is None
-                         else models.Vtpcm.migration_id == expected_migration_id)
-        q = (update(models.Vtpcm).where(*conds)
-             .values(state=state, migration_id=migration_id, updated_at=now or utcnow()))
-        with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
-
-    def complete_vtpcm(self, instance_uuid: str, token: str, vtpcm_id: str, generation: int,
-                       state: str, now: datetime.datetime | None = None) -> bool:
-        """Fill in THIS CREATING reservation (``token``) with what the agent made."""
-        q = (update(models.Vtpcm)
-             .where(models.Vtpcm.instance_uuid == instance_uuid,
-                    models.Vtpcm.state == "CREATING", models.Vtpcm.vtpcm_id == token)
-             .values(vtpcm_id=vtpcm_id, generation=generation, state=state,
-                     updated_at=now or utcnow()))
-        with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
-
-    def set_vtpcm_id(self, instance_uuid: str, host: str, generation: int,
-                     vtpcm_id: str) -> bool:
-        """Record the agent's id of the vTPCM at (host, generation)."""
-        q = (update(models.Vtpcm)
-             .where(models.Vtpcm.instance_uuid == instance_uuid, models.Vtpcm.host == host,
-                    models.Vtpcm.generation == generation)
-             .values(vtpcm_id=vtpcm_id))
-        with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
-
-    def delete_vtpcm(self, instance_uuid: str, expected_generation: int, *,
-                     expected_state: str | None = None,
-                     expected_vtpcm_id: str | None = None) -> bool:
-        q = delete(models.Vtpcm).where(models.Vtpcm.instance_uuid == instance_uuid,
-                                       models.Vtpcm.generation == expected_generation)
-        if expected_state is not None:
-            q = q.where(models.Vtpcm.state == expected_state)
-        if expected_vtpcm_id is not None:
-            q = q.where(models.Vtpcm.vtpcm_id == expected_vtpcm_id)
-        with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
-
-    # ---- migrations -------------------------------------------------------------
-
-    def create_migration(self, migration_id: str, instance_uuid: str, source: str, dest: str,
-                         generation: int, state: str, deadline: datetime.datetime,
-                         now: datetime.datetime | None = None) -> MigrationRecord:
-        now = now or utcnow()
-        with self.session() as s:
-            row = models.Migration(migration_id=migration_id, instance_uuid=instance_uuid,
-                                   source=source, dest=dest, generation=generation,
-                                   state=state, created_at=now, updated_at=now,
-                                   deadline=deadline, error=None)
-            s.add(row)
-            try:
-                s.flush()
-            except IntegrityError:
-                raise exception.AlreadyExists(what="migration", key=migration_id) from None
-            return migration_rec(row)
-
-    def get_migration(self, migration_id: str) -> MigrationRecord:
-        with self.session() as s:
-            row = s.scalar(select(models.Migration)
-                           .where(models.Migration.migration_id == migration_id))
-            if row is None:
-                raise exception.NotFound(what="migration", key=migration_id)
-            return migration_rec(row)
-
-    def list_migrations(self, *, state: str | None = None, instance_uuid: str | None = None,
-                        overdue_at: datetime.datetime | None = None
-                        ) -> list[MigrationRecord]:
-        q = select(models.Migration).order_by(models.Migration.id)
-        if state is not None:
-            q = q.where(models.Migration.state == state)
-        if instance_uuid is not None:
-            q = q.where(models.Migration.instance_uuid == instance_uuid)
-        if overdue_at is not None:
-            q = q.where(models.Migration.deadline <= overdue_at)
-        with self.session() as s:
-            return [migration_rec(r) for r in s.scalars(q)]
-
-    def update_migration_state(self, migration_id: str, expected_state: str, new_state: str,
-                               *, error: str | None = None,
-                               now: datetime.datetime | None = None) -> bool:
-        """Compare-and-set of the migration state; False if someone moved it first.
-
-        ``error`` is recorded only if the migration has none yet: the first
-        failure reason is the one worth keeping."""
-        q = (update(models.Migration)
-             .where(models.Migration.migration_id == migration_id,
-                    models.Migration.state == expected_state)
-             .values(state=new_state, error=func.coalesce(models.Migration.error, error),
-                     updated_at=now or utcnow()))
-        with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
