@@ -1,4 +1,4 @@
-"""Typed access to the engine database.
+"""Typed access to the engine database: ``Database`` and its records.
 
 Why a thin function layer: callers (attestation, migration coordinator,
 scheduler filter) get frozen records, never ORM objects bound to a session,
@@ -7,38 +7,27 @@ nonce, vTPCM location/generation, migration state) is ONE conditional UPDATE
 whose rowcount decides, so it stays correct with several engine processes on
 one database. Where a change needs several statements (a verdict and the
 host it speaks for), the transaction starts with a conditional UPDATE of the
-host row: it takes the row lock on PostgreSQL/MySQL and, as the first write,
-the database write lock on SQLite (whose driver starts a transaction only
-at the first write), so every later read in it is current.
+host row (``store.Store._update_host``).
+
+Why a facade: the queries live per area, one mixin each (``schema``,
+``hosts``, ``keys``, ``trust``, ``policies``, ``vtpcms``, ``migrations``,
+``nonces``, ``audit``, on ``store.Store``); ``Database`` composes them, so a
+method spanning areas still runs in one session, and callers keep importing
+everything from here.
 """
 
 from __future__ import annotations
 
-import os
 import secrets  # noqa: F401 - tests patch api.secrets.token_bytes
-from typing import Any
 
-from oslo_log import log as logging
-from sqlalchemy import (
-    Column,
-    create_engine,
-    event,
-    inspect,
-    select,
-    text,
-)
 from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import sessionmaker
-from sqlalchemy.schema import CreateColumn
 
-from vtpcm_common import exception
-from vtpcm_nova.engine.db import models
+from vtpcm_nova.engine.db import schema
 from vtpcm_nova.engine.db.audit import AuditStore
 from vtpcm_nova.engine.db.hosts import HostStore
-from vtpcm_nova.engine.db.keys import KEY_KINDS, host_keys
+from vtpcm_nova.engine.db.keys import KEY_KINDS
 from vtpcm_nova.engine.db.migrations import MigrationStore
-from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.db.nonces import NONCE_BYTES, NonceStore
 from vtpcm_nova.engine.db.policies import PolicyStore
 from vtpcm_nova.engine.db.records import (
@@ -50,6 +39,7 @@ from vtpcm_nova.engine.db.records import (
     VerdictRecord,
     VtpcmRecord,
 )
+from vtpcm_nova.engine.db.schema import ADDED_COLUMNS, SchemaStore
 from vtpcm_nova.engine.db.store import utcnow
 from vtpcm_nova.engine.db.vtpcms import VtpcmStore
 
@@ -57,41 +47,16 @@ __all__ = ["ADDED_COLUMNS", "DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AuditRec
            "Database", "HostRecord", "MigrationRecord", "PolicyRecord", "TrustBasis",
            "VerdictRecord", "VtpcmRecord", "utcnow"]
 
-LOG = logging.getLogger(__name__)
-
 DEFAULT_URL = "sqlite:////var/lib/vtpcm/engine.sqlite"
-# columns added to tables of older schemas, which create_all cannot add
-ADDED_COLUMNS = (("hosts", "command_public"),  # v2
-                 ("hosts", "revision"),  # v3
-                 ("policies", "revision"))  # v3
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-    cur = dbapi_conn.cursor()
-    try:
-        cur.execute("PRAGMA journal_mode=WAL")
-        cur.execute("PRAGMA foreign_keys=ON")
-        cur.execute("PRAGMA busy_timeout=30000")
-    finally:
-        cur.close()
-
-
-class Database(HostStore, PolicyStore, VtpcmStore, MigrationStore, NonceStore, AuditStore):
+class Database(SchemaStore, HostStore, PolicyStore, VtpcmStore, MigrationStore, NonceStore,
+               AuditStore):
     """One engine database; safe to have several (processes or objects) on one URL."""
 
     def __init__(self, url: str = DEFAULT_URL, *, create: bool = True) -> None:
         parsed: URL = make_url(url)
-        kwargs: dict[str, Any] = {"future": True}
-        if parsed.get_backend_name() == "sqlite":
-            if parsed.database and parsed.database != ":memory:":
-                os.makedirs(os.path.dirname(os.path.abspath(parsed.database)) or ".",
-                            mode=0o700, exist_ok=True)
-            kwargs["connect_args"] = {"timeout": 30}
-        else:
-            kwargs["pool_pre_ping"] = True
-        self.engine: Engine = create_engine(parsed, **kwargs)
-        if parsed.get_backend_name() == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine: Engine = schema.connect(parsed)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._backend = parsed.get_backend_name()
         if create:
@@ -103,92 +68,3 @@ class Database(HostStore, PolicyStore, VtpcmStore, MigrationStore, NonceStore, A
 
     def dispose(self) -> None:
         self.engine.dispose()
-
-    def create_schema(self) -> None:
-        """Create missing tables and record the schema version (refuse a newer DB
-        before changing anything in it)."""
-        if inspect(self.engine).has_table("schema_version"):
-            with self.session() as s:
-                found = s.get(models.SchemaVersion, 1)
-                if found is not None and found.version > models.SCHEMA_VERSION:
-                    raise exception.InvalidInput(
-                        reason=f"database schema version {found.version} is newer than "
-                               f"this engine's {models.SCHEMA_VERSION}")
-        models.Base.metadata.create_all(self.engine)
-        self._add_missing_columns()
-        with self.session() as s:
-            row = s.get(models.SchemaVersion, 1)
-            if row is None:
-                s.add(models.SchemaVersion(id=1, version=models.SCHEMA_VERSION))
-                try:
-                    s.flush()
-                except IntegrityError:
-                    s.rollback()  # another process created it first
-                    row = s.get(models.SchemaVersion, 1)
-            if row is not None and row.version > models.SCHEMA_VERSION:
-                raise exception.InvalidInput(
-                    reason=f"database schema version {row.version} is newer than this "
-                           f"engine's {models.SCHEMA_VERSION}")
-            if row is not None and row.version < models.SCHEMA_VERSION:
-                # upgrades add tables (create_all made them), columns
-                # (_add_missing_columns) and, for v3, fill enrolled_keys
-                if row.version < 3:
-                    self._record_enrolled_keys()
-                LOG.info("Engine database schema upgraded from version %d to %d",
-                         row.version, models.SCHEMA_VERSION)
-                row.version = models.SCHEMA_VERSION
-
-    def _add_missing_columns(self) -> None:
-        """Upgrade step create_all cannot do: new columns of old tables
-        (``ADDED_COLUMNS``; each nullable or with a server default)."""
-        for table, name in ADDED_COLUMNS:
-            self._add_column(models.Base.metadata.tables[table].c[name])
-
-    def _add_column(self, column: Column[Any]) -> None:
-        table = column.table.name
-        if column.name in self._columns(table):
-            return
-        ddl = "ALTER TABLE %s ADD COLUMN %s" % (
-            table, CreateColumn(column).compile(dialect=self.engine.dialect))
-        try:
-            with self.engine.begin() as conn:
-                conn.execute(text(ddl))
-        except DBAPIError:
-            # another engine process added it first
-            if column.name not in self._columns(table):
-                raise
-
-    def _columns(self, table: str) -> set[str]:
-        return {c["name"] for c in inspect(self.engine).get_columns(table)}
-
-    def _record_enrolled_keys(self) -> None:
-        """v2 -> v3: bind the keys of the hosts there are to their names.
-        Where old rules let two names share a key, a host in service wins
-        over a REVOKED one, then the first enrolled. EK certificates are
-        not bound: v2 never proved them (no credential activation), and
-        binding one would let that name squat the TPM's enrollment."""
-        revoked = models.Host.status == HostStatus.REVOKED.value
-        with self.session() as s:
-            hosts = [(h.name, host_keys(h.ak_name, h.command_public, None, None),
-                      h.enrolled_at)
-                     for h in s.scalars(select(models.Host)
-                                        .order_by(revoked, models.Host.enrolled_at))]
-        for name, keys, at in hosts:
-            for kind, digest in keys:
-                try:
-                    with self.session() as s:
-                        owner = s.get(models.EnrolledKey, (kind, digest))
-                        if owner is None:
-                            s.add(models.EnrolledKey(kind=kind, digest=digest, host=name,
-                                                     enrolled_at=at))
-                        elif owner.host != name:
-                            LOG.warning("Hosts %(a)s and %(b)s share an %(what)s; it stays "
-                                        "bound to %(a)s", {"a": owner.host, "b": name,
-                                                            "what": KEY_KINDS[kind]})
-                except IntegrityError:
-                    continue  # another engine process recorded it first
-
-    def schema_version(self) -> int:
-        with self.session() as s:
-            row = s.get(models.SchemaVersion, 1)
-            return 0 if row is None else row.version
