@@ -1,0 +1,32 @@
+"""The append-only audit trail of the engine."""
+
+from __future__ import annotations
+
+import datetime
+
+from sqlalchemy import select
+
+from vtpcm_nova.engine.db import models
+from vtpcm_nova.engine.db.records import AuditRecord
+from vtpcm_nova.engine.db.store import Store, utcnow
+
+
+class AuditStore(Store):
+    """Audit entries: appended, read newest first."""
+
+    def audit(self, event: str, outcome: str, *, host: str | None = None,
+              instance: str | None = None, migration_id: str | None = None,
+              detail: str = "", now: datetime.datetime | None = None) -> None:
+        """Append an audit entry. ``detail`` is a human reason, never key material."""
+        with self.session() as s:
+            s.add(models.Audit(at=now or utcnow(), event=event, host=host, instance=instance,
+                               migration_id=migration_id, outcome=outcome, detail=detail))
+
+    def list_audit(self, limit: int = 100, host: str | None = None) -> list[AuditRecord]:
+        """Newest first."""
+        q = select(models.Audit).order_by(models.Audit.id.desc()).limit(limit)
+        if host is not None:
+            q = q.where(models.Audit.host == host)
+        with self.session() as s:
+            return [AuditRecord(r.id, r.at, r.event, r.host, r.instance, r.migration_id,
+                                r.outcome, r.detail) for r in s.scalars(q)]

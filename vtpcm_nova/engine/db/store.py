@@ -1,0 +1,66 @@
+"""What every area of the engine database runs on: its clock, its
+transactions and the host-row lock that opens a multi-area one.
+
+Why one base: each area (``hosts``, ``trust``, ``vtpcms`` ...) is a mixin
+of ``api.Database``; all of them open their transactions through the one
+``session`` here, so a method that spans areas still runs in ONE
+transaction, exactly as when they were one class. Where a change needs
+several statements (a verdict and the host it speaks for), the
+transaction starts with a conditional UPDATE of the host row
+(``_update_host``): it takes the row lock on PostgreSQL/MySQL and, as the
+first write, the database write lock on SQLite (whose driver starts a
+transaction only at the first write), so every later read in it is
+current.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from vtpcm_nova.engine.db import models
+
+
+def utcnow() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+class Store:
+    """The state ``api.Database`` sets up and every area mixin uses."""
+
+    engine: Engine
+    _sessions: sessionmaker[Session]
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """One transaction: commit on success, roll back on any error."""
+        s = self._sessions()
+        try:
+            yield s
+            s.commit()
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    @staticmethod
+    def _update_host(s: Session, name: str, *conditions: Any, bump: bool = True,
+                     **values: Any) -> bool:
+        """Change the host row iff ``conditions`` hold; True if it did.
+
+        Run first in a transaction it locks the row (and, on SQLite, takes
+        the write lock), so the checks after it see no concurrent change.
+        ``bump``: the revision grows, which makes attestations in flight
+        stale (their verdicts are dropped)."""
+        revision = models.Host.revision
+        values["revision"] = revision + 1 if bump else revision
+        q = (update(models.Host).where(models.Host.name == name, *conditions)
+             .values(**values).execution_options(synchronize_session=False))
+        return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]

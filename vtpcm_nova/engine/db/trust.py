@@ -1,0 +1,181 @@
+"""Trust state: attestation verdicts and the TPM clock baseline of each host.
+
+Why verdicts and clocks together: ``record_attestation`` stores both in
+ONE transaction, after locking the host row (``Store._update_host``) and
+checking the policy; a verdict holds only while what it was decided on
+does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from vtpcm_common import exception
+from vtpcm_nova.engine import verifier
+from vtpcm_nova.engine.db import models
+from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.db.records import TrustBasis, VerdictRecord, verdict_rec
+from vtpcm_nova.engine.db.store import Store, utcnow
+
+
+def _effective_verdict(r: models.VerdictRow, host_status: str) -> VerdictRecord:
+    """A verdict as read together with its host: only an APPROVED host is
+    TRUSTED, whatever the row says."""
+    rec = verdict_rec(r)
+    if rec.trusted and host_status != HostStatus.APPROVED.value:
+        return dataclasses.replace(rec, status=verifier.TrustStatus.UNTRUSTED,
+                                   reason=f"host is {host_status}")
+    return rec
+
+
+class TrustStore(Store):
+    """Verdicts and clock baselines; the write helpers run in the caller's
+    transaction so host and policy changes can drop verdicts in theirs."""
+
+    def record_attestation(self, basis: TrustBasis, status: verifier.TrustStatus,
+                           reason: str, expires_at: datetime.datetime, *,
+                           clock: verifier.ClockState | None = None,
+                           reapprove: bool = False) -> VerdictRecord:
+        """Store an attestation's verdict (one row per host), in ONE
+        transaction and only if nothing it was decided on changed since
+        its challenge: the host's revision (status, keys, policy
+        assignment), the policy's revision, no verdict of a later challenge
+        on record (whatever either status: a failing verdict decided
+        without a quote leaves no clock to order by) and, for TRUSTED, an
+        APPROVED host and no newer quote of it on record. Else
+        StaleAttestation and nothing changes. A quote's TPM clock becomes
+        the host's baseline (never moved back); ``reapprove`` sends an
+        APPROVED host to PENDING.
+        """
+        trusted = status is verifier.TrustStatus.TRUSTED
+        if trusted and basis.policy_revision is None:
+            raise exception.InvalidInput(reason="a TRUSTED verdict needs a policy")
+        with self.session() as s:
+            self._hold_basis(s, basis, trusted)
+            later = (select(models.VerdictRow.host)
+                     .where(models.VerdictRow.host == basis.host,
+                            models.VerdictRow.attested_at > basis.challenged_at))
+            if s.scalar(later) is not None:
+                raise exception.StaleAttestation(
+                    host=basis.host, reason="a newer attestation of the host was recorded")
+            if clock is not None:
+                self._advance_clock(s, basis.host, clock, newest_only=trusted)
+            if reapprove:
+                self._update_host(s, basis.host,
+                                  models.Host.status == HostStatus.APPROVED.value,
+                                  status=HostStatus.PENDING.value)
+            row = self._put_verdict(s, basis.host, status, reason, basis.challenged_at,
+                                    expires_at)
+            return verdict_rec(row)
+
+    def _hold_basis(self, s: Session, basis: TrustBasis, trusted: bool) -> None:
+        """Lock the host row iff it is as the basis says, then check the
+        policy under a shared lock (a policy change waits for us, or we see it)."""
+        conds = [models.Host.revision == basis.host_revision,
+                 models.Host.policy_name.is_(None) if basis.policy_name is None
+                 else models.Host.policy_name == basis.policy_name]
+        if trusted:
+            conds.append(models.Host.status == HostStatus.APPROVED.value)
+        if not self._update_host(s, basis.host, *conds, bump=False):
+            raise exception.StaleAttestation(host=basis.host,
+                                             reason=self._why_stale(s, basis))
+        if basis.policy_revision is None:  # decided without a policy
+            return
+        revision = s.scalar(select(models.Policy.revision)
+                            .where(models.Policy.name == basis.policy_name)
+                            .with_for_update(read=True))
+        if revision != basis.policy_revision:
+            raise exception.StaleAttestation(
+                host=basis.host,
+                reason=f"policy {basis.policy_name} changed since the challenge")
+
+    def _why_stale(self, s: Session, basis: TrustBasis) -> str:
+        row = s.scalar(select(models.Host).where(models.Host.name == basis.host))
+        if row is None:
+            return "host is no longer enrolled"
+        if row.status != HostStatus.APPROVED.value:
+            return f"host is {row.status}"
+        if row.policy_name != basis.policy_name:
+            return "policy assignment changed since the challenge"
+        return "host record changed since the challenge"
+
+    def _put_verdict(self, s: Session, host: str, status: verifier.TrustStatus, reason: str,
+                     attested_at: datetime.datetime,
+                     expires_at: datetime.datetime) -> models.VerdictRow:
+        row = s.get(models.VerdictRow, host, with_for_update=True)
+        if row is None:
+            row = models.VerdictRow(host=host)
+            s.add(row)
+        row.status, row.reason = status.value, reason
+        row.attested_at, row.expires_at = attested_at, expires_at
+        s.flush()
+        return row
+
+    @staticmethod
+    def _expire_verdicts(s: Session, which: Any, why: str, now: datetime.datetime) -> None:
+        q = (update(models.VerdictRow).where(which)
+             .values(status=verifier.TrustStatus.UNKNOWN.value, reason=why + "; attest again",
+                     attested_at=now, expires_at=now)
+             .execution_options(synchronize_session=False))
+        s.execute(q)
+
+    def _verdicts_with_hosts(self, *conditions: Any) -> list[VerdictRecord]:
+        q = (select(models.VerdictRow, models.Host.status)
+             .join(models.Host, models.Host.name == models.VerdictRow.host)
+             .where(*conditions).order_by(models.VerdictRow.host))
+        with self.session() as s:
+            return [_effective_verdict(row, status) for row, status in s.execute(q)]
+
+    def get_verdict(self, host: str) -> VerdictRecord | None:
+        """The host's verdict, read with its status (see _effective_verdict)."""
+        found = self._verdicts_with_hosts(models.VerdictRow.host == host)
+        return found[0] if found else None
+
+    def fresh_verdicts(self, now: datetime.datetime | None = None) -> dict[str, VerdictRecord]:
+        """All unexpired verdicts with their hosts' status in ONE query (the
+        scheduler filter calls this): only an APPROVED host is TRUSTED."""
+        return {v.host: v for v in self._verdicts_with_hosts(
+            models.VerdictRow.expires_at > (now or utcnow()))}
+
+    # ---- clock states -----------------------------------------------------------
+
+    def get_clock_state(self, host: str) -> verifier.ClockState | None:
+        with self.session() as s:
+            row = s.get(models.ClockStateRow, host)
+            if row is None:
+                return None
+            return verifier.ClockState(row.clock, row.reset_count, row.restart_count)
+
+    def set_clock_state(self, host: str, state: verifier.ClockState) -> bool:
+        """Store the TPM clock baseline, never moving it backwards."""
+        with self.session() as s:
+            if not self._update_host(s, host, bump=False):
+                raise exception.NotFound(what="host", key=host)
+            return self._advance_clock(s, host, state, newest_only=False)
+
+    def _advance_clock(self, s: Session, host: str, state: verifier.ClockState, *,
+                       newest_only: bool) -> bool:
+        """Move the baseline forward to ``state``; False if it is older.
+
+        Two engine workers attesting one host at once must not leave the
+        older quote's clock as the baseline (that would weaken rollback
+        detection). ``newest_only``: an older quote is refused
+        (StaleAttestation), since a newer one was judged already."""
+        row = s.get(models.ClockStateRow, host, with_for_update=True)
+        if row is None:
+            row = models.ClockStateRow(host=host)
+            s.add(row)
+        elif (state.reset_count, state.restart_count, state.clock) < \
+                (row.reset_count, row.restart_count, row.clock):
+            if newest_only:
+                raise exception.StaleAttestation(
+                    host=host, reason="a newer quote of the host was recorded")
+            return False
+        row.clock, row.reset_count = state.clock, state.reset_count
+        row.restart_count = state.restart_count
+        return True
