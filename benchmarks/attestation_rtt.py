@@ -15,12 +15,19 @@ import sys
 import time
 import uuid
 
-from vtpcm_agent.hosttpm import HostTPM
-from vtpcm_common.api.agent.rpcapi import AgentAPI
-from vtpcm_common.api.engine.rpcapi import EngineAPI
-from vtpcm_lab import daemons
-from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, measured_boot
-from vtpcm_nova.engine import verifier
+from vtpcm_common import concurrency
+
+# Native threads, as the daemons run: before anything imports oslo.messaging
+# (which would otherwise select oslo.service's eventlet backend, and then
+# vtpcm_lab's own use_native_threads() raises BackendAlreadySelected).
+concurrency.use_native_threads()
+
+from vtpcm_agent.hosttpm import HostTPM  # noqa: E402
+from vtpcm_common.api.agent.rpcapi import AgentAPI  # noqa: E402
+from vtpcm_common.api.engine.rpcapi import EngineAPI  # noqa: E402
+from vtpcm_lab import daemons  # noqa: E402
+from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, measured_boot  # noqa: E402
+from vtpcm_nova.engine import verifier  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:

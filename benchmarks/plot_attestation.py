@@ -1,0 +1,53 @@
+"""Plot (and date) the JSON that ``attestation_rtt.py --out`` wrote.
+
+``tools/bench.sh attestation`` runs ``attestation_rtt.py`` in the project venv,
+then this in whichever venv has matplotlib: it adds the ``machine`` block
+(nproc, CPU model, date, git head) and ``smoke`` to the JSON and draws
+``<json>.png`` beside it. attestation_rtt.py keeps summary statistics only,
+so the plot shows those.
+
+    python benchmarks/plot_attestation.py benchmarks/results/attestation.json [--smoke]
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import benchlib
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json")
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    path = Path(args.json)
+    result = json.loads(path.read_text())
+    result["smoke"] = args.smoke
+    result.setdefault("machine", benchlib.machine())
+    benchlib.write_json(path, result)
+    plt = benchlib.pyplot()
+    att = result["attest_ms"]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    keys = ("min", "p50", "p95", "max")
+    bars = ax.bar(keys, [att[k] for k in keys], color=["tab:green", "tab:blue",
+                                                        "tab:orange", "tab:red"])
+    ax.bar_label(bars, fmt="%.1f ms", fontsize=8)
+    ax.set_ylabel("EngineAPI.attest round trip, ms")
+    ax.set_title("attestation: n=%d, verify_quote %.0f/s on one core"
+                 % (result["n"], result["verify_quote_per_second_one_core"]), fontsize=10)
+    m = result["machine"]
+    fig.suptitle("%s, %s cores, %s%s" % (m["cpu_model"], m["nproc"], m["date_utc"],
+                                         " (SMOKE)" if args.smoke else ""), fontsize=8)
+    fig.tight_layout()
+    png = path.with_suffix(".png")
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    benchlib.progress("wrote %s" % png)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
