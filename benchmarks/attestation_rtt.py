@@ -10,6 +10,7 @@ First measurements for the benchmark issue; no targets are asserted here.
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -82,6 +83,9 @@ def main() -> int:
         for daemon in reversed(started):
             daemon.stop()
         tpm.cleanup()
+        # the work directory and this exchange's keys, as the tests' deployment does
+        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
     result = {
         "benchmark": "attestation_rtt",
         "n": args.n,

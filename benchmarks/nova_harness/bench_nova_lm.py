@@ -24,8 +24,15 @@ Modes:
 
 In both modes timestamps of the driver methods (entry/exit) and of every call
 the driver makes to the engine and the agents are recorded, so the vTPCM's
-protocol steps (check_destination, begin, destination socket, commit, the
-destination's get_vtpcm) and the scheduler's VTPCMFilter are timed directly.
+protocol steps (check_destination, begin, the destination socket, commit,
+whatever else the driver calls) and the scheduler's VTPCMFilter are timed
+directly; so is the CPU time of this process and of the vTPCM daemons
+(engine, agents, swtpm) during each migration.
+
+futurist's ThreadPoolExecutor is patched to add a worker only when no idle
+one can take an item (see ``_spin_up_only_when_needed``): unpatched, the
+harness grows by ~8 threads per migration and every later migration is
+slower, which no interleaving can make fair.
 
 The JSON is rewritten after every round (``"complete": false`` until the
 last), so a run cut short by a timeout still leaves its samples; the plot is
@@ -34,7 +41,9 @@ drawn at the end.
 Knobs (environment): VTPCM_BENCH_ROUNDS (default 10, after 1 warm-up round),
 VTPCM_BENCH_SMOKE=1 (1 round, no warm-up, fine mode only: one migration per
 flavor; results to benchmarks/results/smoke/), VTPCM_BENCH_OUT_DIR,
-VTPCM_BENCH_MODES (default "fine,harness").
+VTPCM_BENCH_MODES (default "fine,harness"), VTPCM_BENCH_FUTURIST_PATCH=0 (Nova's
+thread pools as they are), VTPCM_BENCH_OS_DEBUG and VTPCM_BENCH_FAST_EXIT
+(conftest.py).
 """
 
 import os
@@ -48,6 +57,7 @@ from typing import Any
 
 import benchlib
 import fixtures
+import plot_nova_lm
 import pytest
 
 from tests.nova_functional import deployment as dep_mod
@@ -200,6 +210,27 @@ def cpu_delta_ms(before: dict[int, float], after: dict[int, float]) -> float:
     return sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items()) * 1000
 
 
+def _spin_up_only_when_needed(self: Any) -> bool:
+    """futurist.ThreadPoolExecutor._maybe_spin_up, spinning up a worker only when
+    no idle one can take the new item (CPython's ThreadPoolExecutor rule).
+
+    futurist's own adds a worker on every submit until max_workers, and each
+    idle worker wakes once a second (``ThreadWorker.MAX_IDLE_FOR``). With all of
+    Nova's services in one process (4 RPC servers of 64 workers, Nova's pools)
+    the harness grows by ~8 threads per live migration to ~300, and the
+    wake-ups' GIL traffic makes each later migration slower: 2 s at the start,
+    10-20 s after 30 migrations on this machine, in both arms alike."""
+    idle = sum(1 for w in self._workers if w.idle)
+    if not self._workers or (idle <= self._work_queue.qsize()
+                             and len(self._workers) < self._max_workers):
+        self._add_thread()
+        return True
+    return False
+
+
+FUTURIST_PATCH = os.environ.get("VTPCM_BENCH_FUTURIST_PATCH", "1") == "1"
+
+
 def _span(events: list[tuple[str, str, float, float]], label: str,
           host: str | None = None) -> tuple[float, float] | None:
     hits = [e for e in events if e[0] == label and (host is None or e[1] == host)]
@@ -219,6 +250,9 @@ class NovaLiveMigrationBench(base_mod.VTPCMNovaTest):
     def setUp(self) -> None:
         self.timeline = Timeline()
         self.monitor_time = _MonitorTime()
+        if FUTURIST_PATCH:  # before any service starts an executor
+            self.useFixture(fixtures.MonkeyPatch(
+                "futurist.ThreadPoolExecutor._maybe_spin_up", _spin_up_only_when_needed))
         super().setUp()
         self.useFixture(fixtures.MonkeyPatch("nova.virt.libvirt.driver.time",
                                              self.monitor_time))
@@ -409,7 +443,7 @@ class NovaLiveMigrationBench(base_mod.VTPCMNovaTest):
             self._domain_xml(where["vtpcm"], servers["vtpcm"]["id"])) is not None, True)
         result = self._result(samples, warmup, started, machine)
         benchlib.write_json(out / (NAME + ".json"), result)
-        plot(result, out / (NAME + ".png"))
+        plot_nova_lm.plot(result, out / (NAME + ".png"))
         for line in summary_lines(result):
             benchlib.progress(line)
         benchlib.progress("nova-lm: Nova teardown")
@@ -424,6 +458,7 @@ class NovaLiveMigrationBench(base_mod.VTPCMNovaTest):
         result["config"] = {opt: base_mod.CONF.vtpcm[opt] for opt in (
             "verdict_cache_seconds", "trait_refresh_seconds", "scheduler_timeout",
             "engine_timeout")}
+        result["config"]["futurist_spin_up_patch"] = FUTURIST_PATCH
         result["config"]["fine_monitor_sleep_s"] = FINE_MONITOR_SLEEP
         result["config"]["fine_api_poll_s"] = FINE_POLL
         return result
@@ -544,86 +579,3 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
                              c["paired_added_ms"]["median"] if c["paired_added_ms"]
                              else float("nan")))
     return lines
-
-
-def plot(result: dict[str, Any], path: Path) -> None:
-    plt = benchlib.pyplot()
-    arms = list(result["samples"])
-    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(20, 5.8),
-                                        gridspec_kw={"width_ratios": [1.2, 0.7, 1]})
-    # left: per-migration distributions of the main metrics, per arm
-    metrics = [("api_wall_ms", "API wall"), ("harness_wall_ms", "harness wall"),
-               ("driver_window_ms", "driver window"), ("vtpcm_rpc_ms", "vTPCM RPCs"),
-               ("cpu_total_ms", "CPU total")]
-    data, labels, colors = [], [], []
-    palette = {"plain": "tab:blue", "vtpcm": "tab:orange"}
-    for metric, mlabel in metrics:
-        for arm in arms:
-            vals = [r[metric] for r in result["samples"][arm] if r[metric] is not None]
-            if not vals:
-                continue
-            data.append(vals)
-            labels.append("%s\n%s" % (mlabel, arm))
-            colors.append(palette[arm.split("/")[1]])
-    box = ax1.boxplot(data, patch_artist=True, showfliers=True)
-    for patch, color in zip(box["boxes"], colors, strict=True):
-        patch.set_facecolor(color)
-        patch.set_alpha(0.5)
-    for i, vals in enumerate(data, start=1):
-        ax1.plot([i] * len(vals), vals, "k.", ms=3, alpha=0.6)
-    ax1.set_xticks(range(1, len(labels) + 1), labels, fontsize=6, rotation=90)
-    ax1.set_ylabel("ms per live migration")
-    ax1.set_yscale("log")
-    ax1.set_title("per migration (blue plain, orange vtpcm); n=%d per arm"
-                  % result["rounds"])
-    # middle: vtpcm minus plain within the same round (pairs seconds apart)
-    pairs, plabels = [], []
-    for mode in result["modes"]:
-        plain, vtpcm = result["samples"].get(mode + "/plain"), \
-            result["samples"].get(mode + "/vtpcm")
-        if not plain or not vtpcm:
-            continue
-        for metric, mlabel in (("api_wall_ms", "API wall"),
-                               ("driver_window_ms", "driver window"),
-                               ("cpu_total_ms", "CPU total"),
-                               ("vtpcm_rpc_ms", "vTPCM RPCs")):
-            diffs = [v[metric] - p[metric] for p, v in zip(plain, vtpcm, strict=False)
-                     if v.get(metric) is not None and p.get(metric) is not None]
-            if diffs:
-                pairs.append(diffs)
-                plabels.append("%s\n%s" % (mlabel, mode))
-    if pairs:
-        ax3.boxplot(pairs, showfliers=True)
-        for i, vals in enumerate(pairs, start=1):
-            ax3.plot([i] * len(vals), vals, "k.", ms=3, alpha=0.6)
-        ax3.set_xticks(range(1, len(plabels) + 1), plabels, fontsize=6, rotation=90)
-    ax3.axhline(0, color="grey", lw=1)
-    ax3.set_yscale("symlog", linthresh=100)
-    ax3.set_ylabel("ms, vtpcm - plain of the same round")
-    ax3.set_title("added by the vTPCM, paired")
-    # right: where the vtpcm arm's time goes (fine mode if present): median per step
-    mode = "fine" if "fine/vtpcm" in result["arms"] else result["modes"][0]
-    steps_v = result["arms"]["%s/vtpcm" % mode]["steps_ms"]
-    steps_p = result["arms"]["%s/plain" % mode]["steps_ms"]
-    names = sorted(steps_v, key=lambda k: -steps_v[k]["median"])
-    ys = range(len(names))
-    ax2.barh([y + 0.2 for y in ys], [steps_v[k]["median"] for k in names], height=0.4,
-             color=palette["vtpcm"], label="vtpcm")
-    ax2.barh([y - 0.2 for y in ys], [steps_p[k]["median"] if k in steps_p else 0
-                                     for k in names], height=0.4, color=palette["plain"],
-             label="plain")
-    ax2.set_yticks(list(ys), names, fontsize=7)
-    ax2.invert_yaxis()
-    ax2.set_xscale("symlog", linthresh=1)
-    ax2.set_xlabel("ms (median per migration; driver spans nest)")
-    ax2.set_title("timed spans, %s mode" % mode)
-    ax2.legend(fontsize=8)
-    m = result["machine"]
-    fig.suptitle("nova-lm: %s, %s cores, %s%s" % (m["cpu_model"], m["nproc"], m["date_utc"],
-                                                  " (SMOKE)" if result["smoke"] else ""),
-                 fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    benchlib.progress("wrote %s" % path)
-
