@@ -45,8 +45,9 @@ R = TypeVar("R", bound=Message)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-def get_transport(conf: cfg.ConfigOpts) -> messaging.Transport:
-    """Build the RPC transport for ``conf``.
+def get_transport(conf: cfg.ConfigOpts, url: str | None = None) -> messaging.Transport:
+    """Build the RPC transport for ``conf`` (to ``url`` if given, else
+    ``conf``'s ``transport_url``).
 
     The RPC client reads ``[oslo_messaging_tracing]`` and
     ``[oslo_messaging_metrics]`` options that oslo.messaging registers only on
@@ -60,7 +61,7 @@ def get_transport(conf: cfg.ConfigOpts) -> messaging.Transport:
         from oslo_messaging._tracing import client as tracing
         conf.register_opts(tracing.oslo_messaging_tracing, group="oslo_messaging_tracing")
         conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
-    return messaging.get_rpc_transport(conf)
+    return messaging.get_rpc_transport(conf, url=url)
 
 
 def remote_to_local(err: messaging.RemoteError) -> exception.VTPCMException:

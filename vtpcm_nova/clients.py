@@ -26,8 +26,7 @@ def transport(conf: cfg.ConfigOpts) -> messaging.Transport:
     with _lock:
         made = _transports.get(id(conf))
         if made is None:
-            rpc.get_transport(conf)  # registers what the RPC client reads on ``conf``
-            made = messaging.get_rpc_transport(conf, url=conf.vtpcm.transport_url or None)
+            made = rpc.get_transport(conf, url=conf.vtpcm.transport_url or None)
             _transports[id(conf)] = made
         return made
 

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from tests.functional.harness import ClusterHost
 from vtpcm_agent.hosttpm import HostTPM
-from vtpcm_agent.keystore import InstanceKeys, KeyStore, TPMSealedHostKey
 from vtpcm_agent.swtpm import process
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -30,15 +30,13 @@ GOLDEN = "nova-golden"
 
 
 @dataclasses.dataclass
-class Host:
-    name: str
-    tpm: HostTPMStandIn
-    agent: daemons.AgentDaemon
-    run_dir: Path
+class Host(ClusterHost):
+    """A host of the functional tests' agent clusters, plus what the Nova
+    tests need: its command key, its vTPCMs' TPM data sockets, its logs."""
 
     @property
     def state_dir(self) -> Path:
-        return Path(self.agent.config["agent"]["state_dir"])
+        return self.state_root
 
     @property
     def command_key(self) -> Path:
@@ -49,12 +47,6 @@ class Host:
         return process.SwtpmPaths.for_data_socket(
             self.state_dir, self.run_dir / instance, self.run_dir / (instance + ".pid"),
             self.state_dir / "unused.log")
-
-    def keys(self, vtpcm_id: str) -> InstanceKeys:
-        """The vTPCM's keys, unwrapped through the host TPM (tests only)."""
-        with HostTPM(self.tpm.tcti) as tpm:
-            return KeyStore(self.state_dir / "keys", TPMSealedHostKey(
-                tpm, self.state_dir / "hostkey.sealed")).get(vtpcm_id)
 
     def logs(self) -> list[Path]:
         """The agent's log and every swtpm log of this host."""

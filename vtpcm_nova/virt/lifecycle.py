@@ -19,9 +19,6 @@ from vtpcm_nova.virt import tpmxml
 
 LOG = logging.getLogger(__name__)
 
-SETTLED_STATES = frozenset({"ACTIVE", "STOPPED"})
-
-
 class Engine(Protocol):
     def get_vtpcm(self, instance_uuid: str) -> em.VtpcmRecord: ...
     def create_vtpcm(self, instance_uuid: str, host: str) -> em.VtpcmRecord: ...

@@ -15,9 +15,9 @@ from typing import Protocol
 from oslo_log import log as logging
 
 from vtpcm_common import exception
-from vtpcm_common.api.agent import messages as am
 from vtpcm_common.api.engine import messages as em
 from vtpcm_nova.virt import tpmxml
+from vtpcm_nova.virt.lifecycle import AgentReader
 
 LOG = logging.getLogger(__name__)
 
@@ -34,10 +34,6 @@ class Engine(Protocol):
     def commit(self, migration_id: str) -> em.MigrationInfo: ...
     def abort(self, migration_id: str, reason: str) -> em.MigrationInfo: ...
     def get_migration(self, migration_id: str) -> em.MigrationInfo: ...
-
-
-class AgentReader(Protocol):
-    def get(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
 
 
 def check_destination(engine: Engine, instance_uuid: str, dest: str) -> em.Verdict:
