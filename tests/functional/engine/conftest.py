@@ -7,12 +7,14 @@ dropped afterwards; if the server is unreachable those cases are skipped.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy
 from sqlalchemy.exc import OperationalError
+
+from vtpcm_nova.engine.db import api
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -54,3 +56,23 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
         with eng.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
         eng.dispose()
+
+
+MakeDb = Callable[[], api.Database]
+
+
+@pytest.fixture
+def make_db(db_url: str) -> Iterator[MakeDb]:
+    """``make()`` opens one more engine Database on ``db_url`` (several stand
+    for several engine workers); all are disposed after the test."""
+    made: list[api.Database] = []
+
+    def make() -> api.Database:
+        db = api.Database(db_url)
+        made.append(db)
+        return db
+    try:
+        yield make
+    finally:
+        for db in made:
+            db.dispose()

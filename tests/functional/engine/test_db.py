@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import sqlalchemy
@@ -22,21 +22,6 @@ INST = "6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11"
 MIG = "0b8e7a52-9d2c-4c55-8a6a-1f1a3e2d4c00"
 
 MakeDb = Callable[[], api.Database]
-
-
-@pytest.fixture
-def make_db(db_url: str) -> Iterator[MakeDb]:
-    made: list[api.Database] = []
-
-    def make() -> api.Database:
-        db = api.Database(db_url)
-        made.append(db)
-        return db
-    try:
-        yield make
-    finally:
-        for db in made:
-            db.dispose()
 
 
 def enroll(db: api.Database, name: str = "cmp1", approved: bool = False) -> api.HostRecord:

@@ -37,21 +37,6 @@ BLOCKED = 0.7  # how long a write must stay blocked to count as waiting
 MakeDb = Callable[[], api.Database]
 
 
-@pytest.fixture
-def make_db(db_url: str) -> Iterator[MakeDb]:
-    made: list[api.Database] = []
-
-    def make() -> api.Database:
-        db = api.Database(db_url)
-        made.append(db)
-        return db
-    try:
-        yield make
-    finally:
-        for db in made:
-            db.dispose()
-
-
 def approved_host(db: api.Database) -> api.TrustBasis:
     """cmp1, APPROVED with policy golden; the basis of a challenge now."""
     db.put_policy("golden", "sha256", {16: b"\x16" * 32}, now=T0)
