@@ -32,6 +32,26 @@ from vtpcm_common import exception
 LOG = logging.getLogger(__name__)
 S = VTPCMState
 PERMANENT_STATE_FILE = "tpm2-00.permall"
+VOLATILE_STATE_FILE = "tpm2-00.volatilestate"
+# what a guest keeps and loses when its swtpm is restarted (logged for the operator)
+RESTART_OUTCOME = (
+    "the guest keeps its permanent TPM state (NV indices, EK and its certificates, "
+    "persistent keys, hierarchy auth); it lost its volatile state (PCR values, sessions, "
+    "loaded transient objects). QEMU does not reconnect to a restarted swtpm: the "
+    "guest's TPM answers every command with a failure until the VM is hard-rebooted "
+    "(nova reboot --hard); after that it boots with the permanent state and fresh PCRs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Restarted:
+    """One crashed swtpm that the agent started again (for reports and tests)."""
+
+    instance_uuid: str
+    vtpcm_id: str
+    state: str
+    old_pid: int | None
+    pid: int
+    with_state: bool
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -370,6 +390,17 @@ class InstanceManager:
                 and assoc.migration_id == ctx.migration_id):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_IN)
+        if not self.is_running(assoc) and self._received_state(assoc):
+            # its swtpm died after the switchover: the state is on disk, and
+            # the authority may already be here; bring it back rather than
+            # refuse forever (the watchdog would, a few seconds later)
+            revived = self.restart_if_crashed(ctx.instance_uuid)
+            if revived is not None:
+                LOG.error("AUDIT swtpm of incoming instance %(instance)s died after the "
+                          "switchover; restarted as pid %(pid)d for the commit: %(outcome)s",
+                          {"instance": ctx.instance_uuid, "pid": revived.pid,
+                           "outcome": RESTART_OUTCOME})
+                assoc = self.associations.get(ctx.instance_uuid)
         if not (self.is_running(assoc) and self._received_state(assoc)):
             raise exception.MigrationError(
                 migration_id=ctx.migration_id,
@@ -399,6 +430,47 @@ class InstanceManager:
                        "destroy it on a timeout")
         self._kill(assoc)
         self._discard(ctx.instance_uuid, assoc.vtpcm_id, paths)
+
+    # --- crash recovery ---------------------------------------------------------
+
+    @serialized
+    def restart_if_crashed(self, instance_uuid: str) -> Restarted | None:
+        """Start again the swtpm of a vTPCM that should run but died.
+
+        Same state dir, same keys (the at-rest key opens the persisted state;
+        the migration key stays the migration's), same socket path. Only the
+        permanent state file survives a crash (swtpm keeps the volatile state
+        in memory; a leftover volatile file is older than the guest's last
+        TPM command and is removed, never resumed). A vTPCM that should hold
+        state but has no permanent state file is NOT started empty: a fresh
+        TPM in place of the tenant's would silently lose it; it stays
+        reported as crashed. An incoming vTPCM that has not received its
+        state yet is restarted empty, as ``prepare_incoming`` made it.
+        Under the instance lock, so it never races stop, destroy, commit or
+        abort: whatever they left is re-read here first."""
+        assoc = self.associations.find(instance_uuid)
+        if (assoc is None or assoc.pid is None
+                or assoc.state not in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN)
+                or self.is_running(assoc)):
+            return None
+        paths = self._paths_of(assoc)
+        with_state = self._received_state(assoc)
+        if not with_state and assoc.state is not S.MIGRATING_IN:
+            raise exception.SwtpmError(
+                vtpcm_id=assoc.vtpcm_id,
+                reason="its swtpm died and its permanent state file is missing; "
+                       "not starting an empty TPM in its place")
+        # a swtpm that lost its socket but still runs would hold the state lock
+        if process.owns(assoc.pid, paths):
+            process.stop(assoc.pid, paths, timeout=self.settings.timeout)
+        (paths.state_dir / VOLATILE_STATE_FILE).unlink(missing_ok=True)
+        startup_clear = self.settings.expose_data_socket and assoc.state is not S.MIGRATING_IN
+        pid = self._spawn_paths(paths, self.keystore.get(assoc.vtpcm_id),
+                                startup_clear=startup_clear)
+        self.associations.set_pid(instance_uuid, pid)
+        return Restarted(instance_uuid=instance_uuid, vtpcm_id=assoc.vtpcm_id,
+                         state=assoc.state.value, old_pid=assoc.pid, pid=pid,
+                         with_state=with_state)
 
     # --- start-up --------------------------------------------------------------
 

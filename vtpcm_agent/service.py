@@ -19,6 +19,7 @@ from vtpcm_agent import manager
 from vtpcm_agent.association import AssociationList
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.instances import AgentSettings, InstanceManager
+from vtpcm_agent.watchdog import SwtpmWatchdog
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import rpcapi
 from vtpcm_common.api.engine.rpcapi import EngineAPI
@@ -102,12 +103,16 @@ class AgentService:
         self.verifier.remember_nonces_in(self.associations)
         self.instances = InstanceManager(self.settings, self.associations, self.keystore,
                                          self.host_tpm)
+        self.watchdog = SwtpmWatchdog(self.instances, conf.agent.swtpm_watchdog_interval)
         self.transport = rpc.get_transport(conf)
         self.server: Any = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
         self.instances.recover()
+        if self.conf.agent.swtpm_watchdog_interval > 0:
+            self.watchdog.run_once()  # what died while no agent ran, before serving
+        self.watchdog.start()
         topic = rpc.topic(self.conf, "agent_topic")
         target = messaging.Target(topic=topic, server=self.settings.host)
         endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
@@ -126,6 +131,7 @@ class AgentService:
 
     def stop(self) -> None:
         """Stop serving RPC. swtpm processes keep running on purpose."""
+        self.watchdog.stop()
         if self.server is not None:
             self.server.stop()
             self.server.wait()

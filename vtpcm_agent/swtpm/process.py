@@ -175,6 +175,11 @@ def is_alive(pid: int, paths: SwtpmPaths) -> bool:
     return _is_our_swtpm(pid, paths) and _is_socket(paths.ctrl_socket)
 
 
+def owns(pid: int, paths: SwtpmPaths) -> bool:
+    """pid is a swtpm process on ``paths`` (alive or not reachable by its socket)."""
+    return _is_our_swtpm(pid, paths)
+
+
 def find_running(paths: SwtpmPaths) -> int | None:
     """Pid of a live swtpm serving ``paths``, for re-adoption after a restart."""
     pid = _read_pid(paths.pid_file)
