@@ -10,7 +10,6 @@ import uuid
 
 import oslo_messaging as messaging
 import pytest
-from tpm2_pytss.constants import TPM2_SU
 
 from tests.functional import tpmtools
 from tests.functional.harness import (
@@ -20,7 +19,7 @@ from tests.functional.harness import (
     short_dir,
     wait_for,
 )
-from vtpcm_agent.swtpm import ctrl, process
+from vtpcm_agent.swtpm import process
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -309,10 +308,7 @@ def _guest_state_after_restart(paths, initialized: bool) -> dict[str, bytes]:
     """What the guest finds once QEMU is started again: INIT + TPM2_Startup
     (a hard reboot), unless swtpm already did both (startup-clear)."""
     if not initialized:
-        with ctrl.CtrlClient(paths.ctrl_socket) as client:
-            client.init(delete_volatile=False)
-        with tpmtools.esapi(paths) as esys:
-            esys.startup(TPM2_SU.CLEAR)
+        tpmtools.power_on(paths)
     return tpmtools.read_guest_state(paths, with_key=True)
 
 
