@@ -175,6 +175,13 @@ class ServiceUnreachable(VTPCMException):
     code = "unreachable"
 
 
+class ResolutionRefused(VTPCMException):
+    """An operator's resolve or forget that would lose the only good state,
+    or that does not apply to what the engine holds."""
+
+    msg_fmt = "Refused to %(action)s: %(reason)s"
+
+
 class CommandRefused(VTPCMException):
     msg_fmt = "Command %(method)s refused: %(reason)s"
     code = "command_refused"

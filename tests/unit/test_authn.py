@@ -431,7 +431,7 @@ def test_engine_admin_methods_are_exactly_the_signed_ones():
               if getattr(getattr(EngineManager, name), "signed", False)}
     assert signed == rpcapi.ADMIN_METHODS == {
         "enroll", "approve_host", "revoke_host", "assign_policy", "put_policy",
-        "record_policy"}
+        "record_policy", "resolve_migration", "forget_host"}
     host_signed = {name for name in dir(EngineManager)
                    if getattr(getattr(EngineManager, name), "host_signed", False)}
     assert host_signed == rpcapi.HOST_METHODS == {

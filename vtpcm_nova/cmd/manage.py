@@ -17,10 +17,12 @@ Commands::
     audit list [--host HOST] [--limit N]
     vtpcm show INSTANCE_UUID
     migration show MIGRATION_ID
+    migration resolve MIGRATION_ID --to source|destination [--yes]
+    hosts forget HOST [--yes]
     keys create PATH
 
-Admin commands (hosts enroll/approve/revoke/assign-policy, policies
-record/set) change what the engine trusts: they are signed with an operator
+Admin commands (hosts enroll/approve/revoke/assign-policy/forget, policies
+record/set, migration resolve) change what the engine trusts: they are signed with an operator
 key, ``--admin-key PATH`` or ``[manage] admin_key``, whose public half is in
 the engine's ``[engine] admin_public_keys``. Without a key they stop here
 with exit 2; the engine refuses a call signed by a key it does not know
@@ -60,6 +62,7 @@ from vtpcm_common.api.engine import rpcapi
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_common.wire import Message
 from vtpcm_nova import conf as engine_conf
+from vtpcm_nova.cmd import settle
 
 LOG = logging.getLogger(__name__)
 
@@ -341,7 +344,7 @@ def _progress(text: str) -> None:
 # Commands that change what the engine trusts: signed with an operator key.
 ADMIN_COMMANDS: frozenset[Command] = frozenset({
     hosts_enroll, hosts_approve, hosts_revoke, hosts_assign_policy, policies_record,
-    policies_set})
+    policies_set}) | settle.ADMIN_COMMANDS
 
 
 # --- parser -------------------------------------------------------------------------------
@@ -435,6 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
     migration = group("migration", "vTPCM migrations")
     command(migration, "show", migration_show, "show a vTPCM migration").add_argument(
         "migration_id", metavar="MIGRATION_ID")
+    settle.add_commands(hosts, migration, command)
 
     keys = group("keys", "operator keys that sign admin commands")
     create = keys.add_parser(

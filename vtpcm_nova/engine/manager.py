@@ -30,6 +30,7 @@ from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.resolve import Resolver
 
 LOG = logging.getLogger(__name__)
 
@@ -139,6 +140,18 @@ class EngineManager:
         self.coordinator = coordinator
         self.auto_approve = auto_approve
         self.default_policy = default_policy
+        self.resolver = Resolver(db, coordinator,
+                                 lambda host, instance: self.coordinator.agents.get(
+                                     host, instance),
+                                 self._agent_alive)
+
+    def _agent_alive(self, host: str) -> bool:
+        """Whether the agent of ``host`` answers (a hint: unauthenticated)."""
+        try:
+            self.coordinator.agents.health(host, timeout=5)
+        except (exception.VTPCMException, messaging.MessagingException):
+            return False
+        return True
 
     # compute-node calls ------------------------------------------------------------
     def _hosts_concerned(self, method: str, request: Any) -> tuple[str, ...]:
@@ -329,6 +342,19 @@ class EngineManager:
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.abort(req.migration_id, req.reason))
+
+    # operator decisions ------------------------------------------------------------
+    @endpoint(m.ResolveMigration, signed=True)
+    def resolve_migration(self, req: m.ResolveMigration) -> m.Resolution:
+        plan, state = self.resolver.resolve_migration(req.migration_id, req.to, req.execute)
+        return m.Resolution(action=plan.action, plan=plan.text[:4000], done=req.execute,
+                            state=state)
+
+    @endpoint(m.ForgetHost, signed=True)
+    def forget_host(self, req: m.ForgetHost) -> m.Resolution:
+        plan = self.resolver.forget_host(req.host, req.execute)
+        return m.Resolution(action=plan.action, plan=plan.text[:4000], done=req.execute,
+                            state=None)
 
     @endpoint(m.MigrationRef)
     def get_migration(self, req: m.MigrationRef) -> m.MigrationInfo:

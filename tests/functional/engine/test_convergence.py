@@ -23,7 +23,7 @@ from tests.functional.harness import (
     client_conf,
     short_dir,
 )
-from vtpcm_common import authn
+from vtpcm_common import authn, exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
@@ -125,3 +125,84 @@ def test_destination_swtpm_dying_after_the_switchover_is_restarted_and_commits(d
     assert "AUDIT swtpm of incoming instance %s died after the switchover" % instance \
         in b.agent.log_text()
     d.at["b"].destroy_vtpcm(instance)
+
+
+def _audits(d: Deployment, event: str, migration_id: str | None = None) -> list[str]:
+    return [e.outcome for e in d.operator.list_audit(limit=500).entries
+            if e.event == event and (migration_id is None or e.migration_id == migration_id)]
+
+
+def test_operator_resolves_a_migration_its_source_never_committed(deployment):
+    """The source's Nova never sends its commit (its host died after the
+    switchover): the operator, who sees the guest on B, resolves to the
+    destination. Without --yes (execute) only the plan comes back; a choice
+    that would bring back an older generation is refused; all is audited."""
+    d = deployment
+    a, b = d.hosts["a"], d.hosts["b"]
+    instance, _ = _running_vtpcm(d, "a")
+    mid = str(uuid.uuid4())
+    d.at["a"].begin(mid, instance, a.name, b.name)
+    _switchover(d, instance, "a", "b")
+
+    plan = d.operator.resolve_migration(mid, "destination")
+    assert (plan.done, plan.state) == (False, "PREPARED")
+    assert plan.plan.startswith("Commit migration %s of instance %s: the vTPCM on %s becomes "
+                                "the authority at generation 1" % (mid, instance, b.name))
+    assert d.operator.get_migration(mid).state == "PREPARED"  # nothing done
+    assert d.agents.get(a.name, instance).state == "MIGRATING_OUT"
+
+    done = d.operator.resolve_migration(mid, "destination", execute=True)
+    assert (done.done, done.state) == (True, "COMMITTED")
+    assert d.operator.get_vtpcm(instance).host == b.name
+    assert d.agents.get(a.name, instance).state == "DESTROYED"
+    assert d.agents.get(b.name, instance).state == "ACTIVE"
+    with pytest.raises(exception.ResolutionRefused, match="already COMMITTED"):
+        d.operator.resolve_migration(mid, "source", execute=True)
+    assert _audits(d, "migration.resolve", mid) == ["refused", "resolved", "planned"]
+    d.at["b"].destroy_vtpcm(instance)
+
+
+def test_operator_resolve_refuses_to_shred_the_only_good_copy(deployment):
+    """Before the switchover the destination holds no state: resolving to it
+    would shred the source's copy. Refused, audited, nothing changes; back to
+    the source is allowed and restores it."""
+    d = deployment
+    a, b = d.hosts["a"], d.hosts["b"]
+    instance, _ = _running_vtpcm(d, "a")
+    mid = str(uuid.uuid4())
+    d.at["a"].begin(mid, instance, a.name, b.name)
+    incoming = d.agents.get(b.name, instance)
+    # the incoming swtpm dies and its (empty) state dir goes: nothing to commit
+    os.kill(incoming.pid, signal.SIGKILL)
+    shutil.rmtree(b.paths(instance, incoming.vtpcm_id).state_dir)
+    with pytest.raises(exception.ResolutionRefused,
+                       match="the only good one"):
+        d.operator.resolve_migration(mid, "destination", execute=True)
+    assert d.operator.get_migration(mid).state == "PREPARED"
+    assert d.agents.get(a.name, instance).state == "MIGRATING_OUT"
+    done = d.operator.resolve_migration(mid, "source", execute=True)
+    assert done.state == "ABORTED"
+    back = d.agents.get(a.name, instance)
+    assert (back.state, back.generation) == ("ACTIVE", 0)
+    d.at["a"].destroy_vtpcm(instance)
+
+
+def test_operator_forgets_a_host_gone_for_good(deployment):
+    """Last in this module: host B's agent goes away for good. Forget is
+    refused while B is approved, then shows and drops B's records."""
+    d = deployment
+    b = d.hosts["b"]
+    instance, _ = _running_vtpcm(d, "b")
+    b.agent.kill9()
+    with pytest.raises(exception.ResolutionRefused, match="revoke it first"):
+        d.operator.forget_host(b.name, execute=True)
+    d.operator.revoke_host(b.name)
+    plan = d.operator.forget_host(b.name)
+    assert not plan.done and instance in plan.plan and "lost with it" in plan.plan
+    assert d.operator.show_host(b.name).status == "REVOKED"
+    assert d.operator.forget_host(b.name, execute=True).done
+    with pytest.raises(exception.NotFound):
+        d.operator.show_host(b.name)
+    with pytest.raises(exception.NotFound):
+        d.operator.get_vtpcm(instance)
+    assert _audits(d, "host.forget") == ["forgotten", "planned", "refused"]

@@ -33,7 +33,8 @@ def test_restarts_each_crashed_one_and_backs_off_on_failure(caplog):
     done = dog.run_once(now=100.0)
     assert [r.instance_uuid for r in done] == ["ok"]
     assert fake.attempts == ["ok", "bad"]
-    assert "could not be restarted (attempt 1, next in 4s): swtpm error for vTPCM v-bad: no state" in caplog.text
+    assert ("could not be restarted (attempt 1, next in 4s): swtpm error for vTPCM v-bad: "
+            "no state") in caplog.text
     assert dog.run_once(now=103.0) == [] and fake.attempts == ["ok", "bad"]  # pausing
     dog.run_once(now=104.0)
     assert fake.attempts == ["ok", "bad", "bad"]  # retried, next pause 8 s

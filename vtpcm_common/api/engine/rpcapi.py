@@ -20,6 +20,11 @@ API version history:
           holding the vTPCM): the Nova driver starts and stops its vTPCMs
           through the engine, with only its host command key; answer
           ``VtpcmStatus``.
+    1.4 - resolve_migration, forget_host (in ``ADMIN_METHODS``): the
+          operator settles a migration the protocol cannot settle alone
+          (``--to source|destination``) or drops the records of a host gone
+          for good; each answers a ``Resolution`` (the plan in plain words,
+          and whether it ran).
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -45,13 +50,14 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.3"
+RPC_API_VERSION = "1.4"
 
 R = TypeVar("R", bound=Message)
 
 # State-changing calls that decide which hosts are trusted: operator-signed.
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
-                           "put_policy", "record_policy"})
+                           "put_policy", "record_policy", "resolve_migration",
+                           "forget_host"})
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
                           "check_destination", "begin", "commit", "abort"})
@@ -61,10 +67,12 @@ METHOD_VERSIONS: dict[str, str] = {
     **dict.fromkeys(("register_agent", "list_hosts", "show_host", "list_policies",
                      "attest", "verdicts", "list_audit", "get_vtpcm", "get_migration"),
                     "1.0"),
-    **dict.fromkeys(ADMIN_METHODS, "1.1"),
+    **dict.fromkeys(ADMIN_METHODS - {"resolve_migration", "forget_host"}, "1.1"),
     **dict.fromkeys(HOST_METHODS, "1.2"),
     "start_vtpcm": "1.3",
     "stop_vtpcm": "1.3",
+    "resolve_migration": "1.4",
+    "forget_host": "1.4",
 }
 
 
@@ -201,6 +209,14 @@ class EngineAPI(rpc.Client):
     def abort(self, migration_id: str, reason: str) -> m.MigrationInfo:
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
                           m.MigrationInfo)
+
+    def resolve_migration(self, migration_id: str, to: str,
+                          execute: bool = False) -> m.Resolution:
+        return self._ask("resolve_migration", m.ResolveMigration(migration_id, to, execute),
+                         m.Resolution)
+
+    def forget_host(self, host: str, execute: bool = False) -> m.Resolution:
+        return self._ask("forget_host", m.ForgetHost(host, execute), m.Resolution)
 
     def get_migration(self, migration_id: str) -> m.MigrationInfo:
         return self._ask("get_migration", m.MigrationRef(migration_id), m.MigrationInfo)
