@@ -142,11 +142,6 @@ class UnsupportedOperation(VTPCMException):
     code = "unsupported"
 
 
-class LabError(VTPCMException):
-    msg_fmt = "Two-host lab: %(reason)s"
-    code = "lab_error"
-
-
 class InvalidAttestationKey(AttestationError):
     msg_fmt = "Attestation key of host %(host)s rejected: %(reason)s"
     code = "invalid_attestation_key"

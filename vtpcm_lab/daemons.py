@@ -31,9 +31,10 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpcm_agent import conf as agent_conf
-from vtpcm_common import authn, exception, rpc
+from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_lab.exception import LabError
 from vtpcm_nova import conf as engine_conf
 
 LOG = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ KEY_ROOT = Path(tempfile.gettempdir()) / ("vtpcm-lab-keys-%d" % os.getuid())
 def signing_key_path(namespace: str) -> Path:
     """Where the engine signing key of deployment ``namespace`` lives."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", namespace):
-        raise exception.LabError(reason="namespace %r is not a plain name" % namespace[:100])
+        raise LabError(reason="namespace %r is not a plain name" % namespace[:100])
     return KEY_ROOT / namespace / "engine-signing.key"
 
 
@@ -79,7 +80,7 @@ def _ensure_key(path: Path) -> Path:
     KEY_ROOT.mkdir(mode=0o700, exist_ok=True)
     st = os.lstat(KEY_ROOT)  # in /tmp: refuse a directory someone else planted
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise exception.LabError(
+        raise LabError(
             reason="%s must be a directory of uid %d with mode 0700" % (KEY_ROOT, os.getuid()))
     authn.load_or_create_signing_key(path)
     return path
