@@ -142,6 +142,15 @@ class UnsupportedOperation(VTPCMException):
     code = "unsupported"
 
 
+class SchemaNotAtHead(VTPCMException):
+    """The engine database is not at the schema this code needs: the
+    engine refuses to start rather than migrate it on its own."""
+
+    msg_fmt = ("Engine database schema is %(found)s, this engine needs revision "
+               "%(head)s: %(action)s")
+    code = "schema_not_at_head"
+
+
 class InvalidAttestationKey(AttestationError):
     msg_fmt = "Attestation key of host %(host)s rejected: %(reason)s"
     code = "invalid_attestation_key"

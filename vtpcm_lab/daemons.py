@@ -36,6 +36,7 @@ from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab.exception import LabError
 from vtpcm_nova import conf as engine_conf
+from vtpcm_nova.engine.db import migration
 
 LOG = logging.getLogger(__name__)
 TRANSPORT_URL = os.environ.get("VTPCM_TEST_TRANSPORT_URL",
@@ -222,7 +223,11 @@ class EngineDaemon(Daemon):
 
     def __init__(self, workdir: Path, exchange: str, connection: str, *,
                  extra: dict[str, dict[str, Any]] | None = None,
-                 name: str = "engine") -> None:
+                 name: str = "engine", db_sync: bool = True) -> None:
+        """``db_sync``: run ``vtpcm-manage db sync``'s function on
+        ``connection`` before each start, as an operator does after
+        installing the engine (False: start on the database as it is)."""
+        self.db_sync = db_sync
         config: dict[str, dict[str, Any]] = {
             "DEFAULT": {"transport_url": TRANSPORT_URL, "control_exchange": exchange,
                         "debug": "true"},
@@ -238,6 +243,11 @@ class EngineDaemon(Daemon):
         for section, values in (extra or {}).items():
             config.setdefault(section, {}).update(values)
         super().__init__(workdir, name, config)
+
+    def start(self) -> None:
+        if self.db_sync:
+            migration.db_sync(str(self.config["engine"]["connection"]))
+        super().start()
 
     def wait_ready(self, api: EngineAPI, timeout: float = 60.0) -> None:
         def ready() -> bool:
