@@ -142,6 +142,14 @@ class UnsupportedOperation(VTPCMException):
     code = "unsupported"
 
 
+class NewerSchema(VTPCMException):
+    """A node-local store written by a newer release: refused unchanged."""
+
+    msg_fmt = ("%(what)s has schema version %(found)s, this release knows up to "
+               "%(known)s (a newer release wrote it)")
+    code = "newer_schema"
+
+
 class SchemaNotAtHead(VTPCMException):
     """The engine database is not at the schema this code needs: the
     engine refuses to start rather than migrate it on its own."""
