@@ -296,3 +296,21 @@ def test_engine_process_refuses_to_start_on_a_database_not_at_head(tmp_path: Pat
     assert "Traceback" not in log
     assert tables(url) == before
     assert migration.db_version(url) == f"revision {migration.BASE_REVISION}"
+
+
+def test_a_legacy_database_without_its_version_row_is_upgraded(db_url: str) -> None:
+    """An engine of those releases stopped between creating its tables and
+    recording their version: every legacy step tolerates what it finds."""
+    load_legacy(db_url, 2)
+    old_host(db_url, "cmp1", b"\x00\x0bak-cmp1", command_public=b"\x01" * 32)
+    eng = engine_of(db_url)
+    with eng.begin() as conn:
+        conn.execute(sqlalchemy.text("DELETE FROM schema_version"))
+    eng.dispose()
+    assert migration.db_sync(db_url).before == "schema version 1 of a release before alembic"
+    assert diff_with_models(db_url) == []
+    db = api.Database(db_url)
+    try:
+        assert db.key_owner("command", b"\x01" * 32) == "cmp1"
+    finally:
+        db.dispose()

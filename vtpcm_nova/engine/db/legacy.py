@@ -68,8 +68,11 @@ def version(conn: Connection) -> int | None:
     """The hand-recorded schema version, None if there is none."""
     if not inspect(conn).has_table("schema_version"):
         return None
-    return conn.execute(select(_schema_version.c.version)
-                        .where(_schema_version.c.id == 1)).scalar()
+    found = conn.execute(select(_schema_version.c.version)
+                         .where(_schema_version.c.id == 1)).scalar()
+    # no row: that engine stopped between creating its tables and recording
+    # their version; every step below tolerates what it finds, so start at 1
+    return 1 if found is None else int(found)
 
 
 def upgrade_to_v3(engine: Engine, found: int) -> None:
@@ -94,8 +97,8 @@ def upgrade_to_v3(engine: Engine, found: int) -> None:
     if found < 3:
         _record_enrolled_keys(engine)
     with engine.begin() as conn:
-        conn.execute(_schema_version.update().where(_schema_version.c.id == 1)
-                     .values(version=LAST_VERSION))
+        conn.execute(_schema_version.delete())
+        conn.execute(_schema_version.insert().values(id=1, version=LAST_VERSION))
 
 
 def _record_enrolled_keys(engine: Engine) -> None:
