@@ -61,12 +61,15 @@ def test_db_sync_to_a_revision(engine_conf: Path, capsys: pytest.CaptureFixture[
     assert code == 0 and json.loads(out)["after"] == f"revision {migration.BASE_REVISION}"
 
 
+@pytest.mark.parametrize("url", [f"nosuchdb://admin:{SECRET}@db/engine",
+                                 f"postgresql://admin:{SECRET}@db:notaport/engine",
+                                 f"admin:{SECRET}@db"])
 def test_db_sync_bad_url_is_a_usage_error_without_the_url(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+        capsys: pytest.CaptureFixture[str], url: str) -> None:
     monkeypatch.setattr(cfg, "find_config_files", lambda **kw: [])
     conf = tmp_path / "bad.conf"
-    conf.write_text(f"[engine]\nconnection = nosuchdb://admin:{SECRET}@db/engine\n")
+    conf.write_text(f"[engine]\nconnection = {url}\n")
     code, out, err = run(capsys, "--config-file", str(conf), "db", "sync")
     assert (code, out) == (2, "")
     assert err == ("vtpcm-manage: error: configuration: [engine] connection is not a "

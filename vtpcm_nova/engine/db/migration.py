@@ -23,6 +23,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from oslo_log import log as logging
 from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError
 
 from vtpcm_common import exception
 from vtpcm_nova.engine.db import legacy, schema
@@ -33,6 +34,16 @@ MIGRATIONS = Path(__file__).with_name("schema_migrations")
 # the first revision: the v3 schema of the last hand-versioned release
 BASE_REVISION = "0001"
 SYNC_COMMAND = "vtpcm-manage db sync"
+
+
+def _connect(url: str) -> Engine:
+    """An engine for ``url``; a URL that does not parse is an ArgumentError
+    that does not repeat the URL (it may hold the password)."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ArgumentError("not a database URL") from None
+    return schema.connect(parsed)
 
 
 def _config(connection: Connection | None = None) -> Config:
@@ -81,7 +92,7 @@ def db_sync(url: str, revision: str = "head") -> SyncResult:
     """Upgrade the database at ``url`` to ``revision`` (data kept); what an
     operator runs as ``vtpcm-manage db sync``. Refuses a database at a
     revision this code does not know (a newer release migrated it)."""
-    engine = schema.connect(make_url(url))
+    engine = _connect(url)
     try:
         with engine.connect() as conn:
             before = describe(conn)
@@ -106,7 +117,7 @@ def db_sync(url: str, revision: str = "head") -> SyncResult:
 
 
 def db_version(url: str) -> str:
-    engine = schema.connect(make_url(url))
+    engine = _connect(url)
     try:
         with engine.connect() as conn:
             return describe(conn)
