@@ -46,7 +46,9 @@ def _connect(url: str) -> Engine:
     return schema.connect(parsed)
 
 
-def _config(connection: Connection | None = None) -> Config:
+def alembic_config(connection: Connection | None = None) -> Config:
+    """Alembic's configuration for our revisions, running on ``connection``
+    (also what a contributor drafts a new revision with)."""
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     config.attributes["connection"] = connection
@@ -55,14 +57,14 @@ def _config(connection: Connection | None = None) -> Config:
 
 def head() -> str:
     """The revision this code's models are at."""
-    found = ScriptDirectory.from_config(_config()).get_current_head()
+    found = ScriptDirectory.from_config(alembic_config()).get_current_head()
     assert found is not None, "no alembic revisions"
     return found
 
 
 def revisions() -> list[str]:
     """Every revision this code knows, oldest first."""
-    script = ScriptDirectory.from_config(_config())
+    script = ScriptDirectory.from_config(alembic_config())
     return [r.revision for r in reversed(list(script.walk_revisions()))]
 
 
@@ -101,11 +103,11 @@ def db_sync(url: str, revision: str = "head") -> SyncResult:
         if old is not None:
             legacy.upgrade_to_v3(engine, old)
             with engine.begin() as conn:
-                command.stamp(_config(conn), BASE_REVISION)
+                command.stamp(alembic_config(conn), BASE_REVISION)
             LOG.info("Legacy engine schema version %(old)d upgraded to v3, stamped "
                      "%(base)s", {"old": old, "base": BASE_REVISION})
         with engine.begin() as conn:
-            command.upgrade(_config(conn), revision)
+            command.upgrade(alembic_config(conn), revision)
         with engine.connect() as conn:
             after = describe(conn)
     finally:
