@@ -15,8 +15,8 @@ from typing import Any
 
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_nova.cmd.manage.results import EXIT_OK, Command, Result
 
-Result = tuple[int, dict[str, Any]]
 NOTHING_DONE = "Nothing was done: run it again with --yes to do this."
 
 
@@ -26,7 +26,7 @@ def _answer(res: m.Resolution) -> Result:
         data["state"] = res.state
     if not res.done:
         data["next"] = NOTHING_DONE
-    return 0, data
+    return EXIT_OK, data
 
 
 def migration_resolve(api: EngineAPI, args: argparse.Namespace) -> Result:
@@ -37,7 +37,7 @@ def hosts_forget(api: EngineAPI, args: argparse.Namespace) -> Result:
     return _answer(api.forget_host(args.host, execute=args.yes))
 
 
-ADMIN_COMMANDS = frozenset({migration_resolve, hosts_forget})
+ADMIN_COMMANDS: frozenset[Command] = frozenset({migration_resolve, hosts_forget})
 
 
 def add_commands(hosts: Any, migration: Any,
