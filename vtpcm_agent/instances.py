@@ -102,6 +102,9 @@ class InstanceManager:
         self.host_tpm = host_tpm
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+        # told of every swtpm restart (the watchdog logs and reports it);
+        # called under the instance's lock, so it must not block
+        self.on_restart: Callable[[Restarted], None] | None = None
         for sub in ("vtpcms", "logs", "localca"):
             (settings.state_root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -394,12 +397,7 @@ class InstanceManager:
             # its swtpm died after the switchover: the state is on disk, and
             # the authority may already be here; bring it back rather than
             # refuse forever (the watchdog would, a few seconds later)
-            revived = self.restart_if_crashed(ctx.instance_uuid)
-            if revived is not None:
-                LOG.error("AUDIT swtpm of incoming instance %(instance)s died after the "
-                          "switchover; restarted as pid %(pid)d for the commit: %(outcome)s",
-                          {"instance": ctx.instance_uuid, "pid": revived.pid,
-                           "outcome": RESTART_OUTCOME})
+            if self.restart_if_crashed(ctx.instance_uuid) is not None:
                 assoc = self.associations.get(ctx.instance_uuid)
         if not (self.is_running(assoc) and self._received_state(assoc)):
             raise exception.MigrationError(
@@ -460,6 +458,11 @@ class InstanceManager:
                 vtpcm_id=assoc.vtpcm_id,
                 reason="its swtpm died and its permanent state file is missing; "
                        "not starting an empty TPM in its place")
+        if process.socket_in_use(paths.ctrl_socket):
+            raise exception.SwtpmError(
+                vtpcm_id=assoc.vtpcm_id,
+                reason="its swtpm died and another process serves its control socket %s; "
+                       "not starting a second one there" % paths.ctrl_socket)
         # a swtpm that lost its socket but still runs would hold the state lock
         if process.owns(assoc.pid, paths):
             process.stop(assoc.pid, paths, timeout=self.settings.timeout)
@@ -468,9 +471,12 @@ class InstanceManager:
         pid = self._spawn_paths(paths, self.keystore.get(assoc.vtpcm_id),
                                 startup_clear=startup_clear)
         self.associations.set_pid(instance_uuid, pid)
-        return Restarted(instance_uuid=instance_uuid, vtpcm_id=assoc.vtpcm_id,
+        done = Restarted(instance_uuid=instance_uuid, vtpcm_id=assoc.vtpcm_id,
                          state=assoc.state.value, old_pid=assoc.pid, pid=pid,
                          with_state=with_state)
+        if self.on_restart is not None:
+            self.on_restart(done)
+        return done
 
     # --- start-up --------------------------------------------------------------
 

@@ -25,6 +25,9 @@ from vtpcm_common.api.agent import rpcapi
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 
 LOG = logging.getLogger(__name__)
+# seconds a restart report waits for the engine (which answers in milliseconds);
+# short, so that an engine that is down does not hold up the agent's stop
+REPORT_TIMEOUT = 3.0
 
 
 def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
@@ -103,8 +106,12 @@ class AgentService:
         self.verifier.remember_nonces_in(self.associations)
         self.instances = InstanceManager(self.settings, self.associations, self.keystore,
                                          self.host_tpm)
-        self.watchdog = SwtpmWatchdog(self.instances, conf.agent.swtpm_watchdog_interval)
         self.transport = rpc.get_transport(conf)
+        # restarts go to the engine's audit, signed with this host's key
+        engine = EngineAPI(conf, self.transport, host_signer=self.host_signer)
+        self.watchdog = SwtpmWatchdog(
+            self.instances, conf.agent.swtpm_watchdog_interval, self.settings.host,
+            lambda report: engine.report_swtpm_restart(report, timeout=REPORT_TIMEOUT))
         self.server: Any = None
         self._stopped = threading.Event()
 

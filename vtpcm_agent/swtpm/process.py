@@ -25,6 +25,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -178,6 +179,25 @@ def is_alive(pid: int, paths: SwtpmPaths) -> bool:
 def owns(pid: int, paths: SwtpmPaths) -> bool:
     """pid is a swtpm process on ``paths`` (alive or not reachable by its socket)."""
     return _is_our_swtpm(pid, paths)
+
+
+def socket_in_use(path: Path) -> bool:
+    """Something accepts connections on the unix socket ``path``.
+
+    For a swtpm that died, its socket file is left behind but nobody
+    listens (connection refused). A process listening there is someone
+    else's: its socket must not be unlinked under it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError:
+        return True  # e.g. a full backlog: someone listens
+    finally:
+        sock.close()
+    return True
 
 
 def find_running(paths: SwtpmPaths) -> int | None:

@@ -175,6 +175,8 @@ class EngineManager:
                 return (request.dest,)
         if method == "begin":  # the source, as recorded: Nova's live_migration on it
             return (self.db.get_vtpcm(request.instance_uuid).host,)
+        if method == "report_swtpm_restart":  # a host speaks for its own swtpm only
+            return (request.host,)
         if method in ("commit", "abort"):  # either side may settle it
             rec = self.db.get_migration(request.migration_id)
             return (rec.source, rec.dest)
@@ -342,6 +344,24 @@ class EngineManager:
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.abort(req.migration_id, req.reason))
+
+    @endpoint(m.SwtpmRestartReport, host_signed=True)
+    def report_swtpm_restart(self, req: m.SwtpmRestartReport, signer: str) -> m.Empty:
+        """Audit an agent's swtpm restart; refused for a vTPCM the engine
+        does not place on that host (a host reports on its own only)."""
+        rec = self.db.get_vtpcm(req.instance_uuid)
+        hosts = {rec.host}
+        if rec.migration_id is not None:  # the incoming side reports too
+            mig = self.db.get_migration(rec.migration_id)
+            hosts |= {mig.source, mig.dest}
+        if signer not in hosts:
+            raise exception.VTPCMNotHere(instance_uuid=req.instance_uuid, holder=rec.host,
+                                         host=signer, reason="a host reports on its own "
+                                                             "vTPCMs only")
+        self.db.audit("vtpcm.swtpm", req.outcome, host=signer, instance=req.instance_uuid,
+                      detail=("vTPCM %s (%s): %s" % (req.vtpcm_id, req.state,
+                                                     req.detail))[:4000])
+        return m.Empty()
 
     # operator decisions ------------------------------------------------------------
     @endpoint(m.ResolveMigration, signed=True)

@@ -5,8 +5,10 @@ re-adoption after kill -9, and bad input."""
 import dataclasses
 import os
 import signal
+import socket
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -396,4 +398,36 @@ def test_a_vtpcm_whose_state_file_is_gone_is_not_restarted_empty(cluster):
     assert process.find_running(paths) is None
     assert not (paths.state_dir / "tpm2-00.permall").exists()
     assert "permanent state file is missing" in a.agent.log_text()
+    api.destroy(a.name, info.instance_uuid)
+
+
+def test_a_foreign_process_on_the_socket_is_left_alone(cluster):
+    """The swtpm dies while something else took its socket path (here while
+    the agent was paused): the agent does not unlink that socket to start a
+    second swtpm; the vTPCM stays reported as crashed."""
+    api, a, _ = cluster
+    info = _new(api, a)
+    os.kill(a.agent.pid, signal.SIGSTOP)
+    foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.kill(info.pid, signal.SIGKILL)  # not through the paused agent
+        ctrl = Path(info.ctrl_socket)
+        wait_for("dead swtpm", lambda: not process.is_alive(info.pid, a.paths(
+            info.instance_uuid, info.vtpcm_id)), 5)
+        ctrl.unlink()
+        foreign.bind(str(ctrl))
+        foreign.listen(4)
+    finally:
+        os.kill(a.agent.pid, signal.SIGCONT)
+    try:
+        wait_for("crash report", lambda: info.instance_uuid in api.health(a.name).crashed, 10)
+        time.sleep(3)  # one more watchdog pass
+        assert not api.get(a.name, info.instance_uuid).running
+        assert "another process serves its control socket" in a.agent.log_text()
+        assert ctrl.exists()
+    finally:
+        foreign.close()
+        ctrl.unlink(missing_ok=True)
+    back = _wait_restarted(api, a, info.instance_uuid, info.pid)  # once it is gone
+    assert back.state == "ACTIVE"
     api.destroy(a.name, info.instance_uuid)

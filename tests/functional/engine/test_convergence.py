@@ -22,6 +22,7 @@ from tests.functional.harness import (
     agent_cluster,
     client_conf,
     short_dir,
+    wait_for,
 )
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -122,8 +123,12 @@ def test_destination_swtpm_dying_after_the_switchover_is_restarted_and_commits(d
     paths = b.paths(instance, incoming.vtpcm_id)
     tpmtools.power_on(paths)  # QEMU after the hard reboot the operator is told to do
     assert _permanent(tpmtools.read_guest_state(paths, with_key=True)) == _permanent(before)
-    assert "AUDIT swtpm of incoming instance %s died after the switchover" % instance \
-        in b.agent.log_text()
+    assert "AUDIT swtpm of instance %s (vTPCM %s, MIGRATING_IN) died" % (
+        instance, incoming.vtpcm_id) in b.agent.log_text()
+    # and in the engine's audit, reported by B's agent with B's host key
+    wait_for("the restart in the engine's audit", lambda: [
+        e for e in d.operator.list_audit(limit=100, host=b.name).entries
+        if (e.event, e.outcome, e.instance) == ("vtpcm.swtpm", "restarted", instance)], 20)
     d.at["b"].destroy_vtpcm(instance)
 
 

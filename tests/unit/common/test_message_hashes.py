@@ -73,6 +73,7 @@ EXPECTED = {
     "engine.ForgetHost": "1.4-db2073b3048ff9de19fc5c695b88b20e",
     "engine.Resolution": "1.4-6b995ffd26a29cb70a92fedc3ec43dab",
     "engine.ResolveMigration": "1.4-c66be3c0ad99187eb26e51d247e78de9",
+    "engine.SwtpmRestartReport": "1.4-3e7effc8539641dd2bfaa61089680f58",
 }
 
 

@@ -159,6 +159,8 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "stop_vtpcm": ("1.3", lambda api: api.stop_vtpcm(INSTANCE)),
     "resolve_migration": ("1.4", lambda api: api.resolve_migration(MIGRATION, "source")),
     "forget_host": ("1.4", lambda api: api.forget_host(HOST)),
+    "report_swtpm_restart": ("1.4", lambda api: api.report_swtpm_restart(
+        em.SwtpmRestartReport(HOST, INSTANCE, INSTANCE, "ACTIVE", "restarted", "died"))),
 }
 
 

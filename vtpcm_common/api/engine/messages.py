@@ -224,3 +224,16 @@ class Resolution(Message):
     plan: str = field(wire.text_field(4000))
     done: bool = field(wire.bool_field)
     state: str | None = field(wire.optional(wire.text_field(32)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SwtpmRestartReport(Message):
+    """An agent's report that a vTPCM's swtpm died and what it did about it."""
+
+    message_type = "swtpm_restart_report"
+    host: str = field(wire.host_field)
+    instance_uuid: str = field(wire.uuid_field)
+    vtpcm_id: str = field(wire.uuid_field)
+    state: str = field(wire.text_field(32))
+    outcome: str = field(wire.choice_field("restarted", "not-restarted"))
+    detail: str = field(wire.text_field(1000))

@@ -24,7 +24,9 @@ API version history:
           operator settles a migration the protocol cannot settle alone
           (``--to source|destination``) or drops the records of a host gone
           for good; each answers a ``Resolution`` (the plan in plain words,
-          and whether it ran).
+          and whether it ran). report_swtpm_restart (in ``HOST_METHODS``,
+          signed by the reporting host): the agent's watchdog puts each
+          swtpm restart (or failed restart) into the engine's audit log.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -60,7 +62,8 @@ ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_poli
                            "forget_host"})
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
-                          "check_destination", "begin", "commit", "abort"})
+                          "check_destination", "begin", "commit", "abort",
+                          "report_swtpm_restart"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -68,11 +71,12 @@ METHOD_VERSIONS: dict[str, str] = {
                      "attest", "verdicts", "list_audit", "get_vtpcm", "get_migration"),
                     "1.0"),
     **dict.fromkeys(ADMIN_METHODS - {"resolve_migration", "forget_host"}, "1.1"),
-    **dict.fromkeys(HOST_METHODS, "1.2"),
+    **dict.fromkeys(HOST_METHODS - {"report_swtpm_restart"}, "1.2"),
     "start_vtpcm": "1.3",
     "stop_vtpcm": "1.3",
     "resolve_migration": "1.4",
     "forget_host": "1.4",
+    "report_swtpm_restart": "1.4",
 }
 
 
@@ -217,6 +221,10 @@ class EngineAPI(rpc.Client):
 
     def forget_host(self, host: str, execute: bool = False) -> m.Resolution:
         return self._ask("forget_host", m.ForgetHost(host, execute), m.Resolution)
+
+    def report_swtpm_restart(self, report: m.SwtpmRestartReport,
+                             timeout: float | None = None) -> m.Empty:
+        return self._ask("report_swtpm_restart", report, m.Empty, timeout=timeout)
 
     def get_migration(self, migration_id: str) -> m.MigrationInfo:
         return self._ask("get_migration", m.MigrationRef(migration_id), m.MigrationInfo)
