@@ -26,6 +26,7 @@ from tests.functional.harness import (
 )
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine import messages as em
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
 
@@ -129,6 +130,11 @@ def test_destination_swtpm_dying_after_the_switchover_is_restarted_and_commits(d
     wait_for("the restart in the engine's audit", lambda: [
         e for e in d.operator.list_audit(limit=100, host=b.name).entries
         if (e.event, e.outcome, e.instance) == ("vtpcm.swtpm", "restarted", instance)], 20)
+    # a host reports on its own vTPCMs only: A no longer holds this one
+    report = em.SwtpmRestartReport(a.name, instance, incoming.vtpcm_id, "ACTIVE",
+                                   "restarted", "forged")
+    with pytest.raises(exception.VTPCMNotHere, match="reports on its own vTPCMs only"):
+        d.at["a"].report_swtpm_restart(report)
     d.at["b"].destroy_vtpcm(instance)
 
 
