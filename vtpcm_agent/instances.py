@@ -397,7 +397,7 @@ class InstanceManager:
             # its swtpm died after the switchover: the state is on disk, and
             # the authority may already be here; bring it back rather than
             # refuse forever (the watchdog would, a few seconds later)
-            if self.restart_if_crashed(ctx.instance_uuid) is not None:
+            if self.restart_if_crashed(ctx.instance_uuid, even_clean_exit=True) is not None:
                 assoc = self.associations.get(ctx.instance_uuid)
         if not (self.is_running(assoc) and self._received_state(assoc)):
             raise exception.MigrationError(
@@ -432,8 +432,15 @@ class InstanceManager:
     # --- crash recovery ---------------------------------------------------------
 
     @serialized
-    def restart_if_crashed(self, instance_uuid: str) -> Restarted | None:
-        """Start again the swtpm of a vTPCM that should run but died.
+    def restart_if_crashed(self, instance_uuid: str,
+                           even_clean_exit: bool = False) -> Restarted | None:
+        """Start again the swtpm of a vTPCM that should run but crashed.
+
+        Crashed: killed or failed, leaving its pid file and socket behind.
+        A swtpm that stopped cleanly (QEMU's CMD_SHUTDOWN when its guest
+        stops or its outgoing migration completed, a SIGTERM) removed both:
+        nothing is lost, the VM's next start starts it, so it is restarted
+        only with ``even_clean_exit`` (``commit_incoming`` needs it running).
 
         Same state dir, same keys (the at-rest key opens the persisted state;
         the migration key stays the migration's), same socket path. Only the
@@ -452,6 +459,8 @@ class InstanceManager:
                 or self.is_running(assoc)):
             return None
         paths = self._paths_of(assoc)
+        if not even_clean_exit and not process.left_behind(paths):
+            return None
         with_state = self._received_state(assoc)
         if not with_state and assoc.state is not S.MIGRATING_IN:
             raise exception.SwtpmError(

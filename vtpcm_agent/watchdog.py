@@ -3,7 +3,8 @@
 swtpm runs detached from the agent (so an agent restart never touches a
 guest's TPM), so nobody reaps or notices its death but this thread: every
 ``interval`` seconds it looks for vTPCMs that should run (ACTIVE, migrating
-out, migrating in) and do not, and starts each again from its persisted
+out, migrating in) and crashed (a clean exit, QEMU's CMD_SHUTDOWN when its
+guest stops, is not a crash), and starts each again from its persisted
 state under its own keys at the same socket path
 (``InstanceManager.restart_if_crashed``). That keeps the only good copy of a
 tenant's TPM usable: an incoming one can be committed, an outgoing one can

@@ -181,6 +181,14 @@ def owns(pid: int, paths: SwtpmPaths) -> bool:
     return _is_our_swtpm(pid, paths)
 
 
+def left_behind(paths: SwtpmPaths) -> bool:
+    """A swtpm that is not running left its pid file or socket: it crashed.
+
+    swtpm removes both when it exits cleanly (CMD_SHUTDOWN, SIGTERM); a
+    SIGKILL or a crash leaves them (checked with swtpm 0.7.1)."""
+    return paths.pid_file.exists() or _is_socket(paths.ctrl_socket)
+
+
 def socket_in_use(path: Path) -> bool:
     """Something accepts connections on the unix socket ``path``.
 

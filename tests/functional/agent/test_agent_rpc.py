@@ -20,7 +20,7 @@ from tests.functional.harness import (
     short_dir,
     wait_for,
 )
-from vtpcm_agent.swtpm import process
+from vtpcm_agent.swtpm import ctrl, process
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -430,4 +430,21 @@ def test_a_foreign_process_on_the_socket_is_left_alone(cluster):
         ctrl.unlink(missing_ok=True)
     back = _wait_restarted(api, a, info.instance_uuid, info.pid)  # once it is gone
     assert back.state == "ACTIVE"
+    api.destroy(a.name, info.instance_uuid)
+
+
+def test_a_swtpm_that_qemu_shut_down_is_not_a_crash(cluster):
+    """QEMU sends CMD_SHUTDOWN when its guest stops (or its outgoing
+    migration completed): swtpm exits cleanly, nothing is lost, and the
+    watchdog leaves it for the VM's next start instead of reporting a crash."""
+    api, a, _ = cluster
+    info = _new(api, a)
+    with ctrl.CtrlClient(info.ctrl_socket) as client:
+        client.shutdown()
+    wait_for("clean exit", lambda: not api.get(a.name, info.instance_uuid).running, 5)
+    time.sleep(3)  # at least one watchdog pass
+    assert not api.get(a.name, info.instance_uuid).running
+    assert "AUDIT swtpm of instance %s" % info.instance_uuid not in a.agent.log_text()
+    again = api.start(a.name, info.instance_uuid)  # the VM's next start
+    assert again.running and again.pid != info.pid
     api.destroy(a.name, info.instance_uuid)
