@@ -52,6 +52,8 @@ class AgentClient(Protocol):
                            dest_kem_public: bytes) -> am.SealedKey: ...
     def prepare_incoming(self, host: str, context: am.MigrationContext,
                          envelope: bytes) -> am.VTPCMInfo: ...
+    def export_state(self, host: str, instance_uuid: str) -> am.StateBlobs: ...
+    def import_state(self, host: str, blobs: am.StateBlobs) -> am.VTPCMInfo: ...
     def commit_incoming(self, host: str, context: am.MigrationContext) -> Any: ...
     def commit_outgoing(self, host: str, context: am.MigrationContext) -> Any: ...
     def abort_incoming(self, host: str, context: am.MigrationContext,
@@ -334,7 +336,7 @@ class Coordinator:
             self._run(proto, ctx, p.pending_actions(proto.state))
             return self.db.get_migration(migration_id)
         if requested_by not in (None, ctx.source_host) and \
-                proto.state in (M.PREPARED, M.IN_DOUBT):
+                proto.state in (M.PREPARED, M.TRANSFERRING, M.TRANSFERRED, M.IN_DOUBT):
             detail = "signed by %s, not the source, before the commit point" % requested_by
             self.db.audit("migration.commit", "refused", host=requested_by,
                           instance=ctx.instance_uuid, migration_id=migration_id,
@@ -345,6 +347,36 @@ class Coordinator:
                        % proto.state.value)
         self._advance(proto, ctx, p.CommitRequested())
         return self.db.get_migration(migration_id)
+
+    def transfer(self, migration_id: str,
+                 requested_by: str | None = None) -> db_api.MigrationRecord:
+        """Cold migration, resize: carry the vTPCM's blobs (encrypted by
+        swtpm under the migration key; the engine sees only ciphertext)
+        from the source into the destination's prepared incoming vTPCM.
+
+        Only the source may ask: it holds the vTPCM and knows its guest is
+        off. Once per migration: a retry after the state went is a no-op,
+        and the destination refuses a second import anyway. A failed
+        transfer aborts the migration (the source's copy stays live)."""
+        proto, ctx, _ = self._load(migration_id)
+        if requested_by not in (None, ctx.source_host):
+            detail = "signed by %s, not the source %s" % (requested_by, ctx.source_host)
+            self.db.audit("migration.transfer", "refused", host=requested_by,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail=detail)
+            raise exception.CommandRefused(method="transfer_state", reason=detail)
+        try:
+            self._advance(proto, ctx, p.TransferRequested())
+        except exception.InvalidTransition:
+            self.db.audit("migration.transfer", "refused", host=ctx.source_host,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail="migration is %s" % proto.state.value)
+            raise
+        rec = self.db.get_migration(migration_id)
+        if proto.state is not M.TRANSFERRED:
+            raise exception.MigrationError(migration_id=migration_id,
+                                           reason=rec.error or "aborted")
+        return rec
 
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
         """Undo the migration before its commit point (in doubt too: Nova's
@@ -501,6 +533,9 @@ class Coordinator:
             self._recheck_destination(ctx, kem_public)
             self.agents.prepare_incoming(dst, ctx, action.envelope)
             return p.DestinationPrepared()
+        if isinstance(action, p.TransferState):
+            self._transfer_state(ctx)
+            return p.StateTransferred()
         if isinstance(action, p.MoveAuthority):
             moved = self.db.update_vtpcm_location(
                 ctx.instance_uuid, src, ctx.generation, dst, ctx.generation + 1,
@@ -546,6 +581,23 @@ class Coordinator:
             return p.SourceRestored()
         raise exception.MigrationError(migration_id=ctx.migration_id,
                                        reason="unknown action %s" % action.name)
+
+    def _transfer_state(self, ctx: am.MigrationContext) -> None:
+        """Export at the source, import at the destination. The source's
+        blobs must be of this migration and generation (its agent marked
+        them MIGRATING_OUT for it); the destination imports only into the
+        incoming vTPCM prepared for it, once (``InstanceManager.import_state``)."""
+        blobs = self.agents.export_state(ctx.source_host, ctx.instance_uuid)
+        if (blobs.migration_id, blobs.generation) != (ctx.migration_id, ctx.generation):
+            raise exception.MigrationError(
+                migration_id=ctx.migration_id,
+                reason="the source exported the state of migration %s, generation %d, "
+                       "not of this migration at generation %d"
+                       % (blobs.migration_id, blobs.generation, ctx.generation))
+        self.agents.import_state(ctx.dest_host, blobs)
+        LOG.info("Migration %(mig)s: moved the encrypted state of instance %(i)s from "
+                 "%(src)s to %(dst)s", {"mig": ctx.migration_id, "i": ctx.instance_uuid,
+                                        "src": ctx.source_host, "dst": ctx.dest_host})
 
     def _refuse_audit(self, migration_id: str, instance_uuid: str, host: str,
                       detail: str) -> None:

@@ -162,6 +162,8 @@ class EngineManager:
                 return (request.dest,)
         if method == "begin":  # the source, as recorded: Nova's live_migration on it
             return (self.db.get_vtpcm(request.instance_uuid).host,)
+        if method == "transfer_state":  # the source: its guest is off, it consents
+            return (self.db.get_migration(request.migration_id).source,)
         if method in ("commit", "abort"):  # either side may settle it
             rec = self.db.get_migration(request.migration_id)
             return (rec.source, rec.dest)
@@ -325,6 +327,11 @@ class EngineManager:
     @endpoint(m.MigrationRef, host_signed=True)
     def commit(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.commit(req.migration_id, requested_by=signer))
+
+    @endpoint(m.MigrationRef, host_signed=True)
+    def transfer_state(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:
+        return migration_info(self.coordinator.transfer(req.migration_id,
+                                                        requested_by=signer))
 
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:

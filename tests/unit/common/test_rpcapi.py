@@ -157,6 +157,8 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     # 1.3, host-signed
     "start_vtpcm": ("1.3", lambda api: api.start_vtpcm(INSTANCE)),
     "stop_vtpcm": ("1.3", lambda api: api.stop_vtpcm(INSTANCE)),
+    # 1.4, host-signed
+    "transfer_state": ("1.4", lambda api: api.transfer_state(MIGRATION)),
 }
 
 

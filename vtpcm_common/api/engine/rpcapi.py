@@ -20,6 +20,9 @@ API version history:
           holding the vTPCM): the Nova driver starts and stops its vTPCMs
           through the engine, with only its host command key; answer
           ``VtpcmStatus``.
+    1.4 - transfer_state (in ``HOST_METHODS``, signed by the migration's
+          source): cold migration and resize move the vTPCM's encrypted
+          blobs source agent -> destination agent through the engine.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -45,7 +48,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.3"
+RPC_API_VERSION = "1.4"
 
 R = TypeVar("R", bound=Message)
 
@@ -54,7 +57,8 @@ ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_poli
                            "put_policy", "record_policy"})
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
-                          "check_destination", "begin", "commit", "abort"})
+                          "check_destination", "begin", "commit", "abort",
+                          "transfer_state"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -65,6 +69,7 @@ METHOD_VERSIONS: dict[str, str] = {
     **dict.fromkeys(HOST_METHODS, "1.2"),
     "start_vtpcm": "1.3",
     "stop_vtpcm": "1.3",
+    "transfer_state": "1.4",
 }
 
 
@@ -197,6 +202,11 @@ class EngineAPI(rpc.Client):
 
     def commit(self, migration_id: str) -> m.MigrationInfo:
         return self._ask("commit", m.MigrationRef(migration_id), m.MigrationInfo)
+
+    def transfer_state(self, migration_id: str) -> m.MigrationInfo:
+        """Cold migration, resize: move the stopped guest's vTPCM state to
+        the prepared destination (signed by the source; answer TRANSFERRED)."""
+        return self._ask("transfer_state", m.MigrationRef(migration_id), m.MigrationInfo)
 
     def abort(self, migration_id: str, reason: str) -> m.MigrationInfo:
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
