@@ -33,7 +33,7 @@ from nova import objects
 from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.tests.functional.api import client as api_client
 from nova.tests.functional.libvirt import base
-from tpm2_pytss import ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+from tpm2_pytss import ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA, TSS2_Exception
 
 from tests import leakscan
 from tests.functional import tpmtools
@@ -522,6 +522,52 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
             self.dep.operator.enroll(b)
             self.dep.operator.assign_policy(b, dep_mod.GOLDEN)
             self.assertEqual("TRUSTED", self.dep.operator.attest(b).status)
+
+    def test_evacuation_is_refused_unless_the_operator_allows_a_fresh_vtpcm(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        self._write_tpm(a, instance)
+        old = self.dep.operator.get_vtpcm(instance)
+        self.computes[a].stop()
+        self.admin_api.put_service(self.computes[a].service_ref.uuid, {"forced_down": True})
+
+        def evacuate(expected: str) -> dict[str, Any]:
+            self.admin_api.post_server_action(instance, {"evacuate": {}})
+            return self._wait_for_state_change(server, expected)
+
+        # default: refused, the fault says why, nothing changes
+        server = evacuate("ERROR")
+        self.assertIn("evacuate is refused for vTPCM instances", server["fault"]["message"])
+        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
+        self.assertIsNone(self.dep.vtpcm_on(b, instance))
+
+        # allowed by the operator, but the holder's agent still answers: refused
+        self.flags(evacuate_with_fresh_vtpcm=True, group="vtpcm")
+        server = evacuate("ERROR")
+        self.assertIn("agent of %s answers" % a, server["fault"]["message"])
+        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
+
+        # the holder is really gone: a fresh vTPCM on b, audited as state loss
+        agent_a = self.dep.hosts[a].agent
+        agent_a.stop()
+        try:
+            server = evacuate("ACTIVE")
+        finally:
+            agent_a.start()
+            agent_a.wait_ready(self.dep.agents)
+        self.assertEqual(b, self._host_of(server))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual(b, rec.host)
+        self.assertNotEqual(old.vtpcm_id, rec.vtpcm_id)
+        self.assertEqual(rec.vtpcm_id, self.dep.agents.get(b, instance).vtpcm_id)
+        with self.assertRaisesRegex(TSS2_Exception, "handle"):  # a fresh TPM: no NV index
+            self._tpm(b, instance)
+        self.assertEqual(["refused", "state lost"],
+                         sorted(e.outcome for e in self._audit(instance, "vtpcm.evacuate")))
+        # the old copy is never started again through the engine
+        with pytest.raises(exception.CommandRefused):
+            self.dep.engine_at(a).start_vtpcm(instance)
 
     def test_shelve_offload_keeps_the_vtpcm_for_an_unshelve_on_its_host(self) -> None:
         a, b = self._start_hosts(2)

@@ -40,6 +40,8 @@ RESERVED_PREFIX = "creating-"
 # How long a signed agent command may still run after the engine sent it:
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
 COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
+# How long an evacuation waits for the failed host's agent before it counts as gone.
+HEALTH_TIMEOUT = 10.0
 
 
 class AgentClient(Protocol):
@@ -48,6 +50,7 @@ class AgentClient(Protocol):
     def destroy(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
     def start(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
     def stop(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
+    def health(self, host: str, timeout: float | None = None) -> am.Health: ...
     def seal_migration_key(self, host: str, context: am.MigrationContext,
                            dest_kem_public: bytes) -> am.SealedKey: ...
     def prepare_incoming(self, host: str, context: am.MigrationContext,
@@ -136,6 +139,54 @@ class Coordinator:
         self.agents.destroy(rec.host, instance_uuid)
         self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=instance_uuid)
+
+    def replace_vtpcm(self, instance_uuid: str, host: str,
+                      requested_by: str | None = None) -> db_api.VtpcmRecord:
+        """Evacuation with state loss, which the operator allowed on the
+        target's nova-compute (``[vtpcm] evacuate_with_fresh_vtpcm``): the
+        vTPCM of a failed host is abandoned and ``host`` gets a fresh one.
+
+        Only ``host`` itself may ask, never during a migration, creation or
+        destruction, and only while the holder's agent does not answer (a
+        host that answers can migrate the vTPCM instead). The old record goes
+        first (compare-and-set on its generation, state and id): the engine
+        never starts the old copy again, also if its host comes back. Audited
+        as state loss."""
+        rec = self.db.get_vtpcm(instance_uuid)
+        if requested_by not in (None, host):
+            refusal = "signed by %s, not by %s" % (requested_by, host)
+        elif rec.host == host:
+            refusal = "the vTPCM already lives on %s" % host
+        elif rec.migration_id is not None:
+            refusal = "migration %s holds the vTPCM" % rec.migration_id
+        elif rec.state in (CREATING, DESTROYING):
+            refusal = "the vTPCM is %s" % rec.state
+        else:
+            refusal = self._holder_answers(rec.host)
+        if refusal:
+            self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
+                          detail=refusal[:1000])
+            raise exception.CommandRefused(method="replace_vtpcm", reason=refusal)
+        if not self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=rec.state,
+                                    expected_vtpcm_id=rec.vtpcm_id):
+            raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                      reason="its record changed meanwhile; retry")
+        self.db.audit("vtpcm.evacuate", "state lost", host=rec.host, instance=instance_uuid,
+                      detail="vTPCM %s (generation %d) on failed host %s abandoned; a fresh "
+                             "vTPCM on %s" % (rec.vtpcm_id, rec.generation, rec.host, host))
+        LOG.warning("Instance %(i)s evacuated from %(old)s to %(new)s with a fresh vTPCM: "
+                    "its TPM state (generation %(gen)d) is lost",
+                    {"i": instance_uuid, "old": rec.host, "new": host, "gen": rec.generation})
+        return self.create_vtpcm(instance_uuid, host)
+
+    def _holder_answers(self, holder: str) -> str:
+        """A refusal if the holder's agent answers (its host is not failed)."""
+        try:
+            self.agents.health(holder, timeout=HEALTH_TIMEOUT)
+        except exception.ServiceUnreachable:
+            return ""
+        return ("the agent of %s answers: evacuate only from a failed host (migrate "
+                "otherwise)" % holder)
 
     def start_vtpcm(self, instance_uuid: str,
                     requested_by: str | None = None) -> tuple[str, am.VTPCMInfo]:

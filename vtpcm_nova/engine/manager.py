@@ -151,7 +151,7 @@ class EngineManager:
         takes the destination's word before the commit point only once the
         agents show the guest left the source. A NotFound here is the
         honest answer to any caller."""
-        if method == "create_vtpcm":
+        if method in ("create_vtpcm", "replace_vtpcm"):  # the host that gets it
             return (request.host,)
         if method in ("destroy_vtpcm", "start_vtpcm", "stop_vtpcm"):
             return (self.db.get_vtpcm(request.instance_uuid).host,)
@@ -293,6 +293,11 @@ class EngineManager:
     @endpoint(m.VtpcmPlacement, host_signed=True)
     def create_vtpcm(self, req: m.VtpcmPlacement, signer: str) -> m.VtpcmRecord:
         return vtpcm_info(self.coordinator.create_vtpcm(req.instance_uuid, req.host))
+
+    @endpoint(m.VtpcmPlacement, host_signed=True)
+    def replace_vtpcm(self, req: m.VtpcmPlacement, signer: str) -> m.VtpcmRecord:
+        return vtpcm_info(self.coordinator.replace_vtpcm(req.instance_uuid, req.host,
+                                                         requested_by=signer))
 
     @endpoint(m.InstanceRef, host_signed=True)
     def destroy_vtpcm(self, req: m.InstanceRef, signer: str) -> m.Empty:

@@ -154,10 +154,21 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                                                      instance.uuid, self.vtpcm_host,
                                                      CONF.vtpcm.socket_dirs)
         except exception.VTPCMNotHere as err:
-            raise VTPCMFault(reason=_not_here_reason(instance, err)) from None
+            if not (_evacuating(instance) and CONF.vtpcm.evacuate_with_fresh_vtpcm):
+                raise VTPCMFault(reason=_not_here_reason(instance, err)) from None
+            socket_path = self._fresh_after_evacuation(instance)
         except exception.VTPCMException as err:
             raise VTPCMFault(reason=str(err)) from None
         guest.add_device(LibvirtConfigGuestExternalTPM(socket_path, spec.model))
+
+    def _fresh_after_evacuation(self, instance: Any) -> str:
+        try:
+            return lifecycle.fresh_after_evacuation(self.vtpcm_engine, self.vtpcm_agents,
+                                                    instance.uuid, self.vtpcm_host,
+                                                    CONF.vtpcm.socket_dirs)
+        except exception.VTPCMException as err:
+            raise VTPCMFault(reason="evacuation with a fresh vTPCM refused: %s" % err) \
+                from None
 
     def destroy(self, context: Any, instance: Any, network_info: Any,
                 block_device_info: Any = None, destroy_disks: bool = True,
@@ -414,11 +425,18 @@ def _moves_host(migration: Any) -> bool:
     return bool(migration.source_compute != migration.dest_compute)
 
 
+def _evacuating(instance: Any) -> bool:
+    """A rebuild spawning away from the vTPCM's host is an evacuation (a
+    rebuild proper stays on the host, where the vTPCM is kept)."""
+    return bool(instance.task_state == task_states.REBUILD_SPAWNING)
+
+
 def _not_here_reason(instance: Any, err: exception.VTPCMNotHere) -> str:
     """Name the Nova operation that tried to run the guest away from its vTPCM."""
-    if instance.task_state == task_states.REBUILD_SPAWNING:
+    if _evacuating(instance):
         return ("evacuate is refused for vTPCM instances: the vTPCM state cannot be read "
-                "from the failed host (%s)" % err)
+                "from the failed host (%s); [vtpcm] evacuate_with_fresh_vtpcm allows it "
+                "with a new, empty TPM" % err)
     if instance.vm_state == vm_states.SHELVED_OFFLOADED:
         return ("unshelve onto another host is not supported yet for vTPCM instances: "
                 "the vTPCM is kept on its host (%s)" % err)

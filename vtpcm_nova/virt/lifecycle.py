@@ -24,6 +24,7 @@ class Engine(Protocol):
     def create_vtpcm(self, instance_uuid: str, host: str) -> em.VtpcmRecord: ...
     def start_vtpcm(self, instance_uuid: str) -> em.VtpcmStatus: ...
     def destroy_vtpcm(self, instance_uuid: str) -> em.Empty: ...
+    def replace_vtpcm(self, instance_uuid: str, host: str) -> em.VtpcmRecord: ...
     def abort(self, migration_id: str, reason: str) -> em.MigrationInfo: ...
 
 
@@ -65,6 +66,19 @@ def ensure_running(engine: Engine, agents: AgentReader, instance_uuid: str,
         raise exception.SwtpmError(vtpcm_id=info.vtpcm_id,
                                    reason="the agent reports it stopped right after start")
     return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid, socket_dirs)
+
+
+def fresh_after_evacuation(engine: Engine, agents: AgentReader, instance_uuid: str,
+                           host: str, socket_dirs: Sequence[str]) -> str:
+    """Evacuation onto ``host`` with a fresh vTPCM, when the operator chose
+    state loss over a server stuck on a failed host: the engine abandons the
+    failed host's vTPCM (only while that host's agent does not answer) and
+    creates a new one here; then as ``ensure_running``."""
+    rec = engine.replace_vtpcm(instance_uuid, host)
+    LOG.warning("Instance %(instance)s evacuated to %(host)s with a fresh vTPCM "
+                "%(vtpcm)s: its previous TPM state is lost",
+                {"instance": instance_uuid, "host": host, "vtpcm": rec.vtpcm_id})
+    return ensure_running(engine, agents, instance_uuid, host, socket_dirs)
 
 
 def destroy_if_held(engine: Engine, instance_uuid: str, host: str) -> bool:

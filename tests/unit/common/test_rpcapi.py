@@ -159,6 +159,7 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "stop_vtpcm": ("1.3", lambda api: api.stop_vtpcm(INSTANCE)),
     # 1.4, host-signed
     "transfer_state": ("1.4", lambda api: api.transfer_state(MIGRATION)),
+    "replace_vtpcm": ("1.4", lambda api: api.replace_vtpcm(INSTANCE, HOST)),
 }
 
 

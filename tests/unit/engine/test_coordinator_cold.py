@@ -126,3 +126,53 @@ def test_a_deadline_spares_a_resized_guest_until_confirm(env):  # noqa: F811
     assert agents.only_if_unused is True
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
     assert db.get_vtpcm(INSTANCE).host == "host-b"
+
+
+# --- evacuation with a fresh vTPCM (state loss, operator option) --------------------
+
+def _holder(agents, answers):
+    def health(host, timeout=None):
+        agents._record("health", host)
+        if not answers:
+            raise exception.ServiceUnreachable(service="agent " + host, method="health",
+                                               reason="timeout")
+    agents.health = health
+
+
+def test_an_evacuation_abandons_a_failed_hosts_vtpcm_for_a_fresh_one(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    old = db.get_vtpcm(INSTANCE)
+    _holder(agents, answers=False)
+    rec = coord.replace_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    assert rec.host == "host-b" and rec.vtpcm_id != old.vtpcm_id
+    assert ("create", "host-b") in agents.calls
+    (lost,) = [a for a in db.list_audit(limit=20) if a.event == "vtpcm.evacuate"]
+    assert lost.outcome == "state lost" and lost.host == "host-a"
+    assert old.vtpcm_id in lost.detail
+    # the old copy can never be started through the engine again
+    with pytest.raises(exception.CommandRefused, match="lives on host-b"):
+        coord.start_vtpcm(INSTANCE, requested_by="host-a")
+
+
+@pytest.mark.parametrize(("setup", "why"), [
+    ("answers", "the agent of host-a answers"),
+    ("same-host", "already lives on host-a"),
+    ("migrating", "holds the vTPCM"),
+    ("other-signer", "signed by host-c"),
+])
+def test_an_evacuation_is_refused_unless_the_holder_failed(env, setup, why):  # noqa: F811
+    coord, db, agents, _, _ = env
+    _holder(agents, answers=setup == "answers")
+    target, signer = "host-b", "host-b"
+    if setup == "same-host":
+        target = signer = "host-a"
+    if setup == "other-signer":
+        signer = "host-c"
+    if setup == "migrating":
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+    before = db.get_vtpcm(INSTANCE)
+    with pytest.raises(exception.CommandRefused, match=why):
+        coord.replace_vtpcm(INSTANCE, target, requested_by=signer)
+    assert db.get_vtpcm(INSTANCE) == before
+    assert [a.outcome for a in db.list_audit(limit=20) if a.event == "vtpcm.evacuate"] == \
+        ["refused"]

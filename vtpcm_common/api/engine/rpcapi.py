@@ -22,7 +22,10 @@ API version history:
           ``VtpcmStatus``.
     1.4 - transfer_state (in ``HOST_METHODS``, signed by the migration's
           source): cold migration and resize move the vTPCM's encrypted
-          blobs source agent -> destination agent through the engine.
+          blobs source agent -> destination agent through the engine;
+          replace_vtpcm (in ``HOST_METHODS``, signed by the named host):
+          evacuation with a fresh vTPCM when the operator allows the state
+          loss.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -58,7 +61,7 @@ ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_poli
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
                           "check_destination", "begin", "commit", "abort",
-                          "transfer_state"})
+                          "transfer_state", "replace_vtpcm"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -70,6 +73,7 @@ METHOD_VERSIONS: dict[str, str] = {
     "start_vtpcm": "1.3",
     "stop_vtpcm": "1.3",
     "transfer_state": "1.4",
+    "replace_vtpcm": "1.4",
 }
 
 
@@ -174,6 +178,12 @@ class EngineAPI(rpc.Client):
 
     def create_vtpcm(self, instance_uuid: str, host: str) -> m.VtpcmRecord:
         return self._ask("create_vtpcm", m.VtpcmPlacement(instance_uuid, host),
+                          m.VtpcmRecord)
+
+    def replace_vtpcm(self, instance_uuid: str, host: str) -> m.VtpcmRecord:
+        """Evacuation: abandon the vTPCM of the failed host holding it and
+        create a fresh one on ``host`` (this client's host). State loss."""
+        return self._ask("replace_vtpcm", m.VtpcmPlacement(instance_uuid, host),
                           m.VtpcmRecord)
 
     def destroy_vtpcm(self, instance_uuid: str) -> m.Empty:
