@@ -569,31 +569,34 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         with pytest.raises(exception.CommandRefused):
             self.dep.engine_at(a).start_vtpcm(instance)
 
-    def test_shelve_offload_keeps_the_vtpcm_for_an_unshelve_on_its_host(self) -> None:
+    def test_shelve_offload_then_unshelve_on_another_host_moves_the_vtpcm(self) -> None:
         a, b = self._start_hosts(2)
         server = self._boot(host=a)
         instance = server["id"]
         before = self._write_tpm(a, instance)
+        src_id = self.dep.agents.get(a, instance).vtpcm_id
+        src_state = self.dep.hosts[a].state_dir / "vtpcms" / src_id
         self.admin_api.post_server_action(instance, {"shelve": {}})
         server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
-        # the offload destroyed the guest, not its TPM
-        self.assertEqual((a, 0), (self.dep.operator.get_vtpcm(instance).host,
-                                  self.dep.operator.get_vtpcm(instance).generation))
-        self.assertEqual(before, self._tpm(a, instance))
+        # the offload stopped the guest and its vTPCM; the encrypted state
+        # stays on a, and the engine records the holder's consent to a move
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0, "SHELVED"), (rec.host, rec.generation, rec.state))
+        self.assertFalse(self.dep.agents.get(a, instance).running)
 
-        # onto another host: refused with a fault naming why, the vTPCM stays
         self.admin_api.post_server_action(instance, {"unshelve": {"host": b}})
-        event = self._wait_for_instance_action_event(
-            server, "unshelve", "compute_unshelve_instance", "Error")
-        self.assertIn("unshelve onto another host is not supported", event["details"])
-        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
-        self.assertIsNone(self.dep.vtpcm_on(b, instance))
-        self.assertEqual(a, self.dep.operator.get_vtpcm(instance).host)
-
-        self.admin_api.post_server_action(instance, {"unshelve": {"host": a}})
         server = self._wait_for_state_change(server, "ACTIVE")
-        self.assertEqual(a, self._host_of(server))
-        self.assertEqual(before, self._tpm(a, instance))
+        self.assertEqual(b, self._host_of(server))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((b, 1, None), (rec.host, rec.generation, rec.migration_id))
+        after = self._tpm(b, instance)
+        self.assertEqual(before["nv"], after["nv"])
+        # PCRs are volatile: the guest was powered off, they start afresh
+        self.assertEqual(bytes(32), after["pcr16"])
+        self.assertIsNone(self.dep.vtpcm_on(a, instance))
+        self.assertFalse(src_state.exists())
+        self.assertEqual(["moved"],
+                         [e.outcome for e in self._audit(instance, "vtpcm.unshelve")])
 
     def test_delete_shreds_the_vtpcm(self) -> None:
         a, = self._start_hosts(1)

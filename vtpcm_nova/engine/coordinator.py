@@ -36,6 +36,7 @@ LOG = logging.getLogger(__name__)
 
 CREATING = "CREATING"
 DESTROYING = "DESTROYING"
+SHELVED = "SHELVED"
 RESERVED_PREFIX = "creating-"
 # How long a signed agent command may still run after the engine sent it:
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
@@ -178,6 +179,71 @@ class Coordinator:
                     "its TPM state (generation %(gen)d) is lost",
                     {"i": instance_uuid, "old": rec.host, "new": host, "gen": rec.generation})
         return self.create_vtpcm(instance_uuid, host)
+
+    def shelve_vtpcm(self, instance_uuid: str,
+                     requested_by: str | None = None) -> db_api.VtpcmRecord:
+        """Shelve offload: the holder's consent, given while it still holds
+        the vTPCM, that a later unshelve may move it to another TRUSTED
+        host without the holder's nova-compute. The swtpm stops (the guest
+        is off); the state stays on the holder's disk, encrypted under keys
+        only its TPM unwraps. Idempotent."""
+        rec = self._powered_record("shelve_vtpcm", instance_uuid, requested_by)
+        if rec.state == SHELVED:
+            return rec
+        self.agents.stop(rec.host, instance_uuid)
+        if not self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
+                                       expected_state=rec.state, expected_migration_id=None):
+            raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                      reason="its record changed meanwhile; retry")
+        self.db.audit("vtpcm.shelve", "shelved", host=rec.host, instance=instance_uuid,
+                      detail="generation %d kept on %s" % (rec.generation, rec.host))
+        return self.db.get_vtpcm(instance_uuid)
+
+    def unshelve_vtpcm(self, instance_uuid: str, host: str,
+                       requested_by: str | None = None) -> db_api.VtpcmRecord:
+        """Unshelve onto ``host`` (signed by it): on the holder the vTPCM is
+        simply live again; elsewhere it moves as in a cold migration (fresh
+        TRUSTED verdict for ``host``, key sealed to its TPM, encrypted blobs,
+        generation + 1, the holder's copy shredded), driven by the engine
+        under an id of its own. Only a SHELVED vTPCM moves, so it is
+        restored once: a second unshelve elsewhere is refused. A refused or
+        failed move leaves it SHELVED on the holder."""
+        rec = self.db.get_vtpcm(instance_uuid)
+        refusal = ""
+        if requested_by not in (None, host):
+            refusal = "signed by %s, not by %s" % (requested_by, host)
+        elif rec.host == host:
+            if rec.state == SHELVED and not self.db.set_vtpcm_state(
+                    instance_uuid, rec.generation, "ACTIVE", expected_state=SHELVED,
+                    expected_migration_id=None):
+                raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                          reason="its record changed meanwhile; retry")
+            self.db.audit("vtpcm.unshelve", "unshelved", host=host, instance=instance_uuid,
+                          detail="on its holder, generation %d" % rec.generation)
+            return self.db.get_vtpcm(instance_uuid)
+        elif rec.state != SHELVED or rec.migration_id is not None:
+            refusal = ("the vTPCM is %s on %s, not shelved: only a shelved vTPCM moves at "
+                       "unshelve, once" % (rec.state, rec.host))
+        if refusal:
+            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
+                          detail=refusal[:1000])
+            raise exception.CommandRefused(method="unshelve_vtpcm", reason=refusal)
+        migration_id = str(uuid.uuid4())
+        try:
+            self.begin(migration_id, instance_uuid, rec.host, host)
+            self.transfer(migration_id)
+            self.commit(migration_id)
+        except exception.VTPCMException as err:
+            # begin and transfer abort themselves; the holder keeps it, shelved
+            self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
+                                    expected_state="ACTIVE", expected_migration_id=None)
+            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
+                          migration_id=migration_id, detail=str(err)[:1000])
+            raise
+        self.db.audit("vtpcm.unshelve", "moved", host=host, instance=instance_uuid,
+                      migration_id=migration_id,
+                      detail="from %s, generation %d" % (rec.host, rec.generation + 1))
+        return self.db.get_vtpcm(instance_uuid)
 
     def _holder_answers(self, holder: str) -> str:
         """A refusal if the holder's agent answers (its host is not failed)."""

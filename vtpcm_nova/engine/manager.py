@@ -151,9 +151,9 @@ class EngineManager:
         takes the destination's word before the commit point only once the
         agents show the guest left the source. A NotFound here is the
         honest answer to any caller."""
-        if method in ("create_vtpcm", "replace_vtpcm"):  # the host that gets it
+        if method in ("create_vtpcm", "replace_vtpcm", "unshelve_vtpcm"):  # who gets it
             return (request.host,)
-        if method in ("destroy_vtpcm", "start_vtpcm", "stop_vtpcm"):
+        if method in ("destroy_vtpcm", "start_vtpcm", "stop_vtpcm", "shelve_vtpcm"):
             return (self.db.get_vtpcm(request.instance_uuid).host,)
         if method == "check_destination":
             try:
@@ -298,6 +298,16 @@ class EngineManager:
     def replace_vtpcm(self, req: m.VtpcmPlacement, signer: str) -> m.VtpcmRecord:
         return vtpcm_info(self.coordinator.replace_vtpcm(req.instance_uuid, req.host,
                                                          requested_by=signer))
+
+    @endpoint(m.InstanceRef, host_signed=True)
+    def shelve_vtpcm(self, req: m.InstanceRef, signer: str) -> m.VtpcmRecord:
+        return vtpcm_info(self.coordinator.shelve_vtpcm(req.instance_uuid,
+                                                        requested_by=signer))
+
+    @endpoint(m.VtpcmPlacement, host_signed=True)
+    def unshelve_vtpcm(self, req: m.VtpcmPlacement, signer: str) -> m.VtpcmRecord:
+        return vtpcm_info(self.coordinator.unshelve_vtpcm(req.instance_uuid, req.host,
+                                                          requested_by=signer))
 
     @endpoint(m.InstanceRef, host_signed=True)
     def destroy_vtpcm(self, req: m.InstanceRef, signer: str) -> m.Empty:

@@ -149,6 +149,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             super()._add_vtpm_device(guest, flavor, instance, image_meta)
             return
         try:
+            if instance.vm_state == vm_states.SHELVED_OFFLOADED:
+                lifecycle.unshelve_here(self.vtpcm_engine, instance.uuid, self.vtpcm_host)
             # the destination of an unconfirmed resize runs the incoming vTPCM
             socket_path = coldmigration.guest_socket(self.vtpcm_engine, self.vtpcm_agents,
                                                      instance.uuid, self.vtpcm_host,
@@ -160,6 +162,16 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         except exception.VTPCMException as err:
             raise VTPCMFault(reason=str(err)) from None
         guest.add_device(LibvirtConfigGuestExternalTPM(socket_path, spec.model))
+
+    def _shelve(self, instance: Any) -> None:
+        """Never fails the offload: without the engine's record the vTPCM
+        stays on this host, and an unshelve elsewhere is refused by name."""
+        try:
+            lifecycle.shelve_if_held(self.vtpcm_engine, instance.uuid, self.vtpcm_host)
+        except exception.VTPCMException as err:
+            LOG.error("vTPCM of the offloaded instance not shelved: it can be unshelved "
+                      "only on %(host)s: %(err)s", {"host": self.vtpcm_host, "err": err},
+                      instance=instance)
 
     def _fresh_after_evacuation(self, instance: Any) -> str:
         try:
@@ -175,7 +187,12 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                 destroy_secrets: bool = True) -> None:
         super().destroy(context, instance, network_info, block_device_info, destroy_disks,
                         destroy_secrets)
-        if not vtpcm_spec(instance.flavor).enabled or not _shreds(instance):
+        if not vtpcm_spec(instance.flavor).enabled:
+            return
+        if instance.task_state == task_states.SHELVING_OFFLOADING:
+            self._shelve(instance)
+            return
+        if not _shreds(instance):
             return
         try:
             lifecycle.destroy_if_held(self.vtpcm_engine, instance.uuid, self.vtpcm_host)
@@ -438,6 +455,6 @@ def _not_here_reason(instance: Any, err: exception.VTPCMNotHere) -> str:
                 "from the failed host (%s); [vtpcm] evacuate_with_fresh_vtpcm allows it "
                 "with a new, empty TPM" % err)
     if instance.vm_state == vm_states.SHELVED_OFFLOADED:
-        return ("unshelve onto another host is not supported yet for vTPCM instances: "
-                "the vTPCM is kept on its host (%s)" % err)
+        return ("unshelve onto this host refused: the vTPCM is kept on its host (%s)"
+                % err)
     return str(err)

@@ -25,6 +25,8 @@ class Engine(Protocol):
     def start_vtpcm(self, instance_uuid: str) -> em.VtpcmStatus: ...
     def destroy_vtpcm(self, instance_uuid: str) -> em.Empty: ...
     def replace_vtpcm(self, instance_uuid: str, host: str) -> em.VtpcmRecord: ...
+    def shelve_vtpcm(self, instance_uuid: str) -> em.VtpcmRecord: ...
+    def unshelve_vtpcm(self, instance_uuid: str, host: str) -> em.VtpcmRecord: ...
     def abort(self, migration_id: str, reason: str) -> em.MigrationInfo: ...
 
 
@@ -79,6 +81,31 @@ def fresh_after_evacuation(engine: Engine, agents: AgentReader, instance_uuid: s
                 "%(vtpcm)s: its previous TPM state is lost",
                 {"instance": instance_uuid, "host": host, "vtpcm": rec.vtpcm_id})
     return ensure_running(engine, agents, instance_uuid, host, socket_dirs)
+
+
+def shelve_if_held(engine: Engine, instance_uuid: str, host: str) -> bool:
+    """Shelve offload on the holder: stop the vTPCM and record that an
+    unshelve may move it (the holder's consent, while it holds it). True if
+    this host held it."""
+    rec = _record(engine, instance_uuid)
+    if rec is None or rec.host != host:
+        return False
+    engine.shelve_vtpcm(instance_uuid)
+    LOG.info("Shelved the vTPCM of instance %(instance)s on %(host)s",
+             {"instance": instance_uuid, "host": host})
+    return True
+
+
+def unshelve_here(engine: Engine, instance_uuid: str, host: str) -> None:
+    """Unshelve onto ``host``: the engine makes the shelved vTPCM live here,
+    moving it from its holder (sealed to this host's TPM after a fresh
+    TRUSTED verdict) if it is kept elsewhere. An instance without a vTPCM
+    record gets one later, as at spawn."""
+    if _record(engine, instance_uuid) is None:
+        return
+    rec = engine.unshelve_vtpcm(instance_uuid, host)
+    LOG.info("Unshelved the vTPCM of instance %(instance)s on %(host)s (generation "
+             "%(gen)d)", {"instance": instance_uuid, "host": host, "gen": rec.generation})
 
 
 def destroy_if_held(engine: Engine, instance_uuid: str, host: str) -> bool:

@@ -137,3 +137,40 @@ def test_old_blobs_never_reach_a_second_migration(dep):
                                      with_key=False) == before
     dep.engine_at(a).abort(second, "done")
     dep.engine_at(a).destroy_vtpcm(instance)
+
+
+def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
+    """Shelve offload on A, then unshelve: an UNTRUSTED host gets nothing
+    (the vTPCM stays shelved on A), a TRUSTED one gets it once; a second
+    unshelve elsewhere is refused. (Last in the module: C stays UNTRUSTED.)"""
+    a, b, c = _names(dep)
+    instance, before = _vtpcm_with_state(dep, a)
+    assert dep.engine_at(a).shelve_vtpcm(instance).state == "SHELVED"
+    assert not dep.agents.get(a, instance).running
+    dep.hosts[c].untrust()
+    assert dep.operator.attest(c).status == "UNTRUSTED"
+
+    with pytest.raises(exception.HostNotTrusted, match="PCR 7"):
+        dep.engine_at(c).unshelve_vtpcm(instance, c)
+    rec = dep.operator.get_vtpcm(instance)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == (a, 0, "SHELVED", None)
+    assert dep.vtpcm_on(c, instance) is None
+    # only the host that gets it may ask
+    with pytest.raises(exception.CommandRefused, match="host command key of %s" % b):
+        dep.engine_at(c).unshelve_vtpcm(instance, b)
+
+    # positive control: the TRUSTED host gets it, the holder's copy is shredded
+    rec = dep.engine_at(b).unshelve_vtpcm(instance, b)
+    assert (rec.host, rec.generation, rec.state) == (b, 1, "ACTIVE")
+    assert dep.agents.get(a, instance).state == "DESTROYED"
+    dep.engine_at(b).start_vtpcm(instance)
+    after = tpmtools.read_guest_state(dep.hosts[b].data_paths(instance), with_key=False)
+    assert after["nv"] == before["nv"]
+
+    # restored twice: refused, audited, nothing moves
+    with pytest.raises(exception.CommandRefused, match="not shelved"):
+        dep.engine_at(a).unshelve_vtpcm(instance, a)
+    assert dep.operator.get_vtpcm(instance).host == b
+    assert sorted(e.outcome for e in _audit(dep, instance, "vtpcm.unshelve")) == \
+        ["moved", "refused", "refused"]
+    dep.engine_at(b).destroy_vtpcm(instance)

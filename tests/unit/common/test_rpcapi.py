@@ -160,6 +160,8 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     # 1.4, host-signed
     "transfer_state": ("1.4", lambda api: api.transfer_state(MIGRATION)),
     "replace_vtpcm": ("1.4", lambda api: api.replace_vtpcm(INSTANCE, HOST)),
+    "shelve_vtpcm": ("1.4", lambda api: api.shelve_vtpcm(INSTANCE)),
+    "unshelve_vtpcm": ("1.4", lambda api: api.unshelve_vtpcm(INSTANCE, HOST)),
 }
 
 

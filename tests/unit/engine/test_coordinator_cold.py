@@ -6,6 +6,7 @@ import uuid
 import pytest
 
 from tests.unit.engine.test_coordinator import INSTANCE, env, names  # noqa: F401
+from tests.unit.engine.test_coordinator import FakeVerdict as coordinator_verdict
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 
@@ -176,3 +177,66 @@ def test_an_evacuation_is_refused_unless_the_holder_failed(env, setup, why):  # 
     assert db.get_vtpcm(INSTANCE) == before
     assert [a.outcome for a in db.list_audit(limit=20) if a.event == "vtpcm.evacuate"] == \
         ["refused"]
+
+
+# --- shelve offload and unshelve -----------------------------------------------------
+
+def _shelved(env):  # noqa: F811
+    coord, db, agents, trust, _ = env
+    cold = ColdAgents(agents, None)
+    agents.export_state = lambda host, instance: (
+        agents._record("export_state", host),
+        am.StateBlobs(INSTANCE, db.get_vtpcm(INSTANCE).migration_id, 0, b"\x01" * 64, 0,
+                      b"", 0))[1]
+    agents.import_state = cold.import_state
+    assert coord.shelve_vtpcm(INSTANCE, requested_by="host-a").state == "SHELVED"
+    assert ("stop", "host-a") in agents.calls
+    return coord, db, agents, trust, cold
+
+
+def test_unshelve_elsewhere_moves_the_shelved_vtpcm_once(env):  # noqa: F811
+    coord, db, agents, _, cold = _shelved(env)
+    rec = coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    assert (rec.host, rec.generation, rec.state) == ("host-b", 1, "ACTIVE")
+    assert [h for h, _ in cold.imported] == ["host-b"]
+    assert names(agents)[-6:] == ["seal", "prepare", "export_state", "import_state",
+                                  "commit_incoming", "commit_outgoing"]
+    outcomes = [a.outcome for a in db.list_audit(limit=50) if a.event == "vtpcm.unshelve"]
+    assert outcomes == ["moved"]
+    # restored twice: refused, nothing moves
+    with pytest.raises(exception.CommandRefused, match="not shelved"):
+        coord.unshelve_vtpcm(INSTANCE, "host-a", requested_by="host-a")
+    assert db.get_vtpcm(INSTANCE).host == "host-b" and len(cold.imported) == 1
+
+
+def test_unshelve_onto_an_untrusted_host_keeps_it_shelved_on_the_holder(env):  # noqa: F811
+    coord, db, agents, trust, cold = _shelved(env)
+    trust.verdicts["host-b"] = coordinator_verdict("UNTRUSTED", "PCR 7 differs")
+    with pytest.raises(exception.HostNotTrusted, match="PCR 7 differs"):
+        coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
+        ("host-a", 0, "SHELVED", None)
+    assert "seal" not in names(agents) and not cold.imported
+    assert [a.outcome for a in db.list_audit(limit=50) if a.event == "vtpcm.unshelve"] == \
+        ["refused"]
+    # positive control: trusted again, it moves
+    trust.verdicts["host-b"] = coordinator_verdict("TRUSTED")
+    assert coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b").host == "host-b"
+
+
+def test_unshelve_on_the_holder_only_makes_it_live_again(env):  # noqa: F811
+    coord, db, agents, _, cold = _shelved(env)
+    rec = coord.unshelve_vtpcm(INSTANCE, "host-a", requested_by="host-a")
+    assert (rec.host, rec.state, rec.generation) == ("host-a", "ACTIVE", 0)
+    assert not cold.imported
+
+
+def test_only_the_holder_shelves_and_only_the_target_unshelves(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    with pytest.raises(exception.CommandRefused, match="lives on host-a, not on host-b"):
+        coord.shelve_vtpcm(INSTANCE, requested_by="host-b")
+    coord.shelve_vtpcm(INSTANCE, requested_by="host-a")
+    with pytest.raises(exception.CommandRefused, match="signed by host-c"):
+        coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-c")
+    assert db.get_vtpcm(INSTANCE).state == "SHELVED"

@@ -25,7 +25,9 @@ API version history:
           blobs source agent -> destination agent through the engine;
           replace_vtpcm (in ``HOST_METHODS``, signed by the named host):
           evacuation with a fresh vTPCM when the operator allows the state
-          loss.
+          loss; shelve_vtpcm (signed by the holder) and unshelve_vtpcm
+          (signed by the named host): shelve offload and unshelve onto any
+          TRUSTED host.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -61,7 +63,8 @@ ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_poli
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
                           "check_destination", "begin", "commit", "abort",
-                          "transfer_state", "replace_vtpcm"})
+                          "transfer_state", "replace_vtpcm", "shelve_vtpcm",
+                          "unshelve_vtpcm"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -74,6 +77,8 @@ METHOD_VERSIONS: dict[str, str] = {
     "stop_vtpcm": "1.3",
     "transfer_state": "1.4",
     "replace_vtpcm": "1.4",
+    "shelve_vtpcm": "1.4",
+    "unshelve_vtpcm": "1.4",
 }
 
 
@@ -184,6 +189,17 @@ class EngineAPI(rpc.Client):
         """Evacuation: abandon the vTPCM of the failed host holding it and
         create a fresh one on ``host`` (this client's host). State loss."""
         return self._ask("replace_vtpcm", m.VtpcmPlacement(instance_uuid, host),
+                          m.VtpcmRecord)
+
+    def shelve_vtpcm(self, instance_uuid: str) -> m.VtpcmRecord:
+        """Shelve offload on the holder (this client's host): stop the
+        vTPCM and let a later unshelve move it to another TRUSTED host."""
+        return self._ask("shelve_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmRecord)
+
+    def unshelve_vtpcm(self, instance_uuid: str, host: str) -> m.VtpcmRecord:
+        """Unshelve onto ``host`` (this client's host): the shelved vTPCM is
+        live again there, moved from its holder if need be."""
+        return self._ask("unshelve_vtpcm", m.VtpcmPlacement(instance_uuid, host),
                           m.VtpcmRecord)
 
     def destroy_vtpcm(self, instance_uuid: str) -> m.Empty:
