@@ -495,6 +495,26 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertEqual(self.dep.agents.get(a, instance).ctrl_socket,
                          _external_tpm_path(self._domain_xml(a, instance)))
 
+    def test_a_resize_on_the_same_host_keeps_the_vtpcm(self) -> None:
+        self._stub_disk_move()
+        self.flags(allow_resize_to_same_host=True)
+        a, = self._start_hosts(1)
+        bigger = self._create_flavor(name="vtpcm.same", memory_mb=4096,
+                                     extra_spec=dict(VTPCM_SPECS))
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        old = self.dep.operator.get_vtpcm(instance)
+        self.admin_api.post_server_action(instance, {"resize": {"flavorRef": bigger}})
+        server = self._wait_for_state_change(server, "VERIFY_RESIZE")
+        self.admin_api.post_server_action(instance, {"confirmResize": None})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual(a, self._host_of(server))
+        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))  # no migration
+        self.assertEqual(before, self._tpm(a, instance))
+        called = {c[0] for c in self.engine_calls}
+        self.assertFalse(called & {"begin", "transfer_state", "commit", "abort"}, called)
+
     def test_a_refused_cold_migration_rolls_back_and_restarts_the_guest(self) -> None:
         self._stub_disk_move()
         a, b = self._start_hosts(2)
