@@ -167,3 +167,23 @@ def test_describe_sees_bounds_patterns_and_nesting():
     assert describe(wire.optional(wire.uuid_field)) != describe(wire.uuid_field)
     nested = describe(wire.message_list_field(agent_messages.VTPCMInfo))
     assert "message vtpcm_info" in nested and "ctrl_socket" in nested
+
+
+# The signed-reply envelope and the signed document are part of the agent
+# contract too (agent API 1.6): a change needs a new version, as a message's.
+REPLY_SCHEME = "1.6-%s"
+EXPECTED_REPLY_SCHEME = "1.6-29283a746931915e898e9dfa0a1c2204"
+
+
+def _reply_scheme_hash() -> str:
+    from vtpcm_common import authn
+    sample = authn.reply_bytes("1.6", "m", "h", "0" * 32, "r", {"ok": {}})
+    return hashlib.md5(repr((authn.REPLY_TAG, sorted(authn.REPLY_FIELDS), sample,
+                             agent_rpcapi.REPLY_VERSION,
+                             sorted(agent_rpcapi.UNVERIFIED_REPLIES))).encode(),
+                       usedforsecurity=False).hexdigest()
+
+
+def test_signed_reply_scheme_matches_its_fingerprint():
+    assert REPLY_SCHEME % _reply_scheme_hash() == EXPECTED_REPLY_SCHEME, \
+        "signed replies changed: bump the agent API and record %s" % _reply_scheme_hash()
