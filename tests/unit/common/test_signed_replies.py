@@ -345,3 +345,24 @@ def test_a_reply_signature_is_never_a_command_signature(world: Any) -> None:
     reply = authn.reply_bytes("1.6", "get", DST, "0" * 32, "x", {"ok": {}})
     command = authn.canonical_bytes("get", DST, {}, 1.0, 2.0, "0" * 32)
     assert json.loads(reply)["tag"] == authn.REPLY_TAG and "tag" not in json.loads(command)
+
+
+def test_the_agents_answer_to_another_request_does_not_verify(world: Any) -> None:
+    """The reply is bound to the request as received: a broker client
+    that forwards another payload (another instance's socket path) under
+    the caller's nonce, or the engine's command with its signature broken
+    (the agent then signs a refusal the engine would act on: a refused
+    create frees its reservation), gets nothing the caller accepts."""
+    other = str(uuid.uuid4())
+
+    def other_payload(method: str, args: dict[str, Any], deliver: Any) -> Any:
+        return deliver(payload=am.InstanceRef(other).to_wire())
+    world.loop.hook = other_payload
+    _not_authenticated(lambda: world.api.get(DST, INSTANCE), "signature does not verify")
+
+    def broken_auth(method: str, args: dict[str, Any], deliver: Any) -> Any:
+        return deliver(auth={**args["auth"], "signature": "A" * 88})
+    world.loop.hook = broken_auth
+    _not_authenticated(lambda: world.api.commit_outgoing(SRC, CONTEXT),
+                       "signature does not verify")
+    assert world.instances[SRC].calls == []
