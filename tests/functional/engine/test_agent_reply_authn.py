@@ -169,5 +169,9 @@ def test_honest_replies_complete_a_migration(deployment):
     instance, mid, _ = _prepared_migration(d)
     refused = {h.name: len(_reply_refusals(d, h.name)) for h in d.hosts.values()}
     assert d.at["a"].commit(mid).state == "COMMITTED"
+    # what the Nova driver checks the destination's replies with
+    reported = d.operator.host_command_key(d.hosts["b"].name)
+    assert (reported.status, reported.command_public) == ("APPROVED", authn.public_raw(
+        authn.load_host_key(_host_key(d.hosts["b"].agent)).public_key))
     assert {h.name: len(_reply_refusals(d, h.name)) for h in d.hosts.values()} == refused
     d.at["b"].destroy_vtpcm(instance)

@@ -56,6 +56,7 @@ EXPECTED = {
     "engine.BeginMigration": "1.0-1f95fc8ba43bfafc9f909739d693ba3e",
     "engine.CheckDestination": "1.0-1b512069b0b5d2d920970f961dd4dd82",
     "engine.Empty": "1.0-818badba1c71c4ab7c0212d69a69f34a",
+    "engine.HostCommandKey": "1.4-9ea8434651c34cc0b88ce81f56c280b6",
     "engine.HostInfo": "1.0-4bd020e14e88813e679d28854658a894",
     "engine.HostList": "1.0-8b851faf540cd5120f64905fae7d6fda",
     "engine.HostRef": "1.0-531a64db7790294686558a2a4b15ba96",
