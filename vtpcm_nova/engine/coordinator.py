@@ -83,7 +83,17 @@ class Coordinator:
         The reservation carries a token of its own (``vtpcm_id``), so a late
         answer completes only its own reservation. A refused create frees it.
         If the agent's answer is lost (unreachable, timeout) the record stays
-        CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both."""
+        CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both.
+
+        The host needs a fresh TRUSTED verdict (attested now if it has none)
+        and APPROVED status, as a migration's destination does: a forced
+        boot skips the scheduler filter, and a tenant's new TPM must not
+        start life on an unattested platform."""
+        host_rec, why = self._trusted_destination(host, self.trust.check_fresh(host))
+        if host_rec is None:
+            self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,
+                          detail="host not trusted: %s" % why)
+            raise exception.HostNotTrusted(host=host, reason=why)
         token = RESERVED_PREFIX + str(uuid.uuid4())
         self.db.create_vtpcm(instance_uuid, token, host, state=CREATING, now=self.now())
         try:

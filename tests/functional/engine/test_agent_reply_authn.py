@@ -26,6 +26,7 @@ from tests.functional.harness import (
     client_conf,
     serve_agent_in_process,
     short_dir,
+    trust_hosts,
     wait_for,
 )
 from vtpcm_common import authn, exception
@@ -70,11 +71,7 @@ def deployment():
                 assert operator.enroll(hosts[label].name).status == "APPROVED"
                 at[label] = EngineAPI(conf, operator.transport, timeout=60,
                                       host_signer=authn.load_host_key(_host_key(entry[2])))
-            policy = "p-" + uuid.uuid4().hex[:6]
-            operator.record_policy(policy, hosts["a"].name, (0, 1, 2), "stand-ins")
-            for label in ("a", "b"):
-                operator.assign_policy(hosts[label].name, policy)
-                assert operator.attest(hosts[label].name).status == "TRUSTED"
+            trust_hosts(operator, [hosts["a"].name, hosts["b"].name])
             yield Deployment(operator, at, hosts, agents, conf)
     finally:
         engine.stop()

@@ -114,6 +114,7 @@ def env(tmp_path):
         db.assign_policy(host, "golden")
         trusted_in_db(db, host)
     agents, trust = FakeAgents(), FakeTrust()
+    trust.verdicts["host-a"] = FakeVerdict("TRUSTED")
     trust.verdicts["host-b"] = FakeVerdict("TRUSTED")
     clock = {"now": T0}
     coord = Coordinator(db, agents, trust, timeout=60, now=lambda: clock["now"])
@@ -715,3 +716,29 @@ def test_begin_with_the_id_of_a_migration_past_its_commit_point_is_refused(env):
     assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
     assert names(agents).count("commit_outgoing") == 2  # the failed try and its retry
+
+
+@pytest.mark.parametrize(("host", "verdict", "revoke", "reason"), [
+    ("host-b", FakeVerdict("UNTRUSTED", "PCR 16 differs"), False, "PCR 16 differs"),
+    ("host-b", FakeVerdict("UNKNOWN", "never attested"), False, "never attested"),
+    # the checker says TRUSTED, but the engine's own record says REVOKED
+    ("host-b", FakeVerdict("TRUSTED"), True, "host is REVOKED"),
+])
+def test_create_needs_a_fresh_trusted_verdict_of_an_approved_host(env, host, verdict,
+                                                                   revoke, reason):
+    """A forced boot skips the scheduler filter: the engine itself refuses
+    to create a vTPCM on a host it does not trust, before any agent call,
+    and audits it."""
+    coord, db, agents, trust, _ = env
+    trust.verdicts[host] = verdict
+    if revoke:
+        db.revoke_host(host)
+    other = str(uuid.uuid4())
+    calls = list(agents.calls)
+    with pytest.raises(exception.HostNotTrusted, match="%s is not trusted: %s" % (host, reason)):
+        coord.create_vtpcm(other, host)
+    assert agents.calls == calls
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(other)
+    entry = db.list_audit(limit=1)[0]
+    assert (entry.event, entry.outcome, entry.instance) == ("vtpcm.create", "refused", other)
