@@ -117,7 +117,7 @@ class AgentManager:
     @endpoint(m.IdentityRequest)
     def get_identity(self, req: m.IdentityRequest) -> m.HostIdentity:
         qualifying = req.nonce if self.command_public is None else \
-            authn.host_key_binding(req.nonce, self.command_public)
+            authn.host_key_binding(req.nonce, self.command_public, self.host)
         ident = self._tpm().identity(qualifying)
         return m.HostIdentity(
             host=self.host, ak_public=ident.ak_public, kem_public=ident.kem_public,

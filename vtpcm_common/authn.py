@@ -87,14 +87,20 @@ def load_public_raw(raw: bytes, *, what: str = "public key") -> ed25519.Ed25519P
             from None
 
 
-HOST_KEY_BINDING = b"vtpcm host command key v1\0"
+HOST_KEY_BINDING = b"vtpcm host command key v2\0"
 
 
-def host_key_binding(nonce: bytes, command_public: bytes) -> bytes:
+def host_key_binding(nonce: bytes, command_public: bytes, host: str) -> bytes:
     """The qualifying data of a host's enrollment certify: the engine's nonce
-    bound to the host's command public key, so the AK that the engine trusts
-    for quotes also vouches, in the TPM, for the key the host signs with."""
-    return hashlib.sha256(HOST_KEY_BINDING + nonce + command_public).digest()
+    bound to the host's command public key and its host name, so the AK that
+    the engine trusts for quotes also vouches, in the TPM, for the key the
+    host signs with, under that name only (v2, agent API 1.6: with v1, a
+    broker client answering the engine's get_identity for another name
+    could relay a real host's identity and squat its keys under that name).
+    Each part is length-prefixed."""
+    parts = (nonce, command_public, host.encode("utf-8"))
+    return hashlib.sha256(HOST_KEY_BINDING + b"".join(
+        len(part).to_bytes(2, "big") + part for part in parts)).digest()
 
 
 def _public_pem(public_key: ed25519.Ed25519PublicKey) -> bytes:

@@ -8,6 +8,7 @@ commit. Real agent and engine daemons, RabbitMQ, swtpm host TPMs; the state
 goes from source to destination through the agents' export/import (no
 QEMU)."""
 
+import base64
 import dataclasses
 import os
 import shutil
@@ -172,3 +173,38 @@ def test_honest_replies_complete_a_migration(deployment):
         authn.load_host_key(_host_key(d.hosts["b"].agent)).public_key))
     assert {h.name: len(_reply_refusals(d, h.name)) for h in d.hosts.values()} == refused
     d.at["b"].destroy_vtpcm(instance)
+
+
+class IdentityRelay:
+    """A broker client answering for a new host name with what a real
+    host's agent answers to the same enrollment nonce."""
+
+    target = messaging.Target(version=agent_rpcapi.RPC_API_VERSION)
+
+    def __init__(self, host: str, victim: str, agents: AgentAPI) -> None:
+        self.host, self.victim, self.agents = host, victim, agents
+
+    def get_identity(self, ctxt: Any, payload: Any, **kwargs: Any) -> Any:
+        nonce = base64.b64decode(payload["nonce"])
+        honest = self.agents.get_identity(self.victim, nonce)
+        return dataclasses.replace(honest, host=self.host).to_wire()
+
+
+def test_a_relayed_identity_does_not_squat_the_real_hosts_keys(deployment):
+    """The certify binds the host name: the engine refuses the relayed
+    identity for what it is (before, only a victim already enrolled was
+    safe: the keys of one not yet enrolled went to the squatter's name for
+    good), and the real host (C) keeps its record."""
+    d = deployment
+    c = d.hosts["c"].name
+    squatter = "sq-" + uuid.uuid4().hex[:6]
+    stop = serve_agent_in_process(d.conf, IdentityRelay(squatter, c, d.agents))
+    try:
+        with pytest.raises(exception.CertificationError,
+                           match="does not bind this enrollment's nonce and host name"):
+            d.operator.enroll(squatter)
+    finally:
+        stop()
+    with pytest.raises(exception.NotFound):
+        d.operator.show_host(squatter)
+    assert d.operator.show_host(c).status == "APPROVED"

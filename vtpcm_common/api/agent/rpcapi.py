@@ -29,6 +29,9 @@ API version history:
           but ``UNVERIFIED_REPLIES`` as 1.6 and acts only on replies that
           verify; capped below 1.6 it refuses those calls
           (``RPCVersionCapped``) rather than act on unsigned answers.
+          get_identity's certify binds the host name as well
+          (``authn.host_key_binding`` v2), so an identity relayed under
+          another name does not enroll.
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
