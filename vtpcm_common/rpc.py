@@ -216,14 +216,19 @@ class Client:
         try:
             reply = self.client.prepare(**kwargs).call({}, method, **args)
         except messaging.RemoteError as err:
+            if verify:
+                # Even "cannot serve" counts as no answer: anyone could send
+                # it, and a caller that took it for a refusal (create frees
+                # its reservation) could be fooled while the command waits.
+                why = " (an agent older than API %s, or a forgery)" % self.REPLY_VERSION \
+                    if err.exc_type in UNSERVED else ""
+                raise self._not_authenticated(
+                    str(server), method,
+                    "an unsigned error reply (%s)%s" % (err.exc_type, why)) from None
             if err.exc_type in UNSERVED:
                 raise exception.RPCVersionUnsupported(
                     service=self._service(server), method=method, version=version,
                     reason=UNSERVED[err.exc_type] % {"option": self.UPGRADE_LEVEL}) \
-                    from None
-            if verify:
-                raise self._not_authenticated(
-                    str(server), method, "an unsigned error reply (%s)" % err.exc_type) \
                     from None
             raise remote_to_local(err) from None
         except messaging.MessagingException as err:

@@ -366,3 +366,15 @@ def test_the_agents_answer_to_another_request_does_not_verify(world: Any) -> Non
     _not_authenticated(lambda: world.api.commit_outgoing(SRC, CONTEXT),
                        "signature does not verify")
     assert world.instances[SRC].calls == []
+
+
+def test_an_unsigned_cannot_serve_is_no_answer_either(world: Any) -> None:
+    """A forged "UnsupportedVersion" must not pass for a refusal (a refused
+    create frees its reservation while the stolen command still waits)."""
+    def forge(method: str, args: dict[str, Any], deliver: Any) -> Any:
+        raise messaging.RemoteError("UnsupportedVersion", "forged", "")
+    world.loop.hook = forge
+    err = _not_authenticated(lambda: world.api.create(SRC, INSTANCE),
+                             "an unsigned error reply (UnsupportedVersion) (an agent older "
+                             "than API 1.6, or a forgery)")
+    assert isinstance(err, exception.ServiceUnreachable)
