@@ -165,6 +165,7 @@ class CommandSigner:
 
 REPLY_TAG = "vtpcm agent reply v1"
 REPLY_FIELDS = frozenset({"api", "outcome", "signature"})
+ERROR_FIELDS = frozenset({"type", "message", "kwargs"})
 # The largest reply a verifier parses (the biggest messages carry state blobs).
 MAX_REPLY_BYTES = 4 * 1024 * 1024
 
@@ -240,12 +241,15 @@ def verify_reply(key: ed25519.Ed25519PublicKey, envelope: Any, *, min_api: str,
                      "call" % server) from None
     if not isinstance(outcome, Mapping) or len(outcome) != 1 \
             or next(iter(outcome)) not in ("ok", "error"):
-        raise refuse("outcome must be {ok: reply} or {error: {type, message}}")
+        raise refuse("outcome must be {ok: reply} or {error: {type, message, kwargs}}")
     if "error" in outcome:
         err = outcome["error"]
-        if not isinstance(err, Mapping) or set(err) != {"type", "message"} \
-                or not all(isinstance(v, str) for v in err.values()):
-            raise refuse("error outcome must have a type and a message")
+        if not isinstance(err, Mapping) or set(err) != ERROR_FIELDS \
+                or not isinstance(err["type"], str) or not isinstance(err["message"], str) \
+                or not isinstance(err["kwargs"], Mapping) \
+                or not all(isinstance(k, str) and k.isidentifier() and k != "message"
+                           for k in err["kwargs"]):
+            raise refuse("error outcome must have a type, a message and named values")
     return outcome
 
 

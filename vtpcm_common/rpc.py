@@ -42,6 +42,9 @@ def topic(conf: cfg.ConfigOpts, which: str) -> str:
 
 
 R = TypeVar("R", bound=Message)
+# modules whose exceptions a client rebuilds from a server's error reply
+REMOTE_EXMODS = [exception.__name__]
+REMOTE_SUFFIX = "_Remote"  # what oslo.messaging appends to a rebuilt class
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -61,19 +64,28 @@ def get_transport(conf: cfg.ConfigOpts, url: str | None = None) -> messaging.Tra
         from oslo_messaging._tracing import client as tracing
         conf.register_opts(tracing.oslo_messaging_tracing, group="oslo_messaging_tracing")
         conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
-    return messaging.get_rpc_transport(conf, url=url)
+    # oslo.messaging rebuilds the project's exceptions a server raised
+    # (class and named values), as Nova does for nova.exception
+    return messaging.get_rpc_transport(conf, url=url, allowed_remote_exmods=REMOTE_EXMODS)
 
 
-def remote_to_local(err: messaging.RemoteError) -> exception.VTPCMException:
-    """Map a remote vTPCM error back to its class, so callers can catch it."""
-    return local_error(str(err.exc_type), str(err.value))
+def plain(err: exception.VTPCMException) -> exception.VTPCMException:
+    """A rebuilt remote error as its own class again: oslo.messaging hands
+    it back as a ``<Class>_Remote`` subclass whose str() appends the
+    server's traceback; callers and the CLI show the server's message."""
+    cls = type(err)
+    if cls.__name__.endswith(REMOTE_SUFFIX) and cls.__module__.endswith(REMOTE_SUFFIX):
+        err.__class__ = cls.__mro__[1]
+    return err
 
 
-def local_error(exc_type: str, message: str) -> exception.VTPCMException:
-    """The vTPCM exception class named ``exc_type`` with ``message``."""
+def local_error(exc_type: str, message: str,
+                kwargs: dict[str, Any] | None = None) -> exception.VTPCMException:
+    """The vTPCM exception class named ``exc_type`` with ``message`` and its
+    named values (a signed error reply's outcome)."""
     for cls in _all_subclasses(exception.VTPCMException):
         if cls.__name__ == exc_type:
-            made: exception.VTPCMException = cls(message=message)
+            made: exception.VTPCMException = cls(message=message, **(kwargs or {}))
             return made
     return exception.VTPCMException(message="remote error %s: %s" % (exc_type, message))
 
@@ -82,7 +94,8 @@ def _all_subclasses(cls: type) -> list[type]:
     out: list[type] = []
     sub: type
     for sub in cls.__subclasses__():
-        out.append(sub)
+        if not sub.__name__.endswith(REMOTE_SUFFIX):
+            out.append(sub)
         out.extend(_all_subclasses(sub))
     return out
 
@@ -215,7 +228,13 @@ class Client:
                 else authn.new_nonce()
         try:
             reply = self.client.prepare(**kwargs).call({}, method, **args)
-        except messaging.RemoteError as err:
+        except exception.VTPCMException as err:  # the server's, rebuilt
+            if verify:
+                raise self._not_authenticated(
+                    str(server), method,
+                    "an unsigned error reply (%s)" % type(plain(err)).__name__) from None
+            raise plain(err) from None
+        except messaging.RemoteError as err:  # not of REMOTE_EXMODS
             if verify:
                 # Even "cannot serve" counts as no answer: anyone could send
                 # it, and a caller that took it for a refusal (create frees
@@ -230,7 +249,8 @@ class Client:
                     service=self._service(server), method=method, version=version,
                     reason=UNSERVED[err.exc_type] % {"option": self.UPGRADE_LEVEL}) \
                     from None
-            raise remote_to_local(err) from None
+            raise exception.VTPCMException(
+                message="remote error %s: %s" % (err.exc_type, err.value)) from None
         except messaging.MessagingException as err:
             # Timeouts and transport failures are vTPCM errors too: callers
             # (the coordinator's abort path, reconcile) handle one class.
@@ -269,7 +289,8 @@ class Client:
             raise self._not_authenticated(server, method, str(err.kwargs["reason"])) \
                 from None
         if "error" in outcome:
-            raise local_error(outcome["error"]["type"], outcome["error"]["message"])
+            error = outcome["error"]
+            raise local_error(error["type"], error["message"], dict(error["kwargs"]))
         return outcome["ok"]
 
     def _cast(self, method: str, version: str, request: Message) -> None:
@@ -351,6 +372,13 @@ def endpoint(request_type: type[Message], signed: bool = False,
     return wrap
 
 
+def _named_values(err: exception.VTPCMException) -> dict[str, Any]:
+    """An error's named values that travel (what oslo.messaging sends with
+    an unsigned error reply too): JSON scalars only."""
+    return {str(k): v for k, v in err.kwargs.items()
+            if isinstance(v, (str, int, float, bool)) or v is None}
+
+
 def _signed_reply(service: Any, method: str, signed: bool,
                   run: Callable[[Any, Any, Any], Message], payload: Any, auth: Any,
                   reply_nonce: Any) -> dict[str, Any]:
@@ -372,7 +400,8 @@ def _signed_reply(service: Any, method: str, signed: bool,
         outcome: dict[str, Any] = {"ok": run(service, payload, auth).to_wire()}
     except exception.VTPCMException as err:
         LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
-        outcome = {"error": {"type": type(err).__name__, "message": str(err)}}
+        outcome = {"error": {"type": type(err).__name__, "message": str(err),
+                             "kwargs": _named_values(err)}}
     reply_signer: authn.CommandSigner = signer
     return reply_signer.sign_reply(str(service.target.version), method, str(service.host),
                                    nonce, authn.request_digest(payload, auth), outcome)

@@ -173,13 +173,14 @@ def test_describe_sees_bounds_patterns_and_nesting():
 # The signed-reply envelope and the signed document are part of the agent
 # contract too (agent API 1.6): a change needs a new version, as a message's.
 REPLY_SCHEME = "1.6-%s"
-EXPECTED_REPLY_SCHEME = "1.6-29283a746931915e898e9dfa0a1c2204"
+EXPECTED_REPLY_SCHEME = "1.6-4cb810ae9515cc55699391ca9b1922b8"
 
 
 def _reply_scheme_hash() -> str:
     from vtpcm_common import authn
     sample = authn.reply_bytes("1.6", "m", "h", "0" * 32, "r", {"ok": {}})
-    return hashlib.md5(repr((authn.REPLY_TAG, sorted(authn.REPLY_FIELDS), sample,
+    return hashlib.md5(repr((authn.REPLY_TAG, sorted(authn.REPLY_FIELDS),
+                             sorted(authn.ERROR_FIELDS), sample,
                              agent_rpcapi.REPLY_VERSION,
                              sorted(agent_rpcapi.UNVERIFIED_REPLIES))).encode(),
                        usedforsecurity=False).hexdigest()
