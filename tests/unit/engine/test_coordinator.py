@@ -744,3 +744,43 @@ def test_create_needs_a_fresh_trusted_verdict_of_an_approved_host(env, host, ver
         db.get_vtpcm(other)
     entry = db.list_audit(limit=1)[0]
     assert (entry.event, entry.outcome, entry.instance) == ("vtpcm.create", "refused", other)
+
+
+def _unauthenticated(host, method):
+    return exception.ReplyNotAuthenticated(host=host, method=method,
+                                           reason="signature does not verify")
+
+
+@pytest.mark.parametrize(("step", "host", "state"), [
+    ("commit_incoming", "host-b", "COMMITTING"),
+    ("commit_outgoing", "host-a", "SHREDDING"),
+])
+def test_an_unauthenticated_commit_answer_is_no_step_taken(env, step, host, state):
+    """What the RPC client raises for a reply it cannot verify (a broker
+    client answering in the agent's place): the step is not done, and the
+    migration waits where it was until reconcile gets a real answer."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.fail[step] = _unauthenticated(host, step)
+    with pytest.raises(exception.ReplyNotAuthenticated):
+        coord.commit(mid)
+    assert db.get_migration(mid).state == state
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "COMMITTED"
+
+
+def test_an_unauthenticated_answer_to_the_deadline_abort_is_neither_done_nor_in_use(env):
+    """A forged abort success or a forged DestinationInUse both arrive as
+    ReplyNotAuthenticated: the migration neither ends ABORTED (the source
+    restored while the destination may hold the key) nor goes IN_DOUBT."""
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    clock["now"] += datetime.timedelta(seconds=61)
+    agents.fail["abort_incoming"] = _unauthenticated("host-b", "abort_incoming")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "ABORTING"
+    assert "abort_outgoing" not in names(agents)
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "ABORTED"
