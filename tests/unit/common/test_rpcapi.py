@@ -157,6 +157,7 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     # 1.3, host-signed
     "start_vtpcm": ("1.3", lambda api: api.start_vtpcm(INSTANCE)),
     "stop_vtpcm": ("1.3", lambda api: api.stop_vtpcm(INSTANCE)),
+    "host_command_key": ("1.4", lambda api: api.host_command_key(HOST)),
 }
 
 

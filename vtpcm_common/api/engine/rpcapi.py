@@ -20,6 +20,9 @@ API version history:
           holding the vTPCM): the Nova driver starts and stops its vTPCMs
           through the engine, with only its host command key; answer
           ``VtpcmStatus``.
+    1.4 - host_command_key (read-only): a host's status and enrolled
+          command public key, so the Nova driver can verify another host's
+          signed agent replies (agent API 1.6).
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -45,7 +48,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.3"
+RPC_API_VERSION = "1.4"
 
 R = TypeVar("R", bound=Message)
 
@@ -65,6 +68,7 @@ METHOD_VERSIONS: dict[str, str] = {
     **dict.fromkeys(HOST_METHODS, "1.2"),
     "start_vtpcm": "1.3",
     "stop_vtpcm": "1.3",
+    "host_command_key": "1.4",
 }
 
 
@@ -142,6 +146,9 @@ class EngineAPI(rpc.Client):
 
     def show_host(self, host: str) -> m.HostInfo:
         return self._ask("show_host", m.HostRef(host), m.HostInfo)
+
+    def host_command_key(self, host: str) -> m.HostCommandKey:
+        return self._ask("host_command_key", m.HostRef(host), m.HostCommandKey)
 
     def assign_policy(self, host: str, policy_name: str | None) -> m.HostInfo:
         return self._ask("assign_policy", m.AssignPolicy(host, policy_name), m.HostInfo)
