@@ -39,9 +39,10 @@ from tests import leakscan
 from tests.functional import tpmtools
 from tests.nova_functional import deployment as dep_mod
 from vtpcm_agent.swtpm import ctrl
-from vtpcm_common import exception, rpc
+from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_lab import daemons
+from vtpcm_nova import agentkeys
 from vtpcm_nova.conf import compute as compute_conf
 from vtpcm_nova.virt import driver as vdriver
 from vtpcm_nova.virt import tpmxml
@@ -144,8 +145,12 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         # the one key the driver holds: this host's command key
         drv._engine = RecordingEngine(self.dep.engine_at(host), self.engine_calls,
                                       self.before_engine_call)
+        # agent replies verified as clients.agent_reader does: this host's
+        # key for its own agent, the engine's record for the others
+        own = authn.load_host_key(self.dep.hosts[host].command_key).public_key
         drv._agents = AgentAPI(self.dep.conf, self.dep.operator.transport, timeout=10,
-                               signer=None)
+                               signer=None, reply_keys=agentkeys.EngineReportedKeys(
+                                   host, own, self.dep.engine_at(host)))
         self.drivers[host] = drv
         return drv
 

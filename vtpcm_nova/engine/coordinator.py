@@ -15,7 +15,14 @@ A migration whose deadline abort found the destination holding the state
 is in doubt (``IN_DOUBT``): the guest may run there. It passes the commit
 point only on the source's signed commit and is undone only by an explicit
 abort; what the agents say about the switchover (``_switchover``) is only
-logged, since their answers are not authenticated.
+logged: their replies are signed (agent API 1.6), but a stopped source
+swtpm is no proof the guest runs on the destination (a guest powered off on
+the source looks the same).
+
+Every agent reply the coordinator acts on is verified against the
+answering host's enrolled command key (``replykeys``); one that does not
+verify is a ``ReplyNotAuthenticated`` (a ``ServiceUnreachable``): the step's
+outcome is unknown, so it is retried (reconcile) and never taken as done.
 """
 
 import datetime
@@ -89,7 +96,17 @@ class Coordinator:
         The reservation carries a token of its own (``vtpcm_id``), so a late
         answer completes only its own reservation. A refused create frees it.
         If the agent's answer is lost (unreachable, timeout) the record stays
-        CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both."""
+        CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both.
+
+        The host needs a fresh TRUSTED verdict (attested now if it has none)
+        and APPROVED status, as a migration's destination does: a forced
+        boot skips the scheduler filter, and a tenant's new TPM must not
+        start life on an unattested platform."""
+        host_rec, why = self._trusted_destination(host, self.trust.check_fresh(host))
+        if host_rec is None:
+            self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,
+                          detail="host not trusted: %s" % why)
+            raise exception.HostNotTrusted(host=host, reason=why)
         token = RESERVED_PREFIX + str(uuid.uuid4())
         self.db.create_vtpcm(instance_uuid, token, host, state=CREATING, now=self.now())
         try:
@@ -249,6 +266,9 @@ class Coordinator:
         """A refusal if the holder's agent answers (its host is not failed)."""
         try:
             self.agents.health(holder, timeout=HEALTH_TIMEOUT)
+        except exception.ReplyNotAuthenticated:
+            # someone answers in the holder's name: not a failed host
+            return "an answer for the agent of %s did not verify" % holder
         except exception.ServiceUnreachable:
             return ""
         return ("the agent of %s answers: evacuate only from a failed host (migrate "
@@ -443,9 +463,10 @@ class Coordinator:
         ``requested_by``: the signing host. Before the commit point only the
         source's word counts (it saw the migration complete); the
         destination may sign a commit already past it (finish a retry).
-        Agent answers about the switchover are not authenticated, so no
-        such evidence may stand in for the source's signature: a forged
-        "the source's swtpm stopped" would shred a source the guest runs on."""
+        What the agents report about the switchover (signed, but a stopped
+        source swtpm also means a guest powered off there) cannot stand in
+        for the source's signature: taking it would shred a source the
+        guest may still need."""
         proto, ctx, rec = self._load(migration_id)
         self._settle_deadline_abort(proto, ctx, rec)
         if proto.state in (M.COMMITTING, M.SHREDDING):
@@ -575,9 +596,9 @@ class Coordinator:
 
     def _switchover(self, ctx: am.MigrationContext) -> str:
         """What the agents say about where the guest runs, for the operator's
-        log only (unauthenticated answers; QEMU stops its swtpm when it
-        exits, so a stopped source swtpm next to a running incoming one
-        suggests a switchover, or just a guest powered off on the source)."""
+        log only (signed answers, but QEMU stops its swtpm when it exits, so
+        a stopped source swtpm next to a running incoming one suggests a
+        switchover, or just a guest powered off on the source)."""
         src = self.agents.get(ctx.source_host, ctx.instance_uuid)
         dst = self.agents.get(ctx.dest_host, ctx.instance_uuid)
         if (src.state, src.migration_id) != ("MIGRATING_OUT", ctx.migration_id):
@@ -590,7 +611,7 @@ class Coordinator:
             why = "the destination's vTPCM does not run on %s" % ctx.dest_host
         else:
             why = ("the agents report the source's swtpm stopped and the destination's "
-                   "running (unverified)")
+                   "running (signed answers; not proof of a switchover)")
         return why
 
     def _load(self, migration_id: str) -> tuple[p.MigrationProtocol, am.MigrationContext,

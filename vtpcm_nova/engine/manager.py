@@ -245,6 +245,11 @@ class EngineManager:
     def show_host(self, req: m.HostRef) -> m.HostInfo:
         return host_info(self.db.get_host(req.host))
 
+    @endpoint(m.HostRef)
+    def host_command_key(self, req: m.HostRef) -> m.HostCommandKey:
+        rec = self.db.get_host(req.host)
+        return m.HostCommandKey(rec.name, rec.status.value, rec.command_public)
+
     @endpoint(m.AssignPolicy, signed=True)
     def assign_policy(self, req: m.AssignPolicy) -> m.HostInfo:
         # the host's verdict expires with the change, in one transaction

@@ -231,7 +231,8 @@ class DestroyDestination(Action):
 @dataclasses.dataclass(frozen=True)
 class CheckSwitchover(Action):
     """Log what both agents say about where the guest runs, for the
-    operator; never an event (their answers are not authenticated)."""
+    operator; never an event (a stopped source swtpm is no proof of a
+    switchover, signed or not)."""
 
     name: ClassVar[str] = "check_switchover"
 

@@ -138,7 +138,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
     def vtpcm_agents(self) -> AgentAPI:
         with self._clients_lock:
             if self._agents is None:
-                self._agents = clients.agent_reader(CONF)
+                self._agents = clients.agent_reader(CONF, self.vtpcm_host)
             return self._agents
 
     # --- the guest's TPM device (spawn, reboot, power on, host boot, unshelve) ----

@@ -134,6 +134,9 @@ def test_a_deadline_spares_a_resized_guest_until_confirm(env):  # noqa: F811
 def _holder(agents, answers):
     def health(host, timeout=None):
         agents._record("health", host)
+        if answers == "forged":
+            raise exception.ReplyNotAuthenticated(service="agent " + host,
+                                                  method="health", reason="bad signature")
         if not answers:
             raise exception.ServiceUnreachable(service="agent " + host, method="health",
                                                reason="timeout")
@@ -157,13 +160,14 @@ def test_an_evacuation_abandons_a_failed_hosts_vtpcm_for_a_fresh_one(env):  # no
 
 @pytest.mark.parametrize(("setup", "why"), [
     ("answers", "the agent of host-a answers"),
+    ("forged", "answer for the agent of host-a did not verify"),
     ("same-host", "already lives on host-a"),
     ("migrating", "holds the vTPCM"),
     ("other-signer", "signed by host-c"),
 ])
 def test_an_evacuation_is_refused_unless_the_holder_failed(env, setup, why):  # noqa: F811
     coord, db, agents, _, _ = env
-    _holder(agents, answers=setup == "answers")
+    _holder(agents, answers="forged" if setup == "forged" else setup == "answers")
     target, signer = "host-b", "host-b"
     if setup == "same-host":
         target = signer = "host-a"

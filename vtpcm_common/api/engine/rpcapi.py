@@ -20,7 +20,10 @@ API version history:
           holding the vTPCM): the Nova driver starts and stops its vTPCMs
           through the engine, with only its host command key; answer
           ``VtpcmStatus``.
-    1.4 - transfer_state (in ``HOST_METHODS``, signed by the migration's
+    1.4 - host_command_key (read-only): a host's status and enrolled
+          command public key, so the Nova driver can verify another host's
+          signed agent replies (agent API 1.6).
+    1.5 - transfer_state (in ``HOST_METHODS``, signed by the migration's
           source): cold migration and resize move the vTPCM's encrypted
           blobs source agent -> destination agent through the engine;
           replace_vtpcm (in ``HOST_METHODS``, signed by the named host):
@@ -53,7 +56,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.4"
+RPC_API_VERSION = "1.5"
 
 R = TypeVar("R", bound=Message)
 
@@ -75,10 +78,11 @@ METHOD_VERSIONS: dict[str, str] = {
     **dict.fromkeys(HOST_METHODS, "1.2"),
     "start_vtpcm": "1.3",
     "stop_vtpcm": "1.3",
-    "transfer_state": "1.4",
-    "replace_vtpcm": "1.4",
-    "shelve_vtpcm": "1.4",
-    "unshelve_vtpcm": "1.4",
+    "host_command_key": "1.4",
+    "transfer_state": "1.5",
+    "replace_vtpcm": "1.5",
+    "shelve_vtpcm": "1.5",
+    "unshelve_vtpcm": "1.5",
 }
 
 
@@ -156,6 +160,9 @@ class EngineAPI(rpc.Client):
 
     def show_host(self, host: str) -> m.HostInfo:
         return self._ask("show_host", m.HostRef(host), m.HostInfo)
+
+    def host_command_key(self, host: str) -> m.HostCommandKey:
+        return self._ask("host_command_key", m.HostRef(host), m.HostCommandKey)
 
     def assign_policy(self, host: str, policy_name: str | None) -> m.HostInfo:
         return self._ask("assign_policy", m.AssignPolicy(host, policy_name), m.HostInfo)
