@@ -187,11 +187,19 @@ class ServiceUnreachable(VTPCMException):
     code = "unreachable"
 
 
+class ReplyNotAuthenticated(ServiceUnreachable):
+    """An answer the caller cannot verify (unsigned, another key, another
+    call's, altered): as if the host had not answered, so the outcome of the
+    call is unknown and the step is retried, never taken as done."""
+    msg_fmt = "Reply of %(host)s to %(method)s not authenticated: %(reason)s"
+
+
 class ResolutionRefused(VTPCMException):
     """An operator's resolve or forget that would lose the only good state,
     or that does not apply to what the engine holds."""
 
     msg_fmt = "Refused to %(action)s: %(reason)s"
+    code = "resolution_refused"
 
 
 class CommandRefused(VTPCMException):

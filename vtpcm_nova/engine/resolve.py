@@ -30,7 +30,7 @@ LOG = logging.getLogger(__name__)
 FINISHED = frozenset({M.COMMITTED, M.ABORTED, M.REFUSED})
 PAST_COMMIT_POINT = frozenset({M.COMMITTING, M.SHREDDING})
 UNDOING = frozenset({M.ABORTING, M.DISCARDING, M.RESTORING})
-NO_STATE_YET = frozenset({M.SEALING, M.PREPARING})
+NO_STATE_YET = frozenset({M.SEALING, M.PREPARING, M.TRANSFERRING})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,7 +107,7 @@ def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
         return Plan(action, True, text + seen)
     if state in NO_STATE_YET:
         return _refused(action, (
-            "the migration is %s: the destination never received the state; committing "
+            "the migration is %s: the destination has not received the state; committing "
             "would shred the source's copy, the only good one. Resolve to the source. %s")
             % (state, seen))
     if state in UNDOING:

@@ -157,9 +157,16 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     # 1.3, host-signed
     "start_vtpcm": ("1.3", lambda api: api.start_vtpcm(INSTANCE)),
     "stop_vtpcm": ("1.3", lambda api: api.stop_vtpcm(INSTANCE)),
-    "resolve_migration": ("1.4", lambda api: api.resolve_migration(MIGRATION, "source")),
-    "forget_host": ("1.4", lambda api: api.forget_host(HOST)),
-    "report_swtpm_restart": ("1.4", lambda api: api.report_swtpm_restart(
+    "host_command_key": ("1.4", lambda api: api.host_command_key(HOST)),
+    # 1.5, host-signed
+    "transfer_state": ("1.5", lambda api: api.transfer_state(MIGRATION)),
+    "replace_vtpcm": ("1.5", lambda api: api.replace_vtpcm(INSTANCE, HOST)),
+    "shelve_vtpcm": ("1.5", lambda api: api.shelve_vtpcm(INSTANCE)),
+    "unshelve_vtpcm": ("1.5", lambda api: api.unshelve_vtpcm(INSTANCE, HOST)),
+    # 1.6, operator-signed and host-signed
+    "resolve_migration": ("1.6", lambda api: api.resolve_migration(MIGRATION, "source")),
+    "forget_host": ("1.6", lambda api: api.forget_host(HOST)),
+    "report_swtpm_restart": ("1.6", lambda api: api.report_swtpm_restart(
         em.SwtpmRestartReport(HOST, INSTANCE, INSTANCE, "ACTIVE", "restarted", "died"))),
 }
 

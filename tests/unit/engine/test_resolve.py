@@ -33,6 +33,7 @@ OUT, IN = view("MIGRATING_OUT", running=False), view("MIGRATING_IN")
 # what each state allows with both agents holding their copies
 EXPECTED = {
     M.SEALING: (True, False), M.PREPARING: (True, False), M.PREPARED: (True, True),
+    M.TRANSFERRING: (True, False), M.TRANSFERRED: (True, True),  # cold migration
     M.COMMITTING: (False, True), M.SHREDDING: (False, True), M.ABORTING: (True, False),
     M.IN_DOUBT: (True, True), M.DISCARDING: (True, False), M.RESTORING: (True, False),
     M.COMMITTED: (False, False), M.ABORTED: (False, False), M.REFUSED: (False, False),
