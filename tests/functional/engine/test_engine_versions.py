@@ -1,10 +1,11 @@
-"""A rolling upgrade between engine API 1.3 and 1.4 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.5 and 1.6 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.3`` (what
-  an old Nova driver can send) against the current engine daemon: the 1.3
-  host calls work, host_command_key is refused before sending.
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.5`` (what
+  an old agent or Nova driver can send) against the current engine daemon:
+  the older host calls work, the 1.6 report_swtpm_restart is refused
+  before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.3) answering a current client: old methods are served, the new one
+  1.5) answering a current client: old methods are served, the new one
   comes back as a clear ``RPCVersionUnsupported``.
 """
 
@@ -24,6 +25,7 @@ from tests.functional.harness import (
 )
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine import messages as em
 from vtpcm_common.api.engine.rpcapi import RPC_API_VERSION, EngineAPI
 from vtpcm_lab import daemons
 from vtpcm_nova.engine.db import migration
@@ -32,7 +34,7 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.3"
+PREVIOUS = "1.5"
 
 
 class PreviousEngine(EngineManager):
@@ -97,6 +99,11 @@ def upgrade():
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _report(host, instance, agents):
+    vtpcm_id = agents.get(host, instance).vtpcm_id
+    return em.SwtpmRestartReport(host, instance, vtpcm_id, "ACTIVE", "restarted", "died")
+
+
 def test_the_versions_compared_here_are_the_current_and_previous_minor():
     major, minor = RPC_API_VERSION.split(".")
     assert PREVIOUS == "%s.%d" % (major, int(minor) - 1)
@@ -120,13 +127,15 @@ def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
     try:
         assert pinned.start_vtpcm(instance).running  # 1.3
         assert pinned.stop_vtpcm(instance).state == "STOPPED"
+        assert pinned.host_command_key(host).status == "APPROVED"  # 1.4
+        report = _report(host, instance, agents)
         with pytest.raises(exception.RPCVersionCapped) as err:
-            pinned.host_command_key(host)
+            pinned.report_swtpm_restart(report)
         assert str(err.value) == (
-            "Not sent: host_command_key needs %s RPC API 1.4, but [upgrade_levels] "
-            "vtpcm_engine caps this client at 1.3 (some %s may still run an older "
+            "Not sent: report_swtpm_restart needs %s RPC API 1.6, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.5 (some %s may still run an older "
             "release)" % (pinned.topic, pinned.topic))
-        assert current.host_command_key(host).status == "APPROVED"  # unpinned, it works
+        current.report_swtpm_restart(report)  # unpinned, it works
     finally:
         current.destroy_vtpcm(instance)
 
@@ -144,8 +153,9 @@ def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
 def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
     _, _, on_old, _, host = upgrade
     with pytest.raises(exception.RPCVersionUnsupported) as err:
-        on_old.host_command_key(host)
+        on_old.report_swtpm_restart(em.SwtpmRestartReport(
+            host, str(uuid.uuid4()), str(uuid.uuid4()), "ACTIVE", "restarted", "died"))
     assert str(err.value) == (
-        "%s cannot serve host_command_key (RPC API 1.4): it runs an older API version; "
+        "%s cannot serve report_swtpm_restart (RPC API 1.6): it runs an older API version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
         % on_old.topic)
