@@ -403,17 +403,20 @@ class CommandVerifier:
             raise _refuse(method, "validity period longer than %ss" % self.max_ttl)
         if issued_at > now + self.max_skew:
             raise _refuse(method, "issued in the future")
+        # Kept max_skew past expiry: a clock stepping back a little must not
+        # make a forgotten nonce usable again. Scoped by the signing key: a
+        # key holder who copies another signer's nonce into a command of its
+        # own cannot use it up. Checked before expiry: a command that ran
+        # and comes back after its expiry is "replayed" (which the agent
+        # never signs), not "expired" (which says it never ran).
+        scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
+        if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
+            raise exception.CommandReplayed(method=method,
+                                            reason="replayed (nonce already used)")
         if now > expires_at:
             raise _refuse(method, "expired")
         if issued_at < self.created_at - self.max_skew:
             raise _refuse(method, "issued before this %s started" % self.service_role)
-        # Kept max_skew past expiry: a clock stepping back a little must not
-        # make a forgotten nonce usable again. Scoped by the signing key: a
-        # key holder who copies another signer's nonce into a command of its
-        # own cannot use it up.
-        scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
-        if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
-            raise _refuse(method, "replayed (nonce already used)")
         return signed_by
 
     @staticmethod
