@@ -5,20 +5,32 @@ replies are checked with the keys the engine database enrolled
 that steals, redelivers or forges answers (see test_signed_replies)."""
 
 import dataclasses
+import datetime
 import uuid
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.unit.common import test_signed_replies
 from tests.unit.common.test_signed_replies import CONTEXT, DST, SRC, FakeInstances
-from tests.unit.engine.test_coordinator import FakeTrust, FakeVerdict, trusted_in_db
+from tests.unit.engine.test_coordinator import (
+    INSTANCE,
+    T0,
+    YEAR,
+    FakeAgents,
+    FakeTrust,
+    FakeVerdict,
+    trusted_in_db,
+)
 from vtpcm_agent.association import Association, VTPCMState
 from vtpcm_common import authn, exception
+from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine.coordinator import CREATING, Coordinator
 from vtpcm_nova.engine.db import migration
-from vtpcm_nova.engine.db.api import Database
-from vtpcm_nova.engine.replykeys import EnrolledReplyKeys
+from vtpcm_nova.engine.db.api import Database, TrustBasis
+from vtpcm_nova.engine.replykeys import TOWARD_SAFETY, EnrolledReplyKeys
+from vtpcm_nova.engine.verifier import TrustStatus
 
 world = test_signed_replies.world
 
@@ -161,3 +173,96 @@ def test_a_forged_create_answer_completes_nothing(world: Any, engine: Any) -> No
     rec = db.get_vtpcm(inst)
     assert rec.state == CREATING
     assert ("refused", SRC) in _audit(db, "agent-reply")
+
+
+# --- hosts that are not approved (mid-migration revocation, reboot) -----------
+
+class KeyedAgents(FakeAgents):
+    """FakeAgents behind the engine's reply-key rule, as AgentAPI applies
+    it: nothing is sent to, and no answer taken from, a host whose reply
+    cannot count for that method (EnrolledReplyKeys)."""
+
+    METHODS = {"seal": "seal_migration_key", "prepare": "prepare_incoming"}
+
+    def __init__(self, keys: EnrolledReplyKeys) -> None:
+        super().__init__()
+        self.keys = keys
+
+    def _record(self, name: str, host: str, *args: Any) -> None:
+        self.keys.reply_key(host, self.METHODS.get(name, name))
+        super()._record(name, host, *args)
+
+    def seal_migration_key(self, host: str, context: Any, dest_kem_public: bytes) -> Any:
+        self._record("seal", host)
+        return am.SealedKey(b"envelope")
+
+
+@pytest.fixture
+def three_hosts(tmp_path: Any) -> Any:
+    url = "sqlite:///%s" % (tmp_path / "engine.sqlite")
+    migration.db_sync(url)
+    db = Database(url)
+    db.put_policy("golden", "sha256", {16: b"\x16" * 32})
+    trust = FakeTrust()
+    for host in ("host-a", "host-b", "host-c"):
+        key = ed25519.Ed25519PrivateKey.generate().public_key()
+        db.enroll_host(host, ak_public=b"ak-" + host.encode(), ak_name=b"n-" + host.encode(),
+                       kem_public=b"kem-of-" + host[-1].encode(), kem_name=b"k" + host.encode(),
+                       command_public=authn.public_raw(key), ek_certificate=None,
+                       approved=True)
+        db.assign_policy(host, "golden")
+        trusted_in_db(db, host)
+        trust.verdicts[host] = FakeVerdict("TRUSTED")
+    agents = KeyedAgents(EnrolledReplyKeys(db))
+    coord = Coordinator(db, agents, trust, timeout=60)
+    coord.create_vtpcm(INSTANCE, "host-a")
+    yield coord, db, agents, trust
+    db.dispose()
+
+
+def _revoke(db: Database, host: str) -> None:
+    db.revoke_host(host)
+
+
+def _reboot_to_pending(db: Database, host: str) -> None:
+    """What an attestation under ``reapprove`` does after a host reboot."""
+    rec = db.get_host(host)
+    policy = db.get_policy(str(rec.policy_name))
+    later = T0 + datetime.timedelta(days=1)
+    db.record_attestation(TrustBasis(host, rec.revision, policy.name, policy.revision, later),
+                          TrustStatus.UNTRUSTED, "rebooted", later + YEAR, reapprove=True)
+
+
+@pytest.mark.parametrize("demote", [_revoke, _reboot_to_pending])
+def test_a_destination_demoted_mid_migration_does_not_freeze_the_source(
+        three_hosts: Any, demote: Any) -> None:
+    """The abort reaches the revoked (or re-pending) destination and its
+    signed answer counts: the source's vTPCM is ACTIVE and free again."""
+    coord, db, agents, trust = three_hosts
+    mid = str(uuid.uuid4())
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    demote(db, "host-b")
+    assert db.get_host("host-b").status.value != "APPROVED"
+    trust.verdicts["host-b"] = FakeVerdict("UNTRUSTED", "demoted")
+    assert coord.abort(mid, "operator revoked the destination").state == "ABORTED"
+    assert ("abort_incoming", "host-b") in agents.calls
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.state, rec.migration_id) == ("host-a", "ACTIVE", None)
+    coord.stop_vtpcm(INSTANCE, requested_by="host-a")
+    coord.start_vtpcm(INSTANCE, requested_by="host-a")
+    assert coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-c").state == "PREPARED"
+
+
+def test_a_demoted_host_still_moves_nothing_forward(three_hosts: Any) -> None:
+    """APPROVED-only for every step that moves a secret or the authority:
+    a revoked destination gets no commit and no prepare."""
+    coord, db, agents, _ = three_hosts
+    keys = EnrolledReplyKeys(db)
+    db.revoke_host("host-b")
+    for method in ("create", "seal_migration_key", "prepare_incoming", "commit_incoming",
+                   "commit_outgoing", "start", "stop", "get", "import_state",
+                   "export_state"):
+        with pytest.raises(exception.ReplyNotAuthenticated, match="host is REVOKED"):
+            keys.reply_key("host-b", method)
+    for method in sorted(TOWARD_SAFETY):
+        assert keys.reply_key("host-b", method) is not None
