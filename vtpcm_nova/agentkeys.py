@@ -6,8 +6,17 @@ another host's key (the destination's, for the socket path its agent
 reports) is the one the engine enrolled for it, bound into that host's TPM
 certify, asked of the engine (``host_command_key``) for every reply, so a
 revocation counts at once. Only an APPROVED host's replies count.
+
+The driver's own key file is re-read when it is replaced (``OwnKey``): a
+host whose key was rotated (file deleted, agent restarted, host enrolled
+again) would otherwise have its own agent's replies refused until
+nova-compute restarts.
 """
 
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -23,17 +32,68 @@ class KeyDirectory(Protocol):
     def host_command_key(self, host: str) -> em.HostCommandKey: ...
 
 
-class EngineReportedKeys:
-    """``authn.ReplyKeys`` of a compute node."""
+Stamp = tuple[int, int, int, int]
 
-    def __init__(self, host: str, own: ed25519.Ed25519PublicKey, engine: KeyDirectory) -> None:
+
+def file_stamp(path: Path) -> Stamp | None:
+    """What identifies a file's current content cheaply (device, inode,
+    size, mtime); None if it cannot be read. A replaced key file gets a new
+    stamp."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class OwnKey:
+    """This host's command public key, read from its key file and read again
+    whenever the file's identity (device, inode, size, mtime) changes: a
+    rotation replaces the file, and the agent then signs with the new key."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: Stamp | None = None
+        self._key: ed25519.Ed25519PublicKey | None = None
+
+    def __repr__(self) -> str:
+        return "<OwnKey %s>" % self.path
+
+    def __call__(self) -> ed25519.Ed25519PublicKey:
+        with self._lock:
+            stamp = file_stamp(self.path)
+            if stamp is None:  # load_host_key names the error
+                self._key, self._stamp = None, None
+            if self._key is None or stamp != self._stamp:
+                self._key = authn.load_host_key(self.path).public_key
+                if self._stamp is not None:
+                    LOG.info("Host command key %(path)s changed: now %(fp)s",
+                             {"path": self.path, "fp": authn.fingerprint(self._key)})
+                self._stamp = stamp
+            return self._key
+
+
+class EngineReportedKeys:
+    """``authn.ReplyKeys`` of a compute node. ``own``: this host's public
+    key, or a callable giving it now (``OwnKey``)."""
+
+    def __init__(self, host: str,
+                 own: ed25519.Ed25519PublicKey | Callable[[], ed25519.Ed25519PublicKey],
+                 engine: KeyDirectory) -> None:
         self.host = host
         self.own = own
         self.engine = engine
 
     def reply_key(self, host: str, method: str) -> ed25519.Ed25519PublicKey:
         if host == self.host:
-            return self.own
+            if isinstance(self.own, ed25519.Ed25519PublicKey):
+                return self.own
+            try:
+                return self.own()
+            except exception.InvalidInput as err:
+                raise exception.ReplyNotAuthenticated(
+                    host=host, method=method, reason=str(err.kwargs["reason"])) from None
         try:
             info = self.engine.host_command_key(host)
         except exception.NotFound:

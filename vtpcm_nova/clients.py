@@ -41,6 +41,27 @@ def engine_for_host(conf: cfg.ConfigOpts) -> EngineAPI:
                      host_signer=signer, exchange=conf.vtpcm.control_exchange)
 
 
+class EngineForHost:
+    """The host-signed engine client, made again when the host command key
+    file is replaced (a rotation), so nova-compute signs with the key the
+    host was enrolled with again without a restart."""
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        compute_conf.register_opts(conf)
+        self.conf = conf
+        self._lock = threading.Lock()
+        self._stamp: agentkeys.Stamp | None = None
+        self._api: EngineAPI | None = None
+
+    def __call__(self) -> EngineAPI:
+        stamp = agentkeys.file_stamp(Path(self.conf.vtpcm.host_command_key))
+        with self._lock:
+            if self._api is None or stamp is None or stamp != self._stamp:
+                self._api = engine_for_host(self.conf)
+                self._stamp = stamp
+            return self._api
+
+
 def engine_reader(conf: cfg.ConfigOpts) -> EngineAPI:
     """Unsigned engine client for read-only calls (the scheduler filter)."""
     compute_conf.register_opts(conf)
@@ -51,10 +72,12 @@ def engine_reader(conf: cfg.ConfigOpts) -> EngineAPI:
 def agent_reader(conf: cfg.ConfigOpts, host: str) -> AgentAPI:
     """Agent client of compute host ``host`` for read-only calls (health,
     where a vTPCM's socket is): sends no command, and takes only replies
-    signed by the answering host's command key (its own, or another's as
-    the engine enrolled it; ``agentkeys``)."""
+    signed by the answering host's command key (its own, re-read when its
+    file is replaced, or another's as the engine enrolled it;
+    ``agentkeys``)."""
     compute_conf.register_opts(conf)
-    own = authn.load_host_key(Path(conf.vtpcm.host_command_key)).public_key
+    own = agentkeys.OwnKey(Path(conf.vtpcm.host_command_key))
+    own()  # a missing or unreadable key file fails here, as before
     keys = agentkeys.EngineReportedKeys(host, own, engine_reader(conf))
     return AgentAPI(conf, transport(conf), timeout=conf.vtpcm.agent_timeout,
                     exchange=conf.vtpcm.control_exchange, reply_keys=keys)

@@ -142,8 +142,9 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         assert host is not None
         drv = vdriver.VTPCMLibvirtDriver(virtapi)
         # the one key the driver holds: this host's command key
-        drv._engine = RecordingEngine(self.dep.engine_at(host), self.engine_calls,
-                                      self.before_engine_call)
+        recording = RecordingEngine(self.dep.engine_at(host), self.engine_calls,
+                                    self.before_engine_call)
+        drv._engine = lambda: recording
         # agent replies verified as clients.agent_reader does: this host's
         # key for its own agent, the engine's record for the others
         own = authn.load_host_key(self.dep.hosts[host].command_key).public_key

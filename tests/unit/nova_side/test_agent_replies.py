@@ -4,10 +4,12 @@ engine reports for it (APPROVED only). The destination's socket path goes
 through ``livemigration.destination_socket`` as in the driver. The agent is
 a real AgentManager behind the loopback of tests/unit/common."""
 
+import os
 import uuid
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.unit.common.test_signed_replies import (
@@ -20,7 +22,9 @@ from tests.unit.common.test_signed_replies import world as world  # noqa: F401 -
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import rpcapi as agent_rpcapi
 from vtpcm_common.api.engine import messages as em
+from vtpcm_nova import clients
 from vtpcm_nova.agentkeys import EngineReportedKeys
+from vtpcm_nova.conf import compute as compute_conf
 from vtpcm_nova.virt import livemigration as lm
 
 DIRS = ["/run/vtpcm"]
@@ -107,3 +111,52 @@ def test_a_health_answer_for_the_trait_must_be_the_hosts_own(driver: Any) -> Non
     driver.loop.hook = lambda method, args, deliver: deliver(reply_nonce=None)
     _not_authenticated(lambda: driver.reader.health(SRC), "not a signed reply")
 
+
+
+def _write_key(path: Any, key: ed25519.Ed25519PrivateKey) -> None:
+    """As a rotation leaves it: a new file (new inode) in place of the old."""
+    tmp = path.with_name(path.name + ".new")
+    tmp.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                      serialization.PrivateFormat.PKCS8,
+                                      serialization.NoEncryption()))
+    tmp.chmod(0o600)
+    os.replace(tmp, path)
+
+
+def test_a_rotated_host_key_counts_without_restarting_nova_compute(
+        world: Any, tmp_path: Any) -> None:  # noqa: F811
+    """The driver's reader (clients.agent_reader, as the driver builds it)
+    takes its own agent's replies signed with the key now in the file."""
+    path = tmp_path / "host-command.key"
+    first, second = (ed25519.Ed25519PrivateKey.generate() for _ in range(2))
+    _write_key(path, first)
+    compute_conf.register_opts(world.conf)
+    world.conf.set_override("host_command_key", str(path), group="vtpcm")
+    reader = clients.agent_reader(world.conf, SRC)
+    reader.client = world.loop
+    manager = world.loop.managers[SRC]
+    manager.reply_signer = authn.CommandSigner(first)
+    assert reader.health(SRC).host == SRC
+    _write_key(path, second)  # rotated; the agent restarts with the new key
+    manager.reply_signer = authn.CommandSigner(second)
+    assert reader.health(SRC).host == SRC
+    manager.reply_signer = authn.CommandSigner(first)  # the old key counts no more
+    _not_authenticated(lambda: reader.health(SRC), "signature does not verify")
+    path.unlink()
+    _not_authenticated(lambda: reader.health(SRC), "No such file")
+
+
+def test_the_engine_client_signs_with_the_rotated_key(world: Any, tmp_path: Any) -> None:  # noqa: F811
+    """The driver's engine client (clients.EngineForHost) is made again
+    when the key file is replaced, and only then."""
+    path = tmp_path / "host-command.key"
+    first, second = (ed25519.Ed25519PrivateKey.generate() for _ in range(2))
+    _write_key(path, first)
+    compute_conf.register_opts(world.conf)
+    world.conf.set_override("host_command_key", str(path), group="vtpcm")
+    engine = clients.EngineForHost(world.conf)
+    before = engine()
+    assert engine() is before
+    assert before.host_signer.public_key == first.public_key()
+    _write_key(path, second)
+    assert engine().host_signer.public_key == second.public_key()
