@@ -161,6 +161,39 @@ class CommandSigner:
                 "signature": base64.b64encode(self._key.sign(data)).decode("ascii")}
 
 
+    def sign_host_key(self, host: str, status: str, command_public: bytes | None,
+                      nonce: bytes) -> bytes:
+        """The engine's signature over its answer to ``signed_host_command_key``
+        (engine API 1.5): what the Nova driver checks another host's agent
+        replies with comes signed by the key the agents already pin."""
+        return self._key.sign(host_key_bytes(host, status, command_public, nonce))
+
+
+HOST_KEY_TAG = "vtpcm engine host command key v1"
+
+
+def host_key_bytes(host: str, status: str, command_public: bytes | None,
+                   nonce: bytes) -> bytes:
+    """The bytes the engine signs for a host's status and command key, bound
+    to the caller's nonce (a recorded answer does not pass for a later
+    call, e.g. from before a revocation); a tag of its own separates it
+    from commands and agent replies."""
+    doc = {"tag": HOST_KEY_TAG, "host": host, "status": status,
+           "command_public": None if command_public is None else command_public.hex(),
+           "nonce": nonce.hex()}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def verify_host_key(key: ed25519.Ed25519PublicKey, signature: bytes, host: str, status: str,
+                    command_public: bytes | None, nonce: bytes) -> bool:
+    """Did ``key`` (the engine's) sign this answer for this nonce?"""
+    try:
+        key.verify(signature, host_key_bytes(host, status, command_public, nonce))
+    except InvalidSignature:
+        return False
+    return True
+
+
 # Signed agent replies (agent API 1.6) ----------------------------------------
 
 REPLY_TAG = "vtpcm agent reply v1"

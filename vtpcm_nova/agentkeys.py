@@ -4,8 +4,12 @@ The Nova driver holds only its own host command key. Its own agent signs
 with that key (one file, created by the agent, readable by nova-compute);
 another host's key (the destination's, for the socket path its agent
 reports) is the one the engine enrolled for it, bound into that host's TPM
-certify, asked of the engine (``host_command_key``) for every reply, so a
-revocation counts at once. Only an APPROVED host's replies count.
+certify, asked of the engine for every reply, so a revocation counts at
+once. Only an APPROVED host's replies count. The engine's answer is signed
+with its command key over the host, status, key and a fresh nonce
+(``signed_host_command_key``, engine API 1.5) and checked against the
+engine public key pinned in ``[vtpcm] engine_public_key``: a broker client
+forging the engine's answer cannot hand the driver a key of its own.
 
 The driver's own key file is re-read when it is replaced (``OwnKey``): a
 host whose key was rotated (file deleted, agent restarted, host enrolled
@@ -29,7 +33,8 @@ LOG = logging.getLogger(__name__)
 
 
 class KeyDirectory(Protocol):
-    def host_command_key(self, host: str) -> em.HostCommandKey: ...
+    def signed_host_command_key(self, host: str,
+                                nonce: bytes) -> em.SignedHostCommandKey: ...
 
 
 Stamp = tuple[int, int, int, int]
@@ -80,10 +85,14 @@ class EngineReportedKeys:
 
     def __init__(self, host: str,
                  own: ed25519.Ed25519PublicKey | Callable[[], ed25519.Ed25519PublicKey],
-                 engine: KeyDirectory) -> None:
+                 engine: KeyDirectory,
+                 engine_key: ed25519.Ed25519PublicKey | None) -> None:
+        """``engine_key``: the engine's pinned command public key; None
+        (not configured): no other host's reply counts."""
         self.host = host
         self.own = own
         self.engine = engine
+        self.engine_key = engine_key
 
     def reply_key(self, host: str, method: str) -> ed25519.Ed25519PublicKey:
         if host == self.host:
@@ -94,11 +103,26 @@ class EngineReportedKeys:
             except exception.InvalidInput as err:
                 raise exception.ReplyNotAuthenticated(
                     host=host, method=method, reason=str(err.kwargs["reason"])) from None
+        if self.engine_key is None:
+            raise exception.ReplyNotAuthenticated(
+                host=host, method=method,
+                reason="[vtpcm] engine_public_key is not set: no engine-signed key "
+                       "for another host")
+        nonce = os.urandom(authn.NONCE_BYTES)
         try:
-            info = self.engine.host_command_key(host)
+            info = self.engine.signed_host_command_key(host, nonce)
         except exception.NotFound:
+            # unsigned, but it only refuses: no key is taken from it
             raise exception.ReplyNotAuthenticated(
                 host=host, method=method, reason="the engine knows no such host") from None
+        if not authn.verify_host_key(self.engine_key, info.signature, info.host, info.status,
+                                     info.command_public, nonce):
+            LOG.warning("The engine's answer about the command key of %(host)s is not "
+                        "signed by the pinned engine key", {"host": host})
+            raise exception.ReplyNotAuthenticated(
+                host=host, method=method,
+                reason="the engine's key answer does not verify with [vtpcm] "
+                       "engine_public_key")
         if info.host != host:
             raise exception.ReplyNotAuthenticated(
                 host=host, method=method, reason="the engine answered for another host")

@@ -23,6 +23,10 @@ API version history:
     1.4 - host_command_key (read-only): a host's status and enrolled
           command public key, so the Nova driver can verify another host's
           signed agent replies (agent API 1.6).
+    1.5 - signed_host_command_key (read-only): the same answer for the
+          caller's nonce, signed with the engine's command key (the key
+          agents pin), so the Nova driver takes another host's key only
+          from the engine (``[vtpcm] engine_public_key``).
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -48,7 +52,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.4"
+RPC_API_VERSION = "1.5"
 
 R = TypeVar("R", bound=Message)
 
@@ -69,6 +73,7 @@ METHOD_VERSIONS: dict[str, str] = {
     "start_vtpcm": "1.3",
     "stop_vtpcm": "1.3",
     "host_command_key": "1.4",
+    "signed_host_command_key": "1.5",
 }
 
 
@@ -149,6 +154,11 @@ class EngineAPI(rpc.Client):
 
     def host_command_key(self, host: str) -> m.HostCommandKey:
         return self._ask("host_command_key", m.HostRef(host), m.HostCommandKey)
+
+    def signed_host_command_key(self, host: str, nonce: bytes) -> m.SignedHostCommandKey:
+        """The engine-signed answer; the caller checks the signature."""
+        return self._ask("signed_host_command_key", m.HostKeyQuery(host, nonce),
+                         m.SignedHostCommandKey)
 
     def assign_policy(self, host: str, policy_name: str | None) -> m.HostInfo:
         return self._ask("assign_policy", m.AssignPolicy(host, policy_name), m.HostInfo)
