@@ -1,11 +1,11 @@
-"""A rolling upgrade between engine API 1.4 and 1.5 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.5 and 1.6 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.4`` (what
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.5`` (what
   an old Nova driver can send) against the current engine daemon: the old
   host calls and host_command_key work, signed_host_command_key is refused
   before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.4) answering a current client: old methods are served, the new one
+  1.5) answering a current client: old methods are served, the new one
   comes back as a clear ``RPCVersionUnsupported``.
 """
 
@@ -33,7 +33,7 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.4"
+PREVIOUS = "1.5"
 
 
 class PreviousEngine(EngineManager):
@@ -129,8 +129,8 @@ def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
         with pytest.raises(exception.RPCVersionCapped) as err:
             pinned.signed_host_command_key(host, nonce)
         assert str(err.value) == (
-            "Not sent: signed_host_command_key needs %s RPC API 1.5, but [upgrade_levels] "
-            "vtpcm_engine caps this client at 1.4 (some %s may still run an older "
+            "Not sent: signed_host_command_key needs %s RPC API 1.6, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.5 (some %s may still run an older "
             "release)" % (pinned.topic, pinned.topic))
         # unpinned, it works: signed with the engine key the agents pin
         answer = current.signed_host_command_key(host, nonce)
@@ -158,7 +158,7 @@ def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
     with pytest.raises(exception.RPCVersionUnsupported) as err:
         on_old.signed_host_command_key(host, b"\x05" * 16)
     assert str(err.value) == (
-        "%s cannot serve signed_host_command_key (RPC API 1.5): it runs an older API "
+        "%s cannot serve signed_host_command_key (RPC API 1.6): it runs an older API "
         "version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
         % on_old.topic)
