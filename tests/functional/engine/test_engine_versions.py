@@ -1,11 +1,11 @@
-"""A rolling upgrade between engine API 1.5 and 1.6 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.6 and 1.7 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.5`` (what
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.6`` (what
   an old agent or Nova driver can send) against the current engine daemon:
-  the older host calls work, the 1.6 report_swtpm_restart is refused
-  before sending.
+  the old host calls, host_command_key and signed_host_command_key work,
+  the 1.7 report_swtpm_restart is refused before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.5) answering a current client: old methods are served, the new one
+  1.6) answering a current client: old methods are served, the new one
   comes back as a clear ``RPCVersionUnsupported``.
 """
 
@@ -34,7 +34,7 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.5"
+PREVIOUS = "1.6"
 
 
 class PreviousEngine(EngineManager):
@@ -87,7 +87,10 @@ def upgrade():
             pinned_conf = client_conf(exchange)
             pinned_conf.set_override("vtpcm_engine", PREVIOUS, group="upgrade_levels")
             pinned = EngineAPI(pinned_conf, agents.transport, timeout=60, host_signer=key)
-            yield current, pinned, on_old, agents, name
+            # what the Nova driver pins as [vtpcm] engine_public_key
+            engine_key = authn.load_public_key(authn.public_key_path(
+                daemons.signing_key_path(exchange)))
+            yield current, pinned, on_old, agents, name, engine_key
     finally:
         engine.stop()
         on_old.transport.cleanup()
@@ -99,18 +102,13 @@ def upgrade():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def _report(host, instance, agents):
-    vtpcm_id = agents.get(host, instance).vtpcm_id
-    return em.SwtpmRestartReport(host, instance, vtpcm_id, "ACTIVE", "restarted", "died")
-
-
 def test_the_versions_compared_here_are_the_current_and_previous_minor():
     major, minor = RPC_API_VERSION.split(".")
     assert PREVIOUS == "%s.%d" % (major, int(minor) - 1)
 
 
 def test_a_pinned_compute_node_runs_the_old_host_calls_on_the_current_engine(upgrade):
-    _, pinned, _, agents, host = upgrade
+    _, pinned, _, agents, host, *_ = upgrade
     assert pinned.version_cap == PREVIOUS
     instance = str(uuid.uuid4())
     rec = pinned.create_vtpcm(instance, host)
@@ -121,19 +119,27 @@ def test_a_pinned_compute_node_runs_the_old_host_calls_on_the_current_engine(upg
 
 
 def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
-    current, pinned, _, agents, host = upgrade
+    current, pinned, _, agents, host, engine_key = upgrade
     instance = str(uuid.uuid4())
     pinned.create_vtpcm(instance, host)
     try:
         assert pinned.start_vtpcm(instance).running  # 1.3
         assert pinned.stop_vtpcm(instance).state == "STOPPED"
         assert pinned.host_command_key(host).status == "APPROVED"  # 1.4
-        report = _report(host, instance, agents)
+        nonce = b"\x05" * 16
+        answer = pinned.signed_host_command_key(host, nonce)  # 1.6
+        assert answer.status == "APPROVED"
+        assert authn.verify_host_key(engine_key, answer.signature, host, answer.status,
+                                     answer.command_public, nonce)
+        assert not authn.verify_host_key(engine_key, answer.signature, host, answer.status,
+                                         answer.command_public, b"\x06" * 16)
+        report = em.SwtpmRestartReport(host, instance, agents.get(host, instance).vtpcm_id,
+                                       "ACTIVE", "restarted", "died")
         with pytest.raises(exception.RPCVersionCapped) as err:
             pinned.report_swtpm_restart(report)
         assert str(err.value) == (
-            "Not sent: report_swtpm_restart needs %s RPC API 1.6, but [upgrade_levels] "
-            "vtpcm_engine caps this client at 1.5 (some %s may still run an older "
+            "Not sent: report_swtpm_restart needs %s RPC API 1.7, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.6 (some %s may still run an older "
             "release)" % (pinned.topic, pinned.topic))
         current.report_swtpm_restart(report)  # unpinned, it works
     finally:
@@ -141,7 +147,7 @@ def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
 
 
 def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
-    _, _, on_old, _, host = upgrade
+    _, _, on_old, _, host, *_ = upgrade
     assert on_old.list_hosts().hosts == ()
     with pytest.raises(exception.NotFound):
         on_old.get_vtpcm(str(uuid.uuid4()))
@@ -151,11 +157,12 @@ def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
 
 
 def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
-    _, _, on_old, _, host = upgrade
+    _, _, on_old, _, host, *_ = upgrade
     with pytest.raises(exception.RPCVersionUnsupported) as err:
         on_old.report_swtpm_restart(em.SwtpmRestartReport(
             host, str(uuid.uuid4()), str(uuid.uuid4()), "ACTIVE", "restarted", "died"))
     assert str(err.value) == (
-        "%s cannot serve report_swtpm_restart (RPC API 1.6): it runs an older API version; "
+        "%s cannot serve report_swtpm_restart (RPC API 1.7): it runs an older API "
+        "version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
         % on_old.topic)

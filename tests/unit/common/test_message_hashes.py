@@ -58,6 +58,7 @@ EXPECTED = {
     "engine.Empty": "1.0-818badba1c71c4ab7c0212d69a69f34a",
     "engine.HostCommandKey": "1.4-9ea8434651c34cc0b88ce81f56c280b6",
     "engine.HostInfo": "1.0-4bd020e14e88813e679d28854658a894",
+    "engine.HostKeyQuery": "1.6-9ec7469e9abc834ff078f758a65d428c",
     "engine.HostList": "1.0-8b851faf540cd5120f64905fae7d6fda",
     "engine.HostRef": "1.0-531a64db7790294686558a2a4b15ba96",
     "engine.InstanceRef": "1.0-bfbfdbbe7ab9a659de5413dfda72f078",
@@ -66,15 +67,16 @@ EXPECTED = {
     "engine.PolicyInfo": "1.0-063d035b351feb4d2b766e83484013ea",
     "engine.PolicyList": "1.0-c1814d864e97263548f4f5c682a6a0fd",
     "engine.RecordPolicy": "1.0-31b202c35c4d86af4cc8e09d41b67b2a",
+    "engine.SignedHostCommandKey": "1.6-cf3f8bb00334cdadf256b85864528aec",
     "engine.Verdict": "1.0-ba4b76b44e652a9e065afaffcac7872c",
     "engine.VerdictList": "1.0-f883eb197d2acddb6151b2c4e43642d7",
     "engine.VtpcmPlacement": "1.0-b43f96cbda15440f49455ee922f7a6fb",
     "engine.VtpcmRecord": "1.0-2a49d40912900646e97960fac5d7125d",
     "engine.VtpcmStatus": "1.3-475e6b1ec7a0b869735dcefdb51f4a0c",
-    "engine.ForgetHost": "1.6-db2073b3048ff9de19fc5c695b88b20e",
-    "engine.Resolution": "1.6-6b995ffd26a29cb70a92fedc3ec43dab",
-    "engine.ResolveMigration": "1.6-c66be3c0ad99187eb26e51d247e78de9",
-    "engine.SwtpmRestartReport": "1.6-3e7effc8539641dd2bfaa61089680f58",
+    "engine.ForgetHost": "1.7-db2073b3048ff9de19fc5c695b88b20e",
+    "engine.Resolution": "1.7-6b995ffd26a29cb70a92fedc3ec43dab",
+    "engine.ResolveMigration": "1.7-c66be3c0ad99187eb26e51d247e78de9",
+    "engine.SwtpmRestartReport": "1.7-3e7effc8539641dd2bfaa61089680f58",
 }
 
 

@@ -163,10 +163,12 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "replace_vtpcm": ("1.5", lambda api: api.replace_vtpcm(INSTANCE, HOST)),
     "shelve_vtpcm": ("1.5", lambda api: api.shelve_vtpcm(INSTANCE)),
     "unshelve_vtpcm": ("1.5", lambda api: api.unshelve_vtpcm(INSTANCE, HOST)),
-    # 1.6, operator-signed and host-signed
-    "resolve_migration": ("1.6", lambda api: api.resolve_migration(MIGRATION, "source")),
-    "forget_host": ("1.6", lambda api: api.forget_host(HOST)),
-    "report_swtpm_restart": ("1.6", lambda api: api.report_swtpm_restart(
+    "signed_host_command_key": ("1.6", lambda api: api.signed_host_command_key(
+        HOST, b"\x07" * 16)),
+    # 1.7, operator-signed and host-signed
+    "resolve_migration": ("1.7", lambda api: api.resolve_migration(MIGRATION, "source")),
+    "forget_host": ("1.7", lambda api: api.forget_host(HOST)),
+    "report_swtpm_restart": ("1.7", lambda api: api.report_swtpm_restart(
         em.SwtpmRestartReport(HOST, INSTANCE, INSTANCE, "ACTIVE", "restarted", "died"))),
 }
 

@@ -31,7 +31,12 @@ API version history:
           loss; shelve_vtpcm (signed by the holder) and unshelve_vtpcm
           (signed by the named host): shelve offload and unshelve onto any
           TRUSTED host.
-    1.6 - resolve_migration, forget_host (in ``ADMIN_METHODS``): the
+    1.6 - signed_host_command_key (read-only): the answer of
+          host_command_key for the caller's nonce, signed with the engine's
+          command key (the key agents pin), so the Nova driver takes
+          another host's key only from the engine (``[vtpcm]
+          engine_public_key``).
+    1.7 - resolve_migration, forget_host (in ``ADMIN_METHODS``): the
           operator settles a migration the protocol cannot settle alone
           (``--to source|destination``) or drops the records of a host gone
           for good; each answers a ``Resolution`` (the plan in plain words,
@@ -63,7 +68,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.6"
+RPC_API_VERSION = "1.7"
 
 R = TypeVar("R", bound=Message)
 
@@ -91,9 +96,10 @@ METHOD_VERSIONS: dict[str, str] = {
     "replace_vtpcm": "1.5",
     "shelve_vtpcm": "1.5",
     "unshelve_vtpcm": "1.5",
-    "resolve_migration": "1.6",
-    "forget_host": "1.6",
-    "report_swtpm_restart": "1.6",
+    "signed_host_command_key": "1.6",
+    "resolve_migration": "1.7",
+    "forget_host": "1.7",
+    "report_swtpm_restart": "1.7",
 }
 
 
@@ -174,6 +180,11 @@ class EngineAPI(rpc.Client):
 
     def host_command_key(self, host: str) -> m.HostCommandKey:
         return self._ask("host_command_key", m.HostRef(host), m.HostCommandKey)
+
+    def signed_host_command_key(self, host: str, nonce: bytes) -> m.SignedHostCommandKey:
+        """The engine-signed answer; the caller checks the signature."""
+        return self._ask("signed_host_command_key", m.HostKeyQuery(host, nonce),
+                         m.SignedHostCommandKey)
 
     def assign_policy(self, host: str, policy_name: str | None) -> m.HostInfo:
         return self._ask("assign_policy", m.AssignPolicy(host, policy_name), m.HostInfo)
