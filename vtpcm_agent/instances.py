@@ -138,6 +138,11 @@ class InstanceManager:
     def list_vtpcms(self) -> list[Association]:
         return self.associations.list()
 
+    def holds_state(self, assoc: Association) -> bool:
+        """Whether the vTPCM's permanent state exists (an incoming one: it
+        received the state), for the engine's resolve --to destination."""
+        return self._received_state(assoc)
+
     def is_running(self, assoc: Association) -> bool:
         return assoc.pid is not None and process.is_alive(assoc.pid, self._paths_of(assoc))
 
