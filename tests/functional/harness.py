@@ -67,7 +67,8 @@ def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
     Yields (host name, stand-in, agent, run dir) per label. Afterwards the
     agents stop, then the swtpm processes they left running are killed
     through their pid files (in this order: an agent would report each
-    swtpm that dies, or commit_incoming restart one), then the stand-ins stop, also when the test failed."""
+    swtpm that dies, or commit_incoming restart one), then the stand-ins
+    stop, also when the test failed."""
     hosts: list[tuple[str, HostTPMStandIn, AgentDaemon, Path]] = []
     started: list[Any] = []
     try:
