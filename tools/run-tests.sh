@@ -12,6 +12,7 @@ VENV=${VTPCM_VENV:-$PWD/.venv}
 export PATH="$VENV/bin:$PATH"
 echo "== lint"
 ruff check vtpcm_common vtpcm_agent vtpcm_nova vtpcm_lab tests
+python tools/check_test_raises.py tests benchmarks
 echo "== types"
 mypy
 echo "== layering"

@@ -150,8 +150,8 @@ class AssociationList:
                 # v3 adds command_nonces (created by _SCHEMA): nothing to copy.
                 cur.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             elif row[0] != SCHEMA_VERSION:
-                raise exception.VTPCMException(
-                    "Association list %s has schema version %s, this agent needs %s"
+                raise exception.InvalidInput(
+                    reason="association list %s has schema version %s, this agent needs %s"
                     % (self._path, row[0], SCHEMA_VERSION))
 
     def close(self) -> None:

@@ -18,6 +18,8 @@ from tests.functional.harness import (
     short_dir,
     wait_for,
 )
+from vtpcm_agent import sealing
+from vtpcm_agent.instances import context_from
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -91,9 +93,17 @@ def test_export_import_between_agents_keeps_guest_state(cluster):
     # the old generation cannot come back on the source
     with pytest.raises(exception.InvalidTransition):
         api.start(a.name, info.instance_uuid)
-    with pytest.raises(exception.VTPCMException):
-        api.prepare_incoming(a.name, m.MigrationContext(
-            str(uuid.uuid4()), info.instance_uuid, 0, b.name, a.name), b"\x00" * 120)
+    # A valid envelope (the real migration key, sealed to the source's own
+    # certified KEM key with a matching context) for the old generation 0:
+    # it opens, and only the tombstone's generation refuses it.
+    back = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, b.name, a.name)
+    envelope = sealing.seal(api.get_identity(a.name, os.urandom(32)).kem_public,
+                            b.keys(imported.vtpcm_id).migration_key, context_from(back))
+    with pytest.raises(exception.GenerationMismatch) as err:
+        api.prepare_incoming(a.name, back, envelope)
+    assert "generation 0 refused, authoritative generation is > 0" in str(err.value)
+    assert api.get(a.name, info.instance_uuid).state == "DESTROYED"
+    assert not pa.state_dir.exists()
 
 
 def test_import_with_other_migration_key_fails_and_changes_nothing(cluster):
@@ -196,19 +206,29 @@ def _raw(api: AgentAPI, host: str, method: str, payload):
 
 
 def test_bad_input_is_refused_clearly_and_changes_nothing(cluster):
-    api, a, _ = cluster
+    api, a, b = cluster
     info = _new(api, a)
     with pytest.raises(exception.NotFound) as err:
         api.get(a.name, str(uuid.uuid4()))
     assert "not found" in str(err.value)
     with pytest.raises(exception.AlreadyExists):
         api.create(a.name, info.instance_uuid)
+    # Truncated and tampered blobs reach the destination's blob check (an
+    # incoming vTPCM prepared for this migration) and are refused there.
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
     blobs = api.export_state(a.name, info.instance_uuid)
-    for bad in (dataclasses.replace(blobs, permanent=blobs.permanent[:100]),
-                dataclasses.replace(blobs, permanent=blobs.permanent[:-40]
-                                    + bytes(b ^ 0x5A for b in blobs.permanent[-40:]))):
-        with pytest.raises(exception.VTPCMException):
-            api.import_state(a.name, bad)
+    for bad, reason in (
+            (dataclasses.replace(blobs, permanent=blobs.permanent[:100]),
+             "bytes but has 100"),
+            (dataclasses.replace(blobs, permanent=blobs.permanent[:-40] + bytes(
+                b ^ 0x5A for b in blobs.permanent[-40:])), "TPM_DECRYPT_ERROR")):
+        with pytest.raises(exception.StateImportError) as err:
+            api.import_state(b.name, bad)
+        assert reason in str(err.value), str(err.value)
+        incoming = api.get(b.name, info.instance_uuid)
+        assert incoming.state == "MIGRATING_IN" and incoming.running
+    api.abort_incoming(b.name, ctx)
+    api.abort_outgoing(a.name, ctx)
     after = api.get(a.name, info.instance_uuid)
     assert after.state == "ACTIVE" and after.pid == info.pid and after.running
     for method, payload, field in (
@@ -246,8 +266,9 @@ def test_abort_steps_restore_the_source_and_may_be_retried(cluster):
     assert (source.state, source.generation, source.migration_id, source.pid) == \
         ("ACTIVE", 0, None, info.pid)
     # a commit for the aborted migration is refused on both sides
-    with pytest.raises(exception.VTPCMException):
+    with pytest.raises(exception.MigrationError) as err:
         api.commit_outgoing(a.name, ctx)
+    assert "is ACTIVE in migration None, expected MIGRATING_OUT" in str(err.value)
     with pytest.raises(exception.NotFound):
         api.commit_incoming(b.name, ctx)
     assert api.get(a.name, info.instance_uuid).state == "ACTIVE"

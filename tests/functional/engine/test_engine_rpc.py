@@ -178,7 +178,7 @@ def _dishonest_enroll(api, host, dishonest, mode) -> tuple[str, list]:
     and the enroll refusals audited for it, newest first."""
     dishonest.mode = mode
     try:
-        with pytest.raises(exception.VTPCMException) as err:
+        with pytest.raises(exception.CertificationError) as err:
             api.enroll(host)
     finally:
         dishonest.mode = "honest"

@@ -243,5 +243,5 @@ def test_a_newer_schema_is_refused(tmp_path):
     conn.execute("UPDATE schema_version SET version = 9")
     conn.commit()
     conn.close()
-    with pytest.raises(exception.VTPCMException, match="schema version 9"):
+    with pytest.raises(exception.InvalidInput, match="schema version 9, this agent needs"):
         AssociationList(path)
