@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from tests import spec_tables as spec
 from vtpcm_agent import association
 from vtpcm_agent.association import AssociationList, VTPCMState
 from vtpcm_common import exception
@@ -56,7 +57,7 @@ def test_every_pair_of_the_transition_table(alist, current, target):
     if target is current:
         # Re-asserting the current state is a no-op (idempotent retries).
         assert alist.transition(rec.instance_uuid, target).state is current
-    elif target in association.TRANSITIONS[current]:
+    elif target.value in spec.ASSOCIATION_MOVES[current.value]:
         assert alist.transition(rec.instance_uuid, target).state is target
     else:
         with pytest.raises(exception.InvalidTransition) as err:
@@ -64,6 +65,29 @@ def test_every_pair_of_the_transition_table(alist, current, target):
         assert current.value in str(err.value) and target.value in str(err.value)
         after = alist.get(rec.instance_uuid)
         assert after.state is current and after.updated_at == before.updated_at
+
+
+def test_the_code_table_is_the_spec_both_ways():
+    """The hand-written spec (the design document's table) and the code's
+    table hold the same moves and the same initial states."""
+    code = {cur.value: {t.value for t in targets}
+            for cur, targets in association.TRANSITIONS.items()}
+    assert code == {cur: set(targets) for cur, targets in spec.ASSOCIATION_MOVES.items()}
+    assert {s.value for s in association.INITIAL_STATES} == spec.ASSOCIATION_INITIAL
+    assert {s.value for s in S} == set(spec.ASSOCIATION_MOVES)
+
+
+@pytest.mark.parametrize("state", list(S))
+def test_only_the_initial_states_start_a_row(alist, state):
+    instance = str(uuid.uuid4())
+    if state.value in spec.ASSOCIATION_INITIAL:
+        assert _add(alist, state=state, instance=instance).state is state
+    else:
+        with pytest.raises(exception.InvalidTransition) as err:
+            _add(alist, state=state, instance=instance)
+        assert "from (none)" in str(err.value) and state.value in str(err.value)
+        with pytest.raises(exception.NotFound):
+            alist.get(instance)
 
 
 def test_destroyed_is_final(alist):
@@ -141,15 +165,16 @@ def test_kill_9_mid_write_leaves_no_half_record(tmp_path):
         "    al.add(instance_uuid=i, vtpcm_id=str(uuid.uuid4()), state=S.CREATING,\n"
         "           generation=0, state_dir='/d', ctrl_socket='/c')\n"
         "    al.transition(i, S.STOPPED)\n"
+        "    print('row', flush=True)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    for delay in (0.05, 0.2, 0.4):
+    for rows_before_kill in (1, 7, 40):
         proc = subprocess.Popen([sys.executable, "-c", script, str(path)],
                                 stdout=subprocess.PIPE, env=env)
         try:
             assert proc.stdout.readline().strip() == b"ready"
-            import time
-            time.sleep(delay)
+            for _ in range(rows_before_kill):  # killed while it writes the next rows
+                assert proc.stdout.readline().strip() == b"row"
         finally:
             proc.kill()
             proc.wait(timeout=10)

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 
+from tests import spec_tables as spec
 from vtpcm_common import exception
 from vtpcm_nova.engine import protocol as p
 from vtpcm_nova.engine.protocol import MigrationState as M
@@ -59,34 +60,64 @@ def test_every_state_has_a_route():
     assert set(ROUTES) == set(M)
 
 
-@pytest.mark.parametrize(("state", "event"), list(itertools.product(list(M), SAMPLE_EVENTS)),
-                         ids=lambda v: getattr(v, "value", type(v).__name__))
-def test_whole_table(state, event):
-    proto = at(state)
-    key = (state, type(event))
+SPEC_EVENTS = [*SAMPLE_EVENTS, p.Begin(destination_trusted=False, source_is_location=True,
+                                    generation_matches=True, reason="verdict UNTRUSTED")]
+
+
+def _spec_name(event: p.Event) -> str:
+    """The event's name in tests/spec_tables.py."""
     if isinstance(event, p.Begin):
-        legal = state in (M.NEW, M.SEALING, M.PREPARING, M.PREPARED)
-    else:
-        legal = key in p.TRANSITIONS or key in p.IDEMPOTENT
-    if legal:
+        ok = event.destination_trusted and event.source_is_location and event.generation_matches
+        return "Begin(ok)" if ok else "Begin(refused)"
+    return type(event).__name__
+
+
+@pytest.mark.parametrize(("state", "event"), list(itertools.product(list(M), SPEC_EVENTS)),
+                         ids=lambda v: getattr(v, "value", None) or _spec_name(v))
+def test_whole_table_against_the_spec(state, event):
+    """Every (state, event) pair does what the hand-written spec says: a
+    move, a no-op repeat, or a refusal that leaves the state as it was."""
+    proto = at(state)
+    key = (state.value, _spec_name(event))
+    if key in spec.PROTOCOL_MOVES:
         proto.handle(event)
-        if isinstance(event, p.Begin):
-            expected = M.SEALING if state is M.NEW else state
-        else:
-            expected = p.TRANSITIONS.get(key, state)
-        assert proto.state is expected
+        assert proto.state.value == spec.PROTOCOL_MOVES[key]
+    elif key in spec.PROTOCOL_REPEATS:
+        assert proto.handle(event) == []
+        assert proto.state is state
     else:
         with pytest.raises(exception.InvalidTransition) as err:
             proto.handle(event)
         assert proto.state is state, "an illegal event must not move the state"
-        assert state.value in str(err.value)
+        assert "from %s" % state.value in str(err.value)
+
+
+def test_the_code_tables_are_the_spec_both_ways():
+    """Nothing in the code's tables that the spec lacks, and the reverse."""
+    code_moves = {(s.value, ev.__name__): to.value for (s, ev), to in p.TRANSITIONS.items()}
+    spec_moves = {k: v for k, v in spec.PROTOCOL_MOVES.items() if not k[1].startswith("Begin")}
+    assert code_moves == spec_moves
+    code_repeats = {(s.value, ev.__name__) for s, ev in p.IDEMPOTENT}
+    assert code_repeats == {k for k in spec.PROTOCOL_REPEATS if not k[1].startswith("Begin")}
+    assert {s.value for s in M} == spec.PROTOCOL_STATES
+    assert {s.value for s in p.TERMINAL} == spec.PROTOCOL_FINAL
+    assert {s.value for s in p.ABORTABLE} == set(spec.BEFORE_COMMIT_POINT)
+    assert {type(e).__name__ for e in SAMPLE_EVENTS} == {
+        ev.split("(")[0] for _, ev in [*spec.PROTOCOL_MOVES, *spec.PROTOCOL_REPEATS]}
 
 
 def test_terminal_states_accept_nothing_new():
-    for state in p.TERMINAL:
-        for event in SAMPLE_EVENTS:
-            key = (state, type(event))
-            assert key not in p.TRANSITIONS
+    for state in spec.PROTOCOL_FINAL:
+        for event in SPEC_EVENTS:
+            assert (state, _spec_name(event)) not in spec.PROTOCOL_MOVES
+            proto = at(M(state))
+            key = (state, _spec_name(event))
+            if key in spec.PROTOCOL_REPEATS:
+                assert proto.handle(event) == []
+            else:
+                with pytest.raises(exception.InvalidTransition):
+                    proto.handle(event)
+            assert proto.state.value == state
 
 
 def test_abort_after_commit_point_is_refused():
@@ -219,9 +250,16 @@ def test_an_explicit_abort_in_doubt_destroys_the_destination_regardless():
 
 def test_only_a_commit_request_passes_the_commit_point():
     """No event made of agent answers (unauthenticated) may lead into
-    COMMITTING: only the signed CommitRequested does."""
-    into_commit = {ev for (state, ev), to in p.TRANSITIONS.items() if to is M.COMMITTING}
-    assert into_commit == {p.CommitRequested}
-    assert {state for (state, ev), to in p.TRANSITIONS.items() if to is M.COMMITTING} == \
-        {M.PREPARED, M.IN_DOUBT}
+    COMMITTING: only the signed CommitRequested does, from PREPARED or IN_DOUBT."""
+    into_commit = {key for key, to in spec.PROTOCOL_MOVES.items() if to == "COMMITTING"}
+    assert into_commit == {("PREPARED", "CommitRequested"), ("IN_DOUBT", "CommitRequested")}
+    for state in M:
+        for event in SPEC_EVENTS:
+            proto = at(state)
+            try:
+                proto.handle(event)
+            except exception.InvalidTransition:
+                continue
+            if proto.state is M.COMMITTING and state is not M.COMMITTING:
+                assert (state.value, _spec_name(event)) in into_commit
 
