@@ -82,7 +82,7 @@ def plaintext_permanent(state_dir: Path, at_rest_key: bytes, base: Path) -> Iter
     """Decrypted permanent state, read from a key-only swtpm on a copy of the files.
 
     The throwaway swtpm is stopped by pid and the copy removed, also on failure."""
-    with _clone(state_dir, at_rest_key, base, data_socket=False) as paths:
+    with key_only_swtpm(state_dir, at_rest_key, base, data_socket=False) as paths:
         with ctrl.CtrlClient(paths.ctrl_socket) as client:
             assert client.get_config() == ctrl.CONFIG_FLAG_FILE_KEY
             blob = client.get_stateblob(ctrl.BlobType.PERMANENT, decrypted=True)
@@ -101,7 +101,7 @@ def public_material(state_dir: Path, at_rest_key: bytes, base: Path) -> list[byt
     A guest that used its TPM holds these in its RAM, so they legitimately
     appear in a migration stream; anything else of the state must not."""
     items: list[bytes] = []
-    with _clone(state_dir, at_rest_key, base, data_socket=True) as paths, \
+    with key_only_swtpm(state_dir, at_rest_key, base, data_socket=True) as paths, \
             esapi(paths) as esys:
         for handle_type, reader in ((TPM2_HT.PERSISTENT, _object_public),
                                     (TPM2_HT.NV_INDEX, _nv_public)):
@@ -135,8 +135,8 @@ def _nv_public(esys: ESAPI, tr: int) -> list[bytes]:
 
 
 @contextlib.contextmanager
-def _clone(state_dir: Path, at_rest_key: bytes, base: Path,
-           data_socket: bool) -> Iterator[process.SwtpmPaths]:
+def key_only_swtpm(state_dir: Path, at_rest_key: bytes, base: Path,
+                   data_socket: bool) -> Iterator[process.SwtpmPaths]:
     """A key-only swtpm (no migration key) on a copy of ``state_dir``."""
     copy = base / "state-plain"
     copy.mkdir()

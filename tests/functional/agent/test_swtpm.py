@@ -142,6 +142,21 @@ def test_export_import_roundtrip_and_failed_import(short_dir, swtpm_factory, swt
                           vtpcm_id="b")
 
 
+def test_export_refuses_a_real_swtpm_without_migration_key(short_dir, swtpm_paths):
+    """A real swtpm running with the at-rest key only would hand out its
+    state in plaintext: export_state refuses before asking for any blob."""
+    paths = swtpm_paths("k")
+    key = _key()
+    provision.provision_state(paths.state_dir, key, vtpcm_id="k", create_ek=False)
+    with tpmtools.key_only_swtpm(paths.state_dir, key, short_dir, data_socket=False) as plain:
+        with ctrl.CtrlClient(plain.ctrl_socket, timeout=2.0) as client:
+            assert client.get_config() == ctrl.CONFIG_FLAG_FILE_KEY  # control: no migration key
+        with pytest.raises(exception.CtrlChannelError) as err:
+            ctrl.export_state(plain.ctrl_socket)
+    assert str(err.value) == ("swtpm control channel export_state failed: swtpm runs "
+                              "without a migration key; refusing to export plaintext state")
+
+
 def test_export_from_stopped_tpm_inits_it(short_dir, swtpm_factory, swtpm_paths):
     paths = swtpm_paths("s")
     key, mig = _key(), _key()
