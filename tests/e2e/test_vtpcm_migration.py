@@ -19,6 +19,7 @@ import libvirt
 import pytest
 
 from tests.functional import tpmtools
+from tests.functional.harness import agent_seals
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import KeyStore, TPMSealedHostKey
 from vtpcm_agent.swtpm.keypipe import key_pipe
@@ -79,8 +80,13 @@ def _dom_state(host: hosts.LabHost, name: str) -> int:
 def test_round_trip_keeps_guest_tpm_and_moves_generation(stack, guest):
     name, instance, before = guest
     a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
+    sealed_before = agent_seals(a.agent, instance)
     there = live.live_migrate(stack, name, a, b)
     assert there.verdict == "TRUSTED"
+    # control for the untrusted case: a migration to a trusted host is in
+    # the source agent's own record of seals
+    assert [s.migration_id for s in agent_seals(a.agent, instance)[len(sealed_before):]] \
+        == [there.migration_id]
     _same_tpm(before, _report(b.lab_host, name))
     assert stack.engine.get_vtpcm(instance).generation == 1
     back = live.live_migrate(stack, name, b, a)
@@ -236,6 +242,7 @@ def test_untrusted_destination_gets_no_key_and_vm_stays(stack, guest):
     name, instance, before = guest
     a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
     source_before = stack.agents.get(a.name, instance)
+    sealed_before = agent_seals(a.agent, instance)
     with HostTPM(b.tpm.tcti) as tpm:
         tpm.extend_pcr(5, hashlib.sha256(b"unexpected bootloader").digest())
     stack.engine.attest(b.name)
@@ -245,7 +252,7 @@ def test_untrusted_destination_gets_no_key_and_vm_stays(stack, guest):
     # begin itself re-checks (the scheduler or the pre-check may be bypassed)
     with pytest.raises(exception.HostNotTrusted):
         stack.engine_at(a).begin(str(uuid.uuid4()), instance, a.name, b.name)
-    assert "Sealed the migration key of instance %s" % instance not in a.agent.log_text()
+    assert agent_seals(a.agent, instance) == sealed_before  # no key sealed for b
     with pytest.raises(exception.NotFound):
         stack.agents.get(b.name, instance)
     after = stack.agents.get(a.name, instance)

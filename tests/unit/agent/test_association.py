@@ -270,3 +270,39 @@ def test_a_newer_schema_is_refused(tmp_path):
     conn.close()
     with pytest.raises(exception.InvalidInput, match="schema version 9, this agent needs"):
         AssociationList(path)
+
+
+def test_seals_are_recorded_durably_and_per_instance(tmp_path):
+    path = tmp_path / "s.sqlite"
+    al = AssociationList(path)
+    one, other = str(uuid.uuid4()), str(uuid.uuid4())
+    assert al.seals(one) == []
+    al.record_seal("m-1", one, 0, "host-b")
+    al.record_seal("m-1", one, 0, "host-b")  # a retried seal is a second record
+    al.record_seal("m-2", other, 3, "host-c")
+    al.close()
+    al = AssociationList(path)
+    try:
+        seals = al.seals(one)
+        assert [(s.migration_id, s.instance_uuid, s.generation, s.dest_host) for s in seals] \
+            == [("m-1", one, 0, "host-b")] * 2
+        assert seals[0].sealed_at <= seals[1].sealed_at
+        assert [s.dest_host for s in al.seals(other)] == ["host-c"]
+    finally:
+        al.close()
+
+
+def test_a_v3_list_gains_the_seal_record(tmp_path):
+    import sqlite3
+    path = tmp_path / "v3.sqlite"
+    AssociationList(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE seals")
+    conn.commit()
+    conn.close()
+    al = AssociationList(path)
+    try:
+        al.record_seal("m-1", "i-1", 0, "host-b")
+        assert len(al.seals("i-1")) == 1
+    finally:
+        al.close()
