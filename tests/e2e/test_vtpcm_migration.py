@@ -5,7 +5,6 @@ vtpcm-engine attesting swtpm host-TPM stand-ins, over the local RabbitMQ.
 Tests run in file order on one stack; the one that makes host B untrusted
 comes last."""
 
-import base64
 import hashlib
 import os
 import shutil
@@ -18,6 +17,7 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests import leakscan
 from tests.functional import tpmtools
 from tests.functional.harness import agent_seals
 from vtpcm_agent.hosttpm import HostTPM
@@ -150,13 +150,30 @@ def test_migration_stream_carries_no_plaintext_vtpcm_state(stack, guest):
         hits = proxy.find_windows(plain, stream, secret)
         assert hits == set(), "%d secret windows of vTPCM state in the stream" % len(hits)
         _same_tpm(before, _report(b.lab_host, name))
-        # Neither key, in any encoding, in any DEBUG log of the services.
-        logs = [h.agent.log_file for h in stack.hosts.values()]
-        logs.append(stack.engine_daemon.log_file)
-        for key in (keys.at_rest_key, keys.migration_key):
-            for form in (key, key.hex().encode(), base64.b64encode(key)):
-                for log in logs:
-                    assert form not in log.read_bytes(), log
+        # No key of either host (the destination's fresh at-rest key
+        # included) nor a secret window of the state, in any encoding
+        # (tests/leakscan.py), in any log or file the run produced: agents
+        # (DEBUG), engine, swtpm, libvirtd and QEMU logs, state and key files.
+        moved = stack.agents.get(b.name, instance)
+        with HostTPM(b.tpm.tcti) as tpm:
+            fresh = KeyStore(b.state_dir / "keys", TPMSealedHostKey(
+                tpm, b.state_dir / "hostkey.sealed")).get(moved.vtpcm_id)
+        assert fresh.migration_key == keys.migration_key
+        secrets = [("source at-rest key", keys.at_rest_key),
+                   ("migration key", keys.migration_key),
+                   ("destination's fresh at-rest key", fresh.at_rest_key)]
+        found = {plain[o:o + leakscan.WINDOW] for o in secret}
+        files = [stack.engine_daemon.log_file]
+        for host in (a, b):
+            files += [host.agent.log_file, host.lab_host.log_file,
+                      host.lab_host.qemu_log(name), *tpmtools.files(host.state_dir)]
+        missing = [f for f in files if not f.is_file()]
+        assert missing == [], missing
+        assert any(f.parent.name == "logs" for f in files)  # the swtpm logs
+        haystack = leakscan.SEP.join(f.read_bytes() for f in files)
+        leakscan.assert_finds(secrets, found, haystack)
+        assert leakscan.hits(secrets, haystack) == []
+        assert leakscan.window_hits(found, haystack) == 0
     finally:
         shutil.rmtree(base, ignore_errors=True)
 

@@ -10,6 +10,7 @@ import uuid
 import oslo_messaging as messaging
 import pytest
 
+from tests import leakscan
 from tests.functional import tpmtools
 from tests.functional.harness import (
     ClusterHost,
@@ -152,28 +153,37 @@ def test_import_only_once_and_only_into_its_migration(cluster):
 
 
 def test_no_plaintext_state_on_disk_or_in_logs(cluster, tmp_path):
-    api, a, _ = cluster
+    """After a hand-over to B (B's own fresh at-rest key), nothing either
+    agent owns (state and key files, agent and swtpm logs, run dirs) nor the
+    exported blobs holds a key of the vTPCM or a secret window of its
+    permanent or volatile plaintext state, in any encoding."""
+    api, a, b = cluster
     info = _new(api, a)
     pa = a.paths(info.instance_uuid, info.vtpcm_id)
     tpmtools.write_guest_state(pa, os.urandom(48), os.urandom(32), make_key=True)
-    api.stop(a.name, info.instance_uuid)
+    api.stop(a.name, info.instance_uuid)  # state, volatile included, on disk
     keys = a.keys(info.vtpcm_id)
-    base = short_dir("vtpl")
-    with tpmtools.plaintext_permanent(pa.state_dir, keys.at_rest_key, base) as plain:
-        windows = tpmtools.windows(plain)
-    assert len(windows) > 100
+    found = tpmtools.secrets_of_state(pa.state_dir, keys.at_rest_key, short_dir("vtpl"))
+    assert len(found) > 100
     api.start(a.name, info.instance_uuid)
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
     blobs = api.export_state(a.name, info.instance_uuid)
-    # Everything the agent owns; the host-TPM stand-in's own state is not ours.
-    scanned = tpmtools.files(a.state_root, a.run_dir) + [a.agent.log_file]
-    assert any(p.name.endswith(".keys") for p in scanned)
-    for path in scanned:
-        assert tpmtools.leaks(windows, path.read_bytes()) == 0, path
-    assert tpmtools.leaks(windows, blobs.permanent) == 0
-    for key in (keys.at_rest_key, keys.migration_key):
-        for path in scanned:
-            assert key not in path.read_bytes(), path
-        assert key.hex() not in a.agent.log_text()
+    incoming = api.import_state(b.name, blobs)
+    fresh = b.keys(incoming.vtpcm_id)
+    assert fresh.migration_key == keys.migration_key and fresh.at_rest_key != keys.at_rest_key
+    secrets = [("source at-rest key", keys.at_rest_key), ("migration key", keys.migration_key),
+               ("destination's fresh at-rest key", fresh.at_rest_key)]
+    scanned = [*tpmtools.files(a.state_root, a.run_dir, b.state_root, b.run_dir),
+               a.agent.log_file, b.agent.log_file]
+    assert sum(p.name.endswith(".keys") for p in scanned) >= 2
+    assert any(p.parent.name == "logs" and p.suffix == ".log" for p in scanned)  # swtpm
+    haystack = leakscan.SEP.join([*(p.read_bytes() for p in scanned if p.is_file()),
+                                  blobs.permanent, blobs.volatile])
+    leakscan.assert_finds(secrets, found, haystack)
+    assert leakscan.hits(secrets, haystack) == []
+    assert leakscan.window_hits(found, haystack) == 0
+    api.commit_incoming(b.name, ctx)
+    api.commit_outgoing(a.name, ctx)
 
 
 def test_agent_kill9_and_sigterm_keep_swtpm_and_readopt(cluster):

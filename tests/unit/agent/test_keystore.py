@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from tests import leakscan
 from vtpcm_agent import keystore
 from vtpcm_agent.keystore import DevKeyFileHostKey, InstanceKeys, KeyStore
 from vtpcm_common.exception import AlreadyExists, InvalidInput, KeyStoreError, NotFound
@@ -149,10 +150,12 @@ def test_no_key_bytes_in_repr(store: KeyStore, provider: DevKeyFileHostKey) -> N
     host_key = provider.host_key()
     texts = [repr(keys), str(keys), repr(store), str(store), repr(provider), str(provider),
              repr(store.get(VID)), str([keys]), repr({"k": keys})]
-    for secret in (keys.at_rest_key, keys.migration_key, host_key):
-        for text in texts:
-            assert secret.hex() not in text
-            assert repr(secret)[2:-1] not in text
+    secrets = [("at-rest key", keys.at_rest_key), ("migration key", keys.migration_key),
+               ("host key", host_key)]
+    haystack = "\n".join(texts).encode()
+    # control: the scanner finds each key in the encodings a repr could use
+    leakscan.assert_finds(secrets, {keys.migration_key}, haystack)
+    assert leakscan.hits(secrets, haystack) == []  # raw, hex, HEX, repr, base64 (any offset)
     assert "hidden" in repr(keys)
 
 
