@@ -89,7 +89,9 @@ def test_whole_table_against_the_spec(state, event):
         with pytest.raises(exception.InvalidTransition) as err:
             proto.handle(event)
         assert proto.state is state, "an illegal event must not move the state"
-        assert "from %s" % state.value in str(err.value)
+        target = "Begin" if isinstance(event, p.Begin) else type(event).__name__
+        assert str(err.value) == "Illegal transition of migration m-1 from %s to %s" % (
+            state.value, target)
 
 
 def test_the_code_tables_are_the_spec_both_ways():
@@ -263,3 +265,62 @@ def test_only_a_commit_request_passes_the_commit_point():
             if proto.state is M.COMMITTING and state is not M.COMMITTING:
                 assert (state.value, _spec_name(event)) in into_commit
 
+
+
+# -- the actions each move asks for, exactly (audit records included) ---------
+
+A = p.Audit
+
+
+@pytest.mark.parametrize(("reason", "flags", "detail"), [
+    ("", (False, True, True), "destination not trusted"),
+    ("", (True, False, False),
+     "source is not where the vTPCM lives; generation does not match the authority"),
+    ("verdict UNTRUSTED", (False, False, True),
+     "destination not trusted; source is not where the vTPCM lives: verdict UNTRUSTED"),
+])
+def test_begin_refusal_audit_is_exact(reason, flags, detail):
+    proto = p.MigrationProtocol("m-2")
+    assert proto.handle(p.Begin(*flags, reason=reason)) == [
+        A(event="migration.begin", outcome="refused", detail=detail)]
+
+
+def test_actions_of_the_happy_path_are_exact():
+    proto = p.MigrationProtocol("m-1")
+    assert proto.handle(OK) == [A(event="migration.begin", outcome="accepted"), p.SealKey()]
+    assert proto.handle(p.KeySealed(envelope=b"e")) == [p.PrepareDestination(envelope=b"e")]
+    assert proto.handle(p.DestinationPrepared()) == []
+    assert proto.handle(p.CommitRequested()) == [
+        A(event="migration.commit", outcome="commit point passed"),
+        p.MoveAuthority(), p.CommitDestination()]
+    assert proto.handle(p.DestinationCommitted()) == [p.ShredSource()]
+    assert proto.handle(p.SourceShredded()) == []
+
+
+@pytest.mark.parametrize(("event", "detail", "only_if_unused"), [
+    (p.Failure("libvirt said no"), "libvirt said no", False),
+    (p.AbortRequested("operator"), "operator", False),
+    (p.DeadlinePassed(), "deadline passed", True),
+])
+def test_actions_of_an_abort_are_exact(event, detail, only_if_unused):
+    proto = at(M.PREPARED)
+    assert proto.handle(event) == [A(event="migration.abort", outcome="aborting", detail=detail),
+                                   p.DestroyDestination(only_if_unused=only_if_unused)]
+    assert proto.handle(p.DestinationDestroyed()) == [p.RestoreSource()]
+    assert proto.handle(p.SourceRestored()) == []
+
+
+def test_actions_in_doubt_and_discarding_are_exact():
+    proto = at(M.ABORTING)
+    assert proto.handle(p.DestinationInUse()) == [
+        A(event="migration.abort", outcome="in doubt",
+          detail="the destination received the state"), p.CheckSwitchover()]
+    assert proto.handle(p.AbortRequested("nova rolled back")) == [
+        A(event="migration.abort", outcome="discarding the destination",
+          detail="nova rolled back"), p.DestroyDestination(only_if_unused=False)]
+
+
+def test_no_pending_actions_outside_the_pending_states():
+    for state in M:
+        if state not in p.PENDING_WORK:
+            assert p.pending_actions(state) == []
