@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from tests import leakscan
+from tests.refusal import refused
 from vtpcm_agent import keystore
 from vtpcm_agent.keystore import DevKeyFileHostKey, InstanceKeys, KeyStore
 from vtpcm_common.exception import AlreadyExists, InvalidInput, KeyStoreError, NotFound
@@ -63,7 +64,8 @@ def test_uppercase_id_is_canonicalized(store: KeyStore) -> None:
 def test_refuses_overwrite_unless_replace(store: KeyStore) -> None:
     first, second = InstanceKeys.generate(), InstanceKeys.generate()
     store.put(VID, first)
-    with pytest.raises(AlreadyExists):
+    with refused(AlreadyExists,
+                 'key store entry for vTPCM 3f2504e0-4f89-11d3-9a0c-0305e82c3301 already exists'):
         store.put(VID, second)
     assert store.get(VID) == first
     store.put(VID, second, replace=True)
@@ -71,7 +73,8 @@ def test_refuses_overwrite_unless_replace(store: KeyStore) -> None:
 
 
 def test_missing_entry(store: KeyStore) -> None:
-    with pytest.raises(NotFound, match=VID):
+    with refused(NotFound,
+                 'key store entry for vTPCM 3f2504e0-4f89-11d3-9a0c-0305e82c3301 not found'):
         store.get(VID)
 
 
@@ -102,13 +105,17 @@ def test_truncated_and_extended_refused(store: KeyStore, tmp_path: Path) -> None
 def test_entry_of_other_id_refused(store: KeyStore, tmp_path: Path) -> None:
     store.put(VID, InstanceKeys.generate())
     os.link(entry(tmp_path), entry(tmp_path, VID2))
-    with pytest.raises(KeyStoreError, match=VID2):
+    with refused(KeyStoreError,
+                 'Key store error: entry of vTPCM 3f2504e0-4f89-11d3-9a0c-0305e82c3302 failed '
+                 'authentication (tampered, or written for another id or host key)'):
         store.get(VID2)
 
 
 def test_other_host_key_refused(tmp_path: Path) -> None:
     KeyStore(tmp_path / "keys", FixedHostKey(b"a" * 32)).put(VID, InstanceKeys.generate())
-    with pytest.raises(KeyStoreError, match="failed authentication"):
+    with refused(KeyStoreError,
+                 'Key store error: entry of vTPCM 3f2504e0-4f89-11d3-9a0c-0305e82c3301 failed '
+                 'authentication (tampered, or written for another id or host key)'):
         KeyStore(tmp_path / "keys", FixedHostKey(b"b" * 32)).get(VID)
 
 
@@ -127,7 +134,8 @@ def test_destroy(store: KeyStore, tmp_path: Path) -> None:
     assert not entry(tmp_path).exists()
     store.destroy(VID)  # idempotent
     assert store.exists(VID2)
-    with pytest.raises(NotFound):
+    with refused(NotFound,
+                 'key store entry for vTPCM 3f2504e0-4f89-11d3-9a0c-0305e82c3301 not found'):
         store.get(VID)
 
 
@@ -160,9 +168,9 @@ def test_no_key_bytes_in_repr(store: KeyStore, provider: DevKeyFileHostKey) -> N
 
 
 def test_instance_keys_validation() -> None:
-    with pytest.raises(InvalidInput):
+    with refused(InvalidInput, 'Invalid input: at_rest_key must be 32 bytes'):
         InstanceKeys(at_rest_key=b"x" * 31, migration_key=b"y" * 32)
-    with pytest.raises(InvalidInput):
+    with refused(InvalidInput, 'Invalid input: migration_key must be 32 bytes'):
         InstanceKeys(at_rest_key=b"x" * 32, migration_key="y" * 32)  # type: ignore[arg-type]
     a = InstanceKeys.generate()
     assert a != InstanceKeys.generate()
@@ -205,7 +213,7 @@ def test_dev_host_key_file_checks(tmp_path: Path) -> None:
 
 def test_bad_provider_key(tmp_path: Path) -> None:
     store = KeyStore(tmp_path / "keys", FixedHostKey(b"short"))
-    with pytest.raises(KeyStoreError, match="malformed"):
+    with refused(KeyStoreError, 'Key store error: host key provider returned a malformed key'):
         store.put(VID, InstanceKeys.generate())
 
 
