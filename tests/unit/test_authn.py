@@ -20,6 +20,7 @@ from vtpcm_common.api.agent import rpcapi as agent_rpcapi
 from vtpcm_common.rpc import endpoint
 
 HOST = "host-a"
+FIELDS = "auth must have exactly the fields expires_at, issued_at, nonce, server, signature"
 PAYLOAD = {"instance_uuid": "6b1c8f46-3c2e-4d4e-9a0e-1c1c5b6f9d10"}
 
 
@@ -55,7 +56,9 @@ def verifier(keyfile, signer, clock):
 def _refused(verifier, method, payload, auth, reason, call=None):
     with pytest.raises(exception.CommandRefused) as err:
         (call or (lambda v, *a: v.verify(*a)))(verifier, method, payload, auth)
-    assert method in str(err.value) and reason in str(err.value), str(err.value)
+    # the reason is pinned from its first word (the mutation-tested wording)
+    assert str(err.value).startswith("Command %s refused: %s" % (method, reason)), \
+        str(err.value)
 
 
 def test_key_files_are_created_private_and_reloaded(keyfile):
@@ -172,7 +175,7 @@ def test_expired_future_and_pre_start_commands_are_refused(signer, verifier, clo
     clock.now = start - 31
     old = signer.sign("stop", HOST, PAYLOAD)
     clock.now = start - 30.5 + 60  # still within its ttl
-    _refused(verifier, "stop", PAYLOAD, old, "before this agent started")
+    _refused(verifier, "stop", PAYLOAD, old, "issued before this agent started")
 
 
 def test_overlong_validity_is_refused(keyfile, verifier, clock):
@@ -190,18 +193,19 @@ def test_foreign_key_is_refused(verifier, clock):
 
 @pytest.mark.parametrize("mangle,reason", [
     (lambda a: None, "no engine signature"),
-    (lambda a: "token", "must be an object"),
-    (lambda a: {k: v for k, v in a.items() if k != "nonce"}, "exactly the fields"),
-    (lambda a: dict(a, extra=1), "exactly the fields"),
-    (lambda a: dict(a, issued_at="now"), "issued_at must be a finite number"),
-    (lambda a: dict(a, expires_at=float("inf")), "expires_at must be a finite number"),
-    (lambda a: dict(a, issued_at=True), "issued_at must be a finite number"),
-    (lambda a: dict(a, nonce="XYZ"), "nonce must be"),
-    (lambda a: dict(a, nonce=a["nonce"].upper()), "nonce must be"),
-    (lambda a: dict(a, signature="%%%"), "must be base64"),
-    (lambda a: dict(a, signature=12), "must be base64"),
-    (lambda a: dict(a, signature=base64.b64encode(b"x" * 10).decode()), "64 bytes"),
-    (lambda a: dict(a, server=["x"]), "server must be a host name"),
+    (lambda a: "token", "auth must be an object"),
+    (lambda a: {k: v for k, v in a.items() if k != "nonce"}, FIELDS),
+    (lambda a: dict(a, extra=1), FIELDS),
+    (lambda a: dict(a, issued_at="now"), "auth issued_at must be a finite number"),
+    (lambda a: dict(a, expires_at=float("inf")), "auth expires_at must be a finite number"),
+    (lambda a: dict(a, issued_at=True), "auth issued_at must be a finite number"),
+    (lambda a: dict(a, nonce="XYZ"), "auth nonce must be 32 lowercase hex digits"),
+    (lambda a: dict(a, nonce=a["nonce"].upper()), "auth nonce must be 32 lowercase hex digits"),
+    (lambda a: dict(a, signature="%%%"), "auth signature must be base64"),
+    (lambda a: dict(a, signature=12), "auth signature must be base64"),
+    (lambda a: dict(a, signature=base64.b64encode(b"x" * 10).decode()),
+     "auth signature must be 64 bytes"),
+    (lambda a: dict(a, server=["x"]), "auth server must be a host name"),
 ])
 def test_malformed_auth_is_refused(signer, verifier, mangle, reason):
     auth = mangle(signer.sign("destroy", HOST, PAYLOAD))
@@ -353,7 +357,7 @@ def test_operator_refusals_name_the_operator_keys(operators, clock):
     stranger = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate(),
                                    clock=clock).for_server(TOPIC)
     _refused(verifier, "put_policy", HOSTREF, stranger.sign("put_policy", "", HOSTREF),
-             "does not verify with any of the 2 operator keys")
+             "signature does not verify with any of the 2 operator keys")
     _refused(verifier, "enroll", HOSTREF, None, "no operator signature")
     auth = alice.sign("revoke_host", "", HOSTREF)
     verifier.verify("revoke_host", HOSTREF, auth)
@@ -369,7 +373,7 @@ def test_operator_refusals_name_the_operator_keys(operators, clock):
     old = alice.sign("enroll", "", HOSTREF)
     clock.now += 100
     verifier.created_at = clock.now + 31
-    _refused(verifier, "enroll", HOSTREF, old, "before this engine started")
+    _refused(verifier, "enroll", HOSTREF, old, "issued before this engine started")
 
 
 def test_one_key_verifier_keeps_its_single_key_api(keyfile, signer):
@@ -536,7 +540,8 @@ def test_verify_with_takes_the_keys_of_this_call_and_names_the_signer(clock):
     assert verifier.verify_with("begin", PAYLOAD, auth,
                                 {h: public[h] for h in ("host-a", "host-b")}) == "host-b"
     auth = keys["host-c"].for_server(TOPIC).sign("begin", "", PAYLOAD)
-    _refused(verifier, "begin", PAYLOAD, auth, "host command key of host-a or host-b",
+    _refused(verifier, "begin", PAYLOAD, auth, "signature does not verify with the host "
+             "command key of host-a or host-b for engine topic vtpcm-engine",
              lambda v, *a: v.verify_with(*a, {h: public[h] for h in ("host-a", "host-b")}))
     _refused(verifier, "begin", PAYLOAD, auth, "no host command key may sign it",
              lambda v, *a: v.verify_with(*a, {}))
@@ -569,3 +574,35 @@ def test_host_command_key_is_group_readable_only(tmp_path):
         authn.load_host_key(path)
     with pytest.raises(exception.InvalidInput, match="host command key .*missing"):
         authn.load_host_key(tmp_path / "missing")
+
+
+def test_canonical_bytes_known_answer():
+    """Signer and verifier share canonical_bytes, so a change to it (a key
+    renamed, other separators) keeps them agreeing with each other and
+    breaks every signature an older peer makes: pinned byte for byte."""
+    data = authn.canonical_bytes("stop", HOST, {"b": 1, "a": [1.5, "x"]}, 10.0, 130.5, "ab" * 16)
+    assert data == (b'{"expires_at":130.5,"issued_at":10.0,"method":"stop",'
+                    b'"nonce":"abababababababababababababababab",'
+                    b'"payload":{"a":[1.5,"x"],"b":1},"server":"host-a","v":1}')
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        authn.canonical_bytes("stop", HOST, {"a": float("nan")}, 10.0, 130.5, "ab" * 16)
+
+
+def test_validity_boundaries_are_inclusive(keyfile, verifier, clock):
+    """Exactly at each limit a command is still accepted: the limits are
+    the documented maxima, not one tick less."""
+    start = clock.now
+    exact = authn.CommandSigner(authn.load_signing_key(keyfile)._key,
+                                ttl=verifier.max_ttl, clock=clock)
+    verifier.verify("create", PAYLOAD, exact.sign("create", HOST, PAYLOAD))  # ttl == max
+    auth = exact.sign("stop", HOST, PAYLOAD)
+    clock.now = auth["expires_at"]
+    verifier.verify("stop", PAYLOAD, auth)  # now == expires_at
+    clock.now = start + verifier.max_skew
+    future = exact.sign("start", HOST, PAYLOAD)
+    clock.now = start
+    verifier.verify("start", PAYLOAD, future)  # issued exactly max_skew ahead
+    clock.now = verifier.created_at - verifier.max_skew
+    early = exact.sign("destroy", HOST, PAYLOAD)
+    clock.now = start
+    verifier.verify("destroy", PAYLOAD, early)  # issued exactly max_skew before start
