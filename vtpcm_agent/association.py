@@ -8,6 +8,8 @@ stay as tombstones: they remember the last generation, so an older
 generation of the same instance can never be brought back on this host.
 """
 
+from __future__ import annotations
+
 import builtins
 import contextlib
 import dataclasses
