@@ -9,6 +9,10 @@ walks the AST of every test file and reports each ``pytest.raises``,
 ``self.assertRaises`` or ``assertRaisesRegex`` whose expected type is one of
 the broad classes, alone or in a tuple.
 
+A test whose subject IS the base class (an unknown remote error mapped to
+it) marks the line ``# broad-raises-ok: <why>``; the check then asserts
+nothing about that call, so the test must check ``type(err.value)`` itself.
+
 Usage: tools/check_test_raises.py [PATH ...]   (default: tests benchmarks)
 Exit status 1 when anything is found.
 """
@@ -37,9 +41,13 @@ def _expected(node: ast.expr) -> list[ast.expr]:
 
 def findings(path: Path) -> Iterator[str]:
     """``path:line: message`` for each broad expected exception in ``path``."""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    text = path.read_text()
+    lines = text.splitlines()
+    tree = ast.parse(text, filename=str(path))
     for node in ast.walk(tree):
         if not (isinstance(node, ast.Call) and _name(node.func) in RAISERS):
+            continue
+        if "# broad-raises-ok: " in lines[node.lineno - 1]:
             continue
         args = list(node.args[:1]) + [k.value for k in node.keywords
                                       if k.arg in ("expected_exception", "exception")]

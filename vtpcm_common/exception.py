@@ -142,9 +142,21 @@ class UnsupportedOperation(VTPCMException):
     code = "unsupported"
 
 
-class LabError(VTPCMException):
-    msg_fmt = "Two-host lab: %(reason)s"
-    code = "lab_error"
+class NewerSchema(VTPCMException):
+    """A node-local store written by a newer release: refused unchanged."""
+
+    msg_fmt = ("%(what)s has schema version %(found)s, this release knows up to "
+               "%(known)s (a newer release wrote it)")
+    code = "newer_schema"
+
+
+class SchemaNotAtHead(VTPCMException):
+    """The engine database is not at the schema this code needs: the
+    engine refuses to start rather than migrate it on its own."""
+
+    msg_fmt = ("Engine database schema is %(found)s, this engine needs revision "
+               "%(head)s: %(action)s")
+    code = "schema_not_at_head"
 
 
 class InvalidAttestationKey(AttestationError):

@@ -42,6 +42,9 @@ def topic(conf: cfg.ConfigOpts, which: str) -> str:
 
 
 R = TypeVar("R", bound=Message)
+# modules whose exceptions a client rebuilds from a server's error reply
+REMOTE_EXMODS = [exception.__name__]
+REMOTE_SUFFIX = "_Remote"  # what oslo.messaging appends to a rebuilt class
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -61,26 +64,19 @@ def get_transport(conf: cfg.ConfigOpts, url: str | None = None) -> messaging.Tra
         from oslo_messaging._tracing import client as tracing
         conf.register_opts(tracing.oslo_messaging_tracing, group="oslo_messaging_tracing")
         conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
-    return messaging.get_rpc_transport(conf, url=url)
+    # oslo.messaging rebuilds the project's exceptions a server raised
+    # (class and named values), as Nova does for nova.exception
+    return messaging.get_rpc_transport(conf, url=url, allowed_remote_exmods=REMOTE_EXMODS)
 
 
-def remote_to_local(err: messaging.RemoteError) -> exception.VTPCMException:
-    """Map a remote vTPCM error back to its class, so callers can catch it."""
-    for cls in _all_subclasses(exception.VTPCMException):
-        if cls.__name__ == err.exc_type:
-            made: exception.VTPCMException = cls(message=str(err.value))
-            return made
-    return exception.VTPCMException(
-        message="remote error %s: %s" % (err.exc_type, err.value))
-
-
-def _all_subclasses(cls: type) -> list[type]:
-    out: list[type] = []
-    sub: type
-    for sub in cls.__subclasses__():
-        out.append(sub)
-        out.extend(_all_subclasses(sub))
-    return out
+def plain(err: exception.VTPCMException) -> exception.VTPCMException:
+    """A rebuilt remote error as its own class again: oslo.messaging hands
+    it back as a ``<Class>_Remote`` subclass whose str() appends the
+    server's traceback; callers and the CLI show the server's message."""
+    cls = type(err)
+    if cls.__name__.endswith(REMOTE_SUFFIX) and cls.__module__.endswith(REMOTE_SUFFIX):
+        err.__class__ = cls.__mro__[1]
+    return err
 
 
 def parse_version(text: str) -> tuple[int, int]:
@@ -184,13 +180,16 @@ class Client:
             args["auth"] = use.sign(method, server or "", payload)
         try:
             reply = self.client.prepare(**kwargs).call({}, method, **args)
-        except messaging.RemoteError as err:
+        except exception.VTPCMException as err:  # the server's, rebuilt
+            raise plain(err) from None
+        except messaging.RemoteError as err:  # not of REMOTE_EXMODS
             if err.exc_type in UNSERVED:
                 raise exception.RPCVersionUnsupported(
                     service=self._service(server), method=method, version=version,
                     reason=UNSERVED[err.exc_type] % {"option": self.UPGRADE_LEVEL}) \
                     from None
-            raise remote_to_local(err) from None
+            raise exception.VTPCMException(
+                message="remote error %s: %s" % (err.exc_type, err.value)) from None
         except messaging.MessagingException as err:
             # Timeouts and transport failures are vTPCM errors too: callers
             # (the coordinator's abort path, reconcile) handle one class.

@@ -18,6 +18,7 @@ from oslo_log import log as logging
 
 from vtpcm_common import exception
 from vtpcm_lab import console, domain, migrate
+from vtpcm_lab.exception import LabError
 from vtpcm_lab.hosts import Lab
 from vtpcm_lab.stack import Stack, StackHost
 from vtpcm_nova.virt import lifecycle, livemigration
@@ -64,7 +65,7 @@ def boot_guest(stack: Stack, host: StackHost, name: str,
     key), define and boot the VM on the socket it returns."""
     image = stack.lab.image
     if image is None:
-        raise exception.LabError(reason="lab is not up")
+        raise LabError(reason="lab is not up")
     instance = instance_uuid or str(uuid.uuid4())
     socket_path = lifecycle.ensure_running(stack.engine_at(host), stack.agents, instance,
                                            host.name, stack.socket_dirs)

@@ -39,6 +39,15 @@ def test_specific_expectations_pass(tmp_path: Path) -> None:
     assert check.main([str(path)]) == 0
 
 
+def test_a_marked_line_is_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "test_x.py"
+    path.write_text("with pytest.raises(VTPCMException):  # broad-raises-ok: the subject\n"
+                    "    f()\n"
+                    "with pytest.raises(VTPCMException):  # no marker\n"
+                    "    f()\n")
+    assert [f.split(":")[1] for f in check.findings(path)] == ["3"]
+
+
 def test_the_tree_is_clean() -> None:
     root = Path(__file__).parents[2]
     assert check.main([str(root / "tests"), str(root / "benchmarks")]) == 0

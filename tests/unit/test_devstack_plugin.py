@@ -224,6 +224,8 @@ def test_controller_runs_the_engine_with_its_key_and_database(devstack):
     assert ["libtss2-dev", "pkg-config", "gcc", "python3-dev"] in run.named("install_package")
     assert run.named("setup_develop") == [[run.env["DEST"] + "/vtpcm"]]
     assert run.named("recreate_database") == [["vtpcm"]]
+    assert ["--config-file", run.env["VTPCM_CONF_DIR"] + "/vtpcm-engine.conf", "db", "sync"] \
+        in run.named("vtpcm-manage")
     key = run.value("VTPCM_ENGINE_CONF", "engine", "command_signing_key")
     assert key == run.env["VTPCM_ENGINE_STATE_DIR"] + "/engine-signing.key"
     # The engine runs as the stack user: its key directory is the stack

@@ -20,6 +20,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import RPC_API_VERSION, EngineAPI
 from vtpcm_lab import daemons
+from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database
 from vtpcm_nova.engine.manager import EngineManager
 
@@ -59,6 +60,7 @@ def upgrade():
     engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
                           extra={"attestation": {"auto_approve": "true"}})
     old_conf = client_conf(old_exchange)
+    migration.db_sync("sqlite:///%s/old-engine.sqlite" % work)
     old_db = Database("sqlite:///%s/old-engine.sqlite" % work)
     stop_old = _serve_engine_in_process(old_conf, PreviousEngine(old_db, None, None),
                                         "old-engine")

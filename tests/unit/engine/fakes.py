@@ -34,6 +34,7 @@ from vtpcm_common.api.agent import messages as am
 from vtpcm_common.api.engine import messages as m
 from vtpcm_nova.engine import attestation, verifier
 from vtpcm_nova.engine.coordinator import Coordinator
+from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database, VerdictRecord
 from vtpcm_nova.engine.manager import EngineManager
 
@@ -242,6 +243,7 @@ class RaceStack:
     at ``SOURCE`` to migrate to it."""
 
     def __init__(self, url: str) -> None:
+        migration.db_sync(url)
         self.db = Database(url)
         self.agent = HeldAgent()
         self.att = attestation.Attestor(self.db, lambda: self.agent, verdict_ttl=300, nonce_ttl=60,

@@ -30,13 +30,14 @@ from tests.unit.engine.fakes import (
 )
 from vtpcm_common import authn, exception
 from vtpcm_nova.engine import attestation, verifier
-from vtpcm_nova.engine.db import api
+from vtpcm_nova.engine.db import api, migration
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.verifier import TrustStatus
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[attestation.Attestor, FakeAgent, Clock]]:
+    migration.db_sync(f"sqlite:///{tmp_path}/engine.sqlite")
     db = api.Database(f"sqlite:///{tmp_path}/engine.sqlite")
     agent, clock = FakeAgent(), Clock()
     att = attestation.Attestor(db, lambda: agent, verdict_ttl=60, nonce_ttl=30, clock=clock)
@@ -452,6 +453,7 @@ def test_attest_real_swtpm_quote(env: Any, monkeypatch: pytest.MonkeyPatch) -> N
 
 
 def test_attestor_rejects_bad_config(tmp_path: Path) -> None:
+    migration.db_sync(f"sqlite:///{tmp_path}/e.sqlite")
     db = api.Database(f"sqlite:///{tmp_path}/e.sqlite")
     try:
         with pytest.raises(exception.InvalidInput):

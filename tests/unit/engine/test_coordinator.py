@@ -9,6 +9,7 @@ from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
+from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database, TrustBasis, VerdictRecord
 from vtpcm_nova.engine.verifier import TrustStatus
 
@@ -105,6 +106,7 @@ def trusted_in_db(db, host):
 
 @pytest.fixture
 def env(tmp_path):
+    migration.db_sync("sqlite:///%s" % (tmp_path / "engine.sqlite"))
     db = Database("sqlite:///%s" % (tmp_path / "engine.sqlite"))
     db.put_policy("golden", "sha256", {16: b"\x16" * 32})
     for host in ("host-a", "host-b"):
