@@ -236,3 +236,72 @@ def test_secret_size_limits(kem: SoftKEM) -> None:
         sealing.seal(kem.public, b"x" * (sealing.MAX_SECRET + 1), CTX)
     big = b"y" * sealing.MAX_SECRET
     assert sealing.open_envelope(sealing.seal(kem.public, big, CTX), CTX, kem.zgen) == big
+
+
+# -- the envelope format, written a second time from the design document ------
+# (seal and open share aad() and _derive_key(): a change to either keeps them
+# agreeing with each other and breaks every envelope of the other release)
+
+def _spec_aad(ctx: sealing.SealContext) -> bytes:
+    def field(text: str) -> bytes:
+        raw = text.encode()
+        return len(raw).to_bytes(4, "big") + raw
+    return (field("vtpcm-seal-ctx-v1") + field(ctx.migration_id) + field(ctx.instance_uuid)
+            + ctx.generation.to_bytes(8, "big") + field(ctx.source_host)
+            + field(ctx.dest_host))
+
+
+def _spec_open(envelope: bytes, ctx: sealing.SealContext, kem: SoftKEM) -> bytes:
+    """ECDH with the KEM key, HKDF-SHA256 (salt: the uncompressed ephemeral
+    point; info: the label and the context), AES-256-GCM over header+context."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    assert envelope[:5] == b"VTPE\x01"
+    x, y, nonce = envelope[5:37], envelope[37:69], envelope[69:81]
+    key = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"\x04" + x + y,
+               info=b"vtpcm migration-key seal v1" + _spec_aad(ctx)).derive(kem.zgen(x, y))
+    return AESGCM(key).decrypt(nonce, envelope[81:], envelope[:81] + _spec_aad(ctx))
+
+
+def test_the_envelope_format_is_the_specified_one(kem: SoftKEM) -> None:
+    assert CTX.aad() == _spec_aad(CTX)
+    big = dataclasses.replace(CTX, generation=2 ** 63 - 1, source_host="é" * 100)
+    assert big.aad() == _spec_aad(big)
+    for secret in (b"k", SECRET, b"s" * sealing.MAX_SECRET):
+        assert _spec_open(sealing.seal(kem.public, secret, big), big, kem) == secret
+
+
+def test_context_limits_are_inclusive() -> None:
+    for ok in (dataclasses.replace(CTX, generation=0),
+               dataclasses.replace(CTX, generation=2 ** 63 - 1),
+               dataclasses.replace(CTX, dest_host="h" * 255)):
+        assert ok.aad()
+    with refused(SealError, "Sealed key envelope rejected: seal context field dest_host "
+                            "must be a 1..255 character string"):
+        dataclasses.replace(CTX, dest_host="h" * 256)
+    for bad in (-1, 2 ** 63, True, "7"):
+        with refused(SealError, "Sealed key envelope rejected: seal context generation "
+                                "must be a non-negative int"):
+            dataclasses.replace(CTX, generation=bad)
+
+
+def test_arguments_are_refused_by_name(kem: SoftKEM, envelope: bytes) -> None:
+    with refused(SealError, "Sealed key envelope rejected: a SealContext is required"):
+        sealing.seal(kem.public, SECRET, dataclasses.asdict(CTX))  # type: ignore[arg-type]
+    with refused(SealError, "Sealed key envelope rejected: a SealContext is required"):
+        sealing.open_envelope(envelope, dataclasses.asdict(CTX), kem.zgen)  # type: ignore[arg-type]
+    with refused(SealError, "Sealed key envelope rejected: envelope must be bytes"):
+        sealing.open_envelope(bytearray(envelope), CTX, kem.zgen)  # type: ignore[arg-type]
+    shortest = sealing.HEADER_LEN + 16 + 1
+    with refused(SealError, "Sealed key envelope rejected: envelope too short (97 bytes)"):
+        sealing.open_envelope(envelope[:shortest - 1], CTX, kem.zgen)
+    one_byte = sealing.seal(kem.public, b"k", CTX)
+    assert len(one_byte) == shortest and sealing.open_envelope(one_byte, CTX, kem.zgen) == b"k"
+
+
+def test_a_bad_ephemeral_point_is_named(kem: SoftKEM, envelope: bytes) -> None:
+    off_curve = envelope[:5] + b"\x00" * 31 + b"\x01" + envelope[37:]
+    with refused(SealError, "Sealed key envelope rejected: envelope ephemeral key: point is "
+                            "not on NIST P-256"):
+        sealing.open_envelope(off_curve, CTX, kem.zgen)
