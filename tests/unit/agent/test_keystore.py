@@ -219,3 +219,74 @@ def test_bad_provider_key(tmp_path: Path) -> None:
 
 def test_validate_vtpcm_id() -> None:
     assert keystore.validate_vtpcm_id(VID.upper()) == VID
+
+
+# -- found by mutation testing (tools/mutation.sh keystore) -------------------
+
+def test_an_entry_is_the_specified_format(store: KeyStore, provider: DevKeyFileHostKey,
+                                          tmp_path: Path) -> None:
+    """Written a second time from the design: AES-256-GCM under
+    HKDF-SHA256(host key, no salt, info "vtpcm keystore wrap v1"), header
+    "VTKS" 01 nonce, associated data the header and the canonical id."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+    keys = InstanceKeys.generate()
+    store.put(VID, keys)
+    data = entry(tmp_path).read_bytes()
+    assert data[:5] == b"VTKS\x01"
+    wrap = HKDF(algorithm=hashes.SHA256(), length=32, salt=None,
+                info=b"vtpcm keystore wrap v1").derive(provider.host_key())
+    plain = AESGCM(wrap).decrypt(data[5:17], data[17:], b"VTKS\x01" + VID.encode())
+    assert plain == keys.at_rest_key + keys.migration_key
+
+
+def test_keys_are_equal_only_when_both_parts_are() -> None:
+    keys = InstanceKeys.generate()
+    other = InstanceKeys.generate()
+    assert keys == InstanceKeys(keys.at_rest_key, keys.migration_key)
+    assert keys != InstanceKeys(keys.at_rest_key, other.migration_key)
+    assert keys != InstanceKeys(other.at_rest_key, keys.migration_key)
+
+
+def test_reprs_are_exact(store: KeyStore, provider: DevKeyFileHostKey, tmp_path: Path) -> None:
+    assert repr(InstanceKeys.generate()) == "InstanceKeys(<hidden>)"
+    assert repr(store) == "KeyStore(directory=%r)" % str(tmp_path / "keys")
+    assert repr(provider) == "DevKeyFileHostKey(path=%r)" % str(tmp_path / "hostkey")
+
+
+def test_id_refusals_are_exact() -> None:
+    with refused(InvalidInput, "Invalid input: vTPCM id must be a uuid string"):
+        keystore.validate_vtpcm_id(42)  # type: ignore[arg-type]
+    with refused(InvalidInput, "Invalid input: vTPCM id %r is not a uuid" % ("x" * 80)):
+        keystore.validate_vtpcm_id("x" * 81)
+
+
+def test_put_refuses_anything_but_instance_keys(store: KeyStore) -> None:
+    with refused(InvalidInput, "Invalid input: keys must be InstanceKeys"):
+        store.put(VID, (b"a" * 32, b"b" * 32))  # type: ignore[arg-type]
+
+
+def test_a_symlinked_key_file_is_refused_even_when_its_target_is_good(tmp_path: Path) -> None:
+    target = tmp_path / "hk"
+    target.write_bytes(b"x" * 32)
+    target.chmod(0o600)
+    assert DevKeyFileHostKey(target).host_key() == b"x" * 32  # control: the target is good
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    with refused(KeyStoreError, "Key store error: cannot open dev host key file %s: "
+                                "Too many levels of symbolic links" % link):
+        DevKeyFileHostKey(link).host_key()
+
+
+def test_a_group_readable_entry_is_refused_by_name(store: KeyStore, tmp_path: Path) -> None:
+    store.put(VID, InstanceKeys.generate())
+    entry(tmp_path).chmod(0o640)
+    with refused(KeyStoreError, "Key store error: key store entry %s must be owned by uid %d "
+                                "with mode 0600" % (entry(tmp_path), os.geteuid())):
+        store.get(VID)
+
+
+def test_a_store_in_a_new_nested_directory_is_private(tmp_path: Path) -> None:
+    KeyStore(tmp_path / "a" / "b" / "keys", FixedHostKey(b"k" * 32))
+    assert stat.S_IMODE((tmp_path / "a" / "b" / "keys").stat().st_mode) == 0o700
