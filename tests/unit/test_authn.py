@@ -606,3 +606,97 @@ def test_validity_boundaries_are_inclusive(keyfile, verifier, clock):
     early = exact.sign("destroy", HOST, PAYLOAD)
     clock.now = start
     verifier.verify("destroy", PAYLOAD, early)  # issued exactly max_skew before start
+
+
+# -- found by mutation testing (tools/mutation.sh authn) -----------------------
+
+def test_signer_arguments_are_checked_by_name(keyfile):
+    key = authn.load_or_create_signing_key(keyfile)._key
+    with refused(exception.InvalidInput,
+                 "Invalid input: command signing key must be Ed25519"):
+        authn.CommandSigner(ec.generate_private_key(ec.SECP256R1()))  # type: ignore[arg-type]
+    for ttl in (0, -1, float("inf"), float("nan")):
+        with refused(exception.InvalidInput, "Invalid input: command signature ttl must be > 0"):
+            authn.CommandSigner(key, ttl=ttl)
+    assert authn.CommandSigner(key, ttl=0.5).ttl == 0.5
+
+
+def test_ttl_and_reprs_are_kept(keyfile, tmp_path):
+    signer = authn.load_or_create_signing_key(keyfile, ttl=7)
+    assert signer.ttl == 7 and authn.load_signing_key(keyfile, ttl=8).ttl == 8
+    assert len(signer.fingerprint) == 16
+    assert repr(signer) == "<CommandSigner key=%s ttl=7.0>" % signer.fingerprint
+    bound = signer.for_server(TOPIC)
+    assert bound.ttl == 7
+    assert repr(bound) == "<CommandSigner key=%s ttl=7.0 server=%s>" % (signer.fingerprint,
+                                                                         TOPIC)
+    host = authn.load_or_create_host_key(tmp_path / "h" / "host-command.key", ttl=9)
+    assert host.ttl == 9
+    assert authn.load_host_key(tmp_path / "h" / "host-command.key", ttl=11).ttl == 11
+    verifier = authn.CommandVerifier(authn.public_key_path(keyfile), HOST)
+    assert repr(verifier) == "<CommandVerifier server=%s key=%s>" % (HOST, signer.fingerprint)
+    assert authn.CommandVerifier(None, TOPIC, signer_role="host command",
+                                 server_kind="engine topic").fingerprint == "(per call)"
+
+
+def test_key_directories_are_made_private_with_their_parents(tmp_path):
+    authn.load_or_create_signing_key(tmp_path / "a" / "b" / "engine.key")
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    authn.load_or_create_host_key(tmp_path / "c" / "d" / "host.key")
+    assert stat.S_IMODE((tmp_path / "c" / "d").stat().st_mode) == 0o700
+    authn.load_or_create_host_key(tmp_path / "e" / "f" / "host.key", gid=os.getgid())
+    assert stat.S_IMODE((tmp_path / "e" / "f").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "e" / "f" / "host.key").stat().st_mode) == 0o640
+
+
+def test_a_group_readable_engine_key_is_refused_by_name(keyfile):
+    authn.load_or_create_signing_key(keyfile)
+    os.chmod(keyfile, 0o640)
+    with refused(exception.InvalidInput, "Invalid input: command signing key %s must be a "
+                 "regular file readable by its owner only (chmod 600)" % keyfile):
+        authn.load_signing_key(keyfile)
+    assert authn.load_host_key(keyfile).fingerprint  # a host key may be 0640
+
+
+def test_key_file_refusals_are_exact(tmp_path):
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key")
+    with refused(exception.InvalidInput,
+                 "Invalid input: engine public key %s is not a PEM public key" % bad):
+        authn.load_public_key(bad)
+    ecpub = tmp_path / "ec.pub"
+    ecpub.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with refused(exception.InvalidInput,
+                 "Invalid input: operator public key %s is not an Ed25519 key" % ecpub):
+        authn.load_public_key(ecpub, role="operator")
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
+    os.chmod(garbage, 0o600)
+    with refused(exception.InvalidInput, "Invalid input: command signing key %s is not an "
+                 "unencrypted PEM private key" % garbage):
+        authn.load_signing_key(garbage)
+    with refused(exception.InvalidInput, "Invalid input: host command key %s: No such file "
+                 "or directory" % (tmp_path / "none.key")):
+        authn.load_host_key(tmp_path / "none.key")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with refused(exception.InvalidInput, "Invalid input: command signing key %s: File "
+                 "exists" % (blocker / "k.key")):
+        authn.load_or_create_signing_key(blocker / "k.key")
+    with refused(exception.InvalidInput, "Invalid input: host command key %s: File "
+                 "exists" % (blocker / "h.key")):
+        authn.load_or_create_host_key(blocker / "h.key")
+
+
+@pytest.mark.parametrize("nonce", [12345, "X" * 32, "0123456789abcdef" * 2 + "0"])
+def test_malformed_nonces_are_refused_by_name(signer, verifier, nonce):
+    auth = dict(signer.sign("stop", HOST, PAYLOAD), nonce=nonce)
+    _refused(verifier, "stop", PAYLOAD, auth, "auth nonce must be 32 lowercase hex digits")
+
+
+def test_a_payload_that_is_not_json_is_refused_by_name(signer, verifier):
+    auth = signer.sign("stop", HOST, PAYLOAD)
+    with refused(exception.CommandRefused,
+                 "Command stop refused: payload is not canonical JSON"):
+        verifier.verify("stop", {"x": float("nan")}, auth)
