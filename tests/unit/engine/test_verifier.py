@@ -537,3 +537,141 @@ def test_evaluate_with_real_vectors() -> None:
 def test_vectors_nonce_derivation_is_documented() -> None:
     # nonces in the vectors are sha256(label + tag): keeps regenerated vectors stable
     assert A["boot1"]["quote1"]["nonce"] == hashlib.sha256(b"tpm_aq1").hexdigest()
+
+
+# ---- found by mutation testing (tools/mutation.sh verifier) ------------------------
+
+def test_evaluate_reasons_are_exact() -> None:
+    v = V.evaluate(ev(clock=1, reset=5, restart=2, pcrs={0: b"\x01" * 32, 16: b"\x16" * 32}),
+                   GOLDEN, PREV)
+    assert v.reason == ("PCR 0 differs from policy 'golden'; TPM clock went backwards "
+                        "(100 -> 1): replay or state rollback")
+    assert v.rebooted is False
+    v = V.evaluate(ev(clock=1, reset=6, restart=0), GOLDEN, PREV, reboot_policy="accept")
+    assert (v.status, v.rebooted) == (V.TrustStatus.TRUSTED, True)
+    assert v.reason == "quote verified; PCRs match policy 'golden'"
+    for reset, restart, text in (
+            (4, 2, "TPM resetCount went backwards (5 -> 4): replay or state rollback"),
+            (5, 1, "TPM restartCount went backwards (2 -> 1): replay or state rollback")):
+        assert V.evaluate(ev(500, reset, restart), GOLDEN, PREV).reason == text
+
+
+def test_quote_evidence_carries_the_clock_and_firmware() -> None:
+    attest, sig, nonce, pcrs = quote_args(A)
+    evidence = V.verify_quote(AK_A, attest, sig, nonce, pcrs, host="h1")
+    info, _ = TPMS_ATTEST.unmarshal(attest)
+    assert evidence.safe is bool(info.clockInfo.safe) is True
+    assert evidence.firmware_version == int(info.firmwareVersion) != 0
+    assert evidence.restart_count == int(info.clockInfo.restartCount)
+
+
+def test_load_ak_keeps_its_public_area_and_name() -> None:
+    ak = V.load_ak(H(A["ak_public"]), host="h1")
+    assert ak.public == H(A["ak_public"]) and ak.name == V.tpm_name(H(A["ak_public"]))
+
+
+def _ecc_public(template: str, decrypt: bool = False, name_alg: int | None = None,
+                x_len: int = 32) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = TPM2B_PUBLIC.parse(template, objectAttributes=AK_ATTRS).publicArea
+    if decrypt:  # set after parsing: the parser refuses sign together with decrypt
+        pub.objectAttributes |= TPMA_OBJECT.DECRYPT
+    nums = key.public_key().public_numbers()
+    pub.unique.ecc.x = nums.x.to_bytes(32, "big")[:x_len]
+    pub.unique.ecc.y = nums.y.to_bytes(32, "big")
+    if name_alg is not None:
+        pub.nameAlg = name_alg
+    return bytes(pub.marshal())
+
+
+@pytest.mark.parametrize(("public", "reason"), [
+    (b"\x00\x23garbage", "AK public area is malformed or truncated"),
+    (_ecc_public("ecc384:ecdsa-sha256:null"), "AK curve is not NIST P-256"),
+    (_ecc_public("ecc256:ecdsa-sha256:null", decrypt=True), "AK must not be a decryption key"),
+    (_ecc_public("ecc256:ecdsa-sha384:null"), "AK scheme is not ECDSA-SHA256"),
+    (_ecc_public("ecc256:ecdsa-sha256:null", name_alg=TPM2_ALG.SHA1),
+     "name algorithm of a key is not SHA-256"),
+    (_ecc_public("ecc256:ecdsa-sha256:null", x_len=31), "AK point has the wrong size"),
+], ids=["garbage", "p384", "decrypt", "sha384", "name-sha1", "short-x"])
+def test_ak_refusals_name_host_and_reason(public: bytes, reason: str) -> None:
+    with refused(exception.InvalidAttestationKey,
+                 "Attestation key of host h1 rejected: " + reason):
+        V.load_ak(public, host="h1")
+
+
+@pytest.mark.parametrize(("public", "reason"), [
+    (b"\x00\x23garbage", "public area is malformed or truncated"),
+    (_ecc_public("ecc256:ecdsa-sha256:null", name_alg=TPM2_ALG.SHA1),
+     "name algorithm of a key is not SHA-256"),
+], ids=["garbage", "name-sha1"])
+def test_tpm_name_refusals(public: bytes, reason: str) -> None:
+    with refused(exception.InvalidAttestationKey,
+                 "Attestation key of host <unknown> rejected: " + reason):
+        V.tpm_name(public)
+
+
+def test_certification_of_garbage_and_custom_nonce_reason(soft: Any) -> None:
+    garbage = b"\xff\x54\x43\x47garbage"
+    with refused(exception.CertificationError, "KEM key certification of host h1 rejected: "
+                 "attestation is malformed or truncated"):
+        V.verify_certification(soft[1], H(A["kem_public"]), garbage,
+                               soft_sign(soft[0], garbage), b"n" * 32, host="h1")
+    c = A["certify"]
+    obj, _ = TPMS_ATTEST.unmarshal(H(c["attest"]))
+    attest, sig = resign(soft, obj)
+    with refused(exception.CertificationError, "KEM key certification of host h1 rejected: "
+                 "not this enrollment's nonce"):
+        V.verify_certification(soft[1], H(A["kem_public"]), attest, sig, b"other nonce",
+                               host="h1", nonce_mismatch="not this enrollment's nonce")
+
+
+def test_quote_refusals_name_host_and_reason(soft: Any) -> None:
+    attest, sig, nonce, pcrs = quote_args(A)
+    garbage = b"\xff\x54\x43\x47garbage"
+    cases = [
+        (AK_A, attest, sig, nonce, {}, "reported PCR values must be a non-empty mapping"),
+        (AK_A, attest, sig, nonce, {**pcrs, 24: b"\x00" * 32},
+         "reported PCR index 24 is invalid"),
+        (AK_A, attest, sig, nonce, {**pcrs, 0: b"\x00" * 31},
+         "reported PCR 0 value is not 32 bytes"),
+        (AK_A, b"", sig, nonce, pcrs, "attestation must be non-empty bytes"),
+        (soft[1], garbage, soft_sign(soft[0], garbage), nonce, pcrs,
+         "attestation is malformed or truncated"),
+    ]
+    for ak, at, sg, nc, values, reason in cases:
+        with refused(exception.QuoteVerificationError, "Quote from host h1 rejected: " + reason):
+            V.verify_quote(ak, at, sg, nc, values, host="h1")
+
+
+def test_a_pcr_at_the_highest_index_passes_the_value_check() -> None:
+    attest, sig, nonce, pcrs = quote_args(A)
+    with refused(exception.QuoteVerificationError,  # the selection, not the index
+                 "Quote from host h1 rejected: quoted PCR selection [0, 1, 2, 3, 7, 16] "
+                 "differs from reported PCRs [0, 1, 2, 3, 7, 16, 23]"):
+        V.verify_quote(AK_A, attest, sig, nonce, {**pcrs, 23: b"\x00" * 32}, host="h1")
+
+
+@pytest.mark.parametrize(("sig_alg", "hash_alg"), [(TPM2_ALG.ECDSA, TPM2_ALG.SHA1),
+                                                    (TPM2_ALG.ECSCHNORR, TPM2_ALG.SHA256)],
+                         ids=["ecdsa-sha1", "schnorr-sha256"])
+def test_signature_scheme_is_checked_both_ways(soft: Any, sig_alg: int, hash_alg: int) -> None:
+    obj = real_quote_obj()
+    attest, good = resign(soft, obj)
+    sig, _ = TPMT_SIGNATURE.unmarshal(good)
+    sig.sigAlg = sig_alg
+    sig.signature.ecdsa.hash = hash_alg
+    _, _, nonce, pcrs = quote_args(A)
+    with refused(exception.QuoteVerificationError,
+                 "Quote from host h1 rejected: signature is not ECDSA-SHA256"):
+        V.verify_quote(soft[1], attest, bytes(sig.marshal()), nonce, pcrs, host="h1")
+
+
+def test_a_quote_over_two_banks_is_refused(soft: Any) -> None:
+    from tpm2_pytss.types import TPML_PCR_SELECTION
+    obj = real_quote_obj()
+    obj.attested.quote.pcrSelect = TPML_PCR_SELECTION.parse("sha256:0,1+sha1:0")
+    attest, sig = resign(soft, obj)
+    _, _, nonce, pcrs = quote_args(A)
+    with refused(exception.QuoteVerificationError,
+                 "Quote from host h1 rejected: quote must select exactly one PCR bank"):
+        V.verify_quote(soft[1], attest, sig, nonce, pcrs, host="h1")
