@@ -10,6 +10,7 @@ import uuid
 import pytest
 
 from tests import spec_tables as spec
+from tests.refusal import refused
 from vtpcm_agent import association
 from vtpcm_agent.association import AssociationList, VTPCMState
 from vtpcm_common import exception
@@ -377,3 +378,85 @@ def test_a_v3_file_gains_the_seal_record(tmp_path):
     finally:
         al.close()
     assert file_schema(path) == (association.SCHEMA_VERSION, CURRENT_TABLES)
+
+
+# -- found by mutation testing (tools/mutation.sh association) -----------------
+
+def test_refusals_name_the_instance(alist):
+    missing = str(uuid.uuid4())
+    with refused(exception.NotFound, "vTPCM of instance %s not found" % missing):
+        alist.get(missing)
+    with refused(exception.NotFound, "vTPCM of instance %s not found" % missing):
+        alist.transition(missing, S.STOPPED)
+    rec = _add(alist)
+    with refused(exception.AlreadyExists, "vTPCM of instance %s already exists"
+                 % rec.instance_uuid):
+        _add(alist, instance=rec.instance_uuid)
+    with refused(exception.InvalidTransition, "Illegal transition of vTPCM of instance %s "
+                 "from CREATING to ACTIVE" % rec.instance_uuid):
+        alist.transition(rec.instance_uuid, S.ACTIVE)
+    with refused(exception.InvalidTransition, "Illegal transition of vTPCM of instance %s "
+                 "from CREATING to STOPPED" % rec.instance_uuid):
+        alist.transition(rec.instance_uuid, S.STOPPED, expected=frozenset({S.ACTIVE}))
+    with refused(exception.InvalidTransition, "Illegal transition of vTPCM of instance %s "
+                 "from (none) to ACTIVE" % missing):
+        _add(alist, state=S.ACTIVE, instance=missing)
+
+
+def test_generation_moves_forward_only_and_is_stored(alist):
+    rec = _add(alist, state=S.MIGRATING_IN, generation=3)
+    with refused(exception.GenerationMismatch, "vTPCM of instance %s: generation 2 refused, "
+                 "authoritative generation is >= 3" % rec.instance_uuid):
+        alist.transition(rec.instance_uuid, S.ACTIVE, generation=2)
+    assert alist.get(rec.instance_uuid).state is S.MIGRATING_IN
+    same = alist.transition(rec.instance_uuid, S.ACTIVE, generation=3, migration_id="m-1",
+                            pid=42)
+    assert (same.state, same.generation, same.migration_id, same.pid) == \
+        (S.ACTIVE, 3, "m-1", 42)
+    moved = alist.transition(rec.instance_uuid, S.STOPPED, generation=4, pid=None)
+    assert (moved.generation, moved.pid, moved.migration_id) == (4, None, "m-1")
+    assert alist.get(rec.instance_uuid).generation == 4
+
+
+def test_a_tombstone_refusal_names_both_generations(alist):
+    rec = _add(alist, generation=2)
+    alist.transition(rec.instance_uuid, S.DESTROYED)
+    with refused(exception.GenerationMismatch, "vTPCM of instance %s: generation 2 refused, "
+                 "authoritative generation is > 2" % rec.instance_uuid):
+        _add(alist, state=S.MIGRATING_IN, generation=2, instance=rec.instance_uuid)
+
+
+def test_a_destroyed_generation_0_lets_generation_1_in(alist):
+    rec = _add(alist)
+    alist.transition(rec.instance_uuid, S.DESTROYED)
+    assert alist.tombstone(rec.instance_uuid) == 0
+    again = _add(alist, state=S.MIGRATING_IN, generation=1, instance=rec.instance_uuid)
+    assert again.generation == 1
+
+
+def test_timestamps_are_utc(alist):
+    rec = _add(alist)
+    assert rec.created_at.endswith("+00:00") and rec.updated_at.endswith("+00:00")
+
+
+def test_list_leaves_out_tombstones_in_creation_order(alist):
+    first, second = _add(alist), _add(alist)
+    third = _add(alist)
+    alist.transition(second.instance_uuid, S.DESTROYED)
+    assert [r.instance_uuid for r in alist.list()] == [first.instance_uuid, third.instance_uuid]
+    assert [r.instance_uuid for r in alist.list(include_destroyed=True)] == \
+        [first.instance_uuid, second.instance_uuid, third.instance_uuid]
+
+
+def test_a_list_in_a_new_nested_directory_is_used_from_other_threads(tmp_path):
+    import threading
+    al = AssociationList(tmp_path / "a" / "b" / "assoc.sqlite")
+    try:
+        rec = _add(al)
+        seen: list[object] = []
+        worker = threading.Thread(target=lambda: seen.append(al.get(rec.instance_uuid).state))
+        worker.start()
+        worker.join(10)
+        assert seen == [S.CREATING]
+    finally:
+        al.close()
