@@ -290,3 +290,29 @@ def test_a_group_readable_entry_is_refused_by_name(store: KeyStore, tmp_path: Pa
 def test_a_store_in_a_new_nested_directory_is_private(tmp_path: Path) -> None:
     KeyStore(tmp_path / "a" / "b" / "keys", FixedHostKey(b"k" * 32))
     assert stat.S_IMODE((tmp_path / "a" / "b" / "keys").stat().st_mode) == 0o700
+
+
+def test_a_dev_host_key_created_concurrently_is_adopted_not_replaced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two agents starting at once: the one that loses the race reads the
+    winner's key instead of replacing it."""
+    path = tmp_path / "hk"
+    winner = b"w" * 32
+    real_write = keystore.fileutil.write_atomic
+
+    def racing_write(target: Path, data: bytes, replace: bool = False) -> None:
+        if not target.exists():
+            real_write(target, winner, replace=False)  # the other agent, just before us
+        real_write(target, data, replace=replace)
+
+    monkeypatch.setattr(keystore.fileutil, "write_atomic", racing_write)
+    assert DevKeyFileHostKey(path).host_key() == winner
+    assert path.read_bytes() == winner
+
+
+def test_a_key_path_that_is_not_a_regular_file_is_refused_by_name(tmp_path: Path) -> None:
+    path = tmp_path / "hk"
+    path.mkdir(mode=0o700)
+    with refused(KeyStoreError, "Key store error: dev host key file %s is not a regular file"
+                 % path):
+        DevKeyFileHostKey(path).host_key()
