@@ -14,7 +14,7 @@ Names are plain strings so that nothing is imported from the code under test.
 # --- migration protocol (vtpcm_nova/engine/protocol.py) ------------------------
 
 ABORT_EVENTS = ("AbortRequested", "Failure", "DeadlinePassed")
-BEFORE_COMMIT_POINT = ("SEALING", "PREPARING", "PREPARED")
+BEFORE_COMMIT_POINT = ("SEALING", "PREPARING", "PREPARED", "TRANSFERRING", "TRANSFERRED")
 
 # (state, event) -> next state
 PROTOCOL_MOVES: dict[tuple[str, str], str] = {
@@ -23,6 +23,10 @@ PROTOCOL_MOVES: dict[tuple[str, str], str] = {
     ("SEALING", "KeySealed"): "PREPARING",
     ("PREPARING", "DestinationPrepared"): "PREPARED",
     ("PREPARED", "CommitRequested"): "COMMITTING",
+    # cold migration, resize: the engine carries the (encrypted) state once
+    ("PREPARED", "TransferRequested"): "TRANSFERRING",
+    ("TRANSFERRING", "StateTransferred"): "TRANSFERRED",
+    ("TRANSFERRED", "CommitRequested"): "COMMITTING",
     ("COMMITTING", "DestinationCommitted"): "SHREDDING",
     ("SHREDDING", "SourceShredded"): "COMMITTED",
     ("SEALING", "AbortRequested"): "ABORTING",
@@ -34,6 +38,12 @@ PROTOCOL_MOVES: dict[tuple[str, str], str] = {
     ("PREPARED", "AbortRequested"): "ABORTING",
     ("PREPARED", "Failure"): "ABORTING",
     ("PREPARED", "DeadlinePassed"): "ABORTING",
+    ("TRANSFERRING", "AbortRequested"): "ABORTING",
+    ("TRANSFERRING", "Failure"): "ABORTING",
+    ("TRANSFERRING", "DeadlinePassed"): "ABORTING",
+    ("TRANSFERRED", "AbortRequested"): "ABORTING",
+    ("TRANSFERRED", "Failure"): "ABORTING",
+    ("TRANSFERRED", "DeadlinePassed"): "ABORTING",
     ("ABORTING", "DestinationDestroyed"): "RESTORING",
     ("ABORTING", "DestinationInUse"): "IN_DOUBT",
     ("IN_DOUBT", "CommitRequested"): "COMMITTING",
@@ -49,6 +59,7 @@ PROTOCOL_REPEATS: frozenset[tuple[str, str]] = frozenset({
     ("SEALING", "Begin(refused)"), ("PREPARING", "Begin(refused)"),
     ("PREPARED", "Begin(refused)"),
     ("PREPARED", "DestinationPrepared"),
+    ("TRANSFERRED", "TransferRequested"),  # a retried transfer: the state went once
     ("COMMITTING", "CommitRequested"),
     ("SHREDDING", "CommitRequested"), ("SHREDDING", "DestinationCommitted"),
     ("COMMITTED", "CommitRequested"), ("COMMITTED", "DestinationCommitted"),
@@ -64,7 +75,8 @@ PROTOCOL_REPEATS: frozenset[tuple[str, str]] = frozenset({
 })
 
 PROTOCOL_STATES = frozenset({
-    "NEW", "REFUSED", "SEALING", "PREPARING", "PREPARED", "COMMITTING", "SHREDDING",
+    "NEW", "REFUSED", "SEALING", "PREPARING", "PREPARED", "TRANSFERRING", "TRANSFERRED",
+    "COMMITTING", "SHREDDING",
     "COMMITTED", "ABORTING", "IN_DOUBT", "DISCARDING", "RESTORING", "ABORTED"})
 PROTOCOL_FINAL = frozenset({"REFUSED", "COMMITTED", "ABORTED"})
 # The commit point: the only way into COMMITTING.

@@ -187,6 +187,13 @@ class ServiceUnreachable(VTPCMException):
     code = "unreachable"
 
 
+class ReplyNotAuthenticated(ServiceUnreachable):
+    """An answer the caller cannot verify (unsigned, another key, another
+    call's, altered): as if the host had not answered, so the outcome of the
+    call is unknown and the step is retried, never taken as done."""
+    msg_fmt = "Reply of %(host)s to %(method)s not authenticated: %(reason)s"
+
+
 class CommandRefused(VTPCMException):
     msg_fmt = "Command %(method)s refused: %(reason)s"
     code = "command_refused"

@@ -14,6 +14,7 @@ from oslo_config import cfg
 from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_nova import agentkeys
 from vtpcm_nova.conf import compute as compute_conf
 
 _lock = threading.Lock()
@@ -47,8 +48,13 @@ def engine_reader(conf: cfg.ConfigOpts) -> EngineAPI:
                      exchange=conf.vtpcm.control_exchange)
 
 
-def agent_reader(conf: cfg.ConfigOpts) -> AgentAPI:
-    """Unsigned agent client: health and where a vTPCM's socket is (read-only)."""
+def agent_reader(conf: cfg.ConfigOpts, host: str) -> AgentAPI:
+    """Agent client of compute host ``host`` for read-only calls (health,
+    where a vTPCM's socket is): sends no command, and takes only replies
+    signed by the answering host's command key (its own, or another's as
+    the engine enrolled it; ``agentkeys``)."""
     compute_conf.register_opts(conf)
+    own = authn.load_host_key(Path(conf.vtpcm.host_command_key)).public_key
+    keys = agentkeys.EngineReportedKeys(host, own, engine_reader(conf))
     return AgentAPI(conf, transport(conf), timeout=conf.vtpcm.agent_timeout,
-                    exchange=conf.vtpcm.control_exchange)
+                    exchange=conf.vtpcm.control_exchange, reply_keys=keys)

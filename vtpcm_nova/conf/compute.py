@@ -45,6 +45,14 @@ VTPCM_OPTS = [
                  help="Seconds VTPCMFilter waits for the engine's verdicts. When the "
                       "engine does not answer, vtpcm: requests find no valid host (fail "
                       "closed) until the next try; other requests are not affected."),
+    cfg.BoolOpt("evacuate_with_fresh_vtpcm", default=False,
+                help="Evacuate vTPCM instances with a fresh vTPCM: the TPM state on the "
+                     "failed host (sealed keys, NV indices, the EK) is lost for good, "
+                     "and the guest boots with a new, empty TPM. Off: an evacuation of a "
+                     "vTPCM instance fails with an instance fault and the server stays "
+                     "on the failed host. The engine still refuses while the failed "
+                     "host's agent answers, and audits each one as state loss. Set it "
+                     "on the compute nodes that may take evacuated instances."),
     cfg.FloatOpt("trait_refresh_seconds", default=60.0, min=0.0,
                  help="How often the driver re-checks agent health and enrollment for "
                       "the CUSTOM_VTPCM trait it reports to placement."),

@@ -21,7 +21,7 @@ from tests.functional.harness import (
 )
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import messages as m
-from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.agent.rpcapi import RPC_API_VERSION, AgentAPI
 
 pytestmark = pytest.mark.functional
 
@@ -71,7 +71,7 @@ def test_signed_client_works_and_readers_need_no_signature(cluster):
     # read-only and nonce-bound methods stay open to any broker client
     assert rogue.get(a.name, info.instance_uuid) == api.get(a.name, info.instance_uuid)
     assert info.instance_uuid in {v.instance_uuid for v in rogue.list(a.name).vtpcms}
-    assert rogue.health(a.name).api_version == "1.5"
+    assert rogue.health(a.name).api_version == RPC_API_VERSION
     kem = rogue.get_identity(b.name, os.urandom(32)).kem_public
     ctx = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, a.name, b.name)
     assert agent_seals(a.agent, info.instance_uuid) == []

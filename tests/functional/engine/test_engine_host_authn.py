@@ -19,6 +19,7 @@ from tests.functional.harness import (
     agent_cluster,
     client_conf,
     short_dir,
+    trust_hosts,
 )
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -66,6 +67,9 @@ def deployment():
                 api = EngineAPI(conf, operator.transport, timeout=60,
                                 host_signer=authn.load_host_key(_host_key(agent)))
                 apis.append(api)
+            # create_vtpcm needs a TRUSTED host; B has no policy, so a
+            # migration to it is refused at begin
+            trust_hosts(operator, [names["a"], names["c"]])
             yield Deployment(operator, dict(zip(("a", "b", "c"), apis, strict=True)), names,
                              agents, engine, daemons_by_label, conf)
     finally:
@@ -215,7 +219,7 @@ def test_the_two_hosts_may_commit_or_abort_and_no_third_host(deployment):
     d.at["a"].create_vtpcm(instance, a)
     mid = str(uuid.uuid4())
     with pytest.raises(exception.HostNotTrusted):
-        d.at["a"].begin(mid, instance, a, b)  # no PCR policy in this deployment
+        d.at["a"].begin(mid, instance, a, b)  # B has no PCR policy
     assert d.operator.get_migration(mid).state == "REFUSED"
     either = "host command key of %s or %s" % tuple(sorted((a, b)))
     audited = len(_host_refusals(d))

@@ -71,7 +71,8 @@ class DishonestAgent(AgentManager):
         if self.mode != "unknown-ak":
             return honest
         # our KEM key, certified (with the right binding) by a foreign AK
-        other = self.foreign.identity(authn.host_key_binding(req.nonce, self.command_public))
+        other = self.foreign.identity(authn.host_key_binding(req.nonce, self.command_public,
+                                                                self.host))
         return dataclasses.replace(honest, kem_certify_attest=other.kem_certify_attest,
                                    kem_certify_signature=other.kem_certify_signature)
 
@@ -194,7 +195,8 @@ def test_kem_key_certified_by_unknown_ak_is_refused(setup):
 def test_a_command_key_the_tpm_did_not_vouch_for_is_refused(setup):
     api, _, _, host_b, dishonest, _ = setup
     reason, refused = _dishonest_enroll(api, host_b, dishonest, "other-command-key")
-    assert "does not bind this enrollment's nonce to the reported host command key" in reason
+    assert ("does not bind this enrollment's nonce and host name to the reported host "
+            "command key") in reason
     assert refused and "host command key" in refused[0].detail
 
 

@@ -1,11 +1,11 @@
-"""A rolling upgrade between engine API 1.2 and 1.3 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.3 and 1.4 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.2`` (what
-  an old Nova driver can send) against the current engine daemon: the 1.2
-  host calls work, start_vtpcm/stop_vtpcm are refused before sending.
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.3`` (what
+  an old Nova driver can send) against the current engine daemon: the 1.3
+  host calls work, host_command_key is refused before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.2) answering a current client: old methods are served, the new ones
-  come back as a clear ``RPCVersionUnsupported``.
+  1.3) answering a current client: old methods are served, the new one
+  comes back as a clear ``RPCVersionUnsupported``.
 """
 
 import shutil
@@ -15,7 +15,13 @@ from pathlib import Path
 import oslo_messaging as messaging
 import pytest
 
-from tests.functional.harness import EngineDaemon, agent_cluster, client_conf, short_dir
+from tests.functional.harness import (
+    EngineDaemon,
+    agent_cluster,
+    client_conf,
+    short_dir,
+    trust_hosts,
+)
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import RPC_API_VERSION, EngineAPI
@@ -26,7 +32,7 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.2"
+PREVIOUS = "1.3"
 
 
 class PreviousEngine(EngineManager):
@@ -71,6 +77,7 @@ def upgrade():
             engine.start()
             engine.wait_ready(operator)
             assert operator.enroll(name).status == "APPROVED"
+            trust_hosts(operator, [name])  # create_vtpcm needs a TRUSTED host
             key = authn.load_host_key(Path(agent.config["agent"]["state_dir"])
                                       / "host-command.key")
             current = EngineAPI(conf, agents.transport, timeout=60, host_signer=key)
@@ -106,21 +113,20 @@ def test_a_pinned_compute_node_runs_the_old_host_calls_on_the_current_engine(upg
     assert agents.get(host, instance).state == "DESTROYED"
 
 
-def test_a_pinned_compute_node_refuses_start_and_stop_before_sending(upgrade):
+def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
     current, pinned, _, agents, host = upgrade
     instance = str(uuid.uuid4())
     pinned.create_vtpcm(instance, host)
     try:
-        for method, call in (("start_vtpcm", pinned.start_vtpcm),
-                             ("stop_vtpcm", pinned.stop_vtpcm)):
-            with pytest.raises(exception.RPCVersionCapped) as err:
-                call(instance)
-            assert str(err.value) == (
-                "Not sent: %s needs %s RPC API 1.3, but [upgrade_levels] vtpcm_engine "
-                "caps this client at 1.2 (some %s may still run an older release)"
-                % (method, pinned.topic, pinned.topic))
-        assert not agents.get(host, instance).running
-        assert current.start_vtpcm(instance).running  # unpinned, it works
+        assert pinned.start_vtpcm(instance).running  # 1.3
+        assert pinned.stop_vtpcm(instance).state == "STOPPED"
+        with pytest.raises(exception.RPCVersionCapped) as err:
+            pinned.host_command_key(host)
+        assert str(err.value) == (
+            "Not sent: host_command_key needs %s RPC API 1.4, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.3 (some %s may still run an older "
+            "release)" % (pinned.topic, pinned.topic))
+        assert current.host_command_key(host).status == "APPROVED"  # unpinned, it works
     finally:
         current.destroy_vtpcm(instance)
 
@@ -136,12 +142,10 @@ def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
 
 
 def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
-    _, _, on_old, _, _ = upgrade
-    for method, call in (("start_vtpcm", on_old.start_vtpcm),
-                         ("stop_vtpcm", on_old.stop_vtpcm)):
-        with pytest.raises(exception.RPCVersionUnsupported) as err:
-            call(str(uuid.uuid4()))
-        assert str(err.value) == (
-            "%s cannot serve %s (RPC API 1.3): it runs an older API version; upgrade it "
-            "first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
-            % (on_old.topic, method))
+    _, _, on_old, _, host = upgrade
+    with pytest.raises(exception.RPCVersionUnsupported) as err:
+        on_old.host_command_key(host)
+    assert str(err.value) == (
+        "%s cannot serve host_command_key (RPC API 1.4): it runs an older API version; "
+        "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
+        % on_old.topic)

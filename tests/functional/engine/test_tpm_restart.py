@@ -43,7 +43,7 @@ class HostTPMAgent:
             ed25519.Ed25519PrivateKey.generate().public_key())
 
     def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
-        ident = self.tpm.identity(authn.host_key_binding(nonce, self.command_public))
+        ident = self.tpm.identity(authn.host_key_binding(nonce, self.command_public, host))
         return dict(dataclasses.asdict(ident), command_public=self.command_public)
 
     def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],

@@ -56,6 +56,7 @@ EXPECTED = {
     "engine.BeginMigration": "1.0-1f95fc8ba43bfafc9f909739d693ba3e",
     "engine.CheckDestination": "1.0-1b512069b0b5d2d920970f961dd4dd82",
     "engine.Empty": "1.0-818badba1c71c4ab7c0212d69a69f34a",
+    "engine.HostCommandKey": "1.4-9ea8434651c34cc0b88ce81f56c280b6",
     "engine.HostInfo": "1.0-4bd020e14e88813e679d28854658a894",
     "engine.HostList": "1.0-8b851faf540cd5120f64905fae7d6fda",
     "engine.HostRef": "1.0-531a64db7790294686558a2a4b15ba96",
@@ -167,3 +168,24 @@ def test_describe_sees_bounds_patterns_and_nesting():
     assert describe(wire.optional(wire.uuid_field)) != describe(wire.uuid_field)
     nested = describe(wire.message_list_field(agent_messages.VTPCMInfo))
     assert "message vtpcm_info" in nested and "ctrl_socket" in nested
+
+
+# The signed-reply envelope and the signed document are part of the agent
+# contract too (agent API 1.6): a change needs a new version, as a message's.
+REPLY_SCHEME = "1.6-%s"
+EXPECTED_REPLY_SCHEME = "1.6-4cb810ae9515cc55699391ca9b1922b8"
+
+
+def _reply_scheme_hash() -> str:
+    from vtpcm_common import authn
+    sample = authn.reply_bytes("1.6", "m", "h", "0" * 32, "r", {"ok": {}})
+    return hashlib.md5(repr((authn.REPLY_TAG, sorted(authn.REPLY_FIELDS),
+                             sorted(authn.ERROR_FIELDS), sample,
+                             agent_rpcapi.REPLY_VERSION,
+                             sorted(agent_rpcapi.UNVERIFIED_REPLIES))).encode(),
+                       usedforsecurity=False).hexdigest()
+
+
+def test_signed_reply_scheme_matches_its_fingerprint():
+    assert REPLY_SCHEME % _reply_scheme_hash() == EXPECTED_REPLY_SCHEME, \
+        "signed replies changed: bump the agent API and record %s" % _reply_scheme_hash()

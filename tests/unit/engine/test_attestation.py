@@ -183,7 +183,24 @@ def test_a_command_key_enrolled_for_another_host_is_refused(env: Any) -> None:
     nonce = att.enrollment_nonce("cmp2")
     with pytest.raises(exception.CertificationError,
                        match="host command key already enrolled for host cmp1"):
-        att.enroll("cmp2", second.identity(nonce), nonce)
+        att.enroll("cmp2", second.identity(nonce, "cmp2"), nonce)
+
+
+def test_a_relayed_identity_cannot_squat_another_hosts_keys(env: Any) -> None:
+    """A broker client answers the engine's get_identity for a new name
+    with what a real host's agent answered to the same nonce (its TPM's
+    certify, its command key): refused, and nothing is bound to the new
+    name, so the real host still enrolls under its own."""
+    att, agent, _ = env
+    victim = agent.tpms["cmp1"] = FakeTPM()
+    nonce = att.enrollment_nonce("squatter")
+    with pytest.raises(exception.CertificationError,
+                       match="does not bind this enrollment's nonce and host name"):
+        att.enroll("squatter", victim.identity(nonce, "cmp1"), nonce)
+    assert att.db.key_owner("command", victim.command_public) is None
+    with pytest.raises(exception.NotFound):
+        att.db.get_host("squatter")
+    assert att.enroll_from_agent("cmp1").command_public == victim.command_public
 
 
 def test_enroll_real_swtpm_vectors(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,7 +210,7 @@ def test_enroll_real_swtpm_vectors(env: Any, monkeypatch: pytest.MonkeyPatch) ->
     # The recorded certify qualifies the bare nonce: these bytes test parsing
     # and signatures of real swtpm output; the command-key binding is tested
     # above and against live swtpm in the functional tests.
-    monkeypatch.setattr(attestation.authn, "host_key_binding", lambda nonce, key: nonce)
+    monkeypatch.setattr(attestation.authn, "host_key_binding", lambda nonce, key, host: nonce)
     nonce = att.enrollment_nonce("real-a")
     identity = {"ak_public": H(a["ak_public"]), "kem_public": H(a["kem_public"]),
                 "kem_certify_attest": H(a["certify"]["attest"]),
@@ -515,7 +532,7 @@ def _enroll_refused(att: attestation.Attestor, tpm: FakeTPM, host: str,
                     reason: str, **extra: Any) -> None:
     nonce = att.enrollment_nonce(host)
     with pytest.raises(exception.CertificationError, match=reason):
-        att.enroll(host, dict(tpm.identity(nonce), **extra), nonce)
+        att.enroll(host, dict(tpm.identity(nonce, host), **extra), nonce)
     audit = [e for e in att.db.list_audit(limit=5, host=host) if e.event == "enroll"]
     assert audit and audit[0].outcome == "refused"
 

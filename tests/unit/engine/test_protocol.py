@@ -15,6 +15,8 @@ SAMPLE_EVENTS = [
     OK,
     p.KeySealed(envelope=b"sealed"),
     p.DestinationPrepared(),
+    p.TransferRequested(),
+    p.StateTransferred(),
     p.CommitRequested(),
     p.DestinationCommitted(),
     p.SourceShredded(),
@@ -33,6 +35,9 @@ ROUTES = {
     M.SEALING: [OK],
     M.PREPARING: [OK, SAMPLE_EVENTS[1]],
     M.PREPARED: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared()],
+    M.TRANSFERRING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.TransferRequested()],
+    M.TRANSFERRED: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.TransferRequested(),
+                    p.StateTransferred()],
     M.COMMITTING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.CommitRequested()],
     M.SHREDDING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.CommitRequested(),
                   p.DestinationCommitted()],
@@ -252,9 +257,11 @@ def test_an_explicit_abort_in_doubt_destroys_the_destination_regardless():
 
 def test_only_a_commit_request_passes_the_commit_point():
     """No event made of agent answers (unauthenticated) may lead into
-    COMMITTING: only the signed CommitRequested does, from PREPARED or IN_DOUBT."""
+    COMMITTING: only the signed CommitRequested does, from PREPARED,
+    TRANSFERRED (cold) or IN_DOUBT."""
     into_commit = {key for key, to in spec.PROTOCOL_MOVES.items() if to == "COMMITTING"}
-    assert into_commit == {("PREPARED", "CommitRequested"), ("IN_DOUBT", "CommitRequested")}
+    assert into_commit == {("PREPARED", "CommitRequested"), ("TRANSFERRED", "CommitRequested"),
+                           ("IN_DOUBT", "CommitRequested")}
     for state in M:
         for event in SPEC_EVENTS:
             proto = at(state)
@@ -264,6 +271,70 @@ def test_only_a_commit_request_passes_the_commit_point():
                 continue
             if proto.state is M.COMMITTING and state is not M.COMMITTING:
                 assert (state.value, _spec_name(event)) in into_commit
+
+
+# --- cold migration, resize: the state moves by the engine's transfer ---------------
+
+# The cold variant's rows are in tests/spec_tables.py with the others (written
+# out by hand there); test_the_code_tables_are_the_spec_both_ways holds the
+# code's table to all of them.
+
+def test_cold_rows_of_the_table_are_exactly_the_spec():
+    cold_states = {"TRANSFERRING", "TRANSFERRED"}
+    cold_events = {"TransferRequested", "StateTransferred"}
+    rows = {(s.value, ev.__name__): to.value for (s, ev), to in p.TRANSITIONS.items()
+            if s.value in cold_states or ev.__name__ in cold_events}
+    assert rows == {k: v for k, v in spec.PROTOCOL_MOVES.items()
+                    if k[0] in cold_states or k[1] in cold_events}
+    assert ("TRANSFERRED", "TransferRequested") in spec.PROTOCOL_REPEATS
+    assert {M(s) for s in cold_states} <= p.ABORTABLE
+    assert not {M(s) for s in cold_states} & p.PENDING_WORK
+
+
+def test_cold_happy_path_actions_in_order():
+    proto = p.MigrationProtocol("m-cold")
+    names = []
+    for event in (OK, p.KeySealed(b"e"), p.DestinationPrepared(), p.TransferRequested(),
+                  p.StateTransferred(), p.CommitRequested(), p.DestinationCommitted(),
+                  p.SourceShredded()):
+        names += [a.name for a in proto.handle(event) if not isinstance(a, p.Audit)]
+    assert names == ["seal_key", "prepare_destination", "transfer_state",
+                     "move_authority", "commit_destination", "shred_source"]
+    assert proto.state is M.COMMITTED
+
+
+def test_the_state_is_transferred_once():
+    """A retried (or replayed) transfer after the state went asks nothing
+    of the agents; a transfer before the destination is prepared or after
+    the migration ended is refused and changes nothing."""
+    proto = at(M.TRANSFERRED)
+    assert proto.handle(p.TransferRequested()) == []
+    assert proto.state is M.TRANSFERRED
+    for state in (M.SEALING, M.PREPARING, M.TRANSFERRING, M.COMMITTING, M.COMMITTED,
+                  M.ABORTING, M.IN_DOUBT, M.ABORTED, M.REFUSED):
+        proto = at(state)
+        with pytest.raises(exception.InvalidTransition, match="TransferRequested"):
+            proto.handle(p.TransferRequested())
+        assert proto.state is state
+
+
+@pytest.mark.parametrize("state", [M.TRANSFERRING, M.TRANSFERRED])
+def test_a_cold_migration_aborts_like_a_live_one(state):
+    """Revert (an explicit abort) discards the destination; a failed
+    transfer too; a deadline spares a destination that holds the state
+    (the resized guest may run on it until confirm or revert)."""
+    for event, spare in ((p.AbortRequested("reverted"), False), (p.Failure("import"), False),
+                         (p.DeadlinePassed(), True)):
+        proto = at(state)
+        (destroy,) = _non_audit(proto.handle(event))
+        assert destroy == p.DestroyDestination(only_if_unused=spare)
+        assert proto.state is M.ABORTING
+    proto = at(state)
+    proto.handle(p.DeadlinePassed())
+    proto.handle(p.DestinationInUse())
+    assert proto.state is M.IN_DOUBT
+    proto.handle(p.CommitRequested())  # the confirm, days later
+    assert proto.state is M.COMMITTING
 
 
 

@@ -40,6 +40,16 @@ class HostInfo(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class HostCommandKey(Message):
+    """A host's enrolled command public key (1.4): what the Nova driver
+    checks another host's agent replies with."""
+    message_type = "host_command_key"
+    host: str = field(wire.host_field)
+    status: str = field(wire.choice_field("PENDING", "APPROVED", "REVOKED"))
+    command_public: bytes | None = field(wire.optional(wire.blob_field(32, 32)))
+
+
+@dataclasses.dataclass(frozen=True)
 class HostList(Message):
     message_type = "host_list"
     hosts: tuple[HostInfo, ...] = field(wire.message_list_field(HostInfo))
