@@ -32,7 +32,8 @@ print(" ".join(r.strip() for r in c["options"]["install_requires"].splitlines() 
 PY
 )
     # shellcheck disable=SC2086  # a list of requirements, split on purpose
-    "$MVENV/bin/pip" install -q "$MUTMUT_PIN" pytest pytest-timeout $reqs
+    "$MVENV/bin/pip" install -q "$MUTMUT_PIN" pytest pytest-timeout $reqs \
+        > "$MVENV/pip.log" 2>&1 || { cat "$MVENV/pip.log" >&2; exit 1; }
     touch "$stamp"
 fi
 export PATH="$MVENV/bin:$PATH"
@@ -55,7 +56,8 @@ TESTS[authn]="tests/unit/test_authn.py"
 SRC[association]=vtpcm_agent/association.py
 TESTS[association]="tests/unit/agent/test_association.py"
 SRC[keystore]=vtpcm_agent/keystore.py
-TESTS[keystore]="tests/unit/agent/test_keystore.py"
+# the TPM-sealed host key needs a TPM: its functional test (a swtpm host TPM, ~1 s)
+TESTS[keystore]="tests/unit/agent/test_keystore.py tests/functional/agent/test_keystore_tpm.py"
 ALL=(protocol verifier sealing authn association keystore)
 
 modules=("$@")
@@ -64,12 +66,13 @@ for mod in "${modules[@]}"; do
     [ -n "${SRC[$mod]:-}" ] || { echo "mutation: unknown module $mod (one of ${ALL[*]})" >&2; exit 2; }
     work=$(mktemp -d "${TMPDIR:-/tmp}/vtpcm-mutation-$mod.XXXXXX")
     trap 'rm -rf "$work"' EXIT
-    cp -r vtpcm_common vtpcm_agent vtpcm_nova tests setup.cfg pyproject.toml "$work/"
+    cp -r vtpcm_common vtpcm_agent vtpcm_nova vtpcm_lab tests setup.cfg pyproject.toml "$work/"
     {
         echo
         echo "[tool.mutmut]"
         echo "source_paths = [\"vtpcm_common\", \"vtpcm_agent\", \"vtpcm_nova\"]"
         echo "only_mutate = [\"${SRC[$mod]}\"]"
+        echo 'also_copy = ["vtpcm_lab"]  # the functional fixtures start a host TPM stand-in'
         printf 'pytest_add_cli_args_test_selection = ['
         # shellcheck disable=SC2086  # a list of paths, split on purpose
         printf '"%s", ' ${TESTS[$mod]}

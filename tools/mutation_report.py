@@ -57,6 +57,22 @@ MANUAL = {
         "secrets.token_bytes(None) returns 32 bytes, KEY_LEN",
     "vtpcm_agent.keystore.xǁInstanceKeysǁgenerate__mutmut_6":
         "secrets.token_bytes(None) returns 32 bytes, KEY_LEN",
+    "vtpcm_agent.keystore.xǁDevKeyFileHostKeyǁ_load_or_create__mutmut_12":
+        "write_atomic(replace=None): None is false, as the False it replaces",
+    "vtpcm_agent.keystore.xǁDevKeyFileHostKeyǁ_load_or_create__mutmut_15":
+        "write_atomic without replace: its default is the False passed",
+    "vtpcm_agent.keystore.xǁTPMSealedHostKeyǁ_load_or_create__mutmut_14":
+        "write_atomic(replace=None): None is false, as the False it replaces",
+    "vtpcm_agent.keystore.xǁTPMSealedHostKeyǁ_load_or_create__mutmut_17":
+        "write_atomic without replace: its default is the False passed",
+    "vtpcm_agent.keystore.xǁKeyStoreǁ__init____mutmut_14":
+        "the condition only decides whether a warning is logged",
+    "vtpcm_agent.keystore.xǁKeyStoreǁ__init____mutmut_15":
+        "the condition only decides whether a warning is logged",
+    "vtpcm_agent.keystore.xǁKeyStoreǁ_aead__mutmut_15":
+        "HKDF without salt=None: None is its default",
+    "vtpcm_agent.keystore.x__read_private_file__mutmut_32":
+        "b'XXXX'.join of the chunks: every file the key store reads is one chunk (< 64 KiB)",
     "vtpcm_agent.keystore.xǁDevKeyFileHostKeyǁ_load_or_create__mutmut_9":
         "secrets.token_bytes(None) returns 32 bytes, KEY_LEN",
     "vtpcm_agent.association.xǁAssociationListǁtransition__mutmut_94":

@@ -199,7 +199,8 @@ def test_dev_host_key_file_checks(tmp_path: Path) -> None:
     path = tmp_path / "hk"
     path.write_bytes(b"x" * 32)
     path.chmod(0o644)
-    with pytest.raises(KeyStoreError, match="mode 0600"):
+    with refused(KeyStoreError, "Key store error: dev host key file %s must be owned by uid "
+                 "%d with mode 0600" % (path, os.geteuid())):
         DevKeyFileHostKey(path).host_key()
     path.chmod(0o600)
     path.write_bytes(b"x" * 31)
@@ -316,3 +317,17 @@ def test_a_key_path_that_is_not_a_regular_file_is_refused_by_name(tmp_path: Path
     with refused(KeyStoreError, "Key store error: dev host key file %s is not a regular file"
                  % path):
         DevKeyFileHostKey(path).host_key()
+
+
+def test_destroy_overwrites_the_whole_entry_before_unlinking(store: KeyStore,
+                                                             tmp_path: Path) -> None:
+    """A second name for the entry's inode (as a backup or a forensic copy
+    of the directory would keep) sees only random bytes afterwards."""
+    store.put(VID, InstanceKeys.generate())
+    original = entry(tmp_path).read_bytes()
+    keep = tmp_path / "kept-link"
+    os.link(entry(tmp_path), keep)
+    store.destroy(VID)
+    left = keep.read_bytes()
+    assert len(left) >= len(original)
+    assert not any(original[i:i + 8] in left for i in range(0, len(original) - 8))
