@@ -43,16 +43,16 @@ RULES = [
      lambda old, new: re.sub(r'">[iq]"', lambda m: m.group(0).upper(), new) == old),
     ("bit-range", "range(9) over the bits of a byte: bit 8 of a byte is always 0",
      lambda old, new: "range(8)" in old and "range(9)" in new),
+    ("reason-default", "getattr(event, \"reason\", ...) without its default: every event "
+     "that enters ABORTING has a reason",
+     lambda old, new: 'getattr(event, "reason", DEADLINE_REASON)' in old
+     and new in ('reason = getattr(event, "reason", None)', 'reason = getattr(event, "reason", )')),
     ("read-chunk", "a different read chunk size: the loop reads until EOF either way",
      lambda old, new: "os.read(fd, 65536)" in old and "65537" in new),
 ]
 
 # Survivors judged equivalent by reading them (name -> why).
 MANUAL = {
-    "vtpcm_nova.engine.protocol.x__entry_actions__mutmut_18":
-        "getattr(event, 'reason', None): every event that enters ABORTING has a reason",
-    "vtpcm_nova.engine.protocol.x__entry_actions__mutmut_21":
-        "getattr(event, 'reason'): every event that enters ABORTING has a reason",
     "vtpcm_agent.keystore.xǁInstanceKeysǁgenerate__mutmut_5":
         "secrets.token_bytes(None) returns 32 bytes, KEY_LEN",
     "vtpcm_agent.keystore.xǁInstanceKeysǁgenerate__mutmut_6":

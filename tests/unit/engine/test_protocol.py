@@ -395,3 +395,10 @@ def test_no_pending_actions_outside_the_pending_states():
     for state in M:
         if state not in p.PENDING_WORK:
             assert p.pending_actions(state) == []
+
+
+def test_actions_of_the_cold_path_are_exact():
+    proto = at(M.PREPARED)
+    assert proto.handle(p.TransferRequested()) == [p.TransferState()]
+    assert proto.handle(p.StateTransferred()) == [
+        A(event="migration.transfer", outcome="state transferred")]
