@@ -14,8 +14,8 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from vtpcm_agent import keyauth, manager
 from vtpcm_agent import keystore as ks
-from vtpcm_agent import manager
 from vtpcm_agent.association import AssociationList
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.instances import AgentSettings, InstanceManager
@@ -95,6 +95,8 @@ class AgentService:
         self.host_signer = host_signer_from(conf)
         self.host_tpm = HostTPM(conf.host_tpm.tcti)
         provider = host_key_provider(conf, self.host_tpm, self.settings.state_root)
+        # the AK and KEM key need the host key: no other TPM user derives them
+        self.host_tpm.use_key_auth(keyauth.derive(provider.host_key()))
         self.keystore = ks.KeyStore(self.settings.state_root / "keys", provider)
         self.associations = AssociationList(self.settings.state_root / "associations.sqlite")
         # accepted command nonces survive a restart: a captured command
