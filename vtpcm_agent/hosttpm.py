@@ -239,6 +239,11 @@ class HostTPM:
             raise HostTPMError(reason="invalid TCTI configuration string")
         self._tcti = tcti
         self._key_auth = key_auth
+        # (EK certificate, EK public): reading them re-creates the RSA EK,
+        # the most expensive TPM operation here, and they change only with
+        # the endorsement hierarchy (then credential activation fails and
+        # the cache is dropped).
+        self._ek_cache: tuple[bytes | None, bytes | None] | None = None
         with _LOCKS_GUARD:
             self._lock = _LOCKS.setdefault(tcti, threading.RLock())
         try:
@@ -337,7 +342,9 @@ class HostTPM:
         _check_nonce(nonce)
 
         def run(e: ESAPI) -> HostIdentity:
-            ek_cert, ek_public = hostek.certificate_and_public(e)
+            if self._ek_cache is None:
+                self._ek_cache = hostek.certificate_and_public(e)
+            ek_cert, ek_public = self._ek_cache
             with self._ak(e) as (ak, ak_pub), self._kem(e) as (kem, kem_pub):
                 attest, sig = e.certify(kem, ak, nonce,
                                         TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
@@ -363,9 +370,13 @@ class HostTPM:
         ``credential_blob`` and ``encrypted_secret`` are a marshaled
         TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (with size prefixes)."""
         blob, secret = hostek.parse_challenge(credential_blob, encrypted_secret)
-        return self._call("activate credential",
-                          lambda e: hostek.activate_credential(e, lambda: self._ak(e),
-                                                               blob, secret))
+        try:
+            return self._call("activate credential",
+                              lambda e: hostek.activate_credential(e, lambda: self._ak(e),
+                                                                   blob, secret))
+        except HostTPMError:
+            self._ek_cache = None  # the EK may have changed: read it again
+            raise
 
     # -- quote and PCRs --------------------------------------------------
     def quote(self, nonce: bytes, pcrs: Sequence[int], bank: str = "sha256") -> QuoteResult:

@@ -22,6 +22,7 @@ from vtpcm_agent.instances import AgentSettings, InstanceManager
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import rpcapi
 from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_common.ratelimit import TokenBucket
 
 LOG = logging.getLogger(__name__)
 
@@ -84,6 +85,14 @@ def verifier_from(conf: cfg.ConfigOpts, host: str) -> authn.CommandVerifier:
             reason="[agent] engine_public_key: %s" % err.kwargs.get("reason", err)) from None
 
 
+def rate_limits_from(conf: cfg.ConfigOpts) -> dict[str, TokenBucket]:
+    """The agent's limits on its unsigned TPM calls ([host_tpm])."""
+    h = conf.host_tpm
+    return {"unsigned_limit": TokenBucket(h.unsigned_calls_per_second,
+                                          h.unsigned_calls_burst),
+            "activation_limit": TokenBucket(h.credential_activations_per_minute / 60.0, 2)}
+
+
 class AgentService:
     """One agent: instance manager + RPC server on topic vtpcm-agent."""
 
@@ -115,7 +124,8 @@ class AgentService:
         endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
                                           self.verifier,
                                           authn.public_raw(self.host_signer.public_key),
-                                          reply_signer=self.host_signer)]
+                                          reply_signer=self.host_signer,
+                                          **rate_limits_from(self.conf))]
         self.server = messaging.get_rpc_server(
             self.transport, target, endpoints,
             access_policy=messaging.DefaultRPCAccessPolicy)
