@@ -43,7 +43,8 @@ class AgentManager:
         asks for is signed with it (``rpc.endpoint``).
         ``unsigned_limit`` / ``activation_limit``: rates of the unsigned
         TPM calls (get_identity and quote / activate_credential), which
-        any broker client can send; unlimited when None."""
+        any broker client can send; unlimited when None. The engine's own
+        calls of these (signed, ``vouched``) are not counted."""
         self.host = host
         self.unsigned_limit = unsigned_limit
         self.activation_limit = activation_limit
@@ -126,11 +127,16 @@ class AgentManager:
             limit.take(what)
         return self.host_tpm
 
-    @endpoint(m.IdentityRequest)
-    def get_identity(self, req: m.IdentityRequest) -> m.HostIdentity:
+    def _limit(self, vouched: bool, limit: TokenBucket | None) -> TokenBucket | None:
+        """The engine's own (signed) calls pass; everyone else's count."""
+        return None if vouched else limit
+
+    @endpoint(m.IdentityRequest, vouched=True)
+    def get_identity(self, req: m.IdentityRequest, vouched: bool) -> m.HostIdentity:
         qualifying = req.nonce if self.command_public is None else \
             authn.host_key_binding(req.nonce, self.command_public, self.host)
-        ident = self._tpm(self.unsigned_limit, "unsigned TPM calls").identity(qualifying)
+        ident = self._tpm(self._limit(vouched, self.unsigned_limit),
+                          "unsigned TPM calls").identity(qualifying)
         return m.HostIdentity(
             host=self.host, ak_public=ident.ak_public, kem_public=ident.kem_public,
             kem_certify_attest=ident.kem_certify_attest,
@@ -138,15 +144,16 @@ class AgentManager:
             ek_certificate=ident.ek_certificate, command_public=self.command_public,
             ek_public=ident.ek_public)
 
-    @endpoint(m.CredentialChallenge)
-    def activate_credential(self, req: m.CredentialChallenge) -> m.ActivatedCredential:
-        tpm = self._tpm(self.activation_limit, "credential activations")
+    @endpoint(m.CredentialChallenge, vouched=True)
+    def activate_credential(self, req: m.CredentialChallenge,
+                            vouched: bool) -> m.ActivatedCredential:
+        tpm = self._tpm(self._limit(vouched, self.activation_limit), "credential activations")
         secret = tpm.activate_credential(req.credential_blob, req.encrypted_secret)
         return m.ActivatedCredential(host=self.host, secret=secret)
 
-    @endpoint(m.QuoteRequest)
-    def quote(self, req: m.QuoteRequest) -> m.Quote:
-        result = self._tpm(self.unsigned_limit, "unsigned TPM calls").quote(
+    @endpoint(m.QuoteRequest, vouched=True)
+    def quote(self, req: m.QuoteRequest, vouched: bool) -> m.Quote:
+        result = self._tpm(self._limit(vouched, self.unsigned_limit), "unsigned TPM calls").quote(
             req.nonce, req.pcrs, req.bank)
         return m.Quote(host=self.host, attest=result.attest, signature=result.signature,
                        pcr_values=dict(result.pcr_values))
