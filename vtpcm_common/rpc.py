@@ -334,8 +334,8 @@ def endpoint(request_type: type[Message], signed: bool = False,
     ``vouched``: an unsigned method (anyone may call it) that the engine
     signs anyway, so that its calls are not rate-limited with everyone
     else's: a call that carries ``auth`` runs only if the ``verifier``
-    accepts it, and the method gets ``vouched=True``; one without gets
-    ``vouched=False``.
+    accepts it, and the method gets ``vouched=True``; one without (or to a
+    service without a verifier) gets ``vouched=False``.
 
     Signed replies: a caller that sends ``reply_nonce`` (agent API 1.6) gets
     the outcome, success or refusal alike, signed with the endpoint object's
@@ -356,14 +356,12 @@ def endpoint(request_type: type[Message], signed: bool = False,
                 signer = self.verify_host_command(func.__name__, payload, auth, request)
                 reply: Message = func(self, request, signer)
             elif vouched:
+                # a service that cannot check signatures counts every call
                 verifier = getattr(self, "verifier", None)
-                if auth is not None:
-                    if verifier is None:
-                        raise exception.CommandRefused(
-                            method=func.__name__,
-                            reason="this service has no engine public key to check it")
+                checked = auth is not None and verifier is not None
+                if checked and verifier is not None:
                     verifier.verify(func.__name__, payload, auth)
-                reply = func(self, request, vouched=auth is not None)
+                reply = func(self, request, vouched=checked)
             else:
                 reply = func(self, request)
             return reply
