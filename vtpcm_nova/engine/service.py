@@ -94,6 +94,7 @@ class EngineService:
                                      default_policy=att.default_policy,
                                      admin_verifier=self.admin_verifier,
                                      host_verifier=self.host_verifier,
+                                     signer=self.signer,
                                      max_unsigned_attestations=conf.engine.max_unsigned_attestations)
         reg = conf.engine
         self.registrations = None
