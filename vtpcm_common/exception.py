@@ -202,6 +202,14 @@ class RateLimited(VTPCMException):
     code = "rate_limited"
 
 
+class ResolutionRefused(VTPCMException):
+    """An operator's resolve or forget that would lose the only good state,
+    or that does not apply to what the engine holds."""
+
+    msg_fmt = "Refused to %(action)s: %(reason)s"
+    code = "resolution_refused"
+
+
 class CommandRefused(VTPCMException):
     msg_fmt = "Command %(method)s refused: %(reason)s"
     code = "command_refused"
