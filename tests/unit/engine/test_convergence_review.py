@@ -13,7 +13,6 @@ from tests.unit.engine.test_attestation import env as att_env  # noqa: F401 (fix
 from tests.unit.engine.test_coordinator import INSTANCE, env  # noqa: F401 (fixture)
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
-from vtpcm_common.api.engine import messages as m
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.manager import EngineManager
@@ -132,7 +131,7 @@ def test_forget_keeps_the_revocation(att_env):  # noqa: F811
     mgr = EngineManager(att.db, att, Coordinator(att.db, agent, None), auto_approve=True)
     att.db.forget_host("cmp1")
     assert att.db.get_host("cmp1").status is HostStatus.FORGOTTEN
-    mgr.register_agent({}, m.HostRef("cmp1").to_wire())
+    mgr.enroll_registered("cmp1")  # what the agent's unsigned registration leads to
     assert att.db.get_host("cmp1").status is HostStatus.FORGOTTEN
     agent.tpms["cmp9"] = tpm
     with pytest.raises(exception.CertificationError, match="cmp1"):
