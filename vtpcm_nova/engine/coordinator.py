@@ -94,10 +94,12 @@ class Coordinator:
         reservation reaches an agent, so no VM gets a second vTPCM.
 
         The reservation carries a token of its own (``vtpcm_id``), so a late
-        answer completes only its own reservation. A create the agent
-        refused (signed) frees it. If the answer is lost or unverifiable
-        (unreachable, timeout, unsigned, a replay) or the agent already holds
-        a vTPCM of the instance (``AlreadyExists``), the record stays
+        answer completes only its own reservation. A create that failed at
+        the agent (signed) frees it. If the answer is lost or unverifiable
+        (unreachable, timeout, unsigned, a replay, a refusal decided by the
+        clock), the command was refused at verification (``CommandRefused``:
+        it may have run before, or run later) or the agent already holds a
+        vTPCM of the instance (``AlreadyExists``), the record stays
         CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both.
 
         The host needs a fresh TRUSTED verdict (attested now if it has none)
@@ -123,10 +125,17 @@ class Coordinator:
             self.db.audit("vtpcm.create", "exists", host=host, instance=instance_uuid,
                           detail="%s; record left CREATING until destroyed" % err)
             raise
+        except exception.CommandRefused as err:
+            # Refused at verification (signature, keys, addressing): signed,
+            # but it does not prove that this create never ran (an earlier
+            # delivery may have) or cannot run later (a key reload, a clock).
+            self.db.audit("vtpcm.create", "unknown", host=host, instance=instance_uuid,
+                          detail="%s; record left CREATING until destroyed" % err)
+            raise
         except exception.VTPCMException as err:
-            # The agent's signed word that this create did not run (refused
-            # before it ran, or failed and cleaned up); a replay of it is
-            # never signed, so it cannot stand for a create that ran.
+            # The agent's signed word that this create ran and failed (and
+            # cleaned up) or was refused by the agent's own checks; a replay
+            # of it is never signed, so it cannot stand for a create that ran.
             self.db.delete_vtpcm(instance_uuid, 0, expected_state=CREATING,
                                  expected_vtpcm_id=token)
             self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,

@@ -6,6 +6,7 @@ that steals, redelivers or forges answers (see test_signed_replies)."""
 
 import dataclasses
 import datetime
+import time
 import uuid
 from typing import Any
 
@@ -121,6 +122,66 @@ def test_a_replayed_create_keeps_the_reservation(world: Any, engine: Any) -> Non
         coord.create_vtpcm(inst, DST)
     assert inst not in world.instances[DST].made
     assert ("unknown", SRC) in _audit(db, "vtpcm.create")
+
+
+def test_a_create_replayed_after_its_nonce_expired_keeps_the_reservation(
+        world: Any, engine: Any) -> None:
+    """A create that ran, delivered again once the agent forgot its nonce
+    (agent clock 100 s fast, legal; the replay 51 s after sending, inside
+    rpc_timeout): the agent's "expired" is not signed, so the engine keeps
+    its reservation and no second vTPCM is made elsewhere (review 2, P1)."""
+    coord, db = engine
+    inst = str(uuid.uuid4())
+    verifier = world.loop.managers[SRC].verifier
+    fast = 100.0
+    verifier._clock = lambda: time.time() + fast
+    verifier.created_at = verifier._clock() - 1000
+
+    def replay_late(method: str, args: dict[str, Any], deliver: Any) -> Any:
+        if method != "create":
+            return deliver()
+        deliver()  # runs; the broker client keeps the answer
+        verifier._clock = lambda: time.time() + fast + 51
+        return deliver()
+    world.loop.hook = replay_late
+    with pytest.raises(exception.ReplyNotAuthenticated,
+                       match="unsigned error reply .CommandStale"):
+        coord.create_vtpcm(inst, SRC)
+    assert inst in world.instances[SRC].made
+    assert db.get_vtpcm(inst).state == CREATING
+    assert ("unknown", SRC) in _audit(db, "vtpcm.create")
+    world.loop.hook = None
+    verifier._clock = time.time
+    with pytest.raises(exception.AlreadyExists):
+        coord.create_vtpcm(inst, DST)
+    assert inst not in world.instances[DST].made
+
+
+@pytest.mark.parametrize("refusal", [
+    exception.CommandRefused(method="create", reason="signature does not verify"),
+    exception.CommandStale(method="create", reason="expired"),
+])
+def test_a_create_refused_at_verification_keeps_the_reservation(
+        world: Any, engine: Any, refusal: exception.CommandRefused) -> None:
+    """Defence in depth: even a signed verification refusal proves neither
+    that the create never ran nor that it cannot run later."""
+    coord, db = engine
+    inst = str(uuid.uuid4())
+
+    def refuse(method: str, args: dict[str, Any], deliver: Any) -> Any:
+        outcome = {"error": {"type": type(refusal).__name__, "message": str(refusal),
+                             "kwargs": dict(refusal.kwargs)}}
+        return world.host_keys[SRC].sign_reply(
+            "1.6", method, SRC, args["reply_nonce"],
+            authn.request_digest(args["payload"], args.get("auth")), outcome)
+    world.loop.hook = refuse
+    with pytest.raises(type(refusal)):
+        coord.create_vtpcm(inst, SRC)
+    assert db.get_vtpcm(inst).state == CREATING
+    assert ("unknown", SRC) in _audit(db, "vtpcm.create")
+    world.loop.hook = None
+    with pytest.raises(exception.AlreadyExists):
+        coord.create_vtpcm(inst, DST)
 
 
 def test_an_agent_that_already_holds_the_vtpcm_keeps_the_reservation(
