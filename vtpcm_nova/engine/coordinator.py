@@ -492,15 +492,22 @@ class Coordinator:
         What the agents report about the switchover (signed, but a stopped
         source swtpm also means a guest powered off there) cannot stand in
         for the source's signature: taking it would shred a source the
-        guest may still need."""
+        guest may still need.
+
+        Before the commit point the destination must still be APPROVED
+        with a TRUSTED last verdict (``_commit_distrust``): the authority
+        never moves to a host revoked, re-pending or failed since ``begin``.
+        The migration then stays where it is (design.rst, "Commit to a
+        demoted destination")."""
         proto, ctx, rec = self._load(migration_id)
         self._settle_deadline_abort(proto, ctx, rec)
         if proto.state in (M.COMMITTING, M.SHREDDING):
             # past the commit point, a step failed: the retry finishes it
             self._run(proto, ctx, p.pending_actions(proto.state))
             return self.db.get_migration(migration_id)
-        if requested_by not in (None, ctx.source_host) and \
-                proto.state in (M.PREPARED, M.TRANSFERRING, M.TRANSFERRED, M.IN_DOUBT):
+        before_point = proto.state in (M.PREPARED, M.TRANSFERRING, M.TRANSFERRED,
+                                       M.IN_DOUBT)
+        if requested_by not in (None, ctx.source_host) and before_point:
             detail = "signed by %s, not the source, before the commit point" % requested_by
             self.db.audit("migration.commit", "refused", host=requested_by,
                           instance=ctx.instance_uuid, migration_id=migration_id,
@@ -509,6 +516,14 @@ class Coordinator:
                 migration_id=migration_id,
                 reason="only the source may pass the commit point (migration is %s)"
                        % proto.state.value)
+        distrust = self._commit_distrust(ctx.dest_host) if before_point else None
+        if distrust is not None:
+            self.db.audit("migration.commit", "refused", host=ctx.dest_host,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail="destination %s: %s; the authority stays on %s "
+                                 "(migration %s)" % (ctx.dest_host, distrust,
+                                                     ctx.source_host, proto.state.value))
+            raise exception.HostNotTrusted(host=ctx.dest_host, reason=distrust)
         self._advance(proto, ctx, p.CommitRequested())
         return self.db.get_migration(migration_id)
 
@@ -604,6 +619,28 @@ class Coordinator:
         if verdict is None:
             return "no verdict"
         return verdict.reason if not verdict.trusted else "its verdict expired"
+
+    def _commit_distrust(self, dest: str) -> str | None:
+        """Why the authority must not move to ``dest`` now, or None.
+
+        APPROVED, and its last verdict TRUSTED, expired or not: ``begin``
+        and the step before the envelope left checked a fresh one; what
+        counts since is new evidence against the host (a revocation, a
+        reboot to PENDING, a failed attestation), not the age of a verdict,
+        which a slow migration outlives with its guest already running
+        there. A verdict made UNKNOWN meanwhile (policy changed, host
+        re-approved) or distrusted is settled by attesting now."""
+        try:
+            rec = self.db.get_host(dest)
+        except exception.NotFound:
+            return "host is not enrolled"
+        if rec.status is not HostStatus.APPROVED:
+            return "host is %s" % rec.status.value
+        last = self.db.get_verdict(dest)
+        if last is not None and last.trusted:
+            return None
+        host, why = self._trusted_destination(dest, self.trust.check_fresh(dest))
+        return None if host is not None else why
 
     def _recheck_destination(self, ctx: am.MigrationContext, kem_public: bytes | None) -> None:
         """Right before the envelope leaves for the destination: still

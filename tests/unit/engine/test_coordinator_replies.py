@@ -29,7 +29,7 @@ from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine.coordinator import CREATING, Coordinator
 from vtpcm_nova.engine.db import migration
-from vtpcm_nova.engine.db.api import Database, TrustBasis
+from vtpcm_nova.engine.db.api import Database, TrustBasis, utcnow
 from vtpcm_nova.engine.replykeys import TOWARD_SAFETY, EnrolledReplyKeys
 from vtpcm_nova.engine.verifier import TrustStatus
 
@@ -327,3 +327,85 @@ def test_a_demoted_host_still_moves_nothing_forward(three_hosts: Any) -> None:
             keys.reply_key("host-b", method)
     for method in sorted(TOWARD_SAFETY):
         assert keys.reply_key("host-b", method) is not None
+
+
+def _an_hour_later(coord: Coordinator) -> None:
+    later = coord.now() + datetime.timedelta(seconds=3600)
+    coord.now = lambda: later
+
+
+@pytest.mark.parametrize("in_doubt", [False, True], ids=["prepared", "in-doubt"])
+@pytest.mark.parametrize("demote", [_revoke, _reboot_to_pending])
+def test_the_source_commit_never_moves_the_authority_to_a_demoted_destination(
+        three_hosts: Any, demote: Any, in_doubt: bool) -> None:
+    """Review 2, P2: a revoked destination's signed DestinationInUse sends
+    the deadline abort IN_DOUBT (it counts: TOWARD_SAFETY); the source's
+    commit then must not make the revoked host the vTPCM's authority, nor
+    from PREPARED. Refused, audited; nothing moves. A re-pending host that
+    is approved again and attested TRUSTED gets the same commit."""
+    coord, db, agents, trust = three_hosts
+    mid = str(uuid.uuid4())
+    gen = db.get_vtpcm(INSTANCE).generation
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    demote(db, "host-b")
+    trust.verdicts["host-b"] = FakeVerdict("UNTRUSTED", "quote does not match")
+    status = db.get_host("host-b").status.value
+    assert status in ("REVOKED", "PENDING")
+    if in_doubt:
+        _an_hour_later(coord)
+        agents.fail["abort_incoming"] = exception.DestinationInUse(
+            migration_id=mid, reason="the guest runs here")
+        coord.reconcile()
+    state = "IN_DOUBT" if in_doubt else "PREPARED"
+    assert db.get_migration(mid).state == state
+    with pytest.raises(exception.HostNotTrusted, match="host is %s" % status):
+        coord.commit(mid, requested_by="host-a")
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == (
+        "host-a", gen, "MIGRATING", mid)
+    assert db.get_migration(mid).state == state
+    assert ("commit_incoming", "host-b") not in agents.calls
+    refused = [a for a in db.list_audit(limit=50)
+               if (a.event, a.outcome) == ("migration.commit", "refused")]
+    assert refused and "authority stays on host-a" in str(refused[0].detail)
+    if status == "REVOKED":
+        return  # final: only a new enrollment brings it back
+    db.approve_host("host-b")  # its verdict is UNKNOWN until attested: attested now
+    with pytest.raises(exception.HostNotTrusted, match="quote does not match"):
+        coord.commit(mid, requested_by="host-a")
+    trust.verdicts["host-b"] = FakeVerdict("TRUSTED")
+    rec = db.get_host("host-b")
+    later = utcnow() + datetime.timedelta(seconds=1)  # after the approval
+    db.record_attestation(TrustBasis("host-b", rec.revision, "golden",
+                                     db.get_policy("golden").revision, later),
+                          TrustStatus.TRUSTED, "quote verified", later + YEAR)
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation) == ("host-b", gen + 1)
+
+
+def test_a_re_enrolled_pending_key_speaks_for_nobody(world: Any, engine: Any) -> None:
+    """Review 2, P4: after an operator re-enrolls a REVOKED host (identity
+    pulled over the broker, no EK CA), its PENDING row holds whatever key
+    answered get_identity. Its signed abort answer must not count as that
+    host's: keys are bound to a host only at approval."""
+    _, db = engine
+    db.revoke_host(DST)
+    attacker = world.host_keys["cmp3"]
+    db.enroll_host(DST, ak_public=b"soft-ak", ak_name=b"soft-ak-name", kem_public=b"kemX",
+                   kem_name=b"kX", command_public=authn.public_raw(attacker.public_key),
+                   ek_certificate=None, approved=False)
+    assert db.get_host(DST).status.value == "PENDING"
+
+    def forge(method: str, args: dict[str, Any], deliver: Any) -> Any:
+        return attacker.sign_reply("1.6", method, DST, args["reply_nonce"],
+                                   authn.request_digest(args["payload"], args.get("auth")),
+                                   {"ok": {}})
+    world.loop.hook = forge
+    for method in sorted(TOWARD_SAFETY):
+        with pytest.raises(exception.ReplyNotAuthenticated,
+                           match="PENDING and its command key was never approved"):
+            EnrolledReplyKeys(db).reply_key(DST, method)
+    with pytest.raises(exception.ReplyNotAuthenticated, match="never approved"):
+        world.api.abort_incoming(DST, CONTEXT, only_if_unused=True)
+    assert world.instances[DST].calls == []
