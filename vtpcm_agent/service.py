@@ -19,11 +19,15 @@ from vtpcm_agent import manager
 from vtpcm_agent.association import AssociationList
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.instances import AgentSettings, InstanceManager
+from vtpcm_agent.watchdog import SwtpmWatchdog
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import rpcapi
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 
 LOG = logging.getLogger(__name__)
+# seconds a restart report waits for the engine (which answers in milliseconds);
+# short, so that an engine that is down does not hold up the agent's stop
+REPORT_TIMEOUT = 3.0
 
 
 def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
@@ -103,11 +107,19 @@ class AgentService:
         self.instances = InstanceManager(self.settings, self.associations, self.keystore,
                                          self.host_tpm)
         self.transport = rpc.get_transport(conf)
+        # restarts go to the engine's audit, signed with this host's key
+        engine = EngineAPI(conf, self.transport, host_signer=self.host_signer)
+        self.watchdog = SwtpmWatchdog(
+            self.instances, conf.agent.swtpm_watchdog_interval, self.settings.host,
+            lambda report: engine.report_swtpm_restart(report, timeout=REPORT_TIMEOUT))
         self.server: Any = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
         self.instances.recover()
+        if self.conf.agent.swtpm_watchdog_interval > 0:
+            self.watchdog.run_once()  # what died while no agent ran, before serving
+        self.watchdog.start()
         topic = rpc.topic(self.conf, "agent_topic")
         target = messaging.Target(topic=topic, server=self.settings.host)
         endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
@@ -127,6 +139,7 @@ class AgentService:
 
     def stop(self) -> None:
         """Stop serving RPC. swtpm processes keep running on purpose."""
+        self.watchdog.stop()
         if self.server is not None:
             self.server.stop()
             self.server.wait()

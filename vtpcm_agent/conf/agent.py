@@ -45,6 +45,12 @@ AGENT_OPTS = [
                help="Largest state blob accepted on import."),
     cfg.FloatOpt("swtpm_timeout", default=10.0, min=0.5,
                  help="Seconds to wait for swtpm to start, answer or stop."),
+    cfg.FloatOpt("swtpm_watchdog_interval", default=2.0, min=0.0,
+                 help="Seconds between two checks for a vTPCM whose swtpm died (ACTIVE, "
+                      "migrating out or in). Such a swtpm is restarted from its persisted "
+                      "state under its own keys at the same socket, and logged with what "
+                      "the guest lost; see the operator guide. 0 disables the restart "
+                      "(crashes are then only reported by health)."),
     cfg.StrOpt("engine_public_key",
                help="Path of the vtpcm-engine's Ed25519 command signing public key "
                     "(PEM; the engine writes it next to its [engine] "

@@ -30,6 +30,7 @@ from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.resolve import Resolver
 
 LOG = logging.getLogger(__name__)
 
@@ -142,6 +143,18 @@ class EngineManager:
         self.coordinator = coordinator
         self.auto_approve = auto_approve
         self.default_policy = default_policy
+        self.resolver = Resolver(db, coordinator,
+                                 lambda host, instance: self.coordinator.agents.get(
+                                     host, instance),
+                                 self._agent_alive)
+
+    def _agent_alive(self, host: str) -> bool:
+        """Whether the agent of ``host`` answers (a hint: unauthenticated)."""
+        try:
+            self.coordinator.agents.health(host, timeout=5)
+        except (exception.VTPCMException, messaging.MessagingException):
+            return False
+        return True
 
     # compute-node calls ------------------------------------------------------------
     def _hosts_concerned(self, method: str, request: Any) -> tuple[str, ...]:
@@ -167,6 +180,8 @@ class EngineManager:
             return (self.db.get_vtpcm(request.instance_uuid).host,)
         if method == "transfer_state":  # the source: its guest is off, it consents
             return (self.db.get_migration(request.migration_id).source,)
+        if method == "report_swtpm_restart":  # a host speaks for its own swtpm only
+            return (request.host,)
         if method in ("commit", "abort"):  # either side may settle it
             rec = self.db.get_migration(request.migration_id)
             return (rec.source, rec.dest)
@@ -371,6 +386,37 @@ class EngineManager:
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.abort(req.migration_id, req.reason))
+
+    @endpoint(m.SwtpmRestartReport, host_signed=True)
+    def report_swtpm_restart(self, req: m.SwtpmRestartReport, signer: str) -> m.Empty:
+        """Audit an agent's swtpm restart; refused for a vTPCM the engine
+        does not place on that host (a host reports on its own only)."""
+        rec = self.db.get_vtpcm(req.instance_uuid)
+        hosts = {rec.host}
+        if rec.migration_id is not None:  # the incoming side reports too
+            mig = self.db.get_migration(rec.migration_id)
+            hosts |= {mig.source, mig.dest}
+        if signer not in hosts:
+            raise exception.VTPCMNotHere(instance_uuid=req.instance_uuid, holder=rec.host,
+                                         host=signer, reason="a host reports on its own "
+                                                             "vTPCMs only")
+        self.db.audit("vtpcm.swtpm", req.outcome, host=signer, instance=req.instance_uuid,
+                      detail=("vTPCM %s (%s): %s" % (req.vtpcm_id, req.state,
+                                                     req.detail))[:4000])
+        return m.Empty()
+
+    # operator decisions ------------------------------------------------------------
+    @endpoint(m.ResolveMigration, signed=True)
+    def resolve_migration(self, req: m.ResolveMigration) -> m.Resolution:
+        plan, state = self.resolver.resolve_migration(req.migration_id, req.to, req.execute)
+        return m.Resolution(action=plan.action, plan=plan.text[:4000], done=req.execute,
+                            state=state)
+
+    @endpoint(m.ForgetHost, signed=True)
+    def forget_host(self, req: m.ForgetHost) -> m.Resolution:
+        plan = self.resolver.forget_host(req.host, req.execute)
+        return m.Resolution(action=plan.action, plan=plan.text[:4000], done=req.execute,
+                            state=None)
 
     @endpoint(m.MigrationRef)
     def get_migration(self, req: m.MigrationRef) -> m.MigrationInfo:

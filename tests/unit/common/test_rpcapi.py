@@ -165,6 +165,11 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "unshelve_vtpcm": ("1.5", lambda api: api.unshelve_vtpcm(INSTANCE, HOST)),
     "signed_host_command_key": ("1.6", lambda api: api.signed_host_command_key(
         HOST, b"\x07" * 16)),
+    # 1.7, operator-signed and host-signed
+    "resolve_migration": ("1.7", lambda api: api.resolve_migration(MIGRATION, "source")),
+    "forget_host": ("1.7", lambda api: api.forget_host(HOST)),
+    "report_swtpm_restart": ("1.7", lambda api: api.report_swtpm_restart(
+        em.SwtpmRestartReport(HOST, INSTANCE, INSTANCE, "ACTIVE", "restarted", "died"))),
 }
 
 
