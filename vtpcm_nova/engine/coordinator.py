@@ -585,10 +585,13 @@ class Coordinator:
                                                 rec.error == p.DEADLINE_REASON))
         return self.db.get_migration(migration_id)
 
-    def skip_lost_host_step(self, migration_id: str, host: str) -> db_api.MigrationRecord:
+    def skip_lost_host_step(self, migration_id: str, host: str,
+                            why: str = "is gone for good") -> db_api.MigrationRecord:
         """For a host an operator declared gone for good: the one step left
         on it (shred the source's copy, destroy the destination's) is moot,
-        since its state went with it; the migration goes on without it."""
+        since its state went with it; the migration goes on without it.
+        Also for a REVOKED destination that does not destroy its incoming
+        copy when an operator resolves to the source (``resolve``)."""
         proto, ctx, _ = self._load(migration_id)
         event: p.Event
         if proto.state is M.SHREDDING and host == ctx.source_host:
@@ -601,7 +604,7 @@ class Coordinator:
                 reason="its next step (%s) is not on that host" % proto.state.value)
         self.db.audit("migration.resolve", "step skipped", host=host,
                       instance=ctx.instance_uuid, migration_id=migration_id,
-                      detail="%s: %s is gone for good" % (proto.state.value, host))
+                      detail="%s: %s %s" % (proto.state.value, host, why))
         self._advance(proto, ctx, event)
         return self.db.get_migration(migration_id)
 

@@ -31,6 +31,7 @@ from vtpcm_nova.engine.coordinator import CREATING, Coordinator
 from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database, TrustBasis, utcnow
 from vtpcm_nova.engine.replykeys import TOWARD_SAFETY, EnrolledReplyKeys
+from vtpcm_nova.engine.resolve import Resolver
 from vtpcm_nova.engine.verifier import TrustStatus
 
 world = test_signed_replies.world
@@ -409,3 +410,73 @@ def test_a_re_enrolled_pending_key_speaks_for_nobody(world: Any, engine: Any) ->
     with pytest.raises(exception.ReplyNotAuthenticated, match="never approved"):
         world.api.abort_incoming(DST, CONTEXT, only_if_unused=True)
     assert world.instances[DST].calls == []
+
+
+def _resolver(coord: Coordinator, db: Database, agents: Any) -> Resolver:
+    return Resolver(db, coord, agents.get, lambda host: True)
+
+
+@pytest.mark.parametrize("answer", [
+    exception.MigrationError(migration_id="m", reason="no (signed by host-b)"),
+    exception.ServiceUnreachable(service="vtpcm-agent", method="abort_incoming",
+                                 reason="timed out"),
+], ids=["refusing", "silent"])
+@pytest.mark.parametrize("in_doubt", [False, True], ids=["aborting", "in-doubt"])
+def test_a_revoked_destination_that_will_not_abort_is_resolved_to_the_source(
+        three_hosts: Any, answer: exception.VTPCMException, in_doubt: bool) -> None:
+    """Review 2, P3: a revoked destination that refuses (signed) or ignores
+    every abort keeps the migration ABORTING and the source's vTPCM
+    claimed; aborts and reconcile cannot settle it. The operator's resolve
+    to the source does: the revoked host's step is skipped (audited), the
+    source's vTPCM is ACTIVE and free, and nothing was committed to host-b."""
+    coord, db, agents, _ = three_hosts
+    mid = str(uuid.uuid4())
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    agents.held["host-a"] = ("MIGRATING_OUT", False, mid)
+    db.revoke_host("host-b")
+    if in_doubt:
+        _an_hour_later(coord)
+        agents.fail["abort_incoming"] = exception.DestinationInUse(
+            migration_id=mid, reason="the guest runs here")
+        coord.reconcile()
+        assert db.get_migration(mid).state == "IN_DOUBT"
+    real = agents.abort_incoming
+
+    def will_not(host: str, ctx: Any, only_if_unused: bool = False) -> Any:
+        if host == "host-b":
+            agents.keys.reply_key(host, "abort_incoming")  # its word would count
+            raise answer
+        return real(host, ctx, only_if_unused)
+    agents.abort_incoming = will_not
+    if not in_doubt:
+        with pytest.raises(type(answer)):
+            coord.abort(mid, "operator revoked host-b")
+        for _ in range(3):
+            coord.abort(mid, "operator revoked host-b, again")
+            coord.reconcile()
+        assert db.get_migration(mid).state == "ABORTING"
+    plan, state = _resolver(coord, db, agents).resolve_migration(mid, "source", execute=True)
+    assert "host-b is REVOKED" in plan.text and "restored without it" in plan.text
+    assert state == "ABORTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.state, rec.migration_id) == ("host-a", "ACTIVE", None)
+    assert ("abort_outgoing", "host-a") in agents.calls
+    assert ("commit_incoming", "host-b") not in agents.calls
+    skipped = [a for a in db.list_audit(limit=50)
+               if (a.event, a.outcome) == ("migration.resolve", "step skipped")]
+    assert skipped and "REVOKED" in str(skipped[0].detail)
+
+
+def test_a_pending_destination_that_will_not_abort_is_not_skipped(
+        three_hosts: Any) -> None:
+    """Only REVOKED is out for good: a host back to PENDING (reboot under
+    reapprove) may come back, so its incoming copy is still waited for."""
+    coord, db, agents, _ = three_hosts
+    mid = str(uuid.uuid4())
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    agents.held["host-a"] = ("MIGRATING_OUT", False, mid)
+    _reboot_to_pending(db, "host-b")
+    agents.fail["abort_incoming"] = exception.MigrationError(migration_id=mid, reason="no")
+    plan, state = _resolver(coord, db, agents).resolve_migration(mid, "source", execute=True)
+    assert state == "ABORTING" and "did not complete" in plan.text
+    assert db.get_vtpcm(INSTANCE).migration_id == mid
