@@ -14,8 +14,8 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from vtpcm_agent import keyauth, manager
 from vtpcm_agent import keystore as ks
-from vtpcm_agent import manager
 from vtpcm_agent.association import AssociationList
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.instances import AgentSettings, InstanceManager
@@ -23,6 +23,7 @@ from vtpcm_agent.watchdog import SwtpmWatchdog
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import rpcapi
 from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_common.ratelimit import TokenBucket
 
 LOG = logging.getLogger(__name__)
 # seconds a restart report waits for the engine (which answers in milliseconds);
@@ -88,6 +89,14 @@ def verifier_from(conf: cfg.ConfigOpts, host: str) -> authn.CommandVerifier:
             reason="[agent] engine_public_key: %s" % err.kwargs.get("reason", err)) from None
 
 
+def rate_limits_from(conf: cfg.ConfigOpts) -> dict[str, TokenBucket]:
+    """The agent's limits on its unsigned TPM calls ([host_tpm])."""
+    h = conf.host_tpm
+    return {"unsigned_limit": TokenBucket(h.unsigned_calls_per_second,
+                                          h.unsigned_calls_burst),
+            "activation_limit": TokenBucket(h.credential_activations_per_minute / 60.0, 2)}
+
+
 class AgentService:
     """One agent: instance manager + RPC server on topic vtpcm-agent."""
 
@@ -99,6 +108,8 @@ class AgentService:
         self.host_signer = host_signer_from(conf)
         self.host_tpm = HostTPM(conf.host_tpm.tcti)
         provider = host_key_provider(conf, self.host_tpm, self.settings.state_root)
+        # the AK and KEM key need the host key: no other TPM user derives them
+        self.host_tpm.use_key_auth(keyauth.derive(provider.host_key()))
         self.keystore = ks.KeyStore(self.settings.state_root / "keys", provider)
         self.associations = AssociationList(self.settings.state_root / "associations.sqlite")
         # accepted command nonces survive a restart: a captured command
@@ -125,7 +136,8 @@ class AgentService:
         endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
                                           self.verifier,
                                           authn.public_raw(self.host_signer.public_key),
-                                          reply_signer=self.host_signer)]
+                                          reply_signer=self.host_signer,
+                                          **rate_limits_from(self.conf))]
         self.server = messaging.get_rpc_server(
             self.transport, target, endpoints,
             access_policy=messaging.DefaultRPCAccessPolicy)

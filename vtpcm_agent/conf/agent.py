@@ -81,6 +81,18 @@ HOST_TPM_OPTS = [
     cfg.StrOpt("tcti", default="device:/dev/tpmrm0",
                help="tpm2-tss TCTI of the host TPM that holds this host's identity and "
                     "seals its host key. swtpm:path=... for a stand-in in a lab."),
+    cfg.FloatOpt("unsigned_calls_per_second", default=5.0, min=0.01,
+                 help="Average rate of the unsigned TPM calls (get_identity, quote) "
+                      "this agent serves; more are refused at once (RateLimited) "
+                      "instead of queueing for the TPM in front of the signed "
+                      "migration steps. The engine needs one quote per host per "
+                      "attestation round."),
+    cfg.IntOpt("unsigned_calls_burst", default=10, min=1,
+               help="Unsigned TPM calls served at once above that rate."),
+    cfg.FloatOpt("credential_activations_per_minute", default=2.0, min=0.01,
+                 help="Average rate of credential activations (unsigned, needed once "
+                      "per enrollment; each re-creates the RSA endorsement key, "
+                      "seconds on a hardware TPM); more are refused at once."),
 ]
 
 keystore_group = cfg.OptGroup("keystore", title="Per-instance key storage")
