@@ -347,7 +347,9 @@ class NovaLab:
                 "nsenter", "--target", str(pid), "--mount", "--uts", "--",
                 "setpriv", "--reuid", host.user, "--regid", LAB_GROUP, "--init-groups",
                 str(venv_bin / "nova-compute"), *conf, "--config-file",
-                str(compute.config_file)], env=self._env(HOME=str(compute.dir)))
+                str(compute.config_file)], env=self._env(HOME=str(compute.dir)),
+                # native-thread nova-compute ignores SIGTERM: do not wait long
+                stop_timeout=3.0)
         for svc, url in ((neutron, layout.url("neutron")), (placement, layout.url("placement")),
                          (glance, layout.url("glance")), (api, layout.url("nova"))):
             wait_http(svc, url, START_TIMEOUT)

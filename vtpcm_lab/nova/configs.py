@@ -150,6 +150,8 @@ def paste_with_identity_standin(stock_ini: str) -> str:
 def nova_conf(layout: Layout) -> Sections:
     """What nova-api, conductor and scheduler read (computes add their own file)."""
     admin_token = {"auth_type": "admin_token", "token": identity.LAB_TOKEN}
+    # placement's noauth2 grants the admin role to the user named "admin" only
+    placement_token = {"auth_type": "admin_token", "token": "admin"}
     return {
         "DEFAULT": {
             "debug": "True", "transport_url": layout.transport_url, "my_ip": "127.0.0.1",
@@ -164,7 +166,7 @@ def nova_conf(layout: Layout) -> Sections:
         "api_database": {"connection": layout.db_url("nova_api")},
         "database": {"connection": layout.db_url("nova")},
         "wsgi": {"api_paste_config": str(layout.nova_paste)},
-        "placement": {**admin_token, "endpoint": layout.url("placement")},
+        "placement": {**placement_token, "endpoint": layout.url("placement")},
         "glance": {"endpoint_override": layout.url("glance") + "/"},
         "neutron": {**admin_token, "endpoint": layout.url("neutron"),
                     "endpoint_override": layout.url("neutron")},
@@ -205,6 +207,9 @@ def compute_conf(layout: Layout, host: ComputeHost) -> Sections:
             "live_migration_inbound_addr": host.inbound_addr,
         },
         "oslo_concurrency": {"lock_path": str(host.dir / "lock")},
+        # computes reach the databases through the conductor only
+        "database": {"connection": ""},
+        "api_database": {"connection": ""},
         # privsep needs root; the compute runs as the QEMU user of its host
         "nova_sys_admin": {"helper_command": "sudo -n %s/bin/privsep-helper --config-file "
                                              "%s --config-file %s"

@@ -28,8 +28,10 @@ class Service:
     """One service process and its log; ``pid_dir`` survives a crash of the caller."""
 
     def __init__(self, name: str, argv: Sequence[str], log_file: Path, pid_dir: Path,
-                 env: Mapping[str, str] | None = None, cwd: Path | None = None) -> None:
+                 env: Mapping[str, str] | None = None, cwd: Path | None = None,
+                 stop_timeout: float = STOP_TIMEOUT) -> None:
         self.name = name
+        self.stop_timeout = stop_timeout
         self.argv = list(argv)
         self.log_file = log_file
         self.pid_file = pid_dir / ("%s.pid" % name)
@@ -64,9 +66,9 @@ class Service:
             raise exception.LabError(reason="%s exited with %s; log %s ends:\n%s" % (
                 self.name, self.proc.returncode, self.log_file, tail(self.log_file)))
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+    def stop(self) -> None:
         if self.proc is not None:
-            stop_group(self.proc.pid, timeout)
+            stop_group(self.proc.pid, self.stop_timeout)
             try:
                 self.proc.wait(timeout=5.0)
             except subprocess.TimeoutExpired:
