@@ -14,6 +14,7 @@ crashed run left behind. Every wait is bounded.
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from vtpcm_lab import daemons, ensure_dir, lab_dir
 from vtpcm_lab.hosts import LAB_GROUP, HostNamespace, Lab, LabHost, ensure_users
 from vtpcm_lab.live import free_port
 from vtpcm_lab.nova import configs, rest
-from vtpcm_lab.nova.services import Service, kill_leftovers, run, wait_http
+from vtpcm_lab.nova.services import Service, kill_leftovers, run, stop_all, wait_http
 from vtpcm_lab.stack import Stack, StackHost
 
 LOG = logging.getLogger(__name__)
@@ -155,14 +156,20 @@ class NovaLab:
     def down(self) -> None:
         """Stop everything by pid; safe after a failed ``up`` or twice."""
         errors: list[BaseException] = []
-        for name in reversed(list(self.services)):
-            try:
-                self.services[name].stop()
-            except OSError as err:
-                errors.append(err)
+        try:
+            stop_all(list(self.services.values()))
+        except OSError as err:
+            errors.append(err)
         self.services.clear()
         kill_leftovers(self.pid_dir, str(self.venv))
         if self.stack is not None:
+            # the daemons take seconds each to leave the broker: let them all
+            # start at once, then the stack's own (sequential) stop reaps them
+            daemons = [h.agent for h in self.stack.hosts.values()] + [self.stack.engine_daemon]
+            for daemon in daemons:
+                if daemon is not None and daemon.proc is not None \
+                        and daemon.proc.poll() is None:
+                    daemon.proc.send_signal(signal.SIGTERM)
             try:
                 self.stack.down()
             except (OSError, exception.VTPCMException) as err:
@@ -210,6 +217,12 @@ class NovaLab:
             # verdicts stay fresh for the scheduler however long the test run
             engine_extra={"attestation": {"interval": 60, "jitter": 5}})
         self.stack.up()
+        # the scheduler's filter reads verdicts, it never asks for one
+        for stack_host in self.stack.hosts.values():
+            verdict = self.stack.engine.attest(stack_host.name)
+            if verdict.status != "TRUSTED":
+                raise exception.LabError(reason="host %s attested %s"
+                                         % (stack_host.name, verdict.status))
 
     # --- Nova -------------------------------------------------------------------------
     def _write_configs(self) -> None:
@@ -236,7 +249,6 @@ class NovaLab:
                      layout.migration_socket_dir, nova / "state", nova / "lock",
                      nova / "images"):
             ensure_dir(path)
-        os.chmod(layout.logs, 0o755)
 
         def write(path: Path, text: str, owner: LabHost | None = None) -> None:
             path.write_text(text)

@@ -78,6 +78,33 @@ class Service:
         self.pid_file.unlink(missing_ok=True)
 
 
+def stop_all(services: Sequence[Service]) -> None:
+    """Stop ``services`` at once: SIGTERM to every group, then SIGKILL each group
+    still alive after its own ``stop_timeout``; one bounded wait for all."""
+    groups = {s.proc.pid: s for s in services if s.proc is not None}
+    for pid in groups:
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    started = time.monotonic()
+    pending, killed = set(groups), set()
+    while pending and time.monotonic() - started < STOP_TIMEOUT + 5.0:
+        for pid in list(pending):
+            if not _group_alive(pid):
+                pending.discard(pid)
+            elif pid not in killed and time.monotonic() - started >= groups[pid].stop_timeout:
+                LOG.info("%(name)s ignored SIGTERM, killing it", {"name": groups[pid].name})
+                killed.add(pid)
+                try:
+                    os.killpg(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pending.discard(pid)
+        time.sleep(0.1)
+    for svc in groups.values():
+        svc.stop()  # reaps; a survivor gets a SIGTERM/SIGKILL round of its own
+
+
 def stop_group(pid: int, timeout: float = STOP_TIMEOUT) -> None:
     """SIGTERM the process group ``pid`` leads, wait (bounded), then SIGKILL it."""
     try:
