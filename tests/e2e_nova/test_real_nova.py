@@ -12,6 +12,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,8 @@ from tests.functional import tpmtools
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import KeyStore, TPMSealedHostKey
 from vtpcm_common import exception
-from vtpcm_lab.nova import neutron, servers
+from vtpcm_lab import hosts
+from vtpcm_lab.nova import neutron, rest, servers
 from vtpcm_lab.nova.cloud import PLAIN_FLAVOR, VTPCM_FLAVOR, NovaLab
 
 pytestmark = pytest.mark.e2e
@@ -72,6 +74,14 @@ def _collect_secrets(lab: NovaLab, host: str, instance: str, side: str, run: Run
         shutil.rmtree(work, ignore_errors=True)
     run.secrets += [(side + " at-rest key", keys.at_rest_key),
                     (side + " migration key", keys.migration_key)]
+
+
+def _domains(host: hosts.LabHost) -> list[str]:
+    conn = host.connect()
+    try:
+        return [d.UUIDString() for d in conn.listAllDomains()]
+    finally:
+        conn.close()
 
 
 def _tpms(xml: str) -> list[tuple[str | None, str | None]]:
@@ -142,6 +152,53 @@ def test_plain_flavor_server_is_untouched_by_the_vtpcm(nova_lab: NovaLab) -> Non
         stack.engine.get_vtpcm(server["id"])
 
 
+def test_abort_of_a_slowed_live_migration_leaves_everything_on_the_source(
+        nova_lab: NovaLab, run: Run) -> None:
+    stack = nova_lab.stack
+    assert stack is not None
+    src = servers.host_of(run.server)
+    instance = run.server["id"]
+    dst = servers.other_host(nova_lab, src)
+    dst_host = nova_lab.stack_host(dst)
+    before = stack.agents.get(src, instance)
+    record = stack.engine.get_vtpcm(instance)
+    started = time.monotonic()
+
+    assert servers.start_live_migration(nova_lab, instance) == ""
+    assert servers.slow_down(nova_lab, run.server), "the migration ended before it slowed"
+    running = rest.poll("migration running", lambda: servers.in_progress_migration(
+        nova_lab, instance), lambda m: m["status"] == "running", 60, 0.2)
+    nova_lab.openstack("server", "migration", "abort", instance, str(running["id"]))
+    migration = servers.wait_migration(nova_lab, instance, started)
+
+    assert migration.status == "cancelled"
+    # Nova 34 rolls the migration back, then re-raises the cancelled job's
+    # libvirt error (driver.py _live_migration: future.result()) and the
+    # manager marks the instance ERROR, a moment after the rollback; with the
+    # stock driver too. The guest runs on the source: an operator resets it.
+    server = rest.poll("server in ERROR after the abort", lambda: servers.show(
+        nova_lab, instance), lambda s: s["status"] == "ERROR", 60, 0.5)
+    assert servers.host_of(server) == src
+    nova_lab.openstack("server", "set", "--state", "active", "--auto-approve", instance)
+    after = stack.agents.get(src, instance)
+    assert (after.state, after.generation, after.pid, after.migration_id) == \
+        ("ACTIVE", before.generation, before.pid, None)
+    now = stack.engine.get_vtpcm(instance)
+    assert (now.host, now.generation) == (record.host, record.generation)
+    # (the destination's rollback is a cast: it may still be running)
+    rest.poll("no domain left on %s" % dst, lambda: _domains(dst_host.lab_host),
+              lambda uuids: instance not in uuids, 60, 0.5)
+    assert _domains(nova_lab.stack_host(src).lab_host) == [instance]
+    # nothing left on the destination: no vTPCM, no keys, no socket
+    assert not list((dst_host.state_dir / "vtpcms").glob("*"))
+    assert not list((dst_host.state_dir / "keys").glob("*.keys"))
+    assert not dst_host.ctrl_socket(instance).exists()
+    report = servers.tpm_report(nova_lab, migration.server)
+    assert {k: report[k] for k in ("PCR16", "NV", "EK", "BOOTID")} == \
+        {k: run.before[k] for k in ("PCR16", "NV", "EK", "BOOTID")}
+    run.server = migration.server
+
+
 def test_live_migration_to_an_untrusted_host_is_refused(nova_lab: NovaLab, run: Run) -> None:
     """After this test the other host stays UNTRUSTED."""
     stack = nova_lab.stack
@@ -156,7 +213,12 @@ def test_live_migration_to_an_untrusted_host_is_refused(nova_lab: NovaLab, run: 
 
     migration = servers.live_migrate(nova_lab, instance, host=bad)
 
-    assert migration.status in ("error", "failed")
+    # refused by the API: the scheduler ran only VTPCMFilter's verdict on ``bad``
+    assert migration.status == "refused"
+    assert "No valid host was found" in migration.refusal
+    assert nova_lab.layout is not None
+    scheduler_log = (nova_lab.layout.logs / "nova-scheduler.log").read_text()
+    assert "%s fails vTPCM: no fresh TRUSTED verdict" % bad in scheduler_log
     assert (migration.server["status"], migration.host) == ("ACTIVE", src)
     with pytest.raises(exception.NotFound):
         stack.agents.get(bad, instance)

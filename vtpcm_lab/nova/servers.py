@@ -11,6 +11,8 @@ import json
 import time
 from typing import Any
 
+import libvirt
+
 from vtpcm_common import exception
 from vtpcm_lab.nova import ptyconsole, rest
 from vtpcm_lab.nova.cloud import IMAGE, NovaLab
@@ -22,8 +24,9 @@ MIGRATION_TIMEOUT = 300.0
 @dataclasses.dataclass(frozen=True)
 class Migration:
     server: dict[str, Any]
-    status: str          # Nova's migration record: completed, error, failed, ...
+    status: str          # Nova's migration record (completed, error, ...), or "refused"
     seconds: float       # the CLI call until the server left MIGRATING
+    refusal: str = ""    # the API's answer when it refused the call itself
 
     @property
     def host(self) -> str:
@@ -55,11 +58,29 @@ def create(lab: NovaLab, name: str, flavor: str) -> dict[str, Any]:
 def live_migrate(lab: NovaLab, server_id: str, host: str | None = None) -> Migration:
     """``openstack server migrate --live-migration [--host H]``, then wait until the
     server is out of MIGRATING and Nova's migration record is final."""
+    started = time.monotonic()
+    refused = start_live_migration(lab, server_id, host)
+    if refused:
+        return Migration(server=show(lab, server_id), status="refused",
+                         seconds=time.monotonic() - started, refusal=refused)
+    return wait_migration(lab, server_id, started)
+
+
+def start_live_migration(lab: NovaLab, server_id: str, host: str | None = None) -> str:
+    """Start it (the CLI returns once Nova accepted it); the API's refusal, or ""."""
     args = ["server", "migrate", "--live-migration"]
     if host:
         args += ["--host", host]
-    started = time.monotonic()
-    lab.openstack(*args, server_id, timeout=60)
+    try:
+        lab.openstack(*args, server_id, timeout=60)
+    except exception.LabError as err:
+        if "400" not in str(err):
+            raise
+        return str(err)  # refused before any migration started (e.g. "No valid host")
+    return ""
+
+
+def wait_migration(lab: NovaLab, server_id: str, started: float) -> Migration:
     server = rest.poll("live migration of %s" % server_id, lambda: show(lab, server_id),
                        lambda s: s["status"] != "MIGRATING"
                        and s.get("OS-EXT-STS:task_state") is None, MIGRATION_TIMEOUT, 0.3)
@@ -69,6 +90,39 @@ def live_migrate(lab: NovaLab, server_id: str, host: str | None = None) -> Migra
                        lambda m: m is not None and m["status"] in (
                            "completed", "error", "failed", "cancelled"), 60, 0.5)
     return Migration(server=server, status=record["status"], seconds=seconds)
+
+
+def slow_down(lab: NovaLab, server: dict[str, Any], mib_per_s: int = 1,
+              timeout: float = 30.0) -> bool:
+    """Throttle the running live migration of ``server`` at its source to
+    ``mib_per_s`` (libvirt's max speed), re-applied until its memory phase runs
+    (Nova starts the job with its own bandwidth); True once it held there."""
+    conn = lab.stack_host(host_of(server)).lab_host.connect()
+    try:
+        dom = conn.lookupByUUIDString(server["id"])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                dom.migrateSetMaxSpeed(mib_per_s, 0)
+                stats = dom.jobStats()
+            except libvirt.libvirtError:
+                stats = {}
+            if stats.get("memory_processed", 0) > 0:
+                dom.migrateSetMaxSpeed(mib_per_s, 0)
+                return True
+            time.sleep(0.05)
+        return False
+    finally:
+        conn.close()
+
+
+def in_progress_migration(lab: NovaLab, server_id: str) -> dict[str, Any]:
+    """The server's running live migration (``GET /servers/{id}/migrations``)."""
+    found = lab.compute_api().get("/servers/%s/migrations" % server_id)["migrations"]
+    if len(found) != 1:
+        raise exception.LabError(reason="expected one migration in progress of %s, got %s"
+                                 % (server_id, [m.get("status") for m in found]))
+    return dict(found[0])
 
 
 def last_migration(lab: NovaLab, server_id: str) -> dict[str, Any] | None:
