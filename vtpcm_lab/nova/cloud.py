@@ -317,6 +317,9 @@ class NovaLab:
         return self._service(name, [
             str(self.venv / "bin" / "gunicorn"), "--workers", "1", "--threads", "8",
             "--worker-class", "gthread", "--timeout", "300", "--graceful-timeout", "5",
+            # no keep-alive: a client polling every 2 s (openstack --wait) races
+            # gunicorn's 2 s idle close and gets "connection aborted"
+            "--keep-alive", "0",
             "--bind", "127.0.0.1:%d" % port, app], env=self._env(**env))
 
     def _start_services(self) -> None:
