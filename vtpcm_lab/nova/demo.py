@@ -108,7 +108,7 @@ def run(lab: NovaLab, hops: int) -> Demo:
     demo.expect(mig.status in ("refused", "error", "failed") and mig.host == src
                 and mig.server["status"] == "ACTIVE",
                 "refused: %s, server ACTIVE on %s"
-                % (mig.refusal.rsplit(", ", 1)[-1] if mig.refusal else
+                % (mig.refusal.rsplit(", ", 1)[-1].strip() if mig.refusal else
                    "migration " + mig.status, mig.host))
     demo.expect(_same_tpm(before, servers.tpm_report(lab, mig.server)),
                 "guest TPM untouched")
