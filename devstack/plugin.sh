@@ -270,6 +270,7 @@ function configure_vtpcm_nova_common {
 function configure_vtpcm_nova_compute {
     iniset "$NOVA_CONF" DEFAULT compute_driver "$VTPCM_NOVA_COMPUTE_DRIVER"
     iniset "$NOVA_CONF" vtpcm host_command_key "$VTPCM_HOST_COMMAND_KEY"
+    iniset "$NOVA_CONF" vtpcm engine_public_key "$VTPCM_ENGINE_PUBLIC_KEY"
     iniset "$NOVA_CONF" vtpcm socket_dirs "$VTPCM_RUN_DIR"
 }
 
@@ -389,14 +390,16 @@ function create_vtpcm_flavor {
         "${props[@]}" "$VTPCM_FLAVOR_NAME"
 }
 
-# init_vtpcm_engine - (re)create the engine database; tables are created by
-# the engine at start.
+# init_vtpcm_engine - (re)create the engine database and its schema
+# (vtpcm-manage db sync, as nova-manage db sync: the engine refuses to
+# start on a database that is not at its revision).
 function init_vtpcm_engine {
     # DATABASE_BACKENDS is a word list ("mysql postgresql").
     # shellcheck disable=SC2086
     if is_service_enabled $DATABASE_BACKENDS; then
         recreate_database "$VTPCM_DB_NAME"
     fi
+    "$(get_python_exec_prefix)/vtpcm-manage" --config-file "$VTPCM_ENGINE_CONF" db sync
 }
 
 # start_vtpcm_hosttpm - the swtpm standing in for the host TPM. Its state

@@ -24,7 +24,6 @@ from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
 _UNSET: Any = object()  # 'leave this column as it is'
 
 
@@ -88,7 +87,12 @@ class Association:
 _COLUMNS = ("instance_uuid", "vtpcm_id", "state", "generation", "migration_id",
             "state_dir", "ctrl_socket", "pid", "created_at", "updated_at")
 
-_SCHEMA = """
+# The file's schema moves by ordered steps recorded in ``PRAGMA user_version``
+# (0: a new file): STEPS[n - 1] moves it from version n - 1 to n, all in one
+# transaction with the version bump. To change the schema, append a step;
+# never edit one a release has shipped. Every step tolerates its objects
+# existing already (the releases before user_version created them all).
+_V1 = """
 CREATE TABLE IF NOT EXISTS associations (
     instance_uuid TEXT PRIMARY KEY,
     vtpcm_id TEXT NOT NULL UNIQUE,
@@ -100,8 +104,10 @@ CREATE TABLE IF NOT EXISTS associations (
     pid INTEGER,
     created_at TEXT NOT NULL,
     updated_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+)"""
+# v2: tombstone generations kept apart from the rows, so that discarding an
+# aborted incoming cannot erase them (the DESTROYED rows there are move in)
+_V2 = """
 CREATE TABLE IF NOT EXISTS tombstones (
     instance_uuid TEXT PRIMARY KEY,
     generation INTEGER NOT NULL,
@@ -112,12 +118,46 @@ CREATE TABLE IF NOT EXISTS aborted_migrations (
     instance_uuid TEXT NOT NULL,
     aborted_at TEXT NOT NULL
 );
+INSERT OR REPLACE INTO tombstones
+    SELECT instance_uuid, generation, updated_at FROM associations
+    WHERE state = 'DESTROYED'"""
+# v3: engine-signed command nonces already accepted (replay across restarts)
+_V3 = """
 CREATE TABLE IF NOT EXISTS command_nonces (
     nonce TEXT PRIMARY KEY,
     keep_until REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS command_nonces_keep_until ON command_nonces (keep_until);
-"""
+CREATE INDEX IF NOT EXISTS command_nonces_keep_until ON command_nonces (keep_until)"""
+STEPS = (_V1, _V2, _V3)
+SCHEMA_VERSION = len(STEPS)
+
+
+def _schema_version(cur: sqlite3.Cursor) -> int:
+    """The file's version; a file of a release before user_version keeps
+    it in a ``schema_version`` table, which is adopted and dropped here."""
+    version = int(cur.execute("PRAGMA user_version").fetchone()[0])
+    legacy = cur.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                         "AND name = 'schema_version'").fetchone()
+    if version == 0 and legacy is not None:
+        row = cur.execute("SELECT version FROM schema_version").fetchone()
+        version = 0 if row is None else int(row[0])
+        if version <= SCHEMA_VERSION:
+            cur.execute("DROP TABLE schema_version")
+    return version
+
+
+def upgrade_schema(cur: sqlite3.Cursor, path: Path) -> int:
+    """Run the steps this file lacks (in the caller's transaction); refuse
+    a file a newer agent wrote, changing nothing. Returns the old version."""
+    found = _schema_version(cur)
+    if found > SCHEMA_VERSION:
+        raise exception.NewerSchema(what=f"Association list {path}", found=found,
+                                    known=SCHEMA_VERSION)
+    for step in STEPS[found:]:
+        for statement in step.split(";"):
+            cur.execute(statement)
+    cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+    return found
 
 
 class AssociationList:
@@ -131,28 +171,11 @@ class AssociationList:
                                      check_same_thread=False, timeout=10.0)
         self._conn.execute("PRAGMA journal_mode=WAL")
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.executescript(_SCHEMA)
-        self._check_schema_version()
-
-    def _check_schema_version(self) -> None:
         with self._transaction() as cur:
-            row = cur.execute("SELECT version FROM schema_version").fetchone()
-            if row is None:
-                cur.execute("INSERT INTO schema_version (version) VALUES (?)",
-                            (SCHEMA_VERSION,))
-            elif row[0] in (1, 2):
-                if row[0] == 1:
-                    # v2 keeps tombstone generations apart from the rows, so
-                    # that discarding an aborted incoming cannot erase them.
-                    cur.execute("INSERT OR REPLACE INTO tombstones "
-                                "SELECT instance_uuid, generation, updated_at "
-                                "FROM associations WHERE state = 'DESTROYED'")
-                # v3 adds command_nonces (created by _SCHEMA): nothing to copy.
-                cur.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
-            elif row[0] != SCHEMA_VERSION:
-                raise exception.VTPCMException(
-                    "Association list %s has schema version %s, this agent needs %s"
-                    % (self._path, row[0], SCHEMA_VERSION))
+            found = upgrade_schema(cur, self._path)
+        if found not in (0, SCHEMA_VERSION):
+            LOG.info("Association list %(path)s upgraded from schema version %(old)d to "
+                     "%(new)d", {"path": self._path, "old": found, "new": SCHEMA_VERSION})
 
     def close(self) -> None:
         with self._lock:

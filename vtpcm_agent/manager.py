@@ -4,7 +4,8 @@ manager, answer with one checked message.
 Errors raised here are vTPCM exceptions whose text names what was wrong;
 oslo.messaging sends them back to the caller (``allowed_remote_exmods``).
 Each refusal is logged once, with ids and reasons only. State-changing
-methods (``signed=True``) run only for commands the engine signed.
+methods (``signed=True``) run only for commands the engine signed. Replies
+are signed with the host command key when the caller asks (API 1.6).
 """
 
 from typing import Any
@@ -29,15 +30,25 @@ class AgentManager:
 
     def __init__(self, host: str, instances: InstanceManager, host_tpm: Any = None,
                  verifier: CommandVerifier | None = None,
-                 command_public: bytes | None = None) -> None:
+                 command_public: bytes | None = None,
+                 reply_signer: authn.CommandSigner | None = None) -> None:
         """``verifier`` checks the engine's signature on state-changing
         commands; without one, those commands are all refused.
         ``command_public``: this host's command public key, reported (and
-        bound into the TPM's certify) by ``get_identity``."""
+        bound into the TPM's certify) by ``get_identity``.
+        ``reply_signer``: that key's private half; every reply a 1.6 caller
+        asks for is signed with it (``rpc.endpoint``)."""
         self.host = host
         self.instances = instances
         self.host_tpm = host_tpm
         self.verifier = verifier
+        self.reply_signer = reply_signer
+        if reply_signer is not None:
+            own = authn.public_raw(reply_signer.public_key)
+            if command_public is not None and command_public != own:
+                raise exception.InvalidInput(
+                    reason="the reply signer is not the host command key reported")
+            command_public = own
         self.command_public = command_public
 
     def _info(self, assoc: Association) -> m.VTPCMInfo:
@@ -106,7 +117,7 @@ class AgentManager:
     @endpoint(m.IdentityRequest)
     def get_identity(self, req: m.IdentityRequest) -> m.HostIdentity:
         qualifying = req.nonce if self.command_public is None else \
-            authn.host_key_binding(req.nonce, self.command_public)
+            authn.host_key_binding(req.nonce, self.command_public, self.host)
         ident = self._tpm().identity(qualifying)
         return m.HostIdentity(
             host=self.host, ak_public=ident.ak_public, kem_public=ident.kem_public,

@@ -112,7 +112,8 @@ class AgentService:
         target = messaging.Target(topic=topic, server=self.settings.host)
         endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
                                           self.verifier,
-                                          authn.public_raw(self.host_signer.public_key))]
+                                          authn.public_raw(self.host_signer.public_key),
+                                          reply_signer=self.host_signer)]
         self.server = messaging.get_rpc_server(
             self.transport, target, endpoints,
             access_policy=messaging.DefaultRPCAccessPolicy)

@@ -87,14 +87,20 @@ def load_public_raw(raw: bytes, *, what: str = "public key") -> ed25519.Ed25519P
             from None
 
 
-HOST_KEY_BINDING = b"vtpcm host command key v1\0"
+HOST_KEY_BINDING = b"vtpcm host command key v2\0"
 
 
-def host_key_binding(nonce: bytes, command_public: bytes) -> bytes:
+def host_key_binding(nonce: bytes, command_public: bytes, host: str) -> bytes:
     """The qualifying data of a host's enrollment certify: the engine's nonce
-    bound to the host's command public key, so the AK that the engine trusts
-    for quotes also vouches, in the TPM, for the key the host signs with."""
-    return hashlib.sha256(HOST_KEY_BINDING + nonce + command_public).digest()
+    bound to the host's command public key and its host name, so the AK that
+    the engine trusts for quotes also vouches, in the TPM, for the key the
+    host signs with, under that name only (v2, agent API 1.6: with v1, a
+    broker client answering the engine's get_identity for another name
+    could relay a real host's identity and squat its keys under that name).
+    Each part is length-prefixed."""
+    parts = (nonce, command_public, host.encode("utf-8"))
+    return hashlib.sha256(HOST_KEY_BINDING + b"".join(
+        len(part).to_bytes(2, "big") + part for part in parts)).digest()
 
 
 def _public_pem(public_key: ed25519.Ed25519PublicKey) -> bytes:
@@ -145,6 +151,158 @@ class CommandSigner:
         return {"server": server, "issued_at": issued_at, "expires_at": expires_at,
                 "nonce": nonce,
                 "signature": base64.b64encode(self._key.sign(data)).decode("ascii")}
+
+    def sign_reply(self, api: str, method: str, server: str, nonce: str, request: str,
+                   outcome: Mapping[str, Any]) -> dict[str, Any]:
+        """A host's signed reply (agent API 1.6): the envelope the agent
+        returns instead of the bare reply (``verify_reply`` checks it)."""
+        data = reply_bytes(api, method, server, nonce, request, outcome)
+        return {"api": api, "outcome": outcome,
+                "signature": base64.b64encode(self._key.sign(data)).decode("ascii")}
+
+
+    def sign_host_key(self, host: str, status: str, command_public: bytes | None,
+                      nonce: bytes) -> bytes:
+        """The engine's signature over its answer to ``signed_host_command_key``
+        (engine API 1.5): what the Nova driver checks another host's agent
+        replies with comes signed by the key the agents already pin."""
+        return self._key.sign(host_key_bytes(host, status, command_public, nonce))
+
+
+HOST_KEY_TAG = "vtpcm engine host command key v1"
+
+
+def host_key_bytes(host: str, status: str, command_public: bytes | None,
+                   nonce: bytes) -> bytes:
+    """The bytes the engine signs for a host's status and command key, bound
+    to the caller's nonce (a recorded answer does not pass for a later
+    call, e.g. from before a revocation); a tag of its own separates it
+    from commands and agent replies."""
+    doc = {"tag": HOST_KEY_TAG, "host": host, "status": status,
+           "command_public": None if command_public is None else command_public.hex(),
+           "nonce": nonce.hex()}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def verify_host_key(key: ed25519.Ed25519PublicKey, signature: bytes, host: str, status: str,
+                    command_public: bytes | None, nonce: bytes) -> bool:
+    """Did ``key`` (the engine's) sign this answer for this nonce?"""
+    try:
+        key.verify(signature, host_key_bytes(host, status, command_public, nonce))
+    except InvalidSignature:
+        return False
+    return True
+
+
+# Signed agent replies (agent API 1.6) ----------------------------------------
+
+REPLY_TAG = "vtpcm agent reply v1"
+REPLY_FIELDS = frozenset({"api", "outcome", "signature"})
+ERROR_FIELDS = frozenset({"type", "message", "kwargs"})
+# The largest reply a verifier parses (the biggest messages carry state blobs).
+MAX_REPLY_BYTES = 4 * 1024 * 1024
+
+
+def request_digest(payload: Any, auth: Any) -> str:
+    """SHA-256 (hex) of the request as the agent received it: the payload and
+    the engine's ``auth`` (None for unsigned calls). A signed reply names the
+    exact request it answers, so a reply the agent gave to another request
+    (a stolen command's twin, a forged signature) never passes for it."""
+    doc = {"payload": json.loads(json.dumps(payload)),
+           "auth": json.loads(json.dumps(auth))}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, separators=(",", ":"),
+                                     allow_nan=False).encode()).hexdigest()
+
+
+def reply_bytes(api: str, method: str, server: str, nonce: str, request: str,
+                outcome: Any) -> bytes:
+    """The bytes an agent signs for one reply: a domain-separation tag (never
+    valid as a command, whose document has no ``tag``), the agent API
+    version, the method, the answering host, the caller's nonce, the request
+    digest and the outcome (``{"ok": reply}`` or ``{"error": {"type",
+    "message"}}``) as the caller decodes it."""
+    doc = {"tag": REPLY_TAG, "api": api, "method": method, "server": server,
+           "nonce": nonce, "request": request, "outcome": json.loads(json.dumps(outcome))}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def check_nonce(nonce: Any) -> str:
+    """A caller's reply nonce: 32 lowercase hex digits, else InvalidInput."""
+    if not isinstance(nonce, str) or len(nonce) != 2 * NONCE_BYTES \
+            or any(c not in "0123456789abcdef" for c in nonce):
+        raise exception.InvalidInput(
+            reason="reply nonce must be %d lowercase hex digits" % (2 * NONCE_BYTES))
+    return nonce
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(NONCE_BYTES)
+
+
+def verify_reply(key: ed25519.Ed25519PublicKey, envelope: Any, *, min_api: str,
+                 method: str, server: str, nonce: str, request: str) -> Mapping[str, Any]:
+    """The outcome of a signed reply, if ``key`` signed it for exactly this
+    method, host, nonce and request at an API version of ``min_api``'s major
+    and not below it; raise ReplyNotAuthenticated (reason only, never the
+    reply's content) otherwise."""
+    def refuse(reason: str) -> exception.ReplyNotAuthenticated:
+        return exception.ReplyNotAuthenticated(host=server[:255], method=method,
+                                               reason=reason)
+    if not isinstance(envelope, Mapping) or set(envelope) != REPLY_FIELDS:
+        raise refuse("not a signed reply (fields %s expected)" % ", ".join(sorted(REPLY_FIELDS)))
+    api, outcome, sig = envelope["api"], envelope["outcome"], envelope["signature"]
+    if not isinstance(api, str) or len(api) > 16 or not _api_at_least(api, min_api):
+        raise refuse("signed for an agent API other than %s or later" % min_api)
+    try:
+        if not isinstance(sig, str):
+            raise ValueError("not a string")
+        raw = base64.b64decode(sig, validate=True)
+    except (ValueError, binascii.Error):
+        raise refuse("reply signature must be base64") from None
+    if len(raw) != SIGNATURE_BYTES:
+        raise refuse("reply signature must be %d bytes" % SIGNATURE_BYTES)
+    try:
+        data = reply_bytes(api, method, server, nonce, request, outcome)
+    except (TypeError, ValueError):
+        raise refuse("reply is not canonical JSON") from None
+    if len(data) > MAX_REPLY_BYTES:
+        raise refuse("reply larger than %d bytes" % MAX_REPLY_BYTES)
+    try:
+        key.verify(raw, data)
+    except InvalidSignature:
+        raise refuse("signature does not verify with the command key of %s for this "
+                     "call" % server) from None
+    if not isinstance(outcome, Mapping) or len(outcome) != 1 \
+            or next(iter(outcome)) not in ("ok", "error"):
+        raise refuse("outcome must be {ok: reply} or {error: {type, message, kwargs}}")
+    if "error" in outcome:
+        err = outcome["error"]
+        if not isinstance(err, Mapping) or set(err) != ERROR_FIELDS \
+                or not isinstance(err["type"], str) or not isinstance(err["message"], str) \
+                or not isinstance(err["kwargs"], Mapping) \
+                or not all(isinstance(k, str) and k.isidentifier() and k != "message"
+                           for k in err["kwargs"]):
+            raise refuse("error outcome must have a type, a message and named values")
+    return outcome
+
+
+def _api_at_least(api: str, minimum: str) -> bool:
+    major, dot, minor = api.partition(".")
+    want_major, _, want_minor = minimum.partition(".")
+    return bool(dot and major.isdigit() and minor.isdigit()) and \
+        int(major) == int(want_major) and int(minor) >= int(want_minor)
+
+
+class ReplyKeys(Protocol):
+    """Who may answer a call: the key a host's replies must be signed with.
+
+    ``reply_key`` raises ReplyNotAuthenticated when no key counts (host
+    unknown, not APPROVED, no command key); ``refused`` records a reply that
+    did not verify (the engine audits it)."""
+
+    def reply_key(self, host: str, method: str) -> ed25519.Ed25519PublicKey: ...
+
+    def refused(self, host: str, method: str, reason: str) -> None: ...
 
 
 def _refuse(method: str, reason: str) -> exception.CommandRefused:
@@ -278,17 +436,20 @@ class CommandVerifier:
             raise _refuse(method, "validity period longer than %ss" % self.max_ttl)
         if issued_at > now + self.max_skew:
             raise _refuse(method, "issued in the future")
+        # Kept max_skew past expiry: a clock stepping back a little must not
+        # make a forgotten nonce usable again. Scoped by the signing key: a
+        # key holder who copies another signer's nonce into a command of its
+        # own cannot use it up. Checked before expiry: a command that ran
+        # and comes back after its expiry is "replayed" (which the agent
+        # never signs), not "expired" (which says it never ran).
+        scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
+        if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
+            raise exception.CommandReplayed(method=method,
+                                            reason="replayed (nonce already used)")
         if now > expires_at:
             raise _refuse(method, "expired")
         if issued_at < self.created_at - self.max_skew:
             raise _refuse(method, "issued before this %s started" % self.service_role)
-        # Kept max_skew past expiry: a clock stepping back a little must not
-        # make a forgotten nonce usable again. Scoped by the signing key: a
-        # key holder who copies another signer's nonce into a command of its
-        # own cannot use it up.
-        scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
-        if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
-            raise _refuse(method, "replayed (nonce already used)")
         return signed_by
 
     @staticmethod

@@ -15,6 +15,8 @@ from typing import Protocol
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from vtpcm_common import exception
+
 LOG = logging.getLogger(__name__)
 
 
@@ -36,7 +38,13 @@ def run(prog: str, register_opts: Callable[[cfg.ConfigOpts], None],
     # encrypted state blobs) of late replies: keep it at INFO whatever
     # default_log_levels says.
     logging.getLogger("oslo_messaging._drivers.amqpdriver").logger.setLevel("INFO")
-    service = make_service(conf)
+    try:
+        service = make_service(conf)
+    except exception.VTPCMException as err:
+        # a refusal to start (e.g. a database not at the schema's head):
+        # one clear line for the operator, not a traceback
+        LOG.error("%(prog)s cannot start: %(error)s", {"prog": prog, "error": err})
+        return 1
     stopping = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

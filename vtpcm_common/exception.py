@@ -142,9 +142,21 @@ class UnsupportedOperation(VTPCMException):
     code = "unsupported"
 
 
-class LabError(VTPCMException):
-    msg_fmt = "Two-host lab: %(reason)s"
-    code = "lab_error"
+class NewerSchema(VTPCMException):
+    """A node-local store written by a newer release: refused unchanged."""
+
+    msg_fmt = ("%(what)s has schema version %(found)s, this release knows up to "
+               "%(known)s (a newer release wrote it)")
+    code = "newer_schema"
+
+
+class SchemaNotAtHead(VTPCMException):
+    """The engine database is not at the schema this code needs: the
+    engine refuses to start rather than migrate it on its own."""
+
+    msg_fmt = ("Engine database schema is %(found)s, this engine needs revision "
+               "%(head)s: %(action)s")
+    code = "schema_not_at_head"
 
 
 class InvalidAttestationKey(AttestationError):
@@ -175,9 +187,22 @@ class ServiceUnreachable(VTPCMException):
     code = "unreachable"
 
 
+class ReplyNotAuthenticated(ServiceUnreachable):
+    """An answer the caller cannot verify (unsigned, another key, another
+    call's, altered): as if the host had not answered, so the outcome of the
+    call is unknown and the step is retried, never taken as done."""
+    msg_fmt = "Reply of %(host)s to %(method)s not authenticated: %(reason)s"
+
+
 class CommandRefused(VTPCMException):
     msg_fmt = "Command %(method)s refused: %(reason)s"
     code = "command_refused"
+
+
+class CommandReplayed(CommandRefused):
+    """A signed command delivered again (its nonce is used). Its first
+    delivery may have run, so an agent never signs this refusal: a verifying
+    caller takes it as no answer, never as "the command did not run"."""
 
 
 class RPCVersionCapped(VTPCMException):

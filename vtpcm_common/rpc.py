@@ -42,6 +42,9 @@ def topic(conf: cfg.ConfigOpts, which: str) -> str:
 
 
 R = TypeVar("R", bound=Message)
+# modules whose exceptions a client rebuilds from a server's error reply
+REMOTE_EXMODS = [exception.__name__]
+REMOTE_SUFFIX = "_Remote"  # what oslo.messaging appends to a rebuilt class
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -61,24 +64,38 @@ def get_transport(conf: cfg.ConfigOpts, url: str | None = None) -> messaging.Tra
         from oslo_messaging._tracing import client as tracing
         conf.register_opts(tracing.oslo_messaging_tracing, group="oslo_messaging_tracing")
         conf.register_opts(metrics.oslo_messaging_metrics, group="oslo_messaging_metrics")
-    return messaging.get_rpc_transport(conf, url=url)
+    # oslo.messaging rebuilds the project's exceptions a server raised
+    # (class and named values), as Nova does for nova.exception
+    return messaging.get_rpc_transport(conf, url=url, allowed_remote_exmods=REMOTE_EXMODS)
 
 
-def remote_to_local(err: messaging.RemoteError) -> exception.VTPCMException:
-    """Map a remote vTPCM error back to its class, so callers can catch it."""
+def plain(err: exception.VTPCMException) -> exception.VTPCMException:
+    """A rebuilt remote error as its own class again: oslo.messaging hands
+    it back as a ``<Class>_Remote`` subclass whose str() appends the
+    server's traceback; callers and the CLI show the server's message."""
+    cls = type(err)
+    if cls.__name__.endswith(REMOTE_SUFFIX) and cls.__module__.endswith(REMOTE_SUFFIX):
+        err.__class__ = cls.__mro__[1]
+    return err
+
+
+def local_error(exc_type: str, message: str,
+                kwargs: dict[str, Any] | None = None) -> exception.VTPCMException:
+    """The vTPCM exception class named ``exc_type`` with ``message`` and its
+    named values (a signed error reply's outcome)."""
     for cls in _all_subclasses(exception.VTPCMException):
-        if cls.__name__ == err.exc_type:
-            made: exception.VTPCMException = cls(message=str(err.value))
+        if cls.__name__ == exc_type:
+            made: exception.VTPCMException = cls(message=message, **(kwargs or {}))
             return made
-    return exception.VTPCMException(
-        message="remote error %s: %s" % (err.exc_type, err.value))
+    return exception.VTPCMException(message="remote error %s: %s" % (exc_type, message))
 
 
 def _all_subclasses(cls: type) -> list[type]:
     out: list[type] = []
     sub: type
     for sub in cls.__subclasses__():
-        out.append(sub)
+        if not sub.__name__.endswith(REMOTE_SUFFIX):
+            out.append(sub)
         out.extend(_all_subclasses(sub))
     return out
 
@@ -113,18 +130,32 @@ class Client:
 
     API_VERSION = "1.0"
     UPGRADE_LEVEL = ""
+    # The version from which the servers sign their replies (None: never),
+    # and the methods whose answers need no signature (the caller checks
+    # them otherwise, e.g. TPM-signed).
+    REPLY_VERSION: str | None = None
+    UNVERIFIED_REPLIES: frozenset[str] = frozenset()
 
     def __init__(self, conf: cfg.ConfigOpts, topic_name: str,
                  transport: messaging.Transport | None = None, timeout: float = 60.0,
                  signer: authn.CommandSigner | None = None,
                  version_cap: str | None | types.EllipsisType = ...,
-                 exchange: str | None = None) -> None:
+                 exchange: str | None = None,
+                 reply_keys: authn.ReplyKeys | None = None) -> None:
         """``version_cap``: the highest version this client sends; by
         default the one ``[upgrade_levels]`` sets for the service (none:
         up to ``API_VERSION``). ``exchange``: the services' exchange when it
         is not this process's ``[DEFAULT] control_exchange`` (Nova's is
-        ``nova``; the vTPCM daemons' default is ``openstack``)."""
+        ``nova``; the vTPCM daemons' default is ``openstack``).
+
+        ``reply_keys``: whose signature each server's replies must carry
+        (from ``REPLY_VERSION`` on). With it, every call but
+        ``UNVERIFIED_REPLIES`` is asked at ``REPLY_VERSION`` or later (so a
+        cap below it refuses them: ``RPCVersionCapped``) and an answer that
+        does not verify raises ``ReplyNotAuthenticated``. Without it
+        (tools, tests) answers are taken unverified."""
         self.signer = signer
+        self.reply_keys = reply_keys
         self.topic = topic_name
         if version_cap is ...:
             version_cap = upgrade_levels.version_cap(conf, self.UPGRADE_LEVEL) \
@@ -166,11 +197,18 @@ class Client:
     def _service(self, server: str | None) -> str:
         return "%s%s" % (self.topic, "." + server if server else "")
 
+    def _verifies(self, method: str) -> bool:
+        return self.reply_keys is not None and self.REPLY_VERSION is not None \
+            and method not in self.UNVERIFIED_REPLIES
+
     def _call(self, method: str, version: str, request: Message, reply_type: type[R], *,
               server: str | None = None, timeout: float | None = None,
               signer: authn.CommandSigner | None | types.EllipsisType = ...) -> R:
         """``signer``: overrides the client's own signer for this call
         (None: unsigned)."""
+        verify = self._verifies(method)
+        if verify:
+            version = _later(version, str(self.REPLY_VERSION))
         self._check_cap(method, version)
         use = self.signer if signer is ... else signer
         kwargs: dict[str, Any] = {"version": version}
@@ -182,28 +220,88 @@ class Client:
         args: dict[str, Any] = {"payload": payload}
         if use is not None:
             args["auth"] = use.sign(method, server or "", payload)
+        if verify:
+            if not server:
+                raise exception.InvalidInput(reason="a verified reply needs a server")
+            self._reply_key(server, method)  # nothing goes to a host that cannot answer
+            args["reply_nonce"] = args["auth"]["nonce"] if "auth" in args \
+                else authn.new_nonce()
         try:
             reply = self.client.prepare(**kwargs).call({}, method, **args)
-        except messaging.RemoteError as err:
+        except exception.VTPCMException as err:  # the server's, rebuilt
+            if verify:
+                raise self._not_authenticated(
+                    str(server), method,
+                    "an unsigned error reply (%s)" % type(plain(err)).__name__) from None
+            raise plain(err) from None
+        except messaging.RemoteError as err:  # not of REMOTE_EXMODS
+            if verify:
+                # Even "cannot serve" counts as no answer: anyone could send
+                # it, and a caller that took it for a refusal (create frees
+                # its reservation) could be fooled while the command waits.
+                why = " (an agent older than API %s, or a forgery)" % self.REPLY_VERSION \
+                    if err.exc_type in UNSERVED else ""
+                raise self._not_authenticated(
+                    str(server), method,
+                    "an unsigned error reply (%s)%s" % (err.exc_type, why)) from None
             if err.exc_type in UNSERVED:
                 raise exception.RPCVersionUnsupported(
                     service=self._service(server), method=method, version=version,
                     reason=UNSERVED[err.exc_type] % {"option": self.UPGRADE_LEVEL}) \
                     from None
-            raise remote_to_local(err) from None
+            raise exception.VTPCMException(
+                message="remote error %s: %s" % (err.exc_type, err.value)) from None
         except messaging.MessagingException as err:
             # Timeouts and transport failures are vTPCM errors too: callers
             # (the coordinator's abort path, reconcile) handle one class.
             raise exception.ServiceUnreachable(
                 service=self._service(server), method=method,
                 reason=type(err).__name__) from None
+        if verify:
+            reply = self._verified(str(server), method, args, reply)
         return reply_type.from_wire(reply)
+
+    def _reply_key(self, server: str, method: str) -> Any:
+        assert self.reply_keys is not None
+        try:
+            return self.reply_keys.reply_key(server, method)
+        except exception.ReplyNotAuthenticated as err:
+            self.reply_keys.refused(server, method, str(err.kwargs.get("reason", err)))
+            raise
+
+    def _not_authenticated(self, server: str, method: str,
+                           reason: str) -> exception.ReplyNotAuthenticated:
+        assert self.reply_keys is not None
+        err = exception.ReplyNotAuthenticated(host=server, method=method, reason=reason)
+        LOG.warning("%(err)s", {"err": err})
+        self.reply_keys.refused(server, method, reason)
+        return err
+
+    def _verified(self, server: str, method: str, args: dict[str, Any], reply: Any) -> Any:
+        """The reply payload of a verified answer, or the error it carries."""
+        key = self._reply_key(server, method)  # the host's status now counts
+        try:
+            outcome = authn.verify_reply(
+                key, reply, min_api=str(self.REPLY_VERSION), method=method, server=server,
+                nonce=args["reply_nonce"],
+                request=authn.request_digest(args["payload"], args.get("auth")))
+        except exception.ReplyNotAuthenticated as err:
+            raise self._not_authenticated(server, method, str(err.kwargs["reason"])) \
+                from None
+        if "error" in outcome:
+            error = outcome["error"]
+            raise local_error(error["type"], error["message"], dict(error["kwargs"]))
+        return outcome["ok"]
 
     def _cast(self, method: str, version: str, request: Message) -> None:
         """A one-way call (no signature, no answer), capped like ``_call``."""
         self._check_cap(method, version)
         self.client.prepare(version=version).cast(
             {}, method, payload=request.validated().to_wire())
+
+
+def _later(one: str, other: str) -> str:
+    return one if parse_version(one) >= parse_version(other) else other
 
 
 # What oslo.messaging's dispatcher answers when a server cannot serve a call.
@@ -231,27 +329,39 @@ def endpoint(request_type: type[Message], signed: bool = False,
     driver); the endpoint object's ``verify_host_command(method, payload,
     auth, request)`` decides which hosts may sign it, checks the signature
     and returns the signing host, which the method gets as ``signer``
-    (its actions stay bound to that host)."""
+    (its actions stay bound to that host).
+
+    Signed replies: a caller that sends ``reply_nonce`` (agent API 1.6) gets
+    the outcome, success or refusal alike, signed with the endpoint object's
+    ``reply_signer`` (the host command key) over its API version, the
+    method, its ``host``, the nonce and the request (``_signed_reply``).
+    Every method decorated here answers so, none needs code of its own."""
     def wrap(func: F) -> F:
+        def run(self: Any, payload: Any, auth: Any) -> Message:
+            request = request_type.from_wire(payload)
+            if signed:
+                verifier = getattr(self, "verifier", None)
+                if verifier is None:
+                    raise exception.CommandRefused(
+                        method=func.__name__,
+                        reason="this service has no engine public key to check it")
+                verifier.verify(func.__name__, payload, auth)
+            if host_signed:
+                signer = self.verify_host_command(func.__name__, payload, auth, request)
+                reply: Message = func(self, request, signer)
+            else:
+                reply = func(self, request)
+            return reply
+
         @functools.wraps(func)
         @messaging.expected_exceptions(exception.VTPCMException)
-        def inner(self: Any, ctxt: dict[str, Any], payload: Any, auth: Any = None) -> Any:
+        def inner(self: Any, ctxt: dict[str, Any], payload: Any, auth: Any = None,
+                  reply_nonce: Any = None) -> Any:
+            if reply_nonce is not None:
+                return _signed_reply(self, func.__name__, signed, run, payload, auth,
+                                     reply_nonce)
             try:
-                request = request_type.from_wire(payload)
-                if signed:
-                    verifier = getattr(self, "verifier", None)
-                    if verifier is None:
-                        raise exception.CommandRefused(
-                            method=func.__name__,
-                            reason="this service has no engine public key to check it")
-                    verifier.verify(func.__name__, payload, auth)
-                reply: Message
-                if host_signed:
-                    signer = self.verify_host_command(func.__name__, payload, auth, request)
-                    reply = func(self, request, signer)
-                else:
-                    reply = func(self, request)
-                return reply.to_wire()
+                return run(self, payload, auth).to_wire()
             except exception.VTPCMException as err:
                 LOG.warning("Refused %(method)s: %(error)s",
                             {"method": func.__name__, "error": err})
@@ -260,3 +370,44 @@ def endpoint(request_type: type[Message], signed: bool = False,
         inner.host_signed = host_signed  # type: ignore[attr-defined]
         return inner  # type: ignore[return-value]
     return wrap
+
+
+def _named_values(err: exception.VTPCMException) -> dict[str, Any]:
+    """An error's named values that travel (what oslo.messaging sends with
+    an unsigned error reply too): JSON scalars only."""
+    return {str(k): v for k, v in err.kwargs.items()
+            if isinstance(v, (str, int, float, bool)) or v is None}
+
+
+def _signed_reply(service: Any, method: str, signed: bool,
+                  run: Callable[[Any, Any, Any], Message], payload: Any, auth: Any,
+                  reply_nonce: Any) -> dict[str, Any]:
+    """Run one call and sign its outcome. A signed command's reply is bound
+    to the command's own nonce (so a reply exists only for the command the
+    engine sent, executed once); refusals are signed too, since the caller
+    may act on them (``DestinationInUse``), except a replay
+    (``CommandReplayed``): its first delivery may have run. What is not
+    signed (no key, a malformed nonce, a replay) is refused unsigned: the
+    caller takes it as no answer."""
+    signer = getattr(service, "reply_signer", None)
+    if signer is None:
+        raise exception.CommandRefused(
+            method=method, reason="this service has no host command key to sign its reply")
+    nonce = authn.check_nonce(reply_nonce)
+    try:
+        if signed and not (isinstance(auth, dict) and auth.get("nonce") == nonce):
+            raise exception.CommandRefused(
+                method=method, reason="the reply nonce must be the command's nonce")
+        outcome: dict[str, Any] = {"ok": run(service, payload, auth).to_wire()}
+    except exception.CommandReplayed as err:
+        # The first delivery may have run: a signed "refused" here would
+        # let whoever replays it report a done command as not done.
+        LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
+        raise
+    except exception.VTPCMException as err:
+        LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
+        outcome = {"error": {"type": type(err).__name__, "message": str(err),
+                             "kwargs": _named_values(err)}}
+    reply_signer: authn.CommandSigner = signer
+    return reply_signer.sign_reply(str(service.target.version), method, str(service.host),
+                                   nonce, authn.request_digest(payload, auth), outcome)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_lab.exception import LabError
 
 LOG = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class GuestConsole:
             except OSError as exc:
                 sock.close()
                 if time.monotonic() >= deadline:
-                    raise exception.LabError(
+                    raise LabError(
                         reason="serial socket %s not connectable: %s" % (self.path, exc)
                     ) from exc
                 time.sleep(0.05)
@@ -74,7 +74,7 @@ class GuestConsole:
     def send(self, cmd: str, timeout: float = 30.0) -> list[str]:
         """Run ``cmd`` in the guest; return its answer lines (marker excluded)."""
         if "\n" in cmd or "\r" in cmd or not cmd.strip():
-            raise exception.LabError(reason="guest command must be one non-empty line")
+            raise LabError(reason="guest command must be one non-empty line")
         cmd = " ".join(cmd.split())
         self._drain()
         self._sock.sendall(cmd.encode() + b"\n")
@@ -88,14 +88,14 @@ class GuestConsole:
                     answer = [ln.decode(errors="replace").strip("\r") for ln in lines[:idx]]
                     return [ln for ln in answer if ln]
             if time.monotonic() >= deadline:
-                raise exception.LabError(
+                raise LabError(
                     reason="guest did not answer %r within %.1fs" % (cmd.split()[0], timeout))
             try:
                 data = self._sock.recv(65536)
             except TimeoutError:
                 continue
             if not data:
-                raise exception.LabError(reason="serial socket %s closed" % self.path)
+                raise LabError(reason="serial socket %s closed" % self.path)
             self._buf += data
 
     def wait_ready(self, timeout: float = 60.0) -> float:
@@ -111,7 +111,7 @@ class GuestConsole:
             token = "%d" % self._ping_seq
             try:
                 answer = self.send("ping " + token, timeout=1.0)
-            except exception.LabError:
+            except LabError:
                 if time.monotonic() >= deadline:
                     raise
                 continue
@@ -127,11 +127,11 @@ class GuestConsole:
                 values[key] = value
         missing = {"PCR16", "NV", "EK", "UPTIME", "BOOTID"} - values.keys()
         if missing:
-            raise exception.LabError(reason="guest report lacks %s" % sorted(missing))
+            raise LabError(reason="guest report lacks %s" % sorted(missing))
         return values
 
     def write(self, hex32: str, timeout: float = 30.0) -> None:
         """Extend PCR16 with and store in NV the 32 bytes ``hex32`` (64 hex digits)."""
         answer = self.send("write " + hex32, timeout=timeout)
         if answer[-1:] != ["OK"]:
-            raise exception.LabError(reason="guest write failed: %s" % answer)
+            raise LabError(reason="guest write failed: %s" % answer)

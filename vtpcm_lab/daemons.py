@@ -31,10 +31,12 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpcm_agent import conf as agent_conf
-from vtpcm_common import authn, exception, rpc
+from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_lab.exception import LabError
 from vtpcm_nova import conf as engine_conf
+from vtpcm_nova.engine.db import migration
 
 LOG = logging.getLogger(__name__)
 TRANSPORT_URL = os.environ.get("VTPCM_TEST_TRANSPORT_URL",
@@ -65,7 +67,7 @@ KEY_ROOT = Path(tempfile.gettempdir()) / ("vtpcm-lab-keys-%d" % os.getuid())
 def signing_key_path(namespace: str) -> Path:
     """Where the engine signing key of deployment ``namespace`` lives."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", namespace):
-        raise exception.LabError(reason="namespace %r is not a plain name" % namespace[:100])
+        raise LabError(reason="namespace %r is not a plain name" % namespace[:100])
     return KEY_ROOT / namespace / "engine-signing.key"
 
 
@@ -79,7 +81,7 @@ def _ensure_key(path: Path) -> Path:
     KEY_ROOT.mkdir(mode=0o700, exist_ok=True)
     st = os.lstat(KEY_ROOT)  # in /tmp: refuse a directory someone else planted
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise exception.LabError(
+        raise LabError(
             reason="%s must be a directory of uid %d with mode 0700" % (KEY_ROOT, os.getuid()))
     authn.load_or_create_signing_key(path)
     return path
@@ -221,7 +223,11 @@ class EngineDaemon(Daemon):
 
     def __init__(self, workdir: Path, exchange: str, connection: str, *,
                  extra: dict[str, dict[str, Any]] | None = None,
-                 name: str = "engine") -> None:
+                 name: str = "engine", db_sync: bool = True) -> None:
+        """``db_sync``: run ``vtpcm-manage db sync``'s function on
+        ``connection`` before each start, as an operator does after
+        installing the engine (False: start on the database as it is)."""
+        self.db_sync = db_sync
         config: dict[str, dict[str, Any]] = {
             "DEFAULT": {"transport_url": TRANSPORT_URL, "control_exchange": exchange,
                         "debug": "true"},
@@ -237,6 +243,11 @@ class EngineDaemon(Daemon):
         for section, values in (extra or {}).items():
             config.setdefault(section, {}).update(values)
         super().__init__(workdir, name, config)
+
+    def start(self) -> None:
+        if self.db_sync:
+            migration.db_sync(str(self.config["engine"]["connection"]))
+        super().start()
 
     def wait_ready(self, api: EngineAPI, timeout: float = 60.0) -> None:
         def ready() -> bool:

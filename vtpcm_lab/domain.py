@@ -12,7 +12,7 @@ import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from vtpcm_common import exception
+from vtpcm_lab.exception import LabError
 from vtpcm_lab.guest import GuestImage
 
 EMULATOR = "/usr/bin/qemu-system-x86_64"
@@ -22,7 +22,7 @@ TPM_MODELS = ("tpm-crb", "tpm-tis")
 def _check_path(what: str, path: str | Path) -> str:
     text = str(path)
     if not text.startswith("/") or len(text.encode()) > 107:
-        raise exception.LabError(reason="%s must be an absolute path of at most 107 bytes: %r"
+        raise LabError(reason="%s must be an absolute path of at most 107 bytes: %r"
                                  % (what, text))
     return text
 
@@ -33,9 +33,9 @@ def render_domain_xml(name: str, image: GuestImage, tpm_ctrl_socket: str | Path 
     """XML of the lab guest; ``tpm_ctrl_socket=None`` gives the TPM-less control guest."""
     with_tpm = tpm_ctrl_socket is not None
     if tpm_model not in TPM_MODELS:
-        raise exception.LabError(reason="tpm model must be one of %s" % (TPM_MODELS,))
+        raise LabError(reason="tpm model must be one of %s" % (TPM_MODELS,))
     if not name.replace("-", "").replace("_", "").isalnum():
-        raise exception.LabError(reason="domain name %r: use letters, digits, - and _" % name)
+        raise LabError(reason="domain name %r: use letters, digits, - and _" % name)
     dom = ET.Element("domain", type="qemu")
     ET.SubElement(dom, "name").text = name
     ET.SubElement(dom, "uuid").text = domain_uuid or str(uuid.uuid4())
@@ -80,21 +80,21 @@ def render_destination_xml(migratable_xml: str, tpm_ctrl_socket: str | Path | No
         # Comes from our own libvirt daemon (dumpxml), not from a user.
         dom = ET.fromstring(migratable_xml)  # noqa: S314
     except ET.ParseError as exc:
-        raise exception.LabError(reason="migratable XML does not parse: %s" % exc) from exc
+        raise LabError(reason="migratable XML does not parse: %s" % exc) from exc
     devices = dom.find("devices")
     if devices is None:
-        raise exception.LabError(reason="migratable XML has no <devices>")
+        raise LabError(reason="migratable XML has no <devices>")
     tpm_sources = devices.findall("tpm/backend[@type='external']/source")
     if len(tpm_sources) > 1:
-        raise exception.LabError(reason="more than one external TPM backend")
+        raise LabError(reason="more than one external TPM backend")
     if bool(tpm_sources) != (tpm_ctrl_socket is not None):
-        raise exception.LabError(reason="destination TPM socket given for a domain without "
+        raise LabError(reason="destination TPM socket given for a domain without "
                                  "an external TPM, or missing for one with it")
     if tpm_sources and tpm_ctrl_socket is not None:
         tpm_sources[0].set("path", _check_path("swtpm control socket", tpm_ctrl_socket))
     serial_sources = devices.findall("serial[@type='unix']/source")
     if len(serial_sources) != 1:
-        raise exception.LabError(reason="expected one unix serial, found %d"
+        raise LabError(reason="expected one unix serial, found %d"
                                  % len(serial_sources))
     serial_sources[0].set("path", _check_path("serial socket", serial_socket))
     # The <console> mirrors serial 0 and carries the same path.

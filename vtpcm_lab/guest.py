@@ -20,8 +20,8 @@ from pathlib import Path
 
 from oslo_log import log as logging
 
-from vtpcm_common import exception
 from vtpcm_lab import ensure_dir, lab_dir
+from vtpcm_lab.exception import LabError
 
 LOG = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ class GuestImage:
 def _find_kernel() -> Path:
     kernels = sorted(glob.glob(KERNEL_GLOB))
     if not kernels:
-        raise exception.LabError(reason="no %s (install linux-image-cloud-amd64)" % KERNEL_GLOB)
+        raise LabError(reason="no %s (install linux-image-cloud-amd64)" % KERNEL_GLOB)
     return Path(kernels[-1])
 
 
@@ -70,11 +70,11 @@ def _shared_libs(binary: Path) -> list[Path]:
 def _inputs(kernel: Path) -> list[Path]:
     tcti = sorted(Path(p) for p in glob.glob(TCTI_GLOB))
     if not tcti:
-        raise exception.LabError(reason="libtss2-tcti-device not installed")
+        raise LabError(reason="libtss2-tcti-device not installed")
     files = [kernel, INIT_SCRIPT, BUSYBOX, TPM2_BINARY, *tcti]
     for path in files:
         if not path.exists():
-            raise exception.LabError(reason="guest input %s missing" % path)
+            raise LabError(reason="guest input %s missing" % path)
     return files
 
 

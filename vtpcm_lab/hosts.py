@@ -25,8 +25,8 @@ from pathlib import Path
 import libvirt
 from oslo_log import log as logging
 
-from vtpcm_common import exception
 from vtpcm_lab import ensure_dir, guest, lab_dir
+from vtpcm_lab.exception import LabError
 
 LOG = logging.getLogger(__name__)
 
@@ -290,12 +290,12 @@ class LabHost:
         deadline = time.monotonic() + START_TIMEOUT
         while not self.is_running():
             if proc.poll() is not None:
-                raise exception.LabError(
+                raise LabError(
                     reason="libvirtd of host %s exited with %s, see %s"
                     % (self.name, proc.returncode, self.log_file))
             if time.monotonic() >= deadline:
                 kill_pid(proc.pid)
-                raise exception.LabError(reason="libvirtd of host %s did not start" % self.name)
+                raise LabError(reason="libvirtd of host %s did not start" % self.name)
             time.sleep(0.1)
         LOG.info("Lab host %(name)s up, pid %(pid)s", {"name": self.name, "pid": proc.pid})
 
@@ -404,7 +404,7 @@ class Lab:
         for host in self.hosts:
             try:
                 host.stop()
-            except (OSError, exception.LabError, libvirt.libvirtError) as exc:
+            except (OSError, LabError, libvirt.libvirtError) as exc:
                 errors.append(exc)
         if errors:
-            raise exception.LabError(reason="stopping the lab: %s" % errors)
+            raise LabError(reason="stopping the lab: %s" % errors)

@@ -18,6 +18,7 @@ from oslo_log import log as logging
 
 from vtpcm_common import exception
 from vtpcm_lab import console, domain, migrate
+from vtpcm_lab.exception import LabError
 from vtpcm_lab.hosts import Lab
 from vtpcm_lab.stack import Stack, StackHost
 from vtpcm_nova.virt import lifecycle, livemigration
@@ -64,10 +65,10 @@ def boot_guest(stack: Stack, host: StackHost, name: str,
     key), define and boot the VM on the socket it returns."""
     image = stack.lab.image
     if image is None:
-        raise exception.LabError(reason="lab is not up")
+        raise LabError(reason="lab is not up")
     instance = instance_uuid or str(uuid.uuid4())
-    socket_path = lifecycle.ensure_running(stack.engine_at(host), stack.agents, instance,
-                                           host.name, stack.socket_dirs)
+    socket_path = lifecycle.ensure_running(stack.engine_at(host), stack.agents_at(host),
+                                           instance, host.name, stack.socket_dirs)
     xml = domain.render_domain_xml(name, image, socket_path,
                                    host.lab_host.serial_path(name), domain_uuid=instance)
     conn = host.lab_host.connect()
@@ -104,8 +105,8 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
         try:
             dest_xml = domain.render_destination_xml(
                 dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE),
-                livemigration.destination_socket(stack.agents, dst.name, instance,
-                                                 stack.socket_dirs),
+                livemigration.destination_socket(stack.agents_at(src), dst.name,
+                                                 instance, stack.socket_dirs),
                 dst.lab_host.serial_path(name))
             result = migrate.migrate(dom, conn_dst, dst.lab_host.uri, dest_xml,
                                      port or free_port(), connect_host=connect_host,

@@ -13,7 +13,7 @@ import time
 import libvirt
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_lab.exception import LabError
 
 LOG = logging.getLogger(__name__)
 
@@ -78,11 +78,11 @@ def migrate(dom: libvirt.virDomain, dest_conn: libvirt.virConnect, dest_uri: str
         except libvirt.libvirtError as exc:
             LOG.warning("abortJob failed: %(err)s", {"err": exc})
         worker.join(30.0)
-        raise exception.LabError(reason="migration of %s timed out after %.0fs"
+        raise LabError(reason="migration of %s timed out after %.0fs"
                                  % (name, timeout))
     total = time.monotonic() - start
     if errors:
-        raise exception.LabError(reason="migration of %s failed: %s"
+        raise LabError(reason="migration of %s failed: %s"
                                  % (name, errors[0].get_error_message()))
     stats: dict[str, int | float | str] = {}
     try:

@@ -18,7 +18,7 @@ from typing import BinaryIO
 
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_lab.exception import LabError
 
 LOG = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class CaptureProxy:
             server.bind(self.listen)
         except OSError as exc:
             server.close()
-            raise exception.LabError(reason="proxy cannot bind %s:%d: %s"
+            raise LabError(reason="proxy cannot bind %s:%d: %s"
                                      % (*self.listen, exc)) from exc
         server.listen(4)
         server.settimeout(0.2)
@@ -157,7 +157,7 @@ class CaptureProxy:
             self._conns.clear()
         alive = [t.name for t in threads if t.is_alive()]
         if alive:
-            raise exception.LabError(reason="proxy threads did not stop: %s" % alive)
+            raise LabError(reason="proxy threads did not stop: %s" % alive)
 
 
 def high_entropy_windows(blob: bytes, window: int = 32, min_distinct: int = 20) -> set[int]:

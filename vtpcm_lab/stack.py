@@ -21,6 +21,7 @@ from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
 from vtpcm_lab.hosts import Lab, LabHost
 from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, localca_ek_cas, measured_boot
+from vtpcm_nova import agentkeys
 
 LOG = logging.getLogger(__name__)
 EXCHANGE = "vtpcm-lab"
@@ -50,7 +51,8 @@ class StackHost:
     @property
     def command_key(self) -> Path:
         """The host's command key, made by its agent ([agent] host_command_key)."""
-        return self.state_dir / "host-command.key"
+        configured = self.agent.config["agent"].get("host_command_key")
+        return Path(configured) if configured else self.state_dir / "host-command.key"
 
 
 class Stack:
@@ -71,6 +73,7 @@ class Stack:
         self.engine_daemon: daemons.EngineDaemon | None = None
         self.hosts: dict[str, StackHost] = {}
         self._host_engines: dict[str, EngineAPI] = {}
+        self._host_agents: dict[str, AgentAPI] = {}
 
     def engine_at(self, host: StackHost) -> EngineAPI:
         """The engine as the Nova driver on ``host`` calls it: compute-node
@@ -80,6 +83,23 @@ class Stack:
             api = EngineAPI(self.conf, self.engine.transport, timeout=120,
                             host_signer=authn.load_host_key(host.command_key))
             self._host_engines[host.name] = api
+        return api
+
+    def agents_at(self, host: StackHost) -> AgentAPI:
+        """The agents as the Nova driver on ``host`` reads them
+        (``clients.agent_reader``): replies verified with ``host``'s own
+        command key, or another host's key as the engine reports it, signed
+        with the engine's command key."""
+        api = self._host_agents.get(host.name)
+        if api is None:
+            own = authn.load_host_key(host.command_key).public_key
+            # [vtpcm] engine_public_key: the key the lab's agents pin too
+            engine_key = authn.load_public_key(authn.public_key_path(
+                daemons.ensure_signing_key(self.exchange)))
+            api = AgentAPI(self.conf, self.engine.transport, timeout=60, signer=None,
+                           reply_keys=agentkeys.EngineReportedKeys(
+                               host.name, own, self.engine_at(host), engine_key))
+            self._host_agents[host.name] = api
         return api
 
     @property

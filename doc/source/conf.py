@@ -10,7 +10,7 @@ Generated at build time from the code, so they cannot drift from it:
   ``oslo.config.opts`` entry points ``vtpcm.agent``, ``vtpcm.engine`` and
   ``vtpcm.nova`` (``oslo_config.sphinxext``, shipped with oslo.config);
 * the ``vtpcm-manage`` reference (``cli/vtpcm-manage.rst``) from
-  ``vtpcm_nova.cmd.manage.build_parser`` (sphinx-argparse, through
+  ``vtpcm_nova.cmd.manage.parser.build_parser`` (sphinx-argparse, through
   ``_ext/manage_doc.py``).
 """
 

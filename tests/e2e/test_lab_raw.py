@@ -20,8 +20,8 @@ from typing import Any
 import libvirt
 import pytest
 
-from vtpcm_common import exception
 from vtpcm_lab import console, domain, migrate, proxy
+from vtpcm_lab.exception import LabError
 
 pytestmark = pytest.mark.e2e
 
@@ -155,7 +155,7 @@ def test_wrong_migration_key_fails_and_source_keeps_running(
     con.close()
     ctrl_b = lab_fx.ctrl_path(lab.b, "wk")
     swtpms.start(tpm_dirs / "b-wk", ctrl_b, lab.b.uid, lab_fx.Key(), lab_fx.Key())
-    with pytest.raises(exception.LabError, match="failed"):
+    with pytest.raises(LabError, match="failed"):
         _migrate(lab_fx, guest, lab.a, lab.b, ctrl_b)
     # The reason is in the destination QEMU's log, not in libvirt's error.
     assert "decryption error" in lab.b.qemu_log(guest.name).read_text()

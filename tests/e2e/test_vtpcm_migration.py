@@ -24,6 +24,7 @@ from vtpcm_agent.keystore import KeyStore, TPMSealedHostKey
 from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_common import exception
 from vtpcm_lab import console, domain, hosts, live, migrate, proxy
+from vtpcm_lab.exception import LabError
 from vtpcm_lab.stack import Stack
 
 pytestmark = pytest.mark.e2e
@@ -182,7 +183,7 @@ def test_destination_that_cannot_load_the_state_leaves_vm_on_source(stack, guest
             xml = domain.render_destination_xml(
                 dom.XMLDesc(libvirt.VIR_DOMAIN_XML_MIGRATABLE), live_ctrl,
                 b.lab_host.serial_path(name))
-            with pytest.raises(exception.LabError):
+            with pytest.raises(LabError):
                 migrate.migrate(dom, conn_b, b.lab_host.uri, xml, live.free_port(),
                                 timeout=60)
         finally:

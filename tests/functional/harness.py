@@ -29,7 +29,7 @@ from vtpcm_lab.hosttpm import HostTPMStandIn
 
 __all__ = ["TRANSPORT_URL", "AgentDaemon", "ClusterHost", "Daemon", "EngineDaemon",
            "agent_cluster", "client_conf", "random_command_public", "serve_agent_in_process",
-           "short_dir", "wait_for"]
+           "short_dir", "trust_hosts", "wait_for"]
 
 
 @dataclasses.dataclass
@@ -112,3 +112,16 @@ def serve_agent_in_process(conf: Any, manager: Any) -> Callable[[], None]:
 def random_command_public() -> bytes:
     """A host command public key of nobody (for in-process test agents)."""
     return authn.public_raw(ed25519.Ed25519PrivateKey.generate().public_key())
+
+
+def trust_hosts(operator: Any, names: list[str], pcrs: tuple[int, ...] = (0, 1, 2)) -> str:
+    """Give enrolled, approved hosts a golden policy recorded from the first
+    one's PCRs (the stand-ins' are alike) and a fresh TRUSTED verdict, as
+    ``create_vtpcm`` and ``begin`` require. Returns the policy's name."""
+    policy = "p-" + uuid.uuid4().hex[:6]
+    operator.record_policy(policy, names[0], pcrs, "host-TPM stand-ins")
+    for name in names:
+        operator.assign_policy(name, policy)
+        verdict = operator.attest(name)
+        assert verdict.status == "TRUSTED", verdict.reason
+    return policy

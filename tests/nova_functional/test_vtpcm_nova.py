@@ -33,14 +33,16 @@ from nova import objects
 from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.tests.functional.api import client as api_client
 from nova.tests.functional.libvirt import base
+from tpm2_pytss import ESYS_TR, TPM2_ALG, TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA, TSS2_Exception
 
 from tests import leakscan
 from tests.functional import tpmtools
 from tests.nova_functional import deployment as dep_mod
 from vtpcm_agent.swtpm import ctrl
-from vtpcm_common import exception, rpc
+from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_lab import daemons
+from vtpcm_nova import agentkeys
 from vtpcm_nova.conf import compute as compute_conf
 from vtpcm_nova.virt import driver as vdriver
 from vtpcm_nova.virt import tpmxml
@@ -126,9 +128,13 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
                    verdict_cache_seconds=0, scheduler_timeout=3, engine_timeout=60,
                    agent_timeout=10, trait_refresh_seconds=0,
                    socket_dirs=[str(h.run_dir) for h in self.dep.hosts.values()],
-                   group="vtpcm")
+                   engine_public_key=str(self._engine_public_key()), group="vtpcm")
         for option, value in daemons.topics(self.dep.exchange).items():
             self.flags(**{option: value}, group="vtpcm_rpc")
+
+    def _engine_public_key(self) -> Any:
+        """[vtpcm] engine_public_key: the engine key the agents pin too."""
+        return authn.public_key_path(daemons.signing_key_path(self.dep.exchange))
 
     def _setup_scheduler_service(self) -> Any:
         self._configure()
@@ -141,10 +147,16 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         assert host is not None
         drv = vdriver.VTPCMLibvirtDriver(virtapi)
         # the one key the driver holds: this host's command key
-        drv._engine = RecordingEngine(self.dep.engine_at(host), self.engine_calls,
-                                      self.before_engine_call)
+        recording = RecordingEngine(self.dep.engine_at(host), self.engine_calls,
+                                    self.before_engine_call)
+        drv._engine = lambda: recording
+        # agent replies verified as clients.agent_reader does: this host's
+        # key for its own agent, the engine's signed record for the others
+        own = authn.load_host_key(self.dep.hosts[host].command_key).public_key
+        engine_key = authn.load_public_key(self._engine_public_key())
         drv._agents = AgentAPI(self.dep.conf, self.dep.operator.transport, timeout=10,
-                               signer=None)
+                               signer=None, reply_keys=agentkeys.EngineReportedKeys(
+                                   host, own, self.dep.engine_at(host), engine_key))
         self.drivers[host] = drv
         return drv
 
@@ -420,45 +432,202 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
             self.dep.operator.assign_policy(b, dep_mod.GOLDEN)
             self.assertEqual("TRUSTED", self.dep.operator.attest(b).status)
 
-    def test_cold_migration_is_refused_and_the_server_stays(self) -> None:
-        a, b = self._start_hosts(2)
-        server = self._boot(host=a)
-        instance = server["id"]
-        before = self._write_tpm(a, instance)
-        self.admin_api.post_server_action(instance, {"migrate": {"host": b}})
-        server = self._wait_for_state_change(server, "ACTIVE")
-        self._wait_for_migration_status(server, ["error"])
-        self.assertEqual(a, self._host_of(server))
-        self.assertEqual(before, self._tpm(a, instance))
-        event = self._wait_for_instance_action_event(
-            server, "migrate", "compute_resize_instance", "Error")
-        self.assertIn("cold migration and resize of vTPCM instances", event["details"])
+    # --- cold migration and resize (fakelibvirt moves no disks: Nova's own
+    # functional tests stub LibvirtDriver.migrate_disk_and_power_off, which
+    # the driver calls after moving the vTPCM) --------------------------------------------
+    def _stub_disk_move(self) -> None:
+        self.useFixture(fixtures.MockPatch(
+            "nova.virt.libvirt.driver.LibvirtDriver.migrate_disk_and_power_off",
+            return_value="{}"))
 
-    def test_shelve_offload_keeps_the_vtpcm_for_an_unshelve_on_its_host(self) -> None:
+    def test_cold_migration_moves_the_tpm_state_and_confirm_commits(self) -> None:
+        self._stub_disk_move()
         a, b = self._start_hosts(2)
         server = self._boot(host=a)
         instance = server["id"]
         before = self._write_tpm(a, instance)
+        src_id = self.dep.agents.get(a, instance).vtpcm_id
+        src_state = self.dep.hosts[a].state_dir / "vtpcms" / src_id
+        src_keys = list((self.dep.hosts[a].state_dir / "keys").glob(src_id + "*"))
+
+        self.admin_api.post_server_action(instance, {"migrate": {"host": b}})
+        server = self._wait_for_state_change(server, "VERIFY_RESIZE")
+        mid = self._migrations(instance)[0]["uuid"]
+        self.assertEqual("TRANSFERRED", self.dep.operator.get_migration(mid).state)
+        # the resized guest runs on b's incoming vTPCM; a keeps its copy for a revert
+        incoming = self.dep.agents.get(b, instance)
+        self.assertEqual(("MIGRATING_IN", mid, True),
+                         (incoming.state, incoming.migration_id, incoming.running))
+        self.assertEqual(incoming.ctrl_socket, _external_tpm_path(self._domain_xml(b, instance)))
+        self.assertEqual(before, self._tpm(b, instance))
+        self.assertEqual("MIGRATING_OUT", self.dep.agents.get(a, instance).state)
+
+        self.admin_api.post_server_action(instance, {"confirmResize": None})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual(b, self._host_of(server))
+        self.assertEqual("COMMITTED", self.dep.operator.get_migration(mid).state)
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((b, 1, None), (rec.host, rec.generation, rec.migration_id))
+        self.assertEqual(before, self._tpm(b, instance))
+        self.assertIsNone(self.dep.vtpcm_on(a, instance))
+        self.assertFalse(src_state.exists())
+        self.assertTrue(src_keys)
+        self.assertEqual([], [k for k in src_keys if k.exists()])
+
+    def test_resize_then_revert_restores_the_source_unchanged(self) -> None:
+        self._stub_disk_move()
+        a, b = self._start_hosts(2)
+        bigger = self._create_flavor(name="vtpcm.big", memory_mb=4096,
+                                     extra_spec=dict(VTPCM_SPECS))
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+
+        self.admin_api.post_server_action(instance, {"resize": {"flavorRef": bigger}})
+        server = self._wait_for_state_change(server, "VERIFY_RESIZE")
+        self.assertEqual(b, self._host_of(server))  # no resize to the same host
+        mid = self._migrations(instance)[0]["uuid"]
+        self.assertEqual(before, self._tpm(b, instance))
+        with tpmtools.esapi(self.dep.hosts[b].data_paths(instance)) as esys:
+            esys.pcr_extend(ESYS_TR.PCR16, TPML_DIGEST_VALUES([TPMT_HA(
+                hashAlg=TPM2_ALG.SHA256, digest=TPMU_HA(sha256=b"\x5a" * 32))]))
+        # the resized guest used its TPM
+        self.assertNotEqual(before["pcr16"], self._tpm(b, instance)["pcr16"])
+
+        self.admin_api.post_server_action(instance, {"revertResize": None})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self._wait_for_migration_status(server, ["reverted"])
+        self.assertEqual(a, self._host_of(server))
+        self.assertEqual("ABORTED", self.dep.operator.get_migration(mid).state)
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0, None), (rec.host, rec.generation, rec.migration_id))
+        self.assertEqual(before, self._tpm(a, instance))  # b's changes are gone with b's copy
+        self.assertIsNone(self.dep.vtpcm_on(b, instance))
+        self.assertEqual(self.dep.agents.get(a, instance).ctrl_socket,
+                         _external_tpm_path(self._domain_xml(a, instance)))
+
+    def test_a_resize_on_the_same_host_keeps_the_vtpcm(self) -> None:
+        self._stub_disk_move()
+        self.flags(allow_resize_to_same_host=True)
+        a, = self._start_hosts(1)
+        bigger = self._create_flavor(name="vtpcm.same", memory_mb=4096,
+                                     extra_spec=dict(VTPCM_SPECS))
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        old = self.dep.operator.get_vtpcm(instance)
+        self.admin_api.post_server_action(instance, {"resize": {"flavorRef": bigger}})
+        server = self._wait_for_state_change(server, "VERIFY_RESIZE")
+        self.admin_api.post_server_action(instance, {"confirmResize": None})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual(a, self._host_of(server))
+        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))  # no migration
+        self.assertEqual(before, self._tpm(a, instance))
+        called = {c[0] for c in self.engine_calls}
+        self.assertFalse(called & {"begin", "transfer_state", "commit", "abort"}, called)
+
+    def test_a_refused_cold_migration_rolls_back_and_restarts_the_guest(self) -> None:
+        self._stub_disk_move()
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        # the operator revokes b after scheduling, before begin
+        self.before_engine_call["begin"] = lambda: self.dep.operator.revoke_host(b)
+        try:
+            self.admin_api.post_server_action(instance, {"migrate": {"host": b}})
+            self._wait_for_migration_status(server, ["error"])
+            server = self._wait_for_state_change(server, "ACTIVE")
+            event = self._wait_for_instance_action_event(
+                server, "migrate", "compute_resize_instance", "Error")
+            self.assertIn("vTPCM: cold migration to %s refused" % b, event["details"])
+            self.assertEqual(a, self._host_of(server))
+            self.assertEqual(before, self._tpm(a, instance))
+            rec = self.dep.operator.get_vtpcm(instance)
+            self.assertEqual((a, 0, None), (rec.host, rec.generation, rec.migration_id))
+            self.assertIsNone(self.dep.vtpcm_on(b, instance))
+            # the guest was started again on its vTPCM
+            self.assertEqual(self.dep.agents.get(a, instance).ctrl_socket,
+                             _external_tpm_path(self._domain_xml(a, instance)))
+        finally:
+            self.dep.operator.enroll(b)
+            self.dep.operator.assign_policy(b, dep_mod.GOLDEN)
+            self.assertEqual("TRUSTED", self.dep.operator.attest(b).status)
+
+    def test_evacuation_is_refused_unless_the_operator_allows_a_fresh_vtpcm(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        self._write_tpm(a, instance)
+        old = self.dep.operator.get_vtpcm(instance)
+        self.computes[a].stop()
+        self.admin_api.put_service(self.computes[a].service_ref.uuid, {"forced_down": True})
+
+        def evacuate(expected: str) -> dict[str, Any]:
+            self.admin_api.post_server_action(instance, {"evacuate": {}})
+            return self._wait_for_state_change(server, expected)
+
+        # default: refused, the fault says why, nothing changes
+        server = evacuate("ERROR")
+        self.assertIn("evacuate is refused for vTPCM instances", server["fault"]["message"])
+        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
+        self.assertIsNone(self.dep.vtpcm_on(b, instance))
+
+        # allowed by the operator, but the holder's agent still answers: refused
+        self.flags(evacuate_with_fresh_vtpcm=True, group="vtpcm")
+        server = evacuate("ERROR")
+        self.assertIn("agent of %s answers" % a, server["fault"]["message"])
+        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
+
+        # the holder is really gone: a fresh vTPCM on b, audited as state loss
+        agent_a = self.dep.hosts[a].agent
+        agent_a.stop()
+        try:
+            server = evacuate("ACTIVE")
+        finally:
+            agent_a.start()
+            agent_a.wait_ready(self.dep.agents)
+        self.assertEqual(b, self._host_of(server))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual(b, rec.host)
+        self.assertNotEqual(old.vtpcm_id, rec.vtpcm_id)
+        self.assertEqual(rec.vtpcm_id, self.dep.agents.get(b, instance).vtpcm_id)
+        with self.assertRaisesRegex(TSS2_Exception, "handle"):  # a fresh TPM: no NV index
+            self._tpm(b, instance)
+        self.assertEqual(["refused", "state lost"],
+                         sorted(e.outcome for e in self._audit(instance, "vtpcm.evacuate")))
+        # the old copy is never started again through the engine
+        with pytest.raises(exception.CommandRefused):
+            self.dep.engine_at(a).start_vtpcm(instance)
+
+    def test_shelve_offload_then_unshelve_on_another_host_moves_the_vtpcm(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        src_id = self.dep.agents.get(a, instance).vtpcm_id
+        src_state = self.dep.hosts[a].state_dir / "vtpcms" / src_id
         self.admin_api.post_server_action(instance, {"shelve": {}})
         server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
-        # the offload destroyed the guest, not its TPM
-        self.assertEqual((a, 0), (self.dep.operator.get_vtpcm(instance).host,
-                                  self.dep.operator.get_vtpcm(instance).generation))
-        self.assertEqual(before, self._tpm(a, instance))
+        # the offload stopped the guest and its vTPCM; the encrypted state
+        # stays on a, and the engine records the holder's consent to a move
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0, "SHELVED"), (rec.host, rec.generation, rec.state))
+        self.assertFalse(self.dep.agents.get(a, instance).running)
 
-        # onto another host: refused with a fault naming why, the vTPCM stays
         self.admin_api.post_server_action(instance, {"unshelve": {"host": b}})
-        event = self._wait_for_instance_action_event(
-            server, "unshelve", "compute_unshelve_instance", "Error")
-        self.assertIn("unshelve onto another host is not supported", event["details"])
-        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
-        self.assertIsNone(self.dep.vtpcm_on(b, instance))
-        self.assertEqual(a, self.dep.operator.get_vtpcm(instance).host)
-
-        self.admin_api.post_server_action(instance, {"unshelve": {"host": a}})
         server = self._wait_for_state_change(server, "ACTIVE")
-        self.assertEqual(a, self._host_of(server))
-        self.assertEqual(before, self._tpm(a, instance))
+        self.assertEqual(b, self._host_of(server))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((b, 1, None), (rec.host, rec.generation, rec.migration_id))
+        after = self._tpm(b, instance)
+        self.assertEqual(before["nv"], after["nv"])
+        # PCRs are volatile: the guest was powered off, they start afresh
+        self.assertEqual(bytes(32), after["pcr16"])
+        self.assertIsNone(self.dep.vtpcm_on(a, instance))
+        self.assertFalse(src_state.exists())
+        self.assertEqual(["moved"],
+                         [e.outcome for e in self._audit(instance, "vtpcm.unshelve")])
 
     def test_delete_shreds_the_vtpcm(self) -> None:
         a, = self._start_hosts(1)

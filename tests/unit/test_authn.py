@@ -436,11 +436,13 @@ def test_engine_admin_methods_are_exactly_the_signed_ones():
                    if getattr(getattr(EngineManager, name), "host_signed", False)}
     assert host_signed == rpcapi.HOST_METHODS == {
         "create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm", "check_destination",
-        "begin", "commit", "abort"}
+        "begin", "commit", "abort", "transfer_state", "replace_vtpcm",
+        "shelve_vtpcm", "unshelve_vtpcm"}
     unsigned = {name for name in dir(EngineManager)
                 if getattr(getattr(EngineManager, name), "signed", None) is False} - host_signed
     assert unsigned == {"list_hosts", "show_host", "list_policies", "attest", "verdicts",
-                        "list_audit", "get_vtpcm", "get_migration"}
+                        "list_audit", "get_vtpcm", "get_migration", "host_command_key",
+                        "signed_host_command_key"}  # its answer is signed, not the call
 
 
 def test_engine_without_operator_keys_refuses_admin_calls(operators):
@@ -540,13 +542,18 @@ def test_verify_with_takes_the_keys_of_this_call_and_names_the_signer(clock):
              lambda v, *a: v.verify(*a))
 
 
-def test_host_key_binding_depends_on_nonce_and_key():
+def test_host_key_binding_depends_on_nonce_key_and_host_name():
     a, b = os.urandom(32), os.urandom(32)
     nonce = os.urandom(32)
-    assert authn.host_key_binding(nonce, a) == authn.host_key_binding(nonce, a)
-    assert authn.host_key_binding(nonce, a) != authn.host_key_binding(nonce, b)
-    assert authn.host_key_binding(nonce, a) != authn.host_key_binding(os.urandom(32), a)
-    assert len(authn.host_key_binding(nonce, a)) == 32
+    assert authn.host_key_binding(nonce, a, "h1") == authn.host_key_binding(nonce, a, "h1")
+    assert authn.host_key_binding(nonce, a, "h1") != authn.host_key_binding(nonce, b, "h1")
+    assert authn.host_key_binding(nonce, a, "h1") != authn.host_key_binding(os.urandom(32), a,
+                                                                             "h1")
+    assert authn.host_key_binding(nonce, a, "h1") != authn.host_key_binding(nonce, a, "h2")
+    # length-prefixed: moving bytes between the parts changes the binding
+    assert authn.host_key_binding(nonce, a + b"x", "h") != \
+        authn.host_key_binding(nonce, a, "xh")
+    assert len(authn.host_key_binding(nonce, a, "h1")) == 32
     raw = authn.public_raw(ed25519.Ed25519PrivateKey.generate().public_key())
     assert authn.public_raw(authn.load_public_raw(raw)) == raw
     with pytest.raises(exception.InvalidInput, match="host key is not a raw Ed25519"):

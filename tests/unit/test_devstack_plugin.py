@@ -224,6 +224,8 @@ def test_controller_runs_the_engine_with_its_key_and_database(devstack):
     assert ["libtss2-dev", "pkg-config", "gcc", "python3-dev"] in run.named("install_package")
     assert run.named("setup_develop") == [[run.env["DEST"] + "/vtpcm"]]
     assert run.named("recreate_database") == [["vtpcm"]]
+    assert ["--config-file", run.env["VTPCM_CONF_DIR"] + "/vtpcm-engine.conf", "db", "sync"] \
+        in run.named("vtpcm-manage")
     key = run.value("VTPCM_ENGINE_CONF", "engine", "command_signing_key")
     assert key == run.env["VTPCM_ENGINE_STATE_DIR"] + "/engine-signing.key"
     # The engine runs as the stack user: its key directory is the stack
@@ -306,6 +308,9 @@ def test_compute_nova_vtpcm_options(devstack):
     assert run.returncode == 0, run
     key = run.env["VTPCM_HOST_COMMAND_KEY"]
     assert run.value("NOVA_CPU_CONF", "vtpcm", "host_command_key") == key
+    # the engine key the agent pins checks the engine's signed key answers
+    assert run.value("NOVA_CPU_CONF", "vtpcm", "engine_public_key") == \
+        run.value("VTPCM_AGENT_CONF", "agent", "engine_public_key")
     assert run.value("NOVA_CPU_CONF", "vtpcm", "socket_dirs") == run.env["VTPCM_RUN_DIR"]
     assert run.value("NOVA_CPU_CONF", "vtpcm", "control_exchange") == "openstack"
     url = run.value("VTPCM_AGENT_CONF", "DEFAULT", "transport_url")

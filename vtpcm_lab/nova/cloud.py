@@ -22,8 +22,9 @@ from typing import Any
 
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_lab import daemons, ensure_dir, lab_dir
+from vtpcm_lab.exception import LabError
 from vtpcm_lab.hosts import LAB_GROUP, HostNamespace, Lab, LabHost, ensure_users
 from vtpcm_lab.live import free_port
 from vtpcm_lab.nova import configs, rest
@@ -92,20 +93,20 @@ class NovaLab:
     @property
     def _layout(self) -> configs.Layout:
         if self.layout is None:
-            raise exception.LabError(reason="the Nova lab is not up")
+            raise LabError(reason="the Nova lab is not up")
         return self.layout
 
     @property
     def _stack(self) -> Stack:
         if self.stack is None:
-            raise exception.LabError(reason="the Nova lab is not up")
+            raise LabError(reason="the Nova lab is not up")
         return self.stack
 
     def stack_host(self, nova_host: str) -> StackHost:
         for host in self._stack.hosts.values():
             if host.name == nova_host:
                 return host
-        raise exception.LabError(reason="no lab host %r" % nova_host)
+        raise LabError(reason="no lab host %r" % nova_host)
 
     def log_files(self) -> list[Path]:
         """Every log of the run: Nova's, the services', agents', engine's, libvirt's,
@@ -126,14 +127,14 @@ class NovaLab:
         proc = subprocess.run([str(self.venv / "bin" / "openstack"), *args], env=env,
                               capture_output=True, text=True, timeout=timeout, cwd="/")
         if proc.returncode:
-            raise exception.LabError(reason="openstack %s failed (%d): %s" % (
+            raise LabError(reason="openstack %s failed (%d): %s" % (
                 " ".join(args[:3]), proc.returncode, proc.stderr[-1500:]))
         return proc.stdout
 
     # --- up / down ---------------------------------------------------------------------
     def up(self) -> None:
         if not (self.venv / "bin" / "nova-compute").exists():
-            raise exception.LabError(reason="no Nova services venv at %s: run "
+            raise LabError(reason="no Nova services venv at %s: run "
                                      "tools/install-nova-services.sh" % self.venv)
         started = time.monotonic()
         self._kill_leftovers()
@@ -177,11 +178,11 @@ class NovaLab:
             self.stack = None
         try:
             self.lab.down()
-        except exception.LabError as err:
+        except LabError as err:
             errors.append(err)
         SUDOERS.unlink(missing_ok=True)
         if errors:
-            raise exception.LabError(reason="stopping the Nova lab: %s" % errors)
+            raise LabError(reason="stopping the Nova lab: %s" % errors)
 
     def _kill_leftovers(self) -> None:
         """A crashed run's services and daemons (the stack kills its own in ``up``)."""
@@ -221,7 +222,7 @@ class NovaLab:
         for stack_host in self.stack.hosts.values():
             verdict = self.stack.engine.attest(stack_host.name)
             if verdict.status != "TRUSTED":
-                raise exception.LabError(reason="host %s attested %s"
+                raise LabError(reason="host %s attested %s"
                                          % (stack_host.name, verdict.status))
 
     # --- Nova -------------------------------------------------------------------------
@@ -243,6 +244,7 @@ class NovaLab:
             vtpcm_transport_url=daemons.TRANSPORT_URL, vtpcm_exchange=EXCHANGE,
             vtpcm_topics=daemons.topics(EXCHANGE), socket_dirs=[h.tpm_dir for h in
                                                                  self.lab.hosts],
+            engine_public_key=nova / "etc" / "engine-public.pem",
             instances_path=self.base / "instances", ports=ports, computes=computes)
         self.layout = layout
         for path in (layout.etc, layout.logs, layout.glance_dir, layout.placement_dir,
@@ -256,6 +258,9 @@ class NovaLab:
             if owner is not None:
                 os.chown(path, owner.uid, owner.gid)
 
+        # the lab's key directory is root's only: nova-compute reads a copy
+        write(layout.engine_public_key, authn.public_key_path(
+            daemons.ensure_signing_key(EXCHANGE)).read_text())
         write(layout.placement_dir / "placement.conf",
               configs.render_ini(configs.placement_conf(layout)))
         write(layout.glance_dir / "glance-api.conf",
@@ -303,8 +308,12 @@ class NovaLab:
         return RABBIT_VHOST in out.split()
 
     def _env(self, **extra: str) -> dict[str, str]:
+        """Root's services import the lab's stand-ins and WSGI wrappers from
+        the source tree (the wheel leaves vtpcm_lab out); nova-compute, a lab
+        user's, gets ``PYTHONPATH=""``: the driver comes from the venv."""
         return {"PATH": "%s/bin:/usr/sbin:/usr/bin:/sbin:/bin" % self.venv,
-                "LANG": "C.UTF-8", "HOME": str(self.nova_dir), **extra}
+                "LANG": "C.UTF-8", "HOME": str(self.nova_dir), "PYTHONPATH": str(ROOT),
+                **extra}
 
     def _service(self, name: str, argv: list[str], **kw: Any) -> Service:
         svc = Service(name, argv, self._layout.logs / ("%s.log" % name), self.pid_dir,
@@ -356,13 +365,14 @@ class NovaLab:
         for host, compute in zip(self.lab.hosts, layout.computes, strict=True):
             pid = host.pid
             if pid is None:
-                raise exception.LabError(reason="libvirtd of host %s is not running"
+                raise LabError(reason="libvirtd of host %s is not running"
                                          % host.name)
             self._service("nova-compute-" + host.name, [
                 "nsenter", "--target", str(pid), "--mount", "--uts", "--",
                 "setpriv", "--reuid", host.user, "--regid", LAB_GROUP, "--init-groups",
                 str(venv_bin / "nova-compute"), *conf, "--config-file",
-                str(compute.config_file)], env=self._env(HOME=str(compute.dir)),
+                str(compute.config_file)], env=self._env(HOME=str(compute.dir),
+                                                         PYTHONPATH=""),
                 # native-thread nova-compute ignores SIGTERM: do not wait long
                 stop_timeout=3.0)
         for svc, url in ((neutron, layout.url("neutron")), (placement, layout.url("placement")),
@@ -385,7 +395,7 @@ class NovaLab:
             if up >= names and hypervisors >= names:
                 return
             if time.monotonic() >= deadline:
-                raise exception.LabError(reason="computes not ready after %.0f s: services "
+                raise LabError(reason="computes not ready after %.0f s: services "
                                          "up %s, hypervisors %s" % (START_TIMEOUT,
                                                                     sorted(up),
                                                                     sorted(hypervisors)))
@@ -408,7 +418,7 @@ class NovaLab:
     def _make_images_and_flavors(self) -> None:
         image = self.lab.image
         if image is None:
-            raise exception.LabError(reason="lab guest not built")
+            raise LabError(reason="lab guest not built")
         kernel = self._upload(IMAGE + "-kernel", "aki", image.kernel.read_bytes())
         ramdisk = self._upload(IMAGE + "-ramdisk", "ari", image.initrd.read_bytes())
         # the root disk is never read: the guest lives in its initramfs

@@ -49,6 +49,7 @@ class Layout:
     vtpcm_exchange: str
     vtpcm_topics: Mapping[str, str]
     socket_dirs: Sequence[Path]
+    engine_public_key: Path  # a copy of the engine's command public key, world-readable
     instances_path: Path   # the one path every host sees (a bind mount per host)
     ports: Mapping[str, int]
     computes: Sequence[ComputeHost]
@@ -185,7 +186,10 @@ def nova_conf(layout: Layout) -> Sections:
         "workarounds": {"disable_deep_image_inspection": "True"},
         "vtpcm": {"transport_url": layout.vtpcm_transport_url,
                   "control_exchange": layout.vtpcm_exchange,
-                  "socket_dirs": ",".join(str(d) for d in layout.socket_dirs)},
+                  "socket_dirs": ",".join(str(d) for d in layout.socket_dirs),
+                  # the driver trusts another host's reply key only from an
+                  # engine answer signed with this key
+                  "engine_public_key": str(layout.engine_public_key)},
         "vtpcm_rpc": dict(layout.vtpcm_topics),
     }
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import libvirt
 
-from vtpcm_common import exception
 from vtpcm_lab.console import GuestConsole
+from vtpcm_lab.exception import LabError
 from vtpcm_lab.hosts import LabHost
 
 
@@ -64,7 +64,7 @@ class PtyConsole(GuestConsole):
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_NOCTTY)
         except OSError as err:
-            raise exception.LabError(reason="serial pty %s: %s" % (self.path, err.strerror)) \
+            raise LabError(reason="serial pty %s: %s" % (self.path, err.strerror)) \
                 from None
         tty.setraw(fd, termios.TCSANOW)
         attrs = termios.tcgetattr(fd)
@@ -81,7 +81,7 @@ def serial_pty(host: LabHost, instance_uuid: str) -> Path:
     try:
         xml = conn.lookupByUUIDString(instance_uuid).XMLDesc(0)
     except libvirt.libvirtError as err:
-        raise exception.LabError(reason="no domain %s on host %s: %s"
+        raise LabError(reason="no domain %s on host %s: %s"
                                  % (instance_uuid, host.name, err)) from None
     finally:
         conn.close()
@@ -90,7 +90,7 @@ def serial_pty(host: LabHost, instance_uuid: str) -> Path:
         source = serial.find("source")
         if source is not None and source.get("path"):
             return Path(source.get("path", ""))
-    raise exception.LabError(reason="domain %s on host %s has no pty serial"
+    raise LabError(reason="domain %s on host %s has no pty serial"
                              % (instance_uuid, host.name))
 
 
@@ -99,7 +99,7 @@ def open_console(host: LabHost, instance_uuid: str, ready_timeout: float = 120.0
     con = PtyConsole(serial_pty(host, instance_uuid))
     try:
         con.wait_ready(timeout=ready_timeout)
-    except exception.LabError:
+    except LabError:
         con.close()
         raise
     return con

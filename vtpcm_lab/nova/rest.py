@@ -12,13 +12,13 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from vtpcm_common import exception
+from vtpcm_lab.exception import LabError
 from vtpcm_lab.nova import identity
 
 COMPUTE_MICROVERSION = "2.95"
 
 
-class APIError(exception.LabError):
+class APIError(LabError):
     msg_fmt = "%(method)s %(url)s: HTTP %(status)s %(body)s"
 
 
@@ -84,8 +84,8 @@ def poll(what: str, fetch: Callable[[], Any], done: Callable[[Any], bool], timeo
         if fail is not None:
             reason = fail(last)
             if reason:
-                raise exception.LabError(reason="%s: %s" % (what, reason))
+                raise LabError(reason="%s: %s" % (what, reason))
         if time.monotonic() >= deadline:
-            raise exception.LabError(reason="%s: not done after %.0f s (last: %.300s)"
+            raise LabError(reason="%s: not done after %.0f s (last: %.300s)"
                                      % (what, timeout, last))
         time.sleep(interval)

@@ -13,7 +13,7 @@ from typing import Any
 
 import libvirt
 
-from vtpcm_common import exception
+from vtpcm_lab.exception import LabError
 from vtpcm_lab.nova import ptyconsole, rest
 from vtpcm_lab.nova.cloud import IMAGE, NovaLab
 
@@ -73,7 +73,7 @@ def start_live_migration(lab: NovaLab, server_id: str, host: str | None = None) 
         args += ["--host", host]
     try:
         lab.openstack(*args, server_id, timeout=60)
-    except exception.LabError as err:
+    except LabError as err:
         if "400" not in str(err):
             raise
         return str(err)  # refused before any migration started (e.g. "No valid host")
@@ -120,7 +120,7 @@ def in_progress_migration(lab: NovaLab, server_id: str) -> dict[str, Any]:
     """The server's running live migration (``GET /servers/{id}/migrations``)."""
     found = lab.compute_api().get("/servers/%s/migrations" % server_id)["migrations"]
     if len(found) != 1:
-        raise exception.LabError(reason="expected one migration in progress of %s, got %s"
+        raise LabError(reason="expected one migration in progress of %s, got %s"
                                  % (server_id, [m.get("status") for m in found]))
     return dict(found[0])
 
@@ -159,5 +159,5 @@ def other_host(lab: NovaLab, host: str) -> str:
     names = [h.name for h in lab.stack.hosts.values()] if lab.stack else []
     others = [n for n in names if n != host]
     if len(others) != 1:
-        raise exception.LabError(reason="no single other host than %s in %s" % (host, names))
+        raise LabError(reason="no single other host than %s in %s" % (host, names))
     return others[0]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from oslo_log import log as logging
 
-from vtpcm_common import exception
 from vtpcm_lab import hosts
+from vtpcm_lab.exception import LabError
 
 LOG = logging.getLogger(__name__)
 STOP_TIMEOUT = 10.0
@@ -63,7 +63,7 @@ class Service:
     def check(self) -> None:
         """Raise with the log's tail if the process is gone."""
         if self.proc is not None and self.proc.poll() is not None:
-            raise exception.LabError(reason="%s exited with %s; log %s ends:\n%s" % (
+            raise LabError(reason="%s exited with %s; log %s ends:\n%s" % (
                 self.name, self.proc.returncode, self.log_file, tail(self.log_file)))
 
     def stop(self) -> None:
@@ -169,11 +169,11 @@ def run(argv: Sequence[str], log_file: Path, timeout: float,
                                   stderr=subprocess.STDOUT, env=dict(env or os.environ),
                                   timeout=timeout, cwd="/", check=False)
         except subprocess.TimeoutExpired:
-            raise exception.LabError(reason="%s timed out after %.0f s, see %s"
+            raise LabError(reason="%s timed out after %.0f s, see %s"
                                      % (argv[1] if len(argv) > 1 else argv[0], timeout,
                                         log_file)) from None
     if proc.returncode:
-        raise exception.LabError(reason="%s failed (%d); log %s ends:\n%s" % (
+        raise LabError(reason="%s failed (%d); log %s ends:\n%s" % (
             " ".join(os.path.basename(a) for a in argv[:3]), proc.returncode, log_file,
             tail(log_file)))
 
@@ -191,7 +191,7 @@ def wait_http(service: Service, url: str, timeout: float) -> None:
         except (OSError, urllib.error.URLError):
             pass
         if time.monotonic() >= deadline:
-            raise exception.LabError(reason="%s did not answer %s within %.0f s; log %s:\n%s"
+            raise LabError(reason="%s did not answer %s within %.0f s; log %s:\n%s"
                                      % (service.name, url, timeout, service.log_file,
                                         tail(service.log_file)))
         time.sleep(0.3)

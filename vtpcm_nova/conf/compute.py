@@ -27,6 +27,14 @@ VTPCM_OPTS = [
                     "([agent] host_command_key; group-readable by nova-compute through "
                     "[agent] host_command_key_group). The driver signs its engine calls "
                     "with it; it holds no other key."),
+    cfg.StrOpt("engine_public_key",
+               help="The vtpcm-engine's command public key (PEM), the same file the "
+                    "agents pin as [agent] engine_public_key (the engine writes it to "
+                    "<[engine] command_signing_key>.pub). The driver takes another "
+                    "host's command key (to check that host's agent replies during a "
+                    "live migration) only from an engine answer signed with it. Unset: "
+                    "no other host's reply counts, so live migrations of vTPCM "
+                    "instances fail closed (rolled back, the guest stays)."),
     cfg.ListOpt("socket_dirs", default=["/run/vtpcm"],
                 help="Directories where the agents' vTPCM control sockets may be: their "
                      "[agent] run_dir (the same on every host in a normal deployment). "
@@ -45,6 +53,14 @@ VTPCM_OPTS = [
                  help="Seconds VTPCMFilter waits for the engine's verdicts. When the "
                       "engine does not answer, vtpcm: requests find no valid host (fail "
                       "closed) until the next try; other requests are not affected."),
+    cfg.BoolOpt("evacuate_with_fresh_vtpcm", default=False,
+                help="Evacuate vTPCM instances with a fresh vTPCM: the TPM state on the "
+                     "failed host (sealed keys, NV indices, the EK) is lost for good, "
+                     "and the guest boots with a new, empty TPM. Off: an evacuation of a "
+                     "vTPCM instance fails with an instance fault and the server stays "
+                     "on the failed host. The engine still refuses while the failed "
+                     "host's agent answers, and audits each one as state loss. Set it "
+                     "on the compute nodes that may take evacuated instances."),
     cfg.FloatOpt("trait_refresh_seconds", default=60.0, min=0.0,
                  help="How often the driver re-checks agent health and enrollment for "
                       "the CUSTOM_VTPCM trait it reports to placement."),

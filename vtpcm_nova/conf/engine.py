@@ -16,7 +16,9 @@ ENGINE_OPTS = [
     cfg.StrOpt("connection", default="sqlite:////var/lib/vtpcm/engine.sqlite",
                secret=True,
                help="SQLAlchemy URL of the engine database: SQLite for one controller, "
-                    "postgresql:// or mysql+pymysql:// for several engine workers."),
+                    "postgresql:// or mysql+pymysql:// for several engine workers. "
+                    "'vtpcm-manage db sync' creates and upgrades its schema; the "
+                    "engine refuses to start on a database not at its revision."),
     cfg.StrOpt("command_signing_key", default="/var/lib/vtpcm/engine-signing.key",
                help="Path of the Ed25519 private key (PEM, mode 0600) the engine signs "
                     "every state-changing agent command with; created on first start, "

@@ -131,13 +131,17 @@ class Attestor:
         ak = verifier.load_ak(fields["ak_public"], host=host)
         kem_public = fields["kem_public"]
         # The certify's qualifying data binds our nonce to the host's command
-        # key: the AK vouches for the key the host's Nova driver signs with.
+        # key and this host name: the AK vouches for the key the host's Nova
+        # driver signs with, for this name only (no relayed identity).
         command_public = fields["command_public"]
         verifier.verify_certification(ak, kem_public, fields["kem_certify_attest"],
                                       fields["kem_certify_signature"],
-                                      authn.host_key_binding(nonce, command_public), host=host,
+                                      authn.host_key_binding(nonce, command_public, host),
+                                      host=host,
                                       nonce_mismatch="certify does not bind this enrollment's "
-                                                     "nonce to the reported host command key")
+                                                     "nonce and host name to the reported host "
+                                                     "command key (agents before API 1.6 bind "
+                                                     "no host name: upgrade the agent)")
         kem_name = verifier.tpm_name(kem_public)
         for claimed, actual, what in ((identity.get("ak_name"), ak.name, "AK"),
                                       (identity.get("kem_name"), kem_name, "KEM key")):

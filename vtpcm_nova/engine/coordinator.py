@@ -15,7 +15,14 @@ A migration whose deadline abort found the destination holding the state
 is in doubt (``IN_DOUBT``): the guest may run there. It passes the commit
 point only on the source's signed commit and is undone only by an explicit
 abort; what the agents say about the switchover (``_switchover``) is only
-logged, since their answers are not authenticated.
+logged: their replies are signed (agent API 1.6), but a stopped source
+swtpm is no proof the guest runs on the destination (a guest powered off on
+the source looks the same).
+
+Every agent reply the coordinator acts on is verified against the
+answering host's enrolled command key (``replykeys``); one that does not
+verify is a ``ReplyNotAuthenticated`` (a ``ServiceUnreachable``): the step's
+outcome is unknown, so it is retried (reconcile) and never taken as done.
 """
 
 import datetime
@@ -36,10 +43,13 @@ LOG = logging.getLogger(__name__)
 
 CREATING = "CREATING"
 DESTROYING = "DESTROYING"
+SHELVED = "SHELVED"
 RESERVED_PREFIX = "creating-"
 # How long a signed agent command may still run after the engine sent it:
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
 COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
+# How long an evacuation waits for the failed host's agent before it counts as gone.
+HEALTH_TIMEOUT = 10.0
 
 
 class AgentClient(Protocol):
@@ -48,10 +58,13 @@ class AgentClient(Protocol):
     def destroy(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
     def start(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
     def stop(self, host: str, instance_uuid: str) -> am.VTPCMInfo: ...
+    def health(self, host: str, timeout: float | None = None) -> am.Health: ...
     def seal_migration_key(self, host: str, context: am.MigrationContext,
                            dest_kem_public: bytes) -> am.SealedKey: ...
     def prepare_incoming(self, host: str, context: am.MigrationContext,
                          envelope: bytes) -> am.VTPCMInfo: ...
+    def export_state(self, host: str, instance_uuid: str) -> am.StateBlobs: ...
+    def import_state(self, host: str, blobs: am.StateBlobs) -> am.VTPCMInfo: ...
     def commit_incoming(self, host: str, context: am.MigrationContext) -> Any: ...
     def commit_outgoing(self, host: str, context: am.MigrationContext) -> Any: ...
     def abort_incoming(self, host: str, context: am.MigrationContext,
@@ -81,9 +94,21 @@ class Coordinator:
         reservation reaches an agent, so no VM gets a second vTPCM.
 
         The reservation carries a token of its own (``vtpcm_id``), so a late
-        answer completes only its own reservation. A refused create frees it.
-        If the agent's answer is lost (unreachable, timeout) the record stays
-        CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both."""
+        answer completes only its own reservation. A create the agent
+        refused (signed) frees it. If the answer is lost or unverifiable
+        (unreachable, timeout, unsigned, a replay) or the agent already holds
+        a vTPCM of the instance (``AlreadyExists``), the record stays
+        CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both.
+
+        The host needs a fresh TRUSTED verdict (attested now if it has none)
+        and APPROVED status, as a migration's destination does: a forced
+        boot skips the scheduler filter, and a tenant's new TPM must not
+        start life on an unattested platform."""
+        host_rec, why = self._trusted_destination(host, self.trust.check_fresh(host))
+        if host_rec is None:
+            self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,
+                          detail="host not trusted: %s" % why)
+            raise exception.HostNotTrusted(host=host, reason=why)
         token = RESERVED_PREFIX + str(uuid.uuid4())
         self.db.create_vtpcm(instance_uuid, token, host, state=CREATING, now=self.now())
         try:
@@ -92,9 +117,24 @@ class Coordinator:
             self.db.audit("vtpcm.create", "unknown", host=host, instance=instance_uuid,
                           detail="agent did not answer; record left CREATING")
             raise
-        except BaseException:
+        except exception.AlreadyExists as err:
+            # The agent holds a vTPCM of this instance (an earlier create of
+            # this reservation may have run): never orphan it.
+            self.db.audit("vtpcm.create", "exists", host=host, instance=instance_uuid,
+                          detail="%s; record left CREATING until destroyed" % err)
+            raise
+        except exception.VTPCMException as err:
+            # The agent's signed word that this create did not run (refused
+            # before it ran, or failed and cleaned up); a replay of it is
+            # never signed, so it cannot stand for a create that ran.
             self.db.delete_vtpcm(instance_uuid, 0, expected_state=CREATING,
                                  expected_vtpcm_id=token)
+            self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,
+                          detail=str(err))
+            raise
+        except BaseException:
+            self.db.audit("vtpcm.create", "unknown", host=host, instance=instance_uuid,
+                          detail="create interrupted; record left CREATING")
             raise
         if not self.db.complete_vtpcm(instance_uuid, token, info.vtpcm_id, info.generation,
                                       info.state):
@@ -134,6 +174,122 @@ class Coordinator:
         self.agents.destroy(rec.host, instance_uuid)
         self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=instance_uuid)
+
+    def replace_vtpcm(self, instance_uuid: str, host: str,
+                      requested_by: str | None = None) -> db_api.VtpcmRecord:
+        """Evacuation with state loss, which the operator allowed on the
+        target's nova-compute (``[vtpcm] evacuate_with_fresh_vtpcm``): the
+        vTPCM of a failed host is abandoned and ``host`` gets a fresh one.
+
+        Only ``host`` itself may ask, never during a migration, creation or
+        destruction, and only while the holder's agent does not answer (a
+        host that answers can migrate the vTPCM instead). The old record goes
+        first (compare-and-set on its generation, state and id): the engine
+        never starts the old copy again, also if its host comes back. Audited
+        as state loss."""
+        rec = self.db.get_vtpcm(instance_uuid)
+        if requested_by not in (None, host):
+            refusal = "signed by %s, not by %s" % (requested_by, host)
+        elif rec.host == host:
+            refusal = "the vTPCM already lives on %s" % host
+        elif rec.migration_id is not None:
+            refusal = "migration %s holds the vTPCM" % rec.migration_id
+        elif rec.state in (CREATING, DESTROYING):
+            refusal = "the vTPCM is %s" % rec.state
+        else:
+            refusal = self._holder_answers(rec.host)
+        if refusal:
+            self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
+                          detail=refusal[:1000])
+            raise exception.CommandRefused(method="replace_vtpcm", reason=refusal)
+        if not self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=rec.state,
+                                    expected_vtpcm_id=rec.vtpcm_id):
+            raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                      reason="its record changed meanwhile; retry")
+        self.db.audit("vtpcm.evacuate", "state lost", host=rec.host, instance=instance_uuid,
+                      detail="vTPCM %s (generation %d) on failed host %s abandoned; a fresh "
+                             "vTPCM on %s" % (rec.vtpcm_id, rec.generation, rec.host, host))
+        LOG.warning("Instance %(i)s evacuated from %(old)s to %(new)s with a fresh vTPCM: "
+                    "its TPM state (generation %(gen)d) is lost",
+                    {"i": instance_uuid, "old": rec.host, "new": host, "gen": rec.generation})
+        return self.create_vtpcm(instance_uuid, host)
+
+    def shelve_vtpcm(self, instance_uuid: str,
+                     requested_by: str | None = None) -> db_api.VtpcmRecord:
+        """Shelve offload: the holder's consent, given while it still holds
+        the vTPCM, that a later unshelve may move it to another TRUSTED
+        host without the holder's nova-compute. The swtpm stops (the guest
+        is off); the state stays on the holder's disk, encrypted under keys
+        only its TPM unwraps. Idempotent."""
+        rec = self._powered_record("shelve_vtpcm", instance_uuid, requested_by)
+        if rec.state == SHELVED:
+            return rec
+        self.agents.stop(rec.host, instance_uuid)
+        if not self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
+                                       expected_state=rec.state, expected_migration_id=None):
+            raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                      reason="its record changed meanwhile; retry")
+        self.db.audit("vtpcm.shelve", "shelved", host=rec.host, instance=instance_uuid,
+                      detail="generation %d kept on %s" % (rec.generation, rec.host))
+        return self.db.get_vtpcm(instance_uuid)
+
+    def unshelve_vtpcm(self, instance_uuid: str, host: str,
+                       requested_by: str | None = None) -> db_api.VtpcmRecord:
+        """Unshelve onto ``host`` (signed by it): on the holder the vTPCM is
+        simply live again; elsewhere it moves as in a cold migration (fresh
+        TRUSTED verdict for ``host``, key sealed to its TPM, encrypted blobs,
+        generation + 1, the holder's copy shredded), driven by the engine
+        under an id of its own. Only a SHELVED vTPCM moves, so it is
+        restored once: a second unshelve elsewhere is refused. A refused or
+        failed move leaves it SHELVED on the holder."""
+        rec = self.db.get_vtpcm(instance_uuid)
+        refusal = ""
+        if requested_by not in (None, host):
+            refusal = "signed by %s, not by %s" % (requested_by, host)
+        elif rec.host == host:
+            if rec.state == SHELVED and not self.db.set_vtpcm_state(
+                    instance_uuid, rec.generation, "ACTIVE", expected_state=SHELVED,
+                    expected_migration_id=None):
+                raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                          reason="its record changed meanwhile; retry")
+            self.db.audit("vtpcm.unshelve", "unshelved", host=host, instance=instance_uuid,
+                          detail="on its holder, generation %d" % rec.generation)
+            return self.db.get_vtpcm(instance_uuid)
+        elif rec.state != SHELVED or rec.migration_id is not None:
+            refusal = ("the vTPCM is %s on %s, not shelved: only a shelved vTPCM moves at "
+                       "unshelve, once" % (rec.state, rec.host))
+        if refusal:
+            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
+                          detail=refusal[:1000])
+            raise exception.CommandRefused(method="unshelve_vtpcm", reason=refusal)
+        migration_id = str(uuid.uuid4())
+        try:
+            self.begin(migration_id, instance_uuid, rec.host, host)
+            self.transfer(migration_id)
+            self.commit(migration_id)
+        except exception.VTPCMException as err:
+            # begin and transfer abort themselves; the holder keeps it, shelved
+            self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
+                                    expected_state="ACTIVE", expected_migration_id=None)
+            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
+                          migration_id=migration_id, detail=str(err)[:1000])
+            raise
+        self.db.audit("vtpcm.unshelve", "moved", host=host, instance=instance_uuid,
+                      migration_id=migration_id,
+                      detail="from %s, generation %d" % (rec.host, rec.generation + 1))
+        return self.db.get_vtpcm(instance_uuid)
+
+    def _holder_answers(self, holder: str) -> str:
+        """A refusal if the holder's agent answers (its host is not failed)."""
+        try:
+            self.agents.health(holder, timeout=HEALTH_TIMEOUT)
+        except exception.ReplyNotAuthenticated:
+            # someone answers in the holder's name: not a failed host
+            return "an answer for the agent of %s did not verify" % holder
+        except exception.ServiceUnreachable:
+            return ""
+        return ("the agent of %s answers: evacuate only from a failed host (migrate "
+                "otherwise)" % holder)
 
     def start_vtpcm(self, instance_uuid: str,
                     requested_by: str | None = None) -> tuple[str, am.VTPCMInfo]:
@@ -324,9 +480,10 @@ class Coordinator:
         ``requested_by``: the signing host. Before the commit point only the
         source's word counts (it saw the migration complete); the
         destination may sign a commit already past it (finish a retry).
-        Agent answers about the switchover are not authenticated, so no
-        such evidence may stand in for the source's signature: a forged
-        "the source's swtpm stopped" would shred a source the guest runs on."""
+        What the agents report about the switchover (signed, but a stopped
+        source swtpm also means a guest powered off there) cannot stand in
+        for the source's signature: taking it would shred a source the
+        guest may still need."""
         proto, ctx, rec = self._load(migration_id)
         self._settle_deadline_abort(proto, ctx, rec)
         if proto.state in (M.COMMITTING, M.SHREDDING):
@@ -334,7 +491,7 @@ class Coordinator:
             self._run(proto, ctx, p.pending_actions(proto.state))
             return self.db.get_migration(migration_id)
         if requested_by not in (None, ctx.source_host) and \
-                proto.state in (M.PREPARED, M.IN_DOUBT):
+                proto.state in (M.PREPARED, M.TRANSFERRING, M.TRANSFERRED, M.IN_DOUBT):
             detail = "signed by %s, not the source, before the commit point" % requested_by
             self.db.audit("migration.commit", "refused", host=requested_by,
                           instance=ctx.instance_uuid, migration_id=migration_id,
@@ -345,6 +502,36 @@ class Coordinator:
                        % proto.state.value)
         self._advance(proto, ctx, p.CommitRequested())
         return self.db.get_migration(migration_id)
+
+    def transfer(self, migration_id: str,
+                 requested_by: str | None = None) -> db_api.MigrationRecord:
+        """Cold migration, resize: carry the vTPCM's blobs (encrypted by
+        swtpm under the migration key; the engine sees only ciphertext)
+        from the source into the destination's prepared incoming vTPCM.
+
+        Only the source may ask: it holds the vTPCM and knows its guest is
+        off. Once per migration: a retry after the state went is a no-op,
+        and the destination refuses a second import anyway. A failed
+        transfer aborts the migration (the source's copy stays live)."""
+        proto, ctx, _ = self._load(migration_id)
+        if requested_by not in (None, ctx.source_host):
+            detail = "signed by %s, not the source %s" % (requested_by, ctx.source_host)
+            self.db.audit("migration.transfer", "refused", host=requested_by,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail=detail)
+            raise exception.CommandRefused(method="transfer_state", reason=detail)
+        try:
+            self._advance(proto, ctx, p.TransferRequested())
+        except exception.InvalidTransition:
+            self.db.audit("migration.transfer", "refused", host=ctx.source_host,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail="migration is %s" % proto.state.value)
+            raise
+        rec = self.db.get_migration(migration_id)
+        if proto.state is not M.TRANSFERRED:
+            raise exception.MigrationError(migration_id=migration_id,
+                                           reason=rec.error or "aborted")
+        return rec
 
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
         """Undo the migration before its commit point (in doubt too: Nova's
@@ -426,9 +613,9 @@ class Coordinator:
 
     def _switchover(self, ctx: am.MigrationContext) -> str:
         """What the agents say about where the guest runs, for the operator's
-        log only (unauthenticated answers; QEMU stops its swtpm when it
-        exits, so a stopped source swtpm next to a running incoming one
-        suggests a switchover, or just a guest powered off on the source)."""
+        log only (signed answers, but QEMU stops its swtpm when it exits, so
+        a stopped source swtpm next to a running incoming one suggests a
+        switchover, or just a guest powered off on the source)."""
         src = self.agents.get(ctx.source_host, ctx.instance_uuid)
         dst = self.agents.get(ctx.dest_host, ctx.instance_uuid)
         if (src.state, src.migration_id) != ("MIGRATING_OUT", ctx.migration_id):
@@ -441,7 +628,7 @@ class Coordinator:
             why = "the destination's vTPCM does not run on %s" % ctx.dest_host
         else:
             why = ("the agents report the source's swtpm stopped and the destination's "
-                   "running (unverified)")
+                   "running (signed answers; not proof of a switchover)")
         return why
 
     def _load(self, migration_id: str) -> tuple[p.MigrationProtocol, am.MigrationContext,
@@ -501,6 +688,9 @@ class Coordinator:
             self._recheck_destination(ctx, kem_public)
             self.agents.prepare_incoming(dst, ctx, action.envelope)
             return p.DestinationPrepared()
+        if isinstance(action, p.TransferState):
+            self._transfer_state(ctx)
+            return p.StateTransferred()
         if isinstance(action, p.MoveAuthority):
             moved = self.db.update_vtpcm_location(
                 ctx.instance_uuid, src, ctx.generation, dst, ctx.generation + 1,
@@ -546,6 +736,23 @@ class Coordinator:
             return p.SourceRestored()
         raise exception.MigrationError(migration_id=ctx.migration_id,
                                        reason="unknown action %s" % action.name)
+
+    def _transfer_state(self, ctx: am.MigrationContext) -> None:
+        """Export at the source, import at the destination. The source's
+        blobs must be of this migration and generation (its agent marked
+        them MIGRATING_OUT for it); the destination imports only into the
+        incoming vTPCM prepared for it, once (``InstanceManager.import_state``)."""
+        blobs = self.agents.export_state(ctx.source_host, ctx.instance_uuid)
+        if (blobs.migration_id, blobs.generation) != (ctx.migration_id, ctx.generation):
+            raise exception.MigrationError(
+                migration_id=ctx.migration_id,
+                reason="the source exported the state of migration %s, generation %d, "
+                       "not of this migration at generation %d"
+                       % (blobs.migration_id, blobs.generation, ctx.generation))
+        self.agents.import_state(ctx.dest_host, blobs)
+        LOG.info("Migration %(mig)s: moved the encrypted state of instance %(i)s from "
+                 "%(src)s to %(dst)s", {"mig": ctx.migration_id, "i": ctx.instance_uuid,
+                                        "src": ctx.source_host, "dst": ctx.dest_host})
 
     def _refuse_audit(self, migration_id: str, instance_uuid: str, host: str,
                       detail: str) -> None:

@@ -126,13 +126,16 @@ class EngineManager:
     def __init__(self, db: db_api.Database, attestor: Attestor, coordinator: Coordinator,
                  *, auto_approve: bool = False, default_policy: str | None = None,
                  admin_verifier: authn.Verifier | None = None,
-                 host_verifier: authn.CommandVerifier | None = None) -> None:
+                 host_verifier: authn.CommandVerifier | None = None,
+                 signer: authn.CommandSigner | None = None) -> None:
         """``admin_verifier`` checks operator signatures on the admin
         methods; without one they are all refused (fail closed).
         ``host_verifier`` checks compute-node calls against the enrolled
         host command keys (bound to the engine topic); without one those
-        calls are all refused."""
+        calls are all refused. ``signer``: the engine's command key, which
+        signs its answers about host keys (without it they are refused)."""
         self.db = db
+        self.signer = signer
         self.verifier = AuditedVerifier(admin_verifier or authn.RefuseAll(NO_ADMIN_KEYS), db)
         self.host_verifier = host_verifier
         self.attestor = attestor
@@ -151,9 +154,9 @@ class EngineManager:
         takes the destination's word before the commit point only once the
         agents show the guest left the source. A NotFound here is the
         honest answer to any caller."""
-        if method == "create_vtpcm":
+        if method in ("create_vtpcm", "replace_vtpcm", "unshelve_vtpcm"):  # who gets it
             return (request.host,)
-        if method in ("destroy_vtpcm", "start_vtpcm", "stop_vtpcm"):
+        if method in ("destroy_vtpcm", "start_vtpcm", "stop_vtpcm", "shelve_vtpcm"):
             return (self.db.get_vtpcm(request.instance_uuid).host,)
         if method == "check_destination":
             try:
@@ -162,6 +165,8 @@ class EngineManager:
                 return (request.dest,)
         if method == "begin":  # the source, as recorded: Nova's live_migration on it
             return (self.db.get_vtpcm(request.instance_uuid).host,)
+        if method == "transfer_state":  # the source: its guest is off, it consents
+            return (self.db.get_migration(request.migration_id).source,)
         if method in ("commit", "abort"):  # either side may settle it
             rec = self.db.get_migration(request.migration_id)
             return (rec.source, rec.dest)
@@ -243,6 +248,23 @@ class EngineManager:
     def show_host(self, req: m.HostRef) -> m.HostInfo:
         return host_info(self.db.get_host(req.host))
 
+    @endpoint(m.HostRef)
+    def host_command_key(self, req: m.HostRef) -> m.HostCommandKey:
+        rec = self.db.get_host(req.host)
+        return m.HostCommandKey(rec.name, rec.status.value, rec.command_public)
+
+    @endpoint(m.HostKeyQuery)
+    def signed_host_command_key(self, req: m.HostKeyQuery) -> m.SignedHostCommandKey:
+        if self.signer is None:
+            raise exception.CommandRefused(
+                method="signed_host_command_key",
+                reason="this engine has no command signing key to sign its answer")
+        rec = self.db.get_host(req.host)
+        return m.SignedHostCommandKey(
+            rec.name, rec.status.value, rec.command_public,
+            self.signer.sign_host_key(rec.name, rec.status.value, rec.command_public,
+                                      req.nonce))
+
     @endpoint(m.AssignPolicy, signed=True)
     def assign_policy(self, req: m.AssignPolicy) -> m.HostInfo:
         # the host's verdict expires with the change, in one transaction
@@ -292,6 +314,21 @@ class EngineManager:
     def create_vtpcm(self, req: m.VtpcmPlacement, signer: str) -> m.VtpcmRecord:
         return vtpcm_info(self.coordinator.create_vtpcm(req.instance_uuid, req.host))
 
+    @endpoint(m.VtpcmPlacement, host_signed=True)
+    def replace_vtpcm(self, req: m.VtpcmPlacement, signer: str) -> m.VtpcmRecord:
+        return vtpcm_info(self.coordinator.replace_vtpcm(req.instance_uuid, req.host,
+                                                         requested_by=signer))
+
+    @endpoint(m.InstanceRef, host_signed=True)
+    def shelve_vtpcm(self, req: m.InstanceRef, signer: str) -> m.VtpcmRecord:
+        return vtpcm_info(self.coordinator.shelve_vtpcm(req.instance_uuid,
+                                                        requested_by=signer))
+
+    @endpoint(m.VtpcmPlacement, host_signed=True)
+    def unshelve_vtpcm(self, req: m.VtpcmPlacement, signer: str) -> m.VtpcmRecord:
+        return vtpcm_info(self.coordinator.unshelve_vtpcm(req.instance_uuid, req.host,
+                                                          requested_by=signer))
+
     @endpoint(m.InstanceRef, host_signed=True)
     def destroy_vtpcm(self, req: m.InstanceRef, signer: str) -> m.Empty:
         self.coordinator.destroy_vtpcm(req.instance_uuid, requested_by=signer)
@@ -325,6 +362,11 @@ class EngineManager:
     @endpoint(m.MigrationRef, host_signed=True)
     def commit(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.commit(req.migration_id, requested_by=signer))
+
+    @endpoint(m.MigrationRef, host_signed=True)
+    def transfer_state(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:
+        return migration_info(self.coordinator.transfer(req.migration_id,
+                                                        requested_by=signer))
 
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:

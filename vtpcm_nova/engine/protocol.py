@@ -12,7 +12,16 @@ Happy path::
     PREPARED --CommitRequested--> COMMITTING --DestinationCommitted-->
     SHREDDING --SourceShredded--> COMMITTED
 
-Failure before the commit point (any of SEALING, PREPARING, PREPARED)::
+A cold migration or resize (the guest is off) moves the state itself: the
+source's signed transfer makes the engine carry the blobs (still encrypted
+under the migration key) from the source's agent into the destination's
+incoming vTPCM, once::
+
+    PREPARED --TransferRequested--> TRANSFERRING --StateTransferred-->
+    TRANSFERRED --CommitRequested--> COMMITTING --> ...
+
+Failure before the commit point (any of SEALING, PREPARING, PREPARED,
+TRANSFERRING, TRANSFERRED)::
 
     --AbortRequested / Failure / DeadlinePassed--> ABORTING
     --DestinationDestroyed--> RESTORING --SourceRestored--> ABORTED
@@ -50,6 +59,8 @@ class MigrationState(enum.StrEnum):
     SEALING = "SEALING"
     PREPARING = "PREPARING"
     PREPARED = "PREPARED"
+    TRANSFERRING = "TRANSFERRING"
+    TRANSFERRED = "TRANSFERRED"
     COMMITTING = "COMMITTING"
     SHREDDING = "SHREDDING"
     COMMITTED = "COMMITTED"
@@ -65,7 +76,7 @@ TERMINAL = frozenset({M.REFUSED, M.COMMITTED, M.ABORTED})
 # States in which the coordinator still owes agent calls after a restart.
 PENDING_WORK = frozenset({M.COMMITTING, M.SHREDDING, M.ABORTING, M.IN_DOUBT,
                           M.DISCARDING, M.RESTORING})
-ABORTABLE = frozenset({M.SEALING, M.PREPARING, M.PREPARED})
+ABORTABLE = frozenset({M.SEALING, M.PREPARING, M.PREPARED, M.TRANSFERRING, M.TRANSFERRED})
 
 
 # --- events -----------------------------------------------------------------
@@ -90,6 +101,17 @@ class KeySealed:
 @dataclasses.dataclass(frozen=True)
 class DestinationPrepared:
     pass
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferRequested:
+    """The source (guest off: cold migration, resize) asks the engine to
+    carry the encrypted blobs to the prepared destination."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StateTransferred:
+    """The destination's incoming vTPCM took the blobs."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +167,8 @@ class SourceRestored:
     pass
 
 
-Event: TypeAlias = (Begin | KeySealed | DestinationPrepared | CommitRequested
+Event: TypeAlias = (Begin | KeySealed | DestinationPrepared | TransferRequested
+                    | StateTransferred | CommitRequested
                     | DestinationCommitted | SourceShredded | AbortRequested | Failure
                     | DeadlinePassed | DestinationDestroyed | DestinationInUse
                     | SourceRestored)
@@ -169,6 +192,14 @@ class SealKey(Action):
 class PrepareDestination(Action):
     name: ClassVar[str] = "prepare_destination"
     envelope: bytes = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferState(Action):
+    """Export the blobs at the source (this migration, this generation only)
+    and import them into the destination's incoming vTPCM."""
+
+    name: ClassVar[str] = "transfer_state"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,7 +231,8 @@ class DestroyDestination(Action):
 @dataclasses.dataclass(frozen=True)
 class CheckSwitchover(Action):
     """Log what both agents say about where the guest runs, for the
-    operator; never an event (their answers are not authenticated)."""
+    operator; never an event (a stopped source swtpm is no proof of a
+    switchover, signed or not)."""
 
     name: ClassVar[str] = "check_switchover"
 
@@ -227,6 +259,9 @@ TRANSITIONS: dict[tuple[MigrationState, type], MigrationState] = {
     (M.SEALING, KeySealed): M.PREPARING,
     (M.PREPARING, DestinationPrepared): M.PREPARED,
     (M.PREPARED, CommitRequested): M.COMMITTING,
+    (M.PREPARED, TransferRequested): M.TRANSFERRING,
+    (M.TRANSFERRING, StateTransferred): M.TRANSFERRED,
+    (M.TRANSFERRED, CommitRequested): M.COMMITTING,
     (M.COMMITTING, DestinationCommitted): M.SHREDDING,
     (M.SHREDDING, SourceShredded): M.COMMITTED,
     (M.ABORTING, DestinationDestroyed): M.RESTORING,
@@ -241,6 +276,7 @@ TRANSITIONS: dict[tuple[MigrationState, type], MigrationState] = {
 # Events that repeat what already happened: accepted, no new actions.
 IDEMPOTENT: frozenset[tuple[MigrationState, type]] = frozenset({
     (M.PREPARED, DestinationPrepared),
+    (M.TRANSFERRED, TransferRequested),  # a retried transfer: the state went once
     (M.COMMITTING, CommitRequested),
     (M.SHREDDING, CommitRequested),
     (M.SHREDDING, DestinationCommitted),
@@ -266,6 +302,10 @@ def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
     if state is M.PREPARING:
         assert isinstance(event, KeySealed)
         return [PrepareDestination(envelope=event.envelope)]
+    if state is M.TRANSFERRING:
+        return [TransferState()]
+    if state is M.TRANSFERRED:
+        return [Audit(event="migration.transfer", outcome="state transferred")]
     if state is M.COMMITTING:
         return [Audit(event="migration.commit", outcome="commit point passed"),
                 MoveAuthority(), CommitDestination()]

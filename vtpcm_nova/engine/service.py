@@ -17,6 +17,7 @@ from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.api import Database
 from vtpcm_nova.engine.manager import NO_ADMIN_KEYS, AgentAttestationClient, EngineManager
+from vtpcm_nova.engine.replykeys import EnrolledReplyKeys
 
 LOG = logging.getLogger(__name__)
 
@@ -77,8 +78,9 @@ class EngineService:
         self.host_verifier.remember_nonces_in(self.db)
         self.transport = rpc.get_transport(conf)
         self.signer = authn.load_or_create_signing_key(Path(conf.engine.command_signing_key))
+        # replies count only if signed by the host's enrolled command key
         self.agents = AgentAPI(conf, self.transport, timeout=conf.engine.rpc_timeout,
-                               signer=self.signer)
+                               signer=self.signer, reply_keys=EnrolledReplyKeys(self.db))
         att = conf.attestation
         client = AgentAttestationClient(self.agents)
         self.attestor = Attestor(self.db, lambda: client, verdict_ttl=att.verdict_ttl,
@@ -90,7 +92,8 @@ class EngineService:
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,
                                      admin_verifier=self.admin_verifier,
-                                     host_verifier=self.host_verifier)
+                                     host_verifier=self.host_verifier,
+                                     signer=self.signer)
         self.server: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -15,22 +15,25 @@ supported Nova range (``SUPPORTED_NOVA``).
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from typing import Any
 
 import nova.conf
 from lxml import etree
 from nova import exception as nova_exception
+from nova import objects
 from nova.compute import task_states, vm_states
 from nova.virt.libvirt import config as vconfig
 from nova.virt.libvirt import driver as libvirt_driver
 from oslo_log import log as logging
+from oslo_utils import excutils
 
 from vtpcm_common import exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_nova import clients, extra_specs
 from vtpcm_nova.conf import compute as compute_conf
-from vtpcm_nova.virt import lifecycle, livemigration, tpmxml
+from vtpcm_nova.virt import coldmigration, lifecycle, livemigration, tpmxml
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -108,7 +111,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         super().__init__(virtapi, read_only)
         compute_conf.register_opts(CONF)
         self._clients_lock = threading.Lock()
-        self._engine: EngineAPI | None = None
+        # the engine client as this host signs it (clients.EngineForHost)
+        self._engine: Callable[[], EngineAPI] | None = None
         self._agents: AgentAPI | None = None
         self._dest_sockets: dict[str, str] = {}
         self._trait: tuple[float, bool] = (0.0, False)
@@ -129,14 +133,14 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         """Made on first use: a compute without vTPCM instances never needs it."""
         with self._clients_lock:
             if self._engine is None:
-                self._engine = clients.engine_for_host(CONF)
-            return self._engine
+                self._engine = clients.EngineForHost(CONF)
+        return self._engine()  # made again after a host key rotation
 
     @property
     def vtpcm_agents(self) -> AgentAPI:
         with self._clients_lock:
             if self._agents is None:
-                self._agents = clients.agent_reader(CONF)
+                self._agents = clients.agent_reader(CONF, self.vtpcm_host)
             return self._agents
 
     # --- the guest's TPM device (spawn, reboot, power on, host boot, unshelve) ----
@@ -147,21 +151,50 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             super()._add_vtpm_device(guest, flavor, instance, image_meta)
             return
         try:
-            socket_path = lifecycle.ensure_running(self.vtpcm_engine, self.vtpcm_agents,
-                                                   instance.uuid, self.vtpcm_host,
-                                                   CONF.vtpcm.socket_dirs)
+            if instance.vm_state == vm_states.SHELVED_OFFLOADED:
+                lifecycle.unshelve_here(self.vtpcm_engine, instance.uuid, self.vtpcm_host)
+            # the destination of an unconfirmed resize runs the incoming vTPCM
+            socket_path = coldmigration.guest_socket(self.vtpcm_engine, self.vtpcm_agents,
+                                                     instance.uuid, self.vtpcm_host,
+                                                     CONF.vtpcm.socket_dirs)
         except exception.VTPCMNotHere as err:
-            raise VTPCMFault(reason=_not_here_reason(instance, err)) from None
+            if not (_evacuating(instance) and CONF.vtpcm.evacuate_with_fresh_vtpcm):
+                raise VTPCMFault(reason=_not_here_reason(instance, err)) from None
+            socket_path = self._fresh_after_evacuation(instance)
         except exception.VTPCMException as err:
             raise VTPCMFault(reason=str(err)) from None
         guest.add_device(LibvirtConfigGuestExternalTPM(socket_path, spec.model))
+
+    def _shelve(self, instance: Any) -> None:
+        """Never fails the offload: without the engine's record the vTPCM
+        stays on this host, and an unshelve elsewhere is refused by name."""
+        try:
+            lifecycle.shelve_if_held(self.vtpcm_engine, instance.uuid, self.vtpcm_host)
+        except exception.VTPCMException as err:
+            LOG.error("vTPCM of the offloaded instance not shelved: it can be unshelved "
+                      "only on %(host)s: %(err)s", {"host": self.vtpcm_host, "err": err},
+                      instance=instance)
+
+    def _fresh_after_evacuation(self, instance: Any) -> str:
+        try:
+            return lifecycle.fresh_after_evacuation(self.vtpcm_engine, self.vtpcm_agents,
+                                                    instance.uuid, self.vtpcm_host,
+                                                    CONF.vtpcm.socket_dirs)
+        except exception.VTPCMException as err:
+            raise VTPCMFault(reason="evacuation with a fresh vTPCM refused: %s" % err) \
+                from None
 
     def destroy(self, context: Any, instance: Any, network_info: Any,
                 block_device_info: Any = None, destroy_disks: bool = True,
                 destroy_secrets: bool = True) -> None:
         super().destroy(context, instance, network_info, block_device_info, destroy_disks,
                         destroy_secrets)
-        if not vtpcm_spec(instance.flavor).enabled or not _shreds(instance):
+        if not vtpcm_spec(instance.flavor).enabled:
+            return
+        if instance.task_state == task_states.SHELVING_OFFLOADING:
+            self._shelve(instance)
+            return
+        if not _shreds(instance):
             return
         try:
             lifecycle.destroy_if_held(self.vtpcm_engine, instance.uuid, self.vtpcm_host)
@@ -274,18 +307,93 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             LOG.warning("vTPCM abort on rollback failed: %(err)s", {"err": err},
                         instance=instance)
 
-    # --- operations that would move the vTPCM without the protocol ---------------------
+    # --- cold migration and resize ----------------------------------------------------
     def migrate_disk_and_power_off(self, context: Any, instance: Any, dest: str,
                                    flavor: Any, network_info: Any,
                                    block_device_info: Any = None, timeout: int = 0,
                                    retry_interval: int = 0) -> Any:
-        if vtpcm_spec(instance.flavor).enabled or vtpcm_spec(flavor).enabled:
+        has, wants = vtpcm_spec(instance.flavor).enabled, vtpcm_spec(flavor).enabled
+        if has != wants:
             raise nova_exception.InstanceFaultRollback(VTPCMFault(reason=(
-                "cold migration and resize of vTPCM instances are not supported yet; "
-                "use live migration")))
-        return super().migrate_disk_and_power_off(context, instance, dest, flavor,
-                                                  network_info, block_device_info,
-                                                  timeout, retry_interval)
+                "a resize cannot %s a vTPCM; the guest's TPM belongs to the instance"
+                % ("remove" if has else "add"))))
+        migration = _resize_migration(context, instance) if has else None
+        if migration is None or migration.dest_compute == self.vtpcm_host:
+            # no vTPCM, or a resize on this host: the vTPCM stays as it is
+            return super().migrate_disk_and_power_off(
+                context, instance, dest, flavor, network_info, block_device_info, timeout,
+                retry_interval)
+        was_running = instance.vm_state == vm_states.ACTIVE
+        # the state is read once nothing can change it any more
+        self.power_off(instance, timeout, retry_interval)
+        try:
+            coldmigration.move(self.vtpcm_engine, migration.uuid, instance.uuid,
+                               self.vtpcm_host, migration.dest_compute)
+        except exception.VTPCMException as err:
+            LOG.error("vTPCM of migration %(mig)s refused or failed, rolling back: %(err)s",
+                      {"mig": migration.uuid, "err": err}, instance=instance)
+            self._restart_on_source(context, instance, network_info, block_device_info,
+                                    was_running)
+            raise nova_exception.InstanceFaultRollback(VTPCMFault(
+                reason="cold migration to %s refused: %s" % (migration.dest_compute, err))) \
+                from None
+        try:
+            return super().migrate_disk_and_power_off(
+                context, instance, dest, flavor, network_info, block_device_info, timeout,
+                retry_interval)
+        except BaseException as err:
+            with excutils.save_and_reraise_exception():
+                self._revert_quietly(instance, migration.uuid,
+                                     "moving the disks failed: %s" % err)
+                if isinstance(err, nova_exception.InstanceFaultRollback):
+                    self._restart_on_source(context, instance, network_info,
+                                            block_device_info, was_running)
+
+    def finish_revert_migration(self, context: Any, instance: Any, network_info: Any,
+                                migration: Any, block_device_info: Any = None,
+                                power_on: bool = True, share_info: Any = None) -> None:
+        if vtpcm_spec(instance.flavor).enabled and _moves_host(migration):
+            # before the guest's XML is made: it needs the source's vTPCM back
+            try:
+                coldmigration.revert(self.vtpcm_engine, migration.uuid,
+                                     "resize reverted by Nova")
+            except exception.VTPCMException as err:
+                raise VTPCMFault(reason="could not take the vTPCM back from %s: %s"
+                                 % (migration.dest_compute, err)) from None
+        super().finish_revert_migration(context, instance, network_info, migration,
+                                        block_device_info, power_on, share_info)
+
+    def confirm_migration(self, context: Any, migration: Any, instance: Any,
+                          network_info: Any) -> None:
+        if vtpcm_spec(instance.flavor).enabled and _moves_host(migration):
+            try:
+                coldmigration.confirm(self.vtpcm_engine, migration.uuid)
+            except exception.VTPCMException as err:
+                # the guest keeps running on the destination's incoming
+                # vTPCM; the migration waits for this host's commit
+                raise VTPCMFault(reason="vTPCM commit of migration %s failed: %s"
+                                 % (migration.uuid, err)) from None
+        super().confirm_migration(context, migration, instance, network_info)
+
+    def _restart_on_source(self, context: Any, instance: Any, network_info: Any,
+                           block_device_info: Any, was_running: bool) -> None:
+        """Undo our power off: Nova's rollback of a refused resize puts the
+        instance back ACTIVE but does not start the guest again."""
+        if not was_running:
+            return
+        try:
+            self.power_on(context, instance, network_info, block_device_info)
+        except Exception as err:  # the refusal is what Nova must see
+            LOG.error("Could not restart the guest after the refused migration: %(err)s",
+                      {"err": err}, instance=instance)
+
+    def _revert_quietly(self, instance: Any, migration_id: str, reason: str) -> None:
+        try:
+            coldmigration.revert(self.vtpcm_engine, migration_id, reason)
+        except exception.VTPCMException as err:
+            LOG.warning("vTPCM abort of migration %(mig)s failed (the engine's deadline "
+                        "finishes it): %(err)s", {"mig": migration_id, "err": err},
+                        instance=instance)
 
     # --- placement -----------------------------------------------------------------------
     def update_provider_tree(self, provider_tree: Any, nodename: str,
@@ -322,12 +430,33 @@ def _shreds(instance: Any) -> bool:
                                      vm_states.SOFT_DELETED))
 
 
+def _resize_migration(context: Any, instance: Any) -> Any:
+    """Nova's migration record of the resize under way (its uuid is the
+    protocol's migration id; Nova passes only the destination's address)."""
+    mig_ctx = instance.migration_context
+    if mig_ctx is None:
+        raise nova_exception.InstanceFaultRollback(VTPCMFault(
+            reason="Nova gave no migration record to bind the vTPCM's move to"))
+    return objects.Migration.get_by_id(context, mig_ctx.migration_id)
+
+
+def _moves_host(migration: Any) -> bool:
+    return bool(migration.source_compute != migration.dest_compute)
+
+
+def _evacuating(instance: Any) -> bool:
+    """A rebuild spawning away from the vTPCM's host is an evacuation (a
+    rebuild proper stays on the host, where the vTPCM is kept)."""
+    return bool(instance.task_state == task_states.REBUILD_SPAWNING)
+
+
 def _not_here_reason(instance: Any, err: exception.VTPCMNotHere) -> str:
     """Name the Nova operation that tried to run the guest away from its vTPCM."""
-    if instance.task_state == task_states.REBUILD_SPAWNING:
+    if _evacuating(instance):
         return ("evacuate is refused for vTPCM instances: the vTPCM state cannot be read "
-                "from the failed host (%s)" % err)
+                "from the failed host (%s); [vtpcm] evacuate_with_fresh_vtpcm allows it "
+                "with a new, empty TPM" % err)
     if instance.vm_state == vm_states.SHELVED_OFFLOADED:
-        return ("unshelve onto another host is not supported yet for vTPCM instances: "
-                "the vTPCM is kept on its host (%s)" % err)
+        return ("unshelve onto this host refused: the vTPCM is kept on its host (%s)"
+                % err)
     return str(err)

@@ -24,6 +24,9 @@ class Engine(Protocol):
     def create_vtpcm(self, instance_uuid: str, host: str) -> em.VtpcmRecord: ...
     def start_vtpcm(self, instance_uuid: str) -> em.VtpcmStatus: ...
     def destroy_vtpcm(self, instance_uuid: str) -> em.Empty: ...
+    def replace_vtpcm(self, instance_uuid: str, host: str) -> em.VtpcmRecord: ...
+    def shelve_vtpcm(self, instance_uuid: str) -> em.VtpcmRecord: ...
+    def unshelve_vtpcm(self, instance_uuid: str, host: str) -> em.VtpcmRecord: ...
     def abort(self, migration_id: str, reason: str) -> em.MigrationInfo: ...
 
 
@@ -65,6 +68,44 @@ def ensure_running(engine: Engine, agents: AgentReader, instance_uuid: str,
         raise exception.SwtpmError(vtpcm_id=info.vtpcm_id,
                                    reason="the agent reports it stopped right after start")
     return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid, socket_dirs)
+
+
+def fresh_after_evacuation(engine: Engine, agents: AgentReader, instance_uuid: str,
+                           host: str, socket_dirs: Sequence[str]) -> str:
+    """Evacuation onto ``host`` with a fresh vTPCM, when the operator chose
+    state loss over a server stuck on a failed host: the engine abandons the
+    failed host's vTPCM (only while that host's agent does not answer) and
+    creates a new one here; then as ``ensure_running``."""
+    rec = engine.replace_vtpcm(instance_uuid, host)
+    LOG.warning("Instance %(instance)s evacuated to %(host)s with a fresh vTPCM "
+                "%(vtpcm)s: its previous TPM state is lost",
+                {"instance": instance_uuid, "host": host, "vtpcm": rec.vtpcm_id})
+    return ensure_running(engine, agents, instance_uuid, host, socket_dirs)
+
+
+def shelve_if_held(engine: Engine, instance_uuid: str, host: str) -> bool:
+    """Shelve offload on the holder: stop the vTPCM and record that an
+    unshelve may move it (the holder's consent, while it holds it). True if
+    this host held it."""
+    rec = _record(engine, instance_uuid)
+    if rec is None or rec.host != host:
+        return False
+    engine.shelve_vtpcm(instance_uuid)
+    LOG.info("Shelved the vTPCM of instance %(instance)s on %(host)s",
+             {"instance": instance_uuid, "host": host})
+    return True
+
+
+def unshelve_here(engine: Engine, instance_uuid: str, host: str) -> None:
+    """Unshelve onto ``host``: the engine makes the shelved vTPCM live here,
+    moving it from its holder (sealed to this host's TPM after a fresh
+    TRUSTED verdict) if it is kept elsewhere. An instance without a vTPCM
+    record gets one later, as at spawn."""
+    if _record(engine, instance_uuid) is None:
+        return
+    rec = engine.unshelve_vtpcm(instance_uuid, host)
+    LOG.info("Unshelved the vTPCM of instance %(instance)s on %(host)s (generation "
+             "%(gen)d)", {"instance": instance_uuid, "host": host, "gen": rec.generation})
 
 
 def destroy_if_held(engine: Engine, instance_uuid: str, host: str) -> bool:

@@ -1,15 +1,21 @@
-"""A rolling upgrade between agent API 1.4 and 1.5 over the local RabbitMQ.
+"""A rolling upgrade between agent API 1.5 and 1.6 (signed replies) over
+the local RabbitMQ.
 
-- A new engine pinned with ``[upgrade_levels] vtpcm_agent = 1.4`` against a
-  current agent daemon: every 1.4 method works (get_identity in its 1.4
-  form), the 1.5 method is refused by the client before it is sent.
+- An engine of the previous release (a 1.5 client, no reply keys) against
+  a current agent daemon: every method works as before, replies unsigned
+  (so agents may be upgraded first).
+- A current engine (reply keys) pinned with ``[upgrade_levels] vtpcm_agent
+  = 1.5``: it sends nothing whose reply it would have to take unsigned
+  (``RPCVersionCapped``), only the TPM-signed attestation calls.
 - An agent of the previous version (an in-process agent whose Target is
-  1.4) answering a current, unpinned client: the old methods work, the new
-  one comes back as a clear ``RPCVersionUnsupported``.
+  1.5) answering a current client: attestation works, every other call
+  is an unauthenticated reply naming the likely cause (an old agent),
+  never an unsigned answer taken for true.
 """
 
 import os
 import uuid
+from pathlib import Path
 
 import oslo_messaging as messaging
 import pytest
@@ -22,12 +28,12 @@ from tests.functional.harness import (
     short_dir,
 )
 from vtpcm_agent.manager import AgentManager
-from vtpcm_common import exception
+from vtpcm_common import authn, exception
 from vtpcm_common.api.agent.rpcapi import RPC_API_VERSION, AgentAPI
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.4"
+PREVIOUS = "1.5"
 
 
 class EmptyInstances:
@@ -45,9 +51,23 @@ class EmptyInstances:
 
 class PreviousAgent(AgentManager):
     """Today's code behind the previous version's Target: what the
-    dispatcher of a 1.4 agent accepts is exactly what this one accepts."""
+    dispatcher of a 1.5 agent accepts is exactly what this one accepts."""
 
     target = messaging.Target(version=PREVIOUS)
+
+
+class StaticKeys:
+    """The engine's view of the hosts' command keys."""
+
+    def __init__(self, keys):
+        self.keys = keys
+        self.refusals = []
+
+    def reply_key(self, host, method):
+        return self.keys[host]
+
+    def refused(self, host, method, reason):
+        self.refusals.append((host, method, reason))
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +75,26 @@ def upgrade():
     work = short_dir("vtver")
     exchange = "vtpcm-ver-" + uuid.uuid4().hex[:8]
     conf = client_conf(exchange)
-    current = AgentAPI(conf, timeout=30)
-    pinned = AgentAPI(conf, current.transport, timeout=30, version_cap=PREVIOUS)
+    tool = AgentAPI(conf, timeout=30)
+    old_engine = AgentAPI(conf, tool.transport, timeout=30, version_cap=PREVIOUS)
     old_host = "old-" + uuid.uuid4().hex[:6]
+    old_public = random_command_public()
     stop_old = serve_agent_in_process(conf, PreviousAgent(
-        old_host, EmptyInstances(), command_public=random_command_public()))
+        old_host, EmptyInstances(), command_public=old_public))
     try:
-        with agent_cluster(work, "ve", exchange, current, labels=("a",)) as hosts:
-            yield current, pinned, hosts[0][0], old_host
+        with agent_cluster(work, "ve", exchange, tool, labels=("a",)) as hosts:
+            host, _, agent, _ = hosts[0]
+            keys = StaticKeys({
+                host: authn.load_host_key(Path(agent.config["agent"]["state_dir"])
+                                          / "host-command.key").public_key,
+                old_host: authn.load_public_raw(old_public)})
+            current = AgentAPI(conf, tool.transport, timeout=30, reply_keys=keys)
+            pinned = AgentAPI(conf, tool.transport, timeout=30, reply_keys=keys,
+                              version_cap=PREVIOUS)
+            yield current, pinned, old_engine, host, old_host, keys
     finally:
         stop_old()
-        current.transport.cleanup()
+        tool.transport.cleanup()
 
 
 def test_the_versions_compared_here_are_the_current_and_previous_minor():
@@ -73,54 +102,55 @@ def test_the_versions_compared_here_are_the_current_and_previous_minor():
     assert PREVIOUS == "%s.%d" % (major, int(minor) - 1)
 
 
-def test_a_pinned_client_runs_every_old_method_on_a_current_agent(upgrade):
-    _, pinned, host, _ = upgrade
-    assert pinned.health(host).api_version == RPC_API_VERSION
+def test_an_engine_of_the_previous_release_runs_every_method_on_a_current_agent(upgrade):
+    current, _, old_engine, host, _, keys = upgrade
+    assert old_engine.health(host).api_version == RPC_API_VERSION
     instance = str(uuid.uuid4())
-    created = pinned.create(host, instance)  # signed: 1.3
-    assert pinned.start(host, instance).running
-    assert pinned.get(host, instance).vtpcm_id == created.vtpcm_id
-    assert instance in {v.instance_uuid for v in pinned.list(host).vtpcms}
-    assert pinned.stop(host, instance).state == "STOPPED"
-    identity = pinned.get_identity(host, os.urandom(32))  # asked as 1.4
+    created = old_engine.create(host, instance)  # signed: 1.3
+    assert old_engine.start(host, instance).running
+    assert old_engine.get(host, instance).vtpcm_id == created.vtpcm_id
+    assert instance in {v.instance_uuid for v in old_engine.list(host).vtpcms}
+    assert old_engine.stop(host, instance).state == "STOPPED"
+    identity = old_engine.get_identity(host, os.urandom(32))  # asked as 1.5
     assert identity.host == host and identity.command_public is not None
-    assert pinned.quote(host, os.urandom(32), (0, 1)).host == host
-    assert pinned.destroy(host, instance).state == "DESTROYED"
+    assert old_engine.quote(host, os.urandom(32), (0, 1)).host == host
+    # the current engine reads the same agent, replies signed
+    assert current.get(host, instance).vtpcm_id == created.vtpcm_id
+    assert old_engine.destroy(host, instance).state == "DESTROYED"
+    assert keys.refusals == []
 
 
-def test_a_pinned_client_refuses_a_newer_method_before_sending_it(upgrade):
-    current, pinned, host, old_host = upgrade
-    with pytest.raises(exception.RPCVersionCapped) as err:
-        pinned.activate_credential(host, b"credential", b"secret")
-    assert str(err.value) == (
-        "Not sent: activate_credential needs %s RPC API 1.5, but [upgrade_levels] "
-        "vtpcm_agent caps this client at 1.4 (some %s may still run an older "
-        "release)" % (pinned.topic, pinned.topic))
-    # not sent: the old agent would have answered that it cannot serve it
-    with pytest.raises(exception.RPCVersionCapped):
-        pinned.activate_credential(old_host, b"credential", b"secret")
-    with pytest.raises(exception.RPCVersionUnsupported):
-        current.activate_credential(old_host, b"credential", b"secret")
-
-
-def test_an_agent_of_the_previous_version_serves_old_methods(upgrade):
-    current, pinned, _, old_host = upgrade
-    assert current.health(old_host).host == old_host
-    with pytest.raises(exception.NotFound):
-        current.get(old_host, str(uuid.uuid4()))
-    assert current.list(old_host).vtpcms == ()
-    # get_identity in its 1.4 form reaches it (this one has no host TPM)
-    with pytest.raises(exception.HostTPMError, match="no host TPM configured"):
-        pinned.get_identity(old_host, os.urandom(32))
-
-
-def test_an_agent_of_the_previous_version_refuses_new_methods_clearly(upgrade):
-    current, _, _, old_host = upgrade
-    for call in (lambda: current.activate_credential(old_host, b"credential", b"secret"),
-                 lambda: current.get_identity(old_host, os.urandom(32))):
-        with pytest.raises(exception.RPCVersionUnsupported) as err:
+def test_a_pinned_engine_sends_nothing_whose_reply_it_would_take_unsigned(upgrade):
+    _, pinned, _, host, _, _ = upgrade
+    instance = str(uuid.uuid4())
+    for method, call in (("create", lambda: pinned.create(host, instance)),
+                         ("get", lambda: pinned.get(host, instance)),
+                         ("health", lambda: pinned.health(host))):
+        with pytest.raises(exception.RPCVersionCapped) as err:
             call()
-        assert str(err.value).startswith("%s.%s cannot serve " % (current.topic, old_host))
-        assert str(err.value).endswith(
-            "(RPC API 1.5): it runs an older API version; upgrade it first, or cap this "
-            "client with [upgrade_levels] vtpcm_agent meanwhile")
+        assert str(err.value) == (
+            "Not sent: %s needs %s RPC API 1.6, but [upgrade_levels] vtpcm_agent caps "
+            "this client at 1.5 (some %s may still run an older release)"
+            % (method, pinned.topic, pinned.topic))
+    # attestation goes on (TPM-signed answers)
+    assert pinned.quote(host, os.urandom(32), (0, 1)).host == host
+    assert pinned.get_identity(host, os.urandom(32)).host == host
+
+
+def test_an_agent_of_the_previous_version_serves_attestation_only(upgrade):
+    current, _, _, _, old_host, keys = upgrade
+    with pytest.raises(exception.HostTPMError, match="no host TPM configured"):
+        current.get_identity(old_host, os.urandom(32))
+    for method, call in (("health", lambda: current.health(old_host)),
+                         ("get", lambda: current.get(old_host, str(uuid.uuid4()))),
+                         ("list", lambda: current.list(old_host))):
+        # unsigned, so no answer (a forged "cannot serve" must not pass for
+        # a refusal either); the reason names the likely cause
+        with pytest.raises(exception.ReplyNotAuthenticated) as err:
+            call()
+        assert str(err.value) == (
+            "Reply of %s to %s not authenticated: an unsigned error reply "
+            "(UnsupportedVersion) (an agent older than API 1.6, or a forgery)"
+            % (old_host, method))
+    assert [r[:2] for r in keys.refusals] == [(old_host, "health"), (old_host, "get"),
+                                             (old_host, "list")]

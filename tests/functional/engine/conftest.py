@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy.exc import OperationalError
 
-from vtpcm_nova.engine.db import api
+from vtpcm_nova.engine.db import api, migration
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -66,6 +66,7 @@ def make_db(db_url: str) -> Iterator[MakeDb]:
     """``make()`` opens one more engine Database on ``db_url`` (several stand
     for several engine workers); all are disposed after the test."""
     made: list[api.Database] = []
+    migration.db_sync(db_url)  # what the operator runs before the engine starts
 
     def make() -> api.Database:
         db = api.Database(db_url)

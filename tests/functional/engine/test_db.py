@@ -7,11 +7,10 @@ import threading
 from collections.abc import Callable
 
 import pytest
-import sqlalchemy
 
 from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
-from vtpcm_nova.engine.db import api, models
+from vtpcm_nova.engine.db import api, migration
 from vtpcm_nova.engine.db.models import HostStatus
 
 pytestmark = pytest.mark.functional
@@ -41,9 +40,9 @@ def record(db: api.Database, host: str, status: verifier.TrustStatus, reason: st
     return db.record_attestation(basis, status, reason, until)
 
 
-def test_schema_version_and_persistence_across_restart(make_db: MakeDb) -> None:
+def test_schema_revision_and_persistence_across_restart(make_db: MakeDb) -> None:
     db = make_db()
-    assert db.schema_version() == models.SCHEMA_VERSION
+    assert db.schema_revision() == migration.head()
     enroll(db)
     db.put_policy("golden", "sha256", {0: b"\x00" * 32, 16: b"\x16" * 32}, "boot", now=T0)
     db.assign_policy("cmp1", "golden")
@@ -54,7 +53,7 @@ def test_schema_version_and_persistence_across_restart(make_db: MakeDb) -> None:
     db.dispose()
 
     db2 = make_db()  # "engine restart"
-    assert db2.schema_version() == models.SCHEMA_VERSION
+    assert db2.schema_revision() == migration.head()
     host = db2.get_host("cmp1")
     assert host.status is HostStatus.APPROVED and host.policy_name == "golden"
     assert host.enrolled_at == T0 and host.approved_at == T0 + MIN
@@ -234,82 +233,6 @@ def test_command_nonces_are_claimed_once_across_handles(make_db: MakeDb) -> None
     second.dispose()
 
 
-def test_schema_v1_database_is_upgraded(make_db: MakeDb) -> None:
-    old = make_db()
-    old.put_policy("golden", "sha256", {16: b"\x16" * 32}, now=T0)
-    enroll(old, approved=True)  # becomes a v1 host row, without a command key
-    old.assign_policy("cmp1", "golden")
-    with old.session() as s:  # old rules let a later name share a revoked AK
-        s.add(models.Host(name="cmp0", ak_public=b"ak", ak_name=b"\x00\x0bak-cmp1",
-                          kem_public=b"k", kem_name=b"k", status="APPROVED",
-                          enrolled_at=T0 + MIN))
-    models.CommandNonce.__table__.drop(old.engine)  # type: ignore[attr-defined]
-    models.EnrolledKey.__table__.drop(old.engine)  # type: ignore[attr-defined]
-    with old.engine.begin() as conn:
-        for table, column in api.ADDED_COLUMNS:
-            conn.execute(sqlalchemy.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
-    with old.session() as s:
-        row = s.get(models.SchemaVersion, 1)
-        assert row is not None
-        row.version = 1
-    old.dispose()
-    db = make_db()
-    assert db.schema_version() == models.SCHEMA_VERSION == 3
-    assert db.claim_nonce("ef" * 16, T0.timestamp() + 10, T0.timestamp())
-    assert db.get_host("cmp1").command_public is None  # re-enrol to learn its key
-    # v3: revisions start at 0 for the rows there were, and go on from there
-    assert db.get_host("cmp1").revision == 0 and db.get_policy("golden").revision == 0
-    assert record(db, "cmp1", verifier.TrustStatus.TRUSTED, "ok", T0, T0 + MIN).trusted
-    assert db.put_policy("golden", "sha256", {16: b"\x17" * 32}).revision == 1
-    # v3: the keys there were are bound to the first name enrolled with them
-    assert db.key_owner("ak", b"\x00\x0bak-cmp1") == "cmp1"
-    with pytest.raises(exception.CertificationError, match="AK already enrolled for host cmp1"):
-        db.enroll_host("cmp9", ak_public=b"ak", ak_name=b"\x00\x0bak-cmp1", kem_public=b"k",
-                       kem_name=b"k")
-    db.enroll_host("cmp2", ak_public=b"ak2", ak_name=b"n2", kem_public=b"k",
-                   kem_name=b"kn2", command_public=b"\x01" * 32, now=T0)
-    assert db.get_host("cmp2").command_public == b"\x01" * 32
-    db.dispose()
-
-
-def test_schema_v2_upgrade_binds_only_proven_keys_and_live_hosts_first(
-        make_db: MakeDb) -> None:
-    """v2 -> v3 binds the keys of the hosts there are. An EK certificate a
-    v2 host merely reported was never proven (no credential activation
-    binds it to that host): binding it would let that name squat the TPM.
-    Where the old rules let a new name take the AK of a revoked host, the
-    host in service keeps it, not the revoked one."""
-    old = make_db()
-    with old.session() as s:
-        s.add(models.Host(name="cmp-revoked", ak_public=b"ak", ak_name=b"\x00\x0bshared",
-                          kem_public=b"k", kem_name=b"k1", ek_certificate=b"ek-cert-1",
-                          command_public=b"\x01" * 32, status="REVOKED", enrolled_at=T0))
-        s.add(models.Host(name="cmp-live", ak_public=b"ak", ak_name=b"\x00\x0bshared",
-                          kem_public=b"k", kem_name=b"k2", ek_certificate=b"ek-cert-2",
-                          command_public=b"\x02" * 32, status="APPROVED",
-                          enrolled_at=T0 + MIN))
-    models.EnrolledKey.__table__.drop(old.engine)  # type: ignore[attr-defined]
-    with old.engine.begin() as conn:
-        for table, column in api.ADDED_COLUMNS[1:]:  # v2 had command_public
-            conn.execute(sqlalchemy.text(f"ALTER TABLE {table} DROP COLUMN {column}"))
-    with old.session() as s:
-        row = s.get(models.SchemaVersion, 1)
-        assert row is not None
-        row.version = 2
-    old.dispose()
-    db = make_db()
-    assert db.schema_version() == models.SCHEMA_VERSION == 3
-    assert db.key_owner("ak", b"\x00\x0bshared") == "cmp-live"
-    assert db.key_owner("command", b"\x01" * 32) == "cmp-revoked"
-    assert db.key_owner("command", b"\x02" * 32) == "cmp-live"
-    for cert in (b"ek-cert-1", b"ek-cert-2"):
-        assert db.key_owner("ek-cert", cert) is None
-    # the TPM of that certificate may still enroll, under a name of its own
-    db.enroll_host("cmp-new", ak_public=b"ak3", ak_name=b"n3", kem_public=b"k",
-                   kem_name=b"k3", ek_certificate=b"ek-cert-1", ek_public=b"ek-1", now=T0)
-    assert db.key_owner("ek-cert", b"ek-cert-1") == "cmp-new"
-
-
 def _keys(ak: bytes, command: bytes | None = None) -> dict[str, bytes | None]:
     return {"ak_public": b"ak", "ak_name": ak, "kem_public": b"k", "kem_name": b"kn",
             "command_public": command}
@@ -317,7 +240,8 @@ def _keys(ak: bytes, command: bytes | None = None) -> dict[str, bytes | None]:
 
 def test_a_key_stays_bound_to_its_first_host_name(make_db: MakeDb) -> None:
     db1, db2 = make_db(), make_db()
-    db1.enroll_host("cmp1", **_keys(b"ak-1", b"\x01" * 32), now=T0)  # type: ignore[arg-type]
+    db1.enroll_host("cmp1", **_keys(b"ak-1", b"\x01" * 32), approved=True,  # type: ignore[arg-type]
+                    now=T0)
     db1.revoke_host("cmp1")
     with pytest.raises(exception.CertificationError, match="AK already enrolled for host cmp1"):
         db2.enroll_host("cmp2", **_keys(b"ak-1"), now=T0)  # type: ignore[arg-type]

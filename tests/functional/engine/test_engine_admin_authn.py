@@ -11,11 +11,10 @@ operator keys refuses every admin call and says which option to set."""
 import shutil
 import uuid
 
-import oslo_messaging as messaging
 import pytest
 
 from tests.functional.hosttpm_fixture import HostTPMStandIn
-from vtpcm_common import authn, exception, rpc
+from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import rpcapi as agent_rpcapi
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.api.engine.rpcapi import EngineAPI
@@ -150,11 +149,8 @@ def test_operator_signed_calls_work_and_name_the_key(deployment):
 
 def _assert_replay_refused(cctxt, method, payload, auth):
     """The raw call of someone who saw ``auth`` on the broker is refused."""
-    with pytest.raises(messaging.RemoteError) as err:
+    with pytest.raises(exception.CommandRefused, match="replayed"):
         cctxt.call({}, method, payload=payload, auth=dict(auth))
-    refused = rpc.remote_to_local(err.value)
-    assert isinstance(refused, exception.CommandRefused), err.value
-    assert "replayed" in str(refused)
 
 
 def test_a_replayed_signed_approve_is_refused(deployment):

@@ -1,11 +1,12 @@
-"""A rolling upgrade between engine API 1.2 and 1.3 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.5 and 1.6 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.2`` (what
-  an old Nova driver can send) against the current engine daemon: the 1.2
-  host calls work, start_vtpcm/stop_vtpcm are refused before sending.
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.5`` (what
+  an old Nova driver can send) against the current engine daemon: the old
+  host calls and host_command_key work, signed_host_command_key is refused
+  before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.2) answering a current client: old methods are served, the new ones
-  come back as a clear ``RPCVersionUnsupported``.
+  1.5) answering a current client: old methods are served, the new one
+  comes back as a clear ``RPCVersionUnsupported``.
 """
 
 import shutil
@@ -15,17 +16,24 @@ from pathlib import Path
 import oslo_messaging as messaging
 import pytest
 
-from tests.functional.harness import EngineDaemon, agent_cluster, client_conf, short_dir
+from tests.functional.harness import (
+    EngineDaemon,
+    agent_cluster,
+    client_conf,
+    short_dir,
+    trust_hosts,
+)
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import RPC_API_VERSION, EngineAPI
 from vtpcm_lab import daemons
+from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database
 from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.2"
+PREVIOUS = "1.5"
 
 
 class PreviousEngine(EngineManager):
@@ -59,6 +67,7 @@ def upgrade():
     engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
                           extra={"attestation": {"auto_approve": "true"}})
     old_conf = client_conf(old_exchange)
+    migration.db_sync("sqlite:///%s/old-engine.sqlite" % work)
     old_db = Database("sqlite:///%s/old-engine.sqlite" % work)
     stop_old = _serve_engine_in_process(old_conf, PreviousEngine(old_db, None, None),
                                         "old-engine")
@@ -69,6 +78,7 @@ def upgrade():
             engine.start()
             engine.wait_ready(operator)
             assert operator.enroll(name).status == "APPROVED"
+            trust_hosts(operator, [name])  # create_vtpcm needs a TRUSTED host
             key = authn.load_host_key(Path(agent.config["agent"]["state_dir"])
                                       / "host-command.key")
             current = EngineAPI(conf, agents.transport, timeout=60, host_signer=key)
@@ -76,7 +86,10 @@ def upgrade():
             pinned_conf = client_conf(exchange)
             pinned_conf.set_override("vtpcm_engine", PREVIOUS, group="upgrade_levels")
             pinned = EngineAPI(pinned_conf, agents.transport, timeout=60, host_signer=key)
-            yield current, pinned, on_old, agents, name
+            # what the Nova driver pins as [vtpcm] engine_public_key
+            engine_key = authn.load_public_key(authn.public_key_path(
+                daemons.signing_key_path(exchange)))
+            yield current, pinned, on_old, agents, name, engine_key
     finally:
         engine.stop()
         on_old.transport.cleanup()
@@ -94,7 +107,7 @@ def test_the_versions_compared_here_are_the_current_and_previous_minor():
 
 
 def test_a_pinned_compute_node_runs_the_old_host_calls_on_the_current_engine(upgrade):
-    _, pinned, _, agents, host = upgrade
+    _, pinned, _, agents, host, *_ = upgrade
     assert pinned.version_cap == PREVIOUS
     instance = str(uuid.uuid4())
     rec = pinned.create_vtpcm(instance, host)
@@ -104,27 +117,34 @@ def test_a_pinned_compute_node_runs_the_old_host_calls_on_the_current_engine(upg
     assert agents.get(host, instance).state == "DESTROYED"
 
 
-def test_a_pinned_compute_node_refuses_start_and_stop_before_sending(upgrade):
-    current, pinned, _, agents, host = upgrade
+def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
+    current, pinned, _, agents, host, engine_key = upgrade
     instance = str(uuid.uuid4())
     pinned.create_vtpcm(instance, host)
     try:
-        for method, call in (("start_vtpcm", pinned.start_vtpcm),
-                             ("stop_vtpcm", pinned.stop_vtpcm)):
-            with pytest.raises(exception.RPCVersionCapped) as err:
-                call(instance)
-            assert str(err.value) == (
-                "Not sent: %s needs %s RPC API 1.3, but [upgrade_levels] vtpcm_engine "
-                "caps this client at 1.2 (some %s may still run an older release)"
-                % (method, pinned.topic, pinned.topic))
-        assert not agents.get(host, instance).running
-        assert current.start_vtpcm(instance).running  # unpinned, it works
+        assert pinned.start_vtpcm(instance).running  # 1.3
+        assert pinned.stop_vtpcm(instance).state == "STOPPED"
+        assert pinned.host_command_key(host).status == "APPROVED"  # 1.4
+        nonce = b"\x05" * 16
+        with pytest.raises(exception.RPCVersionCapped) as err:
+            pinned.signed_host_command_key(host, nonce)
+        assert str(err.value) == (
+            "Not sent: signed_host_command_key needs %s RPC API 1.6, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.5 (some %s may still run an older "
+            "release)" % (pinned.topic, pinned.topic))
+        # unpinned, it works: signed with the engine key the agents pin
+        answer = current.signed_host_command_key(host, nonce)
+        assert answer.status == "APPROVED"
+        assert authn.verify_host_key(engine_key, answer.signature, host, answer.status,
+                                     answer.command_public, nonce)
+        assert not authn.verify_host_key(engine_key, answer.signature, host, answer.status,
+                                         answer.command_public, b"\x06" * 16)
     finally:
         current.destroy_vtpcm(instance)
 
 
 def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
-    _, _, on_old, _, host = upgrade
+    _, _, on_old, _, host, *_ = upgrade
     assert on_old.list_hosts().hosts == ()
     with pytest.raises(exception.NotFound):
         on_old.get_vtpcm(str(uuid.uuid4()))
@@ -134,12 +154,11 @@ def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
 
 
 def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
-    _, _, on_old, _, _ = upgrade
-    for method, call in (("start_vtpcm", on_old.start_vtpcm),
-                         ("stop_vtpcm", on_old.stop_vtpcm)):
-        with pytest.raises(exception.RPCVersionUnsupported) as err:
-            call(str(uuid.uuid4()))
-        assert str(err.value) == (
-            "%s cannot serve %s (RPC API 1.3): it runs an older API version; upgrade it "
-            "first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
-            % (on_old.topic, method))
+    _, _, on_old, _, host, *_ = upgrade
+    with pytest.raises(exception.RPCVersionUnsupported) as err:
+        on_old.signed_host_command_key(host, b"\x05" * 16)
+    assert str(err.value) == (
+        "%s cannot serve signed_host_command_key (RPC API 1.6): it runs an older API "
+        "version; "
+        "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
+        % on_old.topic)

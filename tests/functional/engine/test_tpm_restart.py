@@ -24,6 +24,7 @@ from vtpcm_agent.swtpm import ctrl
 from vtpcm_common import authn
 from vtpcm_lab.hosttpm import BOOT_PCRS, measured_boot
 from vtpcm_nova.engine.attestation import Attestor
+from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.verifier import TrustStatus
@@ -42,7 +43,7 @@ class HostTPMAgent:
             ed25519.Ed25519PrivateKey.generate().public_key())
 
     def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
-        ident = self.tpm.identity(authn.host_key_binding(nonce, self.command_public))
+        ident = self.tpm.identity(authn.host_key_binding(nonce, self.command_public, host))
         return dict(dataclasses.asdict(ident), command_public=self.command_public)
 
     def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
@@ -76,6 +77,7 @@ def trusted(tmp_path: Path,
             ) -> Iterator[tuple[Attestor, HostTPMStandIn]]:
     """An approved host, TRUSTED against the golden policy of its own boot."""
     measured_boot(host_tpm_standin.tcti)
+    migration.db_sync(f"sqlite:///{tmp_path}/engine.sqlite")
     db = Database(f"sqlite:///{tmp_path}/engine.sqlite")
     with HostTPM(host_tpm_standin.tcti) as tpm:
         att = Attestor(db, lambda: HostTPMAgent(tpm), verdict_ttl=600, nonce_ttl=30)

@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import sqlite3
 import subprocess
 import sys
 import uuid
@@ -190,35 +191,92 @@ def test_aborted_migrations_are_remembered(tmp_path):
     al.close()
 
 
-def test_schema_v1_is_upgraded_with_its_tombstones(tmp_path):
-    import sqlite3
-    path = tmp_path / "v1.sqlite"
-    conn = sqlite3.connect(path)
-    conn.executescript(association._SCHEMA.split("CREATE TABLE IF NOT EXISTS tombstones")[0])
-    conn.execute("INSERT INTO schema_version VALUES (1)")
-    conn.execute("INSERT INTO associations VALUES ('i', 'v', 'DESTROYED', 4, NULL, '/d', "
-                 "'/c', NULL, 't', 't')")
-    conn.commit()
-    conn.close()
-    al = AssociationList(path)
-    assert al.tombstone("i") == 4
-    al.close()
+# The file a v3 agent of the release before ``PRAGMA user_version`` made
+# (its whole schema, run at every start; v1 and v2 files were its prefixes).
+LEGACY_V3_DDL = """
+CREATE TABLE IF NOT EXISTS associations (
+    instance_uuid TEXT PRIMARY KEY,
+    vtpcm_id TEXT NOT NULL UNIQUE,
+    state TEXT NOT NULL,
+    generation INTEGER NOT NULL CHECK (generation >= 0),
+    migration_id TEXT,
+    state_dir TEXT NOT NULL,
+    ctrl_socket TEXT NOT NULL,
+    pid INTEGER,
+    created_at TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS tombstones (
+    instance_uuid TEXT PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    destroyed_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS aborted_migrations (
+    migration_id TEXT PRIMARY KEY,
+    instance_uuid TEXT NOT NULL,
+    aborted_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS command_nonces (
+    nonce TEXT PRIMARY KEY,
+    keep_until REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS command_nonces_keep_until ON command_nonces (keep_until);
+"""
 
 
-def test_schema_v2_is_upgraded_and_gains_command_nonces(tmp_path):
-    import sqlite3
-    path = tmp_path / "v2.sqlite"
+def legacy_file(path, version, *rows):
+    """A file as the agent of schema ``version`` (1-3) left it."""
+    cut = {1: "CREATE TABLE IF NOT EXISTS tombstones",
+           2: "CREATE TABLE IF NOT EXISTS command_nonces"}.get(version)
     conn = sqlite3.connect(path)
-    conn.executescript(association._SCHEMA.split("CREATE TABLE IF NOT EXISTS command_nonces")[0])
-    conn.execute("INSERT INTO schema_version VALUES (2)")
+    conn.executescript(LEGACY_V3_DDL.split(cut)[0] if cut else LEGACY_V3_DDL)
+    conn.execute("INSERT INTO schema_version VALUES (?)", (version,))
+    for row in rows:
+        conn.execute("INSERT INTO associations VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row)
+        if version >= 2 and row[2] == "DESTROYED":  # v2 agents wrote both
+            conn.execute("INSERT INTO tombstones VALUES (?, ?, ?)", (row[0], row[3], row[9]))
     conn.commit()
     conn.close()
-    al = AssociationList(path)
-    assert al.claim_nonce("n1", 100.0, 50.0)
-    al.close()
+
+
+def file_schema(path):
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM schema_version").fetchall() == [(3,)]
-    conn.close()
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in conn.execute(
+            "SELECT name FROM sqlite_master WHERE type IN ('table', 'index') "
+            "AND name NOT LIKE 'sqlite_%'")}
+        return version, tables
+    finally:
+        conn.close()
+
+
+V3_TABLES = {"associations", "tombstones", "aborted_migrations", "command_nonces",
+             "command_nonces_keep_until"}
+DESTROYED = ("i", "v", "DESTROYED", 4, None, "/d", "/c", None, "t", "t")
+ACTIVE = ("j", "w", "ACTIVE", 2, None, "/d2", "/c2", 77, "t", "t")
+
+
+def test_a_new_file_is_at_the_last_version(tmp_path):
+    AssociationList(tmp_path / "a.sqlite").close()
+    assert file_schema(tmp_path / "a.sqlite") == (association.SCHEMA_VERSION, V3_TABLES)
+
+
+@pytest.mark.parametrize("version", [1, 2, 3])
+def test_a_file_of_the_release_before_user_version_is_upgraded_with_its_rows(
+        tmp_path, version):
+    path = tmp_path / f"v{version}.sqlite"
+    legacy_file(path, version, DESTROYED, ACTIVE)
+    al = AssociationList(path)
+    try:
+        assert al.get("j").state is VTPCMState.ACTIVE and al.get("j").pid == 77
+        assert al.tombstone("i") == 4  # from v1: the v2 step moved it apart
+        assert al.claim_nonce("n1", 100.0, 50.0)  # v3's table
+    finally:
+        al.close()
+    # the legacy version table is gone: user_version says where the file is
+    assert file_schema(path) == (association.SCHEMA_VERSION, V3_TABLES)
 
 
 def test_command_nonces_are_claimed_once_and_survive_a_reopen(tmp_path):
@@ -235,13 +293,28 @@ def test_command_nonces_are_claimed_once_and_survive_a_reopen(tmp_path):
     al.close()
 
 
-def test_a_newer_schema_is_refused(tmp_path):
-    import sqlite3
+def test_a_newer_schema_is_refused_and_left_unchanged(tmp_path):
     path = tmp_path / "v9.sqlite"
     AssociationList(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 9")
+    conn.commit()
+    conn.close()
+    with pytest.raises(exception.NewerSchema) as refused:
+        AssociationList(path)
+    assert str(refused.value) == (f"Association list {path} has schema version 9, this "
+                                  f"release knows up to {association.SCHEMA_VERSION} (a "
+                                  "newer release wrote it)")
+    assert file_schema(path) == (9, V3_TABLES)
+
+
+def test_a_legacy_file_of_a_newer_release_is_refused_and_left_unchanged(tmp_path):
+    path = tmp_path / "legacy9.sqlite"
+    legacy_file(path, 3)
     conn = sqlite3.connect(path)
     conn.execute("UPDATE schema_version SET version = 9")
     conn.commit()
     conn.close()
-    with pytest.raises(exception.VTPCMException, match="schema version 9"):
+    with pytest.raises(exception.NewerSchema, match="schema version 9"):
         AssociationList(path)
+    assert file_schema(path) == (0, V3_TABLES | {"schema_version"})

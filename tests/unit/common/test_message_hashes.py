@@ -56,7 +56,9 @@ EXPECTED = {
     "engine.BeginMigration": "1.0-1f95fc8ba43bfafc9f909739d693ba3e",
     "engine.CheckDestination": "1.0-1b512069b0b5d2d920970f961dd4dd82",
     "engine.Empty": "1.0-818badba1c71c4ab7c0212d69a69f34a",
+    "engine.HostCommandKey": "1.4-9ea8434651c34cc0b88ce81f56c280b6",
     "engine.HostInfo": "1.0-4bd020e14e88813e679d28854658a894",
+    "engine.HostKeyQuery": "1.6-9ec7469e9abc834ff078f758a65d428c",
     "engine.HostList": "1.0-8b851faf540cd5120f64905fae7d6fda",
     "engine.HostRef": "1.0-531a64db7790294686558a2a4b15ba96",
     "engine.InstanceRef": "1.0-bfbfdbbe7ab9a659de5413dfda72f078",
@@ -65,6 +67,7 @@ EXPECTED = {
     "engine.PolicyInfo": "1.0-063d035b351feb4d2b766e83484013ea",
     "engine.PolicyList": "1.0-c1814d864e97263548f4f5c682a6a0fd",
     "engine.RecordPolicy": "1.0-31b202c35c4d86af4cc8e09d41b67b2a",
+    "engine.SignedHostCommandKey": "1.6-cf3f8bb00334cdadf256b85864528aec",
     "engine.Verdict": "1.0-ba4b76b44e652a9e065afaffcac7872c",
     "engine.VerdictList": "1.0-f883eb197d2acddb6151b2c4e43642d7",
     "engine.VtpcmPlacement": "1.0-b43f96cbda15440f49455ee922f7a6fb",
@@ -167,3 +170,24 @@ def test_describe_sees_bounds_patterns_and_nesting():
     assert describe(wire.optional(wire.uuid_field)) != describe(wire.uuid_field)
     nested = describe(wire.message_list_field(agent_messages.VTPCMInfo))
     assert "message vtpcm_info" in nested and "ctrl_socket" in nested
+
+
+# The signed-reply envelope and the signed document are part of the agent
+# contract too (agent API 1.6): a change needs a new version, as a message's.
+REPLY_SCHEME = "1.6-%s"
+EXPECTED_REPLY_SCHEME = "1.6-4cb810ae9515cc55699391ca9b1922b8"
+
+
+def _reply_scheme_hash() -> str:
+    from vtpcm_common import authn
+    sample = authn.reply_bytes("1.6", "m", "h", "0" * 32, "r", {"ok": {}})
+    return hashlib.md5(repr((authn.REPLY_TAG, sorted(authn.REPLY_FIELDS),
+                             sorted(authn.ERROR_FIELDS), sample,
+                             agent_rpcapi.REPLY_VERSION,
+                             sorted(agent_rpcapi.UNVERIFIED_REPLIES))).encode(),
+                       usedforsecurity=False).hexdigest()
+
+
+def test_signed_reply_scheme_matches_its_fingerprint():
+    assert REPLY_SCHEME % _reply_scheme_hash() == EXPECTED_REPLY_SCHEME, \
+        "signed replies changed: bump the agent API and record %s" % _reply_scheme_hash()

@@ -157,6 +157,14 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     # 1.3, host-signed
     "start_vtpcm": ("1.3", lambda api: api.start_vtpcm(INSTANCE)),
     "stop_vtpcm": ("1.3", lambda api: api.stop_vtpcm(INSTANCE)),
+    "host_command_key": ("1.4", lambda api: api.host_command_key(HOST)),
+    # 1.5, host-signed
+    "transfer_state": ("1.5", lambda api: api.transfer_state(MIGRATION)),
+    "replace_vtpcm": ("1.5", lambda api: api.replace_vtpcm(INSTANCE, HOST)),
+    "shelve_vtpcm": ("1.5", lambda api: api.shelve_vtpcm(INSTANCE)),
+    "unshelve_vtpcm": ("1.5", lambda api: api.unshelve_vtpcm(INSTANCE, HOST)),
+    "signed_host_command_key": ("1.6", lambda api: api.signed_host_command_key(
+        HOST, b"\x07" * 16)),
 }
 
 

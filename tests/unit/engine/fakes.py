@@ -34,6 +34,7 @@ from vtpcm_common.api.agent import messages as am
 from vtpcm_common.api.engine import messages as m
 from vtpcm_nova.engine import attestation, verifier
 from vtpcm_nova.engine.coordinator import Coordinator
+from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database, VerdictRecord
 from vtpcm_nova.engine.manager import EngineManager
 
@@ -91,9 +92,10 @@ class FakeTPM:
                                      signatureS=s.to_bytes(32, "big"))))
         return raw, bytes(sig.marshal())
 
-    def identity(self, nonce: bytes) -> dict[str, Any]:
+    def identity(self, nonce: bytes, host: str = "cmp1") -> dict[str, Any]:
+        """The identity the agent of ``host`` reports (its name is bound)."""
         obj, _ = TPMS_ATTEST.unmarshal(CERTIFY_TEMPLATE)
-        obj.extraData = authn.host_key_binding(nonce, self.command_public)
+        obj.extraData = authn.host_key_binding(nonce, self.command_public, host)
         obj.attested.certify.name = verifier.tpm_name(self.kem_public)
         attest, sig = self._sign(obj)
         return {"ak_public": self.ak_public, "kem_public": self.kem_public,
@@ -129,7 +131,7 @@ class FakeAgent:
         self.calls = 0
 
     def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
-        return self.tpms[host].identity(nonce)
+        return self.tpms[host].identity(nonce, host)
 
     activation: Any = None
 
@@ -242,6 +244,7 @@ class RaceStack:
     at ``SOURCE`` to migrate to it."""
 
     def __init__(self, url: str) -> None:
+        migration.db_sync(url)
         self.db = Database(url)
         self.agent = HeldAgent()
         self.att = attestation.Attestor(self.db, lambda: self.agent, verdict_ttl=300, nonce_ttl=60,

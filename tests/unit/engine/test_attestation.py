@@ -31,13 +31,14 @@ from tests.unit.engine.fakes import (
 )
 from vtpcm_common import authn, exception
 from vtpcm_nova.engine import attestation, verifier
-from vtpcm_nova.engine.db import api
+from vtpcm_nova.engine.db import api, migration
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.verifier import TrustStatus
 
 
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[tuple[attestation.Attestor, FakeAgent, Clock]]:
+    migration.db_sync(f"sqlite:///{tmp_path}/engine.sqlite")
     db = api.Database(f"sqlite:///{tmp_path}/engine.sqlite")
     agent, clock = FakeAgent(), Clock()
     att = attestation.Attestor(db, lambda: agent, verdict_ttl=60, nonce_ttl=30, clock=clock)
@@ -177,13 +178,49 @@ def test_a_command_key_enrolled_for_another_host_is_refused(env: Any) -> None:
     att, agent, _ = env
     first = agent.tpms["cmp1"] = FakeTPM()
     nonce = att.enrollment_nonce("cmp1")
-    att.enroll("cmp1", first.identity(nonce), nonce)
+    att.enroll("cmp1", first.identity(nonce), nonce, auto_approve=True)  # binds its key
     second = agent.tpms["cmp2"] = FakeTPM()
     second.command_public = first.command_public  # its TPM vouches, but the key is taken
     nonce = att.enrollment_nonce("cmp2")
     with pytest.raises(exception.CertificationError,
                        match="host command key already enrolled for host cmp1"):
-        att.enroll("cmp2", second.identity(nonce), nonce)
+        att.enroll("cmp2", second.identity(nonce, "cmp2"), nonce)
+
+
+def test_a_pending_name_does_not_squat_a_command_key(env: Any) -> None:
+    """A name enrolled with another host's public command key (a software
+    AK passes without an EK CA) binds nothing while PENDING: the owner
+    enrolls with its key, and only the first host approved keeps it."""
+    att, agent, _ = env
+    squatter = agent.tpms["cmp9"] = FakeTPM()
+    owner = agent.tpms["cmp1"] = FakeTPM()
+    squatter.command_public = owner.command_public
+    assert att.enroll_from_agent("cmp9").status is HostStatus.PENDING
+    assert att.db.key_owner("command", owner.command_public) is None
+    assert att.enroll_from_agent("cmp1").status is HostStatus.PENDING
+    assert att.approve("cmp1").status is HostStatus.APPROVED
+    assert att.db.key_owner("command", owner.command_public) == "cmp1"
+    with pytest.raises(exception.CertificationError,
+                       match="host command key already enrolled for host cmp1"):
+        att.approve("cmp9")
+    assert att.db.get_host("cmp9").status is HostStatus.PENDING
+
+
+def test_a_relayed_identity_cannot_squat_another_hosts_keys(env: Any) -> None:
+    """A broker client answers the engine's get_identity for a new name
+    with what a real host's agent answered to the same nonce (its TPM's
+    certify, its command key): refused, and nothing is bound to the new
+    name, so the real host still enrolls under its own."""
+    att, agent, _ = env
+    victim = agent.tpms["cmp1"] = FakeTPM()
+    nonce = att.enrollment_nonce("squatter")
+    with pytest.raises(exception.CertificationError,
+                       match="does not bind this enrollment's nonce and host name"):
+        att.enroll("squatter", victim.identity(nonce, "cmp1"), nonce)
+    assert att.db.key_owner("command", victim.command_public) is None
+    with pytest.raises(exception.NotFound):
+        att.db.get_host("squatter")
+    assert att.enroll_from_agent("cmp1").command_public == victim.command_public
 
 
 def test_enroll_real_swtpm_vectors(env: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -193,7 +230,7 @@ def test_enroll_real_swtpm_vectors(env: Any, monkeypatch: pytest.MonkeyPatch) ->
     # The recorded certify qualifies the bare nonce: these bytes test parsing
     # and signatures of real swtpm output; the command-key binding is tested
     # above and against live swtpm in the functional tests.
-    monkeypatch.setattr(attestation.authn, "host_key_binding", lambda nonce, key: nonce)
+    monkeypatch.setattr(attestation.authn, "host_key_binding", lambda nonce, key, host: nonce)
     nonce = att.enrollment_nonce("real-a")
     identity = {"ak_public": H(a["ak_public"]), "kem_public": H(a["kem_public"]),
                 "kem_certify_attest": H(a["certify"]["attest"]),
@@ -466,6 +503,7 @@ def test_attest_latency_p50(env: Any) -> None:
 
 
 def test_attestor_rejects_bad_config(tmp_path: Path) -> None:
+    migration.db_sync(f"sqlite:///{tmp_path}/e.sqlite")
     db = api.Database(f"sqlite:///{tmp_path}/e.sqlite")
     try:
         with pytest.raises(exception.InvalidInput):
@@ -527,7 +565,7 @@ def _enroll_refused(att: attestation.Attestor, tpm: FakeTPM, host: str,
                     reason: str, **extra: Any) -> None:
     nonce = att.enrollment_nonce(host)
     with pytest.raises(exception.CertificationError, match=reason):
-        att.enroll(host, dict(tpm.identity(nonce), **extra), nonce)
+        att.enroll(host, dict(tpm.identity(nonce, host), **extra), nonce)
     audit = [e for e in att.db.list_audit(limit=5, host=host) if e.event == "enroll"]
     assert audit and audit[0].outcome == "refused"
 
@@ -593,7 +631,7 @@ def test_keys_replaced_at_re_enrollment_stay_bound_to_their_host(env: Any) -> No
     its old AK and command key still belong to cmp1 only."""
     att, agent, _ = env
     old = agent.tpms["cmp1"] = FakeTPM()
-    att.enroll_from_agent("cmp1")
+    att.enroll_from_agent("cmp1", auto_approve=True)
     att.revoke("cmp1")
     agent.tpms["cmp1"] = FakeTPM()
     assert att.enroll_from_agent("cmp1", auto_approve=True).status is HostStatus.APPROVED

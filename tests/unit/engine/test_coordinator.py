@@ -9,6 +9,7 @@ from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
+from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database, TrustBasis, VerdictRecord
 from vtpcm_nova.engine.verifier import TrustStatus
 
@@ -105,6 +106,7 @@ def trusted_in_db(db, host):
 
 @pytest.fixture
 def env(tmp_path):
+    migration.db_sync("sqlite:///%s" % (tmp_path / "engine.sqlite"))
     db = Database("sqlite:///%s" % (tmp_path / "engine.sqlite"))
     db.put_policy("golden", "sha256", {16: b"\x16" * 32})
     for host in ("host-a", "host-b"):
@@ -114,6 +116,7 @@ def env(tmp_path):
         db.assign_policy(host, "golden")
         trusted_in_db(db, host)
     agents, trust = FakeAgents(), FakeTrust()
+    trust.verdicts["host-a"] = FakeVerdict("TRUSTED")
     trust.verdicts["host-b"] = FakeVerdict("TRUSTED")
     clock = {"now": T0}
     coord = Coordinator(db, agents, trust, timeout=60, now=lambda: clock["now"])
@@ -715,3 +718,69 @@ def test_begin_with_the_id_of_a_migration_past_its_commit_point_is_refused(env):
     assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
     assert names(agents).count("commit_outgoing") == 2  # the failed try and its retry
+
+
+@pytest.mark.parametrize(("host", "verdict", "revoke", "reason"), [
+    ("host-b", FakeVerdict("UNTRUSTED", "PCR 16 differs"), False, "PCR 16 differs"),
+    ("host-b", FakeVerdict("UNKNOWN", "never attested"), False, "never attested"),
+    # the checker says TRUSTED, but the engine's own record says REVOKED
+    ("host-b", FakeVerdict("TRUSTED"), True, "host is REVOKED"),
+])
+def test_create_needs_a_fresh_trusted_verdict_of_an_approved_host(env, host, verdict,
+                                                                   revoke, reason):
+    """A forced boot skips the scheduler filter: the engine itself refuses
+    to create a vTPCM on a host it does not trust, before any agent call,
+    and audits it."""
+    coord, db, agents, trust, _ = env
+    trust.verdicts[host] = verdict
+    if revoke:
+        db.revoke_host(host)
+    other = str(uuid.uuid4())
+    calls = list(agents.calls)
+    with pytest.raises(exception.HostNotTrusted, match="%s is not trusted: %s" % (host, reason)):
+        coord.create_vtpcm(other, host)
+    assert agents.calls == calls
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(other)
+    entry = db.list_audit(limit=1)[0]
+    assert (entry.event, entry.outcome, entry.instance) == ("vtpcm.create", "refused", other)
+
+
+def _unauthenticated(host, method):
+    return exception.ReplyNotAuthenticated(host=host, method=method,
+                                           reason="signature does not verify")
+
+
+@pytest.mark.parametrize(("step", "host", "state"), [
+    ("commit_incoming", "host-b", "COMMITTING"),
+    ("commit_outgoing", "host-a", "SHREDDING"),
+])
+def test_an_unauthenticated_commit_answer_is_no_step_taken(env, step, host, state):
+    """What the RPC client raises for a reply it cannot verify (a broker
+    client answering in the agent's place): the step is not done, and the
+    migration waits where it was until reconcile gets a real answer."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.fail[step] = _unauthenticated(host, step)
+    with pytest.raises(exception.ReplyNotAuthenticated):
+        coord.commit(mid)
+    assert db.get_migration(mid).state == state
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "COMMITTED"
+
+
+def test_an_unauthenticated_answer_to_the_deadline_abort_is_neither_done_nor_in_use(env):
+    """A forged abort success or a forged DestinationInUse both arrive as
+    ReplyNotAuthenticated: the migration neither ends ABORTED (the source
+    restored while the destination may hold the key) nor goes IN_DOUBT."""
+    coord, db, agents, _, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    clock["now"] += datetime.timedelta(seconds=61)
+    agents.fail["abort_incoming"] = _unauthenticated("host-b", "abort_incoming")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "ABORTING"
+    assert "abort_outgoing" not in names(agents)
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "ABORTED"

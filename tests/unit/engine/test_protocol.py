@@ -14,6 +14,8 @@ SAMPLE_EVENTS = [
     OK,
     p.KeySealed(envelope=b"sealed"),
     p.DestinationPrepared(),
+    p.TransferRequested(),
+    p.StateTransferred(),
     p.CommitRequested(),
     p.DestinationCommitted(),
     p.SourceShredded(),
@@ -32,6 +34,9 @@ ROUTES = {
     M.SEALING: [OK],
     M.PREPARING: [OK, SAMPLE_EVENTS[1]],
     M.PREPARED: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared()],
+    M.TRANSFERRING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.TransferRequested()],
+    M.TRANSFERRED: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.TransferRequested(),
+                    p.StateTransferred()],
     M.COMMITTING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.CommitRequested()],
     M.SHREDDING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.CommitRequested(),
                   p.DestinationCommitted()],
@@ -223,5 +228,73 @@ def test_only_a_commit_request_passes_the_commit_point():
     into_commit = {ev for (state, ev), to in p.TRANSITIONS.items() if to is M.COMMITTING}
     assert into_commit == {p.CommitRequested}
     assert {state for (state, ev), to in p.TRANSITIONS.items() if to is M.COMMITTING} == \
-        {M.PREPARED, M.IN_DOUBT}
+        {M.PREPARED, M.TRANSFERRED, M.IN_DOUBT}
+
+
+# --- cold migration, resize: the state moves by the engine's transfer ---------------
+
+# The cold variant's rows, written out by hand: (state, event) -> next state.
+COLD_SPEC = {
+    (M.PREPARED, p.TransferRequested): M.TRANSFERRING,
+    (M.TRANSFERRING, p.StateTransferred): M.TRANSFERRED,
+    (M.TRANSFERRED, p.CommitRequested): M.COMMITTING,
+    **{(s, ev): M.ABORTING for s in (M.TRANSFERRING, M.TRANSFERRED)
+       for ev in (p.AbortRequested, p.Failure, p.DeadlinePassed)},
+}
+
+
+def test_cold_rows_of_the_table_are_exactly_the_spec():
+    cold_states = {M.TRANSFERRING, M.TRANSFERRED}
+    cold_events = {p.TransferRequested, p.StateTransferred}
+    rows = {k: v for k, v in p.TRANSITIONS.items()
+            if k[0] in cold_states or k[1] in cold_events}
+    assert rows == COLD_SPEC
+    assert (M.TRANSFERRED, p.TransferRequested) in p.IDEMPOTENT
+    assert cold_states <= p.ABORTABLE and not cold_states & p.PENDING_WORK
+
+
+def test_cold_happy_path_actions_in_order():
+    proto = p.MigrationProtocol("m-cold")
+    names = []
+    for event in (OK, p.KeySealed(b"e"), p.DestinationPrepared(), p.TransferRequested(),
+                  p.StateTransferred(), p.CommitRequested(), p.DestinationCommitted(),
+                  p.SourceShredded()):
+        names += [a.name for a in proto.handle(event) if not isinstance(a, p.Audit)]
+    assert names == ["seal_key", "prepare_destination", "transfer_state",
+                     "move_authority", "commit_destination", "shred_source"]
+    assert proto.state is M.COMMITTED
+
+
+def test_the_state_is_transferred_once():
+    """A retried (or replayed) transfer after the state went asks nothing
+    of the agents; a transfer before the destination is prepared or after
+    the migration ended is refused and changes nothing."""
+    proto = at(M.TRANSFERRED)
+    assert proto.handle(p.TransferRequested()) == []
+    assert proto.state is M.TRANSFERRED
+    for state in (M.SEALING, M.PREPARING, M.TRANSFERRING, M.COMMITTING, M.COMMITTED,
+                  M.ABORTING, M.IN_DOUBT, M.ABORTED, M.REFUSED):
+        proto = at(state)
+        with pytest.raises(exception.InvalidTransition, match="TransferRequested"):
+            proto.handle(p.TransferRequested())
+        assert proto.state is state
+
+
+@pytest.mark.parametrize("state", [M.TRANSFERRING, M.TRANSFERRED])
+def test_a_cold_migration_aborts_like_a_live_one(state):
+    """Revert (an explicit abort) discards the destination; a failed
+    transfer too; a deadline spares a destination that holds the state
+    (the resized guest may run on it until confirm or revert)."""
+    for event, spare in ((p.AbortRequested("reverted"), False), (p.Failure("import"), False),
+                         (p.DeadlinePassed(), True)):
+        proto = at(state)
+        (destroy,) = _non_audit(proto.handle(event))
+        assert destroy == p.DestroyDestination(only_if_unused=spare)
+        assert proto.state is M.ABORTING
+    proto = at(state)
+    proto.handle(p.DeadlinePassed())
+    proto.handle(p.DestinationInUse())
+    assert proto.state is M.IN_DOUBT
+    proto.handle(p.CommitRequested())  # the confirm, days later
+    assert proto.state is M.COMMITTING
 

@@ -63,6 +63,11 @@ class FakeEngine:
         self._maybe_fail("begin")
         return self._mig(migration_id, "PREPARED")
 
+    def transfer_state(self, migration_id: str) -> em.MigrationInfo:
+        self.calls.append(("transfer_state", migration_id))
+        self._maybe_fail("transfer_state")
+        return self._mig(migration_id, "TRANSFERRED")
+
     def commit(self, migration_id: str) -> em.MigrationInfo:
         self.calls.append(("commit", migration_id))
         self._maybe_fail("commit")
@@ -89,12 +94,13 @@ class FakeEngine:
 
 class FakeAgents:
     def __init__(self, state: str = "ACTIVE", running: bool = True,
-                 socket_dir: str = "/run/vtpcm") -> None:
+                 socket_dir: str = "/run/vtpcm", migration_id: str | None = None) -> None:
         self.state = state
         self.running = running
         self.socket_dir = socket_dir
+        self.migration_id = migration_id
 
     def get(self, host: str, instance_uuid: str) -> am.VTPCMInfo:
-        return am.VTPCMInfo(instance_uuid, VTPCM_ID, self.state, 0, None,
+        return am.VTPCMInfo(instance_uuid, VTPCM_ID, self.state, 0, self.migration_id,
                             "%s/%s.ctrl" % (self.socket_dir, instance_uuid), self.running,
                             4242 if self.running else None)

@@ -74,3 +74,32 @@ def test_delete_while_migrating_aborts_first() -> None:
                                              "a", 0, "MIGRATING", mig)
     assert lifecycle.destroy_if_held(engine, INSTANCE, "a") is True
     assert engine.methods()[-2:] == ["abort", "destroy_vtpcm"]
+
+
+def test_an_evacuation_with_a_fresh_vtpcm_replaces_then_starts() -> None:
+    engine = FakeEngine()
+    engine.create_vtpcm(INSTANCE, "failed")
+
+    def replace(instance_uuid: str, host: str) -> em.VtpcmRecord:
+        engine.calls.append(("replace_vtpcm", instance_uuid, host))
+        engine.vtpcms[instance_uuid] = em.VtpcmRecord(
+            instance_uuid, "00000000-0000-0000-0000-0000000000cc", host, 0, "STOPPED", None)
+        return engine.vtpcms[instance_uuid]
+    engine.replace_vtpcm = replace  # type: ignore[method-assign]
+    engine.calls.clear()
+    path = lifecycle.fresh_after_evacuation(engine, FakeAgents(), INSTANCE, "a", DIRS)
+    assert path == "/run/vtpcm/%s.ctrl" % INSTANCE
+    assert engine.methods() == ["replace_vtpcm", "get_vtpcm", "start_vtpcm"]
+
+
+def test_a_refused_replacement_starts_nothing() -> None:
+    engine = FakeEngine()
+    engine.create_vtpcm(INSTANCE, "failed")
+
+    def replace(instance_uuid: str, host: str) -> em.VtpcmRecord:
+        raise exception.CommandRefused(method="replace_vtpcm", reason="the agent answers")
+    engine.replace_vtpcm = replace  # type: ignore[method-assign]
+    engine.calls.clear()
+    with pytest.raises(exception.CommandRefused, match="the agent answers"):
+        lifecycle.fresh_after_evacuation(engine, FakeAgents(), INSTANCE, "a", DIRS)
+    assert engine.methods() == []

@@ -20,6 +20,22 @@ API version history:
           holding the vTPCM): the Nova driver starts and stops its vTPCMs
           through the engine, with only its host command key; answer
           ``VtpcmStatus``.
+    1.4 - host_command_key (read-only): a host's status and enrolled
+          command public key, so the Nova driver can verify another host's
+          signed agent replies (agent API 1.6).
+    1.5 - transfer_state (in ``HOST_METHODS``, signed by the migration's
+          source): cold migration and resize move the vTPCM's encrypted
+          blobs source agent -> destination agent through the engine;
+          replace_vtpcm (in ``HOST_METHODS``, signed by the named host):
+          evacuation with a fresh vTPCM when the operator allows the state
+          loss; shelve_vtpcm (signed by the holder) and unshelve_vtpcm
+          (signed by the named host): shelve offload and unshelve onto any
+          TRUSTED host.
+    1.6 - signed_host_command_key (read-only): the answer of
+          host_command_key for the caller's nonce, signed with the engine's
+          command key (the key agents pin), so the Nova driver takes
+          another host's key only from the engine (``[vtpcm]
+          engine_public_key``).
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -45,7 +61,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.3"
+RPC_API_VERSION = "1.6"
 
 R = TypeVar("R", bound=Message)
 
@@ -54,7 +70,9 @@ ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_poli
                            "put_policy", "record_policy"})
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
-                          "check_destination", "begin", "commit", "abort"})
+                          "check_destination", "begin", "commit", "abort",
+                          "transfer_state", "replace_vtpcm", "shelve_vtpcm",
+                          "unshelve_vtpcm"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -65,6 +83,12 @@ METHOD_VERSIONS: dict[str, str] = {
     **dict.fromkeys(HOST_METHODS, "1.2"),
     "start_vtpcm": "1.3",
     "stop_vtpcm": "1.3",
+    "host_command_key": "1.4",
+    "transfer_state": "1.5",
+    "replace_vtpcm": "1.5",
+    "shelve_vtpcm": "1.5",
+    "unshelve_vtpcm": "1.5",
+    "signed_host_command_key": "1.6",
 }
 
 
@@ -143,6 +167,14 @@ class EngineAPI(rpc.Client):
     def show_host(self, host: str) -> m.HostInfo:
         return self._ask("show_host", m.HostRef(host), m.HostInfo)
 
+    def host_command_key(self, host: str) -> m.HostCommandKey:
+        return self._ask("host_command_key", m.HostRef(host), m.HostCommandKey)
+
+    def signed_host_command_key(self, host: str, nonce: bytes) -> m.SignedHostCommandKey:
+        """The engine-signed answer; the caller checks the signature."""
+        return self._ask("signed_host_command_key", m.HostKeyQuery(host, nonce),
+                         m.SignedHostCommandKey)
+
     def assign_policy(self, host: str, policy_name: str | None) -> m.HostInfo:
         return self._ask("assign_policy", m.AssignPolicy(host, policy_name), m.HostInfo)
 
@@ -171,6 +203,23 @@ class EngineAPI(rpc.Client):
         return self._ask("create_vtpcm", m.VtpcmPlacement(instance_uuid, host),
                           m.VtpcmRecord)
 
+    def replace_vtpcm(self, instance_uuid: str, host: str) -> m.VtpcmRecord:
+        """Evacuation: abandon the vTPCM of the failed host holding it and
+        create a fresh one on ``host`` (this client's host). State loss."""
+        return self._ask("replace_vtpcm", m.VtpcmPlacement(instance_uuid, host),
+                          m.VtpcmRecord)
+
+    def shelve_vtpcm(self, instance_uuid: str) -> m.VtpcmRecord:
+        """Shelve offload on the holder (this client's host): stop the
+        vTPCM and let a later unshelve move it to another TRUSTED host."""
+        return self._ask("shelve_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmRecord)
+
+    def unshelve_vtpcm(self, instance_uuid: str, host: str) -> m.VtpcmRecord:
+        """Unshelve onto ``host`` (this client's host): the shelved vTPCM is
+        live again there, moved from its holder if need be."""
+        return self._ask("unshelve_vtpcm", m.VtpcmPlacement(instance_uuid, host),
+                          m.VtpcmRecord)
+
     def destroy_vtpcm(self, instance_uuid: str) -> m.Empty:
         return self._ask("destroy_vtpcm", m.InstanceRef(instance_uuid), m.Empty)
 
@@ -197,6 +246,11 @@ class EngineAPI(rpc.Client):
 
     def commit(self, migration_id: str) -> m.MigrationInfo:
         return self._ask("commit", m.MigrationRef(migration_id), m.MigrationInfo)
+
+    def transfer_state(self, migration_id: str) -> m.MigrationInfo:
+        """Cold migration, resize: move the stopped guest's vTPCM state to
+        the prepared destination (signed by the source; answer TRANSFERRED)."""
+        return self._ask("transfer_state", m.MigrationRef(migration_id), m.MigrationInfo)
 
     def abort(self, migration_id: str, reason: str) -> m.MigrationInfo:
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),

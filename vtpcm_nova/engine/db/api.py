@@ -39,11 +39,11 @@ from vtpcm_nova.engine.db.records import (
     VerdictRecord,
     VtpcmRecord,
 )
-from vtpcm_nova.engine.db.schema import ADDED_COLUMNS, SchemaStore
+from vtpcm_nova.engine.db.schema import SchemaStore
 from vtpcm_nova.engine.db.store import utcnow
 from vtpcm_nova.engine.db.vtpcms import VtpcmStore
 
-__all__ = ["ADDED_COLUMNS", "DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AuditRecord",
+__all__ = ["DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AuditRecord",
            "Database", "HostRecord", "MigrationRecord", "PolicyRecord", "TrustBasis",
            "VerdictRecord", "VtpcmRecord", "utcnow"]
 
@@ -54,13 +54,20 @@ class Database(SchemaStore, HostStore, PolicyStore, VtpcmStore, MigrationStore, 
                AuditStore):
     """One engine database; safe to have several (processes or objects) on one URL."""
 
-    def __init__(self, url: str = DEFAULT_URL, *, create: bool = True) -> None:
+    def __init__(self, url: str = DEFAULT_URL, *, check_schema: bool = True) -> None:
+        """``check_schema``: refuse (``SchemaNotAtHead``) a database not at
+        this code's revision; the schema is moved by ``migration.db_sync``
+        (``vtpcm-manage db sync``), never here."""
         parsed: URL = make_url(url)
         self.engine: Engine = schema.connect(parsed)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._backend = parsed.get_backend_name()
-        if create:
-            self.create_schema()
+        if check_schema:
+            try:
+                self.check_schema()
+            except BaseException:
+                self.engine.dispose()
+                raise
 
     def __repr__(self) -> str:
         # never show credentials from the URL

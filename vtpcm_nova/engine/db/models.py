@@ -30,8 +30,6 @@ from sqlalchemy import (
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_VERSION = 3
-
 
 class HostStatus(enum.StrEnum):
     PENDING = "PENDING"
@@ -69,6 +67,10 @@ class Base(DeclarativeBase):
 
 
 class SchemaVersion(Base):
+    """The releases before alembic recorded their schema here (1 to 3).
+    Kept, at 4 since revision 0002, so that such an engine refuses the
+    database; alembic_version is where the schema is now."""
+
     __tablename__ = "schema_version"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer)

@@ -1,0 +1,246 @@
+"""Cold migration and resize in the coordinator: the engine's transfer of
+the encrypted blobs between the agents (fake agents, real SQLite)."""
+
+import uuid
+
+import pytest
+
+from tests.unit.engine.test_coordinator import INSTANCE, env, names  # noqa: F401
+from tests.unit.engine.test_coordinator import FakeVerdict as coordinator_verdict
+from vtpcm_common import exception
+from vtpcm_common.api.agent import messages as am
+
+
+class ColdAgents:
+    """Adds the state collector to the fake agents of test_coordinator."""
+
+    def __init__(self, agents, mid, generation=0):
+        self.agents = agents
+        self.exported = am.StateBlobs(INSTANCE, mid, generation, b"\x01" * 64, 0,
+                                      b"\x02" * 32, 0)
+        self.imported = []
+
+    def export_state(self, host, instance_uuid):
+        self.agents._record("export_state", host)
+        return self.exported
+
+    def import_state(self, host, blobs):
+        self.agents._record("import_state", host)
+        self.imported.append((host, blobs))
+
+
+def _cold(env, mid):  # noqa: F811
+    coord, db, agents, _, _ = env
+    cold = ColdAgents(agents, mid)
+    agents.export_state, agents.import_state = cold.export_state, cold.import_state
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    return coord, db, agents, cold
+
+
+def test_transfer_then_confirm_moves_the_blobs_once_and_the_authority(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, cold = _cold(env, mid)
+    assert coord.transfer(mid, requested_by="host-a").state == "TRANSFERRED"
+    assert cold.imported == [("host-b", cold.exported)]
+    assert db.get_vtpcm(INSTANCE).host == "host-a"  # not before confirm
+    assert coord.transfer(mid, requested_by="host-a").state == "TRANSFERRED"
+    assert len(cold.imported) == 1, "a retried transfer must not import again"
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id) == ("host-b", 1, None)
+    assert names(agents) == ["seal", "prepare", "export_state", "import_state",
+                             "commit_incoming", "commit_outgoing"]
+
+
+def test_revert_discards_the_destination_and_restores_the_source(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    coord.transfer(mid, requested_by="host-a")
+    assert coord.abort(mid, "resize reverted").state == "ABORTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id) == ("host-a", 0, None)
+    assert names(agents)[-2:] == ["abort_incoming", "abort_outgoing"]
+    assert agents.only_if_unused is False
+
+
+@pytest.mark.parametrize("signer", ["host-b", "host-c"])
+def test_a_transfer_signed_by_another_host_is_refused_and_audited(env, signer):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, cold = _cold(env, mid)
+    with pytest.raises(exception.CommandRefused, match="not the source host-a"):
+        coord.transfer(mid, requested_by=signer)
+    assert db.get_migration(mid).state == "PREPARED"
+    assert "export_state" not in names(agents) and not cold.imported
+    (entry,) = [a for a in db.list_audit(limit=10) if a.event == "migration.transfer"]
+    assert entry.outcome == "refused" and signer in entry.detail
+    # positive control: the source's own transfer goes through
+    assert coord.transfer(mid, requested_by="host-a").state == "TRANSFERRED"
+
+
+def test_blobs_of_another_migration_are_never_imported(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, cold = _cold(env, mid)
+    cold.exported = am.StateBlobs(INSTANCE, str(uuid.uuid4()), 0, b"\x01" * 64, 0, b"", 0)
+    with pytest.raises(exception.MigrationError, match="aborted|not of this migration"):
+        coord.transfer(mid, requested_by="host-a")
+    assert not cold.imported
+    assert db.get_migration(mid).state == "ABORTED"
+    assert db.get_vtpcm(INSTANCE).host == "host-a"
+
+
+def test_a_failed_import_aborts_and_restores_the_source(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    agents.fail["import_state"] = exception.StateImportError(vtpcm_id="v", reason="bad MAC")
+    with pytest.raises(exception.MigrationError, match="bad MAC"):
+        coord.transfer(mid, requested_by="host-a")
+    rec = db.get_migration(mid)
+    assert rec.state == "ABORTED" and "bad MAC" in rec.error
+    assert db.get_vtpcm(INSTANCE).migration_id is None
+
+
+def test_no_transfer_outside_a_prepared_migration(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, cold = _cold(env, mid)
+    coord.abort(mid, "operator")
+    with pytest.raises(exception.InvalidTransition, match="ABORTED"):
+        coord.transfer(mid, requested_by="host-a")
+    assert not cold.imported
+    assert any(a.event == "migration.transfer" and "ABORTED" in a.detail
+               for a in db.list_audit(limit=10))
+
+
+def test_a_deadline_spares_a_resized_guest_until_confirm(env):  # noqa: F811
+    """Resize auto-confirm may come long after the migration's deadline: the
+    destination holds the state, so the deadline leaves it IN_DOUBT and
+    the source's confirm still commits."""
+    import datetime
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    coord.transfer(mid, requested_by="host-a")
+    clock = env[4]
+    clock["now"] += datetime.timedelta(hours=5)
+    agents.fail["abort_incoming"] = exception.DestinationInUse(migration_id=mid,
+                                                               reason="received")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    assert agents.only_if_unused is True
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert db.get_vtpcm(INSTANCE).host == "host-b"
+
+
+# --- evacuation with a fresh vTPCM (state loss, operator option) --------------------
+
+def _holder(agents, answers):
+    def health(host, timeout=None):
+        agents._record("health", host)
+        if answers == "forged":
+            raise exception.ReplyNotAuthenticated(service="agent " + host,
+                                                  method="health", reason="bad signature")
+        if not answers:
+            raise exception.ServiceUnreachable(service="agent " + host, method="health",
+                                               reason="timeout")
+    agents.health = health
+
+
+def test_an_evacuation_abandons_a_failed_hosts_vtpcm_for_a_fresh_one(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    old = db.get_vtpcm(INSTANCE)
+    _holder(agents, answers=False)
+    rec = coord.replace_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    assert rec.host == "host-b" and rec.vtpcm_id != old.vtpcm_id
+    assert ("create", "host-b") in agents.calls
+    (lost,) = [a for a in db.list_audit(limit=20) if a.event == "vtpcm.evacuate"]
+    assert lost.outcome == "state lost" and lost.host == "host-a"
+    assert old.vtpcm_id in lost.detail
+    # the old copy can never be started through the engine again
+    with pytest.raises(exception.CommandRefused, match="lives on host-b"):
+        coord.start_vtpcm(INSTANCE, requested_by="host-a")
+
+
+@pytest.mark.parametrize(("setup", "why"), [
+    ("answers", "the agent of host-a answers"),
+    ("forged", "answer for the agent of host-a did not verify"),
+    ("same-host", "already lives on host-a"),
+    ("migrating", "holds the vTPCM"),
+    ("other-signer", "signed by host-c"),
+])
+def test_an_evacuation_is_refused_unless_the_holder_failed(env, setup, why):  # noqa: F811
+    coord, db, agents, _, _ = env
+    _holder(agents, answers="forged" if setup == "forged" else setup == "answers")
+    target, signer = "host-b", "host-b"
+    if setup == "same-host":
+        target = signer = "host-a"
+    if setup == "other-signer":
+        signer = "host-c"
+    if setup == "migrating":
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+    before = db.get_vtpcm(INSTANCE)
+    with pytest.raises(exception.CommandRefused, match=why):
+        coord.replace_vtpcm(INSTANCE, target, requested_by=signer)
+    assert db.get_vtpcm(INSTANCE) == before
+    assert [a.outcome for a in db.list_audit(limit=20) if a.event == "vtpcm.evacuate"] == \
+        ["refused"]
+
+
+# --- shelve offload and unshelve -----------------------------------------------------
+
+def _shelved(env):  # noqa: F811
+    coord, db, agents, trust, _ = env
+    cold = ColdAgents(agents, None)
+    agents.export_state = lambda host, instance: (
+        agents._record("export_state", host),
+        am.StateBlobs(INSTANCE, db.get_vtpcm(INSTANCE).migration_id, 0, b"\x01" * 64, 0,
+                      b"", 0))[1]
+    agents.import_state = cold.import_state
+    assert coord.shelve_vtpcm(INSTANCE, requested_by="host-a").state == "SHELVED"
+    assert ("stop", "host-a") in agents.calls
+    return coord, db, agents, trust, cold
+
+
+def test_unshelve_elsewhere_moves_the_shelved_vtpcm_once(env):  # noqa: F811
+    coord, db, agents, _, cold = _shelved(env)
+    rec = coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    assert (rec.host, rec.generation, rec.state) == ("host-b", 1, "ACTIVE")
+    assert [h for h, _ in cold.imported] == ["host-b"]
+    assert names(agents)[-6:] == ["seal", "prepare", "export_state", "import_state",
+                                  "commit_incoming", "commit_outgoing"]
+    outcomes = [a.outcome for a in db.list_audit(limit=50) if a.event == "vtpcm.unshelve"]
+    assert outcomes == ["moved"]
+    # restored twice: refused, nothing moves
+    with pytest.raises(exception.CommandRefused, match="not shelved"):
+        coord.unshelve_vtpcm(INSTANCE, "host-a", requested_by="host-a")
+    assert db.get_vtpcm(INSTANCE).host == "host-b" and len(cold.imported) == 1
+
+
+def test_unshelve_onto_an_untrusted_host_keeps_it_shelved_on_the_holder(env):  # noqa: F811
+    coord, db, agents, trust, cold = _shelved(env)
+    trust.verdicts["host-b"] = coordinator_verdict("UNTRUSTED", "PCR 7 differs")
+    with pytest.raises(exception.HostNotTrusted, match="PCR 7 differs"):
+        coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
+        ("host-a", 0, "SHELVED", None)
+    assert "seal" not in names(agents) and not cold.imported
+    assert [a.outcome for a in db.list_audit(limit=50) if a.event == "vtpcm.unshelve"] == \
+        ["refused"]
+    # positive control: trusted again, it moves
+    trust.verdicts["host-b"] = coordinator_verdict("TRUSTED")
+    assert coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b").host == "host-b"
+
+
+def test_unshelve_on_the_holder_only_makes_it_live_again(env):  # noqa: F811
+    coord, db, agents, _, cold = _shelved(env)
+    rec = coord.unshelve_vtpcm(INSTANCE, "host-a", requested_by="host-a")
+    assert (rec.host, rec.state, rec.generation) == ("host-a", "ACTIVE", 0)
+    assert not cold.imported
+
+
+def test_only_the_holder_shelves_and_only_the_target_unshelves(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    with pytest.raises(exception.CommandRefused, match="lives on host-a, not on host-b"):
+        coord.shelve_vtpcm(INSTANCE, requested_by="host-b")
+    coord.shelve_vtpcm(INSTANCE, requested_by="host-a")
+    with pytest.raises(exception.CommandRefused, match="signed by host-c"):
+        coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-c")
+    assert db.get_vtpcm(INSTANCE).state == "SHELVED"
