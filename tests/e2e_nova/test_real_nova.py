@@ -84,6 +84,16 @@ def _domains(host: hosts.LabHost) -> list[str]:
         conn.close()
 
 
+def _no_live_vtpcm(agents: Any, host: str, instance: str) -> None:
+    """``host``'s agent holds no live vTPCM of ``instance``: none at all, or
+    the tombstone of one it gave away earlier."""
+    try:
+        info = agents.get(host, instance)
+    except exception.NotFound:
+        return
+    assert (info.state, info.running) == ("DESTROYED", False)
+
+
 def _tpms(xml: str) -> list[tuple[str | None, str | None]]:
     dom = ET.fromstring(xml)  # noqa: S314 - from our own libvirt daemon
     return [(t.get("model"), t.find("backend").get("type"))  # type: ignore[union-attr]
@@ -199,6 +209,38 @@ def test_abort_of_a_slowed_live_migration_leaves_everything_on_the_source(
     run.server = migration.server
 
 
+def test_shelve_offload_and_unshelve_elsewhere_keep_the_tpm_contents(
+        nova_lab: NovaLab, run: Run) -> None:
+    stack = nova_lab.stack
+    assert stack is not None
+    src = servers.host_of(run.server)
+    instance = run.server["id"]
+    other = servers.other_host(nova_lab, src)
+    generation = stack.engine.get_vtpcm(instance).generation
+
+    nova_lab.openstack("server", "shelve", instance)
+    rest.poll("shelve offload", lambda: servers.show(nova_lab, instance),
+              lambda s: s["status"] == "SHELVED_OFFLOADED", servers.BOOT_TIMEOUT, 1.0)
+    record = stack.engine.get_vtpcm(instance)
+    assert (record.host, record.state) == (src, "SHELVED")
+    nova_lab.openstack("server", "unshelve", "--host", other, instance)
+    server = rest.poll("unshelve", lambda: servers.show(nova_lab, instance),
+                       lambda s: s["status"] == "ACTIVE", servers.BOOT_TIMEOUT, 1.0,
+                       fail=lambda s: "ERROR: %s" % (s.get("fault") or {}).get("message")
+                       if s["status"] == "ERROR" else None)
+
+    assert servers.host_of(server) == other
+    record = stack.engine.get_vtpcm(instance)
+    assert (record.host, record.generation) == (other, generation + 1)
+    report = servers.tpm_report(nova_lab, server)
+    # NV and the EK come back; PCRs start afresh, as after any power off
+    assert (report["NV"], report["EK"]) == (run.before["NV"], run.before["EK"])
+    assert report["BOOTID"] != run.before["BOOTID"]
+    assert not list((nova_lab.stack_host(src).state_dir / "vtpcms").glob("*"))
+    run.server = server
+    run.before = dict(run.before, PCR16=report["PCR16"], BOOTID=report["BOOTID"])
+
+
 def test_live_migration_to_an_untrusted_host_is_refused(nova_lab: NovaLab, run: Run) -> None:
     """After this test the other host stays UNTRUSTED."""
     stack = nova_lab.stack
@@ -221,11 +263,10 @@ def test_live_migration_to_an_untrusted_host_is_refused(nova_lab: NovaLab, run: 
     scheduler_log = (nova_lab.layout.logs / "nova-scheduler.log").read_text()
     assert "%s fails vTPCM: no fresh TRUSTED verdict" % bad in scheduler_log
     assert (migration.server["status"], migration.host) == ("ACTIVE", src)
-    with pytest.raises(exception.NotFound):
-        stack.agents.get(bad, instance)
+    _no_live_vtpcm(stack.agents, bad, instance)
     after = stack.agents.get(src, instance)
     assert (after.state, after.generation, after.pid, after.migration_id) == \
-        ("ACTIVE", before.generation, before.pid, None)
+        ("ACTIVE", before.generation, before.pid, before.migration_id)
     report = servers.tpm_report(nova_lab, migration.server)
     assert {k: report[k] for k in ("PCR16", "NV", "EK", "BOOTID")} == \
         {k: run.before[k] for k in ("PCR16", "NV", "EK", "BOOTID")}
