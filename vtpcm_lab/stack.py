@@ -26,6 +26,7 @@ from vtpcm_nova import agentkeys
 LOG = logging.getLogger(__name__)
 EXCHANGE = "vtpcm-lab"
 GOLDEN_POLICY = "lab-golden"
+RECONCILE_INTERVAL = 30  # seconds, [migration] reconcile_interval's production default
 
 
 @dataclasses.dataclass
@@ -138,7 +139,10 @@ class Stack:
             # the engine trusts the lab's TPM "manufacturer" and no one else
             ek_cas = localca_ek_cas(self.base / "ek-cas.pem")
             engine_extra: dict[str, dict[str, Any]] = {
-                "attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas}}
+                "attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas},
+                # as in production (the daemons' default of 0 keeps
+                # functional tests deterministic): the lab exercises it
+                "migration": {"reconcile_interval": RECONCILE_INTERVAL}}
             for section, values in self.engine_extra.items():
                 engine_extra.setdefault(section, {}).update(values)
             self.engine_daemon = daemons.EngineDaemon(

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HT, TPMA_NV
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HT, TPM2_SU, TPMA_NV
 from tpm2_pytss.types import (
     TPM2B_NV_PUBLIC,
     TPML_DIGEST_VALUES,
@@ -41,6 +41,15 @@ def esapi(paths: process.SwtpmPaths) -> Iterator[ESAPI]:
     finally:
         esys.close()
         tcti.close()
+
+
+def power_on(paths: process.SwtpmPaths) -> None:
+    """What a (re)started QEMU and the guest firmware do to a swtpm waiting
+    for INIT: CMD_INIT, then TPM2_Startup(CLEAR)."""
+    with ctrl.CtrlClient(paths.ctrl_socket) as client:
+        client.init(delete_volatile=False)
+    with esapi(paths) as esys:
+        esys.startup(TPM2_SU.CLEAR)
 
 
 def write_guest_state(paths: process.SwtpmPaths, nv_data: bytes, pcr_digest: bytes,

@@ -42,7 +42,7 @@ class LyingAgent(AgentManager):
 
     @endpoint(am.IdentityRequest)
     def get_identity(self, req: am.IdentityRequest) -> am.HostIdentity:
-        honest = AgentManager.get_identity.__wrapped__(self, req)
+        honest = AgentManager.get_identity.__wrapped__(self, req, vouched=True)
         if self.mode in ("foreign-ek", "mismatched-ek"):
             theirs = self.other.identity(os.urandom(32))
             return dataclasses.replace(

@@ -65,7 +65,7 @@ class DishonestAgent(AgentManager):
 
     @endpoint(am.IdentityRequest)
     def get_identity(self, req: am.IdentityRequest) -> am.HostIdentity:
-        honest = AgentManager.get_identity.__wrapped__(self, req)
+        honest = AgentManager.get_identity.__wrapped__(self, req, vouched=True)
         if self.mode == "other-command-key":  # a key the TPM did not vouch for
             return dataclasses.replace(honest, command_public=authn.public_raw(
                 ed25519.Ed25519PrivateKey.generate().public_key()))

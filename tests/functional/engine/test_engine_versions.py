@@ -1,11 +1,11 @@
-"""A rolling upgrade between engine API 1.5 and 1.6 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.6 and 1.7 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.5`` (what
-  an old Nova driver can send) against the current engine daemon: the old
-  host calls and host_command_key work, signed_host_command_key is refused
-  before sending.
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.6`` (what
+  an old agent or Nova driver can send) against the current engine daemon:
+  the old host calls, host_command_key and signed_host_command_key work,
+  the 1.7 report_swtpm_restart is refused before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.5) answering a current client: old methods are served, the new one
+  1.6) answering a current client: old methods are served, the new one
   comes back as a clear ``RPCVersionUnsupported``.
 """
 
@@ -25,6 +25,7 @@ from tests.functional.harness import (
 )
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine import messages as em
 from vtpcm_common.api.engine.rpcapi import RPC_API_VERSION, EngineAPI
 from vtpcm_lab import daemons
 from vtpcm_nova.engine.db import migration
@@ -33,7 +34,7 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.5"
+PREVIOUS = "1.6"
 
 
 class PreviousEngine(EngineManager):
@@ -126,19 +127,21 @@ def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
         assert pinned.stop_vtpcm(instance).state == "STOPPED"
         assert pinned.host_command_key(host).status == "APPROVED"  # 1.4
         nonce = b"\x05" * 16
-        with pytest.raises(exception.RPCVersionCapped) as err:
-            pinned.signed_host_command_key(host, nonce)
-        assert str(err.value) == (
-            "Not sent: signed_host_command_key needs %s RPC API 1.6, but [upgrade_levels] "
-            "vtpcm_engine caps this client at 1.5 (some %s may still run an older "
-            "release)" % (pinned.topic, pinned.topic))
-        # unpinned, it works: signed with the engine key the agents pin
-        answer = current.signed_host_command_key(host, nonce)
+        answer = pinned.signed_host_command_key(host, nonce)  # 1.6
         assert answer.status == "APPROVED"
         assert authn.verify_host_key(engine_key, answer.signature, host, answer.status,
                                      answer.command_public, nonce)
         assert not authn.verify_host_key(engine_key, answer.signature, host, answer.status,
                                          answer.command_public, b"\x06" * 16)
+        report = em.SwtpmRestartReport(host, instance, agents.get(host, instance).vtpcm_id,
+                                       "ACTIVE", "restarted", "died")
+        with pytest.raises(exception.RPCVersionCapped) as err:
+            pinned.report_swtpm_restart(report)
+        assert str(err.value) == (
+            "Not sent: report_swtpm_restart needs %s RPC API 1.7, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.6 (some %s may still run an older "
+            "release)" % (pinned.topic, pinned.topic))
+        current.report_swtpm_restart(report)  # unpinned, it works
     finally:
         current.destroy_vtpcm(instance)
 
@@ -156,9 +159,10 @@ def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
 def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
     _, _, on_old, _, host, *_ = upgrade
     with pytest.raises(exception.RPCVersionUnsupported) as err:
-        on_old.signed_host_command_key(host, b"\x05" * 16)
+        on_old.report_swtpm_restart(em.SwtpmRestartReport(
+            host, str(uuid.uuid4()), str(uuid.uuid4()), "ACTIVE", "restarted", "died"))
     assert str(err.value) == (
-        "%s cannot serve signed_host_command_key (RPC API 1.6): it runs an older API "
+        "%s cannot serve report_swtpm_restart (RPC API 1.7): it runs an older API "
         "version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
         % on_old.topic)
