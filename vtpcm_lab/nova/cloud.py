@@ -15,6 +15,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -136,6 +137,12 @@ class NovaLab:
         if not (self.venv / "bin" / "nova-compute").exists():
             raise LabError(reason="no Nova services venv at %s: run "
                                      "tools/install-nova-services.sh" % self.venv)
+        try:
+            socket.create_connection(("127.0.0.1", 3306), timeout=5).close()
+        except OSError:
+            raise LabError(reason="the real-Nova lab needs MariaDB on 127.0.0.1:3306 (user "
+                           "root without password) for Nova's, placement's and glance's "
+                           "databases; nothing answers there") from None
         started = time.monotonic()
         self._kill_leftovers()
         try:
