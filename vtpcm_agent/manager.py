@@ -117,6 +117,15 @@ class AgentManager:
             running=sum(1 for a in vtpcms if self.instances.is_running(a)),
             crashed=tuple(self.instances.crashed()))
 
+    # 1.7 ---------------------------------------------------------------------
+    @endpoint(m.MigrationContext)
+    def incoming_state(self, req: m.MigrationContext) -> m.IncomingState:
+        assoc = self.instances.get(req.instance_uuid)
+        return m.IncomingState(
+            state=assoc.state.value, generation=assoc.generation,
+            migration_id=assoc.migration_id, running=self.instances.is_running(assoc),
+            holds_state=self.instances.holds_state(assoc))
+
     # 1.1 ---------------------------------------------------------------------
     def _tpm(self, limit: TokenBucket | None = None, what: str = "") -> Any:
         """The host TPM, after ``limit`` allowed one more unsigned ``what``

@@ -290,7 +290,8 @@ def test_agent_state_changing_endpoints_are_exactly_the_signed_ones():
         "commit_outgoing", "abort_incoming", "abort_outgoing"}
     unsigned = {name for name in dir(AgentManager)
                 if getattr(getattr(AgentManager, name), "signed", None) is False}
-    assert unsigned == {"get", "list", "health", "get_identity", "quote", "activate_credential"}
+    assert unsigned == {"get", "list", "health", "get_identity", "quote", "activate_credential",
+                        "incoming_state"}  # read-only (1.7)
 
 
 def test_signed_endpoint_checks_before_acting(signer, verifier):

@@ -290,8 +290,9 @@ class Attestor:
                                 bank: str = "sha256", description: str = "") -> PolicyRecord:
         """Store the PCR values of a verified quote of ``host`` as golden policy ``name``."""
         record = self.db.get_host(host)
-        if record.status is HostStatus.REVOKED:
-            raise exception.HostNotTrusted(host=host, reason="host is REVOKED")
+        if record.status in (HostStatus.REVOKED, HostStatus.FORGOTTEN):
+            raise exception.HostNotTrusted(host=host,
+                                           reason="host is %s" % record.status.value)
         wanted = sorted(set(pcrs))
         if not wanted:
             raise exception.InvalidInput(reason="no PCRs requested for the policy")

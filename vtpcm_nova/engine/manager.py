@@ -155,12 +155,19 @@ class EngineManager:
         self.resolver = Resolver(db, coordinator,
                                  lambda host, instance: self.coordinator.agents.get(
                                      host, instance),
-                                 self._agent_alive)
+                                 self._agent_alive,
+                                 lambda host, ctx: self.coordinator.agents.incoming_state(
+                                     host, ctx))
 
     def _agent_alive(self, host: str) -> bool:
-        """Whether the agent of ``host`` answers (a hint: unauthenticated)."""
+        """Whether anything answers for the agent of ``host`` (``hosts
+        forget`` refuses then). ``health`` is asked with a signed reply even
+        of a revoked host (``replykeys.TOWARD_SAFETY``); a reply that does not
+        verify is still an answer: only silence (a timeout) counts as gone."""
         try:
             self.coordinator.agents.health(host, timeout=5)
+        except exception.ReplyNotAuthenticated:
+            return True
         except (exception.VTPCMException, messaging.MessagingException):
             return False
         return True
@@ -277,17 +284,27 @@ class EngineManager:
     def revoke_host(self, req: m.HostRef) -> m.HostInfo:
         return host_info(self.attestor.revoke(req.host))
 
+    def _known_host(self, name: str) -> db_api.HostRecord:
+        """A host as the API shows it: a FORGOTTEN one is a tombstone the
+        engine keeps for itself (its keys stay bound), NotFound to callers
+        as before the tombstones (engine API unchanged)."""
+        rec = self.db.get_host(name)
+        if rec.status is HostStatus.FORGOTTEN:
+            raise exception.NotFound(what="host", key=name)
+        return rec
+
     @endpoint(m.Empty)
     def list_hosts(self, req: m.Empty) -> m.HostList:
-        return m.HostList(tuple(host_info(h) for h in self.db.list_hosts()))
+        return m.HostList(tuple(host_info(h) for h in self.db.list_hosts()
+                                if h.status is not HostStatus.FORGOTTEN))
 
     @endpoint(m.HostRef)
     def show_host(self, req: m.HostRef) -> m.HostInfo:
-        return host_info(self.db.get_host(req.host))
+        return host_info(self._known_host(req.host))
 
     @endpoint(m.HostRef)
     def host_command_key(self, req: m.HostRef) -> m.HostCommandKey:
-        rec = self.db.get_host(req.host)
+        rec = self._known_host(req.host)
         return m.HostCommandKey(rec.name, rec.status.value, rec.command_public)
 
     @endpoint(m.HostKeyQuery)
@@ -296,7 +313,7 @@ class EngineManager:
             raise exception.CommandRefused(
                 method="signed_host_command_key",
                 reason="this engine has no command signing key to sign its answer")
-        rec = self.db.get_host(req.host)
+        rec = self._known_host(req.host)
         return m.SignedHostCommandKey(
             rec.name, rec.status.value, rec.command_public,
             self.signer.sign_host_key(rec.name, rec.status.value, rec.command_public,
