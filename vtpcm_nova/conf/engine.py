@@ -76,6 +76,14 @@ ATTESTATION_OPTS = [
     cfg.IntOpt("verdict_ttl", default=300, min=5,
                help="Seconds a TRUSTED verdict stays fresh. The migration pre-check "
                     "(check_destination) and begin attest again once it is stale."),
+    cfg.FloatOpt("min_unsigned_interval", default=5.0, min=0.0,
+                 help="Seconds during which the unsigned attest call (vtpcm-manage "
+                      "hosts attest, anyone on the broker) answers with the host's "
+                      "verdict in force instead of quoting the host again. The "
+                      "engine's quotes are signed, so the agent's limit on unsigned "
+                      "calls does not count them: this bounds the quotes unsigned "
+                      "callers can make the engine send to one host. 0: every "
+                      "attest quotes (labs)."),
     cfg.IntOpt("nonce_ttl", default=60, min=5,
                help="Seconds a challenge nonce may be answered."),
     cfg.IntOpt("interval", default=120, min=0,

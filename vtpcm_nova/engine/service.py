@@ -95,7 +95,8 @@ class EngineService:
                                      admin_verifier=self.admin_verifier,
                                      host_verifier=self.host_verifier,
                                      signer=self.signer,
-                                     max_unsigned_attestations=conf.engine.max_unsigned_attestations)
+                                     max_unsigned_attestations=conf.engine.max_unsigned_attestations,
+                                     min_unsigned_interval=att.min_unsigned_interval)
         reg = conf.engine
         self.registrations = None
         if reg.registration_workers:
