@@ -44,11 +44,17 @@ ENGINE_OPTS = [
                     "threads that serve migrations never do."),
     cfg.IntOpt("registration_backlog", default=16, min=1,
                help="Announced host names waiting for a registration worker; when "
-                    "full, further announcements are dropped (the agent announces "
-                    "itself again at its next start)."),
+                    "full, the oldest waiting name is dropped to make room (its "
+                    "agent announces itself again, with backoff, until the engine "
+                    "contacts it)."),
     cfg.FloatOpt("registration_interval", default=60.0, min=0.0,
                  help="Seconds before an announcement of the same host name is "
-                      "accepted again (per-name rate limit of register_agent)."),
+                      "queued again (per-name rate limit of register_agent; a name "
+                      "dropped from a full queue may be queued again at once)."),
+    cfg.FloatOpt("registration_probe_timeout", default=5.0, min=0.5,
+                 help="Seconds a registration worker waits for an announced host's "
+                      "agent to answer a health call before it enrolls it (waiting "
+                      "up to rpc_timeout); a name no agent serves costs this long."),
     cfg.IntOpt("max_unsigned_attestations", default=8, min=1,
                help="attest calls (unsigned: vtpcm-manage hosts attest) served at "
                     "once, one per host; more are refused at once (RateLimited). "

@@ -248,8 +248,8 @@ class EngineManager:
             LOG.debug("Agent of host %(host)s registered; automatic enrollment is off "
                       "(vtpcm-manage hosts enroll)", {"host": req.host})
         elif not self.registrations.submit(req.host):
-            LOG.debug("Registration of host %(host)s dropped: queued or tried lately, "
-                      "or the registration queue is full", {"host": req.host})
+            LOG.debug("Registration of host %(host)s ignored: queued or queued lately",
+                      {"host": req.host})
 
     def enroll_registered(self, host: str) -> None:
         """Background half of ``register_agent``: enroll ``host`` by pulling

@@ -56,6 +56,7 @@ def _call(manager: AgentManager, method: str, payload: Any, auth: Any = None) ->
 
 
 QUOTE = m.QuoteRequest(b"n" * 32, (0,), "sha256").to_wire()
+IDENTITY = m.IdentityRequest(b"n" * 32).to_wire()
 CHALLENGE = m.CredentialChallenge(b"\x00\x01b", b"\x00\x01s").to_wire()
 
 
@@ -80,6 +81,18 @@ def test_the_engines_vouched_calls_are_not_counted(agent: Any) -> None:
         _call(manager, "activate_credential", CHALLENGE,
               engine.sign("activate_credential", HOST, CHALLENGE))
     assert tpm.calls.count("quote") == 7 and tpm.calls.count("activate_credential") == 5
+
+
+def test_only_a_verified_engine_call_counts_as_the_engines_contact(agent: Any) -> None:
+    """The agent stops announcing itself once the engine called (finding 2)."""
+    manager, _, engine = agent
+    rogue = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate())
+    _call(manager, "quote", QUOTE)
+    with pytest.raises(exception.CommandRefused, match="does not verify"):
+        _call(manager, "get_identity", IDENTITY, rogue.sign("get_identity", HOST, IDENTITY))
+    assert not manager.engine_contact.is_set()
+    _call(manager, "quote", QUOTE, engine.sign("quote", HOST, QUOTE))
+    assert manager.engine_contact.is_set()
 
 
 def test_a_vouched_call_that_does_not_verify_is_refused(agent: Any) -> None:
