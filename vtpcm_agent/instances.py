@@ -318,6 +318,8 @@ class InstanceManager:
                 expected=frozenset({S.ACTIVE, S.STOPPED}), migration_id=ctx.migration_id)
         keys = self.keystore.get(assoc.vtpcm_id)
         envelope = sealing.seal(dest_kem_public, keys.migration_key, ctx)
+        self.associations.record_seal(ctx.migration_id, ctx.instance_uuid, ctx.generation,
+                                      ctx.dest_host)
         LOG.info("Sealed the migration key of instance %(instance)s for host %(dest)s "
                  "(migration %(mig)s, generation %(gen)d)",
                  {"instance": ctx.instance_uuid, "dest": ctx.dest_host,

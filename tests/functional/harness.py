@@ -10,6 +10,7 @@ from typing import Any
 import oslo_messaging as messaging
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from vtpcm_agent.association import AssociationList, SealRecord
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import InstanceKeys, KeyStore, TPMSealedHostKey
 from vtpcm_agent.swtpm import process
@@ -30,6 +31,16 @@ from vtpcm_lab.hosttpm import HostTPMStandIn
 __all__ = ["TRANSPORT_URL", "AgentDaemon", "ClusterHost", "Daemon", "EngineDaemon",
            "agent_cluster", "client_conf", "random_command_public", "serve_agent_in_process",
            "short_dir", "trust_hosts", "wait_for"]
+
+
+def agent_seals(agent: AgentDaemon, instance: str) -> list[SealRecord]:
+    """The agent's own durable record of the migration keys of ``instance``
+    it sealed (its association list), read beside the running daemon."""
+    alist = AssociationList(Path(agent.config["agent"]["state_dir"]) / "associations.sqlite")
+    try:
+        return alist.seals(instance)
+    finally:
+        alist.close()
 
 
 @dataclasses.dataclass

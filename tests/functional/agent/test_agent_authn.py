@@ -19,6 +19,7 @@ from tests.functional.harness import (
     AgentDaemon,
     HostTPMStandIn,
     agent_cluster,
+    agent_seals,
     client_conf,
     short_dir,
 )
@@ -27,9 +28,6 @@ from vtpcm_common.api.agent import messages as m
 from vtpcm_common.api.agent.rpcapi import RPC_API_VERSION, AgentAPI
 
 pytestmark = pytest.mark.functional
-
-SEALED_LOG = "Sealed the migration key"
-
 
 @dataclasses.dataclass
 class Host:
@@ -81,7 +79,11 @@ def test_signed_client_works_and_readers_need_no_signature(cluster):
     assert rogue.health(a.name).api_version == RPC_API_VERSION
     kem = rogue.get_identity(b.name, os.urandom(32)).kem_public
     ctx = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, a.name, b.name)
+    assert agent_seals(a.agent, info.instance_uuid) == []
     sealed = api.seal_migration_key(a.name, ctx, kem)
+    # control for the "nothing sealed" checks below: a signed seal is recorded
+    [seal] = agent_seals(a.agent, info.instance_uuid)
+    assert (seal.migration_id, seal.generation, seal.dest_host) == (ctx.migration_id, 0, b.name)
     incoming = api.prepare_incoming(b.name, ctx, sealed.envelope)
     assert incoming.state == "MIGRATING_IN"
     api.abort_incoming(b.name, ctx)
@@ -109,10 +111,8 @@ def test_unsigned_commands_are_refused_and_change_nothing(cluster):
             attempt()
     assert api.get(a.name, info.instance_uuid) == before
     assert len(api.list(a.name).vtpcms) == len(rogue.list(a.name).vtpcms)
-    log = a.agent.log_text()
-    assert not any(SEALED_LOG in line and info.instance_uuid in line
-                   for line in log.splitlines())
-    assert "Command seal_migration_key refused: no engine signature" in log
+    assert agent_seals(a.agent, info.instance_uuid) == []  # nothing sealed
+    assert "Command seal_migration_key refused: no engine signature" in a.agent.log_text()
 
 
 def test_a_key_of_its_own_does_not_help(cluster):
@@ -126,8 +126,7 @@ def test_a_key_of_its_own_does_not_help(cluster):
         _raw(rogue, a.name, "seal_migration_key", "1.2", payload=payload,
              auth=forger.sign("seal_migration_key", a.name, payload))
     assert api.get(a.name, info.instance_uuid).state == "ACTIVE"
-    assert not any(SEALED_LOG in line and info.instance_uuid in line
-                   for line in a.agent.log_text().splitlines())
+    assert agent_seals(a.agent, info.instance_uuid) == []  # nothing sealed
 
 
 def test_captured_signed_command_cannot_be_replayed(cluster):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import leakscan
 from tests.functional import tpmtools
 from tests.functional.harness import (
     ClusterHost,
@@ -20,6 +21,8 @@ from tests.functional.harness import (
     short_dir,
     wait_for,
 )
+from vtpcm_agent import sealing
+from vtpcm_agent.instances import context_from
 from vtpcm_agent.swtpm import ctrl, process
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as m
@@ -111,9 +114,17 @@ def test_export_import_between_agents_keeps_guest_state(cluster):
     # the old generation cannot come back on the source
     with pytest.raises(exception.InvalidTransition):
         api.start(a.name, info.instance_uuid)
-    with pytest.raises(exception.VTPCMException):
-        api.prepare_incoming(a.name, m.MigrationContext(
-            str(uuid.uuid4()), info.instance_uuid, 0, b.name, a.name), b"\x00" * 120)
+    # A valid envelope (the real migration key, sealed to the source's own
+    # certified KEM key with a matching context) for the old generation 0:
+    # it opens, and only the tombstone's generation refuses it.
+    back = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, b.name, a.name)
+    envelope = sealing.seal(api.get_identity(a.name, os.urandom(32)).kem_public,
+                            b.keys(imported.vtpcm_id).migration_key, context_from(back))
+    with pytest.raises(exception.GenerationMismatch) as err:
+        api.prepare_incoming(a.name, back, envelope)
+    assert "generation 0 refused, authoritative generation is > 0" in str(err.value)
+    assert api.get(a.name, info.instance_uuid).state == "DESTROYED"
+    assert not pa.state_dir.exists()
 
 
 def test_import_with_other_migration_key_fails_and_changes_nothing(cluster):
@@ -162,28 +173,37 @@ def test_import_only_once_and_only_into_its_migration(cluster):
 
 
 def test_no_plaintext_state_on_disk_or_in_logs(cluster, tmp_path):
-    api, a, _ = cluster
+    """After a hand-over to B (B's own fresh at-rest key), nothing either
+    agent owns (state and key files, agent and swtpm logs, run dirs) nor the
+    exported blobs holds a key of the vTPCM or a secret window of its
+    permanent or volatile plaintext state, in any encoding."""
+    api, a, b = cluster
     info = _new(api, a)
     pa = a.paths(info.instance_uuid, info.vtpcm_id)
     tpmtools.write_guest_state(pa, os.urandom(48), os.urandom(32), make_key=True)
-    api.stop(a.name, info.instance_uuid)
+    api.stop(a.name, info.instance_uuid)  # state, volatile included, on disk
     keys = a.keys(info.vtpcm_id)
-    base = short_dir("vtpl")
-    with tpmtools.plaintext_permanent(pa.state_dir, keys.at_rest_key, base) as plain:
-        windows = tpmtools.windows(plain)
-    assert len(windows) > 100
+    found = tpmtools.secrets_of_state(pa.state_dir, keys.at_rest_key, short_dir("vtpl"))
+    assert len(found) > 100
     api.start(a.name, info.instance_uuid)
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
     blobs = api.export_state(a.name, info.instance_uuid)
-    # Everything the agent owns; the host-TPM stand-in's own state is not ours.
-    scanned = tpmtools.files(a.state_root, a.run_dir) + [a.agent.log_file]
-    assert any(p.name.endswith(".keys") for p in scanned)
-    for path in scanned:
-        assert tpmtools.leaks(windows, path.read_bytes()) == 0, path
-    assert tpmtools.leaks(windows, blobs.permanent) == 0
-    for key in (keys.at_rest_key, keys.migration_key):
-        for path in scanned:
-            assert key not in path.read_bytes(), path
-        assert key.hex() not in a.agent.log_text()
+    incoming = api.import_state(b.name, blobs)
+    fresh = b.keys(incoming.vtpcm_id)
+    assert fresh.migration_key == keys.migration_key and fresh.at_rest_key != keys.at_rest_key
+    secrets = [("source at-rest key", keys.at_rest_key), ("migration key", keys.migration_key),
+               ("destination's fresh at-rest key", fresh.at_rest_key)]
+    scanned = [*tpmtools.files(a.state_root, a.run_dir, b.state_root, b.run_dir),
+               a.agent.log_file, b.agent.log_file]
+    assert sum(p.name.endswith(".keys") for p in scanned) >= 2
+    assert any(p.parent.name == "logs" and p.suffix == ".log" for p in scanned)  # swtpm
+    haystack = leakscan.SEP.join([*(p.read_bytes() for p in scanned if p.is_file()),
+                                  blobs.permanent, blobs.volatile])
+    leakscan.assert_finds(secrets, found, haystack)
+    assert leakscan.hits(secrets, haystack) == []
+    assert leakscan.window_hits(found, haystack) == 0
+    api.commit_incoming(b.name, ctx)
+    api.commit_outgoing(a.name, ctx)
 
 
 def test_agent_kill9_and_sigterm_keep_swtpm_and_readopt(cluster):
@@ -217,19 +237,29 @@ def _raw(api: AgentAPI, host: str, method: str, payload):
 
 
 def test_bad_input_is_refused_clearly_and_changes_nothing(cluster):
-    api, a, _ = cluster
+    api, a, b = cluster
     info = _new(api, a)
     with pytest.raises(exception.NotFound) as err:
         api.get(a.name, str(uuid.uuid4()))
     assert "not found" in str(err.value)
     with pytest.raises(exception.AlreadyExists):
         api.create(a.name, info.instance_uuid)
+    # Truncated and tampered blobs reach the destination's blob check (an
+    # incoming vTPCM prepared for this migration) and are refused there.
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
     blobs = api.export_state(a.name, info.instance_uuid)
-    for bad in (dataclasses.replace(blobs, permanent=blobs.permanent[:100]),
-                dataclasses.replace(blobs, permanent=blobs.permanent[:-40]
-                                    + bytes(b ^ 0x5A for b in blobs.permanent[-40:]))):
-        with pytest.raises(exception.VTPCMException):
-            api.import_state(a.name, bad)
+    for bad, reason in (
+            (dataclasses.replace(blobs, permanent=blobs.permanent[:100]),
+             "bytes but has 100"),
+            (dataclasses.replace(blobs, permanent=blobs.permanent[:-40] + bytes(
+                b ^ 0x5A for b in blobs.permanent[-40:])), "TPM_DECRYPT_ERROR")):
+        with pytest.raises(exception.StateImportError) as err:
+            api.import_state(b.name, bad)
+        assert reason in str(err.value), str(err.value)
+        incoming = api.get(b.name, info.instance_uuid)
+        assert incoming.state == "MIGRATING_IN" and incoming.running
+    api.abort_incoming(b.name, ctx)
+    api.abort_outgoing(a.name, ctx)
     after = api.get(a.name, info.instance_uuid)
     assert after.state == "ACTIVE" and after.pid == info.pid and after.running
     for method, payload, field in (
@@ -266,8 +296,9 @@ def test_abort_steps_restore_the_source_and_may_be_retried(cluster):
     assert (source.state, source.generation, source.migration_id, source.pid) == \
         ("ACTIVE", 0, None, info.pid)
     # a commit for the aborted migration is refused on both sides
-    with pytest.raises(exception.VTPCMException):
+    with pytest.raises(exception.MigrationError) as err:
         api.commit_outgoing(a.name, ctx)
+    assert "is ACTIVE in migration None, expected MIGRATING_OUT" in str(err.value)
     with pytest.raises(exception.NotFound):
         api.commit_incoming(b.name, ctx)
     assert api.get(a.name, info.instance_uuid).state == "ACTIVE"

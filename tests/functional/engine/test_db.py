@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+import sqlalchemy
 
 from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
@@ -208,7 +209,7 @@ def test_audit_newest_first_and_filtered(make_db: MakeDb) -> None:
 
 def test_naive_datetime_refused(make_db: MakeDb) -> None:
     db = make_db()
-    with pytest.raises(Exception, match="naive datetime"):
+    with pytest.raises(sqlalchemy.exc.StatementError, match="naive datetime refused"):
         db.audit("x", "y", now=datetime.datetime(2025, 1, 1))  # noqa: DTZ001
     assert db.list_audit() == []
 

@@ -108,7 +108,7 @@ def setup():
 
 
 def _refused(api, host, reason):
-    with pytest.raises(exception.VTPCMException) as err:
+    with pytest.raises(exception.CertificationError) as err:
         api.enroll(host)
     assert reason in str(err.value), str(err.value)
     assert host not in {h.name for h in api.list_hosts().hosts}
