@@ -2,6 +2,7 @@
 refused before the TPM is touched; the engine's vouched (signed) calls are
 not counted, and a vouched call whose signature does not verify is refused."""
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -107,3 +108,24 @@ def test_a_vouched_call_that_does_not_verify_is_refused(agent: Any) -> None:
     with pytest.raises(exception.CommandRefused, match="misdirected"):
         _call(manager, "quote", QUOTE, engine.sign("quote", "cmp2", QUOTE))
     assert tpm.calls == ["quote"]
+
+
+def test_a_flood_of_refusals_is_logged_at_debug_with_a_bounded_warning(
+        agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Review finding 6: each refused unsigned call (rate-limited, or with a
+    bogus ``auth``) was one WARNING line: 2000 calls, 1998 lines."""
+    manager, tpm, _ = agent
+    caplog.set_level(logging.DEBUG)
+    refused = 0
+    for i in range(200):
+        try:
+            _call(manager, "quote", QUOTE, None if i % 2 else {"garbage": 1})
+        except (exception.RateLimited, exception.CommandRefused):
+            refused += 1
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    debug = [r for r in caplog.records
+             if r.levelno == logging.DEBUG and "Refused quote" in r.getMessage()]
+    assert refused == 198 and len(tpm.calls) == 2  # the bucket's burst
+    assert len(debug) == refused
+    assert len(warnings) <= 1  # the periodic count (once a minute per process)
+    assert all("calls refused" in r.getMessage() for r in warnings)
