@@ -155,7 +155,8 @@ class AgentManager:
     def activate_credential(self, req: m.CredentialChallenge,
                             vouched: bool) -> m.ActivatedCredential:
         tpm = self._tpm(self._limit(vouched, self.activation_limit), "credential activations")
-        secret = tpm.activate_credential(req.credential_blob, req.encrypted_secret)
+        secret = tpm.activate_credential(req.credential_blob, req.encrypted_secret,
+                                         signed=vouched)
         return m.ActivatedCredential(host=self.host, secret=secret)
 
     @endpoint(m.QuoteRequest, vouched=True)

@@ -27,7 +27,7 @@ class CountingTPM:
         self.calls.append("quote")
         return QuoteResult(attest=b"a", signature=b"s", pcr_values={0: b"\0" * 32})
 
-    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
+    def activate_credential(self, blob: bytes, secret: bytes, *, signed: bool = False) -> bytes:
         self.calls.append("activate_credential")
         return b"k" * 32
 
