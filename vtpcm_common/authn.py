@@ -164,7 +164,7 @@ class CommandSigner:
     def sign_host_key(self, host: str, status: str, command_public: bytes | None,
                       nonce: bytes) -> bytes:
         """The engine's signature over its answer to ``signed_host_command_key``
-        (engine API 1.5): what the Nova driver checks another host's agent
+        (engine API 1.6): what the Nova driver checks another host's agent
         replies with comes signed by the key the agents already pin."""
         return self._key.sign(host_key_bytes(host, status, command_public, nonce))
 
