@@ -8,6 +8,7 @@ methods (``signed=True``) run only for commands the engine signed. Replies
 are signed with the host command key when the caller asks (API 1.6).
 """
 
+import threading
 from typing import Any
 
 import oslo_messaging as messaging
@@ -59,6 +60,9 @@ class AgentManager:
                     reason="the reply signer is not the host command key reported")
             command_public = own
         self.command_public = command_public
+        # set by the engine's first verified (vouched) TPM call: the
+        # engine knows this agent, it need not announce itself again
+        self.engine_contact = threading.Event()
 
     def _info(self, assoc: Association) -> m.VTPCMInfo:
         return m.VTPCMInfo(
@@ -138,7 +142,10 @@ class AgentManager:
 
     def _limit(self, vouched: bool, limit: TokenBucket | None) -> TokenBucket | None:
         """The engine's own (signed) calls pass; everyone else's count."""
-        return None if vouched else limit
+        if vouched:
+            self.engine_contact.set()
+            return None
+        return limit
 
     @endpoint(m.IdentityRequest, vouched=True)
     def get_identity(self, req: m.IdentityRequest, vouched: bool) -> m.HostIdentity:
@@ -157,7 +164,8 @@ class AgentManager:
     def activate_credential(self, req: m.CredentialChallenge,
                             vouched: bool) -> m.ActivatedCredential:
         tpm = self._tpm(self._limit(vouched, self.activation_limit), "credential activations")
-        secret = tpm.activate_credential(req.credential_blob, req.encrypted_secret)
+        secret = tpm.activate_credential(req.credential_blob, req.encrypted_secret,
+                                         signed=vouched)
         return m.ActivatedCredential(host=self.host, secret=secret)
 
     @endpoint(m.QuoteRequest, vouched=True)

@@ -132,7 +132,8 @@ class EngineManager:
                  host_verifier: authn.CommandVerifier | None = None,
                  signer: authn.CommandSigner | None = None,
                  registrations: Registrations | None = None,
-                 max_unsigned_attestations: int = 8) -> None:
+                 max_unsigned_attestations: int = 8,
+                 min_unsigned_interval: float = 5.0) -> None:
         """``admin_verifier`` checks operator signatures on the admin
         methods; without one they are all refused (fail closed).
         ``host_verifier`` checks compute-node calls against the enrolled
@@ -141,7 +142,9 @@ class EngineManager:
         signs its answers about host keys (without it they are refused).
         ``registrations`` enrolls announced agents in the background;
         without it only operators enroll hosts.
-        ``max_unsigned_attestations``: ``attest`` calls served at once."""
+        ``max_unsigned_attestations``: ``attest`` calls served at once;
+        ``min_unsigned_interval``: seconds during which ``attest`` answers
+        with the verdict in force instead of quoting the host again."""
         self.db = db
         self.signer = signer
         self.verifier = AuditedVerifier(admin_verifier or authn.RefuseAll(NO_ADMIN_KEYS), db)
@@ -152,6 +155,7 @@ class EngineManager:
         self.default_policy = default_policy
         self.registrations = registrations
         self.attest_slots = InFlight(max_unsigned_attestations)
+        self.min_unsigned_interval = min_unsigned_interval
         self.resolver = Resolver(db, coordinator,
                                  lambda host, instance: self.coordinator.agents.get(
                                      host, instance),
@@ -251,8 +255,8 @@ class EngineManager:
             LOG.debug("Agent of host %(host)s registered; automatic enrollment is off "
                       "(vtpcm-manage hosts enroll)", {"host": req.host})
         elif not self.registrations.submit(req.host):
-            LOG.debug("Registration of host %(host)s dropped: queued or tried lately, "
-                      "or the registration queue is full", {"host": req.host})
+            LOG.debug("Registration of host %(host)s ignored: queued or queued lately",
+                      {"host": req.host})
 
     def enroll_registered(self, host: str) -> None:
         """Background half of ``register_agent``: enroll ``host`` by pulling
@@ -351,7 +355,15 @@ class EngineManager:
         # unsigned and it waits for the host's reply (up to the RPC
         # timeout): one at a time per host, a few in all, so a host that
         # holds its replies cannot take the RPC threads migrations need
+        # The engine's quote is vouched (the agent does not count it):
+        # at most one per host per min_unsigned_interval from unsigned
+        # callers, who get the verdict in force meanwhile.
         with self.attest_slots.slot(req.host, "unsigned attestations"):
+            recent = self.attestor.recent(req.host, self.min_unsigned_interval)
+            if recent is not None:
+                LOG.debug("attest of %(host)s answered with the verdict of %(at)s",
+                          {"host": req.host, "at": recent.attested_at})
+                return verdict_info(recent)
             return verdict_info(self.attestor.attest(req.host))
 
     @endpoint(m.Empty)
