@@ -17,8 +17,8 @@ Commands::
     audit list [--host HOST] [--limit N]
     vtpcm show INSTANCE_UUID
     migration show MIGRATION_ID
-    migration resolve MIGRATION_ID --to source|destination [--yes]
-    hosts forget HOST [--yes]
+    migration resolve MIGRATION_ID --to source|destination [--past-commit] [--yes]
+    hosts forget HOST [--despite-unverified-answers] [--yes]
     keys create PATH
     db sync [--revision REV] | db version
 
