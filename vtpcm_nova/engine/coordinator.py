@@ -646,7 +646,10 @@ class Coordinator:
                 action=action, reason="destination %s is %s: revoke it first (hosts revoke "
                                       "%s)" % (ctx.dest_host, status and status.value,
                                                ctx.dest_host))
-        self._advance(proto, ctx, p.ReclaimRequested(reason))
+        if proto.state is M.RECLAIMING:  # decided already: finish it
+            self._run(proto, ctx, p.pending_actions(M.RECLAIMING))
+        else:
+            self._advance(proto, ctx, p.ReclaimRequested(reason))
         return self.db.get_migration(migration_id)
 
     def reconcile(self) -> int:

@@ -107,8 +107,9 @@ def test_rollback_past_the_commit_point_restores_the_source_under_a_new_generati
     assert db.get_vtpcm(INSTANCE).generation == 2
 
 
-def test_a_rollback_interrupted_at_the_source_is_finished_by_reconcile(
-        three_hosts: Any) -> None:  # noqa: F811
+@pytest.mark.parametrize("by_reconcile", [True, False], ids=["reconcile", "again"])
+def test_a_rollback_interrupted_at_the_source_is_finished_later(
+        three_hosts: Any, by_reconcile: bool) -> None:  # noqa: F811
     coord, db, agents, _ = three_hosts
     mid = _stuck_committing(coord, db, agents)
     db.revoke_host("host-b")
@@ -118,6 +119,10 @@ def test_a_rollback_interrupted_at_the_source_is_finished_by_reconcile(
         mid, "source", execute=True, past_commit=True)
     assert state == "RECLAIMING" and "did not complete" in plan.text
     assert db.get_vtpcm(INSTANCE).host == "host-b"  # the record moves after the agent
-    coord.reconcile()
+    if by_reconcile:
+        coord.reconcile()
+    else:  # the same command again finishes it
+        assert _resolver(coord, db, agents).resolve_migration(
+            mid, "source", execute=True, past_commit=True)[1] == "ABORTED"
     assert db.get_migration(mid).state == "ABORTED"
     assert (db.get_vtpcm(INSTANCE).host, db.get_vtpcm(INSTANCE).generation) == ("host-a", 2)
