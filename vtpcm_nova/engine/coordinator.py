@@ -48,8 +48,6 @@ RESERVED_PREFIX = "creating-"
 # How long a signed agent command may still run after the engine sent it:
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
 COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
-# How long an evacuation waits for the failed host's agent before it counts as gone.
-HEALTH_TIMEOUT = 10.0
 
 
 class AgentClient(Protocol):
@@ -119,6 +117,11 @@ class Coordinator:
             self.db.delete_vtpcm(instance_uuid, 0, expected_state=CREATING,
                                  expected_vtpcm_id=token)
             raise
+        return self._complete_create(instance_uuid, host, token, info)
+
+    def _complete_create(self, instance_uuid: str, host: str, token: str,
+                         info: am.VTPCMInfo) -> db_api.VtpcmRecord:
+        """Fill in reservation ``token`` with what ``host``'s agent made."""
         if not self.db.complete_vtpcm(instance_uuid, token, info.vtpcm_id, info.generation,
                                       info.state):
             # our reservation was destroyed meanwhile: undo what the agent made
@@ -165,12 +168,17 @@ class Coordinator:
         vTPCM of a failed host is abandoned and ``host`` gets a fresh one.
 
         Only ``host`` itself may ask, never during a migration, creation or
-        destruction, and only while the holder's agent does not answer (a
-        host that answers can migrate the vTPCM instead). The old record goes
-        first (compare-and-set on its generation, state and id): the engine
-        never starts the old copy again, also if its host comes back. Audited
-        as state loss."""
+        destruction, only with a fresh TRUSTED verdict (checked before the
+        record changes), and only once the operator decided the holder is
+        gone: its host must be REVOKED (``vtpcm-manage host revoke``). A
+        silent agent is no such decision (a restart or a partition looks
+        the same). The old record becomes the target's reservation and an
+        abandoned record in one transaction: the engine never starts the
+        old copy again, and reconcile destroys it on its host once that
+        agent answers. A refused create puts the old record back. Audited
+        as state loss once the fresh vTPCM exists."""
         rec = self.db.get_vtpcm(instance_uuid)
+        refusal = ""
         if requested_by not in (None, host):
             refusal = "signed by %s, not by %s" % (requested_by, host)
         elif rec.host == host:
@@ -180,22 +188,91 @@ class Coordinator:
         elif rec.state in (CREATING, DESTROYING):
             refusal = "the vTPCM is %s" % rec.state
         else:
-            refusal = self._holder_answers(rec.host)
+            refusal = self._holder_gone(rec.host)
         if refusal:
             self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
                           detail=refusal[:1000])
             raise exception.CommandRefused(method="replace_vtpcm", reason=refusal)
-        if not self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=rec.state,
-                                    expected_vtpcm_id=rec.vtpcm_id):
+        host_rec, why = self._trusted_destination(host, self.trust.check_fresh(host))
+        if host_rec is None:
+            self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
+                          detail="host not trusted: %s" % why)
+            raise exception.HostNotTrusted(host=host, reason=why)
+        token = RESERVED_PREFIX + str(uuid.uuid4())
+        if not self.db.abandon_vtpcm(rec, host, token, now=self.now()):
+            self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
+                          detail="its record changed meanwhile")
             raise exception.VTPCMBusy(instance_uuid=instance_uuid,
                                       reason="its record changed meanwhile; retry")
+        try:
+            info = self.agents.create(host, instance_uuid)
+        except exception.ServiceUnreachable:
+            self.db.audit("vtpcm.evacuate", "unknown", host=host, instance=instance_uuid,
+                          detail="the agent of %s did not answer the create; record left "
+                                 "CREATING, the old vTPCM %s abandoned"
+                                 % (host, rec.vtpcm_id))
+            raise
+        except BaseException as err:
+            self.db.unabandon_vtpcm(rec, token)
+            self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
+                          detail=("create refused: %s" % err)[:1000])
+            raise
+        new = self._complete_create(instance_uuid, host, token, info)
         self.db.audit("vtpcm.evacuate", "state lost", host=rec.host, instance=instance_uuid,
-                      detail="vTPCM %s (generation %d) on failed host %s abandoned; a fresh "
+                      detail="vTPCM %s (generation %d) on revoked host %s abandoned; a fresh "
                              "vTPCM on %s" % (rec.vtpcm_id, rec.generation, rec.host, host))
         LOG.warning("Instance %(i)s evacuated from %(old)s to %(new)s with a fresh vTPCM: "
                     "its TPM state (generation %(gen)d) is lost",
                     {"i": instance_uuid, "old": rec.host, "new": host, "gen": rec.generation})
-        return self.create_vtpcm(instance_uuid, host)
+        return new
+
+    def _holder_gone(self, holder: str) -> str:
+        """A refusal unless the operator revoked the holder's host."""
+        try:
+            status = self.db.get_host(holder).status
+        except exception.NotFound:
+            return ""
+        if status is HostStatus.REVOKED:
+            return ""
+        return ("the holder %s is %s: evacuating a vTPCM instance with a fresh vTPCM "
+                "needs the failed host revoked first (vtpcm-manage host revoke)"
+                % (holder, status.value))
+
+    def reap_abandoned(self) -> int:
+        """Destroy the vTPCMs evacuations abandoned, on their old hosts
+        (engine-signed), once those agents answer: a partitioned, not dead,
+        host would otherwise keep a second live copy. Only the abandoned
+        instance's vTPCM is destroyed, and not while the engine's record
+        places the instance on that host again. Returns how many were
+        settled; the others are retried on the next pass."""
+        done = 0
+        for old in self.db.list_abandoned():
+            try:
+                current: str | None = self.db.get_vtpcm(old.instance_uuid).host
+            except exception.NotFound:
+                current = None
+            try:
+                if current == old.host:
+                    # the instance's vTPCM lives there again: that one stays
+                    LOG.warning("Abandoned vTPCM %(v)s of instance %(i)s: %(h)s holds the "
+                                "instance's vTPCM again; not destroying it",
+                                {"v": old.vtpcm_id, "i": old.instance_uuid, "h": old.host})
+                else:
+                    self.agents.destroy(old.host, old.instance_uuid)
+            except exception.NotFound:
+                pass  # the agent has nothing (left) for this instance
+            except exception.VTPCMException as err:
+                LOG.info("Abandoned vTPCM %(v)s of instance %(i)s on %(h)s not destroyed "
+                         "yet: %(err)s", {"v": old.vtpcm_id, "i": old.instance_uuid,
+                                           "h": old.host, "err": err})
+                continue
+            self.db.forget_abandoned(old)
+            self.db.audit("vtpcm.destroy", "destroyed", host=old.host,
+                          instance=old.instance_uuid,
+                          detail="vTPCM %s (generation %d) abandoned by an evacuation"
+                                 % (old.vtpcm_id, old.generation))
+            done += 1
+        return done
 
     def shelve_vtpcm(self, instance_uuid: str,
                      requested_by: str | None = None) -> db_api.VtpcmRecord:
@@ -261,18 +338,6 @@ class Coordinator:
                       migration_id=migration_id,
                       detail="from %s, generation %d" % (rec.host, rec.generation + 1))
         return self.db.get_vtpcm(instance_uuid)
-
-    def _holder_answers(self, holder: str) -> str:
-        """A refusal if the holder's agent answers (its host is not failed)."""
-        try:
-            self.agents.health(holder, timeout=HEALTH_TIMEOUT)
-        except exception.ReplyNotAuthenticated:
-            # someone answers in the holder's name: not a failed host
-            return "an answer for the agent of %s did not verify" % holder
-        except exception.ServiceUnreachable:
-            return ""
-        return ("the agent of %s answers: evacuate only from a failed host (migrate "
-                "otherwise)" % holder)
 
     def start_vtpcm(self, instance_uuid: str,
                     requested_by: str | None = None) -> tuple[str, am.VTPCMInfo]:
@@ -554,6 +619,7 @@ class Coordinator:
                 LOG.warning("Reconcile of migration %(mig)s (%(state)s) failed: %(err)s",
                             {"mig": listed.migration_id, "state": listed.state,
                              "err": err})
+        done += self.reap_abandoned()
         return done
 
     def _trusted_destination(self, dest: str,

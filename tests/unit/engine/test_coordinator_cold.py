@@ -131,43 +131,40 @@ def test_a_deadline_spares_a_resized_guest_until_confirm(env):  # noqa: F811
 
 # --- evacuation with a fresh vTPCM (state loss, operator option) --------------------
 
-def _holder(agents, answers):
-    def health(host, timeout=None):
-        agents._record("health", host)
-        if answers == "forged":
-            raise exception.ReplyNotAuthenticated(service="agent " + host,
-                                                  method="health", reason="bad signature")
-        if not answers:
-            raise exception.ServiceUnreachable(service="agent " + host, method="health",
-                                               reason="timeout")
-    agents.health = health
+def _revoked(db, host="host-a"):
+    """The operator's decision that the holder is gone (``vtpcm-manage host revoke``)."""
+    db.revoke_host(host)
 
 
-def test_an_evacuation_abandons_a_failed_hosts_vtpcm_for_a_fresh_one(env):  # noqa: F811
+def test_an_evacuation_abandons_a_revoked_hosts_vtpcm_for_a_fresh_one(env):  # noqa: F811
     coord, db, agents, _, _ = env
     old = db.get_vtpcm(INSTANCE)
-    _holder(agents, answers=False)
+    _revoked(db)
     rec = coord.replace_vtpcm(INSTANCE, "host-b", requested_by="host-b")
     assert rec.host == "host-b" and rec.vtpcm_id != old.vtpcm_id
     assert ("create", "host-b") in agents.calls
     (lost,) = [a for a in db.list_audit(limit=20) if a.event == "vtpcm.evacuate"]
     assert lost.outcome == "state lost" and lost.host == "host-a"
     assert old.vtpcm_id in lost.detail
-    # the old copy can never be started through the engine again
+    # the old copy is kept as abandoned, and can never be started through the engine
+    (abandoned,) = db.list_abandoned(INSTANCE)
+    assert (abandoned.host, abandoned.vtpcm_id, abandoned.generation) == \
+        ("host-a", old.vtpcm_id, old.generation)
     with pytest.raises(exception.CommandRefused, match="lives on host-b"):
         coord.start_vtpcm(INSTANCE, requested_by="host-a")
 
 
 @pytest.mark.parametrize(("setup", "why"), [
-    ("answers", "the agent of host-a answers"),
-    ("forged", "answer for the agent of host-a did not verify"),
+    ("silent", "host-a is APPROVED: evacuating a vTPCM instance with a fresh vTPCM needs "
+               "the failed host revoked first"),
     ("same-host", "already lives on host-a"),
     ("migrating", "holds the vTPCM"),
     ("other-signer", "signed by host-c"),
 ])
-def test_an_evacuation_is_refused_unless_the_holder_failed(env, setup, why):  # noqa: F811
+def test_an_evacuation_is_refused_unless_the_holder_was_revoked(env, setup, why):  # noqa: F811
     coord, db, agents, _, _ = env
-    _holder(agents, answers="forged" if setup == "forged" else setup == "answers")
+    agents.fail["health"] = exception.ServiceUnreachable(
+        service="agent host-a", method="health", reason="timeout")  # never asked
     target, signer = "host-b", "host-b"
     if setup == "same-host":
         target = signer = "host-a"
@@ -175,12 +172,58 @@ def test_an_evacuation_is_refused_unless_the_holder_failed(env, setup, why):  # 
         signer = "host-c"
     if setup == "migrating":
         coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
-    before = db.get_vtpcm(INSTANCE)
+    before, calls = db.get_vtpcm(INSTANCE), len(agents.calls)
     with pytest.raises(exception.CommandRefused, match=why):
         coord.replace_vtpcm(INSTANCE, target, requested_by=signer)
-    assert db.get_vtpcm(INSTANCE) == before
+    assert db.get_vtpcm(INSTANCE) == before and db.list_abandoned() == []
     assert [a.outcome for a in db.list_audit(limit=20) if a.event == "vtpcm.evacuate"] == \
         ["refused"]
+    assert agents.calls[calls:] == []
+
+
+def test_an_evacuation_to_an_untrusted_host_keeps_the_record(env):  # noqa: F811
+    """Review finding F1: the record went before the target's trust was checked."""
+    coord, db, agents, trust, _ = env
+    db.enroll_host("host-c", ak_public=b"ak-c", ak_name=b"n-c", kem_public=b"kem-of-c",
+                   kem_name=b"kc", ek_certificate=None, approved=True)
+    db.assign_policy("host-c", "golden")
+    trust.verdicts["host-c"] = coordinator_verdict("UNTRUSTED", "PCR 0 differs")
+    _revoked(db)
+    before = db.get_vtpcm(INSTANCE)
+    with pytest.raises(exception.HostNotTrusted, match="PCR 0 differs"):
+        coord.replace_vtpcm(INSTANCE, "host-c", requested_by="host-c")
+    assert db.get_vtpcm(INSTANCE) == before and db.list_abandoned() == []
+    audits = [(a.event, a.outcome) for a in db.list_audit(limit=50)]
+    assert ("vtpcm.evacuate", "refused") in audits
+    assert ("vtpcm.evacuate", "state lost") not in audits
+    assert ("create", "host-c") not in agents.calls
+
+
+def test_a_refused_create_of_an_evacuation_puts_the_old_record_back(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    _revoked(db)
+    before = db.get_vtpcm(INSTANCE)
+    agents.fail["create"] = exception.CommandRefused(method="create", reason="disk full")
+    with pytest.raises(exception.CommandRefused, match="disk full"):
+        coord.replace_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    assert db.get_vtpcm(INSTANCE) == before and db.list_abandoned() == []
+    assert "state lost" not in [a.outcome for a in db.list_audit(limit=20)]
+
+
+def test_reconcile_destroys_an_abandoned_vtpcm_once_its_host_answers(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    _revoked(db)
+    coord.replace_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    agents.fail["destroy"] = exception.ServiceUnreachable(
+        service="agent host-a", method="destroy", reason="partitioned")
+    coord.reconcile()
+    assert len(db.list_abandoned()) == 1, "an unanswered destroy is retried"
+    coord.reconcile()
+    assert db.list_abandoned() == []
+    assert [c for c in agents.calls if c[0] == "destroy"] == [("destroy", "host-a")] * 2
+    assert db.get_vtpcm(INSTANCE).host == "host-b"
+    (done,) = [a for a in db.list_audit(limit=20) if a.event == "vtpcm.destroy"]
+    assert done.host == "host-a" and "abandoned by an evacuation" in done.detail
 
 
 # --- shelve offload and unshelve -----------------------------------------------------
