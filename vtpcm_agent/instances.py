@@ -365,17 +365,30 @@ class InstanceManager:
 
     @serialized
     def commit_incoming(self, ctx: sealing.SealContext) -> Association:
+        """The incoming vTPCM becomes the live one at generation + 1.
+
+        It must hold its state (set by QEMU or ``import_state``). A stopped
+        one is committed STOPPED: a cold-migrated or resized guest whose
+        QEMU exited on the destination (a shutdown inside the guest sends
+        swtpm CMD_SHUTDOWN) before the confirm must not wedge the commit
+        past its commit point; the guest's next start starts it."""
         assoc = self.associations.get(ctx.instance_uuid)
-        if (assoc.state is S.ACTIVE and assoc.generation == ctx.generation + 1
+        if (assoc.state in (S.ACTIVE, S.STOPPED) and assoc.generation == ctx.generation + 1
                 and assoc.migration_id == ctx.migration_id):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_IN)
-        if not (self.is_running(assoc) and self._received_state(assoc)):
+        if not self._received_state(assoc):
             raise exception.MigrationError(
                 migration_id=ctx.migration_id,
-                reason="the incoming vTPCM of instance %s has not received its state "
-                       "(or its swtpm is not running); refusing to commit"
-                % ctx.instance_uuid)
+                reason="the incoming vTPCM of instance %s has not received its state; "
+                       "refusing to commit" % ctx.instance_uuid)
+        if not self.is_running(assoc):
+            LOG.info("Migration %(mig)s: committing the stopped incoming vTPCM of instance "
+                     "%(i)s (its guest is off)", {"mig": ctx.migration_id,
+                                                  "i": ctx.instance_uuid})
+            return self.associations.transition(
+                ctx.instance_uuid, S.STOPPED, expected=frozenset({S.MIGRATING_IN}),
+                generation=ctx.generation + 1, pid=None)
         return self.associations.transition(
             ctx.instance_uuid, S.ACTIVE, expected=frozenset({S.MIGRATING_IN}),
             generation=ctx.generation + 1)

@@ -74,11 +74,14 @@ def guest_socket(engine: Engine, agents: lifecycle.AgentReader, instance_uuid: s
     info = agents.get(host, instance_uuid)
     if (info.state, info.migration_id) != ("MIGRATING_IN", incoming.migration_id) \
             or not info.running:
+        # A stopped one (its QEMU exited) is not restarted before the
+        # confirm: the confirm commits it stopped, then it starts here.
         raise exception.MigrationError(
             migration_id=incoming.migration_id,
             reason="the incoming vTPCM of instance %s on %s is %s%s, not this migration's "
-                   "running incoming vTPCM" % (instance_uuid, host, info.state,
-                                               "" if info.running else " (stopped)"))
+                   "running incoming vTPCM; confirm (it then starts here) or revert the "
+                   "resize" % (instance_uuid, host, info.state,
+                               "" if info.running else " (stopped)"))
     return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid, socket_dirs)
 
 

@@ -5,6 +5,7 @@ incoming vTPCM. Real engine and agent daemons, real swtpm (vTPCMs and host
 TPM stand-ins), RabbitMQ; hosts TRUSTED under a golden policy."""
 
 import secrets
+import time
 import uuid
 
 import pytest
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.functional import tpmtools
 from tests.nova_functional import deployment as dep_mod
+from vtpcm_agent.swtpm.client import CtrlClient
 from vtpcm_common import authn, exception
 from vtpcm_common.api.engine import messages as m
 
@@ -170,4 +172,40 @@ def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
     assert dep.operator.get_vtpcm(instance).host == b
     assert sorted(e.outcome for e in _audit(dep, instance, "vtpcm.unshelve")) == \
         ["moved", "refused", "refused"]
+    dep.engine_at(b).destroy_vtpcm(instance)
+
+
+def test_a_confirm_after_the_guest_stopped_on_the_destination_commits_it_stopped(dep):
+    """Review finding F2: QEMU's CMD_SHUTDOWN (the resized guest shut down
+    inside, or the destination rebooted) stops the incoming swtpm before the
+    confirm. The confirm used to pass the commit point and then wedge (the
+    agent refused to commit a stopped incoming vTPCM, forever): now it
+    commits it STOPPED at generation + 1, the source is shredded, and the
+    guest's next start finds its state."""
+    a, b, _ = _names(dep)
+    instance, before = _vtpcm_with_state(dep, a)
+    mid = str(uuid.uuid4())
+    assert dep.engine_at(a).begin(mid, instance, a, b).state == "PREPARED"
+    assert dep.engine_at(a).transfer_state(mid).state == "TRANSFERRED"
+    inc = dep.agents.get(b, instance)
+    assert (inc.state, inc.running) == ("MIGRATING_IN", True)
+    with CtrlClient(inc.ctrl_socket) as client:  # what QEMU sends when it exits
+        client.shutdown()
+    for _ in range(100):
+        if not dep.agents.get(b, instance).running:
+            break
+        time.sleep(0.1)
+    assert not dep.agents.get(b, instance).running
+
+    assert dep.engine_at(a).commit(mid).state == "COMMITTED"
+    rec = dep.operator.get_vtpcm(instance)
+    assert (rec.host, rec.generation, rec.migration_id) == (b, 1, None)
+    dest = dep.agents.get(b, instance)
+    assert (dest.state, dest.generation, dest.running) == ("STOPPED", 1, False)
+    assert dep.agents.get(a, instance).state == "DESTROYED"
+    # a retried confirm is a success; the guest starts on its vTPCM, state kept
+    assert dep.engine_at(a).commit(mid).state == "COMMITTED"
+    dep.engine_at(b).start_vtpcm(instance)
+    after = tpmtools.read_guest_state(dep.hosts[b].data_paths(instance), with_key=False)
+    assert after["nv"] == before["nv"]
     dep.engine_at(b).destroy_vtpcm(instance)
