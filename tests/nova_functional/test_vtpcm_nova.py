@@ -567,32 +567,40 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
         self.assertIsNone(self.dep.vtpcm_on(b, instance))
 
-        # allowed by the operator, but the holder's agent still answers: refused
+        # allowed by the operator, but the holder is not revoked (a silent
+        # agent is no operator decision): refused, nothing changes
         self.flags(evacuate_with_fresh_vtpcm=True, group="vtpcm")
-        server = evacuate("ERROR")
-        self.assertIn("agent of %s answers" % a, server["fault"]["message"])
-        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
-
-        # the holder is really gone: a fresh vTPCM on b, audited as state loss
         agent_a = self.dep.hosts[a].agent
         agent_a.stop()
         try:
-            server = evacuate("ACTIVE")
+            server = evacuate("ERROR")
         finally:
             agent_a.start()
             agent_a.wait_ready(self.dep.agents)
-        self.assertEqual(b, self._host_of(server))
-        rec = self.dep.operator.get_vtpcm(instance)
-        self.assertEqual(b, rec.host)
-        self.assertNotEqual(old.vtpcm_id, rec.vtpcm_id)
-        self.assertEqual(rec.vtpcm_id, self.dep.agents.get(b, instance).vtpcm_id)
-        with self.assertRaisesRegex(TSS2_Exception, "handle"):  # a fresh TPM: no NV index
-            self._tpm(b, instance)
-        self.assertEqual(["refused", "state lost"],
-                         sorted(e.outcome for e in self._audit(instance, "vtpcm.evacuate")))
-        # the old copy is never started again through the engine
-        with pytest.raises(exception.CommandRefused):
-            self.dep.engine_at(a).start_vtpcm(instance)
+        self.assertIn("needs the failed host revoked first", server["fault"]["message"])
+        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
+
+        # the operator revokes the failed host: a fresh vTPCM on b, audited as state loss
+        self.dep.operator.revoke_host(a)
+        try:
+            server = evacuate("ACTIVE")
+            self.assertEqual(b, self._host_of(server))
+            rec = self.dep.operator.get_vtpcm(instance)
+            self.assertEqual(b, rec.host)
+            self.assertNotEqual(old.vtpcm_id, rec.vtpcm_id)
+            self.assertEqual(rec.vtpcm_id, self.dep.agents.get(b, instance).vtpcm_id)
+            with self.assertRaisesRegex(TSS2_Exception, "handle"):  # fresh TPM: no NV index
+                self._tpm(b, instance)
+            self.assertEqual(["refused", "state lost"],
+                             sorted(e.outcome for e in self._audit(instance,
+                                                                   "vtpcm.evacuate")))
+            # the old copy is never started again through the engine
+            with pytest.raises(exception.CommandRefused):
+                self.dep.engine_at(a).start_vtpcm(instance)
+        finally:
+            self.dep.operator.enroll(a)
+            self.dep.operator.assign_policy(a, dep_mod.GOLDEN)
+            self.assertEqual("TRUSTED", self.dep.operator.attest(a).status)
 
     def test_shelve_offload_then_unshelve_on_another_host_moves_the_vtpcm(self) -> None:
         a, b = self._start_hosts(2)
