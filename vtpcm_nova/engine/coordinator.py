@@ -226,6 +226,13 @@ class Coordinator:
                     {"i": instance_uuid, "old": rec.host, "new": host, "gen": rec.generation})
         return new
 
+    def _past_commit_point(self, migration_id: str) -> bool:
+        try:
+            state = self.db.get_migration(migration_id).state
+        except exception.NotFound:
+            return False
+        return state in (M.COMMITTING.value, M.SHREDDING.value, M.COMMITTED.value)
+
     def _holder_gone(self, holder: str) -> str:
         """A refusal unless the operator revoked the holder's host."""
         try:
@@ -281,14 +288,20 @@ class Coordinator:
         host without the holder's nova-compute. The swtpm stops (the guest
         is off); the state stays on the holder's disk, encrypted under keys
         only its TPM unwraps. Idempotent."""
-        rec = self._powered_record("shelve_vtpcm", instance_uuid, requested_by)
-        if rec.state == SHELVED:
-            return rec
-        self.agents.stop(rec.host, instance_uuid)
-        if not self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
-                                       expected_state=rec.state, expected_migration_id=None):
-            raise exception.VTPCMBusy(instance_uuid=instance_uuid,
-                                      reason="its record changed meanwhile; retry")
+        try:
+            rec = self._powered_record("shelve_vtpcm", instance_uuid, requested_by)
+            if rec.state == SHELVED:
+                return rec
+            self.agents.stop(rec.host, instance_uuid)
+            if not self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
+                                           expected_state=rec.state,
+                                           expected_migration_id=None):
+                raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                          reason="its record changed meanwhile; retry")
+        except exception.VTPCMException as err:
+            self.db.audit("vtpcm.shelve", "refused", host=requested_by,
+                          instance=instance_uuid, detail=str(err)[:1000])
+            raise
         self.db.audit("vtpcm.shelve", "shelved", host=rec.host, instance=instance_uuid,
                       detail="generation %d kept on %s" % (rec.generation, rec.host))
         return self.db.get_vtpcm(instance_uuid)
@@ -310,6 +323,8 @@ class Coordinator:
             if rec.state == SHELVED and not self.db.set_vtpcm_state(
                     instance_uuid, rec.generation, "ACTIVE", expected_state=SHELVED,
                     expected_migration_id=None):
+                self.db.audit("vtpcm.unshelve", "refused", host=host,
+                              instance=instance_uuid, detail="its record changed meanwhile")
                 raise exception.VTPCMBusy(instance_uuid=instance_uuid,
                                           reason="its record changed meanwhile; retry")
             self.db.audit("vtpcm.unshelve", "unshelved", host=host, instance=instance_uuid,
@@ -324,16 +339,22 @@ class Coordinator:
             raise exception.CommandRefused(method="unshelve_vtpcm", reason=refusal)
         migration_id = str(uuid.uuid4())
         try:
-            self.begin(migration_id, instance_uuid, rec.host, host)
+            self.begin(migration_id, instance_uuid, rec.host, host, unshelve=True)
             self.transfer(migration_id)
             self.commit(migration_id)
         except exception.VTPCMException as err:
-            # begin and transfer abort themselves; the holder keeps it, shelved
-            self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
-                                    expected_state="ACTIVE", expected_migration_id=None)
-            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
-                          migration_id=migration_id, detail=str(err)[:1000])
-            raise
+            if not self._past_commit_point(migration_id):
+                # begin and transfer abort themselves (reconcile finishes an
+                # abort left half-done); the abort restores SHELVED
+                self.db.audit("vtpcm.unshelve", "refused", host=host,
+                              instance=instance_uuid, migration_id=migration_id,
+                              detail=str(err)[:1000])
+                raise
+            # the commit point is passed: the vTPCM lives on ``host`` now and
+            # reconcile finishes the commit (the shred of the holder's copy)
+            LOG.warning("Unshelve of instance %(i)s: migration %(mig)s passed its commit "
+                        "point; a later step failed (%(err)s), reconcile finishes it",
+                        {"i": instance_uuid, "mig": migration_id, "err": err})
         self.db.audit("vtpcm.unshelve", "moved", host=host, instance=instance_uuid,
                       migration_id=migration_id,
                       detail="from %s, generation %d" % (rec.host, rec.generation + 1))
@@ -438,11 +459,16 @@ class Coordinator:
         return verdict
 
     def begin(self, migration_id: str, instance_uuid: str, source: str,
-              dest: str) -> db_api.MigrationRecord:
+              dest: str, *, unshelve: bool = False) -> db_api.MigrationRecord:
         """Seal the key for dest's TPM and prepare dest; idempotent per
         migration id while it is PREPARED. Any other state of a known id is
         refused: a begin answered with a finished or committing migration
-        would tell the driver to start libvirt for nothing."""
+        would tell the driver to start libvirt for nothing.
+
+        A SHELVED vTPCM moves only through ``unshelve_vtpcm`` (``unshelve``):
+        a migration begun on it would end, on abort, with the shelve undone.
+        The record's state before the claim is kept with the migration, and
+        an abort restores it."""
         try:
             rec = self.db.get_migration(migration_id)
         except exception.NotFound:
@@ -475,6 +501,10 @@ class Coordinator:
         if vtpcm.state == DESTROYING:
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="the vTPCM is being destroyed")
+        if vtpcm.state == SHELVED and not unshelve:
+            detail = "the vTPCM is shelved: only an unshelve moves it"
+            self._refuse_audit(migration_id, instance_uuid, dest, detail)
+            raise exception.MigrationError(migration_id=migration_id, reason=detail)
         verdict = self.trust.check_fresh(dest)
         dest_host, distrust = self._trusted_destination(dest, verdict)
         source_gen_ok = False
@@ -502,7 +532,8 @@ class Coordinator:
             reason=reason))
         deadline = self.now() + datetime.timedelta(seconds=self.timeout)
         self.db.create_migration(migration_id, instance_uuid, source, dest,
-                                 vtpcm.generation, proto.state.value, deadline)
+                                 vtpcm.generation, proto.state.value, deadline,
+                                 prior_state=vtpcm.state)
         ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
         if proto.state is M.REFUSED:
             self._run(proto, ctx, actions)
@@ -778,8 +809,10 @@ class Coordinator:
             return None
         if isinstance(action, p.RestoreSource):
             self.agents.abort_outgoing(src, ctx)
-            # Only this migration's claim is released, never another's.
-            self.db.set_vtpcm_state(ctx.instance_uuid, ctx.generation, "ACTIVE",
+            # Only this migration's claim is released, never another's, back
+            # to the state it had (SHELVED stays shelved).
+            prior = self.db.get_migration(ctx.migration_id).prior_state
+            self.db.set_vtpcm_state(ctx.instance_uuid, ctx.generation, prior or "ACTIVE",
                                     expected_state="MIGRATING", migration_id=None,
                                     expected_migration_id=ctx.migration_id)
             return p.SourceRestored()

@@ -283,7 +283,83 @@ def test_only_the_holder_shelves_and_only_the_target_unshelves(env):  # noqa: F8
     coord, db, agents, _, _ = env
     with pytest.raises(exception.CommandRefused, match="lives on host-a, not on host-b"):
         coord.shelve_vtpcm(INSTANCE, requested_by="host-b")
+    (refused,) = [a for a in db.list_audit(limit=50) if a.event == "vtpcm.shelve"]
+    assert (refused.outcome, refused.host) == ("refused", "host-b")
+    assert "lives on host-a" in refused.detail
     coord.shelve_vtpcm(INSTANCE, requested_by="host-a")
     with pytest.raises(exception.CommandRefused, match="signed by host-c"):
         coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-c")
     assert db.get_vtpcm(INSTANCE).state == "SHELVED"
+
+
+def _unreachable(host, method):
+    return exception.ServiceUnreachable(service="agent " + host, method=method,
+                                        reason="timeout")
+
+
+def test_a_failed_unshelve_whose_abort_finishes_later_stays_shelved(env):  # noqa: F811
+    """Review finding F3: the abort restored ACTIVE, not SHELVED, once
+    reconcile finished it, and every later unshelve elsewhere was refused."""
+    coord, db, agents, _, cold = _shelved(env)
+    aborts = []
+
+    def prepare_incoming(host, context, envelope):
+        agents._record("prepare", host)
+        raise _unreachable(host, "prepare_incoming")
+
+    def abort_incoming(host, context, only_if_unused=False):
+        agents._record("abort_incoming", host)
+        aborts.append(host)
+        if len(aborts) == 1:
+            raise _unreachable(host, "abort_incoming")
+    agents.prepare_incoming, agents.abort_incoming = prepare_incoming, abort_incoming
+    with pytest.raises(exception.ServiceUnreachable, match="abort_incoming"):
+        coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    assert db.get_vtpcm(INSTANCE).state == "MIGRATING"  # the abort is unfinished
+    coord.reconcile()
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.state, rec.migration_id) == ("host-a", "SHELVED", None)
+    assert [a.outcome for a in db.list_audit(limit=50) if a.event == "vtpcm.unshelve"] == \
+        ["refused"]
+    # Nova's retried unshelve moves it
+    del agents.prepare_incoming
+    assert coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b").host == "host-b"
+
+
+def test_an_unshelve_past_its_commit_point_is_done(env):  # noqa: F811
+    """Review finding F4: a failed shred after the commit point was reported
+    to Nova as a failed unshelve (audited refused) though the vTPCM moved."""
+    coord, db, agents, _, _ = _shelved(env)
+    agents.fail["commit_outgoing"] = _unreachable("host-a", "commit_outgoing")
+    rec = coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    assert (rec.host, rec.generation, rec.state) == ("host-b", 1, "ACTIVE")
+    assert [a.outcome for a in db.list_audit(limit=50) if a.event == "vtpcm.unshelve"] == \
+        ["moved"]
+    (mig,) = db.list_migrations(instance_uuid=INSTANCE)
+    assert mig.state == "SHREDDING"
+    coord.reconcile()  # finishes the shred
+    assert db.get_migration(mig.migration_id).state == "COMMITTED"
+
+
+def test_a_migration_never_begins_on_a_shelved_vtpcm(env):  # noqa: F811
+    """Review finding F6: begin took a SHELVED record and its abort unshelved it."""
+    coord, db, agents, _, _ = _shelved(env)
+    agents.held["host-a"] = ("STOPPED", False, None)
+    mid = str(uuid.uuid4())
+    with pytest.raises(exception.MigrationError, match="shelved: only an unshelve moves it"):
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.state, rec.migration_id) == ("SHELVED", None)
+    assert "seal" not in names(agents)
+    assert ("migration.begin", "refused") in [(a.event, a.outcome)
+                                              for a in db.list_audit(limit=50)]
+
+
+def test_an_aborted_migration_restores_the_records_prior_state(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    db.set_vtpcm_state(INSTANCE, 0, "STOPPED", expected_state="ACTIVE")
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert db.get_migration(mid).prior_state == "STOPPED"
+    coord.abort(mid, "x")
+    assert db.get_vtpcm(INSTANCE).state == "STOPPED"
