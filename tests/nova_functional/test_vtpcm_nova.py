@@ -631,6 +631,42 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertEqual(["moved"],
                          [e.outcome for e in self._audit(instance, "vtpcm.unshelve")])
 
+    def test_an_unshelve_whose_spawn_fails_after_the_move_shelves_it_again(self) -> None:
+        """Review finding F5: the vTPCM moved to b, the spawn failed, Nova put
+        the instance back to SHELVED_OFFLOADED, and the vTPCM stayed ACTIVE
+        on b: every unshelve elsewhere was refused. The driver shelves it
+        again from its new holder."""
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        self.admin_api.post_server_action(instance, {"shelve": {}})
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        failing = fixtures.MockPatch(
+            "nova.virt.libvirt.driver.LibvirtDriver._create_guest_with_network",
+            side_effect=RuntimeError("spawn failed after the vTPCM moved"))
+        failing.setUp()
+        try:
+            self.admin_api.post_server_action(instance, {"unshelve": {"host": b}})
+            self._wait_for_instance_action_event(
+                server, "unshelve", "compute_unshelve_instance", "Error")
+            server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        finally:
+            failing.cleanUp()
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((b, 1, "SHELVED", None),
+                         (rec.host, rec.generation, rec.state, rec.migration_id))
+        self.assertFalse(self.dep.agents.get(b, instance).running)
+        self.assertEqual(["moved"],
+                         [e.outcome for e in self._audit(instance, "vtpcm.unshelve")])
+        # the next unshelve may take it anywhere: back to a, with its state
+        self.admin_api.post_server_action(instance, {"unshelve": {"host": a}})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual(a, self._host_of(server))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 2, "ACTIVE"), (rec.host, rec.generation, rec.state))
+        self.assertEqual(before["nv"], self._tpm(a, instance)["nv"])
+
     def test_delete_shreds_the_vtpcm(self) -> None:
         a, = self._start_hosts(1)
         server = self._boot(host=a)

@@ -166,6 +166,23 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             raise VTPCMFault(reason=str(err)) from None
         guest.add_device(LibvirtConfigGuestExternalTPM(socket_path, spec.model))
 
+    def spawn(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
+              admin_password: Any, allocations: Any, network_info: Any = None,
+              block_device_info: Any = None, power_on: bool = True,
+              accel_info: Any = None) -> None:
+        """An unshelve whose spawn fails leaves the instance SHELVED_OFFLOADED:
+        its vTPCM, moved here by ``_add_vtpm_device``, is shelved again from
+        this host, so the next unshelve may take it anywhere."""
+        try:
+            super().spawn(context, instance, image_meta, injected_files, admin_password,
+                          allocations, network_info, block_device_info, power_on,
+                          accel_info)
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                if instance.vm_state == vm_states.SHELVED_OFFLOADED and \
+                        vtpcm_spec(instance.flavor).enabled:
+                    self._shelve(instance)
+
     def _shelve(self, instance: Any) -> None:
         """Never fails the offload: without the engine's record the vTPCM
         stays on this host, and an unshelve elsewhere is refused by name."""
