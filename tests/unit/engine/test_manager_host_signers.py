@@ -12,8 +12,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from sqlalchemy import update
 
-from tests.unit.engine.test_coordinator import INSTANCE, env, trusted_in_db  # noqa: F401
-from tests.unit.engine.test_coordinator import FakeVerdict
+from tests.unit.engine.test_coordinator import INSTANCE, FakeVerdict, env, trusted_in_db  # noqa: F401
 from tests.unit.engine.test_coordinator_cold import ColdAgents
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import messages as am
