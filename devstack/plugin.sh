@@ -270,6 +270,7 @@ function configure_vtpcm_nova_common {
 function configure_vtpcm_nova_compute {
     iniset "$NOVA_CONF" DEFAULT compute_driver "$VTPCM_NOVA_COMPUTE_DRIVER"
     iniset "$NOVA_CONF" vtpcm host_command_key "$VTPCM_HOST_COMMAND_KEY"
+    iniset "$NOVA_CONF" vtpcm engine_public_key "$VTPCM_ENGINE_PUBLIC_KEY"
     iniset "$NOVA_CONF" vtpcm socket_dirs "$VTPCM_RUN_DIR"
 }
 

@@ -161,6 +161,39 @@ class CommandSigner:
                 "signature": base64.b64encode(self._key.sign(data)).decode("ascii")}
 
 
+    def sign_host_key(self, host: str, status: str, command_public: bytes | None,
+                      nonce: bytes) -> bytes:
+        """The engine's signature over its answer to ``signed_host_command_key``
+        (engine API 1.5): what the Nova driver checks another host's agent
+        replies with comes signed by the key the agents already pin."""
+        return self._key.sign(host_key_bytes(host, status, command_public, nonce))
+
+
+HOST_KEY_TAG = "vtpcm engine host command key v1"
+
+
+def host_key_bytes(host: str, status: str, command_public: bytes | None,
+                   nonce: bytes) -> bytes:
+    """The bytes the engine signs for a host's status and command key, bound
+    to the caller's nonce (a recorded answer does not pass for a later
+    call, e.g. from before a revocation); a tag of its own separates it
+    from commands and agent replies."""
+    doc = {"tag": HOST_KEY_TAG, "host": host, "status": status,
+           "command_public": None if command_public is None else command_public.hex(),
+           "nonce": nonce.hex()}
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def verify_host_key(key: ed25519.Ed25519PublicKey, signature: bytes, host: str, status: str,
+                    command_public: bytes | None, nonce: bytes) -> bool:
+    """Did ``key`` (the engine's) sign this answer for this nonce?"""
+    try:
+        key.verify(signature, host_key_bytes(host, status, command_public, nonce))
+    except InvalidSignature:
+        return False
+    return True
+
+
 # Signed agent replies (agent API 1.6) ----------------------------------------
 
 REPLY_TAG = "vtpcm agent reply v1"
@@ -403,17 +436,20 @@ class CommandVerifier:
             raise _refuse(method, "validity period longer than %ss" % self.max_ttl)
         if issued_at > now + self.max_skew:
             raise _refuse(method, "issued in the future")
+        # Kept max_skew past expiry: a clock stepping back a little must not
+        # make a forgotten nonce usable again. Scoped by the signing key: a
+        # key holder who copies another signer's nonce into a command of its
+        # own cannot use it up. Checked before expiry: a command that ran
+        # and comes back after its expiry is "replayed" (which the agent
+        # never signs), not "expired" (which says it never ran).
+        scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
+        if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
+            raise exception.CommandReplayed(method=method,
+                                            reason="replayed (nonce already used)")
         if now > expires_at:
             raise _refuse(method, "expired")
         if issued_at < self.created_at - self.max_skew:
             raise _refuse(method, "issued before this %s started" % self.service_role)
-        # Kept max_skew past expiry: a clock stepping back a little must not
-        # make a forgotten nonce usable again. Scoped by the signing key: a
-        # key holder who copies another signer's nonce into a command of its
-        # own cannot use it up.
-        scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
-        if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
-            raise _refuse(method, "replayed (nonce already used)")
         return signed_by
 
     @staticmethod

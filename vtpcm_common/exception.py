@@ -199,6 +199,12 @@ class CommandRefused(VTPCMException):
     code = "command_refused"
 
 
+class CommandReplayed(CommandRefused):
+    """A signed command delivered again (its nonce is used). Its first
+    delivery may have run, so an agent never signs this refusal: a verifying
+    caller takes it as no answer, never as "the command did not run"."""
+
+
 class RPCVersionCapped(VTPCMException):
     """Refused by the client itself: nothing was sent."""
 

@@ -385,9 +385,10 @@ def _signed_reply(service: Any, method: str, signed: bool,
     """Run one call and sign its outcome. A signed command's reply is bound
     to the command's own nonce (so a reply exists only for the command the
     engine sent, executed once); refusals are signed too, since the caller
-    may act on them (``DestinationInUse``). What cannot be signed (no key,
-    a malformed nonce) is refused unsigned: the caller takes it as no
-    answer."""
+    may act on them (``DestinationInUse``), except a replay
+    (``CommandReplayed``): its first delivery may have run. What is not
+    signed (no key, a malformed nonce, a replay) is refused unsigned: the
+    caller takes it as no answer."""
     signer = getattr(service, "reply_signer", None)
     if signer is None:
         raise exception.CommandRefused(
@@ -398,6 +399,11 @@ def _signed_reply(service: Any, method: str, signed: bool,
             raise exception.CommandRefused(
                 method=method, reason="the reply nonce must be the command's nonce")
         outcome: dict[str, Any] = {"ok": run(service, payload, auth).to_wire()}
+    except exception.CommandReplayed as err:
+        # The first delivery may have run: a signed "refused" here would
+        # let whoever replays it report a done command as not done.
+        LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
+        raise
     except exception.VTPCMException as err:
         LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
         outcome = {"error": {"type": type(err).__name__, "message": str(err),

@@ -80,13 +80,17 @@ class Stack:
     def agents_at(self, host: StackHost) -> AgentAPI:
         """The agents as the Nova driver on ``host`` reads them
         (``clients.agent_reader``): replies verified with ``host``'s own
-        command key, or another host's key as the engine reports it."""
+        command key, or another host's key as the engine reports it, signed
+        with the engine's command key."""
         api = self._host_agents.get(host.name)
         if api is None:
             own = authn.load_host_key(host.command_key).public_key
+            # [vtpcm] engine_public_key: the key the lab's agents pin too
+            engine_key = authn.load_public_key(authn.public_key_path(
+                daemons.ensure_signing_key(self.exchange)))
             api = AgentAPI(self.conf, self.engine.transport, timeout=60, signer=None,
                            reply_keys=agentkeys.EngineReportedKeys(
-                               host.name, own, self.engine_at(host)))
+                               host.name, own, self.engine_at(host), engine_key))
             self._host_agents[host.name] = api
         return api
 

@@ -9,13 +9,17 @@ import threading
 from pathlib import Path
 
 import oslo_messaging as messaging
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from oslo_config import cfg
+from oslo_log import log as logging
 
-from vtpcm_common import authn, rpc
+from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_nova import agentkeys
 from vtpcm_nova.conf import compute as compute_conf
+
+LOG = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _transports: dict[int, messaging.Transport] = {}
@@ -41,6 +45,27 @@ def engine_for_host(conf: cfg.ConfigOpts) -> EngineAPI:
                      host_signer=signer, exchange=conf.vtpcm.control_exchange)
 
 
+class EngineForHost:
+    """The host-signed engine client, made again when the host command key
+    file is replaced (a rotation), so nova-compute signs with the key the
+    host was enrolled with again without a restart."""
+
+    def __init__(self, conf: cfg.ConfigOpts) -> None:
+        compute_conf.register_opts(conf)
+        self.conf = conf
+        self._lock = threading.Lock()
+        self._stamp: agentkeys.Stamp | None = None
+        self._api: EngineAPI | None = None
+
+    def __call__(self) -> EngineAPI:
+        stamp = agentkeys.file_stamp(Path(self.conf.vtpcm.host_command_key))
+        with self._lock:
+            if self._api is None or stamp is None or stamp != self._stamp:
+                self._api = engine_for_host(self.conf)
+                self._stamp = stamp
+            return self._api
+
+
 def engine_reader(conf: cfg.ConfigOpts) -> EngineAPI:
     """Unsigned engine client for read-only calls (the scheduler filter)."""
     compute_conf.register_opts(conf)
@@ -48,13 +73,33 @@ def engine_reader(conf: cfg.ConfigOpts) -> EngineAPI:
                      exchange=conf.vtpcm.control_exchange)
 
 
+def engine_public_key(conf: cfg.ConfigOpts) -> ed25519.Ed25519PublicKey | None:
+    """``[vtpcm] engine_public_key``, or None if unset (logged: live
+    migrations of vTPCM instances then fail closed). A key that is set but
+    unusable is an error naming the option."""
+    compute_conf.register_opts(conf)
+    path = conf.vtpcm.engine_public_key
+    if not path:
+        LOG.warning("[vtpcm] engine_public_key is not set: another host's agent replies "
+                    "cannot be checked, live migrations of vTPCM instances will fail")
+        return None
+    try:
+        return authn.load_public_key(Path(path), role="engine")
+    except exception.InvalidInput as err:
+        raise exception.InvalidInput(
+            reason="[vtpcm] engine_public_key: %s" % err.kwargs.get("reason", err)) from None
+
+
 def agent_reader(conf: cfg.ConfigOpts, host: str) -> AgentAPI:
     """Agent client of compute host ``host`` for read-only calls (health,
     where a vTPCM's socket is): sends no command, and takes only replies
-    signed by the answering host's command key (its own, or another's as
-    the engine enrolled it; ``agentkeys``)."""
+    signed by the answering host's command key (its own, re-read when its
+    file is replaced, or another's as the engine enrolled it;
+    ``agentkeys``)."""
     compute_conf.register_opts(conf)
-    own = authn.load_host_key(Path(conf.vtpcm.host_command_key)).public_key
-    keys = agentkeys.EngineReportedKeys(host, own, engine_reader(conf))
+    own = agentkeys.OwnKey(Path(conf.vtpcm.host_command_key))
+    own()  # a missing or unreadable key file fails here, as before
+    keys = agentkeys.EngineReportedKeys(host, own, engine_reader(conf),
+                                        engine_public_key(conf))
     return AgentAPI(conf, transport(conf), timeout=conf.vtpcm.agent_timeout,
                     exchange=conf.vtpcm.control_exchange, reply_keys=keys)

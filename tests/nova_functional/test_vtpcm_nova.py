@@ -128,9 +128,13 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
                    verdict_cache_seconds=0, scheduler_timeout=3, engine_timeout=60,
                    agent_timeout=10, trait_refresh_seconds=0,
                    socket_dirs=[str(h.run_dir) for h in self.dep.hosts.values()],
-                   group="vtpcm")
+                   engine_public_key=str(self._engine_public_key()), group="vtpcm")
         for option, value in daemons.topics(self.dep.exchange).items():
             self.flags(**{option: value}, group="vtpcm_rpc")
+
+    def _engine_public_key(self) -> Any:
+        """[vtpcm] engine_public_key: the engine key the agents pin too."""
+        return authn.public_key_path(daemons.signing_key_path(self.dep.exchange))
 
     def _setup_scheduler_service(self) -> Any:
         self._configure()
@@ -143,14 +147,16 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         assert host is not None
         drv = vdriver.VTPCMLibvirtDriver(virtapi)
         # the one key the driver holds: this host's command key
-        drv._engine = RecordingEngine(self.dep.engine_at(host), self.engine_calls,
-                                      self.before_engine_call)
+        recording = RecordingEngine(self.dep.engine_at(host), self.engine_calls,
+                                    self.before_engine_call)
+        drv._engine = lambda: recording
         # agent replies verified as clients.agent_reader does: this host's
-        # key for its own agent, the engine's record for the others
+        # key for its own agent, the engine's signed record for the others
         own = authn.load_host_key(self.dep.hosts[host].command_key).public_key
+        engine_key = authn.load_public_key(self._engine_public_key())
         drv._agents = AgentAPI(self.dep.conf, self.dep.operator.transport, timeout=10,
                                signer=None, reply_keys=agentkeys.EngineReportedKeys(
-                                   host, own, self.dep.engine_at(host)))
+                                   host, own, self.dep.engine_at(host), engine_key))
         self.drivers[host] = drv
         return drv
 

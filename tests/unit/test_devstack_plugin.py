@@ -308,6 +308,9 @@ def test_compute_nova_vtpcm_options(devstack):
     assert run.returncode == 0, run
     key = run.env["VTPCM_HOST_COMMAND_KEY"]
     assert run.value("NOVA_CPU_CONF", "vtpcm", "host_command_key") == key
+    # the engine key the agent pins checks the engine's signed key answers
+    assert run.value("NOVA_CPU_CONF", "vtpcm", "engine_public_key") == \
+        run.value("VTPCM_AGENT_CONF", "agent", "engine_public_key")
     assert run.value("NOVA_CPU_CONF", "vtpcm", "socket_dirs") == run.env["VTPCM_RUN_DIR"]
     assert run.value("NOVA_CPU_CONF", "vtpcm", "control_exchange") == "openstack"
     url = run.value("VTPCM_AGENT_CONF", "DEFAULT", "transport_url")

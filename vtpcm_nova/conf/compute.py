@@ -27,6 +27,14 @@ VTPCM_OPTS = [
                     "([agent] host_command_key; group-readable by nova-compute through "
                     "[agent] host_command_key_group). The driver signs its engine calls "
                     "with it; it holds no other key."),
+    cfg.StrOpt("engine_public_key",
+               help="The vtpcm-engine's command public key (PEM), the same file the "
+                    "agents pin as [agent] engine_public_key (the engine writes it to "
+                    "<[engine] command_signing_key>.pub). The driver takes another "
+                    "host's command key (to check that host's agent replies during a "
+                    "live migration) only from an engine answer signed with it. Unset: "
+                    "no other host's reply counts, so live migrations of vTPCM "
+                    "instances fail closed (rolled back, the guest stays)."),
     cfg.ListOpt("socket_dirs", default=["/run/vtpcm"],
                 help="Directories where the agents' vTPCM control sockets may be: their "
                      "[agent] run_dir (the same on every host in a normal deployment). "

@@ -92,8 +92,10 @@ class Coordinator:
         reservation reaches an agent, so no VM gets a second vTPCM.
 
         The reservation carries a token of its own (``vtpcm_id``), so a late
-        answer completes only its own reservation. A refused create frees it.
-        If the agent's answer is lost (unreachable, timeout) the record stays
+        answer completes only its own reservation. A create the agent
+        refused (signed) frees it. If the answer is lost or unverifiable
+        (unreachable, timeout, unsigned, a replay) or the agent already holds
+        a vTPCM of the instance (``AlreadyExists``), the record stays
         CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both.
 
         The host needs a fresh TRUSTED verdict (attested now if it has none)
@@ -113,9 +115,24 @@ class Coordinator:
             self.db.audit("vtpcm.create", "unknown", host=host, instance=instance_uuid,
                           detail="agent did not answer; record left CREATING")
             raise
-        except BaseException:
+        except exception.AlreadyExists as err:
+            # The agent holds a vTPCM of this instance (an earlier create of
+            # this reservation may have run): never orphan it.
+            self.db.audit("vtpcm.create", "exists", host=host, instance=instance_uuid,
+                          detail="%s; record left CREATING until destroyed" % err)
+            raise
+        except exception.VTPCMException as err:
+            # The agent's signed word that this create did not run (refused
+            # before it ran, or failed and cleaned up); a replay of it is
+            # never signed, so it cannot stand for a create that ran.
             self.db.delete_vtpcm(instance_uuid, 0, expected_state=CREATING,
                                  expected_vtpcm_id=token)
+            self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,
+                          detail=str(err))
+            raise
+        except BaseException:
+            self.db.audit("vtpcm.create", "unknown", host=host, instance=instance_uuid,
+                          detail="create interrupted; record left CREATING")
             raise
         return self._complete_create(instance_uuid, host, token, info)
 

@@ -126,13 +126,16 @@ class EngineManager:
     def __init__(self, db: db_api.Database, attestor: Attestor, coordinator: Coordinator,
                  *, auto_approve: bool = False, default_policy: str | None = None,
                  admin_verifier: authn.Verifier | None = None,
-                 host_verifier: authn.CommandVerifier | None = None) -> None:
+                 host_verifier: authn.CommandVerifier | None = None,
+                 signer: authn.CommandSigner | None = None) -> None:
         """``admin_verifier`` checks operator signatures on the admin
         methods; without one they are all refused (fail closed).
         ``host_verifier`` checks compute-node calls against the enrolled
         host command keys (bound to the engine topic); without one those
-        calls are all refused."""
+        calls are all refused. ``signer``: the engine's command key, which
+        signs its answers about host keys (without it they are refused)."""
         self.db = db
+        self.signer = signer
         self.verifier = AuditedVerifier(admin_verifier or authn.RefuseAll(NO_ADMIN_KEYS), db)
         self.host_verifier = host_verifier
         self.attestor = attestor
@@ -249,6 +252,18 @@ class EngineManager:
     def host_command_key(self, req: m.HostRef) -> m.HostCommandKey:
         rec = self.db.get_host(req.host)
         return m.HostCommandKey(rec.name, rec.status.value, rec.command_public)
+
+    @endpoint(m.HostKeyQuery)
+    def signed_host_command_key(self, req: m.HostKeyQuery) -> m.SignedHostCommandKey:
+        if self.signer is None:
+            raise exception.CommandRefused(
+                method="signed_host_command_key",
+                reason="this engine has no command signing key to sign its answer")
+        rec = self.db.get_host(req.host)
+        return m.SignedHostCommandKey(
+            rec.name, rec.status.value, rec.command_public,
+            self.signer.sign_host_key(rec.name, rec.status.value, rec.command_public,
+                                      req.nonce))
 
     @endpoint(m.AssignPolicy, signed=True)
     def assign_policy(self, req: m.AssignPolicy) -> m.HostInfo:

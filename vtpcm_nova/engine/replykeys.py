@@ -2,9 +2,22 @@
 
 A host's replies are signed with the command key the engine enrolled for it
 (bound into its TPM's certify, so the AK the engine trusts vouches for it).
-Only an APPROVED host's replies count: a revoked or re-pending host's word
-moves nothing, and the step waits (reconcile retries it) until an operator
-approves the host again. Replies that do not verify are audited.
+Replies that do not verify are audited.
+
+Which host's word counts depends on where the step leads (design.rst,
+"Replies of hosts that are not approved"):
+
+- steps that move toward safety (``TOWARD_SAFETY``: discard an incoming
+  copy, give the source its vTPCM back, destroy a copy) take the reply of
+  any enrolled host, whatever its status. A revoked or re-pending host that
+  lies "done" about its own copy gains nothing: it held that copy before it
+  was revoked, and the engine never commits anything to it. Waiting for its
+  re-approval instead would freeze the source's vTPCM (a migration stuck
+  ABORTING keeps the source claimed);
+- every other step (create, seal, prepare, commit, start, stop, reads the
+  engine acts on) counts only an APPROVED host's reply: a revoked host's
+  word moves no secret and no authority, and the step waits (reconcile
+  retries it) until an operator approves the host again.
 """
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -12,6 +25,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from vtpcm_common import authn, exception
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
+
+# Agent methods whose signed reply counts from an enrolled host of any status.
+TOWARD_SAFETY = frozenset({"abort_incoming", "abort_outgoing", "destroy"})
 
 
 class EnrolledReplyKeys:
@@ -27,10 +43,11 @@ class EnrolledReplyKeys:
         except exception.NotFound:
             raise exception.ReplyNotAuthenticated(
                 host=host, method=method, reason="host is not enrolled") from None
-        if rec.status is not HostStatus.APPROVED:
+        if rec.status is not HostStatus.APPROVED and method not in TOWARD_SAFETY:
             raise exception.ReplyNotAuthenticated(
                 host=host, method=method,
-                reason="host is %s; only an approved host's replies count" % rec.status.value)
+                reason="host is %s; only an approved host's replies count for %s"
+                       % (rec.status.value, method))
         if not rec.command_public:
             raise exception.ReplyNotAuthenticated(
                 host=host, method=method, reason="no host command key enrolled")

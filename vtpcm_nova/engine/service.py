@@ -92,7 +92,8 @@ class EngineService:
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,
                                      admin_verifier=self.admin_verifier,
-                                     host_verifier=self.host_verifier)
+                                     host_verifier=self.host_verifier,
+                                     signer=self.signer)
         self.server: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []

@@ -15,6 +15,7 @@ supported Nova range (``SUPPORTED_NOVA``).
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from typing import Any
 
 import nova.conf
@@ -111,7 +112,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         super().__init__(virtapi, read_only)
         compute_conf.register_opts(CONF)
         self._clients_lock = threading.Lock()
-        self._engine: EngineAPI | None = None
+        # the engine client as this host signs it (clients.EngineForHost)
+        self._engine: Callable[[], EngineAPI] | None = None
         self._agents: AgentAPI | None = None
         self._dest_sockets: dict[str, str] = {}
         self._trait: tuple[float, bool] = (0.0, False)
@@ -132,8 +134,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         """Made on first use: a compute without vTPCM instances never needs it."""
         with self._clients_lock:
             if self._engine is None:
-                self._engine = clients.engine_for_host(CONF)
-            return self._engine
+                self._engine = clients.EngineForHost(CONF)
+        return self._engine()  # made again after a host key rotation
 
     @property
     def vtpcm_agents(self) -> AgentAPI:

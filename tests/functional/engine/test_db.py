@@ -240,7 +240,8 @@ def _keys(ak: bytes, command: bytes | None = None) -> dict[str, bytes | None]:
 
 def test_a_key_stays_bound_to_its_first_host_name(make_db: MakeDb) -> None:
     db1, db2 = make_db(), make_db()
-    db1.enroll_host("cmp1", **_keys(b"ak-1", b"\x01" * 32), now=T0)  # type: ignore[arg-type]
+    db1.enroll_host("cmp1", **_keys(b"ak-1", b"\x01" * 32), approved=True,  # type: ignore[arg-type]
+                    now=T0)
     db1.revoke_host("cmp1")
     with pytest.raises(exception.CertificationError, match="AK already enrolled for host cmp1"):
         db2.enroll_host("cmp2", **_keys(b"ak-1"), now=T0)  # type: ignore[arg-type]

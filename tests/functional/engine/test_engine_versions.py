@@ -1,10 +1,11 @@
-"""A rolling upgrade between engine API 1.3 and 1.4 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.5 and 1.6 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.3`` (what
-  an old Nova driver can send) against the current engine daemon: the 1.3
-  host calls work, host_command_key is refused before sending.
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.5`` (what
+  an old Nova driver can send) against the current engine daemon: the old
+  host calls and host_command_key work, signed_host_command_key is refused
+  before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.3) answering a current client: old methods are served, the new one
+  1.5) answering a current client: old methods are served, the new one
   comes back as a clear ``RPCVersionUnsupported``.
 """
 
@@ -32,7 +33,7 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.3"
+PREVIOUS = "1.5"
 
 
 class PreviousEngine(EngineManager):
@@ -85,7 +86,10 @@ def upgrade():
             pinned_conf = client_conf(exchange)
             pinned_conf.set_override("vtpcm_engine", PREVIOUS, group="upgrade_levels")
             pinned = EngineAPI(pinned_conf, agents.transport, timeout=60, host_signer=key)
-            yield current, pinned, on_old, agents, name
+            # what the Nova driver pins as [vtpcm] engine_public_key
+            engine_key = authn.load_public_key(authn.public_key_path(
+                daemons.signing_key_path(exchange)))
+            yield current, pinned, on_old, agents, name, engine_key
     finally:
         engine.stop()
         on_old.transport.cleanup()
@@ -103,7 +107,7 @@ def test_the_versions_compared_here_are_the_current_and_previous_minor():
 
 
 def test_a_pinned_compute_node_runs_the_old_host_calls_on_the_current_engine(upgrade):
-    _, pinned, _, agents, host = upgrade
+    _, pinned, _, agents, host, *_ = upgrade
     assert pinned.version_cap == PREVIOUS
     instance = str(uuid.uuid4())
     rec = pinned.create_vtpcm(instance, host)
@@ -114,25 +118,33 @@ def test_a_pinned_compute_node_runs_the_old_host_calls_on_the_current_engine(upg
 
 
 def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
-    current, pinned, _, agents, host = upgrade
+    current, pinned, _, agents, host, engine_key = upgrade
     instance = str(uuid.uuid4())
     pinned.create_vtpcm(instance, host)
     try:
         assert pinned.start_vtpcm(instance).running  # 1.3
         assert pinned.stop_vtpcm(instance).state == "STOPPED"
+        assert pinned.host_command_key(host).status == "APPROVED"  # 1.4
+        nonce = b"\x05" * 16
         with pytest.raises(exception.RPCVersionCapped) as err:
-            pinned.host_command_key(host)
+            pinned.signed_host_command_key(host, nonce)
         assert str(err.value) == (
-            "Not sent: host_command_key needs %s RPC API 1.4, but [upgrade_levels] "
-            "vtpcm_engine caps this client at 1.3 (some %s may still run an older "
+            "Not sent: signed_host_command_key needs %s RPC API 1.6, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.5 (some %s may still run an older "
             "release)" % (pinned.topic, pinned.topic))
-        assert current.host_command_key(host).status == "APPROVED"  # unpinned, it works
+        # unpinned, it works: signed with the engine key the agents pin
+        answer = current.signed_host_command_key(host, nonce)
+        assert answer.status == "APPROVED"
+        assert authn.verify_host_key(engine_key, answer.signature, host, answer.status,
+                                     answer.command_public, nonce)
+        assert not authn.verify_host_key(engine_key, answer.signature, host, answer.status,
+                                         answer.command_public, b"\x06" * 16)
     finally:
         current.destroy_vtpcm(instance)
 
 
 def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
-    _, _, on_old, _, host = upgrade
+    _, _, on_old, _, host, *_ = upgrade
     assert on_old.list_hosts().hosts == ()
     with pytest.raises(exception.NotFound):
         on_old.get_vtpcm(str(uuid.uuid4()))
@@ -142,10 +154,11 @@ def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
 
 
 def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
-    _, _, on_old, _, host = upgrade
+    _, _, on_old, _, host, *_ = upgrade
     with pytest.raises(exception.RPCVersionUnsupported) as err:
-        on_old.host_command_key(host)
+        on_old.signed_host_command_key(host, b"\x05" * 16)
     assert str(err.value) == (
-        "%s cannot serve host_command_key (RPC API 1.4): it runs an older API version; "
+        "%s cannot serve signed_host_command_key (RPC API 1.6): it runs an older API "
+        "version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
         % on_old.topic)

@@ -163,6 +163,8 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "replace_vtpcm": ("1.5", lambda api: api.replace_vtpcm(INSTANCE, HOST)),
     "shelve_vtpcm": ("1.5", lambda api: api.shelve_vtpcm(INSTANCE)),
     "unshelve_vtpcm": ("1.5", lambda api: api.unshelve_vtpcm(INSTANCE, HOST)),
+    "signed_host_command_key": ("1.6", lambda api: api.signed_host_command_key(
+        HOST, b"\x07" * 16)),
 }
 
 

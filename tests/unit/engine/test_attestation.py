@@ -178,13 +178,32 @@ def test_a_command_key_enrolled_for_another_host_is_refused(env: Any) -> None:
     att, agent, _ = env
     first = agent.tpms["cmp1"] = FakeTPM()
     nonce = att.enrollment_nonce("cmp1")
-    att.enroll("cmp1", first.identity(nonce), nonce)
+    att.enroll("cmp1", first.identity(nonce), nonce, auto_approve=True)  # binds its key
     second = agent.tpms["cmp2"] = FakeTPM()
     second.command_public = first.command_public  # its TPM vouches, but the key is taken
     nonce = att.enrollment_nonce("cmp2")
     with pytest.raises(exception.CertificationError,
                        match="host command key already enrolled for host cmp1"):
         att.enroll("cmp2", second.identity(nonce, "cmp2"), nonce)
+
+
+def test_a_pending_name_does_not_squat_a_command_key(env: Any) -> None:
+    """A name enrolled with another host's public command key (a software
+    AK passes without an EK CA) binds nothing while PENDING: the owner
+    enrolls with its key, and only the first host approved keeps it."""
+    att, agent, _ = env
+    squatter = agent.tpms["cmp9"] = FakeTPM()
+    owner = agent.tpms["cmp1"] = FakeTPM()
+    squatter.command_public = owner.command_public
+    assert att.enroll_from_agent("cmp9").status is HostStatus.PENDING
+    assert att.db.key_owner("command", owner.command_public) is None
+    assert att.enroll_from_agent("cmp1").status is HostStatus.PENDING
+    assert att.approve("cmp1").status is HostStatus.APPROVED
+    assert att.db.key_owner("command", owner.command_public) == "cmp1"
+    with pytest.raises(exception.CertificationError,
+                       match="host command key already enrolled for host cmp1"):
+        att.approve("cmp9")
+    assert att.db.get_host("cmp9").status is HostStatus.PENDING
 
 
 def test_a_relayed_identity_cannot_squat_another_hosts_keys(env: Any) -> None:
@@ -612,7 +631,7 @@ def test_keys_replaced_at_re_enrollment_stay_bound_to_their_host(env: Any) -> No
     its old AK and command key still belong to cmp1 only."""
     att, agent, _ = env
     old = agent.tpms["cmp1"] = FakeTPM()
-    att.enroll_from_agent("cmp1")
+    att.enroll_from_agent("cmp1", auto_approve=True)
     att.revoke("cmp1")
     agent.tpms["cmp1"] = FakeTPM()
     assert att.enroll_from_agent("cmp1", auto_approve=True).status is HostStatus.APPROVED

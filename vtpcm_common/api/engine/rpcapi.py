@@ -31,6 +31,11 @@ API version history:
           loss; shelve_vtpcm (signed by the holder) and unshelve_vtpcm
           (signed by the named host): shelve offload and unshelve onto any
           TRUSTED host.
+    1.6 - signed_host_command_key (read-only): the answer of
+          host_command_key for the caller's nonce, signed with the engine's
+          command key (the key agents pin), so the Nova driver takes
+          another host's key only from the engine (``[vtpcm]
+          engine_public_key``).
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -56,7 +61,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.5"
+RPC_API_VERSION = "1.6"
 
 R = TypeVar("R", bound=Message)
 
@@ -83,6 +88,7 @@ METHOD_VERSIONS: dict[str, str] = {
     "replace_vtpcm": "1.5",
     "shelve_vtpcm": "1.5",
     "unshelve_vtpcm": "1.5",
+    "signed_host_command_key": "1.6",
 }
 
 
@@ -163,6 +169,11 @@ class EngineAPI(rpc.Client):
 
     def host_command_key(self, host: str) -> m.HostCommandKey:
         return self._ask("host_command_key", m.HostRef(host), m.HostCommandKey)
+
+    def signed_host_command_key(self, host: str, nonce: bytes) -> m.SignedHostCommandKey:
+        """The engine-signed answer; the caller checks the signature."""
+        return self._ask("signed_host_command_key", m.HostKeyQuery(host, nonce),
+                         m.SignedHostCommandKey)
 
     def assign_policy(self, host: str, policy_name: str | None) -> m.HostInfo:
         return self._ask("assign_policy", m.AssignPolicy(host, policy_name), m.HostInfo)

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
 from vtpcm_nova.engine.db import models
-from vtpcm_nova.engine.db.keys import KeyStore, host_keys
+from vtpcm_nova.engine.db.keys import KeyStore, host_keys, key_digest
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.db.records import HostRecord, host_rec
 from vtpcm_nova.engine.db.store import utcnow
@@ -32,10 +32,13 @@ class HostStore(KeyStore, TrustStore):
                     approved: bool = False, now: datetime.datetime | None = None
                     ) -> HostRecord:
         """Store a new host; a REVOKED host may be re-enrolled (new keys, no
-        history but the keys). Its AK and command key (and, with
-        ``ek_public``, an EK proven by credential activation, and its
-        certificate) are bound to ``name`` for good: the same transaction
-        refuses one that was ever enrolled under another name."""
+        history but the keys). Its AK (and, with ``ek_public``, an EK proven
+        by credential activation, and its certificate) are bound to ``name``
+        for good: the same transaction refuses one that was ever enrolled
+        under another name. Its command key is refused likewise, but bound
+        only once the host is APPROVED (here or by ``approve_host``): the
+        key is public, and an unapproved name (a software AK without an EK
+        CA) must not block it for the host that owns it."""
         now = now or utcnow()
         status = HostStatus.APPROVED if approved else HostStatus.PENDING
         with self.session() as s:
@@ -60,8 +63,10 @@ class HostStore(KeyStore, TrustStore):
                 s.flush()
             except IntegrityError:
                 raise exception.AlreadyExists(what="host", key=name) from None
-            keys = host_keys(ak_name, command_public,
-                              ek_certificate if ek_public else None, ek_public)
+            keys = host_keys(ak_name, command_public if approved else None,
+                             ek_certificate if ek_public else None, ek_public)
+            if not approved and command_public:
+                self._check_key_free(s, name, "command", key_digest(command_public))
             self._bind_keys(s, name, keys, now)
             return host_rec(row)
 
@@ -84,6 +89,9 @@ class HostStore(KeyStore, TrustStore):
                 row = self._host_row(s, name)
                 raise exception.InvalidTransition(what="host", key=name, current=row.status,
                                                   target=HostStatus.APPROVED.value)
+            row = self._host_row(s, name)
+            if row.command_public:  # bound now, for good (see enroll_host)
+                self._bind_keys(s, name, [("command", key_digest(row.command_public))], now)
             s.execute(delete(models.ClockStateRow).where(models.ClockStateRow.host == name))
             self._expire_verdicts(s, models.VerdictRow.host == name, "host approved", now)
             return host_rec(self._host_row(s, name))

@@ -1,7 +1,8 @@
 """Enrolled keys: each key a host enrolls with is bound to its name for good.
 
 Why a table of digests: a key once enrolled under one name (revoked or
-not) is refused under another, so no host can squat another's TPM.
+not) is refused under another, so no host can squat another's TPM. A host
+command key is bound only once its host is APPROVED (it is public).
 """
 
 from __future__ import annotations
@@ -54,6 +55,14 @@ class KeyStore(Store):
             raise exception.CertificationError(
                 host=host, reason=f"one of its keys ({kinds}) was enrolled for another "
                                   "host meanwhile") from None
+
+    @staticmethod
+    def _check_key_free(s: Session, host: str, kind: str, digest: str) -> None:
+        """Refuse a key bound to another host, without binding it."""
+        owner = s.get(models.EnrolledKey, (kind, digest))
+        if owner is not None and owner.host != host:
+            raise exception.CertificationError(
+                host=host, reason=f"{KEY_KINDS[kind]} already enrolled for host {owner.host}")
 
     def key_owner(self, kind: str, key: bytes) -> str | None:
         """The host name ``key`` (of ``KEY_KINDS``) was first enrolled
