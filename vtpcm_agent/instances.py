@@ -155,10 +155,22 @@ class InstanceManager:
 
     @serialized
     def start(self, instance_uuid: str) -> Association:
-        """Start (or re-adopt) the swtpm of a STOPPED or ACTIVE vTPCM."""
+        """Start (or re-adopt) the swtpm of a STOPPED or ACTIVE vTPCM, or
+        restart an incoming one that received its state (a resized guest
+        stopped before the confirm; the engine asks only then): it stays
+        MIGRATING_IN, at its generation, with its state."""
         assoc = self.associations.get(instance_uuid)
-        if assoc.state is S.ACTIVE and self.is_running(assoc):
+        if assoc.state in (S.ACTIVE, S.MIGRATING_IN) and self.is_running(assoc):
             return assoc
+        if assoc.state is S.MIGRATING_IN:
+            if not self._received_state(assoc):
+                raise exception.MigrationError(
+                    migration_id=assoc.migration_id or "(none)",
+                    reason="the incoming vTPCM of instance %s has not received its "
+                           "state; refusing to start it" % instance_uuid)
+            # as a stopped vTPCM starts: its state is on disk now
+            pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
+            return self.associations.set_pid(instance_uuid, pid)
         if assoc.state not in (S.STOPPED, S.ACTIVE):
             raise exception.InvalidTransition(
                 what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,

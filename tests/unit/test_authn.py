@@ -437,7 +437,7 @@ def test_engine_admin_methods_are_exactly_the_signed_ones():
     assert host_signed == rpcapi.HOST_METHODS == {
         "create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm", "check_destination",
         "begin", "commit", "abort", "transfer_state", "replace_vtpcm",
-        "shelve_vtpcm", "unshelve_vtpcm"}
+        "shelve_vtpcm", "unshelve_vtpcm", "start_incoming"}
     unsigned = {name for name in dir(EngineManager)
                 if getattr(getattr(EngineManager, name), "signed", None) is False} - host_signed
     assert unsigned == {"list_hosts", "show_host", "list_policies", "attest", "verdicts",

@@ -636,6 +636,45 @@ class Coordinator:
                                            reason=rec.error or "aborted")
         return rec
 
+    def start_incoming(self, migration_id: str, requested_by: str | None = None
+                       ) -> tuple[str, am.VTPCMInfo]:
+        """Cold migration, resize not yet confirmed: start the destination's
+        incoming vTPCM again after its swtpm stopped with the guest (QEMU's
+        CMD_SHUTDOWN), so the guest can run there before the confirm. Only
+        the destination may ask, only while the destination holds the
+        state and may run the guest (TRANSFERRED, IN_DOUBT); the agent
+        starts only an incoming vTPCM that received its state. Nothing
+        moves: the commit point is still the confirm. Returns (host, answer)."""
+        proto, ctx, _ = self._load(migration_id)
+        refusal = ""
+        if requested_by not in (None, ctx.dest_host):
+            refusal = "signed by %s, not the destination %s" % (requested_by, ctx.dest_host)
+        elif proto.state not in (M.TRANSFERRED, M.IN_DOUBT):
+            refusal = ("migration is %s: only a transferred incoming vTPCM not yet "
+                       "committed is started" % proto.state.value)
+        if refusal:
+            self.db.audit("migration.start_incoming", "refused", host=requested_by,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail=refusal)
+            raise exception.CommandRefused(method="start_incoming", reason=refusal)
+        try:
+            info = self.agents.start(ctx.dest_host, ctx.instance_uuid)
+            if (info.state, info.migration_id, info.generation) != \
+                    ("MIGRATING_IN", migration_id, ctx.generation):
+                raise exception.MigrationError(
+                    migration_id=migration_id,
+                    reason="the agent started a vTPCM that is %s of migration %s at "
+                           "generation %d, not this incoming one"
+                           % (info.state, info.migration_id, info.generation))
+        except exception.VTPCMException as err:
+            self.db.audit("migration.start_incoming", "refused", host=ctx.dest_host,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail=str(err)[:1000])
+            raise
+        self.db.audit("migration.start_incoming", "running", host=ctx.dest_host,
+                      instance=ctx.instance_uuid, migration_id=migration_id)
+        return ctx.dest_host, info
+
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
         """Undo the migration before its commit point (in doubt too: Nova's
         rollback, signed by one of the two hosts, says the guest stayed)."""

@@ -167,6 +167,8 @@ class EngineManager:
             return (self.db.get_vtpcm(request.instance_uuid).host,)
         if method == "transfer_state":  # the source: its guest is off, it consents
             return (self.db.get_migration(request.migration_id).source,)
+        if method == "start_incoming":  # the destination, where the guest runs
+            return (self.db.get_migration(request.migration_id).dest,)
         if method in ("commit", "abort"):  # either side may settle it
             rec = self.db.get_migration(request.migration_id)
             return (rec.source, rec.dest)
@@ -367,6 +369,11 @@ class EngineManager:
     def transfer_state(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.transfer(req.migration_id,
                                                         requested_by=signer))
+
+    @endpoint(m.MigrationRef, host_signed=True)
+    def start_incoming(self, req: m.MigrationRef, signer: str) -> m.VtpcmStatus:
+        host, info = self.coordinator.start_incoming(req.migration_id, requested_by=signer)
+        return vtpcm_status(host, info)
 
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:

@@ -209,3 +209,41 @@ def test_a_confirm_after_the_guest_stopped_on_the_destination_commits_it_stopped
     after = tpmtools.read_guest_state(dep.hosts[b].data_paths(instance), with_key=False)
     assert after["nv"] == before["nv"]
     dep.engine_at(b).destroy_vtpcm(instance)
+
+
+def test_the_destination_restarts_a_stopped_incoming_vtpcm_before_the_confirm(dep):
+    """Review finding F2, second half: the resized guest stopped on the
+    destination and is started again there before the confirm; only the
+    destination may have the engine restart its received incoming vTPCM,
+    which keeps its state, migration and generation."""
+    a, b, c = _names(dep)
+    instance, before = _vtpcm_with_state(dep, a)
+    mid = str(uuid.uuid4())
+    dep.engine_at(a).begin(mid, instance, a, b)
+    assert dep.engine_at(a).transfer_state(mid).state == "TRANSFERRED"
+    with CtrlClient(dep.agents.get(b, instance).ctrl_socket) as client:
+        client.shutdown()
+    for _ in range(100):
+        if not dep.agents.get(b, instance).running:
+            break
+        time.sleep(0.1)
+    for api, why in ((dep.engine_at(a), "host command key of %s" % b),
+                     (dep.engine_at(c), "host command key of %s" % b),
+                     (dep.operator, "no host command signature")):
+        with pytest.raises(exception.CommandRefused, match=why):
+            api.start_incoming(mid)
+    assert not dep.agents.get(b, instance).running
+
+    started = dep.engine_at(b).start_incoming(mid)
+    inc = dep.agents.get(b, instance)
+    assert (started.state, started.running, started.generation) == ("MIGRATING_IN", True, 0)
+    assert (inc.state, inc.migration_id, inc.running) == ("MIGRATING_IN", mid, True)
+    assert tpmtools.read_guest_state(dep.hosts[b].data_paths(instance),
+                                     with_key=False)["nv"] == before["nv"]
+    assert dep.operator.get_migration(mid).state == "TRANSFERRED"
+    assert dep.engine_at(a).commit(mid).state == "COMMITTED"
+    dest = dep.agents.get(b, instance)
+    assert (dest.state, dest.generation, dest.running) == ("ACTIVE", 1, True)
+    with pytest.raises(exception.CommandRefused, match="migration is COMMITTED"):
+        dep.engine_at(b).start_incoming(mid)
+    dep.engine_at(b).destroy_vtpcm(instance)

@@ -1,11 +1,11 @@
-"""A rolling upgrade between engine API 1.5 and 1.6 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.6 and 1.7 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.5`` (what
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.6`` (what
   an old Nova driver can send) against the current engine daemon: the old
-  host calls and host_command_key work, signed_host_command_key is refused
-  before sending.
+  host calls, host_command_key and signed_host_command_key work,
+  start_incoming is refused before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.5) answering a current client: old methods are served, the new one
+  1.6) answering a current client: old methods are served, the new one
   comes back as a clear ``RPCVersionUnsupported``.
 """
 
@@ -33,7 +33,7 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.5"
+PREVIOUS = "1.6"
 
 
 class PreviousEngine(EngineManager):
@@ -126,14 +126,15 @@ def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
         assert pinned.stop_vtpcm(instance).state == "STOPPED"
         assert pinned.host_command_key(host).status == "APPROVED"  # 1.4
         nonce = b"\x05" * 16
+        migration_id = str(uuid.uuid4())
         with pytest.raises(exception.RPCVersionCapped) as err:
-            pinned.signed_host_command_key(host, nonce)
+            pinned.start_incoming(migration_id)
         assert str(err.value) == (
-            "Not sent: signed_host_command_key needs %s RPC API 1.6, but [upgrade_levels] "
-            "vtpcm_engine caps this client at 1.5 (some %s may still run an older "
+            "Not sent: start_incoming needs %s RPC API 1.7, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.6 (some %s may still run an older "
             "release)" % (pinned.topic, pinned.topic))
-        # unpinned, it works: signed with the engine key the agents pin
-        answer = current.signed_host_command_key(host, nonce)
+        # 1.6 works pinned: signed with the engine key the agents pin
+        answer = pinned.signed_host_command_key(host, nonce)
         assert answer.status == "APPROVED"
         assert authn.verify_host_key(engine_key, answer.signature, host, answer.status,
                                      answer.command_public, nonce)
@@ -156,9 +157,9 @@ def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
 def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
     _, _, on_old, _, host, *_ = upgrade
     with pytest.raises(exception.RPCVersionUnsupported) as err:
-        on_old.signed_host_command_key(host, b"\x05" * 16)
+        on_old.start_incoming(str(uuid.uuid4()))
     assert str(err.value) == (
-        "%s cannot serve signed_host_command_key (RPC API 1.6): it runs an older API "
+        "%s cannot serve start_incoming (RPC API 1.7): it runs an older API "
         "version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
         % on_old.topic)

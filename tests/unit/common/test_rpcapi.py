@@ -165,6 +165,7 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "unshelve_vtpcm": ("1.5", lambda api: api.unshelve_vtpcm(INSTANCE, HOST)),
     "signed_host_command_key": ("1.6", lambda api: api.signed_host_command_key(
         HOST, b"\x07" * 16)),
+    "start_incoming": ("1.7", lambda api: api.start_incoming(MIGRATION)),
 }
 
 

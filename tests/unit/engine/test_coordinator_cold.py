@@ -362,3 +362,41 @@ def test_an_aborted_migration_keeps_the_records_prior_state(env):  # noqa: F811
     assert db.get_migration(mid).prior_state == "STOPPED"  # as the agent created it
     coord.abort(mid, "x")
     assert db.get_vtpcm(INSTANCE).state == "ACTIVE"  # live again, as before
+
+
+def test_start_incoming_only_between_transfer_and_confirm(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    agents.held["host-b"] = ("MIGRATING_IN", False, mid)
+    with pytest.raises(exception.CommandRefused, match="migration is PREPARED"):
+        coord.start_incoming(mid, requested_by="host-b")
+    coord.transfer(mid, requested_by="host-a")
+    with pytest.raises(exception.CommandRefused, match="signed by host-a, not the dest"):
+        coord.start_incoming(mid, requested_by="host-a")
+    assert ("start", "host-b") not in agents.calls
+
+    def start(host, instance_uuid):
+        agents._record("start", host)
+        return am.VTPCMInfo(instance_uuid, "v", "MIGRATING_IN", 0, mid, "/run/x.ctrl",
+                            True, 42)
+    agents.start = start
+    host, info = coord.start_incoming(mid, requested_by="host-b")
+    assert (host, info.running) == ("host-b", True)
+    assert db.get_migration(mid).state == "TRANSFERRED"
+    assert db.get_vtpcm(INSTANCE).host == "host-a"  # nothing moved
+    coord.commit(mid, requested_by="host-a")
+    with pytest.raises(exception.CommandRefused, match="migration is COMMITTED"):
+        coord.start_incoming(mid, requested_by="host-b")
+    outcomes = [a.outcome for a in db.list_audit(limit=50)
+                if a.event == "migration.start_incoming"]
+    assert sorted(outcomes) == ["refused", "refused", "refused", "running"]
+
+
+def test_start_incoming_refuses_an_agent_answer_for_another_vtpcm(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    coord.transfer(mid, requested_by="host-a")
+    agents.start = lambda host, instance_uuid: am.VTPCMInfo(
+        instance_uuid, "v", "ACTIVE", 0, None, "/run/x.ctrl", True, 42)
+    with pytest.raises(exception.MigrationError, match="not this incoming one"):
+        coord.start_incoming(mid, requested_by="host-b")

@@ -50,6 +50,7 @@ def rpc(env):  # noqa: F811
     def call(method, payload, signed_by):
         auth = None if signed_by is None else keys[signed_by].sign(method, TOPIC, payload)
         return getattr(manager, method)({}, payload, auth=auth)
+    call.agents = agents
     return call, db
 
 
@@ -111,3 +112,16 @@ def test_transfer_state_only_by_the_source(rpc, signer):
     _refusal(call, "transfer_state", ref, signer, "host-a")
     assert db.get_migration(coord_mid).state == "PREPARED"
     assert call("transfer_state", ref, "host-a")["state"] == "TRANSFERRED"
+
+
+@pytest.mark.parametrize("signer", ["host-a", "host-c", None])
+def test_start_incoming_only_by_the_destination(rpc, signer):
+    call, db = rpc
+    mid = str(uuid.uuid4())
+    call("begin", m.BeginMigration(mid, INSTANCE, "host-a", "host-b").to_wire(), "host-a")
+    ref = m.MigrationRef(mid).to_wire()
+    call("transfer_state", ref, "host-a")
+    call.agents.start = lambda host, instance_uuid: am.VTPCMInfo(
+        instance_uuid, "v", "MIGRATING_IN", 0, mid, "/run/x.ctrl", True, 42)
+    _refusal(call, "start_incoming", ref, signer, "host-b")
+    assert call("start_incoming", ref, "host-b")["host"] == "host-b"

@@ -36,6 +36,11 @@ API version history:
           command key (the key agents pin), so the Nova driver takes
           another host's key only from the engine (``[vtpcm]
           engine_public_key``).
+    1.7 - start_incoming (in ``HOST_METHODS``, signed by the migration's
+          destination): restart the received incoming vTPCM of a cold
+          migration or resize not yet confirmed (TRANSFERRED or IN_DOUBT)
+          whose swtpm stopped with its guest, so the guest can start again
+          on the destination before the confirm; answer ``VtpcmStatus``.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -61,7 +66,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.6"
+RPC_API_VERSION = "1.7"
 
 R = TypeVar("R", bound=Message)
 
@@ -72,7 +77,7 @@ ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_poli
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
                           "check_destination", "begin", "commit", "abort",
                           "transfer_state", "replace_vtpcm", "shelve_vtpcm",
-                          "unshelve_vtpcm"})
+                          "unshelve_vtpcm", "start_incoming"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -89,6 +94,7 @@ METHOD_VERSIONS: dict[str, str] = {
     "shelve_vtpcm": "1.5",
     "unshelve_vtpcm": "1.5",
     "signed_host_command_key": "1.6",
+    "start_incoming": "1.7",
 }
 
 
@@ -251,6 +257,11 @@ class EngineAPI(rpc.Client):
         """Cold migration, resize: move the stopped guest's vTPCM state to
         the prepared destination (signed by the source; answer TRANSFERRED)."""
         return self._ask("transfer_state", m.MigrationRef(migration_id), m.MigrationInfo)
+
+    def start_incoming(self, migration_id: str) -> m.VtpcmStatus:
+        """Cold migration, resize before the confirm: start the destination's
+        received incoming vTPCM again (signed by the destination)."""
+        return self._ask("start_incoming", m.MigrationRef(migration_id), m.VtpcmStatus)
 
     def abort(self, migration_id: str, reason: str) -> m.MigrationInfo:
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
