@@ -187,7 +187,7 @@ class Coordinator:
         Only ``host`` itself may ask, never during a migration, creation or
         destruction, only with a fresh TRUSTED verdict (checked before the
         record changes), and only once the operator decided the holder is
-        gone: its host must be REVOKED (``vtpcm-manage host revoke``). A
+        gone: its host must be REVOKED (``vtpcm-manage hosts revoke``). A
         silent agent is no such decision (a restart or a partition looks
         the same). The old record becomes the target's reservation and an
         abandoned record in one transaction: the engine never starts the
@@ -266,7 +266,7 @@ class Coordinator:
         if status is HostStatus.REVOKED:
             return ""
         return ("the holder %s is %s: evacuating a vTPCM instance with a fresh vTPCM "
-                "needs the failed host revoked first (vtpcm-manage host revoke)"
+                "needs the failed host revoked first (vtpcm-manage hosts revoke)"
                 % (holder, status.value))
 
     def reap_abandoned(self) -> int:
@@ -603,8 +603,28 @@ class Coordinator:
                 migration_id=migration_id,
                 reason="only the source may pass the commit point (migration is %s)"
                        % proto.state.value)
+        if proto.state is M.TRANSFERRED:
+            self._check_incoming_ready(ctx)
         self._advance(proto, ctx, p.CommitRequested())
         return self.db.get_migration(migration_id)
+
+    def _check_incoming_ready(self, ctx: am.MigrationContext) -> None:
+        """Before a cold migration's commit point: the destination must
+        still hold this migration's incoming vTPCM (its agent's signed
+        word), or the commit would pass the point of no revert and then
+        wait on a destination that cannot commit. Refused, the migration
+        stays TRANSFERRED: a revert still restores the source."""
+        info = self.agents.get(ctx.dest_host, ctx.instance_uuid)
+        if (info.state, info.migration_id, info.generation) == \
+                ("MIGRATING_IN", ctx.migration_id, ctx.generation):
+            return
+        detail = ("the destination %s holds no incoming vTPCM of this migration (its "
+                  "vTPCM is %s of migration %s at generation %d); revert the resize"
+                  % (ctx.dest_host, info.state, info.migration_id, info.generation))
+        self.db.audit("migration.commit", "refused", host=ctx.dest_host,
+                      instance=ctx.instance_uuid, migration_id=ctx.migration_id,
+                      detail=detail)
+        raise exception.MigrationError(migration_id=ctx.migration_id, reason=detail)
 
     def transfer(self, migration_id: str,
                  requested_by: str | None = None) -> db_api.MigrationRecord:

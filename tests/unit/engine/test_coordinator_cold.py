@@ -27,6 +27,8 @@ class ColdAgents:
     def import_state(self, host, blobs):
         self.agents._record("import_state", host)
         self.imported.append((host, blobs))
+        # what the destination's agent reports from now on
+        self.agents.held[host] = ("MIGRATING_IN", True, blobs.migration_id)
 
 
 def _cold(env, mid):  # noqa: F811
@@ -400,3 +402,26 @@ def test_start_incoming_refuses_an_agent_answer_for_another_vtpcm(env):  # noqa:
         instance_uuid, "v", "ACTIVE", 0, None, "/run/x.ctrl", True, 42)
     with pytest.raises(exception.MigrationError, match="not this incoming one"):
         coord.start_incoming(mid, requested_by="host-b")
+
+
+@pytest.mark.parametrize("held", [("ACTIVE", True, None), ("DESTROYED", False, None),
+                                  ("MIGRATING_IN", False, "another-migration")])
+def test_a_confirm_is_refused_before_the_commit_point_without_the_incoming(
+        env, held):  # noqa: F811
+    """Review finding F2 (engine side): a destination that no longer holds this
+    migration's incoming vTPCM made the confirm pass the commit point and
+    wedge. Now the confirm is refused while a revert is still possible."""
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    coord.transfer(mid, requested_by="host-a")
+    agents.held["host-b"] = held
+    with pytest.raises(exception.MigrationError, match="holds no incoming vTPCM of this"):
+        coord.commit(mid, requested_by="host-a")
+    assert db.get_migration(mid).state == "TRANSFERRED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id) == ("host-a", 0, mid)
+    assert "commit_incoming" not in names(agents)
+    assert ("migration.commit", "refused") in [(a.event, a.outcome)
+                                               for a in db.list_audit(limit=50)]
+    assert coord.abort(mid, "resize reverted").state == "ABORTED"  # revert still works
+    assert db.get_vtpcm(INSTANCE).host == "host-a"
