@@ -178,6 +178,18 @@ class Coordinator:
         self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=instance_uuid)
 
+    def destroy_shelved_vtpcm(self, instance_uuid: str) -> None:
+        """Operator-signed clean-up of a SHELVED vTPCM (its instance was
+        deleted while shelved offloaded): only a SHELVED record, so a live
+        instance's vTPCM is never destroyed this way."""
+        rec = self.db.get_vtpcm(instance_uuid)
+        if rec.state != SHELVED or rec.migration_id is not None:
+            reason = "the vTPCM is %s on %s, not shelved" % (rec.state, rec.host)
+            self.db.audit("vtpcm.destroy", "refused", host=rec.host,
+                          instance=instance_uuid, detail="operator: " + reason)
+            raise exception.CommandRefused(method="destroy_shelved_vtpcm", reason=reason)
+        self.destroy_vtpcm(instance_uuid)
+
     def replace_vtpcm(self, instance_uuid: str, host: str,
                       requested_by: str | None = None) -> db_api.VtpcmRecord:
         """Evacuation with state loss, which the operator allowed on the

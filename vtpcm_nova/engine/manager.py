@@ -350,6 +350,19 @@ class EngineManager:
     def get_vtpcm(self, req: m.InstanceRef) -> m.VtpcmRecord:
         return vtpcm_info(self.db.get_vtpcm(req.instance_uuid))
 
+    @endpoint(m.VtpcmQuery)
+    def list_vtpcms(self, req: m.VtpcmQuery) -> m.VtpcmList:
+        return m.VtpcmList(tuple(vtpcm_info(r) for r in self.db.list_vtpcms(host=req.host)
+                                 if req.state is None or r.state == req.state))
+
+    @endpoint(m.InstanceRef, signed=True)
+    def destroy_shelved_vtpcm(self, req: m.InstanceRef) -> m.Empty:
+        """An operator's decision that a shelved instance is gone (Nova
+        deleted it while SHELVED_OFFLOADED, which never reaches the
+        driver): the engine has the holder shred it."""
+        self.coordinator.destroy_shelved_vtpcm(req.instance_uuid)
+        return m.Empty()
+
     @endpoint(m.CheckDestination, host_signed=True)
     def check_destination(self, req: m.CheckDestination, signer: str) -> m.Verdict:
         return verdict_info(self.coordinator.check_destination(req.instance_uuid, req.dest))

@@ -166,6 +166,8 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "signed_host_command_key": ("1.6", lambda api: api.signed_host_command_key(
         HOST, b"\x07" * 16)),
     "start_incoming": ("1.7", lambda api: api.start_incoming(MIGRATION)),
+    "list_vtpcms": ("1.7", lambda api: api.list_vtpcms("SHELVED")),
+    "destroy_shelved_vtpcm": ("1.7", lambda api: api.destroy_shelved_vtpcm(INSTANCE)),
 }
 
 

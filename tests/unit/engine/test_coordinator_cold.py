@@ -425,3 +425,20 @@ def test_a_confirm_is_refused_before_the_commit_point_without_the_incoming(
                                                for a in db.list_audit(limit=50)]
     assert coord.abort(mid, "resize reverted").state == "ABORTED"  # revert still works
     assert db.get_vtpcm(INSTANCE).host == "host-a"
+
+
+def test_an_operator_destroys_only_a_shelved_vtpcm(env):  # noqa: F811
+    """Review finding F3 (part): an instance deleted while SHELVED_OFFLOADED
+    never reaches the driver; the operator's signed command shreds its
+    vTPCM on the holder, and never a vTPCM that is not shelved."""
+    coord, db, agents, _, _ = env
+    with pytest.raises(exception.CommandRefused, match="is STOPPED on host-a, not shelved"):
+        coord.destroy_shelved_vtpcm(INSTANCE)
+    assert ("destroy", "host-a") not in agents.calls
+    coord.shelve_vtpcm(INSTANCE, requested_by="host-a")
+    coord.destroy_shelved_vtpcm(INSTANCE)
+    assert ("destroy", "host-a") in agents.calls
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(INSTANCE)
+    assert [a.outcome for a in db.list_audit(limit=50) if a.event == "vtpcm.destroy"] == \
+        ["destroyed", "refused"]

@@ -41,6 +41,10 @@ API version history:
           migration or resize not yet confirmed (TRANSFERRED or IN_DOUBT)
           whose swtpm stopped with its guest, so the guest can start again
           on the destination before the confirm; answer ``VtpcmStatus``.
+          list_vtpcms (read-only, by state and host) and
+          destroy_shelved_vtpcm (in ``ADMIN_METHODS``, operator-signed):
+          find and crypto-shred the vTPCM of an instance deleted while
+          shelved offloaded (Nova's delete never reaches the driver then).
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -72,7 +76,7 @@ R = TypeVar("R", bound=Message)
 
 # State-changing calls that decide which hosts are trusted: operator-signed.
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
-                           "put_policy", "record_policy"})
+                           "put_policy", "record_policy", "destroy_shelved_vtpcm"})
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
                           "check_destination", "begin", "commit", "abort",
@@ -95,6 +99,8 @@ METHOD_VERSIONS: dict[str, str] = {
     "unshelve_vtpcm": "1.5",
     "signed_host_command_key": "1.6",
     "start_incoming": "1.7",
+    "list_vtpcms": "1.7",
+    "destroy_shelved_vtpcm": "1.7",
 }
 
 
@@ -240,6 +246,14 @@ class EngineAPI(rpc.Client):
 
     def get_vtpcm(self, instance_uuid: str) -> m.VtpcmRecord:
         return self._ask("get_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmRecord)
+
+    def list_vtpcms(self, state: str | None = None,
+                    host: str | None = None) -> m.VtpcmList:
+        return self._ask("list_vtpcms", m.VtpcmQuery(state, host), m.VtpcmList)
+
+    def destroy_shelved_vtpcm(self, instance_uuid: str) -> m.Empty:
+        """Operator-signed: shred a SHELVED vTPCM whose instance is gone."""
+        return self._ask("destroy_shelved_vtpcm", m.InstanceRef(instance_uuid), m.Empty)
 
     def check_destination(self, instance_uuid: str, dest: str) -> m.Verdict:
         return self._ask("check_destination", m.CheckDestination(instance_uuid, dest),
