@@ -7,6 +7,8 @@
 #   NAME     filter       VTPCMFilter cost per host / per request   (.venv-nova)
 #            nova-lm      what the vTPCM adds to a Nova live migration (.venv-nova)
 #            attestation  EngineAPI.attest round trip, verify_quote/s  (.venv)
+#            unsigned-flood  begin+abort latency while the unsigned endpoints
+#                         are flooded, vs quiet (.venv; JSON only, no plot)
 #   --smoke  tiny sizes, seconds each (nova-lm: ~45 s, the Nova harness's floor);
 #            results go to benchmarks/results/smoke/ (git-ignored), never over
 #            the committed full results.
@@ -21,7 +23,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VTPCM_VENV:-$ROOT/.venv}
 NOVA_VENV=${VTPCM_NOVA_VENV:-$ROOT/.venv-nova}
-ALL=(filter nova-lm attestation)
+ALL=(filter nova-lm attestation unsigned-flood)
 
 smoke=0
 names=()
@@ -108,6 +110,13 @@ run_attestation() {
         "${SMOKE_ARG[@]}"
 }
 
+run_unsigned_flood() {
+    local limit=900
+    [ $smoke = 1 ] && limit=240
+    timeout --kill-after=20 $limit "$VENV/bin/python" benchmarks/unsigned_flood.py \
+        "${SMOKE_ARG[@]}" --out-dir "$OUT"
+}
+
 failed=()
 for name in "${names[@]}"; do
     log "== $name$([ $smoke = 1 ] && echo ' (smoke)') -> $OUT/$name.{json,png}"
@@ -116,6 +125,7 @@ for name in "${names[@]}"; do
         filter) fn=run_filter ;;
         nova-lm) fn=run_nova_lm ;;
         attestation) fn=run_attestation ;;
+        unsigned-flood) fn=run_unsigned_flood ;;
     esac
     if $fn; then
         log "== $name done in $((SECONDS - start)) s"

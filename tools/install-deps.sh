@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Idempotent installer of everything vtpcm needs on Debian 12: system packages,
-# a running RabbitMQ, and the project's virtualenv (.venv) with test, lint and
-# docs tools.
+# a running RabbitMQ, a running PostgreSQL that trusts local connections of its
+# postgres user (the engine's functional tests run on it; required, never
+# skipped), and the project's virtualenv (.venv) with test, lint and docs tools.
 # Usage: tools/install-deps.sh   (as root; safe to run again)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,6 +34,31 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; then
         sleep 1
     done
     (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null || { echo "install-deps: RabbitMQ did not start" >&2; exit 1; }
+fi
+
+# PostgreSQL: use the local one if it answers, else install/start a cluster.
+# The tests connect as postgres@127.0.0.1 without a password (a test machine's
+# setting: one pg_hba line, marked, for that user from 127.0.0.1 only).
+if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
+    if ! command -v pg_lsclusters >/dev/null; then
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql
+    fi
+    pg_version=$(find /usr/lib/postgresql -mindepth 1 -maxdepth 1 -printf '%f\n' | sort -V | tail -1)
+    [ -n "$pg_version" ] || { echo "install-deps: no PostgreSQL server installed" >&2; exit 1; }
+    if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$pg_version main"; then
+        pg_createcluster "$pg_version" main
+    fi
+    hba=/etc/postgresql/$pg_version/main/pg_hba.conf
+    if ! grep -q "vtpcm tests" "$hba"; then
+        sed -i '1i host all postgres 127.0.0.1/32 trust  # vtpcm tests (tools/install-deps.sh)' "$hba"
+    fi
+    pg_ctlcluster "$pg_version" main start || pg_ctlcluster "$pg_version" main reload
+    for _ in $(seq 1 60); do
+        (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null && break
+        sleep 1
+    done
+    (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null || { echo "install-deps: PostgreSQL did not start" >&2; exit 1; }
 fi
 
 PY=${PYTHON:-python3}

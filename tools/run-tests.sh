@@ -12,6 +12,7 @@ VENV=${VTPCM_VENV:-$PWD/.venv}
 export PATH="$VENV/bin:$PATH"
 echo "== lint"
 ruff check vtpcm_common vtpcm_agent vtpcm_nova vtpcm_lab tests
+python tools/check_test_raises.py tests benchmarks
 echo "== types"
 mypy
 echo "== layering"
@@ -20,6 +21,8 @@ echo "== docs (warnings are errors)"
 sphinx-build -E -W --keep-going -q -b html doc/source doc/build/html
 echo "== tests"
 python -m pytest -p no:cacheprovider -q --timeout=600 tests --ignore=tests/nova_functional "$@"
+echo "== mutation smoke (agent sealing; fails under 90% of mutants killed; tox -e mutation for all)"
+nice -n 19 tools/mutation.sh --smoke
 echo "== nova functional (Nova 34's own harness, this driver and filter, real agents)"
 tools/install-nova-env.sh
 NOVA_VENV=${VTPCM_NOVA_VENV:-$PWD/.venv-nova}

@@ -8,6 +8,9 @@ stay as tombstones: they remember the last generation, so an older
 generation of the same instance can never be brought back on this host.
 """
 
+from __future__ import annotations
+
+import builtins
 import contextlib
 import dataclasses
 import datetime
@@ -84,6 +87,17 @@ class Association:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class SealRecord:
+    """One migration key sealed for a destination: which migration, never the key."""
+
+    migration_id: str
+    instance_uuid: str
+    generation: int
+    dest_host: str
+    sealed_at: str
+
+
 _COLUMNS = ("instance_uuid", "vtpcm_id", "state", "generation", "migration_id",
             "state_dir", "ctrl_socket", "pid", "created_at", "updated_at")
 
@@ -128,7 +142,17 @@ CREATE TABLE IF NOT EXISTS command_nonces (
     keep_until REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS command_nonces_keep_until ON command_nonces (keep_until)"""
-STEPS = (_V1, _V2, _V3)
+# v4: the agent's own record of every migration key it sealed (never the key)
+_V4 = """
+CREATE TABLE IF NOT EXISTS seals (
+    migration_id TEXT NOT NULL,
+    instance_uuid TEXT NOT NULL,
+    generation INTEGER NOT NULL,
+    dest_host TEXT NOT NULL,
+    sealed_at TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS seals_instance ON seals (instance_uuid)"""
+STEPS = (_V1, _V2, _V3, _V4)
 SCHEMA_VERSION = len(STEPS)
 
 
@@ -349,6 +373,23 @@ class AssociationList:
         with self._transaction() as cur:
             return cur.execute("SELECT 1 FROM aborted_migrations WHERE migration_id = ?",
                                (migration_id,)).fetchone() is not None
+
+    def record_seal(self, migration_id: str, instance_uuid: str, generation: int,
+                    dest_host: str) -> None:
+        """Remember that this host sealed an instance's migration key for
+        ``dest_host``: the agent's own record of every key that left it
+        (a retried seal adds a row), which audits and tests read."""
+        with self._transaction() as cur:
+            cur.execute("INSERT INTO seals VALUES (?, ?, ?, ?, ?)",
+                        (migration_id, instance_uuid, generation, dest_host, _now()))
+
+    def seals(self, instance_uuid: str) -> builtins.list[SealRecord]:
+        """Every seal of ``instance_uuid``'s migration key, oldest first."""
+        with self._transaction() as cur:
+            rows = cur.execute("SELECT migration_id, instance_uuid, generation, dest_host, "
+                               "sealed_at FROM seals WHERE instance_uuid = ? "
+                               "ORDER BY rowid", (instance_uuid,)).fetchall()
+        return [SealRecord(*row) for row in rows]
 
     def claim_nonce(self, nonce: str, keep_until: float, now: float) -> bool:
         """Record an engine command's nonce; False if it was seen before.

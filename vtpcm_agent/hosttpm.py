@@ -11,6 +11,9 @@ Keys are *primaries* re-derived on demand from the hierarchy seeds (same
 template, same seed -> same key), created for one operation and flushed right
 after: libtpms has only 3 transient slots and without a resource manager a
 leaked handle would stay loaded, so nothing is kept loaded between calls.
+The AK and KEM templates carry a secret ``unique`` value and auth value
+derived from the agent's host key (``keyauth``): another local TPM user
+re-deriving them from the public template gets other keys.
 
 Byte formats handed out (all TPM 2.0 big-endian marshaling, Part 2 of the
 spec), which the engine's verifier parses:
@@ -82,6 +85,7 @@ from vtpcm_agent import hostek
 # Re-exported: hosttpm's interface predates hostek (patch them in hostek).
 from vtpcm_agent.hostek import EK_CERT_INDICES as EK_CERT_INDICES
 from vtpcm_agent.hostek import EK_TYPES as EK_TYPES
+from vtpcm_agent.keyauth import KeyAuth, PrimarySecret
 from vtpcm_common.exception import HostTPMError
 
 LOG = logging.getLogger(__name__)
@@ -180,8 +184,13 @@ class SealedObject:
                 f"private=<{len(self.private)} bytes>)")
 
 
-def _template(alg: str, attrs: TPMA_OBJECT) -> TPM2B_PUBLIC:
-    return TPM2B_PUBLIC(TPMT_PUBLIC.parse(alg, objectAttributes=attrs))
+def _template(alg: str, attrs: TPMA_OBJECT,
+              secret: PrimarySecret | None = None) -> TPM2B_PUBLIC:
+    tmpl = TPMT_PUBLIC.parse(alg, objectAttributes=attrs)
+    if secret is not None:  # ECC templates only: unique is x || y
+        tmpl.unique.ecc.x = secret.unique[:32]
+        tmpl.unique.ecc.y = secret.unique[32:]
+    return TPM2B_PUBLIC(tmpl)
 
 
 def _sealed_template() -> TPM2B_PUBLIC:
@@ -222,10 +231,19 @@ class HostTPM:
     use the same stand-in between our commands.)
     """
 
-    def __init__(self, tcti: str) -> None:
+    def __init__(self, tcti: str, key_auth: KeyAuth | None = None) -> None:
+        """``key_auth``: the secrets that make the AK and KEM key the
+        agent's own (``keyauth``); None only for tools that read or extend
+        PCRs or seal (their AK and KEM key are not the enrolled ones)."""
         if not isinstance(tcti, str) or ":" not in tcti and tcti not in ("device", "swtpm"):
             raise HostTPMError(reason="invalid TCTI configuration string")
         self._tcti = tcti
+        self._key_auth = key_auth
+        # (EK certificate, EK public): reading them re-creates the RSA EK,
+        # the most expensive TPM operation here, and they change only with
+        # the endorsement hierarchy (then credential activation fails and
+        # the cache is dropped).
+        self._ek_cache: tuple[bytes | None, bytes | None] | None = None
         with _LOCKS_GUARD:
             self._lock = _LOCKS.setdefault(tcti, threading.RLock())
         try:
@@ -236,6 +254,12 @@ class HostTPM:
 
     def __repr__(self) -> str:
         return f"HostTPM(tcti={self._tcti!r})"
+
+    def use_key_auth(self, key_auth: KeyAuth) -> None:
+        """Set the AK/KEM secrets once the host key is available (it is
+        itself sealed in this TPM, so it comes after the HostTPM)."""
+        with self._lock:
+            self._key_auth = key_auth
 
     # -- lifecycle -------------------------------------------------------
     def close(self) -> None:
@@ -282,20 +306,28 @@ class HostTPM:
         self._call("flushing stale transient objects", flush)
 
     @contextmanager
-    def _primary(self, e: ESAPI, hierarchy: ESYS_TR, alg: str,
-                 attrs: TPMA_OBJECT) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
+    def _primary(self, e: ESAPI, hierarchy: ESYS_TR, alg: str, attrs: TPMA_OBJECT,
+                 secret: PrimarySecret | None = None,
+                 ) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
+        sensitive = None
+        if secret is not None:
+            sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=secret.auth))
         handle, public, _cdata, _cdigest, _ticket = e.create_primary(
-            None, _template(alg, attrs), hierarchy)
+            sensitive, _template(alg, attrs, secret), hierarchy)
         try:
+            if secret is not None:
+                e.tr_set_auth(handle, secret.auth)
             yield handle, public
         finally:
             e.flush_context(handle)
 
     def _ak(self, e: ESAPI) -> _Loaded:
-        return self._primary(e, ESYS_TR.ENDORSEMENT, AK_TEMPLATE, AK_ATTRS)
+        secret = self._key_auth.ak if self._key_auth is not None else None
+        return self._primary(e, ESYS_TR.ENDORSEMENT, AK_TEMPLATE, AK_ATTRS, secret)
 
     def _kem(self, e: ESAPI) -> _Loaded:
-        return self._primary(e, ESYS_TR.OWNER, KEM_TEMPLATE, KEM_ATTRS)
+        secret = self._key_auth.kem if self._key_auth is not None else None
+        return self._primary(e, ESYS_TR.OWNER, KEM_TEMPLATE, KEM_ATTRS, secret)
 
     def _srk(self, e: ESAPI) -> _Loaded:
         return self._primary(e, ESYS_TR.OWNER, SRK_TEMPLATE, SRK_ATTRS)
@@ -310,7 +342,9 @@ class HostTPM:
         _check_nonce(nonce)
 
         def run(e: ESAPI) -> HostIdentity:
-            ek_cert, ek_public = hostek.certificate_and_public(e)
+            if self._ek_cache is None:
+                self._ek_cache = hostek.certificate_and_public(e)
+            ek_cert, ek_public = self._ek_cache
             with self._ak(e) as (ak, ak_pub), self._kem(e) as (kem, kem_pub):
                 attest, sig = e.certify(kem, ak, nonce,
                                         TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
@@ -336,9 +370,13 @@ class HostTPM:
         ``credential_blob`` and ``encrypted_secret`` are a marshaled
         TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (with size prefixes)."""
         blob, secret = hostek.parse_challenge(credential_blob, encrypted_secret)
-        return self._call("activate credential",
-                          lambda e: hostek.activate_credential(e, lambda: self._ak(e),
-                                                               blob, secret))
+        try:
+            return self._call("activate credential",
+                              lambda e: hostek.activate_credential(e, lambda: self._ak(e),
+                                                                   blob, secret))
+        except HostTPMError:
+            self._ek_cache = None  # the EK may have changed: read it again
+            raise
 
     # -- quote and PCRs --------------------------------------------------
     def quote(self, nonce: bytes, pcrs: Sequence[int], bank: str = "sha256") -> QuoteResult:

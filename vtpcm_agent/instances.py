@@ -32,6 +32,26 @@ from vtpcm_common import exception
 LOG = logging.getLogger(__name__)
 S = VTPCMState
 PERMANENT_STATE_FILE = "tpm2-00.permall"
+VOLATILE_STATE_FILE = "tpm2-00.volatilestate"
+# what a guest keeps and loses when its swtpm is restarted (logged for the operator)
+RESTART_OUTCOME = (
+    "the guest keeps its permanent TPM state (NV indices, EK and its certificates, "
+    "persistent keys, hierarchy auth); it lost its volatile state (PCR values, sessions, "
+    "loaded transient objects). QEMU does not reconnect to a restarted swtpm: the "
+    "guest's TPM answers every command with a failure until the VM is hard-rebooted "
+    "(nova reboot --hard); after that it boots with the permanent state and fresh PCRs")
+
+
+@dataclasses.dataclass(frozen=True)
+class Restarted:
+    """One crashed swtpm that the agent started again (for reports and tests)."""
+
+    instance_uuid: str
+    vtpcm_id: str
+    state: str
+    old_pid: int | None
+    pid: int
+    with_state: bool
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -82,6 +102,9 @@ class InstanceManager:
         self.host_tpm = host_tpm
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+        # told of every swtpm restart (the watchdog logs and reports it);
+        # called under the instance's lock, so it must not block
+        self.on_restart: Callable[[Restarted], None] | None = None
         for sub in ("vtpcms", "logs", "localca"):
             (settings.state_root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         settings.run_dir.mkdir(parents=True, exist_ok=True)
@@ -307,6 +330,8 @@ class InstanceManager:
                 expected=frozenset({S.ACTIVE, S.STOPPED}), migration_id=ctx.migration_id)
         keys = self.keystore.get(assoc.vtpcm_id)
         envelope = sealing.seal(dest_kem_public, keys.migration_key, ctx)
+        self.associations.record_seal(ctx.migration_id, ctx.instance_uuid, ctx.generation,
+                                      ctx.dest_host)
         LOG.info("Sealed the migration key of instance %(instance)s for host %(dest)s "
                  "(migration %(mig)s, generation %(gen)d)",
                  {"instance": ctx.instance_uuid, "dest": ctx.dest_host,
@@ -379,8 +404,9 @@ class InstanceManager:
     def commit_incoming(self, ctx: sealing.SealContext) -> Association:
         """The incoming vTPCM becomes the live one at generation + 1.
 
-        It must hold its state (set by QEMU or ``import_state``). A stopped
-        one is committed STOPPED: a cold-migrated or resized guest whose
+        It must hold its state (set by QEMU or ``import_state``). A crashed
+        swtpm is restarted first (``restart_if_crashed``). One that stopped
+        cleanly is committed STOPPED: a cold-migrated or resized guest whose
         QEMU exited on the destination (a shutdown inside the guest sends
         swtpm CMD_SHUTDOWN) before the confirm must not wedge the commit
         past its commit point; the guest's next start starts it."""
@@ -389,6 +415,13 @@ class InstanceManager:
                 and assoc.migration_id == ctx.migration_id):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_IN)
+        if not self.is_running(assoc) and self._received_state(assoc):
+            # its swtpm crashed after the switchover (the guest may run here):
+            # bring it back rather than refuse forever (the watchdog would, a
+            # few seconds later). A clean exit (QEMU's CMD_SHUTDOWN: the guest
+            # is off) is no crash: it is committed STOPPED below.
+            if self.restart_if_crashed(ctx.instance_uuid) is not None:
+                assoc = self.associations.get(ctx.instance_uuid)
         if not self._received_state(assoc):
             raise exception.MigrationError(
                 migration_id=ctx.migration_id,
@@ -424,6 +457,64 @@ class InstanceManager:
                        "destroy it on a timeout")
         self._kill(assoc)
         self._discard(ctx.instance_uuid, assoc.vtpcm_id, paths)
+
+    # --- crash recovery ---------------------------------------------------------
+
+    @serialized
+    def restart_if_crashed(self, instance_uuid: str,
+                           even_clean_exit: bool = False) -> Restarted | None:
+        """Start again the swtpm of a vTPCM that should run but crashed.
+
+        Crashed: killed or failed, leaving its pid file and socket behind.
+        A swtpm that stopped cleanly (QEMU's CMD_SHUTDOWN when its guest
+        stops or its outgoing migration completed, a SIGTERM) removed both:
+        nothing is lost, the VM's next start starts it, so it is restarted
+        only with ``even_clean_exit`` (``commit_incoming`` needs it running).
+
+        Same state dir, same keys (the at-rest key opens the persisted state;
+        the migration key stays the migration's), same socket path. Only the
+        permanent state file survives a crash (swtpm keeps the volatile state
+        in memory; a leftover volatile file is older than the guest's last
+        TPM command and is removed, never resumed). A vTPCM that should hold
+        state but has no permanent state file is NOT started empty: a fresh
+        TPM in place of the tenant's would silently lose it; it stays
+        reported as crashed. An incoming vTPCM that has not received its
+        state yet is restarted empty, as ``prepare_incoming`` made it.
+        Under the instance lock, so it never races stop, destroy, commit or
+        abort: whatever they left is re-read here first."""
+        assoc = self.associations.find(instance_uuid)
+        if (assoc is None or assoc.pid is None
+                or assoc.state not in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN)
+                or self.is_running(assoc)):
+            return None
+        paths = self._paths_of(assoc)
+        if not even_clean_exit and not process.left_behind(paths):
+            return None
+        with_state = self._received_state(assoc)
+        if not with_state and assoc.state is not S.MIGRATING_IN:
+            raise exception.SwtpmError(
+                vtpcm_id=assoc.vtpcm_id,
+                reason="its swtpm died and its permanent state file is missing; "
+                       "not starting an empty TPM in its place")
+        if process.socket_in_use(paths.ctrl_socket):
+            raise exception.SwtpmError(
+                vtpcm_id=assoc.vtpcm_id,
+                reason="its swtpm died and another process serves its control socket %s; "
+                       "not starting a second one there" % paths.ctrl_socket)
+        # a swtpm that lost its socket but still runs would hold the state lock
+        if process.owns(assoc.pid, paths):
+            process.stop(assoc.pid, paths, timeout=self.settings.timeout)
+        (paths.state_dir / VOLATILE_STATE_FILE).unlink(missing_ok=True)
+        startup_clear = self.settings.expose_data_socket and assoc.state is not S.MIGRATING_IN
+        pid = self._spawn_paths(paths, self.keystore.get(assoc.vtpcm_id),
+                                startup_clear=startup_clear)
+        self.associations.set_pid(instance_uuid, pid)
+        done = Restarted(instance_uuid=instance_uuid, vtpcm_id=assoc.vtpcm_id,
+                         state=assoc.state.value, old_pid=assoc.pid, pid=pid,
+                         with_state=with_state)
+        if self.on_restart is not None:
+            self.on_restart(done)
+        return done
 
     # --- start-up --------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.api.agent import rpcapi
 from vtpcm_common.authn import CommandVerifier
+from vtpcm_common.ratelimit import TokenBucket
 from vtpcm_common.rpc import endpoint
 
 LOG = logging.getLogger(__name__)
@@ -31,14 +32,22 @@ class AgentManager:
     def __init__(self, host: str, instances: InstanceManager, host_tpm: Any = None,
                  verifier: CommandVerifier | None = None,
                  command_public: bytes | None = None,
-                 reply_signer: authn.CommandSigner | None = None) -> None:
+                 reply_signer: authn.CommandSigner | None = None,
+                 unsigned_limit: TokenBucket | None = None,
+                 activation_limit: TokenBucket | None = None) -> None:
         """``verifier`` checks the engine's signature on state-changing
         commands; without one, those commands are all refused.
         ``command_public``: this host's command public key, reported (and
         bound into the TPM's certify) by ``get_identity``.
         ``reply_signer``: that key's private half; every reply a 1.6 caller
-        asks for is signed with it (``rpc.endpoint``)."""
+        asks for is signed with it (``rpc.endpoint``).
+        ``unsigned_limit`` / ``activation_limit``: rates of the unsigned
+        TPM calls (get_identity and quote / activate_credential), which
+        any broker client can send; unlimited when None. The engine's own
+        calls of these (signed, ``vouched``) are not counted."""
         self.host = host
+        self.unsigned_limit = unsigned_limit
+        self.activation_limit = activation_limit
         self.instances = instances
         self.host_tpm = host_tpm
         self.verifier = verifier
@@ -109,16 +118,25 @@ class AgentManager:
             crashed=tuple(self.instances.crashed()))
 
     # 1.1 ---------------------------------------------------------------------
-    def _tpm(self) -> Any:
+    def _tpm(self, limit: TokenBucket | None = None, what: str = "") -> Any:
+        """The host TPM, after ``limit`` allowed one more unsigned ``what``
+        (refused at once otherwise: no TPM work queued for a flood)."""
         if self.host_tpm is None:
             raise exception.HostTPMError(reason="this agent has no host TPM configured")
+        if limit is not None:
+            limit.take(what)
         return self.host_tpm
 
-    @endpoint(m.IdentityRequest)
-    def get_identity(self, req: m.IdentityRequest) -> m.HostIdentity:
+    def _limit(self, vouched: bool, limit: TokenBucket | None) -> TokenBucket | None:
+        """The engine's own (signed) calls pass; everyone else's count."""
+        return None if vouched else limit
+
+    @endpoint(m.IdentityRequest, vouched=True)
+    def get_identity(self, req: m.IdentityRequest, vouched: bool) -> m.HostIdentity:
         qualifying = req.nonce if self.command_public is None else \
             authn.host_key_binding(req.nonce, self.command_public, self.host)
-        ident = self._tpm().identity(qualifying)
+        ident = self._tpm(self._limit(vouched, self.unsigned_limit),
+                          "unsigned TPM calls").identity(qualifying)
         return m.HostIdentity(
             host=self.host, ak_public=ident.ak_public, kem_public=ident.kem_public,
             kem_certify_attest=ident.kem_certify_attest,
@@ -126,14 +144,17 @@ class AgentManager:
             ek_certificate=ident.ek_certificate, command_public=self.command_public,
             ek_public=ident.ek_public)
 
-    @endpoint(m.CredentialChallenge)
-    def activate_credential(self, req: m.CredentialChallenge) -> m.ActivatedCredential:
-        secret = self._tpm().activate_credential(req.credential_blob, req.encrypted_secret)
+    @endpoint(m.CredentialChallenge, vouched=True)
+    def activate_credential(self, req: m.CredentialChallenge,
+                            vouched: bool) -> m.ActivatedCredential:
+        tpm = self._tpm(self._limit(vouched, self.activation_limit), "credential activations")
+        secret = tpm.activate_credential(req.credential_blob, req.encrypted_secret)
         return m.ActivatedCredential(host=self.host, secret=secret)
 
-    @endpoint(m.QuoteRequest)
-    def quote(self, req: m.QuoteRequest) -> m.Quote:
-        result = self._tpm().quote(req.nonce, req.pcrs, req.bank)
+    @endpoint(m.QuoteRequest, vouched=True)
+    def quote(self, req: m.QuoteRequest, vouched: bool) -> m.Quote:
+        result = self._tpm(self._limit(vouched, self.unsigned_limit), "unsigned TPM calls").quote(
+            req.nonce, req.pcrs, req.bank)
         return m.Quote(host=self.host, attest=result.attest, signature=result.signature,
                        pcr_values=dict(result.pcr_values))
 

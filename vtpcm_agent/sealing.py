@@ -72,6 +72,11 @@ class SealContext:
             if not isinstance(value, str) or not value or len(value) > 255:
                 raise SealError(reason=f"seal context field {name} must be a 1..255 "
                                        "character string")
+            try:  # found by fuzzing: a lone surrogate broke aad() later
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise SealError(reason=f"seal context field {name} is not valid "
+                                       "Unicode text") from None
         gen = self.generation
         if isinstance(gen, bool) or not isinstance(gen, int) or not 0 <= gen < 2 ** 63:
             raise SealError(reason="seal context generation must be a non-negative int")

@@ -14,16 +14,21 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 from oslo_log import log as logging
 
+from vtpcm_agent import keyauth, manager
 from vtpcm_agent import keystore as ks
-from vtpcm_agent import manager
 from vtpcm_agent.association import AssociationList
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.instances import AgentSettings, InstanceManager
+from vtpcm_agent.watchdog import SwtpmWatchdog
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import rpcapi
 from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_common.ratelimit import TokenBucket
 
 LOG = logging.getLogger(__name__)
+# seconds a restart report waits for the engine (which answers in milliseconds);
+# short, so that an engine that is down does not hold up the agent's stop
+REPORT_TIMEOUT = 3.0
 
 
 def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
@@ -84,6 +89,14 @@ def verifier_from(conf: cfg.ConfigOpts, host: str) -> authn.CommandVerifier:
             reason="[agent] engine_public_key: %s" % err.kwargs.get("reason", err)) from None
 
 
+def rate_limits_from(conf: cfg.ConfigOpts) -> dict[str, TokenBucket]:
+    """The agent's limits on its unsigned TPM calls ([host_tpm])."""
+    h = conf.host_tpm
+    return {"unsigned_limit": TokenBucket(h.unsigned_calls_per_second,
+                                          h.unsigned_calls_burst),
+            "activation_limit": TokenBucket(h.credential_activations_per_minute / 60.0, 2)}
+
+
 class AgentService:
     """One agent: instance manager + RPC server on topic vtpcm-agent."""
 
@@ -95,6 +108,8 @@ class AgentService:
         self.host_signer = host_signer_from(conf)
         self.host_tpm = HostTPM(conf.host_tpm.tcti)
         provider = host_key_provider(conf, self.host_tpm, self.settings.state_root)
+        # the AK and KEM key need the host key: no other TPM user derives them
+        self.host_tpm.use_key_auth(keyauth.derive(provider.host_key()))
         self.keystore = ks.KeyStore(self.settings.state_root / "keys", provider)
         self.associations = AssociationList(self.settings.state_root / "associations.sqlite")
         # accepted command nonces survive a restart: a captured command
@@ -103,17 +118,26 @@ class AgentService:
         self.instances = InstanceManager(self.settings, self.associations, self.keystore,
                                          self.host_tpm)
         self.transport = rpc.get_transport(conf)
+        # restarts go to the engine's audit, signed with this host's key
+        engine = EngineAPI(conf, self.transport, host_signer=self.host_signer)
+        self.watchdog = SwtpmWatchdog(
+            self.instances, conf.agent.swtpm_watchdog_interval, self.settings.host,
+            lambda report: engine.report_swtpm_restart(report, timeout=REPORT_TIMEOUT))
         self.server: Any = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
         self.instances.recover()
+        if self.conf.agent.swtpm_watchdog_interval > 0:
+            self.watchdog.run_once()  # what died while no agent ran, before serving
+        self.watchdog.start()
         topic = rpc.topic(self.conf, "agent_topic")
         target = messaging.Target(topic=topic, server=self.settings.host)
         endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
                                           self.verifier,
                                           authn.public_raw(self.host_signer.public_key),
-                                          reply_signer=self.host_signer)]
+                                          reply_signer=self.host_signer,
+                                          **rate_limits_from(self.conf))]
         self.server = messaging.get_rpc_server(
             self.transport, target, endpoints,
             access_policy=messaging.DefaultRPCAccessPolicy)
@@ -127,6 +151,7 @@ class AgentService:
 
     def stop(self) -> None:
         """Stop serving RPC. swtpm processes keep running on purpose."""
+        self.watchdog.stop()
         if self.server is not None:
             self.server.stop()
             self.server.wait()

@@ -194,6 +194,22 @@ class ReplyNotAuthenticated(ServiceUnreachable):
     msg_fmt = "Reply of %(host)s to %(method)s not authenticated: %(reason)s"
 
 
+class RateLimited(VTPCMException):
+    """An unsigned call refused at once because too many came lately: the
+    caller may retry later; nobody waited for it."""
+
+    msg_fmt = "Too many %(what)s: refused without doing the work, retry in %(retry)s s"
+    code = "rate_limited"
+
+
+class ResolutionRefused(VTPCMException):
+    """An operator's resolve or forget that would lose the only good state,
+    or that does not apply to what the engine holds."""
+
+    msg_fmt = "Refused to %(action)s: %(reason)s"
+    code = "resolution_refused"
+
+
 class CommandRefused(VTPCMException):
     msg_fmt = "Command %(method)s refused: %(reason)s"
     code = "command_refused"

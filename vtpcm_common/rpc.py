@@ -313,7 +313,7 @@ UNSERVED = {
 
 
 def endpoint(request_type: type[Message], signed: bool = False,
-             host_signed: bool = False) -> Callable[[F], F]:
+             host_signed: bool = False, vouched: bool = False) -> Callable[[F], F]:
     """Server side of one RPC method: parse ``payload`` into ``request_type``,
     answer with the method's message; refusals go back to the caller and are
     logged once, without secrets (messages hide secret fields).
@@ -330,6 +330,12 @@ def endpoint(request_type: type[Message], signed: bool = False,
     auth, request)`` decides which hosts may sign it, checks the signature
     and returns the signing host, which the method gets as ``signer``
     (its actions stay bound to that host).
+
+    ``vouched``: an unsigned method (anyone may call it) that the engine
+    signs anyway, so that its calls are not rate-limited with everyone
+    else's: a call that carries ``auth`` runs only if the ``verifier``
+    accepts it, and the method gets ``vouched=True``; one without (or to a
+    service without a verifier) gets ``vouched=False``.
 
     Signed replies: a caller that sends ``reply_nonce`` (agent API 1.6) gets
     the outcome, success or refusal alike, signed with the endpoint object's
@@ -349,6 +355,13 @@ def endpoint(request_type: type[Message], signed: bool = False,
             if host_signed:
                 signer = self.verify_host_command(func.__name__, payload, auth, request)
                 reply: Message = func(self, request, signer)
+            elif vouched:
+                # a service that cannot check signatures counts every call
+                verifier = getattr(self, "verifier", None)
+                checked = auth is not None and verifier is not None
+                if checked and verifier is not None:
+                    verifier.verify(func.__name__, payload, auth)
+                reply = func(self, request, vouched=checked)
             else:
                 reply = func(self, request)
             return reply

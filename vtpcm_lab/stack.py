@@ -25,6 +25,7 @@ from vtpcm_nova import agentkeys
 LOG = logging.getLogger(__name__)
 EXCHANGE = "vtpcm-lab"
 GOLDEN_POLICY = "lab-golden"
+RECONCILE_INTERVAL = 30  # seconds, [migration] reconcile_interval's production default
 
 
 @dataclasses.dataclass
@@ -127,7 +128,10 @@ class Stack:
             ek_cas = localca_ek_cas(self.base / "ek-cas.pem")
             self.engine_daemon = daemons.EngineDaemon(
                 self.base, self.exchange, "sqlite:///%s" % (self.base / "engine.sqlite"),
-                extra={"attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas}})
+                extra={"attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas},
+                       # as in production (the daemons' default of 0 keeps
+                       # functional tests deterministic): the lab exercises it
+                       "migration": {"reconcile_interval": RECONCILE_INTERVAL}})
             self.engine_daemon.start()
             self._record(self.engine_daemon)
             for host in self.hosts.values():

@@ -117,7 +117,9 @@ def plaintext_permanent_state(src_state: Path, key: Key) -> bytes:
 @pytest.fixture(scope="session")
 def lab() -> Iterator[hosts.Lab]:
     if os.geteuid() != 0:
-        pytest.skip("the two-host lab needs root")
+        pytest.fail("the end-to-end tests run the two-host lab and need root (two libvirt "
+                    "session daemons under two users); run them as root, as CI does, or "
+                    "deselect tests/e2e explicitly", pytrace=False)
     the_lab = hosts.Lab()
     try:
         the_lab.up()

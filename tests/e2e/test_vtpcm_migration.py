@@ -5,7 +5,6 @@ vtpcm-engine attesting swtpm host-TPM stand-ins, over the local RabbitMQ.
 Tests run in file order on one stack; the one that makes host B untrusted
 comes last."""
 
-import base64
 import hashlib
 import os
 import shutil
@@ -18,7 +17,9 @@ from pathlib import Path
 import libvirt
 import pytest
 
+from tests import leakscan
 from tests.functional import tpmtools
+from tests.functional.harness import agent_seals
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import KeyStore, TPMSealedHostKey
 from vtpcm_agent.swtpm.keypipe import key_pipe
@@ -80,8 +81,13 @@ def _dom_state(host: hosts.LabHost, name: str) -> int:
 def test_round_trip_keeps_guest_tpm_and_moves_generation(stack, guest):
     name, instance, before = guest
     a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
+    sealed_before = agent_seals(a.agent, instance)
     there = live.live_migrate(stack, name, a, b)
     assert there.verdict == "TRUSTED"
+    # control for the untrusted case: a migration to a trusted host is in
+    # the source agent's own record of seals
+    assert [s.migration_id for s in agent_seals(a.agent, instance)[len(sealed_before):]] \
+        == [there.migration_id]
     _same_tpm(before, _report(b.lab_host, name))
     assert stack.engine.get_vtpcm(instance).generation == 1
     back = live.live_migrate(stack, name, b, a)
@@ -145,13 +151,30 @@ def test_migration_stream_carries_no_plaintext_vtpcm_state(stack, guest):
         hits = proxy.find_windows(plain, stream, secret)
         assert hits == set(), "%d secret windows of vTPCM state in the stream" % len(hits)
         _same_tpm(before, _report(b.lab_host, name))
-        # Neither key, in any encoding, in any DEBUG log of the services.
-        logs = [h.agent.log_file for h in stack.hosts.values()]
-        logs.append(stack.engine_daemon.log_file)
-        for key in (keys.at_rest_key, keys.migration_key):
-            for form in (key, key.hex().encode(), base64.b64encode(key)):
-                for log in logs:
-                    assert form not in log.read_bytes(), log
+        # No key of either host (the destination's fresh at-rest key
+        # included) nor a secret window of the state, in any encoding
+        # (tests/leakscan.py), in any log or file the run produced: agents
+        # (DEBUG), engine, swtpm, libvirtd and QEMU logs, state and key files.
+        moved = stack.agents.get(b.name, instance)
+        with HostTPM(b.tpm.tcti) as tpm:
+            fresh = KeyStore(b.state_dir / "keys", TPMSealedHostKey(
+                tpm, b.state_dir / "hostkey.sealed")).get(moved.vtpcm_id)
+        assert fresh.migration_key == keys.migration_key
+        secrets = [("source at-rest key", keys.at_rest_key),
+                   ("migration key", keys.migration_key),
+                   ("destination's fresh at-rest key", fresh.at_rest_key)]
+        found = {plain[o:o + leakscan.WINDOW] for o in secret}
+        files = [stack.engine_daemon.log_file]
+        for host in (a, b):
+            files += [host.agent.log_file, host.lab_host.log_file,
+                      host.lab_host.qemu_log(name), *tpmtools.files(host.state_dir)]
+        missing = [f for f in files if not f.is_file()]
+        assert missing == [], missing
+        assert any(f.parent.name == "logs" for f in files)  # the swtpm logs
+        haystack = leakscan.SEP.join(f.read_bytes() for f in files)
+        leakscan.assert_finds(secrets, found, haystack)
+        assert leakscan.hits(secrets, haystack) == []
+        assert leakscan.window_hits(found, haystack) == 0
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -237,6 +260,7 @@ def test_untrusted_destination_gets_no_key_and_vm_stays(stack, guest):
     name, instance, before = guest
     a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
     source_before = stack.agents.get(a.name, instance)
+    sealed_before = agent_seals(a.agent, instance)
     with HostTPM(b.tpm.tcti) as tpm:
         tpm.extend_pcr(5, hashlib.sha256(b"unexpected bootloader").digest())
     stack.engine.attest(b.name)
@@ -246,7 +270,7 @@ def test_untrusted_destination_gets_no_key_and_vm_stays(stack, guest):
     # begin itself re-checks (the scheduler or the pre-check may be bypassed)
     with pytest.raises(exception.HostNotTrusted):
         stack.engine_at(a).begin(str(uuid.uuid4()), instance, a.name, b.name)
-    assert "Sealed the migration key of instance %s" % instance not in a.agent.log_text()
+    assert agent_seals(a.agent, instance) == sealed_before  # no key sealed for b
     with pytest.raises(exception.NotFound):
         stack.agents.get(b.name, instance)
     after = stack.agents.get(a.name, instance)

@@ -10,6 +10,7 @@ from typing import Any
 import oslo_messaging as messaging
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from vtpcm_agent.association import AssociationList, SealRecord
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import InstanceKeys, KeyStore, TPMSealedHostKey
 from vtpcm_agent.swtpm import process
@@ -30,6 +31,16 @@ from vtpcm_lab.hosttpm import HostTPMStandIn
 __all__ = ["TRANSPORT_URL", "AgentDaemon", "ClusterHost", "Daemon", "EngineDaemon",
            "agent_cluster", "client_conf", "random_command_public", "serve_agent_in_process",
            "short_dir", "trust_hosts", "wait_for"]
+
+
+def agent_seals(agent: AgentDaemon, instance: str) -> list[SealRecord]:
+    """The agent's own durable record of the migration keys of ``instance``
+    it sealed (its association list), read beside the running daemon."""
+    alist = AssociationList(Path(agent.config["agent"]["state_dir"]) / "associations.sqlite")
+    try:
+        return alist.seals(instance)
+    finally:
+        alist.close()
 
 
 @dataclasses.dataclass
@@ -65,8 +76,9 @@ def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
     (through ``transport_url`` instead of the lab broker if given).
 
     Yields (host name, stand-in, agent, run dir) per label. Afterwards the
-    swtpm processes the agents left running are killed through their pid
-    files, then the agents and stand-ins stop, also when the test failed."""
+    agents stop, then the swtpm processes they left running are killed
+    through their pid files (in this order: an agent's watchdog restarts a
+    swtpm that dies), then the stand-ins stop, also when the test failed."""
     hosts: list[tuple[str, HostTPMStandIn, AgentDaemon, Path]] = []
     started: list[Any] = []
     try:
@@ -86,11 +98,15 @@ def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
             hosts.append((name, tpm, agent, run_dir))
         yield hosts
     finally:
+        # agents first: their watchdog would restart the swtpm killed below
+        for proc in reversed(started):
+            if not isinstance(proc, HostTPMStandIn):
+                proc.stop()
         for _, _, _, run_dir in hosts:
             kill_pidfiles(run_dir)
         for proc in reversed(started):
-            # a stand-in's cleanup also removes its socket directory
-            proc.cleanup() if isinstance(proc, HostTPMStandIn) else proc.stop()
+            if isinstance(proc, HostTPMStandIn):
+                proc.cleanup()  # also removes its socket directory
 
 
 def serve_agent_in_process(conf: Any, manager: Any) -> Callable[[], None]:

@@ -1,5 +1,6 @@
 """Guest-side TPM helpers for functional tests (tpm2-pytss on a swtpm data
-socket) and the plaintext-window scan used by the "never in plaintext" tests.
+socket) and the plaintext state the "never in plaintext" tests look for
+(with the one scanner, tests/leakscan.py).
 
 The plaintext permanent state comes from a throwaway swtpm started with the
 at-rest key only (no --migration-key) on a COPY of the state files:
@@ -14,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tpm2_pytss import ESAPI, TCTILdr, TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HT, TPMA_NV
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HT, TPM2_SU, TPMA_NV
 from tpm2_pytss.types import (
     TPM2B_NV_PUBLIC,
     TPML_DIGEST_VALUES,
@@ -23,6 +24,7 @@ from tpm2_pytss.types import (
     TPMU_HA,
 )
 
+from tests import leakscan
 from vtpcm_agent.swtpm import ctrl, process
 from vtpcm_agent.swtpm.keypipe import key_pipe
 
@@ -41,6 +43,15 @@ def esapi(paths: process.SwtpmPaths) -> Iterator[ESAPI]:
     finally:
         esys.close()
         tcti.close()
+
+
+def power_on(paths: process.SwtpmPaths) -> None:
+    """What a (re)started QEMU and the guest firmware do to a swtpm waiting
+    for INIT: CMD_INIT, then TPM2_Startup(CLEAR)."""
+    with ctrl.CtrlClient(paths.ctrl_socket) as client:
+        client.init(delete_volatile=False)
+    with esapi(paths) as esys:
+        esys.startup(TPM2_SU.CLEAR)
 
 
 def write_guest_state(paths: process.SwtpmPaths, nv_data: bytes, pcr_digest: bytes,
@@ -82,7 +93,7 @@ def plaintext_permanent(state_dir: Path, at_rest_key: bytes, base: Path) -> Iter
     """Decrypted permanent state, read from a key-only swtpm on a copy of the files.
 
     The throwaway swtpm is stopped by pid and the copy removed, also on failure."""
-    with _clone(state_dir, at_rest_key, base, data_socket=False) as paths:
+    with key_only_swtpm(state_dir, at_rest_key, base, data_socket=False) as paths:
         with ctrl.CtrlClient(paths.ctrl_socket) as client:
             assert client.get_config() == ctrl.CONFIG_FLAG_FILE_KEY
             blob = client.get_stateblob(ctrl.BlobType.PERMANENT, decrypted=True)
@@ -90,6 +101,32 @@ def plaintext_permanent(state_dir: Path, at_rest_key: bytes, base: Path) -> Iter
         assert not header.migration_encrypted and not header.at_rest_encrypted
         # header (10) + TLV migration-data header (6) + TLV data header (6)
         yield blob.data[22:]
+
+
+def plaintext_state(state_dir: Path, at_rest_key: bytes, base: Path) -> tuple[bytes, bytes]:
+    """(permanent, volatile) plaintext of a stopped vTPCM's state files.
+
+    The volatile part is what the TPM keeps between a STOP and the next
+    start (PCRs, loaded objects and sessions; tpm2-00.volatilestate when it
+    was saved): the clone starts from the files, so its volatile blob is
+    that state, decrypted by the same key-only swtpm."""
+    with key_only_swtpm(state_dir, at_rest_key, base, data_socket=False) as paths:
+        with ctrl.CtrlClient(paths.ctrl_socket) as client:
+            assert client.get_config() == ctrl.CONFIG_FLAG_FILE_KEY
+            permanent = client.get_stateblob(ctrl.BlobType.PERMANENT, decrypted=True)
+            volatile = client.get_stateblob(ctrl.BlobType.VOLATILE, decrypted=True)
+    for blob in (permanent, volatile):
+        header = ctrl.parse_blob_header(blob.data)
+        assert not header.migration_encrypted and not header.at_rest_encrypted
+    return permanent.data[22:], volatile.data[22:]
+
+
+def secrets_of_state(state_dir: Path, at_rest_key: bytes, base: Path) -> set[bytes]:
+    """The secret windows (tests/leakscan.py) of a stopped vTPCM's permanent
+    AND volatile plaintext state, leaving out what its guest can read."""
+    permanent, volatile = plaintext_state(state_dir, at_rest_key, base)
+    public = public_material(state_dir, at_rest_key, base)
+    return leakscan.windows(permanent, public) | leakscan.windows(volatile, public)
 
 
 def public_material(state_dir: Path, at_rest_key: bytes, base: Path) -> list[bytes]:
@@ -101,7 +138,7 @@ def public_material(state_dir: Path, at_rest_key: bytes, base: Path) -> list[byt
     A guest that used its TPM holds these in its RAM, so they legitimately
     appear in a migration stream; anything else of the state must not."""
     items: list[bytes] = []
-    with _clone(state_dir, at_rest_key, base, data_socket=True) as paths, \
+    with key_only_swtpm(state_dir, at_rest_key, base, data_socket=True) as paths, \
             esapi(paths) as esys:
         for handle_type, reader in ((TPM2_HT.PERSISTENT, _object_public),
                                     (TPM2_HT.NV_INDEX, _nv_public)):
@@ -135,8 +172,8 @@ def _nv_public(esys: ESAPI, tr: int) -> list[bytes]:
 
 
 @contextlib.contextmanager
-def _clone(state_dir: Path, at_rest_key: bytes, base: Path,
-           data_socket: bool) -> Iterator[process.SwtpmPaths]:
+def key_only_swtpm(state_dir: Path, at_rest_key: bytes, base: Path,
+                   data_socket: bool) -> Iterator[process.SwtpmPaths]:
     """A key-only swtpm (no migration key) on a copy of ``state_dir``."""
     copy = base / "state-plain"
     copy.mkdir()
@@ -170,12 +207,6 @@ def _clone(state_dir: Path, at_rest_key: bytes, base: Path,
         shutil.rmtree(copy, ignore_errors=True)
 
 
-def windows(plain: bytes) -> set[bytes]:
-    """32-byte windows with enough variety (runs of zeros match anything)."""
-    return {plain[i:i + WINDOW] for i in range(len(plain) - WINDOW + 1)
-            if len(set(plain[i:i + WINDOW])) >= 12}
-
-
 def secret_offsets(plain: bytes, public: list[bytes], candidates: set[int]) -> set[int]:
     """Offsets of windows lying wholly outside every public item's bytes in
     ``plain``. Seeds and private keys are at least 32 bytes long, so each of
@@ -187,10 +218,6 @@ def secret_offsets(plain: bytes, public: list[bytes], candidates: set[int]) -> s
             covered[start:start + len(item)] = b"\x01" * len(item)
             start = plain.find(item, start + 1)
     return {o for o in candidates if not any(covered[o:o + WINDOW])}
-
-
-def leaks(found: set[bytes], data: bytes) -> int:
-    return sum(1 for i in range(len(data) - WINDOW + 1) if data[i:i + WINDOW] in found)
 
 
 def files(*dirs: Path) -> list[Path]:

@@ -128,13 +128,15 @@ def deployment(labels: tuple[str, ...] = ("a", "b", "c")) -> Iterator[Deployment
             assert operator.attest(name).status == "TRUSTED"
         yield Deployment(exchange, conf, operator, agents, engine, hosts)
     finally:
+        # agents before their swtpm: an agent's watchdog restarts one that dies
+        for proc in reversed(started):
+            if not isinstance(proc, HostTPMStandIn):
+                proc.stop()  # type: ignore[attr-defined]
         for host in hosts.values():
             daemons.kill_pidfiles(host.run_dir)
         for proc in reversed(started):
             if isinstance(proc, HostTPMStandIn):
                 proc.cleanup()
-            else:
-                proc.stop()  # type: ignore[attr-defined]
         agents.transport.cleanup()
         shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)

@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
+from tests.refusal import refused
 from vtpcm_agent.manager import AgentManager
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import messages as m
@@ -19,6 +20,7 @@ from vtpcm_common.api.agent import rpcapi as agent_rpcapi
 from vtpcm_common.rpc import endpoint
 
 HOST = "host-a"
+FIELDS = "auth must have exactly the fields expires_at, issued_at, nonce, server, signature"
 PAYLOAD = {"instance_uuid": "6b1c8f46-3c2e-4d4e-9a0e-1c1c5b6f9d10"}
 
 
@@ -54,7 +56,9 @@ def verifier(keyfile, signer, clock):
 def _refused(verifier, method, payload, auth, reason, call=None):
     with pytest.raises(exception.CommandRefused) as err:
         (call or (lambda v, *a: v.verify(*a)))(verifier, method, payload, auth)
-    assert method in str(err.value) and reason in str(err.value), str(err.value)
+    # the reason is pinned from its first word (the mutation-tested wording)
+    assert str(err.value).startswith("Command %s refused: %s" % (method, reason)), \
+        str(err.value)
 
 
 def test_key_files_are_created_private_and_reloaded(keyfile):
@@ -171,7 +175,7 @@ def test_expired_future_and_pre_start_commands_are_refused(signer, verifier, clo
     clock.now = start - 31
     old = signer.sign("stop", HOST, PAYLOAD)
     clock.now = start - 30.5 + 60  # still within its ttl
-    _refused(verifier, "stop", PAYLOAD, old, "before this agent started")
+    _refused(verifier, "stop", PAYLOAD, old, "issued before this agent started")
 
 
 def test_overlong_validity_is_refused(keyfile, verifier, clock):
@@ -189,18 +193,19 @@ def test_foreign_key_is_refused(verifier, clock):
 
 @pytest.mark.parametrize("mangle,reason", [
     (lambda a: None, "no engine signature"),
-    (lambda a: "token", "must be an object"),
-    (lambda a: {k: v for k, v in a.items() if k != "nonce"}, "exactly the fields"),
-    (lambda a: dict(a, extra=1), "exactly the fields"),
-    (lambda a: dict(a, issued_at="now"), "issued_at must be a finite number"),
-    (lambda a: dict(a, expires_at=float("inf")), "expires_at must be a finite number"),
-    (lambda a: dict(a, issued_at=True), "issued_at must be a finite number"),
-    (lambda a: dict(a, nonce="XYZ"), "nonce must be"),
-    (lambda a: dict(a, nonce=a["nonce"].upper()), "nonce must be"),
-    (lambda a: dict(a, signature="%%%"), "must be base64"),
-    (lambda a: dict(a, signature=12), "must be base64"),
-    (lambda a: dict(a, signature=base64.b64encode(b"x" * 10).decode()), "64 bytes"),
-    (lambda a: dict(a, server=["x"]), "server must be a host name"),
+    (lambda a: "token", "auth must be an object"),
+    (lambda a: {k: v for k, v in a.items() if k != "nonce"}, FIELDS),
+    (lambda a: dict(a, extra=1), FIELDS),
+    (lambda a: dict(a, issued_at="now"), "auth issued_at must be a finite number"),
+    (lambda a: dict(a, expires_at=float("inf")), "auth expires_at must be a finite number"),
+    (lambda a: dict(a, issued_at=True), "auth issued_at must be a finite number"),
+    (lambda a: dict(a, nonce="XYZ"), "auth nonce must be 32 lowercase hex digits"),
+    (lambda a: dict(a, nonce=a["nonce"].upper()), "auth nonce must be 32 lowercase hex digits"),
+    (lambda a: dict(a, signature="%%%"), "auth signature must be base64"),
+    (lambda a: dict(a, signature=12), "auth signature must be base64"),
+    (lambda a: dict(a, signature=base64.b64encode(b"x" * 10).decode()),
+     "auth signature must be 64 bytes"),
+    (lambda a: dict(a, server=["x"]), "auth server must be a host name"),
 ])
 def test_malformed_auth_is_refused(signer, verifier, mangle, reason):
     auth = mangle(signer.sign("destroy", HOST, PAYLOAD))
@@ -266,7 +271,7 @@ class FakeInstances:
 
 def _raises(exc_type, func, *args, match=None, **kwargs):
     """Endpoints wrap vTPCM errors in oslo.messaging's ExpectedException."""
-    with pytest.raises(ExpectedException) as err:
+    with refused(ExpectedException, '') as err:
         func(*args, **kwargs)
     inner = err.value.exc_info[1]
     assert isinstance(inner, exc_type), repr(inner)
@@ -352,7 +357,7 @@ def test_operator_refusals_name_the_operator_keys(operators, clock):
     stranger = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate(),
                                    clock=clock).for_server(TOPIC)
     _refused(verifier, "put_policy", HOSTREF, stranger.sign("put_policy", "", HOSTREF),
-             "does not verify with any of the 2 operator keys")
+             "signature does not verify with any of the 2 operator keys")
     _refused(verifier, "enroll", HOSTREF, None, "no operator signature")
     auth = alice.sign("revoke_host", "", HOSTREF)
     verifier.verify("revoke_host", HOSTREF, auth)
@@ -368,7 +373,7 @@ def test_operator_refusals_name_the_operator_keys(operators, clock):
     old = alice.sign("enroll", "", HOSTREF)
     clock.now += 100
     verifier.created_at = clock.now + 31
-    _refused(verifier, "enroll", HOSTREF, old, "before this engine started")
+    _refused(verifier, "enroll", HOSTREF, old, "issued before this engine started")
 
 
 def test_one_key_verifier_keeps_its_single_key_api(keyfile, signer):
@@ -378,7 +383,7 @@ def test_one_key_verifier_keeps_its_single_key_api(keyfile, signer):
     assert twice.fingerprints == (signer.fingerprint,)
     assert authn.CommandVerifier(str(authn.public_key_path(keyfile)), HOST).fingerprint \
         == signer.fingerprint
-    with pytest.raises(exception.InvalidInput, match="no operator public key"):
+    with refused(exception.InvalidInput, 'Invalid input: no operator public key given'):
         authn.CommandVerifier([], TOPIC, signer_role="operator")
     with pytest.raises(exception.InvalidInput, match="operator public key .*missing.pub"):
         authn.CommandVerifier([authn.public_key_path(keyfile), keyfile.parent / "missing.pub"],
@@ -389,7 +394,8 @@ def test_bound_signer_signs_for_its_server_only(signer):
     bound = signer.for_server(TOPIC)
     assert bound.sign("enroll", "", HOSTREF)["server"] == TOPIC
     assert bound.sign("enroll", TOPIC, HOSTREF)["server"] == TOPIC
-    with pytest.raises(exception.InvalidInput, match="signs for vtpcm-engine only"):
+    with refused(exception.InvalidInput,
+                 'Invalid input: this signer signs for vtpcm-engine only, not host-b'):
         bound.sign("enroll", "host-b", HOSTREF)
     assert signer.sign("destroy", HOST, PAYLOAD)["server"] == HOST  # unbound: unchanged
     assert "server=vtpcm-engine" in repr(bound) and bound.fingerprint == signer.fingerprint
@@ -397,7 +403,9 @@ def test_bound_signer_signs_for_its_server_only(signer):
 
 def test_refuse_all_refuses_with_its_reason():
     refuse = authn.RefuseAll("no operator keys configured: set [engine] admin_public_keys")
-    with pytest.raises(exception.CommandRefused, match="set \\[engine\\] admin_public_keys"):
+    with refused(exception.CommandRefused,
+                 'Command approve_host refused: no operator keys configured: set [engine] '
+                 'admin_public_keys'):
         refuse.verify("approve_host", HOSTREF, None)
 
 
@@ -431,13 +439,13 @@ def test_engine_admin_methods_are_exactly_the_signed_ones():
               if getattr(getattr(EngineManager, name), "signed", False)}
     assert signed == rpcapi.ADMIN_METHODS == {
         "enroll", "approve_host", "revoke_host", "assign_policy", "put_policy",
-        "record_policy", "destroy_shelved_vtpcm"}
+        "record_policy", "resolve_migration", "forget_host", "destroy_shelved_vtpcm"}
     host_signed = {name for name in dir(EngineManager)
                    if getattr(getattr(EngineManager, name), "host_signed", False)}
     assert host_signed == rpcapi.HOST_METHODS == {
         "create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm", "check_destination",
         "begin", "commit", "abort", "transfer_state", "replace_vtpcm",
-        "shelve_vtpcm", "unshelve_vtpcm", "start_incoming"}
+        "shelve_vtpcm", "unshelve_vtpcm", "report_swtpm_restart", "start_incoming"}
     unsigned = {name for name in dir(EngineManager)
                 if getattr(getattr(EngineManager, name), "signed", None) is False} - host_signed
     assert unsigned == {"list_hosts", "show_host", "list_policies", "attest", "verdicts",
@@ -535,7 +543,8 @@ def test_verify_with_takes_the_keys_of_this_call_and_names_the_signer(clock):
     assert verifier.verify_with("begin", PAYLOAD, auth,
                                 {h: public[h] for h in ("host-a", "host-b")}) == "host-b"
     auth = keys["host-c"].for_server(TOPIC).sign("begin", "", PAYLOAD)
-    _refused(verifier, "begin", PAYLOAD, auth, "host command key of host-a or host-b",
+    _refused(verifier, "begin", PAYLOAD, auth, "signature does not verify with the host "
+             "command key of host-a or host-b for engine topic vtpcm-engine",
              lambda v, *a: v.verify_with(*a, {h: public[h] for h in ("host-a", "host-b")}))
     _refused(verifier, "begin", PAYLOAD, auth, "no host command key may sign it",
              lambda v, *a: v.verify_with(*a, {}))
@@ -557,7 +566,7 @@ def test_host_key_binding_depends_on_nonce_key_and_host_name():
     assert len(authn.host_key_binding(nonce, a, "h1")) == 32
     raw = authn.public_raw(ed25519.Ed25519PrivateKey.generate().public_key())
     assert authn.public_raw(authn.load_public_raw(raw)) == raw
-    with pytest.raises(exception.InvalidInput, match="host key is not a raw Ed25519"):
+    with refused(exception.InvalidInput, 'Invalid input: host key is not a raw Ed25519 public key'):
         authn.load_public_raw(b"short", what="host key")
 
 
@@ -573,3 +582,129 @@ def test_host_command_key_is_group_readable_only(tmp_path):
         authn.load_host_key(path)
     with pytest.raises(exception.InvalidInput, match="host command key .*missing"):
         authn.load_host_key(tmp_path / "missing")
+
+
+def test_canonical_bytes_known_answer():
+    """Signer and verifier share canonical_bytes, so a change to it (a key
+    renamed, other separators) keeps them agreeing with each other and
+    breaks every signature an older peer makes: pinned byte for byte."""
+    data = authn.canonical_bytes("stop", HOST, {"b": 1, "a": [1.5, "x"]}, 10.0, 130.5, "ab" * 16)
+    assert data == (b'{"expires_at":130.5,"issued_at":10.0,"method":"stop",'
+                    b'"nonce":"abababababababababababababababab",'
+                    b'"payload":{"a":[1.5,"x"],"b":1},"server":"host-a","v":1}')
+    with pytest.raises(ValueError, match="Out of range float values are not JSON compliant"):
+        authn.canonical_bytes("stop", HOST, {"a": float("nan")}, 10.0, 130.5, "ab" * 16)
+
+
+def test_validity_boundaries_are_inclusive(keyfile, verifier, clock):
+    """Exactly at each limit a command is still accepted: the limits are
+    the documented maxima, not one tick less."""
+    start = clock.now
+    exact = authn.CommandSigner(authn.load_signing_key(keyfile)._key,
+                                ttl=verifier.max_ttl, clock=clock)
+    verifier.verify("create", PAYLOAD, exact.sign("create", HOST, PAYLOAD))  # ttl == max
+    auth = exact.sign("stop", HOST, PAYLOAD)
+    clock.now = auth["expires_at"]
+    verifier.verify("stop", PAYLOAD, auth)  # now == expires_at
+    clock.now = start + verifier.max_skew
+    future = exact.sign("start", HOST, PAYLOAD)
+    clock.now = start
+    verifier.verify("start", PAYLOAD, future)  # issued exactly max_skew ahead
+    clock.now = verifier.created_at - verifier.max_skew
+    early = exact.sign("destroy", HOST, PAYLOAD)
+    clock.now = start
+    verifier.verify("destroy", PAYLOAD, early)  # issued exactly max_skew before start
+
+
+# -- found by mutation testing (tools/mutation.sh authn) -----------------------
+
+def test_signer_arguments_are_checked_by_name(keyfile):
+    key = authn.load_or_create_signing_key(keyfile)._key
+    with refused(exception.InvalidInput,
+                 "Invalid input: command signing key must be Ed25519"):
+        authn.CommandSigner(ec.generate_private_key(ec.SECP256R1()))  # type: ignore[arg-type]
+    for ttl in (0, -1, float("inf"), float("nan")):
+        with refused(exception.InvalidInput, "Invalid input: command signature ttl must be > 0"):
+            authn.CommandSigner(key, ttl=ttl)
+    assert authn.CommandSigner(key, ttl=0.5).ttl == 0.5
+
+
+def test_ttl_and_reprs_are_kept(keyfile, tmp_path):
+    signer = authn.load_or_create_signing_key(keyfile, ttl=7)
+    assert signer.ttl == 7 and authn.load_signing_key(keyfile, ttl=8).ttl == 8
+    assert len(signer.fingerprint) == 16
+    assert repr(signer) == "<CommandSigner key=%s ttl=7.0>" % signer.fingerprint
+    bound = signer.for_server(TOPIC)
+    assert bound.ttl == 7
+    assert repr(bound) == "<CommandSigner key=%s ttl=7.0 server=%s>" % (signer.fingerprint,
+                                                                         TOPIC)
+    host = authn.load_or_create_host_key(tmp_path / "h" / "host-command.key", ttl=9)
+    assert host.ttl == 9
+    assert authn.load_host_key(tmp_path / "h" / "host-command.key", ttl=11).ttl == 11
+    verifier = authn.CommandVerifier(authn.public_key_path(keyfile), HOST)
+    assert repr(verifier) == "<CommandVerifier server=%s key=%s>" % (HOST, signer.fingerprint)
+    assert authn.CommandVerifier(None, TOPIC, signer_role="host command",
+                                 server_kind="engine topic").fingerprint == "(per call)"
+
+
+def test_key_directories_are_made_private_with_their_parents(tmp_path):
+    authn.load_or_create_signing_key(tmp_path / "a" / "b" / "engine.key")
+    assert stat.S_IMODE((tmp_path / "a" / "b").stat().st_mode) == 0o700
+    authn.load_or_create_host_key(tmp_path / "c" / "d" / "host.key")
+    assert stat.S_IMODE((tmp_path / "c" / "d").stat().st_mode) == 0o700
+    authn.load_or_create_host_key(tmp_path / "e" / "f" / "host.key", gid=os.getgid())
+    assert stat.S_IMODE((tmp_path / "e" / "f").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "e" / "f" / "host.key").stat().st_mode) == 0o640
+
+
+def test_a_group_readable_engine_key_is_refused_by_name(keyfile):
+    authn.load_or_create_signing_key(keyfile)
+    os.chmod(keyfile, 0o640)
+    with refused(exception.InvalidInput, "Invalid input: command signing key %s must be a "
+                 "regular file readable by its owner only (chmod 600)" % keyfile):
+        authn.load_signing_key(keyfile)
+    assert authn.load_host_key(keyfile).fingerprint  # a host key may be 0640
+
+
+def test_key_file_refusals_are_exact(tmp_path):
+    bad = tmp_path / "bad.pub"
+    bad.write_text("not a key")
+    with refused(exception.InvalidInput,
+                 "Invalid input: engine public key %s is not a PEM public key" % bad):
+        authn.load_public_key(bad)
+    ecpub = tmp_path / "ec.pub"
+    ecpub.write_bytes(ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with refused(exception.InvalidInput,
+                 "Invalid input: operator public key %s is not an Ed25519 key" % ecpub):
+        authn.load_public_key(ecpub, role="operator")
+    garbage = tmp_path / "garbage.key"
+    garbage.write_bytes(b"-----BEGIN PRIVATE KEY-----\nc2VjcmV0\n-----END PRIVATE KEY-----\n")
+    os.chmod(garbage, 0o600)
+    with refused(exception.InvalidInput, "Invalid input: command signing key %s is not an "
+                 "unencrypted PEM private key" % garbage):
+        authn.load_signing_key(garbage)
+    with refused(exception.InvalidInput, "Invalid input: host command key %s: No such file "
+                 "or directory" % (tmp_path / "none.key")):
+        authn.load_host_key(tmp_path / "none.key")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with refused(exception.InvalidInput, "Invalid input: command signing key %s: File "
+                 "exists" % (blocker / "k.key")):
+        authn.load_or_create_signing_key(blocker / "k.key")
+    with refused(exception.InvalidInput, "Invalid input: host command key %s: File "
+                 "exists" % (blocker / "h.key")):
+        authn.load_or_create_host_key(blocker / "h.key")
+
+
+@pytest.mark.parametrize("nonce", [12345, "X" * 32, "0123456789abcdef" * 2 + "0"])
+def test_malformed_nonces_are_refused_by_name(signer, verifier, nonce):
+    auth = dict(signer.sign("stop", HOST, PAYLOAD), nonce=nonce)
+    _refused(verifier, "stop", PAYLOAD, auth, "auth nonce must be 32 lowercase hex digits")
+
+
+def test_a_payload_that_is_not_json_is_refused_by_name(signer, verifier):
+    auth = signer.sign("stop", HOST, PAYLOAD)
+    with refused(exception.CommandRefused,
+                 "Command stop refused: payload is not canonical JSON"):
+        verifier.verify("stop", {"x": float("nan")}, auth)

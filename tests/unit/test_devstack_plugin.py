@@ -523,8 +523,8 @@ SHELL_FILES = [PLUGIN, SETTINGS, LIVE_MIGRATE, STUBS]
 
 def test_shellcheck():
     shellcheck = shutil.which("shellcheck")
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (Debian package: shellcheck)")
+    assert shellcheck is not None, \
+        "shellcheck is not installed (Debian package shellcheck; tools/install-deps.sh installs it)"
     proc = subprocess.run([shellcheck, "-s", "bash", *map(str, SHELL_FILES)],
                           capture_output=True, text=True, timeout=TIMEOUT, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr

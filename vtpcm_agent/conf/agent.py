@@ -45,6 +45,12 @@ AGENT_OPTS = [
                help="Largest state blob accepted on import."),
     cfg.FloatOpt("swtpm_timeout", default=10.0, min=0.5,
                  help="Seconds to wait for swtpm to start, answer or stop."),
+    cfg.FloatOpt("swtpm_watchdog_interval", default=2.0, min=0.0,
+                 help="Seconds between two checks for a vTPCM whose swtpm died (ACTIVE, "
+                      "migrating out or in). Such a swtpm is restarted from its persisted "
+                      "state under its own keys at the same socket, and logged with what "
+                      "the guest lost; see the operator guide. 0 disables the restart "
+                      "(crashes are then only reported by health)."),
     cfg.StrOpt("engine_public_key",
                help="Path of the vtpcm-engine's Ed25519 command signing public key "
                     "(PEM; the engine writes it next to its [engine] "
@@ -75,6 +81,18 @@ HOST_TPM_OPTS = [
     cfg.StrOpt("tcti", default="device:/dev/tpmrm0",
                help="tpm2-tss TCTI of the host TPM that holds this host's identity and "
                     "seals its host key. swtpm:path=... for a stand-in in a lab."),
+    cfg.FloatOpt("unsigned_calls_per_second", default=5.0, min=0.01,
+                 help="Average rate of the unsigned TPM calls (get_identity, quote) "
+                      "this agent serves; more are refused at once (RateLimited) "
+                      "instead of queueing for the TPM in front of the signed "
+                      "migration steps. The engine needs one quote per host per "
+                      "attestation round."),
+    cfg.IntOpt("unsigned_calls_burst", default=10, min=1,
+               help="Unsigned TPM calls served at once above that rate."),
+    cfg.FloatOpt("credential_activations_per_minute", default=2.0, min=0.01,
+                 help="Average rate of credential activations (unsigned, needed once "
+                      "per enrollment; each re-creates the RSA endorsement key, "
+                      "seconds on a hardware TPM); more are refused at once."),
 ]
 
 keystore_group = cfg.OptGroup("keystore", title="Per-instance key storage")

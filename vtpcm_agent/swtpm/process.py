@@ -25,6 +25,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import time
@@ -173,6 +174,38 @@ def is_alive(pid: int, paths: SwtpmPaths) -> bool:
     Does not connect: QEMU may hold the single control connection.
     """
     return _is_our_swtpm(pid, paths) and _is_socket(paths.ctrl_socket)
+
+
+def owns(pid: int, paths: SwtpmPaths) -> bool:
+    """pid is a swtpm process on ``paths`` (alive or not reachable by its socket)."""
+    return _is_our_swtpm(pid, paths)
+
+
+def left_behind(paths: SwtpmPaths) -> bool:
+    """A swtpm that is not running left its pid file or socket: it crashed.
+
+    swtpm removes both when it exits cleanly (CMD_SHUTDOWN, SIGTERM); a
+    SIGKILL or a crash leaves them (checked with swtpm 0.7.1)."""
+    return paths.pid_file.exists() or _is_socket(paths.ctrl_socket)
+
+
+def socket_in_use(path: Path) -> bool:
+    """Something accepts connections on the unix socket ``path``.
+
+    For a swtpm that died, its socket file is left behind but nobody
+    listens (connection refused). A process listening there is someone
+    else's: its socket must not be unlinked under it."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(1.0)
+    try:
+        sock.connect(str(path))
+    except (FileNotFoundError, ConnectionRefusedError):
+        return False
+    except OSError:
+        return True  # e.g. a full backlog: someone listens
+    finally:
+        sock.close()
+    return True
 
 
 def find_running(paths: SwtpmPaths) -> int | None:

@@ -35,6 +35,25 @@ ENGINE_OPTS = [
                      "are read at start) to lock its holder out."),
     cfg.FloatOpt("rpc_timeout", default=60.0, min=1.0,
                  help="Seconds the engine waits for an agent to answer one call."),
+    cfg.IntOpt("registration_workers", default=1, min=0, max=16,
+               help="Threads that enroll hosts whose agents announced themselves "
+                    "(the unsigned register_agent cast), in the background. 0: "
+                    "announcements are ignored and only operators enroll hosts "
+                    "(vtpcm-manage hosts enroll), the strictest setting. Each "
+                    "enrollment may wait up to rpc_timeout for the agent; the RPC "
+                    "threads that serve migrations never do."),
+    cfg.IntOpt("registration_backlog", default=16, min=1,
+               help="Announced host names waiting for a registration worker; when "
+                    "full, further announcements are dropped (the agent announces "
+                    "itself again at its next start)."),
+    cfg.FloatOpt("registration_interval", default=60.0, min=0.0,
+                 help="Seconds before an announcement of the same host name is "
+                      "accepted again (per-name rate limit of register_agent)."),
+    cfg.IntOpt("max_unsigned_attestations", default=8, min=1,
+               help="attest calls (unsigned: vtpcm-manage hosts attest) served at "
+                    "once, one per host; more are refused at once (RateLimited). "
+                    "Each may wait up to rpc_timeout for the host, and the RPC "
+                    "threads are shared with the migration calls."),
 ]
 
 attestation_group = cfg.OptGroup("attestation", title="Host attestation")

@@ -727,6 +727,34 @@ class Coordinator:
     def get_migration(self, migration_id: str) -> db_api.MigrationRecord:
         return self.db.get_migration(migration_id)
 
+    def finish_pending(self, migration_id: str) -> db_api.MigrationRecord:
+        """Run the steps left of a commit or abort under way, as reconcile
+        would (an operator's resolve does not wait for the next interval)."""
+        proto, ctx, rec = self._load(migration_id)
+        self._run(proto, ctx, p.pending_actions(proto.state,
+                                                rec.error == p.DEADLINE_REASON))
+        return self.db.get_migration(migration_id)
+
+    def skip_lost_host_step(self, migration_id: str, host: str) -> db_api.MigrationRecord:
+        """For a host an operator declared gone for good: the one step left
+        on it (shred the source's copy, destroy the destination's) is moot,
+        since its state went with it; the migration goes on without it."""
+        proto, ctx, _ = self._load(migration_id)
+        event: p.Event
+        if proto.state is M.SHREDDING and host == ctx.source_host:
+            event = p.SourceShredded()
+        elif proto.state in (M.ABORTING, M.DISCARDING) and host == ctx.dest_host:
+            event = p.DestinationDestroyed()
+        else:
+            raise exception.ResolutionRefused(
+                action="settle migration %s without host %s" % (migration_id, host),
+                reason="its next step (%s) is not on that host" % proto.state.value)
+        self.db.audit("migration.resolve", "step skipped", host=host,
+                      instance=ctx.instance_uuid, migration_id=migration_id,
+                      detail="%s: %s is gone for good" % (proto.state.value, host))
+        self._advance(proto, ctx, event)
+        return self.db.get_migration(migration_id)
+
     def reconcile(self) -> int:
         """Finish commits/aborts left half-done; abort migrations past deadline."""
         done = 0

@@ -25,11 +25,14 @@ from vtpcm_common.api.agent import messages as am
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.api.engine import rpcapi
+from vtpcm_common.ratelimit import InFlight
 from vtpcm_common.rpc import endpoint
 from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.registrations import Registrations
+from vtpcm_nova.engine.resolve import Resolver
 
 LOG = logging.getLogger(__name__)
 
@@ -127,13 +130,18 @@ class EngineManager:
                  *, auto_approve: bool = False, default_policy: str | None = None,
                  admin_verifier: authn.Verifier | None = None,
                  host_verifier: authn.CommandVerifier | None = None,
-                 signer: authn.CommandSigner | None = None) -> None:
+                 signer: authn.CommandSigner | None = None,
+                 registrations: Registrations | None = None,
+                 max_unsigned_attestations: int = 8) -> None:
         """``admin_verifier`` checks operator signatures on the admin
         methods; without one they are all refused (fail closed).
         ``host_verifier`` checks compute-node calls against the enrolled
         host command keys (bound to the engine topic); without one those
         calls are all refused. ``signer``: the engine's command key, which
-        signs its answers about host keys (without it they are refused)."""
+        signs its answers about host keys (without it they are refused).
+        ``registrations`` enrolls announced agents in the background;
+        without it only operators enroll hosts.
+        ``max_unsigned_attestations``: ``attest`` calls served at once."""
         self.db = db
         self.signer = signer
         self.verifier = AuditedVerifier(admin_verifier or authn.RefuseAll(NO_ADMIN_KEYS), db)
@@ -142,6 +150,20 @@ class EngineManager:
         self.coordinator = coordinator
         self.auto_approve = auto_approve
         self.default_policy = default_policy
+        self.registrations = registrations
+        self.attest_slots = InFlight(max_unsigned_attestations)
+        self.resolver = Resolver(db, coordinator,
+                                 lambda host, instance: self.coordinator.agents.get(
+                                     host, instance),
+                                 self._agent_alive)
+
+    def _agent_alive(self, host: str) -> bool:
+        """Whether the agent of ``host`` answers (a hint: unauthenticated)."""
+        try:
+            self.coordinator.agents.health(host, timeout=5)
+        except (exception.VTPCMException, messaging.MessagingException):
+            return False
+        return True
 
     # compute-node calls ------------------------------------------------------------
     def _hosts_concerned(self, method: str, request: Any) -> tuple[str, ...]:
@@ -169,6 +191,8 @@ class EngineManager:
             return (self.db.get_migration(request.migration_id).source,)
         if method == "start_incoming":  # the destination, where the guest runs
             return (self.db.get_migration(request.migration_id).dest,)
+        if method == "report_swtpm_restart":  # a host speaks for its own swtpm only
+            return (request.host,)
         if method in ("commit", "abort"):  # either side may settle it
             rec = self.db.get_migration(request.migration_id)
             return (rec.source, rec.dest)
@@ -209,20 +233,33 @@ class EngineManager:
 
     # hosts -----------------------------------------------------------------------
     def register_agent(self, ctxt: dict[str, Any], payload: Any) -> None:
-        """Cast from an agent at start: enroll it by pulling a fresh identity,
-        unless it is enrolled already (a revoked host must be re-enrolled by
-        an operator)."""
+        """Unsigned cast from an agent at start: queue the name for a
+        background enrollment (``registrations``) and return. Nothing here
+        waits for an agent or the database: anyone can send this cast with
+        any name, as fast as they like."""
         try:
             req = m.HostRef.from_wire(payload)
-            try:
-                existing = self.db.get_host(req.host)
-            except exception.NotFound:
-                self._enroll(req)
-            else:
-                LOG.debug("Agent of host %(host)s registered; host already %(status)s",
-                          {"host": req.host, "status": existing.status.value})
         except exception.VTPCMException as err:
-            LOG.warning("Enrollment on agent registration failed: %(err)s", {"err": err})
+            LOG.warning("Agent registration refused: %(err)s", {"err": err})
+            return
+        if self.registrations is None:
+            LOG.debug("Agent of host %(host)s registered; automatic enrollment is off "
+                      "(vtpcm-manage hosts enroll)", {"host": req.host})
+        elif not self.registrations.submit(req.host):
+            LOG.debug("Registration of host %(host)s dropped: queued or tried lately, "
+                      "or the registration queue is full", {"host": req.host})
+
+    def enroll_registered(self, host: str) -> None:
+        """Background half of ``register_agent``: enroll ``host`` by pulling
+        a fresh identity, unless it is enrolled already (a revoked host must
+        be re-enrolled by an operator)."""
+        try:
+            existing = self.db.get_host(host)
+        except exception.NotFound:
+            self._enroll(m.HostRef(host))
+        else:
+            LOG.debug("Agent of host %(host)s registered; host already %(status)s",
+                      {"host": host, "status": existing.status.value})
 
     @endpoint(m.HostRef, signed=True)
     def enroll(self, req: m.HostRef) -> m.HostInfo:
@@ -296,7 +333,11 @@ class EngineManager:
     # verdicts ----------------------------------------------------------------------
     @endpoint(m.HostRef)
     def attest(self, req: m.HostRef) -> m.Verdict:
-        return verdict_info(self.attestor.attest(req.host))
+        # unsigned and it waits for the host's reply (up to the RPC
+        # timeout): one at a time per host, a few in all, so a host that
+        # holds its replies cannot take the RPC threads migrations need
+        with self.attest_slots.slot(req.host, "unsigned attestations"):
+            return verdict_info(self.attestor.attest(req.host))
 
     @endpoint(m.Empty)
     def verdicts(self, req: m.Empty) -> m.VerdictList:
@@ -391,6 +432,37 @@ class EngineManager:
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.abort(req.migration_id, req.reason))
+
+    @endpoint(m.SwtpmRestartReport, host_signed=True)
+    def report_swtpm_restart(self, req: m.SwtpmRestartReport, signer: str) -> m.Empty:
+        """Audit an agent's swtpm restart; refused for a vTPCM the engine
+        does not place on that host (a host reports on its own only)."""
+        rec = self.db.get_vtpcm(req.instance_uuid)
+        hosts = {rec.host}
+        if rec.migration_id is not None:  # the incoming side reports too
+            mig = self.db.get_migration(rec.migration_id)
+            hosts |= {mig.source, mig.dest}
+        if signer not in hosts:
+            raise exception.VTPCMNotHere(instance_uuid=req.instance_uuid, holder=rec.host,
+                                         host=signer, reason="a host reports on its own "
+                                                             "vTPCMs only")
+        self.db.audit("vtpcm.swtpm", req.outcome, host=signer, instance=req.instance_uuid,
+                      detail=("vTPCM %s (%s): %s" % (req.vtpcm_id, req.state,
+                                                     req.detail))[:4000])
+        return m.Empty()
+
+    # operator decisions ------------------------------------------------------------
+    @endpoint(m.ResolveMigration, signed=True)
+    def resolve_migration(self, req: m.ResolveMigration) -> m.Resolution:
+        plan, state = self.resolver.resolve_migration(req.migration_id, req.to, req.execute)
+        return m.Resolution(action=plan.action, plan=plan.text[:4000], done=req.execute,
+                            state=state)
+
+    @endpoint(m.ForgetHost, signed=True)
+    def forget_host(self, req: m.ForgetHost) -> m.Resolution:
+        plan = self.resolver.forget_host(req.host, req.execute)
+        return m.Resolution(action=plan.action, plan=plan.text[:4000], done=req.execute,
+                            state=None)
 
     @endpoint(m.MigrationRef)
     def get_migration(self, req: m.MigrationRef) -> m.MigrationInfo:

@@ -17,6 +17,7 @@ from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.api import Database
 from vtpcm_nova.engine.manager import NO_ADMIN_KEYS, AgentAttestationClient, EngineManager
+from vtpcm_nova.engine.registrations import Registrations
 from vtpcm_nova.engine.replykeys import EnrolledReplyKeys
 
 LOG = logging.getLogger(__name__)
@@ -93,7 +94,16 @@ class EngineService:
                                      default_policy=att.default_policy,
                                      admin_verifier=self.admin_verifier,
                                      host_verifier=self.host_verifier,
-                                     signer=self.signer)
+                                     signer=self.signer,
+                                     max_unsigned_attestations=conf.engine.max_unsigned_attestations)
+        reg = conf.engine
+        self.registrations = None
+        if reg.registration_workers:
+            self.registrations = Registrations(
+                self.manager.enroll_registered, workers=reg.registration_workers,
+                backlog=reg.registration_backlog,
+                per_host_interval=reg.registration_interval)
+            self.manager.registrations = self.registrations
         self.server: Any = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -104,6 +114,8 @@ class EngineService:
         self.server = messaging.get_rpc_server(
             self.transport, target, [self.manager],
             access_policy=messaging.DefaultRPCAccessPolicy)
+        if self.registrations is not None:
+            self.registrations.start()
         self.server.start()
         # Finish what a previous run left half-done, without holding up the
         # start: an agent that is down must not keep the engine from serving.
@@ -156,6 +168,8 @@ class EngineService:
             self.server.stop()
             self.server.wait()
             self.server = None
+        if self.registrations is not None:
+            self.registrations.stop()
         for thread in self._threads:
             thread.join(timeout=10)
         self.db.dispose()

@@ -5,28 +5,36 @@ VM's migration key to its own KEM key, export, destroy or move a vTPCM; a
 captured signed command cannot be replayed or redirected to another host."""
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from tests.functional.harness import AgentDaemon, agent_cluster, client_conf, short_dir
+from tests.functional.harness import (
+    AgentDaemon,
+    HostTPMStandIn,
+    agent_cluster,
+    agent_seals,
+    client_conf,
+    short_dir,
+)
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.api.agent.rpcapi import RPC_API_VERSION, AgentAPI
 
 pytestmark = pytest.mark.functional
 
-SEALED_LOG = "Sealed the migration key"
-
-
 @dataclasses.dataclass
 class Host:
     name: str
     agent: AgentDaemon
     run_dir: Path
+    tpm: HostTPMStandIn
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +46,7 @@ def cluster():
     assert api.signer is not None and rogue.signer is None
     try:
         with agent_cluster(work, "au", exchange, api) as hosts:
-            a, b = (Host(name, agent, run_dir) for name, _, agent, run_dir in hosts)
+            a, b = (Host(name, agent, run_dir, tpm) for name, tpm, agent, run_dir in hosts)
             yield api, rogue, a, b, work, exchange
     finally:
         api.transport.cleanup()
@@ -71,7 +79,11 @@ def test_signed_client_works_and_readers_need_no_signature(cluster):
     assert rogue.health(a.name).api_version == RPC_API_VERSION
     kem = rogue.get_identity(b.name, os.urandom(32)).kem_public
     ctx = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, a.name, b.name)
+    assert agent_seals(a.agent, info.instance_uuid) == []
     sealed = api.seal_migration_key(a.name, ctx, kem)
+    # control for the "nothing sealed" checks below: a signed seal is recorded
+    [seal] = agent_seals(a.agent, info.instance_uuid)
+    assert (seal.migration_id, seal.generation, seal.dest_host) == (ctx.migration_id, 0, b.name)
     incoming = api.prepare_incoming(b.name, ctx, sealed.envelope)
     assert incoming.state == "MIGRATING_IN"
     api.abort_incoming(b.name, ctx)
@@ -99,10 +111,8 @@ def test_unsigned_commands_are_refused_and_change_nothing(cluster):
             attempt()
     assert api.get(a.name, info.instance_uuid) == before
     assert len(api.list(a.name).vtpcms) == len(rogue.list(a.name).vtpcms)
-    log = a.agent.log_text()
-    assert not any(SEALED_LOG in line and info.instance_uuid in line
-                   for line in log.splitlines())
-    assert "Command seal_migration_key refused: no engine signature" in log
+    assert agent_seals(a.agent, info.instance_uuid) == []  # nothing sealed
+    assert "Command seal_migration_key refused: no engine signature" in a.agent.log_text()
 
 
 def test_a_key_of_its_own_does_not_help(cluster):
@@ -116,8 +126,7 @@ def test_a_key_of_its_own_does_not_help(cluster):
         _raw(rogue, a.name, "seal_migration_key", "1.2", payload=payload,
              auth=forger.sign("seal_migration_key", a.name, payload))
     assert api.get(a.name, info.instance_uuid).state == "ACTIVE"
-    assert not any(SEALED_LOG in line and info.instance_uuid in line
-                   for line in a.agent.log_text().splitlines())
+    assert agent_seals(a.agent, info.instance_uuid) == []  # nothing sealed
 
 
 def test_captured_signed_command_cannot_be_replayed(cluster):
@@ -187,3 +196,67 @@ def test_agent_without_engine_public_key_does_not_start(cluster):
         assert "[agent] engine_public_key is not set" in agent.log_text()
     finally:
         agent.stop()
+
+
+# Another local user of the host TPM: it can open the TPM (here the
+# stand-in's socket, /dev/tpmrm0 in production) but has not the agent's
+# host key. It re-derives the AK and the KEM key from their public
+# templates, as hosttpm did before the keys had a secret.
+_FOREIGN_TPM_USER = """
+import json, sys
+from vtpcm_agent import sealing
+from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_common.exception import VTPCMException
+args = json.loads(sys.argv[1])
+ctx = sealing.SealContext(**args["ctx"])
+out = {}
+with HostTPM(args["tcti"]) as tpm:
+    try:
+        out["opened"] = sealing.open_envelope(bytes.fromhex(args["envelope"]), ctx,
+                                              tpm.ecdh_zgen).hex()
+    except VTPCMException as err:
+        out["refusal"] = "%s: %s" % (type(err).__name__, err)
+    quote = tpm.quote(bytes.fromhex(args["nonce"]), [0, 1, 2])
+    out["quote"] = [quote.attest.hex(), quote.signature.hex(),
+                    {i: v.hex() for i, v in quote.pcr_values.items()}]
+print(json.dumps(out))
+"""
+
+
+def test_another_tpm_user_cannot_use_the_kem_key_or_the_ak(cluster):
+    """Issue 9 point 8: the enrolled KEM key and AK are the agent's alone."""
+    from vtpcm_agent import sealing
+    from vtpcm_nova.engine import verifier
+
+    api, rogue, a, b, _, _ = cluster
+    identity = rogue.get_identity(b.name, os.urandom(32))
+    # an envelope sealed to b's enrolled KEM key, as a source agent does
+    ctx = dict(migration_id=str(uuid.uuid4()), instance_uuid=str(uuid.uuid4()),
+               generation=1, source_host=a.name, dest_host=b.name)
+    secret = os.urandom(32)
+    envelope = sealing.seal(identity.kem_public, secret, sealing.SealContext(**ctx))
+    nonce = os.urandom(32)
+    proc = subprocess.run(
+        [sys.executable, "-c", _FOREIGN_TPM_USER,
+         json.dumps({"tcti": b.tpm.tcti, "ctx": ctx, "envelope": envelope.hex(),
+                     "nonce": nonce.hex()})],
+        capture_output=True, text=True, timeout=120, check=True)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "opened" not in out, "a foreign TPM user opened an envelope sealed to the agent"
+    assert out["refusal"].startswith("SealError: ") and "authentication failed" in out["refusal"]
+    attest, sig, pcrs = out["quote"]
+    with pytest.raises(exception.QuoteVerificationError, match="signature"):
+        verifier.verify_quote(verifier.load_ak(identity.ak_public), bytes.fromhex(attest),
+                              bytes.fromhex(sig), nonce,
+                              {int(i): bytes.fromhex(v) for i, v in pcrs.items()})
+    # positive control: the agent itself opens it (prepare_incoming runs
+    # ECDH_ZGen with the enrolled KEM key) and quotes with the enrolled AK
+    info = _active(api, a)
+    mctx = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, a.name, b.name)
+    sealed = api.seal_migration_key(a.name, mctx, identity.kem_public)
+    assert api.prepare_incoming(b.name, mctx, sealed.envelope).state == "MIGRATING_IN"
+    api.abort_incoming(b.name, mctx)
+    api.abort_outgoing(a.name, mctx)
+    quote = rogue.quote(b.name, nonce, (0, 1, 2), "sha256")
+    verifier.verify_quote(verifier.load_ak(identity.ak_public), quote.attest, quote.signature,
+                          nonce, quote.pcr_values)

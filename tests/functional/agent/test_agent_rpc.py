@@ -5,10 +5,14 @@ re-adoption after kill -9, and bad input."""
 import dataclasses
 import os
 import signal
+import socket
+import time
 import uuid
+from pathlib import Path
 
 import pytest
 
+from tests import leakscan
 from tests.functional import tpmtools
 from tests.functional.harness import (
     ClusterHost,
@@ -17,6 +21,9 @@ from tests.functional.harness import (
     short_dir,
     wait_for,
 )
+from vtpcm_agent import sealing
+from vtpcm_agent.instances import context_from
+from vtpcm_agent.swtpm import ctrl, process
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -56,6 +63,23 @@ def _hand_over(api, src: ClusterHost, dst: ClusterHost, instance: str,
     return ctx
 
 
+def _wait_restarted(api: AgentAPI, host: ClusterHost, instance: str, old_pid: int,
+                    timeout: float = 10.0) -> m.VTPCMInfo:
+    """The vTPCM runs again under another swtpm pid (the watchdog's restart)."""
+    def restarted() -> m.VTPCMInfo | None:
+        info = api.get(host.name, instance)
+        return info if info.running and info.pid not in (None, old_pid) else None
+    wait_for("swtpm restart of " + instance, restarted, timeout)
+    return api.get(host.name, instance)
+
+
+def _kill_swtpm(api: AgentAPI, host: ClusterHost, instance: str) -> int:
+    pid = api.get(host.name, instance).pid
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 def test_export_import_between_agents_keeps_guest_state(cluster):
     api, a, b = cluster
     info = _new(api, a)
@@ -90,9 +114,17 @@ def test_export_import_between_agents_keeps_guest_state(cluster):
     # the old generation cannot come back on the source
     with pytest.raises(exception.InvalidTransition):
         api.start(a.name, info.instance_uuid)
-    with pytest.raises(exception.VTPCMException):
-        api.prepare_incoming(a.name, m.MigrationContext(
-            str(uuid.uuid4()), info.instance_uuid, 0, b.name, a.name), b"\x00" * 120)
+    # A valid envelope (the real migration key, sealed to the source's own
+    # certified KEM key with a matching context) for the old generation 0:
+    # it opens, and only the tombstone's generation refuses it.
+    back = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 0, b.name, a.name)
+    envelope = sealing.seal(api.get_identity(a.name, os.urandom(32)).kem_public,
+                            b.keys(imported.vtpcm_id).migration_key, context_from(back))
+    with pytest.raises(exception.GenerationMismatch) as err:
+        api.prepare_incoming(a.name, back, envelope)
+    assert "generation 0 refused, authoritative generation is > 0" in str(err.value)
+    assert api.get(a.name, info.instance_uuid).state == "DESTROYED"
+    assert not pa.state_dir.exists()
 
 
 def test_import_with_other_migration_key_fails_and_changes_nothing(cluster):
@@ -141,28 +173,37 @@ def test_import_only_once_and_only_into_its_migration(cluster):
 
 
 def test_no_plaintext_state_on_disk_or_in_logs(cluster, tmp_path):
-    api, a, _ = cluster
+    """After a hand-over to B (B's own fresh at-rest key), nothing either
+    agent owns (state and key files, agent and swtpm logs, run dirs) nor the
+    exported blobs holds a key of the vTPCM or a secret window of its
+    permanent or volatile plaintext state, in any encoding."""
+    api, a, b = cluster
     info = _new(api, a)
     pa = a.paths(info.instance_uuid, info.vtpcm_id)
     tpmtools.write_guest_state(pa, os.urandom(48), os.urandom(32), make_key=True)
-    api.stop(a.name, info.instance_uuid)
+    api.stop(a.name, info.instance_uuid)  # state, volatile included, on disk
     keys = a.keys(info.vtpcm_id)
-    base = short_dir("vtpl")
-    with tpmtools.plaintext_permanent(pa.state_dir, keys.at_rest_key, base) as plain:
-        windows = tpmtools.windows(plain)
-    assert len(windows) > 100
+    found = tpmtools.secrets_of_state(pa.state_dir, keys.at_rest_key, short_dir("vtpl"))
+    assert len(found) > 100
     api.start(a.name, info.instance_uuid)
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
     blobs = api.export_state(a.name, info.instance_uuid)
-    # Everything the agent owns; the host-TPM stand-in's own state is not ours.
-    scanned = tpmtools.files(a.state_root, a.run_dir) + [a.agent.log_file]
-    assert any(p.name.endswith(".keys") for p in scanned)
-    for path in scanned:
-        assert tpmtools.leaks(windows, path.read_bytes()) == 0, path
-    assert tpmtools.leaks(windows, blobs.permanent) == 0
-    for key in (keys.at_rest_key, keys.migration_key):
-        for path in scanned:
-            assert key not in path.read_bytes(), path
-        assert key.hex() not in a.agent.log_text()
+    incoming = api.import_state(b.name, blobs)
+    fresh = b.keys(incoming.vtpcm_id)
+    assert fresh.migration_key == keys.migration_key and fresh.at_rest_key != keys.at_rest_key
+    secrets = [("source at-rest key", keys.at_rest_key), ("migration key", keys.migration_key),
+               ("destination's fresh at-rest key", fresh.at_rest_key)]
+    scanned = [*tpmtools.files(a.state_root, a.run_dir, b.state_root, b.run_dir),
+               a.agent.log_file, b.agent.log_file]
+    assert sum(p.name.endswith(".keys") for p in scanned) >= 2
+    assert any(p.parent.name == "logs" and p.suffix == ".log" for p in scanned)  # swtpm
+    haystack = leakscan.SEP.join([*(p.read_bytes() for p in scanned if p.is_file()),
+                                  blobs.permanent, blobs.volatile])
+    leakscan.assert_finds(secrets, found, haystack)
+    assert leakscan.hits(secrets, haystack) == []
+    assert leakscan.window_hits(found, haystack) == 0
+    api.commit_incoming(b.name, ctx)
+    api.commit_outgoing(a.name, ctx)
 
 
 def test_agent_kill9_and_sigterm_keep_swtpm_and_readopt(cluster):
@@ -183,10 +224,11 @@ def test_agent_kill9_and_sigterm_keep_swtpm_and_readopt(cluster):
     health = api.health(a.name)
     assert health.crashed == ()
     assert api.get(a.name, info.instance_uuid).pid == swtpm_pid
-    # a crashed swtpm is detected and reported
+    # a crashed swtpm is detected and started again by the agent's watchdog
     os.kill(swtpm_pid, signal.SIGKILL)
-    wait_for("crash report", lambda: info.instance_uuid in api.health(a.name).crashed, 10)
-    assert not api.get(a.name, info.instance_uuid).running
+    back = _wait_restarted(api, a, info.instance_uuid, swtpm_pid)
+    assert back.running and back.state == "ACTIVE"
+    assert api.health(a.name).crashed == ()
 
 
 def _raw(api: AgentAPI, host: str, method: str, payload):
@@ -195,19 +237,29 @@ def _raw(api: AgentAPI, host: str, method: str, payload):
 
 
 def test_bad_input_is_refused_clearly_and_changes_nothing(cluster):
-    api, a, _ = cluster
+    api, a, b = cluster
     info = _new(api, a)
     with pytest.raises(exception.NotFound) as err:
         api.get(a.name, str(uuid.uuid4()))
     assert "not found" in str(err.value)
     with pytest.raises(exception.AlreadyExists):
         api.create(a.name, info.instance_uuid)
+    # Truncated and tampered blobs reach the destination's blob check (an
+    # incoming vTPCM prepared for this migration) and are refused there.
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
     blobs = api.export_state(a.name, info.instance_uuid)
-    for bad in (dataclasses.replace(blobs, permanent=blobs.permanent[:100]),
-                dataclasses.replace(blobs, permanent=blobs.permanent[:-40]
-                                    + bytes(b ^ 0x5A for b in blobs.permanent[-40:]))):
-        with pytest.raises(exception.VTPCMException):
-            api.import_state(a.name, bad)
+    for bad, reason in (
+            (dataclasses.replace(blobs, permanent=blobs.permanent[:100]),
+             "bytes but has 100"),
+            (dataclasses.replace(blobs, permanent=blobs.permanent[:-40] + bytes(
+                b ^ 0x5A for b in blobs.permanent[-40:])), "TPM_DECRYPT_ERROR")):
+        with pytest.raises(exception.StateImportError) as err:
+            api.import_state(b.name, bad)
+        assert reason in str(err.value), str(err.value)
+        incoming = api.get(b.name, info.instance_uuid)
+        assert incoming.state == "MIGRATING_IN" and incoming.running
+    api.abort_incoming(b.name, ctx)
+    api.abort_outgoing(a.name, ctx)
     after = api.get(a.name, info.instance_uuid)
     assert after.state == "ACTIVE" and after.pid == info.pid and after.running
     for method, payload, field in (
@@ -244,8 +296,9 @@ def test_abort_steps_restore_the_source_and_may_be_retried(cluster):
     assert (source.state, source.generation, source.migration_id, source.pid) == \
         ("ACTIVE", 0, None, info.pid)
     # a commit for the aborted migration is refused on both sides
-    with pytest.raises(exception.VTPCMException):
+    with pytest.raises(exception.MigrationError) as err:
         api.commit_outgoing(a.name, ctx)
+    assert "is ACTIVE in migration None, expected MIGRATING_OUT" in str(err.value)
     with pytest.raises(exception.NotFound):
         api.commit_incoming(b.name, ctx)
     assert api.get(a.name, info.instance_uuid).state == "ACTIVE"
@@ -275,3 +328,154 @@ def test_a_timeout_abort_keeps_an_incoming_vtpcm_that_received_state(cluster):
     api.commit_outgoing(a.name, ctx)
     assert api.get(b.name, info.instance_uuid).state == "ACTIVE"
     assert api.get(a.name, info.instance_uuid).state == "DESTROYED"
+
+
+# --- a swtpm that dies (issue 10, point 2) --------------------------------------------
+
+ZERO_PCR = bytes(32)
+
+
+def _guest_state_after_restart(paths, initialized: bool) -> dict[str, bytes]:
+    """What the guest finds once QEMU is started again: INIT + TPM2_Startup
+    (a hard reboot), unless swtpm already did both (startup-clear)."""
+    if not initialized:
+        tpmtools.power_on(paths)
+    return tpmtools.read_guest_state(paths, with_key=True)
+
+
+def test_a_dead_swtpm_of_a_running_vm_comes_back_with_its_permanent_state(cluster):
+    """kill -9 of a running vTPCM's swtpm: restarted by the agent within
+    seconds at the same socket, under the same keys, from the permanent state
+    file: NV index and persistent key kept, PCR16 reset (volatile lost)."""
+    api, a, _ = cluster
+    info = _new(api, a)
+    paths = a.paths(info.instance_uuid, info.vtpcm_id)
+    tpmtools.write_guest_state(paths, b"kept across a swtpm crash", os.urandom(32),
+                               make_key=True)
+    before = tpmtools.read_guest_state(paths, with_key=True)
+    assert before["pcr16"] != ZERO_PCR
+    old = _kill_swtpm(api, a, info.instance_uuid)
+    killed = time.monotonic()
+    back = _wait_restarted(api, a, info.instance_uuid, old)
+    took = time.monotonic() - killed
+    assert took < 6.0, took  # 2 s watchdog interval + a swtpm start
+    assert (back.state, back.vtpcm_id, back.generation, back.ctrl_socket) == \
+        ("ACTIVE", info.vtpcm_id, info.generation, info.ctrl_socket)
+    after = _guest_state_after_restart(paths, initialized=True)  # startup-clear in the lab
+    assert after["pcr16"] == ZERO_PCR
+    assert {k: v for k, v in after.items() if k != "pcr16"} == \
+        {k: v for k, v in before.items() if k != "pcr16"}
+    assert api.health(a.name).crashed == ()
+    log = a.agent.log_text()
+    assert "AUDIT swtpm of instance %s" % info.instance_uuid in log
+    assert "nova reboot --hard" in log
+    api.destroy(a.name, info.instance_uuid)
+
+
+def test_a_dead_incoming_swtpm_after_the_switchover_still_commits(cluster):
+    """The issue's first case: the destination swtpm dies after it received
+    the state, before commit. commit_incoming brings it back (or the watchdog
+    did) and commits; the guest's permanent state is there on B."""
+    api, a, b = cluster
+    info = _new(api, a)
+    pa = a.paths(info.instance_uuid, info.vtpcm_id)
+    tpmtools.write_guest_state(pa, b"survives the destination crash", os.urandom(32),
+                               make_key=True)
+    before = tpmtools.read_guest_state(pa, with_key=True)
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
+    api.import_state(b.name, api.export_state(a.name, info.instance_uuid))
+    incoming = api.get(b.name, info.instance_uuid)
+    _kill_swtpm(api, b, info.instance_uuid)
+    api.commit_incoming(b.name, ctx)  # at once: not waiting for the watchdog
+    committed = api.get(b.name, info.instance_uuid)
+    assert (committed.state, committed.generation, committed.running) == ("ACTIVE", 1, True)
+    assert committed.pid != incoming.pid and committed.vtpcm_id == incoming.vtpcm_id
+    api.commit_outgoing(a.name, ctx)
+    assert api.get(a.name, info.instance_uuid).state == "DESTROYED"
+    after = _guest_state_after_restart(b.paths(info.instance_uuid, incoming.vtpcm_id),
+                                       initialized=False)
+    assert {k: v for k, v in after.items() if k != "pcr16"} == \
+        {k: v for k, v in before.items() if k != "pcr16"}
+    api.destroy(b.name, info.instance_uuid)
+
+
+def test_a_dead_outgoing_swtpm_is_restarted_and_an_abort_gets_it_back(cluster):
+    """The source's swtpm dies mid-migration: it comes back (the only good
+    state must stay usable), and the abort leaves the VM's vTPCM ACTIVE."""
+    api, a, b = cluster
+    info = _new(api, a)
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
+    old = _kill_swtpm(api, a, info.instance_uuid)
+    back = _wait_restarted(api, a, info.instance_uuid, old)
+    assert back.state == "MIGRATING_OUT" and back.migration_id == ctx.migration_id
+    api.abort_incoming(b.name, ctx)
+    api.abort_outgoing(a.name, ctx)
+    restored = api.get(a.name, info.instance_uuid)
+    assert (restored.state, restored.running, restored.pid) == ("ACTIVE", True, back.pid)
+    api.destroy(a.name, info.instance_uuid)
+
+
+def test_a_vtpcm_whose_state_file_is_gone_is_not_restarted_empty(cluster):
+    """Never a fresh TPM in place of the tenant's: without its permanent
+    state file the vTPCM stays down and reported as crashed."""
+    api, a, _ = cluster
+    info = _new(api, a)
+    paths = a.paths(info.instance_uuid, info.vtpcm_id)
+    (paths.state_dir / "tpm2-00.permall").unlink()
+    _kill_swtpm(api, a, info.instance_uuid)
+    wait_for("crash report", lambda: info.instance_uuid in api.health(a.name).crashed, 10)
+    time.sleep(3)  # at least one more watchdog pass
+    assert not api.get(a.name, info.instance_uuid).running
+    assert process.find_running(paths) is None
+    assert not (paths.state_dir / "tpm2-00.permall").exists()
+    assert "permanent state file is missing" in a.agent.log_text()
+    api.destroy(a.name, info.instance_uuid)
+
+
+def test_a_foreign_process_on_the_socket_is_left_alone(cluster):
+    """The swtpm dies while something else took its socket path (here while
+    the agent was paused): the agent does not unlink that socket to start a
+    second swtpm; the vTPCM stays reported as crashed."""
+    api, a, _ = cluster
+    info = _new(api, a)
+    os.kill(a.agent.pid, signal.SIGSTOP)
+    foreign = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        os.kill(info.pid, signal.SIGKILL)  # not through the paused agent
+        ctrl = Path(info.ctrl_socket)
+        wait_for("dead swtpm", lambda: not process.is_alive(info.pid, a.paths(
+            info.instance_uuid, info.vtpcm_id)), 5)
+        ctrl.unlink()
+        foreign.bind(str(ctrl))
+        foreign.listen(4)
+    finally:
+        os.kill(a.agent.pid, signal.SIGCONT)
+    try:
+        wait_for("crash report", lambda: info.instance_uuid in api.health(a.name).crashed, 10)
+        time.sleep(3)  # one more watchdog pass
+        assert not api.get(a.name, info.instance_uuid).running
+        assert "another process serves its control socket" in a.agent.log_text()
+        assert ctrl.exists()
+    finally:
+        foreign.close()
+        ctrl.unlink(missing_ok=True)
+    back = _wait_restarted(api, a, info.instance_uuid, info.pid)  # once it is gone
+    assert back.state == "ACTIVE"
+    api.destroy(a.name, info.instance_uuid)
+
+
+def test_a_swtpm_that_qemu_shut_down_is_not_a_crash(cluster):
+    """QEMU sends CMD_SHUTDOWN when its guest stops (or its outgoing
+    migration completed): swtpm exits cleanly, nothing is lost, and the
+    watchdog leaves it for the VM's next start instead of reporting a crash."""
+    api, a, _ = cluster
+    info = _new(api, a)
+    with ctrl.CtrlClient(info.ctrl_socket) as client:
+        client.shutdown()
+    wait_for("clean exit", lambda: not api.get(a.name, info.instance_uuid).running, 5)
+    time.sleep(3)  # at least one watchdog pass
+    assert not api.get(a.name, info.instance_uuid).running
+    assert "AUDIT swtpm of instance %s" % info.instance_uuid not in a.agent.log_text()
+    again = api.start(a.name, info.instance_uuid)  # the VM's next start
+    assert again.running and again.pid != info.pid
+    api.destroy(a.name, info.instance_uuid)

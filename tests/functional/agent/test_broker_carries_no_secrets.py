@@ -6,8 +6,10 @@ run every secret-carrying RPC of one vTPCM: the sealed migration-key
 hand-over (``seal_migration_key`` -> ``prepare_incoming``) and the state
 transfer (``export_state`` -> ``import_state``), once for a stopped vTPCM
 (then aborted) and once for a running one (then committed). Afterwards the
-recorded bytes must hold neither of the instance's keys, in any encoding,
-nor any secret 32-byte window of its plaintext permanent state.
+recorded bytes must hold none of the instance's keys (both hosts' at-rest
+keys, the destination's fresh ones included, and the migration key), in any
+encoding, nor any secret 32-byte window of its plaintext permanent or
+volatile state; tests/leakscan.py is the scanner, as in every leak test.
 
 On the wire oslo.messaging (rabbit driver, kombu) sends each message as the
 JSON body of an AMQP 0-9-1 ``basic.publish``: ``{"oslo.version": "2.0",
@@ -37,6 +39,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests import leakscan
 from tests.functional import tpmtools
 from tests.functional.harness import (
     TRANSPORT_URL,
@@ -53,7 +56,7 @@ from vtpcm_lab.live import free_port
 pytestmark = pytest.mark.functional
 
 SECRET_METHODS = ("seal_migration_key", "prepare_incoming", "export_state", "import_state")
-_SEP = b"\x00" * tpmtools.WINDOW  # between scanned pieces: adds no random window
+_SEP = leakscan.SEP
 
 
 def _amqp_bodies(stream: bytes) -> list[bytes]:
@@ -113,11 +116,6 @@ def _decoded(bodies: list[bytes]) -> tuple[list[str], list[bytes]]:
     return texts, blobs
 
 
-def _key_forms(key: bytes) -> list[tuple[str, bytes]]:
-    return [("raw", key), ("hex", key.hex().encode()), ("HEX", key.hex().upper().encode()),
-            ("base64", base64.b64encode(key)), ("base64url", base64.urlsafe_b64encode(key))]
-
-
 @dataclasses.dataclass
 class Run:
     """What one run put on the wire, and what must not be there (hidden from repr)."""
@@ -131,8 +129,7 @@ class Run:
     envelopes: list[bytes] = dataclasses.field(repr=False)
     exported: list[m.StateBlobs] = dataclasses.field(repr=False)
     keys: list[tuple[str, bytes]] = dataclasses.field(repr=False)
-    plain: bytes = dataclasses.field(repr=False)
-    secret: set[int] = dataclasses.field(repr=False)
+    found: set[bytes] = dataclasses.field(repr=False)  # secret windows of the state
 
     def haystack(self) -> bytes:
         """Everything to scan, pieces kept apart by a run of zeros."""
@@ -157,12 +154,9 @@ def _traffic(api: AgentAPI, a: ClusterHost, b: ClusterHost, base: Path) -> dict[
     info = api.start(a.name, instance)
     pa = a.paths(instance, info.vtpcm_id)
     tpmtools.write_guest_state(pa, os.urandom(48), os.urandom(32), make_key=True)
-    api.stop(a.name, instance)  # state on disk for the plaintext read
+    api.stop(a.name, instance)  # state, volatile included, on disk for the plaintext read
     source = a.keys(info.vtpcm_id)
-    with tpmtools.plaintext_permanent(pa.state_dir, source.at_rest_key, base) as plain:
-        pass
-    public = tpmtools.public_material(pa.state_dir, source.at_rest_key, base)
-    secret = tpmtools.secret_offsets(plain, public, proxy.high_entropy_windows(plain))
+    found = tpmtools.secrets_of_state(pa.state_dir, source.at_rest_key, base)
     envelopes: list[bytes] = []
     exported: list[m.StateBlobs] = []
     keys = [("source at-rest key", source.at_rest_key),
@@ -192,7 +186,7 @@ def _traffic(api: AgentAPI, a: ClusterHost, b: ClusterHost, base: Path) -> dict[
     assert final.migration_key == source.migration_key
     keys.append(("destination's at-rest key", final.at_rest_key))
     return {"instance_uuid": instance, "envelopes": envelopes, "exported": exported,
-            "keys": keys, "plain": plain, "secret": secret}
+            "keys": keys, "found": found}
 
 
 def _relay_url(port: int) -> tuple[str, tuple[str, int]]:
@@ -238,12 +232,6 @@ def run() -> Iterator[Run]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def _key_hits(keys: list[tuple[str, bytes]], haystack: bytes) -> list[str]:
-    """Names (never values) of the keys and forms found in ``haystack``."""
-    return ["%s as %s" % (name, form_name) for name, key in keys
-            for form_name, form in _key_forms(key) if form in haystack]
-
-
 def test_capture_holds_this_runs_secret_traffic(run: Run) -> None:
     """Controls: the scans below look at the real traffic of this run, in a
     form in which they would find what they look for."""
@@ -259,27 +247,29 @@ def test_capture_holds_this_runs_secret_traffic(run: Run) -> None:
         assert len(blob) > 100
         assert base64.b64encode(blob) in run.capture
         assert blob in run.blobs
-    assert len(run.secret) > 1000, "too little of the state counts as secret"
+    assert len(run.found) > 1000, "too little of the state counts as secret"
     assert len({key for _, key in run.keys}) == len(run.keys) == 4
 
-    # A key in a base64 blob at an offset that is not a multiple of 3, and a
-    # secret window of the state, in an oslo.messaging body: found.
-    start = min(run.secret)
+    # Planted: a key in a base64 blob at an offset that is not a multiple of
+    # 3, and a secret window of the state, in an oslo.messaging body, are
+    # found by the same scan as the test below runs (in the decoded blob).
+    window = next(iter(run.found))
     key = run.keys[1][1]
     inner = {"method": "import_state", "args": {"payload": {"permanent": base64.b64encode(
-        b"\x01" + key + run.plain[start:start + tpmtools.WINDOW]).decode()}}}
+        b"\x01" + key + window).decode()}}}
     body = json.dumps({"oslo.version": "2.0", "oslo.message": json.dumps(inner)}).encode()
-    assert base64.b64encode(key) not in body
-    texts, blobs = _decoded([body])
-    fake = _SEP.join([body, *(t.encode() for t in texts), *blobs])
-    assert _key_hits(run.keys[1:2], fake) == ["migration key as raw"]
-    assert start in proxy.find_windows(run.plain, fake, run.secret)
+    assert base64.b64encode(key) not in body and key not in body
+    # found as an inner base64 form, and raw in the decoded blob
+    found = leakscan.hits(run.keys[1:2], body)
+    assert "migration key as base64" in found and "migration key decoded" in found
+    assert leakscan.window_hits({window}, body) >= 1
+    leakscan.assert_finds(run.keys, run.found, run.haystack())
 
 
 def test_no_key_of_the_vtpcm_in_any_form_on_the_broker(run: Run) -> None:
-    assert _key_hits(run.keys, run.haystack()) == []
+    assert leakscan.hits(run.keys, run.haystack()) == []
 
 
 def test_no_secret_window_of_the_plaintext_state_on_the_broker(run: Run) -> None:
-    hits = proxy.find_windows(run.plain, run.haystack(), run.secret)
-    assert len(hits) == 0, "%d secret windows of the vTPCM state on the broker" % len(hits)
+    hits = leakscan.window_hits(run.found, run.haystack())
+    assert hits == 0, "%d secret windows of the vTPCM state on the broker" % hits

@@ -3,7 +3,6 @@
 import hashlib
 import os
 import struct
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -300,31 +299,6 @@ def test_closed_tpm_refuses(host_tpm_standin: HostTPMStandIn) -> None:  # noqa: 
 def test_unreachable_tpm(tmp_path: Path) -> None:
     with pytest.raises(HostTPMError):
         HostTPM(f"swtpm:path=/tmp/does-not-exist-{os.getpid()}").quote(b"", [0])
-
-
-# -- timings (printed; run with -s to see them) -------------------------------
-def test_timings(tpm: HostTPM) -> None:
-    n = 50
-    kem_public = tpm.identity(b"").kem_public
-    nums = tpmpublic.kem_public_key(kem_public).key.public_numbers()
-    kem_point = (nums.x.to_bytes(32, "big"), nums.y.to_bytes(32, "big"))
-    results = {}
-    for name, fn in [
-        ("identity", lambda: tpm.identity(b"nonce")),
-        ("quote(8 pcrs)", lambda: tpm.quote(b"nonce", list(range(8)))),
-        ("quote(24 pcrs)", lambda: tpm.quote(b"nonce", list(range(24)))),
-        ("ecdh_zgen", lambda: tpm.ecdh_zgen(*kem_point)),
-        ("envelope seal+open", lambda: sealing.open_envelope(
-            sealing.seal(kem_public, b"k" * 32, CTX), CTX, tpm.ecdh_zgen)),
-        ("tpm seal+unseal", lambda: tpm.unseal(tpm.seal(b"k" * 32))),
-    ]:
-        start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        results[name] = (time.perf_counter() - start) / n * 1000
-    print(f"\nHostTPM timings (ms per call, mean of {n}):")
-    for name, ms in results.items():
-        print(f"  {name:<20} {ms:7.2f}")
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ import pytest
 from cryptography import x509
 from tpm2_pytss.constants import ESYS_TR, TPM2_SU
 
+from tests import leakscan
 from tests.functional import tpmtools
 from vtpcm_agent.swtpm import ctrl, localca, process, provision
 from vtpcm_common import exception
@@ -120,19 +121,31 @@ def test_export_import_roundtrip_and_failed_import(short_dir, swtpm_factory, swt
                           vtpcm_id="c")
     assert tpmtools.read_guest_state(pc, with_key=False) == before_c
 
-    # Plaintext scan over everything on disk and the exported blobs.
+    # Plaintext scan over everything on disk (state and swtpm logs) and the
+    # exported blobs: A's permanent AND volatile state (saved to its state
+    # dir first), and every key, in every encoding (tests/leakscan.py).
+    with ctrl.CtrlClient(pa.ctrl_socket) as client:
+        client.store_volatile()
     with tpmtools.plaintext_permanent(pa.state_dir, key_a, short_dir) as plain:
         pass
     assert len(plain) > 4000  # EK + certificates + our objects
-    windows = tpmtools.windows(plain)
-    assert len(windows) > 1000
     assert nv_a in plain  # sanity: the scan looks at real plaintext
+    _, volatile = tpmtools.plaintext_state(pa.state_dir, key_a, short_dir)
+    assert before_a["pcr16"] in volatile  # the volatile plaintext is real too
+    found = tpmtools.secrets_of_state(pa.state_dir, key_a, short_dir)
+    assert len(found) > 1000
+    assert any(w in volatile for w in found)
+    keys = [("A at-rest key", key_a), ("B at-rest key", key_b), ("C at-rest key", key_c),
+            ("migration key", mig), ("C migration key", mig_other)]
     scanned = tpmtools.files(pa.state_dir, pb.state_dir, pc.state_dir,
-                     short_dir / "a", short_dir / "b", short_dir / "c")
+                             short_dir / "a", short_dir / "b", short_dir / "c")
     assert any(p.name == "tpm2-00.permall" for p in scanned)
-    for path in scanned:
-        assert tpmtools.leaks(windows, path.read_bytes()) == 0, path
-    assert tpmtools.leaks(windows, state.permanent + state.volatile) == 0
+    assert any(p.name == "log" for p in scanned)  # the swtpm logs
+    haystack = leakscan.SEP.join([*(p.read_bytes() for p in scanned),
+                                  state.permanent, state.volatile])
+    leakscan.assert_finds(keys, found, haystack)
+    assert leakscan.hits(keys, haystack) == []
+    assert leakscan.window_hits(found, haystack) == 0
 
     # A plaintext blob (no migration-key layer) is refused before swtpm sees it.
     # (swtpm 0.7.1 itself would accept it: it allows "upgrading" to encryption.)
@@ -140,6 +153,21 @@ def test_export_import_roundtrip_and_failed_import(short_dir, swtpm_factory, swt
     with pytest.raises(exception.StateImportError, match="not encrypted under a migration"):
         ctrl.import_state(pb.ctrl_socket, ctrl.ExportedState(plain_blob + plain, state.volatile),
                           vtpcm_id="b")
+
+
+def test_export_refuses_a_real_swtpm_without_migration_key(short_dir, swtpm_paths):
+    """A real swtpm running with the at-rest key only would hand out its
+    state in plaintext: export_state refuses before asking for any blob."""
+    paths = swtpm_paths("k")
+    key = _key()
+    provision.provision_state(paths.state_dir, key, vtpcm_id="k", create_ek=False)
+    with tpmtools.key_only_swtpm(paths.state_dir, key, short_dir, data_socket=False) as plain:
+        with ctrl.CtrlClient(plain.ctrl_socket, timeout=2.0) as client:
+            assert client.get_config() == ctrl.CONFIG_FLAG_FILE_KEY  # control: no migration key
+        with pytest.raises(exception.CtrlChannelError) as err:
+            ctrl.export_state(plain.ctrl_socket)
+    assert str(err.value) == ("swtpm control channel export_state failed: swtpm runs "
+                              "without a migration key; refusing to export plaintext state")
 
 
 def test_export_from_stopped_tpm_inits_it(short_dir, swtpm_factory, swtpm_paths):

@@ -1,11 +1,14 @@
 """Database URLs for the engine's functional tests: SQLite and local PostgreSQL.
 
 The PostgreSQL database is created with a unique name for this run and
-dropped afterwards; if the server is unreachable those cases are skipped.
+dropped afterwards. PostgreSQL is required (tools/install-deps.sh installs
+and starts it): if the server is unreachable those cases FAIL with a clear
+message, they never skip. ``VTPCM_TEST_PG_URL`` points at another server.
 """
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,7 +19,7 @@ from sqlalchemy.exc import OperationalError
 
 from vtpcm_nova.engine.db import api, migration
 
-PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
+PG_ADMIN_URL = os.environ.get("VTPCM_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture(scope="session")
@@ -29,9 +32,10 @@ def pg_url() -> Iterator[str]:
             conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
     except OperationalError as err:
         admin.dispose()
-        pytest.skip(f"PostgreSQL at {PG_ADMIN_URL} unreachable: {err.orig}")
+        pytest.fail(f"PostgreSQL at {PG_ADMIN_URL} unreachable (required: "
+                    f"tools/install-deps.sh installs and starts it): {err.orig}", pytrace=False)
     try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"
+        yield admin.url.set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))

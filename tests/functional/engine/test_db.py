@@ -7,6 +7,7 @@ import threading
 from collections.abc import Callable
 
 import pytest
+import sqlalchemy
 
 from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
@@ -208,7 +209,7 @@ def test_audit_newest_first_and_filtered(make_db: MakeDb) -> None:
 
 def test_naive_datetime_refused(make_db: MakeDb) -> None:
     db = make_db()
-    with pytest.raises(Exception, match="naive datetime"):
+    with pytest.raises(sqlalchemy.exc.StatementError, match="naive datetime refused"):
         db.audit("x", "y", now=datetime.datetime(2025, 1, 1))  # noqa: DTZ001
     assert db.list_audit() == []
 
@@ -275,3 +276,28 @@ def test_two_names_enrolling_one_ak_at_once_one_winner(make_db: MakeDb) -> None:
         t.join(timeout=30)
     assert sorted(outcomes) == ["enrolled"] + ["refused"] * 3
     assert len(dbs[0].list_hosts()) == 1
+
+
+def test_forget_host_releases_its_keys_and_drops_its_vtpcms(make_db: MakeDb) -> None:
+    """A host gone for good: its records go in one transaction, its keys
+    may enroll again under another name; an approved host is refused."""
+    db = make_db()
+    enroll(db, "gone", approved=True)
+    enroll(db, "stays", approved=True)
+    db.create_vtpcm(INST, "v-1", "gone")
+    db.create_vtpcm(MIG, "v-2", "stays")
+    with pytest.raises(exception.InvalidTransition, match="from APPROVED to forgotten"):
+        db.forget_host("gone")
+    assert db.get_host("gone").status is HostStatus.APPROVED
+    db.revoke_host("gone", now=T0)
+    assert db.forget_host("gone") == [INST]
+    with pytest.raises(exception.NotFound):
+        db.get_host("gone")
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(INST)
+    assert db.get_verdict("gone") is None
+    assert db.key_owner("ak", b"\x00\x0bak-gone") is None
+    assert db.get_vtpcm(MIG).host == "stays" and db.get_host("stays").name == "stays"
+    db.enroll_host("new-name", ak_public=b"ak", ak_name=b"\x00\x0bak-gone", kem_public=b"k",
+                   kem_name=b"k", now=T0)  # the moved TPM enrolls under its new name
+    assert db.key_owner("ak", b"\x00\x0bak-gone") == "new-name"

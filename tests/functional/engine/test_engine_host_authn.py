@@ -293,3 +293,46 @@ def test_reenrolment_learns_a_rotated_key(deployment):
     assert new.create_vtpcm(instance, c).host == c
     new.destroy_vtpcm(instance)
     d.at["c"] = new
+
+
+def test_a_prepared_migration_is_committed_by_the_source_only(deployment):
+    """The danger the commit rule guards against: a PREPARED migration (key
+    sealed, destination prepared and holding the state), where a commit
+    would shred the source. The destination's signed commit is refused with
+    its reason and moves nothing; the source's passes the commit point.
+    (Last in this module: it gives the deployment a PCR policy.)"""
+    d = deployment
+    a, b = d.names["a"], d.names["b"]
+    d.operator.record_policy("guards", a, (0, 1, 2, 3, 4, 5, 6, 7), "lab boot chain")
+    for host in (a, b):
+        d.operator.assign_policy(host, "guards")
+    assert d.operator.attest(b).status == "TRUSTED"
+    instance = str(uuid.uuid4())
+    d.at["a"].create_vtpcm(instance, a)
+    d.at["a"].start_vtpcm(instance)
+    mid = str(uuid.uuid4())
+    assert d.at["a"].begin(mid, instance, a, b).state == "PREPARED"
+    # what QEMU does at the switchover: the destination receives the state
+    d.agents.import_state(b, d.agents.export_state(a, instance))
+
+    refused_before = [e for e in d.operator.list_audit(limit=500).entries
+                      if e.event == "migration.commit" and e.outcome == "refused"]
+    with pytest.raises(exception.MigrationError) as err:
+        d.at["b"].commit(mid)
+    assert "only the source may pass the commit point (migration is PREPARED)" \
+        in str(err.value)
+    refused = [e for e in d.operator.list_audit(limit=500).entries
+               if e.event == "migration.commit" and e.outcome == "refused"]
+    assert len(refused) == len(refused_before) + 1 and refused[0].host == b
+    assert d.operator.get_migration(mid).state == "PREPARED"
+    assert d.operator.get_vtpcm(instance).host == a
+    source, incoming = d.agents.get(a, instance), d.agents.get(b, instance)
+    assert (source.state, source.running) == ("MIGRATING_OUT", True)
+    assert (incoming.state, incoming.running) == ("MIGRATING_IN", True)
+
+    assert d.at["a"].commit(mid).state == "COMMITTED"
+    assert d.operator.get_vtpcm(instance).host == b
+    moved, gone = d.agents.get(b, instance), d.agents.get(a, instance)
+    assert (moved.state, moved.generation) == ("ACTIVE", 1)
+    assert gone.state == "DESTROYED" and not gone.running
+    d.at["b"].destroy_vtpcm(instance)

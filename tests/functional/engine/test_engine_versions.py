@@ -1,11 +1,12 @@
-"""A rolling upgrade between engine API 1.6 and 1.7 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.7 and 1.8 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.6`` (what
-  an old Nova driver can send) against the current engine daemon: the old
-  host calls, host_command_key and signed_host_command_key work,
-  start_incoming is refused before sending.
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.7`` (what
+  an old agent or Nova driver can send) against the current engine daemon:
+  the old host calls, host_command_key and signed_host_command_key work,
+  the 1.7 report_swtpm_restart work, the 1.8 start_incoming is refused
+  before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.6) answering a current client: old methods are served, the new one
+  1.7) answering a current client: old methods are served, the new one
   comes back as a clear ``RPCVersionUnsupported``.
 """
 
@@ -25,6 +26,7 @@ from tests.functional.harness import (
 )
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine import messages as em
 from vtpcm_common.api.engine.rpcapi import RPC_API_VERSION, EngineAPI
 from vtpcm_lab import daemons
 from vtpcm_nova.engine.db import migration
@@ -33,7 +35,7 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.6"
+PREVIOUS = "1.7"
 
 
 class PreviousEngine(EngineManager):
@@ -126,20 +128,21 @@ def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
         assert pinned.stop_vtpcm(instance).state == "STOPPED"
         assert pinned.host_command_key(host).status == "APPROVED"  # 1.4
         nonce = b"\x05" * 16
-        migration_id = str(uuid.uuid4())
-        with pytest.raises(exception.RPCVersionCapped) as err:
-            pinned.start_incoming(migration_id)
-        assert str(err.value) == (
-            "Not sent: start_incoming needs %s RPC API 1.7, but [upgrade_levels] "
-            "vtpcm_engine caps this client at 1.6 (some %s may still run an older "
-            "release)" % (pinned.topic, pinned.topic))
-        # 1.6 works pinned: signed with the engine key the agents pin
-        answer = pinned.signed_host_command_key(host, nonce)
+        answer = pinned.signed_host_command_key(host, nonce)  # 1.6
         assert answer.status == "APPROVED"
         assert authn.verify_host_key(engine_key, answer.signature, host, answer.status,
                                      answer.command_public, nonce)
         assert not authn.verify_host_key(engine_key, answer.signature, host, answer.status,
                                          answer.command_public, b"\x06" * 16)
+        report = em.SwtpmRestartReport(host, instance, agents.get(host, instance).vtpcm_id,
+                                       "ACTIVE", "restarted", "died")
+        pinned.report_swtpm_restart(report)  # 1.7
+        with pytest.raises(exception.RPCVersionCapped) as err:
+            pinned.start_incoming(str(uuid.uuid4()))
+        assert str(err.value) == (
+            "Not sent: start_incoming needs %s RPC API 1.8, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.7 (some %s may still run an older "
+            "release)" % (pinned.topic, pinned.topic))
     finally:
         current.destroy_vtpcm(instance)
 
@@ -159,7 +162,7 @@ def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
     with pytest.raises(exception.RPCVersionUnsupported) as err:
         on_old.start_incoming(str(uuid.uuid4()))
     assert str(err.value) == (
-        "%s cannot serve start_incoming (RPC API 1.7): it runs an older API "
+        "%s cannot serve start_incoming (RPC API 1.8): it runs an older API "
         "version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
         % on_old.topic)

@@ -9,6 +9,8 @@ import uuid
 
 import pytest
 
+from tests import spec_tables as spec
+from tests.refusal import refused
 from vtpcm_agent import association
 from vtpcm_agent.association import AssociationList, VTPCMState
 from vtpcm_common import exception
@@ -57,7 +59,7 @@ def test_every_pair_of_the_transition_table(alist, current, target):
     if target is current:
         # Re-asserting the current state is a no-op (idempotent retries).
         assert alist.transition(rec.instance_uuid, target).state is current
-    elif target in association.TRANSITIONS[current]:
+    elif target.value in spec.ASSOCIATION_MOVES[current.value]:
         assert alist.transition(rec.instance_uuid, target).state is target
     else:
         with pytest.raises(exception.InvalidTransition) as err:
@@ -65,6 +67,29 @@ def test_every_pair_of_the_transition_table(alist, current, target):
         assert current.value in str(err.value) and target.value in str(err.value)
         after = alist.get(rec.instance_uuid)
         assert after.state is current and after.updated_at == before.updated_at
+
+
+def test_the_code_table_is_the_spec_both_ways():
+    """The hand-written spec (the design document's table) and the code's
+    table hold the same moves and the same initial states."""
+    code = {cur.value: {t.value for t in targets}
+            for cur, targets in association.TRANSITIONS.items()}
+    assert code == {cur: set(targets) for cur, targets in spec.ASSOCIATION_MOVES.items()}
+    assert {s.value for s in association.INITIAL_STATES} == spec.ASSOCIATION_INITIAL
+    assert {s.value for s in S} == set(spec.ASSOCIATION_MOVES)
+
+
+@pytest.mark.parametrize("state", list(S))
+def test_only_the_initial_states_start_a_row(alist, state):
+    instance = str(uuid.uuid4())
+    if state.value in spec.ASSOCIATION_INITIAL:
+        assert _add(alist, state=state, instance=instance).state is state
+    else:
+        with pytest.raises(exception.InvalidTransition) as err:
+            _add(alist, state=state, instance=instance)
+        assert "from (none)" in str(err.value) and state.value in str(err.value)
+        with pytest.raises(exception.NotFound):
+            alist.get(instance)
 
 
 def test_destroyed_is_final(alist):
@@ -142,15 +167,16 @@ def test_kill_9_mid_write_leaves_no_half_record(tmp_path):
         "    al.add(instance_uuid=i, vtpcm_id=str(uuid.uuid4()), state=S.CREATING,\n"
         "           generation=0, state_dir='/d', ctrl_socket='/c')\n"
         "    al.transition(i, S.STOPPED)\n"
+        "    print('row', flush=True)\n"
     )
     env = dict(os.environ, PYTHONPATH=os.getcwd())
-    for delay in (0.05, 0.2, 0.4):
+    for rows_before_kill in (1, 7, 40):
         proc = subprocess.Popen([sys.executable, "-c", script, str(path)],
                                 stdout=subprocess.PIPE, env=env)
         try:
             assert proc.stdout.readline().strip() == b"ready"
-            import time
-            time.sleep(delay)
+            for _ in range(rows_before_kill):  # killed while it writes the next rows
+                assert proc.stdout.readline().strip() == b"row"
         finally:
             proc.kill()
             proc.wait(timeout=10)
@@ -254,13 +280,15 @@ def file_schema(path):
 
 V3_TABLES = {"associations", "tombstones", "aborted_migrations", "command_nonces",
              "command_nonces_keep_until"}
+# v4 adds the agent's record of seals
+CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance"}
 DESTROYED = ("i", "v", "DESTROYED", 4, None, "/d", "/c", None, "t", "t")
 ACTIVE = ("j", "w", "ACTIVE", 2, None, "/d2", "/c2", 77, "t", "t")
 
 
 def test_a_new_file_is_at_the_last_version(tmp_path):
     AssociationList(tmp_path / "a.sqlite").close()
-    assert file_schema(tmp_path / "a.sqlite") == (association.SCHEMA_VERSION, V3_TABLES)
+    assert file_schema(tmp_path / "a.sqlite") == (association.SCHEMA_VERSION, CURRENT_TABLES)
 
 
 @pytest.mark.parametrize("version", [1, 2, 3])
@@ -276,7 +304,7 @@ def test_a_file_of_the_release_before_user_version_is_upgraded_with_its_rows(
     finally:
         al.close()
     # the legacy version table is gone: user_version says where the file is
-    assert file_schema(path) == (association.SCHEMA_VERSION, V3_TABLES)
+    assert file_schema(path) == (association.SCHEMA_VERSION, CURRENT_TABLES)
 
 
 def test_command_nonces_are_claimed_once_and_survive_a_reopen(tmp_path):
@@ -305,7 +333,7 @@ def test_a_newer_schema_is_refused_and_left_unchanged(tmp_path):
     assert str(refused.value) == (f"Association list {path} has schema version 9, this "
                                   f"release knows up to {association.SCHEMA_VERSION} (a "
                                   "newer release wrote it)")
-    assert file_schema(path) == (9, V3_TABLES)
+    assert file_schema(path) == (9, CURRENT_TABLES)
 
 
 def test_a_legacy_file_of_a_newer_release_is_refused_and_left_unchanged(tmp_path):
@@ -318,3 +346,117 @@ def test_a_legacy_file_of_a_newer_release_is_refused_and_left_unchanged(tmp_path
     with pytest.raises(exception.NewerSchema, match="schema version 9"):
         AssociationList(path)
     assert file_schema(path) == (0, V3_TABLES | {"schema_version"})
+
+
+def test_seals_are_recorded_durably_and_per_instance(tmp_path):
+    path = tmp_path / "s.sqlite"
+    al = AssociationList(path)
+    one, other = str(uuid.uuid4()), str(uuid.uuid4())
+    assert al.seals(one) == []
+    al.record_seal("m-1", one, 0, "host-b")
+    al.record_seal("m-1", one, 0, "host-b")  # a retried seal is a second record
+    al.record_seal("m-2", other, 3, "host-c")
+    al.close()
+    al = AssociationList(path)
+    try:
+        seals = al.seals(one)
+        assert [(s.migration_id, s.instance_uuid, s.generation, s.dest_host) for s in seals] \
+            == [("m-1", one, 0, "host-b")] * 2
+        assert seals[0].sealed_at <= seals[1].sealed_at
+        assert [s.dest_host for s in al.seals(other)] == ["host-c"]
+    finally:
+        al.close()
+
+
+def test_a_v3_file_gains_the_seal_record(tmp_path):
+    path = tmp_path / "v3.sqlite"
+    legacy_file(path, 3, ACTIVE)
+    al = AssociationList(path)
+    try:
+        al.record_seal("m-1", "j", 2, "host-b")
+        assert [s.migration_id for s in al.seals("j")] == ["m-1"]
+    finally:
+        al.close()
+    assert file_schema(path) == (association.SCHEMA_VERSION, CURRENT_TABLES)
+
+
+# -- found by mutation testing (tools/mutation.sh association) -----------------
+
+def test_refusals_name_the_instance(alist):
+    missing = str(uuid.uuid4())
+    with refused(exception.NotFound, "vTPCM of instance %s not found" % missing):
+        alist.get(missing)
+    with refused(exception.NotFound, "vTPCM of instance %s not found" % missing):
+        alist.transition(missing, S.STOPPED)
+    rec = _add(alist)
+    with refused(exception.AlreadyExists, "vTPCM of instance %s already exists"
+                 % rec.instance_uuid):
+        _add(alist, instance=rec.instance_uuid)
+    with refused(exception.InvalidTransition, "Illegal transition of vTPCM of instance %s "
+                 "from CREATING to ACTIVE" % rec.instance_uuid):
+        alist.transition(rec.instance_uuid, S.ACTIVE)
+    with refused(exception.InvalidTransition, "Illegal transition of vTPCM of instance %s "
+                 "from CREATING to STOPPED" % rec.instance_uuid):
+        alist.transition(rec.instance_uuid, S.STOPPED, expected=frozenset({S.ACTIVE}))
+    with refused(exception.InvalidTransition, "Illegal transition of vTPCM of instance %s "
+                 "from (none) to ACTIVE" % missing):
+        _add(alist, state=S.ACTIVE, instance=missing)
+
+
+def test_generation_moves_forward_only_and_is_stored(alist):
+    rec = _add(alist, state=S.MIGRATING_IN, generation=3)
+    with refused(exception.GenerationMismatch, "vTPCM of instance %s: generation 2 refused, "
+                 "authoritative generation is >= 3" % rec.instance_uuid):
+        alist.transition(rec.instance_uuid, S.ACTIVE, generation=2)
+    assert alist.get(rec.instance_uuid).state is S.MIGRATING_IN
+    same = alist.transition(rec.instance_uuid, S.ACTIVE, generation=3, migration_id="m-1",
+                            pid=42)
+    assert (same.state, same.generation, same.migration_id, same.pid) == \
+        (S.ACTIVE, 3, "m-1", 42)
+    moved = alist.transition(rec.instance_uuid, S.STOPPED, generation=4, pid=None)
+    assert (moved.generation, moved.pid, moved.migration_id) == (4, None, "m-1")
+    assert alist.get(rec.instance_uuid).generation == 4
+
+
+def test_a_tombstone_refusal_names_both_generations(alist):
+    rec = _add(alist, generation=2)
+    alist.transition(rec.instance_uuid, S.DESTROYED)
+    with refused(exception.GenerationMismatch, "vTPCM of instance %s: generation 2 refused, "
+                 "authoritative generation is > 2" % rec.instance_uuid):
+        _add(alist, state=S.MIGRATING_IN, generation=2, instance=rec.instance_uuid)
+
+
+def test_a_destroyed_generation_0_lets_generation_1_in(alist):
+    rec = _add(alist)
+    alist.transition(rec.instance_uuid, S.DESTROYED)
+    assert alist.tombstone(rec.instance_uuid) == 0
+    again = _add(alist, state=S.MIGRATING_IN, generation=1, instance=rec.instance_uuid)
+    assert again.generation == 1
+
+
+def test_timestamps_are_utc(alist):
+    rec = _add(alist)
+    assert rec.created_at.endswith("+00:00") and rec.updated_at.endswith("+00:00")
+
+
+def test_list_leaves_out_tombstones_in_creation_order(alist):
+    first, second = _add(alist), _add(alist)
+    third = _add(alist)
+    alist.transition(second.instance_uuid, S.DESTROYED)
+    assert [r.instance_uuid for r in alist.list()] == [first.instance_uuid, third.instance_uuid]
+    assert [r.instance_uuid for r in alist.list(include_destroyed=True)] == \
+        [first.instance_uuid, second.instance_uuid, third.instance_uuid]
+
+
+def test_a_list_in_a_new_nested_directory_is_used_from_other_threads(tmp_path):
+    import threading
+    al = AssociationList(tmp_path / "a" / "b" / "assoc.sqlite")
+    try:
+        rec = _add(al)
+        seen: list[object] = []
+        worker = threading.Thread(target=lambda: seen.append(al.get(rec.instance_uuid).state))
+        worker.start()
+        worker.join(10)
+        assert seen == [S.CREATING]
+    finally:
+        al.close()

@@ -305,3 +305,63 @@ def test_client_round_trip_one_write_per_command():
         assert fake.requests[1] == ctrl.encode_get_stateblob(ctrl.BlobType.VOLATILE)
     finally:
         fake.close()
+
+
+# --------------- export_state's fail-closed guards (scripted peer, no swtpm)
+
+def _config_reply(flags: int) -> bytes:
+    return struct.pack(">II", 0, flags)
+
+
+def _blob_reply(blob: bytes) -> bytes:
+    return struct.pack(">IIII", 0, 0, len(blob), len(blob)) + blob
+
+
+def _export_against(monkeypatch, replies):
+    """Run transfer.export_state against a peer answering ``replies``."""
+    from vtpcm_agent.swtpm import transfer
+    fake = _FakeSwtpm(replies)
+    monkeypatch.setattr(transfer, "CtrlClient", lambda *a, **kw: fake.client())
+    try:
+        return fake, transfer.export_state("/unused")
+    finally:
+        fake.close()
+
+
+def test_export_refuses_a_swtpm_without_migration_key(monkeypatch):
+    """Its blobs would come out in plaintext: not even asked for."""
+    with pytest.raises(exception.CtrlChannelError) as err:
+        _export_against(monkeypatch, [_config_reply(ctrl.CONFIG_FLAG_FILE_KEY),
+                                      _blob_reply(SEALED), _blob_reply(SEALED)])
+    assert str(err.value) == ("swtpm control channel export_state failed: swtpm runs "
+                              "without a migration key; refusing to export plaintext state")
+
+
+def test_export_asks_for_blobs_only_with_a_migration_key(monkeypatch):
+    """Control: the same peer with the migration-key flag set exports."""
+    fake, state = _export_against(monkeypatch, [
+        _config_reply(ctrl.CONFIG_FLAG_FILE_KEY | ctrl.CONFIG_FLAG_MIGRATION_KEY),
+        _blob_reply(SEALED), _blob_reply(SEALED)])
+    assert state.permanent == SEALED and state.volatile == SEALED
+    assert fake.requests[1] == ctrl.encode_get_stateblob(ctrl.BlobType.PERMANENT)
+
+
+PLAIN = _blob_header(0x04, b"\xaa" * 40)  # migration data, no encryption layer
+SEALED_128 = _blob_header(0x06, b"\xaa" * 40)  # migration-encrypted, 128-bit key
+
+
+@pytest.mark.parametrize(("permanent", "volatile", "reason"), [
+    (PLAIN, SEALED, "permanent blob is not encrypted under a migration key"),
+    (SEALED, PLAIN, "volatile blob is not encrypted under a migration key"),
+    (SEALED_128, SEALED, "permanent blob is not sealed with a 256-bit migration key"),
+    (SEALED, SEALED_128, "volatile blob is not sealed with a 256-bit migration key"),
+], ids=["plain-permanent", "plain-volatile", "128bit-permanent", "128bit-volatile"])
+def test_export_refuses_blobs_not_sealed_under_the_migration_key(
+        monkeypatch, permanent, volatile, reason):
+    """A swtpm that claims a migration key but hands out blobs without that
+    layer (or with a weaker one): nothing is returned to be sent."""
+    with pytest.raises(exception.CtrlChannelError) as err:
+        _export_against(monkeypatch, [
+            _config_reply(ctrl.CONFIG_FLAG_FILE_KEY | ctrl.CONFIG_FLAG_MIGRATION_KEY),
+            _blob_reply(permanent), _blob_reply(volatile)])
+    assert str(err.value) == "swtpm control channel export_state failed: Invalid input: " + reason

@@ -57,7 +57,7 @@ def test_an_error_of_another_module_is_a_vtpcm_error_naming_it() -> None:
         pass
     api = _engine_api()
     api.client = raising(over_the_wire(Odd("boom"), rpc.REMOTE_EXMODS))
-    with pytest.raises(exception.VTPCMException) as err:
+    with pytest.raises(exception.VTPCMException) as err:  # broad-raises-ok: the subject
         api.begin(MIGRATION, INSTANCE, "cmp1", "cmp2")
     assert type(err.value) is exception.VTPCMException
     assert str(err.value).startswith("remote error Odd: boom")

@@ -165,9 +165,15 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "unshelve_vtpcm": ("1.5", lambda api: api.unshelve_vtpcm(INSTANCE, HOST)),
     "signed_host_command_key": ("1.6", lambda api: api.signed_host_command_key(
         HOST, b"\x07" * 16)),
-    "start_incoming": ("1.7", lambda api: api.start_incoming(MIGRATION)),
-    "list_vtpcms": ("1.7", lambda api: api.list_vtpcms("SHELVED")),
-    "destroy_shelved_vtpcm": ("1.7", lambda api: api.destroy_shelved_vtpcm(INSTANCE)),
+    # 1.7, operator-signed and host-signed
+    "resolve_migration": ("1.7", lambda api: api.resolve_migration(MIGRATION, "source")),
+    "forget_host": ("1.7", lambda api: api.forget_host(HOST)),
+    "report_swtpm_restart": ("1.7", lambda api: api.report_swtpm_restart(
+        em.SwtpmRestartReport(HOST, INSTANCE, INSTANCE, "ACTIVE", "restarted", "died"))),
+    # 1.8
+    "start_incoming": ("1.8", lambda api: api.start_incoming(MIGRATION)),
+    "list_vtpcms": ("1.8", lambda api: api.list_vtpcms("SHELVED")),
+    "destroy_shelved_vtpcm": ("1.8", lambda api: api.destroy_shelved_vtpcm(INSTANCE)),
 }
 
 
@@ -192,10 +198,14 @@ def test_every_engine_client_method_has_its_version_here():
 def test_agent_client_prepares_the_version_of_the_method(method):
     version, call = AGENT_CALLS[method]
     sent = _sent(_agent_api(), call)
+    vouched = method in agent_rpcapi.VOUCHED_METHODS
+    if vouched:  # asked at least as 1.3, the first version taking ``auth``
+        version = rpc._later(version, agent_rpcapi.VOUCHED_SINCE)
     assert (sent["method"], sent["version"], sent["server"]) == (method, version, HOST)
-    # only the state-changing methods carry the engine's signature: the
+    # the state-changing methods carry the engine's signature, and the
+    # engine vouches for its attestation calls (not rate-limited); the
     # others are sent as 1.0/1.1 servers (which take no ``auth``) accept them
-    assert ("auth" in sent["args"]) == (method in AGENT_SIGNED)
+    assert ("auth" in sent["args"]) == (method in AGENT_SIGNED or vouched)
 
 
 @pytest.mark.parametrize("method", sorted(ENGINE_CALLS))
@@ -237,6 +247,8 @@ def test_agent_client_capped_at_the_previous_minor_refuses_only_newer_methods(me
     api.client = recorder
     if method == "get_identity":  # asked in its 1.4 form: without ek_public
         version = "1.4"
+    if method in agent_rpcapi.VOUCHED_METHODS:  # the engine vouches: 1.3 at least
+        version = rpc._later(version, agent_rpcapi.VOUCHED_SINCE)
     if _older(version, cap):
         with pytest.raises(Sent):
             call(api)

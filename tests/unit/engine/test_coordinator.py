@@ -230,8 +230,9 @@ def test_commit_survives_agent_outage_and_reconcile_finishes(env):
     coord, db, agents, _, _ = env
     mid = str(uuid.uuid4())
     coord.begin(mid, INSTANCE, "host-a", "host-b")
-    agents.fail["commit_outgoing"] = exception.VTPCMException("agent host-a unreachable")
-    with pytest.raises(exception.VTPCMException):
+    agents.fail["commit_outgoing"] = exception.ServiceUnreachable(
+        service="agent host-a", method="commit_outgoing", reason="timed out")
+    with pytest.raises(exception.ServiceUnreachable, match="agent host-a did not answer"):
         coord.commit(mid)
     assert db.get_migration(mid).state == "SHREDDING"
     assert db.get_vtpcm(INSTANCE).host == "host-b"  # the commit point has passed

@@ -69,6 +69,17 @@ class FakeEngine:
         self._record("approve_host", host)
         return host_info(host)
 
+    def resolve_migration(self, migration_id: str, to: str,
+                          execute: bool = False) -> m.Resolution:
+        self._record("resolve_migration", migration_id, to, execute)
+        return m.Resolution(action="resolve migration %s to the %s" % (migration_id, to),
+                            plan="Abort migration ...", done=execute, state="IN_DOUBT")
+
+    def forget_host(self, host: str, execute: bool = False) -> m.Resolution:
+        self._record("forget_host", host, execute)
+        return m.Resolution(action="forget host %s" % host, plan="Forget host ...",
+                            done=execute, state=None)
+
     def revoke_host(self, host: str) -> m.HostInfo:
         self._record("revoke_host", host)
         return host_info(host, "REVOKED")
@@ -457,7 +468,7 @@ def test_error_exit_codes(engine: FakeEngine, capsys: pytest.CaptureFixture[str]
 
 
 def test_amqp_error_is_unreachable(engine: FakeEngine, capsys: pytest.CaptureFixture[str]) -> None:
-    amqp_exceptions = pytest.importorskip("amqp.exceptions")
+    import amqp.exceptions as amqp_exceptions  # oslo.messaging's rabbit driver brings it
     engine.errors["list_hosts"] = amqp_exceptions.AccessRefused("Login was refused")
     code, _, err = run(capsys, "hosts", "list")
     assert code == 5 and err.startswith("vtpcm-manage: error: engine unreachable: ")
@@ -544,6 +555,8 @@ ADMIN_ARGV = [
     ["hosts", "assign-policy", "host-a", "golden"],
     ["policies", "record", "gold", "--from-host", "host-a", "--pcrs", "0,7"],
     ["policies", "set", "gold", "--pcr", "7=" + "00" * 32],
+    ["migration", "resolve", MIGRATION, "--to", "source"],
+    ["hosts", "forget", "host-a"],
     ["vtpcm", "destroy", "4f7f1c3e-8c1b-4a43-9d57-2b1f0d1e5a10"],
 ]
 
@@ -633,3 +646,18 @@ def test_keys_create_refuses_a_file_that_is_not_a_key(
     code, out, err = run(capsys, "keys", "create", str(path))
     assert (code, out) == (2, "") and "not an unencrypted PEM private key" in err
     assert path.read_text() == "hello"
+
+
+def test_resolve_and_forget_only_show_the_plan_without_yes(
+        engine: FakeEngine, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--format", "json", "migration", "resolve", MIGRATION,
+                       "--to", "destination")
+    assert code == 0 and engine.calls[-1] == ("resolve_migration", MIGRATION,
+                                              "destination", False)
+    shown = json.loads(out)
+    assert shown["done"] is False and shown["next"].startswith("Nothing was done")
+    code, out, _ = run(capsys, "--format", "json", "hosts", "forget", "host-a", "--yes")
+    assert code == 0 and engine.calls[-1] == ("forget_host", "host-a", True)
+    assert json.loads(out)["done"] is True and "next" not in json.loads(out)
+    code, _, err = run(capsys, "migration", "resolve", MIGRATION, "--to", "nowhere")
+    assert code == 2 and "invalid choice: 'nowhere'" in err

@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 
+from tests import spec_tables as spec
 from vtpcm_common import exception
 from vtpcm_nova.engine import protocol as p
 from vtpcm_nova.engine.protocol import MigrationState as M
@@ -64,34 +65,66 @@ def test_every_state_has_a_route():
     assert set(ROUTES) == set(M)
 
 
-@pytest.mark.parametrize(("state", "event"), list(itertools.product(list(M), SAMPLE_EVENTS)),
-                         ids=lambda v: getattr(v, "value", type(v).__name__))
-def test_whole_table(state, event):
-    proto = at(state)
-    key = (state, type(event))
+SPEC_EVENTS = [*SAMPLE_EVENTS, p.Begin(destination_trusted=False, source_is_location=True,
+                                    generation_matches=True, reason="verdict UNTRUSTED")]
+
+
+def _spec_name(event: p.Event) -> str:
+    """The event's name in tests/spec_tables.py."""
     if isinstance(event, p.Begin):
-        legal = state in (M.NEW, M.SEALING, M.PREPARING, M.PREPARED)
-    else:
-        legal = key in p.TRANSITIONS or key in p.IDEMPOTENT
-    if legal:
+        ok = event.destination_trusted and event.source_is_location and event.generation_matches
+        return "Begin(ok)" if ok else "Begin(refused)"
+    return type(event).__name__
+
+
+@pytest.mark.parametrize(("state", "event"), list(itertools.product(list(M), SPEC_EVENTS)),
+                         ids=lambda v: getattr(v, "value", None) or _spec_name(v))
+def test_whole_table_against_the_spec(state, event):
+    """Every (state, event) pair does what the hand-written spec says: a
+    move, a no-op repeat, or a refusal that leaves the state as it was."""
+    proto = at(state)
+    key = (state.value, _spec_name(event))
+    if key in spec.PROTOCOL_MOVES:
         proto.handle(event)
-        if isinstance(event, p.Begin):
-            expected = M.SEALING if state is M.NEW else state
-        else:
-            expected = p.TRANSITIONS.get(key, state)
-        assert proto.state is expected
+        assert proto.state.value == spec.PROTOCOL_MOVES[key]
+    elif key in spec.PROTOCOL_REPEATS:
+        assert proto.handle(event) == []
+        assert proto.state is state
     else:
         with pytest.raises(exception.InvalidTransition) as err:
             proto.handle(event)
         assert proto.state is state, "an illegal event must not move the state"
-        assert state.value in str(err.value)
+        target = "Begin" if isinstance(event, p.Begin) else type(event).__name__
+        assert str(err.value) == "Illegal transition of migration m-1 from %s to %s" % (
+            state.value, target)
+
+
+def test_the_code_tables_are_the_spec_both_ways():
+    """Nothing in the code's tables that the spec lacks, and the reverse."""
+    code_moves = {(s.value, ev.__name__): to.value for (s, ev), to in p.TRANSITIONS.items()}
+    spec_moves = {k: v for k, v in spec.PROTOCOL_MOVES.items() if not k[1].startswith("Begin")}
+    assert code_moves == spec_moves
+    code_repeats = {(s.value, ev.__name__) for s, ev in p.IDEMPOTENT}
+    assert code_repeats == {k for k in spec.PROTOCOL_REPEATS if not k[1].startswith("Begin")}
+    assert {s.value for s in M} == spec.PROTOCOL_STATES
+    assert {s.value for s in p.TERMINAL} == spec.PROTOCOL_FINAL
+    assert {s.value for s in p.ABORTABLE} == set(spec.BEFORE_COMMIT_POINT)
+    assert {type(e).__name__ for e in SAMPLE_EVENTS} == {
+        ev.split("(")[0] for _, ev in [*spec.PROTOCOL_MOVES, *spec.PROTOCOL_REPEATS]}
 
 
 def test_terminal_states_accept_nothing_new():
-    for state in p.TERMINAL:
-        for event in SAMPLE_EVENTS:
-            key = (state, type(event))
-            assert key not in p.TRANSITIONS
+    for state in spec.PROTOCOL_FINAL:
+        for event in SPEC_EVENTS:
+            assert (state, _spec_name(event)) not in spec.PROTOCOL_MOVES
+            proto = at(M(state))
+            key = (state, _spec_name(event))
+            if key in spec.PROTOCOL_REPEATS:
+                assert proto.handle(event) == []
+            else:
+                with pytest.raises(exception.InvalidTransition):
+                    proto.handle(event)
+            assert proto.state.value == state
 
 
 def test_abort_after_commit_point_is_refused():
@@ -224,33 +257,38 @@ def test_an_explicit_abort_in_doubt_destroys_the_destination_regardless():
 
 def test_only_a_commit_request_passes_the_commit_point():
     """No event made of agent answers (unauthenticated) may lead into
-    COMMITTING: only the signed CommitRequested does."""
-    into_commit = {ev for (state, ev), to in p.TRANSITIONS.items() if to is M.COMMITTING}
-    assert into_commit == {p.CommitRequested}
-    assert {state for (state, ev), to in p.TRANSITIONS.items() if to is M.COMMITTING} == \
-        {M.PREPARED, M.TRANSFERRED, M.IN_DOUBT}
+    COMMITTING: only the signed CommitRequested does, from PREPARED,
+    TRANSFERRED (cold) or IN_DOUBT."""
+    into_commit = {key for key, to in spec.PROTOCOL_MOVES.items() if to == "COMMITTING"}
+    assert into_commit == {("PREPARED", "CommitRequested"), ("TRANSFERRED", "CommitRequested"),
+                           ("IN_DOUBT", "CommitRequested")}
+    for state in M:
+        for event in SPEC_EVENTS:
+            proto = at(state)
+            try:
+                proto.handle(event)
+            except exception.InvalidTransition:
+                continue
+            if proto.state is M.COMMITTING and state is not M.COMMITTING:
+                assert (state.value, _spec_name(event)) in into_commit
 
 
 # --- cold migration, resize: the state moves by the engine's transfer ---------------
 
-# The cold variant's rows, written out by hand: (state, event) -> next state.
-COLD_SPEC = {
-    (M.PREPARED, p.TransferRequested): M.TRANSFERRING,
-    (M.TRANSFERRING, p.StateTransferred): M.TRANSFERRED,
-    (M.TRANSFERRED, p.CommitRequested): M.COMMITTING,
-    **{(s, ev): M.ABORTING for s in (M.TRANSFERRING, M.TRANSFERRED)
-       for ev in (p.AbortRequested, p.Failure, p.DeadlinePassed)},
-}
-
+# The cold variant's rows are in tests/spec_tables.py with the others (written
+# out by hand there); test_the_code_tables_are_the_spec_both_ways holds the
+# code's table to all of them.
 
 def test_cold_rows_of_the_table_are_exactly_the_spec():
-    cold_states = {M.TRANSFERRING, M.TRANSFERRED}
-    cold_events = {p.TransferRequested, p.StateTransferred}
-    rows = {k: v for k, v in p.TRANSITIONS.items()
-            if k[0] in cold_states or k[1] in cold_events}
-    assert rows == COLD_SPEC
-    assert (M.TRANSFERRED, p.TransferRequested) in p.IDEMPOTENT
-    assert cold_states <= p.ABORTABLE and not cold_states & p.PENDING_WORK
+    cold_states = {"TRANSFERRING", "TRANSFERRED"}
+    cold_events = {"TransferRequested", "StateTransferred"}
+    rows = {(s.value, ev.__name__): to.value for (s, ev), to in p.TRANSITIONS.items()
+            if s.value in cold_states or ev.__name__ in cold_events}
+    assert rows == {k: v for k, v in spec.PROTOCOL_MOVES.items()
+                    if k[0] in cold_states or k[1] in cold_events}
+    assert ("TRANSFERRED", "TransferRequested") in spec.PROTOCOL_REPEATS
+    assert {M(s) for s in cold_states} <= p.ABORTABLE
+    assert not {M(s) for s in cold_states} & p.PENDING_WORK
 
 
 def test_cold_happy_path_actions_in_order():
@@ -298,3 +336,69 @@ def test_a_cold_migration_aborts_like_a_live_one(state):
     proto.handle(p.CommitRequested())  # the confirm, days later
     assert proto.state is M.COMMITTING
 
+
+
+# -- the actions each move asks for, exactly (audit records included) ---------
+
+A = p.Audit
+
+
+@pytest.mark.parametrize(("reason", "flags", "detail"), [
+    ("", (False, True, True), "destination not trusted"),
+    ("", (True, False, False),
+     "source is not where the vTPCM lives; generation does not match the authority"),
+    ("verdict UNTRUSTED", (False, False, True),
+     "destination not trusted; source is not where the vTPCM lives: verdict UNTRUSTED"),
+])
+def test_begin_refusal_audit_is_exact(reason, flags, detail):
+    proto = p.MigrationProtocol("m-2")
+    assert proto.handle(p.Begin(*flags, reason=reason)) == [
+        A(event="migration.begin", outcome="refused", detail=detail)]
+
+
+def test_actions_of_the_happy_path_are_exact():
+    proto = p.MigrationProtocol("m-1")
+    assert proto.handle(OK) == [A(event="migration.begin", outcome="accepted"), p.SealKey()]
+    assert proto.handle(p.KeySealed(envelope=b"e")) == [p.PrepareDestination(envelope=b"e")]
+    assert proto.handle(p.DestinationPrepared()) == []
+    assert proto.handle(p.CommitRequested()) == [
+        A(event="migration.commit", outcome="commit point passed"),
+        p.MoveAuthority(), p.CommitDestination()]
+    assert proto.handle(p.DestinationCommitted()) == [p.ShredSource()]
+    assert proto.handle(p.SourceShredded()) == []
+
+
+@pytest.mark.parametrize(("event", "detail", "only_if_unused"), [
+    (p.Failure("libvirt said no"), "libvirt said no", False),
+    (p.AbortRequested("operator"), "operator", False),
+    (p.DeadlinePassed(), "deadline passed", True),
+])
+def test_actions_of_an_abort_are_exact(event, detail, only_if_unused):
+    proto = at(M.PREPARED)
+    assert proto.handle(event) == [A(event="migration.abort", outcome="aborting", detail=detail),
+                                   p.DestroyDestination(only_if_unused=only_if_unused)]
+    assert proto.handle(p.DestinationDestroyed()) == [p.RestoreSource()]
+    assert proto.handle(p.SourceRestored()) == []
+
+
+def test_actions_in_doubt_and_discarding_are_exact():
+    proto = at(M.ABORTING)
+    assert proto.handle(p.DestinationInUse()) == [
+        A(event="migration.abort", outcome="in doubt",
+          detail="the destination received the state"), p.CheckSwitchover()]
+    assert proto.handle(p.AbortRequested("nova rolled back")) == [
+        A(event="migration.abort", outcome="discarding the destination",
+          detail="nova rolled back"), p.DestroyDestination(only_if_unused=False)]
+
+
+def test_no_pending_actions_outside_the_pending_states():
+    for state in M:
+        if state not in p.PENDING_WORK:
+            assert p.pending_actions(state) == []
+
+
+def test_actions_of_the_cold_path_are_exact():
+    proto = at(M.PREPARED)
+    assert proto.handle(p.TransferRequested()) == [p.TransferState()]
+    assert proto.handle(p.StateTransferred()) == [
+        A(event="migration.transfer", outcome="state transferred")]

@@ -22,6 +22,7 @@ from tpm2_pytss.types import (
     TPMU_SIGNATURE,
 )
 
+from tests.refusal import refused
 from vtpcm_common import exception, tpmpublic
 from vtpcm_nova.engine import verifier as V
 
@@ -94,7 +95,8 @@ def test_load_ak_computes_tpm_name() -> None:
 
 
 def test_load_ak_rejects_kem_key() -> None:
-    with pytest.raises(exception.InvalidAttestationKey, match="restricted, sign"):
+    with refused(exception.InvalidAttestationKey,
+                 'Attestation key of host h1 rejected: AK must be restricted, sign and fixedTPM'):
         V.load_ak(H(A["kem_public"]), host="h1")
 
 
@@ -114,14 +116,16 @@ def test_load_ak_rejects_wrong_key_kinds(template: str, attrs: int, reason: str)
 
 def test_load_ak_rejects_rsa() -> None:
     pub = TPM2B_PUBLIC.parse("rsa2048", objectAttributes=AK_ATTRS).publicArea
-    with pytest.raises(exception.InvalidAttestationKey, match="not an ECC key"):
+    with refused(exception.InvalidAttestationKey,
+                 'Attestation key of host <unknown> rejected: AK is not an ECC key'):
         V.load_ak(bytes(pub.marshal()))
 
 
 def test_load_ak_rejects_point_off_curve() -> None:
     pub, _ = TPMT_PUBLIC.unmarshal(H(A["ak_public"]))
     pub.unique.ecc.y = b"\x00" * 31 + b"\x05"
-    with pytest.raises(exception.InvalidAttestationKey, match="not on curve"):
+    with refused(exception.InvalidAttestationKey,
+                 'Attestation key of host <unknown> rejected: AK point is not on curve P-256'):
         V.load_ak(bytes(pub.marshal()))
 
 
@@ -145,25 +149,33 @@ def test_certification_valid(tpm: dict[str, Any], ak: V.AttestationKey) -> None:
 
 
 def test_certification_by_unknown_ak() -> None:
-    with pytest.raises(exception.CertificationError, match="signature does not verify"):
+    with refused(exception.CertificationError,
+                 'KEM key certification of host h1 rejected: signature does not verify under the '
+                 'enrolled AK'):
         V.verify_certification(AK_A, *cert_args(B), host="h1")
 
 
 def test_certification_of_other_kem_key() -> None:
     _, attest, sig, nonce = cert_args(A)
-    with pytest.raises(exception.CertificationError, match="certified name"):
+    with refused(exception.CertificationError,
+                 'KEM key certification of host <unknown> rejected: certified name is not the '
+                 'name of the KEM key'):
         V.verify_certification(AK_A, H(B["kem_public"]), attest, sig, nonce)
 
 
 def test_certification_wrong_nonce() -> None:
     kem, attest, sig, _ = cert_args(A)
-    with pytest.raises(exception.CertificationError, match="nonce mismatch"):
+    with refused(exception.CertificationError,
+                 'KEM key certification of host <unknown> rejected: nonce mismatch (stale or '
+                 'replayed attestation)'):
         V.verify_certification(AK_A, kem, attest, sig, b"\x00" * 32)
 
 
 def test_certification_rejects_quote() -> None:
     attest, sig, nonce, _ = quote_args(A)
-    with pytest.raises(exception.CertificationError, match="type"):
+    with refused(exception.CertificationError,
+                 'KEM key certification of host <unknown> rejected: attestation type is '
+                 'attest_quote, expected attest_certify'):
         V.verify_certification(AK_A, H(A["kem_public"]), attest, sig, nonce)
 
 
@@ -173,7 +185,9 @@ def test_certification_of_signing_key_refused(soft: Any) -> None:
     obj, _ = TPMS_ATTEST.unmarshal(H(A["certify"]["attest"]))
     obj.attested.certify.name = V.tpm_name(other)
     attest, sig = resign(soft, obj)
-    with pytest.raises(exception.CertificationError, match="lacks the attribute decrypt"):
+    with refused(exception.CertificationError,
+                 'KEM key certification of host <unknown> rejected: KEM key lacks the attribute '
+                 'decrypt'):
         V.verify_certification(soft[1], other, attest, sig, H(A["certify"]["nonce"]))
 
 
@@ -228,7 +242,8 @@ def test_certified_kem_key_with_wrong_scheme_refused(soft: Any) -> None:
     obj, _ = TPMS_ATTEST.unmarshal(H(A["certify"]["attest"]))
     obj.attested.certify.name = V.tpm_name(kem)
     attest, sig = resign(soft, obj)
-    with pytest.raises(exception.CertificationError, match="scheme is not ECDH"):
+    with refused(exception.CertificationError,
+                 'KEM key certification of host <unknown> rejected: KEM key scheme is not ECDH'):
         V.verify_certification(soft[1], kem, attest, sig, H(A["certify"]["nonce"]))
 
 
@@ -273,7 +288,9 @@ def test_quote_tampered_attest(region: str) -> None:
     attest, sig, nonce, pcrs = quote_args(A)
     bad = bytearray(attest)
     bad[REGIONS[region]] ^= 0x01
-    with pytest.raises(exception.QuoteVerificationError, match="signature does not verify"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: signature does not verify under the '
+                 'enrolled AK'):
         V.verify_quote(AK_A, bytes(bad), sig, nonce, pcrs)
 
 
@@ -282,26 +299,32 @@ def test_quote_tampered_signature(offset: int) -> None:
     attest, sig, nonce, pcrs = quote_args(A)
     bad = bytearray(sig)
     bad[offset] ^= 0x80
-    with pytest.raises(exception.QuoteVerificationError, match="signature"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: signature does not verify under the '
+                 'enrolled AK'):
         V.verify_quote(AK_A, attest, bytes(bad), nonce, pcrs)
 
 
 def test_quote_from_other_tpm() -> None:
-    with pytest.raises(exception.QuoteVerificationError, match="enrolled AK"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host h1 rejected: signature does not verify under the enrolled AK'):
         V.verify_quote(AK_A, *quote_args(B), host="h1")
 
 
 def test_quote_swapped_signature() -> None:
     attest, _, nonce, pcrs = quote_args(A, name="quote1")
     _, sig2, _, _ = quote_args(A, name="quote2")
-    with pytest.raises(exception.QuoteVerificationError, match="signature"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: signature does not verify under the '
+                 'enrolled AK'):
         V.verify_quote(AK_A, attest, sig2, nonce, pcrs)
 
 
 def test_quote_replayed_nonce() -> None:
     attest, sig, _, pcrs = quote_args(A, name="quote1")
     fresh = quote_args(A, name="quote2")[2]
-    with pytest.raises(exception.QuoteVerificationError, match="host h1 rejected: nonce mismatch"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host h1 rejected: nonce mismatch (stale or replayed attestation)'):
         V.verify_quote(AK_A, attest, sig, fresh, pcrs, host="h1")
 
 
@@ -309,7 +332,9 @@ def test_quote_pcr_value_lie() -> None:
     # the agent reports the golden values while the TPM quoted the rogue PCR 16
     attest, sig, nonce, _ = quote_args(A, name="quote_tampered_pcr")
     golden = pcrs_of(A["boot1"]["quote1"])
-    with pytest.raises(exception.QuoteVerificationError, match="PCR digest"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: PCR digest does not match the reported PCR '
+                 'values'):
         V.verify_quote(AK_A, attest, sig, nonce, golden)
 
 
@@ -326,7 +351,9 @@ def test_quote_selection_mismatch(change: str) -> None:
 
 def test_quote_certify_is_not_a_quote() -> None:
     c = A["certify"]
-    with pytest.raises(exception.QuoteVerificationError, match="type"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: attestation type is attest_certify, '
+                 'expected attest_quote'):
         V.verify_quote(AK_A, H(c["attest"]), H(c["signature"]), H(c["nonce"]),
                        pcrs_of(A["boot1"]["quote1"]))
 
@@ -336,7 +363,9 @@ def test_quote_bad_magic(soft: Any) -> None:
     obj.magic = 0x12345678
     attest, sig = resign(soft, obj)
     _, _, nonce, pcrs = quote_args(A)
-    with pytest.raises(exception.QuoteVerificationError, match="magic"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: attestation was not generated by a TPM '
+                 '(bad magic)'):
         V.verify_quote(soft[1], attest, sig, nonce, pcrs)
 
 
@@ -345,7 +374,9 @@ def test_quote_wrong_type_signed(soft: Any) -> None:
     obj.type = TPM2_ST.ATTEST_TIME
     attest, sig = resign(soft, obj)
     _, _, nonce, pcrs = quote_args(A)
-    with pytest.raises(exception.QuoteVerificationError, match="type"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: attestation type is attest_time, expected '
+                 'attest_quote'):
         V.verify_quote(soft[1], attest, sig, nonce, pcrs)
 
 
@@ -354,7 +385,8 @@ def test_quote_wrong_bank(soft: Any) -> None:
     obj.attested.quote.pcrSelect[0].hash = TPM2_ALG.SHA1
     attest, sig = resign(soft, obj)
     _, _, nonce, pcrs = quote_args(A)
-    with pytest.raises(exception.QuoteVerificationError, match="bank is not sha256"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: quoted PCR bank is not sha256'):
         V.verify_quote(soft[1], attest, sig, nonce, pcrs)
 
 
@@ -376,7 +408,8 @@ def test_quote_bad_pcr_values(bad_pcrs: Any, reason: str) -> None:
 
 
 def test_quote_unsupported_bank() -> None:
-    with pytest.raises(exception.QuoteVerificationError, match="unsupported"):
+    with refused(exception.QuoteVerificationError,
+                 "Quote from host <unknown> rejected: unsupported PCR bank 'md5'"):
         V.verify_quote(AK_A, *quote_args(A), bank="md5")
 
 
@@ -394,13 +427,15 @@ def test_quote_truncated(which: str, cut: int) -> None:
 
 def test_quote_trailing_bytes_rejected() -> None:
     attest, sig, nonce, pcrs = quote_args(A)
-    with pytest.raises(exception.QuoteVerificationError, match="trailing"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: signature has 1 trailing bytes'):
         V.verify_quote(AK_A, attest, sig + b"\x00", nonce, pcrs)
 
 
 def test_quote_empty_nonce_refused() -> None:
     attest, sig, _, pcrs = quote_args(A)
-    with pytest.raises(exception.QuoteVerificationError, match="nonce"):
+    with refused(exception.QuoteVerificationError,
+                 'Quote from host <unknown> rejected: nonce must be non-empty bytes'):
         V.verify_quote(AK_A, attest, sig, b"", pcrs)
 
 
@@ -479,7 +514,7 @@ def test_evaluate_combines_reasons() -> None:
 
 
 def test_evaluate_unknown_reboot_policy() -> None:
-    with pytest.raises(exception.InvalidInput):
+    with refused(exception.InvalidInput, "Invalid input: unknown reboot policy 'sometimes'"):
         V.evaluate(ev(), GOLDEN, None, reboot_policy="sometimes")  # type: ignore[arg-type]
 
 
@@ -502,3 +537,141 @@ def test_evaluate_with_real_vectors() -> None:
 def test_vectors_nonce_derivation_is_documented() -> None:
     # nonces in the vectors are sha256(label + tag): keeps regenerated vectors stable
     assert A["boot1"]["quote1"]["nonce"] == hashlib.sha256(b"tpm_aq1").hexdigest()
+
+
+# ---- found by mutation testing (tools/mutation.sh verifier) ------------------------
+
+def test_evaluate_reasons_are_exact() -> None:
+    v = V.evaluate(ev(clock=1, reset=5, restart=2, pcrs={0: b"\x01" * 32, 16: b"\x16" * 32}),
+                   GOLDEN, PREV)
+    assert v.reason == ("PCR 0 differs from policy 'golden'; TPM clock went backwards "
+                        "(100 -> 1): replay or state rollback")
+    assert v.rebooted is False
+    v = V.evaluate(ev(clock=1, reset=6, restart=0), GOLDEN, PREV, reboot_policy="accept")
+    assert (v.status, v.rebooted) == (V.TrustStatus.TRUSTED, True)
+    assert v.reason == "quote verified; PCRs match policy 'golden'"
+    for reset, restart, text in (
+            (4, 2, "TPM resetCount went backwards (5 -> 4): replay or state rollback"),
+            (5, 1, "TPM restartCount went backwards (2 -> 1): replay or state rollback")):
+        assert V.evaluate(ev(500, reset, restart), GOLDEN, PREV).reason == text
+
+
+def test_quote_evidence_carries_the_clock_and_firmware() -> None:
+    attest, sig, nonce, pcrs = quote_args(A)
+    evidence = V.verify_quote(AK_A, attest, sig, nonce, pcrs, host="h1")
+    info, _ = TPMS_ATTEST.unmarshal(attest)
+    assert evidence.safe is bool(info.clockInfo.safe) is True
+    assert evidence.firmware_version == int(info.firmwareVersion) != 0
+    assert evidence.restart_count == int(info.clockInfo.restartCount)
+
+
+def test_load_ak_keeps_its_public_area_and_name() -> None:
+    ak = V.load_ak(H(A["ak_public"]), host="h1")
+    assert ak.public == H(A["ak_public"]) and ak.name == V.tpm_name(H(A["ak_public"]))
+
+
+def _ecc_public(template: str, decrypt: bool = False, name_alg: int | None = None,
+                x_len: int = 32) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pub = TPM2B_PUBLIC.parse(template, objectAttributes=AK_ATTRS).publicArea
+    if decrypt:  # set after parsing: the parser refuses sign together with decrypt
+        pub.objectAttributes |= TPMA_OBJECT.DECRYPT
+    nums = key.public_key().public_numbers()
+    pub.unique.ecc.x = nums.x.to_bytes(32, "big")[:x_len]
+    pub.unique.ecc.y = nums.y.to_bytes(32, "big")
+    if name_alg is not None:
+        pub.nameAlg = name_alg
+    return bytes(pub.marshal())
+
+
+@pytest.mark.parametrize(("public", "reason"), [
+    (b"\x00\x23garbage", "AK public area is malformed or truncated"),
+    (_ecc_public("ecc384:ecdsa-sha256:null"), "AK curve is not NIST P-256"),
+    (_ecc_public("ecc256:ecdsa-sha256:null", decrypt=True), "AK must not be a decryption key"),
+    (_ecc_public("ecc256:ecdsa-sha384:null"), "AK scheme is not ECDSA-SHA256"),
+    (_ecc_public("ecc256:ecdsa-sha256:null", name_alg=TPM2_ALG.SHA1),
+     "name algorithm of a key is not SHA-256"),
+    (_ecc_public("ecc256:ecdsa-sha256:null", x_len=31), "AK point has the wrong size"),
+], ids=["garbage", "p384", "decrypt", "sha384", "name-sha1", "short-x"])
+def test_ak_refusals_name_host_and_reason(public: bytes, reason: str) -> None:
+    with refused(exception.InvalidAttestationKey,
+                 "Attestation key of host h1 rejected: " + reason):
+        V.load_ak(public, host="h1")
+
+
+@pytest.mark.parametrize(("public", "reason"), [
+    (b"\x00\x23garbage", "public area is malformed or truncated"),
+    (_ecc_public("ecc256:ecdsa-sha256:null", name_alg=TPM2_ALG.SHA1),
+     "name algorithm of a key is not SHA-256"),
+], ids=["garbage", "name-sha1"])
+def test_tpm_name_refusals(public: bytes, reason: str) -> None:
+    with refused(exception.InvalidAttestationKey,
+                 "Attestation key of host <unknown> rejected: " + reason):
+        V.tpm_name(public)
+
+
+def test_certification_of_garbage_and_custom_nonce_reason(soft: Any) -> None:
+    garbage = b"\xff\x54\x43\x47garbage"
+    with refused(exception.CertificationError, "KEM key certification of host h1 rejected: "
+                 "attestation is malformed or truncated"):
+        V.verify_certification(soft[1], H(A["kem_public"]), garbage,
+                               soft_sign(soft[0], garbage), b"n" * 32, host="h1")
+    c = A["certify"]
+    obj, _ = TPMS_ATTEST.unmarshal(H(c["attest"]))
+    attest, sig = resign(soft, obj)
+    with refused(exception.CertificationError, "KEM key certification of host h1 rejected: "
+                 "not this enrollment's nonce"):
+        V.verify_certification(soft[1], H(A["kem_public"]), attest, sig, b"other nonce",
+                               host="h1", nonce_mismatch="not this enrollment's nonce")
+
+
+def test_quote_refusals_name_host_and_reason(soft: Any) -> None:
+    attest, sig, nonce, pcrs = quote_args(A)
+    garbage = b"\xff\x54\x43\x47garbage"
+    cases = [
+        (AK_A, attest, sig, nonce, {}, "reported PCR values must be a non-empty mapping"),
+        (AK_A, attest, sig, nonce, {**pcrs, 24: b"\x00" * 32},
+         "reported PCR index 24 is invalid"),
+        (AK_A, attest, sig, nonce, {**pcrs, 0: b"\x00" * 31},
+         "reported PCR 0 value is not 32 bytes"),
+        (AK_A, b"", sig, nonce, pcrs, "attestation must be non-empty bytes"),
+        (soft[1], garbage, soft_sign(soft[0], garbage), nonce, pcrs,
+         "attestation is malformed or truncated"),
+    ]
+    for ak, at, sg, nc, values, reason in cases:
+        with refused(exception.QuoteVerificationError, "Quote from host h1 rejected: " + reason):
+            V.verify_quote(ak, at, sg, nc, values, host="h1")
+
+
+def test_a_pcr_at_the_highest_index_passes_the_value_check() -> None:
+    attest, sig, nonce, pcrs = quote_args(A)
+    with refused(exception.QuoteVerificationError,  # the selection, not the index
+                 "Quote from host h1 rejected: quoted PCR selection [0, 1, 2, 3, 7, 16] "
+                 "differs from reported PCRs [0, 1, 2, 3, 7, 16, 23]"):
+        V.verify_quote(AK_A, attest, sig, nonce, {**pcrs, 23: b"\x00" * 32}, host="h1")
+
+
+@pytest.mark.parametrize(("sig_alg", "hash_alg"), [(TPM2_ALG.ECDSA, TPM2_ALG.SHA1),
+                                                    (TPM2_ALG.ECSCHNORR, TPM2_ALG.SHA256)],
+                         ids=["ecdsa-sha1", "schnorr-sha256"])
+def test_signature_scheme_is_checked_both_ways(soft: Any, sig_alg: int, hash_alg: int) -> None:
+    obj = real_quote_obj()
+    attest, good = resign(soft, obj)
+    sig, _ = TPMT_SIGNATURE.unmarshal(good)
+    sig.sigAlg = sig_alg
+    sig.signature.ecdsa.hash = hash_alg
+    _, _, nonce, pcrs = quote_args(A)
+    with refused(exception.QuoteVerificationError,
+                 "Quote from host h1 rejected: signature is not ECDSA-SHA256"):
+        V.verify_quote(soft[1], attest, bytes(sig.marshal()), nonce, pcrs, host="h1")
+
+
+def test_a_quote_over_two_banks_is_refused(soft: Any) -> None:
+    from tpm2_pytss.types import TPML_PCR_SELECTION
+    obj = real_quote_obj()
+    obj.attested.quote.pcrSelect = TPML_PCR_SELECTION.parse("sha256:0,1+sha1:0")
+    attest, sig = resign(soft, obj)
+    _, _, nonce, pcrs = quote_args(A)
+    with refused(exception.QuoteVerificationError,
+                 "Quote from host h1 rejected: quote must select exactly one PCR bank"):
+        V.verify_quote(soft[1], attest, sig, nonce, pcrs, host="h1")

@@ -233,3 +233,49 @@ class MigrationInfo(Message):
     generation: int = field(wire.int_field(0, 2**62))
     state: str = field(wire.text_field(32))
     error: str | None = field(wire.optional(wire.text_field(4000)))
+
+
+# --- 1.4: operator decisions (issue 10) ----------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ResolveMigration(Message):
+    """Settle a migration the protocol cannot settle alone; without
+    ``execute`` only the plan is returned."""
+
+    message_type = "resolve_migration"
+    migration_id: str = field(wire.uuid_field)
+    to: str = field(wire.choice_field("source", "destination"))
+    execute: bool = field(wire.bool_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class ForgetHost(Message):
+    """Drop the records of a host gone for good; without ``execute`` only the plan."""
+
+    message_type = "forget_host"
+    host: str = field(wire.host_field)
+    execute: bool = field(wire.bool_field)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution(Message):
+    """What an operator decision does (``plan``, plain words) and whether it ran."""
+
+    message_type = "resolution"
+    action: str = field(wire.text_field(200))
+    plan: str = field(wire.text_field(4000))
+    done: bool = field(wire.bool_field)
+    state: str | None = field(wire.optional(wire.text_field(32)))
+
+
+@dataclasses.dataclass(frozen=True)
+class SwtpmRestartReport(Message):
+    """An agent's report that a vTPCM's swtpm died and what it did about it."""
+
+    message_type = "swtpm_restart_report"
+    host: str = field(wire.host_field)
+    instance_uuid: str = field(wire.uuid_field)
+    vtpcm_id: str = field(wire.uuid_field)
+    state: str = field(wire.text_field(32))
+    outcome: str = field(wire.choice_field("restarted", "not-restarted"))
+    detail: str = field(wire.text_field(1000))

@@ -36,7 +36,14 @@ API version history:
           command key (the key agents pin), so the Nova driver takes
           another host's key only from the engine (``[vtpcm]
           engine_public_key``).
-    1.7 - start_incoming (in ``HOST_METHODS``, signed by the migration's
+    1.7 - resolve_migration, forget_host (in ``ADMIN_METHODS``): the
+          operator settles a migration the protocol cannot settle alone
+          (``--to source|destination``) or drops the records of a host gone
+          for good; each answers a ``Resolution`` (the plan in plain words,
+          and whether it ran). report_swtpm_restart (in ``HOST_METHODS``,
+          signed by the reporting host): the agent's watchdog puts each
+          swtpm restart (or failed restart) into the engine's audit log.
+    1.8 - start_incoming (in ``HOST_METHODS``, signed by the migration's
           destination): restart the received incoming vTPCM of a cold
           migration or resize not yet confirmed (TRANSFERRED or IN_DOUBT)
           whose swtpm stopped with its guest, so the guest can start again
@@ -70,18 +77,19 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.7"
+RPC_API_VERSION = "1.8"
 
 R = TypeVar("R", bound=Message)
 
 # State-changing calls that decide which hosts are trusted: operator-signed.
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
-                           "put_policy", "record_policy", "destroy_shelved_vtpcm"})
+                           "put_policy", "record_policy", "resolve_migration",
+                           "forget_host", "destroy_shelved_vtpcm"})
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
                           "check_destination", "begin", "commit", "abort",
                           "transfer_state", "replace_vtpcm", "shelve_vtpcm",
-                          "unshelve_vtpcm", "start_incoming"})
+                          "unshelve_vtpcm", "report_swtpm_restart", "start_incoming"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -98,9 +106,12 @@ METHOD_VERSIONS: dict[str, str] = {
     "shelve_vtpcm": "1.5",
     "unshelve_vtpcm": "1.5",
     "signed_host_command_key": "1.6",
-    "start_incoming": "1.7",
-    "list_vtpcms": "1.7",
-    "destroy_shelved_vtpcm": "1.7",
+    "resolve_migration": "1.7",
+    "forget_host": "1.7",
+    "report_swtpm_restart": "1.7",
+    "start_incoming": "1.8",
+    "list_vtpcms": "1.8",
+    "destroy_shelved_vtpcm": "1.8",
 }
 
 
@@ -280,6 +291,18 @@ class EngineAPI(rpc.Client):
     def abort(self, migration_id: str, reason: str) -> m.MigrationInfo:
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
                           m.MigrationInfo)
+
+    def resolve_migration(self, migration_id: str, to: str,
+                          execute: bool = False) -> m.Resolution:
+        return self._ask("resolve_migration", m.ResolveMigration(migration_id, to, execute),
+                         m.Resolution)
+
+    def forget_host(self, host: str, execute: bool = False) -> m.Resolution:
+        return self._ask("forget_host", m.ForgetHost(host, execute), m.Resolution)
+
+    def report_swtpm_restart(self, report: m.SwtpmRestartReport,
+                             timeout: float | None = None) -> m.Empty:
+        return self._ask("report_swtpm_restart", report, m.Empty, timeout=timeout)
 
     def get_migration(self, migration_id: str) -> m.MigrationInfo:
         return self._ask("get_migration", m.MigrationRef(migration_id), m.MigrationInfo)

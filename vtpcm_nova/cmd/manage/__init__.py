@@ -19,11 +19,13 @@ Commands::
     vtpcm list [--state STATE] [--host HOST]
     vtpcm destroy INSTANCE_UUID   (a SHELVED one only; operator-signed)
     migration show MIGRATION_ID
+    migration resolve MIGRATION_ID --to source|destination [--yes]
+    hosts forget HOST [--yes]
     keys create PATH
     db sync [--revision REV] | db version
 
-Admin commands (hosts enroll/approve/revoke/assign-policy, policies
-record/set) change what the engine trusts: they are signed with an operator
+Admin commands (hosts enroll/approve/revoke/assign-policy/forget, policies
+record/set, migration resolve) change what the engine trusts: they are signed with an operator
 key, ``--admin-key PATH`` or ``[manage] admin_key``, whose public half is in
 the engine's ``[engine] admin_public_keys``. Without a key they stop here
 with exit 2; the engine refuses a call signed by a key it does not know

@@ -7,6 +7,7 @@ Why one builder: the CLI reference in doc/ is generated from it
 import argparse
 from typing import Any
 
+from vtpcm_nova.cmd.manage import settle
 from vtpcm_nova.cmd.manage.argtypes import (
     PcrValues,
     audit_limit,
@@ -39,7 +40,7 @@ from vtpcm_nova.cmd.manage.views import (
 # Commands that change what the engine trusts: signed with an operator key.
 ADMIN_COMMANDS: frozenset[Command] = frozenset({
     hosts_enroll, hosts_approve, hosts_revoke, hosts_assign_policy, policies_record,
-    policies_set, vtpcm_destroy})
+    policies_set, vtpcm_destroy}) | settle.ADMIN_COMMANDS
 
 
 def _format_opt() -> argparse.ArgumentParser:
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     migration = group("migration", "vTPCM migrations")
     command(migration, "show", migration_show, "show a vTPCM migration").add_argument(
         "migration_id", metavar="MIGRATION_ID")
+    settle.add_commands(hosts, migration, command)
 
     keys = group("keys", "operator keys that sign admin commands")
     create = keys.add_parser(

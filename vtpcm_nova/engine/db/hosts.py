@@ -108,6 +108,25 @@ class HostStore(KeyStore, TrustStore):
                               expires_at or now)
             return host_rec(self._host_row(s, name))
 
+    def forget_host(self, name: str) -> list[str]:
+        """Remove a REVOKED (or PENDING) host gone for good in one transaction:
+        its row, verdict, clock state, the keys bound to its name (so its TPM
+        may enroll again elsewhere) and the vTPCM records located on it.
+        Returns the instances whose vTPCM record was dropped."""
+        with self.session() as s:
+            row = self._host_row(s, name)
+            if row.status == HostStatus.APPROVED.value:
+                raise exception.InvalidTransition(what="host", key=name, current=row.status,
+                                                  target="forgotten")
+            lost = list(s.scalars(select(models.Vtpcm.instance_uuid)
+                                  .where(models.Vtpcm.host == name)
+                                  .order_by(models.Vtpcm.instance_uuid)))
+            for table in (models.Vtpcm, models.VerdictRow, models.ClockStateRow,
+                          models.EnrolledKey):
+                s.execute(delete(table).where(table.host == name))
+            s.delete(row)
+            return lost
+
     def get_host(self, name: str) -> HostRecord:
         with self.session() as s:
             return host_rec(self._host_row(s, name))

@@ -1,0 +1,219 @@
+"""Convergence without an operator, and the operator's tools where a human
+must decide (issue 10). Real engine daemon, two real agent daemons with
+swtpm host-TPM stand-ins, RabbitMQ; the QEMU stream is stood in for by the
+agents' state collector (export_state on the source, import_state on the
+destination), which sets the state into the destination swtpm the way
+QEMU's incoming side does."""
+
+import dataclasses
+import os
+import shutil
+import signal
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.functional import tpmtools
+from tests.functional.harness import (
+    AgentDaemon,
+    ClusterHost,
+    EngineDaemon,
+    agent_cluster,
+    client_conf,
+    short_dir,
+    wait_for,
+)
+from vtpcm_common import authn, exception
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine import messages as em
+from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_lab import daemons
+
+pytestmark = pytest.mark.functional
+
+PCRS = (0, 7)
+
+
+@dataclasses.dataclass
+class Deployment:
+    operator: EngineAPI
+    at: dict[str, EngineAPI]  # label -> the engine as that host's Nova driver calls it
+    hosts: dict[str, ClusterHost]
+    agents: AgentAPI
+    engine: EngineDaemon
+
+
+def _host_key(agent: AgentDaemon) -> Path:
+    return Path(agent.config["agent"]["state_dir"]) / "host-command.key"
+
+
+@pytest.fixture(scope="module")
+def deployment():
+    work = short_dir("vtconv")
+    exchange = "vtpcm-conv-" + uuid.uuid4().hex[:8]
+    conf = client_conf(exchange)
+    agents = AgentAPI(conf, timeout=30)
+    operator = EngineAPI(conf, timeout=60)
+    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
+                          extra={"attestation": {"verdict_ttl": 600}})
+    try:
+        with agent_cluster(work, "cv", exchange, agents) as raw:
+            engine.start()
+            engine.wait_ready(operator)
+            hosts = {label: ClusterHost(*h) for label, h in zip(("a", "b"), raw, strict=True)}
+            for host in hosts.values():
+                assert operator.enroll(host.name).status == "APPROVED"
+            operator.record_policy("golden", hosts["a"].name, PCRS, "stand-in boot")
+            at = {}
+            for label, host in hosts.items():
+                operator.assign_policy(host.name, "golden")
+                assert operator.attest(host.name).status == "TRUSTED"
+                at[label] = EngineAPI(conf, operator.transport, timeout=60,
+                                      host_signer=authn.load_host_key(_host_key(host.agent)))
+            yield Deployment(operator, at, hosts, agents, engine)
+    finally:
+        engine.stop()
+        agents.transport.cleanup()
+        operator.transport.cleanup()
+        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _running_vtpcm(d: Deployment, label: str) -> tuple[str, str]:
+    """A started vTPCM on host ``label`` with guest state in it: (instance, vtpcm id)."""
+    instance = str(uuid.uuid4())
+    rec = d.at[label].create_vtpcm(instance, d.hosts[label].name)
+    d.at[label].start_vtpcm(instance)
+    tpmtools.write_guest_state(d.hosts[label].paths(instance, rec.vtpcm_id),
+                               b"tenant NV " + os.urandom(8), os.urandom(32), make_key=True)
+    return instance, rec.vtpcm_id
+
+
+def _switchover(d: Deployment, instance: str, src: str, dst: str) -> None:
+    """QEMU's stop-and-copy, stood in for by the state collector."""
+    d.agents.import_state(d.hosts[dst].name,
+                          d.agents.export_state(d.hosts[src].name, instance))
+
+
+def _permanent(state: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in state.items() if k != "pcr16"}
+
+
+def test_destination_swtpm_dying_after_the_switchover_is_restarted_and_commits(deployment):
+    """Issue 10's first case: it stayed COMMITTING forever, with the guest's
+    TPM dead on the destination. Now the destination agent restarts its
+    swtpm from the state it received and the source's commit lands."""
+    d = deployment
+    a, b = d.hosts["a"], d.hosts["b"]
+    instance, vtpcm_id = _running_vtpcm(d, "a")
+    before = tpmtools.read_guest_state(a.paths(instance, vtpcm_id), with_key=True)
+    mid = str(uuid.uuid4())
+    assert d.at["a"].begin(mid, instance, a.name, b.name).state == "PREPARED"
+    _switchover(d, instance, "a", "b")
+    incoming = d.agents.get(b.name, instance)
+    os.kill(incoming.pid, signal.SIGKILL)
+    done = d.at["a"].commit(mid)  # Nova's post_live_migration, at once
+    assert done.state == "COMMITTED", done
+    rec = d.operator.get_vtpcm(instance)
+    assert (rec.host, rec.generation, rec.vtpcm_id) == (b.name, 1, incoming.vtpcm_id)
+    now = d.agents.get(b.name, instance)
+    assert (now.state, now.running, now.generation) == ("ACTIVE", True, 1)
+    assert now.pid != incoming.pid
+    assert d.agents.get(a.name, instance).state == "DESTROYED"  # shredded only now
+    paths = b.paths(instance, incoming.vtpcm_id)
+    tpmtools.power_on(paths)  # QEMU after the hard reboot the operator is told to do
+    assert _permanent(tpmtools.read_guest_state(paths, with_key=True)) == _permanent(before)
+    assert "AUDIT swtpm of instance %s (vTPCM %s, MIGRATING_IN) died" % (
+        instance, incoming.vtpcm_id) in b.agent.log_text()
+    # and in the engine's audit, reported by B's agent with B's host key
+    wait_for("the restart in the engine's audit", lambda: [
+        e for e in d.operator.list_audit(limit=100, host=b.name).entries
+        if (e.event, e.outcome, e.instance) == ("vtpcm.swtpm", "restarted", instance)], 20)
+    # a host reports on its own vTPCMs only: A no longer holds this one
+    report = em.SwtpmRestartReport(a.name, instance, incoming.vtpcm_id, "ACTIVE",
+                                   "restarted", "forged")
+    with pytest.raises(exception.VTPCMNotHere, match="reports on its own vTPCMs only"):
+        d.at["a"].report_swtpm_restart(report)
+    d.at["b"].destroy_vtpcm(instance)
+
+
+def _audits(d: Deployment, event: str, migration_id: str | None = None) -> list[str]:
+    return [e.outcome for e in d.operator.list_audit(limit=500).entries
+            if e.event == event and (migration_id is None or e.migration_id == migration_id)]
+
+
+def test_operator_resolves_a_migration_its_source_never_committed(deployment):
+    """The source's Nova never sends its commit (its host died after the
+    switchover): the operator, who sees the guest on B, resolves to the
+    destination. Without --yes (execute) only the plan comes back; a choice
+    that would bring back an older generation is refused; all is audited."""
+    d = deployment
+    a, b = d.hosts["a"], d.hosts["b"]
+    instance, _ = _running_vtpcm(d, "a")
+    mid = str(uuid.uuid4())
+    d.at["a"].begin(mid, instance, a.name, b.name)
+    _switchover(d, instance, "a", "b")
+
+    plan = d.operator.resolve_migration(mid, "destination")
+    assert (plan.done, plan.state) == (False, "PREPARED")
+    assert plan.plan.startswith("Commit migration %s of instance %s: the vTPCM on %s becomes "
+                                "the authority at generation 1" % (mid, instance, b.name))
+    assert d.operator.get_migration(mid).state == "PREPARED"  # nothing done
+    assert d.agents.get(a.name, instance).state == "MIGRATING_OUT"
+
+    done = d.operator.resolve_migration(mid, "destination", execute=True)
+    assert (done.done, done.state) == (True, "COMMITTED")
+    assert d.operator.get_vtpcm(instance).host == b.name
+    assert d.agents.get(a.name, instance).state == "DESTROYED"
+    assert d.agents.get(b.name, instance).state == "ACTIVE"
+    with pytest.raises(exception.ResolutionRefused, match="already COMMITTED"):
+        d.operator.resolve_migration(mid, "source", execute=True)
+    assert _audits(d, "migration.resolve", mid) == ["refused", "resolved", "planned"]
+    d.at["b"].destroy_vtpcm(instance)
+
+
+def test_operator_resolve_refuses_to_shred_the_only_good_copy(deployment):
+    """Before the switchover the destination holds no state: resolving to it
+    would shred the source's copy. Refused, audited, nothing changes; back to
+    the source is allowed and restores it."""
+    d = deployment
+    a, b = d.hosts["a"], d.hosts["b"]
+    instance, _ = _running_vtpcm(d, "a")
+    mid = str(uuid.uuid4())
+    d.at["a"].begin(mid, instance, a.name, b.name)
+    incoming = d.agents.get(b.name, instance)
+    # the incoming swtpm dies and its (empty) state dir goes: nothing to commit
+    os.kill(incoming.pid, signal.SIGKILL)
+    shutil.rmtree(b.paths(instance, incoming.vtpcm_id).state_dir)
+    with pytest.raises(exception.ResolutionRefused,
+                       match="the only good one"):
+        d.operator.resolve_migration(mid, "destination", execute=True)
+    assert d.operator.get_migration(mid).state == "PREPARED"
+    assert d.agents.get(a.name, instance).state == "MIGRATING_OUT"
+    done = d.operator.resolve_migration(mid, "source", execute=True)
+    assert done.state == "ABORTED"
+    back = d.agents.get(a.name, instance)
+    assert (back.state, back.generation) == ("ACTIVE", 0)
+    d.at["a"].destroy_vtpcm(instance)
+
+
+def test_operator_forgets_a_host_gone_for_good(deployment):
+    """Last in this module: host B's agent goes away for good. Forget is
+    refused while B is approved, then shows and drops B's records."""
+    d = deployment
+    b = d.hosts["b"]
+    instance, _ = _running_vtpcm(d, "b")
+    b.agent.kill9()
+    with pytest.raises(exception.ResolutionRefused, match="revoke it first"):
+        d.operator.forget_host(b.name, execute=True)
+    d.operator.revoke_host(b.name)
+    plan = d.operator.forget_host(b.name)
+    assert not plan.done and instance in plan.plan and "lost with it" in plan.plan
+    assert d.operator.show_host(b.name).status == "REVOKED"
+    assert d.operator.forget_host(b.name, execute=True).done
+    with pytest.raises(exception.NotFound):
+        d.operator.show_host(b.name)
+    with pytest.raises(exception.NotFound):
+        d.operator.get_vtpcm(instance)
+    assert _audits(d, "host.forget") == ["forgotten", "planned", "refused"]

@@ -1,0 +1,96 @@
+"""Issue 9 point 3, agent side: unsigned TPM calls beyond the rate limit are
+refused before the TPM is touched; the engine's vouched (signed) calls are
+not counted, and a vouched call whose signature does not verify is refused."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from oslo_messaging.rpc.dispatcher import ExpectedException
+
+from vtpcm_agent.hosttpm import QuoteResult
+from vtpcm_agent.manager import AgentManager
+from vtpcm_common import authn, exception
+from vtpcm_common.api.agent import messages as m
+from vtpcm_common.ratelimit import TokenBucket
+
+HOST = "cmp1"
+
+
+class CountingTPM:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def quote(self, nonce: bytes, pcrs: Any, bank: str) -> QuoteResult:
+        self.calls.append("quote")
+        return QuoteResult(attest=b"a", signature=b"s", pcr_values={0: b"\0" * 32})
+
+    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
+        self.calls.append("activate_credential")
+        return b"k" * 32
+
+
+class Frozen:
+    def __call__(self) -> float:
+        return 0.0
+
+
+@pytest.fixture
+def agent(tmp_path: Path) -> Any:
+    engine = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate())
+    (tmp_path / "engine.pub").write_bytes(engine.public_key_pem())
+    tpm = CountingTPM()
+    manager = AgentManager(HOST, None, tpm,  # type: ignore[arg-type]
+                           verifier=authn.CommandVerifier(tmp_path / "engine.pub", HOST),
+                           unsigned_limit=TokenBucket(1.0, 2, clock=Frozen()),
+                           activation_limit=TokenBucket(1.0, 1, clock=Frozen()))
+    return manager, tpm, engine
+
+
+def _call(manager: AgentManager, method: str, payload: Any, auth: Any = None) -> Any:
+    try:
+        return getattr(manager, method)({}, payload=payload, auth=auth)
+    except ExpectedException as err:
+        raise err.exc_info[1] from None
+
+
+QUOTE = m.QuoteRequest(b"n" * 32, (0,), "sha256").to_wire()
+CHALLENGE = m.CredentialChallenge(b"\x00\x01b", b"\x00\x01s").to_wire()
+
+
+def test_unsigned_calls_beyond_the_limit_never_reach_the_tpm(agent: Any) -> None:
+    manager, tpm, _ = agent
+    _call(manager, "quote", QUOTE)
+    _call(manager, "quote", QUOTE)
+    with pytest.raises(exception.RateLimited, match="Too many unsigned TPM calls"):
+        _call(manager, "quote", QUOTE)
+    _call(manager, "activate_credential", CHALLENGE)  # a bucket of its own
+    with pytest.raises(exception.RateLimited, match="Too many credential activations"):
+        _call(manager, "activate_credential", CHALLENGE)
+    assert tpm.calls == ["quote", "quote", "activate_credential"]
+
+
+def test_the_engines_vouched_calls_are_not_counted(agent: Any) -> None:
+    manager, tpm, engine = agent
+    for _ in range(2):
+        _call(manager, "quote", QUOTE)  # the flood used up the bucket
+    for _ in range(5):
+        _call(manager, "quote", QUOTE, engine.sign("quote", HOST, QUOTE))
+        _call(manager, "activate_credential", CHALLENGE,
+              engine.sign("activate_credential", HOST, CHALLENGE))
+    assert tpm.calls.count("quote") == 7 and tpm.calls.count("activate_credential") == 5
+
+
+def test_a_vouched_call_that_does_not_verify_is_refused(agent: Any) -> None:
+    manager, tpm, engine = agent
+    rogue = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate())
+    with pytest.raises(exception.CommandRefused, match="does not verify"):
+        _call(manager, "quote", QUOTE, rogue.sign("quote", HOST, QUOTE))
+    signed = engine.sign("quote", HOST, QUOTE)
+    _call(manager, "quote", QUOTE, signed)
+    with pytest.raises(exception.CommandRefused):  # replayed
+        _call(manager, "quote", QUOTE, signed)
+    with pytest.raises(exception.CommandRefused, match="misdirected"):
+        _call(manager, "quote", QUOTE, engine.sign("quote", "cmp2", QUOTE))
+    assert tpm.calls == ["quote"]

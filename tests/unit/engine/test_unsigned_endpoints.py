@@ -1,0 +1,127 @@
+"""Issue 9 point 3: the engine's unsigned endpoints never hold an RPC thread
+for a caller: ``register_agent`` only queues the name (bounded, per-name
+rate limit, background workers), ``attest`` runs once per host at a time."""
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from oslo_messaging.rpc.dispatcher import ExpectedException
+
+from tests.unit.engine.fakes import HOST, WAIT, FakeAgent, FakeTPM, RaceStack
+from vtpcm_common.api.engine import messages as m
+from vtpcm_common.exception import RateLimited
+from vtpcm_nova.engine.registrations import Registrations
+
+
+class StuckAgent(FakeAgent):
+    """An unknown name's agent: get_identity waits until the test ends
+    (the RPC timeout, in production)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+        self.release = threading.Event()
+
+    def get_identity(self, host: str, nonce: bytes) -> Any:
+        self.asked.append(host)
+        if host not in self.tpms:
+            self.release.wait(WAIT)
+        return super().get_identity(host, nonce)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[RaceStack]:
+    stack = RaceStack(f"sqlite:///{tmp_path}/engine.sqlite")
+    try:
+        yield stack
+    finally:
+        stack.agent.release.set()
+        stack.db.dispose()
+
+
+def _register(stack: RaceStack, host: str) -> float:
+    started = time.monotonic()
+    stack.manager.register_agent({}, m.HostRef(host).to_wire())
+    return time.monotonic() - started
+
+
+def test_register_agent_floods_return_at_once_and_enroll_in_the_background(
+        stack: RaceStack) -> None:
+    agent = StuckAgent()
+    stack.att._agents = lambda: agent
+    regs = Registrations(stack.manager.enroll_registered, workers=1, backlog=4,
+                         per_host_interval=60)
+    stack.manager.registrations = regs
+    regs.start()
+    try:
+        names = ["rogue-%s" % uuid.uuid4().hex[:8] for _ in range(50)]
+        took = [_register(stack, name) for name in names]
+        # no cast waited for an agent (each would wait WAIT s inline)
+        assert max(took) < WAIT / 2, took
+        assert regs.dropped >= 50 - 1 - 4  # one with the worker, four queued
+        accepted = 50 - regs.dropped
+        # a real new host announced meanwhile: dropped while the queue is
+        # full, enrolled once the flood is gone (or by an operator)
+        agent.tpms["new-host"] = FakeTPM()
+        agent.release.set()
+        deadline = time.monotonic() + WAIT
+        while time.monotonic() < deadline and len(agent.asked) < accepted:
+            time.sleep(0.05)
+        assert _register(stack, "new-host") < WAIT / 2
+        while time.monotonic() < deadline and "new-host" not in agent.asked:
+            time.sleep(0.05)
+        while time.monotonic() < deadline:
+            try:
+                assert stack.db.get_host("new-host").status.value == "PENDING"
+                break
+            except Exception:  # noqa: BLE001 - not enrolled yet
+                time.sleep(0.05)
+        assert stack.db.get_host("new-host").status.value == "PENDING"
+        # the same name again within the interval: not even queued
+        assert not regs.submit("new-host")
+    finally:
+        agent.release.set()
+        regs.stop()
+
+
+def test_register_agent_without_registrations_enrolls_nothing(stack: RaceStack) -> None:
+    agent = StuckAgent()
+    stack.att._agents = lambda: agent
+    assert _register(stack, "someone") < WAIT / 2
+    assert agent.asked == []
+
+
+def test_register_agent_with_a_bad_name_changes_nothing(stack: RaceStack) -> None:
+    regs = Registrations(stack.manager.enroll_registered, workers=1, backlog=1,
+                         per_host_interval=0)
+    stack.manager.registrations = regs
+    stack.manager.register_agent({}, {"host": "../../etc"})
+    stack.manager.register_agent({}, {"nothing": 1})
+    assert regs._queue.qsize() == 0 and regs.dropped == 0
+
+
+def test_attest_runs_once_per_host_at_a_time(stack: RaceStack) -> None:
+    held: list[Any] = []
+    stack.agent.holding = True  # the host holds its next quote reply
+    thread = threading.Thread(target=lambda: held.append(
+        stack.manager.attest({}, payload=m.HostRef(HOST).to_wire())))
+    thread.start()
+    try:
+        assert stack.agent.arrived.wait(WAIT)
+        quotes = stack.agent.calls
+        with pytest.raises(ExpectedException) as refused:
+            stack.manager.attest({}, payload=m.HostRef(HOST).to_wire())
+        err = refused.value.exc_info[1]
+        assert isinstance(err, RateLimited) and "unsigned attestations" in str(err)
+        assert stack.agent.calls == quotes  # the refused one never reached the host
+    finally:
+        stack.agent.release.set()
+        thread.join(WAIT)
+    assert held and held[0]["status"] == "TRUSTED"
+    # finished: the next one runs
+    assert stack.manager.attest({}, payload=m.HostRef(HOST).to_wire())["status"] == "TRUSTED"

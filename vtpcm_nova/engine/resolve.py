@@ -1,0 +1,258 @@
+"""Operator decisions the protocol cannot take alone: settle a migration,
+forget a host gone for good.
+
+Why a human: a migration IN_DOUBT (or stuck because a host died) may have
+the guest on either side, and agents' answers are not authenticated, so the
+engine never guesses. The operator, who can look at the hypervisors, says
+where the guest runs; this module turns that into the protocol's own
+commit or abort and refuses any choice that would lose the only good copy
+of the tenant's TPM. Each decision is first explained in plain words
+(``plan_*`` are pure functions of what the engine and the agents hold);
+it runs only when asked to (``execute``), and both are audited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from oslo_log import log as logging
+
+from vtpcm_common import exception
+from vtpcm_common.api.agent import messages as am
+from vtpcm_nova.engine.db import api as db_api
+from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.protocol import MigrationState as M
+
+LOG = logging.getLogger(__name__)
+
+FINISHED = frozenset({M.COMMITTED, M.ABORTED, M.REFUSED})
+PAST_COMMIT_POINT = frozenset({M.COMMITTING, M.SHREDDING})
+UNDOING = frozenset({M.ABORTING, M.DISCARDING, M.RESTORING})
+NO_STATE_YET = frozenset({M.SEALING, M.PREPARING, M.TRANSFERRING})
+
+
+@dataclasses.dataclass(frozen=True)
+class View:
+    """What one agent says about the instance's vTPCM (None: it did not answer)."""
+
+    info: am.VTPCMInfo | None
+    error: str = ""
+
+    def describe(self, host: str) -> str:
+        if self.info is None:
+            return "the agent of %s does not answer (%s)" % (host, self.error)
+        return "on %s it is %s (generation %d%s, %s)" % (
+            host, self.info.state, self.info.generation,
+            ", migration %s" % self.info.migration_id if self.info.migration_id else "",
+            "swtpm running" if self.info.running else "swtpm not running")
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    action: str
+    allowed: bool
+    text: str
+
+
+def _refused(action: str, why: str) -> Plan:
+    return Plan(action, False, why)
+
+
+def _holds_outgoing(view: View, rec: db_api.MigrationRecord) -> bool:
+    i = view.info
+    return i is not None and (
+        (i.state == "MIGRATING_OUT" and i.migration_id == rec.migration_id)
+        or (i.state in ("ACTIVE", "STOPPED") and i.migration_id is None
+            and i.generation == rec.generation))
+
+
+def _holds_incoming(view: View, rec: db_api.MigrationRecord) -> bool:
+    i = view.info
+    return i is not None and i.running and (
+        (i.state == "MIGRATING_IN" and i.migration_id == rec.migration_id
+         and i.generation == rec.generation)
+        or (i.state == "ACTIVE" and i.generation == rec.generation + 1))
+
+
+def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
+                   dest: View) -> Plan:
+    """What resolving ``rec`` toward ``to`` would do, or why it is refused."""
+    state = M(rec.state)
+    action = "resolve migration %s to the %s" % (rec.migration_id, to)
+    seen = "%s; %s." % (source.describe(rec.source), dest.describe(rec.dest))
+    if state in FINISHED:
+        return _refused(action, "the migration is already %s; nothing to resolve" % state)
+    if to == "source":
+        if state in PAST_COMMIT_POINT:
+            return _refused(action, (
+                "the migration is %s, past its commit point: generation %d on %s is the "
+                "authority and the source's copy is stale (or already shredded); making it "
+                "live again would bring back an older generation. Resolve to the "
+                "destination. %s") % (state, rec.generation + 1, rec.dest, seen))
+        if not _holds_outgoing(source, rec):
+            return _refused(action, (
+                "the source does not hold this migration's vTPCM, so there is nothing to "
+                "go back to; %s Bring the source's agent back, or resolve to the "
+                "destination if it holds the state.") % seen)
+        text = ("Abort migration %s of instance %s: the incoming vTPCM on %s is destroyed "
+                "(its keys shredded) and the vTPCM on %s becomes ACTIVE again at "
+                "generation %d. Choose this when the guest runs on %s. ") % (
+            rec.migration_id, rec.instance_uuid, rec.dest, rec.source, rec.generation,
+            rec.source)
+        if _holds_incoming(dest, rec):
+            text += ("WARNING: the destination's vTPCM runs; if the guest ran on %s after "
+                     "the switchover, what it wrote to its TPM since is lost. ") % rec.dest
+        return Plan(action, True, text + seen)
+    if state in NO_STATE_YET:
+        return _refused(action, (
+            "the migration is %s: the destination has not received the state; committing "
+            "would shred the source's copy, the only good one. Resolve to the source. %s")
+            % (state, seen))
+    if state in UNDOING:
+        return _refused(action, (
+            "an abort is under way (%s): the destination's copy may already be destroyed "
+            "and the source's is being restored. Resolve to the source to finish it. %s")
+            % (state, seen))
+    if not _holds_incoming(dest, rec):
+        return _refused(action, (
+            "the destination does not hold a running vTPCM of this migration, so "
+            "committing would shred the source's copy, the only good one; %s") % seen)
+    return Plan(action, True, (
+        "Commit migration %s of instance %s: the vTPCM on %s becomes the authority at "
+        "generation %d and ACTIVE; the copy on %s is then destroyed (keys shredded). "
+        "Choose this when the guest runs on %s. The destination agent still refuses a "
+        "vTPCM that never received its state. %s") % (
+        rec.migration_id, rec.instance_uuid, rec.dest, rec.generation + 1, rec.source,
+        rec.dest, seen))
+
+
+def step_on_lost_host(rec: db_api.MigrationRecord, host: str) -> bool:
+    """The one step left of ``rec`` is on ``host``: forgetting it settles ``rec``."""
+    state = M(rec.state)
+    return ((state is M.SHREDDING and rec.source == host)
+            or (state in (M.ABORTING, M.DISCARDING) and rec.dest == host))
+
+
+def plan_forget(host: db_api.HostRecord, open_migrations: Sequence[db_api.MigrationRecord],
+                vtpcms: Sequence[db_api.VtpcmRecord], agent_answers: bool) -> Plan:
+    """What forgetting ``host`` would do, or why it is refused."""
+    action = "forget host %s" % host.name
+    blocking = [r for r in open_migrations if not step_on_lost_host(r, host.name)]
+    settled = [r for r in open_migrations if step_on_lost_host(r, host.name)]
+    if host.status is HostStatus.APPROVED:
+        return _refused(action, "the host is APPROVED: revoke it first (hosts revoke %s), "
+                                "so no migration can start toward it" % host.name)
+    if agent_answers:
+        return _refused(action, "the agent of %s still answers: the host is not gone; "
+                                "destroy its vTPCMs through Nova instead" % host.name)
+    if blocking:
+        return _refused(action, "migrations involving it are not finished (%s): resolve "
+                                "each first (migration resolve ID --to ...)"
+                        % ", ".join("%s %s" % (r.migration_id, r.state) for r in blocking))
+    text = ("Forget host %s (%s): its enrollment (AK, KEM key, EK, command key), verdict "
+            "and TPM clock record are removed, so its TPM and keys may be enrolled again "
+            "under any name. ") % (host.name, host.status.value)
+    if vtpcms:
+        text += ("The engine also forgets the %d vTPCM(s) recorded on it, whose state was "
+                 "on that host only and is lost with it (instances %s); their guests need "
+                 "a new vTPCM. ") % (len(vtpcms), ", ".join(v.instance_uuid for v in vtpcms))
+    else:
+        text += "No vTPCM is recorded on it. "
+    for r in settled:
+        text += ("Migration %s (%s) goes on without its step on %s: %s. " % (
+            r.migration_id, r.state, host.name,
+            "the source's copy went with the host; the destination's stays the authority"
+            if r.source == host.name else
+            "the incoming copy went with the host; the source's vTPCM is restored"))
+    return Plan(action, True, text + "The audit log and finished migrations are kept.")
+
+
+class Settler(Protocol):
+    """The coordinator's side of a decision (``coordinator.Coordinator``)."""
+
+    def commit(self, migration_id: str,
+               requested_by: str | None = None) -> db_api.MigrationRecord: ...
+    def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord: ...
+    def finish_pending(self, migration_id: str) -> db_api.MigrationRecord: ...
+    def skip_lost_host_step(self, migration_id: str,
+                            host: str) -> db_api.MigrationRecord: ...
+
+
+class Resolver:
+    """Runs the plans, each through the protocol's own commit or abort."""
+
+    def __init__(self, db: db_api.Database, settler: Settler,
+                 agent_get: Callable[[str, str], am.VTPCMInfo],
+                 agent_alive: Callable[[str], bool]) -> None:
+        self.db = db
+        self.settler = settler
+        self.agent_get = agent_get
+        self.agent_alive = agent_alive
+
+    def _view(self, host: str, instance_uuid: str) -> View:
+        try:
+            return View(self.agent_get(host, instance_uuid))
+        except exception.VTPCMException as err:
+            return View(None, str(err)[:300])
+
+    def resolve_migration(self, migration_id: str, to: str,
+                          execute: bool) -> tuple[Plan, str]:
+        """(the plan, with a note if a step failed; the migration's state afterwards);
+        refused -> ResolutionRefused. A step that fails on an unreachable
+        host leaves the migration where the protocol put it (reconcile
+        retries; ``forget_host`` settles it if the host is gone for good)."""
+        rec = self.db.get_migration(migration_id)
+        plan = plan_migration(rec, to, self._view(rec.source, rec.instance_uuid),
+                              self._view(rec.dest, rec.instance_uuid))
+        self._audit_plan("migration.resolve", plan, execute, instance=rec.instance_uuid,
+                         migration_id=migration_id, host=rec.dest)
+        if not execute:
+            return plan, rec.state
+        reason = "resolved by an operator to the %s" % to
+        try:
+            if to == "destination":
+                self.settler.commit(migration_id)
+            elif M(rec.state) in UNDOING:
+                self.settler.finish_pending(migration_id)
+            else:
+                self.settler.abort(migration_id, reason)
+            outcome, note = "resolved", ""
+        except exception.VTPCMException as err:
+            outcome = "incomplete"
+            note = (" A step did not complete: %s. Reconcile retries it; if that host is "
+                    "gone for good, 'hosts forget' it.") % err
+        state = self.db.get_migration(migration_id).state
+        self.db.audit("migration.resolve", outcome, host=rec.dest,
+                      instance=rec.instance_uuid, migration_id=migration_id,
+                      detail=("%s; now %s.%s" % (reason, state, note))[:4000])
+        return dataclasses.replace(plan, text=(plan.text + note)[:4000]), state
+
+    def forget_host(self, name: str, execute: bool) -> Plan:
+        host = self.db.get_host(name)
+        open_migrations = [r for r in self.db.list_migrations()
+                           if name in (r.source, r.dest) and M(r.state) not in FINISHED]
+        vtpcms = self.db.list_vtpcms(host=name)
+        plan = plan_forget(host, open_migrations, vtpcms, self.agent_alive(name))
+        self._audit_plan("host.forget", plan, execute, host=name)
+        if not execute:
+            return plan
+        for rec in open_migrations:  # only those the plan settles remain here
+            self.settler.skip_lost_host_step(rec.migration_id, name)
+        forgotten = self.db.forget_host(name)
+        self.db.audit("host.forget", "forgotten", host=name,
+                      detail=("%d vTPCM record(s) dropped: %s"
+                              % (len(forgotten), ", ".join(forgotten)))[:1000])
+        LOG.warning("Host %(host)s forgotten by an operator; %(n)d vTPCM record(s) "
+                    "dropped", {"host": name, "n": len(forgotten)})
+        return plan
+
+    def _audit_plan(self, event: str, plan: Plan, execute: bool, *, host: str,
+                    instance: str | None = None, migration_id: str | None = None) -> None:
+        outcome = "refused" if not plan.allowed else "planned" if not execute else None
+        if outcome is not None:
+            self.db.audit(event, outcome, host=host, instance=instance,
+                          migration_id=migration_id, detail=plan.text[:4000])
+        if not plan.allowed:
+            raise exception.ResolutionRefused(action=plan.action, reason=plan.text)
