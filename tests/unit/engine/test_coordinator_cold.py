@@ -442,3 +442,12 @@ def test_an_operator_destroys_only_a_shelved_vtpcm(env):  # noqa: F811
         db.get_vtpcm(INSTANCE)
     assert [a.outcome for a in db.list_audit(limit=50) if a.event == "vtpcm.destroy"] == \
         ["destroyed", "refused"]
+
+
+def test_forgetting_a_host_drops_its_abandoned_vtpcms(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    _revoked(db)
+    coord.replace_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    assert len(db.list_abandoned()) == 1
+    db.forget_host("host-a")
+    assert db.list_abandoned() == []

@@ -121,8 +121,9 @@ class HostStore(KeyStore, TrustStore):
             lost = list(s.scalars(select(models.Vtpcm.instance_uuid)
                                   .where(models.Vtpcm.host == name)
                                   .order_by(models.Vtpcm.instance_uuid)))
+            # its abandoned vTPCMs too: a host gone for good answers no destroy
             for table in (models.Vtpcm, models.VerdictRow, models.ClockStateRow,
-                          models.EnrolledKey):
+                          models.EnrolledKey, models.AbandonedVtpcm):
                 s.execute(delete(table).where(table.host == name))
             s.delete(row)
             return lost
