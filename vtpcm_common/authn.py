@@ -164,7 +164,7 @@ class CommandSigner:
     def sign_host_key(self, host: str, status: str, command_public: bytes | None,
                       nonce: bytes) -> bytes:
         """The engine's signature over its answer to ``signed_host_command_key``
-        (engine API 1.5): what the Nova driver checks another host's agent
+        (engine API 1.6): what the Nova driver checks another host's agent
         replies with comes signed by the key the agents already pin."""
         return self._key.sign(host_key_bytes(host, status, command_public, nonce))
 
@@ -309,6 +309,12 @@ def _refuse(method: str, reason: str) -> exception.CommandRefused:
     return exception.CommandRefused(method=method, reason=reason)
 
 
+def _stale(method: str, reason: str) -> exception.CommandStale:
+    """A refusal decided by the clock: it proves neither that the command
+    never ran nor that it cannot run later (``CommandStale``)."""
+    return exception.CommandStale(method=method, reason=reason)
+
+
 class NonceStore(Protocol):
     """Where a verifier remembers the nonces it accepted.
 
@@ -435,21 +441,22 @@ class CommandVerifier:
         if expires_at - issued_at > self.max_ttl or expires_at < issued_at:
             raise _refuse(method, "validity period longer than %ss" % self.max_ttl)
         if issued_at > now + self.max_skew:
-            raise _refuse(method, "issued in the future")
+            raise _stale(method, "issued in the future")
         # Kept max_skew past expiry: a clock stepping back a little must not
         # make a forgotten nonce usable again. Scoped by the signing key: a
         # key holder who copies another signer's nonce into a command of its
         # own cannot use it up. Checked before expiry: a command that ran
         # and comes back after its expiry is "replayed" (which the agent
-        # never signs), not "expired" (which says it never ran).
+        # never signs). Refusals decided by the clock are never signed
+        # either (``_stale``): the nonce is forgotten max_skew past expiry.
         scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
         if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
             raise exception.CommandReplayed(method=method,
                                             reason="replayed (nonce already used)")
         if now > expires_at:
-            raise _refuse(method, "expired")
+            raise _stale(method, "expired")
         if issued_at < self.created_at - self.max_skew:
-            raise _refuse(method, "issued before this %s started" % self.service_role)
+            raise _stale(method, "issued before this %s started" % self.service_role)
         return signed_by
 
     @staticmethod

@@ -221,6 +221,13 @@ class CommandReplayed(CommandRefused):
     caller takes it as no answer, never as "the command did not run"."""
 
 
+class CommandStale(CommandReplayed):
+    """A signed command refused for its age at verification (expired, issued
+    before the service started, issued in the future). Its nonce may have
+    been forgotten already, so it may be a delivery of a command that ran;
+    or a clock moving on may let it run later. Never signed, as a replay."""
+
+
 class RPCVersionCapped(VTPCMException):
     """Refused by the client itself: nothing was sent."""
 

@@ -399,8 +399,10 @@ def _signed_reply(service: Any, method: str, signed: bool,
     to the command's own nonce (so a reply exists only for the command the
     engine sent, executed once); refusals are signed too, since the caller
     may act on them (``DestinationInUse``), except a replay
-    (``CommandReplayed``): its first delivery may have run. What is not
-    signed (no key, a malformed nonce, a replay) is refused unsigned: the
+    (``CommandReplayed``): its first delivery may have run, and a refusal
+    decided by the clock (``CommandStale``, a subclass: "expired" once the
+    nonce is forgotten may be a replay too). What is not signed (no key, a
+    malformed nonce, a replay, a stale command) is refused unsigned: the
     caller takes it as no answer."""
     signer = getattr(service, "reply_signer", None)
     if signer is None:
@@ -413,8 +415,9 @@ def _signed_reply(service: Any, method: str, signed: bool,
                 method=method, reason="the reply nonce must be the command's nonce")
         outcome: dict[str, Any] = {"ok": run(service, payload, auth).to_wire()}
     except exception.CommandReplayed as err:
-        # The first delivery may have run: a signed "refused" here would
-        # let whoever replays it report a done command as not done.
+        # The first delivery may have run (CommandStale too: its nonce may
+        # be forgotten): a signed "refused" here would let whoever replays
+        # it report a done command as not done.
         LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
         raise
     except exception.VTPCMException as err:

@@ -7,7 +7,7 @@ reports) is the one the engine enrolled for it, bound into that host's TPM
 certify, asked of the engine for every reply, so a revocation counts at
 once. Only an APPROVED host's replies count. The engine's answer is signed
 with its command key over the host, status, key and a fresh nonce
-(``signed_host_command_key``, engine API 1.5) and checked against the
+(``signed_host_command_key``, engine API 1.6) and checked against the
 engine public key pinned in ``[vtpcm] engine_public_key``: a broker client
 forging the engine's answer cannot hand the driver a key of its own.
 

@@ -53,12 +53,14 @@ def verifier(keyfile, signer, clock):
     return authn.CommandVerifier(authn.public_key_path(keyfile), HOST, clock=clock)
 
 
-def _refused(verifier, method, payload, auth, reason, call=None):
+def _refused(verifier, method, payload, auth, reason, call=None, stale=False):
+    """``stale``: a refusal decided by the clock, which an agent never signs."""
     with pytest.raises(exception.CommandRefused) as err:
         (call or (lambda v, *a: v.verify(*a)))(verifier, method, payload, auth)
     # the reason is pinned from its first word (the mutation-tested wording)
     assert str(err.value).startswith("Command %s refused: %s" % (method, reason)), \
         str(err.value)
+    assert isinstance(err.value, exception.CommandStale) is stale, type(err.value)
 
 
 def test_key_files_are_created_private_and_reloaded(keyfile):
@@ -161,12 +163,12 @@ def test_expired_future_and_pre_start_commands_are_refused(signer, verifier, clo
     start = clock.now
     auth = signer.sign("stop", HOST, PAYLOAD)
     clock.now = start + authn.DEFAULT_TTL + 0.5
-    _refused(verifier, "stop", PAYLOAD, auth, "expired")
+    _refused(verifier, "stop", PAYLOAD, auth, "expired", stale=True)
 
     clock.now = start + 31
     future = signer.sign("stop", HOST, PAYLOAD)
     clock.now = start
-    _refused(verifier, "stop", PAYLOAD, future, "issued in the future")
+    _refused(verifier, "stop", PAYLOAD, future, "issued in the future", stale=True)
     clock.now = start + 29
     slightly = signer.sign("stop", HOST, PAYLOAD)
     clock.now = start
@@ -175,7 +177,8 @@ def test_expired_future_and_pre_start_commands_are_refused(signer, verifier, clo
     clock.now = start - 31
     old = signer.sign("stop", HOST, PAYLOAD)
     clock.now = start - 30.5 + 60  # still within its ttl
-    _refused(verifier, "stop", PAYLOAD, old, "issued before this agent started")
+    _refused(verifier, "stop", PAYLOAD, old, "issued before this agent started",
+             stale=True)
 
 
 def test_overlong_validity_is_refused(keyfile, verifier, clock):
@@ -373,7 +376,8 @@ def test_operator_refusals_name_the_operator_keys(operators, clock):
     old = alice.sign("enroll", "", HOSTREF)
     clock.now += 100
     verifier.created_at = clock.now + 31
-    _refused(verifier, "enroll", HOSTREF, old, "issued before this engine started")
+    _refused(verifier, "enroll", HOSTREF, old, "issued before this engine started",
+             stale=True)
 
 
 def test_one_key_verifier_keeps_its_single_key_api(keyfile, signer):

@@ -92,10 +92,12 @@ class Coordinator:
         reservation reaches an agent, so no VM gets a second vTPCM.
 
         The reservation carries a token of its own (``vtpcm_id``), so a late
-        answer completes only its own reservation. A create the agent
-        refused (signed) frees it. If the answer is lost or unverifiable
-        (unreachable, timeout, unsigned, a replay) or the agent already holds
-        a vTPCM of the instance (``AlreadyExists``), the record stays
+        answer completes only its own reservation. A create that failed at
+        the agent (signed) frees it. If the answer is lost or unverifiable
+        (unreachable, timeout, unsigned, a replay, a refusal decided by the
+        clock), the command was refused at verification (``CommandRefused``:
+        it may have run before, or run later) or the agent already holds a
+        vTPCM of the instance (``AlreadyExists``), the record stays
         CREATING: the vTPCM may exist, and ``destroy_vtpcm`` removes both.
 
         The host needs a fresh TRUSTED verdict (attested now if it has none)
@@ -121,10 +123,17 @@ class Coordinator:
             self.db.audit("vtpcm.create", "exists", host=host, instance=instance_uuid,
                           detail="%s; record left CREATING until destroyed" % err)
             raise
+        except exception.CommandRefused as err:
+            # Refused at verification (signature, keys, addressing): signed,
+            # but it does not prove that this create never ran (an earlier
+            # delivery may have) or cannot run later (a key reload, a clock).
+            self.db.audit("vtpcm.create", "unknown", host=host, instance=instance_uuid,
+                          detail="%s; record left CREATING until destroyed" % err)
+            raise
         except exception.VTPCMException as err:
-            # The agent's signed word that this create did not run (refused
-            # before it ran, or failed and cleaned up); a replay of it is
-            # never signed, so it cannot stand for a create that ran.
+            # The agent's signed word that this create ran and failed (and
+            # cleaned up) or was refused by the agent's own checks; a replay
+            # of it is never signed, so it cannot stand for a create that ran.
             self.db.delete_vtpcm(instance_uuid, 0, expected_state=CREATING,
                                  expected_vtpcm_id=token)
             self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,
@@ -598,15 +607,22 @@ class Coordinator:
         What the agents report about the switchover (signed, but a stopped
         source swtpm also means a guest powered off there) cannot stand in
         for the source's signature: taking it would shred a source the
-        guest may still need."""
+        guest may still need.
+
+        Before the commit point the destination must still be APPROVED
+        with a TRUSTED last verdict (``_commit_distrust``): the authority
+        never moves to a host revoked, re-pending or failed since ``begin``.
+        The migration then stays where it is (design.rst, "Commit to a
+        demoted destination")."""
         proto, ctx, rec = self._load(migration_id)
         self._settle_deadline_abort(proto, ctx, rec)
         if proto.state in (M.COMMITTING, M.SHREDDING):
             # past the commit point, a step failed: the retry finishes it
             self._run(proto, ctx, p.pending_actions(proto.state))
             return self.db.get_migration(migration_id)
-        if requested_by not in (None, ctx.source_host) and \
-                proto.state in (M.PREPARED, M.TRANSFERRING, M.TRANSFERRED, M.IN_DOUBT):
+        before_point = proto.state in (M.PREPARED, M.TRANSFERRING, M.TRANSFERRED,
+                                       M.IN_DOUBT)
+        if requested_by not in (None, ctx.source_host) and before_point:
             detail = "signed by %s, not the source, before the commit point" % requested_by
             self.db.audit("migration.commit", "refused", host=requested_by,
                           instance=ctx.instance_uuid, migration_id=migration_id,
@@ -615,6 +631,14 @@ class Coordinator:
                 migration_id=migration_id,
                 reason="only the source may pass the commit point (migration is %s)"
                        % proto.state.value)
+        distrust = self._commit_distrust(ctx.dest_host) if before_point else None
+        if distrust is not None:
+            self.db.audit("migration.commit", "refused", host=ctx.dest_host,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail="destination %s: %s; the authority stays on %s "
+                                 "(migration %s)" % (ctx.dest_host, distrust,
+                                                     ctx.source_host, proto.state.value))
+            raise exception.HostNotTrusted(host=ctx.dest_host, reason=distrust)
         if proto.state is M.TRANSFERRED:
             self._check_incoming_ready(ctx)
         self._advance(proto, ctx, p.CommitRequested())
@@ -735,10 +759,13 @@ class Coordinator:
                                                 rec.error == p.DEADLINE_REASON))
         return self.db.get_migration(migration_id)
 
-    def skip_lost_host_step(self, migration_id: str, host: str) -> db_api.MigrationRecord:
+    def skip_lost_host_step(self, migration_id: str, host: str,
+                            why: str = "is gone for good") -> db_api.MigrationRecord:
         """For a host an operator declared gone for good: the one step left
         on it (shred the source's copy, destroy the destination's) is moot,
-        since its state went with it; the migration goes on without it."""
+        since its state went with it; the migration goes on without it.
+        Also for a REVOKED destination that does not destroy its incoming
+        copy when an operator resolves to the source (``resolve``)."""
         proto, ctx, _ = self._load(migration_id)
         event: p.Event
         if proto.state is M.SHREDDING and host == ctx.source_host:
@@ -751,7 +778,7 @@ class Coordinator:
                 reason="its next step (%s) is not on that host" % proto.state.value)
         self.db.audit("migration.resolve", "step skipped", host=host,
                       instance=ctx.instance_uuid, migration_id=migration_id,
-                      detail="%s: %s is gone for good" % (proto.state.value, host))
+                      detail="%s: %s %s" % (proto.state.value, host, why))
         self._advance(proto, ctx, event)
         return self.db.get_migration(migration_id)
 
@@ -798,6 +825,28 @@ class Coordinator:
         if verdict is None:
             return "no verdict"
         return verdict.reason if not verdict.trusted else "its verdict expired"
+
+    def _commit_distrust(self, dest: str) -> str | None:
+        """Why the authority must not move to ``dest`` now, or None.
+
+        APPROVED, and its last verdict TRUSTED, expired or not: ``begin``
+        and the step before the envelope left checked a fresh one; what
+        counts since is new evidence against the host (a revocation, a
+        reboot to PENDING, a failed attestation), not the age of a verdict,
+        which a slow migration outlives with its guest already running
+        there. A verdict made UNKNOWN meanwhile (policy changed, host
+        re-approved) or distrusted is settled by attesting now."""
+        try:
+            rec = self.db.get_host(dest)
+        except exception.NotFound:
+            return "host is not enrolled"
+        if rec.status is not HostStatus.APPROVED:
+            return "host is %s" % rec.status.value
+        last = self.db.get_verdict(dest)
+        if last is not None and last.trusted:
+            return None
+        host, why = self._trusted_destination(dest, self.trust.check_fresh(dest))
+        return None if host is not None else why
 
     def _recheck_destination(self, ctx: am.MigrationContext, kem_public: bytes | None) -> None:
         """Right before the envelope leaves for the destination: still

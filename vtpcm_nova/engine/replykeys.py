@@ -9,11 +9,13 @@ Which host's word counts depends on where the step leads (design.rst,
 
 - steps that move toward safety (``TOWARD_SAFETY``: discard an incoming
   copy, give the source its vTPCM back, destroy a copy) take the reply of
-  any enrolled host, whatever its status. A revoked or re-pending host that
+  an enrolled host whatever its status, signed with a key bound to that
+  host (bound at its approval: a PENDING row's key may be anyone's, e.g. a
+  re-enrollment pulled over the broker). A revoked or re-pending host that
   lies "done" about its own copy gains nothing: it held that copy before it
   was revoked, and the engine never commits anything to it. Waiting for its
   re-approval instead would freeze the source's vTPCM (a migration stuck
-  ABORTING keeps the source claimed);
+  ABORTING keeps the source claimed) when the host answers honestly;
 - every other step (create, seal, prepare, commit, start, stop, reads the
   engine acts on) counts only an APPROVED host's reply: a revoked host's
   word moves no secret and no authority, and the step waits (reconcile
@@ -51,6 +53,15 @@ class EnrolledReplyKeys:
         if not rec.command_public:
             raise exception.ReplyNotAuthenticated(
                 host=host, method=method, reason="no host command key enrolled")
+        if rec.status is not HostStatus.APPROVED and \
+                self.db.key_owner("command", rec.command_public) != host:
+            # A key is bound to its host only at approval: a PENDING row's key
+            # (a re-enrollment, the identity pulled over the broker) may be
+            # anyone's, so it speaks for nobody.
+            raise exception.ReplyNotAuthenticated(
+                host=host, method=method,
+                reason="host is %s and its command key was never approved for it"
+                       % rec.status.value)
         return authn.load_public_raw(rec.command_public, what="host command key")
 
     def refused(self, host: str, method: str, reason: str) -> None:

@@ -77,8 +77,11 @@ def _holds_incoming(view: View, rec: db_api.MigrationRecord) -> bool:
 
 
 def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
-                   dest: View) -> Plan:
-    """What resolving ``rec`` toward ``to`` would do, or why it is refused."""
+                   dest: View, dest_revoked: bool = False) -> Plan:
+    """What resolving ``rec`` toward ``to`` would do, or why it is refused.
+
+    ``dest_revoked``: back to the source, a REVOKED destination that does
+    not destroy its incoming copy (silent, or refusing) is not waited for."""
     state = M(rec.state)
     action = "resolve migration %s to the %s" % (rec.migration_id, to)
     seen = "%s; %s." % (source.describe(rec.source), dest.describe(rec.dest))
@@ -104,6 +107,11 @@ def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
         if _holds_incoming(dest, rec):
             text += ("WARNING: the destination's vTPCM runs; if the guest ran on %s after "
                      "the switchover, what it wrote to its TPM since is lost. ") % rec.dest
+        if dest_revoked:
+            text += ("%s is REVOKED: if its agent does not destroy the incoming vTPCM "
+                     "(silent, or refusing), the source is restored without that step; the "
+                     "copy left there never becomes the authority (hosts forget %s removes "
+                     "the host's enrollment). ") % (rec.dest, rec.dest)
         return Plan(action, True, text + seen)
     if state in NO_STATE_YET:
         return _refused(action, (
@@ -176,8 +184,8 @@ class Settler(Protocol):
                requested_by: str | None = None) -> db_api.MigrationRecord: ...
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord: ...
     def finish_pending(self, migration_id: str) -> db_api.MigrationRecord: ...
-    def skip_lost_host_step(self, migration_id: str,
-                            host: str) -> db_api.MigrationRecord: ...
+    def skip_lost_host_step(self, migration_id: str, host: str,
+                            why: str = ...) -> db_api.MigrationRecord: ...
 
 
 class Resolver:
@@ -204,8 +212,9 @@ class Resolver:
         host leaves the migration where the protocol put it (reconcile
         retries; ``forget_host`` settles it if the host is gone for good)."""
         rec = self.db.get_migration(migration_id)
+        dest_revoked = self._revoked(rec.dest)
         plan = plan_migration(rec, to, self._view(rec.source, rec.instance_uuid),
-                              self._view(rec.dest, rec.instance_uuid))
+                              self._view(rec.dest, rec.instance_uuid), dest_revoked)
         self._audit_plan("migration.resolve", plan, execute, instance=rec.instance_uuid,
                          migration_id=migration_id, host=rec.dest)
         if not execute:
@@ -220,14 +229,44 @@ class Resolver:
                 self.settler.abort(migration_id, reason)
             outcome, note = "resolved", ""
         except exception.VTPCMException as err:
-            outcome = "incomplete"
-            note = (" A step did not complete: %s. Reconcile retries it; if that host is "
-                    "gone for good, 'hosts forget' it.") % err
+            if to == "source" and dest_revoked and self._skip_revoked_dest(migration_id,
+                                                                           rec.dest):
+                outcome, note = "resolved", (" The revoked destination did not destroy "
+                                             "its copy (%s); restored without it." % err)
+            else:
+                outcome = "incomplete"
+                note = (" A step did not complete: %s. Reconcile retries it; if that host "
+                        "is gone for good, 'hosts forget' it.") % err
         state = self.db.get_migration(migration_id).state
         self.db.audit("migration.resolve", outcome, host=rec.dest,
                       instance=rec.instance_uuid, migration_id=migration_id,
                       detail=("%s; now %s.%s" % (reason, state, note))[:4000])
         return dataclasses.replace(plan, text=(plan.text + note)[:4000]), state
+
+    def _revoked(self, host: str) -> bool:
+        try:
+            return self.db.get_host(host).status is HostStatus.REVOKED
+        except exception.NotFound:
+            return False
+
+    def _skip_revoked_dest(self, migration_id: str, dest: str) -> bool:
+        """Back to the source past a REVOKED destination that did not destroy
+        its incoming copy: its word is not needed (it held that copy before
+        it was revoked, and the engine never gives it the authority), and
+        without this the source's vTPCM stays claimed as long as that host
+        is silent or refuses. Only once the abort is under way."""
+        if M(self.db.get_migration(migration_id).state) not in (M.ABORTING, M.DISCARDING):
+            return False
+        try:
+            # DestinationDestroyed: the protocol restores the source at once
+            self.settler.skip_lost_host_step(migration_id, dest, why="is REVOKED and did "
+                                             "not destroy its incoming copy")
+        except exception.VTPCMException as err:
+            LOG.warning("Migration %(mig)s: restoring the source without revoked host "
+                        "%(host)s failed: %(err)s",
+                        {"mig": migration_id, "host": dest, "err": err})
+            return False
+        return True
 
     def forget_host(self, name: str, execute: bool) -> Plan:
         host = self.db.get_host(name)

@@ -51,7 +51,7 @@ class HostCommandKey(Message):
 
 @dataclasses.dataclass(frozen=True)
 class HostKeyQuery(Message):
-    """Ask for a host's command key with a fresh nonce (1.5)."""
+    """Ask for a host's command key with a fresh nonce (1.6)."""
     message_type = "host_key_query"
     host: str = field(wire.host_field)
     nonce: bytes = field(wire.blob_field(max_len=64, min_len=16))
@@ -60,7 +60,7 @@ class HostKeyQuery(Message):
 @dataclasses.dataclass(frozen=True)
 class SignedHostCommandKey(Message):
     """``HostCommandKey`` signed by the engine's command key over the host,
-    status, key and the caller's nonce (1.5; ``authn.host_key_bytes``)."""
+    status, key and the caller's nonce (1.6; ``authn.host_key_bytes``)."""
     message_type = "signed_host_command_key"
     host: str = field(wire.host_field)
     status: str = field(wire.choice_field("PENDING", "APPROVED", "REVOKED"))
