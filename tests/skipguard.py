@@ -4,9 +4,9 @@ of the run, and a skip whose reason is not one of ``OPTIONAL`` fails the run.
 A suite that exits 0 while its PostgreSQL cases or end-to-end tests skipped
 (server down, not root) proves nothing about them. The README test command
 installs and starts what the suite needs; a part missing is an error, not a
-skip. ``OPTIONAL`` lists the reasons README.rst names as optional (the
-MariaDB cases of the schema migration tests); add one there and here
-together. Loaded by tests/conftest.py.
+skip. ``OPTIONAL`` lists the reasons README.rst names as optional (none
+today: install-deps.sh provides PostgreSQL and MariaDB); add one there and
+here together. Loaded by tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 
 # Reason prefixes of skips that README.rst documents as optional.
-OPTIONAL: tuple[str, ...] = ("MariaDB at ",)
+OPTIONAL: tuple[str, ...] = ()
 
 _SKIPS: list[tuple[str, str]] = []
 

@@ -2,7 +2,7 @@
 # Idempotent installer of everything vtpcm needs on Debian 12: system packages,
 # a running RabbitMQ, a running PostgreSQL that trusts local connections of its
 # postgres user (the engine's functional tests run on it; required, never
-# skipped), and the project's virtualenv (.venv) with test, lint and docs tools.
+# skipped), a running MariaDB (the real-Nova lab's databases), and the project's virtualenv (.venv) with test, lint and docs tools.
 # Usage: tools/install-deps.sh   (as root; safe to run again)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -59,6 +59,24 @@ if ! (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null; then
         sleep 1
     done
     (exec 3<>/dev/tcp/127.0.0.1/5432) 2>/dev/null || { echo "install-deps: PostgreSQL did not start" >&2; exit 1; }
+fi
+
+# MariaDB: the real-Nova lab's databases (tests/e2e_nova) and the engine's
+# migration tests use root@127.0.0.1 without a password. Use the local server
+# if it answers, else install and start one and let root in over TCP with an
+# empty password (a test machine's setting; unix-socket login stays allowed).
+if ! (exec 3<>/dev/tcp/127.0.0.1/3306) 2>/dev/null; then
+    if ! command -v mariadbd >/dev/null && [ ! -x /usr/sbin/mariadbd ]; then
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends mariadb-server
+    fi
+    service mariadb start >/dev/null 2>&1 || (cd / && setsid mysqld_safe >/dev/null 2>&1 &)
+    for _ in $(seq 1 60); do
+        (exec 3<>/dev/tcp/127.0.0.1/3306) 2>/dev/null && break
+        sleep 1
+    done
+    (exec 3<>/dev/tcp/127.0.0.1/3306) 2>/dev/null || { echo "install-deps: MariaDB did not start" >&2; exit 1; }
+    mariadb -u root -e "ALTER USER 'root'@'localhost' IDENTIFIED VIA mysql_native_password USING PASSWORD('') OR unix_socket; FLUSH PRIVILEGES;"
 fi
 
 PY=${PYTHON:-python3}

@@ -2,12 +2,16 @@
 # The whole test suite on a fresh Debian 12 machine: installs what is missing,
 # then runs lint + type checks + the layering check, unit, functional (real
 # swtpm, tpm2-pytss, RabbitMQ, SQLite and PostgreSQL) and end-to-end tests
-# (the two-host libvirt/QEMU lab), then the Nova functional tests in their own
-# virtualenv (.venv-nova: Nova 34 and its test requirements, pinned in
-# tools/nova-constraints.txt). Extra arguments go to the main pytest run.
+# (the two-host libvirt/QEMU lab; real Nova 34 services on it in
+# tests/e2e_nova, from their own venv: tools/install-nova-services.sh), then
+# the Nova functional tests in their own virtualenv (.venv-nova: Nova 34 and
+# its test requirements, pinned in tools/nova-constraints.txt). Extra
+# arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
+# the real-Nova lab's services (tests/e2e_nova): Nova 34, placement, glance
+tools/install-nova-services.sh
 VENV=${VTPCM_VENV:-$PWD/.venv}
 export PATH="$VENV/bin:$PATH"
 echo "== lint"

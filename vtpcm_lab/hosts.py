@@ -11,6 +11,7 @@ peer-to-peer migration the source daemon connects to the destination
 daemon's socket as its own user. Root connects to either socket directly.
 """
 
+import dataclasses
 import grp
 import os
 import pwd
@@ -133,6 +134,30 @@ def _reap(pid: int) -> None:
         pass
 
 
+@dataclasses.dataclass(frozen=True)
+class HostNamespace:
+    """A host's own UTS and mount namespace (the real-Nova mode of the lab).
+
+    Nova names a compute node after libvirt's ``getHostname()`` and assumes
+    one instances path on every host: each daemon gets its own hostname and
+    its own directory bind-mounted at the common ``mountpoint``. ``unshare``
+    and ``setpriv`` exec in place, so the recorded pid stays libvirtd's;
+    nova-compute joins the namespace with ``nsenter`` on that pid.
+    """
+
+    hostname: str
+    source: Path
+    mountpoint: Path
+
+    def wrap(self, argv: list[str], uid: int) -> list[str]:
+        for path in (self.source, self.mountpoint):
+            ensure_dir(path, 0o755)
+        os.chown(self.source, uid, -1)
+        script = ('hostname "$1" && mount --bind "$2" "$3" && shift 3 && exec "$@"')
+        return ["unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c",
+                script, "sh", self.hostname, str(self.source), str(self.mountpoint), *argv]
+
+
 class LabHost:
     """One lab "compute host": a libvirt session daemon run as ``user``."""
 
@@ -147,6 +172,7 @@ class LabHost:
         self.pid_file = self.dir / "libvirtd.pid"
         self.log_file = self.dir / "libvirtd.log"
         self._uuid_file = self.dir / "host_uuid"
+        self.namespace: HostNamespace | None = None
 
     def __repr__(self) -> str:
         return "LabHost(%r, user=%r)" % (self.name, self.user)
@@ -211,6 +237,11 @@ class LabHost:
             return pid
         return None
 
+    @property
+    def pid(self) -> int | None:
+        """The running daemon's pid (what ``nsenter`` joins), or None."""
+        return self._recorded_pid()
+
     def is_running(self) -> bool:
         """True if our recorded libvirtd is alive and its socket accepts."""
         if self._recorded_pid() is None:
@@ -246,10 +277,13 @@ class LabHost:
             "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
             "LANG": "C.UTF-8",
         }
+        argv = ["setpriv", "--reuid", self.user, "--regid", LAB_GROUP, "--init-groups",
+                LIBVIRTD]
+        if self.namespace is not None:
+            argv = self.namespace.wrap(argv, self.uid)
         with open(self.log_file, "ab") as log:
             proc = subprocess.Popen(
-                ["setpriv", "--reuid", self.user, "--regid", LAB_GROUP, "--init-groups",
-                 LIBVIRTD],
+                argv,
                 env=env, cwd="/", stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True)
         self.pid_file.write_text("%d\n" % proc.pid)

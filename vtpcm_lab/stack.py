@@ -11,6 +11,7 @@ everything by pid, swtpm processes of the guests included.
 import dataclasses
 import shutil
 from pathlib import Path
+from typing import Any
 
 from oslo_log import log as logging
 
@@ -51,12 +52,19 @@ class StackHost:
     @property
     def command_key(self) -> Path:
         """The host's command key, made by its agent ([agent] host_command_key)."""
-        return self.state_dir / "host-command.key"
+        configured = self.agent.config["agent"].get("host_command_key")
+        return Path(configured) if configured else self.state_dir / "host-command.key"
 
 
 class Stack:
-    def __init__(self, lab: Lab, exchange: str = EXCHANGE) -> None:
+    def __init__(self, lab: Lab, exchange: str = EXCHANGE, *,
+                 agent_extra: dict[str, dict[str, dict[str, Any]]] | None = None,
+                 engine_extra: dict[str, dict[str, Any]] | None = None) -> None:
+        """``agent_extra`` (by lab host name) and ``engine_extra``: config
+        sections merged into the daemons' own (the real-Nova mode's keys)."""
         self.lab = lab
+        self.agent_extra = agent_extra or {}
+        self.engine_extra = engine_extra or {}
         self.base = lab.base_dir / "vtpcm"
         self.exchange = exchange
         conf = daemons.client_conf(exchange)
@@ -116,22 +124,30 @@ class Stack:
                 tpm.start()
                 self._record_pid("hosttpm-" + name, tpm.pid)
                 measured_boot(tpm.tcti)
+                extra: dict[str, dict[str, Any]] = {
+                    "agent": {"expose_data_socket": "false",
+                              "register_with_engine": "false",
+                              "socket_user": lab_host.user}}
+                for section, values in self.agent_extra.get(lab_host.name, {}).items():
+                    extra.setdefault(section, {}).update(values)
                 agent = daemons.AgentDaemon(
                     self.base, name, self.exchange, tpm.tcti, run_dir=lab_host.tpm_dir,
-                    extra={"agent": {"expose_data_socket": "false",
-                                     "register_with_engine": "false",
-                                     "socket_user": lab_host.user}})
+                    extra=extra)
                 agent.start()
                 self._record(agent)
                 self.hosts[lab_host.name] = StackHost(lab_host, name, tpm, agent)
             # the engine trusts the lab's TPM "manufacturer" and no one else
             ek_cas = localca_ek_cas(self.base / "ek-cas.pem")
+            engine_extra: dict[str, dict[str, Any]] = {
+                "attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas},
+                # as in production (the daemons' default of 0 keeps
+                # functional tests deterministic): the lab exercises it
+                "migration": {"reconcile_interval": RECONCILE_INTERVAL}}
+            for section, values in self.engine_extra.items():
+                engine_extra.setdefault(section, {}).update(values)
             self.engine_daemon = daemons.EngineDaemon(
                 self.base, self.exchange, "sqlite:///%s" % (self.base / "engine.sqlite"),
-                extra={"attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas},
-                       # as in production (the daemons' default of 0 keeps
-                       # functional tests deterministic): the lab exercises it
-                       "migration": {"reconcile_interval": RECONCILE_INTERVAL}})
+                extra=engine_extra)
             self.engine_daemon.start()
             self._record(self.engine_daemon)
             for host in self.hosts.values():

@@ -34,9 +34,9 @@ def test_a_run_without_skips_passes(tmp_path: Path) -> None:
     assert "skipped tests and why" not in done.stdout
 
 
-def test_an_optional_skip_is_listed_and_allowed(tmp_path: Path) -> None:
+def test_a_mariadb_skip_fails_the_run_too(tmp_path: Path) -> None:
     done = _run(tmp_path, "import pytest\n\n"
                           "def test_maria():\n    pytest.skip('MariaDB at x unusable: no')\n")
-    assert done.returncode == 0, done.stdout
+    assert done.returncode == 1, done.stdout
     assert "test_sample.py::test_maria: MariaDB at x unusable: no" in done.stdout
-    assert "the run FAILS" not in done.stdout
+    assert "1 skip(s) of a required part: the run FAILS" in done.stdout

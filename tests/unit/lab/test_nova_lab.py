@@ -1,0 +1,53 @@
+"""The real-Nova lab's pure parts: config rendering, the stand-ins' answers."""
+
+from vtpcm_lab.nova import configs, identity, neutron
+
+STOCK_PASTE = """[pipeline:main]
+pipeline = authtoken keystonecontext app
+
+[filter:authtoken]
+paste.filter_factory = keystonemiddleware.auth_token:filter_factory
+delay_auth_decision = true
+
+[filter:keystonecontext]
+paste.filter_factory = nova.api.auth:NovaKeystoneContext.factory
+"""
+
+
+def test_ini_repeats_a_list_value_as_a_multistr_option() -> None:
+    text = configs.render_ini({"filter_scheduler": {"available_filters": ["a", "b"],
+                                                    "enabled_filters": "X,Y"}})
+    assert text.splitlines() == ["[filter_scheduler]", "available_filters = a",
+                                 "available_filters = b", "enabled_filters = X,Y"]
+
+
+def test_authtoken_is_replaced_by_the_identity_stand_in_only() -> None:
+    out = configs.paste_with_identity_standin(STOCK_PASTE)
+    assert "keystonemiddleware" not in out and "delay_auth_decision" not in out
+    assert "[filter:authtoken]\npaste.filter_factory = vtpcm_lab.nova.identity:" \
+        "filter_factory\n" in out
+    assert "nova.api.auth:NovaKeystoneContext.factory" in out
+
+
+def test_identity_stand_in_overrides_identity_headers_from_the_client() -> None:
+    seen = {}
+
+    def app(environ, start_response):  # type: ignore[no-untyped-def]
+        seen.update(environ)
+        return [b""]
+
+    middleware = identity.filter_factory({})(app)
+    middleware({"HTTP_X_ROLES": "reader", "HTTP_X_PROJECT_ID": "evil",
+                "HTTP_X_TENANT_ID": "evil"}, lambda *a: None)
+    assert (seen["HTTP_X_ROLES"], seen["HTTP_X_PROJECT_ID"]) == \
+        ("admin,member,reader", identity.PROJECT_ID)
+    assert "HTTP_X_TENANT_ID" not in seen
+
+
+def test_neutron_stand_in_lists_nothing_and_refuses_writes() -> None:
+    assert neutron.answer("GET", "/v2.0/ports.json") == (200, {"ports": []})
+    assert neutron.answer("GET", "/v2.0/security-groups") == (200, {"security_groups": []})
+    assert neutron.answer("GET", "/v2.0/extensions") == (200, {"extensions": []})
+    assert neutron.answer("GET", "/v2.0/ports/123")[0] == 404
+    status, body = neutron.answer("POST", "/v2.0/ports")
+    assert status == 404 and "POST refused" in body["NeutronError"]["message"]
