@@ -9,13 +9,14 @@ Usage: .venv/bin/python benchmarks/hosttpm_ops.py [-n 50] [--out FILE]
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from vtpcm_agent import sealing
+from vtpcm_agent import keyauth, sealing
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_common import tpmpublic
 from vtpcm_lab.hosttpm import HostTPMStandIn
@@ -56,7 +57,7 @@ def main() -> int:
         standin = HostTPMStandIn(Path(base), "bench")
         standin.start()
         try:
-            with HostTPM(standin.tcti) as tpm:
+            with HostTPM(standin.tcti, keyauth.derive(os.urandom(32))) as tpm:
                 results = measure(tpm, args.n)
         finally:
             standin.cleanup()

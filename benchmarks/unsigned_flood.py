@@ -95,7 +95,8 @@ def main() -> int:
             keys.append(Path(agent.config["agent"]["state_dir"]) / "host-command.key")
         engine = daemons.EngineDaemon(work, exchange, "sqlite:///%s/e.sqlite" % work, extra={
             "DEFAULT": {"debug": "false"},
-            "attestation": {"auto_approve": "true", "verdict_ttl": 3600, "interval": 0},
+            "attestation": {"auto_approve": "true", "verdict_ttl": 3600, "interval": 0,
+                            "min_unsigned_interval": 5},
             "engine": {"rpc_timeout": ENGINE_RPC_TIMEOUT}})
         engine.start()
         started.append(engine)

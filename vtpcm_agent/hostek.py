@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 from oslo_log import log as logging
 from tpm2_pytss import ESAPI
@@ -53,21 +54,38 @@ EK_TYPES = ("EK-RSA2048", "EK-ECC256", "EK-HIGH-RSA2048", "EK-HIGH-ECC256",
 _NV_CHUNK = 512
 
 
-def certificate_and_public(e: ESAPI) -> tuple[bytes | None, bytes | None]:
+@dataclass(frozen=True)
+class EkInfo:
+    """What ``get_identity`` reports about the EK: its certificate (None if
+    none is provisioned), its public key (None for a certificate of an
+    unknown type) and the template that public key came from."""
+
+    certificate: bytes | None
+    public: bytes | None = None
+    template: bytes | None = None
+
+
+def certificate_and_public(
+        e: ESAPI, cached: Callable[[bytes], bytes | None] = lambda template: None) -> EkInfo:
     """EK certificate and the marshaled TPMT_PUBLIC of the EK it certifies.
 
-    A certificate of a type without a known template still comes out, as
-    evidence, but without a public key.
+    The certificate is read from NV every time (cheap, and it may be
+    provisioned or renewed while the agent runs); the EK public key is
+    re-created from its template (the most expensive TPM operation here)
+    only when ``cached(template)`` has none. A certificate of a type
+    without a known template still comes out, as evidence, but without a
+    public key.
     """
     found = _ek_template(e)
-    ek_cert, ek_public = None, None
-    if found is not None:
-        ek_cert = found[0]
-        with _ek(e, found[1]) as (_ek_handle, ek_pub):
+    if found is None:
+        return EkInfo(_read_ek_certificate(e))  # none, or one of an unknown type
+    ek_cert, template = found
+    template_bytes = bytes(template.marshal())
+    ek_public = cached(template_bytes)
+    if ek_public is None:
+        with _ek(e, template) as (_ek_handle, ek_pub):
             ek_public = bytes(ek_pub.publicArea.marshal())
-    else:
-        ek_cert = _read_ek_certificate(e)  # one of an unknown type
-    return ek_cert, ek_public
+    return EkInfo(ek_cert, ek_public, template_bytes)
 
 
 def parse_challenge(credential_blob: bytes,

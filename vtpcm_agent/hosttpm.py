@@ -234,16 +234,18 @@ class HostTPM:
     def __init__(self, tcti: str, key_auth: KeyAuth | None = None) -> None:
         """``key_auth``: the secrets that make the AK and KEM key the
         agent's own (``keyauth``); None only for tools that read or extend
-        PCRs or seal (their AK and KEM key are not the enrolled ones)."""
+        PCRs or seal: without it identity, quote, activate_credential and
+        ecdh_zgen are refused (``HostTPMError``)."""
         if not isinstance(tcti, str) or ":" not in tcti and tcti not in ("device", "swtpm"):
             raise HostTPMError(reason="invalid TCTI configuration string")
         self._tcti = tcti
         self._key_auth = key_auth
-        # (EK certificate, EK public): reading them re-creates the RSA EK,
-        # the most expensive TPM operation here, and they change only with
-        # the endorsement hierarchy (then credential activation fails and
-        # the cache is dropped).
-        self._ek_cache: tuple[bytes | None, bytes | None] | None = None
+        # (EK template, EK public): the public key comes from re-creating
+        # the RSA EK, the most expensive TPM operation here, and changes
+        # only with the endorsement hierarchy (then an engine-signed
+        # credential activation fails and this is dropped). The EK
+        # certificate is not cached: it is read from NV on every identity.
+        self._ek_public: tuple[bytes, bytes] | None = None
         with _LOCKS_GUARD:
             self._lock = _LOCKS.setdefault(tcti, threading.RLock())
         try:
@@ -321,13 +323,26 @@ class HostTPM:
         finally:
             e.flush_context(handle)
 
+    def _secrets(self) -> KeyAuth:
+        """The AK/KEM secrets; refused without them, before any TPM work:
+        keys from the public templates are anyone's (review finding 7)."""
+        if self._key_auth is None:
+            raise HostTPMError(reason="the AK and KEM key need the agent's key secrets "
+                                      "(use_key_auth); this HostTPM serves PCRs and "
+                                      "sealing only")
+        return self._key_auth
+
     def _ak(self, e: ESAPI) -> _Loaded:
-        secret = self._key_auth.ak if self._key_auth is not None else None
-        return self._primary(e, ESYS_TR.ENDORSEMENT, AK_TEMPLATE, AK_ATTRS, secret)
+        return self._primary(e, ESYS_TR.ENDORSEMENT, AK_TEMPLATE, AK_ATTRS,
+                             self._secrets().ak)
 
     def _kem(self, e: ESAPI) -> _Loaded:
-        secret = self._key_auth.kem if self._key_auth is not None else None
-        return self._primary(e, ESYS_TR.OWNER, KEM_TEMPLATE, KEM_ATTRS, secret)
+        return self._primary(e, ESYS_TR.OWNER, KEM_TEMPLATE, KEM_ATTRS, self._secrets().kem)
+
+    def _cached_ek_public(self, template: bytes) -> bytes | None:
+        if self._ek_public is not None and self._ek_public[0] == template:
+            return self._ek_public[1]
+        return None
 
     def _srk(self, e: ESAPI) -> _Loaded:
         return self._primary(e, ESYS_TR.OWNER, SRK_TEMPLATE, SRK_ATTRS)
@@ -340,11 +355,12 @@ class HostTPM:
         the certify's qualifyingData (``extraData`` in the attest).
         """
         _check_nonce(nonce)
+        self._secrets()
 
         def run(e: ESAPI) -> HostIdentity:
-            if self._ek_cache is None:
-                self._ek_cache = hostek.certificate_and_public(e)
-            ek_cert, ek_public = self._ek_cache
+            ek = hostek.certificate_and_public(e, self._cached_ek_public)
+            if ek.template is not None and ek.public is not None:
+                self._ek_public = (ek.template, ek.public)  # never a missing one
             with self._ak(e) as (ak, ak_pub), self._kem(e) as (kem, kem_pub):
                 attest, sig = e.certify(kem, ak, nonce,
                                         TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
@@ -357,25 +373,30 @@ class HostTPM:
                 kem_name=kem_name,
                 kem_certify_attest=bytes(attest),
                 kem_certify_signature=sig.marshal(),
-                ek_certificate=ek_cert,
-                ek_public=ek_public,
+                ek_certificate=ek.certificate,
+                ek_public=ek.public,
             )
         return self._call("identity", run)
 
-    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes) -> bytes:
+    def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes,
+                            *, signed: bool = False) -> bytes:
         """TPM2_ActivateCredential: the engine's secret, which the TPM releases
         only if the AK it names lives in the same TPM as the EK the secret
         was encrypted to (proof that the AK is a key of this certified TPM).
 
         ``credential_blob`` and ``encrypted_secret`` are a marshaled
-        TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (with size prefixes)."""
+        TPM2B_ID_OBJECT and TPM2B_ENCRYPTED_SECRET (with size prefixes).
+        ``signed``: the engine signed this challenge; only its failure drops
+        the cached EK public key (anyone can send a bogus unsigned one)."""
+        self._secrets()
         blob, secret = hostek.parse_challenge(credential_blob, encrypted_secret)
         try:
             return self._call("activate credential",
                               lambda e: hostek.activate_credential(e, lambda: self._ak(e),
                                                                    blob, secret))
         except HostTPMError:
-            self._ek_cache = None  # the EK may have changed: read it again
+            if signed:
+                self._ek_public = None  # the EK may have changed: re-create it
             raise
 
     # -- quote and PCRs --------------------------------------------------
@@ -390,6 +411,7 @@ class HostTPM:
         """
         _check_nonce(nonce)
         indices = _check_pcrs(pcrs, bank)
+        self._secrets()
 
         def run(e: ESAPI) -> QuoteResult:
             with self._ak(e) as (ak, _pub):
@@ -446,6 +468,7 @@ class HostTPM:
         if not (isinstance(x, bytes) and isinstance(y, bytes) and len(x) == 32
                 and len(y) == 32):
             raise HostTPMError(reason="ecdh_zgen: point coordinates must be 32 bytes each")
+        self._secrets()
         point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=x, y=y))
 
         def run(e: ESAPI) -> bytes:

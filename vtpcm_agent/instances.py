@@ -138,14 +138,22 @@ class InstanceManager:
     def list_vtpcms(self) -> list[Association]:
         return self.associations.list()
 
+    def holds_state(self, assoc: Association) -> bool:
+        """Whether the vTPCM's permanent state exists (an incoming one: it
+        received the state), for the engine's resolve --to destination."""
+        return self._received_state(assoc)
+
     def is_running(self, assoc: Association) -> bool:
         return assoc.pid is not None and process.is_alive(assoc.pid, self._paths_of(assoc))
 
     def crashed(self) -> list[str]:
-        """Instances whose swtpm should run (ACTIVE, migrating) but does not."""
+        """Instances whose swtpm should run (ACTIVE, migrating) but died,
+        leaving its pid file or socket behind (a clean exit, QEMU's
+        CMD_SHUTDOWN, is no crash: the VM's next start starts it)."""
         return [a.instance_uuid for a in self.associations.list()
                 if a.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN)
-                and a.pid is not None and not self.is_running(a)]
+                and a.pid is not None and not self.is_running(a)
+                and process.left_behind(self._paths_of(a))]
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -178,10 +186,12 @@ class InstanceManager:
 
     @serialized
     def start(self, instance_uuid: str) -> Association:
-        """Start (or re-adopt) the swtpm of a STOPPED or ACTIVE vTPCM, or
-        restart an incoming one that received its state (a resized guest
-        stopped before the confirm; the engine asks only then): it stays
-        MIGRATING_IN, at its generation, with its state."""
+        """Start (or re-adopt) the swtpm of a STOPPED or ACTIVE vTPCM; also
+        the way back for one whose swtpm died (the guest's hard reboot):
+        from its permanent state, never an empty TPM in its place. An
+        incoming vTPCM that received its state is started too (a resized
+        guest stopped before the confirm; the engine asks only then): it
+        stays MIGRATING_IN, at its generation, with its state."""
         assoc = self.associations.get(instance_uuid)
         if assoc.state in (S.ACTIVE, S.MIGRATING_IN) and self.is_running(assoc):
             return assoc
@@ -198,6 +208,11 @@ class InstanceManager:
             raise exception.InvalidTransition(
                 what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
                 target=S.ACTIVE.value)
+        if not self._received_state(assoc):
+            raise exception.SwtpmError(
+                vtpcm_id=assoc.vtpcm_id,
+                reason="its permanent state file is missing; not starting an empty TPM "
+                       "in its place")
         pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
         return self.associations.transition(
             instance_uuid, S.ACTIVE, expected=frozenset({S.STOPPED, S.ACTIVE}), pid=pid)
@@ -404,36 +419,28 @@ class InstanceManager:
     def commit_incoming(self, ctx: sealing.SealContext) -> Association:
         """The incoming vTPCM becomes the live one at generation + 1.
 
-        It must hold its state (set by QEMU or ``import_state``). A crashed
-        swtpm is restarted first (``restart_if_crashed``). One that stopped
-        cleanly is committed STOPPED: a cold-migrated or resized guest whose
-        QEMU exited on the destination (a shutdown inside the guest sends
-        swtpm CMD_SHUTDOWN) before the confirm must not wedge the commit
-        past its commit point; the guest's next start starts it."""
+        It must hold its state (set by QEMU or ``import_state``). A swtpm
+        that stopped (crashed, or QEMU's CMD_SHUTDOWN when a resized guest
+        stopped on the destination before the confirm) is started again
+        first: past the commit point it is the authority, and refusing
+        would wedge the commit for good."""
         assoc = self.associations.get(ctx.instance_uuid)
         if (assoc.state in (S.ACTIVE, S.STOPPED) and assoc.generation == ctx.generation + 1
                 and assoc.migration_id == ctx.migration_id):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_IN)
         if not self.is_running(assoc) and self._received_state(assoc):
-            # its swtpm crashed after the switchover (the guest may run here):
-            # bring it back rather than refuse forever (the watchdog would, a
-            # few seconds later). A clean exit (QEMU's CMD_SHUTDOWN: the guest
-            # is off) is no crash: it is committed STOPPED below.
-            if self.restart_if_crashed(ctx.instance_uuid) is not None:
-                assoc = self.associations.get(ctx.instance_uuid)
-        if not self._received_state(assoc):
+            # its swtpm died after the switchover: the state is on disk, and
+            # the authority may already be here; bring it back rather than
+            # refuse forever (the only restart the agent makes on its own)
+            self._restart_incoming(assoc)
+            assoc = self.associations.get(ctx.instance_uuid)
+        if not (self.is_running(assoc) and self._received_state(assoc)):
             raise exception.MigrationError(
                 migration_id=ctx.migration_id,
-                reason="the incoming vTPCM of instance %s has not received its state; "
-                       "refusing to commit" % ctx.instance_uuid)
-        if not self.is_running(assoc):
-            LOG.info("Migration %(mig)s: committing the stopped incoming vTPCM of instance "
-                     "%(i)s (its guest is off)", {"mig": ctx.migration_id,
-                                                  "i": ctx.instance_uuid})
-            return self.associations.transition(
-                ctx.instance_uuid, S.STOPPED, expected=frozenset({S.MIGRATING_IN}),
-                generation=ctx.generation + 1, pid=None)
+                reason="the incoming vTPCM of instance %s has not received its state "
+                       "(or its swtpm is not running); refusing to commit"
+                       % ctx.instance_uuid)
         return self.associations.transition(
             ctx.instance_uuid, S.ACTIVE, expected=frozenset({S.MIGRATING_IN}),
             generation=ctx.generation + 1)
@@ -460,58 +467,28 @@ class InstanceManager:
 
     # --- crash recovery ---------------------------------------------------------
 
-    @serialized
-    def restart_if_crashed(self, instance_uuid: str,
-                           even_clean_exit: bool = False) -> Restarted | None:
-        """Start again the swtpm of a vTPCM that should run but crashed.
-
-        Crashed: killed or failed, leaving its pid file and socket behind.
-        A swtpm that stopped cleanly (QEMU's CMD_SHUTDOWN when its guest
-        stops or its outgoing migration completed, a SIGTERM) removed both:
-        nothing is lost, the VM's next start starts it, so it is restarted
-        only with ``even_clean_exit`` (``commit_incoming`` needs it running).
+    def _restart_incoming(self, assoc: Association) -> Restarted:
+        """Start again the dead swtpm of an incoming vTPCM that received its
+        state, for ``commit_incoming`` (whose instance lock is held): after
+        the commit point it is the authority and must run. The only restart
+        the agent makes: elsewhere a restarted swtpm serves no guest (QEMU
+        never reconnects) but whoever opens its socket (``watchdog``).
 
         Same state dir, same keys (the at-rest key opens the persisted state;
         the migration key stays the migration's), same socket path. Only the
         permanent state file survives a crash (swtpm keeps the volatile state
         in memory; a leftover volatile file is older than the guest's last
-        TPM command and is removed, never resumed). A vTPCM that should hold
-        state but has no permanent state file is NOT started empty: a fresh
-        TPM in place of the tenant's would silently lose it; it stays
-        reported as crashed. An incoming vTPCM that has not received its
-        state yet is restarted empty, as ``prepare_incoming`` made it.
-        Under the instance lock, so it never races stop, destroy, commit or
-        abort: whatever they left is re-read here first."""
-        assoc = self.associations.find(instance_uuid)
-        if (assoc is None or assoc.pid is None
-                or assoc.state not in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN)
-                or self.is_running(assoc)):
-            return None
+        TPM command and is removed, never resumed)."""
         paths = self._paths_of(assoc)
-        if not even_clean_exit and not process.left_behind(paths):
-            return None
-        with_state = self._received_state(assoc)
-        if not with_state and assoc.state is not S.MIGRATING_IN:
-            raise exception.SwtpmError(
-                vtpcm_id=assoc.vtpcm_id,
-                reason="its swtpm died and its permanent state file is missing; "
-                       "not starting an empty TPM in its place")
-        if process.socket_in_use(paths.ctrl_socket):
-            raise exception.SwtpmError(
-                vtpcm_id=assoc.vtpcm_id,
-                reason="its swtpm died and another process serves its control socket %s; "
-                       "not starting a second one there" % paths.ctrl_socket)
         # a swtpm that lost its socket but still runs would hold the state lock
-        if process.owns(assoc.pid, paths):
+        if assoc.pid is not None and process.owns(assoc.pid, paths):
             process.stop(assoc.pid, paths, timeout=self.settings.timeout)
         (paths.state_dir / VOLATILE_STATE_FILE).unlink(missing_ok=True)
-        startup_clear = self.settings.expose_data_socket and assoc.state is not S.MIGRATING_IN
-        pid = self._spawn_paths(paths, self.keystore.get(assoc.vtpcm_id),
-                                startup_clear=startup_clear)
-        self.associations.set_pid(instance_uuid, pid)
-        done = Restarted(instance_uuid=instance_uuid, vtpcm_id=assoc.vtpcm_id,
+        pid = self._spawn_paths(paths, self.keystore.get(assoc.vtpcm_id), startup_clear=False)
+        self.associations.set_pid(assoc.instance_uuid, pid)
+        done = Restarted(instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
                          state=assoc.state.value, old_pid=assoc.pid, pid=pid,
-                         with_state=with_state)
+                         with_state=True)
         if self.on_restart is not None:
             self.on_restart(done)
         return done
@@ -553,6 +530,11 @@ class InstanceManager:
         running = process.find_running(paths)
         if running is not None:
             return running
+        if process.socket_in_use(paths.ctrl_socket):
+            raise exception.SwtpmError(
+                vtpcm_id=paths.state_dir.name,
+                reason="another process serves its control socket %s; not starting a "
+                       "second swtpm there" % paths.ctrl_socket)
         if startup_clear is None:
             startup_clear = self.settings.expose_data_socket
         return process.start(

@@ -9,11 +9,16 @@ derived from the agent's host key (sealed in the TPM, root-only file) close
 that:
 
 * ``unique``: the template's ``unique`` field is an input of the primary's
-  derivation, so without it the same seed yields a different key (the
-  enrolled public keys cannot be re-derived at all);
+  derivation, so without it the same seed yields a different key;
 * ``auth``: the key's auth value, so a handle the agent has loaded is of no
   use to another client of a TPM without a resource manager (the swtpm
   stand-in) in the moment it is loaded.
+
+Limits (review finding 3, design.rst open points): ``unique`` is sent to
+the TPM in clear in every CreatePrimary and the auth value is no
+derivation input, so whoever observes the agent's TPM command stream once
+re-creates both keys with an auth value of their own. This keeps out only
+local TPM users that cannot see that stream.
 
 The values never appear in logs, exceptions or reprs.
 """

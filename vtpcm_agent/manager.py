@@ -8,6 +8,7 @@ methods (``signed=True``) run only for commands the engine signed. Replies
 are signed with the host command key when the caller asks (API 1.6).
 """
 
+import threading
 from typing import Any
 
 import oslo_messaging as messaging
@@ -59,6 +60,9 @@ class AgentManager:
                     reason="the reply signer is not the host command key reported")
             command_public = own
         self.command_public = command_public
+        # set by the engine's first verified (vouched) TPM call: the
+        # engine knows this agent, it need not announce itself again
+        self.engine_contact = threading.Event()
 
     def _info(self, assoc: Association) -> m.VTPCMInfo:
         return m.VTPCMInfo(
@@ -117,6 +121,15 @@ class AgentManager:
             running=sum(1 for a in vtpcms if self.instances.is_running(a)),
             crashed=tuple(self.instances.crashed()))
 
+    # 1.7 ---------------------------------------------------------------------
+    @endpoint(m.MigrationContext)
+    def incoming_state(self, req: m.MigrationContext) -> m.IncomingState:
+        assoc = self.instances.get(req.instance_uuid)
+        return m.IncomingState(
+            state=assoc.state.value, generation=assoc.generation,
+            migration_id=assoc.migration_id, running=self.instances.is_running(assoc),
+            holds_state=self.instances.holds_state(assoc))
+
     # 1.1 ---------------------------------------------------------------------
     def _tpm(self, limit: TokenBucket | None = None, what: str = "") -> Any:
         """The host TPM, after ``limit`` allowed one more unsigned ``what``
@@ -129,7 +142,10 @@ class AgentManager:
 
     def _limit(self, vouched: bool, limit: TokenBucket | None) -> TokenBucket | None:
         """The engine's own (signed) calls pass; everyone else's count."""
-        return None if vouched else limit
+        if vouched:
+            self.engine_contact.set()
+            return None
+        return limit
 
     @endpoint(m.IdentityRequest, vouched=True)
     def get_identity(self, req: m.IdentityRequest, vouched: bool) -> m.HostIdentity:
@@ -148,7 +164,8 @@ class AgentManager:
     def activate_credential(self, req: m.CredentialChallenge,
                             vouched: bool) -> m.ActivatedCredential:
         tpm = self._tpm(self._limit(vouched, self.activation_limit), "credential activations")
-        secret = tpm.activate_credential(req.credential_blob, req.encrypted_secret)
+        secret = tpm.activate_credential(req.credential_blob, req.encrypted_secret,
+                                         signed=vouched)
         return m.ActivatedCredential(host=self.host, secret=secret)
 
     @endpoint(m.QuoteRequest, vouched=True)

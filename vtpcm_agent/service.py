@@ -16,6 +16,7 @@ from oslo_log import log as logging
 
 from vtpcm_agent import keyauth, manager
 from vtpcm_agent import keystore as ks
+from vtpcm_agent.announce import Announcer
 from vtpcm_agent.association import AssociationList
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.instances import AgentSettings, InstanceManager
@@ -124,6 +125,7 @@ class AgentService:
             self.instances, conf.agent.swtpm_watchdog_interval, self.settings.host,
             lambda report: engine.report_swtpm_restart(report, timeout=REPORT_TIMEOUT))
         self.server: Any = None
+        self.announcer: Announcer | None = None
         self._stopped = threading.Event()
 
     def start(self) -> None:
@@ -133,17 +135,23 @@ class AgentService:
         self.watchdog.start()
         topic = rpc.topic(self.conf, "agent_topic")
         target = messaging.Target(topic=topic, server=self.settings.host)
-        endpoints = [manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
-                                          self.verifier,
-                                          authn.public_raw(self.host_signer.public_key),
-                                          reply_signer=self.host_signer,
-                                          **rate_limits_from(self.conf))]
+        agent = manager.AgentManager(self.settings.host, self.instances, self.host_tpm,
+                                     self.verifier,
+                                     authn.public_raw(self.host_signer.public_key),
+                                     reply_signer=self.host_signer,
+                                     **rate_limits_from(self.conf))
+        endpoints = [agent]
         self.server = messaging.get_rpc_server(
             self.transport, target, endpoints,
             access_policy=messaging.DefaultRPCAccessPolicy)
         self.server.start()
         if self.conf.agent.register_with_engine:
-            EngineAPI(self.conf, self.transport).register_agent(self.settings.host)
+            # again with backoff until the engine calls: a flood of
+            # register_agent casts may have crowded one announcement out
+            engine_api = EngineAPI(self.conf, self.transport)
+            self.announcer = Announcer(lambda: engine_api.register_agent(self.settings.host),
+                                       agent.engine_contact)
+            self.announcer.start()
         LOG.info("vtpcm-agent of host %(host)s serving topic %(topic)s (API %(v)s); "
                  "commands must be signed with engine key %(key)s",
                  {"host": self.settings.host, "topic": topic,
@@ -152,6 +160,8 @@ class AgentService:
     def stop(self) -> None:
         """Stop serving RPC. swtpm processes keep running on purpose."""
         self.watchdog.stop()
+        if self.announcer is not None:
+            self.announcer.stop()
         if self.server is not None:
             self.server.stop()
             self.server.wait()

@@ -1,21 +1,25 @@
-"""Restart a vTPCM's swtpm that died, within seconds and without an operator.
+"""Notice a vTPCM's swtpm that died, within seconds, and tell the operator.
 
 swtpm runs detached from the agent (so an agent restart never touches a
 guest's TPM), so nobody reaps or notices its death but this thread: every
 ``interval`` seconds it looks for vTPCMs that should run (ACTIVE, migrating
 out, migrating in) and crashed (a clean exit, QEMU's CMD_SHUTDOWN when its
-guest stops, is not a crash), and starts each again from its persisted
-state under its own keys at the same socket path
-(``InstanceManager.restart_if_crashed``). That keeps the only good copy of a
-tenant's TPM usable: an incoming one can be committed, an outgoing one can
-be aborted back, and a running guest gets its TPM back at its next hard
-reboot. Every restart (also one ``commit_incoming`` makes) is logged for the
-operator with what the guest kept and lost, and reported to the engine's
-audit log through ``reporter`` by a sender thread of its own (never from
-the RPC thread holding the instance's lock, and a slow engine never delays
-a restart). A restart that fails is reported once and
-retried with a growing pause (a state that cannot start keeps failing; the
-log should not flood).
+guest stops, is not a crash). It does NOT start them again: QEMU never
+reconnects to a restarted swtpm, so a restarted one would serve no guest,
+only whoever can open its socket, with reset PCRs anyone there could extend
+(an old-generation source copy after the switchover included). Nothing
+needs it running: ``start`` (the guest's next boot or hard reboot) spawns a
+dead ACTIVE vTPCM from its persisted state, ``abort_outgoing`` works
+without a running swtpm, and ``commit_incoming`` restarts a dead incoming
+one after the commit point (``InstanceManager.commit_incoming``).
+
+Each crash is logged once for the operator with what the guest sees and
+what to do, and reported to the engine's audit log through ``reporter`` by a
+sender thread of its own (never from the RPC thread holding the instance's
+lock; a slow engine delays nothing). Reports are rate-limited per instance
+(``REPORT_INTERVAL``) and the queue is capped (``MAX_QUEUED``): a crash loop
+or a silent engine costs bounded memory and log. Restarts ``commit_incoming``
+makes are logged and reported the same way (``record``).
 """
 
 from __future__ import annotations
@@ -28,13 +32,33 @@ from collections.abc import Callable
 import oslo_messaging as messaging
 from oslo_log import log as logging
 
+from vtpcm_agent.association import VTPCMState as S
 from vtpcm_agent.instances import RESTART_OUTCOME, InstanceManager, Restarted
 from vtpcm_common import exception
 from vtpcm_common.api.engine.messages import SwtpmRestartReport
 
 LOG = logging.getLogger(__name__)
-MAX_BACKOFF = 300.0
+REPORT_INTERVAL = 300.0  # seconds between two crash reports of one instance
+MAX_QUEUED = 100  # reports waiting for the engine; more are dropped (logged)
 Reporter = Callable[[SwtpmRestartReport], object]
+
+# What the guest sees and what the operator does, per state of the vTPCM.
+CRASH_OUTCOME = {
+    S.ACTIVE: (
+        "the guest's TPM answers every command with a failure (QEMU does not reconnect "
+        "to a swtpm); it is not restarted. A hard reboot of the guest (nova reboot "
+        "--hard) starts it from its persisted state: the guest keeps its permanent TPM "
+        "state and gets fresh PCRs"),
+    S.MIGRATING_OUT: (
+        "not restarted: before the switchover the live migration fails and Nova's "
+        "rollback aborts it (that needs no running swtpm), after it this copy is stale "
+        "and is shredded at the commit. If the guest stays here, hard-reboot it "
+        "(nova reboot --hard) once the migration is aborted"),
+    S.MIGRATING_IN: (
+        "not restarted now: the commit restarts it from the state it received (then "
+        "hard-reboot the guest, nova reboot --hard: QEMU does not reconnect), an abort "
+        "discards it"),
+}
 
 
 class SwtpmWatchdog:
@@ -49,12 +73,14 @@ class SwtpmWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sender: threading.Thread | None = None
-        self._failures: dict[str, tuple[int, float]] = {}  # uuid -> (count, retry at)
-        self._reports: queue.SimpleQueue[SwtpmRestartReport] = queue.SimpleQueue()
+        # instance -> (the crash last reported: vTPCM and pid, when)
+        self._reported: dict[str, tuple[tuple[str, int | None], float]] = {}
+        self._reports: queue.Queue[SwtpmRestartReport] = queue.Queue(maxsize=MAX_QUEUED)
+        self.dropped = 0
         instances.on_restart = self.record
 
     def start(self) -> None:
-        """Start polling (an interval of 0 disables the restarts) and reporting."""
+        """Start polling (an interval of 0 disables it) and reporting."""
         if self.reporter is not None and self._sender is None:
             self._sender = threading.Thread(target=self._send_loop,
                                             name="swtpm-restart-reports", daemon=True)
@@ -68,7 +94,7 @@ class SwtpmWatchdog:
     def stop(self) -> None:
         """Stop both threads; reports not sent by then stay in the agent log only."""
         self._stop.set()
-        if self._thread is not None:  # a restart under way finishes
+        if self._thread is not None:
             self._thread.join(timeout=max(self.interval, 1.0) + self.instances.settings.timeout)
         if self._sender is not None:  # a daemon thread: a report in flight is not waited for
             self._sender.join(timeout=1.0)
@@ -83,61 +109,65 @@ class SwtpmWatchdog:
                               {"s": self.interval})
             self._stop.wait(self.interval)
 
-    def run_once(self, now: float | None = None) -> list[Restarted]:
-        """Restart every crashed swtpm that is not in its back-off pause."""
+    def run_once(self, now: float | None = None) -> list[str]:
+        """Report every vTPCM whose swtpm died (each crash once, an instance at
+        most once per ``REPORT_INTERVAL``); returns the instances reported.
+        One bad record is logged and skipped, never blocks the others."""
         now = time.monotonic() if now is None else now
-        restarted = []
-        for instance_uuid in self.instances.crashed():
-            count, retry_at = self._failures.get(instance_uuid, (0, 0.0))
-            if now < retry_at:
-                continue
+        crashed = self.instances.crashed()
+        for gone in set(self._reported) - set(crashed):
+            del self._reported[gone]
+        reported = []
+        for instance_uuid in crashed:
             try:
-                done = self.instances.restart_if_crashed(instance_uuid)
-            except exception.VTPCMException as err:
-                count += 1
-                pause = min(self.interval * 2 ** count, MAX_BACKOFF)
-                self._failures[instance_uuid] = (count, now + pause)
-                LOG.error("swtpm of instance %(instance)s died and could not be restarted "
-                          "(attempt %(n)d, next in %(p).0fs): %(err)s",
-                          {"instance": instance_uuid, "n": count, "p": pause,
-                           "err": err.message})
-                if count == 1:
-                    self._queue_failure(instance_uuid, err.message)
-                continue
-            self._failures.pop(instance_uuid, None)
-            if done is not None:
-                restarted.append(done)
-        return restarted
+                if self._report_crash(instance_uuid, now):
+                    reported.append(instance_uuid)
+            except Exception as err:  # noqa: BLE001 - one record must not stop the pass
+                LOG.error("swtpm watchdog: checking instance %(instance)s failed "
+                          "(%(err)s); the others are checked", {
+                              "instance": instance_uuid, "err": type(err).__name__})
+        return reported
+
+    def _report_crash(self, instance_uuid: str, now: float) -> bool:
+        assoc = self.instances.associations.find(instance_uuid)
+        if assoc is None or assoc.state not in CRASH_OUTCOME:
+            return False
+        crash = (assoc.vtpcm_id, assoc.pid)
+        last = self._reported.get(instance_uuid)
+        if last is not None and (last[0] == crash or now - last[1] < REPORT_INTERVAL):
+            return False
+        self._reported[instance_uuid] = (crash, now)
+        detail = "died (pid %s); %s" % (assoc.pid, CRASH_OUTCOME[assoc.state])
+        LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
+                  "%(detail)s", {"instance": instance_uuid, "vtpcm": assoc.vtpcm_id,
+                                 "state": assoc.state.value, "detail": detail})
+        self._queue(instance_uuid, assoc.vtpcm_id, assoc.state.value, "not-restarted", detail)
+        return True
 
     def record(self, done: Restarted) -> None:
-        """Log a restart and queue its report (``InstanceManager.on_restart``)."""
-        if done.with_state:
-            detail = ("died (pid %s); restarted as pid %d from its persisted state under "
-                      "its at-rest key: %s" % (done.old_pid, done.pid, RESTART_OUTCOME))
-            LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
-                      "%(detail)s", {"instance": done.instance_uuid, "vtpcm": done.vtpcm_id,
-                                     "state": done.state, "detail": detail})
-        else:
-            detail = ("died before it received any state (pid %s); restarted empty as pid "
-                      "%d for the migration to go on or be aborted" % (done.old_pid, done.pid))
-            LOG.warning("AUDIT swtpm of incoming instance %(instance)s (vTPCM %(vtpcm)s) "
-                        "%(detail)s", {"instance": done.instance_uuid,
-                                       "vtpcm": done.vtpcm_id, "detail": detail})
+        """Log a restart ``commit_incoming`` made and queue its report
+        (``InstanceManager.on_restart``)."""
+        detail = ("died (pid %s); restarted by the commit as pid %d from the state it "
+                  "received, under its at-rest key: %s" % (done.old_pid, done.pid,
+                                                           RESTART_OUTCOME))
+        LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
+                  "%(detail)s", {"instance": done.instance_uuid, "vtpcm": done.vtpcm_id,
+                                 "state": done.state, "detail": detail})
         self._queue(done.instance_uuid, done.vtpcm_id, done.state, "restarted", detail)
-
-    def _queue_failure(self, instance_uuid: str, reason: str) -> None:
-        assoc = self.instances.associations.find(instance_uuid)
-        if assoc is not None:
-            self._queue(instance_uuid, assoc.vtpcm_id, assoc.state.value, "not-restarted",
-                        "died and could not be restarted (retried with a growing pause): "
-                        + reason)
 
     def _queue(self, instance_uuid: str, vtpcm_id: str, state: str, outcome: str,
                detail: str) -> None:
-        if self.reporter is not None and self.host:
-            self._reports.put(SwtpmRestartReport(
+        if self.reporter is None or not self.host:
+            return
+        try:
+            self._reports.put_nowait(SwtpmRestartReport(
                 host=self.host, instance_uuid=instance_uuid, vtpcm_id=vtpcm_id,
                 state=state, outcome=outcome, detail=detail[:1000]))
+        except queue.Full:
+            self.dropped += 1
+            LOG.warning("swtpm report of instance %(instance)s not queued for the engine "
+                        "(%(n)d waiting; %(d)d dropped so far): the agent log has it",
+                        {"instance": instance_uuid, "n": MAX_QUEUED, "d": self.dropped})
 
     def _send_loop(self) -> None:
         while not self._stop.is_set():

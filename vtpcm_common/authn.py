@@ -440,23 +440,26 @@ class CommandVerifier:
         now = float(self._clock())
         if expires_at - issued_at > self.max_ttl or expires_at < issued_at:
             raise _refuse(method, "validity period longer than %ss" % self.max_ttl)
+        # Refusals decided by the clock come before the nonce is claimed:
+        # a captured command replayed after its expiry (or from before this
+        # service started) then costs no durable nonce write, however often
+        # it comes back (review finding 5). They are never signed
+        # (``_stale``), as a replay: a command that ran and comes back late
+        # must not get a refusal saying it never ran.
         if issued_at > now + self.max_skew:
             raise _stale(method, "issued in the future")
-        # Kept max_skew past expiry: a clock stepping back a little must not
-        # make a forgotten nonce usable again. Scoped by the signing key: a
-        # key holder who copies another signer's nonce into a command of its
-        # own cannot use it up. Checked before expiry: a command that ran
-        # and comes back after its expiry is "replayed" (which the agent
-        # never signs). Refusals decided by the clock are never signed
-        # either (``_stale``): the nonce is forgotten max_skew past expiry.
-        scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
-        if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
-            raise exception.CommandReplayed(method=method,
-                                            reason="replayed (nonce already used)")
         if now > expires_at:
             raise _stale(method, "expired")
         if issued_at < self.created_at - self.max_skew:
             raise _stale(method, "issued before this %s started" % self.service_role)
+        # Kept max_skew past expiry: a clock stepping back a little must not
+        # make a forgotten nonce usable again. Scoped by the signing key: a
+        # key holder who copies another signer's nonce into a command of its
+        # own cannot use it up.
+        scoped = "%s:%s" % (fingerprint(keys[signed_by]), nonce)
+        if not self.nonces.claim_nonce(scoped, expires_at + self.max_skew, now):
+            raise exception.CommandReplayed(method=method,
+                                            reason="replayed (nonce already used)")
         return signed_by
 
     @staticmethod

@@ -77,6 +77,39 @@ class PerKeyInterval:
             return True
 
 
+    def forget(self, key: str) -> None:
+        """Let ``key``'s next event through (its last one came to nothing)."""
+        with self._lock:
+            self._last.pop(key, None)
+
+
+class Summary:
+    """Counts events (refusals, drops) so that they can be logged at DEBUG
+    each and at WARNING at most once per ``period`` with their number: a
+    flood of them cannot flood the log, and an operator still sees it."""
+
+    def __init__(self, period: float, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not period > 0:
+            raise InvalidInput(reason="a summary period must be > 0")
+        self.period = float(period)
+        self._clock = clock
+        self._count = 0
+        self._at: float | None = None
+        self._lock = threading.Lock()
+
+    def add(self) -> int:
+        """Count one event; the number to report now (this one included)
+        if the last report is a period old, else 0."""
+        with self._lock:
+            self._count += 1
+            now = self._clock()
+            if self._at is not None and now - self._at < self.period:
+                return 0
+            count, self._count, self._at = self._count, 0, now
+            return count
+
+
 class InFlight:
     """At most one call per key and ``limit`` calls in all at a time, for
     unsigned calls that may wait on someone else (an agent's reply)."""

@@ -11,6 +11,7 @@ from oslo_log import log as logging
 
 from vtpcm_common import authn, config, exception
 from vtpcm_common.conf import upgrade_levels
+from vtpcm_common.ratelimit import Summary
 from vtpcm_common.wire import Message
 
 LOG = logging.getLogger(__name__)
@@ -312,6 +313,31 @@ UNSERVED = {
 }
 
 
+# Refusals anyone on the broker can cause at will, without a key (a rate
+# limit, a signature that does not verify, a replay, a malformed request):
+# each at DEBUG, and a WARNING with their count at most once a period, so
+# a flood refused at once does not cost a log line per call (review
+# finding 6). Every other refusal is logged at WARNING each.
+QUIET_REFUSALS = (exception.RateLimited, exception.CommandRefused, exception.InvalidInput)
+REFUSAL_SUMMARY_PERIOD = 60.0
+_quiet_refusals = Summary(REFUSAL_SUMMARY_PERIOD)
+
+
+def log_refusal(method: str, err: exception.VTPCMException) -> None:
+    """Log one refused call (its text carries no secret: messages hide
+    secret fields)."""
+    if not isinstance(err, QUIET_REFUSALS):
+        LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
+        return
+    LOG.debug("Refused %(method)s: %(error)s", {"method": method, "error": err})
+    count = _quiet_refusals.add()
+    if count:
+        LOG.warning("%(n)d calls refused for rate limits, signatures or malformed "
+                    "requests since the last such report (each logged at debug "
+                    "level); the last: %(method)s: %(error)s",
+                    {"n": count, "method": method, "error": err})
+
+
 def endpoint(request_type: type[Message], signed: bool = False,
              host_signed: bool = False, vouched: bool = False) -> Callable[[F], F]:
     """Server side of one RPC method: parse ``payload`` into ``request_type``,
@@ -376,8 +402,7 @@ def endpoint(request_type: type[Message], signed: bool = False,
             try:
                 return run(self, payload, auth).to_wire()
             except exception.VTPCMException as err:
-                LOG.warning("Refused %(method)s: %(error)s",
-                            {"method": func.__name__, "error": err})
+                log_refusal(func.__name__, err)
                 raise
         inner.signed = signed  # type: ignore[attr-defined]
         inner.host_signed = host_signed  # type: ignore[attr-defined]
@@ -418,10 +443,10 @@ def _signed_reply(service: Any, method: str, signed: bool,
         # The first delivery may have run (CommandStale too: its nonce may
         # be forgotten): a signed "refused" here would let whoever replays
         # it report a done command as not done.
-        LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
+        log_refusal(method, err)
         raise
     except exception.VTPCMException as err:
-        LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
+        log_refusal(method, err)
         outcome = {"error": {"type": type(err).__name__, "message": str(err),
                              "kwargs": _named_values(err)}}
     reply_signer: authn.CommandSigner = signer

@@ -77,8 +77,9 @@ def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
 
     Yields (host name, stand-in, agent, run dir) per label. Afterwards the
     agents stop, then the swtpm processes they left running are killed
-    through their pid files (in this order: an agent's watchdog restarts a
-    swtpm that dies), then the stand-ins stop, also when the test failed."""
+    through their pid files (in this order: an agent would report each
+    swtpm that dies, or commit_incoming restart one), then the stand-ins
+    stop, also when the test failed."""
     hosts: list[tuple[str, HostTPMStandIn, AgentDaemon, Path]] = []
     started: list[Any] = []
     try:
@@ -98,7 +99,7 @@ def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
             hosts.append((name, tpm, agent, run_dir))
         yield hosts
     finally:
-        # agents first: their watchdog would restart the swtpm killed below
+        # agents first: their watchdog would report the swtpm killed below
         for proc in reversed(started):
             if not isinstance(proc, HostTPMStandIn):
                 proc.stop()

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from vtpcm_agent import keyauth
 from vtpcm_lab.hosttpm import HostTPMStandIn
 
 __all__ = ["HostTPMStandIn", "host_tpm_standin", "second_host_tpm_standin"]
@@ -32,3 +33,8 @@ def second_host_tpm_standin(tmp_path: Path) -> Iterator[HostTPMStandIn]:
         yield standin
     finally:
         standin.cleanup()
+
+
+# The AK/KEM secrets of a test "agent" (a HostTPM without them refuses
+# identity, quote, activate_credential and ecdh_zgen).
+TEST_KEY_AUTH = keyauth.derive(b"vtpcm functional tests: host key.")

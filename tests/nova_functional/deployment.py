@@ -128,7 +128,7 @@ def deployment(labels: tuple[str, ...] = ("a", "b", "c")) -> Iterator[Deployment
             assert operator.attest(name).status == "TRUSTED"
         yield Deployment(exchange, conf, operator, agents, engine, hosts)
     finally:
-        # agents before their swtpm: an agent's watchdog restarts one that dies
+        # agents before their swtpm: an agent's watchdog reports one that dies
         for proc in reversed(started):
             if not isinstance(proc, HostTPMStandIn):
                 proc.stop()  # type: ignore[attr-defined]

@@ -230,6 +230,44 @@ def test_used_nonces_are_forgotten_after_expiry(signer, verifier, clock):
     assert len(verifier.nonces._seen) == 1
 
 
+class CountingStore(authn.MemoryNonceStore):
+    def __init__(self):
+        super().__init__()
+        self.claims = 0
+
+    def claim_nonce(self, nonce, keep_until, now):
+        self.claims += 1
+        return super().claim_nonce(nonce, keep_until, now)
+
+
+def test_stale_commands_are_refused_unsigned_without_a_nonce_write(signer, keyfile, clock):
+    """Review finding 5: a captured command replayed after its expiry cost
+    the agent a durable nonce write on every delivery (claimed, then
+    refused as "expired"). Refusals decided by the clock now come first,
+    write nothing, and are ``CommandStale`` (never signed)."""
+    store = CountingStore()
+    verifier = authn.CommandVerifier(authn.public_key_path(keyfile), HOST, clock=clock)
+    verifier.remember_nonces_in(store)
+    start = clock.now
+    captured = signer.sign("quote", HOST, PAYLOAD)
+    verifier.verify("quote", PAYLOAD, captured)
+    assert store.claims == 1
+    clock.now = start + 3600
+    for _ in range(3):
+        with refused(exception.CommandStale, "Command quote refused: expired"):
+            verifier.verify("quote", PAYLOAD, captured)
+    clock.now = start + authn.DEFAULT_TTL + 0.5  # expired, its nonce still kept
+    with refused(exception.CommandStale, "Command quote refused: expired"):
+        verifier.verify("quote", PAYLOAD, captured)
+    clock.now = start - 31
+    old = signer.sign("quote", HOST, PAYLOAD)
+    clock.now = start - 30.5 + 60  # within its ttl, from before the verifier started
+    with refused(exception.CommandStale,
+                 "Command quote refused: issued before this agent started"):
+        verifier.verify("quote", PAYLOAD, old)
+    assert store.claims == 1
+
+
 def test_verifiers_sharing_a_store_refuse_each_others_replays(signer, keyfile, clock):
     """Two engine workers (or an agent before and after a restart) with one
     store: a command accepted by one is a replay for the other."""
@@ -290,7 +328,8 @@ def test_agent_state_changing_endpoints_are_exactly_the_signed_ones():
         "commit_outgoing", "abort_incoming", "abort_outgoing"}
     unsigned = {name for name in dir(AgentManager)
                 if getattr(getattr(AgentManager, name), "signed", None) is False}
-    assert unsigned == {"get", "list", "health", "get_identity", "quote", "activate_credential"}
+    assert unsigned == {"get", "list", "health", "get_identity", "quote", "activate_credential",
+                        "incoming_state"}  # read-only (1.7)
 
 
 def test_signed_endpoint_checks_before_acting(signer, verifier):

@@ -47,9 +47,10 @@ AGENT_OPTS = [
                  help="Seconds to wait for swtpm to start, answer or stop."),
     cfg.FloatOpt("swtpm_watchdog_interval", default=2.0, min=0.0,
                  help="Seconds between two checks for a vTPCM whose swtpm died (ACTIVE, "
-                      "migrating out or in). Such a swtpm is restarted from its persisted "
-                      "state under its own keys at the same socket, and logged with what "
-                      "the guest lost; see the operator guide. 0 disables the restart "
+                      "migrating out or in). Such a crash is logged and reported to the "
+                      "engine's audit log with what the guest sees and what to do (a hard "
+                      "reboot of the guest); the swtpm is not restarted, since QEMU never "
+                      "reconnects to it (see the operator guide). 0 disables the check "
                       "(crashes are then only reported by health)."),
     cfg.StrOpt("engine_public_key",
                help="Path of the vtpcm-engine's Ed25519 command signing public key "

@@ -44,11 +44,17 @@ ENGINE_OPTS = [
                     "threads that serve migrations never do."),
     cfg.IntOpt("registration_backlog", default=16, min=1,
                help="Announced host names waiting for a registration worker; when "
-                    "full, further announcements are dropped (the agent announces "
-                    "itself again at its next start)."),
+                    "full, the oldest waiting name is dropped to make room (its "
+                    "agent announces itself again, with backoff, until the engine "
+                    "contacts it)."),
     cfg.FloatOpt("registration_interval", default=60.0, min=0.0,
                  help="Seconds before an announcement of the same host name is "
-                      "accepted again (per-name rate limit of register_agent)."),
+                      "queued again (per-name rate limit of register_agent; a name "
+                      "dropped from a full queue may be queued again at once)."),
+    cfg.FloatOpt("registration_probe_timeout", default=5.0, min=0.5,
+                 help="Seconds a registration worker waits for an announced host's "
+                      "agent to answer a health call before it enrolls it (waiting "
+                      "up to rpc_timeout); a name no agent serves costs this long."),
     cfg.IntOpt("max_unsigned_attestations", default=8, min=1,
                help="attest calls (unsigned: vtpcm-manage hosts attest) served at "
                     "once, one per host; more are refused at once (RateLimited). "
@@ -76,6 +82,14 @@ ATTESTATION_OPTS = [
     cfg.IntOpt("verdict_ttl", default=300, min=5,
                help="Seconds a TRUSTED verdict stays fresh. The migration pre-check "
                     "(check_destination) and begin attest again once it is stale."),
+    cfg.FloatOpt("min_unsigned_interval", default=5.0, min=0.0,
+                 help="Seconds during which the unsigned attest call (vtpcm-manage "
+                      "hosts attest, anyone on the broker) answers with the host's "
+                      "verdict in force instead of quoting the host again. The "
+                      "engine's quotes are signed, so the agent's limit on unsigned "
+                      "calls does not count them: this bounds the quotes unsigned "
+                      "callers can make the engine send to one host. 0: every "
+                      "attest quotes (labs)."),
     cfg.IntOpt("nonce_ttl", default=60, min=5,
                help="Seconds a challenge nonce may be answered."),
     cfg.IntOpt("interval", default=120, min=0,

@@ -279,6 +279,18 @@ class Attestor:
                 continue  # deleted meanwhile
         return out
 
+    def recent(self, host: str, max_age: float) -> VerdictRecord | None:
+        """The verdict in force if it is fresh and decided less than
+        ``max_age`` seconds ago, else None: what an unsigned ``attest`` gets
+        instead of a new quote, so unsigned triggers cannot make the engine
+        quote a host (a vouched call its agent does not limit) at their rate."""
+        current = self.db.get_verdict(host)
+        now = self._now()
+        if (current is not None and current.is_fresh(now)
+                and now - current.attested_at < datetime.timedelta(seconds=max_age)):
+            return current
+        return None
+
     def check_fresh(self, host: str) -> VerdictRecord:
         """A fresh TRUSTED verdict if there is one, else attest now (migration gate)."""
         current = self.db.get_verdict(host)
@@ -290,8 +302,9 @@ class Attestor:
                                 bank: str = "sha256", description: str = "") -> PolicyRecord:
         """Store the PCR values of a verified quote of ``host`` as golden policy ``name``."""
         record = self.db.get_host(host)
-        if record.status is HostStatus.REVOKED:
-            raise exception.HostNotTrusted(host=host, reason="host is REVOKED")
+        if record.status in (HostStatus.REVOKED, HostStatus.FORGOTTEN):
+            raise exception.HostNotTrusted(host=host,
+                                           reason="host is %s" % record.status.value)
         wanted = sorted(set(pcrs))
         if not wanted:
             raise exception.InvalidInput(reason="no PCRs requested for the policy")

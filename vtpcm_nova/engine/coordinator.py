@@ -68,6 +68,8 @@ class AgentClient(Protocol):
     def abort_incoming(self, host: str, context: am.MigrationContext,
                        only_if_unused: bool = False) -> Any: ...
     def abort_outgoing(self, host: str, context: am.MigrationContext) -> Any: ...
+    def incoming_state(self, host: str,
+                       context: am.MigrationContext) -> am.IncomingState: ...
 
 
 class TrustChecker(Protocol):
@@ -757,6 +759,18 @@ class Coordinator:
         proto, ctx, rec = self._load(migration_id)
         self._run(proto, ctx, p.pending_actions(proto.state,
                                                 rec.error == p.DEADLINE_REASON))
+        return self.db.get_migration(migration_id)
+
+    def doubt_deadline_abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
+        """An operator's resolve of a deadline abort whose destination does
+        not answer: the answer that decides ABORTED vs IN_DOUBT is lost, so
+        it is IN_DOUBT, where only an explicit commit or abort moves on."""
+        proto, ctx, rec = self._load(migration_id)
+        if proto.state is not M.ABORTING or rec.error != p.DEADLINE_REASON:
+            raise exception.ResolutionRefused(
+                action="declare migration %s in doubt" % migration_id,
+                reason="it is %s, not a deadline abort" % proto.state.value)
+        self._advance(proto, ctx, p.DestinationInUse(reason))
         return self.db.get_migration(migration_id)
 
     def skip_lost_host_step(self, migration_id: str, host: str,

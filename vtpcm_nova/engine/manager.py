@@ -132,7 +132,8 @@ class EngineManager:
                  host_verifier: authn.CommandVerifier | None = None,
                  signer: authn.CommandSigner | None = None,
                  registrations: Registrations | None = None,
-                 max_unsigned_attestations: int = 8) -> None:
+                 max_unsigned_attestations: int = 8,
+                 min_unsigned_interval: float = 5.0) -> None:
         """``admin_verifier`` checks operator signatures on the admin
         methods; without one they are all refused (fail closed).
         ``host_verifier`` checks compute-node calls against the enrolled
@@ -141,7 +142,9 @@ class EngineManager:
         signs its answers about host keys (without it they are refused).
         ``registrations`` enrolls announced agents in the background;
         without it only operators enroll hosts.
-        ``max_unsigned_attestations``: ``attest`` calls served at once."""
+        ``max_unsigned_attestations``: ``attest`` calls served at once;
+        ``min_unsigned_interval``: seconds during which ``attest`` answers
+        with the verdict in force instead of quoting the host again."""
         self.db = db
         self.signer = signer
         self.verifier = AuditedVerifier(admin_verifier or authn.RefuseAll(NO_ADMIN_KEYS), db)
@@ -152,15 +155,23 @@ class EngineManager:
         self.default_policy = default_policy
         self.registrations = registrations
         self.attest_slots = InFlight(max_unsigned_attestations)
+        self.min_unsigned_interval = min_unsigned_interval
         self.resolver = Resolver(db, coordinator,
                                  lambda host, instance: self.coordinator.agents.get(
                                      host, instance),
-                                 self._agent_alive)
+                                 self._agent_alive,
+                                 lambda host, ctx: self.coordinator.agents.incoming_state(
+                                     host, ctx))
 
     def _agent_alive(self, host: str) -> bool:
-        """Whether the agent of ``host`` answers (a hint: unauthenticated)."""
+        """Whether anything answers for the agent of ``host`` (``hosts
+        forget`` refuses then). ``health`` is asked with a signed reply even
+        of a revoked host (``replykeys.TOWARD_SAFETY``); a reply that does not
+        verify is still an answer: only silence (a timeout) counts as gone."""
         try:
             self.coordinator.agents.health(host, timeout=5)
+        except exception.ReplyNotAuthenticated:
+            return True
         except (exception.VTPCMException, messaging.MessagingException):
             return False
         return True
@@ -246,8 +257,8 @@ class EngineManager:
             LOG.debug("Agent of host %(host)s registered; automatic enrollment is off "
                       "(vtpcm-manage hosts enroll)", {"host": req.host})
         elif not self.registrations.submit(req.host):
-            LOG.debug("Registration of host %(host)s dropped: queued or tried lately, "
-                      "or the registration queue is full", {"host": req.host})
+            LOG.debug("Registration of host %(host)s ignored: queued or queued lately",
+                      {"host": req.host})
 
     def enroll_registered(self, host: str) -> None:
         """Background half of ``register_agent``: enroll ``host`` by pulling
@@ -279,17 +290,27 @@ class EngineManager:
     def revoke_host(self, req: m.HostRef) -> m.HostInfo:
         return host_info(self.attestor.revoke(req.host))
 
+    def _known_host(self, name: str) -> db_api.HostRecord:
+        """A host as the API shows it: a FORGOTTEN one is a tombstone the
+        engine keeps for itself (its keys stay bound), NotFound to callers
+        as before the tombstones (engine API unchanged)."""
+        rec = self.db.get_host(name)
+        if rec.status is HostStatus.FORGOTTEN:
+            raise exception.NotFound(what="host", key=name)
+        return rec
+
     @endpoint(m.Empty)
     def list_hosts(self, req: m.Empty) -> m.HostList:
-        return m.HostList(tuple(host_info(h) for h in self.db.list_hosts()))
+        return m.HostList(tuple(host_info(h) for h in self.db.list_hosts()
+                                if h.status is not HostStatus.FORGOTTEN))
 
     @endpoint(m.HostRef)
     def show_host(self, req: m.HostRef) -> m.HostInfo:
-        return host_info(self.db.get_host(req.host))
+        return host_info(self._known_host(req.host))
 
     @endpoint(m.HostRef)
     def host_command_key(self, req: m.HostRef) -> m.HostCommandKey:
-        rec = self.db.get_host(req.host)
+        rec = self._known_host(req.host)
         return m.HostCommandKey(rec.name, rec.status.value, rec.command_public)
 
     @endpoint(m.HostKeyQuery)
@@ -298,7 +319,7 @@ class EngineManager:
             raise exception.CommandRefused(
                 method="signed_host_command_key",
                 reason="this engine has no command signing key to sign its answer")
-        rec = self.db.get_host(req.host)
+        rec = self._known_host(req.host)
         return m.SignedHostCommandKey(
             rec.name, rec.status.value, rec.command_public,
             self.signer.sign_host_key(rec.name, rec.status.value, rec.command_public,
@@ -336,7 +357,15 @@ class EngineManager:
         # unsigned and it waits for the host's reply (up to the RPC
         # timeout): one at a time per host, a few in all, so a host that
         # holds its replies cannot take the RPC threads migrations need
+        # The engine's quote is vouched (the agent does not count it):
+        # at most one per host per min_unsigned_interval from unsigned
+        # callers, who get the verdict in force meanwhile.
         with self.attest_slots.slot(req.host, "unsigned attestations"):
+            recent = self.attestor.recent(req.host, self.min_unsigned_interval)
+            if recent is not None:
+                LOG.debug("attest of %(host)s answered with the verdict of %(at)s",
+                          {"host": req.host, "at": recent.attested_at})
+                return verdict_info(recent)
             return verdict_info(self.attestor.attest(req.host))
 
     @endpoint(m.Empty)

@@ -29,7 +29,10 @@ from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
 
 # Agent methods whose signed reply counts from an enrolled host of any status.
-TOWARD_SAFETY = frozenset({"abort_incoming", "abort_outgoing", "destroy"})
+# ``health`` is there for ``hosts forget``: whether a revoked host's agent
+# still answers (a read that moves nothing; any answer, even one that does
+# not verify, refuses the forget).
+TOWARD_SAFETY = frozenset({"abort_incoming", "abort_outgoing", "destroy", "health"})
 
 
 class EnrolledReplyKeys:
@@ -45,6 +48,10 @@ class EnrolledReplyKeys:
         except exception.NotFound:
             raise exception.ReplyNotAuthenticated(
                 host=host, method=method, reason="host is not enrolled") from None
+        if rec.status is HostStatus.FORGOTTEN:
+            # its vTPCM records are gone: nothing it says about them counts
+            raise exception.ReplyNotAuthenticated(
+                host=host, method=method, reason="host was forgotten by an operator")
         if rec.status is not HostStatus.APPROVED and method not in TOWARD_SAFETY:
             raise exception.ReplyNotAuthenticated(
                 host=host, method=method,

@@ -23,6 +23,7 @@ from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.protocol import DEADLINE_REASON
 from vtpcm_nova.engine.protocol import MigrationState as M
 
 LOG = logging.getLogger(__name__)
@@ -39,6 +40,9 @@ class View:
 
     info: am.VTPCMInfo | None
     error: str = ""
+    # The agent's signed word that this vTPCM holds its permanent state
+    # (agent API 1.7 ``incoming_state``); None: not asked or not answered.
+    holds_state: bool | None = None
 
     def describe(self, host: str) -> str:
         if self.info is None:
@@ -46,7 +50,9 @@ class View:
         return "on %s it is %s (generation %d%s, %s)" % (
             host, self.info.state, self.info.generation,
             ", migration %s" % self.info.migration_id if self.info.migration_id else "",
-            "swtpm running" if self.info.running else "swtpm not running")
+            "swtpm running" if self.info.running else "swtpm not running") + (
+            "" if self.holds_state is None else
+            ", holds received state" if self.holds_state else ", has received no state")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,10 +75,13 @@ def _holds_outgoing(view: View, rec: db_api.MigrationRecord) -> bool:
 
 
 def _holds_incoming(view: View, rec: db_api.MigrationRecord) -> bool:
+    """The destination proved (signed reply) it holds this migration's
+    received state, or it committed already: a prepared but empty incoming
+    vTPCM (libvirt still copying, or a copy that failed) is no copy at all."""
     i = view.info
-    return i is not None and i.running and (
+    return i is not None and (
         (i.state == "MIGRATING_IN" and i.migration_id == rec.migration_id
-         and i.generation == rec.generation)
+         and i.generation == rec.generation and view.holds_state is True)
         or (i.state == "ACTIVE" and i.generation == rec.generation + 1))
 
 
@@ -123,10 +132,12 @@ def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
             "an abort is under way (%s): the destination's copy may already be destroyed "
             "and the source's is being restored. Resolve to the source to finish it. %s")
             % (state, seen))
-    if not _holds_incoming(dest, rec):
+    if state not in PAST_COMMIT_POINT and not _holds_incoming(dest, rec):
         return _refused(action, (
-            "the destination does not hold a running vTPCM of this migration, so "
-            "committing would shred the source's copy, the only good one; %s") % seen)
+            "the destination does not prove that its vTPCM of this migration received "
+            "the state (agent API 1.7 incoming_state, signed), so committing would move "
+            "the authority to an empty copy and shred the source's, the only good one; "
+            "%s") % seen)
     return Plan(action, True, (
         "Commit migration %s of instance %s: the vTPCM on %s becomes the authority at "
         "generation %d and ACTIVE; the copy on %s is then destroyed (keys shredded). "
@@ -136,11 +147,22 @@ def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
         rec.dest, seen))
 
 
+def waits_for_destination_answer(rec: db_api.MigrationRecord) -> bool:
+    """An abort whose outcome (ABORTED or IN_DOUBT) the destination's answer
+    decides: a deadline abort asks it to destroy its copy only if unused, and
+    a copy that received the state means the guest may run there."""
+    return M(rec.state) is M.ABORTING and rec.error == DEADLINE_REASON
+
+
 def step_on_lost_host(rec: db_api.MigrationRecord, host: str) -> bool:
-    """The one step left of ``rec`` is on ``host``: forgetting it settles ``rec``."""
+    """The one step left of ``rec`` is on ``host``: forgetting it settles ``rec``.
+    Not a deadline abort: without the destination's answer nobody knows
+    whether the guest ran there, so it needs an explicit resolve."""
     state = M(rec.state)
     return ((state is M.SHREDDING and rec.source == host)
-            or (state in (M.ABORTING, M.DISCARDING) and rec.dest == host))
+            or (state is M.DISCARDING and rec.dest == host)
+            or (state is M.ABORTING and rec.dest == host
+                and not waits_for_destination_answer(rec)))
 
 
 def plan_forget(host: db_api.HostRecord, open_migrations: Sequence[db_api.MigrationRecord],
@@ -149,19 +171,30 @@ def plan_forget(host: db_api.HostRecord, open_migrations: Sequence[db_api.Migrat
     action = "forget host %s" % host.name
     blocking = [r for r in open_migrations if not step_on_lost_host(r, host.name)]
     settled = [r for r in open_migrations if step_on_lost_host(r, host.name)]
-    if host.status is HostStatus.APPROVED:
-        return _refused(action, "the host is APPROVED: revoke it first (hosts revoke %s), "
-                                "so no migration can start toward it" % host.name)
+    if host.status is HostStatus.FORGOTTEN:
+        return _refused(action, "the host is already forgotten")
+    if host.status is not HostStatus.REVOKED:
+        return _refused(action, "the host is %s: revoke it first (hosts revoke %s), so no "
+                                "migration can start toward it and its word moves nothing"
+                        % (host.status.value, host.name))
     if agent_answers:
         return _refused(action, "the agent of %s still answers: the host is not gone; "
                                 "destroy its vTPCMs through Nova instead" % host.name)
     if blocking:
         return _refused(action, "migrations involving it are not finished (%s): resolve "
-                                "each first (migration resolve ID --to ...)"
-                        % ", ".join("%s %s" % (r.migration_id, r.state) for r in blocking))
-    text = ("Forget host %s (%s): its enrollment (AK, KEM key, EK, command key), verdict "
-            "and TPM clock record are removed, so its TPM and keys may be enrolled again "
-            "under any name. ") % (host.name, host.status.value)
+                                "each first (migration resolve ID --to ...)%s"
+                        % (", ".join("%s %s" % (r.migration_id, r.state) for r in blocking),
+                           "; a deadline abort waits for the destination's answer (the "
+                           "guest may run there): only an operator who looked can say "
+                           "where it runs" if any(waits_for_destination_answer(r)
+                                                  for r in blocking) else ""))
+    text = ("Forget host %s (%s): it becomes FORGOTTEN; its verdict and TPM clock record "
+            "are removed, its enrollment stays as a tombstone: its TPM and keys stay bound "
+            "to that name (they enroll under no other), its agent's registration enrolls "
+            "nothing, and its replies and calls count for nothing. If it ever comes back, "
+            "wipe it (its vTPCMs are not the engine's any more) before an operator "
+            "enrolls it again (hosts enroll %s). ") % (host.name, host.status.value,
+                                                        host.name)
     if vtpcms:
         text += ("The engine also forgets the %d vTPCM(s) recorded on it, whose state was "
                  "on that host only and is lost with it (instances %s); their guests need "
@@ -184,6 +217,8 @@ class Settler(Protocol):
                requested_by: str | None = None) -> db_api.MigrationRecord: ...
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord: ...
     def finish_pending(self, migration_id: str) -> db_api.MigrationRecord: ...
+    def doubt_deadline_abort(self, migration_id: str,
+                             reason: str) -> db_api.MigrationRecord: ...
     def skip_lost_host_step(self, migration_id: str, host: str,
                             why: str = ...) -> db_api.MigrationRecord: ...
 
@@ -193,17 +228,40 @@ class Resolver:
 
     def __init__(self, db: db_api.Database, settler: Settler,
                  agent_get: Callable[[str, str], am.VTPCMInfo],
-                 agent_alive: Callable[[str], bool]) -> None:
+                 agent_alive: Callable[[str], bool],
+                 agent_incoming: Callable[[str, am.MigrationContext], am.IncomingState]
+                 ) -> None:
+        """``agent_alive``: whether the host's agent answers at all (signed or
+        not; any answer means the host is not gone). ``agent_incoming``: the
+        agent's signed ``incoming_state`` (agent API 1.7)."""
         self.db = db
         self.settler = settler
         self.agent_get = agent_get
         self.agent_alive = agent_alive
+        self.agent_incoming = agent_incoming
 
     def _view(self, host: str, instance_uuid: str) -> View:
         try:
             return View(self.agent_get(host, instance_uuid))
         except exception.VTPCMException as err:
             return View(None, str(err)[:300])
+
+    def _dest_view(self, rec: db_api.MigrationRecord) -> View:
+        """The destination's vTPCM, with its signed word on the received state."""
+        view = self._view(rec.dest, rec.instance_uuid)
+        if view.info is None:
+            return view
+        ctx = am.MigrationContext(rec.migration_id, rec.instance_uuid, rec.generation,
+                                  rec.source, rec.dest)
+        try:
+            proof = self.agent_incoming(rec.dest, ctx)
+        except exception.VTPCMException as err:
+            LOG.info("No proof of received state from %(host)s: %(err)s",
+                     {"host": rec.dest, "err": err})
+            return view
+        same = (proof.state == view.info.state and proof.generation == view.info.generation
+                and proof.migration_id == view.info.migration_id)
+        return dataclasses.replace(view, holds_state=proof.holds_state if same else None)
 
     def resolve_migration(self, migration_id: str, to: str,
                           execute: bool) -> tuple[Plan, str]:
@@ -214,34 +272,56 @@ class Resolver:
         rec = self.db.get_migration(migration_id)
         dest_revoked = self._revoked(rec.dest)
         plan = plan_migration(rec, to, self._view(rec.source, rec.instance_uuid),
-                              self._view(rec.dest, rec.instance_uuid), dest_revoked)
+                              self._dest_view(rec), dest_revoked)
         self._audit_plan("migration.resolve", plan, execute, instance=rec.instance_uuid,
                          migration_id=migration_id, host=rec.dest)
         if not execute:
             return plan, rec.state
         reason = "resolved by an operator to the %s" % to
+        note = ""
         try:
             if to == "destination":
                 self.settler.commit(migration_id)
-            elif M(rec.state) in UNDOING:
-                self.settler.finish_pending(migration_id)
             else:
-                self.settler.abort(migration_id, reason)
-            outcome, note = "resolved", ""
+                self._to_source(migration_id, reason)
         except exception.VTPCMException as err:
             if to == "source" and dest_revoked and self._skip_revoked_dest(migration_id,
                                                                            rec.dest):
-                outcome, note = "resolved", (" The revoked destination did not destroy "
-                                             "its copy (%s); restored without it." % err)
+                note = (" The revoked destination did not destroy its copy (%s); restored "
+                        "without it." % err)
             else:
-                outcome = "incomplete"
                 note = (" A step did not complete: %s. Reconcile retries it; if that host "
                         "is gone for good, 'hosts forget' it.") % err
         state = self.db.get_migration(migration_id).state
+        outcome = "resolved" if M(state) in (M.ABORTED, M.COMMITTED) else "incomplete"
+        if outcome == "incomplete" and not note:
+            note = (" The migration is %s, not finished: reconcile goes on with it; see "
+                    "'migration show' and the audit log.") % state
         self.db.audit("migration.resolve", outcome, host=rec.dest,
                       instance=rec.instance_uuid, migration_id=migration_id,
                       detail=("%s; now %s.%s" % (reason, state, note))[:4000])
         return dataclasses.replace(plan, text=(plan.text + note)[:4000]), state
+
+    def _to_source(self, migration_id: str, reason: str) -> None:
+        """The operator says the guest runs on the source: abort, whatever
+        the destination holds (the plan warned of it). Re-read between the
+        steps, since each may move the migration (or another may have)."""
+        rec = self.db.get_migration(migration_id)
+        if waits_for_destination_answer(rec):
+            try:  # ask the destination again: its answer decides
+                rec = self.settler.finish_pending(migration_id)
+            except exception.VTPCMException as err:  # silent, or no usable answer
+                LOG.info("Migration %(mig)s: the destination did not answer: %(err)s",
+                         {"mig": migration_id, "err": err})
+                rec = self.db.get_migration(migration_id)
+            if waits_for_destination_answer(rec):  # it does not answer
+                rec = self.settler.doubt_deadline_abort(
+                    migration_id, "the destination did not answer whether it received the "
+                                  "state; %s" % reason)
+        if M(rec.state) in UNDOING:
+            self.settler.finish_pending(migration_id)
+        elif M(rec.state) not in FINISHED:
+            self.settler.abort(migration_id, reason)
 
     def _revoked(self, host: str) -> bool:
         try:
@@ -254,8 +334,12 @@ class Resolver:
         its incoming copy: its word is not needed (it held that copy before
         it was revoked, and the engine never gives it the authority), and
         without this the source's vTPCM stays claimed as long as that host
-        is silent or refuses. Only once the abort is under way."""
-        if M(self.db.get_migration(migration_id).state) not in (M.ABORTING, M.DISCARDING):
+        is silent or refuses. Only once the abort is under way, and never for
+        a deadline abort, whose destination's answer decides ABORTED vs
+        IN_DOUBT (``_to_source`` makes it IN_DOUBT first)."""
+        rec = self.db.get_migration(migration_id)
+        if M(rec.state) not in (M.ABORTING, M.DISCARDING) \
+                or waits_for_destination_answer(rec):
             return False
         try:
             # DestinationDestroyed: the protocol restores the source at once

@@ -2,6 +2,7 @@
 
 import random
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,19 @@ def ek_cas_from(conf: cfg.ConfigOpts) -> list[Any]:
     return cas
 
 
+def agent_answers(agents: AgentAPI, timeout: float) -> Callable[[str], bool]:
+    """Whether a host's agent answers ``health`` within ``timeout``: a hint
+    only (the answer is unsigned), asked before enrolling an announced
+    name so that names no agent serves cost seconds, not rpc_timeout."""
+    def answers(host: str) -> bool:
+        try:
+            agents.health(host, timeout=timeout)
+        except (exception.VTPCMException, messaging.MessagingException):
+            return False
+        return True
+    return answers
+
+
 class EngineService:
     def __init__(self, conf: cfg.ConfigOpts) -> None:
         self.conf = conf
@@ -95,14 +109,17 @@ class EngineService:
                                      admin_verifier=self.admin_verifier,
                                      host_verifier=self.host_verifier,
                                      signer=self.signer,
-                                     max_unsigned_attestations=conf.engine.max_unsigned_attestations)
+                                     max_unsigned_attestations=conf.engine.max_unsigned_attestations,
+                                     min_unsigned_interval=att.min_unsigned_interval)
         reg = conf.engine
         self.registrations = None
         if reg.registration_workers:
             self.registrations = Registrations(
                 self.manager.enroll_registered, workers=reg.registration_workers,
                 backlog=reg.registration_backlog,
-                per_host_interval=reg.registration_interval)
+                per_host_interval=reg.registration_interval,
+                answers=agent_answers(AgentAPI(conf, self.transport),
+                                      reg.registration_probe_timeout))
             self.manager.registrations = self.registrations
         self.server: Any = None
         self._stop = threading.Event()

@@ -200,17 +200,17 @@ def test_agent_without_engine_public_key_does_not_start(cluster):
 
 # Another local user of the host TPM: it can open the TPM (here the
 # stand-in's socket, /dev/tpmrm0 in production) but has not the agent's
-# host key. It re-derives the AK and the KEM key from their public
-# templates, as hosttpm did before the keys had a secret.
+# host key. It derives the AK and the KEM key from their templates with a
+# secret of its own (a HostTPM without one refuses to use them).
 _FOREIGN_TPM_USER = """
-import json, sys
-from vtpcm_agent import sealing
+import json, os, sys
+from vtpcm_agent import keyauth, sealing
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_common.exception import VTPCMException
 args = json.loads(sys.argv[1])
 ctx = sealing.SealContext(**args["ctx"])
 out = {}
-with HostTPM(args["tcti"]) as tpm:
+with HostTPM(args["tcti"], keyauth.derive(os.urandom(32))) as tpm:
     try:
         out["opened"] = sealing.open_envelope(bytes.fromhex(args["envelope"]), ctx,
                                               tpm.ecdh_zgen).hex()

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss.types import TPMT_PUBLIC
 
 from tests.functional.hosttpm_fixture import (  # noqa: F401
+    TEST_KEY_AUTH,
     HostTPMStandIn,
     host_tpm_standin,
     second_host_tpm_standin,
@@ -32,13 +33,13 @@ CTX = sealing.SealContext(migration_id="mig-1", instance_uuid="inst-1", generati
 
 @pytest.fixture
 def tpm(host_tpm_standin: HostTPMStandIn) -> Iterator[HostTPM]:  # noqa: F811
-    with HostTPM(host_tpm_standin.tcti) as t:
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH) as t:
         yield t
 
 
 @pytest.fixture
 def other_tpm(second_host_tpm_standin: HostTPMStandIn) -> Iterator[HostTPM]:  # noqa: F811
-    with HostTPM(second_host_tpm_standin.tcti) as t:
+    with HostTPM(second_host_tpm_standin.tcti, TEST_KEY_AUTH) as t:
         yield t
 
 
@@ -129,11 +130,11 @@ def test_certify_signature_breaks_when_tampered(tpm: HostTPM) -> None:
 
 
 def test_keys_are_deterministic(host_tpm_standin: HostTPMStandIn) -> None:  # noqa: F811
-    with HostTPM(host_tpm_standin.tcti) as first:
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH) as first:
         a = first.identity(b"1")
     host_tpm_standin.stop()
     host_tpm_standin.start()  # a reboot of the host: same seeds, same keys
-    with HostTPM(host_tpm_standin.tcti) as second:
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH) as second:
         b = second.identity(b"2")
     assert (a.ak_public, a.ak_name, a.kem_public, a.kem_name) == (
         b.ak_public, b.ak_name, b.kem_public, b.kem_name)
@@ -145,7 +146,7 @@ def test_different_tpms_have_different_keys(tpm: HostTPM, other_tpm: HostTPM) ->
 
 def test_ek_certificate_is_read(tmp_path: Path) -> None:
     with HostTPMStandIn(tmp_path, "ek", with_ek_cert=True) as standin:
-        with HostTPM(standin.tcti) as t:
+        with HostTPM(standin.tcti, TEST_KEY_AUTH) as t:
             cert_der = t.identity(b"x").ek_certificate
     assert cert_der is not None
     # NV indices may be padded after the DER certificate: parse the DER length.
@@ -289,7 +290,7 @@ def test_slots_are_not_leaked(tpm: HostTPM) -> None:
 
 
 def test_closed_tpm_refuses(host_tpm_standin: HostTPMStandIn) -> None:  # noqa: F811
-    t = HostTPM(host_tpm_standin.tcti)
+    t = HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH)
     t.close()
     t.close()
     with pytest.raises(HostTPMError, match="closed"):
@@ -317,7 +318,7 @@ def certified_tpms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Ho
 
 def test_identity_reports_the_ek_its_certificate_certifies(certified_tpms):
     from tpm2_pytss.types import TPMT_PUBLIC
-    with HostTPM(certified_tpms[0].tcti) as t:
+    with HostTPM(certified_tpms[0].tcti, TEST_KEY_AUTH) as t:
         ident = t.identity(os.urandom(32))
     assert ident.ek_certificate is not None and ident.ek_public is not None
     ek, _ = TPMT_PUBLIC.unmarshal(ident.ek_public)
@@ -328,7 +329,8 @@ def test_identity_reports_the_ek_its_certificate_certifies(certified_tpms):
 def test_credential_activates_only_for_an_ak_of_the_ek_s_tpm(certified_tpms):
     from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
     from tpm2_pytss.utils import make_credential
-    with HostTPM(certified_tpms[0].tcti) as one, HostTPM(certified_tpms[1].tcti) as two:
+    with HostTPM(certified_tpms[0].tcti, TEST_KEY_AUTH) as one, \
+            HostTPM(certified_tpms[1].tcti, TEST_KEY_AUTH) as two:
         ident_one, ident_two = one.identity(os.urandom(32)), two.identity(os.urandom(32))
         ek_one = TPM2B_PUBLIC(publicArea=TPMT_PUBLIC.unmarshal(ident_one.ek_public)[0])
         secret = os.urandom(32)
@@ -353,7 +355,7 @@ def test_credential_activates_with_a_high_range_ek(certified_tpms, monkeypatch):
 
     from vtpcm_agent import hostek
     monkeypatch.setattr(hostek, "EK_TYPES", ("EK-HIGH-ECC384",))
-    with HostTPM(certified_tpms[0].tcti) as t:
+    with HostTPM(certified_tpms[0].tcti, TEST_KEY_AUTH) as t:
         ident = t.identity(os.urandom(32))
         ek, _ = TPMT_PUBLIC.unmarshal(ident.ek_public)
         cert_key = x509.load_der_x509_certificate(ident.ek_certificate).public_key()

@@ -175,13 +175,13 @@ def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
     dep.engine_at(b).destroy_vtpcm(instance)
 
 
-def test_a_confirm_after_the_guest_stopped_on_the_destination_commits_it_stopped(dep):
+def test_a_confirm_after_the_guest_stopped_on_the_destination_commits(dep):
     """Review finding F2: QEMU's CMD_SHUTDOWN (the resized guest shut down
     inside, or the destination rebooted) stops the incoming swtpm before the
     confirm. The confirm used to pass the commit point and then wedge (the
-    agent refused to commit a stopped incoming vTPCM, forever): now it
-    commits it STOPPED at generation + 1, the source is shredded, and the
-    guest's next start finds its state."""
+    agent refused to commit a stopped incoming vTPCM, forever): now its
+    commit starts it again and commits it at generation + 1, the source is
+    shredded, and the guest's next start finds its state."""
     a, b, _ = _names(dep)
     instance, before = _vtpcm_with_state(dep, a)
     mid = str(uuid.uuid4())
@@ -200,8 +200,8 @@ def test_a_confirm_after_the_guest_stopped_on_the_destination_commits_it_stopped
     assert dep.engine_at(a).commit(mid).state == "COMMITTED"
     rec = dep.operator.get_vtpcm(instance)
     assert (rec.host, rec.generation, rec.migration_id) == (b, 1, None)
-    dest = dep.agents.get(b, instance)
-    assert (dest.state, dest.generation, dest.running) == ("STOPPED", 1, False)
+    dest = dep.agents.get(b, instance)  # started again by its commit (the authority)
+    assert (dest.state, dest.generation, dest.running) == ("ACTIVE", 1, True)
     assert dep.agents.get(a, instance).state == "DESTROYED"
     # a retried confirm is a success; the guest starts on its vTPCM, state kept
     assert dep.engine_at(a).commit(mid).state == "COMMITTED"

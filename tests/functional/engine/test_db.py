@@ -278,26 +278,35 @@ def test_two_names_enrolling_one_ak_at_once_one_winner(make_db: MakeDb) -> None:
     assert len(dbs[0].list_hosts()) == 1
 
 
-def test_forget_host_releases_its_keys_and_drops_its_vtpcms(make_db: MakeDb) -> None:
-    """A host gone for good: its records go in one transaction, its keys
-    may enroll again under another name; an approved host is refused."""
+def test_forget_host_keeps_a_tombstone_and_its_keys(make_db: MakeDb) -> None:
+    """A host gone for good: its vTPCM records and verdict go in one
+    transaction; the name stays FORGOTTEN with its keys bound (forgetting
+    never undoes a revocation); only a REVOKED host, and only an enroll
+    brings the name back."""
     db = make_db()
     enroll(db, "gone", approved=True)
     enroll(db, "stays", approved=True)
     db.create_vtpcm(INST, "v-1", "gone")
     db.create_vtpcm(MIG, "v-2", "stays")
-    with pytest.raises(exception.InvalidTransition, match="from APPROVED to forgotten"):
+    with pytest.raises(exception.InvalidTransition, match="from APPROVED to FORGOTTEN"):
         db.forget_host("gone")
     assert db.get_host("gone").status is HostStatus.APPROVED
     db.revoke_host("gone", now=T0)
     assert db.forget_host("gone") == [INST]
-    with pytest.raises(exception.NotFound):
-        db.get_host("gone")
+    assert db.get_host("gone").status is HostStatus.FORGOTTEN
     with pytest.raises(exception.NotFound):
         db.get_vtpcm(INST)
     assert db.get_verdict("gone") is None
-    assert db.key_owner("ak", b"\x00\x0bak-gone") is None
+    assert db.key_owner("ak", b"\x00\x0bak-gone") == "gone"
     assert db.get_vtpcm(MIG).host == "stays" and db.get_host("stays").name == "stays"
-    db.enroll_host("new-name", ak_public=b"ak", ak_name=b"\x00\x0bak-gone", kem_public=b"k",
-                   kem_name=b"k", now=T0)  # the moved TPM enrolls under its new name
-    assert db.key_owner("ak", b"\x00\x0bak-gone") == "new-name"
+    with pytest.raises(exception.CertificationError, match="gone"):  # the moved TPM
+        db.enroll_host("new-name", ak_public=b"ak", ak_name=b"\x00\x0bak-gone",
+                       kem_public=b"k", kem_name=b"k", now=T0)
+    with pytest.raises(exception.InvalidTransition, match="FORGOTTEN"):
+        db.forget_host("gone")
+    with pytest.raises(exception.InvalidTransition, match="FORGOTTEN"):
+        db.approve_host("gone")
+    with pytest.raises(exception.NotFound):  # revoke does not lift the tombstone
+        db.revoke_host("gone", now=T0)
+    again = enroll(db, "gone")  # the operator's enroll: the way back
+    assert again.status is HostStatus.PENDING

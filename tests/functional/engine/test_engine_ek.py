@@ -21,6 +21,7 @@ from tests.functional.harness import (
     serve_agent_in_process,
     short_dir,
 )
+from tests.functional.hosttpm_fixture import TEST_KEY_AUTH
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.manager import AgentManager, endpoint
 from vtpcm_common import exception
@@ -83,7 +84,8 @@ def setup():
             agent.start()
             started.append(agent)
             agent.wait_ready(agents)
-        tpm_y, tpm_x = HostTPM(tpms["y"].tcti), HostTPM(tpms["x"].tcti)
+        tpm_y = HostTPM(tpms["y"].tcti, TEST_KEY_AUTH)
+        tpm_x = HostTPM(tpms["x"].tcti, TEST_KEY_AUTH)
         cleanups += [tpm_y.close, tpm_x.close]
         liar = LyingAgent(names["y"], instances=None, host_tpm=tpm_y,
                           command_public=random_command_public())

@@ -21,7 +21,7 @@ from tests.functional.harness import (
     short_dir,
     wait_for,
 )
-from tests.functional.hosttpm_fixture import HostTPMStandIn
+from tests.functional.hosttpm_fixture import TEST_KEY_AUTH, HostTPMStandIn
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.manager import AgentManager, endpoint
 from vtpcm_common import authn, exception
@@ -108,7 +108,8 @@ def setup(request):
         started.append(agent_a)
         agent_a.wait_ready(agents)
         # host B: an in-process agent the test can make dishonest
-        tpm_b, tpm_x = HostTPM(tpms["b"].tcti), HostTPM(tpms["x"].tcti)
+        tpm_b = HostTPM(tpms["b"].tcti, TEST_KEY_AUTH)
+        tpm_x = HostTPM(tpms["x"].tcti, TEST_KEY_AUTH)
         cleanups += [tpm_b.close, tpm_x.close]
         dishonest = DishonestAgent(host_b, instances=None, host_tpm=tpm_b,
                                    command_public=random_command_public())
@@ -203,7 +204,7 @@ def test_a_command_key_the_tpm_did_not_vouch_for_is_refused(setup):
 def test_changed_pcr_names_the_pcr(setup):
     api, _, _, host_b, _, tpms = setup
     api.attest(host_b)
-    with HostTPM(tpms["b"].tcti) as tpm:
+    with HostTPM(tpms["b"].tcti, TEST_KEY_AUTH) as tpm:
         tpm.extend_pcr(4, hashlib.sha256(b"evil bootloader").digest())
     verdict = api.attest(host_b)
     assert verdict.status == "UNTRUSTED"

@@ -18,7 +18,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import TPM2_SU
 
-from tests.functional.hosttpm_fixture import HostTPMStandIn, host_tpm_standin  # noqa: F401
+from tests.functional.hosttpm_fixture import (  # noqa: F401
+    TEST_KEY_AUTH,
+    HostTPMStandIn,
+    host_tpm_standin,
+)
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.swtpm import ctrl
 from vtpcm_common import authn
@@ -79,7 +83,7 @@ def trusted(tmp_path: Path,
     measured_boot(host_tpm_standin.tcti)
     migration.db_sync(f"sqlite:///{tmp_path}/engine.sqlite")
     db = Database(f"sqlite:///{tmp_path}/engine.sqlite")
-    with HostTPM(host_tpm_standin.tcti) as tpm:
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH) as tpm:
         att = Attestor(db, lambda: HostTPMAgent(tpm), verdict_ttl=600, nonce_ttl=30)
         try:
             att.enroll_from_agent(HOST, auto_approve=True)

@@ -49,7 +49,8 @@ def test_a_flood_of_unsigned_calls_leaves_migrations_working():
     agents = AgentAPI(conf, timeout=30)
     operator = EngineAPI(conf, timeout=60)
     engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work, extra={
-        "attestation": {"auto_approve": "true", "verdict_ttl": 900, "interval": 0},
+        "attestation": {"auto_approve": "true", "verdict_ttl": 900, "interval": 0,
+                        "min_unsigned_interval": 5},
         "engine": {"rpc_timeout": ENGINE_RPC_TIMEOUT}})
     try:
         with agent_cluster(work, "fl", exchange, agents) as hosts:

@@ -2,6 +2,7 @@
 refused before the TPM is touched; the engine's vouched (signed) calls are
 not counted, and a vouched call whose signature does not verify is refused."""
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ class CountingTPM:
         self.calls.append("quote")
         return QuoteResult(attest=b"a", signature=b"s", pcr_values={0: b"\0" * 32})
 
-    def activate_credential(self, blob: bytes, secret: bytes) -> bytes:
+    def activate_credential(self, blob: bytes, secret: bytes, *, signed: bool = False) -> bytes:
         self.calls.append("activate_credential")
         return b"k" * 32
 
@@ -56,6 +57,7 @@ def _call(manager: AgentManager, method: str, payload: Any, auth: Any = None) ->
 
 
 QUOTE = m.QuoteRequest(b"n" * 32, (0,), "sha256").to_wire()
+IDENTITY = m.IdentityRequest(b"n" * 32).to_wire()
 CHALLENGE = m.CredentialChallenge(b"\x00\x01b", b"\x00\x01s").to_wire()
 
 
@@ -82,6 +84,18 @@ def test_the_engines_vouched_calls_are_not_counted(agent: Any) -> None:
     assert tpm.calls.count("quote") == 7 and tpm.calls.count("activate_credential") == 5
 
 
+def test_only_a_verified_engine_call_counts_as_the_engines_contact(agent: Any) -> None:
+    """The agent stops announcing itself once the engine called (finding 2)."""
+    manager, _, engine = agent
+    rogue = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate())
+    _call(manager, "quote", QUOTE)
+    with pytest.raises(exception.CommandRefused, match="does not verify"):
+        _call(manager, "get_identity", IDENTITY, rogue.sign("get_identity", HOST, IDENTITY))
+    assert not manager.engine_contact.is_set()
+    _call(manager, "quote", QUOTE, engine.sign("quote", HOST, QUOTE))
+    assert manager.engine_contact.is_set()
+
+
 def test_a_vouched_call_that_does_not_verify_is_refused(agent: Any) -> None:
     manager, tpm, engine = agent
     rogue = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate())
@@ -94,3 +108,24 @@ def test_a_vouched_call_that_does_not_verify_is_refused(agent: Any) -> None:
     with pytest.raises(exception.CommandRefused, match="misdirected"):
         _call(manager, "quote", QUOTE, engine.sign("quote", "cmp2", QUOTE))
     assert tpm.calls == ["quote"]
+
+
+def test_a_flood_of_refusals_is_logged_at_debug_with_a_bounded_warning(
+        agent: Any, caplog: pytest.LogCaptureFixture) -> None:
+    """Review finding 6: each refused unsigned call (rate-limited, or with a
+    bogus ``auth``) was one WARNING line: 2000 calls, 1998 lines."""
+    manager, tpm, _ = agent
+    caplog.set_level(logging.DEBUG)
+    refused = 0
+    for i in range(200):
+        try:
+            _call(manager, "quote", QUOTE, None if i % 2 else {"garbage": 1})
+        except (exception.RateLimited, exception.CommandRefused):
+            refused += 1
+    warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    debug = [r for r in caplog.records
+             if r.levelno == logging.DEBUG and "Refused quote" in r.getMessage()]
+    assert refused == 198 and len(tpm.calls) == 2  # the bucket's burst
+    assert len(debug) == refused
+    assert len(warnings) <= 1  # the periodic count (once a minute per process)
+    assert all("calls refused" in r.getMessage() for r in warnings)

@@ -1,13 +1,17 @@
-"""The swtpm watchdog's pass: restart what crashed, back off on failures,
-report both to the engine from its own thread."""
+"""The swtpm watchdog's pass: report each crash once (rate-limited, bounded
+queue), restart nothing, survive a bad record; reports go to the engine
+from the watchdog's own thread."""
 
 import dataclasses
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from vtpcm_agent import watchdog as wd
 from vtpcm_agent.association import VTPCMState
 from vtpcm_agent.instances import AgentSettings, Restarted
-from vtpcm_agent.watchdog import MAX_BACKOFF, SwtpmWatchdog
+from vtpcm_agent.watchdog import SwtpmWatchdog
 from vtpcm_common import exception
 
 OK, BAD = "00000000-0000-4000-8000-00000000000a", "00000000-0000-4000-8000-00000000000b"
@@ -18,68 +22,117 @@ VTPCM = "00000000-0000-4000-8000-0000000000ff"
 class FakeAssoc:
     vtpcm_id: str = VTPCM
     state: VTPCMState = VTPCMState.ACTIVE
+    pid: int | None = 10
 
 
 class FakeAssociations:
-    def find(self, instance_uuid: str) -> FakeAssoc:
-        return FakeAssoc()
+    def __init__(self) -> None:
+        self.held: dict[str, FakeAssoc] = {}
+        self.broken: set[str] = set()
+
+    def find(self, instance_uuid: str) -> FakeAssoc | None:
+        if instance_uuid in self.broken:
+            raise ValueError("a record the agent cannot read")
+        return self.held.get(instance_uuid)
 
 
 @dataclasses.dataclass
 class FakeInstances:
     crashed_now: list[str]
-    fail: set[str]
     settings: AgentSettings = dataclasses.field(default_factory=lambda: AgentSettings(
         host="h", state_root=Path("/nonexistent"), run_dir=Path("/nonexistent")))
-    attempts: list[str] = dataclasses.field(default_factory=list)
     associations: FakeAssociations = dataclasses.field(default_factory=FakeAssociations)
     on_restart: Any = None
 
     def crashed(self) -> list[str]:
         return list(self.crashed_now)
 
-    def restart_if_crashed(self, instance_uuid: str) -> Restarted | None:
-        self.attempts.append(instance_uuid)
-        if instance_uuid in self.fail:
-            raise exception.SwtpmError(vtpcm_id=VTPCM, reason="no state")
-        self.crashed_now.remove(instance_uuid)
-        done = Restarted(instance_uuid, VTPCM, "ACTIVE", 10, 11, True)
-        self.on_restart(done)
-        return done
+    def __getattr__(self, name: str) -> Any:  # start, restart, ...: never called
+        raise AssertionError("the watchdog called %s" % name)
 
 
-def test_restarts_each_crashed_one_and_backs_off_on_failure(caplog):
-    fake = FakeInstances([OK, BAD], {BAD})
+def _dog(fake: FakeInstances, reports: list[Any]) -> SwtpmWatchdog:
+    return SwtpmWatchdog(fake, interval=2.0, host="cmp-1",  # type: ignore[arg-type]
+                         reporter=reports.append)
+
+
+@pytest.mark.parametrize("state,says", [
+    (VTPCMState.ACTIVE, "nova reboot --hard"),
+    (VTPCMState.MIGRATING_OUT, "shredded at the commit"),
+    (VTPCMState.MIGRATING_IN, "the commit restarts it"),
+])
+def test_a_crash_is_reported_once_and_nothing_is_restarted(caplog, state, says):
+    """Review finding (issue 10): the watchdog restarted ACTIVE and
+    MIGRATING_OUT swtpms, which QEMU never reconnects to (an old-generation
+    source copy after the switchover came back with PCRs anyone on its
+    socket could extend)."""
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(state=state)
     reports: list[Any] = []
-    dog = SwtpmWatchdog(fake, interval=2.0, host="cmp-1",  # type: ignore[arg-type]
-                        reporter=reports.append)
-    done = dog.run_once(now=100.0)
-    assert [r.instance_uuid for r in done] == [OK]
-    assert fake.attempts == [OK, BAD]
-    assert ("could not be restarted (attempt 1, next in 4s): swtpm error for vTPCM "
-            + VTPCM + ": no state") in caplog.text
-    assert "AUDIT swtpm of instance %s" % OK in caplog.text
-    assert dog.run_once(now=103.0) == [] and fake.attempts == [OK, BAD]  # pausing
-    dog.run_once(now=104.0)
-    assert fake.attempts == [OK, BAD, BAD]  # retried, next pause 8 s
-    for step in range(20):
-        dog.run_once(now=1000.0 + step * MAX_BACKOFF)
-    assert dog._failures[BAD][1] - (1000.0 + 19 * MAX_BACKOFF) == MAX_BACKOFF
+    dog = _dog(fake, reports)
+    assert dog.run_once(now=100.0) == [OK]
+    assert dog.run_once(now=1000.0) == []  # the same crash: reported once
+    assert "AUDIT swtpm of instance %s" % OK in caplog.text and says in caplog.text
     assert reports == []  # sent by the sender thread, not by the pass
     dog.send_pending()
-    assert [(r.instance_uuid, r.outcome, r.host) for r in reports] == [
-        (OK, "restarted", "cmp-1"), (BAD, "not-restarted", "cmp-1")]  # a failure once
+    assert [(r.instance_uuid, r.outcome, r.state, r.host) for r in reports] == [
+        (OK, "not-restarted", state.value, "cmp-1")]
+    assert says in reports[0].detail
+
+
+def test_a_crash_loop_is_reported_at_most_once_per_interval():
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(pid=10)
+    dog = _dog(fake, [])
+    assert dog.run_once(now=100.0) == [OK]
+    fake.associations.held[OK] = FakeAssoc(pid=11)  # started again, died again
+    assert dog.run_once(now=101.0) == []
+    assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL) == [OK]
+    fake.crashed_now.clear()  # back (a hard reboot): forgotten, the next crash counts
+    assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 1) == []
+    fake.crashed_now.append(OK)
+    assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 2) == [OK]
+
+
+def test_the_report_queue_is_capped(caplog):
+    many = ["00000000-0000-4000-8000-%012d" % i for i in range(wd.MAX_QUEUED + 5)]
+    fake = FakeInstances(many)
+    for uuid in many:
+        fake.associations.held[uuid] = FakeAssoc()
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    assert len(dog.run_once(now=1.0)) == len(many)  # all logged
+    assert dog.dropped == 5 and "5 dropped so far" in caplog.text
+    dog.send_pending()
+    assert len(reports) == wd.MAX_QUEUED
+
+
+def test_one_bad_record_does_not_block_the_others(caplog):
+    fake = FakeInstances([BAD, OK])
+    fake.associations.held[OK] = FakeAssoc()
+    fake.associations.broken.add(BAD)
+    dog = _dog(fake, [])
+    assert dog.run_once(now=1.0) == [OK]
+    assert "checking instance %s failed (ValueError)" % BAD in caplog.text
+    assert "a record the agent cannot read" not in caplog.text  # the type only
+
+
+def test_a_restart_commit_incoming_made_is_reported():
+    fake = FakeInstances([])
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    fake.on_restart(Restarted(OK, VTPCM, "MIGRATING_IN", 10, 11, True))
+    dog.send_pending()
+    assert [(r.outcome, r.state) for r in reports] == [("restarted", "MIGRATING_IN")]
     assert "nova reboot --hard" in reports[0].detail
-    fake.fail.clear()
-    assert [r.instance_uuid for r in dog.run_once(now=10**6)] == [BAD]
-    assert BAD not in dog._failures
 
 
 def test_a_report_the_engine_refuses_is_logged_and_dropped(caplog):
     def refuse(report: Any) -> None:
         raise exception.ServiceUnreachable(service="vtpcm-engine", method="report",
                                            reason="MessagingTimeout")
-    fake = FakeInstances([OK], set())
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc()
     dog = SwtpmWatchdog(fake, interval=2.0, host="cmp-1", reporter=refuse)  # type: ignore[arg-type]
     dog.run_once(now=1.0)
     dog.send_pending()
@@ -87,7 +140,7 @@ def test_a_report_the_engine_refuses_is_logged_and_dropped(caplog):
 
 
 def test_an_interval_of_zero_starts_no_watchdog_thread():
-    dog = SwtpmWatchdog(FakeInstances([], set()), interval=0)  # type: ignore[arg-type]
+    dog = SwtpmWatchdog(FakeInstances([]), interval=0)  # type: ignore[arg-type]
     dog.start()
     assert dog._thread is None and dog._sender is None
     dog.stop()

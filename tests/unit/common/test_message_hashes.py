@@ -37,6 +37,7 @@ EXPECTED = {
     "agent.Health": "1.0-a50c42d27470f7f27f075bd69175869d",
     "agent.HostIdentity": "1.5-2e6d87dbfbc3305b8b5600e9aea2f5e5",
     "agent.IdentityRequest": "1.1-e3b5f4de175bcd0144d08042836506c3",
+    "agent.IncomingState": "1.7-d824bbf8d37b837f6bb1ebd7dc11b38c",
     "agent.InstanceRef": "1.0-bfbfdbbe7ab9a659de5413dfda72f078",
     "agent.MigrationContext": "1.2-96dc10cc9842957b14de71db8c189101",
     "agent.MigrationStep": "1.2-c1a45072efae4d146aaf482df7bf1d67",

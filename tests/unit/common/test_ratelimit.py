@@ -3,7 +3,7 @@
 import pytest
 
 from vtpcm_common.exception import InvalidInput, RateLimited
-from vtpcm_common.ratelimit import InFlight, PerKeyInterval, TokenBucket
+from vtpcm_common.ratelimit import InFlight, PerKeyInterval, Summary, TokenBucket
 
 
 class Clock:
@@ -37,6 +37,15 @@ def test_per_key_interval_is_per_key_and_bounded() -> None:
     assert recent.allow("a")
 
 
+def test_summary_reports_a_count_at_most_once_a_period() -> None:
+    clock = Clock()
+    summary = Summary(60, clock=clock)
+    assert summary.add() == 1  # the first at once
+    assert [summary.add() for _ in range(5)] == [0] * 5
+    clock.t += 61
+    assert summary.add() == 6  # the five unreported and this one
+
+
 def test_in_flight_one_per_key_and_a_total() -> None:
     slots = InFlight(2)
     with slots.slot("h1", "attestations"):
@@ -52,7 +61,8 @@ def test_in_flight_one_per_key_and_a_total() -> None:
 
 
 @pytest.mark.parametrize("make", [lambda: TokenBucket(0, 1), lambda: TokenBucket(1, 0),
-                                  lambda: PerKeyInterval(-1), lambda: InFlight(0)])
+                                  lambda: PerKeyInterval(-1), lambda: InFlight(0),
+                                  lambda: Summary(0)])
 def test_bad_limits_are_refused(make) -> None:
     with pytest.raises(InvalidInput):
         make()

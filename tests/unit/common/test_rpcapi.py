@@ -124,6 +124,8 @@ AGENT_CALLS: dict[str, tuple[str, Any]] = {
     "commit_outgoing": ("1.3", lambda api: api.commit_outgoing(HOST, CONTEXT)),
     "abort_incoming": ("1.3", lambda api: api.abort_incoming(HOST, CONTEXT, True)),
     "abort_outgoing": ("1.3", lambda api: api.abort_outgoing(HOST, CONTEXT)),
+    # 1.7, unsigned request (the reply is signed when the client verifies)
+    "incoming_state": ("1.7", lambda api: api.incoming_state(HOST, CONTEXT)),
 }
 AGENT_SIGNED = {"create", "start", "stop", "destroy", "export_state", "import_state",
                 "seal_migration_key", "prepare_incoming", "commit_incoming",

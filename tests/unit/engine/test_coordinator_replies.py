@@ -412,8 +412,13 @@ def test_a_re_enrolled_pending_key_speaks_for_nobody(world: Any, engine: Any) ->
     assert world.instances[DST].calls == []
 
 
+def _no_proof(host: str, ctx: Any) -> Any:
+    raise exception.ServiceUnreachable(service="vtpcm-agent", method="incoming_state",
+                                       reason="timed out")
+
+
 def _resolver(coord: Coordinator, db: Database, agents: Any) -> Resolver:
-    return Resolver(db, coord, agents.get, lambda host: True)
+    return Resolver(db, coord, agents.get, lambda host: True, _no_proof)
 
 
 @pytest.mark.parametrize("answer", [

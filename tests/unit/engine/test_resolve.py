@@ -17,18 +17,20 @@ MID = str(uuid.uuid4())
 INSTANCE = str(uuid.uuid4())
 
 
-def migration(state: M, source: str = "src", dest: str = "dst") -> MigrationRecord:
-    return MigrationRecord(MID, INSTANCE, source, dest, 4, state.value, NOW, NOW, NOW, None)
+def migration(state: M, source: str = "src", dest: str = "dst",
+              error: str | None = None) -> MigrationRecord:
+    return MigrationRecord(MID, INSTANCE, source, dest, 4, state.value, NOW, NOW, NOW, error)
 
 
 def view(state: str, generation: int = 4, migration_id: str | None = MID,
-         running: bool = True) -> resolve.View:
+         running: bool = True, holds_state: bool | None = None) -> resolve.View:
     return resolve.View(am.VTPCMInfo(INSTANCE, str(uuid.uuid4()), state, generation,
-                                     migration_id, "/run/vtpcm/x.ctrl", running, 42))
+                                     migration_id, "/run/vtpcm/x.ctrl", running, 42),
+                        holds_state=holds_state)
 
 
 GONE = resolve.View(None, "MessagingTimeout")
-OUT, IN = view("MIGRATING_OUT", running=False), view("MIGRATING_IN")
+OUT, IN = view("MIGRATING_OUT", running=False), view("MIGRATING_IN", holds_state=True)
 
 # what each state allows with both agents holding their copies
 EXPECTED = {
@@ -54,12 +56,25 @@ def test_past_the_commit_point_the_source_is_refused_in_plain_words():
     assert "past its commit point" in plan.text and "older generation" in plan.text
 
 
-def test_destination_without_a_running_incoming_vtpcm_is_refused():
-    for dest in (GONE, view("MIGRATING_IN", running=False),
-                 view("MIGRATING_IN", migration_id=str(uuid.uuid4())), view("DESTROYED")):
-        plan = resolve.plan_migration(migration(M.IN_DOUBT), "destination", OUT, dest)
-        assert not plan.allowed
-        assert "would shred the source's copy, the only good one" in plan.text
+def test_destination_without_proof_of_received_state_is_refused():
+    """Review finding (issue 10): an empty prepared incoming vTPCM (running,
+    libvirt still copying) was enough to move the authority to it."""
+    empty = view("MIGRATING_IN", holds_state=False)
+    unproven = view("MIGRATING_IN")  # agent older than 1.7, or its reply did not verify
+    for state in (M.PREPARED, M.TRANSFERRED, M.IN_DOUBT):
+        for dest in (GONE, empty, unproven, view("DESTROYED"),
+                     view("MIGRATING_IN", migration_id=str(uuid.uuid4()), holds_state=True),
+                     view("MIGRATING_IN", generation=3, holds_state=True)):
+            plan = resolve.plan_migration(migration(state), "destination", OUT, dest)
+            assert not plan.allowed, (state, dest)
+            assert "does not prove that its vTPCM of this migration received" in plan.text
+            assert "the only good one" in plan.text
+    assert "has received no state" in resolve.plan_migration(
+        migration(M.PREPARED), "destination", OUT, empty).text
+    # a stopped swtpm holding the state is committed (commit_incoming restarts it)
+    assert resolve.plan_migration(migration(M.PREPARED), "destination", OUT,
+                                  view("MIGRATING_IN", running=False,
+                                       holds_state=True)).allowed
     done = view("ACTIVE", generation=5, migration_id=None)  # committed there already
     assert resolve.plan_migration(migration(M.COMMITTING), "destination", OUT, done).allowed
 
@@ -79,8 +94,11 @@ def host(status: HostStatus) -> HostRecord:
 
 
 def test_forget_needs_a_revoked_silent_host_without_open_migrations():
-    assert "revoke it first" in resolve.plan_forget(host(HostStatus.APPROVED), [], [],
-                                                    False).text
+    for status in (HostStatus.APPROVED, HostStatus.PENDING):  # PENDING: review finding
+        plan = resolve.plan_forget(host(status), [], [], False)
+        assert not plan.allowed and "revoke it first" in plan.text
+    assert "already forgotten" in resolve.plan_forget(host(HostStatus.FORGOTTEN), [], [],
+                                                      False).text
     assert "still answers" in resolve.plan_forget(host(HostStatus.REVOKED), [], [],
                                                   True).text
     blocked = resolve.plan_forget(host(HostStatus.REVOKED),
@@ -92,3 +110,21 @@ def test_forget_needs_a_revoked_silent_host_without_open_migrations():
     plan = resolve.plan_forget(host(HostStatus.REVOKED), settled, [lost], False)
     assert plan.allowed and INSTANCE in plan.text and "lost with it" in plan.text
     assert plan.text.count("goes on without its step on gone") == 3
+
+
+def test_forget_leaves_a_deadline_abort_to_an_explicit_resolve():
+    """Review finding (issue 10): the destination's answer decides ABORTED vs
+    IN_DOUBT; forgetting it must not restore the source's older copy."""
+    deadline = migration(M.ABORTING, dest="gone", error="deadline passed")
+    assert not resolve.step_on_lost_host(deadline, "gone")
+    plan = resolve.plan_forget(host(HostStatus.REVOKED), [deadline], [], False)
+    assert not plan.allowed and "resolve each first" in plan.text
+    assert "deadline abort waits for the destination's answer" in plan.text
+    explicit = migration(M.ABORTING, dest="gone", error="aborted by nova")
+    assert resolve.plan_forget(host(HostStatus.REVOKED), [explicit], [], False).allowed
+
+
+def test_forget_plan_says_the_name_stays_a_tombstone():
+    text = resolve.plan_forget(host(HostStatus.REVOKED), [], [], False).text
+    assert "FORGOTTEN" in text and "enroll under no other" in text
+    assert "hosts enroll gone" in text and "wipe it" in text

@@ -10,11 +10,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
+from tests.unit.agent.test_unsigned_limits import CountingTPM, _call
 from tests.unit.engine.fakes import HOST, WAIT, FakeAgent, FakeTPM, RaceStack
+from vtpcm_agent.manager import AgentManager
+from vtpcm_common import authn
+from vtpcm_common.api.agent import messages as am
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.exception import RateLimited
+from vtpcm_common.ratelimit import TokenBucket
 from vtpcm_nova.engine.registrations import Registrations
 
 
@@ -63,10 +69,10 @@ def test_register_agent_floods_return_at_once_and_enroll_in_the_background(
         took = [_register(stack, name) for name in names]
         # no cast waited for an agent (each would wait WAIT s inline)
         assert max(took) < WAIT / 2, took
-        assert regs.dropped >= 50 - 1 - 4  # one with the worker, four queued
+        assert regs.dropped >= 50 - 1 - 4  # (one with the worker), the last four queued
         accepted = 50 - regs.dropped
-        # a real new host announced meanwhile: dropped while the queue is
-        # full, enrolled once the flood is gone (or by an operator)
+        # a real new host announces itself after the flood: queued (the
+        # oldest rogue name makes room) and enrolled
         agent.tpms["new-host"] = FakeTPM()
         agent.release.set()
         deadline = time.monotonic() + WAIT
@@ -102,10 +108,11 @@ def test_register_agent_with_a_bad_name_changes_nothing(stack: RaceStack) -> Non
     stack.manager.registrations = regs
     stack.manager.register_agent({}, {"host": "../../etc"})
     stack.manager.register_agent({}, {"nothing": 1})
-    assert regs._queue.qsize() == 0 and regs.dropped == 0
+    assert regs.pending() == 0 and regs.dropped == 0
 
 
 def test_attest_runs_once_per_host_at_a_time(stack: RaceStack) -> None:
+    stack.manager.min_unsigned_interval = 0.0  # every attest quotes
     held: list[Any] = []
     stack.agent.holding = True  # the host holds its next quote reply
     thread = threading.Thread(target=lambda: held.append(
@@ -125,3 +132,35 @@ def test_attest_runs_once_per_host_at_a_time(stack: RaceStack) -> None:
     assert held and held[0]["status"] == "TRUSTED"
     # finished: the next one runs
     assert stack.manager.attest({}, payload=m.HostRef(HOST).to_wire())["status"] == "TRUSTED"
+
+
+def test_attest_loop_cannot_launder_quotes_past_the_agents_limit(
+        stack: RaceStack, tmp_path: Path) -> None:
+    """Review finding 1: each unsigned ``attest`` made the engine send a
+    vouched quote, which the agent serves without counting; a loop of
+    attest drove the host TPM at full speed (120 quotes in 2 s). Now the
+    engine quotes at most once per host per ``min_unsigned_interval``."""
+    engine = authn.CommandSigner(ed25519.Ed25519PrivateKey.generate())
+    (tmp_path / "engine.pub").write_bytes(engine.public_key_pem())
+    tpm = CountingTPM()
+    agent = AgentManager(HOST, None, tpm,  # type: ignore[arg-type]
+                         verifier=authn.CommandVerifier(tmp_path / "engine.pub", HOST),
+                         unsigned_limit=TokenBucket(5.0, 10),
+                         activation_limit=TokenBucket(2 / 60, 2))
+    fake_quote = stack.agent.quote
+
+    def quote(host: str, nonce: bytes, pcrs: Any, bank: str) -> Any:
+        # what AgentAPI does for a vouched method: signed by the engine key
+        payload = am.QuoteRequest(nonce, tuple(pcrs), bank).to_wire()
+        _call(agent, "quote", payload, engine.sign("quote", host, payload))
+        return fake_quote(host, nonce, pcrs, bank)
+    stack.agent.quote = quote  # type: ignore[method-assign]
+    stack.manager.min_unsigned_interval = 1.0
+    started, attests = time.monotonic(), 0
+    while time.monotonic() - started < 2.0:
+        verdict = stack.manager.attest({}, payload=m.HostRef(HOST).to_wire())
+        assert verdict["status"] == "TRUSTED"
+        attests += 1
+    assert attests > 20  # the loop ran, answered from the verdict in force
+    # one quote per started interval (the verdict of RaceStack's start counts)
+    assert 1 <= tpm.calls.count("quote") <= 3

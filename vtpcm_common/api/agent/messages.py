@@ -168,3 +168,22 @@ class MigrationStep(Message):
     context: MigrationContext = field(wire.message_field(MigrationContext))
     # Abort of an incoming vTPCM after the deadline: refuse if state arrived.
     only_if_unused: bool = field(wire.bool_field, default=False)
+
+
+# --- 1.7: convergence ----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class IncomingState(Message):
+    """What the agent holds for one migration's incoming side: the proof an
+    operator's ``resolve --to destination`` needs before the commit point
+    (an incoming vTPCM that never received the state must not become the
+    authority). Answered for any vTPCM of the instance; the engine checks
+    that it is this migration's."""
+
+    message_type = "incoming_state"
+    state: str = field(wire.choice_field(*STATES))
+    generation: int = field(wire.int_field(0, 2**62))
+    migration_id: str | None = field(wire.optional(wire.uuid_field))
+    running: bool = field(wire.bool_field)
+    # The permanent state file exists: QEMU or import_state set the state.
+    holds_state: bool = field(wire.bool_field)

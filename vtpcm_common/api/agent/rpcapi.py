@@ -32,6 +32,11 @@ API version history:
           get_identity's certify binds the host name as well
           (``authn.host_key_binding`` v2), so an identity relayed under
           another name does not enroll.
+    1.7 - incoming_state: whether an incoming vTPCM holds the state it
+          received (the proof ``vtpcm-manage migration resolve --to
+          destination`` needs before the commit point). Read-only, unsigned
+          request, signed reply. Capped below 1.7 the engine refuses that
+          resolve instead (nothing proves the destination holds the state).
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
@@ -55,7 +60,7 @@ from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.6"
+RPC_API_VERSION = "1.7"
 REPLY_VERSION = "1.6"
 
 
@@ -188,3 +193,7 @@ class AgentAPI(rpc.Client):
 
     def abort_outgoing(self, host: str, context: m.MigrationContext) -> m.Empty:
         return self._at(host, "abort_outgoing", "1.3", m.MigrationStep(context), m.Empty)
+
+    # 1.7
+    def incoming_state(self, host: str, context: m.MigrationContext) -> m.IncomingState:
+        return self._at(host, "incoming_state", "1.7", context, m.IncomingState)

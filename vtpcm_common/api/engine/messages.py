@@ -235,7 +235,7 @@ class MigrationInfo(Message):
     error: str | None = field(wire.optional(wire.text_field(4000)))
 
 
-# --- 1.4: operator decisions (issue 10) ----------------------------------------
+# --- 1.7: operator decisions (issue 10) ----------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ResolveMigration(Message):

@@ -31,9 +31,11 @@ class HostStore(KeyStore, TrustStore):
                     command_public: bytes | None = None, ek_public: bytes | None = None,
                     approved: bool = False, now: datetime.datetime | None = None
                     ) -> HostRecord:
-        """Store a new host; a REVOKED host may be re-enrolled (new keys, no
-        history but the keys). Its AK (and, with ``ek_public``, an EK proven
-        by credential activation, and its certificate) are bound to ``name``
+        """Store a new host; a REVOKED or FORGOTTEN host may be re-enrolled
+        (new keys, no history but the keys; the unsigned registration cast
+        never calls this for a name on record, only an operator's enroll).
+        Its AK (and, with ``ek_public``, an EK proven by credential
+        activation, and its certificate) are bound to ``name``
         for good: the same transaction refuses one that was ever enrolled
         under another name. Its command key is refused likewise, but bound
         only once the host is APPROVED (here or by ``approve_host``): the
@@ -43,7 +45,8 @@ class HostStore(KeyStore, TrustStore):
         status = HostStatus.APPROVED if approved else HostStatus.PENDING
         with self.session() as s:
             # of two re-enrollments only one still finds the host REVOKED
-            if self._update_host(s, name, models.Host.status == HostStatus.REVOKED.value):
+            if self._update_host(s, name, models.Host.status.in_(
+                    (HostStatus.REVOKED.value, HostStatus.FORGOTTEN.value))):
                 row = self._host_row(s, name)
                 s.execute(delete(models.VerdictRow).where(models.VerdictRow.host == name))
                 s.execute(delete(models.ClockStateRow)
@@ -77,15 +80,17 @@ class HostStore(KeyStore, TrustStore):
         return row
 
     def approve_host(self, name: str, now: datetime.datetime | None = None) -> HostRecord:
-        """PENDING/APPROVED -> APPROVED; forgets the clock baseline (re-approval).
+        """PENDING/APPROVED -> APPROVED (never REVOKED or FORGOTTEN: those
+        enroll again); forgets the clock baseline (re-approval).
 
         Without the baseline a quote held back from before could no longer
         be told from a newer one, so attestations in flight are dropped and
         the verdict expires: the next attestation decides."""
         now = now or utcnow()
         with self.session() as s:
-            if not self._update_host(s, name, models.Host.status != HostStatus.REVOKED.value,
-                                     status=HostStatus.APPROVED.value, approved_at=now):
+            if not self._update_host(s, name, models.Host.status.in_(
+                    (HostStatus.PENDING.value, HostStatus.APPROVED.value)),
+                    status=HostStatus.APPROVED.value, approved_at=now):
                 row = self._host_row(s, name)
                 raise exception.InvalidTransition(what="host", key=name, current=row.status,
                                                   target=HostStatus.APPROVED.value)
@@ -102,30 +107,35 @@ class HostStore(KeyStore, TrustStore):
         reader ever sees a revoked host with its old TRUSTED verdict."""
         now = now or utcnow()
         with self.session() as s:
-            if not self._update_host(s, name, status=HostStatus.REVOKED.value):
+            if not self._update_host(s, name,
+                                     models.Host.status != HostStatus.FORGOTTEN.value,
+                                     status=HostStatus.REVOKED.value):
                 raise exception.NotFound(what="host", key=name)
             self._put_verdict(s, name, verifier.TrustStatus.UNTRUSTED, "host revoked", now,
                               expires_at or now)
             return host_rec(self._host_row(s, name))
 
     def forget_host(self, name: str) -> list[str]:
-        """Remove a REVOKED (or PENDING) host gone for good in one transaction:
-        its row, verdict, clock state, the keys bound to its name (so its TPM
-        may enroll again elsewhere) and the vTPCM records located on it.
-        Returns the instances whose vTPCM record was dropped."""
+        """REVOKED -> FORGOTTEN for a host gone for good, in one transaction:
+        its verdict, clock state and the vTPCM records located on it go; its
+        row stays as a tombstone and the keys bound to its name stay bound,
+        so forgetting never undoes the revocation (its TPM enrolls neither by
+        its agent's unsigned registration nor under another name). Returns
+        the instances whose vTPCM record was dropped."""
         with self.session() as s:
-            row = self._host_row(s, name)
-            if row.status == HostStatus.APPROVED.value:
+            if not self._update_host(s, name,
+                                     models.Host.status == HostStatus.REVOKED.value,
+                                     status=HostStatus.FORGOTTEN.value):
+                row = self._host_row(s, name)
                 raise exception.InvalidTransition(what="host", key=name, current=row.status,
-                                                  target="forgotten")
+                                                  target=HostStatus.FORGOTTEN.value)
             lost = list(s.scalars(select(models.Vtpcm.instance_uuid)
                                   .where(models.Vtpcm.host == name)
                                   .order_by(models.Vtpcm.instance_uuid)))
             # its abandoned vTPCMs too: a host gone for good answers no destroy
             for table in (models.Vtpcm, models.VerdictRow, models.ClockStateRow,
-                          models.EnrolledKey, models.AbandonedVtpcm):
+                          models.AbandonedVtpcm):
                 s.execute(delete(table).where(table.host == name))
-            s.delete(row)
             return lost
 
     def get_host(self, name: str) -> HostRecord:

@@ -35,6 +35,10 @@ class HostStatus(enum.StrEnum):
     PENDING = "PENDING"
     APPROVED = "APPROVED"
     REVOKED = "REVOKED"
+    # Tombstone of a host an operator forgot (``hosts forget``): its keys stay
+    # bound to the name, its agent's unsigned registration enrolls nothing;
+    # only an operator's ``hosts enroll`` brings the name back.
+    FORGOTTEN = "FORGOTTEN"
 
 
 class UTCDateTime(TypeDecorator[datetime.datetime]):
