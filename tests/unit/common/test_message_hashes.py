@@ -73,6 +73,8 @@ EXPECTED = {
     "engine.VerdictList": "1.0-f883eb197d2acddb6151b2c4e43642d7",
     "engine.VtpcmPlacement": "1.0-b43f96cbda15440f49455ee922f7a6fb",
     "engine.VtpcmRecord": "1.0-2a49d40912900646e97960fac5d7125d",
+    "engine.VtpcmList": "1.8-2117d9d49a0bc6155a21187a123661bc",
+    "engine.VtpcmQuery": "1.8-eb76fc43cd8a4b94e4a13744574f8ba7",
     "engine.VtpcmStatus": "1.3-475e6b1ec7a0b869735dcefdb51f4a0c",
     "engine.ForgetHost": "1.7-db2073b3048ff9de19fc5c695b88b20e",
     "engine.Resolution": "1.7-6b995ffd26a29cb70a92fedc3ec43dab",

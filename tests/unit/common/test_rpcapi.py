@@ -172,6 +172,10 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "forget_host": ("1.7", lambda api: api.forget_host(HOST)),
     "report_swtpm_restart": ("1.7", lambda api: api.report_swtpm_restart(
         em.SwtpmRestartReport(HOST, INSTANCE, INSTANCE, "ACTIVE", "restarted", "died"))),
+    # 1.8
+    "start_incoming": ("1.8", lambda api: api.start_incoming(MIGRATION)),
+    "list_vtpcms": ("1.8", lambda api: api.list_vtpcms("SHELVED")),
+    "destroy_shelved_vtpcm": ("1.8", lambda api: api.destroy_shelved_vtpcm(INSTANCE)),
 }
 
 

@@ -150,6 +150,13 @@ class AuditList(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class VtpcmQuery(Message):
+    message_type = "vtpcm_query"
+    state: str | None = field(wire.optional(wire.text_field(32)), default=None)
+    host: str | None = field(wire.optional(wire.host_field), default=None)
+
+
+@dataclasses.dataclass(frozen=True)
 class VtpcmPlacement(Message):
     message_type = "vtpcm_placement"
     instance_uuid: str = field(wire.uuid_field)
@@ -165,6 +172,12 @@ class VtpcmRecord(Message):
     generation: int = field(wire.int_field(0, 2**62))
     state: str = field(wire.text_field(32))
     migration_id: str | None = field(wire.optional(wire.uuid_field))
+
+
+@dataclasses.dataclass(frozen=True)
+class VtpcmList(Message):
+    message_type = "vtpcm_list"
+    vtpcms: tuple[VtpcmRecord, ...] = field(wire.message_list_field(VtpcmRecord))
 
 
 @dataclasses.dataclass(frozen=True)
