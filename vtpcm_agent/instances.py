@@ -188,10 +188,22 @@ class InstanceManager:
     def start(self, instance_uuid: str) -> Association:
         """Start (or re-adopt) the swtpm of a STOPPED or ACTIVE vTPCM; also
         the way back for one whose swtpm died (the guest's hard reboot):
-        from its permanent state, never an empty TPM in its place."""
+        from its permanent state, never an empty TPM in its place. An
+        incoming vTPCM that received its state is started too (a resized
+        guest stopped before the confirm; the engine asks only then): it
+        stays MIGRATING_IN, at its generation, with its state."""
         assoc = self.associations.get(instance_uuid)
-        if assoc.state is S.ACTIVE and self.is_running(assoc):
+        if assoc.state in (S.ACTIVE, S.MIGRATING_IN) and self.is_running(assoc):
             return assoc
+        if assoc.state is S.MIGRATING_IN:
+            if not self._received_state(assoc):
+                raise exception.MigrationError(
+                    migration_id=assoc.migration_id or "(none)",
+                    reason="the incoming vTPCM of instance %s has not received its "
+                           "state; refusing to start it" % instance_uuid)
+            # as a stopped vTPCM starts: its state is on disk now
+            pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
+            return self.associations.set_pid(instance_uuid, pid)
         if assoc.state not in (S.STOPPED, S.ACTIVE):
             raise exception.InvalidTransition(
                 what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
@@ -427,8 +439,15 @@ class InstanceManager:
 
     @serialized
     def commit_incoming(self, ctx: sealing.SealContext) -> Association:
+        """The incoming vTPCM becomes the live one at generation + 1.
+
+        It must hold its state (set by QEMU or ``import_state``). A swtpm
+        that stopped (crashed, or QEMU's CMD_SHUTDOWN when a resized guest
+        stopped on the destination before the confirm) is started again
+        first: past the commit point it is the authority, and refusing
+        would wedge the commit for good."""
         assoc = self.associations.get(ctx.instance_uuid)
-        if (assoc.state is S.ACTIVE and assoc.generation == ctx.generation + 1
+        if (assoc.state in (S.ACTIVE, S.STOPPED) and assoc.generation == ctx.generation + 1
                 and assoc.migration_id == ctx.migration_id):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_IN)
@@ -443,7 +462,7 @@ class InstanceManager:
                 migration_id=ctx.migration_id,
                 reason="the incoming vTPCM of instance %s has not received its state "
                        "(or its swtpm is not running); refusing to commit"
-                % ctx.instance_uuid)
+                       % ctx.instance_uuid)
         return self.associations.transition(
             ctx.instance_uuid, S.ACTIVE, expected=frozenset({S.MIGRATING_IN}),
             generation=ctx.generation + 1)

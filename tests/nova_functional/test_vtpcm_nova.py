@@ -573,32 +573,40 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
         self.assertIsNone(self.dep.vtpcm_on(b, instance))
 
-        # allowed by the operator, but the holder's agent still answers: refused
+        # allowed by the operator, but the holder is not revoked (a silent
+        # agent is no operator decision): refused, nothing changes
         self.flags(evacuate_with_fresh_vtpcm=True, group="vtpcm")
-        server = evacuate("ERROR")
-        self.assertIn("agent of %s answers" % a, server["fault"]["message"])
-        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
-
-        # the holder is really gone: a fresh vTPCM on b, audited as state loss
         agent_a = self.dep.hosts[a].agent
         agent_a.stop()
         try:
-            server = evacuate("ACTIVE")
+            server = evacuate("ERROR")
         finally:
             agent_a.start()
             agent_a.wait_ready(self.dep.agents)
-        self.assertEqual(b, self._host_of(server))
-        rec = self.dep.operator.get_vtpcm(instance)
-        self.assertEqual(b, rec.host)
-        self.assertNotEqual(old.vtpcm_id, rec.vtpcm_id)
-        self.assertEqual(rec.vtpcm_id, self.dep.agents.get(b, instance).vtpcm_id)
-        with self.assertRaisesRegex(TSS2_Exception, "handle"):  # a fresh TPM: no NV index
-            self._tpm(b, instance)
-        self.assertEqual(["refused", "state lost"],
-                         sorted(e.outcome for e in self._audit(instance, "vtpcm.evacuate")))
-        # the old copy is never started again through the engine
-        with pytest.raises(exception.CommandRefused):
-            self.dep.engine_at(a).start_vtpcm(instance)
+        self.assertIn("needs the failed host revoked first", server["fault"]["message"])
+        self.assertEqual(old, self.dep.operator.get_vtpcm(instance))
+
+        # the operator revokes the failed host: a fresh vTPCM on b, audited as state loss
+        self.dep.operator.revoke_host(a)
+        try:
+            server = evacuate("ACTIVE")
+            self.assertEqual(b, self._host_of(server))
+            rec = self.dep.operator.get_vtpcm(instance)
+            self.assertEqual(b, rec.host)
+            self.assertNotEqual(old.vtpcm_id, rec.vtpcm_id)
+            self.assertEqual(rec.vtpcm_id, self.dep.agents.get(b, instance).vtpcm_id)
+            with self.assertRaisesRegex(TSS2_Exception, "handle"):  # fresh TPM: no NV index
+                self._tpm(b, instance)
+            self.assertEqual(["refused", "state lost"],
+                             sorted(e.outcome for e in self._audit(instance,
+                                                                   "vtpcm.evacuate")))
+            # the old copy is never started again through the engine
+            with pytest.raises(exception.CommandRefused):
+                self.dep.engine_at(a).start_vtpcm(instance)
+        finally:
+            self.dep.operator.enroll(a)
+            self.dep.operator.assign_policy(a, dep_mod.GOLDEN)
+            self.assertEqual("TRUSTED", self.dep.operator.attest(a).status)
 
     def test_shelve_offload_then_unshelve_on_another_host_moves_the_vtpcm(self) -> None:
         a, b = self._start_hosts(2)
@@ -628,6 +636,42 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertFalse(src_state.exists())
         self.assertEqual(["moved"],
                          [e.outcome for e in self._audit(instance, "vtpcm.unshelve")])
+
+    def test_an_unshelve_whose_spawn_fails_after_the_move_shelves_it_again(self) -> None:
+        """Review finding F5: the vTPCM moved to b, the spawn failed, Nova put
+        the instance back to SHELVED_OFFLOADED, and the vTPCM stayed ACTIVE
+        on b: every unshelve elsewhere was refused. The driver shelves it
+        again from its new holder."""
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        self.admin_api.post_server_action(instance, {"shelve": {}})
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        failing = fixtures.MockPatch(
+            "nova.virt.libvirt.driver.LibvirtDriver._create_guest_with_network",
+            side_effect=RuntimeError("spawn failed after the vTPCM moved"))
+        failing.setUp()
+        try:
+            self.admin_api.post_server_action(instance, {"unshelve": {"host": b}})
+            self._wait_for_instance_action_event(
+                server, "unshelve", "compute_unshelve_instance", "Error")
+            server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        finally:
+            failing.cleanUp()
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((b, 1, "SHELVED", None),
+                         (rec.host, rec.generation, rec.state, rec.migration_id))
+        self.assertFalse(self.dep.agents.get(b, instance).running)
+        self.assertEqual(["moved"],
+                         [e.outcome for e in self._audit(instance, "vtpcm.unshelve")])
+        # the next unshelve may take it anywhere: back to a, with its state
+        self.admin_api.post_server_action(instance, {"unshelve": {"host": a}})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual(a, self._host_of(server))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 2, "ACTIVE"), (rec.host, rec.generation, rec.state))
+        self.assertEqual(before["nv"], self._tpm(a, instance)["nv"])
 
     def test_delete_shreds_the_vtpcm(self) -> None:
         a, = self._start_hosts(1)

@@ -482,18 +482,19 @@ def test_engine_admin_methods_are_exactly_the_signed_ones():
               if getattr(getattr(EngineManager, name), "signed", False)}
     assert signed == rpcapi.ADMIN_METHODS == {
         "enroll", "approve_host", "revoke_host", "assign_policy", "put_policy",
-        "record_policy", "resolve_migration", "forget_host"}
+        "record_policy", "resolve_migration", "forget_host", "destroy_shelved_vtpcm"}
     host_signed = {name for name in dir(EngineManager)
                    if getattr(getattr(EngineManager, name), "host_signed", False)}
     assert host_signed == rpcapi.HOST_METHODS == {
         "create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm", "check_destination",
         "begin", "commit", "abort", "transfer_state", "replace_vtpcm",
-        "shelve_vtpcm", "unshelve_vtpcm", "report_swtpm_restart"}
+        "shelve_vtpcm", "unshelve_vtpcm", "report_swtpm_restart", "start_incoming"}
     unsigned = {name for name in dir(EngineManager)
                 if getattr(getattr(EngineManager, name), "signed", None) is False} - host_signed
     assert unsigned == {"list_hosts", "show_host", "list_policies", "attest", "verdicts",
                         "list_audit", "get_vtpcm", "get_migration", "host_command_key",
-                        "signed_host_command_key"}  # its answer is signed, not the call
+                        "signed_host_command_key",  # its answer is signed, not the call
+                        "list_vtpcms"}
 
 
 def test_engine_without_operator_keys_refuses_admin_calls(operators):

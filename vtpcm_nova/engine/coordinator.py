@@ -48,8 +48,6 @@ RESERVED_PREFIX = "creating-"
 # How long a signed agent command may still run after the engine sent it:
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
 COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
-# How long an evacuation waits for the failed host's agent before it counts as gone.
-HEALTH_TIMEOUT = 10.0
 
 
 class AgentClient(Protocol):
@@ -149,6 +147,11 @@ class Coordinator:
             self.db.audit("vtpcm.create", "unknown", host=host, instance=instance_uuid,
                           detail="create interrupted; record left CREATING")
             raise
+        return self._complete_create(instance_uuid, host, token, info)
+
+    def _complete_create(self, instance_uuid: str, host: str, token: str,
+                         info: am.VTPCMInfo) -> db_api.VtpcmRecord:
+        """Fill in reservation ``token`` with what ``host``'s agent made."""
         if not self.db.complete_vtpcm(instance_uuid, token, info.vtpcm_id, info.generation,
                                       info.state):
             # our reservation was destroyed meanwhile: undo what the agent made
@@ -188,6 +191,18 @@ class Coordinator:
         self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=instance_uuid)
 
+    def destroy_shelved_vtpcm(self, instance_uuid: str) -> None:
+        """Operator-signed clean-up of a SHELVED vTPCM (its instance was
+        deleted while shelved offloaded): only a SHELVED record, so a live
+        instance's vTPCM is never destroyed this way."""
+        rec = self.db.get_vtpcm(instance_uuid)
+        if rec.state != SHELVED or rec.migration_id is not None:
+            reason = "the vTPCM is %s on %s, not shelved" % (rec.state, rec.host)
+            self.db.audit("vtpcm.destroy", "refused", host=rec.host,
+                          instance=instance_uuid, detail="operator: " + reason)
+            raise exception.CommandRefused(method="destroy_shelved_vtpcm", reason=reason)
+        self.destroy_vtpcm(instance_uuid)
+
     def replace_vtpcm(self, instance_uuid: str, host: str,
                       requested_by: str | None = None) -> db_api.VtpcmRecord:
         """Evacuation with state loss, which the operator allowed on the
@@ -195,12 +210,17 @@ class Coordinator:
         vTPCM of a failed host is abandoned and ``host`` gets a fresh one.
 
         Only ``host`` itself may ask, never during a migration, creation or
-        destruction, and only while the holder's agent does not answer (a
-        host that answers can migrate the vTPCM instead). The old record goes
-        first (compare-and-set on its generation, state and id): the engine
-        never starts the old copy again, also if its host comes back. Audited
-        as state loss."""
+        destruction, only with a fresh TRUSTED verdict (checked before the
+        record changes), and only once the operator decided the holder is
+        gone: its host must be REVOKED (``vtpcm-manage hosts revoke``). A
+        silent agent is no such decision (a restart or a partition looks
+        the same). The old record becomes the target's reservation and an
+        abandoned record in one transaction: the engine never starts the
+        old copy again, and reconcile destroys it on its host once that
+        agent answers. A refused create puts the old record back. Audited
+        as state loss once the fresh vTPCM exists."""
         rec = self.db.get_vtpcm(instance_uuid)
+        refusal = ""
         if requested_by not in (None, host):
             refusal = "signed by %s, not by %s" % (requested_by, host)
         elif rec.host == host:
@@ -210,22 +230,105 @@ class Coordinator:
         elif rec.state in (CREATING, DESTROYING):
             refusal = "the vTPCM is %s" % rec.state
         else:
-            refusal = self._holder_answers(rec.host)
+            refusal = self._holder_gone(rec.host)
         if refusal:
             self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
                           detail=refusal[:1000])
             raise exception.CommandRefused(method="replace_vtpcm", reason=refusal)
-        if not self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=rec.state,
-                                    expected_vtpcm_id=rec.vtpcm_id):
+        host_rec, why = self._trusted_destination(host, self.trust.check_fresh(host))
+        if host_rec is None:
+            self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
+                          detail="host not trusted: %s" % why)
+            raise exception.HostNotTrusted(host=host, reason=why)
+        token = RESERVED_PREFIX + str(uuid.uuid4())
+        if not self.db.abandon_vtpcm(rec, host, token, now=self.now()):
+            self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
+                          detail="its record changed meanwhile")
             raise exception.VTPCMBusy(instance_uuid=instance_uuid,
                                       reason="its record changed meanwhile; retry")
+        try:
+            info = self.agents.create(host, instance_uuid)
+        except (exception.ServiceUnreachable, exception.AlreadyExists) as err:
+            # as in create_vtpcm: a vTPCM may exist on ``host``; never orphan it
+            self.db.audit("vtpcm.evacuate", "unknown", host=host, instance=instance_uuid,
+                          detail=("create on %s not confirmed (%s); record left CREATING, "
+                                  "the old vTPCM %s abandoned"
+                                  % (host, err, rec.vtpcm_id))[:1000])
+            raise
+        except exception.VTPCMException as err:
+            # the agent's signed word that the create did not run
+            self.db.unabandon_vtpcm(rec, token)
+            self.db.audit("vtpcm.evacuate", "refused", host=host, instance=instance_uuid,
+                          detail=("create refused: %s" % err)[:1000])
+            raise
+        except BaseException:
+            self.db.audit("vtpcm.evacuate", "unknown", host=host, instance=instance_uuid,
+                          detail="create interrupted; record left CREATING, the old "
+                                 "vTPCM %s abandoned" % rec.vtpcm_id)
+            raise
+        new = self._complete_create(instance_uuid, host, token, info)
         self.db.audit("vtpcm.evacuate", "state lost", host=rec.host, instance=instance_uuid,
-                      detail="vTPCM %s (generation %d) on failed host %s abandoned; a fresh "
+                      detail="vTPCM %s (generation %d) on revoked host %s abandoned; a fresh "
                              "vTPCM on %s" % (rec.vtpcm_id, rec.generation, rec.host, host))
         LOG.warning("Instance %(i)s evacuated from %(old)s to %(new)s with a fresh vTPCM: "
                     "its TPM state (generation %(gen)d) is lost",
                     {"i": instance_uuid, "old": rec.host, "new": host, "gen": rec.generation})
-        return self.create_vtpcm(instance_uuid, host)
+        return new
+
+    def _past_commit_point(self, migration_id: str) -> bool:
+        try:
+            state = self.db.get_migration(migration_id).state
+        except exception.NotFound:
+            return False
+        return state in (M.COMMITTING.value, M.SHREDDING.value, M.COMMITTED.value)
+
+    def _holder_gone(self, holder: str) -> str:
+        """A refusal unless the operator revoked the holder's host."""
+        try:
+            status = self.db.get_host(holder).status
+        except exception.NotFound:
+            return ""
+        if status is HostStatus.REVOKED:
+            return ""
+        return ("the holder %s is %s: evacuating a vTPCM instance with a fresh vTPCM "
+                "needs the failed host revoked first (vtpcm-manage hosts revoke)"
+                % (holder, status.value))
+
+    def reap_abandoned(self) -> int:
+        """Destroy the vTPCMs evacuations abandoned, on their old hosts
+        (engine-signed), once those agents answer: a partitioned, not dead,
+        host would otherwise keep a second live copy. Only the abandoned
+        instance's vTPCM is destroyed, and not while the engine's record
+        places the instance on that host again. Returns how many were
+        settled; the others are retried on the next pass."""
+        done = 0
+        for old in self.db.list_abandoned():
+            try:
+                current: str | None = self.db.get_vtpcm(old.instance_uuid).host
+            except exception.NotFound:
+                current = None
+            try:
+                if current == old.host:
+                    # the instance's vTPCM lives there again: that one stays
+                    LOG.warning("Abandoned vTPCM %(v)s of instance %(i)s: %(h)s holds the "
+                                "instance's vTPCM again; not destroying it",
+                                {"v": old.vtpcm_id, "i": old.instance_uuid, "h": old.host})
+                else:
+                    self.agents.destroy(old.host, old.instance_uuid)
+            except exception.NotFound:
+                pass  # the agent has nothing (left) for this instance
+            except exception.VTPCMException as err:
+                LOG.info("Abandoned vTPCM %(v)s of instance %(i)s on %(h)s not destroyed "
+                         "yet: %(err)s", {"v": old.vtpcm_id, "i": old.instance_uuid,
+                                           "h": old.host, "err": err})
+                continue
+            self.db.forget_abandoned(old)
+            self.db.audit("vtpcm.destroy", "destroyed", host=old.host,
+                          instance=old.instance_uuid,
+                          detail="vTPCM %s (generation %d) abandoned by an evacuation"
+                                 % (old.vtpcm_id, old.generation))
+            done += 1
+        return done
 
     def shelve_vtpcm(self, instance_uuid: str,
                      requested_by: str | None = None) -> db_api.VtpcmRecord:
@@ -234,14 +337,20 @@ class Coordinator:
         host without the holder's nova-compute. The swtpm stops (the guest
         is off); the state stays on the holder's disk, encrypted under keys
         only its TPM unwraps. Idempotent."""
-        rec = self._powered_record("shelve_vtpcm", instance_uuid, requested_by)
-        if rec.state == SHELVED:
-            return rec
-        self.agents.stop(rec.host, instance_uuid)
-        if not self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
-                                       expected_state=rec.state, expected_migration_id=None):
-            raise exception.VTPCMBusy(instance_uuid=instance_uuid,
-                                      reason="its record changed meanwhile; retry")
+        try:
+            rec = self._powered_record("shelve_vtpcm", instance_uuid, requested_by)
+            if rec.state == SHELVED:
+                return rec
+            self.agents.stop(rec.host, instance_uuid)
+            if not self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
+                                           expected_state=rec.state,
+                                           expected_migration_id=None):
+                raise exception.VTPCMBusy(instance_uuid=instance_uuid,
+                                          reason="its record changed meanwhile; retry")
+        except exception.VTPCMException as err:
+            self.db.audit("vtpcm.shelve", "refused", host=requested_by,
+                          instance=instance_uuid, detail=str(err)[:1000])
+            raise
         self.db.audit("vtpcm.shelve", "shelved", host=rec.host, instance=instance_uuid,
                       detail="generation %d kept on %s" % (rec.generation, rec.host))
         return self.db.get_vtpcm(instance_uuid)
@@ -263,6 +372,8 @@ class Coordinator:
             if rec.state == SHELVED and not self.db.set_vtpcm_state(
                     instance_uuid, rec.generation, "ACTIVE", expected_state=SHELVED,
                     expected_migration_id=None):
+                self.db.audit("vtpcm.unshelve", "refused", host=host,
+                              instance=instance_uuid, detail="its record changed meanwhile")
                 raise exception.VTPCMBusy(instance_uuid=instance_uuid,
                                           reason="its record changed meanwhile; retry")
             self.db.audit("vtpcm.unshelve", "unshelved", host=host, instance=instance_uuid,
@@ -277,32 +388,26 @@ class Coordinator:
             raise exception.CommandRefused(method="unshelve_vtpcm", reason=refusal)
         migration_id = str(uuid.uuid4())
         try:
-            self.begin(migration_id, instance_uuid, rec.host, host)
+            self.begin(migration_id, instance_uuid, rec.host, host, unshelve=True)
             self.transfer(migration_id)
             self.commit(migration_id)
         except exception.VTPCMException as err:
-            # begin and transfer abort themselves; the holder keeps it, shelved
-            self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
-                                    expected_state="ACTIVE", expected_migration_id=None)
-            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
-                          migration_id=migration_id, detail=str(err)[:1000])
-            raise
+            if not self._past_commit_point(migration_id):
+                # begin and transfer abort themselves (reconcile finishes an
+                # abort left half-done); the abort restores SHELVED
+                self.db.audit("vtpcm.unshelve", "refused", host=host,
+                              instance=instance_uuid, migration_id=migration_id,
+                              detail=str(err)[:1000])
+                raise
+            # the commit point is passed: the vTPCM lives on ``host`` now and
+            # reconcile finishes the commit (the shred of the holder's copy)
+            LOG.warning("Unshelve of instance %(i)s: migration %(mig)s passed its commit "
+                        "point; a later step failed (%(err)s), reconcile finishes it",
+                        {"i": instance_uuid, "mig": migration_id, "err": err})
         self.db.audit("vtpcm.unshelve", "moved", host=host, instance=instance_uuid,
                       migration_id=migration_id,
                       detail="from %s, generation %d" % (rec.host, rec.generation + 1))
         return self.db.get_vtpcm(instance_uuid)
-
-    def _holder_answers(self, holder: str) -> str:
-        """A refusal if the holder's agent answers (its host is not failed)."""
-        try:
-            self.agents.health(holder, timeout=HEALTH_TIMEOUT)
-        except exception.ReplyNotAuthenticated:
-            # someone answers in the holder's name: not a failed host
-            return "an answer for the agent of %s did not verify" % holder
-        except exception.ServiceUnreachable:
-            return ""
-        return ("the agent of %s answers: evacuate only from a failed host (migrate "
-                "otherwise)" % holder)
 
     def start_vtpcm(self, instance_uuid: str,
                     requested_by: str | None = None) -> tuple[str, am.VTPCMInfo]:
@@ -403,11 +508,16 @@ class Coordinator:
         return verdict
 
     def begin(self, migration_id: str, instance_uuid: str, source: str,
-              dest: str) -> db_api.MigrationRecord:
+              dest: str, *, unshelve: bool = False) -> db_api.MigrationRecord:
         """Seal the key for dest's TPM and prepare dest; idempotent per
         migration id while it is PREPARED. Any other state of a known id is
         refused: a begin answered with a finished or committing migration
-        would tell the driver to start libvirt for nothing."""
+        would tell the driver to start libvirt for nothing.
+
+        A SHELVED vTPCM moves only through ``unshelve_vtpcm`` (``unshelve``):
+        a migration begun on it would end, on abort, with the shelve undone.
+        The record's state before the claim is kept with the migration, and
+        an abort restores it."""
         try:
             rec = self.db.get_migration(migration_id)
         except exception.NotFound:
@@ -440,6 +550,10 @@ class Coordinator:
         if vtpcm.state == DESTROYING:
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="the vTPCM is being destroyed")
+        if vtpcm.state == SHELVED and not unshelve:
+            detail = "the vTPCM is shelved: only an unshelve moves it"
+            self._refuse_audit(migration_id, instance_uuid, dest, detail)
+            raise exception.MigrationError(migration_id=migration_id, reason=detail)
         verdict = self.trust.check_fresh(dest)
         dest_host, distrust = self._trusted_destination(dest, verdict)
         source_gen_ok = False
@@ -467,7 +581,8 @@ class Coordinator:
             reason=reason))
         deadline = self.now() + datetime.timedelta(seconds=self.timeout)
         self.db.create_migration(migration_id, instance_uuid, source, dest,
-                                 vtpcm.generation, proto.state.value, deadline)
+                                 vtpcm.generation, proto.state.value, deadline,
+                                 prior_state=vtpcm.state)
         ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
         if proto.state is M.REFUSED:
             self._run(proto, ctx, actions)
@@ -528,8 +643,28 @@ class Coordinator:
                                  "(migration %s)" % (ctx.dest_host, distrust,
                                                      ctx.source_host, proto.state.value))
             raise exception.HostNotTrusted(host=ctx.dest_host, reason=distrust)
+        if proto.state is M.TRANSFERRED:
+            self._check_incoming_ready(ctx)
         self._advance(proto, ctx, p.CommitRequested())
         return self.db.get_migration(migration_id)
+
+    def _check_incoming_ready(self, ctx: am.MigrationContext) -> None:
+        """Before a cold migration's commit point: the destination must
+        still hold this migration's incoming vTPCM (its agent's signed
+        word), or the commit would pass the point of no revert and then
+        wait on a destination that cannot commit. Refused, the migration
+        stays TRANSFERRED: a revert still restores the source."""
+        info = self.agents.get(ctx.dest_host, ctx.instance_uuid)
+        if (info.state, info.migration_id, info.generation) == \
+                ("MIGRATING_IN", ctx.migration_id, ctx.generation):
+            return
+        detail = ("the destination %s holds no incoming vTPCM of this migration (its "
+                  "vTPCM is %s of migration %s at generation %d); revert the resize"
+                  % (ctx.dest_host, info.state, info.migration_id, info.generation))
+        self.db.audit("migration.commit", "refused", host=ctx.dest_host,
+                      instance=ctx.instance_uuid, migration_id=ctx.migration_id,
+                      detail=detail)
+        raise exception.MigrationError(migration_id=ctx.migration_id, reason=detail)
 
     def transfer(self, migration_id: str,
                  requested_by: str | None = None) -> db_api.MigrationRecord:
@@ -560,6 +695,45 @@ class Coordinator:
             raise exception.MigrationError(migration_id=migration_id,
                                            reason=rec.error or "aborted")
         return rec
+
+    def start_incoming(self, migration_id: str, requested_by: str | None = None
+                       ) -> tuple[str, am.VTPCMInfo]:
+        """Cold migration, resize not yet confirmed: start the destination's
+        incoming vTPCM again after its swtpm stopped with the guest (QEMU's
+        CMD_SHUTDOWN), so the guest can run there before the confirm. Only
+        the destination may ask, only while the destination holds the
+        state and may run the guest (TRANSFERRED, IN_DOUBT); the agent
+        starts only an incoming vTPCM that received its state. Nothing
+        moves: the commit point is still the confirm. Returns (host, answer)."""
+        proto, ctx, _ = self._load(migration_id)
+        refusal = ""
+        if requested_by not in (None, ctx.dest_host):
+            refusal = "signed by %s, not the destination %s" % (requested_by, ctx.dest_host)
+        elif proto.state not in (M.TRANSFERRED, M.IN_DOUBT):
+            refusal = ("migration is %s: only a transferred incoming vTPCM not yet "
+                       "committed is started" % proto.state.value)
+        if refusal:
+            self.db.audit("migration.start_incoming", "refused", host=requested_by,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail=refusal)
+            raise exception.CommandRefused(method="start_incoming", reason=refusal)
+        try:
+            info = self.agents.start(ctx.dest_host, ctx.instance_uuid)
+            if (info.state, info.migration_id, info.generation) != \
+                    ("MIGRATING_IN", migration_id, ctx.generation):
+                raise exception.MigrationError(
+                    migration_id=migration_id,
+                    reason="the agent started a vTPCM that is %s of migration %s at "
+                           "generation %d, not this incoming one"
+                           % (info.state, info.migration_id, info.generation))
+        except exception.VTPCMException as err:
+            self.db.audit("migration.start_incoming", "refused", host=ctx.dest_host,
+                          instance=ctx.instance_uuid, migration_id=migration_id,
+                          detail=str(err)[:1000])
+            raise
+        self.db.audit("migration.start_incoming", "running", host=ctx.dest_host,
+                      instance=ctx.instance_uuid, migration_id=migration_id)
+        return ctx.dest_host, info
 
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
         """Undo the migration before its commit point (in doubt too: Nova's
@@ -670,6 +844,7 @@ class Coordinator:
                 LOG.warning("Reconcile of migration %(mig)s (%(state)s) failed: %(err)s",
                             {"mig": listed.migration_id, "state": listed.state,
                              "err": err})
+        done += self.reap_abandoned()
         return done
 
     def _trusted_destination(self, dest: str,
@@ -850,8 +1025,12 @@ class Coordinator:
             return None
         if isinstance(action, p.RestoreSource):
             self.agents.abort_outgoing(src, ctx)
-            # Only this migration's claim is released, never another's.
-            self.db.set_vtpcm_state(ctx.instance_uuid, ctx.generation, "ACTIVE",
+            # Only this migration's claim is released, never another's; a
+            # shelved vTPCM (an unshelve's) stays shelved, any other is live
+            # (ACTIVE) again.
+            prior = self.db.get_migration(ctx.migration_id).prior_state
+            restored = SHELVED if prior == SHELVED else "ACTIVE"
+            self.db.set_vtpcm_state(ctx.instance_uuid, ctx.generation, restored,
                                     expected_state="MIGRATING", migration_id=None,
                                     expected_migration_id=ctx.migration_id)
             return p.SourceRestored()

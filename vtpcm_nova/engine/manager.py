@@ -201,6 +201,8 @@ class EngineManager:
             return (self.db.get_vtpcm(request.instance_uuid).host,)
         if method == "transfer_state":  # the source: its guest is off, it consents
             return (self.db.get_migration(request.migration_id).source,)
+        if method == "start_incoming":  # the destination, where the guest runs
+            return (self.db.get_migration(request.migration_id).dest,)
         if method == "report_swtpm_restart":  # a host speaks for its own swtpm only
             return (request.host,)
         if method in ("commit", "abort"):  # either side may settle it
@@ -419,6 +421,19 @@ class EngineManager:
     def get_vtpcm(self, req: m.InstanceRef) -> m.VtpcmRecord:
         return vtpcm_info(self.db.get_vtpcm(req.instance_uuid))
 
+    @endpoint(m.VtpcmQuery)
+    def list_vtpcms(self, req: m.VtpcmQuery) -> m.VtpcmList:
+        return m.VtpcmList(tuple(vtpcm_info(r) for r in self.db.list_vtpcms(host=req.host)
+                                 if req.state is None or r.state == req.state))
+
+    @endpoint(m.InstanceRef, signed=True)
+    def destroy_shelved_vtpcm(self, req: m.InstanceRef) -> m.Empty:
+        """An operator's decision that a shelved instance is gone (Nova
+        deleted it while SHELVED_OFFLOADED, which never reaches the
+        driver): the engine has the holder shred it."""
+        self.coordinator.destroy_shelved_vtpcm(req.instance_uuid)
+        return m.Empty()
+
     @endpoint(m.CheckDestination, host_signed=True)
     def check_destination(self, req: m.CheckDestination, signer: str) -> m.Verdict:
         return verdict_info(self.coordinator.check_destination(req.instance_uuid, req.dest))
@@ -438,6 +453,11 @@ class EngineManager:
     def transfer_state(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:
         return migration_info(self.coordinator.transfer(req.migration_id,
                                                         requested_by=signer))
+
+    @endpoint(m.MigrationRef, host_signed=True)
+    def start_incoming(self, req: m.MigrationRef, signer: str) -> m.VtpcmStatus:
+        host, info = self.coordinator.start_incoming(req.migration_id, requested_by=signer)
+        return vtpcm_status(host, info)
 
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:

@@ -34,6 +34,7 @@ GUEST_MAY_RUN = frozenset({TRANSFERRED, "IN_DOUBT"})
 
 class Engine(livemigration.Engine, lifecycle.Engine, Protocol):
     def transfer_state(self, migration_id: str) -> em.MigrationInfo: ...
+    def start_incoming(self, migration_id: str) -> em.VtpcmStatus: ...
 
 
 def move(engine: Engine, migration_id: str, instance_uuid: str, source: str,
@@ -72,14 +73,20 @@ def guest_socket(engine: Engine, agents: lifecycle.AgentReader, instance_uuid: s
     if incoming is None:
         return lifecycle.ensure_running(engine, agents, instance_uuid, host, socket_dirs)
     info = agents.get(host, instance_uuid)
-    if (info.state, info.migration_id) != ("MIGRATING_IN", incoming.migration_id) \
-            or not info.running:
+    if (info.state, info.migration_id) != ("MIGRATING_IN", incoming.migration_id):
         raise exception.MigrationError(
             migration_id=incoming.migration_id,
-            reason="the incoming vTPCM of instance %s on %s is %s%s, not this migration's "
-                   "running incoming vTPCM" % (instance_uuid, host, info.state,
-                                               "" if info.running else " (stopped)"))
-    return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid, socket_dirs)
+            reason="the incoming vTPCM of instance %s on %s is %s, not this migration's "
+                   "incoming vTPCM" % (instance_uuid, host, info.state))
+    if info.running:
+        return tpmxml.checked_socket_path(info.ctrl_socket, instance_uuid, socket_dirs)
+    # its swtpm stopped with the guest (QEMU's CMD_SHUTDOWN): the engine has
+    # the agent start it again, with the state it received
+    started = engine.start_incoming(incoming.migration_id)
+    LOG.info("Started the incoming vTPCM of instance %(i)s again on %(h)s (migration "
+             "%(mig)s, not yet confirmed)", {"i": instance_uuid, "h": host,
+                                             "mig": incoming.migration_id})
+    return tpmxml.checked_socket_path(started.ctrl_socket, instance_uuid, socket_dirs)
 
 
 def _incoming_migration(engine: Engine, instance_uuid: str,

@@ -20,6 +20,7 @@ from typing import Any
 
 import nova.conf
 from lxml import etree
+from nova import context as nova_context
 from nova import exception as nova_exception
 from nova import objects
 from nova.compute import task_states, vm_states
@@ -158,12 +159,31 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                                                      instance.uuid, self.vtpcm_host,
                                                      CONF.vtpcm.socket_dirs)
         except exception.VTPCMNotHere as err:
-            if not (_evacuating(instance) and CONF.vtpcm.evacuate_with_fresh_vtpcm):
-                raise VTPCMFault(reason=_not_here_reason(instance, err)) from None
+            evacuating = _evacuating(instance, self.vtpcm_host)
+            if not (evacuating and CONF.vtpcm.evacuate_with_fresh_vtpcm):
+                raise VTPCMFault(reason=_not_here_reason(instance, err, evacuating)) \
+                    from None
             socket_path = self._fresh_after_evacuation(instance)
         except exception.VTPCMException as err:
             raise VTPCMFault(reason=str(err)) from None
         guest.add_device(LibvirtConfigGuestExternalTPM(socket_path, spec.model))
+
+    def spawn(self, context: Any, instance: Any, image_meta: Any, injected_files: Any,
+              admin_password: Any, allocations: Any, network_info: Any = None,
+              block_device_info: Any = None, power_on: bool = True,
+              accel_info: Any = None) -> None:
+        """An unshelve whose spawn fails leaves the instance SHELVED_OFFLOADED:
+        its vTPCM, moved here by ``_add_vtpm_device``, is shelved again from
+        this host, so the next unshelve may take it anywhere."""
+        try:
+            super().spawn(context, instance, image_meta, injected_files, admin_password,
+                          allocations, network_info, block_device_info, power_on,
+                          accel_info)
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                if instance.vm_state == vm_states.SHELVED_OFFLOADED and \
+                        vtpcm_spec(instance.flavor).enabled:
+                    self._shelve(instance)
 
     def _shelve(self, instance: Any) -> None:
         """Never fails the offload: without the engine's record the vTPCM
@@ -444,15 +464,28 @@ def _moves_host(migration: Any) -> bool:
     return bool(migration.source_compute != migration.dest_compute)
 
 
-def _evacuating(instance: Any) -> bool:
-    """A rebuild spawning away from the vTPCM's host is an evacuation (a
-    rebuild proper stays on the host, where the vTPCM is kept)."""
-    return bool(instance.task_state == task_states.REBUILD_SPAWNING)
+# Nova's evacuation migration while the destination spawns: "accepted",
+# then "pre-migrating" once the destination's rebuild claim ran.
+EVACUATION_IN_PROGRESS = ("accepted", "pre-migrating")
 
 
-def _not_here_reason(instance: Any, err: exception.VTPCMNotHere) -> str:
+def _evacuating(instance: Any, host: str) -> bool:
+    """A rebuild spawning here is an evacuation only if Nova recorded one
+    (an ``evacuation`` migration of this instance to this host, in
+    progress): a plain rebuild has the same task state, and must never
+    replace the vTPCM of an instance whose holder is another host."""
+    if instance.task_state != task_states.REBUILD_SPAWNING:
+        return False
+    migrations = objects.MigrationList.get_by_filters(
+        nova_context.get_admin_context(),
+        {"instance_uuid": instance.uuid, "migration_type": "evacuation",
+         "status": list(EVACUATION_IN_PROGRESS), "host": host})
+    return any(m.dest_compute == host for m in migrations)
+
+
+def _not_here_reason(instance: Any, err: exception.VTPCMNotHere, evacuating: bool) -> str:
     """Name the Nova operation that tried to run the guest away from its vTPCM."""
-    if _evacuating(instance):
+    if evacuating:
         return ("evacuate is refused for vTPCM instances: the vTPCM state cannot be read "
                 "from the failed host (%s); [vtpcm] evacuate_with_fresh_vtpcm allows it "
                 "with a new, empty TPM" % err)

@@ -5,6 +5,7 @@ incoming vTPCM. Real engine and agent daemons, real swtpm (vTPCMs and host
 TPM stand-ins), RabbitMQ; hosts TRUSTED under a golden policy."""
 
 import secrets
+import time
 import uuid
 
 import pytest
@@ -12,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.functional import tpmtools
 from tests.nova_functional import deployment as dep_mod
+from vtpcm_agent.swtpm.client import CtrlClient
 from vtpcm_common import authn, exception
 from vtpcm_common.api.engine import messages as m
 
@@ -170,4 +172,81 @@ def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
     assert dep.operator.get_vtpcm(instance).host == b
     assert sorted(e.outcome for e in _audit(dep, instance, "vtpcm.unshelve")) == \
         ["moved", "refused", "refused"]
+    dep.engine_at(b).destroy_vtpcm(instance)
+
+
+def test_a_confirm_after_the_guest_stopped_on_the_destination_commits(dep):
+    """Review finding F2: QEMU's CMD_SHUTDOWN (the resized guest shut down
+    inside, or the destination rebooted) stops the incoming swtpm before the
+    confirm. The confirm used to pass the commit point and then wedge (the
+    agent refused to commit a stopped incoming vTPCM, forever): now its
+    commit starts it again and commits it at generation + 1, the source is
+    shredded, and the guest's next start finds its state."""
+    a, b, _ = _names(dep)
+    instance, before = _vtpcm_with_state(dep, a)
+    mid = str(uuid.uuid4())
+    assert dep.engine_at(a).begin(mid, instance, a, b).state == "PREPARED"
+    assert dep.engine_at(a).transfer_state(mid).state == "TRANSFERRED"
+    inc = dep.agents.get(b, instance)
+    assert (inc.state, inc.running) == ("MIGRATING_IN", True)
+    with CtrlClient(inc.ctrl_socket) as client:  # what QEMU sends when it exits
+        client.shutdown()
+    for _ in range(100):
+        if not dep.agents.get(b, instance).running:
+            break
+        time.sleep(0.1)
+    assert not dep.agents.get(b, instance).running
+
+    assert dep.engine_at(a).commit(mid).state == "COMMITTED"
+    rec = dep.operator.get_vtpcm(instance)
+    assert (rec.host, rec.generation, rec.migration_id) == (b, 1, None)
+    dest = dep.agents.get(b, instance)  # started again by its commit (the authority)
+    assert (dest.state, dest.generation, dest.running) == ("ACTIVE", 1, True)
+    assert dep.agents.get(a, instance).state == "DESTROYED"
+    # a retried confirm is a success; the guest starts on its vTPCM, state kept
+    assert dep.engine_at(a).commit(mid).state == "COMMITTED"
+    # the guest's next power on (the restarted swtpm got no TPM2_Startup, as
+    # QEMU would send): stop, start, read
+    dep.engine_at(b).stop_vtpcm(instance)
+    dep.engine_at(b).start_vtpcm(instance)
+    after = tpmtools.read_guest_state(dep.hosts[b].data_paths(instance), with_key=False)
+    assert after["nv"] == before["nv"]
+    dep.engine_at(b).destroy_vtpcm(instance)
+
+
+def test_the_destination_restarts_a_stopped_incoming_vtpcm_before_the_confirm(dep):
+    """Review finding F2, second half: the resized guest stopped on the
+    destination and is started again there before the confirm; only the
+    destination may have the engine restart its received incoming vTPCM,
+    which keeps its state, migration and generation."""
+    a, b, c = _names(dep)
+    instance, before = _vtpcm_with_state(dep, a)
+    mid = str(uuid.uuid4())
+    dep.engine_at(a).begin(mid, instance, a, b)
+    assert dep.engine_at(a).transfer_state(mid).state == "TRANSFERRED"
+    with CtrlClient(dep.agents.get(b, instance).ctrl_socket) as client:
+        client.shutdown()
+    for _ in range(100):
+        if not dep.agents.get(b, instance).running:
+            break
+        time.sleep(0.1)
+    for api, why in ((dep.engine_at(a), "host command key of %s" % b),
+                     (dep.engine_at(c), "host command key of %s" % b),
+                     (dep.operator, "no host command signature")):
+        with pytest.raises(exception.CommandRefused, match=why):
+            api.start_incoming(mid)
+    assert not dep.agents.get(b, instance).running
+
+    started = dep.engine_at(b).start_incoming(mid)
+    inc = dep.agents.get(b, instance)
+    assert (started.state, started.running, started.generation) == ("MIGRATING_IN", True, 0)
+    assert (inc.state, inc.migration_id, inc.running) == ("MIGRATING_IN", mid, True)
+    assert tpmtools.read_guest_state(dep.hosts[b].data_paths(instance),
+                                     with_key=False)["nv"] == before["nv"]
+    assert dep.operator.get_migration(mid).state == "TRANSFERRED"
+    assert dep.engine_at(a).commit(mid).state == "COMMITTED"
+    dest = dep.agents.get(b, instance)
+    assert (dest.state, dest.generation, dest.running) == ("ACTIVE", 1, True)
+    with pytest.raises(exception.CommandRefused, match="migration is COMMITTED"):
+        dep.engine_at(b).start_incoming(mid)
     dep.engine_at(b).destroy_vtpcm(instance)

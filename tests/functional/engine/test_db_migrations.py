@@ -313,3 +313,23 @@ def test_a_legacy_database_without_its_version_row_is_upgraded(db_url: str) -> N
         assert db.key_owner("command", b"\x01" * 32) == "cmp1"
     finally:
         db.dispose()
+
+
+def test_0003_keeps_migrations_and_adds_abandoned_vtpcms(any_url: str) -> None:
+    """A database at 0002 with a migration row: kept, with no prior state
+    (its abort restores ACTIVE, as before); no abandoned vTPCMs."""
+    migration.db_sync(any_url, "0002")
+    mid = str(uuid.uuid4())
+    insert(any_url, "migrations", migration_id=mid,
+           instance_uuid="6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11", source="a", dest="b",
+           generation=3, state="ABORTED", created_at=T0, updated_at=T0, deadline=T0)
+    assert "abandoned_vtpcms" not in tables(any_url)
+    assert migration.db_sync(any_url).after == "revision 0003"
+    assert diff_with_models(any_url) == []
+    db = api.Database(any_url)
+    try:
+        rec = db.get_migration(mid)
+        assert (rec.generation, rec.state, rec.prior_state) == (3, "ABORTED", None)
+        assert db.list_abandoned() == []
+    finally:
+        db.dispose()

@@ -1,11 +1,12 @@
-"""A rolling upgrade between engine API 1.6 and 1.7 over the local RabbitMQ.
+"""A rolling upgrade between engine API 1.7 and 1.8 over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.6`` (what
+- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.7`` (what
   an old agent or Nova driver can send) against the current engine daemon:
   the old host calls, host_command_key and signed_host_command_key work,
-  the 1.7 report_swtpm_restart is refused before sending.
+  the 1.7 report_swtpm_restart work, the 1.8 start_incoming is refused
+  before sending.
 - An engine of the previous version (an in-process engine whose Target is
-  1.6) answering a current client: old methods are served, the new one
+  1.7) answering a current client: old methods are served, the new one
   comes back as a clear ``RPCVersionUnsupported``.
 """
 
@@ -34,7 +35,7 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.6"
+PREVIOUS = "1.7"
 
 
 class PreviousEngine(EngineManager):
@@ -135,13 +136,13 @@ def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
                                          answer.command_public, b"\x06" * 16)
         report = em.SwtpmRestartReport(host, instance, agents.get(host, instance).vtpcm_id,
                                        "ACTIVE", "restarted", "died")
+        pinned.report_swtpm_restart(report)  # 1.7
         with pytest.raises(exception.RPCVersionCapped) as err:
-            pinned.report_swtpm_restart(report)
+            pinned.start_incoming(str(uuid.uuid4()))
         assert str(err.value) == (
-            "Not sent: report_swtpm_restart needs %s RPC API 1.7, but [upgrade_levels] "
-            "vtpcm_engine caps this client at 1.6 (some %s may still run an older "
+            "Not sent: start_incoming needs %s RPC API 1.8, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.7 (some %s may still run an older "
             "release)" % (pinned.topic, pinned.topic))
-        current.report_swtpm_restart(report)  # unpinned, it works
     finally:
         current.destroy_vtpcm(instance)
 
@@ -159,10 +160,9 @@ def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
 def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
     _, _, on_old, _, host, *_ = upgrade
     with pytest.raises(exception.RPCVersionUnsupported) as err:
-        on_old.report_swtpm_restart(em.SwtpmRestartReport(
-            host, str(uuid.uuid4()), str(uuid.uuid4()), "ACTIVE", "restarted", "died"))
+        on_old.start_incoming(str(uuid.uuid4()))
     assert str(err.value) == (
-        "%s cannot serve report_swtpm_restart (RPC API 1.7): it runs an older API "
+        "%s cannot serve start_incoming (RPC API 1.8): it runs an older API "
         "version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
         % on_old.topic)

@@ -122,6 +122,15 @@ class FakeEngine:
             at="2024-05-01T10:00:00+00:00", event="host.approve", outcome="approved",
             host="host-a", instance=None, migration_id=None, detail="by operator"),))
 
+    def destroy_shelved_vtpcm(self, instance_uuid: str) -> m.Empty:
+        self._record("destroy_shelved_vtpcm", instance_uuid)
+        return m.Empty()
+
+    def list_vtpcms(self, state: str | None = None, host: str | None = None) -> m.VtpcmList:
+        self._record("list_vtpcms", state, host)
+        return m.VtpcmList((m.VtpcmRecord("4f7f1c3e-8c1b-4a43-9d57-2b1f0d1e5a10", VTPCM_ID,
+                                          "host-a", 3, "SHELVED", None),))
+
     def get_vtpcm(self, instance_uuid: str) -> m.VtpcmRecord:
         self._record("get_vtpcm", instance_uuid)
         return m.VtpcmRecord(instance_uuid, VTPCM_ID, "host-a", 3, "ACTIVE", None)
@@ -409,6 +418,12 @@ def test_vtpcm_show(engine: FakeEngine, capsys: pytest.CaptureFixture[str]) -> N
                                "migration_id": None}
 
 
+def test_vtpcm_list_by_state(engine: FakeEngine, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--format", "json", "vtpcm", "list", "--state", "SHELVED")
+    assert code == 0 and engine.calls[-1] == ("list_vtpcms", "SHELVED", None)
+    assert [v["state"] for v in json.loads(out)] == ["SHELVED"]
+
+
 def test_migration_show(engine: FakeEngine, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "migration", "show", MIGRATION)
     assert code == 0 and ["state", "COMMITTED"] in table(out)
@@ -546,6 +561,7 @@ ADMIN_ARGV = [
     ["policies", "set", "gold", "--pcr", "7=" + "00" * 32],
     ["migration", "resolve", MIGRATION, "--to", "source"],
     ["hosts", "forget", "host-a"],
+    ["vtpcm", "destroy", "4f7f1c3e-8c1b-4a43-9d57-2b1f0d1e5a10"],
 ]
 
 

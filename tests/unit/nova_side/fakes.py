@@ -68,6 +68,13 @@ class FakeEngine:
         self._maybe_fail("transfer_state")
         return self._mig(migration_id, "TRANSFERRED")
 
+    def start_incoming(self, migration_id: str) -> em.VtpcmStatus:
+        self.calls.append(("start_incoming", migration_id))
+        self._maybe_fail("start_incoming")
+        mig = self.migrations[migration_id]
+        return em.VtpcmStatus(mig.instance_uuid, VTPCM_ID, mig.dest, mig.generation,
+                              "MIGRATING_IN", True, "/run/vtpcm/%s.ctrl" % mig.instance_uuid)
+
     def commit(self, migration_id: str) -> em.MigrationInfo:
         self.calls.append(("commit", migration_id))
         self._maybe_fail("commit")

@@ -51,8 +51,30 @@ def test_the_destination_runs_the_guest_on_the_incoming_vtpcm(state: str) -> Non
     assert "start_vtpcm" not in engine.methods() and "create_vtpcm" not in engine.methods()
 
 
+@pytest.mark.parametrize("state", ["TRANSFERRED", "IN_DOUBT"])
+def test_a_stopped_incoming_vtpcm_is_started_again_through_the_engine(state: str) -> None:
+    """Review finding F2: the guest stopped on the destination before the
+    confirm (its QEMU stopped the swtpm); starting it again needs its vTPCM."""
+    engine = FakeEngine()
+    _resized(engine, state)
+    agents = FakeAgents(state="MIGRATING_IN", migration_id=MIG, running=False)
+    path = coldmigration.guest_socket(engine, agents, INSTANCE, "dst", DIRS)
+    assert path == "/run/vtpcm/%s.ctrl" % INSTANCE
+    assert ("start_incoming", MIG) in engine.calls
+    assert "start_vtpcm" not in engine.methods()
+
+
+def test_a_refused_start_of_the_incoming_vtpcm_is_raised() -> None:
+    engine = FakeEngine()
+    _resized(engine)
+    engine.fail["start_incoming"] = [exception.CommandRefused(
+        method="start_incoming", reason="migration is COMMITTED")]
+    agents = FakeAgents(state="MIGRATING_IN", migration_id=MIG, running=False)
+    with pytest.raises(exception.CommandRefused, match="migration is COMMITTED"):
+        coldmigration.guest_socket(engine, agents, INSTANCE, "dst", DIRS)
+
+
 @pytest.mark.parametrize(("agents", "why"), [
-    (FakeAgents(state="MIGRATING_IN", migration_id=MIG, running=False), "stopped"),
     (FakeAgents(state="MIGRATING_IN", migration_id=VTPCM_ID), "MIGRATING_IN"),
     (FakeAgents(state="ACTIVE"), "ACTIVE"),
 ])

@@ -150,6 +150,13 @@ class AuditList(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class VtpcmQuery(Message):
+    message_type = "vtpcm_query"
+    state: str | None = field(wire.optional(wire.text_field(32)), default=None)
+    host: str | None = field(wire.optional(wire.host_field), default=None)
+
+
+@dataclasses.dataclass(frozen=True)
 class VtpcmPlacement(Message):
     message_type = "vtpcm_placement"
     instance_uuid: str = field(wire.uuid_field)
@@ -165,6 +172,12 @@ class VtpcmRecord(Message):
     generation: int = field(wire.int_field(0, 2**62))
     state: str = field(wire.text_field(32))
     migration_id: str | None = field(wire.optional(wire.uuid_field))
+
+
+@dataclasses.dataclass(frozen=True)
+class VtpcmList(Message):
+    message_type = "vtpcm_list"
+    vtpcms: tuple[VtpcmRecord, ...] = field(wire.message_list_field(VtpcmRecord))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,8 +246,8 @@ class ResolveMigration(Message):
     migration_id: str = field(wire.uuid_field)
     to: str = field(wire.choice_field("source", "destination"))
     execute: bool = field(wire.bool_field)
-    # 1.8: back to the source past the commit point (the destination died
-    # before committing); sent only when true, as 1.8.
+    # 1.9: back to the source past the commit point (the destination died
+    # before committing); sent only when true, as 1.9.
     past_commit: bool = field(wire.bool_field, default=False, omit_default=True)
 
 
@@ -245,8 +258,8 @@ class ForgetHost(Message):
     message_type = "forget_host"
     host: str = field(wire.host_field)
     execute: bool = field(wire.bool_field)
-    # 1.8: forget it although something answers on its topic with replies
-    # that do not verify; sent only when true, as 1.8.
+    # 1.9: forget it although something answers on its topic with replies
+    # that do not verify; sent only when true, as 1.9.
     despite_unverified_answers: bool = field(wire.bool_field, default=False,
                                              omit_default=True)
 

@@ -43,13 +43,22 @@ API version history:
           and whether it ran). report_swtpm_restart (in ``HOST_METHODS``,
           signed by the reporting host): the agent's watchdog puts each
           swtpm restart (or failed restart) into the engine's audit log.
-    1.8 - resolve_migration ``past_commit``: back to the source's copy past
+    1.8 - start_incoming (in ``HOST_METHODS``, signed by the migration's
+          destination): restart the received incoming vTPCM of a cold
+          migration or resize not yet confirmed (TRANSFERRED or IN_DOUBT)
+          whose swtpm stopped with its guest, so the guest can start again
+          on the destination before the confirm; answer ``VtpcmStatus``.
+          list_vtpcms (read-only, by state and host) and
+          destroy_shelved_vtpcm (in ``ADMIN_METHODS``, operator-signed):
+          find and crypto-shred the vTPCM of an instance deleted while
+          shelved offloaded (Nova's delete never reaches the driver then).
+    1.9 - resolve_migration ``past_commit``: back to the source's copy past
           the commit point, for a destination that died before committing
           (revoked); forget_host ``despite_unverified_answers``: forget a
           host whose topic gets only answers that do not verify. Each new
-          field is sent only when true, and then as 1.8: capped at 1.7 the
+          field is sent only when true, and then as 1.9: capped lower the
           client refuses those two decisions (``RPCVersionCapped``) and
-          sends every other call as before.
+          sends every other resolve and forget as 1.7, as before.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -75,19 +84,19 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.8"
+RPC_API_VERSION = "1.9"
 
 R = TypeVar("R", bound=Message)
 
 # State-changing calls that decide which hosts are trusted: operator-signed.
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
                            "put_policy", "record_policy", "resolve_migration",
-                           "forget_host"})
+                           "forget_host", "destroy_shelved_vtpcm"})
 # Calls of the Nova driver on a compute node: signed with that host's key.
 HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm",
                           "check_destination", "begin", "commit", "abort",
                           "transfer_state", "replace_vtpcm", "shelve_vtpcm",
-                          "unshelve_vtpcm", "report_swtpm_restart"})
+                          "unshelve_vtpcm", "report_swtpm_restart", "start_incoming"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -107,6 +116,9 @@ METHOD_VERSIONS: dict[str, str] = {
     "resolve_migration": "1.7",
     "forget_host": "1.7",
     "report_swtpm_restart": "1.7",
+    "start_incoming": "1.8",
+    "list_vtpcms": "1.8",
+    "destroy_shelved_vtpcm": "1.8",
 }
 
 
@@ -253,6 +265,14 @@ class EngineAPI(rpc.Client):
     def get_vtpcm(self, instance_uuid: str) -> m.VtpcmRecord:
         return self._ask("get_vtpcm", m.InstanceRef(instance_uuid), m.VtpcmRecord)
 
+    def list_vtpcms(self, state: str | None = None,
+                    host: str | None = None) -> m.VtpcmList:
+        return self._ask("list_vtpcms", m.VtpcmQuery(state, host), m.VtpcmList)
+
+    def destroy_shelved_vtpcm(self, instance_uuid: str) -> m.Empty:
+        """Operator-signed: shred a SHELVED vTPCM whose instance is gone."""
+        return self._ask("destroy_shelved_vtpcm", m.InstanceRef(instance_uuid), m.Empty)
+
     def check_destination(self, instance_uuid: str, dest: str) -> m.Verdict:
         return self._ask("check_destination", m.CheckDestination(instance_uuid, dest),
                           m.Verdict)
@@ -270,19 +290,24 @@ class EngineAPI(rpc.Client):
         the prepared destination (signed by the source; answer TRANSFERRED)."""
         return self._ask("transfer_state", m.MigrationRef(migration_id), m.MigrationInfo)
 
+    def start_incoming(self, migration_id: str) -> m.VtpcmStatus:
+        """Cold migration, resize before the confirm: start the destination's
+        received incoming vTPCM again (signed by the destination)."""
+        return self._ask("start_incoming", m.MigrationRef(migration_id), m.VtpcmStatus)
+
     def abort(self, migration_id: str, reason: str) -> m.MigrationInfo:
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
                           m.MigrationInfo)
 
     def resolve_migration(self, migration_id: str, to: str, execute: bool = False,
                           past_commit: bool = False) -> m.Resolution:
-        return self._call("resolve_migration", "1.8" if past_commit else "1.7",
+        return self._call("resolve_migration", "1.9" if past_commit else "1.7",
                           m.ResolveMigration(migration_id, to, execute, past_commit),
                           m.Resolution, signer=self.signer)
 
     def forget_host(self, host: str, execute: bool = False,
                     despite_unverified_answers: bool = False) -> m.Resolution:
-        return self._call("forget_host", "1.8" if despite_unverified_answers else "1.7",
+        return self._call("forget_host", "1.9" if despite_unverified_answers else "1.7",
                           m.ForgetHost(host, execute, despite_unverified_answers),
                           m.Resolution, signer=self.signer)
 

@@ -28,12 +28,19 @@ from vtpcm_nova.cmd.manage.hosts import (
 from vtpcm_nova.cmd.manage.keys import keys_create
 from vtpcm_nova.cmd.manage.policies import policies_list, policies_record, policies_set
 from vtpcm_nova.cmd.manage.results import EPILOG, PROG, Command, ConfCommand
-from vtpcm_nova.cmd.manage.views import audit_list, migration_show, verdicts_list, vtpcm_show
+from vtpcm_nova.cmd.manage.views import (
+    audit_list,
+    migration_show,
+    verdicts_list,
+    vtpcm_destroy,
+    vtpcm_list,
+    vtpcm_show,
+)
 
 # Commands that change what the engine trusts: signed with an operator key.
 ADMIN_COMMANDS: frozenset[Command] = frozenset({
     hosts_enroll, hosts_approve, hosts_revoke, hosts_assign_policy, policies_record,
-    policies_set}) | settle.ADMIN_COMMANDS
+    policies_set, vtpcm_destroy}) | settle.ADMIN_COMMANDS
 
 
 def _format_opt() -> argparse.ArgumentParser:
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     vtpcm = group("vtpcm", "vTPCMs of instances")
     command(vtpcm, "show", vtpcm_show, "show an instance's vTPCM").add_argument(
         "instance_uuid", metavar="INSTANCE_UUID")
+    vlist = command(vtpcm, "list", vtpcm_list, "list vTPCM records")
+    vlist.add_argument("--state", metavar="STATE", help="e.g. SHELVED")
+    vlist.add_argument("--host", metavar="HOST")
+    command(vtpcm, "destroy", vtpcm_destroy,
+            "crypto-shred a SHELVED vTPCM whose instance is gone (operator-signed)"
+            ).add_argument("instance_uuid", metavar="INSTANCE_UUID")
     migration = group("migration", "vTPCM migrations")
     command(migration, "show", migration_show, "show a vTPCM migration").add_argument(
         "migration_id", metavar="MIGRATION_ID")

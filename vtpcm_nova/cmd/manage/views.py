@@ -23,5 +23,21 @@ def vtpcm_show(api: EngineAPI, args: argparse.Namespace) -> Result:
     return EXIT_OK, one(api.get_vtpcm(args.instance_uuid))
 
 
+VTPCM_COLUMNS = ("instance_uuid", "host", "state", "generation", "migration_id",
+                 "vtpcm_id")
+
+
+def vtpcm_list(api: EngineAPI, args: argparse.Namespace) -> Result:
+    return EXIT_OK, listing(VTPCM_COLUMNS,
+                             api.list_vtpcms(state=args.state, host=args.host).vtpcms)
+
+
+def vtpcm_destroy(api: EngineAPI, args: argparse.Namespace) -> Result:
+    """Operator-signed: only a SHELVED vTPCM (an instance deleted while
+    shelved offloaded)."""
+    api.destroy_shelved_vtpcm(args.instance_uuid)
+    return EXIT_OK, {"destroyed": args.instance_uuid}
+
+
 def migration_show(api: EngineAPI, args: argparse.Namespace) -> Result:
     return EXIT_OK, one(api.get_migration(args.migration_id))

@@ -31,6 +31,7 @@ from vtpcm_nova.engine.db.migrations import MigrationStore
 from vtpcm_nova.engine.db.nonces import NONCE_BYTES, NonceStore
 from vtpcm_nova.engine.db.policies import PolicyStore
 from vtpcm_nova.engine.db.records import (
+    AbandonedRecord,
     AuditRecord,
     HostRecord,
     MigrationRecord,
@@ -43,7 +44,7 @@ from vtpcm_nova.engine.db.schema import SchemaStore
 from vtpcm_nova.engine.db.store import utcnow
 from vtpcm_nova.engine.db.vtpcms import VtpcmStore
 
-__all__ = ["DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AuditRecord",
+__all__ = ["DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AbandonedRecord", "AuditRecord",
            "Database", "HostRecord", "MigrationRecord", "PolicyRecord", "TrustBasis",
            "VerdictRecord", "VtpcmRecord", "utcnow"]
 

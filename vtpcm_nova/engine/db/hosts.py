@@ -132,7 +132,9 @@ class HostStore(KeyStore, TrustStore):
             lost = list(s.scalars(select(models.Vtpcm.instance_uuid)
                                   .where(models.Vtpcm.host == name)
                                   .order_by(models.Vtpcm.instance_uuid)))
-            for table in (models.Vtpcm, models.VerdictRow, models.ClockStateRow):
+            # its abandoned vTPCMs too: a host gone for good answers no destroy
+            for table in (models.Vtpcm, models.VerdictRow, models.ClockStateRow,
+                          models.AbandonedVtpcm):
                 s.execute(delete(table).where(table.host == name))
             return lost
 

@@ -208,3 +208,18 @@ class Migration(Base):
     updated_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     deadline: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # the vTPCM record's state before the migration claimed it (SHELVED for
+    # an unshelve), which an abort restores
+    prior_state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+
+
+class AbandonedVtpcm(Base):
+    """A vTPCM an evacuation gave up on its failed (revoked) host: kept
+    until reconcile has that host's agent destroy it."""
+    __tablename__ = "abandoned_vtpcms"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    instance_uuid: Mapped[str] = mapped_column(String(UUID_LEN), index=True)
+    vtpcm_id: Mapped[str] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(HOST_LEN))
+    generation: Mapped[int] = mapped_column(BigInteger)
+    abandoned_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)

@@ -110,6 +110,17 @@ class MigrationRecord:
     updated_at: datetime.datetime
     deadline: datetime.datetime
     error: str | None
+    prior_state: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class AbandonedRecord:
+    """A vTPCM given up by an evacuation, still to be destroyed on ``host``."""
+    instance_uuid: str
+    vtpcm_id: str
+    host: str
+    generation: int
+    abandoned_at: datetime.datetime
 
 
 def host_rec(r: models.Host) -> HostRecord:
@@ -135,5 +146,11 @@ def vtpcm_rec(r: models.Vtpcm) -> VtpcmRecord:
 
 def migration_rec(r: models.Migration) -> MigrationRecord:
     return MigrationRecord(r.migration_id, r.instance_uuid, r.source, r.dest, r.generation,
-                           r.state, r.created_at, r.updated_at, r.deadline, r.error)
+                           r.state, r.created_at, r.updated_at, r.deadline, r.error,
+                           r.prior_state)
+
+
+def abandoned_rec(r: models.AbandonedVtpcm) -> AbandonedRecord:
+    return AbandonedRecord(r.instance_uuid, r.vtpcm_id, r.host, r.generation,
+                           r.abandoned_at)
 

@@ -15,7 +15,12 @@ from sqlalchemy.exc import IntegrityError
 
 from vtpcm_common import exception
 from vtpcm_nova.engine.db import models
-from vtpcm_nova.engine.db.records import VtpcmRecord, vtpcm_rec
+from vtpcm_nova.engine.db.records import (
+    AbandonedRecord,
+    VtpcmRecord,
+    abandoned_rec,
+    vtpcm_rec,
+)
 from vtpcm_nova.engine.db.store import Store, utcnow
 
 
@@ -123,3 +128,62 @@ class VtpcmStore(Store):
             q = q.where(models.Vtpcm.vtpcm_id == expected_vtpcm_id)
         with self.session() as s:
             return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    # --- evacuation with a fresh vTPCM ------------------------------------------
+
+    def abandon_vtpcm(self, old: VtpcmRecord, host: str, token: str,
+                      now: datetime.datetime | None = None) -> bool:
+        """In one transaction: the record ``old`` (unchanged since read, no
+        migration) becomes ``host``'s CREATING reservation ``token``, and
+        ``old`` is kept as abandoned (to be destroyed on its host). False,
+        changing nothing, if the record moved meanwhile."""
+        now = now or utcnow()
+        q = (update(models.Vtpcm)
+             .where(models.Vtpcm.instance_uuid == old.instance_uuid,
+                    models.Vtpcm.host == old.host,
+                    models.Vtpcm.generation == old.generation,
+                    models.Vtpcm.state == old.state,
+                    models.Vtpcm.vtpcm_id == old.vtpcm_id,
+                    models.Vtpcm.migration_id.is_(None))
+             .values(host=host, vtpcm_id=token, generation=0, state="CREATING",
+                     updated_at=now))
+        with self.session() as s:
+            if s.execute(q).rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            s.add(models.AbandonedVtpcm(instance_uuid=old.instance_uuid,
+                                        vtpcm_id=old.vtpcm_id, host=old.host,
+                                        generation=old.generation, abandoned_at=now))
+            return True
+
+    def unabandon_vtpcm(self, old: VtpcmRecord, token: str) -> bool:
+        """Undo ``abandon_vtpcm`` after a refused create (one transaction):
+        the reservation ``token`` becomes ``old`` again."""
+        q = (update(models.Vtpcm)
+             .where(models.Vtpcm.instance_uuid == old.instance_uuid,
+                    models.Vtpcm.state == "CREATING", models.Vtpcm.vtpcm_id == token)
+             .values(host=old.host, vtpcm_id=old.vtpcm_id, generation=old.generation,
+                     state=old.state, migration_id=None, updated_at=old.updated_at))
+        with self.session() as s:
+            if s.execute(q).rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            s.execute(delete(models.AbandonedVtpcm).where(
+                models.AbandonedVtpcm.instance_uuid == old.instance_uuid,
+                models.AbandonedVtpcm.vtpcm_id == old.vtpcm_id,
+                models.AbandonedVtpcm.host == old.host))
+            return True
+
+    def list_abandoned(self, instance_uuid: str | None = None) -> list[AbandonedRecord]:
+        q = select(models.AbandonedVtpcm).order_by(models.AbandonedVtpcm.id)
+        if instance_uuid is not None:
+            q = q.where(models.AbandonedVtpcm.instance_uuid == instance_uuid)
+        with self.session() as s:
+            return [abandoned_rec(r) for r in s.scalars(q)]
+
+    def forget_abandoned(self, rec: AbandonedRecord) -> bool:
+        """Drop an abandoned vTPCM its host destroyed (or never had)."""
+        q = delete(models.AbandonedVtpcm).where(
+            models.AbandonedVtpcm.instance_uuid == rec.instance_uuid,
+            models.AbandonedVtpcm.vtpcm_id == rec.vtpcm_id,
+            models.AbandonedVtpcm.host == rec.host)
+        with self.session() as s:
+            return s.execute(q).rowcount >= 1  # type: ignore[attr-defined,no-any-return]
