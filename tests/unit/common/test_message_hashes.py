@@ -77,9 +77,9 @@ EXPECTED = {
     "engine.VtpcmList": "1.8-2117d9d49a0bc6155a21187a123661bc",
     "engine.VtpcmQuery": "1.8-eb76fc43cd8a4b94e4a13744574f8ba7",
     "engine.VtpcmStatus": "1.3-475e6b1ec7a0b869735dcefdb51f4a0c",
-    "engine.ForgetHost": "1.9-254dfc95f3d2400a7f95ad6278fcba40",
+    "engine.ForgetHost": "1.8-254dfc95f3d2400a7f95ad6278fcba40",
     "engine.Resolution": "1.7-6b995ffd26a29cb70a92fedc3ec43dab",
-    "engine.ResolveMigration": "1.9-ce891649b988cc3754f579d49895df24",
+    "engine.ResolveMigration": "1.8-ce891649b988cc3754f579d49895df24",
     "engine.SwtpmRestartReport": "1.7-3e7effc8539641dd2bfaa61089680f58",
 }
 

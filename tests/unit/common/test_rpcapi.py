@@ -334,17 +334,17 @@ def test_a_server_too_old_for_the_call_is_a_clear_project_error():
     (lambda api: api.forget_host(HOST, despite_unverified_answers=True),
      "despite_unverified_answers"),
 ])
-def test_the_1_9_decisions_go_as_1_9_only_when_asked(call, flag):
+def test_the_1_8_decisions_go_as_1_8_only_when_asked(call, flag):
     """Review fix3: an engine of 1.7 still gets the plain resolve and forget
-    it accepts (no unknown field); the new decisions go as 1.9, and a client
-    capped at 1.8 refuses them before sending."""
+    it accepts (no unknown field); the new decisions go as 1.8, and a client
+    capped at 1.7 refuses them before sending."""
     sent = _sent(_engine_api(), call)
-    assert sent["version"] == "1.9" and sent["args"]["payload"][flag] is True
+    assert sent["version"] == "1.8" and sent["args"]["payload"][flag] is True
     for plain in (lambda api: api.resolve_migration(MIGRATION, "source"),
                   lambda api: api.forget_host(HOST)):
         sent = _sent(_engine_api(), plain)
         assert sent["version"] == "1.7" and flag not in sent["args"]["payload"]
-    capped = engine_rpcapi.EngineAPI(_conf(), admin_signer=_signer(), version_cap="1.8")
+    capped = engine_rpcapi.EngineAPI(_conf(), admin_signer=_signer(), version_cap="1.7")
     recorder = RecordingClient()
     capped.client = recorder
     with pytest.raises(exception.RPCVersionCapped):
