@@ -50,6 +50,9 @@ PROTOCOL_MOVES: dict[tuple[str, str], str] = {
     ("IN_DOUBT", "AbortRequested"): "DISCARDING",
     ("DISCARDING", "DestinationDestroyed"): "RESTORING",
     ("RESTORING", "SourceRestored"): "ABORTED",
+    # an operator's rollback past the commit point (destination died, revoked)
+    ("COMMITTING", "ReclaimRequested"): "RECLAIMING",
+    ("RECLAIMING", "SourceReclaimed"): "ABORTED",
 }
 
 # Repeats of what already happened (lost replies, retries): accepted, the
@@ -72,12 +75,14 @@ PROTOCOL_REPEATS: frozenset[tuple[str, str]] = frozenset({
     ("DISCARDING", "AbortRequested"),
     ("RESTORING", "DestinationDestroyed"),
     ("ABORTED", "DestinationDestroyed"), ("ABORTED", "SourceRestored"),
+    ("RECLAIMING", "ReclaimRequested"), ("ABORTED", "SourceReclaimed"),
 })
 
 PROTOCOL_STATES = frozenset({
     "NEW", "REFUSED", "SEALING", "PREPARING", "PREPARED", "TRANSFERRING", "TRANSFERRED",
     "COMMITTING", "SHREDDING",
-    "COMMITTED", "ABORTING", "IN_DOUBT", "DISCARDING", "RESTORING", "ABORTED"})
+    "COMMITTED", "ABORTING", "IN_DOUBT", "DISCARDING", "RESTORING", "RECLAIMING",
+    "ABORTED"})
 PROTOCOL_FINAL = frozenset({"REFUSED", "COMMITTED", "ABORTED"})
 # The commit point: the only way into COMMITTING.
 COMMIT_POINT = ("COMMITTING", "CommitRequested")

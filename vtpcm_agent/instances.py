@@ -377,6 +377,28 @@ class InstanceManager:
             ctx.instance_uuid, target, expected=frozenset({S.MIGRATING_OUT}),
             migration_id=None)
 
+    @serialized
+    def reclaim_outgoing(self, ctx: sealing.SealContext, generation: int) -> Association:
+        """An operator's rollback past the commit point (the destination
+        died before committing): the outgoing copy, intact here, is live
+        again at ``generation``, which must be above the destination's
+        ``ctx.generation + 1``, so the copy left there can never pass for
+        it. Idempotent: a retry finds it done."""
+        if generation <= ctx.generation + 1:
+            raise exception.GenerationMismatch(
+                instance_uuid=ctx.instance_uuid, given=generation,
+                expected="> %d" % (ctx.generation + 1))
+        self.associations.record_aborted(ctx.migration_id, ctx.instance_uuid)
+        assoc = self.associations.get(ctx.instance_uuid)
+        if assoc.state in (S.ACTIVE, S.STOPPED) and assoc.migration_id is None \
+                and assoc.generation == generation:
+            return assoc
+        self._check_migration(assoc, ctx, S.MIGRATING_OUT)
+        target = S.ACTIVE if self.is_running(assoc) else S.STOPPED
+        return self.associations.transition(
+            ctx.instance_uuid, target, expected=frozenset({S.MIGRATING_OUT}),
+            generation=generation, migration_id=None)
+
     # --- migration (destination side) ------------------------------------------
 
     @serialized

@@ -205,3 +205,9 @@ class AgentManager:
     def abort_outgoing(self, req: m.MigrationStep) -> m.Empty:
         self.instances.abort_outgoing(context_from(req.context))
         return m.Empty()
+
+    # 1.8 ---------------------------------------------------------------------
+    @endpoint(m.ReclaimOutgoing, signed=True)
+    def reclaim_outgoing(self, req: m.ReclaimOutgoing) -> m.Empty:
+        self.instances.reclaim_outgoing(context_from(req.context), req.generation)
+        return m.Empty()

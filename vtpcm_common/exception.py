@@ -14,6 +14,10 @@ class VTPCMException(Exception):
 
     msg_fmt = "An unknown vTPCM error occurred."
     code = "error"
+    # Set on a refusal decided before a method ran (malformed request, bad
+    # signature, replay, age): anyone on the broker can cause those at will,
+    # so ``rpc.log_refusal`` keeps them quiet. Never sent over the wire.
+    at_verification = False
 
     def __init__(self, message: str | None = None, **kwargs: Any) -> None:
         self.kwargs = kwargs

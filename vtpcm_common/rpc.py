@@ -47,6 +47,7 @@ R = TypeVar("R", bound=Message)
 REMOTE_EXMODS = [exception.__name__]
 REMOTE_SUFFIX = "_Remote"  # what oslo.messaging appends to a rebuilt class
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 
 def get_transport(conf: cfg.ConfigOpts, url: str | None = None) -> messaging.Transport:
@@ -313,20 +314,28 @@ UNSERVED = {
 }
 
 
-# Refusals anyone on the broker can cause at will, without a key (a rate
-# limit, a signature that does not verify, a replay, a malformed request):
-# each at DEBUG, and a WARNING with their count at most once a period, so
-# a flood refused at once does not cost a log line per call (review
-# finding 6). Every other refusal is logged at WARNING each.
-QUIET_REFUSALS = (exception.RateLimited, exception.CommandRefused, exception.InvalidInput)
+# Refusals anyone on the broker can cause at will, without a key: a rate
+# limit, and whatever the endpoint refused before the method ran (a
+# malformed request, a signature that does not verify, a replay, a stale
+# command: ``at_verification``). Each at DEBUG, and a WARNING with their
+# count at most once a period, so a flood refused at once does not cost a
+# log line per call (review finding 6). Every other refusal, a key
+# holder's refusal by the method itself included ("only the source may
+# pass the commit point"), is logged at WARNING each (review fix3).
+QUIET_REFUSALS = (exception.RateLimited,)
 REFUSAL_SUMMARY_PERIOD = 60.0
 _quiet_refusals = Summary(REFUSAL_SUMMARY_PERIOD)
+
+
+def is_quiet_refusal(err: exception.VTPCMException) -> bool:
+    """Whether anyone could have caused ``err`` without a key."""
+    return err.at_verification or isinstance(err, QUIET_REFUSALS)
 
 
 def log_refusal(method: str, err: exception.VTPCMException) -> None:
     """Log one refused call (its text carries no secret: messages hide
     secret fields)."""
-    if not isinstance(err, QUIET_REFUSALS):
+    if not is_quiet_refusal(err):
         LOG.warning("Refused %(method)s: %(error)s", {"method": method, "error": err})
         return
     LOG.debug("Refused %(method)s: %(error)s", {"method": method, "error": err})
@@ -336,6 +345,15 @@ def log_refusal(method: str, err: exception.VTPCMException) -> None:
                     "requests since the last such report (each logged at debug "
                     "level); the last: %(method)s: %(error)s",
                     {"n": count, "method": method, "error": err})
+
+
+def _verified(check: Callable[[], T]) -> T:
+    """Run one verification step; its refusal is marked ``at_verification``."""
+    try:
+        return check()
+    except exception.VTPCMException as err:
+        err.at_verification = True
+        raise
 
 
 def endpoint(request_type: type[Message], signed: bool = False,
@@ -370,6 +388,10 @@ def endpoint(request_type: type[Message], signed: bool = False,
     Every method decorated here answers so, none needs code of its own."""
     def wrap(func: F) -> F:
         def run(self: Any, payload: Any, auth: Any) -> Message:
+            return _verified(lambda: verify(self, payload, auth))()
+
+        def verify(self: Any, payload: Any, auth: Any) -> Callable[[], Message]:
+            """Every check before the method runs; returns the method's call."""
             request = request_type.from_wire(payload)
             if signed:
                 verifier = getattr(self, "verifier", None)
@@ -380,17 +402,15 @@ def endpoint(request_type: type[Message], signed: bool = False,
                 verifier.verify(func.__name__, payload, auth)
             if host_signed:
                 signer = self.verify_host_command(func.__name__, payload, auth, request)
-                reply: Message = func(self, request, signer)
-            elif vouched:
+                return lambda: func(self, request, signer)
+            if vouched:
                 # a service that cannot check signatures counts every call
                 verifier = getattr(self, "verifier", None)
                 checked = auth is not None and verifier is not None
                 if checked and verifier is not None:
                     verifier.verify(func.__name__, payload, auth)
-                reply = func(self, request, vouched=checked)
-            else:
-                reply = func(self, request)
-            return reply
+                return lambda: func(self, request, vouched=checked)
+            return lambda: func(self, request)
 
         @functools.wraps(func)
         @messaging.expected_exceptions(exception.VTPCMException)
@@ -433,11 +453,13 @@ def _signed_reply(service: Any, method: str, signed: bool,
     if signer is None:
         raise exception.CommandRefused(
             method=method, reason="this service has no host command key to sign its reply")
-    nonce = authn.check_nonce(reply_nonce)
+    nonce = _verified(lambda: authn.check_nonce(reply_nonce))
     try:
         if signed and not (isinstance(auth, dict) and auth.get("nonce") == nonce):
-            raise exception.CommandRefused(
+            err = exception.CommandRefused(
                 method=method, reason="the reply nonce must be the command's nonce")
+            err.at_verification = True
+            raise err
         outcome: dict[str, Any] = {"ok": run(service, payload, auth).to_wire()}
     except exception.CommandReplayed as err:
         # The first delivery may have run (CommandStale too: its nonce may

@@ -179,10 +179,15 @@ int_list_field = _int_list
 optional = _optional
 
 
-def field(check: Checker, *, secret: bool = False, default: Any = dataclasses.MISSING) -> Any:
-    """Declare a message field with its checker; ``secret`` hides it from repr."""
+def field(check: Checker, *, secret: bool = False, default: Any = dataclasses.MISSING,
+          omit_default: bool = False) -> Any:
+    """Declare a message field with its checker; ``secret`` hides it from repr.
+    ``omit_default``: a field added in a later API version, left out of the
+    wire form while it has its ``default``, so that a peer of the older
+    version still accepts the message as it did."""
     return dataclasses.field(
-        default=default, repr=not secret, metadata={"check": check, "secret": secret})
+        default=default, repr=not secret,
+        metadata={"check": check, "secret": secret, "omit_default": omit_default})
 
 
 M = TypeVar("M", bound="Message")
@@ -222,7 +227,9 @@ class Message:
 
     def to_wire(self) -> dict[str, Any]:
         return {spec.name: _encode(getattr(self, spec.name))
-                for spec in dataclasses.fields(self)}
+                for spec in dataclasses.fields(self)
+                if not (spec.metadata.get("omit_default")
+                        and getattr(self, spec.name) == spec.default)}
 
     def validated(self) -> Self:
         """Round-trip through the checkers: the sender checks what it sends."""

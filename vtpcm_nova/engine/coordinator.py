@@ -68,6 +68,8 @@ class AgentClient(Protocol):
     def abort_incoming(self, host: str, context: am.MigrationContext,
                        only_if_unused: bool = False) -> Any: ...
     def abort_outgoing(self, host: str, context: am.MigrationContext) -> Any: ...
+    def reclaim_outgoing(self, host: str, context: am.MigrationContext,
+                         generation: int) -> Any: ...
     def incoming_state(self, host: str,
                        context: am.MigrationContext) -> am.IncomingState: ...
 
@@ -796,6 +798,34 @@ class Coordinator:
         self._advance(proto, ctx, event)
         return self.db.get_migration(migration_id)
 
+    def reclaim_source(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
+        """An operator's rollback past the commit point (``resolve --to
+        source --past-commit``): only while the destination's commit is not
+        done and the destination is REVOKED or FORGOTTEN (its agent never
+        gets the authority back, whatever it did with its copy). The
+        source's copy becomes the authority at generation + 2; the
+        destination's generation + 1 is never used again."""
+        proto, ctx, _ = self._load(migration_id)
+        action = "roll migration %s back to the source's copy" % migration_id
+        if proto.state not in (M.COMMITTING, M.RECLAIMING):
+            raise exception.ResolutionRefused(
+                action=action, reason="it is %s, not COMMITTING with the destination's "
+                                      "step left" % proto.state.value)
+        try:
+            status = self.db.get_host(ctx.dest_host).status
+        except exception.NotFound:
+            status = None
+        if status not in (HostStatus.REVOKED, HostStatus.FORGOTTEN):
+            raise exception.ResolutionRefused(
+                action=action, reason="destination %s is %s: revoke it first (hosts revoke "
+                                      "%s)" % (ctx.dest_host, status and status.value,
+                                               ctx.dest_host))
+        if proto.state is M.RECLAIMING:  # decided already: finish it
+            self._run(proto, ctx, p.pending_actions(M.RECLAIMING))
+        else:
+            self._advance(proto, ctx, p.ReclaimRequested(reason))
+        return self.db.get_migration(migration_id)
+
     def reconcile(self) -> int:
         """Finish commits/aborts left half-done; abort migrations past deadline."""
         done = 0
@@ -1004,8 +1034,28 @@ class Coordinator:
                                     expected_state="MIGRATING", migration_id=None,
                                     expected_migration_id=ctx.migration_id)
             return p.SourceRestored()
+        if isinstance(action, p.ReclaimSource):
+            self._reclaim_source(ctx)
+            return p.SourceReclaimed()
         raise exception.MigrationError(migration_id=ctx.migration_id,
                                        reason="unknown action %s" % action.name)
+
+    def _reclaim_source(self, ctx: am.MigrationContext) -> None:
+        """The source's agent first (idempotent), then the engine's record,
+        from wherever the commit point left it (moved to the destination or
+        not yet): a failure between the two is retried by reconcile."""
+        new = ctx.generation + p.RECLAIM_GENERATION_STEP
+        self.agents.reclaim_outgoing(ctx.source_host, ctx, new)
+        for host, generation in ((ctx.dest_host, ctx.generation + 1),
+                                 (ctx.source_host, ctx.generation)):
+            if self.db.update_vtpcm_location(ctx.instance_uuid, host, generation,
+                                             ctx.source_host, new, state="ACTIVE",
+                                             migration_id=None):
+                return
+        rec = self.db.get_vtpcm(ctx.instance_uuid)
+        if (rec.host, rec.generation) != (ctx.source_host, new):
+            raise exception.GenerationMismatch(instance_uuid=ctx.instance_uuid,
+                                               given=ctx.generation, expected=rec.generation)
 
     def _transfer_state(self, ctx: am.MigrationContext) -> None:
         """Export at the source, import at the destination. The source's

@@ -32,7 +32,7 @@ from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.registrations import Registrations
-from vtpcm_nova.engine.resolve import Resolver
+from vtpcm_nova.engine.resolve import Answer, Resolver
 
 LOG = logging.getLogger(__name__)
 
@@ -163,18 +163,19 @@ class EngineManager:
                                  lambda host, ctx: self.coordinator.agents.incoming_state(
                                      host, ctx))
 
-    def _agent_alive(self, host: str) -> bool:
-        """Whether anything answers for the agent of ``host`` (``hosts
-        forget`` refuses then). ``health`` is asked with a signed reply even
-        of a revoked host (``replykeys.TOWARD_SAFETY``); a reply that does not
-        verify is still an answer: only silence (a timeout) counts as gone."""
+    def _agent_alive(self, host: str) -> Answer:
+        """How the agent of ``host`` answers (``hosts forget`` refuses unless
+        SILENT). ``health`` is asked with a signed reply even of a revoked
+        host (``replykeys.TOWARD_SAFETY``); a reply that does not verify is
+        UNVERIFIED: the agent with another key, or anyone on the broker, so
+        only an operator's explicit word overrides it."""
         try:
             self.coordinator.agents.health(host, timeout=5)
         except exception.ReplyNotAuthenticated:
-            return True
+            return Answer.UNVERIFIED
         except (exception.VTPCMException, messaging.MessagingException):
-            return False
-        return True
+            return Answer.SILENT
+        return Answer.VERIFIED
 
     # compute-node calls ------------------------------------------------------------
     def _hosts_concerned(self, method: str, request: Any) -> tuple[str, ...]:
@@ -483,13 +484,15 @@ class EngineManager:
     # operator decisions ------------------------------------------------------------
     @endpoint(m.ResolveMigration, signed=True)
     def resolve_migration(self, req: m.ResolveMigration) -> m.Resolution:
-        plan, state = self.resolver.resolve_migration(req.migration_id, req.to, req.execute)
+        plan, state = self.resolver.resolve_migration(req.migration_id, req.to, req.execute,
+                                                      past_commit=req.past_commit)
         return m.Resolution(action=plan.action, plan=plan.text[:4000], done=req.execute,
                             state=state)
 
     @endpoint(m.ForgetHost, signed=True)
     def forget_host(self, req: m.ForgetHost) -> m.Resolution:
-        plan = self.resolver.forget_host(req.host, req.execute)
+        plan = self.resolver.forget_host(req.host, req.execute,
+                                         despite_unverified=req.despite_unverified_answers)
         return m.Resolution(action=plan.action, plan=plan.text[:4000], done=req.execute,
                             state=None)
 

@@ -40,6 +40,14 @@ authenticated: a broker client can forge them, so they never move a
 migration, least of all past the commit point; ``CheckSwitchover`` only
 logs what they say, for the operator.
 
+An operator's rollback past the commit point, only for a destination
+that died before committing (revoked or forgotten, its step not done):
+the source's intact copy becomes the authority again under a new
+generation (generation + 2: generation + 1 is the destination's, which is
+never activated)::
+
+    COMMITTING --ReclaimRequested--> RECLAIMING --SourceReclaimed--> ABORTED
+
 The commit point is entering COMMITTING: from then on the vTPCM lives at the
 destination (the engine moves its authority record to dest, generation+1 in
 the same transaction), so abort is refused and the source is shredded only
@@ -68,6 +76,7 @@ class MigrationState(enum.StrEnum):
     IN_DOUBT = "IN_DOUBT"
     DISCARDING = "DISCARDING"
     RESTORING = "RESTORING"
+    RECLAIMING = "RECLAIMING"
     ABORTED = "ABORTED"
 
 
@@ -75,7 +84,9 @@ M = MigrationState
 TERMINAL = frozenset({M.REFUSED, M.COMMITTED, M.ABORTED})
 # States in which the coordinator still owes agent calls after a restart.
 PENDING_WORK = frozenset({M.COMMITTING, M.SHREDDING, M.ABORTING, M.IN_DOUBT,
-                          M.DISCARDING, M.RESTORING})
+                          M.DISCARDING, M.RESTORING, M.RECLAIMING})
+# The generation the source's copy takes back past the commit point.
+RECLAIM_GENERATION_STEP = 2
 ABORTABLE = frozenset({M.SEALING, M.PREPARING, M.PREPARED, M.TRANSFERRING, M.TRANSFERRED})
 
 
@@ -167,11 +178,26 @@ class SourceRestored:
     pass
 
 
+@dataclasses.dataclass(frozen=True)
+class ReclaimRequested:
+    """An operator's signed, audited rollback past the commit point (the
+    coordinator checks it applies: the destination is gone, its step
+    not done)."""
+
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceReclaimed:
+    """The source's copy is live again at the new generation, and the
+    engine's record says so."""
+
+
 Event: TypeAlias = (Begin | KeySealed | DestinationPrepared | TransferRequested
                     | StateTransferred | CommitRequested
                     | DestinationCommitted | SourceShredded | AbortRequested | Failure
                     | DeadlinePassed | DestinationDestroyed | DestinationInUse
-                    | SourceRestored)
+                    | SourceRestored | ReclaimRequested | SourceReclaimed)
 
 
 # --- actions ----------------------------------------------------------------
@@ -243,6 +269,14 @@ class RestoreSource(Action):
 
 
 @dataclasses.dataclass(frozen=True)
+class ReclaimSource(Action):
+    """Make the source's copy live at generation + 2 and move the
+    engine's record there."""
+
+    name: ClassVar[str] = "reclaim_source"
+
+
+@dataclasses.dataclass(frozen=True)
 class Audit(Action):
     name: ClassVar[str] = "audit"
     event: str = ""
@@ -270,6 +304,8 @@ TRANSITIONS: dict[tuple[MigrationState, type], MigrationState] = {
     (M.IN_DOUBT, AbortRequested): M.DISCARDING,
     (M.DISCARDING, DestinationDestroyed): M.RESTORING,
     (M.RESTORING, SourceRestored): M.ABORTED,
+    (M.COMMITTING, ReclaimRequested): M.RECLAIMING,
+    (M.RECLAIMING, SourceReclaimed): M.ABORTED,
     **{(state, ev): M.ABORTING for state in ABORTABLE for ev in _ABORT_EVENTS},
 }
 
@@ -289,6 +325,8 @@ IDEMPOTENT: frozenset[tuple[MigrationState, type]] = frozenset({
     (M.RESTORING, DestinationDestroyed),
     (M.ABORTED, DestinationDestroyed),
     (M.ABORTED, SourceRestored),
+    (M.RECLAIMING, ReclaimRequested),
+    (M.ABORTED, SourceReclaimed),
 })
 
 
@@ -326,6 +364,11 @@ def _entry_actions(state: MigrationState, event: Event) -> list[Action]:
                 DestroyDestination()]
     if state is M.RESTORING:
         return [RestoreSource()]
+    if state is M.RECLAIMING:
+        assert isinstance(event, ReclaimRequested)
+        return [Audit(event="migration.resolve", outcome="rollback to the source's copy",
+                      detail=event.reason),
+                ReclaimSource()]
     return []
 
 
@@ -340,6 +383,7 @@ def pending_actions(state: MigrationState, after_deadline: bool = False) -> list
         M.IN_DOUBT: [CheckSwitchover()],
         M.DISCARDING: [DestroyDestination()],
         M.RESTORING: [RestoreSource()],
+        M.RECLAIMING: [ReclaimSource()],
     }
     return pending.get(state, [])
 

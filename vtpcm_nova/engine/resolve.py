@@ -14,6 +14,7 @@ it runs only when asked to (``execute``), and both are audited.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -23,15 +24,26 @@ from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
-from vtpcm_nova.engine.protocol import DEADLINE_REASON
+from vtpcm_nova.engine.protocol import DEADLINE_REASON, RECLAIM_GENERATION_STEP
 from vtpcm_nova.engine.protocol import MigrationState as M
 
 LOG = logging.getLogger(__name__)
 
 FINISHED = frozenset({M.COMMITTED, M.ABORTED, M.REFUSED})
 PAST_COMMIT_POINT = frozenset({M.COMMITTING, M.SHREDDING})
-UNDOING = frozenset({M.ABORTING, M.DISCARDING, M.RESTORING})
+UNDOING = frozenset({M.ABORTING, M.DISCARDING, M.RESTORING, M.RECLAIMING})
 NO_STATE_YET = frozenset({M.SEALING, M.PREPARING, M.TRANSFERRING})
+
+
+class Answer(enum.Enum):
+    """What a host's agent did when asked ``health`` (``hosts forget``)."""
+
+    SILENT = "silent"
+    VERIFIED = "verified"
+    # Something answered on its topic, but the reply does not verify: the
+    # real agent with a changed key, or anyone on the broker (review fix3,
+    # finding 4).
+    UNVERIFIED = "unverified"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +97,47 @@ def _holds_incoming(view: View, rec: db_api.MigrationRecord) -> bool:
         or (i.state == "ACTIVE" and i.generation == rec.generation + 1))
 
 
+def plan_past_commit(rec: db_api.MigrationRecord, source: View, dest: View,
+                     dest_gone: bool) -> Plan:
+    """``--to source --past-commit``: the one way back past the commit point,
+    for a destination that died before committing (review fix3, finding 2).
+    Only while the migration is COMMITTING (the destination's commit not
+    done) and the destination REVOKED or FORGOTTEN, so its agent never
+    gets the authority back; the source's copy, still intact, becomes the
+    authority under a generation never used."""
+    state = M(rec.state)
+    action = "roll migration %s back to the source's copy past its commit point" % (
+        rec.migration_id)
+    seen = "%s; %s." % (source.describe(rec.source), dest.describe(rec.dest))
+    if state is M.RECLAIMING:
+        return Plan(action, True, "The rollback to the source's copy is under way; "
+                                  "finish it. " + seen)
+    if state is not M.COMMITTING:
+        return _refused(action, (
+            "the migration is %s: --past-commit applies only to a migration COMMITTING "
+            "whose destination died before committing; %s") % (state, seen))
+    if not dest_gone:
+        return _refused(action, (
+            "the destination %s is not REVOKED: revoke it first (hosts revoke %s), so "
+            "that its agent can never get the authority back; %s") % (
+            rec.dest, rec.dest, seen))
+    if not _holds_outgoing(source, rec):
+        return _refused(action, (
+            "the source does not hold this migration's outgoing vTPCM, so there is no "
+            "intact copy to go back to; %s") % seen)
+    new = rec.generation + RECLAIM_GENERATION_STEP
+    return Plan(action, True, (
+        "Roll migration %s of instance %s back to the source's copy, past its commit "
+        "point: the vTPCM on %s becomes the authority again at a new generation %d and "
+        "ACTIVE; the copy on %s (generation %d) is never activated: the engine knows "
+        "only generation %d on %s from now on. The guest's TPM goes back to its state "
+        "at the switchover moment: anything the guest wrote to its TPM on %s is lost. "
+        "Choose this only when %s is gone for good and the guest is to run on %s "
+        "again. ") % (rec.migration_id, rec.instance_uuid, rec.source, new, rec.dest,
+                      rec.generation + 1, new, rec.source, rec.dest, rec.dest,
+                      rec.source) + seen)
+
+
 def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
                    dest: View, dest_revoked: bool = False) -> Plan:
     """What resolving ``rec`` toward ``to`` would do, or why it is refused.
@@ -96,13 +149,17 @@ def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
     seen = "%s; %s." % (source.describe(rec.source), dest.describe(rec.dest))
     if state in FINISHED:
         return _refused(action, "the migration is already %s; nothing to resolve" % state)
+    if to == "source" and state is M.RECLAIMING:
+        return Plan(action, True, "The rollback to the source's copy is under way; "
+                                  "finish it. " + seen)
     if to == "source":
         if state in PAST_COMMIT_POINT:
             return _refused(action, (
                 "the migration is %s, past its commit point: generation %d on %s is the "
                 "authority and the source's copy is stale (or already shredded); making it "
                 "live again would bring back an older generation. Resolve to the "
-                "destination. %s") % (state, rec.generation + 1, rec.dest, seen))
+                "destination; if the destination died before committing, revoke it "
+                "and see --past-commit. %s") % (state, rec.generation + 1, rec.dest, seen))
         if not _holds_outgoing(source, rec):
             return _refused(action, (
                 "the source does not hold this migration's vTPCM, so there is nothing to "
@@ -166,8 +223,13 @@ def step_on_lost_host(rec: db_api.MigrationRecord, host: str) -> bool:
 
 
 def plan_forget(host: db_api.HostRecord, open_migrations: Sequence[db_api.MigrationRecord],
-                vtpcms: Sequence[db_api.VtpcmRecord], agent_answers: bool) -> Plan:
-    """What forgetting ``host`` would do, or why it is refused."""
+                vtpcms: Sequence[db_api.VtpcmRecord], answer: Answer,
+                despite_unverified: bool = False) -> Plan:
+    """What forgetting ``host`` would do, or why it is refused.
+
+    ``despite_unverified``: the operator's word that answers on the host's
+    topic that do not verify are not its agent's (anyone on the broker can
+    send them, and would otherwise block the forget for ever)."""
     action = "forget host %s" % host.name
     blocking = [r for r in open_migrations if not step_on_lost_host(r, host.name)]
     settled = [r for r in open_migrations if step_on_lost_host(r, host.name)]
@@ -177,9 +239,15 @@ def plan_forget(host: db_api.HostRecord, open_migrations: Sequence[db_api.Migrat
         return _refused(action, "the host is %s: revoke it first (hosts revoke %s), so no "
                                 "migration can start toward it and its word moves nothing"
                         % (host.status.value, host.name))
-    if agent_answers:
+    if answer is Answer.VERIFIED:
         return _refused(action, "the agent of %s still answers: the host is not gone; "
                                 "destroy its vTPCMs through Nova instead" % host.name)
+    if answer is Answer.UNVERIFIED and not despite_unverified:
+        return _refused(action, (
+            "something answers on the topic of %s with a reply that does not verify: "
+            "the real agent with another key (the host is not gone), or anyone on the "
+            "broker. If you know the host is gone for good (you looked at it), forget "
+            "it with --despite-unverified-answers") % host.name)
     if blocking:
         return _refused(action, "migrations involving it are not finished (%s): resolve "
                                 "each first (migration resolve ID --to ...)%s"
@@ -188,7 +256,12 @@ def plan_forget(host: db_api.HostRecord, open_migrations: Sequence[db_api.Migrat
                            "guest may run there): only an operator who looked can say "
                            "where it runs" if any(waits_for_destination_answer(r)
                                                   for r in blocking) else ""))
-    text = ("Forget host %s (%s): it becomes FORGOTTEN; its verdict and TPM clock record "
+    text = ("WARNING: something answers on the topic of %s with replies that do not "
+            "verify; you say it is not the host's agent. If it is that agent with a "
+            "changed key, the host is forgotten while alive: its vTPCMs are no longer "
+            "the engine's and its guests lose them. " % host.name
+            if answer is Answer.UNVERIFIED else "")
+    text += ("Forget host %s (%s): it becomes FORGOTTEN; its verdict and TPM clock record "
             "are removed, its enrollment stays as a tombstone: its TPM and keys stay bound "
             "to that name (they enroll under no other), its agent's registration enrolls "
             "nothing, and its replies and calls count for nothing. If it ever comes back, "
@@ -221,6 +294,7 @@ class Settler(Protocol):
                              reason: str) -> db_api.MigrationRecord: ...
     def skip_lost_host_step(self, migration_id: str, host: str,
                             why: str = ...) -> db_api.MigrationRecord: ...
+    def reclaim_source(self, migration_id: str, reason: str) -> db_api.MigrationRecord: ...
 
 
 class Resolver:
@@ -228,11 +302,12 @@ class Resolver:
 
     def __init__(self, db: db_api.Database, settler: Settler,
                  agent_get: Callable[[str, str], am.VTPCMInfo],
-                 agent_alive: Callable[[str], bool],
+                 agent_alive: Callable[[str], Answer],
                  agent_incoming: Callable[[str, am.MigrationContext], am.IncomingState]
                  ) -> None:
-        """``agent_alive``: whether the host's agent answers at all (signed or
-        not; any answer means the host is not gone). ``agent_incoming``: the
+        """``agent_alive``: how the host's agent answers ``health``: any
+        answer that verifies means the host is not gone; one that does not
+        verify needs the operator's word (``plan_forget``). ``agent_incoming``: the
         agent's signed ``incoming_state`` (agent API 1.7)."""
         self.db = db
         self.settler = settler
@@ -263,16 +338,25 @@ class Resolver:
                 and proof.migration_id == view.info.migration_id)
         return dataclasses.replace(view, holds_state=proof.holds_state if same else None)
 
-    def resolve_migration(self, migration_id: str, to: str,
-                          execute: bool) -> tuple[Plan, str]:
+    def resolve_migration(self, migration_id: str, to: str, execute: bool,
+                          past_commit: bool = False) -> tuple[Plan, str]:
         """(the plan, with a note if a step failed; the migration's state afterwards);
         refused -> ResolutionRefused. A step that fails on an unreachable
         host leaves the migration where the protocol put it (reconcile
-        retries; ``forget_host`` settles it if the host is gone for good)."""
+        retries; ``forget_host`` settles it if the host is gone for good).
+        ``past_commit`` (``to`` is the source): ``plan_past_commit``."""
         rec = self.db.get_migration(migration_id)
         dest_revoked = self._revoked(rec.dest)
-        plan = plan_migration(rec, to, self._view(rec.source, rec.instance_uuid),
-                              self._dest_view(rec), dest_revoked)
+        source, dest = self._view(rec.source, rec.instance_uuid), self._dest_view(rec)
+        if past_commit and to != "source":
+            plan = _refused("resolve migration %s to the %s" % (migration_id, to),
+                            "--past-commit goes back to the source's copy: it goes with "
+                            "--to source only")
+        elif past_commit:
+            plan = plan_past_commit(rec, source, dest, dest_revoked or self._forgotten(
+                rec.dest))
+        else:
+            plan = plan_migration(rec, to, source, dest, dest_revoked)
         self._audit_plan("migration.resolve", plan, execute, instance=rec.instance_uuid,
                          migration_id=migration_id, host=rec.dest)
         if not execute:
@@ -280,13 +364,17 @@ class Resolver:
         reason = "resolved by an operator to the %s" % to
         note = ""
         try:
-            if to == "destination":
+            if past_commit:
+                reason = ("rollback to the source's copy past the commit point, by an "
+                          "operator: destination %s died before committing" % rec.dest)
+                self.settler.reclaim_source(migration_id, reason)
+            elif to == "destination":
                 self.settler.commit(migration_id)
             else:
                 self._to_source(migration_id, reason)
         except exception.VTPCMException as err:
-            if to == "source" and dest_revoked and self._skip_revoked_dest(migration_id,
-                                                                           rec.dest):
+            if to == "source" and not past_commit and dest_revoked and \
+                    self._skip_revoked_dest(migration_id, rec.dest):
                 note = (" The revoked destination did not destroy its copy (%s); restored "
                         "without it." % err)
             else:
@@ -324,10 +412,16 @@ class Resolver:
             self.settler.abort(migration_id, reason)
 
     def _revoked(self, host: str) -> bool:
+        return self._status(host) is HostStatus.REVOKED
+
+    def _forgotten(self, host: str) -> bool:
+        return self._status(host) is HostStatus.FORGOTTEN
+
+    def _status(self, host: str) -> HostStatus | None:
         try:
-            return self.db.get_host(host).status is HostStatus.REVOKED
+            return self.db.get_host(host).status
         except exception.NotFound:
-            return False
+            return None
 
     def _skip_revoked_dest(self, migration_id: str, dest: str) -> bool:
         """Back to the source past a REVOKED destination that did not destroy
@@ -352,12 +446,20 @@ class Resolver:
             return False
         return True
 
-    def forget_host(self, name: str, execute: bool) -> Plan:
+    def forget_host(self, name: str, execute: bool,
+                    despite_unverified: bool = False) -> Plan:
         host = self.db.get_host(name)
         open_migrations = [r for r in self.db.list_migrations()
                            if name in (r.source, r.dest) and M(r.state) not in FINISHED]
         vtpcms = self.db.list_vtpcms(host=name)
-        plan = plan_forget(host, open_migrations, vtpcms, self.agent_alive(name))
+        answer = self.agent_alive(name)
+        if answer is Answer.UNVERIFIED:
+            self.db.audit("host.forget", "unverified answer", host=name,
+                          detail="health on the topic of %s was answered with a reply "
+                                 "that does not verify%s" % (
+                                     name, "; forgotten on the operator's word"
+                                     if despite_unverified else ""))
+        plan = plan_forget(host, open_migrations, vtpcms, answer, despite_unverified)
         self._audit_plan("host.forget", plan, execute, host=name)
         if not execute:
             return plan

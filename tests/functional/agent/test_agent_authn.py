@@ -104,6 +104,7 @@ def test_unsigned_commands_are_refused_and_change_nothing(cluster):
         lambda: rogue.stop(a.name, info.instance_uuid),
         lambda: rogue.commit_outgoing(a.name, ctx),
         lambda: rogue.abort_outgoing(a.name, ctx),
+        lambda: rogue.reclaim_outgoing(a.name, ctx, 2),
         lambda: rogue.create(a.name, str(uuid.uuid4())),
     ]
     for attempt in attempts:

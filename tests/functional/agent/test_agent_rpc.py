@@ -514,3 +514,27 @@ def test_a_swtpm_that_qemu_shut_down_is_not_a_crash(cluster):
     again = api.start(a.name, info.instance_uuid)  # the VM's next start
     assert again.running and again.pid != info.pid
     api.destroy(a.name, info.instance_uuid)
+
+
+def test_reclaim_outgoing_brings_the_source_back_only_under_a_new_generation(cluster):
+    """Review fix3: past the commit point, with the destination dead, the
+    source's intact copy is live again only at a generation above the
+    destination's (never generation + 1); retried, it is done once, and
+    the migration's steps are refused on it afterwards."""
+    api, a, b = cluster
+    info = _new(api, a)
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
+    with pytest.raises(exception.GenerationMismatch):
+        api.reclaim_outgoing(a.name, ctx, 1)  # the destination's generation
+    assert api.get(a.name, info.instance_uuid).state == "MIGRATING_OUT"
+    for _ in range(2):
+        api.reclaim_outgoing(a.name, ctx, 2)
+    back = api.get(a.name, info.instance_uuid)
+    assert (back.state, back.generation, back.migration_id, back.pid) == \
+        ("ACTIVE", 2, None, info.pid)
+    with pytest.raises(exception.MigrationError):
+        api.commit_outgoing(a.name, ctx)
+    with pytest.raises(exception.MigrationError, match="is ACTIVE in migration None"):
+        api.reclaim_outgoing(a.name, ctx, 3)  # a later reclaim of the old context
+    api.abort_incoming(b.name, ctx)
+    api.destroy(a.name, info.instance_uuid)

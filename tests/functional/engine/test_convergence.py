@@ -202,12 +202,36 @@ def test_operator_forgets_a_host_gone_for_good(deployment):
     """Last in this module: host B's agent goes away for good. Forget is
     refused while B is approved, then shows and drops B's records."""
     d = deployment
-    b = d.hosts["b"]
+    a, b = d.hosts["a"], d.hosts["b"]
     instance, _ = _running_vtpcm(d, "b")
+    # review fix3: B also dies right after the source's commit of a migration
+    # A -> B (COMMITTING, B's commit_incoming never answered)
+    moving, vtpcm_id = _running_vtpcm(d, "a")
+    before = tpmtools.read_guest_state(a.paths(moving, vtpcm_id), with_key=True)
+    mid = str(uuid.uuid4())
+    d.at["a"].begin(mid, moving, a.name, b.name)
+    _switchover(d, moving, "a", "b")
     b.agent.kill9()
+    with pytest.raises(exception.ServiceUnreachable):
+        d.at["a"].commit(mid)
+    assert d.operator.get_migration(mid).state == "COMMITTING"
     with pytest.raises(exception.ResolutionRefused, match="revoke it first"):
         d.operator.forget_host(b.name, execute=True)
+    with pytest.raises(exception.ResolutionRefused, match="not REVOKED"):
+        d.operator.resolve_migration(mid, "source", execute=True, past_commit=True)
     d.operator.revoke_host(b.name)
+    with pytest.raises(exception.ResolutionRefused, match="past its commit point"):
+        d.operator.resolve_migration(mid, "source", execute=True)
+    done = d.operator.resolve_migration(mid, "source", execute=True, past_commit=True)
+    assert (done.done, done.state) == (True, "ABORTED")
+    assert "state at the switchover moment" in done.plan
+    assert (d.operator.get_vtpcm(moving).host, d.operator.get_vtpcm(moving).generation) \
+        == (a.name, 2)
+    back = d.agents.get(a.name, moving)
+    assert (back.state, back.generation, back.migration_id) == ("ACTIVE", 2, None)
+    assert _permanent(tpmtools.read_guest_state(a.paths(moving, vtpcm_id),
+                                                with_key=True)) == _permanent(before)
+    d.at["a"].destroy_vtpcm(moving)
     plan = d.operator.forget_host(b.name)
     assert not plan.done and instance in plan.plan and "lost with it" in plan.plan
     assert d.operator.show_host(b.name).status == "REVOKED"

@@ -43,6 +43,7 @@ EXPECTED = {
     "agent.MigrationStep": "1.2-c1a45072efae4d146aaf482df7bf1d67",
     "agent.PrepareIncoming": "1.2-71f539ac4f2d7c359f65a72c1ebe56ab",
     "agent.Quote": "1.1-153e3a3386e30ca32dbbcdb76e449f49",
+    "agent.ReclaimOutgoing": "1.8-70070c9e92ca40e0c2d985df0e158011",
     "agent.QuoteRequest": "1.1-0585bed0d93b1528bbc00a9a6c81de9e",
     "agent.SealRequest": "1.2-25cb7551911966276bb411fb01f74d4d",
     "agent.SealedKey": "1.2-9cc3bf09de33629187dc6da2e5411878",
@@ -76,9 +77,9 @@ EXPECTED = {
     "engine.VtpcmList": "1.8-2117d9d49a0bc6155a21187a123661bc",
     "engine.VtpcmQuery": "1.8-eb76fc43cd8a4b94e4a13744574f8ba7",
     "engine.VtpcmStatus": "1.3-475e6b1ec7a0b869735dcefdb51f4a0c",
-    "engine.ForgetHost": "1.7-db2073b3048ff9de19fc5c695b88b20e",
+    "engine.ForgetHost": "1.8-254dfc95f3d2400a7f95ad6278fcba40",
     "engine.Resolution": "1.7-6b995ffd26a29cb70a92fedc3ec43dab",
-    "engine.ResolveMigration": "1.7-c66be3c0ad99187eb26e51d247e78de9",
+    "engine.ResolveMigration": "1.8-ce891649b988cc3754f579d49895df24",
     "engine.SwtpmRestartReport": "1.7-3e7effc8539641dd2bfaa61089680f58",
 }
 
@@ -109,8 +110,10 @@ def schema(cls: type[Message]) -> str:
     for spec in sorted(dataclasses.fields(cls), key=lambda f: f.name):
         default = "required" if spec.default is dataclasses.MISSING else \
             "default=" + describe(spec.default)
-        parts.append("%s: %s %s%s" % (spec.name, describe(spec.metadata["check"]), default,
-                                      " secret" if spec.metadata.get("secret") else ""))
+        parts.append("%s: %s %s%s%s" % (
+            spec.name, describe(spec.metadata["check"]), default,
+            " secret" if spec.metadata.get("secret") else "",
+            " omit_default" if spec.metadata.get("omit_default") else ""))
     return "; ".join(parts)
 
 

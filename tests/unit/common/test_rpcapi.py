@@ -126,10 +126,12 @@ AGENT_CALLS: dict[str, tuple[str, Any]] = {
     "abort_outgoing": ("1.3", lambda api: api.abort_outgoing(HOST, CONTEXT)),
     # 1.7, unsigned request (the reply is signed when the client verifies)
     "incoming_state": ("1.7", lambda api: api.incoming_state(HOST, CONTEXT)),
+    # 1.8, signed
+    "reclaim_outgoing": ("1.8", lambda api: api.reclaim_outgoing(HOST, CONTEXT, 6)),
 }
 AGENT_SIGNED = {"create", "start", "stop", "destroy", "export_state", "import_state",
                 "seal_migration_key", "prepare_incoming", "commit_incoming",
-                "commit_outgoing", "abort_incoming", "abort_outgoing"}
+                "commit_outgoing", "abort_incoming", "abort_outgoing", "reclaim_outgoing"}
 
 ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     # 1.0, unsigned
@@ -324,3 +326,27 @@ def test_a_server_too_old_for_the_call_is_a_clear_project_error():
     assert str(err.value) == (
         "vtpcm-engine cannot serve begin (RPC API 1.2): it runs an older API version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile")
+
+
+@pytest.mark.parametrize("call, flag", [
+    (lambda api: api.resolve_migration(MIGRATION, "source", past_commit=True),
+     "past_commit"),
+    (lambda api: api.forget_host(HOST, despite_unverified_answers=True),
+     "despite_unverified_answers"),
+])
+def test_the_1_8_decisions_go_as_1_8_only_when_asked(call, flag):
+    """Review fix3: an engine of 1.7 still gets the plain resolve and forget
+    it accepts (no unknown field); the new decisions go as 1.8, and a client
+    capped at 1.7 refuses them before sending."""
+    sent = _sent(_engine_api(), call)
+    assert sent["version"] == "1.8" and sent["args"]["payload"][flag] is True
+    for plain in (lambda api: api.resolve_migration(MIGRATION, "source"),
+                  lambda api: api.forget_host(HOST)):
+        sent = _sent(_engine_api(), plain)
+        assert sent["version"] == "1.7" and flag not in sent["args"]["payload"]
+    capped = engine_rpcapi.EngineAPI(_conf(), admin_signer=_signer(), version_cap="1.7")
+    recorder = RecordingClient()
+    capped.client = recorder
+    with pytest.raises(exception.RPCVersionCapped):
+        call(capped)
+    assert recorder.sent == []

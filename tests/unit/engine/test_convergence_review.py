@@ -17,7 +17,7 @@ from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.manager import EngineManager
 from vtpcm_nova.engine.replykeys import EnrolledReplyKeys
-from vtpcm_nova.engine.resolve import Resolver
+from vtpcm_nova.engine.resolve import Answer, Resolver
 
 
 def _incoming(holds_state, state="MIGRATING_IN", generation=0, mid=None):
@@ -61,14 +61,14 @@ def test_resolve_to_an_empty_destination_is_refused_before_the_commit_point(env)
     coord, db, agents, _, _ = env
     mid = str(uuid.uuid4())
     assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
-    res = Resolver(db, coord, _get(mid), lambda h: True, _incoming(False))
+    res = Resolver(db, coord, _get(mid), lambda h: Answer.VERIFIED, _incoming(False))
     with pytest.raises(exception.ResolutionRefused, match="has received no state"):
         res.resolve_migration(mid, "destination", execute=True)
     assert db.get_migration(mid).state == "PREPARED"
     assert (db.get_vtpcm(INSTANCE).host, db.get_vtpcm(INSTANCE).generation) == ("host-a", 0)
     assert "commit_incoming" not in [c[0] for c in agents.calls]
     # an answer about another migration proves nothing either
-    other = Resolver(db, coord, _get(mid), lambda h: True,
+    other = Resolver(db, coord, _get(mid), lambda h: Answer.VERIFIED,
                      _incoming(True, mid=str(uuid.uuid4())))
     with pytest.raises(exception.ResolutionRefused, match="does not prove"):
         other.resolve_migration(mid, "destination", execute=True)
@@ -76,11 +76,11 @@ def test_resolve_to_an_empty_destination_is_refused_before_the_commit_point(env)
     def unsigned(host, ctx):
         raise exception.ReplyNotAuthenticated(host=host, method="incoming_state",
                                               reason="an unsigned error reply")
-    silent = Resolver(db, coord, _get(mid), lambda h: True, unsigned)
+    silent = Resolver(db, coord, _get(mid), lambda h: Answer.VERIFIED, unsigned)
     with pytest.raises(exception.ResolutionRefused, match="does not prove"):
         silent.resolve_migration(mid, "destination", execute=True)
     # with the state received it commits
-    res = Resolver(db, coord, _get(mid), lambda h: True, _incoming(True))
+    res = Resolver(db, coord, _get(mid), lambda h: Answer.VERIFIED, _incoming(True))
     assert res.resolve_migration(mid, "destination", execute=True)[1] == "COMMITTED"
 
 
@@ -108,11 +108,12 @@ class _Health:
 
 
 @pytest.mark.parametrize("err,alive", [
-    (None, True),
+    (None, Answer.VERIFIED),
     (exception.ReplyNotAuthenticated(host="cmp1", method="health", reason="bad signature"),
-     True),
-    (messaging.MessagingTimeout("no answer"), False),
-    (exception.ServiceUnreachable(service="agent", method="health", reason="timeout"), False),
+     Answer.UNVERIFIED),
+    (messaging.MessagingTimeout("no answer"), Answer.SILENT),
+    (exception.ServiceUnreachable(service="agent", method="health", reason="timeout"),
+     Answer.SILENT),
 ])
 def test_any_answer_of_the_agent_refuses_forget(env, err, alive):  # noqa: F811
     coord, db, _, _, _ = env
@@ -154,7 +155,7 @@ def test_forget_does_not_settle_a_deadline_abort(env):  # noqa: F811
     coord, db, agents, _, clock = env
     mid = _deadline_abort_unanswered(coord, db, agents, clock)
     db.revoke_host("host-b")
-    res = Resolver(db, coord, _get(mid), lambda h: False, _incoming(True))
+    res = Resolver(db, coord, _get(mid), lambda h: Answer.SILENT, _incoming(True))
     with pytest.raises(exception.ResolutionRefused,
                        match="deadline abort waits for the destination's answer"):
         res.forget_host("host-b", execute=True)
@@ -181,7 +182,7 @@ def test_resolve_to_source_of_a_used_destination_aborts_and_says_so(env):  # noq
     mid = _deadline_abort_unanswered(coord, db, agents, clock)
     agents.fail["abort_incoming"] = exception.DestinationInUse(
         migration_id=mid, reason="the incoming vTPCM already received its state")
-    res = Resolver(db, coord, _get(mid), lambda h: False, _incoming(True))
+    res = Resolver(db, coord, _get(mid), lambda h: Answer.SILENT, _incoming(True))
     plan, state = res.resolve_migration(mid, "source", execute=True)
     assert state == "ABORTED"
     assert "WARNING" in plan.text
@@ -195,7 +196,7 @@ def test_resolve_that_does_not_finish_is_audited_incomplete(env):  # noqa: F811
     mid = _deadline_abort_unanswered(coord, db, agents, clock)
     agents.fail = _Silent(abort_incoming=exception.ServiceUnreachable(
         service="agent", method="abort_incoming", reason="timeout"))
-    res = Resolver(db, coord, _get(mid), lambda h: False, _incoming(True))
+    res = Resolver(db, coord, _get(mid), lambda h: Answer.SILENT, _incoming(True))
     plan, state = res.resolve_migration(mid, "source", execute=True)
     assert state == "DISCARDING"  # the operator's word: in doubt, then discard
     outcomes = [a.outcome for a in db.list_audit(limit=20) if a.event == "migration.resolve"]
@@ -212,8 +213,43 @@ def test_resolve_audits_resolved_only_for_a_finished_migration(env):  # noqa: F8
         def __getattr__(self, name):
             return lambda migration_id, *args: db.get_migration(migration_id)
 
-    res = Resolver(db, Idle(), _get(mid), lambda h: False, _incoming(True))
+    res = Resolver(db, Idle(), _get(mid), lambda h: Answer.SILENT, _incoming(True))
     plan, state = res.resolve_migration(mid, "source", execute=True)
     assert state == "ABORTING" and "not finished" in plan.text
     outcomes = [a.outcome for a in db.list_audit(limit=20) if a.event == "migration.resolve"]
     assert outcomes[0] == "incomplete"
+
+
+def test_an_unverified_answer_refuses_forget_unless_the_operator_overrides(env):  # noqa: F811
+    """Review fix3, finding 4: anyone on the broker answering on a dead
+    host's topic (a reply that does not verify) blocked ``hosts forget``
+    for ever. It still refuses by default, audited; the operator's signed
+    ``--despite-unverified-answers`` forgets it, warned that a real agent
+    with a changed key would be forgotten while alive."""
+    coord, db, _, _, _ = env
+    db.revoke_host("host-b")
+    mgr = EngineManager(db, None, coord)
+    coord.agents = _Health(exception.ReplyNotAuthenticated(
+        host="host-b", method="health", reason="signed with another key"))
+    with pytest.raises(exception.ResolutionRefused,
+                       match="does not verify.*--despite-unverified-answers"):
+        mgr.resolver.forget_host("host-b", execute=True)
+    assert db.get_host("host-b").status is HostStatus.REVOKED
+    plan = mgr.resolver.forget_host("host-b", execute=True, despite_unverified=True)
+    assert "forgotten while alive" in plan.text
+    assert db.get_host("host-b").status is HostStatus.FORGOTTEN
+    audit = [(a.outcome, a.detail) for a in db.list_audit(limit=50, host="host-b")
+             if a.event == "host.forget"]
+    assert [o for o, _ in audit].count("unverified answer") == 2
+    assert any("on the operator's word" in str(d) for _, d in audit)
+    assert ("forgotten" in [o for o, _ in audit]) and ("refused" in [o for o, _ in audit])
+
+
+def test_the_override_does_not_forget_a_host_whose_agent_verifies(env):  # noqa: F811
+    coord, db, _, _, _ = env
+    db.revoke_host("host-b")
+    mgr = EngineManager(db, None, coord)
+    coord.agents = _Health(None)
+    with pytest.raises(exception.ResolutionRefused, match="still answers"):
+        mgr.resolver.forget_host("host-b", execute=True, despite_unverified=True)
+    assert db.get_host("host-b").status is HostStatus.REVOKED

@@ -94,6 +94,10 @@ class FakeAgents:
     def abort_outgoing(self, host, context):
         self._record("abort_outgoing", host)
 
+    def reclaim_outgoing(self, host, context, generation):
+        self._record("reclaim_outgoing", host)
+        self.reclaimed_at = generation
+
 
 def trusted_in_db(db, host):
     """The engine's own record of a TRUSTED verdict, which ``begin`` reads

@@ -31,7 +31,7 @@ from vtpcm_nova.engine.coordinator import CREATING, Coordinator
 from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database, TrustBasis, utcnow
 from vtpcm_nova.engine.replykeys import TOWARD_SAFETY, EnrolledReplyKeys
-from vtpcm_nova.engine.resolve import Resolver
+from vtpcm_nova.engine.resolve import Answer, Resolver
 from vtpcm_nova.engine.verifier import TrustStatus
 
 world = test_signed_replies.world
@@ -418,7 +418,7 @@ def _no_proof(host: str, ctx: Any) -> Any:
 
 
 def _resolver(coord: Coordinator, db: Database, agents: Any) -> Resolver:
-    return Resolver(db, coord, agents.get, lambda host: True, _no_proof)
+    return Resolver(db, coord, agents.get, lambda host: Answer.VERIFIED, _no_proof)
 
 
 @pytest.mark.parametrize("answer", [

@@ -69,14 +69,18 @@ class FakeEngine:
         self._record("approve_host", host)
         return host_info(host)
 
-    def resolve_migration(self, migration_id: str, to: str,
-                          execute: bool = False) -> m.Resolution:
-        self._record("resolve_migration", migration_id, to, execute)
+    def resolve_migration(self, migration_id: str, to: str, execute: bool = False,
+                          past_commit: bool = False) -> m.Resolution:
+        self._record("resolve_migration", migration_id, to, execute,
+                     *(("past_commit",) if past_commit else ()))
         return m.Resolution(action="resolve migration %s to the %s" % (migration_id, to),
                             plan="Abort migration ...", done=execute, state="IN_DOUBT")
 
-    def forget_host(self, host: str, execute: bool = False) -> m.Resolution:
-        self._record("forget_host", host, execute)
+    def forget_host(self, host: str, execute: bool = False,
+                    despite_unverified_answers: bool = False) -> m.Resolution:
+        self._record("forget_host", host, execute,
+                     *(("despite_unverified_answers",) if despite_unverified_answers
+                       else ()))
         return m.Resolution(action="forget host %s" % host, plan="Forget host ...",
                             done=execute, state=None)
 
@@ -661,3 +665,8 @@ def test_resolve_and_forget_only_show_the_plan_without_yes(
     assert json.loads(out)["done"] is True and "next" not in json.loads(out)
     code, _, err = run(capsys, "migration", "resolve", MIGRATION, "--to", "nowhere")
     assert code == 2 and "invalid choice: 'nowhere'" in err
+    run(capsys, "migration", "resolve", MIGRATION, "--to", "source", "--past-commit")
+    assert engine.calls[-1] == ("resolve_migration", MIGRATION, "source", False,
+                                "past_commit")
+    run(capsys, "hosts", "forget", "host-a", "--despite-unverified-answers", "--yes")
+    assert engine.calls[-1] == ("forget_host", "host-a", True, "despite_unverified_answers")

@@ -26,6 +26,8 @@ SAMPLE_EVENTS = [
     p.DestinationDestroyed(),
     p.DestinationInUse(),
     p.SourceRestored(),
+    p.ReclaimRequested(reason="destination died before committing"),
+    p.SourceReclaimed(),
 ]
 
 # Event sequences from NEW that reach each state.
@@ -50,6 +52,8 @@ ROUTES = {
                    p.DestinationInUse(), p.AbortRequested("nova rolled back")],
     M.RESTORING: [OK, p.Failure("x"), p.DestinationDestroyed()],
     M.ABORTED: [OK, p.Failure("x"), p.DestinationDestroyed(), p.SourceRestored()],
+    M.RECLAIMING: [OK, SAMPLE_EVENTS[1], p.DestinationPrepared(), p.CommitRequested(),
+                   p.ReclaimRequested("destination died")],
 }
 
 

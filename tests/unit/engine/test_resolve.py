@@ -30,6 +30,7 @@ def view(state: str, generation: int = 4, migration_id: str | None = MID,
 
 
 GONE = resolve.View(None, "MessagingTimeout")
+SILENT = resolve.Answer.SILENT
 OUT, IN = view("MIGRATING_OUT", running=False), view("MIGRATING_IN", holds_state=True)
 
 # what each state allows with both agents holding their copies
@@ -38,6 +39,7 @@ EXPECTED = {
     M.TRANSFERRING: (True, False), M.TRANSFERRED: (True, True),  # cold migration
     M.COMMITTING: (False, True), M.SHREDDING: (False, True), M.ABORTING: (True, False),
     M.IN_DOUBT: (True, True), M.DISCARDING: (True, False), M.RESTORING: (True, False),
+    M.RECLAIMING: (True, False),  # finish the rollback
     M.COMMITTED: (False, False), M.ABORTED: (False, False), M.REFUSED: (False, False),
 }
 
@@ -95,19 +97,19 @@ def host(status: HostStatus) -> HostRecord:
 
 def test_forget_needs_a_revoked_silent_host_without_open_migrations():
     for status in (HostStatus.APPROVED, HostStatus.PENDING):  # PENDING: review finding
-        plan = resolve.plan_forget(host(status), [], [], False)
+        plan = resolve.plan_forget(host(status), [], [], SILENT)
         assert not plan.allowed and "revoke it first" in plan.text
     assert "already forgotten" in resolve.plan_forget(host(HostStatus.FORGOTTEN), [], [],
-                                                      False).text
+                                                      SILENT).text
     assert "still answers" in resolve.plan_forget(host(HostStatus.REVOKED), [], [],
-                                                  True).text
+                                                  resolve.Answer.VERIFIED).text
     blocked = resolve.plan_forget(host(HostStatus.REVOKED),
-                                  [migration(M.IN_DOUBT, dest="gone")], [], False)
+                                  [migration(M.IN_DOUBT, dest="gone")], [], SILENT)
     assert not blocked.allowed and "resolve each first" in blocked.text
     lost = VtpcmRecord(INSTANCE, str(uuid.uuid4()), "gone", 2, "ACTIVE", None, NOW)
     settled = [migration(M.SHREDDING, source="gone"), migration(M.DISCARDING, dest="gone"),
                migration(M.ABORTING, dest="gone")]
-    plan = resolve.plan_forget(host(HostStatus.REVOKED), settled, [lost], False)
+    plan = resolve.plan_forget(host(HostStatus.REVOKED), settled, [lost], SILENT)
     assert plan.allowed and INSTANCE in plan.text and "lost with it" in plan.text
     assert plan.text.count("goes on without its step on gone") == 3
 
@@ -117,14 +119,14 @@ def test_forget_leaves_a_deadline_abort_to_an_explicit_resolve():
     IN_DOUBT; forgetting it must not restore the source's older copy."""
     deadline = migration(M.ABORTING, dest="gone", error="deadline passed")
     assert not resolve.step_on_lost_host(deadline, "gone")
-    plan = resolve.plan_forget(host(HostStatus.REVOKED), [deadline], [], False)
+    plan = resolve.plan_forget(host(HostStatus.REVOKED), [deadline], [], SILENT)
     assert not plan.allowed and "resolve each first" in plan.text
     assert "deadline abort waits for the destination's answer" in plan.text
     explicit = migration(M.ABORTING, dest="gone", error="aborted by nova")
-    assert resolve.plan_forget(host(HostStatus.REVOKED), [explicit], [], False).allowed
+    assert resolve.plan_forget(host(HostStatus.REVOKED), [explicit], [], SILENT).allowed
 
 
 def test_forget_plan_says_the_name_stays_a_tombstone():
-    text = resolve.plan_forget(host(HostStatus.REVOKED), [], [], False).text
+    text = resolve.plan_forget(host(HostStatus.REVOKED), [], [], SILENT).text
     assert "FORGOTTEN" in text and "enroll under no other" in text
     assert "hosts enroll gone" in text and "wipe it" in text

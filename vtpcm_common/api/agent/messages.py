@@ -187,3 +187,16 @@ class IncomingState(Message):
     running: bool = field(wire.bool_field)
     # The permanent state file exists: QEMU or import_state set the state.
     holds_state: bool = field(wire.bool_field)
+
+
+# --- 1.8: an operator's rollback past the commit point ------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ReclaimOutgoing(Message):
+    """The source's outgoing vTPCM of ``context`` becomes live again at
+    ``generation``, a generation never used (above the destination's
+    ``context.generation + 1``), so no copy of the migration can pass for it."""
+
+    message_type = "reclaim_outgoing"
+    context: MigrationContext = field(wire.message_field(MigrationContext))
+    generation: int = field(wire.int_field(0, 2**62))

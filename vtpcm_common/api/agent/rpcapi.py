@@ -37,6 +37,11 @@ API version history:
           destination`` needs before the commit point). Read-only, unsigned
           request, signed reply. Capped below 1.7 the engine refuses that
           resolve instead (nothing proves the destination holds the state).
+    1.8 - reclaim_outgoing (signed): the source's outgoing vTPCM becomes
+          live again under a new generation, past the commit point of a
+          migration whose destination died before committing (``vtpcm-manage
+          migration resolve --to source --past-commit``). Capped below 1.8
+          the engine cannot take that decision (``RPCVersionCapped``).
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
@@ -60,7 +65,7 @@ from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.7"
+RPC_API_VERSION = "1.8"
 REPLY_VERSION = "1.6"
 
 
@@ -70,7 +75,7 @@ R = TypeVar("R", bound=Message)
 SIGNED_METHODS = frozenset({"create", "start", "stop", "destroy", "export_state",
                             "import_state", "seal_migration_key", "prepare_incoming",
                             "commit_incoming", "commit_outgoing", "abort_incoming",
-                            "abort_outgoing"})
+                            "abort_outgoing", "reclaim_outgoing"})
 # Unsigned methods (any broker client may call them) that the engine signs
 # all the same, so that the agent serves its calls ahead of its rate limit
 # for unsigned ones; an agent that does not know this ignores ``auth``.
@@ -197,3 +202,9 @@ class AgentAPI(rpc.Client):
     # 1.7
     def incoming_state(self, host: str, context: m.MigrationContext) -> m.IncomingState:
         return self._at(host, "incoming_state", "1.7", context, m.IncomingState)
+
+    # 1.8
+    def reclaim_outgoing(self, host: str, context: m.MigrationContext,
+                         generation: int) -> m.Empty:
+        return self._at(host, "reclaim_outgoing", "1.8",
+                        m.ReclaimOutgoing(context, generation), m.Empty)

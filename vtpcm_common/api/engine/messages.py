@@ -246,6 +246,9 @@ class ResolveMigration(Message):
     migration_id: str = field(wire.uuid_field)
     to: str = field(wire.choice_field("source", "destination"))
     execute: bool = field(wire.bool_field)
+    # 1.8: back to the source past the commit point (the destination died
+    # before committing); sent only when true, as 1.8.
+    past_commit: bool = field(wire.bool_field, default=False, omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,6 +258,10 @@ class ForgetHost(Message):
     message_type = "forget_host"
     host: str = field(wire.host_field)
     execute: bool = field(wire.bool_field)
+    # 1.8: forget it although something answers on its topic with replies
+    # that do not verify; sent only when true, as 1.8.
+    despite_unverified_answers: bool = field(wire.bool_field, default=False,
+                                             omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)

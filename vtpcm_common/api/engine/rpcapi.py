@@ -52,6 +52,14 @@ API version history:
           destroy_shelved_vtpcm (in ``ADMIN_METHODS``, operator-signed):
           find and crypto-shred the vTPCM of an instance deleted while
           shelved offloaded (Nova's delete never reaches the driver then).
+          In the same release: resolve_migration ``past_commit`` (back to
+          the source's copy past the commit point, for a destination that
+          died before committing, revoked) and forget_host
+          ``despite_unverified_answers`` (forget a host whose topic gets
+          only answers that do not verify). Each of these two fields is
+          sent only when true, and then as 1.8: capped at 1.7 the client
+          refuses those two decisions (``RPCVersionCapped``) and sends
+          every other resolve and forget as 1.7, as before.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -292,13 +300,17 @@ class EngineAPI(rpc.Client):
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
                           m.MigrationInfo)
 
-    def resolve_migration(self, migration_id: str, to: str,
-                          execute: bool = False) -> m.Resolution:
-        return self._ask("resolve_migration", m.ResolveMigration(migration_id, to, execute),
-                         m.Resolution)
+    def resolve_migration(self, migration_id: str, to: str, execute: bool = False,
+                          past_commit: bool = False) -> m.Resolution:
+        return self._call("resolve_migration", "1.8" if past_commit else "1.7",
+                          m.ResolveMigration(migration_id, to, execute, past_commit),
+                          m.Resolution, signer=self.signer)
 
-    def forget_host(self, host: str, execute: bool = False) -> m.Resolution:
-        return self._ask("forget_host", m.ForgetHost(host, execute), m.Resolution)
+    def forget_host(self, host: str, execute: bool = False,
+                    despite_unverified_answers: bool = False) -> m.Resolution:
+        return self._call("forget_host", "1.8" if despite_unverified_answers else "1.7",
+                          m.ForgetHost(host, execute, despite_unverified_answers),
+                          m.Resolution, signer=self.signer)
 
     def report_swtpm_restart(self, report: m.SwtpmRestartReport,
                              timeout: float | None = None) -> m.Empty:

@@ -19,8 +19,8 @@ Commands::
     vtpcm list [--state STATE] [--host HOST]
     vtpcm destroy INSTANCE_UUID   (a SHELVED one only; operator-signed)
     migration show MIGRATION_ID
-    migration resolve MIGRATION_ID --to source|destination [--yes]
-    hosts forget HOST [--yes]
+    migration resolve MIGRATION_ID --to source|destination [--past-commit] [--yes]
+    hosts forget HOST [--despite-unverified-answers] [--yes]
     keys create PATH
     db sync [--revision REV] | db version
 

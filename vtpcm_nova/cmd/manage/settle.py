@@ -30,11 +30,14 @@ def _answer(res: m.Resolution) -> Result:
 
 
 def migration_resolve(api: EngineAPI, args: argparse.Namespace) -> Result:
-    return _answer(api.resolve_migration(args.migration_id, args.to, execute=args.yes))
+    return _answer(api.resolve_migration(args.migration_id, args.to, execute=args.yes,
+                                         past_commit=args.past_commit))
 
 
 def hosts_forget(api: EngineAPI, args: argparse.Namespace) -> Result:
-    return _answer(api.forget_host(args.host, execute=args.yes))
+    return _answer(api.forget_host(
+        args.host, execute=args.yes,
+        despite_unverified_answers=args.despite_unverified_answers))
 
 
 ADMIN_COMMANDS: frozenset[Command] = frozenset({migration_resolve, hosts_forget})
@@ -50,9 +53,18 @@ def add_commands(hosts: Any, migration: Any,
     resolve.add_argument("migration_id", metavar="MIGRATION_ID")
     resolve.add_argument("--to", required=True, choices=("source", "destination"),
                          help="where the guest runs now")
+    resolve.add_argument("--past-commit", action="store_true",
+                         help="with --to source: go back to the source's copy past the "
+                              "commit point, only for a destination revoked after it died "
+                              "before committing (the guest's TPM goes back to its state "
+                              "at the switchover)")
     resolve.add_argument("--yes", action="store_true", help=yes)
     forget = command(hosts, "forget", hosts_forget,
                      "forget a revoked host gone for good: its enrollment, keys and the "
                      "vTPCM records located on it")
     forget.add_argument("host", metavar="HOST")
+    forget.add_argument("--despite-unverified-answers", action="store_true",
+                        help="forget it although something answers on its topic with "
+                             "replies that do not verify (if that is its agent with a "
+                             "changed key, the host is forgotten while alive)")
     forget.add_argument("--yes", action="store_true", help=yes)
