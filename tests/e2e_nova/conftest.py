@@ -20,7 +20,9 @@ def _quiet_libvirt(_ctx: object, _err: object) -> None:
 libvirt.registerErrorHandler(_quiet_libvirt, None)
 
 
-@pytest.fixture(scope="session")
+# package scope: the services stop after the last real-Nova test instead of
+# running (and competing for 2 cores) through the rest of the suite
+@pytest.fixture(scope="package")
 def nova_lab() -> Iterator[NovaLab]:
     if os.geteuid() != 0:
         pytest.fail("the real-Nova lab needs root (users, namespaces, sudoers)")
