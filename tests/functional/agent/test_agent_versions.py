@@ -1,5 +1,5 @@
-"""A rolling upgrade between agent API 1.5 and 1.6 (signed replies) over
-the local RabbitMQ.
+"""A rolling upgrade from the previous release's agent API (1.5) to the
+current one (signed replies since 1.6) over the local RabbitMQ.
 
 - An engine of the previous release (a 1.5 client, no reply keys) against
   a current agent daemon: every method works as before, replies unsigned
@@ -33,6 +33,8 @@ from vtpcm_common.api.agent.rpcapi import RPC_API_VERSION, AgentAPI
 
 pytestmark = pytest.mark.functional
 
+# The agent API of the previous release (c383b19): the last one without
+# signed replies, which is what a rolling upgrade of this release meets.
 PREVIOUS = "1.5"
 
 
@@ -97,9 +99,11 @@ def upgrade():
         tool.transport.cleanup()
 
 
-def test_the_versions_compared_here_are_the_current_and_previous_minor():
-    major, minor = RPC_API_VERSION.split(".")
-    assert PREVIOUS == "%s.%d" % (major, int(minor) - 1)
+def test_the_previous_release_is_older_than_the_current_api():
+    def as_tuple(version):
+        return tuple(int(part) for part in version.split("."))
+
+    assert as_tuple(PREVIOUS) < as_tuple("1.6") <= as_tuple(RPC_API_VERSION)
 
 
 def test_an_engine_of_the_previous_release_runs_every_method_on_a_current_agent(upgrade):
