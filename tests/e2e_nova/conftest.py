@@ -20,9 +20,11 @@ def _quiet_libvirt(_ctx: object, _err: object) -> None:
 libvirt.registerErrorHandler(_quiet_libvirt, None)
 
 
-# package scope: the services stop after the last real-Nova test instead of
-# running (and competing for 2 cores) through the rest of the suite
-@pytest.fixture(scope="package")
+# module scope (the real-Nova tests are one module): the services stop after
+# them instead of running, and competing for 2 cores, through the rest of the
+# suite (a "package" fixture in a directory without __init__.py lives as long
+# as the session)
+@pytest.fixture(scope="module")
 def nova_lab() -> Iterator[NovaLab]:
     if os.geteuid() != 0:
         pytest.fail("the real-Nova lab needs root (users, namespaces, sudoers)")
