@@ -210,6 +210,13 @@ class AgentDaemon(Daemon):
         super().__init__(workdir, "agent-" + host, config)
         self.host = host
 
+    @property
+    def command_key(self) -> Path:
+        """The host's command key, made by the agent ([agent] host_command_key)."""
+        agent = self.config["agent"]
+        configured = agent.get("host_command_key")
+        return Path(configured) if configured else Path(agent["state_dir"]) / "host-command.key"
+
     def wait_ready(self, api: AgentAPI, timeout: float = 60.0) -> None:
         def ready() -> bool:
             if self.proc is None or self.proc.poll() is not None:

@@ -52,8 +52,7 @@ class StackHost:
     @property
     def command_key(self) -> Path:
         """The host's command key, made by its agent ([agent] host_command_key)."""
-        configured = self.agent.config["agent"].get("host_command_key")
-        return Path(configured) if configured else self.state_dir / "host-command.key"
+        return self.agent.command_key
 
 
 class Stack:

@@ -15,7 +15,6 @@ current one (signed replies since 1.6) over the local RabbitMQ.
 
 import os
 import uuid
-from pathlib import Path
 
 import oslo_messaging as messaging
 import pytest
@@ -87,8 +86,7 @@ def upgrade():
         with agent_cluster(work, "ve", exchange, tool, labels=("a",)) as hosts:
             host, _, agent, _ = hosts[0]
             keys = StaticKeys({
-                host: authn.load_host_key(Path(agent.config["agent"]["state_dir"])
-                                          / "host-command.key").public_key,
+                host: authn.load_host_key(agent.command_key).public_key,
                 old_host: authn.load_public_raw(old_public)})
             current = AgentAPI(conf, tool.transport, timeout=30, reply_keys=keys)
             pinned = AgentAPI(conf, tool.transport, timeout=30, reply_keys=keys,

@@ -13,14 +13,12 @@ import dataclasses
 import os
 import shutil
 import uuid
-from pathlib import Path
 from typing import Any
 
 import oslo_messaging as messaging
 import pytest
 
 from tests.functional.harness import (
-    AgentDaemon,
     ClusterHost,
     EngineDaemon,
     agent_cluster,
@@ -48,10 +46,6 @@ class Deployment:
     conf: Any
 
 
-def _host_key(agent: AgentDaemon) -> Path:
-    return Path(agent.config["agent"]["state_dir"]) / "host-command.key"
-
-
 @pytest.fixture(scope="module")
 def deployment():
     work = short_dir("vtrep")
@@ -71,7 +65,7 @@ def deployment():
                 hosts[label] = ClusterHost(*entry)
                 assert operator.enroll(hosts[label].name).status == "APPROVED"
                 at[label] = EngineAPI(conf, operator.transport, timeout=60,
-                                      host_signer=authn.load_host_key(_host_key(entry[2])))
+                                      host_signer=authn.load_host_key(entry[2].command_key))
             trust_hosts(operator, [hosts["a"].name, hosts["b"].name])
             yield Deployment(operator, at, hosts, agents, conf)
     finally:
@@ -128,7 +122,7 @@ def test_a_stolen_commit_answered_by_a_broker_client_is_not_a_commit(deployment)
     assert keys_file.exists() and held.running
     refused = len(_reply_refusals(d, a.name))
     a.agent.stop()  # only the thief consumes A's queue now
-    thief = Thief(a.name, authn.load_host_key(_host_key(d.hosts["c"].agent)))
+    thief = Thief(a.name, authn.load_host_key(d.hosts["c"].agent.command_key))
     stop_thief = serve_agent_in_process(d.conf, thief)
     try:
         with pytest.raises(exception.ServiceUnreachable,
@@ -170,7 +164,7 @@ def test_honest_replies_complete_a_migration(deployment):
     # what the Nova driver checks the destination's replies with
     reported = d.operator.host_command_key(d.hosts["b"].name)
     assert (reported.status, reported.command_public) == ("APPROVED", authn.public_raw(
-        authn.load_host_key(_host_key(d.hosts["b"].agent)).public_key))
+        authn.load_host_key(d.hosts["b"].agent.command_key).public_key))
     assert {h.name: len(_reply_refusals(d, h.name)) for h in d.hosts.values()} == refused
     d.at["b"].destroy_vtpcm(instance)
 

@@ -10,13 +10,11 @@ import os
 import shutil
 import signal
 import uuid
-from pathlib import Path
 
 import pytest
 
 from tests.functional import tpmtools
 from tests.functional.harness import (
-    AgentDaemon,
     ClusterHost,
     EngineDaemon,
     agent_cluster,
@@ -44,10 +42,6 @@ class Deployment:
     engine: EngineDaemon
 
 
-def _host_key(agent: AgentDaemon) -> Path:
-    return Path(agent.config["agent"]["state_dir"]) / "host-command.key"
-
-
 @pytest.fixture(scope="module")
 def deployment():
     work = short_dir("vtconv")
@@ -70,7 +64,7 @@ def deployment():
                 operator.assign_policy(host.name, "golden")
                 assert operator.attest(host.name).status == "TRUSTED"
                 at[label] = EngineAPI(conf, operator.transport, timeout=60,
-                                      host_signer=authn.load_host_key(_host_key(host.agent)))
+                                      host_signer=authn.load_host_key(host.agent.command_key))
             yield Deployment(operator, at, hosts, agents, engine)
     finally:
         engine.stop()

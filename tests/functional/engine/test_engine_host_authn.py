@@ -9,7 +9,6 @@ RabbitMQ and swtpm host TPMs."""
 import dataclasses
 import shutil
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -41,10 +40,6 @@ class Deployment:
     conf: object
 
 
-def _host_key(agent: AgentDaemon) -> Path:
-    return Path(agent.config["agent"]["state_dir"]) / "host-command.key"
-
-
 @pytest.fixture(scope="module")
 def deployment():
     work = short_dir("vthost")
@@ -65,7 +60,7 @@ def deployment():
                 names[label] = name
                 daemons_by_label[label] = agent
                 api = EngineAPI(conf, operator.transport, timeout=60,
-                                host_signer=authn.load_host_key(_host_key(agent)))
+                                host_signer=authn.load_host_key(agent.command_key))
                 apis.append(api)
             # create_vtpcm needs a TRUSTED host; B has no policy, so a
             # migration to it is refused at begin
@@ -279,13 +274,13 @@ def test_reenrolment_learns_a_rotated_key(deployment):
     agent = d.agents_by_label["c"]
     old = d.at["c"]
     agent.stop()
-    _host_key(agent).unlink()
+    agent.command_key.unlink()
     agent.start()
     agent.wait_ready(d.agents)
     d.operator.revoke_host(c)
     assert d.operator.enroll(c).status == "APPROVED"
     new = EngineAPI(d.conf, d.operator.transport, timeout=60,
-                    host_signer=authn.load_host_key(_host_key(agent)))
+                    host_signer=authn.load_host_key(agent.command_key))
     assert new.host_signer.fingerprint != old.host_signer.fingerprint
     instance = str(uuid.uuid4())
     _refused(lambda: old.create_vtpcm(instance, c),

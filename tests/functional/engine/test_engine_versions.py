@@ -12,7 +12,6 @@
 
 import shutil
 import uuid
-from pathlib import Path
 
 import oslo_messaging as messaging
 import pytest
@@ -81,8 +80,7 @@ def upgrade():
             engine.wait_ready(operator)
             assert operator.enroll(name).status == "APPROVED"
             trust_hosts(operator, [name])  # create_vtpcm needs a TRUSTED host
-            key = authn.load_host_key(Path(agent.config["agent"]["state_dir"])
-                                      / "host-command.key")
+            key = authn.load_host_key(agent.command_key)
             current = EngineAPI(conf, agents.transport, timeout=60, host_signer=key)
             # an old compute node: the cap comes from its [upgrade_levels]
             pinned_conf = client_conf(exchange)

@@ -10,7 +10,6 @@ not timing; the figures are benchmarks/unsigned_flood.py's job."""
 import shutil
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -60,7 +59,7 @@ def test_a_flood_of_unsigned_calls_leaves_migrations_working():
             for name in (a, b):
                 assert operator.enroll(name).status == "APPROVED"
             trust_hosts(operator, [a, b])
-            key = Path(agent_a.config["agent"]["state_dir"]) / "host-command.key"
+            key = agent_a.command_key
             at_a = EngineAPI(conf, operator.transport, timeout=BOUND,
                              host_signer=authn.load_host_key(key))
             instance = str(uuid.uuid4())
