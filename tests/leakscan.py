@@ -127,16 +127,22 @@ def hits(secrets: Iterable[tuple[str, bytes]], haystack: bytes) -> list[str]:
     return found
 
 
-def windows(plain: bytes, public: Collection[bytes] = ()) -> set[bytes]:
-    """Secret 32-byte windows of a plaintext state: enough variety (runs of
-    zeros match anything), and not inside any ``public`` item (what a guest
-    may read through its TPM: public areas, names, certificates)."""
+def public_mask(plain: bytes, public: Collection[bytes]) -> bytearray:
+    """One byte per byte of ``plain``: non-zero where a ``public`` item lies."""
     covered = bytearray(len(plain))
     for item in public:
         start = plain.find(item)
         while start >= 0:
             covered[start:start + len(item)] = b"\x01" * len(item)
             start = plain.find(item, start + 1)
+    return covered
+
+
+def windows(plain: bytes, public: Collection[bytes] = ()) -> set[bytes]:
+    """Secret 32-byte windows of a plaintext state: enough variety (runs of
+    zeros match anything), and not inside any ``public`` item (what a guest
+    may read through its TPM: public areas, names, certificates)."""
+    covered = public_mask(plain, public)
     return {plain[i:i + WINDOW] for i in range(len(plain) - WINDOW + 1)
             if len(set(plain[i:i + WINDOW])) >= 12 and not any(covered[i:i + WINDOW])}
 

@@ -211,12 +211,7 @@ def secret_offsets(plain: bytes, public: list[bytes], candidates: set[int]) -> s
     """Offsets of windows lying wholly outside every public item's bytes in
     ``plain``. Seeds and private keys are at least 32 bytes long, so each of
     them still yields whole windows here."""
-    covered = bytearray(len(plain))
-    for item in public:
-        start = plain.find(item)
-        while start >= 0:
-            covered[start:start + len(item)] = b"\x01" * len(item)
-            start = plain.find(item, start + 1)
+    covered = leakscan.public_mask(plain, public)
     return {o for o in candidates if not any(covered[o:o + WINDOW])}
 
 
