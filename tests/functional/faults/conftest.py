@@ -1,0 +1,52 @@
+"""The fault-injection deployment (``deployment.Deployment``), one per module."""
+
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from tests.functional.faults.deployment import ENGINE_EXTRA, PCRS, Deployment
+from tests.functional.harness import (
+    ClusterHost,
+    EngineDaemon,
+    agent_cluster,
+    client_conf,
+    short_dir,
+)
+from vtpcm_common import authn
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine.rpcapi import EngineAPI
+from vtpcm_lab import daemons
+
+
+@pytest.fixture(scope="module")
+def deployment() -> Iterator[Deployment]:
+    work = short_dir("vtflt")
+    exchange = "vtpcm-flt-" + uuid.uuid4().hex[:8]
+    conf = client_conf(exchange)
+    agents = AgentAPI(conf, timeout=10)
+    operator = EngineAPI(conf, timeout=20)
+    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
+                          extra=ENGINE_EXTRA)
+    try:
+        with agent_cluster(work, "fl", exchange, agents) as raw:
+            engine.start()
+            engine.wait_ready(operator)
+            hosts = {label: ClusterHost(*h) for label, h in zip(("a", "b"), raw, strict=True)}
+            for host in hosts.values():
+                assert operator.enroll(host.name).status == "APPROVED"
+            operator.record_policy("golden", hosts["a"].name, PCRS, "stand-in boot")
+            at = {}
+            for label, host in hosts.items():
+                operator.assign_policy(host.name, "golden")
+                assert operator.attest(host.name).status == "TRUSTED"
+                at[label] = EngineAPI(conf, operator.transport, timeout=8,
+                                      host_signer=authn.load_host_key(host.agent.command_key))
+            yield Deployment(operator, at, hosts, agents, engine)
+    finally:
+        engine.stop()
+        agents.transport.cleanup()
+        operator.transport.cleanup()
+        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
