@@ -41,7 +41,7 @@ def deployment() -> Iterator[Deployment]:
             for label, host in hosts.items():
                 operator.assign_policy(host.name, "golden")
                 assert operator.attest(host.name).status == "TRUSTED"
-                at[label] = EngineAPI(conf, operator.transport, timeout=8,
+                at[label] = EngineAPI(conf, operator.transport, timeout=6,
                                       host_signer=authn.load_host_key(host.agent.command_key))
             yield Deployment(operator, at, hosts, agents, engine)
     finally:
