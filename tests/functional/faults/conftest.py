@@ -1,5 +1,6 @@
 """The fault-injection deployment (``deployment.Deployment``), one per module."""
 
+import contextlib
 import shutil
 import uuid
 from collections.abc import Iterator
@@ -7,7 +8,9 @@ from collections.abc import Iterator
 import pytest
 
 from tests.functional.faults.deployment import ENGINE_EXTRA, PCRS, Deployment
+from tests.functional.faults.relay import BrokerRelay
 from tests.functional.harness import (
+    TRANSPORT_URL,
     ClusterHost,
     EngineDaemon,
     agent_cluster,
@@ -22,15 +25,28 @@ from vtpcm_lab import daemons
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[Deployment]:
+    with make_deployment() as d:
+        yield d
+
+
+@contextlib.contextmanager
+def make_deployment(relay: BrokerRelay | None = None) -> Iterator[Deployment]:
+    """The deployment; its daemons reach RabbitMQ through ``relay`` if given
+    (the test's own clients directly: they stand for Nova and the operator)."""
     work = short_dir("vtflt")
+    url = None if relay is None else TRANSPORT_URL.replace(
+        "@127.0.0.1:5672", "@127.0.0.1:%d" % relay.port)
+    assert url != TRANSPORT_URL
     exchange = "vtpcm-flt-" + uuid.uuid4().hex[:8]
     conf = client_conf(exchange)
     agents = AgentAPI(conf, timeout=10)
     operator = EngineAPI(conf, timeout=20)
-    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
-                          extra=ENGINE_EXTRA)
+    extra = dict(ENGINE_EXTRA)
+    if url is not None:
+        extra["DEFAULT"] = {"transport_url": url}
+    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work, extra=extra)
     try:
-        with agent_cluster(work, "fl", exchange, agents) as raw:
+        with agent_cluster(work, "fl", exchange, agents, transport_url=url) as raw:
             engine.start()
             engine.wait_ready(operator)
             hosts = {label: ClusterHost(*h) for label, h in zip(("a", "b"), raw, strict=True)}
@@ -43,7 +59,7 @@ def deployment() -> Iterator[Deployment]:
                 assert operator.attest(host.name).status == "TRUSTED"
                 at[label] = EngineAPI(conf, operator.transport, timeout=6,
                                       host_signer=authn.load_host_key(host.agent.command_key))
-            yield Deployment(operator, at, hosts, agents, engine)
+            yield Deployment(operator, at, hosts, agents, engine, relay)
     finally:
         engine.stop()
         agents.transport.cleanup()

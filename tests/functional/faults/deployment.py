@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.functional import tpmtools
+from tests.functional.faults.relay import BrokerRelay
 from tests.functional.harness import ClusterHost, EngineDaemon, wait_for
 from vtpcm_common import exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -41,6 +42,7 @@ class Deployment:
     hosts: dict[str, ClusterHost]
     agents: AgentAPI
     engine: EngineDaemon
+    relay: BrokerRelay | None = None  # the daemons' way to RabbitMQ, if cut-able
 
     def restart_engine(self) -> None:
         """Start the engine again (after a kill) and wait until it serves."""
