@@ -14,13 +14,14 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"engine": "engine", "src_agent": "source agent", "dst_agent": "destination agent",
+PARTS = {"broker": "RabbitMQ (relay cut)", "engine": "engine", "src_agent": "source agent", "dst_agent": "destination agent",
          "src_swtpm": "source swtpm", "dst_swtpm": "destination swtpm"}
 STEPS = {"before_begin": "before begin", "inside_begin": "inside begin (sealed, not prepared)",
          "transfer": "transfer (exported, not imported)",
          "after_switchover": "after the switchover, before commit",
          "inside_commit": "inside commit (COMMITTING)"}
-MODES = {"restart": "kill -9, back at once", "down": "kill -9, down past the RPC timeouts",
+MODES = {"restart": "kill -9 (a broker: cut), back at once",
+         "down": "kill -9 (a broker: cut), down past the RPC timeouts",
          "kill": "kill -9 (the agent restarts it only where the design says)"}
 OUTCOMES = {"survived": "survived", "operator": "operator by design", "lost": "LOST"}
 HEADER = """\
@@ -47,7 +48,13 @@ resolve``. "lost": anything else; it must be 0.
 Not in this matrix (QEMU only, the lab's ``tests/e2e``): a source swtpm
 dying before the switchover (the stand-in's state collector restarts a
 stopped vTPCM for its read, where QEMU's pre-save fails and the VM stays on
-the source) and the destination QEMU; a RabbitMQ restart.
+the source) and the destination QEMU. A RabbitMQ restart is a relay
+between the daemons and the broker, cut and restored
+(``tests/functional/faults/relay.py``): the broker itself is shared.
+
+Bounds in the run: engine ``rpc_timeout`` 5 s, the driver's engine calls
+6 s, "down" 6.5 s, reconcile every 1 s, ``[migration] timeout`` 40 s; the
+checks wait at most the migration timeout + 20 s for the migration to end.
 
 Regenerate: run the matrix (``pytest tests/functional/faults``), then
 ``tools/faults-table.py``.

@@ -51,8 +51,8 @@ from vtpcm_common import exception
 from vtpcm_nova.virt import livemigration
 
 # longer than the engine's agent RPC timeout and the driver's engine timeout
-DOWN_FOR = 8.0
-BROKER_RESTART = 2.0
+DOWN_FOR = 6.5
+BROKER_RESTART = 1.0
 STEPS = ("before_begin", "inside_begin", "transfer", "after_switchover", "inside_commit")
 DAEMONS = ("engine", "src_agent", "dst_agent")
 SWTPM_STEPS = {"src_swtpm": ("after_switchover", "inside_commit"),
