@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -115,7 +116,29 @@ def tpm_name(public: bytes) -> bytes:
 
 
 def load_ak(ak_public: bytes, *, host: str = UNKNOWN_HOST) -> AttestationKey:
-    """Parse and validate an AK: ECC P-256, restricted signing, fixedTPM, ECDSA-SHA256."""
+    """Parse and validate an AK: ECC P-256, restricted signing, fixedTPM, ECDSA-SHA256.
+
+    Each distinct public area is parsed once (``_parsed_ak``): the engine
+    loads the enrolled AK on every attestation, and parsing costs more than
+    verifying the quote. The outcome depends on the bytes alone."""
+    if not isinstance(ak_public, bytes | bytearray):
+        return _load_ak(ak_public, host)  # refuses, naming the host
+    outcome = _parsed_ak(bytes(ak_public))
+    if isinstance(outcome, str):
+        raise exception.InvalidAttestationKey(host=host, reason=outcome)
+    return outcome
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_ak(ak_public: bytes) -> AttestationKey | str:
+    """The AK, or the reason it is refused (bounded cache of pure results)."""
+    try:
+        return _load_ak(ak_public, UNKNOWN_HOST)
+    except exception.InvalidAttestationKey as err:
+        return str(err.kwargs["reason"])
+
+
+def _load_ak(ak_public: bytes, host: str) -> AttestationKey:
     err = exception.InvalidAttestationKey
     pub = _unmarshal(TPMT_PUBLIC, ak_public, "AK public area", err, host)
     if pub.type != TPM2_ALG.ECC:

@@ -12,7 +12,9 @@ from tpm2_pytss.constants import TPM2_ST
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPMS_ATTEST, TPMT_SIGNATURE
 
+from tests.refusal import refused
 from tests.unit.engine import test_verifier as tv
+from vtpcm_common import exception
 from vtpcm_nova.engine import tpmstruct
 from vtpcm_nova.engine import verifier as V
 
@@ -116,3 +118,20 @@ def test_verifier_uses_the_fast_path_for_real_quotes(monkeypatch: pytest.MonkeyP
     attest, sig, nonce, pcrs = tv.quote_args(tv.A)
     assert V.verify_quote(tv.AK_A, attest, sig, nonce, pcrs).pcr_selection == \
         (0, 1, 2, 3, 7, 16)
+
+
+def test_an_ak_is_parsed_once_and_refusals_still_name_each_host() -> None:
+    public = tv.soft_public(tv.ec.generate_private_key(tv.ec.SECP256R1()))
+    before = V._parsed_ak.cache_info()
+    assert V.load_ak(public, host="h1") is V.load_ak(public, host="h2")
+    after = V._parsed_ak.cache_info()
+    assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
+    bad = b"\x00\x23garbage-" + public[:8]
+    for host in ("h1", "h2"):  # the second refusal comes from the cache
+        with refused(exception.InvalidAttestationKey,
+                     "Attestation key of host %s rejected: AK public area is malformed or "
+                     "truncated" % host):
+            V.load_ak(bad, host=host)
+    with refused(exception.InvalidAttestationKey,
+                 "Attestation key of host h3 rejected: AK public area must be bytes"):
+        V.load_ak("text", host="h3")  # type: ignore[arg-type]
