@@ -86,6 +86,7 @@ from vtpcm_agent import hostek
 from vtpcm_agent.hostek import EK_CERT_INDICES as EK_CERT_INDICES
 from vtpcm_agent.hostek import EK_TYPES as EK_TYPES
 from vtpcm_agent.keyauth import KeyAuth, PrimarySecret
+from vtpcm_common import spans
 from vtpcm_common.exception import HostTPMError
 
 LOG = logging.getLogger(__name__)
@@ -281,7 +282,7 @@ class HostTPM:
 
         TSS error texts are response-code descriptions, never data.
         """
-        with self._lock:
+        with self._lock, spans.span("tpm:" + what):
             if self._esapi is None:
                 raise HostTPMError(reason=f"{what}: host TPM connection is closed")
             try:
