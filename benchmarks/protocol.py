@@ -15,7 +15,7 @@ one database read), one swtpm (re)start through the agent (``start`` after
 ``stop``, RPC included), and in this process one ECDH_ZGen on a third swtpm
 host TPM and one software seal of a migration key (``sealing.seal``).
 Writes ``protocol.json`` and ``protocol.png``; asserts nothing.
-Usage: .venv/bin/python benchmarks/protocol.py [--rounds 100] [--smoke] [--out-dir DIR]
+Usage: .venv/bin/python benchmarks/protocol.py [--rounds 200] [--smoke] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -59,20 +59,24 @@ CTX = sealing.SealContext(migration_id="m", instance_uuid="i", generation=1,
                           source_host="a", dest_host="b")
 
 
-def timed(fn: Callable[[], Any], step: str | None = None,
-          windows: list[tuple[str, float, float]] | None = None) -> tuple[float, Any]:
+Window = tuple[str, float, float, str, str]  # step, wall start, end, source, destination
+
+
+def timed(fn: Callable[[], Any], step: str | None = None, windows: list[Window] | None = None,
+          hosts: tuple[str, str] = ("", "")) -> tuple[float, Any]:
     wall, start = time.time(), time.perf_counter()
     out = fn()
     took = time.perf_counter() - start
     if windows is not None and step is not None:
-        windows.append((step, wall, wall + took))
+        windows.append((step, wall, wall + took, *hosts))
     return took * 1000, out
 
 
 def breakdown(span_dir: Path, roles: dict[int, str],
-              windows: list[tuple[str, float, float]]) -> dict[str, Any]:
-    """Per step: the spans that started inside its windows, by process and
-    label: count and ms per step (median over the step's runs)."""
+              windows: list[Window]) -> dict[str, Any]:
+    """Per step: the spans that started inside its windows, by process
+    (driver, engine, source or destination agent) and label: count and ms
+    per step (median over the step's runs)."""
     spans_by_role: list[tuple[str, dict[str, Any]]] = []
     for path in span_dir.glob("*.jsonl"):
         role = roles.get(int(path.stem), "pid-" + path.stem)
@@ -82,14 +86,15 @@ def breakdown(span_dir: Path, roles: dict[int, str],
     starts = [item[1]["at"] for item in spans_by_role]
     out: dict[str, Any] = {}
     for step in STEPS:
-        runs = [(a, b) for s, a, b in windows if s == step]
+        runs = [(a, b, src, dst) for s, a, b, src, dst in windows if s == step]
         if not runs:
             continue
         per_run: list[dict[str, tuple[int, float]]] = []
-        for a, b in runs:
+        for a, b, src, dst in runs:
             got: dict[str, tuple[int, float]] = {}
             for i in range(bisect.bisect_left(starts, a), bisect.bisect_right(starts, b)):
                 role, rec = spans_by_role[i]
+                role = {src: "source-agent", dst: "dest-agent"}.get(role, role)
                 key = "%s %s" % (role, rec["label"])
                 n, ms = got.get(key, (0, 0.0))
                 got[key] = (n + 1, ms + rec["ms"])
@@ -105,11 +110,13 @@ def breakdown(span_dir: Path, roles: dict[int, str],
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=100)
-    parser.add_argument("--abort-every", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--abort-every", type=int, default=2)
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out-dir")
     parser.add_argument("--keep-spans", help="copy the raw span files here")
+    parser.add_argument("--keep-work", action="store_true",
+                        help="leave the work directory (daemon logs) behind")
     args = parser.parse_args()
     if args.smoke:
         args.rounds = 4
@@ -120,7 +127,7 @@ def main() -> int:
     conf = daemons.client_conf(exchange)
     started: list[daemons.Daemon | HostTPMStandIn] = []
     samples: dict[str, list[float]] = {k: [] for k in STEPS + FLOORS}
-    windows: list[tuple[str, float, float]] = []  # step, wall start, wall end
+    windows: list[Window] = []
     span_dir = work / "spans"
     span_dir.mkdir()
     os.environ[spans.ENV] = str(span_dir)  # the daemons started below record spans
@@ -179,24 +186,25 @@ def main() -> int:
                 src, dst = names[holder], names[1 - holder]
                 api = at[src]
                 record = r >= 0
+                pair = ("agent-" + "ab"[holder], "agent-" + "ab"[1 - holder])
                 mid = str(uuid.uuid4())
                 if r % args.abort_every == args.abort_every - 1:
                     api.begin(mid, instance, src, dst)
                     ms, info = timed(partial(api.abort, mid, "benchmark"), "abort",
-                                     windows if record else None)
+                                     windows if record else None, pair)
                     assert info.state == "ABORTED", info
                     if record:
                         samples["abort"].append(ms)
                 else:
                     check_ms, verdict = timed(partial(api.check_destination, instance, dst),
-                                              "check", windows if record else None)
+                                              "check", windows if record else None, pair)
                     assert verdict.status == "TRUSTED", verdict
                     begin_ms, info = timed(partial(api.begin, mid, instance, src, dst),
-                                           "begin", windows if record else None)
+                                           "begin", windows if record else None, pair)
                     assert info.state == "PREPARED", info
                     agents.import_state(dst, agents.export_state(src, instance))
                     commit_ms, info = timed(partial(api.commit, mid), "commit",
-                                            windows if record else None)
+                                            windows if record else None, pair)
                     assert info.state == "COMMITTED", info
                     holder = 1 - holder
                     if record:
@@ -241,7 +249,10 @@ def main() -> int:
             else:
                 daemon.stop()
         shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if args.keep_work:
+            benchlib.progress("protocol: work directory kept: %s" % work)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
     summary = {k: benchlib.summary(v) for k, v in samples.items() if v}
     total = summary.get("check_begin_commit", {}).get("median")
     begin = summary.get("begin", {}).get("median")
