@@ -1,0 +1,210 @@
+"""Issue 9 point 8: the AK and the KEM key are the agent's alone, also for
+someone who records its whole TPM command stream (real swtpm stand-in,
+tpm2-pytss, a recording relay in front of the stand-in: ``tpmwire``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import ESYS_TR, TPM2_RH
+from tpm2_pytss.types import TPM2B_ECC_POINT, TPM2B_PUBLIC, TPMS_ECC_POINT
+
+from tests.functional.hosttpm_fixture import (  # noqa: F401
+    TEST_KEY_AUTH,
+    HostTPMStandIn,
+    host_tpm_standin,
+)
+from tests.functional.tpmwire import (
+    TPM_CC_CREATE_PRIMARY,
+    TPMWireTap,
+    parameters,
+    wiretap,
+)
+from vtpcm_agent import hostkeys
+from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_common import tpmpublic
+from vtpcm_nova.engine import verifier
+
+pytestmark = pytest.mark.functional
+
+SUBPROCESS_TIMEOUT = 120
+
+
+@pytest.fixture
+def tap(host_tpm_standin: HostTPMStandIn) -> Iterator[TPMWireTap]:  # noqa: F811
+    with wiretap(host_tpm_standin.tcti) as t:
+        yield t
+
+
+def _peer_point(kem_public: bytes) -> tuple[tuple[bytes, bytes], bytes]:
+    """A sender's ephemeral point and the Z it shares with the KEM key."""
+    kem = tpmpublic.kem_public_key(kem_public).key
+    eph = ec.generate_private_key(ec.SECP256R1())
+    nums = eph.public_key().public_numbers()
+    z = eph.exchange(ec.ECDH(), kem)
+    return (nums.x.to_bytes(32, "big"), nums.y.to_bytes(32, "big")), z
+
+
+def _observed_primaries(tap: TPMWireTap) -> list[tuple[int, TPM2B_PUBLIC]]:
+    """(hierarchy handle, inPublic) of every CreatePrimary on the wire."""
+    out = []
+    for code, cmd in tap.commands():
+        if code != TPM_CC_CREATE_PRIMARY:
+            continue
+        (hierarchy,) = struct.unpack_from(">I", cmd, 10)
+        params = parameters(cmd, 1)
+        (sens_size,) = struct.unpack_from(">H", params, 0)
+        public, _used = TPM2B_PUBLIC.unmarshal(params[2 + sens_size:])
+        out.append((hierarchy, public))
+    return out
+
+
+def test_a_tpm_stream_observer_gets_neither_the_auth_nor_the_keys(
+        tap: TPMWireTap, host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
+    """Before, the AK and KEM key were primaries: their secret ``unique``
+    went in clear in each CreatePrimary and their auth value in clear
+    password sessions, so one recorded use gave both keys to anyone."""
+    with HostTPM(tap.tcti, TEST_KEY_AUTH, key_file=tmp_path / "hostkeys.tpm") as agent:
+        identity = agent.identity(os.urandom(32))
+        nonce = os.urandom(32)
+        quote = agent.quote(nonce, [0, 1, 2])
+        point, z = _peer_point(identity.kem_public)
+        assert agent.ecdh_zgen(*point) == z  # positive control: the agent can
+    verifier.verify_quote(verifier.load_ak(identity.ak_public), quote.attest,
+                          quote.signature, nonce, quote.pcr_values)
+    wire = tap.everything()
+    # the tap saw the traffic: the TPM returned both public keys through it
+    for public in (identity.ak_public, identity.kem_public):
+        assert public[-32:] in wire
+    for auth in (TEST_KEY_AUTH.ak.auth, TEST_KEY_AUTH.kem.auth):
+        assert auth not in wire
+    # the observer re-creates every primary it saw, with an auth value of
+    # its own: none is the AK or the KEM key (only their storage parents)
+    observed = _observed_primaries(tap)
+    assert {h for h, _ in observed} == {int(TPM2_RH.ENDORSEMENT), int(TPM2_RH.OWNER)}
+    enrolled = {identity.ak_name, identity.kem_name}
+    with ESAPI(host_tpm_standin.tcti) as e:
+        for hierarchy, public in observed:
+            esys = {int(TPM2_RH.ENDORSEMENT): ESYS_TR.ENDORSEMENT,
+                    int(TPM2_RH.OWNER): ESYS_TR.OWNER}[hierarchy]
+            handle, _pub, _cd, _cdig, _tk = e.create_primary(None, public, esys)
+            try:
+                assert bytes(e.tr_get_name(handle)) not in enrolled, \
+                    "a primary re-created from the observed stream is an agent key"
+            finally:
+                e.flush_context(handle)
+
+
+# A foreign process on the same TPM. It has what the strongest local
+# attacker short of the host key has: the agent's TPM-wrapped key blobs
+# (read from the root-only file or off the wire: TPM2_Load sends them), the
+# public storage parents, and any auth value it likes.
+_FOREIGN = """
+import json, sys
+from tpm2_pytss import ESAPI
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+from tpm2_pytss.types import (TPM2B_ECC_POINT, TPMS_ECC_POINT, TPML_PCR_SELECTION,
+                              TPMT_SIG_SCHEME)
+from vtpcm_agent import hostkeys
+a = json.loads(sys.argv[1])
+blobs = hostkeys.KeyBlobs.from_bytes(bytes.fromhex(a["blobs"]))
+point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=bytes.fromhex(a["x"]), y=bytes.fromhex(a["y"])))
+out = {"refusals": [], "used": []}
+with ESAPI(a["tcti"]) as e:
+    for guess in (b"", b"\\x00" * 32, bytes(range(32))):
+        for salted in (False, True):
+            try:
+                with hostkeys.loaded(e, hostkeys.KEM_HIERARCHY, blobs.kem_public,
+                                     blobs.kem_private, guess, "KEM key") as kem:
+                    s = kem.session if salted else ESYS_TR.PASSWORD
+                    out["used"].append(bytes(e.ecdh_zgen(kem.handle, point,
+                                                         session1=s).point.x).hex())
+            except TSS2_Exception as exc:
+                out["refusals"].append(["zgen", int(exc.error), str(exc)])
+            try:
+                with hostkeys.loaded(e, hostkeys.AK_HIERARCHY, blobs.ak_public,
+                                     blobs.ak_private, guess, "AK") as ak:
+                    s = ak.session if salted else ESYS_TR.PASSWORD
+                    e.quote(ak.handle, TPML_PCR_SELECTION.parse("sha256:0,1,2"),
+                            b"n" * 32, session1=s)
+                    out["used"].append("quote")
+            except TSS2_Exception as exc:
+                out["refusals"].append(["quote", int(exc.error), str(exc)])
+print(json.dumps(out))
+"""
+TPM_RC_BAD_AUTH = 0x0A2  # RC_FMT1 + 0x022: authorization failure, no DA
+
+
+def test_a_foreign_tpm_user_with_the_key_blobs_cannot_zgen_or_quote(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
+    key_file = tmp_path / "hostkeys.tpm"
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file) as agent:
+        identity = agent.identity(os.urandom(32))
+        (x, y), z = _peer_point(identity.kem_public)
+        proc = subprocess.run(
+            [sys.executable, "-c", _FOREIGN,
+             json.dumps({"tcti": host_tpm_standin.tcti, "blobs": key_file.read_bytes().hex(),
+                         "x": x.hex(), "y": y.hex()})],
+            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=True)
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert out["used"] == [], "a foreign TPM user used the agent's keys"
+        assert len(out["refusals"]) == 12
+        for what, error, text in out["refusals"]:
+            assert error == TPM_RC_BAD_AUTH, (what, text)
+        # positive control, after 12 failed tries: the agent still can (the
+        # keys are noDA, so failures never lock it out)
+        assert agent.ecdh_zgen(x, y) == z
+        nonce = os.urandom(32)
+        quote = agent.quote(nonce, [0, 1, 2])
+    verifier.verify_quote(verifier.load_ak(identity.ak_public), quote.attest,
+                          quote.signature, nonce, quote.pcr_values)
+
+
+def test_z_never_crosses_the_tpm_interface_in_clear(
+        tap: TPMWireTap, tmp_path: Path) -> None:
+    key_file = tmp_path / "hostkeys.tpm"
+    with HostTPM(tap.tcti, TEST_KEY_AUTH, key_file=key_file) as agent:
+        kem_public = agent.identity(b"").kem_public
+        point, z = _peer_point(kem_public)
+        assert agent.ecdh_zgen(*point) == z
+    assert z not in tap.everything()
+    # planted control: the same key and auth through an HMAC session
+    # without response encryption; the scan finds Z on the wire
+    blobs = hostkeys.KeyBlobs.from_bytes(key_file.read_bytes())
+    with ESAPI(tap.tcti) as e, hostkeys.loaded(
+            e, hostkeys.KEM_HIERARCHY, blobs.kem_public, blobs.kem_private,
+            TEST_KEY_AUTH.kem.auth, "KEM key") as kem:
+        out = e.ecdh_zgen(kem.handle, TPM2B_ECC_POINT(TPMS_ECC_POINT(x=point[0], y=point[1])),
+                          session1=kem.session)
+    assert bytes(out.point.x) == z
+    assert z in tap.everything()
+
+
+def test_the_keys_persist_in_their_blob_file_and_nowhere_else(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
+    """The agent's restart keeps its enrolled keys (same blob file); another
+    key file (a new agent state) means new keys, never the old ones re-derived."""
+    key_file = tmp_path / "hostkeys.tpm"
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file) as first:
+        a = first.identity(b"1")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    host_tpm_standin.stop()
+    host_tpm_standin.start()
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file) as again:
+        assert again.identity(b"2").ak_name == a.ak_name
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH,
+                 key_file=tmp_path / "other.tpm") as other:
+        b = other.identity(b"3")
+    assert {b.ak_name, b.kem_name}.isdisjoint({a.ak_name, a.kem_name})
+    assert repr(hostkeys.KeyBlobs.from_bytes(key_file.read_bytes())).startswith(
+        "KeyBlobs(ak_public=<")
