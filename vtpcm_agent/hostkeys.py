@@ -20,6 +20,15 @@ the KEM key with an auth value of their own. Children are different:
   responses that carry secrets (ECDH_ZGen's point, Unseal's data) come back
   encrypted.
 
+With ``[host_tpm] kem_policy_pcrs`` the KEM key is also bound to the
+platform's measured state: its authPolicy is PolicyPCR over those PCRs (their
+values when the key was created) then PolicyAuthValue, and userWithAuth is
+clear, so ECDH_ZGen works only in a policy session where the PCRs still hold
+those values *and* the auth value is known. Certify (ADMIN role, no
+adminWithPolicy) still uses the auth value. After an approved update the
+PCRs differ: ``kem_is_current`` sees it and the agent creates a new KEM key,
+which the host's re-enrollment certifies.
+
 The AK's parent is a storage primary of the *endorsement* hierarchy: a key
 of another hierarchy gets its quotes' resetCount/restartCount obfuscated,
 and the verifier relies on them. The KEM key's parent is the owner storage
@@ -45,9 +54,11 @@ from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT, TPMA_SESSION
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
+    TPM2B_DIGEST,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPM2B_SENSITIVE_CREATE,
+    TPML_PCR_SELECTION,
     TPMS_SENSITIVE_CREATE,
     TPMT_PUBLIC,
 )
@@ -128,7 +139,7 @@ class BlobStore(Protocol):
 
     def load(self) -> KeyBlobs | None: ...
 
-    def save(self, blobs: KeyBlobs) -> None: ...
+    def save(self, blobs: KeyBlobs, replace: bool = False) -> None: ...
 
 
 class FileBlobStore:
@@ -155,9 +166,9 @@ class FileBlobStore:
                 raise HostTPMError(reason=f"host key blobs {self.path} is not a regular file")
             return KeyBlobs.from_bytes(f.read())
 
-    def save(self, blobs: KeyBlobs) -> None:
+    def save(self, blobs: KeyBlobs, replace: bool = False) -> None:
         try:
-            fileutil.write_atomic(self.path, blobs.to_bytes(), mode=0o600)
+            fileutil.write_atomic(self.path, blobs.to_bytes(), mode=0o600, replace=replace)
         except FileExistsError:
             raise HostTPMError(reason=f"host key blobs {self.path} appeared meanwhile: "
                                       "another agent uses this state directory") from None
@@ -182,9 +193,12 @@ class MemoryBlobStore:
         with _MEMORY_GUARD:
             return _MEMORY.get(self._tcti)
 
-    def save(self, blobs: KeyBlobs) -> None:
+    def save(self, blobs: KeyBlobs, replace: bool = False) -> None:
         with _MEMORY_GUARD:
-            _MEMORY.setdefault(self._tcti, blobs)
+            if replace:
+                _MEMORY[self._tcti] = blobs
+            else:
+                _MEMORY.setdefault(self._tcti, blobs)
 
 
 class Loaded(NamedTuple):
@@ -196,8 +210,36 @@ class Loaded(NamedTuple):
     session: ESYS_TR
 
 
-def template(alg: str, attrs: TPMA_OBJECT) -> TPM2B_PUBLIC:
-    return TPM2B_PUBLIC(TPMT_PUBLIC.parse(alg, objectAttributes=attrs))
+def template(alg: str, attrs: TPMA_OBJECT, policy: bytes = b"") -> TPM2B_PUBLIC:
+    tmpl = TPMT_PUBLIC.parse(alg, objectAttributes=attrs)
+    tmpl.authPolicy = TPM2B_DIGEST(policy)
+    return TPM2B_PUBLIC(tmpl)
+
+
+def _policy_commands(e: ESAPI, session: ESYS_TR, pcrs: TPML_PCR_SELECTION) -> None:
+    # empty pcrDigest: the TPM takes the PCRs' current values
+    e.policy_pcr(session, TPM2B_DIGEST(b""), pcrs)
+    e.policy_auth_value(session)
+
+
+def kem_policy(e: ESAPI, pcrs: TPML_PCR_SELECTION) -> bytes:
+    """The KEM key's authPolicy for the PCRs' current values (a trial
+    session: PolicyPCR, then PolicyAuthValue)."""
+    session = e.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.TRIAL,
+                                   None, TPM2_ALG.SHA256)
+    try:
+        _policy_commands(e, session, pcrs)
+        return bytes(e.policy_get_digest(session))
+    finally:
+        e.flush_context(session)
+
+
+def kem_is_current(e: ESAPI, kem_public: bytes, pcrs: TPML_PCR_SELECTION | None) -> bool:
+    """Whether the stored KEM key is bound as configured now: no policy
+    without ``pcrs``, else the policy of the PCRs' current values."""
+    pub, _used = TPM2B_PUBLIC.unmarshal(kem_public)
+    bound = bytes(pub.publicArea.authPolicy)
+    return bound == (kem_policy(e, pcrs) if pcrs is not None else b"")
 
 
 @contextmanager
@@ -229,25 +271,38 @@ def use(e: ESAPI, session: ESYS_TR, attrs: TPMA_SESSION) -> ESYS_TR:
     return session
 
 
-def _create_child(e: ESAPI, hierarchy: ESYS_TR, alg: str, attrs: TPMA_OBJECT,
+def _create_child(e: ESAPI, hierarchy: ESYS_TR, public: TPM2B_PUBLIC,
                   auth: bytes) -> tuple[bytes, bytes]:
     sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=auth))
     with parent(e, hierarchy) as p:
         session = salted_session(e, p)
         try:
             # inSensitive (the auth value) is the first parameter: encrypted
-            priv, pub, _cd, _cdig, _tk = e.create(p, sensitive, template(alg, attrs),
+            priv, pub, _cd, _cdig, _tk = e.create(p, sensitive, public,
                                                   session1=use(e, session, DECRYPT))
         finally:
             e.flush_context(session)
     return pub.marshal(), priv.marshal()
 
 
-def create_blobs(e: ESAPI, ak_auth: bytes, kem_auth: bytes) -> KeyBlobs:
+def create_kem(e: ESAPI, auth: bytes, pcrs: TPML_PCR_SELECTION | None) -> tuple[bytes, bytes]:
+    """A new KEM key (owner hierarchy): (public, private) blobs. With
+    ``pcrs`` bound to their current values (userWithAuth clear: ZGen only
+    through the policy)."""
+    if pcrs is None:
+        public = template(KEM_TEMPLATE, KEM_ATTRS)
+    else:
+        public = template(KEM_TEMPLATE, KEM_ATTRS & ~TPMA_OBJECT.USERWITHAUTH,
+                          kem_policy(e, pcrs))
+    return _create_child(e, KEM_HIERARCHY, public, auth)
+
+
+def create_blobs(e: ESAPI, ak_auth: bytes, kem_auth: bytes,
+                 kem_pcrs: TPML_PCR_SELECTION | None = None) -> KeyBlobs:
     """A new AK (endorsement hierarchy) and KEM key (owner hierarchy) with
     the given auth values, created inside the TPM."""
-    ak_pub, ak_priv = _create_child(e, AK_HIERARCHY, AK_TEMPLATE, AK_ATTRS, ak_auth)
-    kem_pub, kem_priv = _create_child(e, KEM_HIERARCHY, KEM_TEMPLATE, KEM_ATTRS, kem_auth)
+    ak_pub, ak_priv = _create_child(e, AK_HIERARCHY, template(AK_TEMPLATE, AK_ATTRS), ak_auth)
+    kem_pub, kem_priv = create_kem(e, kem_auth, kem_pcrs)
     return KeyBlobs(ak_public=ak_pub, ak_private=ak_priv,
                     kem_public=kem_pub, kem_private=kem_priv)
 
@@ -265,11 +320,14 @@ def _unmarshal(public: bytes, private: bytes) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVA
 
 @contextmanager
 def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
-           auth: bytes, what: str) -> Iterator[Loaded]:
+           auth: bytes, what: str, policy: TPML_PCR_SELECTION | None = None,
+           ) -> Iterator[Loaded]:
     """Load a child under its hierarchy's parent, with a session salted to
     that parent; the parent is flushed before the caller's command runs
     (libtpms has three transient slots: certify needs AK and KEM key), the
-    child and the session after it."""
+    child and the session after it. ``policy``: a policy session that has
+    run the KEM key's PolicyPCR and PolicyAuthValue, instead of an HMAC
+    session (for the USER role of a PCR-bound key)."""
     pub, priv = _unmarshal(public, private)
     with parent(e, hierarchy) as p:
         try:
@@ -280,11 +338,18 @@ def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
                        "was cleared or replaced; move the host key blobs aside and "
                        "re-enroll the host") from None
         try:
-            session = salted_session(e, p)
+            if policy is None:
+                session = salted_session(e, p)
+            else:
+                session = e.start_auth_session(p, ESYS_TR.NONE, TPM2_SE.POLICY,
+                                               SESSION_CIPHER, TPM2_ALG.SHA256)
+                e.trsess_set_attributes(session, AUTH_ONLY)
         except BaseException:
             e.flush_context(handle)
             raise
     try:
+        if policy is not None:
+            _policy_commands(e, session, policy)
         e.tr_set_auth(handle, auth)
         yield Loaded(handle, pub, session)
     finally:

@@ -46,6 +46,7 @@ spec), which the engine's verifier parses:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 import threading
@@ -62,6 +63,7 @@ from tpm2_pytss.constants import (
     TPM2_ALG,
     TPM2_CAP,
     TPM2_HT,
+    TPM2_RC,
     TPMA_OBJECT,
 )
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
@@ -104,6 +106,7 @@ SEALED_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.USER
 MAX_SEAL_BYTES = 128  # MAX_SYM_DATA: the largest sensitive data a TPM seals
 _PCR_BANKS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256,
               "sha384": TPM2_ALG.SHA384, "sha512": TPM2_ALG.SHA512}
+KEM_POLICY_BANK = "sha256"
 _BANK_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 _MAX_NONCE = 64
 _QUOTE_ATTEMPTS = 3
@@ -219,19 +222,21 @@ class HostTPM:
     """
 
     def __init__(self, tcti: str, key_auth: KeyAuth | None = None,
-                 key_file: Path | None = None) -> None:
+                 key_file: Path | None = None, kem_pcrs: Sequence[int] = ()) -> None:
         """``key_auth``: the auth values that make the AK and KEM key the
         agent's own (``keyauth``); None only for tools that read or extend
         PCRs or seal: without it identity, quote, activate_credential and
         ecdh_zgen are refused (``HostTPMError``). ``key_file``: where the
         keys' TPM-wrapped blobs are kept (the agent's; created on first use);
-        None keeps them in this process only (tools, tests)."""
+        None keeps them in this process only (tools, tests). ``kem_pcrs``:
+        SHA-256 PCRs the KEM key is bound to (PolicyPCR; none: unbound)."""
         if not isinstance(tcti, str) or ":" not in tcti and tcti not in ("device", "swtpm"):
             raise HostTPMError(reason="invalid TCTI configuration string")
         self._tcti = tcti
         self._key_auth = key_auth
         self._blob_store: hostkeys.BlobStore = self._store(tcti, key_file)
         self._blobs: hostkeys.KeyBlobs | None = None
+        self._kem_pcrs = self._kem_selection(kem_pcrs)
         # (EK template, EK public): the public key comes from re-creating
         # the RSA EK, the most expensive TPM operation here, and changes
         # only with the endorsement hierarchy (then an engine-signed
@@ -249,14 +254,23 @@ class HostTPM:
     def __repr__(self) -> str:
         return f"HostTPM(tcti={self._tcti!r})"
 
-    def use_key_auth(self, key_auth: KeyAuth, key_file: Path | None = None) -> None:
+    def use_key_auth(self, key_auth: KeyAuth, key_file: Path | None = None,
+                     kem_pcrs: Sequence[int] = ()) -> None:
         """Set the AK/KEM auth values once the host key is available (it is
-        itself sealed in this TPM, so it comes after the HostTPM), and where
-        the keys' blobs are kept."""
+        itself sealed in this TPM, so it comes after the HostTPM), where
+        the keys' blobs are kept and the PCRs the KEM key is bound to."""
+        selection = self._kem_selection(kem_pcrs)
         with self._lock:
             self._key_auth = key_auth
             self._blob_store = self._store(self._tcti, key_file)
             self._blobs = None
+            self._kem_pcrs = selection
+
+    @staticmethod
+    def _kem_selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION | None:
+        if not pcrs:
+            return None
+        return _pcr_selection(KEM_POLICY_BANK, _check_pcrs(pcrs, KEM_POLICY_BANK))
 
     @staticmethod
     def _store(tcti: str, key_file: Path | None) -> hostkeys.BlobStore:
@@ -324,7 +338,8 @@ class HostTPM:
             blobs = self._blob_store.load()
             if blobs is None:
                 secrets = self._secrets()
-                blobs = hostkeys.create_blobs(e, secrets.ak.auth, secrets.kem.auth)
+                blobs = hostkeys.create_blobs(e, secrets.ak.auth, secrets.kem.auth,
+                                              self._kem_pcrs)
                 self._blob_store.save(blobs)
                 blobs = self._blob_store.load() or blobs  # another thread's, if first
                 LOG.info("Created the agent's AK and KEM key in the host TPM (%(store)r)",
@@ -337,10 +352,28 @@ class HostTPM:
         return hostkeys.loaded(e, hostkeys.AK_HIERARCHY, blobs.ak_public, blobs.ak_private,
                                self._secrets().ak.auth, "AK")
 
-    def _kem(self, e: ESAPI) -> _Loaded:
+    def _kem(self, e: ESAPI, zgen: bool = False) -> _Loaded:
+        """``zgen``: for ECDH_ZGen (USER role: the PCR policy if bound)."""
         blobs = self._key_blobs(e)
         return hostkeys.loaded(e, hostkeys.KEM_HIERARCHY, blobs.kem_public,
-                               blobs.kem_private, self._secrets().kem.auth, "KEM key")
+                               blobs.kem_private, self._secrets().kem.auth, "KEM key",
+                               self._kem_pcrs if zgen else None)
+
+    def _current_kem(self, e: ESAPI) -> None:
+        """A KEM key bound to PCR values the host no longer has (an approved
+        update) or to another ``kem_policy_pcrs`` is replaced by a new one
+        bound to the current values; the engine learns it at the host's
+        re-enrollment (which certifies the new key with the AK)."""
+        blobs = self._key_blobs(e)
+        if hostkeys.kem_is_current(e, blobs.kem_public, self._kem_pcrs):
+            return
+        public, private = hostkeys.create_kem(e, self._secrets().kem.auth, self._kem_pcrs)
+        blobs = dataclasses.replace(blobs, kem_public=public, kem_private=private)
+        self._blob_store.save(blobs, replace=True)
+        self._blobs = blobs
+        LOG.warning("The host's KEM key was bound to other PCR values or another "
+                    "[host_tpm] kem_policy_pcrs: created a new one for the current "
+                    "values; re-enroll this host so that the engine certifies it")
 
     def _cached_ek_public(self, template: bytes) -> bytes | None:
         if self._ek_public is not None and self._ek_public[0] == template:
@@ -372,6 +405,7 @@ class HostTPM:
             ek = hostek.certificate_and_public(e, self._cached_ek_public)
             if ek.template is not None and ek.public is not None:
                 self._ek_public = (ek.template, ek.public)  # never a missing one
+            self._current_kem(e)
             with self._ak(e) as ak, self._kem(e) as kem:
                 # certify's objectHandle (KEM) and signHandle (AK) both need
                 # the ADMIN/USER auth: an HMAC session each
@@ -488,10 +522,19 @@ class HostTPM:
         point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=x, y=y))
 
         def run(e: ESAPI) -> bytes:
-            with self._kem(e) as kem:
+            with self._kem(e, zgen=True) as kem:
                 # the response's outPoint is Z, the secret: encrypted
-                out = e.ecdh_zgen(kem.handle, point,
-                                  session1=hostkeys.use(e, kem.session, hostkeys.ENCRYPT))
+                try:
+                    out = e.ecdh_zgen(kem.handle, point, session1=hostkeys.use(
+                        e, kem.session, hostkeys.ENCRYPT))
+                except TSS2_Exception as exc:
+                    if exc.error != TPM2_RC.POLICY_FAIL:
+                        raise
+                    raise HostTPMError(
+                        reason="ECDH_ZGen: the KEM key is bound to PCR values this host "
+                               "no longer has (TPM_RC_POLICY_FAIL); after an approved "
+                               "update re-enroll the host, which gives it a new KEM key"
+                    ) from None
             z = bytes(out.point.x)
             if len(z) > 32:
                 raise HostTPMError(reason="ecdh_zgen: unexpected shared point size")

@@ -114,7 +114,8 @@ class AgentService:
         # the AK and KEM key: children whose auth values derive from the
         # host key, their TPM-wrapped blobs in the state directory
         self.host_tpm.use_key_auth(keyauth.derive(provider.host_key()),
-                                   self.settings.state_root / HOST_KEY_BLOBS)
+                                   self.settings.state_root / HOST_KEY_BLOBS,
+                                   conf.host_tpm.kem_policy_pcrs)
         self.keystore = ks.KeyStore(self.settings.state_root / "keys", provider)
         self.associations = AssociationList(self.settings.state_root / "associations.sqlite")
         # accepted command nonces survive a restart: a captured command

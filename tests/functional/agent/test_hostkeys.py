@@ -4,6 +4,7 @@ tpm2-pytss, a recording relay in front of the stand-in: ``tpmwire``)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import struct
@@ -15,8 +16,9 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR, TPM2_RH
-from tpm2_pytss.types import TPM2B_ECC_POINT, TPM2B_PUBLIC, TPMS_ECC_POINT
+from tpm2_pytss.constants import ESYS_TR, TPM2_RC, TPM2_RH, TPMA_OBJECT
+from tpm2_pytss.TSS2_Exception import TSS2_Exception
+from tpm2_pytss.types import TPM2B_ECC_POINT, TPM2B_PUBLIC, TPMS_ECC_POINT, TPMT_PUBLIC
 
 from tests.functional.hosttpm_fixture import (  # noqa: F401
     TEST_KEY_AUTH,
@@ -29,9 +31,11 @@ from tests.functional.tpmwire import (
     parameters,
     wiretap,
 )
+from tests.refusal import refused
 from vtpcm_agent import hostkeys
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_common import tpmpublic
+from vtpcm_common.exception import HostTPMError
 from vtpcm_nova.engine import verifier
 
 pytestmark = pytest.mark.functional
@@ -208,3 +212,50 @@ def test_the_keys_persist_in_their_blob_file_and_nowhere_else(
     assert {b.ak_name, b.kem_name}.isdisjoint({a.ak_name, a.kem_name})
     assert repr(hostkeys.KeyBlobs.from_bytes(key_file.read_bytes())).startswith(
         "KeyBlobs(ak_public=<")
+
+
+def test_a_pcr_bound_kem_key_refuses_once_a_policy_pcr_changed(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
+    """PolicyPCR + PolicyAuthValue on the KEM key: usable only in the
+    measured state it was created in; identity (the host's re-enrollment)
+    then gives a new key bound to the new values, which the engine's
+    certify check accepts like the first."""
+    key_file = tmp_path / "hostkeys.tpm"
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file,
+                 kem_pcrs=[8, 9]) as agent:
+        nonce = os.urandom(32)
+        first = agent.identity(nonce)
+        ak = verifier.load_ak(first.ak_public)
+        verifier.verify_certification(ak, first.kem_public, first.kem_certify_attest,
+                                      first.kem_certify_signature, nonce)
+        kem_pub = TPMT_PUBLIC.unmarshal(first.kem_public)[0]
+        assert len(bytes(kem_pub.authPolicy)) == 32
+        assert not kem_pub.objectAttributes & TPMA_OBJECT.USERWITHAUTH
+        (x, y), z = _peer_point(first.kem_public)
+        assert agent.ecdh_zgen(x, y) == z  # positive control: measured state
+        # the auth value alone (an HMAC session, no policy) does not do
+        blobs = hostkeys.KeyBlobs.from_bytes(key_file.read_bytes())
+        with ESAPI(host_tpm_standin.tcti) as e, hostkeys.loaded(
+                e, hostkeys.KEM_HIERARCHY, blobs.kem_public, blobs.kem_private,
+                TEST_KEY_AUTH.kem.auth, "KEM key") as kem:
+            with pytest.raises(TSS2_Exception) as auth_only:
+                e.ecdh_zgen(kem.handle, TPM2B_ECC_POINT(TPMS_ECC_POINT(x=x, y=y)),
+                            session1=kem.session)
+        assert auth_only.value.error == TPM2_RC.AUTH_UNAVAILABLE
+        agent.extend_pcr(9, hashlib.sha256(b"an unapproved component").digest())
+        with refused(HostTPMError, "Host TPM error: ECDH_ZGen: the KEM key is bound to "
+                     "PCR values this host no longer has (TPM_RC_POLICY_FAIL); after an "
+                     "approved update re-enroll the host, which gives it a new KEM key"):
+            agent.ecdh_zgen(x, y)
+        # re-enrollment after the (approved) change: a new key for the new values
+        second = agent.identity(nonce)
+        assert second.ak_name == first.ak_name and second.kem_name != first.kem_name
+        verifier.verify_certification(ak, second.kem_public, second.kem_certify_attest,
+                                      second.kem_certify_signature, nonce)
+        (x2, y2), z2 = _peer_point(second.kem_public)
+        assert agent.ecdh_zgen(x2, y2) == z2
+        assert agent.identity(nonce).kem_name == second.kem_name  # stable meanwhile
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file) as unbound:
+        # the list emptied: an unbound key replaces the PCR-bound one
+        third = unbound.identity(nonce)
+        assert bytes(TPMT_PUBLIC.unmarshal(third.kem_public)[0].authPolicy) == b""

@@ -129,11 +129,11 @@ def test_certify_signature_breaks_when_tampered(tpm: HostTPM) -> None:
         verify_signature(ident.ak_public, bytes(bad), ident.kem_certify_signature)
 
 
-def test_keys_are_deterministic(host_tpm_standin: HostTPMStandIn) -> None:  # noqa: F811
+def test_keys_survive_a_host_reboot(host_tpm_standin: HostTPMStandIn) -> None:  # noqa: F811
     with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH) as first:
         a = first.identity(b"1")
     host_tpm_standin.stop()
-    host_tpm_standin.start()  # a reboot of the host: same seeds, same keys
+    host_tpm_standin.start()  # a reboot of the host: the same blobs load again
     with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH) as second:
         b = second.identity(b"2")
     assert (a.ak_public, a.ak_name, a.kem_public, a.kem_name) == (
