@@ -108,8 +108,8 @@ def test_identity_certifies_kem_key(tpm: HostTPM) -> None:
     assert b"\x00\x0b" + hashlib.sha256(ident.ak_public).digest() == ident.ak_name
     assert b"\x00\x0b" + hashlib.sha256(ident.kem_public).digest() == ident.kem_name
     ak, _ = TPMT_PUBLIC.unmarshal(ident.ak_public)
-    # restricted|sign|fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth
-    assert int(ak.objectAttributes) == 0x00050072
+    # restricted|sign|fixedTPM|fixedParent|sensitiveDataOrigin|userWithAuth|noDA
+    assert int(ak.objectAttributes) == 0x00050472
     # the KEM key the TPM made passes the engine's and the agents' one check
     assert tpmpublic.kem_public_key(ident.kem_public).name == ident.kem_name
     verify_signature(ident.ak_public, ident.kem_certify_attest, ident.kem_certify_signature)
