@@ -40,6 +40,7 @@ lock and turns TSS errors into HostTPMError.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import struct
@@ -174,31 +175,34 @@ class FileBlobStore:
                                       "another agent uses this state directory") from None
 
 
-_MEMORY: dict[str, KeyBlobs] = {}
+_MEMORY: dict[tuple[str, bytes], KeyBlobs] = {}
 _MEMORY_GUARD = threading.Lock()
 
 
 class MemoryBlobStore:
     """For tools, tests and benchmarks without a state directory: the keys
     live as long as this process, shared by its HostTPMs of one TCTI. The
-    agent never uses it (its enrollment must survive a restart)."""
+    agent never uses it (its enrollment must survive a restart). Keyed by
+    TCTI and a digest of the auth values, so that HostTPMs with other auth
+    values get keys of their own instead of ones they cannot use."""
 
-    def __init__(self, tcti: str) -> None:
+    def __init__(self, tcti: str, auth: bytes) -> None:
         self._tcti = tcti
+        self._key = (tcti, hashlib.sha256(b"vtpcm memory blob store " + auth).digest())
 
     def __repr__(self) -> str:
         return f"MemoryBlobStore({self._tcti!r})"
 
     def load(self) -> KeyBlobs | None:
         with _MEMORY_GUARD:
-            return _MEMORY.get(self._tcti)
+            return _MEMORY.get(self._key)
 
     def save(self, blobs: KeyBlobs, replace: bool = False) -> None:
         with _MEMORY_GUARD:
             if replace:
-                _MEMORY[self._tcti] = blobs
+                _MEMORY[self._key] = blobs
             else:
-                _MEMORY.setdefault(self._tcti, blobs)
+                _MEMORY.setdefault(self._key, blobs)
 
 
 class Loaded(NamedTuple):

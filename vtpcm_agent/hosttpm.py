@@ -234,7 +234,7 @@ class HostTPM:
             raise HostTPMError(reason="invalid TCTI configuration string")
         self._tcti = tcti
         self._key_auth = key_auth
-        self._blob_store: hostkeys.BlobStore = self._store(tcti, key_file)
+        self._blob_store: hostkeys.BlobStore = self._store(tcti, key_auth, key_file)
         self._blobs: hostkeys.KeyBlobs | None = None
         self._kem_pcrs = self._kem_selection(kem_pcrs)
         # (EK template, EK public): the public key comes from re-creating
@@ -262,7 +262,7 @@ class HostTPM:
         selection = self._kem_selection(kem_pcrs)
         with self._lock:
             self._key_auth = key_auth
-            self._blob_store = self._store(self._tcti, key_file)
+            self._blob_store = self._store(self._tcti, key_auth, key_file)
             self._blobs = None
             self._kem_pcrs = selection
 
@@ -273,9 +273,11 @@ class HostTPM:
         return _pcr_selection(KEM_POLICY_BANK, _check_pcrs(pcrs, KEM_POLICY_BANK))
 
     @staticmethod
-    def _store(tcti: str, key_file: Path | None) -> hostkeys.BlobStore:
+    def _store(tcti: str, key_auth: KeyAuth | None,
+               key_file: Path | None) -> hostkeys.BlobStore:
         if key_file is None:
-            return hostkeys.MemoryBlobStore(tcti)
+            auth = b"" if key_auth is None else key_auth.ak.auth + key_auth.kem.auth
+            return hostkeys.MemoryBlobStore(tcti, auth)
         return hostkeys.FileBlobStore(key_file)
 
     # -- lifecycle -------------------------------------------------------
