@@ -52,7 +52,14 @@ from pathlib import Path
 from typing import NamedTuple, Protocol
 
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE, TPMA_OBJECT, TPMA_SESSION
+from tpm2_pytss.constants import (
+    ESYS_TR,
+    TPM2_ALG,
+    TPM2_RC,
+    TPM2_SE,
+    TPMA_OBJECT,
+    TPMA_SESSION,
+)
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
     TPM2B_DIGEST,
@@ -70,7 +77,13 @@ from vtpcm_common.exception import HostTPMError
 _BASE_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
                | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH)
 PARENT_TEMPLATE = "ecc256:aes128cfb"
-PARENT_ATTRS = _BASE_ATTRS | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
+# The owner storage primary the host key is sealed under, unchanged since
+# the first release: another template would orphan every hostkey.sealed.
+SRK_ATTRS = _BASE_ATTRS | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
+# The AK's and KEM key's parents are noDA as well: in DA lockout (which any
+# local TPM user can trigger with bad tries on a DA-protected key of its
+# own) the TPM refuses every DA-protected object, empty auth or not.
+PARENT_ATTRS = SRK_ATTRS | TPMA_OBJECT.NODA
 # noDA: a wrong auth value must not count towards the TPM's dictionary-
 # attack lockout, or any local TPM user could lock the agent out of its keys
 # with a few bad tries; a 256-bit random auth value needs no DA protection.
@@ -247,12 +260,13 @@ def kem_is_current(e: ESAPI, kem_public: bytes, pcrs: TPML_PCR_SELECTION | None)
 
 
 @contextmanager
-def parent(e: ESAPI, hierarchy: ESYS_TR) -> Iterator[ESYS_TR]:
+def parent(e: ESAPI, hierarchy: ESYS_TR,
+           attrs: TPMA_OBJECT = PARENT_ATTRS) -> Iterator[ESYS_TR]:
     """The storage primary of ``hierarchy`` for one operation (empty auth:
     it only wraps children and salts sessions, it decrypts nothing for
     anyone)."""
     handle, _pub, _cd, _cdig, _tk = e.create_primary(
-        None, template(PARENT_TEMPLATE, PARENT_ATTRS), hierarchy)
+        None, template(PARENT_TEMPLATE, attrs), hierarchy)
     try:
         yield handle
     finally:
@@ -337,6 +351,9 @@ def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
         try:
             handle = e.load(p, priv, pub)
         except TSS2_Exception as exc:
+            if exc.error != TPM2_RC.INTEGRITY:
+                raise HostTPMError(reason=f"the agent's {what} cannot be loaded: {exc}"
+                                   ) from None
             raise HostTPMError(
                 reason=f"the agent's {what} does not load in this TPM ({exc}): the TPM "
                        "was cleared or replaced; move the host key blobs aside and "

@@ -386,7 +386,7 @@ class HostTPM:
     @contextmanager
     def _srk(e: ESAPI) -> Iterator[tuple[ESYS_TR, ESYS_TR]]:
         """The owner storage primary and a session salted to it."""
-        with hostkeys.parent(e, hostkeys.KEM_HIERARCHY) as srk:
+        with hostkeys.parent(e, hostkeys.KEM_HIERARCHY, hostkeys.SRK_ATTRS) as srk:
             session = hostkeys.salted_session(e, srk)
             try:
                 yield srk, session

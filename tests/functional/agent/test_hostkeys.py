@@ -24,6 +24,7 @@ from tests.functional.hosttpm_fixture import (  # noqa: F401
     TEST_KEY_AUTH,
     HostTPMStandIn,
     host_tpm_standin,
+    second_host_tpm_standin,
 )
 from tests.functional.tpmwire import (
     TPM_CC_CREATE_PRIMARY,
@@ -116,9 +117,10 @@ _FOREIGN = """
 import json, sys
 from tpm2_pytss import ESAPI
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
-from tpm2_pytss.types import (TPM2B_ECC_POINT, TPMS_ECC_POINT, TPML_PCR_SELECTION,
-                              TPMT_SIG_SCHEME)
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RH, TPM2_ST, TPMA_OBJECT
+from tpm2_pytss.types import (TPM2B_ECC_POINT, TPM2B_PUBLIC, TPM2B_SENSITIVE_CREATE,
+                              TPMS_ECC_POINT, TPMS_SENSITIVE_CREATE, TPML_PCR_SELECTION,
+                              TPMT_PUBLIC, TPMT_SIG_SCHEME, TPMT_TK_HASHCHECK)
 from vtpcm_agent import hostkeys
 a = json.loads(sys.argv[1])
 blobs = hostkeys.KeyBlobs.from_bytes(bytes.fromhex(a["blobs"]))
@@ -144,6 +146,21 @@ with ESAPI(a["tcti"]) as e:
                     out["used"].append("quote")
             except TSS2_Exception as exc:
                 out["refusals"].append(["quote", int(exc.error), str(exc)])
+    # then it puts the TPM into dictionary-attack lockout with bad tries on
+    # a DA-protected key of its own
+    sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=b"own"))
+    attrs = (TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
+             | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH)
+    own = e.create_primary(sensitive, TPM2B_PUBLIC(TPMT_PUBLIC.parse(
+        "ecc256:ecdsa-sha256:null", objectAttributes=attrs)), ESYS_TR.OWNER)[0]
+    for _ in range(12):
+        e.tr_set_auth(own, b"wrong")
+        try:
+            e.sign(own, b"d" * 32, TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), TPMT_TK_HASHCHECK(
+                tag=TPM2_ST.HASHCHECK, hierarchy=TPM2_RH.NULL))
+        except TSS2_Exception as exc:
+            out["lockout"] = int(exc.error)
+    e.flush_context(own)
 print(json.dumps(out))
 """
 TPM_RC_BAD_AUTH = 0x0A2  # RC_FMT1 + 0x022: authorization failure, no DA
@@ -159,14 +176,16 @@ def test_a_foreign_tpm_user_with_the_key_blobs_cannot_zgen_or_quote(
             [sys.executable, "-c", _FOREIGN,
              json.dumps({"tcti": host_tpm_standin.tcti, "blobs": key_file.read_bytes().hex(),
                          "x": x.hex(), "y": y.hex()})],
-            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=True)
+            capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT, check=False)
+        assert proc.returncode == 0, proc.stderr[-600:]
         out = json.loads(proc.stdout.strip().splitlines()[-1])
         assert out["used"] == [], "a foreign TPM user used the agent's keys"
         assert len(out["refusals"]) == 12
         for what, error, text in out["refusals"]:
             assert error == TPM_RC_BAD_AUTH, (what, text)
-        # positive control, after 12 failed tries: the agent still can (the
-        # keys are noDA, so failures never lock it out)
+        assert out["lockout"] == TPM2_RC.LOCKOUT  # the TPM is in DA lockout now
+        # positive control, after 12 failed tries and in DA lockout: the
+        # agent still can (its keys and their parents are noDA)
         assert agent.ecdh_zgen(x, y) == z
         nonce = os.urandom(32)
         quote = agent.quote(nonce, [0, 1, 2])
@@ -259,3 +278,18 @@ def test_a_pcr_bound_kem_key_refuses_once_a_policy_pcr_changed(
         # the list emptied: an unbound key replaces the PCR-bound one
         third = unbound.identity(nonce)
         assert bytes(TPMT_PUBLIC.unmarshal(third.kem_public)[0].authPolicy) == b""
+
+
+def test_blobs_of_another_tpm_are_refused_clearly(
+        host_tpm_standin: HostTPMStandIn, second_host_tpm_standin: HostTPMStandIn,  # noqa: F811
+        tmp_path: Path) -> None:
+    key_file = tmp_path / "hostkeys.tpm"
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file) as first:
+        first.quote(b"n", [0])  # positive control: loads in its own TPM
+    with HostTPM(second_host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file) as other:
+        with pytest.raises(HostTPMError, match=r"^Host TPM error: the agent's AK does not "
+                           r"load in this TPM \(tpm:parameter\(1\):integrity check failed"
+                           r"\): the TPM was cleared or replaced; move the host key blobs "
+                           r"aside and re-enroll the host$"):
+            other.quote(b"n", [0])
+    assert hostkeys.KeyBlobs.from_bytes(key_file.read_bytes())  # left as it was
