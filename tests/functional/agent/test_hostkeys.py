@@ -18,7 +18,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import ESYS_TR, TPM2_RC, TPM2_RH, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
-from tpm2_pytss.types import TPM2B_ECC_POINT, TPM2B_PUBLIC, TPMS_ECC_POINT, TPMT_PUBLIC
+from tpm2_pytss.types import (
+    TPM2B_ECC_POINT,
+    TPM2B_PRIVATE,
+    TPM2B_PUBLIC,
+    TPMS_ECC_POINT,
+    TPMT_PUBLIC,
+)
 
 from tests.functional.hosttpm_fixture import (  # noqa: F401
     TEST_KEY_AUTH,
@@ -293,3 +299,25 @@ def test_blobs_of_another_tpm_are_refused_clearly(
                            r"aside and re-enroll the host$"):
             other.quote(b"n", [0])
     assert hostkeys.KeyBlobs.from_bytes(key_file.read_bytes())  # left as it was
+
+
+def test_the_sealed_host_key_never_crosses_the_tpm_interface_in_clear(
+        tap: TPMWireTap) -> None:
+    """The host key gives the auth values: its seal (Create's inSensitive)
+    and unseal (Unseal's outData) go through encrypted sessions."""
+    host_key = os.urandom(32)
+    with HostTPM(tap.tcti) as tools:
+        sealed = tools.seal(host_key)
+        assert tools.unseal(sealed) == host_key
+    assert host_key not in tap.everything()
+    # planted control: an Unseal through a plain password session shows it
+    pub = TPM2B_PUBLIC.unmarshal(sealed.public)[0]
+    priv = TPM2B_PRIVATE.unmarshal(sealed.private)[0]
+    with ESAPI(tap.tcti) as e, hostkeys.parent(e, hostkeys.KEM_HIERARCHY,
+                                               hostkeys.SRK_ATTRS) as srk:
+        obj = e.load(srk, priv, pub)
+        try:
+            assert bytes(e.unseal(obj)) == host_key
+        finally:
+            e.flush_context(obj)
+    assert host_key in tap.everything()
