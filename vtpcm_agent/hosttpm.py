@@ -22,10 +22,10 @@ spec), which the engine's verifier parses:
 * ``ak_public`` / ``kem_public``: a marshaled ``TPMT_PUBLIC`` (the contents of
   ``TPM2B_PUBLIC`` without its 2-byte size). For these ECC P-256 keys:
   ``type u16=0x0023 | nameAlg u16=0x000b | objectAttributes u32 |
-  authPolicy (u16 size=0) | symmetric u16=0x0010 (NULL) | scheme u16
-  (0x0018 ECDSA + hash u16 0x000b for the AK; 0x0019 ECDH + 0x000b for the
-  KEM key) | curveID u16=0x0003 | kdf u16=0x0010 | x (u16 32 + 32 bytes) |
-  y (u16 32 + 32 bytes)``.
+  authPolicy (u16 size: 0, or 32 for a PCR-bound KEM key) | symmetric
+  u16=0x0010 (NULL) | scheme u16 (0x0018 ECDSA + hash u16 0x000b for the
+  AK; 0x0019 ECDH + 0x000b for the KEM key) | curveID u16=0x0003 | kdf
+  u16=0x0010 | x (u16 32 + 32 bytes) | y (u16 32 + 32 bytes)``.
 * ``ak_name`` / ``kem_name``: the TPM object name, ``nameAlg u16 (0x000b) ||
   SHA-256(marshaled TPMT_PUBLIC)`` (34 bytes); the engine and the agents check
   the KEM key and compute its name with ``vtpcm_common.tpmpublic``.
