@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.functional import tpmtools
 from tests.nova_functional import deployment as dep_mod
+from tests.nova_functional.novafront import ServersStandIn
 from vtpcm_agent.swtpm.client import CtrlClient
 from vtpcm_common import authn, exception
 from vtpcm_common.api.engine import messages as m
@@ -24,6 +25,7 @@ PERMALL = "tpm2-00.permall"
 @pytest.fixture(scope="module")
 def dep():
     with dep_mod.deployment() as deployment:
+        deployment.nova.app = ServersStandIn()  # no Nova here: its API's answers
         yield deployment
 
 
@@ -149,6 +151,7 @@ def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
     dep.hosts[c].untrust()
     assert dep.operator.attest(c).status == "UNTRUSTED"
 
+    dep.nova.app.unshelving(instance, c)
     with pytest.raises(exception.HostNotTrusted, match="PCR 7"):
         dep.engine_at(c).unshelve_vtpcm(instance, c)
     rec = dep.operator.get_vtpcm(instance)
@@ -158,6 +161,10 @@ def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
     with pytest.raises(exception.CommandRefused, match="host command key of %s" % b):
         dep.engine_at(c).unshelve_vtpcm(instance, b)
 
+    # a TRUSTED host that Nova is not unshelving onto (Nova chose c) gets nothing
+    with pytest.raises(exception.UnshelveNotAuthorized, match="onto %s, not onto %s" % (c, b)):
+        dep.engine_at(b).unshelve_vtpcm(instance, b)
+    dep.nova.app.unshelving(instance, b)
     # positive control: the TRUSTED host gets it, the holder's copy is shredded
     rec = dep.engine_at(b).unshelve_vtpcm(instance, b)
     assert (rec.host, rec.generation, rec.state) == (b, 1, "ACTIVE")
@@ -171,7 +178,7 @@ def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
         dep.engine_at(a).unshelve_vtpcm(instance, a)
     assert dep.operator.get_vtpcm(instance).host == b
     assert sorted(e.outcome for e in _audit(dep, instance, "vtpcm.unshelve")) == \
-        ["moved", "refused", "refused"]
+        ["moved", "refused", "refused", "refused"]
     dep.engine_at(b).destroy_vtpcm(instance)
 
 
