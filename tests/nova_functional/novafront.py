@@ -64,6 +64,7 @@ class NovaFront:
 
     def _serve(self, environ: dict[str, Any], start: Callable[..., Any]) -> Iterable[bytes]:
         status = [0]
+        method, path = environ["REQUEST_METHOD"], environ["PATH_INFO"]  # the app may shift it
 
         def recording_start(line: str, headers: Any, *exc: Any) -> Any:
             status[0] = int(line.split()[0])
@@ -71,8 +72,7 @@ class NovaFront:
         try:
             return self._dispatch(environ, recording_start)
         finally:
-            self.requests.append((environ["REQUEST_METHOD"], environ["PATH_INFO"],
-                                  status[0]))
+            self.requests.append((method, path, status[0]))
 
     def _dispatch(self, environ: dict[str, Any],
                   start: Callable[..., Any]) -> Iterable[bytes]:
@@ -86,8 +86,7 @@ class NovaFront:
         environ["HTTP_X_AUTH_USER"] = "admin"
         environ["HTTP_X_AUTH_PROJECT_ID"] = SERVICE_PROJECT
         environ["HTTP_X_ROLES"] = "admin,reader,member"
-        # the harness mounts the API at /v2.1 (wsgi-intercept's script root)
-        environ["SCRIPT_NAME"] = ""
+        environ["SCRIPT_NAME"] = ""  # the API's paste urlmap mounts /v2.1 itself
         return app(environ, start)
 
 
