@@ -5,6 +5,7 @@ registers its own ``[placement]`` and ``[neutron]`` clients, plus the rule
 for reaping shelved vTPCMs whose instances were deleted.
 """
 
+import copy
 from typing import Any
 
 from keystoneauth1 import loading as ks_loading
@@ -40,13 +41,22 @@ def _ksa_opts() -> list[Any]:
                        + ks_loading.get_auth_plugin_conf_options("v3password")
                        + ks_loading.get_auth_plugin_conf_options("admin_token")
                        + ks_loading.get_adapter_conf_options(include_deprecated=False))
+    defaults = _defaults()
     seen: set[str] = set()
     unique = []
     for opt in opts:
         if opt.dest not in seen:
             seen.add(opt.dest)
+            if opt.dest in defaults:  # documented as register_opts sets it
+                opt = copy.deepcopy(opt)
+                opt.default = defaults[opt.dest]
             unique.append(opt)
     return unique
+
+
+def _defaults() -> dict[str, Any]:
+    return {"service_type": SERVICE_TYPE, "valid_interfaces": ["internal", "public"],
+            "timeout": DEFAULT_TIMEOUT}
 
 
 def register_opts(conf: cfg.ConfigOpts) -> None:
@@ -54,9 +64,8 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     ks_loading.register_session_conf_options(conf, GROUP)
     ks_loading.register_auth_conf_options(conf, GROUP)
     ks_loading.register_adapter_conf_options(conf, GROUP, include_deprecated=False)
-    conf.set_default("service_type", SERVICE_TYPE, group=GROUP)
-    conf.set_default("valid_interfaces", ["internal", "public"], group=GROUP)
-    conf.set_default("timeout", DEFAULT_TIMEOUT, group=GROUP)
+    for name, value in _defaults().items():
+        conf.set_default(name, value, group=GROUP)
 
 
 def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
