@@ -259,7 +259,9 @@ class EngineAPI(rpc.Client):
 
     def unshelve_vtpcm(self, instance_uuid: str, host: str) -> m.VtpcmRecord:
         """Unshelve onto ``host`` (this client's host): the shelved vTPCM is
-        live again there, moved from its holder if need be."""
+        live again there, moved from its holder if need be; a move only
+        while Nova's API shows Nova unshelving the instance onto ``host``
+        (else ``UnshelveNotAuthorized``; same API version, the engine asks)."""
         return self._ask("unshelve_vtpcm", m.VtpcmPlacement(instance_uuid, host),
                           m.VtpcmRecord)
 
