@@ -16,8 +16,9 @@ from tests.functional.harness import (
     agent_cluster,
     client_conf,
     short_dir,
+    wait_for,
 )
-from vtpcm_common import authn
+from vtpcm_common import authn, exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
@@ -56,7 +57,10 @@ def make_deployment(relay: BrokerRelay | None = None) -> Iterator[Deployment]:
             at = {}
             for label, host in hosts.items():
                 operator.assign_policy(host.name, "golden")
-                assert operator.attest(host.name).status == "TRUSTED"
+                # the engine's short agent timeout (ENGINE_EXTRA) can cut a
+                # host's first quote, which creates its TPM keys: ask again
+                wait_for("%s attested TRUSTED" % host.name,
+                         lambda h=host: _attest(operator, h.name), 120)
                 at[label] = EngineAPI(conf, operator.transport, timeout=6,
                                       host_signer=authn.load_host_key(host.agent.command_key))
             yield Deployment(operator, at, hosts, agents, engine, relay)
@@ -66,3 +70,10 @@ def make_deployment(relay: BrokerRelay | None = None) -> Iterator[Deployment]:
         operator.transport.cleanup()
         shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _attest(operator: EngineAPI, host: str) -> bool:
+    try:
+        return operator.attest(host).status == "TRUSTED"
+    except exception.AttestationError:
+        return False
