@@ -26,8 +26,13 @@ from vtpcm_lab import daemons
 
 @pytest.fixture(scope="module")
 def deployment() -> Iterator[Deployment]:
-    with make_deployment() as d:
-        yield d
+    """The daemons reach RabbitMQ through a relay the broker cells cut."""
+    relay = BrokerRelay(("127.0.0.1", 5672)).start()
+    try:
+        with make_deployment(relay) as d:
+            yield d
+    finally:
+        relay.stop()
 
 
 @contextlib.contextmanager

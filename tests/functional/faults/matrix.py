@@ -1,5 +1,5 @@
 """The fault-injection matrix's cells (issue 10, point 4), without QEMU:
-``run_cell`` (test_matrix.py, test_broker.py parametrize it).
+``run_cell`` (test_matrix.py parametrizes it).
 
 Each cell kills one part at one step of a migration A -> B and either
 brings it back at once ("restart": kill -9, then start) or keeps it down
@@ -59,7 +59,9 @@ SWTPM_STEPS = {"src_swtpm": ("after_switchover", "inside_commit"),
                "dst_swtpm": ("transfer", "after_switchover", "inside_commit")}
 CELLS = ([(part, step, mode) for part in DAEMONS for step in STEPS
           for mode in ("restart", "down")]
-         + [(part, step, "kill") for part, steps in SWTPM_STEPS.items() for step in steps])
+         + [(part, step, "kill") for part, steps in SWTPM_STEPS.items() for step in steps]
+         # a broker restart: the relay the daemons reach RabbitMQ through, cut
+         + [("broker", step, mode) for step in STEPS[1:] for mode in ("restart", "down")])
 # a caller's lost abort before the commit point is settled by the deadline
 CONVERGE_WITHIN = MIGRATION_TIMEOUT + 20.0
 
@@ -241,7 +243,7 @@ def run_cell(d: Deployment, part: str, step: str, mode: str) -> None:
         try:
             # a begin the engine never took expires in the broker (the
             # call's TTL) and leaves no record; the agents must agree below
-            wait_for("migration %s recorded" % mid, lambda: _known(d, mid), 5)
+            wait_for("migration %s recorded" % mid, lambda: _known(d, mid), 3)
         except TimeoutError:
             pass
         else:

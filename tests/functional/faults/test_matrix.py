@@ -1,5 +1,5 @@
-"""The fault-injection matrix (issue 10, point 4): every daemon and swtpm,
-killed at every step of a migration (``matrix.run_cell``), on one
+"""The fault-injection matrix (issue 10, point 4): every daemon, swtpm and
+the broker, killed at every step of a migration (``matrix.run_cell``), on one
 deployment with two tests first: the planted positive controls of the
 checker, and issue 10's begin that never returned (point 1).
 
@@ -12,6 +12,7 @@ refused."""
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +33,7 @@ from tests.functional.faults.deployment import (
     wait_state,
 )
 from tests.functional.faults.matrix import CELLS, run_cell
+from tests.functional.faults.relay import BrokerRelay
 from tests.functional.harness import wait_for
 from vtpcm_common import exception
 
@@ -113,6 +115,21 @@ def test_engine_killed_inside_begin_is_aborted_at_its_restart(deployment: Deploy
     assert permanent(tpmtools.read_guest_state(b.paths(instance, new_id), with_key=True)) \
         == permanent(before)
     d.at["b"].destroy_vtpcm(instance)
+
+
+def test_the_relay_really_cuts() -> None:
+    """Positive control: a cut relay refuses connections, a restored one relays."""
+    relay = BrokerRelay(("127.0.0.1", 5672)).start()
+    try:
+        relay.cut()
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as conn:
+            assert conn.recv(1) == b""  # closed at once
+        relay.restore()
+        with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as conn:
+            conn.sendall(b"AMQP\x00\x00\x09\x01")
+            assert conn.recv(8)  # the broker's Connection.Start
+    finally:
+        relay.stop()
 
 
 @pytest.mark.parametrize(("part", "step", "mode"), CELLS,
