@@ -101,7 +101,17 @@ _Loaded = AbstractContextManager[hostkeys.Loaded]
 
 # A sealed data object: the caller supplies the sensitive data, so no
 # sensitiveDataOrigin; no sign/decrypt; unseal needs only the (empty) auth.
+# Version 1 (SEALED_ATTRS under hostkeys.SRK_ATTRS) was DA-protected: in a DA
+# lockout any local TPM user can cause, the agent could not restart (finding
+# M3). Version 2 is noDA under the noDA owner parent, whose name it pins.
 SEALED_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.USERWITHAUTH
+SEALED_ATTRS_V2 = SEALED_ATTRS | TPMA_OBJECT.NODA
+
+
+class HostTPMLockout(HostTPMError):
+    """The TPM is in dictionary-attack lockout (TPM_RC_LOCKOUT): nothing is
+    wrong with the key or the file; it passes with the lockout interval or
+    a DictionaryAttackLockReset."""
 
 MAX_SEAL_BYTES = 128  # MAX_SYM_DATA: the largest sensitive data a TPM seals
 _PCR_BANKS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256,
@@ -127,6 +137,8 @@ class HostIdentity:
     ek_certificate: bytes | None
     # marshaled TPMT_PUBLIC of the EK that ek_certificate certifies
     ek_public: bytes | None = None
+    # False: the KEM key is bound to PCR values the host no longer has
+    kem_current: bool = True
 
 
 @dataclass(frozen=True)
@@ -144,28 +156,43 @@ class SealedObject:
 
     ``public`` is a marshaled TPM2B_PUBLIC and ``private`` a marshaled
     TPM2B_PRIVATE (both with their 2-byte size prefix), as TPM2_Load wants.
-    Only the TPM that sealed it can load it. The repr shows sizes only.
+    ``parent_name``: the name of the storage primary it was sealed under,
+    pinned (finding H1); empty in a version-1 object (then the parent is
+    the DA-protected ``hostkeys.SRK_ATTRS`` one). Only the TPM that sealed
+    it can load it. The repr shows sizes only.
     """
 
     public: bytes
     private: bytes
+    parent_name: bytes = b""
 
-    _MAGIC = b"VTSO\x01"
+    _MAGIC_V1 = b"VTSO\x01"
+    _MAGIC = b"VTSO\x02"
+
+    @property
+    def legacy(self) -> bool:
+        """A version-1 object: DA-protected parent, nothing pinned."""
+        return not self.parent_name
 
     def to_bytes(self) -> bytes:
-        """File format: ``b"VTSO" 0x01 | u32 len | public | u32 len | private``."""
-        return (self._MAGIC + struct.pack(">I", len(self.public)) + self.public
-                + struct.pack(">I", len(self.private)) + self.private)
+        """File format 2: ``b"VTSO" 0x02 | u32 len | public | u32 len |
+        private | u32 len | parent_name``; format 1 has no parent_name."""
+        fields = [self.public, self.private] + ([] if self.legacy else [self.parent_name])
+        return (self._MAGIC_V1 if self.legacy else self._MAGIC) + b"".join(
+            struct.pack(">I", len(f)) + f for f in fields)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SealedObject:
         """Parse ``to_bytes`` output strictly (HostTPMError on any mismatch)."""
-        magic = cls._MAGIC
-        if len(data) < len(magic) + 8 or data[:len(magic)] != magic:
+        if data[:len(cls._MAGIC)] == cls._MAGIC:
+            names: tuple[str, ...] = ("public", "private", "parent_name")
+        elif data[:len(cls._MAGIC_V1)] == cls._MAGIC_V1:
+            names = ("public", "private")
+        else:
             raise HostTPMError(reason="sealed object: bad magic/version or too short")
-        off = len(magic)
+        off = len(cls._MAGIC)
         parts = []
-        for name in ("public", "private"):
+        for name in names:
             if off + 4 > len(data):
                 raise HostTPMError(reason=f"sealed object: truncated before {name}")
             (n,) = struct.unpack_from(">I", data, off)
@@ -176,15 +203,16 @@ class SealedObject:
             off += n
         if off != len(data):
             raise HostTPMError(reason="sealed object: trailing bytes")
-        return cls(public=parts[0], private=parts[1])
+        return cls(*parts)
 
     def __repr__(self) -> str:
         return (f"SealedObject(public=<{len(self.public)} bytes>, "
-                f"private=<{len(self.private)} bytes>)")
+                f"private=<{len(self.private)} bytes>, "
+                f"parent_name=<{len(self.parent_name)} bytes>)")
 
 
 def _sealed_template() -> TPM2B_PUBLIC:
-    tmpl = TPMT_PUBLIC.parse("keyedhash", objectAttributes=SEALED_ATTRS)
+    tmpl = TPMT_PUBLIC.parse("keyedhash", objectAttributes=SEALED_ATTRS_V2)
     tmpl.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
     return TPM2B_PUBLIC(tmpl)
 
@@ -346,36 +374,60 @@ class HostTPM:
                 blobs = self._blob_store.load() or blobs  # another thread's, if first
                 LOG.info("Created the agent's AK and KEM key in the host TPM (%(store)r)",
                          {"store": self._blob_store})
+            if not blobs.pinned:
+                blobs = self._pin_parents(e, blobs)
             self._blobs = blobs
         return self._blobs
+
+    def _pin_parents(self, e: ESAPI, blobs: hostkeys.KeyBlobs) -> hostkeys.KeyBlobs:
+        """Version-1 blobs (before parents were pinned): pin the parents'
+        names as the TPM answers now, once, and rewrite the file (v2)."""
+        blobs = dataclasses.replace(
+            blobs, ak_parent_name=hostkeys.parent_name(e, hostkeys.AK_HIERARCHY),
+            kem_parent_name=hostkeys.parent_name(e, hostkeys.KEM_HIERARCHY))
+        self._blob_store.save(blobs, replace=True)
+        LOG.warning("Pinned the names of the AK's and KEM key's parents in %(store)r "
+                    "(format 2): from now on another storage primary is refused",
+                    {"store": self._blob_store})
+        return blobs
 
     def _ak(self, e: ESAPI) -> _Loaded:
         blobs = self._key_blobs(e)
         return hostkeys.loaded(e, hostkeys.AK_HIERARCHY, blobs.ak_public, blobs.ak_private,
-                               self._secrets().ak.auth, "AK")
+                               self._secrets().ak.auth, "AK", pinned=blobs.ak_parent_name)
 
     def _kem(self, e: ESAPI, zgen: bool = False) -> _Loaded:
         """``zgen``: for ECDH_ZGen (USER role: the PCR policy if bound)."""
         blobs = self._key_blobs(e)
         return hostkeys.loaded(e, hostkeys.KEM_HIERARCHY, blobs.kem_public,
                                blobs.kem_private, self._secrets().kem.auth, "KEM key",
-                               self._kem_pcrs if zgen else None)
+                               self._kem_pcrs if zgen else None,
+                               pinned=blobs.kem_parent_name)
 
-    def _current_kem(self, e: ESAPI) -> None:
-        """A KEM key bound to PCR values the host no longer has (an approved
-        update) or to another ``kem_policy_pcrs`` is replaced by a new one
-        bound to the current values; the engine learns it at the host's
-        re-enrollment (which certifies the new key with the AK)."""
+    def _current_kem(self, e: ESAPI, rotate: bool) -> bool:
+        """Whether the KEM key is bound to the PCR values the host has now
+        and to ``kem_policy_pcrs``. If not and ``rotate`` (only the engine's
+        signed enrollment asks: finding M4, an unsigned get_identity while a
+        local user had extended a bound PCR destroyed the enrolled key for
+        good), it is replaced by a new one bound to the current values,
+        which this enrollment certifies."""
         blobs = self._key_blobs(e)
         if hostkeys.kem_is_current(e, blobs.kem_public, self._kem_pcrs):
-            return
-        public, private = hostkeys.create_kem(e, self._secrets().kem.auth, self._kem_pcrs)
+            return True
+        if not rotate:
+            LOG.warning("The host's KEM key is bound to other PCR values or another "
+                        "[host_tpm] kem_policy_pcrs (KEM key stale); kept: only the "
+                        "engine's signed re-enrollment replaces it")
+            return False
+        public, private, _name = hostkeys.create_kem(e, self._secrets().kem.auth,
+                                                     self._kem_pcrs, blobs.kem_parent_name)
         blobs = dataclasses.replace(blobs, kem_public=public, kem_private=private)
         self._blob_store.save(blobs, replace=True)
         self._blobs = blobs
         LOG.warning("The host's KEM key was bound to other PCR values or another "
-                    "[host_tpm] kem_policy_pcrs: created a new one for the current "
-                    "values; re-enroll this host so that the engine certifies it")
+                    "[host_tpm] kem_policy_pcrs: the engine's signed re-enrollment "
+                    "replaced it with one bound to the current values")
+        return True
 
     def _cached_ek_public(self, template: bytes) -> bytes | None:
         if self._ek_public is not None and self._ek_public[0] == template:
@@ -384,21 +436,28 @@ class HostTPM:
 
     @staticmethod
     @contextmanager
-    def _srk(e: ESAPI) -> Iterator[tuple[ESYS_TR, ESYS_TR]]:
-        """The owner storage primary and a session salted to it."""
-        with hostkeys.parent(e, hostkeys.KEM_HIERARCHY, hostkeys.SRK_ATTRS) as srk:
+    def _srk(e: ESAPI, pinned: bytes = b"", legacy: bool = False,
+             ) -> Iterator[tuple[ESYS_TR, ESYS_TR, bytes]]:
+        """The owner storage primary the host key is sealed under, a session
+        salted to it and its name: the noDA one, whose name must be
+        ``pinned`` if given; ``legacy``: the DA-protected one of version-1
+        sealed objects (unpinned: their files hold no name)."""
+        attrs = hostkeys.SRK_ATTRS if legacy else hostkeys.PARENT_ATTRS
+        with hostkeys.pinned_parent(e, hostkeys.KEM_HIERARCHY, pinned, attrs) as (srk, name):
             session = hostkeys.salted_session(e, srk)
             try:
-                yield srk, session
+                yield srk, session, name
             finally:
                 e.flush_context(session)
 
     # -- identity --------------------------------------------------------
-    def identity(self, nonce: bytes) -> HostIdentity:
+    def identity(self, nonce: bytes, rotate_kem: bool = False) -> HostIdentity:
         """AK and KEM public keys, plus a TPM2_Certify of the KEM key by the AK.
 
         ``nonce`` (the verifier's freshness value, at most 64 bytes) becomes
         the certify's qualifyingData (``extraData`` in the attest).
+        ``rotate_kem``: replace a stale KEM key (the engine's signed
+        enrollment only); otherwise ``kem_current`` says it is stale.
         """
         _check_nonce(nonce)
         self._secrets()
@@ -407,7 +466,7 @@ class HostTPM:
             ek = hostek.certificate_and_public(e, self._cached_ek_public)
             if ek.template is not None and ek.public is not None:
                 self._ek_public = (ek.template, ek.public)  # never a missing one
-            self._current_kem(e)
+            current = self._current_kem(e, rotate_kem)
             with self._ak(e) as ak, self._kem(e) as kem:
                 # certify's objectHandle (KEM) and signHandle (AK) both need
                 # the ADMIN/USER auth: an HMAC session each
@@ -426,6 +485,7 @@ class HostTPM:
                 kem_certify_signature=sig.marshal(),
                 ek_certificate=ek.certificate,
                 ek_public=ek.public,
+                kem_current=current,
             )
         return self._call("identity", run)
 
@@ -544,26 +604,30 @@ class HostTPM:
         return self._call("ECDH_ZGen", run)
 
     # -- sealing ---------------------------------------------------------
-    def seal(self, secret: bytes) -> SealedObject:
-        """Seal ``secret`` (1..128 bytes) under the owner storage primary."""
+    def seal(self, secret: bytes, pinned: bytes = b"") -> SealedObject:
+        """Seal ``secret`` (1..128 bytes) as a noDA object under the noDA
+        owner storage primary (``pinned``: the name it must have)."""
         if not isinstance(secret, bytes) or not 0 < len(secret) <= MAX_SEAL_BYTES:
             raise HostTPMError(reason=f"seal: secret must be 1..{MAX_SEAL_BYTES} bytes")
         sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=secret))
 
         def run(e: ESAPI) -> SealedObject:
-            with self._srk(e) as (srk, session):
+            with self._srk(e, pinned) as (srk, session, name):
                 # inSensitive (the secret) is the first parameter: encrypted
                 priv, pub, _cd, _cdig, _tk = e.create(
                     srk, sensitive, _sealed_template(),
                     session1=hostkeys.use(e, session, hostkeys.DECRYPT))
-            return SealedObject(public=pub.marshal(), private=priv.marshal())
-        return self._call("seal", run)
+            return SealedObject(public=pub.marshal(), private=priv.marshal(),
+                                parent_name=name)
+        return self._call("seal", lambda e: _lockout_named(lambda: run(e)))
 
     def unseal(self, sealed: SealedObject) -> bytes:
-        """Load ``sealed`` under the storage primary and unseal it.
+        """Load ``sealed`` under its storage primary and unseal it.
 
         Fails (HostTPMError) in any other TPM: the blob's integrity is
-        checked with a key derived from this TPM's owner seed.
+        checked with a key derived from this TPM's owner seed; and
+        (ParentMismatch) when the storage primary's name is not the one the
+        object pins; HostTPMLockout in DA lockout (a version-1 object).
         """
         try:
             pub, used_pub = TPM2B_PUBLIC.unmarshal(sealed.public)
@@ -574,7 +638,7 @@ class HostTPM:
             raise HostTPMError(reason="unseal: trailing bytes in sealed object")
 
         def run(e: ESAPI) -> bytes:
-            with self._srk(e) as (srk, session):
+            with self._srk(e, sealed.parent_name, sealed.legacy) as (srk, session, _name):
                 obj = e.load(srk, priv, pub)
                 try:
                     # the response's outData is the secret: encrypted
@@ -582,7 +646,20 @@ class HostTPM:
                                                                      hostkeys.ENCRYPT)))
                 finally:
                     e.flush_context(obj)
-        return self._call("unseal", run)
+        return self._call("unseal", lambda e: _lockout_named(lambda: run(e)))
+
+
+def _lockout_named(fn: Callable[[], T]) -> T:
+    """``fn()``, with TPM_RC_LOCKOUT turned into HostTPMLockout."""
+    try:
+        return fn()
+    except TSS2_Exception as exc:
+        if exc.error != TPM2_RC.LOCKOUT:
+            raise
+        raise HostTPMLockout(reason=(
+            "the host TPM is in dictionary-attack lockout (TPM_RC_LOCKOUT): a DA-"
+            "protected object was refused; retry after the lockout interval or "
+            "after TPM2_DictionaryAttackLockReset")) from None
 
 
 def _pcr_handle(index: int) -> ESYS_TR:
