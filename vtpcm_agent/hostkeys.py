@@ -26,8 +26,13 @@ values when the key was created) then PolicyAuthValue, and userWithAuth is
 clear, so ECDH_ZGen works only in a policy session where the PCRs still hold
 those values *and* the auth value is known. Certify (ADMIN role, no
 adminWithPolicy) still uses the auth value. After an approved update the
-PCRs differ: ``kem_is_current`` sees it and the agent creates a new KEM key,
-which the host's re-enrollment certifies.
+PCRs differ: ``kem_is_current`` sees it and, at the engine's signed
+re-enrollment only, the agent creates a new KEM key, which that enrollment
+certifies.
+
+The parents' names are pinned (``pinned_parent``, finding H1): a session
+is salted to the public key in the CreatePrimary answer, so an interposer
+that swapped it would read everything the session encrypts.
 
 The AK's parent is a storage primary of the *endorsement* hierarchy: a key
 of another hierarchy gets its quotes' resetCount/restartCount obfuscated,
