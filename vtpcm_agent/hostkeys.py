@@ -426,17 +426,13 @@ def _unmarshal(public: bytes, private: bytes) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVA
     return pub, priv
 
 
-@contextmanager
-def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
-           auth: bytes, what: str, policy: TPML_PCR_SELECTION | None = None,
-           pinned: bytes = b"") -> Iterator[Loaded]:
-    """Load a child under its hierarchy's parent, with a session salted to
-    that parent; the parent is flushed before the caller's command runs
-    (libtpms has three transient slots: certify needs AK and KEM key), the
-    child and the session after it. ``policy``: a policy session that has
-    run the KEM key's PolicyPCR and PolicyAuthValue, instead of an HMAC
-    session (for the USER role of a PCR-bound key). ``pinned``: the name
-    the parent must have (``pinned_parent``)."""
+def load_with_session(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
+                      what: str, policy: bool, pinned: bytes = b"",
+                      ) -> tuple[ESYS_TR, TPM2B_PUBLIC, ESYS_TR]:
+    """Load a child under its hierarchy's (pinned) parent and start a
+    session salted to that parent (a policy session if ``policy``); the
+    parent is flushed before returning (libtpms has three transient slots:
+    certify needs AK and KEM key). The caller flushes handle and session."""
     pub, priv = _unmarshal(public, private)
     with pinned_parent(e, hierarchy, pinned) as (p, _name):
         try:
@@ -450,7 +446,7 @@ def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
                        "was cleared or replaced; move the host key blobs aside and "
                        "re-enroll the host") from None
         try:
-            if policy is None:
+            if not policy:
                 session = salted_session(e, p)
             else:
                 session = e.start_auth_session(p, ESYS_TR.NONE, TPM2_SE.POLICY,
@@ -459,6 +455,20 @@ def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
         except BaseException:
             e.flush_context(handle)
             raise
+    return handle, pub, session
+
+
+@contextmanager
+def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
+           auth: bytes, what: str, policy: TPML_PCR_SELECTION | None = None,
+           pinned: bytes = b"") -> Iterator[Loaded]:
+    """Load a child with a salted session (``load_with_session``) for one
+    command; the child and the session are flushed after it. ``policy``: a
+    policy session that has run the KEM key's PolicyPCR and PolicyAuthValue,
+    instead of an HMAC session (for the USER role of a PCR-bound key).
+    ``pinned``: the name the parent must have (``pinned_parent``)."""
+    handle, pub, session = load_with_session(e, hierarchy, public, private, what,
+                                             policy is not None, pinned)
     try:
         if policy is not None:
             _policy_commands(e, session, policy)

@@ -85,7 +85,7 @@ from tpm2_pytss.types import (
     TPMU_HA,
 )
 
-from vtpcm_agent import hostek, hostkeys
+from vtpcm_agent import hostek, hostkeys, keycache
 
 # Re-exported: hosttpm's interface predates hostek (patch them in hostek).
 from vtpcm_agent.hostek import EK_CERT_INDICES as EK_CERT_INDICES
@@ -265,6 +265,8 @@ class HostTPM:
         self._key_auth = key_auth
         self._blob_store: hostkeys.BlobStore = self._store(tcti, key_auth, key_file)
         self._blobs: hostkeys.KeyBlobs | None = None
+        # loaded AK/KEM and their sessions, as saved contexts (keycache)
+        self._cache = keycache.KeyCache()
         self._kem_pcrs = self._kem_selection(kem_pcrs)
         # (EK template, EK public): the public key comes from re-creating
         # the RSA EK, the most expensive TPM operation here, and changes
@@ -293,6 +295,7 @@ class HostTPM:
             self._key_auth = key_auth
             self._blob_store = self._store(self._tcti, key_auth, key_file)
             self._blobs = None
+            self._cache.clear(self._esapi)
             self._kem_pcrs = selection
 
     @staticmethod
@@ -314,7 +317,10 @@ class HostTPM:
         with self._lock:
             if self._esapi is not None:
                 esapi, self._esapi = self._esapi, None
-                esapi.close()
+                try:
+                    self._cache.clear(esapi)
+                finally:
+                    esapi.close()
 
     def __enter__(self) -> HostTPM:
         return self
@@ -334,6 +340,22 @@ class HostTPM:
                 return fn(self._esapi)
             except TSS2_Exception as exc:
                 raise HostTPMError(reason=f"{what} failed: {exc}") from exc
+
+    def _call_keys(self, what: str, fn: Callable[[ESAPI], T]) -> T:
+        """``_call`` for the AK/KEM operations (idempotent): if it fails
+        while cached contexts were in play (a TPM Reset, a flushed session,
+        nonces out of step), drop them all and run it once more, rebuilt."""
+        with self._lock:
+            had_cache = bool(self._cache)
+            try:
+                return self._call(what, fn)
+            except HostTPMError:
+                if not had_cache:
+                    raise
+                self._cache.clear(self._esapi)
+                LOG.info("%(what)s failed with cached TPM contexts: rebuilt them and "
+                         "retried once", {"what": what})
+                return self._call(what, fn)
 
     def flush_stale_transients(self) -> None:
         """Flush transient objects a crashed earlier process left loaded.
@@ -394,16 +416,15 @@ class HostTPM:
 
     def _ak(self, e: ESAPI) -> _Loaded:
         blobs = self._key_blobs(e)
-        return hostkeys.loaded(e, hostkeys.AK_HIERARCHY, blobs.ak_public, blobs.ak_private,
-                               self._secrets().ak.auth, "AK", pinned=blobs.ak_parent_name)
+        return self._cache.use(e, hostkeys.AK_HIERARCHY, blobs.ak_public, blobs.ak_private,
+                               self._secrets().ak.auth, "AK", blobs.ak_parent_name)
 
     def _kem(self, e: ESAPI, zgen: bool = False) -> _Loaded:
         """``zgen``: for ECDH_ZGen (USER role: the PCR policy if bound)."""
         blobs = self._key_blobs(e)
-        return hostkeys.loaded(e, hostkeys.KEM_HIERARCHY, blobs.kem_public,
+        return self._cache.use(e, hostkeys.KEM_HIERARCHY, blobs.kem_public,
                                blobs.kem_private, self._secrets().kem.auth, "KEM key",
-                               self._kem_pcrs if zgen else None,
-                               pinned=blobs.kem_parent_name)
+                               blobs.kem_parent_name, self._kem_pcrs if zgen else None)
 
     def _current_kem(self, e: ESAPI, rotate: bool) -> bool:
         """Whether the KEM key is bound to the PCR values the host has now
@@ -425,6 +446,7 @@ class HostTPM:
         blobs = dataclasses.replace(blobs, kem_public=public, kem_private=private)
         self._blob_store.save(blobs, replace=True)
         self._blobs = blobs
+        self._cache.clear(e)
         LOG.warning("The host's KEM key was bound to other PCR values or another "
                     "[host_tpm] kem_policy_pcrs: the engine's signed re-enrollment "
                     "replaced it with one bound to the current values")
@@ -488,7 +510,7 @@ class HostTPM:
                 ek_public=ek.public,
                 kem_current=current,
             )
-        return self._call("identity", run)
+        return self._call_keys("identity", run)
 
     def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes,
                             *, signed: bool = False) -> bytes:
@@ -503,7 +525,7 @@ class HostTPM:
         self._secrets()
         blob, secret = hostek.parse_challenge(credential_blob, encrypted_secret)
         try:
-            return self._call("activate credential",
+            return self._call_keys("activate credential",
                               lambda e: hostek.activate_credential(e, lambda: self._ak(e),
                                                                    blob, secret))
         except HostTPMError:
@@ -537,7 +559,7 @@ class HostTPM:
                         return QuoteResult(attest=bytes(attest), signature=sig.marshal(),
                                            pcr_values=values)
             raise HostTPMError(reason="quote: PCRs kept changing while quoting")
-        return self._call("quote", run)
+        return self._call_keys("quote", run)
 
     def read_pcrs(self, pcrs: Sequence[int], bank: str = "sha256") -> dict[int, bytes]:
         indices = _check_pcrs(pcrs, bank)
@@ -602,7 +624,7 @@ class HostTPM:
             if len(z) > 32:
                 raise HostTPMError(reason="ecdh_zgen: unexpected shared point size")
             return z.rjust(32, b"\x00")
-        return self._call("ECDH_ZGen", run)
+        return self._call_keys("ECDH_ZGen", run)
 
     # -- sealing ---------------------------------------------------------
     def seal(self, secret: bytes, pinned: bytes = b"") -> SealedObject:
