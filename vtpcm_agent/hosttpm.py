@@ -9,13 +9,13 @@ which ``HostTPM`` calls under its lock.
 
 The AK and the KEM key are TPM2_Create children (``hostkeys``) with an auth
 value only the agent holds (``keyauth``), loaded from their TPM-wrapped blobs
-for one operation and used through HMAC sessions salted to their parent, with
-parameter encryption where a command carries a secret (ECDH_ZGen's result,
-the sealed host key in and out). The storage primaries are re-derived on
-demand and refused unless their names are the pinned ones. Everything is
-flushed right after: libtpms has only 3 transient slots and without a
-resource manager a leaked handle would stay loaded, so nothing is kept
-loaded between calls.
+and used through HMAC sessions salted to their parent, with parameter
+encryption where a command carries a secret (ECDH_ZGen's result, the sealed
+host key in and out). The storage primaries are re-derived on demand and
+refused unless their names are the pinned ones. The loaded keys and their
+sessions are kept as saved contexts between calls (``keycache``): libtpms
+has only 3 transient slots and without a resource manager a leaked handle
+would stay loaded, so nothing stays *loaded* between calls.
 
 Byte formats handed out (all TPM 2.0 big-endian marshaling, Part 2 of the
 spec), which the engine's verifier parses:
