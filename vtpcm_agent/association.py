@@ -152,7 +152,15 @@ CREATE TABLE IF NOT EXISTS seals (
     sealed_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS seals_instance ON seals (instance_uuid)"""
-STEPS = (_V1, _V2, _V3, _V4)
+# v5: the unprivileged uid each instance's swtpm runs as ([agent]
+# swtpm_uid_range), kept across restarts of swtpm and of the agent
+_V5 = """
+CREATE TABLE IF NOT EXISTS swtpm_uids (
+    instance_uuid TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL UNIQUE,
+    assigned_at TEXT NOT NULL
+)"""
+STEPS = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION = len(STEPS)
 
 
@@ -390,6 +398,42 @@ class AssociationList:
                                "sealed_at FROM seals WHERE instance_uuid = ? "
                                "ORDER BY rowid", (instance_uuid,)).fetchall()
         return [SealRecord(*row) for row in rows]
+
+    # --- per-instance swtpm uids -------------------------------------------
+
+    def assign_uid(self, instance_uuid: str, first: int, last: int) -> int:
+        """The uid of ``instance_uuid``'s swtpm: the one it has, else the
+        lowest free one of ``first``..``last`` (recorded in the same
+        transaction, so two instances never share one)."""
+        with self._transaction() as cur:
+            row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
+                              (instance_uuid,)).fetchone()
+            if row is not None:
+                return int(row[0])
+            taken = {int(r[0]) for r in cur.execute(
+                "SELECT uid FROM swtpm_uids WHERE uid BETWEEN ? AND ?", (first, last))}
+            free = next((uid for uid in range(first, last + 1) if uid not in taken), None)
+            if free is None:
+                raise exception.InvalidInput(
+                    reason="[agent] swtpm_uid_range %d-%d is used up (%d swtpm uids "
+                           "assigned)" % (first, last, len(taken)))
+            cur.execute("INSERT INTO swtpm_uids VALUES (?, ?, ?)",
+                        (instance_uuid, free, _now()))
+        LOG.info("swtpm of instance %(instance)s runs as uid %(uid)d",
+                 {"instance": instance_uuid, "uid": free})
+        return free
+
+    def uid_of(self, instance_uuid: str) -> int | None:
+        with self._transaction() as cur:
+            row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
+                              (instance_uuid,)).fetchone()
+        return int(row[0]) if row else None
+
+    def release_uid(self, instance_uuid: str) -> None:
+        """Free the uid of an instance whose vTPCM left this host (its swtpm
+        stopped and its files are gone)."""
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM swtpm_uids WHERE instance_uuid = ?", (instance_uuid,))
 
     def claim_nonce(self, nonce: str, keep_until: float, now: float) -> bool:
         """Record an engine command's nonce; False if it was seen before.
