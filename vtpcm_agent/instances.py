@@ -240,9 +240,29 @@ class InstanceManager:
                 vtpcm_id=assoc.vtpcm_id,
                 reason="its permanent state file is missing; not starting an empty TPM "
                        "in its place")
-        pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
+        paths = self._paths_of(assoc)
+        if process.find_running(paths) is None:
+            keys = self._new_migration_key(assoc)
+        else:  # re-adopted after an agent restart: it keeps the key it runs with
+            keys = self.keystore.get(assoc.vtpcm_id)
+        pid = self._spawn(assoc, keys)
         return self.associations.transition(
             instance_uuid, S.ACTIVE, expected=frozenset({S.STOPPED, S.ACTIVE}), pid=pid)
+
+    def _new_migration_key(self, assoc: Association) -> InstanceKeys:
+        """A fresh migration key for a swtpm about to start (a key epoch).
+
+        swtpm 0.7.1 takes the migration key only at start and opens any
+        blob sealed under it, of any generation: a migration stream captured
+        earlier is only good until the next start. Stored (atomically)
+        before swtpm starts, so a crash between leaves a key no blob uses."""
+        keys = self.keystore.get(assoc.vtpcm_id)
+        fresh = InstanceKeys(at_rest_key=keys.at_rest_key,
+                             migration_key=InstanceKeys.generate().migration_key)
+        self.keystore.put(assoc.vtpcm_id, fresh, replace=True)
+        LOG.info("vTPCM %(vtpcm)s of instance %(instance)s starts a new migration key "
+                 "epoch", {"vtpcm": assoc.vtpcm_id, "instance": assoc.instance_uuid})
+        return fresh
 
     @serialized
     def stop(self, instance_uuid: str) -> Association:
