@@ -27,6 +27,8 @@ LOG = logging.getLogger(__name__)
 EXCHANGE = "vtpcm-lab"
 GOLDEN_POLICY = "lab-golden"
 RECONCILE_INTERVAL = 30  # seconds, [migration] reconcile_interval's production default
+# [agent] swtpm_uid_range of each lab host (no account uses them)
+SWTPM_UID_RANGES = {"a": "64500-64599", "b": "64600-64699"}
 
 
 @dataclasses.dataclass
@@ -123,10 +125,13 @@ class Stack:
                 tpm.start()
                 self._record_pid("hosttpm-" + name, tpm.pid)
                 measured_boot(tpm.tcti)
+                # each swtpm as a uid of its own, as in production; the
+                # two hosts share one kernel, so their ranges differ
                 extra: dict[str, dict[str, Any]] = {
                     "agent": {"expose_data_socket": "false",
                               "register_with_engine": "false",
-                              "socket_user": lab_host.user}}
+                              "socket_user": lab_host.user,
+                              "swtpm_uid_range": SWTPM_UID_RANGES[lab_host.name]}}
                 for section, values in self.agent_extra.get(lab_host.name, {}).items():
                     extra.setdefault(section, {}).update(values)
                 agent = daemons.AgentDaemon(
