@@ -26,7 +26,7 @@ from oslo_log import log as logging
 from vtpcm_agent import sealing
 from vtpcm_agent.association import Association, AssociationList, VTPCMState
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
-from vtpcm_agent.swtpm import ctrl, process, provision
+from vtpcm_agent.swtpm import ctrl, isolation, process, provision
 from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
@@ -619,49 +619,25 @@ class InstanceManager:
 
     def _own_files(self, instance_uuid: str,
                    paths: process.SwtpmPaths) -> process.RunAs | None:
-        """Give an instance's swtpm uid its files (None: it runs as the agent).
-
-        Its socket directory, state dir and log file become its own (state
-        made by swtpm_setup, or by a swtpm of a release that ran as root, is
-        handed over at every start); the public socket paths link to its
-        directory. Nothing of another instance is reachable by that uid."""
+        """The uid an instance's swtpm runs as, its files handed to it
+        (None: swtpm runs as the agent)."""
         if self.settings.swtpm_uids is None:
             return None
         first, last = self.settings.swtpm_uids
         uid = self.associations.assign_uid(instance_uuid, first, last)
-        own = paths.ctrl_socket.parent
-        if own.is_symlink():
-            raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
-                                       reason="socket dir %s is a symlink" % own)
-        own.mkdir(mode=0o711, exist_ok=True)
-        os.chown(own, uid, uid)
-        os.chmod(own, 0o711)  # noqa: S103 - QEMU traverses to its socket; no listing
-        for root, dirs, files in os.walk(paths.state_dir):
-            for name in (root, *(os.path.join(root, n) for n in dirs + files)):
-                os.lchown(name, uid, uid)
-        fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
-                     0o600)
-        try:
-            os.fchown(fd, uid, uid)
-        finally:
-            os.close(fd)
+        run_as = process.RunAs(uid=uid, gid=uid)
         public = self.public_ctrl_socket(instance_uuid)
-        _link(public, paths.ctrl_socket)
-        if paths.data_socket is not None:
-            _link(public.with_suffix(""), paths.data_socket)
-        return process.RunAs(uid=uid, gid=uid)
+        isolation.hand_over(paths, run_as, public,
+                            public.with_suffix("") if paths.data_socket else None)
+        return run_as
 
     def _drop_own_files(self, instance_uuid: str) -> None:
         """Remove an instance's public links and socket dir and free its uid."""
         if self.settings.swtpm_uids is None:
             return
         public = self.public_ctrl_socket(instance_uuid)
-        for link in (public, public.with_suffix("")):
-            if link.is_symlink():
-                link.unlink()
-        own = self.settings.run_dir / OWN_DIRS / instance_uuid
-        if own.exists() and not own.is_symlink():
-            shutil.rmtree(own)
+        isolation.remove(self.settings.run_dir / OWN_DIRS / instance_uuid,
+                         (public, public.with_suffix("")))
         self.associations.release_uid(instance_uuid)
 
     def _received_state(self, assoc: Association) -> bool:
@@ -709,22 +685,6 @@ class InstanceManager:
                 reason="vTPCM of instance %s is %s in migration %s, expected %s"
                 % (ctx.instance_uuid, assoc.state.value, assoc.migration_id, state.value))
         self._check_generation(assoc, ctx)
-
-
-def _link(public: Path, target: Path) -> None:
-    """Point ``public`` at ``target`` (atomically), unless a process serves
-    a socket there (a swtpm started before its uid was configured)."""
-    if public.is_symlink() and Path(os.readlink(public)) == target:
-        return
-    if (public.exists() or public.is_symlink()) and not public.is_symlink() \
-            and process.socket_in_use(public):
-        raise exception.SwtpmError(
-            vtpcm_id=target.parent.name,
-            reason="another process serves %s; not linking it to %s" % (public, target))
-    tmp = public.with_name(public.name + ".link")
-    tmp.unlink(missing_ok=True)
-    os.symlink(target, tmp)
-    os.replace(tmp, public)
 
 
 def context_from(message: Any) -> sealing.SealContext:
