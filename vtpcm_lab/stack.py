@@ -9,6 +9,7 @@ everything by pid, swtpm processes of the guests included.
 """
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,9 @@ class Stack:
         self._kill_leftovers()
         shutil.rmtree(self.base, ignore_errors=True)
         self.base.mkdir(parents=True, mode=0o700)
+        # each swtpm uid traverses to its own state (no listing); every file
+        # here keeps its own mode
+        os.chmod(self.base, 0o711)  # noqa: S103
         try:
             for lab_host in self.lab.hosts:
                 name = "lab-" + lab_host.name

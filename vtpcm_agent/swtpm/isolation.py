@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 from pathlib import Path
 
 from vtpcm_agent.swtpm import process
@@ -25,6 +26,8 @@ OWN_DIR_MODE = 0o711  # QEMU traverses to its socket; nobody lists it
 def hand_over(paths: process.SwtpmPaths, run_as: process.RunAs, public_ctrl: Path,
               public_data: Path | None) -> None:
     """Give ``run_as`` its socket dir, state dir and log file; link the public paths."""
+    for path in (paths.state_dir, paths.log_file, paths.ctrl_socket):
+        _check_reachable(path, run_as, paths.state_dir.name)
     own = paths.ctrl_socket.parent
     if own.is_symlink():
         raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
@@ -44,6 +47,23 @@ def hand_over(paths: process.SwtpmPaths, run_as: process.RunAs, public_ctrl: Pat
     link(public_ctrl, paths.ctrl_socket)
     if public_data is not None and paths.data_socket is not None:
         link(public_data, paths.data_socket)
+
+
+def _check_reachable(path: Path, run_as: process.RunAs, vtpcm_id: str) -> None:
+    """Every directory above ``path`` lets ``run_as`` through: else swtpm
+    exits 1 without a word (it cannot open its log either)."""
+    for parent in reversed(path.parents):  # from / down
+        if not parent.exists():  # its own socket dir, made below
+            continue
+        st = parent.stat()
+        through = (st.st_mode & stat.S_IXOTH
+                   or (st.st_uid == run_as.uid and st.st_mode & stat.S_IXUSR)
+                   or (st.st_gid == run_as.gid and st.st_mode & stat.S_IXGRP))
+        if not through:
+            raise exception.SwtpmError(
+                vtpcm_id=vtpcm_id,
+                reason="swtpm uid %d cannot reach %s: directory %s is mode %04o (it "
+                       "needs o+x)" % (run_as.uid, path, parent, stat.S_IMODE(st.st_mode)))
 
 
 def link(public: Path, target: Path) -> None:

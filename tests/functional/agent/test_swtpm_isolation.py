@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 
 from tests.functional.agent.conftest import _kill_hard
+from tests.refusal import refused
 from vtpcm_agent import association, instances
 from vtpcm_agent.keystore import DevKeyFileHostKey, KeyStore
 from vtpcm_agent.swtpm import process
+from vtpcm_common import exception
 
 pytestmark = pytest.mark.functional
 
@@ -205,3 +207,23 @@ def test_a_connect_refusal_is_eacces_not_a_missing_file(isolated):
     assert other is not None
     assert open_as(other + 1, other + 1, isolated.settings.run_dir / "nope.ctrl") \
         == errno.errorcode[errno.ENOENT]
+
+
+def test_a_state_root_the_swtpm_uid_cannot_reach_is_named(short_dir):
+    """Bad configuration gets a clear error, not swtpm's silent exit 1."""
+    os.chmod(short_dir, 0o700)  # as mkdtemp makes it: no way through for others
+    manager = _manager(short_dir, UIDS)
+    instance = str(uuid.uuid4())
+    try:
+        manager.create(instance)
+        with refused(exception.SwtpmError,
+                     "swtpm error for vTPCM %s: swtpm uid %d cannot reach %s: directory "
+                     "%s is mode 0700 (it needs o+x)" % (
+                         manager.get(instance).vtpcm_id, FIRST_UID,
+                         manager.paths(instance, manager.get(instance).vtpcm_id).state_dir,
+                         short_dir)):
+            manager.start(instance)
+        assert manager.get(instance).state.value == "STOPPED"
+        assert manager.get(instance).pid is None
+    finally:
+        manager.associations.close()
