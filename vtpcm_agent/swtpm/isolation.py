@@ -35,8 +35,16 @@ def hand_over(paths: process.SwtpmPaths, run_as: process.RunAs, public_ctrl: Pat
     own.mkdir(mode=OWN_DIR_MODE, exist_ok=True)
     os.chown(own, run_as.uid, run_as.gid)
     os.chmod(own, OWN_DIR_MODE)
-    for root, dirs, files in os.walk(paths.state_dir):
+    for root, dirs, files in os.walk(paths.state_dir):  # never follows links
         for name in (root, *(os.path.join(root, n) for n in dirs + files)):
+            st = os.lstat(name)
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                # a hard link planted by an earlier swtpm of this uid would
+                # hand it the linked file (fs.protected_hardlinks stops its
+                # making one to a file it does not own; this stops the rest)
+                raise exception.SwtpmError(
+                    vtpcm_id=paths.state_dir.name,
+                    reason="%s has %d hard links; not handing it over" % (name, st.st_nlink))
             os.lchown(name, run_as.uid, run_as.gid)
     fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
                  0o600)

@@ -227,3 +227,21 @@ def test_a_state_root_the_swtpm_uid_cannot_reach_is_named(short_dir):
         assert manager.get(instance).pid is None
     finally:
         manager.associations.close()
+
+
+def test_a_hard_link_in_the_state_dir_is_not_handed_over(isolated):
+    """Positive control first: the same start passes without the link."""
+    a, _ = _running(isolated)
+    isolated.stop(a)
+    state_dir = isolated.paths(a, isolated.get(a).vtpcm_id).state_dir
+    outside = state_dir.parent.parent / "root-only"
+    outside.write_bytes(b"agent's")
+    os.chmod(outside, 0o600)
+    os.link(outside, state_dir / "planted")
+    with refused(exception.SwtpmError,
+                 "swtpm error for vTPCM %s: %s has 2 hard links; not handing it over"
+                 % (state_dir.name, state_dir / "planted")):
+        isolated.start(a)
+    assert os.stat(outside).st_uid == 0
+    os.unlink(state_dir / "planted")
+    assert isolated.start(a).pid is not None
