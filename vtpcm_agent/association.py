@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -192,12 +193,23 @@ def upgrade_schema(cur: sqlite3.Cursor, path: Path) -> int:
     return found
 
 
+def _private(path: Path) -> None:
+    """The list (and its WAL and shared-memory files, which SQLite creates
+    with the database's mode) readable by the agent only, whatever the
+    umask: the state dir is traversable by every swtpm uid."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    for name in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
+        if name.exists():
+            os.chmod(name, 0o600)
+
+
 class AssociationList:
     """The association list backed by one SQLite file."""
 
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        _private(self._path)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(self._path), isolation_level=None,
                                      check_same_thread=False, timeout=10.0)

@@ -141,6 +141,8 @@ def test_one_vms_uid_cannot_open_another_vms_sockets_or_state(isolated):
     assert open_as(uid_b, uid_b, state_a.log_file, "read") == "EACCES"
     assert open_as(uid_a, uid_a, isolated.settings.state_root / "keys" /
                    (isolated.get(a).vtpcm_id + ".keys"), "read") == "EACCES"
+    for name in ("associations.sqlite", "associations.sqlite-wal"):
+        assert open_as(uid_a, uid_a, isolated.settings.state_root / name, "read") == "EACCES"
     # positive controls: a QEMU in VM a's own group (another uid) connects,
     # and so does a's own uid; VM b's own sockets serve its group
     assert open_as(uid_a + 100000, uid_a, ctrl_a) == "OK"
