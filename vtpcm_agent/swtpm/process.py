@@ -15,7 +15,7 @@ commands (state blobs) and higher levels TPM commands.
 Privilege separation: with ``run_as`` the agent starts swtpm as that
 unprivileged uid and gid, without supplementary groups (the uid is the
 instance's own, ``[agent] swtpm_uid_range``), then gives its sockets to the
-configured owner and group as root. swtpm 0.7.1's ``--runas`` does not do:
+configured owner and group as root. swtpm 0.7.1's ``--runas`` cannot do this:
 it needs a passwd entry (a bare number fails without a message) and drops
 privileges before it binds its sockets. ``--seccomp action=kill`` is
 always passed (libseccomp also sets no_new_privs, checked in /proc).
