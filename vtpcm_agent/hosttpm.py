@@ -92,6 +92,7 @@ from vtpcm_agent.hostek import EK_TYPES as EK_TYPES
 from vtpcm_agent.hostkeys import AK_ATTRS as AK_ATTRS
 from vtpcm_agent.hostkeys import KEM_ATTRS as KEM_ATTRS
 from vtpcm_agent.keyauth import KeyAuth
+from vtpcm_common import spans
 from vtpcm_common.exception import HostTPMError
 
 LOG = logging.getLogger(__name__)
@@ -298,7 +299,7 @@ class HostTPM:
 
         TSS error texts are response-code descriptions, never data.
         """
-        with self._lock:
+        with self._lock, spans.span("tpm:" + what):
             if self._esapi is None:
                 raise HostTPMError(reason=f"{what}: host TPM connection is closed")
             try:

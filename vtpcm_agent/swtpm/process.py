@@ -43,7 +43,7 @@ from oslo_log import log as logging
 
 from vtpcm_agent.swtpm import ctrl
 from vtpcm_agent.swtpm.keypipe import key_pipe
-from vtpcm_common import exception
+from vtpcm_common import exception, spans
 
 LOG = logging.getLogger(__name__)
 
@@ -262,6 +262,7 @@ class RunAs:
             raise exception.InvalidInput(reason="swtpm must not run as uid or gid 0")
 
 
+@spans.timed("swtpm:start")
 def start(paths: SwtpmPaths, at_rest_key: bytes, migration_key: bytes, *,
           socket_mode: int = 0o660, socket_uid: int | None = None,
           socket_gid: int | None = None, swtpm_binary: str = "swtpm",
