@@ -7,9 +7,10 @@ MariaDB databases and a RabbitMQ vhost, then the Neutron stand-in, placement,
 glance, nova-conductor, nova-scheduler (VTPCMFilter), nova-api, one sshd per
 host (Nova copies a cold-migrated or resized guest's disks over ssh, see
 ``vtpcm_lab.nova.sshd``) and one nova-compute per host (this project's
-driver, as the host's QEMU user inside its daemon's namespaces); it uploads the lab guest as AMI-style images and
-makes the flavors. ``down`` stops all of it by pid; ``up`` first stops what a
-crashed run left behind. Every wait is bounded.
+driver, as the host's QEMU user inside its daemon's namespaces); it uploads
+the lab guest as AMI-style images and makes the flavors. ``down`` stops all
+of it by pid; ``up`` first stops what a crashed run left behind. Every wait
+is bounded.
 """
 
 import dataclasses
