@@ -97,3 +97,26 @@ def test_compute_has_its_own_address_for_nova_s_ssh_and_migration() -> None:
     assert (conf["DEFAULT"]["my_ip"], conf["libvirt"]["live_migration_inbound_addr"],
             conf["libvirt"]["remote_filesystem_transport"]) == ("127.0.0.11", "127.0.0.11",
                                                                  "ssh")
+
+
+def test_the_engine_asks_the_labs_nova_api_with_the_identity_stand_ins_token() -> None:
+    """The lab engine's [nova] loads through keystoneauth1 as an operator's
+    would, and names nova-api's /v2.1 with the token the stand-in accepts."""
+    from keystoneauth1 import loading as ks_loading
+    from oslo_config import cfg
+
+    from vtpcm_nova.conf import engine as engine_conf
+    from vtpcm_nova.engine import novaapi
+
+    conf = cfg.ConfigOpts()
+    engine_conf.register_opts(conf)
+    conf([], default_config_files=[])
+    options = configs.engine_nova_options("http://127.0.0.1:8774")
+    conf.set_override("auth_type", options["auth_type"], group="nova")
+    ks_loading.load_auth_from_conf_options(conf, "nova")
+    for name in ("endpoint", "token", "timeout"):
+        conf.set_override(name, options[name], group="nova")
+    client = novaapi.from_conf(conf)
+    assert client is not None
+    assert client.adapter.get_endpoint() == "http://127.0.0.1:8774/v2.1"
+    assert conf.nova.token == identity.LAB_TOKEN
