@@ -49,6 +49,41 @@ RESERVED_PREFIX = "creating-"
 # How long a signed agent command may still run after the engine sent it:
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
 COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
+# The states a migration is in only while its ``begin`` runs: the caller has
+# no PREPARED answer yet, so libvirt never started and nothing depends on it.
+BEGIN_STATES = frozenset({M.SEALING, M.PREPARING})
+# Added to the agent RPC timeout for one begin step's own database writes
+# and checks (the destination's recheck, a compare-and-set under load).
+BEGIN_STEP_SLACK = 30.0
+
+
+def worker_id(engine_host: str) -> str:
+    """This engine run's name in ``begun_by``: its ``[engine] host`` (unique
+    per worker, it is the RPC server name) and a fresh id per start."""
+    return "%s/%s" % (engine_host, uuid.uuid4().hex[:12])
+
+
+def begin_abandoned(rec: db_api.MigrationRecord, worker: str | None,
+                    now: datetime.datetime, step_bound: float) -> str | None:
+    """Why the ``begin`` of ``rec`` (SEALING, PREPARING) will never return
+    to its caller, or None while it may still.
+
+    Its worker is gone: it had this worker's ``[engine] host`` and another
+    run id (the worker restarted). Or it sat in one step longer than
+    ``step_bound``: each step is one agent call, and a live worker moves on
+    (or to ABORTING on the call's timeout) well within that. Aborting a
+    begin that was alive after all is safe: its worker's next
+    compare-and-set fails, its caller gets an error and aborts, and both
+    agents refuse a late command of an aborted migration."""
+    if rec.begun_by and worker and rec.begun_by != worker \
+            and rec.begun_by.rpartition("/")[0] == worker.rpartition("/")[0]:
+        return ("its begin never returned: the engine worker that ran it (%s) restarted"
+                % rec.begun_by)
+    idle = (now - rec.updated_at).total_seconds()
+    if idle > step_bound:
+        return ("its begin never returned: no step for %d s (one step takes at most "
+                "%d s)" % (idle, step_bound))
+    return None
 
 
 class AgentClient(Protocol):
@@ -92,12 +127,18 @@ class Coordinator:
                  timeout: float = 900.0,
                  now: Callable[[], datetime.datetime] = db_api.utcnow,
                  nova: NovaLookup | None = None,
-                 deleted_confirmations: int = 2) -> None:
+                 deleted_confirmations: int = 2,
+                 worker: str | None = None, begin_step_bound: float = 90.0) -> None:
+        """``worker``: this engine run (``worker_id``), recorded by each
+        ``begin``; ``begin_step_bound``: the longest one begin step can take
+        (the agent RPC timeout + ``BEGIN_STEP_SLACK``)."""
         self.db = db
         self.agents = agents
         self.trust = trust
         self.timeout = timeout
         self.now = now
+        self.worker = worker
+        self.begin_step_bound = begin_step_bound
         # Nova's word on shelved instances: None refuses every unshelve
         # elsewhere and reaps nothing (fail closed)
         self.nova = nova
@@ -690,7 +731,7 @@ class Coordinator:
         deadline = self.now() + datetime.timedelta(seconds=self.timeout)
         self.db.create_migration(migration_id, instance_uuid, source, dest,
                                  vtpcm.generation, proto.state.value, deadline,
-                                 prior_state=vtpcm.state)
+                                 prior_state=vtpcm.state, begun_by=self.worker)
         ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
         if proto.state is M.REFUSED:
             self._run(proto, ctx, actions)
@@ -935,15 +976,25 @@ class Coordinator:
         return self.db.get_migration(migration_id)
 
     def reconcile(self) -> int:
-        """Finish commits/aborts left half-done; abort migrations past deadline."""
+        """Finish commits/aborts left half-done; abort begins that will never
+        return (``begin_abandoned``) at once and migrations past deadline."""
         done = 0
         for listed in self.db.list_migrations():
             try:
                 proto, ctx, rec = self._load(listed.migration_id)
                 state = proto.state
+                abandoned = (begin_abandoned(rec, self.worker, self.now(),
+                                             self.begin_step_bound)
+                             if state in BEGIN_STATES else None)
                 if state in p.PENDING_WORK:
                     after_deadline = rec.error == p.DEADLINE_REASON
                     self._run(proto, ctx, p.pending_actions(state, after_deadline))
+                    done += 1
+                elif abandoned is not None:
+                    LOG.warning("Migration %(mig)s of instance %(i)s: %(why)s; aborting it",
+                                {"mig": ctx.migration_id, "i": ctx.instance_uuid,
+                                 "why": abandoned})
+                    self._advance(proto, ctx, p.Failure(abandoned))
                     done += 1
                 elif state in p.ABORTABLE and rec.deadline <= self.now():
                     self._advance(proto, ctx, p.DeadlinePassed())
