@@ -116,7 +116,8 @@ class EngineService:
         self.coordinator = Coordinator(self.db, self.agents, self.attestor,
                                        timeout=conf.migration.timeout,
                                        nova=nova_from(conf),
-                                       deleted_confirmations=conf.nova.deleted_confirmations)
+                                       deleted_confirmations=conf.nova.deleted_confirmations,
+                                       reconcile_interval=conf.migration.reconcile_interval)
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,
