@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from oslo_config import cfg
 
+from tests.unit.engine.test_coordinator import INSTANCE, env  # noqa: F401 (fixture)
+from tests.unit.engine.test_coordinator_cold import _shelved
 from vtpcm_common import exception
 from vtpcm_nova.conf import engine as engine_conf
 from vtpcm_nova.engine import novaapi
-from tests.unit.engine.test_coordinator import INSTANCE, env  # noqa: F401 (fixture)
-from tests.unit.engine.test_coordinator_cold import _shelved
 from vtpcm_nova.engine.shelved import Deletion, ServerView
 
 TOKEN = "service-token-7f3a"  # stands for a credential: must stay out of repr
