@@ -791,12 +791,12 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
             time.sleep(6 * RECONCILE_S)
         finally:
             self.dep.nova.app = admin_app
+        self.assertEqual([], self._audit(instance, "vtpcm.reap"))
+        self.assertEqual("SHELVED", self.dep.operator.get_vtpcm(instance).state)
+        self.assertTrue(state.exists())
         refused = [r for r in self.dep.nova.requests[asked:]
                    if r[1] == "/v2.1/servers/detail" and r[2] == 403]
         self.assertGreater(len(refused), 2, "the engine did not ask Nova meanwhile")
-        self.assertEqual("SHELVED", self.dep.operator.get_vtpcm(instance).state)
-        self.assertTrue(state.exists())
-        self.assertEqual([], self._audit(instance, "vtpcm.reap"))
 
         self.admin_api.post_server_action(instance, {"unshelve": {}})
         server = self._wait_for_state_change(server, "ACTIVE")
