@@ -121,7 +121,8 @@ class EngineService:
                                        deleted_confirmations=conf.nova.deleted_confirmations,
                                        worker=worker_id(conf.engine.host),
                                        begin_step_bound=conf.engine.rpc_timeout
-                                       + BEGIN_STEP_SLACK)
+                                       + BEGIN_STEP_SLACK,
+                                       reconcile_interval=conf.migration.reconcile_interval)
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,
