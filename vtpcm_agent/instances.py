@@ -26,7 +26,7 @@ from oslo_log import log as logging
 from vtpcm_agent import sealing
 from vtpcm_agent.association import Association, AssociationList, VTPCMState
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
-from vtpcm_agent.swtpm import ctrl, isolation, process, provision
+from vtpcm_agent.swtpm import ctrl, isolation, process, provision, uidprocs
 from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
@@ -639,6 +639,10 @@ class InstanceManager:
             return None
         first, last = self.settings.swtpm_uids
         uid = self.associations.assign_uid(instance_uuid, first, last)
+        # no swtpm of this instance runs (the caller checked): whatever
+        # else its uid runs is an exploited swtpm that hid, and would race
+        # the hand-over below
+        uidprocs.kill_all(uid, timeout=self.settings.timeout)
         run_as = process.RunAs(uid=uid, gid=uid)
         public = self.public_ctrl_socket(instance_uuid)
         isolation.hand_over(paths, run_as, public,
@@ -646,9 +650,15 @@ class InstanceManager:
         return run_as
 
     def _drop_own_files(self, instance_uuid: str) -> None:
-        """Remove an instance's public links and socket dir and free its uid."""
+        """Remove an instance's public links and socket dir and free its uid:
+        only once no process of the uid is left (an exploited swtpm may have
+        hidden from ``_kill``) and its temporary files are gone."""
         if self.settings.swtpm_uids is None:
             return
+        uid = self.associations.uid_of(instance_uuid)
+        if uid is not None:
+            uidprocs.kill_all(uid, timeout=self.settings.timeout)  # raises: uid kept
+            uidprocs.sweep_files(uid)
         public = self.public_ctrl_socket(instance_uuid)
         isolation.remove(self.settings.run_dir / OWN_DIRS / instance_uuid,
                          (public, public.with_suffix("")))
@@ -669,6 +679,11 @@ class InstanceManager:
         pid = process.find_running(paths) or assoc.pid
         if pid is not None and process.is_alive(pid, paths):
             process.stop(pid, paths, timeout=self.settings.timeout)
+        uid = (self.associations.uid_of(assoc.instance_uuid)
+               if self.settings.swtpm_uids is not None else None)
+        if uid is not None:
+            # a swtpm that unlinked its socket is not "alive" to the above
+            uidprocs.kill_all(uid, timeout=self.settings.timeout)
 
     def _shred(self, assoc: Association) -> None:
         self.keystore.destroy(assoc.vtpcm_id)
