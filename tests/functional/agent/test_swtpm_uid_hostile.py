@@ -31,7 +31,7 @@ from vtpcm_common import exception
 
 pytestmark = pytest.mark.functional
 
-FIRST_UID = 64210  # reserved for these tests (test_swtpm_isolation has 64200-64209)
+FIRST_UID = 1900000210  # reserved for these tests: outside systemd's and subuid ranges
 UIDS = (FIRST_UID, FIRST_UID + 9)
 
 
