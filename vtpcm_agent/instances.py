@@ -307,10 +307,12 @@ class InstanceManager:
                 target="export")
         paths = self._paths_of(assoc)
         if self.is_running(assoc):
-            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout)
+            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout,
+                                           peer_uid=process.owner(paths))
         pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
         try:
-            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout)
+            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout,
+                                           peer_uid=process.owner(paths))
         finally:
             process.stop(pid, paths, timeout=self.settings.timeout)
 
@@ -356,7 +358,7 @@ class InstanceManager:
             ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout,
                               vtpcm_id=assoc.vtpcm_id,
                               max_blob_size=self.settings.max_state_blob_bytes,
-                              empty_target=True)
+                              empty_target=True, peer_uid=process.owner(paths))
         except exception.VTPCMException:
             self._kill(assoc)
             shutil.rmtree(paths.state_dir)

@@ -133,7 +133,7 @@ def build_command(paths: SwtpmPaths, key_fd: int, migration_key_fd: int, *,
 PID_FILE_MAX = 32  # bytes: a pid and a newline, with room to spare
 
 
-def _owner(paths: SwtpmPaths) -> int:
+def owner(paths: SwtpmPaths) -> int:
     """The uid that swtpm of ``paths`` runs as: its state dir's owner (the
     VM's uid after ``isolation.hand_over``, else the agent's)."""
     try:
@@ -160,10 +160,10 @@ def _read_pid(paths: SwtpmPaths) -> int | None:
         return None
     try:
         st = os.fstat(fd)
-        owner = _owner(paths)
-        if not stat.S_ISREG(st.st_mode) or st.st_uid != owner:
+        want = owner(paths)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != want:
             LOG.warning("swtpm pid file %(file)s is not a regular file of uid %(uid)d; "
-                        "ignored", {"file": str(paths.pid_file), "uid": owner})
+                        "ignored", {"file": str(paths.pid_file), "uid": want})
             return None
         raw = os.read(fd, PID_FILE_MAX)
     finally:
@@ -202,7 +202,7 @@ def _is_our_swtpm(pid: int, paths: SwtpmPaths) -> bool:
     if not argv or os.path.basename(argv[0]) != "swtpm" or "socket" not in argv:
         return False
     uids = uidprocs.uids_of(pid)
-    if uids is None or set(uids) != {_owner(paths)}:
+    if uids is None or set(uids) != {owner(paths)}:
         return False  # not the swtpm of this state dir's owner (a planted pid)
     want_state = "dir=%s," % paths.state_dir
     want_ctrl = "path=%s," % paths.ctrl_socket
@@ -426,7 +426,8 @@ def _wait_config(paths: SwtpmPaths, deadline: float) -> None:
             raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
                                        reason="swtpm not ready: %s" % last)
         try:
-            with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(remaining, 2.0)) as client:
+            with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(remaining, 2.0),
+                                 peer_uid=owner(paths)) as client:
                 flags = client.get_config()
         except exception.CtrlChannelError as exc:
             last = exc.message
@@ -473,7 +474,8 @@ def stop(pid: int, paths: SwtpmPaths, timeout: float = 10.0) -> None:
     if _is_our_swtpm(pid, paths):
         if _is_socket(paths.ctrl_socket):
             try:
-                with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(step, 2.0)) as client:
+                with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(step, 2.0),
+                                     peer_uid=owner(paths)) as client:
                     client.shutdown()
             except exception.CtrlChannelError as exc:
                 LOG.warning("swtpm pid %(pid)d: CMD_SHUTDOWN failed (%(err)s); signalling",

@@ -26,7 +26,7 @@ from tests.functional.agent.conftest import _kill_hard
 from tests.functional.agent.test_swtpm_isolation import CLIENT_PYTHON, _manager, _running, status_of
 from tests.refusal import refused
 from vtpcm_agent import instances
-from vtpcm_agent.swtpm import isolation, process, uidprocs
+from vtpcm_agent.swtpm import ctrl, isolation, process, uidprocs
 from vtpcm_common import exception
 
 pytestmark = pytest.mark.functional
@@ -273,3 +273,28 @@ def test_a_planted_pid_file_neither_blocks_nor_exhausts_the_agent(hostile, plant
     assert done.returncode == 0, done.stderr[-400:]
     found, took = done.stdout.split()
     assert found == "None" and float(took) < 2.0
+
+
+def test_root_talks_only_to_a_socket_served_by_the_vms_uid(hostile):
+    """p7: VM a's uid points its control socket at VM b's. Whatever root
+    reaches through a's path must be served by a's uid (SO_PEERCRED), else
+    it would export b's state, or INIT b's TPM, as a's."""
+    (a, _), (b, _) = _running(hostile), _running(hostile)
+    uid_a, uid_b = hostile.associations.uid_of(a), hostile.associations.uid_of(b)
+    assert uid_a is not None and uid_b is not None
+    pa, pb = (hostile.paths(i, hostile.get(i).vtpcm_id) for i in (a, b))
+    assert process.owner(pa) == uid_a
+    # control: a's own socket, checked, answers
+    assert ctrl.export_state(pa.ctrl_socket, timeout=5, peer_uid=uid_a).permanent
+    flip = as_uid(uid_a, "import os; os.rename(%r, %r); os.symlink(%r, %r)" % (
+        str(pa.ctrl_socket), str(pa.ctrl_socket) + ".real", str(pb.ctrl_socket),
+        str(pa.ctrl_socket)))
+    assert flip.communicate(timeout=20)[0] == ""
+    # control: unchecked, root reaches b's swtpm through a's path
+    assert ctrl.export_state(pa.ctrl_socket, timeout=5).permanent
+    pid_b = hostile.get(b).pid
+    with refused(exception.CtrlChannelError,
+                 "swtpm control channel GET_CONFIG failed: control socket %s is served by "
+                 "uid %d (pid %d), not the swtpm's uid %d"
+                 % (pa.ctrl_socket, uid_b, pid_b, uid_a)):
+        ctrl.export_state(pa.ctrl_socket, timeout=5, peer_uid=uid_a)
