@@ -40,9 +40,20 @@ def hand_over(paths: process.SwtpmPaths, run_as: process.RunAs, public_ctrl: Pat
     finally:
         os.close(fd)
     _chown_tree(paths.state_dir, run_as)
-    fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
-                 0o600)
     try:
+        fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        raise exception.SwtpmError(
+            vtpcm_id=paths.state_dir.name,
+            reason="log file %s is not a regular file of its own (%s)"
+            % (paths.log_file, exc.strerror)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise exception.SwtpmError(
+                vtpcm_id=paths.state_dir.name,
+                reason="log file %s is not a regular file of its own (%s)"
+                % (paths.log_file, "not a regular file"))
         os.fchown(fd, run_as.uid, run_as.gid)
     finally:
         os.close(fd)

@@ -13,6 +13,7 @@ killed in the finalizer.
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -298,3 +299,79 @@ def test_root_talks_only_to_a_socket_served_by_the_vms_uid(hostile):
                  "uid %d (pid %d), not the swtpm's uid %d"
                  % (pa.ctrl_socket, uid_b, pid_b, uid_a)):
         ctrl.export_state(pa.ctrl_socket, timeout=5, peer_uid=uid_a)
+
+
+# --- one test per guard the review's mutants showed untested (p3) -----------
+
+@pytest.mark.parametrize(("uid", "gid"), [(0, 5), (5, 0), (-1, 5)])
+def test_swtpm_never_runs_as_root(uid, gid):
+    with refused(exception.InvalidInput, "Invalid input: swtpm must not run as uid or gid 0"):
+        process.RunAs(uid=uid, gid=gid)
+    assert process.RunAs(uid=5, gid=5).uid == 5  # control
+
+
+def test_a_log_file_swapped_for_a_symlink_is_refused(hostile):
+    a, _ = _running(hostile)
+    hostile.stop(a)
+    paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+    outside = paths.log_file.parent.parent / "root-only"
+    outside.write_bytes(b"agent's")
+    paths.log_file.unlink()
+    os.symlink(outside, paths.log_file)
+    with refused(exception.SwtpmError, "swtpm error for vTPCM %s: log file %s is not a "
+                 "regular file of its own (Too many levels of symbolic links)"
+                 % (paths.state_dir.name, paths.log_file)):
+        hostile.start(a)
+    assert os.stat(outside).st_uid == 0
+    paths.log_file.unlink()
+    assert hostile.start(a).pid is not None  # control: a plain log file is fine
+
+
+def test_give_sockets_refuses_a_symlink_in_a_sockets_place(hostile):
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+    process._give_sockets(paths, uid, uid)  # control: the real sockets pass
+    outside = paths.state_dir.parent.parent / "root-only"
+    outside.write_bytes(b"agent's")
+    assert paths.data_socket is not None
+    os.rename(paths.data_socket, str(paths.data_socket) + ".real")
+    os.symlink(outside, paths.data_socket)
+    with refused(exception.SwtpmError, "swtpm error for vTPCM %s: %s is not a socket"
+                 % (paths.state_dir.name, paths.data_socket)):
+        process._give_sockets(paths, uid, uid)
+    assert os.stat(outside).st_uid == 0 and os.lstat(paths.data_socket).st_uid == 0
+
+
+def test_remove_leaves_what_a_symlinked_socket_dir_points_at(short_dir):
+    kept = short_dir / "agent-dir"
+    kept.mkdir()
+    (kept / "file").write_text("agent's")
+    own, public = short_dir / "own", short_dir / "x.ctrl"
+    os.symlink(kept, own)
+    os.symlink(own / "tpm.ctrl", public)
+    isolation.remove(own, (public,))
+    assert (kept / "file").read_text() == "agent's"
+    assert not public.is_symlink()
+    real = short_dir / "own2"
+    real.mkdir()
+    (real / "tpm.ctrl").write_text("")
+    isolation.remove(real, ())
+    assert not real.exists()  # control: a real socket dir goes
+
+
+def test_link_refuses_a_public_path_another_process_serves(short_dir):
+    public = short_dir / "x.ctrl"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(public))
+        server.listen(1)
+        with refused(exception.SwtpmError, "swtpm error for vTPCM own: another process "
+                     "serves %s; not linking it to %s" % (public, short_dir / "own" / "t")):
+            isolation.link(public, short_dir / "own" / "t")
+        assert not public.is_symlink()
+    finally:
+        server.close()
+    isolation.link(public, short_dir / "own" / "t")  # control: a dead socket is replaced
+    assert os.readlink(public) == str(short_dir / "own" / "t")

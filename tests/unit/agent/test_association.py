@@ -3,9 +3,11 @@
 import itertools
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -515,5 +517,22 @@ def test_a_freed_uid_is_given_out_last(tmp_path):
         # freed in the order 5000, 5001, 5002: handed out in that order
         assert [al.assign_uid(i, 5000, 5003) for i in "efg"] == [5000, 5001, 5002]
         al.release_uid("nobody")  # no uid: nothing recorded
+    finally:
+        al.close()
+
+
+def test_the_list_and_its_wal_and_shm_are_the_agents_alone(tmp_path):
+    """Every swtpm uid may traverse the state dir: a -wal or -shm file left
+    0644 by a umask would hand them the list's recent writes."""
+    path = tmp_path / "a.sqlite"
+    AssociationList(path).close()
+    for suffix in ("", "-wal", "-shm"):
+        name = Path(str(path) + suffix)
+        name.touch()
+        os.chmod(name, 0o644)
+    al = AssociationList(path)
+    try:
+        for suffix in ("", "-wal", "-shm"):
+            assert stat.S_IMODE(os.stat(str(path) + suffix).st_mode) == 0o600, suffix
     finally:
         al.close()
