@@ -7,7 +7,6 @@ import stat
 import subprocess
 import sys
 import uuid
-from pathlib import Path
 
 import pytest
 
@@ -523,16 +522,20 @@ def test_a_freed_uid_is_given_out_last(tmp_path):
 
 def test_the_list_and_its_wal_and_shm_are_the_agents_alone(tmp_path):
     """Every swtpm uid may traverse the state dir: a -wal or -shm file left
-    0644 by a umask would hand them the list's recent writes."""
+    0644 (a umask, another tool) would hand them the list's recent writes.
+    An open agent keeps both files, so they are made private at start."""
     path = tmp_path / "a.sqlite"
-    AssociationList(path).close()
-    for suffix in ("", "-wal", "-shm"):
-        name = Path(str(path) + suffix)
-        name.touch()
-        os.chmod(name, 0o644)
-    al = AssociationList(path)
+    holder = AssociationList(path)  # a second connection keeps -wal/-shm
     try:
+        holder.add(instance_uuid="i", vtpcm_id="v", state=VTPCMState.CREATING,
+                   generation=0, state_dir="/d", ctrl_socket="/c")
         for suffix in ("", "-wal", "-shm"):
-            assert stat.S_IMODE(os.stat(str(path) + suffix).st_mode) == 0o600, suffix
+            os.chmod(str(path) + suffix, 0o644)
+        al = AssociationList(path)
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                assert stat.S_IMODE(os.stat(str(path) + suffix).st_mode) == 0o600, suffix
+        finally:
+            al.close()
     finally:
-        al.close()
+        holder.close()
