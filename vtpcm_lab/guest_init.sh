@@ -90,6 +90,43 @@ do_report() {
     echo "TPMDEV=$TPMDEV"
 }
 
+# dirty N: from now on rewrite N MiB of RAM per second (a tmpfs file of
+# random bytes, copied over itself 10 times a second) so that a live
+# migration has pages to resend, as a busy guest would; "dirty 0" stops it.
+# Random, not zero, bytes: QEMU sends a zero page as a few bytes.
+DIRTY_PID=
+do_dirty() {
+    rate="$1"
+    case "$rate" in
+        *[!0-9]*|"") echo "ERROR dirty needs MiB/s as digits"; return ;;
+    esac
+    if [ "$rate" -gt 256 ]; then
+        echo "ERROR dirty rate above 256 MiB/s"
+        return
+    fi
+    [ -n "$DIRTY_PID" ] && kill "$DIRTY_PID" 2>/dev/null
+    DIRTY_PID=
+    rm -f /tmp/dirty.src /tmp/dirty.dst
+    if [ "$rate" -eq 0 ]; then
+        echo "OK dirty 0"
+        return
+    fi
+    # 10 ticks a second, rate/10 MiB each, in 64 KiB blocks
+    blocks=$((rate * 16 / 10))
+    [ "$blocks" -lt 1 ] && blocks=1
+    dd if=/dev/urandom of=/tmp/dirty.src bs=64k count="$blocks" 2>/dev/null
+    cp /tmp/dirty.src /tmp/dirty.dst
+    (
+        while true; do
+            dd if=/tmp/dirty.src of=/tmp/dirty.dst bs=64k count="$blocks" \
+                conv=notrunc 2>/dev/null
+            sleep 0.1
+        done
+    ) </dev/null >/dev/null 2>&1 &
+    DIRTY_PID=$!
+    echo "OK dirty $rate"
+}
+
 echo "VTPCM-READY $BOOTID"
 
 while true; do
@@ -104,6 +141,7 @@ while true; do
         ping) echo "pong $arg" ;;
         write) do_write "$arg" ;;
         report) do_report ;;
+        dirty) do_dirty "$arg" ;;
         poweroff) echo "bye"; echo "VTPCM-END $cmd${arg:+ $arg}"; poweroff -f ;;
         *) echo "ERROR unknown command" ;;
     esac
