@@ -187,15 +187,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", type=int, default=200)
-    parser.add_argument("--smoke", action="store_true", help="n=5: that it runs")
+    parser.add_argument("--smoke", action="store_true", help="n=3, one restart: that it runs")
     parser.add_argument("--out-dir")
     args = parser.parse_args()
-    n = 5 if args.smoke else args.n
+    n = 3 if args.smoke else args.n
     if n < 1:
         print("agent_scale.py: -n must be at least 1", file=sys.stderr)
         return 2
     checkpoints = sorted({c for c in (1, 10, 25, 50, 100, 150, 200, n) if c <= n})
     restarts = {c for c in (1, 50, 100, 200, n) if c <= n}
+    if args.smoke:  # every step once, the fewest restarts (each ~1 s)
+        checkpoints, restarts = [1, n], {n}
     from vtpcm_lab import daemons  # noqa: F401 - selects oslo's threading backend first
 
     result: dict[str, Any] = {"benchmark": "agent-scale", "smoke": args.smoke,

@@ -81,33 +81,47 @@ class Chunk:
         self.lab.up()
         live.destroy_guests(self.lab, lambda n: n in NAMES.values())
         self.stack.up()
-        for arm in ARMS:
-            self._boot(arm)
+        # the two libvirt-only guests boot side by side with the vTPCM guest
+        for arm in ("none", "emulator"):
+            self._start_plain(arm)
+        _, con = live.boot_guest(self.stack, self.stack.host(self.lab.a), NAMES["vtpcm"],
+                                 memory_mib=self.memory_mib)
+        self._prepare("vtpcm", con)
+        for arm in ("none", "emulator"):
+            self._prepare(arm, self._console(arm))
 
-    def _boot(self, arm: str) -> None:
+    def _start_plain(self, arm: str) -> None:
         import libvirt
 
-        from vtpcm_lab import console, domain, live
+        from vtpcm_lab import domain
 
         name = NAMES[arm]
-        a = self.stack.host(self.lab.a)
-        if arm == "vtpcm":
-            _, con = live.boot_guest(self.stack, a, name, memory_mib=self.memory_mib)
-        else:
-            assert self.lab.image is not None
-            xml = domain.render_domain_xml(
-                name, self.lab.image, None, self.lab.a.serial_path(name),
-                memory_mib=self.memory_mib,
-                tpm_backend="emulator" if arm == "emulator" else "external")
-            conn = self.lab.a.connect()
-            try:
-                conn.defineXML(xml).create()
-            except libvirt.libvirtError as exc:
-                raise RuntimeError("booting the %s guest: %s" % (arm, exc)) from exc
-            finally:
-                conn.close()
-            con = console.GuestConsole(self.lab.a.serial_path(name))
+        assert self.lab.image is not None
+        xml = domain.render_domain_xml(
+            name, self.lab.image, None, self.lab.a.serial_path(name),
+            memory_mib=self.memory_mib,
+            tpm_backend="emulator" if arm == "emulator" else "external")
+        conn = self.lab.a.connect()
+        try:
+            conn.defineXML(xml).create()
+        except libvirt.libvirtError as exc:
+            raise RuntimeError("booting the %s guest: %s" % (arm, exc)) from exc
+        finally:
+            conn.close()
+
+    def _console(self, arm: str) -> Any:
+        from vtpcm_lab import console
+
+        con = console.GuestConsole(self.lab.a.serial_path(NAMES[arm]))
+        try:
             con.wait_ready(timeout=120.0)
+        except BaseException:
+            con.close()
+            raise
+        return con
+
+    def _prepare(self, arm: str, con: Any) -> None:
+        """TPM guests write their NV value; all start dirtying if asked."""
         try:
             if arm != "none":
                 # the guest's TPM state must survive every hop: checked at the end
