@@ -11,6 +11,8 @@ ancestor process holds it), taking it again would wait for ourselves:
 import contextlib
 import fcntl
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,6 +63,49 @@ def held_by_ancestor(path: Path = LOCK_PATH) -> bool:
     return bool(flock_holders(path) & _ancestors(os.getpid()))
 
 
+class _Tick(Exception):
+    """Raised by the alarm that interrupts a blocking flock() now and then."""
+
+
+def _raise_tick(_signum: int, _frame: object) -> None:
+    raise _Tick()
+
+
+def _acquire(fd: int, path: Path, timeout: float,
+             waiting: Callable[[float], None] | None) -> None:
+    """Block in flock() as ``flock(1)`` does: a poller never wins against
+    blocked waiters, which the kernel wakes first. An alarm every 30 s (in
+    the main thread; elsewhere a 0.5 s poll) reports the wait and ends it
+    after ``timeout``."""
+    start = time.monotonic()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _raise_tick) if main else None
+    try:
+        while True:
+            left = timeout - (time.monotonic() - start)
+            if left <= 0:
+                raise LabError(reason="lab lock %s still held by pid(s) %s after %.0f s"
+                               % (path, sorted(flock_holders(path)), timeout))
+            try:
+                if main:
+                    signal.setitimer(signal.ITIMER_REAL, min(30.0, left))
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    return
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except (_Tick, BlockingIOError):
+                if main and waiting is not None:
+                    waiting(time.monotonic() - start)
+                if not main:
+                    time.sleep(min(_POLL, max(left, 0.0)))
+            finally:
+                if main:
+                    signal.setitimer(signal.ITIMER_REAL, 0)
+    finally:
+        if main:
+            signal.signal(signal.SIGALRM, previous)
+
+
 @contextlib.contextmanager
 def hold(timeout: float, path: Path = LOCK_PATH,
          waiting: Callable[[float], None] | None = None) -> Iterator[bool]:
@@ -73,21 +118,7 @@ def hold(timeout: float, path: Path = LOCK_PATH,
         return
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        start = time.monotonic()
-        told = start
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                now = time.monotonic()
-                if now - start >= timeout:
-                    raise LabError(reason="lab lock %s still held by pid(s) %s after %.0f s"
-                                   % (path, sorted(flock_holders(path)), timeout)) from None
-                if waiting is not None and now - told >= 30.0:
-                    waiting(now - start)
-                    told = now
-                time.sleep(_POLL)
+        _acquire(fd, path, timeout, waiting)
         try:
             yield True
         finally:

@@ -53,6 +53,7 @@ def test_lock_of_another_user_is_waited_for_then_refused_naming_its_pid(
         with pytest.raises(LabError) as err, lablock.hold(1.0, lock, waiting=waited.append):
             pytest.fail("the block ran while another process held the lock")
         assert time.monotonic() - start >= 1.0
+        assert waited and waited[-1] >= 1.0  # the wait was reported
         assert "still held by pid(s) [%d] after 1 s" % other.pid in str(err.value)
     finally:
         _stop(other)
