@@ -20,6 +20,7 @@ Writes ``agent-scale.json``; ``plot_agent_scale.py`` draws ``agent-scale.png``.
 
 import argparse
 import re
+import signal
 import sys
 import time
 import uuid
@@ -200,6 +201,9 @@ def main() -> int:
         checkpoints, restarts = [1, n], {n}
     from vtpcm_lab import daemons  # noqa: F401 - selects oslo's threading backend first
 
+    # bench.sh's timeout sends SIGTERM: unwind, so that the finally blocks stop
+    # what this run started (by pid) and release the lab
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     result: dict[str, Any] = {"benchmark": "agent-scale", "smoke": args.smoke,
                               "machine": benchlib.machine(),
                               "config": {"n": n, "checkpoints": checkpoints,

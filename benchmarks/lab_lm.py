@@ -30,6 +30,7 @@ Writes ``lab-lm.json``; ``plot_lab_lm.py`` draws ``lab-lm.png`` from it.
 
 import argparse
 import os
+import signal
 import sys
 import time
 import uuid
@@ -365,6 +366,9 @@ def main() -> int:
 
     from vtpcm_lab import daemons  # noqa: F401 - selects oslo's threading backend first
 
+    # bench.sh's timeout sends SIGTERM: unwind, so that the finally blocks stop
+    # what this run started (by pid) and release the lab
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: sys.exit(143))
     _setup_logging()
     libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
     out = benchlib.out_dir(args.smoke, args.out_dir)
