@@ -90,11 +90,19 @@ do_report() {
     echo "TPMDEV=$TPMDEV"
 }
 
-# dirty N: from now on rewrite N MiB of RAM per second (a tmpfs file of
-# random bytes, copied over itself 10 times a second) so that a live
-# migration has pages to resend, as a busy guest would; "dirty 0" stops it.
-# Random, not zero, bytes: QEMU sends a zero page as a few bytes.
+# dirty N: from now on dirty N MiB of distinct pages per second, as a busy
+# guest would, so that a live migration has pages to resend. About 10 times
+# a second the loop writes what the rate owes since the start (by
+# /proc/uptime, so a slow tick under TCG is caught up, at most 4 ticks' worth
+# at once) as random 64 KiB blocks at the next offset of a 64 MiB tmpfs
+# file, wrapping around: a region rewritten in place would be only one
+# tick's worth of pages dirty, whatever N. Random, not zero, bytes: QEMU
+# sends a zero page as a few bytes. "dirty 0" stops it.
 DIRTY_PID=
+DIRTY_SPAN_BLOCKS=1024  # 64 KiB blocks: 64 MiB
+centis() {
+    cut -d' ' -f1 /proc/uptime | tr -d .
+}
 do_dirty() {
     rate="$1"
     case "$rate" in
@@ -111,15 +119,25 @@ do_dirty() {
         echo "OK dirty 0"
         return
     fi
-    # 10 ticks a second, rate/10 MiB each, in 64 KiB blocks
-    blocks=$((rate * 16 / 10))
-    [ "$blocks" -lt 1 ] && blocks=1
-    dd if=/dev/urandom of=/tmp/dirty.src bs=64k count="$blocks" 2>/dev/null
-    cp /tmp/dirty.src /tmp/dirty.dst
+    tick=$((rate * 16 / 10))  # 64 KiB blocks per 0.1 s
+    [ "$tick" -lt 1 ] && tick=1
+    dd if=/dev/urandom of=/tmp/dirty.src bs=64k count=$((tick * 4)) 2>/dev/null
     (
+        start=$(centis)
+        written=0
+        off=0
         while true; do
-            dd if=/tmp/dirty.src of=/tmp/dirty.dst bs=64k count="$blocks" \
-                conv=notrunc 2>/dev/null
+            owed=$(( ($(centis) - start) * rate * 16 / 100 - written ))
+            [ "$owed" -gt $((tick * 4)) ] && owed=$((tick * 4))
+            if [ "$owed" -gt 0 ]; then
+                dd if=/tmp/dirty.src of=/tmp/dirty.dst bs=64k count="$owed" \
+                    seek="$off" conv=notrunc 2>/dev/null
+                written=$((written + owed))
+                off=$(( (off + owed) % DIRTY_SPAN_BLOCKS ))
+            fi
+            # behind by more than the cap: forget the debt, keep the pace
+            late=$(( ($(centis) - start) * rate * 16 / 100 - written ))
+            [ "$late" -gt $((tick * 8)) ] && written=$((written + late - tick))
             sleep 0.1
         done
     ) </dev/null >/dev/null 2>&1 &
