@@ -442,16 +442,30 @@ class InstanceManager:
     def commit_incoming(self, ctx: sealing.SealContext) -> Association:
         """The incoming vTPCM becomes the live one at generation + 1.
 
-        It must hold its state (set by QEMU or ``import_state``). A swtpm
-        that stopped (crashed, or QEMU's CMD_SHUTDOWN when a resized guest
-        stopped on the destination before the confirm) is started again
-        first: past the commit point it is the authority, and refusing
-        would wedge the commit for good."""
+        It must hold its state (set by QEMU or ``import_state``). Past the
+        commit point it is the authority, and refusing would wedge the
+        commit for good, so a swtpm that is not running is no refusal:
+
+        * it exited cleanly (QEMU's CMD_SHUTDOWN: the guest stopped on the
+          destination before the confirm, or the agent's own stop): it
+          commits STOPPED, as a powered-off guest's vTPCM is, and the
+          guest's next start starts it; a swtpm started now would serve no
+          guest, only whoever opens its socket;
+        * it crashed (left its pid file or socket): it is started again
+          first, as before (the convergence rule)."""
         assoc = self.associations.get(ctx.instance_uuid)
         if (assoc.state in (S.ACTIVE, S.STOPPED) and assoc.generation == ctx.generation + 1
                 and assoc.migration_id == ctx.migration_id):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_IN)
+        if (not self.is_running(assoc) and self._received_state(assoc)
+                and not process.left_behind(self._paths_of(assoc))):
+            LOG.info("Incoming vTPCM of instance %(i)s: its swtpm exited cleanly (the "
+                     "guest stopped); committed STOPPED at generation %(g)d",
+                     {"i": ctx.instance_uuid, "g": ctx.generation + 1})
+            return self.associations.transition(
+                ctx.instance_uuid, S.STOPPED, expected=frozenset({S.MIGRATING_IN}),
+                generation=ctx.generation + 1, pid=None)
         if not self.is_running(assoc) and self._received_state(assoc):
             # its swtpm died after the switchover: the state is on disk, and
             # the authority may already be here; bring it back rather than

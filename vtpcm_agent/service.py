@@ -30,6 +30,8 @@ LOG = logging.getLogger(__name__)
 # seconds a restart report waits for the engine (which answers in milliseconds);
 # short, so that an engine that is down does not hold up the agent's stop
 REPORT_TIMEOUT = 3.0
+# the AK and KEM key blobs (TPM-wrapped), next to the sealed host key
+HOST_KEY_BLOBS = "hostkeys.tpm"
 
 
 def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
@@ -109,8 +111,11 @@ class AgentService:
         self.host_signer = host_signer_from(conf)
         self.host_tpm = HostTPM(conf.host_tpm.tcti)
         provider = host_key_provider(conf, self.host_tpm, self.settings.state_root)
-        # the AK and KEM key need the host key: no other TPM user derives them
-        self.host_tpm.use_key_auth(keyauth.derive(provider.host_key()))
+        # the AK and KEM key: children whose auth values derive from the
+        # host key, their TPM-wrapped blobs in the state directory
+        self.host_tpm.use_key_auth(keyauth.derive(provider.host_key()),
+                                   self.settings.state_root / HOST_KEY_BLOBS,
+                                   conf.host_tpm.kem_policy_pcrs)
         self.keystore = ks.KeyStore(self.settings.state_root / "keys", provider)
         self.associations = AssociationList(self.settings.state_root / "associations.sqlite")
         # accepted command nonces survive a restart: a captured command

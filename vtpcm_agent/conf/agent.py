@@ -3,7 +3,7 @@
 import socket
 from typing import Any
 
-from oslo_config import cfg
+from oslo_config import cfg, types
 
 from vtpcm_common import config, rpc
 from vtpcm_common.conf import upgrade_levels
@@ -94,6 +94,15 @@ HOST_TPM_OPTS = [
                  help="Average rate of credential activations (unsigned, needed once "
                       "per enrollment; each re-creates the RSA endorsement key, "
                       "seconds on a hardware TPM); more are refused at once."),
+    cfg.ListOpt("kem_policy_pcrs", default=[], item_type=types.Integer(min=0, max=23),
+                help="SHA-256 PCRs the host's KEM key is bound to (PolicyPCR + "
+                     "PolicyAuthValue): migration keys sealed to the host open only "
+                     "while these PCRs hold the values they had when the key was "
+                     "created. Use the PCRs of the host's attestation policy on the "
+                     "engine (or a subset). After an approved update that changes "
+                     "them, or after changing this list, the agent creates a new KEM "
+                     "key at the next get_identity and the host must be re-enrolled. "
+                     "Empty: the KEM key is not bound to PCRs."),
 ]
 
 keystore_group = cfg.OptGroup("keystore", title="Per-instance key storage")

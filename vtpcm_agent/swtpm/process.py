@@ -35,7 +35,7 @@ from oslo_log import log as logging
 
 from vtpcm_agent.swtpm import ctrl
 from vtpcm_agent.swtpm.keypipe import key_pipe
-from vtpcm_common import exception
+from vtpcm_common import exception, spans
 
 LOG = logging.getLogger(__name__)
 
@@ -238,6 +238,7 @@ def _log_tail(paths: SwtpmPaths, limit: int = 600) -> str:
         return ""
 
 
+@spans.timed("swtpm:start")
 def start(paths: SwtpmPaths, at_rest_key: bytes, migration_key: bytes, *,
           socket_mode: int = 0o660, socket_uid: int | None = None,
           socket_gid: int | None = None, swtpm_binary: str = "swtpm",
