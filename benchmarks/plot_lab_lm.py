@@ -23,6 +23,8 @@ def _label(cfg: dict[str, Any]) -> str:
     text = "%d MiB" % cfg["memory_mib"]
     if cfg["dirty_mibps"]:
         text += ", dirtying %d MiB/s" % cfg["dirty_mibps"]
+        if cfg.get("dirty_note"):
+            text += "\n(in place: ~3 MiB per pass)"
     return text
 
 
