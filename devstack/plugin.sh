@@ -191,6 +191,7 @@ function configure_vtpcm_agent {
     else
         iniset "$conf" agent socket_user "$socket_user"
     fi
+    iniset "$conf" agent swtpm_uid_range "$VTPCM_SWTPM_UID_RANGE"
     if vtpcm_uses_standin; then
         warn $LINENO "vtpcm: no host TPM at $VTPCM_HOST_TPM_DEVICE (VTPCM_HOST_TPM=$VTPCM_HOST_TPM): using a swtpm STAND-IN at $VTPCM_HOSTTPM_SOCKET. Host attestation then proves nothing about this machine; development and CI only."
         iniset "$conf" host_tpm tcti "swtpm:path=$VTPCM_HOSTTPM_SOCKET"

@@ -26,8 +26,13 @@ values when the key was created) then PolicyAuthValue, and userWithAuth is
 clear, so ECDH_ZGen works only in a policy session where the PCRs still hold
 those values *and* the auth value is known. Certify (ADMIN role, no
 adminWithPolicy) still uses the auth value. After an approved update the
-PCRs differ: ``kem_is_current`` sees it and the agent creates a new KEM key,
-which the host's re-enrollment certifies.
+PCRs differ: ``kem_is_current`` sees it and, at the engine's signed
+re-enrollment only, the agent creates a new KEM key, which that enrollment
+certifies.
+
+The parents' names are pinned (``pinned_parent``, finding H1): a session
+is salted to the public key in the CreatePrimary answer, so an interposer
+that swapped it would read everything the session encrypts.
 
 The AK's parent is a storage primary of the *endorsement* hierarchy: a key
 of another hierarchy gets its quotes' resetCount/restartCount obfuscated,
@@ -105,32 +110,52 @@ AUTH_ONLY = TPMA_SESSION.CONTINUESESSION
 class KeyBlobs:
     """The AK and KEM key as TPM2_Create returned them: marshaled
     TPM2B_PUBLIC and TPM2B_PRIVATE (the private part TPM-wrapped, useless
-    outside this TPM). Safe on disk; the repr shows sizes only."""
+    outside this TPM), and the names of their parents as the agent first
+    saw them (pinned: a CreatePrimary answer with another name is refused,
+    finding H1). Safe on disk; the repr shows sizes only."""
 
     ak_public: bytes
     ak_private: bytes
     kem_public: bytes
     kem_private: bytes
+    # empty only in a version-1 file, until the agent pins them
+    ak_parent_name: bytes = b""
+    kem_parent_name: bytes = b""
 
-    _MAGIC = b"VTHK\x01"
-    _FIELDS = ("ak_public", "ak_private", "kem_public", "kem_private")
+    _MAGIC_V1 = b"VTHK\x01"
+    _MAGIC = b"VTHK\x02"
+    _FIELDS_V1 = ("ak_public", "ak_private", "kem_public", "kem_private")
+    _FIELDS = _FIELDS_V1 + ("ak_parent_name", "kem_parent_name")
+
+    @property
+    def pinned(self) -> bool:
+        """Whether both parents' names are known (format version 2)."""
+        return bool(self.ak_parent_name and self.kem_parent_name)
 
     def to_bytes(self) -> bytes:
-        """``b"VTHK" 0x01`` then each field as ``u32 length | bytes``."""
-        out = [self._MAGIC]
-        for name in self._FIELDS:
+        """``b"VTHK" 0x02`` then each field as ``u32 length | bytes``
+        (version 1, without the parent names, only while they are unknown)."""
+        magic, fields = ((self._MAGIC, self._FIELDS) if self.pinned
+                         else (self._MAGIC_V1, self._FIELDS_V1))
+        out = [magic]
+        for name in fields:
             value = getattr(self, name)
             out += [struct.pack(">I", len(value)), value]
         return b"".join(out)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> KeyBlobs:
-        """Parse ``to_bytes`` output strictly (HostTPMError naming the flaw)."""
-        if not data.startswith(cls._MAGIC):
+        """Parse ``to_bytes`` output strictly, version 2 or 1 (HostTPMError
+        naming the flaw)."""
+        if data.startswith(cls._MAGIC):
+            fields: tuple[str, ...] = cls._FIELDS
+        elif data.startswith(cls._MAGIC_V1):
+            fields = cls._FIELDS_V1
+        else:
             raise HostTPMError(reason="host key blobs: bad magic or version")
         off = len(cls._MAGIC)
         parts: list[bytes] = []
-        for name in cls._FIELDS:
+        for name in fields:
             if off + 4 > len(data):
                 raise HostTPMError(reason=f"host key blobs: truncated before {name}")
             (n,) = struct.unpack_from(">I", data, off)
@@ -176,9 +201,19 @@ class FileBlobStore:
             raise HostTPMError(reason=f"cannot open host key blobs {self.path}: "
                                       f"{exc.strerror}") from None
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
                 raise HostTPMError(reason=f"host key blobs {self.path} is not a regular file")
-            return KeyBlobs.from_bytes(f.read())
+            # as hostkey.sealed: whoever may write it chooses the agent's keys
+            if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+                raise HostTPMError(reason=f"host key blobs {self.path} must be owned by uid "
+                                          f"{os.geteuid()} with mode 0600")
+            data = f.read()
+        try:
+            return KeyBlobs.from_bytes(data)
+        except HostTPMError as exc:
+            raise HostTPMError(reason=f"{self.path} failed its integrity check: "
+                                      f"{exc.kwargs['reason']}") from None
 
     def save(self, blobs: KeyBlobs, replace: bool = False) -> None:
         try:
@@ -259,18 +294,61 @@ def kem_is_current(e: ESAPI, kem_public: bytes, pcrs: TPML_PCR_SELECTION | None)
     return bound == (kem_policy(e, pcrs) if pcrs is not None else b"")
 
 
+def object_name(public: TPM2B_PUBLIC) -> bytes:
+    """The TPM name of ``public`` (nameAlg SHA-256 || digest of the
+    marshaled TPMT_PUBLIC), computed here, not taken from the TPM."""
+    area = public.publicArea
+    if area.nameAlg != TPM2_ALG.SHA256:
+        raise HostTPMError(reason="storage primary with an unexpected name algorithm")
+    return struct.pack(">H", int(TPM2_ALG.SHA256)) + hashlib.sha256(area.marshal()).digest()
+
+
+_HIERARCHY_NAMES = {ESYS_TR.OWNER: "owner", ESYS_TR.ENDORSEMENT: "endorsement"}
+
+
+class ParentMismatch(HostTPMError):
+    """A storage primary's name differs from the pinned one: refused before
+    any secret is sent under it."""
+
+
+@contextmanager
+def pinned_parent(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes = b"",
+                  attrs: TPMA_OBJECT = PARENT_ATTRS) -> Iterator[tuple[ESYS_TR, bytes]]:
+    """The storage primary of ``hierarchy`` for one operation, and its name.
+
+    Why the pin (finding H1): sessions are salted to the public key in the
+    CreatePrimary *answer*; an interposer that swaps it learns the session
+    key. A primary is derived from the hierarchy seed and the template, so
+    its name never changes while the seed does not: with ``pinned`` (the
+    name seen when the key or the sealed object was made) any other answer
+    is refused before a session is salted to it. Empty auth: it only wraps
+    children and salts sessions, it decrypts nothing for anyone."""
+    handle, pub, _cd, _cdig, _tk = e.create_primary(
+        None, template(PARENT_TEMPLATE, attrs), hierarchy)
+    try:
+        name = object_name(pub)
+        if pinned and name != pinned:
+            which = _HIERARCHY_NAMES.get(hierarchy, str(hierarchy))
+            raise ParentMismatch(reason=(
+                f"the {which} storage primary the TPM answered has name {name.hex()}, "
+                f"not the pinned {pinned.hex()}: something between the agent and the "
+                "TPM answers for it (an interposer), or this is another TPM or its "
+                "hierarchy seed changed (cleared, replaced); refused before sending "
+                "any secret. Keep every file of the state "
+                "directory (they are needed once the TPM path is sound again) and "
+                "check the TPM device path and what is attached to it"))
+        yield handle, name
+    finally:
+        e.flush_context(handle)
+
+
 @contextmanager
 def parent(e: ESAPI, hierarchy: ESYS_TR,
            attrs: TPMA_OBJECT = PARENT_ATTRS) -> Iterator[ESYS_TR]:
-    """The storage primary of ``hierarchy`` for one operation (empty auth:
-    it only wraps children and salts sessions, it decrypts nothing for
-    anyone)."""
-    handle, _pub, _cd, _cdig, _tk = e.create_primary(
-        None, template(PARENT_TEMPLATE, attrs), hierarchy)
-    try:
+    """The storage primary of ``hierarchy`` for one operation, unpinned
+    (for callers that send it nothing secret)."""
+    with pinned_parent(e, hierarchy, b"", attrs) as (handle, _name):
         yield handle
-    finally:
-        e.flush_context(handle)
 
 
 def salted_session(e: ESAPI, salt_key: ESYS_TR) -> ESYS_TR:
@@ -290,9 +368,9 @@ def use(e: ESAPI, session: ESYS_TR, attrs: TPMA_SESSION) -> ESYS_TR:
 
 
 def _create_child(e: ESAPI, hierarchy: ESYS_TR, public: TPM2B_PUBLIC,
-                  auth: bytes) -> tuple[bytes, bytes]:
+                  auth: bytes, pinned: bytes) -> tuple[bytes, bytes, bytes]:
     sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=auth))
-    with parent(e, hierarchy) as p:
+    with pinned_parent(e, hierarchy, pinned) as (p, name):
         session = salted_session(e, p)
         try:
             # inSensitive (the auth value) is the first parameter: encrypted
@@ -300,29 +378,41 @@ def _create_child(e: ESAPI, hierarchy: ESYS_TR, public: TPM2B_PUBLIC,
                                                   session1=use(e, session, DECRYPT))
         finally:
             e.flush_context(session)
-    return pub.marshal(), priv.marshal()
+    return pub.marshal(), priv.marshal(), name
 
 
-def create_kem(e: ESAPI, auth: bytes, pcrs: TPML_PCR_SELECTION | None) -> tuple[bytes, bytes]:
-    """A new KEM key (owner hierarchy): (public, private) blobs. With
-    ``pcrs`` bound to their current values (userWithAuth clear: ZGen only
-    through the policy)."""
+def create_kem(e: ESAPI, auth: bytes, pcrs: TPML_PCR_SELECTION | None,
+               pinned: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """A new KEM key (owner hierarchy): (public, private) blobs and its
+    parent's name (``pinned``: the name it must have). With ``pcrs`` bound
+    to their current values (userWithAuth clear: ZGen only through the
+    policy)."""
     if pcrs is None:
         public = template(KEM_TEMPLATE, KEM_ATTRS)
     else:
         public = template(KEM_TEMPLATE, KEM_ATTRS & ~TPMA_OBJECT.USERWITHAUTH,
                           kem_policy(e, pcrs))
-    return _create_child(e, KEM_HIERARCHY, public, auth)
+    return _create_child(e, KEM_HIERARCHY, public, auth, pinned)
 
 
 def create_blobs(e: ESAPI, ak_auth: bytes, kem_auth: bytes,
                  kem_pcrs: TPML_PCR_SELECTION | None = None) -> KeyBlobs:
     """A new AK (endorsement hierarchy) and KEM key (owner hierarchy) with
-    the given auth values, created inside the TPM."""
-    ak_pub, ak_priv = _create_child(e, AK_HIERARCHY, template(AK_TEMPLATE, AK_ATTRS), ak_auth)
-    kem_pub, kem_priv = create_kem(e, kem_auth, kem_pcrs)
+    the given auth values, created inside the TPM; their parents' names as
+    seen now are pinned from here on."""
+    ak_pub, ak_priv, ak_parent = _create_child(e, AK_HIERARCHY,
+                                               template(AK_TEMPLATE, AK_ATTRS), ak_auth, b"")
+    kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs)
     return KeyBlobs(ak_public=ak_pub, ak_private=ak_priv,
-                    kem_public=kem_pub, kem_private=kem_priv)
+                    kem_public=kem_pub, kem_private=kem_priv,
+                    ak_parent_name=ak_parent, kem_parent_name=kem_parent)
+
+
+def parent_name(e: ESAPI, hierarchy: ESYS_TR) -> bytes:
+    """The name of ``hierarchy``'s storage primary now (to pin the parents
+    of a version-1 blob file, trusting this one answer)."""
+    with pinned_parent(e, hierarchy) as (_handle, name):
+        return name
 
 
 def _unmarshal(public: bytes, private: bytes) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVATE]:
@@ -336,18 +426,15 @@ def _unmarshal(public: bytes, private: bytes) -> tuple[TPM2B_PUBLIC, TPM2B_PRIVA
     return pub, priv
 
 
-@contextmanager
-def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
-           auth: bytes, what: str, policy: TPML_PCR_SELECTION | None = None,
-           ) -> Iterator[Loaded]:
-    """Load a child under its hierarchy's parent, with a session salted to
-    that parent; the parent is flushed before the caller's command runs
-    (libtpms has three transient slots: certify needs AK and KEM key), the
-    child and the session after it. ``policy``: a policy session that has
-    run the KEM key's PolicyPCR and PolicyAuthValue, instead of an HMAC
-    session (for the USER role of a PCR-bound key)."""
+def load_with_session(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
+                      what: str, policy: bool, pinned: bytes = b"",
+                      ) -> tuple[ESYS_TR, TPM2B_PUBLIC, ESYS_TR]:
+    """Load a child under its hierarchy's (pinned) parent and start a
+    session salted to that parent (a policy session if ``policy``); the
+    parent is flushed before returning (libtpms has three transient slots:
+    certify needs AK and KEM key). The caller flushes handle and session."""
     pub, priv = _unmarshal(public, private)
-    with parent(e, hierarchy) as p:
+    with pinned_parent(e, hierarchy, pinned) as (p, _name):
         try:
             handle = e.load(p, priv, pub)
         except TSS2_Exception as exc:
@@ -359,7 +446,7 @@ def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
                        "was cleared or replaced; move the host key blobs aside and "
                        "re-enroll the host") from None
         try:
-            if policy is None:
+            if not policy:
                 session = salted_session(e, p)
             else:
                 session = e.start_auth_session(p, ESYS_TR.NONE, TPM2_SE.POLICY,
@@ -368,6 +455,20 @@ def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
         except BaseException:
             e.flush_context(handle)
             raise
+    return handle, pub, session
+
+
+@contextmanager
+def loaded(e: ESAPI, hierarchy: ESYS_TR, public: bytes, private: bytes,
+           auth: bytes, what: str, policy: TPML_PCR_SELECTION | None = None,
+           pinned: bytes = b"") -> Iterator[Loaded]:
+    """Load a child with a salted session (``load_with_session``) for one
+    command; the child and the session are flushed after it. ``policy``: a
+    policy session that has run the KEM key's PolicyPCR and PolicyAuthValue,
+    instead of an HMAC session (for the USER role of a PCR-bound key).
+    ``pinned``: the name the parent must have (``pinned_parent``)."""
+    handle, pub, session = load_with_session(e, hierarchy, public, private, what,
+                                             policy is not None, pinned)
     try:
         if policy is not None:
             _policy_commands(e, session, policy)

@@ -140,3 +140,29 @@ def parameters(command: bytes, handles: int) -> bytes:
     off = 10 + 4 * handles
     (auth_size,) = struct.unpack_from(">I", command, off)
     return command[off + 4 + auth_size:]
+
+
+TPM_CC_START_AUTH_SESSION = 0x176
+TPM_RH_NULL = 0x40000007
+TPM_SE_TRIAL = 0x03
+
+
+def unsalted_sessions(tap: TPMWireTap) -> list[bytes]:
+    """Every TPM2_StartAuthSession of a real (not trial) session that is
+    not salted: tpmKey TPM_RH_NULL or an empty encryptedSalt. Why: the
+    scan "the secret's bytes are not on the wire" passes any encryption,
+    also that of an unsalted session whose key is computed from values on
+    the wire (empty-auth parent) -- finding M1."""
+    out = []
+    for code, cmd in tap.commands():
+        if code != TPM_CC_START_AUTH_SESSION:
+            continue
+        (tpm_key,) = struct.unpack_from(">I", cmd, 10)
+        off = 18  # after tpmKey and bind; no authorization area
+        (n,) = struct.unpack_from(">H", cmd, off)
+        off += 2 + n  # nonceCaller
+        (salt_len,) = struct.unpack_from(">H", cmd, off)
+        session_type = cmd[off + 2 + salt_len]
+        if session_type != TPM_SE_TRIAL and (tpm_key == TPM_RH_NULL or salt_len == 0):
+            out.append(cmd)
+    return out

@@ -32,6 +32,16 @@ AGENT_OPTS = [
                                    "libvirt-qemu). Unset: the agent's user."),
     cfg.StrOpt("socket_group", help="Group of each control socket. Unset: the agent's "
                                     "group."),
+    cfg.StrOpt("swtpm_uid_range", default="", regex=r"^(|[0-9]+-[0-9]+)$",
+               help="FIRST-LAST: run each vTPCM's swtpm as an unprivileged uid (and gid "
+                    "of the same number, no other groups) of its own from this range, "
+                    "assigned per instance and kept across restarts in the association "
+                    "list. Reserve the range: no account or group may use it, and it "
+                    "needs as many uids as vTPCMs on the host. Its control socket is "
+                    "then owned by that uid and group (or socket_user/socket_group) and "
+                    "sits in <run_dir>/vm/<instance uuid>/, which <run_dir>/<instance "
+                    "uuid>.ctrl links to. Empty: every swtpm runs as the agent's user "
+                    "(root), as releases before did."),
     cfg.BoolOpt("create_ek", default=True,
                 help="Create an EK with EK and platform certificates from this host's "
                      "local CA when a vTPCM is created (Windows 11 guests want them)."),

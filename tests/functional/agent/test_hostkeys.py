@@ -4,6 +4,7 @@ tpm2-pytss, a recording relay in front of the stand-in: ``tpmwire``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR, TPM2_RC, TPM2_RH, TPMA_OBJECT
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_RC, TPM2_RH, TPM2_SE, TPMA_OBJECT
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
     TPM2B_ECC_POINT,
@@ -34,8 +35,10 @@ from tests.functional.hosttpm_fixture import (  # noqa: F401
 )
 from tests.functional.tpmwire import (
     TPM_CC_CREATE_PRIMARY,
+    TPM_CC_START_AUTH_SESSION,
     TPMWireTap,
     parameters,
+    unsalted_sessions,
     wiretap,
 )
 from tests.refusal import refused
@@ -93,6 +96,8 @@ def test_a_tpm_stream_observer_gets_neither_the_auth_nor_the_keys(
     verifier.verify_quote(verifier.load_ak(identity.ak_public), quote.attest,
                           quote.signature, nonce, quote.pcr_values)
     wire = tap.everything()
+    assert tap.commands(), "the tap recorded nothing"
+    assert unsalted_sessions(tap) == []  # M1: every session salted
     # the tap saw the traffic: the TPM returned both public keys through it
     for public in (identity.ak_public, identity.kem_public):
         assert public[-32:] in wire
@@ -242,8 +247,8 @@ def test_the_keys_persist_in_their_blob_file_and_nowhere_else(
 def test_a_pcr_bound_kem_key_refuses_once_a_policy_pcr_changed(
         host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
     """PolicyPCR + PolicyAuthValue on the KEM key: usable only in the
-    measured state it was created in; identity (the host's re-enrollment)
-    then gives a new key bound to the new values, which the engine's
+    measured state it was created in; only the engine's signed identity
+    (the host's re-enrollment) then gives a new key bound to the new values, which the engine's
     certify check accepts like the first."""
     key_file = tmp_path / "hostkeys.tpm"
     with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file,
@@ -272,8 +277,15 @@ def test_a_pcr_bound_kem_key_refuses_once_a_policy_pcr_changed(
                      "PCR values this host no longer has (TPM_RC_POLICY_FAIL); after an "
                      "approved update re-enroll the host, which gives it a new KEM key"):
             agent.ecdh_zgen(x, y)
-        # re-enrollment after the (approved) change: a new key for the new values
-        second = agent.identity(nonce)
+        # an unsigned get_identity meanwhile keeps the enrolled key (M4) and
+        # says it is stale
+        stale = agent.identity(nonce)
+        assert not stale.kem_current and stale.kem_name == first.kem_name
+        assert hostkeys.KeyBlobs.from_bytes(key_file.read_bytes()) == blobs
+        # the engine's signed re-enrollment after the (approved) change: a new
+        # key for the new values
+        second = agent.identity(nonce, rotate_kem=True)
+        assert second.kem_current
         assert second.ak_name == first.ak_name and second.kem_name != first.kem_name
         verifier.verify_certification(ak, second.kem_public, second.kem_certify_attest,
                                       second.kem_certify_signature, nonce)
@@ -282,7 +294,7 @@ def test_a_pcr_bound_kem_key_refuses_once_a_policy_pcr_changed(
         assert agent.identity(nonce).kem_name == second.kem_name  # stable meanwhile
     with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file) as unbound:
         # the list emptied: an unbound key replaces the PCR-bound one
-        third = unbound.identity(nonce)
+        third = unbound.identity(nonce, rotate_kem=True)
         assert bytes(TPMT_PUBLIC.unmarshal(third.kem_public)[0].authPolicy) == b""
 
 
@@ -293,6 +305,20 @@ def test_blobs_of_another_tpm_are_refused_clearly(
     with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file) as first:
         first.quote(b"n", [0])  # positive control: loads in its own TPM
     with HostTPM(second_host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=key_file) as other:
+        # the pinned parent is refused before the blobs reach the TPM
+        with pytest.raises(hostkeys.ParentMismatch, match=r"^Host TPM error: the endorsement "
+                           r"storage primary the TPM answered has name 000b[0-9a-f]{64}, not "
+                           r"the pinned 000b[0-9a-f]{64}: .* or this is another TPM or its "
+                           r"hierarchy seed changed .*refused before sending any secret"):
+            other.quote(b"n", [0])
+        # a version-1 file (parents not pinned): the TPM's integrity check
+        # refuses the blobs
+        pinned = hostkeys.KeyBlobs.from_bytes(key_file.read_bytes())
+        v1 = dataclasses.replace(pinned, ak_parent_name=b"", kem_parent_name=b"")
+        v1_file = tmp_path / "v1.tpm"
+        v1_file.write_bytes(v1.to_bytes())
+        v1_file.chmod(0o600)
+    with HostTPM(second_host_tpm_standin.tcti, TEST_KEY_AUTH, key_file=v1_file) as other:
         with pytest.raises(HostTPMError, match=r"^Host TPM error: the agent's AK does not "
                            r"load in this TPM \(tpm:parameter\(1\):integrity check failed"
                            r"\): the TPM was cleared or replaced; move the host key blobs "
@@ -310,14 +336,22 @@ def test_the_sealed_host_key_never_crosses_the_tpm_interface_in_clear(
         sealed = tools.seal(host_key)
         assert tools.unseal(sealed) == host_key
     assert host_key not in tap.everything()
-    # planted control: an Unseal through a plain password session shows it
+    # not only encrypted but salted (M1): an unsalted session's key is
+    # computed from what is on the wire when the object's auth is empty
+    started = [c for c, _ in tap.commands() if c == TPM_CC_START_AUTH_SESSION]
+    assert len(started) == 2 and unsalted_sessions(tap) == []
+    # planted control: an Unseal through a plain password session shows it,
+    # and an unsalted HMAC session is spotted
     pub = TPM2B_PUBLIC.unmarshal(sealed.public)[0]
     priv = TPM2B_PRIVATE.unmarshal(sealed.private)[0]
-    with ESAPI(tap.tcti) as e, hostkeys.parent(e, hostkeys.KEM_HIERARCHY,
-                                               hostkeys.SRK_ATTRS) as srk:
+    with ESAPI(tap.tcti) as e, hostkeys.parent(e, hostkeys.KEM_HIERARCHY) as srk:
         obj = e.load(srk, priv, pub)
         try:
             assert bytes(e.unseal(obj)) == host_key
+            unsalted = e.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.HMAC,
+                                            hostkeys.SESSION_CIPHER, TPM2_ALG.SHA256)
+            e.flush_context(unsalted)
         finally:
             e.flush_context(obj)
     assert host_key in tap.everything()
+    assert len(unsalted_sessions(tap)) == 1

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.refusal import refused
-from vtpcm_agent import hostek, hostkeys, hosttpm, keyauth
+from vtpcm_agent import hostek, hostkeys, hosttpm, keyauth, keycache
 from vtpcm_common.exception import HostTPMError
 
 NO_SECRETS = ("the AK and KEM key need the agent's key secrets (use_key_auth); this "
@@ -30,6 +30,7 @@ def _bare(key_auth: keyauth.KeyAuth | None, esapi: Any) -> hosttpm.HostTPM:
     tpm._esapi = esapi
     tpm._key_auth = key_auth
     tpm._ek_public = None
+    tpm._cache = keycache.KeyCache()
     tpm._tcti = "x:y"
     return tpm
 
@@ -89,7 +90,7 @@ def faked(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[hosttpm.HostTPM, di
 
     monkeypatch.setattr(tpm, "_ak", primary)
     monkeypatch.setattr(tpm, "_kem", primary)
-    monkeypatch.setattr(tpm, "_current_kem", lambda e: None)  # no PCR binding here
+    monkeypatch.setattr(tpm, "_current_kem", lambda e, rotate: True)  # no PCR binding here
     monkeypatch.setattr(hostek, "_ek_template",
                         lambda e: (state["cert"], _Template) if state["cert"] else None)
     monkeypatch.setattr(hostek, "_read_ek_certificate", lambda e: None)
