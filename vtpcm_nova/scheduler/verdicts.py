@@ -66,6 +66,7 @@ def fetch_trusted(engine: EngineReader, timeout: float | None, max_pages: int = 
     deadline = None if timeout is None else clock() + timeout
     out: dict[str, datetime.datetime] = {}
     after: str | None = None
+    markers: set[str] = set()
     for pages in range(max_pages):
         page = engine.trusted_hosts(after=after, timeout=_left(deadline, clock, pages))
         for host, expires in page.expires.items():
@@ -73,9 +74,12 @@ def fetch_trusted(engine: EngineReader, timeout: float | None, max_pages: int = 
         if page.next_after is None:
             _left(deadline, clock, pages + 1)  # an answer after the deadline is too old
             return out
-        if after is not None and page.next_after <= after:
+        # the engine's database orders host names by its own collation (not
+        # Python's): a marker must be new, not larger, to count as progress
+        if page.next_after in markers:
             raise exception.InvalidPayload(message_type="trusted_hosts", field="next_after",
                                            reason="does not move forward")
+        markers.add(page.next_after)
         after = page.next_after
     raise exception.InvalidPayload(message_type="trusted_hosts", field="next_after",
                                    reason="more than %d pages" % max_pages)

@@ -176,3 +176,17 @@ def test_pages_without_end_fail_the_fetch() -> None:
     with refused(exception.InvalidPayload,
                  "Invalid trusted_hosts payload: field next_after: more than 100 pages"):
         verdicts.fetch_trusted(Stuck(lambda after: (after or "") + "a"), timeout=1.0)
+
+
+def test_markers_in_the_databases_collation_are_progress() -> None:
+    """PostgreSQL under en_US.UTF-8 sorts "cmp-10" after "cmp1"; Python
+    does not. Paged in SQL, the engine's markers follow the database's
+    order, so the scheduler takes any new marker as progress and only a
+    repeated one as a loop (the planted control)."""
+    order = {None: "cmp1", "cmp1": "cmp-10", "cmp-10": None}
+    got = verdicts.fetch_trusted(Stuck(lambda after: order[after]), timeout=None)
+    assert got == {}
+    loop = {None: "cmp1", "cmp1": "cmp-10", "cmp-10": "cmp1"}
+    with refused(exception.InvalidPayload,
+                 "Invalid trusted_hosts payload: field next_after: does not move forward"):
+        verdicts.fetch_trusted(Stuck(lambda after: loop[after]), timeout=None)

@@ -154,8 +154,8 @@ class TrustStore(Store):
         conds = [models.VerdictRow.status == verifier.TrustStatus.TRUSTED.value,
                  models.VerdictRow.expires_at > (now or utcnow()),
                  models.Host.status == HostStatus.APPROVED.value]
-        if after is not None:
-            conds.append(models.VerdictRow.host > after)
+        if after is not None:  # on both sides of the join: each index starts there
+            conds += [models.VerdictRow.host > after, models.Host.name > after]
         q = (select(models.VerdictRow.host, models.VerdictRow.expires_at)
              .join(models.Host, models.Host.name == models.VerdictRow.host)
              .where(*conds).order_by(models.VerdictRow.host).limit(limit + 1))
