@@ -37,10 +37,14 @@ every ratio compares passes measured in the same few milliseconds:
   ``extra_specs.requested``, ``extra_specs.parse``, ``VerdictCache.snapshot``
   (the cache lock + TTL check + ``datetime.now``), ``TrustSnapshot.why_not``.
 
-Per-host cost = median over rounds of (pass time / N). The engine's real
-query is not measured here (it needs N enrolled hosts in the engine's
-database); ``wire_limit`` records whether N+1 > 10,000 hosts still reach the
-filter, through ``trusted_hosts`` pages and through one ``VerdictList``.
+Per-host cost = median over rounds of (pass time / N). ``engine_paging``
+measures the engine's side (10,000 and 50,000 hosts; ``--smoke``: 1,000):
+the real ``EngineManager.trusted_hosts`` on a SQLite engine database whose
+hosts are cloned in SQL from one really enrolled and attested host: the
+first full page, a one-host page, a one-host page at the end, and the whole
+fetch through ``fetch_trusted`` (replies decoded; no AMQP). ``wire_limit``
+records whether N+1 > 10,000 hosts still reach the filter, through
+``trusted_hosts`` pages and through one ``VerdictList``.
 """
 
 import argparse

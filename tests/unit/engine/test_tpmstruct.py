@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
 from tpm2_pytss.constants import TPM2_ST
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPMS_ATTEST, TPMT_SIGNATURE
-
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.refusal import refused
 from tests.unit.engine import test_verifier as tv

@@ -2,9 +2,9 @@ import datetime
 
 import pytest
 
+from tests.refusal import refused
 from vtpcm_common import exception
 from vtpcm_common.api.engine import messages as em
-from tests.refusal import refused
 from vtpcm_nova.scheduler.verdicts import VerdictCache, fetch_trusted, trusted_until
 
 NOW = datetime.datetime(2026, 11, 30, 12, 0, tzinfo=datetime.UTC)
