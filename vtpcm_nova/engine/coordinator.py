@@ -562,27 +562,28 @@ class Coordinator:
             source_gen_ok = (info.generation == vtpcm.generation
                              and info.state in ("ACTIVE", "STOPPED"))
         trusted = dest_host is not None
-        reason = distrust
-        claimed = False
-        if trusted and vtpcm.host == source and source_gen_ok:
-            # Claim the vTPCM for this migration before anything moves: of two
-            # concurrent begins exactly one wins; the other ends REFUSED
-            # without touching any agent.
-            claimed = self.db.set_vtpcm_state(
-                instance_uuid, vtpcm.generation, "MIGRATING", expected_state=vtpcm.state,
-                migration_id=migration_id, expected_migration_id=None)
-            if not claimed:
-                reason = "another migration holds the vTPCM"
-        proto = p.MigrationProtocol(migration_id)
-        actions = proto.handle(p.Begin(
-            destination_trusted=trusted,
-            source_is_location=vtpcm.host == source,
-            generation_matches=source_gen_ok and (claimed or not trusted),
-            reason=reason))
+        # Claim the vTPCM for this migration before anything moves, in the
+        # transaction that records the migration: of two concurrent begins
+        # exactly one wins; the other ends REFUSED without touching any agent.
+        claim = trusted and vtpcm.host == source and source_gen_ok
+
+        def decided(claimed: bool) -> tuple[p.MigrationProtocol, list[p.Action]]:
+            proto = p.MigrationProtocol(migration_id)
+            return proto, proto.handle(p.Begin(
+                destination_trusted=trusted,
+                source_is_location=vtpcm.host == source,
+                generation_matches=source_gen_ok and (claimed or not trusted),
+                reason="another migration holds the vTPCM" if claim and not claimed
+                else distrust))
+        proto, actions = decided(claim)
+        lost = decided(False) if claim else None
         deadline = self.now() + datetime.timedelta(seconds=self.timeout)
-        self.db.create_migration(migration_id, instance_uuid, source, dest,
-                                 vtpcm.generation, proto.state.value, deadline,
-                                 prior_state=vtpcm.state)
+        made = self.db.create_migration(
+            migration_id, instance_uuid, source, dest, vtpcm.generation, proto.state.value,
+            deadline, prior_state=vtpcm.state,
+            claim=db_api.VtpcmClaim(vtpcm.state, lost[0].state.value) if lost else None)
+        if lost is not None and made.state != proto.state.value:
+            proto, actions = lost
         ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
         if proto.state is M.REFUSED:
             self._run(proto, ctx, actions)

@@ -4,12 +4,14 @@ import datetime
 import uuid
 
 import pytest
+import sqlalchemy
+from sqlalchemy.orm import Session
 
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
-from vtpcm_nova.engine.db import migration
+from vtpcm_nova.engine.db import migration, models
 from vtpcm_nova.engine.db.api import Database, TrustBasis, VerdictRecord
 from vtpcm_nova.engine.verifier import TrustStatus
 
@@ -294,20 +296,51 @@ def test_second_migration_while_one_runs_refused(env):
 
 def test_loser_of_a_begin_race_is_refused_without_agent_calls(env, monkeypatch):
     coord, db, agents, _, _ = env
-    real = db.set_vtpcm_state
+    real = db.get_vtpcm
+    other = str(uuid.uuid4())
 
-    def lost_race(*args, **kwargs):  # another worker claimed the record first
-        if kwargs.get("expected_migration_id", ...) is None:
-            return False
-        return real(*args, **kwargs)
+    def read_then_lose(instance_uuid):  # another worker claims right after our read
+        rec = real(instance_uuid)
+        assert db.set_vtpcm_state(instance_uuid, rec.generation, "MIGRATING",
+                                  expected_state=rec.state, migration_id=other,
+                                  expected_migration_id=None)
+        return rec
 
-    monkeypatch.setattr(db, "set_vtpcm_state", lost_race)
+    monkeypatch.setattr(db, "get_vtpcm", read_then_lose)
     mid = str(uuid.uuid4())
     with pytest.raises(exception.MigrationError) as err:
         coord.begin(mid, INSTANCE, "host-a", "host-b")
     assert "another migration holds the vTPCM" in str(err.value)
     assert db.get_migration(mid).state == "REFUSED"
+    assert real(INSTANCE).migration_id == other  # the winner's claim stays
     assert names(agents) == []
+
+
+def test_an_engine_dying_while_it_records_a_begin_leaves_no_claim(env):
+    """Found under load (tests/functional/engine/test_load.py): the claim
+    and the migration record were two transactions, and an engine killed
+    between them left the vTPCM held by a migration that never existed:
+    its caller's abort found nothing, no reconcile or deadline released it,
+    every later begin was refused. Now one transaction: nothing or both."""
+    coord, db, agents, _, _ = env
+
+    def die_at_the_insert(session, flush_context, instances):
+        if any(isinstance(row, models.Migration) for row in session.new):
+            raise SystemExit("engine killed")  # the process goes, its transaction too
+
+    sqlalchemy.event.listen(Session, "before_flush", die_at_the_insert)
+    mid = str(uuid.uuid4())
+    try:
+        with pytest.raises(SystemExit, match="engine killed"):
+            coord.begin(mid, INSTANCE, "host-a", "host-b")
+    finally:
+        sqlalchemy.event.remove(Session, "before_flush", die_at_the_insert)
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.state, rec.migration_id) == ("STOPPED", None)
+    with pytest.raises(exception.NotFound):
+        db.get_migration(mid)
+    # and the next migration of the vTPCM goes ahead
+    assert coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b").state == "PREPARED"
 
 
 def test_restore_releases_only_its_own_claim(env):

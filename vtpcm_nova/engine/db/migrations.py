@@ -6,6 +6,7 @@ several engine processes; the one whose UPDATE matched owns the step.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 
 from sqlalchemy import func, select, update
@@ -17,15 +18,47 @@ from vtpcm_nova.engine.db.records import MigrationRecord, migration_rec
 from vtpcm_nova.engine.db.store import Store, utcnow
 
 
+@dataclasses.dataclass(frozen=True)
+class VtpcmClaim:
+    """``begin``'s claim of the vTPCM record, made with the migration record.
+
+    The record moves from ``expected_state`` (at the migration's generation,
+    held by no migration) to ``claimed_state`` held by the migration; if it
+    no longer matches (another migration won), the migration is recorded in
+    ``refused_state`` instead."""
+
+    expected_state: str
+    refused_state: str
+    claimed_state: str = "MIGRATING"
+
+
 class MigrationStore(Store):
     """Migration records of the coordinator."""
 
     def create_migration(self, migration_id: str, instance_uuid: str, source: str, dest: str,
                          generation: int, state: str, deadline: datetime.datetime,
                          now: datetime.datetime | None = None,
-                         prior_state: str | None = None) -> MigrationRecord:
+                         prior_state: str | None = None,
+                         claim: VtpcmClaim | None = None) -> MigrationRecord:
+        """Record a new migration; with ``claim``, claim its vTPCM in the
+        same transaction. Two transactions left a window: an engine killed
+        between them left the vTPCM held by a migration that did not exist,
+        which no abort, reconcile or deadline ever released (every later
+        begin refused, found by tests/functional/engine/test_load.py). The
+        returned record's state says whether the claim was won (``state``)
+        or lost (``claim.refused_state``)."""
         now = now or utcnow()
         with self.session() as s:
+            if claim is not None:
+                q = (update(models.Vtpcm)
+                     .where(models.Vtpcm.instance_uuid == instance_uuid,
+                            models.Vtpcm.generation == generation,
+                            models.Vtpcm.state == claim.expected_state,
+                            models.Vtpcm.migration_id.is_(None))
+                     .values(state=claim.claimed_state, migration_id=migration_id,
+                             updated_at=now))
+                if s.execute(q).rowcount != 1:  # type: ignore[attr-defined]
+                    state = claim.refused_state
             row = models.Migration(migration_id=migration_id, instance_uuid=instance_uuid,
                                    source=source, dest=dest, generation=generation,
                                    state=state, created_at=now, updated_at=now,
