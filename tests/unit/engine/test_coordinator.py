@@ -822,3 +822,54 @@ def test_an_unauthenticated_answer_to_the_deadline_abort_is_neither_done_nor_in_
     assert "abort_outgoing" not in names(agents)
     assert coord.reconcile() == 1
     assert db.get_migration(mid).state == "ABORTED"
+
+
+class ReconcileMidCommit(FakeAgents):
+    """Another engine worker's reconcile finishes the commit while this
+    worker's commit_incoming is on its way (issue 10's third case)."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.other = other
+
+    def commit_incoming(self, host, context):
+        super().commit_incoming(host, context)
+        other, self.other = self.other, None
+        if other is not None:
+            assert other.reconcile() == 1
+
+
+def test_a_commit_raced_by_another_workers_reconcile_answers_committed(env):
+    """Found under load (tests/functional/engine/test_load.py, "state
+    changed concurrently" from commits that went through): the commit is
+    decided at the commit point, so its caller gets success."""
+    coord, db, _, trust, clock = env
+    other = Coordinator(db, FakeAgents(), trust, timeout=60, now=lambda: clock["now"])
+    raced = ReconcileMidCommit(other)
+    worker = Coordinator(db, raced, trust, timeout=60, now=lambda: clock["now"])
+    mid = str(uuid.uuid4())
+    assert worker.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    assert worker.commit(mid).state == "COMMITTED"
+    assert raced.other is None  # the race happened
+    assert ("commit_outgoing", "host-a") in other.agents.calls
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation) == ("host-b", 1)
+    points = [a for a in db.list_audit(limit=50)
+              if (a.migration_id, a.event, a.outcome)
+              == (mid, "migration.commit", "commit point passed")]
+    assert len(points) == 1
+
+
+def test_a_commit_whose_step_fails_without_a_race_still_fails(env):
+    """Positive control of the above: with nobody moving the migration, an
+    agent's refusal past the commit point is the caller's error, and the
+    retry finishes it."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.fail["commit_incoming"] = exception.MigrationError(
+        migration_id=mid, reason="has not received its state")
+    with pytest.raises(exception.MigrationError, match="has not received its state"):
+        coord.commit(mid)
+    assert db.get_migration(mid).state == "COMMITTING"
+    assert coord.commit(mid).state == "COMMITTED"
