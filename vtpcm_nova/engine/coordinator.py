@@ -578,16 +578,18 @@ class Coordinator:
         proto, actions = decided(claim)
         lost = decided(False) if claim else None
         deadline = self.now() + datetime.timedelta(seconds=self.timeout)
+        ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
         made = self.db.create_migration(
             migration_id, instance_uuid, source, dest, vtpcm.generation, proto.state.value,
-            deadline, prior_state=vtpcm.state,
-            claim=db_api.VtpcmClaim(vtpcm.state, lost[0].state.value) if lost else None)
+            deadline, prior_state=vtpcm.state, audits=_audits(ctx, actions),
+            claim=db_api.VtpcmClaim(vtpcm.state, lost[0].state.value,
+                                    tuple(_audits(ctx, lost[1]))) if lost else None)
         if lost is not None and made.state != proto.state.value:
             proto, actions = lost
-        ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
+        detail = next((a.detail for a in actions if isinstance(a, p.Audit)), "")
+        actions = [a for a in actions if not isinstance(a, p.Audit)]  # written above
         if proto.state is M.REFUSED:
             self._run(proto, ctx, actions)
-            detail = next(a.detail for a in actions if isinstance(a, p.Audit))
             if not trusted:
                 raise exception.HostNotTrusted(host=dest, reason=distrust)
             raise exception.MigrationError(migration_id=migration_id, reason=detail)
@@ -972,13 +974,16 @@ class Coordinator:
         before = proto.state
         actions = proto.handle(event)
         if proto.state is not before:
+            # the new state's audit goes with it, in one transaction
             if not self.db.update_migration_state(ctx.migration_id, before.value,
                                                   proto.state.value,
-                                                  error=getattr(event, "reason", None)):
+                                                  error=getattr(event, "reason", None),
+                                                  audits=_audits(ctx, actions)):
                 proto.state = before
                 raise exception.MigrationError(
                     migration_id=ctx.migration_id,
                     reason="state changed concurrently (expected %s)" % before.value)
+            actions = [a for a in actions if not isinstance(a, p.Audit)]
         self._run(proto, ctx, actions, **extra)
 
     def _run(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,
@@ -1111,6 +1116,14 @@ class Coordinator:
                       detail: str) -> None:
         self.db.audit("migration.begin", "refused", host=host, instance=instance_uuid,
                       migration_id=migration_id, detail=detail)
+
+
+def _audits(ctx: am.MigrationContext, actions: list[p.Action]) -> list[db_api.AuditEntry]:
+    """The protocol's audit actions as entries, as ``_run`` writes them."""
+    return [db_api.AuditEntry(a.event, a.outcome, host=ctx.dest_host,
+                              instance=ctx.instance_uuid, migration_id=ctx.migration_id,
+                              detail=a.detail)
+            for a in actions if isinstance(a, p.Audit)]
 
 
 def _trusted(verdict: db_api.VerdictRecord) -> bool:

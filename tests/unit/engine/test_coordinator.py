@@ -873,3 +873,34 @@ def test_a_commit_whose_step_fails_without_a_race_still_fails(env):
         coord.commit(mid)
     assert db.get_migration(mid).state == "COMMITTING"
     assert coord.commit(mid).state == "COMMITTED"
+
+
+def test_an_engine_dying_right_after_the_commit_point_leaves_it_audited(env, monkeypatch):
+    """Found under load: the commit point's audit entry was written after
+    the state change, in its own transaction; an engine killed between the
+    two left a migration that reconcile committed with no "commit point
+    passed" in the audit. Now the entry goes with the state change."""
+    coord, db, _, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    real = db.update_migration_state
+
+    def die_after_the_commit_point(*args, **kwargs):
+        moved = real(*args, **kwargs)
+        if moved and args[2] == "COMMITTING":
+            raise SystemExit("engine killed")
+        return moved
+
+    monkeypatch.setattr(db, "update_migration_state", die_after_the_commit_point)
+    with pytest.raises(SystemExit, match="engine killed"):
+        coord.commit(mid)
+    monkeypatch.setattr(db, "update_migration_state", real)
+    assert db.get_migration(mid).state == "COMMITTING"
+    assert coord.reconcile() == 1  # another worker, or this one restarted
+    assert db.get_migration(mid).state == "COMMITTED"
+    points = [a for a in db.list_audit(limit=50)
+              if (a.migration_id, a.event, a.outcome)
+              == (mid, "migration.commit", "commit point passed")]
+    assert len(points) == 1
+    assert [a.outcome for a in db.list_audit(limit=50)
+            if (a.migration_id, a.event) == (mid, "migration.begin")] == ["accepted"]
