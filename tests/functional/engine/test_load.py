@@ -370,7 +370,7 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
             for name in hosts:
                 assert operator.enroll(name).status == "APPROVED"
             trust_hosts(operator, list(hosts))
-            at = {name: EngineAPI(conf, operator.transport, timeout=45,
+            at = {name: EngineAPI(conf, operator.transport, timeout=25,
                                   host_signer=authn.load_host_key(h.agent.command_key))
                   for name, h in hosts.items()}
             db = db_api.Database(url)
