@@ -191,6 +191,7 @@ function configure_vtpcm_agent {
     else
         iniset "$conf" agent socket_user "$socket_user"
     fi
+    iniset "$conf" agent swtpm_uid_range "$VTPCM_SWTPM_UID_RANGE"
     if vtpcm_uses_standin; then
         warn $LINENO "vtpcm: no host TPM at $VTPCM_HOST_TPM_DEVICE (VTPCM_HOST_TPM=$VTPCM_HOST_TPM): using a swtpm STAND-IN at $VTPCM_HOSTTPM_SOCKET. Host attestation then proves nothing about this machine; development and CI only."
         iniset "$conf" host_tpm tcti "swtpm:path=$VTPCM_HOSTTPM_SOCKET"
@@ -253,6 +254,17 @@ function configure_vtpcm_engine {
     if [[ -n "$VTPCM_DEFAULT_POLICY" ]]; then
         iniset "$conf" attestation default_policy "$VTPCM_DEFAULT_POLICY"
     fi
+    # Nova's API, which the engine asks before an unshelve moves a shelved
+    # vTPCM and before it reaps one: DevStack's nova service user (admin in
+    # the service project), as Nova's own [placement] section is written.
+    iniset "$conf" nova auth_type password
+    iniset "$conf" nova auth_url "$KEYSTONE_SERVICE_URI"
+    iniset "$conf" nova username nova
+    iniset "$conf" nova password "$SERVICE_PASSWORD"
+    iniset "$conf" nova user_domain_name "$SERVICE_DOMAIN_NAME"
+    iniset "$conf" nova project_name "$SERVICE_PROJECT_NAME"
+    iniset "$conf" nova project_domain_name "$SERVICE_DOMAIN_NAME"
+    iniset "$conf" nova region_name "$REGION_NAME"
 }
 
 # configure_vtpcm_nova_common - [vtpcm] of $NOVA_CONF: the vTPCM daemons'

@@ -9,6 +9,10 @@
 #            attestation  EngineAPI.attest round trip, verify_quote/s  (.venv)
 #            unsigned-flood  begin+abort latency while the unsigned endpoints
 #                         are flooded, vs quiet (.venv; JSON only, no plot)
+#            protocol     check/begin/commit/abort through engine, agents,
+#                         swtpm, RabbitMQ; per-step spans; floors (.venv)
+#            attestation-scale  attest_all over 10-1,000 hosts, SQLite and
+#                         PostgreSQL, real swtpm quotes (.venv)
 #   --smoke  tiny sizes, seconds each (nova-lm: ~45 s, the Nova harness's floor);
 #            results go to benchmarks/results/smoke/ (git-ignored), never over
 #            the committed full results.
@@ -23,7 +27,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VTPCM_VENV:-$ROOT/.venv}
 NOVA_VENV=${VTPCM_NOVA_VENV:-$ROOT/.venv-nova}
-ALL=(filter nova-lm attestation unsigned-flood)
+ALL=(filter nova-lm attestation unsigned-flood protocol attestation-scale)
 
 smoke=0
 names=()
@@ -31,7 +35,7 @@ for arg in "$@"; do
     case $arg in
         --smoke) smoke=1 ;;
         --list) printf '%s\n' "${ALL[@]}"; exit 0 ;;
-        -h|--help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "bench.sh: unknown option $arg" >&2; exit 2 ;;
         *) names+=("$arg") ;;
     esac
@@ -117,6 +121,20 @@ run_unsigned_flood() {
         "${SMOKE_ARG[@]}" --out-dir "$OUT"
 }
 
+run_protocol() {
+    local limit=1500
+    [ $smoke = 1 ] && limit=300
+    timeout --kill-after=20 $limit "$VENV/bin/python" benchmarks/protocol.py \
+        "${SMOKE_ARG[@]}" --out-dir "$OUT"
+}
+
+run_attestation_scale() {
+    local limit=1800
+    [ $smoke = 1 ] && limit=300
+    (cd benchmarks && timeout --kill-after=20 $limit "$VENV/bin/python" \
+        attestation_scale.py "${SMOKE_ARG[@]}" --out-dir "$OUT")
+}
+
 failed=()
 for name in "${names[@]}"; do
     log "== $name$([ $smoke = 1 ] && echo ' (smoke)') -> $OUT/$name.{json,png}"
@@ -126,6 +144,8 @@ for name in "${names[@]}"; do
         nova-lm) fn=run_nova_lm ;;
         attestation) fn=run_attestation ;;
         unsigned-flood) fn=run_unsigned_flood ;;
+        protocol) fn=run_protocol ;;
+        attestation-scale) fn=run_attestation_scale ;;
     esac
     if $fn; then
         log "== $name done in $((SECONDS - start)) s"

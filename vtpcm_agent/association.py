@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import datetime
 import enum
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -152,7 +153,15 @@ CREATE TABLE IF NOT EXISTS seals (
     sealed_at TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS seals_instance ON seals (instance_uuid)"""
-STEPS = (_V1, _V2, _V3, _V4)
+# v5: the unprivileged uid each instance's swtpm runs as ([agent]
+# swtpm_uid_range), kept across restarts of swtpm and of the agent
+_V5 = """
+CREATE TABLE IF NOT EXISTS swtpm_uids (
+    instance_uuid TEXT PRIMARY KEY,
+    uid INTEGER NOT NULL UNIQUE,
+    assigned_at TEXT NOT NULL
+)"""
+STEPS = (_V1, _V2, _V3, _V4, _V5)
 SCHEMA_VERSION = len(STEPS)
 
 
@@ -184,12 +193,23 @@ def upgrade_schema(cur: sqlite3.Cursor, path: Path) -> int:
     return found
 
 
+def _private(path: Path) -> None:
+    """The list (and its WAL and shared-memory files, which SQLite creates
+    with the database's mode) readable by the agent only, whatever the
+    umask: the state dir is traversable by every swtpm uid."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600))
+    for name in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
+        if name.exists():
+            os.chmod(name, 0o600)
+
+
 class AssociationList:
     """The association list backed by one SQLite file."""
 
     def __init__(self, path: Path) -> None:
         self._path = Path(path)
         self._path.parent.mkdir(parents=True, exist_ok=True)
+        _private(self._path)
         self._lock = threading.Lock()
         self._conn = sqlite3.connect(str(self._path), isolation_level=None,
                                      check_same_thread=False, timeout=10.0)
@@ -390,6 +410,42 @@ class AssociationList:
                                "sealed_at FROM seals WHERE instance_uuid = ? "
                                "ORDER BY rowid", (instance_uuid,)).fetchall()
         return [SealRecord(*row) for row in rows]
+
+    # --- per-instance swtpm uids -------------------------------------------
+
+    def assign_uid(self, instance_uuid: str, first: int, last: int) -> int:
+        """The uid of ``instance_uuid``'s swtpm: the one it has, else the
+        lowest free one of ``first``..``last`` (recorded in the same
+        transaction, so two instances never share one)."""
+        with self._transaction() as cur:
+            row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
+                              (instance_uuid,)).fetchone()
+            if row is not None:
+                return int(row[0])
+            taken = {int(r[0]) for r in cur.execute(
+                "SELECT uid FROM swtpm_uids WHERE uid BETWEEN ? AND ?", (first, last))}
+            free = next((uid for uid in range(first, last + 1) if uid not in taken), None)
+            if free is None:
+                raise exception.InvalidInput(
+                    reason="[agent] swtpm_uid_range %d-%d is used up (%d swtpm uids "
+                           "assigned)" % (first, last, len(taken)))
+            cur.execute("INSERT INTO swtpm_uids VALUES (?, ?, ?)",
+                        (instance_uuid, free, _now()))
+        LOG.info("swtpm of instance %(instance)s runs as uid %(uid)d",
+                 {"instance": instance_uuid, "uid": free})
+        return free
+
+    def uid_of(self, instance_uuid: str) -> int | None:
+        with self._transaction() as cur:
+            row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
+                              (instance_uuid,)).fetchone()
+        return int(row[0]) if row else None
+
+    def release_uid(self, instance_uuid: str) -> None:
+        """Free the uid of an instance whose vTPCM left this host (its swtpm
+        stopped and its files are gone)."""
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM swtpm_uids WHERE instance_uuid = ?", (instance_uuid,))
 
     def claim_nonce(self, nonce: str, keep_until: float, now: float) -> bool:
         """Record an engine command's nonce; False if it was seen before.

@@ -36,11 +36,12 @@ from tpm2_pytss.types import (
 )
 from tpm2_pytss.utils import NoSuchIndex, create_ek_template
 
+from vtpcm_agent.hostkeys import ENCRYPT, Loaded, use
 from vtpcm_common.exception import HostTPMError
 
 LOG = logging.getLogger(__name__)
 
-_Loaded = AbstractContextManager[tuple[ESYS_TR, TPM2B_PUBLIC]]
+_Loaded = AbstractContextManager[Loaded]
 
 # TCG EK Credential Profile EK certificate NV indices, in preference order:
 # RSA 2048, ECC P-256 (low range), then the high range (RSA 2048, P-256,
@@ -111,11 +112,14 @@ def activate_credential(e: ESAPI, load_ak: Callable[[], _Loaded], blob: TPM2B_ID
     if found is None:
         raise HostTPMError(reason="no EK certificate provisioned in the host TPM")
     template = found[1]
-    with load_ak() as (ak, _ak_pub), _ek(e, template) as (ek, _ek_pub):
+    with load_ak() as ak, _ek(e, template) as (ek, _ek_pub):
+        # the AK's ADMIN auth through its salted session, which also
+        # encrypts the released credential
+        ak_session = use(e, ak.session, ENCRYPT)
         if template.publicArea.objectAttributes & TPMA_OBJECT.USERWITHAUTH:
             # high-range EK templates: empty auth value, no policy
-            return bytes(e.activate_credential(ak, ek, blob, secret,
-                                               session1=ESYS_TR.PASSWORD,
+            return bytes(e.activate_credential(ak.handle, ek, blob, secret,
+                                               session1=ak_session,
                                                session2=ESYS_TR.PASSWORD))
         session = e.start_auth_session(
             ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
@@ -123,8 +127,8 @@ def activate_credential(e: ESAPI, load_ak: Callable[[], _Loaded], blob: TPM2B_ID
         try:
             # low-range EK policy: PolicySecret(TPM_RH_ENDORSEMENT)
             e.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
-            return bytes(e.activate_credential(ak, ek, blob, secret,
-                                               session1=ESYS_TR.PASSWORD,
+            return bytes(e.activate_credential(ak.handle, ek, blob, secret,
+                                               session1=ak_session,
                                                session2=session))
         finally:
             e.flush_context(session)

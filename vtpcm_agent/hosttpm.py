@@ -7,13 +7,15 @@ TPM2_ECDH_ZGen, and sealed objects are only TPM-wrapped blobs. The
 endorsement key (certificate, credential activation) is in ``hostek``,
 which ``HostTPM`` calls under its lock.
 
-Keys are *primaries* re-derived on demand from the hierarchy seeds (same
-template, same seed -> same key), created for one operation and flushed right
-after: libtpms has only 3 transient slots and without a resource manager a
-leaked handle would stay loaded, so nothing is kept loaded between calls.
-The AK and KEM templates carry a secret ``unique`` value and auth value
-derived from the agent's host key (``keyauth``): another local TPM user
-re-deriving them from the public template gets other keys.
+The AK and the KEM key are TPM2_Create children (``hostkeys``) with an auth
+value only the agent holds (``keyauth``), loaded from their TPM-wrapped blobs
+and used through HMAC sessions salted to their parent, with parameter
+encryption where a command carries a secret (ECDH_ZGen's result, the sealed
+host key in and out). The storage primaries are re-derived on demand and
+refused unless their names are the pinned ones. The loaded keys and their
+sessions are kept as saved contexts between calls (``keycache``): libtpms
+has only 3 transient slots and without a resource manager a leaked handle
+would stay loaded, so nothing stays *loaded* between calls.
 
 Byte formats handed out (all TPM 2.0 big-endian marshaling, Part 2 of the
 spec), which the engine's verifier parses:
@@ -21,10 +23,10 @@ spec), which the engine's verifier parses:
 * ``ak_public`` / ``kem_public``: a marshaled ``TPMT_PUBLIC`` (the contents of
   ``TPM2B_PUBLIC`` without its 2-byte size). For these ECC P-256 keys:
   ``type u16=0x0023 | nameAlg u16=0x000b | objectAttributes u32 |
-  authPolicy (u16 size=0) | symmetric u16=0x0010 (NULL) | scheme u16
-  (0x0018 ECDSA + hash u16 0x000b for the AK; 0x0019 ECDH + 0x000b for the
-  KEM key) | curveID u16=0x0003 | kdf u16=0x0010 | x (u16 32 + 32 bytes) |
-  y (u16 32 + 32 bytes)``.
+  authPolicy (u16 size: 0, or 32 for a PCR-bound KEM key) | symmetric
+  u16=0x0010 (NULL) | scheme u16 (0x0018 ECDSA + hash u16 0x000b for the
+  AK; 0x0019 ECDH + 0x000b for the KEM key) | curveID u16=0x0003 | kdf
+  u16=0x0010 | x (u16 32 + 32 bytes) | y (u16 32 + 32 bytes)``.
 * ``ak_name`` / ``kem_name``: the TPM object name, ``nameAlg u16 (0x000b) ||
   SHA-256(marshaled TPMT_PUBLIC)`` (34 bytes); the engine and the agents check
   the KEM key and compute its name with ``vtpcm_common.tpmpublic``.
@@ -45,12 +47,14 @@ spec), which the engine's verifier parses:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 from oslo_log import log as logging
@@ -60,6 +64,7 @@ from tpm2_pytss.constants import (
     TPM2_ALG,
     TPM2_CAP,
     TPM2_HT,
+    TPM2_RC,
     TPMA_OBJECT,
 )
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
@@ -80,34 +85,40 @@ from tpm2_pytss.types import (
     TPMU_HA,
 )
 
-from vtpcm_agent import hostek
+from vtpcm_agent import hostek, hostkeys, keycache
 
 # Re-exported: hosttpm's interface predates hostek (patch them in hostek).
 from vtpcm_agent.hostek import EK_CERT_INDICES as EK_CERT_INDICES
 from vtpcm_agent.hostek import EK_TYPES as EK_TYPES
-from vtpcm_agent.keyauth import KeyAuth, PrimarySecret
+from vtpcm_agent.hostkeys import AK_ATTRS as AK_ATTRS
+from vtpcm_agent.hostkeys import KEM_ATTRS as KEM_ATTRS
+from vtpcm_agent.keyauth import KeyAuth
+from vtpcm_common import spans
 from vtpcm_common.exception import HostTPMError
 
 LOG = logging.getLogger(__name__)
 
 T = TypeVar("T")
-_Loaded = AbstractContextManager[tuple[ESYS_TR, TPM2B_PUBLIC]]
+_Loaded = AbstractContextManager[hostkeys.Loaded]
 
-_BASE_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
-               | TPMA_OBJECT.SENSITIVEDATAORIGIN | TPMA_OBJECT.USERWITHAUTH)
-AK_TEMPLATE = "ecc256:ecdsa-sha256:null"
-AK_ATTRS = _BASE_ATTRS | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT
-KEM_TEMPLATE = "ecc256:ecdh-sha256:null"
-KEM_ATTRS = _BASE_ATTRS | TPMA_OBJECT.DECRYPT
-SRK_TEMPLATE = "ecc256:aes128cfb"
-SRK_ATTRS = _BASE_ATTRS | TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.DECRYPT
 # A sealed data object: the caller supplies the sensitive data, so no
 # sensitiveDataOrigin; no sign/decrypt; unseal needs only the (empty) auth.
+# Version 1 (SEALED_ATTRS under hostkeys.SRK_ATTRS) was DA-protected: in a DA
+# lockout any local TPM user can cause, the agent could not restart (finding
+# M3). Version 2 is noDA under the noDA owner parent, whose name it pins.
 SEALED_ATTRS = TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT | TPMA_OBJECT.USERWITHAUTH
+SEALED_ATTRS_V2 = SEALED_ATTRS | TPMA_OBJECT.NODA
+
+
+class HostTPMLockout(HostTPMError):
+    """The TPM is in dictionary-attack lockout (TPM_RC_LOCKOUT): nothing is
+    wrong with the key or the file; it passes with the lockout interval or
+    a DictionaryAttackLockReset."""
 
 MAX_SEAL_BYTES = 128  # MAX_SYM_DATA: the largest sensitive data a TPM seals
 _PCR_BANKS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256,
               "sha384": TPM2_ALG.SHA384, "sha512": TPM2_ALG.SHA512}
+KEM_POLICY_BANK = "sha256"
 _BANK_SIZES = {"sha1": 20, "sha256": 32, "sha384": 48, "sha512": 64}
 _MAX_NONCE = 64
 _QUOTE_ATTEMPTS = 3
@@ -128,6 +139,8 @@ class HostIdentity:
     ek_certificate: bytes | None
     # marshaled TPMT_PUBLIC of the EK that ek_certificate certifies
     ek_public: bytes | None = None
+    # False: the KEM key is bound to PCR values the host no longer has
+    kem_current: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,28 +158,43 @@ class SealedObject:
 
     ``public`` is a marshaled TPM2B_PUBLIC and ``private`` a marshaled
     TPM2B_PRIVATE (both with their 2-byte size prefix), as TPM2_Load wants.
-    Only the TPM that sealed it can load it. The repr shows sizes only.
+    ``parent_name``: the name of the storage primary it was sealed under,
+    pinned (finding H1); empty in a version-1 object (then the parent is
+    the DA-protected ``hostkeys.SRK_ATTRS`` one). Only the TPM that sealed
+    it can load it. The repr shows sizes only.
     """
 
     public: bytes
     private: bytes
+    parent_name: bytes = b""
 
-    _MAGIC = b"VTSO\x01"
+    _MAGIC_V1 = b"VTSO\x01"
+    _MAGIC = b"VTSO\x02"
+
+    @property
+    def legacy(self) -> bool:
+        """A version-1 object: DA-protected parent, nothing pinned."""
+        return not self.parent_name
 
     def to_bytes(self) -> bytes:
-        """File format: ``b"VTSO" 0x01 | u32 len | public | u32 len | private``."""
-        return (self._MAGIC + struct.pack(">I", len(self.public)) + self.public
-                + struct.pack(">I", len(self.private)) + self.private)
+        """File format 2: ``b"VTSO" 0x02 | u32 len | public | u32 len |
+        private | u32 len | parent_name``; format 1 has no parent_name."""
+        fields = [self.public, self.private] + ([] if self.legacy else [self.parent_name])
+        return (self._MAGIC_V1 if self.legacy else self._MAGIC) + b"".join(
+            struct.pack(">I", len(f)) + f for f in fields)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SealedObject:
         """Parse ``to_bytes`` output strictly (HostTPMError on any mismatch)."""
-        magic = cls._MAGIC
-        if len(data) < len(magic) + 8 or data[:len(magic)] != magic:
+        if data[:len(cls._MAGIC)] == cls._MAGIC:
+            names: tuple[str, ...] = ("public", "private", "parent_name")
+        elif data[:len(cls._MAGIC_V1)] == cls._MAGIC_V1:
+            names = ("public", "private")
+        else:
             raise HostTPMError(reason="sealed object: bad magic/version or too short")
-        off = len(magic)
+        off = len(cls._MAGIC)
         parts = []
-        for name in ("public", "private"):
+        for name in names:
             if off + 4 > len(data):
                 raise HostTPMError(reason=f"sealed object: truncated before {name}")
             (n,) = struct.unpack_from(">I", data, off)
@@ -177,24 +205,16 @@ class SealedObject:
             off += n
         if off != len(data):
             raise HostTPMError(reason="sealed object: trailing bytes")
-        return cls(public=parts[0], private=parts[1])
+        return cls(*parts)
 
     def __repr__(self) -> str:
         return (f"SealedObject(public=<{len(self.public)} bytes>, "
-                f"private=<{len(self.private)} bytes>)")
-
-
-def _template(alg: str, attrs: TPMA_OBJECT,
-              secret: PrimarySecret | None = None) -> TPM2B_PUBLIC:
-    tmpl = TPMT_PUBLIC.parse(alg, objectAttributes=attrs)
-    if secret is not None:  # ECC templates only: unique is x || y
-        tmpl.unique.ecc.x = secret.unique[:32]
-        tmpl.unique.ecc.y = secret.unique[32:]
-    return TPM2B_PUBLIC(tmpl)
+                f"private=<{len(self.private)} bytes>, "
+                f"parent_name=<{len(self.parent_name)} bytes>)")
 
 
 def _sealed_template() -> TPM2B_PUBLIC:
-    tmpl = TPMT_PUBLIC.parse("keyedhash", objectAttributes=SEALED_ATTRS)
+    tmpl = TPMT_PUBLIC.parse("keyedhash", objectAttributes=SEALED_ATTRS_V2)
     tmpl.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
     return TPM2B_PUBLIC(tmpl)
 
@@ -231,15 +251,24 @@ class HostTPM:
     use the same stand-in between our commands.)
     """
 
-    def __init__(self, tcti: str, key_auth: KeyAuth | None = None) -> None:
-        """``key_auth``: the secrets that make the AK and KEM key the
+    def __init__(self, tcti: str, key_auth: KeyAuth | None = None,
+                 key_file: Path | None = None, kem_pcrs: Sequence[int] = ()) -> None:
+        """``key_auth``: the auth values that make the AK and KEM key the
         agent's own (``keyauth``); None only for tools that read or extend
         PCRs or seal: without it identity, quote, activate_credential and
-        ecdh_zgen are refused (``HostTPMError``)."""
+        ecdh_zgen are refused (``HostTPMError``). ``key_file``: where the
+        keys' TPM-wrapped blobs are kept (the agent's; created on first use);
+        None keeps them in this process only (tools, tests). ``kem_pcrs``:
+        SHA-256 PCRs the KEM key is bound to (PolicyPCR; none: unbound)."""
         if not isinstance(tcti, str) or ":" not in tcti and tcti not in ("device", "swtpm"):
             raise HostTPMError(reason="invalid TCTI configuration string")
         self._tcti = tcti
         self._key_auth = key_auth
+        self._blob_store: hostkeys.BlobStore = self._store(tcti, key_auth, key_file)
+        self._blobs: hostkeys.KeyBlobs | None = None
+        # loaded AK/KEM and their sessions, as saved contexts (keycache)
+        self._cache = keycache.KeyCache()
+        self._kem_pcrs = self._kem_selection(kem_pcrs)
         # (EK template, EK public): the public key comes from re-creating
         # the RSA EK, the most expensive TPM operation here, and changes
         # only with the endorsement hierarchy (then an engine-signed
@@ -257,18 +286,42 @@ class HostTPM:
     def __repr__(self) -> str:
         return f"HostTPM(tcti={self._tcti!r})"
 
-    def use_key_auth(self, key_auth: KeyAuth) -> None:
-        """Set the AK/KEM secrets once the host key is available (it is
-        itself sealed in this TPM, so it comes after the HostTPM)."""
+    def use_key_auth(self, key_auth: KeyAuth, key_file: Path | None = None,
+                     kem_pcrs: Sequence[int] = ()) -> None:
+        """Set the AK/KEM auth values once the host key is available (it is
+        itself sealed in this TPM, so it comes after the HostTPM), where
+        the keys' blobs are kept and the PCRs the KEM key is bound to."""
+        selection = self._kem_selection(kem_pcrs)
         with self._lock:
             self._key_auth = key_auth
+            self._blob_store = self._store(self._tcti, key_auth, key_file)
+            self._blobs = None
+            self._cache.clear(self._esapi)
+            self._kem_pcrs = selection
+
+    @staticmethod
+    def _kem_selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION | None:
+        if not pcrs:
+            return None
+        return _pcr_selection(KEM_POLICY_BANK, _check_pcrs(pcrs, KEM_POLICY_BANK))
+
+    @staticmethod
+    def _store(tcti: str, key_auth: KeyAuth | None,
+               key_file: Path | None) -> hostkeys.BlobStore:
+        if key_file is None:
+            auth = b"" if key_auth is None else key_auth.ak.auth + key_auth.kem.auth
+            return hostkeys.MemoryBlobStore(tcti, auth)
+        return hostkeys.FileBlobStore(key_file)
 
     # -- lifecycle -------------------------------------------------------
     def close(self) -> None:
         with self._lock:
             if self._esapi is not None:
                 esapi, self._esapi = self._esapi, None
-                esapi.close()
+                try:
+                    self._cache.clear(esapi)
+                finally:
+                    esapi.close()
 
     def __enter__(self) -> HostTPM:
         return self
@@ -281,13 +334,29 @@ class HostTPM:
 
         TSS error texts are response-code descriptions, never data.
         """
-        with self._lock:
+        with self._lock, spans.span("tpm:" + what):
             if self._esapi is None:
                 raise HostTPMError(reason=f"{what}: host TPM connection is closed")
             try:
                 return fn(self._esapi)
             except TSS2_Exception as exc:
                 raise HostTPMError(reason=f"{what} failed: {exc}") from exc
+
+    def _call_keys(self, what: str, fn: Callable[[ESAPI], T]) -> T:
+        """``_call`` for the AK/KEM operations (idempotent): if it fails
+        while cached contexts were in play (a TPM Reset, a flushed session,
+        nonces out of step), drop them all and run it once more, rebuilt."""
+        with self._lock:
+            had_cache = bool(self._cache)
+            try:
+                return self._call(what, fn)
+            except HostTPMError:
+                if not had_cache:
+                    raise
+                self._cache.clear(self._esapi)
+                LOG.info("%(what)s failed with cached TPM contexts: rebuilt them and "
+                         "retried once", {"what": what})
+                return self._call(what, fn)
 
     def flush_stale_transients(self) -> None:
         """Flush transient objects a crashed earlier process left loaded.
@@ -307,22 +376,6 @@ class HostTPM:
                             {"h": int(handle)})
         self._call("flushing stale transient objects", flush)
 
-    @contextmanager
-    def _primary(self, e: ESAPI, hierarchy: ESYS_TR, alg: str, attrs: TPMA_OBJECT,
-                 secret: PrimarySecret | None = None,
-                 ) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
-        sensitive = None
-        if secret is not None:
-            sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=secret.auth))
-        handle, public, _cdata, _cdigest, _ticket = e.create_primary(
-            sensitive, _template(alg, attrs, secret), hierarchy)
-        try:
-            if secret is not None:
-                e.tr_set_auth(handle, secret.auth)
-            yield handle, public
-        finally:
-            e.flush_context(handle)
-
     def _secrets(self) -> KeyAuth:
         """The AK/KEM secrets; refused without them, before any TPM work:
         keys from the public templates are anyone's (review finding 7)."""
@@ -332,27 +385,103 @@ class HostTPM:
                                       "sealing only")
         return self._key_auth
 
-    def _ak(self, e: ESAPI) -> _Loaded:
-        return self._primary(e, ESYS_TR.ENDORSEMENT, AK_TEMPLATE, AK_ATTRS,
-                             self._secrets().ak)
+    def _key_blobs(self, e: ESAPI) -> hostkeys.KeyBlobs:
+        """The AK/KEM blobs: from the store, or created now (first use of a
+        new host key or TPM; the host is then enrolled with the new keys)."""
+        if self._blobs is None:
+            blobs = self._blob_store.load()
+            if blobs is None:
+                secrets = self._secrets()
+                blobs = hostkeys.create_blobs(e, secrets.ak.auth, secrets.kem.auth,
+                                              self._kem_pcrs)
+                self._blob_store.save(blobs)
+                blobs = self._blob_store.load() or blobs  # another thread's, if first
+                LOG.info("Created the agent's AK and KEM key in the host TPM (%(store)r)",
+                         {"store": self._blob_store})
+            if not blobs.pinned:
+                blobs = self._pin_parents(e, blobs)
+            self._blobs = blobs
+        return self._blobs
 
-    def _kem(self, e: ESAPI) -> _Loaded:
-        return self._primary(e, ESYS_TR.OWNER, KEM_TEMPLATE, KEM_ATTRS, self._secrets().kem)
+    def _pin_parents(self, e: ESAPI, blobs: hostkeys.KeyBlobs) -> hostkeys.KeyBlobs:
+        """Version-1 blobs (before parents were pinned): pin the parents'
+        names as the TPM answers now, once, and rewrite the file (v2)."""
+        blobs = dataclasses.replace(
+            blobs, ak_parent_name=hostkeys.parent_name(e, hostkeys.AK_HIERARCHY),
+            kem_parent_name=hostkeys.parent_name(e, hostkeys.KEM_HIERARCHY))
+        self._blob_store.save(blobs, replace=True)
+        LOG.warning("Pinned the names of the AK's and KEM key's parents in %(store)r "
+                    "(format 2): from now on another storage primary is refused",
+                    {"store": self._blob_store})
+        return blobs
+
+    def _ak(self, e: ESAPI) -> _Loaded:
+        blobs = self._key_blobs(e)
+        return self._cache.use(e, hostkeys.AK_HIERARCHY, blobs.ak_public, blobs.ak_private,
+                               self._secrets().ak.auth, "AK", blobs.ak_parent_name)
+
+    def _kem(self, e: ESAPI, zgen: bool = False) -> _Loaded:
+        """``zgen``: for ECDH_ZGen (USER role: the PCR policy if bound)."""
+        blobs = self._key_blobs(e)
+        return self._cache.use(e, hostkeys.KEM_HIERARCHY, blobs.kem_public,
+                               blobs.kem_private, self._secrets().kem.auth, "KEM key",
+                               blobs.kem_parent_name, self._kem_pcrs if zgen else None)
+
+    def _current_kem(self, e: ESAPI, rotate: bool) -> bool:
+        """Whether the KEM key is bound to the PCR values the host has now
+        and to ``kem_policy_pcrs``. If not and ``rotate`` (only the engine's
+        signed enrollment asks: finding M4, an unsigned get_identity while a
+        local user had extended a bound PCR destroyed the enrolled key for
+        good), it is replaced by a new one bound to the current values,
+        which this enrollment certifies."""
+        blobs = self._key_blobs(e)
+        if hostkeys.kem_is_current(e, blobs.kem_public, self._kem_pcrs):
+            return True
+        if not rotate:
+            LOG.warning("The host's KEM key is bound to other PCR values or another "
+                        "[host_tpm] kem_policy_pcrs (KEM key stale); kept: only the "
+                        "engine's signed re-enrollment replaces it")
+            return False
+        public, private, _name = hostkeys.create_kem(e, self._secrets().kem.auth,
+                                                     self._kem_pcrs, blobs.kem_parent_name)
+        blobs = dataclasses.replace(blobs, kem_public=public, kem_private=private)
+        self._blob_store.save(blobs, replace=True)
+        self._blobs = blobs
+        self._cache.clear(e)
+        LOG.warning("The host's KEM key was bound to other PCR values or another "
+                    "[host_tpm] kem_policy_pcrs: the engine's signed re-enrollment "
+                    "replaced it with one bound to the current values")
+        return True
 
     def _cached_ek_public(self, template: bytes) -> bytes | None:
         if self._ek_public is not None and self._ek_public[0] == template:
             return self._ek_public[1]
         return None
 
-    def _srk(self, e: ESAPI) -> _Loaded:
-        return self._primary(e, ESYS_TR.OWNER, SRK_TEMPLATE, SRK_ATTRS)
+    @staticmethod
+    @contextmanager
+    def _srk(e: ESAPI, pinned: bytes = b"", legacy: bool = False,
+             ) -> Iterator[tuple[ESYS_TR, ESYS_TR, bytes]]:
+        """The owner storage primary the host key is sealed under, a session
+        salted to it and its name: the noDA one, whose name must be
+        ``pinned`` if given; ``legacy``: the DA-protected one of version-1
+        sealed objects (unpinned: their files hold no name)."""
+        attrs = hostkeys.SRK_ATTRS if legacy else hostkeys.PARENT_ATTRS
+        with hostkeys.pinned_parent(e, hostkeys.KEM_HIERARCHY, pinned, attrs) as (srk, name):
+            session = hostkeys.salted_session(e, srk)
+            try:
+                yield srk, session, name
+            finally:
+                e.flush_context(session)
 
     # -- identity --------------------------------------------------------
-    def identity(self, nonce: bytes) -> HostIdentity:
+    def identity(self, nonce: bytes, rotate_kem: bool = False) -> HostIdentity:
         """AK and KEM public keys, plus a TPM2_Certify of the KEM key by the AK.
 
         ``nonce`` (the verifier's freshness value, at most 64 bytes) becomes
         the certify's qualifyingData (``extraData`` in the attest).
+        ``rotate_kem``: replace a stale KEM key (the engine's signed
+        enrollment only); otherwise ``kem_current`` says it is stale.
         """
         _check_nonce(nonce)
         self._secrets()
@@ -361,11 +490,16 @@ class HostTPM:
             ek = hostek.certificate_and_public(e, self._cached_ek_public)
             if ek.template is not None and ek.public is not None:
                 self._ek_public = (ek.template, ek.public)  # never a missing one
-            with self._ak(e) as (ak, ak_pub), self._kem(e) as (kem, kem_pub):
-                attest, sig = e.certify(kem, ak, nonce,
-                                        TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL))
-                ak_name = bytes(e.tr_get_name(ak))
-                kem_name = bytes(e.tr_get_name(kem))
+            current = self._current_kem(e, rotate_kem)
+            with self._ak(e) as ak, self._kem(e) as kem:
+                # certify's objectHandle (KEM) and signHandle (AK) both need
+                # the ADMIN/USER auth: an HMAC session each
+                attest, sig = e.certify(kem.handle, ak.handle, nonce,
+                                        TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL),
+                                        session1=kem.session, session2=ak.session)
+                ak_name = bytes(e.tr_get_name(ak.handle))
+                kem_name = bytes(e.tr_get_name(kem.handle))
+                ak_pub, kem_pub = ak.public, kem.public
             return HostIdentity(
                 ak_public=ak_pub.publicArea.marshal(),
                 ak_name=ak_name,
@@ -375,8 +509,9 @@ class HostTPM:
                 kem_certify_signature=sig.marshal(),
                 ek_certificate=ek.certificate,
                 ek_public=ek.public,
+                kem_current=current,
             )
-        return self._call("identity", run)
+        return self._call_keys("identity", run)
 
     def activate_credential(self, credential_blob: bytes, encrypted_secret: bytes,
                             *, signed: bool = False) -> bytes:
@@ -391,7 +526,7 @@ class HostTPM:
         self._secrets()
         blob, secret = hostek.parse_challenge(credential_blob, encrypted_secret)
         try:
-            return self._call("activate credential",
+            return self._call_keys("activate credential",
                               lambda e: hostek.activate_credential(e, lambda: self._ak(e),
                                                                    blob, secret))
         except HostTPMError:
@@ -414,9 +549,10 @@ class HostTPM:
         self._secrets()
 
         def run(e: ESAPI) -> QuoteResult:
-            with self._ak(e) as (ak, _pub):
+            with self._ak(e) as ak:
                 for _attempt in range(_QUOTE_ATTEMPTS):
-                    attest, sig = e.quote(ak, _pcr_selection(bank, indices), nonce)
+                    attest, sig = e.quote(ak.handle, _pcr_selection(bank, indices), nonce,
+                                          session1=ak.session)
                     values = self._read_pcrs(e, indices, bank)
                     quoted = TPMS_ATTEST.unmarshal(bytes(attest))[0]
                     digest = hashlib.new(bank, b"".join(values[i] for i in indices))
@@ -424,7 +560,7 @@ class HostTPM:
                         return QuoteResult(attest=bytes(attest), signature=sig.marshal(),
                                            pcr_values=values)
             raise HostTPMError(reason="quote: PCRs kept changing while quoting")
-        return self._call("quote", run)
+        return self._call_keys("quote", run)
 
     def read_pcrs(self, pcrs: Sequence[int], bank: str = "sha256") -> dict[int, bytes]:
         indices = _check_pcrs(pcrs, bank)
@@ -472,32 +608,50 @@ class HostTPM:
         point = TPM2B_ECC_POINT(TPMS_ECC_POINT(x=x, y=y))
 
         def run(e: ESAPI) -> bytes:
-            with self._kem(e) as (kem, _pub):
-                out = e.ecdh_zgen(kem, point)
+            with self._kem(e, zgen=True) as kem:
+                # the response's outPoint is Z, the secret: encrypted
+                try:
+                    out = e.ecdh_zgen(kem.handle, point, session1=hostkeys.use(
+                        e, kem.session, hostkeys.ENCRYPT))
+                except TSS2_Exception as exc:
+                    if exc.error != TPM2_RC.POLICY_FAIL:
+                        raise
+                    raise HostTPMError(
+                        reason="ECDH_ZGen: the KEM key is bound to PCR values this host "
+                               "no longer has (TPM_RC_POLICY_FAIL); after an approved "
+                               "update re-enroll the host, which gives it a new KEM key"
+                    ) from None
             z = bytes(out.point.x)
             if len(z) > 32:
                 raise HostTPMError(reason="ecdh_zgen: unexpected shared point size")
             return z.rjust(32, b"\x00")
-        return self._call("ECDH_ZGen", run)
+        return self._call_keys("ECDH_ZGen", run)
 
     # -- sealing ---------------------------------------------------------
-    def seal(self, secret: bytes) -> SealedObject:
-        """Seal ``secret`` (1..128 bytes) under the owner storage primary."""
+    def seal(self, secret: bytes, pinned: bytes = b"") -> SealedObject:
+        """Seal ``secret`` (1..128 bytes) as a noDA object under the noDA
+        owner storage primary (``pinned``: the name it must have)."""
         if not isinstance(secret, bytes) or not 0 < len(secret) <= MAX_SEAL_BYTES:
             raise HostTPMError(reason=f"seal: secret must be 1..{MAX_SEAL_BYTES} bytes")
         sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=secret))
 
         def run(e: ESAPI) -> SealedObject:
-            with self._srk(e) as (srk, _pub):
-                priv, pub, _cd, _cdig, _tk = e.create(srk, sensitive, _sealed_template())
-            return SealedObject(public=pub.marshal(), private=priv.marshal())
-        return self._call("seal", run)
+            with self._srk(e, pinned) as (srk, session, name):
+                # inSensitive (the secret) is the first parameter: encrypted
+                priv, pub, _cd, _cdig, _tk = e.create(
+                    srk, sensitive, _sealed_template(),
+                    session1=hostkeys.use(e, session, hostkeys.DECRYPT))
+            return SealedObject(public=pub.marshal(), private=priv.marshal(),
+                                parent_name=name)
+        return self._call("seal", lambda e: _lockout_named(lambda: run(e)))
 
     def unseal(self, sealed: SealedObject) -> bytes:
-        """Load ``sealed`` under the storage primary and unseal it.
+        """Load ``sealed`` under its storage primary and unseal it.
 
         Fails (HostTPMError) in any other TPM: the blob's integrity is
-        checked with a key derived from this TPM's owner seed.
+        checked with a key derived from this TPM's owner seed; and
+        (ParentMismatch) when the storage primary's name is not the one the
+        object pins; HostTPMLockout in DA lockout (a version-1 object).
         """
         try:
             pub, used_pub = TPM2B_PUBLIC.unmarshal(sealed.public)
@@ -508,13 +662,28 @@ class HostTPM:
             raise HostTPMError(reason="unseal: trailing bytes in sealed object")
 
         def run(e: ESAPI) -> bytes:
-            with self._srk(e) as (srk, _pub):
+            with self._srk(e, sealed.parent_name, sealed.legacy) as (srk, session, _name):
                 obj = e.load(srk, priv, pub)
                 try:
-                    return bytes(e.unseal(obj))
+                    # the response's outData is the secret: encrypted
+                    return bytes(e.unseal(obj, session1=hostkeys.use(e, session,
+                                                                     hostkeys.ENCRYPT)))
                 finally:
                     e.flush_context(obj)
-        return self._call("unseal", run)
+        return self._call("unseal", lambda e: _lockout_named(lambda: run(e)))
+
+
+def _lockout_named(fn: Callable[[], T]) -> T:
+    """``fn()``, with TPM_RC_LOCKOUT turned into HostTPMLockout."""
+    try:
+        return fn()
+    except TSS2_Exception as exc:
+        if exc.error != TPM2_RC.LOCKOUT:
+            raise
+        raise HostTPMLockout(reason=(
+            "the host TPM is in dictionary-attack lockout (TPM_RC_LOCKOUT): a DA-"
+            "protected object was refused; retry after the lockout interval or "
+            "after TPM2_DictionaryAttackLockReset")) from None
 
 
 def _pcr_handle(index: int) -> ESYS_TR:

@@ -26,12 +26,13 @@ from oslo_log import log as logging
 from vtpcm_agent import sealing
 from vtpcm_agent.association import Association, AssociationList, VTPCMState
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
-from vtpcm_agent.swtpm import ctrl, process, provision
+from vtpcm_agent.swtpm import ctrl, isolation, process, provision
 from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
 S = VTPCMState
 PERMANENT_STATE_FILE = "tpm2-00.permall"
+OWN_DIRS = "vm"  # <run_dir>/vm/<instance uuid>/: an unprivileged swtpm's sockets
 VOLATILE_STATE_FILE = "tpm2-00.volatilestate"
 # what a guest keeps and loses when its swtpm is restarted (logged for the operator)
 RESTART_OUTCOME = (
@@ -91,6 +92,8 @@ class AgentSettings:
     expose_data_socket: bool = False
     max_state_blob_bytes: int = 256 * 1024
     timeout: float = 10.0
+    # first and last uid of [agent] swtpm_uid_range; None: swtpm runs as the agent
+    swtpm_uids: tuple[int, int] | None = None
 
 
 class InstanceManager:
@@ -110,6 +113,14 @@ class InstanceManager:
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         # QEMU (another user) must traverse it to reach its socket.
         os.chmod(settings.run_dir, 0o755)  # noqa: S103
+        if settings.swtpm_uids is not None:
+            # each swtpm reaches its own state dir and log file (traverse
+            # only: no listing); keys/ and localca/ stay the agent's alone
+            for path in (settings.state_root, settings.state_root / "vtpcms",
+                         settings.state_root / "logs"):
+                os.chmod(path, 0o711)  # noqa: S103
+            (settings.run_dir / OWN_DIRS).mkdir(exist_ok=True)
+            os.chmod(settings.run_dir / OWN_DIRS, 0o755)  # noqa: S103
 
     def _lock_for(self, instance_uuid: str) -> threading.RLock:
         with self._locks_guard:
@@ -118,14 +129,30 @@ class InstanceManager:
     # --- paths -------------------------------------------------------------
 
     def paths(self, instance_uuid: str, vtpcm_id: str) -> process.SwtpmPaths:
+        """Where swtpm itself keeps its files. Run as the agent, its sockets
+        are the public ones; run as its own uid (``swtpm_uids``), they are in
+        a directory of that uid and the public paths link to them (an
+        unprivileged swtpm cannot bind in the agent's run_dir, and a
+        directory all swtpm uids could write would let one squat another's
+        socket name)."""
         run = self.settings.run_dir
-        data = run / instance_uuid if self.settings.expose_data_socket else None
+        state_dir = self.settings.state_root / "vtpcms" / vtpcm_id
+        log_file = self.settings.state_root / "logs" / (vtpcm_id + ".log")
+        if self.settings.swtpm_uids is None:
+            data = run / instance_uuid if self.settings.expose_data_socket else None
+            return process.SwtpmPaths(
+                state_dir=state_dir, ctrl_socket=self.public_ctrl_socket(instance_uuid),
+                pid_file=run / (instance_uuid + ".pid"), log_file=log_file,
+                data_socket=data)
+        own = run / OWN_DIRS / instance_uuid
         return process.SwtpmPaths(
-            state_dir=self.settings.state_root / "vtpcms" / vtpcm_id,
-            ctrl_socket=run / (instance_uuid + ".ctrl"),
-            pid_file=run / (instance_uuid + ".pid"),
-            log_file=self.settings.state_root / "logs" / (vtpcm_id + ".log"),
-            data_socket=data)
+            state_dir=state_dir, ctrl_socket=own / "tpm.ctrl", pid_file=own / "swtpm.pid",
+            log_file=log_file,
+            data_socket=own / "tpm" if self.settings.expose_data_socket else None)
+
+    def public_ctrl_socket(self, instance_uuid: str) -> Path:
+        """The control socket QEMU is given: ``<run_dir>/<instance uuid>.ctrl``."""
+        return self.settings.run_dir / (instance_uuid + ".ctrl")
 
     def _paths_of(self, assoc: Association) -> process.SwtpmPaths:
         return self.paths(assoc.instance_uuid, assoc.vtpcm_id)
@@ -170,7 +197,7 @@ class InstanceManager:
         self.associations.add(
             instance_uuid=instance_uuid, vtpcm_id=vtpcm_id, state=S.CREATING,
             generation=generation, state_dir=str(paths.state_dir),
-            ctrl_socket=str(paths.ctrl_socket))
+            ctrl_socket=str(self.public_ctrl_socket(instance_uuid)))
         try:
             keys = InstanceKeys.generate()
             self.keystore.put(vtpcm_id, keys)
@@ -213,9 +240,29 @@ class InstanceManager:
                 vtpcm_id=assoc.vtpcm_id,
                 reason="its permanent state file is missing; not starting an empty TPM "
                        "in its place")
-        pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
+        paths = self._paths_of(assoc)
+        if process.find_running(paths) is None:
+            keys = self._new_migration_key(assoc)
+        else:  # re-adopted after an agent restart: it keeps the key it runs with
+            keys = self.keystore.get(assoc.vtpcm_id)
+        pid = self._spawn(assoc, keys)
         return self.associations.transition(
             instance_uuid, S.ACTIVE, expected=frozenset({S.STOPPED, S.ACTIVE}), pid=pid)
+
+    def _new_migration_key(self, assoc: Association) -> InstanceKeys:
+        """A fresh migration key for a swtpm about to start (a key epoch).
+
+        swtpm 0.7.1 takes the migration key only at start and opens any
+        blob sealed under it, of any generation: a migration stream captured
+        earlier is only good until the next start. Stored (atomically)
+        before swtpm starts, so a crash between leaves a key no blob uses."""
+        keys = self.keystore.get(assoc.vtpcm_id)
+        fresh = InstanceKeys(at_rest_key=keys.at_rest_key,
+                             migration_key=InstanceKeys.generate().migration_key)
+        self.keystore.put(assoc.vtpcm_id, fresh, replace=True)
+        LOG.info("vTPCM %(vtpcm)s of instance %(instance)s starts a new migration key "
+                 "epoch", {"vtpcm": assoc.vtpcm_id, "instance": assoc.instance_uuid})
+        return fresh
 
     @serialized
     def stop(self, instance_uuid: str) -> Association:
@@ -303,7 +350,8 @@ class InstanceManager:
         keys = self.keystore.get(assoc.vtpcm_id)
         if not self.is_running(assoc):
             assoc = self.associations.set_pid(
-                instance_uuid, self._spawn_paths(paths, keys, startup_clear=False))
+                instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
+                                                 startup_clear=False))
         try:
             ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout,
                               vtpcm_id=assoc.vtpcm_id,
@@ -314,7 +362,8 @@ class InstanceManager:
             shutil.rmtree(paths.state_dir)
             paths.state_dir.mkdir(mode=0o700)
             self.associations.set_pid(
-                instance_uuid, self._spawn_paths(paths, keys, startup_clear=False))
+                instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
+                                                 startup_clear=False))
             raise
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
@@ -435,12 +484,13 @@ class InstanceManager:
         self.associations.add(
             instance_uuid=ctx.instance_uuid, vtpcm_id=vtpcm_id, state=S.MIGRATING_IN,
             generation=ctx.generation, state_dir=str(paths.state_dir),
-            ctrl_socket=str(paths.ctrl_socket), migration_id=ctx.migration_id)
+            ctrl_socket=str(self.public_ctrl_socket(ctx.instance_uuid)),
+            migration_id=ctx.migration_id)
         try:
             self.keystore.put(vtpcm_id, keys)
             paths.state_dir.mkdir(parents=True, mode=0o700)
             # Empty and never initialized: QEMU (or import_state) brings the state.
-            pid = self._spawn_paths(paths, keys, startup_clear=False)
+            pid = self._spawn_paths(ctx.instance_uuid, paths, keys, startup_clear=False)
         except BaseException:
             self._discard(ctx.instance_uuid, vtpcm_id, paths)
             raise
@@ -450,16 +500,30 @@ class InstanceManager:
     def commit_incoming(self, ctx: sealing.SealContext) -> Association:
         """The incoming vTPCM becomes the live one at generation + 1.
 
-        It must hold its state (set by QEMU or ``import_state``). A swtpm
-        that stopped (crashed, or QEMU's CMD_SHUTDOWN when a resized guest
-        stopped on the destination before the confirm) is started again
-        first: past the commit point it is the authority, and refusing
-        would wedge the commit for good."""
+        It must hold its state (set by QEMU or ``import_state``). Past the
+        commit point it is the authority, and refusing would wedge the
+        commit for good, so a swtpm that is not running is no refusal:
+
+        * it exited cleanly (QEMU's CMD_SHUTDOWN: the guest stopped on the
+          destination before the confirm, or the agent's own stop): it
+          commits STOPPED, as a powered-off guest's vTPCM is, and the
+          guest's next start starts it; a swtpm started now would serve no
+          guest, only whoever opens its socket;
+        * it crashed (left its pid file or socket): it is started again
+          first, as before (the convergence rule)."""
         assoc = self.associations.get(ctx.instance_uuid)
         if (assoc.state in (S.ACTIVE, S.STOPPED) and assoc.generation == ctx.generation + 1
                 and assoc.migration_id == ctx.migration_id):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_IN)
+        if (not self.is_running(assoc) and self._received_state(assoc)
+                and not process.left_behind(self._paths_of(assoc))):
+            LOG.info("Incoming vTPCM of instance %(i)s: its swtpm exited cleanly (the "
+                     "guest stopped); committed STOPPED at generation %(g)d",
+                     {"i": ctx.instance_uuid, "g": ctx.generation + 1})
+            return self.associations.transition(
+                ctx.instance_uuid, S.STOPPED, expected=frozenset({S.MIGRATING_IN}),
+                generation=ctx.generation + 1, pid=None)
         if not self.is_running(assoc) and self._received_state(assoc):
             # its swtpm died after the switchover: the state is on disk, and
             # the authority may already be here; bring it back rather than
@@ -515,7 +579,8 @@ class InstanceManager:
         if assoc.pid is not None and process.owns(assoc.pid, paths):
             process.stop(assoc.pid, paths, timeout=self.settings.timeout)
         (paths.state_dir / VOLATILE_STATE_FILE).unlink(missing_ok=True)
-        pid = self._spawn_paths(paths, self.keystore.get(assoc.vtpcm_id), startup_clear=False)
+        pid = self._spawn_paths(assoc.instance_uuid, paths,
+                                self.keystore.get(assoc.vtpcm_id), startup_clear=False)
         self.associations.set_pid(assoc.instance_uuid, pid)
         done = Restarted(instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
                          state=assoc.state.value, old_pid=assoc.pid, pid=pid,
@@ -554,10 +619,10 @@ class InstanceManager:
     # --- helpers ---------------------------------------------------------------
 
     def _spawn(self, assoc: Association, keys: InstanceKeys) -> int:
-        return self._spawn_paths(self._paths_of(assoc), keys)
+        return self._spawn_paths(assoc.instance_uuid, self._paths_of(assoc), keys)
 
-    def _spawn_paths(self, paths: process.SwtpmPaths, keys: InstanceKeys,
-                     startup_clear: bool | None = None) -> int:
+    def _spawn_paths(self, instance_uuid: str, paths: process.SwtpmPaths,
+                     keys: InstanceKeys, startup_clear: bool | None = None) -> int:
         running = process.find_running(paths)
         if running is not None:
             return running
@@ -568,11 +633,35 @@ class InstanceManager:
                        "second swtpm there" % paths.ctrl_socket)
         if startup_clear is None:
             startup_clear = self.settings.expose_data_socket
+        run_as = self._own_files(instance_uuid, paths)
         return process.start(
             paths, keys.at_rest_key, keys.migration_key,
             socket_mode=self.settings.socket_mode, socket_uid=self.settings.socket_uid,
             socket_gid=self.settings.socket_gid, swtpm_binary=self.settings.swtpm_binary,
-            startup_clear=startup_clear, timeout=self.settings.timeout)
+            startup_clear=startup_clear, timeout=self.settings.timeout, run_as=run_as)
+
+    def _own_files(self, instance_uuid: str,
+                   paths: process.SwtpmPaths) -> process.RunAs | None:
+        """The uid an instance's swtpm runs as, its files handed to it
+        (None: swtpm runs as the agent)."""
+        if self.settings.swtpm_uids is None:
+            return None
+        first, last = self.settings.swtpm_uids
+        uid = self.associations.assign_uid(instance_uuid, first, last)
+        run_as = process.RunAs(uid=uid, gid=uid)
+        public = self.public_ctrl_socket(instance_uuid)
+        isolation.hand_over(paths, run_as, public,
+                            public.with_suffix("") if paths.data_socket else None)
+        return run_as
+
+    def _drop_own_files(self, instance_uuid: str) -> None:
+        """Remove an instance's public links and socket dir and free its uid."""
+        if self.settings.swtpm_uids is None:
+            return
+        public = self.public_ctrl_socket(instance_uuid)
+        isolation.remove(self.settings.run_dir / OWN_DIRS / instance_uuid,
+                         (public, public.with_suffix("")))
+        self.associations.release_uid(instance_uuid)
 
     def _received_state(self, assoc: Association) -> bool:
         """An incoming vTPCM holds state once QEMU or import_state set it."""
@@ -593,6 +682,7 @@ class InstanceManager:
     def _shred(self, assoc: Association) -> None:
         self.keystore.destroy(assoc.vtpcm_id)
         process.remove_state(self._paths_of(assoc))
+        self._drop_own_files(assoc.instance_uuid)
 
     def _discard(self, instance_uuid: str, vtpcm_id: str, paths: process.SwtpmPaths) -> None:
         """Undo a create or an incoming that never went live: no tombstone."""
@@ -600,6 +690,8 @@ class InstanceManager:
         if paths.state_dir.exists():
             shutil.rmtree(paths.state_dir)
         self.associations.forget(instance_uuid, vtpcm_id)
+        if self.associations.find(instance_uuid) is None:
+            self._drop_own_files(instance_uuid)
 
     @staticmethod
     def _check_generation(assoc: Association, ctx: sealing.SealContext) -> None:

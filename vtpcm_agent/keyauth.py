@@ -1,26 +1,16 @@
-"""Secret inputs that make the host TPM's AK and KEM key the agent's own.
+"""The auth values of the host TPM's AK and KEM key (the agent's own).
 
-Why: the AK and the KEM key are primaries, re-derived from the hierarchy
-seed and their template on every use. With a public template and an empty
-auth value, any local process that can open the TPM (resource manager)
-re-derives the same keys and can quote with the AK or run ECDH_ZGen with the
-KEM key, opening the migration envelopes read off the broker. Two values
-derived from the agent's host key (sealed in the TPM, root-only file) close
-that:
+Why: the AK and the KEM key are TPM2_Create children (``hostkeys``) whose
+use the TPM grants only with their auth value. The values are derived with
+HKDF from the agent's host key, which is 32 random bytes sealed in this TPM
+(a root-only file holds the sealed blob; only this TPM unseals it, and the
+unseal response comes back through an encrypted session): they are as secret
+as the host key, need no sealed file of their own, and a new host key (or a
+new TPM) means new keys and a new enrollment.
 
-* ``unique``: the template's ``unique`` field is an input of the primary's
-  derivation, so without it the same seed yields a different key;
-* ``auth``: the key's auth value, so a handle the agent has loaded is of no
-  use to another client of a TPM without a resource manager (the swtpm
-  stand-in) in the moment it is loaded.
-
-Limits (review finding 3, design.rst open points): ``unique`` is sent to
-the TPM in clear in every CreatePrimary and the auth value is no
-derivation input, so whoever observes the agent's TPM command stream once
-re-creates both keys with an auth value of their own. This keeps out only
-local TPM users that cannot see that stream.
-
-The values never appear in logs, exceptions or reprs.
+They reach the TPM only inside parameter-encrypted TPM2_Create and as
+session HMACs, never in clear (a TPM-stream observer does not learn them),
+and never appear in logs, exceptions or reprs.
 """
 
 from __future__ import annotations
@@ -32,15 +22,14 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from vtpcm_common.exception import InvalidInput
 
-_INFO = b"vtpcm host tpm key authorization v1 "
+_INFO = b"vtpcm host tpm key authorization v2 "
 _SIZE = 32  # SHA-256 nameAlg: the largest auth value the TPM accepts
 
 
 @dataclass(frozen=True, repr=False, eq=False)
 class PrimarySecret:
-    """``unique`` (64 bytes: x || y of the ECC template) and ``auth`` (32)."""
+    """The 32-byte auth value of one key (name kept from the primaries)."""
 
-    unique: bytes
     auth: bytes
 
     def __repr__(self) -> str:
@@ -49,7 +38,7 @@ class PrimarySecret:
 
 @dataclass(frozen=True, repr=False, eq=False)
 class KeyAuth:
-    """The secrets of the two agent primaries."""
+    """The auth values of the agent's AK and KEM key."""
 
     ak: PrimarySecret
     kem: PrimarySecret
@@ -64,16 +53,14 @@ def _hkdf(secret: bytes, label: bytes, size: int) -> bytes:
 
 
 def derive(host_key: bytes) -> KeyAuth:
-    """Per-key secrets from the agent's host key (at least 32 bytes).
+    """Per-key auth values from the agent's host key (at least 32 bytes).
 
-    Deterministic: the same host key gives the same AK and KEM key after a
-    restart, so the enrollment stays valid; a new host key (or a new TPM)
-    gives new keys and the host must be enrolled again.
+    Deterministic: the same host key gives the same values after a restart,
+    so the stored key blobs stay usable.
     """
     if not isinstance(host_key, bytes) or len(host_key) < _SIZE:
         raise InvalidInput(reason=f"host key must be at least {_SIZE} bytes")
 
     def one(name: bytes) -> PrimarySecret:
-        return PrimarySecret(unique=_hkdf(host_key, name + b" unique", 2 * _SIZE),
-                             auth=_hkdf(host_key, name + b" auth", _SIZE))
+        return PrimarySecret(auth=_hkdf(host_key, name + b" auth", _SIZE))
     return KeyAuth(ak=one(b"ak"), kem=one(b"kem"))

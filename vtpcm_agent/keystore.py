@@ -33,7 +33,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from oslo_log import log as logging
 
-from vtpcm_agent.hosttpm import HostTPM, SealedObject
+from vtpcm_agent.hostkeys import ParentMismatch
+from vtpcm_agent.hosttpm import HostTPM, HostTPMLockout, SealedObject
 from vtpcm_common import fileutil
 from vtpcm_common.exception import (
     AlreadyExists,
@@ -184,6 +185,10 @@ class DevKeyFileHostKey(_CachedHostKey):
         return data
 
 
+class HostKeyLockout(KeyStoreError):
+    """The host TPM is in DA lockout: retryable, the sealed file is sound."""
+
+
 class TPMSealedHostKey(_CachedHostKey):
     """The host key sealed in the host TPM; the file holds only the TPM blob.
 
@@ -212,14 +217,48 @@ class TPMSealedHostKey(_CachedHostKey):
                          {"path": self._path})
                 return key
         try:
-            key = self._tpm.unseal(SealedObject.from_bytes(data))
+            sealed = SealedObject.from_bytes(data)
+        except HostTPMError as exc:
+            raise KeyStoreError(reason=f"sealed host key file {self._path} failed its integrity "
+                                       f"check: {exc.kwargs['reason']}") from None
+        try:
+            key = self._tpm.unseal(sealed)
+        except HostTPMLockout as exc:
+            raise HostKeyLockout(reason=(
+                f"the host TPM is in dictionary-attack lockout, so the host key "
+                f"{self._path} cannot be unsealed now; this is retryable: do NOT delete "
+                f"{self._path.name} (every wrapped instance key depends on it); retry after "
+                "the lockout interval or a DictionaryAttackLockReset "
+                f"({exc.kwargs['reason']})")) from None
+        except ParentMismatch as exc:
+            raise KeyStoreError(reason=f"host key {self._path} not unsealed: "
+                                       f"{exc.kwargs['reason']}") from None
         except HostTPMError as exc:
             raise KeyStoreError(reason=f"host key {self._path} cannot be unsealed by this host TPM "
                                        "(another TPM, cleared owner hierarchy or damaged "
                                        f"file): {exc.message}") from exc
         if len(key) != KEY_LEN:
             raise KeyStoreError(reason=f"unsealed host key {self._path} has a wrong length")
+        if sealed.legacy:
+            self._upgrade(key)
         return key
+
+    def _upgrade(self, key: bytes) -> None:
+        """Reseal a version-1 host key (DA-protected, parent unpinned) as a
+        noDA object under the noDA parent, pinning its name, and swap the
+        file atomically; on failure the version-1 file stays and works."""
+        try:
+            resealed = self._tpm.seal(key)
+            if self._tpm.unseal(resealed) != key:
+                raise HostTPMError(reason="the resealed host key does not unseal to the same key")
+            fileutil.write_atomic(self._path, resealed.to_bytes(), replace=True)
+        except (HostTPMError, OSError) as exc:
+            LOG.warning("Kept the version-1 sealed host key %(path)s (DA-protected, parent "
+                        "not pinned): resealing failed: %(err)s",
+                        {"path": self._path, "err": getattr(exc, "message", type(exc).__name__)})
+            return
+        LOG.warning("Resealed the host key %(path)s as format 2: noDA, its parent's name "
+                    "pinned", {"path": self._path})
 
 
 class KeyStore:

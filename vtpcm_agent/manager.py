@@ -152,7 +152,7 @@ class AgentManager:
         qualifying = req.nonce if self.command_public is None else \
             authn.host_key_binding(req.nonce, self.command_public, self.host)
         ident = self._tpm(self._limit(vouched, self.unsigned_limit),
-                          "unsigned TPM calls").identity(qualifying)
+                          "unsigned TPM calls").identity(qualifying, rotate_kem=vouched)
         return m.HostIdentity(
             host=self.host, ak_public=ident.ak_public, kem_public=ident.kem_public,
             kem_certify_attest=ident.kem_certify_attest,

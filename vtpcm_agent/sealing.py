@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from oslo_log import log as logging
 
-from vtpcm_common import tpmpublic
+from vtpcm_common import spans, tpmpublic
 from vtpcm_common.exception import HostTPMError, InvalidKemKey, SealError
 
 LOG = logging.getLogger(__name__)
@@ -122,6 +122,7 @@ def _derive_key(z: bytes, eph_x: bytes, eph_y: bytes, ctx: SealContext) -> bytes
     return hkdf.derive(z)
 
 
+@spans.timed("seal")
 def seal(kem_public: bytes, secret: bytes, ctx: SealContext) -> bytes:
     """Envelope ``secret`` (1..4096 bytes) for the TPM owning ``kem_public``."""
     if not isinstance(secret, bytes) or not 0 < len(secret) <= MAX_SECRET:
@@ -140,6 +141,7 @@ def seal(kem_public: bytes, secret: bytes, ctx: SealContext) -> bytes:
     return header + ct
 
 
+@spans.timed("open_envelope")
 def open_envelope(envelope: bytes, ctx: SealContext,
                   zgen: Callable[[bytes, bytes], bytes]) -> bytes:
     """Open an envelope made by ``seal`` for exactly ``ctx``.

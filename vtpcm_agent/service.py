@@ -30,6 +30,8 @@ LOG = logging.getLogger(__name__)
 # seconds a restart report waits for the engine (which answers in milliseconds);
 # short, so that an engine that is down does not hold up the agent's stop
 REPORT_TIMEOUT = 3.0
+# the AK and KEM key blobs (TPM-wrapped), next to the sealed host key
+HOST_KEY_BLOBS = "hostkeys.tpm"
 
 
 def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
@@ -40,11 +42,32 @@ def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
     except KeyError as err:
         raise exception.InvalidInput(reason="[agent] socket user/group: %s" % err) from None
     return AgentSettings(
+        swtpm_uids=uid_range(a.swtpm_uid_range),
         host=conf.host, state_root=Path(a.state_dir), run_dir=Path(a.run_dir),
         swtpm_binary=a.swtpm_binary, swtpm_setup_binary=a.swtpm_setup_binary,
         socket_mode=int(a.socket_mode, 8), socket_uid=uid, socket_gid=gid, create_ek=a.create_ek,
         expose_data_socket=a.expose_data_socket,
         max_state_blob_bytes=a.max_state_blob_bytes, timeout=a.swtpm_timeout)
+
+
+def uid_range(text: str) -> tuple[int, int] | None:
+    """``[agent] swtpm_uid_range`` checked: FIRST-LAST, above 0, and no
+    account or group in it (its uids must belong to no one else)."""
+    if not text:
+        return None
+    first, _, last = text.partition("-")
+    low, high = int(first), int(last)
+    if not 0 < low <= high:
+        raise exception.InvalidInput(
+            reason="[agent] swtpm_uid_range %s: need 0 < FIRST <= LAST" % text)
+    for who, ids in (("user", ((p.pw_name, p.pw_uid) for p in pwd.getpwall())),
+                     ("group", ((g.gr_name, g.gr_gid) for g in grp.getgrall()))):
+        for name, num in ids:
+            if low <= num <= high:
+                raise exception.InvalidInput(
+                    reason="[agent] swtpm_uid_range %s: %s %s has id %d in it"
+                    % (text, who, name, num))
+    return low, high
 
 
 def host_key_provider(conf: cfg.ConfigOpts, host_tpm: HostTPM | None,
@@ -109,8 +132,11 @@ class AgentService:
         self.host_signer = host_signer_from(conf)
         self.host_tpm = HostTPM(conf.host_tpm.tcti)
         provider = host_key_provider(conf, self.host_tpm, self.settings.state_root)
-        # the AK and KEM key need the host key: no other TPM user derives them
-        self.host_tpm.use_key_auth(keyauth.derive(provider.host_key()))
+        # the AK and KEM key: children whose auth values derive from the
+        # host key, their TPM-wrapped blobs in the state directory
+        self.host_tpm.use_key_auth(keyauth.derive(provider.host_key()),
+                                   self.settings.state_root / HOST_KEY_BLOBS,
+                                   conf.host_tpm.kem_policy_pcrs)
         self.keystore = ks.KeyStore(self.settings.state_root / "keys", provider)
         self.associations = AssociationList(self.settings.state_root / "associations.sqlite")
         # accepted command nonces survive a restart: a captured command

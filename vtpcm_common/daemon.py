@@ -15,7 +15,7 @@ from typing import Protocol
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_common import exception, spans
 
 LOG = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ def run(prog: str, register_opts: Callable[[cfg.ConfigOpts], None],
     # encrypted state blobs) of late replies: keep it at INFO whatever
     # default_log_levels says.
     logging.getLogger("oslo_messaging._drivers.amqpdriver").logger.setLevel("INFO")
+    spans.configure_from_env()  # off unless a benchmark started this daemon
     try:
         service = make_service(conf)
     except exception.VTPCMException as err:

@@ -232,6 +232,14 @@ class CommandStale(CommandReplayed):
     or a clock moving on may let it run later. Never signed, as a replay."""
 
 
+class UnshelveNotAuthorized(CommandRefused):
+    """A host asked for a SHELVED vTPCM that Nova is not unshelving onto it
+    (or Nova could not be asked): the host's signature alone moves nothing."""
+
+    msg_fmt = "Unshelve of instance %(instance_uuid)s onto %(host)s refused: %(reason)s"
+    code = "unshelve_not_authorized"
+
+
 class RPCVersionCapped(VTPCMException):
     """Refused by the client itself: nothing was sent."""
 

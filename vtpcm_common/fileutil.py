@@ -4,7 +4,10 @@ import os
 import secrets
 from pathlib import Path
 
+from vtpcm_common import spans
 
+
+@spans.timed("fsync:dir")
 def fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -13,6 +16,7 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+@spans.timed("fsync:write_atomic")
 def write_atomic(path: Path, data: bytes, *, mode: int = 0o600, replace: bool = False) -> None:
     """Write ``data`` to ``path`` whole or not at all, with ``mode``, fsynced.
 

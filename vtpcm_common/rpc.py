@@ -9,7 +9,7 @@ import oslo_messaging as messaging
 from oslo_config import cfg
 from oslo_log import log as logging
 
-from vtpcm_common import authn, config, exception
+from vtpcm_common import authn, config, exception, spans
 from vtpcm_common.conf import upgrade_levels
 from vtpcm_common.ratelimit import Summary
 from vtpcm_common.wire import Message
@@ -208,6 +208,13 @@ class Client:
               signer: authn.CommandSigner | None | types.EllipsisType = ...) -> R:
         """``signer``: overrides the client's own signer for this call
         (None: unsigned)."""
+        with spans.span("rpc:" + method):
+            return self._round_trip(method, version, request, reply_type, server=server,
+                                    timeout=timeout, signer=signer)
+
+    def _round_trip(self, method: str, version: str, request: Message,
+                    reply_type: type[R], *, server: str | None, timeout: float | None,
+                    signer: authn.CommandSigner | None | types.EllipsisType) -> R:
         verify = self._verifies(method)
         if verify:
             version = _later(version, str(self.REPLY_VERSION))
@@ -416,14 +423,15 @@ def endpoint(request_type: type[Message], signed: bool = False,
         @messaging.expected_exceptions(exception.VTPCMException)
         def inner(self: Any, ctxt: dict[str, Any], payload: Any, auth: Any = None,
                   reply_nonce: Any = None) -> Any:
-            if reply_nonce is not None:
-                return _signed_reply(self, func.__name__, signed, run, payload, auth,
-                                     reply_nonce)
-            try:
-                return run(self, payload, auth).to_wire()
-            except exception.VTPCMException as err:
-                log_refusal(func.__name__, err)
-                raise
+            with spans.span("serve:" + func.__name__):
+                if reply_nonce is not None:
+                    return _signed_reply(self, func.__name__, signed, run, payload, auth,
+                                         reply_nonce)
+                try:
+                    return run(self, payload, auth).to_wire()
+                except exception.VTPCMException as err:
+                    log_refusal(func.__name__, err)
+                    raise
         inner.signed = signed  # type: ignore[attr-defined]
         inner.host_signed = host_signed  # type: ignore[attr-defined]
         return inner  # type: ignore[return-value]

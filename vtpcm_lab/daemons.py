@@ -273,7 +273,8 @@ def kill_pidfiles(directory: Path) -> None:
     one of our programs (python daemons, swtpm)."""
     if not directory.exists():
         return
-    for pidfile in directory.glob("*.pid"):
+    # an unprivileged swtpm keeps its pid file in its own dir (vm/<uuid>/)
+    for pidfile in [*directory.glob("*.pid"), *directory.glob("vm/*/*.pid")]:
         try:
             pid = int(pidfile.read_text().strip() or 0)
         except (OSError, ValueError):

@@ -9,6 +9,7 @@ everything by pid, swtpm processes of the guests included.
 """
 
 import dataclasses
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,8 @@ LOG = logging.getLogger(__name__)
 EXCHANGE = "vtpcm-lab"
 GOLDEN_POLICY = "lab-golden"
 RECONCILE_INTERVAL = 30  # seconds, [migration] reconcile_interval's production default
+# [agent] swtpm_uid_range of each lab host (no account uses them)
+SWTPM_UID_RANGES = {"a": "64500-64599", "b": "64600-64699"}
 
 
 @dataclasses.dataclass
@@ -114,6 +117,9 @@ class Stack:
         self._kill_leftovers()
         shutil.rmtree(self.base, ignore_errors=True)
         self.base.mkdir(parents=True, mode=0o700)
+        # each swtpm uid traverses to its own state (no listing); every file
+        # here keeps its own mode
+        os.chmod(self.base, 0o711)  # noqa: S103
         try:
             for lab_host in self.lab.hosts:
                 name = "lab-" + lab_host.name
@@ -123,10 +129,13 @@ class Stack:
                 tpm.start()
                 self._record_pid("hosttpm-" + name, tpm.pid)
                 measured_boot(tpm.tcti)
+                # each swtpm as a uid of its own, as in production; the
+                # two hosts share one kernel, so their ranges differ
                 extra: dict[str, dict[str, Any]] = {
                     "agent": {"expose_data_socket": "false",
                               "register_with_engine": "false",
-                              "socket_user": lab_host.user}}
+                              "socket_user": lab_host.user,
+                              "swtpm_uid_range": SWTPM_UID_RANGES[lab_host.name]}}
                 for section, values in self.agent_extra.get(lab_host.name, {}).items():
                     extra.setdefault(section, {}).update(values)
                 agent = daemons.AgentDaemon(

@@ -27,7 +27,7 @@ from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_common import exception
 from vtpcm_lab import console, domain, hosts, live, migrate, proxy
 from vtpcm_lab.exception import LabError
-from vtpcm_lab.stack import Stack
+from vtpcm_lab.stack import SWTPM_UID_RANGES, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -79,6 +79,14 @@ def _dom_state(host: hosts.LabHost, name: str) -> int:
         conn.close()
 
 
+def _runs_in_range(pid, uid_range):
+    with open("/proc/%d/status" % pid, encoding="ascii") as fh:
+        status = dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
+    first, last = (int(n) for n in uid_range.split("-"))
+    assert first <= int(status["Uid"].split()[0]) <= last
+    assert status["Seccomp"] == "2"
+
+
 def test_round_trip_keeps_guest_tpm_and_moves_generation(stack, guest):
     name, instance, before = guest
     a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
@@ -91,7 +99,11 @@ def test_round_trip_keeps_guest_tpm_and_moves_generation(stack, guest):
         == [there.migration_id]
     _same_tpm(before, _report(b.lab_host, name))
     assert stack.engine.get_vtpcm(instance).generation == 1
+    # QEMU (the lab user) reached a swtpm that runs as a uid of host B's
+    # range, through the public socket link ([agent] swtpm_uid_range)
+    _runs_in_range(stack.agents.get(b.name, instance).pid, SWTPM_UID_RANGES["b"])
     back = live.live_migrate(stack, name, b, a)
+    _runs_in_range(stack.agents.get(a.name, instance).pid, SWTPM_UID_RANGES["a"])
     _same_tpm(before, _report(a.lab_host, name))
     record = stack.engine.get_vtpcm(instance)
     assert (record.host, record.generation) == (a.name, 2)
@@ -195,7 +207,9 @@ def test_destination_that_cannot_load_the_state_leaves_vm_on_source(stack, guest
     tpmdir = Path(tempfile.mkdtemp(prefix="vtpw", dir="/tmp"))
     wrong = None
     try:
-        live_ctrl = b.ctrl_socket(instance)
+        # where the agent's swtpm bound it (the public path may be a link
+        # into the swtpm uid's own directory)
+        live_ctrl = Path(os.path.realpath(b.ctrl_socket(instance)))
         for _ in range(100):
             if not live_ctrl.exists():
                 break

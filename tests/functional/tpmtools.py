@@ -103,6 +103,17 @@ def plaintext_permanent(state_dir: Path, at_rest_key: bytes, base: Path) -> Iter
         yield blob.data[22:]
 
 
+def plaintext_blobs(state_dir: Path, at_rest_key: bytes,
+                    base: Path) -> tuple[ctrl.StateBlob, ctrl.StateBlob]:
+    """(permanent, volatile) blobs of a stopped vTPCM as a swtpm WITHOUT a
+    migration key hands them out (header included): a plaintext stream."""
+    with key_only_swtpm(state_dir, at_rest_key, base, data_socket=False) as paths:
+        with ctrl.CtrlClient(paths.ctrl_socket) as client:
+            assert client.get_config() == ctrl.CONFIG_FLAG_FILE_KEY
+            return (client.get_stateblob(ctrl.BlobType.PERMANENT, decrypted=True),
+                    client.get_stateblob(ctrl.BlobType.VOLATILE, decrypted=True))
+
+
 def plaintext_state(state_dir: Path, at_rest_key: bytes, base: Path) -> tuple[bytes, bytes]:
     """(permanent, volatile) plaintext of a stopped vTPCM's state files.
 

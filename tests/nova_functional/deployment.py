@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.functional.harness import ClusterHost
+from tests.nova_functional.novafront import NovaFront
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.swtpm import process
 from vtpcm_common import authn, exception
@@ -66,6 +67,7 @@ class Deployment:
     agents: AgentAPI  # engine-signed agent calls (tests only)
     engine: daemons.EngineDaemon
     hosts: dict[str, Host]
+    nova: NovaFront  # where the engine's [nova] client asks Nova's API
     _at: dict[str, EngineAPI] = dataclasses.field(default_factory=dict)
 
     def engine_at(self, host: str) -> EngineAPI:
@@ -87,19 +89,27 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deployment(labels: tuple[str, ...] = ("a", "b", "c")) -> Iterator[Deployment]:
-    """Engine + one agent per label, enrolled, approved, golden policy assigned."""
+def deployment(labels: tuple[str, ...] = ("a", "b", "c"), *,
+               reconcile_interval: int = 0) -> Iterator[Deployment]:
+    """Engine + one agent per label, enrolled, approved, golden policy
+    assigned; the engine's ``[nova]`` points at a ``NovaFront`` (the test
+    plugs in the API behind it); ``reconcile_interval``: the engine's
+    periodic reconcile (0: none), which also reaps deleted shelved vTPCMs."""
     work = daemons.short_dir("vtnf")
     exchange = "vtpcm-nf-" + uuid.uuid4().hex[:8]
     conf = daemons.client_conf(exchange)
     agents = AgentAPI(conf, timeout=30)
     operator = EngineAPI(conf, agents.transport, timeout=60)
+    nova = NovaFront()
     engine = daemons.EngineDaemon(
         work, exchange, "sqlite:///%s/engine.sqlite" % work,
-        extra={"attestation": {"auto_approve": "true", "verdict_ttl": 600}})
-    started: list[object] = []
+        extra={"attestation": {"auto_approve": "true", "verdict_ttl": 600},
+               "nova": nova.engine_options(),
+               "migration": {"reconcile_interval": reconcile_interval}})
+    started: list[object] = [nova]
     hosts: dict[str, Host] = {}
     try:
+        nova.start()
         for label in labels:
             name = "nf%s-%s" % (label, uuid.uuid4().hex[:6])
             tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
@@ -126,7 +136,7 @@ def deployment(labels: tuple[str, ...] = ("a", "b", "c")) -> Iterator[Deployment
         for name in hosts:
             operator.assign_policy(name, GOLDEN)
             assert operator.attest(name).status == "TRUSTED"
-        yield Deployment(exchange, conf, operator, agents, engine, hosts)
+        yield Deployment(exchange, conf, operator, agents, engine, hosts, nova)
     finally:
         # agents before their swtpm: an agent's watchdog reports one that dies
         for proc in reversed(started):

@@ -30,6 +30,7 @@ import nova.conf
 import pytest
 from nova import context as nova_context
 from nova import objects
+from nova.api import wsgi as nova_wsgi
 from nova.tests.fixtures import libvirt as fakelibvirt
 from nova.tests.functional.api import client as api_client
 from nova.tests.functional.libvirt import base
@@ -52,12 +53,14 @@ FILTER = "vtpcm_nova.scheduler.filters.vtpcm_filter.VTPCMFilter"
 VTPCM_SPECS = {"vtpcm:enabled": "true"}
 
 _DEPLOYMENT: dep_mod.Deployment | None = None
+RECONCILE_S = 2
 
 
 @pytest.fixture(scope="module", autouse=True)
 def vtpcm_deployment() -> Any:
     global _DEPLOYMENT
-    with dep_mod.deployment() as dep:
+    # the engine's periodic reconcile reaps shelved vTPCMs of deleted instances
+    with dep_mod.deployment(reconcile_interval=RECONCILE_S) as dep:
         _DEPLOYMENT = dep
         try:
             yield dep
@@ -115,6 +118,9 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
             "nova.tests.fixtures.libvirt.Domain.XMLDesc",
             lambda domain, flags=0: keep.patched_xml_desc(domain, flags)))
         self.stub_out("nova.virt.driver.load_compute_driver", self._load_driver)
+        # the engine asks this test's Nova API (real code, over a real port)
+        self.dep.nova.app = nova_wsgi.Loader().load_app("osapi_compute")
+        self.addCleanup(setattr, self.dep.nova, "app", None)
         self.names = list(self.dep.hosts)
         flavor = self._create_flavor(name="vtpcm.small", extra_spec=dict(VTPCM_SPECS))
         self.vtpcm_flavor = flavor
@@ -672,6 +678,89 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         rec = self.dep.operator.get_vtpcm(instance)
         self.assertEqual((a, 2, "ACTIVE"), (rec.host, rec.generation, rec.state))
         self.assertEqual(before["nv"], self._tpm(a, instance)["nv"])
+
+    def test_a_trusted_host_nova_is_not_unshelving_onto_gets_nothing(self) -> None:
+        """Issue 8 (review HIGH): b is enrolled, approved and TRUSTED and signs
+        its own unshelve_vtpcm, but Nova is not unshelving the instance onto
+        b: the engine asks Nova's API and refuses; nothing moves. Before the
+        fix the engine sealed the state to b."""
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        src_id = self.dep.agents.get(a, instance).vtpcm_id
+        src_state = self.dep.hosts[a].state_dir / "vtpcms" / src_id
+        self.admin_api.post_server_action(instance, {"shelve": {}})
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        self.assertEqual("TRUSTED", self.dep.operator.attest(b).status)
+
+        with pytest.raises(exception.UnshelveNotAuthorized,
+                           match=r"onto %s refused: Nova is not unshelving the instance "
+                                 r"\(task_state None\)" % b):
+            self.dep.engine_at(b).unshelve_vtpcm(instance, b)
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0, "SHELVED", None),
+                         (rec.host, rec.generation, rec.state, rec.migration_id))
+        self.assertIsNone(self.dep.vtpcm_on(b, instance))
+        self.assertTrue(src_state.exists())
+        (refused,) = self._audit(instance, "vtpcm.unshelve")
+        self.assertEqual(("refused", b), (refused.outcome, refused.host))
+        self.assertIn("not authorized by Nova", refused.detail)
+        self.assertIn(("GET", "/v2.1/servers/" + instance, 200), self.dep.nova.requests)
+
+        # positive control: Nova's own unshelve onto b moves it there
+        self.admin_api.post_server_action(instance, {"unshelve": {"host": b}})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual(b, self._host_of(server))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((b, 1, "ACTIVE"), (rec.host, rec.generation, rec.state))
+        self.assertEqual(before["nv"], self._tpm(b, instance)["nv"])
+        self.assertFalse(src_state.exists())
+
+    def test_deleting_a_shelved_offloaded_server_reaps_its_vtpcm(self) -> None:
+        """Issue 8: Nova deletes a shelved offloaded server without its
+        compute driver (_local_delete). The engine's reconcile asks Nova and
+        destroys the vTPCM on its holder after two 404s in a row, never while
+        Nova gives no answer (here: its API unplugged, 503)."""
+        a, = self._start_hosts(1)
+        server = self._boot(host=a)
+        instance = server["id"]
+        self._write_tpm(a, instance)
+        vtpcm_id = self.dep.agents.get(a, instance).vtpcm_id
+        state = self.dep.hosts[a].state_dir / "vtpcms" / vtpcm_id
+        keys = list((self.dep.hosts[a].state_dir / "keys").glob(vtpcm_id + "*"))
+        self.admin_api.post_server_action(instance, {"shelve": {}})
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        self.assertTrue(state.exists() and keys)
+
+        app, self.dep.nova.app = self.dep.nova.app, None  # Nova's API down: 503
+        self._delete_server(server)
+        unanswered = len([r for r in self.dep.nova.requests if r[2] == 503])
+        time.sleep(4 * RECONCILE_S)
+        self.assertGreater(len([r for r in self.dep.nova.requests if r[2] == 503]),
+                           unanswered + 1, "the engine did not ask during the outage")
+        self.assertEqual("SHELVED", self.dep.operator.get_vtpcm(instance).state)
+        self.assertTrue(state.exists())
+
+        self.dep.nova.app = app
+        started = time.monotonic()
+        deadline = started + 20 * RECONCILE_S
+        while time.monotonic() < deadline:
+            try:
+                self.dep.operator.get_vtpcm(instance)
+            except exception.NotFound:
+                break
+            time.sleep(0.2)
+        reaped_after = time.monotonic() - started
+        with pytest.raises(exception.NotFound):
+            self.dep.operator.get_vtpcm(instance)
+        self.assertIsNone(self.dep.vtpcm_on(a, instance))
+        self.assertFalse(state.exists())
+        self.assertEqual([], [k for k in keys if k.exists()])
+        self.assertEqual(["destroyed"], [e.outcome for e in self._audit(instance, "vtpcm.reap")])
+        self.assertEqual(["destroyed"],
+                         [e.outcome for e in self._audit(instance, "vtpcm.destroy")])
+        print("shelved vTPCM reaped %.1f s after Nova's API answered again" % reaped_after)
 
     def test_delete_shreds_the_vtpcm(self) -> None:
         a, = self._start_hosts(1)

@@ -144,6 +144,10 @@ def devstack(tmp_path: Path):
             "STACK_USER": _user(),
             "LIBVIRT_GROUP": "libvirt",
             "REGION_NAME": "RegionOne",
+            "KEYSTONE_SERVICE_URI": "http://keystone.devstack.test/identity",
+            "SERVICE_PASSWORD": "devstack-service-password",
+            "SERVICE_DOMAIN_NAME": "Default",
+            "SERVICE_PROJECT_NAME": "service",
             "DATABASE_BACKENDS": "mysql postgresql",
             "ENABLE_DEBUG_LOG_LEVEL": "True",
             "NOVA_CONF": str(tmp_path / "etc" / "nova" / "nova.conf"),
@@ -240,6 +244,16 @@ def test_controller_runs_the_engine_with_its_key_and_database(devstack):
     engine = [c for c in run.named("run_process") if c[0] == "vtpcm-engine"]
     assert engine and "--config-file " + run.env["VTPCM_CONF_DIR"] + "/vtpcm-engine.conf" \
         in engine[0][1]
+
+
+def test_controller_gives_the_engine_nova_service_credentials(devstack):
+    run = devstack(CONTROLLER, *STACK)
+    assert run.returncode == 0, run
+    section = {k: run.value("VTPCM_ENGINE_CONF", "nova", k) for k in (
+        "auth_type", "auth_url", "username", "password", "project_name", "region_name")}
+    assert section == {"auth_type": "password", "auth_url": run.env["KEYSTONE_SERVICE_URI"],
+                       "username": "nova", "password": run.env["SERVICE_PASSWORD"],
+                       "project_name": "service", "region_name": "RegionOne"}
 
 
 def test_controller_creates_the_flavor(devstack):

@@ -3,7 +3,7 @@
 import socket
 from typing import Any
 
-from oslo_config import cfg
+from oslo_config import cfg, types
 
 from vtpcm_common import config, rpc
 from vtpcm_common.conf import upgrade_levels
@@ -32,6 +32,16 @@ AGENT_OPTS = [
                                    "libvirt-qemu). Unset: the agent's user."),
     cfg.StrOpt("socket_group", help="Group of each control socket. Unset: the agent's "
                                     "group."),
+    cfg.StrOpt("swtpm_uid_range", default="", regex=r"^(|[0-9]+-[0-9]+)$",
+               help="FIRST-LAST: run each vTPCM's swtpm as an unprivileged uid (and gid "
+                    "of the same number, no other groups) of its own from this range, "
+                    "assigned per instance and kept across restarts in the association "
+                    "list. Reserve the range: no account or group may use it, and it "
+                    "needs as many uids as vTPCMs on the host. Its control socket is "
+                    "then owned by that uid and group (or socket_user/socket_group) and "
+                    "sits in <run_dir>/vm/<instance uuid>/, which <run_dir>/<instance "
+                    "uuid>.ctrl links to. Empty: every swtpm runs as the agent's user "
+                    "(root), as releases before did."),
     cfg.BoolOpt("create_ek", default=True,
                 help="Create an EK with EK and platform certificates from this host's "
                      "local CA when a vTPCM is created (Windows 11 guests want them)."),
@@ -94,6 +104,15 @@ HOST_TPM_OPTS = [
                  help="Average rate of credential activations (unsigned, needed once "
                       "per enrollment; each re-creates the RSA endorsement key, "
                       "seconds on a hardware TPM); more are refused at once."),
+    cfg.ListOpt("kem_policy_pcrs", default=[], item_type=types.Integer(min=0, max=23),
+                help="SHA-256 PCRs the host's KEM key is bound to (PolicyPCR + "
+                     "PolicyAuthValue): migration keys sealed to the host open only "
+                     "while these PCRs hold the values they had when the key was "
+                     "created. Use the PCRs of the host's attestation policy on the "
+                     "engine (or a subset). After an approved update that changes "
+                     "them, or after changing this list, the agent creates a new KEM "
+                     "key at the next get_identity and the host must be re-enrolled. "
+                     "Empty: the KEM key is not bound to PCRs."),
 ]
 
 keystore_group = cfg.OptGroup("keystore", title="Per-instance key storage")

@@ -12,6 +12,14 @@ Keys reach swtpm through pipes (``fd=N``, pass_fds), never argv or files.
 The swtpm log level stays at 1: level 2 and above hex-dump control channel
 commands (state blobs) and higher levels TPM commands.
 
+Privilege separation: with ``run_as`` the agent starts swtpm as that
+unprivileged uid and gid, without supplementary groups (the uid is the
+instance's own, ``[agent] swtpm_uid_range``), then gives its sockets to the
+configured owner and group as root. swtpm 0.7.1's ``--runas`` cannot do this:
+it needs a passwd entry (a bare number fails without a message) and drops
+privileges before it binds its sockets. ``--seccomp action=kill`` is
+always passed (libseccomp also sets no_new_privs, checked in /proc).
+
 Data socket: optional, for tests/tools that speak TPM commands through
 tpm2-tss's ``swtpm:path=<data_socket>`` TCTI, which requires the control
 socket at ``<data_socket>.ctrl``; so when a data socket is wanted the caller
@@ -35,7 +43,7 @@ from oslo_log import log as logging
 
 from vtpcm_agent.swtpm import ctrl
 from vtpcm_agent.swtpm.keypipe import key_pipe
-from vtpcm_common import exception
+from vtpcm_common import exception, spans
 
 LOG = logging.getLogger(__name__)
 
@@ -89,7 +97,10 @@ def build_command(paths: SwtpmPaths, key_fd: int, migration_key_fd: int, *,
                   socket_mode: int = 0o660, socket_uid: int | None = None,
                   socket_gid: int | None = None, swtpm_binary: str = "swtpm",
                   startup_clear: bool = False) -> list[str]:
-    """The swtpm argv: paths and fd numbers only, never a key."""
+    """The swtpm argv: paths and fd numbers only, never a key.
+
+    ``socket_uid``/``socket_gid`` go to swtpm's own chown (it runs as root);
+    an unprivileged swtpm gets neither, the agent chowns after the start."""
     ctrl_opt = "type=unixio,path=%s,mode=0%o" % (paths.ctrl_socket, socket_mode)
     if socket_uid is not None:
         ctrl_opt += ",uid=%d" % socket_uid
@@ -101,7 +112,8 @@ def build_command(paths: SwtpmPaths, key_fd: int, migration_key_fd: int, *,
            "--key", "fd=%d,mode=aes-256-cbc,format=binary" % key_fd,
            "--migration-key", "fd=%d,mode=aes-256-cbc,format=binary" % migration_key_fd,
            "--pid", "file=%s" % paths.pid_file,
-           "--log", "file=%s,level=%d" % (paths.log_file, LOG_LEVEL)]
+           "--log", "file=%s,level=%d" % (paths.log_file, LOG_LEVEL),
+           "--seccomp", "action=kill"]
     if paths.data_socket is not None:
         server_opt = "type=unixio,path=%s,mode=0%o" % (paths.data_socket, socket_mode)
         if socket_uid is not None:
@@ -238,15 +250,32 @@ def _log_tail(paths: SwtpmPaths, limit: int = 600) -> str:
         return ""
 
 
+@dataclasses.dataclass(frozen=True)
+class RunAs:
+    """The unprivileged identity one swtpm runs as (no supplementary groups)."""
+
+    uid: int
+    gid: int
+
+    def __post_init__(self) -> None:
+        if self.uid <= 0 or self.gid <= 0:
+            raise exception.InvalidInput(reason="swtpm must not run as uid or gid 0")
+
+
+@spans.timed("swtpm:start")
 def start(paths: SwtpmPaths, at_rest_key: bytes, migration_key: bytes, *,
           socket_mode: int = 0o660, socket_uid: int | None = None,
           socket_gid: int | None = None, swtpm_binary: str = "swtpm",
-          startup_clear: bool = False, timeout: float = 10.0) -> int:
+          startup_clear: bool = False, timeout: float = 10.0,
+          run_as: RunAs | None = None) -> int:
     """Start a detached swtpm for ``paths``; return its pid once it is usable.
 
     Usable = pid file and control socket exist and GET_CONFIG reports both
     keys active. Refuses to start a second swtpm on the same paths.
     Without ``startup_clear`` the TPM waits for INIT (QEMU sends it).
+    With ``run_as`` swtpm runs as that uid/gid: its state dir, log file and
+    socket directory must be its own (the caller prepares them); its sockets
+    then go to ``socket_uid``/``socket_gid`` (unset: ``run_as``'s).
     """
     _check_key(at_rest_key, "at-rest key")
     _check_key(migration_key, "migration key")
@@ -270,10 +299,12 @@ def start(paths: SwtpmPaths, at_rest_key: bytes, migration_key: bytes, *,
     try:
         mig_fd = key_pipe(migration_key)
         try:
+            own = run_as is None
             cmd = build_command(paths, key_fd, mig_fd, socket_mode=socket_mode,
-                                socket_uid=socket_uid, socket_gid=socket_gid,
+                                socket_uid=socket_uid if own else None,
+                                socket_gid=socket_gid if own else None,
                                 swtpm_binary=swtpm_binary, startup_clear=startup_clear)
-            _launch(cmd, (key_fd, mig_fd), paths, deadline)
+            _launch(cmd, (key_fd, mig_fd), paths, deadline, run_as)
         finally:
             os.close(mig_fd)
     finally:
@@ -285,6 +316,9 @@ def start(paths: SwtpmPaths, at_rest_key: bytes, migration_key: bytes, *,
                                    reason="swtpm reported ready but is not running: %s"
                                    % _log_tail(paths))
     try:
+        if run_as is not None:
+            _give_sockets(paths, run_as.uid if socket_uid is None else socket_uid,
+                          run_as.gid if socket_gid is None else socket_gid)
         _wait_config(paths, deadline)
     except exception.SwtpmError:
         stop(pid, paths, timeout=max(deadline - time.monotonic(), 2.0))
@@ -294,11 +328,35 @@ def start(paths: SwtpmPaths, at_rest_key: bytes, migration_key: bytes, *,
     return pid
 
 
-def _launch(cmd: list[str], fds: tuple[int, int], paths: SwtpmPaths, deadline: float) -> None:
+def _give_sockets(paths: SwtpmPaths, uid: int, gid: int) -> None:
+    """Hand an unprivileged swtpm's sockets to their client's owner/group.
+
+    Until then they belong to the swtpm's own uid and gid only (swtpm set
+    ``mode`` itself), so the moment between bind and chown opens nothing.
+    lchown: a symlink put in a socket's place changes only the link."""
+    for path in (paths.ctrl_socket, paths.data_socket):
+        if path is None:
+            continue
+        if not _is_socket(path):
+            raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                       reason="%s is not a socket" % path)
+        try:
+            os.chown(path, uid, gid, follow_symlinks=False)
+        except OSError as exc:
+            raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                       reason="cannot chown %s: %s"
+                                       % (path, exc.strerror)) from None
+
+
+def _launch(cmd: list[str], fds: tuple[int, int], paths: SwtpmPaths, deadline: float,
+            run_as: RunAs | None = None) -> None:
+    identity: dict[str, object] = {}
+    if run_as is not None:
+        identity = {"user": run_as.uid, "group": run_as.gid, "extra_groups": []}
     try:
-        proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,
+        proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL,  # type: ignore[call-overload]
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                start_new_session=True)
+                                start_new_session=True, **identity)
     except OSError as exc:
         raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
                                    reason="cannot run %s: %s" % (cmd[0], exc.strerror)) from None

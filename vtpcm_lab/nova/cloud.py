@@ -80,6 +80,7 @@ class NovaLab:
         self.services: dict[str, Service] = {}
         self.timings = Timings()
         self.ids: dict[str, str] = {}
+        self._nova_port = 0  # chosen in _up_lab
 
     def __repr__(self) -> str:
         return "NovaLab(%s)" % self.base
@@ -217,13 +218,17 @@ class NovaLab:
             key_dir.mkdir(mode=0o700)
             os.chown(key_dir, host.uid, 0)
         self.lab.up()
+        # the engine's [nova] client needs nova-api's port before nova-api runs
+        self._nova_port = free_port()
         self.stack = Stack(
             self.lab, exchange=EXCHANGE,
             agent_extra={h.name: {"agent": {"host_command_key": self._key_path(h),
                                             "host_command_key_group": LAB_GROUP}}
                          for h in self.lab.hosts},
             # verdicts stay fresh for the scheduler however long the test run
-            engine_extra={"attestation": {"interval": 60, "jitter": 5}})
+            engine_extra={"attestation": {"interval": 60, "jitter": 5},
+                          "nova": configs.engine_nova_options(
+                              "http://127.0.0.1:%d" % self._nova_port)})
         self.stack.up()
         # the scheduler's filter reads verdicts, it never asks for one
         for stack_host in self.stack.hosts.values():
@@ -245,7 +250,8 @@ class NovaLab:
             computes.append(configs.ComputeHost(
                 name=stack.host(host).name, user=host.user, libvirt_socket=host.socket_path,
                 inbound_addr=INBOUND[host.name], command_key=self._key_path(host), dir=cdir))
-        ports = {name: free_port() for name in ("placement", "glance", "nova", "neutron")}
+        ports = {name: free_port() for name in ("placement", "glance", "neutron")}
+        ports["nova"] = self._nova_port
         layout = configs.Layout(
             base=nova, venv=self.venv, rabbit_vhost=RABBIT_VHOST,
             vtpcm_transport_url=daemons.TRANSPORT_URL, vtpcm_exchange=EXCHANGE,

@@ -131,6 +131,16 @@ def glance_conf(layout: Layout) -> Sections:
     }
 
 
+def engine_nova_options(nova_url: str) -> dict[str, str | int]:
+    """The engine's ``[nova]``: it asks Nova's API before an unshelve moves a
+    shelved vTPCM and before it reaps one. The lab has no keystone, so an
+    admin_token client with the lab's token; the identity stand-in gives it
+    the admin identity (a real cloud uses a service user, ``auth_type =
+    password``)."""
+    return {"auth_type": "admin_token", "endpoint": nova_url + "/v2.1",
+            "token": identity.LAB_TOKEN, "timeout": 10}
+
+
 def paste_with_identity_standin(stock_ini: str) -> str:
     """A stock api-paste.ini whose ``authtoken`` filter is the identity stand-in."""
     out: list[str] = []

@@ -7,6 +7,7 @@ from oslo_config import cfg
 
 from vtpcm_common import config, rpc
 from vtpcm_common.conf import upgrade_levels
+from vtpcm_nova.conf import novaapi
 
 engine_group = cfg.OptGroup("engine", title="vTPCM engine")
 ENGINE_OPTS = [
@@ -140,9 +141,11 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
     for group, opts in list_opts():
         config.register(conf, group, opts)
     upgrade_levels.register_opts(conf)
+    novaapi.register_opts(conf)
 
 
 def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
     return [(engine_group, ENGINE_OPTS), (attestation_group, ATTESTATION_OPTS),
             (migration_group, MIGRATION_OPTS), (manage_group, MANAGE_OPTS),
             *rpc.list_rpc_opts()]
+

@@ -35,6 +35,7 @@ from oslo_log import log as logging
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import protocol as p
+from vtpcm_nova.engine import shelved
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.protocol import MigrationState as M
@@ -78,15 +79,29 @@ class TrustChecker(Protocol):
     def check_fresh(self, host: str) -> db_api.VerdictRecord: ...
 
 
+class NovaLookup(Protocol):
+    def get_server(self, instance_uuid: str) -> shelved.ServerView | None: ...
+
+
+NOVA_NOT_CONFIGURED = ("the engine cannot ask Nova whether it is unshelving the instance "
+                       "there ([nova] auth_type is not set)")
+
+
 class Coordinator:
     def __init__(self, db: db_api.Database, agents: AgentClient, trust: TrustChecker, *,
                  timeout: float = 900.0,
-                 now: Callable[[], datetime.datetime] = db_api.utcnow) -> None:
+                 now: Callable[[], datetime.datetime] = db_api.utcnow,
+                 nova: NovaLookup | None = None,
+                 deleted_confirmations: int = 2) -> None:
         self.db = db
         self.agents = agents
         self.trust = trust
         self.timeout = timeout
         self.now = now
+        # Nova's word on shelved instances: None refuses every unshelve
+        # elsewhere and reaps nothing (fail closed)
+        self.nova = nova
+        self.deletions = shelved.DeletionConfirmations(deleted_confirmations)
 
     # --- vTPCM lifecycle through the authority ---------------------------------
 
@@ -363,7 +378,12 @@ class Coordinator:
         generation + 1, the holder's copy shredded), driven by the engine
         under an id of its own. Only a SHELVED vTPCM moves, so it is
         restored once: a second unshelve elsewhere is refused. A refused or
-        failed move leaves it SHELVED on the holder."""
+        failed move leaves it SHELVED on the holder.
+
+        A move needs Nova's word, not only the host's signature: Nova's API
+        must show the instance shelved_offloaded, unshelving, onto ``host``
+        (``shelved.unshelve_refusal``); otherwise, or if Nova cannot be
+        asked, ``UnshelveNotAuthorized`` and nothing moves."""
         rec = self.db.get_vtpcm(instance_uuid)
         refusal = ""
         if requested_by not in (None, host):
@@ -386,6 +406,14 @@ class Coordinator:
             self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
                           detail=refusal[:1000])
             raise exception.CommandRefused(method="unshelve_vtpcm", reason=refusal)
+        refusal = self._nova_unshelving(instance_uuid, host)
+        if refusal:
+            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
+                          detail=("not authorized by Nova: %s" % refusal)[:1000])
+            LOG.warning("Unshelve of the vTPCM of instance %(i)s onto %(h)s refused: "
+                        "%(why)s", {"i": instance_uuid, "h": host, "why": refusal})
+            raise exception.UnshelveNotAuthorized(instance_uuid=instance_uuid, host=host,
+                                                  reason=refusal)
         migration_id = str(uuid.uuid4())
         try:
             self.begin(migration_id, instance_uuid, rec.host, host, unshelve=True)
@@ -408,6 +436,86 @@ class Coordinator:
                       migration_id=migration_id,
                       detail="from %s, generation %d" % (rec.host, rec.generation + 1))
         return self.db.get_vtpcm(instance_uuid)
+
+    def _nova_unshelving(self, instance_uuid: str, host: str) -> str:
+        """Why Nova does not show the instance being unshelved onto
+        ``host`` ("" if it does); no answer from Nova is a refusal."""
+        if self.nova is None:
+            return NOVA_NOT_CONFIGURED
+        try:
+            view = self.nova.get_server(instance_uuid)
+        except exception.ServiceUnreachable as err:
+            return "Nova could not be asked (%s)" % err
+        return shelved.unshelve_refusal(view, host)
+
+    def reap_deleted_shelved(self) -> int:
+        """Destroy, on its holder, each SHELVED vTPCM whose instance Nova no
+        longer has: Nova deletes a shelved offloaded instance without its
+        compute driver (``_local_delete``), so no destroy ever comes. Only
+        after ``deleted_confirmations`` consecutive passes in which Nova
+        answered 404 (or deleted) for the same vTPCM and generation; any
+        other answer, a timeout or an error starts the count over. Returns
+        how many were destroyed."""
+        if self.nova is None:
+            return 0
+        records = [r for r in self.db.list_vtpcms()
+                   if r.state == SHELVED and r.migration_id is None]
+        self.deletions.forget_others({r.instance_uuid for r in records})
+        done = 0
+        for rec in records:
+            try:
+                answer = shelved.presence(self.nova.get_server(rec.instance_uuid))
+            except exception.ServiceUnreachable as err:
+                LOG.info("Shelved vTPCM of instance %(i)s: Nova gave no answer (%(err)s); "
+                         "not counted as deleted", {"i": rec.instance_uuid, "err": err})
+                answer = shelved.Presence.UNKNOWN
+            seen = shelved.Observed(rec.vtpcm_id, rec.generation)
+            if not self.deletions.observe(rec.instance_uuid, seen, answer):
+                if answer is shelved.Presence.GONE:
+                    LOG.info("Nova has no instance %(i)s (%(n)d of %(need)d answers); its "
+                             "shelved vTPCM on %(h)s is kept for now",
+                             {"i": rec.instance_uuid, "h": rec.host,
+                              "n": self.deletions.count(rec.instance_uuid),
+                              "need": self.deletions.needed})
+                continue
+            try:
+                self._destroy_deleted_shelved(rec)
+            except exception.VTPCMException as err:
+                LOG.warning("Shelved vTPCM of deleted instance %(i)s on %(h)s not destroyed "
+                            "yet: %(err)s", {"i": rec.instance_uuid, "h": rec.host,
+                                             "err": err})
+                continue
+            self.deletions.forget(rec.instance_uuid)
+            done += 1
+        return done
+
+    def _destroy_deleted_shelved(self, seen: db_api.VtpcmRecord) -> None:
+        """Destroy the SHELVED vTPCM Nova said is gone, only if the record is
+        still the one Nova was asked about (same vTPCM, generation, state)."""
+        rec = self.db.get_vtpcm(seen.instance_uuid)
+        if rec.vtpcm_id != seen.vtpcm_id or not self.db.set_vtpcm_state(
+                rec.instance_uuid, seen.generation, DESTROYING, expected_state=SHELVED,
+                expected_migration_id=None):
+            raise exception.VTPCMBusy(instance_uuid=seen.instance_uuid,
+                                      reason="its record changed meanwhile")
+        try:
+            self.agents.destroy(rec.host, rec.instance_uuid)
+        except exception.NotFound:
+            pass  # an earlier pass destroyed it and lost the answer
+        except BaseException:
+            # still SHELVED for the next pass (which asks Nova again)
+            self.db.set_vtpcm_state(rec.instance_uuid, seen.generation, SHELVED,
+                                    expected_state=DESTROYING, expected_migration_id=None)
+            raise
+        self.db.delete_vtpcm(rec.instance_uuid, seen.generation, expected_state=DESTROYING)
+        self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=rec.instance_uuid)
+        self.db.audit("vtpcm.reap", "destroyed", host=rec.host, instance=rec.instance_uuid,
+                      detail="instance deleted in Nova while shelved offloaded (%d "
+                             "consecutive answers); vTPCM %s generation %d shredded"
+                             % (self.deletions.needed, rec.vtpcm_id, rec.generation))
+        LOG.warning("Destroyed the shelved vTPCM of instance %(i)s on %(h)s: Nova deleted "
+                    "the instance while it was shelved offloaded",
+                    {"i": rec.instance_uuid, "h": rec.host})
 
     def start_vtpcm(self, instance_uuid: str,
                     requested_by: str | None = None) -> tuple[str, am.VTPCMInfo]:
@@ -880,6 +988,7 @@ class Coordinator:
                             {"mig": listed.migration_id, "state": listed.state,
                              "err": err})
         done += self.reap_abandoned()
+        done += self.reap_deleted_shelved()
         return done
 
     def _trusted_destination(self, dest: str,

@@ -374,6 +374,15 @@ class EngineManager:
         return m.VerdictList(tuple(verdict_info(v)
                                    for v in self.db.fresh_verdicts().values()))
 
+    @endpoint(m.TrustedHostsQuery)
+    def trusted_hosts(self, req: m.TrustedHostsQuery) -> m.TrustedHosts:
+        trusted = sorted((v.host, v.expires_at) for v in self.db.fresh_verdicts().values()
+                         if v.trusted and (req.after is None or v.host > req.after))
+        page = trusted[:req.limit]
+        more = len(trusted) > req.limit
+        return m.TrustedHosts({host: expires.isoformat() for host, expires in page},
+                              next_after=page[-1][0] if more else None)
+
     @endpoint(m.AuditQuery)
     def list_audit(self, req: m.AuditQuery) -> m.AuditList:
         return m.AuditList(tuple(

@@ -13,7 +13,7 @@ from oslo_log import log as logging
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine import rpcapi
-from vtpcm_nova.engine import ekcert
+from vtpcm_nova.engine import ekcert, novaapi
 from vtpcm_nova.engine.attestation import Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db.api import Database
@@ -62,6 +62,18 @@ def ek_cas_from(conf: cfg.ConfigOpts) -> list[Any]:
     return cas
 
 
+def nova_from(conf: cfg.ConfigOpts) -> novaapi.NovaServers | None:
+    """The engine's client of Nova's API, or None (with a warning: shelved
+    vTPCMs then move only back onto their holder, and are never reaped)."""
+    nova = novaapi.from_conf(conf)
+    if nova is None:
+        LOG.warning("[nova] auth_type is not set: the engine cannot ask Nova's API, so it "
+                    "refuses every unshelve of a vTPCM onto another host than its holder "
+                    "and never destroys the shelved vTPCM of a deleted instance "
+                    "(vtpcm-manage vtpcm destroy does)")
+    return nova
+
+
 def agent_answers(agents: AgentAPI, timeout: float) -> Callable[[str], bool]:
     """Whether a host's agent answers ``health`` within ``timeout``: a hint
     only (the answer is unsigned), asked before enrolling an announced
@@ -102,7 +114,9 @@ class EngineService:
                                  nonce_ttl=att.nonce_ttl, reboot_policy=att.reboot_policy,
                                  ek_cas=self.ek_cas)
         self.coordinator = Coordinator(self.db, self.agents, self.attestor,
-                                       timeout=conf.migration.timeout)
+                                       timeout=conf.migration.timeout,
+                                       nova=nova_from(conf),
+                                       deleted_confirmations=conf.nova.deleted_confirmations)
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import hashlib
 import hmac
 from collections.abc import Mapping
@@ -29,6 +30,7 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPMS_ATTEST, TPMT_PUBLIC, TPMT_SIGNATURE
 
 from vtpcm_common import exception, tpmpublic
+from vtpcm_nova.engine import tpmstruct
 
 MAX_PCR = 23
 UNKNOWN_HOST = "<unknown>"
@@ -41,6 +43,7 @@ BANKS: dict[str, tuple[int, int]] = {
     "sha512": (int(TPM2_ALG.SHA512), 64),
 }
 
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _AK_REQUIRED = TPMA_OBJECT.RESTRICTED | TPMA_OBJECT.SIGN_ENCRYPT | TPMA_OBJECT.FIXEDTPM
 
 RebootPolicy = Literal["reapprove", "accept"]
@@ -113,7 +116,29 @@ def tpm_name(public: bytes) -> bytes:
 
 
 def load_ak(ak_public: bytes, *, host: str = UNKNOWN_HOST) -> AttestationKey:
-    """Parse and validate an AK: ECC P-256, restricted signing, fixedTPM, ECDSA-SHA256."""
+    """Parse and validate an AK: ECC P-256, restricted signing, fixedTPM, ECDSA-SHA256.
+
+    Each distinct public area is parsed once (``_parsed_ak``): the engine
+    loads the enrolled AK on every attestation, and parsing costs more than
+    verifying the quote. The outcome depends on the bytes alone."""
+    if not isinstance(ak_public, bytes | bytearray):
+        return _load_ak(ak_public, host)  # refuses, naming the host
+    outcome = _parsed_ak(bytes(ak_public))
+    if isinstance(outcome, str):
+        raise exception.InvalidAttestationKey(host=host, reason=outcome)
+    return outcome
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_ak(ak_public: bytes) -> AttestationKey | str:
+    """The AK, or the reason it is refused (bounded cache of pure results)."""
+    try:
+        return _load_ak(ak_public, UNKNOWN_HOST)
+    except exception.InvalidAttestationKey as err:
+        return str(err.kwargs["reason"])
+
+
+def _load_ak(ak_public: bytes, host: str) -> AttestationKey:
     err = exception.InvalidAttestationKey
     pub = _unmarshal(TPMT_PUBLIC, ak_public, "AK public area", err, host)
     if pub.type != TPM2_ALG.ECC:
@@ -148,7 +173,8 @@ def verify_certification(ak: AttestationKey, kem_public: bytes, attest: bytes,
     err = exception.CertificationError
     _verify_signature(ak, attest, signature, err, host)
     info = _unmarshal(TPMS_ATTEST, attest, "attestation", err, host)
-    _check_header(info, TPM2_ST.ATTEST_CERTIFY, nonce, err, host, nonce_mismatch)
+    _check_header(int(info.magic), TPM2_ST(info.type), bytes(info.extraData),
+                  TPM2_ST.ATTEST_CERTIFY, nonce, err, host, nonce_mismatch)
     try:
         kem = tpmpublic.kem_public_key(kem_public)
     except exception.InvalidKemKey as bad:
@@ -167,24 +193,25 @@ def verify_quote(ak: AttestationKey, attest: bytes, signature: bytes, nonce: byt
     alg, size = BANKS[bank]
     values = _check_pcr_values(pcr_values, size, err, host)
     _verify_signature(ak, attest, signature, err, host)
-    info = _unmarshal(TPMS_ATTEST, attest, "attestation", err, host)
-    _check_header(info, TPM2_ST.ATTEST_QUOTE, nonce, err, host)
-    quote = info.attested.quote
-    selection = _selection(quote.pcrSelect, alg, bank, err, host)
+    quote = tpmstruct.quote(attest) if isinstance(attest, bytes | bytearray) else None
+    if quote is None:
+        quote = _reference_quote(attest, err, host)
+    _check_header(quote.magic, TPM2_ST.ATTEST_QUOTE, quote.extra_data, TPM2_ST.ATTEST_QUOTE,
+                  nonce, err, host)
+    selection = _selection(quote.pcr_select, alg, bank, err, host)
     if selection != tuple(sorted(values)):
         raise err(host=host, reason=(
             f"quoted PCR selection {list(selection)} differs from reported PCRs "
             f"{sorted(values)}"))
     # the AK's scheme hash (SHA-256) digests the selected PCRs in index order
     digest = hashlib.sha256(b"".join(values[i] for i in selection)).digest()
-    if not hmac.compare_digest(bytes(quote.pcrDigest), digest):
+    if not hmac.compare_digest(quote.pcr_digest, digest):
         raise err(host=host, reason="PCR digest does not match the reported PCR values")
-    clock = info.clockInfo
     return QuoteEvidence(
-        clock=int(clock.clock), reset_count=int(clock.resetCount),
-        restart_count=int(clock.restartCount), safe=bool(clock.safe), bank=bank,
+        clock=quote.clock, reset_count=quote.reset_count,
+        restart_count=quote.restart_count, safe=quote.safe, bank=bank,
         pcr_selection=selection, pcr_values=dict(sorted(values.items())),
-        firmware_version=int(info.firmwareVersion))
+        firmware_version=quote.firmware_version)
 
 
 def evaluate(evidence: QuoteEvidence, policy: PolicySpec, previous: ClockState | None, *,
@@ -280,32 +307,63 @@ def _ecc_point(pub: Any, err: type[exception.AttestationError], host: str,
         raise err(host=host, reason=f"{what} point is not on curve P-256") from None
 
 
+def _reference_quote(attest: bytes, err: type[exception.AttestationError],
+                     host: str) -> tpmstruct.Quote:
+    """A quote ``tpmstruct`` left to tpm2-pytss: another type, or malformed
+    (then this raises with the reference parser's reason)."""
+    info = _unmarshal(TPMS_ATTEST, attest, "attestation", err, host)
+    if info.type != TPM2_ST.ATTEST_QUOTE:
+        _check_header(int(info.magic), TPM2_ST(info.type), bytes(info.extraData),
+                      TPM2_ST.ATTEST_QUOTE, b"", err, host)
+    quote, clock = info.attested.quote, info.clockInfo
+    return tpmstruct.Quote(
+        magic=int(info.magic), extra_data=bytes(info.extraData), clock=int(clock.clock),
+        reset_count=int(clock.resetCount), restart_count=int(clock.restartCount),
+        safe=bool(clock.safe), firmware_version=int(info.firmwareVersion),
+        pcr_select=tuple(tpmstruct.PcrSelection(int(sel.hash),
+                                                bytes(sel.pcrSelect)[:int(sel.sizeofSelect)])
+                         for sel in quote.pcrSelect),
+        pcr_digest=bytes(quote.pcrDigest))
+
+
+def _reference_signature(signature: bytes, err: type[exception.AttestationError],
+                         host: str) -> tpmstruct.EcdsaSignature:
+    sig = _unmarshal(TPMT_SIGNATURE, signature, "signature", err, host)
+    if sig.sigAlg != TPM2_ALG.ECDSA:
+        raise err(host=host, reason="signature is not ECDSA-SHA256")
+    ecdsa = sig.signature.ecdsa
+    return tpmstruct.EcdsaSignature(int(ecdsa.hash), bytes(ecdsa.signatureR),
+                                    bytes(ecdsa.signatureS))
+
+
 def _verify_signature(ak: AttestationKey, attest: bytes, signature: bytes,
                       err: type[exception.AttestationError], host: str) -> None:
-    sig = _unmarshal(TPMT_SIGNATURE, signature, "signature", err, host)
-    if sig.sigAlg != TPM2_ALG.ECDSA or sig.signature.ecdsa.hash != TPM2_ALG.SHA256:
+    sig = tpmstruct.ecdsa_signature(signature) \
+        if isinstance(signature, bytes | bytearray) else None
+    if sig is None:
+        sig = _reference_signature(signature, err, host)
+    if sig.hash_alg != TPM2_ALG.SHA256:
         raise err(host=host, reason="signature is not ECDSA-SHA256")
     if not isinstance(attest, bytes | bytearray) or not attest:
         raise err(host=host, reason="attestation must be non-empty bytes")
-    r = int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big")
-    s = int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big")
+    der = encode_dss_signature(int.from_bytes(sig.r, "big"), int.from_bytes(sig.s, "big"))
     try:
-        ak.key.verify(encode_dss_signature(r, s), bytes(attest), ec.ECDSA(hashes.SHA256()))
+        ak.key.verify(der, bytes(attest), _ECDSA_SHA256)
     except (InvalidSignature, ValueError):
         raise err(host=host, reason="signature does not verify under the enrolled AK") from None
 
 
-def _check_header(info: Any, expected: TPM2_ST, nonce: bytes,
-                  err: type[exception.AttestationError], host: str,
+def _check_header(magic: int, kind: TPM2_ST, extra_data: bytes, expected: TPM2_ST,
+                  nonce: bytes, err: type[exception.AttestationError], host: str,
                   nonce_mismatch: str | None = None) -> None:
-    if info.magic != TPM2_GENERATED.VALUE:
+    if magic != TPM2_GENERATED.VALUE:
         raise err(host=host, reason="attestation was not generated by a TPM (bad magic)")
-    if info.type != expected:
-        raise err(host=host, reason=f"attestation type is {info.type!s}, expected "
+    if kind != expected:
+        raise err(host=host, reason=f"attestation type is {kind!s}, expected "
                                     f"{expected!s}")
     if not isinstance(nonce, bytes | bytearray) or not nonce:
         raise err(host=host, reason="nonce must be non-empty bytes")
-    if not hmac.compare_digest(bytes(info.extraData), bytes(nonce)):
+    if not hmac.compare_digest(extra_data, bytes(nonce)):
         raise err(host=host,
                   reason=nonce_mismatch or "nonce mismatch (stale or replayed attestation)")
 
@@ -325,13 +383,13 @@ def _check_pcr_values(pcr_values: Mapping[int, bytes], size: int,
     return out
 
 
-def _selection(pcr_select: Any, alg: int, bank: str,
+def _selection(pcr_select: tuple[tpmstruct.PcrSelection, ...], alg: int, bank: str,
                err: type[exception.AttestationError], host: str) -> tuple[int, ...]:
     if len(pcr_select) != 1:
         raise err(host=host, reason="quote must select exactly one PCR bank")
     sel = pcr_select[0]
-    if int(sel.hash) != alg:
+    if sel.hash_alg != alg:
         raise err(host=host, reason=f"quoted PCR bank is not {bank}")
-    bitmap = bytes(sel.pcrSelect)[: int(sel.sizeofSelect)]
+    bitmap = sel.bitmap
     return tuple(byte * 8 + bit for byte, b in enumerate(bitmap)
                  for bit in range(8) if b & (1 << bit))

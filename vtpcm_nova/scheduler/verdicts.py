@@ -1,4 +1,4 @@
-"""The scheduler's view of host trust: one engine call, reused for a short TTL.
+"""The scheduler's view of host trust: one engine query, reused for a short TTL.
 
 Nova-free, so the filter's only per-host work is a dict lookup and its cost
 can be measured without Nova (``benchmarks/``).
@@ -8,6 +8,7 @@ import datetime
 import threading
 import time
 from collections.abc import Callable, Mapping
+from typing import Protocol
 
 from oslo_log import log as logging
 
@@ -17,19 +18,77 @@ from vtpcm_common.api.engine import messages as em
 LOG = logging.getLogger(__name__)
 
 TRUSTED = "TRUSTED"
+# engine API version of trusted_hosts (paged); below it, the one-shot verdicts
+TRUSTED_HOSTS_SINCE = "1.9"
+
+Trusted = Mapping[str, datetime.datetime]
+
+
+class EngineReader(Protocol):
+    def can_send_version(self, version: str) -> bool: ...
+
+    def verdicts(self, timeout: float | None = None) -> em.VerdictList: ...
+
+    def trusted_hosts(self, after: str | None = None, limit: int = em.TRUSTED_PAGE_MAX,
+                      timeout: float | None = None) -> em.TrustedHosts: ...
+
+
+def _expiry(text: str) -> datetime.datetime:
+    expires = datetime.datetime.fromisoformat(text)
+    return expires if expires.tzinfo is not None else expires.replace(tzinfo=datetime.UTC)
 
 
 def trusted_until(verdicts: em.VerdictList) -> dict[str, datetime.datetime]:
     """Host -> expiry of its TRUSTED verdict; every other verdict is dropped."""
+    return {v.host: _expiry(v.expires_at) for v in verdicts.verdicts
+            if v.status == TRUSTED and v.expires_at is not None}
+
+
+def fetch_trusted(engine: EngineReader, timeout: float | None,
+                  max_pages: int = 100) -> dict[str, datetime.datetime]:
+    """Every TRUSTED host, page by page (engine API 1.9), or through the one
+    ``verdicts`` call when the client is pinned below 1.9 (rolling upgrade).
+    ``max_pages`` bounds the loop against an engine that never says "last
+    page": its answer then fails the fetch (closed) instead of spinning."""
+    if not engine.can_send_version(TRUSTED_HOSTS_SINCE):
+        return trusted_until(engine.verdicts(timeout=timeout))
     out: dict[str, datetime.datetime] = {}
-    for verdict in verdicts.verdicts:
-        if verdict.status != TRUSTED or verdict.expires_at is None:
-            continue
-        expires = datetime.datetime.fromisoformat(verdict.expires_at)
-        if expires.tzinfo is None:
-            expires = expires.replace(tzinfo=datetime.UTC)
-        out[verdict.host] = expires
-    return out
+    after: str | None = None
+    for _ in range(max_pages):
+        page = engine.trusted_hosts(after=after, timeout=timeout)
+        for host, expires in page.expires.items():
+            out[host] = _expiry(expires)
+        if page.next_after is None:
+            return out
+        if after is not None and page.next_after <= after:
+            raise exception.InvalidPayload(message_type="trusted_hosts", field="next_after",
+                                           reason="does not move forward")
+        after = page.next_after
+    raise exception.InvalidPayload(message_type="trusted_hosts", field="next_after",
+                                   reason="more than %d pages" % max_pages)
+
+
+class TrustSnapshot:
+    """The trusted hosts and the time, read once for one scheduling request:
+    the per-host check is then a dict lookup and a comparison."""
+
+    __slots__ = ("_trusted", "_error", "_now")
+
+    def __init__(self, trusted: Trusted, error: str | None, now: datetime.datetime) -> None:
+        self._trusted = trusted
+        self._error = error
+        self._now = now
+
+    def why_not(self, host: str) -> str | None:
+        """None if ``host`` is trusted, else the reason it is not."""
+        if self._error is not None:
+            return "engine unreachable (%s)" % self._error
+        expires = self._trusted.get(host)
+        if expires is None:
+            return "no fresh TRUSTED verdict"
+        if expires <= self._now:
+            return "TRUSTED verdict expired at %s" % expires.isoformat()
+        return None
 
 
 class VerdictCache:
@@ -39,22 +98,27 @@ class VerdictCache:
     trusted"), so an unreachable engine costs one timeout per TTL, not one
     per host: 10,000 hosts must not mean 10,000 RPC timeouts."""
 
-    def __init__(self, fetch: Callable[[], em.VerdictList], ttl: float,
+    def __init__(self, fetch: Callable[[], Trusted], ttl: float,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._fetch = fetch
         self._ttl = ttl
         self._clock = clock
         self._lock = threading.Lock()
         self._fetched_at: float | None = None
-        self._trusted: Mapping[str, datetime.datetime] = {}
+        self._trusted: Trusted = {}
         self.error: str | None = None
 
-    def trusted(self) -> Mapping[str, datetime.datetime]:
+    def trusted(self) -> Trusted:
+        return self._current()[0]
+
+    def _current(self) -> tuple[Trusted, str | None]:
+        """The trusted hosts and the fetch error, refreshed past the TTL,
+        read together under the lock."""
         now = self._clock()
         with self._lock:
             if self._fetched_at is None or now - self._fetched_at >= self._ttl:
                 try:
-                    self._trusted = trusted_until(self._fetch())
+                    self._trusted = self._fetch()
                     self.error = None
                 except exception.VTPCMException as err:
                     self._trusted = {}
@@ -62,16 +126,13 @@ class VerdictCache:
                     LOG.warning("vTPCM engine verdicts unavailable, vtpcm: requests find "
                                 "no valid host: %(err)s", {"err": err})
                 self._fetched_at = now
-            return self._trusted
+            return self._trusted, self.error
+
+    def snapshot(self, now: datetime.datetime | None = None) -> TrustSnapshot:
+        """The view one scheduling request uses for all its hosts."""
+        trusted, error = self._current()
+        return TrustSnapshot(trusted, error, now or datetime.datetime.now(datetime.UTC))
 
     def why_not(self, host: str, now: datetime.datetime | None = None) -> str | None:
         """None if ``host`` is trusted right now, else the reason it is not."""
-        trusted = self.trusted()
-        if self.error is not None:
-            return "engine unreachable (%s)" % self.error
-        expires = trusted.get(host)
-        if expires is None:
-            return "no fresh TRUSTED verdict"
-        if expires <= (now or datetime.datetime.now(datetime.UTC)):
-            return "TRUSTED verdict expired at %s" % expires.isoformat()
-        return None
+        return self.snapshot(now).why_not(host)

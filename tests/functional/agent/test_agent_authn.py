@@ -201,8 +201,9 @@ def test_agent_without_engine_public_key_does_not_start(cluster):
 
 # Another local user of the host TPM: it can open the TPM (here the
 # stand-in's socket, /dev/tpmrm0 in production) but has not the agent's
-# host key. It derives the AK and the KEM key from their templates with a
-# secret of its own (a HostTPM without one refuses to use them).
+# host key. It makes an AK and a KEM key from the same templates with an
+# auth value of its own (a HostTPM without one refuses to use them): other
+# keys. test_hostkeys.py gives such a user the agent's key blobs too.
 _FOREIGN_TPM_USER = """
 import json, os, sys
 from vtpcm_agent import keyauth, sealing

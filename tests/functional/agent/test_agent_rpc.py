@@ -184,13 +184,16 @@ def test_no_plaintext_state_on_disk_or_in_logs(cluster, tmp_path):
     found = tpmtools.secrets_of_state(pa.state_dir, keys.at_rest_key, short_dir("vtpl"))
     assert len(found) > 100
     api.start(a.name, info.instance_uuid)
+    earlier = keys.migration_key
+    keys = a.keys(info.vtpcm_id)  # the start began a new migration key epoch
     ctx = _hand_over(api, a, b, info.instance_uuid, 0)
     blobs = api.export_state(a.name, info.instance_uuid)
     incoming = api.import_state(b.name, blobs)
     fresh = b.keys(incoming.vtpcm_id)
     assert fresh.migration_key == keys.migration_key and fresh.at_rest_key != keys.at_rest_key
     secrets = [("source at-rest key", keys.at_rest_key), ("migration key", keys.migration_key),
-               ("destination's fresh at-rest key", fresh.at_rest_key)]
+               ("destination's fresh at-rest key", fresh.at_rest_key),
+               ("the previous epoch's migration key", earlier)]
     scanned = [*tpmtools.files(a.state_root, a.run_dir, b.state_root, b.run_dir),
                a.agent.log_file, b.agent.log_file]
     assert sum(p.name.endswith(".keys") for p in scanned) >= 2

@@ -27,6 +27,7 @@ as a stream of its own here.
 import base64
 import binascii
 import dataclasses
+import hmac
 import json
 import os
 import shutil
@@ -173,8 +174,11 @@ def _traffic(api: AgentAPI, a: ClusterHost, b: ClusterHost, base: Path) -> dict[
     api.abort_outgoing(a.name, ctx)
     assert api.get(a.name, instance).state == "STOPPED"
 
-    # Running: hand-over, export, import, commit on both sides.
+    # Running: hand-over, export, import, commit on both sides. The start
+    # began a new migration key epoch: the second hand-over carries that key.
     api.start(a.name, instance)
+    second = a.keys(info.vtpcm_id).migration_key
+    keys.append(("second epoch's migration key", second))
     ctx = _hand_over(api, a, b, instance, 0, envelopes)
     exported.append(api.export_state(a.name, instance))
     moved = api.import_state(b.name, exported[-1])
@@ -183,7 +187,8 @@ def _traffic(api: AgentAPI, a: ClusterHost, b: ClusterHost, base: Path) -> dict[
     after = api.get(b.name, instance)
     assert (after.state, after.generation, after.running) == ("ACTIVE", 1, True)
     final = b.keys(moved.vtpcm_id)
-    assert final.migration_key == source.migration_key
+    carried = hmac.compare_digest(final.migration_key, second)  # no key in a failure
+    assert carried
     keys.append(("destination's at-rest key", final.at_rest_key))
     return {"instance_uuid": instance, "envelopes": envelopes, "exported": exported,
             "keys": keys, "found": found}
@@ -248,7 +253,7 @@ def test_capture_holds_this_runs_secret_traffic(run: Run) -> None:
         assert base64.b64encode(blob) in run.capture
         assert blob in run.blobs
     assert len(run.found) > 1000, "too little of the state counts as secret"
-    assert len({key for _, key in run.keys}) == len(run.keys) == 4
+    assert len({key for _, key in run.keys}) == len(run.keys) == 5
 
     # Planted: a key in a base64 blob at an offset that is not a multiple of
     # 3, and a secret window of the state, in an oslo.messaging body, are

@@ -7,12 +7,14 @@ TPM stand-ins), RabbitMQ; hosts TRUSTED under a golden policy."""
 import secrets
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from tests.functional import tpmtools
 from tests.nova_functional import deployment as dep_mod
+from tests.nova_functional.novafront import ServersStandIn
 from vtpcm_agent.swtpm.client import CtrlClient
 from vtpcm_common import authn, exception
 from vtpcm_common.api.engine import messages as m
@@ -24,6 +26,7 @@ PERMALL = "tpm2-00.permall"
 @pytest.fixture(scope="module")
 def dep():
     with dep_mod.deployment() as deployment:
+        deployment.nova.app = ServersStandIn()  # no Nova here: its API's answers
         yield deployment
 
 
@@ -149,6 +152,7 @@ def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
     dep.hosts[c].untrust()
     assert dep.operator.attest(c).status == "UNTRUSTED"
 
+    dep.nova.app.unshelving(instance, c)
     with pytest.raises(exception.HostNotTrusted, match="PCR 7"):
         dep.engine_at(c).unshelve_vtpcm(instance, c)
     rec = dep.operator.get_vtpcm(instance)
@@ -158,6 +162,10 @@ def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
     with pytest.raises(exception.CommandRefused, match="host command key of %s" % b):
         dep.engine_at(c).unshelve_vtpcm(instance, b)
 
+    # a TRUSTED host that Nova is not unshelving onto (Nova chose c) gets nothing
+    with pytest.raises(exception.UnshelveNotAuthorized, match="onto %s, not onto %s" % (c, b)):
+        dep.engine_at(b).unshelve_vtpcm(instance, b)
+    dep.nova.app.unshelving(instance, b)
     # positive control: the TRUSTED host gets it, the holder's copy is shredded
     rec = dep.engine_at(b).unshelve_vtpcm(instance, b)
     assert (rec.host, rec.generation, rec.state) == (b, 1, "ACTIVE")
@@ -171,7 +179,7 @@ def test_a_shelved_vtpcm_opens_only_for_a_trusted_host_and_only_once(dep):
         dep.engine_at(a).unshelve_vtpcm(instance, a)
     assert dep.operator.get_vtpcm(instance).host == b
     assert sorted(e.outcome for e in _audit(dep, instance, "vtpcm.unshelve")) == \
-        ["moved", "refused", "refused"]
+        ["moved", "refused", "refused", "refused"]
     dep.engine_at(b).destroy_vtpcm(instance)
 
 
@@ -179,9 +187,11 @@ def test_a_confirm_after_the_guest_stopped_on_the_destination_commits(dep):
     """Review finding F2: QEMU's CMD_SHUTDOWN (the resized guest shut down
     inside, or the destination rebooted) stops the incoming swtpm before the
     confirm. The confirm used to pass the commit point and then wedge (the
-    agent refused to commit a stopped incoming vTPCM, forever): now its
-    commit starts it again and commits it at generation + 1, the source is
-    shredded, and the guest's next start finds its state."""
+    agent refused to commit a stopped incoming vTPCM, forever): now it
+    commits at generation + 1, the source is shredded, and the guest's next
+    start finds its state. Issue 8 point 3: the clean exit commits STOPPED
+    (it used to be started again, serving no guest until the guest
+    started); a crash is still restarted (test_convergence)."""
     a, b, _ = _names(dep)
     instance, before = _vtpcm_with_state(dep, a)
     mid = str(uuid.uuid4())
@@ -200,15 +210,16 @@ def test_a_confirm_after_the_guest_stopped_on_the_destination_commits(dep):
     assert dep.engine_at(a).commit(mid).state == "COMMITTED"
     rec = dep.operator.get_vtpcm(instance)
     assert (rec.host, rec.generation, rec.migration_id) == (b, 1, None)
-    dest = dep.agents.get(b, instance)  # started again by its commit (the authority)
-    assert (dest.state, dest.generation, dest.running) == ("ACTIVE", 1, True)
+    dest = dep.agents.get(b, instance)  # committed as the stopped guest left it
+    assert (dest.state, dest.generation, dest.running) == ("STOPPED", 1, False)
+    assert not Path(dest.ctrl_socket).exists()  # no swtpm serves its socket
     assert dep.agents.get(a, instance).state == "DESTROYED"
     # a retried confirm is a success; the guest starts on its vTPCM, state kept
     assert dep.engine_at(a).commit(mid).state == "COMMITTED"
-    # the guest's next power on (the restarted swtpm got no TPM2_Startup, as
-    # QEMU would send): stop, start, read
-    dep.engine_at(b).stop_vtpcm(instance)
+    assert not dep.agents.get(b, instance).running
+    # the guest's next power on
     dep.engine_at(b).start_vtpcm(instance)
+    assert dep.agents.get(b, instance).running
     after = tpmtools.read_guest_state(dep.hosts[b].data_paths(instance), with_key=False)
     assert after["nv"] == before["nv"]
     dep.engine_at(b).destroy_vtpcm(instance)

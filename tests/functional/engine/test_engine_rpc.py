@@ -29,6 +29,7 @@ from vtpcm_common.api.agent import messages as am
 from vtpcm_common.api.agent import rpcapi as agent_rpcapi
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab.hosttpm import measured_boot
+from vtpcm_nova.scheduler.verdicts import fetch_trusted
 
 pytestmark = pytest.mark.functional
 POLICY_PCRS = (0, 1, 2, 3, 4, 5, 6, 7)
@@ -148,6 +149,10 @@ def test_enroll_policy_and_honest_hosts_become_trusted(setup):
         assert verdict.status == "TRUSTED", verdict.reason
     fresh = {v.host: v.status for v in api.verdicts().verdicts}
     assert fresh[host_a] == fresh[host_b] == "TRUSTED"
+    # the scheduler's paged query over the real broker: one host a page
+    first = api.trusted_hosts(limit=1)
+    assert len(first.expires) == 1 and first.next_after is not None
+    assert set(fetch_trusted(api, timeout=10)) >= {host_a, host_b}
 
 
 @pytest.mark.parametrize(("mode", "words"), [

@@ -280,8 +280,8 @@ def file_schema(path):
 
 V3_TABLES = {"associations", "tombstones", "aborted_migrations", "command_nonces",
              "command_nonces_keep_until"}
-# v4 adds the agent's record of seals
-CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance"}
+# v4 adds the agent's record of seals, v5 the swtpm uid of each instance
+CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance", "swtpm_uids"}
 DESTROYED = ("i", "v", "DESTROYED", 4, None, "/d", "/c", None, "t", "t")
 ACTIVE = ("j", "w", "ACTIVE", 2, None, "/d2", "/c2", 77, "t", "t")
 
@@ -460,3 +460,41 @@ def test_a_list_in_a_new_nested_directory_is_used_from_other_threads(tmp_path):
         assert seen == [S.CREATING]
     finally:
         al.close()
+
+
+def test_a_v4_file_gains_the_swtpm_uids_and_keeps_its_rows(tmp_path):
+    path = tmp_path / "v4.sqlite"
+    legacy_file(path, 3, ACTIVE)
+    conn = sqlite3.connect(path)
+    conn.execute("DROP TABLE schema_version")
+    for statement in association.STEPS[3].split(";"):  # the v4 step, as v4 left it
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 4")
+    conn.commit()
+    conn.close()
+    al = AssociationList(path)
+    try:
+        assert al.get("j").pid == 77
+        assert al.assign_uid("j", 5000, 5001) == 5000
+    finally:
+        al.close()
+    assert file_schema(path) == (association.SCHEMA_VERSION, CURRENT_TABLES)
+
+
+def test_swtpm_uids_are_per_instance_durable_and_freed(tmp_path):
+    path = tmp_path / "a.sqlite"
+    al = AssociationList(path)
+    assert al.assign_uid("a", 5000, 5001) == 5000
+    assert al.assign_uid("b", 5000, 5001) == 5001
+    assert al.assign_uid("a", 5000, 5001) == 5000  # the one it has
+    with pytest.raises(exception.InvalidInput) as used_up:
+        al.assign_uid("c", 5000, 5001)
+    assert "swtpm_uid_range 5000-5001 is used up (2 swtpm uids assigned)" in str(used_up.value)
+    assert al.uid_of("c") is None  # the refusal recorded nothing
+    al.close()
+    al = AssociationList(path)  # an agent restart keeps them
+    assert (al.uid_of("a"), al.uid_of("b")) == (5000, 5001)
+    al.release_uid("a")
+    assert al.uid_of("a") is None
+    assert al.assign_uid("c", 5000, 5001) == 5000  # a freed uid is reused
+    al.close()

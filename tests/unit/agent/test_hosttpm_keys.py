@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from tests.refusal import refused
-from vtpcm_agent import hostek, hosttpm, keyauth
+from vtpcm_agent import hostek, hostkeys, hosttpm, keyauth, keycache
 from vtpcm_common.exception import HostTPMError
 
 NO_SECRETS = ("the AK and KEM key need the agent's key secrets (use_key_auth); this "
@@ -30,6 +30,7 @@ def _bare(key_auth: keyauth.KeyAuth | None, esapi: Any) -> hosttpm.HostTPM:
     tpm._esapi = esapi
     tpm._key_auth = key_auth
     tpm._ek_public = None
+    tpm._cache = keycache.KeyCache()
     tpm._tcti = "x:y"
     return tpm
 
@@ -60,7 +61,7 @@ class _Sig:
 
 
 class _Esapi:
-    def certify(self, *args: Any) -> Any:
+    def certify(self, *args: Any, **sessions: Any) -> Any:
         return b"attest", _Sig()
 
     def tr_get_name(self, handle: Any) -> bytes:
@@ -79,8 +80,8 @@ def faked(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[hosttpm.HostTPM, di
     tpm = _bare(keyauth.derive(b"k" * 32), _Esapi())
 
     @contextmanager
-    def primary(e: Any) -> Iterator[tuple[object, Any]]:
-        yield object(), _Public
+    def primary(e: Any) -> Iterator[hostkeys.Loaded]:
+        yield hostkeys.Loaded(object(), _Public, object())
 
     @contextmanager
     def ek(e: Any, template: Any) -> Iterator[tuple[object, Any]]:
@@ -89,6 +90,7 @@ def faked(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[hosttpm.HostTPM, di
 
     monkeypatch.setattr(tpm, "_ak", primary)
     monkeypatch.setattr(tpm, "_kem", primary)
+    monkeypatch.setattr(tpm, "_current_kem", lambda e, rotate: True)  # no PCR binding here
     monkeypatch.setattr(hostek, "_ek_template",
                         lambda e: (state["cert"], _Template) if state["cert"] else None)
     monkeypatch.setattr(hostek, "_read_ek_certificate", lambda e: None)

@@ -178,6 +178,8 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "start_incoming": ("1.8", lambda api: api.start_incoming(MIGRATION)),
     "list_vtpcms": ("1.8", lambda api: api.list_vtpcms("SHELVED")),
     "destroy_shelved_vtpcm": ("1.8", lambda api: api.destroy_shelved_vtpcm(INSTANCE)),
+    # 1.9, unsigned
+    "trusted_hosts": ("1.9", lambda api: api.trusted_hosts("host-a", 5)),
 }
 
 

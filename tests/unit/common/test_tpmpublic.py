@@ -18,7 +18,7 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPMA_OBJECT
 from tpm2_pytss.types import TPMS_ATTEST, TPMT_PUBLIC
 
 from tests.unit.engine.fakes import CERTIFY_TEMPLATE, FakeTPM
-from vtpcm_agent import hosttpm, sealing
+from vtpcm_agent import hostkeys, hosttpm, sealing
 from vtpcm_common import tpmpublic
 from vtpcm_common.exception import CertificationError, InvalidKemKey, SealError
 from vtpcm_nova.engine import verifier
@@ -57,17 +57,17 @@ def test_real_swtpm_kem_keys_accepted(tpm: str) -> None:
 
 
 def test_the_agents_template_is_what_the_check_requires() -> None:
-    # drift guard: the key the agent creates (hosttpm) passes, and the
+    # drift guard: the key the agent creates (hostkeys) passes, and the
     # template has exactly the required attributes and none forbidden
-    tmpl = TPMT_PUBLIC.parse(hosttpm.KEM_TEMPLATE, objectAttributes=hosttpm.KEM_ATTRS)
+    tmpl = TPMT_PUBLIC.parse(hostkeys.KEM_TEMPLATE, objectAttributes=hostkeys.KEM_ATTRS)
     key = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
     tmpl.unique.ecc.x = key.x.to_bytes(32, "big")
     tmpl.unique.ecc.y = key.y.to_bytes(32, "big")
     assert tpmpublic.kem_public_key(bytes(tmpl.marshal())).key.public_numbers() == key
     for bit, _ in tpmpublic.KEM_REQUIRED:
-        assert hosttpm.KEM_ATTRS & bit
+        assert hostkeys.KEM_ATTRS & bit
     for bit, _ in tpmpublic.KEM_FORBIDDEN:
-        assert not hosttpm.KEM_ATTRS & bit
+        assert not hostkeys.KEM_ATTRS & bit
 
 
 @pytest.mark.parametrize("bit,name", tpmpublic.KEM_REQUIRED,

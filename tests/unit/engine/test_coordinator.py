@@ -13,6 +13,7 @@ from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import migration, models
 from vtpcm_nova.engine.db.api import Database, TrustBasis, VerdictRecord
+from vtpcm_nova.engine.shelved import ServerView
 from vtpcm_nova.engine.verifier import TrustStatus
 
 INSTANCE = str(uuid.uuid4())
@@ -32,6 +33,27 @@ class FakeTrust:
 
     def check_fresh(self, host):
         return self.verdicts.get(host, FakeVerdict("UNKNOWN", "never attested"))
+
+
+class FakeNova:
+    """Nova's API as the engine asks it: ``servers`` maps an instance to its
+    view (None: 404); an instance not listed is ACTIVE on host-a. ``fail``
+    is raised instead of answering (Nova unreachable)."""
+
+    def __init__(self):
+        self.servers = {}
+        self.asked = []
+        self.fail = None
+
+    def get_server(self, instance_uuid):
+        self.asked.append(instance_uuid)
+        if self.fail is not None:
+            raise self.fail
+        return self.servers.get(instance_uuid, ServerView("host-a", "active", None))
+
+    def unshelving(self, instance_uuid, host):
+        """What Nova shows while it unshelves onto ``host`` (in spawn)."""
+        self.servers[instance_uuid] = ServerView(host, "shelved_offloaded", "spawning")
 
 
 class FakeAgents:
@@ -125,7 +147,8 @@ def env(tmp_path):
     trust.verdicts["host-a"] = FakeVerdict("TRUSTED")
     trust.verdicts["host-b"] = FakeVerdict("TRUSTED")
     clock = {"now": T0}
-    coord = Coordinator(db, agents, trust, timeout=60, now=lambda: clock["now"])
+    coord = Coordinator(db, agents, trust, timeout=60, now=lambda: clock["now"],
+                        nova=FakeNova())
     coord.create_vtpcm(INSTANCE, "host-a")
     yield coord, db, agents, trust, clock
     db.dispose()

@@ -240,6 +240,7 @@ def _shelved(env):  # noqa: F811
     agents.import_state = cold.import_state
     assert coord.shelve_vtpcm(INSTANCE, requested_by="host-a").state == "SHELVED"
     assert ("stop", "host-a") in agents.calls
+    coord.nova.unshelving(INSTANCE, "host-b")  # Nova unshelves it onto host-b
     return coord, db, agents, trust, cold
 
 

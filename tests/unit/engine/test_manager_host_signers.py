@@ -95,9 +95,10 @@ def test_shelve_vtpcm_only_by_the_holder(rpc, signer):
 
 
 @pytest.mark.parametrize("signer", ["host-a", "host-c", None])
-def test_unshelve_vtpcm_only_by_the_target(rpc, signer):
+def test_unshelve_vtpcm_only_by_the_target(rpc, env, signer):  # noqa: F811
     call, db = rpc
     call("shelve_vtpcm", REF, "host-a")
+    env[0].nova.unshelving(INSTANCE, "host-b")
     _refused(call, "unshelve_vtpcm", PLACE_B, signer, db, "host-b")
     assert call("unshelve_vtpcm", PLACE_B, "host-b")["host"] == "host-b"
 

@@ -51,3 +51,26 @@ def test_neutron_stand_in_lists_nothing_and_refuses_writes() -> None:
     assert neutron.answer("GET", "/v2.0/ports/123")[0] == 404
     status, body = neutron.answer("POST", "/v2.0/ports")
     assert status == 404 and "POST refused" in body["NeutronError"]["message"]
+
+
+def test_the_engine_asks_the_labs_nova_api_with_the_identity_stand_ins_token() -> None:
+    """The lab engine's [nova] loads through keystoneauth1 as an operator's
+    would, and names nova-api's /v2.1 with the token the stand-in accepts."""
+    from keystoneauth1 import loading as ks_loading
+    from oslo_config import cfg
+
+    from vtpcm_nova.conf import engine as engine_conf
+    from vtpcm_nova.engine import novaapi
+
+    conf = cfg.ConfigOpts()
+    engine_conf.register_opts(conf)
+    conf([], default_config_files=[])
+    options = configs.engine_nova_options("http://127.0.0.1:8774")
+    conf.set_override("auth_type", options["auth_type"], group="nova")
+    ks_loading.load_auth_from_conf_options(conf, "nova")
+    for name in ("endpoint", "token", "timeout"):
+        conf.set_override(name, options[name], group="nova")
+    client = novaapi.from_conf(conf)
+    assert client is not None
+    assert client.adapter.get_endpoint() == "http://127.0.0.1:8774/v2.1"
+    assert conf.nova.token == identity.LAB_TOKEN

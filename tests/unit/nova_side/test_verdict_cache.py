@@ -33,9 +33,9 @@ def test_one_fetch_per_ttl_whatever_the_number_of_hosts() -> None:
     calls = []
     clock = Clock()
 
-    def fetch() -> em.VerdictList:
+    def fetch() -> dict[str, datetime.datetime]:
         calls.append(1)
-        return _verdicts(("a", "TRUSTED", LATER))
+        return trusted_until(_verdicts(("a", "TRUSTED", LATER)))
 
     cache = VerdictCache(fetch, ttl=5.0, clock=clock)
     for i in range(1000):
@@ -47,8 +47,9 @@ def test_one_fetch_per_ttl_whatever_the_number_of_hosts() -> None:
 
 
 def test_reasons() -> None:
-    cache = VerdictCache(lambda: _verdicts(("a", "TRUSTED", LATER), ("old", "TRUSTED", EARLIER),
-                                           ("u", "UNTRUSTED", LATER)), ttl=5.0, clock=Clock())
+    cache = VerdictCache(lambda: trusted_until(_verdicts(
+        ("a", "TRUSTED", LATER), ("old", "TRUSTED", EARLIER), ("u", "UNTRUSTED", LATER))),
+        ttl=5.0, clock=Clock())
     assert cache.why_not("a", now=NOW) is None
     assert cache.why_not("u", now=NOW) == "no fresh TRUSTED verdict"
     assert cache.why_not("nobody", now=NOW) == "no fresh TRUSTED verdict"
@@ -59,7 +60,7 @@ def test_reasons() -> None:
 def test_unreachable_engine_fails_closed_once_per_ttl() -> None:
     calls = []
 
-    def fetch() -> em.VerdictList:
+    def fetch() -> dict[str, datetime.datetime]:
         calls.append(1)
         raise exception.ServiceUnreachable(service="vtpcm-engine", method="verdicts",
                                            reason="MessagingTimeout")

@@ -97,6 +97,30 @@ class VerdictList(Message):
     verdicts: tuple[Verdict, ...] = field(wire.message_list_field(Verdict))
 
 
+# hosts per trusted_hosts page: the most one reply carries (wire.py's list cap)
+TRUSTED_PAGE_MAX = 10000
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustedHostsQuery(Message):
+    """One page of the TRUSTED hosts, by host name after ``after`` (1.9)."""
+    message_type = "trusted_hosts_query"
+    after: str | None = field(wire.optional(wire.host_field), default=None)
+    limit: int = field(wire.int_field(1, TRUSTED_PAGE_MAX), default=TRUSTED_PAGE_MAX)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrustedHosts(Message):
+    """TRUSTED host -> expiry of its verdict, for the scheduler (1.9).
+
+    Only what the filter reads: one map entry costs a tenth of a ``Verdict``
+    to check, and paging (``next_after``: the ``after`` of the next page,
+    None on the last) lifts ``VerdictList``'s 10,000-host ceiling."""
+    message_type = "trusted_hosts"
+    expires: dict[str, str] = field(wire.map_field(TRUSTED_PAGE_MAX, wire.host_field, _TS))
+    next_after: str | None = field(wire.optional(wire.host_field), default=None)
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicyInfo(Message):
     message_type = "policy_info"

@@ -24,6 +24,7 @@ from sqlalchemy import update
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from vtpcm_common import spans
 from vtpcm_nova.engine.db import models
 
 
@@ -43,7 +44,8 @@ class Store:
         s = self._sessions()
         try:
             yield s
-            s.commit()
+            with spans.span("db:commit"):
+                s.commit()
         except BaseException:
             s.rollback()
             raise

@@ -1,0 +1,72 @@
+"""The engine's ``[nova]`` group: how it asks Nova's compute API.
+
+keystoneauth1's session, auth and adapter options, registered as Nova
+registers its own ``[placement]`` and ``[neutron]`` clients, plus the rule
+for reaping shelved vTPCMs whose instances were deleted.
+"""
+
+import copy
+from typing import Any
+
+from keystoneauth1 import loading as ks_loading
+from oslo_config import cfg
+
+from vtpcm_common import config
+
+GROUP = "nova"
+SERVICE_TYPE = "compute"
+DEFAULT_TIMEOUT = 30
+
+nova_group = cfg.OptGroup(
+    GROUP, title="Nova's compute API, as the engine asks it",
+    help="Service credentials (an admin, or a role allowed the admin view of "
+         "GET /servers/{id}) the engine uses to check that Nova is unshelving an "
+         "instance onto the host that asks for its shelved vTPCM, and that a shelved "
+         "instance still exists. Without auth_type the engine refuses every unshelve "
+         "onto another host than the holder and reaps no shelved vTPCM.")
+NOVA_OPTS = [
+    cfg.IntOpt("deleted_confirmations", default=2, min=2,
+               help="Consecutive reconcile passes ([migration] reconcile_interval "
+                    "apart) in which Nova must answer 404 (or show the instance "
+                    "deleted) for a SHELVED vTPCM before the engine destroys it on "
+                    "its holder. Any other answer, a timeout or an error starts "
+                    "the count over."),
+]
+
+
+def _ksa_opts() -> list[Any]:
+    opts: list[Any] = (ks_loading.get_session_conf_options()
+                       + ks_loading.get_auth_common_conf_options()
+                       + ks_loading.get_auth_plugin_conf_options("password")
+                       + ks_loading.get_auth_plugin_conf_options("v3password")
+                       + ks_loading.get_auth_plugin_conf_options("admin_token")
+                       + ks_loading.get_adapter_conf_options(include_deprecated=False))
+    defaults = _defaults()
+    seen: set[str] = set()
+    unique = []
+    for opt in opts:
+        if opt.dest not in seen:
+            seen.add(opt.dest)
+            if opt.dest in defaults:  # documented as register_opts sets it
+                opt = copy.deepcopy(opt)
+                opt.default = defaults[opt.dest]
+            unique.append(opt)
+    return unique
+
+
+def _defaults() -> dict[str, Any]:
+    return {"service_type": SERVICE_TYPE, "valid_interfaces": ["internal", "public"],
+            "timeout": DEFAULT_TIMEOUT}
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    config.register(conf, nova_group, NOVA_OPTS)
+    ks_loading.register_session_conf_options(conf, GROUP)
+    ks_loading.register_auth_conf_options(conf, GROUP)
+    ks_loading.register_adapter_conf_options(conf, GROUP, include_deprecated=False)
+    for name, value in _defaults().items():
+        conf.set_default(name, value, group=GROUP)
+
+
+def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
+    return [(nova_group, NOVA_OPTS + _ksa_opts())]
