@@ -59,11 +59,12 @@ def _running_on(conn: libvirt.virConnect, name: str) -> bool:
 
 
 def boot_guest(stack: Stack, host: StackHost, name: str,
-               instance_uuid: str | None = None,
+               instance_uuid: str | None = None, *,
                memory_mib: int = 256) -> tuple[str, console.GuestConsole]:
     """Create and start the vTPCM with the Nova driver's own function
     (``lifecycle.ensure_running``, engine calls signed with ``host``'s command
-    key), define and boot the VM on the socket it returns."""
+    key), define and boot the VM on the socket it returns (``memory_mib``:
+    less lets several guests migrate at once on the lab machine)."""
     image = stack.lab.image
     if image is None:
         raise LabError(reason="lab is not up")
