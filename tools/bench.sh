@@ -17,7 +17,7 @@
 #                         swtpm vs vTPCM (.venv, root; takes the lab lock per chunk)
 #            agent-scale  200 vTPCMs on one agent: creation, memory, restart (.venv)
 #   --smoke  tiny sizes, seconds each (nova-lm: ~45 s, the Nova harness's floor;
-#            lab-lm: 1 round at 256 MiB, ~80 s, the lab's start/stop floor);
+#            lab-lm: 1 round at 256 MiB, ~60 s, the lab's start/stop floor);
 #            results go to benchmarks/results/smoke/ (git-ignored), never over
 #            the committed full results.
 #
