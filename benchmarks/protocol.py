@@ -25,7 +25,6 @@ import bisect
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -71,23 +70,6 @@ def timed(fn: Callable[[], Any], step: str | None = None, windows: list[Window] 
     if windows is not None and step is not None:
         windows.append((step, wall, wall + took, *hosts))
     return took * 1000, out
-
-
-def stop_left_swtpms(work: Path) -> list[int]:
-    """The vTPCMs' swtpm processes outlive their agent by design (the agent
-    re-adopts them): after a failed run, stop those under ``work`` by the
-    pid in their pid file, checked against the process's command line."""
-    stopped = []
-    for pid_file in work.glob("run-*/*.pid"):
-        try:
-            pid = int(pid_file.read_text().strip())
-            cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
-        except (OSError, ValueError):
-            continue
-        if b"swtpm" in cmdline and str(work).encode() in cmdline:
-            os.kill(pid, signal.SIGTERM)
-            stopped.append(pid)
-    return stopped
 
 
 def breakdown(span_dir: Path, roles: dict[int, str],
@@ -266,7 +248,7 @@ def main() -> int:
                 daemon.cleanup()
             else:
                 daemon.stop()
-        left = stop_left_swtpms(work)
+        left = benchlib.stop_left_swtpms(work)
         if left:
             benchlib.progress("protocol: stopped vTPCM swtpm processes left behind: %s" % left)
         shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
