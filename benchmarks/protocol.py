@@ -44,7 +44,7 @@ import benchlib  # noqa: E402
 
 from vtpcm_agent import keyauth, sealing  # noqa: E402
 from vtpcm_agent.hosttpm import HostTPM  # noqa: E402
-from vtpcm_common import authn, spans, tpmpublic  # noqa: E402
+from vtpcm_common import authn, exception, spans, tpmpublic  # noqa: E402
 from vtpcm_common.api.agent.rpcapi import AgentAPI  # noqa: E402
 from vtpcm_common.api.engine.rpcapi import EngineAPI  # noqa: E402
 from vtpcm_lab import daemons  # noqa: E402
@@ -70,6 +70,35 @@ def timed(fn: Callable[[], Any], step: str | None = None, windows: list[Window] 
     if windows is not None and step is not None:
         windows.append((step, wall, wall + took, *hosts))
     return took * 1000, out
+
+
+def holder_problem(operator: EngineAPI, agents: AgentAPI, instance: str,
+                   state_dirs: dict[str, Path]) -> str | None:
+    """What is wrong with the vTPCM where the engine's authority places it
+    (None: nothing): its agent's record must be live at the engine's
+    generation with its key store entry on disk, and the other host must
+    hold no live copy. Checked after every round, outside the timed
+    windows, so a lost key is caught in the round that lost it, not at a
+    later ``begin``."""
+    rec = operator.get_vtpcm(instance)
+    held = agents.get(rec.host, instance)
+    entry = state_dirs[rec.host] / "keys" / (held.vtpcm_id + ".keys")
+    problems = []
+    if held.state not in ("ACTIVE", "STOPPED") or held.generation != rec.generation:
+        problems.append("the holder %s has it %s at generation %d, the engine says generation "
+                        "%d" % (rec.host, held.state, held.generation, rec.generation))
+    if not entry.exists():
+        problems.append("the holder %s lost the key store entry of vTPCM %s"
+                        % (rec.host, held.vtpcm_id))
+    for other in state_dirs:
+        if other != rec.host:
+            try:
+                state = agents.get(other, instance).state
+            except exception.NotFound:
+                continue
+            if state not in ("DESTROYED",):
+                problems.append("%s also holds it (%s)" % (other, state))
+    return "; ".join(problems) or None
 
 
 def breakdown(span_dir: Path, roles: dict[int, str],
@@ -133,9 +162,11 @@ def main() -> int:
     os.environ[spans.ENV] = str(span_dir)  # the daemons started below record spans
     spans.configure(str(span_dir))  # and so does this process (the driver's side)
     roles: dict[int, str] = {os.getpid(): "driver"}
+    completed = False
     try:
         agents = AgentAPI(conf, timeout=30)
         names, keys = [], []
+        state_dirs: dict[str, Path] = {}
         for label in ("a", "b"):
             name = "bproto-%s-%s" % (label, uuid.uuid4().hex[:6])
             tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
@@ -150,7 +181,8 @@ def main() -> int:
             roles[agent.pid or 0] = "agent-" + label
             agent.wait_ready(agents)
             names.append(name)
-            keys.append(Path(agent.config["agent"]["state_dir"]) / "host-command.key")
+            state_dirs[name] = Path(agent.config["agent"]["state_dir"])
+            keys.append(state_dirs[name] / "host-command.key")
         engine = daemons.EngineDaemon(work, exchange, "sqlite:///%s/e.sqlite" % work, extra={
             "DEFAULT": {"debug": "false"},
             "attestation": {"auto_approve": "true", "verdict_ttl": 3600, "interval": 0},
@@ -229,6 +261,11 @@ def main() -> int:
                 ms, _ = timed(partial(agents.start, here, instance))
                 if record:
                     samples["swtpm_start"].append(ms)
+                problem = holder_problem(operator, agents, instance, state_dirs)
+                if problem:
+                    raise RuntimeError("round %d (%s, migration %s): %s" % (
+                        r, "abort" if r % args.abort_every == args.abort_every - 1
+                        else "commit", mid, problem))
                 if r >= 0 and r % 10 == 9:
                     benchlib.progress("protocol: %d/%d rounds" % (r + 1, args.rounds))
         finally:
@@ -242,6 +279,7 @@ def main() -> int:
             shutil.copytree(span_dir, args.keep_spans, dirs_exist_ok=True)
             (Path(args.keep_spans) / "roles.json").write_text(json.dumps(
                 {"roles": roles, "windows": windows}))
+        completed = True
     finally:
         for daemon in reversed(started):
             if isinstance(daemon, HostTPMStandIn):
@@ -252,7 +290,8 @@ def main() -> int:
         if left:
             benchlib.progress("protocol: stopped vTPCM swtpm processes left behind: %s" % left)
         shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
-        if args.keep_work:
+        if args.keep_work or not completed:
+            # a failed run keeps its daemons' logs, asked for or not
             benchlib.progress("protocol: work directory kept: %s" % work)
         else:
             shutil.rmtree(work, ignore_errors=True)
