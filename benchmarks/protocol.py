@@ -14,7 +14,9 @@ round trip (``health``), one engine RPC round trip (``get_vtpcm``: RPC plus
 one database read), one swtpm (re)start through the agent (``start`` after
 ``stop``, RPC included), and in this process one ECDH_ZGen on a third swtpm
 host TPM and one software seal of a migration key (``sealing.seal``).
-Writes ``protocol.json`` and ``protocol.png``; asserts nothing.
+Writes ``protocol.json`` and ``protocol.png``. Asserts one thing, after every
+round: the engine's holder keeps its vTPCM (``holder_problem``); a failed
+run keeps its work directory (the daemons' logs).
 Usage: .venv/bin/python benchmarks/protocol.py [--rounds 200] [--smoke] [--out-dir DIR]
 """
 
