@@ -7,7 +7,7 @@
 #
 # tools/demo.sh --nova [--hops N] [--keep]: the same story on real Nova 34
 # services (placement, glance, api, conductor, scheduler, two nova-computes
-# with this driver) through the unmodified `openstack` CLI (~4 min).
+# with this driver) through the unmodified `openstack` CLI (~3.5 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh

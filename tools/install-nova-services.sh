@@ -5,7 +5,8 @@
 # tools/nova-services-constraints.txt, plus vtpcm itself (a copy, not editable,
 # so the lab users that run nova-compute can read it; refreshed whenever the
 # sources change) and the nova/virt/vtpcm shim. Also the Debian packages the
-# real-Nova lab needs (qemu-utils for qemu-img, sudo for privsep).
+# real-Nova lab needs (qemu-utils for qemu-img, sudo for privsep, openssh-server
+# for the hosts' sshds).
 #
 # Separate from .venv-nova (Nova's functional harness): nova-compute runs as a
 # lab user, so the venv must be on a world-executable interpreter
@@ -28,7 +29,9 @@ CONSTRAINTS=$ROOT/tools/nova-services-constraints.txt
 PIP_TIMEOUT=${VTPCM_NOVA_PIP_TIMEOUT:-1800}
 REQS=(nova==34.0.0 openstack-placement==16.0.0 glance==33.0.0 gunicorn PyMySQL
       libvirt-python python-openstackclient 'SQLAlchemy<2.1')
-PKGS=(qemu-utils sudo python3.11-venv)
+# openssh-server: the lab runs an sshd of its own per host (cold migration,
+# resize); the package's own service is not needed
+PKGS=(qemu-utils sudo python3.11-venv openssh-server)
 
 log() { echo "install-nova-services: $*"; }
 

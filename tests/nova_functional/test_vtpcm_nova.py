@@ -762,6 +762,49 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
                          [e.outcome for e in self._audit(instance, "vtpcm.destroy")])
         print("shelved vTPCM reaped %.1f s after Nova's API answered again" % reaped_after)
 
+    def test_a_credential_without_the_admin_role_never_reaps_a_live_shelved_vtpcm(
+            self) -> None:
+        """Review H1 (P1): a [nova] service user without the admin role gets
+        404 for every other project's server; the reaper took that as
+        "deleted" and shredded the vTPCM of a live shelved offloaded server
+        within two passes, and its unshelve then got an empty TPM. Now Nova
+        refuses that user the all-tenants listing (403) and nothing is
+        reaped; the unshelve gets the guest's own TPM back."""
+        a, = self._start_hosts(1)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        vtpcm_id = self.dep.agents.get(a, instance).vtpcm_id
+        state = self.dep.hosts[a].state_dir / "vtpcms" / vtpcm_id
+        self.admin_api.post_server_action(instance, {"shelve": {}})
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+
+        admin_app = self.dep.nova.app
+
+        def service_user_without_admin(environ: dict[str, Any], start: Any) -> Any:
+            environ["HTTP_X_AUTH_USER"] = "vtpcm-engine"
+            environ["HTTP_X_ROLES"] = "reader,member,service"
+            return admin_app(environ, start)  # type: ignore[misc]
+        self.dep.nova.app = service_user_without_admin
+        asked = len(self.dep.nova.requests)
+        try:
+            time.sleep(6 * RECONCILE_S)
+        finally:
+            self.dep.nova.app = admin_app
+        self.assertEqual([], self._audit(instance, "vtpcm.reap"))
+        self.assertEqual("SHELVED", self.dep.operator.get_vtpcm(instance).state)
+        self.assertTrue(state.exists())
+        refused = [r for r in self.dep.nova.requests[asked:]
+                   if r[1] == "/v2.1/servers/detail" and r[2] == 403]
+        self.assertGreater(len(refused), 2, "the engine did not ask Nova meanwhile")
+
+        self.admin_api.post_server_action(instance, {"unshelve": {}})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        host = self._host_of(server)
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((vtpcm_id, "ACTIVE"), (rec.vtpcm_id, rec.state))
+        self.assertEqual(before["nv"], self._tpm(host, instance)["nv"])
+
     def test_delete_shreds_the_vtpcm(self) -> None:
         a, = self._start_hosts(1)
         server = self._boot(host=a)

@@ -4,11 +4,13 @@
 UTS + mount namespace (hostnames ``lab-a``/``lab-b``, one instances path),
 the host-TPM stand-ins, agents and engine (``vtpcm_lab.stack``), fresh
 MariaDB databases and a RabbitMQ vhost, then the Neutron stand-in, placement,
-glance, nova-conductor, nova-scheduler (VTPCMFilter), nova-api and one
-nova-compute per host (this project's driver, as the host's QEMU user inside
-its daemon's namespaces); it uploads the lab guest as AMI-style images and
-makes the flavors. ``down`` stops all of it by pid; ``up`` first stops what a
-crashed run left behind. Every wait is bounded.
+glance, nova-conductor, nova-scheduler (VTPCMFilter), nova-api, one sshd per
+host (Nova copies a cold-migrated or resized guest's disks over ssh, see
+``vtpcm_lab.nova.sshd``) and one nova-compute per host (this project's
+driver, as the host's QEMU user inside its daemon's namespaces); it uploads
+the lab guest as AMI-style images and makes the flavors. ``down`` stops all
+of it by pid; ``up`` first stops what a crashed run left behind. Every wait
+is bounded.
 """
 
 import dataclasses
@@ -28,7 +30,7 @@ from vtpcm_lab import daemons, ensure_dir, lab_dir
 from vtpcm_lab.exception import LabError
 from vtpcm_lab.hosts import LAB_GROUP, HostNamespace, Lab, LabHost, ensure_users
 from vtpcm_lab.live import free_port
-from vtpcm_lab.nova import configs, rest
+from vtpcm_lab.nova import configs, rest, sshd
 from vtpcm_lab.nova.services import Service, kill_leftovers, run, stop_all, wait_http
 from vtpcm_lab.stack import Stack, StackHost
 
@@ -40,6 +42,8 @@ RABBIT_VHOST = "vtpcm-nova-lab"
 SUDOERS = Path("/etc/sudoers.d/vtpcm-lab-nova")
 INBOUND = {"a": "127.0.0.10", "b": "127.0.0.11"}
 VTPCM_FLAVOR = "vtpcm.small"
+# a second vTPCM flavor to resize to (more memory; a disk never shrinks)
+VTPCM_FLAVOR_LARGER = "vtpcm.medium"
 PLAIN_FLAVOR = "plain.small"
 IMAGE = "vtpcm-lab-guest"
 START_TIMEOUT = 180.0
@@ -75,6 +79,8 @@ class NovaLab:
         for host in self.lab.hosts:
             self._namespace(host)
         self.pid_dir = self.nova_dir.with_name("nova-pids")
+        # sshd's command line names no venv: its own leftover marker
+        self.sshd_pid_dir = self.nova_dir.with_name("sshd-pids")
         self.stack: Stack | None = None
         self.layout: configs.Layout | None = None
         self.services: dict[str, Service] = {}
@@ -171,6 +177,8 @@ class NovaLab:
             errors.append(err)
         self.services.clear()
         kill_leftovers(self.pid_dir, str(self.venv))
+        kill_leftovers(self.sshd_pid_dir, sshd.SSHD)
+        self._undo_ssh()
         if self.stack is not None:
             # the daemons take seconds each to leave the broker: let them all
             # start at once, then the stack's own (sequential) stop reaps them
@@ -195,6 +203,8 @@ class NovaLab:
     def _kill_leftovers(self) -> None:
         """A crashed run's services and daemons (the stack kills its own in ``up``)."""
         kill_leftovers(self.pid_dir, str(self.venv))
+        kill_leftovers(self.sshd_pid_dir, sshd.SSHD)
+        self._undo_ssh()
         self.lab.down()
 
     # --- the lab and the vTPCM stack -----------------------------------------------------
@@ -293,6 +303,103 @@ class NovaLab:
         write(layout.etc / "clouds.yaml", configs.clouds_yaml(layout))
         SUDOERS.write_text(configs.sudoers(layout))
         os.chmod(SUDOERS, 0o440)
+        self._write_ssh()
+
+    # --- ssh between the hosts (cold migration and resize copy disks over it) ------------
+    def _ssh_hosts(self) -> list[sshd.SshHost]:
+        return [sshd.SshHost(name=h.name, user=h.user, addr=INBOUND[h.name],
+                             dir=self.nova_dir / ("sshd-" + h.name)) for h in self.lab.hosts]
+
+    @property
+    def _ssh_keys_dir(self) -> Path:
+        return self.nova_dir / "ssh-keys"
+
+    def _write_ssh(self) -> None:
+        """Fresh key pairs at every ``up`` (host keys, one per compute user),
+        each host's authorized keys and sshd config, the pinned host keys and
+        the client drop-in; the compute users get a login shell."""
+        log = self._layout.logs / "setup.log"
+        keys_dir = self._ssh_keys_dir
+        ensure_dir(keys_dir, 0o755)
+        publics: list[str] = []
+        for host in self.lab.hosts:
+            user_dir = keys_dir / host.user
+            ensure_dir(user_dir, 0o700)
+            os.chown(user_dir, host.uid, host.gid)
+            key = sshd.client_key(keys_dir, host.user)
+            sshd.keygen(key, "nova-compute@lab-" + host.name, log)
+            os.chown(key, host.uid, host.gid)
+            publics.append(key.with_name(key.name + ".pub").read_text())
+        known: list[str] = []
+        for ssh_host in self._ssh_hosts():
+            # sshd reads the authorized keys as the user logging in; ssh-keygen
+            # leaves the private host key root's only (0600)
+            ensure_dir(ssh_host.dir, 0o755)
+            sshd.keygen(ssh_host.host_key, "sshd@lab-" + ssh_host.name, log)
+            public = ssh_host.host_key.with_name(ssh_host.host_key.name + ".pub")
+            known.append(sshd.known_hosts_line(ssh_host.addr, public.read_text()))
+            ssh_host.authorized_keys.write_text("".join(publics))
+            ssh_host.config.write_text(sshd.sshd_config(ssh_host))
+        known_hosts = keys_dir / "known_hosts"
+        known_hosts.write_text("".join(known))
+        os.chmod(known_hosts, 0o644)
+        sshd.CLIENT_DROPIN.parent.mkdir(parents=True, exist_ok=True)
+        sshd.CLIENT_DROPIN.write_text(sshd.client_dropin(self._ssh_hosts(), keys_dir,
+                                                         known_hosts))
+        os.chmod(sshd.CLIENT_DROPIN, 0o644)
+        for host in self.lab.hosts:
+            sshd.set_login_shell(host.user, sshd.LOGIN_SHELL)
+
+    def _undo_ssh(self) -> None:
+        sshd.CLIENT_DROPIN.unlink(missing_ok=True)
+        for host in self.lab.hosts:
+            sshd.set_login_shell(host.user, sshd.NO_LOGIN)
+
+    def _start_sshds(self) -> None:
+        """One sshd per host, in its libvirt daemon's namespaces; then each
+        compute user logs in to the other host exactly as Nova will."""
+        sshd.ensure_privsep_dir()
+        ssh_hosts = self._ssh_hosts()
+        for host, ssh_host in zip(self.lab.hosts, ssh_hosts, strict=True):
+            svc = Service("sshd-" + host.name, [
+                "nsenter", "--target", str(self._daemon_pid(host)), "--mount", "--uts", "--",
+                sshd.SSHD, "-D", "-e", "-f", str(ssh_host.config)],
+                self._layout.logs / ("sshd-%s.log" % host.name), self.sshd_pid_dir,
+                env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"},
+                stop_timeout=3.0)
+            self.services[svc.name] = svc
+            svc.start()
+        for host in self.lab.hosts:
+            for ssh_host in ssh_hosts:
+                if ssh_host.name != host.name:
+                    self._check_ssh(host, ssh_host)
+
+    def _check_ssh(self, host: LabHost, dest: sshd.SshHost) -> None:
+        """Nova's own command (``ssh -o BatchMode=yes <ip> ...``), as ``host``'s
+        compute user in its namespaces; retried while the sshd starts."""
+        argv = ["nsenter", "--target", str(self._daemon_pid(host)), "--mount", "--uts", "--",
+                "setpriv", "--reuid", host.user, "--regid", LAB_GROUP, "--init-groups",
+                "ssh", "-o", "BatchMode=yes", dest.addr, "test", "-w",
+                str(self._layout.instances_path)]
+        deadline = time.monotonic() + 20.0
+        while True:
+            self.services["sshd-" + dest.name].check()
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30,
+                                  env={"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                  cwd="/", check=False)
+            if proc.returncode == 0:
+                return
+            if time.monotonic() >= deadline:
+                raise LabError(reason="%s cannot ssh to %s (%s) as Nova does: %s" % (
+                    host.user, dest.addr, dest.name, proc.stderr.strip()[-800:]))
+            time.sleep(0.3)
+
+    @staticmethod
+    def _daemon_pid(host: LabHost) -> int:
+        pid = host.pid
+        if pid is None:
+            raise LabError(reason="libvirtd of host %s is not running" % host.name)
+        return pid
 
     def _reset_backends(self) -> None:
         layout = self._layout
@@ -375,13 +482,10 @@ class NovaLab:
                              # the paste file first: Nova loads the app from it
                              {"OS_NOVA_CONFIG_FILES": "%s;%s" % (layout.nova_paste,
                                                                  layout.nova_conf)})
+        self._start_sshds()
         for host, compute in zip(self.lab.hosts, layout.computes, strict=True):
-            pid = host.pid
-            if pid is None:
-                raise LabError(reason="libvirtd of host %s is not running"
-                                         % host.name)
             self._service("nova-compute-" + host.name, [
-                "nsenter", "--target", str(pid), "--mount", "--uts", "--",
+                "nsenter", "--target", str(self._daemon_pid(host)), "--mount", "--uts", "--",
                 "setpriv", "--reuid", host.user, "--regid", LAB_GROUP, "--init-groups",
                 str(venv_bin / "nova-compute"), *conf, "--config-file",
                 str(compute.config_file)], env=self._env(HOME=str(compute.dir),
@@ -434,12 +538,18 @@ class NovaLab:
             raise LabError(reason="lab guest not built")
         kernel = self._upload(IMAGE + "-kernel", "aki", image.kernel.read_bytes())
         ramdisk = self._upload(IMAGE + "-ramdisk", "ari", image.initrd.read_bytes())
-        # the root disk is never read: the guest lives in its initramfs
+        # the root disk is never read: the guest lives in its initramfs. Its
+        # busybox init ignores ACPI power-off: Nova's clean shutdown (a cold
+        # migration, resize or shelve) would wait its 60 s in vain, then
+        # destroy the domain anyway; the image says so (os_shutdown_timeout)
         self.ids["image"] = self._upload(IMAGE, "ami", b"\0" * (1 << 20), kernel_id=kernel,
-                                         ramdisk_id=ramdisk, os_command_line=image.cmdline)
+                                         ramdisk_id=ramdisk, os_command_line=image.cmdline,
+                                         os_shutdown_timeout="0")
         api = self.compute_api()
-        for name, specs in ((VTPCM_FLAVOR, {"vtpcm:enabled": "true"}), (PLAIN_FLAVOR, {})):
-            flavor = api.post("/flavors", {"flavor": {"name": name, "ram": 256, "vcpus": 1,
+        for name, ram, specs in ((VTPCM_FLAVOR, 256, {"vtpcm:enabled": "true"}),
+                                 (VTPCM_FLAVOR_LARGER, 320, {"vtpcm:enabled": "true"}),
+                                 (PLAIN_FLAVOR, 256, {})):
+            flavor = api.post("/flavors", {"flavor": {"name": name, "ram": ram, "vcpus": 1,
                                                       "disk": 1}})["flavor"]
             if specs:
                 api.post("/flavors/%s/os-extra_specs" % flavor["id"], {"extra_specs": specs})

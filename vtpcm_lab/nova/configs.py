@@ -27,7 +27,7 @@ class ComputeHost:
     name: str              # [DEFAULT] host = the agent's and engine's host name
     user: str              # runs as the lab host's QEMU user
     libvirt_socket: Path
-    inbound_addr: str      # [libvirt] live_migration_inbound_addr
+    inbound_addr: str      # [libvirt] live_migration_inbound_addr and my_ip
     command_key: Path      # the agent-made key the driver signs with
     dir: Path              # state, locks, logs; owned by ``user``
 
@@ -209,6 +209,9 @@ def compute_conf(layout: Layout, host: ComputeHost) -> Sections:
     return {
         "DEFAULT": {
             "host": host.name, "compute_driver": "vtpcm.VTPCMLibvirtDriver",
+            # a host's own address: a cold migration or resize reaches the
+            # destination's sshd there (``dest == my_ip`` means shared storage)
+            "my_ip": host.inbound_addr,
             "state_path": str(host.dir / "state"), "log_file": str(host.log_file),
         },
         "libvirt": {
@@ -219,6 +222,8 @@ def compute_conf(layout: Layout, host: ComputeHost) -> Sections:
             "live_migration_uri": "qemu+unix:///session?socket=%s/sock-%%s"
                                   % layout.migration_socket_dir,
             "live_migration_inbound_addr": host.inbound_addr,
+            # ssh + scp to the destination's sshd (vtpcm_lab.nova.sshd)
+            "remote_filesystem_transport": "ssh",
         },
         "oslo_concurrency": {"lock_path": str(host.dir / "lock")},
         # computes reach the databases through the conductor only

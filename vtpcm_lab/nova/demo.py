@@ -3,7 +3,9 @@
 Starts the real-Nova lab, then through the unmodified ``openstack`` CLI:
 boots a ``vtpcm.small`` and a plain server, has the guest write its TPM,
 live-migrates both back and forth (interleaved, so the two medians compare
-like with like), checks the guest's TPM and boot id after every hop, makes
+like with like), checks the guest's TPM and boot id after every hop,
+cold-migrates, resizes (each confirmed) and shelves/unshelves the vTPCM
+server, checking that the TPM contents the guest wrote come back, makes
 the other host untrusted and shows that a migration there is refused,
 deletes both servers and checks the vTPCM is shredded. Prints a summary with
 the time of each step; exit status 0 only if every check held.
@@ -21,7 +23,7 @@ from typing import Any, TypeVar
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_common import exception
 from vtpcm_lab.nova import servers
-from vtpcm_lab.nova.cloud import PLAIN_FLAVOR, VTPCM_FLAVOR, NovaLab
+from vtpcm_lab.nova.cloud import PLAIN_FLAVOR, VTPCM_FLAVOR, VTPCM_FLAVOR_LARGER, NovaLab
 
 T = TypeVar("T")
 TPM_KEYS = ("PCR16", "NV", "EK", "BOOTID")
@@ -93,6 +95,7 @@ def run(lab: NovaLab, hops: int) -> Demo:
         plain = pmig.server
         demo.expect(pmig.status == "completed", "plain migration %s" % pmig.status)
 
+    tpm_server, before = _cold_moves(demo, tpm_server)
     src = servers.host_of(tpm_server)
     bad = servers.other_host(lab, src)
 
@@ -128,6 +131,66 @@ def run(lab: NovaLab, hops: int) -> Demo:
 
     _summary(demo, vtpcm_times, plain_times)
     return demo
+
+
+def _check_moved(demo: Demo, written: dict[str, str], after: dict[str, str]) -> None:
+    """After a power off and on elsewhere: NV and the EK as written, PCRs afresh."""
+    demo.expect((after["NV"], after["EK"]) == (written["NV"], written["EK"]),
+                "guest NV and EK as written before the power off")
+    demo.expect(after["PCR16"] == "0" * 64 and after["BOOTID"] != written["BOOTID"],
+                "guest rebooted: PCR16 afresh, new boot id")
+
+
+def _cold_moves(demo: Demo, server: dict[str, Any]) -> tuple[dict[str, Any],
+                                                             dict[str, str]]:
+    """Cold migration + confirm, resize to the larger vTPCM flavor + confirm,
+    shelve-offload + unshelve onto the other host; the guest writes new TPM
+    contents before each, which must come back. The server and its last report."""
+    lab = demo.lab
+    stack = lab.stack
+    assert stack is not None
+    instance = server["id"]
+    report: dict[str, str] = {}
+    for title, flavor in (("openstack server migrate (cold)", None),
+                          ("openstack server resize --flavor %s" % VTPCM_FLAVOR_LARGER,
+                           VTPCM_FLAVOR_LARGER)):
+        src = servers.host_of(server)
+        generation = stack.engine.get_vtpcm(instance).generation
+        with servers.console(lab, server) as con:
+            con.write(os.urandom(32).hex())
+            written = con.report()
+        moved = demo.step("%s, from %s" % (title, src),
+                          lambda f=flavor: servers.resize(lab, instance, f))  # type: ignore[misc]
+        demo.expect(moved.server["status"] == "VERIFY_RESIZE" and moved.host != src,
+                    "VERIFY_RESIZE on %s" % moved.host)
+        confirmed = demo.step("openstack server resize confirm",
+                              lambda: servers.confirm_resize(lab, instance))
+        server = confirmed.server
+        record = stack.engine.get_vtpcm(instance)
+        demo.expect((confirmed.status, record.host, record.generation)
+                    == ("confirmed", moved.host, generation + 1),
+                    "confirmed; engine: vTPCM on %s, generation %d"
+                    % (record.host, record.generation))
+        demo.expect(stack.agents.get(src, instance).state == "DESTROYED",
+                    "source vTPCM on %s destroyed" % src)
+        report = servers.tpm_report(lab, server)
+        _check_moved(demo, written, report)
+
+    src = servers.host_of(server)
+    other = servers.other_host(lab, src)
+    with servers.console(lab, server) as con:
+        con.write(os.urandom(32).hex())
+        written = con.report()
+    demo.step("openstack server shelve (offloaded)", lambda: servers.shelve(lab, instance))
+    server = demo.step("openstack server unshelve --host %s" % other,
+                       lambda: servers.unshelve(lab, instance, other))
+    record = stack.engine.get_vtpcm(instance)
+    demo.expect(servers.host_of(server) == other == record.host,
+                "ACTIVE on %s; engine: vTPCM there, generation %d"
+                % (servers.host_of(server), record.generation))
+    report = servers.tpm_report(lab, server)
+    _check_moved(demo, written, report)
+    return server, report
 
 
 def _summary(demo: Demo, vtpcm_times: list[float], plain_times: list[float]) -> None:

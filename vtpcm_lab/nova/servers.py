@@ -1,7 +1,8 @@
 """What an operator does with servers on the real-Nova lab, and what it shows.
 
-The actions go through the unmodified ``openstack`` CLI (create, live
-migration, delete: they need no identity v3); waiting and reading go through
+The actions go through the unmodified ``openstack`` CLI (create, live and
+cold migration, resize and its confirm, shelve, unshelve, delete: they need
+no identity v3); waiting and reading go through
 the REST API. The guest's TPM is read over its serial console as in the
 plain lab.
 """
@@ -49,9 +50,7 @@ def create(lab: NovaLab, name: str, flavor: str) -> dict[str, Any]:
     server_id = json.loads(out)["id"]
     server: dict[str, Any] = rest.poll(
         "server %s ACTIVE" % name, lambda: show(lab, server_id),
-        lambda s: s["status"] == "ACTIVE", BOOT_TIMEOUT,
-        fail=lambda s: "ERROR: %s" % (s.get("fault") or {}).get("message")
-        if s["status"] == "ERROR" else None)
+        lambda s: s["status"] == "ACTIVE", BOOT_TIMEOUT, fail=_fault)
     return server
 
 
@@ -90,6 +89,63 @@ def wait_migration(lab: NovaLab, server_id: str, started: float) -> Migration:
                        lambda m: m is not None and m["status"] in (
                            "completed", "error", "failed", "cancelled"), 60, 0.5)
     return Migration(server=server, status=record["status"], seconds=seconds)
+
+
+def _fault(server: dict[str, Any]) -> str | None:
+    if server["status"] != "ERROR":
+        return None
+    return "ERROR: %s" % (server.get("fault") or {}).get("message")
+
+
+def resize(lab: NovaLab, server_id: str, flavor: str | None = None) -> Migration:
+    """``openstack server migrate`` (a cold migration, ``flavor`` None) or
+    ``openstack server resize --flavor``, until the server waits in
+    VERIFY_RESIZE on its new host (or fails)."""
+    started = time.monotonic()
+    args = ["server", "resize", "--flavor", flavor] if flavor else ["server", "migrate"]
+    lab.openstack(*args, server_id, timeout=60)
+    server = rest.poll("resize of %s" % server_id, lambda: show(lab, server_id),
+                       lambda s: s["status"] == "VERIFY_RESIZE", MIGRATION_TIMEOUT, 0.5,
+                       fail=_fault)
+    record = last_migration(lab, server_id)
+    return Migration(server=server, status=record["status"] if record else "none",
+                     seconds=time.monotonic() - started)
+
+
+def confirm_resize(lab: NovaLab, server_id: str) -> Migration:
+    """``openstack server resize confirm``, until the server is ACTIVE and the
+    migration record confirmed (the source's clean-up is a cast)."""
+    started = time.monotonic()
+    lab.openstack("server", "resize", "confirm", server_id, timeout=60)
+    server = rest.poll("confirm of %s" % server_id, lambda: show(lab, server_id),
+                       lambda s: s["status"] == "ACTIVE"
+                       and s.get("OS-EXT-STS:task_state") is None, MIGRATION_TIMEOUT, 0.5,
+                       fail=_fault)
+    record = rest.poll("confirmed migration of %s" % server_id,
+                       lambda: last_migration(lab, server_id),
+                       lambda m: m is not None and m["status"] in ("confirmed", "error"),
+                       60, 0.5)
+    return Migration(server=server, status=record["status"],
+                     seconds=time.monotonic() - started)
+
+
+def shelve(lab: NovaLab, server_id: str) -> dict[str, Any]:
+    """``openstack server shelve``, until offloaded (the lab offloads at once)."""
+    lab.openstack("server", "shelve", server_id, timeout=60)
+    server: dict[str, Any] = rest.poll(
+        "shelve offload of %s" % server_id, lambda: show(lab, server_id),
+        lambda s: s["status"] == "SHELVED_OFFLOADED", BOOT_TIMEOUT, 1.0, fail=_fault)
+    return server
+
+
+def unshelve(lab: NovaLab, server_id: str, host: str | None = None) -> dict[str, Any]:
+    """``openstack server unshelve [--host H]``, until ACTIVE."""
+    lab.openstack("server", "unshelve", *(["--host", host] if host else []), server_id,
+                  timeout=60)
+    server: dict[str, Any] = rest.poll(
+        "unshelve of %s" % server_id, lambda: show(lab, server_id),
+        lambda s: s["status"] == "ACTIVE", BOOT_TIMEOUT, 1.0, fail=_fault)
+    return server
 
 
 def slow_down(lab: NovaLab, server: dict[str, Any], mib_per_s: int = 1,

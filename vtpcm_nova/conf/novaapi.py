@@ -19,18 +19,22 @@ DEFAULT_TIMEOUT = 30
 
 nova_group = cfg.OptGroup(
     GROUP, title="Nova's compute API, as the engine asks it",
-    help="Service credentials (an admin, or a role allowed the admin view of "
-         "GET /servers/{id}) the engine uses to check that Nova is unshelving an "
-         "instance onto the host that asks for its shelved vTPCM, and that a shelved "
-         "instance still exists. Without auth_type the engine refuses every unshelve "
-         "onto another host than the holder and reaps no shelved vTPCM.")
+    help="Service credentials the engine uses to check that Nova is unshelving an "
+         "instance onto the host that asks for its shelved vTPCM, and to find vTPCMs "
+         "whose instances Nova deleted without their driver. Reaping needs the admin "
+         "role (Nova's all_tenants listing of deleted servers, with "
+         "OS-EXT-SRV-ATTR:host): with any other credential the engine reaps nothing "
+         "and logs a WARNING. Without auth_type the engine refuses every unshelve "
+         "onto another host than the holder and reaps no vTPCM.")
 NOVA_OPTS = [
     cfg.IntOpt("deleted_confirmations", default=2, min=2,
-               help="Consecutive reconcile passes ([migration] reconcile_interval "
-                    "apart) in which Nova must answer 404 (or show the instance "
-                    "deleted) for a SHELVED vTPCM before the engine destroys it on "
-                    "its holder. Any other answer, a timeout or an error starts "
-                    "the count over."),
+               help="Consecutive reconcile passes in which Nova's admin listing "
+                    "(GET /servers/detail?all_tenants=1&deleted=true&uuid=...) must "
+                    "show an instance deleted before the engine destroys its vTPCM "
+                    "on its holder; the first and last of them must also be at least "
+                    "(deleted_confirmations - 1) x [migration] reconcile_interval "
+                    "seconds apart. A 404 never counts. Any other answer, a timeout "
+                    "or an error starts the count over."),
 ]
 
 

@@ -26,6 +26,7 @@ outcome is unknown, so it is retried (reconcile) and never taken as done.
 """
 
 import datetime
+import threading
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -49,6 +50,41 @@ RESERVED_PREFIX = "creating-"
 # How long a signed agent command may still run after the engine sent it:
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
 COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
+# The states a migration is in only while its ``begin`` runs: the caller has
+# no PREPARED answer yet, so libvirt never started and nothing depends on it.
+BEGIN_STATES = frozenset({M.SEALING, M.PREPARING})
+# Added to the agent RPC timeout for one begin step's own database writes
+# and checks (the destination's recheck, a compare-and-set under load).
+BEGIN_STEP_SLACK = 30.0
+
+
+def worker_id(engine_host: str) -> str:
+    """This engine run's name in ``begun_by``: its ``[engine] host`` (unique
+    per worker, it is the RPC server name) and a fresh id per start."""
+    return "%s/%s" % (engine_host, uuid.uuid4().hex[:12])
+
+
+def begin_abandoned(rec: db_api.MigrationRecord, worker: str | None,
+                    now: datetime.datetime, step_bound: float) -> str | None:
+    """Why the ``begin`` of ``rec`` (SEALING, PREPARING) will never return
+    to its caller, or None while it may still.
+
+    Its worker is gone: it had this worker's ``[engine] host`` and another
+    run id (the worker restarted). Or it sat in one step longer than
+    ``step_bound``: each step is one agent call, and a live worker moves on
+    (or to ABORTING on the call's timeout) well within that. Aborting a
+    begin that was alive after all is safe: its worker's next
+    compare-and-set fails, its caller gets an error and aborts, and both
+    agents refuse a late command of an aborted migration."""
+    if rec.begun_by and worker and rec.begun_by != worker \
+            and rec.begun_by.rpartition("/")[0] == worker.rpartition("/")[0]:
+        return ("its begin never returned: the engine worker that ran it (%s) restarted"
+                % rec.begun_by)
+    idle = (now - rec.updated_at).total_seconds()
+    if idle > step_bound:
+        return ("its begin never returned: no step for %d s (one step takes at most "
+                "%d s)" % (idle, step_bound))
+    return None
 
 
 class AgentClient(Protocol):
@@ -81,7 +117,17 @@ class TrustChecker(Protocol):
 
 class NovaLookup(Protocol):
     def get_server(self, instance_uuid: str) -> shelved.ServerView | None: ...
+    def deletion(self, instance_uuid: str) -> shelved.Deletion: ...
+    def is_admin(self) -> bool: ...
 
+
+# Records the reaper may destroy once Nova's admin listing shows the
+# instance deleted: not one being created, destroyed or migrated.
+REAPABLE = frozenset({SHELVED, "ACTIVE", "STOPPED"})
+NOT_ADMIN = ("the [nova] credential does not get Nova's admin view (all_tenants listing "
+             "refused, or no OS-EXT-SRV-ATTR:host): the engine reaps no vTPCM until it "
+             "has the admin role")
+REAPED = "vtpcm.reap"
 
 NOVA_NOT_CONFIGURED = ("the engine cannot ask Nova whether it is unshelving the instance "
                        "there ([nova] auth_type is not set)")
@@ -92,16 +138,27 @@ class Coordinator:
                  timeout: float = 900.0,
                  now: Callable[[], datetime.datetime] = db_api.utcnow,
                  nova: NovaLookup | None = None,
-                 deleted_confirmations: int = 2) -> None:
+                 deleted_confirmations: int = 2,
+                 worker: str | None = None, begin_step_bound: float = 90.0,
+                 reconcile_interval: float = 0.0) -> None:
+        """``worker``: this engine run (``worker_id``), recorded by each
+        ``begin``; ``begin_step_bound``: the longest one begin step can take
+        (the agent RPC timeout + ``BEGIN_STEP_SLACK``)."""
         self.db = db
         self.agents = agents
         self.trust = trust
         self.timeout = timeout
         self.now = now
+        self.worker = worker
+        self.begin_step_bound = begin_step_bound
         # Nova's word on shelved instances: None refuses every unshelve
         # elsewhere and reaps nothing (fail closed)
         self.nova = nova
-        self.deletions = shelved.DeletionConfirmations(deleted_confirmations)
+        self.deletions = shelved.DeletionConfirmations(
+            deleted_confirmations,
+            datetime.timedelta(seconds=(deleted_confirmations - 1) * reconcile_interval))
+        self._reaping = threading.Lock()  # one reaper pass at a time
+        self._warned_not_admin = False
 
     # --- vTPCM lifecycle through the authority ---------------------------------
 
@@ -122,7 +179,17 @@ class Coordinator:
         The host needs a fresh TRUSTED verdict (attested now if it has none)
         and APPROVED status, as a migration's destination does: a forced
         boot skips the scheduler filter, and a tenant's new TPM must not
-        start life on an unattested platform."""
+        start life on an unattested platform.
+
+        Never for an instance whose vTPCM the reaper destroyed (its audit
+        entry is the tombstone): a fresh TPM would silently stand in for
+        the one the guest had."""
+        if self.db.has_audit(instance_uuid, REAPED, "destroyed"):
+            why = ("its vTPCM was destroyed when Nova showed the instance deleted; "
+                   "a fresh one would silently replace the guest's TPM")
+            self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,
+                          detail=why)
+            raise exception.CommandRefused(method="create_vtpcm", reason=why)
         host_rec, why = self._trusted_destination(host, self.trust.check_fresh(host))
         if host_rec is None:
             self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,
@@ -449,52 +516,99 @@ class Coordinator:
         return shelved.unshelve_refusal(view, host)
 
     def reap_deleted_shelved(self) -> int:
-        """Destroy, on its holder, each SHELVED vTPCM whose instance Nova no
-        longer has: Nova deletes a shelved offloaded instance without its
-        compute driver (``_local_delete``), so no destroy ever comes. Only
-        after ``deleted_confirmations`` consecutive passes in which Nova
-        answered 404 (or deleted) for the same vTPCM and generation; any
-        other answer, a timeout or an error starts the count over. Returns
-        how many were destroyed."""
+        """Destroy, on its holder, each vTPCM whose instance Nova deleted
+        without its driver: Nova deletes a shelved offloaded instance in the
+        API (``_local_delete``), and a driver's destroy can fail or come
+        after an unshelve Nova gave up, so no destroy ever comes.
+
+        Only on positive evidence: Nova's admin listing of deleted servers
+        shows the instance deleted in ``deleted_confirmations`` consecutive
+        passes spanning at least (that - 1) reconcile intervals, for the same
+        vTPCM and generation. A 404 is never evidence; any other answer, a
+        timeout or an error starts the count over. A credential without
+        Nova's admin view reaps nothing. One pass at a time per worker.
+        Returns how many were destroyed."""
         if self.nova is None:
             return 0
+        if not self._reaping.acquire(blocking=False):
+            LOG.debug("A reaper pass is running already: this one is skipped")
+            return 0
+        try:
+            return self._reap_pass(self.nova)
+        finally:
+            self._reaping.release()
+
+    def _reap_pass(self, nova: NovaLookup) -> int:
         records = [r for r in self.db.list_vtpcms()
-                   if r.state == SHELVED and r.migration_id is None]
+                   if r.state in REAPABLE and r.migration_id is None]
         self.deletions.forget_others({r.instance_uuid for r in records})
+        if not records or not self._nova_admin(nova):
+            return 0
         done = 0
         for rec in records:
             try:
-                answer = shelved.presence(self.nova.get_server(rec.instance_uuid))
+                deletion = nova.deletion(rec.instance_uuid)
             except exception.ServiceUnreachable as err:
-                LOG.info("Shelved vTPCM of instance %(i)s: Nova gave no answer (%(err)s); "
+                LOG.info("vTPCM of instance %(i)s: Nova gave no answer (%(err)s); "
                          "not counted as deleted", {"i": rec.instance_uuid, "err": err})
-                answer = shelved.Presence.UNKNOWN
+                self.deletions.forget(rec.instance_uuid)
+                continue
+            if deletion is shelved.Deletion.NOT_ADMIN:
+                self.deletions.forget_others(set())
+                self._warn_not_admin()
+                return done
+            answer = shelved.presence(deletion)
             seen = shelved.Observed(rec.vtpcm_id, rec.generation)
-            if not self.deletions.observe(rec.instance_uuid, seen, answer):
+            if not self.deletions.observe(rec.instance_uuid, seen, answer, self.now()):
                 if answer is shelved.Presence.GONE:
-                    LOG.info("Nova has no instance %(i)s (%(n)d of %(need)d answers); its "
-                             "shelved vTPCM on %(h)s is kept for now",
-                             {"i": rec.instance_uuid, "h": rec.host,
+                    LOG.info("Nova shows instance %(i)s deleted (%(n)d of %(need)d "
+                             "answers); its %(s)s vTPCM on %(h)s is kept for now",
+                             {"i": rec.instance_uuid, "h": rec.host, "s": rec.state,
                               "n": self.deletions.count(rec.instance_uuid),
                               "need": self.deletions.needed})
                 continue
             try:
                 self._destroy_deleted_shelved(rec)
             except exception.VTPCMException as err:
-                LOG.warning("Shelved vTPCM of deleted instance %(i)s on %(h)s not destroyed "
+                LOG.warning("vTPCM of deleted instance %(i)s on %(h)s not destroyed "
                             "yet: %(err)s", {"i": rec.instance_uuid, "h": rec.host,
                                              "err": err})
                 continue
             self.deletions.forget(rec.instance_uuid)
             done += 1
+        if self._warned_not_admin:
+            LOG.warning("The [nova] credential gets Nova's admin view again: reaping resumed")
+            self._warned_not_admin = False
         return done
 
+    def _nova_admin(self, nova: NovaLookup) -> bool:
+        """Whether the [nova] credential gets Nova's admin view (WARNING
+        once if not: reaping waits for a credential that can tell)."""
+        try:
+            admin = nova.is_admin()
+        except exception.ServiceUnreachable as err:
+            LOG.info("Nova gave no answer to the admin check (%(err)s): no vTPCM "
+                     "reaped in this pass", {"err": err})
+            self.deletions.forget_others(set())
+            return False
+        if not admin:
+            self.deletions.forget_others(set())
+            self._warn_not_admin()
+            return False
+        return True
+
+    def _warn_not_admin(self) -> None:
+        if not self._warned_not_admin:
+            LOG.warning("Reaping of vTPCMs of deleted instances disabled: %s", NOT_ADMIN)
+            self._warned_not_admin = True
+
     def _destroy_deleted_shelved(self, seen: db_api.VtpcmRecord) -> None:
-        """Destroy the SHELVED vTPCM Nova said is gone, only if the record is
-        still the one Nova was asked about (same vTPCM, generation, state)."""
+        """Destroy the vTPCM of an instance Nova showed deleted, only if the
+        record is still the one Nova was asked about (same vTPCM, generation,
+        state, no migration)."""
         rec = self.db.get_vtpcm(seen.instance_uuid)
         if rec.vtpcm_id != seen.vtpcm_id or not self.db.set_vtpcm_state(
-                rec.instance_uuid, seen.generation, DESTROYING, expected_state=SHELVED,
+                rec.instance_uuid, seen.generation, DESTROYING, expected_state=seen.state,
                 expected_migration_id=None):
             raise exception.VTPCMBusy(instance_uuid=seen.instance_uuid,
                                       reason="its record changed meanwhile")
@@ -503,19 +617,20 @@ class Coordinator:
         except exception.NotFound:
             pass  # an earlier pass destroyed it and lost the answer
         except BaseException:
-            # still SHELVED for the next pass (which asks Nova again)
-            self.db.set_vtpcm_state(rec.instance_uuid, seen.generation, SHELVED,
+            # back as it was for the next pass (which asks Nova again)
+            self.db.set_vtpcm_state(rec.instance_uuid, seen.generation, seen.state,
                                     expected_state=DESTROYING, expected_migration_id=None)
             raise
         self.db.delete_vtpcm(rec.instance_uuid, seen.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=rec.instance_uuid)
-        self.db.audit("vtpcm.reap", "destroyed", host=rec.host, instance=rec.instance_uuid,
-                      detail="instance deleted in Nova while shelved offloaded (%d "
-                             "consecutive answers); vTPCM %s generation %d shredded"
-                             % (self.deletions.needed, rec.vtpcm_id, rec.generation))
-        LOG.warning("Destroyed the shelved vTPCM of instance %(i)s on %(h)s: Nova deleted "
-                    "the instance while it was shelved offloaded",
-                    {"i": rec.instance_uuid, "h": rec.host})
+        self.db.audit(REAPED, "destroyed", host=rec.host, instance=rec.instance_uuid,
+                      detail="Nova's admin listing shows the instance deleted (%d "
+                             "consecutive answers); %s vTPCM %s generation %d shredded"
+                             % (self.deletions.needed, seen.state, rec.vtpcm_id,
+                                rec.generation))
+        LOG.warning("Destroyed the %(s)s vTPCM of instance %(i)s on %(h)s: Nova's admin "
+                    "listing shows the instance deleted",
+                    {"s": seen.state, "i": rec.instance_uuid, "h": rec.host})
 
     def start_vtpcm(self, instance_uuid: str,
                     requested_by: str | None = None) -> tuple[str, am.VTPCMInfo]:
@@ -690,7 +805,7 @@ class Coordinator:
         deadline = self.now() + datetime.timedelta(seconds=self.timeout)
         self.db.create_migration(migration_id, instance_uuid, source, dest,
                                  vtpcm.generation, proto.state.value, deadline,
-                                 prior_state=vtpcm.state)
+                                 prior_state=vtpcm.state, begun_by=self.worker)
         ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
         if proto.state is M.REFUSED:
             self._run(proto, ctx, actions)
@@ -935,15 +1050,25 @@ class Coordinator:
         return self.db.get_migration(migration_id)
 
     def reconcile(self) -> int:
-        """Finish commits/aborts left half-done; abort migrations past deadline."""
+        """Finish commits/aborts left half-done; abort begins that will never
+        return (``begin_abandoned``) at once and migrations past deadline."""
         done = 0
         for listed in self.db.list_migrations():
             try:
                 proto, ctx, rec = self._load(listed.migration_id)
                 state = proto.state
+                abandoned = (begin_abandoned(rec, self.worker, self.now(),
+                                             self.begin_step_bound)
+                             if state in BEGIN_STATES else None)
                 if state in p.PENDING_WORK:
                     after_deadline = rec.error == p.DEADLINE_REASON
                     self._run(proto, ctx, p.pending_actions(state, after_deadline))
+                    done += 1
+                elif abandoned is not None:
+                    LOG.warning("Migration %(mig)s of instance %(i)s: %(why)s; aborting it",
+                                {"mig": ctx.migration_id, "i": ctx.instance_uuid,
+                                 "why": abandoned})
+                    self._advance(proto, ctx, p.Failure(abandoned))
                     done += 1
                 elif state in p.ABORTABLE and rec.deadline <= self.now():
                     self._advance(proto, ctx, p.DeadlinePassed())

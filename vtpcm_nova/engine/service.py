@@ -15,7 +15,7 @@ from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine import rpcapi
 from vtpcm_nova.engine import ekcert, novaapi
 from vtpcm_nova.engine.attestation import Attestor
-from vtpcm_nova.engine.coordinator import Coordinator
+from vtpcm_nova.engine.coordinator import BEGIN_STEP_SLACK, Coordinator, worker_id
 from vtpcm_nova.engine.db.api import Database
 from vtpcm_nova.engine.manager import NO_ADMIN_KEYS, AgentAttestationClient, EngineManager
 from vtpcm_nova.engine.registrations import Registrations
@@ -113,10 +113,16 @@ class EngineService:
         self.attestor = Attestor(self.db, lambda: client, verdict_ttl=att.verdict_ttl,
                                  nonce_ttl=att.nonce_ttl, reboot_policy=att.reboot_policy,
                                  ek_cas=self.ek_cas)
+        # a begin in flight is this run's: after a restart, reconcile knows
+        # the begins of the previous run never return (coordinator.begin_abandoned)
         self.coordinator = Coordinator(self.db, self.agents, self.attestor,
                                        timeout=conf.migration.timeout,
                                        nova=nova_from(conf),
-                                       deleted_confirmations=conf.nova.deleted_confirmations)
+                                       deleted_confirmations=conf.nova.deleted_confirmations,
+                                       worker=worker_id(conf.engine.host),
+                                       begin_step_bound=conf.engine.rpc_timeout
+                                       + BEGIN_STEP_SLACK,
+                                       reconcile_interval=conf.migration.reconcile_interval)
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,

@@ -1,13 +1,17 @@
-"""What Nova's answer about an instance allows for its SHELVED vTPCM (pure).
+"""What Nova's answers about an instance allow for its vTPCM (pure).
 
 A host's signature on ``unshelve_vtpcm`` proves only that the host asks. Nova
 decides where a shelved offloaded instance goes, so the engine moves a
-SHELVED vTPCM only to the host Nova itself is unshelving the instance onto,
-and destroys one only once Nova has said several times in a row that the
-instance is gone. No I/O here: ``novaapi`` asks, the coordinator acts.
+SHELVED vTPCM only to the host Nova itself is unshelving the instance onto.
+The reaper destroys a vTPCM whose instance Nova deleted without its driver
+only on positive evidence: Nova's admin listing showing the instance
+deleted, several times in a row over a minimum time. A 404 is never
+evidence (a non-admin credential gets one for every other project's
+server). No I/O here: ``novaapi`` asks, the coordinator acts.
 """
 
 import dataclasses
+import datetime
 import enum
 
 # Nova's task states while it unshelves an offloaded instance: the conductor
@@ -15,7 +19,6 @@ import enum
 # target host in the instance record and calls the driver's spawn.
 UNSHELVE_TASK_STATES = frozenset({"unshelving", "spawning"})
 SHELVED_OFFLOADED = "shelved_offloaded"
-DELETED_VM_STATES = frozenset({"deleted"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,10 +30,18 @@ class ServerView:
     task_state: str | None
 
 
+class Deletion(enum.Enum):
+    """Nova's admin listing of deleted servers, filtered on one uuid."""
+
+    DELETED = "deleted"                      # listed, admin view, vm_state deleted
+    NOT_SHOWN_DELETED = "not shown deleted"  # not listed as deleted
+    NOT_ADMIN = "not admin"                  # 403, or no admin attributes
+
+
 class Presence(enum.Enum):
-    GONE = "gone"        # 404, or Nova shows it deleted
-    PRESENT = "present"  # Nova has the instance
-    UNKNOWN = "unknown"  # no usable answer (timeout, 5xx, unexpected reply)
+    GONE = "gone"        # Nova's admin listing shows it deleted
+    PRESENT = "present"  # Nova does not show it deleted
+    UNKNOWN = "unknown"  # no usable answer (timeout, 5xx, not admin, not Nova)
 
 
 def unshelve_refusal(view: ServerView | None, host: str) -> str:
@@ -48,10 +59,12 @@ def unshelve_refusal(view: ServerView | None, host: str) -> str:
     return ""
 
 
-def presence(view: ServerView | None) -> Presence:
-    """GONE for a 404 (``None``) or a deleted vm_state, else PRESENT."""
-    if view is None or view.vm_state in DELETED_VM_STATES:
+def presence(answer: Deletion) -> Presence:
+    """GONE only on Nova's positive word (never on a 404)."""
+    if answer is Deletion.DELETED:
         return Presence.GONE
+    if answer is Deletion.NOT_ADMIN:
+        return Presence.UNKNOWN
     return Presence.PRESENT
 
 
@@ -65,36 +78,43 @@ class Observed:
 
 
 class DeletionConfirmations:
-    """Counts consecutive GONE answers per SHELVED vTPCM.
+    """Counts consecutive GONE answers per vTPCM, and the time they span.
 
     Only ``needed`` GONE answers in a row, for the same vTPCM and generation,
-    allow a destroy: any PRESENT or UNKNOWN answer (a timeout, a 5xx, a
-    restart of this worker, which forgets the counts) starts over, so a
-    transient API error never destroys anything."""
+    spanning at least ``min_span`` since the first, allow a destroy: any
+    PRESENT or UNKNOWN answer (a timeout, a 5xx, a restart of this worker,
+    which forgets the counts) starts over, so a transient API error never
+    destroys anything, and two passes that overlap count as one moment."""
 
-    def __init__(self, needed: int) -> None:
+    def __init__(self, needed: int,
+                 min_span: datetime.timedelta = datetime.timedelta(0)) -> None:
         if needed < 2:
             raise ValueError("a destroy needs at least two consecutive answers")
         self.needed = needed
-        self._seen: dict[str, tuple[Observed, int]] = {}
+        self.min_span = min_span
+        self._seen: dict[str, tuple[Observed, int, datetime.datetime]] = {}
 
-    def observe(self, instance_uuid: str, record: Observed, answer: Presence) -> bool:
-        """Record Nova's answer; True once the vTPCM may be destroyed."""
+    def observe(self, instance_uuid: str, record: Observed, answer: Presence,
+                now: datetime.datetime) -> bool:
+        """Record Nova's answer at ``now``; True once the vTPCM may be destroyed."""
         if answer is not Presence.GONE:
             self._seen.pop(instance_uuid, None)
             return False
-        before, count = self._seen.get(instance_uuid, (record, 0))
-        count = count + 1 if before == record else 1
-        self._seen[instance_uuid] = (record, count)
-        return count >= self.needed
+        before, count, first = self._seen.get(instance_uuid, (record, 0, now))
+        if before != record:
+            count, first = 0, now
+        count += 1
+        self._seen[instance_uuid] = (record, count, first)
+        return count >= self.needed and now - first >= self.min_span
 
     def count(self, instance_uuid: str) -> int:
         """Consecutive GONE answers recorded for the instance."""
-        return self._seen.get(instance_uuid, (None, 0))[1]
+        seen = self._seen.get(instance_uuid)
+        return seen[1] if seen is not None else 0
 
-    def forget_others(self, shelved: set[str]) -> None:
-        """Drop counts of instances no longer SHELVED."""
-        for instance_uuid in set(self._seen) - shelved:
+    def forget_others(self, candidates: set[str]) -> None:
+        """Drop counts of instances no longer candidates for a reap."""
+        for instance_uuid in set(self._seen) - candidates:
             del self._seen[instance_uuid]
 
     def forget(self, instance_uuid: str) -> None:

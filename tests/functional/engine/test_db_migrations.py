@@ -324,12 +324,30 @@ def test_0003_keeps_migrations_and_adds_abandoned_vtpcms(any_url: str) -> None:
            instance_uuid="6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11", source="a", dest="b",
            generation=3, state="ABORTED", created_at=T0, updated_at=T0, deadline=T0)
     assert "abandoned_vtpcms" not in tables(any_url)
-    assert migration.db_sync(any_url).after == "revision 0003"
-    assert diff_with_models(any_url) == []
+    assert migration.db_sync(any_url, "0003").after == "revision 0003"
+    migration.db_sync(any_url)  # the engine opens only a database at head
     db = api.Database(any_url)
     try:
         rec = db.get_migration(mid)
         assert (rec.generation, rec.state, rec.prior_state) == (3, "ABORTED", None)
         assert db.list_abandoned() == []
+    finally:
+        db.dispose()
+
+
+def test_0004_adds_begun_by_and_keeps_migrations(any_url: str) -> None:
+    """A database at 0003 with a begin in flight: kept, with no recorded
+    worker (reconcile then applies the step bound, not the worker rule)."""
+    migration.db_sync(any_url, "0003")
+    mid = str(uuid.uuid4())
+    insert(any_url, "migrations", migration_id=mid,
+           instance_uuid="6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11", source="a", dest="b",
+           generation=3, state="PREPARING", created_at=T0, updated_at=T0, deadline=T0)
+    assert migration.db_sync(any_url).after == "revision 0004"
+    assert diff_with_models(any_url) == []
+    db = api.Database(any_url)
+    try:
+        rec = db.get_migration(mid)
+        assert (rec.state, rec.begun_by) == ("PREPARING", None)
     finally:
         db.dispose()

@@ -11,7 +11,7 @@ from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database, TrustBasis, VerdictRecord
-from vtpcm_nova.engine.shelved import ServerView
+from vtpcm_nova.engine.shelved import Deletion, ServerView
 from vtpcm_nova.engine.verifier import TrustStatus
 
 INSTANCE = str(uuid.uuid4())
@@ -35,11 +35,15 @@ class FakeTrust:
 
 class FakeNova:
     """Nova's API as the engine asks it: ``servers`` maps an instance to its
-    view (None: 404); an instance not listed is ACTIVE on host-a. ``fail``
-    is raised instead of answering (Nova unreachable)."""
+    view (None: 404); an instance not listed is ACTIVE on host-a. ``deleted``
+    holds the instances Nova's admin listing shows deleted; ``admin`` False
+    is a credential without Nova's admin view. ``fail`` is raised instead of
+    answering (Nova unreachable)."""
 
     def __init__(self):
         self.servers = {}
+        self.deleted = set()
+        self.admin = True
         self.asked = []
         self.fail = None
 
@@ -48,6 +52,21 @@ class FakeNova:
         if self.fail is not None:
             raise self.fail
         return self.servers.get(instance_uuid, ServerView("host-a", "active", None))
+
+    def is_admin(self):
+        if self.fail is not None:
+            raise self.fail
+        return self.admin
+
+    def deletion(self, instance_uuid):
+        self.asked.append(instance_uuid)
+        if self.fail is not None:
+            raise self.fail
+        if not self.admin:
+            return Deletion.NOT_ADMIN
+        if instance_uuid in self.deleted:
+            return Deletion.DELETED
+        return Deletion.NOT_SHOWN_DELETED
 
     def unshelving(self, instance_uuid, host):
         """What Nova shows while it unshelves onto ``host`` (in spawn)."""

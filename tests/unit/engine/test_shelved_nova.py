@@ -4,7 +4,10 @@ itself unshelves the instance onto, and a SHELVED vTPCM whose instance Nova
 deleted (``_local_delete`` never reaches the driver) is destroyed on its
 holder only after consecutive 404s, never on an error."""
 
+import datetime
 import re
+import threading
+import time
 
 import pytest
 
@@ -13,7 +16,8 @@ from tests.unit.engine.test_coordinator_cold import _shelved
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator, shelved
-from vtpcm_nova.engine.shelved import Observed, Presence, ServerView
+from vtpcm_nova.engine.db.store import utcnow as db_now
+from vtpcm_nova.engine.shelved import Deletion, Observed, Presence, ServerView
 
 
 def _third_trusted_host(db, trust, agents):
@@ -105,9 +109,9 @@ def _destroys(agents):
     return [c for c in agents.calls if c[0] == "destroy"]
 
 
-def test_two_consecutive_404s_destroy_the_shelved_vtpcm_on_its_holder(env):  # noqa: F811
+def test_two_consecutive_deleted_answers_destroy_the_shelved_vtpcm_on_its_holder(env):  # noqa: F811
     coord, db, agents, _, _ = _shelved(env)
-    coord.nova.servers[INSTANCE] = None  # deleted while shelved offloaded
+    coord.nova.deleted.add(INSTANCE)  # Nova's admin listing: deleted while shelved offloaded
     assert coord.reconcile() == 0
     assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
     assert coord.reconcile() == 1
@@ -121,45 +125,213 @@ def test_two_consecutive_404s_destroy_the_shelved_vtpcm_on_its_holder(env):  # n
     assert coord.reconcile() == 0  # nothing left to reap
 
 
-@pytest.mark.parametrize("between", ["unreachable", "present"])
-def test_an_error_or_a_sighting_between_404s_starts_the_count_over(env, between):  # noqa: F811
+def test_a_reaped_instance_never_gets_a_fresh_vtpcm(env):  # noqa: F811
+    """Review H1 (P1b): after a reap, Nova's unshelve of that instance went
+    ACTIVE on a fresh, empty vTPCM. The reap's audit entry is a tombstone:
+    the engine refuses the create, so the unshelve faults instead."""
+    coord, db, agents, _, _ = _shelved(env)
+    coord.nova.deleted.add(INSTANCE)
+    coord.reconcile()
+    coord.reconcile()
+    creates = [c for c in agents.calls if c[0] == "create"]
+    with pytest.raises(exception.CommandRefused,
+                       match="destroyed when Nova showed the instance deleted"):
+        coord.create_vtpcm(INSTANCE, "host-a")
+    assert [c for c in agents.calls if c[0] == "create"] == creates  # no agent asked
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(INSTANCE)
+    (refused,) = [a for a in db.list_audit(limit=50)
+                  if (a.event, a.outcome) == ("vtpcm.create", "refused")]
+    assert refused.instance == INSTANCE
+    # positive control: another instance still gets one
+    other = "0f0f0f0f-1111-2222-3333-444444444444"
+    assert coord.create_vtpcm(other, "host-a").host == "host-a"
+
+
+def test_a_404_is_never_taken_as_deleted(env):  # noqa: F811
+    """Review H1/M1 (P1, P3): a non-admin credential, or a proxy with no
+    backend, answers 404; before this fix two such passes shredded a live
+    shelved vTPCM. Only Nova's admin listing showing it deleted counts."""
+    coord, db, agents, _, _ = _shelved(env)
+    coord.nova.servers[INSTANCE] = None  # GET /servers/{id}: 404
+    for _ in range(6):
+        coord.reconcile()
+    assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
+    coord.nova.deleted.add(INSTANCE)  # positive control: Nova's word
+    coord.reconcile()
+    coord.reconcile()
+    assert _destroys(agents) == [("destroy", "host-a")]
+
+
+@pytest.mark.parametrize("where", ["admin check", "admin check only", "listing"])
+def test_a_credential_without_novas_admin_view_reaps_nothing(env, caplog, where):  # noqa: F811
+    coord, db, agents, _, _ = _shelved(env)
+    coord.nova.deleted.add(INSTANCE)
+    if where == "admin check":
+        coord.nova.admin = False
+    elif where == "admin check only":  # the listing alone would say deleted
+        coord.nova.is_admin = lambda: False
+    else:  # the admin check passed (nothing listed), the listing lacks the admin view
+        coord.nova.is_admin = lambda: True
+        real = coord.nova.deletion
+        coord.nova.deletion = lambda uuid: (real(uuid) and shelved.Deletion.NOT_ADMIN)
+    caplog.set_level("WARNING")
+    for _ in range(4):
+        assert coord.reconcile() == 0
+    assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
+    warnings = [r.getMessage() for r in caplog.records if "Reaping" in r.getMessage()]
+    assert len(warnings) == 1  # once, not every pass
+    assert "does not get Nova's admin view" in warnings[0]
+    assert "admin role" in warnings[0]
+    # positive control: with the admin view it is reaped
+    coord.nova = type(coord.nova)()
+    coord.nova.deleted.add(INSTANCE)
+    coord.reconcile()
+    coord.reconcile()
+    assert _destroys(agents) == [("destroy", "host-a")]
+
+
+@pytest.mark.parametrize("between", ["unreachable", "present", "not admin"])
+def test_an_error_or_a_sighting_between_answers_starts_the_count_over(env, between):  # noqa: F811
     coord, db, agents, _, _ = _shelved(env)
     nova = coord.nova
-    nova.servers[INSTANCE] = None
+    nova.deleted.add(INSTANCE)
     coord.reconcile()
     if between == "unreachable":
         nova.fail = _unreachable()
+    elif between == "not admin":
+        nova.admin = False
     else:
-        nova.servers[INSTANCE] = ServerView(None, "shelved_offloaded", None)
+        nova.deleted.discard(INSTANCE)
     coord.reconcile()
-    nova.fail = None
-    nova.servers[INSTANCE] = None
+    nova.fail, nova.admin = None, True
+    nova.deleted.add(INSTANCE)
     coord.reconcile()
     assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
-    coord.reconcile()  # the second 404 in a row
+    coord.reconcile()  # the second answer in a row
     assert _destroys(agents) == [("destroy", "host-a")]
 
 
 def test_nova_errors_forever_never_destroy(env):  # noqa: F811
     coord, db, agents, _, _ = _shelved(env)
+    coord.nova.deleted.add(INSTANCE)
     coord.nova.fail = _unreachable()
     for _ in range(5):
         coord.reconcile()
     assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
 
 
-def test_a_live_instance_is_never_reaped_whatever_nova_says(env):  # noqa: F811
+def test_answers_must_span_the_minimum_time(env):  # noqa: F811
+    """Review L3: the rule counted passes, not time; now the first and last
+    deleted answers must be (needed - 1) reconcile intervals apart."""
+    coord, db, agents, _, _ = _shelved(env)
+    clock = [db_now()]
+    coord.now = lambda: clock[0]
+    coord.deletions = shelved.DeletionConfirmations(2, datetime.timedelta(seconds=60))
+    coord.nova.deleted.add(INSTANCE)
+    for _ in range(5):  # many passes, one moment
+        coord.reconcile()
+        clock[0] += datetime.timedelta(seconds=10)
+    assert _destroys(agents) == []
+    clock[0] += datetime.timedelta(seconds=10)  # 60 s since the first answer
+    assert coord.reconcile() == 1
+    assert _destroys(agents) == [("destroy", "host-a")]
+
+
+def test_a_short_glitch_seen_by_overlapping_passes_destroys_nothing(env):  # noqa: F811
+    """Review L3 (P6): the start pass and the first periodic pass overlap
+    and share the counts; a 300 ms glitch seen by both shredded the vTPCM."""
+    coord, db, agents, _, _ = _shelved(env)
+    coord.deletions = shelved.DeletionConfirmations(2, datetime.timedelta(seconds=1))
+    t0 = time.monotonic()
+    coord.nova.deletion = lambda uuid: (shelved.Deletion.DELETED
+                                        if time.monotonic() - t0 < 0.3
+                                        else shelved.Deletion.NOT_SHOWN_DELETED)
+    threads = [threading.Thread(target=coord.reconcile) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    assert _destroys(agents) == []
+    time.sleep(0.35)
+    coord.reconcile()  # the glitch is over: the count starts over
+    assert coord.deletions.count(INSTANCE) == 0 and _destroys(agents) == []
+
+
+def test_one_reaper_pass_at_a_time(env):  # noqa: F811
+    coord, db, agents, _, _ = _shelved(env)
+    inside, release = threading.Event(), threading.Event()
+    asked = []
+
+    def slow_deletion(uuid):
+        asked.append(uuid)
+        inside.set()
+        release.wait(10)
+        return shelved.Deletion.DELETED
+    coord.nova.deletion = slow_deletion
+    first = threading.Thread(target=coord.reap_deleted_shelved)
+    first.start()
+    try:
+        assert inside.wait(10)
+        assert coord.reap_deleted_shelved() == 0  # skipped: one is running
+        assert asked == [INSTANCE]
+    finally:
+        release.set()
+        first.join(10)
+    assert not first.is_alive()
+    assert coord.deletions.count(INSTANCE) == 1
+
+
+def _unshelved_then_nova_gave_up(coord):
+    """Review L2 (P4): the engine's unshelve finished after the driver's
+    call timed out; Nova shows the instance shelved_offloaded again."""
+    rec = coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    assert (rec.host, rec.state) == ("host-b", "ACTIVE")
+    coord.nova.servers[INSTANCE] = ServerView(None, "shelved_offloaded", None)
+
+
+@pytest.mark.parametrize("record", ["ACTIVE after a late unshelve", "STOPPED, never shelved"])
+def test_a_non_shelved_vtpcm_of_an_instance_nova_deleted_is_reaped(env, record):  # noqa: F811
+    """Review L2 (P4, P4b): records not SHELVED (an unshelve finished after
+    Nova gave up; an offload whose shelve never reached the engine) were
+    never reaped once the instance was deleted."""
+    if record.startswith("ACTIVE"):
+        coord, db, agents, _, _ = _shelved(env)
+        _unshelved_then_nova_gave_up(coord)
+        holder = "host-b"
+    else:
+        coord, db, agents, _, _ = env
+        holder = db.get_vtpcm(INSTANCE).host
+        db.set_vtpcm_state(INSTANCE, db.get_vtpcm(INSTANCE).generation, "STOPPED",
+                           expected_state=db.get_vtpcm(INSTANCE).state,
+                           expected_migration_id=None)
+    state = db.get_vtpcm(INSTANCE).state
+    coord.nova.servers[INSTANCE] = None  # a 404 alone: kept
+    for _ in range(4):
+        coord.reconcile()
+    assert db.get_vtpcm(INSTANCE).state == state and _destroys(agents) == []
+    coord.nova.deleted.add(INSTANCE)  # Nova's admin listing: deleted
+    coord.reconcile()
+    coord.reconcile()
+    assert _destroys(agents) == [("destroy", holder)]
+    with pytest.raises(exception.NotFound):
+        db.get_vtpcm(INSTANCE)
+    (reap,) = [a for a in db.list_audit(limit=50) if a.event == "vtpcm.reap"]
+    assert state in reap.detail
+
+
+def test_a_live_instance_is_never_reaped_whatever_404s_say(env):  # noqa: F811
     coord, db, agents, _, _ = env
-    coord.nova.servers[INSTANCE] = None  # ACTIVE record: the driver's destroy handles it
+    coord.nova.servers[INSTANCE] = None
     for _ in range(3):
         coord.reconcile()
     assert db.get_vtpcm(INSTANCE).state != "SHELVED" and _destroys(agents) == []
-    assert coord.nova.asked == []
 
 
-def test_a_record_that_changed_between_404s_starts_over(env):  # noqa: F811
+def test_a_record_that_changed_between_answers_starts_over(env):  # noqa: F811
     coord, db, agents, _, _ = _shelved(env)
-    coord.nova.servers[INSTANCE] = None
+    coord.nova.deleted.add(INSTANCE)
     coord.reconcile()
     rec = db.get_vtpcm(INSTANCE)
     db.set_vtpcm_id(INSTANCE, rec.host, rec.generation, "another-vtpcm")
@@ -171,7 +343,7 @@ def test_a_record_that_changed_between_404s_starts_over(env):  # noqa: F811
 
 def test_a_failed_destroy_keeps_it_shelved_and_a_later_pass_finishes(env):  # noqa: F811
     coord, db, agents, _, _ = _shelved(env)
-    coord.nova.servers[INSTANCE] = None
+    coord.nova.deleted.add(INSTANCE)
     agents.fail["destroy"] = exception.ServiceUnreachable(service="agent host-a",
                                                           method="destroy", reason="timeout")
     coord.reconcile()
@@ -204,10 +376,10 @@ def test_unshelve_refusal_needs_every_field():
                                                       "h")
 
 
-def test_presence():
-    assert shelved.presence(None) is Presence.GONE
-    assert shelved.presence(ServerView(None, "deleted", None)) is Presence.GONE
-    assert shelved.presence(ServerView(None, "soft-delete", None)) is Presence.PRESENT
+def test_presence_is_gone_only_on_novas_positive_word():
+    assert shelved.presence(Deletion.DELETED) is Presence.GONE
+    assert shelved.presence(Deletion.NOT_SHOWN_DELETED) is Presence.PRESENT
+    assert shelved.presence(Deletion.NOT_ADMIN) is Presence.UNKNOWN
 
 
 def test_confirmations_need_consecutive_gone_answers_for_the_same_record():
@@ -215,15 +387,28 @@ def test_confirmations_need_consecutive_gone_answers_for_the_same_record():
         shelved.DeletionConfirmations(1)
     rule = shelved.DeletionConfirmations(3)
     seen = Observed("v", 0)
-    assert not rule.observe("i", seen, Presence.GONE)
-    assert not rule.observe("i", seen, Presence.GONE)
-    assert not rule.observe("i", seen, Presence.UNKNOWN)
+    t = db_now()
+    assert not rule.observe("i", seen, Presence.GONE, t)
+    assert not rule.observe("i", seen, Presence.GONE, t)
+    assert not rule.observe("i", seen, Presence.UNKNOWN, t)
     assert rule.count("i") == 0
-    assert not rule.observe("i", seen, Presence.GONE)
-    assert not rule.observe("i", Observed("v", 1), Presence.GONE)  # generation moved
+    assert not rule.observe("i", seen, Presence.GONE, t)
+    assert not rule.observe("i", Observed("v", 1), Presence.GONE, t)  # generation moved
     assert rule.count("i") == 1
-    assert not rule.observe("i", Observed("v", 1), Presence.GONE)
-    assert rule.observe("i", Observed("v", 1), Presence.GONE)
+    assert not rule.observe("i", Observed("v", 1), Presence.GONE, t)
+    assert rule.observe("i", Observed("v", 1), Presence.GONE, t)
+
+
+def test_confirmations_need_the_minimum_span_since_the_first():
+    rule = shelved.DeletionConfirmations(2, datetime.timedelta(seconds=30))
+    t = db_now()
+    seen = Observed("v", 0)
+    assert not rule.observe("i", seen, Presence.GONE, t)
+    assert not rule.observe("i", seen, Presence.GONE, t + datetime.timedelta(seconds=29))
+    assert rule.observe("i", seen, Presence.GONE, t + datetime.timedelta(seconds=30))
+    # a new vTPCM restarts the clock
+    assert not rule.observe("i", Observed("w", 0), Presence.GONE,
+                            t + datetime.timedelta(seconds=31))
 
 
 def test_the_not_configured_reason_names_the_option():

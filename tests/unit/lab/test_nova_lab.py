@@ -1,6 +1,8 @@
 """The real-Nova lab's pure parts: config rendering, the stand-ins' answers."""
 
-from vtpcm_lab.nova import configs, identity, neutron
+from pathlib import Path
+
+from vtpcm_lab.nova import configs, identity, neutron, sshd
 
 STOCK_PASTE = """[pipeline:main]
 pipeline = authtoken keystonecontext app
@@ -51,6 +53,50 @@ def test_neutron_stand_in_lists_nothing_and_refuses_writes() -> None:
     assert neutron.answer("GET", "/v2.0/ports/123")[0] == 404
     status, body = neutron.answer("POST", "/v2.0/ports")
     assert status == 404 and "POST refused" in body["NeutronError"]["message"]
+
+
+SSH_HOSTS = [sshd.SshHost(name="a", user="vtpcm-a", addr="127.0.0.10", dir=Path("/l/sshd-a")),
+             sshd.SshHost(name="b", user="vtpcm-b", addr="127.0.0.11", dir=Path("/l/sshd-b"))]
+
+
+def test_each_sshd_lets_in_its_own_compute_user_by_key_on_its_address_only() -> None:
+    lines = sshd.sshd_config(SSH_HOSTS[1]).splitlines()
+    assert {"ListenAddress 127.0.0.11:%d" % sshd.PORT, "AllowUsers vtpcm-b",
+            "PasswordAuthentication no", "PermitRootLogin no",
+            "AuthorizedKeysFile /l/sshd-b/authorized_keys",
+            "HostKey /l/sshd-b/ssh_host_ed25519_key"} <= set(lines)
+    assert not [line for line in lines if "vtpcm-a" in line or "127.0.0.10" in line]
+
+
+def test_client_dropin_maps_each_address_to_its_host_user_and_pinned_key() -> None:
+    text = sshd.client_dropin(SSH_HOSTS, Path("/l/keys"), Path("/l/keys/known_hosts"))
+    blocks = text.split("Match ")[1:]
+    assert [b.splitlines()[0] for b in blocks] == [
+        "localuser vtpcm-a,vtpcm-b host 127.0.0.10", "localuser vtpcm-a,vtpcm-b host 127.0.0.11"]
+    for block, user in zip(blocks, ("vtpcm-a", "vtpcm-b"), strict=True):
+        settings = {tuple(line.split(None, 1)) for line in block.splitlines()[1:]}
+        assert {("User", user), ("Port", str(sshd.PORT)), ("StrictHostKeyChecking", "yes"),
+                ("IdentityFile", "/l/keys/%u/id_ed25519"), ("IdentitiesOnly", "yes"),
+                ("UserKnownHostsFile", "/l/keys/known_hosts")} <= settings
+
+
+def test_known_hosts_line_pins_the_port_and_drops_the_comment() -> None:
+    assert sshd.known_hosts_line("127.0.0.11", "ssh-ed25519 AAAAC3 sshd@lab-b\n") == \
+        "[127.0.0.11]:%d ssh-ed25519 AAAAC3\n" % sshd.PORT
+
+
+def test_compute_has_its_own_address_for_nova_s_ssh_and_migration() -> None:
+    compute = configs.ComputeHost(name="lab-b", user="vtpcm-b", libvirt_socket=Path("/s"),
+                                  inbound_addr="127.0.0.11", command_key=Path("/k"),
+                                  dir=Path("/c"))
+    layout = configs.Layout(base=Path("/l"), venv=Path("/v"), rabbit_vhost="v",
+                            vtpcm_transport_url="rabbit://", vtpcm_exchange="x",
+                            vtpcm_topics={}, socket_dirs=[], engine_public_key=Path("/e"),
+                            instances_path=Path("/i"), ports={}, computes=[compute])
+    conf = configs.compute_conf(layout, compute)
+    assert (conf["DEFAULT"]["my_ip"], conf["libvirt"]["live_migration_inbound_addr"],
+            conf["libvirt"]["remote_filesystem_transport"]) == ("127.0.0.11", "127.0.0.11",
+                                                                 "ssh")
 
 
 def test_the_engine_asks_the_labs_nova_api_with_the_identity_stand_ins_token() -> None:

@@ -22,6 +22,14 @@ class AuditStore(Store):
             s.add(models.Audit(at=now or utcnow(), event=event, host=host, instance=instance,
                                migration_id=migration_id, outcome=outcome, detail=detail))
 
+    def has_audit(self, instance: str, event: str, outcome: str) -> bool:
+        """Whether the instance has an entry of ``event`` with ``outcome``."""
+        q = select(models.Audit.id).where(models.Audit.instance == instance,
+                                          models.Audit.event == event,
+                                          models.Audit.outcome == outcome).limit(1)
+        with self.session() as s:
+            return s.scalars(q).first() is not None
+
     def list_audit(self, limit: int = 100, host: str | None = None) -> list[AuditRecord]:
         """Newest first."""
         q = select(models.Audit).order_by(models.Audit.id.desc()).limit(limit)

@@ -23,14 +23,15 @@ class MigrationStore(Store):
     def create_migration(self, migration_id: str, instance_uuid: str, source: str, dest: str,
                          generation: int, state: str, deadline: datetime.datetime,
                          now: datetime.datetime | None = None,
-                         prior_state: str | None = None) -> MigrationRecord:
+                         prior_state: str | None = None,
+                         begun_by: str | None = None) -> MigrationRecord:
         now = now or utcnow()
         with self.session() as s:
             row = models.Migration(migration_id=migration_id, instance_uuid=instance_uuid,
                                    source=source, dest=dest, generation=generation,
                                    state=state, created_at=now, updated_at=now,
                                    deadline=deadline, error=None,
-                                   prior_state=prior_state)
+                                   prior_state=prior_state, begun_by=begun_by)
             s.add(row)
             try:
                 s.flush()

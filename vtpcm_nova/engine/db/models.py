@@ -211,6 +211,9 @@ class Migration(Base):
     # the vTPCM record's state before the migration claimed it (SHELVED for
     # an unshelve), which an abort restores
     prior_state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # the engine worker running its begin ("<[engine] host>/<run id>"):
+    # reconcile aborts a begin whose worker restarted (0004)
+    begun_by: Mapped[str | None] = mapped_column(String(255), nullable=True)
 
 
 class AbandonedVtpcm(Base):

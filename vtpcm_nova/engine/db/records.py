@@ -111,6 +111,7 @@ class MigrationRecord:
     deadline: datetime.datetime
     error: str | None
     prior_state: str | None = None
+    begun_by: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ def vtpcm_rec(r: models.Vtpcm) -> VtpcmRecord:
 def migration_rec(r: models.Migration) -> MigrationRecord:
     return MigrationRecord(r.migration_id, r.instance_uuid, r.source, r.dest, r.generation,
                            r.state, r.created_at, r.updated_at, r.deadline, r.error,
-                           r.prior_state)
+                           r.prior_state, r.begun_by)
 
 
 def abandoned_rec(r: models.AbandonedVtpcm) -> AbandonedRecord:

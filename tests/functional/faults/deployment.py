@@ -1,0 +1,167 @@
+"""A two-host deployment whose every part can be killed and brought back:
+a real engine daemon (reconcile every second, short RPC timeouts, as the
+fault cases need), two real agent daemons with swtpm host-TPM stand-ins,
+RabbitMQ. The QEMU stream is stood in for by the agents' state collector
+(export_state on the source, import_state on the destination)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from tests.functional import tpmtools
+from tests.functional.faults.relay import BrokerRelay
+from tests.functional.harness import ClusterHost, EngineDaemon, wait_for
+from vtpcm_common import exception
+from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.engine.rpcapi import EngineAPI
+
+# The engine's agent RPC timeout in these tests: "down past the RPC
+# timeout" means down longer than this.
+ENGINE_RPC_TIMEOUT = 5
+# The engine aborts a begin idle this long (coordinator.begin_abandoned):
+# the RPC timeout + BEGIN_STEP_SLACK.
+BEGIN_STEP_BOUND = ENGINE_RPC_TIMEOUT + 30
+# [migration] timeout: a caller's lost abort is settled by the deadline.
+MIGRATION_TIMEOUT = 40
+ENGINE_EXTRA = {"engine": {"rpc_timeout": ENGINE_RPC_TIMEOUT},
+                "migration": {"reconcile_interval": 1, "timeout": MIGRATION_TIMEOUT},
+                "attestation": {"verdict_ttl": 3600}}
+PCRS = (0, 7)
+
+
+@dataclasses.dataclass
+class Deployment:
+    operator: EngineAPI
+    at: dict[str, EngineAPI]  # label -> the engine as that host's Nova driver calls it
+    hosts: dict[str, ClusterHost]
+    agents: AgentAPI
+    engine: EngineDaemon
+    relay: BrokerRelay | None = None  # the daemons' way to RabbitMQ, if cut-able
+
+    def restart_engine(self) -> None:
+        """Start the engine again (after a kill) and wait until it serves."""
+        self.engine.start()
+        self.engine.wait_ready(self.operator)
+
+    def restart_agent(self, label: str) -> None:
+        agent = self.hosts[label].agent
+        agent.start()
+        agent.wait_ready(self.agents)
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) until the block ends (SIGCONT, also on
+    failure; a process killed meanwhile is gone and that is fine): holds a
+    step on the agent's side, e.g. ``begin`` between the seal and the
+    prepare."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def running_vtpcm(d: Deployment, label: str) -> tuple[str, str]:
+    """A started vTPCM on host ``label`` with guest state in it: (instance, vtpcm id)."""
+    instance = str(uuid.uuid4())
+    rec = d.at[label].create_vtpcm(instance, d.hosts[label].name)
+    d.at[label].start_vtpcm(instance)
+    tpmtools.write_guest_state(d.hosts[label].paths(instance, rec.vtpcm_id),
+                               b"tenant NV " + os.urandom(8), os.urandom(32), make_key=True)
+    return instance, rec.vtpcm_id
+
+
+def switchover(d: Deployment, instance: str, src: str, dst: str) -> None:
+    """QEMU's stop-and-copy, stood in for by the state collector."""
+    d.agents.import_state(d.hosts[dst].name,
+                          d.agents.export_state(d.hosts[src].name, instance))
+
+
+def permanent(state: dict[str, bytes]) -> dict[str, bytes]:
+    return {k: v for k, v in state.items() if k != "pcr16"}
+
+
+def wait_state(d: Deployment, migration_id: str, states: set[str], timeout: float) -> str:
+    """Wait until the engine reports the migration in one of ``states``."""
+    def reached() -> str | None:
+        try:
+            state = d.operator.get_migration(migration_id).state
+        except (exception.NotFound, exception.ServiceUnreachable):
+            return None
+        return state if state in states else None
+    return str(wait_for("migration %s in %s" % (migration_id, sorted(states)), reached,
+                        timeout))
+
+
+def instance_processes(instance: str) -> list[int]:
+    """Pids of every process whose command line names ``instance`` (a
+    swtpm's socket and pid file carry it): what an orphan would be."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            status = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if instance.encode() in cmdline and ") Z " not in status:
+            found.append(int(proc.name))
+    return found
+
+
+def vtpcm_files(host: ClusterHost) -> set[str]:
+    """The vTPCM ids that have a state directory or a key file on ``host``."""
+    ids = {p.name for p in (host.state_root / "vtpcms").glob("*")}
+    ids |= {p.name.removesuffix(".keys") for p in (host.state_root / "keys").glob("*.keys")}
+    return ids
+
+
+def other(label: str) -> str:
+    return "b" if label == "a" else "a"
+
+
+def files_now(d: Deployment) -> dict[str, set[str]]:
+    return {label: vtpcm_files(host) for label, host in d.hosts.items()}
+
+
+def assert_one_place(d: Deployment, instance: str, files_before: dict[str, set[str]]
+                     ) -> tuple[str, str, bool]:
+    # files_before: taken before the instance's vTPCM was created
+    """The vTPCM of ``instance`` is in exactly one place, and the engine and
+    both agents agree on it: the engine's record (ACTIVE, no migration),
+    that host's agent (ACTIVE, same id and generation), the other agent
+    without it (none or DESTROYED), no state directory or key file of it
+    elsewhere, no swtpm of it but the live one. Returns (label, vtpcm id,
+    running)."""
+    rec = d.operator.get_vtpcm(instance)
+    # the engine's record keeps the agent's state at creation (STOPPED) until
+    # a migration ends; whether the swtpm runs is the agent's to say
+    assert rec.state in ("ACTIVE", "STOPPED") and rec.migration_id is None, rec
+    label = next(lb for lb, h in d.hosts.items() if h.name == rec.host)
+    live = d.agents.get(rec.host, instance)
+    # (an incoming vTPCM keeps the id of the migration that brought it)
+    assert live.state in ("ACTIVE", "STOPPED"), live
+    assert (live.vtpcm_id, live.generation) == (rec.vtpcm_id, rec.generation), live
+    try:
+        gone = d.agents.get(d.hosts[other(label)].name, instance)
+        assert gone.state == "DESTROYED", gone
+    except exception.NotFound:
+        pass
+    listed = {lb: {v.instance_uuid for v in d.agents.list(h.name).vtpcms
+                   if v.state != "DESTROYED"} for lb, h in d.hosts.items()}
+    assert instance in listed[label] and instance not in listed[other(label)], listed
+    now = files_now(d)
+    assert now[label] - files_before[label] == {rec.vtpcm_id}, now
+    assert now[other(label)] - files_before[other(label)] == set(), now
+    assert instance_processes(instance) == ([live.pid] if live.running else []), (
+        instance_processes(instance), live)
+    return label, rec.vtpcm_id, live.running
