@@ -415,10 +415,19 @@ class InstanceManager:
 
     @serialized
     def abort_outgoing(self, ctx: sealing.SealContext) -> Association:
+        """The source's copy is live again, not out for this migration.
+
+        A live (ACTIVE, STOPPED) vTPCM is left as it is, whatever migration
+        id it carries: that is the migration it arrived with (kept by
+        ``commit_incoming``), never this one, whose seal either never ran
+        here or was undone already. Refusing it wedged the abort of a begin
+        whose seal never reached this agent (an engine killed before it, a
+        seal timed out) in RESTORING for good, found under load
+        (tests/functional/engine/test_load.py). The aborted id is recorded
+        first, so a seal still on its way is refused."""
         self.associations.record_aborted(ctx.migration_id, ctx.instance_uuid)
         assoc = self.associations.get(ctx.instance_uuid)
-        if assoc.state in (S.ACTIVE, S.STOPPED) and assoc.migration_id in (None,
-                                                                           ctx.migration_id):
+        if assoc.state in (S.ACTIVE, S.STOPPED):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
         target = S.ACTIVE if self.is_running(assoc) else S.STOPPED
