@@ -125,9 +125,7 @@ def test_late_steps_of_an_old_migration_leave_the_vtpcm_back_on_its_host_alone(c
     with pytest.raises(exception.MigrationError) as err:
         api.commit_outgoing(a.name, first)
     assert "expected MIGRATING_OUT" in str(err.value)
-    with pytest.raises(exception.MigrationError) as err:
-        api.abort_outgoing(a.name, first)
-    assert "expected MIGRATING_OUT" in str(err.value)
+    api.abort_outgoing(a.name, first)  # a live vTPCM is left as it is
     kem = api.get_identity(b.name, os.urandom(32)).kem_public
     with pytest.raises(exception.MigrationError) as err:
         api.seal_migration_key(a.name, first, kem)
