@@ -105,13 +105,89 @@ def attestation_table(r: dict[str, Any]) -> str:
           "%.1f" % a["max"], "%.0f" % r["verify_quote_per_second_one_core"]]])])
 
 
+def lab_lm_tables(r: dict[str, Any]) -> str:
+    """Per setting and arm: total and downtime median/p95; vtpcm over none and
+    over emulator (ratio of medians, and the paired same-round difference)."""
+    rows, crows = [], []
+    for cfg in r["configs"]:
+        label = "%d MiB%s" % (cfg["memory_mib"],
+                              " +%d MiB/s" % cfg["dirty_mibps"] if cfg["dirty_mibps"] else "")
+        arms = cfg["analysis"]["arms"]
+        for arm in ("none", "emulator", "vtpcm"):
+            a = arms.get(arm, {})
+            cells = [label, arm, str(a["total_ms"]["n"]) if "total_ms" in a else "0"]
+            for metric in ("total_ms", "downtime_ms", "downtime_net_ms"):
+                m = a.get(metric)
+                cells += ["%.0f" % m["median"], "%.0f" % m["p95"]] if m else ["-", "-"]
+            rows.append(cells)
+        cmp = cfg["analysis"]["comparison"]
+        for base in ("none", "emulator"):
+            cells = [label, "vtpcm/" + base]
+            for metric in ("total_ms", "downtime_ms"):
+                c = cmp.get("vtpcm_vs_%s/%s" % (base, metric))
+                if not c:
+                    cells += ["-", "-", "-"]
+                    continue
+                paired = c["paired_added_ms"]
+                cells += ["%.3f" % c["ratio_of_medians"] if c["ratio_of_medians"] else "-",
+                          "%+.0f" % c["added_ms_of_medians"],
+                          "%+.0f" % paired["median"] if paired else "-"]
+            crows.append(cells)
+        proto = cfg["analysis"]["vtpcm_protocol"]
+        if proto:
+            crows.append([label, "vtpcm protocol ms", "check %.0f" % proto["check_ms"]["median"],
+                          "begin %.0f" % proto["begin_ms"]["median"],
+                          "commit %.0f" % proto["commit_ms"]["median"],
+                          "sum %.0f" % proto["protocol_ms"]["median"], "", ""])
+    held = [c["held_s"] for cfg in r["configs"] for c in cfg["chunks"]]
+    out = [machine_line("lab-lm", r) + ", lock held per chunk %s s" % held, "",
+           table(["setting", "arm", "n", "total med ms", "p95", "downtime med ms", "p95",
+                  "downtime_net med", "p95"], rows), "",
+           table(["setting", "vtpcm over", "total ratio", "added ms", "paired added",
+                  "downtime ratio", "added ms", "paired added"], crows)]
+    for t in r.get("targets", []):
+        out.append("%s: %s (%s)" % (t["target"], met(t["met"]), "%.3f" % t["measured"]
+                                     if t["measured"] is not None else "-"))
+    return "\n".join(out)
+
+
+def agent_scale_table(r: dict[str, Any]) -> str:
+    rows = []
+    ro = {x["n"]: x for x in r["readoptions"]}
+    for p in r["checkpoints"]:
+        x = ro.get(p["n"])
+        rows.append([str(p["n"]), "%.0f" % p["create_start_ms_last"]["median"],
+                     "%.1f" % (p["agent"].get("rss_kib", 0) / 1024),
+                     "%.2f" % (p["swtpm_rss_kib"]["median"] / 1024),
+                     "%.2f" % (p["swtpm_pss_kib"]["median"] / 1024),
+                     "%.0f" % (p["swtpm_pss_total_kib"] / 1024),
+                     "%.0f" % p["health_ms"], "%.0f" % p["list_ms"],
+                     "%.3f" % x["recover_s"] if x else "",
+                     "%.2f" % x["restart_to_serving_s"] if x else ""])
+    t = r["targets"][0]
+    return "\n".join([
+        machine_line("agent-scale", r), "",
+        "create %.0f ms median (p95 %.0f), start %.0f ms (p95 %.0f); %d vTPCMs in %.0f s"
+        % (r["create_ms"]["median"], r["create_ms"]["p95"], r["start_ms"]["median"],
+           r["start_ms"]["p95"], r["n"], r["create_total_s"]), "",
+        table(["n", "create+start ms (last 10)", "agent RSS MiB", "swtpm RSS MiB",
+               "swtpm PSS MiB", "all swtpm PSS MiB", "health ms", "list ms",
+               "recover s", "restart to serving s"], rows), "",
+        "%s: %s" % (t["target"], met(t["met"]))])
+
+
 def main() -> int:
     results = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE / "results"
     for name, fn in (("filter", filter_tables), ("nova-lm", nova_lm_tables),
-                     ("attestation", attestation_table)):
+                     ("attestation", attestation_table), ("lab-lm", lab_lm_tables),
+                     ("agent-scale", agent_scale_table)):
         path = results / (name + ".json")
         if path.exists():
-            print(fn(json.loads(path.read_text())))
+            try:
+                print(fn(json.loads(path.read_text())))
+            except KeyError as exc:  # a benchmark's JSON moved on: say so, print the rest
+                print("%s: this summarize.py does not know its format (no key %s)"
+                      % (name, exc))
             print()
     return 0
 

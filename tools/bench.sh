@@ -13,7 +13,11 @@
 #                         swtpm, RabbitMQ; per-step spans; floors (.venv)
 #            attestation-scale  attest_all over 10-1,000 hosts, SQLite and
 #                         PostgreSQL, real swtpm quotes (.venv)
-#   --smoke  tiny sizes, seconds each (nova-lm: ~45 s, the Nova harness's floor);
+#            lab-lm       live migration in the two-host lab: no TPM vs libvirt's
+#                         swtpm vs vTPCM (.venv, root; takes the lab lock per chunk)
+#            agent-scale  200 vTPCMs on one agent: creation, memory, restart (.venv)
+#   --smoke  tiny sizes, seconds each (nova-lm: ~45 s, the Nova harness's floor;
+#            lab-lm: 1 round at 256 MiB, ~60 s, the lab's start/stop floor);
 #            results go to benchmarks/results/smoke/ (git-ignored), never over
 #            the committed full results.
 #
@@ -27,7 +31,7 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=${VTPCM_VENV:-$ROOT/.venv}
 NOVA_VENV=${VTPCM_NOVA_VENV:-$ROOT/.venv-nova}
-ALL=(filter nova-lm attestation unsigned-flood protocol attestation-scale)
+ALL=(filter nova-lm attestation unsigned-flood protocol attestation-scale lab-lm agent-scale)
 
 smoke=0
 names=()
@@ -35,7 +39,7 @@ for arg in "$@"; do
     case $arg in
         --smoke) smoke=1 ;;
         --list) printf '%s\n' "${ALL[@]}"; exit 0 ;;
-        -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "bench.sh: unknown option $arg" >&2; exit 2 ;;
         *) names+=("$arg") ;;
     esac
@@ -76,6 +80,16 @@ ensure_nova_venv() {
         tools/install-nova-env.sh || return  # idempotent, ~1 s when done
     fi
     ensure_matplotlib "$NOVA_VENV" "$ROOT/tools/nova-constraints.txt"
+}
+
+plot_with_matplotlib() {  # script json: in whichever venv has (or gets) matplotlib
+    local plot_venv=$VENV
+    if ! has_matplotlib "$VENV" && [ -x "$NOVA_VENV/bin/python" ] \
+            && has_matplotlib "$NOVA_VENV"; then
+        plot_venv=$NOVA_VENV
+    fi
+    ensure_matplotlib "$plot_venv" || return
+    "$plot_venv/bin/python" "$1" "$2"
 }
 
 # (these run as `if run_x`, where set -e is off: every step returns on failure)
@@ -135,6 +149,24 @@ run_attestation_scale() {
         attestation_scale.py "${SMOKE_ARG[@]}" --out-dir "$OUT")
 }
 
+run_lab_lm() {
+    # full: 3 settings x (20 rounds + warm-up) x 3 arms, ~20 min on a quiet lab,
+    # plus waits for the lab lock (it is taken per chunk of <= 9 min)
+    local limit=5400
+    [ $smoke = 1 ] && limit=600
+    timeout --kill-after=30 $limit "$VENV/bin/python" benchmarks/lab_lm.py \
+        "${SMOKE_ARG[@]}" --out-dir "$OUT" || return
+    plot_with_matplotlib benchmarks/plot_lab_lm.py "$OUT/lab-lm.json"
+}
+
+run_agent_scale() {
+    local limit=1800
+    [ $smoke = 1 ] && limit=180
+    timeout --kill-after=30 $limit "$VENV/bin/python" benchmarks/agent_scale.py \
+        "${SMOKE_ARG[@]}" --out-dir "$OUT" || return
+    plot_with_matplotlib benchmarks/plot_agent_scale.py "$OUT/agent-scale.json"
+}
+
 failed=()
 for name in "${names[@]}"; do
     log "== $name$([ $smoke = 1 ] && echo ' (smoke)') -> $OUT/$name.{json,png}"
@@ -146,6 +178,8 @@ for name in "${names[@]}"; do
         unsigned-flood) fn=run_unsigned_flood ;;
         protocol) fn=run_protocol ;;
         attestation-scale) fn=run_attestation_scale ;;
+        lab-lm) fn=run_lab_lm ;;
+        agent-scale) fn=run_agent_scale ;;
     esac
     if $fn; then
         log "== $name done in $((SECONDS - start)) s"

@@ -5,8 +5,9 @@
 # (the two-host libvirt/QEMU lab; real Nova 34 services on it in
 # tests/e2e_nova, from their own venv: tools/install-nova-services.sh), then
 # the Nova functional tests in their own virtualenv (.venv-nova: Nova 34 and
-# its test requirements, pinned in tools/nova-constraints.txt). Extra
-# arguments go to the main pytest run.
+# its test requirements, pinned in tools/nova-constraints.txt), then every
+# benchmark once with tiny sizes (tools/bench.sh --smoke), so that they keep
+# working. Extra arguments go to the main pytest run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
@@ -31,3 +32,5 @@ echo "== nova functional (Nova 34's own harness, this driver and filter, real ag
 tools/install-nova-env.sh
 NOVA_VENV=${VTPCM_NOVA_VENV:-$PWD/.venv-nova}
 "$NOVA_VENV/bin/python" -m pytest -p no:cacheprovider -q --timeout=600 tests/nova_functional
+echo "== benchmarks smoke (tiny sizes: fails if a benchmark crashes, never on its timings)"
+tools/bench.sh --smoke

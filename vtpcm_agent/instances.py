@@ -16,6 +16,7 @@ import functools
 import os
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -417,10 +418,19 @@ class InstanceManager:
 
     @serialized
     def abort_outgoing(self, ctx: sealing.SealContext) -> Association:
+        """The source's copy is live again, not out for this migration.
+
+        A live (ACTIVE, STOPPED) vTPCM is left as it is, whatever migration
+        id it carries: that is the migration it arrived with (kept by
+        ``commit_incoming``), never this one, whose seal either never ran
+        here or was undone already. Refusing it wedged the abort of a begin
+        whose seal never reached this agent (an engine killed before it, a
+        seal timed out) in RESTORING for good, found under load
+        (tests/functional/engine/test_load.py). The aborted id is recorded
+        first, so a seal still on its way is refused."""
         self.associations.record_aborted(ctx.migration_id, ctx.instance_uuid)
         assoc = self.associations.get(ctx.instance_uuid)
-        if assoc.state in (S.ACTIVE, S.STOPPED) and assoc.migration_id in (None,
-                                                                           ctx.migration_id):
+        if assoc.state in (S.ACTIVE, S.STOPPED):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
         target = S.ACTIVE if self.is_running(assoc) else S.STOPPED
@@ -587,6 +597,7 @@ class InstanceManager:
     def recover(self) -> dict[str, list[str]]:
         """Re-adopt running swtpm processes and clean up interrupted creates."""
         report: dict[str, list[str]] = {"adopted": [], "crashed": [], "cleaned": []}
+        started = time.monotonic()
         for assoc in self.associations.list():
             paths = self._paths_of(assoc)
             if assoc.state is S.CREATING:
@@ -604,9 +615,11 @@ class InstanceManager:
                           "is not running", {"instance": assoc.instance_uuid,
                                              "vtpcm": assoc.vtpcm_id,
                                              "state": assoc.state.value})
+        # the seconds: an agent restart delays every RPC on the host by this
         LOG.info("Recovered: %(a)d adopted, %(c)d crashed, %(x)d interrupted creates "
-                 "cleaned", {"a": len(report["adopted"]), "c": len(report["crashed"]),
-                             "x": len(report["cleaned"])})
+                 "cleaned in %(s).3f s",
+                 {"a": len(report["adopted"]), "c": len(report["crashed"]),
+                  "x": len(report["cleaned"]), "s": time.monotonic() - started})
         return report
 
     # --- helpers ---------------------------------------------------------------
@@ -693,7 +706,26 @@ class InstanceManager:
         self._drop_own_files(assoc.instance_uuid)
 
     def _discard(self, instance_uuid: str, vtpcm_id: str, paths: process.SwtpmPaths) -> None:
-        """Undo a create or an incoming that never went live: no tombstone."""
+        """Undo a create or an incoming that never went live: no tombstone.
+
+        Never the live vTPCM: if the record of ``vtpcm_id`` went live (an
+        incoming one committed), this refuses before its keys and state go.
+        Each caller checks that already; this is the last line, since a
+        discard that got past one would shred the holder's keys and leave
+        its record live (``forget`` keeps live rows) with nothing to open
+        its state: the tenant's TPM lost. Callers hold the instance's lock,
+        so the record cannot go live between the check and the shred."""
+        record = self.associations.find(instance_uuid)
+        if record is not None and record.vtpcm_id == vtpcm_id \
+                and record.state not in (S.CREATING, S.MIGRATING_IN):
+            LOG.error("Refused to discard vTPCM %(vtpcm)s of instance %(instance)s: it is "
+                      "%(state)s (generation %(gen)d), not an unfinished create or incoming; "
+                      "its keys and state are kept",
+                      {"vtpcm": vtpcm_id, "instance": instance_uuid,
+                       "state": record.state.value, "gen": record.generation})
+            raise exception.InvalidTransition(
+                what="vTPCM of instance", key=instance_uuid, current=record.state.value,
+                target="discarded")
         self.keystore.destroy(vtpcm_id)
         if paths.state_dir.exists():
             shutil.rmtree(paths.state_dir)

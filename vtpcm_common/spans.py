@@ -62,7 +62,12 @@ class _On:
                            "thread": threading.get_ident()})
         with _lock:
             if _sink is not None:
-                _sink.write(line + "\n")
+                try:
+                    _sink.write(line + "\n")
+                except (OSError, ValueError):
+                    # a full disk or closed sink loses this timing line, never the
+                    # block's own outcome (its exception, or its success)
+                    pass
 
 
 def span(label: str) -> _Off | _On:

@@ -17,6 +17,10 @@ from vtpcm_lab.guest import GuestImage
 
 EMULATOR = "/usr/bin/qemu-system-x86_64"
 TPM_MODELS = ("tpm-crb", "tpm-tis")
+# external: QEMU connects to a swtpm someone else runs (the vTPCM agent);
+# emulator: libvirt starts swtpm itself and QEMU carries its state in the
+# migration stream unencrypted (upstream Nova's hw:tpm_*), the benchmarks' baseline.
+TPM_BACKENDS = ("external", "emulator")
 
 
 def _check_path(what: str, path: str | Path) -> str:
@@ -29,11 +33,20 @@ def _check_path(what: str, path: str | Path) -> str:
 
 def render_domain_xml(name: str, image: GuestImage, tpm_ctrl_socket: str | Path | None,
                       serial_socket: str | Path, domain_uuid: str | None = None,
-                      memory_mib: int = 256, tpm_model: str = "tpm-crb") -> str:
-    """XML of the lab guest; ``tpm_ctrl_socket=None`` gives the TPM-less control guest."""
-    with_tpm = tpm_ctrl_socket is not None
+                      memory_mib: int = 256, tpm_model: str = "tpm-crb",
+                      tpm_backend: str = "external") -> str:
+    """XML of the lab guest; ``tpm_ctrl_socket=None`` gives the TPM-less control
+    guest, unless ``tpm_backend="emulator"`` (a libvirt-managed swtpm, no socket)."""
+    if tpm_backend not in TPM_BACKENDS:
+        raise LabError(reason="tpm backend must be one of %s" % (TPM_BACKENDS,))
+    emulator_tpm = tpm_backend == "emulator"
+    if emulator_tpm and tpm_ctrl_socket is not None:
+        raise LabError(reason="the emulator TPM backend takes no control socket")
+    with_tpm = tpm_ctrl_socket is not None or emulator_tpm
     if tpm_model not in TPM_MODELS:
         raise LabError(reason="tpm model must be one of %s" % (TPM_MODELS,))
+    if not 64 <= memory_mib <= 65536:
+        raise LabError(reason="guest memory must be 64-65536 MiB, got %r" % (memory_mib,))
     if not name.replace("-", "").replace("_", "").isalnum():
         raise LabError(reason="domain name %r: use letters, digits, - and _" % name)
     dom = ET.Element("domain", type="qemu")
@@ -59,7 +72,10 @@ def render_domain_xml(name: str, image: GuestImage, tpm_ctrl_socket: str | Path 
     ET.SubElement(serial, "source", mode="bind",
                   path=_check_path("serial socket", serial_socket))
     ET.SubElement(serial, "target", port="0")
-    if tpm_ctrl_socket is not None:
+    if emulator_tpm:
+        tpm = ET.SubElement(devices, "tpm", model=tpm_model)
+        ET.SubElement(tpm, "backend", type="emulator", version="2.0")
+    elif tpm_ctrl_socket is not None:
         tpm = ET.SubElement(devices, "tpm", model=tpm_model)
         backend = ET.SubElement(tpm, "backend", type="external")
         ET.SubElement(backend, "source", type="unix", mode="connect",

@@ -90,6 +90,61 @@ do_report() {
     echo "TPMDEV=$TPMDEV"
 }
 
+# dirty N: from now on dirty N MiB of distinct pages per second, as a busy
+# guest would, so that a live migration has pages to resend. About 10 times
+# a second the loop writes what the rate owes since the start (by
+# /proc/uptime, so a slow tick under TCG is caught up, at most 4 ticks' worth
+# at once) as random 64 KiB blocks at the next offset of a 64 MiB tmpfs
+# file, wrapping around: a region rewritten in place would be only one
+# tick's worth of pages dirty, whatever N. Random, not zero, bytes: QEMU
+# sends a zero page as a few bytes. "dirty 0" stops it.
+DIRTY_PID=
+DIRTY_SPAN_BLOCKS=1024  # 64 KiB blocks: 64 MiB
+centis() {
+    cut -d' ' -f1 /proc/uptime | tr -d .
+}
+do_dirty() {
+    rate="$1"
+    case "$rate" in
+        *[!0-9]*|"") echo "ERROR dirty needs MiB/s as digits"; return ;;
+    esac
+    if [ "$rate" -gt 256 ]; then
+        echo "ERROR dirty rate above 256 MiB/s"
+        return
+    fi
+    [ -n "$DIRTY_PID" ] && kill "$DIRTY_PID" 2>/dev/null
+    DIRTY_PID=
+    rm -f /tmp/dirty.src /tmp/dirty.dst
+    if [ "$rate" -eq 0 ]; then
+        echo "OK dirty 0"
+        return
+    fi
+    tick=$((rate * 16 / 10))  # 64 KiB blocks per 0.1 s
+    [ "$tick" -lt 1 ] && tick=1
+    dd if=/dev/urandom of=/tmp/dirty.src bs=64k count=$((tick * 4)) 2>/dev/null
+    (
+        start=$(centis)
+        written=0
+        off=0
+        while true; do
+            owed=$(( ($(centis) - start) * rate * 16 / 100 - written ))
+            [ "$owed" -gt $((tick * 4)) ] && owed=$((tick * 4))
+            if [ "$owed" -gt 0 ]; then
+                dd if=/tmp/dirty.src of=/tmp/dirty.dst bs=64k count="$owed" \
+                    seek="$off" conv=notrunc 2>/dev/null
+                written=$((written + owed))
+                off=$(( (off + owed) % DIRTY_SPAN_BLOCKS ))
+            fi
+            # behind by more than the cap: forget the debt, keep the pace
+            late=$(( ($(centis) - start) * rate * 16 / 100 - written ))
+            [ "$late" -gt $((tick * 8)) ] && written=$((written + late - tick))
+            sleep 0.1
+        done
+    ) </dev/null >/dev/null 2>&1 &
+    DIRTY_PID=$!
+    echo "OK dirty $rate"
+}
+
 echo "VTPCM-READY $BOOTID"
 
 while true; do
@@ -104,6 +159,7 @@ while true; do
         ping) echo "pong $arg" ;;
         write) do_write "$arg" ;;
         report) do_report ;;
+        dirty) do_dirty "$arg" ;;
         poweroff) echo "bye"; echo "VTPCM-END $cmd${arg:+ $arg}"; poweroff -f ;;
         *) echo "ERROR unknown command" ;;
     esac

@@ -59,10 +59,12 @@ def _running_on(conn: libvirt.virConnect, name: str) -> bool:
 
 
 def boot_guest(stack: Stack, host: StackHost, name: str,
-               instance_uuid: str | None = None) -> tuple[str, console.GuestConsole]:
+               instance_uuid: str | None = None, *,
+               memory_mib: int = 256) -> tuple[str, console.GuestConsole]:
     """Create and start the vTPCM with the Nova driver's own function
     (``lifecycle.ensure_running``, engine calls signed with ``host``'s command
-    key), define and boot the VM on the socket it returns."""
+    key), define and boot the VM on the socket it returns (``memory_mib``:
+    less lets several guests migrate at once on the lab machine)."""
     image = stack.lab.image
     if image is None:
         raise LabError(reason="lab is not up")
@@ -70,7 +72,8 @@ def boot_guest(stack: Stack, host: StackHost, name: str,
     socket_path = lifecycle.ensure_running(stack.engine_at(host), stack.agents_at(host),
                                            instance, host.name, stack.socket_dirs)
     xml = domain.render_domain_xml(name, image, socket_path,
-                                   host.lab_host.serial_path(name), domain_uuid=instance)
+                                   host.lab_host.serial_path(name), domain_uuid=instance,
+                                   memory_mib=memory_mib)
     conn = host.lab_host.connect()
     try:
         conn.defineXML(xml).create()

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -267,6 +268,115 @@ def _raw_swtpm(tpmdir: Path, ctrl: Path, uid: int):
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     return proc
+
+
+CROSSING = 4  # guests each way
+SMALL_GUEST_MIB = 128
+
+
+def _keys_of(host, vtpcm_id):
+    with HostTPM(host.tpm.tcti) as tpm:
+        return KeyStore(host.state_dir / "keys", TPMSealedHostKey(
+            tpm, host.state_dir / "hostkey.sealed")).get(vtpcm_id)
+
+
+def _in_parallel(calls):
+    """Start ``calls`` at one instant on threads; their results in order,
+    or the first error (every thread is joined, with a bound)."""
+    results, errors = [None] * len(calls), []
+    gate = threading.Barrier(len(calls))
+
+    def one(i):
+        try:
+            gate.wait(timeout=60)
+            results[i] = calls[i]()
+        except BaseException as err:  # noqa: BLE001 - re-raised below
+            errors.append(err)
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(t.is_alive() for t in threads), "a parallel call never returned"
+    if errors:
+        raise errors[0]
+    return results
+
+
+def test_eight_guests_cross_at_once(stack):
+    """Issue 10 point 6: 4 guests A -> B and 4 guests B -> A live-migrated
+    at the same time (small guests). Each lands with its own PCR16, NV and
+    EK, at generation 1; the sources' copies are shredded; no incoming or
+    outgoing vTPCM is left on either host; no key of any of them, nor a
+    secret window of two of their states, is in any log or file."""
+    a, b = stack.host(stack.lab.a), stack.host(stack.lab.b)
+    plan = [(a, b)] * CROSSING + [(b, a)] * CROSSING
+    names = ["vte-x%d-%s" % (i, uuid.uuid4().hex[:4]) for i in range(len(plan))]
+
+    def boot(i):
+        src = plan[i][0]
+        instance, con = live.boot_guest(stack, src, names[i], memory_mib=SMALL_GUEST_MIB)
+        try:
+            con.write(os.urandom(32).hex())
+            return instance, con.report()
+        finally:
+            con.close()
+    base = Path(tempfile.mkdtemp(prefix="vtpx", dir="/tmp"))
+    try:
+        booted = _in_parallel([lambda i=i: boot(i) for i in range(len(plan))])
+        instances = [instance for instance, _ in booted]
+        assert len({r["EK"] for _, r in booted}) == len(plan)  # eight distinct TPMs
+        keys, found = [], set()
+        for i, (src, _) in enumerate(plan):
+            old = stack.agents.get(src.name, instances[i])
+            k = _keys_of(src, old.vtpcm_id)
+            keys += [("at-rest key of %s" % names[i], k.at_rest_key),
+                     ("migration key of %s" % names[i], k.migration_key)]
+            if i in (0, len(plan) - 1):  # one state each way: its secret windows
+                (base / str(i)).mkdir()
+                found |= tpmtools.secrets_of_state(src.state_dir / "vtpcms" / old.vtpcm_id,
+                                                   k.at_rest_key, base / str(i))
+
+        ports: set[int] = set()
+        while len(ports) < len(plan):  # one migration port each, as Nova's range gives
+            ports.add(live.free_port())
+        hops = _in_parallel([lambda i=i, port=port: live.live_migrate(
+            stack, names[i], *plan[i], port=port) for i, port in enumerate(sorted(ports))])
+
+        for i, (src, dst) in enumerate(plan):
+            instance, before = booted[i]
+            _same_tpm(before, _report(dst.lab_host, names[i]))
+            assert stack.engine.get_migration(hops[i].migration_id).state == "COMMITTED"
+            record = stack.engine.get_vtpcm(instance)
+            assert (record.host, record.generation, record.migration_id) == (dst.name, 1, None)
+            assert stack.agents.get(src.name, instance).state == "DESTROYED"
+            moved = stack.agents.get(dst.name, instance)
+            assert (moved.state, moved.generation, moved.running) == ("ACTIVE", 1, True)
+            keys.append(("fresh at-rest key of %s" % names[i],
+                         _keys_of(dst, moved.vtpcm_id).at_rest_key))
+        # no orphan: each host holds live only what the engine places there
+        for host in (a, b):
+            for info in stack.agents.list(host.name).vtpcms:
+                if info.instance_uuid in instances:
+                    expected = "ACTIVE" if stack.engine.get_vtpcm(
+                        info.instance_uuid).host == host.name else "DESTROYED"
+                    assert info.state == expected, (host.name, info)
+        files = [stack.engine_daemon.log_file]
+        for host in (a, b):
+            files += [host.agent.log_file, host.lab_host.log_file,
+                      *(host.lab_host.qemu_log(n) for n in names),
+                      *tpmtools.files(host.state_dir)]
+        haystack = leakscan.SEP.join(f.read_bytes() for f in files if f.is_file())
+        leakscan.assert_finds(keys, found, haystack)
+        assert leakscan.hits(keys, haystack) == []
+        assert leakscan.window_hits(found, haystack) == 0
+        print("\nCROSSING %d guests of %d MiB: libvirt %s s, protocol %s s" % (
+            len(plan), SMALL_GUEST_MIB,
+            sorted(round(h.libvirt.total_s, 1) for h in hops),
+            sorted(round(h.protocol_s, 2) for h in hops)))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+        _destroy_guests(stack.lab)
 
 
 def test_untrusted_destination_gets_no_key_and_vm_stays(stack, guest):

@@ -9,8 +9,10 @@ swtpm_localca creates the CA key and certificate there on first use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from vtpcm_common import exception
@@ -26,12 +28,21 @@ PLATFORM_MODEL = "QEMU"
 
 
 def _write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="ascii") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Atomically, through a temporary file of this call's own: creates of
+    several vTPCMs at once all refresh the same files, and a shared
+    temporary name made one create's rename fail after another's (found by
+    eight guests booted at once in the lab)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def _check_value(value: str, what: str) -> str:

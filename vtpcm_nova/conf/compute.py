@@ -50,8 +50,9 @@ VTPCM_OPTS = [
                  help="How long VTPCMFilter reuses the verdicts fetched for one "
                       "scheduling request (0: fetch for every request)."),
     cfg.FloatOpt("scheduler_timeout", default=5.0, min=0.5,
-                 help="Seconds VTPCMFilter waits for the engine's verdicts. When the "
-                      "engine does not answer, vtpcm: requests find no valid host (fail "
+                 help="Seconds VTPCMFilter waits for the engine's verdicts: one deadline "
+                      "for the whole fetch, every page of it included. When the engine "
+                      "does not answer within it, vtpcm: requests find no valid host (fail "
                       "closed) until the next try; other requests are not affected."),
     cfg.BoolOpt("evacuate_with_fresh_vtpcm", default=False,
                 help="Evacuate vTPCM instances with a fresh vTPCM: the TPM state on the "

@@ -785,31 +785,35 @@ class Coordinator:
             source_gen_ok = (info.generation == vtpcm.generation
                              and info.state in ("ACTIVE", "STOPPED"))
         trusted = dest_host is not None
-        reason = distrust
-        claimed = False
-        if trusted and vtpcm.host == source and source_gen_ok:
-            # Claim the vTPCM for this migration before anything moves: of two
-            # concurrent begins exactly one wins; the other ends REFUSED
-            # without touching any agent.
-            claimed = self.db.set_vtpcm_state(
-                instance_uuid, vtpcm.generation, "MIGRATING", expected_state=vtpcm.state,
-                migration_id=migration_id, expected_migration_id=None)
-            if not claimed:
-                reason = "another migration holds the vTPCM"
-        proto = p.MigrationProtocol(migration_id)
-        actions = proto.handle(p.Begin(
-            destination_trusted=trusted,
-            source_is_location=vtpcm.host == source,
-            generation_matches=source_gen_ok and (claimed or not trusted),
-            reason=reason))
+        # Claim the vTPCM for this migration before anything moves, in the
+        # transaction that records the migration: of two concurrent begins
+        # exactly one wins; the other ends REFUSED without touching any agent.
+        claim = trusted and vtpcm.host == source and source_gen_ok
+
+        def decided(claimed: bool) -> tuple[p.MigrationProtocol, list[p.Action]]:
+            proto = p.MigrationProtocol(migration_id)
+            return proto, proto.handle(p.Begin(
+                destination_trusted=trusted,
+                source_is_location=vtpcm.host == source,
+                generation_matches=source_gen_ok and (claimed or not trusted),
+                reason="another migration holds the vTPCM" if claim and not claimed
+                else distrust))
+        proto, actions = decided(claim)
+        lost = decided(False) if claim else None
         deadline = self.now() + datetime.timedelta(seconds=self.timeout)
-        self.db.create_migration(migration_id, instance_uuid, source, dest,
-                                 vtpcm.generation, proto.state.value, deadline,
-                                 prior_state=vtpcm.state, begun_by=self.worker)
         ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
+        made = self.db.create_migration(
+            migration_id, instance_uuid, source, dest, vtpcm.generation, proto.state.value,
+            deadline, prior_state=vtpcm.state, begun_by=self.worker,
+            audits=_audits(ctx, actions),
+            claim=db_api.VtpcmClaim(vtpcm.state, lost[0].state.value,
+                                    tuple(_audits(ctx, lost[1]))) if lost else None)
+        if lost is not None and made.state != proto.state.value:
+            proto, actions = lost
+        detail = next((a.detail for a in actions if isinstance(a, p.Audit)), "")
+        actions = [a for a in actions if not isinstance(a, p.Audit)]  # written above
         if proto.state is M.REFUSED:
             self._run(proto, ctx, actions)
-            detail = next(a.detail for a in actions if isinstance(a, p.Audit))
             if not trusted:
                 raise exception.HostNotTrusted(host=dest, reason=distrust)
             raise exception.MigrationError(migration_id=migration_id, reason=detail)
@@ -845,8 +849,7 @@ class Coordinator:
         self._settle_deadline_abort(proto, ctx, rec)
         if proto.state in (M.COMMITTING, M.SHREDDING):
             # past the commit point, a step failed: the retry finishes it
-            self._run(proto, ctx, p.pending_actions(proto.state))
-            return self.db.get_migration(migration_id)
+            return self._finish_commit(migration_id)
         before_point = proto.state in (M.PREPARED, M.TRANSFERRING, M.TRANSFERRED,
                                        M.IN_DOUBT)
         if requested_by not in (None, ctx.source_host) and before_point:
@@ -868,7 +871,40 @@ class Coordinator:
             raise exception.HostNotTrusted(host=ctx.dest_host, reason=distrust)
         if proto.state is M.TRANSFERRED:
             self._check_incoming_ready(ctx)
-        self._advance(proto, ctx, p.CommitRequested())
+        try:
+            self._advance(proto, ctx, p.CommitRequested())
+        except exception.MigrationError:
+            if not self._moved_past(migration_id, proto.state):
+                raise
+        return self._finish_commit(migration_id)
+
+    def _moved_past(self, migration_id: str, believed: M) -> bool:
+        """Whether another commit or reconcile moved the migration on from
+        ``believed`` (the state this call last saw or wrote) and past the
+        commit point: a compare-and-set this call lost, not a failed step."""
+        state = self.db.get_migration(migration_id).state
+        return state != believed.value and self._past_commit_point(migration_id)
+
+    def _finish_commit(self, migration_id: str) -> db_api.MigrationRecord:
+        """Run the steps left of a commit past its commit point, as
+        reconcile would, until it is COMMITTED: the commit is decided, so
+        its caller gets success. Another commit or reconcile running the
+        same (idempotent) steps may move the state first; that is progress,
+        not a failure (under load the engine answered "state changed
+        concurrently" to commits that went through, found by
+        tests/functional/engine/test_load.py). A step that fails without
+        such progress (an agent unreachable) still fails the call; the
+        caller retries and reconcile finishes it. Bounded: every pass moves
+        the migration one state on, or raises."""
+        for _ in range(len(p.PENDING_WORK)):
+            proto, ctx, _ = self._load(migration_id)
+            if proto.state not in (M.COMMITTING, M.SHREDDING):
+                break
+            try:
+                self._run(proto, ctx, p.pending_actions(proto.state))
+            except exception.MigrationError:
+                if not self._moved_past(migration_id, proto.state):
+                    raise  # no one moved it: the step itself failed
         return self.db.get_migration(migration_id)
 
     def _check_incoming_ready(self, ctx: am.MigrationContext) -> None:
@@ -1173,13 +1209,16 @@ class Coordinator:
         before = proto.state
         actions = proto.handle(event)
         if proto.state is not before:
+            # the new state's audit goes with it, in one transaction
             if not self.db.update_migration_state(ctx.migration_id, before.value,
                                                   proto.state.value,
-                                                  error=getattr(event, "reason", None)):
+                                                  error=getattr(event, "reason", None),
+                                                  audits=_audits(ctx, actions)):
                 proto.state = before
                 raise exception.MigrationError(
                     migration_id=ctx.migration_id,
                     reason="state changed concurrently (expected %s)" % before.value)
+            actions = [a for a in actions if not isinstance(a, p.Audit)]
         self._run(proto, ctx, actions, **extra)
 
     def _run(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,
@@ -1312,6 +1351,14 @@ class Coordinator:
                       detail: str) -> None:
         self.db.audit("migration.begin", "refused", host=host, instance=instance_uuid,
                       migration_id=migration_id, detail=detail)
+
+
+def _audits(ctx: am.MigrationContext, actions: list[p.Action]) -> list[db_api.AuditEntry]:
+    """The protocol's audit actions as entries, as ``_run`` writes them."""
+    return [db_api.AuditEntry(a.event, a.outcome, host=ctx.dest_host,
+                              instance=ctx.instance_uuid, migration_id=ctx.migration_id,
+                              detail=a.detail)
+            for a in actions if isinstance(a, p.Audit)]
 
 
 def _trusted(verdict: db_api.VerdictRecord) -> bool:

@@ -376,8 +376,7 @@ class EngineManager:
 
     @endpoint(m.TrustedHostsQuery)
     def trusted_hosts(self, req: m.TrustedHostsQuery) -> m.TrustedHosts:
-        trusted = sorted((v.host, v.expires_at) for v in self.db.fresh_verdicts().values()
-                         if v.trusted and (req.after is None or v.host > req.after))
+        trusted = self.db.trusted_page(req.after, req.limit)  # paged in SQL
         page = trusted[:req.limit]
         more = len(trusted) > req.limit
         return m.TrustedHosts({host: expires.isoformat() for host, expires in page},

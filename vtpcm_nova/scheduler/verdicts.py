@@ -33,39 +33,68 @@ class EngineReader(Protocol):
                       timeout: float | None = None) -> em.TrustedHosts: ...
 
 
-def _expiry(text: str) -> datetime.datetime:
-    expires = datetime.datetime.fromisoformat(text)
+def _expiry(text: str, message_type: str) -> datetime.datetime:
+    """An ISO 8601 expiry, naive read as UTC; anything else is the engine
+    answering garbage: InvalidPayload, which fails the fetch closed."""
+    try:
+        expires = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise exception.InvalidPayload(message_type=message_type, field="expires",
+                                       reason="not an ISO 8601 timestamp") from None
     return expires if expires.tzinfo is not None else expires.replace(tzinfo=datetime.UTC)
 
 
 def trusted_until(verdicts: em.VerdictList) -> dict[str, datetime.datetime]:
     """Host -> expiry of its TRUSTED verdict; every other verdict is dropped."""
-    return {v.host: _expiry(v.expires_at) for v in verdicts.verdicts
+    return {v.host: _expiry(v.expires_at, "verdict_list") for v in verdicts.verdicts
             if v.status == TRUSTED and v.expires_at is not None}
 
 
-def fetch_trusted(engine: EngineReader, timeout: float | None,
-                  max_pages: int = 100) -> dict[str, datetime.datetime]:
+def fetch_trusted(engine: EngineReader, timeout: float | None, max_pages: int = 100,
+                  clock: Callable[[], float] = time.monotonic) -> dict[str, datetime.datetime]:
     """Every TRUSTED host, page by page (engine API 1.9), or through the one
     ``verdicts`` call when the client is pinned below 1.9 (rolling upgrade).
-    ``max_pages`` bounds the loop against an engine that never says "last
-    page": its answer then fails the fetch (closed) instead of spinning."""
+
+    ``timeout`` bounds the WHOLE fetch, not each page: each page waits only
+    the time left, and a fetch that runs out fails closed. Else N slow pages
+    take N timeouts (while the cache lock is held) and the first page's
+    hosts are that old when the filter uses them. ``max_pages`` bounds the
+    loop against an engine that never says "last page": its answer then
+    fails the fetch (closed) instead of spinning."""
     if not engine.can_send_version(TRUSTED_HOSTS_SINCE):
         return trusted_until(engine.verdicts(timeout=timeout))
+    deadline = None if timeout is None else clock() + timeout
     out: dict[str, datetime.datetime] = {}
     after: str | None = None
-    for _ in range(max_pages):
-        page = engine.trusted_hosts(after=after, timeout=timeout)
+    markers: set[str] = set()
+    for pages in range(max_pages):
+        page = engine.trusted_hosts(after=after, timeout=_left(deadline, clock, pages))
         for host, expires in page.expires.items():
-            out[host] = _expiry(expires)
+            out[host] = _expiry(expires, "trusted_hosts")
         if page.next_after is None:
+            _left(deadline, clock, pages + 1)  # an answer after the deadline is too old
             return out
-        if after is not None and page.next_after <= after:
+        # the engine's database orders host names by its own collation (not
+        # Python's): a marker must be new, not larger, to count as progress
+        if page.next_after in markers:
             raise exception.InvalidPayload(message_type="trusted_hosts", field="next_after",
                                            reason="does not move forward")
+        markers.add(page.next_after)
         after = page.next_after
     raise exception.InvalidPayload(message_type="trusted_hosts", field="next_after",
                                    reason="more than %d pages" % max_pages)
+
+
+def _left(deadline: float | None, clock: Callable[[], float], pages: int) -> float | None:
+    """Seconds left for the fetch; ServiceUnreachable once none are."""
+    if deadline is None:
+        return None
+    left = deadline - clock()
+    if left <= 0:
+        raise exception.ServiceUnreachable(
+            service="vtpcm-engine", method="trusted_hosts",
+            reason="scheduler_timeout passed after %d page(s)" % pages)
+    return left
 
 
 class TrustSnapshot:
@@ -94,8 +123,8 @@ class TrustSnapshot:
 class VerdictCache:
     """Trusted hosts as of the last engine answer, kept ``ttl`` seconds.
 
-    A failed fetch is remembered for the same ``ttl`` (as "no host
-    trusted"), so an unreachable engine costs one timeout per TTL, not one
+    A failed fetch, whatever its exception, is remembered for the same
+    ``ttl`` (as "no host trusted"), so an unreachable engine costs one timeout per TTL, not one
     per host: 10,000 hosts must not mean 10,000 RPC timeouts."""
 
     def __init__(self, fetch: Callable[[], Trusted], ttl: float,
@@ -120,11 +149,15 @@ class VerdictCache:
                 try:
                     self._trusted = self._fetch()
                     self.error = None
-                except exception.VTPCMException as err:
+                except Exception as err:  # noqa: BLE001 - any failure fails closed
+                    # whatever went wrong (a VTPCMException or a bug), remembered
+                    # for the TTL: vtpcm: requests find no host, none re-fetches,
+                    # and nothing raises into Nova's scheduler
                     self._trusted = {}
-                    self.error = str(err)
+                    self.error = (str(err) if isinstance(err, exception.VTPCMException)
+                                  else type(err).__name__)
                     LOG.warning("vTPCM engine verdicts unavailable, vtpcm: requests find "
-                                "no valid host: %(err)s", {"err": err})
+                                "no valid host: %(err)s", {"err": self.error})
                 self._fetched_at = now
             return self._trusted, self.error
 

@@ -283,6 +283,38 @@ def test_bad_input_is_refused_clearly_and_changes_nothing(cluster):
     assert blobs.to_wire()["permanent"][:64] not in log
 
 
+def test_abort_of_a_seal_that_never_came_leaves_an_arrived_vtpcm_live(cluster):
+    """Found under load (tests/functional/engine/test_load.py): a vTPCM that
+    arrived by migration X keeps X's id while ACTIVE; the abort of a later
+    migration Y whose seal never reached the agent (the engine died first)
+    was refused ("ACTIVE in migration X, expected MIGRATING_OUT"), and Y
+    stayed RESTORING for good. Now it succeeds, changes nothing, and a late
+    seal of Y is refused."""
+    api, a, b = cluster
+    info = _new(api, a)
+    arrived = _hand_over(api, a, b, info.instance_uuid, 0)
+    api.import_state(b.name, api.export_state(a.name, info.instance_uuid))
+    api.commit_incoming(b.name, arrived)
+    api.commit_outgoing(a.name, arrived)
+    here = api.get(b.name, info.instance_uuid)
+    assert (here.state, here.generation, here.migration_id) == (
+        "ACTIVE", 1, arrived.migration_id)
+    never_sealed = m.MigrationContext(str(uuid.uuid4()), info.instance_uuid, 1, b.name,
+                                      a.name)
+    for _ in range(2):  # idempotent
+        api.abort_outgoing(b.name, never_sealed)
+    after = api.get(b.name, info.instance_uuid)
+    assert (after.state, after.generation, after.migration_id, after.pid) == (
+        "ACTIVE", 1, arrived.migration_id, here.pid)
+    kem = api.get_identity(a.name, os.urandom(32)).kem_public
+    with pytest.raises(exception.MigrationError,
+                       match="this migration was aborted; a new migration needs a new id"):
+        api.seal_migration_key(b.name, never_sealed, kem)
+    assert api.get(b.name, info.instance_uuid).state == "ACTIVE"
+    # positive control: a migration of the vTPCM with a new id still seals
+    _hand_over(api, b, a, info.instance_uuid, 1)
+
+
 def test_abort_steps_restore_the_source_and_may_be_retried(cluster):
     api, a, b = cluster
     info = _new(api, a)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +58,44 @@ def _snapshot(paths: process.SwtpmPaths) -> dict[str, bytes]:
 
 
 # --------------------------------------------------------------------------
+
+def test_concurrent_provisioning_on_one_local_ca(short_dir, swtpm_factory, swtpm_paths):
+    """Eight guests booted at once in the lab made one agent create eight
+    vTPCMs at once: each create rewrote the local CA's config through one
+    shared temporary name, and a rename failed ("No such file or directory:
+    swtpm_setup.conf.tmp"). Now all succeed, signed by the one CA, with
+    distinct certificate serial numbers."""
+    ca = short_dir / "ca"
+    names = ["p%d" % i for i in range(6)]
+    keys = {n: _key() for n in names}
+    paths = {n: swtpm_paths(n) for n in names}
+    errors: list[BaseException] = []
+    gate = threading.Barrier(len(names))
+
+    def create(name: str) -> None:
+        try:
+            gate.wait(timeout=30)
+            provision.provision_state(paths[name].state_dir, keys[name], vtpcm_id=name,
+                                      localca_dir=ca)
+        except BaseException as err:  # noqa: BLE001 - asserted below
+            errors.append(err)
+    threads = [threading.Thread(target=create, args=(n,)) for n in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert sorted(p.name for p in ca.iterdir() if p.name.endswith(".tmp")) == []
+    issuer = x509.load_pem_x509_certificate(localca.issuer_cert(ca).read_bytes())
+    serials = set()
+    for name in names:
+        swtpm_factory(paths[name], keys[name], _key(), startup_clear=True)
+        cert = _read_ek_cert(paths[name])
+        cert.verify_directly_issued_by(issuer)
+        serials.add(cert.serial_number)
+    assert len(serials) == len(names)
+
 
 def test_export_import_roundtrip_and_failed_import(short_dir, swtpm_factory, swtpm_paths):
     mig, mig_other = _key(), _key()

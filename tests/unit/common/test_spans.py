@@ -66,3 +66,29 @@ def test_the_environment_turns_them_on(monkeypatch: pytest.MonkeyPatch,
         spans.configure(None)
     assert [g["label"] for g in lines(tmp_path)] == ["db:commit"]
     assert not spans.enabled()
+
+
+@pytest.mark.parametrize("raises", [True, False])
+def test_a_failing_sink_never_replaces_the_blocks_outcome(
+        monkeypatch: pytest.MonkeyPatch, raises: bool) -> None:
+    """Spans on and the disk full (/dev/full: every write is ENOSPC): the
+    block's own exception reaches the caller, and a block that succeeds
+    still succeeds; only the timing line is lost."""
+    full = open("/dev/full", "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+    try:
+        with pytest.raises(OSError, match="No space left"):  # the planted control
+            full.write("x\n")
+        monkeypatch.setattr(spans, "_sink", full)
+        if raises:
+            with pytest.raises(LookupError, match="^the real refusal$"), \
+                    spans.span("tpm:quote"):
+                raise LookupError("the real refusal")
+        else:
+            with spans.span("tpm:quote"):
+                pass
+    finally:
+        monkeypatch.setattr(spans, "_sink", None)
+        try:
+            full.close()
+        except OSError:
+            pass

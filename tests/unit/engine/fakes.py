@@ -296,3 +296,23 @@ class RaceStack:
     def discarded(self) -> list[str]:
         return [a.detail for a in self.db.list_audit(host=HOST)
                 if (a.event, a.outcome) == ("verdict", "discarded")]
+
+
+def clone_trusted(db: Database, source: str, names: Sequence[str]) -> None:
+    """Give each of ``names`` a copy of ``source``'s host row and verdict, in
+    SQL: thousands of TRUSTED hosts in the real schema without thousands of
+    enrollments (for paging tests and the engine arm of the filter benchmark)."""
+    from sqlalchemy import insert, select
+
+    from vtpcm_nova.engine.db import models
+
+    with db.session() as s:
+        host = s.execute(select(models.Host.__table__).where(
+            models.Host.name == source)).mappings().one()
+        verdict = s.execute(select(models.VerdictRow.__table__).where(
+            models.VerdictRow.host == source)).mappings().one()
+        hosts = [{**{k: v for k, v in host.items() if k != "id"}, "name": n} for n in names]
+        rows = [{**verdict, "host": n} for n in names]
+        for start in range(0, len(hosts), 5000):
+            s.execute(insert(models.Host.__table__), hosts[start:start + 5000])
+            s.execute(insert(models.VerdictRow.__table__), rows[start:start + 5000])

@@ -4,12 +4,14 @@ import datetime
 import uuid
 
 import pytest
+import sqlalchemy
+from sqlalchemy.orm import Session
 
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
-from vtpcm_nova.engine.db import migration
+from vtpcm_nova.engine.db import migration, models
 from vtpcm_nova.engine.db.api import Database, TrustBasis, VerdictRecord
 from vtpcm_nova.engine.shelved import Deletion, ServerView
 from vtpcm_nova.engine.verifier import TrustStatus
@@ -336,20 +338,51 @@ def test_second_migration_while_one_runs_refused(env):
 
 def test_loser_of_a_begin_race_is_refused_without_agent_calls(env, monkeypatch):
     coord, db, agents, _, _ = env
-    real = db.set_vtpcm_state
+    real = db.get_vtpcm
+    other = str(uuid.uuid4())
 
-    def lost_race(*args, **kwargs):  # another worker claimed the record first
-        if kwargs.get("expected_migration_id", ...) is None:
-            return False
-        return real(*args, **kwargs)
+    def read_then_lose(instance_uuid):  # another worker claims right after our read
+        rec = real(instance_uuid)
+        assert db.set_vtpcm_state(instance_uuid, rec.generation, "MIGRATING",
+                                  expected_state=rec.state, migration_id=other,
+                                  expected_migration_id=None)
+        return rec
 
-    monkeypatch.setattr(db, "set_vtpcm_state", lost_race)
+    monkeypatch.setattr(db, "get_vtpcm", read_then_lose)
     mid = str(uuid.uuid4())
     with pytest.raises(exception.MigrationError) as err:
         coord.begin(mid, INSTANCE, "host-a", "host-b")
     assert "another migration holds the vTPCM" in str(err.value)
     assert db.get_migration(mid).state == "REFUSED"
+    assert real(INSTANCE).migration_id == other  # the winner's claim stays
     assert names(agents) == []
+
+
+def test_an_engine_dying_while_it_records_a_begin_leaves_no_claim(env):
+    """Found under load (tests/functional/engine/test_load.py): the claim
+    and the migration record were two transactions, and an engine killed
+    between them left the vTPCM held by a migration that never existed:
+    its caller's abort found nothing, no reconcile or deadline released it,
+    every later begin was refused. Now one transaction: nothing or both."""
+    coord, db, agents, _, _ = env
+
+    def die_at_the_insert(session, flush_context, instances):
+        if any(isinstance(row, models.Migration) for row in session.new):
+            raise SystemExit("engine killed")  # the process goes, its transaction too
+
+    sqlalchemy.event.listen(Session, "before_flush", die_at_the_insert)
+    mid = str(uuid.uuid4())
+    try:
+        with pytest.raises(SystemExit, match="engine killed"):
+            coord.begin(mid, INSTANCE, "host-a", "host-b")
+    finally:
+        sqlalchemy.event.remove(Session, "before_flush", die_at_the_insert)
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.state, rec.migration_id) == ("STOPPED", None)
+    with pytest.raises(exception.NotFound):
+        db.get_migration(mid)
+    # and the next migration of the vTPCM goes ahead
+    assert coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b").state == "PREPARED"
 
 
 def test_restore_releases_only_its_own_claim(env):
@@ -831,3 +864,85 @@ def test_an_unauthenticated_answer_to_the_deadline_abort_is_neither_done_nor_in_
     assert "abort_outgoing" not in names(agents)
     assert coord.reconcile() == 1
     assert db.get_migration(mid).state == "ABORTED"
+
+
+class ReconcileMidCommit(FakeAgents):
+    """Another engine worker's reconcile finishes the commit while this
+    worker's commit_incoming is on its way (issue 10's third case)."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.other = other
+
+    def commit_incoming(self, host, context):
+        super().commit_incoming(host, context)
+        other, self.other = self.other, None
+        if other is not None:
+            assert other.reconcile() == 1
+
+
+def test_a_commit_raced_by_another_workers_reconcile_answers_committed(env):
+    """Found under load (tests/functional/engine/test_load.py, "state
+    changed concurrently" from commits that went through): the commit is
+    decided at the commit point, so its caller gets success."""
+    coord, db, _, trust, clock = env
+    other = Coordinator(db, FakeAgents(), trust, timeout=60, now=lambda: clock["now"])
+    raced = ReconcileMidCommit(other)
+    worker = Coordinator(db, raced, trust, timeout=60, now=lambda: clock["now"])
+    mid = str(uuid.uuid4())
+    assert worker.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    assert worker.commit(mid).state == "COMMITTED"
+    assert raced.other is None  # the race happened
+    assert ("commit_outgoing", "host-a") in other.agents.calls
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation) == ("host-b", 1)
+    points = [a for a in db.list_audit(limit=50)
+              if (a.migration_id, a.event, a.outcome)
+              == (mid, "migration.commit", "commit point passed")]
+    assert len(points) == 1
+
+
+def test_a_commit_whose_step_fails_without_a_race_still_fails(env):
+    """Positive control of the above: with nobody moving the migration, an
+    agent's refusal past the commit point is the caller's error, and the
+    retry finishes it."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.fail["commit_incoming"] = exception.MigrationError(
+        migration_id=mid, reason="has not received its state")
+    with pytest.raises(exception.MigrationError, match="has not received its state"):
+        coord.commit(mid)
+    assert db.get_migration(mid).state == "COMMITTING"
+    assert coord.commit(mid).state == "COMMITTED"
+
+
+def test_an_engine_dying_right_after_the_commit_point_leaves_it_audited(env, monkeypatch):
+    """Found under load: the commit point's audit entry was written after
+    the state change, in its own transaction; an engine killed between the
+    two left a migration that reconcile committed with no "commit point
+    passed" in the audit. Now the entry goes with the state change."""
+    coord, db, _, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    real = db.update_migration_state
+
+    def die_after_the_commit_point(*args, **kwargs):
+        moved = real(*args, **kwargs)
+        if moved and args[2] == "COMMITTING":
+            raise SystemExit("engine killed")
+        return moved
+
+    monkeypatch.setattr(db, "update_migration_state", die_after_the_commit_point)
+    with pytest.raises(SystemExit, match="engine killed"):
+        coord.commit(mid)
+    monkeypatch.setattr(db, "update_migration_state", real)
+    assert db.get_migration(mid).state == "COMMITTING"
+    assert coord.reconcile() == 1  # another worker, or this one restarted
+    assert db.get_migration(mid).state == "COMMITTED"
+    points = [a for a in db.list_audit(limit=50)
+              if (a.migration_id, a.event, a.outcome)
+              == (mid, "migration.commit", "commit point passed")]
+    assert len(points) == 1
+    assert [a.outcome for a in db.list_audit(limit=50)
+            if (a.migration_id, a.event) == (mid, "migration.begin")] == ["accepted"]

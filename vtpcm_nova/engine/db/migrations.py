@@ -6,7 +6,9 @@ several engine processes; the one whose UPDATE matched owns the step.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+from collections.abc import Sequence
 
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
@@ -17,6 +19,38 @@ from vtpcm_nova.engine.db.records import MigrationRecord, migration_rec
 from vtpcm_nova.engine.db.store import Store, utcnow
 
 
+@dataclasses.dataclass(frozen=True)
+class VtpcmClaim:
+    """``begin``'s claim of the vTPCM record, made with the migration record.
+
+    The record moves from ``expected_state`` (at the migration's generation,
+    held by no migration) to ``claimed_state`` held by the migration; if it
+    no longer matches (another migration won), the migration is recorded in
+    ``refused_state`` instead."""
+
+    expected_state: str
+    refused_state: str
+    refused_audits: tuple[AuditEntry, ...] = ()
+    claimed_state: str = "MIGRATING"
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditEntry:
+    """An audit entry written in the transaction of the change it records."""
+
+    event: str
+    outcome: str
+    host: str | None = None
+    instance: str | None = None
+    migration_id: str | None = None
+    detail: str = ""
+
+    def row(self, now: datetime.datetime) -> models.Audit:
+        return models.Audit(at=now, event=self.event, host=self.host, instance=self.instance,
+                            migration_id=self.migration_id, outcome=self.outcome,
+                            detail=self.detail)
+
+
 class MigrationStore(Store):
     """Migration records of the coordinator."""
 
@@ -24,15 +58,37 @@ class MigrationStore(Store):
                          generation: int, state: str, deadline: datetime.datetime,
                          now: datetime.datetime | None = None,
                          prior_state: str | None = None,
-                         begun_by: str | None = None) -> MigrationRecord:
+                         begun_by: str | None = None,
+                         claim: VtpcmClaim | None = None,
+                         audits: Sequence[AuditEntry] = ()) -> MigrationRecord:
+        """Record a new migration; with ``claim``, claim its vTPCM in the
+        same transaction. Two transactions left a window: an engine killed
+        between them left the vTPCM held by a migration that did not exist,
+        which no abort, reconcile or deadline ever released (every later
+        begin refused, found by tests/functional/engine/test_load.py). The
+        returned record's state says whether the claim was won (``state``,
+        ``audits`` written) or lost (``claim.refused_state``,
+        ``claim.refused_audits`` written), in the same transaction too: an
+        engine killed after it left no migration without its audit."""
         now = now or utcnow()
         with self.session() as s:
+            if claim is not None:
+                q = (update(models.Vtpcm)
+                     .where(models.Vtpcm.instance_uuid == instance_uuid,
+                            models.Vtpcm.generation == generation,
+                            models.Vtpcm.state == claim.expected_state,
+                            models.Vtpcm.migration_id.is_(None))
+                     .values(state=claim.claimed_state, migration_id=migration_id,
+                             updated_at=now))
+                if s.execute(q).rowcount != 1:  # type: ignore[attr-defined]
+                    state, audits = claim.refused_state, claim.refused_audits
             row = models.Migration(migration_id=migration_id, instance_uuid=instance_uuid,
                                    source=source, dest=dest, generation=generation,
                                    state=state, created_at=now, updated_at=now,
                                    deadline=deadline, error=None,
                                    prior_state=prior_state, begun_by=begun_by)
             s.add(row)
+            s.add_all([entry.row(now) for entry in audits])
             try:
                 s.flush()
             except IntegrityError:
@@ -62,15 +118,24 @@ class MigrationStore(Store):
 
     def update_migration_state(self, migration_id: str, expected_state: str, new_state: str,
                                *, error: str | None = None,
-                               now: datetime.datetime | None = None) -> bool:
+                               now: datetime.datetime | None = None,
+                               audits: Sequence[AuditEntry] = ()) -> bool:
         """Compare-and-set of the migration state; False if someone moved it first.
 
         ``error`` is recorded only if the migration has none yet: the first
-        failure reason is the one worth keeping."""
+        failure reason is the one worth keeping. ``audits`` are written iff
+        the state moved, in the same transaction: written apart, an engine
+        killed between the two lost the entry (a commit point passed with
+        none in the audit, found by tests/functional/engine/test_load.py),
+        since the steps reconcile finishes carry no audit of their own."""
+        now = now or utcnow()
         q = (update(models.Migration)
              .where(models.Migration.migration_id == migration_id,
                     models.Migration.state == expected_state)
              .values(state=new_state, error=func.coalesce(models.Migration.error, error),
-                     updated_at=now or utcnow()))
+                     updated_at=now))
         with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+            if s.execute(q).rowcount != 1:  # type: ignore[attr-defined]
+                return False
+            s.add_all([entry.row(now) for entry in audits])
+            return True

@@ -142,6 +142,26 @@ class TrustStore(Store):
         return {v.host: v for v in self._verdicts_with_hosts(
             models.VerdictRow.expires_at > (now or utcnow()))}
 
+    def trusted_page(self, after: str | None, limit: int,
+                     now: datetime.datetime | None = None
+                     ) -> list[tuple[str, datetime.datetime]]:
+        """Up to ``limit`` + 1 (host, expiry) of fresh TRUSTED verdicts of
+        APPROVED hosts, by host name after ``after``: one page of the
+        scheduler's ``trusted_hosts``, paged in SQL along the verdicts'
+        primary key so a page costs its own size, not every fresh verdict
+        (150,000 hosts read and sorted per page took 123 s per fetch). The
+        extra row tells the caller whether a next page exists."""
+        conds = [models.VerdictRow.status == verifier.TrustStatus.TRUSTED.value,
+                 models.VerdictRow.expires_at > (now or utcnow()),
+                 models.Host.status == HostStatus.APPROVED.value]
+        if after is not None:  # on both sides of the join: each index starts there
+            conds += [models.VerdictRow.host > after, models.Host.name > after]
+        q = (select(models.VerdictRow.host, models.VerdictRow.expires_at)
+             .join(models.Host, models.Host.name == models.VerdictRow.host)
+             .where(*conds).order_by(models.VerdictRow.host).limit(limit + 1))
+        with self.session() as s:
+            return [(host, expires) for host, expires in s.execute(q)]
+
     # ---- clock states -----------------------------------------------------------
 
     def get_clock_state(self, host: str) -> verifier.ClockState | None:
