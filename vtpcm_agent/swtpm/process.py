@@ -440,9 +440,18 @@ def _wait_config(paths: SwtpmPaths, deadline: float) -> None:
         return
 
 
+def _exiting(pid: int, paths: SwtpmPaths) -> bool:
+    """pid is past its last instruction but not yet a zombie: its command
+    line is already gone (its memory was released), its uids are still the
+    swtpm's. Waited for, so that nothing of the uid is left after stop()."""
+    state = _proc_state(pid)
+    return (state is not None and state not in ("Z", "X") and not _cmdline(pid)
+            and uidprocs.uids_of(pid) == (owner(paths),) * 4)
+
+
 def _wait_gone(pid: int, paths: SwtpmPaths, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _is_our_swtpm(pid, paths):
+    while _is_our_swtpm(pid, paths) or _exiting(pid, paths):
         if time.monotonic() >= deadline:
             return False
         time.sleep(_POLL)
