@@ -161,7 +161,14 @@ CREATE TABLE IF NOT EXISTS swtpm_uids (
     uid INTEGER NOT NULL UNIQUE,
     assigned_at TEXT NOT NULL
 )"""
-STEPS = (_V1, _V2, _V3, _V4, _V5)
+# v6: when each uid was last freed, so a freed uid is the last one given
+# out again (a process of it the agent failed to see gets no new VM soon)
+_V6 = """
+CREATE TABLE IF NOT EXISTS swtpm_uids_freed (
+    uid INTEGER PRIMARY KEY,
+    seq INTEGER NOT NULL
+)"""
+STEPS = (_V1, _V2, _V3, _V4, _V5, _V6)
 SCHEMA_VERSION = len(STEPS)
 
 
@@ -414,9 +421,10 @@ class AssociationList:
     # --- per-instance swtpm uids -------------------------------------------
 
     def assign_uid(self, instance_uuid: str, first: int, last: int) -> int:
-        """The uid of ``instance_uuid``'s swtpm: the one it has, else the
-        lowest free one of ``first``..``last`` (recorded in the same
-        transaction, so two instances never share one)."""
+        """The uid of ``instance_uuid``'s swtpm: the one it has, else a free
+        one of ``first``..``last``: the lowest never given out, else the one
+        freed longest ago (recorded in the same transaction, so two
+        instances never share one)."""
         with self._transaction() as cur:
             row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
                               (instance_uuid,)).fetchone()
@@ -424,7 +432,11 @@ class AssociationList:
                 return int(row[0])
             taken = {int(r[0]) for r in cur.execute(
                 "SELECT uid FROM swtpm_uids WHERE uid BETWEEN ? AND ?", (first, last))}
-            free = next((uid for uid in range(first, last + 1) if uid not in taken), None)
+            freed = {int(r[0]): int(r[1]) for r in cur.execute(
+                "SELECT uid, seq FROM swtpm_uids_freed WHERE uid BETWEEN ? AND ?",
+                (first, last))}
+            free = min((uid for uid in range(first, last + 1) if uid not in taken),
+                       key=lambda uid: (freed.get(uid, 0), uid), default=None)
             if free is None:
                 raise exception.InvalidInput(
                     reason="[agent] swtpm_uid_range %d-%d is used up (%d swtpm uids "
@@ -443,8 +455,17 @@ class AssociationList:
 
     def release_uid(self, instance_uuid: str) -> None:
         """Free the uid of an instance whose vTPCM left this host (its swtpm
-        stopped and its files are gone)."""
+        stopped, every process of its uid was killed and its files are gone);
+        it goes to the end of the queue of free uids."""
         with self._transaction() as cur:
+            row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
+                              (instance_uuid,)).fetchone()
+            if row is None:
+                return
+            seq = cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM swtpm_uids_freed"
+                              ).fetchone()[0]
+            cur.execute("INSERT OR REPLACE INTO swtpm_uids_freed VALUES (?, ?)",
+                        (int(row[0]), int(seq)))
             cur.execute("DELETE FROM swtpm_uids WHERE instance_uuid = ?", (instance_uuid,))
 
     def claim_nonce(self, nonce: str, keep_until: float, now: float) -> bool:

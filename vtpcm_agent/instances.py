@@ -27,7 +27,7 @@ from oslo_log import log as logging
 from vtpcm_agent import sealing
 from vtpcm_agent.association import Association, AssociationList, VTPCMState
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
-from vtpcm_agent.swtpm import ctrl, isolation, process, provision
+from vtpcm_agent.swtpm import ctrl, isolation, process, provision, uidprocs
 from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
@@ -308,10 +308,12 @@ class InstanceManager:
                 target="export")
         paths = self._paths_of(assoc)
         if self.is_running(assoc):
-            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout)
+            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout,
+                                           peer_uid=process.owner(paths))
         pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
         try:
-            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout)
+            return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout,
+                                           peer_uid=process.owner(paths))
         finally:
             process.stop(pid, paths, timeout=self.settings.timeout)
 
@@ -357,7 +359,7 @@ class InstanceManager:
             ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout,
                               vtpcm_id=assoc.vtpcm_id,
                               max_blob_size=self.settings.max_state_blob_bytes,
-                              empty_target=True)
+                              empty_target=True, peer_uid=process.owner(paths))
         except exception.VTPCMException:
             self._kill(assoc)
             shutil.rmtree(paths.state_dir)
@@ -652,6 +654,10 @@ class InstanceManager:
             return None
         first, last = self.settings.swtpm_uids
         uid = self.associations.assign_uid(instance_uuid, first, last)
+        # no swtpm of this instance runs (the caller checked): whatever
+        # else its uid runs is an exploited swtpm that hid, and would race
+        # the hand-over below
+        uidprocs.kill_all(uid, timeout=self.settings.timeout)
         run_as = process.RunAs(uid=uid, gid=uid)
         public = self.public_ctrl_socket(instance_uuid)
         isolation.hand_over(paths, run_as, public,
@@ -659,9 +665,15 @@ class InstanceManager:
         return run_as
 
     def _drop_own_files(self, instance_uuid: str) -> None:
-        """Remove an instance's public links and socket dir and free its uid."""
+        """Remove an instance's public links and socket dir and free its uid:
+        only once no process of the uid is left (an exploited swtpm may have
+        hidden from ``_kill``) and its temporary files are gone."""
         if self.settings.swtpm_uids is None:
             return
+        uid = self.associations.uid_of(instance_uuid)
+        if uid is not None:
+            uidprocs.kill_all(uid, timeout=self.settings.timeout)  # raises: uid kept
+            uidprocs.sweep_files(uid)
         public = self.public_ctrl_socket(instance_uuid)
         isolation.remove(self.settings.run_dir / OWN_DIRS / instance_uuid,
                          (public, public.with_suffix("")))
@@ -682,6 +694,11 @@ class InstanceManager:
         pid = process.find_running(paths) or assoc.pid
         if pid is not None and process.is_alive(pid, paths):
             process.stop(pid, paths, timeout=self.settings.timeout)
+        uid = (self.associations.uid_of(assoc.instance_uuid)
+               if self.settings.swtpm_uids is not None else None)
+        if uid is not None:
+            # a swtpm that unlinked its socket is not "alive" to the above
+            uidprocs.kill_all(uid, timeout=self.settings.timeout)
 
     def _shred(self, assoc: Association) -> None:
         self.keystore.destroy(assoc.vtpcm_id)

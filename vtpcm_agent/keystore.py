@@ -93,6 +93,14 @@ class HostKeyProvider(Protocol):
     def host_key(self) -> bytes: ...
 
 
+def _overwrite(fd: int) -> None:
+    """Overwrite an entry's bytes in place with random ones and fsync
+    (best effort on copy-on-write or wear-levelled storage)."""
+    size = os.fstat(fd).st_size
+    os.pwrite(fd, secrets.token_bytes(max(size, _ENTRY_LEN)), 0)
+    os.fsync(fd)
+
+
 def validate_vtpcm_id(vtpcm_id: str) -> str:
     """Return the canonical uuid string; anything else is refused.
 
@@ -304,11 +312,25 @@ class KeyStore:
         ct = self._aead().encrypt(nonce, keys.at_rest_key + keys.migration_key,
                                   self._aad(canonical))
         with self._lock:
+            old = None
+            if replace:
+                # the entry it replaces (a migration key epoch ago) is
+                # shredded as destroy() does, not left in freed blocks
+                try:
+                    old = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
+                except FileNotFoundError:
+                    pass
             try:
                 fileutil.write_atomic(path, _MAGIC + bytes([_VERSION]) + nonce + ct,
                                       replace=replace)
             except FileExistsError:
                 raise AlreadyExists(what="key store entry for vTPCM", key=canonical) from None
+            finally:
+                if old is not None:
+                    try:
+                        _overwrite(old)
+                    finally:
+                        os.close(old)
         LOG.info("Stored wrapped keys of vTPCM %(id)s", {"id": canonical})
 
     def get(self, vtpcm_id: str) -> InstanceKeys:
@@ -345,9 +367,7 @@ class KeyStore:
             except FileNotFoundError:
                 return
             try:
-                size = os.fstat(fd).st_size
-                os.write(fd, secrets.token_bytes(max(size, _ENTRY_LEN)))
-                os.fsync(fd)
+                _overwrite(fd)
             finally:
                 os.close(fd)
             path.unlink()

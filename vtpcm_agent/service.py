@@ -50,13 +50,26 @@ def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
         max_state_blob_bytes=a.max_state_blob_bytes, timeout=a.swtpm_timeout)
 
 
-def uid_range(text: str) -> tuple[int, int] | None:
+# uid ranges other allocators hand out without a passwd entry (systemd's
+# UIDS-GIDS.md): a process of one of them with a swtpm's uid is that swtpm
+SYSTEMD_RANGES = (("systemd-homed", 60001, 60513), ("systemd DynamicUser", 61184, 65519),
+                  ("systemd container (nspawn --private-users)", 524288, 1879048191))
+SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+
+
+def uid_range(text: str, subid_files: tuple[Path, ...] = SUBID_FILES
+              ) -> tuple[int, int] | None:
     """``[agent] swtpm_uid_range`` checked: FIRST-LAST, above 0, and no
-    account or group in it (its uids must belong to no one else)."""
+    account, group, subordinate id block (rootless containers) or systemd
+    range in it: its uids must belong to no one else."""
     if not text:
         return None
     first, _, last = text.partition("-")
-    low, high = int(first), int(last)
+    try:
+        low, high = int(first), int(last)
+    except ValueError:
+        raise exception.InvalidInput(
+            reason="[agent] swtpm_uid_range %s: need FIRST-LAST, two numbers" % text) from None
     if not 0 < low <= high:
         raise exception.InvalidInput(
             reason="[agent] swtpm_uid_range %s: need 0 < FIRST <= LAST" % text)
@@ -67,7 +80,33 @@ def uid_range(text: str) -> tuple[int, int] | None:
                 raise exception.InvalidInput(
                     reason="[agent] swtpm_uid_range %s: %s %s has id %d in it"
                     % (text, who, name, num))
+    for what, start, end in SYSTEMD_RANGES:
+        if low <= end and start <= high:
+            raise exception.InvalidInput(
+                reason="[agent] swtpm_uid_range %s overlaps the %s range %d-%d"
+                % (text, what, start, end))
+    for path, owner, start, count in _subids(subid_files):
+        if low < start + count and start <= high:
+            raise exception.InvalidInput(
+                reason="[agent] swtpm_uid_range %s overlaps %s's block %d-%d in %s"
+                % (text, owner, start, start + count - 1, path))
     return low, high
+
+
+def _subids(files: tuple[Path, ...]) -> list[tuple[Path, str, int, int]]:
+    """The ``owner:start:count`` blocks of /etc/subuid and /etc/subgid."""
+    blocks = []
+    for path in files:
+        try:
+            lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            owner, _, rest = line.strip().partition(":")
+            start, _, count = rest.partition(":")
+            if start.isdigit() and count.isdigit():
+                blocks.append((path, owner, int(start), int(count)))
+    return blocks
 
 
 def host_key_provider(conf: cfg.ConfigOpts, host_tpm: HostTPM | None,

@@ -28,8 +28,9 @@ LOG = logging.getLogger(__name__)
 EXCHANGE = "vtpcm-lab"
 GOLDEN_POLICY = "lab-golden"
 RECONCILE_INTERVAL = 30  # seconds, [migration] reconcile_interval's production default
-# [agent] swtpm_uid_range of each lab host (no account uses them)
-SWTPM_UID_RANGES = {"a": "64500-64599", "b": "64600-64699"}
+# [agent] swtpm_uid_range of each lab host: no account uses them, and they lie
+# outside systemd's DynamicUser and container ranges and the subuid blocks
+SWTPM_UID_RANGES = {"a": "1900000000-1900000099", "b": "1900000100-1900000199"}
 
 
 @dataclasses.dataclass

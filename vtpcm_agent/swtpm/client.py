@@ -9,6 +9,7 @@ bytes behind: see ``framing.response_length``), the next command reconnects.
 from __future__ import annotations
 
 import socket
+import struct
 import time
 from pathlib import Path
 from types import TracebackType
@@ -47,12 +48,16 @@ class CtrlClient:
     """
 
     def __init__(self, path: Path | str, timeout: float = 5.0, *,
-                 max_blob_size: int = MAX_BLOB_SIZE) -> None:
+                 max_blob_size: int = MAX_BLOB_SIZE, peer_uid: int | None = None) -> None:
         if timeout <= 0:
             raise exception.InvalidInput(reason="timeout must be positive, got %r" % (timeout,))
         self.path = Path(path)
         self.timeout = timeout
         self.max_blob_size = max_blob_size
+        # the uid the serving swtpm must run as (SO_PEERCRED), None: anyone;
+        # the path lies in a directory of that uid, which may point it at
+        # another VM's socket
+        self.peer_uid = peer_uid
         self._sock: socket.socket | None = None
 
     def __repr__(self) -> str:
@@ -83,6 +88,14 @@ class CtrlClient:
             sock.close()
             raise _fail(command, "cannot connect to control socket %s: %s"
                         % (self.path, exc.strerror or type(exc).__name__)) from None
+        if self.peer_uid is not None:
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                   struct.calcsize("3i"))
+            pid, uid, _ = struct.unpack("3i", cred)
+            if uid != self.peer_uid:
+                sock.close()
+                raise _fail(command, "control socket %s is served by uid %d (pid %d), not "
+                            "the swtpm's uid %d" % (self.path, uid, pid, self.peer_uid))
         self._sock = sock
         return sock
 

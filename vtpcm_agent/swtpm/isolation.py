@@ -33,28 +33,105 @@ def hand_over(paths: process.SwtpmPaths, run_as: process.RunAs, public_ctrl: Pat
         raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
                                    reason="socket dir %s is a symlink" % own)
     own.mkdir(mode=OWN_DIR_MODE, exist_ok=True)
-    os.chown(own, run_as.uid, run_as.gid)
-    os.chmod(own, OWN_DIR_MODE)
-    for root, dirs, files in os.walk(paths.state_dir):  # never follows links
-        for name in (root, *(os.path.join(root, n) for n in dirs + files)):
-            st = os.lstat(name)
-            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                # a hard link planted by an earlier swtpm of this uid would
-                # hand it the linked file (fs.protected_hardlinks stops its
-                # making one to a file it does not own; this stops the rest)
-                raise exception.SwtpmError(
-                    vtpcm_id=paths.state_dir.name,
-                    reason="%s has %d hard links; not handing it over" % (name, st.st_nlink))
-            os.lchown(name, run_as.uid, run_as.gid)
-    fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
-                 0o600)
+    fd = os.open(own, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
+        os.fchown(fd, run_as.uid, run_as.gid)
+        os.fchmod(fd, OWN_DIR_MODE)
+    finally:
+        os.close(fd)
+    _chown_tree(paths.state_dir, run_as)
+    try:
+        fd = os.open(paths.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW
+                     | os.O_NONBLOCK, 0o600)
+    except OSError as exc:
+        raise exception.SwtpmError(
+            vtpcm_id=paths.state_dir.name,
+            reason="log file %s is not a regular file of its own (%s)"
+            % (paths.log_file, exc.strerror)) from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise exception.SwtpmError(
+                vtpcm_id=paths.state_dir.name,
+                reason="log file %s is not a regular file of its own (%s)"
+                % (paths.log_file, "not a regular file"))
         os.fchown(fd, run_as.uid, run_as.gid)
     finally:
         os.close(fd)
     link(public_ctrl, paths.ctrl_socket)
     if public_data is not None and paths.data_socket is not None:
         link(public_data, paths.data_socket)
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+# O_NONBLOCK: a FIFO swapped in after the lstat must not block the agent
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def _chown_tree(top: Path, run_as: process.RunAs) -> None:
+    """Give the tree under ``top`` to ``run_as`` through directory fds.
+
+    Why fds: the uid owns this tree, and a process of it (killed before, but
+    this must hold on its own) could swap a directory for a symlink to the
+    agent's own files between a path lookup and a chown. Every directory is
+    opened O_NOFOLLOW relative to its parent's fd and every regular file
+    O_NOFOLLOW, checked to be the inode that was looked at, and chowned
+    through its fd; anything else is chowned as itself, never followed."""
+    try:
+        fd = os.open(top, _DIR_FLAGS)
+    except OSError as exc:
+        raise exception.SwtpmError(vtpcm_id=top.name,
+                                   reason="state dir %s: %s" % (top, exc.strerror)) from None
+    try:
+        _chown_dir(fd, str(top), run_as, top.name)
+    finally:
+        os.close(fd)
+
+
+def _chown_dir(dfd: int, where: str, run_as: process.RunAs, vtpcm_id: str) -> None:
+    for name in os.listdir(dfd):
+        shown = os.path.join(where, name)
+        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            sub = _open_same(name, dfd, _DIR_FLAGS, st, shown, vtpcm_id)
+            try:
+                _chown_dir(sub, shown, run_as, vtpcm_id)
+            finally:
+                os.close(sub)
+        elif stat.S_ISREG(st.st_mode):
+            fd = _open_same(name, dfd, _FILE_FLAGS, st, shown, vtpcm_id)
+            try:
+                links = os.fstat(fd).st_nlink
+                if links > 1:
+                    # a hard link planted by an earlier swtpm of this uid
+                    # would hand it the linked file (fs.protected_hardlinks
+                    # stops its making one to a file it does not own; this
+                    # stops the rest)
+                    raise exception.SwtpmError(
+                        vtpcm_id=vtpcm_id,
+                        reason="%s has %d hard links; not handing it over" % (shown, links))
+                os.fchown(fd, run_as.uid, run_as.gid)
+            finally:
+                os.close(fd)
+        else:  # symlink, socket, FIFO: the entry itself, relative to the pinned dir
+            os.chown(name, run_as.uid, run_as.gid, dir_fd=dfd, follow_symlinks=False)
+    os.fchown(dfd, run_as.uid, run_as.gid)
+
+
+def _open_same(name: str, dfd: int, flags: int, seen: os.stat_result, shown: str,
+               vtpcm_id: str) -> int:
+    """Open ``name`` under ``dfd`` and insist it is the inode ``seen``."""
+    try:
+        fd = os.open(name, flags, dir_fd=dfd)
+    except OSError as exc:
+        raise exception.SwtpmError(vtpcm_id=vtpcm_id,
+                                   reason="%s changed while handing it over (%s)"
+                                   % (shown, exc.strerror)) from None
+    st = os.fstat(fd)
+    if (st.st_dev, st.st_ino) != (seen.st_dev, seen.st_ino):
+        os.close(fd)
+        raise exception.SwtpmError(vtpcm_id=vtpcm_id,
+                                   reason="%s changed while handing it over" % shown)
+    return fd
 
 
 def _check_reachable(path: Path, run_as: process.RunAs, vtpcm_id: str) -> None:

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from oslo_log import log as logging
 
-from vtpcm_agent.swtpm import ctrl
+from vtpcm_agent.swtpm import ctrl, uidprocs
 from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_common import exception, spans
 
@@ -130,11 +130,45 @@ def build_command(paths: SwtpmPaths, key_fd: int, migration_key_fd: int, *,
 # Inspection
 # --------------------------------------------------------------------------
 
-def _read_pid(pid_file: Path) -> int | None:
+PID_FILE_MAX = 32  # bytes: a pid and a newline, with room to spare
+
+
+def owner(paths: SwtpmPaths) -> int:
+    """The uid that swtpm of ``paths`` runs as: its state dir's owner (the
+    VM's uid after ``isolation.hand_over``, else the agent's)."""
     try:
-        text = pid_file.read_text(encoding="ascii").strip()
-    except (FileNotFoundError, UnicodeDecodeError):
+        return os.lstat(paths.state_dir).st_uid
+    except FileNotFoundError:
+        return os.geteuid()
+
+
+def _read_pid(paths: SwtpmPaths) -> int | None:
+    """The pid in swtpm's pid file, read without trusting the file.
+
+    The file sits in a directory of the VM's uid: a symlink to /dev/zero or
+    a FIFO there must neither exhaust the agent's memory nor block it. So:
+    no links followed, no blocking open, a regular file of the swtpm's
+    owner only, at most PID_FILE_MAX bytes."""
+    try:
+        fd = os.open(paths.pid_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+                     | os.O_NOCTTY)
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        LOG.warning("swtpm pid file %(file)s not read: %(err)s",
+                    {"file": str(paths.pid_file), "err": exc.strerror})
+        return None
+    try:
+        st = os.fstat(fd)
+        want = owner(paths)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != want:
+            LOG.warning("swtpm pid file %(file)s is not a regular file of uid %(uid)d; "
+                        "ignored", {"file": str(paths.pid_file), "uid": want})
+            return None
+        raw = os.read(fd, PID_FILE_MAX)
+    finally:
+        os.close(fd)
+    text = raw.decode("ascii", "replace").strip()
     return int(text) if text.isdigit() and int(text) > 1 else None
 
 
@@ -159,13 +193,17 @@ def _cmdline(pid: int) -> list[str]:
 
 
 def _is_our_swtpm(pid: int, paths: SwtpmPaths) -> bool:
-    """pid runs swtpm on this state dir and control socket (guards pid reuse)."""
+    """pid runs swtpm on this state dir and control socket, as the state
+    dir's owner (guards pid reuse and a pid file pointing elsewhere)."""
     state = _proc_state(pid)
     if state is None or state in ("Z", "X"):
         return False
     argv = _cmdline(pid)
     if not argv or os.path.basename(argv[0]) != "swtpm" or "socket" not in argv:
         return False
+    uids = uidprocs.uids_of(pid)
+    if uids is None or set(uids) != {owner(paths)}:
+        return False  # not the swtpm of this state dir's owner (a planted pid)
     want_state = "dir=%s," % paths.state_dir
     want_ctrl = "path=%s," % paths.ctrl_socket
     return (any(arg.startswith(want_state) for arg in argv)
@@ -222,7 +260,7 @@ def socket_in_use(path: Path) -> bool:
 
 def find_running(paths: SwtpmPaths) -> int | None:
     """Pid of a live swtpm serving ``paths``, for re-adoption after a restart."""
-    pid = _read_pid(paths.pid_file)
+    pid = _read_pid(paths)
     if pid is None or not is_alive(pid, paths):
         return None
     return pid
@@ -310,7 +348,7 @@ def start(paths: SwtpmPaths, at_rest_key: bytes, migration_key: bytes, *,
     finally:
         os.close(key_fd)
 
-    pid = _read_pid(paths.pid_file)
+    pid = _read_pid(paths)
     if pid is None or not is_alive(pid, paths):
         raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
                                    reason="swtpm reported ready but is not running: %s"
@@ -365,7 +403,7 @@ def _launch(cmd: list[str], fds: tuple[int, int], paths: SwtpmPaths, deadline: f
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        pid = _read_pid(paths.pid_file)
+        pid = _read_pid(paths)
         if pid is not None and _is_our_swtpm(pid, paths):
             os.kill(pid, signal.SIGKILL)
         _remove_runtime_files(paths)
@@ -388,7 +426,8 @@ def _wait_config(paths: SwtpmPaths, deadline: float) -> None:
             raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
                                        reason="swtpm not ready: %s" % last)
         try:
-            with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(remaining, 2.0)) as client:
+            with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(remaining, 2.0),
+                                 peer_uid=owner(paths)) as client:
                 flags = client.get_config()
         except exception.CtrlChannelError as exc:
             last = exc.message
@@ -401,9 +440,18 @@ def _wait_config(paths: SwtpmPaths, deadline: float) -> None:
         return
 
 
+def _exiting(pid: int, paths: SwtpmPaths) -> bool:
+    """pid is past its last instruction but not yet a zombie: its command
+    line is already gone (its memory was released), its uids are still the
+    swtpm's. Waited for, so that nothing of the uid is left after stop()."""
+    state = _proc_state(pid)
+    return (state is not None and state not in ("Z", "X") and not _cmdline(pid)
+            and uidprocs.uids_of(pid) == (owner(paths),) * 4)
+
+
 def _wait_gone(pid: int, paths: SwtpmPaths, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _is_our_swtpm(pid, paths):
+    while _is_our_swtpm(pid, paths) or _exiting(pid, paths):
         if time.monotonic() >= deadline:
             return False
         time.sleep(_POLL)
@@ -435,7 +483,8 @@ def stop(pid: int, paths: SwtpmPaths, timeout: float = 10.0) -> None:
     if _is_our_swtpm(pid, paths):
         if _is_socket(paths.ctrl_socket):
             try:
-                with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(step, 2.0)) as client:
+                with ctrl.CtrlClient(paths.ctrl_socket, timeout=min(step, 2.0),
+                                     peer_uid=owner(paths)) as client:
                     client.shutdown()
             except exception.CtrlChannelError as exc:
                 LOG.warning("swtpm pid %(pid)d: CMD_SHUTDOWN failed (%(err)s); signalling",

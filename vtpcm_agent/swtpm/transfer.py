@@ -67,14 +67,15 @@ def _require_sealed(blob: bytes, what: str) -> None:
 
 
 def export_state(path: Path | str, timeout: float = 5.0, *,
-                 max_blob_size: int = MAX_BLOB_SIZE) -> ExportedState:
+                 max_blob_size: int = MAX_BLOB_SIZE,
+                 peer_uid: int | None = None) -> ExportedState:
     """Read permanent + volatile state from a swtpm QEMU is not attached to.
 
     The TPM is started (INIT, keeping the volatile state file) if it was
     stopped, and left running. Refuses a swtpm without a migration key: its
     blobs would come out in plaintext.
     """
-    with CtrlClient(path, timeout, max_blob_size=max_blob_size) as client:
+    with CtrlClient(path, timeout, max_blob_size=max_blob_size, peer_uid=peer_uid) as client:
         config = client.get_config()
         if not config & CONFIG_FLAG_MIGRATION_KEY:
             raise _fail("export_state", "swtpm runs without a migration key; "
@@ -113,7 +114,7 @@ def _validate_import(state: ExportedState, max_blob_size: int) -> None:
 
 def import_state(path: Path | str, state: ExportedState, timeout: float = 5.0, *,
                  vtpcm_id: str = "<unnamed>", max_blob_size: int = MAX_BLOB_SIZE,
-                 empty_target: bool = False) -> None:
+                 empty_target: bool = False, peer_uid: int | None = None) -> None:
     """Replace the state of a swtpm QEMU is not attached to, then run it.
 
     Sequence: (INIT if stopped,) snapshot the target's own blobs, STOP,
@@ -136,7 +137,7 @@ def import_state(path: Path | str, state: ExportedState, timeout: float = 5.0, *
         _validate_import(state, max_blob_size)
     except exception.InvalidInput as exc:
         raise exception.StateImportError(vtpcm_id=vtpcm_id, reason=exc.message) from None
-    with CtrlClient(path, timeout, max_blob_size=max_blob_size) as client:
+    with CtrlClient(path, timeout, max_blob_size=max_blob_size, peer_uid=peer_uid) as client:
         config = client.get_config()
         if config != CONFIG_FLAG_FILE_KEY | CONFIG_FLAG_MIGRATION_KEY:
             raise exception.StateImportError(

@@ -25,6 +25,7 @@ from tests.functional import tpmtools
 from tests.functional.agent.conftest import _kill_hard
 from tests.refusal import refused
 from vtpcm_agent import association, instances
+from vtpcm_agent.association import VTPCMState
 from vtpcm_agent.keystore import DevKeyFileHostKey, InstanceKeys, KeyStore
 from vtpcm_agent.swtpm import ctrl, process
 from vtpcm_common import exception
@@ -101,16 +102,20 @@ def test_a_stream_of_an_earlier_key_epoch_is_refused_by_a_later_incoming_swtpm(
 
 def test_a_readopted_swtpm_keeps_the_key_it_runs_with(manager):
     """An agent restart re-adopts a running swtpm: rotating its stored key
-    then would make the key store disagree with the running process."""
+    then would make the key store disagree with the running process. The
+    record says STOPPED (a crash between the swtpm's start and the record's
+    update), so start() passes its early "ACTIVE and running" exit and
+    reaches the ``find_running`` branch this test is about."""
     instance = str(uuid.uuid4())
     vtpcm_id = manager.create(instance).vtpcm_id
-    manager.start(instance)
+    pid = manager.start(instance).pid
     before = manager.keystore.get(vtpcm_id).migration_key
-    again = manager.start(instance)  # ACTIVE and running: a no-op
+    manager.associations.transition(instance, VTPCMState.STOPPED, pid=None)
+    assert not manager.is_running(manager.get(instance))  # control: no early exit
+    again = manager.start(instance)
+    assert again.pid == pid  # re-adopted, not a second swtpm
     kept = hmac.compare_digest(manager.keystore.get(vtpcm_id).migration_key, before)
     assert kept
-    assert again.pid is not None and process.is_alive(
-        again.pid, manager.paths(instance, vtpcm_id))
 
 
 def test_swtpm_071_accepts_a_plaintext_stream_despite_its_migration_key(

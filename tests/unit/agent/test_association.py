@@ -3,6 +3,7 @@
 import itertools
 import os
 import sqlite3
+import stat
 import subprocess
 import sys
 import uuid
@@ -281,7 +282,8 @@ def file_schema(path):
 V3_TABLES = {"associations", "tombstones", "aborted_migrations", "command_nonces",
              "command_nonces_keep_until"}
 # v4 adds the agent's record of seals, v5 the swtpm uid of each instance
-CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance", "swtpm_uids"}
+# v6 when each uid was last freed
+CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance", "swtpm_uids", "swtpm_uids_freed"}
 DESTROYED = ("i", "v", "DESTROYED", 4, None, "/d", "/c", None, "t", "t")
 ACTIVE = ("j", "w", "ACTIVE", 2, None, "/d2", "/c2", 77, "t", "t")
 
@@ -498,3 +500,42 @@ def test_swtpm_uids_are_per_instance_durable_and_freed(tmp_path):
     assert al.uid_of("a") is None
     assert al.assign_uid("c", 5000, 5001) == 5000  # a freed uid is reused
     al.close()
+
+
+def test_a_freed_uid_is_given_out_last(tmp_path):
+    """Not lowest-free: a process of a freed uid that survived would get
+    the next VM. Never-used uids first, then the one freed longest ago."""
+    al = AssociationList(tmp_path / "a.sqlite")
+    try:
+        assert [al.assign_uid(i, 5000, 5003) for i in "ab"] == [5000, 5001]
+        al.release_uid("a")
+        assert al.assign_uid("c", 5000, 5003) == 5002  # never used before 5000
+        al.release_uid("b")
+        al.release_uid("c")
+        assert al.assign_uid("d", 5000, 5003) == 5003
+        # freed in the order 5000, 5001, 5002: handed out in that order
+        assert [al.assign_uid(i, 5000, 5003) for i in "efg"] == [5000, 5001, 5002]
+        al.release_uid("nobody")  # no uid: nothing recorded
+    finally:
+        al.close()
+
+
+def test_the_list_and_its_wal_and_shm_are_the_agents_alone(tmp_path):
+    """Every swtpm uid may traverse the state dir: a -wal or -shm file left
+    0644 (a umask, another tool) would hand them the list's recent writes.
+    An open agent keeps both files, so they are made private at start."""
+    path = tmp_path / "a.sqlite"
+    holder = AssociationList(path)  # a second connection keeps -wal/-shm
+    try:
+        holder.add(instance_uuid="i", vtpcm_id="v", state=VTPCMState.CREATING,
+                   generation=0, state_dir="/d", ctrl_socket="/c")
+        for suffix in ("", "-wal", "-shm"):
+            os.chmod(str(path) + suffix, 0o644)
+        al = AssociationList(path)
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                assert stat.S_IMODE(os.stat(str(path) + suffix).st_mode) == 0o600, suffix
+        finally:
+            al.close()
+    finally:
+        holder.close()

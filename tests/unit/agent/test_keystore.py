@@ -331,3 +331,19 @@ def test_destroy_overwrites_the_whole_entry_before_unlinking(store: KeyStore,
     left = keep.read_bytes()
     assert len(left) >= len(original)
     assert not any(original[i:i + 8] in left for i in range(0, len(original) - 8))
+
+
+def test_a_replaced_entry_is_overwritten_like_a_destroyed_one(store: KeyStore,
+                                                              tmp_path: Path) -> None:
+    """A key epoch (put with replace) leaves nothing of the old migration
+    key in the old inode (review of issue 9, finding LOW 5, proof p4)."""
+    store.put(VID, InstanceKeys.generate())
+    original = entry(tmp_path).read_bytes()
+    keep = tmp_path / "kept-link"
+    os.link(entry(tmp_path), keep)
+    fresh = InstanceKeys.generate()
+    store.put(VID, fresh, replace=True)
+    assert store.get(VID) == fresh  # control: the new entry is in place
+    left = keep.read_bytes()
+    assert len(left) >= len(original)
+    assert not any(original[i:i + 8] in left for i in range(0, len(original) - 8))

@@ -3,6 +3,8 @@ a group would let that account reach a swtpm's files, so it is refused."""
 
 import grp
 import pwd
+import re
+from pathlib import Path
 
 import pytest
 
@@ -10,13 +12,58 @@ from tests.refusal import refused
 from vtpcm_agent import service
 from vtpcm_common import exception
 
+DEVSTACK_DEFAULT = "1900000000-1900000999"  # devstack/settings VTPCM_SWTPM_UID_RANGE
+
 
 def test_empty_means_swtpm_runs_as_the_agent():
     assert service.uid_range("") is None
 
 
 def test_a_free_range_is_taken():
-    assert service.uid_range("64200-64209") == (64200, 64209)
+    assert service.uid_range("1900000000-1900000999") == (1900000000, 1900000999)
+
+
+@pytest.mark.parametrize(("text", "what", "start", "end"), [
+    ("64500-64599", "systemd DynamicUser", 61184, 65519),  # the lab's range before
+    ("2000000-2000999", "systemd container (nspawn --private-users)", 524288, 1879048191),
+    ("60000-60001", "systemd-homed", 60001, 60513)])
+def test_a_range_systemd_hands_out_is_refused(text, what, start, end):
+    with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range %s overlaps "
+                 "the %s range %d-%d" % (text, what, start, end)):
+        service.uid_range(text, subid_files=())
+
+
+def test_a_range_in_a_subordinate_id_block_is_refused(tmp_path):
+    subuid, subgid = tmp_path / "subuid", tmp_path / "subgid"
+    subuid.write_text("alice:100000:65536\n")
+    subgid.write_text("alice:100000:65536\n# a comment\nbob:1900000500:10\n")
+    assert service.uid_range("1900000000-1900000499", (subuid, subgid)) \
+        == (1900000000, 1900000499)  # control: just below bob's block
+    with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range "
+                 "1900000000-1900000500 overlaps bob's block 1900000500-1900000509 in %s"
+                 % subgid):
+        service.uid_range("1900000000-1900000500", (subuid, subgid))
+    with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range "
+                 "165535-170000 overlaps alice's block 100000-165535 in %s" % subuid):
+        service.uid_range("165535-170000", (subuid, subgid))
+
+
+def test_the_shipped_defaults_are_safe():
+    # read, not imported: importing the lab picks oslo's threading backend
+    repo = Path(__file__).resolve().parents[3]
+    lab = re.findall(r'"(\d+-\d+)"', re.search(r"SWTPM_UID_RANGES = \{.*\}", (
+        repo / "vtpcm_lab" / "stack.py").read_text()).group(0))
+    devstack = re.search(r"VTPCM_SWTPM_UID_RANGE:-(\d+-\d+)",
+                         (repo / "devstack" / "settings").read_text()).group(1)
+    assert len(lab) == 2 and devstack == DEVSTACK_DEFAULT
+    for text in (*lab, devstack):
+        assert service.uid_range(text, subid_files=()) is not None
+
+
+def test_words_are_refused():
+    with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range a-b: need "
+                 "FIRST-LAST, two numbers"):
+        service.uid_range("a-b")
 
 
 @pytest.mark.parametrize("text", ["0-10", "20-10"])

@@ -1,0 +1,377 @@
+"""An exploited swtpm against the agent (review of issue 9 points 5/6).
+
+The hostile reviewer's proofs (/tmp/rev-iso-proofs p1, p2, p5), inverted:
+a process of a VM's swtpm uid (the code a libtpms exploit runs) hides from
+the agent, races its hand-over, or plants its pid file; the agent must kill
+it before the uid serves another VM, never chown its own files to the uid,
+and neither block nor exhaust memory on a planted pid file. Real swtpm
+0.7.1, real uids (started with no groups, like the swtpm). Every process
+started here is stopped by pid, and every process of the test's uids is
+killed in the finalizer.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.functional.agent.conftest import _kill_hard
+from tests.functional.agent.test_swtpm_isolation import CLIENT_PYTHON, _manager, _running, status_of
+from tests.refusal import refused
+from vtpcm_agent import instances
+from vtpcm_agent.swtpm import ctrl, isolation, process, uidprocs
+from vtpcm_common import exception
+
+pytestmark = pytest.mark.functional
+
+FIRST_UID = 1900000210  # reserved for these tests: outside systemd's and subuid ranges
+UIDS = (FIRST_UID, FIRST_UID + 9)
+
+
+@pytest.fixture
+def base(short_dir: Path) -> Path:
+    os.chmod(short_dir, 0o711)  # noqa: S103
+    return short_dir
+
+
+@pytest.fixture
+def hostile(base: Path) -> Iterator[instances.InstanceManager]:
+    manager = _manager(base, UIDS)
+    try:
+        yield manager
+    finally:
+        for assoc in manager.list_vtpcms():
+            paths = manager.paths(assoc.instance_uuid, assoc.vtpcm_id)
+            pid = process.find_running(paths) or assoc.pid
+            if pid is not None:
+                try:
+                    process.stop(pid, paths, timeout=6.0)
+                finally:
+                    _kill_hard(pid, paths)
+        for uid in range(UIDS[0], UIDS[1] + 1):
+            uidprocs.kill_all(uid, timeout=5.0)
+        manager.associations.close()
+
+
+def as_uid(uid: int, code: str) -> subprocess.Popen[str]:
+    """A process of ``uid`` (no groups) running ``code``: the exploit."""
+    return subprocess.Popen([CLIENT_PYTHON, "-c", textwrap.dedent(code)], user=uid, group=uid,
+                            extra_groups=[], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def _stop_child(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate(timeout=10)
+
+
+def _gone(pid: int) -> bool:
+    return uidprocs.uids_of(pid) is None or uidprocs._zombie(pid)
+
+
+def test_a_swtpm_that_hid_is_killed_before_its_uid_serves_another_vm(hostile):
+    """p1: the swtpm unlinks its socket (the agent then thinks it is not
+    running), a helper of its uid lingers and it leaves a file in /dev/shm."""
+    a, pid_a = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    own = hostile.settings.run_dir / instances.OWN_DIRS / a
+    hide = as_uid(uid, "import os; os.unlink(%r)" % str(own / "tpm.ctrl"))
+    assert hide.communicate(timeout=20)[0] == ""
+    linger = as_uid(uid, "import time; print('up', flush=True); time.sleep(120)")
+    shm = Path("/dev/shm") / ("vtpcm-test-%s" % a)
+    try:
+        assert linger.stdout is not None and linger.stdout.readline() == "up\n"
+        planted = as_uid(uid, "open(%r, 'w').write('left for the next holder')" % str(shm))
+        assert planted.communicate(timeout=20)[0] == ""
+        # positive control: the plant worked, the agent's liveness check is fooled
+        paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+        assert not process.is_alive(pid_a, paths)
+        assert status_of(pid_a)["Uid"].split() == [str(uid)] * 4
+        assert shm.stat().st_uid == uid
+
+        hostile.destroy(a)
+
+        assert _gone(pid_a), "the hidden swtpm survived destroy()"
+        assert linger.wait(timeout=10) == -9
+        assert not shm.exists()
+        assert uidprocs.pids_of(uid) == []
+        b, pid_b = _running(hostile)
+        assert hostile.associations.uid_of(b) != uid  # and a freed uid is given out last
+        assert status_of(pid_b)["Uid"].split()[0] != str(uid)
+    finally:
+        _stop_child(linger)
+        shm.unlink(missing_ok=True)
+
+
+def test_a_uid_is_kept_while_a_process_of_it_survives(hostile, monkeypatch):
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+
+    def unkillable(uid: int, timeout: float = 5.0) -> int:
+        raise exception.SwtpmError(vtpcm_id="uid %d" % uid,
+                                   reason="processes [4242] of swtpm uid %d survive SIGKILL"
+                                   % uid)
+
+    monkeypatch.setattr(uidprocs, "kill_all", unkillable)
+    with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: processes [4242] of "
+                 "swtpm uid %d survive SIGKILL" % (uid, uid)):
+        hostile.destroy(a)
+    assert hostile.associations.uid_of(a) == uid  # not freed for another VM
+
+
+def test_a_lingering_process_of_the_uid_is_killed_before_a_start(hostile):
+    """HIGH 2's precondition: nothing of the uid runs while its files are
+    handed over again."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    hostile.stop(a)
+    linger = as_uid(uid, "import time; print('up', flush=True); time.sleep(120)")
+    try:
+        assert linger.stdout is not None and linger.stdout.readline() == "up\n"
+        assert hostile.start(a).pid is not None
+        assert linger.wait(timeout=10) == -9
+    finally:
+        _stop_child(linger)
+
+
+_RACE = """
+import ctypes, os, sys, time
+state, target, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+d, alt = os.path.join(state, "d"), os.path.join(state, "e")
+os.mkdir(d)
+for n in ("associations.sqlite", "keys"):
+    open(os.path.join(d, n), "w").close()
+os.symlink(target, alt)
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, RENAME_EXCHANGE, SYS_renameat2 = -100, 2, 316
+print("RACING", flush=True)
+end, n = time.monotonic() + seconds, 0
+while time.monotonic() < end:
+    libc.syscall(SYS_renameat2, AT_FDCWD, d.encode(), AT_FDCWD, alt.encode(), RENAME_EXCHANGE)
+    n += 1
+print(n, flush=True)
+"""
+
+
+def test_hand_over_never_follows_a_directory_swapped_for_a_symlink(hostile):
+    """p2: the uid flips state_dir/d between a directory and a symlink to
+    the agent's state root while hand_over walks the tree (called directly,
+    without the kill before it, so the walk itself is what is tested)."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    hostile.stop(a)
+    root = hostile.settings.state_root
+    paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+    targets = [root / "associations.sqlite", root / "keys",
+               root / "keys" / (hostile.get(a).vtpcm_id + ".keys")]
+    assert {os.lstat(p).st_uid for p in targets} == {0}
+    racer = subprocess.Popen([CLIENT_PYTHON, "-c", _RACE, str(paths.state_dir), str(root),
+                              "8"], user=uid, group=uid, extra_groups=[],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_as = process.RunAs(uid=uid, gid=uid)
+    public = hostile.public_ctrl_socket(a)
+    calls = refusals = 0
+    try:
+        assert racer.stdout is not None and racer.stdout.readline() == "RACING\n"
+        deadline = time.monotonic() + 7
+        while time.monotonic() < deadline and racer.poll() is None:
+            calls += 1
+            try:
+                isolation.hand_over(paths, run_as, public, public.with_suffix(""))
+            except exception.SwtpmError as exc:
+                assert "changed while handing it over" in exc.message, exc.message
+                refusals += 1
+            if any(os.lstat(p).st_uid == uid for p in targets):
+                break
+        swaps = int(racer.communicate(timeout=20)[0].strip())
+    finally:
+        _stop_child(racer)
+    owners = {str(p): os.lstat(p).st_uid for p in targets}
+    assert owners == {str(p): 0 for p in targets}, (owners, calls, refusals)
+    # positive control: the race ran, and hand_over did give the uid its own files
+    assert swaps > 1000 and calls > 10
+    assert os.lstat(paths.state_dir / instances.PERMANENT_STATE_FILE).st_uid == uid
+
+
+def test_a_symlink_in_the_state_dir_is_given_over_as_itself(hostile):
+    """lchown, not chown: the link changes owner, its target does not."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    hostile.stop(a)
+    state_dir = hostile.paths(a, hostile.get(a).vtpcm_id).state_dir
+    outside = state_dir.parent.parent / "root-only"
+    outside.write_bytes(b"agent's")
+    os.symlink(outside, state_dir / "planted")
+    assert hostile.start(a).pid is not None
+    assert os.lstat(state_dir / "planted").st_uid == uid  # control: the walk reached it
+    assert os.stat(outside).st_uid == 0
+
+
+def test_a_symlinked_socket_dir_is_refused(hostile):
+    a, _ = _running(hostile)
+    hostile.stop(a)
+    own = hostile.settings.run_dir / instances.OWN_DIRS / a
+    os.rename(own, own.with_name(a + ".moved"))
+    os.symlink(own.with_name(a + ".moved"), own)
+    with refused(exception.SwtpmError, "swtpm error for vTPCM %s: socket dir %s is a symlink"
+                 % (hostile.get(a).vtpcm_id, own)):
+        hostile.start(a)
+    assert hostile.get(a).state.value == "STOPPED"
+
+
+_FIND = """
+import resource, sys, time
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_AS, (600 << 20, 600 << 20))
+from vtpcm_agent.swtpm import process
+paths = process.SwtpmPaths(Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]),
+                           Path(sys.argv[4]))
+t = time.monotonic()
+print(process.find_running(paths), "%.2f" % (time.monotonic() - t))
+"""
+
+
+@pytest.mark.parametrize("plant", ["/dev/zero", "fifo", "root file"])
+def test_a_planted_pid_file_neither_blocks_nor_exhausts_the_agent(hostile, plant):
+    """p5: the uid points its pid file at /dev/zero or makes it a FIFO, or
+    (a file it cannot make) a root-owned file names its pid. The agent
+    (here a child capped at 600 MiB and 20 s) reads none of them."""
+    a, pid = _running(hostile)
+    paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+    args = [sys.executable, "-c", _FIND, str(paths.state_dir), str(paths.ctrl_socket),
+            str(paths.pid_file), str(paths.log_file)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
+    # positive control: the real pid file names the running swtpm
+    done = subprocess.run(args, capture_output=True, text=True, timeout=20, env=env,
+                          check=False)
+    assert done.stdout.split()[0] == str(pid), done.stderr
+    paths.pid_file.unlink()
+    try:
+        if plant == "fifo":
+            os.mkfifo(paths.pid_file)
+        elif plant == "root file":
+            paths.pid_file.write_text("%d\n" % pid)
+        else:
+            os.symlink(plant, paths.pid_file)
+        if plant != "root file":
+            os.lchown(paths.pid_file, *(hostile.associations.uid_of(a),) * 2)
+        done = subprocess.run(args, capture_output=True, text=True, timeout=20, env=env,
+                              check=False)
+    finally:  # the finalizer (this process, uncapped) must not read it
+        paths.pid_file.unlink(missing_ok=True)
+    assert done.returncode == 0, done.stderr[-400:]
+    found, took = done.stdout.split()
+    assert found == "None" and float(took) < 2.0
+
+
+def test_root_talks_only_to_a_socket_served_by_the_vms_uid(hostile):
+    """p7: VM a's uid points its control socket at VM b's. Whatever root
+    reaches through a's path must be served by a's uid (SO_PEERCRED), else
+    it would export b's state, or INIT b's TPM, as a's."""
+    (a, _), (b, _) = _running(hostile), _running(hostile)
+    uid_a, uid_b = hostile.associations.uid_of(a), hostile.associations.uid_of(b)
+    assert uid_a is not None and uid_b is not None
+    pa, pb = (hostile.paths(i, hostile.get(i).vtpcm_id) for i in (a, b))
+    assert process.owner(pa) == uid_a
+    # control: a's own socket, checked, answers
+    assert ctrl.export_state(pa.ctrl_socket, timeout=5, peer_uid=uid_a).permanent
+    flip = as_uid(uid_a, "import os; os.rename(%r, %r); os.symlink(%r, %r)" % (
+        str(pa.ctrl_socket), str(pa.ctrl_socket) + ".real", str(pb.ctrl_socket),
+        str(pa.ctrl_socket)))
+    assert flip.communicate(timeout=20)[0] == ""
+    # control: unchecked, root reaches b's swtpm through a's path
+    assert ctrl.export_state(pa.ctrl_socket, timeout=5).permanent
+    pid_b = hostile.get(b).pid
+    with refused(exception.CtrlChannelError,
+                 "swtpm control channel GET_CONFIG failed: control socket %s is served by "
+                 "uid %d (pid %d), not the swtpm's uid %d"
+                 % (pa.ctrl_socket, uid_b, pid_b, uid_a)):
+        ctrl.export_state(pa.ctrl_socket, timeout=5, peer_uid=uid_a)
+
+
+# --- one test per guard the review's mutants showed untested (p3) -----------
+
+@pytest.mark.parametrize(("uid", "gid"), [(0, 5), (5, 0), (-1, 5)])
+def test_swtpm_never_runs_as_root(uid, gid):
+    with refused(exception.InvalidInput, "Invalid input: swtpm must not run as uid or gid 0"):
+        process.RunAs(uid=uid, gid=gid)
+    assert process.RunAs(uid=5, gid=5).uid == 5  # control
+
+
+def test_a_log_file_swapped_for_a_symlink_is_refused(hostile):
+    a, _ = _running(hostile)
+    hostile.stop(a)
+    paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+    outside = paths.log_file.parent.parent / "root-only"
+    outside.write_bytes(b"agent's")
+    paths.log_file.unlink()
+    os.symlink(outside, paths.log_file)
+    with refused(exception.SwtpmError, "swtpm error for vTPCM %s: log file %s is not a "
+                 "regular file of its own (Too many levels of symbolic links)"
+                 % (paths.state_dir.name, paths.log_file)):
+        hostile.start(a)
+    assert os.stat(outside).st_uid == 0
+    paths.log_file.unlink()
+    assert hostile.start(a).pid is not None  # control: a plain log file is fine
+
+
+def test_give_sockets_refuses_a_symlink_in_a_sockets_place(hostile):
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+    process._give_sockets(paths, uid, uid)  # control: the real sockets pass
+    outside = paths.state_dir.parent.parent / "root-only"
+    outside.write_bytes(b"agent's")
+    assert paths.data_socket is not None
+    os.rename(paths.data_socket, str(paths.data_socket) + ".real")
+    os.symlink(outside, paths.data_socket)
+    with refused(exception.SwtpmError, "swtpm error for vTPCM %s: %s is not a socket"
+                 % (paths.state_dir.name, paths.data_socket)):
+        process._give_sockets(paths, uid, uid)
+    assert os.stat(outside).st_uid == 0 and os.lstat(paths.data_socket).st_uid == 0
+
+
+def test_remove_leaves_what_a_symlinked_socket_dir_points_at(short_dir):
+    kept = short_dir / "agent-dir"
+    kept.mkdir()
+    (kept / "file").write_text("agent's")
+    own, public = short_dir / "own", short_dir / "x.ctrl"
+    os.symlink(kept, own)
+    os.symlink(own / "tpm.ctrl", public)
+    isolation.remove(own, (public,))
+    assert (kept / "file").read_text() == "agent's"
+    assert not public.is_symlink()
+    real = short_dir / "own2"
+    real.mkdir()
+    (real / "tpm.ctrl").write_text("")
+    isolation.remove(real, ())
+    assert not real.exists()  # control: a real socket dir goes
+
+
+def test_link_refuses_a_public_path_another_process_serves(short_dir):
+    public = short_dir / "x.ctrl"
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        server.bind(str(public))
+        server.listen(1)
+        with refused(exception.SwtpmError, "swtpm error for vTPCM own: another process "
+                     "serves %s; not linking it to %s" % (public, short_dir / "own" / "t")):
+            isolation.link(public, short_dir / "own" / "t")
+        assert not public.is_symlink()
+    finally:
+        server.close()
+    isolation.link(public, short_dir / "own" / "t")  # control: a dead socket is replaced
+    assert os.readlink(public) == str(short_dir / "own" / "t")
