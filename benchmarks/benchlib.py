@@ -11,6 +11,7 @@ import datetime
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -108,6 +109,29 @@ def progress(text: str) -> None:
     capture buffer while a test runs (run pytest with -s to see these lines)."""
     stream = sys.__stderr__ or sys.stderr
     print("[bench %s] %s" % (time.strftime("%H:%M:%S"), text), file=stream, flush=True)
+
+
+def stop_left_swtpms(work: Path) -> list[int]:
+    """The vTPCMs' swtpm processes outlive their agent by design (the agent
+    re-adopts them), so a run that failed before destroying its vTPCMs
+    leaves them running: stop those of agents under ``work`` by the pid in
+    their pid file (``<run_dir>/<instance>.pid``, or
+    ``<run_dir>/vm/<instance>/swtpm.pid`` for a swtpm under its own uid),
+    only if that process's command line is a swtpm's naming ``work``."""
+    stopped = []
+    for pid_file in [*work.glob("run-*/*.pid"), *work.glob("run-*/vm/*/swtpm.pid")]:
+        try:
+            pid = int(pid_file.read_text().strip())
+            cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
+        except (OSError, ValueError):
+            continue
+        if b"swtpm" in cmdline and str(work).encode() in cmdline:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                continue
+            stopped.append(pid)
+    return stopped
 
 
 def pyplot() -> Any:

@@ -14,7 +14,9 @@ round trip (``health``), one engine RPC round trip (``get_vtpcm``: RPC plus
 one database read), one swtpm (re)start through the agent (``start`` after
 ``stop``, RPC included), and in this process one ECDH_ZGen on a third swtpm
 host TPM and one software seal of a migration key (``sealing.seal``).
-Writes ``protocol.json`` and ``protocol.png``; asserts nothing.
+Writes ``protocol.json`` and ``protocol.png``. Asserts one thing, after every
+round: the engine's holder keeps its vTPCM (``holder_problem``); a failed
+run keeps its work directory (the daemons' logs).
 Usage: .venv/bin/python benchmarks/protocol.py [--rounds 200] [--smoke] [--out-dir DIR]
 """
 
@@ -25,7 +27,6 @@ import bisect
 import json
 import os
 import shutil
-import signal
 import statistics
 import sys
 import time
@@ -45,7 +46,7 @@ import benchlib  # noqa: E402
 
 from vtpcm_agent import keyauth, sealing  # noqa: E402
 from vtpcm_agent.hosttpm import HostTPM  # noqa: E402
-from vtpcm_common import authn, spans, tpmpublic  # noqa: E402
+from vtpcm_common import authn, exception, spans, tpmpublic  # noqa: E402
 from vtpcm_common.api.agent.rpcapi import AgentAPI  # noqa: E402
 from vtpcm_common.api.engine.rpcapi import EngineAPI  # noqa: E402
 from vtpcm_lab import daemons  # noqa: E402
@@ -73,21 +74,33 @@ def timed(fn: Callable[[], Any], step: str | None = None, windows: list[Window] 
     return took * 1000, out
 
 
-def stop_left_swtpms(work: Path) -> list[int]:
-    """The vTPCMs' swtpm processes outlive their agent by design (the agent
-    re-adopts them): after a failed run, stop those under ``work`` by the
-    pid in their pid file, checked against the process's command line."""
-    stopped = []
-    for pid_file in work.glob("run-*/*.pid"):
-        try:
-            pid = int(pid_file.read_text().strip())
-            cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
-        except (OSError, ValueError):
-            continue
-        if b"swtpm" in cmdline and str(work).encode() in cmdline:
-            os.kill(pid, signal.SIGTERM)
-            stopped.append(pid)
-    return stopped
+def holder_problem(operator: EngineAPI, agents: AgentAPI, instance: str,
+                   state_dirs: dict[str, Path]) -> str | None:
+    """What is wrong with the vTPCM where the engine's authority places it
+    (None: nothing): its agent's record must be live at the engine's
+    generation with its key store entry on disk, and the other host must
+    hold no live copy. Checked after every round, outside the timed
+    windows, so a lost key is caught in the round that lost it, not at a
+    later ``begin``."""
+    rec = operator.get_vtpcm(instance)
+    held = agents.get(rec.host, instance)
+    entry = state_dirs[rec.host] / "keys" / (held.vtpcm_id + ".keys")
+    problems = []
+    if held.state not in ("ACTIVE", "STOPPED") or held.generation != rec.generation:
+        problems.append("the holder %s has it %s at generation %d, the engine says generation "
+                        "%d" % (rec.host, held.state, held.generation, rec.generation))
+    if not entry.exists():
+        problems.append("the holder %s lost the key store entry of vTPCM %s"
+                        % (rec.host, held.vtpcm_id))
+    for other in state_dirs:
+        if other != rec.host:
+            try:
+                state = agents.get(other, instance).state
+            except exception.NotFound:
+                continue
+            if state not in ("DESTROYED",):
+                problems.append("%s also holds it (%s)" % (other, state))
+    return "; ".join(problems) or None
 
 
 def breakdown(span_dir: Path, roles: dict[int, str],
@@ -151,9 +164,11 @@ def main() -> int:
     os.environ[spans.ENV] = str(span_dir)  # the daemons started below record spans
     spans.configure(str(span_dir))  # and so does this process (the driver's side)
     roles: dict[int, str] = {os.getpid(): "driver"}
+    completed = False
     try:
         agents = AgentAPI(conf, timeout=30)
         names, keys = [], []
+        state_dirs: dict[str, Path] = {}
         for label in ("a", "b"):
             name = "bproto-%s-%s" % (label, uuid.uuid4().hex[:6])
             tpm = HostTPMStandIn(work / ("tpm-" + label), name=name)
@@ -168,7 +183,8 @@ def main() -> int:
             roles[agent.pid or 0] = "agent-" + label
             agent.wait_ready(agents)
             names.append(name)
-            keys.append(Path(agent.config["agent"]["state_dir"]) / "host-command.key")
+            state_dirs[name] = Path(agent.config["agent"]["state_dir"])
+            keys.append(state_dirs[name] / "host-command.key")
         engine = daemons.EngineDaemon(work, exchange, "sqlite:///%s/e.sqlite" % work, extra={
             "DEFAULT": {"debug": "false"},
             "attestation": {"auto_approve": "true", "verdict_ttl": 3600, "interval": 0},
@@ -247,6 +263,11 @@ def main() -> int:
                 ms, _ = timed(partial(agents.start, here, instance))
                 if record:
                     samples["swtpm_start"].append(ms)
+                problem = holder_problem(operator, agents, instance, state_dirs)
+                if problem:
+                    raise RuntimeError("round %d (%s, migration %s): %s" % (
+                        r, "abort" if r % args.abort_every == args.abort_every - 1
+                        else "commit", mid, problem))
                 if r >= 0 and r % 10 == 9:
                     benchlib.progress("protocol: %d/%d rounds" % (r + 1, args.rounds))
         finally:
@@ -260,17 +281,19 @@ def main() -> int:
             shutil.copytree(span_dir, args.keep_spans, dirs_exist_ok=True)
             (Path(args.keep_spans) / "roles.json").write_text(json.dumps(
                 {"roles": roles, "windows": windows}))
+        completed = True
     finally:
         for daemon in reversed(started):
             if isinstance(daemon, HostTPMStandIn):
                 daemon.cleanup()
             else:
                 daemon.stop()
-        left = stop_left_swtpms(work)
+        left = benchlib.stop_left_swtpms(work)
         if left:
             benchlib.progress("protocol: stopped vTPCM swtpm processes left behind: %s" % left)
         shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
-        if args.keep_work:
+        if args.keep_work or not completed:
+            # a failed run keeps its daemons' logs, asked for or not
             benchlib.progress("protocol: work directory kept: %s" % work)
         else:
             shutil.rmtree(work, ignore_errors=True)

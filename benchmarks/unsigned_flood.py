@@ -146,6 +146,10 @@ def main() -> int:
                 daemon.cleanup()
             else:
                 daemon.stop()
+        left = benchlib.stop_left_swtpms(work)
+        if left:
+            benchlib.progress("unsigned-flood: stopped vTPCM swtpm processes left behind: %s"
+                              % left)
         shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
     kinds = sorted({k for rate in rates for k in rate})

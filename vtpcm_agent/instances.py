@@ -689,7 +689,26 @@ class InstanceManager:
         self._drop_own_files(assoc.instance_uuid)
 
     def _discard(self, instance_uuid: str, vtpcm_id: str, paths: process.SwtpmPaths) -> None:
-        """Undo a create or an incoming that never went live: no tombstone."""
+        """Undo a create or an incoming that never went live: no tombstone.
+
+        Never the live vTPCM: if the record of ``vtpcm_id`` went live (an
+        incoming one committed), this refuses before its keys and state go.
+        Each caller checks that already; this is the last line, since a
+        discard that got past one would shred the holder's keys and leave
+        its record live (``forget`` keeps live rows) with nothing to open
+        its state: the tenant's TPM lost. Callers hold the instance's lock,
+        so the record cannot go live between the check and the shred."""
+        record = self.associations.find(instance_uuid)
+        if record is not None and record.vtpcm_id == vtpcm_id \
+                and record.state not in (S.CREATING, S.MIGRATING_IN):
+            LOG.error("Refused to discard vTPCM %(vtpcm)s of instance %(instance)s: it is "
+                      "%(state)s (generation %(gen)d), not an unfinished create or incoming; "
+                      "its keys and state are kept",
+                      {"vtpcm": vtpcm_id, "instance": instance_uuid,
+                       "state": record.state.value, "gen": record.generation})
+            raise exception.InvalidTransition(
+                what="vTPCM of instance", key=instance_uuid, current=record.state.value,
+                target="discarded")
         self.keystore.destroy(vtpcm_id)
         if paths.state_dir.exists():
             shutil.rmtree(paths.state_dir)
