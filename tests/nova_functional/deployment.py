@@ -94,7 +94,8 @@ def deployment(labels: tuple[str, ...] = ("a", "b", "c"), *,
     """Engine + one agent per label, enrolled, approved, golden policy
     assigned; the engine's ``[nova]`` points at a ``NovaFront`` (the test
     plugs in the API behind it); ``reconcile_interval``: the engine's
-    periodic reconcile (0: none), which also reaps deleted shelved vTPCMs."""
+    periodic reconcile (0: none), and as often its reaper of deleted
+    shelved vTPCMs (``[nova] reap_interval``)."""
     work = daemons.short_dir("vtnf")
     exchange = "vtpcm-nf-" + uuid.uuid4().hex[:8]
     conf = daemons.client_conf(exchange)
@@ -104,7 +105,7 @@ def deployment(labels: tuple[str, ...] = ("a", "b", "c"), *,
     engine = daemons.EngineDaemon(
         work, exchange, "sqlite:///%s/engine.sqlite" % work,
         extra={"attestation": {"auto_approve": "true", "verdict_ttl": 600},
-               "nova": nova.engine_options(),
+               "nova": {**nova.engine_options(), "reap_interval": reconcile_interval},
                "migration": {"reconcile_interval": reconcile_interval}})
     started: list[object] = [nova]
     hosts: dict[str, Host] = {}

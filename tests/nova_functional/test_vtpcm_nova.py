@@ -59,7 +59,8 @@ RECONCILE_S = 2
 @pytest.fixture(scope="module", autouse=True)
 def vtpcm_deployment() -> Any:
     global _DEPLOYMENT
-    # the engine's periodic reconcile reaps shelved vTPCMs of deleted instances
+    # the engine's periodic reaper ([nova] reap_interval, as often as the
+    # reconcile) destroys shelved vTPCMs of deleted instances
     with dep_mod.deployment(reconcile_interval=RECONCILE_S) as dep:
         _DEPLOYMENT = dep
         try:

@@ -28,13 +28,25 @@ nova_group = cfg.OptGroup(
          "onto another host than the holder and reaps no vTPCM.")
 NOVA_OPTS = [
     cfg.IntOpt("deleted_confirmations", default=2, min=2,
-               help="Consecutive reconcile passes in which Nova's admin listing "
+               help="Consecutive reaper passes in which Nova's admin listing "
                     "(GET /servers/detail?all_tenants=1&deleted=true&uuid=...) must "
                     "show an instance deleted before the engine destroys its vTPCM "
                     "on its holder; the first and last of them must also be at least "
-                    "(deleted_confirmations - 1) x [migration] reconcile_interval "
+                    "(deleted_confirmations - 1) x reap_interval "
                     "seconds apart. A 404 never counts. Any other answer, a timeout "
-                    "or an error starts the count over."),
+                    "or an error starts the count over. Only SHELVED vTPCMs are "
+                    "destroyed this way: an ACTIVE or STOPPED one is reported "
+                    "(WARNING, audit vtpcm.orphan) for 'vtpcm-manage vtpcm destroy'."),
+    cfg.IntOpt("reap_interval", default=300, min=0,
+               help="Seconds between reaper passes, in a periodic task of their own "
+                    "(never inside the migration reconcile). 0 disables the reaper. "
+                    "Also the interval deleted_confirmations counts in."),
+    cfg.IntOpt("reap_max_checks", default=50, min=1,
+               help="Most Nova requests in one reaper pass; the next pass resumes "
+                    "after the last instance asked, so every vTPCM is asked in turn."),
+    cfg.IntOpt("reap_budget", default=60, min=1,
+               help="Seconds after which a reaper pass stops asking Nova (it also "
+                    "stops at the first timeout or error)."),
 ]
 
 

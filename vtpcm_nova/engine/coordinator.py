@@ -122,8 +122,15 @@ class NovaLookup(Protocol):
 
 
 # Records the reaper may destroy once Nova's admin listing shows the
-# instance deleted: not one being created, destroyed or migrated.
-REAPABLE = frozenset({SHELVED, "ACTIVE", "STOPPED"})
+# instance deleted: only SHELVED ones, with no guest that could be running.
+# A compromised compute host can make Nova show ANY instance deleted
+# (Instance.destroy through nova-conductor has no per-host check), so
+# Nova's word never shreds a live vTPCM: ACTIVE and STOPPED records of an
+# instance Nova shows deleted are reported as orphans (WARNING and a
+# ``vtpcm.orphan`` audit entry) for an operator to destroy.
+REAPABLE = frozenset({SHELVED})
+ORPHAN_WATCHED = frozenset({"ACTIVE", "STOPPED"})
+ORPHAN = "vtpcm.orphan"
 NOT_ADMIN = ("the [nova] credential does not get Nova's admin view (all_tenants listing "
              "refused, or no OS-EXT-SRV-ATTR:host): the engine reaps no vTPCM until it "
              "has the admin role")
@@ -140,7 +147,9 @@ class Coordinator:
                  nova: NovaLookup | None = None,
                  deleted_confirmations: int = 2,
                  worker: str | None = None, begin_step_bound: float = 90.0,
-                 reconcile_interval: float = 0.0) -> None:
+                 reconcile_interval: float = 0.0,
+                 reap_interval: float | None = None, reap_max_checks: int = 50,
+                 reap_budget: float = 60.0) -> None:
         """``worker``: this engine run (``worker_id``), recorded by each
         ``begin``; ``begin_step_bound``: the longest one begin step can take
         (the agent RPC timeout + ``BEGIN_STEP_SLACK``)."""
@@ -156,8 +165,14 @@ class Coordinator:
         self.nova = nova
         self.deletions = shelved.DeletionConfirmations(
             deleted_confirmations,
-            datetime.timedelta(seconds=(deleted_confirmations - 1) * reconcile_interval))
+            datetime.timedelta(seconds=(deleted_confirmations - 1) * (
+                reconcile_interval if reap_interval is None else reap_interval)))
         self._reaping = threading.Lock()  # one reaper pass at a time
+        # the work of one pass: Nova requests, and seconds before it stops
+        self.reap_max_checks = reap_max_checks
+        self.reap_budget = datetime.timedelta(seconds=reap_budget)
+        self._reap_after = ""  # the pass resumes after the last instance asked
+        self._reported_orphans: set[shelved.Observed] = set()
         self._warned_not_admin = False
 
     # --- vTPCM lifecycle through the authority ---------------------------------
@@ -275,11 +290,16 @@ class Coordinator:
 
     def destroy_shelved_vtpcm(self, instance_uuid: str) -> None:
         """Operator-signed clean-up of a SHELVED vTPCM (its instance was
-        deleted while shelved offloaded): only a SHELVED record, so a live
-        instance's vTPCM is never destroyed this way."""
+        deleted while shelved offloaded) or of an ACTIVE/STOPPED one the
+        reaper reported orphaned (``vtpcm.orphan``: Nova showed the instance
+        deleted); any other record is refused, so a vTPCM nobody flagged is
+        never destroyed this way."""
         rec = self.db.get_vtpcm(instance_uuid)
-        if rec.state != SHELVED or rec.migration_id is not None:
-            reason = "the vTPCM is %s on %s, not shelved" % (rec.state, rec.host)
+        orphan = (rec.state in ORPHAN_WATCHED
+                  and self.db.has_audit(instance_uuid, ORPHAN, "reported"))
+        if (rec.state != SHELVED and not orphan) or rec.migration_id is not None:
+            reason = ("the vTPCM is %s on %s, not shelved nor reported orphaned"
+                      % (rec.state, rec.host))
             self.db.audit("vtpcm.destroy", "refused", host=rec.host,
                           instance=instance_uuid, detail="operator: " + reason)
             raise exception.CommandRefused(method="destroy_shelved_vtpcm", reason=reason)
@@ -526,7 +546,12 @@ class Coordinator:
         passes spanning at least (that - 1) reconcile intervals, for the same
         vTPCM and generation. A 404 is never evidence; any other answer, a
         timeout or an error starts the count over. A credential without
-        Nova's admin view reaps nothing. One pass at a time per worker.
+        Nova's admin view reaps nothing. One pass at a time per worker, in
+        its own periodic task (never inside ``reconcile``, which it would
+        hold up): at most ``reap_max_checks`` Nova requests and
+        ``reap_budget`` seconds, stopped at the first timeout; the next pass
+        resumes after the last instance asked. Only SHELVED records are
+        destroyed; ACTIVE and STOPPED ones are reported (``_report_orphan``).
         Returns how many were destroyed."""
         if self.nova is None:
             return 0
@@ -539,20 +564,32 @@ class Coordinator:
             self._reaping.release()
 
     def _reap_pass(self, nova: NovaLookup) -> int:
-        records = [r for r in self.db.list_vtpcms()
-                   if r.state in REAPABLE and r.migration_id is None]
+        records = sorted((r for r in self.db.list_vtpcms()
+                          if r.state in REAPABLE | ORPHAN_WATCHED
+                          and r.migration_id is None),
+                         key=lambda r: r.instance_uuid)
         self.deletions.forget_others({r.instance_uuid for r in records})
+        self._reported_orphans &= {shelved.Observed(r.vtpcm_id, r.generation)
+                                   for r in records}
         if not records or not self._nova_admin(nova):
             return 0
+        started = self.now()
         done = 0
-        for rec in records:
+        for rec in _resume_after(records, self._reap_after)[:self.reap_max_checks]:
+            if self.now() - started > self.reap_budget:
+                LOG.info("Reaper pass out of time: the next pass resumes after "
+                         "instance %(i)s", {"i": self._reap_after})
+                break
+            self._reap_after = rec.instance_uuid
             try:
                 deletion = nova.deletion(rec.instance_uuid)
             except exception.ServiceUnreachable as err:
+                # a timeout is likely the next one's too: stop, resume later
                 LOG.info("vTPCM of instance %(i)s: Nova gave no answer (%(err)s); "
-                         "not counted as deleted", {"i": rec.instance_uuid, "err": err})
+                         "not counted as deleted, reaper pass stopped",
+                         {"i": rec.instance_uuid, "err": err})
                 self.deletions.forget(rec.instance_uuid)
-                continue
+                break
             if deletion is shelved.Deletion.NOT_ADMIN:
                 self.deletions.forget_others(set())
                 self._warn_not_admin()
@@ -567,6 +604,9 @@ class Coordinator:
                               "n": self.deletions.count(rec.instance_uuid),
                               "need": self.deletions.needed})
                 continue
+            if rec.state not in REAPABLE:
+                self._report_orphan(rec, seen)
+                continue
             try:
                 self._destroy_deleted_shelved(rec)
             except exception.VTPCMException as err:
@@ -580,6 +620,25 @@ class Coordinator:
             LOG.warning("The [nova] credential gets Nova's admin view again: reaping resumed")
             self._warned_not_admin = False
         return done
+
+    def _report_orphan(self, rec: db_api.VtpcmRecord, seen: shelved.Observed) -> None:
+        """An ACTIVE or STOPPED vTPCM of an instance Nova shows deleted: never
+        destroyed by the engine (a compromised compute host can forge the
+        deletion through nova-conductor); WARNING and audit once per record,
+        for ``vtpcm-manage vtpcm destroy``."""
+        if seen in self._reported_orphans:
+            return
+        self._reported_orphans.add(seen)
+        detail = ("Nova's admin listing shows the instance deleted (%d consecutive "
+                  "answers); %s vTPCM %s generation %d kept: an operator decides "
+                  "(vtpcm-manage vtpcm destroy)"
+                  % (self.deletions.needed, rec.state, rec.vtpcm_id, rec.generation))
+        self.db.audit(ORPHAN, "reported", host=rec.host, instance=rec.instance_uuid,
+                      detail=detail)
+        LOG.warning("Orphaned vTPCM? Nova shows instance %(i)s deleted, but its vTPCM "
+                    "on %(h)s is %(s)s: not destroyed automatically; check the "
+                    "instance and run 'vtpcm-manage vtpcm destroy %(i)s' if it is gone",
+                    {"i": rec.instance_uuid, "h": rec.host, "s": rec.state})
 
     def _nova_admin(self, nova: NovaLookup) -> bool:
         """Whether the [nova] credential gets Nova's admin view (WARNING
@@ -1114,7 +1173,6 @@ class Coordinator:
                             {"mig": listed.migration_id, "state": listed.state,
                              "err": err})
         done += self.reap_abandoned()
-        done += self.reap_deleted_shelved()
         return done
 
     def _trusted_destination(self, dest: str,
@@ -1367,3 +1425,12 @@ def _trusted(verdict: db_api.VerdictRecord) -> bool:
 
 def _reason(verdict: db_api.VerdictRecord) -> str:
     return verdict.reason or "no verdict"
+
+
+def _resume_after(records: list[db_api.VtpcmRecord],
+                  after: str) -> list[db_api.VtpcmRecord]:
+    """``records`` (sorted by instance) from the first after ``after``, then
+    the rest: a pass cut short resumes where the last one stopped, so every
+    record is asked in turn however many there are."""
+    later = [r for r in records if r.instance_uuid > after]
+    return later + [r for r in records if r.instance_uuid <= after]

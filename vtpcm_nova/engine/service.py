@@ -122,7 +122,10 @@ class EngineService:
                                        worker=worker_id(conf.engine.host),
                                        begin_step_bound=conf.engine.rpc_timeout
                                        + BEGIN_STEP_SLACK,
-                                       reconcile_interval=conf.migration.reconcile_interval)
+                                       reconcile_interval=conf.migration.reconcile_interval,
+                                       reap_interval=conf.nova.reap_interval,
+                                       reap_max_checks=conf.nova.reap_max_checks,
+                                       reap_budget=conf.nova.reap_budget)
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,
@@ -162,6 +165,10 @@ class EngineService:
             self._periodic("attest-all", att.interval, att.jitter, self._attest_all)
         if mig.reconcile_interval:
             self._periodic("reconcile", mig.reconcile_interval, 0, self.coordinator.reconcile)
+        if self.conf.nova.reap_interval:
+            # its own thread: Nova's answers never hold up migration reconcile
+            self._periodic("reap-deleted", self.conf.nova.reap_interval, 0,
+                           self.coordinator.reap_deleted_shelved)
         LOG.info("vtpcm-engine %(host)s serving topic %(topic)s (API %(v)s); agent "
                  "commands signed with key %(key)s (public key %(pub)s); admin calls "
                  "accepted from operator keys %(ops)s",

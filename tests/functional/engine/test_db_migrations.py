@@ -343,11 +343,50 @@ def test_0004_adds_begun_by_and_keeps_migrations(any_url: str) -> None:
     insert(any_url, "migrations", migration_id=mid,
            instance_uuid="6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11", source="a", dest="b",
            generation=3, state="PREPARING", created_at=T0, updated_at=T0, deadline=T0)
-    assert migration.db_sync(any_url).after == "revision 0004"
+    assert migration.db_sync(any_url, "0004").after == "revision 0004"
+    migration.db_sync(any_url)  # the engine opens only a database at head
     assert diff_with_models(any_url) == []
     db = api.Database(any_url)
     try:
         rec = db.get_migration(mid)
         assert (rec.state, rec.begun_by) == ("PREPARING", None)
+    finally:
+        db.dispose()
+
+
+def test_0005_indexes_the_reaper_tombstone_lookup(any_url: str) -> None:
+    """A database at 0004 with audit rows: kept; ``create_vtpcm``'s
+    tombstone lookup (instance, event) is served by an index, not a scan of
+    the append-only audit table."""
+    migration.db_sync(any_url, "0004")
+    inst = "6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11"
+    insert(any_url, "audit", at=T0, event="vtpcm.reap", host="a", instance=inst,
+           outcome="destroyed", detail="")
+    eng = engine_of(any_url)
+    try:
+        before = {ix["name"] for ix in sqlalchemy.inspect(eng).get_indexes("audit")}
+    finally:
+        eng.dispose()
+    assert "ix_audit_instance_event" not in before
+    assert migration.db_sync(any_url).after == "revision 0005"
+    assert diff_with_models(any_url) == []
+    eng = engine_of(any_url)
+    try:
+        indexes = {ix["name"]: ix["column_names"]
+                   for ix in sqlalchemy.inspect(eng).get_indexes("audit")}
+        if any_url.startswith("sqlite"):
+            with eng.connect() as conn:
+                plan = " ".join(str(row) for row in conn.execute(sqlalchemy.text(
+                    "EXPLAIN QUERY PLAN SELECT id FROM audit WHERE instance = :i "
+                    "AND event = :e AND outcome = :o LIMIT 1"),
+                    {"i": inst, "e": "vtpcm.reap", "o": "destroyed"}))
+            assert "USING INDEX ix_audit_instance_event" in plan, plan
+    finally:
+        eng.dispose()
+    assert indexes["ix_audit_instance_event"] == ["instance", "event"]
+    db = api.Database(any_url)
+    try:
+        assert db.has_audit(inst, "vtpcm.reap", "destroyed")
+        assert not db.has_audit(inst, "vtpcm.reap", "refused")
     finally:
         db.dispose()

@@ -561,7 +561,7 @@ ADMIN_ARGV = [
     ["policies", "set", "gold", "--pcr", "7=" + "00" * 32],
     ["migration", "resolve", MIGRATION, "--to", "source"],
     ["hosts", "forget", "host-a"],
-    ["vtpcm", "destroy", "4f7f1c3e-8c1b-4a43-9d57-2b1f0d1e5a10"],
+    ["vtpcm", "destroy", "4f7f1c3e-8c1b-4a43-9d57-2b1f0d1e5a10", "--yes"],
 ]
 
 
@@ -569,7 +569,8 @@ def test_admin_commands_are_exactly_the_engine_admin_methods(
         engine: FakeEngine, capsys: pytest.CaptureFixture[str]) -> None:
     for argv in ADMIN_ARGV:
         assert run(capsys, *argv)[0] == 0
-    assert {call[0] for call in engine.calls} == rpcapi.ADMIN_METHODS
+    # vtpcm destroy reads the record first, to show its plan
+    assert {call[0] for call in engine.calls} - {"get_vtpcm"} == rpcapi.ADMIN_METHODS
     assert len(manage.ADMIN_COMMANDS) == len(rpcapi.ADMIN_METHODS)
 
 
@@ -670,3 +671,18 @@ def test_resolve_and_forget_only_show_the_plan_without_yes(
                                 "past_commit")
     run(capsys, "hosts", "forget", "host-a", "--despite-unverified-answers", "--yes")
     assert engine.calls[-1] == ("forget_host", "host-a", True, "despite_unverified_answers")
+
+
+def test_vtpcm_destroy_of_a_live_record_shows_the_plan_and_waits_for_yes(
+        engine: FakeEngine, capsys: pytest.CaptureFixture[str]) -> None:
+    """An ACTIVE vTPCM the engine reported orphaned: Nova's word may be
+    forged, so the operator sees what would be shredded and must say --yes."""
+    instance = "4f7f1c3e-8c1b-4a43-9d57-2b1f0d1e5a10"
+    code, out, _ = run(capsys, "vtpcm", "destroy", instance)
+    assert code == 0
+    assert "crypto-shred the ACTIVE vTPCM of instance %s on host-a" % instance in out
+    assert "Nothing was done" in out
+    assert [c[0] for c in engine.calls] == ["get_vtpcm"]
+    code, out, _ = run(capsys, "vtpcm", "destroy", instance, "--yes")
+    assert code == 0 and "crypto-shred the ACTIVE vTPCM" in out
+    assert [c[0] for c in engine.calls] == ["get_vtpcm", "get_vtpcm", "destroy_shelved_vtpcm"]

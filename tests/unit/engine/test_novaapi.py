@@ -150,10 +150,16 @@ def test_novas_admin_listing_showing_it_deleted_is_deletion(nova):
      Deletion.NOT_SHOWN_DELETED),
     ((200, _listing({**DELETED, "OS-EXT-STS:vm_state": "shelved_offloaded"})),
      Deletion.NOT_SHOWN_DELETED),
+    # Nova's deleted=true filter also lists SOFT_DELETED servers (deleted == id
+    # OR vm_state == soft-delete): a restorable server is not deleted
+    ((200, _listing({**DELETED, "OS-EXT-STS:vm_state": "soft-delete",
+                     "status": "SOFT_DELETED"})),
+     Deletion.NOT_SHOWN_DELETED),
     ((200, _listing({k: v for k, v in DELETED.items() if k != "OS-EXT-SRV-ATTR:host"})),
      Deletion.NOT_ADMIN),
     ((403, b'{"forbidden": {"code": 403}}'), Deletion.NOT_ADMIN),
-], ids=["nothing listed", "another server", "not deleted", "no admin view", "403"])
+], ids=["nothing listed", "another server", "not deleted", "soft-deleted (restorable)",
+        "no admin view", "403"])
 def test_anything_but_novas_word_is_not_deletion(nova, answer, expected):
     FakeNova.answers[LISTING] = answer
     assert nova.deletion(INSTANCE) is expected
@@ -214,12 +220,12 @@ def test_a_proxy_answering_404_to_everything_reaps_nothing(nova, env):  # noqa: 
     FakeNova.answers.update({"/v2.1/servers/" + INSTANCE: html, LISTING: html,
                              ADMIN_CHECK: html})
     for _ in range(4):
-        assert coord.reconcile() == 0
+        assert coord.reap_deleted_shelved() == 0
     assert db.get_vtpcm(INSTANCE).state == "SHELVED"
     assert [c for c in agents.calls if c[0] == "destroy"] == []
     # positive control: Nova's own listing showing it deleted reaps it
     FakeNova.answers.update({LISTING: (200, _listing(DELETED)),
                              ADMIN_CHECK: (200, _listing(DELETED))})
-    coord.reconcile()
-    assert coord.reconcile() == 1
+    coord.reap_deleted_shelved()
+    assert coord.reap_deleted_shelved() == 1
     assert [c for c in agents.calls if c[0] == "destroy"] == [("destroy", "host-a")]

@@ -112,9 +112,9 @@ def _destroys(agents):
 def test_two_consecutive_deleted_answers_destroy_the_shelved_vtpcm_on_its_holder(env):  # noqa: F811
     coord, db, agents, _, _ = _shelved(env)
     coord.nova.deleted.add(INSTANCE)  # Nova's admin listing: deleted while shelved offloaded
-    assert coord.reconcile() == 0
+    assert coord.reap_deleted_shelved() == 0
     assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
-    assert coord.reconcile() == 1
+    assert coord.reap_deleted_shelved() == 1
     assert _destroys(agents) == [("destroy", "host-a")]
     with pytest.raises(exception.NotFound):
         db.get_vtpcm(INSTANCE)
@@ -122,7 +122,7 @@ def test_two_consecutive_deleted_answers_destroy_the_shelved_vtpcm_on_its_holder
               if a.event in ("vtpcm.destroy", "vtpcm.reap")]
     assert ("vtpcm.reap", "destroyed", "host-a") in events
     assert ("vtpcm.destroy", "destroyed", "host-a") in events
-    assert coord.reconcile() == 0  # nothing left to reap
+    assert coord.reap_deleted_shelved() == 0  # nothing left to reap
 
 
 def test_a_reaped_instance_never_gets_a_fresh_vtpcm(env):  # noqa: F811
@@ -131,8 +131,8 @@ def test_a_reaped_instance_never_gets_a_fresh_vtpcm(env):  # noqa: F811
     the engine refuses the create, so the unshelve faults instead."""
     coord, db, agents, _, _ = _shelved(env)
     coord.nova.deleted.add(INSTANCE)
-    coord.reconcile()
-    coord.reconcile()
+    coord.reap_deleted_shelved()
+    coord.reap_deleted_shelved()
     creates = [c for c in agents.calls if c[0] == "create"]
     with pytest.raises(exception.CommandRefused,
                        match="destroyed when Nova showed the instance deleted"):
@@ -155,11 +155,11 @@ def test_a_404_is_never_taken_as_deleted(env):  # noqa: F811
     coord, db, agents, _, _ = _shelved(env)
     coord.nova.servers[INSTANCE] = None  # GET /servers/{id}: 404
     for _ in range(6):
-        coord.reconcile()
+        coord.reap_deleted_shelved()
     assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
     coord.nova.deleted.add(INSTANCE)  # positive control: Nova's word
-    coord.reconcile()
-    coord.reconcile()
+    coord.reap_deleted_shelved()
+    coord.reap_deleted_shelved()
     assert _destroys(agents) == [("destroy", "host-a")]
 
 
@@ -177,7 +177,7 @@ def test_a_credential_without_novas_admin_view_reaps_nothing(env, caplog, where)
         coord.nova.deletion = lambda uuid: (real(uuid) and shelved.Deletion.NOT_ADMIN)
     caplog.set_level("WARNING")
     for _ in range(4):
-        assert coord.reconcile() == 0
+        assert coord.reap_deleted_shelved() == 0
     assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
     warnings = [r.getMessage() for r in caplog.records if "Reaping" in r.getMessage()]
     assert len(warnings) == 1  # once, not every pass
@@ -186,8 +186,8 @@ def test_a_credential_without_novas_admin_view_reaps_nothing(env, caplog, where)
     # positive control: with the admin view it is reaped
     coord.nova = type(coord.nova)()
     coord.nova.deleted.add(INSTANCE)
-    coord.reconcile()
-    coord.reconcile()
+    coord.reap_deleted_shelved()
+    coord.reap_deleted_shelved()
     assert _destroys(agents) == [("destroy", "host-a")]
 
 
@@ -196,19 +196,19 @@ def test_an_error_or_a_sighting_between_answers_starts_the_count_over(env, betwe
     coord, db, agents, _, _ = _shelved(env)
     nova = coord.nova
     nova.deleted.add(INSTANCE)
-    coord.reconcile()
+    coord.reap_deleted_shelved()
     if between == "unreachable":
         nova.fail = _unreachable()
     elif between == "not admin":
         nova.admin = False
     else:
         nova.deleted.discard(INSTANCE)
-    coord.reconcile()
+    coord.reap_deleted_shelved()
     nova.fail, nova.admin = None, True
     nova.deleted.add(INSTANCE)
-    coord.reconcile()
+    coord.reap_deleted_shelved()
     assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
-    coord.reconcile()  # the second answer in a row
+    coord.reap_deleted_shelved()  # the second answer in a row
     assert _destroys(agents) == [("destroy", "host-a")]
 
 
@@ -217,7 +217,7 @@ def test_nova_errors_forever_never_destroy(env):  # noqa: F811
     coord.nova.deleted.add(INSTANCE)
     coord.nova.fail = _unreachable()
     for _ in range(5):
-        coord.reconcile()
+        coord.reap_deleted_shelved()
     assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
 
 
@@ -230,11 +230,11 @@ def test_answers_must_span_the_minimum_time(env):  # noqa: F811
     coord.deletions = shelved.DeletionConfirmations(2, datetime.timedelta(seconds=60))
     coord.nova.deleted.add(INSTANCE)
     for _ in range(5):  # many passes, one moment
-        coord.reconcile()
+        coord.reap_deleted_shelved()
         clock[0] += datetime.timedelta(seconds=10)
     assert _destroys(agents) == []
     clock[0] += datetime.timedelta(seconds=10)  # 60 s since the first answer
-    assert coord.reconcile() == 1
+    assert coord.reap_deleted_shelved() == 1
     assert _destroys(agents) == [("destroy", "host-a")]
 
 
@@ -255,7 +255,7 @@ def test_a_short_glitch_seen_by_overlapping_passes_destroys_nothing(env):  # noq
     assert not any(t.is_alive() for t in threads)
     assert _destroys(agents) == []
     time.sleep(0.35)
-    coord.reconcile()  # the glitch is over: the count starts over
+    coord.reap_deleted_shelved()  # the glitch is over: the count starts over
     assert coord.deletions.count(INSTANCE) == 0 and _destroys(agents) == []
 
 
@@ -292,10 +292,12 @@ def _unshelved_then_nova_gave_up(coord):
 
 
 @pytest.mark.parametrize("record", ["ACTIVE after a late unshelve", "STOPPED, never shelved"])
-def test_a_non_shelved_vtpcm_of_an_instance_nova_deleted_is_reaped(env, record):  # noqa: F811
-    """Review L2 (P4, P4b): records not SHELVED (an unshelve finished after
-    Nova gave up; an offload whose shelve never reached the engine) were
-    never reaped once the instance was deleted."""
+def test_a_non_shelved_vtpcm_of_an_instance_nova_deleted_is_reported_never_destroyed(
+        env, record, caplog):  # noqa: F811
+    """Review round 2, MEDIUM 2: a compromised compute host can make Nova
+    show ANY instance deleted (Instance.destroy through nova-conductor), so
+    an ACTIVE or STOPPED vTPCM is never shredded on Nova's word: reported
+    once (WARNING, ``vtpcm.orphan``), destroyed only by an operator."""
     if record.startswith("ACTIVE"):
         coord, db, agents, _, _ = _shelved(env)
         _unshelved_then_nova_gave_up(coord)
@@ -306,38 +308,126 @@ def test_a_non_shelved_vtpcm_of_an_instance_nova_deleted_is_reaped(env, record):
         db.set_vtpcm_state(INSTANCE, db.get_vtpcm(INSTANCE).generation, "STOPPED",
                            expected_state=db.get_vtpcm(INSTANCE).state,
                            expected_migration_id=None)
-    state = db.get_vtpcm(INSTANCE).state
-    coord.nova.servers[INSTANCE] = None  # a 404 alone: kept
-    for _ in range(4):
-        coord.reconcile()
-    assert db.get_vtpcm(INSTANCE).state == state and _destroys(agents) == []
-    coord.nova.deleted.add(INSTANCE)  # Nova's admin listing: deleted
-    coord.reconcile()
-    coord.reconcile()
+    rec = db.get_vtpcm(INSTANCE)
+    # positive control: an unflagged live vTPCM is refused to the operator too
+    with pytest.raises(exception.CommandRefused, match="not shelved nor reported orphaned"):
+        coord.destroy_shelved_vtpcm(INSTANCE)
+    coord.nova.deleted.add(INSTANCE)  # Nova's admin listing: deleted (maybe forged)
+    caplog.set_level("WARNING")
+    for _ in range(5):
+        assert coord.reap_deleted_shelved() == 0
+    assert _destroys(agents) == []
+    assert (db.get_vtpcm(INSTANCE).state, db.get_vtpcm(INSTANCE).generation) == \
+        (rec.state, rec.generation)
+    assert not db.has_audit(INSTANCE, coordinator.REAPED, "destroyed")
+    (orphan,) = [a for a in db.list_audit(limit=50) if a.event == "vtpcm.orphan"]
+    assert (orphan.outcome, orphan.host) == ("reported", holder)
+    assert rec.state in orphan.detail and rec.vtpcm_id in orphan.detail
+    warnings = [r for r in caplog.records if "Orphaned vTPCM" in r.getMessage()]
+    assert len(warnings) == 1  # once per record, not once per pass
+    coord.destroy_shelved_vtpcm(INSTANCE)  # the operator's decision
     assert _destroys(agents) == [("destroy", holder)]
     with pytest.raises(exception.NotFound):
         db.get_vtpcm(INSTANCE)
-    (reap,) = [a for a in db.list_audit(limit=50) if a.event == "vtpcm.reap"]
-    assert state in reap.detail
+
+
+def test_reconcile_never_asks_nova(env):  # noqa: F811
+    """Review round 2, MEDIUM 1: the reaper ran inside reconcile(), one Nova
+    request per vTPCM, holding up migration deadlines and abandoned begins.
+    It runs in its own periodic task now."""
+    coord, db, agents, _, _ = _shelved(env)
+    coord.nova.deleted.add(INSTANCE)
+    for _ in range(3):
+        coord.reconcile()
+    assert coord.nova.asked == [] and _destroys(agents) == []
+    assert db.get_vtpcm(INSTANCE).state == "SHELVED"
+
+
+def _many_shelved(db, n):
+    uuids = ["%08d-0000-4000-8000-000000000000" % i for i in range(n)]
+    for u in uuids:
+        db.create_vtpcm(u, "v-" + u, "host-a", state="SHELVED")
+    return uuids
+
+
+def test_a_pass_is_bounded_and_the_next_resumes_where_it_stopped(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    coord.reap_max_checks = 3
+    uuids = sorted(_many_shelved(db, 5) + [INSTANCE])  # INSTANCE: ACTIVE, watched
+    coord.reap_deleted_shelved()
+    assert coord.nova.asked == uuids[:3]
+    coord.reap_deleted_shelved()
+    coord.reap_deleted_shelved()
+    assert coord.nova.asked == uuids + uuids[:3]  # every record in turn
+
+
+def test_a_pass_stops_at_the_first_timeout(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    uuids = sorted(_many_shelved(db, 5))
+    coord.nova.fail = None
+    real = coord.nova.deletion
+
+    def times_out(uuid):
+        if uuid == uuids[1]:
+            coord.nova.asked.append(uuid)
+            raise _unreachable()
+        return real(uuid)
+    coord.nova.deletion = times_out
+    coord.reap_deleted_shelved()
+    assert coord.nova.asked == uuids[:2]
+
+
+def test_a_pass_stops_when_out_of_time(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    uuids = sorted(_many_shelved(db, 5))
+    clock = [db_now()]
+    coord.now = lambda: clock[0]
+    coord.reap_budget = datetime.timedelta(seconds=10)
+    real = coord.nova.deletion
+
+    def slow(uuid):
+        clock[0] += datetime.timedelta(seconds=6)
+        return real(uuid)
+    coord.nova.deletion = slow
+    coord.reap_deleted_shelved()
+    assert coord.nova.asked == uuids[:2]  # 0 s, 6 s asked; 12 s > 10 s stops
+
+
+def test_a_record_unshelved_between_answer_and_claim_is_not_destroyed(env):  # noqa: F811
+    """The DESTROYING claim needs the state Nova was asked about: an
+    unshelve that lands (same generation) after the last answer wins."""
+    coord, db, agents, _, _ = _shelved(env)
+    coord.nova.deleted.add(INSTANCE)
+    coord.reap_deleted_shelved()
+    real = coord.nova.deletion
+
+    def unshelved_meanwhile(uuid):
+        rec = db.get_vtpcm(uuid)
+        db.set_vtpcm_state(uuid, rec.generation, "ACTIVE", expected_state="SHELVED",
+                           expected_migration_id=None)
+        return real(uuid)
+    coord.nova.deletion = unshelved_meanwhile
+    assert coord.reap_deleted_shelved() == 0
+    assert _destroys(agents) == [] and db.get_vtpcm(INSTANCE).state == "ACTIVE"
 
 
 def test_a_live_instance_is_never_reaped_whatever_404s_say(env):  # noqa: F811
     coord, db, agents, _, _ = env
     coord.nova.servers[INSTANCE] = None
     for _ in range(3):
-        coord.reconcile()
+        coord.reap_deleted_shelved()
     assert db.get_vtpcm(INSTANCE).state != "SHELVED" and _destroys(agents) == []
 
 
 def test_a_record_that_changed_between_answers_starts_over(env):  # noqa: F811
     coord, db, agents, _, _ = _shelved(env)
     coord.nova.deleted.add(INSTANCE)
-    coord.reconcile()
+    coord.reap_deleted_shelved()
     rec = db.get_vtpcm(INSTANCE)
     db.set_vtpcm_id(INSTANCE, rec.host, rec.generation, "another-vtpcm")
-    coord.reconcile()
+    coord.reap_deleted_shelved()
     assert _destroys(agents) == []
-    coord.reconcile()
+    coord.reap_deleted_shelved()
     assert _destroys(agents) == [("destroy", "host-a")]
 
 
@@ -346,11 +436,11 @@ def test_a_failed_destroy_keeps_it_shelved_and_a_later_pass_finishes(env):  # no
     coord.nova.deleted.add(INSTANCE)
     agents.fail["destroy"] = exception.ServiceUnreachable(service="agent host-a",
                                                           method="destroy", reason="timeout")
-    coord.reconcile()
-    coord.reconcile()
+    coord.reap_deleted_shelved()
+    coord.reap_deleted_shelved()
     assert db.get_vtpcm(INSTANCE).state == "SHELVED"
-    coord.reconcile()
-    coord.reconcile()
+    coord.reap_deleted_shelved()
+    coord.reap_deleted_shelved()
     with pytest.raises(exception.NotFound):
         db.get_vtpcm(INSTANCE)
 
@@ -359,7 +449,7 @@ def test_without_nova_nothing_is_reaped(env):  # noqa: F811
     coord, db, agents, _, _ = _shelved(env)
     coord.nova = None
     for _ in range(3):
-        coord.reconcile()
+        coord.reap_deleted_shelved()
     assert db.get_vtpcm(INSTANCE).state == "SHELVED" and _destroys(agents) == []
 
 
@@ -409,6 +499,11 @@ def test_confirmations_need_the_minimum_span_since_the_first():
     # a new vTPCM restarts the clock
     assert not rule.observe("i", Observed("w", 0), Presence.GONE,
                             t + datetime.timedelta(seconds=31))
+    # ... from its own first sighting, not the old record's
+    assert not rule.observe("i", Observed("w", 0), Presence.GONE,
+                            t + datetime.timedelta(seconds=32))
+    assert rule.observe("i", Observed("w", 0), Presence.GONE,
+                        t + datetime.timedelta(seconds=61))
 
 
 def test_the_not_configured_reason_names_the_option():

@@ -17,7 +17,7 @@ Commands::
     audit list [--host HOST] [--limit N]
     vtpcm show INSTANCE_UUID
     vtpcm list [--state STATE] [--host HOST]
-    vtpcm destroy INSTANCE_UUID   (a SHELVED one only; operator-signed)
+    vtpcm destroy INSTANCE_UUID [--yes]  (SHELVED, or a reported orphan; operator-signed)
     migration show MIGRATION_ID
     migration resolve MIGRATION_ID --to source|destination [--past-commit] [--yes]
     hosts forget HOST [--despite-unverified-answers] [--yes]

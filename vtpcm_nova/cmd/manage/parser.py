@@ -131,9 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
     vlist = command(vtpcm, "list", vtpcm_list, "list vTPCM records")
     vlist.add_argument("--state", metavar="STATE", help="e.g. SHELVED")
     vlist.add_argument("--host", metavar="HOST")
-    command(vtpcm, "destroy", vtpcm_destroy,
-            "crypto-shred a SHELVED vTPCM whose instance is gone (operator-signed)"
-            ).add_argument("instance_uuid", metavar="INSTANCE_UUID")
+    vdestroy = command(vtpcm, "destroy", vtpcm_destroy,
+                       "crypto-shred a SHELVED vTPCM whose instance is gone, or one the "
+                       "engine reported orphaned (operator-signed)")
+    vdestroy.add_argument("instance_uuid", metavar="INSTANCE_UUID")
+    vdestroy.add_argument("--yes", action="store_true",
+                          help="destroy a reported orphan (ACTIVE or STOPPED); default: "
+                               "only show the plan")
     migration = group("migration", "vTPCM migrations")
     command(migration, "show", migration_show, "show a vTPCM migration").add_argument(
         "migration_id", metavar="MIGRATION_ID")

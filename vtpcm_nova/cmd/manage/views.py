@@ -33,10 +33,22 @@ def vtpcm_list(api: EngineAPI, args: argparse.Namespace) -> Result:
 
 
 def vtpcm_destroy(api: EngineAPI, args: argparse.Namespace) -> Result:
-    """Operator-signed: only a SHELVED vTPCM (an instance deleted while
-    shelved offloaded)."""
+    """Operator-signed: a SHELVED vTPCM (an instance deleted while shelved
+    offloaded), or an ACTIVE/STOPPED one the engine reported orphaned
+    (``vtpcm.orphan``). The plan is shown first; a vTPCM that is not
+    SHELVED is destroyed only with ``--yes`` (Nova's word that its instance
+    is gone may be forged by a compromised compute host: check first)."""
+    rec = api.get_vtpcm(args.instance_uuid)
+    plan = ("crypto-shred the %s vTPCM of instance %s on %s (generation %d): the "
+            "guest's TPM state is lost for good"
+            % (rec.state, rec.instance_uuid, rec.host, rec.generation))
+    if rec.state != "SHELVED" and not args.yes:
+        return EXIT_OK, {"plan": plan, "done": False,
+                         "next": "Nothing was done: check that the instance is gone "
+                                 "(not only shown deleted by Nova), then run it again "
+                                 "with --yes."}
     api.destroy_shelved_vtpcm(args.instance_uuid)
-    return EXIT_OK, {"destroyed": args.instance_uuid}
+    return EXIT_OK, {"plan": plan, "done": True, "destroyed": args.instance_uuid}
 
 
 def migration_show(api: EngineAPI, args: argparse.Namespace) -> Result:

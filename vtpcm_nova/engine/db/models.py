@@ -20,6 +20,7 @@ from sqlalchemy import (
     Dialect,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -172,6 +173,8 @@ class CommandNonce(Base):
 
 class Audit(Base):
     __tablename__ = "audit"
+    # the reaper's tombstone lookup on every create_vtpcm (revision 0005)
+    __table_args__ = (Index("ix_audit_instance_event", "instance", "event"),)
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
     event: Mapped[str] = mapped_column(String(64))
