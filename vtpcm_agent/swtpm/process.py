@@ -282,10 +282,30 @@ def _remove_runtime_files(paths: SwtpmPaths) -> None:
 
 
 def _log_tail(paths: SwtpmPaths, limit: int = 600) -> str:
+    """The last ``limit`` bytes of swtpm's log, for an error message.
+
+    The log is the swtpm uid's file: it may be a symlink, a FIFO or a
+    sparse file of any size, so only a regular file is read and only its
+    tail (review round 2 of isofix, MEDIUM 2)."""
     try:
-        return paths.log_file.read_text(encoding="utf-8", errors="replace")[-limit:].strip()
+        fd = os.open(paths.log_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return ""
+    except OSError as exc:
+        return f"(swtpm log unreadable: {exc.strerror})"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "(swtpm log is not a regular file)"
+        data = os.pread(fd, limit, max(0, st.st_size - limit))
+    except OSError as exc:
+        return f"(swtpm log unreadable: {exc.strerror})"
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", errors="replace").strip()
+
+
+_UNCHANGED_IDS = frozenset({4294967295, 65535})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +318,10 @@ class RunAs:
     def __post_init__(self) -> None:
         if self.uid <= 0 or self.gid <= 0:
             raise exception.InvalidInput(reason="swtpm must not run as uid or gid 0")
+        if {self.uid, self.gid} & _UNCHANGED_IDS:
+            # setresuid/setgroups/fchown read -1 as "leave unchanged": root
+            raise exception.InvalidInput(reason="swtpm must not run as uid or gid "
+                                                "4294967295 or 65535 ((uid_t)-1)")
 
 
 @spans.timed("swtpm:start")

@@ -310,6 +310,64 @@ def test_swtpm_never_runs_as_root(uid, gid):
     assert process.RunAs(uid=5, gid=5).uid == 5  # control
 
 
+@pytest.mark.parametrize(("uid", "gid"), [(4294967295, 5), (5, 4294967295), (65535, 5)])
+def test_swtpm_never_runs_as_uid_minus_one(uid, gid):
+    """(uid_t)-1 is "unchanged" to setresuid: the swtpm would stay root
+    (review round 2 of isofix, MEDIUM 4, proof q3)."""
+    with refused(exception.InvalidInput, "Invalid input: swtpm must not run as uid or gid "
+                 "4294967295 or 65535 ((uid_t)-1)"):
+        process.RunAs(uid=uid, gid=gid)
+    assert process.RunAs(uid=4294967294, gid=65534).uid == 4294967294  # control
+
+
+_TAIL = """
+import resource, sys, time
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_AS, (600 << 20, 600 << 20))
+from vtpcm_agent.swtpm import process
+log = Path(sys.argv[1])
+paths = process.SwtpmPaths(log.parent, log.parent / "c", log.parent / "p", log)
+t = time.monotonic()
+print(repr(process._log_tail(paths)), "%.2f" % (time.monotonic() - t))
+"""
+
+
+@pytest.mark.parametrize("plant", ["sparse", "/dev/zero", "fifo"])
+def test_a_huge_or_endless_log_is_read_only_at_its_tail(short_dir, plant):
+    """q4: the uid's log, truncated to 64 GiB sparse (or a symlink to
+    /dev/zero, or a FIFO), must not be read whole on a start's error path.
+    The agent here is a child capped at 600 MiB and 20 s."""
+    log = short_dir / "swtpm.log"
+    args = [sys.executable, "-c", _TAIL, str(log)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
+    log.write_bytes(b"x" * 5000 + b" the last words")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=20, env=env,
+                          check=False)
+    assert done.stdout.startswith("'" + "x" * 585 + " the last words'"), done.stderr  # control
+    log.unlink()
+    if plant == "sparse":
+        with open(log, "wb") as f:
+            f.truncate(64 << 30)
+            f.seek((64 << 30) - 10)
+            f.write(b"tail words")
+    elif plant == "fifo":
+        os.mkfifo(log)
+    else:
+        os.symlink(plant, log)
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=20, env=env,
+                              check=False)
+    finally:
+        log.unlink()
+    assert done.returncode == 0, done.stderr[-400:]
+    text, took = done.stdout.rsplit(" ", 1)
+    assert float(took) < 2.0
+    assert text == {"sparse": "'" + "\\x00" * 590 + "tail words'",
+                    "fifo": "'(swtpm log is not a regular file)'",
+                    "/dev/zero": "'(swtpm log unreadable: Too many levels of symbolic links)'"
+                    }[plant]
+
+
 def test_a_log_file_swapped_for_a_symlink_is_refused(hostile):
     a, _ = _running(hostile)
     hostile.stop(a)
