@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -41,7 +40,7 @@ from pathlib import Path
 
 from oslo_log import log as logging
 
-from vtpcm_agent.swtpm import ctrl, uidprocs
+from vtpcm_agent.swtpm import ctrl, fstree, uidprocs
 from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_common import exception, spans
 
@@ -536,6 +535,5 @@ def remove_state(paths: SwtpmPaths) -> None:
     _remove_runtime_files(paths)
     if paths.state_dir.is_symlink():
         raise exception.InvalidInput(reason="state dir %s is a symlink" % paths.state_dir)
-    if paths.state_dir.exists():
-        shutil.rmtree(paths.state_dir)
+    fstree.remove(paths.state_dir)  # iterative: a deep tree the uid built must not stop it
     LOG.info("Removed swtpm state %(dir)s", {"dir": str(paths.state_dir)})

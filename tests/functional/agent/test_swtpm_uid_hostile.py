@@ -433,3 +433,53 @@ def test_link_refuses_a_public_path_another_process_serves(short_dir):
         server.close()
     isolation.link(public, short_dir / "own" / "t")  # control: a dead socket is replaced
     assert os.readlink(public) == str(short_dir / "own" / "t")
+
+
+_CHAIN = """
+import os
+for top in %r:
+    d = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=d)
+        n = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=d)
+        os.close(d)
+        d = n
+    os.close(d)
+"""
+
+
+def test_a_deep_directory_chain_neither_blocks_start_nor_keeps_the_uid(hostile):
+    """q2: the uid leaves a 3000-deep chain of directories in its state dir,
+    its socket dir and /tmp. A recursive walk died with RecursionError, so
+    hand-over, destroy and the uid's release never completed."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    hostile.stop(a)
+    paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+    own = hostile.settings.run_dir / instances.OWN_DIRS / a
+    tmp = Path("/tmp") / ("vtpcm-test-deep-%s" % a)  # noqa: S108
+    try:
+        build = as_uid(uid, "import os; os.mkdir(%r); os.mkdir(%r)\n%s" % (
+            str(tmp), str(paths.state_dir / "x"),
+            _CHAIN % ([str(paths.state_dir / "x"), str(own), str(tmp)],)))
+        assert build.communicate(timeout=120)[0] == ""
+        deep = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)  # control: the chain is there
+        try:
+            for _ in range(3000):
+                n = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=deep)
+                os.close(deep)
+                deep = n
+            assert os.fstat(deep).st_uid == uid
+        finally:
+            os.close(deep)
+
+        assert hostile.start(a).pid is not None  # hand-over walked the chain
+        hostile.destroy(a)
+
+        assert hostile.associations.uid_of(a) is None
+        assert not paths.state_dir.exists() and not own.exists() and not tmp.exists()
+    finally:
+        if tmp.exists():
+            subprocess.run(["rm", "-rf", "--one-file-system", str(tmp)], check=True,
+                           timeout=120)
