@@ -1,12 +1,13 @@
-"""A rolling upgrade between engine API 1.7 and 1.8 over the local RabbitMQ.
+"""A rolling upgrade between the previous release's engine API (1.8) and
+this one's (1.9: the scheduler's paged trusted_hosts) over the local RabbitMQ.
 
-- A compute node pinned with ``[upgrade_levels] vtpcm_engine = 1.7`` (what
-  an old agent or Nova driver can send) against the current engine daemon:
-  the old host calls, host_command_key and signed_host_command_key work,
-  the 1.7 report_swtpm_restart work, the 1.8 start_incoming is refused
-  before sending.
-- An engine of the previous version (an in-process engine whose Target is
-  1.7) answering a current client: old methods are served, the new one
+- A compute node or scheduler pinned with ``[upgrade_levels] vtpcm_engine
+  = 1.8`` (what an old agent, Nova driver or filter can send) against the
+  current engine daemon: the old host calls, host_command_key,
+  signed_host_command_key, report_swtpm_restart (1.7) and start_incoming
+  (1.8) work, the 1.9 trusted_hosts is refused before sending.
+- An engine of the previous release (an in-process engine whose Target is
+  1.8) answering a current client: old methods are served, the new one
   comes back as a clear ``RPCVersionUnsupported``.
 """
 
@@ -34,7 +35,9 @@ from vtpcm_nova.engine.manager import EngineManager
 
 pytestmark = pytest.mark.functional
 
-PREVIOUS = "1.7"
+# the engine API of the previous release (it moves once per release, not
+# with each new method: compare against the release operators upgrade from)
+PREVIOUS = "1.8"
 
 
 class PreviousEngine(EngineManager):
@@ -101,9 +104,10 @@ def upgrade():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_the_versions_compared_here_are_the_current_and_previous_minor():
+def test_the_versions_compared_here_are_the_previous_release_and_a_newer_current():
     major, minor = RPC_API_VERSION.split(".")
-    assert PREVIOUS == "%s.%d" % (major, int(minor) - 1)
+    old_major, old_minor = PREVIOUS.split(".")
+    assert major == old_major and int(minor) > int(old_minor)
 
 
 def test_a_pinned_compute_node_runs_the_old_host_calls_on_the_current_engine(upgrade):
@@ -135,11 +139,13 @@ def test_a_pinned_compute_node_refuses_the_newer_method_before_sending(upgrade):
         report = em.SwtpmRestartReport(host, instance, agents.get(host, instance).vtpcm_id,
                                        "ACTIVE", "restarted", "died")
         pinned.report_swtpm_restart(report)  # 1.7
+        with pytest.raises(exception.NotFound):
+            pinned.start_incoming(str(uuid.uuid4()))  # 1.8: served, no such migration
         with pytest.raises(exception.RPCVersionCapped) as err:
-            pinned.start_incoming(str(uuid.uuid4()))
+            pinned.trusted_hosts()
         assert str(err.value) == (
-            "Not sent: start_incoming needs %s RPC API 1.8, but [upgrade_levels] "
-            "vtpcm_engine caps this client at 1.7 (some %s may still run an older "
+            "Not sent: trusted_hosts needs %s RPC API 1.9, but [upgrade_levels] "
+            "vtpcm_engine caps this client at 1.8 (some %s may still run an older "
             "release)" % (pinned.topic, pinned.topic))
     finally:
         current.destroy_vtpcm(instance)
@@ -158,9 +164,9 @@ def test_an_engine_of_the_previous_version_serves_old_methods(upgrade):
 def test_an_engine_of_the_previous_version_refuses_new_methods_clearly(upgrade):
     _, _, on_old, _, host, *_ = upgrade
     with pytest.raises(exception.RPCVersionUnsupported) as err:
-        on_old.start_incoming(str(uuid.uuid4()))
+        on_old.trusted_hosts()
     assert str(err.value) == (
-        "%s cannot serve start_incoming (RPC API 1.8): it runs an older API "
+        "%s cannot serve trusted_hosts (RPC API 1.9): it runs an older API "
         "version; "
         "upgrade it first, or cap this client with [upgrade_levels] vtpcm_engine meanwhile"
         % on_old.topic)
