@@ -673,10 +673,24 @@ class InstanceManager:
         uid = self.associations.uid_of(instance_uuid)
         if uid is not None:
             uidprocs.kill_all(uid, timeout=self.settings.timeout)  # raises: uid kept
-            uidprocs.sweep_files(uid)
+        # with no process of the uid left its files cannot act: a tree it
+        # built to make these fail must not keep the uid forever
+        # (review round 2 of isofix, MEDIUM 3)
         public = self.public_ctrl_socket(instance_uuid)
-        isolation.remove(self.settings.run_dir / OWN_DIRS / instance_uuid,
-                         (public, public.with_suffix("")))
+        steps: list[tuple[str, Callable[[], object]]] = [
+            ("its socket dir", lambda: isolation.remove(
+                self.settings.run_dir / OWN_DIRS / instance_uuid,
+                (public, public.with_suffix(""))))]
+        if uid is not None:
+            steps.insert(0, ("the leftovers of uid %d" % uid, lambda: uidprocs.sweep_files(uid)))
+        for what, step in steps:
+            try:
+                step()
+            except (OSError, exception.VTPCMException) as exc:
+                LOG.error("Could not remove %(what)s of instance %(inst)s (the uid is freed "
+                          "anyway: no process of it is left): %(err)s",
+                          {"what": what, "inst": instance_uuid,
+                           "err": getattr(exc, "message", None) or str(exc)})
         self.associations.release_uid(instance_uuid)
 
     def _received_state(self, assoc: Association) -> bool:
@@ -702,8 +716,10 @@ class InstanceManager:
 
     def _shred(self, assoc: Association) -> None:
         self.keystore.destroy(assoc.vtpcm_id)
-        process.remove_state(self._paths_of(assoc))
-        self._drop_own_files(assoc.instance_uuid)
+        try:
+            process.remove_state(self._paths_of(assoc))
+        finally:  # the keys are gone: the uid goes even if the state stays
+            self._drop_own_files(assoc.instance_uuid)
 
     def _discard(self, instance_uuid: str, vtpcm_id: str, paths: process.SwtpmPaths) -> None:
         """Undo a create or an incoming that never went live: no tombstone.

@@ -320,17 +320,24 @@ class KeyStore:
                     old = os.open(path, os.O_WRONLY | os.O_NOFOLLOW)
                 except FileNotFoundError:
                     pass
+            entry = _MAGIC + bytes([_VERSION]) + nonce + ct
             try:
-                fileutil.write_atomic(path, _MAGIC + bytes([_VERSION]) + nonce + ct,
-                                      replace=replace)
-            except FileExistsError:
-                raise AlreadyExists(what="key store entry for vTPCM", key=canonical) from None
+                try:
+                    fileutil.write_atomic(path, entry, replace=replace)
+                except FileExistsError:
+                    raise AlreadyExists(what="key store entry for vTPCM",
+                                        key=canonical) from None
+                if old is not None:
+                    # shred the old entry only once the new one is durably in
+                    # place and reads back: a failed write (ENOSPC, EIO) must
+                    # leave the only live key untouched
+                    if _read_private_file(path, "key store entry") != entry:
+                        raise KeyStoreError(reason=f"entry of vTPCM {canonical} did not "
+                                                   "read back as written")
+                    _overwrite(old)
             finally:
                 if old is not None:
-                    try:
-                        _overwrite(old)
-                    finally:
-                        os.close(old)
+                    os.close(old)
         LOG.info("Stored wrapped keys of vTPCM %(id)s", {"id": canonical})
 
     def get(self, vtpcm_id: str) -> InstanceKeys:

@@ -55,6 +55,8 @@ def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
 SYSTEMD_RANGES = (("systemd-homed", 60001, 60513), ("systemd DynamicUser", 61184, 65519),
                   ("systemd container (nspawn --private-users)", 524288, 1879048191))
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
+UID_MAX = 4294967294  # 4294967295 is (uid_t)-1: "leave unchanged", i.e. root
+UID16_MINUS_ONE = 65535
 
 
 def uid_range(text: str, subid_files: tuple[Path, ...] = SUBID_FILES
@@ -70,9 +72,16 @@ def uid_range(text: str, subid_files: tuple[Path, ...] = SUBID_FILES
     except ValueError:
         raise exception.InvalidInput(
             reason="[agent] swtpm_uid_range %s: need FIRST-LAST, two numbers" % text) from None
-    if not 0 < low <= high:
+    if not 0 < low <= high <= UID_MAX:
         raise exception.InvalidInput(
-            reason="[agent] swtpm_uid_range %s: need 0 < FIRST <= LAST" % text)
+            reason="[agent] swtpm_uid_range %s: need 0 < FIRST <= LAST <= %d"
+            % (text, UID_MAX))
+    if low <= UID16_MINUS_ONE <= high:
+        # (uid_t)-1 means "unchanged" to setresuid/fchown: a swtpm given it
+        # would keep running as root; 65535 is the same on 16-bit uid calls
+        raise exception.InvalidInput(
+            reason="[agent] swtpm_uid_range %s: contains %d, (uint16_t)-1"
+            % (text, UID16_MINUS_ONE))
     for who, ids in (("user", ((p.pw_name, p.pw_uid) for p in pwd.getpwall())),
                      ("group", ((g.gr_name, g.gr_gid) for g in grp.getgrall()))):
         for name, num in ids:

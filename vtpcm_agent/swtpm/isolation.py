@@ -13,11 +13,10 @@ write would let one VM's swtpm squat another VM's socket name.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from pathlib import Path
 
-from vtpcm_agent.swtpm import process
+from vtpcm_agent.swtpm import fstree, process
 from vtpcm_common import exception
 
 OWN_DIR_MODE = 0o711  # QEMU traverses to its socket; nobody lists it
@@ -88,17 +87,12 @@ def _chown_tree(top: Path, run_as: process.RunAs) -> None:
 
 
 def _chown_dir(dfd: int, where: str, run_as: process.RunAs, vtpcm_id: str) -> None:
-    for name in os.listdir(dfd):
-        shown = os.path.join(where, name)
-        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        if stat.S_ISDIR(st.st_mode):
-            sub = _open_same(name, dfd, _DIR_FLAGS, st, shown, vtpcm_id)
-            try:
-                _chown_dir(sub, shown, run_as, vtpcm_id)
-            finally:
-                os.close(sub)
-        elif stat.S_ISREG(st.st_mode):
-            fd = _open_same(name, dfd, _FILE_FLAGS, st, shown, vtpcm_id)
+    """Walk iteratively (fstree): a deep chain an earlier swtpm of the uid
+    built must not make every later hand-over fail with RecursionError."""
+
+    def leaf(parent: int, name: str, st: os.stat_result, shown: str) -> None:
+        if stat.S_ISREG(st.st_mode):
+            fd = _open_same(name, parent, _FILE_FLAGS, st, shown, vtpcm_id)
             try:
                 links = os.fstat(fd).st_nlink
                 if links > 1:
@@ -113,8 +107,10 @@ def _chown_dir(dfd: int, where: str, run_as: process.RunAs, vtpcm_id: str) -> No
             finally:
                 os.close(fd)
         else:  # symlink, socket, FIFO: the entry itself, relative to the pinned dir
-            os.chown(name, run_as.uid, run_as.gid, dir_fd=dfd, follow_symlinks=False)
-    os.fchown(dfd, run_as.uid, run_as.gid)
+            os.chown(name, run_as.uid, run_as.gid, dir_fd=parent, follow_symlinks=False)
+
+    fstree.walk(dfd, where, leaf, lambda fd, _shown: os.fchown(fd, run_as.uid, run_as.gid),
+                lambda _parent, _name: None, "handing it over")
 
 
 def _open_same(name: str, dfd: int, flags: int, seen: os.stat_result, shown: str,
@@ -172,5 +168,7 @@ def remove(own: Path, public: tuple[Path, ...]) -> None:
     for path in public:
         if path.is_symlink():
             path.unlink()
-    if own.exists() and not own.is_symlink():
-        shutil.rmtree(own)
+    if own.is_symlink():
+        own.unlink()
+    else:
+        fstree.remove(own)

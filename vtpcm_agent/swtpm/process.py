@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 import signal
 import socket
 import stat
@@ -41,7 +40,7 @@ from pathlib import Path
 
 from oslo_log import log as logging
 
-from vtpcm_agent.swtpm import ctrl, uidprocs
+from vtpcm_agent.swtpm import ctrl, fstree, uidprocs
 from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_common import exception, spans
 
@@ -282,10 +281,30 @@ def _remove_runtime_files(paths: SwtpmPaths) -> None:
 
 
 def _log_tail(paths: SwtpmPaths, limit: int = 600) -> str:
+    """The last ``limit`` bytes of swtpm's log, for an error message.
+
+    The log is the swtpm uid's file: it may be a symlink, a FIFO or a
+    sparse file of any size, so only a regular file is read and only its
+    tail (review round 2 of isofix, MEDIUM 2)."""
     try:
-        return paths.log_file.read_text(encoding="utf-8", errors="replace")[-limit:].strip()
+        fd = os.open(paths.log_file, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return ""
+    except OSError as exc:
+        return f"(swtpm log unreadable: {exc.strerror})"
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "(swtpm log is not a regular file)"
+        data = os.pread(fd, limit, max(0, st.st_size - limit))
+    except OSError as exc:
+        return f"(swtpm log unreadable: {exc.strerror})"
+    finally:
+        os.close(fd)
+    return data.decode("utf-8", errors="replace").strip()
+
+
+_UNCHANGED_IDS = frozenset({4294967295, 65535})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +317,10 @@ class RunAs:
     def __post_init__(self) -> None:
         if self.uid <= 0 or self.gid <= 0:
             raise exception.InvalidInput(reason="swtpm must not run as uid or gid 0")
+        if {self.uid, self.gid} & _UNCHANGED_IDS:
+            # setresuid/setgroups/fchown read -1 as "leave unchanged": root
+            raise exception.InvalidInput(reason="swtpm must not run as uid or gid "
+                                                "4294967295 or 65535 ((uid_t)-1)")
 
 
 @spans.timed("swtpm:start")
@@ -512,6 +535,5 @@ def remove_state(paths: SwtpmPaths) -> None:
     _remove_runtime_files(paths)
     if paths.state_dir.is_symlink():
         raise exception.InvalidInput(reason="state dir %s is a symlink" % paths.state_dir)
-    if paths.state_dir.exists():
-        shutil.rmtree(paths.state_dir)
+    fstree.remove(paths.state_dir)  # iterative: a deep tree the uid built must not stop it
     LOG.info("Removed swtpm state %(dir)s", {"dir": str(paths.state_dir)})

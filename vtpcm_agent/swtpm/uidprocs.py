@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import time
 from pathlib import Path
 
 from oslo_log import log as logging
 
+from vtpcm_agent.swtpm import fstree
 from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def sweep_files(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS) -> list[str]:
                 st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                 if st.st_uid != uid:
                     continue
-                _remove_at(dfd, name, st)
+                fstree.remove_at(dfd, name, str(top / name))
                 removed.append(str(top / name))
         finally:
             os.close(dfd)
@@ -132,16 +132,3 @@ def sweep_files(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS) -> list[str]:
         LOG.warning("Removed %(n)d leftover(s) of swtpm uid %(uid)d: %(what)s",
                     {"n": len(removed), "uid": uid, "what": removed})
     return removed
-
-
-def _remove_at(dfd: int, name: str, st: os.stat_result) -> None:
-    if not stat.S_ISDIR(st.st_mode):
-        os.unlink(name, dir_fd=dfd)
-        return
-    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
-    try:
-        for child in os.listdir(sub):
-            _remove_at(sub, child, os.stat(child, dir_fd=sub, follow_symlinks=False))
-    finally:
-        os.close(sub)
-    os.rmdir(name, dir_fd=dfd)

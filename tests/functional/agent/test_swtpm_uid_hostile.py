@@ -310,6 +310,64 @@ def test_swtpm_never_runs_as_root(uid, gid):
     assert process.RunAs(uid=5, gid=5).uid == 5  # control
 
 
+@pytest.mark.parametrize(("uid", "gid"), [(4294967295, 5), (5, 4294967295), (65535, 5)])
+def test_swtpm_never_runs_as_uid_minus_one(uid, gid):
+    """(uid_t)-1 is "unchanged" to setresuid: the swtpm would stay root
+    (review round 2 of isofix, MEDIUM 4, proof q3)."""
+    with refused(exception.InvalidInput, "Invalid input: swtpm must not run as uid or gid "
+                 "4294967295 or 65535 ((uid_t)-1)"):
+        process.RunAs(uid=uid, gid=gid)
+    assert process.RunAs(uid=4294967294, gid=65534).uid == 4294967294  # control
+
+
+_TAIL = """
+import resource, sys, time
+from pathlib import Path
+resource.setrlimit(resource.RLIMIT_AS, (600 << 20, 600 << 20))
+from vtpcm_agent.swtpm import process
+log = Path(sys.argv[1])
+paths = process.SwtpmPaths(log.parent, log.parent / "c", log.parent / "p", log)
+t = time.monotonic()
+print(repr(process._log_tail(paths)), "%.2f" % (time.monotonic() - t))
+"""
+
+
+@pytest.mark.parametrize("plant", ["sparse", "/dev/zero", "fifo"])
+def test_a_huge_or_endless_log_is_read_only_at_its_tail(short_dir, plant):
+    """q4: the uid's log, truncated to 64 GiB sparse (or a symlink to
+    /dev/zero, or a FIFO), must not be read whole on a start's error path.
+    The agent here is a child capped at 600 MiB and 20 s."""
+    log = short_dir / "swtpm.log"
+    args = [sys.executable, "-c", _TAIL, str(log)]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
+    log.write_bytes(b"x" * 5000 + b" the last words")
+    done = subprocess.run(args, capture_output=True, text=True, timeout=20, env=env,
+                          check=False)
+    assert done.stdout.startswith("'" + "x" * 585 + " the last words'"), done.stderr  # control
+    log.unlink()
+    if plant == "sparse":
+        with open(log, "wb") as f:
+            f.truncate(64 << 30)
+            f.seek((64 << 30) - 10)
+            f.write(b"tail words")
+    elif plant == "fifo":
+        os.mkfifo(log)
+    else:
+        os.symlink(plant, log)
+    try:
+        done = subprocess.run(args, capture_output=True, text=True, timeout=20, env=env,
+                              check=False)
+    finally:
+        log.unlink()
+    assert done.returncode == 0, done.stderr[-400:]
+    text, took = done.stdout.rsplit(" ", 1)
+    assert float(took) < 2.0
+    assert text == {"sparse": "'" + "\\x00" * 590 + "tail words'",
+                    "fifo": "'(swtpm log is not a regular file)'",
+                    "/dev/zero": "'(swtpm log unreadable: Too many levels of symbolic links)'"
+                    }[plant]
+
+
 def test_a_log_file_swapped_for_a_symlink_is_refused(hostile):
     a, _ = _running(hostile)
     hostile.stop(a)
@@ -375,3 +433,53 @@ def test_link_refuses_a_public_path_another_process_serves(short_dir):
         server.close()
     isolation.link(public, short_dir / "own" / "t")  # control: a dead socket is replaced
     assert os.readlink(public) == str(short_dir / "own" / "t")
+
+
+_CHAIN = """
+import os
+for top in %r:
+    d = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+    for _ in range(3000):
+        os.mkdir("d", dir_fd=d)
+        n = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=d)
+        os.close(d)
+        d = n
+    os.close(d)
+"""
+
+
+def test_a_deep_directory_chain_neither_blocks_start_nor_keeps_the_uid(hostile):
+    """q2: the uid leaves a 3000-deep chain of directories in its state dir,
+    its socket dir and /tmp. A recursive walk died with RecursionError, so
+    hand-over, destroy and the uid's release never completed."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    hostile.stop(a)
+    paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+    own = hostile.settings.run_dir / instances.OWN_DIRS / a
+    tmp = Path("/tmp") / ("vtpcm-test-deep-%s" % a)  # noqa: S108
+    try:
+        build = as_uid(uid, "import os; os.mkdir(%r); os.mkdir(%r)\n%s" % (
+            str(tmp), str(paths.state_dir / "x"),
+            _CHAIN % ([str(paths.state_dir / "x"), str(own), str(tmp)],)))
+        assert build.communicate(timeout=120)[0] == ""
+        deep = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)  # control: the chain is there
+        try:
+            for _ in range(3000):
+                n = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=deep)
+                os.close(deep)
+                deep = n
+            assert os.fstat(deep).st_uid == uid
+        finally:
+            os.close(deep)
+
+        assert hostile.start(a).pid is not None  # hand-over walked the chain
+        hostile.destroy(a)
+
+        assert hostile.associations.uid_of(a) is None
+        assert not paths.state_dir.exists() and not own.exists() and not tmp.exists()
+    finally:
+        if tmp.exists():
+            subprocess.run(["rm", "-rf", "--one-file-system", str(tmp)], check=True,
+                           timeout=120)

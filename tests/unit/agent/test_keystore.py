@@ -347,3 +347,53 @@ def test_a_replaced_entry_is_overwritten_like_a_destroyed_one(store: KeyStore,
     left = keep.read_bytes()
     assert len(left) >= len(original)
     assert not any(original[i:i + 8] in left for i in range(0, len(original) - 8))
+
+
+def test_a_failed_replace_keeps_the_live_entry(store: KeyStore,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write of the new entry that fails (EIO, fsync error) must not shred
+    the old one: it is the only live key (review round 2 of isofix, HIGH 1)."""
+    keys = InstanceKeys.generate()
+    store.put(VID, keys)
+
+    def failing_write(target: Path, data: bytes, replace: bool = False) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(keystore.fileutil, "write_atomic", failing_write)
+    with pytest.raises(OSError) as err:
+        store.put(VID, InstanceKeys.generate(), replace=True)
+    assert err.value.errno == 5
+    monkeypatch.undo()
+    assert store.get(VID) == keys
+    fresh = InstanceKeys.generate()
+    store.put(VID, fresh, replace=True)  # control: a working write replaces it
+    assert store.get(VID) == fresh
+
+
+def test_a_replace_on_a_full_filesystem_keeps_the_live_entry(tmp_path: Path) -> None:
+    """The same on a real full tmpfs (ENOSPC), as an exploited swtpm filling
+    the shared state filesystem would cause."""
+    import subprocess
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)],
+                   check=True, timeout=30)
+    try:
+        store = KeyStore(mnt / "keys", FixedHostKey(b"k" * 32))
+        keys = InstanceKeys.generate()
+        store.put(VID, keys)
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            with pytest.raises(OSError) as full:
+                for _ in range(1000):
+                    os.write(fd, b"\0" * 4096)
+            assert full.value.errno == 28
+        finally:
+            os.close(fd)
+        with pytest.raises(OSError) as err:
+            store.put(VID, InstanceKeys.generate(), replace=True)
+        assert err.value.errno == 28
+        (mnt / "filler").unlink()
+        assert store.get(VID) == keys
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True, timeout=30)

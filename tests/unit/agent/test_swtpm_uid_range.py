@@ -69,7 +69,8 @@ def test_words_are_refused():
 @pytest.mark.parametrize("text", ["0-10", "20-10"])
 def test_zero_or_reversed_is_refused(text):
     with refused(exception.InvalidInput,
-                 "Invalid input: [agent] swtpm_uid_range %s: need 0 < FIRST <= LAST" % text):
+                 "Invalid input: [agent] swtpm_uid_range %s: need 0 < FIRST <= LAST "
+                 "<= 4294967294" % text):
         service.uid_range(text)
 
 
@@ -88,3 +89,20 @@ def test_a_range_with_a_group_in_it_is_refused():
                  "Invalid input: [agent] swtpm_uid_range %d-%d: group %s has id %d in "
                  "it" % (group.gr_gid, group.gr_gid, group.gr_name, group.gr_gid)):
         service.uid_range("%d-%d" % (group.gr_gid, group.gr_gid))
+
+
+def test_uid_minus_one_is_refused():
+    """(uid_t)-1 means "unchanged": swtpm given it runs as root (review
+    round 2 of isofix, MEDIUM 4, proof q3)."""
+    assert service.uid_range("4294967290-4294967294", subid_files=()) \
+        == (4294967290, 4294967294)  # control: just below it
+    with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range "
+                 "4294967290-4294967295: need 0 < FIRST <= LAST <= 4294967294"):
+        service.uid_range("4294967290-4294967295", subid_files=())
+
+
+def test_uid16_minus_one_is_refused():
+    assert service.uid_range("65536-65600", subid_files=()) == (65536, 65600)  # control
+    with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range "
+                 "65530-65540: contains 65535, (uint16_t)-1"):
+        service.uid_range("65530-65540", subid_files=())

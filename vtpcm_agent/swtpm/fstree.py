@@ -1,0 +1,142 @@
+"""Walk and remove a directory tree a swtpm uid made, without recursion.
+
+Why: an exploited swtpm can build a chain of thousands of directories
+(mkdirat is in its seccomp list). A recursive walk (``shutil.rmtree``, one
+Python frame and one open fd per level) then raises RecursionError or
+EMFILE, and the destroy that runs it never frees the uid. This walk keeps
+one directory fd open at a time and a list of names per level in memory:
+it goes down by ``openat(O_NOFOLLOW)`` and back up by ``..``, checked to
+be the inode it came from. It is run after every process of the uid is
+dead, so nothing renames the tree meanwhile; the check refuses if
+something did. Symlinks are never followed, and a directory on another
+file system is refused, not entered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import stat
+from collections.abc import Callable
+from pathlib import Path
+
+from vtpcm_common import exception
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW
+
+#: (directory fd, entry name, its lstat, its path for messages)
+Leaf = Callable[[int, str, os.stat_result, str], None]
+
+
+@dataclasses.dataclass
+class _Level:
+    ident: tuple[int, int]
+    name: str
+    shown: str
+    pending: list[str] | None = None
+
+
+def _ident(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _open_dir(name: str, dfd: int, seen: tuple[int, int], shown: str, doing: str,
+              top: str) -> int:
+    """Open directory ``name`` under ``dfd`` and insist it is the inode ``seen``
+    (``top``: the walk's top directory's name, a vTPCM id, for errors)."""
+    try:
+        fd = os.open(name, DIR_FLAGS, dir_fd=dfd)
+    except OSError as exc:
+        raise exception.SwtpmError(vtpcm_id=top,
+                                   reason="%s changed while %s (%s)"
+                                   % (shown, doing, exc.strerror)) from None
+    if _ident(os.fstat(fd)) != seen:
+        os.close(fd)
+        raise exception.SwtpmError(vtpcm_id=top,
+                                   reason="%s changed while %s" % (shown, doing))
+    return fd
+
+
+def walk(top_fd: int, shown: str, leaf: Leaf, leave: Callable[[int, str], None],
+         left: Callable[[int, str], None], doing: str) -> None:
+    """Post-order walk of the tree under the open directory ``top_fd``.
+
+    ``leaf`` gets each non-directory; ``leave(dir_fd, path)`` each
+    directory (``top_fd``'s too) once its entries are done, and
+    ``left(parent_fd, name)`` each directory below the top once the walk is
+    back in its parent. ``top_fd`` stays open and the caller's. ``doing``
+    names the walk in errors."""
+    top_dev = os.fstat(top_fd).st_dev
+    top = Path(shown).name
+    fd = os.dup(top_fd)
+    levels = [_Level(_ident(os.fstat(fd)), "", shown)]
+    try:
+        while True:
+            level = levels[-1]
+            if level.pending is None:
+                level.pending = []
+                for name in os.listdir(fd):
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        level.pending.append(name)
+                    else:
+                        leaf(fd, name, st, os.path.join(level.shown, name))
+            if level.pending:
+                name = level.pending.pop()
+                where = os.path.join(level.shown, name)
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not stat.S_ISDIR(st.st_mode):
+                    leaf(fd, name, st, where)
+                    continue
+                if st.st_dev != top_dev:
+                    raise exception.SwtpmError(
+                        vtpcm_id=top,
+                        reason="%s is on another file system; not %s" % (where, doing))
+                sub = _open_dir(name, fd, _ident(st), where, doing, top)
+                os.close(fd)
+                fd = sub
+                levels.append(_Level(_ident(st), name, where))
+                continue
+            leave(fd, level.shown)
+            levels.pop()
+            if not levels:
+                return
+            up = _open_dir("..", fd, levels[-1].ident, levels[-1].shown, doing, top)
+            os.close(fd)
+            fd = up
+            left(fd, level.name)
+    finally:
+        os.close(fd)
+
+
+def remove_at(dfd: int, name: str, shown: str) -> None:
+    """Remove entry ``name`` under ``dfd``: a link as a link, a directory
+    with everything in it."""
+    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dfd)
+        return
+    sub = _open_dir(name, dfd, _ident(st), shown, "removing it", Path(shown).name)
+    try:
+        walk(sub, shown, lambda d, n, _st, _w: os.unlink(n, dir_fd=d),
+             lambda _d, _w: None, lambda d, n: os.rmdir(n, dir_fd=d), "removing it")
+    finally:
+        os.close(sub)
+    os.rmdir(name, dir_fd=dfd)
+
+
+def remove(path: Path) -> None:
+    """Remove ``path`` and everything under it (absent: nothing to do); a
+    symlink at ``path`` itself is removed as a link."""
+    try:
+        parent = os.open(path.parent, DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    try:
+        try:
+            os.stat(path.name, dir_fd=parent, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        remove_at(parent, path.name, str(path))
+    finally:
+        os.close(parent)
