@@ -63,6 +63,12 @@ class BrokerRelay:
             except OSError:
                 client.close()
                 continue
+            # the 5 s bound only the connect: left on the socket it cut every
+            # connection idle for 5 s (oslo.messaging heartbeats every 60 s),
+            # so all daemons reconnected every ~6 s and a call sent during a
+            # reconnect waited past the RPC timeout; cut() still wakes a pump
+            # blocked in recv by shutting the socket down
+            upstream.settimeout(None)
             with self._lock:
                 self._conns += [client, upstream]
             for a, b in ((client, upstream), (upstream, client)):
