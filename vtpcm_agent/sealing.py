@@ -122,9 +122,15 @@ def _derive_key(z: bytes, eph_x: bytes, eph_y: bytes, ctx: SealContext) -> bytes
     return hkdf.derive(z)
 
 
-@spans.timed("seal")
 def seal(kem_public: bytes, secret: bytes, ctx: SealContext) -> bytes:
     """Envelope ``secret`` (1..4096 bytes) for the TPM owning ``kem_public``."""
+    # a span inside, not a decorator: mutmut skips decorated functions, and
+    # the mutation smoke run measures this module
+    with spans.span("seal"):
+        return _seal(kem_public, secret, ctx)
+
+
+def _seal(kem_public: bytes, secret: bytes, ctx: SealContext) -> bytes:
     if not isinstance(secret, bytes) or not 0 < len(secret) <= MAX_SECRET:
         raise SealError(reason=f"secret must be 1..{MAX_SECRET} bytes")
     if not isinstance(ctx, SealContext):
@@ -141,7 +147,6 @@ def seal(kem_public: bytes, secret: bytes, ctx: SealContext) -> bytes:
     return header + ct
 
 
-@spans.timed("open_envelope")
 def open_envelope(envelope: bytes, ctx: SealContext,
                   zgen: Callable[[bytes, bytes], bytes]) -> bytes:
     """Open an envelope made by ``seal`` for exactly ``ctx``.
@@ -153,6 +158,12 @@ def open_envelope(envelope: bytes, ctx: SealContext,
     TPM that is not the one sealed to (these are cryptographically
     indistinguishable on purpose).
     """
+    with spans.span("open_envelope"):
+        return _open_envelope(envelope, ctx, zgen)
+
+
+def _open_envelope(envelope: bytes, ctx: SealContext,
+                   zgen: Callable[[bytes, bytes], bytes]) -> bytes:
     if not isinstance(ctx, SealContext):
         raise SealError(reason="a SealContext is required")
     if not isinstance(envelope, bytes):
