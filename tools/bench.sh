@@ -29,6 +29,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
+# the lab (vtpcm_lab) is not in the installed package: benchmarks import it
+# from the checkout, as the tests do
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 VENV=${VTPCM_VENV:-$ROOT/.venv}
 NOVA_VENV=${VTPCM_NOVA_VENV:-$ROOT/.venv-nova}
 ALL=(filter nova-lm attestation unsigned-flood protocol attestation-scale lab-lm agent-scale)
