@@ -106,6 +106,25 @@ ENCRYPT = TPMA_SESSION.CONTINUESESSION | TPMA_SESSION.ENCRYPT
 AUTH_ONLY = TPMA_SESSION.CONTINUESESSION
 
 
+
+def read_fields(data: bytes, off: int, names: tuple[str, ...], what: str) -> list[bytes]:
+    """The non-empty, u32-length-prefixed fields ``names`` of ``data`` from
+    ``off`` to its end, exactly: the one format of the agent's TPM blob
+    files (``what`` names the file in the refusals)."""
+    parts: list[bytes] = []
+    for name in names:
+        if off + 4 > len(data):
+            raise HostTPMError(reason=f"{what}: truncated before {name}")
+        (n,) = struct.unpack_from(">I", data, off)
+        off += 4
+        if n == 0 or off + n > len(data):
+            raise HostTPMError(reason=f"{what}: bad {name} length")
+        parts.append(data[off:off + n])
+        off += n
+    if off != len(data):
+        raise HostTPMError(reason=f"{what}: trailing bytes")
+    return parts
+
 @dataclass(frozen=True, repr=False)
 class KeyBlobs:
     """The AK and KEM key as TPM2_Create returned them: marshaled
@@ -153,20 +172,7 @@ class KeyBlobs:
             fields = cls._FIELDS_V1
         else:
             raise HostTPMError(reason="host key blobs: bad magic or version")
-        off = len(cls._MAGIC)
-        parts: list[bytes] = []
-        for name in fields:
-            if off + 4 > len(data):
-                raise HostTPMError(reason=f"host key blobs: truncated before {name}")
-            (n,) = struct.unpack_from(">I", data, off)
-            off += 4
-            if n == 0 or off + n > len(data):
-                raise HostTPMError(reason=f"host key blobs: bad {name} length")
-            parts.append(data[off:off + n])
-            off += n
-        if off != len(data):
-            raise HostTPMError(reason="host key blobs: trailing bytes")
-        return cls(*parts)
+        return cls(*read_fields(data, len(cls._MAGIC), fields, "host key blobs"))
 
     def __repr__(self) -> str:
         return "KeyBlobs(%s)" % ", ".join(

@@ -192,20 +192,7 @@ class SealedObject:
             names = ("public", "private")
         else:
             raise HostTPMError(reason="sealed object: bad magic/version or too short")
-        off = len(cls._MAGIC)
-        parts = []
-        for name in names:
-            if off + 4 > len(data):
-                raise HostTPMError(reason=f"sealed object: truncated before {name}")
-            (n,) = struct.unpack_from(">I", data, off)
-            off += 4
-            if n == 0 or off + n > len(data):
-                raise HostTPMError(reason=f"sealed object: bad {name} length")
-            parts.append(data[off:off + n])
-            off += n
-        if off != len(data):
-            raise HostTPMError(reason="sealed object: trailing bytes")
-        return cls(*parts)
+        return cls(*hostkeys.read_fields(data, len(cls._MAGIC), names, "sealed object"))
 
     def __repr__(self) -> str:
         return (f"SealedObject(public=<{len(self.public)} bytes>, "
