@@ -141,6 +141,7 @@ run_unsigned_flood() {
 run_protocol() {
     local limit=1500
     [ $smoke = 1 ] && limit=300
+    ensure_matplotlib "$VENV" || return  # it plots in-process
     timeout --kill-after=20 $limit "$VENV/bin/python" benchmarks/protocol.py \
         "${SMOKE_ARG[@]}" --out-dir "$OUT"
 }
@@ -148,6 +149,7 @@ run_protocol() {
 run_attestation_scale() {
     local limit=1800
     [ $smoke = 1 ] && limit=300
+    ensure_matplotlib "$VENV" || return  # it plots in-process
     (cd benchmarks && timeout --kill-after=20 $limit "$VENV/bin/python" \
         attestation_scale.py "${SMOKE_ARG[@]}" --out-dir "$OUT")
 }
