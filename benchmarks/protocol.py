@@ -6,7 +6,9 @@ signed calls the Nova driver makes: ``check_destination`` (the destination
 check), ``begin`` (re-attest the destination, seal the migration key to its
 TPM, prepare the incoming vTPCM), the state handed over as QEMU would (the
 source agent's ``export_state`` into the destination's ``import_state``; not
-counted), then ``commit`` (the destination live, the source shredded). Every
+counted), then ``commit`` as the driver asks it since engine API 1.10
+(``shred_later``: answered once the destination is live; the source is
+shredded after the answer, and each round waits, untimed, until it was). Every
 ``--abort-every``-th round is ``begin`` + ``abort`` instead.
 
 In the same run, interleaved with the rounds, the floors: one agent RPC
@@ -101,6 +103,21 @@ def holder_problem(operator: EngineAPI, agents: AgentAPI, instance: str,
             if state not in ("DESTROYED",):
                 problems.append("%s also holds it (%s)" % (other, state))
     return "; ".join(problems) or None
+
+
+def settled(operator: EngineAPI, migration_id: str, timeout: float = 30.0) -> str | None:
+    """Wait (outside the timed windows) for a commit answered SHREDDING to
+    end COMMITTED: the source's shred after the answer ran. None when it
+    did, else what is wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = operator.get_migration(migration_id).state
+        if state == "COMMITTED":
+            return None
+        if time.monotonic() > deadline:
+            return "migration %s still %s %d s after its commit's answer" % (
+                migration_id, state, timeout)
+        time.sleep(0.01)
 
 
 def breakdown(span_dir: Path, roles: dict[int, str],
@@ -237,9 +254,11 @@ def main() -> int:
                                            "begin", windows if record else None, pair)
                     assert info.state == "PREPARED", info
                     agents.import_state(dst, agents.export_state(src, instance))
-                    commit_ms, info = timed(partial(api.commit, mid), "commit",
-                                            windows if record else None, pair)
-                    assert info.state == "COMMITTED", info
+                    # as the Nova driver asks it: the answer once the
+                    # destination committed, the source's shred after it
+                    commit_ms, info = timed(partial(api.commit, mid, shred_later=True),
+                                            "commit", windows if record else None, pair)
+                    assert info.state in ("COMMITTED", "SHREDDING"), info
                     holder = 1 - holder
                     if record:
                         samples["check"].append(check_ms)
@@ -263,7 +282,8 @@ def main() -> int:
                 ms, _ = timed(partial(agents.start, here, instance))
                 if record:
                     samples["swtpm_start"].append(ms)
-                problem = holder_problem(operator, agents, instance, state_dirs)
+                problem = (settled(operator, mid) if info.state == "SHREDDING" else None) \
+                    or holder_problem(operator, agents, instance, state_dirs)
                 if problem:
                     raise RuntimeError("round %d (%s, migration %s): %s" % (
                         r, "abort" if r % args.abort_every == args.abort_every - 1

@@ -29,6 +29,7 @@ import datetime
 import threading
 import uuid
 from collections.abc import Callable
+from concurrent import futures
 from typing import Any, Protocol
 
 from oslo_log import log as logging
@@ -174,6 +175,10 @@ class Coordinator:
         self._reap_after = ""  # the pass resumes after the last instance asked
         self._reported_orphans: set[shelved.Observed] = set()
         self._warned_not_admin = False
+        # the sources' shreds a commit left to run after its answer
+        # (``commit(shred_later=True)``); reconcile finishes any it loses
+        self._after_commit = futures.ThreadPoolExecutor(
+            max_workers=2, thread_name_prefix="vtpcm-shred")
 
     # --- vTPCM lifecycle through the authority ---------------------------------
 
@@ -823,6 +828,7 @@ class Coordinator:
         if source == dest:
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="source and destination are the same host")
+        self._finish_shreds(instance_uuid)
         vtpcm = self.db.get_vtpcm(instance_uuid)
         if vtpcm.state == CREATING:
             raise exception.MigrationError(
@@ -884,12 +890,21 @@ class Coordinator:
                                            reason=rec.error or "aborted")
         return self.db.get_migration(migration_id)
 
-    def commit(self, migration_id: str,
-               requested_by: str | None = None) -> db_api.MigrationRecord:
+    def commit(self, migration_id: str, requested_by: str | None = None, *,
+               shred_later: bool = False) -> db_api.MigrationRecord:
         """Pass the commit point and finish the commit. Idempotent for its
         caller: a commit of a COMMITTED migration is a success, and one of a
         migration whose commit is under way (COMMITTING, SHREDDING) runs the
         steps left, as reconcile would.
+
+        ``shred_later`` (engine API 1.10): answer once the destination's
+        commit is recorded (SHREDDING, durable), and shred the source's copy
+        right after the answer, in this worker's background (reconcile
+        finishes it if this worker dies). The source's copy is MIGRATING_OUT
+        of a migration past its commit point: no agent makes it live again
+        but on an engine-signed abort or reclaim, which the engine never
+        sends from SHREDDING (design.rst, "The source's shred after the
+        answer").
 
         ``requested_by``: the signing host. Before the commit point only the
         source's word counts (it saw the migration complete); the
@@ -908,7 +923,7 @@ class Coordinator:
         self._settle_deadline_abort(proto, ctx, rec)
         if proto.state in (M.COMMITTING, M.SHREDDING):
             # past the commit point, a step failed: the retry finishes it
-            return self._finish_commit(migration_id)
+            return self._finish_commit(migration_id, shred_later)
         before_point = proto.state in (M.PREPARED, M.TRANSFERRING, M.TRANSFERRED,
                                        M.IN_DOUBT)
         if requested_by not in (None, ctx.source_host) and before_point:
@@ -931,11 +946,11 @@ class Coordinator:
         if proto.state is M.TRANSFERRED:
             self._check_incoming_ready(ctx)
         try:
-            self._advance(proto, ctx, p.CommitRequested())
+            self._advance(proto, ctx, p.CommitRequested(), shred_later=shred_later)
         except exception.MigrationError:
             if not self._moved_past(migration_id, proto.state):
                 raise
-        return self._finish_commit(migration_id)
+        return self._finish_commit(migration_id, shred_later)
 
     def _moved_past(self, migration_id: str, believed: M) -> bool:
         """Whether another commit or reconcile moved the migration on from
@@ -944,7 +959,8 @@ class Coordinator:
         state = self.db.get_migration(migration_id).state
         return state != believed.value and self._past_commit_point(migration_id)
 
-    def _finish_commit(self, migration_id: str) -> db_api.MigrationRecord:
+    def _finish_commit(self, migration_id: str,
+                       shred_later: bool = False) -> db_api.MigrationRecord:
         """Run the steps left of a commit past its commit point, as
         reconcile would, until it is COMMITTED: the commit is decided, so
         its caller gets success. Another commit or reconcile running the
@@ -954,17 +970,52 @@ class Coordinator:
         tests/functional/engine/test_load.py). A step that fails without
         such progress (an agent unreachable) still fails the call; the
         caller retries and reconcile finishes it. Bounded: every pass moves
-        the migration one state on, or raises."""
+        the migration one state on, or raises. ``shred_later``: stop at
+        SHREDDING and leave the source's shred to ``_shred_after_answer``."""
         for _ in range(len(p.PENDING_WORK)):
             proto, ctx, _ = self._load(migration_id)
             if proto.state not in (M.COMMITTING, M.SHREDDING):
                 break
+            if shred_later and proto.state is M.SHREDDING:
+                self._after_commit.submit(self._shred_after_answer, ctx)
+                break
             try:
-                self._run(proto, ctx, p.pending_actions(proto.state))
+                self._run(proto, ctx, p.pending_actions(proto.state),
+                          shred_later=shred_later)
             except exception.MigrationError:
                 if not self._moved_past(migration_id, proto.state):
                     raise  # no one moved it: the step itself failed
         return self.db.get_migration(migration_id)
+
+    def _shred_after_answer(self, ctx: am.MigrationContext) -> None:
+        """After a ``shred_later`` commit answered: record the destination's
+        vTPCM id, then shred the source's copy (``_finish_commit``). A
+        failure is left to reconcile (SHREDDING is pending work)."""
+        try:
+            self._record_incoming_id(ctx)
+            self._finish_commit(ctx.migration_id)
+        except exception.VTPCMException as err:
+            LOG.warning("Migration %(mig)s: the source's shred after the commit's answer "
+                        "failed (reconcile finishes it): %(err)s",
+                        {"mig": ctx.migration_id, "err": err})
+        except Exception:  # a background thread: its error goes to the log, not lost
+            LOG.exception("Migration %(mig)s: the source's shred after the commit's "
+                          "answer failed (reconcile finishes it)", {"mig": ctx.migration_id})
+
+    def _finish_shreds(self, instance_uuid: str) -> None:
+        """Before a new begin of the instance: shred the copies earlier
+        commits left for after their answer (SHREDDING), so the host that
+        gave the vTPCM up is clean before it may receive it again. A shred
+        that fails here is logged; the begin goes on and its own steps
+        decide (reconcile retries the shred)."""
+        for rec in self.db.list_migrations(state=M.SHREDDING.value,
+                                           instance_uuid=instance_uuid):
+            try:
+                self._finish_commit(rec.migration_id)
+            except exception.VTPCMException as err:
+                LOG.warning("Migration %(mig)s: the source's shred before a new begin of "
+                            "instance %(i)s failed: %(err)s",
+                            {"mig": rec.migration_id, "i": instance_uuid, "err": err})
 
     def _check_incoming_ready(self, ctx: am.MigrationContext) -> None:
         """Before a cold migration's commit point: the destination must
@@ -1280,15 +1331,20 @@ class Coordinator:
         self._run(proto, ctx, actions, **extra)
 
     def _run(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,
-             actions: list[p.Action], kem_public: bytes | None = None) -> None:
+             actions: list[p.Action], kem_public: bytes | None = None,
+             shred_later: bool = False) -> None:
+        """``shred_later``: the source's shred (and the bookkeeping of the
+        destination's vTPCM id) is left for after the commit's answer."""
         for action in actions:
             if isinstance(action, p.Audit):
                 self.db.audit(action.event, action.outcome, host=ctx.dest_host,
                               instance=ctx.instance_uuid, migration_id=ctx.migration_id,
                               detail=action.detail)
                 continue
+            if shred_later and isinstance(action, p.ShredSource):
+                return  # SHREDDING is recorded: _shred_after_answer runs it
             try:
-                event = self._execute(action, ctx, kem_public)
+                event = self._execute(action, ctx, kem_public, shred_later)
             except exception.VTPCMException as err:
                 LOG.warning("Migration %(mig)s: %(action)s failed: %(err)s",
                             {"mig": ctx.migration_id, "action": action.name, "err": err})
@@ -1299,11 +1355,12 @@ class Coordinator:
             if event is not None:
                 # the destination's KEM key goes along to the recheck before
                 # PrepareDestination
-                self._advance(proto, ctx, event, kem_public=kem_public)
+                self._advance(proto, ctx, event, kem_public=kem_public,
+                              shred_later=shred_later)
                 return
 
     def _execute(self, action: p.Action, ctx: am.MigrationContext,
-                 kem_public: bytes | None) -> p.Event | None:
+                 kem_public: bytes | None, shred_later: bool = False) -> p.Event | None:
         src, dst = ctx.source_host, ctx.dest_host
         if isinstance(action, p.SealKey):
             if kem_public is None:
@@ -1331,7 +1388,8 @@ class Coordinator:
             return None
         if isinstance(action, p.CommitDestination):
             self.agents.commit_incoming(dst, ctx)
-            self._record_incoming_id(ctx)
+            if not shred_later:  # else after the answer, with the shred
+                self._record_incoming_id(ctx)
             return p.DestinationCommitted()
         if isinstance(action, p.ShredSource):
             self.agents.commit_outgoing(src, ctx)

@@ -117,7 +117,7 @@ class FakeAgents:
 
     def seal_migration_key(self, host, context, dest_kem_public):
         self._record("seal", host)
-        assert dest_kem_public == b"kem-of-b"
+        assert dest_kem_public == b"kem-of-" + context.dest_host[-1:].encode()
         return am.SealedKey(b"envelope")
 
     def prepare_incoming(self, host, context, envelope):
@@ -946,3 +946,82 @@ def test_an_engine_dying_right_after_the_commit_point_leaves_it_audited(env, mon
     assert len(points) == 1
     assert [a.outcome for a in db.list_audit(limit=50)
             if (a.migration_id, a.event) == (mid, "migration.begin")] == ["accepted"]
+
+
+# --- the source's shred after the commit's answer (engine API 1.10) -----------------
+
+class HeldJobs:
+    """Stands for the coordinator's background executor: jobs run only when
+    the test says, so it sees the state between the answer and the shred."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, fn, *args):
+        self.jobs.append((fn, args))
+
+    def run(self):
+        jobs, self.jobs = self.jobs, []
+        for fn, args in jobs:
+            fn(*args)
+
+
+def test_a_commit_with_shred_later_answers_before_the_source_is_shredded(env):
+    coord, db, agents, _, _ = env
+    coord._after_commit = jobs = HeldJobs()
+    first = db.get_vtpcm(INSTANCE).vtpcm_id
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid, shred_later=True).state == "SHREDDING"
+    # durable before the answer: the authority on host-b, its copy committed
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id) == ("host-b", 1, None)
+    assert names(agents) == ["seal", "prepare", "commit_incoming"]
+    assert ("get", "host-b") not in agents.calls  # the id bookkeeping waits too
+    jobs.run()
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert names(agents)[-1] == "commit_outgoing" and agents.calls[-1][1] == "host-a"
+    assert db.get_vtpcm(INSTANCE).vtpcm_id != first
+    # a retried commit is a no-op success
+    assert coord.commit(mid, shred_later=True).state == "COMMITTED"
+    assert names(agents).count("commit_outgoing") == 1
+
+
+def test_a_begin_shreds_the_copy_an_earlier_commit_left_first(env):
+    """The vTPCM goes back to host-a before the background shred of its old
+    copy there ran: the begin shreds it before sealing, so host-a is clean
+    when it receives the vTPCM again."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = HeldJobs()  # never run
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.commit(mid, shred_later=True)
+    agents.generation = 1
+    back = str(uuid.uuid4())
+    assert coord.begin(back, INSTANCE, "host-b", "host-a").state == "PREPARED"
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert names(agents)[2:] == ["commit_incoming", "commit_outgoing", "seal", "prepare"]
+
+
+def test_a_failed_shred_after_the_answer_is_finished_by_reconcile(env):
+    coord, db, agents, _, _ = env
+    coord._after_commit = jobs = HeldJobs()
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid, shred_later=True).state == "SHREDDING"
+    agents.fail["commit_outgoing"] = exception.ServiceUnreachable(
+        service="agent host-a", method="commit_outgoing", reason="timed out")
+    jobs.run()  # logged, not raised: nobody waits for it
+    assert db.get_migration(mid).state == "SHREDDING"
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "COMMITTED"
+
+
+def test_a_commit_without_shred_later_still_answers_committed(env):
+    """A driver older than engine API 1.10 waits for the shred, as before."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = jobs = HeldJobs()
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid).state == "COMMITTED"
+    assert jobs.jobs == [] and names(agents)[-1] == "commit_outgoing"

@@ -65,6 +65,11 @@ API version history:
           at most 10,000 a page): the scheduler filter's query, since a
           ``verdicts`` reply cannot carry more than 10,000 hosts and costs
           ten times more to check. ``verdicts`` stays for other callers.
+    1.10 - commit ``shred_later`` (``CommitMigration``): answer once the
+          destination's commit is recorded (SHREDDING) and shred the
+          source's copy right after the answer; sent only when true, and
+          then as 1.10 (a client capped below sends the 1.2 commit, whose
+          answer waits for the shred).
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -90,7 +95,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.9"
+RPC_API_VERSION = "1.10"
 
 R = TypeVar("R", bound=Message)
 
@@ -297,7 +302,19 @@ class EngineAPI(rpc.Client):
         return self._ask("begin", m.BeginMigration(migration_id, instance_uuid, source,
                                                     dest), m.MigrationInfo)
 
-    def commit(self, migration_id: str) -> m.MigrationInfo:
+    def commit(self, migration_id: str, shred_later: bool = False) -> m.MigrationInfo:
+        """``shred_later``: answer SHREDDING once the destination committed,
+        the source's shred after the answer (1.10); a client capped below
+        1.10, or an engine that cannot serve 1.10, gets the 1.2 commit
+        instead (the answer waits for the shred)."""
+        if shred_later and self.can_send_version("1.10"):
+            try:
+                return self._call("commit", "1.10", m.CommitMigration(migration_id, True),
+                                  m.MigrationInfo, signer=self.host_signer)
+            except exception.RPCVersionUnsupported:
+                # an engine older than 1.10 (a rolling upgrade): its commit
+                # answers after the shred; the decision is the same
+                pass
         return self._ask("commit", m.MigrationRef(migration_id), m.MigrationInfo)
 
     def transfer_state(self, migration_id: str) -> m.MigrationInfo:
