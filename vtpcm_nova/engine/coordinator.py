@@ -8,7 +8,8 @@ that dies half-way is finished by ``reconcile`` in any worker.
 
 The engine is the authority on where each vTPCM lives and its generation:
 ``begin`` refuses unless the source is that location and the source agent
-holds that generation; the commit point moves the authority to the
+holds that generation (its seal checks it, in the step that marks the
+vTPCM MIGRATING_OUT); the commit point moves the authority to the
 destination with generation + 1 in one compare-and-set.
 
 A migration whose deadline abort found the destination holding the state
@@ -844,11 +845,13 @@ class Coordinator:
             raise exception.MigrationError(migration_id=migration_id, reason=detail)
         verdict = self.trust.check_fresh(dest)
         dest_host, distrust = self._trusted_destination(dest, verdict)
-        source_gen_ok = False
-        if vtpcm.host == source and vtpcm.migration_id is None:
-            info = self.agents.get(source, instance_uuid)
-            source_gen_ok = (info.generation == vtpcm.generation
-                             and info.state in ("ACTIVE", "STOPPED"))
+        # The source agent's generation and state are checked by its seal
+        # itself (``seal_migration_key`` refuses unless it holds this
+        # generation ACTIVE or STOPPED, in the same step that marks it
+        # MIGRATING_OUT): no separate ``get`` round trip before the claim,
+        # whose answer could be stale by the seal anyway. A refused seal
+        # aborts the claimed migration; no key left the source.
+        source_gen_ok = vtpcm.host == source and vtpcm.migration_id is None
         trusted = dest_host is not None
         # Claim the vTPCM for this migration before anything moves, in the
         # transaction that records the migration: of two concurrent begins

@@ -117,6 +117,10 @@ class FakeAgents:
 
     def seal_migration_key(self, host, context, dest_kem_public):
         self._record("seal", host)
+        if context.generation != self.generation:  # as the agent's own check
+            raise exception.GenerationMismatch(instance_uuid=context.instance_uuid,
+                                               given=context.generation,
+                                               expected=self.generation)
         assert dest_kem_public == b"kem-of-" + context.dest_host[-1:].encode()
         return am.SealedKey(b"envelope")
 
@@ -230,12 +234,20 @@ def test_wrong_source_refused(env):
 
 
 def test_stale_generation_at_source_refused(env):
+    """The source agent's own seal refuses a generation other than the
+    authority's (no ``get`` before it): nothing is sealed or prepared, the
+    claim is released and the vTPCM stays live on the source."""
     coord, db, agents, _, _ = env
     agents.generation = 5  # source agent holds another generation than the authority
+    mid = str(uuid.uuid4())
     with pytest.raises(exception.MigrationError) as err:
-        coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
     assert "generation" in str(err.value)
-    assert "seal" not in names(agents)
+    assert "prepare" not in names(agents) and "get" not in [c[0] for c in agents.calls]
+    assert db.get_migration(mid).state == "ABORTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
+        ("host-a", 0, "ACTIVE", None)
 
 
 def test_prepare_failure_aborts_and_restores_source(env):
