@@ -806,10 +806,8 @@ class Coordinator:
         a migration begun on it would end, on abort, with the shelve undone.
         The record's state before the claim is kept with the migration, and
         an abort restores it."""
-        try:
-            rec = self.db.get_migration(migration_id)
-        except exception.NotFound:
-            rec = None
+        view = self.db.begin_view(migration_id, instance_uuid)  # one transaction
+        rec = view.migration
         if rec is not None:
             if (rec.instance_uuid, rec.source, rec.dest) != (instance_uuid, source, dest):
                 self._refuse_audit(migration_id, instance_uuid, dest,
@@ -829,8 +827,13 @@ class Coordinator:
         if source == dest:
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="source and destination are the same host")
-        self._finish_shreds(instance_uuid)
-        vtpcm = self.db.get_vtpcm(instance_uuid)
+        if view.shredding:
+            self._finish_shreds(instance_uuid, view.shredding)
+            vtpcm = self.db.get_vtpcm(instance_uuid)
+        elif view.vtpcm is None:
+            raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
+        else:
+            vtpcm = view.vtpcm
         if vtpcm.state == CREATING:
             raise exception.MigrationError(
                 migration_id=migration_id,
@@ -1005,20 +1008,19 @@ class Coordinator:
             LOG.exception("Migration %(mig)s: the source's shred after the commit's "
                           "answer failed (reconcile finishes it)", {"mig": ctx.migration_id})
 
-    def _finish_shreds(self, instance_uuid: str) -> None:
+    def _finish_shreds(self, instance_uuid: str, migration_ids: tuple[str, ...]) -> None:
         """Before a new begin of the instance: shred the copies earlier
         commits left for after their answer (SHREDDING), so the host that
         gave the vTPCM up is clean before it may receive it again. A shred
         that fails here is logged; the begin goes on and its own steps
         decide (reconcile retries the shred)."""
-        for rec in self.db.list_migrations(state=M.SHREDDING.value,
-                                           instance_uuid=instance_uuid):
+        for migration_id in migration_ids:
             try:
-                self._finish_commit(rec.migration_id)
+                self._finish_commit(migration_id)
             except exception.VTPCMException as err:
                 LOG.warning("Migration %(mig)s: the source's shred before a new begin of "
                             "instance %(i)s failed: %(err)s",
-                            {"mig": rec.migration_id, "i": instance_uuid, "err": err})
+                            {"mig": migration_id, "i": instance_uuid, "err": err})
 
     def _check_incoming_ready(self, ctx: am.MigrationContext) -> None:
         """Before a cold migration's commit point: the destination must
@@ -1262,13 +1264,11 @@ class Coordinator:
         which a slow migration outlives with its guest already running
         there. A verdict made UNKNOWN meanwhile (policy changed, host
         re-approved) or distrusted is settled by attesting now."""
-        try:
-            rec = self.db.get_host(dest)
-        except exception.NotFound:
+        rec, last = self.db.host_and_verdict(dest)  # one query
+        if rec is None:
             return "host is not enrolled"
         if rec.status is not HostStatus.APPROVED:
             return "host is %s" % rec.status.value
-        last = self.db.get_verdict(dest)
         if last is not None and last.trusted:
             return None
         host, why = self._trusted_destination(dest, self.trust.check_fresh(dest))
@@ -1321,16 +1321,26 @@ class Coordinator:
         before = proto.state
         actions = proto.handle(event)
         if proto.state is not before:
-            # the new state's audit goes with it, in one transaction
+            # the new state's audit goes with it, in one transaction; so
+            # does the authority's move at the commit point (MoveAuthority
+            # then has nothing left to do: one fsynced write less)
+            point = None
+            if proto.state is M.COMMITTING and any(isinstance(a, p.MoveAuthority)
+                                                   for a in actions):
+                point = db_api.CommitPoint(ctx.instance_uuid, ctx.source_host,
+                                           ctx.dest_host, ctx.generation)
             if not self.db.update_migration_state(ctx.migration_id, before.value,
                                                   proto.state.value,
                                                   error=getattr(event, "reason", None),
-                                                  audits=_audits(ctx, actions)):
+                                                  audits=_audits(ctx, actions),
+                                                  commit_point=point):
                 proto.state = before
                 raise exception.MigrationError(
                     migration_id=ctx.migration_id,
                     reason="state changed concurrently (expected %s)" % before.value)
-            actions = [a for a in actions if not isinstance(a, p.Audit)]
+            actions = [a for a in actions if not isinstance(a, p.Audit)
+                       and not (point is not None and point.moved
+                                and isinstance(a, p.MoveAuthority))]
         self._run(proto, ctx, actions, **extra)
 
     def _run(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,

@@ -350,23 +350,24 @@ def test_second_migration_while_one_runs_refused(env):
 
 def test_loser_of_a_begin_race_is_refused_without_agent_calls(env, monkeypatch):
     coord, db, agents, _, _ = env
-    real = db.get_vtpcm
+    real = db.begin_view
     other = str(uuid.uuid4())
 
-    def read_then_lose(instance_uuid):  # another worker claims right after our read
-        rec = real(instance_uuid)
+    def read_then_lose(migration_id, instance_uuid):  # another worker claims right after
+        view = real(migration_id, instance_uuid)
+        rec = view.vtpcm
         assert db.set_vtpcm_state(instance_uuid, rec.generation, "MIGRATING",
                                   expected_state=rec.state, migration_id=other,
                                   expected_migration_id=None)
-        return rec
+        return view
 
-    monkeypatch.setattr(db, "get_vtpcm", read_then_lose)
+    monkeypatch.setattr(db, "begin_view", read_then_lose)
     mid = str(uuid.uuid4())
     with pytest.raises(exception.MigrationError) as err:
         coord.begin(mid, INSTANCE, "host-a", "host-b")
     assert "another migration holds the vTPCM" in str(err.value)
     assert db.get_migration(mid).state == "REFUSED"
-    assert real(INSTANCE).migration_id == other  # the winner's claim stays
+    assert db.get_vtpcm(INSTANCE).migration_id == other  # the winner's claim stays
     assert names(agents) == []
 
 
@@ -958,6 +959,35 @@ def test_an_engine_dying_right_after_the_commit_point_leaves_it_audited(env, mon
     assert len(points) == 1
     assert [a.outcome for a in db.list_audit(limit=50)
             if (a.migration_id, a.event) == (mid, "migration.begin")] == ["accepted"]
+
+
+def test_the_commit_point_moves_the_authority_in_its_own_transaction(env, monkeypatch):
+    """Issue 11 point 2: the authority's move is written with the
+    COMMITTING state (one transaction, one fsync less), not after it: an
+    engine killed right after that write leaves the record on the
+    destination already, and reconcile's MoveAuthority finds it done."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    real = db.update_migration_state
+
+    def die_after_the_commit_point(*args, **kwargs):
+        moved = real(*args, **kwargs)
+        if moved and args[2] == "COMMITTING":
+            raise SystemExit("engine killed")
+        return moved
+
+    monkeypatch.setattr(db, "update_migration_state", die_after_the_commit_point)
+    with pytest.raises(SystemExit, match="engine killed"):
+        coord.commit(mid)
+    monkeypatch.setattr(db, "update_migration_state", real)
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
+        ("host-b", 1, "ACTIVE", None)
+    assert "commit_incoming" not in names(agents)
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert db.get_vtpcm(INSTANCE).generation == 1
 
 
 # --- the source's shred after the commit's answer (engine API 1.10) -----------------

@@ -19,7 +19,13 @@ from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
 from vtpcm_nova.engine.db import models
 from vtpcm_nova.engine.db.models import HostStatus
-from vtpcm_nova.engine.db.records import TrustBasis, VerdictRecord, verdict_rec
+from vtpcm_nova.engine.db.records import (
+    HostRecord,
+    TrustBasis,
+    VerdictRecord,
+    host_rec,
+    verdict_rec,
+)
 from vtpcm_nova.engine.db.store import Store, utcnow
 
 
@@ -135,6 +141,21 @@ class TrustStore(Store):
         """The host's verdict, read with its status (see _effective_verdict)."""
         found = self._verdicts_with_hosts(models.VerdictRow.host == host)
         return found[0] if found else None
+
+    def host_and_verdict(self, host: str
+                         ) -> tuple[HostRecord | None, VerdictRecord | None]:
+        """The host (None: not enrolled) and its verdict read with its
+        status (as ``get_verdict``), in ONE query."""
+        q = (select(models.Host, models.VerdictRow)
+             .outerjoin(models.VerdictRow, models.VerdictRow.host == models.Host.name)
+             .where(models.Host.name == host))
+        with self.session() as s:
+            found = s.execute(q).first()
+            if found is None:
+                return None, None
+            row, verdict = found
+            return host_rec(row), (None if verdict is None
+                                   else _effective_verdict(verdict, row.status))
 
     def fresh_verdicts(self, now: datetime.datetime | None = None) -> dict[str, VerdictRecord]:
         """All unexpired verdicts with their hosts' status in ONE query (the
