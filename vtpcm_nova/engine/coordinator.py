@@ -26,12 +26,13 @@ verify is a ``ReplyNotAuthenticated`` (a ``ServiceUnreachable``): the step's
 outcome is unknown, so it is retried (reconcile) and never taken as done.
 """
 
+import dataclasses
 import datetime
 import threading
 import uuid
 from collections.abc import Callable
 from concurrent import futures
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from oslo_log import log as logging
 
@@ -894,7 +895,8 @@ class Coordinator:
             rec = self.db.get_migration(migration_id)
             raise exception.MigrationError(migration_id=migration_id,
                                            reason=rec.error or "aborted")
-        return self.db.get_migration(migration_id)
+        # as this call's own compare-and-set wrote it (no read back)
+        return dataclasses.replace(made, state=proto.state.value)
 
     def commit(self, migration_id: str, requested_by: str | None = None, *,
                shred_later: bool = False) -> db_api.MigrationRecord:
@@ -956,6 +958,12 @@ class Coordinator:
         except exception.MigrationError:
             if not self._moved_past(migration_id, proto.state):
                 raise
+        else:
+            reached = cast(M, proto.state)  # _advance moved it (mypy keeps the narrowing)
+            if shred_later and reached is M.SHREDDING:
+                # this call's own compare-and-sets got it here: no read back
+                self._after_commit.submit(self._shred_after_answer, ctx)
+                return dataclasses.replace(rec, state=proto.state.value)
         return self._finish_commit(migration_id, shred_later)
 
     def _moved_past(self, migration_id: str, believed: M) -> bool:
