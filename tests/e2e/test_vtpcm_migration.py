@@ -493,6 +493,7 @@ def test_source_swtpm_killed_during_the_copy_needs_a_hard_reboot(stack, guest, l
     # the guest runs on, its TPM failing every command
     dead = _report(a.lab_host, name)
     assert (dead["NV"], dead["EK"], dead["BOOTID"]) == ("none", "none", before["BOOTID"])
+    assert dead["PCR16"] != before["PCR16"]  # unreadable
     stopped = _only_on(stack, instance, a, b, running=False)
     assert stopped.generation == source_before.generation
     assert _vtpcm_files(b, incoming.vtpcm_id) == []
@@ -547,7 +548,7 @@ def test_destination_qemu_killed_after_the_switchover_commits_there(stack, guest
     # positive control: the guest runs on the destination with its TPM
     _same_tpm(before, _report(b.lab_host, name))
     incoming = stack.agents.get(b.name, instance)
-    (qemu,) = b.lab_host.qemu_pids()
+    qemu = _incoming_qemu(b, name)  # the QEMU libvirt started for the incoming stream
     try:
         lab_cell.begin("dst_qemu/after_switchover/kill")
         os.kill(qemu, 9)
