@@ -386,6 +386,12 @@ def _only_on(stack, instance, here, there, *, running):
     assert info.state == ("ACTIVE" if running else "STOPPED"), info
     assert instance not in {v.instance_uuid for v in stack.agents.list(there.name).vtpcms
                             if v.state != "DESTROYED"}
+    ids = {info.vtpcm_id}
+    try:
+        ids.add(stack.agents.get(there.name, instance).vtpcm_id)  # DESTROYED: shredded
+    except exception.NotFound:
+        pass
+    assert [f for i in ids for f in _vtpcm_files(there, i)] == []
     assert _swtpms_of(instance) == ([info.pid] if running else [])
     return info
 
