@@ -25,8 +25,11 @@ LOG = logging.getLogger(__name__)
 
 PROC = Path("/proc")
 # world-writable directories a swtpm uid could leave files in for a later
-# holder of the same uid (the agent's private /tmp under its unit included)
-TEMP_DIRS = (Path("/tmp"), Path("/dev/shm"), Path("/var/tmp"))  # noqa: S108
+# holder of the same uid (the agent's private /tmp under its unit included):
+# lock files in /run/lock, POSIX message queues in /dev/mqueue (unlinking
+# the entry there is mq_unlink) as well
+TEMP_DIRS = (Path("/tmp"), Path("/dev/shm"), Path("/var/tmp"),  # noqa: S108
+             Path("/run/lock"), Path("/dev/mqueue"))
 _POLL = 0.02
 
 
