@@ -217,6 +217,12 @@ def test_a_malformed_kem_report_is_a_refused_quote(db: api.Database) -> None:
     verdict = att.attest(HOST)
     assert verdict.status is TrustStatus.UNTRUSTED
     assert verdict.reason.endswith("quote reply field kem_current is not a boolean")
+    agent.kem_current = True
+    for bad in ((24,), (True,), "0,7"):
+        agent.kem_pcrs = bad  # type: ignore[assignment]
+        verdict = att.attest(HOST)
+        assert verdict.status is TrustStatus.UNTRUSTED
+        assert verdict.reason.endswith("quote reply field kem_pcrs is not a list of PCRs")
 
 
 # ---- the pure check ------------------------------------------------------------------
