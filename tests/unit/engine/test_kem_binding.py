@@ -18,7 +18,17 @@ from tpm2_pytss.constants import TPMA_OBJECT
 from tpm2_pytss.types import TPM2B_DIGEST, TPM2B_PUBLIC
 
 from tests.refusal import refused
-from tests.unit.engine.fakes import KEM_ATTRS, POLICY_PCRS, Clock, FakeAgent, FakeTPM, events
+from tests.unit.engine.fakes import HOST as STACK_HOST  # RaceStack's destination
+from tests.unit.engine.fakes import (
+    KEM_ATTRS,
+    POLICY_PCRS,
+    Clock,
+    FakeAgent,
+    FakeTPM,
+    RaceStack,
+    events,
+)
+from vtpcm_common import exception
 from vtpcm_nova.engine import attestation, kembinding
 from vtpcm_nova.engine.db import api, migration
 from vtpcm_nova.engine.verifier import TrustStatus
@@ -223,6 +233,28 @@ def test_a_malformed_kem_report_is_a_refused_quote(db: api.Database) -> None:
         verdict = att.attest(HOST)
         assert verdict.status is TrustStatus.UNTRUSTED
         assert verdict.reason.endswith("quote reply field kem_pcrs is not a list of PCRs")
+
+
+def test_no_source_seals_to_a_kem_key_its_host_reports_stale(tmp_path: Path) -> None:
+    """Real Attestor and Coordinator: after an approved update (new golden
+    values recorded) the destination's agent reports its KEM key stale;
+    ``begin`` attests it again and refuses before any agent is asked to
+    seal. On the old engine the source sealed to the stale key."""
+    stack = RaceStack(f"sqlite:///{tmp_path}/engine.sqlite")
+    try:
+        quote = stack.agent.quote
+
+        def stale(host: str, nonce: bytes, pcrs: Sequence[int],
+                  bank: str) -> Mapping[str, Any]:
+            return {**quote(host, nonce, pcrs, bank), "kem_pcrs": (), "kem_current": False}
+        stack.agent.quote = stale  # type: ignore[method-assign]
+        stack.tpm.extend(7, b"approved firmware update")
+        stack.att.record_policy_from_host("golden", STACK_HOST, POLICY_PCRS)
+        with pytest.raises(exception.HostNotTrusted, match="is not trusted: KEM key stale"):
+            stack.begin()
+        assert stack.agents.calls == []
+    finally:
+        stack.db.dispose()
 
 
 # ---- the pure check ------------------------------------------------------------------
