@@ -298,3 +298,16 @@ def test_the_check_refuses_what_cannot_be_verified() -> None:
                  "KEM key has neither an authPolicy nor userWithAuth (unusable)"):
         kembinding.check(_kem_public(b"", BOUND_ATTRS), "sha256", GOLDEN, None,
                          require_binding=False)
+
+
+def test_expected_policy_is_a_real_tpms_digest_known_answer() -> None:
+    """Not circular: a digest a real TPM's trial session gave (swtpm 0.7.1,
+    ``hostkeys.kem_policy`` over sha256:7,16 after extending each PCR once
+    from zero with sha256(b"component <i>")), so the unit suite alone
+    catches a wrong command code, selection layout or order (review LOW-2)."""
+    values = {i: hashlib.sha256(b"\0" * 32 + hashlib.sha256(b"component %d" % i).digest())
+              .digest() for i in (7, 16)}
+    assert values[7].hex().startswith("cfa5f32316e89b11")  # what the TPM read back
+    assert values[16].hex().startswith("992f38aaa3e65924")
+    assert kembinding.expected_policy([7, 16], values).hex() == (
+        "6e8caa5be74a349cc1fc276067929cd2487854730f78a2dc6f12f1e6bf46a59f")
