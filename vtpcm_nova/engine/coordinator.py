@@ -828,8 +828,11 @@ class Coordinator:
         if source == dest:
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="source and destination are the same host")
-        if view.shredding:
-            self._finish_shreds(instance_uuid, view.shredding)
+        # only the shreds on the host about to receive the vTPCM wait for
+        # this begin; others run in the background (or reconcile)
+        back = tuple(mid for mid, old_source in view.shredding if old_source == dest)
+        if back:
+            self._finish_shreds(instance_uuid, back)
             vtpcm = self.db.get_vtpcm(instance_uuid)
         elif view.vtpcm is None:
             raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
@@ -1017,9 +1020,9 @@ class Coordinator:
                           "answer failed (reconcile finishes it)", {"mig": ctx.migration_id})
 
     def _finish_shreds(self, instance_uuid: str, migration_ids: tuple[str, ...]) -> None:
-        """Before a new begin of the instance: shred the copies earlier
-        commits left for after their answer (SHREDDING), so the host that
-        gave the vTPCM up is clean before it may receive it again. A shred
+        """Before a new begin of the instance to the host an earlier
+        commit left a copy on for after its answer (SHREDDING): shred it,
+        so that host is clean before it receives the vTPCM again. A shred
         that fails here is logged; the begin goes on and its own steps
         decide (reconcile retries the shred)."""
         for migration_id in migration_ids:

@@ -1045,6 +1045,27 @@ def test_a_begin_shreds_the_copy_an_earlier_commit_left_first(env):
     assert names(agents)[2:] == ["commit_incoming", "commit_outgoing", "seal", "prepare"]
 
 
+def test_a_begin_elsewhere_does_not_wait_for_the_shred_an_earlier_commit_left(env, monkeypatch):
+    """The old source is not the new destination: the begin does not wait
+    for (nor run) that shred; the background job or reconcile does it."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = jobs = HeldJobs()
+    db.enroll_host("host-c", ak_public=b"ak-c", ak_name=b"n-c", kem_public=b"kem-of-c",
+                   kem_name=b"kc", ek_certificate=None, approved=True)
+    db.assign_policy("host-c", "golden")
+    trusted_in_db(db, "host-c")
+    env[3].verdicts["host-c"] = FakeVerdict("TRUSTED")
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.commit(mid, shred_later=True)
+    agents.generation = 1
+    assert coord.begin(str(uuid.uuid4()), INSTANCE, "host-b", "host-c").state == "PREPARED"
+    assert "commit_outgoing" not in names(agents)
+    assert db.get_migration(mid).state == "SHREDDING"
+    jobs.run()
+    assert db.get_migration(mid).state == "COMMITTED"
+
+
 def test_a_failed_shred_after_the_answer_is_finished_by_reconcile(env):
     coord, db, agents, _, _ = env
     coord._after_commit = jobs = HeldJobs()

@@ -75,10 +75,11 @@ class CommitPoint:
 class BeginView:
     """What ``begin`` reads before it decides, in one transaction: the
     migration of its id (None: new), the instance's migrations whose
-    source's shred is still to run, and its vTPCM record (None: none)."""
+    source's shred is still to run (id, source), and its vTPCM record
+    (None: none)."""
 
     migration: MigrationRecord | None
-    shredding: tuple[str, ...]
+    shredding: tuple[tuple[str, str], ...]
     vtpcm: VtpcmRecord | None
 
 
@@ -130,8 +131,8 @@ class MigrationStore(Store):
         with self.session() as s:
             row = s.scalar(select(models.Migration)
                            .where(models.Migration.migration_id == migration_id))
-            shredding = tuple(s.scalars(
-                select(models.Migration.migration_id)
+            shredding = tuple((mid, src) for mid, src in s.execute(
+                select(models.Migration.migration_id, models.Migration.source)
                 .where(models.Migration.instance_uuid == instance_uuid,
                        models.Migration.state == "SHREDDING")
                 .order_by(models.Migration.id)))
