@@ -25,6 +25,7 @@ verify is a ``ReplyNotAuthenticated`` (a ``ServiceUnreachable``): the step's
 outcome is unknown, so it is retried (reconcile) and never taken as done.
 """
 
+import collections
 import datetime
 import threading
 import uuid
@@ -181,8 +182,9 @@ class Coordinator:
         self.now = now
         self.worker = worker
         self.begin_step_bound = begin_step_bound
-        # the begins this run is executing now (``begin_abandoned``)
-        self._begins_here: set[str] = set()
+        # the begins this run is executing now, counted (a retried begin of
+        # one id may run beside the first one) (``begin_abandoned``)
+        self._begins_here: collections.Counter[str] = collections.Counter()
         self._begins_lock = threading.Lock()
         # Nova's word on shelved instances: None refuses every unshelve
         # elsewhere and reaps nothing (fail closed)
@@ -818,12 +820,14 @@ class Coordinator:
         """``_begin``, known to this run's reconcile as running here from
         before its record is written until it returns."""
         with self._begins_lock:
-            self._begins_here.add(migration_id)
+            self._begins_here[migration_id] += 1
         try:
             return self._begin(migration_id, instance_uuid, source, dest, unshelve=unshelve)
         finally:
             with self._begins_lock:
-                self._begins_here.discard(migration_id)
+                self._begins_here[migration_id] -= 1
+                if not self._begins_here[migration_id]:
+                    del self._begins_here[migration_id]
 
     def _tombstoned(self, rec: db_api.MigrationRecord, instance_uuid: str,
                     dest: str) -> exception.MigrationError:
@@ -835,7 +839,7 @@ class Coordinator:
 
     def _running_here(self, migration_id: str) -> bool:
         with self._begins_lock:
-            return migration_id in self._begins_here
+            return self._begins_here[migration_id] > 0
 
     def _begin(self, migration_id: str, instance_uuid: str, source: str,
                dest: str, *, unshelve: bool = False) -> db_api.MigrationRecord:

@@ -21,6 +21,7 @@ import uuid
 import pytest
 
 from tests.functional import tpmtools
+from tests.functional.faults.cells import CELLS
 from tests.functional.faults.deployment import (
     BEGIN_STEP_BOUND,
     WORKER_LEASE_TTL,
@@ -33,7 +34,7 @@ from tests.functional.faults.deployment import (
     switchover,
     wait_state,
 )
-from tests.functional.faults.matrix import CELLS, run_cell
+from tests.functional.faults.matrix import run_cell
 from tests.functional.faults.relay import BrokerRelay
 from tests.functional.harness import wait_for
 from vtpcm_common import exception
