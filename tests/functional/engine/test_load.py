@@ -72,6 +72,9 @@ RECONCILE_INTERVAL = 2
 # every migration is final this long after the last caller returned: the
 # deadline of a begin whose caller never heard of it, plus reconcile passes
 SETTLE_BOUND = MIGRATION_TIMEOUT + 10 * RECONCILE_INTERVAL
+# [engine] worker_lease_ttl: a begin whose worker was killed (and whose
+# caller's abort got lost) is aborted this long after the kill + a pass
+WORKER_LEASE_TTL = 10
 CALL_BOUND = 90.0  # a caller retries a commit/abort without an answer this long
 KINDS = (("live", 40), ("cold", 15), ("abort", 12), ("switch-abort", 8),
          ("begin-race", 10), ("commit-race", 10), ("commit-abort-race", 5))
@@ -355,7 +358,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     agents = AgentAPI(conf, timeout=30)
     operator = EngineAPI(conf, timeout=60)
     extra = {"attestation": {"verdict_ttl": 3600},
-             "engine": {"rpc_timeout": 10},
+             # a begin of a killed worker is aborted within SETTLE_BOUND
+             "engine": {"rpc_timeout": 10, "worker_lease_ttl": WORKER_LEASE_TTL},
              "migration": {"reconcile_interval": RECONCILE_INTERVAL,
                            "timeout": MIGRATION_TIMEOUT}}
     engines = [EngineDaemon(work, exchange, url, extra=extra, name="engine%d" % (i + 1),
