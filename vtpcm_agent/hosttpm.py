@@ -256,6 +256,7 @@ class HostTPM:
         # loaded AK/KEM and their sessions, as saved contexts (keycache)
         self._cache = keycache.KeyCache()
         self._kem_pcrs = self._kem_selection(kem_pcrs)
+        self._kem_pcr_list = tuple(sorted(set(kem_pcrs)))
         # (EK template, EK public): the public key comes from re-creating
         # the RSA EK, the most expensive TPM operation here, and changes
         # only with the endorsement hierarchy (then an engine-signed
@@ -285,6 +286,7 @@ class HostTPM:
             self._blobs = None
             self._cache.clear(self._esapi)
             self._kem_pcrs = selection
+            self._kem_pcr_list = tuple(sorted(set(kem_pcrs)))
 
     @staticmethod
     def _kem_selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION | None:
@@ -548,6 +550,19 @@ class HostTPM:
                                            pcr_values=values)
             raise HostTPMError(reason="quote: PCRs kept changing while quoting")
         return self._call_keys("quote", run)
+
+    @property
+    def kem_pcrs(self) -> tuple[int, ...]:
+        """The SHA-256 PCRs the KEM key is to be bound to (empty: unbound)."""
+        return self._kem_pcr_list
+
+    def kem_current(self) -> bool:
+        """Whether the stored KEM key is bound as configured to the PCRs'
+        values now (``hostkeys.kem_is_current``); never replaces it. A trial
+        session's few commands when bound, no TPM command when not."""
+        self._secrets()
+        return self._call_keys("KEM key check", lambda e: hostkeys.kem_is_current(
+            e, self._key_blobs(e).kem_public, self._kem_pcrs))
 
     def read_pcrs(self, pcrs: Sequence[int], bank: str = "sha256") -> dict[int, bytes]:
         indices = _check_pcrs(pcrs, bank)

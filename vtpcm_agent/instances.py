@@ -632,11 +632,12 @@ class InstanceManager:
         running = process.find_running(paths)
         if running is not None:
             return running
-        if process.socket_in_use(paths.ctrl_socket):
+        server = process.socket_server(paths.ctrl_socket)
+        if server is not None:
             raise exception.SwtpmError(
                 vtpcm_id=paths.state_dir.name,
-                reason="another process serves its control socket %s; not starting a "
-                       "second swtpm there" % paths.ctrl_socket)
+                reason="another process (pid %d, uid %d) serves its control socket %s; not "
+                       "starting a second swtpm there" % (*server, paths.ctrl_socket))
         if startup_clear is None:
             startup_clear = self.settings.expose_data_socket
         run_as = self._own_files(instance_uuid, paths)
@@ -745,6 +746,7 @@ class InstanceManager:
         self.keystore.destroy(vtpcm_id)
         if paths.state_dir.exists():
             shutil.rmtree(paths.state_dir)
+        process.remove_log(paths)
         self.associations.forget(instance_uuid, vtpcm_id)
         if self.associations.find(instance_uuid) is None:
             self._drop_own_files(instance_uuid)

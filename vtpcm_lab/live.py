@@ -87,8 +87,9 @@ def boot_guest(stack: Stack, host: StackHost, name: str,
 def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
                  port: int | None = None, connect_host: str = "127.0.0.1",
                  listen_address: str | None = None,
-                 timeout: float = 120.0) -> LiveMigration:
-    """Attest dst, begin, migrate, then commit, or abort on any failure."""
+                 timeout: float = 120.0, bandwidth_mib: int | None = None) -> LiveMigration:
+    """Attest dst, begin, migrate, then commit, or abort on any failure
+    (``bandwidth_mib``: cap libvirt's transfer, ``migrate.migrate``)."""
     start = time.monotonic()
     conn_src = src.lab_host.connect()
     conn_dst = dst.lab_host.connect()
@@ -113,7 +114,8 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
                 dst.lab_host.serial_path(name))
             result = migrate.migrate(dom, conn_dst, dst.lab_host.uri, dest_xml,
                                      port or free_port(), connect_host=connect_host,
-                                     listen_address=listen_address, timeout=timeout)
+                                     listen_address=listen_address, timeout=timeout,
+                                     bandwidth_mib=bandwidth_mib)
         except (exception.VTPCMException, libvirt.libvirtError) as err:
             livemigration.settle(at_src, migration_id,
                                  running_on_dest=_running_on(conn_dst, name),

@@ -43,12 +43,14 @@ def _completed_stats(dom: libvirt.virDomain) -> dict[str, int | float | str]:
 def migrate(dom: libvirt.virDomain, dest_conn: libvirt.virConnect, dest_uri: str,
             dest_xml: str, port: int, connect_host: str = "127.0.0.1",
             listen_address: str | None = None, timeout: float = 60.0,
-            flags: int = NOVA_FLAGS) -> MigrationResult:
+            flags: int = NOVA_FLAGS, bandwidth_mib: int | None = None) -> MigrationResult:
     """Migrate ``dom`` to ``dest_uri``; abort the job if it exceeds ``timeout``.
 
     The destination QEMU listens on ``listen_address`` (default: the
     ``connect_host``) port ``port``; the source QEMU connects to
-    ``connect_host:port`` (a relay may sit in between). Raises
+    ``connect_host:port`` (a relay may sit in between). ``bandwidth_mib``
+    caps the transfer (MiB/s; ``dom.migrateSetMaxSpeed`` lifts it while the
+    job runs): the fault cells use it to hold a migration in its copy. Raises
     ``LabError`` on failure or timeout.
     """
     name = dom.name()
@@ -58,11 +60,14 @@ def migrate(dom: libvirt.virDomain, dest_conn: libvirt.virConnect, dest_uri: str
     }
     if listen_address is not None:
         params[libvirt.VIR_MIGRATE_PARAM_LISTEN_ADDRESS] = listen_address
+    typed: dict[str, str | int] = dict(params)
+    if bandwidth_mib is not None:
+        typed[libvirt.VIR_MIGRATE_PARAM_BANDWIDTH] = bandwidth_mib
     errors: list[libvirt.libvirtError] = []
 
     def _run() -> None:
         try:
-            dom.migrateToURI3(dest_uri, params, flags)
+            dom.migrateToURI3(dest_uri, typed, flags)
         except libvirt.libvirtError as exc:
             errors.append(exc)
 

@@ -70,10 +70,12 @@ class ClusterHost:
 
 @contextlib.contextmanager
 def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
-                  labels: tuple[str, ...] = ("a", "b"), transport_url: str | None = None
+                  labels: tuple[str, ...] = ("a", "b"), transport_url: str | None = None,
+                  agent_extra: dict[str, dict[str, Any]] | None = None,
                   ) -> Iterator[list[tuple[str, HostTPMStandIn, AgentDaemon, Path]]]:
     """Agent daemons with their own host-TPM stand-ins, ready to serve
-    (through ``transport_url`` instead of the lab broker if given).
+    (through ``transport_url`` instead of the lab broker if given;
+    ``agent_extra``: more configuration groups for every agent).
 
     Yields (host name, stand-in, agent, run dir) per label. Afterwards the
     agents stop, then the swtpm processes they left running are killed
@@ -92,6 +94,8 @@ def agent_cluster(work: Path, prefix: str, exchange: str, api: AgentAPI,
             extra: dict[str, dict[str, Any]] = {"agent": {"register_with_engine": "false"}}
             if transport_url is not None:
                 extra["DEFAULT"] = {"transport_url": transport_url}
+            for group, values in (agent_extra or {}).items():
+                extra[group] = {**extra.get(group, {}), **values}
             agent = AgentDaemon(work, name, exchange, tpm.tcti, run_dir=run_dir, extra=extra)
             agent.start()
             started.append(agent)

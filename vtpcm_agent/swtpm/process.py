@@ -34,6 +34,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -243,18 +244,44 @@ def socket_in_use(path: Path) -> bool:
 
     For a swtpm that died, its socket file is left behind but nobody
     listens (connection refused). A process listening there is someone
-    else's: its socket must not be unlinked under it."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(1.0)
+    else's: its socket must not be unlinked under it. See ``socket_server``."""
+    return socket_server(path) is not None
+
+
+def socket_server(path: Path) -> tuple[int, int] | None:
+    """(pid, uid) of the process that accepts connections on the unix
+    socket at ``path`` itself (SO_PEERCRED), None if nobody does.
+
+    ``path`` may sit in a swtpm uid's own directory, so (as the agent's
+    other root connects) it is checked with lstat and never followed: a
+    symlink or anything else that is not a socket is served by nobody here
+    (the root agent must not connect to whatever socket a uid points it at),
+    and the answer names who serves it."""
     try:
-        sock.connect(str(path))
-    except (FileNotFoundError, ConnectionRefusedError):
-        return False
-    except OSError:
-        return True  # e.g. a full backlog: someone listens
+        # O_PATH|O_NOFOLLOW pins the entry itself; connecting through its
+        # /proc/self/fd link reaches that very inode, so a swap after the
+        # check cannot redirect the connect
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return None
+        sock.settimeout(1.0)
+        try:
+            sock.connect("/proc/self/fd/%d" % fd)
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                   struct.calcsize("3i"))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        except OSError:
+            return (0, -1)  # e.g. a full backlog: someone listens, unknown who
     finally:
         sock.close()
-    return True
+        os.close(fd)
+    pid, uid, _gid = struct.unpack("3i", cred)
+    return pid, uid
 
 
 def find_running(paths: SwtpmPaths) -> int | None:
@@ -536,4 +563,12 @@ def remove_state(paths: SwtpmPaths) -> None:
     if paths.state_dir.is_symlink():
         raise exception.InvalidInput(reason="state dir %s is a symlink" % paths.state_dir)
     fstree.remove(paths.state_dir)  # iterative: a deep tree the uid built must not stop it
+    remove_log(paths)
     LOG.info("Removed swtpm state %(dir)s", {"dir": str(paths.state_dir)})
+
+
+def remove_log(paths: SwtpmPaths) -> None:
+    """Remove the vTPCM's swtpm log: it is owned by the swtpm's uid, and a
+    uid is given to another VM once freed, which could then read it, or
+    keep writing through it (a link is removed as a link)."""
+    fstree.remove(paths.log_file)

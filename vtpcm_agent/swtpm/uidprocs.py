@@ -25,8 +25,11 @@ LOG = logging.getLogger(__name__)
 
 PROC = Path("/proc")
 # world-writable directories a swtpm uid could leave files in for a later
-# holder of the same uid (the agent's private /tmp under its unit included)
-TEMP_DIRS = (Path("/tmp"), Path("/dev/shm"), Path("/var/tmp"))  # noqa: S108
+# holder of the same uid (the agent's private /tmp under its unit included):
+# lock files in /run/lock, POSIX message queues in /dev/mqueue (unlinking
+# the entry there is mq_unlink) as well
+TEMP_DIRS = (Path("/tmp"), Path("/dev/shm"), Path("/var/tmp"),  # noqa: S108
+             Path("/run/lock"), Path("/dev/mqueue"))
 _POLL = 0.02
 
 
@@ -112,8 +115,13 @@ def sweep_files(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS) -> list[str]:
 
     Only entries owned by ``uid`` (never followed: a symlink is removed as a
     link, a directory tree of the uid is removed through directory fds).
-    Run after ``kill_all``: nothing of the uid can add files meanwhile."""
+    Run after ``kill_all``: nothing of the uid can add files meanwhile.
+    Other users' entries come and go meanwhile (a busy ``/tmp``): one that
+    vanished is skipped, and a failure on one entry never stops the sweep of
+    the others or of the next directories; the failures are raised together
+    at the end (``OSError``), after everything else was swept."""
     removed = []
+    failed: list[str] = []
     for top in dirs:
         try:
             dfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
@@ -121,14 +129,23 @@ def sweep_files(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS) -> list[str]:
             continue
         try:
             for name in os.listdir(dfd):
-                st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                if st.st_uid != uid:
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    if st.st_uid != uid:
+                        continue
+                    fstree.remove_at(dfd, name, str(top / name))
+                except FileNotFoundError:
+                    continue  # gone meanwhile (another user's, or already removed)
+                except (OSError, exception.VTPCMException) as exc:
+                    failed.append("%s (%s)" % (top / name, exc))
                     continue
-                fstree.remove_at(dfd, name, str(top / name))
                 removed.append(str(top / name))
         finally:
             os.close(dfd)
     if removed:
         LOG.warning("Removed %(n)d leftover(s) of swtpm uid %(uid)d: %(what)s",
                     {"n": len(removed), "uid": uid, "what": removed})
+    if failed:
+        raise OSError("could not remove %d leftover(s) of swtpm uid %d: %s"
+                      % (len(failed), uid, "; ".join(failed)))
     return removed

@@ -88,6 +88,15 @@ ATTESTATION_OPTS = [
                     "that the AK lives in that same TPM. Empty: the AK is trusted on "
                     "its own attributes and the operator's approval (a warning at "
                     "every start)."),
+    cfg.BoolOpt("require_kem_pcr_binding", default=False,
+                help="Refuse (verdict UNTRUSTED) a host whose KEM key is not bound to PCRs "
+                     "(its agent's [host_tpm] kem_policy_pcrs empty). Whatever this says, "
+                     "a host whose KEM key IS bound must be bound to a subset of its "
+                     "policy's PCRs (sha256) at the policy's golden values, and a host "
+                     "that reports its KEM key stale is UNTRUSTED until re-enrolled. "
+                     "Off by default so that hosts enrolled without kem_policy_pcrs keep "
+                     "working (the engine logs a warning per host); turn it on once every "
+                     "host binds its KEM key."),
     cfg.StrOpt("default_policy",
                help="Golden PCR policy assigned to newly enrolled hosts (by name)."),
     cfg.IntOpt("verdict_ttl", default=300, min=5,

@@ -23,7 +23,7 @@ import hmac
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from cryptography import x509
 from oslo_log import log as logging
@@ -31,7 +31,7 @@ from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
 
 from vtpcm_common import authn, exception
-from vtpcm_nova.engine import ekcert, verifier
+from vtpcm_nova.engine import ekcert, kembinding, verifier
 from vtpcm_nova.engine.db.api import (
     KEY_KINDS,
     Database,
@@ -74,9 +74,12 @@ class Attestor:
                  verdict_ttl: float, nonce_ttl: float,
                  reboot_policy: verifier.RebootPolicy = "reapprove",
                  ek_cas: Sequence[x509.Certificate] = (),
+                 require_kem_pcr_binding: bool = False,
                  clock: Callable[[], float] = time.time) -> None:
         """``ek_cas``: trusted EK CA certificates; when given, enrollment
-        checks the EK certificate and activates a credential (``ekcert``)."""
+        checks the EK certificate and activates a credential (``ekcert``).
+        ``require_kem_pcr_binding``: a host whose KEM key is not PCR-bound
+        is UNTRUSTED (else it is accepted, with a warning: ``kembinding``)."""
         if verdict_ttl <= 0 or nonce_ttl <= 0:
             raise exception.InvalidInput(reason="verdict_ttl and nonce_ttl must be positive")
         if reboot_policy not in ("reapprove", "accept"):
@@ -89,6 +92,8 @@ class Attestor:
         self._clock = clock
         self.ek_cas = tuple(ek_cas)
         self._aks: dict[bytes, verifier.AttestationKey] = {}
+        self.require_kem_pcr_binding = require_kem_pcr_binding
+        self._warned_unbound: set[tuple[str, bytes]] = set()
 
     def _now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
@@ -255,8 +260,8 @@ class Attestor:
         policy = self.db.get_policy(record.policy_name)
         basis = dataclasses.replace(basis, policy_revision=policy.revision)
         try:
-            evidence = self._verified_quote(record, policy.bank, sorted(policy.pcrs),
-                                            PURPOSE_QUOTE)
+            evidence, kem = self._verified_quote(record, policy.bank, sorted(policy.pcrs),
+                                                 PURPOSE_QUOTE)
         except exception.AttestationError as err:
             return self._store(basis, TrustStatus.UNTRUSTED, str(err))
         except _AgentFailure as err:
@@ -266,8 +271,38 @@ class Attestor:
                                     reboot_policy=self.reboot_policy)
         reapprove = (verdict.rebooted and not verdict.trusted
                      and self.reboot_policy == "reapprove")
-        return self._store(basis, verdict.status, verdict.reason,
+        status, reason = verdict.status, verdict.reason
+        if verdict.trusted:
+            problem = self._kem_problem(record, policy, kem)
+            if problem is not None:
+                status, reason = TrustStatus.UNTRUSTED, problem
+        return self._store(basis, status, reason,
                            clock=verifier.clock_state(evidence), reapprove=reapprove)
+
+    def _kem_problem(self, record: HostRecord, policy: PolicyRecord,
+                     kem: _KemReport) -> str | None:
+        """Why the host's enrolled KEM key must not receive migration keys
+        although its quote matched: the agent reports it stale, or its
+        certified PolicyPCR binding is not the policy's golden values
+        (``kembinding.check``); None if it may. Sources seal only to hosts
+        with a fresh TRUSTED verdict, so this keeps them from sealing to a
+        stale or wrongly bound KEM key."""
+        if kem.current is False:
+            return ("KEM key stale: the host reports its enrolled KEM key bound to PCR "
+                    "values it no longer has or to another [host_tpm] kem_policy_pcrs; "
+                    "re-enroll the host (its signed enrollment gives it a new KEM key)")
+        try:
+            binding = kembinding.check(record.kem_public, policy.bank, policy.pcrs, kem.pcrs,
+                                       require_binding=self.require_kem_pcr_binding,
+                                       policy_name=policy.name)
+        except kembinding.KemBindingError as err:
+            return f"KEM key: {err.reason}"
+        if not binding.bound and (record.name, record.kem_public) not in self._warned_unbound:
+            self._warned_unbound.add((record.name, record.kem_public))
+            LOG.warning("Host %(host)s: its KEM key is not bound to PCRs ([host_tpm] "
+                        "kem_policy_pcrs empty): accepted because [attestation] "
+                        "require_kem_pcr_binding is off", {"host": record.name})
+        return None
 
     def attest_all(self) -> dict[str, VerdictRecord]:
         """Attest every APPROVED host (the periodic task)."""
@@ -309,7 +344,7 @@ class Attestor:
         if not wanted:
             raise exception.InvalidInput(reason="no PCRs requested for the policy")
         try:
-            evidence = self._verified_quote(record, bank, wanted, PURPOSE_POLICY)
+            evidence, _kem = self._verified_quote(record, bank, wanted, PURPOSE_POLICY)
         except exception.AttestationError as err:
             self.db.audit("policy", "refused", host=host, detail=_short(str(err)),
                           now=self._now())
@@ -328,7 +363,9 @@ class Attestor:
     # ---- internals --------------------------------------------------------------
 
     def _verified_quote(self, record: HostRecord, bank: str, pcrs: list[int],
-                        purpose: str) -> verifier.QuoteEvidence:
+                        purpose: str) -> tuple[verifier.QuoteEvidence, _KemReport]:
+        """The verified quote, and what the agent reported of its KEM key
+        (agent API 1.9: an older agent reports nothing)."""
         host = record.name
         ak = self._ak(record)
         nonce = self._new_nonce(host, purpose)
@@ -341,7 +378,8 @@ class Attestor:
             raise exception.QuoteVerificationError(
                 host=host, reason="quote nonce expired or already used")
         attest, signature, values = _quote_fields(host, reply)
-        return verifier.verify_quote(ak, attest, signature, nonce, values, bank, host=host)
+        evidence = verifier.verify_quote(ak, attest, signature, nonce, values, bank, host=host)
+        return evidence, _kem_report(host, reply)
 
     def _store(self, basis: TrustBasis, status: TrustStatus, reason: str, *,
                clock: verifier.ClockState | None = None,
@@ -382,6 +420,27 @@ class Attestor:
             return current
         return VerdictRecord(basis.host, TrustStatus.UNKNOWN,
                              f"attestation superseded ({why}); attest again", now, now)
+
+
+class _KemReport(NamedTuple):
+    """The agent's word on its KEM key (agent API 1.9; None: not reported):
+    the PCRs it bound the key to, and whether they still hold those values."""
+
+    pcrs: tuple[int, ...] | None
+    current: bool | None
+
+
+def _kem_report(host: str, reply: Mapping[str, Any]) -> _KemReport:
+    err = exception.QuoteVerificationError
+    pcrs, current = reply.get("kem_pcrs"), reply.get("kem_current")
+    if current is not None and not isinstance(current, bool):
+        raise err(host=host, reason="quote reply field kem_current is not a boolean")
+    if pcrs is not None:
+        if not isinstance(pcrs, list | tuple) or not all(
+                type(i) is int and 0 <= i <= 23 for i in pcrs):
+            raise err(host=host, reason="quote reply field kem_pcrs is not a list of PCRs")
+        pcrs = tuple(pcrs)
+    return _KemReport(pcrs, current)
 
 
 class _AgentFailure(Exception):

@@ -522,7 +522,8 @@ def test_a_foreign_process_on_the_socket_is_left_alone(cluster):
     try:
         wait_for("crash report", lambda: info.instance_uuid in api.health(a.name).crashed, 10)
         with pytest.raises(exception.SwtpmError,
-                           match="another process serves its control socket"):
+                           match=r"another process \(pid %d, uid %d\) serves its control "
+                                 r"socket" % (os.getpid(), os.getuid())):
             api.start(a.name, info.instance_uuid)
         assert not api.get(a.name, info.instance_uuid).running
         assert ctrl.exists()

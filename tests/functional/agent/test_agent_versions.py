@@ -156,3 +156,15 @@ def test_an_agent_of_the_previous_version_serves_attestation_only(upgrade):
             % (old_host, method))
     assert [r[:2] for r in keys.refusals] == [(old_host, "health"), (old_host, "get"),
                                              (old_host, "list")]
+
+
+def test_the_kem_report_goes_only_to_clients_that_ask_for_it(upgrade):
+    """1.9: the current engine's quote carries the KEM key's binding; an
+    engine of the previous release or one pinned below 1.9 gets the quote
+    it knows (no unknown fields it would refuse)."""
+    current, pinned, old_engine, host, _, _ = upgrade
+    quote = current.quote(host, os.urandom(32), (0, 1))
+    assert (quote.kem_pcrs, quote.kem_current) == ((), True)  # unbound, as configured
+    for api in (pinned, old_engine):
+        quote = api.quote(host, os.urandom(32), (0, 1))
+        assert (quote.kem_pcrs, quote.kem_current) == (None, None)

@@ -483,3 +483,55 @@ def test_a_deep_directory_chain_neither_blocks_start_nor_keeps_the_uid(hostile):
         if tmp.exists():
             subprocess.run(["rm", "-rf", "--one-file-system", str(tmp)], check=True,
                            timeout=120)
+
+
+def test_destroy_leaves_nothing_of_the_uid_for_its_next_holder(hostile):
+    """The low leftovers of the uid review: the per-VM swtpm log (owned by
+    the uid), a lock file in /run/lock and (where mounted) a POSIX message
+    queue in /dev/mqueue outlived destroy, so the next VM given the uid
+    could read or keep them. On the old code: the log and the lock file
+    were still there."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    paths = hostile.paths(a, hostile.get(a).vtpcm_id)
+    assert paths.log_file.stat().st_uid == uid  # positive control: the uid's log
+    lock = Path("/run/lock") / ("vtpcm-test-%s" % a)
+    queue = Path("/dev/mqueue") / ("vtpcm-test-%s" % a)
+    planted = as_uid(uid, "open(%r, 'w').write('left for the next holder')" % str(lock))
+    try:
+        assert planted.communicate(timeout=20)[0] == ""
+        assert lock.stat().st_uid == uid
+        if queue.parent.is_dir():  # an mqueue mount: a queue of the uid there too
+            mq = as_uid(uid, "open(%r, 'w').close()" % str(queue))
+            assert mq.communicate(timeout=20)[0] == ""
+            assert queue.stat().st_uid == uid
+        hostile.destroy(a)
+        assert not lock.exists()
+        assert not queue.exists()
+        assert not paths.log_file.exists()
+    finally:
+        lock.unlink(missing_ok=True)
+        queue.unlink(missing_ok=True)
+
+
+def test_the_socket_check_never_follows_a_link_the_uid_planted(hostile, short_dir):
+    """``socket_in_use`` connected as root to whatever the path resolved
+    to: a swtpm uid that replaced its control socket by a symlink made the
+    agent connect to any socket on the host (and refuse to start the VM's
+    swtpm, "another process serves"). Now it is checked with lstat through
+    an O_PATH fd and the server is named (SO_PEERCRED). On the old code:
+    the link counted as in use."""
+    elsewhere = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    target = short_dir / "root.sock"
+    elsewhere.bind(str(target))
+    elsewhere.listen(4)
+    try:
+        link = short_dir / "tpm.ctrl"
+        os.symlink(target, link)
+        assert process.socket_server(target) == (os.getpid(), os.getuid())  # control
+        assert not process.socket_in_use(link)
+        assert process.socket_server(link) is None
+    finally:
+        elsewhere.close()
+    assert not process.socket_in_use(target)  # nobody listens any more

@@ -112,8 +112,8 @@ AGENT_CALLS: dict[str, tuple[str, Any]] = {
     "destroy": ("1.3", lambda api: api.destroy(HOST, INSTANCE)),
     "export_state": ("1.3", lambda api: api.export_state(HOST, INSTANCE)),
     "import_state": ("1.3", lambda api: api.import_state(HOST, BLOBS)),
-    # 1.1
-    "quote": ("1.1", lambda api: api.quote(HOST, NONCE, (0, 1))),
+    # 1.1, with the KEM report since 1.9 (asked as 1.1 without it when capped)
+    "quote": ("1.9", lambda api: api.quote(HOST, NONCE, (0, 1))),
     # get_identity: 1.1, with command_public since 1.4 and ek_public since 1.5
     "get_identity": ("1.5", lambda api: api.get_identity(HOST, NONCE)),
     "activate_credential": ("1.5", lambda api: api.activate_credential(HOST, b"c", b"s")),
@@ -253,6 +253,8 @@ def test_agent_client_capped_at_the_previous_minor_refuses_only_newer_methods(me
     api.client = recorder
     if method == "get_identity":  # asked in its 1.4 form: without ek_public
         version = "1.4"
+    if method == "quote":  # asked in its 1.1 form: without the KEM report
+        version = "1.1"
     if method in agent_rpcapi.VOUCHED_METHODS:  # the engine vouches: 1.3 at least
         version = rpc._later(version, agent_rpcapi.VOUCHED_SINCE)
     if _older(version, cap):
@@ -367,3 +369,17 @@ def test_abort_names_the_instance_only_as_1_10():
     sent = _sent(capped, lambda api: api.abort(MIGRATION, "why", INSTANCE))
     assert sent["version"] == "1.2" and "instance_uuid" not in sent["args"]["payload"]
     assert "auth" in sent["args"]
+
+
+def test_quote_asks_for_the_kem_report_only_from_agents_that_know_it():
+    """1.9 adds ``kem`` to the request: an agent capped below must get the
+    1.1 form (no ``kem`` on the wire), which it accepts."""
+    for cap, version, kem in ((None, "1.9", True), ("1.8", "1.1", False)):
+        api = agent_rpcapi.AgentAPI(_conf(), signer=_signer(), version_cap=cap)
+        recorder = RecordingClient()
+        api.client = recorder
+        with pytest.raises(Sent):
+            api.quote(HOST, NONCE, (0, 1))
+        sent = recorder.sent[0]
+        assert sent["version"] == rpc._later(version, agent_rpcapi.VOUCHED_SINCE)
+        assert ("kem" in sent["args"]["payload"]) is kem

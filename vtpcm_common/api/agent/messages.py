@@ -114,6 +114,8 @@ class QuoteRequest(Message):
     nonce: bytes = field(NONCE)
     pcrs: tuple[int, ...] = field(wire.int_list_field(0, 23))
     bank: str = field(wire.choice_field("sha256"), default="sha256")
+    # 1.9: also report the KEM key's PCR binding (Quote.kem_pcrs/kem_current)
+    kem: bool = field(wire.bool_field, default=False, omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +126,16 @@ class Quote(Message):
     signature: bytes = field(wire.blob_field(512, 1))
     pcr_values: dict[int, bytes] = field(
         wire.map_field(24, wire.digit_key(0, 23), wire.blob_field(64, 20)))
+    # 1.9, only when asked (QuoteRequest.kem): the sha256 PCRs the host binds
+    # its KEM key to ([host_tpm] kem_policy_pcrs, empty: unbound) and whether
+    # the enrolled KEM key is bound as configured to the PCRs' values now
+    # (False: stale until the engine's signed re-enrollment). Unsigned
+    # claims: the engine checks the certified authPolicy against its own
+    # golden values (kembinding) and takes a False here as a refusal.
+    kem_pcrs: tuple[int, ...] | None = field(wire.optional(wire.int_list_field(0, 23)),
+                                             default=None, omit_default=True)
+    kem_current: bool | None = field(wire.optional(wire.bool_field), default=None,
+                                     omit_default=True)
 
 
 # --- 1.2: migration -----------------------------------------------------------------

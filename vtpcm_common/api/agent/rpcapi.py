@@ -42,6 +42,12 @@ API version history:
           migration whose destination died before committing (``vtpcm-manage
           migration resolve --to source --past-commit``). Capped below 1.8
           the engine cannot take that decision (``RPCVersionCapped``).
+    1.9 - quote with ``kem=True`` also reports the KEM key's PCR binding
+          (``kem_pcrs``: the PCRs the host binds it to; ``kem_current``:
+          whether the enrolled key is bound as configured to the PCRs'
+          values now). Capped below 1.9 the quote is asked as 1.1 without
+          them: the engine then checks the certified binding against the
+          policy's whole selection and has no staleness report.
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
@@ -65,7 +71,7 @@ from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.8"
+RPC_API_VERSION = "1.9"
 REPLY_VERSION = "1.6"
 
 
@@ -171,8 +177,12 @@ class AgentAPI(rpc.Client):
 
     def quote(self, host: str, nonce: bytes, pcrs: tuple[int, ...],
               bank: str = "sha256") -> m.Quote:
+        """Asked as 1.9 with the KEM report unless capped below (then 1.1)."""
+        if self.can_send_version("1.9"):
+            return self._at(host, "quote", "1.9",
+                            m.QuoteRequest(nonce, tuple(pcrs), bank, kem=True), m.Quote)
         return self._at(host, "quote", "1.1", m.QuoteRequest(nonce, tuple(pcrs), bank),
-                          m.Quote)
+                        m.Quote)
 
     # 1.2, signed since 1.3
     def seal_migration_key(self, host: str, context: m.MigrationContext,
