@@ -6,7 +6,7 @@ signed calls the Nova driver makes: ``check_destination`` (the destination
 check), ``begin`` (re-attest the destination, seal the migration key to its
 TPM, prepare the incoming vTPCM), the state handed over as QEMU would (the
 source agent's ``export_state`` into the destination's ``import_state``; not
-counted), then ``commit`` as the driver asks it since engine API 1.10
+counted), then ``commit`` as the driver asks it since engine API 1.11
 (``shred_later``: answered once the destination is live; the source is
 shredded after the answer, and each round waits, untimed, until it was). Every
 ``--abort-every``-th round is ``begin`` + ``abort`` instead.

@@ -119,13 +119,13 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
         except (exception.VTPCMException, libvirt.libvirtError) as err:
             livemigration.settle(at_src, migration_id,
                                  running_on_dest=_running_on(conn_dst, name),
-                                 reason=str(err)[:900])
+                                 reason=str(err)[:900], instance_uuid=instance)
             raise
         migrated = time.monotonic()
         livemigration.commit(at_src, migration_id)
         done = time.monotonic()
         # untimed: the source's shred runs after the commit's answer (engine
-        # API 1.10); the lab's checks look at the source right after a hop
+        # API 1.11); the lab's checks look at the source right after a hop
         _wait_committed(at_src, migration_id)
     finally:
         conn_src.close()

@@ -83,7 +83,7 @@ class Deployment:
     def vtpcm_on(self, host: str, instance: str) -> Any:
         """The agent's record of the instance's vTPCM on ``host``, None if it
         has none. A copy the engine shreds after the commit's answer (engine
-        API 1.10: MIGRATING_OUT of a migration the engine shows SHREDDING)
+        API 1.11: MIGRATING_OUT of a migration the engine shows SHREDDING)
         is waited for, up to 30 s."""
         deadline = time.monotonic() + 30
         while True:

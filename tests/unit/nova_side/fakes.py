@@ -17,6 +17,7 @@ class FakeEngine:
         self.fail: dict[str, list[exception.VTPCMException]] = {}
         self.commit_answer = "COMMITTED"
         self.shred_later: bool | None = None
+        self.abort_instances: list[str | None] = []  # instance_uuid of each abort
 
     def _maybe_fail(self, method: str) -> None:
         errors = self.fail.get(method)
@@ -83,12 +84,14 @@ class FakeEngine:
         self._maybe_fail("commit")
         return self._mig(migration_id, self.commit_answer)
 
-    def abort(self, migration_id: str, reason: str) -> em.MigrationInfo:
+    def abort(self, migration_id: str, reason: str,
+              instance_uuid: str | None = None) -> em.MigrationInfo:
         self.calls.append(("abort", migration_id))
+        self.abort_instances.append(instance_uuid)
         self._maybe_fail("abort")
-        if migration_id not in self.migrations:
+        if migration_id not in self.migrations and instance_uuid is None:
             raise exception.NotFound(what="migration", key=migration_id)
-        return self._mig(migration_id, "ABORTED")
+        return self._mig(migration_id, "ABORTED")  # or the engine's tombstone
 
     def get_migration(self, migration_id: str) -> em.MigrationInfo:
         self.calls.append(("get_migration", migration_id))

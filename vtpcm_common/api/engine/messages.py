@@ -242,9 +242,9 @@ class MigrationRef(Message):
 
 @dataclasses.dataclass(frozen=True)
 class CommitMigration(Message):
-    """``commit``'s request. 1.10: ``shred_later`` asks the answer as soon as
+    """``commit``'s request. 1.11: ``shred_later`` asks the answer as soon as
     the destination's commit is recorded (SHREDDING); the source's copy is
-    shredded right after it. Sent only when true, as 1.10; without it (an
+    shredded right after it. Sent only when true, as 1.11; without it (an
     older client) the answer waits for the shred (COMMITTED), as before."""
 
     message_type = "commit_migration"
@@ -257,6 +257,13 @@ class AbortMigration(Message):
     message_type = "abort_migration"
     migration_id: str = field(wire.uuid_field)
     reason: str = field(wire.text_field(1000))
+    # 1.10: the instance the migration moves. For an id the engine has no
+    # record of (the caller's begin timed out before it was written), the
+    # abort is then signed by the host holding that instance's vTPCM and
+    # leaves an ABORTED tombstone a late begin of the id is refused by.
+    # Sent only when set, and then as 1.10.
+    instance_uuid: str | None = field(wire.optional(wire.uuid_field), default=None,
+                                      omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)

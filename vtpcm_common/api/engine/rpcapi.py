@@ -65,10 +65,17 @@ API version history:
           at most 10,000 a page): the scheduler filter's query, since a
           ``verdicts`` reply cannot carry more than 10,000 hosts and costs
           ten times more to check. ``verdicts`` stays for other callers.
-    1.10 - commit ``shred_later`` (``CommitMigration``): answer once the
+    1.10 - abort takes the migration's ``instance_uuid`` (sent only when
+          given, and then as 1.10): an abort of a migration id the engine
+          has no record of (its begin timed out in the caller before the
+          engine wrote it), signed by the host holding that instance's
+          vTPCM, leaves an ABORTED tombstone, and a begin of that id
+          arriving later is refused. Capped at 1.9, the client sends the
+          abort without it (as 1.2), as before.
+    1.11 - commit ``shred_later`` (``CommitMigration``): answer once the
           destination's commit is recorded (SHREDDING) and shred the
           source's copy right after the answer; sent only when true, and
-          then as 1.10 (a client capped below sends the 1.2 commit, whose
+          then as 1.11 (a client capped below sends the 1.2 commit, whose
           answer waits for the shred).
 
 Each call is prepared with the version that introduced the method in the
@@ -95,9 +102,12 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.10"
+RPC_API_VERSION = "1.11"
 
 R = TypeVar("R", bound=Message)
+# abort with the instance (the tombstone of an unrecorded migration)
+ABORT_TOMBSTONE_VERSION = "1.10"
+SHRED_LATER_VERSION = "1.11"
 
 # State-changing calls that decide which hosts are trusted: operator-signed.
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
@@ -304,15 +314,16 @@ class EngineAPI(rpc.Client):
 
     def commit(self, migration_id: str, shred_later: bool = False) -> m.MigrationInfo:
         """``shred_later``: answer SHREDDING once the destination committed,
-        the source's shred after the answer (1.10); a client capped below
-        1.10, or an engine that cannot serve 1.10, gets the 1.2 commit
+        the source's shred after the answer (1.11); a client capped below
+        1.11, or an engine that cannot serve 1.11, gets the 1.2 commit
         instead (the answer waits for the shred)."""
-        if shred_later and self.can_send_version("1.10"):
+        if shred_later and self.can_send_version(SHRED_LATER_VERSION):
             try:
-                return self._call("commit", "1.10", m.CommitMigration(migration_id, True),
+                return self._call("commit", SHRED_LATER_VERSION,
+                                  m.CommitMigration(migration_id, True),
                                   m.MigrationInfo, signer=self.host_signer)
             except exception.RPCVersionUnsupported:
-                # an engine older than 1.10 (a rolling upgrade): its commit
+                # an engine older than 1.11 (a rolling upgrade): its commit
                 # answers after the shred; the decision is the same
                 pass
         return self._ask("commit", m.MigrationRef(migration_id), m.MigrationInfo)
@@ -327,7 +338,14 @@ class EngineAPI(rpc.Client):
         received incoming vTPCM again (signed by the destination)."""
         return self._ask("start_incoming", m.MigrationRef(migration_id), m.VtpcmStatus)
 
-    def abort(self, migration_id: str, reason: str) -> m.MigrationInfo:
+    def abort(self, migration_id: str, reason: str,
+              instance_uuid: str | None = None) -> m.MigrationInfo:
+        """``instance_uuid`` (1.10, left out by a client capped below):
+        lets the engine tombstone a migration it never recorded."""
+        if instance_uuid is not None and self.can_send_version(ABORT_TOMBSTONE_VERSION):
+            return self._call("abort", ABORT_TOMBSTONE_VERSION,
+                              m.AbortMigration(migration_id, reason[:1000], instance_uuid),
+                              m.MigrationInfo, signer=self.host_signer)
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
                           m.MigrationInfo)
 
