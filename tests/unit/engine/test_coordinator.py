@@ -1110,6 +1110,33 @@ def test_reconcile_spares_begins_of_live_runs_and_aborts_those_of_gone_ones(env)
     assert "holds no live lease" in rec.error
 
 
+def test_reconcile_reads_an_abandoned_begin_again_before_aborting_it(env, caplog):
+    """``_still_begin``: a begin that moved on between reconcile's load and
+    its abandonment check (here: its run finished the step) is left alone,
+    quietly; one still in a begin state is aborted."""
+    coord, db, _, _, _ = env
+    coord.worker = coordinator.worker_id("engine-1")
+    mid = str(uuid.uuid4())
+    _recorded_begin(db, mid, "engine-1/gone")  # a run holding no lease
+    real_live = db.live_workers
+
+    def live_workers():  # asked after the load, before the abort
+        db.update_migration_state(mid, "SEALING", "PREPARING")
+        db.update_migration_state(mid, "PREPARING", "PREPARED")
+        return real_live()
+    db.live_workers = live_workers
+    caplog.set_level("WARNING")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "PREPARED"
+    assert "aborting it" not in caplog.text
+    assert "Reconcile of migration %s" % mid not in caplog.text  # no failed CAS
+    db.live_workers = real_live
+    left = str(uuid.uuid4())
+    _recorded_begin(db, left, "engine-1/gone")
+    coord.reconcile()
+    assert db.get_migration(left).state == "ABORTED"
+
+
 def test_reconcile_aborts_a_begin_of_this_run_only_once_it_no_longer_runs_it(env):
     coord, db, agents, _, _ = env
     coord.worker = coordinator.worker_id("engine-1")
