@@ -18,6 +18,7 @@ class FakeEngine:
         self.commit_answer = "COMMITTED"
         self.shred_later: bool | None = None
         self.abort_instances: list[str | None] = []  # instance_uuid of each abort
+        self.abort_timeouts: list[float | None] = []
 
     def _maybe_fail(self, method: str) -> None:
         errors = self.fail.get(method)
@@ -84,10 +85,11 @@ class FakeEngine:
         self._maybe_fail("commit")
         return self._mig(migration_id, self.commit_answer)
 
-    def abort(self, migration_id: str, reason: str,
-              instance_uuid: str | None = None) -> em.MigrationInfo:
+    def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None,
+              timeout: float | None = None) -> em.MigrationInfo:
         self.calls.append(("abort", migration_id))
         self.abort_instances.append(instance_uuid)
+        self.abort_timeouts.append(timeout)
         self._maybe_fail("abort")
         if migration_id not in self.migrations and instance_uuid is None:
             raise exception.NotFound(what="migration", key=migration_id)
