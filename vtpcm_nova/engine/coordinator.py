@@ -8,8 +8,7 @@ that dies half-way is finished by ``reconcile`` in any worker.
 
 The engine is the authority on where each vTPCM lives and its generation:
 ``begin`` refuses unless the source is that location and the source agent
-holds that generation (its seal checks it, in the step that marks the
-vTPCM MIGRATING_OUT); the commit point moves the authority to the
+holds that generation; the commit point moves the authority to the
 destination with generation + 1 in one compare-and-set.
 
 A migration whose deadline abort found the destination holding the state
@@ -29,10 +28,11 @@ outcome is unknown, so it is retried (reconcile) and never taken as done.
 import collections
 import dataclasses
 import datetime
+import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from concurrent import futures
 from typing import Any, Protocol, cast
 
 from oslo_log import log as logging
@@ -164,6 +164,75 @@ NOVA_NOT_CONFIGURED = ("the engine cannot ask Nova whether it is unshelving the 
                        "there ([nova] auth_type is not set)")
 
 
+# Shreds queued after their commits' answers; more are left to reconcile
+AFTER_COMMIT_QUEUE = 256
+
+
+class BackgroundJobs:
+    """A few daemon threads running jobs from a bounded queue: a job that
+    finds the queue full, or the jobs stopped, is not run (``submit``
+    returns False) and its caller leaves the work to reconcile. Daemon
+    threads: a job never holds the interpreter's exit (each is bounded by
+    its RPC timeouts anyway)."""
+
+    def __init__(self, workers: int, limit: int) -> None:
+        self._workers = workers
+        self._queue: queue.Queue[tuple[Callable[..., object], tuple[Any, ...]] | None] = \
+            queue.Queue(maxsize=limit)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def submit(self, fn: Callable[..., object], *args: Any) -> bool:
+        with self._lock:
+            if self._stopped:
+                return False
+            try:
+                self._queue.put_nowait((fn, args))
+            except queue.Full:
+                return False
+            if not self._threads:  # started at the first job
+                self._threads = [threading.Thread(target=self._work, daemon=True,
+                                                  name="vtpcm-shred-%d" % i)
+                                 for i in range(self._workers)]
+                for thread in self._threads:
+                    thread.start()
+            return True
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fn, args = job
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - its own logging missed it
+                LOG.exception("A background job failed")
+
+    def stop(self, timeout: float) -> None:
+        """Drop the queued jobs (reconcile does their work), let the running
+        ones end, waiting at most ``timeout`` seconds in all."""
+        with self._lock:
+            self._stopped = True
+            threads = list(self._threads)
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            for _ in threads:
+                self._queue.put_nowait(None)  # emptied above, none added since
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# How long a begin waits for the shred of the vTPCM's old copy on its
+# destination (an earlier shred_later commit's) before it refuses, retryable
+PRE_SHRED_WAIT = 5.0
+
+
 class Coordinator:
     def __init__(self, db: db_api.Database, agents: AgentClient, trust: TrustChecker, *,
                  timeout: float = 900.0,
@@ -205,8 +274,7 @@ class Coordinator:
         self._warned_not_admin = False
         # the sources' shreds a commit left to run after its answer
         # (``commit(shred_later=True)``); reconcile finishes any it loses
-        self._after_commit = futures.ThreadPoolExecutor(
-            max_workers=2, thread_name_prefix="vtpcm-shred")
+        self._after_commit = BackgroundJobs(workers=2, limit=AFTER_COMMIT_QUEUE)
 
     # --- vTPCM lifecycle through the authority ---------------------------------
 
@@ -885,14 +953,31 @@ class Coordinator:
                                            reason="source and destination are the same host")
         # only the shreds on the host about to receive the vTPCM wait for
         # this begin; others run in the background (or reconcile)
-        back = tuple(mid for mid, old_source in view.shredding if old_source == dest)
+        back = tuple(mid for mid, state, old_source in view.unfinished
+                     if state == M.SHREDDING.value and old_source == dest)
         if back:
             self._finish_shreds(instance_uuid, back)
-            vtpcm = self.db.get_vtpcm(instance_uuid)
-        elif view.vtpcm is None:
+            view = self.db.begin_view(migration_id, instance_uuid)
+        # Any other earlier migration of this vTPCM still unfinished refuses
+        # the begin before anything is claimed (review M2, M3): one
+        # COMMITTING (a worker killed past the commit point) has the record
+        # on its destination already, with no claim left to lose; a shred
+        # not confirmed on the host about to receive the vTPCM would send
+        # it back to a host still holding its old copy. Retryable: reconcile
+        # finishes the earlier one.
+        for earlier, state, old_source in view.unfinished:
+            if state == M.SHREDDING.value and old_source != dest:
+                continue  # shredded in the background; not on dest
+            detail = ("an earlier migration %s of this vTPCM is unfinished (%s%s); "
+                      "retry once it has ended (reconcile finishes it)"
+                      % (earlier, state,
+                         ", its shred on the destination is unconfirmed"
+                         if state == M.SHREDDING.value else ""))
+            self._refuse_audit(migration_id, instance_uuid, dest, detail)
+            raise exception.MigrationError(migration_id=migration_id, reason=detail)
+        if view.vtpcm is None:
             raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
-        else:
-            vtpcm = view.vtpcm
+        vtpcm = view.vtpcm
         if vtpcm.state == CREATING:
             raise exception.MigrationError(
                 migration_id=migration_id,
@@ -907,13 +992,17 @@ class Coordinator:
             raise exception.MigrationError(migration_id=migration_id, reason=detail)
         verdict = self.trust.check_fresh(dest)
         dest_host, distrust = self._trusted_destination(dest, verdict)
-        # The source agent's generation and state are checked by its seal
-        # itself (``seal_migration_key`` refuses unless it holds this
-        # generation ACTIVE or STOPPED, in the same step that marks it
-        # MIGRATING_OUT): no separate ``get`` round trip before the claim,
-        # whose answer could be stale by the seal anyway. A refused seal
-        # aborts the claimed migration; no key left the source.
-        source_gen_ok = vtpcm.host == source and vtpcm.migration_id is None
+        # The source agent must hold this generation ACTIVE or STOPPED
+        # before anything is claimed: a source without it (reinstalled, its
+        # association lost) refuses the begin cleanly. Claimed first, the
+        # seal's refusal would leave an abort that cannot restore a copy the
+        # source does not have, the record claimed for good (review M1).
+        # The seal checks it again in the step that marks it MIGRATING_OUT.
+        source_gen_ok = False
+        if vtpcm.host == source and vtpcm.migration_id is None:
+            info = self.agents.get(source, instance_uuid)
+            source_gen_ok = (info.generation == vtpcm.generation
+                             and info.state in ("ACTIVE", "STOPPED"))
         trusted = dest_host is not None
         # Claim the vTPCM for this migration before anything moves, in the
         # transaction that records the migration: of two concurrent begins
@@ -1038,7 +1127,7 @@ class Coordinator:
             reached = cast(M, proto.state)  # _advance moved it (mypy keeps the narrowing)
             if shred_later and reached is M.SHREDDING:
                 # this call's own compare-and-sets got it here: no read back
-                self._after_commit.submit(self._shred_after_answer, ctx)
+                self._shred_in_background(ctx)
                 return dataclasses.replace(rec, state=proto.state.value)
         return self._finish_commit(migration_id, shred_later)
 
@@ -1067,8 +1156,11 @@ class Coordinator:
             if proto.state not in (M.COMMITTING, M.SHREDDING):
                 break
             if shred_later and proto.state is M.SHREDDING:
-                self._after_commit.submit(self._shred_after_answer, ctx)
+                self._shred_in_background(ctx)
                 break
+            if proto.state is M.SHREDDING:
+                # its id may be unrecorded yet (a shred_later commit)
+                self._record_incoming_id(ctx)
             try:
                 self._run(proto, ctx, p.pending_actions(proto.state),
                           shred_later=shred_later)
@@ -1077,13 +1169,23 @@ class Coordinator:
                     raise  # no one moved it: the step itself failed
         return self.db.get_migration(migration_id)
 
+    def _shred_in_background(self, ctx: am.MigrationContext) -> None:
+        if not self._after_commit.submit(self._shred_after_answer, ctx):
+            LOG.info("Migration %(mig)s: the source's shred is left to reconcile "
+                     "(background queue full or stopping)", {"mig": ctx.migration_id})
+
+    def stop_background(self, timeout: float) -> None:
+        """At the engine's stop, after its RPC server drained: no new
+        background shred; the queued ones are left to reconcile, the
+        running ones get at most ``timeout`` seconds."""
+        self._after_commit.stop(timeout)
+
     def _shred_after_answer(self, ctx: am.MigrationContext) -> None:
         """After a ``shred_later`` commit answered: record the destination's
         vTPCM id, then shred the source's copy (``_finish_commit``). A
         failure is left to reconcile (SHREDDING is pending work)."""
         try:
-            self._record_incoming_id(ctx)
-            self._finish_commit(ctx.migration_id)
+            self._finish_commit(ctx.migration_id)  # records the id first
         except exception.VTPCMException as err:
             LOG.warning("Migration %(mig)s: the source's shred after the commit's answer "
                         "failed (reconcile finishes it): %(err)s",
@@ -1094,17 +1196,28 @@ class Coordinator:
 
     def _finish_shreds(self, instance_uuid: str, migration_ids: tuple[str, ...]) -> None:
         """Before a new begin of the instance to the host an earlier
-        commit left a copy on for after its answer (SHREDDING): shred it,
-        so that host is clean before it receives the vTPCM again. A shred
-        that fails here is logged; the begin goes on and its own steps
-        decide (reconcile retries the shred)."""
-        for migration_id in migration_ids:
-            try:
-                self._finish_commit(migration_id)
-            except exception.VTPCMException as err:
-                LOG.warning("Migration %(mig)s: the source's shred before a new begin of "
-                            "instance %(i)s failed: %(err)s",
-                            {"mig": migration_id, "i": instance_uuid, "err": err})
+        commit left a copy on for after its answer (SHREDDING): try to
+        shred it, waiting at most ``PRE_SHRED_WAIT`` seconds (not a full
+        RPC timeout inside Nova's begin). The caller reads the state again
+        and refuses the begin unless the shred is recorded done: a shred
+        that failed or is still running is left to reconcile (or its
+        thread), and the begin is retried."""
+        def shred() -> None:
+            for migration_id in migration_ids:
+                try:
+                    self._finish_commit(migration_id)
+                except exception.VTPCMException as err:
+                    LOG.warning("Migration %(mig)s: the source's shred before a new begin "
+                                "of instance %(i)s failed: %(err)s",
+                                {"mig": migration_id, "i": instance_uuid, "err": err})
+                except Exception:  # a thread of its own: logged, not lost
+                    LOG.exception("Migration %(mig)s: the source's shred before a new "
+                                  "begin failed", {"mig": migration_id})
+        # a daemon thread: one that outlives the bound finishes (or fails)
+        # on its own, and never holds the interpreter's exit
+        worker = threading.Thread(target=shred, name="vtpcm-pre-shred", daemon=True)
+        worker.start()
+        worker.join(PRE_SHRED_WAIT)
 
     def _check_incoming_ready(self, ctx: am.MigrationContext) -> None:
         """Before a cold migration's commit point: the destination must
@@ -1371,6 +1484,10 @@ class Coordinator:
                              if state in BEGIN_STATES else None)
                 if state in p.PENDING_WORK:
                     after_deadline = rec.error == p.DEADLINE_REASON
+                    if state is M.SHREDDING:
+                        # a shred_later commit's answer went out before the
+                        # destination's vTPCM id was recorded (review L1)
+                        self._record_incoming_id(ctx)
                     self._run(proto, ctx, p.pending_actions(state, after_deadline))
                     done += 1
                 elif abandoned is not None and self._still_begin(proto, ctx):

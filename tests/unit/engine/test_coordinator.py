@@ -1,6 +1,8 @@
 """The migration coordinator over a real SQLite database and a fake agent."""
 
 import datetime
+import threading
+import time
 import uuid
 
 import pytest
@@ -234,20 +236,38 @@ def test_wrong_source_refused(env):
 
 
 def test_stale_generation_at_source_refused(env):
-    """The source agent's own seal refuses a generation other than the
-    authority's (no ``get`` before it): nothing is sealed or prepared, the
-    claim is released and the vTPCM stays live on the source."""
     coord, db, agents, _, _ = env
     agents.generation = 5  # source agent holds another generation than the authority
     mid = str(uuid.uuid4())
     with pytest.raises(exception.MigrationError) as err:
         coord.begin(mid, INSTANCE, "host-a", "host-b")
     assert "generation" in str(err.value)
-    assert "prepare" not in names(agents) and "get" not in [c[0] for c in agents.calls]
-    assert db.get_migration(mid).state == "ABORTED"
-    rec = db.get_vtpcm(INSTANCE)
-    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
-        ("host-a", 0, "ACTIVE", None)
+    assert "seal" not in names(agents)
+    assert db.get_migration(mid).state == "REFUSED"
+    assert db.get_vtpcm(INSTANCE).migration_id is None
+
+
+def test_a_source_without_the_vtpcm_refuses_the_begin_before_any_claim(env):
+    """Review M1: the source agent has no vTPCM of the instance (host
+    reinstalled, its association lost). The begin asks it before claiming
+    and is refused with nothing claimed; claimed first, the seal's refusal
+    left an abort that could never restore the source's copy, the record
+    claimed for good."""
+    coord, db, agents, _, _ = env
+
+    def missing(*args, **kwargs):
+        agents.calls.append(("missing", args[0]))
+        raise exception.NotFound(what="vTPCM of instance", key=INSTANCE)
+    agents.get = missing
+    agents.seal_migration_key = missing
+    agents.abort_outgoing = missing
+    before = db.get_vtpcm(INSTANCE)
+    mid = str(uuid.uuid4())
+    with pytest.raises(exception.NotFound):
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.reconcile()
+    assert db.get_vtpcm(INSTANCE) == before  # not claimed, unchanged
+    assert [c[0] for c in agents.calls].count("missing") == 1  # the get only, no seal
 
 
 def test_prepare_failure_aborts_and_restores_source(env):
@@ -1001,6 +1021,7 @@ class HeldJobs:
 
     def submit(self, fn, *args):
         self.jobs.append((fn, args))
+        return True
 
     def run(self):
         jobs, self.jobs = self.jobs, []
@@ -1300,3 +1321,116 @@ def test_reconcile_aborts_a_begin_of_this_run_only_once_it_no_longer_runs_it(env
     _recorded_begin(db, left, coord.worker)
     coord.reconcile()
     assert "recorded it and no longer runs it" in db.get_migration(left).error
+
+
+# --- earlier migrations still unfinished at a begin (review M2, M3, L1, L2) ---------
+
+def test_a_begin_back_to_a_host_whose_old_shred_failed_is_refused(env):
+    """Review M2: the shred of the vTPCM's old copy on the host it is about
+    to go back to fails: the begin is refused (retryable) before any claim,
+    and goes on once reconcile has finished that shred."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = HeldJobs()  # never run
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid, shred_later=True).state == "SHREDDING"
+    agents.generation = 1
+    agents.fail["commit_outgoing"] = exception.ServiceUnreachable(
+        service="agent host-a", method="commit_outgoing", reason="timed out")
+    back = str(uuid.uuid4())
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(back, INSTANCE, "host-b", "host-a")
+    assert mid in str(err.value) and "retry" in str(err.value)
+    assert db.get_migration(mid).state == "SHREDDING"
+    assert "seal" not in names(agents)[2:] and "prepare" not in names(agents)[2:]
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.state, rec.migration_id) == ("host-b", "ACTIVE", None)
+    with pytest.raises(exception.NotFound):
+        db.get_migration(back)  # nothing recorded: the same id can be retried
+    assert "commit_outgoing" not in agents.fail  # it failed once only
+    assert coord.reconcile() == 1
+    assert coord.begin(back, INSTANCE, "host-b", "host-a").state == "PREPARED"
+
+
+def test_a_begin_back_waits_for_its_old_shred_only_a_short_bound(env, monkeypatch):
+    """Review M2: a shred that hangs costs the begin PRE_SHRED_WAIT, not a
+    full RPC timeout; the begin is refused, the shred runs on."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = HeldJobs()
+    monkeypatch.setattr(coordinator, "PRE_SHRED_WAIT", 0.2)
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.commit(mid, shred_later=True)
+    agents.generation = 1
+    release = threading.Event()
+    real = agents.commit_outgoing
+
+    def hangs(host, context):
+        release.wait(10)
+        return real(host, context)
+    agents.commit_outgoing = hangs
+    started = time.monotonic()
+    with pytest.raises(exception.MigrationError, match="unfinished"):
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-b", "host-a")
+    assert time.monotonic() - started < 5
+    release.set()
+
+
+def test_a_begin_while_an_earlier_migration_is_committing_is_refused(env, monkeypatch):
+    """Review M3: a worker killed between the commit point and the
+    destination's commit leaves the migration COMMITTING with the record on
+    its destination, held by no migration: a new begin is refused
+    (retryable) instead of claiming it, until reconcile finished the commit."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.fail["commit_incoming"] = exception.ServiceUnreachable(
+        service="agent host-b", method="commit_incoming", reason="timed out")
+    with pytest.raises(exception.ServiceUnreachable, match="commit_incoming"):
+        coord.commit(mid)
+    assert db.get_migration(mid).state == "COMMITTING"
+    agents.generation = 1
+    later = str(uuid.uuid4())
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(later, INSTANCE, "host-b", "host-a")
+    assert "COMMITTING" in str(err.value) and mid in str(err.value)
+    assert names(agents).count("seal") == 1
+    coord.reconcile()  # the agent answers again
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert coord.begin(later, INSTANCE, "host-b", "host-a").state == "PREPARED"
+
+
+def test_reconcile_records_the_destinations_id_a_shred_later_commit_left(env):
+    """Review L1: the worker dies after answering SHREDDING, before its
+    background job: reconcile's shred records the destination's vTPCM id."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = HeldJobs()  # the worker dies: the job never runs
+    first = db.get_vtpcm(INSTANCE).vtpcm_id
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid, shred_later=True).state == "SHREDDING"
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert db.get_vtpcm(INSTANCE).vtpcm_id not in (None, first)
+
+
+def test_background_jobs_are_bounded_and_stop():
+    """Review L2: a full queue refuses the job (left to reconcile); stop
+    drops the queued ones, waits for the running one at most its bound,
+    and refuses new ones; the threads are daemons."""
+    jobs = coordinator.BackgroundJobs(workers=1, limit=1)
+    gate, ran = threading.Event(), []
+    assert jobs.submit(gate.wait, 10)
+    deadline = time.monotonic() + 5
+    while jobs._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the worker took the first job
+    assert jobs.submit(ran.append, 1)
+    assert not jobs.submit(ran.append, 2)  # full
+    assert all(t.daemon for t in jobs._threads)
+    started = time.monotonic()
+    jobs.stop(timeout=0.2)
+    assert time.monotonic() - started < 2
+    assert not jobs.submit(ran.append, 3)
+    gate.set()
+    jobs._threads[0].join(5)
+    assert ran == []  # the queued job was dropped, not run

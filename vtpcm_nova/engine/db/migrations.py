@@ -23,6 +23,9 @@ from vtpcm_nova.engine.db.records import (
 )
 from vtpcm_nova.engine.db.store import Store, utcnow
 
+# the migration states nothing follows (protocol.TERMINAL, by value)
+FINAL_STATES = ("REFUSED", "COMMITTED", "ABORTED")
+
 
 @dataclasses.dataclass(frozen=True)
 class VtpcmClaim:
@@ -74,12 +77,11 @@ class CommitPoint:
 @dataclasses.dataclass(frozen=True)
 class BeginView:
     """What ``begin`` reads before it decides, in one transaction: the
-    migration of its id (None: new), the instance's migrations whose
-    source's shred is still to run (id, source), and its vTPCM record
-    (None: none)."""
+    migration of its id (None: new), the instance's other migrations not
+    yet ended (id, state, source), and its vTPCM record (None: none)."""
 
     migration: MigrationRecord | None
-    shredding: tuple[tuple[str, str], ...]
+    unfinished: tuple[tuple[str, str, str], ...]
     vtpcm: VtpcmRecord | None
 
 
@@ -132,14 +134,16 @@ class MigrationStore(Store):
         with self.session() as s:
             row = s.scalar(select(models.Migration)
                            .where(models.Migration.migration_id == migration_id))
-            shredding = tuple((mid, src) for mid, src in s.execute(
-                select(models.Migration.migration_id, models.Migration.source)
+            unfinished = tuple((mid, state, src) for mid, state, src in s.execute(
+                select(models.Migration.migration_id, models.Migration.state,
+                       models.Migration.source)
                 .where(models.Migration.instance_uuid == instance_uuid,
-                       models.Migration.state == "SHREDDING")
+                       models.Migration.migration_id != migration_id,
+                       models.Migration.state.not_in(FINAL_STATES))
                 .order_by(models.Migration.id)))
             vtpcm = s.scalar(select(models.Vtpcm)
                              .where(models.Vtpcm.instance_uuid == instance_uuid))
-            return BeginView(None if row is None else migration_rec(row), shredding,
+            return BeginView(None if row is None else migration_rec(row), unfinished,
                              None if vtpcm is None else vtpcm_rec(vtpcm))
 
     def get_migration(self, migration_id: str) -> MigrationRecord:
