@@ -247,27 +247,36 @@ class Attestor:
         """Quote the host now and record the verdict; raises only NotFound.
 
         Returns the verdict that stands afterwards: ours, or the one that
-        superseded it while the quote was under way."""
-        record = self.db.get_host(host)
-        basis = TrustBasis(host, record.revision, record.policy_name, None, self._now())
+        superseded it while the quote was under way.
+
+        Two database transactions (``open_challenge``: what the verdict is
+        decided on and the nonce; ``conclude_attestation``: the nonce used,
+        the verdict, the clock and the audit), whatever the outcome; the
+        clock baseline judged against is the challenge's, which is safe
+        because any later baseline comes with a later verdict or a host
+        revision, either of which makes ours stale when it lands."""
+        now = self._now()
+        challenge = self.db.open_challenge(host, PURPOSE_QUOTE, now + self.nonce_ttl, now=now)
+        record, policy = challenge.host, challenge.policy
+        basis = TrustBasis(host, record.revision, record.policy_name, None, now)
         if record.status is not HostStatus.APPROVED:
             reason = f"host is {record.status.value}"
             if record.status is HostStatus.PENDING:
                 reason += " (approval required)"
             return self._store(basis, TrustStatus.UNTRUSTED, reason)
-        if record.policy_name is None:
+        if policy is None or challenge.nonce is None:
             return self._store(basis, TrustStatus.UNTRUSTED, "no PCR policy assigned")
-        policy = self.db.get_policy(record.policy_name)
+        nonce = challenge.nonce
         basis = dataclasses.replace(basis, policy_revision=policy.revision)
         try:
-            evidence, kem = self._verified_quote(record, policy.bank, sorted(policy.pcrs),
-                                                 PURPOSE_QUOTE)
-        except exception.AttestationError as err:
-            return self._store(basis, TrustStatus.UNTRUSTED, str(err))
-        except _AgentFailure as err:
+            reply = self._ask_quote(record, nonce, policy.bank, sorted(policy.pcrs))
+        except _AgentFailure as err:  # its nonce, unused, expires
             return self._store(basis, TrustStatus.UNKNOWN, str(err))
-        previous = self.db.get_clock_state(host)
-        verdict = verifier.evaluate(evidence, policy.spec(), previous,
+        try:
+            evidence, kem = self._check_quote(record, nonce, policy.bank, reply)
+        except exception.AttestationError as err:
+            return self._store(basis, TrustStatus.UNTRUSTED, str(err), nonce=nonce)
+        verdict = verifier.evaluate(evidence, policy.spec(), challenge.clock,
                                     reboot_policy=self.reboot_policy)
         reapprove = (verdict.rebooted and not verdict.trusted
                      and self.reboot_policy == "reapprove")
@@ -276,7 +285,7 @@ class Attestor:
             problem = self._kem_problem(record, policy, kem)
             if problem is not None:
                 status, reason = TrustStatus.UNTRUSTED, problem
-        return self._store(basis, status, reason,
+        return self._store(basis, status, reason, nonce=nonce,
                            clock=verifier.clock_state(evidence), reapprove=reapprove)
 
     def _kem_problem(self, record: HostRecord, policy: PolicyRecord,
@@ -365,40 +374,53 @@ class Attestor:
     def _verified_quote(self, record: HostRecord, bank: str, pcrs: list[int],
                         purpose: str) -> tuple[verifier.QuoteEvidence, _KemReport]:
         """The verified quote, and what the agent reported of its KEM key
-        (agent API 1.9: an older agent reports nothing)."""
+        (agent API 1.9: an older agent reports nothing); its nonce is used
+        before the quote is read (``attest`` uses it with the verdict)."""
         host = record.name
-        ak = self._ak(record)
         nonce = self._new_nonce(host, purpose)
-        try:
-            reply = self._agents().quote(host, nonce, pcrs, bank)
-        except Exception as err:  # noqa: BLE001 - any agent failure becomes a verdict
-            raise _AgentFailure(f"agent of host {host} did not answer the quote: "
-                                f"{type(err).__name__}: {_short(str(err), 200)}") from err
+        reply = self._ask_quote(record, nonce, bank, pcrs)
         if not self.db.consume_nonce(host, nonce, purpose, now=self._now()):
             raise exception.QuoteVerificationError(
                 host=host, reason="quote nonce expired or already used")
+        return self._check_quote(record, nonce, bank, reply)
+
+    def _ask_quote(self, record: HostRecord, nonce: bytes, bank: str,
+                   pcrs: list[int]) -> Mapping[str, Any]:
+        """The agent's reply to a quote of ``pcrs``; any failure of the
+        agent or of its RPC is an ``_AgentFailure``."""
+        host = record.name
+        try:
+            return self._agents().quote(host, nonce, pcrs, bank)
+        except Exception as err:  # noqa: BLE001 - any agent failure becomes a verdict
+            raise _AgentFailure(f"agent of host {host} did not answer the quote: "
+                                f"{type(err).__name__}: {_short(str(err), 200)}") from err
+
+    def _check_quote(self, record: HostRecord, nonce: bytes, bank: str,
+                     reply: Mapping[str, Any]) -> tuple[verifier.QuoteEvidence, _KemReport]:
+        """The reply checked against the enrolled AK and ``nonce`` (bytes
+        only, no database): AttestationError if it does not hold."""
+        host = record.name
         attest, signature, values = _quote_fields(host, reply)
-        evidence = verifier.verify_quote(ak, attest, signature, nonce, values, bank, host=host)
+        evidence = verifier.verify_quote(self._ak(record), attest, signature, nonce, values,
+                                         bank, host=host)
         return evidence, _kem_report(host, reply)
 
     def _store(self, basis: TrustBasis, status: TrustStatus, reason: str, *,
-               clock: verifier.ClockState | None = None,
-               reapprove: bool = False) -> VerdictRecord:
-        """Record the verdict unless its basis changed meanwhile; the
+               clock: verifier.ClockState | None = None, reapprove: bool = False,
+               nonce: bytes | None = None) -> VerdictRecord:
+        """Record the verdict unless its basis changed meanwhile, with the
+        quote's ``nonce`` used and the audit in the same transaction (a
+        nonce found used or expired makes it UNTRUSTED instead); the
         evidence counts from the challenge, so the TTL does too."""
         host, now, reason = basis.host, self._now(), _short(reason)
-        previous = self.db.get_verdict(host)
         try:
-            verdict = self.db.record_attestation(
-                basis, status, reason, basis.challenged_at + self.verdict_ttl,
-                clock=clock, reapprove=reapprove)
+            verdict, changed = self.db.conclude_attestation(
+                basis, status, reason, basis.challenged_at + self.verdict_ttl, now=now,
+                clock=clock, reapprove=reapprove, nonce=nonce, purpose=PURPOSE_QUOTE)
         except exception.StaleAttestation as err:
-            return self._discarded(basis, status, err.kwargs["reason"])
-        if reapprove:
-            self.db.audit("reboot", "PENDING", host=host, detail=reason, now=now)
-        changed = previous is None or previous.status is not status
-        if changed or status is not TrustStatus.TRUSTED:
-            self.db.audit("verdict", status.value, host=host, detail=reason, now=now)
+            return self._discarded(basis, status, err.kwargs["reason"], nonce)
+        except exception.QuoteVerificationError as err:  # the nonce: nothing stored
+            return self._store(basis, TrustStatus.UNTRUSTED, str(err))
         if status is TrustStatus.TRUSTED:
             if changed:
                 LOG.info("Host %(host)s is TRUSTED", {"host": host})
@@ -407,10 +429,14 @@ class Attestor:
                         {"host": host, "status": status.value, "reason": reason})
         return verdict
 
-    def _discarded(self, basis: TrustBasis, status: TrustStatus, why: str) -> VerdictRecord:
+    def _discarded(self, basis: TrustBasis, status: TrustStatus, why: str,
+                   nonce: bytes | None = None) -> VerdictRecord:
         """Audit a verdict that lost to a change made while it was under
-        way, and return the verdict that stands."""
+        way (its quote's ``nonce`` used all the same), and return the
+        verdict that stands."""
         now = self._now()
+        if nonce is not None:
+            self.db.consume_nonce(basis.host, nonce, PURPOSE_QUOTE, now=now)
         self.db.audit("verdict", "discarded", host=basis.host,
                       detail=f"{status.value} verdict not recorded: {why}", now=now)
         LOG.warning("Attestation of host %(host)s discarded (%(status)s): %(why)s",

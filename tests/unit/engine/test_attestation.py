@@ -652,3 +652,64 @@ def test_an_ek_of_another_host_is_refused_under_any_certificate(env: Any) -> Non
     att.db.enroll_host("cmp3", ak_public=b"ak", ak_name=b"n3", kem_public=b"k",
                        kem_name=b"kn3", ek_certificate=b"claimed")
     assert att.db.key_owner("ek-cert", b"claimed") is None
+
+
+# ---- the round trip's transactions (issue 11 point 3) ------------------------------
+def _commits(att: attestation.Attestor) -> list[int]:
+    """A list that counts the database transactions committed from now on."""
+    from sqlalchemy import event
+    seen: list[int] = []
+    event.listen(att.db.engine, "commit", lambda _conn: seen.append(1))
+    return seen
+
+
+def test_attest_is_two_transactions(env: Any) -> None:
+    """One for the challenge (reads and nonce), one for the verdict (nonce
+    used, verdict, clock, audit): each commit is an fsync on the way."""
+    att, agent, _ = env
+    enrolled(att, agent)
+    for _ in range(2):  # a first verdict (audited) and an unchanged one
+        commits = _commits(att)
+        assert att.attest("cmp1").trusted
+        assert len(commits) == 2
+    agent.tpms["cmp1"].extend(16, b"rootkit")
+    commits = _commits(att)
+    assert att.attest("cmp1").status is TrustStatus.UNTRUSTED
+    assert len(commits) == 2
+
+
+def test_a_verdict_stands_only_with_its_audit_entry_and_its_nonce_used(env: Any) -> None:
+    """A failure while the audit entry is written (here: the database
+    refuses it) leaves no verdict of that attestation and its nonce unused,
+    never a verdict the audit does not show."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    from vtpcm_nova.engine.db import models
+    att, agent, _ = env
+    enrolled(att, agent)
+
+    def refuse_audit(session: Session, _ctx: Any, _instances: Any) -> None:
+        if any(isinstance(obj, models.Audit) for obj in session.new):
+            raise RuntimeError("disk full")
+    event.listen(Session, "before_flush", refuse_audit)
+    try:
+        with pytest.raises(RuntimeError, match="disk full"):
+            att.attest("cmp1")
+    finally:
+        event.remove(Session, "before_flush", refuse_audit)
+    assert att.db.get_verdict("cmp1") is None
+    assert att.db.get_clock_state("cmp1") is None
+    with att.db.session() as s:
+        nonces = s.query(models.Nonce).filter_by(host="cmp1", purpose="quote").all()
+        assert [n.used for n in nonces] == [False]  # the challenge's, unused
+
+
+def test_the_quote_nonce_is_used_with_the_verdict(env: Any) -> None:
+    att, agent, _ = env
+    enrolled(att, agent)
+    from vtpcm_nova.engine.db import models
+    assert att.attest("cmp1").trusted
+    with att.db.session() as s:
+        nonces = s.query(models.Nonce).filter_by(host="cmp1", purpose="quote").all()
+        assert [n.used for n in nonces] == [True]

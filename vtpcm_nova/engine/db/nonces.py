@@ -11,11 +11,35 @@ import secrets
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from vtpcm_nova.engine.db import models
 from vtpcm_nova.engine.db.store import Store, utcnow
 
 NONCE_BYTES = 32
+
+
+def add_nonce(s: Session, host: str, purpose: str, expires_at: datetime.datetime,
+              now: datetime.datetime) -> bytes:
+    """A fresh nonce, added in the caller's transaction (``create_nonce``)."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    s.add(models.Nonce(host=host, nonce=nonce.hex(), purpose=purpose, created_at=now,
+                       expires_at=expires_at, used=False))
+    return nonce
+
+
+def use_nonce(s: Session, host: str, nonce: bytes, purpose: str,
+              now: datetime.datetime) -> bool:
+    """Mark the nonce used in the caller's transaction (``consume_nonce``):
+    one conditional UPDATE, True only for the one caller that found it unused."""
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+        return False
+    q = (update(models.Nonce)
+         .where(models.Nonce.nonce == nonce.hex(), models.Nonce.host == host,
+                models.Nonce.purpose == purpose, models.Nonce.used.is_(False),
+                models.Nonce.expires_at > now)
+         .values(used=True))
+    return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
 
 class NonceStore(Store):
@@ -24,25 +48,14 @@ class NonceStore(Store):
     def create_nonce(self, host: str, purpose: str, expires_at: datetime.datetime,
                      now: datetime.datetime | None = None) -> bytes:
         """A fresh random nonce bound to host and purpose, usable once before expiry."""
-        nonce = secrets.token_bytes(NONCE_BYTES)
         with self.session() as s:
-            s.add(models.Nonce(host=host, nonce=nonce.hex(), purpose=purpose,
-                               created_at=now or utcnow(), expires_at=expires_at,
-                               used=False))
-        return nonce
+            return add_nonce(s, host, purpose, expires_at, now or utcnow())
 
     def consume_nonce(self, host: str, nonce: bytes, purpose: str,
                       now: datetime.datetime | None = None) -> bool:
         """Mark the nonce used; True only for the one caller that found it unused."""
-        if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
-            return False
-        q = (update(models.Nonce)
-             .where(models.Nonce.nonce == nonce.hex(), models.Nonce.host == host,
-                    models.Nonce.purpose == purpose, models.Nonce.used.is_(False),
-                    models.Nonce.expires_at > (now or utcnow()))
-             .values(used=True))
         with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+            return use_nonce(s, host, nonce, purpose, now or utcnow())
 
     def purge_nonces(self, now: datetime.datetime | None = None) -> int:
         """Drop expired challenge nonces and forgettable command nonces."""

@@ -76,6 +76,19 @@ class TrustBasis:
 
 
 @dataclasses.dataclass(frozen=True)
+class Challenge:
+    """What an attestation starts from, read in the ONE transaction that
+    creates its nonce (``TrustStore.open_challenge``): the host, its policy
+    and TPM clock baseline, and the nonce (None, like the policy, when the
+    host is not APPROVED or has no policy: nothing to quote)."""
+
+    host: HostRecord
+    policy: PolicyRecord | None
+    clock: verifier.ClockState | None
+    nonce: bytes | None = dataclasses.field(default=None, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class AuditRecord:
     id: int
     at: datetime.datetime

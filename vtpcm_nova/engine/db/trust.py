@@ -4,6 +4,14 @@ Why verdicts and clocks together: ``record_attestation`` stores both in
 ONE transaction, after locking the host row (``Store._update_host``) and
 checking the policy; a verdict holds only while what it was decided on
 does.
+
+Why an attestation is two transactions (``open_challenge``,
+``conclude_attestation``): each committed write costs an fsync (0.5-10 ms
+under load) and each transaction the ORM's round; the challenge's reads
+and nonce are one, and the quote nonce's use, the verdict, the clock and
+the audit entries are the other, so they commit (or vanish in a crash)
+together: a verdict never stands without its nonce used and its audit
+entry written.
 """
 
 from __future__ import annotations
@@ -18,8 +26,17 @@ from sqlalchemy.orm import Session
 from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
 from vtpcm_nova.engine.db import models
+from vtpcm_nova.engine.db.audit import add_audit
 from vtpcm_nova.engine.db.models import HostStatus
-from vtpcm_nova.engine.db.records import TrustBasis, VerdictRecord, verdict_rec
+from vtpcm_nova.engine.db.nonces import add_nonce, use_nonce
+from vtpcm_nova.engine.db.records import (
+    Challenge,
+    TrustBasis,
+    VerdictRecord,
+    host_rec,
+    policy_rec,
+    verdict_rec,
+)
 from vtpcm_nova.engine.db.store import Store, utcnow
 
 
@@ -52,26 +69,87 @@ class TrustStore(Store):
         the host's baseline (never moved back); ``reapprove`` sends an
         APPROVED host to PENDING.
         """
+        with self.session() as s:
+            return self._record(s, basis, status, reason, expires_at, clock=clock,
+                                reapprove=reapprove)[0]
+
+    def open_challenge(self, host: str, purpose: str, expires_at: datetime.datetime,
+                       now: datetime.datetime) -> Challenge:
+        """The host, its policy, its clock baseline and, if the host is
+        APPROVED with a policy, a fresh nonce bound to host and ``purpose``
+        (as ``create_nonce``), in ONE transaction: one consistent snapshot
+        and one commit where there were four reads and a write. NotFound
+        for an unknown host or a policy gone."""
+        with self.session() as s:
+            row = s.scalar(select(models.Host).where(models.Host.name == host))
+            if row is None:
+                raise exception.NotFound(what="host", key=host)
+            record = host_rec(row)
+            if record.status is not HostStatus.APPROVED or record.policy_name is None:
+                return Challenge(record, None, None)
+            policy = s.scalar(select(models.Policy)
+                              .where(models.Policy.name == record.policy_name))
+            if policy is None:
+                raise exception.NotFound(what="policy", key=record.policy_name)
+            clock = s.get(models.ClockStateRow, host)
+            return Challenge(record, policy_rec(policy),
+                             None if clock is None else verifier.ClockState(
+                                 clock.clock, clock.reset_count, clock.restart_count),
+                             add_nonce(s, host, purpose, expires_at, now))
+
+    def conclude_attestation(self, basis: TrustBasis, status: verifier.TrustStatus,
+                             reason: str, expires_at: datetime.datetime, *,
+                             now: datetime.datetime,
+                             clock: verifier.ClockState | None = None,
+                             reapprove: bool = False, nonce: bytes | None = None,
+                             purpose: str = "") -> tuple[VerdictRecord, bool]:
+        """``record_attestation``, and in the SAME transaction the quote's
+        ``nonce`` used (as ``consume_nonce``; else QuoteVerificationError and
+        nothing changes) and the audit entries: a non-TRUSTED verdict always,
+        a TRUSTED one when the status changed, the reboot that sent the host
+        to PENDING. Returns the verdict and whether its status changed."""
+        with self.session() as s:
+            verdict, previous = self._record(s, basis, status, reason, expires_at, clock=clock,
+                                             reapprove=reapprove, nonce=nonce,
+                                             purpose=purpose, now=now)
+            if reapprove:
+                add_audit(s, "reboot", "PENDING", host=basis.host, detail=reason, now=now)
+            changed = previous is not status
+            if changed or status is not verifier.TrustStatus.TRUSTED:
+                add_audit(s, "verdict", status.value, host=basis.host, detail=reason, now=now)
+            return verdict, changed
+
+    def _record(self, s: Session, basis: TrustBasis, status: verifier.TrustStatus,
+                reason: str, expires_at: datetime.datetime, *,
+                clock: verifier.ClockState | None, reapprove: bool,
+                nonce: bytes | None = None, purpose: str = "",
+                now: datetime.datetime | None = None,
+                ) -> tuple[VerdictRecord, verifier.TrustStatus | None]:
+        """The body of ``record_attestation`` in ``s``; also the status the
+        verdict replaced (None: none). With ``nonce`` it is used right after
+        the host row is locked."""
         trusted = status is verifier.TrustStatus.TRUSTED
         if trusted and basis.policy_revision is None:
             raise exception.InvalidInput(reason="a TRUSTED verdict needs a policy")
-        with self.session() as s:
-            self._hold_basis(s, basis, trusted)
-            later = (select(models.VerdictRow.host)
-                     .where(models.VerdictRow.host == basis.host,
-                            models.VerdictRow.attested_at > basis.challenged_at))
-            if s.scalar(later) is not None:
-                raise exception.StaleAttestation(
-                    host=basis.host, reason="a newer attestation of the host was recorded")
-            if clock is not None:
-                self._advance_clock(s, basis.host, clock, newest_only=trusted)
-            if reapprove:
-                self._update_host(s, basis.host,
-                                  models.Host.status == HostStatus.APPROVED.value,
-                                  status=HostStatus.PENDING.value)
-            row = self._put_verdict(s, basis.host, status, reason, basis.challenged_at,
-                                    expires_at)
-            return verdict_rec(row)
+        self._hold_basis(s, basis, trusted)
+        if nonce is not None and not use_nonce(s, basis.host, nonce, purpose, now or utcnow()):
+            raise exception.QuoteVerificationError(
+                host=basis.host, reason="quote nonce expired or already used")
+        later = (select(models.VerdictRow.host)
+                 .where(models.VerdictRow.host == basis.host,
+                        models.VerdictRow.attested_at > basis.challenged_at))
+        if s.scalar(later) is not None:
+            raise exception.StaleAttestation(
+                host=basis.host, reason="a newer attestation of the host was recorded")
+        if clock is not None:
+            self._advance_clock(s, basis.host, clock, newest_only=trusted)
+        if reapprove:
+            self._update_host(s, basis.host,
+                              models.Host.status == HostStatus.APPROVED.value,
+                              status=HostStatus.PENDING.value)
+        row, previous = self._put_verdict(s, basis.host, status, reason, basis.challenged_at,
+                                          expires_at)
+        return verdict_rec(row), previous
 
     def _hold_basis(self, s: Session, basis: TrustBasis, trusted: bool) -> None:
         """Lock the host row iff it is as the basis says, then check the
@@ -106,15 +184,20 @@ class TrustStore(Store):
 
     def _put_verdict(self, s: Session, host: str, status: verifier.TrustStatus, reason: str,
                      attested_at: datetime.datetime,
-                     expires_at: datetime.datetime) -> models.VerdictRow:
+                     expires_at: datetime.datetime
+                     ) -> tuple[models.VerdictRow, verifier.TrustStatus | None]:
+        """The host's verdict row, written, and the status it had (None: new)."""
         row = s.get(models.VerdictRow, host, with_for_update=True)
+        previous = None
         if row is None:
             row = models.VerdictRow(host=host)
             s.add(row)
+        else:
+            previous = verifier.TrustStatus(row.status)
         row.status, row.reason = status.value, reason
         row.attested_at, row.expires_at = attested_at, expires_at
         s.flush()
-        return row
+        return row, previous
 
     @staticmethod
     def _expire_verdicts(s: Session, which: Any, why: str, now: datetime.datetime) -> None:
