@@ -30,10 +30,11 @@ from oslo_log import log as logging
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
 
-from vtpcm_common import authn, exception
+from vtpcm_common import authn, exception, spans
 from vtpcm_nova.engine import ekcert, kembinding, verifier
 from vtpcm_nova.engine.db.api import (
     KEY_KINDS,
+    NONCE_BYTES,
     Database,
     HostRecord,
     PolicyRecord,
@@ -249,14 +250,19 @@ class Attestor:
         Returns the verdict that stands afterwards: ours, or the one that
         superseded it while the quote was under way.
 
-        Two database transactions (``open_challenge``: what the verdict is
-        decided on and the nonce; ``conclude_attestation``: the nonce used,
-        the verdict, the clock and the audit), whatever the outcome; the
-        clock baseline judged against is the challenge's, which is safe
-        because any later baseline comes with a later verdict or a host
-        revision, either of which makes ours stale when it lands."""
+        Two database transactions: ``open_challenge`` reads what the
+        verdict is decided on; ``conclude_attestation`` records the nonce
+        as used, the verdict, the clock and the audit, whatever the outcome.
+        The nonce lives in this call until then: only this call sends it and
+        checks the one reply to it, so it is single-use and bound to host
+        and challenge by construction; its expiry is checked and its record
+        (unique) written with the verdict. The clock baseline judged against
+        is the challenge's, which is safe because any later baseline comes
+        with a later verdict or a host revision change, either of which
+        makes ours stale when it lands."""
         now = self._now()
-        challenge = self.db.open_challenge(host, PURPOSE_QUOTE, now + self.nonce_ttl, now=now)
+        with spans.span("attest:challenge"):
+            challenge = self.db.open_challenge(host)
         record, policy = challenge.host, challenge.policy
         basis = TrustBasis(host, record.revision, record.policy_name, None, now)
         if record.status is not HostStatus.APPROVED:
@@ -264,20 +270,23 @@ class Attestor:
             if record.status is HostStatus.PENDING:
                 reason += " (approval required)"
             return self._store(basis, TrustStatus.UNTRUSTED, reason)
-        if policy is None or challenge.nonce is None:
+        if policy is None:
             return self._store(basis, TrustStatus.UNTRUSTED, "no PCR policy assigned")
-        nonce = challenge.nonce
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        used = (nonce, PURPOSE_QUOTE, now + self.nonce_ttl)
         basis = dataclasses.replace(basis, policy_revision=policy.revision)
         try:
             reply = self._ask_quote(record, nonce, policy.bank, sorted(policy.pcrs))
         except _AgentFailure as err:  # its nonce, unused, expires
             return self._store(basis, TrustStatus.UNKNOWN, str(err))
         try:
-            evidence, kem = self._check_quote(record, nonce, policy.bank, reply)
+            with spans.span("attest:verify"):
+                evidence, kem = self._check_quote(record, nonce, policy.bank, reply)
         except exception.AttestationError as err:
-            return self._store(basis, TrustStatus.UNTRUSTED, str(err), nonce=nonce)
-        verdict = verifier.evaluate(evidence, policy.spec(), challenge.clock,
-                                    reboot_policy=self.reboot_policy)
+            return self._store(basis, TrustStatus.UNTRUSTED, str(err), nonce=used)
+        with spans.span("attest:evaluate"):
+            verdict = verifier.evaluate(evidence, policy.spec(), challenge.clock,
+                                        reboot_policy=self.reboot_policy)
         reapprove = (verdict.rebooted and not verdict.trusted
                      and self.reboot_policy == "reapprove")
         status, reason = verdict.status, verdict.reason
@@ -285,7 +294,7 @@ class Attestor:
             problem = self._kem_problem(record, policy, kem)
             if problem is not None:
                 status, reason = TrustStatus.UNTRUSTED, problem
-        return self._store(basis, status, reason, nonce=nonce,
+        return self._store(basis, status, reason, nonce=used,
                            clock=verifier.clock_state(evidence), reapprove=reapprove)
 
     def _kem_problem(self, record: HostRecord, policy: PolicyRecord,
@@ -407,18 +416,20 @@ class Attestor:
 
     def _store(self, basis: TrustBasis, status: TrustStatus, reason: str, *,
                clock: verifier.ClockState | None = None, reapprove: bool = False,
-               nonce: bytes | None = None) -> VerdictRecord:
+               nonce: tuple[bytes, str, datetime.datetime] | None = None) -> VerdictRecord:
         """Record the verdict unless its basis changed meanwhile, with the
-        quote's ``nonce`` used and the audit in the same transaction (a
-        nonce found used or expired makes it UNTRUSTED instead); the
-        evidence counts from the challenge, so the TTL does too."""
+        quote's ``nonce`` (value, purpose, expiry) on record as used and the
+        audit in the same transaction (a nonce expired or on record already
+        makes it UNTRUSTED instead); the evidence counts from the
+        challenge, so the TTL does too."""
         host, now, reason = basis.host, self._now(), _short(reason)
         try:
-            verdict, changed = self.db.conclude_attestation(
-                basis, status, reason, basis.challenged_at + self.verdict_ttl, now=now,
-                clock=clock, reapprove=reapprove, nonce=nonce, purpose=PURPOSE_QUOTE)
+            with spans.span("attest:conclude"):
+                verdict, changed = self.db.conclude_attestation(
+                    basis, status, reason, basis.challenged_at + self.verdict_ttl, now=now,
+                    clock=clock, reapprove=reapprove, nonce=nonce)
         except exception.StaleAttestation as err:
-            return self._discarded(basis, status, err.kwargs["reason"], nonce)
+            return self._discarded(basis, status, err.kwargs["reason"])
         except exception.QuoteVerificationError as err:  # the nonce: nothing stored
             return self._store(basis, TrustStatus.UNTRUSTED, str(err))
         if status is TrustStatus.TRUSTED:
@@ -429,14 +440,11 @@ class Attestor:
                         {"host": host, "status": status.value, "reason": reason})
         return verdict
 
-    def _discarded(self, basis: TrustBasis, status: TrustStatus, why: str,
-                   nonce: bytes | None = None) -> VerdictRecord:
+    def _discarded(self, basis: TrustBasis, status: TrustStatus, why: str) -> VerdictRecord:
         """Audit a verdict that lost to a change made while it was under
-        way (its quote's ``nonce`` used all the same), and return the
-        verdict that stands."""
+        way, and return the verdict that stands. (Its nonce dies with the
+        call that kept it.)"""
         now = self._now()
-        if nonce is not None:
-            self.db.consume_nonce(basis.host, nonce, PURPOSE_QUOTE, now=now)
         self.db.audit("verdict", "discarded", host=basis.host,
                       detail=f"{status.value} verdict not recorded: {why}", now=now)
         LOG.warning("Attestation of host %(host)s discarded (%(status)s): %(why)s",

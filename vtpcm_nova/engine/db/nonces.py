@@ -19,13 +19,18 @@ from vtpcm_nova.engine.db.store import Store, utcnow
 NONCE_BYTES = 32
 
 
-def add_nonce(s: Session, host: str, purpose: str, expires_at: datetime.datetime,
-              now: datetime.datetime) -> bytes:
-    """A fresh nonce, added in the caller's transaction (``create_nonce``)."""
-    nonce = secrets.token_bytes(NONCE_BYTES)
+def add_used_nonce(s: Session, host: str, nonce: bytes, purpose: str,
+                   expires_at: datetime.datetime, now: datetime.datetime) -> bool:
+    """Record a nonce the caller kept in memory as used, in the caller's
+    transaction; False if it expired (the transaction stays usable). A
+    nonce on record already fails the flush (unique column): the caller
+    treats that as used."""
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES or expires_at <= now:
+        return False
     s.add(models.Nonce(host=host, nonce=nonce.hex(), purpose=purpose, created_at=now,
-                       expires_at=expires_at, used=False))
-    return nonce
+                       expires_at=expires_at, used=True))
+    s.flush()
+    return True
 
 
 def use_nonce(s: Session, host: str, nonce: bytes, purpose: str,
@@ -48,8 +53,12 @@ class NonceStore(Store):
     def create_nonce(self, host: str, purpose: str, expires_at: datetime.datetime,
                      now: datetime.datetime | None = None) -> bytes:
         """A fresh random nonce bound to host and purpose, usable once before expiry."""
+        nonce = secrets.token_bytes(NONCE_BYTES)
         with self.session() as s:
-            return add_nonce(s, host, purpose, expires_at, now or utcnow())
+            s.add(models.Nonce(host=host, nonce=nonce.hex(), purpose=purpose,
+                               created_at=now or utcnow(), expires_at=expires_at,
+                               used=False))
+        return nonce
 
     def consume_nonce(self, host: str, nonce: bytes, purpose: str,
                       now: datetime.datetime | None = None) -> bool:

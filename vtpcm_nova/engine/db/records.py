@@ -77,15 +77,14 @@ class TrustBasis:
 
 @dataclasses.dataclass(frozen=True)
 class Challenge:
-    """What an attestation starts from, read in the ONE transaction that
-    creates its nonce (``TrustStore.open_challenge``): the host, its policy
-    and TPM clock baseline, and the nonce (None, like the policy, when the
-    host is not APPROVED or has no policy: nothing to quote)."""
+    """What an attestation is decided on, read in ONE transaction
+    (``TrustStore.open_challenge``): the host, its policy (None when the
+    host is not APPROVED or has none: nothing to quote) and its TPM clock
+    baseline."""
 
     host: HostRecord
     policy: PolicyRecord | None
     clock: verifier.ClockState | None
-    nonce: bytes | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,11 +7,12 @@ does.
 
 Why an attestation is two transactions (``open_challenge``,
 ``conclude_attestation``): each committed write costs an fsync (0.5-10 ms
-under load) and each transaction the ORM's round; the challenge's reads
-and nonce are one, and the quote nonce's use, the verdict, the clock and
-the audit entries are the other, so they commit (or vanish in a crash)
-together: a verdict never stands without its nonce used and its audit
-entry written.
+under load) and each transaction the ORM's round. The challenge's reads
+are one, read-only (its nonce stays in the attesting call's memory: no
+one else ever answers it); the nonce recorded as used, the verdict, the
+clock and the audit entries are the other, so they commit (or vanish in
+a crash) together: a verdict never stands without its nonce on record as
+used and its audit entry written.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import datetime
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from vtpcm_common import exception
@@ -28,7 +30,7 @@ from vtpcm_nova.engine import verifier
 from vtpcm_nova.engine.db import models
 from vtpcm_nova.engine.db.audit import add_audit
 from vtpcm_nova.engine.db.models import HostStatus
-from vtpcm_nova.engine.db.nonces import add_nonce, use_nonce
+from vtpcm_nova.engine.db.nonces import add_used_nonce
 from vtpcm_nova.engine.db.records import (
     Challenge,
     TrustBasis,
@@ -73,13 +75,11 @@ class TrustStore(Store):
             return self._record(s, basis, status, reason, expires_at, clock=clock,
                                 reapprove=reapprove)[0]
 
-    def open_challenge(self, host: str, purpose: str, expires_at: datetime.datetime,
-                       now: datetime.datetime) -> Challenge:
-        """The host, its policy, its clock baseline and, if the host is
-        APPROVED with a policy, a fresh nonce bound to host and ``purpose``
-        (as ``create_nonce``), in ONE transaction: one consistent snapshot
-        and one commit where there were four reads and a write. NotFound
-        for an unknown host or a policy gone."""
+    def open_challenge(self, host: str) -> Challenge:
+        """The host, its policy (if APPROVED with one) and its clock
+        baseline, in ONE read-only transaction: one consistent snapshot
+        where there were three reads, and no write (no fsync) before the
+        quote. NotFound for an unknown host or a policy gone."""
         with self.session() as s:
             row = s.scalar(select(models.Host).where(models.Host.name == host))
             if row is None:
@@ -94,24 +94,24 @@ class TrustStore(Store):
             clock = s.get(models.ClockStateRow, host)
             return Challenge(record, policy_rec(policy),
                              None if clock is None else verifier.ClockState(
-                                 clock.clock, clock.reset_count, clock.restart_count),
-                             add_nonce(s, host, purpose, expires_at, now))
+                                 clock.clock, clock.reset_count, clock.restart_count))
 
     def conclude_attestation(self, basis: TrustBasis, status: verifier.TrustStatus,
                              reason: str, expires_at: datetime.datetime, *,
                              now: datetime.datetime,
                              clock: verifier.ClockState | None = None,
-                             reapprove: bool = False, nonce: bytes | None = None,
-                             purpose: str = "") -> tuple[VerdictRecord, bool]:
+                             reapprove: bool = False,
+                             nonce: tuple[bytes, str, datetime.datetime] | None = None,
+                             ) -> tuple[VerdictRecord, bool]:
         """``record_attestation``, and in the SAME transaction the quote's
-        ``nonce`` used (as ``consume_nonce``; else QuoteVerificationError and
-        nothing changes) and the audit entries: a non-TRUSTED verdict always,
-        a TRUSTED one when the status changed, the reboot that sent the host
-        to PENDING. Returns the verdict and whether its status changed."""
+        ``nonce`` (value, purpose, expiry) recorded as used (expired or
+        already on record: QuoteVerificationError and nothing changes) and
+        the audit entries: a non-TRUSTED verdict always, a TRUSTED one when
+        the status changed, the reboot that sent the host to PENDING.
+        Returns the verdict and whether its status changed."""
         with self.session() as s:
             verdict, previous = self._record(s, basis, status, reason, expires_at, clock=clock,
-                                             reapprove=reapprove, nonce=nonce,
-                                             purpose=purpose, now=now)
+                                             reapprove=reapprove, nonce=nonce, now=now)
             if reapprove:
                 add_audit(s, "reboot", "PENDING", host=basis.host, detail=reason, now=now)
             changed = previous is not status
@@ -122,19 +122,25 @@ class TrustStore(Store):
     def _record(self, s: Session, basis: TrustBasis, status: verifier.TrustStatus,
                 reason: str, expires_at: datetime.datetime, *,
                 clock: verifier.ClockState | None, reapprove: bool,
-                nonce: bytes | None = None, purpose: str = "",
+                nonce: tuple[bytes, str, datetime.datetime] | None = None,
                 now: datetime.datetime | None = None,
                 ) -> tuple[VerdictRecord, verifier.TrustStatus | None]:
         """The body of ``record_attestation`` in ``s``; also the status the
-        verdict replaced (None: none). With ``nonce`` it is used right after
-        the host row is locked."""
+        verdict replaced (None: none). With ``nonce`` it is recorded as used
+        right after the host row is locked."""
         trusted = status is verifier.TrustStatus.TRUSTED
         if trusted and basis.policy_revision is None:
             raise exception.InvalidInput(reason="a TRUSTED verdict needs a policy")
         self._hold_basis(s, basis, trusted)
-        if nonce is not None and not use_nonce(s, basis.host, nonce, purpose, now or utcnow()):
-            raise exception.QuoteVerificationError(
-                host=basis.host, reason="quote nonce expired or already used")
+        if nonce is not None:
+            try:
+                fresh = add_used_nonce(s, basis.host, nonce[0], nonce[1], nonce[2],
+                                       now or utcnow())
+            except IntegrityError:  # on record already: the whole transaction is undone
+                fresh = False
+            if not fresh:
+                raise exception.QuoteVerificationError(
+                    host=basis.host, reason="quote nonce expired or already used")
         later = (select(models.VerdictRow.host)
                  .where(models.VerdictRow.host == basis.host,
                         models.VerdictRow.attested_at > basis.challenged_at))
