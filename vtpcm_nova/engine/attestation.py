@@ -336,7 +336,10 @@ class Attestor:
         """The verdict in force if it is fresh and decided less than
         ``max_age`` seconds ago, else None: what an unsigned ``attest`` gets
         instead of a new quote, so unsigned triggers cannot make the engine
-        quote a host (a vouched call its agent does not limit) at their rate."""
+        quote a host (a vouched call its agent does not limit) at their rate.
+        ``max_age`` <= 0 (no reuse): None without reading the database."""
+        if max_age <= 0:
+            return None
         current = self.db.get_verdict(host)
         now = self._now()
         if (current is not None and current.is_fresh(now)

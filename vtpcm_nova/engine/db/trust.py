@@ -141,10 +141,10 @@ class TrustStore(Store):
             if not fresh:
                 raise exception.QuoteVerificationError(
                     host=basis.host, reason="quote nonce expired or already used")
-        later = (select(models.VerdictRow.host)
-                 .where(models.VerdictRow.host == basis.host,
-                        models.VerdictRow.attested_at > basis.challenged_at))
-        if s.scalar(later) is not None:
+        # the verdict row, locked: the one read that both orders us after
+        # any verdict on record and says which status ours replaces
+        row = s.get(models.VerdictRow, basis.host, with_for_update=True)
+        if row is not None and row.attested_at > basis.challenged_at:
             raise exception.StaleAttestation(
                 host=basis.host, reason="a newer attestation of the host was recorded")
         if clock is not None:
@@ -154,7 +154,7 @@ class TrustStore(Store):
                               models.Host.status == HostStatus.APPROVED.value,
                               status=HostStatus.PENDING.value)
         row, previous = self._put_verdict(s, basis.host, status, reason, basis.challenged_at,
-                                          expires_at)
+                                          expires_at, row)
         return verdict_rec(row), previous
 
     def _hold_basis(self, s: Session, basis: TrustBasis, trusted: bool) -> None:
@@ -190,10 +190,12 @@ class TrustStore(Store):
 
     def _put_verdict(self, s: Session, host: str, status: verifier.TrustStatus, reason: str,
                      attested_at: datetime.datetime,
-                     expires_at: datetime.datetime
+                     expires_at: datetime.datetime, row: models.VerdictRow | None = None,
                      ) -> tuple[models.VerdictRow, verifier.TrustStatus | None]:
-        """The host's verdict row, written, and the status it had (None: new)."""
-        row = s.get(models.VerdictRow, host, with_for_update=True)
+        """The host's verdict row (``row`` if the caller read it locked),
+        written, and the status it had (None: new)."""
+        if row is None:
+            row = s.get(models.VerdictRow, host, with_for_update=True)
         previous = None
         if row is None:
             row = models.VerdictRow(host=host)
