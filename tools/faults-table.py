@@ -5,6 +5,10 @@ The matrix (tests/functional/faults/test_matrix.py) records each cell's
 outcome in tests/functional/faults/results.json; this turns them into the
 docs table, so the table says what the last run found, not what someone
 typed. Exit status 1 if a cell is lost (the table is written anyway).
+A results file whose cells are not exactly the matrix's
+(``tests/functional/faults/cells.py``), or with a cell of no recorded
+commit, is refused (exit status 2, nothing written): the table must speak
+for one matrix and say which code it ran on.
 
 Usage: tools/faults-table.py [RESULTS.json [OUT.rst]]
 """
@@ -14,8 +18,12 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PARTS = {"broker": "RabbitMQ (relay cut)", "engine": "engine", "src_agent": "source agent", "dst_agent": "destination agent",
-         "src_swtpm": "source swtpm", "dst_swtpm": "destination swtpm"}
+sys.path.insert(0, str(ROOT))
+from tests.functional.faults.cells import CELL_NAMES  # noqa: E402 - after the path
+
+PARTS = {"broker": "RabbitMQ (relay cut)", "engine": "engine", "src_agent": "source agent",
+         "dst_agent": "destination agent", "src_swtpm": "source swtpm",
+         "dst_swtpm": "destination swtpm"}
 STEPS = {"before_begin": "before begin", "inside_begin": "inside begin (sealed, not prepared)",
          "transfer": "transfer (exported, not imported)",
          "after_switchover": "after the switchover, before commit",
@@ -53,7 +61,8 @@ between the daemons and the broker, cut and restored
 (``tests/functional/faults/relay.py``): the broker itself is shared.
 
 Bounds in the run: engine ``rpc_timeout`` 5 s, the driver's engine calls
-6 s, "down" 6.5 s, reconcile every 1 s, ``[migration] timeout`` 40 s; the
+6 s, "down" 6.5 s, reconcile every 1 s, ``[engine] worker_lease_ttl`` 5 s,
+``[migration] timeout`` 40 s; the
 checks wait at most the migration timeout + 20 s for the migration to end.
 
 Regenerate: run the matrix (``pytest tests/functional/faults``), then
@@ -73,15 +82,30 @@ def render(results: dict[str, dict[str, object]]) -> str:
         rows.append((PARTS[part], STEPS[step], MODES[mode], OUTCOMES[outcome],
                      str(entry["detail"]).replace("\n", " ")[:200],
                      "%.1f" % float(str(entry["seconds"]))))
+    commits = sorted({str(e["commit"]) for e in results.values()})
     out = [HEADER,
            "Cases tried: %d; survived: %d; operator by design: %d; lost: %d.\n\n"
            % (len(results), counts["survived"], counts["operator"], counts["lost"]),
+           "Run on commit%s %s.\n\n" % ("s" if len(commits) > 1 else "",
+                                         ", ".join("``%s``" % c for c in commits)),
            ".. list-table::\n   :header-rows: 1\n\n"
            "   * - killed\n     - at\n     - how\n     - outcome\n     - where it ended\n"
            "     - s\n"]
     for row in rows:
         out.append("   * - " + "\n     - ".join(_cell(v) for v in row) + "\n")
     return "".join(out)
+
+
+def check(results: dict[str, dict[str, object]]) -> str:
+    """Why ``results`` cannot make the table, or "" if it can."""
+    missing, extra = sorted(CELL_NAMES - set(results)), sorted(set(results) - CELL_NAMES)
+    if missing or extra:
+        return "its cells differ from the matrix's (missing: %s; not in the matrix: %s)" % (
+            ", ".join(missing) or "none", ", ".join(extra) or "none")
+    unknown = sorted(c for c, e in results.items() if not e.get("commit"))
+    if unknown:
+        return "no commit recorded for %s" % ", ".join(unknown)
+    return ""
 
 
 def _cell(text: str) -> str:
@@ -136,6 +160,10 @@ def main(argv: list[str]) -> int:
     src = Path(argv[1]) if len(argv) > 1 else ROOT / "tests/functional/faults/results.json"
     dst = Path(argv[2]) if len(argv) > 2 else ROOT / "doc/source/faults.rst"
     results = json.loads(src.read_text())
+    refusal = check(results)
+    if refusal:
+        print("%s refused: %s" % (src, refusal), file=sys.stderr)
+        return 2
     lab = json.loads(LAB_CELLS.read_text()) if LAB_CELLS.exists() else {}
     dst.write_text(render(results) + render_lab(lab))
     lost = sorted(c for c, e in [*results.items(), *lab.items()] if e["outcome"] == "lost")

@@ -119,7 +119,7 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
         except (exception.VTPCMException, libvirt.libvirtError) as err:
             livemigration.settle(at_src, migration_id,
                                  running_on_dest=_running_on(conn_dst, name),
-                                 reason=str(err)[:900])
+                                 reason=str(err)[:900], instance_uuid=instance)
             raise
         migrated = time.monotonic()
         livemigration.commit(at_src, migration_id)

@@ -36,6 +36,16 @@ ENGINE_OPTS = [
                      "are read at start) to lock its holder out."),
     cfg.FloatOpt("rpc_timeout", default=60.0, min=1.0,
                  help="Seconds the engine waits for an agent to answer one call."),
+    cfg.FloatOpt("worker_lease_ttl", default=60.0, min=2.0,
+                 help="Seconds an engine run's lease lasts; each run renews it every "
+                      "quarter of this (by the database's clock) and drops it at a "
+                      "clean stop. A begin left SEALING or PREPARING by a run whose "
+                      "lease is gone (stopped, or killed and not renewed for this "
+                      "long) is aborted by the next reconcile of any worker: the "
+                      "bound is this plus [migration] reconcile_interval. Shorter "
+                      "aborts a killed run's begins sooner; a run paused longer "
+                      "(a stalled database, a stopped process) may lose its begins "
+                      "in flight, which costs those migrations, never a copy."),
     cfg.IntOpt("registration_workers", default=1, min=0, max=16,
                help="Threads that enroll hosts whose agents announced themselves "
                     "(the unsigned register_agent cast), in the background. 0: "

@@ -25,6 +25,7 @@ verify is a ``ReplyNotAuthenticated`` (a ``ServiceUnreachable``): the step's
 outcome is unknown, so it is retried (reconcile) and never taken as done.
 """
 
+import collections
 import datetime
 import threading
 import uuid
@@ -51,35 +52,55 @@ RESERVED_PREFIX = "creating-"
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
 COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
 # The states a migration is in only while its ``begin`` runs: the caller has
-# no PREPARED answer yet, so libvirt never started and nothing depends on it.
+# no PREPARED answer, so libvirt never started and nothing depends on it.
 BEGIN_STATES = frozenset({M.SEALING, M.PREPARING})
 # Added to the agent RPC timeout for one begin step's own database writes
-# and checks (the destination's recheck, a compare-and-set under load).
+# and checks (the destination's recheck, a compare-and-set under load):
+# the step bound, only for begins that recorded no engine run.
 BEGIN_STEP_SLACK = 30.0
+# The ``error`` of an ABORTED tombstone: an abort of a migration id the
+# engine had no record of (its caller's begin timed out before the record
+# was written); a begin of that id arriving later is refused.
+TOMBSTONE_REASON = "aborted before its begin was recorded"
 
 
 def worker_id(engine_host: str) -> str:
-    """This engine run's name in ``begun_by``: its ``[engine] host`` (unique
-    per worker, it is the RPC server name) and a fresh id per start."""
+    """This engine run's name in ``begun_by`` and its lease: its
+    ``[engine] host`` (for the operator) and a fresh id per start (what
+    tells runs apart, also two live runs sharing one host name)."""
     return "%s/%s" % (engine_host, uuid.uuid4().hex[:12])
 
 
 def begin_abandoned(rec: db_api.MigrationRecord, worker: str | None,
+                    live_workers: Callable[[], frozenset[str]],
+                    running_here: Callable[[str], bool],
                     now: datetime.datetime, step_bound: float) -> str | None:
     """Why the ``begin`` of ``rec`` (SEALING, PREPARING) will never return
     to its caller, or None while it may still.
 
-    Its worker is gone: it had this worker's ``[engine] host`` and another
-    run id (the worker restarted). Or it sat in one step longer than
-    ``step_bound``: each step is one agent call, and a live worker moves on
-    (or to ABORTING on the call's timeout) well within that. Aborting a
-    begin that was alive after all is safe: its worker's next
+    * Recorded by this engine run: abandoned iff this run no longer runs
+      it (``running_here``; its thread ended without moving the state).
+    * Recorded by another run: abandoned iff that run holds no live lease
+      (``live_workers``, judged by the database's clock): it stopped, or
+      was killed and its lease lapsed. Never because another live run
+      shares its ``[engine] host``, and never for a slow step of a live
+      run.
+    * No run recorded (a row from before 0004, or an engine built without
+      a worker id): idle in one step longer than ``step_bound``.
+
+    Aborting a begin that was alive after all is safe: its worker's next
     compare-and-set fails, its caller gets an error and aborts, and both
     agents refuse a late command of an aborted migration."""
-    if rec.begun_by and worker and rec.begun_by != worker \
-            and rec.begun_by.rpartition("/")[0] == worker.rpartition("/")[0]:
-        return ("its begin never returned: the engine worker that ran it (%s) restarted"
-                % rec.begun_by)
+    if rec.begun_by is not None and rec.begun_by == worker:
+        if running_here(rec.migration_id):
+            return None
+        return ("its begin never returned: this engine run (%s) recorded it and no "
+                "longer runs it" % rec.begun_by)
+    if rec.begun_by is not None:
+        if rec.begun_by in live_workers():
+            return None
+        return ("its begin never returned: the engine run that ran it (%s) holds no live "
+                "lease (stopped, or killed and its lease lapsed)" % rec.begun_by)
     idle = (now - rec.updated_at).total_seconds()
     if idle > step_bound:
         return ("its begin never returned: no step for %d s (one step takes at most "
@@ -151,8 +172,9 @@ class Coordinator:
                  reap_interval: float | None = None, reap_max_checks: int = 50,
                  reap_budget: float = 60.0) -> None:
         """``worker``: this engine run (``worker_id``), recorded by each
-        ``begin``; ``begin_step_bound``: the longest one begin step can take
-        (the agent RPC timeout + ``BEGIN_STEP_SLACK``)."""
+        ``begin`` and holding a lease (``service``); ``begin_step_bound``:
+        the longest one begin step can take (the agent RPC timeout +
+        ``BEGIN_STEP_SLACK``), for begins that recorded no run."""
         self.db = db
         self.agents = agents
         self.trust = trust
@@ -160,6 +182,10 @@ class Coordinator:
         self.now = now
         self.worker = worker
         self.begin_step_bound = begin_step_bound
+        # the begins this run is executing now, counted (a retried begin of
+        # one id may run beside the first one) (``begin_abandoned``)
+        self._begins_here: collections.Counter[str] = collections.Counter()
+        self._begins_lock = threading.Lock()
         # Nova's word on shelved instances: None refuses every unshelve
         # elsewhere and reaps nothing (fail closed)
         self.nova = nova
@@ -791,6 +817,32 @@ class Coordinator:
 
     def begin(self, migration_id: str, instance_uuid: str, source: str,
               dest: str, *, unshelve: bool = False) -> db_api.MigrationRecord:
+        """``_begin``, known to this run's reconcile as running here from
+        before its record is written until it returns."""
+        with self._begins_lock:
+            self._begins_here[migration_id] += 1
+        try:
+            return self._begin(migration_id, instance_uuid, source, dest, unshelve=unshelve)
+        finally:
+            with self._begins_lock:
+                self._begins_here[migration_id] -= 1
+                if not self._begins_here[migration_id]:
+                    del self._begins_here[migration_id]
+
+    def _tombstoned(self, rec: db_api.MigrationRecord, instance_uuid: str,
+                    dest: str) -> exception.MigrationError:
+        detail = ("its caller aborted it before the engine recorded its begin; a new "
+                  "migration needs a new id")
+        self._refuse_audit(rec.migration_id, instance_uuid, dest, detail)
+        return exception.MigrationError(migration_id=rec.migration_id,
+                                        reason="this migration was aborted (%s)" % detail)
+
+    def _running_here(self, migration_id: str) -> bool:
+        with self._begins_lock:
+            return self._begins_here[migration_id] > 0
+
+    def _begin(self, migration_id: str, instance_uuid: str, source: str,
+               dest: str, *, unshelve: bool = False) -> db_api.MigrationRecord:
         """Seal the key for dest's TPM and prepare dest; idempotent per
         migration id while it is PREPARED. Any other state of a known id is
         refused: a begin answered with a finished or committing migration
@@ -804,6 +856,8 @@ class Coordinator:
             rec = self.db.get_migration(migration_id)
         except exception.NotFound:
             rec = None
+        if rec is not None and rec.error == TOMBSTONE_REASON:
+            raise self._tombstoned(rec, instance_uuid, dest)
         if rec is not None:
             if (rec.instance_uuid, rec.source, rec.dest) != (instance_uuid, source, dest):
                 self._refuse_audit(migration_id, instance_uuid, dest,
@@ -861,12 +915,23 @@ class Coordinator:
         lost = decided(False) if claim else None
         deadline = self.now() + datetime.timedelta(seconds=self.timeout)
         ctx = am.MigrationContext(migration_id, instance_uuid, vtpcm.generation, source, dest)
-        made = self.db.create_migration(
-            migration_id, instance_uuid, source, dest, vtpcm.generation, proto.state.value,
-            deadline, prior_state=vtpcm.state, begun_by=self.worker,
-            audits=_audits(ctx, actions),
-            claim=db_api.VtpcmClaim(vtpcm.state, lost[0].state.value,
-                                    tuple(_audits(ctx, lost[1]))) if lost else None)
+        try:
+            made = self.db.create_migration(
+                migration_id, instance_uuid, source, dest, vtpcm.generation,
+                proto.state.value, deadline, prior_state=vtpcm.state, begun_by=self.worker,
+                audits=_audits(ctx, actions),
+                claim=db_api.VtpcmClaim(vtpcm.state, lost[0].state.value,
+                                        tuple(_audits(ctx, lost[1]))) if lost else None)
+        except exception.AlreadyExists:
+            # written meanwhile (nothing of this begin was: one transaction):
+            # its caller's abort, or a concurrent begin of the same id
+            rec = self.db.get_migration(migration_id)
+            if rec.error == TOMBSTONE_REASON:
+                raise self._tombstoned(rec, instance_uuid, dest) from None
+            raise exception.MigrationError(
+                migration_id=migration_id,
+                reason="a concurrent begin of this migration id recorded it (%s)"
+                       % rec.state) from None
         if lost is not None and made.state != proto.state.value:
             proto, actions = lost
         detail = next((a.detail for a in actions if isinstance(a, p.Audit)), "")
@@ -1053,13 +1118,55 @@ class Coordinator:
                       instance=ctx.instance_uuid, migration_id=migration_id)
         return ctx.dest_host, info
 
-    def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord:
+    def abort(self, migration_id: str, reason: str, *, instance_uuid: str | None = None,
+              requested_by: str | None = None) -> db_api.MigrationRecord:
         """Undo the migration before its commit point (in doubt too: Nova's
-        rollback, signed by one of the two hosts, says the guest stayed)."""
-        proto, ctx, rec = self._load(migration_id)
+        rollback, signed by one of the two hosts, says the guest stayed).
+
+        An id the engine has no record of, with the instance it was meant
+        to move (``instance_uuid``) and signed by the host holding that
+        instance's vTPCM: the caller's begin gave up before the engine
+        wrote the record, so an ABORTED tombstone is written instead, and
+        a begin of that id arriving later is refused (``_begin``). Only
+        that host could have begun it, so a tombstone blocks nobody
+        else's migration; Nova's migration ids are fresh per migration,
+        so it blocks none of that instance's later ones either."""
+        try:
+            proto, ctx, rec = self._load(migration_id)
+        except exception.NotFound:
+            if instance_uuid is None:
+                raise
+            tomb = self._tombstone(migration_id, instance_uuid, reason, requested_by)
+            if tomb is not None:
+                return tomb
+            proto, ctx, rec = self._load(migration_id)  # a begin wrote it meanwhile
         self._settle_deadline_abort(proto, ctx, rec)
         self._advance(proto, ctx, p.AbortRequested(reason))
         return self.db.get_migration(migration_id)
+
+    def _tombstone(self, migration_id: str, instance_uuid: str, reason: str,
+                   requested_by: str | None) -> db_api.MigrationRecord | None:
+        """The ABORTED record of a migration aborted before its begin was
+        recorded, or None if a begin recorded it first (abort that one)."""
+        vtpcm = self.db.get_vtpcm(instance_uuid)
+        if requested_by not in (None, vtpcm.host):
+            raise exception.CommandRefused(
+                method="abort", reason="signed by %s, not %s, the holder of the vTPCM of "
+                                       "instance %s" % (requested_by, vtpcm.host,
+                                                        instance_uuid))
+        entry = db_api.AuditEntry("migration.abort", "tombstone", host=vtpcm.host,
+                                  instance=instance_uuid, migration_id=migration_id,
+                                  detail=("%s: %s" % (TOMBSTONE_REASON, reason))[:1000])
+        try:
+            made = self.db.create_migration(
+                migration_id, instance_uuid, vtpcm.host, vtpcm.host, vtpcm.generation,
+                M.ABORTED.value, self.now(), error=TOMBSTONE_REASON, audits=[entry])
+        except exception.AlreadyExists:
+            return None
+        LOG.warning("Migration %(mig)s of instance %(i)s aborted before its begin was "
+                    "recorded: tombstoned, a late begin of it will be refused",
+                    {"mig": migration_id, "i": instance_uuid})
+        return made
 
     def _settle_deadline_abort(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,
                                rec: db_api.MigrationRecord) -> None:
@@ -1148,18 +1255,25 @@ class Coordinator:
         """Finish commits/aborts left half-done; abort begins that will never
         return (``begin_abandoned``) at once and migrations past deadline."""
         done = 0
+        live: list[frozenset[str]] = []  # read once per pass, when needed
+
+        def live_workers() -> frozenset[str]:
+            if not live:
+                live.append(self.db.live_workers())
+            return live[0]
         for listed in self.db.list_migrations():
             try:
                 proto, ctx, rec = self._load(listed.migration_id)
                 state = proto.state
-                abandoned = (begin_abandoned(rec, self.worker, self.now(),
+                abandoned = (begin_abandoned(rec, self.worker, live_workers,
+                                             self._running_here, self.now(),
                                              self.begin_step_bound)
                              if state in BEGIN_STATES else None)
                 if state in p.PENDING_WORK:
                     after_deadline = rec.error == p.DEADLINE_REASON
                     self._run(proto, ctx, p.pending_actions(state, after_deadline))
                     done += 1
-                elif abandoned is not None:
+                elif abandoned is not None and self._still_begin(proto, ctx):
                     LOG.warning("Migration %(mig)s of instance %(i)s: %(why)s; aborting it",
                                 {"mig": ctx.migration_id, "i": ctx.instance_uuid,
                                  "why": abandoned})
@@ -1174,6 +1288,13 @@ class Coordinator:
                              "err": err})
         done += self.reap_abandoned()
         return done
+
+    def _still_begin(self, proto: p.MigrationProtocol, ctx: am.MigrationContext) -> bool:
+        """Read again before aborting an abandoned begin: one of this run
+        that ended between the load and the check has moved the state on
+        (the abort's compare-and-set would fail, noisily, anyway)."""
+        proto.state = M(self.db.get_migration(ctx.migration_id).state)
+        return proto.state in BEGIN_STATES
 
     def _trusted_destination(self, dest: str,
                              verdict: db_api.VerdictRecord

@@ -205,6 +205,14 @@ class EngineManager:
             return (self.db.get_migration(request.migration_id).dest,)
         if method == "report_swtpm_restart":  # a host speaks for its own swtpm only
             return (request.host,)
+        if method == "abort" and request.instance_uuid is not None:
+            try:
+                rec = self.db.get_migration(request.migration_id)
+            except exception.NotFound:
+                # no record: a tombstone, only by the host a begin of that
+                # instance's vTPCM needs (who else could have begun it)
+                return (self.db.get_vtpcm(request.instance_uuid).host,)
+            return (rec.source, rec.dest)
         if method in ("commit", "abort"):  # either side may settle it
             rec = self.db.get_migration(request.migration_id)
             return (rec.source, rec.dest)
@@ -469,7 +477,9 @@ class EngineManager:
 
     @endpoint(m.AbortMigration, host_signed=True)
     def abort(self, req: m.AbortMigration, signer: str) -> m.MigrationInfo:
-        return migration_info(self.coordinator.abort(req.migration_id, req.reason))
+        return migration_info(self.coordinator.abort(req.migration_id, req.reason,
+                                                     instance_uuid=req.instance_uuid,
+                                                     requested_by=signer))
 
     @endpoint(m.SwtpmRestartReport, host_signed=True)
     def report_swtpm_restart(self, req: m.SwtpmRestartReport, signer: str) -> m.Empty:

@@ -22,6 +22,9 @@ from vtpcm_nova.engine.registrations import Registrations
 from vtpcm_nova.engine.replykeys import EnrolledReplyKeys
 
 LOG = logging.getLogger(__name__)
+# An engine run renews its lease this many times per lease TTL: a renewal
+# or two may fail (a database hiccup) before the lease lapses.
+LEASE_RENEWALS = 4
 
 
 def admin_verifier_from(conf: cfg.ConfigOpts) -> authn.CommandVerifier | authn.RefuseAll:
@@ -114,13 +117,15 @@ class EngineService:
                                  nonce_ttl=att.nonce_ttl, reboot_policy=att.reboot_policy,
                                  ek_cas=self.ek_cas,
                                  require_kem_pcr_binding=att.require_kem_pcr_binding)
-        # a begin in flight is this run's: after a restart, reconcile knows
-        # the begins of the previous run never return (coordinator.begin_abandoned)
+        # a begin in flight is this run's, and this run holds a lease while
+        # it lives: once it lapses, reconcile knows the begins of this run
+        # never return (coordinator.begin_abandoned)
+        self.worker = worker_id(conf.engine.host)
         self.coordinator = Coordinator(self.db, self.agents, self.attestor,
                                        timeout=conf.migration.timeout,
                                        nova=nova_from(conf),
                                        deleted_confirmations=conf.nova.deleted_confirmations,
-                                       worker=worker_id(conf.engine.host),
+                                       worker=self.worker,
                                        begin_step_bound=conf.engine.rpc_timeout
                                        + BEGIN_STEP_SLACK,
                                        reconcile_interval=conf.migration.reconcile_interval,
@@ -157,6 +162,10 @@ class EngineService:
             access_policy=messaging.DefaultRPCAccessPolicy)
         if self.registrations is not None:
             self.registrations.start()
+        # the lease first: no begin of this run is ever recorded without one
+        ttl = self.conf.engine.worker_lease_ttl
+        self.db.register_worker(self.worker, self.conf.engine.host, ttl)
+        self._periodic("lease", ttl / LEASE_RENEWALS, 0, self._renew_lease)
         self.server.start()
         # Finish what a previous run left half-done, without holding up the
         # start: an agent that is down must not keep the engine from serving.
@@ -177,6 +186,15 @@ class EngineService:
                   "v": rpcapi.RPC_API_VERSION, "key": self.signer.fingerprint,
                   "pub": authn.public_key_path(Path(self.conf.engine.command_signing_key)),
                   "ops": getattr(self.admin_verifier, "fingerprint", "(none)")})
+
+    def _renew_lease(self) -> None:
+        _, lapsed = self.db.renew_worker(self.worker, self.conf.engine.host,
+                                         self.conf.engine.worker_lease_ttl)
+        if lapsed is not None:
+            LOG.warning("The lease of engine run %(w)s had lapsed (%(s).1f s ago, or its "
+                        "row was gone): other workers may have aborted its begins in "
+                        "flight meanwhile; renewed", {"w": self.worker,
+                                                      "s": lapsed.total_seconds()})
 
     def _attest_all(self) -> None:
         self.attestor.attest_all()
@@ -217,5 +235,11 @@ class EngineService:
             self.registrations.stop()
         for thread in self._threads:
             thread.join(timeout=10)
+        try:
+            # no call of this run runs any more (server.wait): a begin it
+            # left recorded is abandoned at once, not after the lease
+            self.db.deregister_worker(self.worker)
+        except Exception:  # noqa: BLE001 - the lease then lapses by itself
+            LOG.exception("Could not drop the lease of engine run %(w)s", {"w": self.worker})
         self.db.dispose()
         LOG.info("vtpcm-engine %(host)s stopped", {"host": self.conf.engine.host})

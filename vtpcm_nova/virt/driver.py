@@ -322,7 +322,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         the engine's reconcile finishes an abort that did not get through."""
         try:
             migration_id = _migration_id(migrate_data)
-            livemigration.abort(self.vtpcm_engine, migration_id, reason)
+            livemigration.abort(self.vtpcm_engine, migration_id, reason,
+                                instance_uuid=instance.uuid)
         except (exception.VTPCMException, nova_exception.MigrationError) as err:
             LOG.warning("vTPCM abort on rollback failed: %(err)s", {"err": err},
                         instance=instance)

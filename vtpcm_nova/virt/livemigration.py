@@ -24,6 +24,9 @@ LOG = logging.getLogger(__name__)
 COMMITTED = "COMMITTED"
 ABORTED_STATES = frozenset({"ABORTED", "REFUSED"})
 COMMIT_ATTEMPTS = 6  # sleeps 1 + 2 + 4 + 5 + 5 s between them
+# An abort the engine did not answer (timeout, transport) is sent again:
+# sleeps 1 + 2 + 4 s between the attempts. Then reconcile owns it.
+ABORT_ATTEMPTS = 4
 _MAX_REASON = 900
 
 
@@ -32,7 +35,8 @@ class Engine(Protocol):
     def begin(self, migration_id: str, instance_uuid: str, source: str,
               dest: str) -> em.MigrationInfo: ...
     def commit(self, migration_id: str) -> em.MigrationInfo: ...
-    def abort(self, migration_id: str, reason: str) -> em.MigrationInfo: ...
+    def abort(self, migration_id: str, reason: str,
+              instance_uuid: str | None = None) -> em.MigrationInfo: ...
     def get_migration(self, migration_id: str) -> em.MigrationInfo: ...
 
 
@@ -48,24 +52,29 @@ def begin(engine: Engine, migration_id: str, instance_uuid: str, source: str,
     """Seal the migration key to ``dest``'s TPM and prepare its incoming vTPCM.
 
     A begin that failed or whose answer was lost may have half-prepared the
-    destination: it is aborted at once (the abort is idempotent and a no-op
-    for a migration the engine never recorded), then the error is raised."""
+    destination: it is aborted at once (retried while unanswered), then the
+    error is raised. The abort names the instance: if the engine never
+    recorded the begin (it was still attesting when the caller gave up), it
+    leaves a tombstone, and the begin, should it arrive late, is refused."""
     try:
         info = engine.begin(migration_id, instance_uuid, source, dest)
     except exception.VTPCMException as err:
-        _abort_after_failed_begin(engine, migration_id, "begin failed: %s" % err)
+        _abort_after_failed_begin(engine, migration_id, instance_uuid,
+                                  "begin failed: %s" % err)
         raise
     if info.state != "PREPARED":
-        _abort_after_failed_begin(engine, migration_id, "begin answered %s" % info.state)
+        _abort_after_failed_begin(engine, migration_id, instance_uuid,
+                                  "begin answered %s" % info.state)
         raise exception.MigrationError(migration_id=migration_id,
                                        reason="begin answered %s, not PREPARED" % info.state)
     return info
 
 
-def _abort_after_failed_begin(engine: Engine, migration_id: str, reason: str) -> None:
+def _abort_after_failed_begin(engine: Engine, migration_id: str, instance_uuid: str,
+                              reason: str) -> None:
     """Best effort: the begin's own error is what the caller must see."""
     try:
-        abort(engine, migration_id, reason)
+        abort(engine, migration_id, reason, instance_uuid=instance_uuid)
     except exception.VTPCMException as err:
         LOG.warning("Migration %(mig)s: abort after a failed begin failed too (reconcile "
                     "finishes it): %(err)s", {"mig": migration_id, "err": err})
@@ -117,13 +126,43 @@ def commit(engine: Engine, migration_id: str, *, attempts: int = COMMIT_ATTEMPTS
     raise last
 
 
-def abort(engine: Engine, migration_id: str, reason: str) -> em.MigrationInfo | None:
+def abort(engine: Engine, migration_id: str, reason: str, *,
+          instance_uuid: str | None = None, attempts: int = ABORT_ATTEMPTS,
+          sleep: Callable[[float], None] = time.sleep) -> em.MigrationInfo | None:
     """Undo a begun migration: the destination's incoming vTPCM is destroyed,
     the source's is ACTIVE again. None when the engine never recorded the
-    migration (begin never reached it). The engine refuses after the commit
-    point, and that refusal is raised: then the vTPCM follows the guest."""
+    migration (begin never reached it; with ``instance_uuid`` the engine
+    records a tombstone instead and answers ABORTED). The engine refuses
+    after the commit point, and that refusal is raised: then the vTPCM
+    follows the guest.
+
+    An abort the engine did not answer (timeout, transport error) is sent
+    again, ``attempts`` times in all with a growing pause; then the error
+    is logged as given up and raised: the engine's reconcile (or the
+    deadline) owns the migration from there."""
+    for attempt in range(attempts):
+        try:
+            return _abort_once(engine, migration_id, reason, instance_uuid)
+        except exception.ServiceUnreachable as err:
+            if attempt + 1 >= attempts:
+                LOG.error("Migration %(mig)s: gave up aborting after %(n)d unanswered "
+                          "attempts (%(err)s); the engine's reconcile finishes the abort "
+                          "(a begin it never recorded expires unanswered)",
+                          {"mig": migration_id, "n": attempts, "err": err})
+                raise
+            LOG.warning("Migration %(mig)s: abort unanswered (%(err)s), attempt %(a)d of "
+                        "%(n)d; retrying", {"mig": migration_id, "err": err,
+                                            "a": attempt + 1, "n": attempts})
+            sleep(min(2.0 ** attempt, 5.0))
+    raise AssertionError("unreachable")  # the last attempt returned or raised
+
+
+def _abort_once(engine: Engine, migration_id: str, reason: str,
+                instance_uuid: str | None) -> em.MigrationInfo | None:
     try:
-        return engine.abort(migration_id, reason[:_MAX_REASON])
+        if instance_uuid is None:
+            return engine.abort(migration_id, reason[:_MAX_REASON])
+        return engine.abort(migration_id, reason[:_MAX_REASON], instance_uuid)
     except exception.NotFound:
         return None
     except exception.InvalidTransition:
@@ -136,7 +175,7 @@ def abort(engine: Engine, migration_id: str, reason: str) -> em.MigrationInfo | 
 
 
 def settle(engine: Engine, migration_id: str, *, running_on_dest: bool,
-           reason: str) -> em.MigrationInfo | None:
+           reason: str, instance_uuid: str | None = None) -> em.MigrationInfo | None:
     """After libvirt reported a failure: if the guest runs on the destination
     anyway (it finished as we gave up), the vTPCM must follow it (commit);
     an abort would leave the guest without its TPM. Otherwise abort."""
@@ -146,4 +185,4 @@ def settle(engine: Engine, migration_id: str, *, running_on_dest: bool,
         return commit(engine, migration_id)
     LOG.warning("Live migration %(mig)s failed, aborting: %(reason)s",
                 {"mig": migration_id, "reason": reason})
-    return abort(engine, migration_id, reason)
+    return abort(engine, migration_id, reason, instance_uuid=instance_uuid)

@@ -9,6 +9,7 @@ engine refuses any database not at head and changes nothing in it.
 from __future__ import annotations
 
 import datetime
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -368,7 +369,8 @@ def test_0005_indexes_the_reaper_tombstone_lookup(any_url: str) -> None:
     finally:
         eng.dispose()
     assert "ix_audit_instance_event" not in before
-    assert migration.db_sync(any_url).after == "revision 0005"
+    assert migration.db_sync(any_url, "0005").after == "revision 0005"
+    migration.db_sync(any_url)  # the engine opens only a database at head
     assert diff_with_models(any_url) == []
     eng = engine_of(any_url)
     try:
@@ -388,5 +390,46 @@ def test_0005_indexes_the_reaper_tombstone_lookup(any_url: str) -> None:
     try:
         assert db.has_audit(inst, "vtpcm.reap", "destroyed")
         assert not db.has_audit(inst, "vtpcm.reap", "refused")
+    finally:
+        db.dispose()
+
+
+def test_0006_adds_engine_run_leases_on_the_databases_clock(any_url: str) -> None:
+    """A database at 0005 with a begin in flight: kept. At head each engine
+    run holds a lease written and judged with the database server's clock
+    (never a worker's): live until it expires, renewed (saying how long it
+    had lapsed), gone at a clean stop."""
+    migration.db_sync(any_url, "0005")
+    mid = str(uuid.uuid4())
+    insert(any_url, "migrations", migration_id=mid,
+           instance_uuid="6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11", source="a", dest="b",
+           generation=3, state="PREPARING", created_at=T0, updated_at=T0, deadline=T0,
+           begun_by="engine-1/0123456789ab")
+    assert migration.db_sync(any_url).after == "revision 0006"
+    assert diff_with_models(any_url) == []
+    db = api.Database(any_url)
+    try:
+        assert db.get_migration(mid).begun_by == "engine-1/0123456789ab"
+        assert db.live_workers() == frozenset()  # that run is gone: its begin abandoned
+        now = db.db_now()
+        assert now.tzinfo is not None
+        assert abs((now - api.utcnow()).total_seconds()) < 5  # one machine here
+        expires = db.register_worker("engine-1/aaaa", "engine-1", 60)
+        assert 59 < (expires - now).total_seconds() < 65
+        # same host name; MariaDB keeps whole seconds (DATETIME), so a
+        # lease may end up to 1 s early there: harmless for a 60 s lease
+        db.register_worker("engine-1/bbbb", "engine-1", 2.0)
+        assert db.live_workers() == {"engine-1/aaaa", "engine-1/bbbb"}
+        time.sleep(2.5)
+        assert db.live_workers() == {"engine-1/aaaa"}
+        _, lapsed = db.renew_worker("engine-1/bbbb", "engine-1", 60)
+        assert lapsed is not None and lapsed.total_seconds() > 0
+        _, lapsed = db.renew_worker("engine-1/aaaa", "engine-1", 60)
+        assert lapsed is None
+        assert db.live_workers() == {"engine-1/aaaa", "engine-1/bbbb"}
+        db.deregister_worker("engine-1/aaaa")
+        assert db.live_workers() == {"engine-1/bbbb"}
+        _, lapsed = db.renew_worker("engine-1/aaaa", "engine-1", 60)  # its row was gone
+        assert lapsed == datetime.timedelta(0)
     finally:
         db.dispose()

@@ -24,12 +24,16 @@ from vtpcm_common.api.engine.rpcapi import EngineAPI
 # The engine's agent RPC timeout in these tests: "down past the RPC
 # timeout" means down longer than this.
 ENGINE_RPC_TIMEOUT = 5
-# The engine aborts a begin idle this long (coordinator.begin_abandoned):
-# the RPC timeout + BEGIN_STEP_SLACK.
+# The old step bound (the RPC timeout + BEGIN_STEP_SLACK), which now applies
+# only to begins that recorded no engine run.
 BEGIN_STEP_BOUND = ENGINE_RPC_TIMEOUT + 30
+# [engine] worker_lease_ttl: a begin of a killed engine run is aborted once
+# its lease lapsed, at the next reconcile (coordinator.begin_abandoned).
+WORKER_LEASE_TTL = 5
 # [migration] timeout: a caller's lost abort is settled by the deadline.
 MIGRATION_TIMEOUT = 40
-ENGINE_EXTRA = {"engine": {"rpc_timeout": ENGINE_RPC_TIMEOUT},
+ENGINE_EXTRA = {"engine": {"rpc_timeout": ENGINE_RPC_TIMEOUT,
+                           "worker_lease_ttl": WORKER_LEASE_TTL},
                 "migration": {"reconcile_interval": 1, "timeout": MIGRATION_TIMEOUT},
                 "attestation": {"verdict_ttl": 3600}}
 PCRS = (0, 7)

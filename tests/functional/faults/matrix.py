@@ -53,15 +53,6 @@ from vtpcm_nova.virt import livemigration
 # longer than the engine's agent RPC timeout and the driver's engine timeout
 DOWN_FOR = 6.5
 BROKER_RESTART = 1.0
-STEPS = ("before_begin", "inside_begin", "transfer", "after_switchover", "inside_commit")
-DAEMONS = ("engine", "src_agent", "dst_agent")
-SWTPM_STEPS = {"src_swtpm": ("after_switchover", "inside_commit"),
-               "dst_swtpm": ("transfer", "after_switchover", "inside_commit")}
-CELLS = ([(part, step, mode) for part in DAEMONS for step in STEPS
-          for mode in ("restart", "down")]
-         + [(part, step, "kill") for part, steps in SWTPM_STEPS.items() for step in steps]
-         # a broker restart: the relay the daemons reach RabbitMQ through, cut
-         + [("broker", step, mode) for step in STEPS[1:] for mode in ("restart", "down")])
 # a caller's lost abort before the commit point is settled by the deadline
 CONVERGE_WITHIN = MIGRATION_TIMEOUT + 20.0
 

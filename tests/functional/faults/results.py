@@ -2,12 +2,16 @@
 ``tools/faults-table.py`` turns into ``doc/source/faults.rst``.
 
 Each run updates the cells it ran and keeps the others, so a run of a few
-cells (``-k``) does not erase the rest of the table."""
+cells (``-k``) does not erase the rest of the table. Each cell names the
+commit it ran on (``+dirty`` if the tree had changes), so the table says
+which code it speaks for."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import subprocess
 import threading
 from pathlib import Path
 
@@ -17,6 +21,22 @@ SURVIVED = "survived"
 OPERATOR = "operator"
 LOST = "lost"
 _LOCK = threading.Lock()
+ROOT = Path(__file__).resolve().parents[3]
+
+
+@functools.cache
+def commit() -> str:
+    """The checkout's commit, ``+dirty`` with uncommitted changes; "unknown"
+    outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, check=True,
+                              capture_output=True, text=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=ROOT, check=True, capture_output=True,
+                               text=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
 
 
 def record(cell: str, outcome: str, detail: str, seconds: float) -> None:
@@ -24,5 +44,6 @@ def record(cell: str, outcome: str, detail: str, seconds: float) -> None:
     assert outcome in (SURVIVED, OPERATOR, LOST), outcome
     with _LOCK:
         data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
-        data[cell] = {"outcome": outcome, "detail": detail, "seconds": round(seconds, 1)}
+        data[cell] = {"outcome": outcome, "detail": detail, "seconds": round(seconds, 1),
+                      "commit": commit()}
         RESULTS.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")

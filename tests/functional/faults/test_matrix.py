@@ -3,12 +3,12 @@ the broker, killed at every step of a migration (``matrix.run_cell``), on one
 deployment with two tests first: the planted positive controls of the
 checker, and issue 10's begin that never returned (point 1).
 
-A begin that never returned success to its caller is aborted at once when
-its engine worker is gone, not at the deadline. Today's failure: the engine
-dies between the seal and the prepare; after its restart the migration
-stayed PREPARING until ``[migration] timeout`` (3 h), the destination kept a
-running swtpm, state and key, and every new migration of the VM was
-refused."""
+A begin that never returned success to its caller is aborted once its
+engine run's lease lapsed (``[engine] worker_lease_ttl``), not at the
+deadline. The first failure: the engine dies between the seal and the
+prepare; after its restart the migration stayed PREPARING until
+``[migration] timeout`` (3 h), the destination kept a running swtpm, state
+and key, and every new migration of the VM was refused."""
 
 import os
 import shutil
@@ -21,8 +21,10 @@ import uuid
 import pytest
 
 from tests.functional import tpmtools
+from tests.functional.faults.cells import CELLS
 from tests.functional.faults.deployment import (
     BEGIN_STEP_BOUND,
+    WORKER_LEASE_TTL,
     Deployment,
     assert_one_place,
     files_now,
@@ -32,7 +34,7 @@ from tests.functional.faults.deployment import (
     switchover,
     wait_state,
 )
-from tests.functional.faults.matrix import CELLS, run_cell
+from tests.functional.faults.matrix import run_cell
 from tests.functional.faults.relay import BrokerRelay
 from tests.functional.harness import wait_for
 from vtpcm_common import exception
@@ -69,7 +71,8 @@ def test_checker_finds_a_state_dir_a_key_file_and_a_process_left_behind(
     d.at["a"].destroy_vtpcm(instance)
 
 
-def test_engine_killed_inside_begin_is_aborted_at_its_restart(deployment: Deployment) -> None:
+def test_engine_killed_inside_begin_is_aborted_once_its_lease_lapses(
+        deployment: Deployment) -> None:
     d = deployment
     a, b = d.hosts["a"], d.hosts["b"]
     files = files_now(d)  # other instances' (earlier tests of the module)
@@ -98,11 +101,13 @@ def test_engine_killed_inside_begin_is_aborted_at_its_restart(deployment: Deploy
     thread.join(timeout=30)
     assert errors, "the begin answered although its engine was killed"
     d.restart_engine()
-    # at start, not after the step bound nor the deadline: waiting less
-    # than the bound shows which rule aborted it
-    assert wait_state(d, mid, {"ABORTED"}, BEGIN_STEP_BOUND - 10) == "ABORTED"
+    # once the killed run's lease lapsed (the new run reconciles every
+    # second), not after the step bound nor the deadline: waiting less
+    # than the step bound shows which rule aborted it
+    assert wait_state(d, mid, {"ABORTED"}, WORKER_LEASE_TTL + 10) == "ABORTED"
+    assert WORKER_LEASE_TTL + 10 < BEGIN_STEP_BOUND
     info = d.operator.get_migration(mid)
-    assert "the engine worker that ran it" in (info.error or ""), info
+    assert "holds no live lease" in (info.error or ""), info
     assert assert_one_place(d, instance, files)[:2] == ("a", vtpcm_id)
     assert tpmtools.read_guest_state(a.paths(instance, vtpcm_id), with_key=True) == before
     # the next migration of that VM succeeds

@@ -50,7 +50,7 @@ EXPECTED = {
     "agent.StateBlobs": "1.0-315d79c47ea96a73b4b3c8e38e5569ea",
     "agent.VTPCMInfo": "1.0-5e2225f703d19ae49f95ddea5073122e",
     "agent.VTPCMList": "1.0-f5ba242c9ce7e747ae21d7e8e95a63ba",
-    "engine.AbortMigration": "1.0-7040313d70c75fc2e024dd050cf98e17",
+    "engine.AbortMigration": "1.10-1aa47c1d832d69c1eb120ca7245f8827",
     "engine.AssignPolicy": "1.0-7b1136920f819b1c8a2a5517a8dff2ea",
     "engine.AuditEntry": "1.0-47f4c5c683e20fca6104ae0de010303d",
     "engine.AuditList": "1.0-800e15880465a488d0dcee3d3967fc14",

@@ -356,6 +356,21 @@ def test_the_1_8_decisions_go_as_1_8_only_when_asked(call, flag):
     assert recorder.sent == []
 
 
+def test_abort_names_the_instance_only_as_1_10():
+    """An engine of 1.9 gets the abort it accepts (no unknown field); a
+    client capped at 1.9 sends it so too, without the tombstone."""
+    api = _engine_api()
+    sent = _sent(api, lambda api: api.abort(MIGRATION, "why", INSTANCE))
+    assert sent["version"] == "1.10" and sent["args"]["payload"]["instance_uuid"] == INSTANCE
+    assert _signed_by(api.host_signer, sent)
+    sent = _sent(_engine_api(), lambda api: api.abort(MIGRATION, "why"))
+    assert sent["version"] == "1.2" and "instance_uuid" not in sent["args"]["payload"]
+    capped = engine_rpcapi.EngineAPI(_conf(), host_signer=_signer(), version_cap="1.9")
+    sent = _sent(capped, lambda api: api.abort(MIGRATION, "why", INSTANCE))
+    assert sent["version"] == "1.2" and "instance_uuid" not in sent["args"]["payload"]
+    assert "auth" in sent["args"]
+
+
 def test_quote_asks_for_the_kem_report_only_from_agents_that_know_it():
     """1.9 adds ``kem`` to the request: an agent capped below must get the
     1.1 form (no ``kem`` on the wire), which it accepts."""

@@ -1,13 +1,14 @@
-"""Which begins reconcile aborts at once (issue 10): the ownership rule of
-``coordinator.begin_abandoned``, checked case by case against a live
-begin of another worker, which must be left alone."""
+"""Which begins reconcile aborts (issue 10): the rule of
+``coordinator.begin_abandoned``, checked case by case. A begin of a live
+engine run is left alone, whatever its host name and however slow its
+step; one of a run without a live lease is aborted at once."""
 
 import datetime
 
 from vtpcm_nova.engine.coordinator import begin_abandoned, worker_id
 from vtpcm_nova.engine.db.records import MigrationRecord
 
-NOW = datetime.datetime(2026, 11, 30, 12, 0, 0)
+NOW = datetime.datetime(2026, 11, 30, 12, 0, 0, tzinfo=datetime.UTC)
 BOUND = 90.0
 
 
@@ -17,30 +18,58 @@ def _rec(begun_by: str | None, idle: float) -> MigrationRecord:
                            NOW + datetime.timedelta(hours=3), None, "ACTIVE", begun_by)
 
 
-def test_a_begin_of_this_workers_previous_run_is_abandoned_at_once() -> None:
-    before, now = worker_id("engine-1"), worker_id("engine-1")
-    assert before != now
-    why = begin_abandoned(_rec(before, 0.5), now, NOW, BOUND)
-    assert why == ("its begin never returned: the engine worker that ran it (%s) "
-                   "restarted" % before)
+def _live(*workers: str):  # noqa: ANN202 - a tiny fake
+    return lambda: frozenset(workers)
 
 
-def test_a_live_begin_of_this_run_or_another_worker_is_left_alone() -> None:
-    me = worker_id("engine-1")
-    assert begin_abandoned(_rec(me, BOUND), me, NOW, BOUND) is None
-    # engine-10 shares a prefix with engine-1: not the same worker
-    assert begin_abandoned(_rec(worker_id("engine-10"), BOUND), me, NOW, BOUND) is None
-    assert begin_abandoned(_rec(None, 1), me, NOW, BOUND) is None
+def _nowhere(_mid: str) -> bool:
+    return False
 
 
-def test_a_begin_idle_past_one_steps_bound_is_abandoned_whoever_ran_it() -> None:
-    me = worker_id("engine-1")
-    for owner in (worker_id("engine-2"), None, me):
-        assert begin_abandoned(_rec(owner, BOUND + 1), me, NOW, BOUND) == (
-            "its begin never returned: no step for 91 s (one step takes at most 90 s)")
+def test_two_live_runs_sharing_a_host_name_leave_each_others_begins_alone() -> None:
+    """Found by review: the name rule aborted the begin of the other live
+    run of ``engine-1`` at every reconcile."""
+    mine, other = worker_id("engine-1"), worker_id("engine-1")
+    assert mine != other
+    assert begin_abandoned(_rec(other, 0.5), mine, _live(mine, other), _nowhere,
+                           NOW, BOUND) is None
 
 
-def test_host_names_with_slashes_compare_whole() -> None:
-    me = worker_id("site/engine-1")
-    assert begin_abandoned(_rec(worker_id("engine-1"), 1), me, NOW, BOUND) is None
-    assert begin_abandoned(_rec(worker_id("site/engine-1"), 1), me, NOW, BOUND) is not None
+def test_a_slow_step_of_a_live_run_is_never_aborted() -> None:
+    mine, other = worker_id("engine-1"), worker_id("engine-2")
+    assert begin_abandoned(_rec(other, 10 * BOUND), mine, _live(mine, other), _nowhere,
+                           NOW, BOUND) is None
+    assert begin_abandoned(_rec(mine, 10 * BOUND), mine, _live(mine),
+                           lambda mid: mid == "m", NOW, BOUND) is None
+
+
+def test_a_begin_of_a_run_without_a_live_lease_is_abandoned_at_once() -> None:
+    mine, gone = worker_id("engine-1"), worker_id("engine-1")
+    why = begin_abandoned(_rec(gone, 0.5), mine, _live(mine), _nowhere, NOW, BOUND)
+    assert why == ("its begin never returned: the engine run that ran it (%s) holds no "
+                   "live lease (stopped, or killed and its lease lapsed)" % gone)
+
+
+def test_a_begin_this_run_recorded_but_no_longer_runs_is_abandoned() -> None:
+    """Its thread ended without moving the state (an error between two
+    writes): the lease is live, but this run knows it runs no such begin."""
+    mine = worker_id("engine-1")
+    why = begin_abandoned(_rec(mine, 0.5), mine, _live(mine), _nowhere, NOW, BOUND)
+    assert why == ("its begin never returned: this engine run (%s) recorded it and no "
+                   "longer runs it" % mine)
+
+
+def test_the_lease_table_is_read_only_for_other_runs_begins() -> None:
+    def unread() -> frozenset[str]:
+        raise AssertionError("live workers read for a begin of this run")
+    mine = worker_id("engine-1")
+    assert begin_abandoned(_rec(mine, 1), mine, unread, lambda _m: True, NOW, BOUND) is None
+
+
+def test_a_begin_without_a_recorded_run_falls_back_to_the_step_bound() -> None:
+    mine = worker_id("engine-1")
+    assert begin_abandoned(_rec(None, BOUND - 1), mine, _live(mine), _nowhere,
+                           NOW, BOUND) is None
+    assert begin_abandoned(_rec(None, BOUND + 1), mine, _live(mine), _nowhere, NOW,
+                           BOUND) == ("its begin never returned: no step for 91 s (one "
+                                      "step takes at most 90 s)")

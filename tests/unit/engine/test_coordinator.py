@@ -946,3 +946,103 @@ def test_an_engine_dying_right_after_the_commit_point_leaves_it_audited(env, mon
     assert len(points) == 1
     assert [a.outcome for a in db.list_audit(limit=50)
             if (a.migration_id, a.event) == (mid, "migration.begin")] == ["accepted"]
+
+
+# --- tombstones and leases (issue 10 review) ----------------------------------------
+
+def test_abort_of_an_unrecorded_id_leaves_a_tombstone_that_refuses_the_late_begin(env):
+    """The caller's begin timed out before the engine wrote its record: its
+    abort, naming the instance, records the migration ABORTED; the begin,
+    arriving later, is refused and moves nothing."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    tomb = coord.abort(mid, "begin failed: timed out", instance_uuid=INSTANCE,
+                       requested_by="host-a")
+    assert (tomb.state, tomb.error, tomb.source) == (
+        "ABORTED", coordinator.TOMBSTONE_REASON, "host-a")
+    with pytest.raises(exception.MigrationError,
+                       match="its caller aborted it before the engine recorded its begin"):
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert names(agents) == []
+    assert db.get_vtpcm(INSTANCE).migration_id is None
+    outcomes = [(a.event, a.outcome) for a in db.list_audit(limit=10) if a.migration_id == mid]
+    assert ("migration.abort", "tombstone") in outcomes
+    assert ("migration.begin", "refused") in outcomes
+    # an abort retried after the tombstone is a no-op success
+    assert coord.abort(mid, "again", instance_uuid=INSTANCE,
+                       requested_by="host-a").state == "ABORTED"
+
+
+def test_a_tombstone_written_while_the_begin_attests_refuses_it(env):
+    coord, db, agents, trust, _ = env
+    mid = str(uuid.uuid4())
+    real = trust.check_fresh
+
+    def slow_attestation(host):  # the caller gives up and aborts meanwhile
+        coord.abort(mid, "begin timed out", instance_uuid=INSTANCE, requested_by="host-a")
+        return real(host)
+    trust.check_fresh = slow_attestation
+    with pytest.raises(exception.MigrationError, match="aborted it before the engine"):
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert names(agents) == []
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.state, rec.migration_id) == ("STOPPED", None)  # the claim rolled back
+    assert db.get_migration(mid).state == "ABORTED"
+
+
+def test_only_the_holder_may_tombstone_and_only_with_the_instance(env):
+    coord, db, _, _, _ = env
+    mid = str(uuid.uuid4())
+    with pytest.raises(exception.CommandRefused, match="not host-a, the holder"):
+        coord.abort(mid, "x", instance_uuid=INSTANCE, requested_by="host-b")
+    with pytest.raises(exception.NotFound):
+        coord.abort(mid, "x")
+    with pytest.raises(exception.NotFound):
+        db.get_migration(mid)
+
+
+def _recorded_begin(db, mid, begun_by):
+    db.create_migration(mid, INSTANCE, "host-a", "host-b", 0, "SEALING",
+                        T0 + datetime.timedelta(hours=3), now=T0, prior_state="STOPPED",
+                        begun_by=begun_by)
+
+
+def test_reconcile_spares_begins_of_live_runs_and_aborts_those_of_gone_ones(env):
+    """Two live runs may share a host name; only a run without a live
+    lease (by the database's clock) loses its begins."""
+    coord, db, _, _, _ = env
+    coord.worker = coordinator.worker_id("engine-1")
+    other = coordinator.worker_id("engine-1")
+    db.register_worker(other, "engine-1", 60)
+    mid = str(uuid.uuid4())
+    _recorded_begin(db, mid, other)
+    coord.reconcile()
+    assert db.get_migration(mid).state == "SEALING"
+    db.deregister_worker(other)  # its clean stop
+    coord.reconcile()
+    rec = db.get_migration(mid)
+    assert rec.state == "ABORTED"
+    assert "holds no live lease" in rec.error
+
+
+def test_reconcile_aborts_a_begin_of_this_run_only_once_it_no_longer_runs_it(env):
+    coord, db, agents, _, _ = env
+    coord.worker = coordinator.worker_id("engine-1")
+    db.register_worker(coord.worker, "engine-1", 60)
+    mid = str(uuid.uuid4())
+    seen = []
+    real_seal = agents.seal_migration_key
+
+    def seal_during_reconcile(*args, **kwargs):  # a reconcile pass mid-step
+        coord.reconcile()
+        seen.append(db.get_migration(mid).state)
+        return real_seal(*args, **kwargs)
+    agents.seal_migration_key = seal_during_reconcile
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    assert seen == ["SEALING"]
+    coord.abort(mid, "done")
+    # a begin this run recorded but whose thread is gone (a database error)
+    left = str(uuid.uuid4())
+    _recorded_begin(db, left, coord.worker)
+    coord.reconcile()
+    assert "recorded it and no longer runs it" in db.get_migration(left).error

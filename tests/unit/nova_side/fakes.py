@@ -15,6 +15,7 @@ class FakeEngine:
         self.vtpcms: dict[str, em.VtpcmRecord] = {}
         self.migrations: dict[str, em.MigrationInfo] = {}
         self.fail: dict[str, list[exception.VTPCMException]] = {}
+        self.abort_instances: list[str | None] = []  # instance_uuid of each abort
 
     def _maybe_fail(self, method: str) -> None:
         errors = self.fail.get(method)
@@ -80,12 +81,14 @@ class FakeEngine:
         self._maybe_fail("commit")
         return self._mig(migration_id, "COMMITTED")
 
-    def abort(self, migration_id: str, reason: str) -> em.MigrationInfo:
+    def abort(self, migration_id: str, reason: str,
+              instance_uuid: str | None = None) -> em.MigrationInfo:
         self.calls.append(("abort", migration_id))
+        self.abort_instances.append(instance_uuid)
         self._maybe_fail("abort")
-        if migration_id not in self.migrations:
+        if migration_id not in self.migrations and instance_uuid is None:
             raise exception.NotFound(what="migration", key=migration_id)
-        return self._mig(migration_id, "ABORTED")
+        return self._mig(migration_id, "ABORTED")  # or the engine's tombstone
 
     def get_migration(self, migration_id: str) -> em.MigrationInfo:
         self.calls.append(("get_migration", migration_id))

@@ -121,3 +121,57 @@ def test_abort_after_the_commit_point_is_raised() -> None:
                                                         target="AbortRequested")]
     with pytest.raises(exception.InvalidTransition, match="from COMMITTED"):
         lm.abort(engine, MIG, "x")
+
+
+def _unanswered(method: str = "abort") -> exception.ServiceUnreachable:
+    return exception.ServiceUnreachable(service="vtpcm-engine", method=method,
+                                        reason="MessagingTimeout")
+
+
+def test_an_unanswered_abort_is_retried_with_backoff_then_lands() -> None:
+    """Issue 10 review: one lost abort left the migration to the deadline."""
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARED")
+    engine.fail["abort"] = [_unanswered(), _unanswered()]
+    slept: list[float] = []
+    info = lm.abort(engine, MIG, "rolled back", instance_uuid=INSTANCE, sleep=slept.append)
+    assert info is not None and info.state == "ABORTED"
+    assert engine.methods() == ["abort", "abort", "abort"]
+    assert slept == [1.0, 2.0]
+    assert engine.abort_instances == [INSTANCE] * 3
+
+
+def test_an_abort_unanswered_every_time_gives_up_bounded_and_says_so(
+        caplog: pytest.LogCaptureFixture) -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARED")
+    engine.fail["abort"] = [_unanswered() for _ in range(lm.ABORT_ATTEMPTS + 1)]
+    slept: list[float] = []
+    with pytest.raises(exception.ServiceUnreachable, match="did not answer abort"):
+        lm.abort(engine, MIG, "rolled back", sleep=slept.append)
+    assert engine.methods() == ["abort"] * lm.ABORT_ATTEMPTS
+    assert slept == [1.0, 2.0, 4.0]
+    assert "gave up aborting after %d unanswered attempts" % lm.ABORT_ATTEMPTS in caplog.text
+    assert "reconcile finishes the abort" in caplog.text
+
+
+def test_a_refused_abort_is_not_retried() -> None:
+    engine = FakeEngine()
+    engine._mig(MIG, "COMMITTING")
+    engine.fail["abort"] = [exception.InvalidTransition(what="migration", key=MIG,
+                                                        current="COMMITTING",
+                                                        target="AbortRequested")]
+    with pytest.raises(exception.InvalidTransition):
+        lm.abort(engine, MIG, "x", sleep=_no_sleep)
+    assert engine.methods() == ["abort", "get_migration"]
+
+
+def test_a_failed_begin_is_aborted_naming_its_instance_for_the_tombstone() -> None:
+    """The engine may not have recorded the begin yet: with the instance,
+    the abort leaves a tombstone that refuses the begin if it lands late."""
+    engine = FakeEngine()
+    engine.fail["begin"] = [_unanswered("begin")]
+    with pytest.raises(exception.ServiceUnreachable, match="did not answer begin"):
+        lm.begin(engine, MIG, INSTANCE, "src", "dst")
+    assert engine.abort_instances == [INSTANCE]
+    assert engine.migrations[MIG].state == "ABORTED"

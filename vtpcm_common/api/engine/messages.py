@@ -245,6 +245,13 @@ class AbortMigration(Message):
     message_type = "abort_migration"
     migration_id: str = field(wire.uuid_field)
     reason: str = field(wire.text_field(1000))
+    # 1.10: the instance the migration moves. For an id the engine has no
+    # record of (the caller's begin timed out before it was written), the
+    # abort is then signed by the host holding that instance's vTPCM and
+    # leaves an ABORTED tombstone a late begin of the id is refused by.
+    # Sent only when set, and then as 1.10.
+    instance_uuid: str | None = field(wire.optional(wire.uuid_field), default=None,
+                                      omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)

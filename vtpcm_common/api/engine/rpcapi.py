@@ -65,6 +65,13 @@ API version history:
           at most 10,000 a page): the scheduler filter's query, since a
           ``verdicts`` reply cannot carry more than 10,000 hosts and costs
           ten times more to check. ``verdicts`` stays for other callers.
+    1.10 - abort takes the migration's ``instance_uuid`` (sent only when
+          given, and then as 1.10): an abort of a migration id the engine
+          has no record of (its begin timed out in the caller before the
+          engine wrote it), signed by the host holding that instance's
+          vTPCM, leaves an ABORTED tombstone, and a begin of that id
+          arriving later is refused. Capped at 1.9, the client sends the
+          abort without it (as 1.2), as before.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -90,9 +97,11 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.9"
+RPC_API_VERSION = "1.10"
 
 R = TypeVar("R", bound=Message)
+# abort with the instance (the tombstone of an unrecorded migration)
+ABORT_TOMBSTONE_VERSION = "1.10"
 
 # State-changing calls that decide which hosts are trusted: operator-signed.
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
@@ -310,7 +319,14 @@ class EngineAPI(rpc.Client):
         received incoming vTPCM again (signed by the destination)."""
         return self._ask("start_incoming", m.MigrationRef(migration_id), m.VtpcmStatus)
 
-    def abort(self, migration_id: str, reason: str) -> m.MigrationInfo:
+    def abort(self, migration_id: str, reason: str,
+              instance_uuid: str | None = None) -> m.MigrationInfo:
+        """``instance_uuid`` (1.10, left out by a client capped below):
+        lets the engine tombstone a migration it never recorded."""
+        if instance_uuid is not None and self.can_send_version(ABORT_TOMBSTONE_VERSION):
+            return self._call("abort", ABORT_TOMBSTONE_VERSION,
+                              m.AbortMigration(migration_id, reason[:1000], instance_uuid),
+                              m.MigrationInfo, signer=self.host_signer)
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
                           m.MigrationInfo)
 

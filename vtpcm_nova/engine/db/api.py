@@ -11,7 +11,7 @@ host row (``store.Store._update_host``).
 
 Why a facade: the queries live per area, one mixin each (``schema``,
 ``hosts``, ``keys``, ``trust``, ``policies``, ``vtpcms``, ``migrations``,
-``nonces``, ``audit``, on ``store.Store``); ``Database`` composes them, so a
+``nonces``, ``audit``, ``workers``, on ``store.Store``); ``Database`` composes them, so a
 method spanning areas still runs in one session, and callers keep importing
 everything from here.
 """
@@ -43,6 +43,7 @@ from vtpcm_nova.engine.db.records import (
 from vtpcm_nova.engine.db.schema import SchemaStore
 from vtpcm_nova.engine.db.store import utcnow
 from vtpcm_nova.engine.db.vtpcms import VtpcmStore
+from vtpcm_nova.engine.db.workers import WorkerStore
 
 __all__ = ["DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AbandonedRecord", "AuditEntry",
            "AuditRecord", "Database", "HostRecord", "MigrationRecord", "PolicyRecord", "TrustBasis",
@@ -52,7 +53,7 @@ DEFAULT_URL = "sqlite:////var/lib/vtpcm/engine.sqlite"
 
 
 class Database(SchemaStore, HostStore, PolicyStore, VtpcmStore, MigrationStore, NonceStore,
-               AuditStore):
+               AuditStore, WorkerStore):
     """One engine database; safe to have several (processes or objects) on one URL."""
 
     def __init__(self, url: str = DEFAULT_URL, *, check_schema: bool = True) -> None:

@@ -60,7 +60,8 @@ class MigrationStore(Store):
                          prior_state: str | None = None,
                          begun_by: str | None = None,
                          claim: VtpcmClaim | None = None,
-                         audits: Sequence[AuditEntry] = ()) -> MigrationRecord:
+                         audits: Sequence[AuditEntry] = (),
+                         error: str | None = None) -> MigrationRecord:
         """Record a new migration; with ``claim``, claim its vTPCM in the
         same transaction. Two transactions left a window: an engine killed
         between them left the vTPCM held by a migration that did not exist,
@@ -85,7 +86,7 @@ class MigrationStore(Store):
             row = models.Migration(migration_id=migration_id, instance_uuid=instance_uuid,
                                    source=source, dest=dest, generation=generation,
                                    state=state, created_at=now, updated_at=now,
-                                   deadline=deadline, error=None,
+                                   deadline=deadline, error=error,
                                    prior_state=prior_state, begun_by=begun_by)
             s.add(row)
             s.add_all([entry.row(now) for entry in audits])

@@ -229,3 +229,16 @@ class AbandonedVtpcm(Base):
     host: Mapped[str] = mapped_column(String(HOST_LEN))
     generation: Mapped[int] = mapped_column(BigInteger)
     abandoned_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+
+
+class EngineWorker(Base):
+    """One engine run's lease (0006): ``worker_id`` is what its begins
+    record in ``migrations.begun_by``. Written with the database's clock
+    only (``workers.WorkerStore``), so workers' clocks never meet; a run's
+    begins are abandoned once its row is gone (clean stop) or expired."""
+    __tablename__ = "engine_workers"
+    worker_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(HOST_LEN))
+    started_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    renewed_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
