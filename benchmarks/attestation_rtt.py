@@ -45,7 +45,6 @@ from vtpcm_common.api.engine.rpcapi import EngineAPI  # noqa: E402
 from vtpcm_lab import daemons  # noqa: E402
 from vtpcm_lab.hosttpm import BOOT_PCRS, HostTPMStandIn, measured_boot  # noqa: E402
 from vtpcm_nova.engine import verifier  # noqa: E402
-from vtpcm_nova.engine.db import migration  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,7 +100,13 @@ class _Arm:
         engine = daemons.EngineDaemon(self.work, self.exchange,
                                       "sqlite:///%s/e.sqlite" % self.work,
                                       extra={"DEFAULT": {"debug": "false"}})
-        migration.db_sync(str(engine.config["engine"]["connection"]))
+        # the schema of the arm's own code (the two may differ by a migration)
+        subprocess.run([sys.executable, "-c", "import sys\n"
+                        "from vtpcm_nova.engine.db import migration\n"
+                        "migration.db_sync(sys.argv[1])",
+                        str(engine.config["engine"]["connection"])],
+                       env=dict(os.environ, PYTHONPATH=str(self.root)), check=True,
+                       cwd=str(self.root))
         for daemon, role in ((agent, "agent"), (engine, "engine")):
             self._launch(daemon)
             assert daemon.pid is not None
