@@ -257,9 +257,12 @@ class Attestor:
         checks the one reply to it, so it is single-use and bound to host
         and challenge by construction; its expiry is checked and its record
         (unique) written with the verdict. The clock baseline judged against
-        is the challenge's, which is safe because any later baseline comes
-        with a later verdict or a host revision change, either of which
-        makes ours stale when it lands."""
+        is the challenge's; a verdict stored meanwhile may have moved it
+        (one of an earlier challenge does, without making ours stale), so
+        the verdict's transaction compares it under lock and, if it moved,
+        judges ours again against the stored one (a reboot or TPM Restart
+        between the two quotes is seen as one) or drops ours if its quote
+        is the older."""
         now = self._now()
         with spans.span("attest:challenge"):
             challenge = self.db.open_challenge(host)
@@ -284,9 +287,24 @@ class Attestor:
                 evidence, kem = self._check_quote(record, nonce, policy.bank, reply)
         except exception.AttestationError as err:
             return self._store(basis, TrustStatus.UNTRUSTED, str(err), nonce=used)
+        def judge(baseline: verifier.ClockState | None) -> tuple[TrustStatus, str, bool]:
+            return self._judge(record, policy, evidence, kem, baseline)
+
         with spans.span("attest:evaluate"):
-            verdict = verifier.evaluate(evidence, policy.spec(), challenge.clock,
-                                        reboot_policy=self.reboot_policy)
+            status, reason, reapprove = judge(challenge.clock)
+        return self._store(basis, status, reason, nonce=used,
+                           clock=verifier.clock_state(evidence), reapprove=reapprove,
+                           baseline=challenge.clock, rejudge=judge)
+
+    def _judge(self, record: HostRecord, policy: PolicyRecord,
+               evidence: verifier.QuoteEvidence, kem: _KemReport,
+               baseline: verifier.ClockState | None) -> tuple[TrustStatus, str, bool]:
+        """The verdict on verified evidence against clock ``baseline``:
+        (status, reason, whether the host goes back to PENDING). Pure but
+        for a once-per-key warning: the verdict's transaction calls it
+        again, under lock, if the stored baseline moved since the challenge."""
+        verdict = verifier.evaluate(evidence, policy.spec(), baseline,
+                                    reboot_policy=self.reboot_policy)
         reapprove = (verdict.rebooted and not verdict.trusted
                      and self.reboot_policy == "reapprove")
         status, reason = verdict.status, verdict.reason
@@ -294,8 +312,7 @@ class Attestor:
             problem = self._kem_problem(record, policy, kem)
             if problem is not None:
                 status, reason = TrustStatus.UNTRUSTED, problem
-        return self._store(basis, status, reason, nonce=used,
-                           clock=verifier.clock_state(evidence), reapprove=reapprove)
+        return status, _short(reason), reapprove
 
     def _kem_problem(self, record: HostRecord, policy: PolicyRecord,
                      kem: _KemReport) -> str | None:
@@ -419,7 +436,10 @@ class Attestor:
 
     def _store(self, basis: TrustBasis, status: TrustStatus, reason: str, *,
                clock: verifier.ClockState | None = None, reapprove: bool = False,
-               nonce: tuple[bytes, str, datetime.datetime] | None = None) -> VerdictRecord:
+               nonce: tuple[bytes, str, datetime.datetime] | None = None,
+               baseline: verifier.ClockState | None = None,
+               rejudge: Callable[[verifier.ClockState], tuple[TrustStatus, str, bool]]
+               | None = None) -> VerdictRecord:
         """Record the verdict unless its basis changed meanwhile, with the
         quote's ``nonce`` (value, purpose, expiry) on record as used and the
         audit in the same transaction (a nonce expired or on record already
@@ -430,17 +450,19 @@ class Attestor:
             with spans.span("attest:conclude"):
                 verdict, changed = self.db.conclude_attestation(
                     basis, status, reason, basis.challenged_at + self.verdict_ttl, now=now,
-                    clock=clock, reapprove=reapprove, nonce=nonce)
+                    clock=clock, reapprove=reapprove, nonce=nonce, baseline=baseline,
+                    rejudge=rejudge)
         except exception.StaleAttestation as err:
             return self._discarded(basis, status, err.kwargs["reason"])
         except exception.QuoteVerificationError as err:  # the nonce: nothing stored
             return self._store(basis, TrustStatus.UNTRUSTED, str(err))
-        if status is TrustStatus.TRUSTED:
+        if verdict.trusted:  # ours, maybe judged again (see conclude_attestation)
             if changed:
                 LOG.info("Host %(host)s is TRUSTED", {"host": host})
         else:
             LOG.warning("Host %(host)s is %(status)s: %(reason)s",
-                        {"host": host, "status": status.value, "reason": reason})
+                        {"host": host, "status": verdict.status.value,
+                         "reason": verdict.reason})
         return verdict
 
     def _discarded(self, basis: TrustBasis, status: TrustStatus, why: str) -> VerdictRecord:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select, update
@@ -40,6 +41,11 @@ from vtpcm_nova.engine.db.records import (
     verdict_rec,
 )
 from vtpcm_nova.engine.db.store import Store, utcnow
+
+Rejudge = Callable[[verifier.ClockState], tuple[verifier.TrustStatus, str, bool]]
+"""The attesting call's verdict judged again against another clock
+baseline: (status, reason, reapprove). Pure: it runs under the locks of
+the verdict's transaction."""
 
 
 def _effective_verdict(r: models.VerdictRow, host_status: str) -> VerdictRecord:
@@ -77,9 +83,15 @@ class TrustStore(Store):
 
     def open_challenge(self, host: str) -> Challenge:
         """The host, its policy (if APPROVED with one) and its clock
-        baseline, in ONE read-only transaction: one consistent snapshot
-        where there were three reads, and no write (no fsync) before the
-        quote. NotFound for an unknown host or a policy gone."""
+        baseline, in ONE read-only transaction and no write (no fsync)
+        before the quote. NotFound for an unknown host or a policy gone.
+
+        Not a consistent snapshot: on SQLite and on PostgreSQL's READ
+        COMMITTED each read sees what was committed when it ran, so a
+        change committed between them can show in one and not another.
+        Nothing relies on it: ``conclude_attestation`` re-checks all of it
+        under lock (host revision, policy revision, and the clock baseline,
+        judged again if it moved)."""
         with self.session() as s:
             row = s.scalar(select(models.Host).where(models.Host.name == host))
             if row is None:
@@ -102,21 +114,35 @@ class TrustStore(Store):
                              clock: verifier.ClockState | None = None,
                              reapprove: bool = False,
                              nonce: tuple[bytes, str, datetime.datetime] | None = None,
+                             baseline: verifier.ClockState | None = None,
+                             rejudge: Rejudge | None = None,
                              ) -> tuple[VerdictRecord, bool]:
         """``record_attestation``, and in the SAME transaction the quote's
         ``nonce`` (value, purpose, expiry) recorded as used (expired or
         already on record: QuoteVerificationError and nothing changes) and
         the audit entries: a non-TRUSTED verdict always, a TRUSTED one when
         the status changed, the reboot that sent the host to PENDING.
+
+        ``baseline`` is the clock baseline the verdict was judged against
+        (the challenge's). If the stored one differs when the clock row is
+        locked here, another verdict stored its quote's clock since the
+        challenge (with no later challenge and no host revision change: it
+        need not make ours stale). Then a quote older than it makes ours
+        stale (StaleAttestation), and otherwise ``rejudge`` decides ours
+        again against the stored baseline, and its outcome is stored (a
+        reboot or TPM Restart since that quote: the reboot policy's rule).
         Returns the verdict and whether its status changed."""
         with self.session() as s:
-            verdict, previous = self._record(s, basis, status, reason, expires_at, clock=clock,
-                                             reapprove=reapprove, nonce=nonce, now=now)
-            if reapprove:
-                add_audit(s, "reboot", "PENDING", host=basis.host, detail=reason, now=now)
-            changed = previous is not status
-            if changed or status is not verifier.TrustStatus.TRUSTED:
-                add_audit(s, "verdict", status.value, host=basis.host, detail=reason, now=now)
+            verdict, previous, reapproved = self._record(
+                s, basis, status, reason, expires_at, clock=clock, reapprove=reapprove,
+                nonce=nonce, now=now, baseline=baseline, rejudge=rejudge)
+            if reapproved:
+                add_audit(s, "reboot", "PENDING", host=basis.host, detail=verdict.reason,
+                          now=now)
+            changed = previous is not verdict.status
+            if changed or not verdict.trusted:
+                add_audit(s, "verdict", verdict.status.value, host=basis.host,
+                          detail=verdict.reason, now=now)
             return verdict, changed
 
     def _record(self, s: Session, basis: TrustBasis, status: verifier.TrustStatus,
@@ -124,10 +150,13 @@ class TrustStore(Store):
                 clock: verifier.ClockState | None, reapprove: bool,
                 nonce: tuple[bytes, str, datetime.datetime] | None = None,
                 now: datetime.datetime | None = None,
-                ) -> tuple[VerdictRecord, verifier.TrustStatus | None]:
+                baseline: verifier.ClockState | None = None,
+                rejudge: Rejudge | None = None,
+                ) -> tuple[VerdictRecord, verifier.TrustStatus | None, bool]:
         """The body of ``record_attestation`` in ``s``; also the status the
-        verdict replaced (None: none). With ``nonce`` it is recorded as used
-        right after the host row is locked."""
+        verdict replaced (None: none) and whether the host was sent to
+        PENDING. With ``nonce`` it is recorded as used right after the host
+        row is locked; with ``rejudge`` see ``conclude_attestation``."""
         trusted = status is verifier.TrustStatus.TRUSTED
         if trusted and basis.policy_revision is None:
             raise exception.InvalidInput(reason="a TRUSTED verdict needs a policy")
@@ -148,6 +177,10 @@ class TrustStore(Store):
             raise exception.StaleAttestation(
                 host=basis.host, reason="a newer attestation of the host was recorded")
         if clock is not None:
+            if rejudge is not None:
+                status, reason, reapprove = self._judge_again(
+                    s, basis.host, clock, baseline, rejudge, (status, reason, reapprove))
+                trusted = status is verifier.TrustStatus.TRUSTED
             self._advance_clock(s, basis.host, clock, newest_only=trusted)
         if reapprove:
             self._update_host(s, basis.host,
@@ -155,7 +188,35 @@ class TrustStore(Store):
                               status=HostStatus.PENDING.value)
         row, previous = self._put_verdict(s, basis.host, status, reason, basis.challenged_at,
                                           expires_at, row)
-        return verdict_rec(row), previous
+        return verdict_rec(row), previous, reapprove
+
+    @staticmethod
+    def _judge_again(s: Session, host: str, clock: verifier.ClockState,
+                     baseline: verifier.ClockState | None, rejudge: Rejudge,
+                     judged: tuple[verifier.TrustStatus, str, bool],
+                     ) -> tuple[verifier.TrustStatus, str, bool]:
+        """The verdict ``judged`` against ``baseline``, or judged again if
+        the stored baseline (read locked: no other verdict moves it until
+        we commit) is not ``baseline``. A verdict that lands after a quote
+        taken after its challenge was stored is judged against that quote's
+        clock, as if it had been the challenge's: else a TPM Restart or
+        reboot between the two quotes would go unseen. It can only get
+        worse: a failing verdict stays failing."""
+        row = s.get(models.ClockStateRow, host, with_for_update=True)
+        if row is None:
+            return judged
+        stored = verifier.ClockState(row.clock, row.reset_count, row.restart_count)
+        if stored == baseline:
+            return judged
+        if (clock.reset_count, clock.restart_count, clock.clock) < \
+                (stored.reset_count, stored.restart_count, stored.clock):
+            raise exception.StaleAttestation(
+                host=host, reason="a newer quote of the host was recorded since the challenge")
+        again = rejudge(stored)
+        if judged[0] is not verifier.TrustStatus.TRUSTED \
+                and again[0] is verifier.TrustStatus.TRUSTED:
+            return judged
+        return again
 
     def _hold_basis(self, s: Session, basis: TrustBasis, trusted: bool) -> None:
         """Lock the host row iff it is as the basis says, then check the
