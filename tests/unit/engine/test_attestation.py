@@ -719,6 +719,10 @@ def test_a_verdict_stands_only_with_its_audit_entry_and_its_nonce_used(env: Any)
 
 
 def test_the_quote_nonce_is_on_record_as_used_with_the_verdict(env: Any) -> None:
+    """A guard, not a regression test: it passes on the eight-transaction
+    attestation too (which wrote the nonce before the quote and marked it
+    used after). It keeps the two-transaction one recording the very nonce
+    it sent, used, once."""
     att, agent, _ = env
     enrolled(att, agent)
     from vtpcm_nova.engine.db import models
