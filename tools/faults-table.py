@@ -7,13 +7,18 @@ docs table, so the table says what the last run found, not what someone
 typed. Exit status 1 if a cell is lost (the table is written anyway).
 A results file whose cells are not exactly the matrix's
 (``tests/functional/faults/cells.py``), or with a cell of no recorded
-commit, is refused (exit status 2, nothing written): the table must speak
-for one matrix and say which code it ran on.
+commit (none, "unknown": run outside a git checkout, or anything but a
+full commit id), is refused (exit status 2, nothing written): the table
+must speak for one matrix and say which code it ran on. A cell run on a
+tree with uncommitted changes (``<commit>+dirty``) says no code anyone can
+check out, so it is refused too unless ``--allow-dirty`` is given (a trial
+table, never one to commit).
 
-Usage: tools/faults-table.py [RESULTS.json [OUT.rst]]
+Usage: tools/faults-table.py [--allow-dirty] [RESULTS.json [OUT.rst]]
 """
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -96,15 +101,23 @@ def render(results: dict[str, dict[str, object]]) -> str:
     return "".join(out)
 
 
-def check(results: dict[str, dict[str, object]]) -> str:
+_COMMIT = re.compile(r"[0-9a-f]{40}(\+dirty)?")
+
+
+def check(results: dict[str, dict[str, object]], allow_dirty: bool = False) -> str:
     """Why ``results`` cannot make the table, or "" if it can."""
     missing, extra = sorted(CELL_NAMES - set(results)), sorted(set(results) - CELL_NAMES)
     if missing or extra:
         return "its cells differ from the matrix's (missing: %s; not in the matrix: %s)" % (
             ", ".join(missing) or "none", ", ".join(extra) or "none")
-    unknown = sorted(c for c, e in results.items() if not e.get("commit"))
+    unknown = sorted(c for c, e in results.items()
+                     if not _COMMIT.fullmatch(str(e.get("commit") or "")))
     if unknown:
         return "no commit recorded for %s" % ", ".join(unknown)
+    dirty = sorted(c for c, e in results.items() if str(e["commit"]).endswith("+dirty"))
+    if dirty and not allow_dirty:
+        return ("run on a tree with uncommitted changes: %s (commit and run them again, "
+                "or --allow-dirty for a trial table)" % ", ".join(dirty))
     return ""
 
 
@@ -157,10 +170,12 @@ def render_lab(lab: dict[str, dict[str, object]]) -> str:
 
 
 def main(argv: list[str]) -> int:
-    src = Path(argv[1]) if len(argv) > 1 else ROOT / "tests/functional/faults/results.json"
-    dst = Path(argv[2]) if len(argv) > 2 else ROOT / "doc/source/faults.rst"
+    allow_dirty = "--allow-dirty" in argv[1:]
+    args = [a for a in argv[1:] if a != "--allow-dirty"]
+    src = Path(args[0]) if args else ROOT / "tests/functional/faults/results.json"
+    dst = Path(args[1]) if len(args) > 1 else ROOT / "doc/source/faults.rst"
     results = json.loads(src.read_text())
-    refusal = check(results)
+    refusal = check(results, allow_dirty)
     if refusal:
         print("%s refused: %s" % (src, refusal), file=sys.stderr)
         return 2

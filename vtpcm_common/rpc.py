@@ -159,6 +159,7 @@ class Client:
         self.signer = signer
         self.reply_keys = reply_keys
         self.topic = topic_name
+        self.timeout = timeout
         if version_cap is ...:
             version_cap = upgrade_levels.version_cap(conf, self.UPGRADE_LEVEL) \
                 if self.UPGRADE_LEVEL else None

@@ -856,9 +856,10 @@ class Coordinator:
             rec = self.db.get_migration(migration_id)
         except exception.NotFound:
             rec = None
-        if rec is not None and rec.error == TOMBSTONE_REASON:
+        if (rec is not None and rec.error == TOMBSTONE_REASON
+                and rec.instance_uuid == instance_uuid):
             raise self._tombstoned(rec, instance_uuid, dest)
-        if rec is not None:
+        if rec is not None:  # a tombstone of another instance: a reused id
             if (rec.instance_uuid, rec.source, rec.dest) != (instance_uuid, source, dest):
                 self._refuse_audit(migration_id, instance_uuid, dest,
                                    "migration id reused with other parameters")
@@ -926,8 +927,15 @@ class Coordinator:
             # written meanwhile (nothing of this begin was: one transaction):
             # its caller's abort, or a concurrent begin of the same id
             rec = self.db.get_migration(migration_id)
-            if rec.error == TOMBSTONE_REASON:
+            if rec.error == TOMBSTONE_REASON and rec.instance_uuid == instance_uuid:
                 raise self._tombstoned(rec, instance_uuid, dest) from None
+            if rec.instance_uuid != instance_uuid:
+                self._refuse_audit(migration_id, instance_uuid, dest,
+                                   "migration id reused with other parameters")
+                raise exception.MigrationError(
+                    migration_id=migration_id,
+                    reason="this migration id was used for another instance or "
+                           "hosts") from None
             raise exception.MigrationError(
                 migration_id=migration_id,
                 reason="a concurrent begin of this migration id recorded it (%s)"
@@ -1127,10 +1135,18 @@ class Coordinator:
         to move (``instance_uuid``) and signed by the host holding that
         instance's vTPCM: the caller's begin gave up before the engine
         wrote the record, so an ABORTED tombstone is written instead, and
-        a begin of that id arriving later is refused (``_begin``). Only
-        that host could have begun it, so a tombstone blocks nobody
-        else's migration; Nova's migration ids are fresh per migration,
-        so it blocks none of that instance's later ones either."""
+        a begin of that id and instance arriving later is refused
+        (``_begin``). A tombstone names the instance whose holder signed
+        it: a begin of another instance under that id is refused as a
+        reused id (Nova's ids are fresh per migration, so only a caller
+        reusing an id, or a holder tombstoning an id not its own, meets
+        this), never run or aborted as the tombstoner's; it blocks none of
+        that instance's later migrations either.
+
+        If a begin records the id between the lookup and the tombstone, the
+        abort goes on only if that record is of the instance given and the
+        signer is its source or destination (what the engine checks for an
+        abort of a recorded migration); otherwise it is refused, audited."""
         try:
             proto, ctx, rec = self._load(migration_id)
         except exception.NotFound:
@@ -1140,9 +1156,26 @@ class Coordinator:
             if tomb is not None:
                 return tomb
             proto, ctx, rec = self._load(migration_id)  # a begin wrote it meanwhile
+            self._check_raced_abort(rec, instance_uuid, requested_by)
         self._settle_deadline_abort(proto, ctx, rec)
         self._advance(proto, ctx, p.AbortRequested(reason))
         return self.db.get_migration(migration_id)
+
+    def _check_raced_abort(self, rec: db_api.MigrationRecord, instance_uuid: str,
+                           requested_by: str | None) -> None:
+        """An abort authorized as the holder's of ``instance_uuid`` (no
+        record yet) found a begin's record at its tombstone: it may abort
+        that migration only as one of its two hosts, of that instance."""
+        if rec.instance_uuid == instance_uuid and requested_by in (None, rec.source,
+                                                                    rec.dest):
+            return
+        detail = ("abort for instance %s signed by %s; the migration recorded meanwhile "
+                  "is of instance %s, %s -> %s" % (instance_uuid, requested_by,
+                                                    rec.instance_uuid, rec.source, rec.dest))
+        self.db.audit("migration.abort", "refused", host=requested_by,
+                      instance=rec.instance_uuid, migration_id=rec.migration_id,
+                      detail=detail[:1000])
+        raise exception.CommandRefused(method="abort", reason=detail)
 
     def _tombstone(self, migration_id: str, instance_uuid: str, reason: str,
                    requested_by: str | None) -> db_api.MigrationRecord | None:

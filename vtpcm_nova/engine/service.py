@@ -163,9 +163,7 @@ class EngineService:
         if self.registrations is not None:
             self.registrations.start()
         # the lease first: no begin of this run is ever recorded without one
-        ttl = self.conf.engine.worker_lease_ttl
-        self.db.register_worker(self.worker, self.conf.engine.host, ttl)
-        self._periodic("lease", ttl / LEASE_RENEWALS, 0, self._renew_lease)
+        self._start_lease()
         self.server.start()
         # Finish what a previous run left half-done, without holding up the
         # start: an agent that is down must not keep the engine from serving.
@@ -186,6 +184,13 @@ class EngineService:
                   "v": rpcapi.RPC_API_VERSION, "key": self.signer.fingerprint,
                   "pub": authn.public_key_path(Path(self.conf.engine.command_signing_key)),
                   "ops": getattr(self.admin_verifier, "fingerprint", "(none)")})
+
+    def _start_lease(self) -> None:
+        """Register this run's lease; renewed until ``stop`` has drained the
+        RPC server."""
+        ttl = self.conf.engine.worker_lease_ttl
+        self.db.register_worker(self.worker, self.conf.engine.host, ttl)
+        self._periodic("lease", ttl / LEASE_RENEWALS, 0, self._renew_lease)
 
     def _renew_lease(self) -> None:
         _, lapsed = self.db.renew_worker(self.worker, self.conf.engine.host,
@@ -226,13 +231,18 @@ class EngineService:
             LOG.exception("Task %(name)s failed unexpectedly", {"name": name})
 
     def stop(self) -> None:
-        self._stop.set()
+        """Drain the RPC server, then end the periodic tasks, the lease's
+        renewal last among them, and drop the lease."""
         if self.server is not None:
             self.server.stop()
             self.server.wait()
             self.server = None
         if self.registrations is not None:
             self.registrations.stop()
+        # only now: a begin draining above (a step waiting up to [engine]
+        # rpc_timeout) kept a renewed lease, so no other worker aborted it
+        # as a gone run's; the other tasks ran on as in any moment of a run
+        self._stop.set()
         for thread in self._threads:
             thread.join(timeout=10)
         try:

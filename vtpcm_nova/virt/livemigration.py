@@ -25,8 +25,13 @@ COMMITTED = "COMMITTED"
 ABORTED_STATES = frozenset({"ABORTED", "REFUSED"})
 COMMIT_ATTEMPTS = 6  # sleeps 1 + 2 + 4 + 5 + 5 s between them
 # An abort the engine did not answer (timeout, transport) is sent again:
-# sleeps 1 + 2 + 4 s between the attempts. Then reconcile owns it.
+# sleeps 1 + 2 + 4 s between the attempts. Then reconcile owns it. Each
+# attempt waits at most ABORT_ATTEMPT_TIMEOUT (or the client's own timeout,
+# [vtpcm] engine_timeout, if shorter), so the whole sequence, inside Nova's
+# rollback, ends within ABORT_BOUND (127 s by default), not 4 x 120 s.
 ABORT_ATTEMPTS = 4
+ABORT_ATTEMPT_TIMEOUT = 30.0
+ABORT_BOUND = ABORT_ATTEMPTS * ABORT_ATTEMPT_TIMEOUT + 1.0 + 2.0 + 4.0
 _MAX_REASON = 900
 
 
@@ -35,8 +40,8 @@ class Engine(Protocol):
     def begin(self, migration_id: str, instance_uuid: str, source: str,
               dest: str) -> em.MigrationInfo: ...
     def commit(self, migration_id: str) -> em.MigrationInfo: ...
-    def abort(self, migration_id: str, reason: str,
-              instance_uuid: str | None = None) -> em.MigrationInfo: ...
+    def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None,
+              timeout: float | None = None) -> em.MigrationInfo: ...
     def get_migration(self, migration_id: str) -> em.MigrationInfo: ...
 
 
@@ -137,9 +142,11 @@ def abort(engine: Engine, migration_id: str, reason: str, *,
     follows the guest.
 
     An abort the engine did not answer (timeout, transport error) is sent
-    again, ``attempts`` times in all with a growing pause; then the error
+    again, ``attempts`` times in all with a growing pause, each waiting at
+    most ``ABORT_ATTEMPT_TIMEOUT`` (``ABORT_BOUND`` in all); then the error
     is logged as given up and raised: the engine's reconcile (or the
-    deadline) owns the migration from there."""
+    deadline) owns the migration from there. An engine older than API 1.10
+    (it cannot take ``instance_uuid``) is sent the abort without it."""
     for attempt in range(attempts):
         try:
             return _abort_once(engine, migration_id, reason, instance_uuid)
@@ -160,9 +167,18 @@ def abort(engine: Engine, migration_id: str, reason: str, *,
 def _abort_once(engine: Engine, migration_id: str, reason: str,
                 instance_uuid: str | None) -> em.MigrationInfo | None:
     try:
-        if instance_uuid is None:
-            return engine.abort(migration_id, reason[:_MAX_REASON])
-        return engine.abort(migration_id, reason[:_MAX_REASON], instance_uuid)
+        if instance_uuid is not None:
+            try:
+                return engine.abort(migration_id, reason[:_MAX_REASON], instance_uuid,
+                                    timeout=ABORT_ATTEMPT_TIMEOUT)
+            except exception.RPCVersionUnsupported as err:
+                # an engine of API 1.9 or older in a rolling update: it
+                # knows no tombstone, but aborts a recorded migration
+                LOG.info("Migration %(mig)s: the engine cannot take the instance in an "
+                         "abort (%(err)s); aborting without it",
+                         {"mig": migration_id, "err": err})
+        return engine.abort(migration_id, reason[:_MAX_REASON],
+                            timeout=ABORT_ATTEMPT_TIMEOUT)
     except exception.NotFound:
         return None
     except exception.InvalidTransition:

@@ -433,3 +433,26 @@ def test_0006_adds_engine_run_leases_on_the_databases_clock(any_url: str) -> Non
         assert lapsed == datetime.timedelta(0)
     finally:
         db.dispose()
+
+
+def test_leases_work_on_a_mariadb_dialect_url(mariadb_admin: sqlalchemy.engine.Engine) -> None:
+    """``mariadb+pymysql://`` (SQLAlchemy's own MariaDB dialect, backend
+    name "mariadb") reads the database clock as ``mysql+pymysql://`` does:
+    the lease registered before the RPC server starts must not fail."""
+    name = "vtpcm_mdb_" + uuid.uuid4().hex[:12]
+    with mariadb_admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f"CREATE DATABASE {name} CHARACTER SET utf8mb4"))
+    try:
+        url = f"mariadb+pymysql://root@127.0.0.1:3306/{name}?charset=utf8mb4"
+        migration.db_sync(url)
+        db = api.Database(url)
+        try:
+            now = db.db_now()
+            assert abs((now - api.utcnow()).total_seconds()) < 5
+            db.register_worker("engine-1/aaaa", "engine-1", 60)
+            assert db.live_workers() == {"engine-1/aaaa"}
+        finally:
+            db.dispose()
+    finally:
+        with mariadb_admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f"DROP DATABASE IF EXISTS {name}"))

@@ -122,9 +122,10 @@ class Driver:
     def commit(self, migration_id: str) -> Any:
         return self._ask("commit", migration_id, lambda: self.api.commit(migration_id))
 
-    def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None) -> Any:
+    def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None,
+              timeout: float | None = None) -> Any:
         return self._ask("abort", migration_id,
-                         lambda: self.api.abort(migration_id, reason, instance_uuid))
+                         lambda: self.api.abort(migration_id, reason, instance_uuid, timeout))
 
     def get_migration(self, migration_id: str) -> Any:
         return self.api.get_migration(migration_id)

@@ -371,6 +371,20 @@ def test_abort_names_the_instance_only_as_1_10():
     assert "auth" in sent["args"]
 
 
+def test_an_abort_waits_at_most_the_shorter_of_its_timeout_and_the_clients():
+    """Review of issue 10: the driver's abort attempts are bounded each
+    (``livemigration.ABORT_ATTEMPT_TIMEOUT``), never longer than the client's
+    own timeout ([vtpcm] engine_timeout)."""
+    api = engine_rpcapi.EngineAPI(_conf(), host_signer=_signer(), timeout=120.0)
+    for call in (lambda api: api.abort(MIGRATION, "why", INSTANCE, timeout=30.0),
+                 lambda api: api.abort(MIGRATION, "why", timeout=30.0)):
+        assert _sent(api, call)["timeout"] == 30.0
+    short = engine_rpcapi.EngineAPI(_conf(), host_signer=_signer(), timeout=6.0)
+    assert _sent(short, lambda api: api.abort(MIGRATION, "why", INSTANCE,
+                                              timeout=30.0))["timeout"] == 6.0
+    assert "timeout" not in _sent(api, lambda api: api.abort(MIGRATION, "why"))
+
+
 def test_quote_asks_for_the_kem_report_only_from_agents_that_know_it():
     """1.9 adds ``kem`` to the request: an agent capped below must get the
     1.1 form (no ``kem`` on the wire), which it accepts."""

@@ -1001,6 +1001,91 @@ def test_only_the_holder_may_tombstone_and_only_with_the_instance(env):
         db.get_migration(mid)
 
 
+def _holder_of_other(coord, db, trust):
+    """host-c, holding only instance OTHER's vTPCM."""
+    db.enroll_host("host-c", ak_public=b"ak-c", ak_name=b"n-c", kem_public=b"kem-of-c",
+                   kem_name=b"khost-c", ek_certificate=None, approved=True)
+    db.assign_policy("host-c", "golden")
+    trusted_in_db(db, "host-c")
+    trust.verdicts["host-c"] = FakeVerdict("TRUSTED")
+    other = str(uuid.uuid4())
+    coord.create_vtpcm(other, "host-c")
+    return other
+
+
+def _begin_records_at_the_tombstone(db, mid):
+    """The real begin of ``mid`` (INSTANCE, host-a -> host-b) records
+    itself between the abort's lookup and its tombstone insert."""
+    real = db.get_vtpcm
+    done = []
+
+    def get_vtpcm(instance):  # what _tombstone reads right before its insert
+        if not done:
+            done.append(True)
+            _recorded_begin(db, mid, "engine-1/other")
+        return real(instance)
+    db.get_vtpcm = get_vtpcm
+
+
+def test_an_abort_racing_a_begin_of_another_instance_is_refused(env):
+    """host-c, holder of OTHER only, aborts an id naming OTHER; INSTANCE's
+    begin records that id just before the tombstone: host-c is neither
+    its source nor its destination, so nothing of it is aborted."""
+    coord, db, _, trust, _ = env
+    other = _holder_of_other(coord, db, trust)
+    mid = str(uuid.uuid4())
+    _begin_records_at_the_tombstone(db, mid)
+    with pytest.raises(exception.CommandRefused,
+                       match="signed by host-c; the migration recorded meanwhile is of "
+                             "instance %s, host-a -> host-b" % INSTANCE):
+        coord.abort(mid, "host-c says so", instance_uuid=other, requested_by="host-c")
+    rec = db.get_migration(mid)
+    assert (rec.instance_uuid, rec.state, rec.error) == (INSTANCE, "SEALING", None)
+    assert ("migration.abort", "refused") in [
+        (a.event, a.outcome) for a in db.list_audit(limit=10) if a.migration_id == mid]
+
+
+def test_an_abort_racing_its_own_begin_aborts_it(env):
+    """The holder's abort of its own instance's id, recorded meanwhile by
+    its late begin: that migration is aborted (the tombstone's purpose)."""
+    coord, db, _, _, _ = env
+    mid = str(uuid.uuid4())
+    _begin_records_at_the_tombstone(db, mid)
+    rec = coord.abort(mid, "begin timed out", instance_uuid=INSTANCE, requested_by="host-a")
+    assert (rec.instance_uuid, rec.state) == (INSTANCE, "ABORTED")
+    assert rec.error != coordinator.TOMBSTONE_REASON
+
+
+def test_a_tombstone_of_another_instance_refuses_a_begin_as_a_reused_id(env):
+    """A tombstone under an id names its instance; a begin of another
+    instance under that id is refused as a reused id, not as aborted by
+    its caller, and the tombstone stays the other instance's."""
+    coord, db, agents, trust, _ = env
+    other = _holder_of_other(coord, db, trust)
+    mid = str(uuid.uuid4())
+    coord.abort(mid, "squat", instance_uuid=other, requested_by="host-c")
+    with pytest.raises(exception.MigrationError,
+                       match="used for another instance or hosts"):
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    rec = db.get_migration(mid)
+    assert (rec.instance_uuid, rec.state) == (other, "ABORTED")
+    assert db.get_vtpcm(INSTANCE).migration_id is None
+    assert "seal" not in names(agents)
+    # the same, the tombstone written while the begin attests
+    mid2 = str(uuid.uuid4())
+    real = trust.check_fresh
+
+    def slow_attestation(host):
+        coord.abort(mid2, "squat", instance_uuid=other, requested_by="host-c")
+        return real(host)
+    trust.check_fresh = slow_attestation
+    with pytest.raises(exception.MigrationError,
+                       match="used for another instance or hosts"):
+        coord.begin(mid2, INSTANCE, "host-a", "host-b")
+    assert (db.get_migration(mid2).instance_uuid, db.get_vtpcm(INSTANCE).migration_id) == (
+        other, None)
+
+
 def _recorded_begin(db, mid, begun_by):
     db.create_migration(mid, INSTANCE, "host-a", "host-b", 0, "SEALING",
                         T0 + datetime.timedelta(hours=3), now=T0, prior_state="STOPPED",
@@ -1023,6 +1108,33 @@ def test_reconcile_spares_begins_of_live_runs_and_aborts_those_of_gone_ones(env)
     rec = db.get_migration(mid)
     assert rec.state == "ABORTED"
     assert "holds no live lease" in rec.error
+
+
+def test_reconcile_reads_an_abandoned_begin_again_before_aborting_it(env, caplog):
+    """``_still_begin``: a begin that moved on between reconcile's load and
+    its abandonment check (here: its run finished the step) is left alone,
+    quietly; one still in a begin state is aborted."""
+    coord, db, _, _, _ = env
+    coord.worker = coordinator.worker_id("engine-1")
+    mid = str(uuid.uuid4())
+    _recorded_begin(db, mid, "engine-1/gone")  # a run holding no lease
+    real_live = db.live_workers
+
+    def live_workers():  # asked after the load, before the abort
+        db.update_migration_state(mid, "SEALING", "PREPARING")
+        db.update_migration_state(mid, "PREPARING", "PREPARED")
+        return real_live()
+    db.live_workers = live_workers
+    caplog.set_level("WARNING")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "PREPARED"
+    assert "aborting it" not in caplog.text
+    assert "Reconcile of migration %s" % mid not in caplog.text  # no failed CAS
+    db.live_workers = real_live
+    left = str(uuid.uuid4())
+    _recorded_begin(db, left, "engine-1/gone")
+    coord.reconcile()
+    assert db.get_migration(left).state == "ABORTED"
 
 
 def test_reconcile_aborts_a_begin_of_this_run_only_once_it_no_longer_runs_it(env):

@@ -16,6 +16,7 @@ class FakeEngine:
         self.migrations: dict[str, em.MigrationInfo] = {}
         self.fail: dict[str, list[exception.VTPCMException]] = {}
         self.abort_instances: list[str | None] = []  # instance_uuid of each abort
+        self.abort_timeouts: list[float | None] = []
 
     def _maybe_fail(self, method: str) -> None:
         errors = self.fail.get(method)
@@ -81,10 +82,11 @@ class FakeEngine:
         self._maybe_fail("commit")
         return self._mig(migration_id, "COMMITTED")
 
-    def abort(self, migration_id: str, reason: str,
-              instance_uuid: str | None = None) -> em.MigrationInfo:
+    def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None,
+              timeout: float | None = None) -> em.MigrationInfo:
         self.calls.append(("abort", migration_id))
         self.abort_instances.append(instance_uuid)
+        self.abort_timeouts.append(timeout)
         self._maybe_fail("abort")
         if migration_id not in self.migrations and instance_uuid is None:
             raise exception.NotFound(what="migration", key=migration_id)

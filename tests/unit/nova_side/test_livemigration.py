@@ -155,6 +155,33 @@ def test_an_abort_unanswered_every_time_gives_up_bounded_and_says_so(
     assert "reconcile finishes the abort" in caplog.text
 
 
+def test_every_abort_attempt_is_bounded_so_the_whole_retry_is_too() -> None:
+    """Review of issue 10: each attempt waited the full engine_timeout
+    (120 s), some 8 minutes inside Nova's rollback."""
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARED")
+    engine.fail["abort"] = [_unanswered() for _ in range(lm.ABORT_ATTEMPTS)]
+    with pytest.raises(exception.ServiceUnreachable):
+        lm.abort(engine, MIG, "rolled back", instance_uuid=INSTANCE, sleep=lambda _s: None)
+    assert engine.abort_timeouts == [lm.ABORT_ATTEMPT_TIMEOUT] * lm.ABORT_ATTEMPTS
+    assert lm.ABORT_BOUND == lm.ABORT_ATTEMPTS * lm.ABORT_ATTEMPT_TIMEOUT + 7.0 <= 130.0
+
+
+def test_an_abort_to_an_engine_older_than_1_10_is_sent_without_the_instance() -> None:
+    """A 1.9 engine in a rolling update cannot take ``instance_uuid``: the
+    abort falls back to the form it serves instead of failing every
+    rollback."""
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARED")
+    engine.fail["abort"] = [exception.RPCVersionUnsupported(
+        service="vtpcm-engine", method="abort", version="1.10",
+        reason="it runs an older API version")]
+    info = lm.abort(engine, MIG, "rolled back", instance_uuid=INSTANCE,
+                    sleep=lambda _s: None)
+    assert info is not None and info.state == "ABORTED"
+    assert engine.abort_instances == [INSTANCE, None]
+
+
 def test_a_refused_abort_is_not_retried() -> None:
     engine = FakeEngine()
     engine._mig(MIG, "COMMITTING")

@@ -320,15 +320,20 @@ class EngineAPI(rpc.Client):
         return self._ask("start_incoming", m.MigrationRef(migration_id), m.VtpcmStatus)
 
     def abort(self, migration_id: str, reason: str,
-              instance_uuid: str | None = None) -> m.MigrationInfo:
+              instance_uuid: str | None = None,
+              timeout: float | None = None) -> m.MigrationInfo:
         """``instance_uuid`` (1.10, left out by a client capped below):
-        lets the engine tombstone a migration it never recorded."""
+        lets the engine tombstone a migration it never recorded.
+        ``timeout``: wait at most this long for the answer (the client's
+        own timeout if that is shorter)."""
+        if timeout is not None:
+            timeout = min(timeout, self.timeout)
         if instance_uuid is not None and self.can_send_version(ABORT_TOMBSTONE_VERSION):
             return self._call("abort", ABORT_TOMBSTONE_VERSION,
                               m.AbortMigration(migration_id, reason[:1000], instance_uuid),
-                              m.MigrationInfo, signer=self.host_signer)
+                              m.MigrationInfo, signer=self.host_signer, timeout=timeout)
         return self._ask("abort", m.AbortMigration(migration_id, reason[:1000]),
-                          m.MigrationInfo)
+                         m.MigrationInfo, timeout=timeout)
 
     def resolve_migration(self, migration_id: str, to: str, execute: bool = False,
                           past_commit: bool = False) -> m.Resolution:

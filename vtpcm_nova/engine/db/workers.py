@@ -24,6 +24,7 @@ _NOW_SQL = {
     "sqlite": "SELECT strftime('%Y-%m-%d %H:%M:%f', 'now')",
     "postgresql": "SELECT timezone('UTC', clock_timestamp())",
     "mysql": "SELECT UTC_TIMESTAMP(6)",
+    "mariadb": "SELECT UTC_TIMESTAMP(6)",  # a mariadb+pymysql:// URL
 }
 # Leases expired this long ago are dropped at a registration (kill -9
 # leaves its row behind); a begin of a run without a row is abandoned too.
