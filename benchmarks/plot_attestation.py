@@ -4,7 +4,7 @@
 then this in whichever venv has matplotlib: it adds the ``machine`` block
 (nproc, CPU model, date, git head) and ``smoke`` to the JSON and draws
 ``<json>.png`` beside it. attestation_rtt.py keeps summary statistics only,
-so the plot shows those.
+so the plot shows those (both arms side by side for an ``--old-root`` A/B run).
 
     python benchmarks/plot_attestation.py benchmarks/results/attestation.json [--smoke]
 """
@@ -33,9 +33,20 @@ def main() -> int:
     att = result["attest_ms"]
     fig, ax = plt.subplots(figsize=(7, 4.2))
     keys = ("min", "p50", "p95", "max")
-    bars = ax.bar(keys, [att[k] for k in keys], color=["tab:green", "tab:blue",
-                                                        "tab:orange", "tab:red"])
-    ax.bar_label(bars, fmt="%.1f ms", fontsize=8)
+    if "ab" in result:  # an A/B run: the code before beside the code after
+        old = result["ab"]["old_attest_ms"]
+        xs = range(len(keys))
+        for offset, label, values, color in ((-0.2, "before", old, "tab:gray"),
+                                             (0.2, "after", att, "tab:blue")):
+            bars = ax.bar([x + offset for x in xs], [values[k] for k in keys], width=0.4,
+                          label=label, color=color)
+            ax.bar_label(bars, fmt="%.1f", fontsize=7)
+        ax.set_xticks(list(xs), keys)
+        ax.legend(fontsize=8, title="interleaved, one run", title_fontsize=8)
+    else:
+        bars = ax.bar(keys, [att[k] for k in keys], color=["tab:green", "tab:blue",
+                                                            "tab:orange", "tab:red"])
+        ax.bar_label(bars, fmt="%.1f ms", fontsize=8)
     ax.set_ylabel("EngineAPI.attest round trip, ms")
     ax.set_title("attestation: n=%d, verify_quote %.0f/s, with load_ak + evaluate "
                  "%.0f/s on one core (target 10,000)"

@@ -30,10 +30,11 @@ from oslo_log import log as logging
 from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
 
-from vtpcm_common import authn, exception
+from vtpcm_common import authn, exception, spans
 from vtpcm_nova.engine import ekcert, kembinding, verifier
 from vtpcm_nova.engine.db.api import (
     KEY_KINDS,
+    NONCE_BYTES,
     Database,
     HostRecord,
     PolicyRecord,
@@ -247,27 +248,62 @@ class Attestor:
         """Quote the host now and record the verdict; raises only NotFound.
 
         Returns the verdict that stands afterwards: ours, or the one that
-        superseded it while the quote was under way."""
-        record = self.db.get_host(host)
-        basis = TrustBasis(host, record.revision, record.policy_name, None, self._now())
+        superseded it while the quote was under way.
+
+        Two database transactions: ``open_challenge`` reads what the
+        verdict is decided on; ``conclude_attestation`` records the nonce
+        as used, the verdict, the clock and the audit, whatever the outcome.
+        The nonce lives in this call until then: only this call sends it and
+        checks the one reply to it, so it is single-use and bound to host
+        and challenge by construction; its expiry is checked and its record
+        (unique) written with the verdict. The clock baseline judged against
+        is the challenge's; a verdict stored meanwhile may have moved it
+        (one of an earlier challenge does, without making ours stale), so
+        the verdict's transaction compares it under lock and, if it moved,
+        judges ours again against the stored one (a reboot or TPM Restart
+        between the two quotes is seen as one) or drops ours if its quote
+        is the older."""
+        now = self._now()
+        with spans.span("attest:challenge"):
+            challenge = self.db.open_challenge(host)
+        record, policy = challenge.host, challenge.policy
+        basis = TrustBasis(host, record.revision, record.policy_name, None, now)
         if record.status is not HostStatus.APPROVED:
             reason = f"host is {record.status.value}"
             if record.status is HostStatus.PENDING:
                 reason += " (approval required)"
             return self._store(basis, TrustStatus.UNTRUSTED, reason)
-        if record.policy_name is None:
+        if policy is None:
             return self._store(basis, TrustStatus.UNTRUSTED, "no PCR policy assigned")
-        policy = self.db.get_policy(record.policy_name)
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        used = (nonce, PURPOSE_QUOTE, now + self.nonce_ttl)
         basis = dataclasses.replace(basis, policy_revision=policy.revision)
         try:
-            evidence, kem = self._verified_quote(record, policy.bank, sorted(policy.pcrs),
-                                                 PURPOSE_QUOTE)
-        except exception.AttestationError as err:
-            return self._store(basis, TrustStatus.UNTRUSTED, str(err))
-        except _AgentFailure as err:
+            reply = self._ask_quote(record, nonce, policy.bank, sorted(policy.pcrs))
+        except _AgentFailure as err:  # its nonce, unused, expires
             return self._store(basis, TrustStatus.UNKNOWN, str(err))
-        previous = self.db.get_clock_state(host)
-        verdict = verifier.evaluate(evidence, policy.spec(), previous,
+        try:
+            with spans.span("attest:verify"):
+                evidence, kem = self._check_quote(record, nonce, policy.bank, reply)
+        except exception.AttestationError as err:
+            return self._store(basis, TrustStatus.UNTRUSTED, str(err), nonce=used)
+        def judge(baseline: verifier.ClockState | None) -> tuple[TrustStatus, str, bool]:
+            return self._judge(record, policy, evidence, kem, baseline)
+
+        with spans.span("attest:evaluate"):
+            status, reason, reapprove = judge(challenge.clock)
+        return self._store(basis, status, reason, nonce=used,
+                           clock=verifier.clock_state(evidence), reapprove=reapprove,
+                           baseline=challenge.clock, rejudge=judge)
+
+    def _judge(self, record: HostRecord, policy: PolicyRecord,
+               evidence: verifier.QuoteEvidence, kem: _KemReport,
+               baseline: verifier.ClockState | None) -> tuple[TrustStatus, str, bool]:
+        """The verdict on verified evidence against clock ``baseline``:
+        (status, reason, whether the host goes back to PENDING). Pure but
+        for a once-per-key warning: the verdict's transaction calls it
+        again, under lock, if the stored baseline moved since the challenge."""
+        verdict = verifier.evaluate(evidence, policy.spec(), baseline,
                                     reboot_policy=self.reboot_policy)
         reapprove = (verdict.rebooted and not verdict.trusted
                      and self.reboot_policy == "reapprove")
@@ -276,8 +312,7 @@ class Attestor:
             problem = self._kem_problem(record, policy, kem)
             if problem is not None:
                 status, reason = TrustStatus.UNTRUSTED, problem
-        return self._store(basis, status, reason,
-                           clock=verifier.clock_state(evidence), reapprove=reapprove)
+        return status, _short(reason), reapprove
 
     def _kem_problem(self, record: HostRecord, policy: PolicyRecord,
                      kem: _KemReport) -> str | None:
@@ -318,7 +353,10 @@ class Attestor:
         """The verdict in force if it is fresh and decided less than
         ``max_age`` seconds ago, else None: what an unsigned ``attest`` gets
         instead of a new quote, so unsigned triggers cannot make the engine
-        quote a host (a vouched call its agent does not limit) at their rate."""
+        quote a host (a vouched call its agent does not limit) at their rate.
+        ``max_age`` <= 0 (no reuse): None without reading the database."""
+        if max_age <= 0:
+            return None
         current = self.db.get_verdict(host)
         now = self._now()
         if (current is not None and current.is_fresh(now)
@@ -365,51 +403,72 @@ class Attestor:
     def _verified_quote(self, record: HostRecord, bank: str, pcrs: list[int],
                         purpose: str) -> tuple[verifier.QuoteEvidence, _KemReport]:
         """The verified quote, and what the agent reported of its KEM key
-        (agent API 1.9: an older agent reports nothing)."""
+        (agent API 1.9: an older agent reports nothing); its nonce is used
+        before the quote is read (``attest`` uses it with the verdict)."""
         host = record.name
-        ak = self._ak(record)
         nonce = self._new_nonce(host, purpose)
-        try:
-            reply = self._agents().quote(host, nonce, pcrs, bank)
-        except Exception as err:  # noqa: BLE001 - any agent failure becomes a verdict
-            raise _AgentFailure(f"agent of host {host} did not answer the quote: "
-                                f"{type(err).__name__}: {_short(str(err), 200)}") from err
+        reply = self._ask_quote(record, nonce, bank, pcrs)
         if not self.db.consume_nonce(host, nonce, purpose, now=self._now()):
             raise exception.QuoteVerificationError(
                 host=host, reason="quote nonce expired or already used")
+        return self._check_quote(record, nonce, bank, reply)
+
+    def _ask_quote(self, record: HostRecord, nonce: bytes, bank: str,
+                   pcrs: list[int]) -> Mapping[str, Any]:
+        """The agent's reply to a quote of ``pcrs``; any failure of the
+        agent or of its RPC is an ``_AgentFailure``."""
+        host = record.name
+        try:
+            return self._agents().quote(host, nonce, pcrs, bank)
+        except Exception as err:  # noqa: BLE001 - any agent failure becomes a verdict
+            raise _AgentFailure(f"agent of host {host} did not answer the quote: "
+                                f"{type(err).__name__}: {_short(str(err), 200)}") from err
+
+    def _check_quote(self, record: HostRecord, nonce: bytes, bank: str,
+                     reply: Mapping[str, Any]) -> tuple[verifier.QuoteEvidence, _KemReport]:
+        """The reply checked against the enrolled AK and ``nonce`` (bytes
+        only, no database): AttestationError if it does not hold."""
+        host = record.name
         attest, signature, values = _quote_fields(host, reply)
-        evidence = verifier.verify_quote(ak, attest, signature, nonce, values, bank, host=host)
+        evidence = verifier.verify_quote(self._ak(record), attest, signature, nonce, values,
+                                         bank, host=host)
         return evidence, _kem_report(host, reply)
 
     def _store(self, basis: TrustBasis, status: TrustStatus, reason: str, *,
-               clock: verifier.ClockState | None = None,
-               reapprove: bool = False) -> VerdictRecord:
-        """Record the verdict unless its basis changed meanwhile; the
-        evidence counts from the challenge, so the TTL does too."""
+               clock: verifier.ClockState | None = None, reapprove: bool = False,
+               nonce: tuple[bytes, str, datetime.datetime] | None = None,
+               baseline: verifier.ClockState | None = None,
+               rejudge: Callable[[verifier.ClockState], tuple[TrustStatus, str, bool]]
+               | None = None) -> VerdictRecord:
+        """Record the verdict unless its basis changed meanwhile, with the
+        quote's ``nonce`` (value, purpose, expiry) on record as used and the
+        audit in the same transaction (a nonce expired or on record already
+        makes it UNTRUSTED instead); the evidence counts from the
+        challenge, so the TTL does too."""
         host, now, reason = basis.host, self._now(), _short(reason)
-        previous = self.db.get_verdict(host)
         try:
-            verdict = self.db.record_attestation(
-                basis, status, reason, basis.challenged_at + self.verdict_ttl,
-                clock=clock, reapprove=reapprove)
+            with spans.span("attest:conclude"):
+                verdict, changed = self.db.conclude_attestation(
+                    basis, status, reason, basis.challenged_at + self.verdict_ttl, now=now,
+                    clock=clock, reapprove=reapprove, nonce=nonce, baseline=baseline,
+                    rejudge=rejudge)
         except exception.StaleAttestation as err:
             return self._discarded(basis, status, err.kwargs["reason"])
-        if reapprove:
-            self.db.audit("reboot", "PENDING", host=host, detail=reason, now=now)
-        changed = previous is None or previous.status is not status
-        if changed or status is not TrustStatus.TRUSTED:
-            self.db.audit("verdict", status.value, host=host, detail=reason, now=now)
-        if status is TrustStatus.TRUSTED:
+        except exception.QuoteVerificationError as err:  # the nonce: nothing stored
+            return self._store(basis, TrustStatus.UNTRUSTED, str(err))
+        if verdict.trusted:  # ours, maybe judged again (see conclude_attestation)
             if changed:
                 LOG.info("Host %(host)s is TRUSTED", {"host": host})
         else:
             LOG.warning("Host %(host)s is %(status)s: %(reason)s",
-                        {"host": host, "status": status.value, "reason": reason})
+                        {"host": host, "status": verdict.status.value,
+                         "reason": verdict.reason})
         return verdict
 
     def _discarded(self, basis: TrustBasis, status: TrustStatus, why: str) -> VerdictRecord:
         """Audit a verdict that lost to a change made while it was under
-        way, and return the verdict that stands."""
+        way, and return the verdict that stands. (Its nonce dies with the
+        call that kept it.)"""
         now = self._now()
         self.db.audit("verdict", "discarded", host=basis.host,
                       detail=f"{status.value} verdict not recorded: {why}", now=now)

@@ -652,3 +652,99 @@ def test_an_ek_of_another_host_is_refused_under_any_certificate(env: Any) -> Non
     att.db.enroll_host("cmp3", ak_public=b"ak", ak_name=b"n3", kem_public=b"k",
                        kem_name=b"kn3", ek_certificate=b"claimed")
     assert att.db.key_owner("ek-cert", b"claimed") is None
+
+
+# ---- the round trip's transactions (issue 11 point 3) ------------------------------
+def _commits(att: attestation.Attestor) -> list[int]:
+    """A list that counts the database transactions committed from now on."""
+    from sqlalchemy import event
+    seen: list[int] = []
+    event.listen(att.db.engine, "commit", lambda _conn: seen.append(1))
+    return seen
+
+
+def test_attest_is_two_transactions_and_one_write(env: Any) -> None:
+    """One read for the challenge, one write for the verdict (nonce on
+    record as used, verdict, clock, audit): each write is an fsync on the
+    way, each transaction the ORM's round."""
+    from vtpcm_nova.engine.db import models
+    att, agent, _ = env
+    enrolled(att, agent)
+    quote = agent.quote
+
+    def nothing_written_yet(host: str, nonce: bytes, pcrs: Sequence[int],
+                            bank: str) -> Mapping[str, Any]:
+        with att.db.session() as s:  # the challenge wrote nothing
+            assert s.query(models.Nonce).filter_by(nonce=nonce.hex()).count() == 0
+        return quote(host, nonce, pcrs, bank)
+    for _ in range(2):  # a first verdict (audited) and an unchanged one
+        commits = _commits(att)
+        agent.quote = quote  # type: ignore[method-assign]
+        assert att.attest("cmp1").trusted
+        assert len(commits) == 2
+        agent.quote = nothing_written_yet  # type: ignore[method-assign]
+        assert att.attest("cmp1").trusted
+    agent.quote = quote  # type: ignore[method-assign]
+    agent.tpms["cmp1"].extend(16, b"rootkit")
+    commits = _commits(att)
+    assert att.attest("cmp1").status is TrustStatus.UNTRUSTED
+    assert len(commits) == 2
+
+
+def test_a_verdict_stands_only_with_its_audit_entry_and_its_nonce_used(env: Any) -> None:
+    """A failure while the audit entry is written (here: the database
+    refuses it) leaves no verdict of that attestation and its nonce unused,
+    never a verdict the audit does not show."""
+    from sqlalchemy import event
+    from sqlalchemy.orm import Session
+
+    from vtpcm_nova.engine.db import models
+    att, agent, _ = env
+    enrolled(att, agent)
+
+    def refuse_audit(session: Session, _ctx: Any, _instances: Any) -> None:
+        if any(isinstance(obj, models.Audit) for obj in session.new):
+            raise RuntimeError("disk full")
+    event.listen(Session, "before_flush", refuse_audit)
+    try:
+        with pytest.raises(RuntimeError, match="disk full"):
+            att.attest("cmp1")
+    finally:
+        event.remove(Session, "before_flush", refuse_audit)
+    assert att.db.get_verdict("cmp1") is None
+    assert att.db.get_clock_state("cmp1") is None
+    with att.db.session() as s:  # the nonce is not on record as used either
+        assert [n.used for n in s.query(models.Nonce).filter_by(
+            host="cmp1", purpose="quote")] in ([], [False])
+
+
+def test_the_quote_nonce_is_on_record_as_used_with_the_verdict(env: Any) -> None:
+    """A guard, not a regression test: it passes on the eight-transaction
+    attestation too (which wrote the nonce before the quote and marked it
+    used after). It keeps the two-transaction one recording the very nonce
+    it sent, used, once."""
+    att, agent, _ = env
+    enrolled(att, agent)
+    from vtpcm_nova.engine.db import models
+    sent: list[bytes] = []
+    quote = agent.quote
+
+    def keep(host: str, nonce: bytes, pcrs: Sequence[int], bank: str) -> Mapping[str, Any]:
+        sent.append(nonce)
+        return quote(host, nonce, pcrs, bank)
+    agent.quote = keep  # type: ignore[method-assign]
+    assert att.attest("cmp1").trusted
+    with att.db.session() as s:
+        nonces = s.query(models.Nonce).filter_by(host="cmp1", purpose="quote").all()
+        assert [(n.nonce, n.used) for n in nonces] == [(sent[0].hex(), True)]
+
+
+def test_a_quote_nonce_on_record_already_is_refused(env: Any, monkeypatch: Any) -> None:
+    """Single use, enforced by the database too: a nonce value on record
+    (here forced by a repeating random source) cannot back a verdict."""
+    att, agent, _ = env
+    enrolled(att, agent)
+    monkeypatch.setattr(attestation.secrets, "token_bytes", lambda n: b"\x07" * n)
+    assert att.attest("cmp1").trusted
+    v = att.attest("cmp1")
+    assert v.status is TrustStatus.UNTRUSTED and "nonce expired or already used" in v.reason

@@ -5,10 +5,19 @@ from __future__ import annotations
 import datetime
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from vtpcm_nova.engine.db import models
 from vtpcm_nova.engine.db.records import AuditRecord
 from vtpcm_nova.engine.db.store import Store, utcnow
+
+
+def add_audit(s: Session, event: str, outcome: str, *, host: str | None = None,
+              detail: str = "", now: datetime.datetime | None = None) -> None:
+    """An audit entry in the caller's transaction: it stands or falls with
+    the change it records (``TrustStore.conclude_attestation``)."""
+    s.add(models.Audit(at=now or utcnow(), event=event, host=host, outcome=outcome,
+                       detail=detail))
 
 
 class AuditStore(Store):

@@ -11,11 +11,40 @@ import secrets
 
 from sqlalchemy import delete, update
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from vtpcm_nova.engine.db import models
 from vtpcm_nova.engine.db.store import Store, utcnow
 
 NONCE_BYTES = 32
+
+
+def add_used_nonce(s: Session, host: str, nonce: bytes, purpose: str,
+                   expires_at: datetime.datetime, now: datetime.datetime) -> bool:
+    """Record a nonce the caller kept in memory as used, in the caller's
+    transaction; False if it expired (the transaction stays usable). A
+    nonce on record already fails the flush (unique column): the caller
+    treats that as used."""
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES or expires_at <= now:
+        return False
+    s.add(models.Nonce(host=host, nonce=nonce.hex(), purpose=purpose, created_at=now,
+                       expires_at=expires_at, used=True))
+    s.flush()
+    return True
+
+
+def use_nonce(s: Session, host: str, nonce: bytes, purpose: str,
+              now: datetime.datetime) -> bool:
+    """Mark the nonce used in the caller's transaction (``consume_nonce``):
+    one conditional UPDATE, True only for the one caller that found it unused."""
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
+        return False
+    q = (update(models.Nonce)
+         .where(models.Nonce.nonce == nonce.hex(), models.Nonce.host == host,
+                models.Nonce.purpose == purpose, models.Nonce.used.is_(False),
+                models.Nonce.expires_at > now)
+         .values(used=True))
+    return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
 
 
 class NonceStore(Store):
@@ -34,15 +63,8 @@ class NonceStore(Store):
     def consume_nonce(self, host: str, nonce: bytes, purpose: str,
                       now: datetime.datetime | None = None) -> bool:
         """Mark the nonce used; True only for the one caller that found it unused."""
-        if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES:
-            return False
-        q = (update(models.Nonce)
-             .where(models.Nonce.nonce == nonce.hex(), models.Nonce.host == host,
-                    models.Nonce.purpose == purpose, models.Nonce.used.is_(False),
-                    models.Nonce.expires_at > (now or utcnow()))
-             .values(used=True))
         with self.session() as s:
-            return s.execute(q).rowcount == 1  # type: ignore[attr-defined,no-any-return]
+            return use_nonce(s, host, nonce, purpose, now or utcnow())
 
     def purge_nonces(self, now: datetime.datetime | None = None) -> int:
         """Drop expired challenge nonces and forgettable command nonces."""

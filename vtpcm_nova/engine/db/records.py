@@ -76,6 +76,18 @@ class TrustBasis:
 
 
 @dataclasses.dataclass(frozen=True)
+class Challenge:
+    """What an attestation is decided on, read in ONE transaction
+    (``TrustStore.open_challenge``): the host, its policy (None when the
+    host is not APPROVED or has none: nothing to quote) and its TPM clock
+    baseline."""
+
+    host: HostRecord
+    policy: PolicyRecord | None
+    clock: verifier.ClockState | None
+
+
+@dataclasses.dataclass(frozen=True)
 class AuditRecord:
     id: int
     at: datetime.datetime

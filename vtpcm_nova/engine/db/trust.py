@@ -4,29 +4,49 @@ Why verdicts and clocks together: ``record_attestation`` stores both in
 ONE transaction, after locking the host row (``Store._update_host``) and
 checking the policy; a verdict holds only while what it was decided on
 does.
+
+Why an attestation is two transactions (``open_challenge``,
+``conclude_attestation``): each committed write costs an fsync (0.5-10 ms
+under load) and each transaction the ORM's round. The challenge's reads
+are one, read-only (its nonce stays in the attesting call's memory: no
+one else ever answers it); the nonce recorded as used, the verdict, the
+clock and the audit entries are the other, so they commit (or vanish in
+a crash) together: a verdict never stands without its nonce on record as
+used and its audit entry written.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from vtpcm_common import exception
 from vtpcm_nova.engine import verifier
 from vtpcm_nova.engine.db import models
+from vtpcm_nova.engine.db.audit import add_audit
 from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.db.nonces import add_used_nonce
 from vtpcm_nova.engine.db.records import (
+    Challenge,
     HostRecord,
     TrustBasis,
     VerdictRecord,
     host_rec,
+    policy_rec,
     verdict_rec,
 )
 from vtpcm_nova.engine.db.store import Store, utcnow
+
+Rejudge = Callable[[verifier.ClockState], tuple[verifier.TrustStatus, str, bool]]
+"""The attesting call's verdict judged again against another clock
+baseline: (status, reason, reapprove). Pure: it runs under the locks of
+the verdict's transaction."""
 
 
 def _effective_verdict(r: models.VerdictRow, host_status: str) -> VerdictRecord:
@@ -58,26 +78,146 @@ class TrustStore(Store):
         the host's baseline (never moved back); ``reapprove`` sends an
         APPROVED host to PENDING.
         """
+        with self.session() as s:
+            return self._record(s, basis, status, reason, expires_at, clock=clock,
+                                reapprove=reapprove)[0]
+
+    def open_challenge(self, host: str) -> Challenge:
+        """The host, its policy (if APPROVED with one) and its clock
+        baseline, in ONE read-only transaction and no write (no fsync)
+        before the quote. NotFound for an unknown host or a policy gone.
+
+        Not a consistent snapshot: on SQLite and on PostgreSQL's READ
+        COMMITTED each read sees what was committed when it ran, so a
+        change committed between them can show in one and not another.
+        Nothing relies on it: ``conclude_attestation`` re-checks all of it
+        under lock (host revision, policy revision, and the clock baseline,
+        judged again if it moved)."""
+        with self.session() as s:
+            row = s.scalar(select(models.Host).where(models.Host.name == host))
+            if row is None:
+                raise exception.NotFound(what="host", key=host)
+            record = host_rec(row)
+            if record.status is not HostStatus.APPROVED or record.policy_name is None:
+                return Challenge(record, None, None)
+            policy = s.scalar(select(models.Policy)
+                              .where(models.Policy.name == record.policy_name))
+            if policy is None:
+                raise exception.NotFound(what="policy", key=record.policy_name)
+            clock = s.get(models.ClockStateRow, host)
+            return Challenge(record, policy_rec(policy),
+                             None if clock is None else verifier.ClockState(
+                                 clock.clock, clock.reset_count, clock.restart_count))
+
+    def conclude_attestation(self, basis: TrustBasis, status: verifier.TrustStatus,
+                             reason: str, expires_at: datetime.datetime, *,
+                             now: datetime.datetime,
+                             clock: verifier.ClockState | None = None,
+                             reapprove: bool = False,
+                             nonce: tuple[bytes, str, datetime.datetime] | None = None,
+                             baseline: verifier.ClockState | None = None,
+                             rejudge: Rejudge | None = None,
+                             ) -> tuple[VerdictRecord, bool]:
+        """``record_attestation``, and in the SAME transaction the quote's
+        ``nonce`` (value, purpose, expiry) recorded as used (expired or
+        already on record: QuoteVerificationError and nothing changes) and
+        the audit entries: a non-TRUSTED verdict always, a TRUSTED one when
+        the status changed, the reboot that sent the host to PENDING.
+
+        ``baseline`` is the clock baseline the verdict was judged against
+        (the challenge's). If the stored one differs when the clock row is
+        locked here, another verdict stored its quote's clock since the
+        challenge (with no later challenge and no host revision change: it
+        need not make ours stale). Then a quote older than it makes ours
+        stale (StaleAttestation), and otherwise ``rejudge`` decides ours
+        again against the stored baseline, and its outcome is stored (a
+        reboot or TPM Restart since that quote: the reboot policy's rule).
+        Returns the verdict and whether its status changed."""
+        with self.session() as s:
+            verdict, previous, reapproved = self._record(
+                s, basis, status, reason, expires_at, clock=clock, reapprove=reapprove,
+                nonce=nonce, now=now, baseline=baseline, rejudge=rejudge)
+            if reapproved:
+                add_audit(s, "reboot", "PENDING", host=basis.host, detail=verdict.reason,
+                          now=now)
+            changed = previous is not verdict.status
+            if changed or not verdict.trusted:
+                add_audit(s, "verdict", verdict.status.value, host=basis.host,
+                          detail=verdict.reason, now=now)
+            return verdict, changed
+
+    def _record(self, s: Session, basis: TrustBasis, status: verifier.TrustStatus,
+                reason: str, expires_at: datetime.datetime, *,
+                clock: verifier.ClockState | None, reapprove: bool,
+                nonce: tuple[bytes, str, datetime.datetime] | None = None,
+                now: datetime.datetime | None = None,
+                baseline: verifier.ClockState | None = None,
+                rejudge: Rejudge | None = None,
+                ) -> tuple[VerdictRecord, verifier.TrustStatus | None, bool]:
+        """The body of ``record_attestation`` in ``s``; also the status the
+        verdict replaced (None: none) and whether the host was sent to
+        PENDING. With ``nonce`` it is recorded as used right after the host
+        row is locked; with ``rejudge`` see ``conclude_attestation``."""
         trusted = status is verifier.TrustStatus.TRUSTED
         if trusted and basis.policy_revision is None:
             raise exception.InvalidInput(reason="a TRUSTED verdict needs a policy")
-        with self.session() as s:
-            self._hold_basis(s, basis, trusted)
-            later = (select(models.VerdictRow.host)
-                     .where(models.VerdictRow.host == basis.host,
-                            models.VerdictRow.attested_at > basis.challenged_at))
-            if s.scalar(later) is not None:
-                raise exception.StaleAttestation(
-                    host=basis.host, reason="a newer attestation of the host was recorded")
-            if clock is not None:
-                self._advance_clock(s, basis.host, clock, newest_only=trusted)
-            if reapprove:
-                self._update_host(s, basis.host,
-                                  models.Host.status == HostStatus.APPROVED.value,
-                                  status=HostStatus.PENDING.value)
-            row = self._put_verdict(s, basis.host, status, reason, basis.challenged_at,
-                                    expires_at)
-            return verdict_rec(row)
+        self._hold_basis(s, basis, trusted)
+        if nonce is not None:
+            try:
+                fresh = add_used_nonce(s, basis.host, nonce[0], nonce[1], nonce[2],
+                                       now or utcnow())
+            except IntegrityError:  # on record already: the whole transaction is undone
+                fresh = False
+            if not fresh:
+                raise exception.QuoteVerificationError(
+                    host=basis.host, reason="quote nonce expired or already used")
+        # the verdict row, locked: the one read that both orders us after
+        # any verdict on record and says which status ours replaces
+        row = s.get(models.VerdictRow, basis.host, with_for_update=True)
+        if row is not None and row.attested_at > basis.challenged_at:
+            raise exception.StaleAttestation(
+                host=basis.host, reason="a newer attestation of the host was recorded")
+        if clock is not None:
+            if rejudge is not None:
+                status, reason, reapprove = self._judge_again(
+                    s, basis.host, clock, baseline, rejudge, (status, reason, reapprove))
+                trusted = status is verifier.TrustStatus.TRUSTED
+            self._advance_clock(s, basis.host, clock, newest_only=trusted)
+        if reapprove:
+            self._update_host(s, basis.host,
+                              models.Host.status == HostStatus.APPROVED.value,
+                              status=HostStatus.PENDING.value)
+        row, previous = self._put_verdict(s, basis.host, status, reason, basis.challenged_at,
+                                          expires_at, row)
+        return verdict_rec(row), previous, reapprove
+
+    @staticmethod
+    def _judge_again(s: Session, host: str, clock: verifier.ClockState,
+                     baseline: verifier.ClockState | None, rejudge: Rejudge,
+                     judged: tuple[verifier.TrustStatus, str, bool],
+                     ) -> tuple[verifier.TrustStatus, str, bool]:
+        """The verdict ``judged`` against ``baseline``, or judged again if
+        the stored baseline (read locked: no other verdict moves it until
+        we commit) is not ``baseline``. A verdict that lands after a quote
+        taken after its challenge was stored is judged against that quote's
+        clock, as if it had been the challenge's: else a TPM Restart or
+        reboot between the two quotes would go unseen. It can only get
+        worse: a failing verdict stays failing."""
+        row = s.get(models.ClockStateRow, host, with_for_update=True)
+        if row is None:
+            return judged
+        stored = verifier.ClockState(row.clock, row.reset_count, row.restart_count)
+        if stored == baseline:
+            return judged
+        if (clock.reset_count, clock.restart_count, clock.clock) < \
+                (stored.reset_count, stored.restart_count, stored.clock):
+            raise exception.StaleAttestation(
+                host=host, reason="a newer quote of the host was recorded since the challenge")
+        again = rejudge(stored)
+        if judged[0] is not verifier.TrustStatus.TRUSTED \
+                and again[0] is verifier.TrustStatus.TRUSTED:
+            return judged
+        return again
 
     def _hold_basis(self, s: Session, basis: TrustBasis, trusted: bool) -> None:
         """Lock the host row iff it is as the basis says, then check the
@@ -112,15 +252,22 @@ class TrustStore(Store):
 
     def _put_verdict(self, s: Session, host: str, status: verifier.TrustStatus, reason: str,
                      attested_at: datetime.datetime,
-                     expires_at: datetime.datetime) -> models.VerdictRow:
-        row = s.get(models.VerdictRow, host, with_for_update=True)
+                     expires_at: datetime.datetime, row: models.VerdictRow | None = None,
+                     ) -> tuple[models.VerdictRow, verifier.TrustStatus | None]:
+        """The host's verdict row (``row`` if the caller read it locked),
+        written, and the status it had (None: new)."""
+        if row is None:
+            row = s.get(models.VerdictRow, host, with_for_update=True)
+        previous = None
         if row is None:
             row = models.VerdictRow(host=host)
             s.add(row)
+        else:
+            previous = verifier.TrustStatus(row.status)
         row.status, row.reason = status.value, reason
         row.attested_at, row.expires_at = attested_at, expires_at
         s.flush()
-        return row
+        return row, previous
 
     @staticmethod
     def _expire_verdicts(s: Session, which: Any, why: str, now: datetime.datetime) -> None:
