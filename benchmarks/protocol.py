@@ -6,7 +6,9 @@ signed calls the Nova driver makes: ``check_destination`` (the destination
 check), ``begin`` (re-attest the destination, seal the migration key to its
 TPM, prepare the incoming vTPCM), the state handed over as QEMU would (the
 source agent's ``export_state`` into the destination's ``import_state``; not
-counted), then ``commit`` (the destination live, the source shredded). Every
+counted), then ``commit`` as the driver asks it since engine API 1.11
+(``shred_later``: answered once the destination is live; the source is
+shredded after the answer, and each round waits, untimed, until it was). Every
 ``--abort-every``-th round is ``begin`` + ``abort`` instead.
 
 In the same run, interleaved with the rounds, the floors: one agent RPC
@@ -54,6 +56,10 @@ from vtpcm_lab.hosttpm import HostTPMStandIn  # noqa: E402
 
 NAME = "protocol"
 STEPS = ("check", "begin", "commit", "abort", "check_begin_commit")
+# not a step the driver waits for: from the commit's answer until the
+# engine shows the migration COMMITTED (the source's shred after the
+# answer; polled, one engine RPC per poll)
+AFTER = ("shred_after_answer",)
 FLOORS = ("rpc_agent_health", "rpc_engine_get_vtpcm", "swtpm_start", "zgen", "seal")
 TARGET_TOTAL_MS = 30.0
 TARGET_BEGIN_MS = 15.0
@@ -101,6 +107,21 @@ def holder_problem(operator: EngineAPI, agents: AgentAPI, instance: str,
             if state not in ("DESTROYED",):
                 problems.append("%s also holds it (%s)" % (other, state))
     return "; ".join(problems) or None
+
+
+def settled(operator: EngineAPI, migration_id: str, timeout: float = 30.0) -> str | None:
+    """Wait (outside the timed windows) for a commit answered SHREDDING to
+    end COMMITTED: the source's shred after the answer ran. None when it
+    did, else what is wrong."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = operator.get_migration(migration_id).state
+        if state == "COMMITTED":
+            return None
+        if time.monotonic() > deadline:
+            return "migration %s still %s %d s after its commit's answer" % (
+                migration_id, state, timeout)
+        time.sleep(0.002)
 
 
 def breakdown(span_dir: Path, roles: dict[int, str],
@@ -157,7 +178,7 @@ def main() -> int:
     exchange = "vtpcm-bproto-" + uuid.uuid4().hex[:6]
     conf = daemons.client_conf(exchange)
     started: list[daemons.Daemon | HostTPMStandIn] = []
-    samples: dict[str, list[float]] = {k: [] for k in STEPS + FLOORS}
+    samples: dict[str, list[float]] = {k: [] for k in STEPS + AFTER + FLOORS}
     windows: list[Window] = []
     span_dir = work / "spans"
     span_dir.mkdir()
@@ -237,15 +258,25 @@ def main() -> int:
                                            "begin", windows if record else None, pair)
                     assert info.state == "PREPARED", info
                     agents.import_state(dst, agents.export_state(src, instance))
-                    commit_ms, info = timed(partial(api.commit, mid), "commit",
-                                            windows if record else None, pair)
-                    assert info.state == "COMMITTED", info
+                    # as the Nova driver asks it: the answer once the
+                    # destination committed, the source's shred after it
+                    commit_ms, info = timed(partial(api.commit, mid, shred_later=True),
+                                            "commit", windows if record else None, pair)
+                    assert info.state in ("COMMITTED", "SHREDDING"), info
+                    # untimed, before the floors (which the background shred
+                    # would slow down): until the source's shred ran
+                    shred_ms, late = timed(partial(settled, operator, mid)) \
+                        if info.state == "SHREDDING" else (0.0, None)
+                    if late:
+                        raise RuntimeError("round %d (commit, migration %s): %s"
+                                           % (r, mid, late))
                     holder = 1 - holder
                     if record:
                         samples["check"].append(check_ms)
                         samples["begin"].append(begin_ms)
                         samples["commit"].append(commit_ms)
                         samples["check_begin_commit"].append(check_ms + begin_ms + commit_ms)
+                        samples["shred_after_answer"].append(shred_ms)
                 # floors, once per round, order rotated
                 here = names[holder]
                 floors: list[tuple[str, Callable[[], Any]]] = [
@@ -322,7 +353,7 @@ def main() -> int:
         benchlib.progress("protocol: %s, per run (median): %s" % (step, ", ".join(
             "%s %gx %.1f ms" % (k, v["count"], v["ms_median"]) for k, v in parts.items()
             if v["count"])))
-    for key in STEPS + FLOORS:
+    for key in STEPS + AFTER + FLOORS:
         if key in summary:
             benchlib.progress("protocol: %-22s p50 %7.1f ms  p95 %7.1f ms" % (
                 key, summary[key]["median"], summary[key]["p95"]))
@@ -332,7 +363,7 @@ def main() -> int:
 def plot(result: dict[str, Any], path: Path) -> None:
     plt = benchlib.pyplot()
     fig, ax = plt.subplots(figsize=(10, 4.5))
-    keys = [k for k in STEPS + FLOORS if result["samples_ms"].get(k)]
+    keys = [k for k in STEPS + AFTER + FLOORS if result["samples_ms"].get(k)]
     ax.boxplot([result["samples_ms"][k] for k in keys], tick_labels=keys, showfliers=True,
                whis=(5, 95))
     ax.axhline(TARGET_TOTAL_MS, color="red", ls="--", lw=1, label="target check+begin+commit")

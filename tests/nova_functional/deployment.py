@@ -12,6 +12,7 @@ the guest-visible TPM state with tpm2-pytss.
 import contextlib
 import dataclasses
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,12 +81,23 @@ class Deployment:
         return api
 
     def vtpcm_on(self, host: str, instance: str) -> Any:
-        """The agent's record of the instance's vTPCM on ``host``, None if it has none."""
-        try:
-            info = self.agents.get(host, instance)
-        except exception.NotFound:
-            return None
-        return None if info.state == "DESTROYED" else info
+        """The agent's record of the instance's vTPCM on ``host``, None if it
+        has none. A copy the engine shreds after the commit's answer (engine
+        API 1.11: MIGRATING_OUT of a migration the engine shows SHREDDING)
+        is waited for, up to 30 s."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                info = self.agents.get(host, instance)
+            except exception.NotFound:
+                return None
+            if info.state == "DESTROYED":
+                return None
+            if not (info.state == "MIGRATING_OUT" and info.migration_id
+                    and self.operator.get_migration(info.migration_id).state == "SHREDDING"
+                    and time.monotonic() < deadline):
+                return info
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager

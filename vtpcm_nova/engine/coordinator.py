@@ -26,11 +26,14 @@ outcome is unknown, so it is retried (reconcile) and never taken as done.
 """
 
 import collections
+import dataclasses
 import datetime
+import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from oslo_log import log as logging
 
@@ -161,6 +164,75 @@ NOVA_NOT_CONFIGURED = ("the engine cannot ask Nova whether it is unshelving the 
                        "there ([nova] auth_type is not set)")
 
 
+# Shreds queued after their commits' answers; more are left to reconcile
+AFTER_COMMIT_QUEUE = 256
+
+
+class BackgroundJobs:
+    """A few daemon threads running jobs from a bounded queue: a job that
+    finds the queue full, or the jobs stopped, is not run (``submit``
+    returns False) and its caller leaves the work to reconcile. Daemon
+    threads: a job never holds the interpreter's exit (each is bounded by
+    its RPC timeouts anyway)."""
+
+    def __init__(self, workers: int, limit: int) -> None:
+        self._workers = workers
+        self._queue: queue.Queue[tuple[Callable[..., object], tuple[Any, ...]] | None] = \
+            queue.Queue(maxsize=limit)
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def submit(self, fn: Callable[..., object], *args: Any) -> bool:
+        with self._lock:
+            if self._stopped:
+                return False
+            try:
+                self._queue.put_nowait((fn, args))
+            except queue.Full:
+                return False
+            if not self._threads:  # started at the first job
+                self._threads = [threading.Thread(target=self._work, daemon=True,
+                                                  name="vtpcm-shred-%d" % i)
+                                 for i in range(self._workers)]
+                for thread in self._threads:
+                    thread.start()
+            return True
+
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            fn, args = job
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - its own logging missed it
+                LOG.exception("A background job failed")
+
+    def stop(self, timeout: float) -> None:
+        """Drop the queued jobs (reconcile does their work), let the running
+        ones end, waiting at most ``timeout`` seconds in all."""
+        with self._lock:
+            self._stopped = True
+            threads = list(self._threads)
+            while True:
+                try:
+                    self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            for _ in threads:
+                self._queue.put_nowait(None)  # emptied above, none added since
+        deadline = time.monotonic() + timeout
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+# How long a begin waits for the shred of the vTPCM's old copy on its
+# destination (an earlier shred_later commit's) before it refuses, retryable
+PRE_SHRED_WAIT = 5.0
+
+
 class Coordinator:
     def __init__(self, db: db_api.Database, agents: AgentClient, trust: TrustChecker, *,
                  timeout: float = 900.0,
@@ -200,6 +272,9 @@ class Coordinator:
         self._reap_after = ""  # the pass resumes after the last instance asked
         self._reported_orphans: set[shelved.Observed] = set()
         self._warned_not_admin = False
+        # the sources' shreds a commit left to run after its answer
+        # (``commit(shred_later=True)``); reconcile finishes any it loses
+        self._after_commit = BackgroundJobs(workers=2, limit=AFTER_COMMIT_QUEUE)
 
     # --- vTPCM lifecycle through the authority ---------------------------------
 
@@ -852,10 +927,8 @@ class Coordinator:
         a migration begun on it would end, on abort, with the shelve undone.
         The record's state before the claim is kept with the migration, and
         an abort restores it."""
-        try:
-            rec = self.db.get_migration(migration_id)
-        except exception.NotFound:
-            rec = None
+        view = self.db.begin_view(migration_id, instance_uuid)  # one transaction
+        rec = view.migration
         if (rec is not None and rec.error == TOMBSTONE_REASON
                 and rec.instance_uuid == instance_uuid):
             raise self._tombstoned(rec, instance_uuid, dest)
@@ -878,7 +951,33 @@ class Coordinator:
         if source == dest:
             raise exception.MigrationError(migration_id=migration_id,
                                            reason="source and destination are the same host")
-        vtpcm = self.db.get_vtpcm(instance_uuid)
+        # only the shreds on the host about to receive the vTPCM wait for
+        # this begin; others run in the background (or reconcile)
+        back = tuple(mid for mid, state, old_source in view.unfinished
+                     if state == M.SHREDDING.value and old_source == dest)
+        if back:
+            self._finish_shreds(instance_uuid, back)
+            view = self.db.begin_view(migration_id, instance_uuid)
+        # Any other earlier migration of this vTPCM still unfinished refuses
+        # the begin before anything is claimed (review M2, M3): one
+        # COMMITTING (a worker killed past the commit point) has the record
+        # on its destination already, with no claim left to lose; a shred
+        # not confirmed on the host about to receive the vTPCM would send
+        # it back to a host still holding its old copy. Retryable: reconcile
+        # finishes the earlier one.
+        for earlier, state, old_source in view.unfinished:
+            if state == M.SHREDDING.value and old_source != dest:
+                continue  # shredded in the background; not on dest
+            detail = ("an earlier migration %s of this vTPCM is unfinished (%s%s); "
+                      "retry once it has ended (reconcile finishes it)"
+                      % (earlier, state,
+                         ", its shred on the destination is unconfirmed"
+                         if state == M.SHREDDING.value else ""))
+            self._refuse_audit(migration_id, instance_uuid, dest, detail)
+            raise exception.MigrationError(migration_id=migration_id, reason=detail)
+        if view.vtpcm is None:
+            raise exception.NotFound(what="vTPCM of instance", key=instance_uuid)
+        vtpcm = view.vtpcm
         if vtpcm.state == CREATING:
             raise exception.MigrationError(
                 migration_id=migration_id,
@@ -893,6 +992,12 @@ class Coordinator:
             raise exception.MigrationError(migration_id=migration_id, reason=detail)
         verdict = self.trust.check_fresh(dest)
         dest_host, distrust = self._trusted_destination(dest, verdict)
+        # The source agent must hold this generation ACTIVE or STOPPED
+        # before anything is claimed: a source without it (reinstalled, its
+        # association lost) refuses the begin cleanly. Claimed first, the
+        # seal's refusal would leave an abort that cannot restore a copy the
+        # source does not have, the record claimed for good (review M1).
+        # The seal checks it again in the step that marks it MIGRATING_OUT.
         source_gen_ok = False
         if vtpcm.host == source and vtpcm.migration_id is None:
             info = self.agents.get(source, instance_uuid)
@@ -955,14 +1060,24 @@ class Coordinator:
             rec = self.db.get_migration(migration_id)
             raise exception.MigrationError(migration_id=migration_id,
                                            reason=rec.error or "aborted")
-        return self.db.get_migration(migration_id)
+        # as this call's own compare-and-set wrote it (no read back)
+        return dataclasses.replace(made, state=proto.state.value)
 
-    def commit(self, migration_id: str,
-               requested_by: str | None = None) -> db_api.MigrationRecord:
+    def commit(self, migration_id: str, requested_by: str | None = None, *,
+               shred_later: bool = False) -> db_api.MigrationRecord:
         """Pass the commit point and finish the commit. Idempotent for its
         caller: a commit of a COMMITTED migration is a success, and one of a
         migration whose commit is under way (COMMITTING, SHREDDING) runs the
         steps left, as reconcile would.
+
+        ``shred_later`` (engine API 1.11): answer once the destination's
+        commit is recorded (SHREDDING, durable), and shred the source's copy
+        right after the answer, in this worker's background (reconcile
+        finishes it if this worker dies). The source's copy is MIGRATING_OUT
+        of a migration past its commit point: no agent makes it live again
+        but on an engine-signed abort or reclaim, which the engine never
+        sends from SHREDDING (design.rst, "The source's shred after the
+        answer").
 
         ``requested_by``: the signing host. Before the commit point only the
         source's word counts (it saw the migration complete); the
@@ -981,7 +1096,7 @@ class Coordinator:
         self._settle_deadline_abort(proto, ctx, rec)
         if proto.state in (M.COMMITTING, M.SHREDDING):
             # past the commit point, a step failed: the retry finishes it
-            return self._finish_commit(migration_id)
+            return self._finish_commit(migration_id, shred_later)
         before_point = proto.state in (M.PREPARED, M.TRANSFERRING, M.TRANSFERRED,
                                        M.IN_DOUBT)
         if requested_by not in (None, ctx.source_host) and before_point:
@@ -1004,11 +1119,17 @@ class Coordinator:
         if proto.state is M.TRANSFERRED:
             self._check_incoming_ready(ctx)
         try:
-            self._advance(proto, ctx, p.CommitRequested())
+            self._advance(proto, ctx, p.CommitRequested(), shred_later=shred_later)
         except exception.MigrationError:
             if not self._moved_past(migration_id, proto.state):
                 raise
-        return self._finish_commit(migration_id)
+        else:
+            reached = cast(M, proto.state)  # _advance moved it (mypy keeps the narrowing)
+            if shred_later and reached is M.SHREDDING:
+                # this call's own compare-and-sets got it here: no read back
+                self._shred_in_background(ctx)
+                return dataclasses.replace(rec, state=proto.state.value)
+        return self._finish_commit(migration_id, shred_later)
 
     def _moved_past(self, migration_id: str, believed: M) -> bool:
         """Whether another commit or reconcile moved the migration on from
@@ -1017,7 +1138,8 @@ class Coordinator:
         state = self.db.get_migration(migration_id).state
         return state != believed.value and self._past_commit_point(migration_id)
 
-    def _finish_commit(self, migration_id: str) -> db_api.MigrationRecord:
+    def _finish_commit(self, migration_id: str,
+                       shred_later: bool = False) -> db_api.MigrationRecord:
         """Run the steps left of a commit past its commit point, as
         reconcile would, until it is COMMITTED: the commit is decided, so
         its caller gets success. Another commit or reconcile running the
@@ -1027,17 +1149,75 @@ class Coordinator:
         tests/functional/engine/test_load.py). A step that fails without
         such progress (an agent unreachable) still fails the call; the
         caller retries and reconcile finishes it. Bounded: every pass moves
-        the migration one state on, or raises."""
+        the migration one state on, or raises. ``shred_later``: stop at
+        SHREDDING and leave the source's shred to ``_shred_after_answer``."""
         for _ in range(len(p.PENDING_WORK)):
             proto, ctx, _ = self._load(migration_id)
             if proto.state not in (M.COMMITTING, M.SHREDDING):
                 break
+            if shred_later and proto.state is M.SHREDDING:
+                self._shred_in_background(ctx)
+                break
+            if proto.state is M.SHREDDING:
+                # its id may be unrecorded yet (a shred_later commit)
+                self._record_incoming_id(ctx)
             try:
-                self._run(proto, ctx, p.pending_actions(proto.state))
+                self._run(proto, ctx, p.pending_actions(proto.state),
+                          shred_later=shred_later)
             except exception.MigrationError:
                 if not self._moved_past(migration_id, proto.state):
                     raise  # no one moved it: the step itself failed
         return self.db.get_migration(migration_id)
+
+    def _shred_in_background(self, ctx: am.MigrationContext) -> None:
+        if not self._after_commit.submit(self._shred_after_answer, ctx):
+            LOG.info("Migration %(mig)s: the source's shred is left to reconcile "
+                     "(background queue full or stopping)", {"mig": ctx.migration_id})
+
+    def stop_background(self, timeout: float) -> None:
+        """At the engine's stop, after its RPC server drained: no new
+        background shred; the queued ones are left to reconcile, the
+        running ones get at most ``timeout`` seconds."""
+        self._after_commit.stop(timeout)
+
+    def _shred_after_answer(self, ctx: am.MigrationContext) -> None:
+        """After a ``shred_later`` commit answered: record the destination's
+        vTPCM id, then shred the source's copy (``_finish_commit``). A
+        failure is left to reconcile (SHREDDING is pending work)."""
+        try:
+            self._finish_commit(ctx.migration_id)  # records the id first
+        except exception.VTPCMException as err:
+            LOG.warning("Migration %(mig)s: the source's shred after the commit's answer "
+                        "failed (reconcile finishes it): %(err)s",
+                        {"mig": ctx.migration_id, "err": err})
+        except Exception:  # a background thread: its error goes to the log, not lost
+            LOG.exception("Migration %(mig)s: the source's shred after the commit's "
+                          "answer failed (reconcile finishes it)", {"mig": ctx.migration_id})
+
+    def _finish_shreds(self, instance_uuid: str, migration_ids: tuple[str, ...]) -> None:
+        """Before a new begin of the instance to the host an earlier
+        commit left a copy on for after its answer (SHREDDING): try to
+        shred it, waiting at most ``PRE_SHRED_WAIT`` seconds (not a full
+        RPC timeout inside Nova's begin). The caller reads the state again
+        and refuses the begin unless the shred is recorded done: a shred
+        that failed or is still running is left to reconcile (or its
+        thread), and the begin is retried."""
+        def shred() -> None:
+            for migration_id in migration_ids:
+                try:
+                    self._finish_commit(migration_id)
+                except exception.VTPCMException as err:
+                    LOG.warning("Migration %(mig)s: the source's shred before a new begin "
+                                "of instance %(i)s failed: %(err)s",
+                                {"mig": migration_id, "i": instance_uuid, "err": err})
+                except Exception:  # a thread of its own: logged, not lost
+                    LOG.exception("Migration %(mig)s: the source's shred before a new "
+                                  "begin failed", {"mig": migration_id})
+        # a daemon thread: one that outlives the bound finishes (or fails)
+        # on its own, and never holds the interpreter's exit
+        worker = threading.Thread(target=shred, name="vtpcm-pre-shred", daemon=True)
+        worker.start()
+        worker.join(PRE_SHRED_WAIT)
 
     def _check_incoming_ready(self, ctx: am.MigrationContext) -> None:
         """Before a cold migration's commit point: the destination must
@@ -1304,6 +1484,10 @@ class Coordinator:
                              if state in BEGIN_STATES else None)
                 if state in p.PENDING_WORK:
                     after_deadline = rec.error == p.DEADLINE_REASON
+                    if state is M.SHREDDING:
+                        # a shred_later commit's answer went out before the
+                        # destination's vTPCM id was recorded (review L1)
+                        self._record_incoming_id(ctx)
                     self._run(proto, ctx, p.pending_actions(state, after_deadline))
                     done += 1
                 elif abandoned is not None and self._still_begin(proto, ctx):
@@ -1362,13 +1546,11 @@ class Coordinator:
         which a slow migration outlives with its guest already running
         there. A verdict made UNKNOWN meanwhile (policy changed, host
         re-approved) or distrusted is settled by attesting now."""
-        try:
-            rec = self.db.get_host(dest)
-        except exception.NotFound:
+        rec, last = self.db.host_and_verdict(dest)  # one query
+        if rec is None:
             return "host is not enrolled"
         if rec.status is not HostStatus.APPROVED:
             return "host is %s" % rec.status.value
-        last = self.db.get_verdict(dest)
         if last is not None and last.trusted:
             return None
         host, why = self._trusted_destination(dest, self.trust.check_fresh(dest))
@@ -1421,28 +1603,43 @@ class Coordinator:
         before = proto.state
         actions = proto.handle(event)
         if proto.state is not before:
-            # the new state's audit goes with it, in one transaction
+            # the new state's audit goes with it, in one transaction; so
+            # does the authority's move at the commit point (MoveAuthority
+            # then has nothing left to do: one fsynced write less)
+            point = None
+            if proto.state is M.COMMITTING and any(isinstance(a, p.MoveAuthority)
+                                                   for a in actions):
+                point = db_api.CommitPoint(ctx.instance_uuid, ctx.source_host,
+                                           ctx.dest_host, ctx.generation)
             if not self.db.update_migration_state(ctx.migration_id, before.value,
                                                   proto.state.value,
                                                   error=getattr(event, "reason", None),
-                                                  audits=_audits(ctx, actions)):
+                                                  audits=_audits(ctx, actions),
+                                                  commit_point=point):
                 proto.state = before
                 raise exception.MigrationError(
                     migration_id=ctx.migration_id,
                     reason="state changed concurrently (expected %s)" % before.value)
-            actions = [a for a in actions if not isinstance(a, p.Audit)]
+            actions = [a for a in actions if not isinstance(a, p.Audit)
+                       and not (point is not None and point.moved
+                                and isinstance(a, p.MoveAuthority))]
         self._run(proto, ctx, actions, **extra)
 
     def _run(self, proto: p.MigrationProtocol, ctx: am.MigrationContext,
-             actions: list[p.Action], kem_public: bytes | None = None) -> None:
+             actions: list[p.Action], kem_public: bytes | None = None,
+             shred_later: bool = False) -> None:
+        """``shred_later``: the source's shred (and the bookkeeping of the
+        destination's vTPCM id) is left for after the commit's answer."""
         for action in actions:
             if isinstance(action, p.Audit):
                 self.db.audit(action.event, action.outcome, host=ctx.dest_host,
                               instance=ctx.instance_uuid, migration_id=ctx.migration_id,
                               detail=action.detail)
                 continue
+            if shred_later and isinstance(action, p.ShredSource):
+                return  # SHREDDING is recorded: _shred_after_answer runs it
             try:
-                event = self._execute(action, ctx, kem_public)
+                event = self._execute(action, ctx, kem_public, shred_later)
             except exception.VTPCMException as err:
                 LOG.warning("Migration %(mig)s: %(action)s failed: %(err)s",
                             {"mig": ctx.migration_id, "action": action.name, "err": err})
@@ -1453,11 +1650,12 @@ class Coordinator:
             if event is not None:
                 # the destination's KEM key goes along to the recheck before
                 # PrepareDestination
-                self._advance(proto, ctx, event, kem_public=kem_public)
+                self._advance(proto, ctx, event, kem_public=kem_public,
+                              shred_later=shred_later)
                 return
 
     def _execute(self, action: p.Action, ctx: am.MigrationContext,
-                 kem_public: bytes | None) -> p.Event | None:
+                 kem_public: bytes | None, shred_later: bool = False) -> p.Event | None:
         src, dst = ctx.source_host, ctx.dest_host
         if isinstance(action, p.SealKey):
             if kem_public is None:
@@ -1485,7 +1683,8 @@ class Coordinator:
             return None
         if isinstance(action, p.CommitDestination):
             self.agents.commit_incoming(dst, ctx)
-            self._record_incoming_id(ctx)
+            if not shred_later:  # else after the answer, with the shred
+                self._record_incoming_id(ctx)
             return p.DestinationCommitted()
         if isinstance(action, p.ShredSource):
             self.agents.commit_outgoing(src, ctx)

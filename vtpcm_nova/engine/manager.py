@@ -461,9 +461,10 @@ class EngineManager:
         return migration_info(self.coordinator.begin(req.migration_id, req.instance_uuid,
                                                      req.source, req.dest))
 
-    @endpoint(m.MigrationRef, host_signed=True)
-    def commit(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:
-        return migration_info(self.coordinator.commit(req.migration_id, requested_by=signer))
+    @endpoint(m.CommitMigration, host_signed=True)
+    def commit(self, req: m.CommitMigration, signer: str) -> m.MigrationInfo:
+        return migration_info(self.coordinator.commit(req.migration_id, requested_by=signer,
+                                                      shred_later=req.shred_later))
 
     @endpoint(m.MigrationRef, host_signed=True)
     def transfer_state(self, req: m.MigrationRef, signer: str) -> m.MigrationInfo:

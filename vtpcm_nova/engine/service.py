@@ -237,6 +237,9 @@ class EngineService:
             self.server.stop()
             self.server.wait()
             self.server = None
+        # no commit queues a shred any more: the running ones end (bounded),
+        # the queued ones are reconcile's
+        self.coordinator.stop_background(timeout=10)
         if self.registrations is not None:
             self.registrations.stop()
         # only now: a begin draining above (a step waiting up to [engine]

@@ -22,6 +22,10 @@ from vtpcm_nova.virt.lifecycle import AgentReader
 LOG = logging.getLogger(__name__)
 
 COMMITTED = "COMMITTED"
+# Past the commit point with the destination committed: the vTPCM is the
+# destination's; the engine shreds the source's copy after its answer
+# (commit ``shred_later``, engine API 1.11).
+DONE_STATES = frozenset({COMMITTED, "SHREDDING"})
 ABORTED_STATES = frozenset({"ABORTED", "REFUSED"})
 COMMIT_ATTEMPTS = 6  # sleeps 1 + 2 + 4 + 5 + 5 s between them
 # An abort the engine did not answer (timeout, transport) is sent again:
@@ -39,7 +43,7 @@ class Engine(Protocol):
     def check_destination(self, instance_uuid: str, dest: str) -> em.Verdict: ...
     def begin(self, migration_id: str, instance_uuid: str, source: str,
               dest: str) -> em.MigrationInfo: ...
-    def commit(self, migration_id: str) -> em.MigrationInfo: ...
+    def commit(self, migration_id: str, shred_later: bool = False) -> em.MigrationInfo: ...
     def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None,
               timeout: float | None = None) -> em.MigrationInfo: ...
     def get_migration(self, migration_id: str) -> em.MigrationInfo: ...
@@ -106,12 +110,15 @@ def commit(engine: Engine, migration_id: str, *, attempts: int = COMMIT_ATTEMPTS
     Called once the guest runs on the destination, so giving up is not an
     option the guest can afford: an unreachable engine or a busy record is
     retried (bounded), and a commit that went through while its answer was
-    lost, or that reconcile finished, is success."""
+    lost, or that reconcile finished, is success. The engine answers once
+    the destination committed (SHREDDING) and shreds the source's copy
+    after its answer (``shred_later``): Nova's post-migration steps do not
+    wait for the shred."""
     last: exception.VTPCMException | None = None
     for attempt in range(attempts):
         try:
-            info = engine.commit(migration_id)
-            if info.state == COMMITTED:
+            info = engine.commit(migration_id, shred_later=True)
+            if info.state in DONE_STATES:
                 return info
             last = exception.MigrationError(migration_id=migration_id,
                                             reason="commit answered %s" % info.state)
@@ -121,7 +128,7 @@ def commit(engine: Engine, migration_id: str, *, attempts: int = COMMIT_ATTEMPTS
             now = engine.get_migration(migration_id)
         except exception.VTPCMException:
             now = None
-        if now is not None and now.state == COMMITTED:
+        if now is not None and now.state in DONE_STATES:
             return now
         if now is not None and now.state in ABORTED_STATES:
             break

@@ -70,6 +70,7 @@ EXPECTED = {
     "engine.PolicyList": "1.0-c1814d864e97263548f4f5c682a6a0fd",
     "engine.RecordPolicy": "1.0-31b202c35c4d86af4cc8e09d41b67b2a",
     "engine.SignedHostCommandKey": "1.6-cf3f8bb00334cdadf256b85864528aec",
+    "engine.CommitMigration": "1.11-8315f5f6c95553ff686dfb194e8d1797",
     "engine.TrustedHosts": "1.9-201c76585917349cb20b6fca35c95288",
     "engine.TrustedHostsQuery": "1.9-1dee623cd26106a3e655e625b38f4fce",
     "engine.Verdict": "1.0-ba4b76b44e652a9e065afaffcac7872c",

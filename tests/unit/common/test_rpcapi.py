@@ -356,6 +356,36 @@ def test_the_1_8_decisions_go_as_1_8_only_when_asked(call, flag):
     assert recorder.sent == []
 
 
+def test_commit_shred_later_goes_as_1_11_only_when_asked_and_servable():
+    """Engine API 1.11: the flag goes only when true, as 1.11; capped at 1.10
+    (or answered UnsupportedVersion by an older engine) the client sends the
+    1.2 commit an older engine accepts, whose answer waits for the shred."""
+    api = _engine_api()
+    sent = _sent(api, lambda api: api.commit(MIGRATION, shred_later=True))
+    assert sent["version"] == "1.11" and sent["args"]["payload"] == {
+        "migration_id": MIGRATION, "shred_later": True}
+    assert _signed_by(api.host_signer, sent)
+    sent = _sent(_engine_api(), lambda api: api.commit(MIGRATION))
+    assert sent["version"] == "1.2" and sent["args"]["payload"] == {"migration_id": MIGRATION}
+    capped = engine_rpcapi.EngineAPI(_conf(), host_signer=_signer(), version_cap="1.10")
+    sent = _sent(capped, lambda api: api.commit(MIGRATION, shred_later=True))
+    assert sent["version"] == "1.2" and sent["args"]["payload"] == {"migration_id": MIGRATION}
+
+    class OldEngine(RecordingClient):
+        class _Prepared(RecordingClient._Prepared):
+            def call(self, ctxt: Any, method: str, **args: Any) -> Any:
+                if self.kwargs["version"] == "1.11":
+                    self.owner.sent.append({"method": method, "args": args, **self.kwargs})
+                    raise messaging.RemoteError(
+                        "UnsupportedVersion", "Endpoint does not support RPC version 1.11")
+                return super().call(ctxt, method, **args)
+    old = _engine_api()
+    old.client = recorder = OldEngine()
+    with pytest.raises(Sent):
+        old.commit(MIGRATION, shred_later=True)
+    assert [s["version"] for s in recorder.sent] == ["1.11", "1.2"]
+
+
 def test_abort_names_the_instance_only_as_1_10():
     """An engine of 1.9 gets the abort it accepts (no unknown field); a
     client capped at 1.9 sends it so too, without the tombstone."""

@@ -1,6 +1,8 @@
 """The migration coordinator over a real SQLite database and a fake agent."""
 
 import datetime
+import threading
+import time
 import uuid
 
 import pytest
@@ -117,7 +119,11 @@ class FakeAgents:
 
     def seal_migration_key(self, host, context, dest_kem_public):
         self._record("seal", host)
-        assert dest_kem_public == b"kem-of-b"
+        if context.generation != self.generation:  # as the agent's own check
+            raise exception.GenerationMismatch(instance_uuid=context.instance_uuid,
+                                               given=context.generation,
+                                               expected=self.generation)
+        assert dest_kem_public == b"kem-of-" + context.dest_host[-1:].encode()
         return am.SealedKey(b"envelope")
 
     def prepare_incoming(self, host, context, envelope):
@@ -232,10 +238,36 @@ def test_wrong_source_refused(env):
 def test_stale_generation_at_source_refused(env):
     coord, db, agents, _, _ = env
     agents.generation = 5  # source agent holds another generation than the authority
+    mid = str(uuid.uuid4())
     with pytest.raises(exception.MigrationError) as err:
-        coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
     assert "generation" in str(err.value)
     assert "seal" not in names(agents)
+    assert db.get_migration(mid).state == "REFUSED"
+    assert db.get_vtpcm(INSTANCE).migration_id is None
+
+
+def test_a_source_without_the_vtpcm_refuses_the_begin_before_any_claim(env):
+    """Review M1: the source agent has no vTPCM of the instance (host
+    reinstalled, its association lost). The begin asks it before claiming
+    and is refused with nothing claimed; claimed first, the seal's refusal
+    left an abort that could never restore the source's copy, the record
+    claimed for good."""
+    coord, db, agents, _, _ = env
+
+    def missing(*args, **kwargs):
+        agents.calls.append(("missing", args[0]))
+        raise exception.NotFound(what="vTPCM of instance", key=INSTANCE)
+    agents.get = missing
+    agents.seal_migration_key = missing
+    agents.abort_outgoing = missing
+    before = db.get_vtpcm(INSTANCE)
+    mid = str(uuid.uuid4())
+    with pytest.raises(exception.NotFound):
+        coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.reconcile()
+    assert db.get_vtpcm(INSTANCE) == before  # not claimed, unchanged
+    assert [c[0] for c in agents.calls].count("missing") == 1  # the get only, no seal
 
 
 def test_prepare_failure_aborts_and_restores_source(env):
@@ -338,23 +370,24 @@ def test_second_migration_while_one_runs_refused(env):
 
 def test_loser_of_a_begin_race_is_refused_without_agent_calls(env, monkeypatch):
     coord, db, agents, _, _ = env
-    real = db.get_vtpcm
+    real = db.begin_view
     other = str(uuid.uuid4())
 
-    def read_then_lose(instance_uuid):  # another worker claims right after our read
-        rec = real(instance_uuid)
+    def read_then_lose(migration_id, instance_uuid):  # another worker claims right after
+        view = real(migration_id, instance_uuid)
+        rec = view.vtpcm
         assert db.set_vtpcm_state(instance_uuid, rec.generation, "MIGRATING",
                                   expected_state=rec.state, migration_id=other,
                                   expected_migration_id=None)
-        return rec
+        return view
 
-    monkeypatch.setattr(db, "get_vtpcm", read_then_lose)
+    monkeypatch.setattr(db, "begin_view", read_then_lose)
     mid = str(uuid.uuid4())
     with pytest.raises(exception.MigrationError) as err:
         coord.begin(mid, INSTANCE, "host-a", "host-b")
     assert "another migration holds the vTPCM" in str(err.value)
     assert db.get_migration(mid).state == "REFUSED"
-    assert real(INSTANCE).migration_id == other  # the winner's claim stays
+    assert db.get_vtpcm(INSTANCE).migration_id == other  # the winner's claim stays
     assert names(agents) == []
 
 
@@ -948,6 +981,136 @@ def test_an_engine_dying_right_after_the_commit_point_leaves_it_audited(env, mon
             if (a.migration_id, a.event) == (mid, "migration.begin")] == ["accepted"]
 
 
+def test_the_commit_point_moves_the_authority_in_its_own_transaction(env, monkeypatch):
+    """Issue 11 point 2: the authority's move is written with the
+    COMMITTING state (one transaction, one fsync less), not after it: an
+    engine killed right after that write leaves the record on the
+    destination already, and reconcile's MoveAuthority finds it done."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    real = db.update_migration_state
+
+    def die_after_the_commit_point(*args, **kwargs):
+        moved = real(*args, **kwargs)
+        if moved and args[2] == "COMMITTING":
+            raise SystemExit("engine killed")
+        return moved
+
+    monkeypatch.setattr(db, "update_migration_state", die_after_the_commit_point)
+    with pytest.raises(SystemExit, match="engine killed"):
+        coord.commit(mid)
+    monkeypatch.setattr(db, "update_migration_state", real)
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.state, rec.migration_id) == \
+        ("host-b", 1, "ACTIVE", None)
+    assert "commit_incoming" not in names(agents)
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert db.get_vtpcm(INSTANCE).generation == 1
+
+
+# --- the source's shred after the commit's answer (engine API 1.11) -----------------
+
+class HeldJobs:
+    """Stands for the coordinator's background executor: jobs run only when
+    the test says, so it sees the state between the answer and the shred."""
+
+    def __init__(self):
+        self.jobs = []
+
+    def submit(self, fn, *args):
+        self.jobs.append((fn, args))
+        return True
+
+    def run(self):
+        jobs, self.jobs = self.jobs, []
+        for fn, args in jobs:
+            fn(*args)
+
+
+def test_a_commit_with_shred_later_answers_before_the_source_is_shredded(env):
+    coord, db, agents, _, _ = env
+    coord._after_commit = jobs = HeldJobs()
+    first = db.get_vtpcm(INSTANCE).vtpcm_id
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid, shred_later=True).state == "SHREDDING"
+    # durable before the answer: the authority on host-b, its copy committed
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id) == ("host-b", 1, None)
+    assert names(agents) == ["seal", "prepare", "commit_incoming"]
+    assert ("get", "host-b") not in agents.calls  # the id bookkeeping waits too
+    jobs.run()
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert names(agents)[-1] == "commit_outgoing" and agents.calls[-1][1] == "host-a"
+    assert db.get_vtpcm(INSTANCE).vtpcm_id != first
+    # a retried commit is a no-op success
+    assert coord.commit(mid, shred_later=True).state == "COMMITTED"
+    assert names(agents).count("commit_outgoing") == 1
+
+
+def test_a_begin_shreds_the_copy_an_earlier_commit_left_first(env):
+    """The vTPCM goes back to host-a before the background shred of its old
+    copy there ran: the begin shreds it before sealing, so host-a is clean
+    when it receives the vTPCM again."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = HeldJobs()  # never run
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.commit(mid, shred_later=True)
+    agents.generation = 1
+    back = str(uuid.uuid4())
+    assert coord.begin(back, INSTANCE, "host-b", "host-a").state == "PREPARED"
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert names(agents)[2:] == ["commit_incoming", "commit_outgoing", "seal", "prepare"]
+
+
+def test_a_begin_elsewhere_does_not_wait_for_the_shred_an_earlier_commit_left(env, monkeypatch):
+    """The old source is not the new destination: the begin does not wait
+    for (nor run) that shred; the background job or reconcile does it."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = jobs = HeldJobs()
+    db.enroll_host("host-c", ak_public=b"ak-c", ak_name=b"n-c", kem_public=b"kem-of-c",
+                   kem_name=b"kc", ek_certificate=None, approved=True)
+    db.assign_policy("host-c", "golden")
+    trusted_in_db(db, "host-c")
+    env[3].verdicts["host-c"] = FakeVerdict("TRUSTED")
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.commit(mid, shred_later=True)
+    agents.generation = 1
+    assert coord.begin(str(uuid.uuid4()), INSTANCE, "host-b", "host-c").state == "PREPARED"
+    assert "commit_outgoing" not in names(agents)
+    assert db.get_migration(mid).state == "SHREDDING"
+    jobs.run()
+    assert db.get_migration(mid).state == "COMMITTED"
+
+
+def test_a_failed_shred_after_the_answer_is_finished_by_reconcile(env):
+    coord, db, agents, _, _ = env
+    coord._after_commit = jobs = HeldJobs()
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid, shred_later=True).state == "SHREDDING"
+    agents.fail["commit_outgoing"] = exception.ServiceUnreachable(
+        service="agent host-a", method="commit_outgoing", reason="timed out")
+    jobs.run()  # logged, not raised: nobody waits for it
+    assert db.get_migration(mid).state == "SHREDDING"
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "COMMITTED"
+
+
+def test_a_commit_without_shred_later_still_answers_committed(env):
+    """A driver older than engine API 1.11 waits for the shred, as before."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = jobs = HeldJobs()
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid).state == "COMMITTED"
+    assert jobs.jobs == [] and names(agents)[-1] == "commit_outgoing"
+
+
 # --- tombstones and leases (issue 10 review) ----------------------------------------
 
 def test_abort_of_an_unrecorded_id_leaves_a_tombstone_that_refuses_the_late_begin(env):
@@ -1158,3 +1321,116 @@ def test_reconcile_aborts_a_begin_of_this_run_only_once_it_no_longer_runs_it(env
     _recorded_begin(db, left, coord.worker)
     coord.reconcile()
     assert "recorded it and no longer runs it" in db.get_migration(left).error
+
+
+# --- earlier migrations still unfinished at a begin (review M2, M3, L1, L2) ---------
+
+def test_a_begin_back_to_a_host_whose_old_shred_failed_is_refused(env):
+    """Review M2: the shred of the vTPCM's old copy on the host it is about
+    to go back to fails: the begin is refused (retryable) before any claim,
+    and goes on once reconcile has finished that shred."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = HeldJobs()  # never run
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid, shred_later=True).state == "SHREDDING"
+    agents.generation = 1
+    agents.fail["commit_outgoing"] = exception.ServiceUnreachable(
+        service="agent host-a", method="commit_outgoing", reason="timed out")
+    back = str(uuid.uuid4())
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(back, INSTANCE, "host-b", "host-a")
+    assert mid in str(err.value) and "retry" in str(err.value)
+    assert db.get_migration(mid).state == "SHREDDING"
+    assert "seal" not in names(agents)[2:] and "prepare" not in names(agents)[2:]
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.state, rec.migration_id) == ("host-b", "ACTIVE", None)
+    with pytest.raises(exception.NotFound):
+        db.get_migration(back)  # nothing recorded: the same id can be retried
+    assert "commit_outgoing" not in agents.fail  # it failed once only
+    assert coord.reconcile() == 1
+    assert coord.begin(back, INSTANCE, "host-b", "host-a").state == "PREPARED"
+
+
+def test_a_begin_back_waits_for_its_old_shred_only_a_short_bound(env, monkeypatch):
+    """Review M2: a shred that hangs costs the begin PRE_SHRED_WAIT, not a
+    full RPC timeout; the begin is refused, the shred runs on."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = HeldJobs()
+    monkeypatch.setattr(coordinator, "PRE_SHRED_WAIT", 0.2)
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    coord.commit(mid, shred_later=True)
+    agents.generation = 1
+    release = threading.Event()
+    real = agents.commit_outgoing
+
+    def hangs(host, context):
+        release.wait(10)
+        return real(host, context)
+    agents.commit_outgoing = hangs
+    started = time.monotonic()
+    with pytest.raises(exception.MigrationError, match="unfinished"):
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-b", "host-a")
+    assert time.monotonic() - started < 5
+    release.set()
+
+
+def test_a_begin_while_an_earlier_migration_is_committing_is_refused(env, monkeypatch):
+    """Review M3: a worker killed between the commit point and the
+    destination's commit leaves the migration COMMITTING with the record on
+    its destination, held by no migration: a new begin is refused
+    (retryable) instead of claiming it, until reconcile finished the commit."""
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    agents.fail["commit_incoming"] = exception.ServiceUnreachable(
+        service="agent host-b", method="commit_incoming", reason="timed out")
+    with pytest.raises(exception.ServiceUnreachable, match="commit_incoming"):
+        coord.commit(mid)
+    assert db.get_migration(mid).state == "COMMITTING"
+    agents.generation = 1
+    later = str(uuid.uuid4())
+    with pytest.raises(exception.MigrationError) as err:
+        coord.begin(later, INSTANCE, "host-b", "host-a")
+    assert "COMMITTING" in str(err.value) and mid in str(err.value)
+    assert names(agents).count("seal") == 1
+    coord.reconcile()  # the agent answers again
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert coord.begin(later, INSTANCE, "host-b", "host-a").state == "PREPARED"
+
+
+def test_reconcile_records_the_destinations_id_a_shred_later_commit_left(env):
+    """Review L1: the worker dies after answering SHREDDING, before its
+    background job: reconcile's shred records the destination's vTPCM id."""
+    coord, db, agents, _, _ = env
+    coord._after_commit = HeldJobs()  # the worker dies: the job never runs
+    first = db.get_vtpcm(INSTANCE).vtpcm_id
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    assert coord.commit(mid, shred_later=True).state == "SHREDDING"
+    assert coord.reconcile() == 1
+    assert db.get_migration(mid).state == "COMMITTED"
+    assert db.get_vtpcm(INSTANCE).vtpcm_id not in (None, first)
+
+
+def test_background_jobs_are_bounded_and_stop():
+    """Review L2: a full queue refuses the job (left to reconcile); stop
+    drops the queued ones, waits for the running one at most its bound,
+    and refuses new ones; the threads are daemons."""
+    jobs = coordinator.BackgroundJobs(workers=1, limit=1)
+    gate, ran = threading.Event(), []
+    assert jobs.submit(gate.wait, 10)
+    deadline = time.monotonic() + 5
+    while jobs._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)  # the worker took the first job
+    assert jobs.submit(ran.append, 1)
+    assert not jobs.submit(ran.append, 2)  # full
+    assert all(t.daemon for t in jobs._threads)
+    started = time.monotonic()
+    jobs.stop(timeout=0.2)
+    assert time.monotonic() - started < 2
+    assert not jobs.submit(ran.append, 3)
+    gate.set()
+    jobs._threads[0].join(5)
+    assert ran == []  # the queued job was dropped, not run

@@ -31,6 +31,8 @@ def _service(db: Database, server: _DrainingServer) -> service.EngineService:
     svc._stop = threading.Event()
     svc._threads = []
     svc.db, svc.worker, svc.registrations, svc.server = db, "engine-1/aaaa", None, server
+    # its background shreds stop after the drain (bounded)
+    svc.coordinator = types.SimpleNamespace(stop_background=lambda timeout: None)
     svc.conf = types.SimpleNamespace(engine=types.SimpleNamespace(
         host="engine-1", worker_lease_ttl=TTL))
     return svc

@@ -15,6 +15,8 @@ class FakeEngine:
         self.vtpcms: dict[str, em.VtpcmRecord] = {}
         self.migrations: dict[str, em.MigrationInfo] = {}
         self.fail: dict[str, list[exception.VTPCMException]] = {}
+        self.commit_answer = "COMMITTED"
+        self.shred_later: bool | None = None
         self.abort_instances: list[str | None] = []  # instance_uuid of each abort
         self.abort_timeouts: list[float | None] = []
 
@@ -77,10 +79,11 @@ class FakeEngine:
         return em.VtpcmStatus(mig.instance_uuid, VTPCM_ID, mig.dest, mig.generation,
                               "MIGRATING_IN", True, "/run/vtpcm/%s.ctrl" % mig.instance_uuid)
 
-    def commit(self, migration_id: str) -> em.MigrationInfo:
+    def commit(self, migration_id: str, shred_later: bool = False) -> em.MigrationInfo:
         self.calls.append(("commit", migration_id))
+        self.shred_later = shred_later
         self._maybe_fail("commit")
-        return self._mig(migration_id, "COMMITTED")
+        return self._mig(migration_id, self.commit_answer)
 
     def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None,
               timeout: float | None = None) -> em.MigrationInfo:

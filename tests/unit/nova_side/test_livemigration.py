@@ -48,6 +48,18 @@ def test_commit_whose_answer_was_lost_is_success() -> None:
     assert engine.methods() == ["commit", "get_migration"]
 
 
+def test_commit_asks_the_shred_after_the_answer_and_takes_shredding_as_done() -> None:
+    """Engine API 1.11: the engine answers once the destination committed
+    (SHREDDING) and shreds the source's copy after its answer; the driver
+    takes that as the commit done, without retrying or polling."""
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARED")
+    engine.commit_answer = "SHREDDING"
+    assert lm.commit(engine, MIG, sleep=_no_sleep).state == "SHREDDING"
+    assert engine.shred_later is True
+    assert engine.methods() == ["commit"]
+
+
 def test_commit_retries_a_busy_record_then_succeeds() -> None:
     engine = FakeEngine()
     engine._mig(MIG, "PREPARED")

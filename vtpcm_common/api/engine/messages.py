@@ -241,6 +241,18 @@ class MigrationRef(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class CommitMigration(Message):
+    """``commit``'s request. 1.11: ``shred_later`` asks the answer as soon as
+    the destination's commit is recorded (SHREDDING); the source's copy is
+    shredded right after it. Sent only when true, as 1.11; without it (an
+    older client) the answer waits for the shred (COMMITTED), as before."""
+
+    message_type = "commit_migration"
+    migration_id: str = field(wire.uuid_field)
+    shred_later: bool = field(wire.bool_field, default=False, omit_default=True)
+
+
+@dataclasses.dataclass(frozen=True)
 class AbortMigration(Message):
     message_type = "abort_migration"
     migration_id: str = field(wire.uuid_field)

@@ -72,6 +72,11 @@ API version history:
           vTPCM, leaves an ABORTED tombstone, and a begin of that id
           arriving later is refused. Capped at 1.9, the client sends the
           abort without it (as 1.2), as before.
+    1.11 - commit ``shred_later`` (``CommitMigration``): answer once the
+          destination's commit is recorded (SHREDDING) and shred the
+          source's copy right after the answer; sent only when true, and
+          then as 1.11 (a client capped below sends the 1.2 commit, whose
+          answer waits for the shred).
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -97,11 +102,12 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.10"
+RPC_API_VERSION = "1.11"
 
 R = TypeVar("R", bound=Message)
 # abort with the instance (the tombstone of an unrecorded migration)
 ABORT_TOMBSTONE_VERSION = "1.10"
+SHRED_LATER_VERSION = "1.11"
 
 # State-changing calls that decide which hosts are trusted: operator-signed.
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
@@ -306,7 +312,20 @@ class EngineAPI(rpc.Client):
         return self._ask("begin", m.BeginMigration(migration_id, instance_uuid, source,
                                                     dest), m.MigrationInfo)
 
-    def commit(self, migration_id: str) -> m.MigrationInfo:
+    def commit(self, migration_id: str, shred_later: bool = False) -> m.MigrationInfo:
+        """``shred_later``: answer SHREDDING once the destination committed,
+        the source's shred after the answer (1.11); a client capped below
+        1.11, or an engine that cannot serve 1.11, gets the 1.2 commit
+        instead (the answer waits for the shred)."""
+        if shred_later and self.can_send_version(SHRED_LATER_VERSION):
+            try:
+                return self._call("commit", SHRED_LATER_VERSION,
+                                  m.CommitMigration(migration_id, True),
+                                  m.MigrationInfo, signer=self.host_signer)
+            except exception.RPCVersionUnsupported:
+                # an engine older than 1.11 (a rolling upgrade): its commit
+                # answers after the shred; the decision is the same
+                pass
         return self._ask("commit", m.MigrationRef(migration_id), m.MigrationInfo)
 
     def transfer_state(self, migration_id: str) -> m.MigrationInfo:

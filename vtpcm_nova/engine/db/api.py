@@ -27,7 +27,13 @@ from vtpcm_nova.engine.db import schema
 from vtpcm_nova.engine.db.audit import AuditStore
 from vtpcm_nova.engine.db.hosts import HostStore
 from vtpcm_nova.engine.db.keys import KEY_KINDS
-from vtpcm_nova.engine.db.migrations import AuditEntry, MigrationStore, VtpcmClaim
+from vtpcm_nova.engine.db.migrations import (
+    AuditEntry,
+    BeginView,
+    CommitPoint,
+    MigrationStore,
+    VtpcmClaim,
+)
 from vtpcm_nova.engine.db.nonces import NONCE_BYTES, NonceStore
 from vtpcm_nova.engine.db.policies import PolicyStore
 from vtpcm_nova.engine.db.records import (
@@ -46,8 +52,9 @@ from vtpcm_nova.engine.db.vtpcms import VtpcmStore
 from vtpcm_nova.engine.db.workers import WorkerStore
 
 __all__ = ["DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AbandonedRecord", "AuditEntry",
-           "AuditRecord", "Database", "HostRecord", "MigrationRecord", "PolicyRecord", "TrustBasis",
-           "VerdictRecord", "VtpcmClaim", "VtpcmRecord", "utcnow"]
+           "AuditRecord", "BeginView", "CommitPoint", "Database", "HostRecord",
+           "MigrationRecord", "PolicyRecord", "TrustBasis", "VerdictRecord", "VtpcmClaim",
+           "VtpcmRecord", "utcnow"]
 
 DEFAULT_URL = "sqlite:////var/lib/vtpcm/engine.sqlite"
 

@@ -15,8 +15,16 @@ from sqlalchemy.exc import IntegrityError
 
 from vtpcm_common import exception
 from vtpcm_nova.engine.db import models
-from vtpcm_nova.engine.db.records import MigrationRecord, migration_rec
+from vtpcm_nova.engine.db.records import (
+    MigrationRecord,
+    VtpcmRecord,
+    migration_rec,
+    vtpcm_rec,
+)
 from vtpcm_nova.engine.db.store import Store, utcnow
+
+# the migration states nothing follows (protocol.TERMINAL, by value)
+FINAL_STATES = ("REFUSED", "COMMITTED", "ABORTED")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,32 @@ class AuditEntry:
         return models.Audit(at=now, event=self.event, host=self.host, instance=self.instance,
                             migration_id=self.migration_id, outcome=self.outcome,
                             detail=self.detail)
+
+
+@dataclasses.dataclass
+class CommitPoint:
+    """The authority's move made in the transaction that enters COMMITTING:
+    the vTPCM record from (``source``, ``generation``) to (``dest``,
+    ``generation`` + 1), ACTIVE, no migration. ``moved`` tells the caller
+    whether it matched (else the record was elsewhere, and the
+    ``MoveAuthority`` step decides as before)."""
+
+    instance_uuid: str
+    source: str
+    dest: str
+    generation: int
+    moved: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class BeginView:
+    """What ``begin`` reads before it decides, in one transaction: the
+    migration of its id (None: new), the instance's other migrations not
+    yet ended (id, state, source), and its vTPCM record (None: none)."""
+
+    migration: MigrationRecord | None
+    unfinished: tuple[tuple[str, str, str], ...]
+    vtpcm: VtpcmRecord | None
 
 
 class MigrationStore(Store):
@@ -96,6 +130,22 @@ class MigrationStore(Store):
                 raise exception.AlreadyExists(what="migration", key=migration_id) from None
             return migration_rec(row)
 
+    def begin_view(self, migration_id: str, instance_uuid: str) -> BeginView:
+        with self.session() as s:
+            row = s.scalar(select(models.Migration)
+                           .where(models.Migration.migration_id == migration_id))
+            unfinished = tuple((mid, state, src) for mid, state, src in s.execute(
+                select(models.Migration.migration_id, models.Migration.state,
+                       models.Migration.source)
+                .where(models.Migration.instance_uuid == instance_uuid,
+                       models.Migration.migration_id != migration_id,
+                       models.Migration.state.not_in(FINAL_STATES))
+                .order_by(models.Migration.id)))
+            vtpcm = s.scalar(select(models.Vtpcm)
+                             .where(models.Vtpcm.instance_uuid == instance_uuid))
+            return BeginView(None if row is None else migration_rec(row), unfinished,
+                             None if vtpcm is None else vtpcm_rec(vtpcm))
+
     def get_migration(self, migration_id: str) -> MigrationRecord:
         with self.session() as s:
             row = s.scalar(select(models.Migration)
@@ -120,7 +170,8 @@ class MigrationStore(Store):
     def update_migration_state(self, migration_id: str, expected_state: str, new_state: str,
                                *, error: str | None = None,
                                now: datetime.datetime | None = None,
-                               audits: Sequence[AuditEntry] = ()) -> bool:
+                               audits: Sequence[AuditEntry] = (),
+                               commit_point: CommitPoint | None = None) -> bool:
         """Compare-and-set of the migration state; False if someone moved it first.
 
         ``error`` is recorded only if the migration has none yet: the first
@@ -128,7 +179,10 @@ class MigrationStore(Store):
         the state moved, in the same transaction: written apart, an engine
         killed between the two lost the entry (a commit point passed with
         none in the audit, found by tests/functional/engine/test_load.py),
-        since the steps reconcile finishes carry no audit of their own."""
+        since the steps reconcile finishes carry no audit of their own.
+        ``commit_point``: the authority's move, made in the same
+        transaction iff the state moved (``CommitPoint.moved`` says whether
+        the record matched)."""
         now = now or utcnow()
         q = (update(models.Migration)
              .where(models.Migration.migration_id == migration_id,
@@ -139,4 +193,13 @@ class MigrationStore(Store):
             if s.execute(q).rowcount != 1:  # type: ignore[attr-defined]
                 return False
             s.add_all([entry.row(now) for entry in audits])
+            if commit_point is not None:
+                cp = commit_point
+                move = (update(models.Vtpcm)
+                        .where(models.Vtpcm.instance_uuid == cp.instance_uuid,
+                               models.Vtpcm.host == cp.source,
+                               models.Vtpcm.generation == cp.generation)
+                        .values(host=cp.dest, generation=cp.generation + 1, state="ACTIVE",
+                                migration_id=None, updated_at=now))
+                cp.moved = s.execute(move).rowcount == 1  # type: ignore[attr-defined]
             return True

@@ -34,6 +34,7 @@ from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.db.nonces import add_used_nonce
 from vtpcm_nova.engine.db.records import (
     Challenge,
+    HostRecord,
     TrustBasis,
     VerdictRecord,
     host_rec,
@@ -287,6 +288,21 @@ class TrustStore(Store):
         """The host's verdict, read with its status (see _effective_verdict)."""
         found = self._verdicts_with_hosts(models.VerdictRow.host == host)
         return found[0] if found else None
+
+    def host_and_verdict(self, host: str
+                         ) -> tuple[HostRecord | None, VerdictRecord | None]:
+        """The host (None: not enrolled) and its verdict read with its
+        status (as ``get_verdict``), in ONE query."""
+        q = (select(models.Host, models.VerdictRow)
+             .outerjoin(models.VerdictRow, models.VerdictRow.host == models.Host.name)
+             .where(models.Host.name == host))
+        with self.session() as s:
+            found = s.execute(q).first()
+            if found is None:
+                return None, None
+            row, verdict = found
+            return host_rec(row), (None if verdict is None
+                                   else _effective_verdict(verdict, row.status))
 
     def fresh_verdicts(self, now: datetime.datetime | None = None) -> dict[str, VerdictRecord]:
         """All unexpired verdicts with their hosts' status in ONE query (the
