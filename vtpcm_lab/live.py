@@ -126,7 +126,7 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
         done = time.monotonic()
         # untimed: the source's shred runs after the commit's answer (engine
         # API 1.11); the lab's checks look at the source right after a hop
-        _wait_committed(at_src, migration_id)
+        wait_committed(at_src, migration_id)
     finally:
         conn_src.close()
         conn_dst.close()
@@ -136,9 +136,10 @@ def live_migrate(stack: Stack, name: str, src: StackHost, dst: StackHost, *,
         commit_s=done - migrated, libvirt=result, total_s=done - start)
 
 
-def _wait_committed(engine: livemigration.Engine, migration_id: str,
-                    timeout: float = 60.0) -> None:
-    """Until the engine shows the migration COMMITTED (bounded)."""
+def wait_committed(engine: livemigration.Engine, migration_id: str,
+                   timeout: float = 60.0) -> None:
+    """Until the engine shows the migration COMMITTED (bounded): the driver's
+    commit answers SHREDDING before the source's shred (engine API 1.11)."""
     deadline = time.monotonic() + timeout
     while engine.get_migration(migration_id).state != "COMMITTED":
         if time.monotonic() > deadline:
