@@ -575,7 +575,13 @@ def test_concurrent_runs_with_kills_converge(cluster: Cluster) -> None:
             recs[m].error or ""))))
     # the mix reached what it is for (or the checks above checked little)
     assert states["COMMITTED"] >= c.runs // 4 and states["ABORTED"] >= c.runs // 10, states
-    assert states["REFUSED"] >= 1, states  # a begin race lost
+    # a begin race was lost: its loser is REFUSED, or ABORTED by its caller's
+    # abort when it lost after its record was written (which way depends on
+    # the instant; one SQLite run of 40 had no REFUSED at all)
+    lost = [m for m, t in load.told.items()
+            if t.kind == "begin-race" and "engine-begin:PREPARED" not in t.answers]
+    assert lost and all(recs[m].state in ("REFUSED", "ABORTED") for m in lost if m in recs), (
+        states, {m: load.told[m] for m in lost})
 
 
 def _only_live_swtpm(c: Cluster, instance: str, holder: str, paths: process.SwtpmPaths
