@@ -912,6 +912,14 @@ class Coordinator:
         return exception.MigrationError(migration_id=rec.migration_id,
                                         reason="this migration was aborted (%s)" % detail)
 
+    def _reused_id(self, migration_id: str, instance_uuid: str,
+                   dest: str) -> exception.MigrationError:
+        self._refuse_audit(migration_id, instance_uuid, dest,
+                           "migration id reused with other parameters")
+        return exception.MigrationError(
+            migration_id=migration_id,
+            reason="this migration id was used for another instance or hosts")
+
     def _running_here(self, migration_id: str) -> bool:
         with self._begins_lock:
             return self._begins_here[migration_id] > 0
@@ -934,11 +942,7 @@ class Coordinator:
             raise self._tombstoned(rec, instance_uuid, dest)
         if rec is not None:  # a tombstone of another instance: a reused id
             if (rec.instance_uuid, rec.source, rec.dest) != (instance_uuid, source, dest):
-                self._refuse_audit(migration_id, instance_uuid, dest,
-                                   "migration id reused with other parameters")
-                raise exception.MigrationError(
-                    migration_id=migration_id,
-                    reason="this migration id was used for another instance or hosts")
+                raise self._reused_id(migration_id, instance_uuid, dest)
             if rec.state == M.PREPARED:
                 return rec  # a retried begin whose answer was lost
             if rec.state in p.TERMINAL:
@@ -1035,12 +1039,7 @@ class Coordinator:
             if rec.error == TOMBSTONE_REASON and rec.instance_uuid == instance_uuid:
                 raise self._tombstoned(rec, instance_uuid, dest) from None
             if rec.instance_uuid != instance_uuid:
-                self._refuse_audit(migration_id, instance_uuid, dest,
-                                   "migration id reused with other parameters")
-                raise exception.MigrationError(
-                    migration_id=migration_id,
-                    reason="this migration id was used for another instance or "
-                           "hosts") from None
+                raise self._reused_id(migration_id, instance_uuid, dest) from None
             raise exception.MigrationError(
                 migration_id=migration_id,
                 reason="a concurrent begin of this migration id recorded it (%s)"
