@@ -8,8 +8,9 @@ rollback). Plain functions over the host-signed engine client; nothing here
 imports Nova or libvirt, and the engine decides everything that matters.
 """
 
+import contextlib
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from oslo_log import log as logging
@@ -47,6 +48,20 @@ class Engine(Protocol):
     def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None,
               timeout: float | None = None) -> em.MigrationInfo: ...
     def get_migration(self, migration_id: str) -> em.MigrationInfo: ...
+
+
+@contextlib.contextmanager
+def timed(step: str, migration_id: str, instance_uuid: str) -> Iterator[None]:
+    """DEBUG line with the wall time of one vTPCM step of a migration (what
+    the vTPCM adds to Nova's own steps; ``benchmarks/nova_real_phases.py``
+    reads it). Logged whether the step succeeded or raised."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        LOG.debug("vTPCM %(step)s of migration %(mig)s took %(ms).0f ms (instance "
+                  "%(i)s)", {"step": step, "mig": migration_id, "i": instance_uuid,
+                             "ms": (time.monotonic() - started) * 1000.0})
 
 
 def check_destination(engine: Engine, instance_uuid: str, dest: str) -> em.Verdict:

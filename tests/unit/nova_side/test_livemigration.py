@@ -214,3 +214,19 @@ def test_a_failed_begin_is_aborted_naming_its_instance_for_the_tombstone() -> No
         lm.begin(engine, MIG, INSTANCE, "src", "dst")
     assert engine.abort_instances == [INSTANCE]
     assert engine.migrations[MIG].state == "ABORTED"
+
+
+def test_timed_logs_each_step_and_its_duration_even_when_it_raises(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="vtpcm_nova.virt.livemigration")
+    with lm.timed("begin", MIG, INSTANCE):
+        pass
+    with pytest.raises(exception.HostNotTrusted, match="PCR 7"), \
+            lm.timed("check destination", "-", INSTANCE):
+        raise exception.HostNotTrusted(host="dst", reason="PCR 7 differs")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("vTPCM begin of migration %s took " % MIG)
+    assert lines[0].endswith(" ms (instance %s)" % INSTANCE)
+    assert lines[1].startswith("vTPCM check destination of migration - took ")
+
