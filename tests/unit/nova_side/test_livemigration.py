@@ -109,7 +109,8 @@ def test_destination_socket_must_be_incoming_and_this_instances() -> None:
                                  INSTANCE, ["/a", "/b"])
     assert path == "/b/%s.ctrl" % INSTANCE
     with pytest.raises(exception.MigrationError, match="is ACTIVE, not MIGRATING_IN"):
-        lm.destination_socket(FakeAgents(state="ACTIVE"), "dst", INSTANCE, ["/run/vtpcm"])
+        lm.destination_socket(FakeAgents(state="ACTIVE"), "dst", INSTANCE,
+                              ["/run/vtpcm", "/b"])
     with pytest.raises(exception.InvalidInput, match="socket_dirs"):
         lm.destination_socket(FakeAgents(state="MIGRATING_IN", socket_dir="/c"), "dst",
                               INSTANCE, ["/a", "/b"])
@@ -230,3 +231,17 @@ def test_timed_logs_each_step_and_its_duration_even_when_it_raises(
     assert lines[0].endswith(" ms (instance %s)" % INSTANCE)
     assert lines[1].startswith("vTPCM check destination of migration - took ")
 
+
+class _NoAgent:
+    def get(self, host: str, instance_uuid: str) -> None:
+        raise AssertionError("the destination's agent was asked")
+
+
+def test_destination_socket_with_one_socket_dir_asks_no_agent() -> None:
+    # one dir: <dir>/<instance>.ctrl is the only path the check accepts
+    for dirs in (["/run/vtpcm"], ["/run/vtpcm/", "/run/vtpcm", ""]):
+        path = lm.destination_socket(_NoAgent(), "dst", INSTANCE, dirs)  # type: ignore[arg-type]
+        assert path == "/run/vtpcm/%s.ctrl" % INSTANCE
+    # still checked: a path over sun_path's limit is refused before libvirt
+    with pytest.raises(exception.InvalidInput, match="socket_dirs"):
+        lm.destination_socket(_NoAgent(), "dst", INSTANCE, ["/" + "d" * 90])  # type: ignore[arg-type]
