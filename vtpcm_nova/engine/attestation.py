@@ -153,8 +153,8 @@ class Attestor:
                                                      "nonce and host name to the reported host "
                                                      "command key (agents before API 1.6 bind "
                                                      "no host name: upgrade the agent)")
-        parents_detail = self._check_parents(host, identity, ak,
-                                             authn.host_key_binding(nonce, command_public, host))
+        parents, parents_detail = self._check_parents(
+            host, identity, ak, authn.host_key_binding(nonce, command_public, host))
         kem_name = verifier.tpm_name(kem_public)
         for claimed, actual, what in ((identity.get("ak_name"), ak.name, "AK"),
                                       (identity.get("kem_name"), kem_name, "KEM key")):
@@ -172,7 +172,7 @@ class Attestor:
             host, ak_public=ak.public, ak_name=ak.name, kem_public=kem_public,
             kem_name=kem_name, ek_certificate=fields.get("ek_certificate"),
             command_public=command_public, ek_public=proven_ek,
-            approved=auto_approve, now=self._now())
+            approved=auto_approve, now=self._now(), parent_names=parents)
         self.db.audit("enroll", record.status.value, host=host,
                       detail=f"AK {ak.name.hex()[:16]}... certified KEM key; "
                              f"{parents_detail}; {ek_detail}",
@@ -182,10 +182,12 @@ class Attestor:
         return record
 
     def _check_parents(self, host: str, identity: Mapping[str, Any],
-                       ak: verifier.AttestationKey, qualifying: bytes) -> str:
+                       ak: verifier.AttestationKey, qualifying: bytes,
+                       ) -> tuple[tuple[bytes, bytes] | None, str]:
         """The AK's certification of the agent's pinned storage parents
         (``parentcert``; issue 9: without it an interposer present at the
-        agent's first start stays pinned); the audit detail."""
+        agent's first start stays pinned): the certified names (the AK's
+        parent's, the KEM key's) or None, and the audit detail."""
         certs = identity.get("parent_certs")
         if not certs:
             if self.require_certified_parents:
@@ -199,13 +201,15 @@ class Attestor:
                         "interface at the agent's first start would not be seen; set "
                         "[attestation] require_certified_parents once every agent is "
                         "upgraded", {"host": host})
-            return "storage parents not certified (agent API < 1.10)"
+            return None, "storage parents not certified (agent API < 1.10)"
         if not isinstance(certs, list | tuple):
             raise exception.CertificationError(
                 host=host, reason="identity field parent_certs is not a list")
-        certified = parentcert.verify(ak, certs, qualifying, host=host)
-        return "storage parents certified: " + ", ".join(
-            f"{c.hierarchy} {c.name.hex()[:16]}..." for c in certified)
+        certified = {c.hierarchy: c.name
+                     for c in parentcert.verify(ak, certs, qualifying, host=host)}
+        return (certified["endorsement"], certified["owner"]), (
+            "storage parents certified: " + ", ".join(
+                f"{h} {certified[h].hex()[:16]}..." for h in parentcert.HIERARCHIES))
 
     def _prove_ak_in_certified_tpm(self, host: str, fields: Mapping[str, Any],
                                    ak: verifier.AttestationKey) -> str:
