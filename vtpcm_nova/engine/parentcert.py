@@ -134,9 +134,10 @@ def _storage_key_name(public: bytes) -> bytes:
         raise _Refused(f"its public area has {len(public) - used} trailing bytes")
     if pub.type != TPM2_ALG.ECC or pub.nameAlg != TPM2_ALG.SHA256:
         raise _Refused("its public area is not an ECC key with a SHA-256 name")
-    attrs = TPMA_OBJECT(pub.objectAttributes)
+    attrs = int(pub.objectAttributes)
     if attrs & REQUIRED_ATTRS != REQUIRED_ATTRS or attrs & TPMA_OBJECT.SIGN_ENCRYPT:
-        raise _Refused(f"its attributes ({attrs}) are not those of a storage key "
+        # as a number: tpm2-pytss cannot print reserved bits (ValueError, fuzzing)
+        raise _Refused(f"its attributes (0x{attrs:08x}) are not those of a storage key "
                        "generated in the TPM (fixedTPM, fixedParent, "
                        "sensitiveDataOrigin, restricted, decrypt, not sign)")
     return int(TPM2_ALG.SHA256).to_bytes(2, "big") + hashlib.sha256(public).digest()

@@ -167,9 +167,20 @@ def test_a_public_area_that_is_no_tpm_storage_key_is_refused(clear: TPMA_OBJECT)
     pub.objectAttributes = attrs
     raw = bytes(pub.marshal())
     cert = dict(real(), public=raw, pinned_name=name_of(raw))
-    refused(AK, cert, f"its attributes ({attrs}) are not those of a storage key generated "
+    refused(AK, cert, f"its attributes (0x{int(attrs):08x}) are not those of a storage key generated "
                       "in the TPM (fixedTPM, fixedParent, sensitiveDataOrigin, restricted, "
                       "decrypt, not sign)")
+
+
+def test_reserved_attribute_bits_are_named_as_a_number() -> None:
+    """Found by fuzzing: tpm2-pytss raises ValueError printing them."""
+    pub, _ = TPMT_PUBLIC.unmarshal(real()["public"])
+    pub.objectAttributes = int(pub.objectAttributes) & ~int(TPMA_OBJECT.FIXEDTPM) | 0x100000
+    raw = bytes(pub.marshal())
+    refused(AK, dict(real(), public=raw, pinned_name=name_of(raw)),
+            f"its attributes (0x{int(pub.objectAttributes):08x}) are not those of a storage "
+            "key generated in the TPM (fixedTPM, fixedParent, sensitiveDataOrigin, "
+            "restricted, decrypt, not sign)")
 
 
 @pytest.mark.parametrize(("public", "why"), [
@@ -182,8 +193,8 @@ def test_malformed_or_foreign_public_areas_are_refused(public: Any, why: str | N
     raw = public(real()["public"])
     cert = dict(real(), public=raw, pinned_name=name_of(raw))
     if why is None:
-        attrs = TPMA_OBJECT(TPMT_PUBLIC.unmarshal(raw)[0].objectAttributes)
-        why = (f"its attributes ({attrs}) are not those of a storage key generated in the "
+        attrs = int(TPMT_PUBLIC.unmarshal(raw)[0].objectAttributes)
+        why = (f"its attributes (0x{attrs:08x}) are not those of a storage key generated in the "
                "TPM (fixedTPM, fixedParent, sensitiveDataOrigin, restricted, decrypt, not "
                "sign)")
     refused(AK, cert, why)
