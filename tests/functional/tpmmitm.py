@@ -515,12 +515,12 @@ class SessionInterposer(FullInterposer):
         if not any(s["handle"] in self.sessions for s in sessions):
             return cmd
         real = [self._real_name(h) for h in handles]
-        fake = [self.fake_names.get(h, r) for h, r in zip(handles, real)]
+        fake = [self.fake_names.get(h, r) for h, r in zip(handles, real, strict=True)]
         if cc == CC_CERTIFY_CREATION:
             self.certified.append(real[1])
         auths = [self._auth_of(real[i]) if i < n_auth else b"" for i in range(len(sessions))]
         tpm_params = params
-        for s, auth in zip(sessions, auths):
+        for s, auth in zip(sessions, auths, strict=True):
             st = self.sessions.get(s["handle"])
             if st is not None and s["attrs"] & _DECRYPT:
                 plain = self._cfb_param(st["key"] + auth, s["nonce"], st["nonce_tpm"],
@@ -534,7 +534,7 @@ class SessionInterposer(FullInterposer):
         cp_hash = hashlib.sha256(struct.pack(">I", cc) + b"".join(real) + tpm_params).digest()
         agent_cp = hashlib.sha256(struct.pack(">I", cc) + b"".join(fake) + params).digest()
         area = b""
-        for s, auth in zip(sessions, auths):
+        for s, auth in zip(sessions, auths, strict=True):
             st = self.sessions.get(s["handle"])
             mac = s["hmac"]
             if st is not None:
@@ -573,7 +573,8 @@ class SessionInterposer(FullInterposer):
             mac, p = _tpm2b(auth, p + 1)
             replies.append((nonce, attrs, mac))
         agent_params = params
-        for s, a, (nonce, attrs, _mac) in zip(command["sessions"], command["auths"], replies):
+        for s, a, (nonce, _attrs, _mac) in zip(command["sessions"], command["auths"],
+                                               replies, strict=True):
             st = self.sessions.get(s["handle"])
             if st is not None and s["attrs"] & _ENCRYPT:
                 plain = self._cfb_param(st["key_tpm"] + a, nonce, s["nonce"], params, False)
@@ -582,7 +583,8 @@ class SessionInterposer(FullInterposer):
                 agent_params = self._cfb_param(st["key"] + a, nonce, s["nonce"], plain, True)
         rp_hash = hashlib.sha256(struct.pack(">II", 0, cc) + agent_params).digest()
         area = b""
-        for s, a, (nonce, attrs, mac) in zip(command["sessions"], command["auths"], replies):
+        for s, a, (nonce, attrs, mac) in zip(command["sessions"], command["auths"], replies,
+                                             strict=True):
             st = self.sessions.get(s["handle"])
             if st is not None:
                 mac = hmac.new(st["key"] + a, rp_hash + nonce + s["nonce"] + bytes([attrs]),

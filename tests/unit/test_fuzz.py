@@ -3,9 +3,10 @@
 Targets: the swtpm control-channel reply parser, the migration-key envelope
 opener, the wire schema of every RPC message of both APIs, and the TPM
 structure parsers of the verifier (public areas, quotes, certifications, EK
-certificates, the storage parents' creation certifications). Each may refuse its input only with the project's own
-exception for that input; anything else (IndexError, struct.error,
-UnicodeError, a tpm2-pytss or cryptography exception) is a bug. Each target
+certificates, the storage parents' creation certifications). Each may refuse
+its input only with the project's own exception for that input; anything
+else (IndexError, struct.error, UnicodeError, a tpm2-pytss or cryptography
+exception) is a bug. Each target
 runs a bounded number of examples with a per-example deadline (no hang), and
 without an example database (nothing written next to the tests), so the
 test command stays within a few seconds per target. Cases found are kept

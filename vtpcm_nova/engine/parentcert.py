@@ -77,7 +77,7 @@ def verify_one(ak: verifier.AttestationKey, cert: Mapping[str, Any], qualifying:
         raise exception.CertificationError(host=host, reason=(
             f"storage parent {shown} ({hierarchy}) not certified by the AK: {err.reason}")
         ) from None
-    return CertifiedParent(hierarchy, bytes(pinned))
+    return CertifiedParent(hierarchy, _blob(cert, "pinned_name"))
 
 
 def _blob(cert: Mapping[str, Any], key: str) -> bytes:

@@ -167,9 +167,9 @@ def test_a_public_area_that_is_no_tpm_storage_key_is_refused(clear: TPMA_OBJECT)
     pub.objectAttributes = attrs
     raw = bytes(pub.marshal())
     cert = dict(real(), public=raw, pinned_name=name_of(raw))
-    refused(AK, cert, f"its attributes (0x{int(attrs):08x}) are not those of a storage key generated "
-                      "in the TPM (fixedTPM, fixedParent, sensitiveDataOrigin, restricted, "
-                      "decrypt, not sign)")
+    refused(AK, cert, f"its attributes (0x{int(attrs):08x}) are not those of a storage key "
+                      "generated in the TPM (fixedTPM, fixedParent, sensitiveDataOrigin, "
+                      "restricted, decrypt, not sign)")
 
 
 def test_reserved_attribute_bits_are_named_as_a_number() -> None:
