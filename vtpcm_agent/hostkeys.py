@@ -32,7 +32,10 @@ certifies.
 
 The parents' names are pinned (``pinned_parent``, finding H1): a session
 is salted to the public key in the CreatePrimary answer, so an interposer
-that swapped it would read everything the session encrypts.
+that swapped it would read everything the session encrypts. The pin does
+not authenticate the first start, so at enrollment the AK certifies each
+parent's creation (``certify_parent``, TPM2_CertifyCreation) and the engine
+checks the pinned names are this TPM's primaries (issue 9).
 
 The AK's parent is a storage primary of the *endorsement* hierarchy: a key
 of another hierarchy gets its quotes' resetCount/restartCount obfuscated,

@@ -11,7 +11,10 @@ consistency check passes. Then ESAPI encrypts every session salt to it:
 * ``FullInterposer`` also terminates the salted session on both legs for
   TPM2_Unseal (re-salts to the real primary, re-HMACs the command, decrypts
   outData into ``stolen``, re-encrypts and re-HMACs the response), so the
-  agent's unseal *succeeds* while the interposer holds the secret.
+  agent's unseal *succeeds* while the interposer holds the secret;
+* ``SessionInterposer`` terminates every session salted to a swapped
+  primary (any command, both directions), so an agent that first starts
+  behind it works normally and pins the interposer's keys (issue 9).
 
 Ported from the review's proofs (/work/notes/review-tpmkeys-report.md).
 Test infrastructure only: threads are daemons joined with a timeout by
