@@ -463,13 +463,15 @@ def create_kem(e: ESAPI, auth: bytes, pcrs: TPML_PCR_SELECTION | None,
 
 
 def create_blobs(e: ESAPI, ak_auth: bytes, kem_auth: bytes,
-                 kem_pcrs: TPML_PCR_SELECTION | None = None) -> KeyBlobs:
+                 kem_pcrs: TPML_PCR_SELECTION | None = None,
+                 kem_parent: bytes = b"") -> KeyBlobs:
     """A new AK (endorsement hierarchy) and KEM key (owner hierarchy) with
     the given auth values, created inside the TPM; their parents' names as
-    seen now are pinned from here on."""
+    seen now are pinned from here on. ``kem_parent``: the name the KEM key's
+    parent must have (the sealed host key's parent: the same primary)."""
     ak_pub, ak_priv, ak_parent = _create_child(e, AK_HIERARCHY,
                                                template(AK_TEMPLATE, AK_ATTRS), ak_auth, b"")
-    kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs)
+    kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs, kem_parent)
     return KeyBlobs(ak_public=ak_pub, ak_private=ak_priv,
                     kem_public=kem_pub, kem_private=kem_priv,
                     ak_parent_name=ak_parent, kem_parent_name=kem_parent)
