@@ -165,6 +165,7 @@ class Attestor:
                                                      "no host name: upgrade the agent)")
         parents, parents_detail = self._check_parents(
             host, identity, ak, authn.host_key_binding(nonce, command_public, host))
+        parents_detail += self._parents_change(host, parents)
         kem_name = verifier.tpm_name(kem_public)
         for claimed, actual, what in ((identity.get("ak_name"), ak.name, "AK"),
                                       (identity.get("kem_name"), kem_name, "KEM key")):
@@ -227,6 +228,32 @@ class Attestor:
         return (certified["endorsement"], certified["owner"]), (
             "storage parents certified: " + ", ".join(
                 f"{h} {certified[h].hex()[:16]}..." for h in parentcert.HIERARCHIES))
+
+    def _parents_change(self, host: str, parents: tuple[bytes, bytes] | None) -> str:
+        """The audit note when a re-enrollment's certified parents differ
+        from those certified at the host's last enrollment (empty if not):
+        a storage primary's name changes only with its hierarchy's seed
+        (TPM cleared or replaced), so the operator sees it in the audit."""
+        try:
+            previous = self.db.get_host(host)
+        except exception.NotFound:
+            return ""
+        if (parents is None or previous.ak_parent_name is None
+                or previous.kem_parent_name is None):
+            return ""
+        before = (previous.ak_parent_name, previous.kem_parent_name)
+        if before == parents:
+            return ""
+        changed = ", ".join(
+            f"{which} {old.hex()[:16]}... -> {new.hex()[:16]}..."
+            for which, old, new in zip(parentcert.HIERARCHIES, before, parents, strict=True)
+            if old != new)
+        LOG.warning("Host %(host)s re-enrolled with other certified storage parents than at "
+                    "its last enrollment (%(changed)s): that hierarchy's seed changed (TPM "
+                    "cleared or replaced); check that this was intended",
+                    {"host": host, "changed": changed})
+        return (f"; certified storage parents changed since the last enrollment ({changed}): "
+                "hierarchy seed changed (TPM cleared or replaced)")
 
     def _prove_ak_in_certified_tpm(self, host: str, fields: Mapping[str, Any],
                                    ak: verifier.AttestationKey) -> str:

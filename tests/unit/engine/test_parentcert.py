@@ -415,3 +415,31 @@ def test_the_engines_agent_client_says_whether_it_asked_for_the_certifications(
     identity = AgentAttestationClient(Agents()).get_identity(HOST, b"n")  # type: ignore[arg-type]
     assert identity[attestation.PARENTS_ASKED] is cap_allows
     assert attestation.PARENTS_ASKED not in {f.name for f in dataclasses.fields(am.HostIdentity)}
+
+
+def test_a_re_enrollment_with_other_certified_parents_is_audited(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The stored names are compared at re-enrollment: a changed certified
+    parent (its hierarchy's seed changed) is named in the audit."""
+    agent = FakeAgent()
+    agent.tpms[HOST] = ParentsTPM()
+    att = attestor(tmp_path, agent, False)
+    try:
+        att.enroll_from_agent(HOST)
+        att.revoke(HOST)
+        att.enroll_from_agent(HOST)  # the same parents: nothing noted
+        assert "changed since the last enrollment" not in (audit(att)[0][2] or "")
+        att.revoke(HOST)
+        old_owner = b"\x00\x0b" + b"\x11" * 32
+        stored = att.db.get_host
+        monkeypatch.setattr(att.db, "get_host", lambda host: dataclasses.replace(
+            stored(host), kem_parent_name=old_owner))
+        att.enroll_from_agent(HOST)
+        detail = audit(att)[0][2] or ""
+        assert (f"certified storage parents changed since the last enrollment (owner "
+                f"{old_owner.hex()[:16]}... -> {real('owner')['pinned_name'].hex()[:16]}...)"
+                f": hierarchy seed changed (TPM cleared or replaced)") in detail
+        assert "re-enrolled with other certified storage parents" in caplog.text
+    finally:
+        att.db.dispose()
