@@ -40,7 +40,8 @@ checks the pinned names are this TPM's primaries (issue 9).
 The AK's parent is a storage primary of the *endorsement* hierarchy: a key
 of another hierarchy gets its quotes' resetCount/restartCount obfuscated,
 and the verifier relies on them. The KEM key's parent is the owner storage
-primary (the one that also seals the host key).
+primary (the one that also seals the host key: ``HostTPM`` refuses the keys
+unless the host key's pinned parent is the KEM key's, the certified one).
 
 Every function takes an open ESAPI context: ``HostTPM`` calls them under its
 lock and turns TSS errors into HostTPMError.

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from tpm2_pytss import ESAPI
 
+from tests.functional.agent.test_hostkeys_review import _seal_v1 as seal_v1
 from tests.functional.engine.test_parent_certification import (  # noqa: F401
     attestor,
     db,
 )
-from tests.functional.agent.test_hostkeys_review import _seal_v1 as seal_v1
 from tests.functional.hosttpm_fixture import HostTPMStandIn, host_tpm_standin  # noqa: F401
 from tests.functional.tpmmitm import CC_CREATE, SessionInterposer, _tpm2b
 from vtpcm_agent import hostkeys, keyauth
@@ -154,3 +154,23 @@ def test_an_interposer_at_the_format1_upgrade_reseal_is_refused(
                 tpm.use_key_auth(keyauth.derive(host_key), key_file)
     finally:
         mitm.stop()
+
+
+def test_an_unpinned_host_key_refuses_the_ak_and_kem_key(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
+    """A format-1 host key whose reseal failed has no pinned parent: it
+    cannot be tied to the certified owner parent, so the keys are refused
+    (the instance keys it wraps still open); without any sealed host key
+    (the dev key file, tools) nothing is bound."""
+    auth = keyauth.derive(b"d" * ks.KEY_LEN)
+    with HostTPM(host_tpm_standin.tcti) as tpm:
+        tpm.bind_host_key_parent(b"")
+        tpm.use_key_auth(auth, tmp_path / "hostkeys.tpm")
+        with pytest.raises(exception.HostTPMError,
+                           match=r"the host key is still a format-1 sealed object \(resealing "
+                                 r"it failed: see the warning logged before\)"):
+            tpm.quote(b"q" * 16, [0])
+    assert not (tmp_path / "hostkeys.tpm").exists()
+    with HostTPM(host_tpm_standin.tcti) as tpm:
+        tpm.use_key_auth(auth, tmp_path / "hostkeys.tpm")
+        tpm.quote(b"q" * 16, [0])
