@@ -22,12 +22,12 @@ from oslo_log import log as logging
 
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import messages as am
-from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.agent.rpcapi import IDENTITY_PARENTS_VERSION, AgentAPI
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.api.engine import rpcapi
 from vtpcm_common.ratelimit import InFlight
 from vtpcm_common.rpc import endpoint
-from vtpcm_nova.engine.attestation import Attestor
+from vtpcm_nova.engine.attestation import PARENTS_ASKED, Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
@@ -46,7 +46,11 @@ class AgentAttestationClient:
         self.agents = agents
 
     def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
-        return dataclasses.asdict(self.agents.get_identity(host, nonce))
+        """The identity, and whether it was asked with the parents'
+        certifications (``PARENTS_ASKED``: then none is a refusal)."""
+        asked = self.agents.can_send_version(IDENTITY_PARENTS_VERSION)
+        return dict(dataclasses.asdict(self.agents.get_identity(host, nonce)),
+                    **{PARENTS_ASKED: asked})
 
     def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
               bank: str) -> Mapping[str, Any]:
