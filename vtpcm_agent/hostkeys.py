@@ -83,7 +83,7 @@ from tpm2_pytss.types import (
     TPMT_TK_CREATION,
 )
 
-from vtpcm_common import fileutil
+from vtpcm_common import authn, fileutil
 from vtpcm_common.exception import HostTPMError
 
 _BASE_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
@@ -397,13 +397,17 @@ def certify_parent(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes, signer: ESYS_TR,
                    session: ESYS_TR, qualifying: bytes) -> ParentCertification:
     """Re-create ``hierarchy``'s storage primary (refused unless its name is
     ``pinned``) and have ``signer`` (the loaded AK, authorized by
-    ``session``) certify its creation with ``qualifying`` as extraData."""
+    ``session``) certify its creation; extraData binds ``qualifying`` to
+    the hierarchy and to the agent's own pin (``authn.parent_binding``), so
+    the AK's signature covers the ``pinned_name`` the reply reports."""
+    which = _HIERARCHY_NAMES[hierarchy]
     with pinned_primary(e, hierarchy, pinned) as primary:
         attest, sig = e.certify_creation(
-            signer, primary.handle, qualifying, primary.creation_hash,
+            signer, primary.handle, authn.parent_binding(qualifying, which, pinned),
+            primary.creation_hash,
             TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), primary.ticket, session1=session)
         return ParentCertification(
-            hierarchy=_HIERARCHY_NAMES[hierarchy],
+            hierarchy=which,
             public=bytes(primary.public.publicArea.marshal()),
             pinned_name=pinned,
             creation_data=bytes(primary.creation_data.creationData.marshal()),
