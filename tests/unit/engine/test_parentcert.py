@@ -470,9 +470,75 @@ def test_a_re_enrollment_with_other_certified_parents_is_audited(
             stored(host), kem_parent_name=old_owner))
         att.enroll_from_agent(HOST)
         detail = audit(att)[0][2] or ""
-        assert (f"certified storage parents changed since the last enrollment (owner "
+        assert (f"certified storage parents changed since the last certified enrollment (owner "
                 f"{old_owner.hex()[:16]}... -> {real('owner')['pinned_name'].hex()[:16]}...)"
                 f": hierarchy seed changed (TPM cleared or replaced)") in detail
         assert "re-enrolled with other certified storage parents" in caplog.text
+    finally:
+        att.db.dispose()
+
+
+def test_a_capped_re_enrollment_keeps_the_certified_names(tmp_path: Path) -> None:
+    """akfix review round 2, finding 2: a re-enrollment asked below 1.10
+    stored NULL over the names certified before, so the next certified
+    re-enrollment had no baseline to name a changed parent against."""
+    agent = FakeAgent()
+    tpm = ParentsTPM()
+    agent.tpms[HOST] = tpm
+    att = attestor(tmp_path, agent, False)
+    try:
+        att.enroll_from_agent(HOST)
+        before = att.db.get_host(HOST)
+        att.revoke(HOST)
+        tpm.tamper = lambda certs: certs.clear()     # a capped engine: asked as 1.5
+        att.enroll_from_agent(HOST)
+        after = att.db.get_host(HOST)
+        assert (after.ak_parent_name, after.kem_parent_name) == (
+            before.ak_parent_name, before.kem_parent_name) == (
+            real("endorsement")["pinned_name"], real("owner")["pinned_name"])
+        assert audit(att)[0][2].startswith(
+            "AK ") and ("storage parents not certified (asked below agent API 1.10); the "
+                        "names certified at an earlier enrollment are kept") in audit(att)[0][2]
+        # the next certified re-enrollment still has its baseline
+        new_owner = b"\x00\x0b" + b"\x22" * 32
+        assert att._parents_change(HOST, (before.ak_parent_name, new_owner)) == (
+            f"owner {before.kem_parent_name.hex()[:16]}... -> {new_owner.hex()[:16]}...")
+    finally:
+        att.db.dispose()
+
+
+class MisnamingTPM(ParentsTPM):
+    """Certified parents, but a reported KEM name that is not its public
+    area's: refused after the parents' check passed."""
+
+    def identity(self, nonce: bytes, host: str = "cmp1") -> dict[str, Any]:
+        return dict(super().identity(nonce, host), kem_name=b"\x00\x0b" + b"\x33" * 32)
+
+
+def test_a_changed_parent_is_said_only_once_the_re_enrollment_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """akfix review round 2, finding 2: the "changed" warning was logged
+    before the later checks, for an enrollment then refused."""
+    agent = FakeAgent()
+    agent.tpms[HOST] = ParentsTPM()
+    att = attestor(tmp_path, agent, False)
+    try:
+        att.enroll_from_agent(HOST)
+        att.revoke(HOST)
+        stored = att.db.get_host
+        monkeypatch.setattr(att.db, "get_host", lambda host: dataclasses.replace(
+            stored(host), kem_parent_name=b"\x00\x0b" + b"\x11" * 32))
+        agent.tpms[HOST] = MisnamingTPM()
+        caplog.clear()
+        with pytest.raises(exception.CertificationError,
+                           match="reported KEM key name does not match its public area"):
+            att.enroll_from_agent(HOST)
+        assert "other certified storage parents" not in caplog.text
+        assert "changed since" not in (audit(att)[0][2] or "")
+        agent.tpms[HOST] = ParentsTPM()
+        att.enroll_from_agent(HOST)
+        assert "re-enrolled with other certified storage parents" in caplog.text
+        assert "changed since the last certified enrollment" in (audit(att)[0][2] or "")
     finally:
         att.db.dispose()
