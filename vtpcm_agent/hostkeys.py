@@ -473,10 +473,17 @@ def create_blobs(e: ESAPI, ak_auth: bytes, kem_auth: bytes,
     """A new AK (endorsement hierarchy) and KEM key (owner hierarchy) with
     the given auth values, created inside the TPM; their parents' names as
     seen now are pinned from here on. ``kem_parent``: the name the KEM key's
-    parent must have (the sealed host key's parent: the same primary)."""
+    parent must have (the sealed host key's parent: the same primary).
+
+    The KEM key first (akfix review round 2, finding 4): its parent is
+    checked against ``kem_parent`` before any session is salted to it, so
+    an interposer swapping the owner primary is refused before the AK's
+    auth value (which derives from the host key, the same on every
+    attempt) is sent; the AK's parent, the endorsement primary, has no
+    earlier pin to check (design "Open points")."""
+    kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs, kem_parent)
     ak_pub, ak_priv, ak_parent = _create_child(e, AK_HIERARCHY,
                                                template(AK_TEMPLATE, AK_ATTRS), ak_auth, b"")
-    kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs, kem_parent)
     return KeyBlobs(ak_public=ak_pub, ak_private=ak_priv,
                     kem_public=kem_pub, kem_private=kem_priv,
                     ak_parent_name=ak_parent, kem_parent_name=kem_parent)

@@ -222,3 +222,33 @@ def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refuse
         tpm.use_key_auth(keyauth.derive(host_key), key_file)
         tpm.quote(b"q" * 16, [0])
     assert not SealedObject.from_bytes(sealed_path.read_bytes()).legacy
+
+
+def test_a_refused_first_key_creation_sends_no_auth_value(
+        host_tpm_standin: HostTPMStandIn, db: Database, tmp_path: Path) -> None:  # noqa: F811
+    """akfix review round 2, finding 4: the AK was created (its auth value
+    sent in a session salted to the unpinned endorsement primary) before
+    the KEM key's parent was checked against the host key's pin. An
+    interposer present only at the refused first key creation kept the
+    auth value of every later AK (it derives from the host key), and the
+    host enrolled APPROVED once it had left. The KEM key's parent is now
+    checked first: nothing is sent under a swapped primary."""
+    sealed_path, key_file = tmp_path / "hostkey.sealed", tmp_path / "hostkeys.tpm"
+    mitm = SelectiveInterposer(host_tpm_standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm:
+            mitm.active = False  # the host key is sealed honestly
+            host_key = ks.TPMSealedHostKey(tpm, sealed_path).host_key()
+            tpm.use_key_auth(keyauth.derive(host_key), key_file)
+            mitm.active = True  # the first key creation is interposed
+            with pytest.raises(hostkeys.ParentMismatch, match="the KEM key is created only "
+                                                              "under the owner primary"):
+                tpm.quote(b"q" * 16, [0])
+            assert not key_file.exists()
+            mitm.active = False  # it leaves: the keys are created honestly
+            tpm.quote(b"q" * 16, [0])
+            record = attestor(db, tpm).enroll_from_agent("victim", auto_approve=True)
+    finally:
+        mitm.stop()
+    assert record.status.value == "APPROVED"
+    assert sum("userAuth" in r for r in mitm.recovered) == 0  # no auth value went to it
