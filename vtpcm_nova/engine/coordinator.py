@@ -46,12 +46,18 @@ from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.leases import begin_abandoned as begin_abandoned
 from vtpcm_nova.engine.leases import worker_id as worker_id
 from vtpcm_nova.engine.protocol import MigrationState as M
+from vtpcm_nova.engine.shelving import (
+    NO_WITNESS,
+    REAPED,
+    NovaLookup,
+    ShelvingMixin,
+    WitnessPolicy,
+)
 from vtpcm_nova.engine.shelving import NOT_ADMIN as NOT_ADMIN
 from vtpcm_nova.engine.shelving import NOVA_NOT_CONFIGURED as NOVA_NOT_CONFIGURED
 from vtpcm_nova.engine.shelving import ORPHAN as ORPHAN
 from vtpcm_nova.engine.shelving import ORPHAN_WATCHED as ORPHAN_WATCHED
 from vtpcm_nova.engine.shelving import REAPABLE as REAPABLE
-from vtpcm_nova.engine.shelving import REAPED, NovaLookup, ShelvingMixin
 from vtpcm_nova.engine.states import CREATING, DESTROYING, RESERVED_PREFIX, SHELVED
 
 LOG = logging.getLogger(__name__)
@@ -118,7 +124,8 @@ class Coordinator(ShelvingMixin):
                  worker: str | None = None, begin_step_bound: float = 90.0,
                  reconcile_interval: float = 0.0,
                  reap_interval: float | None = None, reap_max_checks: int = 50,
-                 reap_budget: float = 60.0) -> None:
+                 reap_budget: float = 60.0,
+                 witness: WitnessPolicy = NO_WITNESS) -> None:
         """``worker``: this engine run (``worker_id``), recorded by each
         ``begin`` and holding a lease (``service``); ``begin_step_bound``:
         the longest one begin step can take (the agent RPC timeout +
@@ -137,7 +144,7 @@ class Coordinator(ShelvingMixin):
         self._init_shelving(
             nova, deleted_confirmations,
             reconcile_interval if reap_interval is None else reap_interval,
-            reap_max_checks, reap_budget)
+            reap_max_checks, reap_budget, witness)
         # the sources' shreds a commit left to run after its answer
         # (``commit(shred_later=True)``); reconcile finishes any it loses
         self._after_commit = BackgroundJobs(workers=2, limit=AFTER_COMMIT_QUEUE)

@@ -6,6 +6,7 @@ coordinator (callers and the manager are unchanged), the code lives here so
 the coordinator keeps to migrations. It uses the coordinator's database,
 agents, and its ``begin``/``transfer``/``commit`` for a move at unshelve."""
 
+import dataclasses
 import datetime
 import threading
 import uuid
@@ -17,6 +18,7 @@ from oslo_log import log as logging
 from vtpcm_common import exception
 from vtpcm_nova.engine import shelved
 from vtpcm_nova.engine.db import api as db_api
+from vtpcm_nova.engine.db import witnesses
 from vtpcm_nova.engine.states import DESTROYING, SHELVED
 
 if TYPE_CHECKING:
@@ -49,6 +51,27 @@ REAPED = "vtpcm.reap"
 NOVA_NOT_CONFIGURED = ("the engine cannot ask Nova whether it is unshelving the instance "
                        "there ([nova] auth_type is not set)")
 
+WITNESS = "vtpcm.witness"
+WITNESS_NOT_CONFIGURED = (
+    "no nova-api witness keys are configured ([nova] api_witness_public_keys is empty "
+    "while [nova] require_api_witness is set): install the vtpcm_witness filter in "
+    "nova-api's paste pipeline and list its public keys, or set "
+    "[nova] require_api_witness = false")
+
+
+@dataclasses.dataclass(frozen=True)
+class WitnessPolicy:
+    """Whether moves at unshelve and the reaper's shreds need nova-api's
+    witness (``[nova] require_api_witness``), whether any witness key is
+    configured, and how long an unshelve witness stays usable."""
+    required: bool = False
+    keys_configured: bool = False
+    max_age: float = 600.0
+
+
+# Nova's view alone, as before engine API 1.12 (what tests build by default)
+NO_WITNESS = WitnessPolicy()
+
 
 class ShelvingMixin:
     """Shelve, unshelve and the reapers, on the coordinator's state."""
@@ -59,7 +82,8 @@ class ShelvingMixin:
 
     def _init_shelving(self, nova: NovaLookup | None, deleted_confirmations: int,
                        confirm_interval: float, reap_max_checks: int,
-                       reap_budget: float) -> None:
+                       reap_budget: float,
+                       witness: WitnessPolicy = NO_WITNESS) -> None:
         # Nova's word on shelved instances: None refuses every unshelve
         # elsewhere and reaps nothing (fail closed)
         self.nova = nova
@@ -73,6 +97,7 @@ class ShelvingMixin:
         self._reap_after = ""  # the pass resumes after the last instance asked
         self._reported_orphans: set[shelved.Observed] = set()
         self._warned_not_admin = False
+        self.witness = witness
 
     if TYPE_CHECKING:
         def destroy_vtpcm(self, instance_uuid: str,
@@ -215,6 +240,14 @@ class ShelvingMixin:
             raise exception.UnshelveNotAuthorized(instance_uuid=instance_uuid, host=host,
                                                   reason=refusal)
         migration_id = str(uuid.uuid4())
+        refusal = self._witnessed_unshelve(instance_uuid, host, migration_id)
+        if refusal:
+            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
+                          detail=("not witnessed by nova-api: %s" % refusal)[:1000])
+            LOG.warning("Unshelve of the vTPCM of instance %(i)s onto %(h)s refused: "
+                        "%(why)s", {"i": instance_uuid, "h": host, "why": refusal})
+            raise exception.UnshelveNotAuthorized(instance_uuid=instance_uuid, host=host,
+                                                  reason=refusal)
         try:
             self.begin(migration_id, instance_uuid, rec.host, host, unshelve=True)
             self.transfer(migration_id)
@@ -247,6 +280,39 @@ class ShelvingMixin:
         except exception.ServiceUnreachable as err:
             return "Nova could not be asked (%s)" % err
         return shelved.unshelve_refusal(view, host)
+
+    def _witnessed_unshelve(self, instance_uuid: str, host: str,
+                            migration_id: str) -> str:
+        """Use nova-api's witness of an unshelve of this instance (fresh,
+        unused, naming ``host`` or no host) for this move; why not, or "".
+        Used before ``begin``: a move refused later leaves the vTPCM SHELVED
+        and the next unshelve request brings a witness of its own."""
+        if not self.witness.required:
+            return ""
+        if not self.witness.keys_configured:
+            return WITNESS_NOT_CONFIGURED
+        now = self.now()
+        used = self.db.use_witness(
+            instance_uuid, "unshelve", host,
+            now - datetime.timedelta(seconds=self.witness.max_age),
+            "unshelve " + migration_id, now)
+        if used is None:
+            return ("nova-api witnessed no unshelve request of this instance (onto %s or "
+                    "no named host) in the last %d s that is not used already"
+                    % (host, self.witness.max_age))
+        self.db.audit(WITNESS, "used", host=host, instance=instance_uuid,
+                      migration_id=migration_id,
+                      detail="unshelve requested at %s (nova-api key %s)"
+                             % (used.requested_at.isoformat(), used.key))
+        return ""
+
+    def _witnessed_delete(self, rec: db_api.VtpcmRecord) -> witnesses.WitnessRecord | None:
+        """Use nova-api's witness of a delete of this instance (unused,
+        not yet purged) for the reaper's shred of ``rec``."""
+        now = self.now()
+        return self.db.use_witness(rec.instance_uuid, "delete", None,
+                                   now - witnesses.PURGE_AFTER,
+                                   "reap %s" % rec.vtpcm_id, now)
 
     def reap_deleted_shelved(self) -> int:
         """Destroy, on its holder, each vTPCM whose instance Nova deleted
@@ -317,12 +383,15 @@ class ShelvingMixin:
                               "n": self.deletions.count(rec.instance_uuid),
                               "need": self.deletions.needed})
                 continue
-            if rec.state not in REAPABLE:
+            used = self._witnessed_delete(rec) if self.witness.keys_configured else None
+            if used is None and (self.witness.required or rec.state not in REAPABLE):
                 self._report_orphan(rec, seen)
                 continue
             try:
-                self._destroy_deleted_shelved(rec)
+                self._destroy_deleted_shelved(rec, used)
             except exception.VTPCMException as err:
+                if used is not None:  # for the next pass
+                    self.db.release_witness(used.id)
                 LOG.warning("vTPCM of deleted instance %(i)s on %(h)s not destroyed "
                             "yet: %(err)s", {"i": rec.instance_uuid, "h": rec.host,
                                              "err": err})
@@ -335,16 +404,18 @@ class ShelvingMixin:
         return done
 
     def _report_orphan(self, rec: db_api.VtpcmRecord, seen: shelved.Observed) -> None:
-        """An ACTIVE or STOPPED vTPCM of an instance Nova shows deleted: never
-        destroyed by the engine (a compromised compute host can forge the
-        deletion through nova-conductor); WARNING and audit once per record,
-        for ``vtpcm-manage vtpcm destroy``."""
+        """A vTPCM of an instance Nova shows deleted without nova-api's
+        witness of a delete (always for ACTIVE or STOPPED ones, for SHELVED
+        ones too when witnesses are required): never destroyed by the engine
+        (a compromised compute host can forge the deletion through
+        nova-conductor); WARNING and audit once per record, for
+        ``vtpcm-manage vtpcm destroy``."""
         if seen in self._reported_orphans:
             return
         self._reported_orphans.add(seen)
         detail = ("Nova's admin listing shows the instance deleted (%d consecutive "
-                  "answers); %s vTPCM %s generation %d kept: an operator decides "
-                  "(vtpcm-manage vtpcm destroy)"
+                  "answers), nova-api witnessed no delete; %s vTPCM %s generation %d "
+                  "kept: an operator decides (vtpcm-manage vtpcm destroy)"
                   % (self.deletions.needed, rec.state, rec.vtpcm_id, rec.generation))
         self.db.audit(ORPHAN, "reported", host=rec.host, instance=rec.instance_uuid,
                       detail=detail)
@@ -374,7 +445,8 @@ class ShelvingMixin:
             LOG.warning("Reaping of vTPCMs of deleted instances disabled: %s", NOT_ADMIN)
             self._warned_not_admin = True
 
-    def _destroy_deleted_shelved(self, seen: db_api.VtpcmRecord) -> None:
+    def _destroy_deleted_shelved(self, seen: db_api.VtpcmRecord,
+                                 witness: witnesses.WitnessRecord | None = None) -> None:
         """Destroy the vTPCM of an instance Nova showed deleted, only if the
         record is still the one Nova was asked about (same vTPCM, generation,
         state, no migration)."""
@@ -395,11 +467,14 @@ class ShelvingMixin:
             raise
         self.db.delete_vtpcm(rec.instance_uuid, seen.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=rec.instance_uuid)
+        witnessed = ("" if witness is None else
+                     ", nova-api witnessed its delete at %s (key %s)"
+                     % (witness.requested_at.isoformat(), witness.key))
         self.db.audit(REAPED, "destroyed", host=rec.host, instance=rec.instance_uuid,
                       detail="Nova's admin listing shows the instance deleted (%d "
-                             "consecutive answers); %s vTPCM %s generation %d shredded"
-                             % (self.deletions.needed, seen.state, rec.vtpcm_id,
-                                rec.generation))
+                             "consecutive answers)%s; %s vTPCM %s generation %d shredded"
+                             % (self.deletions.needed, witnessed, seen.state,
+                                rec.vtpcm_id, rec.generation))
         LOG.warning("Destroyed the %(s)s vTPCM of instance %(i)s on %(h)s: Nova's admin "
                     "listing shows the instance deleted",
                     {"s": seen.state, "i": rec.instance_uuid, "h": rec.host})
