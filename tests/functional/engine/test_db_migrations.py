@@ -436,15 +436,15 @@ def test_0006_adds_engine_run_leases_on_the_databases_clock(any_url: str) -> Non
         db.dispose()
 
 
-def test_0007_adds_api_witnesses_each_used_once(any_url: str) -> None:
-    """A database at 0006 with a vTPCM shelved: kept. At head nova-api's
+def test_0008_adds_api_witnesses_each_used_once(any_url: str) -> None:
+    """A database at 0007 with a vTPCM shelved: kept. At head nova-api's
     witnesses are kept, each used once (also by two callers), and a flood
     for one instance keeps a bounded number."""
-    migration.db_sync(any_url, "0006")
+    migration.db_sync(any_url, "0007")
     inst = "6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11"
     insert(any_url, "vtpcms", instance_uuid=inst, vtpcm_id=str(uuid.uuid4()), host="a",
            generation=2, state="SHELVED", migration_id=None, updated_at=T0)
-    assert migration.db_sync(any_url).after == "revision 0007"
+    assert migration.db_sync(any_url).after == "revision 0008"
     assert diff_with_models(any_url) == []
     db = api.Database(any_url)
     try:

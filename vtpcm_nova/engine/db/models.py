@@ -113,6 +113,10 @@ class Host(Base):
     # schema v3: +1 whenever the status, the keys or the policy assignment
     # change; an attestation's verdict is stored only if it is unchanged
     revision: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # revision 0007: the storage parents the AK certified at enrollment
+    # (parentcert; NULL: enrolled through an agent older than API 1.10)
+    ak_parent_name: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    kem_parent_name: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class EnrolledKey(Base):
@@ -246,7 +250,7 @@ class EngineWorker(Base):
 
 class ApiWitness(Base):
     """nova-api's signed word that it accepted an unshelve or a delete of a
-    server (0007, ``witnesses.WitnessStore``). Written only by the engine
+    server (0008, ``witnesses.WitnessStore``). Written only by the engine
     after the signature verified with a nova-api witness key; compute hosts
     cannot write it (unlike Nova's own database). ``used_at`` marks the one
     move or shred it allowed; rows are purged after ``PURGE_AFTER``."""

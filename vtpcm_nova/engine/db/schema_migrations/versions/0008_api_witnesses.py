@@ -8,8 +8,8 @@ accepted (``vtpcm_nova/api/witness.py``); the engine keeps each witness
 here, for one move or one shred (design.rst, "Shelve offload and
 unshelve"). Existing rows: none.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-11-30
 """
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision = "0006"
+revision = "0008"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
