@@ -16,7 +16,7 @@ def add_audit(s: Session, event: str, outcome: str, *, host: str | None = None,
               detail: str = "", now: datetime.datetime | None = None) -> None:
     """An audit entry in the caller's transaction: it stands or falls with
     the change it records (``TrustStore.conclude_attestation``)."""
-    s.connection().execute(insert(models.Audit.__table__).values(
+    s.connection().execute(insert(models.Audit).values(
         at=now or utcnow(), event=event, host=host, outcome=outcome, detail=detail))
 
 

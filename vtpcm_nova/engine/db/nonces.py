@@ -28,7 +28,7 @@ def add_used_nonce(s: Session, host: str, nonce: bytes, purpose: str,
     if not isinstance(nonce, bytes) or len(nonce) != NONCE_BYTES or expires_at <= now:
         return False
     # in Core on the session's connection (the verdict's hot path)
-    s.connection().execute(insert(models.Nonce.__table__).values(
+    s.connection().execute(insert(models.Nonce).values(
         host=host, nonce=nonce.hex(), purpose=purpose, created_at=now,
         expires_at=expires_at, used=True))
     return True

@@ -20,9 +20,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import Table, insert, select, update
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -48,8 +48,8 @@ from vtpcm_nova.engine.db.store import Store, utcnow
 # session's connection (the same transaction): the ORM's identity map,
 # unit of work and flushes cost more CPU than the statements themselves
 # (issue 11 point 3).
-VERDICTS = models.VerdictRow.__table__
-CLOCKS = models.ClockStateRow.__table__
+VERDICTS = cast(Table, models.VerdictRow.__table__)
+CLOCKS = cast(Table, models.ClockStateRow.__table__)
 
 Rejudge = Callable[[verifier.ClockState], tuple[verifier.TrustStatus, str, bool]]
 """The attesting call's verdict judged again against another clock
