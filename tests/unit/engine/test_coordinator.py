@@ -14,8 +14,8 @@ from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import migration, models
-from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.db.api import Database, TrustBasis, VerdictRecord
+from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.shelved import Deletion, ServerView
 from vtpcm_nova.engine.verifier import TrustStatus
 
