@@ -489,8 +489,12 @@ def test_engine_admin_methods_are_exactly_the_signed_ones():
         "create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm", "check_destination",
         "begin", "commit", "abort", "transfer_state", "replace_vtpcm",
         "shelve_vtpcm", "unshelve_vtpcm", "report_swtpm_restart", "start_incoming"}
+    witness_signed = {name for name in dir(EngineManager)
+                      if getattr(getattr(EngineManager, name), "witness_signed", False)}
+    assert witness_signed == rpcapi.WITNESS_METHODS == {"record_api_witness"}
     unsigned = {name for name in dir(EngineManager)
-                if getattr(getattr(EngineManager, name), "signed", None) is False} - host_signed
+                if getattr(getattr(EngineManager, name), "signed", None) is False} \
+        - host_signed - witness_signed
     assert unsigned == {"list_hosts", "show_host", "list_policies", "attest", "verdicts",
                         "trusted_hosts",  # the scheduler's paged read, as verdicts
                         "list_audit", "get_vtpcm", "get_migration", "host_command_key",
@@ -612,6 +616,17 @@ def test_host_key_binding_depends_on_nonce_key_and_host_name():
     assert authn.public_raw(authn.load_public_raw(raw)) == raw
     with refused(exception.InvalidInput, 'Invalid input: host key is not a raw Ed25519 public key'):
         authn.load_public_raw(b"short", what="host key")
+
+
+def test_parent_binding_depends_on_qualifying_data_hierarchy_and_pinned_name():
+    q, name = os.urandom(32), b"\x00\x0b" + os.urandom(32)
+    bound = authn.parent_binding(q, "owner", name)
+    assert bound == authn.parent_binding(q, "owner", name) and len(bound) == 32
+    assert bound not in (q, authn.parent_binding(os.urandom(32), "owner", name),
+                         authn.parent_binding(q, "endorsement", name),
+                         authn.parent_binding(q, "owner", b"\x00\x0b" + os.urandom(32)),
+                         # length-prefixed: moving bytes between the parts changes it
+                         authn.parent_binding(q + b"o", "wner", name))
 
 
 def test_host_command_key_is_group_readable_only(tmp_path):

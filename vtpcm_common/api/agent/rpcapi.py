@@ -50,9 +50,11 @@ API version history:
           policy's whole selection and has no staleness report.
     1.10 - get_identity with ``parents=True`` also returns ``parent_certs``:
           the AK's TPM2_CertifyCreation of both storage parents the agent
-          pinned, with the identity's qualifying data (issue 9: the engine
-          checks they are real primaries of this TPM, which ends the trust
-          on first use of the pins). Capped below 1.10 it is asked as 1.5
+          pinned, each with the identity's qualifying data bound to the
+          hierarchy and the agent's pin (``authn.parent_binding``, so the
+          AK's signature covers the reported ``pinned_name``) (issue 9: the
+          engine checks they are real primaries of this TPM, which ends the
+          trust on first use of the pins). Capped below 1.10 it is asked as 1.5
           without them; ``[attestation] require_certified_parents`` then
           refuses the enrollment.
 
@@ -79,6 +81,9 @@ from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
 RPC_API_VERSION = "1.10"
+# get_identity asked as this version carries the parents' certifications:
+# an engine that asked so refuses an answer without them (the reply is unsigned)
+IDENTITY_PARENTS_VERSION = "1.10"
 REPLY_VERSION = "1.6"
 
 
@@ -173,8 +178,8 @@ class AgentAPI(rpc.Client):
         below (then as 1.5 without). Capped below 1.5, asked as 1.4: the answer lacks ``ek_public``,
         so an engine that checks EK certificates refuses to enroll the
         host until the cap is lifted; an engine that does not, enrolls it."""
-        if self.can_send_version("1.10"):
-            return self._at(host, "get_identity", "1.10",
+        if self.can_send_version(IDENTITY_PARENTS_VERSION):
+            return self._at(host, "get_identity", IDENTITY_PARENTS_VERSION,
                             m.IdentityRequest(nonce, parents=True), m.HostIdentity)
         version = "1.5" if self.can_send_version("1.5") else "1.4"
         return self._at(host, "get_identity", version, m.IdentityRequest(nonce),
