@@ -17,6 +17,7 @@ import copy
 import dataclasses
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -113,7 +114,7 @@ class Deployment:
 
 
 @contextlib.contextmanager
-def deployment(spec: Spec) -> Iterator[Deployment]:
+def build(spec: Spec) -> Iterator[Deployment]:
     """The agents (ready), then the engine worker(s) (ready), every host
     enrolled (APPROVED) and ``spec.trust`` applied. Afterwards, also when
     the test failed: the agents stop and their swtpm processes are killed by
@@ -183,3 +184,17 @@ def permanent(state: dict[str, bytes]) -> dict[str, bytes]:
     """The guest's TPM state that must survive a move: all but PCR 16 (the
     resettable debug PCR)."""
     return {k: v for k, v in state.items() if k != "pcr16"}
+
+
+@contextlib.contextmanager
+def frozen(pid: int) -> Iterator[None]:
+    """The process stopped (SIGSTOP) until the block ends (SIGCONT, also on
+    failure; a process killed meanwhile is gone and that is fine): holds a
+    step on the agent's side, e.g. ``begin`` between the seal and the
+    prepare."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)

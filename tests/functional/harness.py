@@ -148,8 +148,9 @@ def trust_hosts(operator: Any, names: list[str], pcrs: tuple[int, ...] = (0, 1, 
     for name in names:
         operator.assign_policy(name, policy)
         if bound > 0:
-            wait_for("%s attested TRUSTED" % name,
-                     lambda name=name: operator.attest(name).status == "TRUSTED", bound)
+            def trusted(name: str = name) -> bool:
+                return bool(operator.attest(name).status == "TRUSTED")
+            wait_for("%s attested TRUSTED" % name, trusted, bound)
             continue
         verdict = operator.attest(name)
         assert verdict.status == "TRUSTED", verdict.reason

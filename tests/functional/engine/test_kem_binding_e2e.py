@@ -9,7 +9,7 @@ import hashlib
 
 import pytest
 
-from tests.functional.deploy import Spec, Trust, deployment
+from tests.functional.deploy import Spec, Trust, build
 from vtpcm_agent.hosttpm import HostTPM
 
 pytestmark = pytest.mark.functional
@@ -23,7 +23,7 @@ def test_a_stale_kem_key_is_untrusted_until_re_enrollment():
                                         "require_kem_pcr_binding": "true"}},
                 agent={"host_tpm": {"kem_policy_pcrs": "1,2"}},
                 trust=Trust(pcrs=PCRS))  # TRUSTED: bound to the golden values
-    with deployment(spec) as d:
+    with build(spec) as d:
         operator, agents, policy = d.operator, d.agents, d.policy
         host, tpm = d.hosts["a"].name, d.hosts["a"].tpm
         assert policy is not None
