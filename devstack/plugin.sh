@@ -251,6 +251,7 @@ function configure_vtpcm_engine {
     iniset "$conf" manage admin_key "$VTPCM_OPERATOR_KEY"
     iniset "$conf" attestation auto_approve "$VTPCM_AUTO_APPROVE"
     iniset "$conf" attestation reboot_policy "$VTPCM_REBOOT_POLICY"
+    iniset "$conf" attestation require_certified_parents "$VTPCM_REQUIRE_CERTIFIED_PARENTS"
     if [[ -n "$VTPCM_DEFAULT_POLICY" ]]; then
         iniset "$conf" attestation default_policy "$VTPCM_DEFAULT_POLICY"
     fi

@@ -32,7 +32,10 @@ certifies.
 
 The parents' names are pinned (``pinned_parent``, finding H1): a session
 is salted to the public key in the CreatePrimary answer, so an interposer
-that swapped it would read everything the session encrypts.
+that swapped it would read everything the session encrypts. The pin does
+not authenticate the first start, so at enrollment the AK certifies each
+parent's creation (``certify_parent``, TPM2_CertifyCreation) and the engine
+checks the pinned names are this TPM's primaries (issue 9).
 
 The AK's parent is a storage primary of the *endorsement* hierarchy: a key
 of another hierarchy gets its quotes' resetCount/restartCount obfuscated,
@@ -67,6 +70,7 @@ from tpm2_pytss.constants import (
 )
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
+    TPM2B_CREATION_DATA,
     TPM2B_DIGEST,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
@@ -74,6 +78,8 @@ from tpm2_pytss.types import (
     TPML_PCR_SELECTION,
     TPMS_SENSITIVE_CREATE,
     TPMT_PUBLIC,
+    TPMT_SIG_SCHEME,
+    TPMT_TK_CREATION,
 )
 
 from vtpcm_common import fileutil
@@ -317,10 +323,23 @@ class ParentMismatch(HostTPMError):
     any secret is sent under it."""
 
 
+class Primary(NamedTuple):
+    """A storage primary as CreatePrimary answered: its handle, its name
+    (computed here), its public area, and the creation data, hash and
+    ticket (for TPM2_CertifyCreation, ``certify_parent``)."""
+
+    handle: ESYS_TR
+    name: bytes
+    public: TPM2B_PUBLIC
+    creation_data: TPM2B_CREATION_DATA
+    creation_hash: TPM2B_DIGEST
+    ticket: TPMT_TK_CREATION
+
+
 @contextmanager
-def pinned_parent(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes = b"",
-                  attrs: TPMA_OBJECT = PARENT_ATTRS) -> Iterator[tuple[ESYS_TR, bytes]]:
-    """The storage primary of ``hierarchy`` for one operation, and its name.
+def pinned_primary(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes = b"",
+                   attrs: TPMA_OBJECT = PARENT_ATTRS) -> Iterator[Primary]:
+    """The storage primary of ``hierarchy`` for one operation.
 
     Why the pin (finding H1): sessions are salted to the public key in the
     CreatePrimary *answer*; an interposer that swaps it learns the session
@@ -329,7 +348,7 @@ def pinned_parent(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes = b"",
     name seen when the key or the sealed object was made) any other answer
     is refused before a session is salted to it. Empty auth: it only wraps
     children and salts sessions, it decrypts nothing for anyone."""
-    handle, pub, _cd, _cdig, _tk = e.create_primary(
+    handle, pub, cdata, cdigest, ticket = e.create_primary(
         None, template(PARENT_TEMPLATE, attrs), hierarchy)
     try:
         name = object_name(pub)
@@ -343,9 +362,51 @@ def pinned_parent(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes = b"",
                 "any secret. Keep every file of the state "
                 "directory (they are needed once the TPM path is sound again) and "
                 "check the TPM device path and what is attached to it"))
-        yield handle, name
+        yield Primary(handle, name, pub, cdata, cdigest, ticket)
     finally:
         e.flush_context(handle)
+
+
+@contextmanager
+def pinned_parent(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes = b"",
+                  attrs: TPMA_OBJECT = PARENT_ATTRS) -> Iterator[tuple[ESYS_TR, bytes]]:
+    """``pinned_primary``'s handle and name."""
+    with pinned_primary(e, hierarchy, pinned, attrs) as primary:
+        yield primary.handle, primary.name
+
+
+class ParentCertification(NamedTuple):
+    """TPM2_CertifyCreation of a pinned storage parent by the AK (issue 9:
+    ends trust on first use of the pins). All public. The creation ticket
+    is an HMAC under the TPM's proof value over the object's name and its
+    creation hash: only an object this TPM created itself has one, never a
+    key loaded with LoadExternal or imported, so the AK signs the name of
+    a real primary of ``hierarchy`` and the engine compares it with
+    ``pinned_name`` (what the agent salts its sessions to)."""
+
+    hierarchy: str            # "owner" or "endorsement"
+    public: bytes             # marshaled TPMT_PUBLIC as the TPM answered
+    pinned_name: bytes        # the name the agent pinned
+    creation_data: bytes      # marshaled TPMS_CREATION_DATA
+    attest: bytes             # marshaled TPMS_ATTEST (ATTEST_CREATION)
+    signature: bytes          # marshaled TPMT_SIGNATURE by the AK
+
+
+def certify_parent(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes, signer: ESYS_TR,
+                   session: ESYS_TR, qualifying: bytes) -> ParentCertification:
+    """Re-create ``hierarchy``'s storage primary (refused unless its name is
+    ``pinned``) and have ``signer`` (the loaded AK, authorized by
+    ``session``) certify its creation with ``qualifying`` as extraData."""
+    with pinned_primary(e, hierarchy, pinned) as primary:
+        attest, sig = e.certify_creation(
+            signer, primary.handle, qualifying, primary.creation_hash,
+            TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), primary.ticket, session1=session)
+        return ParentCertification(
+            hierarchy=_HIERARCHY_NAMES[hierarchy],
+            public=bytes(primary.public.publicArea.marshal()),
+            pinned_name=pinned,
+            creation_data=bytes(primary.creation_data.creationData.marshal()),
+            attest=bytes(attest), signature=bytes(sig.marshal()))
 
 
 @contextmanager

@@ -141,6 +141,9 @@ class HostIdentity:
     ek_public: bytes | None = None
     # False: the KEM key is bound to PCR values the host no longer has
     kem_current: bool = True
+    # the AK's TPM2_CertifyCreation of both pinned storage parents (asked
+    # for: ``identity(parents=True)``), endorsement (AK's) then owner (KEM's)
+    parent_certs: tuple[hostkeys.ParentCertification, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -464,13 +467,18 @@ class HostTPM:
                 e.flush_context(session)
 
     # -- identity --------------------------------------------------------
-    def identity(self, nonce: bytes, rotate_kem: bool = False) -> HostIdentity:
+    def identity(self, nonce: bytes, rotate_kem: bool = False,
+                 parents: bool = False) -> HostIdentity:
         """AK and KEM public keys, plus a TPM2_Certify of the KEM key by the AK.
 
         ``nonce`` (the verifier's freshness value, at most 64 bytes) becomes
         the certify's qualifyingData (``extraData`` in the attest).
         ``rotate_kem``: replace a stale KEM key (the engine's signed
         enrollment only); otherwise ``kem_current`` says it is stale.
+        ``parents``: the AK also certifies the creation of both pinned
+        storage parents with the same qualifyingData (``parent_certs``), so
+        the engine can check that the agent salts its sessions to real
+        primaries of this TPM, not to an interposer's keys (issue 9).
         """
         _check_nonce(nonce)
         self._secrets()
@@ -489,6 +497,17 @@ class HostTPM:
                 ak_name = bytes(e.tr_get_name(ak.handle))
                 kem_name = bytes(e.tr_get_name(kem.handle))
                 ak_pub, kem_pub = ak.public, kem.public
+            certs: tuple[hostkeys.ParentCertification, ...] = ()
+            if parents:
+                blobs = self._key_blobs(e)
+                # the AK alone: the primary takes the KEM key's slot
+                with self._ak(e) as ak:
+                    certs = tuple(
+                        hostkeys.certify_parent(e, hierarchy, pinned, ak.handle,
+                                                ak.session, nonce)
+                        for hierarchy, pinned in (
+                            (hostkeys.AK_HIERARCHY, blobs.ak_parent_name),
+                            (hostkeys.KEM_HIERARCHY, blobs.kem_parent_name)))
             return HostIdentity(
                 ak_public=ak_pub.publicArea.marshal(),
                 ak_name=ak_name,
@@ -499,6 +518,7 @@ class HostTPM:
                 ek_certificate=ek.certificate,
                 ek_public=ek.public,
                 kem_current=current,
+                parent_certs=certs,
             )
         return self._call_keys("identity", run)
 

@@ -152,13 +152,15 @@ class AgentManager:
         qualifying = req.nonce if self.command_public is None else \
             authn.host_key_binding(req.nonce, self.command_public, self.host)
         ident = self._tpm(self._limit(vouched, self.unsigned_limit),
-                          "unsigned TPM calls").identity(qualifying, rotate_kem=vouched)
+                          "unsigned TPM calls").identity(qualifying, rotate_kem=vouched,
+                                                         parents=req.parents)
         return m.HostIdentity(
             host=self.host, ak_public=ident.ak_public, kem_public=ident.kem_public,
             kem_certify_attest=ident.kem_certify_attest,
             kem_certify_signature=ident.kem_certify_signature,
             ek_certificate=ident.ek_certificate, command_public=self.command_public,
-            ek_public=ident.ek_public)
+            ek_public=ident.ek_public,
+            parent_certs=tuple(m.ParentCertification(*c) for c in ident.parent_certs))
 
     @endpoint(m.CredentialChallenge, vouched=True)
     def activate_credential(self, req: m.CredentialChallenge,

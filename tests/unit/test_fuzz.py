@@ -3,9 +3,10 @@
 Targets: the swtpm control-channel reply parser, the migration-key envelope
 opener, the wire schema of every RPC message of both APIs, and the TPM
 structure parsers of the verifier (public areas, quotes, certifications, EK
-certificates). Each may refuse its input only with the project's own
-exception for that input; anything else (IndexError, struct.error,
-UnicodeError, a tpm2-pytss or cryptography exception) is a bug. Each target
+certificates, the storage parents' creation certifications). Each may refuse
+its input only with the project's own exception for that input; anything
+else (IndexError, struct.error, UnicodeError, a tpm2-pytss or cryptography
+exception) is a bug. Each target
 runs a bounded number of examples with a per-example deadline (no hang), and
 without an example database (nothing written next to the tests), so the
 test command stays within a few seconds per target. Cases found are kept
@@ -29,13 +30,14 @@ from hypothesis import strategies as st
 from tpm2_pytss.types import TPMS_ATTEST
 
 from tests.unit.agent.test_sealing import SoftKEM
+from tests.unit.engine import test_parentcert as tpc
 from tests.unit.engine import test_verifier as tv
 from vtpcm_agent import sealing
 from vtpcm_agent.swtpm import framing
 from vtpcm_common import exception, tpmpublic, wire
 from vtpcm_common.api.agent import messages as agent_messages
 from vtpcm_common.api.engine import messages as engine_messages
-from vtpcm_nova.engine import ekcert
+from vtpcm_nova.engine import ekcert, parentcert, tpmstruct
 from vtpcm_nova.engine import verifier as V
 
 # VTPCM_FUZZ_EXAMPLES=20000 for a long local session; the test command's budget
@@ -238,6 +240,39 @@ def test_signed_but_malformed_certifications_are_refused(data: st.DataObject) ->
 
 
 @FUZZ
+@given(st.data())
+def test_creation_parsers_refuse_only_with_malformed(data: st.DataObject) -> None:
+    """``tpmstruct.creation_attest``/``creation_data`` (the parents'
+    certification, issue 9) on mutations of real swtpm bytes."""
+    cert = tpc.real(data.draw(st.sampled_from(parentcert.HIERARCHIES)))
+    for parse, real in ((tpmstruct.creation_attest, cert["attest"]),
+                        (tpmstruct.creation_data, cert["creation_data"])):
+        try:
+            parse(_mutated(data, real))
+        except tpmstruct.Malformed:
+            pass
+
+
+@FUZZ
+@given(st.data())
+def test_signed_but_malformed_parent_certifications_are_refused(data: st.DataObject) -> None:
+    """Signed by the (software) AK, so the check runs past the signature.
+    Only a change of the attestation's unchecked fields (qualifiedSigner,
+    clockInfo, firmwareVersion) may pass, and then for the same name."""
+    cert = tpc.real(data.draw(st.sampled_from(parentcert.HIERARCHIES)))
+    pinned = cert["pinned_name"]
+    field = data.draw(st.sampled_from(["attest", "creation_data", "public", "pinned_name"]))
+    before, cert[field] = cert[field], _mutated(data, cert[field])
+    cert["signature"] = tv.soft_sign(SOFT_KEY, cert["attest"]) if cert["attest"] else b""
+    try:
+        got = parentcert.verify_one(SOFT_AK, cert, tpc.QUALIFYING, host="h")
+    except exception.CertificationError:
+        return
+    assert got.name == pinned and (field == "attest" or cert[field] == before), \
+        "a mutated parent certification passed"
+
+
+@FUZZ
 @given(st.binary(max_size=300), st.data())
 def test_ek_certificate_parser_refuses_with_certification_errors(der: bytes,
                                                                   data: st.DataObject) -> None:
@@ -257,3 +292,7 @@ def test_the_real_vectors_still_pass() -> None:
     assert sealing.open_envelope(SEALED, CTX, KEM.zgen)
     attest, signature, nonce, pcrs = tv.quote_args(tv.A)
     assert V.verify_quote(tv.AK_A, attest, signature, nonce, pcrs).pcr_selection
+    for cert in tpc.real_certs():
+        assert parentcert.verify_one(tpc.AK, cert, tpc.QUALIFYING, host="h").name
+        cert["signature"] = tv.soft_sign(SOFT_KEY, cert["attest"])
+        assert parentcert.verify_one(SOFT_AK, cert, tpc.QUALIFYING, host="h").name

@@ -97,6 +97,15 @@ ATTESTATION_OPTS = [
                      "Off by default so that hosts enrolled without kem_policy_pcrs keep "
                      "working (the engine logs a warning per host); turn it on once every "
                      "host binds its KEM key."),
+    cfg.BoolOpt("require_certified_parents", default=False,
+                help="Refuse to enroll a host whose agent sends no TPM2_CertifyCreation "
+                     "of its storage parents by the AK (agent API older than 1.10). "
+                     "A certification that is sent is always checked, and a host whose "
+                     "pinned parents are not this TPM's primaries (an interposer on its "
+                     "TPM interface when the agent first pinned them) is refused "
+                     "whatever this says. Off by default so that hosts with older "
+                     "agents still enroll during an upgrade (with a warning); turn it "
+                     "on once every agent is upgraded."),
     cfg.StrOpt("default_policy",
                help="Golden PCR policy assigned to newly enrolled hosts (by name)."),
     cfg.IntOpt("verdict_ttl", default=300, min=5,

@@ -31,7 +31,7 @@ from tpm2_pytss.types import TPM2B_NAME, TPM2B_PUBLIC, TPMT_PUBLIC
 from tpm2_pytss.utils import make_credential
 
 from vtpcm_common import authn, exception, spans
-from vtpcm_nova.engine import ekcert, kembinding, verifier
+from vtpcm_nova.engine import ekcert, kembinding, parentcert, verifier
 from vtpcm_nova.engine.db.api import (
     KEY_KINDS,
     NONCE_BYTES,
@@ -76,11 +76,15 @@ class Attestor:
                  reboot_policy: verifier.RebootPolicy = "reapprove",
                  ek_cas: Sequence[x509.Certificate] = (),
                  require_kem_pcr_binding: bool = False,
+                 require_certified_parents: bool = False,
                  clock: Callable[[], float] = time.time) -> None:
         """``ek_cas``: trusted EK CA certificates; when given, enrollment
         checks the EK certificate and activates a credential (``ekcert``).
         ``require_kem_pcr_binding``: a host whose KEM key is not PCR-bound
-        is UNTRUSTED (else it is accepted, with a warning: ``kembinding``)."""
+        is UNTRUSTED (else it is accepted, with a warning: ``kembinding``).
+        ``require_certified_parents``: refuse to enroll a host whose agent
+        sends no certification of its storage parents (agent API < 1.10;
+        else enrolled with a warning: ``parentcert``)."""
         if verdict_ttl <= 0 or nonce_ttl <= 0:
             raise exception.InvalidInput(reason="verdict_ttl and nonce_ttl must be positive")
         if reboot_policy not in ("reapprove", "accept"):
@@ -94,6 +98,7 @@ class Attestor:
         self.ek_cas = tuple(ek_cas)
         self._aks: dict[bytes, verifier.AttestationKey] = {}
         self.require_kem_pcr_binding = require_kem_pcr_binding
+        self.require_certified_parents = require_certified_parents
         self._warned_unbound: set[tuple[str, bytes]] = set()
 
     def _now(self) -> datetime.datetime:
@@ -148,6 +153,8 @@ class Attestor:
                                                      "nonce and host name to the reported host "
                                                      "command key (agents before API 1.6 bind "
                                                      "no host name: upgrade the agent)")
+        parents, parents_detail = self._check_parents(
+            host, identity, ak, authn.host_key_binding(nonce, command_public, host))
         kem_name = verifier.tpm_name(kem_public)
         for claimed, actual, what in ((identity.get("ak_name"), ak.name, "AK"),
                                       (identity.get("kem_name"), kem_name, "KEM key")):
@@ -165,13 +172,44 @@ class Attestor:
             host, ak_public=ak.public, ak_name=ak.name, kem_public=kem_public,
             kem_name=kem_name, ek_certificate=fields.get("ek_certificate"),
             command_public=command_public, ek_public=proven_ek,
-            approved=auto_approve, now=self._now())
+            approved=auto_approve, now=self._now(), parent_names=parents)
         self.db.audit("enroll", record.status.value, host=host,
-                      detail=f"AK {ak.name.hex()[:16]}... certified KEM key; {ek_detail}",
+                      detail=f"AK {ak.name.hex()[:16]}... certified KEM key; "
+                             f"{parents_detail}; {ek_detail}",
                       now=self._now())
         LOG.info("Host %(host)s enrolled (%(status)s)",
                  {"host": host, "status": record.status.value})
         return record
+
+    def _check_parents(self, host: str, identity: Mapping[str, Any],
+                       ak: verifier.AttestationKey, qualifying: bytes,
+                       ) -> tuple[tuple[bytes, bytes] | None, str]:
+        """The AK's certification of the agent's pinned storage parents
+        (``parentcert``; issue 9: without it an interposer present at the
+        agent's first start stays pinned): the certified names (the AK's
+        parent's, the KEM key's) or None, and the audit detail."""
+        certs = identity.get("parent_certs")
+        if not certs:
+            if self.require_certified_parents:
+                raise exception.CertificationError(host=host, reason=(
+                    "storage parents not certified by the AK: the agent sent no "
+                    "certification (agent API older than 1.10, or capped below it by "
+                    "[upgrade_levels] vtpcm_agent) and [attestation] "
+                    "require_certified_parents is on: upgrade the agent"))
+            LOG.warning("Host %(host)s enrolled without a certification of its storage "
+                        "parents (agent API older than 1.10): an interposer on its TPM "
+                        "interface at the agent's first start would not be seen; set "
+                        "[attestation] require_certified_parents once every agent is "
+                        "upgraded", {"host": host})
+            return None, "storage parents not certified (agent API < 1.10)"
+        if not isinstance(certs, list | tuple):
+            raise exception.CertificationError(
+                host=host, reason="identity field parent_certs is not a list")
+        certified = {c.hierarchy: c.name
+                     for c in parentcert.verify(ak, certs, qualifying, host=host)}
+        return (certified["endorsement"], certified["owner"]), (
+            "storage parents certified: " + ", ".join(
+                f"{h} {certified[h].hex()[:16]}..." for h in parentcert.HIERARCHIES))
 
     def _prove_ak_in_certified_tpm(self, host: str, fields: Mapping[str, Any],
                                    ak: verifier.AttestationKey) -> str:

@@ -116,7 +116,8 @@ class EngineService:
         self.attestor = Attestor(self.db, lambda: client, verdict_ttl=att.verdict_ttl,
                                  nonce_ttl=att.nonce_ttl, reboot_policy=att.reboot_policy,
                                  ek_cas=self.ek_cas,
-                                 require_kem_pcr_binding=att.require_kem_pcr_binding)
+                                 require_kem_pcr_binding=att.require_kem_pcr_binding,
+                                 require_certified_parents=att.require_certified_parents)
         # a begin in flight is this run's, and this run holds a lease while
         # it lives: once it lapses, reconcile knows the begins of this run
         # never return (coordinator.begin_abandoned)

@@ -115,6 +115,9 @@ def test_an_engine_of_the_previous_release_runs_every_method_on_a_current_agent(
     assert old_engine.stop(host, instance).state == "STOPPED"
     identity = old_engine.get_identity(host, os.urandom(32))  # asked as 1.5
     assert identity.host == host and identity.command_public is not None
+    assert identity.parent_certs == ()  # 1.10's field, not sent to a 1.5 client
+    certified = current.get_identity(host, os.urandom(32))
+    assert [c.hierarchy for c in certified.parent_certs] == ["endorsement", "owner"]
     assert old_engine.quote(host, os.urandom(32), (0, 1)).host == host
     # the current engine reads the same agent, replies signed
     assert current.get(host, instance).vtpcm_id == created.vtpcm_id
@@ -140,9 +143,15 @@ def test_a_pinned_engine_sends_nothing_whose_reply_it_would_take_unsigned(upgrad
 
 
 def test_an_agent_of_the_previous_version_serves_attestation_only(upgrade):
-    current, _, _, _, old_host, keys = upgrade
-    with pytest.raises(exception.HostTPMError, match="no host TPM configured"):
+    current, pinned, _, _, old_host, keys = upgrade
+    # get_identity is asked as 1.10 (the parents' certifications): an
+    # uncapped engine is told to upgrade the agent or cap itself; capped,
+    # it gets the old agent's answer (here: it has no TPM)
+    with pytest.raises(exception.RPCVersionUnsupported, match=(
+            r"cannot serve get_identity \(RPC API 1\.10\): it runs an older API version")):
         current.get_identity(old_host, os.urandom(32))
+    with pytest.raises(exception.HostTPMError, match="no host TPM configured"):
+        pinned.get_identity(old_host, os.urandom(32))
     for method, call in (("health", lambda: current.health(old_host)),
                          ("get", lambda: current.get(old_host, str(uuid.uuid4()))),
                          ("list", lambda: current.list(old_host))):

@@ -99,6 +99,20 @@ def _public_methods(cls: type, base: type) -> set[str]:
             if callable(value) and not name.startswith("_")} - set(vars(base))
 
 
+def test_get_identity_asks_for_the_parents_only_from_agents_that_know_it():
+    """1.10 adds ``parents`` to the request: an agent capped below must get
+    the 1.5 form (no ``parents`` on the wire), which it accepts."""
+    for cap, version, parents in ((None, "1.10", True), ("1.9", "1.5", False)):
+        api = agent_rpcapi.AgentAPI(_conf(), signer=_signer(), version_cap=cap)
+        recorder = RecordingClient()
+        api.client = recorder
+        with pytest.raises(Sent):
+            api.get_identity(HOST, NONCE)
+        sent = recorder.sent[0]
+        assert sent["version"] == rpc._later(version, agent_rpcapi.VOUCHED_SINCE)
+        assert ("parents" in sent["args"]["payload"]) is parents
+
+
 # method -> (version it must be prepared with, how to call it)
 AGENT_CALLS: dict[str, tuple[str, Any]] = {
     # 1.0, unsigned
@@ -114,8 +128,9 @@ AGENT_CALLS: dict[str, tuple[str, Any]] = {
     "import_state": ("1.3", lambda api: api.import_state(HOST, BLOBS)),
     # 1.1, with the KEM report since 1.9 (asked as 1.1 without it when capped)
     "quote": ("1.9", lambda api: api.quote(HOST, NONCE, (0, 1))),
-    # get_identity: 1.1, with command_public since 1.4 and ek_public since 1.5
-    "get_identity": ("1.5", lambda api: api.get_identity(HOST, NONCE)),
+    # get_identity: 1.1, with command_public since 1.4, ek_public since 1.5 and
+    # the parents' certifications since 1.10 (asked as 1.5 without when capped)
+    "get_identity": ("1.10", lambda api: api.get_identity(HOST, NONCE)),
     "activate_credential": ("1.5", lambda api: api.activate_credential(HOST, b"c", b"s")),
     # 1.2 methods in their signed form (1.3)
     "seal_migration_key": ("1.3", lambda api: api.seal_migration_key(HOST, CONTEXT, b"k")),

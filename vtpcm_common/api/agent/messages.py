@@ -73,6 +73,24 @@ class Health(Message):
 class IdentityRequest(Message):
     message_type = "identity_request"
     nonce: bytes = field(NONCE)
+    # 1.10: also certify the pinned storage parents (HostIdentity.parent_certs)
+    parents: bool = field(wire.bool_field, default=False, omit_default=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParentCertification(Message):
+    """1.10: TPM2_CertifyCreation by the AK of one storage parent the agent
+    salts its sessions to (``hostkeys.ParentCertification``): the engine
+    checks that ``pinned_name`` is the name of a primary this TPM created
+    in ``hierarchy`` (``vtpcm_nova/engine/parentcert.py``)."""
+
+    message_type = "parent_certification"
+    hierarchy: str = field(wire.choice_field("owner", "endorsement"))
+    public: bytes = field(wire.blob_field(1024, 1))
+    pinned_name: bytes = field(wire.blob_field(66, 1))
+    creation_data: bytes = field(wire.blob_field(1024, 1))
+    attest: bytes = field(wire.blob_field(1024, 1))
+    signature: bytes = field(wire.blob_field(512, 1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +107,9 @@ class HostIdentity(Message):
                                          default=None)
     # 1.5: marshaled TPMT_PUBLIC of the EK that ek_certificate certifies
     ek_public: bytes | None = field(wire.optional(wire.blob_field(1024, 1)), default=None)
+    # 1.10, only when asked (IdentityRequest.parents): both parents certified
+    parent_certs: tuple[ParentCertification, ...] = field(
+        wire.message_list_field(ParentCertification, 2), default=(), omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -48,6 +48,13 @@ API version history:
           values now). Capped below 1.9 the quote is asked as 1.1 without
           them: the engine then checks the certified binding against the
           policy's whole selection and has no staleness report.
+    1.10 - get_identity with ``parents=True`` also returns ``parent_certs``:
+          the AK's TPM2_CertifyCreation of both storage parents the agent
+          pinned, with the identity's qualifying data (issue 9: the engine
+          checks they are real primaries of this TPM, which ends the trust
+          on first use of the pins). Capped below 1.10 it is asked as 1.5
+          without them; ``[attestation] require_certified_parents`` then
+          refuses the enrollment.
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
@@ -71,7 +78,7 @@ from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.9"
+RPC_API_VERSION = "1.10"
 REPLY_VERSION = "1.6"
 
 
@@ -162,9 +169,13 @@ class AgentAPI(rpc.Client):
     # 1.1; get_identity answers command_public since 1.4 (the engine needs
     # it) and ek_public since 1.5; activate_credential is 1.5
     def get_identity(self, host: str, nonce: bytes) -> m.HostIdentity:
-        """Capped below 1.5, asked as 1.4: the answer lacks ``ek_public``,
+        """Asked as 1.10 with the parents' certifications unless capped
+        below (then as 1.5 without). Capped below 1.5, asked as 1.4: the answer lacks ``ek_public``,
         so an engine that checks EK certificates refuses to enroll the
         host until the cap is lifted; an engine that does not, enrolls it."""
+        if self.can_send_version("1.10"):
+            return self._at(host, "get_identity", "1.10",
+                            m.IdentityRequest(nonce, parents=True), m.HostIdentity)
         version = "1.5" if self.can_send_version("1.5") else "1.4"
         return self._at(host, "get_identity", version, m.IdentityRequest(nonce),
                         m.HostIdentity)

@@ -29,8 +29,8 @@ class HostStore(KeyStore, TrustStore):
     def enroll_host(self, name: str, *, ak_public: bytes, ak_name: bytes, kem_public: bytes,
                     kem_name: bytes, ek_certificate: bytes | None = None,
                     command_public: bytes | None = None, ek_public: bytes | None = None,
-                    approved: bool = False, now: datetime.datetime | None = None
-                    ) -> HostRecord:
+                    approved: bool = False, now: datetime.datetime | None = None,
+                    parent_names: tuple[bytes, bytes] | None = None) -> HostRecord:
         """Store a new host; a REVOKED or FORGOTTEN host may be re-enrolled
         (new keys, no history but the keys; the unsigned registration cast
         never calls this for a name on record, only an operator's enroll).
@@ -40,7 +40,8 @@ class HostStore(KeyStore, TrustStore):
         under another name. Its command key is refused likewise, but bound
         only once the host is APPROVED (here or by ``approve_host``): the
         key is public, and an unapproved name (a software AK without an EK
-        CA) must not block it for the host that owns it."""
+        CA) must not block it for the host that owns it. ``parent_names``:
+        the AK's and KEM key's storage parents the AK certified, if it did."""
         now = now or utcnow()
         status = HostStatus.APPROVED if approved else HostStatus.PENDING
         with self.session() as s:
@@ -60,6 +61,7 @@ class HostStore(KeyStore, TrustStore):
             row.kem_public, row.kem_name = kem_public, kem_name
             row.ek_certificate, row.status = ek_certificate, status.value
             row.command_public = command_public
+            row.ak_parent_name, row.kem_parent_name = parent_names or (None, None)
             row.enrolled_at = now
             row.approved_at = now if approved else None
             try:

@@ -113,6 +113,10 @@ class Host(Base):
     # schema v3: +1 whenever the status, the keys or the policy assignment
     # change; an attestation's verdict is stored only if it is unchanged
     revision: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    # revision 0007: the storage parents the AK certified at enrollment
+    # (parentcert; NULL: enrolled through an agent older than API 1.10)
+    ak_parent_name: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    kem_parent_name: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
 
 
 class EnrolledKey(Base):

@@ -30,6 +30,9 @@ class HostRecord:
     approved_at: datetime.datetime | None
     command_public: bytes | None = None
     revision: int = 0
+    # the names of the storage parents the AK certified (parentcert), or None
+    ak_parent_name: bytes | None = None
+    kem_parent_name: bytes | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +142,8 @@ class AbandonedRecord:
 def host_rec(r: models.Host) -> HostRecord:
     return HostRecord(r.name, r.ak_public, r.ak_name, r.kem_public, r.kem_name,
                       r.ek_certificate, HostStatus(r.status), r.policy_name, r.enrolled_at,
-                      r.approved_at, r.command_public, r.revision)
+                      r.approved_at, r.command_public, r.revision, r.ak_parent_name,
+                      r.kem_parent_name)
 
 
 def policy_rec(r: models.Policy) -> PolicyRecord:
