@@ -14,7 +14,8 @@
 # database and the DevStack user's operator key ($VTPCM_OPERATOR_KEY, made
 # here) and runs vtpcm-engine. Where n-sch runs: VTPCMFilter in
 # [filter_scheduler] and [vtpcm] in $NOVA_CONF. Where n-api runs: the sample
-# flavor $VTPCM_FLAVOR_NAME (vtpcm:enabled=true).
+# flavor $VTPCM_FLAVOR_NAME (vtpcm:enabled=true) and, with VTPCM_API_WITNESS,
+# the vtpcm_witness filter in nova-api's paste pipelines and its key.
 #
 # stack.sh runs this with errexit and an ERR trap: a function or command that
 # returns non-zero outside a condition ends the run. DevStack's warn returns
@@ -52,6 +53,11 @@ function vtpcm_nova_enabled {
 # vtpcm_is_compute - nova-compute runs here next to a vtpcm-agent
 function vtpcm_is_compute {
     vtpcm_nova_enabled && is_service_enabled n-cpu && is_service_enabled vtpcm-agent
+}
+
+# vtpcm_is_api - nova-api runs here and signs witnesses of unshelve and delete
+function vtpcm_is_api {
+    vtpcm_nova_enabled && is_service_enabled n-api && [[ "$VTPCM_API_WITNESS" == "True" ]]
 }
 
 # vtpcm_is_scheduler - nova-scheduler runs here
@@ -266,6 +272,40 @@ function configure_vtpcm_engine {
     iniset "$conf" nova project_name "$SERVICE_PROJECT_NAME"
     iniset "$conf" nova project_domain_name "$SERVICE_DOMAIN_NAME"
     iniset "$conf" nova region_name "$REGION_NAME"
+    # nova-api's witnesses: required, with the key made where n-api runs
+    # (all-in-one and controller: here, now, so the engine starts with it)
+    if [[ "$VTPCM_API_WITNESS" == "True" ]]; then
+        if vtpcm_is_api; then
+            vtpcm_make_api_witness_key
+        fi
+        iniset "$conf" nova require_api_witness True
+        iniset "$conf" nova api_witness_public_keys "$VTPCM_API_WITNESS_PUBLIC_KEYS"
+    else
+        iniset "$conf" nova require_api_witness False
+    fi
+}
+
+# vtpcm_make_api_witness_key - nova-api's witness key (kept if it exists),
+# the stack user's: nova-api runs as $STACK_USER
+function vtpcm_make_api_witness_key {
+    sudo install -d -o "$STACK_USER" -m 0700 "$(dirname "$VTPCM_API_WITNESS_KEY")"
+    "$(get_python_exec_prefix)/vtpcm-manage" keys create "$VTPCM_API_WITNESS_KEY"
+}
+
+# configure_vtpcm_nova_api - the vtpcm_witness filter right after
+# keystonecontext in every nova-api pipeline that authenticates (the request
+# it witnesses is the user's), its section, and its key in [vtpcm].
+function configure_vtpcm_nova_api {
+    local paste=${VTPCM_NOVA_API_PASTE_INI:-$(dirname "$NOVA_CONF")/api-paste.ini}
+    if [[ ! -f "$paste" ]]; then
+        die $LINENO "vtpcm: no nova-api paste config at $paste (VTPCM_NOVA_API_PASTE_INI)"
+    fi
+    vtpcm_make_api_witness_key
+    sed -i -E '/^[^[#;].*=.*[[:space:]]keystonecontext([[:space:]]|$)/ {/vtpcm_witness/! s/([[:space:]])keystonecontext([[:space:]]|$)/\1keystonecontext vtpcm_witness\2/}' "$paste"
+    if ! grep -q '^\[filter:vtpcm_witness\]' "$paste"; then
+        printf '\n[filter:vtpcm_witness]\npaste.filter_factory = vtpcm_nova.api.witness:filter_factory\n' >> "$paste"
+    fi
+    iniset "$NOVA_CONF" vtpcm api_witness_key_file "$VTPCM_API_WITNESS_KEY"
 }
 
 # configure_vtpcm_nova_common - [vtpcm] of $NOVA_CONF: the vTPCM daemons'
@@ -517,8 +557,11 @@ if is_service_enabled vtpcm-agent vtpcm-engine; then
         if is_service_enabled vtpcm-agent; then
             configure_vtpcm_agent
         fi
-        if vtpcm_is_compute || vtpcm_is_scheduler; then
+        if vtpcm_is_compute || vtpcm_is_scheduler || vtpcm_is_api; then
             configure_vtpcm_nova_common
+        fi
+        if vtpcm_is_api; then
+            configure_vtpcm_nova_api
         fi
         if vtpcm_is_compute; then
             configure_vtpcm_nova_compute

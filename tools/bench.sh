@@ -16,13 +16,18 @@
 #            lab-lm       live migration in the two-host lab: no TPM vs libvirt's
 #                         swtpm vs vTPCM (.venv, root; takes the lab lock per chunk)
 #            agent-scale  200 vTPCMs on one agent: creation, memory, restart (.venv)
+#            nova-real    live migration on real Nova 34 services (the real-Nova
+#                         lab): vtpcm.small vs plain, interleaved, with the phases
+#                         from the logs (.venv, root, the lab lock; not in --smoke:
+#                         the lab's start alone takes ~1.5 min)
 #   --smoke  tiny sizes, seconds each (nova-lm: ~45 s, the Nova harness's floor;
 #            lab-lm: 1 round at 256 MiB, ~60 s, the lab's start/stop floor);
 #            results go to benchmarks/results/smoke/ (git-ignored), never over
 #            the committed full results.
 #
 # Environment: VTPCM_VENV, VTPCM_NOVA_VENV (default .venv, .venv-nova),
-#              VTPCM_BENCH_ROUNDS (nova-lm rounds, default 10).
+#              VTPCM_BENCH_ROUNDS (nova-lm rounds, default 10),
+#              VTPCM_BENCH_HOPS (nova-real hops of each server, default 6).
 # Needs RabbitMQ (nova-lm, attestation) like the functional tests; matplotlib is
 # pip-installed into a benchmark's venv when missing (the Nova venv's install
 # is pinned by tools/nova-constraints.txt so no pinned package moves).
@@ -34,7 +39,8 @@ ROOT=$PWD
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 VENV=${VTPCM_VENV:-$ROOT/.venv}
 NOVA_VENV=${VTPCM_NOVA_VENV:-$ROOT/.venv-nova}
-ALL=(filter nova-lm attestation unsigned-flood protocol attestation-scale lab-lm agent-scale)
+ALL=(filter nova-lm attestation unsigned-flood protocol attestation-scale lab-lm agent-scale
+     nova-real)
 
 smoke=0
 names=()
@@ -42,7 +48,7 @@ for arg in "$@"; do
     case $arg in
         --smoke) smoke=1 ;;
         --list) printf '%s\n' "${ALL[@]}"; exit 0 ;;
-        -h|--help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h|--help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "bench.sh: unknown option $arg" >&2; exit 2 ;;
         *) names+=("$arg") ;;
     esac
@@ -172,6 +178,19 @@ run_agent_scale() {
     plot_with_matplotlib benchmarks/plot_agent_scale.py "$OUT/agent-scale.json"
 }
 
+run_nova_real() {
+    if [ $smoke = 1 ]; then
+        log "nova-real has no smoke variant (the real-Nova lab's start alone takes ~1.5 min)"
+        return 0
+    fi
+    # ~1.5 min lab start + 2 x VTPCM_BENCH_HOPS (default 6) migrations of ~6 s,
+    # plus waits for the lab lock
+    tools/install-nova-services.sh || return
+    timeout --kill-after=30 3600 "$VENV/bin/python" benchmarks/nova_real_lm.py \
+        --hops "${VTPCM_BENCH_HOPS:-6}" --out-dir "$OUT" || return
+    plot_with_matplotlib benchmarks/plot_nova_real_lm.py "$OUT/nova-real-lm.json"
+}
+
 failed=()
 for name in "${names[@]}"; do
     log "== $name$([ $smoke = 1 ] && echo ' (smoke)') -> $OUT/$name.{json,png}"
@@ -185,6 +204,7 @@ for name in "${names[@]}"; do
         attestation-scale) fn=run_attestation_scale ;;
         lab-lm) fn=run_lab_lm ;;
         agent-scale) fn=run_agent_scale ;;
+        nova-real) fn=run_nova_real ;;
     esac
     if $fn; then
         log "== $name done in $((SECONDS - start)) s"

@@ -40,7 +40,8 @@ checks the pinned names are this TPM's primaries (issue 9).
 The AK's parent is a storage primary of the *endorsement* hierarchy: a key
 of another hierarchy gets its quotes' resetCount/restartCount obfuscated,
 and the verifier relies on them. The KEM key's parent is the owner storage
-primary (the one that also seals the host key).
+primary (the one that also seals the host key: ``HostTPM`` refuses the keys
+unless the host key's pinned parent is the KEM key's, the certified one).
 
 Every function takes an open ESAPI context: ``HostTPM`` calls them under its
 lock and turns TSS errors into HostTPMError.
@@ -463,13 +464,15 @@ def create_kem(e: ESAPI, auth: bytes, pcrs: TPML_PCR_SELECTION | None,
 
 
 def create_blobs(e: ESAPI, ak_auth: bytes, kem_auth: bytes,
-                 kem_pcrs: TPML_PCR_SELECTION | None = None) -> KeyBlobs:
+                 kem_pcrs: TPML_PCR_SELECTION | None = None,
+                 kem_parent: bytes = b"") -> KeyBlobs:
     """A new AK (endorsement hierarchy) and KEM key (owner hierarchy) with
     the given auth values, created inside the TPM; their parents' names as
-    seen now are pinned from here on."""
+    seen now are pinned from here on. ``kem_parent``: the name the KEM key's
+    parent must have (the sealed host key's parent: the same primary)."""
     ak_pub, ak_priv, ak_parent = _create_child(e, AK_HIERARCHY,
                                                template(AK_TEMPLATE, AK_ATTRS), ak_auth, b"")
-    kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs)
+    kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs, kem_parent)
     return KeyBlobs(ak_public=ak_pub, ak_private=ak_priv,
                     kem_public=kem_pub, kem_private=kem_priv,
                     ak_parent_name=ak_parent, kem_parent_name=kem_parent)

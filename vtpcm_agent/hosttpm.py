@@ -266,6 +266,9 @@ class HostTPM:
         # credential activation fails and this is dropped). The EK
         # certificate is not cached: it is read from NV on every identity.
         self._ek_public: tuple[bytes, bytes] | None = None
+        # the pinned parent name of the sealed host key (bind_host_key_parent):
+        # the KEM key's parent must be that primary; None: no sealed host key
+        self._host_key_parent: bytes | None = None
         with _LOCKS_GUARD:
             self._lock = _LOCKS.setdefault(tcti, threading.RLock())
         try:
@@ -290,6 +293,60 @@ class HostTPM:
             self._cache.clear(self._esapi)
             self._kem_pcrs = selection
             self._kem_pcr_list = tuple(sorted(set(kem_pcrs)))
+            self._check_stored_parents()
+
+    def bind_host_key_parent(self, name: bytes) -> None:
+        """Tie the AK and KEM key to the host key sealed in this TPM: ``name``
+        is the pinned parent of that sealed object (``TPMSealedHostKey``
+        calls this), empty for a format-1 object still unpinned.
+
+        Why: the AK's and KEM key's auth values derive from the host key, so
+        whoever read it at its seal owns both keys, whatever enrollment
+        certifies. The host key's parent is the owner primary of the KEM
+        key's template, so its name must be the KEM key's pinned parent,
+        the one the AK certifies at enrollment: an interposer that swapped
+        the primary only for the seal is refused here (at start if the key
+        blobs exist, else when they would be created), before any key is
+        used. An unpinned (format-1) host key cannot be tied: refused too."""
+        with self._lock:
+            self._host_key_parent = bytes(name)
+            self._blobs = None
+            self._cache.clear(self._esapi)
+            self._check_stored_parents()
+
+    def _check_stored_parents(self) -> None:
+        """The file check of ``bind_host_key_parent`` at start (no TPM
+        command): stored, pinned key blobs whose KEM parent is not the host
+        key's parent are refused now."""
+        if self._host_key_parent is None:
+            return
+        blobs = self._blob_store.load()
+        if blobs is not None and blobs.pinned:
+            self._check_host_key_parent(blobs.kem_parent_name)
+
+    def _check_host_key_parent(self, kem_parent: bytes) -> None:
+        """Refuse the AK/KEM key unless ``kem_parent`` is the host key's
+        pinned parent (``bind_host_key_parent``). Names are public."""
+        want = self._host_key_parent
+        if want is None:
+            return
+        if not want:
+            raise HostTPMError(reason=(
+                "the host key is still a format-1 sealed object (resealing it failed: "
+                "see the warning logged before), so its storage parent is not pinned and "
+                "cannot be tied to the owner parent enrollment certifies; the AK and KEM "
+                "key are not used until a restart reseals it"))
+        if kem_parent != want:
+            raise hostkeys.ParentMismatch(reason=(
+                f"the host key was sealed under the owner storage primary {want.hex()} but "
+                f"the KEM key's pinned parent (the one enrollment certifies) is "
+                f"{kem_parent.hex()}: one template in one hierarchy has one name, so one of "
+                "these answers came from something between the agent and the TPM (an "
+                "interposer at the first start), or the owner hierarchy was cleared in "
+                "between; the AK and KEM key (their auth values derive from the host key) "
+                "are not used. Keep every file of the state directory and check the TPM "
+                "device path and what is attached to it; if the TPM really was cleared, "
+                "move the state directory aside and re-enroll the host"))
 
     @staticmethod
     def _kem_selection(pcrs: Sequence[int]) -> TPML_PCR_SELECTION | None:
@@ -384,14 +441,22 @@ class HostTPM:
             blobs = self._blob_store.load()
             if blobs is None:
                 secrets = self._secrets()
-                blobs = hostkeys.create_blobs(e, secrets.ak.auth, secrets.kem.auth,
-                                              self._kem_pcrs)
+                # the KEM key only under the host key's parent (pinned)
+                self._check_host_key_parent(self._host_key_parent or b"")
+                try:
+                    blobs = hostkeys.create_blobs(e, secrets.ak.auth, secrets.kem.auth,
+                                                  self._kem_pcrs, self._host_key_parent or b"")
+                except hostkeys.ParentMismatch as exc:
+                    raise hostkeys.ParentMismatch(reason=(
+                        "the KEM key is created only under the owner primary the host key "
+                        f"was sealed under: {exc.kwargs['reason']}")) from None
                 self._blob_store.save(blobs)
                 blobs = self._blob_store.load() or blobs  # another thread's, if first
                 LOG.info("Created the agent's AK and KEM key in the host TPM (%(store)r)",
                          {"store": self._blob_store})
             if not blobs.pinned:
                 blobs = self._pin_parents(e, blobs)
+            self._check_host_key_parent(blobs.kem_parent_name)
             self._blobs = blobs
         return self._blobs
 
@@ -401,6 +466,7 @@ class HostTPM:
         blobs = dataclasses.replace(
             blobs, ak_parent_name=hostkeys.parent_name(e, hostkeys.AK_HIERARCHY),
             kem_parent_name=hostkeys.parent_name(e, hostkeys.KEM_HIERARCHY))
+        self._check_host_key_parent(blobs.kem_parent_name)  # before pinning it
         self._blob_store.save(blobs, replace=True)
         LOG.warning("Pinned the names of the AK's and KEM key's parents in %(store)r "
                     "(format 2): from now on another storage primary is refused",

@@ -211,6 +211,16 @@ class TPMSealedHostKey(_CachedHostKey):
         self._tpm = host_tpm
 
     def _load_or_create(self) -> bytes:
+        """The host key; its sealed object's pinned parent is bound to the
+        HostTPM (``bind_host_key_parent``): the AK and KEM key are used only
+        if their owner parent, the one enrollment certifies, is that one."""
+        key, parent = self._unsealed()
+        self._tpm.bind_host_key_parent(parent)
+        return key
+
+    def _unsealed(self) -> tuple[bytes, bytes]:
+        """The host key and its sealed object's pinned parent name (empty:
+        a format-1 object whose reseal failed)."""
         try:
             data = _read_private_file(self._path, "sealed host key file")
         except FileNotFoundError:
@@ -223,7 +233,7 @@ class TPMSealedHostKey(_CachedHostKey):
             else:
                 LOG.info("Sealed a new host key in the host TPM, blob at %(path)s",
                          {"path": self._path})
-                return key
+                return key, sealed.parent_name
         try:
             sealed = SealedObject.from_bytes(data)
         except HostTPMError as exc:
@@ -248,13 +258,16 @@ class TPMSealedHostKey(_CachedHostKey):
         if len(key) != KEY_LEN:
             raise KeyStoreError(reason=f"unsealed host key {self._path} has a wrong length")
         if sealed.legacy:
-            self._upgrade(key)
-        return key
+            return key, self._upgrade(key)
+        return key, sealed.parent_name
 
-    def _upgrade(self, key: bytes) -> None:
+    def _upgrade(self, key: bytes) -> bytes:
         """Reseal a version-1 host key (DA-protected, parent unpinned) as a
         noDA object under the noDA parent, pinning its name, and swap the
-        file atomically; on failure the version-1 file stays and works."""
+        file atomically; its parent's name (bound to the HostTPM like a new
+        seal's). On failure the version-1 file stays and unwraps instance
+        keys, but no parent is pinned (empty): the AK and KEM key are
+        refused until a later start reseals it."""
         try:
             resealed = self._tpm.seal(key)
             if self._tpm.unseal(resealed) != key:
@@ -264,9 +277,10 @@ class TPMSealedHostKey(_CachedHostKey):
             LOG.warning("Kept the version-1 sealed host key %(path)s (DA-protected, parent "
                         "not pinned): resealing failed: %(err)s",
                         {"path": self._path, "err": getattr(exc, "message", type(exc).__name__)})
-            return
+            return b""
         LOG.warning("Resealed the host key %(path)s as format 2: noDA, its parent's name "
                     "pinned", {"path": self._path})
+        return resealed.parent_name
 
 
 class KeyStore:

@@ -365,7 +365,8 @@ def _verified(check: Callable[[], T]) -> T:
 
 
 def endpoint(request_type: type[Message], signed: bool = False,
-             host_signed: bool = False, vouched: bool = False) -> Callable[[F], F]:
+             host_signed: bool = False, vouched: bool = False,
+             witness_signed: bool = False) -> Callable[[F], F]:
     """Server side of one RPC method: parse ``payload`` into ``request_type``,
     answer with the method's message; refusals go back to the caller and are
     logged once, without secrets (messages hide secret fields).
@@ -382,6 +383,12 @@ def endpoint(request_type: type[Message], signed: bool = False,
     auth, request)`` decides which hosts may sign it, checks the signature
     and returns the signing host, which the method gets as ``signer``
     (its actions stay bound to that host).
+
+    ``witness_signed``: the method is nova-api's witness (engine API
+    1.12); the endpoint object's ``verify_witness(method, payload, auth,
+    request)`` checks the signature with the nova-api witness keys and
+    returns what the signature says (key, time, nonce), which the method
+    gets as ``signer``.
 
     ``vouched``: an unsigned method (anyone may call it) that the engine
     signs anyway, so that its calls are not rate-limited with everyone
@@ -411,6 +418,9 @@ def endpoint(request_type: type[Message], signed: bool = False,
             if host_signed:
                 signer = self.verify_host_command(func.__name__, payload, auth, request)
                 return lambda: func(self, request, signer)
+            if witness_signed:
+                witnessed = self.verify_witness(func.__name__, payload, auth, request)
+                return lambda: func(self, request, witnessed)
             if vouched:
                 # a service that cannot check signatures counts every call
                 verifier = getattr(self, "verifier", None)
@@ -435,6 +445,7 @@ def endpoint(request_type: type[Message], signed: bool = False,
                     raise
         inner.signed = signed  # type: ignore[attr-defined]
         inner.host_signed = host_signed  # type: ignore[attr-defined]
+        inner.witness_signed = witness_signed  # type: ignore[attr-defined]
         return inner  # type: ignore[return-value]
     return wrap
 

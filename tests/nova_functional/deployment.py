@@ -69,7 +69,18 @@ class Deployment:
     engine: daemons.EngineDaemon
     hosts: dict[str, Host]
     nova: NovaFront  # where the engine's [nova] client asks Nova's API
+    # nova-api's witness key when the engine requires witnesses (else None)
+    witness_key: Path | None = None
     _at: dict[str, EngineAPI] = dataclasses.field(default_factory=dict)
+
+    def nova_api(self, signer: authn.CommandSigner | None = None) -> EngineAPI:
+        """The engine as nova-api's vtpcm_witness filter calls it (its
+        witness key, or ``signer``)."""
+        if signer is None:
+            assert self.witness_key is not None, "a deployment without witnesses"
+            signer = authn.load_signing_key(self.witness_key)
+        return EngineAPI(self.conf, self.operator.transport, timeout=30,
+                         witness_signer=signer)
 
     def engine_at(self, host: str) -> EngineAPI:
         """The engine as the driver on ``host`` calls it (that host's key)."""
@@ -102,22 +113,36 @@ class Deployment:
 
 @contextlib.contextmanager
 def deployment(labels: tuple[str, ...] = ("a", "b", "c"), *,
-               reconcile_interval: int = 0) -> Iterator[Deployment]:
+               reconcile_interval: int = 0, witness: bool = False,
+               witness_max_age: int = 600) -> Iterator[Deployment]:
     """Engine + one agent per label, enrolled, approved, golden policy
     assigned; the engine's ``[nova]`` points at a ``NovaFront`` (the test
     plugs in the API behind it); ``reconcile_interval``: the engine's
     periodic reconcile (0: none), and as often its reaper of deleted
-    shelved vTPCMs (``[nova] reap_interval``)."""
+    shelved vTPCMs (``[nova] reap_interval``). ``witness``: the engine
+    requires nova-api's witnesses (``[nova] require_api_witness``, the
+    shipped default) and pins a witness key made here; without it the
+    engine takes Nova's view alone (``require_api_witness = false``), what
+    the tests written before engine API 1.12 check."""
     work = daemons.short_dir("vtnf")
     exchange = "vtpcm-nf-" + uuid.uuid4().hex[:8]
     conf = daemons.client_conf(exchange)
     agents = AgentAPI(conf, timeout=30)
     operator = EngineAPI(conf, agents.transport, timeout=60)
     nova = NovaFront()
+    witness_key = None
+    witness_opts: dict[str, Any] = {"require_api_witness": "false"}
+    if witness:
+        witness_key = work / "nova-api-witness.key"
+        authn.load_or_create_signing_key(witness_key)
+        witness_opts = {"require_api_witness": "true",
+                        "api_witness_public_keys": str(authn.public_key_path(witness_key)),
+                        "witness_max_age": witness_max_age}
     engine = daemons.EngineDaemon(
         work, exchange, "sqlite:///%s/engine.sqlite" % work,
         extra={"attestation": {"auto_approve": "true", "verdict_ttl": 600},
-               "nova": {**nova.engine_options(), "reap_interval": reconcile_interval},
+               "nova": {**nova.engine_options(), "reap_interval": reconcile_interval,
+                        **witness_opts},
                "migration": {"reconcile_interval": reconcile_interval}})
     started: list[object] = [nova]
     hosts: dict[str, Host] = {}
@@ -149,7 +174,7 @@ def deployment(labels: tuple[str, ...] = ("a", "b", "c"), *,
         for name in hosts:
             operator.assign_policy(name, GOLDEN)
             assert operator.attest(name).status == "TRUSTED"
-        yield Deployment(exchange, conf, operator, agents, engine, hosts, nova)
+        yield Deployment(exchange, conf, operator, agents, engine, hosts, nova, witness_key)
     finally:
         # agents before their swtpm: an agent's watchdog reports one that dies
         for proc in reversed(started):

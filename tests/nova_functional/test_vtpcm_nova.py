@@ -43,7 +43,9 @@ from vtpcm_agent.swtpm import ctrl
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_lab import daemons
+from vtpcm_lab.nova import configs
 from vtpcm_nova import agentkeys
+from vtpcm_nova.conf import api as api_conf
 from vtpcm_nova.conf import compute as compute_conf
 from vtpcm_nova.virt import driver as vdriver
 from vtpcm_nova.virt import tpmxml
@@ -60,8 +62,10 @@ RECONCILE_S = 2
 def vtpcm_deployment() -> Any:
     global _DEPLOYMENT
     # the engine's periodic reaper ([nova] reap_interval, as often as the
-    # reconcile) destroys shelved vTPCMs of deleted instances
-    with dep_mod.deployment(reconcile_interval=RECONCILE_S) as dep:
+    # reconcile) destroys shelved vTPCMs of deleted instances; the engine
+    # requires nova-api's witnesses, which the real vtpcm_witness filter in
+    # this Nova's paste pipeline (OSAPIFixture loads it) sends
+    with dep_mod.deployment(reconcile_interval=RECONCILE_S, witness=True) as dep:
         _DEPLOYMENT = dep
         try:
             yield dep
@@ -138,6 +142,20 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
                    engine_public_key=str(self._engine_public_key()), group="vtpcm")
         for option, value in daemons.topics(self.dep.exchange).items():
             self.flags(**{option: value}, group="vtpcm_rpc")
+        self._configure_witness()
+
+    def _configure_witness(self) -> None:
+        """nova-api's pipeline with the vtpcm_witness filter after
+        keystonecontext (as the lab and the operator guide put it) and the
+        deployment's witness key: OSAPIFixture loads Nova's paste config."""
+        api_conf.register_opts(CONF)
+        stock = Path(CONF.find_file(CONF.wsgi.api_paste_config)
+                     or CONF.wsgi.api_paste_config).read_text()
+        paste = Path(self.useFixture(fixtures.TempDir()).path) / "api-paste.ini"
+        paste.write_text(configs.paste_with_witness(stock))
+        self.flags(api_paste_config=str(paste), group="wsgi")
+        assert self.dep.witness_key is not None
+        self.flags(api_witness_key_file=str(self.dep.witness_key), group="vtpcm")
 
     def _engine_public_key(self) -> Any:
         """[vtpcm] engine_public_key: the engine key the agents pin too."""
@@ -717,6 +735,43 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertEqual((b, 1, "ACTIVE"), (rec.host, rec.generation, rec.state))
         self.assertEqual(before["nv"], self._tpm(b, instance)["nv"])
         self.assertFalse(src_state.exists())
+
+    def test_a_forged_nova_record_without_nova_apis_witness_moves_nothing(self) -> None:
+        """Issue 8's last HIGH (review H2): a compromised compute host b
+        writes the instance's host and task_state through nova-conductor
+        (``Instance.save``, no per-host check), so Nova's API truly shows it
+        unshelving onto b, and b signs its own unshelve_vtpcm. nova-api never
+        accepted an unshelve request: no witness, refused, nothing sealed.
+        Then the user's real unshelve goes through nova-api's vtpcm_witness
+        filter (this Nova's paste pipeline) and moves it, once."""
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        self.admin_api.post_server_action(instance, {"shelve": {}})
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        ctxt = nova_context.get_admin_context()
+        inst = objects.Instance.get_by_uuid(ctxt, instance)
+        inst.host, inst.task_state = b, "spawning"
+        inst.save()  # what b's nova-compute can make nova-conductor write
+        with pytest.raises(exception.UnshelveNotAuthorized,
+                           match="nova-api witnessed no unshelve request"):
+            self.dep.engine_at(b).unshelve_vtpcm(instance, b)
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0, "SHELVED", None),
+                         (rec.host, rec.generation, rec.state, rec.migration_id))
+        self.assertIsNone(self.dep.vtpcm_on(b, instance))
+        inst.host, inst.task_state = None, None
+        inst.save()
+        # the user's unshelve, witnessed by nova-api's filter: moved once
+        self.admin_api.post_server_action(instance, {"unshelve": {"host": b}})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        self.assertEqual(b, self._host_of(server))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((b, 1, "ACTIVE"), (rec.host, rec.generation, rec.state))
+        self.assertEqual(before["nv"], self._tpm(b, instance)["nv"])
+        self.assertEqual(["recorded", "used"],
+                         sorted(e.outcome for e in self._audit(instance, "vtpcm.witness")))
 
     def test_deleting_a_shelved_offloaded_server_reaps_its_vtpcm(self) -> None:
         """Issue 8: Nova deletes a shelved offloaded server without its

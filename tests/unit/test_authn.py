@@ -489,8 +489,12 @@ def test_engine_admin_methods_are_exactly_the_signed_ones():
         "create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_vtpcm", "check_destination",
         "begin", "commit", "abort", "transfer_state", "replace_vtpcm",
         "shelve_vtpcm", "unshelve_vtpcm", "report_swtpm_restart", "start_incoming"}
+    witness_signed = {name for name in dir(EngineManager)
+                      if getattr(getattr(EngineManager, name), "witness_signed", False)}
+    assert witness_signed == rpcapi.WITNESS_METHODS == {"record_api_witness"}
     unsigned = {name for name in dir(EngineManager)
-                if getattr(getattr(EngineManager, name), "signed", None) is False} - host_signed
+                if getattr(getattr(EngineManager, name), "signed", None) is False} \
+        - host_signed - witness_signed
     assert unsigned == {"list_hosts", "show_host", "list_policies", "attest", "verdicts",
                         "trusted_hosts",  # the scheduler's paged read, as verdicts
                         "list_audit", "get_vtpcm", "get_migration", "host_command_key",

@@ -55,6 +55,22 @@ for step in "$@"; do
 done
 """
 
+# nova-api's paste config as DevStack installs Nova 34's (the parts that matter)
+NOVA_PASTE = """[composite:openstack_compute_api_v21]
+use = call:nova.api.auth:pipeline_factory_v21
+keystone = cors http_proxy_to_wsgi compute_req_id faultwrap request_log sizelimit osprofiler \
+authtoken keystonecontext osapi_compute_app_v21
+
+[composite:openstack_compute_api_v21_legacy_v2_compatible]
+use = call:nova.api.auth:pipeline_factory_v21
+keystone = cors compute_req_id authtoken keystonecontext legacy_v2_compatible osapi_compute_app_v21
+
+[pipeline:oscomputeversions]
+pipeline = cors faultwrap request_log http_proxy_to_wsgi oscomputeversionapp
+
+[filter:keystonecontext]
+paste.filter_factory = nova.api.auth:NovaKeystoneContext.factory
+""".replace("\\\n", "")
 FAKE_PYTHON = r"""#!/bin/bash
 # Fake interpreter of DevStack's venv: records its call, answers the
 # plugin's few questions.
@@ -122,6 +138,7 @@ def devstack(tmp_path: Path):
     for path, text in executables.items():
         path.write_text(text)
         path.chmod(0o755)
+    (tmp_path / "etc" / "nova" / "api-paste.ini").write_text(NOVA_PASTE)
     aa = tmp_path / "apparmor.d"
     (aa / "abstractions" / "libvirt-qemu").write_text(
         "  /dev/kvm rw,\n  #include <local/abstractions/libvirt-qemu>\n")
@@ -254,6 +271,36 @@ def test_controller_gives_the_engine_nova_service_credentials(devstack):
     assert section == {"auth_type": "password", "auth_url": run.env["KEYSTONE_SERVICE_URI"],
                        "username": "nova", "password": run.env["SERVICE_PASSWORD"],
                        "project_name": "service", "region_name": "RegionOne"}
+
+
+def test_controller_puts_the_witness_filter_into_nova_apis_pipelines(devstack):
+    run = devstack(CONTROLLER, *STACK)
+    assert run.returncode == 0, run
+    paste = (Path(run.env["NOVA_CONF"]).parent / "api-paste.ini").read_text()
+    assert "authtoken keystonecontext vtpcm_witness osapi_compute_app_v21\n" in paste
+    assert "keystonecontext vtpcm_witness legacy_v2_compatible" in paste
+    assert "[filter:keystonecontext]\n" in paste  # the section header untouched
+    assert paste.count("[filter:vtpcm_witness]\npaste.filter_factory = "
+                       "vtpcm_nova.api.witness:filter_factory\n") == 1
+    key = run.env["VTPCM_ENGINE_STATE_DIR"] + "/nova-api-witness.key"
+    assert run.value("NOVA_CONF", "vtpcm", "api_witness_key_file") == key
+    assert ["keys", "create", key] in run.named("vtpcm-manage")
+    assert run.value("VTPCM_ENGINE_CONF", "nova", "require_api_witness") == "True"
+    assert run.value("VTPCM_ENGINE_CONF", "nova", "api_witness_public_keys") == key + ".pub"
+    # stacked again: the filter once
+    again = devstack(CONTROLLER, *STACK)
+    assert again.returncode == 0, again
+    twice = (Path(run.env["NOVA_CONF"]).parent / "api-paste.ini").read_text()
+    assert twice.count("vtpcm_witness") == paste.count("vtpcm_witness")
+
+
+def test_witness_off_leaves_nova_api_alone_and_says_so_to_the_engine(devstack):
+    run = devstack(CONTROLLER, *STACK, VTPCM_API_WITNESS="False")
+    assert run.returncode == 0, run
+    paste = (Path(run.env["NOVA_CONF"]).parent / "api-paste.ini").read_text()
+    assert "vtpcm_witness" not in paste
+    assert run.value("NOVA_CONF", "vtpcm", "api_witness_key_file") is None
+    assert run.value("VTPCM_ENGINE_CONF", "nova", "require_api_witness") == "False"
 
 
 def test_controller_creates_the_flavor(devstack):

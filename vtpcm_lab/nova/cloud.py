@@ -216,6 +216,12 @@ class NovaLab:
     def _key_path(self, host: LabHost) -> Path:
         return self.nova_dir / ("keys-" + host.name) / "host-command.key"
 
+    @property
+    def _witness_key(self) -> Path:
+        """nova-api's witness key: root's (nova-api runs as root), made
+        anew with the lab's state; the engine pins its public key."""
+        return self.nova_dir / "keys-nova-api" / "witness.key"
+
     def _up_lab(self) -> None:
         shutil.rmtree(self.nova_dir, ignore_errors=True)
         shutil.rmtree(self.base / "instances", ignore_errors=True)
@@ -228,6 +234,7 @@ class NovaLab:
             key_dir.mkdir(mode=0o700)
             os.chown(key_dir, host.uid, 0)
         self.lab.up()
+        authn.load_or_create_signing_key(self._witness_key)
         # the engine's [nova] client needs nova-api's port before nova-api runs
         self._nova_port = free_port()
         self.stack = Stack(
@@ -238,7 +245,8 @@ class NovaLab:
             # verdicts stay fresh for the scheduler however long the test run
             engine_extra={"attestation": {"interval": 60, "jitter": 5},
                           "nova": configs.engine_nova_options(
-                              "http://127.0.0.1:%d" % self._nova_port)})
+                              "http://127.0.0.1:%d" % self._nova_port,
+                              authn.public_key_path(self._witness_key))})
         self.stack.up()
         # the scheduler's filter reads verdicts, it never asks for one
         for stack_host in self.stack.hosts.values():
@@ -268,6 +276,7 @@ class NovaLab:
             vtpcm_topics=daemons.topics(EXCHANGE), socket_dirs=[h.tpm_dir for h in
                                                                  self.lab.hosts],
             engine_public_key=nova / "etc" / "engine-public.pem",
+            witness_key=self._witness_key,
             instances_path=self.base / "instances", ports=ports, computes=computes)
         self.layout = layout
         for path in (layout.etc, layout.logs, layout.glance_dir, layout.placement_dir,
@@ -291,8 +300,8 @@ class NovaLab:
         stock = self.venv / "etc"
         write(layout.glance_dir / "glance-api-paste.ini", configs.paste_with_identity_standin(
             (stock / "glance" / "glance-api-paste.ini").read_text()))
-        write(layout.nova_paste, configs.paste_with_identity_standin(
-            (stock / "nova" / "api-paste.ini").read_text()))
+        write(layout.nova_paste, configs.paste_with_witness(configs.paste_with_identity_standin(
+            (stock / "nova" / "api-paste.ini").read_text())))
         write(layout.nova_conf, configs.render_ini(configs.nova_conf(layout)))
         for host, compute in zip(self.lab.hosts, computes, strict=True):
             write(compute.config_file, configs.render_ini(configs.compute_conf(layout, compute)),

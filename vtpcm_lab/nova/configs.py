@@ -50,6 +50,7 @@ class Layout:
     vtpcm_topics: Mapping[str, str]
     socket_dirs: Sequence[Path]
     engine_public_key: Path  # a copy of the engine's command public key, world-readable
+    witness_key: Path      # nova-api's witness key (root's, nova-api runs as root)
     instances_path: Path   # the one path every host sees (a bind mount per host)
     ports: Mapping[str, int]
     computes: Sequence[ComputeHost]
@@ -131,14 +132,44 @@ def glance_conf(layout: Layout) -> Sections:
     }
 
 
-def engine_nova_options(nova_url: str) -> dict[str, str | int]:
+def engine_nova_options(nova_url: str, witness_public_key: Path | None = None
+                        ) -> dict[str, str | int]:
     """The engine's ``[nova]``: it asks Nova's API before an unshelve moves a
     shelved vTPCM and before it reaps one. The lab has no keystone, so an
     admin_token client with the lab's token; the identity stand-in gives it
     the admin identity (a real cloud uses a service user, ``auth_type =
-    password``)."""
-    return {"auth_type": "admin_token", "endpoint": nova_url + "/v2.1",
-            "token": identity.LAB_TOKEN, "timeout": 10}
+    password``). ``witness_public_key``: nova-api's witness key, which the
+    engine then requires for unshelves elsewhere and reaps."""
+    options: dict[str, str | int] = {
+        "auth_type": "admin_token", "endpoint": nova_url + "/v2.1",
+        "token": identity.LAB_TOKEN, "timeout": 10}
+    if witness_public_key is not None:
+        options.update(require_api_witness="true",
+                       api_witness_public_keys=str(witness_public_key))
+    return options
+
+
+WITNESS_FILTER = "vtpcm_witness"
+
+
+def paste_with_witness(ini: str) -> str:
+    """nova-api's paste config with the vtpcm_witness filter right after
+    ``keystonecontext`` in every pipeline that has it (the user's request,
+    authenticated, is what it witnesses), and its filter section. What the
+    operator guide tells a real cloud to do; the devstack plugin does the
+    same with sed."""
+    out: list[str] = []
+    for line in ini.splitlines():
+        key, sep, value = line.partition("=")
+        words = value.split()
+        if sep and "keystonecontext" in words and WITNESS_FILTER not in words:
+            at = words.index("keystonecontext") + 1
+            line = "%s= %s" % (key, " ".join(words[:at] + [WITNESS_FILTER] + words[at:]))
+        out.append(line)
+    if "[filter:%s]" % WITNESS_FILTER not in ini:
+        out += ["", "[filter:%s]" % WITNESS_FILTER,
+                "paste.filter_factory = vtpcm_nova.api.witness:filter_factory"]
+    return "\n".join(out) + "\n"
 
 
 def paste_with_identity_standin(stock_ini: str) -> str:
@@ -199,7 +230,9 @@ def nova_conf(layout: Layout) -> Sections:
                   "socket_dirs": ",".join(str(d) for d in layout.socket_dirs),
                   # the driver trusts another host's reply key only from an
                   # engine answer signed with this key
-                  "engine_public_key": str(layout.engine_public_key)},
+                  "engine_public_key": str(layout.engine_public_key),
+                  # nova-api's vtpcm_witness filter signs with it
+                  "api_witness_key_file": str(layout.witness_key)},
         "vtpcm_rpc": dict(layout.vtpcm_topics),
     }
 

@@ -9,6 +9,7 @@ from typing import Any
 from oslo_config import cfg
 
 from vtpcm_common import config
+from vtpcm_nova.conf import api
 
 vtpcm_group = cfg.OptGroup(
     "vtpcm", title="vTPCM for Nova",
@@ -73,4 +74,6 @@ def register_opts(conf: cfg.ConfigOpts) -> None:
 
 
 def list_opts() -> list[tuple[cfg.OptGroup, list[Any]]]:
-    return [(vtpcm_group, VTPCM_OPTS)]
+    """All of nova.conf's ``[vtpcm]``: the compute and scheduler options and
+    nova-api's witness filter options (``api``)."""
+    return [(vtpcm_group, VTPCM_OPTS + api.API_OPTS)]

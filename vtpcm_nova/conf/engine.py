@@ -98,14 +98,17 @@ ATTESTATION_OPTS = [
                      "working (the engine logs a warning per host); turn it on once every "
                      "host binds its KEM key."),
     cfg.BoolOpt("require_certified_parents", default=False,
-                help="Refuse to enroll a host whose agent sends no TPM2_CertifyCreation "
-                     "of its storage parents by the AK (agent API older than 1.10). "
-                     "A certification that is sent is always checked, and a host whose "
+                help="Refuse to enroll a host without the AK's TPM2_CertifyCreation of "
+                     "its storage parents when this engine asked below agent API 1.10 "
+                     "([upgrade_levels] vtpcm_agent caps it: it then asks without them). "
+                     "An uncapped engine asks as 1.10 and refuses an answer without the "
+                     "certifications whatever this says (the reply is unsigned); a "
+                     "certification that is sent is always checked, and a host whose "
                      "pinned parents are not this TPM's primaries (an interposer on its "
-                     "TPM interface when the agent first pinned them) is refused "
-                     "whatever this says. Off by default so that hosts with older "
-                     "agents still enroll during an upgrade (with a warning); turn it "
-                     "on once every agent is upgraded."),
+                     "TPM interface when the agent first pinned them) is refused. Off by "
+                     "default so that a capped engine still enrolls hosts during an "
+                     "upgrade (with a warning); turn it on, or lift the cap, once every "
+                     "agent is upgraded."),
     cfg.StrOpt("default_policy",
                help="Golden PCR policy assigned to newly enrolled hosts (by name)."),
     cfg.IntOpt("verdict_ttl", default=300, min=5,

@@ -47,6 +47,29 @@ NOVA_OPTS = [
     cfg.IntOpt("reap_budget", default=60, min=1,
                help="Seconds after which a reaper pass stops asking Nova (it also "
                     "stops at the first timeout or error)."),
+    cfg.BoolOpt("require_api_witness", default=True,
+                help="Whether moving a shelved vTPCM to another host at unshelve, and "
+                     "the reaper's shred of a vTPCM whose instance Nova shows deleted, "
+                     "need nova-api's signed witness of the user's request (the "
+                     "vtpcm_witness paste filter on every nova-api, see the operator "
+                     "guide). Nova's database is no such witness: a compromised compute "
+                     "host can write an instance's host, task_state and deletion "
+                     "through nova-conductor. Without a witness an unshelve elsewhere "
+                     "is refused (UnshelveNotAuthorized, naming this option) and the "
+                     "reaper only reports. False: Nova's view alone, as before 1.12 "
+                     "(and only SHELVED vTPCMs are reaped)."),
+    cfg.ListOpt("api_witness_public_keys", default=[],
+                help="PEM files of the nova-api witness public keys (each API node's "
+                     "<[vtpcm] api_witness_key_file>.pub, or one shared key). A "
+                     "witness signed by any of them counts; remove a file to retire a "
+                     "key. Empty with require_api_witness: every unshelve elsewhere is "
+                     "refused and the reaper only reports."),
+    cfg.IntOpt("witness_max_age", default=600, min=30, max=3600,
+               help="Seconds an unshelve witness stays usable after nova-api accepted "
+                    "the request: Nova's conductor, scheduler and the target's "
+                    "nova-compute must reach the driver's spawn within it. A delete "
+                    "witness stays usable until it is purged (one day): the reaper "
+                    "needs deleted_confirmations passes first."),
 ]
 
 

@@ -52,6 +52,14 @@ PURPOSE_POLICY = "policy"
 _MAX_REASON = 500
 
 
+# Key the engine's agent client adds to an identity (never from the wire):
+# True when get_identity was asked with the parents' certifications (agent
+# API 1.10, engine not capped below), so that an answer without them is
+# refused whatever [attestation] require_certified_parents says: the reply
+# is unsigned and a broker client could strip them (akparents review, 2).
+PARENTS_ASKED = "parents_asked"
+
+
 class AgentClient(Protocol):
     """What the engine needs from a host's agent (an RPC client in production)."""
 
@@ -82,9 +90,11 @@ class Attestor:
         checks the EK certificate and activates a credential (``ekcert``).
         ``require_kem_pcr_binding``: a host whose KEM key is not PCR-bound
         is UNTRUSTED (else it is accepted, with a warning: ``kembinding``).
-        ``require_certified_parents``: refuse to enroll a host whose agent
-        sends no certification of its storage parents (agent API < 1.10;
-        else enrolled with a warning: ``parentcert``)."""
+        ``require_certified_parents``: refuse to enroll a host whose
+        identity, asked below agent API 1.10 (an engine capped by
+        ``[upgrade_levels] vtpcm_agent``), has no certification of its
+        storage parents (else enrolled with a warning: ``parentcert``); an
+        identity asked as 1.10 without them is refused whatever this says."""
         if verdict_ttl <= 0 or nonce_ttl <= 0:
             raise exception.InvalidInput(reason="verdict_ttl and nonce_ttl must be positive")
         if reboot_policy not in ("reapprove", "accept"):
@@ -155,6 +165,7 @@ class Attestor:
                                                      "no host name: upgrade the agent)")
         parents, parents_detail = self._check_parents(
             host, identity, ak, authn.host_key_binding(nonce, command_public, host))
+        parents_detail += self._parents_change(host, parents)
         kem_name = verifier.tpm_name(kem_public)
         for claimed, actual, what in ((identity.get("ak_name"), ak.name, "AK"),
                                       (identity.get("kem_name"), kem_name, "KEM key")):
@@ -190,18 +201,25 @@ class Attestor:
         parent's, the KEM key's) or None, and the audit detail."""
         certs = identity.get("parent_certs")
         if not certs:
+            if identity.get(PARENTS_ASKED) is True:
+                raise exception.CertificationError(host=host, reason=(
+                    "storage parents not certified by the AK: the identity was asked as "
+                    "agent API 1.10, with the certifications, and came back without them "
+                    "(the reply is not signed by the host: something between engine and "
+                    "agent removed them, or the agent is faulty); refused whatever "
+                    "[attestation] require_certified_parents says"))
             if self.require_certified_parents:
                 raise exception.CertificationError(host=host, reason=(
-                    "storage parents not certified by the AK: the agent sent no "
-                    "certification (agent API older than 1.10, or capped below it by "
-                    "[upgrade_levels] vtpcm_agent) and [attestation] "
-                    "require_certified_parents is on: upgrade the agent"))
+                    "storage parents not certified by the AK: the identity was asked "
+                    "below agent API 1.10 ([upgrade_levels] vtpcm_agent caps this engine) "
+                    "and [attestation] require_certified_parents is on: lift the cap once "
+                    "every agent is upgraded"))
             LOG.warning("Host %(host)s enrolled without a certification of its storage "
-                        "parents (agent API older than 1.10): an interposer on its TPM "
-                        "interface at the agent's first start would not be seen; set "
-                        "[attestation] require_certified_parents once every agent is "
-                        "upgraded", {"host": host})
-            return None, "storage parents not certified (agent API < 1.10)"
+                        "parents (identity asked below agent API 1.10: [upgrade_levels] "
+                        "vtpcm_agent caps this engine): an interposer on its TPM interface "
+                        "at the agent's first start would not be seen; lift the cap once "
+                        "every agent is upgraded", {"host": host})
+            return None, "storage parents not certified (asked below agent API 1.10)"
         if not isinstance(certs, list | tuple):
             raise exception.CertificationError(
                 host=host, reason="identity field parent_certs is not a list")
@@ -210,6 +228,32 @@ class Attestor:
         return (certified["endorsement"], certified["owner"]), (
             "storage parents certified: " + ", ".join(
                 f"{h} {certified[h].hex()[:16]}..." for h in parentcert.HIERARCHIES))
+
+    def _parents_change(self, host: str, parents: tuple[bytes, bytes] | None) -> str:
+        """The audit note when a re-enrollment's certified parents differ
+        from those certified at the host's last enrollment (empty if not):
+        a storage primary's name changes only with its hierarchy's seed
+        (TPM cleared or replaced), so the operator sees it in the audit."""
+        try:
+            previous = self.db.get_host(host)
+        except exception.NotFound:
+            return ""
+        if (parents is None or previous.ak_parent_name is None
+                or previous.kem_parent_name is None):
+            return ""
+        before = (previous.ak_parent_name, previous.kem_parent_name)
+        if before == parents:
+            return ""
+        changed = ", ".join(
+            f"{which} {old.hex()[:16]}... -> {new.hex()[:16]}..."
+            for which, old, new in zip(parentcert.HIERARCHIES, before, parents, strict=True)
+            if old != new)
+        LOG.warning("Host %(host)s re-enrolled with other certified storage parents than at "
+                    "its last enrollment (%(changed)s): that hierarchy's seed changed (TPM "
+                    "cleared or replaced); check that this was intended",
+                    {"host": host, "changed": changed})
+        return (f"; certified storage parents changed since the last enrollment ({changed}): "
+                "hierarchy seed changed (TPM cleared or replaced)")
 
     def _prove_ak_in_certified_tpm(self, host: str, fields: Mapping[str, Any],
                                    ak: verifier.AttestationKey) -> str:

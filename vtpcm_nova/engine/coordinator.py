@@ -28,9 +28,7 @@ outcome is unknown, so it is retried (reconcile) and never taken as done.
 import collections
 import dataclasses
 import datetime
-import queue
 import threading
-import time
 import uuid
 from collections.abc import Callable
 from typing import Any, Protocol, cast
@@ -40,17 +38,30 @@ from oslo_log import log as logging
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import protocol as p
-from vtpcm_nova.engine import shelved
+
+# re-exported (``x as x``): callers and tests name them on the coordinator
+from vtpcm_nova.engine.background import BackgroundJobs as BackgroundJobs
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
+from vtpcm_nova.engine.leases import begin_abandoned as begin_abandoned
+from vtpcm_nova.engine.leases import worker_id as worker_id
 from vtpcm_nova.engine.protocol import MigrationState as M
+from vtpcm_nova.engine.shelving import (
+    NO_WITNESS,
+    REAPED,
+    NovaLookup,
+    ShelvingMixin,
+    WitnessPolicy,
+)
+from vtpcm_nova.engine.shelving import NOT_ADMIN as NOT_ADMIN
+from vtpcm_nova.engine.shelving import NOVA_NOT_CONFIGURED as NOVA_NOT_CONFIGURED
+from vtpcm_nova.engine.shelving import ORPHAN as ORPHAN
+from vtpcm_nova.engine.shelving import ORPHAN_WATCHED as ORPHAN_WATCHED
+from vtpcm_nova.engine.shelving import REAPABLE as REAPABLE
+from vtpcm_nova.engine.states import CREATING, DESTROYING, RESERVED_PREFIX, SHELVED
 
 LOG = logging.getLogger(__name__)
 
-CREATING = "CREATING"
-DESTROYING = "DESTROYING"
-SHELVED = "SHELVED"
-RESERVED_PREFIX = "creating-"
 # How long a signed agent command may still run after the engine sent it:
 # its validity plus the agents' clock allowance (authn.CommandVerifier).
 COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
@@ -65,50 +76,6 @@ BEGIN_STEP_SLACK = 30.0
 # engine had no record of (its caller's begin timed out before the record
 # was written); a begin of that id arriving later is refused.
 TOMBSTONE_REASON = "aborted before its begin was recorded"
-
-
-def worker_id(engine_host: str) -> str:
-    """This engine run's name in ``begun_by`` and its lease: its
-    ``[engine] host`` (for the operator) and a fresh id per start (what
-    tells runs apart, also two live runs sharing one host name)."""
-    return "%s/%s" % (engine_host, uuid.uuid4().hex[:12])
-
-
-def begin_abandoned(rec: db_api.MigrationRecord, worker: str | None,
-                    live_workers: Callable[[], frozenset[str]],
-                    running_here: Callable[[str], bool],
-                    now: datetime.datetime, step_bound: float) -> str | None:
-    """Why the ``begin`` of ``rec`` (SEALING, PREPARING) will never return
-    to its caller, or None while it may still.
-
-    * Recorded by this engine run: abandoned iff this run no longer runs
-      it (``running_here``; its thread ended without moving the state).
-    * Recorded by another run: abandoned iff that run holds no live lease
-      (``live_workers``, judged by the database's clock): it stopped, or
-      was killed and its lease lapsed. Never because another live run
-      shares its ``[engine] host``, and never for a slow step of a live
-      run.
-    * No run recorded (a row from before 0004, or an engine built without
-      a worker id): idle in one step longer than ``step_bound``.
-
-    Aborting a begin that was alive after all is safe: its worker's next
-    compare-and-set fails, its caller gets an error and aborts, and both
-    agents refuse a late command of an aborted migration."""
-    if rec.begun_by is not None and rec.begun_by == worker:
-        if running_here(rec.migration_id):
-            return None
-        return ("its begin never returned: this engine run (%s) recorded it and no "
-                "longer runs it" % rec.begun_by)
-    if rec.begun_by is not None:
-        if rec.begun_by in live_workers():
-            return None
-        return ("its begin never returned: the engine run that ran it (%s) holds no live "
-                "lease (stopped, or killed and its lease lapsed)" % rec.begun_by)
-    idle = (now - rec.updated_at).total_seconds()
-    if idle > step_bound:
-        return ("its begin never returned: no step for %d s (one step takes at most "
-                "%d s)" % (idle, step_bound))
-    return None
 
 
 class AgentClient(Protocol):
@@ -139,93 +106,8 @@ class TrustChecker(Protocol):
     def check_fresh(self, host: str) -> db_api.VerdictRecord: ...
 
 
-class NovaLookup(Protocol):
-    def get_server(self, instance_uuid: str) -> shelved.ServerView | None: ...
-    def deletion(self, instance_uuid: str) -> shelved.Deletion: ...
-    def is_admin(self) -> bool: ...
-
-
-# Records the reaper may destroy once Nova's admin listing shows the
-# instance deleted: only SHELVED ones, with no guest that could be running.
-# A compromised compute host can make Nova show ANY instance deleted
-# (Instance.destroy through nova-conductor has no per-host check), so
-# Nova's word never shreds a live vTPCM: ACTIVE and STOPPED records of an
-# instance Nova shows deleted are reported as orphans (WARNING and a
-# ``vtpcm.orphan`` audit entry) for an operator to destroy.
-REAPABLE = frozenset({SHELVED})
-ORPHAN_WATCHED = frozenset({"ACTIVE", "STOPPED"})
-ORPHAN = "vtpcm.orphan"
-NOT_ADMIN = ("the [nova] credential does not get Nova's admin view (all_tenants listing "
-             "refused, or no OS-EXT-SRV-ATTR:host): the engine reaps no vTPCM until it "
-             "has the admin role")
-REAPED = "vtpcm.reap"
-
-NOVA_NOT_CONFIGURED = ("the engine cannot ask Nova whether it is unshelving the instance "
-                       "there ([nova] auth_type is not set)")
-
-
 # Shreds queued after their commits' answers; more are left to reconcile
 AFTER_COMMIT_QUEUE = 256
-
-
-class BackgroundJobs:
-    """A few daemon threads running jobs from a bounded queue: a job that
-    finds the queue full, or the jobs stopped, is not run (``submit``
-    returns False) and its caller leaves the work to reconcile. Daemon
-    threads: a job never holds the interpreter's exit (each is bounded by
-    its RPC timeouts anyway)."""
-
-    def __init__(self, workers: int, limit: int) -> None:
-        self._workers = workers
-        self._queue: queue.Queue[tuple[Callable[..., object], tuple[Any, ...]] | None] = \
-            queue.Queue(maxsize=limit)
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
-        self._stopped = False
-
-    def submit(self, fn: Callable[..., object], *args: Any) -> bool:
-        with self._lock:
-            if self._stopped:
-                return False
-            try:
-                self._queue.put_nowait((fn, args))
-            except queue.Full:
-                return False
-            if not self._threads:  # started at the first job
-                self._threads = [threading.Thread(target=self._work, daemon=True,
-                                                  name="vtpcm-shred-%d" % i)
-                                 for i in range(self._workers)]
-                for thread in self._threads:
-                    thread.start()
-            return True
-
-    def _work(self) -> None:
-        while True:
-            job = self._queue.get()
-            if job is None:
-                return
-            fn, args = job
-            try:
-                fn(*args)
-            except Exception:  # noqa: BLE001 - its own logging missed it
-                LOG.exception("A background job failed")
-
-    def stop(self, timeout: float) -> None:
-        """Drop the queued jobs (reconcile does their work), let the running
-        ones end, waiting at most ``timeout`` seconds in all."""
-        with self._lock:
-            self._stopped = True
-            threads = list(self._threads)
-            while True:
-                try:
-                    self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            for _ in threads:
-                self._queue.put_nowait(None)  # emptied above, none added since
-        deadline = time.monotonic() + timeout
-        for thread in threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 # How long a begin waits for the shred of the vTPCM's old copy on its
@@ -233,7 +115,7 @@ class BackgroundJobs:
 PRE_SHRED_WAIT = 5.0
 
 
-class Coordinator:
+class Coordinator(ShelvingMixin):
     def __init__(self, db: db_api.Database, agents: AgentClient, trust: TrustChecker, *,
                  timeout: float = 900.0,
                  now: Callable[[], datetime.datetime] = db_api.utcnow,
@@ -242,7 +124,8 @@ class Coordinator:
                  worker: str | None = None, begin_step_bound: float = 90.0,
                  reconcile_interval: float = 0.0,
                  reap_interval: float | None = None, reap_max_checks: int = 50,
-                 reap_budget: float = 60.0) -> None:
+                 reap_budget: float = 60.0,
+                 witness: WitnessPolicy = NO_WITNESS) -> None:
         """``worker``: this engine run (``worker_id``), recorded by each
         ``begin`` and holding a lease (``service``); ``begin_step_bound``:
         the longest one begin step can take (the agent RPC timeout +
@@ -258,20 +141,10 @@ class Coordinator:
         # one id may run beside the first one) (``begin_abandoned``)
         self._begins_here: collections.Counter[str] = collections.Counter()
         self._begins_lock = threading.Lock()
-        # Nova's word on shelved instances: None refuses every unshelve
-        # elsewhere and reaps nothing (fail closed)
-        self.nova = nova
-        self.deletions = shelved.DeletionConfirmations(
-            deleted_confirmations,
-            datetime.timedelta(seconds=(deleted_confirmations - 1) * (
-                reconcile_interval if reap_interval is None else reap_interval)))
-        self._reaping = threading.Lock()  # one reaper pass at a time
-        # the work of one pass: Nova requests, and seconds before it stops
-        self.reap_max_checks = reap_max_checks
-        self.reap_budget = datetime.timedelta(seconds=reap_budget)
-        self._reap_after = ""  # the pass resumes after the last instance asked
-        self._reported_orphans: set[shelved.Observed] = set()
-        self._warned_not_admin = False
+        self._init_shelving(
+            nova, deleted_confirmations,
+            reconcile_interval if reap_interval is None else reap_interval,
+            reap_max_checks, reap_budget, witness)
         # the sources' shreds a commit left to run after its answer
         # (``commit(shred_later=True)``); reconcile finishes any it loses
         self._after_commit = BackgroundJobs(workers=2, limit=AFTER_COMMIT_QUEUE)
@@ -389,23 +262,6 @@ class Coordinator:
         self.db.delete_vtpcm(instance_uuid, rec.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=instance_uuid)
 
-    def destroy_shelved_vtpcm(self, instance_uuid: str) -> None:
-        """Operator-signed clean-up of a SHELVED vTPCM (its instance was
-        deleted while shelved offloaded) or of an ACTIVE/STOPPED one the
-        reaper reported orphaned (``vtpcm.orphan``: Nova showed the instance
-        deleted); any other record is refused, so a vTPCM nobody flagged is
-        never destroyed this way."""
-        rec = self.db.get_vtpcm(instance_uuid)
-        orphan = (rec.state in ORPHAN_WATCHED
-                  and self.db.has_audit(instance_uuid, ORPHAN, "reported"))
-        if (rec.state != SHELVED and not orphan) or rec.migration_id is not None:
-            reason = ("the vTPCM is %s on %s, not shelved nor reported orphaned"
-                      % (rec.state, rec.host))
-            self.db.audit("vtpcm.destroy", "refused", host=rec.host,
-                          instance=instance_uuid, detail="operator: " + reason)
-            raise exception.CommandRefused(method="destroy_shelved_vtpcm", reason=reason)
-        self.destroy_vtpcm(instance_uuid)
-
     def replace_vtpcm(self, instance_uuid: str, host: str,
                       requested_by: str | None = None) -> db_api.VtpcmRecord:
         """Evacuation with state loss, which the operator allowed on the
@@ -496,301 +352,6 @@ class Coordinator:
         return ("the holder %s is %s: evacuating a vTPCM instance with a fresh vTPCM "
                 "needs the failed host revoked first (vtpcm-manage hosts revoke)"
                 % (holder, status.value))
-
-    def reap_abandoned(self) -> int:
-        """Destroy the vTPCMs evacuations abandoned, on their old hosts
-        (engine-signed), once those agents answer: a partitioned, not dead,
-        host would otherwise keep a second live copy. Only the abandoned
-        instance's vTPCM is destroyed, and not while the engine's record
-        places the instance on that host again. Returns how many were
-        settled; the others are retried on the next pass."""
-        done = 0
-        for old in self.db.list_abandoned():
-            try:
-                current: str | None = self.db.get_vtpcm(old.instance_uuid).host
-            except exception.NotFound:
-                current = None
-            try:
-                if current == old.host:
-                    # the instance's vTPCM lives there again: that one stays
-                    LOG.warning("Abandoned vTPCM %(v)s of instance %(i)s: %(h)s holds the "
-                                "instance's vTPCM again; not destroying it",
-                                {"v": old.vtpcm_id, "i": old.instance_uuid, "h": old.host})
-                else:
-                    self.agents.destroy(old.host, old.instance_uuid)
-            except exception.NotFound:
-                pass  # the agent has nothing (left) for this instance
-            except exception.VTPCMException as err:
-                LOG.info("Abandoned vTPCM %(v)s of instance %(i)s on %(h)s not destroyed "
-                         "yet: %(err)s", {"v": old.vtpcm_id, "i": old.instance_uuid,
-                                           "h": old.host, "err": err})
-                continue
-            self.db.forget_abandoned(old)
-            self.db.audit("vtpcm.destroy", "destroyed", host=old.host,
-                          instance=old.instance_uuid,
-                          detail="vTPCM %s (generation %d) abandoned by an evacuation"
-                                 % (old.vtpcm_id, old.generation))
-            done += 1
-        return done
-
-    def shelve_vtpcm(self, instance_uuid: str,
-                     requested_by: str | None = None) -> db_api.VtpcmRecord:
-        """Shelve offload: the holder's consent, given while it still holds
-        the vTPCM, that a later unshelve may move it to another TRUSTED
-        host without the holder's nova-compute. The swtpm stops (the guest
-        is off); the state stays on the holder's disk, encrypted under keys
-        only its TPM unwraps. Idempotent."""
-        try:
-            rec = self._powered_record("shelve_vtpcm", instance_uuid, requested_by)
-            if rec.state == SHELVED:
-                return rec
-            self.agents.stop(rec.host, instance_uuid)
-            if not self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
-                                           expected_state=rec.state,
-                                           expected_migration_id=None):
-                raise exception.VTPCMBusy(instance_uuid=instance_uuid,
-                                          reason="its record changed meanwhile; retry")
-        except exception.VTPCMException as err:
-            self.db.audit("vtpcm.shelve", "refused", host=requested_by,
-                          instance=instance_uuid, detail=str(err)[:1000])
-            raise
-        self.db.audit("vtpcm.shelve", "shelved", host=rec.host, instance=instance_uuid,
-                      detail="generation %d kept on %s" % (rec.generation, rec.host))
-        return self.db.get_vtpcm(instance_uuid)
-
-    def unshelve_vtpcm(self, instance_uuid: str, host: str,
-                       requested_by: str | None = None) -> db_api.VtpcmRecord:
-        """Unshelve onto ``host`` (signed by it): on the holder the vTPCM is
-        simply live again; elsewhere it moves as in a cold migration (fresh
-        TRUSTED verdict for ``host``, key sealed to its TPM, encrypted blobs,
-        generation + 1, the holder's copy shredded), driven by the engine
-        under an id of its own. Only a SHELVED vTPCM moves, so it is
-        restored once: a second unshelve elsewhere is refused. A refused or
-        failed move leaves it SHELVED on the holder.
-
-        A move needs Nova's word, not only the host's signature: Nova's API
-        must show the instance shelved_offloaded, unshelving, onto ``host``
-        (``shelved.unshelve_refusal``); otherwise, or if Nova cannot be
-        asked, ``UnshelveNotAuthorized`` and nothing moves."""
-        rec = self.db.get_vtpcm(instance_uuid)
-        refusal = ""
-        if requested_by not in (None, host):
-            refusal = "signed by %s, not by %s" % (requested_by, host)
-        elif rec.host == host:
-            if rec.state == SHELVED and not self.db.set_vtpcm_state(
-                    instance_uuid, rec.generation, "ACTIVE", expected_state=SHELVED,
-                    expected_migration_id=None):
-                self.db.audit("vtpcm.unshelve", "refused", host=host,
-                              instance=instance_uuid, detail="its record changed meanwhile")
-                raise exception.VTPCMBusy(instance_uuid=instance_uuid,
-                                          reason="its record changed meanwhile; retry")
-            self.db.audit("vtpcm.unshelve", "unshelved", host=host, instance=instance_uuid,
-                          detail="on its holder, generation %d" % rec.generation)
-            return self.db.get_vtpcm(instance_uuid)
-        elif rec.state != SHELVED or rec.migration_id is not None:
-            refusal = ("the vTPCM is %s on %s, not shelved: only a shelved vTPCM moves at "
-                       "unshelve, once" % (rec.state, rec.host))
-        if refusal:
-            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
-                          detail=refusal[:1000])
-            raise exception.CommandRefused(method="unshelve_vtpcm", reason=refusal)
-        refusal = self._nova_unshelving(instance_uuid, host)
-        if refusal:
-            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
-                          detail=("not authorized by Nova: %s" % refusal)[:1000])
-            LOG.warning("Unshelve of the vTPCM of instance %(i)s onto %(h)s refused: "
-                        "%(why)s", {"i": instance_uuid, "h": host, "why": refusal})
-            raise exception.UnshelveNotAuthorized(instance_uuid=instance_uuid, host=host,
-                                                  reason=refusal)
-        migration_id = str(uuid.uuid4())
-        try:
-            self.begin(migration_id, instance_uuid, rec.host, host, unshelve=True)
-            self.transfer(migration_id)
-            self.commit(migration_id)
-        except exception.VTPCMException as err:
-            if not self._past_commit_point(migration_id):
-                # begin and transfer abort themselves (reconcile finishes an
-                # abort left half-done); the abort restores SHELVED
-                self.db.audit("vtpcm.unshelve", "refused", host=host,
-                              instance=instance_uuid, migration_id=migration_id,
-                              detail=str(err)[:1000])
-                raise
-            # the commit point is passed: the vTPCM lives on ``host`` now and
-            # reconcile finishes the commit (the shred of the holder's copy)
-            LOG.warning("Unshelve of instance %(i)s: migration %(mig)s passed its commit "
-                        "point; a later step failed (%(err)s), reconcile finishes it",
-                        {"i": instance_uuid, "mig": migration_id, "err": err})
-        self.db.audit("vtpcm.unshelve", "moved", host=host, instance=instance_uuid,
-                      migration_id=migration_id,
-                      detail="from %s, generation %d" % (rec.host, rec.generation + 1))
-        return self.db.get_vtpcm(instance_uuid)
-
-    def _nova_unshelving(self, instance_uuid: str, host: str) -> str:
-        """Why Nova does not show the instance being unshelved onto
-        ``host`` ("" if it does); no answer from Nova is a refusal."""
-        if self.nova is None:
-            return NOVA_NOT_CONFIGURED
-        try:
-            view = self.nova.get_server(instance_uuid)
-        except exception.ServiceUnreachable as err:
-            return "Nova could not be asked (%s)" % err
-        return shelved.unshelve_refusal(view, host)
-
-    def reap_deleted_shelved(self) -> int:
-        """Destroy, on its holder, each vTPCM whose instance Nova deleted
-        without its driver: Nova deletes a shelved offloaded instance in the
-        API (``_local_delete``), and a driver's destroy can fail or come
-        after an unshelve Nova gave up, so no destroy ever comes.
-
-        Only on positive evidence: Nova's admin listing of deleted servers
-        shows the instance deleted in ``deleted_confirmations`` consecutive
-        passes spanning at least (that - 1) reconcile intervals, for the same
-        vTPCM and generation. A 404 is never evidence; any other answer, a
-        timeout or an error starts the count over. A credential without
-        Nova's admin view reaps nothing. One pass at a time per worker, in
-        its own periodic task (never inside ``reconcile``, which it would
-        hold up): at most ``reap_max_checks`` Nova requests and
-        ``reap_budget`` seconds, stopped at the first timeout; the next pass
-        resumes after the last instance asked. Only SHELVED records are
-        destroyed; ACTIVE and STOPPED ones are reported (``_report_orphan``).
-        Returns how many were destroyed."""
-        if self.nova is None:
-            return 0
-        if not self._reaping.acquire(blocking=False):
-            LOG.debug("A reaper pass is running already: this one is skipped")
-            return 0
-        try:
-            return self._reap_pass(self.nova)
-        finally:
-            self._reaping.release()
-
-    def _reap_pass(self, nova: NovaLookup) -> int:
-        records = sorted((r for r in self.db.list_vtpcms()
-                          if r.state in REAPABLE | ORPHAN_WATCHED
-                          and r.migration_id is None),
-                         key=lambda r: r.instance_uuid)
-        self.deletions.forget_others({r.instance_uuid for r in records})
-        self._reported_orphans &= {shelved.Observed(r.vtpcm_id, r.generation)
-                                   for r in records}
-        if not records or not self._nova_admin(nova):
-            return 0
-        started = self.now()
-        done = 0
-        for rec in _resume_after(records, self._reap_after)[:self.reap_max_checks]:
-            if self.now() - started > self.reap_budget:
-                LOG.info("Reaper pass out of time: the next pass resumes after "
-                         "instance %(i)s", {"i": self._reap_after})
-                break
-            self._reap_after = rec.instance_uuid
-            try:
-                deletion = nova.deletion(rec.instance_uuid)
-            except exception.ServiceUnreachable as err:
-                # a timeout is likely the next one's too: stop, resume later
-                LOG.info("vTPCM of instance %(i)s: Nova gave no answer (%(err)s); "
-                         "not counted as deleted, reaper pass stopped",
-                         {"i": rec.instance_uuid, "err": err})
-                self.deletions.forget(rec.instance_uuid)
-                break
-            if deletion is shelved.Deletion.NOT_ADMIN:
-                self.deletions.forget_others(set())
-                self._warn_not_admin()
-                return done
-            answer = shelved.presence(deletion)
-            seen = shelved.Observed(rec.vtpcm_id, rec.generation)
-            if not self.deletions.observe(rec.instance_uuid, seen, answer, self.now()):
-                if answer is shelved.Presence.GONE:
-                    LOG.info("Nova shows instance %(i)s deleted (%(n)d of %(need)d "
-                             "answers); its %(s)s vTPCM on %(h)s is kept for now",
-                             {"i": rec.instance_uuid, "h": rec.host, "s": rec.state,
-                              "n": self.deletions.count(rec.instance_uuid),
-                              "need": self.deletions.needed})
-                continue
-            if rec.state not in REAPABLE:
-                self._report_orphan(rec, seen)
-                continue
-            try:
-                self._destroy_deleted_shelved(rec)
-            except exception.VTPCMException as err:
-                LOG.warning("vTPCM of deleted instance %(i)s on %(h)s not destroyed "
-                            "yet: %(err)s", {"i": rec.instance_uuid, "h": rec.host,
-                                             "err": err})
-                continue
-            self.deletions.forget(rec.instance_uuid)
-            done += 1
-        if self._warned_not_admin:
-            LOG.warning("The [nova] credential gets Nova's admin view again: reaping resumed")
-            self._warned_not_admin = False
-        return done
-
-    def _report_orphan(self, rec: db_api.VtpcmRecord, seen: shelved.Observed) -> None:
-        """An ACTIVE or STOPPED vTPCM of an instance Nova shows deleted: never
-        destroyed by the engine (a compromised compute host can forge the
-        deletion through nova-conductor); WARNING and audit once per record,
-        for ``vtpcm-manage vtpcm destroy``."""
-        if seen in self._reported_orphans:
-            return
-        self._reported_orphans.add(seen)
-        detail = ("Nova's admin listing shows the instance deleted (%d consecutive "
-                  "answers); %s vTPCM %s generation %d kept: an operator decides "
-                  "(vtpcm-manage vtpcm destroy)"
-                  % (self.deletions.needed, rec.state, rec.vtpcm_id, rec.generation))
-        self.db.audit(ORPHAN, "reported", host=rec.host, instance=rec.instance_uuid,
-                      detail=detail)
-        LOG.warning("Orphaned vTPCM? Nova shows instance %(i)s deleted, but its vTPCM "
-                    "on %(h)s is %(s)s: not destroyed automatically; check the "
-                    "instance and run 'vtpcm-manage vtpcm destroy %(i)s' if it is gone",
-                    {"i": rec.instance_uuid, "h": rec.host, "s": rec.state})
-
-    def _nova_admin(self, nova: NovaLookup) -> bool:
-        """Whether the [nova] credential gets Nova's admin view (WARNING
-        once if not: reaping waits for a credential that can tell)."""
-        try:
-            admin = nova.is_admin()
-        except exception.ServiceUnreachable as err:
-            LOG.info("Nova gave no answer to the admin check (%(err)s): no vTPCM "
-                     "reaped in this pass", {"err": err})
-            self.deletions.forget_others(set())
-            return False
-        if not admin:
-            self.deletions.forget_others(set())
-            self._warn_not_admin()
-            return False
-        return True
-
-    def _warn_not_admin(self) -> None:
-        if not self._warned_not_admin:
-            LOG.warning("Reaping of vTPCMs of deleted instances disabled: %s", NOT_ADMIN)
-            self._warned_not_admin = True
-
-    def _destroy_deleted_shelved(self, seen: db_api.VtpcmRecord) -> None:
-        """Destroy the vTPCM of an instance Nova showed deleted, only if the
-        record is still the one Nova was asked about (same vTPCM, generation,
-        state, no migration)."""
-        rec = self.db.get_vtpcm(seen.instance_uuid)
-        if rec.vtpcm_id != seen.vtpcm_id or not self.db.set_vtpcm_state(
-                rec.instance_uuid, seen.generation, DESTROYING, expected_state=seen.state,
-                expected_migration_id=None):
-            raise exception.VTPCMBusy(instance_uuid=seen.instance_uuid,
-                                      reason="its record changed meanwhile")
-        try:
-            self.agents.destroy(rec.host, rec.instance_uuid)
-        except exception.NotFound:
-            pass  # an earlier pass destroyed it and lost the answer
-        except BaseException:
-            # back as it was for the next pass (which asks Nova again)
-            self.db.set_vtpcm_state(rec.instance_uuid, seen.generation, seen.state,
-                                    expected_state=DESTROYING, expected_migration_id=None)
-            raise
-        self.db.delete_vtpcm(rec.instance_uuid, seen.generation, expected_state=DESTROYING)
-        self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=rec.instance_uuid)
-        self.db.audit(REAPED, "destroyed", host=rec.host, instance=rec.instance_uuid,
-                      detail="Nova's admin listing shows the instance deleted (%d "
-                             "consecutive answers); %s vTPCM %s generation %d shredded"
-                             % (self.deletions.needed, seen.state, rec.vtpcm_id,
-                                rec.generation))
-        LOG.warning("Destroyed the %(s)s vTPCM of instance %(i)s on %(h)s: Nova's admin "
-                    "listing shows the instance deleted",
-                    {"s": seen.state, "i": rec.instance_uuid, "h": rec.host})
 
     def start_vtpcm(self, instance_uuid: str,
                     requested_by: str | None = None) -> tuple[str, am.VTPCMInfo]:
@@ -1777,12 +1338,3 @@ def _trusted(verdict: db_api.VerdictRecord) -> bool:
 
 def _reason(verdict: db_api.VerdictRecord) -> str:
     return verdict.reason or "no verdict"
-
-
-def _resume_after(records: list[db_api.VtpcmRecord],
-                  after: str) -> list[db_api.VtpcmRecord]:
-    """``records`` (sorted by instance) from the first after ``after``, then
-    the rest: a pass cut short resumes where the last one stopped, so every
-    record is asked in turn however many there are."""
-    later = [r for r in records if r.instance_uuid > after]
-    return later + [r for r in records if r.instance_uuid <= after]

@@ -22,12 +22,12 @@ from oslo_log import log as logging
 
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import messages as am
-from vtpcm_common.api.agent.rpcapi import AgentAPI
+from vtpcm_common.api.agent.rpcapi import IDENTITY_PARENTS_VERSION, AgentAPI
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.api.engine import rpcapi
 from vtpcm_common.ratelimit import InFlight
 from vtpcm_common.rpc import endpoint
-from vtpcm_nova.engine.attestation import Attestor
+from vtpcm_nova.engine.attestation import PARENTS_ASKED, Attestor
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import api as db_api
 from vtpcm_nova.engine.db.models import HostStatus
@@ -46,7 +46,11 @@ class AgentAttestationClient:
         self.agents = agents
 
     def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
-        return dataclasses.asdict(self.agents.get_identity(host, nonce))
+        """The identity, and whether it was asked with the parents'
+        certifications (``PARENTS_ASKED``: then none is a refusal)."""
+        asked = self.agents.can_send_version(IDENTITY_PARENTS_VERSION)
+        return dict(dataclasses.asdict(self.agents.get_identity(host, nonce)),
+                    **{PARENTS_ASKED: asked})
 
     def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
               bank: str) -> Mapping[str, Any]:
@@ -84,6 +88,15 @@ class AuditedVerifier:
         LOG.info("Admin call %(method)s signed by operator key %(key)s",
                  {"method": method, "key": key})
         return key
+
+
+@dataclasses.dataclass(frozen=True)
+class Witnessed:
+    """What a verified nova-api witness signature says: which key, when
+    nova-api signed it (the request's time), and its nonce."""
+    key: str
+    nonce: str
+    requested_at: datetime.datetime
 
 
 def _ts(value: datetime.datetime | None) -> str | None:
@@ -130,6 +143,7 @@ class EngineManager:
                  *, auto_approve: bool = False, default_policy: str | None = None,
                  admin_verifier: authn.Verifier | None = None,
                  host_verifier: authn.CommandVerifier | None = None,
+                 witness_verifier: authn.CommandVerifier | None = None,
                  signer: authn.CommandSigner | None = None,
                  registrations: Registrations | None = None,
                  max_unsigned_attestations: int = 8,
@@ -149,6 +163,7 @@ class EngineManager:
         self.signer = signer
         self.verifier = AuditedVerifier(admin_verifier or authn.RefuseAll(NO_ADMIN_KEYS), db)
         self.host_verifier = host_verifier
+        self.witness_verifier = witness_verifier
         self.attestor = attestor
         self.coordinator = coordinator
         self.auto_approve = auto_approve
@@ -250,6 +265,26 @@ class EngineManager:
             raise
         LOG.debug("%(method)s signed by host %(host)s", {"method": method, "host": signer})
         return signer
+
+    def verify_witness(self, method: str, payload: Any, auth: Any,
+                       request: m.ApiWitness) -> Witnessed:
+        """nova-api's witness counts only signed by a nova-api witness key
+        (``[nova] api_witness_public_keys``), for the engine topic, fresh
+        and never seen before (nonces in the database: no worker accepts a
+        replay). Refusals are audited, without the signature."""
+        try:
+            if self.witness_verifier is None:
+                raise exception.CommandRefused(
+                    method=method, reason="this engine has no nova-api witness keys "
+                                          "([nova] api_witness_public_keys)")
+            key = self.witness_verifier.verify(method, payload, auth)
+        except (exception.CommandRefused, exception.InvalidInput) as err:
+            self.db.audit("vtpcm.witness", "refused", instance=request.instance_uuid,
+                          detail=("%s of the server: %s" % (request.action, err))[:1000])
+            raise
+        return Witnessed(key=key, nonce=str(auth["nonce"]),
+                         requested_at=datetime.datetime.fromtimestamp(
+                             float(auth["issued_at"]), datetime.UTC))
 
     # hosts -----------------------------------------------------------------------
     def register_agent(self, ctxt: dict[str, Any], payload: Any) -> None:
@@ -441,6 +476,20 @@ class EngineManager:
     def list_vtpcms(self, req: m.VtpcmQuery) -> m.VtpcmList:
         return m.VtpcmList(tuple(vtpcm_info(r) for r in self.db.list_vtpcms(host=req.host)
                                  if req.state is None or r.state == req.state))
+
+    @endpoint(m.ApiWitness, witness_signed=True)
+    def record_api_witness(self, req: m.ApiWitness, signer: Witnessed) -> m.Empty:
+        """nova-api accepted an unshelve (onto ``req.host`` if it named one)
+        or a delete of the server: kept for one move at unshelve, or one
+        shred by the reaper (``shelving``)."""
+        self.db.record_witness("%s:%s" % (signer.key, signer.nonce), req.instance_uuid,
+                               req.action, req.host, signer.key, signer.requested_at,
+                               db_api.utcnow())
+        self.db.audit("vtpcm.witness", "recorded", host=req.host,
+                      instance=req.instance_uuid,
+                      detail="%s requested at %s (nova-api key %s)"
+                             % (req.action, signer.requested_at.isoformat(), signer.key))
+        return m.Empty()
 
     @endpoint(m.InstanceRef, signed=True)
     def destroy_shelved_vtpcm(self, req: m.InstanceRef) -> m.Empty:

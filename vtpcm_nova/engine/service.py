@@ -20,6 +20,7 @@ from vtpcm_nova.engine.db.api import Database
 from vtpcm_nova.engine.manager import NO_ADMIN_KEYS, AgentAttestationClient, EngineManager
 from vtpcm_nova.engine.registrations import Registrations
 from vtpcm_nova.engine.replykeys import EnrolledReplyKeys
+from vtpcm_nova.engine.shelving import WITNESS_NOT_CONFIGURED, WitnessPolicy
 
 LOG = logging.getLogger(__name__)
 # An engine run renews its lease this many times per lease TTL: a renewal
@@ -44,6 +45,28 @@ def admin_verifier_from(conf: cfg.ConfigOpts) -> authn.CommandVerifier | authn.R
     except exception.InvalidInput as err:
         raise exception.InvalidInput(
             reason="[engine] admin_public_keys: %s" % err.kwargs.get("reason", err)) from None
+
+
+def witness_verifier_from(conf: cfg.ConfigOpts) -> authn.CommandVerifier | None:
+    """The check of nova-api's witnesses (``record_api_witness``), bound to
+    the engine topic; None without keys (witnesses are then refused, and
+    with ``[nova] require_api_witness`` so is every unshelve elsewhere: a
+    WARNING says so at the start). A key that cannot be read stops the
+    start, naming the option."""
+    paths = [Path(p) for p in conf.nova.api_witness_public_keys if p.strip()]
+    if not paths:
+        if conf.nova.require_api_witness:
+            LOG.warning("%s: every unshelve onto another host than the holder will be "
+                        "refused, and the reaper only reports", WITNESS_NOT_CONFIGURED)
+        return None
+    try:
+        return authn.CommandVerifier(paths, rpc.topic(conf, "engine_topic"),
+                                     signer_role="nova-api witness", service_role="engine",
+                                     server_kind="engine topic")
+    except exception.InvalidInput as err:
+        raise exception.InvalidInput(
+            reason="[nova] api_witness_public_keys: %s"
+                   % err.kwargs.get("reason", err)) from None
 
 
 def ek_cas_from(conf: cfg.ConfigOpts) -> list[Any]:
@@ -96,6 +119,7 @@ class EngineService:
         # Checked first: a bad key path stops the start before anything opens.
         self.admin_verifier = admin_verifier_from(conf)
         self.ek_cas = ek_cas_from(conf)
+        self.witness_verifier = witness_verifier_from(conf)
         self.db = Database(conf.engine.connection)
         if isinstance(self.admin_verifier, authn.CommandVerifier):
             # one nonce table for all workers: a captured admin command is
@@ -106,6 +130,8 @@ class EngineService:
             None, rpc.topic(conf, "engine_topic"), signer_role="host command",
             service_role="engine", server_kind="engine topic")
         self.host_verifier.remember_nonces_in(self.db)
+        if self.witness_verifier is not None:
+            self.witness_verifier.remember_nonces_in(self.db)
         self.transport = rpc.get_transport(conf)
         self.signer = authn.load_or_create_signing_key(Path(conf.engine.command_signing_key))
         # replies count only if signed by the host's enrolled command key
@@ -132,12 +158,17 @@ class EngineService:
                                        reconcile_interval=conf.migration.reconcile_interval,
                                        reap_interval=conf.nova.reap_interval,
                                        reap_max_checks=conf.nova.reap_max_checks,
-                                       reap_budget=conf.nova.reap_budget)
+                                       reap_budget=conf.nova.reap_budget,
+                                       witness=WitnessPolicy(
+                                           required=conf.nova.require_api_witness,
+                                           keys_configured=self.witness_verifier is not None,
+                                           max_age=conf.nova.witness_max_age))
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,
                                      admin_verifier=self.admin_verifier,
                                      host_verifier=self.host_verifier,
+                                     witness_verifier=self.witness_verifier,
                                      signer=self.signer,
                                      max_unsigned_attestations=conf.engine.max_unsigned_attestations,
                                      min_unsigned_interval=att.min_unsigned_interval)

@@ -229,8 +229,9 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         if vtpcm_spec(instance.flavor).enabled:
             # before Nova's own checks, which leave state to clean up
             try:
-                livemigration.check_destination(self.vtpcm_engine, instance.uuid,
-                                                self.vtpcm_host)
+                with livemigration.timed("check destination", "-", instance.uuid):
+                    livemigration.check_destination(self.vtpcm_engine, instance.uuid,
+                                                    self.vtpcm_host)
             except exception.VTPCMException as err:
                 raise nova_exception.MigrationPreCheckError(reason="vTPCM: %s" % err) \
                     from None
@@ -247,8 +248,9 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             return
         migration_id = _migration_id(migrate_data)
         try:
-            livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid,
-                                self.vtpcm_host, dest)
+            with livemigration.timed("begin", migration_id, instance.uuid):
+                livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid,
+                                    self.vtpcm_host, dest)
         except exception.VTPCMException as err:
             # begin aborted itself; Nova must roll back, not mark the
             # instance ERROR (which an exception from here would do)
@@ -257,8 +259,9 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             recover_method(context, instance, dest, migrate_data)
             return
         try:
-            self._dest_sockets[instance.uuid] = livemigration.destination_socket(
-                self.vtpcm_agents, dest, instance.uuid, CONF.vtpcm.socket_dirs)
+            with livemigration.timed("socket lookup", migration_id, instance.uuid):
+                self._dest_sockets[instance.uuid] = livemigration.destination_socket(
+                    self.vtpcm_agents, dest, instance.uuid, CONF.vtpcm.socket_dirs)
         except exception.VTPCMException as err:
             LOG.error("vTPCM of migration %(mig)s: no usable destination socket, "
                       "rolling back: %(err)s", {"mig": migration_id, "err": err},
@@ -292,7 +295,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             # the guest runs on the destination: its vTPCM must be the live one
             migration_id = _migration_id(migrate_data)
             try:
-                livemigration.commit(self.vtpcm_engine, migration_id)
+                with livemigration.timed("commit", migration_id, instance.uuid):
+                    livemigration.commit(self.vtpcm_engine, migration_id)
             except exception.VTPCMException as err:
                 # Raising would leave Nova believing the guest is on the source.
                 LOG.error("vTPCM commit of migration %(mig)s failed: %(err)s. The guest "

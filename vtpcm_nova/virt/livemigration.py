@@ -8,8 +8,10 @@ rollback). Plain functions over the host-signed engine client; nothing here
 imports Nova or libvirt, and the engine decides everything that matters.
 """
 
+import contextlib
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from oslo_log import log as logging
@@ -47,6 +49,20 @@ class Engine(Protocol):
     def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None,
               timeout: float | None = None) -> em.MigrationInfo: ...
     def get_migration(self, migration_id: str) -> em.MigrationInfo: ...
+
+
+@contextlib.contextmanager
+def timed(step: str, migration_id: str, instance_uuid: str) -> Iterator[None]:
+    """DEBUG line with the wall time of one vTPCM step of a migration (what
+    the vTPCM adds to Nova's own steps; ``benchmarks/nova_real_phases.py``
+    reads it). Logged whether the step succeeded or raised."""
+    started = time.monotonic()
+    try:
+        yield
+    finally:
+        LOG.debug("vTPCM %(step)s of migration %(mig)s took %(ms).0f ms (instance "
+                  "%(i)s)", {"step": step, "mig": migration_id, "i": instance_uuid,
+                             "ms": (time.monotonic() - started) * 1000.0})
 
 
 def check_destination(engine: Engine, instance_uuid: str, dest: str) -> em.Verdict:
@@ -92,8 +108,23 @@ def _abort_after_failed_begin(engine: Engine, migration_id: str, instance_uuid: 
 def destination_socket(agents: AgentReader, dest: str, instance_uuid: str,
                        socket_dirs: Sequence[str]) -> str:
     """Where the destination's incoming vTPCM listens, for the migration XML.
-    Read from the destination's agent after begin; checked to be this
-    instance's socket (``tpmxml.checked_socket_path``)."""
+
+    With one ``[vtpcm] socket_dirs`` entry (a normal deployment: the same
+    run dir on every host) it is ``<dir>/<instance uuid>.ctrl``, the only
+    answer ``tpmxml.checked_socket_path`` accepts, so the destination's agent
+    is not asked: its answer (two round trips, the agent's and the engine's
+    for the agent's reply key) could only confirm that path or fail, and
+    begin's PREPARED already says the engine saw the destination start its
+    incoming vTPCM there. A socket that is gone by the time libvirt starts
+    fails the migration at the destination's QEMU, and Nova's rollback
+    aborts it, as a failed lookup would have. With several dirs (two lab
+    hosts on one machine) the path is read from the destination's agent
+    after begin, checked to be MIGRATING_IN and this instance's socket."""
+    dirs = sorted({os.path.normpath(d) for d in socket_dirs if d})
+    if len(dirs) == 1:
+        return tpmxml.checked_socket_path(
+            os.path.join(dirs[0], instance_uuid + tpmxml.SOCKET_SUFFIX), instance_uuid,
+            socket_dirs)
     info = agents.get(dest, instance_uuid)
     if info.state != "MIGRATING_IN":
         raise exception.MigrationError(

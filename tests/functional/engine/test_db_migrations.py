@@ -23,7 +23,7 @@ from sqlalchemy.exc import OperationalError
 from vtpcm_common import exception
 from vtpcm_lab.daemons import EngineDaemon
 from vtpcm_nova.engine import verifier
-from vtpcm_nova.engine.db import api, migration, models
+from vtpcm_nova.engine.db import api, migration, models, witnesses
 from vtpcm_nova.engine.db.models import HostStatus
 
 pytestmark = pytest.mark.functional
@@ -405,7 +405,8 @@ def test_0006_adds_engine_run_leases_on_the_databases_clock(any_url: str) -> Non
            instance_uuid="6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11", source="a", dest="b",
            generation=3, state="PREPARING", created_at=T0, updated_at=T0, deadline=T0,
            begun_by="engine-1/0123456789ab")
-    assert migration.db_sync(any_url).after == "revision 0006"
+    assert migration.db_sync(any_url, "0006").after == "revision 0006"
+    migration.db_sync(any_url)  # the engine opens only a database at head
     assert diff_with_models(any_url) == []
     db = api.Database(any_url)
     try:
@@ -431,6 +432,36 @@ def test_0006_adds_engine_run_leases_on_the_databases_clock(any_url: str) -> Non
         assert db.live_workers() == {"engine-1/bbbb"}
         _, lapsed = db.renew_worker("engine-1/aaaa", "engine-1", 60)  # its row was gone
         assert lapsed == datetime.timedelta(0)
+    finally:
+        db.dispose()
+
+
+def test_0008_adds_api_witnesses_each_used_once(any_url: str) -> None:
+    """A database at 0007 with a vTPCM shelved: kept. At head nova-api's
+    witnesses are kept, each used once (also by two callers), and a flood
+    for one instance keeps a bounded number."""
+    migration.db_sync(any_url, "0007")
+    inst = "6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11"
+    insert(any_url, "vtpcms", instance_uuid=inst, vtpcm_id=str(uuid.uuid4()), host="a",
+           generation=2, state="SHELVED", migration_id=None, updated_at=T0)
+    assert migration.db_sync(any_url).after == "revision 0008"
+    assert diff_with_models(any_url) == []
+    db = api.Database(any_url)
+    try:
+        assert db.get_vtpcm(inst).state == "SHELVED"
+        now = api.utcnow().replace(microsecond=0)
+        for i in range(witnesses.MAX_PER_INSTANCE + 3):
+            db.record_witness("k:%02d" % i, inst, "unshelve", None, "k",
+                              now - datetime.timedelta(seconds=i), now)
+        assert len(db.list_witnesses(inst)) == witnesses.MAX_PER_INSTANCE
+        not_before = now - datetime.timedelta(seconds=60)
+        first = db.use_witness(inst, "unshelve", "b", not_before, "unshelve m1", now)
+        assert first is not None and first.id == "k:00" and first.used_by == "unshelve m1"
+        second = db.use_witness(inst, "unshelve", "b", not_before, "unshelve m2", now)
+        assert second is not None and second.id == "k:01"
+        assert db.use_witness(inst, "delete", None, not_before, "reap", now) is None
+        db.release_witness(first.id)
+        assert db.use_witness(inst, "unshelve", "b", not_before, "again", now).id == "k:00"
     finally:
         db.dispose()
 

@@ -30,7 +30,9 @@ from tests.functional.tpmmitm import session_interposer
 from vtpcm_agent import hostkeys
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_common import authn, exception
-from vtpcm_nova.engine.attestation import Attestor
+from vtpcm_common.api.agent import messages as m
+from vtpcm_common.api.agent.rpcapi import UNVERIFIED_REPLIES
+from vtpcm_nova.engine.attestation import PARENTS_ASKED, Attestor
 from vtpcm_nova.engine.db import migration
 from vtpcm_nova.engine.db.api import Database
 
@@ -52,7 +54,8 @@ class HostTPMAgent:
         ident = self.tpm.identity(authn.host_key_binding(nonce, self.command_public, host),
                                   rotate_kem=True, parents=True)
         return dict(dataclasses.asdict(ident), command_public=self.command_public,
-                    parent_certs=[c._asdict() for c in ident.parent_certs])
+                    parent_certs=[c._asdict() for c in ident.parent_certs],
+                    **{PARENTS_ASKED: True})
 
     def quote(self, host: str, nonce: bytes, pcrs: Sequence[int],
               bank: str) -> Mapping[str, Any]:
@@ -125,3 +128,43 @@ def test_without_an_interposer_the_host_enrolls_with_its_certified_parents(
     assert (entry.event, entry.outcome) == ("enroll", "APPROVED")
     assert (f"storage parents certified: endorsement {blobs.ak_parent_name.hex()[:16]}..., "
             f"owner {blobs.kem_parent_name.hex()[:16]}...") in (entry.detail or "")
+
+
+class StrippingBroker(HostTPMAgent):
+    """A broker client that removes ``parent_certs`` from the unsigned 1.10
+    ``get_identity`` reply: what is left is a valid 1.10 HostIdentity."""
+
+    def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
+        real = dict(super().get_identity(host, nonce))
+        assert len(real["parent_certs"]) == 2  # the 1.10 agent did certify
+        wire = m.HostIdentity(host=host, ak_public=real["ak_public"],
+                              kem_public=real["kem_public"],
+                              kem_certify_attest=real["kem_certify_attest"],
+                              kem_certify_signature=real["kem_certify_signature"],
+                              command_public=real["command_public"],
+                              ek_certificate=None).to_wire()
+        assert "parent_certs" not in wire  # omit_default: absent on the wire
+        real["parent_certs"] = m.HostIdentity.from_wire(wire).parent_certs
+        return real
+
+
+def test_certifications_stripped_from_a_1_10_reply_are_refused_by_default(
+        host_tpm_standin: HostTPMStandIn, db: Database,  # noqa: F811
+        tmp_path: Path) -> None:
+    """akparents review finding 2: get_identity's reply is not signed by the
+    host; with require_certified_parents at its default (off) an engine
+    that asked as 1.10 enrolled an interposed host whose certifications a
+    broker client had stripped."""
+    assert "get_identity" in UNVERIFIED_REPLIES
+    with session_interposer(host_tpm_standin.tcti) as mitm:
+        with HostTPM(mitm.tcti, TEST_KEY_AUTH, key_file=tmp_path / "k.tpm") as tpm:
+            att = Attestor(db, lambda: StrippingBroker(tpm), verdict_ttl=600, nonce_ttl=30)
+            assert not att.require_certified_parents
+            with pytest.raises(exception.CertificationError,
+                               match="asked as agent API 1.10, with the certifications, "
+                                     "and came back without them"):
+                att.enroll_from_agent(HOST, auto_approve=True)
+    with pytest.raises(exception.NotFound):
+        db.get_host(HOST)
+    [entry] = db.list_audit(host=HOST)
+    assert (entry.event, entry.outcome) == ("enroll", "refused")

@@ -195,6 +195,9 @@ ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     "destroy_shelved_vtpcm": ("1.8", lambda api: api.destroy_shelved_vtpcm(INSTANCE)),
     # 1.9, unsigned
     "trusted_hosts": ("1.9", lambda api: api.trusted_hosts("host-a", 5)),
+    # 1.12, signed with nova-api's witness key
+    "record_api_witness": ("1.12", lambda api: api.record_api_witness(INSTANCE, "unshelve",
+                                                                      HOST)),
 }
 
 
@@ -203,7 +206,8 @@ def _agent_api() -> agent_rpcapi.AgentAPI:
 
 
 def _engine_api() -> engine_rpcapi.EngineAPI:
-    return engine_rpcapi.EngineAPI(_conf(), admin_signer=_signer(), host_signer=_signer())
+    return engine_rpcapi.EngineAPI(_conf(), admin_signer=_signer(), host_signer=_signer(),
+                                   witness_signer=_signer())
 
 
 def test_every_agent_client_method_has_its_version_here():
@@ -240,6 +244,9 @@ def test_engine_client_prepares_the_version_of_the_method(method):
         assert _signed_by(api.host_signer, sent)
     elif method in engine_rpcapi.ADMIN_METHODS:
         assert _signed_by(api.signer, sent)
+    elif method in engine_rpcapi.WITNESS_METHODS:
+        assert _signed_by(api.witness_signer, sent)
+        assert not _signed_by(api.host_signer, sent)
     else:
         assert "auth" not in sent["args"]
 

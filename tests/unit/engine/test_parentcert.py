@@ -6,6 +6,7 @@ refusal with its exact reason."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import struct
@@ -339,25 +340,106 @@ def test_an_interposers_pinned_key_refuses_the_enrollment(tmp_path: Path) -> Non
         att.db.dispose()
 
 
-def test_an_old_agent_enrolls_unless_certified_parents_are_required(
+def test_an_engine_capped_below_1_10_enrolls_unless_certified_parents_are_required(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     agent = FakeAgent()
-    agent.tpms[HOST] = FakeTPM()  # an agent before API 1.10: no parent_certs
+    agent.tpms[HOST] = FakeTPM()  # asked below 1.10 (no PARENTS_ASKED): no parent_certs
     att = attestor(tmp_path, agent, False)
     try:
         rec = att.enroll_from_agent(HOST)
         assert (rec.ak_parent_name, rec.kem_parent_name) == (None, None)
-        assert "storage parents not certified (agent API < 1.10)" in (audit(att)[0][2] or "")
+        assert ("storage parents not certified (asked below agent API 1.10)"
+                in (audit(att)[0][2] or ""))
         assert "enrolled without a certification of its storage parents" in caplog.text
         att.revoke(HOST)
         att.require_certified_parents = True
         with pytest.raises(exception.CertificationError) as err:
             att.enroll_from_agent(HOST)
         assert err.value.kwargs["reason"] == (
-            "storage parents not certified by the AK: the agent sent no certification "
-            "(agent API older than 1.10, or capped below it by [upgrade_levels] "
-            "vtpcm_agent) and [attestation] require_certified_parents is on: upgrade the "
-            "agent")
+            "storage parents not certified by the AK: the identity was asked below agent "
+            "API 1.10 ([upgrade_levels] vtpcm_agent caps this engine) and [attestation] "
+            "require_certified_parents is on: lift the cap once every agent is upgraded")
         assert audit(att)[0][:2] == ("enroll", "refused")
+    finally:
+        att.db.dispose()
+
+
+class AskedAgent(FakeAgent):
+    """Answers an identity asked as 1.10 (``PARENTS_ASKED``), with whatever
+    ``parent_certs`` the TPM gives (none: stripped on the way)."""
+
+    def get_identity(self, host: str, nonce: bytes) -> dict[str, Any]:
+        return dict(super().get_identity(host, nonce), **{attestation.PARENTS_ASKED: True})
+
+
+@pytest.mark.parametrize("require", [False, True])
+def test_an_identity_asked_as_1_10_without_certifications_is_refused_whatever_the_option(
+        tmp_path: Path, require: bool) -> None:
+    """akparents review finding 2: the reply is unsigned, so a broker
+    client could strip ``parent_certs``; asked as 1.10, none is a refusal."""
+    agent = AskedAgent()
+    agent.tpms[HOST] = FakeTPM()
+    att = attestor(tmp_path, agent, require)
+    try:
+        with pytest.raises(exception.CertificationError) as err:
+            att.enroll_from_agent(HOST)
+        assert err.value.kwargs["reason"].startswith(
+            "storage parents not certified by the AK: the identity was asked as agent API "
+            "1.10, with the certifications, and came back without them")
+        with pytest.raises(exception.NotFound):
+            att.db.get_host(HOST)
+        assert audit(att)[0][:2] == ("enroll", "refused")
+    finally:
+        att.db.dispose()
+
+
+@pytest.mark.parametrize("cap_allows", [True, False])
+def test_the_engines_agent_client_says_whether_it_asked_for_the_certifications(
+        cap_allows: bool) -> None:
+    """The mark comes from the engine's own version cap, never from the
+    (unsigned) reply: HostIdentity.from_wire has no such field."""
+    from vtpcm_common.api.agent import messages as am
+    from vtpcm_common.api.agent.rpcapi import IDENTITY_PARENTS_VERSION
+    from vtpcm_nova.engine.manager import AgentAttestationClient
+
+    class Agents:
+        def can_send_version(self, version: str) -> bool:
+            assert version == IDENTITY_PARENTS_VERSION
+            return cap_allows
+
+        def get_identity(self, host: str, nonce: bytes) -> am.HostIdentity:
+            return am.HostIdentity(host=host, ak_public=b"a", kem_public=b"k",
+                                   kem_certify_attest=b"c", kem_certify_signature=b"s",
+                                   command_public=b"p", ek_certificate=None)
+
+    identity = AgentAttestationClient(Agents()).get_identity(HOST, b"n")  # type: ignore[arg-type]
+    assert identity[attestation.PARENTS_ASKED] is cap_allows
+    assert attestation.PARENTS_ASKED not in {f.name for f in dataclasses.fields(am.HostIdentity)}
+
+
+def test_a_re_enrollment_with_other_certified_parents_is_audited(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The stored names are compared at re-enrollment: a changed certified
+    parent (its hierarchy's seed changed) is named in the audit."""
+    agent = FakeAgent()
+    agent.tpms[HOST] = ParentsTPM()
+    att = attestor(tmp_path, agent, False)
+    try:
+        att.enroll_from_agent(HOST)
+        att.revoke(HOST)
+        att.enroll_from_agent(HOST)  # the same parents: nothing noted
+        assert "changed since the last enrollment" not in (audit(att)[0][2] or "")
+        att.revoke(HOST)
+        old_owner = b"\x00\x0b" + b"\x11" * 32
+        stored = att.db.get_host
+        monkeypatch.setattr(att.db, "get_host", lambda host: dataclasses.replace(
+            stored(host), kem_parent_name=old_owner))
+        att.enroll_from_agent(HOST)
+        detail = audit(att)[0][2] or ""
+        assert (f"certified storage parents changed since the last enrollment (owner "
+                f"{old_owner.hex()[:16]}... -> {real('owner')['pinned_name'].hex()[:16]}...)"
+                f": hierarchy seed changed (TPM cleared or replaced)") in detail
+        assert "re-enrolled with other certified storage parents" in caplog.text
     finally:
         att.db.dispose()

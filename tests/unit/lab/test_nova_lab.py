@@ -31,6 +31,37 @@ def test_authtoken_is_replaced_by_the_identity_stand_in_only() -> None:
     assert "nova.api.auth:NovaKeystoneContext.factory" in out
 
 
+NOVA_34_PIPELINES = """[composite:openstack_compute_api_v21]
+use = call:nova.api.auth:pipeline_factory_v21
+keystone = cors http_proxy_to_wsgi compute_req_id faultwrap request_log sizelimit osprofiler \
+authtoken keystonecontext osapi_compute_app_v21
+
+[composite:openstack_compute_api_v21_legacy_v2_compatible]
+use = call:nova.api.auth:pipeline_factory_v21
+keystone = cors compute_req_id authtoken keystonecontext legacy_v2_compatible osapi_compute_app_v21
+
+[pipeline:oscomputeversions]
+pipeline = cors faultwrap request_log http_proxy_to_wsgi oscomputeversionapp
+""".replace("\\\n", "")
+
+
+def test_the_witness_filter_follows_keystonecontext_in_every_compute_pipeline() -> None:
+    out = configs.paste_with_witness(NOVA_34_PIPELINES)
+    assert "authtoken keystonecontext vtpcm_witness osapi_compute_app_v21" in out
+    assert "keystonecontext vtpcm_witness legacy_v2_compatible" in out
+    assert "pipeline = cors faultwrap request_log http_proxy_to_wsgi oscomputeversionapp\n" \
+        in out  # no auth, nothing to witness
+    assert "[filter:vtpcm_witness]\npaste.filter_factory = " \
+        "vtpcm_nova.api.witness:filter_factory\n" in out
+    assert configs.paste_with_witness(out) == out  # applied twice: once
+
+
+def test_the_lab_engine_requires_witnesses_with_the_labs_key() -> None:
+    options = configs.engine_nova_options("http://n", Path("/k/witness.key.pub"))
+    assert (options["require_api_witness"], options["api_witness_public_keys"]) == \
+        ("true", "/k/witness.key.pub")
+
+
 def test_identity_stand_in_overrides_identity_headers_from_the_client() -> None:
     seen = {}
 
@@ -92,6 +123,7 @@ def test_compute_has_its_own_address_for_nova_s_ssh_and_migration() -> None:
     layout = configs.Layout(base=Path("/l"), venv=Path("/v"), rabbit_vhost="v",
                             vtpcm_transport_url="rabbit://", vtpcm_exchange="x",
                             vtpcm_topics={}, socket_dirs=[], engine_public_key=Path("/e"),
+                            witness_key=Path("/w"),
                             instances_path=Path("/i"), ports={}, computes=[compute])
     conf = configs.compute_conf(layout, compute)
     assert (conf["DEFAULT"]["my_ip"], conf["libvirt"]["live_migration_inbound_addr"],

@@ -32,7 +32,8 @@ from vtpcm_nova.engine.db.api import Database
 from vtpcm_nova.engine.manager import EngineManager
 from vtpcm_nova.virt import livemigration as lm
 
-DIRS = ["/run/vtpcm"]
+# two dirs, as in the lab: with one, destination_socket asks no agent
+DIRS = ["/run/vtpcm", "/run/vtpcm-other"]
 
 
 class Directory:

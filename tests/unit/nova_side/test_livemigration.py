@@ -109,7 +109,8 @@ def test_destination_socket_must_be_incoming_and_this_instances() -> None:
                                  INSTANCE, ["/a", "/b"])
     assert path == "/b/%s.ctrl" % INSTANCE
     with pytest.raises(exception.MigrationError, match="is ACTIVE, not MIGRATING_IN"):
-        lm.destination_socket(FakeAgents(state="ACTIVE"), "dst", INSTANCE, ["/run/vtpcm"])
+        lm.destination_socket(FakeAgents(state="ACTIVE"), "dst", INSTANCE,
+                              ["/run/vtpcm", "/b"])
     with pytest.raises(exception.InvalidInput, match="socket_dirs"):
         lm.destination_socket(FakeAgents(state="MIGRATING_IN", socket_dir="/c"), "dst",
                               INSTANCE, ["/a", "/b"])
@@ -214,3 +215,33 @@ def test_a_failed_begin_is_aborted_naming_its_instance_for_the_tombstone() -> No
         lm.begin(engine, MIG, INSTANCE, "src", "dst")
     assert engine.abort_instances == [INSTANCE]
     assert engine.migrations[MIG].state == "ABORTED"
+
+
+def test_timed_logs_each_step_and_its_duration_even_when_it_raises(
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("DEBUG", logger="vtpcm_nova.virt.livemigration")
+    with lm.timed("begin", MIG, INSTANCE):
+        pass
+    with pytest.raises(exception.HostNotTrusted, match="PCR 7"), \
+            lm.timed("check destination", "-", INSTANCE):
+        raise exception.HostNotTrusted(host="dst", reason="PCR 7 differs")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2
+    assert lines[0].startswith("vTPCM begin of migration %s took " % MIG)
+    assert lines[0].endswith(" ms (instance %s)" % INSTANCE)
+    assert lines[1].startswith("vTPCM check destination of migration - took ")
+
+
+class _NoAgent:
+    def get(self, host: str, instance_uuid: str) -> None:
+        raise AssertionError("the destination's agent was asked")
+
+
+def test_destination_socket_with_one_socket_dir_asks_no_agent() -> None:
+    # one dir: <dir>/<instance>.ctrl is the only path the check accepts
+    for dirs in (["/run/vtpcm"], ["/run/vtpcm/", "/run/vtpcm", ""]):
+        path = lm.destination_socket(_NoAgent(), "dst", INSTANCE, dirs)  # type: ignore[arg-type]
+        assert path == "/run/vtpcm/%s.ctrl" % INSTANCE
+    # still checked: a path over sun_path's limit is refused before libvirt
+    with pytest.raises(exception.InvalidInput, match="socket_dirs"):
+        lm.destination_socket(_NoAgent(), "dst", INSTANCE, ["/" + "d" * 90])  # type: ignore[arg-type]

@@ -79,6 +79,9 @@ from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
 RPC_API_VERSION = "1.10"
+# get_identity asked as this version carries the parents' certifications:
+# an engine that asked so refuses an answer without them (the reply is unsigned)
+IDENTITY_PARENTS_VERSION = "1.10"
 REPLY_VERSION = "1.6"
 
 
@@ -173,8 +176,8 @@ class AgentAPI(rpc.Client):
         below (then as 1.5 without). Capped below 1.5, asked as 1.4: the answer lacks ``ek_public``,
         so an engine that checks EK certificates refuses to enroll the
         host until the cap is lifted; an engine that does not, enrolls it."""
-        if self.can_send_version("1.10"):
-            return self._at(host, "get_identity", "1.10",
+        if self.can_send_version(IDENTITY_PARENTS_VERSION):
+            return self._at(host, "get_identity", IDENTITY_PARENTS_VERSION,
                             m.IdentityRequest(nonce, parents=True), m.HostIdentity)
         version = "1.5" if self.can_send_version("1.5") else "1.4"
         return self._at(host, "get_identity", version, m.IdentityRequest(nonce),

@@ -188,6 +188,18 @@ class VtpcmPlacement(Message):
 
 
 @dataclasses.dataclass(frozen=True)
+class ApiWitness(Message):
+    """What nova-api witnessed (engine API 1.12, ``record_api_witness``):
+    it answered 2xx to an ``unshelve`` action or a ``DELETE`` of this
+    server; ``host`` is the target an unshelve request named (microversion
+    2.91), if any. The time and nonce are the signature's (``auth``)."""
+    message_type = "api_witness"
+    instance_uuid: str = field(wire.uuid_field)
+    action: str = field(wire.choice_field("unshelve", "delete"))
+    host: str | None = field(wire.optional(wire.host_field))
+
+
+@dataclasses.dataclass(frozen=True)
 class VtpcmRecord(Message):
     message_type = "vtpcm_record"
     instance_uuid: str = field(wire.uuid_field)

@@ -77,11 +77,17 @@ API version history:
           source's copy right after the answer; sent only when true, and
           then as 1.11 (a client capped below sends the 1.2 commit, whose
           answer waits for the shred).
+    1.12 - record_api_witness (``WITNESS_METHODS``, signed with a nova-api
+          witness key, ``[nova] api_witness_public_keys`` on the engine):
+          nova-api's word that it accepted an unshelve or a delete of a
+          server (``ApiWitness``); an unshelve elsewhere, and the reaper's
+          shred, need one when ``[nova] require_api_witness`` is set.
+          Older callers never send it and keep working.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
-``auth`` since 1.1, the compute-node methods since 1.2. Only those two sets
-carry ``auth``.
+``auth`` since 1.1, the compute-node methods since 1.2, nova-api's witness
+since 1.12. Only those three sets carry ``auth``.
 
 Any engine worker on the topic may answer: the state lives in the database.
 
@@ -102,12 +108,13 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.11"
+RPC_API_VERSION = "1.12"
 
 R = TypeVar("R", bound=Message)
 # abort with the instance (the tombstone of an unrecorded migration)
 ABORT_TOMBSTONE_VERSION = "1.10"
 SHRED_LATER_VERSION = "1.11"
+WITNESS_VERSION = "1.12"
 
 # State-changing calls that decide which hosts are trusted: operator-signed.
 ADMIN_METHODS = frozenset({"enroll", "approve_host", "revoke_host", "assign_policy",
@@ -118,6 +125,9 @@ HOST_METHODS = frozenset({"create_vtpcm", "destroy_vtpcm", "start_vtpcm", "stop_
                           "check_destination", "begin", "commit", "abort",
                           "transfer_state", "replace_vtpcm", "shelve_vtpcm",
                           "unshelve_vtpcm", "report_swtpm_restart", "start_incoming"})
+# nova-api's witnesses of unshelve and delete requests: signed with a key
+# only the API nodes hold (``vtpcm_nova/api/witness.py``).
+WITNESS_METHODS = frozenset({"record_api_witness"})
 
 # The version each method is prepared with: where it got the form sent today.
 METHOD_VERSIONS: dict[str, str] = {
@@ -141,6 +151,7 @@ METHOD_VERSIONS: dict[str, str] = {
     "list_vtpcms": "1.8",
     "destroy_shelved_vtpcm": "1.8",
     "trusted_hosts": "1.9",
+    "record_api_witness": WITNESS_VERSION,
 }
 
 
@@ -176,7 +187,8 @@ class EngineAPI(rpc.Client):
                  admin_signer: authn.CommandSigner | None = None,
                  host_signer: authn.CommandSigner | None = None,
                  version_cap: str | None | types.EllipsisType = ...,
-                 exchange: str | None = None) -> None:
+                 exchange: str | None = None,
+                 witness_signer: authn.CommandSigner | None = None) -> None:
         """``admin_signer``: an operator key; without one the key named by
         ``[manage] admin_key`` is used if set. Without either, admin calls go
         out unsigned and the engine refuses them. The signer is bound to the
@@ -186,18 +198,24 @@ class EngineAPI(rpc.Client):
         runs on (``[agent] host_command_key``); it signs ``HOST_METHODS``.
         Without it those calls go out unsigned and the engine refuses them.
 
-        ``version_cap``: default ``[upgrade_levels] vtpcm_engine``."""
+        ``version_cap``: default ``[upgrade_levels] vtpcm_engine``.
+
+        ``witness_signer``: nova-api's witness key (``[vtpcm]
+        api_witness_key_file``); it signs ``WITNESS_METHODS`` only."""
         topic = rpc.topic(conf, "engine_topic")
         if admin_signer is None:
             admin_signer = admin_signer_from_conf(conf)
         signer = admin_signer.for_server(topic) if admin_signer is not None else None
         self.host_signer = host_signer.for_server(topic) if host_signer is not None else None
+        self.witness_signer = (witness_signer.for_server(topic)
+                               if witness_signer is not None else None)
         super().__init__(conf, topic, transport, timeout, signer, version_cap, exchange)
 
     def _ask(self, method: str, request: Message, reply_type: type[R],
              timeout: float | None = None) -> R:
         signer = (self.host_signer if method in HOST_METHODS
-                  else self.signer if method in ADMIN_METHODS else None)
+                  else self.signer if method in ADMIN_METHODS
+                  else self.witness_signer if method in WITNESS_METHODS else None)
         return self._call(method, METHOD_VERSIONS[method], request, reply_type,
                           timeout=timeout, signer=signer)
 
@@ -369,6 +387,13 @@ class EngineAPI(rpc.Client):
     def report_swtpm_restart(self, report: m.SwtpmRestartReport,
                              timeout: float | None = None) -> m.Empty:
         return self._ask("report_swtpm_restart", report, m.Empty, timeout=timeout)
+
+    def record_api_witness(self, instance_uuid: str, action: str, host: str | None = None,
+                           timeout: float | None = None) -> m.Empty:
+        """nova-api's signed word that it accepted ``action`` ("unshelve",
+        "delete") of the server (1.12)."""
+        return self._ask("record_api_witness", m.ApiWitness(instance_uuid, action, host),
+                         m.Empty, timeout=timeout)
 
     def get_migration(self, migration_id: str) -> m.MigrationInfo:
         return self._ask("get_migration", m.MigrationRef(migration_id), m.MigrationInfo)

@@ -49,18 +49,19 @@ from vtpcm_nova.engine.db.records import (
 from vtpcm_nova.engine.db.schema import SchemaStore
 from vtpcm_nova.engine.db.store import utcnow
 from vtpcm_nova.engine.db.vtpcms import VtpcmStore
+from vtpcm_nova.engine.db.witnesses import WitnessRecord, WitnessStore
 from vtpcm_nova.engine.db.workers import WorkerStore
 
 __all__ = ["DEFAULT_URL", "KEY_KINDS", "NONCE_BYTES", "AbandonedRecord", "AuditEntry",
            "AuditRecord", "BeginView", "CommitPoint", "Database", "HostRecord",
            "MigrationRecord", "PolicyRecord", "TrustBasis", "VerdictRecord", "VtpcmClaim",
-           "VtpcmRecord", "utcnow"]
+           "VtpcmRecord", "WitnessRecord", "utcnow"]
 
 DEFAULT_URL = "sqlite:////var/lib/vtpcm/engine.sqlite"
 
 
 class Database(SchemaStore, HostStore, PolicyStore, VtpcmStore, MigrationStore, NonceStore,
-               AuditStore, WorkerStore):
+               AuditStore, WorkerStore, WitnessStore):
     """One engine database; safe to have several (processes or objects) on one URL."""
 
     def __init__(self, url: str = DEFAULT_URL, *, check_schema: bool = True) -> None:

@@ -246,3 +246,23 @@ class EngineWorker(Base):
     started_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     renewed_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
     expires_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
+
+
+class ApiWitness(Base):
+    """nova-api's signed word that it accepted an unshelve or a delete of a
+    server (0008, ``witnesses.WitnessStore``). Written only by the engine
+    after the signature verified with a nova-api witness key; compute hosts
+    cannot write it (unlike Nova's own database). ``used_at`` marks the one
+    move or shred it allowed; rows are purged after ``PURGE_AFTER``."""
+    __tablename__ = "api_witnesses"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # key:nonce
+    instance_uuid: Mapped[str] = mapped_column(String(UUID_LEN))
+    action: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str | None] = mapped_column(String(HOST_LEN), nullable=True)
+    key: Mapped[str] = mapped_column(String(64))
+    requested_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    recorded_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
+    used_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    used_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+    __table_args__ = (Index("ix_api_witnesses_instance_action", "instance_uuid", "action"),)

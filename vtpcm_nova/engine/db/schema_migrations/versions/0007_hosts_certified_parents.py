@@ -3,10 +3,11 @@
 Why (issue 9): the agent salts its TPM sessions to storage primaries whose
 names it pinned at its first start; since agent API 1.10 the AK certifies
 their creation at enrollment and the engine checks them
-(``parentcert``). The names are kept with the host, so an operator can
-compare them with the agent's ``hostkeys.tpm`` and later checks can
-compare a re-enrollment's. Existing rows: none certified (NULL), as a host
-enrolled through an agent older than 1.10.
+(``parentcert``). The names are kept with the host: a re-enrollment whose
+certified names differ is named in its audit entry (``Attestor``: the
+hierarchy's seed changed), and an operator can compare them with the
+agent's ``hostkeys.tpm``. Existing rows: none certified (NULL), as a host
+enrolled without the certifications (an engine capped below agent API 1.10).
 
 Revision ID: 0007
 Revises: 0006

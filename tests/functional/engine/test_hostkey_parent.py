@@ -1,0 +1,176 @@
+"""An interposer that swaps the owner primary ONLY while the host key is
+sealed (akparents review, finding 1) is refused before the AK or KEM key is
+used.
+
+The AK's and KEM key's auth values derive from the host key, so whoever
+reads the host key at its seal owns both keys, although enrollment certifies
+the real parents. The host key's parent is the owner primary of the KEM
+key's template: the agent requires the same name (``bind_host_key_parent``).
+Before that check, such a host enrolled APPROVED and the interposer opened
+every envelope sent to it with ECDH_ZGen on the real TPM.
+
+Real swtpm, the agent's real ``TPMSealedHostKey`` and ``HostTPM`` in the
+order ``AgentService`` uses them, the engine's real ``Attestor`` on SQLite.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tpm2_pytss import ESAPI
+
+from tests.functional.agent.test_hostkeys_review import _seal_v1 as seal_v1
+from tests.functional.engine.test_parent_certification import (  # noqa: F401
+    attestor,
+    db,
+)
+from tests.functional.hosttpm_fixture import HostTPMStandIn, host_tpm_standin  # noqa: F401
+from tests.functional.tpmmitm import CC_CREATE, SessionInterposer, _tpm2b
+from vtpcm_agent import hostkeys, keyauth
+from vtpcm_agent import keystore as ks
+from vtpcm_agent.hosttpm import HostTPM, SealedObject
+from vtpcm_common import exception
+from vtpcm_nova.engine.db.api import Database
+
+pytestmark = pytest.mark.functional
+
+
+class SelectiveInterposer(SessionInterposer):
+    """A SessionInterposer that swaps primaries only while ``active`` and
+    keeps the sealed data of every TPM2_Create it decrypts."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        self.active = True
+        self.sealed_data: list[bytes] = []
+        self._cc = 0
+
+    def _swap_primary(self, rsp: bytes) -> bytes:
+        return super()._swap_primary(rsp) if self.active else rsp
+
+    def _translate_command(self, cc: int, cmd: bytes) -> bytes:
+        self._cc = cc
+        return super()._translate_command(cc, cmd)
+
+    def _cfb_param(self, key, a, b, params, encrypt):  # type: ignore[no-untyped-def]
+        out = SessionInterposer._cfb_param(key, a, b, params, encrypt)
+        if not encrypt and self._cc == CC_CREATE:
+            _user_auth, off = _tpm2b(out, 2)
+            self.sealed_data.append(_tpm2b(out, off)[0])
+        return out
+
+
+def _owner_primary_name(tcti: str) -> bytes:
+    with ESAPI(tcti) as e:
+        return hostkeys.parent_name(e, hostkeys.KEM_HIERARCHY)
+
+
+def test_an_interposer_only_at_the_host_key_seal_is_refused_before_any_key_is_used(
+        host_tpm_standin: HostTPMStandIn, db: Database, tmp_path: Path) -> None:  # noqa: F811
+    sealed_path, key_file = tmp_path / "hostkey.sealed", tmp_path / "hostkeys.tpm"
+    mitm = SelectiveInterposer(host_tpm_standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm:
+            # first start, as AgentService.__init__: the seal is interposed
+            host_key = ks.TPMSealedHostKey(tpm, sealed_path).host_key()
+            mitm.active = False                  # honest from here on
+            assert host_key in mitm.sealed_data  # what the interposer got
+            sealed = SealedObject.from_bytes(sealed_path.read_bytes())
+            assert sealed.parent_name in mitm.answered
+            tpm.use_key_auth(keyauth.derive(host_key), key_file)
+            real = _owner_primary_name(host_tpm_standin.tcti)
+            expected = (f"the owner storage primary the TPM answered has name {real.hex()}, "
+                        f"not the pinned {sealed.parent_name.hex()}")
+            with pytest.raises(hostkeys.ParentMismatch) as err:
+                tpm.quote(b"q" * 16, [0])
+            assert "host key was sealed under" in str(err.value) and expected in str(err.value)
+            assert host_key.hex() not in str(err.value)
+            # no KEM key under the real primary: nothing to enroll
+            assert not key_file.exists()
+            with pytest.raises(hostkeys.ParentMismatch):
+                attestor(db, tpm).enroll_from_agent("victim", auto_approve=True)
+        with pytest.raises(exception.NotFound):
+            db.get_host("victim")
+    finally:
+        mitm.stop()
+
+
+def test_key_blobs_under_another_primary_than_the_host_key_refuse_the_start(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
+    """The agent restarts with a host key sealed under the interposer's
+    primary but key blobs made under the real one (an earlier release made
+    both): refused at start, before any TPM command, naming both names."""
+    sealed_path, key_file = tmp_path / "hostkey.sealed", tmp_path / "hostkeys.tpm"
+    mitm = SelectiveInterposer(host_tpm_standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm:
+            host_key = ks.TPMSealedHostKey(tpm, sealed_path).host_key()
+        fake = SealedObject.from_bytes(sealed_path.read_bytes()).parent_name
+    finally:
+        mitm.stop()
+    with ESAPI(host_tpm_standin.tcti) as e:
+        auth = keyauth.derive(host_key)
+        blobs = hostkeys.create_blobs(e, auth.ak.auth, auth.kem.auth)
+    hostkeys.FileBlobStore(key_file).save(blobs)
+    with HostTPM(host_tpm_standin.tcti) as tpm:
+        # the restart's unseal goes through the interposer's primary: its
+        # pinned name is refused, so an honest path is used here to reach
+        # the check of the stored blobs
+        tpm.bind_host_key_parent(fake)
+        with pytest.raises(hostkeys.ParentMismatch,
+                           match=f"sealed under the owner storage primary {fake.hex()} but "
+                                 f"the KEM key's pinned parent .* is "
+                                 f"{blobs.kem_parent_name.hex()}"):
+            tpm.use_key_auth(keyauth.derive(host_key), key_file)
+
+
+def test_an_interposer_at_the_format1_upgrade_reseal_is_refused(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
+    """A format-1 host key is resealed (``_upgrade``) under the noDA owner
+    primary: an interposer that swaps it only then is refused like at a
+    first seal (the key blobs were pinned under the real one)."""
+    sealed_path, key_file = tmp_path / "hostkey.sealed", tmp_path / "hostkeys.tpm"
+    host_key = b"k" * ks.KEY_LEN
+    with HostTPM(host_tpm_standin.tcti) as tpm:
+        v2 = tpm.seal(host_key)
+    with ESAPI(host_tpm_standin.tcti) as e:
+        auth = keyauth.derive(host_key)
+        blobs = hostkeys.create_blobs(e, auth.ak.auth, auth.kem.auth)
+    assert blobs.kem_parent_name == v2.parent_name  # one primary, one name
+    hostkeys.FileBlobStore(key_file).save(blobs)
+    sealed_path.write_bytes(seal_v1(host_tpm_standin.tcti, host_key))
+    sealed_path.chmod(0o600)
+    mitm = SelectiveInterposer(host_tpm_standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm:
+            assert ks.TPMSealedHostKey(tpm, sealed_path).host_key() == host_key
+            upgraded = SealedObject.from_bytes(sealed_path.read_bytes())
+            assert upgraded.parent_name in mitm.answered  # resealed under its key
+            with pytest.raises(hostkeys.ParentMismatch,
+                               match=f"sealed under the owner storage primary "
+                                     f"{upgraded.parent_name.hex()} but the KEM key's pinned "
+                                     f"parent .* is {blobs.kem_parent_name.hex()}"):
+                tpm.use_key_auth(keyauth.derive(host_key), key_file)
+    finally:
+        mitm.stop()
+
+
+def test_an_unpinned_host_key_refuses_the_ak_and_kem_key(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
+    """A format-1 host key whose reseal failed has no pinned parent: it
+    cannot be tied to the certified owner parent, so the keys are refused
+    (the instance keys it wraps still open); without any sealed host key
+    (the dev key file, tools) nothing is bound."""
+    auth = keyauth.derive(b"d" * ks.KEY_LEN)
+    with HostTPM(host_tpm_standin.tcti) as tpm:
+        tpm.bind_host_key_parent(b"")
+        tpm.use_key_auth(auth, tmp_path / "hostkeys.tpm")
+        with pytest.raises(exception.HostTPMError,
+                           match=r"the host key is still a format-1 sealed object \(resealing "
+                                 r"it failed: see the warning logged before\)"):
+            tpm.quote(b"q" * 16, [0])
+    assert not (tmp_path / "hostkeys.tpm").exists()
+    with HostTPM(host_tpm_standin.tcti) as tpm:
+        tpm.use_key_auth(auth, tmp_path / "hostkeys.tpm")
+        tpm.quote(b"q" * 16, [0])

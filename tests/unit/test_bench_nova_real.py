@@ -1,0 +1,108 @@
+"""nova_real_phases / nova_real_lm: the spans the benchmark README quotes are
+read from log lines, so they are checked on a made-up migration whose
+answer is known: markers on the right host only, a line without the
+instance matched by the conductor's request id, another instance's lines
+ignored, a missing marker leaves its spans out; the paired difference."""
+
+import datetime
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+INSTANCE = "2f5d9adb-af40-4795-b92e-34060e43a6b2"
+OTHER = "9bab8b79-1027-40af-90cf-c42c1a633f53"
+REQ = "req-e1426d9b-6b5f-4b29-84d1-6a4164e59ae5"
+T0 = datetime.datetime(2026, 11, 30, 20, 3, 40)
+
+
+def _load(name: str) -> ModuleType:
+    sys.path.insert(0, str(BENCH))  # siblings import benchlib / nova_real_phases
+    try:
+        spec = importlib.util.spec_from_file_location(name + "_under_test",
+                                                      BENCH / (name + ".py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+phases = _load("nova_real_phases")
+nova_real_lm = _load("nova_real_lm")
+
+
+def _line(at: float, text: str, req: str = REQ, instance: str | None = INSTANCE) -> str:
+    when = (T0 + datetime.timedelta(seconds=at)).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+    inst = "[instance: %s] " % instance if instance else ""
+    return "%s 29326 DEBUG nova.compute.manager [None %s admin admin - - default default] " \
+           "%s%s\n" % (when, req, inst, text)
+
+
+def _write(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "cond.log").write_text(
+        _line(1.0, "Requesting cell X(cell1) while live migrating", instance=INSTANCE))
+    (tmp_path / "b.log").write_text("".join([
+        _line(1.2, "destination check data is LibvirtLiveMigrateData()", instance=None),
+        _line(1.25, "destination check data is (another request)", req="req-other",
+              instance=None),
+        _line(1.5, "pre_live_migration data is LibvirtLiveMigrateData()"),
+        _line(4.0, "Post operation of migration started"),
+    ]))
+    (tmp_path / "a.log").write_text("".join([
+        # the same marker for another instance, earlier: not ours
+        _line(1.9, "live_migration data is X", req="req-other", instance=OTHER),
+        _line(2.0, "Took 0.50 seconds for pre_live_migration on destination host lab-b."),
+        _line(2.0, "live_migration data is LibvirtLiveMigrateData()"),
+        _line(2.05, "vTPCM begin of migration m took 60 ms (instance %s)" % INSTANCE,
+              instance=None),
+        _line(2.1, "About to invoke the migrate API"),
+        _line(3.6, "Migration operation has completed"),
+        _line(3.6, "_post_live_migration() is started.."),
+        _line(3.65, "Calling driver.cleanup from _post_live_migration"),
+    ]))
+    return {"compute:lab-a": "a.log", "compute:lab-b": "b.log", "nova-conductor": "cond.log"}
+
+
+def test_the_spans_of_one_migration(tmp_path: Path) -> None:
+    roles = _write(tmp_path)
+    sample = {"instance": INSTANCE, "source": "lab-a", "dest": "lab-b",
+              "wall_start": T0.timestamp(), "wall_end": T0.timestamp() + 5.0,
+              "cli_to_active_ms": 4500.0}
+    got = {k: round(v) for k, v in phases.phases(tmp_path, roles, sample).items()}
+    assert got == {
+        "prechecks_ms": 1500, "cli_api_ms": 1000, "schedule_dest_check_ms": 200,
+        "src_check_to_pre_ms": 300, "pre_live_migration_ms": 500, "to_driver_ms": 0,
+        "before_libvirt_ms": 100, "libvirt_ms": 1500, "to_post_ms": 0,
+        "post_driver_ms": 50, "to_dest_post_ms": 350, "tail_ms": 500, "total_ms": 4500,
+        "driver_begin_ms": 60}
+
+
+def test_a_missing_marker_leaves_its_spans_out(tmp_path: Path) -> None:
+    roles = _write(tmp_path)
+    (tmp_path / "cond.log").write_text("")  # no conductor line: no request id either
+    sample = {"instance": INSTANCE, "source": "lab-a", "dest": "lab-b",
+              "wall_start": T0.timestamp(), "wall_end": T0.timestamp() + 5.0,
+              "cli_to_active_ms": 4500.0}
+    got = phases.phases(tmp_path, roles, sample)
+    assert "cli_api_ms" not in got and "schedule_dest_check_ms" not in got
+    assert "src_check_to_pre_ms" not in got  # its start was a line without the instance
+    assert got["prechecks_ms"] == pytest.approx(1500, abs=1)
+
+
+def test_compare_pairs_the_same_hop() -> None:
+    samples = [{"arm": arm, "hop": hop, "cli_to_active_ms": ms, "phases_ms": {"x_ms": ms / 2}}
+               for hop, arm, ms in ((1, "vtpcm", 6000.0), (1, "plain", 5000.0),
+                                    (2, "plain", 7000.0), (2, "vtpcm", 6500.0),
+                                    (3, "vtpcm", 5000.0))]
+    row = nova_real_lm.compare(samples)["cli_to_active_ms"]
+    assert row["vtpcm"]["median"] == 6000.0 and row["plain"]["median"] == 6000.0
+    assert row["added_ms"] == 0.0 and row["ratio_vtpcm_over_plain"] == 1.0
+    assert row["paired_added_ms"]["n"] == 2  # hop 3 has no plain migration
+    assert sorted([row["paired_added_ms"]["min"], row["paired_added_ms"]["max"]]) == \
+        [-500.0, 1000.0]
+    assert nova_real_lm.compare(samples)["x_ms"]["paired_added_ms"]["median"] == 125.0
