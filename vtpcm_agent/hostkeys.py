@@ -83,7 +83,7 @@ from tpm2_pytss.types import (
     TPMT_TK_CREATION,
 )
 
-from vtpcm_common import fileutil
+from vtpcm_common import authn, fileutil
 from vtpcm_common.exception import HostTPMError
 
 _BASE_ATTRS = (TPMA_OBJECT.FIXEDTPM | TPMA_OBJECT.FIXEDPARENT
@@ -397,13 +397,17 @@ def certify_parent(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes, signer: ESYS_TR,
                    session: ESYS_TR, qualifying: bytes) -> ParentCertification:
     """Re-create ``hierarchy``'s storage primary (refused unless its name is
     ``pinned``) and have ``signer`` (the loaded AK, authorized by
-    ``session``) certify its creation with ``qualifying`` as extraData."""
+    ``session``) certify its creation; extraData binds ``qualifying`` to
+    the hierarchy and to the agent's own pin (``authn.parent_binding``), so
+    the AK's signature covers the ``pinned_name`` the reply reports."""
+    which = _HIERARCHY_NAMES[hierarchy]
     with pinned_primary(e, hierarchy, pinned) as primary:
         attest, sig = e.certify_creation(
-            signer, primary.handle, qualifying, primary.creation_hash,
+            signer, primary.handle, authn.parent_binding(qualifying, which, pinned),
+            primary.creation_hash,
             TPMT_SIG_SCHEME(scheme=TPM2_ALG.NULL), primary.ticket, session1=session)
         return ParentCertification(
-            hierarchy=_HIERARCHY_NAMES[hierarchy],
+            hierarchy=which,
             public=bytes(primary.public.publicArea.marshal()),
             pinned_name=pinned,
             creation_data=bytes(primary.creation_data.creationData.marshal()),
@@ -469,10 +473,17 @@ def create_blobs(e: ESAPI, ak_auth: bytes, kem_auth: bytes,
     """A new AK (endorsement hierarchy) and KEM key (owner hierarchy) with
     the given auth values, created inside the TPM; their parents' names as
     seen now are pinned from here on. ``kem_parent``: the name the KEM key's
-    parent must have (the sealed host key's parent: the same primary)."""
+    parent must have (the sealed host key's parent: the same primary).
+
+    The KEM key first (akfix review round 2, finding 4): its parent is
+    checked against ``kem_parent`` before any session is salted to it, so
+    an interposer swapping the owner primary is refused before the AK's
+    auth value (which derives from the host key, the same on every
+    attempt) is sent; the AK's parent, the endorsement primary, has no
+    earlier pin to check (design "Open points")."""
+    kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs, kem_parent)
     ak_pub, ak_priv, ak_parent = _create_child(e, AK_HIERARCHY,
                                                template(AK_TEMPLATE, AK_ATTRS), ak_auth, b"")
-    kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs, kem_parent)
     return KeyBlobs(ak_public=ak_pub, ak_private=ak_priv,
                     kem_public=kem_pub, kem_private=kem_priv,
                     ak_parent_name=ak_parent, kem_parent_name=kem_parent)

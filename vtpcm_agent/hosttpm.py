@@ -317,8 +317,11 @@ class HostTPM:
     def _check_stored_parents(self) -> None:
         """The file check of ``bind_host_key_parent`` at start (no TPM
         command): stored, pinned key blobs whose KEM parent is not the host
-        key's parent are refused now."""
-        if self._host_key_parent is None:
+        key's parent are refused now. An unpinned (format-1) host key is
+        not: the agent starts and unwraps instance keys with it, and the
+        AK/KEM key are refused at their first use (``_key_blobs``) until a
+        restart reseals it (akfix review round 2, finding 3)."""
+        if not self._host_key_parent:
             return
         blobs = self._blob_store.load()
         if blobs is not None and blobs.pinned:
@@ -332,10 +335,14 @@ class HostTPM:
             return
         if not want:
             raise HostTPMError(reason=(
-                "the host key is still a format-1 sealed object (resealing it failed: "
-                "see the warning logged before), so its storage parent is not pinned and "
-                "cannot be tied to the owner parent enrollment certifies; the AK and KEM "
-                "key are not used until a restart reseals it"))
+                "the host key is still a format-1 sealed object: resealing it as format 2 "
+                "failed at the agent's start (see the warning logged then; the format-1 "
+                "file is intact and still unwraps the instance keys), so its storage "
+                "parent is not pinned and cannot be tied to the owner parent enrollment "
+                "certifies; the AK and KEM key are not used (no enrollment, attestation "
+                "or migration of this host) until the agent is restarted after fixing "
+                "the cause (e.g. disk space or permissions of the state directory), "
+                "which reseals it"))
         if kem_parent != want:
             raise hostkeys.ParentMismatch(reason=(
                 f"the host key was sealed under the owner storage primary {want.hex()} but "

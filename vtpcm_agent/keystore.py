@@ -266,21 +266,33 @@ class TPMSealedHostKey(_CachedHostKey):
         noDA object under the noDA parent, pinning its name, and swap the
         file atomically; its parent's name (bound to the HostTPM like a new
         seal's). On failure the version-1 file stays and unwraps instance
-        keys, but no parent is pinned (empty): the AK and KEM key are
-        refused until a later start reseals it."""
+        keys, but no parent is pinned (empty): the agent starts, the AK and
+        KEM key are refused at use until a later start reseals it."""
         try:
             resealed = self._tpm.seal(key)
             if self._tpm.unseal(resealed) != key:
                 raise HostTPMError(reason="the resealed host key does not unseal to the same key")
             fileutil.write_atomic(self._path, resealed.to_bytes(), replace=True)
         except (HostTPMError, OSError) as exc:
-            LOG.warning("Kept the version-1 sealed host key %(path)s (DA-protected, parent "
-                        "not pinned): resealing failed: %(err)s",
-                        {"path": self._path, "err": getattr(exc, "message", type(exc).__name__)})
+            LOG.warning("Kept the version-1 sealed host key %(path)s intact (DA-protected, "
+                        "parent not pinned): resealing it as format 2 failed: %(err)s. "
+                        "Instance keys still unwrap; the AK and KEM key are refused (no "
+                        "enrollment, attestation or migration) until the agent is restarted "
+                        "after fixing the cause (e.g. disk space or permissions of the state "
+                        "directory)",
+                        {"path": self._path, "err": _reason(exc)})
             return b""
         LOG.warning("Resealed the host key %(path)s as format 2: noDA, its parent's name "
                     "pinned", {"path": self._path})
         return resealed.parent_name
+
+
+def _reason(exc: HostTPMError | OSError) -> str:
+    """What failed, without data: the TPM error's message, or the OS
+    error's name and strerror (ENOSPC: "No space left on device")."""
+    if isinstance(exc, HostTPMError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc.strerror or 'no reason given'}"
 
 
 class KeyStore:

@@ -103,6 +103,23 @@ def host_key_binding(nonce: bytes, command_public: bytes, host: str) -> bytes:
         len(part).to_bytes(2, "big") + part for part in parts)).digest()
 
 
+PARENT_BINDING = b"vtpcm certified storage parent v1\0"
+
+
+def parent_binding(qualifying: bytes, hierarchy: str, pinned_name: bytes) -> bytes:
+    """The qualifying data of the AK's TPM2_CertifyCreation of one storage
+    parent (agent API 1.10, issue 9): the identity's qualifying data bound
+    to the hierarchy and to the name the agent pinned for it. The agent
+    computes it from its own pins, the engine from the reported ones: the
+    ``pinned_name`` of the (unsigned) reply is then covered by the AK's
+    signature, so a broker client that rewrites it to the real primary's
+    name (public) breaks the certification instead of hiding an interposer
+    the agent pinned. Each part is length-prefixed."""
+    parts = (qualifying, hierarchy.encode("utf-8"), pinned_name)
+    return hashlib.sha256(PARENT_BINDING + b"".join(
+        len(part).to_bytes(2, "big") + part for part in parts)).digest()
+
+
 def _public_pem(public_key: ed25519.Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(serialization.Encoding.PEM,
                                    serialization.PublicFormat.SubjectPublicKeyInfo)

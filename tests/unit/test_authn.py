@@ -618,6 +618,17 @@ def test_host_key_binding_depends_on_nonce_key_and_host_name():
         authn.load_public_raw(b"short", what="host key")
 
 
+def test_parent_binding_depends_on_qualifying_data_hierarchy_and_pinned_name():
+    q, name = os.urandom(32), b"\x00\x0b" + os.urandom(32)
+    bound = authn.parent_binding(q, "owner", name)
+    assert bound == authn.parent_binding(q, "owner", name) and len(bound) == 32
+    assert bound not in (q, authn.parent_binding(os.urandom(32), "owner", name),
+                         authn.parent_binding(q, "endorsement", name),
+                         authn.parent_binding(q, "owner", b"\x00\x0b" + os.urandom(32)),
+                         # length-prefixed: moving bytes between the parts changes it
+                         authn.parent_binding(q + b"o", "wner", name))
+
+
 def test_host_command_key_is_group_readable_only(tmp_path):
     path = tmp_path / "hk" / "host-command.key"
     signer = authn.load_or_create_host_key(path, gid=os.getgid())

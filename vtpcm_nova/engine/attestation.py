@@ -165,7 +165,6 @@ class Attestor:
                                                      "no host name: upgrade the agent)")
         parents, parents_detail = self._check_parents(
             host, identity, ak, authn.host_key_binding(nonce, command_public, host))
-        parents_detail += self._parents_change(host, parents)
         kem_name = verifier.tpm_name(kem_public)
         for claimed, actual, what in ((identity.get("ak_name"), ak.name, "AK"),
                                       (identity.get("kem_name"), kem_name, "KEM key")):
@@ -179,11 +178,24 @@ class Attestor:
         if self.ek_cas:
             ek_detail = self._prove_ak_in_certified_tpm(host, fields, ak)
             proven_ek = fields["ek_public"]
+        # read before enroll_host stores the new names; said only once
+        # every check passed (a refused attempt changes nothing)
+        changed = self._parents_change(host, parents)
         record = self.db.enroll_host(
             host, ak_public=ak.public, ak_name=ak.name, kem_public=kem_public,
             kem_name=kem_name, ek_certificate=fields.get("ek_certificate"),
             command_public=command_public, ek_public=proven_ek,
             approved=auto_approve, now=self._now(), parent_names=parents)
+        if changed:
+            LOG.warning("Host %(host)s re-enrolled with other certified storage parents than "
+                        "at its last certified enrollment (%(changed)s): that hierarchy's "
+                        "seed changed (TPM cleared or replaced); check that this was intended",
+                        {"host": host, "changed": changed})
+            parents_detail += (f"; certified storage parents changed since the last certified "
+                               f"enrollment ({changed}): hierarchy seed changed (TPM cleared "
+                               "or replaced)")
+        elif parents is None and record.kem_parent_name is not None:
+            parents_detail += "; the names certified at an earlier enrollment are kept"
         self.db.audit("enroll", record.status.value, host=host,
                       detail=f"AK {ak.name.hex()[:16]}... certified KEM key; "
                              f"{parents_detail}; {ek_detail}",
@@ -230,10 +242,11 @@ class Attestor:
                 f"{h} {certified[h].hex()[:16]}..." for h in parentcert.HIERARCHIES))
 
     def _parents_change(self, host: str, parents: tuple[bytes, bytes] | None) -> str:
-        """The audit note when a re-enrollment's certified parents differ
-        from those certified at the host's last enrollment (empty if not):
-        a storage primary's name changes only with its hierarchy's seed
-        (TPM cleared or replaced), so the operator sees it in the audit."""
+        """Which certified parents of a re-enrollment differ from those
+        stored at the host's last certified enrollment ("" if none or
+        nothing to compare): a storage primary's name changes only with its
+        hierarchy's seed (TPM cleared or replaced), so the operator sees it
+        in the audit and the log."""
         try:
             previous = self.db.get_host(host)
         except exception.NotFound:
@@ -244,16 +257,10 @@ class Attestor:
         before = (previous.ak_parent_name, previous.kem_parent_name)
         if before == parents:
             return ""
-        changed = ", ".join(
+        return ", ".join(
             f"{which} {old.hex()[:16]}... -> {new.hex()[:16]}..."
             for which, old, new in zip(parentcert.HIERARCHIES, before, parents, strict=True)
             if old != new)
-        LOG.warning("Host %(host)s re-enrolled with other certified storage parents than at "
-                    "its last enrollment (%(changed)s): that hierarchy's seed changed (TPM "
-                    "cleared or replaced); check that this was intended",
-                    {"host": host, "changed": changed})
-        return (f"; certified storage parents changed since the last enrollment ({changed}): "
-                "hierarchy seed changed (TPM cleared or replaced)")
 
     def _prove_ak_in_certified_tpm(self, host: str, fields: Mapping[str, Any],
                                    ak: verifier.AttestationKey) -> str:

@@ -167,10 +167,88 @@ def test_an_unpinned_host_key_refuses_the_ak_and_kem_key(
         tpm.bind_host_key_parent(b"")
         tpm.use_key_auth(auth, tmp_path / "hostkeys.tpm")
         with pytest.raises(exception.HostTPMError,
-                           match=r"the host key is still a format-1 sealed object \(resealing "
-                                 r"it failed: see the warning logged before\)"):
+                           match=r"the host key is still a format-1 sealed object: resealing "
+                                 r"it as format 2 failed at the agent's start"):
             tpm.quote(b"q" * 16, [0])
     assert not (tmp_path / "hostkeys.tpm").exists()
     with HostTPM(host_tpm_standin.tcti) as tpm:
         tpm.use_key_auth(auth, tmp_path / "hostkeys.tpm")
         tpm.quote(b"q" * 16, [0])
+
+
+def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refused(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """akfix review round 2, finding 3: a format-1 host key whose reseal
+    failed (ENOSPC on the atomic rewrite) on a host whose key blobs were
+    already pinned stopped the agent at ``use_key_auth``, contrary to
+    ``_upgrade``'s design: the format-1 file stays and unwraps instance
+    keys, only the AK and KEM key are refused, until a restart reseals."""
+    import errno
+    sealed_path, key_file = tmp_path / "hostkey.sealed", tmp_path / "hostkeys.tpm"
+    host_key = b"k" * ks.KEY_LEN
+    auth = keyauth.derive(host_key)
+    with ESAPI(host_tpm_standin.tcti) as e:  # an earlier release: pinned blobs
+        hostkeys.FileBlobStore(key_file).save(
+            hostkeys.create_blobs(e, auth.ak.auth, auth.kem.auth))
+    sealed_path.write_bytes(seal_v1(host_tpm_standin.tcti, host_key))
+    sealed_path.chmod(0o600)
+    v1 = sealed_path.read_bytes()
+    real_write = ks.fileutil.write_atomic
+
+    def enospc(path: Path, data: bytes, *args: object, replace: bool = False,
+               **kwargs: object) -> None:
+        if replace and Path(path) == sealed_path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data, *args, replace=replace, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ks.fileutil, "write_atomic", enospc)
+    with HostTPM(host_tpm_standin.tcti) as tpm:  # AgentService.__init__'s order
+        provider = ks.TPMSealedHostKey(tpm, sealed_path)
+        assert provider.host_key() == host_key  # instance keys unwrap
+        tpm.use_key_auth(keyauth.derive(provider.host_key()), key_file)  # starts
+        with pytest.raises(exception.HostTPMError,
+                           match=r"format-1 file is intact and still unwraps the instance "
+                                 r"keys\), .* until the agent is restarted after fixing the "
+                                 r"cause \(e\.g\. disk space"):
+            tpm.quote(b"q" * 16, [0])
+    assert sealed_path.read_bytes() == v1
+    assert "Kept the version-1 sealed host key" in caplog.text
+    assert "until the agent is restarted after fixing the cause" in caplog.text
+    monkeypatch.setattr(ks.fileutil, "write_atomic", real_write)  # the disk freed
+    with HostTPM(host_tpm_standin.tcti) as tpm:  # the restart reseals
+        provider = ks.TPMSealedHostKey(tpm, sealed_path)
+        assert provider.host_key() == host_key
+        tpm.use_key_auth(keyauth.derive(host_key), key_file)
+        tpm.quote(b"q" * 16, [0])
+    assert not SealedObject.from_bytes(sealed_path.read_bytes()).legacy
+
+
+def test_a_refused_first_key_creation_sends_no_auth_value(
+        host_tpm_standin: HostTPMStandIn, db: Database, tmp_path: Path) -> None:  # noqa: F811
+    """akfix review round 2, finding 4: the AK was created (its auth value
+    sent in a session salted to the unpinned endorsement primary) before
+    the KEM key's parent was checked against the host key's pin. An
+    interposer present only at the refused first key creation kept the
+    auth value of every later AK (it derives from the host key), and the
+    host enrolled APPROVED once it had left. The KEM key's parent is now
+    checked first: nothing is sent under a swapped primary."""
+    sealed_path, key_file = tmp_path / "hostkey.sealed", tmp_path / "hostkeys.tpm"
+    mitm = SelectiveInterposer(host_tpm_standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm:
+            mitm.active = False  # the host key is sealed honestly
+            host_key = ks.TPMSealedHostKey(tpm, sealed_path).host_key()
+            tpm.use_key_auth(keyauth.derive(host_key), key_file)
+            mitm.active = True  # the first key creation is interposed
+            with pytest.raises(hostkeys.ParentMismatch, match="the KEM key is created only "
+                                                              "under the owner primary"):
+                tpm.quote(b"q" * 16, [0])
+            assert not key_file.exists()
+            mitm.active = False  # it leaves: the keys are created honestly
+            tpm.quote(b"q" * 16, [0])
+            record = attestor(db, tpm).enroll_from_agent("victim", auto_approve=True)
+    finally:
+        mitm.stop()
+    assert record.status.value == "APPROVED"
+    assert sum("userAuth" in r for r in mitm.recovered) == 0  # no auth value went to it

@@ -168,3 +168,64 @@ def test_certifications_stripped_from_a_1_10_reply_are_refused_by_default(
         db.get_host(HOST)
     [entry] = db.list_audit(host=HOST)
     assert (entry.event, entry.outcome) == ("enroll", "refused")
+
+
+def _real_primaries(tcti: str) -> dict[str, tuple[bytes, bytes]]:
+    """What anyone with access to the TPM reads: each hierarchy's storage
+    primary's public area and name (all public)."""
+    from tpm2_pytss import ESAPI
+    with ESAPI(tcti) as e:
+        out = {}
+        for hierarchy, which in ((hostkeys.AK_HIERARCHY, "endorsement"),
+                                 (hostkeys.KEM_HIERARCHY, "owner")):
+            with hostkeys.pinned_primary(e, hierarchy) as primary:
+                out[which] = (bytes(primary.public.publicArea.marshal()), primary.name)
+        return out
+
+
+class PinRewritingBroker(HostTPMAgent):
+    """A broker client that rewrites each certification's ``public`` and
+    ``pinned_name`` in the unsigned reply to the real primary's, so that
+    they match the name the TPM certified (the interposer's pins hidden)."""
+
+    def __init__(self, tpm: HostTPM, real: dict[str, tuple[bytes, bytes]]) -> None:
+        super().__init__(tpm)
+        self.real = real
+
+    def get_identity(self, host: str, nonce: bytes) -> Mapping[str, Any]:
+        ident = dict(super().get_identity(host, nonce))
+        ident["parent_certs"] = [
+            dict(c, public=self.real[c["hierarchy"]][0], pinned_name=self.real[c["hierarchy"]][1])
+            for c in ident["parent_certs"]]
+        return ident
+
+
+def test_pinned_names_rewritten_in_the_reply_are_refused(
+        host_tpm_standin: HostTPMStandIn, db: Database,  # noqa: F811
+        tmp_path: Path) -> None:
+    """akfix review round 2, finding 1: the engine took ``pinned_name`` from
+    the unsigned reply; a broker client rewrote it (and ``public``) to the
+    real primaries' and an interposer present at the agent's whole first
+    start enrolled APPROVED. The agent now binds its own pins into the
+    certifications' qualifying data (``authn.parent_binding``)."""
+    real = _real_primaries(host_tpm_standin.tcti)
+    key_file = tmp_path / "hostkeys.tpm"
+    with session_interposer(host_tpm_standin.tcti) as mitm:
+        with HostTPM(mitm.tcti, TEST_KEY_AUTH, key_file=key_file) as tpm:
+            tpm.quote(b"q" * 16, [0])
+            att = Attestor(db, lambda: PinRewritingBroker(tpm, real), verdict_ttl=600,
+                           nonce_ttl=30, require_certified_parents=True)
+            with pytest.raises(exception.CertificationError) as err:
+                att.enroll_from_agent(HOST, auto_approve=True)
+    blobs = hostkeys.KeyBlobs.from_bytes(key_file.read_bytes())
+    # the attack setting: the agent pinned the interposer's keys, the TPM
+    # certified the real primaries, whose names the broker put in the reply
+    assert {blobs.ak_parent_name, blobs.kem_parent_name} <= mitm.answered
+    assert set(mitm.certified) == {real["endorsement"][1], real["owner"][1]}
+    assert err.value.kwargs["reason"] == (
+        f"storage parent {real['endorsement'][1].hex()} (endorsement) not certified by the "
+        "AK: it does not bind this enrollment's nonce, this hierarchy and the reported "
+        "pinned name (stale or replayed, or the pinned name was rewritten between agent "
+        "and engine)")
+    with pytest.raises(exception.NotFound):
+        db.get_host(HOST)

@@ -102,8 +102,10 @@ def test_the_interposers_key_is_refused(soft: Any) -> None:
     other = ec.generate_private_key(ec.SECP256R1()).public_key().public_numbers()
     pub.unique.ecc.x, pub.unique.ecc.y = other.x.to_bytes(32, "big"), other.y.to_bytes(32, "big")
     fake = bytes(pub.marshal())
-    planted = dict(cert, public=fake, pinned_name=name_of(fake))
-    refused(AK, planted, (
+    # the agent binds the pin it reports: the interposer's
+    planted = resigned(soft, dict(cert, public=fake, pinned_name=name_of(fake)),
+                       extraData=authn.parent_binding(QUALIFYING, "owner", name_of(fake)))
+    refused(soft[1], planted, (
         f"the TPM certified the creation of {cert['pinned_name'].hex()}, not of the pinned "
         "name: the agent salts its sessions to a key that is not this TPM's storage primary "
         "(an interposer on the TPM interface when the agent pinned it, or another TPM)"))
@@ -121,9 +123,34 @@ def test_another_aks_signature_is_refused() -> None:
     refused(AK, cert, "signature does not verify under the enrolled AK")
 
 
+BINDING = ("it does not bind this enrollment's nonce, this hierarchy and the reported "
+           "pinned name (stale or replayed, or the pinned name was rewritten between agent "
+           "and engine)")
+
+
 def test_another_nonce_is_refused() -> None:
-    refused(AK, real(), "it does not bind this enrollment's nonce (stale or replayed)",
-            qualifying=b"another enrollment's nonce....")
+    refused(AK, real(), BINDING, qualifying=b"another enrollment's nonce....")
+
+
+def test_the_bare_qualifying_data_is_refused(soft: Any) -> None:
+    """Before akfix2 the agent certified with the identity's qualifying
+    data itself, which does not cover the reported pinned name."""
+    refused(soft[1], resigned(soft, real(), extraData=QUALIFYING), BINDING)
+
+
+def test_a_pinned_name_rewritten_to_the_certified_one_is_refused(soft: Any) -> None:
+    """akfix review round 2, finding 1: the agent pinned (and bound) an
+    interposer's key, the TPM certified the real primary, and a broker
+    client rewrote the unsigned reply's ``pinned_name`` (and ``public``) to
+    the real primary's: the binding no longer matches."""
+    cert = real()
+    interposers = name_of(b"the interposer's public area")
+    refused(soft[1], resigned(soft, cert, extraData=authn.parent_binding(
+        QUALIFYING, "owner", interposers)), BINDING)
+
+
+def test_a_certification_relabelled_to_the_other_hierarchy_is_refused() -> None:
+    refused(AK, dict(real("endorsement"), hierarchy="owner"), BINDING)
 
 
 def test_a_plain_certify_is_refused(soft: Any) -> None:
@@ -155,9 +182,11 @@ def test_a_child_key_is_refused(soft: Any) -> None:
                            "primary of the owner hierarchy")
 
 
-def test_a_primary_of_another_hierarchy_is_refused() -> None:
+def test_a_primary_of_another_hierarchy_is_refused(soft: Any) -> None:
     cert = dict(real("endorsement"), hierarchy="owner")
-    refused(AK, cert, "it was created under 4000000b, not as a primary of the owner hierarchy")
+    cert = resigned(soft, cert, extraData=authn.parent_binding(
+        QUALIFYING, "owner", cert["pinned_name"]))
+    refused(soft[1], cert, "it was created under 4000000b, not as a primary of the owner hierarchy")
 
 
 @pytest.mark.parametrize("clear", [TPMA_OBJECT.FIXEDTPM, TPMA_OBJECT.RESTRICTED,
@@ -269,7 +298,9 @@ def test_a_truncated_attestation_is_refused_with_its_reason(soft: Any) -> None:
 
 class ParentsTPM(FakeTPM):
     """A fake TPM whose identity carries the parents' certifications (the
-    real ones, re-signed by its AK over the enrollment's qualifying data)."""
+    real ones, ``tamper``-ed as the agent would report them, re-signed by
+    its AK over the enrollment's qualifying data bound to each reported
+    pin, as the agent binds its own)."""
 
     def __init__(self, tamper: Callable[[list[dict[str, Any]]], None] | None = None) -> None:
         super().__init__()
@@ -279,9 +310,11 @@ class ParentsTPM(FakeTPM):
         ident = super().identity(nonce, host)
         key = (self.ak, V.load_ak(self.ak_public))
         qualifying = authn.host_key_binding(nonce, self.command_public, host)
-        certs = [resigned(key, c, extraData=qualifying) for c in real_certs()]
+        certs = real_certs()
         if self.tamper is not None:
             self.tamper(certs)
+        certs = [resigned(key, c, extraData=authn.parent_binding(
+            qualifying, c["hierarchy"], c["pinned_name"])) for c in certs]
         return dict(ident, parent_certs=certs)
 
 
@@ -437,9 +470,75 @@ def test_a_re_enrollment_with_other_certified_parents_is_audited(
             stored(host), kem_parent_name=old_owner))
         att.enroll_from_agent(HOST)
         detail = audit(att)[0][2] or ""
-        assert (f"certified storage parents changed since the last enrollment (owner "
+        assert (f"certified storage parents changed since the last certified enrollment (owner "
                 f"{old_owner.hex()[:16]}... -> {real('owner')['pinned_name'].hex()[:16]}...)"
                 f": hierarchy seed changed (TPM cleared or replaced)") in detail
         assert "re-enrolled with other certified storage parents" in caplog.text
+    finally:
+        att.db.dispose()
+
+
+def test_a_capped_re_enrollment_keeps_the_certified_names(tmp_path: Path) -> None:
+    """akfix review round 2, finding 2: a re-enrollment asked below 1.10
+    stored NULL over the names certified before, so the next certified
+    re-enrollment had no baseline to name a changed parent against."""
+    agent = FakeAgent()
+    tpm = ParentsTPM()
+    agent.tpms[HOST] = tpm
+    att = attestor(tmp_path, agent, False)
+    try:
+        att.enroll_from_agent(HOST)
+        before = att.db.get_host(HOST)
+        att.revoke(HOST)
+        tpm.tamper = lambda certs: certs.clear()     # a capped engine: asked as 1.5
+        att.enroll_from_agent(HOST)
+        after = att.db.get_host(HOST)
+        assert (after.ak_parent_name, after.kem_parent_name) == (
+            before.ak_parent_name, before.kem_parent_name) == (
+            real("endorsement")["pinned_name"], real("owner")["pinned_name"])
+        assert audit(att)[0][2].startswith(
+            "AK ") and ("storage parents not certified (asked below agent API 1.10); the "
+                        "names certified at an earlier enrollment are kept") in audit(att)[0][2]
+        # the next certified re-enrollment still has its baseline
+        new_owner = b"\x00\x0b" + b"\x22" * 32
+        assert att._parents_change(HOST, (before.ak_parent_name, new_owner)) == (
+            f"owner {before.kem_parent_name.hex()[:16]}... -> {new_owner.hex()[:16]}...")
+    finally:
+        att.db.dispose()
+
+
+class MisnamingTPM(ParentsTPM):
+    """Certified parents, but a reported KEM name that is not its public
+    area's: refused after the parents' check passed."""
+
+    def identity(self, nonce: bytes, host: str = "cmp1") -> dict[str, Any]:
+        return dict(super().identity(nonce, host), kem_name=b"\x00\x0b" + b"\x33" * 32)
+
+
+def test_a_changed_parent_is_said_only_once_the_re_enrollment_passes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """akfix review round 2, finding 2: the "changed" warning was logged
+    before the later checks, for an enrollment then refused."""
+    agent = FakeAgent()
+    agent.tpms[HOST] = ParentsTPM()
+    att = attestor(tmp_path, agent, False)
+    try:
+        att.enroll_from_agent(HOST)
+        att.revoke(HOST)
+        stored = att.db.get_host
+        monkeypatch.setattr(att.db, "get_host", lambda host: dataclasses.replace(
+            stored(host), kem_parent_name=b"\x00\x0b" + b"\x11" * 32))
+        agent.tpms[HOST] = MisnamingTPM()
+        caplog.clear()
+        with pytest.raises(exception.CertificationError,
+                           match="reported KEM key name does not match its public area"):
+            att.enroll_from_agent(HOST)
+        assert "other certified storage parents" not in caplog.text
+        assert "changed since" not in (audit(att)[0][2] or "")
+        agent.tpms[HOST] = ParentsTPM()
+        att.enroll_from_agent(HOST)
+        assert "re-enrolled with other certified storage parents" in caplog.text
+        assert "changed since the last certified enrollment" in (audit(att)[0][2] or "")
     finally:
         att.db.dispose()

@@ -82,7 +82,9 @@ class ParentCertification(Message):
     """1.10: TPM2_CertifyCreation by the AK of one storage parent the agent
     salts its sessions to (``hostkeys.ParentCertification``): the engine
     checks that ``pinned_name`` is the name of a primary this TPM created
-    in ``hierarchy`` (``vtpcm_nova/engine/parentcert.py``)."""
+    in ``hierarchy`` (``vtpcm_nova/engine/parentcert.py``). The reply is
+    not signed by the host: ``attest``'s extraData binds ``pinned_name``
+    (``authn.parent_binding``), so a rewritten one is refused."""
 
     message_type = "parent_certification"
     hierarchy: str = field(wire.choice_field("owner", "endorsement"))

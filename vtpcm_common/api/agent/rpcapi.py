@@ -50,9 +50,11 @@ API version history:
           policy's whole selection and has no staleness report.
     1.10 - get_identity with ``parents=True`` also returns ``parent_certs``:
           the AK's TPM2_CertifyCreation of both storage parents the agent
-          pinned, with the identity's qualifying data (issue 9: the engine
-          checks they are real primaries of this TPM, which ends the trust
-          on first use of the pins). Capped below 1.10 it is asked as 1.5
+          pinned, each with the identity's qualifying data bound to the
+          hierarchy and the agent's pin (``authn.parent_binding``, so the
+          AK's signature covers the reported ``pinned_name``) (issue 9: the
+          engine checks they are real primaries of this TPM, which ends the
+          trust on first use of the pins). Capped below 1.10 it is asked as 1.5
           without them; ``[attestation] require_certified_parents`` then
           refuses the enrollment.
 

@@ -41,7 +41,9 @@ class HostStore(KeyStore, TrustStore):
         only once the host is APPROVED (here or by ``approve_host``): the
         key is public, and an unapproved name (a software AK without an EK
         CA) must not block it for the host that owns it. ``parent_names``:
-        the AK's and KEM key's storage parents the AK certified, if it did."""
+        the AK's and KEM key's storage parents the AK certified, if it did;
+        None (a capped engine did not ask) keeps those stored at the host's
+        last certified enrollment, the baseline a later one is compared to."""
         now = now or utcnow()
         status = HostStatus.APPROVED if approved else HostStatus.PENDING
         with self.session() as s:
@@ -61,7 +63,8 @@ class HostStore(KeyStore, TrustStore):
             row.kem_public, row.kem_name = kem_public, kem_name
             row.ek_certificate, row.status = ek_certificate, status.value
             row.command_public = command_public
-            row.ak_parent_name, row.kem_parent_name = parent_names or (None, None)
+            if parent_names is not None:  # else keep those of the last certified one
+                row.ak_parent_name, row.kem_parent_name = parent_names
             row.enrolled_at = now
             row.approved_at = now if approved else None
             try:
