@@ -135,14 +135,24 @@ def random_command_public() -> bytes:
     return authn.public_raw(ed25519.Ed25519PrivateKey.generate().public_key())
 
 
-def trust_hosts(operator: Any, names: list[str], pcrs: tuple[int, ...] = (0, 1, 2)) -> str:
-    """Give enrolled, approved hosts a golden policy recorded from the first
-    one's PCRs (the stand-ins' are alike) and a fresh TRUSTED verdict, as
-    ``create_vtpcm`` and ``begin`` require. Returns the policy's name."""
-    policy = "p-" + uuid.uuid4().hex[:6]
+def trust_hosts(operator: Any, names: list[str], pcrs: tuple[int, ...] = (0, 1, 2), *,
+                policy: str | None = None, bound: float = 0.0) -> str:
+    """Give enrolled, approved hosts a golden policy (``policy``, or a fresh
+    name) recorded from the first one's PCRs (the stand-ins' are alike) and
+    a fresh TRUSTED verdict, as ``create_vtpcm`` and ``begin`` require.
+    ``bound`` > 0: attest again until TRUSTED within that many seconds (a
+    short engine RPC timeout can cut a host's first quote, which creates its
+    TPM keys). Returns the policy's name."""
+    policy = policy or "p-" + uuid.uuid4().hex[:6]
     operator.record_policy(policy, names[0], pcrs, "host-TPM stand-ins")
     for name in names:
         operator.assign_policy(name, policy)
+        if bound > 0:
+            def trusted(name: str = name) -> bool:
+                return bool(operator.attest(name).status == "TRUSTED")
+            wait_for("%s attested TRUSTED" % name, trusted, bound)
+            continue
         verdict = operator.attest(name)
         assert verdict.status == "TRUSTED", verdict.reason
     return policy
+

@@ -555,8 +555,7 @@ class Coordinator(ShelvingMixin):
             detail = "the vTPCM is shelved: only an unshelve moves it"
             self._refuse_audit(migration_id, instance_uuid, dest, detail)
             raise exception.MigrationError(migration_id=migration_id, reason=detail)
-        verdict = self.trust.check_fresh(dest)
-        dest_host, distrust = self._trusted_destination(dest, verdict)
+        dest_host, distrust = self._destination_gate(dest)
         # The source agent must hold this generation ACTIVE or STOPPED
         # before anything is claimed: a source without it (reinstalled, its
         # association lost) refuses the begin cleanly. Claimed first, the
@@ -1085,6 +1084,20 @@ class Coordinator(ShelvingMixin):
         if host is None:
             return None, self._distrust(dest)
         return host, ""
+
+    def _destination_gate(self, dest: str) -> tuple[db_api.HostRecord | None, str]:
+        """``begin``'s gate: ``_trusted_destination`` of a fresh verdict.
+
+        ``trusted_host`` first, alone: it finds the host exactly when
+        ``check_fresh`` would answer from the database without attesting
+        (APPROVED, TRUSTED, unexpired), so the verdict read that preceded it
+        was the same row read twice. Only a host it does not find is handed
+        to ``check_fresh`` (which attests a stale or missing verdict) and
+        looked up again, as before."""
+        host = self.db.trusted_host(dest, self.now())
+        if host is not None:
+            return host, ""
+        return self._trusted_destination(dest, self.trust.check_fresh(dest))
 
     def _distrust(self, host: str) -> str:
         """Why ``host`` no longer passes ``trusted_host``."""

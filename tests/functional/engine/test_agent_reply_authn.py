@@ -11,69 +11,28 @@ QEMU)."""
 import base64
 import dataclasses
 import os
-import shutil
 import uuid
 from typing import Any
 
 import oslo_messaging as messaging
 import pytest
 
-from tests.functional.harness import (
-    ClusterHost,
-    EngineDaemon,
-    agent_cluster,
-    client_conf,
-    serve_agent_in_process,
-    short_dir,
-    trust_hosts,
-    wait_for,
-)
+from tests.functional.deploy import Deployment, Spec, Trust, build
+from tests.functional.harness import serve_agent_in_process, wait_for
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import rpcapi as agent_rpcapi
 from vtpcm_common.api.agent.rpcapi import AgentAPI
-from vtpcm_common.api.engine.rpcapi import EngineAPI
-from vtpcm_lab import daemons
 
 pytestmark = pytest.mark.functional
 
 
-@dataclasses.dataclass
-class Deployment:
-    operator: EngineAPI
-    at: dict[str, EngineAPI]  # label -> the engine as that host's driver calls it
-    hosts: dict[str, ClusterHost]
-    agents: AgentAPI  # the engine's signing key, replies unverified (a tool)
-    conf: Any
-
-
 @pytest.fixture(scope="module")
 def deployment():
-    work = short_dir("vtrep")
-    exchange = "vtpcm-rep-" + uuid.uuid4().hex[:8]
-    conf = client_conf(exchange)
-    agents = AgentAPI(conf, timeout=30)
-    operator = EngineAPI(conf, timeout=60)
-    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work, extra={
+    spec = Spec("rep", labels=("a", "b", "c"), engine={
         "attestation": {"auto_approve": "true", "verdict_ttl": 600},
-        "migration": {"reconcile_interval": 2}})
-    try:
-        with agent_cluster(work, "hr", exchange, agents, labels=("a", "b", "c")) as entries:
-            engine.start()
-            engine.wait_ready(operator)
-            hosts, at = {}, {}
-            for entry, label in zip(entries, ("a", "b", "c"), strict=True):
-                hosts[label] = ClusterHost(*entry)
-                assert operator.enroll(hosts[label].name).status == "APPROVED"
-                at[label] = EngineAPI(conf, operator.transport, timeout=60,
-                                      host_signer=authn.load_host_key(entry[2].command_key))
-            trust_hosts(operator, [hosts["a"].name, hosts["b"].name])
-            yield Deployment(operator, at, hosts, agents, conf)
-    finally:
-        engine.stop()
-        agents.transport.cleanup()
-        operator.transport.cleanup()
-        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        "migration": {"reconcile_interval": 2}}, trust=Trust(labels=("a", "b")))
+    with build(spec) as d:
+        yield d
 
 
 class Thief:

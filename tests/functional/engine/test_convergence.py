@@ -5,7 +5,6 @@ agents' state collector (export_state on the source, import_state on the
 destination), which sets the state into the destination swtpm the way
 QEMU's incoming side does."""
 
-import dataclasses
 import os
 import shutil
 import signal
@@ -14,84 +13,30 @@ import uuid
 import pytest
 
 from tests.functional import tpmtools
-from tests.functional.harness import (
-    ClusterHost,
-    EngineDaemon,
-    agent_cluster,
-    client_conf,
-    short_dir,
-    wait_for,
+from tests.functional.deploy import (
+    Deployment,
+    Spec,
+    Trust,
+    build,
+    permanent,
+    running_vtpcm,
+    switchover,
 )
-from vtpcm_common import authn, exception
-from vtpcm_common.api.agent.rpcapi import AgentAPI
+from tests.functional.harness import wait_for
+from vtpcm_common import exception
 from vtpcm_common.api.engine import messages as em
-from vtpcm_common.api.engine.rpcapi import EngineAPI
-from vtpcm_lab import daemons
 
 pytestmark = pytest.mark.functional
 
 PCRS = (0, 7)
 
 
-@dataclasses.dataclass
-class Deployment:
-    operator: EngineAPI
-    at: dict[str, EngineAPI]  # label -> the engine as that host's Nova driver calls it
-    hosts: dict[str, ClusterHost]
-    agents: AgentAPI
-    engine: EngineDaemon
-
-
 @pytest.fixture(scope="module")
 def deployment():
-    work = short_dir("vtconv")
-    exchange = "vtpcm-conv-" + uuid.uuid4().hex[:8]
-    conf = client_conf(exchange)
-    agents = AgentAPI(conf, timeout=30)
-    operator = EngineAPI(conf, timeout=60)
-    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
-                          extra={"attestation": {"verdict_ttl": 600}})
-    try:
-        with agent_cluster(work, "cv", exchange, agents) as raw:
-            engine.start()
-            engine.wait_ready(operator)
-            hosts = {label: ClusterHost(*h) for label, h in zip(("a", "b"), raw, strict=True)}
-            for host in hosts.values():
-                assert operator.enroll(host.name).status == "APPROVED"
-            operator.record_policy("golden", hosts["a"].name, PCRS, "stand-in boot")
-            at = {}
-            for label, host in hosts.items():
-                operator.assign_policy(host.name, "golden")
-                assert operator.attest(host.name).status == "TRUSTED"
-                at[label] = EngineAPI(conf, operator.transport, timeout=60,
-                                      host_signer=authn.load_host_key(host.agent.command_key))
-            yield Deployment(operator, at, hosts, agents, engine)
-    finally:
-        engine.stop()
-        agents.transport.cleanup()
-        operator.transport.cleanup()
-        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
-
-
-def _running_vtpcm(d: Deployment, label: str) -> tuple[str, str]:
-    """A started vTPCM on host ``label`` with guest state in it: (instance, vtpcm id)."""
-    instance = str(uuid.uuid4())
-    rec = d.at[label].create_vtpcm(instance, d.hosts[label].name)
-    d.at[label].start_vtpcm(instance)
-    tpmtools.write_guest_state(d.hosts[label].paths(instance, rec.vtpcm_id),
-                               b"tenant NV " + os.urandom(8), os.urandom(32), make_key=True)
-    return instance, rec.vtpcm_id
-
-
-def _switchover(d: Deployment, instance: str, src: str, dst: str) -> None:
-    """QEMU's stop-and-copy, stood in for by the state collector."""
-    d.agents.import_state(d.hosts[dst].name,
-                          d.agents.export_state(d.hosts[src].name, instance))
-
-
-def _permanent(state: dict[str, bytes]) -> dict[str, bytes]:
-    return {k: v for k, v in state.items() if k != "pcr16"}
+    spec = Spec("conv", engine={"attestation": {"verdict_ttl": 600}},
+                trust=Trust(pcrs=PCRS, policy="golden"))
+    with build(spec) as d:
+        yield d
 
 
 def test_destination_swtpm_dying_after_the_switchover_is_restarted_and_commits(deployment):
@@ -100,11 +45,11 @@ def test_destination_swtpm_dying_after_the_switchover_is_restarted_and_commits(d
     swtpm from the state it received and the source's commit lands."""
     d = deployment
     a, b = d.hosts["a"], d.hosts["b"]
-    instance, vtpcm_id = _running_vtpcm(d, "a")
+    instance, vtpcm_id = running_vtpcm(d, "a")
     before = tpmtools.read_guest_state(a.paths(instance, vtpcm_id), with_key=True)
     mid = str(uuid.uuid4())
     assert d.at["a"].begin(mid, instance, a.name, b.name).state == "PREPARED"
-    _switchover(d, instance, "a", "b")
+    switchover(d, instance, "a", "b")
     incoming = d.agents.get(b.name, instance)
     os.kill(incoming.pid, signal.SIGKILL)
     done = d.at["a"].commit(mid)  # Nova's post_live_migration, at once
@@ -117,7 +62,7 @@ def test_destination_swtpm_dying_after_the_switchover_is_restarted_and_commits(d
     assert d.agents.get(a.name, instance).state == "DESTROYED"  # shredded only now
     paths = b.paths(instance, incoming.vtpcm_id)
     tpmtools.power_on(paths)  # QEMU after the hard reboot the operator is told to do
-    assert _permanent(tpmtools.read_guest_state(paths, with_key=True)) == _permanent(before)
+    assert permanent(tpmtools.read_guest_state(paths, with_key=True)) == permanent(before)
     assert "AUDIT swtpm of instance %s (vTPCM %s, MIGRATING_IN) died" % (
         instance, incoming.vtpcm_id) in b.agent.log_text()
     # and in the engine's audit, reported by B's agent with B's host key
@@ -144,10 +89,10 @@ def test_operator_resolves_a_migration_its_source_never_committed(deployment):
     that would bring back an older generation is refused; all is audited."""
     d = deployment
     a, b = d.hosts["a"], d.hosts["b"]
-    instance, _ = _running_vtpcm(d, "a")
+    instance, _ = running_vtpcm(d, "a")
     mid = str(uuid.uuid4())
     d.at["a"].begin(mid, instance, a.name, b.name)
-    _switchover(d, instance, "a", "b")
+    switchover(d, instance, "a", "b")
 
     plan = d.operator.resolve_migration(mid, "destination")
     assert (plan.done, plan.state) == (False, "PREPARED")
@@ -173,7 +118,7 @@ def test_operator_resolve_refuses_to_shred_the_only_good_copy(deployment):
     the source is allowed and restores it."""
     d = deployment
     a, b = d.hosts["a"], d.hosts["b"]
-    instance, _ = _running_vtpcm(d, "a")
+    instance, _ = running_vtpcm(d, "a")
     mid = str(uuid.uuid4())
     d.at["a"].begin(mid, instance, a.name, b.name)
     incoming = d.agents.get(b.name, instance)
@@ -197,14 +142,14 @@ def test_operator_forgets_a_host_gone_for_good(deployment):
     refused while B is approved, then shows and drops B's records."""
     d = deployment
     a, b = d.hosts["a"], d.hosts["b"]
-    instance, _ = _running_vtpcm(d, "b")
+    instance, _ = running_vtpcm(d, "b")
     # review fix3: B also dies right after the source's commit of a migration
     # A -> B (COMMITTING, B's commit_incoming never answered)
-    moving, vtpcm_id = _running_vtpcm(d, "a")
+    moving, vtpcm_id = running_vtpcm(d, "a")
     before = tpmtools.read_guest_state(a.paths(moving, vtpcm_id), with_key=True)
     mid = str(uuid.uuid4())
     d.at["a"].begin(mid, moving, a.name, b.name)
-    _switchover(d, moving, "a", "b")
+    switchover(d, moving, "a", "b")
     b.agent.kill9()
     with pytest.raises(exception.ServiceUnreachable):
         d.at["a"].commit(mid)
@@ -223,8 +168,8 @@ def test_operator_forgets_a_host_gone_for_good(deployment):
         == (a.name, 2)
     back = d.agents.get(a.name, moving)
     assert (back.state, back.generation, back.migration_id) == ("ACTIVE", 2, None)
-    assert _permanent(tpmtools.read_guest_state(a.paths(moving, vtpcm_id),
-                                                with_key=True)) == _permanent(before)
+    assert permanent(tpmtools.read_guest_state(a.paths(moving, vtpcm_id),
+                                               with_key=True)) == permanent(before)
     d.at["a"].destroy_vtpcm(moving)
     plan = d.operator.forget_host(b.name)
     assert not plan.done and instance in plan.plan and "lost with it" in plan.plan

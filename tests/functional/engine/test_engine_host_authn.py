@@ -6,73 +6,27 @@ compromised compute node C, cannot destroy host A's vTPCM nor start, commit
 or abort a migration between A and B. Real agent daemons, engine daemon,
 RabbitMQ and swtpm host TPMs."""
 
-import dataclasses
-import shutil
 import uuid
 
 import pytest
 
-from tests.functional.harness import (
-    AgentDaemon,
-    EngineDaemon,
-    agent_cluster,
-    client_conf,
-    short_dir,
-    trust_hosts,
-)
-from vtpcm_common import authn, exception
-from vtpcm_common.api.agent.rpcapi import AgentAPI
+from tests.functional.deploy import Spec, Trust, build
+from vtpcm_common import exception
 from vtpcm_common.api.engine import messages as m
-from vtpcm_common.api.engine.rpcapi import EngineAPI
-from vtpcm_lab import daemons
 
 pytestmark = pytest.mark.functional
 
 
-@dataclasses.dataclass
-class Deployment:
-    operator: EngineAPI  # admin key, no host key: what a broker client can do
-    at: dict[str, EngineAPI]  # label -> the engine as that host's Nova driver calls it
-    names: dict[str, str]  # label -> host name
-    agents: AgentAPI
-    engine: EngineDaemon
-    agents_by_label: dict[str, AgentDaemon]
-    conf: object
-
-
 @pytest.fixture(scope="module")
 def deployment():
-    work = short_dir("vthost")
-    exchange = "vtpcm-host-" + uuid.uuid4().hex[:8]
-    conf = client_conf(exchange)
-    agents = AgentAPI(conf, timeout=30)
-    operator = EngineAPI(conf, timeout=60)
-    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
-                          extra={"attestation": {"auto_approve": "true"}})
-    apis: list[EngineAPI] = []
-    try:
-        with agent_cluster(work, "ha", exchange, agents, labels=("a", "b", "c")) as hosts:
-            engine.start()
-            engine.wait_ready(operator)
-            names, daemons_by_label = {}, {}
-            for (name, _, agent, _), label in zip(hosts, ("a", "b", "c"), strict=True):
-                assert operator.enroll(name).status == "APPROVED"
-                names[label] = name
-                daemons_by_label[label] = agent
-                api = EngineAPI(conf, operator.transport, timeout=60,
-                                host_signer=authn.load_host_key(agent.command_key))
-                apis.append(api)
-            # create_vtpcm needs a TRUSTED host; B has no policy, so a
-            # migration to it is refused at begin
-            trust_hosts(operator, [names["a"], names["c"]])
-            yield Deployment(operator, dict(zip(("a", "b", "c"), apis, strict=True)), names,
-                             agents, engine, daemons_by_label, conf)
-    finally:
-        engine.stop()
-        agents.transport.cleanup()
-        operator.transport.cleanup()
-        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    """Hosts A, B, C enrolled (their keys known); A and C TRUSTED.
+    create_vtpcm needs a TRUSTED host; B has no policy, so a migration to
+    it is refused at begin."""
+    spec = Spec("host", labels=("a", "b", "c"),
+                engine={"attestation": {"auto_approve": "true"}},
+                trust=Trust(labels=("a", "c")))
+    with build(spec) as d:
+        yield d
 
 
 def _refused(call, reason):
@@ -271,7 +225,7 @@ def test_reenrolment_learns_a_rotated_key(deployment):
     revoke and re-enroll: the engine knows only the new key."""
     d = deployment
     c = d.names["c"]
-    agent = d.agents_by_label["c"]
+    agent = d.hosts["c"].agent
     old = d.at["c"]
     agent.stop()
     agent.command_key.unlink()
@@ -279,8 +233,7 @@ def test_reenrolment_learns_a_rotated_key(deployment):
     agent.wait_ready(d.agents)
     d.operator.revoke_host(c)
     assert d.operator.enroll(c).status == "APPROVED"
-    new = EngineAPI(d.conf, d.operator.transport, timeout=60,
-                    host_signer=authn.load_host_key(agent.command_key))
+    new = d.host_api("c", timeout=60)
     assert new.host_signer.fingerprint != old.host_signer.fingerprint
     instance = str(uuid.uuid4())
     _refused(lambda: old.create_vtpcm(instance, c),

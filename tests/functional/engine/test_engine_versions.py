@@ -17,15 +17,9 @@ import uuid
 import oslo_messaging as messaging
 import pytest
 
-from tests.functional.harness import (
-    EngineDaemon,
-    agent_cluster,
-    client_conf,
-    short_dir,
-    trust_hosts,
-)
+from tests.functional.deploy import Spec, build
+from tests.functional.harness import client_conf, short_dir
 from vtpcm_common import authn, exception, rpc
-from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine import messages as em
 from vtpcm_common.api.engine.rpcapi import RPC_API_VERSION, EngineAPI
 from vtpcm_lab import daemons
@@ -62,45 +56,34 @@ def _serve_engine_in_process(conf, manager, server):
 
 @pytest.fixture(scope="module")
 def upgrade():
-    work = short_dir("vtengver")
-    exchange = "vtpcm-engver-" + uuid.uuid4().hex[:8]
+    work = short_dir("vtengold")
     old_exchange = "vtpcm-engold-" + uuid.uuid4().hex[:8]
-    conf = client_conf(exchange)
-    agents = AgentAPI(conf, timeout=30)
-    operator = EngineAPI(conf, agents.transport, timeout=60)
-    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
-                          extra={"attestation": {"auto_approve": "true"}})
     old_conf = client_conf(old_exchange)
     migration.db_sync("sqlite:///%s/old-engine.sqlite" % work)
     old_db = Database("sqlite:///%s/old-engine.sqlite" % work)
     stop_old = _serve_engine_in_process(old_conf, PreviousEngine(old_db, None, None),
                                         "old-engine")
     on_old = EngineAPI(old_conf, timeout=30)  # unsigned: that engine checks no keys
+    # create_vtpcm needs a TRUSTED host
+    spec = Spec("engver", labels=("a",), engine={"attestation": {"auto_approve": "true"}})
     try:
-        with agent_cluster(work, "ev", exchange, agents, labels=("a",)) as hosts:
-            name, _, agent, _ = hosts[0]
-            engine.start()
-            engine.wait_ready(operator)
-            assert operator.enroll(name).status == "APPROVED"
-            trust_hosts(operator, [name])  # create_vtpcm needs a TRUSTED host
-            key = authn.load_host_key(agent.command_key)
-            current = EngineAPI(conf, agents.transport, timeout=60, host_signer=key)
+        with build(spec) as d:
+            name, agents = d.names["a"], d.agents
+            key = authn.load_host_key(d.hosts["a"].agent.command_key)
+            current = d.at["a"]
             # an old compute node: the cap comes from its [upgrade_levels]
-            pinned_conf = client_conf(exchange)
+            pinned_conf = client_conf(d.exchange)
             pinned_conf.set_override("vtpcm_engine", PREVIOUS, group="upgrade_levels")
             pinned = EngineAPI(pinned_conf, agents.transport, timeout=60, host_signer=key)
             # what the Nova driver pins as [vtpcm] engine_public_key
             engine_key = authn.load_public_key(authn.public_key_path(
-                daemons.signing_key_path(exchange)))
+                daemons.signing_key_path(d.exchange)))
             yield current, pinned, on_old, agents, name, engine_key
     finally:
-        engine.stop()
         on_old.transport.cleanup()
         stop_old()
         old_db.dispose()
-        agents.transport.cleanup()
-        for namespace in (exchange, old_exchange):
-            shutil.rmtree(daemons.signing_key_path(namespace).parent, ignore_errors=True)
+        shutil.rmtree(daemons.signing_key_path(old_exchange).parent, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -6,22 +6,11 @@ update was TRUSTED and sources sealed migration keys to a KEM key the host
 could no longer use."""
 
 import hashlib
-import shutil
-import uuid
 
 import pytest
 
-from tests.functional.harness import (
-    EngineDaemon,
-    agent_cluster,
-    client_conf,
-    short_dir,
-    trust_hosts,
-)
+from tests.functional.deploy import Spec, Trust, build
 from vtpcm_agent.hosttpm import HostTPM
-from vtpcm_common.api.agent.rpcapi import AgentAPI
-from vtpcm_common.api.engine.rpcapi import EngineAPI
-from vtpcm_lab import daemons
 
 pytestmark = pytest.mark.functional
 
@@ -29,47 +18,34 @@ PCRS = (0, 1, 2)
 
 
 def test_a_stale_kem_key_is_untrusted_until_re_enrollment():
-    work = short_dir("vtkem")
-    exchange = "vtpcm-kem-" + uuid.uuid4().hex[:8]
-    conf = client_conf(exchange)
-    agents = AgentAPI(conf, timeout=30)
-    operator = EngineAPI(conf, timeout=60)
-    engine = EngineDaemon(work, exchange, "sqlite:///%s/engine.sqlite" % work,
-                          extra={"attestation": {"auto_approve": "true",
-                                                 "require_kem_pcr_binding": "true"}})
-    try:
-        with agent_cluster(work, "kb", exchange, agents, labels=("a",),
-                           agent_extra={"host_tpm": {"kem_policy_pcrs": "1,2"}}) as hosts:
-            host, tpm, _, _ = hosts[0]
-            engine.start()
-            engine.wait_ready(operator)
-            assert operator.enroll(host).status == "APPROVED"
-            policy = trust_hosts(operator, [host], PCRS)  # TRUSTED: bound to the golden values
-            quote = agents.quote(host, b"n" * 32, PCRS)
-            assert (quote.kem_pcrs, quote.kem_current) == ((1, 2), True)
-            old_kem = agents.get_identity(host, b"i" * 32).kem_public  # current: kept
-            # an approved update moves PCR 2; the operator records the new values
-            with HostTPM(tpm.tcti) as raw:
-                raw.extend_pcr(2, hashlib.sha256(b"approved kernel update").digest())
-            operator.record_policy(policy, host, PCRS, "after the update")
-            verdict = operator.attest(host)
-            assert verdict.status == "UNTRUSTED"
-            assert verdict.reason == (
-                "KEM key stale: the host reports its enrolled KEM key bound to PCR values it "
-                "no longer has or to another [host_tpm] kem_policy_pcrs; re-enroll the host "
-                "(its signed enrollment gives it a new KEM key)")
-            audit = [(e.event, e.outcome, e.detail) for e in
-                     operator.list_audit(limit=50, host=host).entries]
-            assert ("verdict", "UNTRUSTED", verdict.reason) in audit
-            assert agents.quote(host, b"m" * 32, PCRS).kem_current is False
-            # the operator guide's re-enrollment: a new KEM key for the new values
-            operator.revoke_host(host)
-            assert operator.enroll(host).status == "APPROVED"
-            assert agents.get_identity(host, b"j" * 32).kem_public != old_kem
-            assert operator.attest(host).status == "TRUSTED"
-    finally:
-        engine.stop()
-        agents.transport.cleanup()
-        operator.transport.cleanup()
-        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    spec = Spec("kem", labels=("a",),
+                engine={"attestation": {"auto_approve": "true",
+                                        "require_kem_pcr_binding": "true"}},
+                agent={"host_tpm": {"kem_policy_pcrs": "1,2"}},
+                trust=Trust(pcrs=PCRS))  # TRUSTED: bound to the golden values
+    with build(spec) as d:
+        operator, agents, policy = d.operator, d.agents, d.policy
+        host, tpm = d.hosts["a"].name, d.hosts["a"].tpm
+        assert policy is not None
+        quote = agents.quote(host, b"n" * 32, PCRS)
+        assert (quote.kem_pcrs, quote.kem_current) == ((1, 2), True)
+        old_kem = agents.get_identity(host, b"i" * 32).kem_public  # current: kept
+        # an approved update moves PCR 2; the operator records the new values
+        with HostTPM(tpm.tcti) as raw:
+            raw.extend_pcr(2, hashlib.sha256(b"approved kernel update").digest())
+        operator.record_policy(policy, host, PCRS, "after the update")
+        verdict = operator.attest(host)
+        assert verdict.status == "UNTRUSTED"
+        assert verdict.reason == (
+            "KEM key stale: the host reports its enrolled KEM key bound to PCR values it "
+            "no longer has or to another [host_tpm] kem_policy_pcrs; re-enroll the host "
+            "(its signed enrollment gives it a new KEM key)")
+        audit = [(e.event, e.outcome, e.detail) for e in
+                 operator.list_audit(limit=50, host=host).entries]
+        assert ("verdict", "UNTRUSTED", verdict.reason) in audit
+        assert agents.quote(host, b"m" * 32, PCRS).kem_current is False
+        # the operator guide's re-enrollment: a new KEM key for the new values
+        operator.revoke_host(host)
+        assert operator.enroll(host).status == "APPROVED"
+        assert agents.get_identity(host, b"j" * 32).kem_public != old_kem
+        assert operator.attest(host).status == "TRUSTED"

@@ -31,7 +31,6 @@ import collections
 import dataclasses
 import os
 import random
-import shutil
 import threading
 import time
 import uuid
@@ -42,17 +41,10 @@ from typing import Any
 import pytest
 
 from tests.functional import tpmtools
-from tests.functional.harness import (
-    ClusterHost,
-    EngineDaemon,
-    agent_cluster,
-    client_conf,
-    short_dir,
-    trust_hosts,
-    wait_for,
-)
+from tests.functional.deploy import Spec, build
+from tests.functional.harness import ClusterHost, EngineDaemon, wait_for
 from vtpcm_agent.swtpm import process
-from vtpcm_common import authn, exception
+from vtpcm_common import exception
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_lab import daemons
@@ -352,46 +344,23 @@ SETUPS = [Setup("postgresql", 2, RUNS), Setup("sqlite", 1, RUNS // 5)]
 @pytest.fixture(scope="module", params=SETUPS, ids=lambda s: s.backend)
 def cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     setup: Setup = request.param
-    work = short_dir("vtload")
-    url = (request.getfixturevalue("pg_url") if setup.backend == "postgresql"
-           else "sqlite:///%s/engine.sqlite" % work)
-    exchange = "vtpcm-load-" + uuid.uuid4().hex[:8]
-    conf = client_conf(exchange)
-    agents = AgentAPI(conf, timeout=30)
-    operator = EngineAPI(conf, timeout=60)
-    extra = {"attestation": {"verdict_ttl": 3600},
-             # a begin of a killed worker is aborted within SETTLE_BOUND
-             "engine": {"rpc_timeout": 10, "worker_lease_ttl": WORKER_LEASE_TTL},
-             "migration": {"reconcile_interval": RECONCILE_INTERVAL,
-                           "timeout": MIGRATION_TIMEOUT}}
-    engines = [EngineDaemon(work, exchange, url, extra=extra, name="engine%d" % (i + 1),
-                            db_sync=i == 0) for i in range(setup.workers)]
-    db = None
-    try:
-        with agent_cluster(work, "ld", exchange, agents, labels=LABELS) as raw:
-            for engine in engines:
-                engine.start()
-            for engine in engines:
-                engine.wait_ready(operator)
-            hosts = {h[0]: ClusterHost(*h) for h in raw}
-            for name in hosts:
-                assert operator.enroll(name).status == "APPROVED"
-            trust_hosts(operator, list(hosts))
-            at = {name: EngineAPI(conf, operator.transport, timeout=25,
-                                  host_signer=authn.load_host_key(h.agent.command_key))
-                  for name, h in hosts.items()}
-            db = db_api.Database(url)
-            yield Cluster(operator, at, hosts, agents, engines, db, setup.runs)
-    finally:
-        for engine in engines:
-            engine.stop()
-        if db is not None:
+    spec = Spec(
+        "load", labels=LABELS, workers=setup.workers,
+        db_url=request.getfixturevalue("pg_url") if setup.backend == "postgresql" else None,
+        engine={"attestation": {"verdict_ttl": 3600},
+                # a begin of a killed worker is aborted within SETTLE_BOUND
+                "engine": {"rpc_timeout": 10, "worker_lease_ttl": WORKER_LEASE_TTL},
+                "migration": {"reconcile_interval": RECONCILE_INTERVAL,
+                              "timeout": MIGRATION_TIMEOUT}},
+        host_timeout=25, keep_work=bool(os.environ.get("VTPCM_KEEP_WORK")))
+    with build(spec) as d:
+        db = db_api.Database(d.db_url)
+        try:
+            yield Cluster(d.operator, {h.name: d.at[label] for label, h in d.hosts.items()},
+                          {h.name: h for h in d.hosts.values()}, d.agents, d.engines, db,
+                          setup.runs)
+        finally:
             db.dispose()
-        agents.transport.cleanup()
-        operator.transport.cleanup()
-        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
-        if not os.environ.get("VTPCM_KEEP_WORK"):
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _with_guest_state(c: Cluster) -> dict[str, tuple[str, bytes]]:

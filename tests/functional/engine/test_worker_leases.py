@@ -9,29 +9,16 @@ killed for good waited for the step bound (RPC timeout + 30 s) with
 another worker alive; a begin whose caller gave up before the engine
 recorded it ended PREPARED with nobody waiting, until the deadline."""
 
-import dataclasses
-import shutil
 import threading
 import time
 import uuid
-from typing import Any
 
 import pytest
 
-from tests.functional.faults.deployment import frozen
-from tests.functional.harness import (
-    ClusterHost,
-    EngineDaemon,
-    agent_cluster,
-    client_conf,
-    short_dir,
-    trust_hosts,
-    wait_for,
-)
-from vtpcm_common import authn, exception
-from vtpcm_common.api.agent.rpcapi import AgentAPI
+from tests.functional.deploy import Deployment, Spec, build, frozen
+from tests.functional.harness import wait_for
+from vtpcm_common import exception
 from vtpcm_common.api.engine.rpcapi import EngineAPI
-from vtpcm_lab import daemons
 from vtpcm_nova.virt import livemigration
 
 pytestmark = pytest.mark.functional
@@ -45,51 +32,15 @@ LEASE_BOUND = LEASE_TTL + 2 * RECONCILE + 8
 SHARED_HOST = "engine-shared"
 
 
-@dataclasses.dataclass
-class Deployment:
-    operator: EngineAPI
-    at: dict[str, EngineAPI]
-    hosts: dict[str, ClusterHost]
-    agents: AgentAPI
-    engines: list[EngineDaemon]
-    conf: Any
-    policy: str
-
-
 @pytest.fixture(scope="module")
 def deployment():
-    work = short_dir("vtlease")
-    exchange = "vtpcm-lease-" + uuid.uuid4().hex[:8]
-    conf = client_conf(exchange)
-    agents = AgentAPI(conf, timeout=30)
-    operator = EngineAPI(conf, timeout=60)
-    url = "sqlite:///%s/engine.sqlite" % work
-    extra = {"engine": {"host": SHARED_HOST, "rpc_timeout": RPC_TIMEOUT,
-                        "worker_lease_ttl": LEASE_TTL},
-             "migration": {"reconcile_interval": RECONCILE},
-             "attestation": {"verdict_ttl": 600}}
-    engines = [EngineDaemon(work, exchange, url, extra=extra, name="engine%d" % i,
-                            db_sync=i == 1) for i in (1, 2)]
-    try:
-        with agent_cluster(work, "ls", exchange, agents) as raw:
-            for engine in engines:
-                engine.start()
-                engine.wait_ready(operator)
-            hosts = {label: ClusterHost(*h) for label, h in zip(("a", "b"), raw, strict=True)}
-            for host in hosts.values():
-                assert operator.enroll(host.name).status == "APPROVED"
-            policy = trust_hosts(operator, [h.name for h in hosts.values()])
-            at = {label: EngineAPI(conf, operator.transport, timeout=60,
-                                   host_signer=authn.load_host_key(h.agent.command_key))
-                  for label, h in hosts.items()}
-            yield Deployment(operator, at, hosts, agents, engines, conf, policy)
-    finally:
-        for engine in engines:
-            engine.stop()
-        agents.transport.cleanup()
-        operator.transport.cleanup()
-        shutil.rmtree(daemons.signing_key_path(exchange).parent, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+    spec = Spec("lease", workers=2, engine={
+        "engine": {"host": SHARED_HOST, "rpc_timeout": RPC_TIMEOUT,
+                   "worker_lease_ttl": LEASE_TTL},
+        "migration": {"reconcile_interval": RECONCILE},
+        "attestation": {"verdict_ttl": 600}})
+    with build(spec) as d:
+        yield d
 
 
 def _vtpcm(d: Deployment, label: str) -> str:
@@ -97,11 +48,6 @@ def _vtpcm(d: Deployment, label: str) -> str:
     d.at[label].create_vtpcm(instance, d.hosts[label].name)
     d.at[label].start_vtpcm(instance)
     return instance
-
-
-def _client(d: Deployment, label: str, timeout: float) -> EngineAPI:
-    return EngineAPI(d.conf, d.operator.transport, timeout=timeout,
-                     host_signer=authn.load_host_key(d.hosts[label].agent.command_key))
 
 
 def _begin_in_thread(d: Deployment, mid: str, instance: str, at: EngineAPI
@@ -163,7 +109,7 @@ def test_a_begin_of_a_killed_worker_is_aborted_once_its_lease_lapses(deployment)
     assert b.agent.pid is not None
     try:
         with frozen(b.agent.pid):
-            thread, _ = _begin_in_thread(d, mid, instance, _client(d, "a", timeout=8))
+            thread, _ = _begin_in_thread(d, mid, instance, d.host_api("a", timeout=8))
             wait_for("begin in PREPARING", lambda: _state(d, mid) == "PREPARING", 20)
             second.start()
             second.wait_ready(d.operator)
@@ -202,7 +148,7 @@ def test_an_abort_before_the_begin_was_recorded_refuses_the_late_begin(deploymen
     # the destination's verdict expires (a policy assignment does that), so
     # begin attests it again
     d.operator.assign_policy(b.name, d.policy)
-    impatient = _client(d, "a", timeout=4)
+    impatient = d.host_api("a", timeout=4)
     mid = str(uuid.uuid4())
     assert b.agent.pid is not None
     with frozen(b.agent.pid):  # the quote waits

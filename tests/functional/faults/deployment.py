@@ -6,20 +6,13 @@ RabbitMQ. The QEMU stream is stood in for by the agents' state collector
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import signal
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-from tests.functional import tpmtools
+from tests.functional import deploy
 from tests.functional.faults.relay import BrokerRelay
-from tests.functional.harness import ClusterHost, EngineDaemon, wait_for
+from tests.functional.harness import ClusterHost, wait_for
 from vtpcm_common import exception
-from vtpcm_common.api.agent.rpcapi import AgentAPI
-from vtpcm_common.api.engine.rpcapi import EngineAPI
 
 # The engine's agent RPC timeout in these tests: "down past the RPC
 # timeout" means down longer than this.
@@ -40,57 +33,11 @@ PCRS = (0, 7)
 
 
 @dataclasses.dataclass
-class Deployment:
-    operator: EngineAPI
-    at: dict[str, EngineAPI]  # label -> the engine as that host's Nova driver calls it
-    hosts: dict[str, ClusterHost]
-    agents: AgentAPI
-    engine: EngineDaemon
-    relay: BrokerRelay | None = None  # the daemons' way to RabbitMQ, if cut-able
+class Deployment(deploy.Deployment):
+    """The builder's deployment, and the relay its daemons reach RabbitMQ
+    through (``None``: directly)."""
 
-    def restart_engine(self) -> None:
-        """Start the engine again (after a kill) and wait until it serves."""
-        self.engine.start()
-        self.engine.wait_ready(self.operator)
-
-    def restart_agent(self, label: str) -> None:
-        agent = self.hosts[label].agent
-        agent.start()
-        agent.wait_ready(self.agents)
-
-
-@contextlib.contextmanager
-def frozen(pid: int) -> Iterator[None]:
-    """The process stopped (SIGSTOP) until the block ends (SIGCONT, also on
-    failure; a process killed meanwhile is gone and that is fine): holds a
-    step on the agent's side, e.g. ``begin`` between the seal and the
-    prepare."""
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
-
-
-def running_vtpcm(d: Deployment, label: str) -> tuple[str, str]:
-    """A started vTPCM on host ``label`` with guest state in it: (instance, vtpcm id)."""
-    instance = str(uuid.uuid4())
-    rec = d.at[label].create_vtpcm(instance, d.hosts[label].name)
-    d.at[label].start_vtpcm(instance)
-    tpmtools.write_guest_state(d.hosts[label].paths(instance, rec.vtpcm_id),
-                               b"tenant NV " + os.urandom(8), os.urandom(32), make_key=True)
-    return instance, rec.vtpcm_id
-
-
-def switchover(d: Deployment, instance: str, src: str, dst: str) -> None:
-    """QEMU's stop-and-copy, stood in for by the state collector."""
-    d.agents.import_state(d.hosts[dst].name,
-                          d.agents.export_state(d.hosts[src].name, instance))
-
-
-def permanent(state: dict[str, bytes]) -> dict[str, bytes]:
-    return {k: v for k, v in state.items() if k != "pcr16"}
+    relay: BrokerRelay | None = None
 
 
 def wait_state(d: Deployment, migration_id: str, states: set[str], timeout: float) -> str:

@@ -33,17 +33,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.functional import tpmtools
+from tests.functional.deploy import frozen, permanent, running_vtpcm, switchover
 from tests.functional.faults import results
 from tests.functional.faults.deployment import (
     MIGRATION_TIMEOUT,
     Deployment,
     assert_one_place,
     files_now,
-    frozen,
     other,
-    permanent,
-    running_vtpcm,
-    switchover,
     wait_state,
 )
 from tests.functional.harness import wait_for

@@ -21,6 +21,7 @@ import uuid
 import pytest
 
 from tests.functional import tpmtools
+from tests.functional.deploy import frozen, permanent, running_vtpcm, switchover
 from tests.functional.faults.cells import CELLS
 from tests.functional.faults.deployment import (
     BEGIN_STEP_BOUND,
@@ -28,10 +29,6 @@ from tests.functional.faults.deployment import (
     Deployment,
     assert_one_place,
     files_now,
-    frozen,
-    permanent,
-    running_vtpcm,
-    switchover,
     wait_state,
 )
 from tests.functional.faults.matrix import run_cell

@@ -663,10 +663,19 @@ def _commits(att: attestation.Attestor) -> list[int]:
     return seen
 
 
+def _transactions(att: attestation.Attestor) -> list[int]:
+    """A list that counts the database transactions begun from now on
+    (committed or, for a read in Core, rolled back)."""
+    from sqlalchemy import event
+    seen: list[int] = []
+    event.listen(att.db.engine, "begin", lambda _conn: seen.append(1))
+    return seen
+
+
 def test_attest_is_two_transactions_and_one_write(env: Any) -> None:
     """One read for the challenge, one write for the verdict (nonce on
     record as used, verdict, clock, audit): each write is an fsync on the
-    way, each transaction the ORM's round."""
+    way, each transaction a round of its own."""
     from vtpcm_nova.engine.db import models
     att, agent, _ = env
     enrolled(att, agent)
@@ -678,17 +687,17 @@ def test_attest_is_two_transactions_and_one_write(env: Any) -> None:
             assert s.query(models.Nonce).filter_by(nonce=nonce.hex()).count() == 0
         return quote(host, nonce, pcrs, bank)
     for _ in range(2):  # a first verdict (audited) and an unchanged one
-        commits = _commits(att)
+        commits, begun = _commits(att), _transactions(att)
         agent.quote = quote  # type: ignore[method-assign]
         assert att.attest("cmp1").trusted
-        assert len(commits) == 2
+        assert (len(begun), len(commits)) == (2, 1)
         agent.quote = nothing_written_yet  # type: ignore[method-assign]
         assert att.attest("cmp1").trusted
     agent.quote = quote  # type: ignore[method-assign]
     agent.tpms["cmp1"].extend(16, b"rootkit")
-    commits = _commits(att)
+    commits, begun = _commits(att), _transactions(att)
     assert att.attest("cmp1").status is TrustStatus.UNTRUSTED
-    assert len(commits) == 2
+    assert (len(begun), len(commits)) == (2, 1)
 
 
 def test_a_verdict_stands_only_with_its_audit_entry_and_its_nonce_used(env: Any) -> None:
@@ -696,21 +705,20 @@ def test_a_verdict_stands_only_with_its_audit_entry_and_its_nonce_used(env: Any)
     refuses it) leaves no verdict of that attestation and its nonce unused,
     never a verdict the audit does not show."""
     from sqlalchemy import event
-    from sqlalchemy.orm import Session
 
     from vtpcm_nova.engine.db import models
     att, agent, _ = env
     enrolled(att, agent)
 
-    def refuse_audit(session: Session, _ctx: Any, _instances: Any) -> None:
-        if any(isinstance(obj, models.Audit) for obj in session.new):
+    def refuse_audit(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO AUDIT"):
             raise RuntimeError("disk full")
-    event.listen(Session, "before_flush", refuse_audit)
+    event.listen(att.db.engine, "before_cursor_execute", refuse_audit)
     try:
         with pytest.raises(RuntimeError, match="disk full"):
             att.attest("cmp1")
     finally:
-        event.remove(Session, "before_flush", refuse_audit)
+        event.remove(att.db.engine, "before_cursor_execute", refuse_audit)
     assert att.db.get_verdict("cmp1") is None
     assert att.db.get_clock_state("cmp1") is None
     with att.db.session() as s:  # the nonce is not on record as used either

@@ -15,6 +15,7 @@ from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
 from vtpcm_nova.engine.db import migration, models
 from vtpcm_nova.engine.db.api import Database, TrustBasis, VerdictRecord
+from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.shelved import Deletion, ServerView
 from vtpcm_nova.engine.verifier import TrustStatus
 
@@ -30,9 +31,39 @@ def FakeVerdict(status: str, reason: str = "") -> VerdictRecord:
     return VerdictRecord("any-host", TrustStatus(status), reason, T0, T0 + YEAR)
 
 
+class _StoredVerdicts(dict):
+    """A verdict set here is also the engine database's record of the
+    host's last attestation (as the real ``Attestor`` stores it): ``begin``
+    reads the database first and asks ``check_fresh`` only when that finds
+    no fresh TRUSTED verdict of an APPROVED host."""
+
+    def __init__(self, db):
+        super().__init__()
+        self.db = db
+        self.stored = 0
+
+    def __setitem__(self, host, verdict):
+        super().__setitem__(host, verdict)
+        if self.db is None:
+            return
+        rec = self.db.get_host(host)
+        if rec.policy_name is None:
+            return
+        policy = self.db.get_policy(rec.policy_name)
+        # a later challenge than any on record (an expiry by a host change
+        # is dated by the wall clock)
+        self.stored += 1
+        basis = TrustBasis(host, rec.revision, policy.name, policy.revision,
+                           datetime.datetime.now(datetime.UTC)
+                           + datetime.timedelta(microseconds=self.stored))
+        if verdict.trusted and rec.status is not HostStatus.APPROVED:
+            return  # the database refuses it; the host's status decides
+        self.db.record_attestation(basis, verdict.status, verdict.reason, T0 + YEAR)
+
+
 class FakeTrust:
-    def __init__(self):
-        self.verdicts = {}
+    def __init__(self, db=None):
+        self.verdicts = _StoredVerdicts(db)
 
     def check_fresh(self, host):
         return self.verdicts.get(host, FakeVerdict("UNKNOWN", "never attested"))
@@ -171,7 +202,7 @@ def env(tmp_path):
                        ek_certificate=None, approved=True)
         db.assign_policy(host, "golden")
         trusted_in_db(db, host)
-    agents, trust = FakeAgents(), FakeTrust()
+    agents, trust = FakeAgents(), FakeTrust(db)
     trust.verdicts["host-a"] = FakeVerdict("TRUSTED")
     trust.verdicts["host-b"] = FakeVerdict("TRUSTED")
     clock = {"now": T0}
@@ -227,6 +258,29 @@ def test_begin_reads_the_destination_status_with_its_verdict(env):
         coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
     assert names(agents) == []
     assert db.get_vtpcm(INSTANCE).migration_id is None
+
+
+def test_begin_attests_only_a_destination_without_a_fresh_trusted_verdict(env):
+    """The gate is one query while the database holds a fresh TRUSTED
+    verdict of an APPROVED destination; the trust checker (which attests)
+    is asked only otherwise, and its answer is looked up again."""
+    coord, db, agents, trust, _ = env
+    asked = []
+    real = trust.check_fresh
+
+    def check_fresh(host):
+        asked.append(host)
+        return real(host)
+    trust.check_fresh = check_fresh
+    mid = str(uuid.uuid4())
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    assert asked == []
+    coord.abort(mid, "test")
+    db.assign_policy("host-b", "golden")  # its verdict expired (attest again)
+    with pytest.raises(exception.HostNotTrusted, match="attest again"):
+        coord.begin(str(uuid.uuid4()), INSTANCE, "host-a", "host-b")
+    assert asked == ["host-b"]
+    assert names(agents) == ["seal", "prepare", "abort_incoming", "abort_outgoing"]
 
 
 def test_wrong_source_refused(env):
@@ -1143,9 +1197,11 @@ def test_a_tombstone_written_while_the_begin_attests_refuses_it(env):
     coord, db, agents, trust, _ = env
     mid = str(uuid.uuid4())
     real = trust.check_fresh
+    db.assign_policy("host-b", "golden")  # its verdict expired: begin attests
 
     def slow_attestation(host):  # the caller gives up and aborts meanwhile
         coord.abort(mid, "begin timed out", instance_uuid=INSTANCE, requested_by="host-a")
+        trust.verdicts[host] = FakeVerdict("TRUSTED")
         return real(host)
     trust.check_fresh = slow_attestation
     with pytest.raises(exception.MigrationError, match="aborted it before the engine"):
@@ -1240,9 +1296,11 @@ def test_a_tombstone_of_another_instance_refuses_a_begin_as_a_reused_id(env):
     # the same, the tombstone written while the begin attests
     mid2 = str(uuid.uuid4())
     real = trust.check_fresh
+    db.assign_policy("host-b", "golden")  # its verdict expired: begin attests
 
     def slow_attestation(host):
         coord.abort(mid2, "squat", instance_uuid=other, requested_by="host-c")
+        trust.verdicts[host] = FakeVerdict("TRUSTED")
         return real(host)
     trust.check_fresh = slow_attestation
     with pytest.raises(exception.MigrationError,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime
 
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from vtpcm_nova.engine.db import models
@@ -16,8 +16,8 @@ def add_audit(s: Session, event: str, outcome: str, *, host: str | None = None,
               detail: str = "", now: datetime.datetime | None = None) -> None:
     """An audit entry in the caller's transaction: it stands or falls with
     the change it records (``TrustStore.conclude_attestation``)."""
-    s.add(models.Audit(at=now or utcnow(), event=event, host=host, outcome=outcome,
-                       detail=detail))
+    s.connection().execute(insert(models.Audit).values(
+        at=now or utcnow(), event=event, host=host, outcome=outcome, detail=detail))
 
 
 class AuditStore(Store):

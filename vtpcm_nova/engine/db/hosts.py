@@ -22,6 +22,9 @@ from vtpcm_nova.engine.db.records import HostRecord, host_rec
 from vtpcm_nova.engine.db.store import utcnow
 from vtpcm_nova.engine.db.trust import TrustStore
 
+# the hosts table, for reads in Core (``Store.reading``)
+HOSTS = models.Host.__table__
+
 
 class HostStore(KeyStore, TrustStore):
     """Registered compute hosts and their lifecycle."""
@@ -144,8 +147,11 @@ class HostStore(KeyStore, TrustStore):
             return lost
 
     def get_host(self, name: str) -> HostRecord:
-        with self.session() as s:
-            return host_rec(self._host_row(s, name))
+        with self.reading() as c:
+            row = c.execute(select(HOSTS).where(HOSTS.c.name == name)).first()
+        if row is None:
+            raise exception.NotFound(what="host", key=name)
+        return host_rec(row)
 
     def list_hosts(self, status: HostStatus | None = None) -> list[HostRecord]:
         q = select(models.Host).order_by(models.Host.name)
@@ -157,15 +163,15 @@ class HostStore(KeyStore, TrustStore):
     def trusted_host(self, name: str, now: datetime.datetime) -> HostRecord | None:
         """The host iff it is APPROVED and has a fresh TRUSTED verdict, read
         in ONE query (the migration gate: its KEM key comes with the check)."""
-        q = (select(models.Host).join(models.VerdictRow,
-                                      models.VerdictRow.host == models.Host.name)
-             .where(models.Host.name == name,
-                    models.Host.status == HostStatus.APPROVED.value,
-                    models.VerdictRow.status == verifier.TrustStatus.TRUSTED.value,
-                    models.VerdictRow.expires_at > now))
-        with self.session() as s:
-            row = s.scalar(q)
-            return None if row is None else host_rec(row)
+        verdicts = models.VerdictRow.__table__
+        q = (select(HOSTS).join(verdicts, verdicts.c.host == HOSTS.c.name)
+             .where(HOSTS.c.name == name,
+                    HOSTS.c.status == HostStatus.APPROVED.value,
+                    verdicts.c.status == verifier.TrustStatus.TRUSTED.value,
+                    verdicts.c.expires_at > now))
+        with self.reading() as c:
+            row = c.execute(q).first()
+        return None if row is None else host_rec(row)
 
     def assign_policy(self, host: str, policy_name: str | None,
                       now: datetime.datetime | None = None) -> HostRecord:

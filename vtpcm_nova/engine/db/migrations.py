@@ -131,20 +131,21 @@ class MigrationStore(Store):
             return migration_rec(row)
 
     def begin_view(self, migration_id: str, instance_uuid: str) -> BeginView:
-        with self.session() as s:
-            row = s.scalar(select(models.Migration)
-                           .where(models.Migration.migration_id == migration_id))
-            unfinished = tuple((mid, state, src) for mid, state, src in s.execute(
-                select(models.Migration.migration_id, models.Migration.state,
-                       models.Migration.source)
-                .where(models.Migration.instance_uuid == instance_uuid,
-                       models.Migration.migration_id != migration_id,
-                       models.Migration.state.not_in(FINAL_STATES))
-                .order_by(models.Migration.id)))
-            vtpcm = s.scalar(select(models.Vtpcm)
-                             .where(models.Vtpcm.instance_uuid == instance_uuid))
-            return BeginView(None if row is None else migration_rec(row), unfinished,
-                             None if vtpcm is None else vtpcm_rec(vtpcm))
+        """In Core, in one (read) transaction (``Store.reading``)."""
+        migrations, vtpcms = models.Migration.__table__, models.Vtpcm.__table__
+        with self.reading() as c:
+            row = c.execute(select(migrations)
+                            .where(migrations.c.migration_id == migration_id)).first()
+            unfinished = tuple((mid, state, src) for mid, state, src in c.execute(
+                select(migrations.c.migration_id, migrations.c.state, migrations.c.source)
+                .where(migrations.c.instance_uuid == instance_uuid,
+                       migrations.c.migration_id != migration_id,
+                       migrations.c.state.not_in(FINAL_STATES))
+                .order_by(migrations.c.id)))
+            vtpcm = c.execute(select(vtpcms)
+                              .where(vtpcms.c.instance_uuid == instance_uuid)).first()
+        return BeginView(None if row is None else migration_rec(row), unfinished,
+                         None if vtpcm is None else vtpcm_rec(vtpcm))
 
     def get_migration(self, migration_id: str) -> MigrationRecord:
         with self.session() as s:

@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.engine import Row
 
 from vtpcm_nova.engine import verifier
 from vtpcm_nova.engine.db import models
@@ -139,14 +142,14 @@ class AbandonedRecord:
     abandoned_at: datetime.datetime
 
 
-def host_rec(r: models.Host) -> HostRecord:
+def host_rec(r: models.Host | Row[Any]) -> HostRecord:
     return HostRecord(r.name, r.ak_public, r.ak_name, r.kem_public, r.kem_name,
                       r.ek_certificate, HostStatus(r.status), r.policy_name, r.enrolled_at,
                       r.approved_at, r.command_public, r.revision, r.ak_parent_name,
                       r.kem_parent_name)
 
 
-def policy_rec(r: models.Policy) -> PolicyRecord:
+def policy_rec(r: models.Policy | Row[Any]) -> PolicyRecord:
     return PolicyRecord(r.name, r.bank, {int(k): bytes.fromhex(v) for k, v in r.pcrs.items()},
                         r.description, r.created_at, r.revision)
 
@@ -156,12 +159,12 @@ def verdict_rec(r: models.VerdictRow) -> VerdictRecord:
                          r.expires_at)
 
 
-def vtpcm_rec(r: models.Vtpcm) -> VtpcmRecord:
+def vtpcm_rec(r: models.Vtpcm | Row[Any]) -> VtpcmRecord:
     return VtpcmRecord(r.instance_uuid, r.vtpcm_id, r.host, r.generation, r.state,
                        r.migration_id, r.updated_at)
 
 
-def migration_rec(r: models.Migration) -> MigrationRecord:
+def migration_rec(r: models.Migration | Row[Any]) -> MigrationRecord:
     return MigrationRecord(r.migration_id, r.instance_uuid, r.source, r.dest, r.generation,
                            r.state, r.created_at, r.updated_at, r.deadline, r.error,
                            r.prior_state, r.begun_by)

@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import update
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from vtpcm_common import spans
@@ -52,15 +52,26 @@ class Store:
         finally:
             s.close()
 
+    @contextmanager
+    def reading(self) -> Iterator[Connection]:
+        """A read in SQLAlchemy Core: no ORM session, identity map or unit of
+        work, which cost ~0.2 ms of CPU per read against ~0.04 ms for the
+        same SELECT (the host and trust reads run several times in every
+        migration step). Several statements here share one transaction,
+        rolled back at the end: nothing is written through it."""
+        with spans.span("db:read"), self.engine.connect() as c:
+            yield c
+
     @staticmethod
-    def _update_host(s: Session, name: str, *conditions: Any, bump: bool = True,
+    def _update_host(s: Session | Connection, name: str, *conditions: Any, bump: bool = True,
                      **values: Any) -> bool:
         """Change the host row iff ``conditions`` hold; True if it did.
 
         Run first in a transaction it locks the row (and, on SQLite, takes
         the write lock), so the checks after it see no concurrent change.
         ``bump``: the revision grows, which makes attestations in flight
-        stale (their verdicts are dropped)."""
+        stale (their verdicts are dropped). ``s``: a session, or a session's
+        connection (Core: no autoflush, no ORM round)."""
         revision = models.Host.revision
         values["revision"] = revision + 1 if bump else revision
         q = (update(models.Host).where(models.Host.name == name, *conditions)
