@@ -164,7 +164,10 @@ def test_a_stale_witness_is_refused(dep):
     # still valid as a signed call, so the engine records it)
     key = serialization.load_pem_private_key(dep.witness_key.read_bytes(), password=None)
     past = authn.CommandSigner(key, clock=lambda: time.time() - MAX_AGE - 5)
-    dep.nova_api(past).record_api_witness(instance, "unshelve", requester=USER)
+    try:
+        dep.nova_api(past).record_api_witness(instance, "unshelve", requester=USER)
+    except exception.CommandStale:
+        pass  # an engine started since refuses it at once (a busy machine)
     _refused(dep, instance, a, c)
     dep.engine_at(a).unshelve_vtpcm(instance, a)
     dep.engine_at(a).destroy_vtpcm(instance)
