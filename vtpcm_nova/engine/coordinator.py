@@ -496,7 +496,7 @@ class Coordinator(ShelvingMixin):
         a migration begun on it would end, on abort, with the shelve undone.
         The record's state before the claim is kept with the migration, and
         an abort restores it."""
-        view = self.db.begin_view(migration_id, instance_uuid)  # one transaction
+        view = self.db.begin_view(migration_id, instance_uuid)  # one read, not a snapshot
         rec = view.migration
         if (rec is not None and rec.error == TOMBSTONE_REASON
                 and rec.instance_uuid == instance_uuid):

@@ -131,7 +131,7 @@ class MigrationStore(Store):
             return migration_rec(row)
 
     def begin_view(self, migration_id: str, instance_uuid: str) -> BeginView:
-        """In Core, in one (read) transaction (``Store.reading``)."""
+        """In Core (``Store.reading``); not a snapshot: the claim re-checks."""
         migrations, vtpcms = models.Migration.__table__, models.Vtpcm.__table__
         with self.reading() as c:
             row = c.execute(select(migrations)

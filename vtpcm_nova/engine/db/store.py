@@ -57,8 +57,12 @@ class Store:
         """A read in SQLAlchemy Core: no ORM session, identity map or unit of
         work, which cost ~0.2 ms of CPU per read against ~0.04 ms for the
         same SELECT (the host and trust reads run several times in every
-        migration step). Several statements here share one transaction,
-        rolled back at the end: nothing is written through it."""
+        migration step). Nothing is written through it (rolled back at the
+        end). It is NOT a snapshot: on SQLite each SELECT reads on its own,
+        on PostgreSQL READ COMMITTED each sees the newest commit, so two
+        statements here may see another worker's write between them; a
+        caller whose decision needs them consistent re-checks in its
+        conditional write (as ``create_migration``'s claim does)."""
         with spans.span("db:read"), self.engine.connect() as c:
             yield c
 
