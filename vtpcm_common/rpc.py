@@ -143,7 +143,8 @@ class Client:
                  signer: authn.CommandSigner | None = None,
                  version_cap: str | None | types.EllipsisType = ...,
                  exchange: str | None = None,
-                 reply_keys: authn.ReplyKeys | None = None) -> None:
+                 reply_keys: authn.ReplyKeys | None = None,
+                 retry: int | None = None) -> None:
         """``version_cap``: the highest version this client sends; by
         default the one ``[upgrade_levels]`` sets for the service (none:
         up to ``API_VERSION``). ``exchange``: the services' exchange when it
@@ -155,7 +156,11 @@ class Client:
         ``UNVERIFIED_REPLIES`` is asked at ``REPLY_VERSION`` or later (so a
         cap below it refuses them: ``RPCVersionCapped``) and an answer that
         does not verify raises ``ReplyNotAuthenticated``. Without it
-        (tools, tests) answers are taken unverified."""
+        (tools, tests) answers are taken unverified.
+
+        ``retry``: oslo.messaging's connection retries for a send (None:
+        forever, its default; 0: none). A caller that must not hang on a
+        broker that is down (nova-api's witness filter) passes 0."""
         self.signer = signer
         self.reply_keys = reply_keys
         self.topic = topic_name
@@ -167,7 +172,7 @@ class Client:
         self.transport = transport or get_transport(conf)
         target = messaging.Target(topic=topic_name, version="1.0", exchange=exchange)
         self.client = messaging.get_rpc_client(self.transport, target, timeout=timeout,
-                                               version_cap=self.version_cap)
+                                               version_cap=self.version_cap, retry=retry)
 
     def _checked_cap(self, cap: str | None) -> str | None:
         """A cap of another major version would refuse every call: say so now."""

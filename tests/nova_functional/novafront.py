@@ -100,10 +100,13 @@ class ServersStandIn:
     def __init__(self) -> None:
         self.servers: dict[str, dict[str, Any]] = {}
 
+    PROJECT = "0e4c9d5a6b7f4e1aa2b3c4d5e6f70811"  # whose servers they are
+
     def unshelving(self, instance: str, host: str) -> None:
         self.servers[instance] = {"OS-EXT-SRV-ATTR:host": host,
                                   "OS-EXT-STS:vm_state": "shelved_offloaded",
-                                  "OS-EXT-STS:task_state": "spawning"}
+                                  "OS-EXT-STS:task_state": "spawning",
+                                  "tenant_id": self.PROJECT}
 
     def __call__(self, environ: dict[str, Any],
                  start: Callable[..., Any]) -> Iterable[bytes]:

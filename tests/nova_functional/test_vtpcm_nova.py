@@ -773,6 +773,42 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertEqual(["recorded", "used"],
                          sorted(e.outcome for e in self._audit(instance, "vtpcm.witness")))
 
+    def test_a_compute_hosts_service_credentials_get_no_witness(self) -> None:
+        """Witness review, finding 1 (proof P4) through this Nova's own
+        pipeline: b's nova-compute holds service credentials (roles admin
+        and service) and asks nova-api itself to unshelve the server onto b
+        (2.91). Nova accepts it (an admin may), but the vtpcm_witness filter
+        records no witness: b's spawn gets UnshelveNotAuthorized, nothing is
+        sealed, the instance is SHELVED_OFFLOADED again. A user's unshelve
+        then moves it."""
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        self.admin_api.post_server_action(instance, {"shelve": {}})
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        service = api_client.TestOpenStackClient(
+            "nova", self.admin_api.base_url, project_id=self.admin_api.project_id,
+            roles=["admin", "service"])
+        service.microversion = self.microversion
+        service.post_server_action(instance, {"unshelve": {"host": b}})
+        self._wait_for_instance_action_event(
+            server, "unshelve", "compute_unshelve_instance", "Error")
+        server = self._wait_for_state_change(server, "SHELVED_OFFLOADED")
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0, "SHELVED", None),
+                         (rec.host, rec.generation, rec.state, rec.migration_id))
+        self.assertIsNone(self.dep.vtpcm_on(b, instance))
+        self.assertEqual([], self._audit(instance, "vtpcm.witness"))
+        (refused,) = self._audit(instance, "vtpcm.unshelve")
+        self.assertIn("not witnessed by nova-api", refused.detail)
+        # the user's own unshelve is witnessed and moves it
+        self.admin_api.post_server_action(instance, {"unshelve": {"host": b}})
+        server = self._wait_for_state_change(server, "ACTIVE")
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((b, 1, "ACTIVE"), (rec.host, rec.generation, rec.state))
+        self.assertEqual(before["nv"], self._tpm(b, instance)["nv"])
+
     def test_deleting_a_shelved_offloaded_server_reaps_its_vtpcm(self) -> None:
         """Issue 8: Nova deletes a shelved offloaded server without its
         compute driver (_local_delete). The engine's reconcile asks Nova and

@@ -268,6 +268,9 @@ def compute_conf(layout: Layout, host: ComputeHost) -> Sections:
                                              % (layout.venv, layout.nova_conf,
                                                 host.config_file)},
         "vtpcm": {"host_command_key": str(host.command_key)},
+        # not the API's admin token: the service user's (identity stand-in),
+        # which nova-api's vtpcm_witness filter never witnesses
+        "neutron": {"token": identity.SERVICE_TOKEN},
     }
 
 

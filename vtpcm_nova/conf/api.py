@@ -24,7 +24,16 @@ API_OPTS = [
                       "engine to record a witness, after Nova answered the request and "
                       "before the answer goes out (the answer is never changed; a "
                       "witness the engine did not record is logged, and the unshelve "
-                      "elsewhere it was for is then refused)."),
+                      "elsewhere it was for is then refused). It bounds the whole send: "
+                      "no reconnection to a broker that is down."),
+    cfg.ListOpt("api_witness_refused_roles", default=["service"],
+                help="nova-api only: the vtpcm_witness filter witnesses no request whose "
+                     "Keystone roles or service roles include one of these, nor one "
+                     "carrying a service token (it logs why; Nova's answer is never "
+                     "changed). Why: nova-compute holds service credentials, so a "
+                     "compromised compute host could otherwise ask nova-api itself to "
+                     "unshelve a server onto it and get a genuine witness. List the "
+                     "role your service users have (upstream: 'service')."),
 ]
 
 

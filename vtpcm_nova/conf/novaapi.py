@@ -56,8 +56,11 @@ NOVA_OPTS = [
                      "host can write an instance's host, task_state and deletion "
                      "through nova-conductor. Without a witness an unshelve elsewhere "
                      "is refused (UnshelveNotAuthorized, naming this option) and the "
-                     "reaper only reports. False: Nova's view alone, as before 1.12 "
-                     "(and only SHELVED vTPCMs are reaped)."),
+                     "reaper only reports. False: Nova's view alone, as before 1.12. "
+                     "Either way the reaper shreds only SHELVED vTPCMs (ACTIVE and "
+                     "STOPPED ones of instances Nova shows deleted are only reported), "
+                     "and a witness counts only if requested since the vTPCM was "
+                     "shelved."),
     cfg.ListOpt("api_witness_public_keys", default=[],
                 help="PEM files of the nova-api witness public keys (each API node's "
                      "<[vtpcm] api_witness_key_file>.pub, or one shared key). A "
@@ -70,6 +73,15 @@ NOVA_OPTS = [
                     "nova-compute must reach the driver's spawn within it. A delete "
                     "witness stays usable until it is purged (one day): the reaper "
                     "needs deleted_confirmations passes first."),
+    cfg.ListOpt("witness_admin_projects", default=[],
+                help="Keystone project ids whose users' unshelve witnesses count for "
+                     "any server (operators who unshelve other projects' servers onto "
+                     "a host). By default only a request from the server's own project "
+                     "(Nova's tenant_id) moves its shelved vTPCM. Never list the "
+                     "service project: nova-compute's service credentials are scoped "
+                     "to it, and a compromised compute host would then get witnesses "
+                     "of its own unshelve requests (nova-api's vtpcm_witness filter "
+                     "also refuses requests with [vtpcm] api_witness_refused_roles)."),
 ]
 
 

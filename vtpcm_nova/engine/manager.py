@@ -484,11 +484,13 @@ class EngineManager:
         shred by the reaper (``shelving``)."""
         self.db.record_witness("%s:%s" % (signer.key, signer.nonce), req.instance_uuid,
                                req.action, req.host, signer.key, signer.requested_at,
-                               db_api.utcnow())
+                               db_api.utcnow(), req.project_id, req.user_id)
         self.db.audit("vtpcm.witness", "recorded", host=req.host,
                       instance=req.instance_uuid,
-                      detail="%s requested at %s (nova-api key %s)"
-                             % (req.action, signer.requested_at.isoformat(), signer.key))
+                      detail="%s requested at %s by user %s of project %s (roles %s; "
+                             "nova-api key %s)"
+                             % (req.action, signer.requested_at.isoformat(), req.user_id,
+                                req.project_id, req.roles, signer.key))
         return m.Empty()
 
     @endpoint(m.InstanceRef, signed=True)

@@ -58,7 +58,8 @@ class NovaServers:
                 raise _unreachable(instance_uuid, "Nova answered with another server")
             return ServerView(host=_text(server.get("OS-EXT-SRV-ATTR:host")),
                               vm_state=_text(server.get("OS-EXT-STS:vm_state")),
-                              task_state=_text(server.get("OS-EXT-STS:task_state")))
+                              task_state=_text(server.get("OS-EXT-STS:task_state")),
+                              project_id=_text(server.get("tenant_id")))
         except (ValueError, KeyError, TypeError, AttributeError):
             raise _unreachable(instance_uuid, "not a server document") from None
 

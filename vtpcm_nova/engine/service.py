@@ -162,7 +162,11 @@ class EngineService:
                                        witness=WitnessPolicy(
                                            required=conf.nova.require_api_witness,
                                            keys_configured=self.witness_verifier is not None,
-                                           max_age=conf.nova.witness_max_age))
+                                           max_age=conf.nova.witness_max_age,
+                                           admin_projects=frozenset(
+                                               p.strip() for p in
+                                               conf.nova.witness_admin_projects
+                                               if p.strip())))
         self.manager = EngineManager(self.db, self.attestor, self.coordinator,
                                      auto_approve=att.auto_approve,
                                      default_policy=att.default_policy,

@@ -28,6 +28,7 @@ class ServerView:
     host: str | None
     vm_state: str | None
     task_state: str | None
+    project_id: str | None = None  # tenant_id: whose server it is
 
 
 class Deletion(enum.Enum):

@@ -39,7 +39,10 @@ class NovaLookup(Protocol):
 # (Instance.destroy through nova-conductor has no per-host check), so
 # Nova's word never shreds a live vTPCM: ACTIVE and STOPPED records of an
 # instance Nova shows deleted are reported as orphans (WARNING and a
-# ``vtpcm.orphan`` audit entry) for an operator to destroy.
+# ``vtpcm.orphan`` audit entry) for an operator to destroy, whatever
+# nova-api witnessed: a DELETE it accepted may have been undone since
+# (soft delete and restore) or never reached the guest (a failed
+# terminate), so a delete witness is no proof the guest is gone.
 REAPABLE = frozenset({SHELVED})
 ORPHAN_WATCHED = frozenset({"ACTIVE", "STOPPED"})
 ORPHAN = "vtpcm.orphan"
@@ -67,6 +70,9 @@ class WitnessPolicy:
     required: bool = False
     keys_configured: bool = False
     max_age: float = 600.0
+    # projects whose users may unshelve other projects' servers (``[nova]
+    # witness_admin_projects``); the instance's own project always may
+    admin_projects: frozenset[str] = frozenset()
 
 
 # Nova's view alone, as before engine API 1.12 (what tests build by default)
@@ -184,7 +190,7 @@ class ShelvingMixin:
             self.agents.stop(rec.host, instance_uuid)
             if not self.db.set_vtpcm_state(instance_uuid, rec.generation, SHELVED,
                                            expected_state=rec.state,
-                                           expected_migration_id=None):
+                                           expected_migration_id=None, now=self.now()):
                 raise exception.VTPCMBusy(instance_uuid=instance_uuid,
                                           reason="its record changed meanwhile; retry")
         except exception.VTPCMException as err:
@@ -193,7 +199,22 @@ class ShelvingMixin:
             raise
         self.db.audit("vtpcm.shelve", "shelved", host=rec.host, instance=instance_uuid,
                       detail="generation %d kept on %s" % (rec.generation, rec.host))
+        self._clear_witnesses(instance_uuid, ("unshelve", "delete"), "shelve")
         return self.db.get_vtpcm(instance_uuid)
+
+    def _clear_witnesses(self, instance_uuid: str, actions: tuple[str, ...],
+                         why: str) -> None:
+        """Use up the instance's unused witnesses of ``actions``: a request
+        from before this point in the instance's life (an unshelve that
+        landed on the holder, anything before a new shelve) never allows a
+        later move or shred. The record's time in SHELVED guards the same
+        (``_since_shelved``); this keeps the table telling the truth."""
+        now = self.now()
+        for action in actions:
+            if self.db.clear_witnesses(instance_uuid, action, why, now):
+                self.db.audit(WITNESS, "cleared", instance=instance_uuid,
+                              detail="unused %s witnesses used up by the %s"
+                                     % (action, why))
 
     def unshelve_vtpcm(self, instance_uuid: str, host: str,
                        requested_by: str | None = None) -> db_api.VtpcmRecord:
@@ -223,6 +244,7 @@ class ShelvingMixin:
                                           reason="its record changed meanwhile; retry")
             self.db.audit("vtpcm.unshelve", "unshelved", host=host, instance=instance_uuid,
                           detail="on its holder, generation %d" % rec.generation)
+            self._clear_witnesses(instance_uuid, ("unshelve",), "unshelve on the holder")
             return self.db.get_vtpcm(instance_uuid)
         elif rec.state != SHELVED or rec.migration_id is not None:
             refusal = ("the vTPCM is %s on %s, not shelved: only a shelved vTPCM moves at "
@@ -231,7 +253,7 @@ class ShelvingMixin:
             self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
                           detail=refusal[:1000])
             raise exception.CommandRefused(method="unshelve_vtpcm", reason=refusal)
-        refusal = self._nova_unshelving(instance_uuid, host)
+        refusal, view = self._nova_unshelving(instance_uuid, host)
         if refusal:
             self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
                           detail=("not authorized by Nova: %s" % refusal)[:1000])
@@ -240,7 +262,7 @@ class ShelvingMixin:
             raise exception.UnshelveNotAuthorized(instance_uuid=instance_uuid, host=host,
                                                   reason=refusal)
         migration_id = str(uuid.uuid4())
-        refusal = self._witnessed_unshelve(instance_uuid, host, migration_id)
+        refusal = self._witnessed_unshelve(rec, host, migration_id, view)
         if refusal:
             self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
                           detail=("not witnessed by nova-api: %s" % refusal)[:1000])
@@ -270,48 +292,58 @@ class ShelvingMixin:
                       detail="from %s, generation %d" % (rec.host, rec.generation + 1))
         return self.db.get_vtpcm(instance_uuid)
 
-    def _nova_unshelving(self, instance_uuid: str, host: str) -> str:
+    def _nova_unshelving(self, instance_uuid: str, host: str
+                         ) -> tuple[str, shelved.ServerView | None]:
         """Why Nova does not show the instance being unshelved onto
-        ``host`` ("" if it does); no answer from Nova is a refusal."""
+        ``host`` ("" if it does), and Nova's view; no answer from Nova is a
+        refusal."""
         if self.nova is None:
-            return NOVA_NOT_CONFIGURED
+            return NOVA_NOT_CONFIGURED, None
         try:
             view = self.nova.get_server(instance_uuid)
         except exception.ServiceUnreachable as err:
-            return "Nova could not be asked (%s)" % err
-        return shelved.unshelve_refusal(view, host)
+            return "Nova could not be asked (%s)" % err, None
+        return shelved.unshelve_refusal(view, host), view
 
-    def _witnessed_unshelve(self, instance_uuid: str, host: str,
-                            migration_id: str) -> str:
+    def _witnessed_unshelve(self, rec: db_api.VtpcmRecord, host: str, migration_id: str,
+                            view: shelved.ServerView | None) -> str:
         """Use nova-api's witness of an unshelve of this instance (fresh,
-        unused, naming ``host`` or no host) for this move; why not, or "".
-        Used before ``begin``: a move refused later leaves the vTPCM SHELVED
-        and the next unshelve request brings a witness of its own."""
+        unused, requested since the vTPCM was shelved, naming ``host`` or no
+        host, asked by the instance's project as Nova shows it or by a
+        listed admin project) for this move; why not, or "". Used before
+        ``begin``: a move refused later leaves the vTPCM SHELVED and the next
+        unshelve request brings a witness of its own."""
         if not self.witness.required:
             return ""
         if not self.witness.keys_configured:
             return WITNESS_NOT_CONFIGURED
         now = self.now()
+        owner = view.project_id if view is not None else None
+        projects = self.witness.admin_projects | ({owner} if owner else set())
         used = self.db.use_witness(
-            instance_uuid, "unshelve", host,
-            now - datetime.timedelta(seconds=self.witness.max_age),
-            "unshelve " + migration_id, now)
+            rec.instance_uuid, "unshelve", host,
+            _since_shelved(rec, now - datetime.timedelta(seconds=self.witness.max_age)),
+            "unshelve " + migration_id, now, projects=frozenset(projects))
         if used is None:
             return ("nova-api witnessed no unshelve request of this instance (onto %s or "
-                    "no named host) in the last %d s that is not used already"
-                    % (host, self.witness.max_age))
-        self.db.audit(WITNESS, "used", host=host, instance=instance_uuid,
+                    "no named host) in the last %d s, since it was shelved, by its "
+                    "project %s or a [nova] witness_admin_projects one, that is not "
+                    "used already" % (host, self.witness.max_age, owner))
+        self.db.audit(WITNESS, "used", host=host, instance=rec.instance_uuid,
                       migration_id=migration_id,
-                      detail="unshelve requested at %s (nova-api key %s)"
-                             % (used.requested_at.isoformat(), used.key))
+                      detail="unshelve requested at %s by user %s of project %s "
+                             "(nova-api key %s)"
+                             % (used.requested_at.isoformat(), used.user_id,
+                                used.project_id, used.key))
         return ""
 
     def _witnessed_delete(self, rec: db_api.VtpcmRecord) -> witnesses.WitnessRecord | None:
         """Use nova-api's witness of a delete of this instance (unused,
-        not yet purged) for the reaper's shred of ``rec``."""
+        not yet purged, requested since ``rec`` was shelved) for the
+        reaper's shred of ``rec``."""
         now = self.now()
         return self.db.use_witness(rec.instance_uuid, "delete", None,
-                                   now - witnesses.PURGE_AFTER,
+                                   _since_shelved(rec, now - witnesses.PURGE_AFTER),
                                    "reap %s" % rec.vtpcm_id, now)
 
     def reap_deleted_shelved(self) -> int:
@@ -330,7 +362,9 @@ class ShelvingMixin:
         hold up): at most ``reap_max_checks`` Nova requests and
         ``reap_budget`` seconds, stopped at the first timeout; the next pass
         resumes after the last instance asked. Only SHELVED records are
-        destroyed; ACTIVE and STOPPED ones are reported (``_report_orphan``).
+        destroyed (with ``[nova] require_api_witness``, only on nova-api's
+        witness of a delete requested since the record entered SHELVED);
+        ACTIVE and STOPPED ones are always reported (``_report_orphan``).
         Returns how many were destroyed."""
         if self.nova is None:
             return 0
@@ -383,8 +417,11 @@ class ShelvingMixin:
                               "n": self.deletions.count(rec.instance_uuid),
                               "need": self.deletions.needed})
                 continue
+            if rec.state not in REAPABLE:
+                self._report_orphan(rec, seen)
+                continue
             used = self._witnessed_delete(rec) if self.witness.keys_configured else None
-            if used is None and (self.witness.required or rec.state not in REAPABLE):
+            if used is None and self.witness.required:
                 self._report_orphan(rec, seen)
                 continue
             try:
@@ -461,9 +498,11 @@ class ShelvingMixin:
         except exception.NotFound:
             pass  # an earlier pass destroyed it and lost the answer
         except BaseException:
-            # back as it was for the next pass (which asks Nova again)
+            # back as it was for the next pass (which asks Nova again), with
+            # the time it entered that state (``_since_shelved``)
             self.db.set_vtpcm_state(rec.instance_uuid, seen.generation, seen.state,
-                                    expected_state=DESTROYING, expected_migration_id=None)
+                                    expected_state=DESTROYING, expected_migration_id=None,
+                                    now=seen.updated_at)
             raise
         self.db.delete_vtpcm(rec.instance_uuid, seen.generation, expected_state=DESTROYING)
         self.db.audit("vtpcm.destroy", "destroyed", host=rec.host, instance=rec.instance_uuid)
@@ -478,6 +517,14 @@ class ShelvingMixin:
         LOG.warning("Destroyed the %(s)s vTPCM of instance %(i)s on %(h)s: Nova's admin "
                     "listing shows the instance deleted",
                     {"s": seen.state, "i": rec.instance_uuid, "h": rec.host})
+
+
+def _since_shelved(rec: db_api.VtpcmRecord,
+                   not_before: datetime.datetime) -> datetime.datetime:
+    """The later of ``not_before`` and when ``rec`` entered SHELVED (its
+    last update: a SHELVED record changes only by leaving SHELVED): a
+    request from before the shelve is of an earlier life of the instance."""
+    return max(not_before, rec.updated_at)
 
 
 def _resume_after(records: list[db_api.VtpcmRecord],

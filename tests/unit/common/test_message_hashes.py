@@ -54,7 +54,7 @@ EXPECTED = {
     "engine.AbortMigration": "1.10-1aa47c1d832d69c1eb120ca7245f8827",
     "engine.AssignPolicy": "1.0-7b1136920f819b1c8a2a5517a8dff2ea",
     "engine.AuditEntry": "1.0-47f4c5c683e20fca6104ae0de010303d",
-    "engine.ApiWitness": "1.12-7f4c5eb865e026aa8a06807b78963f1b",
+    "engine.ApiWitness": "1.12-a84b1decc5e22547e9e3dac12d1059ea",
     "engine.AuditList": "1.0-800e15880465a488d0dcee3d3967fc14",
     "engine.AuditQuery": "1.0-b77818f7d6e99bd7083ac1c0703f9454",
     "engine.BeginMigration": "1.0-1f95fc8ba43bfafc9f909739d693ba3e",

@@ -10,7 +10,7 @@ import re
 
 import pytest
 
-from tests.unit.engine.test_coordinator import INSTANCE, T0, env  # noqa: F401
+from tests.unit.engine.test_coordinator import INSTANCE, PROJECT, T0, env  # noqa: F401
 from tests.unit.engine.test_coordinator_cold import _shelved
 from tests.unit.engine.test_shelved_nova import _destroys, _third_trusted_host
 from vtpcm_common import exception
@@ -22,13 +22,27 @@ OTHER = "0b5f6bb2-1d7f-4e0e-8d43-1c1f1d3a9e77"
 REQUIRED = WitnessPolicy(required=True, keys_configured=True, max_age=600)
 
 
-def _witness(db, instance=INSTANCE, action="unshelve", host=None, age=10.0, nonce="n1"):
+SHELVED_AGO = datetime.timedelta(hours=2)  # when the tests' vTPCM entered SHELVED
+
+
+def _witness(db, instance=INSTANCE, action="unshelve", host=None, age=10.0, nonce="n1",
+             project=PROJECT):
     at = T0 - datetime.timedelta(seconds=age)
-    db.record_witness("key0:%s" % nonce, instance, action, host, "key0", at, at)
+    db.record_witness("key0:%s" % nonce, instance, action, host, "key0", at, at,
+                      project_id=project, user_id="user-1")
+
+
+def _shelved_before(env):  # noqa: F811
+    """Shelved SHELVED_AGO before T0 (the clock then back at T0)."""
+    clock = env[4]
+    clock["now"] = T0 - SHELVED_AGO
+    shelved = _shelved(env)
+    clock["now"] = T0
+    return shelved
 
 
 def _required(env):  # noqa: F811
-    coord, db, agents, trust, cold = _shelved(env)
+    coord, db, agents, trust, cold = _shelved_before(env)
     coord.witness = REQUIRED
     _third_trusted_host(db, trust, agents)
     coord.nova.unshelving(INSTANCE, "host-c")  # Nova's view: onto host-c (maybe forged)
@@ -113,7 +127,7 @@ def test_not_required_keeps_novas_view_alone(env):  # noqa: F811
 # --- the reaper ----------------------------------------------------------------------
 
 def _deleted(env, state="SHELVED"):  # noqa: F811
-    coord, db, agents, _, _ = _shelved(env)
+    coord, db, agents, _, _ = _shelved_before(env)
     coord.witness = REQUIRED
     if state != "SHELVED":
         db.set_vtpcm_state(INSTANCE, 0, state, expected_state="SHELVED",
@@ -136,9 +150,8 @@ def test_an_unwitnessed_deletion_of_a_shelved_instance_is_only_reported(env):  #
     assert not db.has_audit(INSTANCE, coordinator.REAPED, "destroyed")
 
 
-@pytest.mark.parametrize("state", ["SHELVED", "ACTIVE", "STOPPED"])
-def test_a_witnessed_deletion_is_shredded(env, state):  # noqa: F811
-    coord, db, agents = _deleted(env, state)
+def test_a_witnessed_deletion_is_shredded(env):  # noqa: F811
+    coord, db, agents = _deleted(env)
     _witness(db, action="delete", age=3600)  # the reaper needs passes: hours are fine
     assert coord.reap_deleted_shelved() == 0  # the first of two answers
     assert db.list_witnesses(INSTANCE)[0].used_at is None  # not used before the shred
@@ -187,3 +200,80 @@ def test_a_flood_of_witnesses_keeps_a_bounded_table(env):  # noqa: F811
     assert max(T0 - w.requested_at for w in kept) == \
         datetime.timedelta(seconds=witnesses.MAX_PER_INSTANCE - 1)
     assert db.list_witnesses(OTHER) == []  # purged at the next recording
+
+
+# --- the witness review (issue 8): who asked, and when -------------------------------
+
+@pytest.mark.parametrize("project, admin, moves", [
+    (PROJECT, (), True),                     # the server's own project
+    ("someone-else", (), False),             # another project (or the service project)
+    (None, (), False),                       # a witness that names no project
+    ("ops-admin", ("ops-admin",), True),     # a listed admin project
+])
+def test_an_unshelve_witness_counts_only_from_the_servers_or_an_admin_project(
+        env, project, admin, moves):  # noqa: F811
+    """Review finding 1 (b): nova-compute's own credentials can ask nova-api
+    for an unshelve onto its host; the engine takes the witness only from
+    the project Nova shows owning the server, or a listed admin project."""
+    coord, db, agents, cold = _required(env)
+    coord.witness = WitnessPolicy(required=True, keys_configured=True, max_age=600,
+                                  admin_projects=frozenset(admin))
+    _witness(db, host="host-c", project=project)
+    if moves:
+        assert coord.unshelve_vtpcm(INSTANCE, "host-c", requested_by="host-c").host == \
+            "host-c"
+    else:
+        _refused(coord, db, agents, cold, "by its project %s" % PROJECT)
+        assert db.list_witnesses(INSTANCE)[0].used_at is None
+
+
+def test_a_leftover_unshelve_witness_pulls_nothing_after_a_new_shelve(env):  # noqa: F811
+    """Review finding 2 (proof P2): the user's host-less unshelve landed on
+    the holder without using the witness; after a new shelve, host-c
+    (forging Nova's view) must not pull the vTPCM with that witness."""
+    coord, db, agents, cold = _required(env)
+    _witness(db, host=None, age=120)
+    assert coord.unshelve_vtpcm(INSTANCE, "host-a", requested_by="host-a").host == "host-a"
+    (left,) = db.list_witnesses(INSTANCE)
+    assert left.used_by == "unshelve on the holder"  # used up there
+    assert coord.shelve_vtpcm(INSTANCE, requested_by="host-a").state == "SHELVED"
+    _refused(coord, db, agents, cold, "nova-api witnessed no unshelve request")
+
+
+@pytest.mark.parametrize("action", ["unshelve", "delete"])
+def test_a_witness_from_before_the_shelve_counts_for_nothing(env, action):  # noqa: F811
+    """Review finding 2 and 3: a request older than the record's SHELVED
+    state (recorded while it was ACTIVE, not cleared) is of an earlier life
+    of the instance."""
+    coord, db, agents, cold = _required(env)
+    coord.witness = WitnessPolicy(required=True, keys_configured=True, max_age=3600 * 3)
+    before = SHELVED_AGO.total_seconds() + 60
+    _witness(db, action=action, host=None, age=before)
+    if action == "unshelve":
+        _refused(coord, db, agents, cold, "nova-api witnessed no unshelve request")
+    else:
+        coord.nova.deleted.add(INSTANCE)
+        for _ in range(3):
+            assert coord.reap_deleted_shelved() == 0
+        assert _destroys(agents) == []
+    assert db.list_witnesses(INSTANCE)[0].used_at is None
+
+
+@pytest.mark.parametrize("state", ["ACTIVE", "STOPPED"])
+@pytest.mark.parametrize("policy", [
+    REQUIRED, WitnessPolicy(required=False, keys_configured=True)], ids=["required",
+                                                                         "not-required"])
+def test_a_delete_witness_never_shreds_a_live_vtpcm(env, state, policy):  # noqa: F811
+    """Review findings 3 and 7 (proofs P1, P6): a DELETE nova-api accepted
+    and then undone (soft delete + restore, a failed terminate) leaves an
+    unused delete witness; with Nova's deletion forged the reaper must
+    only report the ACTIVE/STOPPED vTPCM, with witnesses required or not."""
+    coord, db, agents = _deleted(env, state)
+    coord.witness = policy
+    _witness(db, action="delete", age=60)
+    for _ in range(3):
+        assert coord.reap_deleted_shelved() == 0
+    assert _destroys(agents) == []
+    assert db.get_vtpcm(INSTANCE).state == state
+    assert db.has_audit(INSTANCE, "vtpcm.orphan", "reported")
+    assert db.list_witnesses(INSTANCE)[0].used_at is None

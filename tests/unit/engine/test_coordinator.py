@@ -21,6 +21,7 @@ from vtpcm_nova.engine.verifier import TrustStatus
 
 INSTANCE = str(uuid.uuid4())
 T0 = datetime.datetime(2026, 1, 1, tzinfo=datetime.UTC)
+PROJECT = "8c1e6f1c2f434b8e9f730d2b5a1e0c11"  # the instances' Keystone project
 YEAR = datetime.timedelta(days=365)
 
 
@@ -104,8 +105,10 @@ class FakeNova:
         return Deletion.NOT_SHOWN_DELETED
 
     def unshelving(self, instance_uuid, host):
-        """What Nova shows while it unshelves onto ``host`` (in spawn)."""
-        self.servers[instance_uuid] = ServerView(host, "shelved_offloaded", "spawning")
+        """What Nova shows while it unshelves onto ``host`` (in spawn); the
+        server is ``PROJECT``'s."""
+        self.servers[instance_uuid] = ServerView(host, "shelved_offloaded", "spawning",
+                                                 PROJECT)
 
 
 class FakeAgents:

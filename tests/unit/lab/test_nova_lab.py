@@ -152,3 +152,30 @@ def test_the_engine_asks_the_labs_nova_api_with_the_identity_stand_ins_token() -
     assert client is not None
     assert client.adapter.get_endpoint() == "http://127.0.0.1:8774/v2.1"
     assert conf.nova.token == identity.LAB_TOKEN
+
+
+def test_the_computes_token_is_the_service_users_and_gets_no_witness() -> None:
+    """Review finding 1: the lab's computes do not hold the API's admin
+    token; theirs is the service user's (admin,service in the service
+    project), whose requests nova-api's witness filter refuses."""
+    from vtpcm_nova.api import witness
+    compute = configs.ComputeHost(name="lab-b", user="vtpcm-b", libvirt_socket=Path("/s"),
+                                  inbound_addr="127.0.0.11", command_key=Path("/k"),
+                                  dir=Path("/c"))
+    layout = configs.Layout(base=Path("/l"), venv=Path("/v"), rabbit_vhost="v",
+                            vtpcm_transport_url="rabbit://", vtpcm_exchange="x",
+                            vtpcm_topics={}, socket_dirs=[], engine_public_key=Path("/e"),
+                            witness_key=Path("/w"),
+                            instances_path=Path("/i"), ports={}, computes=[compute])
+    assert configs.compute_conf(layout, compute)["neutron"]["token"] == \
+        identity.SERVICE_TOKEN != identity.LAB_TOKEN
+    seen = {}
+
+    def app(environ, start_response):  # type: ignore[no-untyped-def]
+        seen.update(environ)
+        return [b""]
+    identity.filter_factory({})(app)({"HTTP_X_AUTH_TOKEN": identity.SERVICE_TOKEN},
+                                     lambda *a: None)
+    who = witness.requester_of(seen)
+    assert who.project_id == identity.SERVICE_PROJECT_ID
+    assert "service" in who.refusal(frozenset({"service"}))

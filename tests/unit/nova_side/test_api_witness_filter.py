@@ -37,13 +37,27 @@ class FakeNova:
         return [b'{"answer": "nova"}']
 
 
-def _run(app, method, path, body=None, prefix="/v2.1"):
-    req = webob.Request.blank(path, method=method, script_name=prefix)
+# what keystonemiddleware's auth_token puts in a project member's request
+# (at microversion 2.91: an unshelve may name its host)
+USER = {"X-Project-Id": "8c1e6f1c2f434b8e9f730d2b5a1e0c11", "X-User-Id": "u-1",
+        "X-Roles": "member,reader", "OpenStack-API-Version": "compute 2.91"}
+
+
+def _run(app, method, path, body=None, prefix="/v2.1", headers=None, who=None):
+    """Nova behind the filter; the witnesses sent as (instance, action,
+    host), the requesters they named appended to ``who``."""
+    req = webob.Request.blank(path, method=method, script_name=prefix,
+                              headers=USER if headers is None else headers)
     if body is not None:
         req.body = json.dumps(body).encode()
         req.content_type = "application/json"
     sent = []
-    filtered = witness.WitnessFilter(app, lambda *args: sent.append(args))
+
+    def send(instance, action, host, requester):
+        sent.append((instance, action, host))
+        if who is not None:
+            who.append(requester)
+    filtered = witness.WitnessFilter(app, send)
     resp = req.get_response(filtered)
     return resp, sent
 
@@ -67,6 +81,7 @@ def test_an_accepted_unshelve_or_force_delete_is_witnessed(body, expected):
 
 @pytest.mark.parametrize("path", ["/servers/%s" % SERVER, "/servers/%s/" % SERVER,
                                   "/proj1/servers/%s" % SERVER,
+                                  "/os-volumes_boot/%s" % SERVER,  # review finding 6
                                   "/servers/%s" % SERVER.replace("-", "")])
 def test_an_accepted_delete_is_witnessed(path):
     resp, sent = _run(FakeNova("204 No Content"), "DELETE", path)
@@ -96,6 +111,7 @@ def test_a_refused_request_is_not_witnessed(status):
     ("DELETE", "/os-keypairs/%s" % SERVER, None),
     ("DELETE", "/servers/%s/metadata/unshelve" % SERVER, None),
     ("POST", "/servers/not-a-uuid/action", {"unshelve": None}),
+    ("POST", "/os-volumes_boot/%s/action" % SERVER, {"unshelve": None}),  # no such route
 ])
 def test_other_requests_pass_unwitnessed(method, path, body):
     nova = FakeNova("200 OK")
@@ -138,7 +154,7 @@ def test_a_lazily_started_answer_is_witnessed_after_it_started():
         yield b"late"
     env = webob.Request.blank(ACTION, method="POST", script_name="/v2.1")
     env.body = b'{"unshelve": null}'
-    resp = env.get_response(witness.WitnessFilter(lazy, lambda *a: sent.append(a)))
+    resp = env.get_response(witness.WitnessFilter(lazy, lambda *a: sent.append(a[:3])))
     assert resp.body == b"late" and sent == [(SERVER, "unshelve", None)]
 
 
@@ -189,3 +205,80 @@ def test_the_filter_factory_refuses_to_start_without_a_key(monkeypatch):
     monkeypatch.setattr(witness.cfg, "CONF", conf)
     with pytest.raises(exception.InvalidInput, match="api_witness_key_file is not set"):
         witness.filter_factory({})
+
+
+# --- the witness review (issue 8): who asked, which microversion, a broker down -------
+
+SERVICE_USER = {"X-Project-Id": "5e0c11", "X-User-Id": "nova", "X-Roles": "admin,service",
+                "OpenStack-API-Version": "compute 2.91"}
+
+
+@pytest.mark.parametrize("headers, why", [
+    (SERVICE_USER, "role(s) service"),
+    (dict(USER, **{"X-Roles": "admin,Service"}), "role(s) service"),
+    (dict(USER, **{"X-Service-Roles": "service"}), "role(s) service"),
+    (dict(USER, **{"X-Service-Token": "gAAAA-opaque"}), "service token"),
+], ids=["service-user", "role-case", "service-roles", "service-token"])
+def test_a_service_credential_gets_no_witness(caplog, headers, why):
+    """Review finding 1 (a), proof P4: nova-compute's service credentials
+    (what a compromised compute host holds) asking nova-api to unshelve a
+    server onto it get no witness; Nova's answer is unchanged."""
+    caplog.set_level(logging.WARNING)
+    resp, sent = _run(FakeNova(), "POST", ACTION, {"unshelve": {"host": "host-c"}},
+                      headers=headers)
+    assert sent == [] and resp.status_int == 202
+    (record,) = [r for r in caplog.records if "Not witnessing" in r.getMessage()]
+    assert why in record.getMessage() and SERVER in record.getMessage()
+
+
+def test_the_refused_roles_are_configurable():
+    req = webob.Request.blank(ACTION, method="POST", script_name="/v2.1",
+                              headers=dict(USER, **{"X-Roles": "member,compute-svc"}))
+    req.body = b'{"unshelve": null}'
+    sent = []
+    req.get_response(witness.WitnessFilter(FakeNova(), lambda *a: sent.append(a),
+                                           refused_roles=["Compute-Svc"]))
+    assert sent == []
+
+
+def test_the_witness_names_who_asked():
+    who = []
+    _run(FakeNova(), "POST", ACTION, {"unshelve": None}, who=who)
+    assert who == [witness.Requester("8c1e6f1c2f434b8e9f730d2b5a1e0c11", "u-1",
+                                     ("member", "reader"), (), False)]
+
+
+@pytest.mark.parametrize("headers, host", [
+    ({}, None),                                                     # 2.1 by default
+    ({"OpenStack-API-Version": "compute 2.1"}, None),               # proof P5
+    ({"OpenStack-API-Version": "compute 2.90"}, None),
+    ({"X-OpenStack-Nova-API-Version": "2.77"}, None),
+    ({"OpenStack-API-Version": "compute 2.91"}, "host-c"),
+    ({"OpenStack-API-Version": "volume 3.0, compute 2.95"}, "host-c"),
+    ({"X-OpenStack-Nova-API-Version": "2.91"}, "host-c"),
+    ({"OpenStack-API-Version": "compute latest"}, "host-c"),
+    ({"OpenStack-API-Version": "compute 3.0"}, "host-c"),
+    ({"OpenStack-API-Version": "compute junk"}, None),
+])
+def test_the_host_is_named_only_at_291_or_later(headers, host):
+    """Review finding 5: below 2.91 Nova ignores the body's host and
+    schedules anywhere; the witness must not name a host Nova did not."""
+    base = {k: v for k, v in USER.items() if k != "OpenStack-API-Version"}
+    _, sent = _run(FakeNova(), "POST", ACTION, {"unshelve": {"host": "host-c"}},
+                   headers=dict(base, **headers))
+    assert sent == [(SERVER, "unshelve", host)]
+
+
+def test_novas_request_context_names_who_asked():
+    """Behind keystonecontext (or noauth2) Nova's own context says who
+    asked; its service roles and service token count too."""
+    class Context:  # oslo.context's fields
+        project_id, user_id, roles = "p-ctx", "u-ctx", ["member"]
+        service_roles, service_token, service_user_id = [], None, None
+    environ = {"nova.context": Context()}
+    assert witness.requester_of(environ) == witness.Requester("p-ctx", "u-ctx",
+                                                              ("member",), (), False)
+    Context.service_roles = ["service"]
+    assert "service" in witness.requester_of(environ).refusal(frozenset({"service"}))
+    Context.service_roles, Context.service_user_id = [], "nova"
+    assert witness.requester_of(environ).service_token

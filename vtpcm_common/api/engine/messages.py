@@ -192,11 +192,20 @@ class ApiWitness(Message):
     """What nova-api witnessed (engine API 1.12, ``record_api_witness``):
     it answered 2xx to an ``unshelve`` action or a ``DELETE`` of this
     server; ``host`` is the target an unshelve request named (microversion
-    2.91), if any. The time and nonce are the signature's (``auth``)."""
+    2.91), if any. ``project_id``, ``user_id`` and ``roles`` (comma
+    separated) are who asked, from keystonemiddleware's headers: the engine
+    takes an unshelve witness only from the instance's project or a listed
+    admin project. The time and nonce are the signature's (``auth``)."""
     message_type = "api_witness"
     instance_uuid: str = field(wire.uuid_field)
     action: str = field(wire.choice_field("unshelve", "delete"))
     host: str | None = field(wire.optional(wire.host_field))
+    project_id: str | None = field(wire.optional(wire.text_field(64)), default=None,
+                                   omit_default=True)
+    user_id: str | None = field(wire.optional(wire.text_field(64)), default=None,
+                                omit_default=True)
+    roles: str | None = field(wire.optional(wire.text_field(255)), default=None,
+                              omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)

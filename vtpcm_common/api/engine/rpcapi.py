@@ -80,9 +80,11 @@ API version history:
     1.12 - record_api_witness (``WITNESS_METHODS``, signed with a nova-api
           witness key, ``[nova] api_witness_public_keys`` on the engine):
           nova-api's word that it accepted an unshelve or a delete of a
-          server (``ApiWitness``); an unshelve elsewhere, and the reaper's
-          shred, need one when ``[nova] require_api_witness`` is set.
-          Older callers never send it and keep working.
+          server (``ApiWitness``, with who asked: project, user, roles;
+          added before 1.12 was released, so no version of its own); an
+          unshelve elsewhere, and the reaper's shred, need one when
+          ``[nova] require_api_witness`` is set. Older callers never send
+          it and keep working.
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -188,7 +190,8 @@ class EngineAPI(rpc.Client):
                  host_signer: authn.CommandSigner | None = None,
                  version_cap: str | None | types.EllipsisType = ...,
                  exchange: str | None = None,
-                 witness_signer: authn.CommandSigner | None = None) -> None:
+                 witness_signer: authn.CommandSigner | None = None,
+                 retry: int | None = None) -> None:
         """``admin_signer``: an operator key; without one the key named by
         ``[manage] admin_key`` is used if set. Without either, admin calls go
         out unsigned and the engine refuses them. The signer is bound to the
@@ -201,7 +204,9 @@ class EngineAPI(rpc.Client):
         ``version_cap``: default ``[upgrade_levels] vtpcm_engine``.
 
         ``witness_signer``: nova-api's witness key (``[vtpcm]
-        api_witness_key_file``); it signs ``WITNESS_METHODS`` only."""
+        api_witness_key_file``); it signs ``WITNESS_METHODS`` only.
+
+        ``retry``: connection retries of a send (``rpc.RpcClient``)."""
         topic = rpc.topic(conf, "engine_topic")
         if admin_signer is None:
             admin_signer = admin_signer_from_conf(conf)
@@ -209,7 +214,8 @@ class EngineAPI(rpc.Client):
         self.host_signer = host_signer.for_server(topic) if host_signer is not None else None
         self.witness_signer = (witness_signer.for_server(topic)
                                if witness_signer is not None else None)
-        super().__init__(conf, topic, transport, timeout, signer, version_cap, exchange)
+        super().__init__(conf, topic, transport, timeout, signer, version_cap, exchange,
+                         retry=retry)
 
     def _ask(self, method: str, request: Message, reply_type: type[R],
              timeout: float | None = None) -> R:
@@ -389,10 +395,15 @@ class EngineAPI(rpc.Client):
         return self._ask("report_swtpm_restart", report, m.Empty, timeout=timeout)
 
     def record_api_witness(self, instance_uuid: str, action: str, host: str | None = None,
-                           timeout: float | None = None) -> m.Empty:
+                           timeout: float | None = None, *,
+                           requester: m.ApiWitness | None = None) -> m.Empty:
         """nova-api's signed word that it accepted ``action`` ("unshelve",
-        "delete") of the server (1.12)."""
-        return self._ask("record_api_witness", m.ApiWitness(instance_uuid, action, host),
+        "delete") of the server (1.12), asked by ``requester``'s project,
+        user and roles (its other fields are ignored)."""
+        who = requester or m.ApiWitness(instance_uuid, action, host)
+        return self._ask("record_api_witness",
+                         m.ApiWitness(instance_uuid, action, host, who.project_id,
+                                      who.user_id, who.roles),
                          m.Empty, timeout=timeout)
 
     def get_migration(self, migration_id: str) -> m.MigrationInfo:

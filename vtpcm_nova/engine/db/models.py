@@ -264,5 +264,8 @@ class ApiWitness(Base):
     recorded_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime, index=True)
     used_at: Mapped[datetime.datetime | None] = mapped_column(UTCDateTime, nullable=True)
     used_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # who asked nova-api (keystonemiddleware's X-Project-Id / X-User-Id)
+    project_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    user_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (Index("ix_api_witnesses_instance_action", "instance_uuid", "action"),)

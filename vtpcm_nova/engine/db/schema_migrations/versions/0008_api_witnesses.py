@@ -6,7 +6,9 @@ compromised TRUSTED host could pull a shelved vTPCM to itself, or make the
 reaper shred one, by forging the instance's record. nova-api signs what it
 accepted (``vtpcm_nova/api/witness.py``); the engine keeps each witness
 here, for one move or one shred (design.rst, "Shelve offload and
-unshelve"). Existing rows: none.
+unshelve"), with who asked (project and user: the engine takes an unshelve
+witness only from the instance's project or a listed admin project).
+Existing rows: none.
 
 Revision ID: 0008
 Revises: 0007
@@ -36,6 +38,8 @@ def upgrade() -> None:
         sa.Column("recorded_at", sa.DateTime(), nullable=False),
         sa.Column("used_at", sa.DateTime(), nullable=True),
         sa.Column("used_by", sa.String(length=64), nullable=True),
+        sa.Column("project_id", sa.String(length=64), nullable=True),
+        sa.Column("user_id", sa.String(length=64), nullable=True),
         sa.PrimaryKeyConstraint("id"),
     )
     op.create_index("ix_api_witnesses_recorded_at", "api_witnesses", ["recorded_at"])
