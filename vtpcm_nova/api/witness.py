@@ -32,8 +32,10 @@ after it.
 It never changes Nova's answer: the witness is sent after Nova answered
 and before the answer leaves, bounded by ``[vtpcm] api_witness_timeout``;
 a failure is logged (never with key material) and the unshelve elsewhere
-it was for is then refused by the engine. Plain WSGI: nothing from Nova
-or webob is imported.
+it was for is then refused by the engine. A plain-flavor server is not
+witnessed at all (``instances.has_vtpcm`` reads its flavor before the
+request goes on; the one place Nova is imported), so the engine never
+hears of it; when Nova cannot say, the filter witnesses.
 """
 
 import dataclasses
@@ -50,6 +52,7 @@ from oslo_log import log as logging
 
 from vtpcm_common import authn, exception
 from vtpcm_common.api.engine import messages as m
+from vtpcm_nova.api import instances
 from vtpcm_nova.conf import api as api_conf
 
 LOG = logging.getLogger(__name__)
@@ -94,6 +97,8 @@ class Requester:
 
 Send = Callable[[str, str, str | None, Requester], None]
 StartResponse = Callable[..., Any]
+# whether a server has a vTPCM: True, False, or None when Nova could not say
+HasVtpcm = Callable[[dict[str, Any], str], "bool | None"]
 
 
 def requester_of(environ: dict[str, Any]) -> Requester:
@@ -198,10 +203,12 @@ class WitnessFilter:
     ``send`` once."""
 
     def __init__(self, app: Callable[..., Iterable[bytes]], send: Send,
-                 refused_roles: Iterable[str] = ("service",)) -> None:
+                 refused_roles: Iterable[str] = ("service",),
+                 has_vtpcm: HasVtpcm | None = None) -> None:
         self.app = app
         self.send = send
         self.refused_roles = frozenset(r.strip().lower() for r in refused_roles if r.strip())
+        self.has_vtpcm = has_vtpcm
 
     def __call__(self, environ: dict[str, Any],
                  start_response: StartResponse) -> Iterable[bytes]:
@@ -212,6 +219,9 @@ class WitnessFilter:
         body = _read_body(environ) if method == "POST" else None
         found = witnessed_request(method, path, body, microversion_of(environ))
         if found is None:
+            return self.app(environ, start_response)
+        if self.has_vtpcm is not None and self.has_vtpcm(environ, found[0]) is False:
+            # a plain-flavor server: the engine never hears of it
             return self.app(environ, start_response)
         target = (*found, requester_of(environ))
         status: list[str] = []
@@ -385,5 +395,6 @@ def filter_factory(global_conf: dict[str, Any], **local_conf: Any
              "signed with nova-api witness key %(key)s", {"key": signer.fingerprint})
 
     def make(app: Callable[..., Iterable[bytes]]) -> WitnessFilter:
-        return WitnessFilter(app, send, conf.vtpcm.api_witness_refused_roles)
+        return WitnessFilter(app, send, conf.vtpcm.api_witness_refused_roles,
+                             instances.has_vtpcm)
     return make

@@ -282,3 +282,59 @@ def test_novas_request_context_names_who_asked():
     assert "service" in witness.requester_of(environ).refusal(frozenset({"service"}))
     Context.service_roles, Context.service_user_id = [], "nova"
     assert witness.requester_of(environ).service_token
+
+
+@pytest.mark.parametrize("has_vtpcm, witnessed", [
+    (False, False),   # a plain-flavor server: the engine never hears of it
+    (True, True),
+    (None, True),     # Nova could not say: witness (one engine call too many)
+])
+def test_only_a_server_with_a_vtpcm_or_an_unknown_one_is_witnessed(has_vtpcm, witnessed):
+    nova = FakeNova("204 No Content")
+    asked = []
+
+    def lookup(environ, instance):
+        # asked before the request reaches Nova (a deleted server is gone after)
+        asked.append((instance, len(nova.bodies)))
+        return has_vtpcm
+    req = webob.Request.blank("/servers/%s" % SERVER, method="DELETE", script_name="/v2.1",
+                              headers=USER)
+    sent = []
+    resp = req.get_response(witness.WitnessFilter(
+        nova, lambda *a: sent.append(a[:3]), has_vtpcm=lookup))
+    assert resp.status_int == 204 and len(nova.bodies) == 1
+    assert asked == [(SERVER, 0)]
+    assert sent == ([(SERVER, "delete", None)] if witnessed else [])
+
+
+def test_the_flavor_lookup_says_none_without_a_nova_context_or_on_errors(monkeypatch):
+    from vtpcm_nova.api import instances
+    assert instances.has_vtpcm({}, SERVER) is None
+
+    class Flavor:
+        def __init__(self, specs):
+            self.extra_specs = specs
+
+    class Instance:
+        def __init__(self, specs):
+            self.flavor = Flavor(specs)
+
+    class Context:
+        def elevated(self):
+            return self
+
+    answers = {"plain": Instance({}), "vtpcm": Instance({"vtpcm:enabled": "true"}),
+               "bad": Instance({"vtpcm:enabled": "maybe"})}
+
+    class API:
+        def get(self, context, uuid, expected_attrs=None):
+            assert expected_attrs == ["flavor"]
+            if uuid not in answers:
+                raise LookupError("no such server")
+            return answers[uuid]
+    monkeypatch.setattr(instances, "_compute_api", API())
+    env = {"nova.context": Context()}
+    assert instances.has_vtpcm(env, "plain") is False
+    assert instances.has_vtpcm(env, "vtpcm") is True
+    assert instances.has_vtpcm(env, "bad") is None
+    assert instances.has_vtpcm(env, "gone") is None
