@@ -43,6 +43,7 @@ import io
 import json
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,9 @@ LOG = logging.getLogger(__name__)
 # the largest body read to find the action (Nova's own limit is 112 KiB by
 # default, [oslo_middleware] max_request_body_size; an action is tiny)
 MAX_BODY = 64 * 1024
+# witness sends running at once in one nova-api process (each normally takes
+# milliseconds; more only while the engine or the broker is slow or down)
+MAX_IN_FLIGHT = 8
 # seconds a witness send may take beyond [vtpcm] api_witness_timeout
 SEND_SLACK = 0.5
 _UUID = r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}"
@@ -328,9 +332,12 @@ class EngineWitness:
         self.signer = signer
         self._lock = threading.Lock()
         self._api: Any = None
-        # the send that outlived its timeout (a broker that is down: the
-        # reply listener's connection retries whatever ``retry`` says)
-        self._stuck: threading.Thread | None = None
+        # sends started and not yet ended, with their start times: one that
+        # outlived its bound (a broker that is down: the reply listener's
+        # connection retries whatever ``retry`` says) makes later sends fail
+        # at once, and at most MAX_IN_FLIGHT run at a time, so concurrent
+        # requests cannot pile up threads (witness review round 2, F3)
+        self._in_flight: dict[threading.Thread, float] = {}
 
     def __repr__(self) -> str:
         return "<EngineWitness key=%s>" % self.signer.fingerprint
@@ -340,26 +347,14 @@ class EngineWitness:
         """Record one witness, the whole send bounded by ``[vtpcm]
         api_witness_timeout``: oslo.messaging's own timeout bounds only the
         wait for the reply, and without ``retry`` it reconnects to a broker
-        that is down forever, which would hold Nova's answer. While one
-        send is stuck, later ones fail at once (one thread at most)."""
+        that is down forever, which would hold Nova's answer. While a send
+        is stuck, later ones fail at once, and at most ``MAX_IN_FLIGHT``
+        sends run at a time (a stuck thread ends when the broker is back)."""
         timeout = self.conf.vtpcm.api_witness_timeout
-        with self._lock:
-            if self._stuck is not None and self._stuck.is_alive():
-                raise exception.ServiceUnreachable(
-                    service="vtpcm-engine", method="record_api_witness",
-                    reason="an earlier witness is still being sent (broker down?)")
-            self._stuck = None
-            if self._api is None:
-                from vtpcm_common.api.engine.rpcapi import EngineAPI
-                from vtpcm_nova import clients
-                self._api = EngineAPI(self.conf, clients.transport(self.conf),
-                                      timeout=timeout, witness_signer=self.signer,
-                                      exchange=self.conf.vtpcm.control_exchange,
-                                      retry=0)
-            api = self._api
         requester = m.ApiWitness(instance_uuid, action, host, who.project_id, who.user_id,
                                  ",".join(who.roles)[:255] or None)
         outcome: list[BaseException | None] = []
+        api: Any = None
 
         def send() -> None:
             try:
@@ -370,11 +365,27 @@ class EngineWitness:
             else:
                 outcome.append(None)
         worker = threading.Thread(target=send, name="vtpcm-witness", daemon=True)
-        worker.start()
+        with self._lock:  # the check and the start are one step
+            now = time.monotonic()
+            self._in_flight = {t: at for t, at in self._in_flight.items() if t.is_alive()}
+            stuck = any(now - at > timeout + SEND_SLACK for at in self._in_flight.values())
+            if stuck or len(self._in_flight) >= MAX_IN_FLIGHT:
+                raise exception.ServiceUnreachable(
+                    service="vtpcm-engine", method="record_api_witness",
+                    reason="an earlier witness is still being sent (broker down?)"
+                    if stuck else "%d witnesses are being sent already" % MAX_IN_FLIGHT)
+            if self._api is None:
+                from vtpcm_common.api.engine.rpcapi import EngineAPI
+                from vtpcm_nova import clients
+                self._api = EngineAPI(self.conf, clients.transport(self.conf),
+                                      timeout=timeout, witness_signer=self.signer,
+                                      exchange=self.conf.vtpcm.control_exchange,
+                                      retry=0)
+            api = self._api
+            self._in_flight[worker] = now
+            worker.start()
         worker.join(timeout + SEND_SLACK)
         if not outcome:
-            with self._lock:
-                self._stuck = worker
             raise exception.ServiceUnreachable(
                 service="vtpcm-engine", method="record_api_witness",
                 reason="no answer within %.1f s ([vtpcm] api_witness_timeout)" % timeout)

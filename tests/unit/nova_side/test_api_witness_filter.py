@@ -338,3 +338,45 @@ def test_the_flavor_lookup_says_none_without_a_nova_context_or_on_errors(monkeyp
     assert instances.has_vtpcm(env, "vtpcm") is True
     assert instances.has_vtpcm(env, "bad") is None
     assert instances.has_vtpcm(env, "gone") is None
+
+
+def test_concurrent_sends_to_a_hanging_engine_never_pile_up_threads(tmp_path):
+    """Witness review round 2, F3: the check for a stuck send and the start of
+    a new one were not one step, so N concurrent requests with the broker
+    down left N threads that never end. Now at most MAX_IN_FLIGHT run, and
+    once one outlived its bound, later sends fail at once."""
+    import threading
+    import time
+    key = ed25519.Ed25519PrivateKey.generate()
+    conf = _conf(_write_key(tmp_path / "k", 0o640, key))
+    conf.set_override("api_witness_timeout", 0.5, group="vtpcm")
+    send = witness.EngineWitness(conf, witness.load_witness_key(conf))
+    release = threading.Event()
+
+    class HangingEngine:
+        def record_api_witness(self, *args, **kwargs):
+            release.wait(30)
+    send._api = HangingEngine()
+    who = witness.Requester("p", "u", ("member",))
+    errors = []
+
+    def call():
+        try:
+            send(SERVER, "delete", None, who)
+        except exception.ServiceUnreachable as err:
+            errors.append(str(err))
+    callers = [threading.Thread(target=call) for _ in range(3 * witness.MAX_IN_FLIGHT)]
+    try:
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(10)
+        running = [t for t in threading.enumerate() if t.name == "vtpcm-witness"]
+        assert len(running) <= witness.MAX_IN_FLIGHT
+        assert len(errors) == len(callers)  # every one failed, none hung
+        started = time.monotonic()
+        with pytest.raises(exception.ServiceUnreachable, match="still being sent"):
+            send(SERVER, "delete", None, who)
+        assert time.monotonic() - started < 0.1
+    finally:
+        release.set()
