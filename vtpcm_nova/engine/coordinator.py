@@ -170,6 +170,9 @@ class Coordinator(ShelvingMixin):
         boot skips the scheduler filter, and a tenant's new TPM must not
         start life on an unattested platform.
 
+        The record keeps the project Nova shows owning the instance now
+        (``_owner_project``): an unshelve witness must come from it later.
+
         Never for an instance whose vTPCM the reaper destroyed (its audit
         entry is the tombstone): a fresh TPM would silently stand in for
         the one the guest had."""
@@ -184,8 +187,10 @@ class Coordinator(ShelvingMixin):
             self.db.audit("vtpcm.create", "refused", host=host, instance=instance_uuid,
                           detail="host not trusted: %s" % why)
             raise exception.HostNotTrusted(host=host, reason=why)
+        owner = self._owner_project(instance_uuid)
         token = RESERVED_PREFIX + str(uuid.uuid4())
-        self.db.create_vtpcm(instance_uuid, token, host, state=CREATING, now=self.now())
+        self.db.create_vtpcm(instance_uuid, token, host, state=CREATING, now=self.now(),
+                             owner_project=owner)
         try:
             info = self.agents.create(host, instance_uuid)
         except exception.ServiceUnreachable:

@@ -103,6 +103,7 @@ class ShelvingMixin:
         self._reap_after = ""  # the pass resumes after the last instance asked
         self._reported_orphans: set[shelved.Observed] = set()
         self._warned_not_admin = False
+        self._warned_no_owner = False
         self.witness = witness
 
     if TYPE_CHECKING:
@@ -305,20 +306,53 @@ class ShelvingMixin:
             return "Nova could not be asked (%s)" % err, None
         return shelved.unshelve_refusal(view, host), view
 
+    def _owner_project(self, instance_uuid: str) -> str | None:
+        """The project Nova shows owning the instance, asked when its vTPCM
+        is created, so an unshelve witness is later compared with what the
+        engine recorded, not with Nova's current record, which any compute
+        host can rewrite through nova-conductor. None (logged) if Nova is not
+        configured, does not know the server or gives no answer: the create
+        goes on, and the unshelve falls back to Nova's current view."""
+        if self.nova is None:
+            if not self._warned_no_owner:
+                self._warned_no_owner = True
+                LOG.warning("[nova] is not configured: new vTPCMs are created without "
+                            "their owner project, and an unshelve witness is compared "
+                            "with the project Nova shows at unshelve")
+            return None
+        try:
+            view = self.nova.get_server(instance_uuid)
+        except exception.ServiceUnreachable as err:
+            LOG.warning("Nova gave no answer for instance %(i)s (%(err)s): its vTPCM is "
+                        "created without its owner project", {"i": instance_uuid, "err": err})
+            return None
+        if view is None or not view.project_id:
+            LOG.warning("Nova shows no project for instance %(i)s: its vTPCM is created "
+                        "without its owner project", {"i": instance_uuid})
+            return None
+        return view.project_id
+
     def _witnessed_unshelve(self, rec: db_api.VtpcmRecord, host: str, migration_id: str,
                             view: shelved.ServerView | None) -> str:
         """Use nova-api's witness of an unshelve of this instance (fresh,
         unused, requested since the vTPCM was shelved, naming ``host`` or no
-        host, asked by the instance's project as Nova shows it or by a
-        listed admin project) for this move; why not, or "". Used before
-        ``begin``: a move refused later leaves the vTPCM SHELVED and the next
-        unshelve request brings a witness of its own."""
+        host, asked by the owner project recorded at create, or by a listed
+        admin project) for this move; why not, or "". A record without an
+        owner (created before 0009, or without Nova) takes the project Nova
+        shows now. Nova showing another project than the recorded owner is
+        a refusal: a compute host can rewrite the instance's ``project_id``.
+        Used before ``begin``: a move refused later leaves the vTPCM SHELVED
+        and the next unshelve request brings a witness of its own."""
+        shown = view.project_id if view is not None else None
+        if rec.owner_project and shown != rec.owner_project:
+            return ("Nova shows the server in project %s, it was created in %s"
+                    % (shown, rec.owner_project))
         if not self.witness.required:
             return ""
         if not self.witness.keys_configured:
             return WITNESS_NOT_CONFIGURED
         now = self.now()
-        owner = view.project_id if view is not None else None
+        owner = rec.owner_project or shown
         projects = self.witness.admin_projects | ({owner} if owner else set())
         used = self.db.use_witness(
             rec.instance_uuid, "unshelve", host,

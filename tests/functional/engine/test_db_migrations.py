@@ -444,7 +444,7 @@ def test_0008_adds_api_witnesses_each_used_once(any_url: str) -> None:
     inst = "6f1c8c1e-2f43-4b8e-9f73-0d2b5a1e0c11"
     insert(any_url, "vtpcms", instance_uuid=inst, vtpcm_id=str(uuid.uuid4()), host="a",
            generation=2, state="SHELVED", migration_id=None, updated_at=T0)
-    assert migration.db_sync(any_url).after == "revision 0008"
+    assert migration.db_sync(any_url).after == f"revision {migration.head()}"
     assert diff_with_models(any_url) == []
     db = api.Database(any_url)
     try:
@@ -462,6 +462,27 @@ def test_0008_adds_api_witnesses_each_used_once(any_url: str) -> None:
         assert db.use_witness(inst, "delete", None, not_before, "reap", now) is None
         db.release_witness(first.id)
         assert db.use_witness(inst, "unshelve", "b", not_before, "again", now).id == "k:00"
+    finally:
+        db.dispose()
+
+
+def test_0009_adds_vtpcms_owner_project(any_url: str) -> None:
+    """A database at 0008 with a vTPCM shelved: kept, its owner unknown
+    (None: the engine falls back to Nova's current view). At head a new
+    vTPCM keeps the owner project recorded at create."""
+    migration.db_sync(any_url, "0008")
+    inst = "0c7d2a4e-5b1f-4d8e-8a3c-6e9f1b2d3c44"
+    insert(any_url, "vtpcms", instance_uuid=inst, vtpcm_id=str(uuid.uuid4()), host="a",
+           generation=2, state="SHELVED", migration_id=None, updated_at=T0)
+    assert migration.db_sync(any_url).after == "revision 0009"
+    assert diff_with_models(any_url) == []
+    db = api.Database(any_url)
+    try:
+        old = db.get_vtpcm(inst)
+        assert (old.state, old.generation, old.owner_project) == ("SHELVED", 2, None)
+        new = "1d8e3b5f-6c2a-4e9f-9b4d-7f0a2c3e4d55"
+        db.create_vtpcm(new, str(uuid.uuid4()), "b", owner_project="p-tenant")
+        assert db.get_vtpcm(new).owner_project == "p-tenant"
     finally:
         db.dispose()
 

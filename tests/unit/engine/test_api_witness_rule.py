@@ -16,6 +16,7 @@ from tests.unit.engine.test_shelved_nova import _destroys, _third_trusted_host
 from vtpcm_common import exception
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.db import witnesses
+from vtpcm_nova.engine.shelved import ServerView
 from vtpcm_nova.engine.shelving import WITNESS_NOT_CONFIGURED, WitnessPolicy
 
 OTHER = "0b5f6bb2-1d7f-4e0e-8d43-1c1f1d3a9e77"
@@ -277,3 +278,61 @@ def test_a_delete_witness_never_shreds_a_live_vtpcm(env, state, policy):  # noqa
     assert db.get_vtpcm(INSTANCE).state == state
     assert db.has_audit(INSTANCE, "vtpcm.orphan", "reported")
     assert db.list_witnesses(INSTANCE)[0].used_at is None
+
+
+# --- the owner project recorded at create (issue 8, review F1a) -----------------------
+
+SERVICE_PROJECT = "5e7d0c8a9b1f4c2d8e3f6a7b8c9d0e1f"
+
+
+def _owned(env):  # noqa: F811
+    """The vTPCM created while Nova showed the server in PROJECT: the
+    engine records its owner then."""
+    coord = env[0]
+    coord.destroy_vtpcm(INSTANCE)
+    coord.nova.servers[INSTANCE] = ServerView("host-a", "active", None, PROJECT)
+    assert coord.create_vtpcm(INSTANCE, "host-a").owner_project == PROJECT
+    return _required(env)
+
+
+def test_a_project_rewritten_through_conductor_gets_no_witness_counted(env):  # noqa: F811
+    """Review F1a: a compromised TRUSTED host-c rewrote the shelved
+    instance's project_id to the service project (Instance.save through
+    nova-conductor) and asked nova-api, with its own service credentials
+    (admin there, no 'service' role), to unshelve onto itself: nova-api
+    witnessed it, naming the service project. The engine compares the
+    witness with the owner it recorded at create, and refuses the move
+    because Nova's view no longer shows that owner."""
+    coord, db, agents, cold = _owned(env)
+    coord.nova.servers[INSTANCE] = ServerView("host-c", "shelved_offloaded", "spawning",
+                                              SERVICE_PROJECT)
+    _witness(db, host="host-c", project=SERVICE_PROJECT)
+    _refused(coord, db, agents, cold, "Nova shows the server in project %s, it was "
+             "created in %s" % (SERVICE_PROJECT, PROJECT))
+    assert db.list_witnesses(INSTANCE)[0].used_at is None
+    audit = [a for a in db.list_audit(limit=50) if a.event == "vtpcm.unshelve"]
+    assert audit[0].outcome == "refused" and SERVICE_PROJECT in audit[0].detail
+
+
+def test_the_recorded_owners_witness_moves_it(env):  # noqa: F811
+    coord, db, agents, cold = _owned(env)
+    _witness(db, host="host-c", project=PROJECT)
+    rec = coord.unshelve_vtpcm(INSTANCE, "host-c", requested_by="host-c")
+    assert (rec.host, rec.state, rec.owner_project) == ("host-c", "ACTIVE", PROJECT)
+
+
+def test_a_witness_from_another_project_is_refused_though_nova_shows_the_owner(
+        env):  # noqa: F811
+    coord, db, agents, cold = _owned(env)
+    _witness(db, host="host-c", project=SERVICE_PROJECT)
+    _refused(coord, db, agents, cold, "by its project %s" % PROJECT)
+
+
+def test_without_nova_at_create_no_owner_is_recorded(env):  # noqa: F811
+    """[nova] not configured: the create goes on, no owner recorded (the
+    unshelve then takes Nova's current view, documented)."""
+    coord = env[0]
+    coord.destroy_vtpcm(INSTANCE)
+    coord.nova = None
+    assert coord.create_vtpcm(INSTANCE, "host-a").owner_project is None
+    assert coord.create_vtpcm(OTHER, "host-a").owner_project is None

@@ -209,6 +209,7 @@ def env(tmp_path):
     coord = Coordinator(db, agents, trust, timeout=60, now=lambda: clock["now"],
                         nova=FakeNova())
     coord.create_vtpcm(INSTANCE, "host-a")
+    coord.nova.asked.clear()  # the create asked Nova for the owner project
     yield coord, db, agents, trust, clock
     db.dispose()
 

@@ -199,6 +199,8 @@ class Vtpcm(Base):
     state: Mapped[str] = mapped_column(String(32))
     migration_id: Mapped[str | None] = mapped_column(String(UUID_LEN), nullable=True)
     updated_at: Mapped[datetime.datetime] = mapped_column(UTCDateTime)
+    # the project Nova showed owning the instance at create (None: unknown)
+    owner_project: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Migration(Base):

@@ -114,6 +114,7 @@ class VtpcmRecord:
     state: str
     migration_id: str | None
     updated_at: datetime.datetime
+    owner_project: str | None = None  # Nova's owner at create; None: not known
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,7 +162,7 @@ def verdict_rec(r: models.VerdictRow) -> VerdictRecord:
 
 def vtpcm_rec(r: models.Vtpcm | Row[Any]) -> VtpcmRecord:
     return VtpcmRecord(r.instance_uuid, r.vtpcm_id, r.host, r.generation, r.state,
-                       r.migration_id, r.updated_at)
+                       r.migration_id, r.updated_at, r.owner_project)
 
 
 def migration_rec(r: models.Migration | Row[Any]) -> MigrationRecord:

@@ -29,11 +29,12 @@ class VtpcmStore(Store):
 
     def create_vtpcm(self, instance_uuid: str, vtpcm_id: str, host: str, *,
                      generation: int = 0, state: str = "ACTIVE",
-                     now: datetime.datetime | None = None) -> VtpcmRecord:
+                     now: datetime.datetime | None = None,
+                     owner_project: str | None = None) -> VtpcmRecord:
         with self.session() as s:
             row = models.Vtpcm(instance_uuid=instance_uuid, vtpcm_id=vtpcm_id, host=host,
                                generation=generation, state=state, migration_id=None,
-                               updated_at=now or utcnow())
+                               updated_at=now or utcnow(), owner_project=owner_project)
             s.add(row)
             try:
                 s.flush()
