@@ -87,7 +87,7 @@ def vtpcm_deployment() -> Iterator[dep_mod.Deployment]:
     deployment's own teardown stops them one by one, seconds each, then finds
     them stopped, kills leftover swtpm by pid file and removes everything)."""
     benchlib.progress("nova-lm: starting engine and 2 agents")
-    with dep_mod.deployment(labels=("a", "b")) as dep:
+    with dep_mod.deployment(labels=("a", "b"), witness=True) as dep:
         base_mod._DEPLOYMENT = dep
         try:
             yield dep
