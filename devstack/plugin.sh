@@ -325,6 +325,9 @@ function configure_vtpcm_nova_compute {
     iniset "$NOVA_CONF" vtpcm host_command_key "$VTPCM_HOST_COMMAND_KEY"
     iniset "$NOVA_CONF" vtpcm engine_public_key "$VTPCM_ENGINE_PUBLIC_KEY"
     iniset "$NOVA_CONF" vtpcm socket_dirs "$VTPCM_RUN_DIR"
+    # Nova's default (reap) destroys a guest whose instance any compute can
+    # mark deleted through nova-conductor, and the driver then shreds its vTPCM
+    iniset "$NOVA_CONF" DEFAULT running_deleted_instance_action log
 }
 
 # configure_vtpcm_nova_scheduler - VTPCMFilter in [filter_scheduler]:

@@ -373,6 +373,8 @@ def test_compute_nova_vtpcm_options(devstack):
     assert run.value("NOVA_CPU_CONF", "vtpcm", "engine_public_key") == \
         run.value("VTPCM_AGENT_CONF", "agent", "engine_public_key")
     assert run.value("NOVA_CPU_CONF", "vtpcm", "socket_dirs") == run.env["VTPCM_RUN_DIR"]
+    # a deletion any compute can forge must not make nova-compute destroy a guest
+    assert run.value("NOVA_CPU_CONF", "DEFAULT", "running_deleted_instance_action") == "log"
     assert run.value("NOVA_CPU_CONF", "vtpcm", "control_exchange") == "openstack"
     url = run.value("VTPCM_AGENT_CONF", "DEFAULT", "transport_url")
     assert url and run.value("NOVA_CPU_CONF", "vtpcm", "transport_url") == url

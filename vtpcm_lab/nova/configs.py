@@ -246,6 +246,9 @@ def compute_conf(layout: Layout, host: ComputeHost) -> Sections:
             # destination's sshd there (``dest == my_ip`` means shared storage)
             "my_ip": host.inbound_addr,
             "state_path": str(host.dir / "state"), "log_file": str(host.log_file),
+            # as the operator guide says for vTPCM computes (Nova's reap would
+            # destroy a guest whose deletion a compute forged through conductor)
+            "running_deleted_instance_action": "log",
         },
         "libvirt": {
             "virt_type": "qemu", "cpu_mode": "none", "hw_machine_type": "x86_64=pc",
