@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 LOG = logging.getLogger(__name__)
 
 
+# the owner of a vTPCM whose create could not learn it from Nova (Nova
+# configured but silent, or showing no project): admin projects' witnesses only
+UNKNOWN_OWNER = ""
+
 class NovaLookup(Protocol):
     def get_server(self, instance_uuid: str) -> shelved.ServerView | None: ...
     def deletion(self, instance_uuid: str) -> shelved.Deletion: ...
@@ -310,9 +314,14 @@ class ShelvingMixin:
         """The project Nova shows owning the instance, asked when its vTPCM
         is created, so an unshelve witness is later compared with what the
         engine recorded, not with Nova's current record, which any compute
-        host can rewrite through nova-conductor. None (logged) if Nova is not
-        configured, does not know the server or gives no answer: the create
-        goes on, and the unshelve falls back to Nova's current view."""
+        host can rewrite through nova-conductor. None if Nova is not
+        configured (an unshelve elsewhere is then refused anyway). ``""``
+        (UNKNOWN_OWNER, logged) if Nova does not know the server, shows no
+        project or gives no answer: the create goes on, and an unshelve
+        witness of that vTPCM counts only from a ``[nova]
+        witness_admin_projects`` project (fail closed: a compute host that
+        blanks the project or cuts Nova off at create would otherwise get
+        Nova's current view, which it can rewrite; owner review, F1)."""
         if self.nova is None:
             if not self._warned_no_owner:
                 self._warned_no_owner = True
@@ -324,12 +333,15 @@ class ShelvingMixin:
             view = self.nova.get_server(instance_uuid)
         except exception.ServiceUnreachable as err:
             LOG.warning("Nova gave no answer for instance %(i)s (%(err)s): its vTPCM is "
-                        "created without its owner project", {"i": instance_uuid, "err": err})
-            return None
+                        "created without its owner project; only an admin project's "
+                        "witness can unshelve it onto another host",
+                        {"i": instance_uuid, "err": err})
+            return UNKNOWN_OWNER
         if view is None or not view.project_id:
             LOG.warning("Nova shows no project for instance %(i)s: its vTPCM is created "
-                        "without its owner project", {"i": instance_uuid})
-            return None
+                        "without its owner project; only an admin project's witness can "
+                        "unshelve it onto another host", {"i": instance_uuid})
+            return UNKNOWN_OWNER
         return view.project_id
 
     def _witnessed_unshelve(self, rec: db_api.VtpcmRecord, host: str, migration_id: str,
@@ -339,8 +351,10 @@ class ShelvingMixin:
         host, asked by the owner project recorded at create, or by a listed
         admin project) for this move; why not, or "". A record without an
         owner (created before 0009, or without Nova) takes the project Nova
-        shows now. Nova showing another project than the recorded owner is
-        a refusal: a compute host can rewrite the instance's ``project_id``.
+        shows now; one whose owner Nova could not give at create
+        (UNKNOWN_OWNER) only an admin project's witness. Nova showing
+        another project than the recorded owner is a refusal: a compute
+        host can rewrite the instance's ``project_id``.
         Used before ``begin``: a move refused later leaves the vTPCM SHELVED
         and the next unshelve request brings a witness of its own."""
         shown = view.project_id if view is not None else None
@@ -352,7 +366,9 @@ class ShelvingMixin:
         if not self.witness.keys_configured:
             return WITNESS_NOT_CONFIGURED
         now = self.now()
-        owner = rec.owner_project or shown
+        # None: a record from before 0009 (Nova's current view); "": Nova could
+        # not say at create (admin projects only)
+        owner = shown if rec.owner_project is None else (rec.owner_project or None)
         projects = self.witness.admin_projects | ({owner} if owner else set())
         used = self.db.use_witness(
             rec.instance_uuid, "unshelve", host,

@@ -336,3 +336,33 @@ def test_without_nova_at_create_no_owner_is_recorded(env):  # noqa: F811
     coord.nova = None
     assert coord.create_vtpcm(INSTANCE, "host-a").owner_project is None
     assert coord.create_vtpcm(OTHER, "host-a").owner_project is None
+
+
+@pytest.mark.parametrize("nova_at_create", ["unreachable", "no project"])
+def test_an_owner_nova_could_not_give_at_create_takes_only_an_admin_witness(
+        env, nova_at_create):  # noqa: F811
+    """Owner review, F1 (P2/P2b): a compute host that blanks the instance's
+    project, or cuts the engine off Nova, at create made the engine record no
+    owner, and the unshelve then took Nova's current view, which the host
+    rewrites (F1a again). Such a vTPCM's owner is now UNKNOWN_OWNER, and only
+    a witness of a [nova] witness_admin_projects project counts."""
+    coord = env[0]
+    coord.destroy_vtpcm(INSTANCE)
+    if nova_at_create == "unreachable":
+        coord.nova.fail = exception.ServiceUnreachable(service="nova", method="GET",
+                                                       reason="timed out")
+    else:
+        coord.nova.servers[INSTANCE] = ServerView("host-a", "active", None, None)
+    assert coord.create_vtpcm(INSTANCE, "host-a").owner_project == ""
+    coord.nova.fail = None
+    coord, db, agents, cold = _required(env)
+    # the host rewrote the project to the service project and got a witness there
+    coord.nova.servers[INSTANCE] = ServerView("host-c", "shelved_offloaded", "spawning",
+                                              SERVICE_PROJECT)
+    _witness(db, host="host-c", project=SERVICE_PROJECT)
+    _refused(coord, db, agents, cold, "witness_admin_projects")
+    # positive control: an admin project's witness moves it
+    coord.witness = WitnessPolicy(required=True, keys_configured=True, max_age=600,
+                                  admin_projects=frozenset({"admin-p"}))
+    _witness(db, host="host-c", project="admin-p", nonce="n2")
+    assert coord.unshelve_vtpcm(INSTANCE, "host-c", requested_by="host-c").host == "host-c"

@@ -71,7 +71,7 @@ class FakeTrust:
 
 class FakeNova:
     """Nova's API as the engine asks it: ``servers`` maps an instance to its
-    view (None: 404); an instance not listed is ACTIVE on host-a. ``deleted``
+    view (None: 404); an instance not listed is ACTIVE on host-a, PROJECT's. ``deleted``
     holds the instances Nova's admin listing shows deleted; ``admin`` False
     is a credential without Nova's admin view. ``fail`` is raised instead of
     answering (Nova unreachable)."""
@@ -87,7 +87,7 @@ class FakeNova:
         self.asked.append(instance_uuid)
         if self.fail is not None:
             raise self.fail
-        return self.servers.get(instance_uuid, ServerView("host-a", "active", None))
+        return self.servers.get(instance_uuid, ServerView("host-a", "active", None, PROJECT))
 
     def is_admin(self):
         if self.fail is not None:

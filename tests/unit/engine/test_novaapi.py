@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from oslo_config import cfg
 
-from tests.unit.engine.test_coordinator import INSTANCE, env  # noqa: F401 (fixture)
+from tests.unit.engine.test_coordinator import INSTANCE, PROJECT, env  # noqa: F401
 from tests.unit.engine.test_coordinator_cold import _shelved
 from vtpcm_common import exception
 from vtpcm_nova.conf import engine as engine_conf
@@ -204,10 +204,11 @@ def test_a_200_for_another_server_is_no_answer(nova, env):  # noqa: F811
     with pytest.raises(exception.UnshelveNotAuthorized, match="Nova could not be asked"):
         coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
     assert db.get_vtpcm(INSTANCE).host == "host-a" and not cold.imported
-    # positive control: the same view with this server's id authorizes it
+    # positive control: the same view with this server's id (and the project
+    # its vTPCM was created in) authorizes it
     FakeNova.answers["/v2.1/servers/" + INSTANCE] = (200, _server(**{
         "OS-EXT-SRV-ATTR:host": "host-b", "OS-EXT-STS:vm_state": "shelved_offloaded",
-        "OS-EXT-STS:task_state": "spawning"}))
+        "OS-EXT-STS:task_state": "spawning", "tenant_id": PROJECT}))
     assert coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b").host == "host-b"
 
 
