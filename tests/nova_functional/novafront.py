@@ -102,6 +102,14 @@ class ServersStandIn:
 
     PROJECT = "0e4c9d5a6b7f4e1aa2b3c4d5e6f70811"  # whose servers they are
 
+    def building(self, instance: str, host: str) -> None:
+        """What Nova shows while it builds ``instance`` on ``host`` (the
+        engine records the owner project from it at create)."""
+        self.servers[instance] = {"OS-EXT-SRV-ATTR:host": host,
+                                  "OS-EXT-STS:vm_state": "building",
+                                  "OS-EXT-STS:task_state": "spawning",
+                                  "tenant_id": self.PROJECT}
+
     def unshelving(self, instance: str, host: str) -> None:
         self.servers[instance] = {"OS-EXT-SRV-ATTR:host": host,
                                   "OS-EXT-STS:vm_state": "shelved_offloaded",

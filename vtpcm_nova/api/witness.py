@@ -338,6 +338,7 @@ class EngineWitness:
         # at once, and at most MAX_IN_FLIGHT run at a time, so concurrent
         # requests cannot pile up threads (witness review round 2, F3)
         self._in_flight: dict[threading.Thread, float] = {}
+        self._slots = threading.BoundedSemaphore(MAX_IN_FLIGHT)
 
     def __repr__(self) -> str:
         return "<EngineWitness key=%s>" % self.signer.fingerprint
@@ -364,16 +365,16 @@ class EngineWitness:
                 outcome.append(err)
             else:
                 outcome.append(None)
+            finally:
+                self._slots.release()
         worker = threading.Thread(target=send, name="vtpcm-witness", daemon=True)
-        with self._lock:  # the check and the start are one step
+        with self._lock:
             now = time.monotonic()
             self._in_flight = {t: at for t, at in self._in_flight.items() if t.is_alive()}
-            stuck = any(now - at > timeout + SEND_SLACK for at in self._in_flight.values())
-            if stuck or len(self._in_flight) >= MAX_IN_FLIGHT:
+            if any(now - at > timeout + SEND_SLACK for at in self._in_flight.values()):
                 raise exception.ServiceUnreachable(
                     service="vtpcm-engine", method="record_api_witness",
-                    reason="an earlier witness is still being sent (broker down?)"
-                    if stuck else "%d witnesses are being sent already" % MAX_IN_FLIGHT)
+                    reason="an earlier witness is still being sent (broker down?)")
             if self._api is None:
                 from vtpcm_common.api.engine.rpcapi import EngineAPI
                 from vtpcm_nova import clients
@@ -382,8 +383,20 @@ class EngineWitness:
                                       exchange=self.conf.vtpcm.control_exchange,
                                       retry=0)
             api = self._api
-            self._in_flight[worker] = now
-            worker.start()
+        # a burst waits for a free slot (a healthy engine frees one in
+        # milliseconds); the semaphore bounds the threads whatever happens
+        if not self._slots.acquire(timeout=timeout):
+            raise exception.ServiceUnreachable(
+                service="vtpcm-engine", method="record_api_witness",
+                reason="%d witnesses are being sent already" % MAX_IN_FLIGHT)
+        with self._lock:
+            self._in_flight[worker] = time.monotonic()
+            try:
+                worker.start()
+            except BaseException:
+                del self._in_flight[worker]
+                self._slots.release()
+                raise
         worker.join(timeout + SEND_SLACK)
         if not outcome:
             raise exception.ServiceUnreachable(

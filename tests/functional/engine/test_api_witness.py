@@ -49,6 +49,7 @@ def _names(dep):
 def _shelved_on(dep, host):
     instance = str(uuid.uuid4())
     engine = dep.engine_at(host)
+    dep.nova.app.building(instance, host)  # the engine records its owner project
     engine.create_vtpcm(instance, host)
     engine.start_vtpcm(instance)
     paths = dep.hosts[host].data_paths(instance)

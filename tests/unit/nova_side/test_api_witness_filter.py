@@ -380,3 +380,35 @@ def test_concurrent_sends_to_a_hanging_engine_never_pile_up_threads(tmp_path):
         assert time.monotonic() - started < 0.1
     finally:
         release.set()
+
+
+def test_a_burst_to_a_healthy_engine_waits_for_a_slot_instead_of_dropping(tmp_path):
+    """Owner review, F3: the ninth concurrent send failed at once although
+    the engine answered in 200 ms, so that unshelve was later refused."""
+    import threading
+    import time
+    key = ed25519.Ed25519PrivateKey.generate()
+    conf = _conf(_write_key(tmp_path / "k", 0o640, key))
+    send = witness.EngineWitness(conf, witness.load_witness_key(conf))
+    recorded = []
+
+    class SlowEngine:
+        def record_api_witness(self, instance, *args, **kwargs):
+            time.sleep(0.2)
+            recorded.append(instance)
+    send._api = SlowEngine()
+    who = witness.Requester("p", "u", ("member",))
+    errors = []
+
+    def call(i):
+        try:
+            send("server-%d" % i, "delete", None, who)
+        except exception.ServiceUnreachable as err:
+            errors.append(str(err))
+    callers = [threading.Thread(target=call, args=(i,))
+               for i in range(witness.MAX_IN_FLIGHT + 4)]
+    for t in callers:
+        t.start()
+    for t in callers:
+        t.join(10)
+    assert errors == [] and len(recorded) == len(callers)
