@@ -11,7 +11,7 @@ import datetime
 import threading
 import uuid
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NoReturn, Protocol
 
 from oslo_log import log as logging
 
@@ -260,21 +260,11 @@ class ShelvingMixin:
             raise exception.CommandRefused(method="unshelve_vtpcm", reason=refusal)
         refusal, view = self._nova_unshelving(instance_uuid, host)
         if refusal:
-            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
-                          detail=("not authorized by Nova: %s" % refusal)[:1000])
-            LOG.warning("Unshelve of the vTPCM of instance %(i)s onto %(h)s refused: "
-                        "%(why)s", {"i": instance_uuid, "h": host, "why": refusal})
-            raise exception.UnshelveNotAuthorized(instance_uuid=instance_uuid, host=host,
-                                                  reason=refusal)
+            self._refuse_unshelve(instance_uuid, host, "not authorized by Nova", refusal)
         migration_id = str(uuid.uuid4())
         refusal = self._witnessed_unshelve(rec, host, migration_id, view)
         if refusal:
-            self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
-                          detail=("not witnessed by nova-api: %s" % refusal)[:1000])
-            LOG.warning("Unshelve of the vTPCM of instance %(i)s onto %(h)s refused: "
-                        "%(why)s", {"i": instance_uuid, "h": host, "why": refusal})
-            raise exception.UnshelveNotAuthorized(instance_uuid=instance_uuid, host=host,
-                                                  reason=refusal)
+            self._refuse_unshelve(instance_uuid, host, "not witnessed by nova-api", refusal)
         try:
             self.begin(migration_id, instance_uuid, rec.host, host, unshelve=True)
             self.transfer(migration_id)
@@ -309,6 +299,17 @@ class ShelvingMixin:
         except exception.ServiceUnreachable as err:
             return "Nova could not be asked (%s)" % err, None
         return shelved.unshelve_refusal(view, host), view
+
+    def _refuse_unshelve(self, instance_uuid: str, host: str, why: str,
+                         refusal: str) -> NoReturn:
+        """Audit, log and raise an unshelve refused by Nova's view or for
+        want of nova-api's witness; nothing was sealed or moved."""
+        self.db.audit("vtpcm.unshelve", "refused", host=host, instance=instance_uuid,
+                      detail=("%s: %s" % (why, refusal))[:1000])
+        LOG.warning("Unshelve of the vTPCM of instance %(i)s onto %(h)s refused: "
+                    "%(why)s", {"i": instance_uuid, "h": host, "why": refusal})
+        raise exception.UnshelveNotAuthorized(instance_uuid=instance_uuid, host=host,
+                                              reason=refusal)
 
     def _owner_project(self, instance_uuid: str) -> str | None:
         """The project Nova shows owning the instance, asked when its vTPCM
