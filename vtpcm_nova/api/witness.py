@@ -345,8 +345,9 @@ class EngineWitness:
 
     def __call__(self, instance_uuid: str, action: str, host: str | None,
                  who: Requester) -> None:
-        """Record one witness, the whole send bounded by ``[vtpcm]
-        api_witness_timeout``: oslo.messaging's own timeout bounds only the
+        """Record one witness, the whole send (the wait for a free slot
+        included) bounded by ``[vtpcm] api_witness_timeout`` plus
+        ``SEND_SLACK``: oslo.messaging's own timeout bounds only the
         wait for the reply, and without ``retry`` it reconnects to a broker
         that is down forever, which would hold Nova's answer. While a send
         is stuck, later ones fail at once, and at most ``MAX_IN_FLIGHT``
@@ -383,21 +384,23 @@ class EngineWitness:
                                       exchange=self.conf.vtpcm.control_exchange,
                                       retry=0)
             api = self._api
-        # a burst waits for a free slot (a healthy engine frees one in
+        # one deadline for the whole send, the wait for a slot included: a
+        # burst waits for a free slot (a healthy engine frees one in
         # milliseconds); the semaphore bounds the threads whatever happens
+        deadline = time.monotonic() + timeout + SEND_SLACK
         if not self._slots.acquire(timeout=timeout):
             raise exception.ServiceUnreachable(
                 service="vtpcm-engine", method="record_api_witness",
                 reason="%d witnesses are being sent already" % MAX_IN_FLIGHT)
-        with self._lock:
-            self._in_flight[worker] = time.monotonic()
-            try:
+        try:  # the slot goes back on any failure before the thread owns it
+            with self._lock:
+                self._in_flight[worker] = time.monotonic()
                 worker.start()
-            except BaseException:
-                del self._in_flight[worker]
-                self._slots.release()
-                raise
-        worker.join(timeout + SEND_SLACK)
+        except BaseException:
+            self._in_flight.pop(worker, None)
+            self._slots.release()
+            raise
+        worker.join(max(0.0, deadline - time.monotonic()))
         if not outcome:
             raise exception.ServiceUnreachable(
                 service="vtpcm-engine", method="record_api_witness",

@@ -24,7 +24,8 @@ API_OPTS = [
                       "engine to record a witness, after Nova answered the request and "
                       "before the answer goes out (the answer is never changed; a "
                       "witness the engine did not record is logged, and the unshelve "
-                      "elsewhere it was for is then refused). It bounds the whole send: "
+                      "elsewhere it was for is then refused). It bounds the whole send, "
+                      "plus half a second: the wait for one of the 8 send slots, and "
                       "no reconnection to a broker that is down."),
     cfg.ListOpt("api_witness_refused_roles", default=["service"],
                 help="nova-api only: the vtpcm_witness filter witnesses no request whose "

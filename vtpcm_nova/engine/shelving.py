@@ -377,9 +377,12 @@ class ShelvingMixin:
             "unshelve " + migration_id, now, projects=frozenset(projects))
         if used is None:
             return ("nova-api witnessed no unshelve request of this instance (onto %s or "
-                    "no named host) in the last %d s, since it was shelved, by its "
-                    "project %s or a [nova] witness_admin_projects one, that is not "
-                    "used already" % (host, self.witness.max_age, owner))
+                    "no named host) in the last %d s, since it was shelved, by %s or "
+                    "a [nova] witness_admin_projects one, that is not used already"
+                    % (host, self.witness.max_age,
+                       "its project %s" % owner if owner else
+                       "its project (unknown: Nova did not give it when the vTPCM was "
+                       "created, so only an admin project's unshelve can move it)"))
         self.db.audit(WITNESS, "used", host=host, instance=rec.instance_uuid,
                       migration_id=migration_id,
                       detail="unshelve requested at %s by user %s of project %s "
