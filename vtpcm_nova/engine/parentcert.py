@@ -149,4 +149,4 @@ def _storage_key_name(public: bytes) -> bytes:
         raise _Refused(f"its attributes (0x{attrs:08x}) are not those of a storage key "
                        "generated in the TPM (fixedTPM, fixedParent, "
                        "sensitiveDataOrigin, restricted, decrypt, not sign)")
-    return int(TPM2_ALG.SHA256).to_bytes(2, "big") + hashlib.sha256(public).digest()
+    return verifier.sha256_name(public)

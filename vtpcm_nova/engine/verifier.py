@@ -292,6 +292,12 @@ def _unmarshal(cls: type[_T], data: bytes, what: str,
 def _name_of(pub: Any, raw: bytes, err: type[exception.AttestationError], host: str) -> bytes:
     if pub.nameAlg != TPM2_ALG.SHA256:
         raise err(host=host, reason="name algorithm of a key is not SHA-256")
+    return sha256_name(raw)
+
+
+def sha256_name(raw: bytes) -> bytes:
+    """TPM name of the marshaled TPMT_PUBLIC ``raw`` whose nameAlg the caller
+    checked to be SHA-256: 0x000b || SHA-256(raw)."""
     return int(TPM2_ALG.SHA256).to_bytes(2, "big") + hashlib.sha256(bytes(raw)).digest()
 
 
