@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.unit.novapaste import NOVA_34_PIPELINES
+
 REPO = Path(__file__).resolve().parents[2]
 STUBS = REPO / "tests" / "unit" / "devstack_stubs" / "functions.sh"
 PLUGIN = REPO / "devstack" / "plugin.sh"
@@ -56,21 +58,10 @@ done
 """
 
 # nova-api's paste config as DevStack installs Nova 34's (the parts that matter)
-NOVA_PASTE = """[composite:openstack_compute_api_v21]
-use = call:nova.api.auth:pipeline_factory_v21
-keystone = cors http_proxy_to_wsgi compute_req_id faultwrap request_log sizelimit osprofiler \
-authtoken keystonecontext osapi_compute_app_v21
-
-[composite:openstack_compute_api_v21_legacy_v2_compatible]
-use = call:nova.api.auth:pipeline_factory_v21
-keystone = cors compute_req_id authtoken keystonecontext legacy_v2_compatible osapi_compute_app_v21
-
-[pipeline:oscomputeversions]
-pipeline = cors faultwrap request_log http_proxy_to_wsgi oscomputeversionapp
-
+NOVA_PASTE = NOVA_34_PIPELINES + """
 [filter:keystonecontext]
 paste.filter_factory = nova.api.auth:NovaKeystoneContext.factory
-""".replace("\\\n", "")
+"""
 FAKE_PYTHON = r"""#!/bin/bash
 # Fake interpreter of DevStack's venv: records its call, answers the
 # plugin's few questions.

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from tests.unit.novapaste import NOVA_34_PIPELINES
 from vtpcm_lab.nova import configs, identity, neutron, sshd
 
 STOCK_PASTE = """[pipeline:main]
@@ -29,20 +30,6 @@ def test_authtoken_is_replaced_by_the_identity_stand_in_only() -> None:
     assert "[filter:authtoken]\npaste.filter_factory = vtpcm_lab.nova.identity:" \
         "filter_factory\n" in out
     assert "nova.api.auth:NovaKeystoneContext.factory" in out
-
-
-NOVA_34_PIPELINES = """[composite:openstack_compute_api_v21]
-use = call:nova.api.auth:pipeline_factory_v21
-keystone = cors http_proxy_to_wsgi compute_req_id faultwrap request_log sizelimit osprofiler \
-authtoken keystonecontext osapi_compute_app_v21
-
-[composite:openstack_compute_api_v21_legacy_v2_compatible]
-use = call:nova.api.auth:pipeline_factory_v21
-keystone = cors compute_req_id authtoken keystonecontext legacy_v2_compatible osapi_compute_app_v21
-
-[pipeline:oscomputeversions]
-pipeline = cors faultwrap request_log http_proxy_to_wsgi oscomputeversionapp
-""".replace("\\\n", "")
 
 
 def test_the_witness_filter_follows_keystonecontext_in_every_compute_pipeline() -> None:
