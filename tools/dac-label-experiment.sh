@@ -115,13 +115,12 @@ except OSError as e:
 say "libvirt $(libvirtd --version | awk '{print $3}'), $(qemu-system-x86_64 --version | head -1)"
 daemon src
 swtpm_as A $SA; swtpm_as B $SB
-domxml dacA "+$QA:+$SA" A a > "$D/A.xml"
+# A's base pinned: <backingStore> with <seclabel model='dac' relabel='no'/>
+domxml dacA "+$QA:+$SA" A a pin > "$D/A.xml"
 src create "$D/A.xml" >/dev/null || exit 1
 check "QEMU A uid:gid" "$QA:$SA groups=$SA" "$(ids dacA)"
-check "shared base after A started (chowned to A's label)" "$QA:$SA" \
-    "$(owner $D/img/_base/base.qcow2)"
-check "libvirt's remember xattrs on the base / on A's overlay" "[] / 3" \
-    "$(xattrs "$D/img/_base/base.qcow2") / $(xattrs "$D/img/A.qcow2" | grep -o trusted | wc -l)"
+check "pinned shared base after A started" "0:0" "$(owner $D/img/_base/base.qcow2)"
+check "A's QEMU holds the pinned base read-only (fd mode)" "lr-x------" "$(base_fd dacA)"
 
 # same kernel file, different label: refused (remember_owner refcount)
 domxml dacB "+$QB:+$SB" B a > "$D/B-samekernel.xml"
@@ -131,8 +130,10 @@ domxml dacB "+$QB:+$SB" B b > "$D/B.xml"
 src create "$D/B.xml" >/dev/null || exit 1
 sleep 2
 check "QEMU B uid:gid" "$QB:$SB groups=$SB" "$(ids dacB)"
-check "shared base after B started (last starter owns it)" "$QB:$SB" \
+check "shared base after B (not pinned) started: B's label" "$QB:$SB" \
     "$(owner $D/img/_base/base.qcow2)"
+check "libvirt's remember xattrs on the base / on B's overlay" "[] / 3" \
+    "$(xattrs "$D/img/_base/base.qcow2") / $(xattrs "$D/img/B.qcow2" | grep -o trusted | wc -l)"
 check "B's QEMU opens the shared base for writing" "writable" \
     "$(as $QB $SB "import os; os.open('$D/img/_base/base.qcow2', os.O_WRONLY); print('writable')")"
 check "QEMU A -> its own socket" connected "$(connect $QA $SA $D/vm/A/ctrl)"
@@ -145,7 +146,7 @@ src destroy dacB >/dev/null
 check "base after B stopped (never restored)" "$QB:$SB" "$(owner $D/img/_base/base.qcow2)"
 check "B's overlay after B stopped (restored)" "0:0" "$(owner $D/img/B.qcow2)"
 
-# the base pinned: <backingStore> with <seclabel model='dac' relabel='no'/>
+# B pinned too
 chown 0:0 "$D/img/_base/base.qcow2"
 swtpm_as B $SB
 domxml dacB "+$QB:+$SB" B b pin > "$D/B-pin.xml"
@@ -166,6 +167,8 @@ src migrate --live --unsafe dacA "qemu+unix:///system?socket=$D/dst.sock/libvirt
 check "migrated QEMU A uid:gid" "$QA2:$SA2 groups=$SA2" "$(ids dacA)"
 check "A's overlay after the source let go (source restored it)" "0:0" \
     "$(owner $D/img/A.qcow2)"
+check "pinned base after A migrated" "0:0" "$(owner $D/img/_base/base.qcow2)"
+check "destination QEMU holds the pinned base read-only" "lr-x------" "$(base_fd dacA)"
 check "destination swtpm got the state" yes \
     "$(grep -q 'Ctrl Cmd' "$D/vm/A2/log" && echo yes)"
 if [[ $ok == 1 ]]; then say "all as expected"; else say "SOME CHECKS DIFFERED"; exit 1; fi
