@@ -95,6 +95,10 @@ class AgentSettings:
     timeout: float = 10.0
     # first and last uid of [agent] swtpm_uid_range; None: swtpm runs as the agent
     swtpm_uids: tuple[int, int] | None = None
+    # first and last uid of [agent] qemu_uid_range (as large as swtpm_uids):
+    # the QEMU uid of the VM whose swtpm runs as swtpm_uids[0] + i is
+    # qemu_uids[0] + i; None: no QEMU uids
+    qemu_uids: tuple[int, int] | None = None
 
 
 class InstanceManager:
@@ -665,6 +669,29 @@ class InstanceManager:
                             public.with_suffix("") if paths.data_socket else None)
         return run_as
 
+    def qemu_uid_for(self, swtpm_uid: int) -> int | None:
+        """The QEMU uid paired with ``swtpm_uid`` (None: no qemu_uid_range,
+        or a uid outside today's swtpm_uid_range)."""
+        if self.settings.qemu_uids is None or self.settings.swtpm_uids is None:
+            return None
+        first, last = self.settings.swtpm_uids
+        if not first <= swtpm_uid <= last:
+            return None
+        return self.settings.qemu_uids[0] + (swtpm_uid - first)
+
+    def vm_ids(self, instance_uuid: str) -> tuple[int, int] | None:
+        """(QEMU uid, VM gid) of an instance whose swtpm has its own uid
+        here: the label its QEMU must run with to reach its 0660 U:U
+        socket, and no other VM's. None: no per-VM QEMU uid (no
+        qemu_uid_range, or no uid assigned yet: its swtpm never started)."""
+        if self.settings.swtpm_uids is None or self.settings.qemu_uids is None:
+            return None
+        uid = self.associations.uid_of(instance_uuid)
+        if uid is None:
+            return None
+        qemu = self.qemu_uid_for(uid)
+        return None if qemu is None else (qemu, uid)
+
     def _drop_own_files(self, instance_uuid: str) -> None:
         """Remove an instance's public links and socket dir and free its uid:
         only once no process of the uid is left (an exploited swtpm may have
@@ -672,8 +699,13 @@ class InstanceManager:
         if self.settings.swtpm_uids is None:
             return
         uid = self.associations.uid_of(instance_uuid)
+        # the VM's QEMU uid goes with its swtpm uid: a process of it left
+        # behind (a QEMU that escaped and hid) must not meet the next VM's
+        qemu = self.qemu_uid_for(uid) if uid is not None else None
         if uid is not None:
             uidprocs.kill_all(uid, timeout=self.settings.timeout)  # raises: uid kept
+        if qemu is not None:
+            uidprocs.kill_all(qemu, timeout=self.settings.timeout)  # raises: uid kept
         # with no process of the uid left its files cannot act: a tree it
         # built to make these fail must not keep the uid forever
         # (review round 2 of isofix, MEDIUM 3)
@@ -682,6 +714,9 @@ class InstanceManager:
             ("its socket dir", lambda: isolation.remove(
                 self.settings.run_dir / OWN_DIRS / instance_uuid,
                 (public, public.with_suffix(""))))]
+        if qemu is not None:
+            steps.insert(0, ("the leftovers of QEMU uid %d" % qemu,
+                             lambda: uidprocs.sweep_files(qemu)))
         if uid is not None:
             steps.insert(0, ("the leftovers of uid %d" % uid, lambda: uidprocs.sweep_files(uid)))
         for what, step in steps:

@@ -46,6 +46,17 @@ AGENT_OPTS = [
                     "sits in <run_dir>/vm/<instance uuid>/, which <run_dir>/<instance "
                     "uuid>.ctrl links to. Empty: every swtpm runs as the agent's user "
                     "(root), as releases before did."),
+    cfg.StrOpt("qemu_uid_range", default="", regex=r"^(|[0-9]+-[0-9]+)$",
+               help="FIRST-LAST, as many uids as swtpm_uid_range (which it needs): "
+                    "beside each vTPCM's swtpm uid U the agent reserves a QEMU uid Q "
+                    "for that VM (Q = FIRST + (U - first of swtpm_uid_range)), freed "
+                    "with U, every process of it killed and its leftovers removed before "
+                    "U and Q go to another VM. It reports Q and U (the VM's gid) to the "
+                    "Nova driver, whose [vtpcm] qemu_dac_label runs the VM's QEMU as "
+                    "Q:U, so that only this VM's QEMU reaches its 0660 U:U socket. "
+                    "Reserve it as swtpm_uid_range (the same checks); it must not "
+                    "overlap swtpm_uid_range. Empty: no QEMU uids (QEMU runs as "
+                    "libvirt's user)."),
     cfg.BoolOpt("create_ek", default=True,
                 help="Create an EK with EK and platform certificates from this host's "
                      "local CA when a vTPCM is created (Windows 11 guests want them)."),

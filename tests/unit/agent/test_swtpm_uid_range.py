@@ -106,3 +106,26 @@ def test_uid16_minus_one_is_refused():
     with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range "
                  "65530-65540: contains 65535, (uint16_t)-1"):
         service.uid_range("65530-65540", subid_files=())
+
+
+def test_qemu_uid_range_pairs_with_the_swtpm_range():
+    swtpm = (1900000000, 1900000999)
+    assert service.qemu_uid_range("", swtpm) is None
+    assert service.qemu_uid_range("1900001000-1900001999", swtpm, subid_files=()) \
+        == (1900001000, 1900001999)
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range "
+                 "1900001000-1900001999 needs [agent] swtpm_uid_range (per-VM swtpm uids)"):
+        service.qemu_uid_range("1900001000-1900001999", None, subid_files=())
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range "
+                 "1900001000-1900001998 holds 999 uids, [agent] swtpm_uid_range "
+                 "1900000000-1900000999 holds 1000: they must be the same size"):
+        service.qemu_uid_range("1900001000-1900001998", swtpm, subid_files=())
+    # a QEMU uid that is some VM's swtpm uid could ptrace that swtpm
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range "
+                 "1900000500-1900001499 overlaps [agent] swtpm_uid_range "
+                 "1900000000-1900000999"):
+        service.qemu_uid_range("1900000500-1900001499", swtpm, subid_files=())
+    # checked as swtpm_uid_range is, named as itself
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range 0-999: "
+                 "need 0 < FIRST <= LAST <= 4294967294"):
+        service.qemu_uid_range("0-999", (1, 1000), subid_files=())
