@@ -1,0 +1,142 @@
+"""The driver's glue of ``[vtpcm] qemu_dac_label`` (Nova imported, nothing
+started): the guest's XML labelled with the local agent's checked ids, and
+the live-migration XML relabelled with the destination's."""
+
+import types
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from nova.virt.libvirt import driver as libvirt_driver
+
+from vtpcm_common import exception
+from vtpcm_nova.conf import compute as compute_conf
+from vtpcm_nova.virt import daclabel
+from vtpcm_nova.virt import driver as vdriver
+
+INSTANCE = str(uuid.UUID(int=11))
+SOCKET = "/run/vtpcm/%s.ctrl" % INSTANCE
+NOVA_XML = (
+    "<domain type='kvm'><name>g</name><devices><disk type='file' device='disk'><driver "
+    "name='qemu' type='qcow2'/><source file='/i/%s/disk'/><target dev='vda'/></disk><tpm "
+    "model='tpm-crb'><backend type='external'><source type='unix' mode='connect' "
+    "path='/run/vtpcm/%s.ctrl'/></backend></tpm></devices></domain>" % (INSTANCE, INSTANCE))
+
+
+class Agents:
+    def __init__(self, qemu_uid: int | None, vm_gid: int | None,
+                 state: str = "ACTIVE") -> None:
+        self.answer = (qemu_uid, vm_gid, state)
+        self.asked: list[tuple[str, str, bool]] = []
+
+    def get(self, host: str, instance_uuid: str, ids: bool = False) -> Any:
+        self.asked.append((host, instance_uuid, ids))
+        qemu_uid, vm_gid, state = self.answer
+        return types.SimpleNamespace(qemu_uid=qemu_uid, vm_gid=vm_gid, state=state,
+                                     migration_id=None)
+
+
+@pytest.fixture
+def dac_conf() -> Iterator[Any]:
+    conf = vdriver.CONF
+    compute_conf.register_opts(conf)
+    for name, value in (("qemu_dac_label", True), ("qemu_uid_range", "1900001000-1900001999"),
+                        ("vm_gid_range", "1900000000-1900000999")):
+        conf.set_override(name, value, group="vtpcm")
+    conf.set_override("instances_path", "/i")
+    try:
+        yield conf
+    finally:
+        conf.clear_override("instances_path")
+        for name in ("qemu_dac_label", "qemu_uid_range", "vm_gid_range"):
+            conf.clear_override(name, group="vtpcm")
+
+
+def _driver(agents: Agents) -> vdriver.VTPCMLibvirtDriver:
+    drv = object.__new__(vdriver.VTPCMLibvirtDriver)
+    drv._vtpcm_host = "cmp1"
+    drv._agents = agents  # type: ignore[assignment]
+    drv._clients_lock = __import__("threading").Lock()
+    return drv
+
+
+def _instance() -> Any:
+    return types.SimpleNamespace(uuid=INSTANCE, flavor=types.SimpleNamespace(
+        extra_specs={"vtpcm:enabled": "true"}))
+
+
+def test_guest_xml_gets_the_local_agents_ids_and_pinned_base(dac_conf, monkeypatch):
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
+                        lambda *_a, **_k: NOVA_XML)
+    monkeypatch.setattr(daclabel, "backing_chain", lambda path: [
+        (path, "qcow2"), ("/i/_base/abc", "raw")])
+    agents = Agents(1900001003, 1900000003)
+    xml = _driver(agents)._get_guest_xml(None, _instance(), None, None, None)
+    assert agents.asked == [("cmp1", INSTANCE, True)]
+    dom = ET.fromstring(xml)
+    assert dom.find("seclabel/label").text == "+1900001003:+1900000003"
+    assert dom.find("devices/disk/backingStore/source/seclabel").get("relabel") == "no"
+
+
+def test_guest_xml_refused_when_the_agent_reports_root(dac_conf, monkeypatch):
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
+                        lambda *_a, **_k: NOVA_XML)
+    with pytest.raises(vdriver.VTPCMFault) as err:
+        _driver(Agents(0, 0))._get_guest_xml(None, _instance(), None, None, None)
+    assert str(err.value) == (
+        "vTPCM: Invalid input: the vtpcm-agent on cmp1 reports QEMU uid 0 for instance %s, "
+        "outside [vtpcm] qemu_uid_range 1900001000-1900001999; refused (0 would run QEMU as "
+        "root)" % INSTANCE)
+
+
+def test_option_off_leaves_novas_xml_alone(monkeypatch):
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
+                        lambda *_a, **_k: NOVA_XML)
+    compute_conf.register_opts(vdriver.CONF)
+    agents = Agents(0, 0)
+    assert _driver(agents)._get_guest_xml(None, _instance(), None, None, None) == NOVA_XML
+    assert agents.asked == []
+
+
+def test_multiattach_attach_refused_on_a_labelled_guest(dac_conf, monkeypatch):
+    called = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "attach_volume",
+                        lambda *a, **k: called.append(a))
+    with pytest.raises(vdriver.VTPCMFault) as err:
+        _driver(Agents(1, 1)).attach_volume(None, {"multiattach": True}, _instance(), "/dev/vdb")
+    assert str(err.value) == (
+        "vTPCM: instance %s: a multiattach volume cannot be attached to a guest with a "
+        "per-VM QEMU label ([vtpcm] qemu_dac_label)" % INSTANCE)
+    assert called == []
+    _driver(Agents(1, 1)).attach_volume(None, {"multiattach": False}, _instance(), "/dev/vdb")
+    assert len(called) == 1
+
+
+def test_migration_xml_carries_the_destination_socket_and_ids():
+    src = NOVA_XML.replace("</devices>", "</devices><seclabel type='static' model='dac' "
+                           "relabel='yes'><label>+1900001003:+1900000003</label></seclabel>")
+    sent: dict[str, Any] = {}
+
+    class Guest:
+        def migrate(self, destination: str, **kwargs: Any) -> None:
+            sent.update(kwargs, destination=destination)
+
+    dest_socket = "/run/vtpcm-b/%s.ctrl" % INSTANCE
+    guest = vdriver._RewritingGuest(Guest(), dest_socket, INSTANCE,
+                                    daclabel.VMIds(1900001007, 1900000007))
+    guest.migrate("qemu+tcp://b/system", destination_xml=src)
+    dom = ET.fromstring(sent["destination_xml"])
+    assert dom.find("devices/tpm/backend/source").get("path") == dest_socket
+    assert dom.find("seclabel/label").text == "+1900001007:+1900000007"
+    # an unlabelled guest is refused, not migrated half labelled
+    with pytest.raises(exception.InvalidInput):
+        guest.migrate("qemu+tcp://b/system", destination_xml=NOVA_XML)
+
+
+def test_live_migration_to_a_destination_reporting_other_state_is_refused(dac_conf):
+    with pytest.raises(exception.MigrationError) as err:
+        _driver(Agents(1900001007, 1900000007, "ACTIVE"))._vm_ids("cmp2", INSTANCE,
+                                                                   "MIGRATING_IN")
+    assert "is ACTIVE, not MIGRATING_IN" in str(err.value)
