@@ -140,3 +140,24 @@ def test_live_migration_to_a_destination_reporting_other_state_is_refused(dac_co
         _driver(Agents(1900001007, 1900000007, "ACTIVE"))._vm_ids("cmp2", INSTANCE,
                                                                    "MIGRATING_IN")
     assert "is ACTIVE, not MIGRATING_IN" in str(err.value)
+
+
+def test_init_host_refuses_the_option_without_ranges(monkeypatch):
+    """A compute configured with the label but no ranges of its own must not
+    start (it could not check an agent's +0:+0)."""
+    started = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "init_host",
+                        lambda self, host: started.append(host))
+    conf = vdriver.CONF
+    compute_conf.register_opts(conf)
+    conf.set_override("qemu_dac_label", True, group="vtpcm")
+    try:
+        with pytest.raises(exception.InvalidInput) as err:
+            _driver(Agents(1, 1)).init_host("cmp1")
+        assert str(err.value) == ("Invalid input: [vtpcm] qemu_uid_range '': need "
+                                  "FIRST-LAST (with [vtpcm] qemu_dac_label on)")
+        assert started == []
+    finally:
+        conf.clear_override("qemu_dac_label", group="vtpcm")
+    _driver(Agents(1, 1)).init_host("cmp1")  # option off: Nova's own init_host
+    assert started == ["cmp1"]
