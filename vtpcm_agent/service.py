@@ -42,6 +42,12 @@ def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
     except KeyError as err:
         raise exception.InvalidInput(reason="[agent] socket user/group: %s" % err) from None
     swtpm_uids = uid_range(a.swtpm_uid_range)
+    if a.qemu_uid_range and (a.socket_user or a.socket_group):
+        # the socket must be U:U 0660: a shared QEMU user or group as its
+        # owner would reach every VM's socket, the point of the QEMU uids
+        raise exception.InvalidInput(
+            reason="[agent] qemu_uid_range needs socket_user and socket_group unset (each "
+                   "socket then belongs to its VM's uid and gid)")
     return AgentSettings(
         swtpm_uids=swtpm_uids, qemu_uids=qemu_uid_range(a.qemu_uid_range, swtpm_uids),
         host=conf.host, state_root=Path(a.state_dir), run_dir=Path(a.run_dir),

@@ -53,7 +53,8 @@ AGENT_OPTS = [
                     "with U, every process of it killed and its leftovers removed before "
                     "U and Q go to another VM. It reports Q and U (the VM's gid) to the "
                     "Nova driver, whose [vtpcm] qemu_dac_label runs the VM's QEMU as "
-                    "Q:U, so that only this VM's QEMU reaches its 0660 U:U socket. "
+                    "Q:U, so that only this VM's QEMU reaches its 0660 U:U socket "
+                    "(socket_user and socket_group must be unset). "
                     "Reserve it as swtpm_uid_range (the same checks); it must not "
                     "overlap swtpm_uid_range. Empty: no QEMU uids (QEMU runs as "
                     "libvirt's user)."),

@@ -7,8 +7,10 @@ import re
 from pathlib import Path
 
 import pytest
+from oslo_config import cfg
 
 from tests.refusal import refused
+from vtpcm_agent import conf as agent_conf
 from vtpcm_agent import service
 from vtpcm_common import exception
 
@@ -129,3 +131,21 @@ def test_qemu_uid_range_pairs_with_the_swtpm_range():
     with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range 0-999: "
                  "need 0 < FIRST <= LAST <= 4294967294"):
         service.qemu_uid_range("0-999", (1, 1000), subid_files=())
+
+
+def test_qemu_uid_range_refuses_a_shared_socket_owner():
+    """The QEMU uids separate VMs only if each socket is its VM's U:U."""
+    conf = cfg.ConfigOpts()
+    agent_conf.register_opts(conf)
+    conf([], default_config_files=[])
+    conf.set_override("swtpm_uid_range", "1900000000-1900000999", group="agent")
+    conf.set_override("qemu_uid_range", "1900001000-1900001999", group="agent")
+    conf.set_override("socket_group", "root", group="agent")
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range needs "
+                 "socket_user and socket_group unset (each socket then belongs to its VM's "
+                 "uid and gid)"):
+        service.settings_from(conf)
+    conf.clear_override("socket_group", group="agent")
+    settings = service.settings_from(conf)
+    assert settings.qemu_uids == (1900001000, 1900001999)
+    assert settings.swtpm_uids == (1900000000, 1900000999)
