@@ -453,6 +453,17 @@ class AssociationList:
                               (instance_uuid,)).fetchone()
         return int(row[0]) if row else None
 
+    def kept_uids(self) -> builtins.list[tuple[str, int]]:
+        """(instance, uid) of the uids still recorded for an instance that
+        has no vTPCM here any more (forgotten or DESTROYED): kept because
+        something of the uid remained when its vTPCM went."""
+        with self._transaction() as cur:
+            rows = cur.execute(
+                "SELECT u.instance_uuid, u.uid FROM swtpm_uids u LEFT JOIN associations a "
+                "ON a.instance_uuid = u.instance_uuid WHERE a.instance_uuid IS NULL "
+                "OR a.state = ? ORDER BY u.uid", (VTPCMState.DESTROYED.value,)).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
+
     def release_uid(self, instance_uuid: str) -> None:
         """Free the uid of an instance whose vTPCM left this host (its swtpm
         stopped, every process of its uid was killed and its files are gone);

@@ -615,6 +615,16 @@ class InstanceManager:
                           "is not running", {"instance": assoc.instance_uuid,
                                              "vtpcm": assoc.vtpcm_id,
                                              "state": assoc.state.value})
+        kept = self.associations.kept_uids() if self.settings.swtpm_uids is not None else []
+        for instance_uuid, uid in kept:
+            # something of the uid remained when its vTPCM went: sweep again
+            try:
+                self._drop_own_files(instance_uuid)
+                LOG.info("Freed swtpm uid %(uid)d of instance %(inst)s",
+                         {"uid": uid, "inst": instance_uuid})
+            except exception.SwtpmError as exc:
+                LOG.error("Keeping swtpm uid %(uid)d of instance %(inst)s: %(err)s",
+                          {"uid": uid, "inst": instance_uuid, "err": exc.message})
         # the seconds: an agent restart delays every RPC on the host by this
         LOG.info("Recovered: %(a)d adopted, %(c)d crashed, %(x)d interrupted creates "
                  "cleaned in %(s).3f s",
@@ -668,30 +678,36 @@ class InstanceManager:
     def _drop_own_files(self, instance_uuid: str) -> None:
         """Remove an instance's public links and socket dir and free its uid:
         only once no process of the uid is left (an exploited swtpm may have
-        hidden from ``_kill``) and its temporary files are gone."""
+        hidden from ``_kill``) and nothing of it remains in the shared
+        temporary directories or SysV IPC (``uidprocs.sweep``); else the
+        uid stays recorded, the SwtpmError names what remains, and a retried
+        destroy sweeps again."""
         if self.settings.swtpm_uids is None:
             return
         uid = self.associations.uid_of(instance_uuid)
+        kept: exception.SwtpmError | None = None
         if uid is not None:
             uidprocs.kill_all(uid, timeout=self.settings.timeout)  # raises: uid kept
-        # with no process of the uid left its files cannot act: a tree it
-        # built to make these fail must not keep the uid forever
-        # (review round 2 of isofix, MEDIUM 3)
-        public = self.public_ctrl_socket(instance_uuid)
-        steps: list[tuple[str, Callable[[], object]]] = [
-            ("its socket dir", lambda: isolation.remove(
-                self.settings.run_dir / OWN_DIRS / instance_uuid,
-                (public, public.with_suffix(""))))]
-        if uid is not None:
-            steps.insert(0, ("the leftovers of uid %d" % uid, lambda: uidprocs.sweep_files(uid)))
-        for what, step in steps:
             try:
-                step()
-            except (OSError, exception.VTPCMException) as exc:
-                LOG.error("Could not remove %(what)s of instance %(inst)s (the uid is freed "
-                          "anyway: no process of it is left): %(err)s",
-                          {"what": what, "inst": instance_uuid,
-                           "err": getattr(exc, "message", None) or str(exc)})
+                uidprocs.sweep(uid)
+            except exception.SwtpmError as exc:
+                kept = exc
+                LOG.error("Keeping swtpm uid %(uid)d of instance %(inst)s: %(err)s",
+                          {"uid": uid, "inst": instance_uuid, "err": exc.message})
+        # the socket dir is this instance's own, never the uid's next
+        # holder's: a tree the uid built there to make its removal fail
+        # must not keep the uid forever (review round 2 of isofix, MEDIUM 3)
+        public = self.public_ctrl_socket(instance_uuid)
+        try:
+            isolation.remove(self.settings.run_dir / OWN_DIRS / instance_uuid,
+                             (public, public.with_suffix("")))
+        except (OSError, exception.VTPCMException) as exc:
+            LOG.error("Could not remove the socket dir of instance %(inst)s (the uid is "
+                      "freed anyway: no process of it is left): %(err)s",
+                      {"inst": instance_uuid,
+                       "err": getattr(exc, "message", None) or str(exc)})
+        if kept is not None:
+            raise kept
         self.associations.release_uid(instance_uuid)
 
     def _received_state(self, assoc: Association) -> bool:
@@ -749,7 +765,12 @@ class InstanceManager:
         process.remove_log(paths)
         self.associations.forget(instance_uuid, vtpcm_id)
         if self.associations.find(instance_uuid) is None:
-            self._drop_own_files(instance_uuid)
+            try:
+                self._drop_own_files(instance_uuid)
+            except exception.SwtpmError as exc:  # a create's failure must stay the error
+                LOG.error("Keeping swtpm uid of instance %(inst)s (swept again at the "
+                          "agent's next start): %(err)s",
+                          {"inst": instance_uuid, "err": exc.message})
 
     @staticmethod
     def _check_generation(assoc: Association, ctx: sealing.SealContext) -> None:

@@ -36,12 +36,12 @@ class _Level:
     pending: list[str] | None = None
 
 
-def _ident(st: os.stat_result) -> tuple[int, int]:
+def ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _open_dir(name: str, dfd: int, seen: tuple[int, int], shown: str, doing: str,
-              top: str) -> int:
+def open_dir(name: str, dfd: int, seen: tuple[int, int], shown: str, doing: str,
+             top: str) -> int:
     """Open directory ``name`` under ``dfd`` and insist it is the inode ``seen``
     (``top``: the walk's top directory's name, a vTPCM id, for errors)."""
     try:
@@ -50,7 +50,7 @@ def _open_dir(name: str, dfd: int, seen: tuple[int, int], shown: str, doing: str
         raise exception.SwtpmError(vtpcm_id=top,
                                    reason="%s changed while %s (%s)"
                                    % (shown, doing, exc.strerror)) from None
-    if _ident(os.fstat(fd)) != seen:
+    if ident(os.fstat(fd)) != seen:
         os.close(fd)
         raise exception.SwtpmError(vtpcm_id=top,
                                    reason="%s changed while %s" % (shown, doing))
@@ -69,7 +69,7 @@ def walk(top_fd: int, shown: str, leaf: Leaf, leave: Callable[[int, str], None],
     top_dev = os.fstat(top_fd).st_dev
     top = Path(shown).name
     fd = os.dup(top_fd)
-    levels = [_Level(_ident(os.fstat(fd)), "", shown)]
+    levels = [_Level(ident(os.fstat(fd)), "", shown)]
     try:
         while True:
             level = levels[-1]
@@ -92,16 +92,16 @@ def walk(top_fd: int, shown: str, leaf: Leaf, leave: Callable[[int, str], None],
                     raise exception.SwtpmError(
                         vtpcm_id=top,
                         reason="%s is on another file system; not %s" % (where, doing))
-                sub = _open_dir(name, fd, _ident(st), where, doing, top)
+                sub = open_dir(name, fd, ident(st), where, doing, top)
                 os.close(fd)
                 fd = sub
-                levels.append(_Level(_ident(st), name, where))
+                levels.append(_Level(ident(st), name, where))
                 continue
             leave(fd, level.shown)
             levels.pop()
             if not levels:
                 return
-            up = _open_dir("..", fd, levels[-1].ident, levels[-1].shown, doing, top)
+            up = open_dir("..", fd, levels[-1].ident, levels[-1].shown, doing, top)
             os.close(fd)
             fd = up
             left(fd, level.name)
@@ -116,7 +116,7 @@ def remove_at(dfd: int, name: str, shown: str) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dfd)
         return
-    sub = _open_dir(name, dfd, _ident(st), shown, "removing it", Path(shown).name)
+    sub = open_dir(name, dfd, ident(st), shown, "removing it", Path(shown).name)
     try:
         walk(sub, shown, lambda d, n, _st, _w: os.unlink(n, dir_fd=d),
              lambda _d, _w: None, lambda d, n: os.rmdir(n, dir_fd=d), "removing it")

@@ -535,3 +535,96 @@ def test_the_socket_check_never_follows_a_link_the_uid_planted(hostile, short_di
     finally:
         elsewhere.close()
     assert not process.socket_in_use(target)  # nobody listens any more
+
+
+def test_destroy_keeps_the_uid_while_a_leftover_of_it_remains(hostile):
+    """Entries inside root-owned sticky directories of /tmp and SysV IPC
+    objects outlived destroy before (only the top of /tmp was swept), and a
+    leftover the sweep could not remove was logged while the uid went to
+    the next VM anyway. Now destroy removes them, and keeps the uid (naming
+    what remains) until a retried destroy finds nothing left."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    x11 = Path("/tmp") / ("vtpcm-test-x11-%s" % a)  # noqa: S108  a root-owned .X11-unix
+    x11.mkdir()
+    os.chmod(x11, 0o1777)  # noqa: S103
+    shm_id = None
+    try:
+        made = as_uid(uid, """
+            import ctypes, socket
+            s = socket.socket(socket.AF_UNIX); s.bind(%r)
+            open(%r, "w").close()
+            print(ctypes.CDLL(None).shmget(0, 4096, 0o1600))
+            """ % (str(x11 / "X9"), str(x11 / "stuck")))
+        shm_id = int(made.communicate(timeout=20)[0])
+        assert shm_id >= 0 and (x11 / "X9").lstat().st_uid == uid  # control: made
+        subprocess.run(["chattr", "+i", str(x11 / "stuck")], check=True, timeout=20)
+        with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: leftovers of swtpm "
+                     "uid %d remain (the uid is kept): could not remove 1 leftover(s) of "
+                     "swtpm uid %d: %s ([Errno 1] Operation not permitted: 'stuck')"
+                     % (uid, uid, uid, x11 / "stuck")):
+            hostile.destroy(a)
+        assert hostile.associations.uid_of(a) == uid  # kept: not given to another VM
+        assert not (x11 / "X9").exists()  # the rest went
+        assert [o.ident for o in uidprocs.sysvipc.objects_of(uid)] == []
+        subprocess.run(["chattr", "-i", str(x11 / "stuck")], check=True, timeout=20)
+        hostile.destroy(a)  # retried: nothing of the uid left, freed
+        assert hostile.associations.uid_of(a) is None
+        assert not (x11 / "stuck").exists() and x11.is_dir()
+    finally:
+        subprocess.run(["chattr", "-i", str(x11 / "stuck")], capture_output=True, timeout=20)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(x11)], check=True, timeout=20)
+        for obj in uidprocs.sysvipc.objects_of(uid):
+            uidprocs.sysvipc.remove(obj)
+
+
+def test_an_abstract_socket_of_the_uid_dies_with_its_process_at_destroy(hostile):
+    """An abstract socket is in no file system; a process of the uid that
+    holds one is killed before the uid is freed, and the name with it."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    name = "vtpcm-test-abstract-%s" % a
+    holder = as_uid(uid, """
+        import socket, time
+        s = socket.socket(socket.AF_UNIX); s.bind("\\0" + %r); s.listen(1)
+        print("up", flush=True); time.sleep(120)
+        """ % name)
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "up\n"
+        assert any(("@%s" % name) in held for held in uidprocs.abstract_sockets([holder.pid]))
+        hostile.destroy(a)
+        assert holder.wait(timeout=10) == -9
+        assert hostile.associations.uid_of(a) is None
+        probe.bind("\0" + name)  # free again
+    finally:
+        probe.close()
+        _stop_child(holder)
+
+
+def test_the_agents_start_sweeps_and_frees_a_uid_kept_without_a_vtpcm(hostile):
+    """A uid recorded for an instance with no vTPCM here (a discard that
+    could not sweep it, or an agent that died between forgetting the record
+    and freeing the uid) was never freed before: only a destroy freed uids,
+    and there was nothing left to destroy. ``recover`` sweeps it again and
+    frees it once nothing of it remains."""
+    gone = "00000000-0000-4000-8000-00000000d15c"
+    uid = hostile.associations.assign_uid(gone, *UIDS)
+    lock = Path("/run/lock") / ("vtpcm-test-%s" % gone)
+    planted = as_uid(uid, "open(%r, 'w').close()" % str(lock))
+    try:
+        assert planted.communicate(timeout=20)[0] == ""
+        subprocess.run(["chattr", "+i", str(lock)], check=True, timeout=20)
+        assert hostile.associations.kept_uids() == [(gone, uid)]
+        hostile.recover()
+        assert hostile.associations.uid_of(gone) == uid  # something remains: kept
+        subprocess.run(["chattr", "-i", str(lock)], check=True, timeout=20)
+        hostile.recover()
+        assert hostile.associations.uid_of(gone) is None
+        assert hostile.associations.kept_uids() == []
+        assert not lock.exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(lock)], capture_output=True, timeout=20)
+        lock.unlink(missing_ok=True)
