@@ -168,7 +168,22 @@ CREATE TABLE IF NOT EXISTS swtpm_uids_freed (
     uid INTEGER PRIMARY KEY,
     seq INTEGER NOT NULL
 )"""
-STEPS = (_V1, _V2, _V3, _V4, _V5, _V6)
+# v7: uids kept aside: their vTPCM is gone (destroyed, discarded) but
+# something of the uid remained (a segment another process keeps
+# attached); swept again periodically, then recorded as freed. With v7 a
+# uid is never given out twice (swtpm_uids, _freed and _kept are every uid
+# ever used); the uids an older agent kept in swtpm_uids move here.
+_V7 = """
+CREATE TABLE IF NOT EXISTS swtpm_uids_kept (
+    uid INTEGER PRIMARY KEY,
+    instance_uuid TEXT NOT NULL,
+    kept_at TEXT NOT NULL
+);
+INSERT OR IGNORE INTO swtpm_uids_kept SELECT u.uid, u.instance_uuid, u.assigned_at
+    FROM swtpm_uids u LEFT JOIN associations a ON a.instance_uuid = u.instance_uuid
+    WHERE a.instance_uuid IS NULL OR a.state = 'DESTROYED';
+DELETE FROM swtpm_uids WHERE uid IN (SELECT uid FROM swtpm_uids_kept)"""
+STEPS = (_V1, _V2, _V3, _V4, _V5, _V6, _V7)
 SCHEMA_VERSION = len(STEPS)
 
 
@@ -421,26 +436,31 @@ class AssociationList:
     # --- per-instance swtpm uids -------------------------------------------
 
     def assign_uid(self, instance_uuid: str, first: int, last: int) -> int:
-        """The uid of ``instance_uuid``'s swtpm: the one it has, else a free
-        one of ``first``..``last``: the lowest never given out, else the one
-        freed longest ago (recorded in the same transaction, so two
-        instances never share one)."""
+        """The uid of ``instance_uuid``'s swtpm: the one it has, else the
+        next never-used one of ``first``..``last``: one above the highest
+        uid of the range this list ever recorded (assigned, kept or freed),
+        recorded in the same transaction, so two instances never share one.
+
+        A uid is never given out twice: a freed uid's previous holder may
+        have left what the kernel still ties to it (a setuid file of the
+        uid some other user holds open, review of the sweep, HIGH 1), which
+        no sweep can reach. A used-up range is an error naming the option."""
         with self._transaction() as cur:
             row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
                               (instance_uuid,)).fetchone()
             if row is not None:
                 return int(row[0])
-            taken = {int(r[0]) for r in cur.execute(
-                "SELECT uid FROM swtpm_uids WHERE uid BETWEEN ? AND ?", (first, last))}
-            freed = {int(r[0]): int(r[1]) for r in cur.execute(
-                "SELECT uid, seq FROM swtpm_uids_freed WHERE uid BETWEEN ? AND ?",
-                (first, last))}
-            free = min((uid for uid in range(first, last + 1) if uid not in taken),
-                       key=lambda uid: (freed.get(uid, 0), uid), default=None)
-            if free is None:
+            mark = cur.execute(
+                "SELECT MAX(uid) FROM (SELECT uid FROM swtpm_uids UNION ALL "
+                "SELECT uid FROM swtpm_uids_freed UNION ALL SELECT uid FROM swtpm_uids_kept) "
+                "WHERE uid BETWEEN ? AND ?", (first, last)).fetchone()[0]
+            free = first if mark is None else int(mark) + 1
+            if free > last:
                 raise exception.InvalidInput(
-                    reason="[agent] swtpm_uid_range %d-%d is used up (%d swtpm uids "
-                           "assigned)" % (first, last, len(taken)))
+                    reason="[agent] swtpm_uid_range %d-%d is used up: each of its %d uids "
+                           "ran a vTPCM once and is never given out again; widen the range "
+                           "(raise LAST, or give uids above it)"
+                           % (first, last, last - first + 1))
             cur.execute("INSERT INTO swtpm_uids VALUES (?, ?, ?)",
                         (instance_uuid, free, _now()))
         LOG.info("swtpm of instance %(instance)s runs as uid %(uid)d",
@@ -454,20 +474,45 @@ class AssociationList:
         return int(row[0]) if row else None
 
     def kept_uids(self) -> builtins.list[tuple[str, int]]:
-        """(instance, uid) of the uids still recorded for an instance that
-        has no vTPCM here any more (forgotten or DESTROYED): kept because
-        something of the uid remained when its vTPCM went."""
+        """(instance, uid) of the uids kept aside (``keep_uid``) and of those
+        still recorded for an instance that has no vTPCM here any more (an
+        agent that died between forgetting a record and freeing its uid)."""
         with self._transaction() as cur:
             rows = cur.execute(
+                "SELECT instance_uuid, uid FROM swtpm_uids_kept UNION "
                 "SELECT u.instance_uuid, u.uid FROM swtpm_uids u LEFT JOIN associations a "
                 "ON a.instance_uuid = u.instance_uuid WHERE a.instance_uuid IS NULL "
-                "OR a.state = ? ORDER BY u.uid", (VTPCMState.DESTROYED.value,)).fetchall()
+                "OR a.state = ? ORDER BY 2", (VTPCMState.DESTROYED.value,)).fetchall()
         return [(str(r[0]), int(r[1])) for r in rows]
+
+    def keep_uid(self, instance_uuid: str) -> int | None:
+        """Set the uid of an instance whose vTPCM went aside: something of
+        it remains, so it is neither freed nor the instance's any more (a
+        new vTPCM of the instance gets a new uid). Returns the uid."""
+        with self._transaction() as cur:
+            row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
+                              (instance_uuid,)).fetchone()
+            if row is None:
+                return None
+            cur.execute("INSERT OR REPLACE INTO swtpm_uids_kept VALUES (?, ?, ?)",
+                        (int(row[0]), instance_uuid, _now()))
+            cur.execute("DELETE FROM swtpm_uids WHERE instance_uuid = ?", (instance_uuid,))
+        return int(row[0])
+
+    def release_kept(self, uid: int) -> None:
+        """A kept uid found clean: recorded as freed (never given out again)."""
+        with self._transaction() as cur:
+            seq = cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM swtpm_uids_freed"
+                              ).fetchone()[0]
+            cur.execute("INSERT OR REPLACE INTO swtpm_uids_freed VALUES (?, ?)",
+                        (uid, int(seq)))
+            cur.execute("DELETE FROM swtpm_uids_kept WHERE uid = ?", (uid,))
+            cur.execute("DELETE FROM swtpm_uids WHERE uid = ?", (uid,))
 
     def release_uid(self, instance_uuid: str) -> None:
         """Free the uid of an instance whose vTPCM left this host (its swtpm
         stopped, every process of its uid was killed and its files are gone);
-        it goes to the end of the queue of free uids."""
+        recorded as freed, so it is never given out again."""
         with self._transaction() as cur:
             row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
                               (instance_uuid,)).fetchone()
