@@ -35,6 +35,9 @@ S = VTPCMState
 PERMANENT_STATE_FILE = "tpm2-00.permall"
 OWN_DIRS = "vm"  # <run_dir>/vm/<instance uuid>/: an unprivileged swtpm's sockets
 VOLATILE_STATE_FILE = "tpm2-00.volatilestate"
+# seconds between the watchdog's sweeps of the uids kept aside (a segment
+# another user keeps attached goes with its last detach)
+KEPT_SWEEP_INTERVAL = 60
 # what a guest keeps and loses when its swtpm is restarted (logged for the operator)
 RESTART_OUTCOME = (
     "the guest keeps its permanent TPM state (NV indices, EK and its certificates, "
@@ -615,16 +618,7 @@ class InstanceManager:
                           "is not running", {"instance": assoc.instance_uuid,
                                              "vtpcm": assoc.vtpcm_id,
                                              "state": assoc.state.value})
-        kept = self.associations.kept_uids() if self.settings.swtpm_uids is not None else []
-        for instance_uuid, uid in kept:
-            # something of the uid remained when its vTPCM went: sweep again
-            try:
-                self._drop_own_files(instance_uuid)
-                LOG.info("Freed swtpm uid %(uid)d of instance %(inst)s",
-                         {"uid": uid, "inst": instance_uuid})
-            except exception.SwtpmError as exc:
-                LOG.error("Keeping swtpm uid %(uid)d of instance %(inst)s: %(err)s",
-                          {"uid": uid, "inst": instance_uuid, "err": exc.message})
+        self.sweep_kept()
         # the seconds: an agent restart delays every RPC on the host by this
         LOG.info("Recovered: %(a)d adopted, %(c)d crashed, %(x)d interrupted creates "
                  "cleaned in %(s).3f s",
@@ -676,24 +670,27 @@ class InstanceManager:
         return run_as
 
     def _drop_own_files(self, instance_uuid: str) -> None:
-        """Remove an instance's public links and socket dir and free its uid:
-        only once no process of the uid is left (an exploited swtpm may have
+        """Remove an instance's public links and socket dir and free its uid
+        once no process of the uid is left (an exploited swtpm may have
         hidden from ``_kill``) and nothing of it remains in the shared
-        temporary directories or SysV IPC (``uidprocs.sweep``); else the
-        uid stays recorded, the SwtpmError names what remains, and a retried
-        destroy sweeps again."""
+        temporary directories or SysV IPC (``uidprocs.sweep``).
+
+        Never fails for what the uid left: the keys and state are gone by
+        then, and another user can keep a leftover alive (a segment it keeps
+        attached, review of the sweep, MEDIUM 2), so a destroy that waited
+        for it could be blocked by anyone. The uid is kept aside instead
+        (never given out again, and no longer the instance's), logged with
+        a WARNING naming what remains, and swept again by ``sweep_kept``."""
         if self.settings.swtpm_uids is None:
             return
         uid = self.associations.uid_of(instance_uuid)
         kept: exception.SwtpmError | None = None
         if uid is not None:
-            uidprocs.kill_all(uid, timeout=self.settings.timeout)  # raises: uid kept
             try:
+                uidprocs.kill_all(uid, timeout=self.settings.timeout)
                 uidprocs.sweep(uid)
             except exception.SwtpmError as exc:
                 kept = exc
-                LOG.error("Keeping swtpm uid %(uid)d of instance %(inst)s: %(err)s",
-                          {"uid": uid, "inst": instance_uuid, "err": exc.message})
         # the socket dir is this instance's own, never the uid's next
         # holder's: a tree the uid built there to make its removal fail
         # must not keep the uid forever (review round 2 of isofix, MEDIUM 3)
@@ -707,8 +704,37 @@ class InstanceManager:
                       {"inst": instance_uuid,
                        "err": getattr(exc, "message", None) or str(exc)})
         if kept is not None:
-            raise kept
+            self.associations.keep_uid(instance_uuid)
+            LOG.warning("Keeping swtpm uid %(uid)d of instance %(inst)s aside (never given "
+                        "out again; swept again every %(every)d s and at the agent's "
+                        "start): %(err)s",
+                        {"uid": uid, "inst": instance_uuid, "every": KEPT_SWEEP_INTERVAL,
+                         "err": kept.message})
+            return
         self.associations.release_uid(instance_uuid)
+
+    def sweep_kept(self) -> int:
+        """Sweep the uids kept aside again; record each found clean as freed
+        (never given out again either). Returns how many are still kept."""
+        if self.settings.swtpm_uids is None:
+            return 0
+        still = []
+        for instance_uuid, uid in self.associations.kept_uids():
+            try:
+                uidprocs.kill_all(uid, timeout=self.settings.timeout)
+                uidprocs.sweep(uid)
+            except exception.SwtpmError as exc:
+                still.append(uid)
+                LOG.debug("swtpm uid %(uid)d stays kept: %(err)s",
+                          {"uid": uid, "err": exc.message})
+                continue
+            self.associations.release_kept(uid)
+            LOG.info("Freed kept swtpm uid %(uid)d (of instance %(inst)s): nothing of it "
+                     "remains", {"uid": uid, "inst": instance_uuid})
+        if still:
+            LOG.warning("Swtpm uids kept aside with leftovers (%(uids)s)",
+                        {"uids": uidprocs.some(still)})
+        return len(still)
 
     def _received_state(self, assoc: Association) -> bool:
         """An incoming vTPCM holds state once QEMU or import_state set it."""
@@ -765,12 +791,7 @@ class InstanceManager:
         process.remove_log(paths)
         self.associations.forget(instance_uuid, vtpcm_id)
         if self.associations.find(instance_uuid) is None:
-            try:
-                self._drop_own_files(instance_uuid)
-            except exception.SwtpmError as exc:  # a create's failure must stay the error
-                LOG.error("Keeping swtpm uid of instance %(inst)s (swept again at the "
-                          "agent's next start): %(err)s",
-                          {"inst": instance_uuid, "err": exc.message})
+            self._drop_own_files(instance_uuid)
 
     @staticmethod
     def _check_generation(assoc: Association, ctx: sealing.SealContext) -> None:

@@ -4,9 +4,18 @@ Why: a swtpm uid (an exploited swtpm) can create SysV IPC objects; they
 outlive every process and belong to the uid, so the next VM given that
 uid could attach, read or keep them. They are listed in
 ``/proc/sysvipc/{shm,sem,msg}`` (the agent's IPC namespace, which its
-swtpms share) and removed with ``IPC_RMID`` by id. Only objects whose
-owner or creator uid is the one being freed are touched (an owner can
-give an object to another uid with ``IPC_SET``; its creator stays).
+swtpms share). Only objects whose owner or creator uid is the one being
+freed are touched: the uid's leftovers are those it CREATED, removed with
+``IPC_RMID``; an object another uid created and gave to it (an owner may
+set any owner uid with ``IPC_SET``; the creator stays) is given back to its
+creator, never waited for (any local user could else keep every vTPCM
+from being destroyed, review of the sweep, MEDIUM 2).
+
+Ids are reused: between the listing and the call the id may name another
+uid's object (review of the sweep, LOW 4). So each call runs in a forked
+child that took the object's uid (``setresuid``, no groups, no
+capabilities left): the kernel itself refuses an object that uid neither
+owns nor created (EPERM).
 
 A shared memory segment still attached by some process (of another uid:
 every process of the freed uid is dead by then) is only marked for
@@ -19,7 +28,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import errno
 import os
+import signal
+import time
 from pathlib import Path
 
 SYSVIPC = Path("/proc/sysvipc")
@@ -73,20 +85,84 @@ def objects_of(uid: int, root: Path = SYSVIPC) -> list[IpcObject]:
     return found
 
 
+_LIBC: ctypes.CDLL | None = None
+IPC_SET, IPC_STAT = 1, 2
+_PERM_UID, _PERM_CUID = 4, 12  # offsets in struct ipc_perm (glibc, Linux)
+_CHILD_TIMEOUT = 10.0
+
+
 def _libc() -> ctypes.CDLL:
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    global _LIBC  # noqa: PLW0603 - loaded once, before any fork
+    if _LIBC is None:
+        _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    return _LIBC
 
 
-def remove(obj: IpcObject) -> None:
-    """``IPC_RMID`` the object; OSError if the kernel refuses (gone
-    meanwhile: EINVAL/EIDRM, which the caller's re-listing settles)."""
-    libc = _libc()
-    ctl = next(k[2] for k in KINDS if k[0] == obj.kind)
-    func = getattr(libc, ctl)
-    if obj.kind == "sem":
-        rc = func(ctypes.c_int(obj.ident), ctypes.c_int(0), ctypes.c_int(IPC_RMID))
+def _ctl(kind: str, ident: int, cmd: int, buf: ctypes.Array[ctypes.c_char] | None) -> int:
+    """``shmctl``/``semctl``/``msgctl``: 0, else the errno."""
+    func = getattr(_libc(), next(k[2] for k in KINDS if k[0] == kind))
+    arg = ctypes.cast(buf, ctypes.c_void_p) if buf is not None else ctypes.c_void_p(None)
+    if kind == "sem":
+        rc = func(ctypes.c_int(ident), ctypes.c_int(0), ctypes.c_int(cmd), arg)
     else:
-        rc = func(ctypes.c_int(obj.ident), ctypes.c_int(IPC_RMID), ctypes.c_void_p(None))
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), str(obj))
+        rc = func(ctypes.c_int(ident), ctypes.c_int(cmd), arg)
+    return 0 if rc != -1 else (ctypes.get_errno() or errno.EIO)
+
+
+def _ctl_as(uid: int, kind: str, ident: int, cmd: int,
+            buf: ctypes.Array[ctypes.c_char] | None) -> None:
+    """The ctl call made by a child that is ``uid`` and nothing else (no
+    groups, no capabilities: ``setresuid`` away from 0 drops them all), so
+    the kernel checks the object's owner and creator itself. OSError with
+    the kernel's errno if refused."""
+    _libc()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child; its exit status is the result
+        code = errno.EIO
+        try:
+            os.setgroups([])
+            os.setresgid(uid, uid, uid)
+            os.setresuid(uid, uid, uid)
+            code = _ctl(kind, ident, cmd, buf)
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + _CHILD_TIMEOUT
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise OSError(errno.ETIMEDOUT, "IPC call as uid %d timed out" % uid)
+        time.sleep(0.005)
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        code = code if code > 0 else errno.EIO
+        raise OSError(code, os.strerror(code))
+
+
+def remove_as(obj: IpcObject, uid: int) -> None:
+    """``IPC_RMID`` the object as ``uid`` (one of the uid's: the kernel
+    refuses an object at that id that ``uid`` neither owns nor created).
+    OSError if refused: EPERM (the id names another's object now),
+    EINVAL/EIDRM (gone meanwhile)."""
+    _ctl_as(uid, obj.kind, obj.ident, IPC_RMID, None)
+
+
+def give_back(obj: IpcObject) -> None:
+    """Set the owner of ``obj`` (created by another uid, given to the uid
+    being freed) back to its creator, as the creator: the kernel refuses
+    unless the object now at that id is the creator's own or owned by it.
+    The rest of its ``IPC_SET`` fields are what ``IPC_STAT`` shows (root
+    may read any); an object that changed meanwhile is left (EAGAIN)."""
+    buf = ctypes.create_string_buffer(512)
+    code = _ctl(obj.kind, obj.ident, IPC_STAT, buf)
+    if code:
+        raise OSError(code, os.strerror(code))
+    owner = ctypes.c_uint.from_buffer(buf, _PERM_UID)
+    creator = ctypes.c_uint.from_buffer(buf, _PERM_CUID).value
+    if (owner.value, creator) != (obj.owner, obj.creator):
+        raise OSError(errno.EAGAIN, "changed meanwhile")
+    owner.value = creator
+    _ctl_as(creator, obj.kind, obj.ident, IPC_SET, buf)

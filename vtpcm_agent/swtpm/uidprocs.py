@@ -97,12 +97,23 @@ def kill_all(uid: int, timeout: float = 5.0) -> int:
         if time.monotonic() >= deadline:
             raise exception.SwtpmError(
                 vtpcm_id="uid %d" % uid,
-                reason="processes %s of swtpm uid %d survive SIGKILL" % (live, uid))
+                reason="processes of swtpm uid %d survive SIGKILL (%s)" % (uid, some(live)))
         time.sleep(_POLL)
     if hit:
-        LOG.warning("Killed %(n)d process(es) of swtpm uid %(uid)d: %(pids)s",
-                    {"n": len(hit), "uid": uid, "pids": sorted(hit)})
+        LOG.warning("Killed process(es) of swtpm uid %(uid)d (%(pids)s)",
+                    {"uid": uid, "pids": some(sorted(hit))})
     return len(hit)
+
+
+SHOWN = 10  # how many names a log line or an error gives (the count says the rest)
+
+
+def some(items: list[str] | list[int]) -> str:
+    """A count and the first ``SHOWN`` of ``items``, for logs and errors:
+    never unbounded, whatever the uid left."""
+    head = ", ".join(str(i) for i in items[:SHOWN])
+    more = len(items) - SHOWN
+    return "%d: %s%s" % (len(items), head, (" and %d more" % more) if more > 0 else "")
 
 
 def _zombie(pid: int) -> bool:
@@ -162,11 +173,11 @@ def sweep_files(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS) -> list[str]:
         finally:
             os.close(dfd)
     if removed:
-        LOG.warning("Removed %(n)d leftover(s) of swtpm uid %(uid)d: %(what)s",
-                    {"n": len(removed), "uid": uid, "what": removed})
+        LOG.warning("Removed leftover(s) of swtpm uid %(uid)d (%(what)s)",
+                    {"uid": uid, "what": some(removed)})
     if failed:
-        raise OSError("could not remove %d leftover(s) of swtpm uid %d: %s"
-                      % (len(failed), uid, "; ".join(failed)))
+        raise OSError("could not remove leftover(s) of swtpm uid %d (%s)"
+                      % (uid, some(failed)))
     return removed
 
 
@@ -192,7 +203,7 @@ def _sweep_tree(top_fd: int, top: Path, uid: int, removed: list[str], failed: li
                     try:
                         st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
                         if st.st_uid == uid:
-                            fstree.remove_at(dfd, name, str(shown))
+                            fstree.remove_at(dfd, name, str(shown), defuse_uid=uid)
                             removed.append(str(shown))
                         elif _shared_dir(st, top_dev):
                             if depth + 1 > MAX_DEPTH or budget[0] <= 0:
@@ -234,29 +245,43 @@ def sweep(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS, ipc_root: Path = sysvipc
         held = abstract_sockets(live)
         raise exception.SwtpmError(
             vtpcm_id="uid %d" % uid,
-            reason="processes %s of swtpm uid %d are alive%s; not sweeping or freeing the uid"
-            % (live, uid, (" (holding abstract sockets %s)" % ", ".join(held)) if held else ""))
+            reason="processes of swtpm uid %d are alive (%s)%s; not sweeping or freeing the uid"
+            % (uid, some(live), (" holding abstract sockets (%s)" % some(held)) if held else ""))
     remains: list[str] = []
     try:
         removed = sweep_files(uid, dirs)
     except OSError as exc:
         remains.append(str(exc))
         removed = []
-    ipc_removed, refused = [], set()
+    ipc_removed: list[str] = []
+    given: list[str] = []
+    refused: list[str] = []
+    refused_ids: set[tuple[str, int]] = set()
     for obj in sysvipc.objects_of(uid, ipc_root):
         try:
-            sysvipc.remove(obj)
-            ipc_removed.append(str(obj))
+            if obj.creator == uid:  # the uid's own: its leftover
+                sysvipc.remove_as(obj, uid)
+                ipc_removed.append(str(obj))
+            else:  # another uid's, given to it: given back, never waited for
+                sysvipc.give_back(obj)
+                given.append(str(obj))
         except OSError as exc:
-            if exc.errno not in (errno.EINVAL, errno.EIDRM):  # else: gone meanwhile
-                remains.append("%s (%s)" % (obj, exc.strerror))
-                refused.add((obj.kind, obj.ident))
+            # gone, changed, or the id names another's object now (EPERM:
+            # the kernel refused the uid): the listing below decides
+            if exc.errno not in (errno.EINVAL, errno.EIDRM, errno.EPERM, errno.EAGAIN):
+                refused.append("%s (%s)" % (obj, exc.strerror))
+                refused_ids.add((obj.kind, obj.ident))
     if ipc_removed:
-        LOG.warning("Removed %(n)d SysV IPC object(s) of swtpm uid %(uid)d: %(what)s",
-                    {"n": len(ipc_removed), "uid": uid, "what": ipc_removed})
+        LOG.warning("Removed SysV IPC object(s) of swtpm uid %(uid)d (%(what)s)",
+                    {"uid": uid, "what": some(ipc_removed)})
+    if given:
+        LOG.warning("Gave SysV IPC object(s) another uid had given to swtpm uid %(uid)d back "
+                    "to their creators (%(what)s)", {"uid": uid, "what": some(given)})
     # a segment still attached is only marked for removal: it remains
-    remains.extend("%s still there" % obj for obj in sysvipc.objects_of(uid, ipc_root)
-                   if (obj.kind, obj.ident) not in refused)
+    left = ["%s" % obj for obj in sysvipc.objects_of(uid, ipc_root)
+            if (obj.kind, obj.ident) not in refused_ids]
+    if refused or left:
+        remains.append("SysV IPC object(s) of the uid still there (%s)" % some(refused + left))
     if remains:
         raise exception.SwtpmError(
             vtpcm_id="uid %d" % uid,

@@ -12,6 +12,9 @@ killed in the finalizer.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import dataclasses
 import os
 import socket
 import subprocess
@@ -537,46 +540,169 @@ def test_the_socket_check_never_follows_a_link_the_uid_planted(hostile, short_di
     assert not process.socket_in_use(target)  # nobody listens any more
 
 
-def test_destroy_keeps_the_uid_while_a_leftover_of_it_remains(hostile):
-    """Entries inside root-owned sticky directories of /tmp and SysV IPC
-    objects outlived destroy before (only the top of /tmp was swept), and a
-    leftover the sweep could not remove was logged while the uid went to
-    the next VM anyway. Now destroy removes them, and keeps the uid (naming
-    what remains) until a retried destroy finds nothing left."""
+def _attach(shm_id: int) -> tuple[ctypes.CDLL, int]:
+    """This process (root: standing for any other user) attaches a segment."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+    libc.shmdt.argtypes = (ctypes.c_void_p,)
+    addr = libc.shmat(shm_id, None, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    return libc, addr
+
+
+def test_destroy_finishes_and_keeps_aside_a_uid_a_leftover_of_which_remains(hostile, caplog):
+    """Review of the sweep, MEDIUM 2 and 3: a leftover the sweep cannot
+    remove (a segment of the uid another process keeps attached, a file
+    made immutable) made destroy fail for good: keys and state shredded,
+    the record left STOPPED (so never swept again), Nova's instance in
+    ERROR. Now destroy finishes (DESTROYED), the uid is kept aside (never
+    the instance's nor anyone's again), a WARNING names what remains, and
+    the agent's start and its periodic sweep free it once nothing is left."""
     a, _ = _running(hostile)
     uid = hostile.associations.uid_of(a)
     assert uid is not None
+    vtpcm = hostile.get(a).vtpcm_id
+    paths = hostile.paths(a, vtpcm)
     x11 = Path("/tmp") / ("vtpcm-test-x11-%s" % a)  # noqa: S108  a root-owned .X11-unix
     x11.mkdir()
     os.chmod(x11, 0o1777)  # noqa: S103
-    shm_id = None
+    shm_id, libc, addr = None, None, None
     try:
         made = as_uid(uid, """
             import ctypes, socket
             s = socket.socket(socket.AF_UNIX); s.bind(%r)
             open(%r, "w").close()
-            print(ctypes.CDLL(None).shmget(0, 4096, 0o1600))
+            print(ctypes.CDLL(None).shmget(0, 4096, 0o1666))
             """ % (str(x11 / "X9"), str(x11 / "stuck")))
         shm_id = int(made.communicate(timeout=20)[0])
         assert shm_id >= 0 and (x11 / "X9").lstat().st_uid == uid  # control: made
+        libc, addr = _attach(shm_id)
         subprocess.run(["chattr", "+i", str(x11 / "stuck")], check=True, timeout=20)
-        with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: leftovers of swtpm "
-                     "uid %d remain (the uid is kept): could not remove 1 leftover(s) of "
-                     "swtpm uid %d: %s ([Errno 1] Operation not permitted: 'stuck')"
-                     % (uid, uid, uid, x11 / "stuck")):
-            hostile.destroy(a)
-        assert hostile.associations.uid_of(a) == uid  # kept: not given to another VM
-        assert not (x11 / "X9").exists()  # the rest went
-        assert [o.ident for o in uidprocs.sysvipc.objects_of(uid)] == []
-        subprocess.run(["chattr", "-i", str(x11 / "stuck")], check=True, timeout=20)
-        hostile.destroy(a)  # retried: nothing of the uid left, freed
+
+        assert hostile.destroy(a).state.value == "DESTROYED"
+
         assert hostile.associations.uid_of(a) is None
+        assert hostile.associations.kept_uids() == [(a, uid)]
+        assert not hostile.keystore.exists(vtpcm) and not paths.state_dir.exists()
+        assert not (x11 / "X9").exists()  # the rest went
+        kept = [r.getMessage() for r in caplog.records if "aside" in r.getMessage()]
+        assert len(kept) == 1 and ("(1: %s (" % (x11 / "stuck")) in kept[0] \
+            and ("(1: SysV shared memory id %d" % shm_id) in kept[0], kept
+        b, _pid = _running(hostile)  # the next VM never gets the kept uid
+        assert hostile.associations.uid_of(b) not in (None, uid)
+        hostile.recover()  # the agent's start: swept again, still kept
+        assert hostile.associations.kept_uids() == [(a, uid)]
+
+        subprocess.run(["chattr", "-i", str(x11 / "stuck")], check=True, timeout=20)
+        assert libc.shmdt(ctypes.c_void_p(addr)) == 0
+        libc = None
+        assert hostile.sweep_kept() == 0  # the watchdog's periodic call
+        assert hostile.associations.kept_uids() == []
         assert not (x11 / "stuck").exists() and x11.is_dir()
+        c, _pid = _running(hostile)  # freed, and still never given out again
+        assert hostile.associations.uid_of(c) not in (None, uid)
     finally:
+        if libc is not None:
+            libc.shmdt(ctypes.c_void_p(addr))
         subprocess.run(["chattr", "-i", str(x11 / "stuck")], capture_output=True, timeout=20)
         subprocess.run(["rm", "-rf", "--one-file-system", str(x11)], check=True, timeout=20)
-        for obj in uidprocs.sysvipc.objects_of(uid):
-            uidprocs.sysvipc.remove(obj)
+        if shm_id is not None:
+            subprocess.run(["ipcrm", "-m", str(shm_id)], capture_output=True, timeout=20)
+
+
+LOCAL = 1900000241  # a local user, not a swtpm (outside UIDS)
+
+
+def test_a_local_user_cannot_make_a_vtpcm_undeletable(hostile):
+    """Review of the sweep, MEDIUM 2 (p3/p5): any local user gave a segment
+    to a VM's swtpm uid (IPC_SET) and kept it attached: destroy failed for
+    as long as they liked. Now it goes back to its creator and destroy
+    frees the uid."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    gift = subprocess.Popen(["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL,
+                             "--clear-groups", CLIENT_PYTHON, "-c", textwrap.dedent("""
+        import ctypes, ctypes.util, sys
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.shmat.restype = ctypes.c_void_p
+        ident = libc.shmget(0, 4096, 0o1666)
+        buf = ctypes.create_string_buffer(512)
+        assert libc.shmctl(ident, 2, buf) == 0
+        ctypes.c_uint.from_buffer(buf, 4).value = int(sys.argv[1])
+        assert libc.shmctl(ident, 1, buf) == 0, ctypes.get_errno()
+        assert libc.shmat(ident, None, 0) not in (None, ctypes.c_void_p(-1).value)
+        print(ident, flush=True)
+        sys.stdin.readline()
+        """), str(uid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert gift.stdout is not None
+        shm = int(gift.stdout.readline())
+        assert [(o.owner, o.creator) for o in uidprocs.sysvipc.objects_of(uid)
+                if o.ident == shm] == [(uid, LOCAL)]  # control: given to the uid
+        assert hostile.destroy(a).state.value == "DESTROYED"
+        assert hostile.associations.uid_of(a) is None
+        assert hostile.associations.kept_uids() == []  # nothing of the uid was left
+        assert [(o.owner, o.attached) for o in uidprocs.sysvipc.objects_of(LOCAL)
+                if o.ident == shm] == [(LOCAL, 1)]
+    finally:
+        gift.communicate("x\n", timeout=20)
+
+
+def test_a_uid_regained_through_a_held_setuid_file_never_reaches_the_next_vm(hostile):
+    """Review of the sweep, HIGH 1 (p1/p6): the uid (an exploited swtpm:
+    open, write, fchmod) leaves a setuid copy of cat in /tmp, a local user
+    holds it open across the sweep and execs it later through
+    /proc/self/fd: euid the uid, which the next VM was given (a freed uid
+    came back once the never-used ones were taken), so it read that VM's
+    0600 state. Now a used uid is never given out again (a used-up range
+    says to widen it) and the sweep clears the file's setuid and exec bits
+    before the unlink."""
+    hostile.settings = dataclasses.replace(hostile.settings, swtpm_uids=(UIDS[0], UIDS[0] + 1))
+    a, _ = _running(hostile)
+    _c, _ = _running(hostile)  # the range's other uid is taken
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    planted = Path("/tmp") / ("vtpcm-test-setuid-%s" % a)  # noqa: S108
+    made = as_uid(uid, """
+        import os
+        data = open("/usr/bin/cat", "rb").read()
+        fd = os.open(%r, os.O_WRONLY | os.O_CREAT, 0o755); os.write(fd, data)
+        os.fchmod(fd, 0o4755); os.close(fd)
+        """ % str(planted))
+    holder = None
+    try:
+        assert made.communicate(timeout=20)[0] == ""
+        assert planted.stat().st_mode & 0o7777 == 0o4755  # control: setuid, the uid's
+        holder = subprocess.Popen(
+            ["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL, "--clear-groups",
+             CLIENT_PYTHON, "-c", "import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "print('held', flush=True)\nwhat = sys.stdin.readline().strip()\n"
+             "os.execv('/proc/self/fd/%d' % fd, ['cat', what])", str(planted)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        hostile.destroy(a)
+        assert not planted.exists()
+
+        with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range %d-%d is "
+                     "used up: each of its 2 uids ran a vTPCM once and is never given out "
+                     "again; widen the range (raise LAST, or give uids above it)"
+                     % (UIDS[0], UIDS[0] + 1)):
+            _running(hostile)
+        hostile.settings = dataclasses.replace(hostile.settings,
+                                               swtpm_uids=(UIDS[0], UIDS[0] + 2))
+        b, _ = _running(hostile)
+        uid_b = hostile.associations.uid_of(b)
+        assert uid_b not in (None, uid)
+        state = hostile.paths(b, hostile.get(b).vtpcm_id).state_dir / "tpm2-00.permall"
+        assert state.stat().st_uid == uid_b
+        out, err = holder.communicate(str(state) + "\n", timeout=20)
+        assert holder.returncode != 0 and out == "", (holder.returncode, len(out), err)
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+        planted.unlink(missing_ok=True)
 
 
 def test_an_abstract_socket_of_the_uid_dies_with_its_process_at_destroy(hostile):

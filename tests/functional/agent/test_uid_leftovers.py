@@ -9,15 +9,16 @@ here is removed in ``finally``. Runs as root, as the agent does.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
+import errno
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.functional
 
 UID = 1900000230  # reserved for these tests: outside systemd's and subuid ranges
 OTHER = UID + 1
+LOCAL = UID + 2  # a local user, not a swtpm
 CLIENT_PYTHON = "/usr/bin/python3"
 
 
@@ -46,14 +48,19 @@ def ipcmk(uid: int, *args: str) -> int:
     return int(as_uid(uid, "ipcmk", *args).split()[-1])
 
 
+def rm_ipc(obj: sysvipc.IpcObject) -> None:
+    """Remove an IPC object as root (clean-up of the tests only)."""
+    subprocess.run(["ipcrm", {"shm": "-m", "sem": "-s", "msg": "-q"}[obj.kind], str(obj.ident)],
+                   capture_output=True, timeout=20)
+
+
 @pytest.fixture(autouse=True)
 def _nothing_of_the_test_uids_left() -> Iterator[None]:
     yield
-    for uid in (UID, OTHER):
+    for uid in (UID, OTHER, LOCAL):
         uidprocs.kill_all(uid, timeout=5.0)
         for obj in sysvipc.objects_of(uid):
-            with contextlib.suppress(OSError):
-                sysvipc.remove(obj)
+            rm_ipc(obj)
 
 
 @pytest.fixture
@@ -122,9 +129,9 @@ def test_the_sweep_neither_crosses_mounts_nor_follows_links_nor_goes_unbounded(
                str(chain / "too-deep"), str(chain.parent / "deep-enough"))
 
         with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: leftovers of swtpm "
-                     "uid %d remain (the uid is kept): could not remove 1 leftover(s) of "
-                     "swtpm uid %d: %s (not looked into: more than %d levels or %d shared "
-                     "directories)" % (UID, UID, UID, chain, uidprocs.MAX_DEPTH,
+                     "uid %d remain (the uid is kept): could not remove leftover(s) of "
+                     "swtpm uid %d (1: %s (not looked into: more than %d levels or %d shared "
+                     "directories))" % (UID, UID, UID, chain, uidprocs.MAX_DEPTH,
                                        uidprocs.MAX_SHARED_DIRS)):
             uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent"))
         assert not (chain.parent / "deep-enough").exists()  # swept up to the bound
@@ -144,8 +151,8 @@ def test_an_entry_that_cannot_be_removed_is_named_and_the_rest_still_goes(
     shm = ipcmk(UID, "-M", "4096")
     subprocess.run(["chattr", "+i", str(x11 / "stuck")], check=True, timeout=20)
     with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: leftovers of swtpm uid "
-                 "%d remain (the uid is kept): could not remove 1 leftover(s) of swtpm uid "
-                 "%d: %s ([Errno 1] Operation not permitted: 'stuck')"
+                 "%d remain (the uid is kept): could not remove leftover(s) of swtpm uid "
+                 "%d (1: %s ([Errno 1] Operation not permitted: 'stuck'))"
                  % (UID, UID, UID, x11 / "stuck")):
         uidprocs.sweep(UID, (top,))
     assert not (x11 / "a").exists() and not (top / "b").exists()
@@ -178,9 +185,9 @@ def test_a_segment_still_attached_keeps_the_uid_until_it_is_detached() -> None:
     assert addr not in (None, ctypes.c_void_p(-1).value)
     try:
         with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: leftovers of swtpm "
-                     "uid %d remain (the uid is kept): SysV shared memory id %d (owner uid "
-                     "%d, creator uid %d, attached by 1 process(es)) still there"
-                     % (UID, UID, shm, UID, UID)):
+                     "uid %d remain (the uid is kept): SysV IPC object(s) of the uid still "
+                     "there (1: SysV shared memory id %d (owner uid %d, creator uid %d, "
+                     "attached by 1 process(es)))" % (UID, UID, shm, UID, UID)):
             uidprocs.sweep(UID, ())
     finally:
         assert libc.shmdt(ctypes.c_void_p(addr)) == 0
@@ -207,9 +214,9 @@ def test_a_live_process_holding_an_abstract_socket_blocks_the_sweep(top: Path) -
             probe.bind("\0" + name)
         pids = uidprocs.pids_of(UID)
         assert pids == [holder.pid]
-        with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: processes [%d] of "
-                     "swtpm uid %d are alive (holding abstract sockets @%s (pid %d)); not "
-                     "sweeping or freeing the uid" % (UID, holder.pid, UID, name, holder.pid)):
+        with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: processes of swtpm "
+                     "uid %d are alive (1: %d) holding abstract sockets (1: @%s (pid %d)); not "
+                     "sweeping or freeing the uid" % (UID, UID, holder.pid, name, holder.pid)):
             uidprocs.sweep(UID, (top,))
         assert (top / "left").exists()  # nothing swept while it lives
 
@@ -254,3 +261,141 @@ def test_a_posix_message_queue_of_the_uid_is_removed() -> None:
             env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[3])})
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:3] == ["made True", "swept True", "gone True"], done.stdout
+
+
+def test_a_setuid_file_of_the_uid_held_open_by_another_user_is_defused(top: Path) -> None:
+    """Review of the sweep, HIGH 1 (p1): the uid (an exploited swtpm: open,
+    write, fchmod) leaves a setuid copy of ``id``; a local user opens it;
+    the sweep unlinks the name, but the user's fd outlives it, and exec'ing
+    it through /proc/self/fd ran with the uid as euid. The sweep now clears
+    the setuid and exec bits through an O_NOFOLLOW fd before the unlink."""
+    as_uid(UID, CLIENT_PYTHON, "-c",
+           "import os,sys\nd=open('/usr/bin/id','rb').read()\n"
+           "fd=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT,0o755);os.write(fd,d);"
+           "os.fchmod(fd,0o4755);os.close(fd)", str(top / "x"))
+    assert (top / "x").stat().st_mode & 0o7777 == 0o4755  # control: planted setuid
+    holder = subprocess.Popen(
+        ["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL, "--clear-groups",
+         CLIENT_PYTHON, "-c", "import os,sys\nfd=os.open(sys.argv[1],os.O_RDONLY)\n"
+         "print('held',flush=True)\nsys.stdin.readline()\n"
+         "try:\n    os.execv('/proc/self/fd/%d'%fd,['id','-u'])\n"
+         "except OSError as e:\n    print('refused', e.errno)", str(top / "x")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent")) == [str(top / "x")]
+        out, _ = holder.communicate("go\n", timeout=20)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.wait(timeout=10)
+    assert str(UID) not in out, "the swept file still ran as the uid: %s" % out
+    assert out.strip() == "refused 13"  # EACCES: no exec bit left
+
+
+def _gift(kind: str, to: int) -> subprocess.Popen[str]:
+    """LOCAL (a local user, not a swtpm) makes an object, gives it to ``to``
+    with IPC_SET (its creator stays LOCAL) and, for shm, keeps it attached."""
+    code = textwrap.dedent("""
+        import ctypes, ctypes.util, sys
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.shmat.restype = ctypes.c_void_p
+        kind, to = sys.argv[1], int(sys.argv[2])
+        make = {"shm": lambda: libc.shmget(0, 4096, 0o1666), "msg": lambda: libc.msgget(0, 0o1600)}
+        ctl = {"shm": libc.shmctl, "msg": libc.msgctl}[kind]
+        ident = make[kind]()
+        buf = ctypes.create_string_buffer(512)
+        assert ctl(ident, 2, buf) == 0
+        ctypes.c_uint.from_buffer(buf, 4).value = to
+        assert ctl(ident, 1, buf) == 0, ctypes.get_errno()
+        if kind == "shm":
+            assert libc.shmat(ident, None, 0) not in (None, ctypes.c_void_p(-1).value)
+        print(ident, flush=True)
+        sys.stdin.readline()
+        """)
+    return subprocess.Popen(["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL,
+                             "--clear-groups", CLIENT_PYTHON, "-c", code, kind, str(to)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def test_a_segment_a_local_user_gave_to_the_uid_is_given_back_not_waited_for() -> None:
+    """Review of the sweep, MEDIUM 2 (p3): any local user gave a segment to
+    the uid and kept it attached; the sweep listed it as the uid's and
+    failed for as long as the user liked. Now only objects the uid CREATED
+    are its leftovers; one it was given goes back to its creator."""
+    gift = _gift("shm", UID)
+    try:
+        assert gift.stdout is not None
+        shm = int(gift.stdout.readline())
+        listed = [o for o in sysvipc.objects_of(UID) if o.ident == shm]
+        assert [(o.owner, o.creator) for o in listed] == [(UID, LOCAL)]  # control: given
+        assert uidprocs.sweep(UID, ()) == []
+        assert sysvipc.objects_of(UID) == []
+        back = [o for o in sysvipc.objects_of(LOCAL) if o.ident == shm]
+        assert [(o.kind, o.owner, o.creator, o.attached) for o in back] == [
+            ("shm", LOCAL, LOCAL, 1)]  # the user's again, untouched otherwise
+    finally:
+        gift.communicate("x\n", timeout=20)
+
+
+def test_a_stale_id_never_removes_another_uids_object() -> None:
+    """Review of the sweep, LOW 4 (p4): ids are reused; the sweep's
+    IPC_RMID by an id it listed as the uid's removed whatever object had
+    the id by then. Now the call runs as the uid (a forked child, no
+    capabilities): the kernel refuses another uid's object."""
+    queue = ipcmk(OTHER, "-Q")
+    stale = sysvipc.IpcObject("msg", queue, UID, UID, 0)  # listed as the uid's, id reused
+    with pytest.raises(OSError) as err:
+        sysvipc.remove_as(stale, UID)
+    assert err.value.errno == errno.EPERM
+    assert [o.ident for o in sysvipc.objects_of(OTHER)] == [queue]  # still OTHER's
+    given = sysvipc.IpcObject("msg", queue, UID, LOCAL, 0)  # a gift, id reused meanwhile
+    with pytest.raises(OSError):
+        sysvipc.give_back(given)
+    assert [(o.owner, o.creator) for o in sysvipc.objects_of(OTHER)] == [(OTHER, OTHER)]
+
+
+def test_what_the_sweep_logs_and_raises_is_bounded(top: Path) -> None:
+    """Review of the sweep, LOW 5: every leftover was named in one log line
+    or error, unbounded. Now a count and the first ten."""
+    names = ["f%02d" % i for i in range(25)]
+    as_uid(UID, "touch", *(str(top / n) for n in names))
+    subprocess.run(["chattr", "+i", *(str(top / n) for n in names)], check=True, timeout=20)
+    with pytest.raises(exception.SwtpmError) as err:
+        uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent"))
+    message = err.value.message
+    assert "could not remove leftover(s) of swtpm uid %d (25: " % UID in message
+    assert message.count("Operation not permitted") == 10
+    assert message.endswith(" and 15 more)")
+
+
+def test_another_uid_racing_inside_a_directory_the_uid_left_open_to_all(top: Path) -> None:
+    """Review of the sweep, LOW 6 (p2): the uid leaves directories mode
+    0777; another swtpm uid keeps creating files in them, so the sweep's
+    rmdir lost the race (ENOTEMPTY) again and again. The sweep now closes
+    each such directory to all but root before it empties it: one sweep
+    suffices, round after round."""
+    count = 30
+    racer = subprocess.Popen(
+        ["setpriv", "--reuid=%d" % OTHER, "--regid=%d" % OTHER, "--clear-groups",
+         CLIENT_PYTHON, "-c", "import os, sys\nd = sys.argv[1]\ni = 0\nprint('up', flush=True)\n"
+         "while True:\n    i += 1\n    for k in range(%d):\n        try:\n"
+         "            os.close(os.open('%%s/u%%d/f%%d' %% (d, k, i), os.O_CREAT | os.O_WRONLY))\n"
+         "        except OSError:\n            pass\n" % count, str(top)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert racer.stdout is not None and racer.stdout.readline() == "up\n"
+        for _round in range(3):
+            as_uid(UID, CLIENT_PYTHON, "-c", "import os, sys\nfor i in range(%d):\n"
+                   "    p = sys.argv[1] + '/u%%d' %% i; os.mkdir(p); os.chmod(p, 0o777)" % count,
+                   str(top))
+            deadline = time.monotonic() + 10
+            while len(os.listdir(top / ("u%d" % (count - 1)))) < 20:  # the racer is in
+                assert time.monotonic() < deadline, "the racer wrote nothing"
+                time.sleep(0.01)
+            removed = uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent"))
+            assert len(removed) == count
+            assert not any((top / ("u%d" % k)).exists() for k in range(count))
+    finally:
+        racer.kill()
+        racer.wait(timeout=10)
