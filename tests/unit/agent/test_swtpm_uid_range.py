@@ -12,7 +12,7 @@ from tests.refusal import refused
 from vtpcm_agent import service
 from vtpcm_common import exception
 
-DEVSTACK_DEFAULT = "1900000000-1900000999"  # devstack/settings VTPCM_SWTPM_UID_RANGE
+DEVSTACK_DEFAULT = "1900000000-1900999999"  # devstack/settings VTPCM_SWTPM_UID_RANGE
 
 
 def test_empty_means_swtpm_runs_as_the_agent():
