@@ -253,7 +253,7 @@ def sweep(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS, ipc_root: Path = sysvipc
     except OSError as exc:
         remains.append(str(exc))
         removed = []
-    ipc_removed: list[str] = []
+    rmid: list[sysvipc.IpcObject] = []
     given: list[str] = []
     refused: list[str] = []
     refused_ids: set[tuple[str, int]] = set()
@@ -261,7 +261,7 @@ def sweep(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS, ipc_root: Path = sysvipc
         try:
             if obj.creator == uid:  # the uid's own: its leftover
                 sysvipc.remove_as(obj, uid)
-                ipc_removed.append(str(obj))
+                rmid.append(obj)
             else:  # another uid's, given to it: given back, never waited for
                 sysvipc.give_back(obj)
                 given.append(str(obj))
@@ -271,17 +271,20 @@ def sweep(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS, ipc_root: Path = sysvipc
             if exc.errno not in (errno.EINVAL, errno.EIDRM, errno.EPERM, errno.EAGAIN):
                 refused.append("%s (%s)" % (obj, exc.strerror))
                 refused_ids.add((obj.kind, obj.ident))
-    if ipc_removed:
+    # a segment still attached is only marked for removal: it remains
+    still = [obj for obj in sysvipc.objects_of(uid, ipc_root)
+             if (obj.kind, obj.ident) not in refused_ids]
+    there = {(obj.kind, obj.ident) for obj in still}
+    ipc_removed = [str(obj) for obj in rmid if (obj.kind, obj.ident) not in there]
+    if ipc_removed:  # only what went: a marked segment is retried each sweep
         LOG.warning("Removed SysV IPC object(s) of swtpm uid %(uid)d (%(what)s)",
                     {"uid": uid, "what": some(ipc_removed)})
     if given:
         LOG.warning("Gave SysV IPC object(s) another uid had given to swtpm uid %(uid)d back "
                     "to their creators (%(what)s)", {"uid": uid, "what": some(given)})
-    # a segment still attached is only marked for removal: it remains
-    left = ["%s" % obj for obj in sysvipc.objects_of(uid, ipc_root)
-            if (obj.kind, obj.ident) not in refused_ids]
-    if refused or left:
-        remains.append("SysV IPC object(s) of the uid still there (%s)" % some(refused + left))
+    left = refused + [str(obj) for obj in still]
+    if left:
+        remains.append("SysV IPC object(s) of the uid still there (%s)" % some(left))
     if remains:
         raise exception.SwtpmError(
             vtpcm_id="uid %d" % uid,
