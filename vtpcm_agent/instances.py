@@ -291,9 +291,12 @@ class InstanceManager:
             raise exception.InvalidTransition(
                 what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
                 target=S.DESTROYED.value)
+        # also a swtpm that a STOPPED record may still have; processes of
+        # its uid that outlive it do not stop the shred (``_kill``)
+        self._kill(assoc, shredding=True)
         if assoc.state is S.ACTIVE:
-            assoc = self.stop(instance_uuid)
-        self._kill(assoc)  # also a swtpm that a STOPPED record may still have
+            assoc = self.associations.transition(
+                instance_uuid, S.STOPPED, expected=frozenset({S.ACTIVE}), pid=None)
         self._shred(assoc)
         return self.associations.transition(instance_uuid, S.DESTROYED, pid=None)
 
@@ -414,7 +417,7 @@ class InstanceManager:
         if assoc.state is S.DESTROYED and assoc.migration_id == ctx.migration_id:
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
-        self._kill(assoc)
+        self._kill(assoc, shredding=True)
         self._shred(assoc)
         return self.associations.transition(
             ctx.instance_uuid, S.DESTROYED, expected=frozenset({S.MIGRATING_OUT}), pid=None)
@@ -662,7 +665,8 @@ class InstanceManager:
         # no swtpm of this instance runs (the caller checked): whatever
         # else its uid runs is an exploited swtpm that hid, and would race
         # the hand-over below
-        uidprocs.kill_all(uid, timeout=self.settings.timeout)
+        uidprocs.kill_all(uid, timeout=self.settings.timeout,
+                          own_dirs=self._uid_dirs(instance_uuid, paths))
         run_as = process.RunAs(uid=uid, gid=uid)
         public = self.public_ctrl_socket(instance_uuid)
         isolation.hand_over(paths, run_as, public,
@@ -746,16 +750,43 @@ class InstanceManager:
                 migration_id=ctx.migration_id,
                 reason="this migration was aborted; a new migration needs a new id")
 
-    def _kill(self, assoc: Association) -> None:
+    def _kill(self, assoc: Association, shredding: bool = False) -> None:
+        """Stop the instance's swtpm and every process of its uid.
+
+        ``shredding`` (destroy, commit of an outgoing migration): once the
+        swtpm's own pid is gone, processes of the uid that survive do not
+        stop the shred. Another local user can keep re-creating them (a
+        setuid file of the uid it holds open, review round 2 of the sweep,
+        MEDIUM 1); failing here would leave the keys and state on disk for
+        good. The shred then keeps the uid aside (``_drop_own_files``).
+        Start and restart still refuse while a process of the uid lives
+        (``_own_files``)."""
         paths = self._paths_of(assoc)
         pid = process.find_running(paths) or assoc.pid
         if pid is not None and process.is_alive(pid, paths):
             process.stop(pid, paths, timeout=self.settings.timeout)
         uid = (self.associations.uid_of(assoc.instance_uuid)
                if self.settings.swtpm_uids is not None else None)
-        if uid is not None:
+        if uid is None:
+            return
+        try:
             # a swtpm that unlinked its socket is not "alive" to the above
-            uidprocs.kill_all(uid, timeout=self.settings.timeout)
+            uidprocs.kill_all(uid, timeout=self.settings.timeout,
+                              own_dirs=self._uid_dirs(assoc.instance_uuid, paths))
+        except exception.SwtpmError as exc:
+            if not shredding or (pid is not None and not uidprocs.gone(pid)) \
+                    or process.find_running(paths) is not None:
+                raise
+            LOG.warning("Shredding the vTPCM of instance %(inst)s although processes of its "
+                        "swtpm uid %(uid)d survive (its swtpm is gone; the uid will be kept "
+                        "aside): %(err)s",
+                        {"inst": assoc.instance_uuid, "uid": uid, "err": exc.message})
+
+    def _uid_dirs(self, instance_uuid: str, paths: process.SwtpmPaths) -> tuple[Path, ...]:
+        """The instance's own directories its uid can write in (its state
+        dir, its socket dir): defused with the temporary ones by
+        ``uidprocs.kill_all``."""
+        return (paths.state_dir, self.settings.run_dir / OWN_DIRS / instance_uuid)
 
     def _shred(self, assoc: Association) -> None:
         self.keystore.destroy(assoc.vtpcm_id)

@@ -80,14 +80,20 @@ def _sigkill(pid: int, uid: int) -> None:
         os.close(pidfd)
 
 
-def kill_all(uid: int, timeout: float = 5.0) -> int:
+def kill_all(uid: int, timeout: float = 5.0, own_dirs: tuple[Path, ...] = ()) -> int:
     """SIGKILL every process of ``uid`` until none is left; how many were hit.
 
     Repeated: a process of the uid can fork between the scan and the kill.
-    Raises SwtpmError if any is still there at ``timeout``."""
+    Before each round the uid's setuid/setgid files are defused (``defuse``:
+    in the temporary directories, in ``own_dirs`` and wherever a process
+    holds one open), so that another user holding one cannot keep
+    re-creating processes of the uid by exec'ing it (review round 2 of the
+    sweep, MEDIUM 1). Raises SwtpmError if any is still there at
+    ``timeout``."""
     deadline = time.monotonic() + timeout
     hit: set[int] = set()
     while True:
+        defuse(uid, TEMP_DIRS + own_dirs)
         live = pids_of(uid)
         if not live:
             break
@@ -105,6 +111,105 @@ def kill_all(uid: int, timeout: float = 5.0) -> int:
     return len(hit)
 
 
+def defuse(uid: int, dirs: tuple[Path, ...]) -> int:
+    """Clear the setuid, setgid and exec bits of the regular files of
+    ``uid`` that a process holds open (any process: ``/proc/*/fd``) and of
+    those under ``dirs`` (the uid's own directories and root's shared
+    sticky ones entered, bounded as the sweep is); how many were changed.
+
+    Why: an fd to a setuid file of the uid, held by another user, lets that
+    user start processes of the uid (``execv('/proc/self/fd/N')``) faster
+    than ``kill_all`` kills them. Once the bits are gone such an exec runs
+    as its caller. Best effort: what cannot be looked at is skipped (the
+    destroy does not depend on it, ``InstanceManager._kill``)."""
+    changed = _defuse_held(uid)
+    budget = [MAX_SHARED_DIRS]
+    for top in dirs:
+        try:
+            dfd = os.open(top, fstree.DIR_FLAGS)
+        except OSError:
+            continue
+        try:
+            changed += _defuse_tree(dfd, uid, budget)
+        finally:
+            os.close(dfd)
+    if changed:
+        LOG.warning("Cleared setuid/setgid/exec bits of %(n)d file(s) of swtpm uid %(uid)d",
+                    {"n": changed, "uid": uid})
+    return changed
+
+
+def _defuse_held(uid: int) -> int:
+    """The uid's setuid/setgid files that any process holds open, defused
+    through an ``O_PATH`` fd (opening them for real could block on a FIFO
+    or act on a device) checked to be the inode looked at."""
+    changed = 0
+    for entry in os.scandir(PROC):
+        if not entry.name.isdigit():
+            continue
+        fd_dir = PROC / entry.name / "fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            where = fd_dir / fd
+            try:
+                st = os.stat(where)
+                if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
+                        or not st.st_mode & (stat.S_ISUID | stat.S_ISGID)):
+                    continue
+                held = os.open(where, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                now = os.fstat(held)
+                if fstree.ident(now) == fstree.ident(st) and now.st_uid == uid \
+                        and stat.S_ISREG(now.st_mode):
+                    os.chmod("/proc/self/fd/%d" % held,
+                             stat.S_IMODE(now.st_mode) & ~fstree.UNSAFE_BITS)
+                    changed += 1
+            except OSError:
+                pass
+            finally:
+                os.close(held)
+    return changed
+
+
+def _defuse_tree(top_fd: int, uid: int, budget: list[int]) -> int:
+    top_dev = os.fstat(top_fd).st_dev
+    changed = 0
+    pending: list[tuple[int, int]] = [(os.dup(top_fd), 0)]
+    try:
+        while pending:
+            dfd, depth = pending.pop()
+            try:
+                for name in os.listdir(dfd):
+                    try:
+                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode):
+                            if st.st_uid == uid and st.st_mode & fstree.UNSAFE_BITS:
+                                fstree.defuse(dfd, name, st, uid)
+                                changed += 1
+                        elif ((st.st_uid == uid and stat.S_ISDIR(st.st_mode)
+                               and st.st_dev == top_dev) or _shared_dir(st, top_dev)) \
+                                and depth < MAX_DEPTH and budget[0] > 0:
+                            budget[0] -= 1
+                            pending.append((fstree.open_dir(name, dfd, fstree.ident(st), name,
+                                                            "defusing it", str(uid)),
+                                            depth + 1))
+                    except (OSError, exception.VTPCMException):
+                        continue
+            except OSError:
+                pass
+            finally:
+                os.close(dfd)
+    finally:
+        for dfd, _depth in pending:
+            os.close(dfd)
+    return changed
+
+
 SHOWN = 10  # how many names a log line or an error gives (the count says the rest)
 
 
@@ -114,6 +219,12 @@ def some(items: list[str] | list[int]) -> str:
     head = ", ".join(str(i) for i in items[:SHOWN])
     more = len(items) - SHOWN
     return "%d: %s%s" % (len(items), head, (" and %d more" % more) if more > 0 else "")
+
+
+def gone(pid: int) -> bool:
+    """``pid`` is dead or a zombie (a reused pid counts as alive: the
+    callers err on the side of refusing)."""
+    return uids_of(pid) is None or _zombie(pid)
 
 
 def _zombie(pid: int) -> bool:

@@ -19,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -117,19 +118,32 @@ def test_a_swtpm_that_hid_is_killed_before_its_uid_serves_another_vm(hostile):
 
 
 def test_a_uid_is_kept_while_a_process_of_it_survives(hostile, monkeypatch):
-    a, _ = _running(hostile)
+    """Its swtpm is gone: the shred goes on, the uid is kept aside (review
+    round 2 of the sweep, MEDIUM 1); a start still refuses."""
+    a, pid = _running(hostile)
+    b, _ = _running(hostile)
+    hostile.stop(b)
     uid = hostile.associations.uid_of(a)
+    uid_b = hostile.associations.uid_of(b)
+    vtpcm = hostile.get(a).vtpcm_id
+    real = uidprocs.kill_all
 
-    def unkillable(uid: int, timeout: float = 5.0) -> int:
+    def unkillable(uid: int, timeout: float = 5.0, own_dirs: tuple[Path, ...] = ()) -> int:
+        real(uid, timeout, own_dirs)
         raise exception.SwtpmError(vtpcm_id="uid %d" % uid,
                                    reason="processes [4242] of swtpm uid %d survive SIGKILL"
                                    % uid)
 
     monkeypatch.setattr(uidprocs, "kill_all", unkillable)
+    assert hostile.destroy(a).state.value == "DESTROYED"
+    assert _gone(pid)
+    assert not hostile.keystore.exists(vtpcm)
+    assert not hostile.paths(a, vtpcm).state_dir.exists()
+    assert hostile.associations.uid_of(a) is None
+    assert (a, uid) in hostile.associations.kept_uids()  # never given out again
     with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: processes [4242] of "
-                 "swtpm uid %d survive SIGKILL" % (uid, uid)):
-        hostile.destroy(a)
-    assert hostile.associations.uid_of(a) == uid  # not freed for another VM
+                 "swtpm uid %d survive SIGKILL" % (uid_b, uid_b)):
+        hostile.start(b)
 
 
 def test_a_lingering_process_of_the_uid_is_killed_before_a_start(hostile):
@@ -754,3 +768,97 @@ def test_the_agents_start_sweeps_and_frees_a_uid_kept_without_a_vtpcm(hostile):
     finally:
         subprocess.run(["chattr", "-i", str(lock)], capture_output=True, timeout=20)
         lock.unlink(missing_ok=True)
+
+
+_RESPAWN = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print("held", flush=True)
+while True:
+    if os.fork() == 0:
+        try:
+            os.dup2(os.open("/dev/null", os.O_WRONLY), 1)  # the test's pipe ends with us
+            os.execv("/proc/self/fd/%d" % fd, ["sleep", "30"])
+        finally:
+            os._exit(1)
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    time.sleep(0.002)
+"""
+
+
+def _respawner(hostile, a: str, tmp: Path):
+    """Review round 2 of the sweep, MEDIUM 1 (p2_respawn): the exploited
+    swtpm leaves a setuid copy of sleep (here in a root-owned directory the
+    sweep never enters); a local user holds it open and re-execs it in a
+    loop, faster than kill_all kills: processes of the uid never end."""
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    os.chown(tmp, uid, uid)
+    planted = tmp / "suid_sleep"
+    made = as_uid(uid, """
+        import os
+        data = open("/usr/bin/sleep", "rb").read()
+        fd = os.open(%r, os.O_WRONLY | os.O_CREAT, 0o755); os.write(fd, data)
+        os.fchmod(fd, 0o4755); os.close(fd)
+        """ % str(planted))
+    assert made.communicate(timeout=20)[0] == ""
+    os.chown(tmp, 0, 0)
+    os.chmod(tmp, 0o755)  # noqa: S103  root's, entered by no sweep
+    spawner = subprocess.Popen(
+        ["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL, "--clear-groups",
+         CLIENT_PYTHON, "-c", _RESPAWN, str(planted)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert spawner.stdout is not None and spawner.stdout.readline() == "held\n"
+    deadline = time.monotonic() + 10
+    while len(uidprocs.pids_of(uid)) < 3:  # control: processes of the uid keep coming
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return uid, planted, spawner
+
+
+@pytest.fixture
+def root_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vtpcm-respawn-", dir="/tmp"))  # noqa: S108
+    try:
+        yield path
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True, timeout=20)
+
+
+def test_a_setuid_file_of_the_uid_reexeced_by_another_user_is_defused(hostile, root_dir):
+    a, pid = _running(hostile)
+    vtpcm = hostile.get(a).vtpcm_id
+    uid, planted, spawner = _respawner(hostile, a, root_dir)
+    try:
+        assert hostile.destroy(a).state.value == "DESTROYED"
+        assert _gone(pid)
+        assert not hostile.keystore.exists(vtpcm)
+        assert not hostile.paths(a, vtpcm).state_dir.exists()
+        assert planted.stat().st_mode & 0o7777 == 0o644  # defused where it lay
+        assert uidprocs.pids_of(uid) == []
+        assert hostile.associations.kept_uids() == []
+    finally:
+        _stop_child(spawner)
+
+
+def test_processes_of_the_uid_that_survive_never_keep_the_keys(hostile, root_dir,
+                                                               monkeypatch):
+    """The same, with the defusing out of reach (stubbed): the swtpm is gone,
+    so keys and state are shredded anyway and the uid is kept aside."""
+    monkeypatch.setattr(uidprocs, "defuse", lambda uid, dirs: 0)
+    a, pid = _running(hostile)
+    vtpcm = hostile.get(a).vtpcm_id
+    uid, _planted, spawner = _respawner(hostile, a, root_dir)
+    try:
+        assert hostile.destroy(a).state.value == "DESTROYED"
+        assert _gone(pid)
+        assert not hostile.keystore.exists(vtpcm)
+        assert not hostile.paths(a, vtpcm).state_dir.exists()
+        assert hostile.associations.uid_of(a) is None
+        assert (a, uid) in hostile.associations.kept_uids()
+    finally:
+        _stop_child(spawner)
+        uidprocs.kill_all(uid, timeout=5.0)
