@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 from oslo_log import log as logging
 
 from vtpcm_agent import sealing
-from vtpcm_agent.association import Association, AssociationList, VTPCMState
+from vtpcm_agent.association import Association, AssociationList, VTPCMState, floor_advice
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
 from vtpcm_agent.swtpm import ctrl, isolation, process, provision, uidprocs
 from vtpcm_common import exception
@@ -35,6 +35,9 @@ S = VTPCMState
 PERMANENT_STATE_FILE = "tpm2-00.permall"
 OWN_DIRS = "vm"  # <run_dir>/vm/<instance uuid>/: an unprivileged swtpm's sockets
 VOLATILE_STATE_FILE = "tpm2-00.volatilestate"
+# fewer uids than this (or than a tenth of the range) left in [agent]
+# swtpm_uid_range: a WARNING at the agent's start
+UIDS_LOW = 100
 # seconds between the watchdog's sweeps of the uids kept aside (a segment
 # another user keeps attached goes with its last detach)
 KEPT_SWEEP_INTERVAL = 60
@@ -125,6 +128,30 @@ class InstanceManager:
                 os.chmod(path, 0o711)  # noqa: S103
             (settings.run_dir / OWN_DIRS).mkdir(exist_ok=True)
             os.chmod(settings.run_dir / OWN_DIRS, 0o755)  # noqa: S103
+            self.check_uid_range()
+
+    def check_uid_range(self) -> int:
+        """At the agent's start: an ERROR if no uid of ``[agent]
+        swtpm_uid_range`` can be given out (every create would fail), a
+        WARNING if few are left (fewer than ``UIDS_LOW`` or a tenth of
+        the range). How many are left."""
+        if self.settings.swtpm_uids is None:
+            return 0
+        first, last = self.settings.swtpm_uids
+        left, floor = self.associations.uid_headroom(first, last)
+        if left == 0:
+            LOG.error("No swtpm uid can be given out: creating or migrating in a vTPCM will "
+                      "fail. %s", floor_advice(first, last, *floor)
+                      if floor is not None and floor[0] >= last else
+                      "[agent] swtpm_uid_range %d-%d is used up (a uid is never given out "
+                      "twice); widen the range (raise LAST, or give uids above it)"
+                      % (first, last))
+        elif left < max(UIDS_LOW, (last - first + 1) // 10):
+            LOG.warning("Only %(left)d uid(s) of [agent] swtpm_uid_range %(first)d-%(last)d "
+                        "are left to give out (a uid is never given out twice: one per "
+                        "vTPCM created or migrated in); widen the range (raise LAST) before "
+                        "it is used up", {"left": left, "first": first, "last": last})
+        return left
 
     def _lock_for(self, instance_uuid: str) -> threading.RLock:
         with self._locks_guard:

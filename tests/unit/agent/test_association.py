@@ -284,7 +284,7 @@ V3_TABLES = {"associations", "tombstones", "aborted_migrations", "command_nonces
 # v4 adds the agent's record of seals, v5 the swtpm uid of each instance
 # v6 when each uid was last freed
 CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance", "swtpm_uids", "swtpm_uids_freed",
-                                "swtpm_uids_kept"}
+                                "swtpm_uids_kept", "swtpm_uid_floor"}
 DESTROYED = ("i", "v", "DESTROYED", 4, None, "/d", "/c", None, "t", "t")
 ACTIVE = ("j", "w", "ACTIVE", 2, None, "/d2", "/c2", 77, "t", "t")
 
@@ -572,3 +572,64 @@ def test_the_list_and_its_wal_and_shm_are_the_agents_alone(tmp_path):
             al.close()
     finally:
         holder.close()
+
+
+def _older(path, version, assigned=(), freed=()):
+    """A list as the agent of schema ``version`` (5 or 6) left it."""
+    conn = sqlite3.connect(path)
+    for step in association.STEPS[:version]:
+        for statement in step.split(";"):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = %d" % version)
+    for inst, uid in assigned:
+        conn.execute("INSERT INTO swtpm_uids VALUES (?, ?, 'x')", (inst, uid))
+    for seq, uid in enumerate(freed, 1):
+        conn.execute("INSERT INTO swtpm_uids_freed VALUES (?, ?)", (uid, seq))
+    conn.commit()
+    conn.close()
+
+
+def test_a_v5_list_trusts_no_uid_of_the_range_it_ran_with(tmp_path):
+    """Review round 2 of the sweep, P1 (p1_upgrade a): a v5 list deleted a
+    uid's row when it freed it. Its VMs got 5000, 5001, 5002 (lowest free);
+    5002's was destroyed. Upgraded, the list handed out 5002 again. Now no
+    uid up to the range's LAST is given out, the error says to take a fresh
+    range above it, the floor survives a restart and a fresh range works."""
+    path = tmp_path / "v5.sqlite"
+    _older(path, 5, assigned=[("A", 5000), ("B", 5001)])
+    message = ("Invalid input: [agent] swtpm_uid_range 5000-5999 cannot be used: the "
+               "association list was upgraded from schema version 5, which kept no record of "
+               "the uids it freed, so every uid up to 5999 may have run a vTPCM and none of "
+               "them is given out again; set a fresh [agent] swtpm_uid_range above 5999 (its "
+               "FIRST at least 6000)")
+    al = AssociationList(path)
+    try:
+        with refused(exception.InvalidInput, message):
+            al.assign_uid("C", 5000, 5999)
+        assert al.uid_of("C") is None
+    finally:
+        al.close()
+    al = AssociationList(path)  # a restart keeps the floor at the first LAST
+    try:
+        with refused(exception.InvalidInput, message):
+            al.assign_uid("C", 5000, 5999)
+        assert al.assign_uid("C", 6000, 6999) == 6000
+        assert al.assign_uid("D", 5000, 7999) == 6001  # uids above the old LAST are fresh
+        assert al.uid_headroom(6000, 6999) == (998, (5999, "upgraded from schema version 5, "
+                                                     "which kept no record of the uids it "
+                                                     "freed"))
+    finally:
+        al.close()
+    assert file_schema(path) == (association.SCHEMA_VERSION, CURRENT_TABLES)
+
+
+def test_a_v6_list_and_a_new_one_have_no_floor(tmp_path):
+    _older(tmp_path / "v6.sqlite", 6, assigned=[("A", 5000)], freed=[5001])
+    for path in (tmp_path / "v6.sqlite", tmp_path / "new.sqlite"):
+        al = AssociationList(path)
+        try:
+            left, floor = al.uid_headroom(5000, 5009)
+            assert floor is None
+            assert al.assign_uid("C", 5000, 5009) == 5009 - left + 1
+        finally:
+            al.close()
