@@ -30,7 +30,7 @@ GOLDEN_POLICY = "lab-golden"
 RECONCILE_INTERVAL = 30  # seconds, [migration] reconcile_interval's production default
 # [agent] swtpm_uid_range of each lab host: no account uses them, and they lie
 # outside systemd's DynamicUser and container ranges and the subuid blocks
-SWTPM_UID_RANGES = {"a": "1900000000-1900000099", "b": "1900000100-1900000199"}
+SWTPM_UID_RANGES = {"a": "1900100000-1900149999", "b": "1900150000-1900199999"}
 
 
 @dataclasses.dataclass
