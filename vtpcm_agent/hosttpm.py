@@ -57,6 +57,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from cryptography import x509
 from oslo_log import log as logging
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import (
@@ -85,7 +86,7 @@ from tpm2_pytss.types import (
     TPMU_HA,
 )
 
-from vtpcm_agent import hostek, hostkeys, keycache
+from vtpcm_agent import ekverify, hostek, hostkeys, keycache
 
 # Re-exported: hosttpm's interface predates hostek (patch them in hostek).
 from vtpcm_agent.hostek import EK_CERT_INDICES as EK_CERT_INDICES
@@ -721,6 +722,17 @@ class HostTPM:
                 raise HostTPMError(reason="ecdh_zgen: unexpected shared point size")
             return z.rjust(32, b"\x00")
         return self._call_keys("ECDH_ZGen", run)
+
+    # -- the first start, verified ([host_tpm] ek_ca_file) ----------------
+    def verified_first_keys(self, key_auth: KeyAuth, cas: Sequence[x509.Certificate],
+                            kem_pcrs: Sequence[int] = ()) -> hostkeys.KeyBlobs:
+        """The AK and KEM key of a first start, created only after this TPM
+        was verified against the EK CAs ``cas`` (``ekverify``); their
+        parents are certified by the AK. Nothing is stored: the caller seals
+        the host key under ``kem_parent_name`` and then stores both."""
+        selection = self._kem_selection(kem_pcrs)
+        return self._call("first start verification", lambda e: ekverify.verified_keys(
+            e, cas, key_auth.ak.auth, key_auth.kem.auth, selection))
 
     # -- sealing ---------------------------------------------------------
     def seal(self, secret: bytes, pinned: bytes = b"") -> SealedObject:

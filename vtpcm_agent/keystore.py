@@ -23,6 +23,7 @@ import secrets
 import stat
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,9 +34,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from oslo_log import log as logging
 
+from vtpcm_agent import hostkeys, keyauth
 from vtpcm_agent.hostkeys import ParentMismatch
 from vtpcm_agent.hosttpm import HostTPM, HostTPMLockout, SealedObject
-from vtpcm_common import fileutil
+from vtpcm_common import ekcert, fileutil
 from vtpcm_common.exception import (
     AlreadyExists,
     HostTPMError,
@@ -206,9 +208,20 @@ class TPMSealedHostKey(_CachedHostKey):
     orphan every wrapped instance key.
     """
 
-    def __init__(self, host_tpm: HostTPM, path: Path) -> None:
+    def __init__(self, host_tpm: HostTPM, path: Path, *, ek_ca_file: Path | None = None,
+                 key_file: Path | None = None, kem_pcrs: Sequence[int] = ()) -> None:
+        """``ek_ca_file`` (``[host_tpm] ek_ca_file``): at the first start
+        (no ``path`` yet) verify the TPM against these EK CAs, create the AK
+        and KEM key (stored in ``key_file``, with ``kem_pcrs``) and seal
+        the host key under the certified owner primary (``ekverify``);
+        without it the first start is trust on first use (a warning)."""
         super().__init__(path)
         self._tpm = host_tpm
+        self._ek_ca_file = ek_ca_file
+        self._key_file = key_file
+        self._kem_pcrs = tuple(kem_pcrs)
+        if ek_ca_file is not None and key_file is None:
+            raise InvalidInput(reason="ek_ca_file needs the key blobs' file (key_file)")
 
     def _load_or_create(self) -> bytes:
         """The host key; its sealed object's pinned parent is bound to the
@@ -225,7 +238,7 @@ class TPMSealedHostKey(_CachedHostKey):
             data = _read_private_file(self._path, "sealed host key file")
         except FileNotFoundError:
             key = secrets.token_bytes(KEY_LEN)
-            sealed = self._tpm.seal(key)
+            sealed = self._first_seal(key)
             try:
                 fileutil.write_atomic(self._path, sealed.to_bytes(), replace=False)
             except FileExistsError:
@@ -260,6 +273,34 @@ class TPMSealedHostKey(_CachedHostKey):
         if sealed.legacy:
             return key, self._upgrade(key)
         return key, sealed.parent_name
+
+    def _first_seal(self, key: bytes) -> SealedObject:
+        """Seal a new host key: under the owner primary the AK certified
+        once the TPM was verified (``[host_tpm] ek_ca_file``; the key blobs
+        are written first, then the caller writes the sealed key), or, with
+        no CA bundle, trusting the TPM's answers (logged)."""
+        if self._ek_ca_file is None:
+            LOG.warning("First start of this agent: the host key is sealed and the AK "
+                        "and KEM key created trusting whatever answers on the TPM "
+                        "interface (trust on first use: [host_tpm] ek_ca_file is not "
+                        "set, so the TPM is not verified against its EK certificate); "
+                        "an active interposer there now could read the host key")
+            return self._tpm.seal(key)
+        assert self._key_file is not None
+        store = hostkeys.FileBlobStore(self._key_file)
+        if store.load() is not None:
+            raise KeyStoreError(reason=(
+                f"first start refused: {self._key_file} exists but {self._path} does not "
+                "(an interrupted first start or a mixed-up state directory); move "
+                f"{self._key_file.name} aside and start the agent again"))
+        cas = ekcert.load_ca_file(self._ek_ca_file)
+        blobs = self._tpm.verified_first_keys(keyauth.derive(key), cas, self._kem_pcrs)
+        sealed = self._tpm.seal(key, pinned=blobs.kem_parent_name)
+        store.save(blobs)
+        LOG.info("First start: the host TPM was verified against its EK certificate "
+                 "(%(cas)s); the AK and KEM key were created and the host key sealed "
+                 "under the owner primary the AK certified", {"cas": self._ek_ca_file})
+        return sealed
 
     def _upgrade(self, key: bytes) -> bytes:
         """Reseal a version-1 host key (DA-protected, parent unpinned) as a

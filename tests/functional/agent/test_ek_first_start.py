@@ -1,0 +1,250 @@
+"""The agent's first start verified against its EK certificate (``[host_tpm]
+ek_ca_file``, ``vtpcm_agent/ekverify.py``): the round-3 attack of the
+certified parents (an interposer swapping the owner primary at the first
+seal reads the host key, hence the AK's auth value) is refused before any
+secret reaches the TPM.
+
+Real swtpm stand-ins manufactured by swtpm_setup (EK certificates from
+swtpm-localca), the agent's real ``TPMSealedHostKey`` and ``HostTPM`` in
+``AgentService``'s order, the interposers of ``tests/functional/tpmmitm``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from tpm2_pytss import ESAPI
+from tpm2_pytss.constants import TPM2_ALG
+from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_PUBLIC
+
+from tests.functional.engine.test_hostkey_parent import SelectiveInterposer
+from tests.functional.engine.test_parent_certification import (  # noqa: F401
+    attestor,
+    db,
+)
+from tests.functional.hosttpm_fixture import HostTPMStandIn, host_tpm_standin  # noqa: F401
+from tests.functional.tpmmitm import CC_CREATE_PRIMARY, Interposer, _tpm2b
+from vtpcm_agent import ekverify, hostkeys, keyauth
+from vtpcm_agent import keystore as ks
+from vtpcm_agent.hosttpm import HostTPM, SealedObject
+from vtpcm_lab.hosttpm import localca_ek_cas
+from vtpcm_nova.engine.db.api import Database
+
+pytestmark = pytest.mark.functional
+OWNER = 0x40000001
+
+
+@pytest.fixture(scope="module")
+def certified(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[HostTPMStandIn, Path]]:
+    """A manufactured stand-in and the swtpm-localca bundle that issued its EK
+    certificate (the agent's ``ek_ca_file``)."""
+    base = tmp_path_factory.mktemp("ekfirst")
+    standin = HostTPMStandIn(base, "ek", with_ek_cert=True)
+    try:
+        standin.start()
+        yield standin, localca_ek_cas(base / "ek-cas.pem")
+    finally:
+        standin.cleanup()
+
+
+def _provider(tpm: HostTPM, state: Path, ca: Path | None) -> ks.TPMSealedHostKey:
+    return ks.TPMSealedHostKey(tpm, state / "hostkey.sealed", ek_ca_file=ca,
+                               key_file=state / "hostkeys.tpm")
+
+
+def _owner_name(tcti: str) -> bytes:
+    with ESAPI(tcti) as e:
+        return hostkeys.parent_name(e, hostkeys.KEM_HIERARCHY)
+
+
+class OwnerOnlyInterposer(SelectiveInterposer):
+    """The round-3 attacker: swaps only the owner storage primary (the one
+    the host key is sealed under) and terminates every session salted to
+    it; the endorsement primary and the EK are answered honestly."""
+
+    def _on_response(self, cmd: bytes, rsp: bytes) -> bytes:
+        if struct.unpack_from(">I", cmd, 6)[0] == CC_CREATE_PRIMARY:
+            self.active = struct.unpack_from(">I", cmd, 10)[0] == OWNER
+        return super()._on_response(cmd, rsp)
+
+
+class EkSwapper(Interposer):
+    """Answers the RSA EK's CreatePrimary with an RSA key of its own (name
+    recomputed so that ESAPI's consistency check passes)."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(target)
+        n = rsa.generate_private_key(65537, 2048).public_key().public_numbers().n
+        self.modulus = n.to_bytes(256, "big")
+
+    def _swap_primary(self, rsp: bytes) -> bytes:
+        off = 18
+        pub, used = TPM2B_PUBLIC.unmarshal(rsp[off:])
+        area = pub.publicArea
+        if area.type != TPM2_ALG.RSA:
+            return rsp
+        area.unique.rsa = self.modulus
+        out = bytearray(rsp)
+        out[off:off + used] = bytes(TPM2B_PUBLIC(area).marshal())
+        p = off + used
+        for _ in range(2):                # creationData, creationHash
+            _skip, p = _tpm2b(rsp, p)
+        p += 6                            # creationTicket tag, hierarchy
+        _td, p = _tpm2b(rsp, p)
+        new_name = b"\x00\x0b" + hashlib.sha256(bytes(area.marshal())).digest()
+        out[p + 2:p + 2 + len(new_name)] = new_name
+        self.swapped.add(struct.unpack_from(">I", rsp, 10)[0])
+        return bytes(out)
+
+
+def test_a_verified_first_start_seals_under_the_certified_owner_primary(
+        certified: tuple[HostTPMStandIn, Path], db: Database,  # noqa: F811
+        tmp_path: Path) -> None:
+    standin, ca = certified
+    with HostTPM(standin.tcti) as tpm:  # AgentService.__init__'s order
+        key = _provider(tpm, tmp_path, ca).host_key()
+        tpm.use_key_auth(keyauth.derive(key), tmp_path / "hostkeys.tpm")
+        record = attestor(db, tpm).enroll_from_agent("verified", auto_approve=True)
+    assert record.status.value == "APPROVED"
+    sealed = SealedObject.from_bytes((tmp_path / "hostkey.sealed").read_bytes())
+    blobs = hostkeys.FileBlobStore(tmp_path / "hostkeys.tpm").load()
+    assert blobs is not None
+    assert sealed.parent_name == blobs.kem_parent_name == _owner_name(standin.tcti)
+    with HostTPM(standin.tcti) as tpm:  # a restart: unsealed, nothing re-verified
+        assert _provider(tpm, tmp_path, ca).host_key() == key
+        tpm.use_key_auth(keyauth.derive(key), tmp_path / "hostkeys.tpm")
+        tpm.quote(b"q" * 16, [0])
+
+
+def test_the_round3_attack_is_refused_at_the_first_start(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    standin, ca = certified
+    # positive control: without the CA bundle the interposer reads the host key
+    tofu = tmp_path / "tofu"
+    tofu.mkdir()
+    mitm = OwnerOnlyInterposer(standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm:
+            key = _provider(tpm, tofu, None).host_key()
+        assert key in mitm.sealed_data
+        assert "trust on first use: [host_tpm] ek_ca_file is not set" in caplog.text
+    finally:
+        mitm.stop()
+    mitm = OwnerOnlyInterposer(standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm, pytest.raises(ekverify.FirstStartRefused) as err:
+            _provider(tpm, tmp_path, ca).host_key()
+    finally:
+        mitm.stop()
+    assert mitm.answered  # it did swap the owner primary
+    assert ("step 'certification of the owner storage primary'" in str(err.value)
+            and "session HMAC" in str(err.value)), err.value
+    assert mitm.sealed_data == [] and not any("userAuth" in r for r in mitm.recovered)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tofu"]  # nothing written
+
+
+def test_an_ek_certificate_of_another_ca_is_refused(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path) -> None:
+    standin, _ca = certified
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "another EK CA")])
+    now = datetime.datetime.now(datetime.UTC)
+    other = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+             .public_key(key.public_key()).serial_number(1)
+             .not_valid_before(now - datetime.timedelta(days=1))
+             .not_valid_after(now + datetime.timedelta(days=1))
+             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+             .sign(key, hashes.SHA256()))
+    ca = tmp_path / "other-ca.pem"
+    ca.write_bytes(other.public_bytes(serialization.Encoding.PEM))
+    state = tmp_path / "state"
+    state.mkdir()
+    with HostTPM(standin.tcti) as tpm, pytest.raises(
+            ekverify.FirstStartRefused,
+            match=r"step 'EK certificate' .*: EK certificate: not signed by a trusted EK CA"):
+        _provider(tpm, state, ca).host_key()
+    assert list(state.iterdir()) == []
+
+
+def test_an_interposer_answering_with_its_own_ek_is_refused(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path) -> None:
+    standin, ca = certified
+    mitm = EkSwapper(standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm, pytest.raises(
+                ekverify.FirstStartRefused,
+                match=r"step 'EK certificate' .*: EK certificate: it does not certify the "
+                      r"reported EK"):
+            _provider(tpm, tmp_path, ca).host_key()
+    finally:
+        mitm.stop()
+    assert mitm.swapped and list(tmp_path.iterdir()) == []
+
+
+def test_a_wrong_activated_secret_is_refused(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TPM releases what the credential holds: one made for another
+    secret than the agent expects stands for a forged activation."""
+    standin, ca = certified
+    real = ekverify.make_credential
+    monkeypatch.setattr(ekverify, "make_credential",
+                        lambda pub, secret, name: real(pub, b"\x00" * len(secret), name))
+    with HostTPM(standin.tcti) as tpm, pytest.raises(
+            ekverify.FirstStartRefused,
+            match=r"step 'credential activation' .*: ActivateCredential released another "
+                  r"secret"):
+        _provider(tpm, tmp_path, ca).host_key()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_tpm_without_an_ek_certificate_is_refused(
+        host_tpm_standin: HostTPMStandIn, certified: tuple[HostTPMStandIn, Path],  # noqa: F811
+        tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    with HostTPM(host_tpm_standin.tcti) as tpm, pytest.raises(
+            ekverify.FirstStartRefused,
+            match=r"step 'EK certificate' .*: the host TPM has no EK certificate in NV"):
+        _provider(tpm, state, certified[1]).host_key()
+    assert list(state.iterdir()) == []
+
+
+def test_the_local_parent_certification_check(
+        certified: tuple[HostTPMStandIn, Path]) -> None:
+    """Each local check of the AK's CertifyCreation, on a real one: a name
+    other than the certified one, another AK, stale qualifying data."""
+    standin, _ca = certified
+    nonce = b"n" * 16
+    auth = keyauth.derive(b"e" * 32)
+    with HostTPM(standin.tcti, auth) as tpm, HostTPM(standin.tcti,
+                                                     keyauth.derive(b"f" * 32)) as other:
+        ident = tpm.identity(nonce, parents=True)
+        other_ak = other.identity(nonce).ak_public
+    owner = next(c for c in ident.parent_certs if c.hierarchy == "owner")
+
+    def ak2b(public: bytes) -> bytes:
+        return bytes(TPM2B_PUBLIC(TPMT_PUBLIC.unmarshal(public)[0]).marshal())
+
+    assert ekverify.check_parent_certification(owner, ak2b(ident.ak_public), nonce) \
+        == owner.pinned_name
+    fake = b"\x00\x0b" + b"\x11" * 32
+    with pytest.raises(ekverify.FirstStartRefused,
+                       match=f"certified the creation of {owner.pinned_name.hex()}, not of "
+                             f"{fake.hex()}"):
+        ekverify.check_parent_certification(owner._replace(pinned_name=fake),
+                                             ak2b(ident.ak_public), nonce)
+    with pytest.raises(ekverify.FirstStartRefused, match="AK's signature .* does not verify"):
+        ekverify.check_parent_certification(owner, ak2b(other_ak), nonce)
+    with pytest.raises(ekverify.FirstStartRefused, match="does not bind this start's fresh"):
+        ekverify.check_parent_certification(owner, ak2b(ident.ak_public), b"m" * 16)
