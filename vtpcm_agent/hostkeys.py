@@ -35,7 +35,9 @@ is salted to the public key in the CreatePrimary answer, so an interposer
 that swapped it would read everything the session encrypts. The pin does
 not authenticate the first start, so at enrollment the AK certifies each
 parent's creation (``certify_parent``, TPM2_CertifyCreation) and the engine
-checks the pinned names are this TPM's primaries (issue 9).
+checks the pinned names are this TPM's primaries (issue 9); with
+``[host_tpm] ek_ca_file`` the agent checks them itself before its first
+seal (``ekverify``).
 
 The AK's parent is a storage primary of the *endorsement* hierarchy: a key
 of another hierarchy gets its quotes' resetCount/restartCount obfuscated,

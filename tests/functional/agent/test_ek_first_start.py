@@ -32,7 +32,7 @@ from tests.functional.engine.test_parent_certification import (  # noqa: F401
     db,
 )
 from tests.functional.hosttpm_fixture import HostTPMStandIn, host_tpm_standin  # noqa: F401
-from tests.functional.tpmmitm import CC_CREATE_PRIMARY, Interposer, _tpm2b
+from tests.functional.tpmmitm import CC_CREATE, CC_CREATE_PRIMARY, Interposer, _tpm2b
 from vtpcm_agent import ekverify, hostkeys, keyauth
 from vtpcm_agent import keystore as ks
 from vtpcm_agent.hosttpm import HostTPM, SealedObject
@@ -74,6 +74,20 @@ class OwnerOnlyInterposer(SelectiveInterposer):
     def _on_response(self, cmd: bytes, rsp: bytes) -> bytes:
         if struct.unpack_from(">I", cmd, 6)[0] == CC_CREATE_PRIMARY:
             self.active = struct.unpack_from(">I", cmd, 10)[0] == OWNER
+        return super()._on_response(cmd, rsp)
+
+
+class SealOnlyInterposer(SelectiveInterposer):
+    """Honest while the agent verifies the TPM and creates its two keys,
+    then swaps the owner primary the host key is sealed under."""
+
+    creates = 0
+
+    def _on_response(self, cmd: bytes, rsp: bytes) -> bytes:
+        cc, handle = struct.unpack_from(">II", cmd, 6)
+        self.creates += cc == CC_CREATE
+        if cc == CC_CREATE_PRIMARY:
+            self.active = handle == OWNER and self.creates >= 2
         return super()._on_response(cmd, rsp)
 
 
@@ -151,6 +165,42 @@ def test_the_round3_attack_is_refused_at_the_first_start(
             and "session HMAC" in str(err.value)), err.value
     assert mitm.sealed_data == [] and not any("userAuth" in r for r in mitm.recovered)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tofu"]  # nothing written
+
+
+def test_an_interposer_swapping_both_primaries_is_refused_at_the_ak_creation(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path) -> None:
+    """The finding-H1 attacker (every storage primary swapped, every session
+    salted to them terminated): the AK's Create is authorized by the EK
+    session, whose HMAC covers the parent's name it cannot re-compute."""
+    standin, ca = certified
+    mitm = SelectiveInterposer(standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm, pytest.raises(
+                ekverify.FirstStartRefused,
+                match=r"step 'AK creation in a session salted to the EK' .*session HMAC"):
+            _provider(tpm, tmp_path, ca).host_key()
+    finally:
+        mitm.stop()
+    assert mitm.answered and not any("userAuth" in r for r in mitm.recovered)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interposer_only_at_the_seal_meets_the_certified_pin(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path) -> None:
+    """Verified, then the owner primary swapped for the seal alone: the seal
+    is pinned to the certified name, refused before the host key is sent."""
+    standin, ca = certified
+    mitm = SealOnlyInterposer(standin.tcti).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm, pytest.raises(hostkeys.ParentMismatch) as err:
+            _provider(tpm, tmp_path, ca).host_key()
+    finally:
+        mitm.stop()
+    real = _owner_name(standin.tcti)
+    fake = next(iter(mitm.answered))
+    assert (f"the owner storage primary the TPM answered has name {fake.hex()}, not the "
+            f"pinned {real.hex()}") in str(err.value)
+    assert mitm.sealed_data == [] and list(tmp_path.iterdir()) == []
 
 
 def test_an_ek_certificate_of_another_ca_is_refused(
