@@ -38,37 +38,30 @@ refusal is ``FirstStartRefused`` naming the step; no secret is in it.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import hmac
 import secrets
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_GENERATED, TPM2_SE, TPM2_ST
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_SE
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
     TPM2B_NAME,
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
     TPML_PCR_SELECTION,
-    TPMS_ATTEST,
-    TPMS_CREATION_DATA,
     TPMT_SIGNATURE,
 )
 from tpm2_pytss.utils import make_credential
 
 from vtpcm_agent import hostek, hostkeys
-from vtpcm_common import authn, ekcert
+from vtpcm_common import ekcert, parentcert
 from vtpcm_common.exception import CertificationError, HostTPMError
-
-# the hierarchy handles a primary's creation data names as its parent
-_HIERARCHY_HANDLES = {"endorsement": 0x4000000B, "owner": 0x40000001}
 
 
 class FirstStartRefused(HostTPMError):
@@ -180,46 +173,32 @@ def _loaded_ak(e: ESAPI, public: bytes, private: bytes, parent: bytes, auth: byt
 def check_parent_certification(cert: hostkeys.ParentCertification, ak_public: bytes,
                                qualifying: bytes, step: str = "parent certification",
                                ) -> bytes:
-    """The certified name of ``cert``'s storage primary, after checking that
-    the AK (``ak_public``, marshaled TPM2B_PUBLIC) signed a creation
-    attestation of this TPM, with ``qualifying`` bound to the hierarchy and
-    name, of an object whose name is ``cert.pinned_name``, created as a
-    primary of that hierarchy with the reported creation data (the checks
-    of the engine's ``parentcert`` that matter before a first seal)."""
+    """The certified name of ``cert``'s storage primary, after the engine's
+    checks (``vtpcm_common.parentcert``: a creation attestation of this TPM
+    signed by the AK, ``ak_public`` a marshaled TPM2B_PUBLIC, binding
+    ``qualifying`` to the hierarchy and the name the agent pins, of an
+    object with that name created as a primary of that hierarchy)."""
     try:
-        attest, _n = TPMS_ATTEST.unmarshal(cert.attest)
-        sig, _n = TPMT_SIGNATURE.unmarshal(cert.signature)
-        creation, _n = TPMS_CREATION_DATA.unmarshal(cert.creation_data)
         ak, _n = TPM2B_PUBLIC.unmarshal(ak_public)
+        point = ak.publicArea.unique.ecc
+        key = ec.EllipticCurvePublicNumbers(int.from_bytes(bytes(point.x), "big"),
+                                            int.from_bytes(bytes(point.y), "big"),
+                                            ec.SECP256R1()).public_key()
     except Exception:  # tpm2-pytss raises several types on malformed bytes
-        raise _refuse(step, "the certification does not parse") from None
-    point = ak.publicArea.unique.ecc
-    key = ec.EllipticCurvePublicNumbers(int.from_bytes(bytes(point.x), "big"),
-                                        int.from_bytes(bytes(point.y), "big"),
-                                        ec.SECP256R1()).public_key()
-    der = encode_dss_signature(int.from_bytes(bytes(sig.signature.ecdsa.signatureR), "big"),
-                               int.from_bytes(bytes(sig.signature.ecdsa.signatureS), "big"))
+        raise _refuse(step, "the AK's public area does not parse") from None
+
+    def signed(attest: bytes, signature: bytes) -> None:
+        try:
+            sig, _n = TPMT_SIGNATURE.unmarshal(signature)
+            ecdsa = sig.signature.ecdsa
+            key.verify(encode_dss_signature(int.from_bytes(bytes(ecdsa.signatureR), "big"),
+                                            int.from_bytes(bytes(ecdsa.signatureS), "big")),
+                       attest, ec.ECDSA(hashes.SHA256()))
+        except Exception:  # a malformed signature, or InvalidSignature
+            raise parentcert.Refused("the AK's signature over the creation attestation "
+                                     "does not verify") from None
     try:
-        key.verify(der, cert.attest, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        raise _refuse(step, "the AK's signature over the creation attestation does not "
-                            "verify") from None
-    if attest.magic != TPM2_GENERATED.VALUE or attest.type != TPM2_ST.ATTEST_CREATION:
-        raise _refuse(step, "the attestation is not a TPM-generated creation attestation")
-    name = bytes(attest.attested.creation.objectName)
-    if not hmac.compare_digest(bytes(attest.extraData),
-                               authn.parent_binding(qualifying, cert.hierarchy, name)):
-        raise _refuse(step, "the attestation does not bind this start's fresh qualifying "
-                            "data to the hierarchy and the certified name")
-    if not hmac.compare_digest(name, cert.pinned_name):
-        raise _refuse(step, f"the TPM certified the creation of {name.hex()}, not of "
-                            f"{cert.pinned_name.hex()}, the primary the agent was answered "
-                            "(an interposer's key)")
-    if not hmac.compare_digest(hashlib.sha256(cert.creation_data).digest(),
-                               bytes(attest.attested.creation.creationHash)):
-        raise _refuse(step, "the creation data is not the one the TPM certified")
-    handle = _HIERARCHY_HANDLES[cert.hierarchy].to_bytes(4, "big")
-    if bytes(creation.parentName) != handle:
-        raise _refuse(step, f"the object was not created as a primary of the "
-                            f"{cert.hierarchy} hierarchy")
-    return name
+        return parentcert.check(cert._asdict(), cert.hierarchy, qualifying, signed)
+    except parentcert.Refused as err:
+        raise _refuse(step, f"storage primary {cert.pinned_name.hex()} ({cert.hierarchy}) "
+                            f"not certified by the AK: {err.reason}") from None

@@ -21,10 +21,18 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import TPM2_ALG
-from tpm2_pytss.types import TPM2B_PUBLIC, TPMT_PUBLIC
+from tpm2_pytss.types import (
+    TPM2B_PUBLIC,
+    TPMS_ATTEST,
+    TPMS_SIGNATURE_ECC,
+    TPMT_PUBLIC,
+    TPMT_SIGNATURE,
+    TPMU_SIGNATURE,
+)
 
 from tests.functional.engine.test_hostkey_parent import SelectiveInterposer
 from tests.functional.engine.test_parent_certification import (  # noqa: F401
@@ -36,6 +44,7 @@ from tests.functional.tpmmitm import CC_CREATE, CC_CREATE_PRIMARY, Interposer, _
 from vtpcm_agent import ekverify, hostkeys, keyauth
 from vtpcm_agent import keystore as ks
 from vtpcm_agent.hosttpm import HostTPM, SealedObject
+from vtpcm_common import authn
 from vtpcm_lab.hosttpm import localca_ek_cas
 from vtpcm_nova.engine.db.api import Database
 
@@ -272,13 +281,16 @@ def test_a_tpm_without_an_ek_certificate_is_refused(
 
 def test_the_local_parent_certification_check(
         certified: tuple[HostTPMStandIn, Path]) -> None:
-    """Each local check of the AK's CertifyCreation, on a real one: a name
-    other than the certified one, another AK, stale qualifying data."""
+    """The engine's checks (``vtpcm_common.parentcert``) with the agent's AK
+    signature check, on a real certification: what an interposer whose
+    key the agent was answered with gets certified (the real primary, with
+    the interposer's name bound in; signed here by a software AK, as the
+    TPM would if the session did not cover the names), another AK, stale
+    qualifying data."""
     standin, _ca = certified
     nonce = b"n" * 16
-    auth = keyauth.derive(b"e" * 32)
-    with HostTPM(standin.tcti, auth) as tpm, HostTPM(standin.tcti,
-                                                     keyauth.derive(b"f" * 32)) as other:
+    with HostTPM(standin.tcti, keyauth.derive(b"e" * 32)) as tpm, \
+            HostTPM(standin.tcti, keyauth.derive(b"f" * 32)) as other:
         ident = tpm.identity(nonce, parents=True)
         other_ak = other.identity(nonce).ak_public
     owner = next(c for c in ident.parent_certs if c.hierarchy == "owner")
@@ -288,13 +300,30 @@ def test_the_local_parent_certification_check(
 
     assert ekverify.check_parent_certification(owner, ak2b(ident.ak_public), nonce) \
         == owner.pinned_name
-    fake = b"\x00\x0b" + b"\x11" * 32
+    # the interposer's storage key, answered in place of the owner primary
+    fake_pub = TPMT_PUBLIC.unmarshal(owner.public)[0]
+    fake_pub.unique.ecc.x = b"\x01" * 32
+    fake = bytes(fake_pub.marshal())
+    fake_name = b"\x00\x0b" + hashlib.sha256(fake).digest()
+    soft = ec.generate_private_key(ec.SECP256R1())
+    attest = TPMS_ATTEST.unmarshal(owner.attest)[0]
+    attest.extraData = authn.parent_binding(nonce, "owner", fake_name)
+    raw = bytes(attest.marshal())
+    r, sig_s = decode_dss_signature(soft.sign(raw, ec.ECDSA(hashes.SHA256())))
+    signature = bytes(TPMT_SIGNATURE(sigAlg=TPM2_ALG.ECDSA, signature=TPMU_SIGNATURE(
+        ecdsa=TPMS_SIGNATURE_ECC(hash=TPM2_ALG.SHA256, signatureR=r.to_bytes(32, "big"),
+                                 signatureS=sig_s.to_bytes(32, "big")))).marshal())
+    soft_ak = TPMT_PUBLIC.unmarshal(ident.ak_public)[0]
+    nums = soft.public_key().public_numbers()
+    soft_ak.unique.ecc.x, soft_ak.unique.ecc.y = (nums.x.to_bytes(32, "big"),
+                                                  nums.y.to_bytes(32, "big"))
+    planted = owner._replace(public=fake, pinned_name=fake_name, attest=raw,
+                             signature=signature)
     with pytest.raises(ekverify.FirstStartRefused,
-                       match=f"certified the creation of {owner.pinned_name.hex()}, not of "
-                             f"{fake.hex()}"):
-        ekverify.check_parent_certification(owner._replace(pinned_name=fake),
-                                             ak2b(ident.ak_public), nonce)
+                       match=f"the TPM certified the creation of {owner.pinned_name.hex()}, "
+                             "not of the pinned name"):
+        ekverify.check_parent_certification(planted, ak2b(bytes(soft_ak.marshal())), nonce)
     with pytest.raises(ekverify.FirstStartRefused, match="AK's signature .* does not verify"):
         ekverify.check_parent_certification(owner, ak2b(other_ak), nonce)
-    with pytest.raises(ekverify.FirstStartRefused, match="does not bind this start's fresh"):
+    with pytest.raises(ekverify.FirstStartRefused, match="does not bind this enrollment's"):
         ekverify.check_parent_certification(owner, ak2b(ident.ak_public), b"m" * 16)
