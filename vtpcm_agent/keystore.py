@@ -288,7 +288,7 @@ class TPMSealedHostKey(_CachedHostKey):
             return self._tpm.seal(key)
         assert self._key_file is not None
         store = hostkeys.FileBlobStore(self._key_file)
-        if store.load() is not None:
+        if os.path.lexists(self._key_file):
             raise KeyStoreError(reason=(
                 f"first start refused: {self._key_file} exists but {self._path} does not "
                 "(an interrupted first start or a mixed-up state directory); move "

@@ -267,6 +267,20 @@ def test_a_wrong_activated_secret_is_refused(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_key_blobs_without_a_sealed_host_key_refuse_the_first_start(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path) -> None:
+    """An interrupted first start (or a mixed-up state directory): the
+    blobs' keys are not this new host key's; refused, the file kept."""
+    standin, ca = certified
+    (tmp_path / "hostkeys.tpm").write_bytes(b"VTHK\x02 an earlier start's blobs")
+    (tmp_path / "hostkeys.tpm").chmod(0o600)
+    with HostTPM(standin.tcti) as tpm, pytest.raises(
+            ks.KeyStoreError, match=r"first start refused: .*hostkeys.tpm exists but "
+                                    r".*hostkey.sealed does not .* move hostkeys.tpm aside"):
+        _provider(tpm, tmp_path, ca).host_key()
+    assert [p.name for p in tmp_path.iterdir()] == ["hostkeys.tpm"]
+
+
 def test_a_tpm_without_an_ek_certificate_is_refused(
         host_tpm_standin: HostTPMStandIn, certified: tuple[HostTPMStandIn, Path],  # noqa: F811
         tmp_path: Path) -> None:
