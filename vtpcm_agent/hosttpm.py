@@ -55,6 +55,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from secrets import token_bytes
 from typing import TypeVar
 
 from cryptography import x509
@@ -103,7 +104,8 @@ T = TypeVar("T")
 _Loaded = AbstractContextManager[hostkeys.Loaded]
 
 # A sealed data object: the caller supplies the sensitive data, so no
-# sensitiveDataOrigin; no sign/decrypt; unseal needs only the (empty) auth.
+# sensitiveDataOrigin; no sign/decrypt; unseal needs its auth value (random
+# since format 3 of SealedObject; empty before).
 # Version 1 (SEALED_ATTRS under hostkeys.SRK_ATTRS) was DA-protected: in a DA
 # lockout any local TPM user can cause, the agent could not restart (finding
 # M3). Version 2 is noDA under the noDA owner parent, whose name it pins.
@@ -117,6 +119,8 @@ class HostTPMLockout(HostTPMError):
     a DictionaryAttackLockReset."""
 
 MAX_SEAL_BYTES = 128  # MAX_SYM_DATA: the largest sensitive data a TPM seals
+SEAL_AUTH_LEN = 32  # the sealed object's own userAuth (format 3)
+_CRYPT_BOTH = hostkeys.DECRYPT | hostkeys.ENCRYPT
 _PCR_BANKS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256,
               "sha384": TPM2_ALG.SHA384, "sha512": TPM2_ALG.SHA512}
 KEM_POLICY_BANK = "sha256"
@@ -158,50 +162,77 @@ class QuoteResult:
 
 @dataclass(frozen=True, repr=False)
 class SealedObject:
-    """A TPM-wrapped sealed data object (safe to store on disk).
+    """A TPM-wrapped sealed data object (safe to store on disk, root-only).
 
     ``public`` is a marshaled TPM2B_PUBLIC and ``private`` a marshaled
     TPM2B_PRIVATE (both with their 2-byte size prefix), as TPM2_Load wants.
     ``parent_name``: the name of the storage primary it was sealed under,
     pinned (finding H1); empty in a version-1 object (then the parent is
-    the DA-protected ``hostkeys.SRK_ATTRS`` one). Only the TPM that sealed
-    it can load it. The repr shows sizes only.
+    the DA-protected ``hostkeys.SRK_ATTRS`` one). ``auth``: the object's
+    random 32-byte userAuth (format 3; empty in formats 1 and 2, sealed
+    with an empty auth value). Without it a TPM-wrapped blob seen on the
+    TPM interface (Create's outPrivate, Load's inPrivate) unseals for
+    anyone who can send that TPM commands (review eksalt, finding 1).
+    Only the TPM that sealed it can load it. The repr shows sizes only.
     """
 
     public: bytes
     private: bytes
     parent_name: bytes = b""
+    auth: bytes = b""
 
     _MAGIC_V1 = b"VTSO\x01"
-    _MAGIC = b"VTSO\x02"
+    _MAGIC_V2 = b"VTSO\x02"
+    _MAGIC = b"VTSO\x03"
 
     @property
     def legacy(self) -> bool:
         """A version-1 object: DA-protected parent, nothing pinned."""
         return not self.parent_name
 
+    @property
+    def current(self) -> bool:
+        """Format 3: its own random auth value (older ones are resealed)."""
+        return bool(self.parent_name) and bool(self.auth)
+
     def to_bytes(self) -> bytes:
-        """File format 2: ``b"VTSO" 0x02 | u32 len | public | u32 len |
-        private | u32 len | parent_name``; format 1 has no parent_name."""
-        fields = [self.public, self.private] + ([] if self.legacy else [self.parent_name])
-        return (self._MAGIC_V1 if self.legacy else self._MAGIC) + b"".join(
-            struct.pack(">I", len(f)) + f for f in fields)
+        """File format 3: ``b"VTSO" 0x03 | u32 len | public | u32 len |
+        private | u32 len | parent_name | u32 len | auth``; format 2 has no
+        auth, format 1 no parent_name either."""
+        if self.current:
+            magic, fields = self._MAGIC, [self.public, self.private, self.parent_name,
+                                          self.auth]
+        elif self.legacy:
+            magic, fields = self._MAGIC_V1, [self.public, self.private]
+        else:
+            magic, fields = self._MAGIC_V2, [self.public, self.private, self.parent_name]
+        return magic + b"".join(struct.pack(">I", len(f)) + f for f in fields)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SealedObject:
         """Parse ``to_bytes`` output strictly (HostTPMError on any mismatch)."""
-        if data[:len(cls._MAGIC)] == cls._MAGIC:
-            names: tuple[str, ...] = ("public", "private", "parent_name")
-        elif data[:len(cls._MAGIC_V1)] == cls._MAGIC_V1:
+        magic = data[:len(cls._MAGIC)]
+        if magic == cls._MAGIC:
+            names: tuple[str, ...] = ("public", "private", "parent_name", "auth")
+        elif magic == cls._MAGIC_V2:
+            names = ("public", "private", "parent_name")
+        elif magic == cls._MAGIC_V1:
             names = ("public", "private")
         else:
             raise HostTPMError(reason="sealed object: bad magic/version or too short")
-        return cls(*hostkeys.read_fields(data, len(cls._MAGIC), names, "sealed object"))
+        obj = cls(*hostkeys.read_fields(data, len(cls._MAGIC), names, "sealed object"))
+        if magic == cls._MAGIC and (len(obj.auth) != SEAL_AUTH_LEN or not obj.parent_name):
+            raise HostTPMError(reason="sealed object: format 3 needs a parent name and a "
+                                      f"{SEAL_AUTH_LEN}-byte auth value")
+        if magic == cls._MAGIC_V2 and not obj.parent_name:
+            raise HostTPMError(reason="sealed object: format 2 needs a parent name")
+        return obj
 
     def __repr__(self) -> str:
         return (f"SealedObject(public=<{len(self.public)} bytes>, "
                 f"private=<{len(self.private)} bytes>, "
-                f"parent_name=<{len(self.parent_name)} bytes>)")
+                f"parent_name=<{len(self.parent_name)} bytes>, "
+                f"auth=<{len(self.auth)} bytes>)")
 
 
 def _sealed_template() -> TPM2B_PUBLIC:
@@ -299,7 +330,7 @@ class HostTPM:
     def bind_host_key_parent(self, name: bytes) -> None:
         """Tie the AK and KEM key to the host key sealed in this TPM: ``name``
         is the pinned parent of that sealed object (``TPMSealedHostKey``
-        calls this), empty for a format-1 object still unpinned.
+        calls this), empty for a format-1 or -2 object whose reseal failed.
 
         Why: the AK's and KEM key's auth values derive from the host key, so
         whoever read it at its seal owns both keys, whatever enrollment
@@ -308,7 +339,7 @@ class HostTPM:
         the one the AK certifies at enrollment: an interposer that swapped
         the primary only for the seal is refused here (at start if the key
         blobs exist, else when they would be created), before any key is
-        used. An unpinned (format-1) host key cannot be tied: refused too."""
+        used. An old (format-1 or -2) host key whose reseal failed: refused too."""
         with self._lock:
             self._host_key_parent = bytes(name)
             self._blobs = None
@@ -318,7 +349,7 @@ class HostTPM:
     def _check_stored_parents(self) -> None:
         """The file check of ``bind_host_key_parent`` at start (no TPM
         command): stored, pinned key blobs whose KEM parent is not the host
-        key's parent are refused now. An unpinned (format-1) host key is
+        key's parent are refused now. An old (format-1 or -2) host key is
         not: the agent starts and unwraps instance keys with it, and the
         AK/KEM key are refused at their first use (``_key_blobs``) until a
         restart reseals it (akfix review round 2, finding 3)."""
@@ -336,11 +367,12 @@ class HostTPM:
             return
         if not want:
             raise HostTPMError(reason=(
-                "the host key is still a format-1 sealed object: resealing it as format 2 "
-                "failed at the agent's start (see the warning logged then; the format-1 "
-                "file is intact and still unwraps the instance keys), so its storage "
-                "parent is not pinned and cannot be tied to the owner parent enrollment "
-                "certifies; the AK and KEM key are not used (no enrollment, attestation "
+                "the host key is still an older sealed object (format 1 or 2): resealing "
+                "it as format 3 failed at the agent's start (see the warning logged then; "
+                "the old file is intact and still unwraps the instance keys), so it is "
+                "not tied to the owner parent enrollment certifies (format 1) or unseals "
+                "with an empty auth value (format 2); the AK and KEM key are not used "
+                "(no enrollment, attestation "
                 "or migration of this host) until the agent is restarted after fixing "
                 "the cause (e.g. disk space or permissions of the state directory), "
                 "which reseals it"))
@@ -737,19 +769,27 @@ class HostTPM:
     # -- sealing ---------------------------------------------------------
     def seal(self, secret: bytes, pinned: bytes = b"") -> SealedObject:
         """Seal ``secret`` (1..128 bytes) as a noDA object under the noDA
-        owner storage primary (``pinned``: the name it must have)."""
+        owner storage primary (``pinned``: the name it must have), with a
+        random auth value of its own (format 3).
+
+        The auth value and the secret go only inside Create's inSensitive,
+        encrypted with a session salted to the (pinned) parent; the response
+        (outPrivate) is encrypted too. Unsealing needs the auth value: a
+        copy of the blob taken off the TPM interface is not enough."""
         if not isinstance(secret, bytes) or not 0 < len(secret) <= MAX_SEAL_BYTES:
             raise HostTPMError(reason=f"seal: secret must be 1..{MAX_SEAL_BYTES} bytes")
-        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=secret))
+        auth = token_bytes(SEAL_AUTH_LEN)
+        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=auth, data=secret))
 
         def run(e: ESAPI) -> SealedObject:
             with self._srk(e, pinned) as (srk, session, name):
-                # inSensitive (the secret) is the first parameter: encrypted
+                # inSensitive (auth value, secret) is the first parameter and
+                # outPrivate the first of the response: both encrypted
                 priv, pub, _cd, _cdig, _tk = e.create(
                     srk, sensitive, _sealed_template(),
-                    session1=hostkeys.use(e, session, hostkeys.DECRYPT))
+                    session1=hostkeys.use(e, session, _CRYPT_BOTH))
             return SealedObject(public=pub.marshal(), private=priv.marshal(),
-                                parent_name=name)
+                                parent_name=name, auth=auth)
         return self._call("seal", lambda e: _lockout_named(lambda: run(e)))
 
     def unseal(self, sealed: SealedObject) -> bytes:
@@ -758,7 +798,10 @@ class HostTPM:
         Fails (HostTPMError) in any other TPM: the blob's integrity is
         checked with a key derived from this TPM's owner seed; and
         (ParentMismatch) when the storage primary's name is not the one the
-        object pins; HostTPMLockout in DA lockout (a version-1 object).
+        object pins; HostTPMLockout in DA lockout (a version-1 object). The
+        object's auth value (format 3) only keys the HMAC session salted to
+        the parent, which also encrypts the response: neither it nor the
+        secret crosses the TPM interface in clear.
         """
         try:
             pub, used_pub = TPM2B_PUBLIC.unmarshal(sealed.public)
@@ -772,6 +815,7 @@ class HostTPM:
             with self._srk(e, sealed.parent_name, sealed.legacy) as (srk, session, _name):
                 obj = e.load(srk, priv, pub)
                 try:
+                    e.tr_set_auth(obj, sealed.auth)
                     # the response's outData is the secret: encrypted
                     return bytes(e.unseal(obj, session1=hostkeys.use(e, session,
                                                                      hostkeys.ENCRYPT)))

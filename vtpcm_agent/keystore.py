@@ -233,7 +233,7 @@ class TPMSealedHostKey(_CachedHostKey):
 
     def _unsealed(self) -> tuple[bytes, bytes]:
         """The host key and its sealed object's pinned parent name (empty:
-        a format-1 object whose reseal failed)."""
+        a format-1 or -2 object whose reseal failed)."""
         try:
             data = _read_private_file(self._path, "sealed host key file")
         except FileNotFoundError:
@@ -270,8 +270,8 @@ class TPMSealedHostKey(_CachedHostKey):
                                        f"file): {exc.message}") from exc
         if len(key) != KEY_LEN:
             raise KeyStoreError(reason=f"unsealed host key {self._path} has a wrong length")
-        if sealed.legacy:
-            return key, self._upgrade(key)
+        if not sealed.current:
+            return key, self._upgrade(key, sealed)
         return key, sealed.parent_name
 
     def _first_seal(self, key: bytes) -> SealedObject:
@@ -302,29 +302,32 @@ class TPMSealedHostKey(_CachedHostKey):
                  "under the owner primary the AK certified", {"cas": self._ek_ca_file})
         return sealed
 
-    def _upgrade(self, key: bytes) -> bytes:
-        """Reseal a version-1 host key (DA-protected, parent unpinned) as a
-        noDA object under the noDA parent, pinning its name, and swap the
-        file atomically; its parent's name (bound to the HostTPM like a new
-        seal's). On failure the version-1 file stays and unwraps instance
-        keys, but no parent is pinned (empty): the agent starts, the AK and
-        KEM key are refused at use until a later start reseals it."""
+    def _upgrade(self, key: bytes, old: SealedObject) -> bytes:
+        """Reseal a format-1 or -2 host key as format 3 (noDA, under the noDA
+        parent, its name pinned, and its own random auth value: an old
+        object unseals with an empty one, so its blob seen on the TPM
+        interface gave the host key away) and swap the file atomically; its
+        parent's name (bound to the HostTPM like a new seal's). A format-2
+        object keeps its pinned parent. On failure the old file stays and
+        unwraps instance keys, but no parent is bound (empty): the agent
+        starts, the AK and KEM key are refused at use until a later start
+        reseals it."""
+        fmt = 1 if old.legacy else 2
         try:
-            resealed = self._tpm.seal(key)
+            resealed = self._tpm.seal(key, pinned=old.parent_name)
             if self._tpm.unseal(resealed) != key:
                 raise HostTPMError(reason="the resealed host key does not unseal to the same key")
             fileutil.write_atomic(self._path, resealed.to_bytes(), replace=True)
         except (HostTPMError, OSError) as exc:
-            LOG.warning("Kept the version-1 sealed host key %(path)s intact (DA-protected, "
-                        "parent not pinned): resealing it as format 2 failed: %(err)s. "
-                        "Instance keys still unwrap; the AK and KEM key are refused (no "
-                        "enrollment, attestation or migration) until the agent is restarted "
-                        "after fixing the cause (e.g. disk space or permissions of the state "
-                        "directory)",
-                        {"path": self._path, "err": _reason(exc)})
+            LOG.warning("Kept the format-%(fmt)d sealed host key %(path)s intact: resealing "
+                        "it as format 3 failed: %(err)s. Instance keys still unwrap; the AK "
+                        "and KEM key are refused (no enrollment, attestation or migration) "
+                        "until the agent is restarted after fixing the cause (e.g. disk "
+                        "space or permissions of the state directory)",
+                        {"fmt": fmt, "path": self._path, "err": _reason(exc)})
             return b""
-        LOG.warning("Resealed the host key %(path)s as format 2: noDA, its parent's name "
-                    "pinned", {"path": self._path})
+        LOG.warning("Resealed the format-%(fmt)d host key %(path)s as format 3: noDA, its "
+                    "parent's name pinned, its own auth value", {"fmt": fmt, "path": self._path})
         return resealed.parent_name
 
 

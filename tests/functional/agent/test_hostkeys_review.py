@@ -78,7 +78,7 @@ def test_an_interposer_swapping_the_storage_primary_is_refused_at_restart(
         host_key = keystore.TPMSealedHostKey(tpm, sealed).host_key()
         tpm.use_key_auth(keyauth.derive(host_key), blobs)
         tpm.quote(b"n", [0])
-    assert sealed.read_bytes().startswith(b"VTSO\x02")
+    assert sealed.read_bytes().startswith(b"VTSO\x03")
     assert hostkeys.KeyBlobs.from_bytes(blobs.read_bytes()).pinned
     # planted positive control: the same key in a format-1 file (no pin)
     # goes to the interposer, and the agent sees nothing wrong

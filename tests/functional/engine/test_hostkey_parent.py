@@ -167,8 +167,9 @@ def test_an_unpinned_host_key_refuses_the_ak_and_kem_key(
         tpm.bind_host_key_parent(b"")
         tpm.use_key_auth(auth, tmp_path / "hostkeys.tpm")
         with pytest.raises(exception.HostTPMError,
-                           match=r"the host key is still a format-1 sealed object: resealing "
-                                 r"it as format 2 failed at the agent's start"):
+                           match=r"the host key is still an older sealed object \(format 1 "
+                                 r"or 2\): resealing it as format 3 failed at the agent's "
+                                 r"start"):
             tpm.quote(b"q" * 16, [0])
     assert not (tmp_path / "hostkeys.tpm").exists()
     with HostTPM(host_tpm_standin.tcti) as tpm:
@@ -208,12 +209,12 @@ def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refuse
         assert provider.host_key() == host_key  # instance keys unwrap
         tpm.use_key_auth(keyauth.derive(provider.host_key()), key_file)  # starts
         with pytest.raises(exception.HostTPMError,
-                           match=r"format-1 file is intact and still unwraps the instance "
+                           match=r"the old file is intact and still unwraps the instance "
                                  r"keys\), .* until the agent is restarted after fixing the "
                                  r"cause \(e\.g\. disk space"):
             tpm.quote(b"q" * 16, [0])
     assert sealed_path.read_bytes() == v1
-    assert "Kept the version-1 sealed host key" in caplog.text
+    assert "Kept the format-1 sealed host key" in caplog.text
     assert "until the agent is restarted after fixing the cause" in caplog.text
     monkeypatch.setattr(ks.fileutil, "write_atomic", real_write)  # the disk freed
     with HostTPM(host_tpm_standin.tcti) as tpm:  # the restart reseals
