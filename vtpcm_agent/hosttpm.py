@@ -95,8 +95,8 @@ from vtpcm_agent.hostek import EK_TYPES as EK_TYPES
 from vtpcm_agent.hostkeys import AK_ATTRS as AK_ATTRS
 from vtpcm_agent.hostkeys import KEM_ATTRS as KEM_ATTRS
 from vtpcm_agent.keyauth import KeyAuth
-from vtpcm_common import spans
-from vtpcm_common.exception import HostTPMError
+from vtpcm_common import ekcert, spans
+from vtpcm_common.exception import CertificationError, HostTPMError, InvalidInput
 
 LOG = logging.getLogger(__name__)
 
@@ -301,6 +301,9 @@ class HostTPM:
         # the pinned parent name of the sealed host key (bind_host_key_parent):
         # the KEM key's parent must be that primary; None: no sealed host key
         self._host_key_parent: bytes | None = None
+        # [host_tpm] ek_ca_file (bind_host_key_parent): missing key blobs are
+        # re-created only in the verified TPM
+        self._ek_ca_file: Path | None = None
         with _LOCKS_GUARD:
             self._lock = _LOCKS.setdefault(tcti, threading.RLock())
         try:
@@ -327,7 +330,7 @@ class HostTPM:
             self._kem_pcr_list = tuple(sorted(set(kem_pcrs)))
             self._check_stored_parents()
 
-    def bind_host_key_parent(self, name: bytes) -> None:
+    def bind_host_key_parent(self, name: bytes, ek_ca_file: Path | None = None) -> None:
         """Tie the AK and KEM key to the host key sealed in this TPM: ``name``
         is the pinned parent of that sealed object (``TPMSealedHostKey``
         calls this), empty for a format-1 or -2 object whose reseal failed.
@@ -339,9 +342,16 @@ class HostTPM:
         the one the AK certifies at enrollment: an interposer that swapped
         the primary only for the seal is refused here (at start if the key
         blobs exist, else when they would be created), before any key is
-        used. An old (format-1 or -2) host key whose reseal failed: refused too."""
+        used. An old (format-1 or -2) host key whose reseal failed: refused too.
+
+        ``ek_ca_file`` (``[host_tpm] ek_ca_file``): key blobs missing at a
+        later start (moved aside) are re-created only after the TPM is
+        verified against these EK CAs (``ekverify``, as at the first start)
+        and only if the owner primary the AK certifies is ``name``; else the
+        re-created AK would trust whatever answers the endorsement primary."""
         with self._lock:
             self._host_key_parent = bytes(name)
+            self._ek_ca_file = ek_ca_file
             self._blobs = None
             self._cache.clear(self._esapi)
             self._check_stored_parents()
@@ -483,13 +493,10 @@ class HostTPM:
                 secrets = self._secrets()
                 # the KEM key only under the host key's parent (pinned)
                 self._check_host_key_parent(self._host_key_parent or b"")
-                try:
-                    blobs = hostkeys.create_blobs(e, secrets.ak.auth, secrets.kem.auth,
-                                                  self._kem_pcrs, self._host_key_parent or b"")
-                except hostkeys.ParentMismatch as exc:
-                    raise hostkeys.ParentMismatch(reason=(
-                        "the KEM key is created only under the owner primary the host key "
-                        f"was sealed under: {exc.kwargs['reason']}")) from None
+                if self._ek_ca_file is not None:
+                    blobs = self._verified_blobs(e, secrets, self._ek_ca_file)
+                else:
+                    blobs = self._created_blobs(e, secrets)
                 self._blob_store.save(blobs)
                 blobs = self._blob_store.load() or blobs  # another thread's, if first
                 LOG.info("Created the agent's AK and KEM key in the host TPM (%(store)r)",
@@ -499,6 +506,42 @@ class HostTPM:
             self._check_host_key_parent(blobs.kem_parent_name)
             self._blobs = blobs
         return self._blobs
+
+    def _created_blobs(self, e: ESAPI, key_auth: KeyAuth) -> hostkeys.KeyBlobs:
+        """The AK and KEM key created trusting the TPM's answers (no
+        ek_ca_file), the KEM key under the host key's pinned parent."""
+        try:
+            return hostkeys.create_blobs(e, key_auth.ak.auth, key_auth.kem.auth,
+                                         self._kem_pcrs, self._host_key_parent or b"")
+        except hostkeys.ParentMismatch as exc:
+            raise hostkeys.ParentMismatch(reason=(
+                "the KEM key is created only under the owner primary the host key "
+                f"was sealed under: {exc.kwargs['reason']}")) from None
+
+    def _verified_blobs(self, e: ESAPI, key_auth: KeyAuth,
+                        ek_ca_file: Path) -> hostkeys.KeyBlobs:
+        """The AK and KEM key re-created as at a verified first start
+        (``ekverify``), refused unless the owner primary the AK certified is
+        the one the host key is sealed under (and pinned)."""
+        what = (f"the AK and KEM key are missing ({self._blob_store!r}) and, with "
+                "[host_tpm] ek_ca_file set, are re-created only in the verified TPM")
+        try:
+            blobs = ekverify.verified_keys(e, ekcert.load_ca_file(ek_ca_file),
+                                           key_auth.ak.auth, key_auth.kem.auth,
+                                           self._kem_pcrs)
+        except (HostTPMError, CertificationError, InvalidInput) as exc:
+            raise HostTPMError(reason=f"{what}: {exc.kwargs.get('reason', exc)}") from None
+        want = self._host_key_parent
+        if want and blobs.kem_parent_name != want:
+            raise hostkeys.ParentMismatch(reason=(
+                f"{what}: the owner storage primary the AK certified now "
+                f"({blobs.kem_parent_name.hex()}) is not the one the host key was sealed "
+                f"under ({want.hex()}): the owner hierarchy was cleared, or something "
+                "between the agent and the TPM answered for it. Nothing was written; "
+                "keep every file of the state directory and check the TPM device path; "
+                "if the TPM really was cleared, move the state directory aside and "
+                "re-enroll the host"))
+        return blobs
 
     def _pin_parents(self, e: ESAPI, blobs: hostkeys.KeyBlobs) -> hostkeys.KeyBlobs:
         """Version-1 blobs (before parents were pinned): pin the parents'

@@ -226,9 +226,11 @@ class TPMSealedHostKey(_CachedHostKey):
     def _load_or_create(self) -> bytes:
         """The host key; its sealed object's pinned parent is bound to the
         HostTPM (``bind_host_key_parent``): the AK and KEM key are used only
-        if their owner parent, the one enrollment certifies, is that one."""
+        if their owner parent, the one enrollment certifies, is that one;
+        with ``ek_ca_file`` a missing AK and KEM key are re-created only in
+        the verified TPM, under the owner primary it certifies as that one."""
         key, parent = self._unsealed()
-        self._tpm.bind_host_key_parent(parent)
+        self._tpm.bind_host_key_parent(parent, ek_ca_file=self._ek_ca_file)
         return key
 
     def _unsealed(self) -> tuple[bytes, bytes]:

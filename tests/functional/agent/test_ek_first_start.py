@@ -45,6 +45,7 @@ from vtpcm_agent import ekverify, hostkeys, keyauth
 from vtpcm_agent import keystore as ks
 from vtpcm_agent.hosttpm import HostTPM, SealedObject
 from vtpcm_common import authn
+from vtpcm_common.exception import HostTPMError
 from vtpcm_lab.hosttpm import localca_ek_cas
 from vtpcm_nova.engine.db.api import Database
 
@@ -341,3 +342,80 @@ def test_the_local_parent_certification_check(
         ekverify.check_parent_certification(owner, ak2b(other_ak), nonce)
     with pytest.raises(ekverify.FirstStartRefused, match="does not bind this enrollment's"):
         ekverify.check_parent_certification(owner, ak2b(ident.ak_public), b"m" * 16)
+
+
+class EndorsementOnlyInterposer(SelectiveInterposer):
+    """Swaps only the endorsement primary (the AK's parent), honest else;
+    ``swaps`` counts its swaps (``swapped`` forgets flushed handles)."""
+
+    swaps = 0
+
+    def _swap_primary(self, rsp: bytes) -> bytes:
+        out = super()._swap_primary(rsp)
+        self.swaps += out != rsp
+        return out
+
+    def _on_response(self, cmd: bytes, rsp: bytes) -> bytes:
+        if struct.unpack_from(">I", cmd, 6)[0] == CC_CREATE_PRIMARY:
+            self.active = struct.unpack_from(">I", cmd, 10)[0] == ENDORSEMENT
+        return super()._on_response(cmd, rsp)
+
+
+ENDORSEMENT = 0x4000000B
+
+
+def _restart_and_quote(tcti: str, state: Path, ca: Path) -> bytes:
+    """An agent restart (AgentService's order) and a first use of the keys."""
+    with HostTPM(tcti) as tpm:
+        key = _provider(tpm, state, ca).host_key()
+        tpm.use_key_auth(keyauth.derive(key), state / "hostkeys.tpm")
+        tpm.quote(b"q" * 16, [0])
+    return key
+
+
+def test_key_blobs_moved_aside_are_re_created_only_in_the_verified_tpm(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path) -> None:
+    """Review eksalt, finding 3: with ek_ca_file set, hostkeys.tpm moved
+    aside (as the agent's own message advises) re-created the AK trusting
+    whatever answered the endorsement primary: an interposer swapping it
+    read the AK's auth value. Now the re-creation is the verified one: the
+    swap is refused, nothing recovered, nothing written; honest, it works
+    and the KEM key's parent is the host key's pinned one."""
+    standin, ca = certified
+    key = _restart_and_quote(standin.tcti, tmp_path, ca)     # verified first start
+    blobs = tmp_path / "hostkeys.tpm"
+    blobs.rename(tmp_path / "hostkeys.tpm.aside")
+    mitm = EndorsementOnlyInterposer(standin.tcti).start()
+    try:
+        with pytest.raises(HostTPMError, match=r"the AK and KEM key are missing .* "
+                                               r"re-created only in the verified TPM: "
+                                               r"first start refused at step"):
+            _restart_and_quote(mitm.tcti, tmp_path, ca)
+    finally:
+        mitm.stop()
+    assert mitm.swaps, "the interposer did not take part"
+    auth = keyauth.derive(key)
+    leaked = auth.ak.auth in [r.get("userAuth") for r in mitm.recovered]
+    assert not leaked
+    assert not blobs.exists()
+    assert _restart_and_quote(standin.tcti, tmp_path, ca) == key   # honest: re-created
+    sealed = SealedObject.from_bytes((tmp_path / "hostkey.sealed").read_bytes())
+    stored = hostkeys.FileBlobStore(blobs).load()
+    assert stored is not None and stored.kem_parent_name == sealed.parent_name
+
+
+def test_re_created_keys_under_another_owner_primary_than_the_host_keys_are_refused(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path) -> None:
+    """The verified re-creation's owner primary must be the sealed host
+    key's pinned parent (here the pin names another one, as after an
+    owner-hierarchy clear): refused, naming the cause and the remedy."""
+    standin, ca = certified
+    with HostTPM(standin.tcti) as tpm:
+        tpm.bind_host_key_parent(b"\x00\x0b" + b"\x11" * 32, ek_ca_file=ca)
+        tpm.use_key_auth(keyauth.derive(b"r" * 32), tmp_path / "hostkeys.tpm")
+        with pytest.raises(hostkeys.ParentMismatch,
+                           match=r"the owner storage primary the AK certified now .* is not "
+                                 r"the one the host key was sealed under \(000b1111.*if the "
+                                 r"TPM really was cleared, move the state directory aside"):
+            tpm.quote(b"q" * 16, [0])
+    assert not (tmp_path / "hostkeys.tpm").exists()
