@@ -11,6 +11,7 @@ swtpm-localca), the agent's real ``TPMSealedHostKey`` and ``HostTPM`` in
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import struct
@@ -24,13 +25,17 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 from tpm2_pytss import ESAPI
-from tpm2_pytss.constants import TPM2_ALG
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG, TPM2_CAP, TPM2_HT, TPM2_SE, TPMA_OBJECT
 from tpm2_pytss.types import (
+    TPM2B_NAME,
+    TPM2B_PRIVATE,
     TPM2B_PUBLIC,
+    TPM2B_SENSITIVE_CREATE,
     TPMS_ATTEST,
     TPMS_SIGNATURE_ECC,
     TPMT_PUBLIC,
     TPMT_SIGNATURE,
+    TPMT_SYM_DEF,
     TPMU_SIGNATURE,
 )
 
@@ -40,8 +45,14 @@ from tests.functional.engine.test_parent_certification import (  # noqa: F401
     db,
 )
 from tests.functional.hosttpm_fixture import HostTPMStandIn, host_tpm_standin  # noqa: F401
-from tests.functional.tpmmitm import CC_CREATE, CC_CREATE_PRIMARY, Interposer, _tpm2b
-from vtpcm_agent import ekverify, hostkeys, keyauth
+from tests.functional.tpmmitm import (
+    CC_CREATE,
+    CC_CREATE_PRIMARY,
+    Interposer,
+    _recv_msg,
+    _tpm2b,
+)
+from vtpcm_agent import ekverify, hostek, hostkeys, keyauth
 from vtpcm_agent import keystore as ks
 from vtpcm_agent.hosttpm import HostTPM, SealedObject
 from vtpcm_common import authn
@@ -419,3 +430,117 @@ def test_re_created_keys_under_another_owner_primary_than_the_host_keys_are_refu
                                  r"TPM really was cleared, move the state directory aside"):
             tpm.quote(b"q" * 16, [0])
     assert not (tmp_path / "hostkeys.tpm").exists()
+
+
+def _ek_policy(e: ESAPI, template: TPM2B_PUBLIC) -> ESYS_TR:
+    """The EK's USER authorization: PolicySecret(endorsement) for a
+    low-range template, the (empty) password for a high-range one."""
+    if template.publicArea.objectAttributes & TPMA_OBJECT.USERWITHAUTH:
+        return ESYS_TR.PASSWORD
+    session = e.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+                                   TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
+    e.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+    return session
+
+
+class ChildAsOwnerPrimary(Interposer):
+    """Answers every owner CreatePrimary with a REAL child storage key
+    of this TPM (a child of the EK, the only parent loaded then: libtpms has
+    3 object slots): its true public area, creation data, hash and ticket,
+    so ESAPI's name check, every session HMAC and the TPM's own
+    CertifyCreation (the ticket is genuine) pass. Only the check that a
+    storage parent was created as a primary of its hierarchy tells."""
+
+    def __init__(self, target: str, child: tuple[bytes, ...]) -> None:
+        super().__init__(target)
+        self.child = child  # public, private, creation data, hash, ticket
+        self.answered = 0
+
+    def _serve_data(self, client, up) -> None:  # type: ignore[no-untyped-def]
+        cmd = _recv_msg(client)
+        if cmd is None or struct.unpack_from(">II", cmd, 6) != (
+                CC_CREATE_PRIMARY, OWNER):
+            if cmd is not None:
+                up.sendall(cmd)
+                rsp = _recv_msg(up)
+                if rsp is not None:
+                    client.sendall(rsp)
+            super()._serve_data(client, up)
+            return
+        up.close()  # the stand-in serves one connection at a time
+        self.answered += 1
+        try:
+            client.sendall(self._fake_create_primary())
+        finally:
+            client.close()
+
+    def _fake_create_primary(self) -> bytes:
+        public, private, cdata, chash, ticket = self.child
+        pub = TPM2B_PUBLIC.unmarshal(public)[0]
+        with ESAPI("swtpm:path=" + self._target) as e:
+            found = hostek.ek_template(e)
+            assert found is not None
+            _more, data = e.get_capability(TPM2_CAP.HANDLES, TPM2_HT.TRANSIENT << 24, 8)
+            eks = [h for h in (e.tr_from_tpmpublic(t) for t in data.data.handles)
+                   if e.read_public(h)[0].publicArea.type == TPM2_ALG.RSA]
+            # the agent's EK if it has it loaded, else one of our own
+            with contextlib.ExitStack() as stack:
+                ek = eks[0] if eks else stack.enter_context(
+                    hostek.loaded_ek(e, found[1]))[0]
+                auth = _ek_policy(e, found[1])
+                try:
+                    handle = e.load(ek, TPM2B_PRIVATE.unmarshal(private)[0], pub,
+                                    session1=auth)
+                finally:
+                    if auth != ESYS_TR.PASSWORD:
+                        e.flush_context(auth)
+            tpm_handle = e.tr_get_tpm_handle(handle)
+        params = (public + cdata + chash + ticket
+                  + bytes(TPM2B_NAME(hostkeys.object_name(pub)).marshal()))
+        body = struct.pack(">II", tpm_handle, len(params)) + params + b"\x00\x00\x01\x00\x00"
+        return struct.pack(">HII", 0x8002, 10 + len(body), 0) + body
+
+
+def _ek_child(tcti: str) -> tuple[bytes, ...]:
+    """A storage key with the owner primaries' template, created as a child
+    of the EK: (public, private, creation data, creation hash, ticket),
+    each marshaled as CreatePrimary answers them."""
+    with ESAPI(tcti) as e:
+        found = hostek.ek_template(e)
+        assert found is not None
+        with hostek.loaded_ek(e, found[1]) as (ek, _pub):
+            auth = _ek_policy(e, found[1])
+            try:
+                priv, pub, cdata, chash, ticket = e.create(
+                    ek, TPM2B_SENSITIVE_CREATE(),
+                    hostkeys.template(hostkeys.PARENT_TEMPLATE, hostkeys.PARENT_ATTRS),
+                    session1=auth)
+            finally:
+                if auth != ESYS_TR.PASSWORD:
+                    e.flush_context(auth)
+    return (bytes(pub.marshal()), bytes(priv.marshal()), bytes(cdata.marshal()),
+            bytes(chash.marshal()), bytes(ticket.marshal()))
+
+
+def test_a_real_child_key_answered_for_the_owner_primary_is_refused(
+        certified: tuple[HostTPMStandIn, Path], tmp_path: Path) -> None:
+    """Review eksalt, finding 4 (mutant wt-m2, the local CertifyCreation
+    check skipped, passed every test): the interposer answers the owner
+    CreatePrimary with a real storage key of this TPM that is not a
+    primary. The TPM certifies its creation (genuine ticket); the agent's
+    check of the creation data refuses it, naming the step; nothing is
+    written."""
+    standin, ca = certified
+    child = _ek_child(standin.tcti)
+    mitm = ChildAsOwnerPrimary(standin.tcti, child).start()
+    try:
+        with HostTPM(mitm.tcti) as tpm, pytest.raises(
+                ekverify.FirstStartRefused,
+                match=r"step 'certification of the owner storage primary' .* not certified "
+                      r"by the AK: it was created under 000b[0-9a-f]{64}, not as a primary "
+                      r"of the owner hierarchy"):
+            _provider(tpm, tmp_path, ca).host_key()
+    finally:
+        mitm.stop()
+    assert mitm.answered == 1  # refused at the first: no KEM key, no seal under it
+    assert list(tmp_path.iterdir()) == []
