@@ -198,7 +198,12 @@ class SealedObject:
     def to_bytes(self) -> bytes:
         """File format 3: ``b"VTSO" 0x03 | u32 len | public | u32 len |
         private | u32 len | parent_name | u32 len | auth``; format 2 has no
-        auth, format 1 no parent_name either."""
+        auth, format 1 no parent_name either. An auth value without a
+        parent name has no format (format 1 would drop it, and the object
+        would not unseal): refused."""
+        if self.auth and not self.parent_name:
+            raise HostTPMError(reason="sealed object: an auth value needs a parent name "
+                                      "(format 3); format 1 cannot hold it")
         if self.current:
             magic, fields = self._MAGIC, [self.public, self.private, self.parent_name,
                                           self.auth]
