@@ -32,18 +32,16 @@ from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import (
     TPM2B_PRIVATE,
     TPM2B_PUBLIC,
-    TPM2B_SENSITIVE_CREATE,
-    TPMS_SENSITIVE_CREATE,
-    TPMT_PUBLIC,
 )
 
 from tests.functional.agent.test_ek_first_start import certified  # noqa: F401
+from tests.functional.agent.test_hostkeys_review import _seal_v2
 from tests.functional.hosttpm_fixture import HostTPMStandIn
 from tests.functional.tpmmitm import _tpm2b, kdfa
 from tests.functional.tpmwire import TPM_CC_LOAD, TPMWireTap, unsalted_sessions, wiretap
 from vtpcm_agent import hostkeys, keyauth
 from vtpcm_agent import keystore as ks
-from vtpcm_agent.hosttpm import SEALED_ATTRS_V2, HostTPM, SealedObject
+from vtpcm_agent.hosttpm import HostTPM, SealedObject
 
 pytestmark = pytest.mark.functional
 Certified = tuple[HostTPMStandIn, Path]
@@ -127,18 +125,6 @@ def test_a_sealed_blob_seen_on_the_wire_does_not_unseal(
     for secret in (key, sealed.auth, auth.ak.auth, auth.kem.auth):
         seen = secret in wire
         assert not seen
-
-
-def _seal_v2(tcti: str, key: bytes) -> bytes:
-    """A hostkey.sealed as the agent wrote it in format 2: noDA, under the
-    pinned noDA owner primary, with an EMPTY auth value."""
-    tmpl = TPMT_PUBLIC.parse("keyedhash", objectAttributes=SEALED_ATTRS_V2)
-    tmpl.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
-    with ESAPI(tcti) as e, hostkeys.pinned_parent(e, hostkeys.KEM_HIERARCHY) as (srk, name):
-        priv, pub, _cd, _cdig, _tk = e.create(
-            srk, TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=key)), TPM2B_PUBLIC(tmpl))
-    return SealedObject(public=pub.marshal(), private=priv.marshal(),
-                        parent_name=name).to_bytes()
 
 
 @pytest.mark.parametrize("with_ca", [True, False], ids=["ek_ca_file", "tofu"])

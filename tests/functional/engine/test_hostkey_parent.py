@@ -21,6 +21,7 @@ import pytest
 from tpm2_pytss import ESAPI
 
 from tests.functional.agent.test_hostkeys_review import _seal_v1 as seal_v1
+from tests.functional.agent.test_hostkeys_review import _seal_v2 as seal_v2
 from tests.functional.engine.test_parent_certification import (  # noqa: F401
     attestor,
     db,
@@ -177,14 +178,18 @@ def test_an_unpinned_host_key_refuses_the_ak_and_kem_key(
         tpm.quote(b"q" * 16, [0])
 
 
-def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refused(
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_a_failed_old_format_reseal_starts_the_agent_with_the_ak_and_kem_key_refused(
         host_tpm_standin: HostTPMStandIn, tmp_path: Path,  # noqa: F811
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fmt: int) -> None:
     """akfix review round 2, finding 3: a format-1 host key whose reseal
     failed (ENOSPC on the atomic rewrite) on a host whose key blobs were
     already pinned stopped the agent at ``use_key_auth``, contrary to
     ``_upgrade``'s design: the format-1 file stays and unwraps instance
-    keys, only the AK and KEM key are refused, until a restart reseals."""
+    keys, only the AK and KEM key are refused, until a restart reseals.
+    Format 2 (eksalt review round 2, finding 2): its pinned parent is the
+    real one, but its blob unseals with an empty password, so the AK and
+    KEM key are refused as well until it is format 3."""
     import errno
     sealed_path, key_file = tmp_path / "hostkey.sealed", tmp_path / "hostkeys.tpm"
     host_key = b"k" * ks.KEY_LEN
@@ -192,9 +197,11 @@ def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refuse
     with ESAPI(host_tpm_standin.tcti) as e:  # an earlier release: pinned blobs
         hostkeys.FileBlobStore(key_file).save(
             hostkeys.create_blobs(e, auth.ak.auth, auth.kem.auth))
-    sealed_path.write_bytes(seal_v1(host_tpm_standin.tcti, host_key))
+    seal_old = seal_v1 if fmt == 1 else seal_v2
+    sealed_path.write_bytes(seal_old(host_tpm_standin.tcti, host_key))
     sealed_path.chmod(0o600)
     v1 = sealed_path.read_bytes()
+    assert v1.startswith(b"VTSO" + bytes([fmt]))
     real_write = ks.fileutil.write_atomic
 
     def enospc(path: Path, data: bytes, *args: object, replace: bool = False,
@@ -214,7 +221,7 @@ def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refuse
                                  r"cause \(e\.g\. disk space"):
             tpm.quote(b"q" * 16, [0])
     assert sealed_path.read_bytes() == v1
-    assert "Kept the format-1 sealed host key" in caplog.text
+    assert f"Kept the format-{fmt} sealed host key" in caplog.text
     assert "until the agent is restarted after fixing the cause" in caplog.text
     monkeypatch.setattr(ks.fileutil, "write_atomic", real_write)  # the disk freed
     with HostTPM(host_tpm_standin.tcti) as tpm:  # the restart reseals
@@ -222,7 +229,7 @@ def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refuse
         assert provider.host_key() == host_key
         tpm.use_key_auth(keyauth.derive(host_key), key_file)
         tpm.quote(b"q" * 16, [0])
-    assert not SealedObject.from_bytes(sealed_path.read_bytes()).legacy
+    assert SealedObject.from_bytes(sealed_path.read_bytes()).current
 
 
 def test_a_refused_first_key_creation_sends_no_auth_value(
