@@ -157,6 +157,50 @@ def test_an_interposer_at_the_format1_upgrade_reseal_is_refused(
         mitm.stop()
 
 
+def test_the_format2_reseal_is_pinned_to_the_old_parent(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review eksalt round 2, finding 3: the reseal of a format-2 host key
+    (``_upgrade``) seals under the parent the old object pins. An
+    interposer that swaps the owner primary only at the reseal's seal is
+    refused at its CreatePrimary, before the Create carries the host key
+    and the new auth value to it; the format-2 file stays."""
+    sealed_path = tmp_path / "hostkey.sealed"
+    host_key = b"p" * ks.KEY_LEN
+    sealed_path.write_bytes(seal_v2(host_tpm_standin.tcti, host_key))
+    sealed_path.chmod(0o600)
+    v2 = sealed_path.read_bytes()
+    mitm = SelectiveInterposer(host_tpm_standin.tcti).start()
+    mitm.active = False
+    refusals: list[BaseException] = []
+    try:
+        with HostTPM(mitm.tcti) as tpm:
+            real_seal = tpm.seal
+
+            def seal_interposed(secret: bytes, pinned: bytes = b"") -> SealedObject:
+                mitm.active = True  # only at the reseal's seal
+                try:
+                    return real_seal(secret, pinned=pinned)
+                except hostkeys.ParentMismatch as exc:
+                    refusals.append(exc)
+                    raise
+                finally:
+                    mitm.active = False
+
+            tpm.seal = seal_interposed  # type: ignore[method-assign]
+            assert ks.TPMSealedHostKey(tpm, sealed_path).host_key() == host_key
+    finally:
+        mitm.stop()
+    old = SealedObject.from_bytes(v2)
+    assert mitm.answered and old.parent_name not in mitm.answered
+    assert host_key not in mitm.sealed_data, "the interposer read the host key"
+    assert not mitm.sealed_data
+    assert len(refusals) == 1
+    assert f"not the pinned {old.parent_name.hex()}" in str(refusals[0])
+    assert sealed_path.read_bytes() == v2
+    assert "Kept the format-2 sealed host key" in caplog.text
+
+
 def test_an_unpinned_host_key_refuses_the_ak_and_kem_key(
         host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
     """A format-1 host key whose reseal failed has no pinned parent: it
