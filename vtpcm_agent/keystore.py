@@ -329,7 +329,14 @@ class TPMSealedHostKey(_CachedHostKey):
                         {"fmt": fmt, "path": self._path, "err": _reason(exc)})
             return b""
         LOG.warning("Resealed the format-%(fmt)d host key %(path)s as format 3: noDA, its "
-                    "parent's name pinned, its own auth value", {"fmt": fmt, "path": self._path})
+                    "parent's name pinned, its own auth value. The host key is the same: "
+                    "every earlier copy of the format-%(fmt)d blob (seen on the TPM "
+                    "interface at an earlier start, or a backup of the old file) still "
+                    "unseals it in this TPM with an empty password. If the TPM interface "
+                    "or backups of the state directory may have been exposed, drain and "
+                    "revoke this host, start the agent with a fresh state directory (a new "
+                    "host key), re-enroll it, and destroy the old file's backups",
+                    {"fmt": fmt, "path": self._path})
         return resealed.parent_name
 
 

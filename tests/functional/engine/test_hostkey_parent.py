@@ -273,7 +273,14 @@ def test_a_failed_old_format_reseal_starts_the_agent_with_the_ak_and_kem_key_ref
         assert provider.host_key() == host_key
         tpm.use_key_auth(keyauth.derive(host_key), key_file)
         tpm.quote(b"q" * 16, [0])
-    assert SealedObject.from_bytes(sealed_path.read_bytes()).current
+    resealed = SealedObject.from_bytes(sealed_path.read_bytes())
+    assert resealed.current
+    # the warning says the old blob still unseals and what ends that
+    assert (f"Resealed the format-{fmt} host key {sealed_path} as format 3" in caplog.text
+            and "still unseals it in this TPM with an empty password" in caplog.text
+            and "fresh state directory (a new host key)" in caplog.text)
+    for secret in (host_key, resealed.auth):
+        assert secret.hex() not in caplog.text and repr(secret)[2:-1] not in caplog.text
 
 
 def test_a_refused_first_key_creation_sends_no_auth_value(
