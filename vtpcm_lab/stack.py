@@ -129,6 +129,9 @@ class Stack:
                                      with_ek_cert=True)
                 tpm.start()
                 self._record_pid("hosttpm-" + name, tpm.pid)
+                # the lab's TPM "manufacturer": the agent verifies its TPM
+                # against it at its first start, the engine at enrollment
+                ek_cas = localca_ek_cas(self.base / "ek-cas.pem")
                 measured_boot(tpm.tcti)
                 # each swtpm as a uid of its own, as in production; the
                 # two hosts share one kernel, so their ranges differ
@@ -136,7 +139,8 @@ class Stack:
                     "agent": {"expose_data_socket": "false",
                               "register_with_engine": "false",
                               "socket_user": lab_host.user,
-                              "swtpm_uid_range": SWTPM_UID_RANGES[lab_host.name]}}
+                              "swtpm_uid_range": SWTPM_UID_RANGES[lab_host.name]},
+                    "host_tpm": {"ek_ca_file": ek_cas}}
                 for section, values in self.agent_extra.get(lab_host.name, {}).items():
                     extra.setdefault(section, {}).update(values)
                 agent = daemons.AgentDaemon(
@@ -146,7 +150,6 @@ class Stack:
                 self._record(agent)
                 self.hosts[lab_host.name] = StackHost(lab_host, name, tpm, agent)
             # the engine trusts the lab's TPM "manufacturer" and no one else
-            ek_cas = localca_ek_cas(self.base / "ek-cas.pem")
             engine_extra: dict[str, dict[str, Any]] = {
                 "attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas},
                 # as in production (the daemons' default of 0 keeps

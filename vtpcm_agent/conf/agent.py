@@ -119,6 +119,18 @@ HOST_TPM_OPTS = [
                      "them, or after changing this list, the agent creates a new KEM "
                      "key at the next get_identity and the host must be re-enrolled. "
                      "Empty: the KEM key is not bound to PCRs."),
+    cfg.StrOpt("ek_ca_file",
+               help="PEM bundle of the CA certificates that issue this host TPM's EK "
+                    "certificate (its manufacturer's; the same file as the engine's "
+                    "[attestation] ek_ca_file). When set, the agent's first start (no "
+                    "hostkey.sealed in the state directory yet) verifies the TPM "
+                    "before sending it any secret: EK certificate against this "
+                    "bundle, AK created in a session salted to that EK and proven "
+                    "by credential activation, storage primaries certified by the "
+                    "AK; the host key is then sealed under the certified owner "
+                    "primary. Any failure: the agent does not start and writes "
+                    "nothing. Unset: the first start trusts whatever answers on the "
+                    "TPM interface (logged as a warning). Later starts do not read it."),
 ]
 
 keystore_group = cfg.OptGroup("keystore", title="Per-instance key storage")
