@@ -306,3 +306,29 @@ def test_destroy_kills_the_qemu_uid_and_sweeps_its_files_before_freeing(with_qem
             hidden.kill()
             hidden.wait(timeout=10)
         left.unlink(missing_ok=True)
+
+
+def test_a_leftover_of_the_qemu_uid_keeps_the_pair_aside_until_swept(with_qemu_uids):
+    """Q follows U (merge of the sweep): something of the VM's QEMU uid that
+    the sweep cannot remove keeps U (and so Q) aside, swept again with U,
+    instead of freeing the pair with Q's leftover in place."""
+    a, _ = _running(with_qemu_uids)
+    uid = with_qemu_uids.associations.uid_of(a)
+    qemu, gid = with_qemu_uids.vm_ids(a)  # type: ignore[misc]
+    lock = Path("/run/lock/vtpcm-test-qemu-kept-%d" % qemu)
+    planted = subprocess.Popen(  # noqa: S603
+        ["/bin/sh", "-c", "touch %s" % lock], user=qemu, group=gid, extra_groups=[],
+        stdin=subprocess.DEVNULL)
+    try:
+        assert planted.wait(timeout=20) == 0 and lock.stat().st_uid == qemu
+        subprocess.run(["chattr", "+i", str(lock)], check=True, timeout=20)
+        with_qemu_uids.destroy(a)
+        assert with_qemu_uids.associations.kept_uids() == [(a, uid)]
+        assert with_qemu_uids.sweep_kept() == 1  # still there: still kept
+        subprocess.run(["chattr", "-i", str(lock)], check=True, timeout=20)
+        assert with_qemu_uids.sweep_kept() == 0
+        assert with_qemu_uids.associations.kept_uids() == []
+        assert not lock.exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(lock)], capture_output=True, timeout=20)
+        lock.unlink(missing_ok=True)
