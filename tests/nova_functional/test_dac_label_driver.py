@@ -161,3 +161,70 @@ def test_init_host_refuses_the_option_without_ranges(monkeypatch):
         conf.clear_override("qemu_dac_label", group="vtpcm")
     _driver(Agents(1, 1)).init_host("cmp1")  # option off: Nova's own init_host
     assert started == ["cmp1"]
+
+
+def _refused(what: str) -> str:
+    return ("vTPCM: instance %s: %s is refused for a guest with a per-VM QEMU label "
+            "([vtpcm] qemu_dac_label): libvirt would relabel the disk's shared backing "
+            "files to this VM's QEMU" % (INSTANCE, what))
+
+
+@pytest.mark.parametrize("method, args, what", [
+    ("_live_snapshot", ("guest", "/i/x/disk", "/snap/out", "qcow2", "qcow2", None),
+     "a live snapshot (stop the instance: a stopped instance is snapshotted cold)"),
+    ("swap_volume", ({}, {}), "swapping a volume (a block copy)"),
+    ("volume_snapshot_create", ("vol", {}), "an assisted volume snapshot"),
+    ("volume_snapshot_delete", ("vol", "snap", {}), "deleting an assisted volume snapshot"),
+])
+def test_block_jobs_that_relabel_base_are_refused_on_a_labelled_guest(
+        dac_conf, monkeypatch, method, args, what):
+    """Review of dacbuild, HIGH 1 (snap.py): Nova's live snapshot (a delta
+    qcow2 over _base, blockRebase copy, abort) made libvirt chown the shared
+    _base to +Q:+U for good; a swap (block copy) and assisted volume
+    snapshots label a new chain the same way. Nova's method is never reached
+    for a labelled guest, and is for an unlabelled one."""
+    called: list[Any] = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, method,
+                        lambda self, *a, **k: called.append(a))
+    drv = _driver(Agents(1900001003, 1900000003))
+    if method == "swap_volume":
+        call = lambda: drv.swap_volume(None, args[0], args[1], _instance(), "/dev/vdb", 0)  # noqa: E731
+    else:
+        call = lambda: getattr(drv, method)(None, _instance(), *args)  # noqa: E731
+    with pytest.raises(vdriver.VTPCMFault) as err:
+        call()
+    assert str(err.value) == _refused(what)
+    assert called == []
+    dac_conf.set_override("qemu_dac_label", False, group="vtpcm")
+    call()
+    assert len(called) == 1
+
+
+def test_novas_snapshot_takes_its_live_path_through_live_snapshot():
+    """The refusal above holds only while Nova's snapshot reaches libvirt's
+    block copy through ``_live_snapshot`` (a stopped guest: snapshot_extract)."""
+    import inspect
+    source = inspect.getsource(libvirt_driver.LibvirtDriver.snapshot)
+    assert "self._live_snapshot(" in source
+    assert "root_disk.snapshot_extract(" in source
+    assert "blockRebase" not in source and ".rebase(" not in source
+
+
+def test_a_file_volume_that_may_have_backing_files_is_refused(dac_conf, monkeypatch):
+    called = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "attach_volume",
+                        lambda *a, **k: called.append(a))
+    drv = _driver(Agents(1, 1))
+    with pytest.raises(vdriver.VTPCMFault) as err:
+        drv.attach_volume(None, {"driver_volume_type": "nfs", "data": {"format": "qcow2"}},
+                          _instance(), "/dev/vdb")
+    assert str(err.value) == (
+        "vTPCM: instance %s: a nfs volume of format qcow2 (it may have backing files) cannot "
+        "be attached to a guest with a per-VM QEMU label ([vtpcm] qemu_dac_label); only raw "
+        "file volumes can" % INSTANCE)
+    assert called == []
+    drv.attach_volume(None, {"driver_volume_type": "nfs", "data": {"format": "raw"}},
+                      _instance(), "/dev/vdb")
+    drv.attach_volume(None, {"driver_volume_type": "iscsi", "data": {}}, _instance(),
+                      "/dev/vdb")
+    assert len(called) == 2

@@ -98,6 +98,11 @@ class _RewritingGuest:
         return self._guest.migrate(destination, *args, **kwargs)
 
 
+# Cinder volume types attached as files (<disk type='file'>)
+FILE_VOLUMES = frozenset(("nfs", "glusterfs", "quobyte", "scality", "smbfs", "vzstorage",
+                          "local", "fs"))
+
+
 def vtpcm_spec(flavor: Any) -> extra_specs.VtpcmSpec:
     """The flavor's vTPCM request; a malformed one is a fault naming the key."""
     try:
@@ -176,13 +181,61 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                       mountpoint: str, *args: Any, **kwargs: Any) -> Any:
         """A multiattach volume on a labelled guest would be relabelled to its
         QEMU's ids under the other VMs using it: refused."""
-        if CONF.vtpcm.qemu_dac_label and vtpcm_spec(instance.flavor).enabled \
-                and (connection_info or {}).get("multiattach"):
+        info = connection_info or {}
+        if self._labelled(instance) and info.get("multiattach"):
             raise VTPCMFault(reason=(
                 "instance %s: a multiattach volume cannot be attached to a guest with a "
                 "per-VM QEMU label ([vtpcm] qemu_dac_label)" % instance.uuid))
+        if self._labelled(instance) and info.get("driver_volume_type") in FILE_VOLUMES \
+                and (info.get("data") or {}).get("format", "raw") != "raw":
+            # a file volume's qcow2 may have a backing chain (its snapshots)
+            # that libvirt would label to this VM's QEMU
+            raise VTPCMFault(reason=(
+                "instance %s: a %s volume of format %s (it may have backing files) "
+                "cannot be attached to a guest with a per-VM QEMU label ([vtpcm] "
+                "qemu_dac_label); only raw file volumes can"
+                % (instance.uuid, info.get("driver_volume_type"),
+                   (info.get("data") or {}).get("format"))))
         return super().attach_volume(context, connection_info, instance, mountpoint,
                                      *args, **kwargs)
+
+    def _labelled(self, instance: Any) -> bool:
+        return bool(CONF.vtpcm.qemu_dac_label) and vtpcm_spec(instance.flavor).enabled
+
+    def _refuse_for_labelled(self, instance: Any, what: str) -> None:
+        """libvirt labels the files of a block job's or a new snapshot's
+        chain itself, backing files included: under a per-VM label Nova's
+        shared ``_base`` (or a volume's backing file) would be chowned to
+        this VM's QEMU for good. Refused with a message naming why."""
+        if self._labelled(instance):
+            raise VTPCMFault(reason=(
+                "instance %s: %s is refused for a guest with a per-VM QEMU label "
+                "([vtpcm] qemu_dac_label): libvirt would relabel the disk's shared "
+                "backing files to this VM's QEMU" % (instance.uuid, what)))
+
+    def _live_snapshot(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
+        """Nova's live snapshot (a delta qcow2 over ``_base``, blockRebase
+        copy) makes libvirt label the copy's whole chain, ``_base`` with it.
+        A stopped instance is snapshotted cold (qemu-img only)."""
+        self._refuse_for_labelled(instance, "a live snapshot (stop the instance: a "
+                                            "stopped instance is snapshotted cold)")
+        return super()._live_snapshot(context, instance, *args, **kwargs)
+
+    def swap_volume(self, context: Any, old_connection_info: Any, new_connection_info: Any,
+                    instance: Any, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_for_labelled(instance, "swapping a volume (a block copy)")
+        return super().swap_volume(context, old_connection_info, new_connection_info,
+                                   instance, *args, **kwargs)
+
+    def volume_snapshot_create(self, context: Any, instance: Any, *args: Any,
+                               **kwargs: Any) -> Any:
+        self._refuse_for_labelled(instance, "an assisted volume snapshot")
+        return super().volume_snapshot_create(context, instance, *args, **kwargs)
+
+    def volume_snapshot_delete(self, context: Any, instance: Any, *args: Any,
+                               **kwargs: Any) -> Any:
+        self._refuse_for_labelled(instance, "deleting an assisted volume snapshot")
+        return super().volume_snapshot_delete(context, instance, *args, **kwargs)
 
     @property
     def vtpcm_host(self) -> str:
