@@ -70,7 +70,7 @@ def _instance() -> Any:
 def test_guest_xml_gets_the_local_agents_ids_and_pinned_base(dac_conf, monkeypatch):
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
                         lambda *_a, **_k: NOVA_XML)
-    monkeypatch.setattr(daclabel, "backing_chain", lambda path: [
+    monkeypatch.setattr(daclabel, "backing_chain", lambda path, fmt: [
         (path, "qcow2"), ("/i/_base/abc", "raw")])
     agents = Agents(1900001003, 1900000003)
     xml = _driver(agents)._get_guest_xml(None, _instance(), None, None, None)

@@ -30,11 +30,16 @@ import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 
+from oslo_log import log as logging
+
 from vtpcm_common import exception
+
+LOG = logging.getLogger(__name__)
 
 UID_MAX = 4294967294  # (uid_t)-1 is "unchanged": root stays root
 FORMATS = ("raw", "qcow2")
 QEMU_IMG_TIMEOUT = 30.0
+MAX_CHAIN = 16  # backing files of one disk
 # qemu-img on an image a tenant may have shaped: bounded as Nova bounds it
 QEMU_IMG_ADDRESS_SPACE = 1 << 30
 QEMU_IMG_CPU_SECONDS = 30
@@ -112,46 +117,97 @@ def checked_ids(qemu_uid: int | None, vm_gid: int | None, allowed: Ranges,
     return VMIds(qemu_uid, vm_gid)
 
 
-def backing_chain(path: str) -> Chain:
-    """``qemu-img info --backing-chain`` of a disk: (file, format), top first.
+def backing_chain(path: str, fmt: str) -> Chain:
+    """The backing chain of a disk of format ``fmt`` (its ``<driver
+    type>``): (file, format), top first.
 
-    ``-U``: the image may be open in a running QEMU (a hard reboot's old
-    domain). Bounded in memory and CPU time as Nova bounds qemu-img."""
+    Nothing is probed (review of dacbuild, MEDIUM 3, ssrf.py): a guest can
+    write a qcow2 header into its raw disk, naming a ``json:``/``nbd:``
+    backing file that a guessing qemu-img would open from the compute node.
+    A raw disk has no chain. A qcow2 is read one level at a time with its
+    format stated and its backing file not opened; each backing file must be
+    a plain absolute path whose format the image states, checked before it
+    is read in turn. qemu-img's stderr goes to the compute log only."""
+    if fmt not in FORMATS:
+        raise exception.InvalidInput(
+            reason="disk %s is of format %r; a labelled guest takes disks of format %s "
+                   "only" % (path, fmt, " or ".join(FORMATS)))
+    chain: Chain = [(path, fmt)]
+    while fmt == "qcow2":
+        if len(chain) > MAX_CHAIN:
+            raise exception.InvalidInput(
+                reason="disk %s: a backing chain longer than %d files" % (path, MAX_CHAIN))
+        backing = parse_info(_qemu_img_info(chain[-1][0], fmt, path), chain[-1][0], path)
+        if backing is None:
+            break
+        if any(os.path.realpath(backing[0]) == os.path.realpath(name) for name, _ in chain):
+            raise exception.InvalidInput(
+                reason="disk %s: backing file %r loops back into its chain"
+                       % (path, backing[0]))
+        chain.append(backing)
+        fmt = backing[1]
+    return chain
+
+
+def _qemu_img_info(image: str, fmt: str, disk: str) -> str:
+    """``qemu-img info`` of one image, its format stated, its backing file
+    not opened (qemu-img info without --backing-chain). ``-U``: the image
+    may be open in a running QEMU (a hard reboot's old domain). Bounded in
+    memory and CPU time as Nova bounds qemu-img."""
     argv = ["prlimit", "--as=%d" % QEMU_IMG_ADDRESS_SPACE,
             "--cpu=%d" % QEMU_IMG_CPU_SECONDS, "qemu-img", "info", "-U", "--output=json",
-            "--backing-chain", path]
+            "-f", fmt, image]
     try:
         proc = subprocess.run(argv, capture_output=True, text=True,  # noqa: S603
                               timeout=QEMU_IMG_TIMEOUT, check=False)
     except (OSError, subprocess.TimeoutExpired) as err:
+        LOG.error("qemu-img info of %(image)s (disk %(disk)s) failed: %(err)s",
+                  {"image": image, "disk": disk, "err": err})
         raise exception.InvalidInput(
-            reason="cannot read the backing chain of disk %s: %s" % (path, err)) from None
+            reason="cannot read the backing chain of disk %s (details in the compute "
+                   "log)" % disk) from None
     if proc.returncode != 0:
+        # stderr may echo what the image names: the compute log, not the
+        # tenant-visible fault (it would be an oracle)
+        LOG.error("qemu-img info of %(image)s (disk %(disk)s) exited %(rc)d: %(err)s",
+                  {"image": image, "disk": disk, "rc": proc.returncode,
+                   "err": proc.stderr.strip()[:1000]})
         raise exception.InvalidInput(
-            reason="cannot read the backing chain of disk %s: qemu-img exited %d: %s"
-                   % (path, proc.returncode, proc.stderr.strip()[:300]))
-    return parse_chain(proc.stdout, path)
+            reason="cannot read the backing chain of disk %s: qemu-img exited %d (details "
+                   "in the compute log)" % (disk, proc.returncode))
+    return proc.stdout
 
 
-def parse_chain(text: str, path: str) -> Chain:
-    """qemu-img's JSON (a list, the top image first) as a checked chain."""
+def parse_info(text: str, image: str, disk: str) -> tuple[str, str] | None:
+    """qemu-img's JSON for one qcow2 ``image`` of ``disk``: its backing file
+    and format, checked (None: no backing file)."""
     try:
-        images = json.loads(text)
-        chain = [(str(i["filename"]), str(i["format"])) for i in images]
-    except (ValueError, TypeError, KeyError) as err:
+        info = json.loads(text)
+        name = info.get("backing-filename")
+        full = info.get("full-backing-filename", name)
+        fmt = info.get("backing-filename-format")
+        filename, data = str(info["filename"]), info.get("format-specific", {}).get("data", {})
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
         raise exception.InvalidInput(
             reason="cannot read the backing chain of disk %s: qemu-img answered %s"
-                   % (path, err)) from None
-    if not chain or os.path.realpath(chain[0][0]) != os.path.realpath(path):
+                   % (disk, err)) from None
+    if os.path.realpath(filename) != os.path.realpath(image):
         raise exception.InvalidInput(
             reason="cannot read the backing chain of disk %s: qemu-img reports another "
-                   "top image" % path)
-    for name, fmt in chain:
-        if not name.startswith("/") or fmt not in FORMATS:
-            raise exception.InvalidInput(
-                reason="disk %s: backing file %r of format %r; a labelled guest takes "
-                       "local files of format %s only" % (path, name, fmt, " or ".join(FORMATS)))
-    return chain
+                   "image" % disk)
+    if isinstance(data, dict) and "data-file" in data:
+        raise exception.InvalidInput(
+            reason="disk %s: image %s has an external data file; a labelled guest takes "
+                   "none" % (disk, image))
+    if name is None:
+        return None
+    if not isinstance(name, str) or name != full or not os.path.isabs(name) \
+            or os.path.normpath(name) != name or fmt not in FORMATS:
+        raise exception.InvalidInput(
+            reason="disk %s: backing file %r of format %r; a labelled guest takes backing "
+                   "files named by a plain absolute path, of a stated format %s"
+                   % (disk, name, fmt, " or ".join(FORMATS)))
+    return name, str(fmt)
 
 
 def _parse(domain_xml: str) -> ET.Element:
@@ -207,7 +263,7 @@ def _set_label(dom: ET.Element, ids: VMIds) -> None:
 
 
 def label_domain(domain_xml: str, ids: VMIds, instance_dir: str, instance_uuid: str,
-                 chain_of: Callable[[str], Chain] | None = None) -> str:
+                 chain_of: Callable[[str, str], Chain] | None = None) -> str:
     """The guest's XML with its DAC label, every file disk's backing chain
     written out and pinned outside ``instance_dir``; refused if a disk is
     shareable (multiattach)."""
@@ -219,7 +275,8 @@ def label_domain(domain_xml: str, ids: VMIds, instance_dir: str, instance_uuid: 
         path = source.get("file") if source is not None else None
         if not path or disk.find("backingStore") is not None:
             continue
-        chain = read_chain(path)[1:]
+        driver = disk.find("driver")
+        chain = read_chain(path, driver.get("type", "") if driver is not None else "")[1:]
         if not chain:
             continue
         store = _backing_store(chain, instance_dir)

@@ -1,5 +1,7 @@
 """The per-VM DAC label's XML edits and checks (``[vtpcm] qemu_dac_label``)."""
 
+import json
+import socket
 import subprocess
 import uuid
 import xml.etree.ElementTree as ET
@@ -33,8 +35,10 @@ def _disk(path: str, dev: str = "vda", extra: str = "") -> str:
 
 
 def _chains(**chains: list[tuple[str, str]]):
-    def chain_of(path: str) -> daclabel.Chain:
-        return chains[Path(path).name]
+    def chain_of(path: str, fmt: str) -> daclabel.Chain:
+        chain = chains[Path(path).name]
+        assert fmt == chain[0][1]  # the disk's <driver type>, never guessed
+        return chain
     return chain_of
 
 
@@ -123,7 +127,7 @@ def test_only_files_outside_the_instance_dir_are_pinned():
 
 
 def test_a_disk_without_backing_file_and_a_non_file_disk_stay_as_they_are():
-    disks = (_disk(IDIR + "/disk.config", "sda")
+    disks = (_disk(IDIR + "/disk.config", "sda").replace("'qcow2'", "'raw'")
              + "<disk type='network' device='disk'><source protocol='rbd' name='v/x'/>"
                "<target dev='vdb'/></disk>")
     out = ET.fromstring(daclabel.label_domain(
@@ -155,44 +159,116 @@ def test_a_multiattach_volume_is_refused():
 
 # --- qemu-img's chain ---------------------------------------------------------------
 
+def _img(*argv: str) -> None:
+    subprocess.run(["qemu-img", "create", "-q", *argv], check=True, timeout=30)
+
+
 def test_backing_chain_from_real_qemu_img(tmp_path):
     base = tmp_path / "_base" / "img"
     base.parent.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(base), "1M"], check=True,
-                   timeout=30)
+    _img("-f", "raw", str(base), "1M")
     top = tmp_path / "inst" / "disk"
     top.parent.mkdir()
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
-                    str(top)], check=True, timeout=30)
-    assert daclabel.backing_chain(str(top)) == [(str(top), "qcow2"), (str(base), "raw")]
-    assert daclabel.backing_chain(str(base)) == [(str(base), "raw")]
+    _img("-f", "qcow2", "-F", "raw", "-b", str(base), str(top))
+    assert daclabel.backing_chain(str(top), "qcow2") == [(str(top), "qcow2"),
+                                                         (str(base), "raw")]
+    assert daclabel.backing_chain(str(base), "raw") == [(str(base), "raw")]
 
 
-def test_a_missing_disk_is_refused_by_name(tmp_path):
+@pytest.fixture
+def listener():
+    """A TCP port that records whether anything connected to it."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    srv.setblocking(False)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def _connected(srv: socket.socket) -> bool:
+    try:
+        srv.accept()[0].close()
+    except BlockingIOError:
+        return False
+    return True
+
+
+def test_a_qcow2_header_a_guest_wrote_into_its_raw_disk_is_never_read(tmp_path, listener):
+    """Review of dacbuild, MEDIUM 3 (ssrf.py): qemu-img guessed the format
+    of a raw disk whose guest had written a qcow2 header into it, and opened
+    the backing file it named (an NBD server, from the compute node). A raw
+    disk now has no chain: nothing is opened, nothing is pinned."""
+    inst = tmp_path / "inst"
+    inst.mkdir()
+    disk = inst / "disk"
+    nbd = ('json:{"file":{"driver":"nbd","server":{"type":"inet","host":"127.0.0.1",'
+           '"port":"%d"}}}' % listener.getsockname()[1])
+    _img("-f", "qcow2", "-u", "-F", "raw", "-b", nbd, str(disk), "1M")
+    xml = _domain(_disk(str(disk)).replace("type='qcow2'", "type='raw'"))
+    out = ET.fromstring(daclabel.label_domain(xml, IDS, str(inst), INSTANCE))
+    assert out.find("devices/disk/backingStore") is None
+    assert not _connected(listener)
+    # positive control: the same header, read as qcow2 (Nova's own qcow2
+    # disks are never guest-written), is refused before anything is opened
+    with refused(exception.InvalidInput, "Invalid input: disk %s: backing file %r of format "
+                 "'raw'; a labelled guest takes backing files named by a plain absolute "
+                 "path, of a stated format raw or qcow2" % (disk, nbd)):
+        daclabel.backing_chain(str(disk), "qcow2")
+    assert not _connected(listener)
+
+
+def test_qemu_img_stderr_stays_in_the_compute_log(tmp_path, caplog):
+    """Review of dacbuild, MEDIUM 3: qemu-img's stderr in the tenant-visible
+    fault was an oracle on files the disk names; it goes to the log only."""
+    disk = tmp_path / "disk"
+    _img("-f", "raw", str(disk), "1M")  # raw, read as qcow2: qemu-img fails
     with pytest.raises(exception.InvalidInput) as err:
-        daclabel.backing_chain(str(tmp_path / "nope"))
-    assert str(err.value).startswith(
-        "Invalid input: cannot read the backing chain of disk %s: qemu-img exited 1: "
-        % (tmp_path / "nope"))
+        daclabel.backing_chain(str(disk), "qcow2")
+    assert str(err.value) == ("Invalid input: cannot read the backing chain of disk %s: "
+                              "qemu-img exited 1 (details in the compute log)" % disk)
+    assert "Image is not in qcow2 format" in caplog.text
+
+
+def test_a_disk_of_another_format_is_refused(tmp_path):
+    with refused(exception.InvalidInput, "Invalid input: disk /x/disk is of format 'vmdk'; "
+                 "a labelled guest takes disks of format raw or qcow2 only"):
+        daclabel.backing_chain("/x/disk", "vmdk")
+
+
+def _info(**extra: object) -> str:
+    return json.dumps({"filename": "/x/disk", "format": "qcow2", **extra})
+
+
+BAD = ("; a labelled guest takes backing files named by a plain absolute path, of a stated "
+       "format raw or qcow2")
 
 
 @pytest.mark.parametrize(("text", "why"), [
-    ('[{"filename": "/x/disk", "format": "vmdk"}]',
-     "disk /x/disk: backing file '/x/disk' of format 'vmdk'; a labelled guest takes local "
-     "files of format raw or qcow2 only"),
-    ('[{"filename": "/x/disk", "format": "qcow2"}, {"filename": "json:{}", '
-     '"format": "raw"}]',
-     "disk /x/disk: backing file 'json:{}' of format 'raw'; a labelled guest takes local "
-     "files of format raw or qcow2 only"),
-    ('[{"filename": "/y/other", "format": "qcow2"}]',
-     "cannot read the backing chain of disk /x/disk: qemu-img reports another top image"),
-    ('{"filename": 1}',
-     "cannot read the backing chain of disk /x/disk: qemu-img answered string indices "
-     "must be integers, not 'str'"),
+    (_info(**{"backing-filename": "/b", "backing-filename-format": "vmdk"}),
+     "disk /x/disk: backing file '/b' of format 'vmdk'" + BAD),
+    (_info(**{"backing-filename": "/b"}),  # format not stated: never probed
+     "disk /x/disk: backing file '/b' of format None" + BAD),
+    (_info(**{"backing-filename": "b", "full-backing-filename": "/x/b",
+              "backing-filename-format": "raw"}),
+     "disk /x/disk: backing file 'b' of format 'raw'" + BAD),
+    (_info(**{"backing-filename": "/x/../etc/b", "backing-filename-format": "raw"}),
+     "disk /x/disk: backing file '/x/../etc/b' of format 'raw'" + BAD),
+    (_info(**{"backing-filename": "nbd:127.0.0.1:1", "backing-filename-format": "raw"}),
+     "disk /x/disk: backing file 'nbd:127.0.0.1:1' of format 'raw'" + BAD),
+    (_info(**{"format-specific": {"type": "qcow2", "data": {"data-file": "/d"}}}),
+     "disk /x/disk: image /x/disk has an external data file; a labelled guest takes none"),
+    ('{"filename": "/y/other", "format": "qcow2"}',
+     "cannot read the backing chain of disk /x/disk: qemu-img reports another image"),
+    ('[1]',
+     "cannot read the backing chain of disk /x/disk: qemu-img answered 'list' object has "
+     "no attribute 'get'"),
 ])
-def test_a_chain_the_label_cannot_pin_is_refused(text, why):
+def test_a_backing_file_the_label_cannot_pin_is_refused(text, why):
     with refused(exception.InvalidInput, "Invalid input: " + why):
-        daclabel.parse_chain(text, "/x/disk")
+        daclabel.parse_info(text, "/x/disk", "/x/disk")
 
 
 # --- live migration ------------------------------------------------------------------
