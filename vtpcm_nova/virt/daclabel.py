@@ -91,6 +91,11 @@ def ranges(qemu_uid_range: str, vm_gid_range: str) -> Ranges:
         raise exception.InvalidInput(
             reason="[vtpcm] qemu_uid_range %s overlaps vm_gid_range %s"
                    % (qemu_uid_range, vm_gid_range))
+    if qemu[1] - qemu[0] != gids[1] - gids[0]:
+        raise exception.InvalidInput(
+            reason="[vtpcm] qemu_uid_range %s and vm_gid_range %s are not the same size "
+                   "(each QEMU uid pairs with the gid at its offset)"
+                   % (qemu_uid_range, vm_gid_range))
     return Ranges(qemu, gids)
 
 
@@ -114,7 +119,23 @@ def checked_ids(qemu_uid: int | None, vm_gid: int | None, allowed: Ranges,
                 reason="the vtpcm-agent on %s reports %s %d for instance %s, outside "
                        "[vtpcm] %s %d-%d; refused (0 would run QEMU as root)"
                        % (host, what, value, instance_uuid, option, low, high))
+    # the agent pairs them: Q at U's offset. Another VM's Q beside this
+    # VM's U (a bug, a confused agent) would share a QEMU uid across VMs
+    if qemu_uid - allowed.qemu_uids[0] != vm_gid - allowed.vm_gids[0]:
+        raise exception.InvalidInput(
+            reason="the vtpcm-agent on %s reports QEMU uid %d and VM gid %d for instance "
+                   "%s, not a pair ([vtpcm] qemu_uid_range %d-%d and vm_gid_range %d-%d "
+                   "pair the uid at the gid's offset); refused"
+                   % (host, qemu_uid, vm_gid, instance_uuid, *allowed.qemu_uids,
+                      *allowed.vm_gids))
     return VMIds(qemu_uid, vm_gid)
+
+
+def has_static_label(domain_xml: str) -> bool:
+    """Whether a domain (a running guest's XML) carries a static DAC label:
+    it was started with ``qemu_dac_label``, whatever the option is now."""
+    return any(label.get("type") == "static"
+               for label in _parse(domain_xml).findall("seclabel[@model='dac']"))
 
 
 def backing_chain(path: str, fmt: str) -> Chain:

@@ -55,6 +55,10 @@ def test_ranges_are_required_without_root_and_apart():
     with refused(exception.InvalidInput, "Invalid input: [vtpcm] qemu_uid_range "
                  "1900000500-1900001499 overlaps vm_gid_range 1900000000-1900000999"):
         daclabel.ranges("1900000500-1900001499", "1900000000-1900000999")
+    with refused(exception.InvalidInput, "Invalid input: [vtpcm] qemu_uid_range "
+                 "1900001000-1900001998 and vm_gid_range 1900000000-1900000999 are not the "
+                 "same size (each QEMU uid pairs with the gid at its offset)"):
+        daclabel.ranges("1900001000-1900001998", "1900000000-1900000999")
 
 
 def test_ids_inside_the_ranges_are_taken():
@@ -76,6 +80,17 @@ def test_ids_outside_the_ranges_are_refused(qemu, gid, what, value, option, low,
                  "outside [vtpcm] %s %d-%d; refused (0 would run QEMU as root)"
                  % (what, value, INSTANCE, option, low, high)):
         daclabel.checked_ids(qemu, gid, RANGES, INSTANCE, "cmp1")
+
+
+def test_ids_that_are_not_a_pair_are_refused():
+    """Review of dacbuild, LOW 6: each id inside its range is not enough;
+    another VM's QEMU uid beside this VM's gid would share the QEMU uid."""
+    with refused(exception.InvalidInput,
+                 "Invalid input: the vtpcm-agent on cmp1 reports QEMU uid 1900001004 and VM "
+                 "gid 1900000003 for instance %s, not a pair ([vtpcm] qemu_uid_range "
+                 "1900001000-1900001999 and vm_gid_range 1900000000-1900000999 pair the uid "
+                 "at the gid's offset); refused" % INSTANCE):
+        daclabel.checked_ids(1900001004, 1900000003, RANGES, INSTANCE, "cmp1")
 
 
 def test_an_agent_without_ids_is_refused():
