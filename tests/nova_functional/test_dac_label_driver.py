@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from nova.virt.libvirt import driver as libvirt_driver
 
+from tests.refusal import refused
 from vtpcm_common import exception
 from vtpcm_nova.conf import compute as compute_conf
 from vtpcm_nova.virt import daclabel
@@ -228,3 +229,105 @@ def test_a_file_volume_that_may_have_backing_files_is_refused(dac_conf, monkeypa
     drv.attach_volume(None, {"driver_volume_type": "iscsi", "data": {}}, _instance(),
                       "/dev/vdb")
     assert len(called) == 2
+
+
+# --- live migration wiring: live_migration -> _live_migration_operation -> migrate ---
+
+LABELLED_XML = NOVA_XML.replace(
+    "</devices>", "</devices><seclabel type='static' model='dac' relabel='yes'><label>"
+    "+1900001003:+1900000003</label><imagelabel>+1900001003:+1900000003</imagelabel>"
+    "</seclabel>")
+
+
+class _Engine:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def begin(self, migration_id: str, instance_uuid: str, source: str, dest: str) -> Any:
+        self.calls.append("begin")
+        return types.SimpleNamespace(state="PREPARED")
+
+    def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None) -> Any:
+        self.calls.append("abort")
+        return types.SimpleNamespace(state="ABORTED")
+
+
+class _SourceGuest:
+    def __init__(self, xml: str) -> None:
+        self.xml = xml
+        self.sent: dict[str, Any] = {}
+
+    def get_xml_desc(self, *args: Any, **kwargs: Any) -> str:
+        return self.xml
+
+    def migrate(self, destination: str, **kwargs: Any) -> None:
+        self.sent.update(kwargs, destination=destination)
+
+
+def _migrate(monkeypatch: Any, source_xml: str, agents: Agents) -> tuple[Any, list[str]]:
+    """Our live_migration with Nova's own parts reduced to what carries the
+    XML: Nova's live_migration calls _live_migration_operation (ours, then
+    Nova's), whose migrate gets the destination XML Nova built from the
+    running guest."""
+    guest = _SourceGuest(source_xml)
+    recovered: list[str] = []
+    engine = _Engine()
+
+    def nova_live_migration(self, context, instance, dest, post, recover, block, data):
+        self._live_migration_operation(context, instance, dest, block, data, guest, [])
+
+    def nova_operation(self, context, instance, dest, block, data, guest_, names):
+        guest_.migrate("qemu+tcp://%s/system" % dest, destination_xml=source_xml)
+
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "live_migration", nova_live_migration)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_live_migration_operation",
+                        nova_operation)
+    drv = _driver(agents)
+    drv._engine = lambda: engine  # type: ignore[assignment,return-value]
+    drv._dest_sockets, drv._dest_ids = {}, {}
+    drv._host = types.SimpleNamespace(get_guest=lambda instance: guest)
+    data = types.SimpleNamespace(migration=types.SimpleNamespace(uuid="mig-1"))
+    drv.live_migration(None, _instance(), "cmp2", None,
+                       lambda *a: recovered.append("recover"), False, data)
+    return guest, recovered + engine.calls
+
+
+def test_live_migration_sends_the_destination_agents_label(dac_conf, monkeypatch):
+    """Review of dacbuild, LOW 4 (mut/: a mutant dropping the ids passed every
+    test): the XML libvirt gets carries the destination agent's ids."""
+    agents = Agents(1900001007, 1900000007, "MIGRATING_IN")
+    guest, calls = _migrate(monkeypatch, LABELLED_XML, agents)
+    assert calls == ["begin"]
+    assert agents.asked == [("cmp2", INSTANCE, True)]
+    dom = ET.fromstring(guest.sent["destination_xml"])
+    assert dom.find("seclabel/label").text == "+1900001007:+1900000007"
+    assert dom.find("seclabel/imagelabel").text == "+1900001007:+1900000007"
+    assert dom.find("devices/tpm/backend/source").get("path") == SOCKET
+
+
+def test_a_labelled_guest_is_not_migrated_from_a_host_with_the_option_off(monkeypatch):
+    """Review of dacbuild, MEDIUM 2 (stale.py): a guest started labelled on a
+    host whose qemu_dac_label was then turned off went to the destination
+    with the source's +Q:+U (another VM's ids there). Refused before begin."""
+    compute_conf.register_opts(vdriver.CONF)
+    agents = Agents(1900001007, 1900000007, "MIGRATING_IN")
+    guest, calls = _migrate(monkeypatch, LABELLED_XML, agents)
+    assert guest.sent == {}
+    assert calls == ["recover"]
+    assert agents.asked == []
+    # an unlabelled guest on such a host migrates as before, unlabelled
+    guest, calls = _migrate(monkeypatch, NOVA_XML, agents)
+    assert calls == ["begin"]
+    assert ET.fromstring(guest.sent["destination_xml"]).find("seclabel") is None
+
+
+def test_the_rewriting_guest_never_sends_the_sources_label_unchanged():
+    """MEDIUM 2, the last line: whatever the caller, a labelled domain
+    without the destination's checked ids is not migrated."""
+    guest = _SourceGuest(LABELLED_XML)
+    with refused(exception.InvalidInput, "Invalid input: instance %s runs with a per-VM QEMU "
+                 "label and no checked ids of the destination's agent; not migrating it "
+                 "with this host's ids" % INSTANCE):
+        vdriver._RewritingGuest(guest, SOCKET, INSTANCE, None).migrate(
+            "qemu+tcp://b/system", destination_xml=LABELLED_XML)
+    assert guest.sent == {}

@@ -94,6 +94,13 @@ class _RewritingGuest:
         xml = tpmxml.rewrite_tpm_socket(xml, self._socket_path)
         if self._ids is not None:
             xml = daclabel.relabel_for_destination(xml, self._ids, self._instance_uuid)
+        elif daclabel.has_static_label(xml):
+            # never the source's ids on the destination, where they may be
+            # another VM's (review of dacbuild, MEDIUM 2)
+            raise exception.InvalidInput(
+                reason="instance %s runs with a per-VM QEMU label and no checked ids of "
+                       "the destination's agent; not migrating it with this host's ids"
+                       % self._instance_uuid)
         kwargs["destination_xml"] = xml
         return self._guest.migrate(destination, *args, **kwargs)
 
@@ -360,6 +367,23 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                                    block_migration, migrate_data)
             return
         migration_id = _migration_id(migrate_data)
+        # decided from the guest as it runs, not from today's option: a guest
+        # started labelled keeps its +Q:+U, which must never reach another
+        # host unchecked and unchanged (review of dacbuild, MEDIUM 2)
+        try:
+            labelled = daclabel.has_static_label(
+                self._host.get_guest(instance).get_xml_desc())
+            if labelled and not CONF.vtpcm.qemu_dac_label:
+                raise exception.InvalidInput(reason=(
+                    "instance %s runs with a per-VM QEMU label but [vtpcm] qemu_dac_label "
+                    "is off here, so the destination's ids cannot be checked; turn the "
+                    "option back on to migrate it, or hard reboot it (unlabelled) first"
+                    % instance.uuid))
+        except exception.VTPCMException as err:
+            LOG.error("vTPCM of migration %(mig)s refused, rolling back: %(err)s",
+                      {"mig": migration_id, "err": err}, instance=instance)
+            recover_method(context, instance, dest, migrate_data)
+            return
         try:
             with livemigration.timed("begin", migration_id, instance.uuid):
                 livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid,
@@ -382,7 +406,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             self._abort(instance, migrate_data, "no usable destination socket: %s" % err)
             recover_method(context, instance, dest, migrate_data)
             return
-        if CONF.vtpcm.qemu_dac_label:
+        if labelled or CONF.vtpcm.qemu_dac_label:
             try:
                 self._dest_ids[instance.uuid] = self._vm_ids(dest, instance.uuid,
                                                              "MIGRATING_IN")
