@@ -331,3 +331,68 @@ def test_the_rewriting_guest_never_sends_the_sources_label_unchanged():
         vdriver._RewritingGuest(guest, SOCKET, INSTANCE, None).migrate(
             "qemu+tcp://b/system", destination_xml=LABELLED_XML)
     assert guest.sent == {}
+
+
+class _Inst(types.SimpleNamespace):
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+@pytest.mark.parametrize("power, path", [("RUNNING", "refused"), ("SHUTDOWN", "cold")])
+def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
+        dac_conf, monkeypatch, tmp_path, power, path):
+    """HIGH 1 through Nova's real ``snapshot``: a running labelled guest's
+    snapshot fails with our fault before the live path (libvirt's block
+    copy, which chowned _base) runs; a stopped one is extracted cold by
+    qemu-img and uploaded, the block copy never called either."""
+    from nova.compute import power_state
+    from nova.virt.libvirt import utils as libvirt_utils
+
+    steps: list[str] = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_live_snapshot",
+                        lambda self, *a, **k: steps.append("block copy"))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_create_snapshot_metadata",
+                        lambda self, *a: {})
+    monkeypatch.setattr(libvirt_utils, "find_disk", lambda guest: ("/i/x/disk", "qcow2"))
+    monkeypatch.setattr(libvirt_utils, "get_disk_type_from_path", lambda p: None)
+    if libvirt_driver.libvirt is None:  # no libvirt-python here: only its error class
+        monkeypatch.setattr(libvirt_driver, "libvirt", types.SimpleNamespace(
+            libvirtError=type("libvirtError", (Exception,), {})))
+    vdriver.CONF.set_override("snapshots_directory", str(tmp_path), group="libvirt")
+
+    class RootDisk:
+        def direct_snapshot(self, *a: Any) -> Any:
+            raise NotImplementedError
+
+        def cleanup_direct_snapshot(self, *a: Any, **k: Any) -> None:
+            pass
+
+        def snapshot_extract(self, out_path: str, fmt: str) -> None:
+            steps.append("qemu-img extract")
+            with open(out_path, "wb") as out:
+                out.write(b"image")
+
+    guest = types.SimpleNamespace(
+        get_power_state=lambda host: getattr(power_state, power))
+    drv = _driver(Agents(1900001003, 1900000003))
+    drv._host = types.SimpleNamespace(get_guest=lambda inst: guest,  # type: ignore[assignment]
+                                      has_min_version=lambda *a, **k: True)
+    drv._image_api = types.SimpleNamespace(  # type: ignore[assignment]
+        get=lambda ctx, image_id: {"name": "snap"},
+        update=lambda ctx, image_id, meta, data=None, purge_props=True: steps.append(
+            "upload %s" % (data.read() if data else b"")))
+    drv.image_backend = types.SimpleNamespace(  # type: ignore[assignment]
+        by_libvirt_path=lambda inst, disk, image_type=None: RootDisk())
+    instance = _Inst(uuid=INSTANCE, flavor=_instance().flavor, image_meta=None,
+                     image_ref="img")
+    try:
+        if path == "refused":
+            with pytest.raises(vdriver.VTPCMFault) as err:
+                drv.snapshot(None, instance, "image-1", lambda **k: None)
+            assert "a live snapshot (stop the instance" in str(err.value)
+            assert steps == []
+        else:
+            drv.snapshot(None, instance, "image-1", lambda **k: None)
+            assert steps == ["qemu-img extract", "upload b'image'"]
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
