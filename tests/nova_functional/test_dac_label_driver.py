@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from nova import exception as nova_exception
 from nova.virt.libvirt import driver as libvirt_driver
 
 from tests.refusal import refused
@@ -24,6 +25,11 @@ NOVA_XML = (
     "name='qemu' type='qcow2'/><source file='/i/%s/disk'/><target dev='vda'/></disk><tpm "
     "model='tpm-crb'><backend type='external'><source type='unix' mode='connect' "
     "path='/run/vtpcm/%s.ctrl'/></backend></tpm></devices></domain>" % (INSTANCE, INSTANCE))
+
+LABELLED_XML = NOVA_XML.replace(
+    "</devices>", "</devices><seclabel type='static' model='dac' relabel='yes'><label>"
+    "+1900001003:+1900000003</label><imagelabel>+1900001003:+1900000003</imagelabel>"
+    "</seclabel>")
 
 
 class Agents:
@@ -174,20 +180,30 @@ def _refused(what: str) -> str:
     ("_live_snapshot", ("guest", "/i/x/disk", "/snap/out", "qcow2", "qcow2", None),
      "a live snapshot (stop the instance: a stopped instance is snapshotted cold)"),
     ("swap_volume", ({}, {}), "swapping a volume (a block copy)"),
-    ("volume_snapshot_create", ("vol", {}), "an assisted volume snapshot"),
-    ("volume_snapshot_delete", ("vol", "snap", {}), "deleting an assisted volume snapshot"),
+    ("volume_snapshot_create", ("vol", {"snapshot_id": "snap-1"}),
+     "an assisted volume snapshot"),
+    ("volume_snapshot_delete", ("vol", "snap-1", {}), "deleting an assisted volume snapshot"),
 ])
+@pytest.mark.parametrize("option, domain", [(True, None), (True, NOVA_XML),
+                                            (False, LABELLED_XML)])
 def test_block_jobs_that_relabel_base_are_refused_on_a_labelled_guest(
-        dac_conf, monkeypatch, method, args, what):
+        dac_conf, monkeypatch, method, args, what, option, domain):
     """Review of dacbuild, HIGH 1 (snap.py): Nova's live snapshot (a delta
     qcow2 over _base, blockRebase copy, abort) made libvirt chown the shared
     _base to +Q:+U for good; a swap (block copy) and assisted volume
     snapshots label a new chain the same way. Nova's method is never reached
-    for a labelled guest, and is for an unlabelled one."""
+    for a guest labelled by the option or running with a static label, the
+    option turned off since (round 2, HIGH 1, optoff.py); Cinder is told the
+    snapshot failed (round 2, MEDIUM 2, volsnap.py)."""
     called: list[Any] = []
+    statuses: list[tuple[Any, str]] = []
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, method,
                         lambda self, *a, **k: called.append(a))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_volume_snapshot_update_status",
+                        lambda self, ctx, snap, status: statuses.append((snap, status)))
+    dac_conf.set_override("qemu_dac_label", option, group="vtpcm")
     drv = _driver(Agents(1900001003, 1900000003))
+    _with_domain(drv, domain)
     if method == "swap_volume":
         call = lambda: drv.swap_volume(None, args[0], args[1], _instance(), "/dev/vdb", 0)  # noqa: E731
     else:
@@ -196,9 +212,47 @@ def test_block_jobs_that_relabel_base_are_refused_on_a_labelled_guest(
         call()
     assert str(err.value) == _refused(what)
     assert called == []
+    assert statuses == {"volume_snapshot_create": [("snap-1", "error")],
+                        "volume_snapshot_delete": [("snap-1", "error_deleting")]}.get(method, [])
+
+
+@pytest.mark.parametrize("domain", [None, NOVA_XML])
+def test_block_jobs_pass_for_an_unlabelled_guest_with_the_option_off(
+        dac_conf, monkeypatch, domain):
+    called: list[Any] = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_live_snapshot",
+                        lambda self, *a, **k: called.append(a))
     dac_conf.set_override("qemu_dac_label", False, group="vtpcm")
-    call()
+    drv = _driver(Agents(1900001003, 1900000003))
+    _with_domain(drv, domain)
+    drv._live_snapshot(None, _instance(), "guest", "/i/x/disk", "/snap/out", "qcow2",
+                       "qcow2", None)
     assert len(called) == 1
+
+
+def test_attach_to_a_guest_running_labelled_with_the_option_off_is_refused(
+        dac_conf, monkeypatch):
+    """Round 2, HIGH 1 (optoff.py): the attach refusals follow the running label."""
+    called: list[Any] = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "attach_volume",
+                        lambda *a, **k: called.append(a))
+    dac_conf.set_override("qemu_dac_label", False, group="vtpcm")
+    drv = _driver(Agents(1, 1))
+    _with_domain(drv, LABELLED_XML)
+    for info in ({"multiattach": True},
+                 {"driver_volume_type": "nfs", "data": {"format": "qcow2"}}):
+        with pytest.raises(vdriver.VTPCMFault):
+            drv.attach_volume(None, info, _instance(), "/dev/vdb")
+    assert called == []
+
+
+def _with_domain(drv: Any, domain: str | None) -> None:
+    """The guest libvirt has for the instance (None: not defined)."""
+    def get_guest(instance: Any) -> Any:
+        if domain is None:
+            raise nova_exception.InstanceNotFound(instance_id=instance.uuid)
+        return _SourceGuest(domain)
+    drv._host = types.SimpleNamespace(get_guest=get_guest)
 
 
 def test_novas_snapshot_takes_its_live_path_through_live_snapshot():
@@ -233,10 +287,6 @@ def test_a_file_volume_that_may_have_backing_files_is_refused(dac_conf, monkeypa
 
 # --- live migration wiring: live_migration -> _live_migration_operation -> migrate ---
 
-LABELLED_XML = NOVA_XML.replace(
-    "</devices>", "</devices><seclabel type='static' model='dac' relabel='yes'><label>"
-    "+1900001003:+1900000003</label><imagelabel>+1900001003:+1900000003</imagelabel>"
-    "</seclabel>")
 
 
 class _Engine:
