@@ -251,16 +251,23 @@ def _within(path: str, directory: str) -> bool:
 
 def _backing_store(chain: Chain, instance_dir: str) -> ET.Element:
     """Nested ``<backingStore>`` for ``chain`` (backing files only), each
-    file outside ``instance_dir`` pinned (never relabelled), ended by an
-    empty ``<backingStore/>``: libvirt takes the chain as given."""
+    file pinned (never relabelled), ended by an empty ``<backingStore/>``:
+    libvirt takes the chain as given. A backing file inside
+    ``instance_dir`` is refused: Nova never puts one there, so it comes
+    from a header the VM's QEMU rewrote, naming e.g. ``disk.info`` to have
+    libvirt chown it to the VM (review of dacbuild round 2, LOW 4)."""
     top = ET.Element("backingStore")
     node = top
     for name, fmt in chain:
+        if _within(name, instance_dir):
+            raise exception.InvalidInput(
+                reason="backing file %s is inside the instance's directory %s; Nova never "
+                       "puts one there, a guest with a per-VM QEMU label ([vtpcm] "
+                       "qemu_dac_label) is refused it" % (name, instance_dir))
         node.set("type", "file")
         ET.SubElement(node, "format", type=fmt)
         source = ET.SubElement(node, "source", file=name)
-        if not _within(name, instance_dir):
-            ET.SubElement(source, "seclabel", model="dac", relabel="no")
+        ET.SubElement(source, "seclabel", model="dac", relabel="no")
         node = ET.SubElement(node, "backingStore")
     return top
 
@@ -286,8 +293,8 @@ def _set_label(dom: ET.Element, ids: VMIds) -> None:
 def label_domain(domain_xml: str, ids: VMIds, instance_dir: str, instance_uuid: str,
                  chain_of: Callable[[str, str], Chain] | None = None) -> str:
     """The guest's XML with its DAC label, every file disk's backing chain
-    written out and pinned outside ``instance_dir``; refused if a disk is
-    shareable (multiattach)."""
+    written out and pinned; refused if a disk is shareable (multiattach) or
+    has a backing file inside ``instance_dir``."""
     read_chain = chain_of or backing_chain
     dom = _parse(domain_xml)
     _refuse_shared(dom, instance_uuid)

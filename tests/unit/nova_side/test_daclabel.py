@@ -126,17 +126,25 @@ def test_label_and_a_pinned_base_for_nova_qcow2_over_base():
         xml, IDS, IDIR, INSTANCE, _chains(disk=[(IDIR + "/disk", "qcow2"), (BASE, "raw")]))
 
 
-def test_only_files_outside_the_instance_dir_are_pinned():
-    inner = IDIR + "/disk.snap"
+def test_a_backing_file_inside_the_instance_dir_is_refused():
+    """Review of dacbuild round 2, LOW 4 (indir.py): an unpinned backing
+    file inside the instance dir (disk.info named by a header the VM's QEMU
+    rewrote) was chowned to +Q:+U by libvirt. Nova never puts one there."""
+    for inner in (IDIR + "/disk.info", IDIR + "/sub/../disk.info"):
+        with refused(exception.InvalidInput, "Invalid input: backing file %s is inside the "
+                     "instance's directory %s; Nova never puts one there, a guest with a "
+                     "per-VM QEMU label ([vtpcm] qemu_dac_label) is refused it"
+                     % (inner, IDIR)):
+            daclabel.label_domain(
+                _domain(_disk(IDIR + "/disk")), IDS, IDIR, INSTANCE,
+                _chains(disk=[(IDIR + "/disk", "qcow2"), (BASE, "qcow2"), (inner, "raw")]))
+    # every backing file outside it is pinned
     out = ET.fromstring(daclabel.label_domain(
         _domain(_disk(IDIR + "/disk")), IDS, IDIR, INSTANCE,
-        _chains(disk=[(IDIR + "/disk", "qcow2"), (inner, "qcow2"), (BASE, "qcow2")])))
+        _chains(disk=[(IDIR + "/disk", "qcow2"), (BASE + "x", "qcow2"), (BASE, "raw")])))
     first = out.find("devices/disk/backingStore")
-    assert first.find("source").get("file") == inner
-    assert first.find("source/seclabel") is None  # the VM's own: libvirt relabels it
-    second = first.find("backingStore")
-    assert second.find("source").get("file") == BASE
-    assert second.find("source/seclabel").get("relabel") == "no"
+    assert first.find("source/seclabel").get("relabel") == "no"
+    assert first.find("backingStore/source/seclabel").get("relabel") == "no"
     # a sibling directory whose name starts like the instance's is outside it
     assert not daclabel._within(IDIR + "-evil/disk", IDIR)
 
