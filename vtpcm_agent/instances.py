@@ -132,6 +132,13 @@ class InstanceManager:
                 os.chmod(path, 0o711)  # noqa: S103
             (settings.run_dir / OWN_DIRS).mkdir(exist_ok=True)
             os.chmod(settings.run_dir / OWN_DIRS, 0o755)  # noqa: S103
+            try:
+                associations.check_range_firsts(
+                    settings.swtpm_uids[0],
+                    None if settings.qemu_uids is None else settings.qemu_uids[0])
+            except exception.InvalidInput as err:
+                LOG.error("Refusing to start: %s", err.message)
+                raise
             self.check_uid_range()
 
     def check_uid_range(self) -> int:
