@@ -814,9 +814,14 @@ class InstanceManager:
         (``_own_files``)."""
         paths = self._paths_of(assoc)
         pinned = self._pins.get(assoc.instance_uuid)
-        if pinned is None or uidprocs.gone(pinned):
+        uid = (self.associations.uid_of(assoc.instance_uuid)
+               if self.settings.swtpm_uids is not None else None)
+        if (pinned is None or uidprocs.gone(pinned)) and not (shredding and uid is not None):
             # nothing of ours pinned runs: a swtpm still found is stopped
-            # cleanly (it writes its state) and pinned from here on
+            # cleanly (it writes its state) and pinned from here on. Not
+            # when shredding a uid's vTPCM: what its pid file names then is
+            # the uid's (kill_all kills it), and stopping it must not be
+            # able to fail the shred
             pid = process.find_running(paths) or assoc.pid
             if pid is not None and process.is_alive(pid, paths):
                 self._pin(assoc.instance_uuid, pid)
@@ -824,8 +829,6 @@ class InstanceManager:
         if pinned is not None and not uidprocs.gone(pinned) \
                 and process.is_alive(pinned[0], paths):
             process.stop(pinned[0], paths, timeout=self.settings.timeout)
-        uid = (self.associations.uid_of(assoc.instance_uuid)
-               if self.settings.swtpm_uids is not None else None)
         if uid is None:
             self._pins.pop(assoc.instance_uuid, None)
             return
