@@ -187,7 +187,10 @@ DELETE FROM swtpm_uids WHERE uid IN (SELECT uid FROM swtpm_uids_kept)"""
 # a uid's row when it freed it, so a list upgraded from v5 knows none of
 # the uids it freed: ``upgrade_schema`` records a floor whose uid (NULL
 # until the agent's first start with a range) becomes that range's LAST
-# (review round 2 of the sweep, P1).
+# (review round 2 of the sweep, P1). A v6 list gets the floor as well: a
+# v5 list upgraded to v6 (main ran v6 for a while) lost the v5-era freed
+# uids too, and a v6 list cannot tell whether it was one (review round 3
+# of the sweep, LOW 5). A v7 list was made by an agent that set the floor.
 _V8 = """
 CREATE TABLE IF NOT EXISTS swtpm_uid_floor (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -208,9 +211,10 @@ CREATE TABLE IF NOT EXISTS uid_range_firsts (
     since TEXT NOT NULL
 )"""
 STEPS = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
-# the schema whose lists recorded the uids they handed out but not those
-# they freed (v6 added swtpm_uids_freed)
-_UIDS_WITHOUT_FREED = 5
+# the schemas whose lists may lack the uids they freed: v5 recorded the
+# uids it handed out but not those it freed; v6 added swtpm_uids_freed but
+# a v6 list may be a v5 one upgraded (its v5-era freed uids lost)
+_UIDS_WITHOUT_FREED = (5, 6)
 SCHEMA_VERSION = len(STEPS)
 
 
@@ -238,10 +242,12 @@ def upgrade_schema(cur: sqlite3.Cursor, path: Path) -> int:
     for step in STEPS[found:]:
         for statement in step.split(";"):
             cur.execute(statement)
-    if found == _UIDS_WITHOUT_FREED:
+    if found in _UIDS_WITHOUT_FREED:
         cur.execute("INSERT OR IGNORE INTO swtpm_uid_floor VALUES (1, NULL, ?, ?)",
-                    ("upgraded from schema version %d, which kept no record of the uids "
-                     "it freed" % found, _now()))
+                    (("upgraded from schema version 5, which kept no record of the uids "
+                      "it freed" if found == 5 else
+                      "upgraded from schema version 6, which may itself have been upgraded "
+                      "from version 5 (no record of the uids it freed)"), _now()))
     cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
     return found
 

@@ -116,6 +116,11 @@ class InstanceManager:
         self.host_tpm = host_tpm
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+        # the swtpm of each instance this agent started or adopted, pinned
+        # (pid, start time) when it did: the shredding path decides on it
+        # alone, never on a pid file, socket or argv the swtpm uid controls
+        # (review round 3 of the sweep, MEDIUM 1)
+        self._pins: dict[str, uidprocs.Pin] = {}
         # told of every swtpm restart (the watchdog logs and reports it);
         # called under the instance's lock, so it must not block
         self.on_restart: Callable[[Restarted], None] | None = None
@@ -321,7 +326,9 @@ class InstanceManager:
 
     @serialized
     def destroy(self, instance_uuid: str) -> Association:
-        """Crypto-shred: keys first, then the process and the files."""
+        """Crypto-shred: the swtpm and its uid's processes killed first
+        (survivors of the uid do not stop it once the swtpm is gone,
+        ``_kill``), then the keys, then the state and the uid's files."""
         assoc = self.associations.get(instance_uuid)
         if assoc.state is S.DESTROYED:
             return assoc
@@ -650,6 +657,7 @@ class InstanceManager:
                 continue
             pid = process.find_running(paths)
             if pid is not None:
+                self._pin(assoc.instance_uuid, pid)
                 if pid != assoc.pid:
                     self.associations.set_pid(assoc.instance_uuid, pid)
                 report["adopted"].append(assoc.instance_uuid)
@@ -676,6 +684,9 @@ class InstanceManager:
                      keys: InstanceKeys, startup_clear: bool | None = None) -> int:
         running = process.find_running(paths)
         if running is not None:
+            pinned = self._pins.get(instance_uuid)
+            if pinned is None or pinned[0] != running or uidprocs.gone(pinned):
+                self._pin(instance_uuid, running)
             return running
         server = process.socket_server(paths.ctrl_socket)
         if server is not None:
@@ -686,11 +697,19 @@ class InstanceManager:
         if startup_clear is None:
             startup_clear = self.settings.expose_data_socket
         run_as = self._own_files(instance_uuid, paths)
-        return process.start(
+        pid = process.start(
             paths, keys.at_rest_key, keys.migration_key,
             socket_mode=self.settings.socket_mode, socket_uid=self.settings.socket_uid,
             socket_gid=self.settings.socket_gid, swtpm_binary=self.settings.swtpm_binary,
             startup_clear=startup_clear, timeout=self.settings.timeout, run_as=run_as)
+        self._pin(instance_uuid, pid)
+        return pid
+
+    def _pin(self, instance_uuid: str, pid: int) -> None:
+        """Record the identity of the instance's swtpm as it is now."""
+        pinned = uidprocs.pin(pid)
+        if pinned is not None:
+            self._pins[instance_uuid] = pinned
 
     def _own_files(self, instance_uuid: str,
                    paths: process.SwtpmPaths) -> process.RunAs | None:
@@ -827,28 +846,46 @@ class InstanceManager:
         setuid file of the uid it holds open, review round 2 of the sweep,
         MEDIUM 1); failing here would leave the keys and state on disk for
         good. The shred then keeps the uid aside (``_drop_own_files``).
+        "The swtpm is gone" is decided on the swtpm this agent started or
+        adopted, pinned then (pid and start time, ``uidprocs.pin``): never
+        on the pid file, control socket or argv, which a survivor of the
+        uid can fake (review round 3 of the sweep, MEDIUM 1); a record this
+        agent pinned nothing for has no swtpm of its own left to wait for.
         Start and restart still refuse while a process of the uid lives
         (``_own_files``)."""
         paths = self._paths_of(assoc)
-        pid = process.find_running(paths) or assoc.pid
-        if pid is not None and process.is_alive(pid, paths):
-            process.stop(pid, paths, timeout=self.settings.timeout)
+        pinned = self._pins.get(assoc.instance_uuid)
         uid = (self.associations.uid_of(assoc.instance_uuid)
                if self.settings.swtpm_uids is not None else None)
+        if (pinned is None or uidprocs.gone(pinned)) and not (shredding and uid is not None):
+            # nothing of ours pinned runs: a swtpm still found is stopped
+            # cleanly (it writes its state) and pinned from here on. Not
+            # when shredding a uid's vTPCM: what its pid file names then is
+            # the uid's (kill_all kills it), and stopping it must not be
+            # able to fail the shred
+            pid = process.find_running(paths) or assoc.pid
+            if pid is not None and process.is_alive(pid, paths):
+                self._pin(assoc.instance_uuid, pid)
+                pinned = self._pins.get(assoc.instance_uuid)
+        if pinned is not None and not uidprocs.gone(pinned) \
+                and process.is_alive(pinned[0], paths):
+            process.stop(pinned[0], paths, timeout=self.settings.timeout)
         if uid is None:
+            self._pins.pop(assoc.instance_uuid, None)
             return
         try:
             # a swtpm that unlinked its socket is not "alive" to the above
             uidprocs.kill_all(uid, timeout=self.settings.timeout,
                               own_dirs=self._uid_dirs(assoc.instance_uuid, paths))
         except exception.SwtpmError as exc:
-            if not shredding or (pid is not None and not uidprocs.gone(pid)) \
-                    or process.find_running(paths) is not None:
+            if not shredding or (pinned is not None and not uidprocs.gone(pinned)):
                 raise
+            self._pins.pop(assoc.instance_uuid, None)
             LOG.warning("Shredding the vTPCM of instance %(inst)s although processes of its "
                         "swtpm uid %(uid)d survive (its swtpm is gone; the uid will be kept "
                         "aside): %(err)s",
                         {"inst": assoc.instance_uuid, "uid": uid, "err": exc.message})
+        self._pins.pop(assoc.instance_uuid, None)  # nothing of the uid runs
 
     def _uid_dirs(self, instance_uuid: str, paths: process.SwtpmPaths) -> tuple[Path, ...]:
         """The instance's own directories its uid can write in (its state
