@@ -101,6 +101,10 @@ class AgentSettings:
     timeout: float = 10.0
     # first and last uid of [agent] swtpm_uid_range; None: swtpm runs as the agent
     swtpm_uids: tuple[int, int] | None = None
+    # first and last uid of [agent] qemu_uid_range (as large as swtpm_uids):
+    # the QEMU uid of the VM whose swtpm runs as swtpm_uids[0] + i is
+    # qemu_uids[0] + i; None: no QEMU uids
+    qemu_uids: tuple[int, int] | None = None
 
 
 class InstanceManager:
@@ -133,6 +137,13 @@ class InstanceManager:
                 os.chmod(path, 0o711)  # noqa: S103
             (settings.run_dir / OWN_DIRS).mkdir(exist_ok=True)
             os.chmod(settings.run_dir / OWN_DIRS, 0o755)  # noqa: S103
+            try:
+                associations.check_range_firsts(
+                    settings.swtpm_uids[0],
+                    None if settings.qemu_uids is None else settings.qemu_uids[0])
+            except exception.InvalidInput as err:
+                LOG.error("Refusing to start: %s", err.message)
+                raise
             self.check_uid_range()
 
     def check_uid_range(self) -> int:
@@ -719,6 +730,29 @@ class InstanceManager:
                             public.with_suffix("") if paths.data_socket else None)
         return run_as
 
+    def qemu_uid_for(self, swtpm_uid: int) -> int | None:
+        """The QEMU uid paired with ``swtpm_uid`` (None: no qemu_uid_range,
+        or a uid outside today's swtpm_uid_range)."""
+        if self.settings.qemu_uids is None or self.settings.swtpm_uids is None:
+            return None
+        first, last = self.settings.swtpm_uids
+        if not first <= swtpm_uid <= last:
+            return None
+        return self.settings.qemu_uids[0] + (swtpm_uid - first)
+
+    def vm_ids(self, instance_uuid: str) -> tuple[int, int] | None:
+        """(QEMU uid, VM gid) of an instance whose swtpm has its own uid
+        here: the label its QEMU must run with to reach its 0660 U:U
+        socket, and no other VM's. None: no per-VM QEMU uid (no
+        qemu_uid_range, or no uid assigned yet: its swtpm never started)."""
+        if self.settings.swtpm_uids is None or self.settings.qemu_uids is None:
+            return None
+        uid = self.associations.uid_of(instance_uuid)
+        if uid is None:
+            return None
+        qemu = self.qemu_uid_for(uid)
+        return None if qemu is None else (qemu, uid)
+
     def _drop_own_files(self, instance_uuid: str) -> None:
         """Remove an instance's public links and socket dir and free its uid
         once no process of the uid is left (an exploited swtpm may have
@@ -734,13 +768,18 @@ class InstanceManager:
         if self.settings.swtpm_uids is None:
             return
         uid = self.associations.uid_of(instance_uuid)
+        # the VM's QEMU uid goes with its swtpm uid: killed, swept and kept
+        # aside with it (a QEMU that escaped and hid must not meet the next
+        # VM's, and the pair is never given out again)
+        qemu = self.qemu_uid_for(uid) if uid is not None else None
         kept: exception.SwtpmError | None = None
         if uid is not None:
-            try:
-                uidprocs.kill_all(uid, timeout=self.settings.timeout)
-                uidprocs.sweep(uid)
-            except exception.SwtpmError as exc:
-                kept = exc
+            for each in (uid,) if qemu is None else (uid, qemu):
+                try:
+                    uidprocs.kill_all(each, timeout=self.settings.timeout)
+                    uidprocs.sweep(each)
+                except exception.SwtpmError as exc:
+                    kept = kept or exc
         # the socket dir is this instance's own, never the uid's next
         # holder's: a tree the uid built there to make its removal fail
         # must not keep the uid forever (review round 2 of isofix, MEDIUM 3)
@@ -770,9 +809,11 @@ class InstanceManager:
             return 0
         still = []
         for instance_uuid, uid in self.associations.kept_uids():
+            qemu = self.qemu_uid_for(uid)
             try:
-                uidprocs.kill_all(uid, timeout=self.settings.timeout)
-                uidprocs.sweep(uid)
+                for each in (uid,) if qemu is None else (uid, qemu):
+                    uidprocs.kill_all(each, timeout=self.settings.timeout)
+                    uidprocs.sweep(each)
             except exception.SwtpmError as exc:
                 still.append(uid)
                 LOG.debug("swtpm uid %(uid)d stays kept: %(err)s",

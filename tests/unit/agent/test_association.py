@@ -284,7 +284,7 @@ V3_TABLES = {"associations", "tombstones", "aborted_migrations", "command_nonces
 # v4 adds the agent's record of seals, v5 the swtpm uid of each instance
 # v6 when each uid was last freed
 CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance", "swtpm_uids", "swtpm_uids_freed",
-                                "swtpm_uids_kept", "swtpm_uid_floor"}
+                                "swtpm_uids_kept", "swtpm_uid_floor", "uid_range_firsts"}
 DESTROYED = ("i", "v", "DESTROYED", 4, None, "/d", "/c", None, "t", "t")
 ACTIVE = ("j", "w", "ACTIVE", 2, None, "/d2", "/c2", 77, "t", "t")
 
@@ -325,28 +325,28 @@ def test_command_nonces_are_claimed_once_and_survive_a_reopen(tmp_path):
 
 
 def test_a_newer_schema_is_refused_and_left_unchanged(tmp_path):
-    path = tmp_path / "v9.sqlite"
+    path = tmp_path / "v99.sqlite"
     AssociationList(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 9")
+    conn.execute("PRAGMA user_version = 99")
     conn.commit()
     conn.close()
     with pytest.raises(exception.NewerSchema) as refused:
         AssociationList(path)
-    assert str(refused.value) == (f"Association list {path} has schema version 9, this "
+    assert str(refused.value) == (f"Association list {path} has schema version 99, this "
                                   f"release knows up to {association.SCHEMA_VERSION} (a "
                                   "newer release wrote it)")
-    assert file_schema(path) == (9, CURRENT_TABLES)
+    assert file_schema(path) == (99, CURRENT_TABLES)
 
 
 def test_a_legacy_file_of_a_newer_release_is_refused_and_left_unchanged(tmp_path):
-    path = tmp_path / "legacy9.sqlite"
+    path = tmp_path / "legacy99.sqlite"
     legacy_file(path, 3)
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE schema_version SET version = 9")
+    conn.execute("UPDATE schema_version SET version = 99")
     conn.commit()
     conn.close()
-    with pytest.raises(exception.NewerSchema, match="schema version 9"):
+    with pytest.raises(exception.NewerSchema, match="schema version 99"):
         AssociationList(path)
     assert file_schema(path) == (0, V3_TABLES | {"schema_version"})
 
