@@ -492,11 +492,17 @@ def _sweep_tree(top_fd: int, top: Path, uid: int, removed: list[str], failed: li
             os.close(dfd)
 
 
+# bound of the held-fd scan before a uid is freed (any local user can make it slow)
+SWEEP_DEFUSE_TIMEOUT = 10.0
+
+
 def sweep(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS, ipc_root: Path = sysvipc.SYSVIPC,
           ) -> list[str]:
     """Everything of ``uid`` that outlives its processes, removed before the
     uid is freed: its entries in ``dirs`` (``sweep_files``) and its SysV IPC
-    objects. What is removed is returned.
+    objects, after its setuid files anyone holds open are defused
+    (``defuse``, bounded by ``SWEEP_DEFUSE_TIMEOUT``). What is removed is
+    returned.
 
     Refuses (SwtpmError, nothing removed) while a process of the uid lives:
     what a live process holds (abstract Unix sockets, which the file
@@ -512,6 +518,11 @@ def sweep(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS, ipc_root: Path = sysvipc
             vtpcm_id="uid %d" % uid,
             reason="processes of swtpm uid %d are alive (%s)%s; not sweeping or freeing the uid"
             % (uid, some(live), (" holding abstract sockets (%s)" % some(held)) if held else ""))
+    # a file of the uid another user holds open (unlinked by the state
+    # dir's removal, or anywhere else) must not run as the uid once it is
+    # freed: kill_all defuses only when processes survive its first round
+    # (review round 4 of the sweep, LOW 1)
+    defuse(uid, dirs, time.monotonic() + SWEEP_DEFUSE_TIMEOUT)
     remains: list[str] = []
     try:
         removed = sweep_files(uid, dirs)

@@ -297,6 +297,48 @@ def test_a_setuid_file_of_the_uid_held_open_by_another_user_is_defused(top: Path
     assert out.strip() == "refused 13"  # EACCES: no exec bit left
 
 
+def test_a_setuid_file_held_open_after_its_unlink_is_defused_before_the_uid_is_freed(
+        top: Path) -> None:
+    """Review round 4 of the sweep, LOW 1: a setuid file of the uid outside
+    the swept directories (its state dir, removed by the destroy before the
+    sweep) held open by a local user, with no process of the uid left:
+    ``kill_all`` has nothing to kill and does not defuse, the sweep found
+    nothing, the uid was freed, and the holder then exec'd the fd as the
+    uid. The sweep now defuses what any process holds open first."""
+    state = Path(tempfile.mkdtemp(prefix="vtpcm-state-", dir="/var/tmp"))  # noqa: S108
+    os.chown(state, UID, UID)
+    os.chmod(state, 0o755)  # the uid owns it: it may open it to all  # noqa: S103
+    holder: subprocess.Popen[str] | None = None
+    try:
+        as_uid(UID, CLIENT_PYTHON, "-c",
+               "import os,sys\nd=open('/usr/bin/id','rb').read()\n"
+               "fd=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT,0o755);os.write(fd,d);"
+               "os.fchmod(fd,0o4755);os.close(fd)", str(state / "x"))
+        assert (state / "x").stat().st_mode & 0o7777 == 0o4755  # control: planted setuid
+        holder = subprocess.Popen(
+            ["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL, "--clear-groups",
+             CLIENT_PYTHON, "-c", "import os,sys\nfd=os.open(sys.argv[1],os.O_PATH)\n"
+             "print('held',flush=True)\nsys.stdin.readline()\n"
+             "try:\n    os.execv('/proc/self/fd/%d'%fd,['id','-u'])\n"
+             "except OSError as e:\n    print('refused', e.errno)", str(state / "x")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        (state / "x").unlink()  # the state dir's removal, before the sweep
+        assert uidprocs.kill_all(UID, timeout=5.0) == 0  # nothing of the uid runs
+        assert uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent")) == []
+        out, _ = holder.communicate("go\n", timeout=20)
+    finally:
+        if holder is not None:
+            if holder.poll() is None:
+                holder.kill()
+            holder.wait(timeout=10)
+        for entry in state.iterdir():
+            entry.unlink()
+        state.rmdir()
+    assert str(UID) not in out, "the freed uid ran again through the held fd: %s" % out
+    assert out.strip() == "refused 13"  # EACCES: no exec bit left
+
+
 def _gift(kind: str, to: int) -> subprocess.Popen[str]:
     """LOCAL (a local user, not a swtpm) makes an object, gives it to ``to``
     with IPC_SET (its creator stays LOCAL) and, for shm, keeps it attached."""
