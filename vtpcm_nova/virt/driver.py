@@ -34,7 +34,7 @@ from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_nova import clients, extra_specs
 from vtpcm_nova.conf import compute as compute_conf
-from vtpcm_nova.virt import coldmigration, lifecycle, livemigration, tpmxml
+from vtpcm_nova.virt import coldmigration, earlybegin, lifecycle, livemigration, tpmxml
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -118,6 +118,10 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         self._dest_sockets: dict[str, str] = {}
         self._trait: tuple[float, bool] = (0.0, False)
         self._vtpcm_host: str | None = None
+        self._early = earlybegin.EarlyBegins(
+            lambda: self.vtpcm_engine, lambda: self.vtpcm_host, _in_progress_migration,
+            _migration_status, lambda: float(CONF.vtpcm.early_begin_timeout),
+            wait_previous=lambda: float(CONF.vtpcm.engine_timeout) * 1.25)
 
     def init_host(self, host: str) -> None:
         # the compute service's host name, as the engine and agents know it
@@ -235,9 +239,26 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             except exception.VTPCMException as err:
                 raise nova_exception.MigrationPreCheckError(reason="vTPCM: %s" % err) \
                     from None
-        return super().check_can_live_migrate_destination(
+        data = super().check_can_live_migrate_destination(
             context, instance, src_compute_info, dst_compute_info, block_migration,
             disk_over_commit)
+        if vtpcm_spec(instance.flavor).enabled:
+            # names this host to the source, which begins early; the
+            # source's check takes it out again (Nova sets the field itself
+            # in live_migration)
+            data.migration = objects.Migration(dest_compute=self.vtpcm_host)
+        return data
+
+    def check_can_live_migrate_source(self, context: Any, instance: Any,
+                                      dest_check_data: Any,
+                                      block_device_info: Any = None) -> Any:
+        hint = _take_dest_hint(dest_check_data)
+        result = super().check_can_live_migrate_source(context, instance, dest_check_data,
+                                                       block_device_info)
+        if hint and vtpcm_spec(instance.flavor).enabled:
+            # the engine's begin, in the background: live_migration joins it
+            self._early.start(instance.uuid, hint)
+        return result
 
     def live_migration(self, context: Any, instance: Any, dest: str, post_method: Any,
                        recover_method: Any, block_migration: bool = False,
@@ -246,8 +267,16 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             super().live_migration(context, instance, dest, post_method, recover_method,
                                    block_migration, migrate_data)
             return
-        migration_id = _migration_id(migrate_data)
+        nova_id = _migration_id(migrate_data)
+        with livemigration.timed("early begin join", nova_id, instance.uuid):
+            migration_id = self._early.join(instance.uuid, nova_id, dest,
+                                            float(CONF.vtpcm.engine_timeout))
+        if migration_id != nova_id:
+            LOG.info("vTPCM migration id %(mig)s for Nova migration %(nova)s (an earlier "
+                     "begin under Nova's uuid was aborted)",
+                     {"mig": migration_id, "nova": nova_id}, instance=instance)
         try:
+            # PREPARED already if the early begin was taken over: one round trip
             with livemigration.timed("begin", migration_id, instance.uuid):
                 livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid,
                                     self.vtpcm_host, dest)
@@ -293,10 +322,12 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                             migrate_data: Any = None) -> None:
         if vtpcm_spec(instance.flavor).enabled:
             # the guest runs on the destination: its vTPCM must be the live one
-            migration_id = _migration_id(migrate_data)
+            nova_id = _migration_id(migrate_data)
+            migration_id = self._early.migration_id(nova_id)
             try:
                 with livemigration.timed("commit", migration_id, instance.uuid):
                     livemigration.commit(self.vtpcm_engine, migration_id)
+                self._early.forget(nova_id)
             except exception.VTPCMException as err:
                 # Raising would leave Nova believing the guest is on the source.
                 LOG.error("vTPCM commit of migration %(mig)s failed: %(err)s. The guest "
@@ -310,6 +341,9 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         super().rollback_live_migration_at_source(context, instance, migrate_data)
         if vtpcm_spec(instance.flavor).enabled:
             self._abort(instance, migrate_data, "rolled back by Nova at the source")
+            migration = getattr(migrate_data, "migration", None) if migrate_data else None
+            if migration is not None and getattr(migration, "uuid", None):
+                self._early.forget(str(migration.uuid))
 
     def rollback_live_migration_at_destination(self, context: Any, instance: Any,
                                                network_info: Any, block_device_info: Any,
@@ -325,7 +359,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         """Abort on a rollback; never raises: Nova's rollback must go on, and
         the engine's reconcile finishes an abort that did not get through."""
         try:
-            migration_id = _migration_id(migrate_data)
+            migration_id = self._early.migration_id(_migration_id(migrate_data))
             livemigration.abort(self.vtpcm_engine, migration_id, reason,
                                 instance_uuid=instance.uuid)
         except (exception.VTPCMException, nova_exception.MigrationError) as err:
@@ -446,6 +480,33 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             ready = False
         self._trait = (now, ready)
         return ready
+
+
+def _take_dest_hint(dest_check_data: Any) -> str | None:
+    """The destination's name its driver put in the check data (and out)."""
+    if dest_check_data is None or "migration" not in dest_check_data:
+        return None
+    hint = dest_check_data.migration
+    del dest_check_data.migration
+    if hint is None or not hint.obj_attr_is_set("dest_compute"):
+        return None
+    return str(hint.dest_compute) if hint.dest_compute else None
+
+
+def _in_progress_migration(instance_uuid: str) -> str | None:
+    """Nova's live migration of the instance whose checks run ("accepted":
+    ``MigrationList.get_in_progress_by_instance`` starts at "queued")."""
+    migrations = objects.MigrationList.get_by_filters(
+        nova_context.get_admin_context(),
+        {"instance_uuid": instance_uuid, "migration_type": "live-migration",
+         "status": ["accepted"]})
+    uuids = [str(m.uuid) for m in migrations]
+    return uuids[-1] if uuids else None
+
+
+def _migration_status(nova_id: str) -> str | None:
+    return str(objects.Migration.get_by_uuid(nova_context.get_admin_context(),
+                                             nova_id).status)
 
 
 def _shreds(instance: Any) -> bool:
