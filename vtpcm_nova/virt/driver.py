@@ -260,6 +260,15 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             self._early.start(instance.uuid, hint)
         return result
 
+    def check_source_migrate_data_at_dest(self, ctxt: Any, instance: Any,
+                                          migrate_data: Any, migration: Any, limits: Any,
+                                          allocs: Any) -> Any:
+        # a source that does not take the hint out (an older driver) must
+        # not pass it on to pre_live_migration
+        _take_dest_hint(migrate_data)
+        return super().check_source_migrate_data_at_dest(ctxt, instance, migrate_data,
+                                                         migration, limits, allocs)
+
     def live_migration(self, context: Any, instance: Any, dest: str, post_method: Any,
                        recover_method: Any, block_migration: bool = False,
                        migrate_data: Any = None) -> None:
@@ -483,14 +492,17 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
 
 
 def _take_dest_hint(dest_check_data: Any) -> str | None:
-    """The destination's name its driver put in the check data (and out)."""
+    """The destination's name its driver put in the check data, taken out
+    again; a Migration with a uuid is not that bare hint and stays."""
     if dest_check_data is None or "migration" not in dest_check_data:
         return None
     hint = dest_check_data.migration
-    del dest_check_data.migration
-    if hint is None or not hint.obj_attr_is_set("dest_compute"):
+    if hint is None or hint.obj_attr_is_set("uuid"):
         return None
-    return str(hint.dest_compute) if hint.dest_compute else None
+    del dest_check_data.migration
+    if not hint.obj_attr_is_set("dest_compute") or not hint.dest_compute:
+        return None
+    return str(hint.dest_compute)
 
 
 def _in_progress_migration(instance_uuid: str) -> str | None:
