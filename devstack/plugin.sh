@@ -207,6 +207,11 @@ function configure_vtpcm_agent {
         fi
         iniset "$conf" host_tpm tcti "device:$VTPCM_HOST_TPM_DEVICE"
     fi
+    if [[ -n "$VTPCM_EK_CA_FILE" ]]; then
+        iniset "$conf" host_tpm ek_ca_file "$VTPCM_EK_CA_FILE"
+    elif ! vtpcm_uses_standin; then
+        warn $LINENO "vtpcm: VTPCM_EK_CA_FILE is not set: the agent's first start trusts whatever answers at $VTPCM_HOST_TPM_DEVICE (set it to the TPM manufacturer's EK CA bundle)"
+    fi
     iniset "$conf" keystore host_key_mode tpm
     iniset "$conf" agent engine_public_key "$VTPCM_ENGINE_PUBLIC_KEY"
     # The host command key: made by the agent (root) at its first start,

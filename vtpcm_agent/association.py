@@ -168,7 +168,37 @@ CREATE TABLE IF NOT EXISTS swtpm_uids_freed (
     uid INTEGER PRIMARY KEY,
     seq INTEGER NOT NULL
 )"""
-STEPS = (_V1, _V2, _V3, _V4, _V5, _V6)
+# v7: uids kept aside: their vTPCM is gone (destroyed, discarded) but
+# something of the uid remained (a segment another process keeps
+# attached); swept again periodically, then recorded as freed. With v7 a
+# uid is never given out twice (swtpm_uids, _freed and _kept are every uid
+# ever used); the uids an older agent kept in swtpm_uids move here.
+_V7 = """
+CREATE TABLE IF NOT EXISTS swtpm_uids_kept (
+    uid INTEGER PRIMARY KEY,
+    instance_uuid TEXT NOT NULL,
+    kept_at TEXT NOT NULL
+);
+INSERT OR IGNORE INTO swtpm_uids_kept SELECT u.uid, u.instance_uuid, u.assigned_at
+    FROM swtpm_uids u LEFT JOIN associations a ON a.instance_uuid = u.instance_uuid
+    WHERE a.instance_uuid IS NULL OR a.state = 'DESTROYED';
+DELETE FROM swtpm_uids WHERE uid IN (SELECT uid FROM swtpm_uids_kept)"""
+# v8: a floor below which no uid is trusted as unused. A v5 list deleted
+# a uid's row when it freed it, so a list upgraded from v5 knows none of
+# the uids it freed: ``upgrade_schema`` records a floor whose uid (NULL
+# until the agent's first start with a range) becomes that range's LAST
+# (review round 2 of the sweep, P1).
+_V8 = """
+CREATE TABLE IF NOT EXISTS swtpm_uid_floor (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    uid INTEGER,
+    why TEXT NOT NULL,
+    since TEXT NOT NULL
+)"""
+STEPS = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
+# the schema whose lists recorded the uids they handed out but not those
+# they freed (v6 added swtpm_uids_freed)
+_UIDS_WITHOUT_FREED = 5
 SCHEMA_VERSION = len(STEPS)
 
 
@@ -196,6 +226,10 @@ def upgrade_schema(cur: sqlite3.Cursor, path: Path) -> int:
     for step in STEPS[found:]:
         for statement in step.split(";"):
             cur.execute(statement)
+    if found == _UIDS_WITHOUT_FREED:
+        cur.execute("INSERT OR IGNORE INTO swtpm_uid_floor VALUES (1, NULL, ?, ?)",
+                    ("upgraded from schema version %d, which kept no record of the uids "
+                     "it freed" % found, _now()))
     cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
     return found
 
@@ -208,6 +242,14 @@ def _private(path: Path) -> None:
     for name in (path, Path(str(path) + "-wal"), Path(str(path) + "-shm")):
         if name.exists():
             os.chmod(name, 0o600)
+
+
+def floor_advice(first: int, last: int, floor: int, why: str) -> str:
+    """What the operator must do about a floor at or above the range's end."""
+    return ("[agent] swtpm_uid_range %d-%d cannot be used: the association list was %s, so "
+            "every uid up to %d may have run a vTPCM and none of them is given out again; "
+            "set a fresh [agent] swtpm_uid_range above %d (its FIRST at least %d)"
+            % (first, last, why, floor, floor, floor + 1))
 
 
 class AssociationList:
@@ -421,31 +463,73 @@ class AssociationList:
     # --- per-instance swtpm uids -------------------------------------------
 
     def assign_uid(self, instance_uuid: str, first: int, last: int) -> int:
-        """The uid of ``instance_uuid``'s swtpm: the one it has, else a free
-        one of ``first``..``last``: the lowest never given out, else the one
-        freed longest ago (recorded in the same transaction, so two
-        instances never share one)."""
+        """The uid of ``instance_uuid``'s swtpm: the one it has, else the
+        next never-used one of ``first``..``last``: one above the highest
+        uid of the range this list ever recorded (assigned, kept or freed),
+        recorded in the same transaction, so two instances never share one.
+
+        A uid is never given out twice: a freed uid's previous holder may
+        have left what the kernel still ties to it (a setuid file of the
+        uid some other user holds open, review of the sweep, HIGH 1), which
+        no sweep can reach. A used-up range is an error naming the option."""
+        with self._transaction() as cur:  # a floor fixed here stays, whatever follows
+            self._floor(cur, last)
         with self._transaction() as cur:
             row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
                               (instance_uuid,)).fetchone()
             if row is not None:
                 return int(row[0])
-            taken = {int(r[0]) for r in cur.execute(
-                "SELECT uid FROM swtpm_uids WHERE uid BETWEEN ? AND ?", (first, last))}
-            freed = {int(r[0]): int(r[1]) for r in cur.execute(
-                "SELECT uid, seq FROM swtpm_uids_freed WHERE uid BETWEEN ? AND ?",
-                (first, last))}
-            free = min((uid for uid in range(first, last + 1) if uid not in taken),
-                       key=lambda uid: (freed.get(uid, 0), uid), default=None)
-            if free is None:
+            floor = self._floor(cur, last)
+            mark = self._mark(cur, first, last)
+            free = first if mark is None else mark + 1
+            if floor is not None and floor[0] >= free:
+                free = floor[0] + 1
+                if free > last:
+                    raise exception.InvalidInput(reason=floor_advice(first, last, *floor))
+            if free > last:
                 raise exception.InvalidInput(
-                    reason="[agent] swtpm_uid_range %d-%d is used up (%d swtpm uids "
-                           "assigned)" % (first, last, len(taken)))
+                    reason="[agent] swtpm_uid_range %d-%d is used up: each of its %d uids "
+                           "ran a vTPCM once and is never given out again; widen the range "
+                           "(raise LAST, or give uids above it)"
+                           % (first, last, last - first + 1))
             cur.execute("INSERT INTO swtpm_uids VALUES (?, ?, ?)",
                         (instance_uuid, free, _now()))
         LOG.info("swtpm of instance %(instance)s runs as uid %(uid)d",
                  {"instance": instance_uuid, "uid": free})
         return free
+
+    @staticmethod
+    def _mark(cur: sqlite3.Cursor, first: int, last: int) -> int | None:
+        mark = cur.execute(
+            "SELECT MAX(uid) FROM (SELECT uid FROM swtpm_uids UNION ALL "
+            "SELECT uid FROM swtpm_uids_freed UNION ALL SELECT uid FROM swtpm_uids_kept) "
+            "WHERE uid BETWEEN ? AND ?", (first, last)).fetchone()[0]
+        return None if mark is None else int(mark)
+
+    @staticmethod
+    def _floor(cur: sqlite3.Cursor, last: int) -> tuple[int, str] | None:
+        """The uid no uid at or below which is given out, and why (None:
+        none); a floor an upgrade recorded before any range was known
+        becomes ``last`` here, for good."""
+        row = cur.execute("SELECT uid, why FROM swtpm_uid_floor WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        if row[0] is None:
+            cur.execute("UPDATE swtpm_uid_floor SET uid = ? WHERE id = 1", (last,))
+            return last, str(row[1])
+        return int(row[0]), str(row[1])
+
+    def uid_headroom(self, first: int, last: int) -> tuple[int, tuple[int, str] | None]:
+        """At the agent's start: how many uids of ``first``..``last`` are
+        left to give out, and the floor (uid, why) if one is recorded (the
+        floor of an upgraded list is fixed to ``last`` here)."""
+        with self._transaction() as cur:
+            floor = self._floor(cur, last)
+            mark = self._mark(cur, first, last)
+        above = first if mark is None else mark + 1
+        if floor is not None:
+            above = max(above, floor[0] + 1)
+        return max(0, last - max(above, first) + 1), floor
 
     def uid_of(self, instance_uuid: str) -> int | None:
         with self._transaction() as cur:
@@ -453,10 +537,46 @@ class AssociationList:
                               (instance_uuid,)).fetchone()
         return int(row[0]) if row else None
 
+    def kept_uids(self) -> builtins.list[tuple[str, int]]:
+        """(instance, uid) of the uids kept aside (``keep_uid``) and of those
+        still recorded for an instance that has no vTPCM here any more (an
+        agent that died between forgetting a record and freeing its uid)."""
+        with self._transaction() as cur:
+            rows = cur.execute(
+                "SELECT instance_uuid, uid FROM swtpm_uids_kept UNION "
+                "SELECT u.instance_uuid, u.uid FROM swtpm_uids u LEFT JOIN associations a "
+                "ON a.instance_uuid = u.instance_uuid WHERE a.instance_uuid IS NULL "
+                "OR a.state = ? ORDER BY 2", (VTPCMState.DESTROYED.value,)).fetchall()
+        return [(str(r[0]), int(r[1])) for r in rows]
+
+    def keep_uid(self, instance_uuid: str) -> int | None:
+        """Set the uid of an instance whose vTPCM went aside: something of
+        it remains, so it is neither freed nor the instance's any more (a
+        new vTPCM of the instance gets a new uid). Returns the uid."""
+        with self._transaction() as cur:
+            row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
+                              (instance_uuid,)).fetchone()
+            if row is None:
+                return None
+            cur.execute("INSERT OR REPLACE INTO swtpm_uids_kept VALUES (?, ?, ?)",
+                        (int(row[0]), instance_uuid, _now()))
+            cur.execute("DELETE FROM swtpm_uids WHERE instance_uuid = ?", (instance_uuid,))
+        return int(row[0])
+
+    def release_kept(self, uid: int) -> None:
+        """A kept uid found clean: recorded as freed (never given out again)."""
+        with self._transaction() as cur:
+            seq = cur.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM swtpm_uids_freed"
+                              ).fetchone()[0]
+            cur.execute("INSERT OR REPLACE INTO swtpm_uids_freed VALUES (?, ?)",
+                        (uid, int(seq)))
+            cur.execute("DELETE FROM swtpm_uids_kept WHERE uid = ?", (uid,))
+            cur.execute("DELETE FROM swtpm_uids WHERE uid = ?", (uid,))
+
     def release_uid(self, instance_uuid: str) -> None:
         """Free the uid of an instance whose vTPCM left this host (its swtpm
         stopped, every process of its uid was killed and its files are gone);
-        it goes to the end of the queue of free uids."""
+        recorded as freed, so it is never given out again."""
         with self._transaction() as cur:
             row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",
                               (instance_uuid,)).fetchone()

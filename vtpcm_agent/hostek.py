@@ -77,14 +77,14 @@ def certificate_and_public(
     without a known template still comes out, as evidence, but without a
     public key.
     """
-    found = _ek_template(e)
+    found = ek_template(e)
     if found is None:
         return EkInfo(_read_ek_certificate(e))  # none, or one of an unknown type
     ek_cert, template = found
     template_bytes = bytes(template.marshal())
     ek_public = cached(template_bytes)
     if ek_public is None:
-        with _ek(e, template) as (_ek_handle, ek_pub):
+        with loaded_ek(e, template) as (_ek_handle, ek_pub):
             ek_public = bytes(ek_pub.publicArea.marshal())
     return EkInfo(ek_cert, ek_public, template_bytes)
 
@@ -108,30 +108,37 @@ def activate_credential(e: ESAPI, load_ak: Callable[[], _Loaded], blob: TPM2B_ID
 
     The AK is injected because it is the caller's key, not the EK's concern.
     """
-    found = _ek_template(e)
+    found = ek_template(e)
     if found is None:
         raise HostTPMError(reason="no EK certificate provisioned in the host TPM")
     template = found[1]
-    with load_ak() as ak, _ek(e, template) as (ek, _ek_pub):
-        # the AK's ADMIN auth through its salted session, which also
-        # encrypts the released credential
-        ak_session = use(e, ak.session, ENCRYPT)
-        if template.publicArea.objectAttributes & TPMA_OBJECT.USERWITHAUTH:
-            # high-range EK templates: empty auth value, no policy
-            return bytes(e.activate_credential(ak.handle, ek, blob, secret,
-                                               session1=ak_session,
-                                               session2=ESYS_TR.PASSWORD))
-        session = e.start_auth_session(
-            ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
-            TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
-        try:
-            # low-range EK policy: PolicySecret(TPM_RH_ENDORSEMENT)
-            e.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
-            return bytes(e.activate_credential(ak.handle, ek, blob, secret,
-                                               session1=ak_session,
-                                               session2=session))
-        finally:
-            e.flush_context(session)
+    with load_ak() as ak, loaded_ek(e, template) as (ek, _ek_pub):
+        return activate_with(e, ak, ek, template, blob, secret)
+
+
+def activate_with(e: ESAPI, ak: Loaded, ek: ESYS_TR, template: TPM2B_PUBLIC,
+                  blob: TPM2B_ID_OBJECT, secret: TPM2B_ENCRYPTED_SECRET) -> bytes:
+    """TPM2_ActivateCredential with a loaded AK and EK (``template``: the
+    EK's, which says how it authorizes)."""
+    # the AK's ADMIN auth through its salted session, which also
+    # encrypts the released credential
+    ak_session = use(e, ak.session, ENCRYPT)
+    if template.publicArea.objectAttributes & TPMA_OBJECT.USERWITHAUTH:
+        # high-range EK templates: empty auth value, no policy
+        return bytes(e.activate_credential(ak.handle, ek, blob, secret,
+                                           session1=ak_session,
+                                           session2=ESYS_TR.PASSWORD))
+    session = e.start_auth_session(
+        ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.POLICY,
+        TPMT_SYM_DEF(algorithm=TPM2_ALG.NULL), TPM2_ALG.SHA256)
+    try:
+        # low-range EK policy: PolicySecret(TPM_RH_ENDORSEMENT)
+        e.policy_secret(ESYS_TR.ENDORSEMENT, session, b"", b"", b"", 0)
+        return bytes(e.activate_credential(ak.handle, ek, blob, secret,
+                                           session1=ak_session,
+                                           session2=session))
+    finally:
+        e.flush_context(session)
 
 
 def _nv_read(e: ESAPI, index: int) -> bytes:
@@ -147,7 +154,7 @@ def _nv_read(e: ESAPI, index: int) -> bytes:
                     for off in range(0, size, _NV_CHUNK))
 
 
-def _ek_template(e: ESAPI) -> tuple[bytes, TPM2B_PUBLIC] | None:
+def ek_template(e: ESAPI) -> tuple[bytes, TPM2B_PUBLIC] | None:
     """(EK certificate, EK template) of the first EK type whose
     certificate is provisioned; None on a TPM without one."""
     for ek_type in EK_TYPES:
@@ -165,7 +172,7 @@ def _ek_template(e: ESAPI) -> tuple[bytes, TPM2B_PUBLIC] | None:
 
 
 @contextmanager
-def _ek(e: ESAPI, template: TPM2B_PUBLIC) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
+def loaded_ek(e: ESAPI, template: TPM2B_PUBLIC) -> Iterator[tuple[ESYS_TR, TPM2B_PUBLIC]]:
     handle, public, _cdata, _cdigest, _ticket = e.create_primary(
         None, template, ESYS_TR.ENDORSEMENT)
     try:

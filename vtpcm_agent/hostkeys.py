@@ -35,7 +35,9 @@ is salted to the public key in the CreatePrimary answer, so an interposer
 that swapped it would read everything the session encrypts. The pin does
 not authenticate the first start, so at enrollment the AK certifies each
 parent's creation (``certify_parent``, TPM2_CertifyCreation) and the engine
-checks the pinned names are this TPM's primaries (issue 9).
+checks the pinned names are this TPM's primaries (issue 9); with
+``[host_tpm] ek_ca_file`` the agent checks them itself before its first
+seal (``ekverify``).
 
 The AK's parent is a storage primary of the *endorsement* hierarchy: a key
 of another hierarchy gets its quotes' resetCount/restartCount obfuscated,
@@ -396,12 +398,14 @@ class ParentCertification(NamedTuple):
 def certify_parent(e: ESAPI, hierarchy: ESYS_TR, pinned: bytes, signer: ESYS_TR,
                    session: ESYS_TR, qualifying: bytes) -> ParentCertification:
     """Re-create ``hierarchy``'s storage primary (refused unless its name is
-    ``pinned``) and have ``signer`` (the loaded AK, authorized by
+    ``pinned``; empty: its name as answered, the first start's
+    ``ekverify``) and have ``signer`` (the loaded AK, authorized by
     ``session``) certify its creation; extraData binds ``qualifying`` to
     the hierarchy and to the agent's own pin (``authn.parent_binding``), so
     the AK's signature covers the ``pinned_name`` the reply reports."""
     which = _HIERARCHY_NAMES[hierarchy]
     with pinned_primary(e, hierarchy, pinned) as primary:
+        pinned = primary.name  # the pin itself if one was given
         attest, sig = e.certify_creation(
             signer, primary.handle, authn.parent_binding(qualifying, which, pinned),
             primary.creation_hash,
@@ -440,31 +444,45 @@ def use(e: ESAPI, session: ESYS_TR, attrs: TPMA_SESSION) -> ESYS_TR:
 
 
 def _create_child(e: ESAPI, hierarchy: ESYS_TR, public: TPM2B_PUBLIC,
-                  auth: bytes, pinned: bytes) -> tuple[bytes, bytes, bytes]:
+                  auth: bytes, pinned: bytes, salted: ESYS_TR | None = None,
+                  ) -> tuple[bytes, bytes, bytes]:
+    """``salted``: a session of the caller's (the first start's, salted to
+    the verified EK: ``ekverify``) instead of one salted to the parent; it
+    authorizes the parent too, so its name is in the command's HMAC."""
     sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=auth))
     with pinned_parent(e, hierarchy, pinned) as (p, name):
-        session = salted_session(e, p)
+        session = salted_session(e, p) if salted is None else salted
         try:
             # inSensitive (the auth value) is the first parameter: encrypted
             priv, pub, _cd, _cdig, _tk = e.create(p, sensitive, public,
                                                   session1=use(e, session, DECRYPT))
         finally:
-            e.flush_context(session)
+            if salted is None:
+                e.flush_context(session)
     return pub.marshal(), priv.marshal(), name
 
 
 def create_kem(e: ESAPI, auth: bytes, pcrs: TPML_PCR_SELECTION | None,
-               pinned: bytes = b"") -> tuple[bytes, bytes, bytes]:
+               pinned: bytes = b"", salted: ESYS_TR | None = None,
+               ) -> tuple[bytes, bytes, bytes]:
     """A new KEM key (owner hierarchy): (public, private) blobs and its
     parent's name (``pinned``: the name it must have). With ``pcrs`` bound
     to their current values (userWithAuth clear: ZGen only through the
-    policy)."""
+    policy). ``salted``: as ``_create_child``'s."""
     if pcrs is None:
         public = template(KEM_TEMPLATE, KEM_ATTRS)
     else:
         public = template(KEM_TEMPLATE, KEM_ATTRS & ~TPMA_OBJECT.USERWITHAUTH,
                           kem_policy(e, pcrs))
-    return _create_child(e, KEM_HIERARCHY, public, auth, pinned)
+    return _create_child(e, KEM_HIERARCHY, public, auth, pinned, salted)
+
+
+def create_ak(e: ESAPI, auth: bytes, salted: ESYS_TR | None = None,
+              ) -> tuple[bytes, bytes, bytes]:
+    """A new AK (endorsement hierarchy): (public, private) blobs and its
+    parent's name. ``salted``: as ``_create_child``'s."""
+    return _create_child(e, AK_HIERARCHY, template(AK_TEMPLATE, AK_ATTRS), auth, b"",
+                         salted)
 
 
 def create_blobs(e: ESAPI, ak_auth: bytes, kem_auth: bytes,
@@ -482,8 +500,7 @@ def create_blobs(e: ESAPI, ak_auth: bytes, kem_auth: bytes,
     attempt) is sent; the AK's parent, the endorsement primary, has no
     earlier pin to check (design "Open points")."""
     kem_pub, kem_priv, kem_parent = create_kem(e, kem_auth, kem_pcrs, kem_parent)
-    ak_pub, ak_priv, ak_parent = _create_child(e, AK_HIERARCHY,
-                                               template(AK_TEMPLATE, AK_ATTRS), ak_auth, b"")
+    ak_pub, ak_priv, ak_parent = create_ak(e, ak_auth)
     return KeyBlobs(ak_public=ak_pub, ak_private=ak_priv,
                     kem_public=kem_pub, kem_private=kem_priv,
                     ak_parent_name=ak_parent, kem_parent_name=kem_parent)

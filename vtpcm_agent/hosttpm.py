@@ -55,8 +55,10 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from secrets import token_bytes
 from typing import TypeVar
 
+from cryptography import x509
 from oslo_log import log as logging
 from tpm2_pytss import ESAPI
 from tpm2_pytss.constants import (
@@ -85,7 +87,7 @@ from tpm2_pytss.types import (
     TPMU_HA,
 )
 
-from vtpcm_agent import hostek, hostkeys, keycache
+from vtpcm_agent import ekverify, hostek, hostkeys, keycache
 
 # Re-exported: hosttpm's interface predates hostek (patch them in hostek).
 from vtpcm_agent.hostek import EK_CERT_INDICES as EK_CERT_INDICES
@@ -93,8 +95,8 @@ from vtpcm_agent.hostek import EK_TYPES as EK_TYPES
 from vtpcm_agent.hostkeys import AK_ATTRS as AK_ATTRS
 from vtpcm_agent.hostkeys import KEM_ATTRS as KEM_ATTRS
 from vtpcm_agent.keyauth import KeyAuth
-from vtpcm_common import spans
-from vtpcm_common.exception import HostTPMError
+from vtpcm_common import ekcert, spans
+from vtpcm_common.exception import CertificationError, HostTPMError, InvalidInput
 
 LOG = logging.getLogger(__name__)
 
@@ -102,7 +104,8 @@ T = TypeVar("T")
 _Loaded = AbstractContextManager[hostkeys.Loaded]
 
 # A sealed data object: the caller supplies the sensitive data, so no
-# sensitiveDataOrigin; no sign/decrypt; unseal needs only the (empty) auth.
+# sensitiveDataOrigin; no sign/decrypt; unseal needs its auth value (random
+# since format 3 of SealedObject; empty before).
 # Version 1 (SEALED_ATTRS under hostkeys.SRK_ATTRS) was DA-protected: in a DA
 # lockout any local TPM user can cause, the agent could not restart (finding
 # M3). Version 2 is noDA under the noDA owner parent, whose name it pins.
@@ -116,6 +119,8 @@ class HostTPMLockout(HostTPMError):
     a DictionaryAttackLockReset."""
 
 MAX_SEAL_BYTES = 128  # MAX_SYM_DATA: the largest sensitive data a TPM seals
+SEAL_AUTH_LEN = 32  # the sealed object's own userAuth (format 3)
+_CRYPT_BOTH = hostkeys.DECRYPT | hostkeys.ENCRYPT
 _PCR_BANKS = {"sha1": TPM2_ALG.SHA1, "sha256": TPM2_ALG.SHA256,
               "sha384": TPM2_ALG.SHA384, "sha512": TPM2_ALG.SHA512}
 KEM_POLICY_BANK = "sha256"
@@ -157,50 +162,82 @@ class QuoteResult:
 
 @dataclass(frozen=True, repr=False)
 class SealedObject:
-    """A TPM-wrapped sealed data object (safe to store on disk).
+    """A TPM-wrapped sealed data object (safe to store on disk, root-only).
 
     ``public`` is a marshaled TPM2B_PUBLIC and ``private`` a marshaled
     TPM2B_PRIVATE (both with their 2-byte size prefix), as TPM2_Load wants.
     ``parent_name``: the name of the storage primary it was sealed under,
     pinned (finding H1); empty in a version-1 object (then the parent is
-    the DA-protected ``hostkeys.SRK_ATTRS`` one). Only the TPM that sealed
-    it can load it. The repr shows sizes only.
+    the DA-protected ``hostkeys.SRK_ATTRS`` one). ``auth``: the object's
+    random 32-byte userAuth (format 3; empty in formats 1 and 2, sealed
+    with an empty auth value). Without it a TPM-wrapped blob seen on the
+    TPM interface (Create's outPrivate, Load's inPrivate) unseals for
+    anyone who can send that TPM commands (review eksalt, finding 1).
+    Only the TPM that sealed it can load it. The repr shows sizes only.
     """
 
     public: bytes
     private: bytes
     parent_name: bytes = b""
+    auth: bytes = b""
 
     _MAGIC_V1 = b"VTSO\x01"
-    _MAGIC = b"VTSO\x02"
+    _MAGIC_V2 = b"VTSO\x02"
+    _MAGIC = b"VTSO\x03"
 
     @property
     def legacy(self) -> bool:
         """A version-1 object: DA-protected parent, nothing pinned."""
         return not self.parent_name
 
+    @property
+    def current(self) -> bool:
+        """Format 3: its own random auth value (older ones are resealed)."""
+        return bool(self.parent_name) and bool(self.auth)
+
     def to_bytes(self) -> bytes:
-        """File format 2: ``b"VTSO" 0x02 | u32 len | public | u32 len |
-        private | u32 len | parent_name``; format 1 has no parent_name."""
-        fields = [self.public, self.private] + ([] if self.legacy else [self.parent_name])
-        return (self._MAGIC_V1 if self.legacy else self._MAGIC) + b"".join(
-            struct.pack(">I", len(f)) + f for f in fields)
+        """File format 3: ``b"VTSO" 0x03 | u32 len | public | u32 len |
+        private | u32 len | parent_name | u32 len | auth``; format 2 has no
+        auth, format 1 no parent_name either. An auth value without a
+        parent name has no format (format 1 would drop it, and the object
+        would not unseal): refused."""
+        if self.auth and not self.parent_name:
+            raise HostTPMError(reason="sealed object: an auth value needs a parent name "
+                                      "(format 3); format 1 cannot hold it")
+        if self.current:
+            magic, fields = self._MAGIC, [self.public, self.private, self.parent_name,
+                                          self.auth]
+        elif self.legacy:
+            magic, fields = self._MAGIC_V1, [self.public, self.private]
+        else:
+            magic, fields = self._MAGIC_V2, [self.public, self.private, self.parent_name]
+        return magic + b"".join(struct.pack(">I", len(f)) + f for f in fields)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SealedObject:
         """Parse ``to_bytes`` output strictly (HostTPMError on any mismatch)."""
-        if data[:len(cls._MAGIC)] == cls._MAGIC:
-            names: tuple[str, ...] = ("public", "private", "parent_name")
-        elif data[:len(cls._MAGIC_V1)] == cls._MAGIC_V1:
+        magic = data[:len(cls._MAGIC)]
+        if magic == cls._MAGIC:
+            names: tuple[str, ...] = ("public", "private", "parent_name", "auth")
+        elif magic == cls._MAGIC_V2:
+            names = ("public", "private", "parent_name")
+        elif magic == cls._MAGIC_V1:
             names = ("public", "private")
         else:
             raise HostTPMError(reason="sealed object: bad magic/version or too short")
-        return cls(*hostkeys.read_fields(data, len(cls._MAGIC), names, "sealed object"))
+        obj = cls(*hostkeys.read_fields(data, len(cls._MAGIC), names, "sealed object"))
+        if magic == cls._MAGIC and (len(obj.auth) != SEAL_AUTH_LEN or not obj.parent_name):
+            raise HostTPMError(reason="sealed object: format 3 needs a parent name and a "
+                                      f"{SEAL_AUTH_LEN}-byte auth value")
+        if magic == cls._MAGIC_V2 and not obj.parent_name:
+            raise HostTPMError(reason="sealed object: format 2 needs a parent name")
+        return obj
 
     def __repr__(self) -> str:
         return (f"SealedObject(public=<{len(self.public)} bytes>, "
                 f"private=<{len(self.private)} bytes>, "
-                f"parent_name=<{len(self.parent_name)} bytes>)")
+                f"parent_name=<{len(self.parent_name)} bytes>, "
+                f"auth=<{len(self.auth)} bytes>)")
 
 
 def _sealed_template() -> TPM2B_PUBLIC:
@@ -269,6 +306,9 @@ class HostTPM:
         # the pinned parent name of the sealed host key (bind_host_key_parent):
         # the KEM key's parent must be that primary; None: no sealed host key
         self._host_key_parent: bytes | None = None
+        # [host_tpm] ek_ca_file (bind_host_key_parent): missing key blobs are
+        # re-created only in the verified TPM
+        self._ek_ca_file: Path | None = None
         with _LOCKS_GUARD:
             self._lock = _LOCKS.setdefault(tcti, threading.RLock())
         try:
@@ -295,10 +335,10 @@ class HostTPM:
             self._kem_pcr_list = tuple(sorted(set(kem_pcrs)))
             self._check_stored_parents()
 
-    def bind_host_key_parent(self, name: bytes) -> None:
+    def bind_host_key_parent(self, name: bytes, ek_ca_file: Path | None = None) -> None:
         """Tie the AK and KEM key to the host key sealed in this TPM: ``name``
         is the pinned parent of that sealed object (``TPMSealedHostKey``
-        calls this), empty for a format-1 object still unpinned.
+        calls this), empty for a format-1 or -2 object whose reseal failed.
 
         Why: the AK's and KEM key's auth values derive from the host key, so
         whoever read it at its seal owns both keys, whatever enrollment
@@ -307,9 +347,16 @@ class HostTPM:
         the one the AK certifies at enrollment: an interposer that swapped
         the primary only for the seal is refused here (at start if the key
         blobs exist, else when they would be created), before any key is
-        used. An unpinned (format-1) host key cannot be tied: refused too."""
+        used. An old (format-1 or -2) host key whose reseal failed: refused too.
+
+        ``ek_ca_file`` (``[host_tpm] ek_ca_file``): key blobs missing at a
+        later start (moved aside) are re-created only after the TPM is
+        verified against these EK CAs (``ekverify``, as at the first start)
+        and only if the owner primary the AK certifies is ``name``; else the
+        re-created AK would trust whatever answers the endorsement primary."""
         with self._lock:
             self._host_key_parent = bytes(name)
+            self._ek_ca_file = ek_ca_file
             self._blobs = None
             self._cache.clear(self._esapi)
             self._check_stored_parents()
@@ -317,7 +364,7 @@ class HostTPM:
     def _check_stored_parents(self) -> None:
         """The file check of ``bind_host_key_parent`` at start (no TPM
         command): stored, pinned key blobs whose KEM parent is not the host
-        key's parent are refused now. An unpinned (format-1) host key is
+        key's parent are refused now. An old (format-1 or -2) host key is
         not: the agent starts and unwraps instance keys with it, and the
         AK/KEM key are refused at their first use (``_key_blobs``) until a
         restart reseals it (akfix review round 2, finding 3)."""
@@ -335,11 +382,12 @@ class HostTPM:
             return
         if not want:
             raise HostTPMError(reason=(
-                "the host key is still a format-1 sealed object: resealing it as format 2 "
-                "failed at the agent's start (see the warning logged then; the format-1 "
-                "file is intact and still unwraps the instance keys), so its storage "
-                "parent is not pinned and cannot be tied to the owner parent enrollment "
-                "certifies; the AK and KEM key are not used (no enrollment, attestation "
+                "the host key is still an older sealed object (format 1 or 2): resealing "
+                "it as format 3 failed at the agent's start (see the warning logged then; "
+                "the old file is intact and still unwraps the instance keys), so it is "
+                "not tied to the owner parent enrollment certifies (format 1) or unseals "
+                "with an empty auth value (format 2); the AK and KEM key are not used "
+                "(no enrollment, attestation "
                 "or migration of this host) until the agent is restarted after fixing "
                 "the cause (e.g. disk space or permissions of the state directory), "
                 "which reseals it"))
@@ -450,13 +498,10 @@ class HostTPM:
                 secrets = self._secrets()
                 # the KEM key only under the host key's parent (pinned)
                 self._check_host_key_parent(self._host_key_parent or b"")
-                try:
-                    blobs = hostkeys.create_blobs(e, secrets.ak.auth, secrets.kem.auth,
-                                                  self._kem_pcrs, self._host_key_parent or b"")
-                except hostkeys.ParentMismatch as exc:
-                    raise hostkeys.ParentMismatch(reason=(
-                        "the KEM key is created only under the owner primary the host key "
-                        f"was sealed under: {exc.kwargs['reason']}")) from None
+                if self._ek_ca_file is not None:
+                    blobs = self._verified_blobs(e, secrets, self._ek_ca_file)
+                else:
+                    blobs = self._created_blobs(e, secrets)
                 self._blob_store.save(blobs)
                 blobs = self._blob_store.load() or blobs  # another thread's, if first
                 LOG.info("Created the agent's AK and KEM key in the host TPM (%(store)r)",
@@ -466,6 +511,42 @@ class HostTPM:
             self._check_host_key_parent(blobs.kem_parent_name)
             self._blobs = blobs
         return self._blobs
+
+    def _created_blobs(self, e: ESAPI, key_auth: KeyAuth) -> hostkeys.KeyBlobs:
+        """The AK and KEM key created trusting the TPM's answers (no
+        ek_ca_file), the KEM key under the host key's pinned parent."""
+        try:
+            return hostkeys.create_blobs(e, key_auth.ak.auth, key_auth.kem.auth,
+                                         self._kem_pcrs, self._host_key_parent or b"")
+        except hostkeys.ParentMismatch as exc:
+            raise hostkeys.ParentMismatch(reason=(
+                "the KEM key is created only under the owner primary the host key "
+                f"was sealed under: {exc.kwargs['reason']}")) from None
+
+    def _verified_blobs(self, e: ESAPI, key_auth: KeyAuth,
+                        ek_ca_file: Path) -> hostkeys.KeyBlobs:
+        """The AK and KEM key re-created as at a verified first start
+        (``ekverify``), refused unless the owner primary the AK certified is
+        the one the host key is sealed under (and pinned)."""
+        what = (f"the AK and KEM key are missing ({self._blob_store!r}) and, with "
+                "[host_tpm] ek_ca_file set, are re-created only in the verified TPM")
+        try:
+            blobs = ekverify.verified_keys(e, ekcert.load_ca_file(ek_ca_file),
+                                           key_auth.ak.auth, key_auth.kem.auth,
+                                           self._kem_pcrs)
+        except (HostTPMError, CertificationError, InvalidInput) as exc:
+            raise HostTPMError(reason=f"{what}: {exc.kwargs.get('reason', exc)}") from None
+        want = self._host_key_parent
+        if want and blobs.kem_parent_name != want:
+            raise hostkeys.ParentMismatch(reason=(
+                f"{what}: the owner storage primary the AK certified now "
+                f"({blobs.kem_parent_name.hex()}) is not the one the host key was sealed "
+                f"under ({want.hex()}): the owner hierarchy was cleared, or something "
+                "between the agent and the TPM answered for it. Nothing was written; "
+                "keep every file of the state directory and check the TPM device path; "
+                "if the TPM really was cleared, move the state directory aside and "
+                "re-enroll the host"))
+        return blobs
 
     def _pin_parents(self, e: ESAPI, blobs: hostkeys.KeyBlobs) -> hostkeys.KeyBlobs:
         """Version-1 blobs (before parents were pinned): pin the parents'
@@ -722,22 +803,41 @@ class HostTPM:
             return z.rjust(32, b"\x00")
         return self._call_keys("ECDH_ZGen", run)
 
+    # -- the first start, verified ([host_tpm] ek_ca_file) ----------------
+    def verified_first_keys(self, key_auth: KeyAuth, cas: Sequence[x509.Certificate],
+                            kem_pcrs: Sequence[int] = ()) -> hostkeys.KeyBlobs:
+        """The AK and KEM key of a first start, created only after this TPM
+        was verified against the EK CAs ``cas`` (``ekverify``); their
+        parents are certified by the AK. Nothing is stored: the caller seals
+        the host key under ``kem_parent_name`` and then stores both."""
+        selection = self._kem_selection(kem_pcrs)
+        return self._call("first start verification", lambda e: ekverify.verified_keys(
+            e, cas, key_auth.ak.auth, key_auth.kem.auth, selection))
+
     # -- sealing ---------------------------------------------------------
     def seal(self, secret: bytes, pinned: bytes = b"") -> SealedObject:
         """Seal ``secret`` (1..128 bytes) as a noDA object under the noDA
-        owner storage primary (``pinned``: the name it must have)."""
+        owner storage primary (``pinned``: the name it must have), with a
+        random auth value of its own (format 3).
+
+        The auth value and the secret go only inside Create's inSensitive,
+        encrypted with a session salted to the (pinned) parent; the response
+        (outPrivate) is encrypted too. Unsealing needs the auth value: a
+        copy of the blob taken off the TPM interface is not enough."""
         if not isinstance(secret, bytes) or not 0 < len(secret) <= MAX_SEAL_BYTES:
             raise HostTPMError(reason=f"seal: secret must be 1..{MAX_SEAL_BYTES} bytes")
-        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=secret))
+        auth = token_bytes(SEAL_AUTH_LEN)
+        sensitive = TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(userAuth=auth, data=secret))
 
         def run(e: ESAPI) -> SealedObject:
             with self._srk(e, pinned) as (srk, session, name):
-                # inSensitive (the secret) is the first parameter: encrypted
+                # inSensitive (auth value, secret) is the first parameter and
+                # outPrivate the first of the response: both encrypted
                 priv, pub, _cd, _cdig, _tk = e.create(
                     srk, sensitive, _sealed_template(),
-                    session1=hostkeys.use(e, session, hostkeys.DECRYPT))
+                    session1=hostkeys.use(e, session, _CRYPT_BOTH))
             return SealedObject(public=pub.marshal(), private=priv.marshal(),
-                                parent_name=name)
+                                parent_name=name, auth=auth)
         return self._call("seal", lambda e: _lockout_named(lambda: run(e)))
 
     def unseal(self, sealed: SealedObject) -> bytes:
@@ -746,7 +846,10 @@ class HostTPM:
         Fails (HostTPMError) in any other TPM: the blob's integrity is
         checked with a key derived from this TPM's owner seed; and
         (ParentMismatch) when the storage primary's name is not the one the
-        object pins; HostTPMLockout in DA lockout (a version-1 object).
+        object pins; HostTPMLockout in DA lockout (a version-1 object). The
+        object's auth value (format 3) only keys the HMAC session salted to
+        the parent, which also encrypts the response: neither it nor the
+        secret crosses the TPM interface in clear.
         """
         try:
             pub, used_pub = TPM2B_PUBLIC.unmarshal(sealed.public)
@@ -760,6 +863,7 @@ class HostTPM:
             with self._srk(e, sealed.parent_name, sealed.legacy) as (srk, session, _name):
                 obj = e.load(srk, priv, pub)
                 try:
+                    e.tr_set_auth(obj, sealed.auth)
                     # the response's outData is the secret: encrypted
                     return bytes(e.unseal(obj, session1=hostkeys.use(e, session,
                                                                      hostkeys.ENCRYPT)))

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeVar
 from oslo_log import log as logging
 
 from vtpcm_agent import sealing
-from vtpcm_agent.association import Association, AssociationList, VTPCMState
+from vtpcm_agent.association import Association, AssociationList, VTPCMState, floor_advice
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
 from vtpcm_agent.swtpm import ctrl, isolation, process, provision, uidprocs
 from vtpcm_common import exception
@@ -35,6 +35,12 @@ S = VTPCMState
 PERMANENT_STATE_FILE = "tpm2-00.permall"
 OWN_DIRS = "vm"  # <run_dir>/vm/<instance uuid>/: an unprivileged swtpm's sockets
 VOLATILE_STATE_FILE = "tpm2-00.volatilestate"
+# fewer uids than this (or than a tenth of the range) left in [agent]
+# swtpm_uid_range: a WARNING at the agent's start
+UIDS_LOW = 100
+# seconds between the watchdog's sweeps of the uids kept aside (a segment
+# another user keeps attached goes with its last detach)
+KEPT_SWEEP_INTERVAL = 60
 # what a guest keeps and loses when its swtpm is restarted (logged for the operator)
 RESTART_OUTCOME = (
     "the guest keeps its permanent TPM state (NV indices, EK and its certificates, "
@@ -122,6 +128,30 @@ class InstanceManager:
                 os.chmod(path, 0o711)  # noqa: S103
             (settings.run_dir / OWN_DIRS).mkdir(exist_ok=True)
             os.chmod(settings.run_dir / OWN_DIRS, 0o755)  # noqa: S103
+            self.check_uid_range()
+
+    def check_uid_range(self) -> int:
+        """At the agent's start: an ERROR if no uid of ``[agent]
+        swtpm_uid_range`` can be given out (every create would fail), a
+        WARNING if few are left (fewer than ``UIDS_LOW`` or a tenth of
+        the range). How many are left."""
+        if self.settings.swtpm_uids is None:
+            return 0
+        first, last = self.settings.swtpm_uids
+        left, floor = self.associations.uid_headroom(first, last)
+        if left == 0:
+            LOG.error("No swtpm uid can be given out: creating or migrating in a vTPCM will "
+                      "fail. %s", floor_advice(first, last, *floor)
+                      if floor is not None and floor[0] >= last else
+                      "[agent] swtpm_uid_range %d-%d is used up (a uid is never given out "
+                      "twice); widen the range (raise LAST, or give uids above it)"
+                      % (first, last))
+        elif left < max(UIDS_LOW, (last - first + 1) // 10):
+            LOG.warning("Only %(left)d uid(s) of [agent] swtpm_uid_range %(first)d-%(last)d "
+                        "are left to give out (a uid is never given out twice: one per "
+                        "vTPCM created or migrated in); widen the range (raise LAST) before "
+                        "it is used up", {"left": left, "first": first, "last": last})
+        return left
 
     def _lock_for(self, instance_uuid: str) -> threading.RLock:
         with self._locks_guard:
@@ -288,9 +318,12 @@ class InstanceManager:
             raise exception.InvalidTransition(
                 what="vTPCM of instance", key=instance_uuid, current=assoc.state.value,
                 target=S.DESTROYED.value)
+        # also a swtpm that a STOPPED record may still have; processes of
+        # its uid that outlive it do not stop the shred (``_kill``)
+        self._kill(assoc, shredding=True)
         if assoc.state is S.ACTIVE:
-            assoc = self.stop(instance_uuid)
-        self._kill(assoc)  # also a swtpm that a STOPPED record may still have
+            assoc = self.associations.transition(
+                instance_uuid, S.STOPPED, expected=frozenset({S.ACTIVE}), pid=None)
         self._shred(assoc)
         return self.associations.transition(instance_uuid, S.DESTROYED, pid=None)
 
@@ -411,7 +444,7 @@ class InstanceManager:
         if assoc.state is S.DESTROYED and assoc.migration_id == ctx.migration_id:
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
-        self._kill(assoc)
+        self._kill(assoc, shredding=True)
         self._shred(assoc)
         return self.associations.transition(
             ctx.instance_uuid, S.DESTROYED, expected=frozenset({S.MIGRATING_OUT}), pid=None)
@@ -615,6 +648,7 @@ class InstanceManager:
                           "is not running", {"instance": assoc.instance_uuid,
                                              "vtpcm": assoc.vtpcm_id,
                                              "state": assoc.state.value})
+        self.sweep_kept()
         # the seconds: an agent restart delays every RPC on the host by this
         LOG.info("Recovered: %(a)d adopted, %(c)d crashed, %(x)d interrupted creates "
                  "cleaned in %(s).3f s",
@@ -658,7 +692,8 @@ class InstanceManager:
         # no swtpm of this instance runs (the caller checked): whatever
         # else its uid runs is an exploited swtpm that hid, and would race
         # the hand-over below
-        uidprocs.kill_all(uid, timeout=self.settings.timeout)
+        uidprocs.kill_all(uid, timeout=self.settings.timeout,
+                          own_dirs=self._uid_dirs(instance_uuid, paths))
         run_as = process.RunAs(uid=uid, gid=uid)
         public = self.public_ctrl_socket(instance_uuid)
         isolation.hand_over(paths, run_as, public,
@@ -666,33 +701,71 @@ class InstanceManager:
         return run_as
 
     def _drop_own_files(self, instance_uuid: str) -> None:
-        """Remove an instance's public links and socket dir and free its uid:
-        only once no process of the uid is left (an exploited swtpm may have
-        hidden from ``_kill``) and its temporary files are gone."""
+        """Remove an instance's public links and socket dir and free its uid
+        once no process of the uid is left (an exploited swtpm may have
+        hidden from ``_kill``) and nothing of it remains in the shared
+        temporary directories or SysV IPC (``uidprocs.sweep``).
+
+        Never fails for what the uid left: the keys and state are gone by
+        then, and another user can keep a leftover alive (a segment it keeps
+        attached, review of the sweep, MEDIUM 2), so a destroy that waited
+        for it could be blocked by anyone. The uid is kept aside instead
+        (never given out again, and no longer the instance's), logged with
+        a WARNING naming what remains, and swept again by ``sweep_kept``."""
         if self.settings.swtpm_uids is None:
             return
         uid = self.associations.uid_of(instance_uuid)
+        kept: exception.SwtpmError | None = None
         if uid is not None:
-            uidprocs.kill_all(uid, timeout=self.settings.timeout)  # raises: uid kept
-        # with no process of the uid left its files cannot act: a tree it
-        # built to make these fail must not keep the uid forever
-        # (review round 2 of isofix, MEDIUM 3)
-        public = self.public_ctrl_socket(instance_uuid)
-        steps: list[tuple[str, Callable[[], object]]] = [
-            ("its socket dir", lambda: isolation.remove(
-                self.settings.run_dir / OWN_DIRS / instance_uuid,
-                (public, public.with_suffix(""))))]
-        if uid is not None:
-            steps.insert(0, ("the leftovers of uid %d" % uid, lambda: uidprocs.sweep_files(uid)))
-        for what, step in steps:
             try:
-                step()
-            except (OSError, exception.VTPCMException) as exc:
-                LOG.error("Could not remove %(what)s of instance %(inst)s (the uid is freed "
-                          "anyway: no process of it is left): %(err)s",
-                          {"what": what, "inst": instance_uuid,
-                           "err": getattr(exc, "message", None) or str(exc)})
+                uidprocs.kill_all(uid, timeout=self.settings.timeout)
+                uidprocs.sweep(uid)
+            except exception.SwtpmError as exc:
+                kept = exc
+        # the socket dir is this instance's own, never the uid's next
+        # holder's: a tree the uid built there to make its removal fail
+        # must not keep the uid forever (review round 2 of isofix, MEDIUM 3)
+        public = self.public_ctrl_socket(instance_uuid)
+        try:
+            isolation.remove(self.settings.run_dir / OWN_DIRS / instance_uuid,
+                             (public, public.with_suffix("")))
+        except (OSError, exception.VTPCMException) as exc:
+            LOG.error("Could not remove the socket dir of instance %(inst)s (the uid is "
+                      "freed anyway: no process of it is left): %(err)s",
+                      {"inst": instance_uuid,
+                       "err": getattr(exc, "message", None) or str(exc)})
+        if kept is not None:
+            self.associations.keep_uid(instance_uuid)
+            LOG.warning("Keeping swtpm uid %(uid)d of instance %(inst)s aside (never given "
+                        "out again; swept again every %(every)d s and at the agent's "
+                        "start): %(err)s",
+                        {"uid": uid, "inst": instance_uuid, "every": KEPT_SWEEP_INTERVAL,
+                         "err": kept.message})
+            return
         self.associations.release_uid(instance_uuid)
+
+    def sweep_kept(self) -> int:
+        """Sweep the uids kept aside again; record each found clean as freed
+        (never given out again either). Returns how many are still kept."""
+        if self.settings.swtpm_uids is None:
+            return 0
+        still = []
+        for instance_uuid, uid in self.associations.kept_uids():
+            try:
+                uidprocs.kill_all(uid, timeout=self.settings.timeout)
+                uidprocs.sweep(uid)
+            except exception.SwtpmError as exc:
+                still.append(uid)
+                LOG.debug("swtpm uid %(uid)d stays kept: %(err)s",
+                          {"uid": uid, "err": exc.message})
+                continue
+            self.associations.release_kept(uid)
+            LOG.info("Freed kept swtpm uid %(uid)d (of instance %(inst)s): nothing of it "
+                     "remains", {"uid": uid, "inst": instance_uuid})
+        if still:
+            LOG.warning("Swtpm uids kept aside with leftovers (%(uids)s)",
+                        {"uids": uidprocs.some(still)})
+        return len(still)
 
     def _received_state(self, assoc: Association) -> bool:
         """An incoming vTPCM holds state once QEMU or import_state set it."""
@@ -704,16 +777,43 @@ class InstanceManager:
                 migration_id=ctx.migration_id,
                 reason="this migration was aborted; a new migration needs a new id")
 
-    def _kill(self, assoc: Association) -> None:
+    def _kill(self, assoc: Association, shredding: bool = False) -> None:
+        """Stop the instance's swtpm and every process of its uid.
+
+        ``shredding`` (destroy, commit of an outgoing migration): once the
+        swtpm's own pid is gone, processes of the uid that survive do not
+        stop the shred. Another local user can keep re-creating them (a
+        setuid file of the uid it holds open, review round 2 of the sweep,
+        MEDIUM 1); failing here would leave the keys and state on disk for
+        good. The shred then keeps the uid aside (``_drop_own_files``).
+        Start and restart still refuse while a process of the uid lives
+        (``_own_files``)."""
         paths = self._paths_of(assoc)
         pid = process.find_running(paths) or assoc.pid
         if pid is not None and process.is_alive(pid, paths):
             process.stop(pid, paths, timeout=self.settings.timeout)
         uid = (self.associations.uid_of(assoc.instance_uuid)
                if self.settings.swtpm_uids is not None else None)
-        if uid is not None:
+        if uid is None:
+            return
+        try:
             # a swtpm that unlinked its socket is not "alive" to the above
-            uidprocs.kill_all(uid, timeout=self.settings.timeout)
+            uidprocs.kill_all(uid, timeout=self.settings.timeout,
+                              own_dirs=self._uid_dirs(assoc.instance_uuid, paths))
+        except exception.SwtpmError as exc:
+            if not shredding or (pid is not None and not uidprocs.gone(pid)) \
+                    or process.find_running(paths) is not None:
+                raise
+            LOG.warning("Shredding the vTPCM of instance %(inst)s although processes of its "
+                        "swtpm uid %(uid)d survive (its swtpm is gone; the uid will be kept "
+                        "aside): %(err)s",
+                        {"inst": assoc.instance_uuid, "uid": uid, "err": exc.message})
+
+    def _uid_dirs(self, instance_uuid: str, paths: process.SwtpmPaths) -> tuple[Path, ...]:
+        """The instance's own directories its uid can write in (its state
+        dir, its socket dir): defused with the temporary ones by
+        ``uidprocs.kill_all``."""
+        return (paths.state_dir, self.settings.run_dir / OWN_DIRS / instance_uuid)
 
     def _shred(self, assoc: Association) -> None:
         self.keystore.destroy(assoc.vtpcm_id)

@@ -23,6 +23,7 @@ import secrets
 import stat
 import threading
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -33,9 +34,10 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from oslo_log import log as logging
 
+from vtpcm_agent import hostkeys, keyauth
 from vtpcm_agent.hostkeys import ParentMismatch
 from vtpcm_agent.hosttpm import HostTPM, HostTPMLockout, SealedObject
-from vtpcm_common import fileutil
+from vtpcm_common import ekcert, fileutil
 from vtpcm_common.exception import (
     AlreadyExists,
     HostTPMError,
@@ -206,26 +208,39 @@ class TPMSealedHostKey(_CachedHostKey):
     orphan every wrapped instance key.
     """
 
-    def __init__(self, host_tpm: HostTPM, path: Path) -> None:
+    def __init__(self, host_tpm: HostTPM, path: Path, *, ek_ca_file: Path | None = None,
+                 key_file: Path | None = None, kem_pcrs: Sequence[int] = ()) -> None:
+        """``ek_ca_file`` (``[host_tpm] ek_ca_file``): at the first start
+        (no ``path`` yet) verify the TPM against these EK CAs, create the AK
+        and KEM key (stored in ``key_file``, with ``kem_pcrs``) and seal
+        the host key under the certified owner primary (``ekverify``);
+        without it the first start is trust on first use (a warning)."""
         super().__init__(path)
         self._tpm = host_tpm
+        self._ek_ca_file = ek_ca_file
+        self._key_file = key_file
+        self._kem_pcrs = tuple(kem_pcrs)
+        if ek_ca_file is not None and key_file is None:
+            raise InvalidInput(reason="ek_ca_file needs the key blobs' file (key_file)")
 
     def _load_or_create(self) -> bytes:
         """The host key; its sealed object's pinned parent is bound to the
         HostTPM (``bind_host_key_parent``): the AK and KEM key are used only
-        if their owner parent, the one enrollment certifies, is that one."""
+        if their owner parent, the one enrollment certifies, is that one;
+        with ``ek_ca_file`` a missing AK and KEM key are re-created only in
+        the verified TPM, under the owner primary it certifies as that one."""
         key, parent = self._unsealed()
-        self._tpm.bind_host_key_parent(parent)
+        self._tpm.bind_host_key_parent(parent, ek_ca_file=self._ek_ca_file)
         return key
 
     def _unsealed(self) -> tuple[bytes, bytes]:
         """The host key and its sealed object's pinned parent name (empty:
-        a format-1 object whose reseal failed)."""
+        a format-1 or -2 object whose reseal failed)."""
         try:
             data = _read_private_file(self._path, "sealed host key file")
         except FileNotFoundError:
             key = secrets.token_bytes(KEY_LEN)
-            sealed = self._tpm.seal(key)
+            sealed = self._first_seal(key)
             try:
                 fileutil.write_atomic(self._path, sealed.to_bytes(), replace=False)
             except FileExistsError:
@@ -257,33 +272,71 @@ class TPMSealedHostKey(_CachedHostKey):
                                        f"file): {exc.message}") from exc
         if len(key) != KEY_LEN:
             raise KeyStoreError(reason=f"unsealed host key {self._path} has a wrong length")
-        if sealed.legacy:
-            return key, self._upgrade(key)
+        if not sealed.current:
+            return key, self._upgrade(key, sealed)
         return key, sealed.parent_name
 
-    def _upgrade(self, key: bytes) -> bytes:
-        """Reseal a version-1 host key (DA-protected, parent unpinned) as a
-        noDA object under the noDA parent, pinning its name, and swap the
-        file atomically; its parent's name (bound to the HostTPM like a new
-        seal's). On failure the version-1 file stays and unwraps instance
-        keys, but no parent is pinned (empty): the agent starts, the AK and
-        KEM key are refused at use until a later start reseals it."""
+    def _first_seal(self, key: bytes) -> SealedObject:
+        """Seal a new host key: under the owner primary the AK certified
+        once the TPM was verified (``[host_tpm] ek_ca_file``; the key blobs
+        are written first, then the caller writes the sealed key), or, with
+        no CA bundle, trusting the TPM's answers (logged)."""
+        if self._ek_ca_file is None:
+            LOG.warning("First start of this agent: the host key is sealed and the AK "
+                        "and KEM key created trusting whatever answers on the TPM "
+                        "interface (trust on first use: [host_tpm] ek_ca_file is not "
+                        "set, so the TPM is not verified against its EK certificate); "
+                        "an active interposer there now could read the host key")
+            return self._tpm.seal(key)
+        assert self._key_file is not None
+        store = hostkeys.FileBlobStore(self._key_file)
+        if os.path.lexists(self._key_file):
+            raise KeyStoreError(reason=(
+                f"first start refused: {self._key_file} exists but {self._path} does not "
+                "(an interrupted first start or a mixed-up state directory); move "
+                f"{self._key_file.name} aside and start the agent again"))
+        cas = ekcert.load_ca_file(self._ek_ca_file)
+        blobs = self._tpm.verified_first_keys(keyauth.derive(key), cas, self._kem_pcrs)
+        sealed = self._tpm.seal(key, pinned=blobs.kem_parent_name)
+        store.save(blobs)
+        LOG.info("First start: the host TPM was verified against its EK certificate "
+                 "(%(cas)s); the AK and KEM key were created and the host key sealed "
+                 "under the owner primary the AK certified", {"cas": self._ek_ca_file})
+        return sealed
+
+    def _upgrade(self, key: bytes, old: SealedObject) -> bytes:
+        """Reseal a format-1 or -2 host key as format 3 (noDA, under the noDA
+        parent, its name pinned, and its own random auth value: an old
+        object unseals with an empty one, so its blob seen on the TPM
+        interface gave the host key away) and swap the file atomically; its
+        parent's name (bound to the HostTPM like a new seal's). A format-2
+        object keeps its pinned parent. On failure the old file stays and
+        unwraps instance keys, but no parent is bound (empty): the agent
+        starts, the AK and KEM key are refused at use until a later start
+        reseals it."""
+        fmt = 1 if old.legacy else 2
         try:
-            resealed = self._tpm.seal(key)
+            resealed = self._tpm.seal(key, pinned=old.parent_name)
             if self._tpm.unseal(resealed) != key:
                 raise HostTPMError(reason="the resealed host key does not unseal to the same key")
             fileutil.write_atomic(self._path, resealed.to_bytes(), replace=True)
         except (HostTPMError, OSError) as exc:
-            LOG.warning("Kept the version-1 sealed host key %(path)s intact (DA-protected, "
-                        "parent not pinned): resealing it as format 2 failed: %(err)s. "
-                        "Instance keys still unwrap; the AK and KEM key are refused (no "
-                        "enrollment, attestation or migration) until the agent is restarted "
-                        "after fixing the cause (e.g. disk space or permissions of the state "
-                        "directory)",
-                        {"path": self._path, "err": _reason(exc)})
+            LOG.warning("Kept the format-%(fmt)d sealed host key %(path)s intact: resealing "
+                        "it as format 3 failed: %(err)s. Instance keys still unwrap; the AK "
+                        "and KEM key are refused (no enrollment, attestation or migration) "
+                        "until the agent is restarted after fixing the cause (e.g. disk "
+                        "space or permissions of the state directory)",
+                        {"fmt": fmt, "path": self._path, "err": _reason(exc)})
             return b""
-        LOG.warning("Resealed the host key %(path)s as format 2: noDA, its parent's name "
-                    "pinned", {"path": self._path})
+        LOG.warning("Resealed the format-%(fmt)d host key %(path)s as format 3: noDA, its "
+                    "parent's name pinned, its own auth value. The host key is the same: "
+                    "every earlier copy of the format-%(fmt)d blob (seen on the TPM "
+                    "interface at an earlier start, or a backup of the old file) still "
+                    "unseals it in this TPM with an empty password. If the TPM interface "
+                    "or backups of the state directory may have been exposed, drain and "
+                    "revoke this host, start the agent with a fresh state directory (a new "
+                    "host key), re-enroll it, and destroy the old file's backups",
+                    {"fmt": fmt, "path": self._path})
         return resealed.parent_name
 
 

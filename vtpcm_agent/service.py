@@ -127,7 +127,11 @@ def host_key_provider(conf: cfg.ConfigOpts, host_tpm: HostTPM | None,
         return ks.DevKeyFileHostKey(Path(conf.keystore.dev_keyfile))
     if host_tpm is None:
         raise exception.InvalidInput(reason="[keystore] host_key_mode = tpm needs a host TPM")
-    return ks.TPMSealedHostKey(host_tpm, state_root / "hostkey.sealed")
+    ca_file = conf.host_tpm.ek_ca_file
+    return ks.TPMSealedHostKey(host_tpm, state_root / "hostkey.sealed",
+                               ek_ca_file=Path(ca_file) if ca_file else None,
+                               key_file=state_root / HOST_KEY_BLOBS,
+                               kem_pcrs=conf.host_tpm.kem_policy_pcrs)
 
 
 def host_command_key_path(conf: cfg.ConfigOpts) -> Path:

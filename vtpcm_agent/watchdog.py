@@ -33,7 +33,7 @@ import oslo_messaging as messaging
 from oslo_log import log as logging
 
 from vtpcm_agent.association import VTPCMState as S
-from vtpcm_agent.instances import RESTART_OUTCOME, InstanceManager, Restarted
+from vtpcm_agent.instances import KEPT_SWEEP_INTERVAL, RESTART_OUTCOME, InstanceManager, Restarted
 from vtpcm_common import exception
 from vtpcm_common.api.engine.messages import SwtpmRestartReport
 
@@ -101,12 +101,20 @@ class SwtpmWatchdog:
         self._thread = self._sender = None
 
     def _loop(self) -> None:
+        next_kept = time.monotonic() + KEPT_SWEEP_INTERVAL  # the start swept them
         while not self._stop.is_set():
             try:
                 self.run_once()
             except Exception:  # noqa: BLE001 - the watchdog must outlive any one error
                 LOG.exception("swtpm watchdog pass failed; retrying in %(s).1fs",
                               {"s": self.interval})
+            if time.monotonic() >= next_kept:
+                next_kept = time.monotonic() + KEPT_SWEEP_INTERVAL
+                try:
+                    self.instances.sweep_kept()
+                except Exception:  # noqa: BLE001 - the watchdog must outlive any one error
+                    LOG.exception("Sweep of the kept swtpm uids failed; retried in "
+                                  "%(s)d s", {"s": KEPT_SWEEP_INTERVAL})
             self._stop.wait(self.interval)
 
     def run_once(self, now: float | None = None) -> list[str]:

@@ -8,6 +8,8 @@ socket QEMU listens on, per host, so the lab can talk to the guest wherever
 it runs.
 """
 
+import re
+import subprocess
 import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -16,6 +18,12 @@ from vtpcm_lab.exception import LabError
 from vtpcm_lab.guest import GuestImage
 
 EMULATOR = "/usr/bin/qemu-system-x86_64"
+# QEMU before 9.0 loses dirty pages when it live-migrates a TCG guest that
+# writes memory meanwhile (the fast path of its dirty-bitmap sync leaves the
+# TCG TLB's "already dirty" entries in place; upstream 03bfc2188f, "physmem:
+# Fix migration dirty bitmap coherency with TCG memory access"): the guest
+# arrives with stale pages and may crash or hang (issue 11).
+TCG_DIRTY_PAGES_KEPT_SINCE = (9, 0)
 TPM_MODELS = ("tpm-crb", "tpm-tis")
 # external: QEMU connects to a swtpm someone else runs (the vTPCM agent);
 # emulator: libvirt starts swtpm itself and QEMU carries its state in the
@@ -117,3 +125,27 @@ def render_destination_xml(migratable_xml: str, tpm_ctrl_socket: str | Path | No
     for console_source in devices.findall("console[@type='unix']/source"):
         console_source.set("path", str(serial_socket))
     return ET.tostring(dom, encoding="unicode")
+
+
+def parse_qemu_version(text: str) -> tuple[int, int, int]:
+    """(major, minor, micro) of ``qemu-system-x86_64 --version`` output."""
+    found = re.search(r"QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?", text)
+    if found is None:
+        raise LabError(reason="no QEMU version in %r" % text[:200])
+    return int(found.group(1)), int(found.group(2)), int(found.group(3) or 0)
+
+
+def qemu_version(emulator: str = EMULATOR) -> tuple[int, int, int]:
+    """The version of the lab's QEMU binary."""
+    try:
+        out = subprocess.run([emulator, "--version"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LabError(reason="%s --version failed: %s" % (emulator, exc)) from exc
+    return parse_qemu_version(out)
+
+
+def tcg_loses_dirty_pages(version: tuple[int, int, int]) -> bool:
+    """Whether a QEMU of ``version`` may lose a writing TCG guest's dirty pages
+    in a live migration (see TCG_DIRTY_PAGES_KEPT_SINCE)."""
+    return version[:2] < TCG_DIRTY_PAGES_KEPT_SINCE

@@ -19,7 +19,7 @@ from oslo_log import log as logging
 from vtpcm_common import exception
 from vtpcm_lab import console, domain, migrate
 from vtpcm_lab.exception import LabError
-from vtpcm_lab.hosts import Lab
+from vtpcm_lab.hosts import Lab, LabHost
 from vtpcm_lab.stack import Stack, StackHost
 from vtpcm_nova.virt import lifecycle, livemigration
 
@@ -147,6 +147,60 @@ def wait_committed(engine: livemigration.Engine, migration_id: str,
                 migration_id=migration_id,
                 reason="not COMMITTED %d s after its commit's answer" % timeout)
         time.sleep(0.01)
+
+
+# libvirt's reasons for a shut-off domain, worded for a guest that has just
+# been migrated (the lab's domains destroy themselves on poweroff, reboot and
+# crash, and the kernel reboots at once on a panic: panic=-1)
+_SHUTOFF_REASONS = {
+    libvirt.VIR_DOMAIN_SHUTOFF_SHUTDOWN: "the guest powered off or reset itself "
+                                         "(a kernel panic resets it)",
+    libvirt.VIR_DOMAIN_SHUTOFF_CRASHED: "the guest crashed",
+    libvirt.VIR_DOMAIN_SHUTOFF_DESTROYED: "destroyed by a libvirt client",
+    libvirt.VIR_DOMAIN_SHUTOFF_FAILED: "QEMU failed",
+    libvirt.VIR_DOMAIN_SHUTOFF_MIGRATED: "migrated away",
+    libvirt.VIR_DOMAIN_SHUTOFF_DAEMON: "libvirtd stopped it",
+}
+
+
+def guest_fate(conn: libvirt.virConnect, name: str) -> str:
+    """What libvirt says of domain ``name`` on ``conn``, for an error message."""
+    try:
+        state, reason = conn.lookupByName(name).state()
+    except libvirt.libvirtError:
+        return "no such domain there"
+    if state == libvirt.VIR_DOMAIN_SHUTOFF:
+        return "shut off: %s" % _SHUTOFF_REASONS.get(reason, "reason %d" % reason)
+    if state == libvirt.VIR_DOMAIN_RUNNING:
+        return "running, yet its console does not answer (a hung guest)"
+    if state == libvirt.VIR_DOMAIN_PAUSED:
+        return "paused (reason %d)" % reason
+    return "state %d, reason %d" % (state, reason)
+
+
+def wait_migrated_guest(host: LabHost, name: str, timeout: float = 60.0,
+                        connect_timeout: float = 10.0) -> float:
+    """Ping the guest ``name`` on ``host``, where it was just migrated to, until
+    it answers; return the seconds waited.
+
+    A migrated guest that does not answer is not a console problem: QEMU
+    removes the serial socket when the guest dies, and a hung guest keeps it
+    but stays silent. The error says which, from libvirt on that host, and
+    names the QEMU log.
+    """
+    try:
+        with console.GuestConsole(host.serial_path(name), connect_timeout) as con:
+            return con.wait_ready(timeout=timeout)
+    except LabError as exc:
+        conn = host.connect()
+        try:
+            fate = guest_fate(conn, name)
+        finally:
+            conn.close()
+        raise LabError(reason="guest %s did not come back on %s after its migration: %s "
+                              "(console: %s; QEMU log %s)"
+                              % (name, host.name, fate, exc.kwargs.get("reason", exc),
+                                 host.qemu_log(name))) from exc
 
 
 def destroy_guests(lab: Lab, match: Callable[[str], bool]) -> None:

@@ -30,7 +30,7 @@ GOLDEN_POLICY = "lab-golden"
 RECONCILE_INTERVAL = 30  # seconds, [migration] reconcile_interval's production default
 # [agent] swtpm_uid_range of each lab host: no account uses them, and they lie
 # outside systemd's DynamicUser and container ranges and the subuid blocks
-SWTPM_UID_RANGES = {"a": "1900000000-1900000099", "b": "1900000100-1900000199"}
+SWTPM_UID_RANGES = {"a": "1900100000-1900149999", "b": "1900150000-1900199999"}
 
 
 @dataclasses.dataclass
@@ -129,6 +129,9 @@ class Stack:
                                      with_ek_cert=True)
                 tpm.start()
                 self._record_pid("hosttpm-" + name, tpm.pid)
+                # the lab's TPM "manufacturer": the agent verifies its TPM
+                # against it at its first start, the engine at enrollment
+                ek_cas = localca_ek_cas(self.base / "ek-cas.pem")
                 measured_boot(tpm.tcti)
                 # each swtpm as a uid of its own, as in production; the
                 # two hosts share one kernel, so their ranges differ
@@ -136,7 +139,8 @@ class Stack:
                     "agent": {"expose_data_socket": "false",
                               "register_with_engine": "false",
                               "socket_user": lab_host.user,
-                              "swtpm_uid_range": SWTPM_UID_RANGES[lab_host.name]}}
+                              "swtpm_uid_range": SWTPM_UID_RANGES[lab_host.name]},
+                    "host_tpm": {"ek_ca_file": ek_cas}}
                 for section, values in self.agent_extra.get(lab_host.name, {}).items():
                     extra.setdefault(section, {}).update(values)
                 agent = daemons.AgentDaemon(
@@ -146,7 +150,6 @@ class Stack:
                 self._record(agent)
                 self.hosts[lab_host.name] = StackHost(lab_host, name, tpm, agent)
             # the engine trusts the lab's TPM "manufacturer" and no one else
-            ek_cas = localca_ek_cas(self.base / "ek-cas.pem")
             engine_extra: dict[str, dict[str, Any]] = {
                 "attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas},
                 # as in production (the daemons' default of 0 keeps

@@ -34,10 +34,10 @@ from tests.unit.engine import test_parentcert as tpc
 from tests.unit.engine import test_verifier as tv
 from vtpcm_agent import sealing
 from vtpcm_agent.swtpm import framing
-from vtpcm_common import exception, tpmpublic, wire
+from vtpcm_common import exception, tpmpublic, tpmstruct, wire
 from vtpcm_common.api.agent import messages as agent_messages
 from vtpcm_common.api.engine import messages as engine_messages
-from vtpcm_nova.engine import ekcert, parentcert, tpmstruct
+from vtpcm_nova.engine import ekcert, parentcert
 from vtpcm_nova.engine import verifier as V
 
 # VTPCM_FUZZ_EXAMPLES=20000 for a long local session; the test command's budget

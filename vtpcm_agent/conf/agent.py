@@ -38,9 +38,11 @@ AGENT_OPTS = [
                     "assigned per instance and kept across restarts in the association "
                     "list. Reserve the range: no account, group, /etc/subuid or "
                     "/etc/subgid block or systemd range (60001-65519, 524288-1879048191) "
-                    "may overlap it (e.g. 1900000000-1900000999); ids above 4294967294 "
-                    "and 65535 ((uid_t)-1: swtpm would stay root) are refused; it needs as many "
-                    "uids as vTPCMs on the host. Every process of a uid is killed before "
+                    "may overlap it (e.g. 1900000000-1900999999); ids above 4294967294 "
+                    "and 65535 ((uid_t)-1: swtpm would stay root) are refused. A uid is "
+                    "never given out twice: the range needs one uid per vTPCM ever created "
+                    "or migrated in on the host over its life; a used-up range refuses new "
+                    "vTPCMs until widened. Every process of a uid is killed before "
                     "the uid is handed over again or freed. Its control socket is "
                     "then owned by that uid and group (or socket_user/socket_group) and "
                     "sits in <run_dir>/vm/<instance uuid>/, which <run_dir>/<instance "
@@ -117,6 +119,18 @@ HOST_TPM_OPTS = [
                      "them, or after changing this list, the agent creates a new KEM "
                      "key at the next get_identity and the host must be re-enrolled. "
                      "Empty: the KEM key is not bound to PCRs."),
+    cfg.StrOpt("ek_ca_file",
+               help="PEM bundle of the CA certificates that issue this host TPM's EK "
+                    "certificate (its manufacturer's; the same file as the engine's "
+                    "[attestation] ek_ca_file). When set, the agent's first start (no "
+                    "hostkey.sealed in the state directory yet) verifies the TPM "
+                    "before sending it any secret: EK certificate against this "
+                    "bundle, AK created in a session salted to that EK and proven "
+                    "by credential activation, storage primaries certified by the "
+                    "AK; the host key is then sealed under the certified owner "
+                    "primary. Any failure: the agent does not start and writes "
+                    "nothing. Unset: the first start trusts whatever answers on the "
+                    "TPM interface (logged as a warning). Later starts do not read it."),
 ]
 
 keystore_group = cfg.OptGroup("keystore", title="Per-instance key storage")

@@ -36,12 +36,12 @@ class _Level:
     pending: list[str] | None = None
 
 
-def _ident(st: os.stat_result) -> tuple[int, int]:
+def ident(st: os.stat_result) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def _open_dir(name: str, dfd: int, seen: tuple[int, int], shown: str, doing: str,
-              top: str) -> int:
+def open_dir(name: str, dfd: int, seen: tuple[int, int], shown: str, doing: str,
+             top: str) -> int:
     """Open directory ``name`` under ``dfd`` and insist it is the inode ``seen``
     (``top``: the walk's top directory's name, a vTPCM id, for errors)."""
     try:
@@ -50,7 +50,7 @@ def _open_dir(name: str, dfd: int, seen: tuple[int, int], shown: str, doing: str
         raise exception.SwtpmError(vtpcm_id=top,
                                    reason="%s changed while %s (%s)"
                                    % (shown, doing, exc.strerror)) from None
-    if _ident(os.fstat(fd)) != seen:
+    if ident(os.fstat(fd)) != seen:
         os.close(fd)
         raise exception.SwtpmError(vtpcm_id=top,
                                    reason="%s changed while %s" % (shown, doing))
@@ -69,7 +69,7 @@ def walk(top_fd: int, shown: str, leaf: Leaf, leave: Callable[[int, str], None],
     top_dev = os.fstat(top_fd).st_dev
     top = Path(shown).name
     fd = os.dup(top_fd)
-    levels = [_Level(_ident(os.fstat(fd)), "", shown)]
+    levels = [_Level(ident(os.fstat(fd)), "", shown)]
     try:
         while True:
             level = levels[-1]
@@ -92,16 +92,16 @@ def walk(top_fd: int, shown: str, leaf: Leaf, leave: Callable[[int, str], None],
                     raise exception.SwtpmError(
                         vtpcm_id=top,
                         reason="%s is on another file system; not %s" % (where, doing))
-                sub = _open_dir(name, fd, _ident(st), where, doing, top)
+                sub = open_dir(name, fd, ident(st), where, doing, top)
                 os.close(fd)
                 fd = sub
-                levels.append(_Level(_ident(st), name, where))
+                levels.append(_Level(ident(st), name, where))
                 continue
             leave(fd, level.shown)
             levels.pop()
             if not levels:
                 return
-            up = _open_dir("..", fd, levels[-1].ident, levels[-1].shown, doing, top)
+            up = open_dir("..", fd, levels[-1].ident, levels[-1].shown, doing, top)
             os.close(fd)
             fd = up
             left(fd, level.name)
@@ -109,17 +109,56 @@ def walk(top_fd: int, shown: str, leaf: Leaf, leave: Callable[[int, str], None],
         os.close(fd)
 
 
-def remove_at(dfd: int, name: str, shown: str) -> None:
+# the bits that make a file run as (or be executable by) anyone
+UNSAFE_BITS = stat.S_ISUID | stat.S_ISGID | 0o111
+
+
+def defuse(dfd: int, name: str, st: os.stat_result, uid: int) -> None:
+    """Before the sweep unlinks regular file ``name`` of ``uid``: clear its
+    setuid, setgid and exec bits through an ``O_NOFOLLOW`` fd checked to be
+    the inode ``st``. An fd some other user holds to it outlives the
+    unlink; exec'ing it later through ``/proc/self/fd`` would run as the
+    uid (review of the sweep, HIGH 1). Only the uid's own regular files:
+    never another owner's inode (a hard link of it), never a FIFO or
+    device (``O_NONBLOCK``: neither waits on a lease nor a writer)."""
+    if not stat.S_ISREG(st.st_mode) or st.st_uid != uid or not st.st_mode & UNSAFE_BITS:
+        return
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                 | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        now = os.fstat(fd)
+        if ident(now) != ident(st) or now.st_uid != uid or not stat.S_ISREG(now.st_mode):
+            return  # swapped meanwhile: not the file looked at
+        os.fchmod(fd, stat.S_IMODE(now.st_mode) & ~UNSAFE_BITS)
+    finally:
+        os.close(fd)
+
+
+def remove_at(dfd: int, name: str, shown: str, defuse_uid: int | None = None) -> None:
     """Remove entry ``name`` under ``dfd``: a link as a link, a directory
-    with everything in it."""
+    with everything in it (with ``defuse_uid``: each regular file of that
+    uid made neither setuid, setgid nor executable first, ``defuse``)."""
     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     if not stat.S_ISDIR(st.st_mode):
+        if defuse_uid is not None:
+            defuse(dfd, name, st, defuse_uid)
         os.unlink(name, dir_fd=dfd)
         return
-    sub = _open_dir(name, dfd, _ident(st), shown, "removing it", Path(shown).name)
+
+    def leaf(d: int, n: str, st_leaf: os.stat_result, _w: str) -> None:
+        if defuse_uid is not None:
+            defuse(d, n, st_leaf, defuse_uid)
+        os.unlink(n, dir_fd=d)
+
+    sub = open_dir(name, dfd, ident(st), shown, "removing it", Path(shown).name)
     try:
-        walk(sub, shown, lambda d, n, _st, _w: os.unlink(n, dir_fd=d),
-             lambda _d, _w: None, lambda d, n: os.rmdir(n, dir_fd=d), "removing it")
+        if defuse_uid is not None and st.st_uid == defuse_uid:
+            # another uid may keep adding entries to a directory the uid left
+            # open to all (0777), so that it never empties; from here on
+            # only root may (review of the sweep, LOW 6)
+            os.fchmod(sub, 0o700)
+        walk(sub, shown, leaf, lambda _d, _w: None, lambda d, n: os.rmdir(n, dir_fd=d),
+             "removing it")
     finally:
         os.close(sub)
     os.rmdir(name, dir_fd=dfd)

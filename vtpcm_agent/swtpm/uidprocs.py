@@ -6,19 +6,24 @@ another name, so "the swtpm we started" is not all the uid runs. Before a
 uid's files are handed over again and before the uid is freed for another
 VM, every process whose real, effective, saved or filesystem uid is that
 uid is killed (SIGKILL through a pidfd, so a reused pid is never hit), and
-the uid's leftovers in the shared temporary directories are removed.
+the uid's leftovers are removed (``sweep``): its entries in the shared
+temporary directories and the root-owned sticky directories below them,
+and its SysV IPC objects. The uid is freed only once nothing of it is
+left.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
+import stat
 import time
 from pathlib import Path
 
 from oslo_log import log as logging
 
-from vtpcm_agent.swtpm import fstree
+from vtpcm_agent.swtpm import fstree, sysvipc
 from vtpcm_common import exception
 
 LOG = logging.getLogger(__name__)
@@ -75,14 +80,20 @@ def _sigkill(pid: int, uid: int) -> None:
         os.close(pidfd)
 
 
-def kill_all(uid: int, timeout: float = 5.0) -> int:
+def kill_all(uid: int, timeout: float = 5.0, own_dirs: tuple[Path, ...] = ()) -> int:
     """SIGKILL every process of ``uid`` until none is left; how many were hit.
 
     Repeated: a process of the uid can fork between the scan and the kill.
-    Raises SwtpmError if any is still there at ``timeout``."""
+    Before each round the uid's setuid/setgid files are defused (``defuse``:
+    in the temporary directories, in ``own_dirs`` and wherever a process
+    holds one open), so that another user holding one cannot keep
+    re-creating processes of the uid by exec'ing it (review round 2 of the
+    sweep, MEDIUM 1). Raises SwtpmError if any is still there at
+    ``timeout``."""
     deadline = time.monotonic() + timeout
     hit: set[int] = set()
     while True:
+        defuse(uid, TEMP_DIRS + own_dirs)
         live = pids_of(uid)
         if not live:
             break
@@ -92,12 +103,128 @@ def kill_all(uid: int, timeout: float = 5.0) -> int:
         if time.monotonic() >= deadline:
             raise exception.SwtpmError(
                 vtpcm_id="uid %d" % uid,
-                reason="processes %s of swtpm uid %d survive SIGKILL" % (live, uid))
+                reason="processes of swtpm uid %d survive SIGKILL (%s)" % (uid, some(live)))
         time.sleep(_POLL)
     if hit:
-        LOG.warning("Killed %(n)d process(es) of swtpm uid %(uid)d: %(pids)s",
-                    {"n": len(hit), "uid": uid, "pids": sorted(hit)})
+        LOG.warning("Killed process(es) of swtpm uid %(uid)d (%(pids)s)",
+                    {"uid": uid, "pids": some(sorted(hit))})
     return len(hit)
+
+
+def defuse(uid: int, dirs: tuple[Path, ...]) -> int:
+    """Clear the setuid, setgid and exec bits of the regular files of
+    ``uid`` that a process holds open (any process: ``/proc/*/fd``) and of
+    those under ``dirs`` (the uid's own directories and root's shared
+    sticky ones entered, bounded as the sweep is); how many were changed.
+
+    Why: an fd to a setuid file of the uid, held by another user, lets that
+    user start processes of the uid (``execv('/proc/self/fd/N')``) faster
+    than ``kill_all`` kills them. Once the bits are gone such an exec runs
+    as its caller. Best effort: what cannot be looked at is skipped (the
+    destroy does not depend on it, ``InstanceManager._kill``)."""
+    changed = _defuse_held(uid)
+    budget = [MAX_SHARED_DIRS]
+    for top in dirs:
+        try:
+            dfd = os.open(top, fstree.DIR_FLAGS)
+        except OSError:
+            continue
+        try:
+            changed += _defuse_tree(dfd, uid, budget)
+        finally:
+            os.close(dfd)
+    if changed:
+        LOG.warning("Cleared setuid/setgid/exec bits of %(n)d file(s) of swtpm uid %(uid)d",
+                    {"n": changed, "uid": uid})
+    return changed
+
+
+def _defuse_held(uid: int) -> int:
+    """The uid's setuid/setgid files that any process holds open, defused
+    through an ``O_PATH`` fd (opening them for real could block on a FIFO
+    or act on a device) checked to be the inode looked at."""
+    changed = 0
+    for entry in os.scandir(PROC):
+        if not entry.name.isdigit():
+            continue
+        fd_dir = PROC / entry.name / "fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            where = fd_dir / fd
+            try:
+                st = os.stat(where)
+                if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
+                        or not st.st_mode & (stat.S_ISUID | stat.S_ISGID)):
+                    continue
+                held = os.open(where, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                now = os.fstat(held)
+                if fstree.ident(now) == fstree.ident(st) and now.st_uid == uid \
+                        and stat.S_ISREG(now.st_mode):
+                    os.chmod("/proc/self/fd/%d" % held,
+                             stat.S_IMODE(now.st_mode) & ~fstree.UNSAFE_BITS)
+                    changed += 1
+            except OSError:
+                pass
+            finally:
+                os.close(held)
+    return changed
+
+
+def _defuse_tree(top_fd: int, uid: int, budget: list[int]) -> int:
+    top_dev = os.fstat(top_fd).st_dev
+    changed = 0
+    pending: list[tuple[int, int]] = [(os.dup(top_fd), 0)]
+    try:
+        while pending:
+            dfd, depth = pending.pop()
+            try:
+                for name in os.listdir(dfd):
+                    try:
+                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                        if stat.S_ISREG(st.st_mode):
+                            if st.st_uid == uid and st.st_mode & fstree.UNSAFE_BITS:
+                                fstree.defuse(dfd, name, st, uid)
+                                changed += 1
+                        elif ((st.st_uid == uid and stat.S_ISDIR(st.st_mode)
+                               and st.st_dev == top_dev) or _shared_dir(st, top_dev)) \
+                                and depth < MAX_DEPTH and budget[0] > 0:
+                            budget[0] -= 1
+                            pending.append((fstree.open_dir(name, dfd, fstree.ident(st), name,
+                                                            "defusing it", str(uid)),
+                                            depth + 1))
+                    except (OSError, exception.VTPCMException):
+                        continue
+            except OSError:
+                pass
+            finally:
+                os.close(dfd)
+    finally:
+        for dfd, _depth in pending:
+            os.close(dfd)
+    return changed
+
+
+SHOWN = 10  # how many names a log line or an error gives (the count says the rest)
+
+
+def some(items: list[str] | list[int]) -> str:
+    """A count and the first ``SHOWN`` of ``items``, for logs and errors:
+    never unbounded, whatever the uid left."""
+    head = ", ".join(str(i) for i in items[:SHOWN])
+    more = len(items) - SHOWN
+    return "%d: %s%s" % (len(items), head, (" and %d more" % more) if more > 0 else "")
+
+
+def gone(pid: int) -> bool:
+    """``pid`` is dead or a zombie (a reused pid counts as alive: the
+    callers err on the side of refusing)."""
+    return uids_of(pid) is None or _zombie(pid)
 
 
 def _zombie(pid: int) -> bool:
@@ -110,42 +237,199 @@ def _zombie(pid: int) -> bool:
     return not fields or fields[0] in ("Z", "X")
 
 
+# how deep below a top directory, and how many directories in all, the
+# sweep descends into root-owned world-writable sticky directories (such as
+# /tmp/.X11-unix): only root makes those, so the bounds hold against
+# nothing the uid or another user controls; past them the sweep reports
+# what it did not look at instead of freeing the uid
+MAX_DEPTH = 8
+MAX_SHARED_DIRS = 1000
+
+
+def _shared_dir(st: os.stat_result, top_dev: int) -> bool:
+    """A directory every user may add entries to but only their owners (and
+    root) may remove or rename: root's, mode o+w and sticky, on the top's
+    file system (mounts are not crossed)."""
+    return (stat.S_ISDIR(st.st_mode) and st.st_uid == 0 and st.st_dev == top_dev
+            and st.st_mode & (stat.S_ISVTX | stat.S_IWOTH) == stat.S_ISVTX | stat.S_IWOTH)
+
+
 def sweep_files(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS) -> list[str]:
-    """Remove the entries ``uid`` owns at the top of each of ``dirs``.
+    """Remove the entries ``uid`` owns in each of ``dirs`` and in the
+    root-owned world-writable sticky directories below them (such as
+    ``/tmp/.X11-unix``), at most ``MAX_DEPTH`` deep.
 
     Only entries owned by ``uid`` (never followed: a symlink is removed as a
-    link, a directory tree of the uid is removed through directory fds).
-    Run after ``kill_all``: nothing of the uid can add files meanwhile.
-    Other users' entries come and go meanwhile (a busy ``/tmp``): one that
-    vanished is skipped, and a failure on one entry never stops the sweep of
-    the others or of the next directories; the failures are raised together
-    at the end (``OSError``), after everything else was swept."""
-    removed = []
+    link, a directory tree of the uid is removed through directory fds);
+    sticky directories are entered by ``openat(O_NOFOLLOW)`` checked to be
+    the inode looked at, never on another file system. In a sticky
+    directory only root and an entry's owner can remove or rename it, so
+    an entry of the uid cannot be swapped for another user's between the
+    look and the unlink. Run after ``kill_all``: nothing of the uid can add
+    files meanwhile. Other users' entries come and go meanwhile (a busy
+    ``/tmp``): one that vanished is skipped, and a failure on one entry
+    never stops the sweep of the others or of the next directories; the
+    failures are raised together at the end (``OSError``, naming each
+    entry), after everything else was swept."""
+    removed: list[str] = []
     failed: list[str] = []
+    budget = [MAX_SHARED_DIRS]
     for top in dirs:
         try:
             dfd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         except (FileNotFoundError, NotADirectoryError, OSError):
             continue
         try:
-            for name in os.listdir(dfd):
-                try:
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                    if st.st_uid != uid:
-                        continue
-                    fstree.remove_at(dfd, name, str(top / name))
-                except FileNotFoundError:
-                    continue  # gone meanwhile (another user's, or already removed)
-                except (OSError, exception.VTPCMException) as exc:
-                    failed.append("%s (%s)" % (top / name, exc))
-                    continue
-                removed.append(str(top / name))
+            _sweep_tree(dfd, top, uid, removed, failed, budget)
         finally:
             os.close(dfd)
     if removed:
-        LOG.warning("Removed %(n)d leftover(s) of swtpm uid %(uid)d: %(what)s",
-                    {"n": len(removed), "uid": uid, "what": removed})
+        LOG.warning("Removed leftover(s) of swtpm uid %(uid)d (%(what)s)",
+                    {"uid": uid, "what": some(removed)})
     if failed:
-        raise OSError("could not remove %d leftover(s) of swtpm uid %d: %s"
-                      % (len(failed), uid, "; ".join(failed)))
+        raise OSError("could not remove leftover(s) of swtpm uid %d (%s)"
+                      % (uid, some(failed)))
     return removed
+
+
+def _sweep_tree(top_fd: int, top: Path, uid: int, removed: list[str], failed: list[str],
+                budget: list[int]) -> None:
+    """The sweep of one top directory: its entries of ``uid``, then those of
+    the shared directories below it (each opened relative to its parent's
+    pinned fd; one fd per pending directory, at most ``MAX_SHARED_DIRS``)."""
+    top_dev = os.fstat(top_fd).st_dev
+    pending: list[tuple[int, Path, int]] = [(os.dup(top_fd), top, 0)]
+    try:
+        while pending:
+            dfd, where, depth = pending.pop()
+            try:
+                names = os.listdir(dfd)
+            except OSError as exc:
+                failed.append("%s (not listed: %s)" % (where, exc.strerror))
+                os.close(dfd)
+                continue
+            try:
+                for name in names:
+                    shown = where / name
+                    try:
+                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                        if st.st_uid == uid:
+                            fstree.remove_at(dfd, name, str(shown), defuse_uid=uid)
+                            removed.append(str(shown))
+                        elif _shared_dir(st, top_dev):
+                            if depth + 1 > MAX_DEPTH or budget[0] <= 0:
+                                failed.append("%s (not looked into: more than %d levels or "
+                                              "%d shared directories)"
+                                              % (shown, MAX_DEPTH, MAX_SHARED_DIRS))
+                                continue
+                            budget[0] -= 1
+                            sub = fstree.open_dir(name, dfd, fstree.ident(st), str(shown),
+                                                  "sweeping it", str(uid))
+                            pending.append((sub, shown, depth + 1))
+                    except FileNotFoundError:
+                        continue  # gone meanwhile (another user's, or already removed)
+                    except (OSError, exception.VTPCMException) as exc:
+                        failed.append("%s (%s)" % (shown, getattr(exc, "message", None)
+                                                   or exc))
+            finally:
+                os.close(dfd)
+    finally:
+        for dfd, _where, _depth in pending:
+            os.close(dfd)
+
+
+def sweep(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS, ipc_root: Path = sysvipc.SYSVIPC,
+          ) -> list[str]:
+    """Everything of ``uid`` that outlives its processes, removed before the
+    uid is freed: its entries in ``dirs`` (``sweep_files``) and its SysV IPC
+    objects. What is removed is returned.
+
+    Refuses (SwtpmError, nothing removed) while a process of the uid lives:
+    what a live process holds (abstract Unix sockets, which the file
+    system does not show, pipes, its own files) goes only with it, and it
+    could make new leftovers meanwhile; the error names the pids and their
+    abstract sockets. A failure on one entry never stops the rest; if
+    anything of the uid remains at the end the SwtpmError names each thing
+    (paths, IPC ids, no contents): the caller keeps the uid."""
+    live = pids_of(uid)
+    if live:
+        held = abstract_sockets(live)
+        raise exception.SwtpmError(
+            vtpcm_id="uid %d" % uid,
+            reason="processes of swtpm uid %d are alive (%s)%s; not sweeping or freeing the uid"
+            % (uid, some(live), (" holding abstract sockets (%s)" % some(held)) if held else ""))
+    remains: list[str] = []
+    try:
+        removed = sweep_files(uid, dirs)
+    except OSError as exc:
+        remains.append(str(exc))
+        removed = []
+    rmid: list[sysvipc.IpcObject] = []
+    given: list[str] = []
+    refused: list[str] = []
+    refused_ids: set[tuple[str, int]] = set()
+    for obj in sysvipc.objects_of(uid, ipc_root):
+        try:
+            if obj.creator == uid:  # the uid's own: its leftover
+                sysvipc.remove_as(obj, uid)
+                rmid.append(obj)
+            else:  # another uid's, given to it: given back, never waited for
+                sysvipc.give_back(obj)
+                given.append(str(obj))
+        except OSError as exc:
+            # gone, changed, or the id names another's object now (EPERM:
+            # the kernel refused the uid): the listing below decides
+            if exc.errno not in (errno.EINVAL, errno.EIDRM, errno.EPERM, errno.EAGAIN):
+                refused.append("%s (%s)" % (obj, exc.strerror))
+                refused_ids.add((obj.kind, obj.ident))
+    # a segment still attached is only marked for removal: it remains
+    still = [obj for obj in sysvipc.objects_of(uid, ipc_root)
+             if (obj.kind, obj.ident) not in refused_ids]
+    there = {(obj.kind, obj.ident) for obj in still}
+    ipc_removed = [str(obj) for obj in rmid if (obj.kind, obj.ident) not in there]
+    if ipc_removed:  # only what went: a marked segment is retried each sweep
+        LOG.warning("Removed SysV IPC object(s) of swtpm uid %(uid)d (%(what)s)",
+                    {"uid": uid, "what": some(ipc_removed)})
+    if given:
+        LOG.warning("Gave SysV IPC object(s) another uid had given to swtpm uid %(uid)d back "
+                    "to their creators (%(what)s)", {"uid": uid, "what": some(given)})
+    left = refused + [str(obj) for obj in still]
+    if left:
+        remains.append("SysV IPC object(s) of the uid still there (%s)" % some(left))
+    if remains:
+        raise exception.SwtpmError(
+            vtpcm_id="uid %d" % uid,
+            reason="leftovers of swtpm uid %d remain (the uid is kept): %s"
+            % (uid, "; ".join(remains)))
+    return removed + ipc_removed
+
+
+def abstract_sockets(pids: list[int]) -> list[str]:
+    """The abstract Unix socket names (``@name``) the processes ``pids``
+    hold, as ``/proc/net/unix`` shows them (the agent's network namespace);
+    for messages only."""
+    inodes: dict[str, list[int]] = {}
+    for pid in pids:
+        try:
+            fds = os.listdir(PROC / str(pid) / "fd")
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(PROC / str(pid) / "fd" / fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.setdefault(target[8:-1], []).append(pid)
+    found = []
+    try:
+        with open(PROC / "net" / "unix", encoding="utf-8", errors="replace") as fh:
+            next(fh, None)
+            for line in fh:
+                fields = line.split()
+                if len(fields) >= 8 and fields[7].startswith("@") and fields[6] in inodes:
+                    found.append("%s (pid %s)" % (fields[7], ",".join(
+                        str(p) for p in sorted(set(inodes[fields[6]])))))
+    except OSError:
+        return found
+    return sorted(set(found))

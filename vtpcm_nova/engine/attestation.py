@@ -109,7 +109,6 @@ class Attestor:
         self._aks: dict[bytes, verifier.AttestationKey] = {}
         self.require_kem_pcr_binding = require_kem_pcr_binding
         self.require_certified_parents = require_certified_parents
-        self._warned_unbound: set[tuple[str, bytes]] = set()
 
     def _now(self) -> datetime.datetime:
         return datetime.datetime.fromtimestamp(self._clock(), datetime.UTC)
@@ -383,15 +382,16 @@ class Attestor:
             status, reason, reapprove = judge(challenge.clock)
         return self._store(basis, status, reason, nonce=used,
                            clock=verifier.clock_state(evidence), reapprove=reapprove,
-                           baseline=challenge.clock, rejudge=judge)
+                           baseline=challenge.clock, rejudge=judge,
+                           unbound_kem=_unbound_kem(record))
 
     def _judge(self, record: HostRecord, policy: PolicyRecord,
                evidence: verifier.QuoteEvidence, kem: _KemReport,
                baseline: verifier.ClockState | None) -> tuple[TrustStatus, str, bool]:
         """The verdict on verified evidence against clock ``baseline``:
-        (status, reason, whether the host goes back to PENDING). Pure but
-        for a once-per-key warning: the verdict's transaction calls it
-        again, under lock, if the stored baseline moved since the challenge."""
+        (status, reason, whether the host goes back to PENDING). Pure: the
+        verdict's transaction calls it again, under lock, if the stored
+        baseline moved since the challenge."""
         verdict = verifier.evaluate(evidence, policy.spec(), baseline,
                                     reboot_policy=self.reboot_policy)
         reapprove = (verdict.rebooted and not verdict.trusted
@@ -416,16 +416,12 @@ class Attestor:
                     "values it no longer has or to another [host_tpm] kem_policy_pcrs; "
                     "re-enroll the host (its signed enrollment gives it a new KEM key)")
         try:
-            binding = kembinding.check(record.kem_public, policy.bank, policy.pcrs, kem.pcrs,
-                                       require_binding=self.require_kem_pcr_binding,
-                                       policy_name=policy.name)
+            kembinding.check(record.kem_public, policy.bank, policy.pcrs, kem.pcrs,
+                             require_binding=self.require_kem_pcr_binding,
+                             policy_name=policy.name)
         except kembinding.KemBindingError as err:
             return f"KEM key: {err.reason}"
-        if not binding.bound and (record.name, record.kem_public) not in self._warned_unbound:
-            self._warned_unbound.add((record.name, record.kem_public))
-            LOG.warning("Host %(host)s: its KEM key is not bound to PCRs ([host_tpm] "
-                        "kem_policy_pcrs empty): accepted because [attestation] "
-                        "require_kem_pcr_binding is off", {"host": record.name})
+        # accepted; an unbound one is audited with the verdict (_store)
         return None
 
     def attest_all(self) -> dict[str, VerdictRecord]:
@@ -528,19 +524,21 @@ class Attestor:
                nonce: tuple[bytes, str, datetime.datetime] | None = None,
                baseline: verifier.ClockState | None = None,
                rejudge: Callable[[verifier.ClockState], tuple[TrustStatus, str, bool]]
-               | None = None) -> VerdictRecord:
+               | None = None, unbound_kem: str | None = None) -> VerdictRecord:
         """Record the verdict unless its basis changed meanwhile, with the
         quote's ``nonce`` (value, purpose, expiry) on record as used and the
         audit in the same transaction (a nonce expired or on record already
         makes it UNTRUSTED instead); the evidence counts from the
-        challenge, so the TTL does too."""
+        challenge, so the TTL does too. ``unbound_kem``: the name of the
+        host's KEM key if it is not PCR-bound; a TRUSTED verdict audits it
+        (rate-limited: ``conclude_attestation``) and warns when it does."""
         host, now, reason = basis.host, self._now(), _short(reason)
         try:
             with spans.span("attest:conclude"):
-                verdict, changed = self.db.conclude_attestation(
+                verdict, changed, kem_audited = self.db.conclude_attestation(
                     basis, status, reason, basis.challenged_at + self.verdict_ttl, now=now,
                     clock=clock, reapprove=reapprove, nonce=nonce, baseline=baseline,
-                    rejudge=rejudge)
+                    rejudge=rejudge, unbound_kem=unbound_kem)
         except exception.StaleAttestation as err:
             return self._discarded(basis, status, err.kwargs["reason"])
         except exception.QuoteVerificationError as err:  # the nonce: nothing stored
@@ -548,6 +546,11 @@ class Attestor:
         if verdict.trusted:  # ours, maybe judged again (see conclude_attestation)
             if changed:
                 LOG.info("Host %(host)s is TRUSTED", {"host": host})
+            if kem_audited:
+                LOG.warning("Host %(host)s: its KEM key %(kem)s is not bound to PCRs "
+                            "([host_tpm] kem_policy_pcrs empty): accepted because "
+                            "[attestation] require_kem_pcr_binding is off (audited)",
+                            {"host": host, "kem": unbound_kem})
         else:
             LOG.warning("Host %(host)s is %(status)s: %(reason)s",
                         {"host": host, "status": verdict.status.value,
@@ -589,6 +592,15 @@ def _kem_report(host: str, reply: Mapping[str, Any]) -> _KemReport:
             raise err(host=host, reason="quote reply field kem_pcrs is not a list of PCRs")
         pcrs = tuple(pcrs)
     return _KemReport(pcrs, current)
+
+
+def _unbound_kem(record: HostRecord) -> str | None:
+    """The name (hex) of the host's enrolled KEM key if it is not PCR-bound
+    (an empty authPolicy), else None. Only accepted as such while
+    ``require_kem_pcr_binding`` is off (``kembinding.check``)."""
+    if not record.kem_public or not kembinding.unbound(record.kem_public):
+        return None
+    return record.kem_name.hex()
 
 
 class _AgentFailure(Exception):

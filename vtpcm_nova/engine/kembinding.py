@@ -87,6 +87,14 @@ def expected_policy(pcrs: Sequence[int], values: Mapping[int, bytes]) -> bytes:
     return hashlib.sha256(digest + struct.pack(">I", TPM_CC_POLICY_AUTH_VALUE)).digest()
 
 
+def unbound(kem_public: bytes) -> bool:
+    """Whether the KEM public area ``kem_public`` has no authPolicy: usable
+    with its auth value in any platform state (``check`` accepts it only
+    while ``require_binding`` is off)."""
+    pub, _used = TPMT_PUBLIC.unmarshal(bytes(kem_public))
+    return not bytes(pub.authPolicy)
+
+
 def check(kem_public: bytes, bank: str, golden: Mapping[int, bytes],
           kem_pcrs: Sequence[int] | None, *, require_binding: bool,
           policy_name: str = "") -> Binding:

@@ -29,8 +29,8 @@ from tpm2_pytss.constants import TPM2_ALG, TPM2_ECC, TPM2_GENERATED, TPM2_ST, TP
 from tpm2_pytss.TSS2_Exception import TSS2_Exception
 from tpm2_pytss.types import TPMS_ATTEST, TPMT_PUBLIC, TPMT_SIGNATURE
 
-from vtpcm_common import exception, tpmpublic
-from vtpcm_nova.engine import tpmstruct
+from vtpcm_common import exception, tpmpublic, tpmstruct
+from vtpcm_common.tpmstruct import sha256_name as sha256_name
 
 MAX_PCR = 23
 UNKNOWN_HOST = "<unknown>"
@@ -293,12 +293,6 @@ def _name_of(pub: Any, raw: bytes, err: type[exception.AttestationError], host: 
     if pub.nameAlg != TPM2_ALG.SHA256:
         raise err(host=host, reason="name algorithm of a key is not SHA-256")
     return sha256_name(raw)
-
-
-def sha256_name(raw: bytes) -> bytes:
-    """TPM name of the marshaled TPMT_PUBLIC ``raw`` whose nameAlg the caller
-    checked to be SHA-256: 0x000b || SHA-256(raw)."""
-    return int(TPM2_ALG.SHA256).to_bytes(2, "big") + hashlib.sha256(bytes(raw)).digest()
 
 
 def _ecc_point(pub: Any, err: type[exception.AttestationError], host: str,

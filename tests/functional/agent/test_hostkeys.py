@@ -336,6 +336,7 @@ def test_the_sealed_host_key_never_crosses_the_tpm_interface_in_clear(
         sealed = tools.seal(host_key)
         assert tools.unseal(sealed) == host_key
     assert host_key not in tap.everything()
+    assert sealed.auth not in tap.everything()  # its own auth value (format 3)
     # not only encrypted but salted (M1): an unsalted session's key is
     # computed from what is on the wire when the object's auth is empty
     started = [c for c, _ in tap.commands() if c == TPM_CC_START_AUTH_SESSION]
@@ -347,6 +348,7 @@ def test_the_sealed_host_key_never_crosses_the_tpm_interface_in_clear(
     with ESAPI(tap.tcti) as e, hostkeys.parent(e, hostkeys.KEM_HIERARCHY) as srk:
         obj = e.load(srk, priv, pub)
         try:
+            e.tr_set_auth(obj, sealed.auth)  # in clear in the password session
             assert bytes(e.unseal(obj)) == host_key
             unsalted = e.start_auth_session(ESYS_TR.NONE, ESYS_TR.NONE, TPM2_SE.HMAC,
                                             hostkeys.SESSION_CIPHER, TPM2_ALG.SHA256)

@@ -37,7 +37,7 @@ from tests.functional.hosttpm_fixture import (  # noqa: F401
 from tests.functional.tpmmitm import interposer
 from tests.refusal import refused
 from vtpcm_agent import hostkeys, keyauth, keystore
-from vtpcm_agent.hosttpm import SEALED_ATTRS, HostTPM, SealedObject
+from vtpcm_agent.hosttpm import SEALED_ATTRS, SEALED_ATTRS_V2, HostTPM, SealedObject
 from vtpcm_common import tpmpublic
 from vtpcm_common.exception import HostTPMError, KeyStoreError
 
@@ -59,6 +59,18 @@ def _seal_v1(tcti: str, key: bytes) -> bytes:
     return SealedObject(public=pub.marshal(), private=priv.marshal()).to_bytes()
 
 
+def _seal_v2(tcti: str, key: bytes) -> bytes:
+    """A hostkey.sealed as the agent wrote it in format 2: noDA, under the
+    pinned noDA owner primary, with an EMPTY auth value."""
+    tmpl = TPMT_PUBLIC.parse("keyedhash", objectAttributes=SEALED_ATTRS_V2)
+    tmpl.parameters.keyedHashDetail.scheme.scheme = TPM2_ALG.NULL
+    with ESAPI(tcti) as e, hostkeys.pinned_parent(e, hostkeys.KEM_HIERARCHY) as (srk, name):
+        priv, pub, _cd, _cdig, _tk = e.create(
+            srk, TPM2B_SENSITIVE_CREATE(TPMS_SENSITIVE_CREATE(data=key)), TPM2B_PUBLIC(tmpl))
+    return SealedObject(public=pub.marshal(), private=priv.marshal(),
+                        parent_name=name).to_bytes()
+
+
 def _write_private(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     path.chmod(0o600)
@@ -78,7 +90,7 @@ def test_an_interposer_swapping_the_storage_primary_is_refused_at_restart(
         host_key = keystore.TPMSealedHostKey(tpm, sealed).host_key()
         tpm.use_key_auth(keyauth.derive(host_key), blobs)
         tpm.quote(b"n", [0])
-    assert sealed.read_bytes().startswith(b"VTSO\x02")
+    assert sealed.read_bytes().startswith(b"VTSO\x03")
     assert hostkeys.KeyBlobs.from_bytes(blobs.read_bytes()).pinned
     # planted positive control: the same key in a format-1 file (no pin)
     # goes to the interposer, and the agent sees nothing wrong

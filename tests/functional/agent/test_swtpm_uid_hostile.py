@@ -12,10 +12,14 @@ killed in the finalizer.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import dataclasses
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -114,19 +118,32 @@ def test_a_swtpm_that_hid_is_killed_before_its_uid_serves_another_vm(hostile):
 
 
 def test_a_uid_is_kept_while_a_process_of_it_survives(hostile, monkeypatch):
-    a, _ = _running(hostile)
+    """Its swtpm is gone: the shred goes on, the uid is kept aside (review
+    round 2 of the sweep, MEDIUM 1); a start still refuses."""
+    a, pid = _running(hostile)
+    b, _ = _running(hostile)
+    hostile.stop(b)
     uid = hostile.associations.uid_of(a)
+    uid_b = hostile.associations.uid_of(b)
+    vtpcm = hostile.get(a).vtpcm_id
+    real = uidprocs.kill_all
 
-    def unkillable(uid: int, timeout: float = 5.0) -> int:
+    def unkillable(uid: int, timeout: float = 5.0, own_dirs: tuple[Path, ...] = ()) -> int:
+        real(uid, timeout, own_dirs)
         raise exception.SwtpmError(vtpcm_id="uid %d" % uid,
                                    reason="processes [4242] of swtpm uid %d survive SIGKILL"
                                    % uid)
 
     monkeypatch.setattr(uidprocs, "kill_all", unkillable)
+    assert hostile.destroy(a).state.value == "DESTROYED"
+    assert _gone(pid)
+    assert not hostile.keystore.exists(vtpcm)
+    assert not hostile.paths(a, vtpcm).state_dir.exists()
+    assert hostile.associations.uid_of(a) is None
+    assert (a, uid) in hostile.associations.kept_uids()  # never given out again
     with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: processes [4242] of "
-                 "swtpm uid %d survive SIGKILL" % (uid, uid)):
-        hostile.destroy(a)
-    assert hostile.associations.uid_of(a) == uid  # not freed for another VM
+                 "swtpm uid %d survive SIGKILL" % (uid_b, uid_b)):
+        hostile.start(b)
 
 
 def test_a_lingering_process_of_the_uid_is_killed_before_a_start(hostile):
@@ -535,3 +552,313 @@ def test_the_socket_check_never_follows_a_link_the_uid_planted(hostile, short_di
     finally:
         elsewhere.close()
     assert not process.socket_in_use(target)  # nobody listens any more
+
+
+def _attach(shm_id: int) -> tuple[ctypes.CDLL, int]:
+    """This process (root: standing for any other user) attaches a segment."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
+    libc.shmdt.argtypes = (ctypes.c_void_p,)
+    addr = libc.shmat(shm_id, None, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    return libc, addr
+
+
+def test_destroy_finishes_and_keeps_aside_a_uid_a_leftover_of_which_remains(hostile, caplog):
+    """Review of the sweep, MEDIUM 2 and 3: a leftover the sweep cannot
+    remove (a segment of the uid another process keeps attached, a file
+    made immutable) made destroy fail for good: keys and state shredded,
+    the record left STOPPED (so never swept again), Nova's instance in
+    ERROR. Now destroy finishes (DESTROYED), the uid is kept aside (never
+    the instance's nor anyone's again), a WARNING names what remains, and
+    the agent's start and its periodic sweep free it once nothing is left."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    vtpcm = hostile.get(a).vtpcm_id
+    paths = hostile.paths(a, vtpcm)
+    x11 = Path("/tmp") / ("vtpcm-test-x11-%s" % a)  # noqa: S108  a root-owned .X11-unix
+    x11.mkdir()
+    os.chmod(x11, 0o1777)  # noqa: S103
+    shm_id, libc, addr = None, None, None
+    try:
+        made = as_uid(uid, """
+            import ctypes, socket
+            s = socket.socket(socket.AF_UNIX); s.bind(%r)
+            open(%r, "w").close()
+            print(ctypes.CDLL(None).shmget(0, 4096, 0o1666))
+            """ % (str(x11 / "X9"), str(x11 / "stuck")))
+        shm_id = int(made.communicate(timeout=20)[0])
+        assert shm_id >= 0 and (x11 / "X9").lstat().st_uid == uid  # control: made
+        libc, addr = _attach(shm_id)
+        subprocess.run(["chattr", "+i", str(x11 / "stuck")], check=True, timeout=20)
+
+        assert hostile.destroy(a).state.value == "DESTROYED"
+
+        assert hostile.associations.uid_of(a) is None
+        assert hostile.associations.kept_uids() == [(a, uid)]
+        assert not hostile.keystore.exists(vtpcm) and not paths.state_dir.exists()
+        assert not (x11 / "X9").exists()  # the rest went
+        kept = [r.getMessage() for r in caplog.records if "aside" in r.getMessage()]
+        assert len(kept) == 1 and ("(1: %s (" % (x11 / "stuck")) in kept[0] \
+            and ("(1: SysV shared memory id %d" % shm_id) in kept[0], kept
+        b, _pid = _running(hostile)  # the next VM never gets the kept uid
+        assert hostile.associations.uid_of(b) not in (None, uid)
+        hostile.recover()  # the agent's start: swept again, still kept
+        assert hostile.associations.kept_uids() == [(a, uid)]
+
+        subprocess.run(["chattr", "-i", str(x11 / "stuck")], check=True, timeout=20)
+        assert libc.shmdt(ctypes.c_void_p(addr)) == 0
+        libc = None
+        assert hostile.sweep_kept() == 0  # the watchdog's periodic call
+        assert hostile.associations.kept_uids() == []
+        assert not (x11 / "stuck").exists() and x11.is_dir()
+        c, _pid = _running(hostile)  # freed, and still never given out again
+        assert hostile.associations.uid_of(c) not in (None, uid)
+    finally:
+        if libc is not None:
+            libc.shmdt(ctypes.c_void_p(addr))
+        subprocess.run(["chattr", "-i", str(x11 / "stuck")], capture_output=True, timeout=20)
+        subprocess.run(["rm", "-rf", "--one-file-system", str(x11)], check=True, timeout=20)
+        if shm_id is not None:
+            subprocess.run(["ipcrm", "-m", str(shm_id)], capture_output=True, timeout=20)
+
+
+LOCAL = 1900000241  # a local user, not a swtpm (outside UIDS)
+
+
+def test_a_local_user_cannot_make_a_vtpcm_undeletable(hostile):
+    """Review of the sweep, MEDIUM 2 (p3/p5): any local user gave a segment
+    to a VM's swtpm uid (IPC_SET) and kept it attached: destroy failed for
+    as long as they liked. Now it goes back to its creator and destroy
+    frees the uid."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    gift = subprocess.Popen(["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL,
+                             "--clear-groups", CLIENT_PYTHON, "-c", textwrap.dedent("""
+        import ctypes, ctypes.util, sys
+        libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+        libc.shmat.restype = ctypes.c_void_p
+        ident = libc.shmget(0, 4096, 0o1666)
+        buf = ctypes.create_string_buffer(512)
+        assert libc.shmctl(ident, 2, buf) == 0
+        ctypes.c_uint.from_buffer(buf, 4).value = int(sys.argv[1])
+        assert libc.shmctl(ident, 1, buf) == 0, ctypes.get_errno()
+        assert libc.shmat(ident, None, 0) not in (None, ctypes.c_void_p(-1).value)
+        print(ident, flush=True)
+        sys.stdin.readline()
+        """), str(uid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert gift.stdout is not None
+        shm = int(gift.stdout.readline())
+        assert [(o.owner, o.creator) for o in uidprocs.sysvipc.objects_of(uid)
+                if o.ident == shm] == [(uid, LOCAL)]  # control: given to the uid
+        assert hostile.destroy(a).state.value == "DESTROYED"
+        assert hostile.associations.uid_of(a) is None
+        assert hostile.associations.kept_uids() == []  # nothing of the uid was left
+        assert [(o.owner, o.attached) for o in uidprocs.sysvipc.objects_of(LOCAL)
+                if o.ident == shm] == [(LOCAL, 1)]
+    finally:
+        gift.communicate("x\n", timeout=20)
+
+
+def test_a_uid_regained_through_a_held_setuid_file_never_reaches_the_next_vm(hostile):
+    """Review of the sweep, HIGH 1 (p1/p6): the uid (an exploited swtpm:
+    open, write, fchmod) leaves a setuid copy of cat in /tmp, a local user
+    holds it open across the sweep and execs it later through
+    /proc/self/fd: euid the uid, which the next VM was given (a freed uid
+    came back once the never-used ones were taken), so it read that VM's
+    0600 state. Now a used uid is never given out again (a used-up range
+    says to widen it) and the sweep clears the file's setuid and exec bits
+    before the unlink."""
+    hostile.settings = dataclasses.replace(hostile.settings, swtpm_uids=(UIDS[0], UIDS[0] + 1))
+    a, _ = _running(hostile)
+    _c, _ = _running(hostile)  # the range's other uid is taken
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    planted = Path("/tmp") / ("vtpcm-test-setuid-%s" % a)  # noqa: S108
+    made = as_uid(uid, """
+        import os
+        data = open("/usr/bin/cat", "rb").read()
+        fd = os.open(%r, os.O_WRONLY | os.O_CREAT, 0o755); os.write(fd, data)
+        os.fchmod(fd, 0o4755); os.close(fd)
+        """ % str(planted))
+    holder = None
+    try:
+        assert made.communicate(timeout=20)[0] == ""
+        assert planted.stat().st_mode & 0o7777 == 0o4755  # control: setuid, the uid's
+        holder = subprocess.Popen(
+            ["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL, "--clear-groups",
+             CLIENT_PYTHON, "-c", "import os, sys\nfd = os.open(sys.argv[1], os.O_RDONLY)\n"
+             "print('held', flush=True)\nwhat = sys.stdin.readline().strip()\n"
+             "os.execv('/proc/self/fd/%d' % fd, ['cat', what])", str(planted)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        hostile.destroy(a)
+        assert not planted.exists()
+
+        with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range %d-%d is "
+                     "used up: each of its 2 uids ran a vTPCM once and is never given out "
+                     "again; widen the range (raise LAST, or give uids above it)"
+                     % (UIDS[0], UIDS[0] + 1)):
+            _running(hostile)
+        hostile.settings = dataclasses.replace(hostile.settings,
+                                               swtpm_uids=(UIDS[0], UIDS[0] + 2))
+        b, _ = _running(hostile)
+        uid_b = hostile.associations.uid_of(b)
+        assert uid_b not in (None, uid)
+        state = hostile.paths(b, hostile.get(b).vtpcm_id).state_dir / "tpm2-00.permall"
+        assert state.stat().st_uid == uid_b
+        out, err = holder.communicate(str(state) + "\n", timeout=20)
+        assert holder.returncode != 0 and out == "", (holder.returncode, len(out), err)
+    finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=10)
+        planted.unlink(missing_ok=True)
+
+
+def test_an_abstract_socket_of_the_uid_dies_with_its_process_at_destroy(hostile):
+    """An abstract socket is in no file system; a process of the uid that
+    holds one is killed before the uid is freed, and the name with it."""
+    a, _ = _running(hostile)
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    name = "vtpcm-test-abstract-%s" % a
+    holder = as_uid(uid, """
+        import socket, time
+        s = socket.socket(socket.AF_UNIX); s.bind("\\0" + %r); s.listen(1)
+        print("up", flush=True); time.sleep(120)
+        """ % name)
+    probe = socket.socket(socket.AF_UNIX)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "up\n"
+        assert any(("@%s" % name) in held for held in uidprocs.abstract_sockets([holder.pid]))
+        hostile.destroy(a)
+        assert holder.wait(timeout=10) == -9
+        assert hostile.associations.uid_of(a) is None
+        probe.bind("\0" + name)  # free again
+    finally:
+        probe.close()
+        _stop_child(holder)
+
+
+def test_the_agents_start_sweeps_and_frees_a_uid_kept_without_a_vtpcm(hostile):
+    """A uid recorded for an instance with no vTPCM here (a discard that
+    could not sweep it, or an agent that died between forgetting the record
+    and freeing the uid) was never freed before: only a destroy freed uids,
+    and there was nothing left to destroy. ``recover`` sweeps it again and
+    frees it once nothing of it remains."""
+    gone = "00000000-0000-4000-8000-00000000d15c"
+    uid = hostile.associations.assign_uid(gone, *UIDS)
+    lock = Path("/run/lock") / ("vtpcm-test-%s" % gone)
+    planted = as_uid(uid, "open(%r, 'w').close()" % str(lock))
+    try:
+        assert planted.communicate(timeout=20)[0] == ""
+        subprocess.run(["chattr", "+i", str(lock)], check=True, timeout=20)
+        assert hostile.associations.kept_uids() == [(gone, uid)]
+        hostile.recover()
+        assert hostile.associations.uid_of(gone) == uid  # something remains: kept
+        subprocess.run(["chattr", "-i", str(lock)], check=True, timeout=20)
+        hostile.recover()
+        assert hostile.associations.uid_of(gone) is None
+        assert hostile.associations.kept_uids() == []
+        assert not lock.exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(lock)], capture_output=True, timeout=20)
+        lock.unlink(missing_ok=True)
+
+
+_RESPAWN = """
+import os, sys, time
+fd = os.open(sys.argv[1], os.O_RDONLY)
+print("held", flush=True)
+while True:
+    if os.fork() == 0:
+        try:
+            os.dup2(os.open("/dev/null", os.O_WRONLY), 1)  # the test's pipe ends with us
+            os.execv("/proc/self/fd/%d" % fd, ["sleep", "30"])
+        finally:
+            os._exit(1)
+    try:
+        os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        pass
+    time.sleep(0.002)
+"""
+
+
+def _respawner(hostile, a: str, tmp: Path):
+    """Review round 2 of the sweep, MEDIUM 1 (p2_respawn): the exploited
+    swtpm leaves a setuid copy of sleep (here in a root-owned directory the
+    sweep never enters); a local user holds it open and re-execs it in a
+    loop, faster than kill_all kills: processes of the uid never end."""
+    uid = hostile.associations.uid_of(a)
+    assert uid is not None
+    os.chown(tmp, uid, uid)
+    planted = tmp / "suid_sleep"
+    made = as_uid(uid, """
+        import os
+        data = open("/usr/bin/sleep", "rb").read()
+        fd = os.open(%r, os.O_WRONLY | os.O_CREAT, 0o755); os.write(fd, data)
+        os.fchmod(fd, 0o4755); os.close(fd)
+        """ % str(planted))
+    assert made.communicate(timeout=20)[0] == ""
+    os.chown(tmp, 0, 0)
+    os.chmod(tmp, 0o755)  # noqa: S103  root's, entered by no sweep
+    spawner = subprocess.Popen(
+        ["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL, "--clear-groups",
+         CLIENT_PYTHON, "-c", _RESPAWN, str(planted)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    assert spawner.stdout is not None and spawner.stdout.readline() == "held\n"
+    deadline = time.monotonic() + 10
+    while len(uidprocs.pids_of(uid)) < 3:  # control: processes of the uid keep coming
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    return uid, planted, spawner
+
+
+@pytest.fixture
+def root_dir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="vtpcm-respawn-", dir="/tmp"))  # noqa: S108
+    try:
+        yield path
+    finally:
+        subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=True, timeout=20)
+
+
+def test_a_setuid_file_of_the_uid_reexeced_by_another_user_is_defused(hostile, root_dir):
+    a, pid = _running(hostile)
+    vtpcm = hostile.get(a).vtpcm_id
+    uid, planted, spawner = _respawner(hostile, a, root_dir)
+    try:
+        assert hostile.destroy(a).state.value == "DESTROYED"
+        assert _gone(pid)
+        assert not hostile.keystore.exists(vtpcm)
+        assert not hostile.paths(a, vtpcm).state_dir.exists()
+        assert planted.stat().st_mode & 0o7777 == 0o644  # defused where it lay
+        assert uidprocs.pids_of(uid) == []
+        assert hostile.associations.kept_uids() == []
+    finally:
+        _stop_child(spawner)
+
+
+def test_processes_of_the_uid_that_survive_never_keep_the_keys(hostile, root_dir,
+                                                               monkeypatch):
+    """The same, with the defusing out of reach (stubbed): the swtpm is gone,
+    so keys and state are shredded anyway and the uid is kept aside."""
+    monkeypatch.setattr(uidprocs, "defuse", lambda uid, dirs: 0)
+    a, pid = _running(hostile)
+    vtpcm = hostile.get(a).vtpcm_id
+    uid, _planted, spawner = _respawner(hostile, a, root_dir)
+    try:
+        assert hostile.destroy(a).state.value == "DESTROYED"
+        assert _gone(pid)
+        assert not hostile.keystore.exists(vtpcm)
+        assert not hostile.paths(a, vtpcm).state_dir.exists()
+        assert hostile.associations.uid_of(a) is None
+        assert (a, uid) in hostile.associations.kept_uids()
+    finally:
+        _stop_child(spawner)
+        uidprocs.kill_all(uid, timeout=5.0)

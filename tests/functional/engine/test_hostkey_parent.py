@@ -21,6 +21,7 @@ import pytest
 from tpm2_pytss import ESAPI
 
 from tests.functional.agent.test_hostkeys_review import _seal_v1 as seal_v1
+from tests.functional.agent.test_hostkeys_review import _seal_v2 as seal_v2
 from tests.functional.engine.test_parent_certification import (  # noqa: F401
     attestor,
     db,
@@ -156,6 +157,50 @@ def test_an_interposer_at_the_format1_upgrade_reseal_is_refused(
         mitm.stop()
 
 
+def test_the_format2_reseal_is_pinned_to_the_old_parent(
+        host_tpm_standin: HostTPMStandIn, tmp_path: Path,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Review eksalt round 2, finding 3: the reseal of a format-2 host key
+    (``_upgrade``) seals under the parent the old object pins. An
+    interposer that swaps the owner primary only at the reseal's seal is
+    refused at its CreatePrimary, before the Create carries the host key
+    and the new auth value to it; the format-2 file stays."""
+    sealed_path = tmp_path / "hostkey.sealed"
+    host_key = b"p" * ks.KEY_LEN
+    sealed_path.write_bytes(seal_v2(host_tpm_standin.tcti, host_key))
+    sealed_path.chmod(0o600)
+    v2 = sealed_path.read_bytes()
+    mitm = SelectiveInterposer(host_tpm_standin.tcti).start()
+    mitm.active = False
+    refusals: list[BaseException] = []
+    try:
+        with HostTPM(mitm.tcti) as tpm:
+            real_seal = tpm.seal
+
+            def seal_interposed(secret: bytes, pinned: bytes = b"") -> SealedObject:
+                mitm.active = True  # only at the reseal's seal
+                try:
+                    return real_seal(secret, pinned=pinned)
+                except hostkeys.ParentMismatch as exc:
+                    refusals.append(exc)
+                    raise
+                finally:
+                    mitm.active = False
+
+            tpm.seal = seal_interposed  # type: ignore[method-assign]
+            assert ks.TPMSealedHostKey(tpm, sealed_path).host_key() == host_key
+    finally:
+        mitm.stop()
+    old = SealedObject.from_bytes(v2)
+    assert mitm.answered and old.parent_name not in mitm.answered
+    assert host_key not in mitm.sealed_data, "the interposer read the host key"
+    assert not mitm.sealed_data
+    assert len(refusals) == 1
+    assert f"not the pinned {old.parent_name.hex()}" in str(refusals[0])
+    assert sealed_path.read_bytes() == v2
+    assert "Kept the format-2 sealed host key" in caplog.text
+
+
 def test_an_unpinned_host_key_refuses_the_ak_and_kem_key(
         host_tpm_standin: HostTPMStandIn, tmp_path: Path) -> None:  # noqa: F811
     """A format-1 host key whose reseal failed has no pinned parent: it
@@ -167,8 +212,9 @@ def test_an_unpinned_host_key_refuses_the_ak_and_kem_key(
         tpm.bind_host_key_parent(b"")
         tpm.use_key_auth(auth, tmp_path / "hostkeys.tpm")
         with pytest.raises(exception.HostTPMError,
-                           match=r"the host key is still a format-1 sealed object: resealing "
-                                 r"it as format 2 failed at the agent's start"):
+                           match=r"the host key is still an older sealed object \(format 1 "
+                                 r"or 2\): resealing it as format 3 failed at the agent's "
+                                 r"start"):
             tpm.quote(b"q" * 16, [0])
     assert not (tmp_path / "hostkeys.tpm").exists()
     with HostTPM(host_tpm_standin.tcti) as tpm:
@@ -176,14 +222,18 @@ def test_an_unpinned_host_key_refuses_the_ak_and_kem_key(
         tpm.quote(b"q" * 16, [0])
 
 
-def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refused(
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_a_failed_old_format_reseal_starts_the_agent_with_the_ak_and_kem_key_refused(
         host_tpm_standin: HostTPMStandIn, tmp_path: Path,  # noqa: F811
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, fmt: int) -> None:
     """akfix review round 2, finding 3: a format-1 host key whose reseal
     failed (ENOSPC on the atomic rewrite) on a host whose key blobs were
     already pinned stopped the agent at ``use_key_auth``, contrary to
     ``_upgrade``'s design: the format-1 file stays and unwraps instance
-    keys, only the AK and KEM key are refused, until a restart reseals."""
+    keys, only the AK and KEM key are refused, until a restart reseals.
+    Format 2 (eksalt review round 2, finding 2): its pinned parent is the
+    real one, but its blob unseals with an empty password, so the AK and
+    KEM key are refused as well until it is format 3."""
     import errno
     sealed_path, key_file = tmp_path / "hostkey.sealed", tmp_path / "hostkeys.tpm"
     host_key = b"k" * ks.KEY_LEN
@@ -191,9 +241,11 @@ def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refuse
     with ESAPI(host_tpm_standin.tcti) as e:  # an earlier release: pinned blobs
         hostkeys.FileBlobStore(key_file).save(
             hostkeys.create_blobs(e, auth.ak.auth, auth.kem.auth))
-    sealed_path.write_bytes(seal_v1(host_tpm_standin.tcti, host_key))
+    seal_old = seal_v1 if fmt == 1 else seal_v2
+    sealed_path.write_bytes(seal_old(host_tpm_standin.tcti, host_key))
     sealed_path.chmod(0o600)
     v1 = sealed_path.read_bytes()
+    assert v1.startswith(b"VTSO" + bytes([fmt]))
     real_write = ks.fileutil.write_atomic
 
     def enospc(path: Path, data: bytes, *args: object, replace: bool = False,
@@ -208,12 +260,12 @@ def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refuse
         assert provider.host_key() == host_key  # instance keys unwrap
         tpm.use_key_auth(keyauth.derive(provider.host_key()), key_file)  # starts
         with pytest.raises(exception.HostTPMError,
-                           match=r"format-1 file is intact and still unwraps the instance "
+                           match=r"the old file is intact and still unwraps the instance "
                                  r"keys\), .* until the agent is restarted after fixing the "
                                  r"cause \(e\.g\. disk space"):
             tpm.quote(b"q" * 16, [0])
     assert sealed_path.read_bytes() == v1
-    assert "Kept the version-1 sealed host key" in caplog.text
+    assert f"Kept the format-{fmt} sealed host key" in caplog.text
     assert "until the agent is restarted after fixing the cause" in caplog.text
     monkeypatch.setattr(ks.fileutil, "write_atomic", real_write)  # the disk freed
     with HostTPM(host_tpm_standin.tcti) as tpm:  # the restart reseals
@@ -221,7 +273,14 @@ def test_a_failed_format1_reseal_starts_the_agent_with_the_ak_and_kem_key_refuse
         assert provider.host_key() == host_key
         tpm.use_key_auth(keyauth.derive(host_key), key_file)
         tpm.quote(b"q" * 16, [0])
-    assert not SealedObject.from_bytes(sealed_path.read_bytes()).legacy
+    resealed = SealedObject.from_bytes(sealed_path.read_bytes())
+    assert resealed.current
+    # the warning says the old blob still unseals and what ends that
+    assert (f"Resealed the format-{fmt} host key {sealed_path} as format 3" in caplog.text
+            and "still unseals it in this TPM with an empty password" in caplog.text
+            and "fresh state directory (a new host key)" in caplog.text)
+    for secret in (host_key, resealed.auth):
+        assert secret.hex() not in caplog.text and repr(secret)[2:-1] not in caplog.text
 
 
 def test_a_refused_first_key_creation_sends_no_auth_value(

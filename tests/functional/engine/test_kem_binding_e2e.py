@@ -49,3 +49,28 @@ def test_a_stale_kem_key_is_untrusted_until_re_enrollment():
         assert operator.enroll(host).status == "APPROVED"
         assert agents.get_identity(host, b"j" * 32).kem_public != old_kem
         assert operator.attest(host).status == "TRUSTED"
+
+
+def test_an_unbound_kem_key_accepted_is_audited_once_not_per_quote():
+    """With ``require_kem_pcr_binding`` off (the default) a host without
+    ``kem_policy_pcrs`` is TRUSTED; the engine audits that its trust rests
+    on an unbound KEM key once for the trust period, not at every quote.
+    On the old engine: a log warning only, no audit entry."""
+    spec = Spec("kemfree", labels=("a",),
+                engine={"attestation": {"auto_approve": "true"}},
+                trust=Trust(pcrs=PCRS))
+    with build(spec) as d:
+        operator, agents = d.operator, d.agents
+        host = d.hosts["a"].name
+        quote = agents.quote(host, b"n" * 32, PCRS)
+        assert (quote.kem_pcrs, quote.kem_current) == ((), True)
+        for _ in range(3):
+            assert operator.attest(host).status == "TRUSTED"
+        kem = [(e.outcome, e.detail) for e in operator.list_audit(limit=200, host=host).entries
+               if e.event == "kem binding"]
+        assert len(kem) == 1, kem
+        outcome, detail = kem[0]
+        assert outcome == "unbound accepted"
+        assert detail.startswith("KEM key 000b") and detail.endswith(
+            "is not bound to PCRs ([host_tpm] kem_policy_pcrs empty on the host): accepted "
+            "because [attestation] require_kem_pcr_binding is off")

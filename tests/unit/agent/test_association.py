@@ -283,7 +283,8 @@ V3_TABLES = {"associations", "tombstones", "aborted_migrations", "command_nonces
              "command_nonces_keep_until"}
 # v4 adds the agent's record of seals, v5 the swtpm uid of each instance
 # v6 when each uid was last freed
-CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance", "swtpm_uids", "swtpm_uids_freed"}
+CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance", "swtpm_uids", "swtpm_uids_freed",
+                                "swtpm_uids_kept", "swtpm_uid_floor"}
 DESTROYED = ("i", "v", "DESTROYED", 4, None, "/d", "/c", None, "t", "t")
 ACTIVE = ("j", "w", "ACTIVE", 2, None, "/d2", "/c2", 77, "t", "t")
 
@@ -486,38 +487,70 @@ def test_a_v4_file_gains_the_swtpm_uids_and_keeps_its_rows(tmp_path):
 def test_swtpm_uids_are_per_instance_durable_and_freed(tmp_path):
     path = tmp_path / "a.sqlite"
     al = AssociationList(path)
-    assert al.assign_uid("a", 5000, 5001) == 5000
-    assert al.assign_uid("b", 5000, 5001) == 5001
-    assert al.assign_uid("a", 5000, 5001) == 5000  # the one it has
-    with pytest.raises(exception.InvalidInput) as used_up:
-        al.assign_uid("c", 5000, 5001)
-    assert "swtpm_uid_range 5000-5001 is used up (2 swtpm uids assigned)" in str(used_up.value)
-    assert al.uid_of("c") is None  # the refusal recorded nothing
+    assert al.assign_uid("a", 5000, 5002) == 5000
+    assert al.assign_uid("b", 5000, 5002) == 5001
+    assert al.assign_uid("a", 5000, 5002) == 5000  # the one it has
     al.close()
     al = AssociationList(path)  # an agent restart keeps them
     assert (al.uid_of("a"), al.uid_of("b")) == (5000, 5001)
     al.release_uid("a")
     assert al.uid_of("a") is None
-    assert al.assign_uid("c", 5000, 5001) == 5000  # a freed uid is reused
+    assert al.assign_uid("c", 5000, 5002) == 5002
     al.close()
 
 
-def test_a_freed_uid_is_given_out_last(tmp_path):
-    """Not lowest-free: a process of a freed uid that survived would get
-    the next VM. Never-used uids first, then the one freed longest ago."""
-    al = AssociationList(tmp_path / "a.sqlite")
+def test_a_uid_is_never_given_out_twice(tmp_path):
+    """Review of the sweep, HIGH 1: a freed uid's previous holder may have
+    left a setuid file of the uid that another user holds open: the next
+    VM given the uid would be open to that user. Freed, kept or assigned,
+    a uid once used is never handed out again; a used-up range names the
+    option to widen and records nothing."""
+    path = tmp_path / "a.sqlite"
+    al = AssociationList(path)
     try:
         assert [al.assign_uid(i, 5000, 5003) for i in "ab"] == [5000, 5001]
         al.release_uid("a")
-        assert al.assign_uid("c", 5000, 5003) == 5002  # never used before 5000
-        al.release_uid("b")
-        al.release_uid("c")
+        assert al.keep_uid("b") == 5001
+        assert al.uid_of("b") is None and al.kept_uids() == [("b", 5001)]
+        assert al.assign_uid("b", 5000, 5003) == 5002  # not its kept one
+        al.release_kept(5001)
+        assert 5001 not in [uid for _inst, uid in al.kept_uids()]
         assert al.assign_uid("d", 5000, 5003) == 5003
-        # freed in the order 5000, 5001, 5002: handed out in that order
-        assert [al.assign_uid(i, 5000, 5003) for i in "efg"] == [5000, 5001, 5002]
+        with pytest.raises(exception.InvalidInput) as used_up:
+            al.assign_uid("e", 5000, 5003)
+        assert ("[agent] swtpm_uid_range 5000-5003 is used up: each of its 4 uids ran a "
+                "vTPCM once and is never given out again; widen the range") in str(used_up.value)
+        assert al.uid_of("e") is None  # the refusal recorded nothing
+        assert al.assign_uid("e", 5000, 5004) == 5004  # widened
         al.release_uid("nobody")  # no uid: nothing recorded
     finally:
         al.close()
+
+
+def test_a_v6_list_starts_above_every_uid_it_recorded_and_moves_kept_ones(tmp_path):
+    """A list an older agent wrote: its freed uids were handed out again
+    (lowest never-used first, then freed longest ago); from v7 on the
+    next uid is above all it recorded, and a uid it kept for an instance
+    without a live vTPCM moves aside (so the instance's next vTPCM does not
+    get it back)."""
+    path = tmp_path / "a.sqlite"
+    conn = sqlite3.connect(path)
+    for step in association.STEPS[:6]:
+        for statement in step.split(";"):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 6")
+    conn.execute("INSERT INTO swtpm_uids VALUES ('gone', 5001, 'x')")
+    conn.execute("INSERT INTO swtpm_uids_freed VALUES (5003, 1)")
+    conn.commit()
+    conn.close()
+    al = AssociationList(path)
+    try:
+        assert al.kept_uids() == [("gone", 5001)] and al.uid_of("gone") is None
+        assert al.assign_uid("new", 5000, 5009) == 5004
+        assert al.assign_uid("gone", 5000, 5009) == 5005
+    finally:
+        al.close()
+    assert file_schema(path) == (association.SCHEMA_VERSION, CURRENT_TABLES)
 
 
 def test_the_list_and_its_wal_and_shm_are_the_agents_alone(tmp_path):
@@ -539,3 +572,64 @@ def test_the_list_and_its_wal_and_shm_are_the_agents_alone(tmp_path):
             al.close()
     finally:
         holder.close()
+
+
+def _older(path, version, assigned=(), freed=()):
+    """A list as the agent of schema ``version`` (5 or 6) left it."""
+    conn = sqlite3.connect(path)
+    for step in association.STEPS[:version]:
+        for statement in step.split(";"):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = %d" % version)
+    for inst, uid in assigned:
+        conn.execute("INSERT INTO swtpm_uids VALUES (?, ?, 'x')", (inst, uid))
+    for seq, uid in enumerate(freed, 1):
+        conn.execute("INSERT INTO swtpm_uids_freed VALUES (?, ?)", (uid, seq))
+    conn.commit()
+    conn.close()
+
+
+def test_a_v5_list_trusts_no_uid_of_the_range_it_ran_with(tmp_path):
+    """Review round 2 of the sweep, P1 (p1_upgrade a): a v5 list deleted a
+    uid's row when it freed it. Its VMs got 5000, 5001, 5002 (lowest free);
+    5002's was destroyed. Upgraded, the list handed out 5002 again. Now no
+    uid up to the range's LAST is given out, the error says to take a fresh
+    range above it, the floor survives a restart and a fresh range works."""
+    path = tmp_path / "v5.sqlite"
+    _older(path, 5, assigned=[("A", 5000), ("B", 5001)])
+    message = ("Invalid input: [agent] swtpm_uid_range 5000-5999 cannot be used: the "
+               "association list was upgraded from schema version 5, which kept no record of "
+               "the uids it freed, so every uid up to 5999 may have run a vTPCM and none of "
+               "them is given out again; set a fresh [agent] swtpm_uid_range above 5999 (its "
+               "FIRST at least 6000)")
+    al = AssociationList(path)
+    try:
+        with refused(exception.InvalidInput, message):
+            al.assign_uid("C", 5000, 5999)
+        assert al.uid_of("C") is None
+    finally:
+        al.close()
+    al = AssociationList(path)  # a restart keeps the floor at the first LAST
+    try:
+        with refused(exception.InvalidInput, message):
+            al.assign_uid("C", 5000, 5999)
+        assert al.assign_uid("C", 6000, 6999) == 6000
+        assert al.assign_uid("D", 5000, 7999) == 6001  # uids above the old LAST are fresh
+        assert al.uid_headroom(6000, 6999) == (998, (5999, "upgraded from schema version 5, "
+                                                     "which kept no record of the uids it "
+                                                     "freed"))
+    finally:
+        al.close()
+    assert file_schema(path) == (association.SCHEMA_VERSION, CURRENT_TABLES)
+
+
+def test_a_v6_list_and_a_new_one_have_no_floor(tmp_path):
+    _older(tmp_path / "v6.sqlite", 6, assigned=[("A", 5000)], freed=[5001])
+    for path in (tmp_path / "v6.sqlite", tmp_path / "new.sqlite"):
+        al = AssociationList(path)
+        try:
+            left, floor = al.uid_headroom(5000, 5009)
+            assert floor is None
+            assert al.assign_uid("C", 5000, 5009) == 5009 - left + 1
+        finally:
+            al.close()

@@ -59,3 +59,19 @@ def test_the_host_keys_storage_primary_never_changes() -> None:
     assert hosttpm.SEALED_ATTRS_V2 == hosttpm.SEALED_ATTRS | TPMA_OBJECT.NODA
     for attrs in (hostkeys.AK_ATTRS, hostkeys.KEM_ATTRS):
         assert attrs & TPMA_OBJECT.NODA and attrs & TPMA_OBJECT.FIXEDTPM
+
+
+def test_a_sealed_object_with_an_auth_value_but_no_parent_is_not_written() -> None:
+    """Review eksalt round 2, finding 4: such an object was written as
+    format 1, silently without its auth value (it would never unseal
+    again). Refused instead; each real format still round-trips."""
+    bad = hosttpm.SealedObject(public=b"PUB", private=b"PRIV", auth=b"A" * 32)
+    with refused(HostTPMError, "Host TPM error: sealed object: an auth value needs a parent "
+                               "name (format 3); format 1 cannot hold it"):
+        bad.to_bytes()
+    for obj, magic in ((dataclasses.replace(bad, auth=b""), b"VTSO\x01"),
+                       (dataclasses.replace(bad, auth=b"", parent_name=b"N" * 34), b"VTSO\x02"),
+                       (dataclasses.replace(bad, parent_name=b"N" * 34), b"VTSO\x03")):
+        data = obj.to_bytes()
+        assert data.startswith(magic)
+        assert hosttpm.SealedObject.from_bytes(data) == obj

@@ -91,10 +91,10 @@ def faked(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[hosttpm.HostTPM, di
     monkeypatch.setattr(tpm, "_ak", primary)
     monkeypatch.setattr(tpm, "_kem", primary)
     monkeypatch.setattr(tpm, "_current_kem", lambda e, rotate: True)  # no PCR binding here
-    monkeypatch.setattr(hostek, "_ek_template",
+    monkeypatch.setattr(hostek, "ek_template",
                         lambda e: (state["cert"], _Template) if state["cert"] else None)
     monkeypatch.setattr(hostek, "_read_ek_certificate", lambda e: None)
-    monkeypatch.setattr(hostek, "_ek", ek)
+    monkeypatch.setattr(hostek, "loaded_ek", ek)
     yield tpm, state
 
 

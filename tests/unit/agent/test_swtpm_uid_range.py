@@ -2,17 +2,20 @@
 a group would let that account reach a swtpm's files, so it is refused."""
 
 import grp
+import logging
 import pwd
 import re
+import sqlite3
 from pathlib import Path
 
 import pytest
 
 from tests.refusal import refused
-from vtpcm_agent import service
+from vtpcm_agent import association, instances, service
+from vtpcm_agent.keystore import DevKeyFileHostKey, KeyStore
 from vtpcm_common import exception
 
-DEVSTACK_DEFAULT = "1900000000-1900000999"  # devstack/settings VTPCM_SWTPM_UID_RANGE
+DEVSTACK_DEFAULT = "1900000000-1900999999"  # devstack/settings VTPCM_SWTPM_UID_RANGE
 
 
 def test_empty_means_swtpm_runs_as_the_agent():
@@ -106,3 +109,54 @@ def test_uid16_minus_one_is_refused():
     with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range "
                  "65530-65540: contains 65535, (uint16_t)-1"):
         service.uid_range("65530-65540", subid_files=())
+
+
+def _manager(tmp_path: Path, uids: tuple[int, int], list_: association.AssociationList,
+             ) -> instances.InstanceManager:
+    settings = instances.AgentSettings(host="h", state_root=tmp_path / "state",
+                                       run_dir=tmp_path / "run", swtpm_uids=uids)
+    keys = KeyStore(tmp_path / "keys", DevKeyFileHostKey(tmp_path / "hostkey"))
+    return instances.InstanceManager(settings, list_, keys)
+
+
+def test_the_agents_start_says_when_the_range_is_unusable_or_nearly_used_up(tmp_path,
+                                                                           caplog):
+    """Review round 2 of the sweep, P1/P3: a list upgraded from v5 trusts no
+    uid of the range (ERROR naming what to do), and a range with few uids
+    left (fewer than 100 or a tenth) is worth a WARNING before creates
+    start failing."""
+    path = tmp_path / "a.sqlite"
+    conn = sqlite3.connect(path)
+    for step in association.STEPS[:5]:
+        for statement in step.split(";"):
+            conn.execute(statement)
+    conn.execute("PRAGMA user_version = 5")
+    conn.commit()
+    conn.close()
+    al = association.AssociationList(path)
+    try:
+        caplog.set_level(logging.WARNING, logger="vtpcm_agent.instances")
+        assert _manager(tmp_path, (5000, 5999), al).check_uid_range() == 0
+        errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+        assert errors[0] == (
+            "No swtpm uid can be given out: creating or migrating in a vTPCM will fail. "
+            "[agent] swtpm_uid_range 5000-5999 cannot be used: the association list was "
+            "upgraded from schema version 5, which kept no record of the uids it freed, so "
+            "every uid up to 5999 may have run a vTPCM and none of them is given out again; "
+            "set a fresh [agent] swtpm_uid_range above 5999 (its FIRST at least 6000)")
+        caplog.clear()
+        manager = _manager(tmp_path, (6000, 6999), al)  # a fresh range: quiet
+        assert manager.check_uid_range() == 1000
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING
+                and r.name == "vtpcm_agent.instances"] == []
+        for i in range(901):
+            al.assign_uid("i%d" % i, 6000, 6999)
+        assert manager.check_uid_range() == 99
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+                    and r.name == "vtpcm_agent.instances"]
+        assert warnings == ["Only 99 uid(s) of [agent] swtpm_uid_range 6000-6999 are left to "
+                            "give out (a uid is never given out twice: one per vTPCM created "
+                            "or migrated in); widen the range (raise LAST) before it is used "
+                            "up"]
+    finally:
+        al.close()

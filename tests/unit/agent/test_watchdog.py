@@ -144,3 +144,35 @@ def test_an_interval_of_zero_starts_no_watchdog_thread():
     dog.start()
     assert dog._thread is None and dog._sender is None
     dog.stop()
+
+
+def test_the_kept_uids_are_swept_again_periodically_and_a_failure_never_stops_it(
+        monkeypatch, caplog):
+    """Review of the sweep, MEDIUM 2: a uid kept aside by a destroy (a
+    segment another user keeps attached) is swept again by the watchdog
+    every KEPT_SWEEP_INTERVAL seconds, not only at the agent's start."""
+    calls: list[float] = []
+
+    class Sweeping(FakeInstances):
+        def sweep_kept(self) -> int:
+            calls.append(now[0])
+            if len(calls) == 1:
+                raise OSError("one failed pass")
+            return 0
+
+    now = [1000.0]
+    fake = Sweeping(crashed_now=[])
+    dog = SwtpmWatchdog(fake, interval=1.0, host="cmp-1")  # type: ignore[arg-type]
+    monkeypatch.setattr(wd, "KEPT_SWEEP_INTERVAL", 60)
+    monkeypatch.setattr(wd.time, "monotonic", lambda: now[0])
+
+    def wait(_seconds: float) -> bool:
+        now[0] += 30.0
+        if now[0] > 1200.0:
+            dog._stop.set()
+        return dog._stop.is_set()
+
+    monkeypatch.setattr(dog._stop, "wait", wait)
+    dog._loop()
+    assert calls == [1060.0, 1120.0, 1180.0]  # not at once (the start swept), then each 60 s
+    assert "Sweep of the kept swtpm uids failed" in caplog.text

@@ -207,7 +207,7 @@ def test_an_unbound_kem_key_passes_unless_binding_is_required(
     assert att.attest(HOST).status is TrustStatus.TRUSTED
     assert att.attest(HOST).status is TrustStatus.TRUSTED
     warnings = [r for r in caplog.records if "not bound to PCRs" in r.getMessage()]
-    assert len(warnings) == 1  # once per host and key, not per attestation
+    assert len(warnings) == 1  # with its audit entry, not per attestation
     strict = _attestor(db, agent, require=True)
     verdict = strict.attest(HOST)
     assert verdict.status is TrustStatus.UNTRUSTED
@@ -215,6 +215,66 @@ def test_an_unbound_kem_key_passes_unless_binding_is_required(
         "KEM key: KEM key is not bound to PCRs ([host_tpm] kem_policy_pcrs is empty on the "
         "host) but [attestation] require_kem_pcr_binding is set: set kem_policy_pcrs on "
         "the host and re-enroll it")
+
+
+def _kem_audits(att: attestation.Attestor) -> list[tuple[str, str]]:
+    return [(e.outcome, e.detail) for e in reversed(att.db.list_audit(limit=500, host=HOST))
+            if e.event == "kem binding"]
+
+
+def test_an_unbound_kem_key_accepted_is_audited_once_per_trust_period_and_key(
+        db: api.Database) -> None:
+    """The warning alone (once per engine process) left no trace in the
+    audit trail that trust rested on a key usable in any platform state. On
+    the old engine: no ``kem binding`` entry at all."""
+    agent = KemAgent()
+    att = _attestor(db, agent)
+    tpm = FakeTPM()
+    tpm.extend(16, b"good-boot")
+    _enroll(att, agent, tpm)
+    agent.kem_pcrs, agent.kem_current = (), True
+    first = att.db.get_host(HOST).kem_name.hex()
+    for _ in range(4):  # periodic attestation: one entry, not one per quote
+        assert att.attest(HOST).status is TrustStatus.TRUSTED
+    other_worker = _attestor(db, agent)  # another engine process: still one
+    assert other_worker.attest(HOST).status is TrustStatus.TRUSTED
+    said = (f"KEM key {first} is not bound to PCRs ([host_tpm] kem_policy_pcrs empty on "
+            "the host): accepted because [attestation] require_kem_pcr_binding is off")
+    assert _kem_audits(att) == [("unbound accepted", said)]
+    # a period of distrust (binding required), then trusted again: a new entry
+    assert _attestor(db, agent, require=True).attest(HOST).status is TrustStatus.UNTRUSTED
+    assert att.attest(HOST).status is TrustStatus.TRUSTED
+    assert att.attest(HOST).status is TrustStatus.TRUSTED
+    assert _kem_audits(att) == [("unbound accepted", said)] * 2
+    # another (unbound) key after a re-enrollment: named in its own entry
+    att.revoke(HOST)
+    tpm.kem_public = _kem_public()
+    att.enroll_from_agent(HOST)
+    att.approve(HOST)
+    second = att.db.get_host(HOST).kem_name.hex()
+    assert second != first
+    assert att.attest(HOST).status is TrustStatus.TRUSTED
+    assert att.attest(HOST).status is TrustStatus.TRUSTED
+    assert _kem_audits(att)[2:] == [("unbound accepted", said.replace(first, second))]
+
+
+def test_a_bound_kem_key_or_a_distrusted_host_writes_no_unbound_entry(
+        db: api.Database) -> None:
+    agent = KemAgent()
+    att = _attestor(db, agent)
+    _enroll(att, agent, _bound_tpm([0, 7]))
+    agent.kem_pcrs, agent.kem_current = (0, 7), True
+    assert att.attest(HOST).status is TrustStatus.TRUSTED
+    unbound = KemAgent()
+    tpm = FakeTPM()
+    tpm.extend(16, b"good-boot")
+    strict = _attestor(db, unbound, require=True)
+    att.revoke(HOST)
+    unbound.tpms[HOST] = tpm
+    strict.enroll_from_agent(HOST)
+    strict.approve(HOST)
+    assert strict.attest(HOST).status is TrustStatus.UNTRUSTED
+    assert _kem_audits(att) == []
 
 
 def test_a_malformed_kem_report_is_a_refused_quote(db: api.Database) -> None:

@@ -21,8 +21,8 @@ from tpm2_pytss.types import TPMS_ATTEST, TPMS_CREATION_DATA, TPMT_PUBLIC
 
 from tests.unit.engine import test_verifier as tv
 from tests.unit.engine.fakes import Clock, FakeAgent, FakeTPM
-from vtpcm_common import authn, exception
-from vtpcm_nova.engine import attestation, parentcert, tpmstruct
+from vtpcm_common import authn, exception, tpmstruct
+from vtpcm_nova.engine import attestation, parentcert
 from vtpcm_nova.engine import verifier as V
 from vtpcm_nova.engine.db import api, migration
 

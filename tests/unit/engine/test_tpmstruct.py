@@ -21,8 +21,7 @@ from tpm2_pytss.types import TPMS_ATTEST, TPMT_SIGNATURE
 
 from tests.refusal import refused
 from tests.unit.engine import test_verifier as tv
-from vtpcm_common import exception
-from vtpcm_nova.engine import tpmstruct
+from vtpcm_common import exception, tpmstruct
 from vtpcm_nova.engine import verifier as V
 
 H = bytes.fromhex

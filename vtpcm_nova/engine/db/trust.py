@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 
 from sqlalchemy import Table, insert, select, update
 from sqlalchemy.engine import Connection, Row
@@ -50,6 +50,26 @@ from vtpcm_nova.engine.db.store import Store, utcnow
 # (issue 11 point 3).
 VERDICTS = cast(Table, models.VerdictRow.__table__)
 CLOCKS = cast(Table, models.ClockStateRow.__table__)
+
+KEM_AUDIT_EVENT, KEM_AUDIT_OUTCOME = "kem binding", "unbound accepted"
+
+
+class Concluded(NamedTuple):
+    """What ``conclude_attestation`` stored: the verdict, whether its status
+    changed, whether it audited an unbound KEM key accepted."""
+
+    verdict: VerdictRecord
+    changed: bool
+    kem_audited: bool
+
+
+def _last_kem_audit(s: Session, host: str) -> str | None:
+    """The detail of the host's newest unbound-KEM-key audit entry."""
+    return s.connection().scalar(
+        select(models.Audit.detail)
+        .where(models.Audit.host == host, models.Audit.event == KEM_AUDIT_EVENT)
+        .order_by(models.Audit.id.desc()).limit(1))
+
 
 Rejudge = Callable[[verifier.ClockState], tuple[verifier.TrustStatus, str, bool]]
 """The attesting call's verdict judged again against another clock
@@ -126,12 +146,23 @@ class TrustStore(Store):
                              nonce: tuple[bytes, str, datetime.datetime] | None = None,
                              baseline: verifier.ClockState | None = None,
                              rejudge: Rejudge | None = None,
-                             ) -> tuple[VerdictRecord, bool]:
+                             unbound_kem: str | None = None,
+                             ) -> Concluded:
         """``record_attestation``, and in the SAME transaction the quote's
         ``nonce`` (value, purpose, expiry) recorded as used (expired or
         already on record: QuoteVerificationError and nothing changes) and
         the audit entries: a non-TRUSTED verdict always, a TRUSTED one when
         the status changed, the reboot that sent the host to PENDING.
+
+        ``unbound_kem``: the name (hex) of the host's enrolled KEM key when
+        it is not PCR-bound (accepted because ``require_kem_pcr_binding`` is
+        off). A TRUSTED verdict then also writes ``kem binding`` /
+        ``unbound accepted`` naming the key, once per trust period and key:
+        when the host becomes TRUSTED (from any other status or none), or
+        when the host's last such entry names another key. Not one per
+        quote: periodic attestation would bury the trail; what an operator
+        asks is since when, and with which key, trust rested on a key the
+        TPM lets use in any platform state.
 
         ``baseline`` is the clock baseline the verdict was judged against
         (the challenge's). If the stored one differs when the clock row is
@@ -153,7 +184,16 @@ class TrustStore(Store):
             if changed or not verdict.trusted:
                 add_audit(s, "verdict", verdict.status.value, host=basis.host,
                           detail=verdict.reason, now=now)
-            return verdict, changed
+            kem_audited = False
+            if verdict.trusted and unbound_kem is not None:
+                detail = (f"KEM key {unbound_kem} is not bound to PCRs ([host_tpm] "
+                          "kem_policy_pcrs empty on the host): accepted because "
+                          "[attestation] require_kem_pcr_binding is off")
+                if changed or _last_kem_audit(s, basis.host) != detail:
+                    add_audit(s, KEM_AUDIT_EVENT, KEM_AUDIT_OUTCOME, host=basis.host,
+                              detail=detail, now=now)
+                    kem_audited = True
+            return Concluded(verdict, changed, kem_audited)
 
     def _record(self, s: Session, basis: TrustBasis, status: verifier.TrustStatus,
                 reason: str, expires_at: datetime.datetime, *,

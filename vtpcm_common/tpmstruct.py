@@ -17,6 +17,7 @@ both on real quotes and on mutations of them). Pure: bytes in, tuples out.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from collections.abc import Callable
 from typing import NamedTuple, TypeVar
@@ -26,6 +27,7 @@ _T = TypeVar("_T")
 GENERATED_VALUE = 0xFF544347  # TPM2_GENERATED.VALUE
 ST_ATTEST_QUOTE = 0x8018  # TPM2_ST.ATTEST_QUOTE
 ALG_ECDSA = 0x0018  # TPM2_ALG.ECDSA
+ALG_SHA256 = 0x000B  # TPM2_ALG.SHA256
 
 # the largest sizes accepted on the fast path (at most the TPM 2.0 maxima)
 MAX_NAME = 66  # TPM2B_NAME: sizeof(TPMU_NAME)
@@ -243,3 +245,9 @@ def _read_creation_data(r: _Reader) -> CreationData:
 def creation_data(data: bytes) -> CreationData:
     """The TPMS_CREATION_DATA in ``data``, exactly."""
     return _strict(data, "creation data", _read_creation_data)
+
+
+def sha256_name(raw: bytes) -> bytes:
+    """TPM name of the marshaled TPMT_PUBLIC ``raw`` whose nameAlg the caller
+    checked to be SHA-256: 0x000b || SHA-256(raw)."""
+    return ALG_SHA256.to_bytes(2, "big") + hashlib.sha256(bytes(raw)).digest()
