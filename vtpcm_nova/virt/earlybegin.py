@@ -35,6 +35,10 @@ LOG = logging.getLogger(__name__)
 TERMINAL = frozenset({"error", "failed", "cancelled", "completed", "done", "aborted"})
 _DERIVED = uuid.UUID("5d0c3b9e-8a0f-4c55-9a36-2f1e7b3c0d11")
 POLL_S = 1.0
+# ids of one Nova migration looked up at the engine when this host does not
+# remember them (a restarted nova-compute): Nova's uuid and derived ones
+LOOKUP_ATTEMPTS = 4
+MAX_THREADS = 16  # concurrent early begins; a check beyond them begins nothing early
 
 
 def attempt_id(nova_id: str, dest: str, attempt: int) -> str:
@@ -56,6 +60,7 @@ class _Early:
     joined: bool = False  # live_migration came for it (under the lock)
     taken: bool = False  # ... and begins with its id
     superseded: bool = False  # a check for another destination came
+    abandoned: bool = False  # its own thread aborts it: never taken (under the lock)
     answered: threading.Event = dataclasses.field(default_factory=threading.Event)
     wake: threading.Event = dataclasses.field(default_factory=threading.Event)
     decided: threading.Event = dataclasses.field(default_factory=threading.Event)  # taken?
@@ -81,6 +86,8 @@ class EarlyBegins:
         self._pending: dict[str, _Early] = {}
         self._used: dict[str, set[str]] = {}  # Nova migration -> ids begun with
         self._ids: dict[str, str] = {}  # Nova migration -> id live_migration began
+        self._aborting: dict[str, _Early] = {}  # instance -> given up, abort under way
+        self._slots = threading.BoundedSemaphore(MAX_THREADS)
 
     def start(self, instance_uuid: str, dest: str) -> None:
         """Start the begin to ``dest`` in the background (the source's check
@@ -88,10 +95,16 @@ class EarlyBegins:
         destination is superseded: aborted before this one begins."""
         if self._timeout() <= 0:
             return
+        if not self._slots.acquire(blocking=False):
+            LOG.info("vTPCM: %(n)d early begins under way; instance %(i)s to %(dest)s "
+                     "begins in live_migration", {"n": MAX_THREADS, "i": instance_uuid,
+                                                  "dest": dest})
+            return
         with self._lock:
             previous = self._pending.get(instance_uuid)
             if previous is not None:
                 if previous.dest == dest and not previous.superseded:
+                    self._slots.release()
                     return
                 previous.superseded = True
                 previous.wake.set()
@@ -102,18 +115,22 @@ class EarlyBegins:
 
     def join(self, instance_uuid: str, nova_id: str, dest: str, timeout: float) -> str:
         """The id ``live_migration`` begins with: the early begin's if it
-        answered PREPARED for this migration and destination (waited for at
-        most ``timeout``), else a fresh one. Any other early begin of the
-        instance is aborted here or by its own thread."""
+        answered PREPARED for this migration and destination, else a fresh
+        one. Waits at most ``timeout`` in all: for the early begin's answer,
+        and for the abort of an early begin of the instance that is not
+        taken (it holds the vTPCM; the engine would refuse the fresh begin)."""
+        deadline = time.monotonic() + timeout
         with self._lock:
             early = self._pending.pop(instance_uuid, None)
             if early is not None:
                 early.joined = True
                 early.wake.set()
+            aborting = self._aborting.get(instance_uuid)
         if early is not None:
-            early.answered.wait(timeout)
+            early.answered.wait(_left(deadline))
             with self._lock:
                 early.taken = (early.answered.is_set() and early.prepared
+                               and not early.abandoned
                                and (early.nova_id, early.dest) == (nova_id, dest))
                 early.decided.set()
                 if early.taken:
@@ -121,13 +138,15 @@ class EarlyBegins:
                     self._ids[nova_id] = early.vtpcm_id
                     return early.vtpcm_id
             # another migration or destination (or no answer yet): its own
-            # thread aborts it; a PREPARED one holds the vTPCM, so wait
+            # thread aborts it
             if early.prepared:
-                early.finished.wait(timeout)
+                aborting = early
+        if aborting is not None:
+            aborting.finished.wait(_left(deadline))
+        fresh = self._choose(instance_uuid, nova_id, dest)
         with self._lock:
-            fresh = self._next_id(nova_id, dest)
             self._ids[nova_id] = fresh
-            return fresh
+        return fresh
 
     def migration_id(self, nova_id: str) -> str:
         """The protocol's id of Nova migration ``nova_id`` (Nova's own uuid
@@ -142,6 +161,49 @@ class EarlyBegins:
             self._used.pop(nova_id, None)
 
     # --- the background thread ---------------------------------------------------
+    def _choose(self, instance_uuid: str, nova_id: str, dest: str) -> str:
+        """The next id to begin Nova migration ``nova_id`` to ``dest`` with.
+        Without a memory of the migration (nova-compute restarted since it
+        began one), the engine is asked which of its ids it knows: a begin
+        PREPARED for this instance and hosts is taken over (its caller's begin
+        again answers PREPARED), one PREPARED for another destination is
+        aborted (nobody else takes it over, and it holds the vTPCM), the first
+        id the engine does not know is the next."""
+        with self._lock:
+            known = nova_id in self._used
+        if known:
+            with self._lock:
+                return self._next_id(nova_id, dest)
+        seen: set[str] = set()
+        source = self._source()
+        try:
+            for attempt in range(LOOKUP_ATTEMPTS):
+                candidate = attempt_id(nova_id, dest, attempt)
+                try:
+                    info = self._engine().get_migration(candidate)
+                except exception.NotFound:
+                    break
+                seen.add(candidate)
+                if (info.state != "PREPARED" or info.instance_uuid != instance_uuid
+                        or info.source != source):
+                    continue
+                if info.dest == dest:
+                    LOG.info("vTPCM migration %(mig)s of Nova migration %(nova)s is "
+                             "PREPARED at the engine: taken over", {"mig": candidate,
+                                                                    "nova": nova_id})
+                    with self._lock:
+                        self._used.setdefault(nova_id, set()).update(seen)
+                    return candidate
+                livemigration.abort(self._engine(), candidate,
+                                    "early begin for another destination, found after "
+                                    "a restart", instance_uuid=instance_uuid)
+        except exception.VTPCMException as err:
+            LOG.warning("vTPCM: the ids of Nova migration %(nova)s could not be looked up "
+                        "at the engine: %(err)s", {"nova": nova_id, "err": err})
+        with self._lock:
+            self._used.setdefault(nova_id, set()).update(seen)
+            return self._next_id(nova_id, dest)
+
     def _next_id(self, nova_id: str, dest: str) -> str:
         used = self._used.setdefault(nova_id, set())
         attempt = 0
@@ -159,8 +221,14 @@ class EarlyBegins:
             with self._lock:
                 if nova_id is None or early.joined or early.superseded:
                     return
+            vtpcm_id = self._choose(early.instance_uuid, nova_id, early.dest)
+            with self._lock:
                 early.nova_id = nova_id
-                early.vtpcm_id = self._next_id(nova_id, early.dest)
+                early.vtpcm_id = vtpcm_id
+                if early.joined or early.superseded:
+                    # live_migration chooses its own id (the engine knows
+                    # this one now only if the lookup found it PREPARED)
+                    return
             self._begin(early)
             if early.prepared:
                 self._watch(early)
@@ -169,8 +237,12 @@ class EarlyBegins:
                         "migration, if it comes, begins itself: %(err)s",
                         {"i": early.instance_uuid, "dest": early.dest, "err": err})
         finally:
+            with self._lock:
+                if self._aborting.get(early.instance_uuid) is early:
+                    del self._aborting[early.instance_uuid]
             early.answered.set()
             early.finished.set()
+            self._slots.release()
 
     def _begin(self, early: _Early) -> None:
         assert early.vtpcm_id is not None and early.nova_id is not None
@@ -189,7 +261,11 @@ class EarlyBegins:
         early.answered.set()
 
     def _watch(self, early: _Early) -> None:
-        """Abort the PREPARED early begin unless live_migration takes it."""
+        """Abort the PREPARED early begin unless live_migration takes it.
+        Whether it is taken or given up is decided in one critical section
+        with ``join``'s: a begin given up is out of ``_pending`` and marked
+        ``abandoned`` before the lock is released, so ``join`` never takes
+        over what is being aborted."""
         deadline = time.monotonic() + self._timeout()
         while True:
             early.wake.wait(self._poll)
@@ -197,19 +273,11 @@ class EarlyBegins:
                 # join decides at once: this begin answered
                 early.decided.wait(self._wait_previous())
             with self._lock:
-                if early.taken:
-                    return
-                if early.joined:
-                    # live_migration gave up waiting, or it is for another
-                    # migration or destination: it began under another id
-                    reason = "not taken over by live_migration"
-                elif early.superseded:
-                    reason = "superseded by a check for another destination"
-                elif time.monotonic() > deadline:
-                    reason = ("not taken over by live_migration within %.0f s "
-                              "([vtpcm] early_begin_timeout)" % self._timeout())
-                else:
-                    reason = None
+                reason = self._reason(early, deadline)
+                if reason is not None:
+                    self._give_up(early)
+            if reason == "":
+                return  # taken over
             if reason is None:
                 assert early.nova_id is not None
                 try:
@@ -218,17 +286,43 @@ class EarlyBegins:
                     LOG.debug("Nova migration %(nova)s unreadable: %(err)s",
                               {"nova": early.nova_id, "err": err})
                     status = None
-                if status in TERMINAL:
+                if status not in TERMINAL:
+                    continue
+                with self._lock:
+                    if early.joined:
+                        continue  # live_migration came meanwhile: join decides
                     reason = "Nova's migration %s is %s" % (early.nova_id, status)
-            if reason is None:
-                continue
-            with self._lock:
-                if early.taken:
-                    return
-                if self._pending.get(early.instance_uuid) is early:
-                    del self._pending[early.instance_uuid]
+                    self._give_up(early)
             self._abort(early, reason)
             return
+
+    def _reason(self, early: _Early, deadline: float) -> str | None:
+        """Why to give the early begin up ("" when taken, None: not yet);
+        under the lock."""
+        if early.taken:
+            return ""
+        if early.joined:
+            if not early.decided.is_set():
+                return None  # join has not decided yet
+            # live_migration gave up waiting, or it is for another
+            # migration or destination: it began under another id
+            return "not taken over by live_migration"
+        if early.superseded:
+            return "superseded by a check for another destination"
+        if time.monotonic() > deadline:
+            return ("not taken over by live_migration within %.0f s "
+                    "([vtpcm] early_begin_timeout)" % self._timeout())
+        return None
+
+    def _give_up(self, early: _Early) -> None:
+        """Under the lock: nobody takes ``early`` over any more, and a join
+        for the instance waits for its abort."""
+        if early.taken:
+            return
+        early.abandoned = True
+        if self._pending.get(early.instance_uuid) is early:
+            del self._pending[early.instance_uuid]
+        self._aborting[early.instance_uuid] = early
 
     def _abort(self, early: _Early, reason: str) -> None:
         assert early.vtpcm_id is not None
@@ -241,3 +335,13 @@ class EarlyBegins:
         except exception.VTPCMException as err:
             LOG.warning("vTPCM abort of the early begin %(mig)s failed (the engine's "
                         "deadline finishes it): %(err)s", {"mig": early.vtpcm_id, "err": err})
+        finally:
+            with self._lock:
+                # the ids of a migration nobody took over: the engine knows
+                # them, a later choice looks them up again
+                if early.nova_id is not None and early.nova_id not in self._ids:
+                    self._used.pop(early.nova_id, None)
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
