@@ -21,6 +21,7 @@ Every case checks through Nova's API and through tpm2-pytss on the vTPCM.
 import secrets
 import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -479,6 +480,30 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertTrue(early[2].startswith("vtpcm-early-begin-"), early)
         self.assertFalse(joined[2].startswith("vtpcm-early-begin-"), joined)
         self.assertLessEqual(early[4], joined[3])
+
+    def test_no_early_begin_for_a_migration_that_would_wait_in_the_queue(self) -> None:
+        """With max_concurrent_live_migrations under way from the source, the
+        migration would queue: live_migration begins when its turn comes,
+        under Nova's uuid; nothing holds the destination meanwhile."""
+        a, b = self._start_hosts(2)
+        self.flags(max_concurrent_live_migrations=1)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        ctxt = nova_context.get_admin_context()
+        other = objects.Migration(ctxt, source_compute=a, dest_compute="elsewhere",
+                                  migration_type="live-migration", status="running",
+                                  instance_uuid=str(uuid.uuid4()), project_id="p",
+                                  user_id="u")
+        other.create()
+        server = self._live_migrate(server, host=b)
+        self.assertEqual(b, self._host_of(server))
+        self.assertEqual(before, self._tpm(b, instance))
+        nova_id = self._migrations(instance)[0]["uuid"]
+        self.assertEqual("COMMITTED", self.dep.operator.get_migration(nova_id).state)
+        begins = [t for t in self.engine_timeline if t[0] == "begin" and t[1] == nova_id]
+        self.assertEqual(1, len(begins), begins)
+        self.assertFalse(begins[0][2].startswith("vtpcm-early-begin-"), begins)
 
     def test_early_begin_to_a_failed_destination_lets_the_retry_to_another_succeed(
             self) -> None:

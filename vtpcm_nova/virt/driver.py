@@ -119,7 +119,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         self._trait: tuple[float, bool] = (0.0, False)
         self._vtpcm_host: str | None = None
         self._early = earlybegin.EarlyBegins(
-            lambda: self.vtpcm_engine, lambda: self.vtpcm_host, _in_progress_migration,
+            lambda: self.vtpcm_engine, lambda: self.vtpcm_host,
+            lambda i: _in_progress_migration(i, self.vtpcm_host),
             _migration_status, lambda: float(CONF.vtpcm.early_begin_timeout),
             wait_previous=lambda: float(CONF.vtpcm.engine_timeout) * 1.25)
 
@@ -256,8 +257,16 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         result = super().check_can_live_migrate_source(context, instance, dest_check_data,
                                                        block_device_info)
         if hint and vtpcm_spec(instance.flavor).enabled:
-            # the engine's begin, in the background: live_migration joins it
-            self._early.start(instance.uuid, hint)
+            if _queued_behind(self.vtpcm_host):
+                # it would wait in this host's queue with the destination's
+                # incoming vTPCM prepared (an evacuation: every instance):
+                # live_migration begins when its turn comes
+                LOG.info("vTPCM: live migrations from this host are at "
+                         "max_concurrent_live_migrations; no early begin",
+                         instance=instance)
+            else:
+                # the engine's begin, in the background: live_migration joins it
+                self._early.start(instance.uuid, hint)
         return result
 
     def check_source_migrate_data_at_dest(self, ctxt: Any, instance: Any,
@@ -505,15 +514,33 @@ def _take_dest_hint(dest_check_data: Any) -> str | None:
     return str(hint.dest_compute)
 
 
-def _in_progress_migration(instance_uuid: str) -> str | None:
-    """Nova's live migration of the instance whose checks run ("accepted":
-    ``MigrationList.get_in_progress_by_instance`` starts at "queued")."""
+def _in_progress_migration(instance_uuid: str, source: str) -> str | None:
+    """Nova's live migration of the instance from this host whose checks run
+    ("accepted": ``MigrationList.get_in_progress_by_instance`` starts at
+    "queued"); the newest, should an older one have been left "accepted"
+    (a conductor that died in the task)."""
     migrations = objects.MigrationList.get_by_filters(
         nova_context.get_admin_context(),
         {"instance_uuid": instance_uuid, "migration_type": "live-migration",
-         "status": ["accepted"]})
+         "status": ["accepted"], "source_compute": source},
+        sort_keys=["created_at", "id"], sort_dirs=["desc", "desc"], limit=1)
     uuids = [str(m.uuid) for m in migrations]
-    return uuids[-1] if uuids else None
+    return uuids[0] if uuids else None
+
+
+def _queued_behind(source: str) -> bool:
+    """Whether a live migration from ``source`` would wait in its compute
+    service's queue (``[DEFAULT] max_concurrent_live_migrations`` of them
+    queued or under way)."""
+    limit = int(CONF.max_concurrent_live_migrations)
+    if limit <= 0:
+        return False
+    busy = objects.MigrationList.get_by_filters(
+        nova_context.get_admin_context(),
+        {"source_compute": source, "migration_type": "live-migration",
+         "status": ["queued", "preparing", "running", "post-migrating"]},
+        limit=limit)
+    return len(busy) >= limit
 
 
 def _migration_status(nova_id: str) -> str | None:
