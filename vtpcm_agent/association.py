@@ -187,7 +187,10 @@ DELETE FROM swtpm_uids WHERE uid IN (SELECT uid FROM swtpm_uids_kept)"""
 # a uid's row when it freed it, so a list upgraded from v5 knows none of
 # the uids it freed: ``upgrade_schema`` records a floor whose uid (NULL
 # until the agent's first start with a range) becomes that range's LAST
-# (review round 2 of the sweep, P1).
+# (review round 2 of the sweep, P1). A v6 list gets the floor as well: a
+# v5 list upgraded to v6 (main ran v6 for a while) lost the v5-era freed
+# uids too, and a v6 list cannot tell whether it was one (review round 3
+# of the sweep, LOW 5). A v7 list was made by an agent that set the floor.
 _V8 = """
 CREATE TABLE IF NOT EXISTS swtpm_uid_floor (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -195,10 +198,23 @@ CREATE TABLE IF NOT EXISTS swtpm_uid_floor (
     why TEXT NOT NULL,
     since TEXT NOT NULL
 )"""
-STEPS = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8)
-# the schema whose lists recorded the uids they handed out but not those
-# they freed (v6 added swtpm_uids_freed)
-_UIDS_WITHOUT_FREED = 5
+# v9: the FIRSTs of [agent] swtpm_uid_range and qemu_uid_range the uids in
+# use were given under: a VM's QEMU uid is computed from both (Q = qemu
+# FIRST + U - swtpm FIRST), so moving either while a uid is in use would
+# kill and sweep another uid than the VM's QEMU (review of dacbuild round
+# 2, LOW 5). qemu_first stays recorded while the range is unset.
+_V9 = """
+CREATE TABLE IF NOT EXISTS uid_range_firsts (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    swtpm_first INTEGER NOT NULL,
+    qemu_first INTEGER,
+    since TEXT NOT NULL
+)"""
+STEPS = (_V1, _V2, _V3, _V4, _V5, _V6, _V7, _V8, _V9)
+# the schemas whose lists may lack the uids they freed: v5 recorded the
+# uids it handed out but not those it freed; v6 added swtpm_uids_freed but
+# a v6 list may be a v5 one upgraded (its v5-era freed uids lost)
+_UIDS_WITHOUT_FREED = (5, 6)
 SCHEMA_VERSION = len(STEPS)
 
 
@@ -226,10 +242,12 @@ def upgrade_schema(cur: sqlite3.Cursor, path: Path) -> int:
     for step in STEPS[found:]:
         for statement in step.split(";"):
             cur.execute(statement)
-    if found == _UIDS_WITHOUT_FREED:
+    if found in _UIDS_WITHOUT_FREED:
         cur.execute("INSERT OR IGNORE INTO swtpm_uid_floor VALUES (1, NULL, ?, ?)",
-                    ("upgraded from schema version %d, which kept no record of the uids "
-                     "it freed" % found, _now()))
+                    (("upgraded from schema version 5, which kept no record of the uids "
+                      "it freed" if found == 5 else
+                      "upgraded from schema version 6, which may itself have been upgraded "
+                      "from version 5 (no record of the uids it freed)"), _now()))
     cur.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
     return found
 
@@ -530,6 +548,32 @@ class AssociationList:
         if floor is not None:
             above = max(above, floor[0] + 1)
         return max(0, last - max(above, first) + 1), floor
+
+    def check_range_firsts(self, swtpm_first: int, qemu_first: int | None) -> None:
+        """Record the ranges' FIRSTs the uids are given under; refuse
+        (``InvalidInput``, nothing changed) a FIRST that moved while any uid
+        is in use or kept aside. A qemu FIRST recorded before stays while
+        ``qemu_uid_range`` is unset (guests may still run labelled); one
+        set where none was recorded is taken."""
+        with self._transaction() as cur:
+            in_use = cur.execute("SELECT (SELECT COUNT(*) FROM swtpm_uids) + "
+                                 "(SELECT COUNT(*) FROM swtpm_uids_kept)").fetchone()[0]
+            row = cur.execute("SELECT swtpm_first, qemu_first FROM uid_range_firsts "
+                              "WHERE id = 1").fetchone()
+            if in_use and row is not None:
+                for option, was, now in (("swtpm_uid_range", row[0], swtpm_first),
+                                         ("qemu_uid_range", row[1], qemu_first)):
+                    if was is not None and now is not None and was != now:
+                        raise exception.InvalidInput(reason=(
+                            "[agent] %s starts at %d, but the %d uid(s) in use or kept "
+                            "aside were given while it started at %d (a VM's QEMU uid is "
+                            "computed from both FIRSTs); set its FIRST back to %d and "
+                            "widen the range by raising LAST only"
+                            % (option, now, in_use, was, was)))
+            if row is not None and qemu_first is None:
+                qemu_first = row[1] if in_use else None
+            cur.execute("INSERT OR REPLACE INTO uid_range_firsts VALUES (1, ?, ?, ?)",
+                        (swtpm_first, qemu_first, _now()))
 
     def uid_of(self, instance_uuid: str) -> int | None:
         with self._transaction() as cur:

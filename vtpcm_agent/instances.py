@@ -101,6 +101,10 @@ class AgentSettings:
     timeout: float = 10.0
     # first and last uid of [agent] swtpm_uid_range; None: swtpm runs as the agent
     swtpm_uids: tuple[int, int] | None = None
+    # first and last uid of [agent] qemu_uid_range (as large as swtpm_uids):
+    # the QEMU uid of the VM whose swtpm runs as swtpm_uids[0] + i is
+    # qemu_uids[0] + i; None: no QEMU uids
+    qemu_uids: tuple[int, int] | None = None
 
 
 class InstanceManager:
@@ -112,6 +116,11 @@ class InstanceManager:
         self.host_tpm = host_tpm
         self._locks: dict[str, threading.RLock] = {}
         self._locks_guard = threading.Lock()
+        # the swtpm of each instance this agent started or adopted, pinned
+        # (pid, start time) when it did: the shredding path decides on it
+        # alone, never on a pid file, socket or argv the swtpm uid controls
+        # (review round 3 of the sweep, MEDIUM 1)
+        self._pins: dict[str, uidprocs.Pin] = {}
         # told of every swtpm restart (the watchdog logs and reports it);
         # called under the instance's lock, so it must not block
         self.on_restart: Callable[[Restarted], None] | None = None
@@ -128,6 +137,13 @@ class InstanceManager:
                 os.chmod(path, 0o711)  # noqa: S103
             (settings.run_dir / OWN_DIRS).mkdir(exist_ok=True)
             os.chmod(settings.run_dir / OWN_DIRS, 0o755)  # noqa: S103
+            try:
+                associations.check_range_firsts(
+                    settings.swtpm_uids[0],
+                    None if settings.qemu_uids is None else settings.qemu_uids[0])
+            except exception.InvalidInput as err:
+                LOG.error("Refusing to start: %s", err.message)
+                raise
             self.check_uid_range()
 
     def check_uid_range(self) -> int:
@@ -310,7 +326,9 @@ class InstanceManager:
 
     @serialized
     def destroy(self, instance_uuid: str) -> Association:
-        """Crypto-shred: keys first, then the process and the files."""
+        """Crypto-shred: the swtpm and its uid's processes killed first
+        (survivors of the uid do not stop it once the swtpm is gone,
+        ``_kill``), then the keys, then the state and the uid's files."""
         assoc = self.associations.get(instance_uuid)
         if assoc.state is S.DESTROYED:
             return assoc
@@ -639,6 +657,7 @@ class InstanceManager:
                 continue
             pid = process.find_running(paths)
             if pid is not None:
+                self._pin(assoc.instance_uuid, pid)
                 if pid != assoc.pid:
                     self.associations.set_pid(assoc.instance_uuid, pid)
                 report["adopted"].append(assoc.instance_uuid)
@@ -665,6 +684,9 @@ class InstanceManager:
                      keys: InstanceKeys, startup_clear: bool | None = None) -> int:
         running = process.find_running(paths)
         if running is not None:
+            pinned = self._pins.get(instance_uuid)
+            if pinned is None or pinned[0] != running or uidprocs.gone(pinned):
+                self._pin(instance_uuid, running)
             return running
         server = process.socket_server(paths.ctrl_socket)
         if server is not None:
@@ -675,11 +697,19 @@ class InstanceManager:
         if startup_clear is None:
             startup_clear = self.settings.expose_data_socket
         run_as = self._own_files(instance_uuid, paths)
-        return process.start(
+        pid = process.start(
             paths, keys.at_rest_key, keys.migration_key,
             socket_mode=self.settings.socket_mode, socket_uid=self.settings.socket_uid,
             socket_gid=self.settings.socket_gid, swtpm_binary=self.settings.swtpm_binary,
             startup_clear=startup_clear, timeout=self.settings.timeout, run_as=run_as)
+        self._pin(instance_uuid, pid)
+        return pid
+
+    def _pin(self, instance_uuid: str, pid: int) -> None:
+        """Record the identity of the instance's swtpm as it is now."""
+        pinned = uidprocs.pin(pid)
+        if pinned is not None:
+            self._pins[instance_uuid] = pinned
 
     def _own_files(self, instance_uuid: str,
                    paths: process.SwtpmPaths) -> process.RunAs | None:
@@ -700,6 +730,29 @@ class InstanceManager:
                             public.with_suffix("") if paths.data_socket else None)
         return run_as
 
+    def qemu_uid_for(self, swtpm_uid: int) -> int | None:
+        """The QEMU uid paired with ``swtpm_uid`` (None: no qemu_uid_range,
+        or a uid outside today's swtpm_uid_range)."""
+        if self.settings.qemu_uids is None or self.settings.swtpm_uids is None:
+            return None
+        first, last = self.settings.swtpm_uids
+        if not first <= swtpm_uid <= last:
+            return None
+        return self.settings.qemu_uids[0] + (swtpm_uid - first)
+
+    def vm_ids(self, instance_uuid: str) -> tuple[int, int] | None:
+        """(QEMU uid, VM gid) of an instance whose swtpm has its own uid
+        here: the label its QEMU must run with to reach its 0660 U:U
+        socket, and no other VM's. None: no per-VM QEMU uid (no
+        qemu_uid_range, or no uid assigned yet: its swtpm never started)."""
+        if self.settings.swtpm_uids is None or self.settings.qemu_uids is None:
+            return None
+        uid = self.associations.uid_of(instance_uuid)
+        if uid is None:
+            return None
+        qemu = self.qemu_uid_for(uid)
+        return None if qemu is None else (qemu, uid)
+
     def _drop_own_files(self, instance_uuid: str) -> None:
         """Remove an instance's public links and socket dir and free its uid
         once no process of the uid is left (an exploited swtpm may have
@@ -715,13 +768,18 @@ class InstanceManager:
         if self.settings.swtpm_uids is None:
             return
         uid = self.associations.uid_of(instance_uuid)
+        # the VM's QEMU uid goes with its swtpm uid: killed, swept and kept
+        # aside with it (a QEMU that escaped and hid must not meet the next
+        # VM's, and the pair is never given out again)
+        qemu = self.qemu_uid_for(uid) if uid is not None else None
         kept: exception.SwtpmError | None = None
         if uid is not None:
-            try:
-                uidprocs.kill_all(uid, timeout=self.settings.timeout)
-                uidprocs.sweep(uid)
-            except exception.SwtpmError as exc:
-                kept = exc
+            for each in (uid,) if qemu is None else (uid, qemu):
+                try:
+                    uidprocs.kill_all(each, timeout=self.settings.timeout)
+                    uidprocs.sweep(each)
+                except exception.SwtpmError as exc:
+                    kept = kept or exc
         # the socket dir is this instance's own, never the uid's next
         # holder's: a tree the uid built there to make its removal fail
         # must not keep the uid forever (review round 2 of isofix, MEDIUM 3)
@@ -751,9 +809,11 @@ class InstanceManager:
             return 0
         still = []
         for instance_uuid, uid in self.associations.kept_uids():
+            qemu = self.qemu_uid_for(uid)
             try:
-                uidprocs.kill_all(uid, timeout=self.settings.timeout)
-                uidprocs.sweep(uid)
+                for each in (uid,) if qemu is None else (uid, qemu):
+                    uidprocs.kill_all(each, timeout=self.settings.timeout)
+                    uidprocs.sweep(each)
             except exception.SwtpmError as exc:
                 still.append(uid)
                 LOG.debug("swtpm uid %(uid)d stays kept: %(err)s",
@@ -786,28 +846,46 @@ class InstanceManager:
         setuid file of the uid it holds open, review round 2 of the sweep,
         MEDIUM 1); failing here would leave the keys and state on disk for
         good. The shred then keeps the uid aside (``_drop_own_files``).
+        "The swtpm is gone" is decided on the swtpm this agent started or
+        adopted, pinned then (pid and start time, ``uidprocs.pin``): never
+        on the pid file, control socket or argv, which a survivor of the
+        uid can fake (review round 3 of the sweep, MEDIUM 1); a record this
+        agent pinned nothing for has no swtpm of its own left to wait for.
         Start and restart still refuse while a process of the uid lives
         (``_own_files``)."""
         paths = self._paths_of(assoc)
-        pid = process.find_running(paths) or assoc.pid
-        if pid is not None and process.is_alive(pid, paths):
-            process.stop(pid, paths, timeout=self.settings.timeout)
+        pinned = self._pins.get(assoc.instance_uuid)
         uid = (self.associations.uid_of(assoc.instance_uuid)
                if self.settings.swtpm_uids is not None else None)
+        if (pinned is None or uidprocs.gone(pinned)) and not (shredding and uid is not None):
+            # nothing of ours pinned runs: a swtpm still found is stopped
+            # cleanly (it writes its state) and pinned from here on. Not
+            # when shredding a uid's vTPCM: what its pid file names then is
+            # the uid's (kill_all kills it), and stopping it must not be
+            # able to fail the shred
+            pid = process.find_running(paths) or assoc.pid
+            if pid is not None and process.is_alive(pid, paths):
+                self._pin(assoc.instance_uuid, pid)
+                pinned = self._pins.get(assoc.instance_uuid)
+        if pinned is not None and not uidprocs.gone(pinned) \
+                and process.is_alive(pinned[0], paths):
+            process.stop(pinned[0], paths, timeout=self.settings.timeout)
         if uid is None:
+            self._pins.pop(assoc.instance_uuid, None)
             return
         try:
             # a swtpm that unlinked its socket is not "alive" to the above
             uidprocs.kill_all(uid, timeout=self.settings.timeout,
                               own_dirs=self._uid_dirs(assoc.instance_uuid, paths))
         except exception.SwtpmError as exc:
-            if not shredding or (pid is not None and not uidprocs.gone(pid)) \
-                    or process.find_running(paths) is not None:
+            if not shredding or (pinned is not None and not uidprocs.gone(pinned)):
                 raise
+            self._pins.pop(assoc.instance_uuid, None)
             LOG.warning("Shredding the vTPCM of instance %(inst)s although processes of its "
                         "swtpm uid %(uid)d survive (its swtpm is gone; the uid will be kept "
                         "aside): %(err)s",
                         {"inst": assoc.instance_uuid, "uid": uid, "err": exc.message})
+        self._pins.pop(assoc.instance_uuid, None)  # nothing of the uid runs
 
     def _uid_dirs(self, instance_uuid: str, paths: process.SwtpmPaths) -> tuple[Path, ...]:
         """The instance's own directories its uid can write in (its state

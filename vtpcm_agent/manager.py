@@ -64,12 +64,15 @@ class AgentManager:
         # engine knows this agent, it need not announce itself again
         self.engine_contact = threading.Event()
 
-    def _info(self, assoc: Association) -> m.VTPCMInfo:
+    def _info(self, assoc: Association, ids: bool = False) -> m.VTPCMInfo:
+        """``ids`` (asked as 1.11): with the VM's QEMU uid and gid, if any."""
+        vm = self.instances.vm_ids(assoc.instance_uuid) if ids else None
         return m.VTPCMInfo(
             instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
             state=assoc.state.value, generation=assoc.generation,
             migration_id=assoc.migration_id, ctrl_socket=assoc.ctrl_socket,
-            running=self.instances.is_running(assoc), pid=assoc.pid)
+            running=self.instances.is_running(assoc), pid=assoc.pid,
+            qemu_uid=vm[0] if vm else None, vm_gid=vm[1] if vm else None)
 
     # 1.0 ---------------------------------------------------------------------
     @endpoint(m.InstanceRef, signed=True)
@@ -78,7 +81,7 @@ class AgentManager:
 
     @endpoint(m.InstanceRef)
     def get(self, req: m.InstanceRef) -> m.VTPCMInfo:
-        return self._info(self.instances.get(req.instance_uuid))
+        return self._info(self.instances.get(req.instance_uuid), ids=req.ids)
 
     @endpoint(m.Empty)
     def list(self, req: m.Empty) -> m.VTPCMList:

@@ -41,8 +41,15 @@ def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
         gid = grp.getgrnam(a.socket_group).gr_gid if a.socket_group else None
     except KeyError as err:
         raise exception.InvalidInput(reason="[agent] socket user/group: %s" % err) from None
+    swtpm_uids = uid_range(a.swtpm_uid_range)
+    if a.qemu_uid_range and (a.socket_user or a.socket_group):
+        # the socket must be U:U 0660: a shared QEMU user or group as its
+        # owner would reach every VM's socket, the point of the QEMU uids
+        raise exception.InvalidInput(
+            reason="[agent] qemu_uid_range needs socket_user and socket_group unset (each "
+                   "socket then belongs to its VM's uid and gid)")
     return AgentSettings(
-        swtpm_uids=uid_range(a.swtpm_uid_range),
+        swtpm_uids=swtpm_uids, qemu_uids=qemu_uid_range(a.qemu_uid_range, swtpm_uids),
         host=conf.host, state_root=Path(a.state_dir), run_dir=Path(a.run_dir),
         swtpm_binary=a.swtpm_binary, swtpm_setup_binary=a.swtpm_setup_binary,
         socket_mode=int(a.socket_mode, 8), socket_uid=uid, socket_gid=gid, create_ek=a.create_ek,
@@ -59,11 +66,11 @@ UID_MAX = 4294967294  # 4294967295 is (uid_t)-1: "leave unchanged", i.e. root
 UID16_MINUS_ONE = 65535
 
 
-def uid_range(text: str, subid_files: tuple[Path, ...] = SUBID_FILES
-              ) -> tuple[int, int] | None:
-    """``[agent] swtpm_uid_range`` checked: FIRST-LAST, above 0, and no
-    account, group, subordinate id block (rootless containers) or systemd
-    range in it: its uids must belong to no one else."""
+def uid_range(text: str, subid_files: tuple[Path, ...] = SUBID_FILES,
+              option: str = "swtpm_uid_range") -> tuple[int, int] | None:
+    """``[agent] swtpm_uid_range`` (or ``option``) checked: FIRST-LAST,
+    above 0, and no account, group, subordinate id block (rootless
+    containers) or systemd range in it: its uids must belong to no one else."""
     if not text:
         return None
     first, _, last = text.partition("-")
@@ -71,35 +78,60 @@ def uid_range(text: str, subid_files: tuple[Path, ...] = SUBID_FILES
         low, high = int(first), int(last)
     except ValueError:
         raise exception.InvalidInput(
-            reason="[agent] swtpm_uid_range %s: need FIRST-LAST, two numbers" % text) from None
+            reason="[agent] %s %s: need FIRST-LAST, two numbers" % (option, text)) from None
     if not 0 < low <= high <= UID_MAX:
         raise exception.InvalidInput(
-            reason="[agent] swtpm_uid_range %s: need 0 < FIRST <= LAST <= %d"
-            % (text, UID_MAX))
+            reason="[agent] %s %s: need 0 < FIRST <= LAST <= %d"
+            % (option, text, UID_MAX))
     if low <= UID16_MINUS_ONE <= high:
         # (uid_t)-1 means "unchanged" to setresuid/fchown: a swtpm given it
         # would keep running as root; 65535 is the same on 16-bit uid calls
         raise exception.InvalidInput(
-            reason="[agent] swtpm_uid_range %s: contains %d, (uint16_t)-1"
-            % (text, UID16_MINUS_ONE))
+            reason="[agent] %s %s: contains %d, (uint16_t)-1"
+            % (option, text, UID16_MINUS_ONE))
     for who, ids in (("user", ((p.pw_name, p.pw_uid) for p in pwd.getpwall())),
                      ("group", ((g.gr_name, g.gr_gid) for g in grp.getgrall()))):
         for name, num in ids:
             if low <= num <= high:
                 raise exception.InvalidInput(
-                    reason="[agent] swtpm_uid_range %s: %s %s has id %d in it"
-                    % (text, who, name, num))
+                    reason="[agent] %s %s: %s %s has id %d in it"
+                    % (option, text, who, name, num))
     for what, start, end in SYSTEMD_RANGES:
         if low <= end and start <= high:
             raise exception.InvalidInput(
-                reason="[agent] swtpm_uid_range %s overlaps the %s range %d-%d"
-                % (text, what, start, end))
+                reason="[agent] %s %s overlaps the %s range %d-%d"
+                % (option, text, what, start, end))
     for path, owner, start, count in _subids(subid_files):
         if low < start + count and start <= high:
             raise exception.InvalidInput(
-                reason="[agent] swtpm_uid_range %s overlaps %s's block %d-%d in %s"
-                % (text, owner, start, start + count - 1, path))
+                reason="[agent] %s %s overlaps %s's block %d-%d in %s"
+                % (option, text, owner, start, start + count - 1, path))
     return low, high
+
+
+def qemu_uid_range(text: str, swtpm_uids: tuple[int, int] | None,
+                   subid_files: tuple[Path, ...] = SUBID_FILES) -> tuple[int, int] | None:
+    """``[agent] qemu_uid_range`` checked as ``uid_range``, and as large as
+    ``swtpm_uid_range`` (set), not overlapping it: a QEMU whose uid is a
+    swtpm's could ptrace that swtpm."""
+    qemu = uid_range(text, subid_files, option="qemu_uid_range")
+    if qemu is None:
+        return None
+    if swtpm_uids is None:
+        raise exception.InvalidInput(
+            reason="[agent] qemu_uid_range %s needs [agent] swtpm_uid_range (per-VM swtpm "
+                   "uids)" % text)
+    if qemu[1] - qemu[0] != swtpm_uids[1] - swtpm_uids[0]:
+        raise exception.InvalidInput(
+            reason="[agent] qemu_uid_range %s holds %d uids, [agent] swtpm_uid_range %d-%d "
+                   "holds %d: they must be the same size" % (
+                       text, qemu[1] - qemu[0] + 1, swtpm_uids[0], swtpm_uids[1],
+                       swtpm_uids[1] - swtpm_uids[0] + 1))
+    if qemu[0] <= swtpm_uids[1] and swtpm_uids[0] <= qemu[1]:
+        raise exception.InvalidInput(
+            reason="[agent] qemu_uid_range %s overlaps [agent] swtpm_uid_range %d-%d"
+                   % (text, swtpm_uids[0], swtpm_uids[1]))
+    return qemu
 
 
 def _subids(files: tuple[Path, ...]) -> list[tuple[Path, str, int, int]]:

@@ -38,6 +38,19 @@ def test_live_migration_operation_signature_and_its_migrate_call() -> None:
     assert "destination_xml" in _params(libvirt_guest.Guest.migrate)
 
 
+def test_get_guest_xml_signature_and_its_callers() -> None:
+    """[vtpcm] qemu_dac_label edits the XML ``_get_guest_xml`` returns: every
+    guest Nova defines (spawn, hard reboot, rescue, resize) goes through it."""
+    assert _params(libvirt_driver.LibvirtDriver._get_guest_xml)[:6] == [
+        "self", "context", "instance", "network_info", "disk_info", "image_meta"]
+    assert "return xml" in inspect.getsource(libvirt_driver.LibvirtDriver._get_guest_xml)
+    for caller in ("spawn", "_hard_reboot", "rescue", "finish_migration"):
+        assert "self._get_guest_xml(" in inspect.getsource(
+            getattr(libvirt_driver.LibvirtDriver, caller)), caller
+    assert _params(libvirt_driver.LibvirtDriver.attach_volume)[:5] == [
+        "self", "context", "connection_info", "instance", "mountpoint"]
+
+
 def test_public_hooks_keep_their_signatures() -> None:
     expected = {
         "spawn": ["self", "context", "instance", "image_meta", "injected_files",

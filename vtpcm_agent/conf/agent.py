@@ -48,6 +48,22 @@ AGENT_OPTS = [
                     "sits in <run_dir>/vm/<instance uuid>/, which <run_dir>/<instance "
                     "uuid>.ctrl links to. Empty: every swtpm runs as the agent's user "
                     "(root), as releases before did."),
+    cfg.StrOpt("qemu_uid_range", default="", regex=r"^(|[0-9]+-[0-9]+)$",
+               help="FIRST-LAST, as many uids as swtpm_uid_range (which it needs): "
+                    "beside each vTPCM's swtpm uid U the agent reserves a QEMU uid Q "
+                    "for that VM (Q = FIRST + (U - first of swtpm_uid_range)). Q follows "
+                    "U: never given out again, killed and swept with U when the vTPCM "
+                    "goes, kept aside with U while anything of either remains. Widen "
+                    "both ranges together (raise both LASTs); the agent refuses to start "
+                    "if either FIRST moved while a uid is in use or kept aside (Q "
+                    "is computed from both). It reports Q and U (the "
+                    "VM's gid) to the "
+                    "Nova driver, whose [vtpcm] qemu_dac_label runs the VM's QEMU as "
+                    "Q:U, so that only this VM's QEMU reaches its 0660 U:U socket "
+                    "(socket_user and socket_group must be unset). "
+                    "Reserve it as swtpm_uid_range (the same checks); it must not "
+                    "overlap swtpm_uid_range. Empty: no QEMU uids (QEMU runs as "
+                    "libvirt's user)."),
     cfg.BoolOpt("create_ek", default=True,
                 help="Create an EK with EK and platform certificates from this host's "
                      "local CA when a vTPCM is created (Windows 11 guests want them)."),

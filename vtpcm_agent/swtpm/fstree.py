@@ -7,9 +7,10 @@ EMFILE, and the destroy that runs it never frees the uid. This walk keeps
 one directory fd open at a time and a list of names per level in memory:
 it goes down by ``openat(O_NOFOLLOW)`` and back up by ``..``, checked to
 be the inode it came from. It is run after every process of the uid is
-dead, so nothing renames the tree meanwhile; the check refuses if
-something did. Symlinks are never followed, and a directory on another
-file system is refused, not entered.
+dead, or (the state dir's removal, ``remove(seize=True)``) each directory
+is taken from the uid before it is listed, so nothing renames the tree
+meanwhile; the check refuses if something did. Symlinks are never
+followed, and a directory on another file system is refused, not entered.
 """
 
 from __future__ import annotations
@@ -58,14 +59,17 @@ def open_dir(name: str, dfd: int, seen: tuple[int, int], shown: str, doing: str,
 
 
 def walk(top_fd: int, shown: str, leaf: Leaf, leave: Callable[[int, str], None],
-         left: Callable[[int, str], None], doing: str) -> None:
+         left: Callable[[int, str], None], doing: str,
+         enter: Callable[[int], None] | None = None) -> None:
     """Post-order walk of the tree under the open directory ``top_fd``.
 
     ``leaf`` gets each non-directory; ``leave(dir_fd, path)`` each
     directory (``top_fd``'s too) once its entries are done, and
     ``left(parent_fd, name)`` each directory below the top once the walk is
-    back in its parent. ``top_fd`` stays open and the caller's. ``doing``
-    names the walk in errors."""
+    back in its parent. ``enter(dir_fd)`` gets each directory (the top's
+    too) before it is listed: top-down, through the walk's pinned fd.
+    ``top_fd`` stays open and the caller's. ``doing`` names the walk in
+    errors."""
     top_dev = os.fstat(top_fd).st_dev
     top = Path(shown).name
     fd = os.dup(top_fd)
@@ -75,6 +79,8 @@ def walk(top_fd: int, shown: str, leaf: Leaf, leave: Callable[[int, str], None],
             level = levels[-1]
             if level.pending is None:
                 level.pending = []
+                if enter is not None:
+                    enter(fd)
                 for name in os.listdir(fd):
                     st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                     if stat.S_ISDIR(st.st_mode):
@@ -134,10 +140,24 @@ def defuse(dfd: int, name: str, st: os.stat_result, uid: int) -> None:
         os.close(fd)
 
 
-def remove_at(dfd: int, name: str, shown: str, defuse_uid: int | None = None) -> None:
+def seize(dfd: int) -> None:
+    """Directory ``dfd`` made the agent's (root's) and 0700: from now on no other uid can
+    add, remove or rename entries in it (fchown on the pinned fd: not a
+    path the uid could swap)."""
+    me = os.geteuid()
+    if os.fstat(dfd).st_uid != me:
+        os.fchown(dfd, me, os.getegid())
+    os.fchmod(dfd, 0o700)
+
+
+def remove_at(dfd: int, name: str, shown: str, defuse_uid: int | None = None,
+              take: bool = False) -> None:
     """Remove entry ``name`` under ``dfd``: a link as a link, a directory
     with everything in it (with ``defuse_uid``: each regular file of that
-    uid made neither setuid, setgid nor executable first, ``defuse``)."""
+    uid made neither setuid, setgid nor executable first, ``defuse``; with
+    ``take``: each directory made root's and 0700 before it is listed,
+    top-down, so that a process of the uid still running cannot refill
+    what is being emptied, review round 3 of the sweep, MEDIUM 2)."""
     st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
     if not stat.S_ISDIR(st.st_mode):
         if defuse_uid is not None:
@@ -158,15 +178,17 @@ def remove_at(dfd: int, name: str, shown: str, defuse_uid: int | None = None) ->
             # only root may (review of the sweep, LOW 6)
             os.fchmod(sub, 0o700)
         walk(sub, shown, leaf, lambda _d, _w: None, lambda d, n: os.rmdir(n, dir_fd=d),
-             "removing it")
+             "removing it", enter=seize if take else None)
     finally:
         os.close(sub)
     os.rmdir(name, dir_fd=dfd)
 
 
-def remove(path: Path) -> None:
+def remove(path: Path, seize: bool = False) -> None:
     """Remove ``path`` and everything under it (absent: nothing to do); a
-    symlink at ``path`` itself is removed as a link."""
+    symlink at ``path`` itself is removed as a link. ``seize``: each
+    directory is made root's and 0700 before it is emptied (``remove_at``;
+    the agent runs as root where swtpm uids are used)."""
     try:
         parent = os.open(path.parent, DIR_FLAGS)
     except FileNotFoundError:
@@ -176,6 +198,6 @@ def remove(path: Path) -> None:
             os.stat(path.name, dir_fd=parent, follow_symlinks=False)
         except FileNotFoundError:
             return
-        remove_at(parent, path.name, str(path))
+        remove_at(parent, path.name, str(path), take=seize)
     finally:
         os.close(parent)

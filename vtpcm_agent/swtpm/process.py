@@ -554,15 +554,25 @@ def stop(pid: int, paths: SwtpmPaths, timeout: float = 10.0) -> None:
 
 
 def remove_state(paths: SwtpmPaths) -> None:
-    """Delete the state directory (key destruction is the key store's job)."""
-    running = find_running(paths)
-    if running is not None:
-        raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
-                                   reason="swtpm pid %d still runs on this state" % running)
+    """Delete the state directory (key destruction is the key store's job).
+
+    The caller stopped the swtpm it started (``InstanceManager._kill``).
+    Whatever else runs as the swtpm uid is a survivor, not a reason to
+    refuse: a pid file, socket or argv it fakes is not looked at (review
+    round 3 of the sweep, MEDIUM 1). Each directory is taken from the uid
+    (root's, 0700) before it is emptied, so a survivor cannot refill it
+    (MEDIUM 2); a failure is a SwtpmError naming the path."""
     _remove_runtime_files(paths)
     if paths.state_dir.is_symlink():
         raise exception.InvalidInput(reason="state dir %s is a symlink" % paths.state_dir)
-    fstree.remove(paths.state_dir)  # iterative: a deep tree the uid built must not stop it
+    try:
+        # iterative: a deep tree the uid built must not stop it
+        fstree.remove(paths.state_dir, seize=True)
+    except OSError as exc:
+        raise exception.SwtpmError(
+            vtpcm_id=paths.state_dir.name,
+            reason="state dir %s not removed (%s)" % (paths.state_dir, exc.strerror or exc),
+        ) from None
     remove_log(paths)
     LOG.info("Removed swtpm state %(dir)s", {"dir": str(paths.state_dir)})
 

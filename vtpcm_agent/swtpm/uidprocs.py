@@ -5,7 +5,8 @@ It can unlink its socket, rewrite its pid file or re-exec itself under
 another name, so "the swtpm we started" is not all the uid runs. Before a
 uid's files are handed over again and before the uid is freed for another
 VM, every process whose real, effective, saved or filesystem uid is that
-uid is killed (SIGKILL through a pidfd, so a reused pid is never hit), and
+uid is killed (by the uid itself, ``kill(-1, SIGKILL)``, then SIGKILL
+through a pidfd, so a reused pid is never hit), and
 the uid's leftovers are removed (``sweep``): its entries in the shared
 temporary directories and the root-owned sticky directories below them,
 and its SysV IPC objects. The uid is freed only once nothing of it is
@@ -18,6 +19,7 @@ import errno
 import os
 import signal
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -80,24 +82,58 @@ def _sigkill(pid: int, uid: int) -> None:
         os.close(pidfd)
 
 
+# kill(1) of procps-ng: ``kill -KILL -1`` is kill(-1, SIGKILL)
+KILL_BINARY = "/bin/kill"
+
+
+def _kill_as(uid: int, deadline: float) -> None:
+    """SIGKILL every process of ``uid`` at once, sent by a process of the
+    uid itself: ``kill(-1, SIGKILL)`` reaches each process whose real or
+    saved uid is the uid, in one pass the kernel makes safe against fork
+    (a child forked meanwhile is hit too), so a process of the uid cannot
+    outrun it by forking (review round 3 of the sweep, LOW 5). The sender
+    is ``kill(1)`` exec'ed with no groups and an empty environment, and
+    is never signalled by its own kill. Best effort: the pid-by-pid kill
+    in ``kill_all`` follows and decides (a process of only the
+    effective or filesystem uid is not reached here)."""
+    try:
+        subprocess.run([KILL_BINARY, "-KILL", "-1"], user=uid, group=uid,
+                       extra_groups=[], env={}, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+                       timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+    except (OSError, subprocess.SubprocessError) as exc:
+        LOG.debug("kill(-1) as swtpm uid %(uid)d failed: %(err)s", {"uid": uid, "err": exc})
+
+
 def kill_all(uid: int, timeout: float = 5.0, own_dirs: tuple[Path, ...] = ()) -> int:
     """SIGKILL every process of ``uid`` until none is left; how many were hit.
 
     Repeated: a process of the uid can fork between the scan and the kill.
-    Before each round the uid's setuid/setgid files are defused (``defuse``:
-    in the temporary directories, in ``own_dirs`` and wherever a process
-    holds one open), so that another user holding one cannot keep
-    re-creating processes of the uid by exec'ing it (review round 2 of the
-    sweep, MEDIUM 1). Raises SwtpmError if any is still there at
+    If any is still there after the first round, the uid's setuid/setgid
+    files are defused (``defuse``: in the temporary directories, in
+    ``own_dirs`` and wherever a process holds one open), once, so that
+    another user holding one cannot keep re-creating processes of the uid
+    by exec'ing it (review round 2 of the sweep, MEDIUM 1). Not before:
+    that scan looks at every fd of every process, which any local user can
+    make slow, and a uid with nothing left to kill (the common case, start
+    and migration included) must not pay for it (review round 3 of the
+    sweep, MEDIUM 3). Raises SwtpmError if any is still there at
     ``timeout``."""
     deadline = time.monotonic() + timeout
     hit: set[int] = set()
+    defused = False
     while True:
-        defuse(uid, TEMP_DIRS + own_dirs)
         live = pids_of(uid)
         if not live:
             break
+        if hit and not defused:  # a second round: something re-creates them
+            defuse(uid, TEMP_DIRS + own_dirs, deadline)
+            defused = True
+            live = pids_of(uid)
+            if not live:
+                break
         hit.update(live)
+        _kill_as(uid, deadline)
         for pid in live:
             _sigkill(pid, uid)
         if time.monotonic() >= deadline:
@@ -111,7 +147,7 @@ def kill_all(uid: int, timeout: float = 5.0, own_dirs: tuple[Path, ...] = ()) ->
     return len(hit)
 
 
-def defuse(uid: int, dirs: tuple[Path, ...]) -> int:
+def defuse(uid: int, dirs: tuple[Path, ...], deadline: float | None = None) -> int:
     """Clear the setuid, setgid and exec bits of the regular files of
     ``uid`` that a process holds open (any process: ``/proc/*/fd``) and of
     those under ``dirs`` (the uid's own directories and root's shared
@@ -121,8 +157,9 @@ def defuse(uid: int, dirs: tuple[Path, ...]) -> int:
     user start processes of the uid (``execv('/proc/self/fd/N')``) faster
     than ``kill_all`` kills them. Once the bits are gone such an exec runs
     as its caller. Best effort: what cannot be looked at is skipped (the
-    destroy does not depend on it, ``InstanceManager._kill``)."""
-    changed = _defuse_held(uid)
+    destroy does not depend on it, ``InstanceManager._kill``), and so is
+    what the held-fd scan has not reached by ``deadline``."""
+    changed = _defuse_held(uid, deadline)
     budget = [MAX_SHARED_DIRS]
     for top in dirs:
         try:
@@ -139,40 +176,124 @@ def defuse(uid: int, dirs: tuple[Path, ...]) -> int:
     return changed
 
 
-def _defuse_held(uid: int) -> int:
+# file systems whose getattr can block (a hung hard NFS mount) or reach a
+# user's daemon (FUSE): an fd on one is never stat'ed by the held-fd scan
+_REMOTE_FS = frozenset({"nfs", "nfs4", "cifs", "smb3", "smbfs", "9p", "ceph", "fuse",
+                        "fuseblk", "glusterfs", "lustre", "afs", "ocfs2", "gfs2", "sshfs",
+                        "virtiofs", "davfs"})
+
+
+def _mount_skipped(pid: str, mnt_id: str, mounts: dict[str, bool]) -> bool:
+    """An fd on mount ``mnt_id`` cannot matter (nosuid or noexec: nothing on
+    it runs as its owner) or must not be stat'ed (network or FUSE file
+    system); decided from ``/proc/PID/mountinfo`` alone, no getattr.
+    ``mounts`` caches the answers (mount ids are unique system-wide)."""
+    if mnt_id not in mounts:
+        try:
+            with open(PROC / pid / "mountinfo", encoding="utf-8", errors="replace") as fh:
+                for line in fh:
+                    head, _sep, tail = line.partition(" - ")
+                    fields, extra = head.split(), tail.split()
+                    if len(fields) < 6 or not extra:
+                        continue
+                    options = set(fields[5].split(","))
+                    fstype = extra[0]
+                    mounts[fields[0]] = ("nosuid" in options or "noexec" in options
+                                         or fstype in _REMOTE_FS
+                                         or fstype.startswith("fuse."))
+        except OSError:
+            return True
+        mounts.setdefault(mnt_id, True)  # not shown to us: not looked at
+    return mounts[mnt_id]
+
+
+def _mnt_id(fdinfo_dir: int, fd: str) -> str | None:
+    """The mount id of fd ``fd`` from its ``fdinfo`` (raw reads: this runs
+    for every held fd)."""
+    try:
+        info = os.open(fd, os.O_RDONLY | os.O_CLOEXEC, dir_fd=fdinfo_dir)
+    except OSError:
+        return None
+    try:
+        raw = os.read(info, 256)
+    except OSError:
+        return None
+    finally:
+        os.close(info)
+    at = raw.find(b"\nmnt_id:")
+    if at < 0:
+        return None
+    value = raw[at + 8:raw.find(b"\n", at + 8)].strip()
+    return value.decode("ascii") if value.isdigit() else None
+
+
+def _defuse_held(uid: int, deadline: float | None = None) -> int:
     """The uid's setuid/setgid files that any process holds open, defused
     through an ``O_PATH`` fd (opening them for real could block on a FIFO
-    or act on a device) checked to be the inode looked at."""
+    or act on a device) checked to be the inode looked at.
+
+    Only fds that can matter are stat'ed: sockets, pipes and anonymous
+    inodes are told by their link, and an fd on a nosuid or noexec mount
+    or on a network or FUSE file system is skipped by its mount id
+    (``fdinfo``) before any stat, so no getattr reaches a hung NFS server
+    or a user's FUSE daemon (review round 3 of the sweep, MEDIUM 3). Stops
+    at ``deadline``."""
     changed = 0
+    mounts: dict[str, bool] = {}
     for entry in os.scandir(PROC):
         if not entry.name.isdigit():
             continue
         fd_dir = PROC / entry.name / "fd"
         try:
             fds = os.listdir(fd_dir)
+            fdinfo = os.open(PROC / entry.name / "fdinfo",
+                             os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
             continue
-        for fd in fds:
-            where = fd_dir / fd
-            try:
-                st = os.stat(where)
-                if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
-                        or not st.st_mode & (stat.S_ISUID | stat.S_ISGID)):
-                    continue
-                held = os.open(where, os.O_PATH | os.O_CLOEXEC)
-            except OSError:
+        try:
+            changed += _defuse_fds(uid, entry.name, fd_dir, fdinfo, fds, mounts, deadline)
+        finally:
+            os.close(fdinfo)
+        if deadline is not None and time.monotonic() >= deadline:
+            LOG.warning("Held-fd scan for swtpm uid %(uid)d stopped at its deadline",
+                        {"uid": uid})
+            break
+    return changed
+
+
+def _defuse_fds(uid: int, pid: str, fd_dir: Path, fdinfo: int, fds: list[str],
+                mounts: dict[str, bool], deadline: float | None) -> int:
+    """``_defuse_held`` for the fds ``fds`` of process ``pid``."""
+    changed = 0
+    base = "%s/" % fd_dir
+    for fd in fds:
+        if deadline is not None and time.monotonic() >= deadline:
+            return changed
+        where = base + fd
+        try:
+            if not os.readlink(where).startswith("/"):
+                continue  # socket:[], pipe:[], anon_inode:...
+            mnt_id = _mnt_id(fdinfo, fd)
+            if mnt_id is None or _mount_skipped(pid, mnt_id, mounts):
                 continue
-            try:
-                now = os.fstat(held)
-                if fstree.ident(now) == fstree.ident(st) and now.st_uid == uid \
-                        and stat.S_ISREG(now.st_mode):
-                    os.chmod("/proc/self/fd/%d" % held,
-                             stat.S_IMODE(now.st_mode) & ~fstree.UNSAFE_BITS)
-                    changed += 1
-            except OSError:
-                pass
-            finally:
-                os.close(held)
+            st = os.stat(where)
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
+                    or not st.st_mode & (stat.S_ISUID | stat.S_ISGID)):
+                continue
+            held = os.open(where, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            now = os.fstat(held)
+            if fstree.ident(now) == fstree.ident(st) and now.st_uid == uid \
+                    and stat.S_ISREG(now.st_mode):
+                os.chmod("/proc/self/fd/%d" % held,
+                         stat.S_IMODE(now.st_mode) & ~fstree.UNSAFE_BITS)
+                changed += 1
+        except OSError:
+            pass
+        finally:
+            os.close(held)
     return changed
 
 
@@ -221,10 +342,43 @@ def some(items: list[str] | list[int]) -> str:
     return "%d: %s%s" % (len(items), head, (" and %d more" % more) if more > 0 else "")
 
 
-def gone(pid: int) -> bool:
-    """``pid`` is dead or a zombie (a reused pid counts as alive: the
-    callers err on the side of refusing)."""
-    return uids_of(pid) is None or _zombie(pid)
+Pin = tuple[int, int]  # (pid, start time in clock ticks since boot)
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """State letter and start time (``/proc/PID/stat`` fields 3 and 22) of
+    ``pid``, read at once; None if gone."""
+    try:
+        with open(PROC / str(pid) / "stat", encoding="ascii", errors="replace") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    if len(fields) <= 19 or not fields[19].isdigit():
+        return None
+    return fields[0], int(fields[19])
+
+
+def start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot), None if gone."""
+    found = _stat(pid)
+    return None if found is None else found[1]
+
+
+def pin(pid: int) -> Pin | None:
+    """The identity of the process ``pid`` now: its pid and start time
+    (None: gone). A reused pid has another start time."""
+    started = start_time(pid)
+    return None if started is None else (pid, started)
+
+
+def gone(pinned: Pin) -> bool:
+    """The process ``pinned`` is dead or a zombie. Decided on the pinned
+    identity alone: a process that took its pid since (another start time)
+    does not make it alive, and nothing it writes (a pid file, a socket,
+    its argv) is looked at (review round 3 of the sweep, MEDIUM 1)."""
+    pid, started = pinned
+    found = _stat(pid)
+    return found is None or found[1] != started or found[0] in ("Z", "X")
 
 
 def _zombie(pid: int) -> bool:

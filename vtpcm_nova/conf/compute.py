@@ -71,6 +71,33 @@ VTPCM_OPTS = [
                      "on the failed host. The engine still refuses while the failed "
                      "host's agent answers, and audits each one as state loss. Set it "
                      "on the compute nodes that may take evacuated instances."),
+    cfg.BoolOpt("qemu_dac_label", default=False,
+                help="Run each vTPCM guest's QEMU as a uid and gid of its own, which its "
+                     "host's vtpcm-agent reserved beside the VM's swtpm uid: a static "
+                     "libvirt DAC label +QEMU_UID:+VM_GID, so that only this VM's QEMU "
+                     "reaches its 0660 control socket and no QEMU can ptrace another. Needs "
+                     "a privileged libvirtd (qemu:///system), the agent's [agent] "
+                     "swtpm_uid_range and qemu_uid_range set and [agent] socket_user "
+                     "unset, and qemu_uid_range / vm_gid_range here. The driver pins every "
+                     "disk's backing files outside the instance's directory (Nova's "
+                     "_base) so libvirt never relabels them (disk formats never guessed), "
+                     "refuses multiattach volumes, and for a labelled guest live "
+                     "snapshots, volume swaps, assisted volume snapshots and non-raw file "
+                     "volumes (libvirt would relabel _base), and live-migrates with the "
+                     "destination agent's ids. Enable it on a "
+                     "host without running vTPCM guests (a guest started before keeps "
+                     "libvirt's user and cannot be live-migrated until a hard reboot). Off: "
+                     "QEMU runs as libvirt's user, as before; a guest still running "
+                     "labelled cannot be live-migrated until a hard reboot."),
+    cfg.StrOpt("qemu_uid_range", default="", regex=r"^(|[0-9]+-[0-9]+)$",
+               help="FIRST-LAST: the QEMU uids an agent may report ([agent] qemu_uid_range "
+                    "of every compute host). With qemu_dac_label, a guest whose agent "
+                    "reports a uid outside it (0, root, included), or not at the offset "
+                    "of its gid in vm_gid_range, is not started or migrated."),
+    cfg.StrOpt("vm_gid_range", default="", regex=r"^(|[0-9]+-[0-9]+)$",
+               help="FIRST-LAST: the VM gids an agent may report, its [agent] "
+                    "swtpm_uid_range (every compute host's). Must not overlap "
+                    "qemu_uid_range and must be the same size."),
     cfg.FloatOpt("trait_refresh_seconds", default=60.0, min=0.0,
                  help="How often the driver re-checks agent health and enrollment for "
                       "the CUSTOM_VTPCM trait it reports to placement."),

@@ -26,6 +26,7 @@ from nova import objects
 from nova.compute import task_states, vm_states
 from nova.virt.libvirt import config as vconfig
 from nova.virt.libvirt import driver as libvirt_driver
+from nova.virt.libvirt import utils as libvirt_utils
 from oslo_log import log as logging
 from oslo_utils import excutils
 
@@ -34,7 +35,7 @@ from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_nova import clients, extra_specs
 from vtpcm_nova.conf import compute as compute_conf
-from vtpcm_nova.virt import coldmigration, earlybegin, lifecycle, livemigration, tpmxml
+from vtpcm_nova.virt import coldmigration, daclabel, earlybegin, lifecycle, livemigration, tpmxml
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -71,11 +72,16 @@ class LibvirtConfigGuestExternalTPM(vconfig.LibvirtConfigGuestDevice):
 
 class _RewritingGuest:
     """Nova's Guest whose ``migrate`` sends the destination XML with the TPM
-    pointed at the destination's incoming vTPCM (Nova has no hook for it)."""
+    pointed at the destination's incoming vTPCM (Nova has no hook for it),
+    and with ``ids`` (``[vtpcm] qemu_dac_label``) its QEMU labelled with the
+    destination agent's ids for this VM."""
 
-    def __init__(self, guest: Any, socket_path: str) -> None:
+    def __init__(self, guest: Any, socket_path: str, instance_uuid: str,
+                 ids: daclabel.VMIds | None = None) -> None:
         self._guest = guest
         self._socket_path = socket_path
+        self._instance_uuid = instance_uuid
+        self._ids = ids
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._guest, name)
@@ -85,8 +91,23 @@ class _RewritingGuest:
         if xml is None:
             raise exception.MigrationError(
                 migration_id="?", reason="no destination XML to point at the vTPCM")
-        kwargs["destination_xml"] = tpmxml.rewrite_tpm_socket(xml, self._socket_path)
+        xml = tpmxml.rewrite_tpm_socket(xml, self._socket_path)
+        if self._ids is not None:
+            xml = daclabel.relabel_for_destination(xml, self._ids, self._instance_uuid)
+        elif daclabel.has_static_label(xml):
+            # never the source's ids on the destination, where they may be
+            # another VM's (review of dacbuild, MEDIUM 2)
+            raise exception.InvalidInput(
+                reason="instance %s runs with a per-VM QEMU label and no checked ids of "
+                       "the destination's agent; not migrating it with this host's ids"
+                       % self._instance_uuid)
+        kwargs["destination_xml"] = xml
         return self._guest.migrate(destination, *args, **kwargs)
+
+
+# Cinder volume types attached as files (<disk type='file'>)
+FILE_VOLUMES = frozenset(("nfs", "glusterfs", "quobyte", "scality", "smbfs", "vzstorage",
+                          "local", "fs"))
 
 
 def vtpcm_spec(flavor: Any) -> extra_specs.VtpcmSpec:
@@ -116,6 +137,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         self._engine: Callable[[], EngineAPI] | None = None
         self._agents: AgentAPI | None = None
         self._dest_sockets: dict[str, str] = {}
+        self._dest_ids: dict[str, daclabel.VMIds] = {}
         self._trait: tuple[float, bool] = (0.0, False)
         self._vtpcm_host: str | None = None
         self._early = earlybegin.EarlyBegins(
@@ -127,7 +149,133 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
     def init_host(self, host: str) -> None:
         # the compute service's host name, as the engine and agents know it
         self._vtpcm_host = host
+        if CONF.vtpcm.qemu_dac_label:
+            self._dac_ranges()  # a bad setting stops nova-compute here, by name
         super().init_host(host)
+
+    @staticmethod
+    def _dac_ranges() -> daclabel.Ranges:
+        return daclabel.ranges(CONF.vtpcm.qemu_uid_range, CONF.vtpcm.vm_gid_range)
+
+    def _vm_ids(self, host: str, instance_uuid: str,
+                state: str | None = None) -> daclabel.VMIds:
+        """The QEMU uid and VM gid ``host``'s agent reserved for the VM
+        (a reply signed by that host's key), checked against this side's
+        ranges; ``state``: the vTPCM must be in it (a migration's incoming)."""
+        info = self.vtpcm_agents.get(host, instance_uuid, ids=True)
+        if state is not None and info.state != state:
+            raise exception.MigrationError(
+                migration_id=info.migration_id or "?",
+                reason="the vTPCM of instance %s on %s is %s, not %s"
+                       % (instance_uuid, host, info.state, state))
+        return daclabel.checked_ids(info.qemu_uid, info.vm_gid, self._dac_ranges(),
+                                    instance_uuid, host)
+
+    # --- the guest's XML: a per-VM DAC label ([vtpcm] qemu_dac_label) ----------------
+    def _get_guest_xml(self, context: Any, instance: Any, network_info: Any, disk_info: Any,
+                       image_meta: Any, *args: Any, **kwargs: Any) -> str:
+        """Nova's XML; for a vTPCM guest with ``qemu_dac_label`` its QEMU
+        labelled with this host agent's ids for the VM (known once
+        ``_add_vtpm_device``, inside, started its vTPCM here) and the
+        backing files outside the instance's directory pinned."""
+        xml: str = super()._get_guest_xml(context, instance, network_info, disk_info,
+                                          image_meta, *args, **kwargs)
+        if not CONF.vtpcm.qemu_dac_label or not vtpcm_spec(instance.flavor).enabled:
+            return xml
+        try:
+            ids = self._vm_ids(self.vtpcm_host, instance.uuid)
+            return daclabel.label_domain(xml, ids, libvirt_utils.get_instance_path(instance),
+                                         instance.uuid)
+        except exception.VTPCMException as err:
+            raise VTPCMFault(reason=str(err)) from None
+
+    def attach_volume(self, context: Any, connection_info: Any, instance: Any,
+                      mountpoint: str, *args: Any, **kwargs: Any) -> Any:
+        """A multiattach volume on a labelled guest would be relabelled to its
+        QEMU's ids under the other VMs using it: refused."""
+        info = connection_info or {}
+        if self._labelled(instance) and info.get("multiattach"):
+            raise VTPCMFault(reason=(
+                "instance %s: a multiattach volume cannot be attached to a guest with a "
+                "per-VM QEMU label ([vtpcm] qemu_dac_label)" % instance.uuid))
+        if self._labelled(instance) and info.get("driver_volume_type") in FILE_VOLUMES \
+                and (info.get("data") or {}).get("format", "raw") != "raw":
+            # a file volume's qcow2 may have a backing chain (its snapshots)
+            # that libvirt would label to this VM's QEMU
+            raise VTPCMFault(reason=(
+                "instance %s: a %s volume of format %s (it may have backing files) "
+                "cannot be attached to a guest with a per-VM QEMU label ([vtpcm] "
+                "qemu_dac_label); only raw file volumes can"
+                % (instance.uuid, info.get("driver_volume_type"),
+                   (info.get("data") or {}).get("format"))))
+        return super().attach_volume(context, connection_info, instance, mountpoint,
+                                     *args, **kwargs)
+
+    def _labelled(self, instance: Any) -> bool:
+        """Whether the guest runs (or its defined domain is) with a static
+        DAC label, whatever the option is now (review of dacbuild round 2,
+        HIGH 1: a guest started labelled keeps its +Q:+U after the option is
+        turned off), or will get one when Nova next builds its XML."""
+        if CONF.vtpcm.qemu_dac_label and vtpcm_spec(instance.flavor).enabled:
+            return True
+        try:
+            xml = self._host.get_guest(instance).get_xml_desc()
+        except nova_exception.InstanceNotFound:
+            return False
+        return daclabel.has_static_label(xml)
+
+    def _refuse_for_labelled(self, instance: Any, what: str) -> None:
+        """libvirt labels the files of a block job's or a new snapshot's
+        chain itself, backing files included: under a per-VM label Nova's
+        shared ``_base`` (or a volume's backing file) would be chowned to
+        this VM's QEMU for good. Refused with a message naming why."""
+        if self._labelled(instance):
+            raise VTPCMFault(reason=(
+                "instance %s: %s is refused for a guest with a per-VM QEMU label "
+                "([vtpcm] qemu_dac_label): libvirt would relabel the disk's shared "
+                "backing files to this VM's QEMU" % (instance.uuid, what)))
+
+    def _live_snapshot(self, context: Any, instance: Any, *args: Any, **kwargs: Any) -> Any:
+        """Nova's live snapshot (a delta qcow2 over ``_base``, blockRebase
+        copy) makes libvirt label the copy's whole chain, ``_base`` with it.
+        A stopped instance is snapshotted cold (qemu-img only)."""
+        self._refuse_for_labelled(instance, "a live snapshot (stop the instance: a "
+                                            "stopped instance is snapshotted cold)")
+        return super()._live_snapshot(context, instance, *args, **kwargs)
+
+    def swap_volume(self, context: Any, old_connection_info: Any, new_connection_info: Any,
+                    instance: Any, *args: Any, **kwargs: Any) -> Any:
+        self._refuse_for_labelled(instance, "swapping a volume (a block copy)")
+        return super().swap_volume(context, old_connection_info, new_connection_info,
+                                   instance, *args, **kwargs)
+
+    def volume_snapshot_create(self, context: Any, instance: Any, volume_id: str,
+                               create_info: Any) -> Any:
+        try:
+            self._refuse_for_labelled(instance, "an assisted volume snapshot")
+        except VTPCMFault:
+            # Cinder waits for this status (the RPC is a cast): Nova's own
+            # failure path sends it, so a refusal must too (review of
+            # dacbuild round 2, MEDIUM 2)
+            with excutils.save_and_reraise_exception():
+                LOG.error("vTPCM: assisted volume snapshot refused for a labelled guest, "
+                          "sending error status to Cinder", instance=instance)
+                self._volume_snapshot_update_status(
+                    context, (create_info or {}).get("snapshot_id"), "error")
+        return super().volume_snapshot_create(context, instance, volume_id, create_info)
+
+    def volume_snapshot_delete(self, context: Any, instance: Any, volume_id: str,
+                               snapshot_id: str, delete_info: Any) -> Any:
+        try:
+            self._refuse_for_labelled(instance, "deleting an assisted volume snapshot")
+        except VTPCMFault:
+            with excutils.save_and_reraise_exception():
+                LOG.error("vTPCM: deleting an assisted volume snapshot refused for a "
+                          "labelled guest, sending error_deleting status to Cinder",
+                          instance=instance)
+                self._volume_snapshot_update_status(context, snapshot_id, "error_deleting")
+        return super().volume_snapshot_delete(context, instance, volume_id, snapshot_id,
+                                              delete_info)
 
     @property
     def vtpcm_host(self) -> str:
@@ -286,6 +434,23 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                                    block_migration, migrate_data)
             return
         nova_id = _migration_id(migrate_data)
+        # decided from the guest as it runs, not from today's option: a guest
+        # started labelled keeps its +Q:+U, which must never reach another
+        # host unchecked and unchanged (review of dacbuild, MEDIUM 2)
+        try:
+            labelled = daclabel.has_static_label(
+                self._host.get_guest(instance).get_xml_desc())
+            if labelled and not CONF.vtpcm.qemu_dac_label:
+                raise exception.InvalidInput(reason=(
+                    "instance %s runs with a per-VM QEMU label but [vtpcm] qemu_dac_label "
+                    "is off here, so the destination's ids cannot be checked; turn the "
+                    "option back on to migrate it, or hard reboot it (unlabelled) first"
+                    % instance.uuid))
+        except exception.VTPCMException as err:
+            LOG.error("vTPCM of migration %(mig)s refused, rolling back: %(err)s",
+                      {"mig": nova_id, "err": err}, instance=instance)
+            recover_method(context, instance, dest, migrate_data)
+            return
         with livemigration.timed("early begin join", nova_id, instance.uuid):
             migration_id = self._early.join(instance.uuid, nova_id, dest,
                                             float(CONF.vtpcm.engine_timeout))
@@ -316,6 +481,19 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             self._abort(instance, migrate_data, "no usable destination socket: %s" % err)
             recover_method(context, instance, dest, migrate_data)
             return
+        if labelled or CONF.vtpcm.qemu_dac_label:
+            try:
+                self._dest_ids[instance.uuid] = self._vm_ids(dest, instance.uuid,
+                                                             "MIGRATING_IN")
+            except exception.VTPCMException as err:
+                LOG.error("vTPCM of migration %(mig)s: no usable QEMU label on the "
+                          "destination, rolling back: %(err)s",
+                          {"mig": migration_id, "err": err}, instance=instance)
+                self._dest_sockets.pop(instance.uuid, None)
+                self._abort(instance, migrate_data,
+                            "no usable QEMU label on the destination: %s" % err)
+                recover_method(context, instance, dest, migrate_data)
+                return
         try:
             super().live_migration(context, instance, dest, post_method, recover_method,
                                    block_migration, migrate_data)
@@ -326,13 +504,15 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             # destination copy the guest may run on. The engine's deadline
             # abort spares a destination that received the state.
             self._dest_sockets.pop(instance.uuid, None)
+            self._dest_ids.pop(instance.uuid, None)
 
     def _live_migration_operation(self, context: Any, instance: Any, dest: str,
                                   block_migration: bool, migrate_data: Any, guest: Any,
                                   device_names: Any) -> Any:
         socket_path = self._dest_sockets.get(instance.uuid)
         if socket_path is not None:
-            guest = _RewritingGuest(guest, socket_path)
+            guest = _RewritingGuest(guest, socket_path, instance.uuid,
+                                    self._dest_ids.get(instance.uuid))
         return super()._live_migration_operation(context, instance, dest, block_migration,
                                                  migrate_data, guest, device_names)
 

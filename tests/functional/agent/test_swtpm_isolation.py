@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -67,10 +68,14 @@ def status_of(pid: int) -> dict[str, str]:
         return dict(line.rstrip("\n").split(":\t", 1) for line in fh if ":\t" in line)
 
 
-def _manager(base: Path, uids: tuple[int, int] | None) -> instances.InstanceManager:
+QEMU_UIDS = (FIRST_UID + 100, FIRST_UID + 109)  # [agent] qemu_uid_range beside UIDS
+
+
+def _manager(base: Path, uids: tuple[int, int] | None,
+             qemu_uids: tuple[int, int] | None = None) -> instances.InstanceManager:
     settings = instances.AgentSettings(
         host="iso-host", state_root=base / "state", run_dir=base / "run",
-        create_ek=False, expose_data_socket=True, swtpm_uids=uids)
+        create_ek=False, expose_data_socket=True, swtpm_uids=uids, qemu_uids=qemu_uids)
     settings.state_root.mkdir()
     assoc = association.AssociationList(settings.state_root / "associations.sqlite")
     keys = KeyStore(settings.state_root / "keys", DevKeyFileHostKey(base / "hostkey"))
@@ -86,7 +91,15 @@ def base(short_dir: Path) -> Path:
 
 @pytest.fixture
 def isolated(base: Path) -> Iterator[instances.InstanceManager]:
-    manager = _manager(base, UIDS)
+    yield from _stopping(_manager(base, UIDS))
+
+
+@pytest.fixture
+def with_qemu_uids(base: Path) -> Iterator[instances.InstanceManager]:
+    yield from _stopping(_manager(base, UIDS, QEMU_UIDS))
+
+
+def _stopping(manager: instances.InstanceManager) -> Iterator[instances.InstanceManager]:
     try:
         yield manager
     finally:
@@ -247,3 +260,75 @@ def test_a_hard_link_in_the_state_dir_is_not_handed_over(isolated):
     assert os.stat(outside).st_uid == 0
     os.unlink(state_dir / "planted")
     assert isolated.start(a).pid is not None
+
+
+def test_each_vm_gets_a_qemu_uid_of_its_own_beside_its_swtpm_uid(with_qemu_uids):
+    """[agent] qemu_uid_range: Q = first + (U - first swtpm uid), never U."""
+    a, _ = _running(with_qemu_uids)
+    b, _ = _running(with_qemu_uids)
+    ua, ub = (with_qemu_uids.associations.uid_of(i) for i in (a, b))
+    assert with_qemu_uids.vm_ids(a) == (QEMU_UIDS[0] + ua - UIDS[0], ua)
+    assert with_qemu_uids.vm_ids(b) == (QEMU_UIDS[0] + ub - UIDS[0], ub)
+    assert ua != ub
+    # the label's ids reach the VM's own socket, not the other VM's
+    qa, ga = with_qemu_uids.vm_ids(a)  # type: ignore[misc]
+    run = with_qemu_uids.settings.run_dir
+    assert open_as(qa, ga, run / (a + ".ctrl")) == "OK"
+    assert open_as(qa, ga, run / (b + ".ctrl")) == "EACCES"
+
+
+def test_without_a_qemu_uid_range_no_ids_are_reported(isolated):
+    a, _ = _running(isolated)
+    assert isolated.vm_ids(a) is None
+
+
+def test_destroy_kills_the_qemu_uid_and_sweeps_its_files_before_freeing(with_qemu_uids):
+    """A process left by the VM's QEMU uid (an escaped QEMU that hid) must
+    not meet the next VM given the same pair of uids."""
+    a, _ = _running(with_qemu_uids)
+    qemu, gid = with_qemu_uids.vm_ids(a)  # type: ignore[misc]
+    left = Path("/tmp/vtpcm-test-qemu-leftover-%d" % qemu)  # noqa: S108
+    hidden = subprocess.Popen(  # noqa: S603
+        ["/bin/sh", "-c", "touch %s; exec sleep 60" % left], user=qemu, group=gid,
+        extra_groups=[], stdin=subprocess.DEVNULL)
+    try:
+        for _ in range(100):
+            if left.exists():
+                break
+            time.sleep(0.05)
+        assert left.exists() and left.stat().st_uid == qemu  # positive control
+        with_qemu_uids.destroy(a)
+        assert hidden.wait(timeout=10) == -9  # SIGKILLed
+        assert not left.exists()
+        assert with_qemu_uids.associations.uid_of(a) is None
+    finally:
+        if hidden.poll() is None:
+            hidden.kill()
+            hidden.wait(timeout=10)
+        left.unlink(missing_ok=True)
+
+
+def test_a_leftover_of_the_qemu_uid_keeps_the_pair_aside_until_swept(with_qemu_uids):
+    """Q follows U (merge of the sweep): something of the VM's QEMU uid that
+    the sweep cannot remove keeps U (and so Q) aside, swept again with U,
+    instead of freeing the pair with Q's leftover in place."""
+    a, _ = _running(with_qemu_uids)
+    uid = with_qemu_uids.associations.uid_of(a)
+    qemu, gid = with_qemu_uids.vm_ids(a)  # type: ignore[misc]
+    lock = Path("/run/lock/vtpcm-test-qemu-kept-%d" % qemu)
+    planted = subprocess.Popen(  # noqa: S603
+        ["/bin/sh", "-c", "touch %s" % lock], user=qemu, group=gid, extra_groups=[],
+        stdin=subprocess.DEVNULL)
+    try:
+        assert planted.wait(timeout=20) == 0 and lock.stat().st_uid == qemu
+        subprocess.run(["chattr", "+i", str(lock)], check=True, timeout=20)
+        with_qemu_uids.destroy(a)
+        assert with_qemu_uids.associations.kept_uids() == [(a, uid)]
+        assert with_qemu_uids.sweep_kept() == 1  # still there: still kept
+        subprocess.run(["chattr", "-i", str(lock)], check=True, timeout=20)
+        assert with_qemu_uids.sweep_kept() == 0
+        assert with_qemu_uids.associations.kept_uids() == []
+        assert not lock.exists()
+    finally:
+        subprocess.run(["chattr", "-i", str(lock)], capture_output=True, timeout=20)
+        lock.unlink(missing_ok=True)

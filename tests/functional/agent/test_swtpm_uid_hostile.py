@@ -848,7 +848,7 @@ def test_processes_of_the_uid_that_survive_never_keep_the_keys(hostile, root_dir
                                                                monkeypatch):
     """The same, with the defusing out of reach (stubbed): the swtpm is gone,
     so keys and state are shredded anyway and the uid is kept aside."""
-    monkeypatch.setattr(uidprocs, "defuse", lambda uid, dirs: 0)
+    monkeypatch.setattr(uidprocs, "defuse", lambda uid, dirs, deadline=None: 0)
     a, pid = _running(hostile)
     vtpcm = hostile.get(a).vtpcm_id
     uid, _planted, spawner = _respawner(hostile, a, root_dir)
@@ -862,3 +862,115 @@ def test_processes_of_the_uid_that_survive_never_keep_the_keys(hostile, root_dir
     finally:
         _stop_child(spawner)
         uidprocs.kill_all(uid, timeout=5.0)
+
+
+# Review round 3 of the sweep, MEDIUM 1 (p1_fake_swtpm): a survivor of the
+# uid that poses as the swtpm in its own directories (pid file, control
+# socket, swtpm-like argv), up after the last kill round
+_FAKE_SWTPM = """
+import os, socket, sys
+ctrl, pidf, state, py = sys.argv[1:5]
+try:
+    os.unlink(ctrl)
+except FileNotFoundError:
+    pass
+s = socket.socket(socket.AF_UNIX); s.bind(ctrl); s.listen(1)
+os.set_inheritable(s.fileno(), True)
+open(pidf, "w").write(str(os.getpid()))
+print("up", flush=True)
+os.execv(py, ["swtpm", "-c", "import time; time.sleep(60)", "socket",
+              "dir=%s," % state, "type=unixio,path=%s," % ctrl])
+"""
+
+# MEDIUM 2 (p2_survivor_fills_state): a survivor that keeps adding files and
+# directories to its state dir, so that an emptied directory never stays empty
+_FILLER = """
+import os, sys
+d = sys.argv[1]
+print("up", flush=True)
+n = 0
+while True:
+    n += 1
+    for made in (lambda p: open(p, "w").close(), os.mkdir):
+        try:
+            made(os.path.join(d, "f%d" % n if made is os.mkdir else "g%d" % n))
+        except OSError:
+            pass
+"""
+
+
+def _survivor_after_kill_all(monkeypatch, make):
+    """kill_all kills for real, then a process of the uid (``make(uid)``)
+    comes up after its last round, and it reports the survivor (as a
+    respawner out of the defuse's reach makes it, ``_respawner``)."""
+    real = uidprocs.kill_all
+    started: list[subprocess.Popen[str]] = []
+
+    def survived(uid, timeout=5.0, own_dirs=()):
+        real(uid, timeout, own_dirs)
+        proc = make(uid)
+        started.append(proc)
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+        time.sleep(0.2)
+        raise exception.SwtpmError(vtpcm_id="uid %d" % uid,
+                                   reason="processes of swtpm uid %d survive SIGKILL" % uid)
+
+    monkeypatch.setattr(uidprocs, "kill_all", survived)
+    return real, started
+
+
+def test_a_survivor_posing_as_the_swtpm_never_keeps_the_keys(hostile, monkeypatch):
+    a, pid = _running(hostile)
+    vtpcm = hostile.get(a).vtpcm_id
+    uid = hostile.associations.uid_of(a)
+    paths = hostile.paths(a, vtpcm)
+    real, started = _survivor_after_kill_all(monkeypatch, lambda u: subprocess.Popen(
+        [CLIENT_PYTHON, "-c", _FAKE_SWTPM, str(paths.ctrl_socket), str(paths.pid_file),
+         str(paths.state_dir), CLIENT_PYTHON],
+        user=u, group=u, extra_groups=[], stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True))
+    try:
+        assert hostile.destroy(a).state.value == "DESTROYED"
+        assert _gone(pid)
+        # the fake ran through the shred: only the kill_all of the uid's
+        # release (after the state went) killed it, and then came again
+        assert len(started) == 2 and started[0].wait(10) == -9
+        assert started[1].poll() is None
+        assert not hostile.keystore.exists(vtpcm)
+        assert not paths.state_dir.exists()
+        assert hostile.associations.uid_of(a) is None
+        assert (a, uid) in hostile.associations.kept_uids()
+    finally:
+        monkeypatch.setattr(uidprocs, "kill_all", real)
+        for proc in started:
+            _stop_child(proc)
+
+
+def test_a_survivor_refilling_the_state_dir_never_keeps_it(hostile, monkeypatch):
+    a, pid = _running(hostile)
+    vtpcm = hostile.get(a).vtpcm_id
+    uid = hostile.associations.uid_of(a)
+    paths = hostile.paths(a, vtpcm)
+    fillers: list[subprocess.Popen[str]] = []
+
+    def filler(u: int) -> subprocess.Popen[str]:
+        # two writers: each fills the state dir while it is emptied
+        for _ in range(2):
+            proc = as_uid(u, _FILLER.replace("sys.argv[1]", repr(str(paths.state_dir))))
+            fillers.append(proc)
+        return fillers[-2]
+
+    real, started = _survivor_after_kill_all(monkeypatch, filler)
+    try:
+        assert hostile.destroy(a).state.value == "DESTROYED"
+        # they filled all through the state's removal; the kill_all of the
+        # uid's release (after it) killed them, and two more came
+        assert len(fillers) == 4 and [p.wait(10) for p in fillers[:2]] == [-9, -9]
+        assert all(proc.poll() is None for proc in fillers[2:])
+        assert not hostile.keystore.exists(vtpcm)
+        assert not paths.state_dir.exists()
+        assert (a, uid) in hostile.associations.kept_uids()
+    finally:
+        monkeypatch.setattr(uidprocs, "kill_all", real)
+        for proc in fillers:
+            _stop_child(proc)

@@ -403,3 +403,38 @@ def test_another_uid_racing_inside_a_directory_the_uid_left_open_to_all(top: Pat
     finally:
         racer.kill()
         racer.wait(timeout=10)
+
+
+def test_kill_all_kills_by_the_uid_itself(monkeypatch):
+    """Review round 3 of the sweep, LOW 5: kill_all's first shot is
+    kill(-1, SIGKILL) sent as the uid, one pass that a process forking its
+    children cannot outrun. Shown with the pid-by-pid kill disabled: a
+    process of the uid and the children it keeps forking all die."""
+    uid = UID + 3  # its own: the fork loop must not meet the other tests
+    proc = subprocess.Popen(
+        [CLIENT_PYTHON, "-c", textwrap.dedent("""
+            import os, time
+            print("up", flush=True)
+            while True:
+                if os.fork() == 0:
+                    time.sleep(60)
+                    os._exit(0)
+                time.sleep(0.01)
+            """)],
+        user=uid, group=uid, extra_groups=[], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == "up\n"
+        deadline = time.monotonic() + 10
+        while len(uidprocs.pids_of(uid)) < 3:  # control: the uid forks away
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        monkeypatch.setattr(uidprocs, "_sigkill", lambda pid, uid_: None)
+        assert uidprocs.kill_all(uid, timeout=3.0) >= 3
+        assert uidprocs.pids_of(uid) == []
+        assert proc.wait(10) == -9
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        monkeypatch.undo()
+        uidprocs.kill_all(uid, timeout=5.0)

@@ -284,7 +284,7 @@ V3_TABLES = {"associations", "tombstones", "aborted_migrations", "command_nonces
 # v4 adds the agent's record of seals, v5 the swtpm uid of each instance
 # v6 when each uid was last freed
 CURRENT_TABLES = V3_TABLES | {"seals", "seals_instance", "swtpm_uids", "swtpm_uids_freed",
-                                "swtpm_uids_kept", "swtpm_uid_floor"}
+                                "swtpm_uids_kept", "swtpm_uid_floor", "uid_range_firsts"}
 DESTROYED = ("i", "v", "DESTROYED", 4, None, "/d", "/c", None, "t", "t")
 ACTIVE = ("j", "w", "ACTIVE", 2, None, "/d2", "/c2", 77, "t", "t")
 
@@ -325,28 +325,28 @@ def test_command_nonces_are_claimed_once_and_survive_a_reopen(tmp_path):
 
 
 def test_a_newer_schema_is_refused_and_left_unchanged(tmp_path):
-    path = tmp_path / "v9.sqlite"
+    path = tmp_path / "v99.sqlite"
     AssociationList(path).close()
     conn = sqlite3.connect(path)
-    conn.execute("PRAGMA user_version = 9")
+    conn.execute("PRAGMA user_version = 99")
     conn.commit()
     conn.close()
     with pytest.raises(exception.NewerSchema) as refused:
         AssociationList(path)
-    assert str(refused.value) == (f"Association list {path} has schema version 9, this "
+    assert str(refused.value) == (f"Association list {path} has schema version 99, this "
                                   f"release knows up to {association.SCHEMA_VERSION} (a "
                                   "newer release wrote it)")
-    assert file_schema(path) == (9, CURRENT_TABLES)
+    assert file_schema(path) == (99, CURRENT_TABLES)
 
 
 def test_a_legacy_file_of_a_newer_release_is_refused_and_left_unchanged(tmp_path):
-    path = tmp_path / "legacy9.sqlite"
+    path = tmp_path / "legacy99.sqlite"
     legacy_file(path, 3)
     conn = sqlite3.connect(path)
-    conn.execute("UPDATE schema_version SET version = 9")
+    conn.execute("UPDATE schema_version SET version = 99")
     conn.commit()
     conn.close()
-    with pytest.raises(exception.NewerSchema, match="schema version 9"):
+    with pytest.raises(exception.NewerSchema, match="schema version 99"):
         AssociationList(path)
     assert file_schema(path) == (0, V3_TABLES | {"schema_version"})
 
@@ -546,8 +546,11 @@ def test_a_v6_list_starts_above_every_uid_it_recorded_and_moves_kept_ones(tmp_pa
     al = AssociationList(path)
     try:
         assert al.kept_uids() == [("gone", 5001)] and al.uid_of("gone") is None
-        assert al.assign_uid("new", 5000, 5009) == 5004
-        assert al.assign_uid("gone", 5000, 5009) == 5005
+        # a v6 list gets the floor at the first range's LAST (LOW 5 of review
+        # round 3 of the sweep): the next range starts above it
+        assert al.uid_headroom(5000, 5009)[0] == 0
+        assert al.assign_uid("new", 5000, 5019) == 5010
+        assert al.assign_uid("gone", 5000, 5019) == 5011
     finally:
         al.close()
     assert file_schema(path) == (association.SCHEMA_VERSION, CURRENT_TABLES)
@@ -623,13 +626,33 @@ def test_a_v5_list_trusts_no_uid_of_the_range_it_ran_with(tmp_path):
     assert file_schema(path) == (association.SCHEMA_VERSION, CURRENT_TABLES)
 
 
-def test_a_v6_list_and_a_new_one_have_no_floor(tmp_path):
-    _older(tmp_path / "v6.sqlite", 6, assigned=[("A", 5000)], freed=[5001])
-    for path in (tmp_path / "v6.sqlite", tmp_path / "new.sqlite"):
-        al = AssociationList(path)
-        try:
-            left, floor = al.uid_headroom(5000, 5009)
-            assert floor is None
-            assert al.assign_uid("C", 5000, 5009) == 5009 - left + 1
-        finally:
-            al.close()
+def test_a_v6_list_gets_the_floor_too(tmp_path):
+    """Review round 3 of the sweep, LOW 5: main ran schema v6 for a while, so
+    a v6 list may be a v5 one upgraded, its v5-era freed uids (here 5001)
+    lost. A v6 list cannot tell: it gets the floor, and the error says why."""
+    path = tmp_path / "v6.sqlite"
+    _older(path, 6, assigned=[("A", 5000)], freed=[5002])
+    why = ("upgraded from schema version 6, which may itself have been upgraded from "
+           "version 5 (no record of the uids it freed)")
+    al = AssociationList(path)
+    try:
+        with refused(exception.InvalidInput,
+                     "Invalid input: [agent] swtpm_uid_range 5000-5009 cannot be used: the "
+                     "association list was %s, so every uid up to 5009 may have run a vTPCM "
+                     "and none of them is given out again; set a fresh [agent] "
+                     "swtpm_uid_range above 5009 (its FIRST at least 5010)" % why):
+            al.assign_uid("C", 5000, 5009)
+        assert al.uid_headroom(5000, 5009) == (0, (5009, why))
+        assert al.assign_uid("C", 5010, 5019) == 5010
+    finally:
+        al.close()
+
+
+def test_a_new_list_has_no_floor(tmp_path):
+    al = AssociationList(tmp_path / "new.sqlite")
+    try:
+        left, floor = al.uid_headroom(5000, 5009)
+        assert (left, floor) == (10, None)
+        assert al.assign_uid("C", 5000, 5009) == 5000
+    finally:
+        al.close()

@@ -9,9 +9,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from oslo_config import cfg
 
 from tests.refusal import refused
 from vtpcm_agent import association, instances, service
+from vtpcm_agent import conf as agent_conf
 from vtpcm_agent.keystore import DevKeyFileHostKey, KeyStore
 from vtpcm_common import exception
 
@@ -111,10 +113,52 @@ def test_uid16_minus_one_is_refused():
         service.uid_range("65530-65540", subid_files=())
 
 
+def test_qemu_uid_range_pairs_with_the_swtpm_range():
+    swtpm = (1900000000, 1900000999)
+    assert service.qemu_uid_range("", swtpm) is None
+    assert service.qemu_uid_range("1900001000-1900001999", swtpm, subid_files=()) \
+        == (1900001000, 1900001999)
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range "
+                 "1900001000-1900001999 needs [agent] swtpm_uid_range (per-VM swtpm uids)"):
+        service.qemu_uid_range("1900001000-1900001999", None, subid_files=())
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range "
+                 "1900001000-1900001998 holds 999 uids, [agent] swtpm_uid_range "
+                 "1900000000-1900000999 holds 1000: they must be the same size"):
+        service.qemu_uid_range("1900001000-1900001998", swtpm, subid_files=())
+    # a QEMU uid that is some VM's swtpm uid could ptrace that swtpm
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range "
+                 "1900000500-1900001499 overlaps [agent] swtpm_uid_range "
+                 "1900000000-1900000999"):
+        service.qemu_uid_range("1900000500-1900001499", swtpm, subid_files=())
+    # checked as swtpm_uid_range is, named as itself
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range 0-999: "
+                 "need 0 < FIRST <= LAST <= 4294967294"):
+        service.qemu_uid_range("0-999", (1, 1000), subid_files=())
+
+
+def test_qemu_uid_range_refuses_a_shared_socket_owner():
+    """The QEMU uids separate VMs only if each socket is its VM's U:U."""
+    conf = cfg.ConfigOpts()
+    agent_conf.register_opts(conf)
+    conf([], default_config_files=[])
+    conf.set_override("swtpm_uid_range", "1900000000-1900000999", group="agent")
+    conf.set_override("qemu_uid_range", "1900001000-1900001999", group="agent")
+    conf.set_override("socket_group", "root", group="agent")
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range needs "
+                 "socket_user and socket_group unset (each socket then belongs to its VM's "
+                 "uid and gid)"):
+        service.settings_from(conf)
+    conf.clear_override("socket_group", group="agent")
+    settings = service.settings_from(conf)
+    assert settings.qemu_uids == (1900001000, 1900001999)
+    assert settings.swtpm_uids == (1900000000, 1900000999)
+
+
 def _manager(tmp_path: Path, uids: tuple[int, int], list_: association.AssociationList,
-             ) -> instances.InstanceManager:
+             qemu_uids: tuple[int, int] | None = None) -> instances.InstanceManager:
     settings = instances.AgentSettings(host="h", state_root=tmp_path / "state",
-                                       run_dir=tmp_path / "run", swtpm_uids=uids)
+                                       run_dir=tmp_path / "run", swtpm_uids=uids,
+                                       qemu_uids=qemu_uids)
     keys = KeyStore(tmp_path / "keys", DevKeyFileHostKey(tmp_path / "hostkey"))
     return instances.InstanceManager(settings, list_, keys)
 
@@ -158,5 +202,50 @@ def test_the_agents_start_says_when_the_range_is_unusable_or_nearly_used_up(tmp_
                             "give out (a uid is never given out twice: one per vTPCM created "
                             "or migrated in); widen the range (raise LAST) before it is used "
                             "up"]
+    finally:
+        al.close()
+
+
+def _moved(option: str, now: int, count: int, was: int) -> str:
+    return ("Invalid input: [agent] %s starts at %d, but the %d uid(s) in use or kept aside "
+            "were given while it started at %d (a VM's QEMU uid is computed from both "
+            "FIRSTs); set its FIRST back to %d and widen the range by raising LAST only"
+            % (option, now, count, was, was))
+
+
+def test_a_ranges_first_that_moved_while_uids_are_in_use_stops_the_agent(tmp_path, caplog):
+    """Review of dacbuild round 2, LOW 5: Q = qemu FIRST + (U - swtpm FIRST)
+    from today's ranges; a FIRST moved while VMs ran made the agent kill
+    and sweep another uid than a VM's QEMU (or pair a new U with a running
+    VM's Q). The FIRSTs are recorded; a change is refused while a uid is in
+    use or kept aside, with an ERROR naming the option."""
+    al = association.AssociationList(tmp_path / "a.sqlite")
+    try:
+        swtpm, qemu = (6000, 6999), (8000, 8999)
+        _manager(tmp_path, swtpm, al, qemu)
+        al.assign_uid("a", *swtpm)
+        caplog.set_level(logging.ERROR, logger="vtpcm_agent.instances")
+        with refused(exception.InvalidInput, _moved("qemu_uid_range", 8100, 1, 8000)):
+            _manager(tmp_path, swtpm, al, (8100, 9099))
+        assert caplog.records[-1].getMessage() == "Refusing to start: " + _moved(
+            "qemu_uid_range", 8100, 1, 8000)
+        with refused(exception.InvalidInput, _moved("swtpm_uid_range", 5000, 1, 6000)):
+            _manager(tmp_path, (5000, 6999), al, (7000, 8999))
+        # LAST raised: taken; qemu_uid_range unset (option being turned
+        # off): taken, its FIRST kept for when it is set again
+        _manager(tmp_path, (6000, 7999), al, (8000, 9999))
+        _manager(tmp_path, swtpm, al, None)
+        with refused(exception.InvalidInput, _moved("qemu_uid_range", 9000, 1, 8000)):
+            _manager(tmp_path, swtpm, al, (9000, 9999))
+        # a uid kept aside counts as in use
+        al.keep_uid("a")
+        with refused(exception.InvalidInput, _moved("swtpm_uid_range", 6500, 1, 6000)):
+            _manager(tmp_path, (6500, 6999), al, qemu)
+        # nothing in use: new FIRSTs are recorded
+        al.release_kept(al.kept_uids()[0][1])
+        _manager(tmp_path, (7000, 7999), al, (9000, 9999))
+        al.assign_uid("b", 7000, 7999)
+        with refused(exception.InvalidInput, _moved("swtpm_uid_range", 6000, 1, 7000)):
+            _manager(tmp_path, swtpm, al, qemu)
     finally:
         al.close()

@@ -53,3 +53,14 @@ def test_a_failing_entry_is_reported_after_the_rest_was_swept(tmp_path, monkeypa
                        match=r"could not remove leftover\(s\) of swtpm uid \d+ \(1: .*tmp/a"):
         uidprocs.sweep_files(MY_UID, (first, second))
     assert os.listdir(first) == ["a"] and os.listdir(second) == []
+
+
+def test_a_pinned_process_is_gone_once_its_pid_is_reused():
+    """Review round 3 of the sweep, MEDIUM 1: ``gone`` decides on the pinned
+    identity (pid and start time), so a process that took the dead swtpm's
+    pid does not count as the swtpm alive."""
+    me = uidprocs.pin(os.getpid())
+    assert me is not None and me[0] == os.getpid()
+    assert not uidprocs.gone(me)
+    assert uidprocs.gone((os.getpid(), me[1] + 1))  # the same pid, started another time
+    assert uidprocs.pin(2 ** 22 + 1) is None  # above pid_max: no such process

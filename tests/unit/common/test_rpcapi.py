@@ -14,6 +14,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from oslo_config import cfg
 
+from tests.refusal import refused
 from vtpcm_agent import conf as agent_conf
 from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.agent import messages as am
@@ -111,6 +112,26 @@ def test_get_identity_asks_for_the_parents_only_from_agents_that_know_it():
         sent = recorder.sent[0]
         assert sent["version"] == rpc._later(version, agent_rpcapi.VOUCHED_SINCE)
         assert ("parents" in sent["args"]["payload"]) is parents
+
+
+def test_get_asks_for_the_vm_ids_as_1_11_and_never_below():
+    """1.11 adds ``ids`` to get's request: sent only as 1.11; a client
+    capped below sends nothing (an agent of 1.10 would not know the field)."""
+    api = agent_rpcapi.AgentAPI(_conf(), signer=_signer(), version_cap=None)
+    sent = _sent(api, lambda a: a.get(HOST, INSTANCE, ids=True))
+    assert (sent["method"], sent["version"]) == ("get", "1.11")
+    assert am.InstanceRef.from_wire(sent["args"]["payload"]).ids is True
+    plain = _sent(api, lambda a: a.get(HOST, INSTANCE))
+    assert plain["version"] == "1.0" and "ids" not in plain["args"]["payload"]
+    capped = agent_rpcapi.AgentAPI(_conf(), signer=_signer(), version_cap="1.10")
+    recorder = RecordingClient()
+    capped.client = recorder
+    with refused(exception.RPCVersionCapped,
+                 "Not sent: get needs vtpcm-agent RPC API 1.11, but [upgrade_levels] "
+                 "vtpcm_agent caps this client at 1.10 (some vtpcm-agent may still run an "
+                 "older release)"):
+        capped.get(HOST, INSTANCE, ids=True)
+    assert recorder.sent == []
 
 
 # method -> (version it must be prepared with, how to call it)

@@ -16,6 +16,8 @@ class InstanceRef(Message):
 
     message_type = "instance_ref"
     instance_uuid: str = field(wire.uuid_field)
+    # 1.11 (get): also report the VM's QEMU uid and gid (VTPCMInfo.qemu_uid)
+    ids: bool = field(wire.bool_field, default=False, omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,13 @@ class VTPCMInfo(Message):
     ctrl_socket: str = field(wire.text_field(4096))
     running: bool = field(wire.bool_field)
     pid: int | None = field(wire.optional(wire.int_field(1, 2**31)))
+    # 1.11, only when asked (InstanceRef.ids) and the agent has per-VM QEMU
+    # uids ([agent] qemu_uid_range): the uid the VM's QEMU runs as and the
+    # VM's gid (its swtpm's uid, the group of its 0660 socket)
+    qemu_uid: int | None = field(wire.optional(wire.int_field(0, 2**32 - 2)), default=None,
+                                 omit_default=True)
+    vm_gid: int | None = field(wire.optional(wire.int_field(0, 2**32 - 2)), default=None,
+                               omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,12 @@ API version history:
           trust on first use of the pins). Capped below 1.10 it is asked as 1.5
           without them; ``[attestation] require_certified_parents`` then
           refuses the enrollment.
+    1.11 - get with ``ids=True`` also returns ``qemu_uid`` and ``vm_gid``:
+          the uid the VM's QEMU runs as and the VM's gid (its swtpm's uid),
+          when the agent has per-VM QEMU uids (``[agent] qemu_uid_range``),
+          for the Nova driver's DAC label (``[vtpcm] qemu_dac_label``).
+          Capped below 1.11 (or an older agent) the driver refuses to build
+          a labelled guest.
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
@@ -80,7 +86,9 @@ from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.10"
+RPC_API_VERSION = "1.11"
+# get asked as this version reports the VM's QEMU uid and gid
+VM_IDS_VERSION = "1.11"
 # get_identity asked as this version carries the parents' certifications:
 # an engine that asked so refuses an answer without them (the reply is unsigned)
 IDENTITY_PARENTS_VERSION = "1.10"
@@ -145,7 +153,14 @@ class AgentAPI(rpc.Client):
     def create(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
         return self._at(host, "create", "1.3", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
-    def get(self, host: str, instance_uuid: str) -> m.VTPCMInfo:
+    def get(self, host: str, instance_uuid: str, ids: bool = False) -> m.VTPCMInfo:
+        """``ids``: asked as 1.11, the answer also carries ``qemu_uid`` and
+        ``vm_gid`` if that agent runs per-VM QEMU uids. Capped below 1.11
+        nothing is sent (``RPCVersionCapped``); an older agent refuses the
+        version."""
+        if ids:
+            return self._at(host, "get", VM_IDS_VERSION, m.InstanceRef(instance_uuid, ids=True),
+                            m.VTPCMInfo)
         return self._at(host, "get", "1.0", m.InstanceRef(instance_uuid), m.VTPCMInfo)
 
     def list(self, host: str) -> m.VTPCMList:
