@@ -15,7 +15,7 @@ from nova.virt.libvirt import driver as libvirt_driver
 from tests.refusal import refused
 from vtpcm_common import exception
 from vtpcm_nova.conf import compute as compute_conf
-from vtpcm_nova.virt import daclabel
+from vtpcm_nova.virt import daclabel, earlybegin
 from vtpcm_nova.virt import driver as vdriver
 
 INSTANCE = str(uuid.UUID(int=11))
@@ -66,6 +66,8 @@ def _driver(agents: Agents) -> vdriver.VTPCMLibvirtDriver:
     drv._vtpcm_host = "cmp1"
     drv._agents = agents  # type: ignore[assignment]
     drv._clients_lock = __import__("threading").Lock()
+    drv._early = earlybegin.EarlyBegins(lambda: drv.vtpcm_engine, lambda: drv.vtpcm_host,
+                                        lambda i: None, lambda n: None, lambda: 0.0)
     return drv
 
 
@@ -300,6 +302,9 @@ class _Engine:
     def abort(self, migration_id: str, reason: str, instance_uuid: str | None = None) -> Any:
         self.calls.append("abort")
         return types.SimpleNamespace(state="ABORTED")
+
+    def get_migration(self, migration_id: str) -> Any:
+        raise exception.NotFound(what="migration", key=migration_id)  # none begun yet
 
 
 class _SourceGuest:

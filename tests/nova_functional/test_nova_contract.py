@@ -82,3 +82,35 @@ def test_public_hooks_keep_their_signatures() -> None:
         # our override accepts the same arguments
         assert _params(getattr(vdriver.VTPCMLibvirtDriver, name))[:len(params)] == params \
             or name == "spawn", name
+
+
+def test_the_destination_hint_rides_the_check_data_and_is_taken_out() -> None:
+    """The destination names itself to the source in LiveMigrateData's
+    ``migration`` field (a bare Migration, through Nova's RPC serialization);
+    the source takes it out. A Migration with a uuid is Nova's and stays."""
+    from nova import objects
+    from nova.objects import migrate_data as md
+
+    objects.register_all()
+    data = md.LibvirtLiveMigrateData()
+    data.migration = objects.Migration(dest_compute="host-b")
+    wire = md.LibvirtLiveMigrateData.obj_from_primitive(data.obj_to_primitive())
+    assert vdriver._take_dest_hint(wire) == "host-b"
+    assert "migration" not in wire
+    assert vdriver._take_dest_hint(wire) is None
+    nova_own = md.LibvirtLiveMigrateData()
+    nova_own.migration = objects.Migration(uuid="00000000-0000-0000-0000-0000000000dd",
+                                           dest_compute="host-b")
+    assert vdriver._take_dest_hint(nova_own) is None
+    assert "migration" in nova_own
+
+
+def test_the_source_check_runs_after_the_destination_driver_check() -> None:
+    """The early begin needs the source's driver check to get the data the
+    destination's driver check returned, and the migration "accepted"."""
+    from nova.compute import manager
+    dest = inspect.getsource(manager.ComputeManager.check_can_live_migrate_destination)
+    assert dest.index("self.driver.check_can_live_migrate_destination(") < dest.index(
+        "self.compute_rpcapi.check_can_live_migrate_source(")
+    assert "dest_check_data" in _params(
+        libvirt_driver.LibvirtDriver.check_can_live_migrate_source)

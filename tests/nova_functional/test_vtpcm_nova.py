@@ -19,7 +19,9 @@ Every case checks through Nova's API and through tpm2-pytss on the vTPCM.
 """
 
 import secrets
+import threading
 import time
+import uuid
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ import fixtures
 import nova.conf
 import pytest
 from nova import context as nova_context
+from nova import exception as nova_exception
 from nova import objects
 from nova.api import wsgi as nova_wsgi
 from nova.tests.fixtures import libvirt as fakelibvirt
@@ -48,7 +51,7 @@ from vtpcm_nova import agentkeys
 from vtpcm_nova.conf import api as api_conf
 from vtpcm_nova.conf import compute as compute_conf
 from vtpcm_nova.virt import driver as vdriver
-from vtpcm_nova.virt import tpmxml
+from vtpcm_nova.virt import earlybegin, tpmxml
 
 CONF = nova.conf.CONF
 FILTER = "vtpcm_nova.scheduler.filters.vtpcm_filter.VTPCMFilter"
@@ -113,6 +116,8 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self._next_host: str | None = None
         self.fail_migration: str | None = None
         self.engine_calls: list[tuple[str, Any]] = []
+        # (method, first argument, calling thread, started, returned): monotonic
+        self.engine_timeline: list[tuple[str, Any, str, float, float]] = []
         self.before_engine_call: dict[str, Any] = {}
         super().setUp()
         keep = _KeepTPM()
@@ -173,7 +178,7 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         drv = vdriver.VTPCMLibvirtDriver(virtapi)
         # the one key the driver holds: this host's command key
         recording = RecordingEngine(self.dep.engine_at(host), self.engine_calls,
-                                    self.before_engine_call)
+                                    self.before_engine_call, self.engine_timeline)
         drv._engine = lambda: recording
         # agent replies verified as clients.agent_reader does: this host's
         # key for its own agent, the engine's signed record for the others
@@ -428,6 +433,126 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         server = self._live_migrate(server, host=b)
         self.assertEqual(b, self._host_of(server))
         self.assertEqual(before, self._tpm(b, instance))
+
+    # --- the begin started early, at the source's check ---------------------------------
+    def _fail_destinations_after_the_source_check(self, times: int) -> list[str]:
+        """The first ``times`` destination checks fail after the source's
+        check (as a claim or port binding would), each once the source's
+        early begin to that host is PREPARED (the hard case); the conductor
+        then tries another host with the same Nova migration."""
+        failed: list[str] = []
+        original = vdriver.VTPCMLibvirtDriver.check_source_migrate_data_at_dest
+        test = self
+
+        def check(drv: Any, ctxt: Any, instance: Any, migrate_data: Any, migration: Any,
+                  limits: Any, allocs: Any) -> Any:
+            if len(failed) >= times:
+                return original(drv, ctxt, instance, migrate_data, migration, limits, allocs)
+            failed.append(drv.vtpcm_host)
+            try:
+                daemons.wait_for("early begin to %s" % drv.vtpcm_host, lambda: (
+                    test.dep.operator.get_migration(migration.uuid).state == "PREPARED"
+                    and test.dep.operator.get_migration(migration.uuid).dest
+                    == drv.vtpcm_host), timeout=30)
+            except Exception as err:  # noqa: BLE001 - the test's assertions say why
+                failed.append("no early begin: %s" % err)
+            raise nova_exception.MigrationPreCheckError(reason="injected after the source check")
+        self.useFixture(fixtures.MonkeyPatch(
+            "vtpcm_nova.virt.driver.VTPCMLibvirtDriver.check_source_migrate_data_at_dest",
+            check))
+        return failed
+
+    def test_early_begin_finishes_before_live_migration_starts_libvirt(self) -> None:
+        a, b = self._start_hosts(2)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        server = self._live_migrate(server, host=b)
+        self.assertEqual(b, self._host_of(server))
+        self.assertEqual(before, self._tpm(b, instance))
+        nova_id = self._migrations(instance)[0]["uuid"]
+        self.assertEqual("COMMITTED", self.dep.operator.get_migration(nova_id).state)
+        begins = [t for t in self.engine_timeline if t[0] == "begin" and t[1] == nova_id]
+        # the early begin, in its own thread, answered before live_migration
+        # began (again: PREPARED, one round trip) and libvirt started
+        self.assertEqual(2, len(begins), begins)
+        early, joined = begins
+        self.assertTrue(early[2].startswith("vtpcm-early-begin-"), early)
+        self.assertFalse(joined[2].startswith("vtpcm-early-begin-"), joined)
+        self.assertLessEqual(early[4], joined[3])
+
+    def test_no_early_begin_for_a_migration_that_would_wait_in_the_queue(self) -> None:
+        """With max_concurrent_live_migrations under way from the source, the
+        migration would queue: live_migration begins when its turn comes,
+        under Nova's uuid; nothing holds the destination meanwhile."""
+        a, b = self._start_hosts(2)
+        self.flags(max_concurrent_live_migrations=1)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        ctxt = nova_context.get_admin_context()
+        other = objects.Migration(ctxt, source_compute=a, dest_compute="elsewhere",
+                                  migration_type="live-migration", status="running",
+                                  instance_uuid=str(uuid.uuid4()), project_id="p",
+                                  user_id="u")
+        other.create()
+        server = self._live_migrate(server, host=b)
+        self.assertEqual(b, self._host_of(server))
+        self.assertEqual(before, self._tpm(b, instance))
+        nova_id = self._migrations(instance)[0]["uuid"]
+        self.assertEqual("COMMITTED", self.dep.operator.get_migration(nova_id).state)
+        begins = [t for t in self.engine_timeline if t[0] == "begin" and t[1] == nova_id]
+        self.assertEqual(1, len(begins), begins)
+        self.assertFalse(begins[0][2].startswith("vtpcm-early-begin-"), begins)
+
+    def test_early_begin_to_a_failed_destination_lets_the_retry_to_another_succeed(
+            self) -> None:
+        names = self._start_hosts(3)
+        a = names[0]
+        for name in names[1:]:
+            # alphabetical test order runs this before the cases that untrust c
+            self.assertEqual("TRUSTED", self.dep.operator.attest(name).status, name)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        failed = self._fail_destinations_after_the_source_check(1)
+
+        server = self._live_migrate(server)  # the scheduler picks; the conductor retries
+
+        self.assertEqual(1, len(failed), failed)
+        final = self._host_of(server)
+        self.assertNotIn(final, (a, failed[0]))
+        self.assertEqual(before, self._tpm(final, instance))
+        nova_id = self._migrations(instance)[0]["uuid"]
+        first = self.dep.operator.get_migration(nova_id)
+        self.assertEqual(("ABORTED", failed[0]), (first.state, first.dest))
+        retried = self.dep.operator.get_migration(earlybegin.attempt_id(nova_id, final, 1))
+        self.assertEqual(("COMMITTED", final), (retried.state, retried.dest))
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((final, 1, None), (rec.host, rec.generation, rec.migration_id))
+        self.assertIsNone(self.dep.vtpcm_on(failed[0], instance))
+
+    def test_an_early_begin_nobody_takes_over_is_aborted_when_nova_gives_up(self) -> None:
+        a, b = self._start_hosts(2)
+        self.flags(early_begin_timeout=600, group="vtpcm")  # Nova's status decides
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        failed = self._fail_destinations_after_the_source_check(1)
+        started = time.monotonic()
+        server = self._live_migrate(server, migration_expected_state="error",
+                                    server_expected_state="ACTIVE")
+        self.assertEqual([b], failed)
+        nova_id = self._migrations(instance)[0]["uuid"]
+        daemons.wait_for("abort of the early begin", lambda: (
+            self.dep.operator.get_migration(nova_id).state == "ABORTED"), timeout=30)
+        self.assertLess(time.monotonic() - started, 120)
+        self.assertIn("early begin", self.dep.operator.get_migration(nova_id).error or "")
+        rec = self.dep.operator.get_vtpcm(instance)
+        self.assertEqual((a, 0, None), (rec.host, rec.generation, rec.migration_id))
+        self.assertIsNone(self.dep.vtpcm_on(b, instance))
+        self.assertEqual(before, self._tpm(a, instance))
+        self.assertEqual(a, self._host_of(server))
 
     def test_refused_begin_rolls_back_and_the_server_stays_active(self) -> None:
         a, b = self._start_hosts(2)
@@ -964,10 +1089,12 @@ class RecordingEngine:
     """The driver's engine client, counting calls (a plain flavor makes none)."""
 
     def __init__(self, inner: Any, calls: list[tuple[str, Any]],
-                 before: dict[str, Any]) -> None:
+                 before: dict[str, Any],
+                 timeline: list[tuple[str, Any, str, float, float]] | None = None) -> None:
         self._inner = inner
         self._calls = calls
         self._before = before  # method -> callable run once before it (a race)
+        self._timeline = timeline if timeline is not None else []
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._inner, name)
@@ -979,7 +1106,13 @@ class RecordingEngine:
             hook = self._before.pop(name, None)
             if hook is not None:
                 hook()
-            return attr(*args, **kwargs)
+            started = time.monotonic()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                self._timeline.append((name, args[0] if args else None,
+                                       threading.current_thread().name, started,
+                                       time.monotonic()))
         return call
 
 

@@ -44,6 +44,14 @@ VTPCM_OPTS = [
     cfg.FloatOpt("engine_timeout", default=120.0, min=1.0,
                  help="Seconds the driver waits for the engine to answer one call. begin "
                       "seals and prepares the destination within it."),
+    cfg.FloatOpt("early_begin_timeout", default=60.0, min=0.0,
+                 help="Seconds a live migration's begin, started in the background at "
+                      "the source's check, waits for the source's live_migration to "
+                      "take it over; after that (or as soon as Nova's migration record "
+                      "ends, or a check for another destination arrives) it is aborted "
+                      "and the vTPCM is free again. A begin aborted this way costs only "
+                      "time: live_migration begins again. 0: no early begin, the begin "
+                      "runs in live_migration only."),
     cfg.FloatOpt("agent_timeout", default=10.0, min=0.5,
                  help="Seconds to wait for an agent's read-only answer (health, where "
                       "a vTPCM's socket is)."),

@@ -35,7 +35,7 @@ from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_nova import clients, extra_specs
 from vtpcm_nova.conf import compute as compute_conf
-from vtpcm_nova.virt import coldmigration, daclabel, lifecycle, livemigration, tpmxml
+from vtpcm_nova.virt import coldmigration, daclabel, earlybegin, lifecycle, livemigration, tpmxml
 
 LOG = logging.getLogger(__name__)
 CONF = nova.conf.CONF
@@ -140,6 +140,11 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         self._dest_ids: dict[str, daclabel.VMIds] = {}
         self._trait: tuple[float, bool] = (0.0, False)
         self._vtpcm_host: str | None = None
+        self._early = earlybegin.EarlyBegins(
+            lambda: self.vtpcm_engine, lambda: self.vtpcm_host,
+            lambda i: _in_progress_migration(i, self.vtpcm_host),
+            _migration_status, lambda: float(CONF.vtpcm.early_begin_timeout),
+            wait_previous=lambda: float(CONF.vtpcm.engine_timeout) * 1.25)
 
     def init_host(self, host: str) -> None:
         # the compute service's host name, as the engine and agents know it
@@ -383,9 +388,43 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             except exception.VTPCMException as err:
                 raise nova_exception.MigrationPreCheckError(reason="vTPCM: %s" % err) \
                     from None
-        return super().check_can_live_migrate_destination(
+        data = super().check_can_live_migrate_destination(
             context, instance, src_compute_info, dst_compute_info, block_migration,
             disk_over_commit)
+        if vtpcm_spec(instance.flavor).enabled:
+            # names this host to the source, which begins early; the
+            # source's check takes it out again (Nova sets the field itself
+            # in live_migration)
+            data.migration = objects.Migration(dest_compute=self.vtpcm_host)
+        return data
+
+    def check_can_live_migrate_source(self, context: Any, instance: Any,
+                                      dest_check_data: Any,
+                                      block_device_info: Any = None) -> Any:
+        hint = _take_dest_hint(dest_check_data)
+        result = super().check_can_live_migrate_source(context, instance, dest_check_data,
+                                                       block_device_info)
+        if hint and vtpcm_spec(instance.flavor).enabled:
+            if _queued_behind(self.vtpcm_host):
+                # it would wait in this host's queue with the destination's
+                # incoming vTPCM prepared (an evacuation: every instance):
+                # live_migration begins when its turn comes
+                LOG.info("vTPCM: live migrations from this host are at "
+                         "max_concurrent_live_migrations; no early begin",
+                         instance=instance)
+            else:
+                # the engine's begin, in the background: live_migration joins it
+                self._early.start(instance.uuid, hint)
+        return result
+
+    def check_source_migrate_data_at_dest(self, ctxt: Any, instance: Any,
+                                          migrate_data: Any, migration: Any, limits: Any,
+                                          allocs: Any) -> Any:
+        # a source that does not take the hint out (an older driver) must
+        # not pass it on to pre_live_migration
+        _take_dest_hint(migrate_data)
+        return super().check_source_migrate_data_at_dest(ctxt, instance, migrate_data,
+                                                         migration, limits, allocs)
 
     def live_migration(self, context: Any, instance: Any, dest: str, post_method: Any,
                        recover_method: Any, block_migration: bool = False,
@@ -394,7 +433,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             super().live_migration(context, instance, dest, post_method, recover_method,
                                    block_migration, migrate_data)
             return
-        migration_id = _migration_id(migrate_data)
+        nova_id = _migration_id(migrate_data)
         # decided from the guest as it runs, not from today's option: a guest
         # started labelled keeps its +Q:+U, which must never reach another
         # host unchecked and unchanged (review of dacbuild, MEDIUM 2)
@@ -409,10 +448,18 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                     % instance.uuid))
         except exception.VTPCMException as err:
             LOG.error("vTPCM of migration %(mig)s refused, rolling back: %(err)s",
-                      {"mig": migration_id, "err": err}, instance=instance)
+                      {"mig": nova_id, "err": err}, instance=instance)
             recover_method(context, instance, dest, migrate_data)
             return
+        with livemigration.timed("early begin join", nova_id, instance.uuid):
+            migration_id = self._early.join(instance.uuid, nova_id, dest,
+                                            float(CONF.vtpcm.engine_timeout))
+        if migration_id != nova_id:
+            LOG.info("vTPCM migration id %(mig)s for Nova migration %(nova)s (an earlier "
+                     "begin under Nova's uuid was aborted)",
+                     {"mig": migration_id, "nova": nova_id}, instance=instance)
         try:
+            # PREPARED already if the early begin was taken over: one round trip
             with livemigration.timed("begin", migration_id, instance.uuid):
                 livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid,
                                     self.vtpcm_host, dest)
@@ -473,10 +520,12 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                             migrate_data: Any = None) -> None:
         if vtpcm_spec(instance.flavor).enabled:
             # the guest runs on the destination: its vTPCM must be the live one
-            migration_id = _migration_id(migrate_data)
+            nova_id = _migration_id(migrate_data)
+            migration_id = self._early.migration_id(nova_id)
             try:
                 with livemigration.timed("commit", migration_id, instance.uuid):
                     livemigration.commit(self.vtpcm_engine, migration_id)
+                self._early.forget(nova_id)
             except exception.VTPCMException as err:
                 # Raising would leave Nova believing the guest is on the source.
                 LOG.error("vTPCM commit of migration %(mig)s failed: %(err)s. The guest "
@@ -490,6 +539,9 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         super().rollback_live_migration_at_source(context, instance, migrate_data)
         if vtpcm_spec(instance.flavor).enabled:
             self._abort(instance, migrate_data, "rolled back by Nova at the source")
+            migration = getattr(migrate_data, "migration", None) if migrate_data else None
+            if migration is not None and getattr(migration, "uuid", None):
+                self._early.forget(str(migration.uuid))
 
     def rollback_live_migration_at_destination(self, context: Any, instance: Any,
                                                network_info: Any, block_device_info: Any,
@@ -505,7 +557,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         """Abort on a rollback; never raises: Nova's rollback must go on, and
         the engine's reconcile finishes an abort that did not get through."""
         try:
-            migration_id = _migration_id(migrate_data)
+            migration_id = self._early.migration_id(_migration_id(migrate_data))
             livemigration.abort(self.vtpcm_engine, migration_id, reason,
                                 instance_uuid=instance.uuid)
         except (exception.VTPCMException, nova_exception.MigrationError) as err:
@@ -626,6 +678,54 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             ready = False
         self._trait = (now, ready)
         return ready
+
+
+def _take_dest_hint(dest_check_data: Any) -> str | None:
+    """The destination's name its driver put in the check data, taken out
+    again; a Migration with a uuid is not that bare hint and stays."""
+    if dest_check_data is None or "migration" not in dest_check_data:
+        return None
+    hint = dest_check_data.migration
+    if hint is None or hint.obj_attr_is_set("uuid"):
+        return None
+    del dest_check_data.migration
+    if not hint.obj_attr_is_set("dest_compute") or not hint.dest_compute:
+        return None
+    return str(hint.dest_compute)
+
+
+def _in_progress_migration(instance_uuid: str, source: str) -> str | None:
+    """Nova's live migration of the instance from this host whose checks run
+    ("accepted": ``MigrationList.get_in_progress_by_instance`` starts at
+    "queued"); the newest, should an older one have been left "accepted"
+    (a conductor that died in the task)."""
+    migrations = objects.MigrationList.get_by_filters(
+        nova_context.get_admin_context(),
+        {"instance_uuid": instance_uuid, "migration_type": "live-migration",
+         "status": ["accepted"], "source_compute": source},
+        sort_keys=["created_at", "id"], sort_dirs=["desc", "desc"], limit=1)
+    uuids = [str(m.uuid) for m in migrations]
+    return uuids[0] if uuids else None
+
+
+def _queued_behind(source: str) -> bool:
+    """Whether a live migration from ``source`` would wait in its compute
+    service's queue (``[DEFAULT] max_concurrent_live_migrations`` of them
+    queued or under way)."""
+    limit = int(CONF.max_concurrent_live_migrations)
+    if limit <= 0:
+        return False
+    busy = objects.MigrationList.get_by_filters(
+        nova_context.get_admin_context(),
+        {"source_compute": source, "migration_type": "live-migration",
+         "status": ["queued", "preparing", "running", "post-migrating"]},
+        limit=limit)
+    return len(busy) >= limit
+
+
+def _migration_status(nova_id: str) -> str | None:
+    return str(objects.Migration.get_by_uuid(nova_context.get_admin_context(),
+                                             nova_id).status)
 
 
 def _shreds(instance: Any) -> bool:

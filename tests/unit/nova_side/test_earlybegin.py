@@ -1,0 +1,271 @@
+"""EarlyBegins with the in-memory engine: who begins under which id, and
+when an early begin nobody takes over is aborted."""
+
+import sys
+import threading
+import time
+
+import pytest
+
+from tests.unit.nova_side.fakes import FakeEngine
+from vtpcm_common import exception
+from vtpcm_common.api.engine import messages as em
+from vtpcm_lab import daemons
+from vtpcm_nova.virt import earlybegin
+
+NOVA = "00000000-0000-0000-0000-0000000000cc"
+INSTANCE = "00000000-0000-0000-0000-000000000001"
+
+
+class _Nova:
+    def __init__(self, status: str = "accepted") -> None:
+        self.status = status
+        self.migration: str | None = NOVA
+
+    def find(self, instance_uuid: str) -> str | None:
+        return self.migration
+
+    def status_of(self, nova_id: str) -> str | None:
+        return self.status
+
+
+def _early(engine: FakeEngine, nova: _Nova, timeout: float = 60.0) -> earlybegin.EarlyBegins:
+    return earlybegin.EarlyBegins(lambda: engine, lambda: "src", nova.find, nova.status_of,
+                                  lambda: timeout, poll=0.02, wait_previous=lambda: 10.0)
+
+
+def _state(engine: FakeEngine, migration_id: str) -> str | None:
+    info = engine.migrations.get(migration_id)
+    return info.state if info else None
+
+
+def test_live_migration_takes_the_prepared_early_begin_over() -> None:
+    engine, nova = FakeEngine(), _Nova()
+    early = _early(engine, nova)
+    early.start(INSTANCE, "dst")
+    assert early.join(INSTANCE, NOVA, "dst", timeout=10) == NOVA
+    assert early.migration_id(NOVA) == NOVA
+    # the early begin asked the engine which ids of Nova's migration it knows
+    assert engine.methods() == ["get_migration", "begin"]
+    assert _state(engine, NOVA) == "PREPARED"
+
+
+def test_an_early_begin_nobody_takes_over_is_aborted_after_the_timeout() -> None:
+    engine, nova = FakeEngine(), _Nova()  # Nova's record stays "accepted"
+    early = _early(engine, nova, timeout=0.2)
+    early.start(INSTANCE, "dst")
+    daemons.wait_for("abort", lambda: _state(engine, NOVA) == "ABORTED", timeout=10)
+    assert engine.abort_instances == [INSTANCE]
+    # live_migration coming after all begins under a fresh id
+    fresh = early.join(INSTANCE, NOVA, "dst", timeout=10)
+    assert fresh == earlybegin.attempt_id(NOVA, "dst", 1) != NOVA
+
+
+def test_an_early_begin_for_another_destination_is_aborted_not_used() -> None:
+    engine, nova = FakeEngine(), _Nova()
+    early = _early(engine, nova)
+    early.start(INSTANCE, "dst")
+    daemons.wait_for("early begin", lambda: _state(engine, NOVA) == "PREPARED", timeout=10)
+    chosen = early.join(INSTANCE, NOVA, "other", timeout=10)
+    assert chosen == earlybegin.attempt_id(NOVA, "other", 1)
+    assert _state(engine, NOVA) == "ABORTED"  # before live_migration begins
+
+
+def test_a_failed_early_begin_leaves_the_decision_to_live_migrations_begin() -> None:
+    engine, nova = FakeEngine(), _Nova()
+    engine.fail["begin"] = [exception.HostNotTrusted(host="dst", reason="PCR 7 differs")]
+    early = _early(engine, nova)
+    early.start(INSTANCE, "dst")
+    chosen = early.join(INSTANCE, NOVA, "dst", timeout=10)
+    # the refused id is spent; live_migration's begin runs under a new one
+    assert chosen == earlybegin.attempt_id(NOVA, "dst", 1)
+    assert [m for m in engine.methods() if m != "get_migration"] == ["begin", "abort"]
+
+
+def test_no_early_begin_when_the_timeout_is_zero() -> None:
+    engine, nova = FakeEngine(), _Nova()
+    early = _early(engine, nova, timeout=0)
+    early.start(INSTANCE, "dst")
+    assert early.join(INSTANCE, NOVA, "dst", timeout=1) == NOVA
+    assert engine.methods() == ["get_migration"]  # unknown: Nova's uuid is free
+
+
+def test_join_waits_for_an_early_begin_still_running() -> None:
+    engine, nova = FakeEngine(), _Nova()
+    release = threading.Event()
+    inner = engine.begin
+
+    def slow_begin(*args: str) -> object:
+        release.wait(10)
+        return inner(*args)
+    engine.begin = slow_begin  # type: ignore[method-assign,assignment]
+    early = _early(engine, nova)
+    early.start(INSTANCE, "dst")
+    threading.Timer(0.2, release.set).start()
+    assert early.join(INSTANCE, NOVA, "dst", timeout=10) == NOVA
+    assert _state(engine, NOVA) == "PREPARED"
+
+
+class _GapLock:
+    """The EarlyBegins lock, pausing its holder right after it leaves the
+    critical section of a given method: forces one interleaving of the
+    watchdog and live_migration's join."""
+
+    def __init__(self, pauses: dict[str, tuple[threading.Event, threading.Event]]) -> None:
+        self._lock = threading.Lock()
+        self._pauses = dict(pauses)  # method -> (signal when left, wait for)
+
+    def __enter__(self) -> "_GapLock":
+        self._lock.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        name = sys._getframe(1).f_code.co_name
+        self._lock.release()
+        pause = self._pauses.pop(name, None)
+        if pause is not None:
+            left, resume = pause
+            left.set()
+            resume.wait(2)
+
+
+def test_the_watchdog_never_aborts_an_early_begin_live_migration_takes_over() -> None:
+    """The deadline passes just as live_migration joins: either the watchdog
+    gives the begin up (and join begins under a fresh id, after the abort) or
+    join takes it over (and nothing aborts it), never both."""
+    engine, nova = FakeEngine(), _Nova()
+    watched, joined, aborting = threading.Event(), threading.Event(), threading.Event()
+    early = _early(engine, nova, timeout=0.05)
+    early._poll = 0.1
+    early._lock = _GapLock({"_watch": (watched, joined),  # type: ignore[assignment]
+                            "join": (joined, aborting)})
+    inner_abort = engine.abort
+
+    def abort(*args: str, **kwargs: str) -> object:
+        aborting.set()
+        return inner_abort(*args, **kwargs)
+    engine.abort = abort  # type: ignore[method-assign,assignment]
+    early.start(INSTANCE, "dst")
+    assert watched.wait(10)  # the watchdog decided (deadline passed)
+    chosen = early.join(INSTANCE, NOVA, "dst", timeout=10)
+    time.sleep(0.3)  # a late abort would come now
+    aborted = [c[1] for c in engine.calls if c[0] == "abort"]
+    assert chosen not in aborted, "live_migration begins with %s, aborted by the watchdog" % chosen
+
+
+def test_live_migration_joining_while_the_watchdog_reads_a_terminal_status_decides() -> None:
+    """Nova's status read terminal while live_migration joins: join decides
+    (takes the begin over), the watchdog does not abort it."""
+    engine, nova = FakeEngine(), _Nova()
+    reading, joined = threading.Event(), threading.Event()
+
+    def status_of(nova_id: str) -> str:
+        reading.set()
+        joined.wait(5)
+        return "failed"
+    early = earlybegin.EarlyBegins(lambda: engine, lambda: "src", nova.find, status_of,
+                                   lambda: 60.0, poll=0.02, wait_previous=lambda: 10.0)
+    early._lock = _GapLock({"join": (joined, threading.Event())})  # type: ignore[assignment]
+    early.start(INSTANCE, "dst")
+    assert reading.wait(10)
+    assert early.join(INSTANCE, NOVA, "dst", timeout=10) == NOVA
+    time.sleep(0.3)
+    assert "abort" not in engine.methods()
+    assert _state(engine, NOVA) == "PREPARED"
+
+
+def test_an_early_begin_is_aborted_when_novas_migration_is_terminal() -> None:
+    engine, nova = FakeEngine(), _Nova(status="error")
+    early = _early(engine, nova, timeout=600)
+    early.start(INSTANCE, "dst")
+    daemons.wait_for("abort", lambda: _state(engine, NOVA) == "ABORTED", timeout=10)
+
+
+def test_join_waits_for_the_abort_of_an_early_begin_given_up() -> None:
+    """The early begin holds the vTPCM until its abort is through; a begin
+    under a fresh id before that would be refused."""
+    engine, nova = FakeEngine(), _Nova()
+    started, release = threading.Event(), threading.Event()
+    inner_abort = engine.abort
+
+    def slow_abort(*args: str, **kwargs: str) -> object:
+        started.set()
+        release.wait(10)
+        return inner_abort(*args, **kwargs)
+    engine.abort = slow_abort  # type: ignore[method-assign,assignment]
+    early = _early(engine, nova, timeout=0.05)
+    early.start(INSTANCE, "dst")
+    assert started.wait(10)
+    threading.Timer(0.3, release.set).start()
+    fresh = early.join(INSTANCE, NOVA, "dst", timeout=10)
+    assert _state(engine, NOVA) == "ABORTED"  # before live_migration begins
+    assert fresh == earlybegin.attempt_id(NOVA, "dst", 1)
+
+
+def test_join_waits_at_most_its_timeout_in_all() -> None:
+    """For the early begin's answer and then for its abort: one bound."""
+    engine, nova = FakeEngine(), _Nova()
+    release = threading.Event()
+    inner_begin, inner_abort = engine.begin, engine.abort
+
+    def slow_begin(*args: str) -> object:
+        time.sleep(0.4)
+        return inner_begin(*args)
+
+    def stuck_abort(*args: str, **kwargs: str) -> object:
+        release.wait(10)
+        return inner_abort(*args, **kwargs)
+    engine.begin = slow_begin  # type: ignore[method-assign,assignment]
+    engine.abort = stuck_abort  # type: ignore[method-assign,assignment]
+    early = _early(engine, nova)
+    early.start(INSTANCE, "dst")
+    began = time.monotonic()
+    early.join(INSTANCE, NOVA, "other", timeout=0.5)  # another destination: aborted
+    waited = time.monotonic() - began
+    release.set()
+    assert waited < 0.75
+
+
+def test_after_a_restart_join_takes_over_the_derived_begin_the_engine_holds() -> None:
+    """nova-compute restarted after an early begin under a derived id (a
+    retry to another host): the engine's PREPARED begin is found, not a
+    begin under Nova's uuid refused while it holds the vTPCM."""
+    engine, nova = FakeEngine(), _Nova()
+    derived = earlybegin.attempt_id(NOVA, "dst", 1)
+    engine.migrations[NOVA] = em.MigrationInfo(NOVA, INSTANCE, "src", "first", 0,
+                                               "ABORTED", "superseded")
+    engine.migrations[derived] = em.MigrationInfo(derived, INSTANCE, "src", "dst", 0,
+                                                  "PREPARED", None)
+    restarted = _early(engine, nova)
+    assert restarted.join(INSTANCE, NOVA, "dst", timeout=1) == derived
+    assert restarted.migration_id(NOVA) == derived
+    assert "abort" not in engine.methods()
+
+
+def test_after_a_restart_a_begin_prepared_for_another_host_is_aborted() -> None:
+    engine, nova = FakeEngine(), _Nova()
+    engine.migrations[NOVA] = em.MigrationInfo(NOVA, INSTANCE, "src", "first", 0,
+                                               "PREPARED", None)
+    restarted = _early(engine, nova)
+    chosen = restarted.join(INSTANCE, NOVA, "dst", timeout=1)
+    assert chosen == earlybegin.attempt_id(NOVA, "dst", 1)
+    assert _state(engine, NOVA) == "ABORTED"
+
+
+def test_early_begins_beyond_the_bound_begin_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(earlybegin, "MAX_THREADS", 1)
+    engine, nova = FakeEngine(), _Nova()
+    release = threading.Event()
+    inner = engine.begin
+
+    def slow_begin(*args: str) -> object:
+        release.wait(10)
+        return inner(*args)
+    engine.begin = slow_begin  # type: ignore[method-assign,assignment]
+    early = _early(engine, nova)
+    early.start(INSTANCE, "dst")
+    early.start("00000000-0000-0000-0000-000000000002", "dst")  # no thread left
+    release.set()
+    daemons.wait_for("early begin", lambda: _state(engine, NOVA) == "PREPARED", timeout=10)
+    assert engine.methods().count("begin") == 1
+    assert early.join("00000000-0000-0000-0000-000000000002", NOVA, "dst", 1) != NOVA
