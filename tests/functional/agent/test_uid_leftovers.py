@@ -267,24 +267,32 @@ def test_a_posix_message_queue_of_the_uid_is_removed() -> None:
     assert done.stdout.split("\n")[:3] == ["made True", "swept True", "gone True"], done.stdout
 
 
+def _plant_setuid_and_hold(path: Path, flag: str) -> subprocess.Popen[str]:
+    """The uid (an exploited swtpm: open, write, fchmod) leaves a setuid
+    copy of ``id`` at ``path``; LOCAL (a local user) opens it with ``flag``
+    and, told to go, exec's the fd: prints the euid's ``id -u`` or
+    ``refused ERRNO``."""
+    as_uid(UID, CLIENT_PYTHON, "-c",
+           "import os,sys\nd=open('/usr/bin/id','rb').read()\n"
+           "fd=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT,0o755);os.write(fd,d);"
+           "os.fchmod(fd,0o4755);os.close(fd)", str(path))
+    assert path.stat().st_mode & 0o7777 == 0o4755  # control: planted setuid
+    return subprocess.Popen(
+        ["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL, "--clear-groups",
+         CLIENT_PYTHON, "-c", "import os,sys\nfd=os.open(sys.argv[1],os.%s)\n"
+         "print('held',flush=True)\nsys.stdin.readline()\n"
+         "try:\n    os.execv('/proc/self/fd/%%d'%%fd,['id','-u'])\n"
+         "except OSError as e:\n    print('refused', e.errno)" % flag, str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
 def test_a_setuid_file_of_the_uid_held_open_by_another_user_is_defused(top: Path) -> None:
     """Review of the sweep, HIGH 1 (p1): the uid (an exploited swtpm: open,
     write, fchmod) leaves a setuid copy of ``id``; a local user opens it;
     the sweep unlinks the name, but the user's fd outlives it, and exec'ing
     it through /proc/self/fd ran with the uid as euid. The sweep now clears
     the setuid and exec bits through an O_NOFOLLOW fd before the unlink."""
-    as_uid(UID, CLIENT_PYTHON, "-c",
-           "import os,sys\nd=open('/usr/bin/id','rb').read()\n"
-           "fd=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT,0o755);os.write(fd,d);"
-           "os.fchmod(fd,0o4755);os.close(fd)", str(top / "x"))
-    assert (top / "x").stat().st_mode & 0o7777 == 0o4755  # control: planted setuid
-    holder = subprocess.Popen(
-        ["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL, "--clear-groups",
-         CLIENT_PYTHON, "-c", "import os,sys\nfd=os.open(sys.argv[1],os.O_RDONLY)\n"
-         "print('held',flush=True)\nsys.stdin.readline()\n"
-         "try:\n    os.execv('/proc/self/fd/%d'%fd,['id','-u'])\n"
-         "except OSError as e:\n    print('refused', e.errno)", str(top / "x")],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = _plant_setuid_and_hold(top / "x", "O_RDONLY")
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         assert uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent")) == [str(top / "x")]
@@ -310,18 +318,7 @@ def test_a_setuid_file_held_open_after_its_unlink_is_defused_before_the_uid_is_f
     os.chmod(state, 0o755)  # the uid owns it: it may open it to all  # noqa: S103
     holder: subprocess.Popen[str] | None = None
     try:
-        as_uid(UID, CLIENT_PYTHON, "-c",
-               "import os,sys\nd=open('/usr/bin/id','rb').read()\n"
-               "fd=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT,0o755);os.write(fd,d);"
-               "os.fchmod(fd,0o4755);os.close(fd)", str(state / "x"))
-        assert (state / "x").stat().st_mode & 0o7777 == 0o4755  # control: planted setuid
-        holder = subprocess.Popen(
-            ["setpriv", "--reuid=%d" % LOCAL, "--regid=%d" % LOCAL, "--clear-groups",
-             CLIENT_PYTHON, "-c", "import os,sys\nfd=os.open(sys.argv[1],os.O_PATH)\n"
-             "print('held',flush=True)\nsys.stdin.readline()\n"
-             "try:\n    os.execv('/proc/self/fd/%d'%fd,['id','-u'])\n"
-             "except OSError as e:\n    print('refused', e.errno)", str(state / "x")],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        holder = _plant_setuid_and_hold(state / "x", "O_PATH")
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         (state / "x").unlink()  # the state dir's removal, before the sweep
         assert uidprocs.kill_all(UID, timeout=5.0) == 0  # nothing of the uid runs
