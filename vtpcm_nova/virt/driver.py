@@ -451,9 +451,17 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                       {"mig": nova_id, "err": err}, instance=instance)
             recover_method(context, instance, dest, migrate_data)
             return
-        with livemigration.timed("early begin join", nova_id, instance.uuid):
-            migration_id = self._early.join(instance.uuid, nova_id, dest,
-                                            float(CONF.vtpcm.engine_timeout))
+        try:
+            with livemigration.timed("early begin join", nova_id, instance.uuid):
+                migration_id = self._early.join(instance.uuid, nova_id, dest,
+                                                float(CONF.vtpcm.engine_timeout))
+        except exception.VTPCMException as err:
+            # the early begin is still under way: rolled back as after a
+            # failed begin (its own thread aborts what it began)
+            LOG.error("vTPCM of migration %(mig)s refused, rolling back: %(err)s",
+                      {"mig": nova_id, "err": err}, instance=instance)
+            recover_method(context, instance, dest, migrate_data)
+            return
         if migration_id != nova_id:
             LOG.info("vTPCM migration id %(mig)s for Nova migration %(nova)s (an earlier "
                      "begin under Nova's uuid was aborted)",
