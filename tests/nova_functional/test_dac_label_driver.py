@@ -2,6 +2,7 @@
 started): the guest's XML labelled with the local agent's checked ids, and
 the live-migration XML relabelled with the destination's."""
 
+import threading
 import types
 import uuid
 import xml.etree.ElementTree as ET
@@ -319,7 +320,8 @@ class _SourceGuest:
         self.sent.update(kwargs, destination=destination)
 
 
-def _migrate(monkeypatch: Any, source_xml: str, agents: Agents) -> tuple[Any, list[str]]:
+def _migrate(monkeypatch: Any, source_xml: str, agents: Agents,
+             early: Any = None) -> tuple[Any, list[str]]:
     """Our live_migration with Nova's own parts reduced to what carries the
     XML: Nova's live_migration calls _live_migration_operation (ours, then
     Nova's), whose migrate gets the destination XML Nova built from the
@@ -341,6 +343,8 @@ def _migrate(monkeypatch: Any, source_xml: str, agents: Agents) -> tuple[Any, li
     drv._engine = lambda: engine  # type: ignore[assignment,return-value]
     drv._dest_sockets, drv._dest_ids = {}, {}
     drv._host = types.SimpleNamespace(get_guest=lambda instance: guest)
+    if early is not None:
+        early(drv, engine)
     data = types.SimpleNamespace(migration=types.SimpleNamespace(uuid="mig-1"))
     drv.live_migration(None, _instance(), "cmp2", None,
                        lambda *a: recovered.append("recover"), False, data)
@@ -374,6 +378,39 @@ def test_a_labelled_guest_is_not_migrated_from_a_host_with_the_option_off(monkey
     guest, calls = _migrate(monkeypatch, NOVA_XML, agents)
     assert calls == ["begin"]
     assert ET.fromstring(guest.sent["destination_xml"]).find("seclabel") is None
+
+
+def test_live_migration_rolls_back_while_the_early_begin_still_looks_up(monkeypatch):
+    """Review round 2 of the early begin, MEDIUM (c): join's wait for the
+    early begin timed out while its thread still looks up at the engine.
+    live_migration rolls back (as after a failed begin) instead of choosing
+    and beginning on its own, which the late early thread could undo."""
+    compute_conf.register_opts(vdriver.CONF)
+    vdriver.CONF.set_override("engine_timeout", 1, group="vtpcm")
+    looking, release = threading.Event(), threading.Event()
+
+    def with_a_slow_early_begin(drv: Any, engine: _Engine) -> None:
+        inner = engine.get_migration
+
+        def get_migration(migration_id: str) -> Any:
+            if threading.current_thread().name.startswith("vtpcm-early-begin"):
+                looking.set()
+                release.wait(10)
+            return inner(migration_id)
+        engine.get_migration = get_migration  # type: ignore[method-assign]
+        drv._early = earlybegin.EarlyBegins(lambda: engine, lambda: "cmp1",  # type: ignore[arg-type,return-value]
+                                            lambda i: "mig-1", lambda n: "accepted",
+                                            lambda: 60.0)
+        drv._early.start(INSTANCE, "cmp2")
+        assert looking.wait(10)
+    try:
+        guest, calls = _migrate(monkeypatch, NOVA_XML, Agents(0, 0, "MIGRATING_IN"),
+                                early=with_a_slow_early_begin)
+    finally:
+        release.set()
+        vdriver.CONF.clear_override("engine_timeout", group="vtpcm")
+    assert guest.sent == {}
+    assert calls == ["recover"]
 
 
 def test_the_rewriting_guest_never_sends_the_sources_label_unchanged():

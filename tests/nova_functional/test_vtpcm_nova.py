@@ -485,6 +485,15 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         """With max_concurrent_live_migrations under way from the source, the
         migration would queue: live_migration begins when its turn comes,
         under Nova's uuid; nothing holds the destination meanwhile."""
+        self._no_early_begin_behind("running")
+
+    def test_no_early_begin_behind_another_migration_in_its_checks(self) -> None:
+        """Review round 2, LOW/MEDIUM: a host evacuation runs every check
+        within a second or two, while the others are still "accepted"
+        (none queued yet): those count as well."""
+        self._no_early_begin_behind("accepted")
+
+    def _no_early_begin_behind(self, status: str) -> None:
         a, b = self._start_hosts(2)
         self.flags(max_concurrent_live_migrations=1)
         server = self._boot(host=a)
@@ -492,7 +501,7 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         before = self._write_tpm(a, instance)
         ctxt = nova_context.get_admin_context()
         other = objects.Migration(ctxt, source_compute=a, dest_compute="elsewhere",
-                                  migration_type="live-migration", status="running",
+                                  migration_type="live-migration", status=status,
                                   instance_uuid=str(uuid.uuid4()), project_id="p",
                                   user_id="u")
         other.create()

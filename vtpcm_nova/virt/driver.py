@@ -405,7 +405,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         result = super().check_can_live_migrate_source(context, instance, dest_check_data,
                                                        block_device_info)
         if hint and vtpcm_spec(instance.flavor).enabled:
-            if _queued_behind(self.vtpcm_host):
+            if _queued_behind(self.vtpcm_host, instance.uuid):
                 # it would wait in this host's queue with the destination's
                 # incoming vTPCM prepared (an evacuation: every instance):
                 # live_migration begins when its turn comes
@@ -451,9 +451,17 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                       {"mig": nova_id, "err": err}, instance=instance)
             recover_method(context, instance, dest, migrate_data)
             return
-        with livemigration.timed("early begin join", nova_id, instance.uuid):
-            migration_id = self._early.join(instance.uuid, nova_id, dest,
-                                            float(CONF.vtpcm.engine_timeout))
+        try:
+            with livemigration.timed("early begin join", nova_id, instance.uuid):
+                migration_id = self._early.join(instance.uuid, nova_id, dest,
+                                                float(CONF.vtpcm.engine_timeout))
+        except exception.VTPCMException as err:
+            # the early begin is still under way: rolled back as after a
+            # failed begin (its own thread aborts what it began)
+            LOG.error("vTPCM of migration %(mig)s refused, rolling back: %(err)s",
+                      {"mig": nova_id, "err": err}, instance=instance)
+            recover_method(context, instance, dest, migrate_data)
+            return
         if migration_id != nova_id:
             LOG.info("vTPCM migration id %(mig)s for Nova migration %(nova)s (an earlier "
                      "begin under Nova's uuid was aborted)",
@@ -708,19 +716,22 @@ def _in_progress_migration(instance_uuid: str, source: str) -> str | None:
     return uuids[0] if uuids else None
 
 
-def _queued_behind(source: str) -> bool:
+def _queued_behind(source: str, instance_uuid: str) -> bool:
     """Whether a live migration from ``source`` would wait in its compute
     service's queue (``[DEFAULT] max_concurrent_live_migrations`` of them
-    queued or under way)."""
+    queued or under way), best effort: other instances' live migrations
+    from here still in their checks ("accepted") count too, since a host
+    evacuation runs all its checks within a second or two, before any is
+    queued; one left "accepted" by a dead conductor costs early begins only."""
     limit = int(CONF.max_concurrent_live_migrations)
     if limit <= 0:
         return False
     busy = objects.MigrationList.get_by_filters(
         nova_context.get_admin_context(),
         {"source_compute": source, "migration_type": "live-migration",
-         "status": ["queued", "preparing", "running", "post-migrating"]},
-        limit=limit)
-    return len(busy) >= limit
+         "status": ["accepted", "queued", "preparing", "running", "post-migrating"]},
+        limit=limit + 1)
+    return len([m for m in busy if str(m.instance_uuid) != instance_uuid]) >= limit
 
 
 def _migration_status(nova_id: str) -> str | None:

@@ -60,7 +60,9 @@ class _Early:
     joined: bool = False  # live_migration came for it (under the lock)
     taken: bool = False  # ... and begins with its id
     superseded: bool = False  # a check for another destination came
-    abandoned: bool = False  # its own thread aborts it: never taken (under the lock)
+    abandoned: bool = False  # its own thread aborts it: never taken (backstop; under the lock)
+    wanted: tuple[str, str] | None = None  # join's (Nova migration, destination)
+    found: bool = False  # its id was found PREPARED at the engine (a restart)
     answered: threading.Event = dataclasses.field(default_factory=threading.Event)
     wake: threading.Event = dataclasses.field(default_factory=threading.Event)
     decided: threading.Event = dataclasses.field(default_factory=threading.Event)  # taken?
@@ -88,6 +90,9 @@ class EarlyBegins:
         self._ids: dict[str, str] = {}  # Nova migration -> id live_migration began
         self._aborting: dict[str, _Early] = {}  # instance -> given up, abort under way
         self._slots = threading.BoundedSemaphore(MAX_THREADS)
+        # Nova migrations whose next id is being chosen: one choice at a time
+        self._choosing: set[str] = set()
+        self._choice = threading.Condition()
 
     def start(self, instance_uuid: str, dest: str) -> None:
         """Start the begin to ``dest`` in the background (the source's check
@@ -118,12 +123,17 @@ class EarlyBegins:
         answered PREPARED for this migration and destination, else a fresh
         one. Waits at most ``timeout`` in all: for the early begin's answer,
         and for the abort of an early begin of the instance that is not
-        taken (it holds the vTPCM; the engine would refuse the fresh begin)."""
+        taken (it holds the vTPCM; the engine would refuse the fresh begin).
+        Raises MigrationError (the caller rolls back, as after a failed
+        begin) when the early begin has not answered within ``timeout``:
+        its thread may still look up or begin, so choosing an id here too
+        could take over what it then aborts."""
         deadline = time.monotonic() + timeout
         with self._lock:
             early = self._pending.pop(instance_uuid, None)
             if early is not None:
                 early.joined = True
+                early.wanted = (nova_id, dest)
                 early.wake.set()
             aborting = self._aborting.get(instance_uuid)
         if early is not None:
@@ -141,9 +151,17 @@ class EarlyBegins:
             # thread aborts it
             if early.prepared:
                 aborting = early
+            elif not early.answered.is_set():
+                raise exception.MigrationError(migration_id=nova_id, reason=(
+                    "the early begin of instance %s did not answer within %.1f s"
+                    % (instance_uuid, timeout)))
         if aborting is not None:
             aborting.finished.wait(_left(deadline))
-        fresh = self._choose(instance_uuid, nova_id, dest)
+        fresh = self._choose(instance_uuid, nova_id, dest, wait=_left(deadline))
+        if fresh is None:
+            raise exception.MigrationError(migration_id=nova_id, reason=(
+                "another choice of an id for Nova migration %s did not end within %.1f s"
+                % (nova_id, timeout)))
         with self._lock:
             self._ids[nova_id] = fresh
         return fresh
@@ -161,14 +179,33 @@ class EarlyBegins:
             self._used.pop(nova_id, None)
 
     # --- the background thread ---------------------------------------------------
-    def _choose(self, instance_uuid: str, nova_id: str, dest: str) -> str:
-        """The next id to begin Nova migration ``nova_id`` to ``dest`` with.
-        Without a memory of the migration (nova-compute restarted since it
-        began one), the engine is asked which of its ids it knows: a begin
-        PREPARED for this instance and hosts is taken over (its caller's begin
-        again answers PREPARED), one PREPARED for another destination is
-        aborted (nobody else takes it over, and it holds the vTPCM), the first
-        id the engine does not know is the next."""
+    def _choose(self, instance_uuid: str, nova_id: str, dest: str, *, wait: float,
+                early: _Early | None = None) -> str | None:
+        """The next id to begin Nova migration ``nova_id`` to ``dest`` with,
+        None if another choice for it did not end within ``wait`` or (an
+        early begin's choice) it is not to be begun. One choice per Nova
+        migration at a time. Without a memory of the migration (nova-compute
+        restarted since it began one), the engine is asked which of its ids
+        it knows (an unsigned, advisory read: begin and abort stay signed and
+        the engine decides): a begin PREPARED for this instance and hosts is
+        taken over (its caller's begin again answers PREPARED); one PREPARED
+        for another destination is aborted by ``join``, whose destination is
+        the conductor's final one, while an early begin gives up on it
+        without beginning (it would abort what ``join`` takes over); the
+        first id the engine does not know is the next."""
+        with self._choice:
+            if not self._choice.wait_for(lambda: nova_id not in self._choosing, wait):
+                return None
+            self._choosing.add(nova_id)
+        try:
+            return self._choose_alone(instance_uuid, nova_id, dest, early)
+        finally:
+            with self._choice:
+                self._choosing.discard(nova_id)
+                self._choice.notify_all()
+
+    def _choose_alone(self, instance_uuid: str, nova_id: str, dest: str,
+                      early: _Early | None) -> str | None:
         with self._lock:
             known = nova_id in self._used
         if known:
@@ -193,7 +230,15 @@ class EarlyBegins:
                                                                     "nova": nova_id})
                     with self._lock:
                         self._used.setdefault(nova_id, set()).update(seen)
+                        if early is not None:
+                            early.found = True
                     return candidate
+                if early is not None:
+                    LOG.info("vTPCM migration %(mig)s of Nova migration %(nova)s is "
+                             "PREPARED at the engine for another destination: no early "
+                             "begin to %(dest)s", {"mig": candidate, "nova": nova_id,
+                                                   "dest": dest})
+                    return None
                 livemigration.abort(self._engine(), candidate,
                                     "early begin for another destination, found after "
                                     "a restart", instance_uuid=instance_uuid)
@@ -221,14 +266,21 @@ class EarlyBegins:
             with self._lock:
                 if nova_id is None or early.joined or early.superseded:
                     return
-            vtpcm_id = self._choose(early.instance_uuid, nova_id, early.dest)
+            vtpcm_id = self._choose(early.instance_uuid, nova_id, early.dest,
+                                    wait=self._wait_previous(), early=early)
+            if vtpcm_id is None:
+                return
             with self._lock:
                 early.nova_id = nova_id
                 early.vtpcm_id = vtpcm_id
-                if early.joined or early.superseded:
-                    # live_migration chooses its own id (the engine knows
-                    # this one now only if the lookup found it PREPARED)
+                unwanted = (early.superseded or early.decided.is_set()
+                            or (early.joined and early.wanted != (nova_id, early.dest)))
+                if unwanted and not early.found:
+                    # live_migration chooses its own id; this one is unused
+                    self._used.get(nova_id, set()).discard(vtpcm_id)
                     return
+            # a begin found PREPARED is this thread's now: begun again (one
+            # round trip), then taken over by join or aborted by _watch
             self._begin(early)
             if early.prepared:
                 self._watch(early)
@@ -262,10 +314,11 @@ class EarlyBegins:
 
     def _watch(self, early: _Early) -> None:
         """Abort the PREPARED early begin unless live_migration takes it.
-        Whether it is taken or given up is decided in one critical section
-        with ``join``'s: a begin given up is out of ``_pending`` and marked
-        ``abandoned`` before the lock is released, so ``join`` never takes
-        over what is being aborted."""
+        The lock protocol is what keeps the two apart: ``join`` pops the
+        entry and marks it joined, then decides ``taken`` under the lock;
+        this thread gives up only under the lock, an unjoined entry (out of
+        ``_pending`` before ``join`` can pop it) or one ``join`` decided not
+        to take. ``abandoned`` is a backstop on top of that."""
         deadline = time.monotonic() + self._timeout()
         while True:
             early.wake.wait(self._poll)

@@ -269,3 +269,73 @@ def test_early_begins_beyond_the_bound_begin_nothing(monkeypatch: pytest.MonkeyP
     daemons.wait_for("early begin", lambda: _state(engine, NOVA) == "PREPARED", timeout=10)
     assert engine.methods().count("begin") == 1
     assert early.join("00000000-0000-0000-0000-000000000002", NOVA, "dst", 1) != NOVA
+
+
+def _slow_lookups(engine: FakeEngine, delay: float) -> None:
+    """The engine answers the early threads' lookups slowly."""
+    inner = engine.get_migration
+
+    def get_migration(migration_id: str) -> em.MigrationInfo:
+        if threading.current_thread().name.startswith("vtpcm-early-begin"):
+            time.sleep(delay)
+        return inner(migration_id)
+    engine.get_migration = get_migration  # type: ignore[method-assign]
+
+
+def test_a_slow_early_lookup_never_aborts_what_live_migration_takes_over() -> None:
+    """Review round 2, MEDIUM: after a restart a check to another destination
+    (forged, or slow) looks up Nova's uuid, PREPARED to the destination
+    live_migration then goes to; join gives up waiting for it. Neither may
+    the early thread abort Nova's uuid nor join begin under it meanwhile:
+    join rolls back, and the early thread gives up without aborting."""
+    engine, nova = FakeEngine(), _Nova()
+    engine.migrations[NOVA] = em.MigrationInfo(NOVA, INSTANCE, "src", "dst", 0,
+                                               "PREPARED", None)
+    _slow_lookups(engine, 0.5)
+    restarted = _early(engine, nova)
+    restarted.start(INSTANCE, "elsewhere")
+    time.sleep(0.05)
+    with pytest.raises(exception.MigrationError, match="did not answer"):
+        restarted.join(INSTANCE, NOVA, "dst", timeout=0.2)
+    time.sleep(1.0)  # the early thread's late lookup answers now
+    assert "abort" not in engine.methods()
+    assert _state(engine, NOVA) == "PREPARED"
+
+
+def test_an_early_lookup_finding_the_begin_to_its_destination_hands_it_to_join() -> None:
+    """Review round 2, LOW: the early thread found Nova's uuid PREPARED to
+    its destination (a restart) while live_migration joined: join takes it
+    over instead of beginning under a derived id the engine refuses."""
+    engine, nova = FakeEngine(), _Nova()
+    engine.migrations[NOVA] = em.MigrationInfo(NOVA, INSTANCE, "src", "dst", 0,
+                                               "PREPARED", None)
+    _slow_lookups(engine, 0.3)
+    restarted = _early(engine, nova)
+    restarted.start(INSTANCE, "dst")
+    time.sleep(0.05)
+    assert restarted.join(INSTANCE, NOVA, "dst", timeout=10) == NOVA
+    time.sleep(0.3)
+    assert "abort" not in engine.methods()
+
+
+def test_one_choice_of_an_id_per_nova_migration_at_a_time() -> None:
+    """Two lookups of one Nova migration never run at once (a superseded
+    early thread and join): the second waits, or gives up after its wait."""
+    engine, nova = FakeEngine(), _Nova()
+    inside, release = threading.Event(), threading.Event()
+    inner = engine.get_migration
+
+    def get_migration(migration_id: str) -> em.MigrationInfo:
+        inside.set()
+        release.wait(10)
+        return inner(migration_id)
+    engine.get_migration = get_migration  # type: ignore[method-assign]
+    early = _early(engine, nova)
+    first = threading.Thread(target=early._choose, args=(INSTANCE, NOVA, "dst"),
+                             kwargs={"wait": 10})
+    first.start()
+    assert inside.wait(10)
+    assert early._choose(INSTANCE, NOVA, "dst", wait=0.2) is None
+    release.set()
+    first.join(10)
+    assert early._choose(INSTANCE, NOVA, "dst", wait=1) == earlybegin.attempt_id(NOVA, "dst", 1)
