@@ -18,6 +18,7 @@ record is terminal, or after ``[vtpcm] early_begin_timeout``. Nothing here
 imports Nova: the driver passes what it reads from Nova as callables.
 """
 
+import collections
 import dataclasses
 import threading
 import time
@@ -39,6 +40,7 @@ POLL_S = 1.0
 # remember them (a restarted nova-compute): Nova's uuid and derived ones
 LOOKUP_ATTEMPTS = 4
 MAX_THREADS = 16  # concurrent early begins; a check beyond them begins nothing early
+ABORTED_REMEMBERED = 4096  # ids aborted from here, never taken over
 
 
 def attempt_id(nova_id: str, dest: str, attempt: int) -> str:
@@ -89,6 +91,10 @@ class EarlyBegins:
         self._used: dict[str, set[str]] = {}  # Nova migration -> ids begun with
         self._ids: dict[str, str] = {}  # Nova migration -> id live_migration began
         self._aborting: dict[str, _Early] = {}  # instance -> given up, abort under way
+        # ids this process ever sent an abort for, newest last (bounded): never
+        # taken over, whatever the engine answers meanwhile, since an abort
+        # that timed out here may still be carried out there
+        self._aborted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._slots = threading.BoundedSemaphore(MAX_THREADS)
         # Nova migrations whose next id is being chosen: one choice at a time
         self._choosing: set[str] = set()
@@ -224,6 +230,13 @@ class EarlyBegins:
                 if (info.state != "PREPARED" or info.instance_uuid != instance_uuid
                         or info.source != source):
                     continue
+                with self._lock:
+                    aborted = candidate in self._aborted
+                if info.dest == dest and aborted:
+                    LOG.info("vTPCM migration %(mig)s of Nova migration %(nova)s is "
+                             "PREPARED at the engine but its abort was sent from here: "
+                             "not taken over", {"mig": candidate, "nova": nova_id})
+                    continue
                 if info.dest == dest:
                     LOG.info("vTPCM migration %(mig)s of Nova migration %(nova)s is "
                              "PREPARED at the engine: taken over", {"mig": candidate,
@@ -239,6 +252,7 @@ class EarlyBegins:
                              "begin to %(dest)s", {"mig": candidate, "nova": nova_id,
                                                    "dest": dest})
                     return None
+                self._remember_abort(candidate)
                 livemigration.abort(self._engine(), candidate,
                                     "early begin for another destination, found after "
                                     "a restart", instance_uuid=instance_uuid)
@@ -379,6 +393,7 @@ class EarlyBegins:
 
     def _abort(self, early: _Early, reason: str) -> None:
         assert early.vtpcm_id is not None
+        self._remember_abort(early.vtpcm_id)
         LOG.info("vTPCM early begin %(mig)s of instance %(i)s to %(dest)s aborted: "
                  "%(reason)s", {"mig": early.vtpcm_id, "i": early.instance_uuid,
                                 "dest": early.dest, "reason": reason})
@@ -394,6 +409,14 @@ class EarlyBegins:
                 # them, a later choice looks them up again
                 if early.nova_id is not None and early.nova_id not in self._ids:
                     self._used.pop(early.nova_id, None)
+
+
+    def _remember_abort(self, vtpcm_id: str) -> None:
+        with self._lock:
+            self._aborted[vtpcm_id] = None
+            self._aborted.move_to_end(vtpcm_id)
+            while len(self._aborted) > ABORTED_REMEMBERED:
+                self._aborted.popitem(last=False)
 
 
 def _left(deadline: float) -> float:

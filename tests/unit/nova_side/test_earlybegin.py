@@ -339,3 +339,22 @@ def test_one_choice_of_an_id_per_nova_migration_at_a_time() -> None:
     release.set()
     first.join(10)
     assert early._choose(INSTANCE, NOVA, "dst", wait=1) == earlybegin.attempt_id(NOVA, "dst", 1)
+
+
+def test_an_id_whose_abort_was_sent_from_here_is_never_taken_over() -> None:
+    """An abort that failed or timed out here may still be carried out at the
+    engine later (a queued RPC), so its id must never be taken over by
+    live_migration's lookup, PREPARED as the engine may still answer: libvirt
+    would run on a destination vTPCM the late abort destroys (review round 2
+    of the early begin, the edge left out)."""
+    engine, nova = FakeEngine(), _Nova()
+    engine.fail["abort"] = [exception.MigrationError(migration_id=NOVA, reason="timed out")
+                            for _ in range(10)]
+    early = _early(engine, nova, timeout=0.2)
+    early.start(INSTANCE, "dst")
+    daemons.wait_for("abort sent", lambda: "abort" in engine.methods(), timeout=10)
+    time.sleep(0.3)  # the abort's retries end; the engine still says PREPARED
+    assert _state(engine, NOVA) == "PREPARED"  # control: the lookup would find it
+    chosen = early.join(INSTANCE, NOVA, "dst", timeout=5)
+    assert chosen != NOVA
+    assert chosen == earlybegin.attempt_id(NOVA, "dst", 1)
