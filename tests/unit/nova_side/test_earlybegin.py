@@ -90,15 +90,21 @@ def test_no_early_begin_when_the_timeout_is_zero() -> None:
     assert engine.methods() == ["get_migration"]  # unknown: Nova's uuid is free
 
 
-def test_join_waits_for_an_early_begin_still_running() -> None:
-    engine, nova = FakeEngine(), _Nova()
+def _held_begins(engine: FakeEngine) -> threading.Event:
+    """The engine's begins wait (at most 10 s) until the returned event is set."""
     release = threading.Event()
     inner = engine.begin
 
-    def slow_begin(*args: str) -> object:
+    def held_begin(*args: str) -> object:
         release.wait(10)
         return inner(*args)
-    engine.begin = slow_begin  # type: ignore[method-assign,assignment]
+    engine.begin = held_begin  # type: ignore[method-assign,assignment]
+    return release
+
+
+def test_join_waits_for_an_early_begin_still_running() -> None:
+    engine, nova = FakeEngine(), _Nova()
+    release = _held_begins(engine)
     early = _early(engine, nova)
     early.start(INSTANCE, "dst")
     threading.Timer(0.2, release.set).start()
@@ -255,13 +261,7 @@ def test_after_a_restart_a_begin_prepared_for_another_host_is_aborted() -> None:
 def test_early_begins_beyond_the_bound_begin_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(earlybegin, "MAX_THREADS", 1)
     engine, nova = FakeEngine(), _Nova()
-    release = threading.Event()
-    inner = engine.begin
-
-    def slow_begin(*args: str) -> object:
-        release.wait(10)
-        return inner(*args)
-    engine.begin = slow_begin  # type: ignore[method-assign,assignment]
+    release = _held_begins(engine)
     early = _early(engine, nova)
     early.start(INSTANCE, "dst")
     early.start("00000000-0000-0000-0000-000000000002", "dst")  # no thread left
