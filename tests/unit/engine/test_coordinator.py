@@ -1008,6 +1008,59 @@ def test_a_commit_whose_step_fails_without_a_race_still_fails(env):
     assert coord.commit(mid).state == "COMMITTED"
 
 
+class ReconcileMidAbort(FakeAgents):
+    """Another engine worker's reconcile finishes the abort while this
+    worker's destroy of the destination's copy is on its way."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.other = other
+
+    def abort_incoming(self, host, context, only_if_unused=False):
+        super().abort_incoming(host, context, only_if_unused)
+        other, self.other = self.other, None
+        if other is not None:
+            assert other.reconcile() == 1
+
+
+def test_an_abort_raced_by_another_workers_reconcile_answers_aborted(env):
+    """Found in CI (tests/functional/engine/test_worker_leases.py, two
+    workers reconciling every second): an abort whose destroy another
+    worker's reconcile ran too answered "state changed concurrently
+    (expected ABORTING)" for an abort that went through."""
+    coord, db, _, trust, clock = env
+    other = Coordinator(db, FakeAgents(), trust, timeout=60, now=lambda: clock["now"])
+    raced = ReconcileMidAbort(other)
+    worker = Coordinator(db, raced, trust, timeout=60, now=lambda: clock["now"])
+    mid = str(uuid.uuid4())
+    assert worker.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    assert worker.abort(mid, "test done").state == "ABORTED"
+    assert raced.other is None  # the race happened
+    assert ("abort_outgoing", "host-a") in other.agents.calls
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.migration_id) == ("host-a", None)
+
+
+def test_an_abort_that_lost_to_a_commit_still_fails(env, monkeypatch):
+    """Positive control of the above: a commit that passed the commit
+    point between this abort's load and its compare-and-set is not the
+    abort's progress; the abort is refused and the commit stands."""
+    coord, db, _, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    real = coord._load
+
+    def load_then_commit(migration_id):
+        loaded = real(migration_id)
+        monkeypatch.setattr(coord, "_load", real)
+        coord.commit(migration_id)
+        return loaded
+    monkeypatch.setattr(coord, "_load", load_then_commit)
+    with pytest.raises(exception.MigrationError, match="state changed concurrently"):
+        coord.abort(mid, "too late")
+    assert db.get_migration(mid).state == "COMMITTED"
+
+
 def test_an_engine_dying_right_after_the_commit_point_leaves_it_audited(env, monkeypatch):
     """Found under load: the commit point's audit entry was written after
     the state change, in its own transaction; an engine killed between the
