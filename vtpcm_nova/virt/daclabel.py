@@ -16,8 +16,12 @@ Every backing file outside the instance's own directory is therefore
 written into the disk as a ``<backingStore>`` whose ``<source>`` carries
 ``<seclabel model='dac' relabel='no'/>``: libvirt leaves it root's, QEMU
 opens it read-only. A file two domains share with different labels (a
-multiattach volume) cannot work: refused. Pure XML and ``qemu-img``: no
-Nova, no libvirt.
+multiattach volume) cannot work: refused. With the option on, a guest
+WITHOUT a vTPCM gets its chain pinned the same way (``pin_domain``, no
+label): libvirt's dynamic ownership would hand ``_base`` to its QEMU user,
+writable by every unlabelled QEMU under the labelled guests; and a
+labelled guest refuses a backing file a QEMU may have written
+(``check_backing_owner``). Pure XML and ``qemu-img``: no Nova, no libvirt.
 """
 
 from __future__ import annotations
