@@ -377,10 +377,9 @@ def test_a_vms_qemu_uid_is_killed_and_swept_whatever_todays_ranges_say(tmp_path,
     still ran labelled, qemu_uid_for answered None and its Q was neither
     killed nor swept nor kept aside. Q comes from the recorded FIRSTs."""
     from vtpcm_agent.swtpm import uidprocs
-    touched: list[tuple[str, int]] = []
-    monkeypatch.setattr(uidprocs, "kill_all",
-                        lambda uid, timeout, own_dirs=(): touched.append(("kill", uid)))
-    monkeypatch.setattr(uidprocs, "sweep", lambda uid: touched.append(("sweep", uid)))
+    touched: list[tuple[int, ...]] = []
+    monkeypatch.setattr(uidprocs, "kill_and_sweep",
+                        lambda uids, timeout: touched.append(uids) or [])
     al = association.AssociationList(tmp_path / "a.sqlite")
     try:
         _manager(tmp_path, (1000, 1999), al, (5000, 5999))
@@ -389,7 +388,18 @@ def test_a_vms_qemu_uid_is_killed_and_swept_whatever_todays_ranges_say(tmp_path,
         assert agent.qemu_uid_for(u) == 5000
         assert agent.vm_ids("vm-A") is None  # no label handed out without the range
         agent._drop_own_files("vm-A")
-        assert touched == [("kill", 1000), ("sweep", 1000), ("kill", 5000), ("sweep", 5000)]
+        assert touched == [(1000, 5000)]  # killed and swept together
         assert al.uid_of("vm-A") is None
+        # a pair with leftovers is kept aside and swept again, Q with U
+        al.assign_uid("vm-B", 1000, 1999)
+
+        def leftover(uids: tuple[int, ...], timeout: float) -> list[str]:
+            touched.append(uids)
+            raise exception.SwtpmError(vtpcm_id="-", reason="a leftover")
+        monkeypatch.setattr(uidprocs, "kill_and_sweep", leftover)
+        agent._drop_own_files("vm-B")
+        assert al.kept_uids() == [("vm-B", 1001)]
+        assert agent.sweep_kept() == 1
+        assert touched[1:] == [(1001, 5001), (1001, 5001)]
     finally:
         al.close()
