@@ -140,7 +140,9 @@ class InstanceManager:
             try:
                 associations.check_range_firsts(
                     settings.swtpm_uids[0],
-                    None if settings.qemu_uids is None else settings.qemu_uids[0])
+                    None if settings.qemu_uids is None else settings.qemu_uids[0],
+                    swtpm_last=settings.swtpm_uids[1],
+                    qemu_last=None if settings.qemu_uids is None else settings.qemu_uids[1])
             except exception.InvalidInput as err:
                 LOG.error("Refusing to start: %s", err.message)
                 raise
@@ -731,14 +733,16 @@ class InstanceManager:
         return run_as
 
     def qemu_uid_for(self, swtpm_uid: int) -> int | None:
-        """The QEMU uid paired with ``swtpm_uid`` (None: no qemu_uid_range,
-        or a uid outside today's swtpm_uid_range)."""
-        if self.settings.qemu_uids is None or self.settings.swtpm_uids is None:
+        """The QEMU uid paired with ``swtpm_uid``, from the FIRSTs the uids
+        were given under (recorded at the agent's start, never moved once a
+        uid was given out), whatever today's ranges say: a VM still running
+        labelled after ``qemu_uid_range`` was unset keeps its QEMU uid
+        killed, swept and kept aside with its swtpm uid (review of the DAC
+        label round 3, LOW 3). None: no qemu FIRST was ever recorded."""
+        firsts = self.associations.range_firsts()
+        if firsts is None or firsts[1] is None or swtpm_uid < firsts[0]:
             return None
-        first, last = self.settings.swtpm_uids
-        if not first <= swtpm_uid <= last:
-            return None
-        return self.settings.qemu_uids[0] + (swtpm_uid - first)
+        return firsts[1] + (swtpm_uid - firsts[0])
 
     def _vm_uids(self, swtpm_uid: int) -> tuple[int, ...]:
         """A VM's swtpm uid and, if it has one, its QEMU uid: killed, swept

@@ -82,6 +82,7 @@ def test_guest_xml_gets_the_local_agents_ids_and_pinned_base(dac_conf, monkeypat
                         lambda *_a, **_k: NOVA_XML)
     monkeypatch.setattr(daclabel, "backing_chain", lambda path, fmt: [
         (path, "qcow2"), ("/i/_base/abc", "raw")])
+    monkeypatch.setattr(daclabel, "check_backing_owner", lambda name: None)
     agents = Agents(1900001003, 1900000003)
     xml = _driver(agents)._get_guest_xml(None, _instance(), None, None, None)
     assert agents.asked == [("cmp1", INSTANCE, True)]
@@ -101,12 +102,66 @@ def test_guest_xml_refused_when_the_agent_reports_root(dac_conf, monkeypatch):
         "root)" % INSTANCE)
 
 
+def _plain_instance() -> Any:
+    return types.SimpleNamespace(uuid=INSTANCE, flavor=types.SimpleNamespace(extra_specs={}))
+
+
+def test_a_guest_without_vtpcm_gets_its_base_pinned_with_the_option_on(dac_conf, monkeypatch):
+    """Review of the DAC label round 3, HIGH 1 (mixed_base.py): a guest of
+    a flavor without vtpcm:enabled got Nova's XML untouched, and libvirt
+    chowned the shared _base to its QEMU user for good, writable by every
+    unlabelled QEMU under the labelled guests reading it. Its chain is
+    pinned now, without a label and without asking the agent."""
+    nova_xml = NOVA_XML.replace("<tpm", "<!--").replace("</tpm>", "-->")
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
+                        lambda *_a, **_k: nova_xml)
+    monkeypatch.setattr(daclabel, "backing_chain", lambda path, fmt: [
+        (path, "qcow2"), ("/i/_base/abc", "raw")])
+    agents = Agents(0, 0)
+    xml = _driver(agents)._get_guest_xml(None, _plain_instance(), None, None, None)
+    assert agents.asked == []
+    dom = ET.fromstring(xml)
+    assert dom.find("seclabel") is None
+    store = dom.find("devices/disk/backingStore")
+    assert store.find("source").get("file") == "/i/_base/abc"
+    assert store.find("source/seclabel").attrib == {"model": "dac", "relabel": "no"}
+
+
+def test_a_labelled_guest_over_a_base_a_qemu_may_have_written_is_refused(
+        dac_conf, monkeypatch, tmp_path):
+    """Round 3, HIGH 1 (b): a base chowned (or made writable) before the
+    option was on is refused at the labelled guest's spawn, by name."""
+    base = tmp_path / "base"
+    base.write_bytes(b"x")
+    base.chmod(0o666)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
+                        lambda *_a, **_k: NOVA_XML)
+    monkeypatch.setattr(daclabel, "backing_chain", lambda path, fmt: [
+        (path, "qcow2"), (str(base), "raw")])
+    drv = _driver(Agents(1900001003, 1900000003))
+    with pytest.raises(vdriver.VTPCMFault) as err:
+        drv._get_guest_xml(None, _instance(), None, None, None)
+    assert str(err.value).startswith("vTPCM: Invalid input: backing file %s is owned by "
+                                     "uid " % base)
+    assert str(err.value).endswith("with mode 0666: a QEMU may have written it (libvirt "
+                                   "hands a guest's backing files to its QEMU user unless "
+                                   "they are pinned, as [vtpcm] qemu_dac_label pins them); "
+                                   "a guest with a per-VM QEMU label reads it only once it "
+                                   "is root's and writable by its owner alone: check it, "
+                                   "then chown root:root and chmod 0644 it")
+    base.chmod(0o644)
+    assert "+1900001003:+1900000003" in drv._get_guest_xml(None, _instance(), None, None,
+                                                            None)
+
+
 def test_option_off_leaves_novas_xml_alone(monkeypatch):
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
                         lambda *_a, **_k: NOVA_XML)
     compute_conf.register_opts(vdriver.CONF)
     agents = Agents(0, 0)
     assert _driver(agents)._get_guest_xml(None, _instance(), None, None, None) == NOVA_XML
+    assert _driver(agents)._get_guest_xml(None, _plain_instance(), None, None,
+                                          None) == NOVA_XML
     assert agents.asked == []
 
 
@@ -430,19 +485,33 @@ class _Inst(types.SimpleNamespace):
         return getattr(self, key, default)
 
 
-@pytest.mark.parametrize("power, path", [("RUNNING", "refused"), ("SHUTDOWN", "cold")])
+@pytest.mark.parametrize("vtpcm, option, power, path", [
+    (True, True, "RUNNING", "refused"), (True, True, "SHUTDOWN", "cold"),
+    (False, True, "RUNNING", "saved"), (False, True, "PAUSED", "saved"),
+    (False, True, "SHUTDOWN", "cold"), (False, False, "RUNNING", "live")])
 def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
-        dac_conf, monkeypatch, tmp_path, power, path):
+        dac_conf, monkeypatch, tmp_path, vtpcm, option, power, path):
     """HIGH 1 through Nova's real ``snapshot``: a running labelled guest's
     snapshot fails with our fault before the live path (libvirt's block
     copy, which chowned _base) runs; a stopped one is extracted cold by
-    qemu-img and uploaded, the block copy never called either."""
+    qemu-img and uploaded, the block copy never called either.
+
+    Round 3, HIGH 1 (a2): a running guest WITHOUT a vTPCM on a host with
+    the option is snapshotted cold, Nova's own cold steps where its live
+    path runs (managed save, qemu-img extract, restore), never the block
+    copy that handed _base to libvirt's QEMU user; with the option off it
+    keeps Nova's live snapshot."""
     from nova.compute import power_state
     from nova.virt.libvirt import utils as libvirt_utils
 
     steps: list[str] = []
-    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_live_snapshot",
-                        lambda self, *a, **k: steps.append("block copy"))
+
+    def block_copy(self: Any, ctx: Any, inst: Any, guest: Any, disk: str, out: str,
+                   *a: Any) -> None:
+        steps.append("block copy")
+        with open(out, "wb") as image:
+            image.write(b"live")
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_live_snapshot", block_copy)
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_create_snapshot_metadata",
                         lambda self, *a: {})
     monkeypatch.setattr(libvirt_utils, "find_disk", lambda guest: ("/i/x/disk", "qcow2"))
@@ -464,9 +533,18 @@ def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
             with open(out_path, "wb") as out:
                 out.write(b"image")
 
+    dac_conf.set_override("qemu_dac_label", option, group="vtpcm")
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "suspend",
+                        lambda self, ctx, inst: steps.append("managed save"))
+    for name in ("_attach_pci_devices", "_attach_direct_passthrough_ports"):
+        monkeypatch.setattr(libvirt_driver.LibvirtDriver, name, lambda self, *a: None)
     guest = types.SimpleNamespace(
-        get_power_state=lambda host: getattr(power_state, power))
+        get_power_state=lambda host: getattr(power_state, power),
+        launch=lambda pause: steps.append("restore%s" % (" paused" if pause else "")),
+        get_xml_desc=lambda *a, **k: NOVA_XML)
     drv = _driver(Agents(1900001003, 1900000003))
+    drv.cpu_api = types.SimpleNamespace(  # type: ignore[attr-defined]
+        power_up_for_instance=lambda inst: None)
     drv._host = types.SimpleNamespace(get_guest=lambda inst: guest,  # type: ignore[assignment]
                                       has_min_version=lambda *a, **k: True)
     drv._image_api = types.SimpleNamespace(  # type: ignore[assignment]
@@ -475,8 +553,9 @@ def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
             "upload %s" % (data.read() if data else b"")))
     drv.image_backend = types.SimpleNamespace(  # type: ignore[assignment]
         by_libvirt_path=lambda inst, disk, image_type=None: RootDisk())
-    instance = _Inst(uuid=INSTANCE, flavor=_instance().flavor, image_meta=None,
-                     image_ref="img")
+    instance = _Inst(uuid=INSTANCE, image_meta=None, image_ref="img",
+                     flavor=(_instance() if vtpcm else _plain_instance()).flavor,
+                     get_pci_devices=lambda source=None: [])
     try:
         if path == "refused":
             with pytest.raises(vdriver.VTPCMFault) as err:
@@ -485,6 +564,11 @@ def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
             assert steps == []
         else:
             drv.snapshot(None, instance, "image-1", lambda **k: None)
-            assert steps == ["qemu-img extract", "upload b'image'"]
+            assert steps == {
+                "cold": ["qemu-img extract", "upload b'image'"],
+                "saved": ["managed save", "qemu-img extract",
+                          "restore paused" if power == "PAUSED" else "restore",
+                          "upload b'image'"],
+                "live": ["block copy", "upload b'live'"]}[path]
     finally:
         vdriver.CONF.clear_override("snapshots_directory", group="libvirt")

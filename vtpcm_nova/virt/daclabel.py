@@ -16,8 +16,12 @@ Every backing file outside the instance's own directory is therefore
 written into the disk as a ``<backingStore>`` whose ``<source>`` carries
 ``<seclabel model='dac' relabel='no'/>``: libvirt leaves it root's, QEMU
 opens it read-only. A file two domains share with different labels (a
-multiattach volume) cannot work: refused. Pure XML and ``qemu-img``: no
-Nova, no libvirt.
+multiattach volume) cannot work: refused. With the option on, a guest
+WITHOUT a vTPCM gets its chain pinned the same way (``pin_domain``, no
+label): libvirt's dynamic ownership would hand ``_base`` to its QEMU user,
+writable by every unlabelled QEMU under the labelled guests; and a
+labelled guest refuses a backing file a QEMU may have written
+(``check_backing_owner``). Pure XML and ``qemu-img``: no Nova, no libvirt.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import dataclasses
 import io
 import json
 import os
+import stat
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -242,21 +247,50 @@ def _within(path: str, directory: str) -> bool:
     return os.path.commonpath([real, top]) == top
 
 
-def _backing_store(chain: Chain, instance_dir: str) -> ET.Element:
+def check_backing_owner(name: str) -> None:
+    """A backing file a labelled guest reads must be writable by no QEMU:
+    owned by root (or by nova-compute's own user, which writes ``_base``)
+    and writable by its owner only. One libvirt chowned to its QEMU user
+    before ``qemu_dac_label`` was on (an unlabelled guest, a live snapshot)
+    is writable by every unlabelled QEMU on the host (review of the DAC
+    label round 3, HIGH 1): refused, naming the file and the fix."""
+    try:
+        st = os.stat(name)
+    except OSError as err:
+        raise exception.InvalidInput(
+            reason="backing file %s: %s" % (name, err.strerror)) from None
+    owners = {0, os.geteuid()}
+    if st.st_uid not in owners or st.st_mode & 0o022:
+        raise exception.InvalidInput(
+            reason="backing file %s is owned by uid %d with mode %04o: a QEMU may have "
+                   "written it (libvirt hands a guest's backing files to its QEMU user "
+                   "unless they are pinned, as [vtpcm] qemu_dac_label pins them); a guest "
+                   "with a per-VM QEMU label reads it only once it is root's and "
+                   "writable by its owner alone: check it, then chown root:root and chmod "
+                   "0644 it" % (name, st.st_uid, stat.S_IMODE(st.st_mode)))
+
+
+def _backing_store(chain: Chain, instance_dir: str, labelled: bool = True) -> ET.Element:
     """Nested ``<backingStore>`` for ``chain`` (backing files only), each
     file pinned (never relabelled), ended by an empty ``<backingStore/>``:
     libvirt takes the chain as given. A backing file inside
     ``instance_dir`` is refused: Nova never puts one there, so it comes
     from a header the VM's QEMU rewrote, naming e.g. ``disk.info`` to have
-    libvirt chown it to the VM (review of dacbuild round 2, LOW 4)."""
+    libvirt chown it to the VM (review of dacbuild round 2, LOW 4).
+    ``labelled``: each file must also be root's and not group- or
+    other-writable (``check_backing_owner``)."""
     top = ET.Element("backingStore")
     node = top
     for name, fmt in chain:
         if _within(name, instance_dir):
             raise exception.InvalidInput(
                 reason="backing file %s is inside the instance's directory %s; Nova never "
-                       "puts one there, a guest with a per-VM QEMU label ([vtpcm] "
-                       "qemu_dac_label) is refused it" % (name, instance_dir))
+                       "puts one there, %s is refused it" % (
+                           name, instance_dir,
+                           "a guest with a per-VM QEMU label ([vtpcm] qemu_dac_label)"
+                           if labelled else "a guest on a host with [vtpcm] qemu_dac_label"))
+        if labelled:
+            check_backing_owner(name)
         node.set("type", "file")
         ET.SubElement(node, "format", type=fmt)
         source = ET.SubElement(node, "source", file=name)
@@ -283,27 +317,49 @@ def _set_label(dom: ET.Element, ids: VMIds) -> None:
     ET.SubElement(seclabel, "label").text = ids.label
 
 
-def label_domain(domain_xml: str, ids: VMIds, instance_dir: str, instance_uuid: str,
-                 chain_of: Callable[[str, str], Chain] | None = None) -> str:
-    """The guest's XML with its DAC label, every file disk's backing chain
-    written out and pinned; refused if a disk is shareable (multiattach) or
-    has a backing file inside ``instance_dir``."""
-    read_chain = chain_of or backing_chain
-    dom = _parse(domain_xml)
-    _refuse_shared(dom, instance_uuid)
+def _pin_chains(dom: ET.Element, instance_dir: str,
+                read_chain: Callable[[str, str], Chain], labelled: bool) -> None:
+    """Every file disk's backing chain written out and pinned."""
     for disk in dom.findall("devices/disk[@type='file']"):
         source = disk.find("source")
         path = source.get("file") if source is not None else None
         if not path or disk.find("backingStore") is not None:
             continue
         driver = disk.find("driver")
-        chain = read_chain(path, driver.get("type", "") if driver is not None else "")[1:]
+        fmt = driver.get("type", "") if driver is not None else ""
+        if not labelled and fmt not in FORMATS:
+            continue  # no chain this module reads; never one over Nova's _base
+        chain = read_chain(path, fmt)[1:]
         if not chain:
             continue
-        store = _backing_store(chain, instance_dir)
+        store = _backing_store(chain, instance_dir, labelled)
         # right after <source>, where libvirt writes it
         disk.insert(list(disk).index(source) + 1, store)  # type: ignore[arg-type]
+
+
+def label_domain(domain_xml: str, ids: VMIds, instance_dir: str, instance_uuid: str,
+                 chain_of: Callable[[str, str], Chain] | None = None) -> str:
+    """The guest's XML with its DAC label, every file disk's backing chain
+    written out and pinned; refused if a disk is shareable (multiattach),
+    has a backing file inside ``instance_dir``, or one a QEMU may have
+    written (``check_backing_owner``)."""
+    dom = _parse(domain_xml)
+    _refuse_shared(dom, instance_uuid)
+    _pin_chains(dom, instance_dir, chain_of or backing_chain, labelled=True)
     _set_label(dom, ids)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def pin_domain(domain_xml: str, instance_dir: str,
+               chain_of: Callable[[str, str], Chain] | None = None) -> str:
+    """A guest WITHOUT a label (no vTPCM) on a host with ``qemu_dac_label``:
+    its disks' backing chains pinned as a labelled guest's are, nothing else
+    changed. libvirt would otherwise chown the shared ``_base`` to its QEMU
+    user for good, and every unlabelled QEMU could then write the file the
+    labelled guests read (review of the DAC label round 3, HIGH 1). An
+    unlabelled QEMU reads a root-owned 0644 backing file as it is."""
+    dom = _parse(domain_xml)
+    _pin_chains(dom, instance_dir, chain_of or backing_chain, labelled=False)
     return ET.tostring(dom, encoding="unicode")
 
 

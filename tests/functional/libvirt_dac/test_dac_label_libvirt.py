@@ -366,3 +366,52 @@ def test_live_migration_runs_the_qemu_as_the_destination_agents_ids(guest_image)
             dst_tpm.close()
         standin.cleanup()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_unlabelled_guest_beside_a_labelled_one_leaves_the_base_roots(guest_image):
+    """Review of the DAC label round 3, HIGH 1 (mixed_base.py): a guest
+    without a vTPCM (Nova's XML, libvirt's dynamic ownership) on the host
+    of a labelled one had libvirt chown the shared _base to its QEMU user
+    for good: every unlabelled QEMU could write what the labelled guest
+    reads. With the option on its XML goes through ``daclabel.pin_domain``
+    (what ``_get_guest_xml`` does for it): the base stays root's 0644 with
+    both running, and through the unlabelled guest's managed save and
+    restore (the cold snapshot Nova's snapshot takes for it then)."""
+    _need("virsh", "qemu-img", "qemu-system-x86_64", "unshare", "swtpm")
+    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="vtpcm-dac-"))  # noqa: S108
+    os.chmod(base, 0o711)  # noqa: S103
+    daemon = Libvirtd(base / "libvirtd")
+    names = {v: "vtpcm-dac-%s-%s" % (v, uuid.uuid4().hex[:8]) for v in "LN"}
+    vms = {v: str(uuid.uuid4()) for v in "LN"}
+    qemus: list[int] = []
+    agent = _agent(base, "dac-host", SWTPM_UIDS, QEMU_UIDS)
+    try:
+        layout = Layout(base, guest_image)
+        daemon.start()
+        _start_guest(daemon, agent, names["L"], layout.instance(vms["L"]), vms["L"], qemus)
+        inst_dir = layout.instance(vms["N"])
+        xml_path = base / "N.xml"
+        xml_path.write_text(daclabel.pin_domain(_nova_like_domain(names["N"], inst_dir),
+                                                str(inst_dir)))
+        for step in (("define", str(xml_path)), ("start", names["N"])):
+            done = daemon.virsh(*step)
+            assert done.returncode == 0, done.stderr
+        pid = qemu_pid(names["N"])
+        assert pid is not None
+        qemus.append(pid)
+        # libvirt's own QEMU user (dynamic ownership), not a per-VM one
+        qemu_user = _ids_of(pid)[0][0]
+        assert int(qemu_user) not in range(QEMU_UIDS[0], QEMU_UIDS[1] + 1)
+        overlay = (inst_dir / "disk").stat()
+        assert str(overlay.st_uid) == qemu_user  # its own overlay is its QEMU's
+        assert layout.base_owner_mode() == (0, 0, 0o644)
+        for step in (("managedsave", names["N"]), ("start", names["N"])):
+            done = daemon.virsh(*step)
+            assert done.returncode == 0, done.stderr
+        pid = qemu_pid(names["N"])
+        assert pid is not None
+        qemus.append(pid)
+        assert layout.base_owner_mode() == (0, 0, 0o644)
+    finally:
+        _cleanup([daemon], list(names.values()), qemus, [agent])
+        shutil.rmtree(base, ignore_errors=True)

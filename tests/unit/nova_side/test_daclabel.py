@@ -42,6 +42,16 @@ def _chains(**chains: list[tuple[str, str]]):
     return chain_of
 
 
+@pytest.fixture(autouse=True)
+def _backing_files_are_roots(monkeypatch):
+    """The chains here are made up: their files are taken as root's 0644
+    (the check itself is tested on real files below)."""
+    monkeypatch.setattr(daclabel, "check_backing_owner", lambda name: None)
+
+
+REAL_OWNER_CHECK = daclabel.check_backing_owner
+
+
 # --- ranges and the agent's ids ------------------------------------------------------
 
 def test_ranges_are_required_without_root_and_apart():
@@ -187,6 +197,92 @@ def test_a_multiattach_volume_is_refused():
                  "disk with another VM (libvirt refuses a second label on it)" % INSTANCE):
         daclabel.label_domain(xml, IDS, IDIR, INSTANCE,
                               _chains(disk=[(IDIR + "/disk", "qcow2")]))
+
+
+def test_an_unlabelled_guest_gets_its_chain_pinned_and_nothing_else():
+    """Review of the DAC label round 3, HIGH 1 (mixed_base.py): a guest
+    without a vTPCM, its chain left to libvirt, had the shared _base chowned
+    to libvirt's QEMU user for good, writable by every unlabelled QEMU under
+    the labelled guests reading it. With the option on, its chain is pinned
+    as a labelled guest's; no label, a shareable disk kept, a format with no
+    chain read left alone."""
+    disks = (_disk(IDIR + "/disk") + _disk("/dev/sdx", "vdb", "<shareable/>")
+             + _disk(IDIR + "/disk.ploop", "vdc").replace("'qcow2'", "'ploop'"))
+    read: list[str] = []
+
+    def chain_of(path: str, fmt: str) -> daclabel.Chain:
+        read.append(path)
+        return {"disk": [(path, "qcow2"), (BASE, "raw")]}.get(Path(path).name, [(path, fmt)])
+    out = ET.fromstring(daclabel.pin_domain(_domain(disks), IDIR, chain_of))
+    assert out.findall("seclabel") == []
+    vda, vdb, vdc = out.findall("devices/disk")
+    assert [c.tag for c in vda] == ["driver", "source", "backingStore", "target"]
+    assert vda.find("backingStore/source").get("file") == BASE
+    assert vda.find("backingStore/source/seclabel").attrib == {"model": "dac",
+                                                               "relabel": "no"}
+    assert vdb.find("backingStore") is None and vdc.find("backingStore") is None
+    assert read == [IDIR + "/disk", "/dev/sdx"]
+    # a header naming a file of the instance's directory is refused as well
+    with refused(exception.InvalidInput, "Invalid input: backing file %s/disk.info is inside "
+                 "the instance's directory %s; Nova never puts one there, a guest on a host "
+                 "with [vtpcm] qemu_dac_label is refused it" % (IDIR, IDIR)):
+        daclabel.pin_domain(_domain(_disk(IDIR + "/disk")), IDIR, _chains(
+            disk=[(IDIR + "/disk", "qcow2"), (IDIR + "/disk.info", "raw")]))
+
+
+def test_an_unlabelled_guests_chain_is_pinned_whoever_owns_it(monkeypatch):
+    """An unlabelled QEMU reading a base libvirt chowned before is no new
+    exposure: its spawn is not refused for it, a labelled guest's is."""
+    checked: list[str] = []
+    monkeypatch.setattr(daclabel, "check_backing_owner", checked.append)
+    chains = _chains(disk=[(IDIR + "/disk", "qcow2"), (BASE, "raw")])
+    daclabel.pin_domain(_domain(_disk(IDIR + "/disk")), IDIR, chains)
+    assert checked == []
+    daclabel.label_domain(_domain(_disk(IDIR + "/disk")), IDS, IDIR, INSTANCE, chains)
+    assert checked == [BASE]
+
+
+@pytest.mark.parametrize("owner, mode, bad", [
+    (0, 0o644, False), (0, 0o444, False), ("self", 0o644, False), ("self", 0o600, False),
+    (0, 0o664, True), (0, 0o646, True), (64055, 0o644, True), (1900001003, 0o600, True)])
+def test_a_labelled_guests_backing_file_a_qemu_may_have_written_is_refused(
+        tmp_path, monkeypatch, owner, mode, bad):
+    """Round 3, HIGH 1 (b): a base libvirt chowned to its QEMU user before
+    the option was on (or made group/other-writable) is refused at a
+    labelled guest's spawn, naming the file and the fix."""
+    import os
+    import stat as stat_mod
+    base = tmp_path / "base"
+    base.write_bytes(b"x")
+    uid = os.geteuid() if owner == "self" else owner
+    real_stat = os.stat
+
+    def fake_stat(name, *a, **k):
+        st = real_stat(name, *a, **k)
+        if str(name) != str(base):
+            return st
+        fields = list(st)
+        fields[stat_mod.ST_UID] = uid
+        fields[stat_mod.ST_MODE] = stat_mod.S_IFREG | mode
+        return os.stat_result(fields)
+    monkeypatch.setattr(daclabel.os, "stat", fake_stat)
+    if not bad:
+        REAL_OWNER_CHECK(str(base))
+        return
+    with refused(exception.InvalidInput,
+                 "Invalid input: backing file %s is owned by uid %d with mode %04o: a QEMU "
+                 "may have written it (libvirt hands a guest's backing files to its QEMU user "
+                 "unless they are pinned, as [vtpcm] qemu_dac_label pins them); a guest with "
+                 "a per-VM QEMU label reads it only once it is root's and writable by its "
+                 "owner alone: check it, then chown root:root and chmod 0644 it"
+                 % (base, uid, mode)):
+        REAL_OWNER_CHECK(str(base))
+
+
+def test_a_missing_backing_file_is_refused_by_name(tmp_path):
+    with refused(exception.InvalidInput, "Invalid input: backing file %s/gone: No such file "
+                 "or directory" % tmp_path):
+        REAL_OWNER_CHECK(str(tmp_path / "gone"))
 
 
 # --- qemu-img's chain ---------------------------------------------------------------
