@@ -579,8 +579,16 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
             rec = self.dep.operator.get_vtpcm(instance)
             self.assertEqual((a, 0, None), (rec.host, rec.generation, rec.migration_id))
             self.assertIsNone(self.dep.vtpcm_on(b, instance))
-            mig = self.dep.operator.get_migration(self._migrations(instance)[0]["uuid"])
+            nova_id = self._migrations(instance)[0]["uuid"]
+            mig = self.dep.operator.get_migration(nova_id)
             self.assertEqual("REFUSED", mig.state)
+            # the early begin under Nova's uuid and live_migration's under
+            # the next one were refused, each aborted by begin itself (and
+            # the second by the rollback): never taken over by this host
+            retried = earlybegin.attempt_id(nova_id, b, 1)
+            self.assertEqual("REFUSED", self.dep.operator.get_migration(retried).state)
+            self.assertEqual([nova_id, retried],
+                             list(self.computes[a].driver._early._aborted))
             # a revoked host no longer reports the trait
             self.computes[b].manager.update_available_resource(
                 nova_context.get_admin_context())

@@ -472,8 +472,10 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                 livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid,
                                     self.vtpcm_host, dest)
         except exception.VTPCMException as err:
-            # begin aborted itself; Nova must roll back, not mark the
-            # instance ERROR (which an exception from here would do)
+            # begin aborted itself (or tried to): never taken over again
+            # here; Nova must roll back, not mark the instance ERROR (which
+            # an exception from here would do)
+            self._early.remember_abort(migration_id)
             LOG.error("vTPCM begin of migration %(mig)s failed, rolling back: %(err)s",
                       {"mig": migration_id, "err": err}, instance=instance)
             recover_method(context, instance, dest, migrate_data)
@@ -566,6 +568,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         the engine's reconcile finishes an abort that did not get through."""
         try:
             migration_id = self._early.migration_id(_migration_id(migrate_data))
+            self._early.remember_abort(migration_id)  # never taken over again here
             livemigration.abort(self.vtpcm_engine, migration_id, reason,
                                 instance_uuid=instance.uuid)
         except (exception.VTPCMException, nova_exception.MigrationError) as err:
