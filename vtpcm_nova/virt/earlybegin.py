@@ -342,7 +342,7 @@ class EarlyBegins:
         to take. ``abandoned`` is a backstop on top of that."""
         deadline = time.monotonic() + self._timeout()
         while True:
-            early.wake.wait(self._poll)
+            early.wake.wait(min(self._poll, _left(deadline)))
             if early.joined:
                 # join decides at once: this begin answered
                 early.decided.wait(self._wait_previous())
@@ -353,15 +353,9 @@ class EarlyBegins:
             if reason == "":
                 return  # taken over
             if reason is None:
-                assert early.nova_id is not None
-                try:
-                    status = self._status(early.nova_id)
-                except Exception as err:
-                    LOG.debug("Nova migration %(nova)s unreadable: %(err)s",
-                              {"nova": early.nova_id, "err": err})
-                    status = None
+                status = self._read_status(early, deadline)
                 if status not in TERMINAL:
-                    continue
+                    continue  # a read cut short by the deadline: given up at once
                 with self._lock:
                     if early.joined:
                         continue  # live_migration came meanwhile: join decides
@@ -369,6 +363,36 @@ class EarlyBegins:
                     self._give_up(early)
             self._abort(early, reason)
             return
+
+    def _read_status(self, early: _Early, deadline: float) -> str | None:
+        """Nova's status of the early begin's migration, None if unreadable
+        or not read by ``deadline``: a conductor read takes up to
+        ``rpc_response_timeout``, which must not keep the begin PREPARED past
+        ``early_begin_timeout``. The read runs in a thread of its own, left
+        to end by itself if late (one at a time per early begin: the next
+        read starts only after this one ended or the watchdog gave up)."""
+        nova_id = early.nova_id
+        assert nova_id is not None
+        answer: list[str | None] = []
+        read = threading.Event()
+
+        def status() -> None:
+            try:
+                answer.append(self._status(nova_id))
+            except Exception as err:
+                LOG.debug("Nova migration %(nova)s unreadable: %(err)s",
+                          {"nova": nova_id, "err": err})
+            finally:
+                read.set()
+        try:
+            threading.Thread(target=status, daemon=True,
+                             name="vtpcm-early-status-%s" % early.instance_uuid).start()
+        except RuntimeError as err:  # no thread left: the deadline still holds
+            LOG.debug("Nova migration %(nova)s not read: %(err)s",
+                      {"nova": nova_id, "err": err})
+            return None
+        read.wait(_left(deadline))
+        return answer[0] if answer else None
 
     def _reason(self, early: _Early, deadline: float) -> str | None:
         """Why to give the early begin up ("" when taken, None: not yet);

@@ -422,6 +422,28 @@ def test_the_next_id_is_chosen_in_one_critical_section_with_the_test_for_it() ->
     assert chosen == earlybegin.attempt_id(NOVA, "dst", 2), chosen
 
 
+def test_a_slow_status_read_never_keeps_the_begin_past_the_timeout() -> None:
+    """Review round 3, L1: Nova's status read (a conductor call, up to
+    rpc_response_timeout) is not waited for past [vtpcm]
+    early_begin_timeout: the begin nobody takes over is aborted on time."""
+    engine = FakeEngine()
+    reads: list[float] = []
+
+    def slow_status(nova_id: str) -> str:
+        reads.append(time.monotonic())
+        time.sleep(2.0)  # the conductor is slow
+        return "accepted"
+    early = earlybegin.EarlyBegins(lambda: engine, lambda: "src", _Nova().find, slow_status,
+                                   lambda: 0.3, poll=0.02, wait_previous=lambda: 10.0)
+    early.start(INSTANCE, "dst")
+    daemons.wait_for("prepared", lambda: _state(engine, NOVA) == "PREPARED", timeout=10)
+    prepared = time.monotonic()
+    daemons.wait_for("abort", lambda: _state(engine, NOVA) == "ABORTED", timeout=10)
+    late = time.monotonic() - prepared
+    assert reads  # control: a read was under way
+    assert late < 0.3 + 0.5, "PREPARED %.1f s, with a timeout of 0.3 s" % late
+
+
 def test_the_id_of_a_failed_early_begin_is_never_taken_over() -> None:
     """A begin that failed (its answer lost: the engine may hold it
     PREPARED) was aborted by begin itself, maybe in vain: remembered like
