@@ -740,6 +740,13 @@ class InstanceManager:
             return None
         return self.settings.qemu_uids[0] + (swtpm_uid - first)
 
+    def _vm_uids(self, swtpm_uid: int) -> tuple[int, ...]:
+        """A VM's swtpm uid and, if it has one, its QEMU uid: killed, swept
+        and kept aside together (a QEMU that escaped and hid must not meet
+        the next VM's, and the pair is never given out again)."""
+        qemu = self.qemu_uid_for(swtpm_uid)
+        return (swtpm_uid,) if qemu is None else (swtpm_uid, qemu)
+
     def vm_ids(self, instance_uuid: str) -> tuple[int, int] | None:
         """(QEMU uid, VM gid) of an instance whose swtpm has its own uid
         here: the label its QEMU must run with to reach its 0660 U:U
@@ -768,18 +775,13 @@ class InstanceManager:
         if self.settings.swtpm_uids is None:
             return
         uid = self.associations.uid_of(instance_uuid)
-        # the VM's QEMU uid goes with its swtpm uid: killed, swept and kept
-        # aside with it (a QEMU that escaped and hid must not meet the next
-        # VM's, and the pair is never given out again)
-        qemu = self.qemu_uid_for(uid) if uid is not None else None
+        # the VM's QEMU uid goes with its swtpm uid (``_vm_uids``)
         kept: exception.SwtpmError | None = None
         if uid is not None:
-            for each in (uid,) if qemu is None else (uid, qemu):
-                try:
-                    uidprocs.kill_all(each, timeout=self.settings.timeout)
-                    uidprocs.sweep(each)
-                except exception.SwtpmError as exc:
-                    kept = kept or exc
+            try:
+                uidprocs.kill_and_sweep(self._vm_uids(uid), timeout=self.settings.timeout)
+            except exception.SwtpmError as exc:
+                kept = exc
         # the socket dir is this instance's own, never the uid's next
         # holder's: a tree the uid built there to make its removal fail
         # must not keep the uid forever (review round 2 of isofix, MEDIUM 3)
@@ -809,11 +811,8 @@ class InstanceManager:
             return 0
         still = []
         for instance_uuid, uid in self.associations.kept_uids():
-            qemu = self.qemu_uid_for(uid)
             try:
-                for each in (uid,) if qemu is None else (uid, qemu):
-                    uidprocs.kill_all(each, timeout=self.settings.timeout)
-                    uidprocs.sweep(each)
+                uidprocs.kill_and_sweep(self._vm_uids(uid), timeout=self.settings.timeout)
             except exception.SwtpmError as exc:
                 still.append(uid)
                 LOG.debug("swtpm uid %(uid)d stays kept: %(err)s",

@@ -21,7 +21,7 @@ from vtpcm_agent.association import AssociationList
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.instances import AgentSettings, InstanceManager
 from vtpcm_agent.watchdog import SwtpmWatchdog
-from vtpcm_common import authn, exception, rpc
+from vtpcm_common import authn, exception, idrange, rpc
 from vtpcm_common.api.agent import rpcapi
 from vtpcm_common.api.engine.rpcapi import EngineAPI
 from vtpcm_common.ratelimit import TokenBucket
@@ -62,27 +62,17 @@ def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
 SYSTEMD_RANGES = (("systemd-homed", 60001, 60513), ("systemd DynamicUser", 61184, 65519),
                   ("systemd container (nspawn --private-users)", 524288, 1879048191))
 SUBID_FILES = (Path("/etc/subuid"), Path("/etc/subgid"))
-UID_MAX = 4294967294  # 4294967295 is (uid_t)-1: "leave unchanged", i.e. root
 UID16_MINUS_ONE = 65535
 
 
 def uid_range(text: str, subid_files: tuple[Path, ...] = SUBID_FILES,
               option: str = "swtpm_uid_range") -> tuple[int, int] | None:
-    """``[agent] swtpm_uid_range`` (or ``option``) checked: FIRST-LAST,
-    above 0, and no account, group, subordinate id block (rootless
+    """``[agent] swtpm_uid_range`` (or ``option``) checked: FIRST-LAST
+    (``idrange.parse``), and no account, group, subordinate id block (rootless
     containers) or systemd range in it: its uids must belong to no one else."""
     if not text:
         return None
-    first, _, last = text.partition("-")
-    try:
-        low, high = int(first), int(last)
-    except ValueError:
-        raise exception.InvalidInput(
-            reason="[agent] %s %s: need FIRST-LAST, two numbers" % (option, text)) from None
-    if not 0 < low <= high <= UID_MAX:
-        raise exception.InvalidInput(
-            reason="[agent] %s %s: need 0 < FIRST <= LAST <= %d"
-            % (option, text, UID_MAX))
+    low, high = idrange.parse(text, "[agent] %s" % option)
     if low <= UID16_MINUS_ONE <= high:
         # (uid_t)-1 means "unchanged" to setresuid/fchown: a swtpm given it
         # would keep running as root; 65535 is the same on 16-bit uid calls

@@ -905,12 +905,21 @@ class Coordinator(ShelvingMixin):
                 return tomb
             proto, ctx, rec = self._load(migration_id)  # a begin wrote it meanwhile
             self._check_raced_abort(rec, instance_uuid, requested_by)
-        self._settle_deadline_abort(proto, ctx, rec)
-        try:
-            self._advance(proto, ctx, p.AbortRequested(reason))
-        except exception.MigrationError:
-            if not self._moved_on_to_undo(migration_id, proto.state):
-                raise
+        raced = False
+        for _ in range(len(p.PENDING_WORK)):
+            try:
+                # this abort's own word, whoever moved the migration: a
+                # deadline abort's destroy first, then IN_DOUBT -> DISCARDING
+                self._settle_deadline_abort(proto, ctx, rec)
+                self._advance(proto, ctx, p.AbortRequested(reason))
+            except exception.MigrationError:
+                if not self._moved_on_to_undo(migration_id, proto.state):
+                    raise
+                raced = True
+                proto, ctx, rec = self._load(migration_id)
+                continue
+            break
+        if raced:
             return self._finish_abort(migration_id)
         return self.db.get_migration(migration_id)
 
@@ -924,13 +933,16 @@ class Coordinator(ShelvingMixin):
 
     def _finish_abort(self, migration_id: str) -> db_api.MigrationRecord:
         """Run the steps left of an abort another worker's reconcile (or
-        a concurrent abort) took over, as reconcile would, until it ends
-        (ABORTED, or IN_DOUBT where only an operator moves on): the abort
-        is decided, so its caller gets the outcome, not "state changed
-        concurrently" (found in CI: two engine workers reconciling every
-        second raced an abort's destroy of the destination). A step that
-        fails without such progress still fails the call. Bounded: every
-        pass moves the migration one state on, or raises."""
+        a concurrent abort) took over, as reconcile would, until it ends:
+        the abort is decided, so its caller gets the outcome, not "state
+        changed concurrently" (found in CI: two engine workers reconciling
+        every second raced an abort's destroy of the destination). The
+        caller has applied its own AbortRequested to the state it reloaded
+        first, so an IN_DOUBT left by a racing deadline abort went on to
+        DISCARDING (review of the first fix: the explicit abort's word was
+        dropped at IN_DOUBT). A step that fails without such progress still
+        fails the call. Bounded: every pass moves the migration one state
+        on, or raises."""
         for _ in range(len(p.PENDING_WORK)):
             proto, ctx, rec = self._load(migration_id)
             if proto.state not in UNDOING_ABORT:

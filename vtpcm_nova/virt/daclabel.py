@@ -32,11 +32,10 @@ from collections.abc import Callable
 
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_common import exception, idrange
 
 LOG = logging.getLogger(__name__)
 
-UID_MAX = 4294967294  # (uid_t)-1 is "unchanged": root stays root
 FORMATS = ("raw", "qcow2")
 QEMU_IMG_TIMEOUT = 30.0
 MAX_CHAIN = 16  # backing files of one disk
@@ -69,17 +68,11 @@ class Ranges:
 
 
 def _range(text: str, option: str) -> tuple[int, int]:
-    first, sep, last = (text or "").partition("-")
-    if not sep or not first.isdigit() or not last.isdigit():
+    if not text:
         raise exception.InvalidInput(
-            reason="[vtpcm] %s %r: need FIRST-LAST (with [vtpcm] qemu_dac_label on)"
-                   % (option, text))
-    low, high = int(first), int(last)
-    if not 0 < low <= high <= UID_MAX:
-        raise exception.InvalidInput(
-            reason="[vtpcm] %s %s: need 0 < FIRST <= LAST <= %d (0 is root)"
-                   % (option, text, UID_MAX))
-    return low, high
+            reason="[vtpcm] %s '': need FIRST-LAST (with [vtpcm] qemu_dac_label on)"
+                   % option)
+    return idrange.parse(text, "[vtpcm] %s" % option)
 
 
 def ranges(qemu_uid_range: str, vm_gid_range: str) -> Ranges:

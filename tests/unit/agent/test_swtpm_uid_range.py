@@ -66,16 +66,26 @@ def test_the_shipped_defaults_are_safe():
 
 
 def test_words_are_refused():
-    with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range a-b: need "
-                 "FIRST-LAST, two numbers"):
+    with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range 'a-b': "
+                 "need FIRST-LAST, two numbers of the digits 0-9 (nothing else)"):
         service.uid_range("a-b")
 
+
+
+@pytest.mark.parametrize("text", [" 1900000000-1900000999", "1900000000-1_900_000_999",
+                                  "+1900000000-1900000999"])
+def test_what_int_takes_beside_digits_is_refused(text):
+    """Parsed by ``idrange.parse`` (shared with the compute side): int()
+    alone took spaces, underscores and a sign."""
+    with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range %r: need "
+                 "FIRST-LAST, two numbers of the digits 0-9 (nothing else)" % text):
+        service.uid_range(text, subid_files=())
 
 @pytest.mark.parametrize("text", ["0-10", "20-10"])
 def test_zero_or_reversed_is_refused(text):
     with refused(exception.InvalidInput,
-                 "Invalid input: [agent] swtpm_uid_range %s: need 0 < FIRST <= LAST "
-                 "<= 4294967294" % text):
+                 "Invalid input: [agent] swtpm_uid_range '%s': need 0 < FIRST <= LAST "
+                 "<= 4294967294 (0 is root)" % text):
         service.uid_range(text)
 
 
@@ -102,7 +112,7 @@ def test_uid_minus_one_is_refused():
     assert service.uid_range("4294967290-4294967294", subid_files=()) \
         == (4294967290, 4294967294)  # control: just below it
     with refused(exception.InvalidInput, "Invalid input: [agent] swtpm_uid_range "
-                 "4294967290-4294967295: need 0 < FIRST <= LAST <= 4294967294"):
+                 "'4294967290-4294967295': need 0 < FIRST <= LAST <= 4294967294 (0 is root)"):
         service.uid_range("4294967290-4294967295", subid_files=())
 
 
@@ -131,8 +141,8 @@ def test_qemu_uid_range_pairs_with_the_swtpm_range():
                  "1900000000-1900000999"):
         service.qemu_uid_range("1900000500-1900001499", swtpm, subid_files=())
     # checked as swtpm_uid_range is, named as itself
-    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range 0-999: "
-                 "need 0 < FIRST <= LAST <= 4294967294"):
+    with refused(exception.InvalidInput, "Invalid input: [agent] qemu_uid_range '0-999': "
+                 "need 0 < FIRST <= LAST <= 4294967294 (0 is root)"):
         service.qemu_uid_range("0-999", (1, 1000), subid_files=())
 
 

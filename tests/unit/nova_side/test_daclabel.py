@@ -49,7 +49,7 @@ def test_ranges_are_required_without_root_and_apart():
     with refused(exception.InvalidInput, "Invalid input: [vtpcm] qemu_uid_range '': need "
                  "FIRST-LAST (with [vtpcm] qemu_dac_label on)"):
         daclabel.ranges("", "1900000000-1900000999")
-    with refused(exception.InvalidInput, "Invalid input: [vtpcm] vm_gid_range 0-999: need "
+    with refused(exception.InvalidInput, "Invalid input: [vtpcm] vm_gid_range '0-999': need "
                  "0 < FIRST <= LAST <= 4294967294 (0 is root)"):
         daclabel.ranges("1900001000-1900001999", "0-999")
     with refused(exception.InvalidInput, "Invalid input: [vtpcm] qemu_uid_range "
@@ -60,6 +60,15 @@ def test_ranges_are_required_without_root_and_apart():
                  "same size (each QEMU uid pairs with the gid at its offset)"):
         daclabel.ranges("1900001000-1900001998", "1900000000-1900000999")
 
+
+
+@pytest.mark.parametrize("text", ["1\u00b2-5", " 1900001000-1900001999"])
+def test_a_range_not_of_ascii_digits_is_refused_by_name(text):
+    """Parsed by ``idrange.parse`` (shared with the agent): a superscript
+    digit passed str.isdigit() and then raised a bare ValueError."""
+    with refused(exception.InvalidInput, "Invalid input: [vtpcm] qemu_uid_range %r: need "
+                 "FIRST-LAST, two numbers of the digits 0-9 (nothing else)" % text):
+        daclabel.ranges(text, "1900000000-1900000999")
 
 def test_ids_inside_the_ranges_are_taken():
     assert daclabel.checked_ids(1900001003, 1900000003, RANGES, INSTANCE, "cmp1") == IDS
