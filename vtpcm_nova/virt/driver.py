@@ -433,17 +433,10 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         hint = _take_dest_hint(dest_check_data)
         result = super().check_can_live_migrate_source(context, instance, dest_check_data,
                                                        block_device_info)
-        if hint and vtpcm_spec(instance.flavor).enabled:
-            if _queued_behind(self.vtpcm_host, instance.uuid):
-                # it would wait in this host's queue with the destination's
-                # incoming vTPCM prepared (an evacuation: every instance):
-                # live_migration begins when its turn comes
-                LOG.info("vTPCM: live migrations from this host are at "
-                         "max_concurrent_live_migrations; no early begin",
-                         instance=instance)
-            else:
-                # the engine's begin, in the background: live_migration joins it
-                self._early.start(instance.uuid, hint)
+        if (hint and vtpcm_spec(instance.flavor).enabled
+                and _not_queued(self.vtpcm_host, instance)):
+            # the engine's begin, in the background: live_migration joins it
+            self._early.start(instance.uuid, hint)
         return result
 
     def check_source_migrate_data_at_dest(self, ctxt: Any, instance: Any,
@@ -501,8 +494,10 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                 livemigration.begin(self.vtpcm_engine, migration_id, instance.uuid,
                                     self.vtpcm_host, dest)
         except exception.VTPCMException as err:
-            # begin aborted itself; Nova must roll back, not mark the
-            # instance ERROR (which an exception from here would do)
+            # begin aborted itself (or tried to): never taken over again
+            # here; Nova must roll back, not mark the instance ERROR (which
+            # an exception from here would do)
+            self._early.remember_abort(migration_id)
             LOG.error("vTPCM begin of migration %(mig)s failed, rolling back: %(err)s",
                       {"mig": migration_id, "err": err}, instance=instance)
             recover_method(context, instance, dest, migrate_data)
@@ -595,6 +590,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         the engine's reconcile finishes an abort that did not get through."""
         try:
             migration_id = self._early.migration_id(_migration_id(migrate_data))
+            self._early.remember_abort(migration_id)  # never taken over again here
             livemigration.abort(self.vtpcm_engine, migration_id, reason,
                                 instance_uuid=instance.uuid)
         except (exception.VTPCMException, nova_exception.MigrationError) as err:
@@ -743,6 +739,27 @@ def _in_progress_migration(instance_uuid: str, source: str) -> str | None:
         sort_keys=["created_at", "id"], sort_dirs=["desc", "desc"], limit=1)
     uuids = [str(m.uuid) for m in migrations]
     return uuids[0] if uuids else None
+
+
+def _not_queued(source: str, instance: Any) -> bool:
+    """Whether the instance's live migration begins early: not when it
+    would wait in this host's queue with the destination's incoming vTPCM
+    prepared (an evacuation: every instance), nor when the queue cannot be
+    read (a conductor blip costs the early begin, not the migration);
+    ``live_migration`` begins then, when its turn comes."""
+    try:
+        queued = _queued_behind(source, instance.uuid)
+    except Exception as err:  # noqa: BLE001 - whatever the conductor raised
+        # the class only: a database or messaging error's text is not ours
+        # to vouch for (no secret in any log)
+        LOG.warning("vTPCM: live migrations from this host could not be counted "
+                    "(%(err)s); no early begin", {"err": type(err).__name__},
+                    instance=instance)
+        return False
+    if queued:
+        LOG.info("vTPCM: live migrations from this host are at "
+                 "max_concurrent_live_migrations; no early begin", instance=instance)
+    return not queued
 
 
 def _queued_behind(source: str, instance_uuid: str) -> bool:
