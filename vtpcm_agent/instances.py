@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from oslo_log import log as logging
 
-from vtpcm_agent import sealing
+from vtpcm_agent import sealing, uidranges
 from vtpcm_agent.association import Association, AssociationList, VTPCMState, floor_advice
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
 from vtpcm_agent.swtpm import ctrl, isolation, process, provision, uidprocs
@@ -105,6 +105,9 @@ class AgentSettings:
     # the QEMU uid of the VM whose swtpm runs as swtpm_uids[0] + i is
     # qemu_uids[0] + i; None: no QEMU uids
     qemu_uids: tuple[int, int] | None = None
+    # /etc/subuid and /etc/subgid: no QEMU uid implied by the recorded qemu
+    # FIRST while qemu_uids is None may fall in one of their blocks
+    subid_files: tuple[Path, ...] = uidranges.SUBID_FILES
 
 
 class InstanceManager:
@@ -143,10 +146,38 @@ class InstanceManager:
                     None if settings.qemu_uids is None else settings.qemu_uids[0],
                     swtpm_last=settings.swtpm_uids[1],
                     qemu_last=None if settings.qemu_uids is None else settings.qemu_uids[1])
+                if settings.qemu_uids is None:
+                    self._check_implied_qemu_uids(settings.swtpm_uids)
             except exception.InvalidInput as err:
                 LOG.error("Refusing to start: %s", err.message)
                 raise
             self.check_uid_range()
+
+    def _check_implied_qemu_uids(self, swtpm: tuple[int, int]) -> None:
+        """With ``qemu_uid_range`` unset but a qemu FIRST recorded (uids
+        were given out under it), every uid of today's swtpm range is still
+        paired with a QEMU uid (``qemu_uid_for``), killed and swept with it:
+        those QEMU uids get the checks ``qemu_uid_range`` gets (no account,
+        no systemd or subordinate id range, not 65535, not overlapping the
+        swtpm range). A swtpm LAST raised while the option was unset paired
+        new VMs with unchecked uids, another VM's swtpm uid among them
+        (review of the DAC label round 4, MEDIUM 1)."""
+        firsts = self.associations.range_firsts()
+        if firsts is None or firsts[1] is None:
+            return
+        qemu = (firsts[1], firsts[1] + swtpm[1] - firsts[0])
+        try:
+            uidranges.qemu_uid_range("%d-%d" % qemu, swtpm, self.settings.subid_files)
+        except exception.InvalidInput as err:
+            raise exception.InvalidInput(reason=(
+                "[agent] swtpm_uid_range %d-%d pairs its uids with the QEMU uids %d-%d "
+                "(qemu_uid_range is unset, but uids were given out while it started at "
+                "%d: a VM's QEMU uid is still computed from that FIRST, and killed and "
+                "swept with its swtpm uid), and those are not free: %s; keep "
+                "swtpm_uid_range's LAST so that the QEMU uids it implies stay free "
+                "(checked as qemu_uid_range is), or set qemu_uid_range again"
+                % (swtpm + qemu + (qemu[0], err.kwargs.get("reason", err.message))))
+            ) from None
 
     def check_uid_range(self) -> int:
         """At the agent's start: an ERROR if no uid of ``[agent]
@@ -738,9 +769,16 @@ class InstanceManager:
         uid was given out), whatever today's ranges say: a VM still running
         labelled after ``qemu_uid_range`` was unset keeps its QEMU uid
         killed, swept and kept aside with its swtpm uid (review of the DAC
-        label round 3, LOW 3). None: no qemu FIRST was ever recorded."""
+        label round 3, LOW 3). None: no qemu FIRST was ever recorded, or
+        ``swtpm_uid`` is outside today's ``swtpm_uid_range``, whose QEMU
+        uids alone the agent's start checked (round 4, MEDIUM 1)."""
         firsts = self.associations.range_firsts()
         if firsts is None or firsts[1] is None or swtpm_uid < firsts[0]:
+            return None
+        if self.settings.swtpm_uids is None or swtpm_uid > self.settings.swtpm_uids[1]:
+            # beyond the QEMU uids checked at the start (qemu_uid_range, or
+            # those today's swtpm range implies): no uid in use or kept
+            # aside is there, and an unchecked uid is never killed or swept
             return None
         return firsts[1] + (swtpm_uid - firsts[0])
 
