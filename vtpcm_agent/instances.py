@@ -140,7 +140,10 @@ class InstanceManager:
                 os.chmod(path, 0o711)  # noqa: S103
             (settings.run_dir / OWN_DIRS).mkdir(exist_ok=True)
             os.chmod(settings.run_dir / OWN_DIRS, 0o755)  # noqa: S103
-            try:
+        try:
+            if settings.swtpm_uids is None:
+                self._check_no_uid_held()
+            else:
                 associations.check_range_firsts(
                     settings.swtpm_uids[0],
                     None if settings.qemu_uids is None else settings.qemu_uids[0],
@@ -148,10 +151,31 @@ class InstanceManager:
                     qemu_last=None if settings.qemu_uids is None else settings.qemu_uids[1])
                 if settings.qemu_uids is None:
                     self._check_implied_qemu_uids(settings.swtpm_uids)
-            except exception.InvalidInput as err:
-                LOG.error("Refusing to start: %s", err.message)
-                raise
+        except exception.InvalidInput as err:
+            LOG.error("Refusing to start: %s", err.message)
+            raise
+        if settings.swtpm_uids is not None:
             self.check_uid_range()
+
+    def _check_no_uid_held(self) -> None:
+        """With ``swtpm_uid_range`` unset, no swtpm uid may be in use or
+        kept aside: destroy and the sweep of kept uids act on uids only with
+        the range set, so such a VM's swtpm and QEMU uids would never be
+        killed or swept again (review of the DAC label round 4, LOW 5)."""
+        in_use, kept = self.associations.held_uids()
+        if not in_use and not kept:
+            return
+        firsts = self.associations.range_firsts()
+        held = [what % uidprocs.some(uids) for what, uids in
+                (("in use (%s)", in_use), ("kept aside (%s)", kept)) if uids]
+        raise exception.InvalidInput(reason=(
+            "[agent] swtpm_uid_range is unset, but swtpm uids are %s: their swtpm and "
+            "QEMU processes would no longer be killed, nor their files swept, when their "
+            "vTPCMs go; set swtpm_uid_range back%s; to turn it off, first destroy or "
+            "migrate away every vTPCM whose swtpm runs as a uid of its own and wait until "
+            "the agent logs each kept uid freed"
+            % (" and ".join(held),
+               "" if firsts is None else " (its FIRST was %d)" % firsts[0])))
 
     def _check_implied_qemu_uids(self, swtpm: tuple[int, int]) -> None:
         """With ``qemu_uid_range`` unset but a qemu FIRST recorded (uids
@@ -815,7 +839,7 @@ class InstanceManager:
         (never given out again, and no longer the instance's), logged with
         a WARNING naming what remains, and swept again by ``sweep_kept``."""
         if self.settings.swtpm_uids is None:
-            return
+            return  # no uid in use or kept aside: the start refused otherwise
         uid = self.associations.uid_of(instance_uuid)
         # the VM's QEMU uid goes with its swtpm uid (``_vm_uids``)
         kept: exception.SwtpmError | None = None
@@ -850,7 +874,7 @@ class InstanceManager:
         """Sweep the uids kept aside again; record each found clean as freed
         (never given out again either). Returns how many are still kept."""
         if self.settings.swtpm_uids is None:
-            return 0
+            return 0  # none kept: the start refused otherwise (_check_no_uid_held)
         still = []
         for instance_uuid, uid in self.associations.kept_uids():
             try:

@@ -47,7 +47,9 @@ AGENT_OPTS = [
                     "then owned by that uid and group (or socket_user/socket_group) and "
                     "sits in <run_dir>/vm/<instance uuid>/, which <run_dir>/<instance "
                     "uuid>.ctrl links to. Empty: every swtpm runs as the agent's user "
-                    "(root), as releases before did."),
+                    "(root), as releases before did; the agent refuses to start with it "
+                    "empty while any swtpm uid is in use or kept aside (destroy or "
+                    "migrate away those vTPCMs first)."),
     cfg.StrOpt("qemu_uid_range", default="", regex=r"^(|[0-9]+-[0-9]+)$",
                help="FIRST-LAST, as many uids as swtpm_uid_range (which it needs): "
                     "beside each vTPCM's swtpm uid U the agent reserves a QEMU uid Q "

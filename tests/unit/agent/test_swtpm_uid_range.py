@@ -464,3 +464,34 @@ def test_qemu_uids_a_widened_swtpm_range_implies_are_checked_while_the_option_is
     finally:
         al.close()
 
+
+def test_swtpm_uid_range_unset_while_uids_are_in_use_or_kept_stops_the_agent(
+        tmp_path, caplog):
+    """Review of the DAC label round 4, LOW 5: with swtpm_uid_range unset,
+    _drop_own_files and sweep_kept returned at once: the U and Q of VMs
+    still running under their own uids were never killed or swept on
+    destroy, and the recorded ranges never checked again. The agent refuses
+    to start unset while a uid is in use or kept aside."""
+    al = association.AssociationList(tmp_path / "a.sqlite")
+    caplog.set_level(logging.ERROR, logger="vtpcm_agent.instances")
+    try:
+        _manager(tmp_path, (1000, 1999), al, (5000, 5999))
+        al.assign_uid("vm-A", 1000, 1999)
+        al.assign_uid("vm-B", 1000, 1999)
+        al.keep_uid("vm-B")
+        msg = ("Invalid input: [agent] swtpm_uid_range is unset, but swtpm uids are in use "
+               "(1: 1000) and kept aside (1: 1001): their swtpm and QEMU processes would "
+               "no longer be killed, nor their files swept, when their vTPCMs go; set "
+               "swtpm_uid_range back (its FIRST was 1000); to turn it off, first destroy "
+               "or migrate away every vTPCM whose swtpm runs as a uid of its own and wait "
+               "until the agent logs each kept uid freed")
+        with refused(exception.InvalidInput, msg):
+            _manager(tmp_path, None, al)
+        assert caplog.records[-1].getMessage() == "Refusing to start: " + msg
+        al.release_uid("vm-A")
+        with refused(exception.InvalidInput, msg.replace("in use (1: 1000) and ", "")):
+            _manager(tmp_path, None, al)
+        al.release_kept(1001)
+        assert _manager(tmp_path, None, al).settings.swtpm_uids is None  # freed only: taken
+    finally:
+        al.close()
