@@ -168,7 +168,8 @@ def _manager(tmp_path: Path, uids: tuple[int, int] | None, list_: association.As
              qemu_uids: tuple[int, int] | None = None) -> instances.InstanceManager:
     settings = instances.AgentSettings(host="h", state_root=tmp_path / "state",
                                        run_dir=tmp_path / "run", swtpm_uids=uids,
-                                       qemu_uids=qemu_uids)
+                                       qemu_uids=qemu_uids,
+                                       subid_files=(tmp_path / "no-subuid",))
     keys = KeyStore(tmp_path / "keys", DevKeyFileHostKey(tmp_path / "hostkey"))
     return instances.InstanceManager(settings, list_, keys)
 
