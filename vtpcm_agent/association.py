@@ -641,6 +641,15 @@ class AssociationList:
             return None
         return int(row[0]), None if row[1] is None else int(row[1])
 
+    def held_uids(self) -> tuple[builtins.list[int], builtins.list[int]]:
+        """The swtpm uids in use (assigned to an instance) and those kept
+        aside, each ascending: every uid whose processes and files the agent
+        must still kill and sweep (a freed uid is clean)."""
+        with self._transaction() as cur:
+            in_use = cur.execute("SELECT uid FROM swtpm_uids ORDER BY uid").fetchall()
+            kept = cur.execute("SELECT uid FROM swtpm_uids_kept ORDER BY uid").fetchall()
+        return [int(r[0]) for r in in_use], [int(r[0]) for r in kept]
+
     def uid_of(self, instance_uuid: str) -> int | None:
         with self._transaction() as cur:
             row = cur.execute("SELECT uid FROM swtpm_uids WHERE instance_uuid = ?",

@@ -47,7 +47,9 @@ AGENT_OPTS = [
                     "then owned by that uid and group (or socket_user/socket_group) and "
                     "sits in <run_dir>/vm/<instance uuid>/, which <run_dir>/<instance "
                     "uuid>.ctrl links to. Empty: every swtpm runs as the agent's user "
-                    "(root), as releases before did."),
+                    "(root), as releases before did; the agent refuses to start with it "
+                    "empty while any swtpm uid is in use or kept aside (destroy or "
+                    "migrate away those vTPCMs first)."),
     cfg.StrOpt("qemu_uid_range", default="", regex=r"^(|[0-9]+-[0-9]+)$",
                help="FIRST-LAST, as many uids as swtpm_uid_range (which it needs): "
                     "beside each vTPCM's swtpm uid U the agent reserves a QEMU uid Q "
@@ -58,7 +60,10 @@ AGENT_OPTS = [
                     "is unset). Widen both ranges together (raise both LASTs); the agent "
                     "refuses to start if either FIRST moved once any uid was given out "
                     "(freed ones too), or if swtpm_uid_range's LAST is below a uid in "
-                    "use or kept aside. It reports Q and U (the "
+                    "use or kept aside. Once unset, the QEMU uids swtpm_uid_range then "
+                    "implies (from the recorded FIRST) get this option's checks at each "
+                    "start, and the agent refuses to start if they fail. It reports Q "
+                    "and U (the "
                     "VM's gid) to the "
                     "Nova driver, whose [vtpcm] qemu_dac_label runs the VM's QEMU as "
                     "Q:U, so that only this VM's QEMU reaches its 0660 U:U socket "

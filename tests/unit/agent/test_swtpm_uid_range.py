@@ -164,11 +164,12 @@ def test_qemu_uid_range_refuses_a_shared_socket_owner():
     assert settings.swtpm_uids == (1900000000, 1900000999)
 
 
-def _manager(tmp_path: Path, uids: tuple[int, int], list_: association.AssociationList,
+def _manager(tmp_path: Path, uids: tuple[int, int] | None, list_: association.AssociationList,
              qemu_uids: tuple[int, int] | None = None) -> instances.InstanceManager:
     settings = instances.AgentSettings(host="h", state_root=tmp_path / "state",
                                        run_dir=tmp_path / "run", swtpm_uids=uids,
-                                       qemu_uids=qemu_uids)
+                                       qemu_uids=qemu_uids,
+                                       subid_files=(tmp_path / "no-subuid",))
     keys = KeyStore(tmp_path / "keys", DevKeyFileHostKey(tmp_path / "hostkey"))
     return instances.InstanceManager(settings, list_, keys)
 
@@ -401,5 +402,97 @@ def test_a_vms_qemu_uid_is_killed_and_swept_whatever_todays_ranges_say(tmp_path,
         assert al.kept_uids() == [("vm-B", 1001)]
         assert agent.sweep_kept() == 1
         assert touched[1:] == [(1001, 5001), (1001, 5001)]
+    finally:
+        al.close()
+
+
+def _implied(swtpm: tuple[int, int], qemu: tuple[int, int], reason: str) -> str:
+    return ("Invalid input: [agent] swtpm_uid_range %d-%d pairs its uids with the QEMU "
+            "uids %d-%d (qemu_uid_range is unset, but uids were given out while it started "
+            "at %d: a VM's QEMU uid is still computed from that FIRST, and killed and swept "
+            "with its swtpm uid), and those are not free: %s; keep swtpm_uid_range's LAST "
+            "so that the QEMU uids it implies stay free (checked as qemu_uid_range is), or "
+            "set qemu_uid_range again"
+            % (swtpm + qemu + (qemu[0], reason)))
+
+
+def test_qemu_uids_a_widened_swtpm_range_implies_are_checked_while_the_option_is_unset(
+        tmp_path, caplog):
+    """Review of the DAC label round 4, MEDIUM 1 (q_unchecked.py): with
+    qemu_uid_range unset, swtpm_uid_range's LAST raised was taken, and
+    qemu_uid_for paired each new swtpm uid with a Q from the recorded FIRST
+    that no check had seen: in systemd's DynamicUser range, 65535, or
+    another running VM's swtpm uid (whose swtpm the new VM's destroy then
+    killed and swept). The QEMU uids today's swtpm range implies are checked
+    as qemu_uid_range is, at the agent's start; beyond them there is no Q."""
+    al = association.AssociationList(tmp_path / "a.sqlite")
+    caplog.set_level(logging.ERROR, logger="vtpcm_agent.instances")
+    try:
+        _manager(tmp_path, (70000, 70009), al, (40000, 40009))
+        u = al.assign_uid("vm-A", 70000, 70009)  # keeps running labelled +40000:+70000
+        off = _manager(tmp_path, (70000, 70009), al, None)  # the option turned off
+        assert off.qemu_uid_for(u) == 40000
+        assert off.qemu_uid_for(70009) == 40009
+        assert off.qemu_uid_for(70010) is None  # beyond the range checked: no Q
+        homed = _implied((70000, 90100), (40000, 60100),
+                         "[agent] qemu_uid_range 40000-60100 overlaps the systemd-homed "
+                         "range 60001-60513")
+        with refused(exception.InvalidInput, homed):
+            _manager(tmp_path, (70000, 90100), al, None)
+        assert caplog.records[-1].getMessage() == "Refusing to start: " + homed
+        with refused(exception.InvalidInput, _implied(
+                (70000, 95535), (40000, 65535),
+                "[agent] qemu_uid_range 40000-65535: contains 65535, (uint16_t)-1")):
+            _manager(tmp_path, (70000, 95535), al, None)
+        assert al.range_firsts() == (70000, 40000)
+        # a LAST whose QEMU uids are free is taken, and pairs as before
+        wider = _manager(tmp_path, (70000, 70999), al, None)
+        assert wider.qemu_uid_for(70999) == 40999
+        assert wider.qemu_uid_for(71000) is None
+    finally:
+        al.close()
+    # vm-N's Q would have been vm-A's swtpm uid, whose swtpm vm-N's destroy
+    # would then have killed
+    al = association.AssociationList(tmp_path / "b.sqlite")
+    try:
+        _manager(tmp_path, (70000, 70009), al, (66000, 66009))
+        al.assign_uid("vm-A", 70000, 70009)
+        with refused(exception.InvalidInput, _implied(
+                (70000, 74100), (66000, 70100), "[agent] qemu_uid_range 66000-70100 "
+                "overlaps [agent] swtpm_uid_range 70000-74100")):
+            _manager(tmp_path, (70000, 74100), al, None)
+        assert _manager(tmp_path, (70000, 70009), al, None).qemu_uid_for(74000) is None
+    finally:
+        al.close()
+
+
+def test_swtpm_uid_range_unset_while_uids_are_in_use_or_kept_stops_the_agent(
+        tmp_path, caplog):
+    """Review of the DAC label round 4, LOW 5: with swtpm_uid_range unset,
+    _drop_own_files and sweep_kept returned at once: the U and Q of VMs
+    still running under their own uids were never killed or swept on
+    destroy, and the recorded ranges never checked again. The agent refuses
+    to start unset while a uid is in use or kept aside."""
+    al = association.AssociationList(tmp_path / "a.sqlite")
+    caplog.set_level(logging.ERROR, logger="vtpcm_agent.instances")
+    try:
+        _manager(tmp_path, (1000, 1999), al, (5000, 5999))
+        al.assign_uid("vm-A", 1000, 1999)
+        al.assign_uid("vm-B", 1000, 1999)
+        al.keep_uid("vm-B")
+        msg = ("Invalid input: [agent] swtpm_uid_range is unset, but swtpm uids are in use "
+               "(1: 1000) and kept aside (1: 1001): their swtpm and QEMU processes would "
+               "no longer be killed, nor their files swept, when their vTPCMs go; set "
+               "swtpm_uid_range back (its FIRST was 1000); to turn it off, first destroy "
+               "or migrate away every vTPCM whose swtpm runs as a uid of its own and wait "
+               "until the agent logs each kept uid freed")
+        with refused(exception.InvalidInput, msg):
+            _manager(tmp_path, None, al)
+        assert caplog.records[-1].getMessage() == "Refusing to start: " + msg
+        al.release_uid("vm-A")
+        with refused(exception.InvalidInput, msg.replace("in use (1: 1000) and ", "")):
+            _manager(tmp_path, None, al)
+        al.release_kept(1001)
+        assert _manager(tmp_path, None, al).settings.swtpm_uids is None  # freed only: taken
     finally:
         al.close()
