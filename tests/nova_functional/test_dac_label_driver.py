@@ -541,7 +541,7 @@ def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
     guest = types.SimpleNamespace(
         get_power_state=lambda host: getattr(power_state, power),
         launch=lambda pause: steps.append("restore%s" % (" paused" if pause else "")),
-        get_xml_desc=lambda *a, **k: NOVA_XML)
+        get_xml_desc=lambda *a, **k: NOVA_XML, get_all_devices=lambda devtype=None: [])
     drv = _driver(Agents(1900001003, 1900000003))
     drv.cpu_api = types.SimpleNamespace(  # type: ignore[attr-defined]
         power_up_for_instance=lambda inst: None)

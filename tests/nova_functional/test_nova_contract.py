@@ -78,6 +78,10 @@ def test_the_cold_snapshot_steps_of_an_unlabelled_guest_keep_their_shape() -> No
     for step in ("self._detach_pci_devices(", "self._detach_direct_passthrough_ports(",
                  "self._detach_mediated_devices(guest)", "guest.save_memory_state()"):
         assert step in suspend
+    from nova.virt.libvirt import guest as libvirt_guest
+    assert _params(libvirt_guest.Guest.get_all_devices)[:2] == ["self", "devtype"]
+    assert "devtype=vconfig.LibvirtConfigGuestHostdevMDEV" in inspect.getsource(
+        drv._detach_mediated_devices)
     resume = inspect.getsource(drv._resume_guest_after_snapshot)
     assert "_attach_mediated_devices" not in resume  # why a vGPU guest is refused
 

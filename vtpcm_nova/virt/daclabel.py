@@ -419,14 +419,10 @@ def _pinned(store: ET.Element) -> bool:
     return True
 
 
-# what keeps libvirt from saving a guest's memory (a managed save), read
-# from its domain XML as Nova's API refuses a suspend (reject_mem_enc_instances,
-# block_shares_not_supported), or never restored by Nova's cold snapshot
-# (its _resume_guest_after_snapshot re-attaches no mediated device)
+# what keeps libvirt or QEMU from saving a guest's memory (a managed
+# save), read from its domain XML, as Nova's API refuses a suspend
+# (reject_mem_enc_instances, block_shares_not_supported)
 _UNSAVEABLE = (
-    ("devices/hostdev[@type='mdev']",
-     "mediated devices (a vGPU), which Nova's restore after a managed save does not "
-     "re-attach"),
     ("launchSecurity", "memory encryption (SEV), which libvirt cannot save"),
     ("devices/filesystem/driver[@type='virtiofs']",
      "a virtiofs share, which libvirt cannot save"),
@@ -438,9 +434,9 @@ _UNSAVEABLE = (
 
 
 def unsaveable(domain_xml: str) -> list[str]:
-    """What in a running guest's XML rules out the cold snapshot of a
-    guest without a label (managed save, extract, restore), each named
-    once; empty: none of what is known."""
+    """What in a running guest's XML rules out its managed save (the cold
+    snapshot of a guest without a label: save, extract, restore), each
+    named once; empty: none of what is known."""
     dom = _parse(domain_xml)
     reasons: list[str] = []
     for path, why in _UNSAVEABLE:

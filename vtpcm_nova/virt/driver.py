@@ -280,6 +280,10 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             return super()._live_snapshot(context, instance, guest, disk_path, out_path,
                                           source_format, image_format, image_meta)
         reasons = daclabel.unsaveable(guest.get_xml_desc()) + _unsaveable(instance)
+        if guest.get_all_devices(devtype=vconfig.LibvirtConfigGuestHostdevMDEV):
+            # what Nova's suspend hot-detaches (_detach_mediated_devices)
+            reasons.insert(0, "mediated devices (a vGPU), which Nova's restore after a "
+                              "managed save does not re-attach")
         if reasons:
             # refused before anything is detached (review of the DAC label
             # round 4, MEDIUM 2): Nova's suspend hot-detaches mdevs its
