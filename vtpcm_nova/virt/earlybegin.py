@@ -98,6 +98,8 @@ class EarlyBegins:
         # here may still be carried out there
         self._aborted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._slots = threading.BoundedSemaphore(MAX_THREADS)
+        # status reads still under way (a late one is left to end by itself)
+        self._reads = threading.BoundedSemaphore(MAX_THREADS)
         # Nova migrations whose next id is being chosen: one choice at a time
         self._choosing: set[str] = set()
         self._choice = threading.Condition()
@@ -369,8 +371,10 @@ class EarlyBegins:
         or not read by ``deadline``: a conductor read takes up to
         ``rpc_response_timeout``, which must not keep the begin PREPARED past
         ``early_begin_timeout``. The read runs in a thread of its own, left
-        to end by itself if late (one at a time per early begin: the next
-        read starts only after this one ended or the watchdog gave up)."""
+        to end by itself if late (at most two per early begin: a join can
+        start one more after the deadline; at most MAX_THREADS in all, none
+        started when that many hang). The wait heeds a join or a
+        superseding check within a poll, not only the read's end."""
         nova_id = early.nova_id
         assert nova_id is not None
         answer: list[str | None] = []
@@ -383,15 +387,22 @@ class EarlyBegins:
                 LOG.debug("Nova migration %(nova)s unreadable: %(err)s",
                           {"nova": nova_id, "err": err})
             finally:
+                self._reads.release()
                 read.set()
+        if not self._reads.acquire(blocking=False):
+            return None  # MAX_THREADS late reads under way: the deadline still holds
         try:
             threading.Thread(target=status, daemon=True,
                              name="vtpcm-early-status-%s" % early.instance_uuid).start()
         except RuntimeError as err:  # no thread left: the deadline still holds
+            self._reads.release()
             LOG.debug("Nova migration %(nova)s not read: %(err)s",
                       {"nova": nova_id, "err": err})
             return None
-        read.wait(_left(deadline))
+        # a join or a superseding check is heeded within a poll, not after the read
+        while (not read.wait(min(self._poll, _left(deadline))) and not early.wake.is_set()
+               and _left(deadline) > 0):
+            pass
         return answer[0] if answer else None
 
     def _reason(self, early: _Early, deadline: float) -> str | None:

@@ -466,3 +466,92 @@ def test_the_id_of_a_failed_early_begin_is_never_taken_over() -> None:
     chosen = early.join(INSTANCE, NOVA, "dst", timeout=5)
     assert _state(engine, NOVA) == "PREPARED"  # control: the lookup would take it
     assert chosen == earlybegin.attempt_id(NOVA, "dst", 1)
+
+
+def _hung_status(gate: threading.Event, reads: list[float]):
+    def status(nova_id: str) -> str:
+        reads.append(time.monotonic())
+        gate.wait(30)  # the conductor does not answer (rpc_response_timeout)
+        return "accepted"
+    return status
+
+
+def _hung_early(engine: FakeEngine, gate: threading.Event, reads: list[float],
+                timeout: float, wait_previous: float = 10.0) -> earlybegin.EarlyBegins:
+    return earlybegin.EarlyBegins(lambda: engine, lambda: "src", _Nova().find,
+                                  _hung_status(gate, reads), lambda: timeout, poll=0.02,
+                                  wait_previous=lambda: wait_previous)
+
+
+def test_a_join_for_another_destination_wakes_a_watchdog_inside_its_status_read() -> None:
+    """Review round 4 (LOW 2): the watchdog in a hung status read heeded
+    neither a join nor a superseding check until early_begin_timeout, so a
+    join for another destination whose wait (engine_timeout) ran out first
+    handed live_migration a fresh id while the early begin still held the
+    vTPCM (the engine refuses that begin: Nova rolls back)."""
+    engine, gate, reads = FakeEngine(), threading.Event(), []
+    early = _hung_early(engine, gate, reads, timeout=3.0)
+    try:
+        early.start(INSTANCE, "dst")
+        daemons.wait_for("a read under way", lambda: reads, timeout=10)
+        early.join(INSTANCE, NOVA, "other", timeout=1.0)
+        assert _state(engine, NOVA) != "PREPARED"
+    finally:
+        gate.set()
+
+
+def test_a_taken_early_begin_frees_its_slot_while_the_status_read_hangs() -> None:
+    """Same cause: a begin taken over kept its thread slot until the
+    deadline when the conductor was slow."""
+    engine, gate, reads = FakeEngine(), threading.Event(), []
+    early = _hung_early(engine, gate, reads, timeout=3.0)
+    try:
+        early.start(INSTANCE, "dst")
+        daemons.wait_for("a read under way", lambda: reads, timeout=10)
+        assert early.join(INSTANCE, NOVA, "dst", timeout=5) == NOVA
+        daemons.wait_for("the slot back", lambda: early._slots._value == earlybegin.MAX_THREADS,
+                         timeout=1.5)
+    finally:
+        gate.set()
+
+
+def test_hung_status_reads_left_behind_are_bounded_too() -> None:
+    """Review round 4 (LOW 1): each early begin given up at its deadline
+    left its status read running and freed its slot, so the status threads
+    grew past MAX_THREADS (48 alive after three waves of 16)."""
+    engine, gate, reads = FakeEngine(), threading.Event(), []
+    nova = _Nova()
+    early = earlybegin.EarlyBegins(lambda: engine, lambda: "src", nova.find,
+                                   _hung_status(gate, reads), lambda: 0.2, poll=0.02,
+                                   wait_previous=lambda: 10.0)
+    try:
+        for wave in range(3):
+            for i in range(earlybegin.MAX_THREADS):
+                nova.migration = "00000000-0000-0000-%04d-%012d" % (wave, i)
+                early.start("11111111-0000-0000-%04d-%012d" % (wave, i), "dst")
+            daemons.wait_for("the wave given up",
+                             lambda: early._slots._value == earlybegin.MAX_THREADS, timeout=20)
+        status = [t for t in threading.enumerate()
+                  if t.name.startswith("vtpcm-early-status-11111111")]
+        assert len(status) <= earlybegin.MAX_THREADS
+    finally:
+        gate.set()
+
+
+def test_a_superseded_early_begin_in_a_status_read_is_aborted_before_the_next_begins() -> None:
+    """The conductor's retry to another host supersedes the early begin;
+    its watchdog sat in the status read until the deadline, so the next
+    early begin ran out of its wait and began while the superseded one
+    still held the vTPCM."""
+    engine, gate, reads = FakeEngine(), threading.Event(), []
+    early = _hung_early(engine, gate, reads, timeout=4.0, wait_previous=1.0)
+    try:
+        early.start(INSTANCE, "dst")
+        daemons.wait_for("a read under way", lambda: reads, timeout=10)
+        early.start(INSTANCE, "other")
+        second = earlybegin.attempt_id(NOVA, "other", 1)
+        daemons.wait_for("the second begin", lambda: ("begin", second) in engine.calls,
+                         timeout=10)
+        assert _state(engine, NOVA) != "PREPARED"
+    finally:
+        gate.set()
