@@ -229,10 +229,12 @@ def parse_info(text: str, image: str, disk: str) -> tuple[str, str] | None:
     if not isinstance(name, str) or name != full or not os.path.isabs(name) \
             or os.path.normpath(name) != name or fmt not in FORMATS:
         error = UnstatedBackingFormat if fmt is None else exception.InvalidInput
+        fix = ("; with the instance stopped, state it: qemu-img rebase -u -F FORMAT "
+               "-b BACKING %s" % image) if fmt is None else ""
         raise error(
             reason="disk %s: backing file %r of format %r; [vtpcm] qemu_dac_label pins "
-                   "backing files named by a plain absolute path, of a stated format %s"
-                   % (disk, name, fmt, " or ".join(FORMATS)))
+                   "backing files named by a plain absolute path, of a stated format %s%s"
+                   % (disk, name, fmt, " or ".join(FORMATS), fix))
     return name, str(fmt)
 
 
@@ -336,24 +338,11 @@ def _pin_chains(dom: ET.Element, instance_dir: str,
         fmt = driver.get("type", "") if driver is not None else ""
         if not labelled and fmt not in FORMATS:
             continue  # no chain this module reads; never one over Nova's _base
-        try:
-            chain = read_chain(path, fmt)[1:]
-        except UnstatedBackingFormat:
-            if labelled:
-                raise
-            # a guest without a label keeps starting as it did before the
-            # option (review of the DAC label round 4, LOW 4: a hard reboot
-            # destroys the domain before its XML is built, so a refusal
-            # left it unstartable); its disk is not pinned, and libvirt
-            # hands that disk's backing files to its QEMU user. The backing
-            # file's name (a header the guest may have shaped) stays out.
-            LOG.warning(
-                "vTPCM: disk %(disk)s names its backing file without a format; its "
-                "backing chain is NOT pinned ([vtpcm] qemu_dac_label), so libvirt hands "
-                "its backing files to the QEMU user. With the instance stopped, rebase "
-                "the disk stating the format (qemu-img rebase -u -F FORMAT -b BACKING "
-                "%(disk)s), then start it", {"disk": path})
-            continue
+        # an unstated backing format is refused for every guest (lead's
+        # decision after review round 4, LOW 4): libvirt would probe the
+        # format of whatever the header, which the guest's QEMU can
+        # write, names, and relabel it for its QEMU user if it looks raw
+        chain = read_chain(path, fmt)[1:]
         if not chain:
             continue
         store = _backing_store(chain, instance_dir, labelled)
