@@ -541,7 +541,7 @@ def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
     guest = types.SimpleNamespace(
         get_power_state=lambda host: getattr(power_state, power),
         launch=lambda pause: steps.append("restore%s" % (" paused" if pause else "")),
-        get_xml_desc=lambda *a, **k: NOVA_XML)
+        get_xml_desc=lambda *a, **k: NOVA_XML, get_all_devices=lambda devtype=None: [])
     drv = _driver(Agents(1900001003, 1900000003))
     drv.cpu_api = types.SimpleNamespace(  # type: ignore[attr-defined]
         power_up_for_instance=lambda inst: None)
@@ -572,3 +572,263 @@ def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
                 "live": ["block copy", "upload b'live'"]}[path]
     finally:
         vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+
+
+# --- review of the DAC label round 4 -----------------------------------------------
+
+MDEV = ("<hostdev mode='subsystem' type='mdev' model='vfio-pci'><source><address "
+        "uuid='b38a3f43-4be2-4046-897f-b67c2f5e0140'/></source></hostdev>")
+PLAIN_XML = NOVA_XML.replace("<tpm", "<!--").replace("</tpm>", "-->")
+
+
+def _cold_snapshot_setup(monkeypatch: Any, tmp_path: Any, domain_xml: str,
+                         save_fails: bool, extra_specs: dict[str, str] | None = None,
+                         ) -> tuple[Any, Any, list[str], dict[str, bool]]:
+    """Nova's real snapshot and suspend of a running guest without a vTPCM
+    (reduced to what it detaches, saves and attaches), as the proof of
+    round 4, MEDIUM 2 (/tmp/rev-dac4/test_cold_mdev.py) set it up."""
+    from nova import objects
+    from nova.compute import power_state
+    from nova.virt.libvirt import config as vconfig
+    from nova.virt.libvirt import utils as libvirt_utils
+    objects.register_all()
+
+    events: list[str] = []
+    attached = {"mdev": True, "sriov": True, "pci": True}
+    monkeypatch.setattr(libvirt_utils, "find_disk", lambda guest: ("/i/x/disk", "qcow2"))
+    monkeypatch.setattr(libvirt_utils, "get_disk_type_from_path", lambda p: None)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_create_snapshot_metadata",
+                        lambda self, *a: {})
+    if libvirt_driver.libvirt is None:
+        monkeypatch.setattr(libvirt_driver, "libvirt", types.SimpleNamespace(
+            libvirtError=type("libvirtError", (Exception,), {})))
+    vdriver.CONF.set_override("snapshots_directory", str(tmp_path), group="libvirt")
+    mdev = vconfig.LibvirtConfigGuestHostdevMDEV()
+    mdev.uuid = "b38a3f43-4be2-4046-897f-b67c2f5e0140"
+
+    def save_memory_state() -> None:
+        events.append("managed save")
+        if save_fails:
+            raise RuntimeError("Requested operation is not valid: cannot save this domain")
+
+    def detach_device(cfg: Any, live: bool = False) -> None:
+        attached["mdev"] = False
+        events.append("detach mdev")
+
+    guest = types.SimpleNamespace(
+        get_power_state=lambda host: power_state.RUNNING,
+        launch=lambda pause: events.append("restore"),
+        get_xml_desc=lambda *a, **k: domain_xml,
+        get_all_devices=lambda devtype=None: [mdev] if "type='mdev'" in domain_xml else [],
+        detach_device=detach_device,
+        save_memory_state=save_memory_state)
+
+    def ports(what: str, state: bool) -> Any:
+        def step(self: Any, ctx: Any, inst: Any, g: Any, network_info: Any = None) -> None:
+            if network_info is not None and not network_info:
+                return
+            attached["sriov"] = state
+            events.append("%s direct port" % what)
+        return step
+
+    def pci(what: str, state: bool) -> Any:
+        def step(self: Any, g: Any, devs: Any) -> None:
+            if devs:
+                attached["pci"] = state
+                events.append("%s pci" % what)
+        return step
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_detach_direct_passthrough_ports",
+                        ports("detach", False))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_attach_direct_passthrough_ports",
+                        ports("attach", True))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_detach_pci_devices",
+                        pci("detach", False))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_attach_pci_devices",
+                        pci("attach", True))
+
+    class RootDisk:
+        def direct_snapshot(self, *a: Any) -> Any:
+            raise NotImplementedError
+
+        def cleanup_direct_snapshot(self, *a: Any, **k: Any) -> None:
+            pass
+
+        def snapshot_extract(self, out_path: str, fmt: str) -> None:
+            events.append("extract")
+            open(out_path, "wb").close()
+
+    drv = _driver(Agents(1900001003, 1900000003))
+    drv.cpu_api = types.SimpleNamespace(  # type: ignore[attr-defined]
+        power_up_for_instance=lambda inst: None)
+    drv._host = types.SimpleNamespace(get_guest=lambda inst: guest,  # type: ignore[assignment]
+                                      has_min_version=lambda *a, **k: True)
+    drv._image_api = types.SimpleNamespace(  # type: ignore[assignment]
+        get=lambda ctx, image_id: {"name": "snap"},
+        update=lambda *a, **k: events.append("upload"))
+    drv.image_backend = types.SimpleNamespace(  # type: ignore[assignment]
+        by_libvirt_path=lambda inst, disk, image_type=None: RootDisk())
+    port = {"id": "p1", "vnic_type": "direct", "profile": {"pci_slot": "0000:81:00.1"}}
+    instance = _Inst(uuid=INSTANCE, image_meta=None, image_ref="img",
+                     flavor=types.SimpleNamespace(extra_specs=extra_specs or {}),
+                     info_cache=types.SimpleNamespace(network_info=[port]),
+                     get_pci_devices=lambda source=None: [
+                         types.SimpleNamespace(address="0000:82:00.0")])
+    return drv, instance, events, attached
+
+
+@pytest.mark.parametrize("xml, specs, why", [
+    (PLAIN_XML.replace("</devices>", MDEV + "</devices>"), {},
+     "mediated devices (a vGPU), which Nova's restore after a managed save does not "
+     "re-attach"),
+    (PLAIN_XML.replace("</devices>", "</devices><launchSecurity type='sev'/>"), {},
+     "memory encryption (SEV), which libvirt cannot save"),
+    (PLAIN_XML.replace("</devices>", "<filesystem type='mount'><driver type='virtiofs'/>"
+                       "</filesystem></devices>"), {},
+     "a virtiofs share, which libvirt cannot save"),
+    (PLAIN_XML.replace("<devices>", "<cpu><feature policy='require' name='invtsc'/></cpu>"
+                       "<devices>"), {},
+     "the invtsc CPU feature, which QEMU cannot save"),
+    (PLAIN_XML, {"accel:device_profile": "fpga"},
+     "Cyborg accelerators, which Nova does not suspend"),
+])
+def test_a_guest_that_cannot_be_saved_is_refused_before_anything_is_detached(
+        dac_conf, monkeypatch, tmp_path, xml, specs, why):
+    """Review of the DAC label round 4, MEDIUM 2 (test_cold_mdev.py): the
+    cold path's suspend hot-detached a vGPU guest's mdev, which Nova's
+    restore never re-attaches: the guest came back without its vGPU. A
+    guest with mdevs, or with what keeps libvirt or Nova from saving it,
+    is refused by name, nothing detached, nothing saved."""
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path, xml,
+                                                           False, specs)
+    try:
+        with refused(vdriver.VTPCMFault, (
+                "vTPCM: instance %s: a snapshot of the running guest is refused with "
+                "[vtpcm] qemu_dac_label on: Nova's live snapshot would hand the shared "
+                "backing file to libvirt's QEMU user, and this guest cannot be saved for a "
+                "cold one: it has %s. Stop the instance: a stopped instance is snapshotted "
+                "cold" % (INSTANCE, why))):
+            drv.snapshot(None, instance, "image-1", lambda **k: None)
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+    assert events == []
+    assert attached == {"mdev": True, "sriov": True, "pci": True}
+
+
+def test_a_failed_managed_save_puts_back_what_the_suspend_detached(
+        dac_conf, monkeypatch, tmp_path):
+    """Round 4, MEDIUM 2 (b): the suspend ran outside the try, so a managed
+    save libvirt refused left the running guest without its PCI devices and
+    SR-IOV ports. They are attached again (Nova's helpers), the save's
+    error is what the snapshot reports, and the guest is not restored (it
+    never stopped)."""
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path,
+                                                           PLAIN_XML, True)
+    try:
+        with pytest.raises(RuntimeError, match="cannot save this domain"):
+            drv.snapshot(None, instance, "image-1", lambda **k: None)
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+    assert events == ["detach pci", "detach direct port", "managed save", "attach pci",
+                      "attach direct port"]
+    assert attached == {"mdev": True, "sriov": True, "pci": True}
+
+
+def test_a_saveable_guest_is_still_snapshotted_cold_and_gets_its_devices_back(
+        dac_conf, monkeypatch, tmp_path):
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path,
+                                                           PLAIN_XML, False)
+    try:
+        drv.snapshot(None, instance, "image-1", lambda **k: None)
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+    assert events == ["detach pci", "detach direct port", "managed save", "extract",
+                      "restore", "attach pci", "attach direct port", "upload"]
+    assert attached == {"mdev": True, "sriov": True, "pci": True}
+
+
+def _check_data() -> Any:
+    from nova import objects
+    objects.register_all()
+    return objects.LibvirtLiveMigrateData()
+
+
+@pytest.mark.parametrize("vtpcm", [False, True])
+def test_a_destination_with_the_option_says_so_and_a_source_without_it_refuses(
+        dac_conf, monkeypatch, vtpcm):
+    """Review of the DAC label round 4, MEDIUM 3 (i): a guest from a host
+    without the option brought unpinned XML, and the destination's libvirt
+    chowned its _base under the labelled guests there. The destination's
+    check data says it runs the option (carried through Nova's RPC as the
+    early begin's hint is), and a source without it refuses by name."""
+    from nova import objects
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_destination",
+                        lambda self, *a: _check_data())
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_source",
+                        lambda self, ctx, inst, data, bdi=None: data)
+    engine = _Engine()
+    monkeypatch.setattr(vdriver.livemigration, "check_destination", lambda *a: None)
+    drv = _driver(Agents(0, 0))
+    drv._engine = lambda: engine  # type: ignore[assignment,return-value]
+    instance = _instance() if vtpcm else _plain_instance()
+    data = drv.check_can_live_migrate_destination(None, instance, None, None)
+    # through Nova's RPC: the object's primitive and back
+    data = objects.LibvirtLiveMigrateData.obj_from_primitive(data.obj_to_primitive())
+    assert data.migration.status == vdriver.DAC_LABEL_HINT
+    started: list[str] = []
+    monkeypatch.setattr(drv._early, "start", lambda uuid, hint: started.append(hint))
+    monkeypatch.setattr(vdriver, "_not_queued", lambda host, inst: True)
+    dac_conf.set_override("qemu_dac_label", False, group="vtpcm")
+    with refused(nova_exception.MigrationPreCheckError, (
+            "Migration pre-check error: vTPCM: the destination cmp1 runs with [vtpcm] "
+            "qemu_dac_label and this host does not: the guest's backing chain would reach "
+            "it unpinned, and its libvirt would hand the shared backing files to the "
+            "guest's QEMU user under the labelled guests there; turn [vtpcm] qemu_dac_label "
+            "on here first")):
+        drv.check_can_live_migrate_source(None, instance, data)
+    assert started == []
+    # the source with the option: checked, the hint taken out
+    dac_conf.set_override("qemu_dac_label", True, group="vtpcm")
+    data = drv.check_can_live_migrate_destination(None, instance, None, None)
+    result = drv.check_can_live_migrate_source(None, instance, data)
+    assert "migration" not in result
+    assert started == (["cmp1"] if vtpcm else [])
+
+
+def test_a_destination_without_the_option_sends_no_flag(monkeypatch):
+    compute_conf.register_opts(vdriver.CONF)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_destination",
+                        lambda self, *a: _check_data())
+    data = _driver(Agents(0, 0)).check_can_live_migrate_destination(
+        None, _plain_instance(), None, None)
+    assert "migration" not in data
+
+
+def test_a_guest_without_vtpcm_migrates_pinned_from_a_host_with_the_option(
+        dac_conf, monkeypatch):
+    """Round 4, MEDIUM 3 (ii): a guest started before the option (its
+    chain unpinned, libvirt's detected <backingStore> in its migratable
+    XML) went to the destination as it ran; its XML now goes through the
+    pinning as at spawn, the detected chain replaced."""
+    detected = PLAIN_XML.replace(
+        "<target dev='vda'/>", "<backingStore type='file'><format type='raw'/><source "
+        "file='/i/_base/abc'/><backingStore/></backingStore><target dev='vda'/>")
+    monkeypatch.setattr(daclabel, "backing_chain", lambda path, fmt: [
+        (path, "qcow2"), ("/i/_base/abc", "raw")])
+
+    def nova_operation(self, context, instance, dest, block, data, guest_, names):
+        guest_.migrate("qemu+tcp://%s/system" % dest, destination_xml=detected)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_live_migration_operation",
+                        nova_operation)
+    drv = _driver(Agents(0, 0))
+    drv._dest_sockets, drv._dest_ids = {}, {}
+    guest = _SourceGuest(detected)
+    drv._live_migration_operation(None, _plain_instance(), "cmp2", False, None, guest, [])
+    stores = ET.fromstring(guest.sent["destination_xml"]).findall("devices/disk/backingStore")
+    assert len(stores) == 1
+    assert stores[0].find("source").get("file") == "/i/_base/abc"
+    assert stores[0].find("source/seclabel").attrib == {"model": "dac", "relabel": "no"}
+    # with the option off, Nova's XML as it was
+    dac_conf.set_override("qemu_dac_label", False, group="vtpcm")
+    guest = _SourceGuest(detected)
+    drv._live_migration_operation(None, _plain_instance(), "cmp2", False, None, guest, [])
+    assert guest.sent["destination_xml"] == detected

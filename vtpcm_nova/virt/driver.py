@@ -105,6 +105,26 @@ class _RewritingGuest:
         return self._guest.migrate(destination, *args, **kwargs)
 
 
+class _PinningGuest:
+    """Nova's Guest whose ``migrate`` sends the destination XML of a guest
+    without a vTPCM with its backing chains pinned (``daclabel.pin_for_migration``)."""
+
+    def __init__(self, guest: Any, instance_dir: str) -> None:
+        self._guest = guest
+        self._instance_dir = instance_dir
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._guest, name)
+
+    def migrate(self, destination: str, *args: Any, **kwargs: Any) -> Any:
+        xml = kwargs.get("destination_xml")
+        if xml is None:
+            raise exception.MigrationError(
+                migration_id="?", reason="no destination XML to pin the backing files in")
+        kwargs["destination_xml"] = daclabel.pin_for_migration(xml, self._instance_dir)
+        return self._guest.migrate(destination, *args, **kwargs)
+
+
 # Cinder volume types attached as files (<disk type='file'>)
 FILE_VOLUMES = frozenset(("nfs", "glusterfs", "quobyte", "scality", "smbfs", "vzstorage",
                           "local", "fs"))
@@ -259,11 +279,31 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         if not CONF.vtpcm.qemu_dac_label:
             return super()._live_snapshot(context, instance, guest, disk_path, out_path,
                                           source_format, image_format, image_meta)
+        reasons = daclabel.unsaveable(guest.get_xml_desc()) + _unsaveable(instance)
+        if guest.get_all_devices(devtype=vconfig.LibvirtConfigGuestHostdevMDEV):
+            # what Nova's suspend hot-detaches (_detach_mediated_devices)
+            reasons.insert(0, "mediated devices (a vGPU), which Nova's restore after a "
+                              "managed save does not re-attach")
+        if reasons:
+            # refused before anything is detached (review of the DAC label
+            # round 4, MEDIUM 2): Nova's suspend hot-detaches mdevs its
+            # restore never re-attaches, and a guest libvirt cannot save
+            # would only fail the managed save
+            raise VTPCMFault(reason=(
+                "instance %s: a snapshot of the running guest is refused with [vtpcm] "
+                "qemu_dac_label on: Nova's live snapshot would hand the shared backing "
+                "file to libvirt's QEMU user, and this guest cannot be saved for a cold "
+                "one: it has %s. Stop the instance: a stopped instance is snapshotted "
+                "cold" % (instance.uuid, "; ".join(reasons))))
         LOG.info("vTPCM: [vtpcm] qemu_dac_label is on: snapshotting cold instead (a live "
                  "snapshot's block copy would relabel the shared backing files)",
                  instance=instance)
         power = guest.get_power_state(self._host)
-        self._suspend_guest_for_snapshot(context, False, power, instance)
+        try:
+            self._suspend_guest_for_snapshot(context, False, power, instance)
+        except Exception:
+            with excutils.save_and_reraise_exception():
+                self._reattach_after_failed_save(context, instance, guest, power)
         try:
             source_type = libvirt_utils.get_disk_type_from_path(disk_path) or source_format
             root_disk = self.image_backend.by_libvirt_path(instance, disk_path,
@@ -271,6 +311,31 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             root_disk.snapshot_extract(out_path, image_format)
         finally:
             self._resume_guest_after_snapshot(context, False, power, instance, guest)
+
+    def _reattach_after_failed_save(self, context: Any, instance: Any, guest: Any,
+                                    power: int) -> None:
+        """Nova's suspend detached the guest's PCI devices and direct ports
+        before its managed save failed (a guest libvirt cannot save): the
+        guest runs on, so they go back with Nova's own helpers, one at a
+        time, each failure logged (one never detached fails to attach).
+        Never raises: the save's failure is what the snapshot reports."""
+        if not self._needs_suspend_resume_for_snapshot(False, power):
+            return  # nothing was suspended
+        pci = instance.get_pci_devices(source=objects.InstancePCIRequest.FLAVOR_ALIAS)
+        cache = getattr(instance, "info_cache", None)
+        network_info = cache.network_info if cache is not None else None
+        steps: list[tuple[str, Any]] = [("PCI device %s" % dev.address, dev) for dev in pci]
+        steps += [("port %s" % vif["id"], vif) for vif in network_info or []]
+        for what, device in steps:
+            try:
+                if what.startswith("PCI"):
+                    self._attach_pci_devices(guest, [device])
+                else:
+                    self._attach_direct_passthrough_ports(context, instance, guest, [device])
+            except Exception as err:  # noqa: BLE001 - the next one still goes back
+                LOG.warning("vTPCM: after the failed managed save, %(what)s could not be "
+                            "attached again: %(err)s", {"what": what, "err": err},
+                            instance=instance)
 
     def swap_volume(self, context: Any, old_connection_info: Any, new_connection_info: Any,
                     instance: Any, *args: Any, **kwargs: Any) -> Any:
@@ -420,17 +485,30 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         data = super().check_can_live_migrate_destination(
             context, instance, src_compute_info, dst_compute_info, block_migration,
             disk_over_commit)
-        if vtpcm_spec(instance.flavor).enabled:
+        if vtpcm_spec(instance.flavor).enabled or CONF.vtpcm.qemu_dac_label:
             # names this host to the source, which begins early; the
             # source's check takes it out again (Nova sets the field itself
-            # in live_migration)
+            # in live_migration). With qemu_dac_label it says so: a source
+            # without the option sends unpinned XML, and this host's
+            # libvirt would hand _base to the guest's QEMU user under the
+            # labelled guests here (review of the DAC label round 4, MEDIUM 3)
             data.migration = objects.Migration(dest_compute=self.vtpcm_host)
+            if CONF.vtpcm.qemu_dac_label:
+                data.migration.status = DAC_LABEL_HINT
         return data
 
     def check_can_live_migrate_source(self, context: Any, instance: Any,
                                       dest_check_data: Any,
                                       block_device_info: Any = None) -> Any:
+        dest_pins = _dac_hint(dest_check_data)
         hint = _take_dest_hint(dest_check_data)
+        if dest_pins and not CONF.vtpcm.qemu_dac_label:
+            raise nova_exception.MigrationPreCheckError(reason=(
+                "vTPCM: the destination %s runs with [vtpcm] qemu_dac_label and this host "
+                "does not: the guest's backing chain would reach it unpinned, and its "
+                "libvirt would hand the shared backing files to the guest's QEMU user under "
+                "the labelled guests there; turn [vtpcm] qemu_dac_label on here first"
+                % (hint or "host")))
         result = super().check_can_live_migrate_source(context, instance, dest_check_data,
                                                        block_device_info)
         if (hint and vtpcm_spec(instance.flavor).enabled
@@ -545,6 +623,10 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         if socket_path is not None:
             guest = _RewritingGuest(guest, socket_path, instance.uuid,
                                     self._dest_ids.get(instance.uuid))
+        elif CONF.vtpcm.qemu_dac_label and not vtpcm_spec(instance.flavor).enabled:
+            # a guest started before the option moves pinned (review of the
+            # DAC label round 4, MEDIUM 3)
+            guest = _PinningGuest(guest, libvirt_utils.get_instance_path(instance))
         return super()._live_migration_operation(context, instance, dest, block_migration,
                                                  migrate_data, guest, device_names)
 
@@ -711,6 +793,35 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             ready = False
         self._trait = (now, ready)
         return ready
+
+
+# a Migration's fields carry what a driver adds to the check data; the
+# destination's hint says with this status that it runs qemu_dac_label
+DAC_LABEL_HINT = "vtpcm:qemu_dac_label"
+ACCELERATOR_VNIC_TYPES = ("accelerator-direct", "accelerator-direct-physical")
+
+
+def _unsaveable(instance: Any) -> list[str]:
+    """What of the instance keeps Nova from suspending it, as its API
+    refuses a suspend (block_accelerators, block_port_accelerators)."""
+    reasons = []
+    if (instance.flavor.extra_specs or {}).get("accel:device_profile"):
+        reasons.append("Cyborg accelerators, which Nova does not suspend")
+    cache = getattr(instance, "info_cache", None)
+    info = cache.network_info if cache is not None else None
+    if any(vif.get("vnic_type") in ACCELERATOR_VNIC_TYPES for vif in info or []):
+        reasons.append("accelerator ports, which Nova does not suspend")
+    return reasons
+
+
+def _dac_hint(dest_check_data: Any) -> bool:
+    """Whether the destination's hint says it runs ``qemu_dac_label`` (read
+    before ``_take_dest_hint`` takes the hint out)."""
+    if dest_check_data is None or "migration" not in dest_check_data:
+        return False
+    hint = dest_check_data.migration
+    return bool(hint is not None and not hint.obj_attr_is_set("uuid")
+                and hint.obj_attr_is_set("status") and hint.status == DAC_LABEL_HINT)
 
 
 def _take_dest_hint(dest_check_data: Any) -> str | None:
