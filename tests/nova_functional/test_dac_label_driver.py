@@ -786,12 +786,93 @@ def test_a_destination_with_the_option_says_so_and_a_source_without_it_refuses(
             "on here first")):
         drv.check_can_live_migrate_source(None, instance, data)
     assert started == []
-    # the source with the option: checked, the hint taken out
+    # the source with the option: checked, the hint taken out (the early
+    # begin still gets the destination's name), the flag acknowledged
     dac_conf.set_override("qemu_dac_label", True, group="vtpcm")
     data = drv.check_can_live_migrate_destination(None, instance, None, None)
     result = drv.check_can_live_migrate_source(None, instance, data)
-    assert "migration" not in result
     assert started == (["cmp1"] if vtpcm else [])
+    result = objects.LibvirtLiveMigrateData.obj_from_primitive(result.obj_to_primitive())
+    ack = result.migration
+    assert ack.status == vdriver.DAC_LABEL_ACK
+    assert not ack.obj_attr_is_set("uuid") and not ack.obj_attr_is_set("dest_compute")
+    # ... which the destination takes, and takes out
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_source_migrate_data_at_dest",
+                        lambda self, ctxt, inst, md, *a: md)
+    assert "migration" not in drv.check_source_migrate_data_at_dest(
+        None, instance, result, None, None, None)
+
+
+def _dest_then_source(monkeypatch: Any, source_check: Any, vtpcm: bool) -> tuple[Any, Any]:
+    """The destination's check (with the option), the source's answer to
+    it as ``source_check`` gives it, through Nova's RPC both ways, as the
+    proof of round 5, MEDIUM 1 (/tmp/rev-dac5/test_old_source.py)."""
+    from nova import objects
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_destination",
+                        lambda self, *a: _check_data())
+    monkeypatch.setattr(vdriver.livemigration, "check_destination", lambda *a: None)
+    dest = _driver(Agents(0, 0))
+    dest._engine = lambda: _Engine()  # type: ignore[assignment,return-value]
+    instance = _instance() if vtpcm else _plain_instance()
+    instance.host = "cmp0"
+    data = dest.check_can_live_migrate_destination(None, instance, None, None)
+    data = objects.LibvirtLiveMigrateData.obj_from_primitive(data.obj_to_primitive())
+    assert data.migration.status == vdriver.DAC_LABEL_HINT
+    result = source_check(data)
+    return dest, instance, objects.LibvirtLiveMigrateData.obj_from_primitive(
+        result.obj_to_primitive())
+
+
+def _older_vtpcm_source(data: Any) -> Any:
+    # the check of a vtpcm driver from before the acknowledgement: the
+    # destination's hint taken out, nothing put back
+    vdriver._take_dest_hint(data)
+    return data
+
+
+@pytest.mark.parametrize("vtpcm", [False, True])
+@pytest.mark.parametrize("source, why", [
+    (lambda data: data,  # stock Nova: LibvirtDriver's check never touches .migration
+     "it returned this host's flag untouched: it does not run the vtpcm driver"),
+    (_older_vtpcm_source,
+     "it did not acknowledge this host's flag: it runs an older vtpcm driver"),
+], ids=["stock-nova-source", "older-vtpcm-source"])
+def test_a_destination_with_the_option_refuses_a_source_that_does_not_pin(
+        dac_conf, monkeypatch, vtpcm, source, why):
+    """Review of the DAC label round 5, MEDIUM 1: only the source enforced
+    the destination's flag, so a source that does not know it (stock Nova's
+    driver) or drops it (a vtpcm driver from before this check) sent
+    unpinned XML, and the destination's libvirt chowned _base to
+    libvirt-qemu. The destination now requires the source's
+    acknowledgement, before Nova's own last checks (mdev allocations)."""
+    novas: list[str] = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_source_migrate_data_at_dest",
+                        lambda self, ctxt, inst, md, *a: novas.append("check") or md)
+    dest, instance, result = _dest_then_source(monkeypatch, source, vtpcm)
+    with refused(nova_exception.MigrationPreCheckError, (
+            "Migration pre-check error: vTPCM: this host runs with [vtpcm] qemu_dac_label "
+            "and the source cmp0 does not pin the guest's backing chain (%s): the guest's XML "
+            "would arrive unpinned, and this host's libvirt would hand the shared backing "
+            "files to the guest's QEMU user under the labelled guests here; upgrade the "
+            "source to this release and turn [vtpcm] qemu_dac_label on there first" % why)):
+        dest.check_source_migrate_data_at_dest(None, instance, result, None, None, None)
+    assert novas == []
+
+
+def test_a_destination_without_the_option_asks_no_acknowledgement(monkeypatch):
+    """Nothing changes where the option is off: no flag sent, none
+    required, and a stray bare Migration is still taken out."""
+    from nova import objects
+    compute_conf.register_opts(vdriver.CONF)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_source_migrate_data_at_dest",
+                        lambda self, ctxt, inst, md, *a: md)
+    drv = _driver(Agents(0, 0))
+    data = _check_data()
+    assert drv.check_source_migrate_data_at_dest(None, _plain_instance(), data, None, None,
+                                                 None) is data
+    data.migration = objects.Migration(status=vdriver.DAC_LABEL_ACK)
+    assert "migration" not in drv.check_source_migrate_data_at_dest(
+        None, _plain_instance(), data, None, None, None)
 
 
 def test_a_destination_without_the_option_sends_no_flag(monkeypatch):

@@ -511,6 +511,11 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                 % (hint or "host")))
         result = super().check_can_live_migrate_source(context, instance, dest_check_data,
                                                        block_device_info)
+        if dest_pins:
+            # the destination refuses a source that does not say it pins
+            # (review of the DAC label round 5, MEDIUM 1: a stock Nova or an
+            # older vtpcm source let the flag pass or dropped it)
+            result.migration = objects.Migration(status=DAC_LABEL_ACK)
         if (hint and vtpcm_spec(instance.flavor).enabled
                 and _not_queued(self.vtpcm_host, instance)):
             # the engine's begin, in the background: live_migration joins it
@@ -520,9 +525,13 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
     def check_source_migrate_data_at_dest(self, ctxt: Any, instance: Any,
                                           migrate_data: Any, migration: Any, limits: Any,
                                           allocs: Any) -> Any:
+        answer = _bare_status(migrate_data)
         # a source that does not take the hint out (an older driver) must
-        # not pass it on to pre_live_migration
+        # not pass it on to pre_live_migration, nor the acknowledgement
         _take_dest_hint(migrate_data)
+        if CONF.vtpcm.qemu_dac_label and answer != DAC_LABEL_ACK:
+            raise nova_exception.MigrationPreCheckError(reason=_unpinning_source(
+                getattr(instance, "host", None), answer))
         return super().check_source_migrate_data_at_dest(ctxt, instance, migrate_data,
                                                          migration, limits, allocs)
 
@@ -798,6 +807,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
 # a Migration's fields carry what a driver adds to the check data; the
 # destination's hint says with this status that it runs qemu_dac_label
 DAC_LABEL_HINT = "vtpcm:qemu_dac_label"
+# ... and a source with the option answers with this one that it pins
+DAC_LABEL_ACK = "vtpcm:qemu_dac_label:pinned"
 ACCELERATOR_VNIC_TYPES = ("accelerator-direct", "accelerator-direct-physical")
 
 
@@ -814,14 +825,36 @@ def _unsaveable(instance: Any) -> list[str]:
     return reasons
 
 
+def _bare_status(data: Any) -> str | None:
+    """The status of the bare Migration (no uuid: not Nova's) a driver put
+    in the check data's ``migration`` field, if any."""
+    if data is None or "migration" not in data:
+        return None
+    bare = data.migration
+    if bare is None or bare.obj_attr_is_set("uuid") or not bare.obj_attr_is_set("status"):
+        return None
+    return str(bare.status)
+
+
 def _dac_hint(dest_check_data: Any) -> bool:
     """Whether the destination's hint says it runs ``qemu_dac_label`` (read
     before ``_take_dest_hint`` takes the hint out)."""
-    if dest_check_data is None or "migration" not in dest_check_data:
-        return False
-    hint = dest_check_data.migration
-    return bool(hint is not None and not hint.obj_attr_is_set("uuid")
-                and hint.obj_attr_is_set("status") and hint.status == DAC_LABEL_HINT)
+    return _bare_status(dest_check_data) == DAC_LABEL_HINT
+
+
+def _unpinning_source(source: str | None, answer: str | None) -> str:
+    """Why a destination with ``qemu_dac_label`` refuses a source that did
+    not acknowledge its flag: the flag back untouched (a driver that does
+    not know it: stock Nova's), or no answer at all (a vtpcm driver from
+    before the acknowledgement, whose check takes the flag out)."""
+    why = ("it returned this host's flag untouched: it does not run the vtpcm driver"
+           if answer == DAC_LABEL_HINT else
+           "it did not acknowledge this host's flag: it runs an older vtpcm driver")
+    return ("vTPCM: this host runs with [vtpcm] qemu_dac_label and the source %s does not "
+            "pin the guest's backing chain (%s): the guest's XML would arrive unpinned, and "
+            "this host's libvirt would hand the shared backing files to the guest's QEMU "
+            "user under the labelled guests here; upgrade the source to this release and "
+            "turn [vtpcm] qemu_dac_label on there first" % (source or "host", why))
 
 
 def _take_dest_hint(dest_check_data: Any) -> str | None:
