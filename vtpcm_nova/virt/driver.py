@@ -12,6 +12,9 @@ Private Nova methods overridden here (``_add_vtpm_device``,
 supported Nova range (``SUPPORTED_NOVA``).
 """
 
+import contextlib
+import os
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -125,6 +128,10 @@ class _PinningGuest:
         return self._guest.migrate(destination, *args, **kwargs)
 
 
+# the guest's XML Nova's rescue saves in the instance's directory, which its
+# unrescue defines and starts again
+UNRESCUE_XML = "unrescue.xml"
+
 # Cinder volume types attached as files (<disk type='file'>)
 FILE_VOLUMES = frozenset(("nfs", "glusterfs", "quobyte", "scality", "smbfs", "vzstorage",
                           "local", "fs"))
@@ -214,6 +221,51 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                                          instance.uuid)
         except exception.VTPCMException as err:
             raise VTPCMFault(reason=str(err)) from None
+
+    def unrescue(self, context: Any, instance: Any) -> None:
+        """Nova starts the guest's XML it saved at rescue (``unrescue.xml``)
+        as it was: a guest rescued before ``qemu_dac_label`` went on would
+        come back with its chain unpinned, and RESCUED allows no hard reboot
+        (review of the DAC label round 5, LOW 2). With the option on, the
+        saved XML is pinned in its file before Nova reads it, or refused
+        before Nova destroys the rescue guest."""
+        if CONF.vtpcm.qemu_dac_label:
+            self._pin_unrescue_xml(instance)
+        super().unrescue(context, instance)
+
+    def _pin_unrescue_xml(self, instance: Any) -> None:
+        instance_dir = libvirt_utils.get_instance_path(instance)
+        path = os.path.join(instance_dir, UNRESCUE_XML)
+        try:
+            saved = libvirt_utils.load_file(path)
+        except FileNotFoundError:
+            return  # Nova's unrescue fails on it by itself
+        try:
+            if vtpcm_spec(instance.flavor).enabled:
+                if daclabel.labelled_and_pinned(saved):
+                    return
+                # its label comes from _get_guest_xml only, with the ids
+                # this host's agent reserved: not made up here
+                raise VTPCMFault(reason=(
+                    "instance %s was rescued before [vtpcm] qemu_dac_label was on: the "
+                    "guest Nova saved at rescue has no per-VM QEMU label and its backing "
+                    "chain is not pinned (libvirt would hand the shared backing files to "
+                    "its QEMU user), so unrescue is refused. To bring it back, reset its "
+                    "state (openstack server set --state error) and hard reboot it: Nova "
+                    "then builds its XML anew, labelled and pinned" % instance.uuid))
+            pinned = daclabel.pin_for_migration(saved, instance_dir)
+        except exception.VTPCMException as err:
+            raise VTPCMFault(reason=str(err)) from None
+        # replaced whole: the file is never seen half written
+        fd, tmp = tempfile.mkstemp(prefix=".unrescue.", dir=instance_dir)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(pinned)
+            os.replace(tmp, path)
+        except BaseException:
+            with excutils.save_and_reraise_exception():
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
     def attach_volume(self, context: Any, connection_info: Any, instance: Any,
                       mountpoint: str, *args: Any, **kwargs: Any) -> Any:
