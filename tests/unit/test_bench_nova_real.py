@@ -106,3 +106,23 @@ def test_compare_pairs_the_same_hop() -> None:
     assert sorted([row["paired_added_ms"]["min"], row["paired_added_ms"]["max"]]) == \
         [-500.0, 1000.0]
     assert nova_real_lm.compare(samples)["x_ms"]["paired_added_ms"]["median"] == 125.0
+
+
+@pytest.mark.parametrize("timeout,expected", [(0.0, 0.0), (30, 30.0), (None, 60.0)])
+def test_early_begin_timeout_reaches_the_drivers_option(
+        tmp_path: Path, timeout: float | None, expected: float) -> None:
+    """--early-begin-timeout, as the lab writes it into a compute's file, is
+    what the driver's [vtpcm] early_begin_timeout reads (unset: its default)."""
+    from oslo_config import cfg
+
+    from vtpcm_lab.nova import configs
+    from vtpcm_nova.conf import compute as compute_conf
+
+    sections = configs.overlay({"vtpcm": {"host_command_key": "/k"}},
+                               nova_real_lm.compute_options(timeout))
+    path = tmp_path / "nova-compute.conf"
+    path.write_text(configs.render_ini(sections))
+    conf = cfg.ConfigOpts()
+    compute_conf.register_opts(conf)
+    conf([], default_config_files=[str(path)])
+    assert conf.vtpcm.early_begin_timeout == expected
