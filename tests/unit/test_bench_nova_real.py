@@ -126,3 +126,37 @@ def test_early_begin_timeout_reaches_the_drivers_option(
     compute_conf.register_opts(conf)
     conf([], default_config_files=[str(path)])
     assert conf.vtpcm.early_begin_timeout == expected
+
+
+nova_real_ab = _load("nova_real_ab")
+
+
+def _run(pairs: list[tuple[float, float]], load: float = 1.0) -> dict[str, object]:
+    """One run: per hop (vtpcm ms, plain ms), the hop order alternating."""
+    samples = []
+    for hop, (v, p) in enumerate(pairs, 1):
+        for arm, ms in (("vtpcm", v), ("plain", p))[::1 if hop % 2 else -1]:
+            samples.append({"arm": arm, "hop": hop, "cli_to_active_ms": ms,
+                            "loadavg_1m": load,
+                            "phases_ms": {"x_ms": ms / 10} if arm == "vtpcm" else {}})
+    return {"samples": samples}
+
+
+def test_ab_pools_the_paired_differences_of_each_arm_and_subtracts_them() -> None:
+    runs = {"on": {1: _run([(6000, 5000), (6200, 5000)]), 2: _run([(5000, 4800)], 3.0)},
+            "off": {1: _run([(5900, 5000), (5100, 4500)]), 2: _run([(4000, 3000)])}}
+    out = nova_real_ab.pool(runs)
+    pooled = out["pooled"]["cli_to_active_ms"]
+    assert pooled["on"]["paired"]["n"] == 3 and pooled["on"]["paired"]["median"] == 1000
+    assert pooled["off"]["paired"]["median"] == 900  # 900, 600, 1000
+    assert pooled["on"]["plain"]["median"] == 5000 and pooled["off"]["vtpcm"]["n"] == 3
+    row = out["a_minus_b"]["cli_to_active_ms"]
+    assert row["paired_median_diff"] == 100
+    assert row["by_run_pair"] == [(1100 - 750), (200 - 1000)]
+    assert row["vtpcm_median_diff"] == 6000 - 5100 and row["plain_median_diff"] == 5000 - 4500
+    low, high = row["bootstrap_95"]
+    assert -800 <= low <= 100 <= high <= 600 and low < high  # 200-1000 .. 1200-600
+    # a span only the vTPCM has: no paired figure, its medians compared
+    assert out["a_minus_b"]["x_ms"] == {"vtpcm_median_diff": 600 - 510}
+    assert out["runs"]["on-2"]["loadavg_1m"]["max"] == 3.0
+    assert out["runs"]["off-1"]["metrics"]["cli_to_active_ms"]["paired"]["median"] == 750
