@@ -77,7 +77,8 @@ def test_the_spans_of_one_migration(tmp_path: Path) -> None:
     assert got == {
         "prechecks_ms": 1500, "cli_api_ms": 1000, "schedule_dest_check_ms": 200,
         "src_check_to_pre_ms": 300, "pre_live_migration_ms": 500, "to_driver_ms": 0,
-        "before_libvirt_ms": 100, "libvirt_ms": 1500, "to_post_ms": 0,
+        "before_libvirt_ms": 100, "checked_to_libvirt_ms": 900, "libvirt_ms": 1500,
+        "to_post_ms": 0,
         "post_driver_ms": 50, "to_dest_post_ms": 350, "tail_ms": 500, "total_ms": 4500,
         "driver_begin_ms": 60}
 
