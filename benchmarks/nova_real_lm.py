@@ -159,7 +159,7 @@ def _reparse(path: Path, logs_dir: str | None) -> int:
     result = json.loads(path.read_text())
     logs = Path(logs_dir or result["logs_dir"])
     _analyse(result, logs)
-    benchlib.write_json(path, result)
+    benchlib.write_json(path, result, rewrite=True)
     return 0
 
 

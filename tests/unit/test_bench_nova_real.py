@@ -161,3 +161,21 @@ def test_ab_pools_the_paired_differences_of_each_arm_and_subtracts_them() -> Non
     assert out["a_minus_b"]["x_ms"] == {"vtpcm_median_diff": 600 - 510}
     assert out["runs"]["on-2"]["loadavg_1m"]["max"] == 3.0
     assert out["runs"]["off-1"]["metrics"]["cli_to_active_ms"]["paired"]["median"] == 750
+
+
+def test_reparse_reads_the_spans_again_and_keeps_the_runs_load(tmp_path: Path) -> None:
+    """--reparse rewrites an earlier run's JSON: new spans, but the machine's
+    load at the end of that run, not at the rewrite."""
+    import json
+    roles = _write(tmp_path)
+    sample = {"arm": "vtpcm", "hop": 1, "instance": INSTANCE, "source": "lab-a",
+              "dest": "lab-b", "wall_start": T0.timestamp(),
+              "wall_end": T0.timestamp() + 5.0, "cli_to_active_ms": 4500.0}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"samples": [sample], "log_roles": roles,
+                                "logs_dir": str(tmp_path),
+                                "machine": {"loadavg_end": [9.5, 8.5, 7.5]}}))
+    assert nova_real_lm.main(["--reparse", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["samples"][0]["phases_ms"]["before_libvirt_ms"] == pytest.approx(100, abs=1)
+    assert result["machine"]["loadavg_end"] == [9.5, 8.5, 7.5]
