@@ -549,31 +549,106 @@ class AssociationList:
             above = max(above, floor[0] + 1)
         return max(0, last - max(above, first) + 1), floor
 
-    def check_range_firsts(self, swtpm_first: int, qemu_first: int | None) -> None:
+    def check_range_firsts(self, swtpm_first: int, qemu_first: int | None,
+                           swtpm_last: int | None = None,
+                           qemu_last: int | None = None) -> None:
         """Record the ranges' FIRSTs the uids are given under; refuse
-        (``InvalidInput``, nothing changed) a FIRST that moved while any uid
-        is in use or kept aside. A qemu FIRST recorded before stays while
-        ``qemu_uid_range`` is unset (guests may still run labelled); one
-        set where none was recorded is taken."""
+        (``InvalidInput``, nothing changed):
+
+        - a FIRST that moved once any uid was given out (in use, kept
+          aside or freed; not a floor, whose advice is a FIRST above it):
+          a VM's QEMU uid is the qemu
+          FIRST plus its swtpm uid's offset, so a moved FIRST would pair a
+          new swtpm uid with a QEMU uid some VM already ran as, or with a
+          freed swtpm uid (review of the DAC label round 3, LOW 2);
+        - a swtpm LAST below a uid in use or kept aside (round 3, LOW 3);
+        - a swtpm range over the QEMU uids given out;
+        - a qemu range set where none was recorded that holds a uid once
+          given out as a swtpm uid.
+
+        A qemu FIRST recorded stays while ``qemu_uid_range`` is unset once
+        any uid was given out (guests may still run labelled, and their
+        QEMU uids are computed from it: ``InstanceManager.qemu_uid_for``)."""
         with self._transaction() as cur:
             in_use = cur.execute("SELECT (SELECT COUNT(*) FROM swtpm_uids) + "
                                  "(SELECT COUNT(*) FROM swtpm_uids_kept)").fetchone()[0]
+            freed = cur.execute("SELECT COUNT(*) FROM swtpm_uids_freed").fetchone()[0]
+            # a floor does not count: it comes from a v5/v6 list, whose uids
+            # never had a QEMU uid, and its advice is a FIRST above it
+            given = bool(in_use or freed)
             row = cur.execute("SELECT swtpm_first, qemu_first FROM uid_range_firsts "
                               "WHERE id = 1").fetchone()
-            if in_use and row is not None:
+            if given and row is not None:
                 for option, was, now in (("swtpm_uid_range", row[0], swtpm_first),
                                          ("qemu_uid_range", row[1], qemu_first)):
                     if was is not None and now is not None and was != now:
                         raise exception.InvalidInput(reason=(
-                            "[agent] %s starts at %d, but the %d uid(s) in use or kept "
-                            "aside were given while it started at %d (a VM's QEMU uid is "
-                            "computed from both FIRSTs); set its FIRST back to %d and "
-                            "widen the range by raising LAST only"
-                            % (option, now, in_use, was, was)))
-            if row is not None and qemu_first is None:
-                qemu_first = row[1] if in_use else None
+                            "[agent] %s starts at %d, but uids were given out while it "
+                            "started at %d (%d in use or kept aside, %d freed; a freed "
+                            "uid and the QEMU uid paired with it are never given out "
+                            "again): a VM's QEMU uid is computed from both FIRSTs, and a "
+                            "moved FIRST would give one out again; set its FIRST back to "
+                            "%d and widen the range by raising LAST only"
+                            % (option, now, was, in_use, freed, was)))
+            if swtpm_last is not None and in_use:
+                highest = int(cur.execute(
+                    "SELECT MAX(uid) FROM (SELECT uid FROM swtpm_uids UNION ALL "
+                    "SELECT uid FROM swtpm_uids_kept)").fetchone()[0])
+                if highest > swtpm_last:
+                    raise exception.InvalidInput(reason=(
+                        "[agent] swtpm_uid_range ends at %d, below swtpm uid %d, in use or "
+                        "kept aside (a range shrinks only above the uids it has in use); "
+                        "set its LAST back to at least %d" % (swtpm_last, highest, highest)))
+            recorded_qemu = None if row is None else row[1]
+            if given and row is not None and recorded_qemu is not None \
+                    and swtpm_last is not None:
+                # the QEMU uids given out: never a swtpm uid (LAST raised
+                # into them while qemu_uid_range is unset)
+                top = int(cur.execute(
+                    "SELECT MAX(uid) FROM (SELECT uid FROM swtpm_uids UNION ALL SELECT uid "
+                    "FROM swtpm_uids_kept UNION ALL SELECT uid FROM swtpm_uids_freed)"
+                ).fetchone()[0])
+                low, high = recorded_qemu, recorded_qemu + top - row[0]
+                if swtpm_first <= high and low <= swtpm_last:
+                    raise exception.InvalidInput(reason=(
+                        "[agent] swtpm_uid_range %d-%d overlaps the QEMU uids given out "
+                        "(%d-%d: qemu_uid_range started at %d); a QEMU uid is never given "
+                        "out again, as a swtpm uid either: keep the range's LAST below %d"
+                        % (swtpm_first, swtpm_last, low, high, low, low)))
+            if qemu_first is not None and qemu_last is not None and recorded_qemu is None:
+                clash = cur.execute(
+                    "SELECT MIN(uid) FROM (SELECT uid FROM swtpm_uids UNION ALL "
+                    "SELECT uid FROM swtpm_uids_kept UNION ALL SELECT uid FROM "
+                    "swtpm_uids_freed) WHERE uid BETWEEN ? AND ?",
+                    (qemu_first, qemu_last)).fetchone()[0]
+                if clash is not None:
+                    raise exception.InvalidInput(reason=(
+                        "[agent] qemu_uid_range %d-%d holds uid %d, once given out as a "
+                        "swtpm uid (never given out again); choose a qemu_uid_range no "
+                        "swtpm uid was ever given from" % (qemu_first, qemu_last, clash)))
+            if qemu_first is None:
+                qemu_first = recorded_qemu if given else None
             cur.execute("INSERT OR REPLACE INTO uid_range_firsts VALUES (1, ?, ?, ?)",
                         (swtpm_first, qemu_first, _now()))
+
+    def range_firsts(self) -> tuple[int, int | None] | None:
+        """The recorded FIRSTs (swtpm, qemu) the uids were given under
+        (None: none recorded yet)."""
+        with self._transaction() as cur:
+            row = cur.execute("SELECT swtpm_first, qemu_first FROM uid_range_firsts "
+                              "WHERE id = 1").fetchone()
+        if row is None:
+            return None
+        return int(row[0]), None if row[1] is None else int(row[1])
+
+    def held_uids(self) -> tuple[builtins.list[int], builtins.list[int]]:
+        """The swtpm uids in use (assigned to an instance) and those kept
+        aside, each ascending: every uid whose processes and files the agent
+        must still kill and sweep (a freed uid is clean)."""
+        with self._transaction() as cur:
+            in_use = cur.execute("SELECT uid FROM swtpm_uids ORDER BY uid").fetchall()
+            kept = cur.execute("SELECT uid FROM swtpm_uids_kept ORDER BY uid").fetchall()
+        return [int(r[0]) for r in in_use], [int(r[0]) for r in kept]
 
     def uid_of(self, instance_uuid: str) -> int | None:
         with self._transaction() as cur:

@@ -24,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 from oslo_log import log as logging
 
-from vtpcm_agent import sealing
+from vtpcm_agent import sealing, uidranges
 from vtpcm_agent.association import Association, AssociationList, VTPCMState, floor_advice
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
 from vtpcm_agent.swtpm import ctrl, isolation, process, provision, uidprocs
@@ -105,6 +105,9 @@ class AgentSettings:
     # the QEMU uid of the VM whose swtpm runs as swtpm_uids[0] + i is
     # qemu_uids[0] + i; None: no QEMU uids
     qemu_uids: tuple[int, int] | None = None
+    # /etc/subuid and /etc/subgid: no QEMU uid implied by the recorded qemu
+    # FIRST while qemu_uids is None may fall in one of their blocks
+    subid_files: tuple[Path, ...] = uidranges.SUBID_FILES
 
 
 class InstanceManager:
@@ -137,14 +140,68 @@ class InstanceManager:
                 os.chmod(path, 0o711)  # noqa: S103
             (settings.run_dir / OWN_DIRS).mkdir(exist_ok=True)
             os.chmod(settings.run_dir / OWN_DIRS, 0o755)  # noqa: S103
-            try:
+        try:
+            if settings.swtpm_uids is None:
+                self._check_no_uid_held()
+            else:
                 associations.check_range_firsts(
                     settings.swtpm_uids[0],
-                    None if settings.qemu_uids is None else settings.qemu_uids[0])
-            except exception.InvalidInput as err:
-                LOG.error("Refusing to start: %s", err.message)
-                raise
+                    None if settings.qemu_uids is None else settings.qemu_uids[0],
+                    swtpm_last=settings.swtpm_uids[1],
+                    qemu_last=None if settings.qemu_uids is None else settings.qemu_uids[1])
+                if settings.qemu_uids is None:
+                    self._check_implied_qemu_uids(settings.swtpm_uids)
+        except exception.InvalidInput as err:
+            LOG.error("Refusing to start: %s", err.message)
+            raise
+        if settings.swtpm_uids is not None:
             self.check_uid_range()
+
+    def _check_no_uid_held(self) -> None:
+        """With ``swtpm_uid_range`` unset, no swtpm uid may be in use or
+        kept aside: destroy and the sweep of kept uids act on uids only with
+        the range set, so such a VM's swtpm and QEMU uids would never be
+        killed or swept again (review of the DAC label round 4, LOW 5)."""
+        in_use, kept = self.associations.held_uids()
+        if not in_use and not kept:
+            return
+        firsts = self.associations.range_firsts()
+        held = [what % uidprocs.some(uids) for what, uids in
+                (("in use (%s)", in_use), ("kept aside (%s)", kept)) if uids]
+        raise exception.InvalidInput(reason=(
+            "[agent] swtpm_uid_range is unset, but swtpm uids are %s: their swtpm and "
+            "QEMU processes would no longer be killed, nor their files swept, when their "
+            "vTPCMs go; set swtpm_uid_range back%s; to turn it off, first destroy or "
+            "migrate away every vTPCM whose swtpm runs as a uid of its own and wait until "
+            "the agent logs each kept uid freed"
+            % (" and ".join(held),
+               "" if firsts is None else " (its FIRST was %d)" % firsts[0])))
+
+    def _check_implied_qemu_uids(self, swtpm: tuple[int, int]) -> None:
+        """With ``qemu_uid_range`` unset but a qemu FIRST recorded (uids
+        were given out under it), every uid of today's swtpm range is still
+        paired with a QEMU uid (``qemu_uid_for``), killed and swept with it:
+        those QEMU uids get the checks ``qemu_uid_range`` gets (no account,
+        no systemd or subordinate id range, not 65535, not overlapping the
+        swtpm range). A swtpm LAST raised while the option was unset paired
+        new VMs with unchecked uids, another VM's swtpm uid among them
+        (review of the DAC label round 4, MEDIUM 1)."""
+        firsts = self.associations.range_firsts()
+        if firsts is None or firsts[1] is None:
+            return
+        qemu = (firsts[1], firsts[1] + swtpm[1] - firsts[0])
+        try:
+            uidranges.qemu_uid_range("%d-%d" % qemu, swtpm, self.settings.subid_files)
+        except exception.InvalidInput as err:
+            raise exception.InvalidInput(reason=(
+                "[agent] swtpm_uid_range %d-%d pairs its uids with the QEMU uids %d-%d "
+                "(qemu_uid_range is unset, but uids were given out while it started at "
+                "%d: a VM's QEMU uid is still computed from that FIRST, and killed and "
+                "swept with its swtpm uid), and those are not free: %s; keep "
+                "swtpm_uid_range's LAST so that the QEMU uids it implies stay free "
+                "(checked as qemu_uid_range is), or set qemu_uid_range again"
+                % (swtpm + qemu + (qemu[0], err.kwargs.get("reason", err.message))))
+            ) from None
 
     def check_uid_range(self) -> int:
         """At the agent's start: an ERROR if no uid of ``[agent]
@@ -731,14 +788,30 @@ class InstanceManager:
         return run_as
 
     def qemu_uid_for(self, swtpm_uid: int) -> int | None:
-        """The QEMU uid paired with ``swtpm_uid`` (None: no qemu_uid_range,
-        or a uid outside today's swtpm_uid_range)."""
-        if self.settings.qemu_uids is None or self.settings.swtpm_uids is None:
+        """The QEMU uid paired with ``swtpm_uid``, from the FIRSTs the uids
+        were given under (recorded at the agent's start, never moved once a
+        uid was given out), whatever today's ranges say: a VM still running
+        labelled after ``qemu_uid_range`` was unset keeps its QEMU uid
+        killed, swept and kept aside with its swtpm uid (review of the DAC
+        label round 3, LOW 3). None: no qemu FIRST was ever recorded, or
+        ``swtpm_uid`` is outside today's ``swtpm_uid_range``, whose QEMU
+        uids alone the agent's start checked (round 4, MEDIUM 1)."""
+        firsts = self.associations.range_firsts()
+        if firsts is None or firsts[1] is None or swtpm_uid < firsts[0]:
             return None
-        first, last = self.settings.swtpm_uids
-        if not first <= swtpm_uid <= last:
+        if self.settings.swtpm_uids is None or swtpm_uid > self.settings.swtpm_uids[1]:
+            # beyond the QEMU uids checked at the start (qemu_uid_range, or
+            # those today's swtpm range implies): no uid in use or kept
+            # aside is there, and an unchecked uid is never killed or swept
             return None
-        return self.settings.qemu_uids[0] + (swtpm_uid - first)
+        return firsts[1] + (swtpm_uid - firsts[0])
+
+    def _vm_uids(self, swtpm_uid: int) -> tuple[int, ...]:
+        """A VM's swtpm uid and, if it has one, its QEMU uid: killed, swept
+        and kept aside together (a QEMU that escaped and hid must not meet
+        the next VM's, and the pair is never given out again)."""
+        qemu = self.qemu_uid_for(swtpm_uid)
+        return (swtpm_uid,) if qemu is None else (swtpm_uid, qemu)
 
     def vm_ids(self, instance_uuid: str) -> tuple[int, int] | None:
         """(QEMU uid, VM gid) of an instance whose swtpm has its own uid
@@ -766,20 +839,15 @@ class InstanceManager:
         (never given out again, and no longer the instance's), logged with
         a WARNING naming what remains, and swept again by ``sweep_kept``."""
         if self.settings.swtpm_uids is None:
-            return
+            return  # no uid in use or kept aside: the start refused otherwise
         uid = self.associations.uid_of(instance_uuid)
-        # the VM's QEMU uid goes with its swtpm uid: killed, swept and kept
-        # aside with it (a QEMU that escaped and hid must not meet the next
-        # VM's, and the pair is never given out again)
-        qemu = self.qemu_uid_for(uid) if uid is not None else None
+        # the VM's QEMU uid goes with its swtpm uid (``_vm_uids``)
         kept: exception.SwtpmError | None = None
         if uid is not None:
-            for each in (uid,) if qemu is None else (uid, qemu):
-                try:
-                    uidprocs.kill_all(each, timeout=self.settings.timeout)
-                    uidprocs.sweep(each)
-                except exception.SwtpmError as exc:
-                    kept = kept or exc
+            try:
+                uidprocs.kill_and_sweep(self._vm_uids(uid), timeout=self.settings.timeout)
+            except exception.SwtpmError as exc:
+                kept = exc
         # the socket dir is this instance's own, never the uid's next
         # holder's: a tree the uid built there to make its removal fail
         # must not keep the uid forever (review round 2 of isofix, MEDIUM 3)
@@ -806,14 +874,11 @@ class InstanceManager:
         """Sweep the uids kept aside again; record each found clean as freed
         (never given out again either). Returns how many are still kept."""
         if self.settings.swtpm_uids is None:
-            return 0
+            return 0  # none kept: the start refused otherwise (_check_no_uid_held)
         still = []
         for instance_uuid, uid in self.associations.kept_uids():
-            qemu = self.qemu_uid_for(uid)
             try:
-                for each in (uid,) if qemu is None else (uid, qemu):
-                    uidprocs.kill_all(each, timeout=self.settings.timeout)
-                    uidprocs.sweep(each)
+                uidprocs.kill_and_sweep(self._vm_uids(uid), timeout=self.settings.timeout)
             except exception.SwtpmError as exc:
                 still.append(uid)
                 LOG.debug("swtpm uid %(uid)d stays kept: %(err)s",

@@ -74,6 +74,14 @@ class StateImportError(VTPCMException):
     code = "state_import_error"
 
 
+class StateFileError(VTPCMException):
+    """An at-rest swtpm state file (e.g. tpm2-00.permall) read without swtpm
+    failed a check: format, authentication or padding. Never names bytes."""
+
+    msg_fmt = "swtpm state file %(name)s rejected: %(reason)s"
+    code = "state_file_error"
+
+
 class KeyStoreError(VTPCMException):
     msg_fmt = "Key store error: %(reason)s"
     code = "keystore_error"

@@ -82,6 +82,7 @@ def test_guest_xml_gets_the_local_agents_ids_and_pinned_base(dac_conf, monkeypat
                         lambda *_a, **_k: NOVA_XML)
     monkeypatch.setattr(daclabel, "backing_chain", lambda path, fmt: [
         (path, "qcow2"), ("/i/_base/abc", "raw")])
+    monkeypatch.setattr(daclabel, "check_backing_owner", lambda name: None)
     agents = Agents(1900001003, 1900000003)
     xml = _driver(agents)._get_guest_xml(None, _instance(), None, None, None)
     assert agents.asked == [("cmp1", INSTANCE, True)]
@@ -101,12 +102,66 @@ def test_guest_xml_refused_when_the_agent_reports_root(dac_conf, monkeypatch):
         "root)" % INSTANCE)
 
 
+def _plain_instance() -> Any:
+    return types.SimpleNamespace(uuid=INSTANCE, flavor=types.SimpleNamespace(extra_specs={}))
+
+
+def test_a_guest_without_vtpcm_gets_its_base_pinned_with_the_option_on(dac_conf, monkeypatch):
+    """Review of the DAC label round 3, HIGH 1 (mixed_base.py): a guest of
+    a flavor without vtpcm:enabled got Nova's XML untouched, and libvirt
+    chowned the shared _base to its QEMU user for good, writable by every
+    unlabelled QEMU under the labelled guests reading it. Its chain is
+    pinned now, without a label and without asking the agent."""
+    nova_xml = NOVA_XML.replace("<tpm", "<!--").replace("</tpm>", "-->")
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
+                        lambda *_a, **_k: nova_xml)
+    monkeypatch.setattr(daclabel, "backing_chain", lambda path, fmt: [
+        (path, "qcow2"), ("/i/_base/abc", "raw")])
+    agents = Agents(0, 0)
+    xml = _driver(agents)._get_guest_xml(None, _plain_instance(), None, None, None)
+    assert agents.asked == []
+    dom = ET.fromstring(xml)
+    assert dom.find("seclabel") is None
+    store = dom.find("devices/disk/backingStore")
+    assert store.find("source").get("file") == "/i/_base/abc"
+    assert store.find("source/seclabel").attrib == {"model": "dac", "relabel": "no"}
+
+
+def test_a_labelled_guest_over_a_base_a_qemu_may_have_written_is_refused(
+        dac_conf, monkeypatch, tmp_path):
+    """Round 3, HIGH 1 (b): a base chowned (or made writable) before the
+    option was on is refused at the labelled guest's spawn, by name."""
+    base = tmp_path / "base"
+    base.write_bytes(b"x")
+    base.chmod(0o666)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
+                        lambda *_a, **_k: NOVA_XML)
+    monkeypatch.setattr(daclabel, "backing_chain", lambda path, fmt: [
+        (path, "qcow2"), (str(base), "raw")])
+    drv = _driver(Agents(1900001003, 1900000003))
+    with pytest.raises(vdriver.VTPCMFault) as err:
+        drv._get_guest_xml(None, _instance(), None, None, None)
+    assert str(err.value).startswith("vTPCM: Invalid input: backing file %s is owned by "
+                                     "uid " % base)
+    assert str(err.value).endswith("with mode 0666: a QEMU may have written it (libvirt "
+                                   "hands a guest's backing files to its QEMU user unless "
+                                   "they are pinned, as [vtpcm] qemu_dac_label pins them); "
+                                   "a guest with a per-VM QEMU label reads it only once it "
+                                   "is root's and writable by its owner alone: check it, "
+                                   "then chown root:root and chmod 0644 it")
+    base.chmod(0o644)
+    assert "+1900001003:+1900000003" in drv._get_guest_xml(None, _instance(), None, None,
+                                                            None)
+
+
 def test_option_off_leaves_novas_xml_alone(monkeypatch):
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_get_guest_xml",
                         lambda *_a, **_k: NOVA_XML)
     compute_conf.register_opts(vdriver.CONF)
     agents = Agents(0, 0)
     assert _driver(agents)._get_guest_xml(None, _instance(), None, None, None) == NOVA_XML
+    assert _driver(agents)._get_guest_xml(None, _plain_instance(), None, None,
+                                          None) == NOVA_XML
     assert agents.asked == []
 
 
@@ -430,19 +485,33 @@ class _Inst(types.SimpleNamespace):
         return getattr(self, key, default)
 
 
-@pytest.mark.parametrize("power, path", [("RUNNING", "refused"), ("SHUTDOWN", "cold")])
+@pytest.mark.parametrize("vtpcm, option, power, path", [
+    (True, True, "RUNNING", "refused"), (True, True, "SHUTDOWN", "cold"),
+    (False, True, "RUNNING", "saved"), (False, True, "PAUSED", "saved"),
+    (False, True, "SHUTDOWN", "cold"), (False, False, "RUNNING", "live")])
 def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
-        dac_conf, monkeypatch, tmp_path, power, path):
+        dac_conf, monkeypatch, tmp_path, vtpcm, option, power, path):
     """HIGH 1 through Nova's real ``snapshot``: a running labelled guest's
     snapshot fails with our fault before the live path (libvirt's block
     copy, which chowned _base) runs; a stopped one is extracted cold by
-    qemu-img and uploaded, the block copy never called either."""
+    qemu-img and uploaded, the block copy never called either.
+
+    Round 3, HIGH 1 (a2): a running guest WITHOUT a vTPCM on a host with
+    the option is snapshotted cold, Nova's own cold steps where its live
+    path runs (managed save, qemu-img extract, restore), never the block
+    copy that handed _base to libvirt's QEMU user; with the option off it
+    keeps Nova's live snapshot."""
     from nova.compute import power_state
     from nova.virt.libvirt import utils as libvirt_utils
 
     steps: list[str] = []
-    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_live_snapshot",
-                        lambda self, *a, **k: steps.append("block copy"))
+
+    def block_copy(self: Any, ctx: Any, inst: Any, guest: Any, disk: str, out: str,
+                   *a: Any) -> None:
+        steps.append("block copy")
+        with open(out, "wb") as image:
+            image.write(b"live")
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_live_snapshot", block_copy)
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_create_snapshot_metadata",
                         lambda self, *a: {})
     monkeypatch.setattr(libvirt_utils, "find_disk", lambda guest: ("/i/x/disk", "qcow2"))
@@ -464,9 +533,18 @@ def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
             with open(out_path, "wb") as out:
                 out.write(b"image")
 
+    dac_conf.set_override("qemu_dac_label", option, group="vtpcm")
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "suspend",
+                        lambda self, ctx, inst: steps.append("managed save"))
+    for name in ("_attach_pci_devices", "_attach_direct_passthrough_ports"):
+        monkeypatch.setattr(libvirt_driver.LibvirtDriver, name, lambda self, *a: None)
     guest = types.SimpleNamespace(
-        get_power_state=lambda host: getattr(power_state, power))
+        get_power_state=lambda host: getattr(power_state, power),
+        launch=lambda pause: steps.append("restore%s" % (" paused" if pause else "")),
+        get_xml_desc=lambda *a, **k: NOVA_XML, get_all_devices=lambda devtype=None: [])
     drv = _driver(Agents(1900001003, 1900000003))
+    drv.cpu_api = types.SimpleNamespace(  # type: ignore[attr-defined]
+        power_up_for_instance=lambda inst: None)
     drv._host = types.SimpleNamespace(get_guest=lambda inst: guest,  # type: ignore[assignment]
                                       has_min_version=lambda *a, **k: True)
     drv._image_api = types.SimpleNamespace(  # type: ignore[assignment]
@@ -475,8 +553,9 @@ def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
             "upload %s" % (data.read() if data else b"")))
     drv.image_backend = types.SimpleNamespace(  # type: ignore[assignment]
         by_libvirt_path=lambda inst, disk, image_type=None: RootDisk())
-    instance = _Inst(uuid=INSTANCE, flavor=_instance().flavor, image_meta=None,
-                     image_ref="img")
+    instance = _Inst(uuid=INSTANCE, image_meta=None, image_ref="img",
+                     flavor=(_instance() if vtpcm else _plain_instance()).flavor,
+                     get_pci_devices=lambda source=None: [])
     try:
         if path == "refused":
             with pytest.raises(vdriver.VTPCMFault) as err:
@@ -485,6 +564,271 @@ def test_novas_own_snapshot_of_a_labelled_guest_never_reaches_the_block_copy(
             assert steps == []
         else:
             drv.snapshot(None, instance, "image-1", lambda **k: None)
-            assert steps == ["qemu-img extract", "upload b'image'"]
+            assert steps == {
+                "cold": ["qemu-img extract", "upload b'image'"],
+                "saved": ["managed save", "qemu-img extract",
+                          "restore paused" if power == "PAUSED" else "restore",
+                          "upload b'image'"],
+                "live": ["block copy", "upload b'live'"]}[path]
     finally:
         vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+
+
+# --- review of the DAC label round 4 -----------------------------------------------
+
+MDEV = ("<hostdev mode='subsystem' type='mdev' model='vfio-pci'><source><address "
+        "uuid='b38a3f43-4be2-4046-897f-b67c2f5e0140'/></source></hostdev>")
+PLAIN_XML = NOVA_XML.replace("<tpm", "<!--").replace("</tpm>", "-->")
+
+
+def _cold_snapshot_setup(monkeypatch: Any, tmp_path: Any, domain_xml: str,
+                         save_fails: bool, extra_specs: dict[str, str] | None = None,
+                         ) -> tuple[Any, Any, list[str], dict[str, bool]]:
+    """Nova's real snapshot and suspend of a running guest without a vTPCM
+    (reduced to what it detaches, saves and attaches), as the proof of
+    round 4, MEDIUM 2 (/tmp/rev-dac4/test_cold_mdev.py) set it up."""
+    from nova import objects
+    from nova.compute import power_state
+    from nova.virt.libvirt import config as vconfig
+    from nova.virt.libvirt import utils as libvirt_utils
+    objects.register_all()
+
+    events: list[str] = []
+    attached = {"mdev": True, "sriov": True, "pci": True}
+    monkeypatch.setattr(libvirt_utils, "find_disk", lambda guest: ("/i/x/disk", "qcow2"))
+    monkeypatch.setattr(libvirt_utils, "get_disk_type_from_path", lambda p: None)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_create_snapshot_metadata",
+                        lambda self, *a: {})
+    if libvirt_driver.libvirt is None:
+        monkeypatch.setattr(libvirt_driver, "libvirt", types.SimpleNamespace(
+            libvirtError=type("libvirtError", (Exception,), {})))
+    vdriver.CONF.set_override("snapshots_directory", str(tmp_path), group="libvirt")
+    mdev = vconfig.LibvirtConfigGuestHostdevMDEV()
+    mdev.uuid = "b38a3f43-4be2-4046-897f-b67c2f5e0140"
+
+    def save_memory_state() -> None:
+        events.append("managed save")
+        if save_fails:
+            raise RuntimeError("Requested operation is not valid: cannot save this domain")
+
+    def detach_device(cfg: Any, live: bool = False) -> None:
+        attached["mdev"] = False
+        events.append("detach mdev")
+
+    guest = types.SimpleNamespace(
+        get_power_state=lambda host: power_state.RUNNING,
+        launch=lambda pause: events.append("restore"),
+        get_xml_desc=lambda *a, **k: domain_xml,
+        get_all_devices=lambda devtype=None: [mdev] if "type='mdev'" in domain_xml else [],
+        detach_device=detach_device,
+        save_memory_state=save_memory_state)
+
+    def ports(what: str, state: bool) -> Any:
+        def step(self: Any, ctx: Any, inst: Any, g: Any, network_info: Any = None) -> None:
+            if network_info is not None and not network_info:
+                return
+            attached["sriov"] = state
+            events.append("%s direct port" % what)
+        return step
+
+    def pci(what: str, state: bool) -> Any:
+        def step(self: Any, g: Any, devs: Any) -> None:
+            if devs:
+                attached["pci"] = state
+                events.append("%s pci" % what)
+        return step
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_detach_direct_passthrough_ports",
+                        ports("detach", False))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_attach_direct_passthrough_ports",
+                        ports("attach", True))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_detach_pci_devices",
+                        pci("detach", False))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_attach_pci_devices",
+                        pci("attach", True))
+
+    class RootDisk:
+        def direct_snapshot(self, *a: Any) -> Any:
+            raise NotImplementedError
+
+        def cleanup_direct_snapshot(self, *a: Any, **k: Any) -> None:
+            pass
+
+        def snapshot_extract(self, out_path: str, fmt: str) -> None:
+            events.append("extract")
+            open(out_path, "wb").close()
+
+    drv = _driver(Agents(1900001003, 1900000003))
+    drv.cpu_api = types.SimpleNamespace(  # type: ignore[attr-defined]
+        power_up_for_instance=lambda inst: None)
+    drv._host = types.SimpleNamespace(get_guest=lambda inst: guest,  # type: ignore[assignment]
+                                      has_min_version=lambda *a, **k: True)
+    drv._image_api = types.SimpleNamespace(  # type: ignore[assignment]
+        get=lambda ctx, image_id: {"name": "snap"},
+        update=lambda *a, **k: events.append("upload"))
+    drv.image_backend = types.SimpleNamespace(  # type: ignore[assignment]
+        by_libvirt_path=lambda inst, disk, image_type=None: RootDisk())
+    port = {"id": "p1", "vnic_type": "direct", "profile": {"pci_slot": "0000:81:00.1"}}
+    instance = _Inst(uuid=INSTANCE, image_meta=None, image_ref="img",
+                     flavor=types.SimpleNamespace(extra_specs=extra_specs or {}),
+                     info_cache=types.SimpleNamespace(network_info=[port]),
+                     get_pci_devices=lambda source=None: [
+                         types.SimpleNamespace(address="0000:82:00.0")])
+    return drv, instance, events, attached
+
+
+@pytest.mark.parametrize("xml, specs, why", [
+    (PLAIN_XML.replace("</devices>", MDEV + "</devices>"), {},
+     "mediated devices (a vGPU), which Nova's restore after a managed save does not "
+     "re-attach"),
+    (PLAIN_XML.replace("</devices>", "</devices><launchSecurity type='sev'/>"), {},
+     "memory encryption (SEV), which libvirt cannot save"),
+    (PLAIN_XML.replace("</devices>", "<filesystem type='mount'><driver type='virtiofs'/>"
+                       "</filesystem></devices>"), {},
+     "a virtiofs share, which libvirt cannot save"),
+    (PLAIN_XML.replace("<devices>", "<cpu><feature policy='require' name='invtsc'/></cpu>"
+                       "<devices>"), {},
+     "the invtsc CPU feature, which QEMU cannot save"),
+    (PLAIN_XML, {"accel:device_profile": "fpga"},
+     "Cyborg accelerators, which Nova does not suspend"),
+])
+def test_a_guest_that_cannot_be_saved_is_refused_before_anything_is_detached(
+        dac_conf, monkeypatch, tmp_path, xml, specs, why):
+    """Review of the DAC label round 4, MEDIUM 2 (test_cold_mdev.py): the
+    cold path's suspend hot-detached a vGPU guest's mdev, which Nova's
+    restore never re-attaches: the guest came back without its vGPU. A
+    guest with mdevs, or with what keeps libvirt or Nova from saving it,
+    is refused by name, nothing detached, nothing saved."""
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path, xml,
+                                                           False, specs)
+    try:
+        with refused(vdriver.VTPCMFault, (
+                "vTPCM: instance %s: a snapshot of the running guest is refused with "
+                "[vtpcm] qemu_dac_label on: Nova's live snapshot would hand the shared "
+                "backing file to libvirt's QEMU user, and this guest cannot be saved for a "
+                "cold one: it has %s. Stop the instance: a stopped instance is snapshotted "
+                "cold" % (INSTANCE, why))):
+            drv.snapshot(None, instance, "image-1", lambda **k: None)
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+    assert events == []
+    assert attached == {"mdev": True, "sriov": True, "pci": True}
+
+
+def test_a_failed_managed_save_puts_back_what_the_suspend_detached(
+        dac_conf, monkeypatch, tmp_path):
+    """Round 4, MEDIUM 2 (b): the suspend ran outside the try, so a managed
+    save libvirt refused left the running guest without its PCI devices and
+    SR-IOV ports. They are attached again (Nova's helpers), the save's
+    error is what the snapshot reports, and the guest is not restored (it
+    never stopped)."""
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path,
+                                                           PLAIN_XML, True)
+    try:
+        with pytest.raises(RuntimeError, match="cannot save this domain"):
+            drv.snapshot(None, instance, "image-1", lambda **k: None)
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+    assert events == ["detach pci", "detach direct port", "managed save", "attach pci",
+                      "attach direct port"]
+    assert attached == {"mdev": True, "sriov": True, "pci": True}
+
+
+def test_a_saveable_guest_is_still_snapshotted_cold_and_gets_its_devices_back(
+        dac_conf, monkeypatch, tmp_path):
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path,
+                                                           PLAIN_XML, False)
+    try:
+        drv.snapshot(None, instance, "image-1", lambda **k: None)
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+    assert events == ["detach pci", "detach direct port", "managed save", "extract",
+                      "restore", "attach pci", "attach direct port", "upload"]
+    assert attached == {"mdev": True, "sriov": True, "pci": True}
+
+
+def _check_data() -> Any:
+    from nova import objects
+    objects.register_all()
+    return objects.LibvirtLiveMigrateData()
+
+
+@pytest.mark.parametrize("vtpcm", [False, True])
+def test_a_destination_with_the_option_says_so_and_a_source_without_it_refuses(
+        dac_conf, monkeypatch, vtpcm):
+    """Review of the DAC label round 4, MEDIUM 3 (i): a guest from a host
+    without the option brought unpinned XML, and the destination's libvirt
+    chowned its _base under the labelled guests there. The destination's
+    check data says it runs the option (carried through Nova's RPC as the
+    early begin's hint is), and a source without it refuses by name."""
+    from nova import objects
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_destination",
+                        lambda self, *a: _check_data())
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_source",
+                        lambda self, ctx, inst, data, bdi=None: data)
+    engine = _Engine()
+    monkeypatch.setattr(vdriver.livemigration, "check_destination", lambda *a: None)
+    drv = _driver(Agents(0, 0))
+    drv._engine = lambda: engine  # type: ignore[assignment,return-value]
+    instance = _instance() if vtpcm else _plain_instance()
+    data = drv.check_can_live_migrate_destination(None, instance, None, None)
+    # through Nova's RPC: the object's primitive and back
+    data = objects.LibvirtLiveMigrateData.obj_from_primitive(data.obj_to_primitive())
+    assert data.migration.status == vdriver.DAC_LABEL_HINT
+    started: list[str] = []
+    monkeypatch.setattr(drv._early, "start", lambda uuid, hint: started.append(hint))
+    monkeypatch.setattr(vdriver, "_not_queued", lambda host, inst: True)
+    dac_conf.set_override("qemu_dac_label", False, group="vtpcm")
+    with refused(nova_exception.MigrationPreCheckError, (
+            "Migration pre-check error: vTPCM: the destination cmp1 runs with [vtpcm] "
+            "qemu_dac_label and this host does not: the guest's backing chain would reach "
+            "it unpinned, and its libvirt would hand the shared backing files to the "
+            "guest's QEMU user under the labelled guests there; turn [vtpcm] qemu_dac_label "
+            "on here first")):
+        drv.check_can_live_migrate_source(None, instance, data)
+    assert started == []
+    # the source with the option: checked, the hint taken out
+    dac_conf.set_override("qemu_dac_label", True, group="vtpcm")
+    data = drv.check_can_live_migrate_destination(None, instance, None, None)
+    result = drv.check_can_live_migrate_source(None, instance, data)
+    assert "migration" not in result
+    assert started == (["cmp1"] if vtpcm else [])
+
+
+def test_a_destination_without_the_option_sends_no_flag(monkeypatch):
+    compute_conf.register_opts(vdriver.CONF)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_destination",
+                        lambda self, *a: _check_data())
+    data = _driver(Agents(0, 0)).check_can_live_migrate_destination(
+        None, _plain_instance(), None, None)
+    assert "migration" not in data
+
+
+def test_a_guest_without_vtpcm_migrates_pinned_from_a_host_with_the_option(
+        dac_conf, monkeypatch):
+    """Round 4, MEDIUM 3 (ii): a guest started before the option (its
+    chain unpinned, libvirt's detected <backingStore> in its migratable
+    XML) went to the destination as it ran; its XML now goes through the
+    pinning as at spawn, the detected chain replaced."""
+    detected = PLAIN_XML.replace(
+        "<target dev='vda'/>", "<backingStore type='file'><format type='raw'/><source "
+        "file='/i/_base/abc'/><backingStore/></backingStore><target dev='vda'/>")
+    monkeypatch.setattr(daclabel, "backing_chain", lambda path, fmt: [
+        (path, "qcow2"), ("/i/_base/abc", "raw")])
+
+    def nova_operation(self, context, instance, dest, block, data, guest_, names):
+        guest_.migrate("qemu+tcp://%s/system" % dest, destination_xml=detected)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_live_migration_operation",
+                        nova_operation)
+    drv = _driver(Agents(0, 0))
+    drv._dest_sockets, drv._dest_ids = {}, {}
+    guest = _SourceGuest(detected)
+    drv._live_migration_operation(None, _plain_instance(), "cmp2", False, None, guest, [])
+    stores = ET.fromstring(guest.sent["destination_xml"]).findall("devices/disk/backingStore")
+    assert len(stores) == 1
+    assert stores[0].find("source").get("file") == "/i/_base/abc"
+    assert stores[0].find("source/seclabel").attrib == {"model": "dac", "relabel": "no"}
+    # with the option off, Nova's XML as it was
+    dac_conf.set_override("qemu_dac_label", False, group="vtpcm")
+    guest = _SourceGuest(detected)
+    drv._live_migration_operation(None, _plain_instance(), "cmp2", False, None, guest, [])
+    assert guest.sent["destination_xml"] == detected

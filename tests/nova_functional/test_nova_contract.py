@@ -51,6 +51,55 @@ def test_get_guest_xml_signature_and_its_callers() -> None:
         "self", "context", "connection_info", "instance", "mountpoint"]
 
 
+def test_the_cold_snapshot_steps_of_an_unlabelled_guest_keep_their_shape() -> None:
+    """With [vtpcm] qemu_dac_label, ``_live_snapshot`` takes Nova's cold
+    steps for a guest without a vTPCM (round 3 of the DAC label, HIGH 1):
+    Nova's own suspend/resume helpers and the root disk's extract."""
+    drv = libvirt_driver.LibvirtDriver
+    assert _params(drv._live_snapshot) == [
+        "self", "context", "instance", "guest", "disk_path", "out_path", "source_format",
+        "image_format", "image_meta"]
+    assert _params(drv._suspend_guest_for_snapshot) == [
+        "self", "context", "live_snapshot", "current_power_state", "instance"]
+    assert _params(drv._resume_guest_after_snapshot) == [
+        "self", "context", "live_snapshot", "original_power_state", "instance", "guest"]
+    source = inspect.getsource(drv.snapshot)
+    assert "self._live_snapshot(context, instance, guest," in source
+    assert "root_disk.snapshot_extract(out_path, image_format)" in source
+    assert "self.image_backend.by_libvirt_path(" in source
+    # round 4, MEDIUM 2: what suspend detaches and the helpers that attach
+    # it again after a failed managed save
+    assert _params(drv._needs_suspend_resume_for_snapshot) == [
+        "self", "live_snapshot", "current_power_state"]
+    assert _params(drv._attach_pci_devices) == ["self", "guest", "pci_devs"]
+    assert _params(drv._attach_direct_passthrough_ports) == [
+        "self", "context", "instance", "guest", "network_info"]
+    suspend = inspect.getsource(drv.suspend)
+    for step in ("self._detach_pci_devices(", "self._detach_direct_passthrough_ports(",
+                 "self._detach_mediated_devices(guest)", "guest.save_memory_state()"):
+        assert step in suspend
+    from nova.virt.libvirt import guest as libvirt_guest
+    assert _params(libvirt_guest.Guest.get_all_devices)[:2] == ["self", "devtype"]
+    assert "devtype=vconfig.LibvirtConfigGuestHostdevMDEV" in inspect.getsource(
+        drv._detach_mediated_devices)
+    resume = inspect.getsource(drv._resume_guest_after_snapshot)
+    assert "_attach_mediated_devices" not in resume  # why a vGPU guest is refused
+
+
+def test_the_destination_hint_rides_on_the_check_datas_migration() -> None:
+    """The destination's hint (its name; round 4, MEDIUM 3: its
+    qemu_dac_label in the status) is a bare Migration in the check data's
+    ``migration`` field, which survives Nova's RPC serialisation."""
+    from nova import objects
+    objects.register_all()
+    data = objects.LibvirtLiveMigrateData()
+    data.migration = objects.Migration(dest_compute="cmp2", status="vtpcm:qemu_dac_label")
+    back = objects.LibvirtLiveMigrateData.obj_from_primitive(data.obj_to_primitive())
+    assert (back.migration.dest_compute, back.migration.status) == (
+        "cmp2", "vtpcm:qemu_dac_label")
+    assert not back.migration.obj_attr_is_set("uuid")
+
+
 def test_public_hooks_keep_their_signatures() -> None:
     expected = {
         "spawn": ["self", "context", "instance", "image_meta", "injected_files",

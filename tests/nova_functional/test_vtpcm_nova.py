@@ -19,6 +19,7 @@ Every case checks through Nova's API and through tpm2-pytss on the vTPCM.
 """
 
 import secrets
+import sys
 import threading
 import time
 import uuid
@@ -29,6 +30,7 @@ from urllib.parse import urlparse
 
 import fixtures
 import nova.conf
+import oslo_messaging
 import pytest
 from nova import context as nova_context
 from nova import exception as nova_exception
@@ -514,6 +516,41 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
         self.assertEqual(1, len(begins), begins)
         self.assertFalse(begins[0][2].startswith("vtpcm-early-begin-"), begins)
 
+    def test_a_conductor_blip_in_the_queue_check_costs_only_the_early_begin(self) -> None:
+        """Review round 3, L2: the source's check counts this host's live
+        migrations through the conductor; a failed count (a messaging
+        timeout) begins nothing early and the migration goes on, begun by
+        live_migration, with a WARNING naming only the error's class."""
+        a, b = self._start_hosts(2)
+        self.flags(max_concurrent_live_migrations=1)
+        server = self._boot(host=a)
+        instance = server["id"]
+        before = self._write_tpm(a, instance)
+        original = objects.MigrationList.get_by_filters
+        counted: list[str] = []
+
+        # a classmethod again once patched in (fixtures.MonkeyPatch)
+        def get_by_filters(cls: Any, context: Any, filters: Any, *args: Any,
+                           **kwargs: Any) -> Any:
+            if sys._getframe(1).f_code.co_name == "_queued_behind":
+                counted.append(filters["source_compute"])
+                raise oslo_messaging.MessagingTimeout("no reply from the conductor: secret-ish")
+            return original(context, filters, *args, **kwargs)
+        self.useFixture(fixtures.MonkeyPatch(
+            "nova.objects.MigrationList.get_by_filters", get_by_filters))
+        server = self._live_migrate(server, host=b)
+        self.assertEqual([a], counted)  # control: the count was asked for, and failed
+        self.assertEqual(b, self._host_of(server))
+        self.assertEqual(before, self._tpm(b, instance))
+        nova_id = self._migrations(instance)[0]["uuid"]
+        self.assertEqual("COMMITTED", self.dep.operator.get_migration(nova_id).state)
+        begins = [t for t in self.engine_timeline if t[0] == "begin" and t[1] == nova_id]
+        self.assertEqual(1, len(begins), begins)
+        self.assertFalse(begins[0][2].startswith("vtpcm-early-begin-"), begins)
+        output = self.stdlog.logger.output
+        self.assertIn("could not be counted (MessagingTimeout); no early begin", output)
+        self.assertNotIn("secret-ish", output)
+
     def test_early_begin_to_a_failed_destination_lets_the_retry_to_another_succeed(
             self) -> None:
         names = self._start_hosts(3)
@@ -579,8 +616,16 @@ class VTPCMNovaTest(base.LibvirtMigrationMixin, base.ServersTestBase):
             rec = self.dep.operator.get_vtpcm(instance)
             self.assertEqual((a, 0, None), (rec.host, rec.generation, rec.migration_id))
             self.assertIsNone(self.dep.vtpcm_on(b, instance))
-            mig = self.dep.operator.get_migration(self._migrations(instance)[0]["uuid"])
+            nova_id = self._migrations(instance)[0]["uuid"]
+            mig = self.dep.operator.get_migration(nova_id)
             self.assertEqual("REFUSED", mig.state)
+            # the early begin under Nova's uuid and live_migration's under
+            # the next one were refused, each aborted by begin itself (and
+            # the second by the rollback): never taken over by this host
+            retried = earlybegin.attempt_id(nova_id, b, 1)
+            self.assertEqual("REFUSED", self.dep.operator.get_migration(retried).state)
+            self.assertEqual([nova_id, retried],
+                             list(self.computes[a].driver._early._aborted))
             # a revoked host no longer reports the trait
             self.computes[b].manager.update_available_resource(
                 nova_context.get_admin_context())

@@ -21,6 +21,7 @@ import signal
 import stat
 import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 from oslo_log import log as logging
@@ -127,7 +128,7 @@ def kill_all(uid: int, timeout: float = 5.0, own_dirs: tuple[Path, ...] = ()) ->
         if not live:
             break
         if hit and not defused:  # a second round: something re-creates them
-            defuse(uid, TEMP_DIRS + own_dirs, deadline)
+            defuse((uid,), TEMP_DIRS + own_dirs, deadline)
             defused = True
             live = pids_of(uid)
             if not live:
@@ -147,11 +148,12 @@ def kill_all(uid: int, timeout: float = 5.0, own_dirs: tuple[Path, ...] = ()) ->
     return len(hit)
 
 
-def defuse(uid: int, dirs: tuple[Path, ...], deadline: float | None = None) -> int:
-    """Clear the setuid, setgid and exec bits of the regular files of
-    ``uid`` that a process holds open (any process: ``/proc/*/fd``) and of
-    those under ``dirs`` (the uid's own directories and root's shared
-    sticky ones entered, bounded as the sweep is); how many were changed.
+def defuse(uids: tuple[int, ...], dirs: tuple[Path, ...], deadline: float | None = None) -> int:
+    """Clear the setuid, setgid and exec bits of the regular files of each
+    of ``uids`` that a process holds open (any process: ``/proc/*/fd``, one
+    scan for all of them) and of those under ``dirs`` (the uid's own
+    directories and root's shared sticky ones entered, bounded as the sweep
+    is, for each uid); how many were changed.
 
     Why: an fd to a setuid file of the uid, held by another user, lets that
     user start processes of the uid (``execv('/proc/self/fd/N')``) faster
@@ -159,21 +161,25 @@ def defuse(uid: int, dirs: tuple[Path, ...], deadline: float | None = None) -> i
     as its caller. Best effort: what cannot be looked at is skipped (the
     destroy does not depend on it, ``InstanceManager._kill``), and so is
     what the held-fd scan has not reached by ``deadline``."""
-    changed = _defuse_held(uid, deadline)
-    budget = [MAX_SHARED_DIRS]
-    for top in dirs:
-        try:
-            dfd = os.open(top, fstree.DIR_FLAGS)
-        except OSError:
-            continue
-        try:
-            changed += _defuse_tree(dfd, uid, budget)
-        finally:
-            os.close(dfd)
-    if changed:
-        LOG.warning("Cleared setuid/setgid/exec bits of %(n)d file(s) of swtpm uid %(uid)d",
-                    {"n": changed, "uid": uid})
-    return changed
+    held = _defuse_held(frozenset(uids), deadline)
+    total = 0
+    for uid in uids:
+        changed = held[uid]
+        budget = [MAX_SHARED_DIRS]
+        for top in dirs:
+            try:
+                dfd = os.open(top, fstree.DIR_FLAGS)
+            except OSError:
+                continue
+            try:
+                changed += _defuse_tree(dfd, uid, budget)
+            finally:
+                os.close(dfd)
+        if changed:
+            LOG.warning("Cleared setuid/setgid/exec bits of %(n)d file(s) of swtpm uid "
+                        "%(uid)d", {"n": changed, "uid": uid})
+        total += changed
+    return total
 
 
 # file systems whose getattr can block (a hung hard NFS mount) or reach a
@@ -227,18 +233,20 @@ def _mnt_id(fdinfo_dir: int, fd: str) -> str | None:
     return value.decode("ascii") if value.isdigit() else None
 
 
-def _defuse_held(uid: int, deadline: float | None = None) -> int:
-    """The uid's setuid/setgid files that any process holds open, defused
-    through an ``O_PATH`` fd (opening them for real could block on a FIFO
-    or act on a device) checked to be the inode looked at.
+def _defuse_held(uids: frozenset[int], deadline: float | None = None) -> Counter[int]:
+    """The setuid/setgid files of ``uids`` that any process holds open,
+    defused (how many, by uid) through an ``O_PATH`` fd (opening them for
+    real could block on a FIFO or act on a device) checked to be the inode
+    looked at.
 
     Only fds that can matter are stat'ed: sockets, pipes and anonymous
     inodes are told by their link, and an fd on a nosuid or noexec mount
     or on a network or FUSE file system is skipped by its mount id
     (``fdinfo``) before any stat, so no getattr reaches a hung NFS server
     or a user's FUSE daemon (review round 3 of the sweep, MEDIUM 3). Stops
-    at ``deadline``."""
-    changed = 0
+    at ``deadline``. What it costs is the walk of every fd, the same for
+    any number of uids: one scan serves a VM's swtpm and QEMU uids."""
+    changed: Counter[int] = Counter()
     mounts: dict[str, bool] = {}
     for entry in os.scandir(PROC):
         if not entry.name.isdigit():
@@ -251,20 +259,20 @@ def _defuse_held(uid: int, deadline: float | None = None) -> int:
         except OSError:
             continue
         try:
-            changed += _defuse_fds(uid, entry.name, fd_dir, fdinfo, fds, mounts, deadline)
+            changed += _defuse_fds(uids, entry.name, fd_dir, fdinfo, fds, mounts, deadline)
         finally:
             os.close(fdinfo)
         if deadline is not None and time.monotonic() >= deadline:
-            LOG.warning("Held-fd scan for swtpm uid %(uid)d stopped at its deadline",
-                        {"uid": uid})
+            LOG.warning("Held-fd scan for swtpm uid(s) %(uids)s stopped at its deadline",
+                        {"uids": ", ".join(str(u) for u in sorted(uids))})
             break
     return changed
 
 
-def _defuse_fds(uid: int, pid: str, fd_dir: Path, fdinfo: int, fds: list[str],
-                mounts: dict[str, bool], deadline: float | None) -> int:
+def _defuse_fds(uids: frozenset[int], pid: str, fd_dir: Path, fdinfo: int, fds: list[str],
+                mounts: dict[str, bool], deadline: float | None) -> Counter[int]:
     """``_defuse_held`` for the fds ``fds`` of process ``pid``."""
-    changed = 0
+    changed: Counter[int] = Counter()
     base = "%s/" % fd_dir
     for fd in fds:
         if deadline is not None and time.monotonic() >= deadline:
@@ -277,7 +285,7 @@ def _defuse_fds(uid: int, pid: str, fd_dir: Path, fdinfo: int, fds: list[str],
             if mnt_id is None or _mount_skipped(pid, mnt_id, mounts):
                 continue
             st = os.stat(where)
-            if (not stat.S_ISREG(st.st_mode) or st.st_uid != uid
+            if (not stat.S_ISREG(st.st_mode) or st.st_uid not in uids
                     or not st.st_mode & (stat.S_ISUID | stat.S_ISGID)):
                 continue
             held = os.open(where, os.O_PATH | os.O_CLOEXEC)
@@ -285,11 +293,11 @@ def _defuse_fds(uid: int, pid: str, fd_dir: Path, fdinfo: int, fds: list[str],
             continue
         try:
             now = os.fstat(held)
-            if fstree.ident(now) == fstree.ident(st) and now.st_uid == uid \
+            if fstree.ident(now) == fstree.ident(st) and now.st_uid == st.st_uid \
                     and stat.S_ISREG(now.st_mode):
                 os.chmod("/proc/self/fd/%d" % held,
                          stat.S_IMODE(now.st_mode) & ~fstree.UNSAFE_BITS)
-                changed += 1
+                changed[st.st_uid] += 1
         except OSError:
             pass
         finally:
@@ -496,25 +504,66 @@ def _sweep_tree(top_fd: int, top: Path, uid: int, removed: list[str], failed: li
 SWEEP_DEFUSE_TIMEOUT = 10.0
 
 
-def sweep(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS, ipc_root: Path = sysvipc.SYSVIPC,
-          ) -> list[str]:
-    """Everything of ``uid`` that outlives its processes, removed before the
-    uid is freed: its entries in ``dirs`` (``sweep_files``) and its SysV IPC
-    objects, after its setuid files anyone holds open are defused
-    (``defuse``, bounded by ``SWEEP_DEFUSE_TIMEOUT``). What is removed is
+def sweep(uids: tuple[int, ...], dirs: tuple[Path, ...] = TEMP_DIRS,
+          ipc_root: Path = sysvipc.SYSVIPC) -> list[str]:
+    """Everything of each of ``uids`` (a VM's swtpm uid and QEMU uid) that
+    outlives its processes, removed before the uid is freed: its entries in
+    ``dirs`` (``sweep_files``) and its SysV IPC objects, after its setuid
+    files anyone holds open are defused (``defuse``: one held-fd scan for
+    all the uids, bounded by ``SWEEP_DEFUSE_TIMEOUT``). What is removed is
     returned.
 
-    Refuses (SwtpmError, nothing removed) while a process of the uid lives:
-    what a live process holds (abstract Unix sockets, which the file
-    system does not show, pipes, its own files) goes only with it, and it
-    could make new leftovers meanwhile; the error names the pids and their
-    abstract sockets. A failure on one entry never stops the rest; if
-    anything of the uid remains at the end the SwtpmError names each thing
-    (paths, IPC ids, no contents): the caller keeps the uid."""
-    live = pids_of(uid)
-    if live:
+    Refuses a uid (SwtpmError, nothing of it removed) while a process of
+    the uid lives: what a live process holds (abstract Unix sockets, which
+    the file system does not show, pipes, its own files) goes only with it,
+    and it could make new leftovers meanwhile; the error names the pids and
+    their abstract sockets. A failure on one entry or one uid never stops
+    the rest; if anything of a uid remains at the end the SwtpmError names
+    each thing (paths, IPC ids, no contents): the caller keeps the uid.
+    Raised after every uid was swept: the first uid's (in ``uids``) that
+    failed."""
+    removed, failed = _sweep_all(uids, dirs, ipc_root)
+    _raise_first(uids, failed)
+    return removed
+
+
+def kill_and_sweep(uids: tuple[int, ...], timeout: float) -> list[str]:
+    """``kill_all`` (each bounded by ``timeout``), then ``sweep``, of each of
+    ``uids`` (a VM's swtpm uid and QEMU uid, before they are freed): a uid
+    with processes that survive is not swept, the others are, with one
+    held-fd scan for all. Every uid is tried; then the first one's failure
+    (in ``uids``: the swtpm uid's before the QEMU uid's) is raised."""
+    failed: dict[int, exception.SwtpmError] = {}
+    for uid in uids:
+        try:
+            kill_all(uid, timeout=timeout)
+        except exception.SwtpmError as exc:
+            failed[uid] = exc
+    removed, left = _sweep_all(tuple(uid for uid in uids if uid not in failed),
+                               TEMP_DIRS, sysvipc.SYSVIPC)
+    failed.update(left)
+    _raise_first(uids, failed)
+    return removed
+
+
+def _raise_first(uids: tuple[int, ...], failed: dict[int, exception.SwtpmError]) -> None:
+    for uid in uids:
+        if uid in failed:
+            raise failed[uid]
+
+
+def _sweep_all(uids: tuple[int, ...], dirs: tuple[Path, ...], ipc_root: Path,
+               ) -> tuple[list[str], dict[int, exception.SwtpmError]]:
+    """``sweep`` of ``uids``: what it removed, and each uid's failure."""
+    failed: dict[int, exception.SwtpmError] = {}
+    clear: list[int] = []
+    for uid in uids:
+        live = pids_of(uid)
+        if not live:
+            clear.append(uid)
+            continue
         held = abstract_sockets(live)
-        raise exception.SwtpmError(
+        failed[uid] = exception.SwtpmError(
             vtpcm_id="uid %d" % uid,
             reason="processes of swtpm uid %d are alive (%s)%s; not sweeping or freeing the uid"
             % (uid, some(live), (" holding abstract sockets (%s)" % some(held)) if held else ""))
@@ -522,7 +571,19 @@ def sweep(uid: int, dirs: tuple[Path, ...] = TEMP_DIRS, ipc_root: Path = sysvipc
     # dir's removal, or anywhere else) must not run as the uid once it is
     # freed: kill_all defuses only when processes survive its first round
     # (review round 4 of the sweep, LOW 1)
-    defuse(uid, dirs, time.monotonic() + SWEEP_DEFUSE_TIMEOUT)
+    if clear:
+        defuse(tuple(clear), dirs, time.monotonic() + SWEEP_DEFUSE_TIMEOUT)
+    removed: list[str] = []
+    for uid in clear:
+        try:
+            removed += _sweep_defused(uid, dirs, ipc_root)
+        except exception.SwtpmError as exc:
+            failed[uid] = exc
+    return removed, failed
+
+
+def _sweep_defused(uid: int, dirs: tuple[Path, ...], ipc_root: Path) -> list[str]:
+    """``sweep`` of one uid with no process left, once defused."""
     remains: list[str] = []
     try:
         removed = sweep_files(uid, dirs)

@@ -68,6 +68,10 @@ COMMAND_LIFETIME = authn.DEFAULT_TTL + authn.DEFAULT_MAX_SKEW
 # The states a migration is in only while its ``begin`` runs: the caller has
 # no PREPARED answer, so libvirt never started and nothing depends on it.
 BEGIN_STATES = frozenset({M.SEALING, M.PREPARING})
+# an abort's steps left to run, and the states on its way (IN_DOUBT: the
+# destination's copy was in use, an operator decides)
+UNDOING_ABORT = frozenset({M.ABORTING, M.DISCARDING, M.RESTORING})
+ABORT_PATH = UNDOING_ABORT | {M.ABORTED, M.IN_DOUBT}
 # Added to the agent RPC timeout for one begin step's own database writes
 # and checks (the destination's recheck, a compare-and-set under load):
 # the step bound, only for begins that recorded no engine run.
@@ -901,8 +905,54 @@ class Coordinator(ShelvingMixin):
                 return tomb
             proto, ctx, rec = self._load(migration_id)  # a begin wrote it meanwhile
             self._check_raced_abort(rec, instance_uuid, requested_by)
-        self._settle_deadline_abort(proto, ctx, rec)
-        self._advance(proto, ctx, p.AbortRequested(reason))
+        raced = False
+        for _ in range(len(p.PENDING_WORK)):
+            try:
+                # this abort's own word, whoever moved the migration: a
+                # deadline abort's destroy first, then IN_DOUBT -> DISCARDING
+                self._settle_deadline_abort(proto, ctx, rec)
+                self._advance(proto, ctx, p.AbortRequested(reason))
+            except exception.MigrationError:
+                if not self._moved_on_to_undo(migration_id, proto.state):
+                    raise
+                raced = True
+                proto, ctx, rec = self._load(migration_id)
+                continue
+            break
+        if raced:
+            return self._finish_abort(migration_id)
+        return self.db.get_migration(migration_id)
+
+    def _moved_on_to_undo(self, migration_id: str, believed: M) -> bool:
+        """Whether another abort or reconcile moved the migration on from
+        ``believed`` (the state this call last saw or wrote) along the
+        abort's path: a compare-and-set this call lost, not a failed step.
+        A commit that won the race is not such progress."""
+        state = M(self.db.get_migration(migration_id).state)
+        return state is not believed and state in ABORT_PATH
+
+    def _finish_abort(self, migration_id: str) -> db_api.MigrationRecord:
+        """Run the steps left of an abort another worker's reconcile (or
+        a concurrent abort) took over, as reconcile would, until it ends:
+        the abort is decided, so its caller gets the outcome, not "state
+        changed concurrently" (found in CI: two engine workers reconciling
+        every second raced an abort's destroy of the destination). The
+        caller has applied its own AbortRequested to the state it reloaded
+        first, so an IN_DOUBT left by a racing deadline abort went on to
+        DISCARDING (review of the first fix: the explicit abort's word was
+        dropped at IN_DOUBT). A step that fails without such progress still
+        fails the call. Bounded: every pass moves the migration one state
+        on, or raises."""
+        for _ in range(len(p.PENDING_WORK)):
+            proto, ctx, rec = self._load(migration_id)
+            if proto.state not in UNDOING_ABORT:
+                break
+            try:
+                self._run(proto, ctx, p.pending_actions(proto.state,
+                                                        rec.error == p.DEADLINE_REASON))
+            except exception.MigrationError:
+                if not self._moved_on_to_undo(migration_id, proto.state):
+                    raise
         return self.db.get_migration(migration_id)
 
     def _check_raced_abort(self, rec: db_api.MigrationRecord, instance_uuid: str,

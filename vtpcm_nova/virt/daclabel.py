@@ -16,8 +16,12 @@ Every backing file outside the instance's own directory is therefore
 written into the disk as a ``<backingStore>`` whose ``<source>`` carries
 ``<seclabel model='dac' relabel='no'/>``: libvirt leaves it root's, QEMU
 opens it read-only. A file two domains share with different labels (a
-multiattach volume) cannot work: refused. Pure XML and ``qemu-img``: no
-Nova, no libvirt.
+multiattach volume) cannot work: refused. With the option on, a guest
+WITHOUT a vTPCM gets its chain pinned the same way (``pin_domain``, no
+label): libvirt's dynamic ownership would hand ``_base`` to its QEMU user,
+writable by every unlabelled QEMU under the labelled guests; and a
+labelled guest refuses a backing file a QEMU may have written
+(``check_backing_owner``). Pure XML and ``qemu-img``: no Nova, no libvirt.
 """
 
 from __future__ import annotations
@@ -26,17 +30,17 @@ import dataclasses
 import io
 import json
 import os
+import stat
 import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 
 from oslo_log import log as logging
 
-from vtpcm_common import exception
+from vtpcm_common import exception, idrange
 
 LOG = logging.getLogger(__name__)
 
-UID_MAX = 4294967294  # (uid_t)-1 is "unchanged": root stays root
 FORMATS = ("raw", "qcow2")
 QEMU_IMG_TIMEOUT = 30.0
 MAX_CHAIN = 16  # backing files of one disk
@@ -46,6 +50,12 @@ QEMU_IMG_CPU_SECONDS = 30
 
 # a backing chain as qemu-img reports it: (file name, format), the top first
 Chain = list[tuple[str, str]]
+
+
+class UnstatedBackingFormat(exception.InvalidInput):
+    """A qcow2 image names a backing file without its format (as Nova
+    wrote disks before it passed ``backing_fmt``, or an imported disk):
+    the chain cannot be read further without probing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,17 +79,11 @@ class Ranges:
 
 
 def _range(text: str, option: str) -> tuple[int, int]:
-    first, sep, last = (text or "").partition("-")
-    if not sep or not first.isdigit() or not last.isdigit():
+    if not text:
         raise exception.InvalidInput(
-            reason="[vtpcm] %s %r: need FIRST-LAST (with [vtpcm] qemu_dac_label on)"
-                   % (option, text))
-    low, high = int(first), int(last)
-    if not 0 < low <= high <= UID_MAX:
-        raise exception.InvalidInput(
-            reason="[vtpcm] %s %s: need 0 < FIRST <= LAST <= %d (0 is root)"
-                   % (option, text, UID_MAX))
-    return low, high
+            reason="[vtpcm] %s '': need FIRST-LAST (with [vtpcm] qemu_dac_label on)"
+                   % option)
+    return idrange.parse(text, "[vtpcm] %s" % option)
 
 
 def ranges(qemu_uid_range: str, vm_gid_range: str) -> Ranges:
@@ -218,16 +222,19 @@ def parse_info(text: str, image: str, disk: str) -> tuple[str, str] | None:
                    "image" % disk)
     if isinstance(data, dict) and "data-file" in data:
         raise exception.InvalidInput(
-            reason="disk %s: image %s has an external data file; a labelled guest takes "
-                   "none" % (disk, image))
+            reason="disk %s: image %s has an external data file; [vtpcm] qemu_dac_label "
+                   "pins none" % (disk, image))
     if name is None:
         return None
     if not isinstance(name, str) or name != full or not os.path.isabs(name) \
             or os.path.normpath(name) != name or fmt not in FORMATS:
-        raise exception.InvalidInput(
-            reason="disk %s: backing file %r of format %r; a labelled guest takes backing "
-                   "files named by a plain absolute path, of a stated format %s"
-                   % (disk, name, fmt, " or ".join(FORMATS)))
+        error = UnstatedBackingFormat if fmt is None else exception.InvalidInput
+        fix = ("; with the instance stopped, state it: qemu-img rebase -u -F FORMAT "
+               "-b BACKING %s" % image) if fmt is None else ""
+        raise error(
+            reason="disk %s: backing file %r of format %r; [vtpcm] qemu_dac_label pins "
+                   "backing files named by a plain absolute path, of a stated format %s%s"
+                   % (disk, name, fmt, " or ".join(FORMATS), fix))
     return name, str(fmt)
 
 
@@ -249,21 +256,50 @@ def _within(path: str, directory: str) -> bool:
     return os.path.commonpath([real, top]) == top
 
 
-def _backing_store(chain: Chain, instance_dir: str) -> ET.Element:
+def check_backing_owner(name: str) -> None:
+    """A backing file a labelled guest reads must be writable by no QEMU:
+    owned by root (or by nova-compute's own user, which writes ``_base``)
+    and writable by its owner only. One libvirt chowned to its QEMU user
+    before ``qemu_dac_label`` was on (an unlabelled guest, a live snapshot)
+    is writable by every unlabelled QEMU on the host (review of the DAC
+    label round 3, HIGH 1): refused, naming the file and the fix."""
+    try:
+        st = os.stat(name)
+    except OSError as err:
+        raise exception.InvalidInput(
+            reason="backing file %s: %s" % (name, err.strerror)) from None
+    owners = {0, os.geteuid()}
+    if st.st_uid not in owners or st.st_mode & 0o022:
+        raise exception.InvalidInput(
+            reason="backing file %s is owned by uid %d with mode %04o: a QEMU may have "
+                   "written it (libvirt hands a guest's backing files to its QEMU user "
+                   "unless they are pinned, as [vtpcm] qemu_dac_label pins them); a guest "
+                   "with a per-VM QEMU label reads it only once it is root's and "
+                   "writable by its owner alone: check it, then chown root:root and chmod "
+                   "0644 it" % (name, st.st_uid, stat.S_IMODE(st.st_mode)))
+
+
+def _backing_store(chain: Chain, instance_dir: str, labelled: bool = True) -> ET.Element:
     """Nested ``<backingStore>`` for ``chain`` (backing files only), each
     file pinned (never relabelled), ended by an empty ``<backingStore/>``:
     libvirt takes the chain as given. A backing file inside
     ``instance_dir`` is refused: Nova never puts one there, so it comes
     from a header the VM's QEMU rewrote, naming e.g. ``disk.info`` to have
-    libvirt chown it to the VM (review of dacbuild round 2, LOW 4)."""
+    libvirt chown it to the VM (review of dacbuild round 2, LOW 4).
+    ``labelled``: each file must also be root's and not group- or
+    other-writable (``check_backing_owner``)."""
     top = ET.Element("backingStore")
     node = top
     for name, fmt in chain:
         if _within(name, instance_dir):
             raise exception.InvalidInput(
                 reason="backing file %s is inside the instance's directory %s; Nova never "
-                       "puts one there, a guest with a per-VM QEMU label ([vtpcm] "
-                       "qemu_dac_label) is refused it" % (name, instance_dir))
+                       "puts one there, %s is refused it" % (
+                           name, instance_dir,
+                           "a guest with a per-VM QEMU label ([vtpcm] qemu_dac_label)"
+                           if labelled else "a guest on a host with [vtpcm] qemu_dac_label"))
+        if labelled:
+            check_backing_owner(name)
         node.set("type", "file")
         ET.SubElement(node, "format", type=fmt)
         source = ET.SubElement(node, "source", file=name)
@@ -290,28 +326,112 @@ def _set_label(dom: ET.Element, ids: VMIds) -> None:
     ET.SubElement(seclabel, "label").text = ids.label
 
 
-def label_domain(domain_xml: str, ids: VMIds, instance_dir: str, instance_uuid: str,
-                 chain_of: Callable[[str, str], Chain] | None = None) -> str:
-    """The guest's XML with its DAC label, every file disk's backing chain
-    written out and pinned; refused if a disk is shareable (multiattach) or
-    has a backing file inside ``instance_dir``."""
-    read_chain = chain_of or backing_chain
-    dom = _parse(domain_xml)
-    _refuse_shared(dom, instance_uuid)
+def _pin_chains(dom: ET.Element, instance_dir: str,
+                read_chain: Callable[[str, str], Chain], labelled: bool) -> None:
+    """Every file disk's backing chain written out and pinned."""
     for disk in dom.findall("devices/disk[@type='file']"):
         source = disk.find("source")
         path = source.get("file") if source is not None else None
         if not path or disk.find("backingStore") is not None:
             continue
         driver = disk.find("driver")
-        chain = read_chain(path, driver.get("type", "") if driver is not None else "")[1:]
+        fmt = driver.get("type", "") if driver is not None else ""
+        if not labelled and fmt not in FORMATS:
+            continue  # no chain this module reads; never one over Nova's _base
+        # an unstated backing format is refused for every guest (lead's
+        # decision after review round 4, LOW 4): libvirt would probe the
+        # format of whatever the header, which the guest's QEMU can
+        # write, names, and relabel it for its QEMU user if it looks raw
+        chain = read_chain(path, fmt)[1:]
         if not chain:
             continue
-        store = _backing_store(chain, instance_dir)
+        store = _backing_store(chain, instance_dir, labelled)
         # right after <source>, where libvirt writes it
         disk.insert(list(disk).index(source) + 1, store)  # type: ignore[arg-type]
+
+
+def label_domain(domain_xml: str, ids: VMIds, instance_dir: str, instance_uuid: str,
+                 chain_of: Callable[[str, str], Chain] | None = None) -> str:
+    """The guest's XML with its DAC label, every file disk's backing chain
+    written out and pinned; refused if a disk is shareable (multiattach),
+    has a backing file inside ``instance_dir``, or one a QEMU may have
+    written (``check_backing_owner``)."""
+    dom = _parse(domain_xml)
+    _refuse_shared(dom, instance_uuid)
+    _pin_chains(dom, instance_dir, chain_of or backing_chain, labelled=True)
     _set_label(dom, ids)
     return ET.tostring(dom, encoding="unicode")
+
+
+def pin_domain(domain_xml: str, instance_dir: str,
+               chain_of: Callable[[str, str], Chain] | None = None) -> str:
+    """A guest WITHOUT a label (no vTPCM) on a host with ``qemu_dac_label``:
+    its disks' backing chains pinned as a labelled guest's are, nothing else
+    changed. libvirt would otherwise chown the shared ``_base`` to its QEMU
+    user for good, and every unlabelled QEMU could then write the file the
+    labelled guests read (review of the DAC label round 3, HIGH 1). An
+    unlabelled QEMU reads a root-owned 0644 backing file as it is."""
+    dom = _parse(domain_xml)
+    _pin_chains(dom, instance_dir, chain_of or backing_chain, labelled=False)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def pin_for_migration(domain_xml: str, instance_dir: str,
+                      chain_of: Callable[[str, str], Chain] | None = None) -> str:
+    """The live-migration XML of a guest WITHOUT a label from a host with
+    ``qemu_dac_label``, its chains pinned as ``pin_domain`` pins them: a
+    guest started before the option (or migrated in unpinned) would have
+    the destination's libvirt hand ``_base`` to its QEMU user under the
+    labelled guests there (review of the DAC label round 4, MEDIUM 3). A
+    ``<backingStore>`` not pinned throughout (libvirt's own, detected) is
+    dropped and the chain read again; one pinned at spawn is kept."""
+    dom = _parse(domain_xml)
+    for disk in dom.findall("devices/disk[@type='file']"):
+        store = disk.find("backingStore")
+        if store is not None and not _pinned(store):
+            disk.remove(store)
+    _pin_chains(dom, instance_dir, chain_of or backing_chain, labelled=False)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def _pinned(store: ET.Element) -> bool:
+    """Whether every file of a ``<backingStore>`` chain carries
+    ``<seclabel model='dac' relabel='no'/>`` (the chain ends with an empty
+    ``<backingStore/>``)."""
+    for node in store.iter("backingStore"):
+        source = node.find("source")
+        if source is None:
+            continue
+        if not any(label.get("relabel") == "no"
+                   for label in source.findall("seclabel[@model='dac']")):
+            return False
+    return True
+
+
+# what keeps libvirt or QEMU from saving a guest's memory (a managed
+# save), read from its domain XML, as Nova's API refuses a suspend
+# (reject_mem_enc_instances, block_shares_not_supported)
+_UNSAVEABLE = (
+    ("launchSecurity", "memory encryption (SEV), which libvirt cannot save"),
+    ("devices/filesystem/driver[@type='virtiofs']",
+     "a virtiofs share, which libvirt cannot save"),
+    ("cpu/feature[@name='invtsc'][@policy='require']",
+     "the invtsc CPU feature, which QEMU cannot save"),
+    ("cpu/feature[@name='invtsc'][@policy='force']",
+     "the invtsc CPU feature, which QEMU cannot save"),
+)
+
+
+def unsaveable(domain_xml: str) -> list[str]:
+    """What in a running guest's XML rules out its managed save (the cold
+    snapshot of a guest without a label: save, extract, restore), each
+    named once; empty: none of what is known."""
+    dom = _parse(domain_xml)
+    reasons: list[str] = []
+    for path, why in _UNSAVEABLE:
+        if dom.find(path) is not None and why not in reasons:
+            reasons.append(why)
+    return reasons
 
 
 def relabel_for_destination(domain_xml: str, ids: VMIds, instance_uuid: str) -> str:

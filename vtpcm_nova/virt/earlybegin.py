@@ -40,7 +40,7 @@ POLL_S = 1.0
 # remember them (a restarted nova-compute): Nova's uuid and derived ones
 LOOKUP_ATTEMPTS = 4
 MAX_THREADS = 16  # concurrent early begins; a check beyond them begins nothing early
-ABORTED_REMEMBERED = 4096  # ids aborted from here, never taken over
+ABORTED_REMEMBERED = 4096  # ids aborted from here, never taken over nor chosen
 
 
 def attempt_id(nova_id: str, dest: str, attempt: int) -> str:
@@ -91,11 +91,15 @@ class EarlyBegins:
         self._used: dict[str, set[str]] = {}  # Nova migration -> ids begun with
         self._ids: dict[str, str] = {}  # Nova migration -> id live_migration began
         self._aborting: dict[str, _Early] = {}  # instance -> given up, abort under way
-        # ids this process ever sent an abort for, newest last (bounded): never
-        # taken over, whatever the engine answers meanwhile, since an abort
-        # that timed out here may still be carried out there
+        # ids this process sent an abort for (remember_abort: the watchdog's,
+        # the lookup's, a failed begin's, a rollback's), newest last
+        # (bounded): never taken over nor begun with again, whatever the
+        # engine answers meanwhile, since an abort that failed or timed out
+        # here may still be carried out there
         self._aborted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._slots = threading.BoundedSemaphore(MAX_THREADS)
+        # status reads still under way (a late one is left to end by itself)
+        self._reads = threading.BoundedSemaphore(MAX_THREADS)
         # Nova migrations whose next id is being chosen: one choice at a time
         self._choosing: set[str] = set()
         self._choice = threading.Condition()
@@ -213,9 +217,9 @@ class EarlyBegins:
     def _choose_alone(self, instance_uuid: str, nova_id: str, dest: str,
                       early: _Early | None) -> str | None:
         with self._lock:
-            known = nova_id in self._used
-        if known:
-            with self._lock:
+            # one critical section: an abort's end (``_abort``) may forget
+            # the migration's ids between a test and a choice apart
+            if nova_id in self._used:
                 return self._next_id(nova_id, dest)
         seen: set[str] = set()
         source = self._source()
@@ -252,7 +256,7 @@ class EarlyBegins:
                              "begin to %(dest)s", {"mig": candidate, "nova": nova_id,
                                                    "dest": dest})
                     return None
-                self._remember_abort(candidate)
+                self.remember_abort(candidate)
                 livemigration.abort(self._engine(), candidate,
                                     "early begin for another destination, found after "
                                     "a restart", instance_uuid=instance_uuid)
@@ -264,9 +268,12 @@ class EarlyBegins:
             return self._next_id(nova_id, dest)
 
     def _next_id(self, nova_id: str, dest: str) -> str:
+        """Under the lock: the first id neither used for the migration nor
+        aborted from here (whatever the engine answered, or did not)."""
         used = self._used.setdefault(nova_id, set())
         attempt = 0
-        while attempt_id(nova_id, dest, attempt) in used:
+        while (attempt_id(nova_id, dest, attempt) in used
+               or attempt_id(nova_id, dest, attempt) in self._aborted):
             attempt += 1
         chosen = attempt_id(nova_id, dest, attempt)
         used.add(chosen)
@@ -317,7 +324,9 @@ class EarlyBegins:
                 livemigration.begin(self._engine(), early.vtpcm_id, early.instance_uuid,
                                     self._source(), early.dest)
         except exception.VTPCMException as err:
-            # begin aborted itself; live_migration's own begin decides (and logs)
+            # begin aborted itself (or tried to); live_migration's own begin
+            # decides (and logs)
+            self.remember_abort(early.vtpcm_id)
             LOG.info("vTPCM early begin %(mig)s of Nova migration %(nova)s to %(dest)s "
                      "failed, live_migration begins again: %(err)s",
                      {"mig": early.vtpcm_id, "nova": early.nova_id, "dest": early.dest,
@@ -335,7 +344,7 @@ class EarlyBegins:
         to take. ``abandoned`` is a backstop on top of that."""
         deadline = time.monotonic() + self._timeout()
         while True:
-            early.wake.wait(self._poll)
+            early.wake.wait(min(self._poll, _left(deadline)))
             if early.joined:
                 # join decides at once: this begin answered
                 early.decided.wait(self._wait_previous())
@@ -346,15 +355,9 @@ class EarlyBegins:
             if reason == "":
                 return  # taken over
             if reason is None:
-                assert early.nova_id is not None
-                try:
-                    status = self._status(early.nova_id)
-                except Exception as err:
-                    LOG.debug("Nova migration %(nova)s unreadable: %(err)s",
-                              {"nova": early.nova_id, "err": err})
-                    status = None
+                status = self._read_status(early, deadline)
                 if status not in TERMINAL:
-                    continue
+                    continue  # a read cut short by the deadline: given up at once
                 with self._lock:
                     if early.joined:
                         continue  # live_migration came meanwhile: join decides
@@ -362,6 +365,45 @@ class EarlyBegins:
                     self._give_up(early)
             self._abort(early, reason)
             return
+
+    def _read_status(self, early: _Early, deadline: float) -> str | None:
+        """Nova's status of the early begin's migration, None if unreadable
+        or not read by ``deadline``: a conductor read takes up to
+        ``rpc_response_timeout``, which must not keep the begin PREPARED past
+        ``early_begin_timeout``. The read runs in a thread of its own, left
+        to end by itself if late (at most two per early begin: a join can
+        start one more after the deadline; at most MAX_THREADS in all, none
+        started when that many hang). The wait heeds a join or a
+        superseding check within a poll, not only the read's end."""
+        nova_id = early.nova_id
+        assert nova_id is not None
+        answer: list[str | None] = []
+        read = threading.Event()
+
+        def status() -> None:
+            try:
+                answer.append(self._status(nova_id))
+            except Exception as err:
+                LOG.debug("Nova migration %(nova)s unreadable: %(err)s",
+                          {"nova": nova_id, "err": err})
+            finally:
+                self._reads.release()
+                read.set()
+        if not self._reads.acquire(blocking=False):
+            return None  # MAX_THREADS late reads under way: the deadline still holds
+        try:
+            threading.Thread(target=status, daemon=True,
+                             name="vtpcm-early-status-%s" % early.instance_uuid).start()
+        except RuntimeError as err:  # no thread left: the deadline still holds
+            self._reads.release()
+            LOG.debug("Nova migration %(nova)s not read: %(err)s",
+                      {"nova": nova_id, "err": err})
+            return None
+        # a join or a superseding check is heeded within a poll, not after the read
+        while (not read.wait(min(self._poll, _left(deadline))) and not early.wake.is_set()
+               and _left(deadline) > 0):
+            pass
+        return answer[0] if answer else None
 
     def _reason(self, early: _Early, deadline: float) -> str | None:
         """Why to give the early begin up ("" when taken, None: not yet);
@@ -393,7 +435,7 @@ class EarlyBegins:
 
     def _abort(self, early: _Early, reason: str) -> None:
         assert early.vtpcm_id is not None
-        self._remember_abort(early.vtpcm_id)
+        self.remember_abort(early.vtpcm_id)
         LOG.info("vTPCM early begin %(mig)s of instance %(i)s to %(dest)s aborted: "
                  "%(reason)s", {"mig": early.vtpcm_id, "i": early.instance_uuid,
                                 "dest": early.dest, "reason": reason})
@@ -410,8 +452,10 @@ class EarlyBegins:
                 if early.nova_id is not None and early.nova_id not in self._ids:
                     self._used.pop(early.nova_id, None)
 
-
-    def _remember_abort(self, vtpcm_id: str) -> None:
+    def remember_abort(self, vtpcm_id: str) -> None:
+        """An abort of ``vtpcm_id`` is sent from this process (or was, by a
+        failed ``livemigration.begin``): the id is never taken over nor
+        chosen again here (the last ``ABORTED_REMEMBERED`` of them)."""
         with self._lock:
             self._aborted[vtpcm_id] = None
             self._aborted.move_to_end(vtpcm_id)

@@ -12,12 +12,13 @@ import shutil
 import signal
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from vtpcm_agent.swtpm import process
+from vtpcm_agent.swtpm import process, uidprocs
 
 
 @pytest.fixture
@@ -27,6 +28,21 @@ def short_dir() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def held_fd_scans(monkeypatch: pytest.MonkeyPatch) -> list[frozenset[int]]:
+    """The uids each held-fd scan of ``/proc/*/fd`` covered while the test
+    ran (``uidprocs._defuse_held``, run for real), in order."""
+    scans: list[frozenset[int]] = []
+    real = uidprocs._defuse_held
+
+    def counted(uids: frozenset[int], deadline: float | None = None) -> Counter[int]:
+        scans.append(uids)
+        return real(uids, deadline)
+
+    monkeypatch.setattr(uidprocs, "_defuse_held", counted)
+    return scans
 
 
 def _make_paths(base: Path, name: str, data_socket: bool = True) -> process.SwtpmPaths:

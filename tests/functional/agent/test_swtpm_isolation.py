@@ -282,9 +282,11 @@ def test_without_a_qemu_uid_range_no_ids_are_reported(isolated):
     assert isolated.vm_ids(a) is None
 
 
-def test_destroy_kills_the_qemu_uid_and_sweeps_its_files_before_freeing(with_qemu_uids):
+def test_destroy_kills_the_qemu_uid_and_sweeps_its_files_before_freeing(with_qemu_uids,
+                                                                        held_fd_scans):
     """A process left by the VM's QEMU uid (an escaped QEMU that hid) must
-    not meet the next VM given the same pair of uids."""
+    not meet the next VM given the same pair of uids. Both uids are swept
+    with one held-fd scan (final read: there were two, one per uid)."""
     a, _ = _running(with_qemu_uids)
     qemu, gid = with_qemu_uids.vm_ids(a)  # type: ignore[misc]
     left = Path("/tmp/vtpcm-test-qemu-leftover-%d" % qemu)  # noqa: S108
@@ -298,6 +300,9 @@ def test_destroy_kills_the_qemu_uid_and_sweeps_its_files_before_freeing(with_qem
             time.sleep(0.05)
         assert left.exists() and left.stat().st_uid == qemu  # positive control
         with_qemu_uids.destroy(a)
+        # the sweep's scan, last (a kill_all whose first round left a
+        # process defuses its one uid before): gid is the VM's swtpm uid
+        assert held_fd_scans[-1] == frozenset({gid, qemu})
         assert hidden.wait(timeout=10) == -9  # SIGKILLed
         assert not left.exists()
         assert with_qemu_uids.associations.uid_of(a) is None

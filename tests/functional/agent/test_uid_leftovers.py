@@ -104,7 +104,7 @@ def test_entries_in_root_owned_sticky_subdirectories_are_swept(top: Path) -> Non
     mine = [x11 / "X7", deeper / "left", deeper / "tree", x11 / "link-to-root"]
     assert all(p.lstat().st_uid == UID for p in mine)  # control: they are the uid's
 
-    removed = uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent"))
+    removed = uidprocs.sweep((UID,), (top,), ipc_root=Path("/nonexistent"))
 
     assert sorted(removed) == sorted(str(p) for p in mine)
     assert not any(os.path.lexists(p) for p in mine)
@@ -133,7 +133,7 @@ def test_the_sweep_neither_crosses_mounts_nor_follows_links_nor_goes_unbounded(
                      "swtpm uid %d (1: %s (not looked into: more than %d levels or %d shared "
                      "directories))" % (UID, UID, UID, chain, uidprocs.MAX_DEPTH,
                                        uidprocs.MAX_SHARED_DIRS)):
-            uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent"))
+            uidprocs.sweep((UID,), (top,), ipc_root=Path("/nonexistent"))
         assert not (chain.parent / "deep-enough").exists()  # swept up to the bound
         assert (chain / "too-deep").exists()  # and named beyond it
         assert (elsewhere / "on-tmpfs").exists()  # another file system: not entered
@@ -154,11 +154,11 @@ def test_an_entry_that_cannot_be_removed_is_named_and_the_rest_still_goes(
                  "%d remain (the uid is kept): could not remove leftover(s) of swtpm uid "
                  "%d (1: %s ([Errno 1] Operation not permitted: 'stuck'))"
                  % (UID, UID, UID, x11 / "stuck")):
-        uidprocs.sweep(UID, (top,))
+        uidprocs.sweep((UID,), (top,))
     assert not (x11 / "a").exists() and not (top / "b").exists()
     assert shm not in [o.ident for o in sysvipc.objects_of(UID)]  # went on to IPC
     subprocess.run(["chattr", "-i", str(x11 / "stuck")], check=True, timeout=20)
-    assert uidprocs.sweep(UID, (top,)) == [str(x11 / "stuck")]
+    assert uidprocs.sweep((UID,), (top,)) == [str(x11 / "stuck")]
 
 
 def test_sysv_ipc_objects_of_the_uid_are_removed_and_only_those() -> None:
@@ -167,7 +167,7 @@ def test_sysv_ipc_objects_of_the_uid_are_removed_and_only_those() -> None:
     others = {("shm", ipcmk(OTHER, "-M", "4096")), ("msg", ipcmk(OTHER, "-Q"))}
     listed = {(o.kind, o.ident) for o in sysvipc.objects_of(UID)}
     assert listed == mine  # control: made, and owned/created by the uid
-    removed = uidprocs.sweep(UID, ())
+    removed = uidprocs.sweep((UID,), ())
     assert len(removed) == 3 and all(r.startswith("SysV ") for r in removed)
     assert sysvipc.objects_of(UID) == []
     assert {(o.kind, o.ident) for o in sysvipc.objects_of(OTHER)} == others
@@ -190,12 +190,12 @@ def test_a_segment_still_attached_keeps_the_uid_until_it_is_detached(
                          "swtpm uid %d remain (the uid is kept): SysV IPC object(s) of the uid "
                          "still there (1: SysV shared memory id %d (owner uid %d, creator uid "
                          "%d, attached by 1 process(es)))" % (UID, UID, shm, UID, UID)):
-                uidprocs.sweep(UID, ())
+                uidprocs.sweep((UID,), ())
         # "Removed" is logged only for what went, not each time it is marked
         assert "Removed SysV" not in caplog.text
     finally:
         assert libc.shmdt(ctypes.c_void_p(addr)) == 0
-    assert uidprocs.sweep(UID, ()) == []  # gone with its last detach
+    assert uidprocs.sweep((UID,), ()) == []  # gone with its last detach
     assert sysvipc.objects_of(UID) == []
 
 
@@ -221,12 +221,12 @@ def test_a_live_process_holding_an_abstract_socket_blocks_the_sweep(top: Path) -
         with refused(exception.SwtpmError, "swtpm error for vTPCM uid %d: processes of swtpm "
                      "uid %d are alive (1: %d) holding abstract sockets (1: @%s (pid %d)); not "
                      "sweeping or freeing the uid" % (UID, UID, holder.pid, name, holder.pid)):
-            uidprocs.sweep(UID, (top,))
+            uidprocs.sweep((UID,), (top,))
         assert (top / "left").exists()  # nothing swept while it lives
 
         assert uidprocs.kill_all(UID, timeout=5.0) == 1
         assert holder.wait(timeout=10) == -9
-        assert uidprocs.sweep(UID, (top,)) == [str(top / "left")]
+        assert uidprocs.sweep((UID,), (top,)) == [str(top / "left")]
         probe.bind("\0" + name)  # the abstract name died with its process
         probe.close()
     finally:
@@ -267,12 +267,12 @@ def test_a_posix_message_queue_of_the_uid_is_removed() -> None:
     assert done.stdout.split("\n")[:3] == ["made True", "swept True", "gone True"], done.stdout
 
 
-def _plant_setuid_and_hold(path: Path, flag: str) -> subprocess.Popen[str]:
-    """The uid (an exploited swtpm: open, write, fchmod) leaves a setuid
+def _plant_setuid_and_hold(path: Path, flag: str, uid: int = UID) -> subprocess.Popen[str]:
+    """``uid`` (an exploited swtpm: open, write, fchmod) leaves a setuid
     copy of ``id`` at ``path``; LOCAL (a local user) opens it with ``flag``
     and, told to go, exec's the fd: prints the euid's ``id -u`` or
     ``refused ERRNO``."""
-    as_uid(UID, CLIENT_PYTHON, "-c",
+    as_uid(uid, CLIENT_PYTHON, "-c",
            "import os,sys\nd=open('/usr/bin/id','rb').read()\n"
            "fd=os.open(sys.argv[1],os.O_WRONLY|os.O_CREAT,0o755);os.write(fd,d);"
            "os.fchmod(fd,0o4755);os.close(fd)", str(path))
@@ -295,7 +295,7 @@ def test_a_setuid_file_of_the_uid_held_open_by_another_user_is_defused(top: Path
     holder = _plant_setuid_and_hold(top / "x", "O_RDONLY")
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
-        assert uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent")) == [str(top / "x")]
+        assert uidprocs.sweep((UID,), (top,), ipc_root=Path("/nonexistent")) == [str(top / "x")]
         out, _ = holder.communicate("go\n", timeout=20)
     finally:
         if holder.poll() is None:
@@ -322,7 +322,7 @@ def test_a_setuid_file_held_open_after_its_unlink_is_defused_before_the_uid_is_f
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         (state / "x").unlink()  # the state dir's removal, before the sweep
         assert uidprocs.kill_all(UID, timeout=5.0) == 0  # nothing of the uid runs
-        assert uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent")) == []
+        assert uidprocs.sweep((UID,), (top,), ipc_root=Path("/nonexistent")) == []
         out, _ = holder.communicate("go\n", timeout=20)
     finally:
         if holder is not None:
@@ -335,6 +335,39 @@ def test_a_setuid_file_held_open_after_its_unlink_is_defused_before_the_uid_is_f
     assert str(UID) not in out, "the freed uid ran again through the held fd: %s" % out
     assert out.strip() == "refused 13"  # EACCES: no exec bit left
 
+
+def test_one_held_fd_scan_defuses_the_files_of_both_uids(top: Path, held_fd_scans) -> None:
+    """A VM's swtpm uid and QEMU uid are swept together with one scan of
+    every process's fds (final read: the destroy scanned twice, once per
+    uid): a setuid file of each, unlinked and held open by a local user,
+    is defused by that one scan."""
+    states: list[Path] = []
+    holders: list[subprocess.Popen[str]] = []
+    outs: list[str] = []
+    try:
+        for uid in (UID, OTHER):
+            state = Path(tempfile.mkdtemp(prefix="vtpcm-state-", dir="/var/tmp"))  # noqa: S108
+            states.append(state)
+            os.chown(state, uid, uid)
+            os.chmod(state, 0o755)  # noqa: S103
+            holders.append(_plant_setuid_and_hold(state / "x", "O_PATH", uid))
+            assert holders[-1].stdout is not None
+            assert holders[-1].stdout.readline() == "held\n"
+            (state / "x").unlink()  # only the held-fd scan can reach it now
+        assert uidprocs.sweep((UID, OTHER), (top,), ipc_root=Path("/nonexistent")) == []
+        assert held_fd_scans == [frozenset({UID, OTHER})]
+        for holder in holders:
+            outs.append(holder.communicate("go\n", timeout=20)[0])
+    finally:
+        for holder in holders:
+            if holder.poll() is None:
+                holder.kill()
+            holder.wait(timeout=10)
+        for state in states:
+            for entry in state.iterdir():
+                entry.unlink()
+            state.rmdir()
+    assert [out.strip() for out in outs] == ["refused 13", "refused 13"], outs
 
 def _gift(kind: str, to: int) -> subprocess.Popen[str]:
     """LOCAL (a local user, not a swtpm) makes an object, gives it to ``to``
@@ -372,7 +405,7 @@ def test_a_segment_a_local_user_gave_to_the_uid_is_given_back_not_waited_for() -
         shm = int(gift.stdout.readline())
         listed = [o for o in sysvipc.objects_of(UID) if o.ident == shm]
         assert [(o.owner, o.creator) for o in listed] == [(UID, LOCAL)]  # control: given
-        assert uidprocs.sweep(UID, ()) == []
+        assert uidprocs.sweep((UID,), ()) == []
         assert sysvipc.objects_of(UID) == []
         back = [o for o in sysvipc.objects_of(LOCAL) if o.ident == shm]
         assert [(o.kind, o.owner, o.creator, o.attached) for o in back] == [
@@ -405,7 +438,7 @@ def test_what_the_sweep_logs_and_raises_is_bounded(top: Path) -> None:
     as_uid(UID, "touch", *(str(top / n) for n in names))
     subprocess.run(["chattr", "+i", *(str(top / n) for n in names)], check=True, timeout=20)
     with pytest.raises(exception.SwtpmError) as err:
-        uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent"))
+        uidprocs.sweep((UID,), (top,), ipc_root=Path("/nonexistent"))
     message = err.value.message
     assert "could not remove leftover(s) of swtpm uid %d (25: " % UID in message
     assert message.count("Operation not permitted") == 10
@@ -436,7 +469,7 @@ def test_another_uid_racing_inside_a_directory_the_uid_left_open_to_all(top: Pat
             while len(os.listdir(top / ("u%d" % (count - 1)))) < 20:  # the racer is in
                 assert time.monotonic() < deadline, "the racer wrote nothing"
                 time.sleep(0.01)
-            removed = uidprocs.sweep(UID, (top,), ipc_root=Path("/nonexistent"))
+            removed = uidprocs.sweep((UID,), (top,), ipc_root=Path("/nonexistent"))
             assert len(removed) == count
             assert not any((top / ("u%d" % k)).exists() for k in range(count))
     finally:

@@ -67,11 +67,14 @@ def _need(*tools: str) -> None:
 class Libvirtd:
     """A privileged libvirtd in a private mount namespace, stopped by pid."""
 
-    def __init__(self, base: Path, qemu_conf_extra: str = "") -> None:
+    def __init__(self, base: Path, qemu_conf_extra: str = "",
+                 binds: tuple[tuple[Path, Path], ...] = ()) -> None:
         self.base = base
         self.sock = base / "sock"
         self.uri = "qemu+unix:///system?socket=%s" % (self.sock / "libvirt-sock")
         self.qemu_conf_extra = qemu_conf_extra
+        # (what, where): this daemon (and its QEMUs) see ``what`` at ``where``
+        self.binds = binds
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
@@ -87,8 +90,9 @@ class Libvirtd:
             % self.qemu_conf_extra)
         script = ("mount -t tmpfs none /run; mkdir -p /run/lock; "
                   "mount -t tmpfs none /var/lib/libvirt; mount -t tmpfs none /var/cache/libvirt; "
-                  "mount --bind %s /var/log/libvirt; mount --bind %s /etc/libvirt; "
-                  "exec /usr/sbin/libvirtd" % (log, etc))
+                  "mount --bind %s /var/log/libvirt; mount --bind %s /etc/libvirt; %s"
+                  "exec /usr/sbin/libvirtd" % (log, etc, "".join(
+                      "mount --bind %s %s; " % pair for pair in self.binds)))
         with open(log / "out", "wb") as out:
             self.proc = subprocess.Popen(  # noqa: S603
                 ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script],
@@ -365,4 +369,109 @@ def test_live_migration_runs_the_qemu_as_the_destination_agents_ids(guest_image)
         if dst_tpm is not None:
             dst_tpm.close()
         standin.cleanup()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_an_unlabelled_guest_beside_a_labelled_one_leaves_the_base_roots(guest_image):
+    """Review of the DAC label round 3, HIGH 1 (mixed_base.py): a guest
+    without a vTPCM (Nova's XML, libvirt's dynamic ownership) on the host
+    of a labelled one had libvirt chown the shared _base to its QEMU user
+    for good: every unlabelled QEMU could write what the labelled guest
+    reads. With the option on its XML goes through ``daclabel.pin_domain``
+    (what ``_get_guest_xml`` does for it): the base stays root's 0644 with
+    both running, and through the unlabelled guest's managed save and
+    restore (the cold snapshot Nova's snapshot takes for it then)."""
+    _need("virsh", "qemu-img", "qemu-system-x86_64", "unshare", "swtpm")
+    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="vtpcm-dac-"))  # noqa: S108
+    os.chmod(base, 0o711)  # noqa: S103
+    daemon = Libvirtd(base / "libvirtd")
+    names = {v: "vtpcm-dac-%s-%s" % (v, uuid.uuid4().hex[:8]) for v in "LN"}
+    vms = {v: str(uuid.uuid4()) for v in "LN"}
+    qemus: list[int] = []
+    agent = _agent(base, "dac-host", SWTPM_UIDS, QEMU_UIDS)
+    try:
+        layout = Layout(base, guest_image)
+        daemon.start()
+        _start_guest(daemon, agent, names["L"], layout.instance(vms["L"]), vms["L"], qemus)
+        inst_dir = layout.instance(vms["N"])
+        xml_path = base / "N.xml"
+        xml_path.write_text(daclabel.pin_domain(_nova_like_domain(names["N"], inst_dir),
+                                                str(inst_dir)))
+        for step in (("define", str(xml_path)), ("start", names["N"])):
+            done = daemon.virsh(*step)
+            assert done.returncode == 0, done.stderr
+        pid = qemu_pid(names["N"])
+        assert pid is not None
+        qemus.append(pid)
+        # libvirt's own QEMU user (dynamic ownership), not a per-VM one
+        qemu_user = _ids_of(pid)[0][0]
+        assert int(qemu_user) not in range(QEMU_UIDS[0], QEMU_UIDS[1] + 1)
+        overlay = (inst_dir / "disk").stat()
+        assert str(overlay.st_uid) == qemu_user  # its own overlay is its QEMU's
+        assert layout.base_owner_mode() == (0, 0, 0o644)
+        for step in (("managedsave", names["N"]), ("start", names["N"])):
+            done = daemon.virsh(*step)
+            assert done.returncode == 0, done.stderr
+        pid = qemu_pid(names["N"])
+        assert pid is not None
+        qemus.append(pid)
+        assert layout.base_owner_mode() == (0, 0, 0o644)
+    finally:
+        _cleanup([daemon], list(names.values()), qemus, [agent])
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_a_guest_started_unpinned_migrates_pinned_and_leaves_the_destinations_base(
+        guest_image):
+    """Review of the DAC label round 4, MEDIUM 3 (ii): a guest without a
+    vTPCM started before the option (Nova's XML, its chain unpinned) is
+    live-migrated with its migratable XML through ``pin_for_migration``
+    (what ``_PinningGuest`` does): the destination's own ``_base`` (a file
+    of its own, bound over the same path in its mount namespace, as on a
+    real second host) stays root:root 0644 with the guest running there.
+    The source's base is the one libvirt chowned when the guest started.
+    Control (seen): the migratable XML sent as it is, the destination's
+    base became uid 64055's; libvirt 9.0's migratable XML names no
+    ``<backingStore>``."""
+    _need("virsh", "qemu-img", "qemu-system-x86_64", "unshare")
+    base = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="vtpcm-dac-"))  # noqa: S108
+    os.chmod(base, 0o711)  # noqa: S103
+    layout = Layout(base, guest_image)
+    dst_base = base / "dst-base"
+    dst_base.mkdir(mode=0o755)
+    shutil.copy(layout.base_file, dst_base / "image")
+    os.chmod(dst_base / "image", 0o644)
+    src_daemon = Libvirtd(base / "src-libvirtd")
+    dst_daemon = Libvirtd(base / "dst-libvirtd", "remember_owner = 0",
+                          binds=((dst_base, layout.base_file.parent),))
+    name = "vtpcm-dac-U-%s" % uuid.uuid4().hex[:8]
+    qemus: list[int] = []
+    try:
+        inst_dir = layout.instance(str(uuid.uuid4()))
+        src_daemon.start()
+        dst_daemon.start()
+        xml_path = base / "U.xml"
+        xml_path.write_text(_nova_like_domain(name, inst_dir))  # before the option
+        done = src_daemon.virsh("create", str(xml_path))
+        assert done.returncode == 0, done.stderr
+        pid = qemu_pid(name)
+        assert pid is not None
+        qemus.append(pid)
+        qemu_user = int(_ids_of(pid)[0][0])
+        assert layout.base_owner_mode()[0] == qemu_user  # unpinned: libvirt chowned it
+        dumped = src_daemon.virsh("dumpxml", "--migratable", name)
+        assert dumped.returncode == 0, dumped.stderr
+        migrate_xml = base / "migrate.xml"
+        migrate_xml.write_text(daclabel.pin_for_migration(dumped.stdout, str(inst_dir)))
+        done = src_daemon.virsh("migrate", "--live", "--unsafe", name, dst_daemon.uri,
+                                "--migrateuri", "tcp://127.0.0.1:%d" % _free_port(),
+                                "--xml", str(migrate_xml))
+        assert done.returncode == 0, done.stderr
+        pid = qemu_pid(name)
+        assert pid is not None and pid != qemus[0]
+        qemus.append(pid)
+        st = (dst_base / "image").stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, 0, 0o644)
+    finally:
+        _cleanup([src_daemon, dst_daemon], [name], qemus, [])
         shutil.rmtree(base, ignore_errors=True)

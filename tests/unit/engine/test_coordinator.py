@@ -1008,6 +1008,163 @@ def test_a_commit_whose_step_fails_without_a_race_still_fails(env):
     assert coord.commit(mid).state == "COMMITTED"
 
 
+class ReconcileMidAbort(FakeAgents):
+    """Another engine worker's reconcile finishes the abort while this
+    worker's destroy of the destination's copy is on its way."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.other = other
+
+    def abort_incoming(self, host, context, only_if_unused=False):
+        super().abort_incoming(host, context, only_if_unused)
+        other, self.other = self.other, None
+        if other is not None:
+            assert other.reconcile() == 1
+
+
+def test_an_abort_raced_by_another_workers_reconcile_answers_aborted(env):
+    """Found in CI (tests/functional/engine/test_worker_leases.py, two
+    workers reconciling every second): an abort whose destroy another
+    worker's reconcile ran too answered "state changed concurrently
+    (expected ABORTING)" for an abort that went through."""
+    coord, db, _, trust, clock = env
+    other = Coordinator(db, FakeAgents(), trust, timeout=60, now=lambda: clock["now"])
+    raced = ReconcileMidAbort(other)
+    worker = Coordinator(db, raced, trust, timeout=60, now=lambda: clock["now"])
+    mid = str(uuid.uuid4())
+    assert worker.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    assert worker.abort(mid, "test done").state == "ABORTED"
+    assert raced.other is None  # the race happened
+    assert ("abort_outgoing", "host-a") in other.agents.calls
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.migration_id) == ("host-a", None)
+
+
+def test_an_abort_that_lost_to_a_commit_still_fails(env, monkeypatch):
+    """Positive control of the above: a commit that passed the commit
+    point between this abort's load and its compare-and-set is not the
+    abort's progress; the abort is refused and the commit stands."""
+    coord, db, _, _, _ = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    real = coord._load
+
+    def load_then_commit(migration_id):
+        loaded = real(migration_id)
+        monkeypatch.setattr(coord, "_load", real)
+        coord.commit(migration_id)
+        return loaded
+    monkeypatch.setattr(coord, "_load", load_then_commit)
+    with pytest.raises(exception.MigrationError, match="state changed concurrently"):
+        coord.abort(mid, "too late")
+    assert db.get_migration(mid).state == "COMMITTED"
+
+
+def _deadline_worker(db, trust, clock, mid):
+    """Another engine worker whose agents see a destination that received
+    the state (a deadline's only_if_unused destroy is refused)."""
+    agents = FakeAgents()
+    _switched_over(agents, mid, source_running=True)
+    return Coordinator(db, agents, trust, timeout=60, now=lambda: clock["now"])
+
+
+def _reconcile_between_load_and_cas(coord, monkeypatch, other):
+    real = coord._load
+
+    def load_then_reconcile(migration_id):
+        loaded = real(migration_id)
+        monkeypatch.setattr(coord, "_load", real)
+        other.reconcile()
+        return loaded
+    monkeypatch.setattr(coord, "_load", load_then_reconcile)
+
+
+def test_an_abort_after_a_deadline_abort_in_doubt_discards(env):
+    """Control of the race below: Nova's abort arriving just after another
+    worker's deadline abort left IN_DOUBT drives it on to ABORTED."""
+    coord, db, _, trust, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    clock["now"] += datetime.timedelta(seconds=61)
+    _deadline_worker(db, trust, clock, mid).reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    assert coord.abort(mid, "rolled back by Nova").state == "ABORTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.state, rec.migration_id) == ("host-a", "ACTIVE", None)
+
+
+def test_an_abort_racing_a_deadline_abort_into_doubt_still_aborts(env, monkeypatch):
+    """Review of the first fix (MEDIUM): Nova's abort lost its PREPARED ->
+    ABORTING compare-and-set to another worker's deadline abort, whose
+    destination refused the only_if_unused destroy (IN_DOUBT); the abort
+    answered that IN_DOUBT record without error and its own word (discard
+    the destination, restore the source) was dropped. Now it applies its
+    abort to the state it reloads, as in either order without the race."""
+    coord, db, _, trust, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    clock["now"] += datetime.timedelta(seconds=61)
+    _reconcile_between_load_and_cas(coord, monkeypatch,
+                                    _deadline_worker(db, trust, clock, mid))
+    assert coord.abort(mid, "resize reverted by Nova").state == "ABORTED"
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.state, rec.migration_id) == ("host-a", "ACTIVE", None)
+
+
+def test_an_abort_racing_an_unanswered_deadline_abort_destroys_unconditionally(
+        env, monkeypatch):
+    """Same race, the other worker's deadline destroy unanswered (ABORTING,
+    'deadline passed'): the abort settles the deadline's destroy, then its
+    own word takes the IN_DOUBT on to ABORTED."""
+    coord, db, agents, trust, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    clock["now"] += datetime.timedelta(seconds=61)
+    other_agents = FakeAgents()
+    other_agents.fail["abort_incoming"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-b", method="abort_incoming", reason="timeout")
+    other = Coordinator(db, other_agents, trust, timeout=60, now=lambda: clock["now"])
+    _reconcile_between_load_and_cas(coord, monkeypatch, other)
+    _switched_over(agents, mid, source_running=True)
+    assert coord.abort(mid, "rolled back by Nova").state == "ABORTED"
+    assert ("abort_incoming", "host-b") in agents.calls
+
+
+class _ReconcileDuringDestroy(FakeAgents):
+    """Another worker's reconcile finishes the deadline abort while this
+    worker's settle (the deadline destroy's retry) is on its way."""
+
+    def __init__(self, other):
+        super().__init__()
+        self.other = other
+
+    def abort_incoming(self, host, context, only_if_unused=False):
+        super().abort_incoming(host, context, only_if_unused)
+        other, self.other = self.other, None
+        if other is not None:
+            other.reconcile()
+
+
+def test_the_settle_of_a_deadline_abort_raced_by_reconcile_answers_aborted(env):
+    """Review of the first fix (LOW): the settle of an unanswered deadline
+    abort lost the same race outside the new handling and answered "state
+    changed concurrently (expected ABORTING)" for a migration that aborted."""
+    coord, db, agents, trust, clock = env
+    mid = str(uuid.uuid4())
+    coord.begin(mid, INSTANCE, "host-a", "host-b")
+    clock["now"] += datetime.timedelta(seconds=61)
+    agents.fail["abort_incoming"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-b", method="abort_incoming", reason="timeout")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "ABORTING"
+    other = Coordinator(db, FakeAgents(), trust, timeout=60, now=lambda: clock["now"])
+    raced = _ReconcileDuringDestroy(other)
+    worker = Coordinator(db, raced, trust, timeout=60, now=lambda: clock["now"])
+    assert worker.abort(mid, "rolled back by Nova").state == "ABORTED"
+    assert raced.other is None  # the race happened
+
+
 def test_an_engine_dying_right_after_the_commit_point_leaves_it_audited(env, monkeypatch):
     """Found under load: the commit point's audit entry was written after
     the state change, in its own transaction; an engine killed between the

@@ -358,3 +358,200 @@ def test_an_id_whose_abort_was_sent_from_here_is_never_taken_over() -> None:
     chosen = early.join(INSTANCE, NOVA, "dst", timeout=5)
     assert chosen != NOVA
     assert chosen == earlybegin.attempt_id(NOVA, "dst", 1)
+
+
+def test_an_id_aborted_from_here_is_never_chosen_when_the_lookup_fails() -> None:
+    """Review round 3, F1 (MEDIUM): the watchdog's abort failed (the engine
+    may still carry it out) and its end forgot the migration's ids; then
+    live_migration's lookup at the engine fails too. The next id must skip
+    the one aborted from here, not hand Nova's uuid back to libvirt."""
+    engine, nova = FakeEngine(), _Nova()
+    engine.fail["abort"] = [exception.MigrationError(migration_id=NOVA, reason="timed out")]
+    early = _early(engine, nova, timeout=0.2)
+    early.start(INSTANCE, "dst")
+    daemons.wait_for("the watchdog's abort ended", lambda: (
+        "abort" in engine.methods() and not early._aborting and NOVA not in early._used),
+        timeout=10)
+    assert _state(engine, NOVA) == "PREPARED"  # the abort may still land there
+    engine.fail["get_migration"] = [exception.ServiceUnreachable(
+        service="engine", method="get_migration", reason="timed out")]
+    chosen = early.join(INSTANCE, NOVA, "dst", timeout=5)
+    assert chosen == earlybegin.attempt_id(NOVA, "dst", 1) != NOVA
+    assert engine.methods().count("get_migration") == 2  # the failed lookup: control
+
+
+def test_the_next_id_is_chosen_in_one_critical_section_with_the_test_for_it() -> None:
+    """Review round 3, F1 (second route): join's wait for the watchdog's
+    abort times out; the abort's end forgets the migration's ids between
+    join's test (ids known) and its choice. Not one choice: the ids known
+    when tested are the ones skipped. After a restart, Nova's uuid ended
+    under the old process (the engine refuses it), the early begin ran
+    under the first derived id and was given up."""
+    engine, nova = FakeEngine(), _Nova()
+    engine.migrations[NOVA] = em.MigrationInfo(NOVA, INSTANCE, "src", "first", 0,
+                                               "ABORTED", "superseded")
+    first = earlybegin.attempt_id(NOVA, "dst", 1)
+    aborting, release = threading.Event(), threading.Event()
+    inner_abort = engine.abort
+
+    def slow_abort(*args: str, **kwargs: str) -> object:
+        aborting.set()
+        release.wait(10)
+        return inner_abort(*args, **kwargs)
+    engine.abort = slow_abort  # type: ignore[method-assign,assignment]
+    chose, resume = threading.Event(), threading.Event()
+    gap = _GapLock({})
+    restarted = _early(engine, nova, timeout=0.2)
+    restarted._lock = gap  # type: ignore[assignment]
+    restarted.start(INSTANCE, "dst")
+    assert aborting.wait(10)  # the watchdog gave the derived begin up
+    assert _state(engine, first) == "PREPARED"
+    # join pauses right after its first critical section in _choose_alone ...
+    gap._pauses["_choose_alone"] = (chose, resume)
+
+    def abort_ends() -> None:
+        # ... until the abort's end forgot the migration's ids
+        assert chose.wait(10)
+        release.set()
+        daemons.wait_for("ids forgotten", lambda: NOVA not in restarted._used, timeout=10)
+        resume.set()
+    helper = threading.Thread(target=abort_ends)
+    helper.start()
+    chosen = restarted.join(INSTANCE, NOVA, "dst", timeout=0.3)
+    helper.join(10)
+    assert chosen == earlybegin.attempt_id(NOVA, "dst", 2), chosen
+
+
+def test_a_slow_status_read_never_keeps_the_begin_past_the_timeout() -> None:
+    """Review round 3, L1: Nova's status read (a conductor call, up to
+    rpc_response_timeout) is not waited for past [vtpcm]
+    early_begin_timeout: the begin nobody takes over is aborted on time."""
+    engine = FakeEngine()
+    reads: list[float] = []
+
+    def slow_status(nova_id: str) -> str:
+        reads.append(time.monotonic())
+        time.sleep(2.0)  # the conductor is slow
+        return "accepted"
+    early = earlybegin.EarlyBegins(lambda: engine, lambda: "src", _Nova().find, slow_status,
+                                   lambda: 0.3, poll=0.02, wait_previous=lambda: 10.0)
+    early.start(INSTANCE, "dst")
+    daemons.wait_for("prepared", lambda: _state(engine, NOVA) == "PREPARED", timeout=10)
+    prepared = time.monotonic()
+    daemons.wait_for("abort", lambda: _state(engine, NOVA) == "ABORTED", timeout=10)
+    late = time.monotonic() - prepared
+    assert reads  # control: a read was under way
+    assert late < 0.3 + 0.5, "PREPARED %.1f s, with a timeout of 0.3 s" % late
+
+
+def test_the_id_of_a_failed_early_begin_is_never_taken_over() -> None:
+    """A begin that failed (its answer lost: the engine may hold it
+    PREPARED) was aborted by begin itself, maybe in vain: remembered like
+    the watchdog's aborts, so that a lookup after its ids were forgotten
+    (Nova's rollback) skips it."""
+    engine, nova = FakeEngine(), _Nova()
+    inner_begin = engine.begin
+
+    def lost_begin(*args: str) -> object:
+        inner_begin(*args)  # PREPARED at the engine, the answer lost
+        raise exception.ServiceUnreachable(service="engine", method="begin",
+                                           reason="timed out")
+    engine.begin = lost_begin  # type: ignore[method-assign,assignment]
+    engine.fail["abort"] = [exception.MigrationError(migration_id=NOVA, reason="timed out")]
+    early = _early(engine, nova)
+    early.start(INSTANCE, "dst")
+    daemons.wait_for("begin failed", lambda: "abort" in engine.methods(), timeout=10)
+    early.forget(NOVA)  # Nova rolled back; a retry of the same migration looks up
+    engine.begin = inner_begin  # type: ignore[method-assign]
+    chosen = early.join(INSTANCE, NOVA, "dst", timeout=5)
+    assert _state(engine, NOVA) == "PREPARED"  # control: the lookup would take it
+    assert chosen == earlybegin.attempt_id(NOVA, "dst", 1)
+
+
+def _hung_status(gate: threading.Event, reads: list[float]):
+    def status(nova_id: str) -> str:
+        reads.append(time.monotonic())
+        gate.wait(30)  # the conductor does not answer (rpc_response_timeout)
+        return "accepted"
+    return status
+
+
+def _hung_early(engine: FakeEngine, gate: threading.Event, reads: list[float],
+                timeout: float, wait_previous: float = 10.0) -> earlybegin.EarlyBegins:
+    return earlybegin.EarlyBegins(lambda: engine, lambda: "src", _Nova().find,
+                                  _hung_status(gate, reads), lambda: timeout, poll=0.02,
+                                  wait_previous=lambda: wait_previous)
+
+
+def test_a_join_for_another_destination_wakes_a_watchdog_inside_its_status_read() -> None:
+    """Review round 4 (LOW 2): the watchdog in a hung status read heeded
+    neither a join nor a superseding check until early_begin_timeout, so a
+    join for another destination whose wait (engine_timeout) ran out first
+    handed live_migration a fresh id while the early begin still held the
+    vTPCM (the engine refuses that begin: Nova rolls back)."""
+    engine, gate, reads = FakeEngine(), threading.Event(), []
+    early = _hung_early(engine, gate, reads, timeout=3.0)
+    try:
+        early.start(INSTANCE, "dst")
+        daemons.wait_for("a read under way", lambda: reads, timeout=10)
+        early.join(INSTANCE, NOVA, "other", timeout=1.0)
+        assert _state(engine, NOVA) != "PREPARED"
+    finally:
+        gate.set()
+
+
+def test_a_taken_early_begin_frees_its_slot_while_the_status_read_hangs() -> None:
+    """Same cause: a begin taken over kept its thread slot until the
+    deadline when the conductor was slow."""
+    engine, gate, reads = FakeEngine(), threading.Event(), []
+    early = _hung_early(engine, gate, reads, timeout=3.0)
+    try:
+        early.start(INSTANCE, "dst")
+        daemons.wait_for("a read under way", lambda: reads, timeout=10)
+        assert early.join(INSTANCE, NOVA, "dst", timeout=5) == NOVA
+        daemons.wait_for("the slot back", lambda: early._slots._value == earlybegin.MAX_THREADS,
+                         timeout=1.5)
+    finally:
+        gate.set()
+
+
+def test_hung_status_reads_left_behind_are_bounded_too() -> None:
+    """Review round 4 (LOW 1): each early begin given up at its deadline
+    left its status read running and freed its slot, so the status threads
+    grew past MAX_THREADS (48 alive after three waves of 16)."""
+    engine, gate, reads = FakeEngine(), threading.Event(), []
+    nova = _Nova()
+    early = earlybegin.EarlyBegins(lambda: engine, lambda: "src", nova.find,
+                                   _hung_status(gate, reads), lambda: 0.2, poll=0.02,
+                                   wait_previous=lambda: 10.0)
+    try:
+        for wave in range(3):
+            for i in range(earlybegin.MAX_THREADS):
+                nova.migration = "00000000-0000-0000-%04d-%012d" % (wave, i)
+                early.start("11111111-0000-0000-%04d-%012d" % (wave, i), "dst")
+            daemons.wait_for("the wave given up",
+                             lambda: early._slots._value == earlybegin.MAX_THREADS, timeout=20)
+        status = [t for t in threading.enumerate()
+                  if t.name.startswith("vtpcm-early-status-11111111")]
+        assert len(status) <= earlybegin.MAX_THREADS
+    finally:
+        gate.set()
+
+
+def test_a_superseded_early_begin_in_a_status_read_is_aborted_before_the_next_begins() -> None:
+    """The conductor's retry to another host supersedes the early begin;
+    its watchdog sat in the status read until the deadline, so the next
+    early begin ran out of its wait and began while the superseded one
+    still held the vTPCM."""
+    engine, gate, reads = FakeEngine(), threading.Event(), []
+    early = _hung_early(engine, gate, reads, timeout=4.0, wait_previous=1.0)
+    try:
+        early.start(INSTANCE, "dst")
+        daemons.wait_for("a read under way", lambda: reads, timeout=10)
+        early.start(INSTANCE, "other")
+        second = earlybegin.attempt_id(NOVA, "other", 1)
+        daemons.wait_for("the second begin", lambda: ("begin", second) in engine.calls,
+                         timeout=10)
+        assert _state(engine, NOVA) != "PREPARED"
+    finally:
+        gate.set()
