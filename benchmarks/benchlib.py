@@ -93,10 +93,13 @@ def machine() -> dict[str, Any]:
     }
 
 
-def write_json(path: Path, result: dict[str, Any], quiet: bool = False) -> None:
-    """Write atomically (a reader never sees half a file)."""
+def write_json(path: Path, result: dict[str, Any], quiet: bool = False,
+               rewrite: bool = False) -> None:
+    """Write atomically (a reader never sees half a file). ``rewrite``: an
+    earlier run's file read again (its load average at the end is kept)."""
     result.setdefault("machine", machine())
-    result["machine"]["loadavg_end"] = list(os.getloadavg())
+    if not (rewrite and "loadavg_end" in result["machine"]):
+        result["machine"]["loadavg_end"] = list(os.getloadavg())
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=False) + "\n")
     tmp.replace(path)

@@ -22,6 +22,12 @@ an ancestor holds it), RabbitMQ, MariaDB and the services' venv
 e.g. one holding an older driver for a before/after run).
 
     .venv/bin/python benchmarks/nova_real_lm.py [--hops 6] [--label after] [--out-dir DIR]
+        [--early-begin-timeout S]
+
+``--early-begin-timeout`` sets both nova-computes' ``[vtpcm]
+early_begin_timeout`` (0: no early begin, the begin runs in
+``live_migration`` only; unset: the driver's default), for an A/B of the
+early begin on one services venv; the JSON records it.
 
 Writes ``nova-real-lm[-LABEL].json`` and keeps the run's Nova, engine and
 agent logs under ``--logs-dir`` (default ``/tmp/nova-real-lm-logs[-LABEL]``).
@@ -42,6 +48,13 @@ import nova_real_phases as phases
 
 LOCK_TIMEOUT = 3600.0
 ARMS = ("vtpcm", "plain")
+
+
+def compute_options(early_begin_timeout: float | None) -> dict[str, dict[str, str]]:
+    """What the run adds to the nova-computes' files (``NovaLab(compute_options=)``)."""
+    if early_begin_timeout is None:
+        return {}
+    return {"vtpcm": {"early_begin_timeout": repr(float(early_begin_timeout))}}
 
 
 def _hops(lab: Any, hops: int) -> list[dict[str, Any]]:
@@ -146,7 +159,7 @@ def _reparse(path: Path, logs_dir: str | None) -> int:
     result = json.loads(path.read_text())
     logs = Path(logs_dir or result["logs_dir"])
     _analyse(result, logs)
-    benchlib.write_json(path, result)
+    benchlib.write_json(path, result, rewrite=True)
     return 0
 
 
@@ -159,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logs-dir", default=None,
                         help="where the run's logs are kept (default /tmp/nova-real-lm-logs"
                              "[-LABEL])")
+    parser.add_argument("--early-begin-timeout", type=float, default=None, metavar="S",
+                        help="the nova-computes' [vtpcm] early_begin_timeout (0: no early "
+                             "begin; default: the driver's)")
     parser.add_argument("--reparse", metavar="JSON",
                         help="read the phases again from the kept logs of an earlier run "
                              "and rewrite its JSON (no lab)")
@@ -174,9 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     from vtpcm_lab import lablock
     from vtpcm_lab.nova.cloud import NovaLab
 
-    lab = NovaLab()
+    options = compute_options(args.early_begin_timeout)
+    lab = NovaLab(compute_options=options)
     result: dict[str, Any] = {"benchmark": "nova-real-lm", "label": args.label,
-                              "hops": hops, "services_venv": str(lab.venv)}
+                              "hops": hops, "services_venv": str(lab.venv),
+                              "compute_options": options,
+                              "early_begin_timeout": args.early_begin_timeout}
     logs = Path(args.logs_dir or "/tmp/nova-real-lm-logs" + suffix)  # noqa: S108
     with lablock.hold(timeout=LOCK_TIMEOUT):
         started = time.monotonic()

@@ -75,6 +75,10 @@ SPANS: dict[str, tuple[str, str, str]] = {
     "before_libvirt_ms": ("lm_start", "libvirt_start",
                           "the driver's live_migration before libvirt (vTPCM: begin and "
                           "the destination socket lookup)"),
+    "checked_to_libvirt_ms": ("dest_checked", "libvirt_start",
+                              "the source's check until libvirt: the early begin's window "
+                              "and its take-over (the sum of the four spans above), without "
+                              "the CLI's start and libvirt, the noisiest spans"),
     "libvirt_ms": ("libvirt_start", "libvirt_done",
                    "migrateToURI3 until Nova's monitor (0.5 s poll) saw it complete"),
     "to_post_ms": ("libvirt_done", "post_start", "the monitor until _post_live_migration"),

@@ -71,10 +71,13 @@ class Timings:
 class NovaLab:
     """The whole real-Nova lab; see the module docstring."""
 
-    def __init__(self, base: Path | None = None, venv: Path | None = None) -> None:
+    def __init__(self, base: Path | None = None, venv: Path | None = None,
+                 compute_options: configs.Sections | None = None) -> None:
         self.base = base or Path(str(lab_dir()) + "-nova")
         self.nova_dir = self.base / "nova"
         self.venv = venv or services_venv()
+        # added to both nova-computes' files (configs.Layout.compute_overrides)
+        self.compute_options: configs.Sections = compute_options or {}
         self.lab = Lab(self.base)
         for host in self.lab.hosts:
             self._namespace(host)
@@ -277,7 +280,8 @@ class NovaLab:
                                                                  self.lab.hosts],
             engine_public_key=nova / "etc" / "engine-public.pem",
             witness_key=self._witness_key,
-            instances_path=self.base / "instances", ports=ports, computes=computes)
+            instances_path=self.base / "instances", ports=ports, computes=computes,
+            compute_overrides=self.compute_options)
         self.layout = layout
         for path in (layout.etc, layout.logs, layout.glance_dir, layout.placement_dir,
                      layout.migration_socket_dir, nova / "state", nova / "lock",

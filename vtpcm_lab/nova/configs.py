@@ -54,6 +54,9 @@ class Layout:
     instances_path: Path   # the one path every host sees (a bind mount per host)
     ports: Mapping[str, int]
     computes: Sequence[ComputeHost]
+    # options every compute's file adds or replaces (a benchmark's A/B
+    # setting, e.g. [vtpcm] early_begin_timeout)
+    compute_overrides: Sections = dataclasses.field(default_factory=dict)
 
     @property
     def etc(self) -> Path:
@@ -106,6 +109,14 @@ def render_ini(sections: Sections) -> str:
                 lines.append("%s = %s" % (key, item))
         lines.append("")
     return "\n".join(lines)
+
+
+def overlay(base: Sections, extra: Sections) -> Sections:
+    """``base`` with ``extra``'s options added, an option in both taking ``extra``'s value."""
+    out = {section: dict(values) for section, values in base.items()}
+    for section, values in extra.items():
+        out.setdefault(section, {}).update(values)
+    return out
 
 
 def placement_conf(layout: Layout) -> Sections:
@@ -238,8 +249,9 @@ def nova_conf(layout: Layout) -> Sections:
 
 
 def compute_conf(layout: Layout, host: ComputeHost) -> Sections:
-    """The compute's own file, read after ``nova.conf`` (it wins)."""
-    return {
+    """The compute's own file, read after ``nova.conf`` (it wins), with the
+    layout's ``compute_overrides``."""
+    return overlay({
         "DEFAULT": {
             "host": host.name, "compute_driver": "vtpcm.VTPCMLibvirtDriver",
             # a host's own address: a cold migration or resize reaches the
@@ -274,7 +286,7 @@ def compute_conf(layout: Layout, host: ComputeHost) -> Sections:
         # not the API's admin token: the service user's (identity stand-in),
         # which nova-api's vtpcm_witness filter never witnesses
         "neutron": {"token": identity.SERVICE_TOKEN},
-    }
+    }, layout.compute_overrides)
 
 
 def sudoers(layout: Layout) -> str:

@@ -1,5 +1,6 @@
 """The real-Nova lab's pure parts: config rendering, the stand-ins' answers."""
 
+import dataclasses
 from pathlib import Path
 
 from tests.unit.novapaste import NOVA_34_PIPELINES
@@ -166,3 +167,29 @@ def test_the_computes_token_is_the_service_users_and_gets_no_witness() -> None:
     who = witness.requester_of(seen)
     assert who.project_id == identity.SERVICE_PROJECT_ID
     assert "service" in who.refusal(frozenset({"service"}))
+
+
+def test_compute_overrides_add_to_a_section_and_win_over_the_labs_value() -> None:
+    """A benchmark's A/B setting reaches both computes' files: an option
+    added to a section the lab writes keeps the lab's others, one the lab
+    sets takes the override's value, a new section is added."""
+    compute = configs.ComputeHost(name="lab-a", user="vtpcm-a", libvirt_socket=Path("/s"),
+                                  inbound_addr="127.0.0.10", command_key=Path("/k"),
+                                  dir=Path("/c"))
+    layout = configs.Layout(base=Path("/l"), venv=Path("/v"), rabbit_vhost="v",
+                            vtpcm_transport_url="rabbit://", vtpcm_exchange="x",
+                            vtpcm_topics={}, socket_dirs=[], engine_public_key=Path("/e"),
+                            witness_key=Path("/w"),
+                            instances_path=Path("/i"), ports={}, computes=[compute],
+                            compute_overrides={"vtpcm": {"early_begin_timeout": "0.0"},
+                                               "libvirt": {"virt_type": "kvm"},
+                                               "extra": {"a": "b"}})
+    conf = configs.compute_conf(layout, compute)
+    assert conf["vtpcm"] == {"host_command_key": "/k", "early_begin_timeout": "0.0"}
+    assert conf["libvirt"]["virt_type"] == "kvm"
+    assert conf["libvirt"]["live_migration_inbound_addr"] == "127.0.0.10"
+    assert conf["extra"] == {"a": "b"}
+    assert "vtpcm" in configs.compute_conf(
+        dataclasses.replace(layout, compute_overrides={}), compute)
+    assert "early_begin_timeout" not in configs.compute_conf(
+        dataclasses.replace(layout, compute_overrides={}), compute)["vtpcm"]
