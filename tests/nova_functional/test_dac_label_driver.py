@@ -879,9 +879,19 @@ def test_a_destination_without_the_option_sends_no_flag(monkeypatch):
     compute_conf.register_opts(vdriver.CONF)
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_destination",
                         lambda self, *a: _check_data())
-    data = _driver(Agents(0, 0)).check_can_live_migrate_destination(
-        None, _plain_instance(), None, None)
+    drv = _driver(Agents(0, 0))
+    data = drv.check_can_live_migrate_destination(None, _plain_instance(), None, None)
     assert "migration" not in data
+    # a source with the option answers no flag it was not sent (a stock
+    # Nova destination would pass the bare Migration on)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_source",
+                        lambda self, ctx, inst, data, bdi=None: data)
+    vdriver.CONF.set_override("qemu_dac_label", True, group="vtpcm")
+    try:
+        assert "migration" not in drv.check_can_live_migrate_source(
+            None, _plain_instance(), data)
+    finally:
+        vdriver.CONF.clear_override("qemu_dac_label", group="vtpcm")
 
 
 def test_a_guest_without_vtpcm_migrates_pinned_from_a_host_with_the_option(
