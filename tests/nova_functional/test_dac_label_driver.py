@@ -786,21 +786,112 @@ def test_a_destination_with_the_option_says_so_and_a_source_without_it_refuses(
             "on here first")):
         drv.check_can_live_migrate_source(None, instance, data)
     assert started == []
-    # the source with the option: checked, the hint taken out
+    # the source with the option: checked, the hint taken out (the early
+    # begin still gets the destination's name), the flag acknowledged
     dac_conf.set_override("qemu_dac_label", True, group="vtpcm")
     data = drv.check_can_live_migrate_destination(None, instance, None, None)
     result = drv.check_can_live_migrate_source(None, instance, data)
-    assert "migration" not in result
     assert started == (["cmp1"] if vtpcm else [])
+    result = objects.LibvirtLiveMigrateData.obj_from_primitive(result.obj_to_primitive())
+    ack = result.migration
+    assert ack.status == vdriver.DAC_LABEL_ACK
+    assert not ack.obj_attr_is_set("uuid") and not ack.obj_attr_is_set("dest_compute")
+    # ... which the destination takes, and takes out
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_source_migrate_data_at_dest",
+                        lambda self, ctxt, inst, md, *a: md)
+    assert "migration" not in drv.check_source_migrate_data_at_dest(
+        None, instance, result, None, None, None)
+
+
+def _dest_then_source(monkeypatch: Any, source_check: Any, vtpcm: bool) -> tuple[Any, Any]:
+    """The destination's check (with the option), the source's answer to
+    it as ``source_check`` gives it, through Nova's RPC both ways, as the
+    proof of round 5, MEDIUM 1 (/tmp/rev-dac5/test_old_source.py)."""
+    from nova import objects
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_destination",
+                        lambda self, *a: _check_data())
+    monkeypatch.setattr(vdriver.livemigration, "check_destination", lambda *a: None)
+    dest = _driver(Agents(0, 0))
+    dest._engine = lambda: _Engine()  # type: ignore[assignment,return-value]
+    instance = _instance() if vtpcm else _plain_instance()
+    instance.host = "cmp0"
+    data = dest.check_can_live_migrate_destination(None, instance, None, None)
+    data = objects.LibvirtLiveMigrateData.obj_from_primitive(data.obj_to_primitive())
+    assert data.migration.status == vdriver.DAC_LABEL_HINT
+    result = source_check(data)
+    return dest, instance, objects.LibvirtLiveMigrateData.obj_from_primitive(
+        result.obj_to_primitive())
+
+
+def _older_vtpcm_source(data: Any) -> Any:
+    # the check of a vtpcm driver from before the acknowledgement: the
+    # destination's hint taken out, nothing put back
+    vdriver._take_dest_hint(data)
+    return data
+
+
+@pytest.mark.parametrize("vtpcm", [False, True])
+@pytest.mark.parametrize("source, why", [
+    (lambda data: data,  # stock Nova: LibvirtDriver's check never touches .migration
+     "it returned this host's flag untouched: it does not run the vtpcm driver"),
+    (_older_vtpcm_source,
+     "it did not acknowledge this host's flag: it runs an older vtpcm driver"),
+], ids=["stock-nova-source", "older-vtpcm-source"])
+def test_a_destination_with_the_option_refuses_a_source_that_does_not_pin(
+        dac_conf, monkeypatch, vtpcm, source, why):
+    """Review of the DAC label round 5, MEDIUM 1: only the source enforced
+    the destination's flag, so a source that does not know it (stock Nova's
+    driver) or drops it (a vtpcm driver from before this check) sent
+    unpinned XML, and the destination's libvirt chowned _base to
+    libvirt-qemu. The destination now requires the source's
+    acknowledgement, before Nova's own last checks (mdev allocations)."""
+    novas: list[str] = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_source_migrate_data_at_dest",
+                        lambda self, ctxt, inst, md, *a: novas.append("check") or md)
+    dest, instance, result = _dest_then_source(monkeypatch, source, vtpcm)
+    with refused(nova_exception.MigrationPreCheckError, (
+            "Migration pre-check error: vTPCM: this host runs with [vtpcm] qemu_dac_label "
+            "and the source cmp0 does not pin the guest's backing chain (%s): the guest's XML "
+            "would arrive unpinned, and this host's libvirt would hand the shared backing "
+            "files to the guest's QEMU user under the labelled guests here; upgrade the "
+            "source to this release and turn [vtpcm] qemu_dac_label on there first" % why)):
+        dest.check_source_migrate_data_at_dest(None, instance, result, None, None, None)
+    assert novas == []
+
+
+def test_a_destination_without_the_option_asks_no_acknowledgement(monkeypatch):
+    """Nothing changes where the option is off: no flag sent, none
+    required, and a stray bare Migration is still taken out."""
+    from nova import objects
+    compute_conf.register_opts(vdriver.CONF)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_source_migrate_data_at_dest",
+                        lambda self, ctxt, inst, md, *a: md)
+    drv = _driver(Agents(0, 0))
+    data = _check_data()
+    assert drv.check_source_migrate_data_at_dest(None, _plain_instance(), data, None, None,
+                                                 None) is data
+    data.migration = objects.Migration(status=vdriver.DAC_LABEL_ACK)
+    assert "migration" not in drv.check_source_migrate_data_at_dest(
+        None, _plain_instance(), data, None, None, None)
 
 
 def test_a_destination_without_the_option_sends_no_flag(monkeypatch):
     compute_conf.register_opts(vdriver.CONF)
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_destination",
                         lambda self, *a: _check_data())
-    data = _driver(Agents(0, 0)).check_can_live_migrate_destination(
-        None, _plain_instance(), None, None)
+    drv = _driver(Agents(0, 0))
+    data = drv.check_can_live_migrate_destination(None, _plain_instance(), None, None)
     assert "migration" not in data
+    # a source with the option answers no flag it was not sent (a stock
+    # Nova destination would pass the bare Migration on)
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "check_can_live_migrate_source",
+                        lambda self, ctx, inst, data, bdi=None: data)
+    vdriver.CONF.set_override("qemu_dac_label", True, group="vtpcm")
+    try:
+        assert "migration" not in drv.check_can_live_migrate_source(
+            None, _plain_instance(), data)
+    finally:
+        vdriver.CONF.clear_override("qemu_dac_label", group="vtpcm")
 
 
 def test_a_guest_without_vtpcm_migrates_pinned_from_a_host_with_the_option(
@@ -832,3 +923,105 @@ def test_a_guest_without_vtpcm_migrates_pinned_from_a_host_with_the_option(
     guest = _SourceGuest(detected)
     drv._live_migration_operation(None, _plain_instance(), "cmp2", False, None, guest, [])
     assert guest.sent["destination_xml"] == detected
+
+
+# --- unrescue: the XML Nova saved at rescue -----------------------------------------
+DETECTED = PLAIN_XML.replace(
+    "<target dev='vda'/>", "<backingStore type='file'><format type='raw'/><source "
+    "file='/i/_base/abc'/><backingStore/></backingStore><target dev='vda'/>")
+
+
+def _unrescue(monkeypatch: Any, tmp_path: Any, saved: str, instance: Any,
+              read_chain: Any = None, steps: list[Any] | None = None) -> list[Any]:
+    """Nova's own unrescue, its libvirt steps recorded, over ``saved`` as
+    the ``unrescue.xml`` its rescue wrote (the proof of round 5, LOW 2:
+    /tmp/rev-dac5/test_unrescue.py); what it started, then what is left in
+    the instance's directory."""
+    monkeypatch.setattr(daclabel, "backing_chain", read_chain or (lambda path, fmt: [
+        (path, "qcow2"), ("/i/_base/abc", "raw")]))
+    monkeypatch.setattr(libvirt_driver.libvirt_utils, "get_instance_path",
+                        lambda inst: str(tmp_path))
+    (tmp_path / "unrescue.xml").write_text(saved)
+    (tmp_path / "disk.rescue").write_text("")
+    steps = [] if steps is None else steps
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_destroy",
+                        lambda self, inst: steps.append("destroy"))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_create_guest",
+                        lambda self, ctx, xml, inst, *a, **k: steps.append(xml))
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_lvm_disks", lambda self, i: [],
+                        raising=False)
+    _driver(Agents(0, 0)).unrescue(None, instance)
+    steps.append(sorted(p.name for p in tmp_path.iterdir()))
+    return steps
+
+
+def test_unrescue_starts_a_guest_rescued_before_the_option_pinned(
+        dac_conf, monkeypatch, tmp_path):
+    """Review of the DAC label round 5, LOW 2: a guest rescued before the
+    option went on came back through Nova's unrescue with the chain libvirt
+    had detected (unpinned), and libvirt chowned _base to libvirt-qemu; a
+    RESCUED guest can be neither hard rebooted nor stopped. Its saved XML
+    is pinned now before Nova starts it."""
+    steps = _unrescue(monkeypatch, tmp_path, DETECTED, _plain_instance())
+    assert steps[0] == "destroy" and steps[2] == []  # Nova's unrescue ran to its end
+    stores = ET.fromstring(steps[1]).findall("devices/disk/backingStore")
+    assert len(stores) == 1
+    assert stores[0].find("source").get("file") == "/i/_base/abc"
+    assert stores[0].find("source/seclabel").attrib == {"model": "dac", "relabel": "no"}
+
+
+def test_unrescue_with_the_option_off_starts_the_saved_xml_as_it_is(
+        monkeypatch, tmp_path):
+    compute_conf.register_opts(vdriver.CONF)
+    steps = _unrescue(monkeypatch, tmp_path, DETECTED, _plain_instance())
+    assert steps == ["destroy", DETECTED, []]
+
+
+def test_unrescue_of_a_guest_whose_chain_cannot_be_pinned_is_refused_before_the_destroy(
+        dac_conf, monkeypatch, tmp_path):
+    """The fault names why (the disk and its fix, as at a spawn); Nova's
+    unrescue never ran: the rescue guest runs on, the saved XML unchanged."""
+    def read_chain(path: str, fmt: str) -> Any:
+        raise daclabel.UnstatedBackingFormat(reason="disk %s: no format" % path)
+    steps: list[Any] = []
+    with refused(vdriver.VTPCMFault, "vTPCM: Invalid input: disk /i/%s/disk: no format"
+                 % INSTANCE):
+        _unrescue(monkeypatch, tmp_path, DETECTED, _plain_instance(), read_chain, steps)
+    assert steps == []
+    assert (tmp_path / "unrescue.xml").read_text() == DETECTED
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.rescue", "unrescue.xml"]
+
+
+def test_unrescue_of_a_vtpcm_guest_rescued_before_the_option_is_refused_by_name(
+        dac_conf, monkeypatch, tmp_path):
+    """A vTPCM guest's saved XML has no label: its label comes from
+    _get_guest_xml with the ids this host's agent reserved, which Nova's
+    unrescue does not call. Refused before anything is destroyed, naming
+    the way back (a hard reboot, after a reset of its state)."""
+    steps: list[Any] = []
+    with refused(vdriver.VTPCMFault, (
+            "vTPCM: instance %s was rescued before [vtpcm] qemu_dac_label was on: the guest "
+            "Nova saved at rescue has no per-VM QEMU label and its backing chain is not "
+            "pinned (libvirt would hand the shared backing files to its QEMU user), so "
+            "unrescue is refused. To bring it back, reset its state (openstack server set "
+            "--state error) and hard reboot it: Nova then builds its XML anew, labelled and "
+            "pinned" % INSTANCE)):
+        _unrescue(monkeypatch, tmp_path, NOVA_XML, _instance(), steps=steps)
+    assert steps == []  # Nova's unrescue never ran: the rescue guest runs on
+    assert (tmp_path / "unrescue.xml").read_text() == NOVA_XML
+    # labelled but a chain left unpinned: refused as well
+    detected = LABELLED_XML.replace("<target dev='vda'/>", DETECTED[
+        DETECTED.index("<backingStore"):DETECTED.index("<target")] + "<target dev='vda'/>")
+    with pytest.raises(vdriver.VTPCMFault, match="rescued before"):
+        _unrescue(monkeypatch, tmp_path, detected, _instance(), steps=steps)
+    assert steps == []
+
+
+def test_unrescue_starts_a_labelled_vtpcm_guest_as_it_was_saved(
+        dac_conf, monkeypatch, tmp_path):
+    pinned = daclabel.label_domain(
+        NOVA_XML, daclabel.VMIds(1900001003, 1900000003), "/i/%s" % INSTANCE, INSTANCE,
+        chain_of=lambda path, fmt: [(path, fmt), ("/etc/hostname", "raw")])
+    assert daclabel.labelled_and_pinned(pinned)
+    steps = _unrescue(monkeypatch, tmp_path, pinned, _instance())
+    assert steps == ["destroy", pinned, []]

@@ -98,6 +98,47 @@ def test_the_destination_hint_rides_on_the_check_datas_migration() -> None:
     assert (back.migration.dest_compute, back.migration.status) == (
         "cmp2", "vtpcm:qemu_dac_label")
     assert not back.migration.obj_attr_is_set("uuid")
+    # round 5, MEDIUM 1: the source's acknowledgement rides back the same way
+    data.migration = objects.Migration(status=vdriver.DAC_LABEL_ACK)
+    back = objects.LibvirtLiveMigrateData.obj_from_primitive(data.obj_to_primitive())
+    assert back.migration.status == vdriver.DAC_LABEL_ACK
+    assert not back.migration.obj_attr_is_set("uuid")
+
+
+def test_the_sources_answer_reaches_the_destination_drivers_last_check() -> None:
+    """The destination refuses a source that did not acknowledge its
+    qemu_dac_label flag in ``check_source_migrate_data_at_dest``: Nova's
+    source manager returns what its driver's check returned, and the
+    destination manager hands that to its driver's last check."""
+    from nova.compute import manager
+    source = inspect.getsource(manager.ComputeManager.check_can_live_migrate_source)
+    assert "result = self.driver.check_can_live_migrate_source(" in source
+    assert "return result" in source
+    dest = inspect.getsource(manager.ComputeManager.check_can_live_migrate_destination)
+    assert dest.index("self.compute_rpcapi.check_can_live_migrate_source(") < dest.index(
+        "migrate_data = self.driver.check_source_migrate_data_at_dest(")
+    assert _params(libvirt_driver.LibvirtDriver.check_source_migrate_data_at_dest) == [
+        "self", "ctxt", "instance", "migrate_data", "migration", "limits", "allocs"]
+
+
+def test_unrescue_starts_the_xml_its_rescue_saved() -> None:
+    """With qemu_dac_label the driver pins the saved ``unrescue.xml`` in
+    its file before Nova's unrescue reads it (round 5, LOW 2): Nova's rescue
+    writes it, and its unrescue loads it, before destroying the rescue guest,
+    from the instance's directory, and starts it as loaded."""
+    drv = libvirt_driver.LibvirtDriver
+    assert _params(drv.unrescue) == ["self", "context", "instance"]
+    assert vdriver.UNRESCUE_XML == "unrescue.xml"
+    assert "os.path.join(instance_dir, 'unrescue.xml')" in inspect.getsource(drv.rescue)
+    source = inspect.getsource(drv.unrescue)
+    steps = ("instance_dir = libvirt_utils.get_instance_path(instance)",
+             "os.path.join(instance_dir, 'unrescue.xml')",
+             "xml = libvirt_utils.load_file(unrescue_xml_path)",
+             "self._destroy(instance)",
+             "self._create_guest(context, xml, instance)")
+    assert all(step in source for step in steps), source
+    assert [source.index(step) for step in steps] == sorted(
+        source.index(step) for step in steps)
 
 
 def test_public_hooks_keep_their_signatures() -> None:

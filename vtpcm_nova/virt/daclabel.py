@@ -382,7 +382,9 @@ def pin_for_migration(domain_xml: str, instance_dir: str,
     ``qemu_dac_label``, its chains pinned as ``pin_domain`` pins them: a
     guest started before the option (or migrated in unpinned) would have
     the destination's libvirt hand ``_base`` to its QEMU user under the
-    labelled guests there (review of the DAC label round 4, MEDIUM 3). A
+    labelled guests there (review of the DAC label round 4, MEDIUM 3).
+    Also the XML Nova saved when it rescued such a guest, which its
+    unrescue starts again (round 5, LOW 2). A
     ``<backingStore>`` not pinned throughout (libvirt's own, detected) is
     dropped and the chain read again; one pinned at spawn is kept."""
     dom = _parse(domain_xml)
@@ -392,6 +394,16 @@ def pin_for_migration(domain_xml: str, instance_dir: str,
             disk.remove(store)
     _pin_chains(dom, instance_dir, chain_of or backing_chain, labelled=False)
     return ET.tostring(dom, encoding="unicode")
+
+
+def labelled_and_pinned(domain_xml: str) -> bool:
+    """Whether a guest's saved XML (a rescued guest's ``unrescue.xml``)
+    carries a static DAC label and every ``<backingStore>`` in it is
+    pinned: it was started with ``qemu_dac_label``, through
+    ``label_domain``."""
+    dom = _parse(domain_xml)
+    return has_static_label(domain_xml) and all(
+        _pinned(store) for store in dom.findall("devices/disk/backingStore"))
 
 
 def _pinned(store: ET.Element) -> bool:

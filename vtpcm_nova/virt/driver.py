@@ -12,6 +12,9 @@ Private Nova methods overridden here (``_add_vtpm_device``,
 supported Nova range (``SUPPORTED_NOVA``).
 """
 
+import contextlib
+import os
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -125,6 +128,10 @@ class _PinningGuest:
         return self._guest.migrate(destination, *args, **kwargs)
 
 
+# the guest's XML Nova's rescue saves in the instance's directory, which its
+# unrescue defines and starts again
+UNRESCUE_XML = "unrescue.xml"
+
 # Cinder volume types attached as files (<disk type='file'>)
 FILE_VOLUMES = frozenset(("nfs", "glusterfs", "quobyte", "scality", "smbfs", "vzstorage",
                           "local", "fs"))
@@ -214,6 +221,51 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                                          instance.uuid)
         except exception.VTPCMException as err:
             raise VTPCMFault(reason=str(err)) from None
+
+    def unrescue(self, context: Any, instance: Any) -> None:
+        """Nova starts the guest's XML it saved at rescue (``unrescue.xml``)
+        as it was: a guest rescued before ``qemu_dac_label`` went on would
+        come back with its chain unpinned, and RESCUED allows no hard reboot
+        (review of the DAC label round 5, LOW 2). With the option on, the
+        saved XML is pinned in its file before Nova reads it, or refused
+        before Nova destroys the rescue guest."""
+        if CONF.vtpcm.qemu_dac_label:
+            self._pin_unrescue_xml(instance)
+        super().unrescue(context, instance)
+
+    def _pin_unrescue_xml(self, instance: Any) -> None:
+        instance_dir = libvirt_utils.get_instance_path(instance)
+        path = os.path.join(instance_dir, UNRESCUE_XML)
+        try:
+            saved = libvirt_utils.load_file(path)
+        except FileNotFoundError:
+            return  # Nova's unrescue fails on it by itself
+        try:
+            if vtpcm_spec(instance.flavor).enabled:
+                if daclabel.labelled_and_pinned(saved):
+                    return
+                # its label comes from _get_guest_xml only, with the ids
+                # this host's agent reserved: not made up here
+                raise VTPCMFault(reason=(
+                    "instance %s was rescued before [vtpcm] qemu_dac_label was on: the "
+                    "guest Nova saved at rescue has no per-VM QEMU label and its backing "
+                    "chain is not pinned (libvirt would hand the shared backing files to "
+                    "its QEMU user), so unrescue is refused. To bring it back, reset its "
+                    "state (openstack server set --state error) and hard reboot it: Nova "
+                    "then builds its XML anew, labelled and pinned" % instance.uuid))
+            pinned = daclabel.pin_for_migration(saved, instance_dir)
+        except exception.VTPCMException as err:
+            raise VTPCMFault(reason=str(err)) from None
+        # replaced whole: the file is never seen half written
+        fd, tmp = tempfile.mkstemp(prefix=".unrescue.", dir=instance_dir)
+        try:
+            with os.fdopen(fd, "w") as out:
+                out.write(pinned)
+            os.replace(tmp, path)
+        except BaseException:
+            with excutils.save_and_reraise_exception():
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
 
     def attach_volume(self, context: Any, connection_info: Any, instance: Any,
                       mountpoint: str, *args: Any, **kwargs: Any) -> Any:
@@ -511,6 +563,11 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                 % (hint or "host")))
         result = super().check_can_live_migrate_source(context, instance, dest_check_data,
                                                        block_device_info)
+        if dest_pins:
+            # the destination refuses a source that does not say it pins
+            # (review of the DAC label round 5, MEDIUM 1: a stock Nova or an
+            # older vtpcm source let the flag pass or dropped it)
+            result.migration = objects.Migration(status=DAC_LABEL_ACK)
         if (hint and vtpcm_spec(instance.flavor).enabled
                 and _not_queued(self.vtpcm_host, instance)):
             # the engine's begin, in the background: live_migration joins it
@@ -520,9 +577,13 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
     def check_source_migrate_data_at_dest(self, ctxt: Any, instance: Any,
                                           migrate_data: Any, migration: Any, limits: Any,
                                           allocs: Any) -> Any:
+        answer = _bare_status(migrate_data)
         # a source that does not take the hint out (an older driver) must
-        # not pass it on to pre_live_migration
+        # not pass it on to pre_live_migration, nor the acknowledgement
         _take_dest_hint(migrate_data)
+        if CONF.vtpcm.qemu_dac_label and answer != DAC_LABEL_ACK:
+            raise nova_exception.MigrationPreCheckError(reason=_unpinning_source(
+                getattr(instance, "host", None), answer))
         return super().check_source_migrate_data_at_dest(ctxt, instance, migrate_data,
                                                          migration, limits, allocs)
 
@@ -798,6 +859,8 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
 # a Migration's fields carry what a driver adds to the check data; the
 # destination's hint says with this status that it runs qemu_dac_label
 DAC_LABEL_HINT = "vtpcm:qemu_dac_label"
+# ... and a source with the option answers with this one that it pins
+DAC_LABEL_ACK = "vtpcm:qemu_dac_label:pinned"
 ACCELERATOR_VNIC_TYPES = ("accelerator-direct", "accelerator-direct-physical")
 
 
@@ -814,14 +877,36 @@ def _unsaveable(instance: Any) -> list[str]:
     return reasons
 
 
+def _bare_status(data: Any) -> str | None:
+    """The status of the bare Migration (no uuid: not Nova's) a driver put
+    in the check data's ``migration`` field, if any."""
+    if data is None or "migration" not in data:
+        return None
+    bare = data.migration
+    if bare is None or bare.obj_attr_is_set("uuid") or not bare.obj_attr_is_set("status"):
+        return None
+    return str(bare.status)
+
+
 def _dac_hint(dest_check_data: Any) -> bool:
     """Whether the destination's hint says it runs ``qemu_dac_label`` (read
     before ``_take_dest_hint`` takes the hint out)."""
-    if dest_check_data is None or "migration" not in dest_check_data:
-        return False
-    hint = dest_check_data.migration
-    return bool(hint is not None and not hint.obj_attr_is_set("uuid")
-                and hint.obj_attr_is_set("status") and hint.status == DAC_LABEL_HINT)
+    return _bare_status(dest_check_data) == DAC_LABEL_HINT
+
+
+def _unpinning_source(source: str | None, answer: str | None) -> str:
+    """Why a destination with ``qemu_dac_label`` refuses a source that did
+    not acknowledge its flag: the flag back untouched (a driver that does
+    not know it: stock Nova's), or no answer at all (a vtpcm driver from
+    before the acknowledgement, whose check takes the flag out)."""
+    why = ("it returned this host's flag untouched: it does not run the vtpcm driver"
+           if answer == DAC_LABEL_HINT else
+           "it did not acknowledge this host's flag: it runs an older vtpcm driver")
+    return ("vTPCM: this host runs with [vtpcm] qemu_dac_label and the source %s does not "
+            "pin the guest's backing chain (%s): the guest's XML would arrive unpinned, and "
+            "this host's libvirt would hand the shared backing files to the guest's QEMU "
+            "user under the labelled guests here; upgrade the source to this release and "
+            "turn [vtpcm] qemu_dac_label on there first" % (source or "host", why))
 
 
 def _take_dest_hint(dest_check_data: Any) -> str | None:
