@@ -746,6 +746,35 @@ def test_a_saveable_guest_is_still_snapshotted_cold_and_gets_its_devices_back(
     assert attached == {"mdev": True, "sriov": True, "pci": True}
 
 
+UNPINNED_XML = PLAIN_XML.replace(
+    "<source file='/i/%s/disk'/>" % INSTANCE,
+    "<source file='/i/%s/disk'/><backingStore type='file'><format type='raw'/><source "
+    "file='/i/_base/0123abcd'/><backingStore/></backingStore>" % INSTANCE)
+
+
+def test_a_guest_started_before_the_option_is_refused_a_cold_snapshot(
+        dac_conf, monkeypatch, tmp_path):
+    """Found while fixing the DAC label's round 5: a running guest started
+    before the option runs on libvirt's detected, unpinned chain; the cold
+    snapshot's managed save restores exactly that XML, and libvirt chowns
+    _base to its QEMU user again. Refused, nothing detached or saved, the
+    hard reboot named."""
+    assert "backingStore" in UNPINNED_XML
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path,
+                                                           UNPINNED_XML, False)
+    try:
+        with refused(vdriver.VTPCMFault, (
+                "vTPCM: instance %s: a snapshot of the running guest is refused with "
+                "[vtpcm] qemu_dac_label on: it was started before the option, on a backing "
+                "chain libvirt relabels, and a cold snapshot restores it so. Hard reboot the "
+                "instance first (its chain is then pinned)" % INSTANCE)):
+            drv.snapshot(None, instance, "image-1", lambda **k: None)
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+    assert events == []
+    assert attached == {"mdev": True, "sriov": True, "pci": True}
+
+
 def _check_data() -> Any:
     from nova import objects
     objects.register_all()

@@ -406,6 +406,14 @@ def labelled_and_pinned(domain_xml: str) -> bool:
         _pinned(store) for store in dom.findall("devices/disk/backingStore"))
 
 
+def chains_pinned(domain_xml: str) -> bool:
+    """Whether every ``<backingStore>`` of a running guest's XML is pinned:
+    a guest started before ``qemu_dac_label`` runs on libvirt's detected,
+    unpinned chain, and a managed save restores exactly that."""
+    return all(_pinned(store) for store in _parse(domain_xml).findall(
+        "devices/disk/backingStore"))
+
+
 def _pinned(store: ET.Element) -> bool:
     """Whether every file of a ``<backingStore>`` chain carries
     ``<seclabel model='dac' relabel='no'/>`` (the chain ends with an empty

@@ -331,7 +331,17 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         if not CONF.vtpcm.qemu_dac_label:
             return super()._live_snapshot(context, instance, guest, disk_path, out_path,
                                           source_format, image_format, image_meta)
-        reasons = daclabel.unsaveable(guest.get_xml_desc()) + _unsaveable(instance)
+        running_xml = guest.get_xml_desc()
+        if not daclabel.chains_pinned(running_xml):
+            # the managed save would restore libvirt's detected, unpinned
+            # chain and libvirt would chown _base again (found while fixing
+            # the DAC label's round 5): the documented hard reboot first
+            raise VTPCMFault(reason=(
+                "instance %s: a snapshot of the running guest is refused with [vtpcm] "
+                "qemu_dac_label on: it was started before the option, on a backing chain "
+                "libvirt relabels, and a cold snapshot restores it so. Hard reboot the "
+                "instance first (its chain is then pinned)" % instance.uuid))
+        reasons = daclabel.unsaveable(running_xml) + _unsaveable(instance)
         if guest.get_all_devices(devtype=vconfig.LibvirtConfigGuestHostdevMDEV):
             # what Nova's suspend hot-detaches (_detach_mediated_devices)
             reasons.insert(0, "mediated devices (a vGPU), which Nova's restore after a "
