@@ -14,8 +14,9 @@ all integers big-endian:
 * header, 10 bytes: u8 version (2), u8 min_version (1), u16 hdrsize (10),
   u16 flags, u32 totlen (header included, = file size). With a 256-bit
   ``--key`` the flags are ENCRYPTED | ENCRYPTED_256BIT_KEY (0x09).
-* then TLVs (u16 tag, u32 length, data), in this order: 2 the ciphertext,
-  3 an HMAC-SHA256, 6 the IV (32 random bytes: as long as the key).
+* then TLVs (u16 tag, u32 length, data), written in this order (read in
+  any order, each exactly once): 2 the ciphertext, 3 an HMAC-SHA256, 6 the
+  IV (32 random bytes: as long as the key).
 * HMAC-SHA256 keyed with the at-rest key itself (no derived key) over
   ciphertext || IV (all 32 IV bytes).
 * AES-256-CBC with the IV's first 16 bytes, no OpenSSL padding; swtpm pads
@@ -24,9 +25,10 @@ all integers big-endian:
 
 swtpm's own reader (``SWTPM_NVRAM_DecryptData``) accepts more than its
 writer produces (any TLV order, unknown tags, a missing IV meaning zeros,
-a longer HMAC field); this reader takes only what swtpm 0.7.1 writes, and
-checks the HMAC (in constant time) before decrypting anything. Other
-versions' formats are refused, not guessed.
+a longer HMAC field); this reader takes only the three TLVs swtpm 0.7.1
+writes, of their sizes, under a version-2 header (min_version up to 2), at
+most ``MAX_FILE_SIZE`` bytes, and checks the HMAC (in constant time) before
+decrypting anything. Other versions' formats are refused, not guessed.
 
 Errors (``StateFileError``) name the check and offsets, never key or state
 bytes.
@@ -55,6 +57,11 @@ TAG_IVEC_ENCRYPTED_DATA = 6
 HMAC_SIZE = 32
 IV_SIZE = KEY_SIZE  # swtpm rolls an IV as long as the key; AES-CBC uses 16
 _AES_BLOCK = 16
+# libtpms' permanent state is a few kB (1.4 kB fresh, ~6 kB with an EK,
+# its certificates and NV indices); a file the swtpm's uid made larger is
+# refused before anything is copied or hashed (review of the reader: a
+# 4 GiB file cost ~2x its size in memory before the HMAC refused it)
+MAX_FILE_SIZE = 1 << 20
 _TAGS = (TAG_ENCRYPTED_DATA, TAG_HMAC, TAG_IVEC_ENCRYPTED_DATA)
 
 
@@ -63,6 +70,9 @@ def _refuse(name: str, reason: str) -> exception.StateFileError:
 
 
 def _check_header(data: bytes, name: str) -> None:
+    if len(data) > MAX_FILE_SIZE:
+        raise _refuse(name, "%d bytes, more than the %d a state file may have"
+                      % (len(data), MAX_FILE_SIZE))
     if len(data) < HEADER.size:
         raise _refuse(name, "%d bytes, shorter than the %d-byte header"
                       % (len(data), HEADER.size))

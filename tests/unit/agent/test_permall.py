@@ -5,7 +5,7 @@ The known-answer vector was computed with the openssl CLI (``openssl enc
 dgst -sha256 -mac HMAC`` over ciphertext || IV), not with this module; the
 other vectors come from ``_seal``, written from swtpm's source
 (swtpm_nvstore.c ``SWTPM_NVRAM_EncryptData``, swtpm_aes.c). The real files
-of real swtpm processes are in tests/functional/agent/test_permall.py.
+of real swtpm processes are in tests/functional/agent/test_permall_moved.py.
 """
 
 from __future__ import annotations
@@ -255,3 +255,26 @@ def test_no_refusal_carries_key_or_state_bytes():
         _no_key_in(err.value)
         assert KAT_PLAIN.hex() not in str(err.value)
         assert "libtpms" not in str(err.value)
+
+
+@pytest.mark.parametrize("pad", [33, 48, 64])
+def test_a_consistent_pad_longer_than_the_key_is_refused(pad):
+    """Review of the reader (LOW): swtpm pads to the key's length, at most
+    32 bytes (swtpm_aes.c refuses pad_length > userKeyLength); a consistent
+    longer pad under a valid HMAC passed a mutant bounding it at 255."""
+    ct = _encrypt(b"x" * (96 - pad) + bytes([pad]) * pad, KEY, IV)
+    data = _file(_tlv(2, ct) + _tlv(3, _mac(ct, KEY, IV)) + _tlv(6, IV))
+    with refused(exception.StateFileError,
+                 PREFIX + "bad padding after a valid HMAC (not written by swtpm 0.7.1)"):
+        permall.decrypt_state_file(data, KEY)
+
+
+def test_a_file_larger_than_the_bound_is_refused_before_it_is_hashed():
+    """Review of the reader (LOW): a file of up to 4 GiB with a matching
+    header was copied and hashed before the HMAC refused it."""
+    big = permall.MAX_FILE_SIZE + 1
+    data = struct.pack(">BBHHI", 2, 1, 10, 0x09, big) + bytes(big - 10)
+    with refused(exception.StateFileError,
+                 PREFIX + "%d bytes, more than the %d a state file may have"
+                 % (big, permall.MAX_FILE_SIZE)):
+        permall.decrypt_state_file(data, KEY)
