@@ -775,6 +775,75 @@ def test_a_guest_started_before_the_option_is_refused_a_cold_snapshot(
     assert attached == {"mdev": True, "sriov": True, "pci": True}
 
 
+def test_novas_own_cold_snapshot_of_an_unpinned_guest_is_refused_too(
+        dac_conf, monkeypatch, tmp_path):
+    """Review of the DAC label round 6, MEDIUM 1 (test_cold_bypass.py): the
+    refusal above sat in _live_snapshot, which Nova's snapshot() calls only
+    on its live path; with [workarounds] disable_libvirt_livesnapshot (or
+    encrypted ephemeral storage, LVM images) Nova's own cold path saved and
+    restored the unpinned guest."""
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path,
+                                                           UNPINNED_XML, False)
+    vdriver.CONF.set_override("disable_libvirt_livesnapshot", True, group="workarounds")
+    try:
+        with refused(vdriver.VTPCMFault, (
+                "vTPCM: instance %s: a snapshot of the running guest is refused with "
+                "[vtpcm] qemu_dac_label on: it was started before the option, on a backing "
+                "chain libvirt relabels, and a cold snapshot restores it so. Hard reboot the "
+                "instance first (its chain is then pinned)" % INSTANCE)):
+            drv.snapshot(None, instance, "image-1", lambda **k: None)
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+        vdriver.CONF.clear_override("disable_libvirt_livesnapshot", group="workarounds")
+    assert events == []
+
+
+PINNED_ROOT_XML = PLAIN_XML.replace(
+    "<source file='/i/%s/disk'/>" % INSTANCE,
+    "<source file='/i/%s/disk'/><backingStore type='file'><format type='raw'/><source "
+    "file='/i/_base/0123abcd'><seclabel model='dac' relabel='no'/></source><backingStore/>"
+    "</backingStore>" % INSTANCE)
+NFS_VOLUME = ("<disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+              "<source file='/var/lib/nova/mnt/abc/volume-1.snap-2'/>"
+              "<backingStore type='file'><format type='qcow2'/>"
+              "<source file='/var/lib/nova/mnt/abc/volume-1'/><backingStore/></backingStore>"
+              "<target dev='vdb' bus='virtio'/><serial>vol-1</serial></disk>")
+
+
+def test_a_volumes_own_unpinned_chain_does_not_refuse_the_snapshot(
+        dac_conf, monkeypatch, tmp_path):
+    """Review round 6, MEDIUM/LOW 2 (test_volume_chain.py): a guest started
+    with the option whose NFS volume got an assisted snapshot (libvirt's
+    unpinned chain, a volume's, never over _base) was refused every later
+    snapshot as "started before the option"."""
+    xml = PINNED_ROOT_XML.replace("</devices>", NFS_VOLUME + "</devices>", 1)
+    assert NFS_VOLUME in xml
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path, xml,
+                                                           False)
+    try:
+        drv.snapshot(None, instance, "image-1", lambda **k: None)
+    finally:
+        vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+    assert "extract" in events and "restore" in events
+
+
+@pytest.mark.parametrize("xml, soft", [(UNPINNED_XML, False), (PINNED_ROOT_XML, True)])
+def test_a_soft_reboot_of_an_unpinned_guest_falls_back_to_the_hard_reboot(
+        dac_conf, monkeypatch, xml, soft):
+    """Review round 6: a soft reboot launches the guest's definition as it
+    is; a guest started before the option would start unpinned again. It
+    takes Nova's fallback, the hard reboot (which pins); a pinned guest
+    soft reboots as before."""
+    calls: list[str] = []
+    monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_soft_reboot",
+                        lambda self, inst: calls.append("soft") or True)
+    drv = _driver(Agents(1900001003, 1900000003))
+    guest = types.SimpleNamespace(get_xml_desc=lambda *a, **k: xml)
+    drv._host = types.SimpleNamespace(get_guest=lambda inst: guest)  # type: ignore[assignment]
+    assert drv._soft_reboot(_Inst(uuid=INSTANCE)) is soft
+    assert calls == (["soft"] if soft else [])
+
+
 def _check_data() -> Any:
     from nova import objects
     objects.register_all()
@@ -1026,15 +1095,15 @@ def test_unrescue_of_a_vtpcm_guest_rescued_before_the_option_is_refused_by_name(
     """A vTPCM guest's saved XML has no label: its label comes from
     _get_guest_xml with the ids this host's agent reserved, which Nova's
     unrescue does not call. Refused before anything is destroyed, naming
-    the way back (a hard reboot, after a reset of its state)."""
+    the way back (a hard reboot; Nova's unrescue error puts it in ERROR)."""
     steps: list[Any] = []
     with refused(vdriver.VTPCMFault, (
             "vTPCM: instance %s was rescued before [vtpcm] qemu_dac_label was on: the guest "
             "Nova saved at rescue has no per-VM QEMU label and its backing chain is not "
             "pinned (libvirt would hand the shared backing files to its QEMU user), so "
-            "unrescue is refused. To bring it back, reset its state (openstack server set "
-            "--state error) and hard reboot it: Nova then builds its XML anew, labelled and "
-            "pinned" % INSTANCE)):
+            "unrescue is refused and Nova puts the instance in ERROR (the rescue guest still "
+            "runs). To bring it back, hard reboot it (allowed from ERROR): Nova then builds "
+            "its XML anew, labelled and pinned" % INSTANCE)):
         _unrescue(monkeypatch, tmp_path, NOVA_XML, _instance(), steps=steps)
     assert steps == []  # Nova's unrescue never ran: the rescue guest runs on
     assert (tmp_path / "unrescue.xml").read_text() == NOVA_XML

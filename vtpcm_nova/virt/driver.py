@@ -250,9 +250,10 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                     "instance %s was rescued before [vtpcm] qemu_dac_label was on: the "
                     "guest Nova saved at rescue has no per-VM QEMU label and its backing "
                     "chain is not pinned (libvirt would hand the shared backing files to "
-                    "its QEMU user), so unrescue is refused. To bring it back, reset its "
-                    "state (openstack server set --state error) and hard reboot it: Nova "
-                    "then builds its XML anew, labelled and pinned" % instance.uuid))
+                    "its QEMU user), so unrescue is refused and Nova puts the instance in "
+                    "ERROR (the rescue guest still runs). To bring it back, hard reboot it "
+                    "(allowed from ERROR): Nova then builds its XML anew, labelled and "
+                    "pinned" % instance.uuid))
             pinned = daclabel.pin_for_migration(saved, instance_dir)
         except exception.VTPCMException as err:
             raise VTPCMFault(reason=str(err)) from None
@@ -261,7 +262,14 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
         try:
             with os.fdopen(fd, "w") as out:
                 out.write(pinned)
+                out.flush()
+                os.fsync(out.fileno())  # never a zero-length file after a power loss
             os.replace(tmp, path)
+            dir_fd = os.open(instance_dir, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except BaseException:
             with excutils.save_and_reraise_exception():
                 with contextlib.suppress(OSError):
@@ -332,15 +340,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             return super()._live_snapshot(context, instance, guest, disk_path, out_path,
                                           source_format, image_format, image_meta)
         running_xml = guest.get_xml_desc()
-        if not daclabel.chains_pinned(running_xml):
-            # the managed save would restore libvirt's detected, unpinned
-            # chain and libvirt would chown _base again (found while fixing
-            # the DAC label's round 5): the documented hard reboot first
-            raise VTPCMFault(reason=(
-                "instance %s: a snapshot of the running guest is refused with [vtpcm] "
-                "qemu_dac_label on: it was started before the option, on a backing chain "
-                "libvirt relabels, and a cold snapshot restores it so. Hard reboot the "
-                "instance first (its chain is then pinned)" % instance.uuid))
+        self._refuse_unpinned_snapshot(instance, running_xml)
         reasons = daclabel.unsaveable(running_xml) + _unsaveable(instance)
         if guest.get_all_devices(devtype=vconfig.LibvirtConfigGuestHostdevMDEV):
             # what Nova's suspend hot-detaches (_detach_mediated_devices)
@@ -373,6 +373,46 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             root_disk.snapshot_extract(out_path, image_format)
         finally:
             self._resume_guest_after_snapshot(context, False, power, instance, guest)
+
+    @staticmethod
+    def _refuse_unpinned_snapshot(instance: Any, running_xml: str) -> None:
+        """A cold snapshot's managed save restores the running XML: of a
+        guest started before ``qemu_dac_label`` that is libvirt's detected,
+        unpinned chain, and libvirt chowns ``_base`` again."""
+        if not daclabel.chains_pinned(running_xml):
+            raise VTPCMFault(reason=(
+                "instance %s: a snapshot of the running guest is refused with [vtpcm] "
+                "qemu_dac_label on: it was started before the option, on a backing chain "
+                "libvirt relabels, and a cold snapshot restores it so. Hard reboot the "
+                "instance first (its chain is then pinned)" % instance.uuid))
+
+    def _suspend_guest_for_snapshot(self, context: Any, live_snapshot: bool,
+                                    current_power_state: int, instance: Any) -> None:
+        """Nova's own cold snapshot (``[workarounds]
+        disable_libvirt_livesnapshot``, encrypted ephemeral storage, LVM
+        images) never reaches ``_live_snapshot``: the same refusal of an
+        unpinned guest here, before anything is detached or saved (review
+        of the DAC label round 6, MEDIUM 1)."""
+        if CONF.vtpcm.qemu_dac_label and self._needs_suspend_resume_for_snapshot(
+                live_snapshot, current_power_state):
+            guest = self._host.get_guest(instance)
+            self._refuse_unpinned_snapshot(instance, guest.get_xml_desc())
+        super()._suspend_guest_for_snapshot(context, live_snapshot, current_power_state,
+                                            instance)
+
+    def _soft_reboot(self, instance: Any) -> bool:
+        """A soft reboot starts the guest's definition again as it is: of a
+        guest started before ``qemu_dac_label``, unpinned (review round 6).
+        With the option on such a guest takes Nova's fallback, the hard
+        reboot, which builds its XML pinned."""
+        if CONF.vtpcm.qemu_dac_label:
+            guest = self._host.get_guest(instance)
+            if not daclabel.chains_pinned(guest.get_xml_desc()):
+                LOG.info("vTPCM: the guest was started before [vtpcm] qemu_dac_label, on an "
+                         "unpinned backing chain: hard rebooting it instead of a soft "
+                         "reboot, which would start that chain again", instance=instance)
+                return False
+        return bool(super()._soft_reboot(instance))
 
     def _reattach_after_failed_save(self, context: Any, instance: Any, guest: Any,
                                     power: int) -> None:
