@@ -73,59 +73,70 @@ class LibvirtConfigGuestExternalTPM(vconfig.LibvirtConfigGuestDevice):
         return etree.fromstring(ET.tostring(element))
 
 
-class _RewritingGuest:
-    """Nova's Guest whose ``migrate`` sends the destination XML with the TPM
-    pointed at the destination's incoming vTPCM (Nova has no hook for it),
-    and with ``ids`` (``[vtpcm] qemu_dac_label``) its QEMU labelled with the
-    destination agent's ids for this VM."""
+class _MigrationXmlGuest:
+    """Nova's Guest whose ``migrate`` sends a rewritten destination XML
+    (Nova has no hook for it); ``_rewrite`` says how, ``_missing`` why it
+    cannot go without one."""
 
-    def __init__(self, guest: Any, socket_path: str, instance_uuid: str,
-                 ids: daclabel.VMIds | None = None) -> None:
+    _missing = "no destination XML to rewrite"
+
+    def __init__(self, guest: Any) -> None:
         self._guest = guest
-        self._socket_path = socket_path
-        self._instance_uuid = instance_uuid
-        self._ids = ids
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._guest, name)
 
+    def _rewrite(self, xml: str) -> str:
+        raise NotImplementedError
+
     def migrate(self, destination: str, *args: Any, **kwargs: Any) -> Any:
         xml = kwargs.get("destination_xml")
         if xml is None:
-            raise exception.MigrationError(
-                migration_id="?", reason="no destination XML to point at the vTPCM")
+            raise exception.MigrationError(migration_id="?", reason=self._missing)
+        kwargs["destination_xml"] = self._rewrite(xml)
+        return self._guest.migrate(destination, *args, **kwargs)
+
+
+class _RewritingGuest(_MigrationXmlGuest):
+    """The destination XML with the TPM pointed at the destination's
+    incoming vTPCM, and with ``ids`` (``[vtpcm] qemu_dac_label``) its QEMU
+    labelled with the destination agent's ids for this VM."""
+
+    _missing = "no destination XML to point at the vTPCM"
+
+    def __init__(self, guest: Any, socket_path: str, instance_uuid: str,
+                 ids: daclabel.VMIds | None = None) -> None:
+        super().__init__(guest)
+        self._socket_path = socket_path
+        self._instance_uuid = instance_uuid
+        self._ids = ids
+
+    def _rewrite(self, xml: str) -> str:
         xml = tpmxml.rewrite_tpm_socket(xml, self._socket_path)
         if self._ids is not None:
-            xml = daclabel.relabel_for_destination(xml, self._ids, self._instance_uuid)
-        elif daclabel.has_static_label(xml):
+            return daclabel.relabel_for_destination(xml, self._ids, self._instance_uuid)
+        if daclabel.has_static_label(xml):
             # never the source's ids on the destination, where they may be
             # another VM's (review of dacbuild, MEDIUM 2)
             raise exception.InvalidInput(
                 reason="instance %s runs with a per-VM QEMU label and no checked ids of "
                        "the destination's agent; not migrating it with this host's ids"
                        % self._instance_uuid)
-        kwargs["destination_xml"] = xml
-        return self._guest.migrate(destination, *args, **kwargs)
+        return xml
 
 
-class _PinningGuest:
-    """Nova's Guest whose ``migrate`` sends the destination XML of a guest
-    without a vTPCM with its backing chains pinned (``daclabel.pin_for_migration``)."""
+class _PinningGuest(_MigrationXmlGuest):
+    """The destination XML of a guest without a vTPCM with its backing
+    chains pinned (``daclabel.pin_for_migration``)."""
+
+    _missing = "no destination XML to pin the backing files in"
 
     def __init__(self, guest: Any, instance_dir: str) -> None:
-        self._guest = guest
+        super().__init__(guest)
         self._instance_dir = instance_dir
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._guest, name)
-
-    def migrate(self, destination: str, *args: Any, **kwargs: Any) -> Any:
-        xml = kwargs.get("destination_xml")
-        if xml is None:
-            raise exception.MigrationError(
-                migration_id="?", reason="no destination XML to pin the backing files in")
-        kwargs["destination_xml"] = daclabel.pin_for_migration(xml, self._instance_dir)
-        return self._guest.migrate(destination, *args, **kwargs)
+    def _rewrite(self, xml: str) -> str:
+        return daclabel.pin_for_migration(xml, self._instance_dir)
 
 
 # the guest's XML Nova's rescue saves in the instance's directory, which its
