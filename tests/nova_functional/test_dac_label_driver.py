@@ -764,9 +764,9 @@ def test_a_guest_started_before_the_option_is_refused_a_cold_snapshot(
                                                            UNPINNED_XML, False)
     try:
         with refused(vdriver.VTPCMFault, (
-                "vTPCM: instance %s: a snapshot of the running guest is refused with "
-                "[vtpcm] qemu_dac_label on: it was started before the option, on a backing "
-                "chain libvirt relabels, and a cold snapshot restores it so. Hard reboot the "
+                "vTPCM: instance %s: the running guest cannot be snapshotted with [vtpcm] "
+                "qemu_dac_label on: it was started before the option, on a backing chain "
+                "libvirt relabels, and its restore would start it so. Hard reboot the "
                 "instance first (its chain is then pinned)" % INSTANCE)):
             drv.snapshot(None, instance, "image-1", lambda **k: None)
     finally:
@@ -787,10 +787,10 @@ def test_novas_own_cold_snapshot_of_an_unpinned_guest_is_refused_too(
     vdriver.CONF.set_override("disable_libvirt_livesnapshot", True, group="workarounds")
     try:
         with refused(vdriver.VTPCMFault, (
-                "vTPCM: instance %s: a snapshot of the running guest is refused with "
-                "[vtpcm] qemu_dac_label on: it was started before the option, on a backing "
-                "chain libvirt relabels, and a cold snapshot restores it so. Hard reboot the "
-                "instance first (its chain is then pinned)" % INSTANCE)):
+                "vTPCM: instance %s: the running guest cannot be suspended or snapshotted "
+                "with [vtpcm] qemu_dac_label on: it was started before the option, on a "
+                "backing chain libvirt relabels, and its restore would start it so. Hard "
+                "reboot the instance first (its chain is then pinned)" % INSTANCE)):
             drv.snapshot(None, instance, "image-1", lambda **k: None)
     finally:
         vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
@@ -837,11 +837,50 @@ def test_a_soft_reboot_of_an_unpinned_guest_falls_back_to_the_hard_reboot(
     calls: list[str] = []
     monkeypatch.setattr(libvirt_driver.LibvirtDriver, "_soft_reboot",
                         lambda self, inst: calls.append("soft") or True)
+    from nova.compute import power_state
     drv = _driver(Agents(1900001003, 1900000003))
-    guest = types.SimpleNamespace(get_xml_desc=lambda *a, **k: xml)
+    guest = types.SimpleNamespace(get_xml_desc=lambda *a, **k: xml,
+                                  get_power_state=lambda host: power_state.SHUTDOWN)
     drv._host = types.SimpleNamespace(get_guest=lambda inst: guest)  # type: ignore[assignment]
     assert drv._soft_reboot(_Inst(uuid=INSTANCE)) is soft
     assert calls == (["soft"] if soft else [])
+
+
+def test_a_tenants_suspend_of_an_unpinned_guest_is_refused(dac_conf, monkeypatch, tmp_path):
+    """Review of the lead's round-6 fix (MEDIUM, test_user_suspend.py): the
+    refusal sat in _suspend_guest_for_snapshot, but a tenant's suspend does
+    the same managed save, and resume restores the unpinned chain. Refused
+    in suspend itself, before anything is detached."""
+    drv, instance, events, attached = _cold_snapshot_setup(monkeypatch, tmp_path,
+                                                           UNPINNED_XML, False)
+    vdriver.CONF.clear_override("snapshots_directory", group="libvirt")
+    with refused(vdriver.VTPCMFault, (
+            "vTPCM: instance %s: the running guest cannot be suspended or snapshotted "
+            "with [vtpcm] qemu_dac_label on: it was started before the option, on a "
+            "backing chain libvirt relabels, and its restore would start it so. Hard "
+            "reboot the instance first (its chain is then pinned)" % INSTANCE)):
+        drv.suspend(None, instance)
+    assert events == []
+    assert attached == {"mdev": True, "sriov": True, "pci": True}
+
+
+def test_the_soft_reboot_fallback_shuts_the_guest_down_gracefully_first(
+        dac_conf, monkeypatch):
+    """Review of the lead's round-6 fix (LOW): the fallback returned before
+    Nova's ACPI shutdown, so the hard reboot destroyed a running guest (a
+    power cut). Now it shuts down gracefully, waits at most
+    wait_soft_reboot_seconds, then falls back."""
+    from nova.compute import power_state
+    events: list[str] = []
+    states = iter([power_state.RUNNING, power_state.RUNNING, power_state.SHUTDOWN])
+    guest = types.SimpleNamespace(get_xml_desc=lambda *a, **k: UNPINNED_XML,
+                                  get_power_state=lambda host: next(states),
+                                  shutdown=lambda: events.append("acpi shutdown"))
+    drv = _driver(Agents(1900001003, 1900000003))
+    drv._host = types.SimpleNamespace(get_guest=lambda inst: guest)  # type: ignore[assignment]
+    monkeypatch.setattr(vdriver.time, "sleep", lambda s: events.append("wait"))
+    assert drv._soft_reboot(_Inst(uuid=INSTANCE)) is False
+    assert events == ["acpi shutdown", "wait"]
 
 
 def _check_data() -> Any:

@@ -84,6 +84,23 @@ def test_the_cold_snapshot_steps_of_an_unlabelled_guest_keep_their_shape() -> No
         drv._detach_mediated_devices)
     resume = inspect.getsource(drv._resume_guest_after_snapshot)
     assert "_attach_mediated_devices" not in resume  # why a vGPU guest is refused
+    # the unpinned guest's refusal sits in suspend (review of round 6's fix):
+    # both cold snapshot paths reach it
+    assert "self.suspend(context, instance)" in inspect.getsource(
+        drv._suspend_guest_for_snapshot)
+    assert _params(drv.suspend) == ["self", "context", "instance"]
+
+
+def test_a_soft_reboot_falls_back_to_the_hard_reboot_on_false() -> None:
+    """With [vtpcm] qemu_dac_label an unpinned guest's ``_soft_reboot``
+    answers False after a graceful shutdown: Nova's ``reboot`` must still
+    call it and fall back to ``_hard_reboot`` (review of round 6's fix)."""
+    drv = libvirt_driver.LibvirtDriver
+    assert _params(drv._soft_reboot) == ["self", "instance"]
+    reboot = inspect.getsource(drv.reboot)
+    assert "soft_reboot_success = self._soft_reboot(instance)" in reboot
+    assert "if soft_reboot_success:" in reboot
+    assert "return self._hard_reboot(" in reboot
 
 
 def test_the_destination_hint_rides_on_the_check_datas_migration() -> None:

@@ -26,7 +26,7 @@ from lxml import etree
 from nova import context as nova_context
 from nova import exception as nova_exception
 from nova import objects
-from nova.compute import task_states, vm_states
+from nova.compute import power_state, task_states, vm_states
 from nova.virt.libvirt import config as vconfig
 from nova.virt.libvirt import driver as libvirt_driver
 from nova.virt.libvirt import utils as libvirt_utils
@@ -351,7 +351,7 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             return super()._live_snapshot(context, instance, guest, disk_path, out_path,
                                           source_format, image_format, image_meta)
         running_xml = guest.get_xml_desc()
-        self._refuse_unpinned_snapshot(instance, running_xml)
+        self._refuse_unpinned(instance, running_xml, "snapshotted")
         reasons = daclabel.unsaveable(running_xml) + _unsaveable(instance)
         if guest.get_all_devices(devtype=vconfig.LibvirtConfigGuestHostdevMDEV):
             # what Nova's suspend hot-detaches (_detach_mediated_devices)
@@ -386,44 +386,58 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
             self._resume_guest_after_snapshot(context, False, power, instance, guest)
 
     @staticmethod
-    def _refuse_unpinned_snapshot(instance: Any, running_xml: str) -> None:
-        """A cold snapshot's managed save restores the running XML: of a
-        guest started before ``qemu_dac_label`` that is libvirt's detected,
+    def _refuse_unpinned(instance: Any, running_xml: str, what: str) -> None:
+        """A managed save's restore starts the running XML again: of a guest
+        started before ``qemu_dac_label`` that is libvirt's detected,
         unpinned chain, and libvirt chowns ``_base`` again."""
         if not daclabel.chains_pinned(running_xml):
             raise VTPCMFault(reason=(
-                "instance %s: a snapshot of the running guest is refused with [vtpcm] "
-                "qemu_dac_label on: it was started before the option, on a backing chain "
-                "libvirt relabels, and a cold snapshot restores it so. Hard reboot the "
-                "instance first (its chain is then pinned)" % instance.uuid))
+                "instance %s: the running guest cannot be %s with [vtpcm] qemu_dac_label "
+                "on: it was started before the option, on a backing chain libvirt "
+                "relabels, and its restore would start it so. Hard reboot the instance "
+                "first (its chain is then pinned)" % (instance.uuid, what)))
 
-    def _suspend_guest_for_snapshot(self, context: Any, live_snapshot: bool,
-                                    current_power_state: int, instance: Any) -> None:
-        """Nova's own cold snapshot (``[workarounds]
-        disable_libvirt_livesnapshot``, encrypted ephemeral storage, LVM
-        images) never reaches ``_live_snapshot``: the same refusal of an
-        unpinned guest here, before anything is detached or saved (review
-        of the DAC label round 6, MEDIUM 1)."""
-        if CONF.vtpcm.qemu_dac_label and self._needs_suspend_resume_for_snapshot(
-                live_snapshot, current_power_state):
+    def suspend(self, context: Any, instance: Any) -> None:
+        """Nova's managed save, under a tenant's suspend and under both cold
+        snapshot paths (this driver's and Nova's own: ``[workarounds]
+        disable_libvirt_livesnapshot``, encrypted ephemeral storage, LVM):
+        its restore starts the running XML again, and that of a guest
+        started before ``qemu_dac_label`` is libvirt's detected, unpinned
+        chain, so libvirt would chown ``_base`` again. Refused before
+        anything is detached (review of the DAC label round 6, MEDIUM 1,
+        and of its fix: the tenant's suspend)."""
+        if CONF.vtpcm.qemu_dac_label:
             guest = self._host.get_guest(instance)
-            self._refuse_unpinned_snapshot(instance, guest.get_xml_desc())
-        super()._suspend_guest_for_snapshot(context, live_snapshot, current_power_state,
-                                            instance)
+            self._refuse_unpinned(instance, guest.get_xml_desc(), "suspended or snapshotted")
+        super().suspend(context, instance)
 
     def _soft_reboot(self, instance: Any) -> bool:
         """A soft reboot starts the guest's definition again as it is: of a
         guest started before ``qemu_dac_label``, unpinned (review round 6).
-        With the option on such a guest takes Nova's fallback, the hard
-        reboot, which builds its XML pinned."""
+        With the option on, such a guest is shut down gracefully (ACPI, at
+        most ``wait_soft_reboot_seconds``) and then takes Nova's fallback,
+        the hard reboot, which builds its XML pinned (review of the fix:
+        returning at once made the soft reboot a power cut)."""
         if CONF.vtpcm.qemu_dac_label:
             guest = self._host.get_guest(instance)
             if not daclabel.chains_pinned(guest.get_xml_desc()):
                 LOG.info("vTPCM: the guest was started before [vtpcm] qemu_dac_label, on an "
-                         "unpinned backing chain: hard rebooting it instead of a soft "
-                         "reboot, which would start that chain again", instance=instance)
+                         "unpinned backing chain: shutting it down and hard rebooting it "
+                         "instead of a soft reboot, which would start that chain again",
+                         instance=instance)
+                self._shut_down_gracefully(instance, guest)
                 return False
         return bool(super()._soft_reboot(instance))
+
+    def _shut_down_gracefully(self, instance: Any, guest: Any) -> None:
+        if guest.get_power_state(self._host) != power_state.RUNNING:
+            return
+        guest.shutdown()
+        for _ in range(CONF.libvirt.wait_soft_reboot_seconds):
+            if self._host.get_guest(instance).get_power_state(self._host) in (
+                    power_state.SHUTDOWN, power_state.CRASHED):
+                return
+            time.sleep(1)
 
     def _reattach_after_failed_save(self, context: Any, instance: Any, guest: Any,
                                     power: int) -> None:

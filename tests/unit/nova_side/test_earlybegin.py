@@ -555,3 +555,35 @@ def test_a_superseded_early_begin_in_a_status_read_is_aborted_before_the_next_be
         assert _state(engine, NOVA) != "PREPARED"
     finally:
         gate.set()
+
+
+def _read_only_early(status) -> earlybegin.EarlyBegins:
+    return earlybegin.EarlyBegins(lambda: None, lambda: "src", lambda i: None, status,
+                                  lambda: 30.0, poll=0.01)
+
+
+def _reading(i: int) -> "earlybegin._Early":
+    early = earlybegin._Early("inst-%d" % i, "dst", None)
+    early.nova_id = "nova-%d" % i
+    return early
+
+
+def test_status_reads_that_end_give_their_slot_back() -> None:
+    """Review of the read slots (LOW, test gap): without the release in the
+    read's finally, after MAX_THREADS reads in nova-compute's life no early
+    begin read Nova's status again."""
+    early = _read_only_early(lambda nova_id: "error")
+    for i in range(3 * earlybegin.MAX_THREADS):
+        assert early._read_status(_reading(i), time.monotonic() + 5) == "error", i
+
+
+def test_a_status_read_that_cannot_start_gives_its_slot_back(monkeypatch) -> None:
+    early = _read_only_early(lambda nova_id: "error")
+
+    def no_thread(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+    monkeypatch.setattr(threading.Thread, "start", no_thread)
+    for i in range(earlybegin.MAX_THREADS + 1):
+        assert early._read_status(_reading(i), time.monotonic() + 1) is None
+    monkeypatch.undo()
+    assert early._read_status(_reading(99), time.monotonic() + 5) == "error"
