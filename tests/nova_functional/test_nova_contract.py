@@ -84,11 +84,17 @@ def test_the_cold_snapshot_steps_of_an_unlabelled_guest_keep_their_shape() -> No
         drv._detach_mediated_devices)
     resume = inspect.getsource(drv._resume_guest_after_snapshot)
     assert "_attach_mediated_devices" not in resume  # why a vGPU guest is refused
-    # the unpinned guest's refusal sits in suspend (review of round 6's fix):
-    # both cold snapshot paths reach it
+    # both cold snapshot paths save through _suspend_guest_for_snapshot, a
+    # tenant's suspend through suspend, whose InstanceFaultRollback keeps the
+    # instance ACTIVE (review of round 6's fix)
     assert "self.suspend(context, instance)" in inspect.getsource(
         drv._suspend_guest_for_snapshot)
     assert _params(drv.suspend) == ["self", "context", "instance"]
+    from nova.compute import manager
+    wrapper = inspect.getsource(manager.ComputeManager._error_out_instance_on_exception)
+    assert "except (NotImplementedError, exception.InstanceFaultRollback) as error:" in wrapper
+    assert "self.driver.suspend(context, instance)" in inspect.getsource(
+        manager.ComputeManager.suspend_instance)
 
 
 def test_a_soft_reboot_falls_back_to_the_hard_reboot_on_false() -> None:

@@ -397,18 +397,33 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                 "relabels, and its restore would start it so. Hard reboot the instance "
                 "first (its chain is then pinned)" % (instance.uuid, what)))
 
+    def _suspend_guest_for_snapshot(self, context: Any, live_snapshot: bool,
+                                    current_power_state: int, instance: Any) -> None:
+        """Both cold snapshot paths (this driver's and Nova's own:
+        ``[workarounds] disable_libvirt_livesnapshot``, encrypted ephemeral
+        storage, LVM) save the guest here: its restore starts the running
+        XML again, and that of a guest started before ``qemu_dac_label`` is
+        libvirt's detected, unpinned chain, so libvirt would chown ``_base``
+        again. Refused before anything is detached (review of the DAC label
+        round 6, MEDIUM 1)."""
+        if CONF.vtpcm.qemu_dac_label and self._needs_suspend_resume_for_snapshot(
+                live_snapshot, current_power_state):
+            guest = self._host.get_guest(instance)
+            self._refuse_unpinned(instance, guest.get_xml_desc(), "snapshotted")
+        super()._suspend_guest_for_snapshot(context, live_snapshot, current_power_state,
+                                            instance)
+
     def suspend(self, context: Any, instance: Any) -> None:
-        """Nova's managed save, under a tenant's suspend and under both cold
-        snapshot paths (this driver's and Nova's own: ``[workarounds]
-        disable_libvirt_livesnapshot``, encrypted ephemeral storage, LVM):
-        its restore starts the running XML again, and that of a guest
-        started before ``qemu_dac_label`` is libvirt's detected, unpinned
-        chain, so libvirt would chown ``_base`` again. Refused before
-        anything is detached (review of the DAC label round 6, MEDIUM 1,
-        and of its fix: the tenant's suspend)."""
+        """A tenant's suspend is the same managed save (review of the round-6
+        fix, MEDIUM): refused for an unpinned guest, as a rollback, so that
+        Nova keeps the instance ACTIVE and records the fault (a plain error
+        would put a running guest in ERROR; review of that fix, MEDIUM)."""
         if CONF.vtpcm.qemu_dac_label:
             guest = self._host.get_guest(instance)
-            self._refuse_unpinned(instance, guest.get_xml_desc(), "suspended or snapshotted")
+            try:
+                self._refuse_unpinned(instance, guest.get_xml_desc(), "suspended")
+            except VTPCMFault as fault:
+                raise nova_exception.InstanceFaultRollback(inner_exception=fault) from None
         super().suspend(context, instance)
 
     def _soft_reboot(self, instance: Any) -> bool:
