@@ -967,13 +967,21 @@ def _unsaveable(instance: Any) -> list[str]:
     return reasons
 
 
-def _bare_status(data: Any) -> str | None:
-    """The status of the bare Migration (no uuid: not Nova's) a driver put
-    in the check data's ``migration`` field, if any."""
+def _bare_migration(data: Any) -> Any | None:
+    """The bare Migration (no uuid: not Nova's) a driver put in the check
+    data's ``migration`` field, if any."""
     if data is None or "migration" not in data:
         return None
     bare = data.migration
-    if bare is None or bare.obj_attr_is_set("uuid") or not bare.obj_attr_is_set("status"):
+    if bare is None or bare.obj_attr_is_set("uuid"):
+        return None
+    return bare
+
+
+def _bare_status(data: Any) -> str | None:
+    """The status of that bare Migration, if it has one."""
+    bare = _bare_migration(data)
+    if bare is None or not bare.obj_attr_is_set("status"):
         return None
     return str(bare.status)
 
@@ -1002,10 +1010,8 @@ def _unpinning_source(source: str | None, answer: str | None) -> str:
 def _take_dest_hint(dest_check_data: Any) -> str | None:
     """The destination's name its driver put in the check data, taken out
     again; a Migration with a uuid is not that bare hint and stays."""
-    if dest_check_data is None or "migration" not in dest_check_data:
-        return None
-    hint = dest_check_data.migration
-    if hint is None or hint.obj_attr_is_set("uuid"):
+    hint = _bare_migration(dest_check_data)
+    if hint is None:
         return None
     del dest_check_data.migration
     if not hint.obj_attr_is_set("dest_compute") or not hint.dest_compute:
