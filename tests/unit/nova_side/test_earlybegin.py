@@ -29,6 +29,20 @@ class _Nova:
         return self.status
 
 
+def _held_aborts(engine: FakeEngine) -> tuple[threading.Event, threading.Event]:
+    """The engine's aborts signal the first event when called and answer
+    only once the second is set (at most 10 s)."""
+    started, release = threading.Event(), threading.Event()
+    inner_abort = engine.abort
+
+    def slow_abort(*args: str, **kwargs: str) -> object:
+        started.set()
+        release.wait(10)
+        return inner_abort(*args, **kwargs)
+    engine.abort = slow_abort  # type: ignore[method-assign,assignment]
+    return started, release
+
+
 def _early(engine: FakeEngine, nova: _Nova, timeout: float = 60.0) -> earlybegin.EarlyBegins:
     return earlybegin.EarlyBegins(lambda: engine, lambda: "src", nova.find, nova.status_of,
                                   lambda: timeout, poll=0.02, wait_previous=lambda: 10.0)
@@ -191,14 +205,7 @@ def test_join_waits_for_the_abort_of_an_early_begin_given_up() -> None:
     """The early begin holds the vTPCM until its abort is through; a begin
     under a fresh id before that would be refused."""
     engine, nova = FakeEngine(), _Nova()
-    started, release = threading.Event(), threading.Event()
-    inner_abort = engine.abort
-
-    def slow_abort(*args: str, **kwargs: str) -> object:
-        started.set()
-        release.wait(10)
-        return inner_abort(*args, **kwargs)
-    engine.abort = slow_abort  # type: ignore[method-assign,assignment]
+    started, release = _held_aborts(engine)
     early = _early(engine, nova, timeout=0.05)
     early.start(INSTANCE, "dst")
     assert started.wait(10)
@@ -391,14 +398,7 @@ def test_the_next_id_is_chosen_in_one_critical_section_with_the_test_for_it() ->
     engine.migrations[NOVA] = em.MigrationInfo(NOVA, INSTANCE, "src", "first", 0,
                                                "ABORTED", "superseded")
     first = earlybegin.attempt_id(NOVA, "dst", 1)
-    aborting, release = threading.Event(), threading.Event()
-    inner_abort = engine.abort
-
-    def slow_abort(*args: str, **kwargs: str) -> object:
-        aborting.set()
-        release.wait(10)
-        return inner_abort(*args, **kwargs)
-    engine.abort = slow_abort  # type: ignore[method-assign,assignment]
+    aborting, release = _held_aborts(engine)
     chose, resume = threading.Event(), threading.Event()
     gap = _GapLock({})
     restarted = _early(engine, nova, timeout=0.2)
