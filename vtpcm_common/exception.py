@@ -120,6 +120,25 @@ class MigrationError(VTPCMException):
     code = "migration_error"
 
 
+class ImportedStateMismatch(MigrationError):
+    """The post-import check: the permanent state the destination's swtpm
+    first wrote after the import is not the source's (a replayed or forged
+    stream). Not retried: the migration waits for an operator."""
+
+    msg_fmt = ("vTPCM migration %(migration_id)s: the destination's imported state is not "
+               "the source's: %(reason)s")
+    code = "imported_state_mismatch"
+
+
+class ImportedStateUnverified(MigrationError):
+    """The post-import check could not be made (the destination cannot tell
+    what it imported, or its agent is too old). Not retried."""
+
+    msg_fmt = ("vTPCM migration %(migration_id)s: the destination's imported state cannot "
+               "be checked: %(reason)s")
+    code = "imported_state_unverified"
+
+
 class DestinationInUse(MigrationError):
     """The destination refused to destroy an incoming vTPCM that received
     its state: the guest may run on it (the engine's deadline abort)."""

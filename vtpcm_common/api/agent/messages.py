@@ -233,6 +233,38 @@ class IncomingState(Message):
     holds_state: bool = field(wire.bool_field)
 
 
+# --- 1.12: the post-import check ------------------------------------------------------
+
+DIGEST_SIDES = ("source", "destination")
+
+
+@dataclasses.dataclass(frozen=True)
+class StateDigestRequest(Message):
+    """Ask one side of a live migration for a keyed digest of its vTPCM's
+    permanent state, before the commit point (the post-import check): the
+    source's current state (what QEMU read for the stream), the
+    destination's as its swtpm first wrote it after the import (before the
+    guest could change it). ``nonce`` keys the digest (fresh per check)."""
+
+    message_type = "state_digest_request"
+    context: MigrationContext = field(wire.message_field(MigrationContext))
+    side: str = field(wire.choice_field(*DIGEST_SIDES))
+    nonce: bytes = field(wire.blob_field(32, 32))
+
+
+@dataclasses.dataclass(frozen=True)
+class StateDigest(Message):
+    """``statedigest.permanent_state_digest(nonce, plaintext)`` of one side,
+    or None with the reason the agent cannot tell (the destination saw no
+    write yet, saw more than one before it could read the first, or lost
+    its capture in a restart)."""
+
+    message_type = "state_digest"
+    side: str = field(wire.choice_field(*DIGEST_SIDES))
+    digest: bytes | None = field(wire.optional(wire.blob_field(32, 32)))
+    reason: str = field(wire.text_field(1000), default="")
+
+
 # --- 1.8: an operator's rollback past the commit point ------------------------------
 
 @dataclasses.dataclass(frozen=True)

@@ -63,6 +63,12 @@ API version history:
           for the Nova driver's DAC label (``[vtpcm] qemu_dac_label``).
           Capped below 1.11 (or an older agent) the driver refuses to build
           a labelled guest.
+    1.12 - state_digest (signed request, signed reply): a keyed digest of
+          the permanent state of one side of a migration, the source's
+          current one or the destination's first write after the import,
+          for the engine's post-import check before the commit point.
+          Capped below 1.12 (or an older agent) the engine cannot check,
+          and with ``[engine] post_import_check`` on it holds the commit.
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
@@ -86,7 +92,9 @@ from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.11"
+RPC_API_VERSION = "1.12"
+# state_digest: the post-import check
+STATE_DIGEST_VERSION = "1.12"
 # get asked as this version reports the VM's QEMU uid and gid
 VM_IDS_VERSION = "1.11"
 # get_identity asked as this version carries the parents' certifications:
@@ -101,7 +109,7 @@ R = TypeVar("R", bound=Message)
 SIGNED_METHODS = frozenset({"create", "start", "stop", "destroy", "export_state",
                             "import_state", "seal_migration_key", "prepare_incoming",
                             "commit_incoming", "commit_outgoing", "abort_incoming",
-                            "abort_outgoing", "reclaim_outgoing"})
+                            "abort_outgoing", "reclaim_outgoing", "state_digest"})
 # Unsigned methods (any broker client may call them) that the engine signs
 # all the same, so that the agent serves its calls ahead of its rate limit
 # for unsigned ones; an agent that does not know this ignores ``auth``.
@@ -249,3 +257,9 @@ class AgentAPI(rpc.Client):
                          generation: int) -> m.Empty:
         return self._at(host, "reclaim_outgoing", "1.8",
                         m.ReclaimOutgoing(context, generation), m.Empty)
+
+    # 1.12
+    def state_digest(self, host: str, context: m.MigrationContext, side: str,
+                     nonce: bytes) -> m.StateDigest:
+        return self._at(host, "state_digest", STATE_DIGEST_VERSION,
+                        m.StateDigestRequest(context, side, nonce), m.StateDigest)
