@@ -57,7 +57,7 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
 # (3 h by default) before it is aborted, which stops the watch; this bounds
 # a watch whose stop never came (then: "no write seen within ...")
 WATCH_LIFETIME = 24 * 3600.0
-_POLL = 0.5  # seconds between checks of the stop event and the lifetime
+_POLL = 5.0  # seconds between checks of the lifetime (stop wakes the thread at once)
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.inotify_init1.argtypes = [ctypes.c_int]
@@ -169,6 +169,8 @@ class FirstWriteWatch:
         self.outcome: Capture | None = None
         self.failed = ""  # why on_done raised (the outcome was not kept)
         self._fd = -1
+        self._wake: tuple[int, int] | None = None  # a pipe: stop() wakes the select
+        self._wake_guard = threading.Lock()  # never a write to a closed (reused) fd
         self._thread: threading.Thread | None = None
 
     def arm(self) -> FirstWriteWatch:
@@ -186,6 +188,7 @@ class FirstWriteWatch:
             raise OSError(err, "inotify_add_watch %s: %s" % (self.state_dir,
                                                             os.strerror(err)))
         self._fd = fd
+        self._wake = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         return self
 
     def start(self) -> FirstWriteWatch:
@@ -197,6 +200,21 @@ class FirstWriteWatch:
     def stop(self, timeout: float = 5.0) -> bool:
         """Stop the thread; whether it ended within ``timeout``."""
         self._stop.set()
+        with self._wake_guard:
+            if self._wake is not None:
+                try:
+                    os.write(self._wake[1], b"x")
+                except BlockingIOError:
+                    pass  # already woken
+        if self._thread is None and self._fd >= 0:  # armed, never started
+            os.close(self._fd)
+            self._fd = -1
+            with self._wake_guard:
+                if self._wake is not None:
+                    for end in self._wake:
+                        os.close(end)
+                    self._wake = None
+            return True
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
             return not self._thread.is_alive()
@@ -228,6 +246,11 @@ class FirstWriteWatch:
                 outcome = ambiguous("the watch of the state dir failed: %s" % exc)
             finally:
                 os.close(self._fd)
+                with self._wake_guard:
+                    if self._wake is not None:
+                        for end in self._wake:
+                            os.close(end)
+                        self._wake = None
             if outcome is None or self._stop.is_set():
                 return  # stopped: its vTPCM went live or away
             self.outcome = outcome
@@ -246,8 +269,10 @@ class FirstWriteWatch:
             if time.monotonic() >= deadline:
                 return ambiguous("no write seen within the watch's lifetime of %d s"
                                  % self.lifetime)
-            ready, _, _ = select.select([self._fd], [], [], _POLL)
-            if not ready:
+            wake = [] if self._wake is None else [self._wake[0]]  # only this thread closes it
+            ready, _, _ = select.select([self._fd, *wake], [], [],
+                                        min(_POLL, max(0.0, deadline - time.monotonic())))
+            if self._fd not in ready:
                 continue
             for mask, name in self._events():
                 tally.add(mask, name)
