@@ -701,10 +701,17 @@ class InstanceManager:
     def _arm_capture(self, vtpcm_id: str, state_dir: Path) -> firstwrite.FirstWriteWatch:
         """Watch an incoming vTPCM's state dir for its swtpm's first write
         (``firstwrite``) and persist what it sees. Armed before anything
-        could write there; an OSError (no inotify left) fails the caller."""
-        watch = firstwrite.FirstWriteWatch(
-            state_dir, functools.partial(self._persist_capture, vtpcm_id),
-            opener=self.capture_opener).arm()
+        could write there; SwtpmError if it cannot be (no inotify instance
+        or watch left: fs.inotify.max_user_instances / max_user_watches)."""
+        try:
+            watch = firstwrite.FirstWriteWatch(
+                state_dir, functools.partial(self._persist_capture, vtpcm_id),
+                opener=self.capture_opener).arm()
+        except OSError as exc:
+            raise exception.SwtpmError(
+                vtpcm_id=vtpcm_id,
+                reason="cannot watch its state dir for the post-import check (%s)"
+                % exc.strerror) from None
         with self._watches_guard:
             old = self._watches.pop(vtpcm_id, None)
             self._watches[vtpcm_id] = watch
@@ -751,9 +758,10 @@ class InstanceManager:
         state_dir = self._paths_of(assoc).state_dir
         try:
             self._arm_capture(assoc.vtpcm_id, state_dir)
-        except OSError as exc:
-            LOG.error("Could not watch the state dir of incoming vTPCM %(vtpcm)s again: "
-                      "%(err)s", {"vtpcm": assoc.vtpcm_id, "err": exc})
+        except exception.SwtpmError as exc:
+            LOG.error("Could not watch the state dir of incoming vTPCM %(vtpcm)s again "
+                      "(its post-import check will answer that the capture was lost): "
+                      "%(err)s", {"vtpcm": assoc.vtpcm_id, "err": exc.message})
             return
         if self._received_state(assoc):
             with self._watches_guard:
@@ -823,12 +831,12 @@ class InstanceManager:
                 statedigest.permanent_state_digest(nonce, plain), "")
         else:
             self._check_migration(assoc, ctx, S.MIGRATING_IN)
-            data, reason = self._capture_of(assoc)
+            captured, reason = self._capture_of(assoc)
             outcome = (None, reason)
-            if data is not None:
+            if captured is not None:
                 try:
                     plain = permall.decrypt_state_file(
-                        data, self.keystore.get(assoc.vtpcm_id).at_rest_key)
+                        captured, self.keystore.get(assoc.vtpcm_id).at_rest_key)
                     outcome = (statedigest.permanent_state_digest(nonce, plain), "")
                 except exception.StateFileError as exc:
                     outcome = (None, "the captured first write does not decrypt: %s"

@@ -225,7 +225,7 @@ class FirstWriteWatch:
 
     def _events(self) -> list[tuple[int, str]]:
         """What the queue holds now, without blocking."""
-        events = []
+        events: list[tuple[int, str]] = []
         while True:
             try:
                 buf = os.read(self._fd, 64 * 1024)

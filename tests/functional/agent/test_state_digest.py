@@ -397,3 +397,39 @@ def test_each_answer_is_logged_without_state(hosts, caplog):
         "State digest of vTPCM %s (instance %s, migration %s, source): answered"
         % (vtpcm_src, instance, ctx.migration_id)]
     assert digest is not None and digest.hex() not in caplog.text
+
+
+def test_a_capture_that_does_not_decrypt_is_no_answer(hosts):
+    src, dst = hosts
+    instance, _ = _source(src)
+    ctx = _prepare(src, dst, instance)
+    _set(_paths(dst, instance), _stream(_paths(src, instance)))
+    _wait_captured(dst, instance)
+    kept = (dst.settings().state_root / instances.CAPTURES
+            / (dst.manager.get(instance).vtpcm_id + ".permall"))
+    data = bytearray(kept.read_bytes())
+    data[-1] ^= 1  # the HMAC's last byte
+    kept.write_bytes(bytes(data))
+    assert _digest(dst, ctx, "destination", os.urandom(32)) == (
+        None, "the captured first write does not decrypt: swtpm state file "
+              "tpm2-00.permall rejected: HMAC mismatch (wrong at-rest key, or the file "
+              "was altered)")
+
+
+def test_no_watch_no_incoming(hosts, monkeypatch):
+    """A host whose inotify is used up refuses prepare_incoming (never an
+    incoming vTPCM whose import cannot be checked) and leaves nothing."""
+    src, dst = hosts
+    instance, _ = _source(src)
+
+    def used_up(self):
+        raise OSError(24, "inotify_init1: Too many open files")
+
+    monkeypatch.setattr(firstwrite.FirstWriteWatch, "arm", used_up)
+    with pytest.raises(exception.SwtpmError) as err:
+        _prepare(src, dst, instance)
+    assert str(err.value) == (
+        "swtpm error for vTPCM %s: cannot watch its state dir for the post-import check "
+        "(inotify_init1: Too many open files)" % err.value.kwargs["vtpcm_id"])
+    assert dst.manager.associations.find(instance) is None
+    assert _captures(dst) == [] and dst.manager._watches == {}
