@@ -41,6 +41,9 @@ from vtpcm_common import exception
 pytestmark = pytest.mark.functional
 
 TPM_RETRY = 0x800  # no savestate blob: QEMU sends it empty
+# swtpm uids reserved for these tests (outside systemd's and subuid ranges),
+# one range per host: a host kills and sweeps the uids of its range
+OWN_UIDS = {"src": (1952000000, 1952000009), "dst": (1952000010, 1952000019)}
 WAIT = 10.0
 
 
@@ -55,10 +58,11 @@ class Host:
         return self.manager.settings
 
 
-def _manager(root: Path, name: str, host_tpm: HostTPM | None) -> instances.InstanceManager:
+def _manager(root: Path, name: str, host_tpm: HostTPM | None,
+             own_uids: bool = False) -> instances.InstanceManager:
     settings = instances.AgentSettings(
         host=name, state_root=root / "state", run_dir=root / "run", create_ek=False,
-        expose_data_socket=True)
+        expose_data_socket=True, swtpm_uids=OWN_UIDS[name] if own_uids else None)
     settings.state_root.mkdir(exist_ok=True)
     assoc = association.AssociationList(settings.state_root / "associations.sqlite")
     keys = KeyStore(settings.state_root / "keys", DevKeyFileHostKey(root / "hostkey"))
@@ -87,13 +91,19 @@ def _simulate_crash(host: Host) -> None:
 def _restart(host: Host) -> dict[str, list[str]]:
     _simulate_crash(host)
     host.manager.associations.close()
-    host.manager = _manager(host.root, host.name, host.host_tpm)
+    host.manager = _manager(host.root, host.name, host.host_tpm,
+                            host.manager.settings.swtpm_uids is not None)
     return host.manager.recover()
 
 
 @pytest.fixture
-def hosts(short_dir: Path, tmp_path: Path,
+def hosts(request: pytest.FixtureRequest, short_dir: Path, tmp_path: Path,
           host_tpm_standin: HostTPMStandIn) -> Iterator[tuple[Host, Host]]:  # noqa: F811
+    """Source and destination; ``own_uids`` (indirect parameter): each
+    swtpm runs as a uid of its own, as in production."""
+    own = getattr(request, "param", "agent-uid") == "own-uids"
+    if own:
+        os.chmod(short_dir, 0o711)  # noqa: S103  (the swtpm uids traverse it)
     (short_dir / "s").mkdir()
     (short_dir / "d").mkdir()
     made: list[Host] = []
@@ -101,9 +111,9 @@ def hosts(short_dir: Path, tmp_path: Path,
                  key_file=tmp_path / "hostkeys.tpm") as tpm:
         try:
             made.append(Host("src", short_dir / "s", None,
-                             _manager(short_dir / "s", "src", None)))
+                             _manager(short_dir / "s", "src", None, own)))
             made.append(Host("dst", short_dir / "d", tpm,
-                             _manager(short_dir / "d", "dst", tpm)))
+                             _manager(short_dir / "d", "dst", tpm, own)))
             yield made[0], made[1]
         finally:
             for host in made:
@@ -192,6 +202,7 @@ def _wait_captured(host: Host, instance: str) -> None:
     assert watch.done.wait(WAIT)
 
 
+@pytest.mark.parametrize("hosts", ["agent-uid", "own-uids"], indirect=True)
 def test_digests_match_for_a_faithful_transfer_and_ignore_later_guest_writes(hosts):
     src, dst = hosts
     instance, _ = _source(src)
@@ -206,6 +217,11 @@ def test_digests_match_for_a_faithful_transfer_and_ignore_later_guest_writes(hos
     assert _captures(dst) == [vtpcm_id + ".permall"]
     mode = os.stat(dst.settings().state_root / instances.CAPTURES / (vtpcm_id + ".permall"))
     assert (mode.st_mode & 0o777, mode.st_uid) == (0o600, os.getuid())
+    # the agent's own directory: no swtpm uid can write (or list) it
+    mode = os.stat(dst.settings().state_root / instances.CAPTURES)
+    assert (mode.st_mode & 0o777, mode.st_uid) == (0o700, os.getuid())
+    if dst.settings().swtpm_uids is not None:
+        assert incoming.state_dir.stat().st_uid == dst.manager.associations.uid_of(instance)
 
     nonce, other = os.urandom(32), os.urandom(32)
     source, dest = _both(src, dst, ctx, nonce)
