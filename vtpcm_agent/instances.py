@@ -43,6 +43,10 @@ CAPTURE_SUFFIX = ".permall"
 AMBIGUOUS_SUFFIX = ".ambiguous"
 LOST_IN_RESTART = ("the capture of the first write was lost in an agent restart (the "
                    "state arrived while the agent was down)")
+# a capture older than the agent process: no watch saw what happened while
+# the agent was down (a second import, ``firstwrite.SUPERSEDED``)
+RESTARTED_AFTER_CAPTURE = ("the agent restarted after the capture; a later import cannot "
+                           "be excluded")
 # fewer uids than this (or than a tenth of the range) left in [agent]
 # swtpm_uid_range: a WARNING at the agent's start
 UIDS_LOW = 100
@@ -749,9 +753,14 @@ class InstanceManager:
         """At the agent's start, an incoming vTPCM: one with no state yet is
         watched again (armed first, then checked: a state that appeared in
         between may not be the first write); one that holds state but has
-        no capture answers LOST_IN_RESTART (``_capture_of``)."""
-        if any(self._capture_path(assoc.vtpcm_id, s).exists()
-               for s in (CAPTURE_SUFFIX, AMBIGUOUS_SUFFIX)):
+        no capture answers LOST_IN_RESTART (``_capture_of``); a capture no
+        watch of this process followed is marked RESTARTED_AFTER_CAPTURE
+        (an import while the agent was down would have gone unseen)."""
+        if self._capture_path(assoc.vtpcm_id, AMBIGUOUS_SUFFIX).exists():
+            return
+        if self._capture_path(assoc.vtpcm_id, CAPTURE_SUFFIX).exists():
+            self._persist_capture(assoc.vtpcm_id,
+                                  firstwrite.ambiguous(RESTARTED_AFTER_CAPTURE))
             return
         if self._received_state(assoc):
             return
@@ -780,19 +789,28 @@ class InstanceManager:
                 path.unlink(missing_ok=True)
 
     def _capture_of(self, assoc: Association) -> tuple[bytes | None, str]:
-        """The first write of an incoming vTPCM's swtpm, or why there is none."""
+        """The first write of an incoming vTPCM's swtpm, or why there is none
+        (or why it no longer stands: superseded by a later import)."""
         watch = self._watches.get(assoc.vtpcm_id)
-        if watch is not None and not watch.done.is_set() and self._received_state(assoc):
-            # written, and the watch is reading it now
-            watch.done.wait(self.settings.timeout)
+        # what was queued by now counts (a second import that already ran)
+        if watch is not None and not watch.sync(self.settings.timeout):
+            return None, ("the watch of the state dir did not answer within %.1f s"
+                          % self.settings.timeout)
         data_path = self._capture_path(assoc.vtpcm_id, CAPTURE_SUFFIX)
         reason_path = self._capture_path(assoc.vtpcm_id, AMBIGUOUS_SUFFIX)
         if reason_path.exists():
             return None, reason_path.read_text("utf-8", "replace")
-        if data_path.exists():
-            return data_path.read_bytes(), ""
         if watch is not None and watch.failed:
-            return None, "the capture of the first write could not be kept: " + watch.failed
+            return None, "the outcome of the watch could not be kept: " + watch.failed
+        if watch is not None and watch.outcome is not None and watch.outcome.data is None:
+            return None, watch.outcome.reason  # never without its file; a safeguard
+        if data_path.exists():
+            if watch is None:
+                return None, RESTARTED_AFTER_CAPTURE
+            if not watch.alive():
+                return None, ("the watch ended after the capture: a later import cannot "
+                              "be excluded")
+            return data_path.read_bytes(), ""
         if watch is not None and watch.alive():
             return None, "no write of the permanent state seen yet"
         if self._received_state(assoc):

@@ -8,10 +8,12 @@ Shown: equal digests for the same nonce, different for another; a rolled
 back stream (older blobs under the same migration key, or plaintext blobs)
 gives different digests; the destination's digest is of its swtpm's FIRST
 write, so a guest NV write after the import does not change it; a second
-write before the capture reads the first makes it ambiguous; captures
-survive an agent restart, a restart before the import re-arms, a state
-that arrived while the agent was down is answered as lost; commit and
-abort remove the capture and end the watch.
+write before the capture reads the first makes it ambiguous; the watch
+goes on after the capture, and a second import (or a TPM reset) after it
+makes it no answer; a capture older than an agent restart is no answer, a
+restart before the import re-arms, a state that arrived while the agent
+was down is answered as lost; commit and abort remove the capture and end
+the watch.
 """
 
 from __future__ import annotations
@@ -301,10 +303,12 @@ def test_a_second_write_before_the_capture_reads_is_no_answer(hosts):
         None, "2 writes of tpm2-00.permall before the first could be read")
 
 
-def test_captures_survive_an_agent_restart_and_a_restart_before_the_import_rearms(hosts):
+def test_a_restart_after_the_capture_is_no_answer_and_one_before_the_import_rearms(hosts):
     src, dst = hosts
     nonce = os.urandom(32)
-    # captured, then the agent restarts: the same answer
+    # captured, then the agent restarts: no answer, since an import while
+    # it was down cannot be excluded (seen failing before: the capture was
+    # answered after the restart)
     first, _ = _source(src)
     ctx1 = _prepare(src, dst, first)
     _set(_paths(dst, first), _stream(_paths(src, first)))
@@ -316,8 +320,10 @@ def test_captures_survive_an_agent_restart_and_a_restart_before_the_import_rearm
     vtpcm2 = dst.manager.get(second).vtpcm_id
     assert dst.manager._watches[vtpcm2].alive()
     assert list(dst.manager._watches) == [vtpcm2]  # the captured one needs none
-    source, dest = _both(src, dst, ctx1, nonce)
-    assert source == dest
+    assert _digest(dst, ctx1, "destination", nonce) == (
+        None, instances.RESTARTED_AFTER_CAPTURE)
+    vtpcm1 = dst.manager.get(first).vtpcm_id
+    assert _captures(dst) == [vtpcm1 + ".ambiguous", vtpcm1 + ".permall"]  # persisted
     _set(_paths(dst, second), _stream(_paths(src, second)))
     _wait_captured(dst, second)
     source, dest = _both(src, dst, ctx2, nonce)
@@ -449,3 +455,34 @@ def test_no_watch_no_incoming(hosts, monkeypatch):
         "(inotify_init1: Too many open files)" % err.value.kwargs["vtpcm_id"])
     assert dst.manager.associations.find(instance) is None
     assert _captures(dst) == [] and dst.manager._watches == {}
+
+
+@pytest.mark.parametrize("hosts", ["agent-uid", "own-uids"], indirect=True)
+def test_a_second_import_after_the_capture_is_no_answer(hosts):
+    """The review's P1: a genuine import, captured, then an OLD stream under
+    the same migration key set again (a second tpm-emulator section in the
+    stream, or the destination QEMU on the control socket). Seen failing
+    before the watch went on after the capture: the digests were equal
+    while the destination ran the old state. A guest NV write between the
+    two is the positive control: it does not supersede the capture."""
+    src, dst = hosts
+    instance, nv_old = _source(src)
+    old = _stream(_paths(src, instance))  # recorded earlier
+    nv_new = _nv_write(_paths(src, instance))  # the guest moves on
+    ctx = _prepare(src, dst, instance)
+    incoming = _paths(dst, instance)
+    _set(incoming, _stream(_paths(src, instance)))
+    _wait_captured(dst, instance)
+    nonce = os.urandom(32)
+    source, dest = _both(src, dst, ctx, nonce)
+    assert source == dest
+    _nv_write(incoming)
+    assert _both(src, dst, ctx, nonce) == (source, source)
+    _set(incoming, old)  # asked at once: the sync drains the queue
+    assert _digest(dst, ctx, "destination", nonce) == (None, firstwrite.SUPERSEDED)
+    assert tpmtools.read_guest_state(incoming, with_key=False)["nv"] == nv_old != nv_new
+    vtpcm_id = dst.manager.get(instance).vtpcm_id
+    assert _captures(dst) == [vtpcm_id + ".ambiguous", vtpcm_id + ".permall"]
+    _restart(dst)  # the mark is kept
+    assert _digest(dst, ctx, "destination", nonce) == (None, firstwrite.SUPERSEDED)
+
