@@ -122,6 +122,17 @@ class AgentSettings:
     subid_files: tuple[Path, ...] = uidranges.SUBID_FILES
 
 
+def capture_owner(name: str) -> str:
+    """The vTPCM id a file of the captures dir belongs to: ``<id><suffix>``,
+    or ``write_atomic``'s ``.<id><suffix>.<hex>.tmp`` (vTPCM ids are uuids:
+    no dot); "" for anything else."""
+    if name.startswith("."):
+        if not name.endswith(".tmp") or name.count(".") < 4:
+            return ""
+        name = name[1:].rsplit(".", 2)[0]
+    return name.split(".", 1)[0]
+
+
 class InstanceManager:
     def __init__(self, settings: AgentSettings, associations: AssociationList,
                  keystore: KeyStore, host_tpm: HostTPMLike | None = None) -> None:
@@ -740,7 +751,8 @@ class InstanceManager:
 
     def _drop_capture(self, vtpcm_id: str) -> None:
         """The incoming vTPCM went live or went away: stop its watch (the
-        thread ends, its outcome written or never) and remove what it kept."""
+        thread ends, its outcome written or never) and remove what it kept
+        (with the temporary files a crash in a write left)."""
         with self._watches_guard:
             watch = self._watches.pop(vtpcm_id, None)
         if watch is not None and not watch.stop(self.settings.timeout):
@@ -748,6 +760,8 @@ class InstanceManager:
                       vtpcm_id, self.settings.timeout)
         for suffix in (CAPTURE_SUFFIX, AMBIGUOUS_SUFFIX):
             self._capture_path(vtpcm_id, suffix).unlink(missing_ok=True)
+        for path in (self.settings.state_root / CAPTURES).glob(".%s.*.tmp" % vtpcm_id):
+            path.unlink(missing_ok=True)
 
     def _recover_capture(self, assoc: Association) -> None:
         """At the agent's start, an incoming vTPCM: one with no state yet is
@@ -782,10 +796,10 @@ class InstanceManager:
 
     def _sweep_captures(self, incoming: set[str]) -> None:
         """Remove what no incoming vTPCM owns (a crash between a commit or
-        an abort and the removal)."""
+        an abort and the removal); what one owns stays, its temporary files
+        (``.<id><suffix>.<hex>.tmp``, a watch may be writing them now) too."""
         for path in (self.settings.state_root / CAPTURES).iterdir():
-            vtpcm_id = path.name.split(".", 1)[0]
-            if vtpcm_id not in incoming:
+            if capture_owner(path.name) not in incoming:
                 path.unlink(missing_ok=True)
 
     def _capture_of(self, assoc: Association) -> tuple[bytes | None, str]:

@@ -486,3 +486,23 @@ def test_a_second_import_after_the_capture_is_no_answer(hosts):
     _restart(dst)  # the mark is kept
     assert _digest(dst, ctx, "destination", nonce) == (None, firstwrite.SUPERSEDED)
 
+
+def test_the_start_up_sweep_keeps_what_an_incoming_vtpcm_is_writing(hosts):
+    """``write_atomic``'s temporary files (``.<id>.<suffix>.<hex>.tmp``)
+    belong to their vTPCM: seen failing before (the sweep took the leading
+    dot's empty prefix for an owner and removed them). Leftovers of the
+    vTPCM go at its abort."""
+    src, dst = hosts
+    instance, _ = _source(src)
+    ctx = _prepare(src, dst, instance)
+    vtpcm_id = dst.manager.get(instance).vtpcm_id
+    gone = str(uuid.uuid4())
+    captures = dst.settings().state_root / instances.CAPTURES
+    names = [".%s.permall.0123456789ab.tmp" % vtpcm_id, "%s.permall" % gone,
+             ".%s.ambiguous.0123456789ab.tmp" % gone, ".x.tmp", "stray"]
+    for name in names:
+        (captures / name).write_bytes(b"x")
+    _restart(dst)
+    assert _captures(dst) == [names[0]]
+    dst.manager.abort_incoming(ctx)
+    assert _captures(dst) == []
