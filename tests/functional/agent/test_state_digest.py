@@ -506,3 +506,18 @@ def test_the_start_up_sweep_keeps_what_an_incoming_vtpcm_is_writing(hosts):
     assert _captures(dst) == [names[0]]
     dst.manager.abort_incoming(ctx)
     assert _captures(dst) == []
+
+
+def test_a_tpm_reset_after_the_capture_is_no_answer(hosts):
+    """QEMU's CMD_INIT alone (a guest reset) opens the storage as an import
+    does: the watch cannot tell them apart, so the check gets no answer."""
+    src, dst = hosts
+    instance, _ = _source(src)
+    ctx = _prepare(src, dst, instance)
+    incoming = _paths(dst, instance)
+    _set(incoming, _stream(_paths(src, instance)))
+    _wait_captured(dst, instance)
+    assert _digest(dst, ctx, "destination", os.urandom(32))[1] == ""
+    with ctrl.CtrlClient(incoming.ctrl_socket) as client:
+        client.init(delete_volatile=False)
+    assert _digest(dst, ctx, "destination", os.urandom(32)) == (None, firstwrite.SUPERSEDED)
