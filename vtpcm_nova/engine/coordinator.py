@@ -706,7 +706,16 @@ class Coordinator(ShelvingMixin):
         if proto.state is M.TRANSFERRED:
             self._check_incoming_ready(ctx)
         if self.post_import_check and check_import and proto.state in IMPORT_CHECKED:
-            self._check_imported_state(ctx, proto.state)
+            try:
+                self._check_imported_state(ctx)
+            except (exception.ImportedStateMismatch, exception.ImportedStateUnverified) \
+                    as err:
+                if self._moved_past(migration_id, proto.state):
+                    # another commit passed the point meanwhile (the sides'
+                    # answers were about a moving target): finish it
+                    return self._finish_commit(migration_id, shred_later)
+                self._audit_import_refusal(ctx, proto.state, err)
+                raise
         try:
             self._advance(proto, ctx, p.CommitRequested(), shred_later=shred_later)
         except exception.MigrationError:
@@ -826,7 +835,7 @@ class Coordinator(ShelvingMixin):
                       detail=detail)
         raise exception.MigrationError(migration_id=ctx.migration_id, reason=detail)
 
-    def _check_imported_state(self, ctx: am.MigrationContext, state: M) -> None:
+    def _check_imported_state(self, ctx: am.MigrationContext) -> None:
         """The post-import check, right before the commit point: the
         permanent state the destination's swtpm first wrote after the
         import must be byte for byte the source's current one. Why: a live
@@ -839,52 +848,54 @@ class Coordinator(ShelvingMixin):
         executor for calls that must both finish before its answer (its
         background jobs may drop work). Different digests:
         ``ImportedStateMismatch``; a side that cannot tell, or an agent
-        older than API 1.12: ``ImportedStateUnverified``. Both audited, the
-        migration left as it is (the source's copy untouched, the deadline
-        makes it IN_DOUBT, an operator resolves it). A transport error or
-        an answer that does not verify propagates: the caller retries."""
+        older than API 1.12: ``ImportedStateUnverified`` (``commit``
+        audits both and leaves the migration as it is). A transport error
+        or an answer that does not verify propagates: the caller retries."""
         nonce = os.urandom(statedigest.NONCE_SIZE)
-        answers = [self._state_digest(ctx, side, host, nonce, state)
-                   for side, host in (("source", ctx.source_host),
-                                      ("destination", ctx.dest_host))]
-        for (side, host), answer in zip((("source", ctx.source_host),
-                                         ("destination", ctx.dest_host)), answers,
-                                        strict=True):
+        sides = (("source", ctx.source_host), ("destination", ctx.dest_host))
+        digests = []
+        for side, host in sides:
+            answer = self._state_digest(ctx, side, host, nonce)
             if answer.side != side:
-                raise self._import_refused(ctx, state, exception.ImportedStateUnverified, (
-                    "the agent of %s answered the %s's digest when asked the %s's"
-                    % (host, answer.side, side)))
+                raise exception.ImportedStateUnverified(
+                    migration_id=ctx.migration_id,
+                    reason="the agent of %s answered the %s's digest when asked the %s's"
+                           % (host, answer.side, side))
             if answer.digest is None:
-                raise self._import_refused(ctx, state, exception.ImportedStateUnverified, (
-                    "the %s %s cannot tell its permanent state: %s"
-                    % (side, host, answer.reason or "no reason given")))
-        source, dest = (cast(bytes, a.digest) for a in answers)
-        if not statedigest.same(source, dest):
-            raise self._import_refused(ctx, state, exception.ImportedStateMismatch, (
-                "the permanent state the destination %s imported is not the source's; "
-                "the authority stays on %s (post-import check)"
-                % (ctx.dest_host, ctx.source_host)))
+                raise exception.ImportedStateUnverified(
+                    migration_id=ctx.migration_id,
+                    reason="the %s %s cannot tell its permanent state: %s"
+                           % (side, host, answer.reason or "no reason given"))
+            digests.append(answer.digest)
+        if not statedigest.same(digests[0], digests[1]):
+            raise exception.ImportedStateMismatch(
+                migration_id=ctx.migration_id,
+                reason="the permanent state the destination %s imported is not the "
+                       "source's; the authority stays on %s (post-import check)"
+                       % (ctx.dest_host, ctx.source_host))
         LOG.info("Migration %(mig)s: post-import check passed, the destination %(dst)s "
                  "imported the source's permanent state", {"mig": ctx.migration_id,
                                                            "dst": ctx.dest_host})
 
-    def _state_digest(self, ctx: am.MigrationContext, side: str, host: str, nonce: bytes,
-                      state: M) -> am.StateDigest:
+    def _state_digest(self, ctx: am.MigrationContext, side: str, host: str,
+                      nonce: bytes) -> am.StateDigest:
         """One side's answer; an agent that cannot take API 1.12 (capped
         here, or an older agent) is ``ImportedStateUnverified``."""
         try:
             return self.agents.state_digest(host, ctx, side, nonce)
         except (exception.RPCVersionCapped, exception.RPCVersionUnsupported) as err:
-            raise self._import_refused(ctx, state, exception.ImportedStateUnverified,
-                                       "the %s %s: %s" % (side, host, err)) from None
+            raise exception.ImportedStateUnverified(
+                migration_id=ctx.migration_id,
+                reason="the %s %s: %s" % (side, host, err)) from None
         except exception.ReplyNotAuthenticated:
             # a verifying client takes an older agent's "cannot serve" for
             # no answer (anyone could send it): its signed health says
             older = self._older_than_digest(host)
             if older is None:
                 raise
-            raise self._import_refused(ctx, state, exception.ImportedStateUnverified,
-                                       "the %s %s: %s" % (side, host, older)) from None
+            raise exception.ImportedStateUnverified(
+                migration_id=ctx.migration_id,
+                reason="the %s %s: %s" % (side, host, older)) from None
 
     def _older_than_digest(self, host: str) -> str | None:
         """Why ``host``'s agent cannot answer ``state_digest`` (its signed
@@ -899,10 +910,10 @@ class Coordinator(ShelvingMixin):
         return ("its agent runs agent API %s, older than %s (state_digest): upgrade it"
                 % (version, STATE_DIGEST_VERSION))
 
-    def _import_refused(self, ctx: am.MigrationContext, state: M,
-                        kind: type[exception.MigrationError],
-                        reason: str) -> exception.MigrationError:
-        """Audit a commit the post-import check refused; the error to raise."""
+    def _audit_import_refusal(self, ctx: am.MigrationContext, state: M,
+                              err: exception.MigrationError) -> None:
+        """Audit (and log) a commit the post-import check refused."""
+        reason = str(err.kwargs.get("reason", err))
         self.db.audit("migration.commit", "refused", host=ctx.dest_host,
                       instance=ctx.instance_uuid, migration_id=ctx.migration_id,
                       detail=("%s: %s; the migration stays %s, the source's copy "
@@ -910,7 +921,6 @@ class Coordinator(ShelvingMixin):
                               % (POST_IMPORT_REFUSED, reason, state.value))[:4000])
         LOG.error("Migration %(mig)s: commit refused by the post-import check: "
                   "%(why)s", {"mig": ctx.migration_id, "why": reason})
-        return kind(migration_id=ctx.migration_id, reason=reason)
 
     def transfer(self, migration_id: str,
                  requested_by: str | None = None) -> db_api.MigrationRecord:

@@ -201,3 +201,20 @@ def test_resolve_to_the_destination_shows_the_refusal_and_does_not_check(env):  
     calls = len(agents.digest_calls)
     assert res.resolve_migration(mid, "destination", execute=True)[1] == "COMMITTED"
     assert len(agents.digest_calls) == calls
+
+
+def test_a_commit_that_passed_the_point_meanwhile_is_not_refused(env):  # noqa: F811
+    """While this commit asked the agents, another (an operator's resolve)
+    passed the commit point: the destination, committed, cannot tell any
+    more. That is the commit done, not a refusal."""
+    coord, db, agents, mid = _prepared(env)
+    asked = agents.state_digest
+
+    def racing(host, context, side, nonce):
+        if side == "destination":
+            coord.commit(mid, check_import=False)
+        return asked(host, context, side, nonce)
+    agents.state_digest = racing
+    agents.states["destination"] = "committed meanwhile"
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert _commit_refusals(db, mid) == []
