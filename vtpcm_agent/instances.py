@@ -27,14 +27,22 @@ from oslo_log import log as logging
 from vtpcm_agent import sealing, uidranges
 from vtpcm_agent.association import Association, AssociationList, VTPCMState, floor_advice
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
-from vtpcm_agent.swtpm import ctrl, isolation, process, provision, uidprocs
-from vtpcm_common import exception
+from vtpcm_agent.swtpm import ctrl, firstwrite, isolation, permall, process, provision, uidprocs
+from vtpcm_common import exception, fileutil, statedigest
 
 LOG = logging.getLogger(__name__)
 S = VTPCMState
 PERMANENT_STATE_FILE = "tpm2-00.permall"
 OWN_DIRS = "vm"  # <run_dir>/vm/<instance uuid>/: an unprivileged swtpm's sockets
 VOLATILE_STATE_FILE = "tpm2-00.volatilestate"
+# <state_root>/captures/: the first permanent state file each incoming
+# swtpm wrote (at-rest ciphertext, ``firstwrite``), or why it could not be
+# told; the agent's alone (0700), never in a directory a swtpm uid writes
+CAPTURES = "captures"
+CAPTURE_SUFFIX = ".permall"
+AMBIGUOUS_SUFFIX = ".ambiguous"
+LOST_IN_RESTART = ("the capture of the first write was lost in an agent restart (the "
+                   "state arrived while the agent was down)")
 # fewer uids than this (or than a tenth of the range) left in [agent]
 # swtpm_uid_range: a WARNING at the agent's start
 UIDS_LOW = 100
@@ -127,7 +135,12 @@ class InstanceManager:
         # told of every swtpm restart (the watchdog logs and reports it);
         # called under the instance's lock, so it must not block
         self.on_restart: Callable[[Restarted], None] | None = None
-        for sub in ("vtpcms", "logs", "localca"):
+        # the first-write watch of each incoming vTPCM, by vtpcm id
+        self._watches: dict[str, firstwrite.FirstWriteWatch] = {}
+        self._watches_guard = threading.Lock()
+        # tests inject a slow reader here (``firstwrite.FirstWriteWatch``)
+        self.capture_opener: firstwrite.Opener = firstwrite.read_state_file
+        for sub in ("vtpcms", "logs", "localca", CAPTURES):
             (settings.state_root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         settings.run_dir.mkdir(parents=True, exist_ok=True)
         # QEMU (another user) must traverse it to reach its socket.
@@ -470,8 +483,10 @@ class InstanceManager:
                               empty_target=True, peer_uid=process.owner(paths))
         except exception.VTPCMException:
             self._kill(assoc)
+            self._drop_capture(assoc.vtpcm_id)
             shutil.rmtree(paths.state_dir)
             paths.state_dir.mkdir(mode=0o700)
+            self._arm_capture(assoc.vtpcm_id, paths.state_dir)
             self.associations.set_pid(
                 instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
                                                  startup_clear=False))
@@ -600,6 +615,8 @@ class InstanceManager:
         try:
             self.keystore.put(vtpcm_id, keys)
             paths.state_dir.mkdir(parents=True, mode=0o700)
+            # watched before its swtpm exists: its first write is queued
+            self._arm_capture(vtpcm_id, paths.state_dir)
             # Empty and never initialized: QEMU (or import_state) brings the state.
             pid = self._spawn_paths(ctx.instance_uuid, paths, keys, startup_clear=False)
         except BaseException:
@@ -625,6 +642,7 @@ class InstanceManager:
         assoc = self.associations.get(ctx.instance_uuid)
         if (assoc.state in (S.ACTIVE, S.STOPPED) and assoc.generation == ctx.generation + 1
                 and assoc.migration_id == ctx.migration_id):
+            self._drop_capture(assoc.vtpcm_id)  # a retry after a crash in between
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_IN)
         if (not self.is_running(assoc) and self._received_state(assoc)
@@ -632,9 +650,11 @@ class InstanceManager:
             LOG.info("Incoming vTPCM of instance %(i)s: its swtpm exited cleanly (the "
                      "guest stopped); committed STOPPED at generation %(g)d",
                      {"i": ctx.instance_uuid, "g": ctx.generation + 1})
-            return self.associations.transition(
+            committed = self.associations.transition(
                 ctx.instance_uuid, S.STOPPED, expected=frozenset({S.MIGRATING_IN}),
                 generation=ctx.generation + 1, pid=None)
+            self._drop_capture(assoc.vtpcm_id)
+            return committed
         if not self.is_running(assoc) and self._received_state(assoc):
             # its swtpm died after the switchover: the state is on disk, and
             # the authority may already be here; bring it back rather than
@@ -647,9 +667,11 @@ class InstanceManager:
                 reason="the incoming vTPCM of instance %s has not received its state "
                        "(or its swtpm is not running); refusing to commit"
                        % ctx.instance_uuid)
-        return self.associations.transition(
+        committed = self.associations.transition(
             ctx.instance_uuid, S.ACTIVE, expected=frozenset({S.MIGRATING_IN}),
             generation=ctx.generation + 1)
+        self._drop_capture(assoc.vtpcm_id)
+        return committed
 
     @serialized
     def abort_incoming(self, ctx: sealing.SealContext, only_if_unused: bool = False) -> None:
@@ -670,6 +692,161 @@ class InstanceManager:
                        "destroy it on a timeout")
         self._kill(assoc)
         self._discard(ctx.instance_uuid, assoc.vtpcm_id, paths)
+
+    # --- the post-import check --------------------------------------------------
+
+    def _capture_path(self, vtpcm_id: str, suffix: str) -> Path:
+        return self.settings.state_root / CAPTURES / (vtpcm_id + suffix)
+
+    def _arm_capture(self, vtpcm_id: str, state_dir: Path) -> firstwrite.FirstWriteWatch:
+        """Watch an incoming vTPCM's state dir for its swtpm's first write
+        (``firstwrite``) and persist what it sees. Armed before anything
+        could write there; SwtpmError if it cannot be (no inotify instance
+        or watch left: fs.inotify.max_user_instances / max_user_watches)."""
+        try:
+            watch = firstwrite.FirstWriteWatch(
+                state_dir, functools.partial(self._persist_capture, vtpcm_id),
+                opener=self.capture_opener).arm()
+        except OSError as exc:
+            raise exception.SwtpmError(
+                vtpcm_id=vtpcm_id,
+                reason="cannot watch its state dir for the post-import check (%s)"
+                % exc.strerror) from None
+        with self._watches_guard:
+            old = self._watches.pop(vtpcm_id, None)
+            self._watches[vtpcm_id] = watch
+        if old is not None:
+            old.stop(self.settings.timeout)
+        return watch.start()
+
+    def _persist_capture(self, vtpcm_id: str, capture: firstwrite.Capture) -> None:
+        """Keep the watch's outcome across agent restarts: the bytes as read
+        (at-rest ciphertext), or the reason there are none, written
+        atomically, 0600, in the agent's own directory."""
+        if capture.data is not None:
+            fileutil.write_atomic(self._capture_path(vtpcm_id, CAPTURE_SUFFIX), capture.data,
+                                  replace=True)
+        else:
+            fileutil.write_atomic(self._capture_path(vtpcm_id, AMBIGUOUS_SUFFIX),
+                                  capture.reason.encode("utf-8"), replace=True)
+        LOG.info("Incoming vTPCM %(vtpcm)s: first write of its permanent state %(what)s",
+                 {"vtpcm": vtpcm_id,
+                  "what": "captured" if capture.data is not None
+                  else "not captured: " + capture.reason})
+
+    def _drop_capture(self, vtpcm_id: str) -> None:
+        """The incoming vTPCM went live or went away: stop its watch (the
+        thread ends, its outcome written or never) and remove what it kept."""
+        with self._watches_guard:
+            watch = self._watches.pop(vtpcm_id, None)
+        if watch is not None and not watch.stop(self.settings.timeout):
+            LOG.error("The first-write watch of vTPCM %s did not end within %.1f s",
+                      vtpcm_id, self.settings.timeout)
+        for suffix in (CAPTURE_SUFFIX, AMBIGUOUS_SUFFIX):
+            self._capture_path(vtpcm_id, suffix).unlink(missing_ok=True)
+
+    def _recover_capture(self, assoc: Association) -> None:
+        """At the agent's start, an incoming vTPCM: one with no state yet is
+        watched again (armed first, then checked: a state that appeared in
+        between may not be the first write); one that holds state but has
+        no capture answers LOST_IN_RESTART (``_capture_of``)."""
+        if any(self._capture_path(assoc.vtpcm_id, s).exists()
+               for s in (CAPTURE_SUFFIX, AMBIGUOUS_SUFFIX)):
+            return
+        if self._received_state(assoc):
+            return
+        state_dir = self._paths_of(assoc).state_dir
+        try:
+            self._arm_capture(assoc.vtpcm_id, state_dir)
+        except exception.SwtpmError as exc:
+            LOG.error("Could not watch the state dir of incoming vTPCM %(vtpcm)s again "
+                      "(its post-import check will answer that the capture was lost): "
+                      "%(err)s", {"vtpcm": assoc.vtpcm_id, "err": exc.message})
+            return
+        if self._received_state(assoc):
+            with self._watches_guard:
+                watch = self._watches.pop(assoc.vtpcm_id, None)
+            if watch is not None:
+                watch.stop(self.settings.timeout)
+            self._persist_capture(assoc.vtpcm_id, firstwrite.ambiguous(
+                "the state arrived while the agent restarted"))
+
+    def _sweep_captures(self, incoming: set[str]) -> None:
+        """Remove what no incoming vTPCM owns (a crash between a commit or
+        an abort and the removal)."""
+        for path in (self.settings.state_root / CAPTURES).iterdir():
+            vtpcm_id = path.name.split(".", 1)[0]
+            if vtpcm_id not in incoming:
+                path.unlink(missing_ok=True)
+
+    def _capture_of(self, assoc: Association) -> tuple[bytes | None, str]:
+        """The first write of an incoming vTPCM's swtpm, or why there is none."""
+        watch = self._watches.get(assoc.vtpcm_id)
+        if watch is not None and not watch.done.is_set() and self._received_state(assoc):
+            # written, and the watch is reading it now
+            watch.done.wait(self.settings.timeout)
+        data_path = self._capture_path(assoc.vtpcm_id, CAPTURE_SUFFIX)
+        reason_path = self._capture_path(assoc.vtpcm_id, AMBIGUOUS_SUFFIX)
+        if reason_path.exists():
+            return None, reason_path.read_text("utf-8", "replace")
+        if data_path.exists():
+            return data_path.read_bytes(), ""
+        if watch is not None and watch.failed:
+            return None, "the capture of the first write could not be kept: " + watch.failed
+        if watch is not None and watch.alive():
+            return None, "no write of the permanent state seen yet"
+        if self._received_state(assoc):
+            return None, LOST_IN_RESTART
+        return None, "the state dir is not watched and holds no state"
+
+    @serialized
+    def state_digest(self, ctx: sealing.SealContext, side: str,
+                     nonce: bytes) -> tuple[bytes | None, str]:
+        """The post-import check's digest (``statedigest``) of this side's
+        permanent state: the source's current one (its guest is paused by
+        then), the destination's as its swtpm first wrote it after
+        prepare_incoming (the import, before any guest write), or None and
+        why not. Refuses a vTPCM not in that migration on that side."""
+        host = ctx.source_host if side == "source" else ctx.dest_host
+        if side not in ("source", "destination") or host != self.settings.host:
+            raise exception.MigrationError(
+                migration_id=ctx.migration_id,
+                reason="this host is %s, asked as the %s side (source %s, destination %s)"
+                % (self.settings.host, side, ctx.source_host, ctx.dest_host))
+        assoc = self.associations.get(ctx.instance_uuid)
+        if side == "source":
+            self._check_migration(assoc, ctx, S.MIGRATING_OUT)
+            path = self._paths_of(assoc).state_dir / PERMANENT_STATE_FILE
+            try:
+                data = firstwrite.read_state_file(path)
+            except (OSError, ValueError) as exc:
+                raise exception.StateFileError(
+                    name=PERMANENT_STATE_FILE,
+                    reason="cannot be read: %s" % (
+                        exc if isinstance(exc, ValueError)
+                        else os.strerror(exc.errno or 0))) from None
+            plain = permall.decrypt_state_file(
+                data, self.keystore.get(assoc.vtpcm_id).at_rest_key)
+            outcome: tuple[bytes | None, str] = (
+                statedigest.permanent_state_digest(nonce, plain), "")
+        else:
+            self._check_migration(assoc, ctx, S.MIGRATING_IN)
+            captured, reason = self._capture_of(assoc)
+            outcome = (None, reason)
+            if captured is not None:
+                try:
+                    plain = permall.decrypt_state_file(
+                        captured, self.keystore.get(assoc.vtpcm_id).at_rest_key)
+                    outcome = (statedigest.permanent_state_digest(nonce, plain), "")
+                except exception.StateFileError as exc:
+                    outcome = (None, "the captured first write does not decrypt: %s"
+                               % exc.message)
+        LOG.info("State digest of vTPCM %(vtpcm)s (instance %(inst)s, migration %(mig)s, "
+                 "%(side)s): %(what)s",
+                 {"vtpcm": assoc.vtpcm_id, "inst": ctx.instance_uuid,
+                  "mig": ctx.migration_id, "side": side,
+                  "what": "answered" if outcome[0] is not None else "none, " + outcome[1]})
+        return outcome
 
     # --- crash recovery ---------------------------------------------------------
 
@@ -706,12 +883,16 @@ class InstanceManager:
         """Re-adopt running swtpm processes and clean up interrupted creates."""
         report: dict[str, list[str]] = {"adopted": [], "crashed": [], "cleaned": []}
         started = time.monotonic()
+        incoming = set()
         for assoc in self.associations.list():
             paths = self._paths_of(assoc)
             if assoc.state is S.CREATING:
                 self._discard(assoc.instance_uuid, assoc.vtpcm_id, paths)
                 report["cleaned"].append(assoc.instance_uuid)
                 continue
+            if assoc.state is S.MIGRATING_IN:
+                incoming.add(assoc.vtpcm_id)
+                self._recover_capture(assoc)
             pid = process.find_running(paths)
             if pid is not None:
                 self._pin(assoc.instance_uuid, pid)
@@ -724,6 +905,7 @@ class InstanceManager:
                           "is not running", {"instance": assoc.instance_uuid,
                                              "vtpcm": assoc.vtpcm_id,
                                              "state": assoc.state.value})
+        self._sweep_captures(incoming)
         self.sweep_kept()
         # the seconds: an agent restart delays every RPC on the host by this
         LOG.info("Recovered: %(a)d adopted, %(c)d crashed, %(x)d interrupted creates "
@@ -986,6 +1168,7 @@ class InstanceManager:
             raise exception.InvalidTransition(
                 what="vTPCM of instance", key=instance_uuid, current=record.state.value,
                 target="discarded")
+        self._drop_capture(vtpcm_id)
         self.keystore.destroy(vtpcm_id)
         if paths.state_dir.exists():
             shutil.rmtree(paths.state_dir)

@@ -220,3 +220,10 @@ class AgentManager:
     def reclaim_outgoing(self, req: m.ReclaimOutgoing) -> m.Empty:
         self.instances.reclaim_outgoing(context_from(req.context), req.generation)
         return m.Empty()
+
+    # 1.12 --------------------------------------------------------------------
+    @endpoint(m.StateDigestRequest, signed=True)
+    def state_digest(self, req: m.StateDigestRequest) -> m.StateDigest:
+        digest, reason = self.instances.state_digest(context_from(req.context), req.side,
+                                                     req.nonce)
+        return m.StateDigest(side=req.side, digest=digest, reason=reason[:1000])

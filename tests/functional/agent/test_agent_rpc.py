@@ -125,6 +125,31 @@ def test_export_import_between_agents_keeps_guest_state(cluster):
     assert not pa.state_dir.exists()
 
 
+def test_state_digest_answers_both_sides_over_rpc(cluster):
+    """API 1.12, signed both ways: the source's current permanent state and
+    the destination's first write after prepare_incoming (here the agent's
+    own import_state) give one digest per nonce; before the import the
+    destination cannot tell."""
+    api, a, b = cluster
+    info = _new(api, a)
+    ctx = _hand_over(api, a, b, info.instance_uuid, 0)
+    nonce = os.urandom(32)
+    early = api.state_digest(b.name, ctx, "destination", nonce)
+    assert (early.side, early.digest, early.reason) == (
+        "destination", None, "no write of the permanent state seen yet")
+    api.import_state(b.name, api.export_state(a.name, info.instance_uuid))
+    source = api.state_digest(a.name, ctx, "source", nonce)
+    dest = api.state_digest(b.name, ctx, "destination", nonce)
+    assert (source.reason, dest.reason) == ("", "")
+    assert source.digest is not None and source.digest == dest.digest
+    assert api.state_digest(a.name, ctx, "source", os.urandom(32)).digest != source.digest
+    with pytest.raises(exception.MigrationError) as err:
+        api.state_digest(a.name, ctx, "destination", nonce)
+    assert "asked as the destination side" in str(err.value)
+    api.abort_incoming(b.name, ctx)
+    api.abort_outgoing(a.name, ctx)
+
+
 def test_import_with_other_migration_key_fails_and_changes_nothing(cluster):
     """Blobs of vTPCM X set into the incoming vTPCM prepared for Y (Y's
     migration key): swtpm refuses them, X is unchanged, Y's incoming stays

@@ -49,6 +49,8 @@ EXPECTED = {
     "agent.SealRequest": "1.2-25cb7551911966276bb411fb01f74d4d",
     "agent.SealedKey": "1.2-9cc3bf09de33629187dc6da2e5411878",
     "agent.StateBlobs": "1.0-315d79c47ea96a73b4b3c8e38e5569ea",
+    "agent.StateDigest": "1.12-30b0829aec714236b2a594089379e4ce",
+    "agent.StateDigestRequest": "1.12-ec505abbb7c866152ee141e2d72a4a8d",
     "agent.VTPCMInfo": "1.11-547a4c4742282d1e152fd59a13b1ab86",
     "agent.VTPCMList": "1.11-7a0d8be89602cfeddec00b3056d71ca2",
     "engine.AbortMigration": "1.10-1aa47c1d832d69c1eb120ca7245f8827",
