@@ -1,12 +1,11 @@
 """The post-import check end to end (issue 9, finding 6): real agent and
-engine daemons, RabbitMQ, swtpm host TPMs. Both agents' ``state_digest``
-is answered by a stand-in on their queues (each signing with its own
-host's enrolled key, as the agent of API 1.12 does) while the real agents
-are stopped: the destination reports another permanent state than the
-source, or none. The Nova driver's commit over the engine RPC gets the
-refusal as its own class, the migration stays PREPARED with the source's
-copy intact, and once the agents answer honestly again the commit goes
-through."""
+engine daemons, RabbitMQ, swtpm host TPMs. The real agents' digests
+refuse a destination that imported an earlier state of the source (what a
+replayed stream brings); stand-ins on both agents' queues (each signing
+with its own host's enrolled key, as the agent of API 1.12 does) report
+another state or none. The Nova driver's commit over the engine RPC gets
+the refusal as its own class and the migration stays PREPARED with the
+source's copy intact."""
 
 import os
 import uuid
@@ -15,6 +14,7 @@ from typing import Any
 import oslo_messaging as messaging
 import pytest
 
+from tests.functional import tpmtools
 from tests.functional.deploy import Deployment, Spec, Trust, build
 from tests.functional.harness import serve_agent_in_process
 from vtpcm_common import authn, exception, statedigest
@@ -129,3 +129,34 @@ def test_a_destination_that_cannot_tell_is_unverified_over_rpc(deployment):
     assert d.operator.get_vtpcm(instance).host == d.hosts["a"].name
     d.at["a"].abort(mid, "refused by the post-import check", instance_uuid=instance)
     d.at["a"].destroy_vtpcm(instance)
+
+
+def test_real_agents_refuse_a_rolled_back_import_and_pass_a_faithful_one(deployment):
+    """No stand-ins: the real agents' digests. The destination imports the
+    state the source had before the guest wrote to its TPM (what a replayed
+    stream brings): refused. The source's current state imported: passes."""
+    d = deployment
+    a, b = d.hosts["a"], d.hosts["b"]
+    instance = str(uuid.uuid4())
+    rec = d.at["a"].create_vtpcm(instance, a.name)
+    d.at["a"].start_vtpcm(instance)
+    mid = str(uuid.uuid4())
+    assert d.at["a"].begin(mid, instance, a.name, b.name).state == "PREPARED"
+    earlier = d.agents.export_state(a.name, instance)
+    # the guest writes to its TPM: NV index, persistent key (permanent state)
+    tpmtools.write_guest_state(a.paths(instance, rec.vtpcm_id), b"tenant NV",
+                               os.urandom(32), make_key=True)
+    d.agents.import_state(b.name, earlier)
+    with pytest.raises(exception.ImportedStateMismatch) as err:
+        d.at["a"].commit(mid)
+    assert type(err.value) is exception.ImportedStateMismatch
+    assert d.operator.get_migration(mid).state == "PREPARED"
+    assert d.operator.get_vtpcm(instance).host == a.name
+    d.at["a"].abort(mid, "rolled back import refused", instance_uuid=instance)
+    # again, faithfully: the source's current state
+    mid = str(uuid.uuid4())
+    assert d.at["a"].begin(mid, instance, a.name, b.name).state == "PREPARED"
+    d.agents.import_state(b.name, d.agents.export_state(a.name, instance))
+    assert d.at["a"].commit(mid).state == "COMMITTED"
+    assert d.operator.get_vtpcm(instance).host == b.name
+    d.at["b"].destroy_vtpcm(instance)
