@@ -708,13 +708,15 @@ class Coordinator(ShelvingMixin):
         if self.post_import_check and check_import and proto.state in IMPORT_CHECKED:
             try:
                 self._check_imported_state(ctx)
-            except (exception.ImportedStateMismatch, exception.ImportedStateUnverified) \
-                    as err:
+            except exception.VTPCMException as err:
                 if self._moved_past(migration_id, proto.state):
-                    # another commit passed the point meanwhile (the sides'
-                    # answers were about a moving target): finish it
+                    # another commit passed the point meanwhile (two commits
+                    # of one migration, a resolve): the agents' answers, or
+                    # refusals, were about a moving target; finish it
                     return self._finish_commit(migration_id, shred_later)
-                self._audit_import_refusal(ctx, proto.state, err)
+                if isinstance(err, (exception.ImportedStateMismatch,
+                                    exception.ImportedStateUnverified)):
+                    self._audit_import_refusal(ctx, proto.state, err)
                 raise
         try:
             self._advance(proto, ctx, p.CommitRequested(), shred_later=shred_later)

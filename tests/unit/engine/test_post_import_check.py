@@ -218,3 +218,21 @@ def test_a_commit_that_passed_the_point_meanwhile_is_not_refused(env):  # noqa: 
     agents.states["destination"] = "committed meanwhile"
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
     assert _commit_refusals(db, mid) == []
+
+
+def test_a_commit_whose_agent_refuses_because_another_commit_passed_is_done(env):  # noqa: F811
+    """Two commits of one migration at once: the other one committed the
+    destination while this one asked it, so its agent refuses (the vTPCM
+    is ACTIVE, no longer MIGRATING_IN). That is the commit done too."""
+    coord, db, agents, mid = _prepared(env)
+    asked = agents.state_digest
+
+    def racing(host, context, side, nonce):
+        if side == "destination":
+            coord.commit(mid, check_import=False)
+            raise exception.MigrationError(migration_id=mid, reason="vTPCM is ACTIVE in "
+                                           "migration %s, expected MIGRATING_IN" % mid)
+        return asked(host, context, side, nonce)
+    agents.state_digest = racing
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert _commit_refusals(db, mid) == []
