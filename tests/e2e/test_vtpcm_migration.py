@@ -109,9 +109,13 @@ def test_round_trip_keeps_guest_tpm_and_moves_generation(stack, guest):
     _same_tpm(before, _report(a.lab_host, name))
     record = stack.engine.get_vtpcm(instance)
     assert (record.host, record.generation) == (a.name, 2)
+    engine_log = stack.engine_daemon.log_text()
     for hop in (there, back):
         assert stack.engine.get_migration(hop.migration_id).state == "COMMITTED"
         assert hop.protocol_s < hop.libvirt.total_s
+        # the post-import check ran on real QEMU's transfer and passed: the
+        # destination's first write after the import is the source's state
+        assert ("Migration %s: post-import check passed" % hop.migration_id) in engine_log
     assert stack.agents.get(b.name, instance).state == "DESTROYED"
 
 

@@ -71,6 +71,24 @@ ENGINE_OPTS = [
                     "once, one per host; more are refused at once (RateLimited). "
                     "Each may wait up to rpc_timeout for the host, and the RPC "
                     "threads are shared with the migration calls."),
+    cfg.BoolOpt("post_import_check", default=True,
+                help="Before a migration passes its commit point, compare a keyed digest "
+                     "of the vTPCM's permanent state on both sides (agent API 1.12, "
+                     "signed answers, a fresh nonce per check): the source's current "
+                     "state against the state the destination's swtpm first wrote after "
+                     "it imported the migration stream. A live migration's stream is "
+                     "written by the destination's QEMU, and swtpm accepts an older "
+                     "state under the same key or a plaintext one: without this check "
+                     "whoever writes that stream can roll the vTPCM back. On a mismatch "
+                     "the commit is refused (ImportedStateMismatch, audited): the "
+                     "authority and the source's copy stay where they are and an "
+                     "operator decides (vtpcm-manage migration show / resolve). When "
+                     "the destination cannot tell what it imported, or an agent is "
+                     "older than API 1.12 (or [upgrade_levels] vtpcm_agent caps it "
+                     "below), the commit is refused the same way "
+                     "(ImportedStateUnverified). Off: no check, and the rollback of a "
+                     "live migration's vTPCM through a forged stream is possible again; "
+                     "turn it off only while agents are upgraded."),
 ]
 
 attestation_group = cfg.OptGroup("attestation", title="Host attestation")

@@ -28,6 +28,7 @@ outcome is unknown, so it is retried (reconcile) and never taken as done.
 import collections
 import dataclasses
 import datetime
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -35,8 +36,9 @@ from typing import Any, Protocol, cast
 
 from oslo_log import log as logging
 
-from vtpcm_common import authn, exception
+from vtpcm_common import authn, exception, rpc, statedigest
 from vtpcm_common.api.agent import messages as am
+from vtpcm_common.api.agent.rpcapi import STATE_DIGEST_VERSION
 from vtpcm_nova.engine import protocol as p
 
 # re-exported (``x as x``): callers and tests name them on the coordinator
@@ -46,6 +48,7 @@ from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.leases import begin_abandoned as begin_abandoned
 from vtpcm_nova.engine.leases import worker_id as worker_id
 from vtpcm_nova.engine.protocol import MigrationState as M
+from vtpcm_nova.engine.resolve import POST_IMPORT_REFUSED
 from vtpcm_nova.engine.shelving import (
     NO_WITNESS,
     REAPED,
@@ -80,6 +83,9 @@ BEGIN_STEP_SLACK = 30.0
 # engine had no record of (its caller's begin timed out before the record
 # was written); a begin of that id arriving later is refused.
 TOMBSTONE_REASON = "aborted before its begin was recorded"
+# The states whose commit passes the commit point, so the post-import check
+# runs first (TRANSFERRING cannot be committed: the protocol refuses it)
+IMPORT_CHECKED = frozenset({M.PREPARED, M.TRANSFERRED, M.IN_DOUBT})
 
 
 class AgentClient(Protocol):
@@ -104,6 +110,8 @@ class AgentClient(Protocol):
                          generation: int) -> Any: ...
     def incoming_state(self, host: str,
                        context: am.MigrationContext) -> am.IncomingState: ...
+    def state_digest(self, host: str, context: am.MigrationContext, side: str,
+                     nonce: bytes) -> am.StateDigest: ...
 
 
 class TrustChecker(Protocol):
@@ -129,11 +137,15 @@ class Coordinator(ShelvingMixin):
                  reconcile_interval: float = 0.0,
                  reap_interval: float | None = None, reap_max_checks: int = 50,
                  reap_budget: float = 60.0,
-                 witness: WitnessPolicy = NO_WITNESS) -> None:
+                 witness: WitnessPolicy = NO_WITNESS,
+                 post_import_check: bool = True) -> None:
         """``worker``: this engine run (``worker_id``), recorded by each
         ``begin`` and holding a lease (``service``); ``begin_step_bound``:
         the longest one begin step can take (the agent RPC timeout +
-        ``BEGIN_STEP_SLACK``), for begins that recorded no run."""
+        ``BEGIN_STEP_SLACK``), for begins that recorded no run.
+        ``post_import_check``: ``[engine] post_import_check``
+        (``_check_imported_state``)."""
+        self.post_import_check = post_import_check
         self.db = db
         self.agents = agents
         self.trust = trust
@@ -632,7 +644,8 @@ class Coordinator(ShelvingMixin):
         return dataclasses.replace(made, state=proto.state.value)
 
     def commit(self, migration_id: str, requested_by: str | None = None, *,
-               shred_later: bool = False) -> db_api.MigrationRecord:
+               shred_later: bool = False,
+               check_import: bool = True) -> db_api.MigrationRecord:
         """Pass the commit point and finish the commit. Idempotent for its
         caller: a commit of a COMMITTED migration is a success, and one of a
         migration whose commit is under way (COMMITTING, SHREDDING) runs the
@@ -659,7 +672,13 @@ class Coordinator(ShelvingMixin):
         with a TRUSTED last verdict (``_commit_distrust``): the authority
         never moves to a host revoked, re-pending or failed since ``begin``.
         The migration then stays where it is (design.rst, "Commit to a
-        demoted destination")."""
+        demoted destination").
+
+        Then, with ``[engine] post_import_check``, the destination's
+        imported permanent state must be the source's
+        (``_check_imported_state``): refused, the migration stays where it
+        is too. ``check_import`` False: an operator's explicit decision
+        (``migration resolve --to destination``), which skips that check."""
         proto, ctx, rec = self._load(migration_id)
         self._settle_deadline_abort(proto, ctx, rec)
         if proto.state in (M.COMMITTING, M.SHREDDING):
@@ -686,6 +705,19 @@ class Coordinator(ShelvingMixin):
             raise exception.HostNotTrusted(host=ctx.dest_host, reason=distrust)
         if proto.state is M.TRANSFERRED:
             self._check_incoming_ready(ctx)
+        if self.post_import_check and check_import and proto.state in IMPORT_CHECKED:
+            try:
+                self._check_imported_state(ctx)
+            except exception.VTPCMException as err:
+                if self._moved_past(migration_id, proto.state):
+                    # another commit passed the point meanwhile (two commits
+                    # of one migration, a resolve): the agents' answers, or
+                    # refusals, were about a moving target; finish it
+                    return self._finish_commit(migration_id, shred_later)
+                if isinstance(err, (exception.ImportedStateMismatch,
+                                    exception.ImportedStateUnverified)):
+                    self._audit_import_refusal(ctx, proto.state, err)
+                raise
         try:
             self._advance(proto, ctx, p.CommitRequested(), shred_later=shred_later)
         except exception.MigrationError:
@@ -804,6 +836,93 @@ class Coordinator(ShelvingMixin):
                       instance=ctx.instance_uuid, migration_id=ctx.migration_id,
                       detail=detail)
         raise exception.MigrationError(migration_id=ctx.migration_id, reason=detail)
+
+    def _check_imported_state(self, ctx: am.MigrationContext) -> None:
+        """The post-import check, right before the commit point: the
+        permanent state the destination's swtpm first wrote after the
+        import must be byte for byte the source's current one. Why: a live
+        migration's stream is written by the destination's QEMU and swtpm
+        takes an older state under the same key (or a plaintext one), so
+        whoever writes that stream could otherwise roll the vTPCM back.
+
+        Both agents answer a digest keyed with one fresh nonce (signed
+        replies), asked one after the other: the coordinator has no
+        executor for calls that must both finish before its answer (its
+        background jobs may drop work). Different digests:
+        ``ImportedStateMismatch``; a side that cannot tell, or an agent
+        older than API 1.12: ``ImportedStateUnverified`` (``commit``
+        audits both and leaves the migration as it is). A transport error
+        or an answer that does not verify propagates: the caller retries."""
+        nonce = os.urandom(statedigest.NONCE_SIZE)
+        sides = (("source", ctx.source_host), ("destination", ctx.dest_host))
+        digests = []
+        for side, host in sides:
+            answer = self._state_digest(ctx, side, host, nonce)
+            if answer.side != side:
+                raise exception.ImportedStateUnverified(
+                    migration_id=ctx.migration_id,
+                    reason="the agent of %s answered the %s's digest when asked the %s's"
+                           % (host, answer.side, side))
+            if answer.digest is None:
+                raise exception.ImportedStateUnverified(
+                    migration_id=ctx.migration_id,
+                    reason="the %s %s cannot tell its permanent state: %s"
+                           % (side, host, answer.reason or "no reason given"))
+            digests.append(answer.digest)
+        if not statedigest.same(digests[0], digests[1]):
+            raise exception.ImportedStateMismatch(
+                migration_id=ctx.migration_id,
+                reason="the permanent state the destination %s imported is not the "
+                       "source's; the authority stays on %s (post-import check)"
+                       % (ctx.dest_host, ctx.source_host))
+        LOG.info("Migration %(mig)s: post-import check passed, the destination %(dst)s "
+                 "imported the source's permanent state", {"mig": ctx.migration_id,
+                                                           "dst": ctx.dest_host})
+
+    def _state_digest(self, ctx: am.MigrationContext, side: str, host: str,
+                      nonce: bytes) -> am.StateDigest:
+        """One side's answer; an agent that cannot take API 1.12 (capped
+        here, or an older agent) is ``ImportedStateUnverified``."""
+        try:
+            return self.agents.state_digest(host, ctx, side, nonce)
+        except (exception.RPCVersionCapped, exception.RPCVersionUnsupported) as err:
+            raise exception.ImportedStateUnverified(
+                migration_id=ctx.migration_id,
+                reason="the %s %s: %s" % (side, host, err)) from None
+        except exception.ReplyNotAuthenticated:
+            # a verifying client takes an older agent's "cannot serve" for
+            # no answer (anyone could send it): its signed health says
+            older = self._older_than_digest(host)
+            if older is None:
+                raise
+            raise exception.ImportedStateUnverified(
+                migration_id=ctx.migration_id,
+                reason="the %s %s: %s" % (side, host, older)) from None
+
+    def _older_than_digest(self, host: str) -> str | None:
+        """Why ``host``'s agent cannot answer ``state_digest`` (its signed
+        ``health`` reports an API older than 1.12), or None."""
+        try:
+            version = self.agents.health(host).api_version
+            older = rpc.parse_version(version) < rpc.parse_version(STATE_DIGEST_VERSION)
+        except exception.VTPCMException:
+            return None
+        if not older:
+            return None
+        return ("its agent runs agent API %s, older than %s (state_digest): upgrade it"
+                % (version, STATE_DIGEST_VERSION))
+
+    def _audit_import_refusal(self, ctx: am.MigrationContext, state: M,
+                              err: exception.MigrationError) -> None:
+        """Audit (and log) a commit the post-import check refused."""
+        reason = str(err.kwargs.get("reason", err))
+        self.db.audit("migration.commit", "refused", host=ctx.dest_host,
+                      instance=ctx.instance_uuid, migration_id=ctx.migration_id,
+                      detail=("%s: %s; the migration stays %s, the source's copy "
+                              "untouched (migration show / resolve)"
+                              % (POST_IMPORT_REFUSED, reason, state.value))[:4000])
+        LOG.error("Migration %(mig)s: commit refused by the post-import check: "
+                  "%(why)s", {"mig": ctx.migration_id, "why": reason})
 
     def transfer(self, migration_id: str,
                  requested_by: str | None = None) -> db_api.MigrationRecord:

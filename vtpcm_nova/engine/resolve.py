@@ -33,6 +33,10 @@ FINISHED = frozenset({M.COMMITTED, M.ABORTED, M.REFUSED})
 PAST_COMMIT_POINT = frozenset({M.COMMITTING, M.SHREDDING})
 UNDOING = frozenset({M.ABORTING, M.DISCARDING, M.RESTORING, M.RECLAIMING})
 NO_STATE_YET = frozenset({M.SEALING, M.PREPARING, M.TRANSFERRING})
+# How the audit entry of a commit the post-import check refused begins
+# (``coordinator._import_refused`` writes it, the plan to the destination
+# shows it)
+POST_IMPORT_REFUSED = "post-import check"
 
 
 class Answer(enum.Enum):
@@ -139,11 +143,14 @@ def plan_past_commit(rec: db_api.MigrationRecord, source: View, dest: View,
 
 
 def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
-                   dest: View, dest_revoked: bool = False) -> Plan:
+                   dest: View, dest_revoked: bool = False,
+                   import_refused: str | None = None) -> Plan:
     """What resolving ``rec`` toward ``to`` would do, or why it is refused.
 
     ``dest_revoked``: back to the source, a REVOKED destination that does
-    not destroy its incoming copy (silent, or refusing) is not waited for."""
+    not destroy its incoming copy (silent, or refusing) is not waited for.
+    ``import_refused``: the audited detail of a commit the engine's
+    post-import check refused (the plan to the destination warns of it)."""
     state = M(rec.state)
     action = "resolve migration %s to the %s" % (rec.migration_id, to)
     seen = "%s; %s." % (source.describe(rec.source), dest.describe(rec.dest))
@@ -195,7 +202,12 @@ def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
             "the state (agent API 1.7 incoming_state, signed), so committing would move "
             "the authority to an empty copy and shred the source's, the only good one; "
             "%s") % seen)
-    return Plan(action, True, (
+    warning = "" if import_refused is None or state in PAST_COMMIT_POINT else (
+        "WARNING: the engine's post-import check refused this migration's commit (%s). "
+        "The destination's vTPCM may hold another state than the source's (a rolled "
+        "back one); committing makes it the authority and shreds the source's copy. "
+        % import_refused)
+    return Plan(action, True, warning + (
         "Commit migration %s of instance %s: the vTPCM on %s becomes the authority at "
         "generation %d and ACTIVE; the copy on %s is then destroyed (keys shredded). "
         "Choose this when the guest runs on %s. The destination agent still refuses a "
@@ -286,8 +298,9 @@ def plan_forget(host: db_api.HostRecord, open_migrations: Sequence[db_api.Migrat
 class Settler(Protocol):
     """The coordinator's side of a decision (``coordinator.Coordinator``)."""
 
-    def commit(self, migration_id: str,
-               requested_by: str | None = None) -> db_api.MigrationRecord: ...
+    def commit(self, migration_id: str, requested_by: str | None = None, *,
+               shred_later: bool = False,
+               check_import: bool = True) -> db_api.MigrationRecord: ...
     def abort(self, migration_id: str, reason: str) -> db_api.MigrationRecord: ...
     def finish_pending(self, migration_id: str) -> db_api.MigrationRecord: ...
     def doubt_deadline_abort(self, migration_id: str,
@@ -356,7 +369,8 @@ class Resolver:
             plan = plan_past_commit(rec, source, dest, dest_revoked or self._forgotten(
                 rec.dest))
         else:
-            plan = plan_migration(rec, to, source, dest, dest_revoked)
+            plan = plan_migration(rec, to, source, dest, dest_revoked,
+                                  self._import_refused(migration_id))
         self._audit_plan("migration.resolve", plan, execute, instance=rec.instance_uuid,
                          migration_id=migration_id, host=rec.dest)
         if not execute:
@@ -369,7 +383,9 @@ class Resolver:
                           "operator: destination %s died before committing" % rec.dest)
                 self.settler.reclaim_source(migration_id, reason)
             elif to == "destination":
-                self.settler.commit(migration_id)
+                # the operator's decision: no post-import check (the plan
+                # shows any commit that check refused)
+                self.settler.commit(migration_id, check_import=False)
             else:
                 self._to_source(migration_id, reason)
         except exception.VTPCMException as err:
@@ -389,6 +405,15 @@ class Resolver:
                       instance=rec.instance_uuid, migration_id=migration_id,
                       detail=("%s; now %s.%s" % (reason, state, note))[:4000])
         return dataclasses.replace(plan, text=(plan.text + note)[:4000]), state
+
+    def _import_refused(self, migration_id: str) -> str | None:
+        """The newest audited refusal of this migration's commit by the
+        post-import check, or None."""
+        for detail in self.db.migration_audit_details(migration_id, "migration.commit",
+                                                      "refused"):
+            if detail.startswith(POST_IMPORT_REFUSED):
+                return detail
+        return None
 
     def _to_source(self, migration_id: str, reason: str) -> None:
         """The operator says the guest runs on the source: abort, whatever

@@ -150,6 +150,7 @@ class EngineService:
         self.worker = worker_id(conf.engine.host)
         self.coordinator = Coordinator(self.db, self.agents, self.attestor,
                                        timeout=conf.migration.timeout,
+                                       post_import_check=conf.engine.post_import_check,
                                        nova=nova_from(conf),
                                        deleted_confirmations=conf.nova.deleted_confirmations,
                                        worker=self.worker,

@@ -791,6 +791,15 @@ class VTPCMLibvirtDriver(libvirt_driver.LibvirtDriver):
                 with livemigration.timed("commit", migration_id, instance.uuid):
                     livemigration.commit(self.vtpcm_engine, migration_id)
                 self._early.forget(nova_id)
+            except livemigration.IMPORT_CHECK_REFUSALS as err:
+                # Raising would leave Nova believing the guest is on the source.
+                # Not retried: the engine would refuse (and audit) each retry.
+                LOG.error("vTPCM of migration %(mig)s NOT committed: the engine's "
+                          "post-import check failed (%(err)s). The guest runs on the "
+                          "destination; the vTPCM's authority stays with the source's "
+                          "copy until an operator decides: 'vtpcm-manage migration show "
+                          "%(mig)s', then 'vtpcm-manage migration resolve %(mig)s'.",
+                          {"mig": migration_id, "err": err}, instance=instance)
             except exception.VTPCMException as err:
                 # Raising would leave Nova believing the guest is on the source.
                 LOG.error("vTPCM commit of migration %(mig)s failed: %(err)s. The guest "

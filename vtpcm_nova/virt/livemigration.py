@@ -30,6 +30,10 @@ COMMITTED = "COMMITTED"
 DONE_STATES = frozenset({COMMITTED, "SHREDDING"})
 ABORTED_STATES = frozenset({"ABORTED", "REFUSED"})
 COMMIT_ATTEMPTS = 6  # sleeps 1 + 2 + 4 + 5 + 5 s between them
+# The engine's post-import check refused the commit: a retry is refused
+# again (and audited again); the migration waits for an operator.
+IMPORT_CHECK_REFUSALS = (exception.ImportedStateMismatch,
+                         exception.ImportedStateUnverified)
 # An abort the engine did not answer (timeout, transport) is sent again:
 # sleeps 1 + 2 + 4 s between the attempts. Then reconcile owns it. Each
 # attempt waits at most ABORT_ATTEMPT_TIMEOUT (or the client's own timeout,
@@ -144,7 +148,8 @@ def commit(engine: Engine, migration_id: str, *, attempts: int = COMMIT_ATTEMPTS
     lost, or that reconcile finished, is success. The engine answers once
     the destination committed (SHREDDING) and shreds the source's copy
     after its answer (``shred_later``): Nova's post-migration steps do not
-    wait for the shred."""
+    wait for the shred. A refusal by the engine's post-import check
+    (``IMPORT_CHECK_REFUSALS``) is raised at once: not retried."""
     last: exception.VTPCMException | None = None
     for attempt in range(attempts):
         try:
@@ -153,6 +158,8 @@ def commit(engine: Engine, migration_id: str, *, attempts: int = COMMIT_ATTEMPTS
                 return info
             last = exception.MigrationError(migration_id=migration_id,
                                             reason="commit answered %s" % info.state)
+        except IMPORT_CHECK_REFUSALS:
+            raise
         except exception.VTPCMException as err:
             last = err
         try:

@@ -9,7 +9,7 @@ import pytest
 import sqlalchemy
 from sqlalchemy.orm import Session
 
-from vtpcm_common import exception
+from vtpcm_common import exception, statedigest
 from vtpcm_common.api.agent import messages as am
 from vtpcm_nova.engine import coordinator
 from vtpcm_nova.engine.coordinator import Coordinator
@@ -119,7 +119,12 @@ class FakeAgents:
         self.fail = {}
         self.generation = 0
         self.held = {}  # host -> (state, running, migration id) that get reports
-
+        # the post-import check: side -> the permanent state that side
+        # digests (bytes) or why it cannot tell (str); the calls, apart
+        # from ``calls`` (host, side, nonce)
+        self.states = {}
+        self.digest_calls = []
+        self.api_version = {}  # host -> the agent API its health reports
 
     def _record(self, name, host, *args):
         self.calls.append((name, host))
@@ -180,6 +185,20 @@ class FakeAgents:
     def reclaim_outgoing(self, host, context, generation):
         self._record("reclaim_outgoing", host)
         self.reclaimed_at = generation
+
+    def state_digest(self, host, context, side, nonce):
+        self.digest_calls.append((host, side, nonce))
+        err = self.fail.pop("state_digest", None)
+        if err is not None:
+            raise err
+        state = self.states.get(side, b"the permanent state")
+        if isinstance(state, str):
+            return am.StateDigest(side, None, state)
+        return am.StateDigest(side, statedigest.permanent_state_digest(nonce, state))
+
+    def health(self, host, timeout=None):
+        self._record("health", host)
+        return am.Health(host, self.api_version.get(host, "1.12"), 1, 1, ())
 
 
 def trusted_in_db(db, host):

@@ -245,3 +245,20 @@ def test_destination_socket_with_one_socket_dir_asks_no_agent() -> None:
     # still checked: a path over sun_path's limit is refused before libvirt
     with pytest.raises(exception.InvalidInput, match="socket_dirs"):
         lm.destination_socket(_NoAgent(), "dst", INSTANCE, ["/" + "d" * 90])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("refusal", [
+    exception.ImportedStateMismatch(migration_id=MIG, reason="not the source's"),
+    exception.ImportedStateUnverified(migration_id=MIG, reason="no write seen")])
+def test_commit_refused_by_the_post_import_check_is_not_retried(
+        refusal: exception.MigrationError) -> None:
+    """The engine refuses (and audits) each retry again: raised at once,
+    the migration waits for an operator."""
+    engine = FakeEngine()
+    engine._mig(MIG, "PREPARED")
+    engine.fail["commit"] = [refusal] * 10
+    slept: list[float] = []
+    with pytest.raises(type(refusal)) as err:
+        lm.commit(engine, MIG, sleep=slept.append)
+    assert err.value is refusal
+    assert engine.methods() == ["commit"] and slept == []

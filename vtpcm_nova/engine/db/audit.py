@@ -39,6 +39,16 @@ class AuditStore(Store):
         with self.session() as s:
             return s.scalars(q).first() is not None
 
+    def migration_audit_details(self, migration_id: str, event: str,
+                                outcome: str) -> list[str]:
+        """The details of one migration's entries of ``event`` with
+        ``outcome``, newest first (``resolve`` shows a refused commit)."""
+        q = select(models.Audit.detail).where(
+            models.Audit.migration_id == migration_id, models.Audit.event == event,
+            models.Audit.outcome == outcome).order_by(models.Audit.id.desc())
+        with self.session() as s:
+            return list(s.scalars(q))
+
     def list_audit(self, limit: int = 100, host: str | None = None) -> list[AuditRecord]:
         """Newest first."""
         q = select(models.Audit).order_by(models.Audit.id.desc()).limit(limit)

@@ -1,0 +1,238 @@
+"""The post-import check before the commit point (issue 9, finding 6): the
+engine compares both agents' keyed digests of the vTPCM's permanent state
+and refuses a commit whose destination imported another state (a rolled
+back or forged stream) or cannot tell. Real coordinator and SQLite, fake
+agents (``FakeAgents.states``)."""
+
+import datetime
+import uuid
+
+import pytest
+
+from tests.unit.engine.test_convergence_review import _get, _incoming
+from tests.unit.engine.test_coordinator import (  # noqa: F401 (fixture)
+    INSTANCE,
+    _switched_over,
+    env,
+    names,
+)
+from tests.unit.engine.test_coordinator_cold import _cold
+from vtpcm_common import exception, statedigest
+from vtpcm_nova.engine.resolve import POST_IMPORT_REFUSED, Answer, Resolver
+
+ROLLED_BACK = b"an earlier generation of the permanent state"
+
+
+def _commit_refusals(db, mid):
+    return [a.detail for a in db.list_audit(limit=100)
+            if (a.migration_id, a.event, a.outcome) == (mid, "migration.commit", "refused")]
+
+
+def _untouched(db, agents, mid, state):
+    """Not past the commit point: the authority and the source's copy as before."""
+    assert db.get_migration(mid).state == state
+    rec = db.get_vtpcm(INSTANCE)
+    assert (rec.host, rec.generation, rec.migration_id) == ("host-a", 0, mid)
+    assert not {"commit_incoming", "commit_outgoing", "abort_outgoing",
+                "abort_incoming"} & set(names(agents))
+
+
+def _prepared(env):  # noqa: F811
+    coord, db, agents, _, _ = env
+    mid = str(uuid.uuid4())
+    assert coord.begin(mid, INSTANCE, "host-a", "host-b").state == "PREPARED"
+    return coord, db, agents, mid
+
+
+def test_equal_digests_commit_under_one_fresh_nonce_per_check(env):  # noqa: F811
+    coord, db, agents, mid = _prepared(env)
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    (src, side_s, nonce_s), (dst, side_d, nonce_d) = agents.digest_calls
+    assert (src, side_s, dst, side_d) == ("host-a", "source", "host-b", "destination")
+    assert nonce_s == nonce_d and len(nonce_s) == statedigest.NONCE_SIZE
+    assert names(agents)[-2:] == ["commit_incoming", "commit_outgoing"]
+    assert _commit_refusals(db, mid) == []
+    # the next migration's check has a nonce of its own
+    coord.create_vtpcm(other := str(uuid.uuid4()), "host-a")
+    mid2 = str(uuid.uuid4())
+    coord.begin(mid2, other, "host-a", "host-b")
+    coord.commit(mid2, requested_by="host-a")
+    assert agents.digest_calls[2][2] == agents.digest_calls[3][2] != nonce_s
+
+
+def test_a_destination_that_imported_another_state_is_refused(env):  # noqa: F811
+    coord, db, agents, mid = _prepared(env)
+    agents.states["destination"] = ROLLED_BACK
+    for _ in range(2):  # a retry is refused again, the migration stays
+        with pytest.raises(exception.ImportedStateMismatch,
+                           match="imported is not the source's; the authority stays "
+                                 "on host-a"):
+            coord.commit(mid, requested_by="host-a")
+        _untouched(db, agents, mid, "PREPARED")
+    refusals = _commit_refusals(db, mid)
+    assert len(refusals) == 2
+    assert refusals[0].startswith(POST_IMPORT_REFUSED + ": the permanent state the "
+                                  "destination host-b imported is not the source's")
+    assert "stays PREPARED, the source's copy untouched" in refusals[0]
+    # the deadline then makes it IN_DOUBT as any unfinished live migration
+    # whose destination holds the state
+    _switched_over(agents, mid)
+    env[4]["now"] += datetime.timedelta(seconds=61)
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+
+
+@pytest.mark.parametrize("side", ["source", "destination"])
+def test_a_side_that_cannot_tell_holds_the_commit(env, side):  # noqa: F811
+    coord, db, agents, mid = _prepared(env)
+    agents.states[side] = "no write seen since the import"
+    with pytest.raises(exception.ImportedStateUnverified,
+                       match="cannot tell its permanent state: no write seen since"):
+        coord.commit(mid, requested_by="host-a")
+    _untouched(db, agents, mid, "PREPARED")
+    assert "no write seen since the import" in _commit_refusals(db, mid)[0]
+
+
+@pytest.mark.parametrize("err", [
+    exception.RPCVersionCapped(method="state_digest", service="vtpcm-agent", version="1.12",
+                               option="vtpcm_agent", cap="1.11"),
+    exception.RPCVersionUnsupported(service="vtpcm-agent.host-b", method="state_digest",
+                                    version="1.12", reason="it runs an older API version")])
+def test_an_agent_below_api_1_12_holds_the_commit(env, err):  # noqa: F811
+    coord, db, agents, mid = _prepared(env)
+    agents.fail["state_digest"] = err
+    with pytest.raises(exception.ImportedStateUnverified, match="1.12"):
+        coord.commit(mid, requested_by="host-a")
+    _untouched(db, agents, mid, "PREPARED")
+    assert len(_commit_refusals(db, mid)) == 1
+
+
+def test_an_older_agent_seen_through_a_verifying_client_holds_the_commit(env):  # noqa: F811
+    """A verifying client takes an older agent's "cannot serve" for an
+    unauthenticated reply; its signed health names its API."""
+    coord, db, agents, mid = _prepared(env)
+    agents.api_version["host-a"] = "1.11"
+    agents.fail["state_digest"] = exception.ReplyNotAuthenticated(
+        host="host-a", method="state_digest", reason="an unsigned error reply "
+        "(UnsupportedVersion) (an agent older than API 1.6, or a forgery)")
+    with pytest.raises(exception.ImportedStateUnverified,
+                       match="runs agent API 1.11, older than 1.12"):
+        coord.commit(mid, requested_by="host-a")
+    _untouched(db, agents, mid, "PREPARED")
+
+
+@pytest.mark.parametrize("err", [
+    exception.ServiceUnreachable(service="vtpcm-agent.host-b", method="state_digest",
+                                 reason="MessagingTimeout"),
+    # unverified, from an agent of 1.12: no answer, retried
+    exception.ReplyNotAuthenticated(host="host-b", method="state_digest",
+                                    reason="an unsigned error reply")])
+def test_no_answer_propagates_and_leaves_the_migration(env, err):  # noqa: F811
+    coord, db, agents, mid = _prepared(env)
+    agents.fail["state_digest"] = err
+    with pytest.raises(type(err)) as raised:
+        coord.commit(mid, requested_by="host-a")
+    assert type(raised.value) is type(err)
+    _untouched(db, agents, mid, "PREPARED")
+    assert _commit_refusals(db, mid) == []
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"  # the retry
+
+
+def test_the_option_off_asks_nothing(env):  # noqa: F811
+    coord, _, agents, mid = _prepared(env)
+    coord.post_import_check = False
+    agents.states["destination"] = ROLLED_BACK
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert agents.digest_calls == []
+
+
+def test_a_commit_in_doubt_is_checked(env):  # noqa: F811
+    coord, db, agents, mid = _prepared(env)
+    _switched_over(agents, mid)
+    env[4]["now"] += datetime.timedelta(seconds=61)
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    agents.states["destination"] = ROLLED_BACK
+    with pytest.raises(exception.ImportedStateMismatch):
+        coord.commit(mid, requested_by="host-a")
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    assert "commit_outgoing" not in names(agents)
+    agents.states.clear()
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+
+
+def test_a_cold_commit_is_checked(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    coord.transfer(mid, requested_by="host-a")
+    agents.states["destination"] = ROLLED_BACK
+    with pytest.raises(exception.ImportedStateMismatch):
+        coord.commit(mid, requested_by="host-a")
+    assert db.get_migration(mid).state == "TRANSFERRED"
+    assert "commit_incoming" not in names(agents)
+
+
+def test_a_commit_past_its_commit_point_is_not_checked_again(env):  # noqa: F811
+    coord, db, agents, mid = _prepared(env)
+    agents.fail["commit_incoming"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-b", method="commit_incoming", reason="MessagingTimeout")
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.commit(mid, requested_by="host-a")
+    assert db.get_migration(mid).state == "COMMITTING"
+    assert len(agents.digest_calls) == 2
+    agents.states["destination"] = ROLLED_BACK  # whatever it would say now
+    assert coord.commit(mid, requested_by="host-b").state == "COMMITTED"
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert len(agents.digest_calls) == 2
+
+
+def test_resolve_to_the_destination_shows_the_refusal_and_does_not_check(env):  # noqa: F811
+    """The operator's explicit decision: not checked again, but the plan
+    says the post-import check refused this migration."""
+    coord, db, agents, mid = _prepared(env)
+    agents.states["destination"] = ROLLED_BACK
+    with pytest.raises(exception.ImportedStateMismatch):
+        coord.commit(mid, requested_by="host-a")
+    res = Resolver(db, coord, _get(mid), lambda h: Answer.VERIFIED, _incoming(True))
+    plan, state = res.resolve_migration(mid, "destination", execute=False)
+    assert plan.allowed and state == "PREPARED"
+    assert plan.text.startswith("WARNING: the engine's post-import check refused this "
+                                "migration's commit (post-import check: the permanent")
+    calls = len(agents.digest_calls)
+    assert res.resolve_migration(mid, "destination", execute=True)[1] == "COMMITTED"
+    assert len(agents.digest_calls) == calls
+
+
+def test_a_commit_that_passed_the_point_meanwhile_is_not_refused(env):  # noqa: F811
+    """While this commit asked the agents, another (an operator's resolve)
+    passed the commit point: the destination, committed, cannot tell any
+    more. That is the commit done, not a refusal."""
+    coord, db, agents, mid = _prepared(env)
+    asked = agents.state_digest
+
+    def racing(host, context, side, nonce):
+        if side == "destination":
+            coord.commit(mid, check_import=False)
+        return asked(host, context, side, nonce)
+    agents.state_digest = racing
+    agents.states["destination"] = "committed meanwhile"
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert _commit_refusals(db, mid) == []
+
+
+def test_a_commit_whose_agent_refuses_because_another_commit_passed_is_done(env):  # noqa: F811
+    """Two commits of one migration at once: the other one committed the
+    destination while this one asked it, so its agent refuses (the vTPCM
+    is ACTIVE, no longer MIGRATING_IN). That is the commit done too."""
+    coord, db, agents, mid = _prepared(env)
+    asked = agents.state_digest
+
+    def racing(host, context, side, nonce):
+        if side == "destination":
+            coord.commit(mid, check_import=False)
+            raise exception.MigrationError(migration_id=mid, reason="vTPCM is ACTIVE in "
+                                           "migration %s, expected MIGRATING_IN" % mid)
+        return asked(host, context, side, nonce)
+    agents.state_digest = racing
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert _commit_refusals(db, mid) == []
