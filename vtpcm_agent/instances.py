@@ -508,6 +508,13 @@ class InstanceManager:
             raise
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
+        # the only import it takes (a second is refused above): the guest's
+        # start on it before the confirm (CMD_INIT) supersedes nothing
+        watch = self._watches.get(assoc.vtpcm_id)
+        if watch is not None and not watch.settle(self.settings.timeout):
+            LOG.warning("Incoming vTPCM %(vtpcm)s: its first write was not captured at the "
+                        "end of the import; a later start of its guest makes its post-import "
+                        "check answer none", {"vtpcm": assoc.vtpcm_id})
         return assoc
 
     # --- migration (source side) ----------------------------------------------
@@ -773,8 +780,13 @@ class InstanceManager:
         if self._capture_path(assoc.vtpcm_id, AMBIGUOUS_SUFFIX).exists():
             return
         if self._capture_path(assoc.vtpcm_id, CAPTURE_SUFFIX).exists():
-            self._persist_capture(assoc.vtpcm_id,
-                                  firstwrite.ambiguous(RESTARTED_AFTER_CAPTURE))
+            try:
+                self._persist_capture(assoc.vtpcm_id,
+                                      firstwrite.ambiguous(RESTARTED_AFTER_CAPTURE))
+            except OSError as exc:  # _capture_of answers the same without the mark
+                LOG.error("Could not mark the capture of incoming vTPCM %(vtpcm)s as older "
+                          "than this agent: %(err)s", {"vtpcm": assoc.vtpcm_id,
+                                                        "err": exc.strerror})
             return
         if self._received_state(assoc):
             return
@@ -821,7 +833,7 @@ class InstanceManager:
         if data_path.exists():
             if watch is None:
                 return None, RESTARTED_AFTER_CAPTURE
-            if not watch.alive():
+            if not watch.alive() and not watch.settled:
                 return None, ("the watch ended after the capture: a later import cannot "
                               "be excluded")
             return data_path.read_bytes(), ""

@@ -193,7 +193,8 @@ def _parse(buf: bytes) -> list[tuple[int, str]]:
 
 class FirstWriteWatch:
     """One incoming vTPCM's watch: ``arm`` (before its swtpm starts),
-    ``start`` the thread, ``sync`` before an answer, ``stop``. ``on_done``
+    ``start`` the thread, ``sync`` before an answer (or ``settle`` after an
+    import that no other may follow), ``stop``. ``on_done``
     gets the first outcome, and after a capture at most one later mark
     that supersedes it (``Tally.later``; nothing once stopped); ``opener``
     reads the file (tests inject a slow one)."""
@@ -214,7 +215,8 @@ class FirstWriteWatch:
         # queue's order; guards _fd, _tally and _finished
         self._lock = threading.Lock()
         self._tally = Tally(name)
-        self._finished = False  # nothing more to tell (ambiguous, or superseded)
+        self._finished = False  # nothing more to tell (ambiguous, superseded, settled)
+        self.settled = False  # ended at its capture by ``settle``: the capture stands
         self._fd = -1
         self._wake: tuple[int, int] | None = None  # a pipe: stop() wakes the poll
         self._wake_guard = threading.Lock()  # never a write to a closed (reused) fd
@@ -281,6 +283,29 @@ class FirstWriteWatch:
             self._step_safely()
         finally:
             self._lock.release()
+        return True
+
+    def settle(self, timeout: float) -> bool:
+        """The import is over and no other may follow (the agent's own
+        ``import_state``, which refuses a second one; the guest's QEMU then
+        starts on it, and its CMD_INIT opens the storage as an import does):
+        take in what is queued, and if that gave the capture, end the watch
+        with it standing. Whether it settled."""
+        if not self._lock.acquire(timeout=timeout):
+            return False
+        try:
+            self._step_safely()
+            if self._finished or self.outcome is None or self.outcome.data is None:
+                return False
+            self.settled = self._finished = True
+        finally:
+            self._lock.release()
+        with self._wake_guard:  # the thread ends now
+            if self._wake is not None:
+                try:
+                    os.write(self._wake[1], b"x")
+                except BlockingIOError:
+                    pass
         return True
 
     def _close(self) -> None:

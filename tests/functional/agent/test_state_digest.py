@@ -521,3 +521,24 @@ def test_a_tpm_reset_after_the_capture_is_no_answer(hosts):
     with ctrl.CtrlClient(incoming.ctrl_socket) as client:
         client.init(delete_volatile=False)
     assert _digest(dst, ctx, "destination", os.urandom(32)) == (None, firstwrite.SUPERSEDED)
+
+
+def test_the_guest_starting_on_what_the_agent_imported_keeps_the_capture(hosts):
+    """Cold migration and resize: the agent's own import_state is the only
+    import (it refuses a second one), then the guest starts on the incoming
+    vTPCM before the confirm (QEMU's CMD_INIT, which opens the storage as
+    an import does). The watch settles at the agent's import, so the check
+    at the confirm is answered. Seen failing before the settle (answered
+    as superseded)."""
+    src, dst = hosts
+    instance, _ = _source(src)
+    ctx = _prepare(src, dst, instance)
+    state = ctrl.export_state(_paths(src, instance).ctrl_socket)
+    dst.manager.import_state(instance, ctx.migration_id, ctx.generation, state)
+    incoming = _paths(dst, instance)
+    tpmtools.power_on(incoming)  # the guest's QEMU starts (CMD_INIT), its firmware too
+    _nv_write(incoming)
+    nonce = os.urandom(32)
+    source, dest = _both(src, dst, ctx, nonce)
+    assert source == dest
+    assert dst.manager._watches[dst.manager.get(instance).vtpcm_id].settled

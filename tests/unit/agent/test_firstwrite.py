@@ -271,3 +271,19 @@ def test_a_watch_on_an_fd_above_1024_works(tmp_path: Path) -> None:
         for fd in fillers:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_settled_watch_ends_with_its_capture_standing(tmp_path: Path) -> None:
+    """After the agent's own import (no other may follow), the guest's start
+    (CMD_INIT opens the storage) must not supersede the capture."""
+    outcomes = _Outcomes()
+    watch = _watch(tmp_path, outcomes)
+    assert not watch.settle(WAIT)  # nothing captured yet: it goes on
+    _swtpm_write(tmp_path, b"first")
+    assert watch.settle(WAIT) and watch.settled
+    assert watch._thread is not None
+    watch._thread.join(WAIT)
+    assert not watch.alive()
+    _open_lock(tmp_path)
+    assert watch.sync(WAIT)
+    assert outcomes.seen == [firstwrite.Capture(b"first")] and watch.settled
