@@ -167,6 +167,9 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out-dir")
     parser.add_argument("--keep-spans", help="copy the raw span files here")
+    parser.add_argument("--post-import-check", choices=("on", "off"), default="on",
+                        help="[engine] post_import_check (off: to measure what the "
+                             "check adds to the commit; on is the default deployment)")
     parser.add_argument("--keep-work", action="store_true",
                         help="leave the work directory (daemon logs) behind")
     args = parser.parse_args()
@@ -209,7 +212,8 @@ def main() -> int:
         engine = daemons.EngineDaemon(work, exchange, "sqlite:///%s/e.sqlite" % work, extra={
             "DEFAULT": {"debug": "false"},
             "attestation": {"auto_approve": "true", "verdict_ttl": 3600, "interval": 0},
-            "engine": {"rpc_timeout": 30}})
+            "engine": {"rpc_timeout": 30,
+                       "post_import_check": str(args.post_import_check == "on").lower()}})
         engine.start()
         started.append(engine)
         roles[engine.pid or 0] = "engine"
@@ -336,7 +340,8 @@ def main() -> int:
         "smoke": args.smoke,
         "machine": machine,
         "config": {"rounds": args.rounds, "abort_every": args.abort_every,
-                   "database": "sqlite", "logging": "INFO (debug false)"},
+                   "database": "sqlite", "logging": "INFO (debug false)",
+                   "post_import_check": args.post_import_check},
         "ms": summary,
         "targets": {
             "check_begin_commit_p50": {"target_ms": TARGET_TOTAL_MS, "median_ms": total,
