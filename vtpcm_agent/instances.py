@@ -43,6 +43,10 @@ CAPTURE_SUFFIX = ".permall"
 AMBIGUOUS_SUFFIX = ".ambiguous"
 LOST_IN_RESTART = ("the capture of the first write was lost in an agent restart (the "
                    "state arrived while the agent was down)")
+# a capture older than the agent process: no watch saw what happened while
+# the agent was down (a second import, ``firstwrite.SUPERSEDED``)
+RESTARTED_AFTER_CAPTURE = ("the agent restarted after the capture; a later import cannot "
+                           "be excluded")
 # fewer uids than this (or than a tenth of the range) left in [agent]
 # swtpm_uid_range: a WARNING at the agent's start
 UIDS_LOW = 100
@@ -116,6 +120,17 @@ class AgentSettings:
     # /etc/subuid and /etc/subgid: no QEMU uid implied by the recorded qemu
     # FIRST while qemu_uids is None may fall in one of their blocks
     subid_files: tuple[Path, ...] = uidranges.SUBID_FILES
+
+
+def capture_owner(name: str) -> str:
+    """The vTPCM id a file of the captures dir belongs to: ``<id><suffix>``,
+    or ``write_atomic``'s ``.<id><suffix>.<hex>.tmp`` (vTPCM ids are uuids:
+    no dot); "" for anything else."""
+    if name.startswith("."):
+        if not name.endswith(".tmp") or name.count(".") < 4:
+            return ""
+        name = name[1:].rsplit(".", 2)[0]
+    return name.split(".", 1)[0]
 
 
 class InstanceManager:
@@ -493,6 +508,13 @@ class InstanceManager:
             raise
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
+        # the only import it takes (a second is refused above): the guest's
+        # start on it before the confirm (CMD_INIT) supersedes nothing
+        watch = self._watches.get(assoc.vtpcm_id)
+        if watch is not None and not watch.settle(self.settings.timeout):
+            LOG.warning("Incoming vTPCM %(vtpcm)s: its first write was not captured at the "
+                        "end of the import; a later start of its guest makes its post-import "
+                        "check answer none", {"vtpcm": assoc.vtpcm_id})
         return assoc
 
     # --- migration (source side) ----------------------------------------------
@@ -736,7 +758,8 @@ class InstanceManager:
 
     def _drop_capture(self, vtpcm_id: str) -> None:
         """The incoming vTPCM went live or went away: stop its watch (the
-        thread ends, its outcome written or never) and remove what it kept."""
+        thread ends, its outcome written or never) and remove what it kept
+        (with the temporary files a crash in a write left)."""
         with self._watches_guard:
             watch = self._watches.pop(vtpcm_id, None)
         if watch is not None and not watch.stop(self.settings.timeout):
@@ -744,14 +767,26 @@ class InstanceManager:
                       vtpcm_id, self.settings.timeout)
         for suffix in (CAPTURE_SUFFIX, AMBIGUOUS_SUFFIX):
             self._capture_path(vtpcm_id, suffix).unlink(missing_ok=True)
+        for path in (self.settings.state_root / CAPTURES).glob(".%s.*.tmp" % vtpcm_id):
+            path.unlink(missing_ok=True)
 
     def _recover_capture(self, assoc: Association) -> None:
         """At the agent's start, an incoming vTPCM: one with no state yet is
         watched again (armed first, then checked: a state that appeared in
         between may not be the first write); one that holds state but has
-        no capture answers LOST_IN_RESTART (``_capture_of``)."""
-        if any(self._capture_path(assoc.vtpcm_id, s).exists()
-               for s in (CAPTURE_SUFFIX, AMBIGUOUS_SUFFIX)):
+        no capture answers LOST_IN_RESTART (``_capture_of``); a capture no
+        watch of this process followed is marked RESTARTED_AFTER_CAPTURE
+        (an import while the agent was down would have gone unseen)."""
+        if self._capture_path(assoc.vtpcm_id, AMBIGUOUS_SUFFIX).exists():
+            return
+        if self._capture_path(assoc.vtpcm_id, CAPTURE_SUFFIX).exists():
+            try:
+                self._persist_capture(assoc.vtpcm_id,
+                                      firstwrite.ambiguous(RESTARTED_AFTER_CAPTURE))
+            except OSError as exc:  # _capture_of answers the same without the mark
+                LOG.error("Could not mark the capture of incoming vTPCM %(vtpcm)s as older "
+                          "than this agent: %(err)s", {"vtpcm": assoc.vtpcm_id,
+                                                        "err": exc.strerror})
             return
         if self._received_state(assoc):
             return
@@ -773,26 +808,35 @@ class InstanceManager:
 
     def _sweep_captures(self, incoming: set[str]) -> None:
         """Remove what no incoming vTPCM owns (a crash between a commit or
-        an abort and the removal)."""
+        an abort and the removal); what one owns stays, its temporary files
+        (``.<id><suffix>.<hex>.tmp``, a watch may be writing them now) too."""
         for path in (self.settings.state_root / CAPTURES).iterdir():
-            vtpcm_id = path.name.split(".", 1)[0]
-            if vtpcm_id not in incoming:
+            if capture_owner(path.name) not in incoming:
                 path.unlink(missing_ok=True)
 
     def _capture_of(self, assoc: Association) -> tuple[bytes | None, str]:
-        """The first write of an incoming vTPCM's swtpm, or why there is none."""
+        """The first write of an incoming vTPCM's swtpm, or why there is none
+        (or why it no longer stands: superseded by a later import)."""
         watch = self._watches.get(assoc.vtpcm_id)
-        if watch is not None and not watch.done.is_set() and self._received_state(assoc):
-            # written, and the watch is reading it now
-            watch.done.wait(self.settings.timeout)
+        # what was queued by now counts (a second import that already ran)
+        if watch is not None and not watch.sync(self.settings.timeout):
+            return None, ("the watch of the state dir did not answer within %.1f s"
+                          % self.settings.timeout)
         data_path = self._capture_path(assoc.vtpcm_id, CAPTURE_SUFFIX)
         reason_path = self._capture_path(assoc.vtpcm_id, AMBIGUOUS_SUFFIX)
         if reason_path.exists():
             return None, reason_path.read_text("utf-8", "replace")
-        if data_path.exists():
-            return data_path.read_bytes(), ""
         if watch is not None and watch.failed:
-            return None, "the capture of the first write could not be kept: " + watch.failed
+            return None, "the outcome of the watch could not be kept: " + watch.failed
+        if watch is not None and watch.outcome is not None and watch.outcome.data is None:
+            return None, watch.outcome.reason  # never without its file; a safeguard
+        if data_path.exists():
+            if watch is None:
+                return None, RESTARTED_AFTER_CAPTURE
+            if not watch.alive() and not watch.settled:
+                return None, ("the watch ended after the capture: a later import cannot "
+                              "be excluded")
+            return data_path.read_bytes(), ""
         if watch is not None and watch.alive():
             return None, "no write of the permanent state seen yet"
         if self._received_state(assoc):

@@ -8,10 +8,12 @@ Shown: equal digests for the same nonce, different for another; a rolled
 back stream (older blobs under the same migration key, or plaintext blobs)
 gives different digests; the destination's digest is of its swtpm's FIRST
 write, so a guest NV write after the import does not change it; a second
-write before the capture reads the first makes it ambiguous; captures
-survive an agent restart, a restart before the import re-arms, a state
-that arrived while the agent was down is answered as lost; commit and
-abort remove the capture and end the watch.
+write before the capture reads the first makes it ambiguous; the watch
+goes on after the capture, and a second import (or a TPM reset) after it
+makes it no answer; a capture older than an agent restart is no answer, a
+restart before the import re-arms, a state that arrived while the agent
+was down is answered as lost; commit and abort remove the capture and end
+the watch.
 """
 
 from __future__ import annotations
@@ -301,10 +303,12 @@ def test_a_second_write_before_the_capture_reads_is_no_answer(hosts):
         None, "2 writes of tpm2-00.permall before the first could be read")
 
 
-def test_captures_survive_an_agent_restart_and_a_restart_before_the_import_rearms(hosts):
+def test_a_restart_after_the_capture_is_no_answer_and_one_before_the_import_rearms(hosts):
     src, dst = hosts
     nonce = os.urandom(32)
-    # captured, then the agent restarts: the same answer
+    # captured, then the agent restarts: no answer, since an import while
+    # it was down cannot be excluded (seen failing before: the capture was
+    # answered after the restart)
     first, _ = _source(src)
     ctx1 = _prepare(src, dst, first)
     _set(_paths(dst, first), _stream(_paths(src, first)))
@@ -316,8 +320,10 @@ def test_captures_survive_an_agent_restart_and_a_restart_before_the_import_rearm
     vtpcm2 = dst.manager.get(second).vtpcm_id
     assert dst.manager._watches[vtpcm2].alive()
     assert list(dst.manager._watches) == [vtpcm2]  # the captured one needs none
-    source, dest = _both(src, dst, ctx1, nonce)
-    assert source == dest
+    assert _digest(dst, ctx1, "destination", nonce) == (
+        None, instances.RESTARTED_AFTER_CAPTURE)
+    vtpcm1 = dst.manager.get(first).vtpcm_id
+    assert _captures(dst) == [vtpcm1 + ".ambiguous", vtpcm1 + ".permall"]  # persisted
     _set(_paths(dst, second), _stream(_paths(src, second)))
     _wait_captured(dst, second)
     source, dest = _both(src, dst, ctx2, nonce)
@@ -449,3 +455,90 @@ def test_no_watch_no_incoming(hosts, monkeypatch):
         "(inotify_init1: Too many open files)" % err.value.kwargs["vtpcm_id"])
     assert dst.manager.associations.find(instance) is None
     assert _captures(dst) == [] and dst.manager._watches == {}
+
+
+@pytest.mark.parametrize("hosts", ["agent-uid", "own-uids"], indirect=True)
+def test_a_second_import_after_the_capture_is_no_answer(hosts):
+    """The review's P1: a genuine import, captured, then an OLD stream under
+    the same migration key set again (a second tpm-emulator section in the
+    stream, or the destination QEMU on the control socket). Seen failing
+    before the watch went on after the capture: the digests were equal
+    while the destination ran the old state. A guest NV write between the
+    two is the positive control: it does not supersede the capture."""
+    src, dst = hosts
+    instance, nv_old = _source(src)
+    old = _stream(_paths(src, instance))  # recorded earlier
+    nv_new = _nv_write(_paths(src, instance))  # the guest moves on
+    ctx = _prepare(src, dst, instance)
+    incoming = _paths(dst, instance)
+    _set(incoming, _stream(_paths(src, instance)))
+    _wait_captured(dst, instance)
+    nonce = os.urandom(32)
+    source, dest = _both(src, dst, ctx, nonce)
+    assert source == dest
+    _nv_write(incoming)
+    assert _both(src, dst, ctx, nonce) == (source, source)
+    _set(incoming, old)  # asked at once: the sync drains the queue
+    assert _digest(dst, ctx, "destination", nonce) == (None, firstwrite.SUPERSEDED)
+    assert tpmtools.read_guest_state(incoming, with_key=False)["nv"] == nv_old != nv_new
+    vtpcm_id = dst.manager.get(instance).vtpcm_id
+    assert _captures(dst) == [vtpcm_id + ".ambiguous", vtpcm_id + ".permall"]
+    _restart(dst)  # the mark is kept
+    assert _digest(dst, ctx, "destination", nonce) == (None, firstwrite.SUPERSEDED)
+
+
+def test_the_start_up_sweep_keeps_what_an_incoming_vtpcm_is_writing(hosts):
+    """``write_atomic``'s temporary files (``.<id>.<suffix>.<hex>.tmp``)
+    belong to their vTPCM: seen failing before (the sweep took the leading
+    dot's empty prefix for an owner and removed them). Leftovers of the
+    vTPCM go at its abort."""
+    src, dst = hosts
+    instance, _ = _source(src)
+    ctx = _prepare(src, dst, instance)
+    vtpcm_id = dst.manager.get(instance).vtpcm_id
+    gone = str(uuid.uuid4())
+    captures = dst.settings().state_root / instances.CAPTURES
+    names = [".%s.permall.0123456789ab.tmp" % vtpcm_id, "%s.permall" % gone,
+             ".%s.ambiguous.0123456789ab.tmp" % gone, ".x.tmp", "stray"]
+    for name in names:
+        (captures / name).write_bytes(b"x")
+    _restart(dst)
+    assert _captures(dst) == [names[0]]
+    dst.manager.abort_incoming(ctx)
+    assert _captures(dst) == []
+
+
+def test_a_tpm_reset_after_the_capture_is_no_answer(hosts):
+    """QEMU's CMD_INIT alone (a guest reset) opens the storage as an import
+    does: the watch cannot tell them apart, so the check gets no answer."""
+    src, dst = hosts
+    instance, _ = _source(src)
+    ctx = _prepare(src, dst, instance)
+    incoming = _paths(dst, instance)
+    _set(incoming, _stream(_paths(src, instance)))
+    _wait_captured(dst, instance)
+    assert _digest(dst, ctx, "destination", os.urandom(32))[1] == ""
+    with ctrl.CtrlClient(incoming.ctrl_socket) as client:
+        client.init(delete_volatile=False)
+    assert _digest(dst, ctx, "destination", os.urandom(32)) == (None, firstwrite.SUPERSEDED)
+
+
+def test_the_guest_starting_on_what_the_agent_imported_keeps_the_capture(hosts):
+    """Cold migration and resize: the agent's own import_state is the only
+    import (it refuses a second one), then the guest starts on the incoming
+    vTPCM before the confirm (QEMU's CMD_INIT, which opens the storage as
+    an import does). The watch settles at the agent's import, so the check
+    at the confirm is answered. Seen failing before the settle (answered
+    as superseded)."""
+    src, dst = hosts
+    instance, _ = _source(src)
+    ctx = _prepare(src, dst, instance)
+    state = ctrl.export_state(_paths(src, instance).ctrl_socket)
+    dst.manager.import_state(instance, ctx.migration_id, ctx.generation, state)
+    incoming = _paths(dst, instance)
+    tpmtools.power_on(incoming)  # the guest's QEMU starts (CMD_INIT), its firmware too
+    _nv_write(incoming)
+    nonce = os.urandom(32)
+    source, dest = _both(src, dst, ctx, nonce)
+    assert source == dest
+    assert dst.manager._watches[dst.manager.get(instance).vtpcm_id].settled

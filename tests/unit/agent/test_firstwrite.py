@@ -9,6 +9,7 @@ which only the drain after the read can see.
 from __future__ import annotations
 
 import os
+import resource
 import threading
 from pathlib import Path
 
@@ -154,3 +155,135 @@ def test_many_watches_end(tmp_path: Path) -> None:
         watches.append(_watch(tmp_path / str(i), _Outcomes()))
     assert all(w.stop(WAIT) for w in watches)
     assert threading.active_count() == before
+
+
+def _open_lock(state_dir: Path) -> None:
+    """What swtpm 0.7.1 does to its storage on every SET_STATEBLOB and INIT
+    (an import, or a TPM reset): opens ``.lock`` (and writes it)."""
+    fd = os.open(state_dir / firstwrite.LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"1")
+    finally:
+        os.close(fd)
+
+
+def _captured(tmp_path: Path, outcomes: _Outcomes) -> firstwrite.FirstWriteWatch:
+    watch = _watch(tmp_path, outcomes)
+    _open_lock(tmp_path)  # the import's own opens come before its write
+    _swtpm_write(tmp_path, b"first")
+    assert watch.done.wait(WAIT)
+    assert outcomes.seen == [firstwrite.Capture(b"first")]
+    return watch
+
+
+def test_the_storage_opened_after_the_capture_supersedes_it(tmp_path: Path) -> None:
+    """A second import (or a TPM reset) after the capture: the watch goes
+    on after the first write, and a sync drains what is queued at once.
+    Seen failing before the watch went on (it ended at the capture)."""
+    outcomes = _Outcomes()
+    watch = _captured(tmp_path, outcomes)
+    _open_lock(tmp_path)
+    assert watch.sync(WAIT)
+    assert outcomes.seen == [firstwrite.Capture(b"first"),
+                             firstwrite.ambiguous(firstwrite.SUPERSEDED)]
+    assert watch.outcome == firstwrite.ambiguous(firstwrite.SUPERSEDED)
+    assert watch.stop(WAIT) and not watch.alive()
+
+
+def test_guest_writes_after_the_capture_do_not_supersede_it(tmp_path: Path) -> None:
+    """Positive control: NV writes never touch ``.lock``."""
+    outcomes = _Outcomes()
+    watch = _captured(tmp_path, outcomes)
+    for i in range(3):
+        _swtpm_write(tmp_path, b"nv %d" % i)
+    assert watch.sync(WAIT) and watch.alive()
+    assert outcomes.seen == [firstwrite.Capture(b"first")]
+    assert watch.stop(WAIT)
+
+
+def test_the_storage_opened_between_the_write_and_its_read_supersedes_it(
+        tmp_path: Path) -> None:
+    def late(path: Path) -> bytes:
+        _open_lock(tmp_path)
+        return firstwrite.read_state_file(path)
+
+    watch = _watch(tmp_path, _Outcomes(), opener=late)
+    _swtpm_write(tmp_path, b"first")
+    assert _done(watch) == firstwrite.ambiguous(firstwrite.SUPERSEDED)
+
+
+def test_a_watch_that_ends_after_the_capture_marks_it(tmp_path: Path) -> None:
+    """Its lifetime over, the watch can no longer exclude a later import."""
+    outcomes = _Outcomes()
+    watch = _watch(tmp_path, outcomes, lifetime=1.0)
+    _swtpm_write(tmp_path, b"first")
+    assert watch.done.wait(WAIT)
+    assert watch._thread is not None
+    watch._thread.join(WAIT)  # not stopped: it ends on its own
+    assert not watch.alive()
+    assert outcomes.seen == [firstwrite.Capture(b"first"), firstwrite.ambiguous(
+        "the watch ended after the capture (its lifetime of 1 s was over): a later "
+        "import cannot be excluded")]
+
+
+def _inotify_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink("/proc/self/fd/" + fd) == "anon_inode:inotify"
+        except OSError:
+            pass
+    return count
+
+
+def test_a_failed_arm_leaks_no_fd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen failing before the fix: one inotify fd leaked per failed pipe2."""
+    before = _inotify_fds()
+
+    def no_fds(flags: int) -> tuple[int, int]:
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(os, "pipe2", no_fds)
+    for _ in range(3):
+        with pytest.raises(OSError, match="Too many open files"):
+            firstwrite.FirstWriteWatch(tmp_path, _Outcomes()).arm()
+    assert _inotify_fds() == before
+
+
+def test_a_watch_on_an_fd_above_1024_works(tmp_path: Path) -> None:
+    """select() cannot wait on an fd >= FD_SETSIZE (1024); an agent with
+    many swtpm and RPC sockets gets such fds. Seen failing with select
+    (every capture ambiguous: "filedescriptor out of range in select()")."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip("RLIMIT_NOFILE hard limit %d is below 1200" % hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200), hard))
+    fillers: list[int] = []
+    try:
+        while not fillers or fillers[-1] < 1030:
+            fillers.append(os.open("/dev/null", os.O_RDONLY))
+        outcomes = _Outcomes()
+        watch = _watch(tmp_path, outcomes)
+        assert watch._fd >= 1024
+        _swtpm_write(tmp_path, b"first")
+        assert _done(watch) == firstwrite.Capture(b"first")
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_settled_watch_ends_with_its_capture_standing(tmp_path: Path) -> None:
+    """After the agent's own import (no other may follow), the guest's start
+    (CMD_INIT opens the storage) must not supersede the capture."""
+    outcomes = _Outcomes()
+    watch = _watch(tmp_path, outcomes)
+    assert not watch.settle(WAIT)  # nothing captured yet: it goes on
+    _swtpm_write(tmp_path, b"first")
+    assert watch.settle(WAIT) and watch.settled
+    assert watch._thread is not None
+    watch._thread.join(WAIT)
+    assert not watch.alive()
+    _open_lock(tmp_path)
+    assert watch.sync(WAIT)
+    assert outcomes.seen == [firstwrite.Capture(b"first")] and watch.settled
