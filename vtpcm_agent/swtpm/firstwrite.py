@@ -70,11 +70,13 @@ WRITE_EVENTS = IN_CLOSE_WRITE | IN_MOVED_TO
 STORAGE_OPENS = IN_OPEN | IN_MODIFY  # of LOCK_FILE: swtpm opened its storage
 WATCHED = WRITE_EVENTS | STORAGE_OPENS | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF
 _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len (then len bytes of name)
-# an incoming migration lasts at most the engine's [migration] timeout
-# (3 h by default) before it is committed or aborted, which stops the
-# watch; this bounds a watch whose stop never came (then: "no write seen
-# within ...", or, after a capture, a mark that it can no longer exclude
-# a later import)
+# bounds a watch whose stop never came: a migration is normally committed
+# or aborted within the engine's [migration] timeout (3 h by default), but
+# one whose deadline passed after the import waits IN_DOUBT for a signed
+# word or an operator, possibly longer than this; its watch then ends and
+# the capture is marked as no longer excluding a later import, so a
+# commit after it is refused as unverified (fail closed; resolve settles
+# it). Before a capture: "no write seen within ..."
 WATCH_LIFETIME = 24 * 3600.0
 _POLL = 5.0  # seconds between checks of the lifetime (stop wakes the thread at once)
 
