@@ -83,9 +83,18 @@ BEGIN_STEP_SLACK = 30.0
 # engine had no record of (its caller's begin timed out before the record
 # was written); a begin of that id arriving later is refused.
 TOMBSTONE_REASON = "aborted before its begin was recorded"
-# The states whose commit passes the commit point, so the post-import check
-# runs first (TRANSFERRING cannot be committed: the protocol refuses it)
-IMPORT_CHECKED = frozenset({M.PREPARED, M.TRANSFERRED, M.IN_DOUBT})
+# The states whose commit passes the commit point after a live migration's
+# QEMU stream, so the post-import check runs first (TRANSFERRING cannot be
+# committed). Not TRANSFERRED (cold migration, resize, unshelve): the engine
+# carried the blobs itself through the agents' signed, generation-checked
+# export_state/import_state, there is no stream to distrust, and the confirm
+# may come days later, after the guest booted (its CMD_INIT supersedes the
+# capture, so the check could only refuse). An IN_DOUBT migration is checked
+# only if it never transferred (``_came_live``).
+IMPORT_CHECKED = frozenset({M.PREPARED, M.IN_DOUBT})
+# The audit entry the protocol writes when a cold transfer lands
+# (TRANSFERRING -> TRANSFERRED): how an IN_DOUBT record tells its path
+TRANSFER_AUDIT = ("migration.transfer", "state transferred")
 
 
 class AgentClient(Protocol):
@@ -705,7 +714,8 @@ class Coordinator(ShelvingMixin):
             raise exception.HostNotTrusted(host=ctx.dest_host, reason=distrust)
         if proto.state is M.TRANSFERRED:
             self._check_incoming_ready(ctx)
-        if self.post_import_check and check_import and proto.state in IMPORT_CHECKED:
+        if (self.post_import_check and check_import and proto.state in IMPORT_CHECKED
+                and self._came_live(proto.state, migration_id)):
             try:
                 self._check_imported_state(ctx)
             except exception.VTPCMException as err:
@@ -836,6 +846,16 @@ class Coordinator(ShelvingMixin):
                       instance=ctx.instance_uuid, migration_id=ctx.migration_id,
                       detail=detail)
         raise exception.MigrationError(migration_id=ctx.migration_id, reason=detail)
+
+    def _came_live(self, state: M, migration_id: str) -> bool:
+        """Whether a commit from ``state`` follows a live migration's stream
+        (so the post-import check applies): PREPARED always; IN_DOUBT only
+        if the engine never transferred the blobs itself (no audited
+        transfer: the protocol writes one on each TRANSFERRED, so no schema
+        change is needed to tell the paths apart)."""
+        if state is not M.IN_DOUBT:
+            return True
+        return not self.db.migration_audit_details(migration_id, *TRANSFER_AUDIT)
 
     def _check_imported_state(self, ctx: am.MigrationContext) -> None:
         """The post-import check, right before the commit point: the

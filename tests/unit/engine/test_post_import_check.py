@@ -161,15 +161,44 @@ def test_a_commit_in_doubt_is_checked(env):  # noqa: F811
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
 
 
-def test_a_cold_commit_is_checked(env):  # noqa: F811
+def test_a_cold_commit_is_not_checked(env):  # noqa: F811
+    """Cold migration, resize: the engine carried the blobs itself (signed
+    export/import), and the confirm comes after the guest booted (its
+    CMD_INIT supersedes the capture): no state_digest is asked."""
     mid = str(uuid.uuid4())
     coord, db, agents, _ = _cold(env, mid)
     coord.transfer(mid, requested_by="host-a")
+    agents.states["destination"] = ROLLED_BACK  # would refuse, if asked
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert agents.digest_calls == []
+
+
+def test_a_cold_commit_in_doubt_is_not_checked(env):  # noqa: F811
+    """A resize confirmed after its deadline made it IN_DOUBT: still the
+    cold path (an audited transfer), so no check."""
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    coord.transfer(mid, requested_by="host-a")
+    env[4]["now"] += datetime.timedelta(hours=5)
+    agents.fail["abort_incoming"] = exception.DestinationInUse(migration_id=mid,
+                                                               reason="received")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
     agents.states["destination"] = ROLLED_BACK
-    with pytest.raises(exception.ImportedStateMismatch):
-        coord.commit(mid, requested_by="host-a")
-    assert db.get_migration(mid).state == "TRANSFERRED"
-    assert "commit_incoming" not in names(agents)
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert agents.digest_calls == []
+
+
+def test_an_unshelve_commits_without_a_check(env):  # noqa: F811
+    """Unshelve is engine-driven (transfer then commit): never checked, so
+    never left TRANSFERRED by a refusal (review MEDIUM 3)."""
+    from tests.unit.engine.test_coordinator_cold import _shelved
+    coord, db, agents, _, _ = _shelved(env)
+    agents.states["destination"] = ROLLED_BACK  # would refuse, if asked
+    coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    rec = db.get_vtpcm(INSTANCE)
+    assert rec.host == "host-b" and rec.migration_id is None
+    assert agents.digest_calls == []
 
 
 def test_a_commit_past_its_commit_point_is_not_checked_again(env):  # noqa: F811
