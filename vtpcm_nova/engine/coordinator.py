@@ -921,8 +921,13 @@ class Coordinator(ShelvingMixin):
 
     def _older_than_digest(self, host: str) -> str | None:
         """Why ``host``'s agent cannot answer ``state_digest`` (its signed
-        ``health`` reports an API older than 1.12), or None."""
+        ``health`` reports an API older than 1.12), or None. Only an
+        APPROVED host's word counts (``replykeys`` also verifies a revoked
+        or pending host's health, toward safety): any other keeps the
+        original error, so the commit is retried, not refused."""
         try:
+            if self.db.get_host(host).status is not HostStatus.APPROVED:
+                return None
             version = self.agents.health(host).api_version
             older = rpc.parse_version(version) < rpc.parse_version(STATE_DIGEST_VERSION)
         except exception.VTPCMException:

@@ -121,6 +121,21 @@ def test_an_older_agent_seen_through_a_verifying_client_holds_the_commit(env):  
     _untouched(db, agents, mid, "PREPARED")
 
 
+def test_a_revoked_hosts_health_does_not_turn_no_answer_into_a_refusal(env):  # noqa: F811
+    """Only an APPROVED host's signed health counts (review LOW 6): a
+    revoked host's "older than 1.12" keeps the original error (retried,
+    not an audited refusal)."""
+    coord, db, agents, mid = _prepared(env)
+    db.revoke_host("host-a")
+    agents.api_version["host-a"] = "1.11"
+    agents.fail["state_digest"] = exception.ReplyNotAuthenticated(
+        host="host-a", method="state_digest", reason="an unsigned error reply")
+    with pytest.raises(exception.ReplyNotAuthenticated):
+        coord.commit(mid, requested_by="host-a")
+    assert db.get_migration(mid).state == "PREPARED"
+    assert _commit_refusals(db, mid) == []
+
+
 @pytest.mark.parametrize("err", [
     exception.ServiceUnreachable(service="vtpcm-agent.host-b", method="state_digest",
                                  reason="MessagingTimeout"),
