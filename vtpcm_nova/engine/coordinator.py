@@ -48,7 +48,7 @@ from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.leases import begin_abandoned as begin_abandoned
 from vtpcm_nova.engine.leases import worker_id as worker_id
 from vtpcm_nova.engine.protocol import MigrationState as M
-from vtpcm_nova.engine.resolve import POST_IMPORT_REFUSED
+from vtpcm_nova.engine.resolve import POST_IMPORT_REFUSED, ImportCheck
 from vtpcm_nova.engine.shelving import (
     NO_WITNESS,
     REAPED,
@@ -846,6 +846,33 @@ class Coordinator(ShelvingMixin):
                       instance=ctx.instance_uuid, migration_id=ctx.migration_id,
                       detail=detail)
         raise exception.MigrationError(migration_id=ctx.migration_id, reason=detail)
+
+    def check_import_for_resolve(self, migration_id: str) -> ImportCheck | None:
+        """The post-import check an operator's ``resolve --to destination``
+        runs itself (fresh nonce), with its outcome in plain words; None
+        where it does not apply (past the commit point, the cold path, no
+        state received yet). Never raises for the agents' answers: a check
+        that got no answer is an outcome the plan shows."""
+        proto, ctx, _ = self._load(migration_id)
+        if proto.state not in IMPORT_CHECKED or not self._came_live(proto.state,
+                                                                      migration_id):
+            return None
+        if not self.post_import_check:
+            return ImportCheck(None, "The post-import check is off ([engine] "
+                                     "post_import_check): the destination's permanent "
+                                     "state is not compared with the source's.")
+        try:
+            self._check_imported_state(ctx)
+        except exception.ImportedStateMismatch as err:
+            return ImportCheck(False, "Post-import check: the destination's state is NOT "
+                                      "the source's (%s)." % err.kwargs.get("reason", err))
+        except exception.ImportedStateUnverified as err:
+            return ImportCheck(False, "Post-import check: cannot be checked: %s."
+                               % err.kwargs.get("reason", err))
+        except exception.VTPCMException as err:
+            return ImportCheck(False, "Post-import check: no answer: %s." % err)
+        return ImportCheck(True, "Post-import check passed: the destination imported the "
+                                 "source's permanent state.")
 
     def _came_live(self, state: M, migration_id: str) -> bool:
         """Whether a commit from ``state`` follows a live migration's stream

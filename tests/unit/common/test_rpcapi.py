@@ -403,6 +403,26 @@ def test_the_1_8_decisions_go_as_1_8_only_when_asked(call, flag):
     assert recorder.sent == []
 
 
+def test_resolve_despite_import_check_goes_as_1_13_only_when_asked():
+    """Engine API 1.13: the override goes only when true, as 1.13; a plain
+    resolve stays 1.7, and a client capped at 1.12 refuses the override."""
+    def override(api):
+        return api.resolve_migration(MIGRATION, "destination", execute=True,
+                                     despite_import_check=True)
+    sent = _sent(_engine_api(), override)
+    assert sent["version"] == "1.13"
+    assert sent["args"]["payload"]["despite_import_check"] is True
+    sent = _sent(_engine_api(), lambda api: api.resolve_migration(MIGRATION, "destination"))
+    assert sent["version"] == "1.7"
+    assert "despite_import_check" not in sent["args"]["payload"]
+    capped = engine_rpcapi.EngineAPI(_conf(), admin_signer=_signer(), version_cap="1.12")
+    recorder = RecordingClient()
+    capped.client = recorder
+    with pytest.raises(exception.RPCVersionCapped):
+        override(capped)
+    assert recorder.sent == []
+
+
 def test_commit_shred_later_goes_as_1_11_only_when_asked_and_servable():
     """Engine API 1.11: the flag goes only when true, as 1.11; capped at 1.10
     (or answered UnsupportedVersion by an older engine) the client sends the

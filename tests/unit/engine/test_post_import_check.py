@@ -230,21 +230,96 @@ def test_a_commit_past_its_commit_point_is_not_checked_again(env):  # noqa: F811
     assert len(agents.digest_calls) == 2
 
 
-def test_resolve_to_the_destination_shows_the_refusal_and_does_not_check(env):  # noqa: F811
-    """The operator's explicit decision: not checked again, but the plan
-    says the post-import check refused this migration."""
+def _resolver(db, coord, mid):
+    return Resolver(db, coord, _get(mid), lambda h: Answer.VERIFIED, _incoming(True))
+
+
+def _resolve_audits(db, mid, outcome):
+    return [a.detail for a in db.list_audit(limit=100)
+            if (a.migration_id, a.event, a.outcome) == (mid, "migration.resolve", outcome)]
+
+
+def test_resolve_to_the_destination_checks_and_refuses_without_the_override(env):  # noqa: F811
+    """The resolve runs the check itself: a mismatch refuses it (audited),
+    naming the outcome and the flag; the override commits, audited."""
     coord, db, agents, mid = _prepared(env)
     agents.states["destination"] = ROLLED_BACK
     with pytest.raises(exception.ImportedStateMismatch):
         coord.commit(mid, requested_by="host-a")
-    res = Resolver(db, coord, _get(mid), lambda h: Answer.VERIFIED, _incoming(True))
-    plan, state = res.resolve_migration(mid, "destination", execute=False)
-    assert plan.allowed and state == "PREPARED"
-    assert plan.text.startswith("WARNING: the engine's post-import check refused this "
-                                "migration's commit (post-import check: the permanent")
+    res = _resolver(db, coord, mid)
     calls = len(agents.digest_calls)
-    assert res.resolve_migration(mid, "destination", execute=True)[1] == "COMMITTED"
-    assert len(agents.digest_calls) == calls
+    for execute in (False, True):
+        with pytest.raises(exception.ResolutionRefused,
+                           match="NOT the source's.*--despite-import-check"):
+            res.resolve_migration(mid, "destination", execute=execute)
+    assert len(agents.digest_calls) == calls + 4  # a fresh check each time
+    assert db.get_migration(mid).state == "PREPARED"
+    assert len(_resolve_audits(db, mid, "refused")) == 2
+    plan, state = res.resolve_migration(mid, "destination", execute=True,
+                                        despite_import_check=True)
+    assert state == "COMMITTED" and "overrides it (--despite-import-check)" in plan.text
+    (done,) = _resolve_audits(db, mid, "resolved")
+    assert "NOT the source's" in done and "Overridden by the operator" in done
+
+
+@pytest.mark.parametrize("no_answer", [
+    exception.ServiceUnreachable(service="vtpcm-agent.host-b", method="state_digest",
+                                 reason="MessagingTimeout"),
+    exception.ReplyNotAuthenticated(host="host-b", method="state_digest",
+                                    reason="an unsigned error reply"),
+    None])  # the source's commit never came
+def test_a_check_that_never_answered_does_not_let_resolve_commit_unchecked(
+        env, no_answer):  # noqa: F811
+    """Review HIGH 1 (test_F1): no audited refusal, IN_DOUBT by the
+    deadline; the resolve's own check finds the rolled back copy (or gets
+    no answer again) and refuses."""
+    coord, db, agents, mid = _prepared(env)
+    agents.states["destination"] = ROLLED_BACK
+    if no_answer is not None:
+        agents.fail["state_digest"] = no_answer
+        with pytest.raises(type(no_answer)):
+            coord.commit(mid, requested_by="host-a")
+    _switched_over(agents, mid)
+    env[4]["now"] += datetime.timedelta(seconds=61)
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    res = _resolver(db, coord, mid)
+    with pytest.raises(exception.ResolutionRefused, match="NOT the source's"):
+        res.resolve_migration(mid, "destination", execute=True)
+    if no_answer is not None:
+        agents.fail["state_digest"] = no_answer  # still no answer: refused as such
+        with pytest.raises(exception.ResolutionRefused, match="no answer"):
+            res.resolve_migration(mid, "destination", execute=True)
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    assert db.get_vtpcm(INSTANCE).host == "host-a"
+    agents.states.clear()  # the destination imported the source's state
+    plan, state = res.resolve_migration(mid, "destination", execute=True)
+    assert state == "COMMITTED" and "Post-import check passed" in plan.text
+    assert "Post-import check passed" in _resolve_audits(db, mid, "resolved")[0]
+
+
+def test_resolve_with_the_check_off_says_so(env):  # noqa: F811
+    coord, db, agents, mid = _prepared(env)
+    coord.post_import_check = False
+    plan, _ = _resolver(db, coord, mid).resolve_migration(mid, "destination",
+                                                          execute=False)
+    assert plan.allowed and "The post-import check is off" in plan.text
+    assert agents.digest_calls == []
+
+
+def test_resolve_of_a_cold_migration_in_doubt_asks_no_digest(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    coord.transfer(mid, requested_by="host-a")
+    env[4]["now"] += datetime.timedelta(hours=5)
+    agents.fail["abort_incoming"] = exception.DestinationInUse(migration_id=mid,
+                                                               reason="received")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    plan, state = _resolver(db, coord, mid).resolve_migration(mid, "destination",
+                                                              execute=True)
+    assert state == "COMMITTED" and "ost-import" not in plan.text
+    assert agents.digest_calls == []
 
 
 def test_a_commit_that_passed_the_point_meanwhile_is_not_refused(env):  # noqa: F811
