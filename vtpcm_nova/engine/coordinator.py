@@ -893,18 +893,37 @@ class Coordinator(ShelvingMixin):
         whoever writes that stream could otherwise roll the vTPCM back.
 
         Both agents answer a digest keyed with one fresh nonce (signed
-        replies), asked one after the other: the coordinator has no
-        executor for calls that must both finish before its answer (its
-        background jobs may drop work). Different digests:
+        replies, unsigned read-only requests), asked at once: the
+        destination on a short-lived thread while this one asks the
+        source, and both finish (answer or fail, each call bounded by the
+        RPC timeout) before anything is decided, so nothing is left
+        behind. Different digests:
         ``ImportedStateMismatch``; a side that cannot tell, or an agent
         older than API 1.12: ``ImportedStateUnverified`` (``commit``
         audits both and leaves the migration as it is). A transport error
         or an answer that does not verify propagates: the caller retries."""
         nonce = os.urandom(statedigest.NONCE_SIZE)
         sides = (("source", ctx.source_host), ("destination", ctx.dest_host))
+        outcomes: dict[str, am.StateDigest | BaseException] = {}
+
+        def ask(side: str, host: str) -> None:
+            try:
+                outcomes[side] = self._state_digest(ctx, side, host, nonce)
+            except BaseException as err:  # handed to the caller below
+                outcomes[side] = err
+
+        other = threading.Thread(target=ask, args=sides[1], daemon=True,
+                                 name="vtpcm-state-digest")
+        other.start()
+        try:
+            ask(*sides[0])
+        finally:
+            other.join()
         digests = []
         for side, host in sides:
-            answer = self._state_digest(ctx, side, host, nonce)
+            answer = outcomes[side]
+            if isinstance(answer, BaseException):
+                raise answer
             if answer.side != side:
                 raise exception.ImportedStateUnverified(
                     migration_id=ctx.migration_id,

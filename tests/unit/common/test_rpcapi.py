@@ -164,14 +164,13 @@ AGENT_CALLS: dict[str, tuple[str, Any]] = {
     "incoming_state": ("1.7", lambda api: api.incoming_state(HOST, CONTEXT)),
     # 1.8, signed
     "reclaim_outgoing": ("1.8", lambda api: api.reclaim_outgoing(HOST, CONTEXT, 6)),
-    # 1.12, signed
+    # 1.12, unsigned request (read-only; the reply is signed, bound to it)
     "state_digest": ("1.12", lambda api: api.state_digest(HOST, CONTEXT, "source",
                                                           b"n" * 32)),
 }
 AGENT_SIGNED = {"create", "start", "stop", "destroy", "export_state", "import_state",
                 "seal_migration_key", "prepare_incoming", "commit_incoming",
-                "commit_outgoing", "abort_incoming", "abort_outgoing", "reclaim_outgoing",
-                "state_digest"}
+                "commit_outgoing", "abort_incoming", "abort_outgoing", "reclaim_outgoing"}
 
 ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     # 1.0, unsigned

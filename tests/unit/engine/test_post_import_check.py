@@ -47,7 +47,9 @@ def _prepared(env):  # noqa: F811
 def test_equal_digests_commit_under_one_fresh_nonce_per_check(env):  # noqa: F811
     coord, db, agents, mid = _prepared(env)
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
-    (src, side_s, nonce_s), (dst, side_d, nonce_d) = agents.digest_calls
+    # asked at once: in either order
+    (dst, side_d, nonce_d), (src, side_s, nonce_s) = sorted(agents.digest_calls,
+                                                            key=lambda c: c[1])
     assert (src, side_s, dst, side_d) == ("host-a", "source", "host-b", "destination")
     assert nonce_s == nonce_d and len(nonce_s) == statedigest.NONCE_SIZE
     assert names(agents)[-2:] == ["commit_incoming", "commit_outgoing"]
@@ -58,6 +60,33 @@ def test_equal_digests_commit_under_one_fresh_nonce_per_check(env):  # noqa: F81
     coord.begin(mid2, other, "host-a", "host-b")
     coord.commit(mid2, requested_by="host-a")
     assert agents.digest_calls[2][2] == agents.digest_calls[3][2] != nonce_s
+
+
+def test_both_sides_are_asked_at_once_and_both_finish_before_deciding(env):  # noqa: F811
+    """Review cost finding: the destination is asked while the source is
+    (not after it), and a failing source still waits for the destination's
+    call to end before the error goes out (no work left behind)."""
+    import threading
+    coord, db, agents, mid = _prepared(env)
+    both_in = threading.Barrier(2, timeout=5)
+    dest_done = threading.Event()
+    real = agents.state_digest
+
+    def digest(host, context, side, nonce):
+        both_in.wait()  # BrokenBarrierError after 5 s if asked one after the other
+        if side == "source":
+            raise exception.ServiceUnreachable(service="vtpcm-agent.host-a",
+                                               method="state_digest", reason="timeout")
+        answer = real(host, context, side, nonce)
+        dest_done.set()
+        return answer
+
+    agents.state_digest = digest
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.commit(mid, requested_by="host-a")
+    assert dest_done.is_set()
+    agents.state_digest = real
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
 
 
 def test_a_destination_that_imported_another_state_is_refused(env):  # noqa: F811
@@ -112,7 +141,7 @@ def test_an_older_agent_seen_through_a_verifying_client_holds_the_commit(env):  
     unauthenticated reply; its signed health names its API."""
     coord, db, agents, mid = _prepared(env)
     agents.api_version["host-a"] = "1.11"
-    agents.fail["state_digest"] = exception.ReplyNotAuthenticated(
+    agents.fail["state_digest", "host-a"] = exception.ReplyNotAuthenticated(
         host="host-a", method="state_digest", reason="an unsigned error reply "
         "(UnsupportedVersion) (an agent older than API 1.6, or a forgery)")
     with pytest.raises(exception.ImportedStateUnverified,
