@@ -222,7 +222,7 @@ class AgentManager:
         return m.Empty()
 
     # 1.12 --------------------------------------------------------------------
-    @endpoint(m.StateDigestRequest, signed=True)
+    @endpoint(m.StateDigestRequest)
     def state_digest(self, req: m.StateDigestRequest) -> m.StateDigest:
         digest, reason = self.instances.state_digest(context_from(req.context), req.side,
                                                      req.nonce)

@@ -325,12 +325,12 @@ def test_agent_state_changing_endpoints_are_exactly_the_signed_ones():
     assert signed == agent_rpcapi.SIGNED_METHODS == {
         "create", "start", "stop", "destroy", "export_state", "import_state",
         "seal_migration_key", "prepare_incoming", "commit_incoming",
-        "commit_outgoing", "abort_incoming", "abort_outgoing", "reclaim_outgoing",
-        "state_digest"}  # 1.12
+        "commit_outgoing", "abort_incoming", "abort_outgoing", "reclaim_outgoing"}
     unsigned = {name for name in dir(AgentManager)
                 if getattr(getattr(AgentManager, name), "signed", None) is False}
     assert unsigned == {"get", "list", "health", "get_identity", "quote", "activate_credential",
-                        "incoming_state"}  # read-only (1.7)
+                        "incoming_state",  # read-only (1.7)
+                        "state_digest"}  # read-only (1.12), signed reply
 
 
 def test_signed_endpoint_checks_before_acting(signer, verifier):

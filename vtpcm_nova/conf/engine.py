@@ -86,9 +86,15 @@ ENGINE_OPTS = [
                      "the destination cannot tell what it imported, or an agent is "
                      "older than API 1.12 (or [upgrade_levels] vtpcm_agent caps it "
                      "below), the commit is refused the same way "
-                     "(ImportedStateUnverified). Off: no check, and the rollback of a "
-                     "live migration's vTPCM through a forged stream is possible again; "
-                     "turn it off only while agents are upgraded."),
+                     "(ImportedStateUnverified). It covers the permanent state only: "
+                     "not the volatile state (PCRs, loaded objects and sessions) that "
+                     "the stream also carries, and not a destination QEMU that sets an "
+                     "older blob after the check; protect the stream itself with "
+                     "libvirt's native migration TLS. Only live migrations are checked: "
+                     "on a cold migration, resize or unshelve the engine carries the "
+                     "state itself. Off: no check, and a live migration's permanent "
+                     "state can be rolled back through a forged stream; turn it off "
+                     "only while agents are upgraded."),
 ]
 
 attestation_group = cfg.OptGroup("attestation", title="Host attestation")

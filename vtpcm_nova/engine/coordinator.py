@@ -48,7 +48,7 @@ from vtpcm_nova.engine.db.models import HostStatus
 from vtpcm_nova.engine.leases import begin_abandoned as begin_abandoned
 from vtpcm_nova.engine.leases import worker_id as worker_id
 from vtpcm_nova.engine.protocol import MigrationState as M
-from vtpcm_nova.engine.resolve import POST_IMPORT_REFUSED
+from vtpcm_nova.engine.resolve import POST_IMPORT_REFUSED, ImportCheck
 from vtpcm_nova.engine.shelving import (
     NO_WITNESS,
     REAPED,
@@ -83,9 +83,18 @@ BEGIN_STEP_SLACK = 30.0
 # engine had no record of (its caller's begin timed out before the record
 # was written); a begin of that id arriving later is refused.
 TOMBSTONE_REASON = "aborted before its begin was recorded"
-# The states whose commit passes the commit point, so the post-import check
-# runs first (TRANSFERRING cannot be committed: the protocol refuses it)
-IMPORT_CHECKED = frozenset({M.PREPARED, M.TRANSFERRED, M.IN_DOUBT})
+# The states whose commit passes the commit point after a live migration's
+# QEMU stream, so the post-import check runs first (TRANSFERRING cannot be
+# committed). Not TRANSFERRED (cold migration, resize, unshelve): the engine
+# carried the blobs itself through the agents' signed, generation-checked
+# export_state/import_state, there is no stream to distrust, and the confirm
+# may come days later, after the guest booted (its CMD_INIT supersedes the
+# capture, so the check could only refuse). An IN_DOUBT migration is checked
+# only if it never transferred (``_came_live``).
+IMPORT_CHECKED = frozenset({M.PREPARED, M.IN_DOUBT})
+# The audit entry the protocol writes when a cold transfer lands
+# (TRANSFERRING -> TRANSFERRED): how an IN_DOUBT record tells its path
+TRANSFER_AUDIT = ("migration.transfer", "state transferred")
 
 
 class AgentClient(Protocol):
@@ -705,7 +714,8 @@ class Coordinator(ShelvingMixin):
             raise exception.HostNotTrusted(host=ctx.dest_host, reason=distrust)
         if proto.state is M.TRANSFERRED:
             self._check_incoming_ready(ctx)
-        if self.post_import_check and check_import and proto.state in IMPORT_CHECKED:
+        if (self.post_import_check and check_import and proto.state in IMPORT_CHECKED
+                and self._came_live(proto.state, migration_id)):
             try:
                 self._check_imported_state(ctx)
             except exception.VTPCMException as err:
@@ -837,6 +847,43 @@ class Coordinator(ShelvingMixin):
                       detail=detail)
         raise exception.MigrationError(migration_id=ctx.migration_id, reason=detail)
 
+    def check_import_for_resolve(self, migration_id: str) -> ImportCheck | None:
+        """The post-import check an operator's ``resolve --to destination``
+        runs itself (fresh nonce), with its outcome in plain words; None
+        where it does not apply (past the commit point, the cold path, no
+        state received yet). Never raises for the agents' answers: a check
+        that got no answer is an outcome the plan shows."""
+        proto, ctx, _ = self._load(migration_id)
+        if proto.state not in IMPORT_CHECKED or not self._came_live(proto.state,
+                                                                      migration_id):
+            return None
+        if not self.post_import_check:
+            return ImportCheck(None, "The post-import check is off ([engine] "
+                                     "post_import_check): the destination's permanent "
+                                     "state is not compared with the source's.")
+        try:
+            self._check_imported_state(ctx)
+        except exception.ImportedStateMismatch as err:
+            return ImportCheck(False, "Post-import check: the destination's state is NOT "
+                                      "the source's (%s)." % err.kwargs.get("reason", err))
+        except exception.ImportedStateUnverified as err:
+            return ImportCheck(False, "Post-import check: cannot be checked: %s."
+                               % err.kwargs.get("reason", err))
+        except exception.VTPCMException as err:
+            return ImportCheck(False, "Post-import check: no answer: %s." % err)
+        return ImportCheck(True, "Post-import check passed: the destination imported the "
+                                 "source's permanent state.")
+
+    def _came_live(self, state: M, migration_id: str) -> bool:
+        """Whether a commit from ``state`` follows a live migration's stream
+        (so the post-import check applies): PREPARED always; IN_DOUBT only
+        if the engine never transferred the blobs itself (no audited
+        transfer: the protocol writes one on each TRANSFERRED, so no schema
+        change is needed to tell the paths apart)."""
+        if state is not M.IN_DOUBT:
+            return True
+        return not self.db.migration_audit_details(migration_id, *TRANSFER_AUDIT)
+
     def _check_imported_state(self, ctx: am.MigrationContext) -> None:
         """The post-import check, right before the commit point: the
         permanent state the destination's swtpm first wrote after the
@@ -846,18 +893,37 @@ class Coordinator(ShelvingMixin):
         whoever writes that stream could otherwise roll the vTPCM back.
 
         Both agents answer a digest keyed with one fresh nonce (signed
-        replies), asked one after the other: the coordinator has no
-        executor for calls that must both finish before its answer (its
-        background jobs may drop work). Different digests:
+        replies, unsigned read-only requests), asked at once: the
+        destination on a short-lived thread while this one asks the
+        source, and both finish (answer or fail, each call bounded by the
+        RPC timeout) before anything is decided, so nothing is left
+        behind. Different digests:
         ``ImportedStateMismatch``; a side that cannot tell, or an agent
         older than API 1.12: ``ImportedStateUnverified`` (``commit``
         audits both and leaves the migration as it is). A transport error
         or an answer that does not verify propagates: the caller retries."""
         nonce = os.urandom(statedigest.NONCE_SIZE)
         sides = (("source", ctx.source_host), ("destination", ctx.dest_host))
+        outcomes: dict[str, am.StateDigest | BaseException] = {}
+
+        def ask(side: str, host: str) -> None:
+            try:
+                outcomes[side] = self._state_digest(ctx, side, host, nonce)
+            except BaseException as err:  # handed to the caller below
+                outcomes[side] = err
+
+        other = threading.Thread(target=ask, args=sides[1], daemon=True,
+                                 name="vtpcm-state-digest")
+        other.start()
+        try:
+            ask(*sides[0])
+        finally:
+            other.join()
         digests = []
         for side, host in sides:
-            answer = self._state_digest(ctx, side, host, nonce)
+            answer = outcomes[side]
+            if isinstance(answer, BaseException):
+                raise answer
             if answer.side != side:
                 raise exception.ImportedStateUnverified(
                     migration_id=ctx.migration_id,
@@ -901,8 +967,13 @@ class Coordinator(ShelvingMixin):
 
     def _older_than_digest(self, host: str) -> str | None:
         """Why ``host``'s agent cannot answer ``state_digest`` (its signed
-        ``health`` reports an API older than 1.12), or None."""
+        ``health`` reports an API older than 1.12), or None. Only an
+        APPROVED host's word counts (``replykeys`` also verifies a revoked
+        or pending host's health, toward safety): any other keeps the
+        original error, so the commit is retried, not refused."""
         try:
+            if self.db.get_host(host).status is not HostStatus.APPROVED:
+                return None
             version = self.agents.health(host).api_version
             older = rpc.parse_version(version) < rpc.parse_version(STATE_DIGEST_VERSION)
         except exception.VTPCMException:

@@ -555,7 +555,9 @@ class EngineManager:
     @endpoint(m.ResolveMigration, signed=True)
     def resolve_migration(self, req: m.ResolveMigration) -> m.Resolution:
         plan, state = self.resolver.resolve_migration(req.migration_id, req.to, req.execute,
-                                                      past_commit=req.past_commit)
+                                                      past_commit=req.past_commit,
+                                                      despite_import_check=(
+                                                          req.despite_import_check))
         return m.Resolution(action=plan.action, plan=plan.text[:4000], done=req.execute,
                             state=state)
 

@@ -78,6 +78,20 @@ class Plan:
     text: str
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportCheck:
+    """The post-import check a resolve to the destination ran itself
+    (``Coordinator.check_import_for_resolve``): ``passed`` None when the
+    option is off (nothing compared), else whether the digests matched;
+    ``text`` the outcome in plain words."""
+
+    passed: bool | None
+    text: str
+
+
+DESPITE_FLAG = "--despite-import-check"
+
+
 def _refused(action: str, why: str) -> Plan:
     return Plan(action, False, why)
 
@@ -144,13 +158,18 @@ def plan_past_commit(rec: db_api.MigrationRecord, source: View, dest: View,
 
 def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
                    dest: View, dest_revoked: bool = False,
-                   import_refused: str | None = None) -> Plan:
+                   import_refused: str | None = None,
+                   import_check: ImportCheck | None = None,
+                   despite_import_check: bool = False) -> Plan:
     """What resolving ``rec`` toward ``to`` would do, or why it is refused.
 
     ``dest_revoked``: back to the source, a REVOKED destination that does
     not destroy its incoming copy (silent, or refusing) is not waited for.
     ``import_refused``: the audited detail of a commit the engine's
-    post-import check refused (the plan to the destination warns of it)."""
+    post-import check refused (the plan to the destination warns of it).
+    ``import_check``: the check this resolve ran (live path, before the
+    commit point); anything but passed refuses the commit unless
+    ``despite_import_check`` (the operator's explicit override)."""
     state = M(rec.state)
     action = "resolve migration %s to the %s" % (rec.migration_id, to)
     seen = "%s; %s." % (source.describe(rec.source), dest.describe(rec.dest))
@@ -207,7 +226,19 @@ def plan_migration(rec: db_api.MigrationRecord, to: str, source: View,
         "The destination's vTPCM may hold another state than the source's (a rolled "
         "back one); committing makes it the authority and shreds the source's copy. "
         % import_refused)
-    return Plan(action, True, warning + (
+    checked = ""
+    if import_check is not None and state not in PAST_COMMIT_POINT:
+        checked = import_check.text + " "
+        if import_check.passed is False:
+            if not despite_import_check:
+                return _refused(action, (
+                    "%sCommitting could make a rolled back or forged copy the authority "
+                    "and shred the source's. Resolve to the source, or, if you know the "
+                    "destination's copy is right, repeat with %s. %s")
+                    % (checked, DESPITE_FLAG, seen))
+            checked += ("The operator overrides it (%s): the destination's copy is "
+                        "committed unchecked. " % DESPITE_FLAG)
+    return Plan(action, True, warning + checked + (
         "Commit migration %s of instance %s: the vTPCM on %s becomes the authority at "
         "generation %d and ACTIVE; the copy on %s is then destroyed (keys shredded). "
         "Choose this when the guest runs on %s. The destination agent still refuses a "
@@ -308,6 +339,7 @@ class Settler(Protocol):
     def skip_lost_host_step(self, migration_id: str, host: str,
                             why: str = ...) -> db_api.MigrationRecord: ...
     def reclaim_source(self, migration_id: str, reason: str) -> db_api.MigrationRecord: ...
+    def check_import_for_resolve(self, migration_id: str) -> ImportCheck | None: ...
 
 
 class Resolver:
@@ -352,15 +384,20 @@ class Resolver:
         return dataclasses.replace(view, holds_state=proof.holds_state if same else None)
 
     def resolve_migration(self, migration_id: str, to: str, execute: bool,
-                          past_commit: bool = False) -> tuple[Plan, str]:
+                          past_commit: bool = False,
+                          despite_import_check: bool = False) -> tuple[Plan, str]:
         """(the plan, with a note if a step failed; the migration's state afterwards);
         refused -> ResolutionRefused. A step that fails on an unreachable
         host leaves the migration where the protocol put it (reconcile
         retries; ``forget_host`` settles it if the host is gone for good).
-        ``past_commit`` (``to`` is the source): ``plan_past_commit``."""
+        ``past_commit`` (``to`` is the source): ``plan_past_commit``.
+        To the destination the post-import check runs here (a fresh nonce):
+        a check that never got an answer before must not let an operator
+        commit a rolled back copy unwarned (review HIGH 1)."""
         rec = self.db.get_migration(migration_id)
         dest_revoked = self._revoked(rec.dest)
         source, dest = self._view(rec.source, rec.instance_uuid), self._dest_view(rec)
+        check: ImportCheck | None = None
         if past_commit and to != "source":
             plan = _refused("resolve migration %s to the %s" % (migration_id, to),
                             "--past-commit goes back to the source's copy: it goes with "
@@ -369,13 +406,21 @@ class Resolver:
             plan = plan_past_commit(rec, source, dest, dest_revoked or self._forgotten(
                 rec.dest))
         else:
+            check = (self.settler.check_import_for_resolve(migration_id)
+                     if to == "destination" else None)
             plan = plan_migration(rec, to, source, dest, dest_revoked,
-                                  self._import_refused(migration_id))
+                                  self._import_refused(migration_id), check,
+                                  despite_import_check)
         self._audit_plan("migration.resolve", plan, execute, instance=rec.instance_uuid,
                          migration_id=migration_id, host=rec.dest)
         if not execute:
             return plan, rec.state
         reason = "resolved by an operator to the %s" % to
+        if check is not None:
+            # audited with the outcome: a passed check, and an override
+            reason += ". " + check.text
+            if check.passed is False:
+                reason += " Overridden by the operator (%s)." % DESPITE_FLAG
         note = ""
         try:
             if past_commit:
@@ -383,8 +428,8 @@ class Resolver:
                           "operator: destination %s died before committing" % rec.dest)
                 self.settler.reclaim_source(migration_id, reason)
             elif to == "destination":
-                # the operator's decision: no post-import check (the plan
-                # shows any commit that check refused)
+                # the plan above ran the post-import check (passed, or the
+                # operator overrode it): not again inside the commit
                 self.settler.commit(migration_id, check_import=False)
             else:
                 self._to_source(migration_id, reason)

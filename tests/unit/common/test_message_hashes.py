@@ -86,7 +86,7 @@ EXPECTED = {
     "engine.VtpcmStatus": "1.3-475e6b1ec7a0b869735dcefdb51f4a0c",
     "engine.ForgetHost": "1.8-254dfc95f3d2400a7f95ad6278fcba40",
     "engine.Resolution": "1.7-6b995ffd26a29cb70a92fedc3ec43dab",
-    "engine.ResolveMigration": "1.8-ce891649b988cc3754f579d49895df24",
+    "engine.ResolveMigration": "1.13-bbe0151091e6598a9d9c826ee7e8b4c2",
     "engine.SwtpmRestartReport": "1.7-3e7effc8539641dd2bfaa61089680f58",
 }
 

@@ -164,14 +164,13 @@ AGENT_CALLS: dict[str, tuple[str, Any]] = {
     "incoming_state": ("1.7", lambda api: api.incoming_state(HOST, CONTEXT)),
     # 1.8, signed
     "reclaim_outgoing": ("1.8", lambda api: api.reclaim_outgoing(HOST, CONTEXT, 6)),
-    # 1.12, signed
+    # 1.12, unsigned request (read-only; the reply is signed, bound to it)
     "state_digest": ("1.12", lambda api: api.state_digest(HOST, CONTEXT, "source",
                                                           b"n" * 32)),
 }
 AGENT_SIGNED = {"create", "start", "stop", "destroy", "export_state", "import_state",
                 "seal_migration_key", "prepare_incoming", "commit_incoming",
-                "commit_outgoing", "abort_incoming", "abort_outgoing", "reclaim_outgoing",
-                "state_digest"}
+                "commit_outgoing", "abort_incoming", "abort_outgoing", "reclaim_outgoing"}
 
 ENGINE_CALLS: dict[str, tuple[str, Any]] = {
     # 1.0, unsigned
@@ -400,6 +399,26 @@ def test_the_1_8_decisions_go_as_1_8_only_when_asked(call, flag):
     capped.client = recorder
     with pytest.raises(exception.RPCVersionCapped):
         call(capped)
+    assert recorder.sent == []
+
+
+def test_resolve_despite_import_check_goes_as_1_13_only_when_asked():
+    """Engine API 1.13: the override goes only when true, as 1.13; a plain
+    resolve stays 1.7, and a client capped at 1.12 refuses the override."""
+    def override(api):
+        return api.resolve_migration(MIGRATION, "destination", execute=True,
+                                     despite_import_check=True)
+    sent = _sent(_engine_api(), override)
+    assert sent["version"] == "1.13"
+    assert sent["args"]["payload"]["despite_import_check"] is True
+    sent = _sent(_engine_api(), lambda api: api.resolve_migration(MIGRATION, "destination"))
+    assert sent["version"] == "1.7"
+    assert "despite_import_check" not in sent["args"]["payload"]
+    capped = engine_rpcapi.EngineAPI(_conf(), admin_signer=_signer(), version_cap="1.12")
+    recorder = RecordingClient()
+    capped.client = recorder
+    with pytest.raises(exception.RPCVersionCapped):
+        override(capped)
     assert recorder.sent == []
 
 

@@ -188,7 +188,9 @@ class FakeAgents:
 
     def state_digest(self, host, context, side, nonce):
         self.digest_calls.append((host, side, nonce))
-        err = self.fail.pop("state_digest", None)
+        # both sides are asked at once: a failure for one host only
+        err = self.fail.pop(("state_digest", host), None) or self.fail.pop("state_digest",
+                                                                           None)
         if err is not None:
             raise err
         state = self.states.get(side, b"the permanent state")

@@ -70,9 +70,11 @@ class FakeEngine:
         return host_info(host)
 
     def resolve_migration(self, migration_id: str, to: str, execute: bool = False,
-                          past_commit: bool = False) -> m.Resolution:
+                          past_commit: bool = False,
+                          despite_import_check: bool = False) -> m.Resolution:
         self._record("resolve_migration", migration_id, to, execute,
-                     *(("past_commit",) if past_commit else ()))
+                     *(("past_commit",) if past_commit else ()),
+                     *(("despite_import_check",) if despite_import_check else ()))
         return m.Resolution(action="resolve migration %s to the %s" % (migration_id, to),
                             plan="Abort migration ...", done=execute, state="IN_DOUBT")
 

@@ -47,7 +47,9 @@ def _prepared(env):  # noqa: F811
 def test_equal_digests_commit_under_one_fresh_nonce_per_check(env):  # noqa: F811
     coord, db, agents, mid = _prepared(env)
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
-    (src, side_s, nonce_s), (dst, side_d, nonce_d) = agents.digest_calls
+    # asked at once: in either order
+    (dst, side_d, nonce_d), (src, side_s, nonce_s) = sorted(agents.digest_calls,
+                                                            key=lambda c: c[1])
     assert (src, side_s, dst, side_d) == ("host-a", "source", "host-b", "destination")
     assert nonce_s == nonce_d and len(nonce_s) == statedigest.NONCE_SIZE
     assert names(agents)[-2:] == ["commit_incoming", "commit_outgoing"]
@@ -58,6 +60,33 @@ def test_equal_digests_commit_under_one_fresh_nonce_per_check(env):  # noqa: F81
     coord.begin(mid2, other, "host-a", "host-b")
     coord.commit(mid2, requested_by="host-a")
     assert agents.digest_calls[2][2] == agents.digest_calls[3][2] != nonce_s
+
+
+def test_both_sides_are_asked_at_once_and_both_finish_before_deciding(env):  # noqa: F811
+    """Review cost finding: the destination is asked while the source is
+    (not after it), and a failing source still waits for the destination's
+    call to end before the error goes out (no work left behind)."""
+    import threading
+    coord, db, agents, mid = _prepared(env)
+    both_in = threading.Barrier(2, timeout=5)
+    dest_done = threading.Event()
+    real = agents.state_digest
+
+    def digest(host, context, side, nonce):
+        both_in.wait()  # BrokenBarrierError after 5 s if asked one after the other
+        if side == "source":
+            raise exception.ServiceUnreachable(service="vtpcm-agent.host-a",
+                                               method="state_digest", reason="timeout")
+        answer = real(host, context, side, nonce)
+        dest_done.set()
+        return answer
+
+    agents.state_digest = digest
+    with pytest.raises(exception.ServiceUnreachable):
+        coord.commit(mid, requested_by="host-a")
+    assert dest_done.is_set()
+    agents.state_digest = real
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
 
 
 def test_a_destination_that_imported_another_state_is_refused(env):  # noqa: F811
@@ -112,13 +141,28 @@ def test_an_older_agent_seen_through_a_verifying_client_holds_the_commit(env):  
     unauthenticated reply; its signed health names its API."""
     coord, db, agents, mid = _prepared(env)
     agents.api_version["host-a"] = "1.11"
-    agents.fail["state_digest"] = exception.ReplyNotAuthenticated(
+    agents.fail["state_digest", "host-a"] = exception.ReplyNotAuthenticated(
         host="host-a", method="state_digest", reason="an unsigned error reply "
         "(UnsupportedVersion) (an agent older than API 1.6, or a forgery)")
     with pytest.raises(exception.ImportedStateUnverified,
                        match="runs agent API 1.11, older than 1.12"):
         coord.commit(mid, requested_by="host-a")
     _untouched(db, agents, mid, "PREPARED")
+
+
+def test_a_revoked_hosts_health_does_not_turn_no_answer_into_a_refusal(env):  # noqa: F811
+    """Only an APPROVED host's signed health counts (review LOW 6): a
+    revoked host's "older than 1.12" keeps the original error (retried,
+    not an audited refusal)."""
+    coord, db, agents, mid = _prepared(env)
+    db.revoke_host("host-a")
+    agents.api_version["host-a"] = "1.11"
+    agents.fail["state_digest"] = exception.ReplyNotAuthenticated(
+        host="host-a", method="state_digest", reason="an unsigned error reply")
+    with pytest.raises(exception.ReplyNotAuthenticated):
+        coord.commit(mid, requested_by="host-a")
+    assert db.get_migration(mid).state == "PREPARED"
+    assert _commit_refusals(db, mid) == []
 
 
 @pytest.mark.parametrize("err", [
@@ -161,15 +205,44 @@ def test_a_commit_in_doubt_is_checked(env):  # noqa: F811
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
 
 
-def test_a_cold_commit_is_checked(env):  # noqa: F811
+def test_a_cold_commit_is_not_checked(env):  # noqa: F811
+    """Cold migration, resize: the engine carried the blobs itself (signed
+    export/import), and the confirm comes after the guest booted (its
+    CMD_INIT supersedes the capture): no state_digest is asked."""
     mid = str(uuid.uuid4())
     coord, db, agents, _ = _cold(env, mid)
     coord.transfer(mid, requested_by="host-a")
+    agents.states["destination"] = ROLLED_BACK  # would refuse, if asked
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert agents.digest_calls == []
+
+
+def test_a_cold_commit_in_doubt_is_not_checked(env):  # noqa: F811
+    """A resize confirmed after its deadline made it IN_DOUBT: still the
+    cold path (an audited transfer), so no check."""
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    coord.transfer(mid, requested_by="host-a")
+    env[4]["now"] += datetime.timedelta(hours=5)
+    agents.fail["abort_incoming"] = exception.DestinationInUse(migration_id=mid,
+                                                               reason="received")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
     agents.states["destination"] = ROLLED_BACK
-    with pytest.raises(exception.ImportedStateMismatch):
-        coord.commit(mid, requested_by="host-a")
-    assert db.get_migration(mid).state == "TRANSFERRED"
-    assert "commit_incoming" not in names(agents)
+    assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
+    assert agents.digest_calls == []
+
+
+def test_an_unshelve_commits_without_a_check(env):  # noqa: F811
+    """Unshelve is engine-driven (transfer then commit): never checked, so
+    never left TRANSFERRED by a refusal (review MEDIUM 3)."""
+    from tests.unit.engine.test_coordinator_cold import _shelved
+    coord, db, agents, _, _ = _shelved(env)
+    agents.states["destination"] = ROLLED_BACK  # would refuse, if asked
+    coord.unshelve_vtpcm(INSTANCE, "host-b", requested_by="host-b")
+    rec = db.get_vtpcm(INSTANCE)
+    assert rec.host == "host-b" and rec.migration_id is None
+    assert agents.digest_calls == []
 
 
 def test_a_commit_past_its_commit_point_is_not_checked_again(env):  # noqa: F811
@@ -186,21 +259,96 @@ def test_a_commit_past_its_commit_point_is_not_checked_again(env):  # noqa: F811
     assert len(agents.digest_calls) == 2
 
 
-def test_resolve_to_the_destination_shows_the_refusal_and_does_not_check(env):  # noqa: F811
-    """The operator's explicit decision: not checked again, but the plan
-    says the post-import check refused this migration."""
+def _resolver(db, coord, mid):
+    return Resolver(db, coord, _get(mid), lambda h: Answer.VERIFIED, _incoming(True))
+
+
+def _resolve_audits(db, mid, outcome):
+    return [a.detail for a in db.list_audit(limit=100)
+            if (a.migration_id, a.event, a.outcome) == (mid, "migration.resolve", outcome)]
+
+
+def test_resolve_to_the_destination_checks_and_refuses_without_the_override(env):  # noqa: F811
+    """The resolve runs the check itself: a mismatch refuses it (audited),
+    naming the outcome and the flag; the override commits, audited."""
     coord, db, agents, mid = _prepared(env)
     agents.states["destination"] = ROLLED_BACK
     with pytest.raises(exception.ImportedStateMismatch):
         coord.commit(mid, requested_by="host-a")
-    res = Resolver(db, coord, _get(mid), lambda h: Answer.VERIFIED, _incoming(True))
-    plan, state = res.resolve_migration(mid, "destination", execute=False)
-    assert plan.allowed and state == "PREPARED"
-    assert plan.text.startswith("WARNING: the engine's post-import check refused this "
-                                "migration's commit (post-import check: the permanent")
+    res = _resolver(db, coord, mid)
     calls = len(agents.digest_calls)
-    assert res.resolve_migration(mid, "destination", execute=True)[1] == "COMMITTED"
-    assert len(agents.digest_calls) == calls
+    for execute in (False, True):
+        with pytest.raises(exception.ResolutionRefused,
+                           match="NOT the source's.*--despite-import-check"):
+            res.resolve_migration(mid, "destination", execute=execute)
+    assert len(agents.digest_calls) == calls + 4  # a fresh check each time
+    assert db.get_migration(mid).state == "PREPARED"
+    assert len(_resolve_audits(db, mid, "refused")) == 2
+    plan, state = res.resolve_migration(mid, "destination", execute=True,
+                                        despite_import_check=True)
+    assert state == "COMMITTED" and "overrides it (--despite-import-check)" in plan.text
+    (done,) = _resolve_audits(db, mid, "resolved")
+    assert "NOT the source's" in done and "Overridden by the operator" in done
+
+
+@pytest.mark.parametrize("no_answer", [
+    exception.ServiceUnreachable(service="vtpcm-agent.host-b", method="state_digest",
+                                 reason="MessagingTimeout"),
+    exception.ReplyNotAuthenticated(host="host-b", method="state_digest",
+                                    reason="an unsigned error reply"),
+    None])  # the source's commit never came
+def test_a_check_that_never_answered_does_not_let_resolve_commit_unchecked(
+        env, no_answer):  # noqa: F811
+    """Review HIGH 1 (test_F1): no audited refusal, IN_DOUBT by the
+    deadline; the resolve's own check finds the rolled back copy (or gets
+    no answer again) and refuses."""
+    coord, db, agents, mid = _prepared(env)
+    agents.states["destination"] = ROLLED_BACK
+    if no_answer is not None:
+        agents.fail["state_digest"] = no_answer
+        with pytest.raises(type(no_answer)):
+            coord.commit(mid, requested_by="host-a")
+    _switched_over(agents, mid)
+    env[4]["now"] += datetime.timedelta(seconds=61)
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    res = _resolver(db, coord, mid)
+    with pytest.raises(exception.ResolutionRefused, match="NOT the source's"):
+        res.resolve_migration(mid, "destination", execute=True)
+    if no_answer is not None:
+        agents.fail["state_digest"] = no_answer  # still no answer: refused as such
+        with pytest.raises(exception.ResolutionRefused, match="no answer"):
+            res.resolve_migration(mid, "destination", execute=True)
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    assert db.get_vtpcm(INSTANCE).host == "host-a"
+    agents.states.clear()  # the destination imported the source's state
+    plan, state = res.resolve_migration(mid, "destination", execute=True)
+    assert state == "COMMITTED" and "Post-import check passed" in plan.text
+    assert "Post-import check passed" in _resolve_audits(db, mid, "resolved")[0]
+
+
+def test_resolve_with_the_check_off_says_so(env):  # noqa: F811
+    coord, db, agents, mid = _prepared(env)
+    coord.post_import_check = False
+    plan, _ = _resolver(db, coord, mid).resolve_migration(mid, "destination",
+                                                          execute=False)
+    assert plan.allowed and "The post-import check is off" in plan.text
+    assert agents.digest_calls == []
+
+
+def test_resolve_of_a_cold_migration_in_doubt_asks_no_digest(env):  # noqa: F811
+    mid = str(uuid.uuid4())
+    coord, db, agents, _ = _cold(env, mid)
+    coord.transfer(mid, requested_by="host-a")
+    env[4]["now"] += datetime.timedelta(hours=5)
+    agents.fail["abort_incoming"] = exception.DestinationInUse(migration_id=mid,
+                                                               reason="received")
+    coord.reconcile()
+    assert db.get_migration(mid).state == "IN_DOUBT"
+    plan, state = _resolver(db, coord, mid).resolve_migration(mid, "destination",
+                                                              execute=True)
+    assert state == "COMMITTED" and "ost-import" not in plan.text
+    assert agents.digest_calls == []
 
 
 def test_a_commit_that_passed_the_point_meanwhile_is_not_refused(env):  # noqa: F811

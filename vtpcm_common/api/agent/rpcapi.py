@@ -63,7 +63,10 @@ API version history:
           for the Nova driver's DAC label (``[vtpcm] qemu_dac_label``).
           Capped below 1.11 (or an older agent) the driver refuses to build
           a labelled guest.
-    1.12 - state_digest (signed request, signed reply): a keyed digest of
+    1.12 - state_digest (unsigned read-only request, like incoming_state;
+          signed reply bound to the request; made so before 1.12 was
+          released, to save the engine's signature on the commit's path):
+          a keyed digest of
           the permanent state of one side of a migration, the source's
           current one or the destination's first write after the import,
           for the engine's post-import check before the commit point.
@@ -109,7 +112,7 @@ R = TypeVar("R", bound=Message)
 SIGNED_METHODS = frozenset({"create", "start", "stop", "destroy", "export_state",
                             "import_state", "seal_migration_key", "prepare_incoming",
                             "commit_incoming", "commit_outgoing", "abort_incoming",
-                            "abort_outgoing", "reclaim_outgoing", "state_digest"})
+                            "abort_outgoing", "reclaim_outgoing"})
 # Unsigned methods (any broker client may call them) that the engine signs
 # all the same, so that the agent serves its calls ahead of its rate limit
 # for unsigned ones; an agent that does not know this ignores ``auth``.

@@ -313,6 +313,10 @@ class ResolveMigration(Message):
     # 1.8: back to the source past the commit point (the destination died
     # before committing); sent only when true, as 1.8.
     past_commit: bool = field(wire.bool_field, default=False, omit_default=True)
+    # 1.13: to the destination, commit although the post-import check the
+    # resolve runs did not pass; sent only when true, as 1.13.
+    despite_import_check: bool = field(wire.bool_field, default=False,
+                                       omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -85,6 +85,11 @@ API version history:
           unshelve elsewhere, and the reaper's shred, need one when
           ``[nova] require_api_witness`` is set. Older callers never send
           it and keep working.
+    1.13 - resolve_migration ``despite_import_check``: ``--to destination``
+          runs the post-import check itself and refuses unless it passed;
+          this field is the operator's explicit override. Sent only when
+          true, and then as 1.13 (capped below, the client refuses that
+          decision, ``RPCVersionCapped``).
 
 Each call is prepared with the version that introduced the method in the
 form this client sends it (``METHOD_VERSIONS``): the admin methods carry
@@ -110,7 +115,7 @@ from vtpcm_common import authn, exception, rpc
 from vtpcm_common.api.engine import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.12"
+RPC_API_VERSION = "1.13"
 
 R = TypeVar("R", bound=Message)
 # abort with the instance (the tombstone of an unrecorded migration)
@@ -379,9 +384,12 @@ class EngineAPI(rpc.Client):
                          m.MigrationInfo, timeout=timeout)
 
     def resolve_migration(self, migration_id: str, to: str, execute: bool = False,
-                          past_commit: bool = False) -> m.Resolution:
-        return self._call("resolve_migration", "1.8" if past_commit else "1.7",
-                          m.ResolveMigration(migration_id, to, execute, past_commit),
+                          past_commit: bool = False,
+                          despite_import_check: bool = False) -> m.Resolution:
+        version = "1.13" if despite_import_check else "1.8" if past_commit else "1.7"
+        return self._call("resolve_migration", version,
+                          m.ResolveMigration(migration_id, to, execute, past_commit,
+                                             despite_import_check),
                           m.Resolution, signer=self.signer)
 
     def forget_host(self, host: str, execute: bool = False,

@@ -19,7 +19,8 @@ Commands::
     vtpcm list [--state STATE] [--host HOST]
     vtpcm destroy INSTANCE_UUID [--yes]  (SHELVED, or a reported orphan; operator-signed)
     migration show MIGRATION_ID
-    migration resolve MIGRATION_ID --to source|destination [--past-commit] [--yes]
+    migration resolve MIGRATION_ID --to source|destination [--past-commit]
+        [--despite-import-check] [--yes]
     hosts forget HOST [--despite-unverified-answers] [--yes]
     keys create PATH
     db sync [--revision REV] | db version

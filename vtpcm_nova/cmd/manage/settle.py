@@ -31,7 +31,8 @@ def _answer(res: m.Resolution) -> Result:
 
 def migration_resolve(api: EngineAPI, args: argparse.Namespace) -> Result:
     return _answer(api.resolve_migration(args.migration_id, args.to, execute=args.yes,
-                                         past_commit=args.past_commit))
+                                         past_commit=args.past_commit,
+                                         despite_import_check=args.despite_import_check))
 
 
 def hosts_forget(api: EngineAPI, args: argparse.Namespace) -> Result:
@@ -58,6 +59,11 @@ def add_commands(hosts: Any, migration: Any,
                               "commit point, only for a destination revoked after it died "
                               "before committing (the guest's TPM goes back to its state "
                               "at the switchover)")
+    resolve.add_argument("--despite-import-check", action="store_true",
+                         help="with --to destination: commit although the post-import "
+                              "check (which the resolve runs) did not pass: the "
+                              "destination's state is not the source's, cannot be "
+                              "checked, or got no answer (audited; engine API 1.13)")
     resolve.add_argument("--yes", action="store_true", help=yes)
     forget = command(hosts, "forget", hosts_forget,
                      "forget a revoked host gone for good: its enrollment, keys and the "
