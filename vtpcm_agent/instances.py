@@ -843,20 +843,32 @@ class InstanceManager:
             return None, LOST_IN_RESTART
         return None, "the state dir is not watched and holds no state"
 
-    @serialized
     def state_digest(self, ctx: sealing.SealContext, side: str,
                      nonce: bytes) -> tuple[bytes | None, str]:
         """The post-import check's digest (``statedigest``) of this side's
         permanent state: the source's current one (its guest is paused by
         then), the destination's as its swtpm first wrote it after
         prepare_incoming (the import, before any guest write), or None and
-        why not. Refuses a vTPCM not in that migration on that side."""
+        why not. Refuses a vTPCM not in that migration on that side.
+
+        Anyone on the broker may ask (unsigned, read-only), so a request
+        for another host or an instance this agent does not know is refused
+        before the per-instance lock is made: those locks are never freed,
+        and random ids would grow the table without bound (review of the
+        unsigned request, MEDIUM)."""
         host = ctx.source_host if side == "source" else ctx.dest_host
         if side not in ("source", "destination") or host != self.settings.host:
             raise exception.MigrationError(
                 migration_id=ctx.migration_id,
                 reason="this host is %s, asked as the %s side (source %s, destination %s)"
                 % (self.settings.host, side, ctx.source_host, ctx.dest_host))
+        if self.associations.find(ctx.instance_uuid) is None:
+            raise exception.NotFound(what="vTPCM of instance", key=ctx.instance_uuid)
+        return self._state_digest(ctx, side, nonce)
+
+    @serialized
+    def _state_digest(self, ctx: sealing.SealContext, side: str,
+                      nonce: bytes) -> tuple[bytes | None, str]:
         assoc = self.associations.get(ctx.instance_uuid)
         if side == "source":
             self._check_migration(assoc, ctx, S.MIGRATING_OUT)

@@ -919,6 +919,18 @@ class Coordinator(ShelvingMixin):
             ask(*sides[0])
         finally:
             other.join()
+        source, dest = outcomes["source"], outcomes["destination"]
+        if isinstance(source, BaseException) and not isinstance(dest, BaseException) \
+                and dest.side == "destination" and dest.digest is None:
+            # the destination's "cannot tell" is definitive whatever the
+            # source's (retryable) error: a retry would only be refused
+            raise exception.ImportedStateUnverified(
+                migration_id=ctx.migration_id,
+                reason="the destination %s cannot tell its permanent state: %s"
+                       % (ctx.dest_host, dest.reason or "no reason given"))
+        if isinstance(source, BaseException) and isinstance(dest, BaseException):
+            LOG.warning("Migration %(mig)s: the destination's state digest failed too: "
+                        "%(err)s", {"mig": ctx.migration_id, "err": dest})
         digests = []
         for side, host in sides:
             answer = outcomes[side]

@@ -3,6 +3,7 @@ refused before the TPM is touched; the engine's vouched (signed) calls are
 not counted, and a vouched call whose signature does not verify is refused."""
 
 import logging
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,9 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from oslo_messaging.rpc.dispatcher import ExpectedException
 
+from vtpcm_agent import association, instances
 from vtpcm_agent.hosttpm import QuoteResult
+from vtpcm_agent.keystore import DevKeyFileHostKey, KeyStore
 from vtpcm_agent.manager import AgentManager
 from vtpcm_common import authn, exception
 from vtpcm_common.api.agent import messages as m
@@ -129,3 +132,41 @@ def test_a_flood_of_refusals_is_logged_at_debug_with_a_bounded_warning(
     assert len(debug) == refused
     assert len(warnings) <= 1  # the periodic count (once a minute per process)
     assert all("calls refused" in r.getMessage() for r in warnings)
+
+
+def _manager_over_real_files(tmp_path: Path) -> tuple[AgentManager, Any]:
+    settings = instances.AgentSettings(host=HOST, state_root=tmp_path / "s",
+                                       run_dir=tmp_path / "r",
+                                       subid_files=(tmp_path / "none",))
+    im = instances.InstanceManager(
+        settings, association.AssociationList(tmp_path / "a.sqlite"),
+        KeyStore(tmp_path / "k", DevKeyFileHostKey(tmp_path / "hk")))
+    return AgentManager(HOST, im), im
+
+
+def _digest_request(instance_uuid: str) -> dict[str, Any]:
+    ctx = m.MigrationContext(migration_id=str(uuid.uuid4()), instance_uuid=instance_uuid,
+                             generation=0, source_host=HOST, dest_host="other")
+    return m.StateDigestRequest(context=ctx, side="source", nonce=b"n" * 32).to_wire()
+
+
+def test_unsigned_state_digests_for_unknown_instances_leave_no_lock_behind(tmp_path: Path):
+    """state_digest is unsigned: a broker client's requests for instances
+    this agent does not know are refused (NotFound) before the per-instance
+    lock, which is never freed, is made (review of the unsigned request,
+    MEDIUM: 20,000 random ids left 20,000 locks)."""
+    agent, im = _manager_over_real_files(tmp_path)
+    for _ in range(200):
+        with pytest.raises(ExpectedException) as caught:
+            agent.state_digest({}, payload=_digest_request(str(uuid.uuid4())))
+        assert isinstance(caught.value.exc_info[1], exception.NotFound)
+    assert im._locks == {}
+    # positive control: a known instance does take its lock (then is
+    # refused: it is not migrating out), so the count above can move
+    known = str(uuid.uuid4())
+    im.associations.add(instance_uuid=known, vtpcm_id=str(uuid.uuid4()),
+                        state=association.VTPCMState.CREATING, generation=0,
+                        state_dir=str(tmp_path / "sd"), ctrl_socket=str(tmp_path / "c"))
+    with pytest.raises(ExpectedException):
+        agent.state_digest({}, payload=_digest_request(known))
+    assert list(im._locks) == [known]

@@ -384,3 +384,16 @@ def test_a_commit_whose_agent_refuses_because_another_commit_passed_is_done(env)
     agents.state_digest = racing
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
     assert _commit_refusals(db, mid) == []
+
+
+def test_a_destination_that_cannot_tell_is_definitive_though_the_source_failed(env):  # noqa: F811
+    """Both asked at once: the source's transport error (retryable) must not
+    hide the destination's definitive "cannot tell", which a retry would
+    only meet again (review of the concurrent check, LOW 3)."""
+    coord, db, agents, mid = _prepared(env)
+    agents.states["destination"] = "the swtpm's storage was opened again after the import"
+    agents.fail["state_digest", "host-a"] = exception.ServiceUnreachable(
+        service="vtpcm-agent.host-a", method="state_digest", reason="timed out")
+    with pytest.raises(exception.ImportedStateUnverified, match="storage was opened again"):
+        coord.commit(mid, requested_by="host-a")
+    _untouched(db, agents, mid, "PREPARED")
