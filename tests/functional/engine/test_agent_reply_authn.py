@@ -28,9 +28,15 @@ pytestmark = pytest.mark.functional
 
 @pytest.fixture(scope="module")
 def deployment():
+    # [engine] post_import_check off: with the thief on the source's queue
+    # the check's state_digest is refused as well (an unsigned "no such
+    # method"), and the commit stops BEFORE its commit point; what is tested
+    # here is the stolen commit_outgoing past it (the check's own refusal of
+    # unauthenticated answers: tests/unit/engine/test_post_import_check.py)
     spec = Spec("rep", labels=("a", "b", "c"), engine={
         "attestation": {"auto_approve": "true", "verdict_ttl": 600},
-        "migration": {"reconcile_interval": 2}}, trust=Trust(labels=("a", "b")))
+        "migration": {"reconcile_interval": 2},
+        "engine": {"post_import_check": "false"}}, trust=Trust(labels=("a", "b")))
     with build(spec) as d:
         yield d
 
