@@ -727,6 +727,18 @@ class Coordinator(ShelvingMixin):
                 if isinstance(err, (exception.ImportedStateMismatch,
                                     exception.ImportedStateUnverified)):
                     self._audit_import_refusal(ctx, proto.state, err)
+                    raise
+                now = self.db.get_migration(migration_id).state
+                if now != proto.state.value:
+                    # an abort moved it on meanwhile (the agents' "not
+                    # found" was about a discarded incoming vTPCM): the
+                    # commit lost that race, as a lost compare-and-set in
+                    # _advance would have told it
+                    raise exception.MigrationError(
+                        migration_id=migration_id,
+                        reason="state changed concurrently (expected %s, now %s) while "
+                               "its post-import check ran" % (proto.state.value, now)
+                    ) from None
                 raise
         try:
             self._advance(proto, ctx, p.CommitRequested(), shred_later=shred_later)

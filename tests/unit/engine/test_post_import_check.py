@@ -397,3 +397,25 @@ def test_a_destination_that_cannot_tell_is_definitive_though_the_source_failed(e
     with pytest.raises(exception.ImportedStateUnverified, match="storage was opened again"):
         coord.commit(mid, requested_by="host-a")
     _untouched(db, agents, mid, "PREPARED")
+
+
+def test_a_commit_whose_check_meets_an_abort_is_refused_as_a_lost_race(env):  # noqa: F811
+    """A commit racing an abort (found under load, tests/functional/engine/
+    test_load.py): the abort discards the incoming vTPCM while the check
+    asks its agent, which answers "not found". The commit lost the race and
+    says so (MigrationError, as a lost compare-and-set does), not the
+    agent's NotFound, which Nova's driver does not take for a refusal."""
+    coord, db, agents, mid = _prepared(env)
+    asked = agents.state_digest
+
+    def abort_meanwhile(host, context, side, nonce):
+        if side == "destination":
+            coord.abort(mid, "rolled back meanwhile")
+            raise exception.NotFound(what="vTPCM of instance", key=INSTANCE)
+        return asked(host, context, side, nonce)
+    agents.state_digest = abort_meanwhile
+    with pytest.raises(exception.MigrationError, match="state changed concurrently "
+                       r"\(expected PREPARED, now ABORTED\) while its post-import check ran"):
+        coord.commit(mid, requested_by="host-a")
+    assert db.get_migration(mid).state == "ABORTED"
+    assert _commit_refusals(db, mid) == []
