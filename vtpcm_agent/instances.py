@@ -881,19 +881,14 @@ class InstanceManager:
                     reason="cannot be read: %s" % (
                         exc if isinstance(exc, ValueError)
                         else os.strerror(exc.errno or 0))) from None
-            plain = permall.decrypt_state_file(
-                data, self.keystore.get(assoc.vtpcm_id).at_rest_key)
-            outcome: tuple[bytes | None, str] = (
-                statedigest.permanent_state_digest(nonce, plain), "")
+            outcome: tuple[bytes | None, str] = (self._keyed_digest(assoc, data, nonce), "")
         else:
             self._check_migration(assoc, ctx, S.MIGRATING_IN)
             captured, reason = self._capture_of(assoc)
             outcome = (None, reason)
             if captured is not None:
                 try:
-                    plain = permall.decrypt_state_file(
-                        captured, self.keystore.get(assoc.vtpcm_id).at_rest_key)
-                    outcome = (statedigest.permanent_state_digest(nonce, plain), "")
+                    outcome = (self._keyed_digest(assoc, captured, nonce), "")
                 except exception.StateFileError as exc:
                     outcome = (None, "the captured first write does not decrypt: %s"
                                % exc.message)
@@ -903,6 +898,13 @@ class InstanceManager:
                   "mig": ctx.migration_id, "side": side,
                   "what": "answered" if outcome[0] is not None else "none, " + outcome[1]})
         return outcome
+
+    def _keyed_digest(self, assoc: Association, state_file: bytes, nonce: bytes) -> bytes:
+        """``statedigest`` of the plaintext in one of this vTPCM's at-rest
+        state files (StateFileError if it is not one)."""
+        plain = permall.decrypt_state_file(state_file,
+                                           self.keystore.get(assoc.vtpcm_id).at_rest_key)
+        return statedigest.permanent_state_digest(nonce, plain)
 
     # --- crash recovery ---------------------------------------------------------
 

@@ -931,18 +931,19 @@ class Coordinator(ShelvingMixin):
             ask(*sides[0])
         finally:
             other.join()
-        source, dest = outcomes["source"], outcomes["destination"]
-        if isinstance(source, BaseException) and not isinstance(dest, BaseException) \
-                and dest.side == "destination" and dest.digest is None:
-            # the destination's "cannot tell" is definitive whatever the
-            # source's (retryable) error: a retry would only be refused
-            raise exception.ImportedStateUnverified(
-                migration_id=ctx.migration_id,
-                reason="the destination %s cannot tell its permanent state: %s"
-                       % (ctx.dest_host, dest.reason or "no reason given"))
-        if isinstance(source, BaseException) and isinstance(dest, BaseException):
+        # a side's "cannot tell" is definitive whatever the other side's
+        # (retryable) error: a retry would only be refused again
+        for side, host in sides:
+            answer = outcomes[side]
+            if not isinstance(answer, BaseException) and answer.side == side \
+                    and answer.digest is None:
+                raise exception.ImportedStateUnverified(
+                    migration_id=ctx.migration_id,
+                    reason="the %s %s cannot tell its permanent state: %s"
+                           % (side, host, answer.reason or "no reason given"))
+        if all(isinstance(outcomes[side], BaseException) for side, _ in sides):
             LOG.warning("Migration %(mig)s: the destination's state digest failed too: "
-                        "%(err)s", {"mig": ctx.migration_id, "err": dest})
+                        "%(err)s", {"mig": ctx.migration_id, "err": outcomes["destination"]})
         digests = []
         for side, host in sides:
             answer = outcomes[side]
@@ -953,11 +954,7 @@ class Coordinator(ShelvingMixin):
                     migration_id=ctx.migration_id,
                     reason="the agent of %s answered the %s's digest when asked the %s's"
                            % (host, answer.side, side))
-            if answer.digest is None:
-                raise exception.ImportedStateUnverified(
-                    migration_id=ctx.migration_id,
-                    reason="the %s %s cannot tell its permanent state: %s"
-                           % (side, host, answer.reason or "no reason given"))
+            assert answer.digest is not None  # a None answer was raised above
             digests.append(answer.digest)
         if not statedigest.same(digests[0], digests[1]):
             raise exception.ImportedStateMismatch(
