@@ -217,9 +217,9 @@ def test_a_cold_commit_is_not_checked(env):  # noqa: F811
     assert agents.digest_calls == []
 
 
-def test_a_cold_commit_in_doubt_is_not_checked(env):  # noqa: F811
-    """A resize confirmed after its deadline made it IN_DOUBT: still the
-    cold path (an audited transfer), so no check."""
+def _cold_in_doubt(env):  # noqa: F811
+    """A cold migration whose blobs the engine transferred (audited), then
+    IN_DOUBT: its deadline passed and the destination keeps what it got."""
     mid = str(uuid.uuid4())
     coord, db, agents, _ = _cold(env, mid)
     coord.transfer(mid, requested_by="host-a")
@@ -228,6 +228,13 @@ def test_a_cold_commit_in_doubt_is_not_checked(env):  # noqa: F811
                                                                reason="received")
     coord.reconcile()
     assert db.get_migration(mid).state == "IN_DOUBT"
+    return coord, db, agents, mid
+
+
+def test_a_cold_commit_in_doubt_is_not_checked(env):  # noqa: F811
+    """A resize confirmed after its deadline made it IN_DOUBT: still the
+    cold path (an audited transfer), so no check."""
+    coord, db, agents, mid = _cold_in_doubt(env)
     agents.states["destination"] = ROLLED_BACK
     assert coord.commit(mid, requested_by="host-a").state == "COMMITTED"
     assert agents.digest_calls == []
@@ -337,14 +344,7 @@ def test_resolve_with_the_check_off_says_so(env):  # noqa: F811
 
 
 def test_resolve_of_a_cold_migration_in_doubt_asks_no_digest(env):  # noqa: F811
-    mid = str(uuid.uuid4())
-    coord, db, agents, _ = _cold(env, mid)
-    coord.transfer(mid, requested_by="host-a")
-    env[4]["now"] += datetime.timedelta(hours=5)
-    agents.fail["abort_incoming"] = exception.DestinationInUse(migration_id=mid,
-                                                               reason="received")
-    coord.reconcile()
-    assert db.get_migration(mid).state == "IN_DOUBT"
+    coord, db, agents, mid = _cold_in_doubt(env)
     plan, state = _resolver(db, coord, mid).resolve_migration(mid, "destination",
                                                               execute=True)
     assert state == "COMMITTED" and "ost-import" not in plan.text
