@@ -25,8 +25,9 @@ from tpm2_pytss.types import (
 )
 
 from tests import leakscan
-from vtpcm_agent.swtpm import ctrl, process
+from vtpcm_agent.swtpm import ctrl, framing, process
 from vtpcm_agent.swtpm.keypipe import key_pipe
+from vtpcm_common import exception
 
 NV_INDEX = 0x01500016
 PERSISTENT = 0x81000010
@@ -228,3 +229,34 @@ def secret_offsets(plain: bytes, public: list[bytes], candidates: set[int]) -> s
 
 def files(*dirs: Path) -> list[Path]:
     return [p for d in dirs for p in d.rglob("*") if p.is_file()]
+
+
+# swtpm's answer to GET_STATEBLOB savestate without a savestate file
+TPM_RETRY = 0x800
+
+
+def qemu_pre_save(paths: process.SwtpmPaths) -> list[ctrl.StateBlob]:
+    """What QEMU 7.2's tpm_emulator pre-save reads from the source's swtpm
+    in a live migration: permanent, volatile and savestate blobs
+    (DECRYPTED: the at-rest layer stripped, the migration-key layer on);
+    no savestate file means an empty one, as QEMU sends it."""
+    blobs = []
+    with ctrl.CtrlClient(paths.ctrl_socket) as client:
+        for blob_type in (ctrl.BlobType.PERMANENT, ctrl.BlobType.VOLATILE):
+            blobs.append(client.get_stateblob(blob_type, decrypted=True))
+        try:
+            blobs.append(client.get_stateblob(ctrl.BlobType.SAVESTATE, decrypted=True))
+        except exception.CtrlChannelError as exc:
+            assert framing.error_result(exc) == TPM_RETRY
+            blobs.append(ctrl.StateBlob(ctrl.BlobType.SAVESTATE, 0, b""))
+    return blobs
+
+
+def qemu_post_load(paths: process.SwtpmPaths, blobs: list[ctrl.StateBlob]) -> None:
+    """QEMU's post-load on the destination: STOP, SET_STATEBLOB of each blob
+    with the flags read, INIT with DELETE_VOLATILE."""
+    with ctrl.CtrlClient(paths.ctrl_socket) as client:
+        client.stop()
+        for blob in blobs:
+            client.set_stateblob(blob.blob_type, blob.data, blob.flags)
+        client.init(delete_volatile=True)

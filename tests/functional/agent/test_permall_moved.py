@@ -20,13 +20,12 @@ from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
 
 from tests.functional import tpmtools
 from tests.refusal import refused
-from vtpcm_agent.swtpm import ctrl, framing, permall, process, provision
+from vtpcm_agent.swtpm import ctrl, permall, process, provision
 from vtpcm_common import exception
 
 pytestmark = pytest.mark.functional
 
 PERMALL = "tpm2-00.permall"
-TPM_RETRY = 0x800  # swtpm's answer to GET_STATEBLOB savestate without a savestate file
 
 
 def _key() -> bytes:
@@ -49,26 +48,12 @@ def _swtpm_says(paths: process.SwtpmPaths, key: bytes, base: Path) -> bytes:
 
 def _qemu_like_transfer(source: process.SwtpmPaths, target: process.SwtpmPaths) -> None:
     """What QEMU 7.2's tpm_emulator does in a live migration: the source's
-    pre-save reads permanent, volatile and savestate blobs (DECRYPTED: the
-    at-rest layer stripped, the migration-key layer on), the target's
-    post-load STOPs, SETs the three with the flags read, and INITs with
-    DELETE_VOLATILE."""
-    blobs = []
-    with ctrl.CtrlClient(source.ctrl_socket) as client:
-        for blob_type in (ctrl.BlobType.PERMANENT, ctrl.BlobType.VOLATILE):
-            blobs.append(client.get_stateblob(blob_type, decrypted=True))
-        try:
-            blobs.append(client.get_stateblob(ctrl.BlobType.SAVESTATE, decrypted=True))
-        except exception.CtrlChannelError as exc:
-            assert framing.error_result(exc) == TPM_RETRY  # none: QEMU sends it empty
-            blobs.append(ctrl.StateBlob(ctrl.BlobType.SAVESTATE, 0, b""))
+    pre-save reads the three blobs, the target's post-load STOPs, SETs them
+    with the flags read, and INITs with DELETE_VOLATILE (``tpmtools``)."""
+    blobs = tpmtools.qemu_pre_save(source)
     for blob in blobs[:2]:
         assert ctrl.parse_blob_header(blob.data).migration_encrypted
-    with ctrl.CtrlClient(target.ctrl_socket) as client:
-        client.stop()
-        for blob in blobs:
-            client.set_stateblob(blob.blob_type, blob.data, blob.flags)
-        client.init(delete_volatile=True)
+    tpmtools.qemu_post_load(target, blobs)
 
 
 def _extend(paths: process.SwtpmPaths) -> None:

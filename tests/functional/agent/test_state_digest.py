@@ -37,12 +37,11 @@ from tests.refusal import refused
 from vtpcm_agent import association, instances, sealing
 from vtpcm_agent.hosttpm import HostTPM
 from vtpcm_agent.keystore import DevKeyFileHostKey, KeyStore
-from vtpcm_agent.swtpm import ctrl, firstwrite, framing, permall, process
+from vtpcm_agent.swtpm import ctrl, firstwrite, permall, process
 from vtpcm_common import exception
 
 pytestmark = pytest.mark.functional
 
-TPM_RETRY = 0x800  # no savestate blob: QEMU sends it empty
 # swtpm uids reserved for these tests (outside systemd's and subuid ranges),
 # one range per host: a host kills and sweeps the uids of its range
 OWN_UIDS = {"src": (1952000000, 1952000009), "dst": (1952000010, 1952000019)}
@@ -151,27 +150,9 @@ def _prepare(src: Host, dst: Host, instance: str) -> sealing.SealContext:
     return ctx
 
 
-def _stream(paths: process.SwtpmPaths) -> list[ctrl.StateBlob]:
-    """QEMU's pre-save on the source (tests/functional/agent/test_permall_moved.py)."""
-    blobs = []
-    with ctrl.CtrlClient(paths.ctrl_socket) as client:
-        for blob_type in (ctrl.BlobType.PERMANENT, ctrl.BlobType.VOLATILE):
-            blobs.append(client.get_stateblob(blob_type, decrypted=True))
-        try:
-            blobs.append(client.get_stateblob(ctrl.BlobType.SAVESTATE, decrypted=True))
-        except exception.CtrlChannelError as exc:
-            assert framing.error_result(exc) == TPM_RETRY
-            blobs.append(ctrl.StateBlob(ctrl.BlobType.SAVESTATE, 0, b""))
-    return blobs
-
-
-def _set(paths: process.SwtpmPaths, blobs: list[ctrl.StateBlob]) -> None:
-    """QEMU's post-load on the destination: STOP, SET_STATEBLOB x3, INIT."""
-    with ctrl.CtrlClient(paths.ctrl_socket) as client:
-        client.stop()
-        for blob in blobs:
-            client.set_stateblob(blob.blob_type, blob.data, blob.flags)
-        client.init(delete_volatile=True)
+# QEMU's pre-save on the source and post-load on the destination
+_stream = tpmtools.qemu_pre_save
+_set = tpmtools.qemu_post_load
 
 
 def _digest(host: Host, ctx: sealing.SealContext, side: str,
