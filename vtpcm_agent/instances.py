@@ -74,6 +74,19 @@ class Restarted:
     with_state: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class FoundDead:
+    """A swtpm that should have run, found dead by an operation that then
+    stops expecting it to run (an abort leaves the vTPCM STOPPED), so the
+    watchdog's next pass would never see it as a crash (for reports)."""
+
+    instance_uuid: str
+    vtpcm_id: str
+    state: str  # the state it died in
+    pid: int
+    found_by: str
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -150,6 +163,10 @@ class InstanceManager:
         # told of every swtpm restart (the watchdog logs and reports it);
         # called under the instance's lock, so it must not block
         self.on_restart: Callable[[Restarted], None] | None = None
+        # told of every crash an operation found and settled before the
+        # watchdog saw it (the abort of a migration whose source swtpm died
+        # a moment earlier); called under the instance's lock, must not block
+        self.on_found_dead: Callable[[FoundDead], None] | None = None
         # the first-write watch of each incoming vTPCM, by vtpcm id
         self._watches: dict[str, firstwrite.FirstWriteWatch] = {}
         self._watches_guard = threading.Lock()
@@ -310,9 +327,25 @@ class InstanceManager:
         leaving its pid file or socket behind (a clean exit, QEMU's
         CMD_SHUTDOWN, is no crash: the VM's next start starts it)."""
         return [a.instance_uuid for a in self.associations.list()
-                if a.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN)
-                and a.pid is not None and not self.is_running(a)
-                and process.left_behind(self._paths_of(a))]
+                if a.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN) and self._died(a)]
+
+    def _died(self, assoc: Association) -> bool:
+        return (assoc.pid is not None and not self.is_running(assoc)
+                and process.left_behind(self._paths_of(assoc)))
+
+    def _settle_running(self, assoc: Association, found_by: str) -> S:
+        """ACTIVE if the outgoing copy's swtpm runs, else STOPPED; a swtpm
+        that died (not a clean exit) is told to ``on_found_dead`` first:
+        once STOPPED it is no crash to the watchdog, and the kill of a
+        source swtpm during the copy is aborted within a second, before its
+        next pass (found by the e2e lab cell under CI load)."""
+        if self.is_running(assoc):
+            return S.ACTIVE
+        if self.on_found_dead is not None and assoc.pid is not None and self._died(assoc):
+            self.on_found_dead(FoundDead(
+                instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
+                state=assoc.state.value, pid=assoc.pid, found_by=found_by))
+        return S.STOPPED
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -578,7 +611,7 @@ class InstanceManager:
         if assoc.state in (S.ACTIVE, S.STOPPED):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
-        target = S.ACTIVE if self.is_running(assoc) else S.STOPPED
+        target = self._settle_running(assoc, "the abort of migration %s" % ctx.migration_id)
         return self.associations.transition(
             ctx.instance_uuid, target, expected=frozenset({S.MIGRATING_OUT}),
             migration_id=None)
@@ -600,7 +633,8 @@ class InstanceManager:
                 and assoc.generation == generation:
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
-        target = S.ACTIVE if self.is_running(assoc) else S.STOPPED
+        target = self._settle_running(
+            assoc, "the operator's rollback of migration %s" % ctx.migration_id)
         return self.associations.transition(
             ctx.instance_uuid, target, expected=frozenset({S.MIGRATING_OUT}),
             generation=generation, migration_id=None)

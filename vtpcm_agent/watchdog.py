@@ -19,7 +19,9 @@ sender thread of its own (never from the RPC thread holding the instance's
 lock; a slow engine delays nothing). Reports are rate-limited per instance
 (``REPORT_INTERVAL``) and the queue is capped (``MAX_QUEUED``): a crash loop
 or a silent engine costs bounded memory and log. Restarts ``commit_incoming``
-makes are logged and reported the same way (``record``).
+makes are logged and reported the same way (``record``), and so are crashes
+an abort finds before a pass saw them (``found``: the abort leaves the vTPCM
+STOPPED, which no pass takes for a crash); one crash is reported once.
 """
 
 from __future__ import annotations
@@ -33,7 +35,13 @@ import oslo_messaging as messaging
 from oslo_log import log as logging
 
 from vtpcm_agent.association import VTPCMState as S
-from vtpcm_agent.instances import KEPT_SWEEP_INTERVAL, RESTART_OUTCOME, InstanceManager, Restarted
+from vtpcm_agent.instances import (
+    KEPT_SWEEP_INTERVAL,
+    RESTART_OUTCOME,
+    FoundDead,
+    InstanceManager,
+    Restarted,
+)
 from vtpcm_common import exception
 from vtpcm_common.api.engine.messages import SwtpmRestartReport
 
@@ -60,6 +68,13 @@ CRASH_OUTCOME = {
         "discards it"),
 }
 
+# What a crash an abort found means once the vTPCM is STOPPED.
+FOUND_OUTCOME = (
+    "the vTPCM is STOPPED and not restarted (QEMU does not reconnect to a swtpm): the "
+    "guest's TPM answers every command with a failure until a hard reboot of the guest "
+    "(nova reboot --hard), which starts the vTPCM from its persisted state: the guest "
+    "keeps its permanent TPM state and gets fresh PCRs")
+
 
 class SwtpmWatchdog:
     """One daemon thread per agent; ``run_once`` is the whole logic."""
@@ -75,9 +90,11 @@ class SwtpmWatchdog:
         self._sender: threading.Thread | None = None
         # instance -> (the crash last reported: vTPCM and pid, when)
         self._reported: dict[str, tuple[tuple[str, int | None], float]] = {}
+        self._reported_guard = threading.Lock()  # the pass and ``found`` (an RPC thread)
         self._reports: queue.Queue[SwtpmRestartReport] = queue.Queue(maxsize=MAX_QUEUED)
         self.dropped = 0
         instances.on_restart = self.record
+        instances.on_found_dead = self.found
 
     def start(self) -> None:
         """Start polling (an interval of 0 disables it) and reporting."""
@@ -123,8 +140,9 @@ class SwtpmWatchdog:
         One bad record is logged and skipped, never blocks the others."""
         now = time.monotonic() if now is None else now
         crashed = self.instances.crashed()
-        for gone in set(self._reported) - set(crashed):
-            del self._reported[gone]
+        with self._reported_guard:
+            for gone in set(self._reported) - set(crashed):
+                del self._reported[gone]
         reported = []
         for instance_uuid in crashed:
             try:
@@ -141,10 +159,11 @@ class SwtpmWatchdog:
         if assoc is None or assoc.state not in CRASH_OUTCOME:
             return False
         crash = (assoc.vtpcm_id, assoc.pid)
-        last = self._reported.get(instance_uuid)
-        if last is not None and (last[0] == crash or now - last[1] < REPORT_INTERVAL):
-            return False
-        self._reported[instance_uuid] = (crash, now)
+        with self._reported_guard:
+            last = self._reported.get(instance_uuid)
+            if last is not None and (last[0] == crash or now - last[1] < REPORT_INTERVAL):
+                return False
+            self._reported[instance_uuid] = (crash, now)
         detail = "died (pid %s); %s" % (assoc.pid, CRASH_OUTCOME[assoc.state])
         LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
                   "%(detail)s", {"instance": instance_uuid, "vtpcm": assoc.vtpcm_id,
@@ -162,6 +181,23 @@ class SwtpmWatchdog:
                   "%(detail)s", {"instance": done.instance_uuid, "vtpcm": done.vtpcm_id,
                                  "state": done.state, "detail": detail})
         self._queue(done.instance_uuid, done.vtpcm_id, done.state, "restarted", detail)
+
+    def found(self, dead: FoundDead) -> None:
+        """Log and queue the report of a crash an abort found
+        (``InstanceManager.on_found_dead``), unless a pass reported this
+        very crash already. Not rate-limited: each one settles a migration."""
+        crash = (dead.vtpcm_id, dead.pid)
+        with self._reported_guard:
+            last = self._reported.get(dead.instance_uuid)
+            if last is not None and last[0] == crash:
+                return
+            self._reported[dead.instance_uuid] = (crash, time.monotonic())
+        detail = "died (pid %d) while %s, found by %s; %s" % (
+            dead.pid, dead.state, dead.found_by, FOUND_OUTCOME)
+        LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
+                  "%(detail)s", {"instance": dead.instance_uuid, "vtpcm": dead.vtpcm_id,
+                                 "state": dead.state, "detail": detail})
+        self._queue(dead.instance_uuid, dead.vtpcm_id, dead.state, "not-restarted", detail)
 
     def _queue(self, instance_uuid: str, vtpcm_id: str, state: str, outcome: str,
                detail: str) -> None:

@@ -465,8 +465,9 @@ def test_source_swtpm_killed_during_the_copy_needs_a_hard_reboot(stack, guest, l
     QEMU 7.2's TPM front end fails its pre-save (it cannot get the state
     blobs from a dead swtpm), so the migration fails and the VM stays on the
     source; the driver's rollback aborts (no running swtpm needed: the
-    vTPCM is STOPPED); the agent's watchdog reports the crash to the engine's
-    audit and restarts nothing (QEMU never reconnects). The guest's TPM
+    vTPCM is STOPPED); the agent reports the crash to the engine's audit
+    (the abort that finds its swtpm dead, or the watchdog's pass if it came
+    first) and restarts nothing (QEMU never reconnects). The guest's TPM
     fails every command until the documented hard reboot, which starts
     the vTPCM from its permanent state: NV and EK kept, PCRs fresh."""
     name, instance, before = guest

@@ -10,7 +10,7 @@ import pytest
 
 from vtpcm_agent import watchdog as wd
 from vtpcm_agent.association import VTPCMState
-from vtpcm_agent.instances import AgentSettings, Restarted
+from vtpcm_agent.instances import AgentSettings, FoundDead, Restarted
 from vtpcm_agent.watchdog import SwtpmWatchdog
 from vtpcm_common import exception
 
@@ -43,6 +43,7 @@ class FakeInstances:
         host="h", state_root=Path("/nonexistent"), run_dir=Path("/nonexistent")))
     associations: FakeAssociations = dataclasses.field(default_factory=FakeAssociations)
     on_restart: Any = None
+    on_found_dead: Any = None
 
     def crashed(self) -> list[str]:
         return list(self.crashed_now)
@@ -125,6 +126,39 @@ def test_a_restart_commit_incoming_made_is_reported():
     dog.send_pending()
     assert [(r.outcome, r.state) for r in reports] == [("restarted", "MIGRATING_IN")]
     assert "nova reboot --hard" in reports[0].detail
+
+
+def test_a_crash_an_abort_found_is_reported_once_whoever_saw_it_first(caplog):
+    """Found by the e2e lab cell under CI load: the source's swtpm killed
+    during the copy, the abort (a second later) left the vTPCM STOPPED
+    before the watchdog's next pass, which takes no STOPPED vTPCM for a
+    crash: nothing reached the engine's audit."""
+    fake = FakeInstances([])
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    dead = FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the abort of migration m-1")
+    fake.on_found_dead(dead)
+    fake.on_found_dead(dead)  # told twice: one report
+    fake.crashed_now.append(OK)  # a pass that read the list before the abort
+    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_OUT, pid=10)
+    assert dog.run_once(now=1.0) == []
+    dog.send_pending()
+    assert [(r.instance_uuid, r.outcome, r.state) for r in reports] == [
+        (OK, "not-restarted", "MIGRATING_OUT")]
+    assert "found by the abort of migration m-1" in reports[0].detail
+    assert "nova reboot --hard" in reports[0].detail
+    assert caplog.text.count("AUDIT swtpm of instance %s" % OK) == 1
+    # the other order: the pass reported it, the abort finds the same crash
+    other = FakeInstances([BAD])
+    other.associations.held[BAD] = FakeAssoc(state=VTPCMState.MIGRATING_OUT, pid=12)
+    later: list[Any] = []
+    dog2 = _dog(other, later)
+    assert dog2.run_once(now=1.0) == [BAD]
+    other.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_OUT", 12, "the abort of m-2"))
+    other.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_OUT", 13, "the abort of m-3"))
+    dog2.send_pending()
+    assert [r.detail.split(";")[0] for r in later] == [
+        "died (pid 12)", "died (pid 13) while MIGRATING_OUT, found by the abort of m-3"]
 
 
 def test_a_report_the_engine_refuses_is_logged_and_dropped(caplog):
