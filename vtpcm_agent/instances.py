@@ -20,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 from oslo_log import log as logging
 
@@ -77,7 +77,8 @@ class Restarted:
 @dataclasses.dataclass(frozen=True)
 class FoundDead:
     """A swtpm that should have run, found dead by an operation that then
-    stops expecting it to run (an abort leaves the vTPCM STOPPED), so the
+    stops expecting it to run (an abort leaves the vTPCM STOPPED, a commit
+    shreds the source's copy, an abort discards the incoming one), so the
     watchdog's next pass would never see it as a crash (for reports)."""
 
     instance_uuid: str
@@ -85,6 +86,7 @@ class FoundDead:
     state: str  # the state it died in
     pid: int
     found_by: str
+    settled: Literal["stopped", "shredded", "discarded"] = "stopped"  # what it made of it
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -163,9 +165,11 @@ class InstanceManager:
         # told of every swtpm restart (the watchdog logs and reports it);
         # called under the instance's lock, so it must not block
         self.on_restart: Callable[[Restarted], None] | None = None
-        # told of every crash an operation found and settled before the
-        # watchdog saw it (the abort of a migration whose source swtpm died
-        # a moment earlier); called under the instance's lock, must not block
+        # told of every crashed swtpm an operation found and settled into a
+        # state no watchdog pass looks at (the abort of a migration whose
+        # source swtpm died a moment earlier), after the settled state is
+        # written; called under the instance's lock, must not block; what
+        # it raises is logged, never fails the operation
         self.on_found_dead: Callable[[FoundDead], None] | None = None
         # the first-write watch of each incoming vTPCM, by vtpcm id
         self._watches: dict[str, firstwrite.FirstWriteWatch] = {}
@@ -333,19 +337,50 @@ class InstanceManager:
         return (assoc.pid is not None and not self.is_running(assoc)
                 and process.left_behind(self._paths_of(assoc)))
 
-    def _settle_running(self, assoc: Association, found_by: str) -> S:
-        """ACTIVE if the outgoing copy's swtpm runs, else STOPPED; a swtpm
-        that died (not a clean exit) is told to ``on_found_dead`` first:
-        once STOPPED it is no crash to the watchdog, and the kill of a
-        source swtpm during the copy is aborted within a second, before its
-        next pass (found by the e2e lab cell under CI load)."""
+    def _dead_swtpm(self, assoc: Association, found_by: str,
+                    settled: Literal["stopped", "shredded", "discarded"]) -> FoundDead | None:
+        """The vTPCM's swtpm if it crashed (as ``crashed`` decides), for an
+        operation about to settle the vTPCM where no watchdog pass looks:
+        it reports it once the change is written (``_report_found``)."""
+        try:
+            if assoc.pid is None or not self._died(assoc):
+                return None
+        except OSError as err:  # a report must never fail the operation
+            LOG.error("Could not tell whether the swtpm of instance %(instance)s crashed "
+                      "(%(err)s); not reported", {"instance": assoc.instance_uuid,
+                                                 "err": type(err).__name__})
+            return None
+        return FoundDead(instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
+                         state=assoc.state.value, pid=assoc.pid, found_by=found_by,
+                         settled=settled)
+
+    def _report_found(self, dead: FoundDead | None) -> None:
+        if dead is None or self.on_found_dead is None:
+            return
+        try:
+            self.on_found_dead(dead)
+        except Exception as err:  # noqa: BLE001 - the operation it follows is done
+            LOG.error("Could not report the crashed swtpm of instance %(instance)s found "
+                      "by %(by)s (%(err)s)", {"instance": dead.instance_uuid,
+                                              "by": dead.found_by, "err": type(err).__name__})
+
+    def _settle_running(self, assoc: Association, found_by: str, **changes: Any) -> Association:
+        """The outgoing copy live again: ACTIVE if its swtpm runs, else
+        STOPPED with no pid (as ``stop`` leaves it). A swtpm that crashed
+        is reported once STOPPED is written: no pass takes a STOPPED vTPCM
+        for a crash, and the kill of a source swtpm during the copy is
+        aborted within a second, before the next pass (found by the e2e
+        lab cell under CI load)."""
         if self.is_running(assoc):
-            return S.ACTIVE
-        if self.on_found_dead is not None and assoc.pid is not None and self._died(assoc):
-            self.on_found_dead(FoundDead(
-                instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
-                state=assoc.state.value, pid=assoc.pid, found_by=found_by))
-        return S.STOPPED
+            return self.associations.transition(
+                assoc.instance_uuid, S.ACTIVE, expected=frozenset({S.MIGRATING_OUT}),
+                migration_id=None, **changes)
+        dead = self._dead_swtpm(assoc, found_by, "stopped")
+        settled = self.associations.transition(
+            assoc.instance_uuid, S.STOPPED, expected=frozenset({S.MIGRATING_OUT}),
+            migration_id=None, pid=None, **changes)
+        self._report_found(dead)
+        return settled
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -589,10 +624,14 @@ class InstanceManager:
         if assoc.state is S.DESTROYED and assoc.migration_id == ctx.migration_id:
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
+        dead = self._dead_swtpm(assoc, "the commit of migration %s" % ctx.migration_id,
+                                "shredded")
         self._kill(assoc, shredding=True)
         self._shred(assoc)
-        return self.associations.transition(
+        shredded = self.associations.transition(
             ctx.instance_uuid, S.DESTROYED, expected=frozenset({S.MIGRATING_OUT}), pid=None)
+        self._report_found(dead)
+        return shredded
 
     @serialized
     def abort_outgoing(self, ctx: sealing.SealContext) -> Association:
@@ -611,10 +650,7 @@ class InstanceManager:
         if assoc.state in (S.ACTIVE, S.STOPPED):
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
-        target = self._settle_running(assoc, "the abort of migration %s" % ctx.migration_id)
-        return self.associations.transition(
-            ctx.instance_uuid, target, expected=frozenset({S.MIGRATING_OUT}),
-            migration_id=None)
+        return self._settle_running(assoc, "the abort of migration %s" % ctx.migration_id)
 
     @serialized
     def reclaim_outgoing(self, ctx: sealing.SealContext, generation: int) -> Association:
@@ -633,11 +669,9 @@ class InstanceManager:
                 and assoc.generation == generation:
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
-        target = self._settle_running(
-            assoc, "the operator's rollback of migration %s" % ctx.migration_id)
-        return self.associations.transition(
-            ctx.instance_uuid, target, expected=frozenset({S.MIGRATING_OUT}),
-            generation=generation, migration_id=None)
+        return self._settle_running(
+            assoc, "the operator's rollback of migration %s" % ctx.migration_id,
+            generation=generation)
 
     # --- migration (destination side) ------------------------------------------
 
@@ -746,8 +780,11 @@ class InstanceManager:
                 migration_id=ctx.migration_id,
                 reason="the incoming vTPCM already received its state; refusing to "
                        "destroy it on a timeout")
+        dead = self._dead_swtpm(assoc, "the abort of migration %s" % ctx.migration_id,
+                                "discarded")
         self._kill(assoc)
         self._discard(ctx.instance_uuid, assoc.vtpcm_id, paths)
+        self._report_found(dead)
 
     # --- the post-import check --------------------------------------------------
 

@@ -20,8 +20,11 @@ lock; a slow engine delays nothing). Reports are rate-limited per instance
 (``REPORT_INTERVAL``) and the queue is capped (``MAX_QUEUED``): a crash loop
 or a silent engine costs bounded memory and log. Restarts ``commit_incoming``
 makes are logged and reported the same way (``record``), and so are crashes
-an abort finds before a pass saw them (``found``: the abort leaves the vTPCM
-STOPPED, which no pass takes for a crash); one crash is reported once.
+an operation finds before a pass saw them (``found``: an abort leaves the
+source's vTPCM STOPPED, which no pass takes for a crash); one crash is
+reported once. A crashed copy a commit shredded or an abort discarded is
+only logged: the engine no longer places it on this host and would refuse
+its report.
 """
 
 from __future__ import annotations
@@ -68,12 +71,20 @@ CRASH_OUTCOME = {
         "discards it"),
 }
 
-# What a crash an abort found means once the vTPCM is STOPPED.
-FOUND_OUTCOME = (
-    "the vTPCM is STOPPED and not restarted (QEMU does not reconnect to a swtpm): the "
-    "guest's TPM answers every command with a failure until a hard reboot of the guest "
-    "(nova reboot --hard), which starts the vTPCM from its persisted state: the guest "
-    "keeps its permanent TPM state and gets fresh PCRs")
+# What a crash an operation found means, by what the operation made of the vTPCM.
+FOUND_OUTCOME = {
+    "stopped": (
+        "the vTPCM is STOPPED and not restarted (QEMU does not reconnect to a swtpm): a "
+        "guest running here gets a failure for every TPM command until a hard reboot "
+        "(nova reboot --hard), which starts the vTPCM from its persisted state: the "
+        "guest keeps its permanent TPM state and gets fresh PCRs"),
+    "shredded": (
+        "this copy was stale (the guest runs on the destination with its TPM) and the "
+        "commit shredded it"),
+    "discarded": (
+        "the abort discarded this incoming copy; the guest stays on the source, its "
+        "vTPCM intact there"),
+}
 
 
 class SwtpmWatchdog:
@@ -183,9 +194,10 @@ class SwtpmWatchdog:
         self._queue(done.instance_uuid, done.vtpcm_id, done.state, "restarted", detail)
 
     def found(self, dead: FoundDead) -> None:
-        """Log and queue the report of a crash an abort found
-        (``InstanceManager.on_found_dead``), unless a pass reported this
-        very crash already. Not rate-limited: each one settles a migration."""
+        """Log the crash an operation found (``InstanceManager.on_found_dead``)
+        and queue its report while the engine places the vTPCM here (a
+        source's STOPPED copy), unless a pass reported this very crash
+        already. Not rate-limited: each one settles a migration."""
         crash = (dead.vtpcm_id, dead.pid)
         with self._reported_guard:
             last = self._reported.get(dead.instance_uuid)
@@ -193,11 +205,13 @@ class SwtpmWatchdog:
                 return
             self._reported[dead.instance_uuid] = (crash, time.monotonic())
         detail = "died (pid %d) while %s, found by %s; %s" % (
-            dead.pid, dead.state, dead.found_by, FOUND_OUTCOME)
+            dead.pid, dead.state, dead.found_by, FOUND_OUTCOME[dead.settled])
         LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
                   "%(detail)s", {"instance": dead.instance_uuid, "vtpcm": dead.vtpcm_id,
                                  "state": dead.state, "detail": detail})
-        self._queue(dead.instance_uuid, dead.vtpcm_id, dead.state, "not-restarted", detail)
+        if dead.settled == "stopped":
+            self._queue(dead.instance_uuid, dead.vtpcm_id, dead.state, "not-restarted",
+                        detail)
 
     def _queue(self, instance_uuid: str, vtpcm_id: str, state: str, outcome: str,
                detail: str) -> None:
@@ -208,7 +222,8 @@ class SwtpmWatchdog:
                 host=self.host, instance_uuid=instance_uuid, vtpcm_id=vtpcm_id,
                 state=state, outcome=outcome, detail=detail[:1000]))
         except queue.Full:
-            self.dropped += 1
+            with self._reported_guard:  # RPC threads queue too (``found``)
+                self.dropped += 1
             LOG.warning("swtpm report of instance %(instance)s not queued for the engine "
                         "(%(n)d waiting; %(d)d dropped so far): the agent log has it",
                         {"instance": instance_uuid, "n": MAX_QUEUED, "d": self.dropped})

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from vtpcm_agent import association, instances
+from vtpcm_agent.keystore import DevKeyFileHostKey, KeyStore
 from vtpcm_agent.swtpm import process, uidprocs
 
 
@@ -103,3 +105,18 @@ def swtpm_factory() -> Iterator[Callable[..., int]]:
                 process.stop(pid, paths, timeout=6.0)
             finally:
                 _kill_hard(pid, paths)
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> Iterator[instances.InstanceManager]:
+    """An instance manager on a real association list and key store (no
+    swtpm runs: the tests only record and key their vTPCMs)."""
+    settings = instances.AgentSettings(host="discard-host", state_root=tmp_path / "state",
+                                       run_dir=tmp_path / "run", create_ek=False)
+    settings.state_root.mkdir()
+    assoc = association.AssociationList(settings.state_root / "associations.sqlite")
+    keys = KeyStore(settings.state_root / "keys", DevKeyFileHostKey(tmp_path / "hostkey"))
+    try:
+        yield instances.InstanceManager(settings, assoc, keys)
+    finally:
+        assoc.close()

@@ -13,16 +13,14 @@ a step runs exactly like this."""
 
 import os
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.functional.harness import ClusterHost, agent_cluster, client_conf, short_dir
 from tests.refusal import refused
-from vtpcm_agent import association, instances
+from vtpcm_agent import instances
 from vtpcm_agent.association import VTPCMState
-from vtpcm_agent.keystore import DevKeyFileHostKey, InstanceKeys, KeyStore
+from vtpcm_agent.keystore import InstanceKeys
 from vtpcm_common import exception
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.api.agent.rpcapi import AgentAPI
@@ -141,21 +139,6 @@ def test_late_steps_of_an_old_migration_leave_the_vtpcm_back_on_its_host_alone(c
     api.start(a.name, instance)
     _seal_and_abort(api, a, b, instance, 2)
     _holds(api, a, instance, 2)
-
-
-@pytest.fixture
-def manager(tmp_path: Path) -> Iterator[instances.InstanceManager]:
-    """An instance manager on a real association list and key store (no
-    swtpm runs: the vTPCMs below are only recorded and keyed)."""
-    settings = instances.AgentSettings(host="discard-host", state_root=tmp_path / "state",
-                                       run_dir=tmp_path / "run", create_ek=False)
-    settings.state_root.mkdir()
-    assoc = association.AssociationList(settings.state_root / "associations.sqlite")
-    keys = KeyStore(settings.state_root / "keys", DevKeyFileHostKey(tmp_path / "hostkey"))
-    try:
-        yield instances.InstanceManager(settings, assoc, keys)
-    finally:
-        assoc.close()
 
 
 def _recorded(made: instances.InstanceManager, state: VTPCMState) -> tuple[str, str]:

@@ -161,6 +161,25 @@ def test_a_crash_an_abort_found_is_reported_once_whoever_saw_it_first(caplog):
         "died (pid 12)", "died (pid 13) while MIGRATING_OUT, found by the abort of m-3"]
 
 
+def test_a_crashed_copy_shredded_or_discarded_is_logged_not_sent(caplog):
+    """The engine no longer places a copy a commit shredded (the source's,
+    after the switchover) or an abort discarded (an incoming one) on this
+    host and would refuse its report: the agent's log is its record."""
+    fake = FakeInstances([])
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the commit of m-1",
+                                 settled="shredded"))
+    fake.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_IN", 11, "the abort of m-2",
+                                 settled="discarded"))
+    dog.send_pending()
+    assert reports == []
+    assert "died (pid 10) while MIGRATING_OUT, found by the commit of m-1; this copy " \
+           "was stale" in caplog.text
+    assert "died (pid 11) while MIGRATING_IN, found by the abort of m-2; the abort " \
+           "discarded this incoming copy" in caplog.text
+
+
 def test_a_report_the_engine_refuses_is_logged_and_dropped(caplog):
     def refuse(report: Any) -> None:
         raise exception.ServiceUnreachable(service="vtpcm-engine", method="report",
