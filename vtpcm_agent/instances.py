@@ -626,12 +626,14 @@ class InstanceManager:
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
         dead = self._dead_swtpm(assoc, "the commit of migration %s" % ctx.migration_id,
                                 "shredded")
-        self._kill(assoc, shredding=True)
-        self._shred(assoc)
-        shredded = self.associations.transition(
-            ctx.instance_uuid, S.DESTROYED, expected=frozenset({S.MIGRATING_OUT}), pid=None)
-        self._report_found(dead)
-        return shredded
+        try:
+            self._kill(assoc, shredding=True)
+            self._shred(assoc)
+            return self.associations.transition(
+                ctx.instance_uuid, S.DESTROYED, expected=frozenset({S.MIGRATING_OUT}),
+                pid=None)
+        finally:  # a shred that failed half-way took the pid file: a retry finds nothing
+            self._report_found(dead)
 
     @serialized
     def abort_outgoing(self, ctx: sealing.SealContext) -> Association:
@@ -782,9 +784,11 @@ class InstanceManager:
                        "destroy it on a timeout")
         dead = self._dead_swtpm(assoc, "the abort of migration %s" % ctx.migration_id,
                                 "discarded")
-        self._kill(assoc)
-        self._discard(ctx.instance_uuid, assoc.vtpcm_id, paths)
-        self._report_found(dead)
+        try:
+            self._kill(assoc)
+            self._discard(ctx.instance_uuid, assoc.vtpcm_id, paths)
+        finally:  # a discard that failed half-way took the pid file: a retry finds nothing
+            self._report_found(dead)
 
     # --- the post-import check --------------------------------------------------
 

@@ -22,9 +22,10 @@ or a silent engine costs bounded memory and log. Restarts ``commit_incoming``
 makes are logged and reported the same way (``record``), and so are crashes
 an operation finds before a pass saw them (``found``: an abort leaves the
 source's vTPCM STOPPED, which no pass takes for a crash); one crash is
-reported once. A crashed copy a commit shredded or an abort discarded is
-only logged: the engine no longer places it on this host and would refuse
-its report.
+reported once (``_seen`` remembers each crash reported, which the pass's
+pruning of ``_reported`` does not forget). A crashed copy a commit shredded
+is only logged: the engine no longer places it on this host and would
+refuse its report.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ from vtpcm_common.api.engine.messages import SwtpmRestartReport
 LOG = logging.getLogger(__name__)
 REPORT_INTERVAL = 300.0  # seconds between two crash reports of one instance
 MAX_QUEUED = 100  # reports waiting for the engine; more are dropped (logged)
+MAX_SEEN = 4096  # crashes remembered as reported (the oldest forgotten first)
 Reporter = Callable[[SwtpmRestartReport], object]
 
 # What the guest sees and what the operator does, per state of the vTPCM.
@@ -99,8 +101,13 @@ class SwtpmWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sender: threading.Thread | None = None
-        # instance -> (the crash last reported: vTPCM and pid, when)
+        # instance -> (the crash last reported: vTPCM and pid, when); pruned
+        # by each pass to what still crashed (the rate limit)
         self._reported: dict[str, tuple[tuple[str, int | None], float]] = {}
+        # instance -> the crash last reported, never pruned by a pass: an
+        # abort reports a crash after its STOPPED is written, when a pass
+        # may already have pruned the entry of its own report
+        self._seen: dict[str, tuple[str, int | None]] = {}
         self._reported_guard = threading.Lock()  # the pass and ``found`` (an RPC thread)
         self._reports: queue.Queue[SwtpmRestartReport] = queue.Queue(maxsize=MAX_QUEUED)
         self.dropped = 0
@@ -172,9 +179,11 @@ class SwtpmWatchdog:
         crash = (assoc.vtpcm_id, assoc.pid)
         with self._reported_guard:
             last = self._reported.get(instance_uuid)
-            if last is not None and (last[0] == crash or now - last[1] < REPORT_INTERVAL):
+            if self._seen.get(instance_uuid) == crash or (
+                    last is not None and now - last[1] < REPORT_INTERVAL):
                 return False
             self._reported[instance_uuid] = (crash, now)
+            self._remember(instance_uuid, crash)
         detail = "died (pid %s); %s" % (assoc.pid, CRASH_OUTCOME[assoc.state])
         LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
                   "%(detail)s", {"instance": instance_uuid, "vtpcm": assoc.vtpcm_id,
@@ -195,23 +204,29 @@ class SwtpmWatchdog:
 
     def found(self, dead: FoundDead) -> None:
         """Log the crash an operation found (``InstanceManager.on_found_dead``)
-        and queue its report while the engine places the vTPCM here (a
-        source's STOPPED copy), unless a pass reported this very crash
-        already. Not rate-limited: each one settles a migration."""
-        crash = (dead.vtpcm_id, dead.pid)
+        and queue its report unless the engine no longer places the copy
+        here (one a commit shredded), unless a pass reported this very
+        crash already. Not rate-limited: each one settles a migration."""
+        crash: tuple[str, int | None] = (dead.vtpcm_id, dead.pid)
         with self._reported_guard:
-            last = self._reported.get(dead.instance_uuid)
-            if last is not None and last[0] == crash:
+            if self._seen.get(dead.instance_uuid) == crash:
                 return
-            self._reported[dead.instance_uuid] = (crash, time.monotonic())
+            self._remember(dead.instance_uuid, crash)
         detail = "died (pid %d) while %s, found by %s; %s" % (
             dead.pid, dead.state, dead.found_by, FOUND_OUTCOME[dead.settled])
         LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
                   "%(detail)s", {"instance": dead.instance_uuid, "vtpcm": dead.vtpcm_id,
                                  "state": dead.state, "detail": detail})
-        if dead.settled == "stopped":
+        if dead.settled != "shredded":
             self._queue(dead.instance_uuid, dead.vtpcm_id, dead.state, "not-restarted",
                         detail)
+
+    def _remember(self, instance_uuid: str, crash: tuple[str, int | None]) -> None:
+        """Under ``_reported_guard``: ``crash`` is reported."""
+        self._seen.pop(instance_uuid, None)
+        self._seen[instance_uuid] = crash
+        if len(self._seen) > MAX_SEEN:
+            del self._seen[next(iter(self._seen))]
 
     def _queue(self, instance_uuid: str, vtpcm_id: str, state: str, outcome: str,
                detail: str) -> None:

@@ -26,7 +26,7 @@ def _dead_pid() -> int:
 
 
 def _with_dead_swtpm(made: instances.InstanceManager, state: VTPCMState,
-                     source: str, dest: str) -> sealing.SealContext:
+                     source: str, dest: str) -> tuple[sealing.SealContext, int]:
     """A vTPCM in migration ``state`` whose swtpm died and left its pid file."""
     instance, vtpcm_id = str(uuid.uuid4()), str(uuid.uuid4())
     ctx = sealing.SealContext(str(uuid.uuid4()), instance, 0, source, dest)
@@ -47,7 +47,7 @@ def _with_dead_swtpm(made: instances.InstanceManager, state: VTPCMState,
     paths.pid_file.parent.mkdir(parents=True, exist_ok=True)
     paths.pid_file.write_text(str(pid))
     assert made.crashed() == [instance]  # the planted crash is one to the watchdog
-    return ctx
+    return ctx, pid
 
 
 def _told(made: instances.InstanceManager, raising: bool = False) -> list[Any]:
@@ -65,12 +65,12 @@ def _told(made: instances.InstanceManager, raising: bool = False) -> list[Any]:
 
 
 def test_the_abort_reports_a_dead_source_swtpm_once_stopped_is_written(manager):
-    ctx = _with_dead_swtpm(manager, VTPCMState.MIGRATING_OUT, "discard-host", "dest")
+    ctx, pid = _with_dead_swtpm(manager, VTPCMState.MIGRATING_OUT, "discard-host", "dest")
     told = _told(manager)
     settled = manager.abort_outgoing(ctx)
     assert (settled.state, settled.pid) == (VTPCMState.STOPPED, None)
-    assert told == [("stopped", "the abort of migration %s" % ctx.migration_id,
-                     told[0][2], (VTPCMState.STOPPED, None))]
+    assert told == [("stopped", "the abort of migration %s" % ctx.migration_id, pid,
+                     (VTPCMState.STOPPED, None))]
     assert manager.crashed() == []
     # no pid left on the STOPPED record: a later migration of the still
     # broken guest is no second crash to the watchdog, nor to the next abort
@@ -84,7 +84,7 @@ def test_the_abort_reports_a_dead_source_swtpm_once_stopped_is_written(manager):
 
 
 def test_a_failing_hook_fails_no_abort(manager, caplog):
-    ctx = _with_dead_swtpm(manager, VTPCMState.MIGRATING_OUT, "discard-host", "dest")
+    ctx, pid = _with_dead_swtpm(manager, VTPCMState.MIGRATING_OUT, "discard-host", "dest")
     told = _told(manager, raising=True)
     settled = manager.abort_outgoing(ctx)
     assert settled.state is VTPCMState.STOPPED and len(told) == 1
@@ -95,17 +95,31 @@ def test_a_failing_hook_fails_no_abort(manager, caplog):
 
 
 def test_the_commit_reports_the_dead_copy_it_shredded(manager):
-    ctx = _with_dead_swtpm(manager, VTPCMState.MIGRATING_OUT, "discard-host", "dest")
+    ctx, pid = _with_dead_swtpm(manager, VTPCMState.MIGRATING_OUT, "discard-host", "dest")
     told = _told(manager)
     manager.commit_outgoing(ctx)
-    assert [(t[0], t[1], t[3]) for t in told] == [
-        ("shredded", "the commit of migration %s" % ctx.migration_id,
-         (VTPCMState.DESTROYED, None))]
+    assert told == [("shredded", "the commit of migration %s" % ctx.migration_id, pid,
+                     (VTPCMState.DESTROYED, None))]
+
+
+def test_a_shred_that_fails_half_way_still_reports_the_crash(manager, monkeypatch):
+    """Review of 291bf9c, NIT 1: the failed shred took the pid file, so
+    the retry finds no crash left to report."""
+    ctx, pid = _with_dead_swtpm(manager, VTPCMState.MIGRATING_OUT, "discard-host", "dest")
+    told = _told(manager)
+
+    def half_way(assoc: object) -> None:
+        manager.paths(ctx.instance_uuid, manager.associations.get(
+            ctx.instance_uuid).vtpcm_id).pid_file.unlink()
+        raise OSError("the state dir could not be removed")
+    monkeypatch.setattr(manager, "_shred", half_way)
+    with pytest.raises(OSError, match="could not be removed"):
+        manager.commit_outgoing(ctx)
+    assert [(t[0], t[2]) for t in told] == [("shredded", pid)]
 
 
 def test_the_abort_reports_the_dead_incoming_copy_it_discarded(manager):
-    ctx = _with_dead_swtpm(manager, VTPCMState.MIGRATING_IN, "src", "discard-host")
+    ctx, pid = _with_dead_swtpm(manager, VTPCMState.MIGRATING_IN, "src", "discard-host")
     told = _told(manager)
     manager.abort_incoming(ctx)
-    assert [(t[0], t[1], t[3]) for t in told] == [
-        ("discarded", "the abort of migration %s" % ctx.migration_id, None)]
+    assert told == [("discarded", "the abort of migration %s" % ctx.migration_id, pid, None)]

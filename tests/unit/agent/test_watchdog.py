@@ -92,7 +92,9 @@ def test_a_crash_loop_is_reported_at_most_once_per_interval():
     fake.crashed_now.clear()  # back (a hard reboot): forgotten, the next crash counts
     assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 1) == []
     fake.crashed_now.append(OK)
-    assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 2) == [OK]
+    assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 2) == []  # the same crash
+    fake.associations.held[OK] = FakeAssoc(pid=12)  # the rebooted guest's swtpm died
+    assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 3) == [OK]
 
 
 def test_the_report_queue_is_capped(caplog):
@@ -161,10 +163,12 @@ def test_a_crash_an_abort_found_is_reported_once_whoever_saw_it_first(caplog):
         "died (pid 12)", "died (pid 13) while MIGRATING_OUT, found by the abort of m-3"]
 
 
-def test_a_crashed_copy_shredded_or_discarded_is_logged_not_sent(caplog):
+def test_a_crashed_copy_shredded_is_logged_not_sent_one_discarded_is_sent(caplog):
     """The engine no longer places a copy a commit shredded (the source's,
-    after the switchover) or an abort discarded (an incoming one) on this
-    host and would refuse its report: the agent's log is its record."""
+    after the switchover: the authority moved before the shred) and would
+    refuse its report: the agent's log is its record. An incoming copy an
+    abort discarded is reported (the engine's abort discards it before it
+    restores the source, so the migration is still on record)."""
     fake = FakeInstances([])
     reports: list[Any] = []
     dog = _dog(fake, reports)
@@ -173,11 +177,28 @@ def test_a_crashed_copy_shredded_or_discarded_is_logged_not_sent(caplog):
     fake.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_IN", 11, "the abort of m-2",
                                  settled="discarded"))
     dog.send_pending()
-    assert reports == []
+    assert [(r.instance_uuid, r.state) for r in reports] == [(BAD, "MIGRATING_IN")]
     assert "died (pid 10) while MIGRATING_OUT, found by the commit of m-1; this copy " \
            "was stale" in caplog.text
     assert "died (pid 11) while MIGRATING_IN, found by the abort of m-2; the abort " \
            "discarded this incoming copy" in caplog.text
+
+
+def test_a_crash_a_pass_reported_and_then_pruned_is_not_reported_again_by_the_abort():
+    """Review of 291bf9c, LOW 1: a pass reported the crash while the vTPCM
+    was MIGRATING_OUT; the abort wrote STOPPED, a pass then pruned its rate
+    limit entry (no longer crashed), and only then did the abort report."""
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_OUT, pid=10)
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    assert dog.run_once(now=1.0) == [OK]
+    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.STOPPED, pid=None)
+    fake.crashed_now.clear()
+    assert dog.run_once(now=3.0) == []  # prunes
+    fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the abort of m-1"))
+    dog.send_pending()
+    assert len(reports) == 1
 
 
 def test_a_report_the_engine_refuses_is_logged_and_dropped(caplog):
