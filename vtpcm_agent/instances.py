@@ -74,6 +74,10 @@ class Restarted:
     with_state: bool
 
 
+FoundOutcome = Literal["stopped", "shredded", "discarded", "shred-failed",
+                       "discard-failed"]
+
+
 @dataclasses.dataclass(frozen=True)
 class FoundDead:
     """A swtpm that should have run, found dead by an operation that then
@@ -86,7 +90,7 @@ class FoundDead:
     state: str  # the state it died in
     pid: int
     found_by: str
-    settled: Literal["stopped", "shredded", "discarded"] = "stopped"  # what it made of it
+    outcome: FoundOutcome = "stopped"  # what the operation made of the copy
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -168,8 +172,9 @@ class InstanceManager:
         # told of every crashed swtpm an operation found and settled into a
         # state no watchdog pass looks at (the abort of a migration whose
         # source swtpm died a moment earlier), after the settled state is
-        # written; called under the instance's lock, must not block; what
-        # it raises is logged, never fails the operation
+        # written (or, with a *-failed outcome, when the operation failed);
+        # called under the instance's lock, must not block; what it raises
+        # is logged, never fails the operation
         self.on_found_dead: Callable[[FoundDead], None] | None = None
         # the first-write watch of each incoming vTPCM, by vtpcm id
         self._watches: dict[str, firstwrite.FirstWriteWatch] = {}
@@ -333,12 +338,17 @@ class InstanceManager:
         return [a.instance_uuid for a in self.associations.list()
                 if a.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN) and self._died(a)]
 
+    def swtpm_died(self, assoc: Association) -> bool:
+        """The record's swtpm crashed (for the watchdog, which rechecks
+        what ``crashed`` listed: a hard reboot may have started it since)."""
+        return self._died(assoc)
+
     def _died(self, assoc: Association) -> bool:
         return (assoc.pid is not None and not self.is_running(assoc)
                 and process.left_behind(self._paths_of(assoc)))
 
     def _dead_swtpm(self, assoc: Association, found_by: str,
-                    settled: Literal["stopped", "shredded", "discarded"]) -> FoundDead | None:
+                    outcome: FoundOutcome) -> FoundDead | None:
         """The vTPCM's swtpm if it crashed (as ``crashed`` decides), for an
         operation about to settle the vTPCM where no watchdog pass looks:
         it reports it once the change is written (``_report_found``)."""
@@ -352,11 +362,16 @@ class InstanceManager:
             return None
         return FoundDead(instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
                          state=assoc.state.value, pid=assoc.pid, found_by=found_by,
-                         settled=settled)
+                         outcome=outcome)
 
-    def _report_found(self, dead: FoundDead | None) -> None:
+    def _report_found(self, dead: FoundDead | None,
+                      failed: FoundOutcome | None = None) -> None:
+        """Tell ``on_found_dead`` of ``dead`` (``failed``: the operation
+        raised, the outcome it reports instead)."""
         if dead is None or self.on_found_dead is None:
             return
+        if failed is not None:
+            dead = dataclasses.replace(dead, outcome=failed)
         try:
             self.on_found_dead(dead)
         except Exception as err:  # noqa: BLE001 - the operation it follows is done
@@ -629,11 +644,14 @@ class InstanceManager:
         try:
             self._kill(assoc, shredding=True)
             self._shred(assoc)
-            return self.associations.transition(
+            shredded = self.associations.transition(
                 ctx.instance_uuid, S.DESTROYED, expected=frozenset({S.MIGRATING_OUT}),
                 pid=None)
-        finally:  # a shred that failed half-way took the pid file: a retry finds nothing
-            self._report_found(dead)
+        except BaseException:  # a shred that failed half-way took the pid file
+            self._report_found(dead, failed="shred-failed")
+            raise
+        self._report_found(dead)
+        return shredded
 
     @serialized
     def abort_outgoing(self, ctx: sealing.SealContext) -> Association:
@@ -787,8 +805,10 @@ class InstanceManager:
         try:
             self._kill(assoc)
             self._discard(ctx.instance_uuid, assoc.vtpcm_id, paths)
-        finally:  # a discard that failed half-way took the pid file: a retry finds nothing
-            self._report_found(dead)
+        except BaseException:  # a retry may find no pid file left
+            self._report_found(dead, failed="discard-failed")
+            raise
+        self._report_found(dead)
 
     # --- the post-import check --------------------------------------------------
 

@@ -22,10 +22,11 @@ or a silent engine costs bounded memory and log. Restarts ``commit_incoming``
 makes are logged and reported the same way (``record``), and so are crashes
 an operation finds before a pass saw them (``found``: an abort leaves the
 source's vTPCM STOPPED, which no pass takes for a crash); one crash is
-reported once (``_seen`` remembers each crash reported, which the pass's
-pruning of ``_reported`` does not forget). A crashed copy a commit shredded
-is only logged: the engine no longer places it on this host and would
-refuse its report.
+reported at most once: a pass forgets a crash only after two passes in a
+row found its vTPCM no longer crashed, so an abort that reports right after
+its STOPPED is written still finds the pass's own report of it. A crashed
+copy a commit shredded is only logged: the authority moved before the
+shred, so the engine would refuse its report.
 """
 
 from __future__ import annotations
@@ -52,7 +53,6 @@ from vtpcm_common.api.engine.messages import SwtpmRestartReport
 LOG = logging.getLogger(__name__)
 REPORT_INTERVAL = 300.0  # seconds between two crash reports of one instance
 MAX_QUEUED = 100  # reports waiting for the engine; more are dropped (logged)
-MAX_SEEN = 4096  # crashes remembered as reported (the oldest forgotten first)
 Reporter = Callable[[SwtpmRestartReport], object]
 
 # What the guest sees and what the operator does, per state of the vTPCM.
@@ -86,6 +86,12 @@ FOUND_OUTCOME = {
     "discarded": (
         "the abort discarded this incoming copy; the guest stays on the source, its "
         "vTPCM intact there"),
+    "shred-failed": (
+        "this copy is stale (the guest runs on the destination with its TPM); the "
+        "commit's shred of it failed and is retried"),
+    "discard-failed": (
+        "the abort's discard of this incoming copy failed and is retried; the guest "
+        "stays on the source, its vTPCM intact there"),
 }
 
 
@@ -101,13 +107,13 @@ class SwtpmWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sender: threading.Thread | None = None
-        # instance -> (the crash last reported: vTPCM and pid, when); pruned
-        # by each pass to what still crashed (the rate limit)
+        # instance -> (the crash last reported: vTPCM and pid, when); an
+        # entry goes at the second pass in a row that finds the instance no
+        # longer crashed (``_absent`` holds those the last pass found so):
+        # an abort reports a crash just after its STOPPED is written, when a
+        # pass may already have found it gone once
         self._reported: dict[str, tuple[tuple[str, int | None], float]] = {}
-        # instance -> the crash last reported, never pruned by a pass: an
-        # abort reports a crash after its STOPPED is written, when a pass
-        # may already have pruned the entry of its own report
-        self._seen: dict[str, tuple[str, int | None]] = {}
+        self._absent: set[str] = set()
         self._reported_guard = threading.Lock()  # the pass and ``found`` (an RPC thread)
         self._reports: queue.Queue[SwtpmRestartReport] = queue.Queue(maxsize=MAX_QUEUED)
         self.dropped = 0
@@ -159,8 +165,10 @@ class SwtpmWatchdog:
         now = time.monotonic() if now is None else now
         crashed = self.instances.crashed()
         with self._reported_guard:
-            for gone in set(self._reported) - set(crashed):
-                del self._reported[gone]
+            gone = set(self._reported) - set(crashed)
+            for instance_uuid in gone & self._absent:
+                del self._reported[instance_uuid]
+            self._absent = gone - self._absent
         reported = []
         for instance_uuid in crashed:
             try:
@@ -174,16 +182,15 @@ class SwtpmWatchdog:
 
     def _report_crash(self, instance_uuid: str, now: float) -> bool:
         assoc = self.instances.associations.find(instance_uuid)
-        if assoc is None or assoc.state not in CRASH_OUTCOME:
+        if assoc is None or assoc.state not in CRASH_OUTCOME \
+                or not self.instances.swtpm_died(assoc):  # restarted since the list
             return False
         crash = (assoc.vtpcm_id, assoc.pid)
         with self._reported_guard:
             last = self._reported.get(instance_uuid)
-            if self._seen.get(instance_uuid) == crash or (
-                    last is not None and now - last[1] < REPORT_INTERVAL):
+            if last is not None and (last[0] == crash or now - last[1] < REPORT_INTERVAL):
                 return False
             self._reported[instance_uuid] = (crash, now)
-            self._remember(instance_uuid, crash)
         detail = "died (pid %s); %s" % (assoc.pid, CRASH_OUTCOME[assoc.state])
         LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
                   "%(detail)s", {"instance": instance_uuid, "vtpcm": assoc.vtpcm_id,
@@ -204,29 +211,23 @@ class SwtpmWatchdog:
 
     def found(self, dead: FoundDead) -> None:
         """Log the crash an operation found (``InstanceManager.on_found_dead``)
-        and queue its report unless the engine no longer places the copy
-        here (one a commit shredded), unless a pass reported this very
-        crash already. Not rate-limited: each one settles a migration."""
+        if no pass reported this very crash already, and queue its report
+        for the engine unless the copy was shredded (the engine no longer
+        places it here). Not rate-limited: each one settles a migration."""
         crash: tuple[str, int | None] = (dead.vtpcm_id, dead.pid)
         with self._reported_guard:
-            if self._seen.get(dead.instance_uuid) == crash:
+            last = self._reported.get(dead.instance_uuid)
+            if last is not None and last[0] == crash:
                 return
-            self._remember(dead.instance_uuid, crash)
+            self._reported[dead.instance_uuid] = (crash, time.monotonic())
         detail = "died (pid %d) while %s, found by %s; %s" % (
-            dead.pid, dead.state, dead.found_by, FOUND_OUTCOME[dead.settled])
+            dead.pid, dead.state, dead.found_by, FOUND_OUTCOME[dead.outcome])
         LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
                   "%(detail)s", {"instance": dead.instance_uuid, "vtpcm": dead.vtpcm_id,
                                  "state": dead.state, "detail": detail})
-        if dead.settled != "shredded":
+        if dead.outcome != "shredded":
             self._queue(dead.instance_uuid, dead.vtpcm_id, dead.state, "not-restarted",
                         detail)
-
-    def _remember(self, instance_uuid: str, crash: tuple[str, int | None]) -> None:
-        """Under ``_reported_guard``: ``crash`` is reported."""
-        self._seen.pop(instance_uuid, None)
-        self._seen[instance_uuid] = crash
-        if len(self._seen) > MAX_SEEN:
-            del self._seen[next(iter(self._seen))]
 
     def _queue(self, instance_uuid: str, vtpcm_id: str, state: str, outcome: str,
                detail: str) -> None:
@@ -268,3 +269,7 @@ class SwtpmWatchdog:
             LOG.warning("Could not report the swtpm restart of instance %(instance)s "
                         "to the engine (the agent log has it): %(err)s",
                         {"instance": report.instance_uuid, "err": err})
+        except Exception as err:  # noqa: BLE001 - the sender must outlive any one report
+            LOG.warning("Could not report the swtpm restart of instance %(instance)s "
+                        "to the engine (the agent log has it): %(err)s",
+                        {"instance": report.instance_uuid, "err": type(err).__name__})

@@ -56,7 +56,7 @@ def _told(made: instances.InstanceManager, raising: bool = False) -> list[Any]:
 
     def hook(dead: instances.FoundDead) -> None:
         record = made.associations.find(dead.instance_uuid)
-        told.append((dead.settled, dead.found_by, dead.pid,
+        told.append((dead.outcome, dead.found_by, dead.pid,
                      None if record is None else (record.state, record.pid)))
         if raising:
             raise RuntimeError("the hook failed")
@@ -115,7 +115,29 @@ def test_a_shred_that_fails_half_way_still_reports_the_crash(manager, monkeypatc
     monkeypatch.setattr(manager, "_shred", half_way)
     with pytest.raises(OSError, match="could not be removed"):
         manager.commit_outgoing(ctx)
-    assert [(t[0], t[2]) for t in told] == [("shredded", pid)]
+    assert [(t[0], t[2]) for t in told] == [("shred-failed", pid)]
+
+
+def test_the_operators_rollback_reports_a_dead_source_swtpm(manager):
+    """Review round 3, LOW 4: reclaim_outgoing settles like the abort."""
+    ctx, pid = _with_dead_swtpm(manager, VTPCMState.MIGRATING_OUT, "discard-host", "dest")
+    told = _told(manager)
+    settled = manager.reclaim_outgoing(ctx, 2)
+    assert (settled.state, settled.pid, settled.generation) == (VTPCMState.STOPPED, None, 2)
+    assert told == [("stopped", "the operator's rollback of migration %s" % ctx.migration_id,
+                     pid, (VTPCMState.STOPPED, None))]
+
+
+def test_a_discard_that_fails_still_reports_the_crash_as_such(manager, monkeypatch):
+    ctx, pid = _with_dead_swtpm(manager, VTPCMState.MIGRATING_IN, "src", "discard-host")
+    told = _told(manager)
+
+    def refused(*args: object) -> None:
+        raise OSError("the state dir could not be removed")
+    monkeypatch.setattr(manager, "_discard", refused)
+    with pytest.raises(OSError, match="could not be removed"):
+        manager.abort_incoming(ctx)
+    assert [(t[0], t[2]) for t in told] == [("discard-failed", pid)]
 
 
 def test_the_abort_reports_the_dead_incoming_copy_it_discarded(manager):

@@ -44,9 +44,13 @@ class FakeInstances:
     associations: FakeAssociations = dataclasses.field(default_factory=FakeAssociations)
     on_restart: Any = None
     on_found_dead: Any = None
+    running_pids: set[int] = dataclasses.field(default_factory=set)
 
     def crashed(self) -> list[str]:
         return list(self.crashed_now)
+
+    def swtpm_died(self, assoc: FakeAssoc) -> bool:
+        return assoc.pid not in self.running_pids
 
     def __getattr__(self, name: str) -> Any:  # start, restart, ...: never called
         raise AssertionError("the watchdog called %s" % name)
@@ -89,12 +93,26 @@ def test_a_crash_loop_is_reported_at_most_once_per_interval():
     fake.associations.held[OK] = FakeAssoc(pid=11)  # started again, died again
     assert dog.run_once(now=101.0) == []
     assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL) == [OK]
-    fake.crashed_now.clear()  # back (a hard reboot): forgotten, the next crash counts
+    fake.crashed_now.clear()  # back (a hard reboot): forgotten after two passes
     assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 1) == []
-    fake.crashed_now.append(OK)
-    assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 2) == []  # the same crash
-    fake.associations.held[OK] = FakeAssoc(pid=12)  # the rebooted guest's swtpm died
+    assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 2) == []
+    fake.crashed_now.append(OK)  # the next crash counts
+    fake.associations.held[OK] = FakeAssoc(pid=12)
     assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 3) == [OK]
+
+
+def test_a_swtpm_restarted_after_the_pass_listed_it_is_not_reported():
+    """Review round 3, LOW 1: a hard reboot started the swtpm again
+    between the pass's list of crashes and its read of the record; the
+    new pid runs. Reported as dead, it also hid its real crash later."""
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(pid=11)
+    fake.running_pids.add(11)
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    assert dog.run_once(now=1.0) == []
+    fake.running_pids.clear()  # now it crashed
+    assert dog.run_once(now=3.0) == [OK]
 
 
 def test_the_report_queue_is_capped(caplog):
@@ -173,9 +191,9 @@ def test_a_crashed_copy_shredded_is_logged_not_sent_one_discarded_is_sent(caplog
     reports: list[Any] = []
     dog = _dog(fake, reports)
     fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the commit of m-1",
-                                 settled="shredded"))
+                                 outcome="shredded"))
     fake.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_IN", 11, "the abort of m-2",
-                                 settled="discarded"))
+                                 outcome="discarded"))
     dog.send_pending()
     assert [(r.instance_uuid, r.state) for r in reports] == [(BAD, "MIGRATING_IN")]
     assert "died (pid 10) while MIGRATING_OUT, found by the commit of m-1; this copy " \
@@ -199,6 +217,27 @@ def test_a_crash_a_pass_reported_and_then_pruned_is_not_reported_again_by_the_ab
     fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the abort of m-1"))
     dog.send_pending()
     assert len(reports) == 1
+
+
+def test_the_sender_outlives_a_report_that_fails_in_any_way(caplog):
+    """Review round 3 (outside the change): an error other than the RPC
+    layer's ended the sender thread, silently, for every later report."""
+    sent: list[Any] = []
+
+    def flaky(report: Any) -> None:
+        if not sent and report.instance_uuid == OK:
+            sent.append(None)
+            raise OSError("signer unavailable")
+        sent.append(report)
+    fake = FakeInstances([OK, BAD])
+    fake.associations.held[OK] = FakeAssoc()
+    fake.associations.held[BAD] = FakeAssoc(pid=12)
+    dog = SwtpmWatchdog(fake, interval=2.0, host="cmp-1", reporter=flaky)  # type: ignore[arg-type]
+    dog.run_once(now=1.0)
+    dog.send_pending()
+    assert [r.instance_uuid for r in sent if r is not None] == [BAD]
+    assert "Could not report the swtpm restart of instance %s to the engine (the agent " \
+           "log has it): OSError" % OK in caplog.text
 
 
 def test_a_report_the_engine_refuses_is_logged_and_dropped(caplog):
