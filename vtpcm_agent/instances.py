@@ -338,6 +338,16 @@ class InstanceManager:
         return [a.instance_uuid for a in self.associations.list()
                 if a.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN) and self._died(a)]
 
+    def busy(self, instance_uuid: str) -> bool:
+        """An operation holds the instance now (for the watchdog: a crash it
+        reported is not forgotten while an operation may still be settling
+        it and about to report it, ``on_found_dead``)."""
+        lock = self._lock_for(instance_uuid)
+        if not lock.acquire(blocking=False):
+            return True
+        lock.release()
+        return False
+
     def swtpm_died(self, assoc: Association) -> bool:
         """The record's swtpm crashed (for the watchdog, which rechecks
         what ``crashed`` listed: a hard reboot may have started it since)."""

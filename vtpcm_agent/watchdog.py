@@ -23,10 +23,11 @@ makes are logged and reported the same way (``record``), and so are crashes
 an operation finds before a pass saw them (``found``: an abort leaves the
 source's vTPCM STOPPED, which no pass takes for a crash); one crash is
 reported at most once: a pass forgets a crash only after two passes in a
-row found its vTPCM no longer crashed, so an abort that reports right after
-its STOPPED is written still finds the pass's own report of it. A crashed
-copy a commit shredded is only logged: the authority moved before the
-shred, so the engine would refuse its report.
+row found its vTPCM no longer crashed and no operation holding it, so an
+operation that reports once its settled state is written still finds the
+pass's own report of it. A crashed copy a commit shredded (or failed to)
+is only logged: the authority moved before the shred, so the engine would
+refuse its report. With no passes (interval 0) operations still report.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ FOUND_OUTCOME = {
         "vTPCM intact there"),
     "shred-failed": (
         "this copy is stale (the guest runs on the destination with its TPM); the "
-        "commit's shred of it failed and is retried"),
+        "commit failed before it recorded the shred and is retried"),
     "discard-failed": (
         "the abort's discard of this incoming copy failed and is retried; the guest "
         "stays on the source, its vTPCM intact there"),
@@ -165,9 +166,12 @@ class SwtpmWatchdog:
         now = time.monotonic() if now is None else now
         crashed = self.instances.crashed()
         with self._reported_guard:
-            gone = set(self._reported) - set(crashed)
+            candidates = set(self._reported) - set(crashed)
+        # one an operation holds may still be settling, about to report it
+        gone = {uuid for uuid in candidates if not self.instances.busy(uuid)}
+        with self._reported_guard:
             for instance_uuid in gone & self._absent:
-                del self._reported[instance_uuid]
+                self._reported.pop(instance_uuid, None)
             self._absent = gone - self._absent
         reported = []
         for instance_uuid in crashed:
@@ -215,17 +219,22 @@ class SwtpmWatchdog:
         for the engine unless the copy was shredded (the engine no longer
         places it here). Not rate-limited: each one settles a migration."""
         crash: tuple[str, int | None] = (dead.vtpcm_id, dead.pid)
+        now = time.monotonic()
         with self._reported_guard:
             last = self._reported.get(dead.instance_uuid)
             if last is not None and last[0] == crash:
                 return
-            self._reported[dead.instance_uuid] = (crash, time.monotonic())
+            self._reported[dead.instance_uuid] = (crash, now)
+            if self.interval <= 0:  # no pass prunes: what no operation can still find
+                for old in [k for k, v in self._reported.items()
+                            if now - v[1] > REPORT_INTERVAL]:
+                    del self._reported[old]
         detail = "died (pid %d) while %s, found by %s; %s" % (
             dead.pid, dead.state, dead.found_by, FOUND_OUTCOME[dead.outcome])
         LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
                   "%(detail)s", {"instance": dead.instance_uuid, "vtpcm": dead.vtpcm_id,
                                  "state": dead.state, "detail": detail})
-        if dead.outcome != "shredded":
+        if dead.outcome not in ("shredded", "shred-failed"):
             self._queue(dead.instance_uuid, dead.vtpcm_id, dead.state, "not-restarted",
                         detail)
 

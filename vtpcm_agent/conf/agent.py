@@ -90,7 +90,8 @@ AGENT_OPTS = [
                       "engine's audit log with what the guest sees and what to do (a hard "
                       "reboot of the guest); the swtpm is not restarted, since QEMU never "
                       "reconnects to it (see the operator guide). 0 disables the check "
-                      "(crashes are then only reported by health)."),
+                      "(crashes are then only listed by health, and reported when a "
+                      "migration's abort or commit finds them)."),
     cfg.StrOpt("engine_public_key",
                help="Path of the vtpcm-engine's Ed25519 command signing public key "
                     "(PEM; the engine writes it next to its [engine] "

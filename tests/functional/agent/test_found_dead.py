@@ -7,6 +7,7 @@ swtpm is a reaped process whose pid file was left behind, as a SIGKILL
 leaves it."""
 
 import subprocess
+import threading
 import uuid
 from typing import Any
 
@@ -145,3 +146,19 @@ def test_the_abort_reports_the_dead_incoming_copy_it_discarded(manager):
     told = _told(manager)
     manager.abort_incoming(ctx)
     assert told == [("discarded", "the abort of migration %s" % ctx.migration_id, pid, None)]
+
+
+def test_an_instance_is_busy_to_another_thread_while_an_operation_holds_it(manager):
+    """What the watchdog's pass asks before it forgets a reported crash
+    (review round 4, LOW 1): another thread's operation holds the lock."""
+    instance = str(uuid.uuid4())
+    seen: list[bool] = []
+
+    def ask() -> None:
+        seen.append(manager.busy(instance))
+    with manager._lock_for(instance):
+        asker = threading.Thread(target=ask)
+        asker.start()
+        asker.join(timeout=10)
+    ask()
+    assert seen == [True, False]

@@ -45,12 +45,16 @@ class FakeInstances:
     on_restart: Any = None
     on_found_dead: Any = None
     running_pids: set[int] = dataclasses.field(default_factory=set)
+    held_by_an_operation: set[str] = dataclasses.field(default_factory=set)
 
     def crashed(self) -> list[str]:
         return list(self.crashed_now)
 
     def swtpm_died(self, assoc: FakeAssoc) -> bool:
         return assoc.pid not in self.running_pids
+
+    def busy(self, instance_uuid: str) -> bool:
+        return instance_uuid in self.held_by_an_operation
 
     def __getattr__(self, name: str) -> Any:  # start, restart, ...: never called
         raise AssertionError("the watchdog called %s" % name)
@@ -99,6 +103,60 @@ def test_a_crash_loop_is_reported_at_most_once_per_interval():
     fake.crashed_now.append(OK)  # the next crash counts
     fake.associations.held[OK] = FakeAssoc(pid=12)
     assert dog.run_once(now=100.0 + wd.REPORT_INTERVAL + 3) == [OK]
+
+
+def test_a_crash_is_not_forgotten_while_an_operation_holds_its_instance():
+    """Review round 4, LOW 1: a discard's (or shred's) tail, a uid sweep of
+    up to 10 s, spanned two passes after the pid file went; the abort then
+    reported the crash the first pass had reported already."""
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_IN, pid=10)
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    assert dog.run_once(now=1.0) == [OK]
+    fake.crashed_now.clear()
+    fake.held_by_an_operation.add(OK)
+    for now in (3.0, 5.0, 7.0):
+        assert dog.run_once(now=now) == []
+    fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_IN", 10, "the abort of m-1",
+                                 outcome="discarded"))
+    dog.send_pending()
+    assert len(reports) == 1
+
+
+def test_a_settled_pass_is_counted_again_after_the_instance_crashed_again():
+    """Review round 4, LOW 3: settled once, crashed (listed) again, settled
+    once more: still one settled pass, not two."""
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_OUT, pid=10)
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    assert dog.run_once(now=1.0) == [OK]
+    fake.crashed_now.clear()
+    assert dog.run_once(now=3.0) == []
+    fake.crashed_now.append(OK)
+    assert dog.run_once(now=5.0) == []  # the same crash
+    fake.crashed_now.clear()
+    assert dog.run_once(now=7.0) == []
+    fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the abort of m-1"))
+    dog.send_pending()
+    assert len(reports) == 1
+
+
+def test_with_no_passes_operations_report_and_old_entries_go():
+    """Interval 0: no pass ever prunes; what operations reported is kept
+    for REPORT_INTERVAL (review round 4, NIT 4)."""
+    fake = FakeInstances([])
+    reports: list[Any] = []
+    dog = SwtpmWatchdog(fake, interval=0, host="cmp-1",  # type: ignore[arg-type]
+                        reporter=reports.append)
+    fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the abort of m-1"))
+    fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the abort of m-1"))
+    dog.send_pending()
+    assert len(reports) == 1
+    dog._reported[OK] = (dog._reported[OK][0], dog._reported[OK][1] - wd.REPORT_INTERVAL - 1)
+    fake.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_OUT", 11, "the abort of m-2"))
+    assert set(dog._reported) == {BAD}
 
 
 def test_a_swtpm_restarted_after_the_pass_listed_it_is_not_reported():
@@ -192,6 +250,9 @@ def test_a_crashed_copy_shredded_is_logged_not_sent_one_discarded_is_sent(caplog
     dog = _dog(fake, reports)
     fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the commit of m-1",
                                  outcome="shredded"))
+    fake.on_found_dead(FoundDead("00000000-0000-4000-8000-00000000000c", VTPCM,
+                                 "MIGRATING_OUT", 12, "the commit of m-3",
+                                 outcome="shred-failed"))
     fake.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_IN", 11, "the abort of m-2",
                                  outcome="discarded"))
     dog.send_pending()
@@ -213,7 +274,7 @@ def test_a_crash_a_pass_reported_and_then_pruned_is_not_reported_again_by_the_ab
     assert dog.run_once(now=1.0) == [OK]
     fake.associations.held[OK] = FakeAssoc(state=VTPCMState.STOPPED, pid=None)
     fake.crashed_now.clear()
-    assert dog.run_once(now=3.0) == []  # prunes
+    assert dog.run_once(now=3.0) == []  # marks it settled once
     fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the abort of m-1"))
     dog.send_pending()
     assert len(reports) == 1
