@@ -55,6 +55,9 @@ LOG = logging.getLogger(__name__)
 REPORT_INTERVAL = 300.0  # seconds between two crash reports of one instance
 MAX_QUEUED = 100  # reports waiting for the engine; more are dropped (logged)
 Reporter = Callable[[SwtpmRestartReport], object]
+# the crash last reported of an instance (vTPCM, pid), when, and whether an
+# operation reported it as failed (its retry reports the crash once more)
+Reported = tuple[tuple[str, int | None], float, bool]
 
 # What the guest sees and what the operator does, per state of the vTPCM.
 CRASH_OUTCOME = {
@@ -113,7 +116,7 @@ class SwtpmWatchdog:
         # longer crashed (``_absent`` holds those the last pass found so):
         # an abort reports a crash just after its STOPPED is written, when a
         # pass may already have found it gone once
-        self._reported: dict[str, tuple[tuple[str, int | None], float]] = {}
+        self._reported: dict[str, Reported] = {}
         self._absent: set[str] = set()
         self._reported_guard = threading.Lock()  # the pass and ``found`` (an RPC thread)
         self._reports: queue.Queue[SwtpmRestartReport] = queue.Queue(maxsize=MAX_QUEUED)
@@ -165,13 +168,17 @@ class SwtpmWatchdog:
         One bad record is logged and skipped, never blocks the others."""
         now = time.monotonic() if now is None else now
         crashed = self.instances.crashed()
+        # ``crashed`` is read before ``busy``: an operation settling one
+        # writes its state and reports while it holds the instance, so a
+        # settled instance not busy now has reported whatever it found
         with self._reported_guard:
-            candidates = set(self._reported) - set(crashed)
-        # one an operation holds may still be settling, about to report it
-        gone = {uuid for uuid in candidates if not self.instances.busy(uuid)}
+            judged = {uuid: entry for uuid, entry in self._reported.items()
+                      if uuid not in crashed}
+        gone = {uuid for uuid in judged if not self.instances.busy(uuid)}
         with self._reported_guard:
             for instance_uuid in gone & self._absent:
-                self._reported.pop(instance_uuid, None)
+                if self._reported.get(instance_uuid) is judged[instance_uuid]:
+                    del self._reported[instance_uuid]  # not one found meanwhile
             self._absent = gone - self._absent
         reported = []
         for instance_uuid in crashed:
@@ -194,7 +201,7 @@ class SwtpmWatchdog:
             last = self._reported.get(instance_uuid)
             if last is not None and (last[0] == crash or now - last[1] < REPORT_INTERVAL):
                 return False
-            self._reported[instance_uuid] = (crash, now)
+            self._reported[instance_uuid] = (crash, now, False)
         detail = "died (pid %s); %s" % (assoc.pid, CRASH_OUTCOME[assoc.state])
         LOG.error("AUDIT swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
                   "%(detail)s", {"instance": instance_uuid, "vtpcm": assoc.vtpcm_id,
@@ -222,9 +229,10 @@ class SwtpmWatchdog:
         now = time.monotonic()
         with self._reported_guard:
             last = self._reported.get(dead.instance_uuid)
-            if last is not None and last[0] == crash:
+            if last is not None and last[0] == crash and not last[2]:
                 return
-            self._reported[dead.instance_uuid] = (crash, now)
+            self._reported[dead.instance_uuid] = (
+                crash, now, dead.outcome in ("shred-failed", "discard-failed"))
             if self.interval <= 0:  # no pass prunes: what no operation can still find
                 for old in [k for k, v in self._reported.items()
                             if now - v[1] > REPORT_INTERVAL]:

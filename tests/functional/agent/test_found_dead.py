@@ -160,5 +160,12 @@ def test_an_instance_is_busy_to_another_thread_while_an_operation_holds_it(manag
         asker = threading.Thread(target=ask)
         asker.start()
         asker.join(timeout=10)
-    ask()
+    asker = threading.Thread(target=ask)  # asked from the watchdog's thread
+    asker.start()
+    asker.join(timeout=10)
     assert seen == [True, False]
+    # and it left the lock free (review round 5, LOW 1: a busy() that kept
+    # it would block every later operation on the instance)
+    lock = manager._lock_for(instance)
+    assert lock.acquire(timeout=5)
+    lock.release()

@@ -154,9 +154,40 @@ def test_with_no_passes_operations_report_and_old_entries_go():
     fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the abort of m-1"))
     dog.send_pending()
     assert len(reports) == 1
-    dog._reported[OK] = (dog._reported[OK][0], dog._reported[OK][1] - wd.REPORT_INTERVAL - 1)
+    crash, when, failed = dog._reported[OK]
+    dog._reported[OK] = (crash, when - wd.REPORT_INTERVAL - 1, failed)
     fake.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_OUT", 11, "the abort of m-2"))
     assert set(dog._reported) == {BAD}
+
+
+def test_with_passes_an_operation_forgets_no_other_instance_s_old_crash():
+    """Review round 5, LOW 2: the interval-0 pruning is for interval 0
+    only; a pass-reported crash older than REPORT_INTERVAL that stays
+    crashed must not be reported again because another instance's abort
+    reported one."""
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(pid=10)
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    assert dog.run_once(now=1.0) == [OK]
+    crash, when, failed = dog._reported[OK]
+    dog._reported[OK] = (crash, when - wd.REPORT_INTERVAL - 5, failed)
+    fake.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_OUT", 11, "the abort of m-1"))
+    assert OK in dog._reported
+    assert dog.run_once(now=3.0) == []
+
+
+def test_a_failed_discard_s_retry_reports_its_outcome_once_more():
+    """Review round 5, LOW 3: the retry of a discard that failed finds the
+    same crash; its outcome (discarded) is reported, once."""
+    fake = FakeInstances([])
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    for outcome in ("discard-failed", "discarded", "discarded"):
+        fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_IN", 10, "the abort of m-1",
+                                     outcome=outcome))  # type: ignore[arg-type]
+    dog.send_pending()
+    assert ["failed and is retried" in r.detail for r in reports] == [True, False]
 
 
 def test_a_swtpm_restarted_after_the_pass_listed_it_is_not_reported():
