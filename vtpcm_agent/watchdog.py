@@ -22,7 +22,8 @@ or a silent engine costs bounded memory and log. Restarts ``commit_incoming``
 makes are logged and reported the same way (``record``), and so are crashes
 an operation finds before a pass saw them (``found``: an abort leaves the
 source's vTPCM STOPPED, which no pass takes for a crash); one crash is
-reported at most once: a pass forgets a crash only after two passes in a
+reported at most once (and once more for the outcome of an operation's
+retry after it failed): a pass forgets a crash only after two passes in a
 row found its vTPCM no longer crashed and no operation holding it, so an
 operation that reports once its settled state is written still finds the
 pass's own report of it. A crashed copy a commit shredded (or failed to)
@@ -111,10 +112,11 @@ class SwtpmWatchdog:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._sender: threading.Thread | None = None
-        # instance -> (the crash last reported: vTPCM and pid, when); an
-        # entry goes at the second pass in a row that finds the instance no
-        # longer crashed (``_absent`` holds those the last pass found so):
-        # an abort reports a crash just after its STOPPED is written, when a
+        # instance -> ``Reported`` (the crash last reported, when, whether
+        # by an operation that failed); an entry goes at the second pass in
+        # a row that finds the instance no longer crashed and held by no
+        # operation (``_absent`` holds those the last pass found so): an
+        # abort reports a crash just after its STOPPED is written, when a
         # pass may already have found it gone once
         self._reported: dict[str, Reported] = {}
         self._absent: set[str] = set()
@@ -167,13 +169,15 @@ class SwtpmWatchdog:
         most once per ``REPORT_INTERVAL``); returns the instances reported.
         One bad record is logged and skipped, never blocks the others."""
         now = time.monotonic() if now is None else now
-        crashed = self.instances.crashed()
-        # ``crashed`` is read before ``busy``: an operation settling one
-        # writes its state and reports while it holds the instance, so a
-        # settled instance not busy now has reported whatever it found
+        # the entries judged are read first, then ``crashed``, then ``busy``:
+        # an operation settling one writes its state and reports while it
+        # holds the instance, so a settled instance not busy now has
+        # reported whatever it found, and an entry written after the first
+        # read is not the one judged (kept)
         with self._reported_guard:
-            judged = {uuid: entry for uuid, entry in self._reported.items()
-                      if uuid not in crashed}
+            entries = dict(self._reported)
+        crashed = self.instances.crashed()
+        judged = {uuid: entry for uuid, entry in entries.items() if uuid not in crashed}
         gone = {uuid for uuid in judged if not self.instances.busy(uuid)}
         with self._reported_guard:
             for instance_uuid in gone & self._absent:
@@ -222,17 +226,19 @@ class SwtpmWatchdog:
 
     def found(self, dead: FoundDead) -> None:
         """Log the crash an operation found (``InstanceManager.on_found_dead``)
-        if no pass reported this very crash already, and queue its report
-        for the engine unless the copy was shredded (the engine no longer
-        places it here). Not rate-limited: each one settles a migration."""
+        unless this very crash was reported already (once more after a
+        failed operation: its retry's outcome, not its repeated failures),
+        and queue its report for the engine unless the copy was shredded
+        (the engine no longer places it here). Not rate-limited: each one
+        settles a migration."""
         crash: tuple[str, int | None] = (dead.vtpcm_id, dead.pid)
+        failed = dead.outcome in ("shred-failed", "discard-failed")
         now = time.monotonic()
         with self._reported_guard:
             last = self._reported.get(dead.instance_uuid)
-            if last is not None and last[0] == crash and not last[2]:
+            if last is not None and last[0] == crash and (failed or not last[2]):
                 return
-            self._reported[dead.instance_uuid] = (
-                crash, now, dead.outcome in ("shred-failed", "discard-failed"))
+            self._reported[dead.instance_uuid] = (crash, now, failed)
             if self.interval <= 0:  # no pass prunes: what no operation can still find
                 for old in [k for k, v in self._reported.items()
                             if now - v[1] > REPORT_INTERVAL]:

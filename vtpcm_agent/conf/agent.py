@@ -90,8 +90,10 @@ AGENT_OPTS = [
                       "engine's audit log with what the guest sees and what to do (a hard "
                       "reboot of the guest); the swtpm is not restarted, since QEMU never "
                       "reconnects to it (see the operator guide). 0 disables the check "
-                      "(crashes are then only listed by health, and logged and sent to "
-                      "the engine when an abort or the operator's rollback finds them)."),
+                      "(crashes are then only listed by health, and logged when a "
+                      "migration step finds them: sent to the engine by an abort, the "
+                      "operator's rollback or a commit that restarts an incoming swtpm, "
+                      "not by a commit that shreds the source's copy)."),
     cfg.StrOpt("engine_public_key",
                help="Path of the vtpcm-engine's Ed25519 command signing public key "
                     "(PEM; the engine writes it next to its [engine] "

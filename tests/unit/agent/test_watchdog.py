@@ -46,6 +46,7 @@ class FakeInstances:
     on_found_dead: Any = None
     running_pids: set[int] = dataclasses.field(default_factory=set)
     held_by_an_operation: set[str] = dataclasses.field(default_factory=set)
+    while_asked_busy: Any = None  # what an RPC thread does meanwhile
 
     def crashed(self) -> list[str]:
         return list(self.crashed_now)
@@ -54,6 +55,8 @@ class FakeInstances:
         return assoc.pid not in self.running_pids
 
     def busy(self, instance_uuid: str) -> bool:
+        if self.while_asked_busy is not None:
+            self.while_asked_busy()
         return instance_uuid in self.held_by_an_operation
 
     def __getattr__(self, name: str) -> Any:  # start, restart, ...: never called
@@ -183,11 +186,43 @@ def test_a_failed_discard_s_retry_reports_its_outcome_once_more():
     fake = FakeInstances([])
     reports: list[Any] = []
     dog = _dog(fake, reports)
-    for outcome in ("discard-failed", "discarded", "discarded"):
+    for outcome in ("discard-failed", "discard-failed", "discard-failed", "discarded",
+                    "discarded"):  # failing again reports nothing new (round 6)
         fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_IN", 10, "the abort of m-1",
                                      outcome=outcome))  # type: ignore[arg-type]
     dog.send_pending()
     assert ["failed and is retried" in r.detail for r in reports] == [True, False]
+
+
+def test_a_failed_commit_s_retry_logs_the_shred_once_more(caplog):
+    fake = FakeInstances([])
+    _dog(fake, [])  # it takes the hook
+    for outcome in ("shred-failed", "shred-failed", "shredded", "shredded"):
+        fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_OUT", 10, "the commit of m-1",
+                                     outcome=outcome))  # type: ignore[arg-type]
+    said = [r.getMessage() for r in caplog.records if "AUDIT swtpm" in r.getMessage()]
+    assert ["failed before it recorded the shred" in x for x in said] == [True, False]
+
+
+def test_the_pass_keeps_an_entry_an_operation_wrote_while_it_judged():
+    """Review round 5, NIT 4 (pinned in round 6): an operation reported a
+    new crash of the instance while the pass asked whether it is busy; the
+    pass forgets only the entry it judged."""
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_OUT, pid=10)
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    assert dog.run_once(now=1.0) == [OK]
+    fake.crashed_now.clear()
+    assert dog.run_once(now=3.0) == []  # settled once
+    new = FoundDead(OK, VTPCM, "MIGRATING_IN", 20, "the abort of m-2", outcome="discarded")
+    fake.while_asked_busy = lambda: fake.on_found_dead(new)
+    assert dog.run_once(now=5.0) == []  # settled twice: the old entry would go
+    fake.while_asked_busy = None
+    fake.on_found_dead(new)  # the same crash again: already reported
+    dog.send_pending()
+    assert [r.detail.split(";")[0] for r in reports] == [
+        "died (pid 10)", "died (pid 20) while MIGRATING_IN, found by the abort of m-2"]
 
 
 def test_a_swtpm_restarted_after_the_pass_listed_it_is_not_reported():
