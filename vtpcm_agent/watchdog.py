@@ -23,7 +23,8 @@ makes are logged and reported the same way (``record``), and so are crashes
 an operation finds before a pass saw them (``found``: an abort leaves the
 source's vTPCM STOPPED, which no pass takes for a crash); one crash is
 reported at most once (and once more for the outcome of an operation's
-retry after it failed): a pass forgets a crash only after two passes in a
+retry after it failed, when the failure was its first report): a pass
+forgets a crash only after two passes in a
 row found its vTPCM no longer crashed and no operation holding it, so an
 operation that reports once its settled state is written still finds the
 pass's own report of it. A crashed copy a commit shredded (or failed to)
@@ -227,7 +228,8 @@ class SwtpmWatchdog:
     def found(self, dead: FoundDead) -> None:
         """Log the crash an operation found (``InstanceManager.on_found_dead``)
         unless this very crash was reported already (once more after a
-        failed operation: its retry's outcome, not its repeated failures),
+        failed operation's report: its retry's outcome, not its repeated
+        failures; after a pass's report, nothing more),
         and queue its report for the engine unless the copy was shredded
         (the engine no longer places it here). Not rate-limited: each one
         settles a migration."""
@@ -240,8 +242,8 @@ class SwtpmWatchdog:
                 return
             self._reported[dead.instance_uuid] = (crash, now, failed)
             if self.interval <= 0:  # no pass prunes: what no operation can still find
-                for old in [k for k, v in self._reported.items()
-                            if now - v[1] > REPORT_INTERVAL]:
+                for old in [k for k, v in self._reported.items()  # a failure: retried
+                            if now - v[1] > REPORT_INTERVAL and not v[2]]:
                     del self._reported[old]
         detail = "died (pid %d) while %s, found by %s; %s" % (
             dead.pid, dead.state, dead.found_by, FOUND_OUTCOME[dead.outcome])

@@ -194,6 +194,51 @@ def test_a_failed_discard_s_retry_reports_its_outcome_once_more():
     assert ["failed and is retried" in r.detail for r in reports] == [True, False]
 
 
+def test_after_a_pass_s_report_failed_steps_and_their_outcome_add_nothing():
+    """Review round 7: the pass reported the crash first; the discard's
+    failures and its final outcome are the same crash."""
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_IN, pid=10)
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    assert dog.run_once(now=1.0) == [OK]
+    for outcome in ("discard-failed", "discard-failed", "discarded"):
+        fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_IN", 10, "the abort of m-1",
+                                     outcome=outcome))  # type: ignore[arg-type]
+    dog.send_pending()
+    assert len(reports) == 1
+
+
+def test_a_pass_between_a_failed_step_and_its_retry_changes_nothing():
+    fake = FakeInstances([])
+    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_IN, pid=10)
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    fail = FoundDead(OK, VTPCM, "MIGRATING_IN", 10, "the abort of m-1", outcome="discard-failed")
+    fake.on_found_dead(fail)
+    fake.crashed_now.append(OK)  # still listed: the discard failed
+    assert dog.run_once(now=1.0) == []
+    fake.on_found_dead(fail)
+    fake.on_found_dead(dataclasses.replace(fail, outcome="discarded"))
+    dog.send_pending()
+    assert ["failed and is retried" in r.detail for r in reports] == [True, False]
+
+
+def test_with_no_passes_a_failure_still_retried_is_not_forgotten():
+    fake = FakeInstances([])
+    reports: list[Any] = []
+    dog = SwtpmWatchdog(fake, interval=0, host="cmp-1",  # type: ignore[arg-type]
+                        reporter=reports.append)
+    fail = FoundDead(OK, VTPCM, "MIGRATING_IN", 10, "the abort of m-1", outcome="discard-failed")
+    fake.on_found_dead(fail)
+    crash, when, failed = dog._reported[OK]
+    dog._reported[OK] = (crash, when - wd.REPORT_INTERVAL - 1, failed)
+    fake.on_found_dead(FoundDead(BAD, VTPCM, "MIGRATING_OUT", 11, "the abort of m-2"))
+    fake.on_found_dead(fail)  # failing again
+    dog.send_pending()
+    assert [r.instance_uuid for r in reports] == [OK, BAD]
+
+
 def test_a_failed_commit_s_retry_logs_the_shred_once_more(caplog):
     fake = FakeInstances([])
     _dog(fake, [])  # it takes the hook
