@@ -68,6 +68,23 @@ def _dog(fake: FakeInstances, reports: list[Any]) -> SwtpmWatchdog:
                          reporter=reports.append)
 
 
+def _reported_by_a_pass(state: VTPCMState) -> tuple[FakeInstances, list[Any], SwtpmWatchdog]:
+    """Instance OK in ``state`` whose crash (pid 10) a pass just reported."""
+    fake = FakeInstances([OK])
+    fake.associations.held[OK] = FakeAssoc(state=state, pid=10)
+    reports: list[Any] = []
+    dog = _dog(fake, reports)
+    assert dog.run_once(now=1.0) == [OK]
+    return fake, reports, dog
+
+
+def _abort_steps(fake: FakeInstances, *outcomes: str) -> None:
+    """The abort of m-1 found OK's crash (pid 10), once per outcome."""
+    for outcome in outcomes:
+        fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_IN", 10, "the abort of m-1",
+                                     outcome=outcome))  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize("state,says", [
     (VTPCMState.ACTIVE, "nova reboot --hard"),
     (VTPCMState.MIGRATING_OUT, "shredded at the commit"),
@@ -112,11 +129,7 @@ def test_a_crash_is_not_forgotten_while_an_operation_holds_its_instance():
     """Review round 4, LOW 1: a discard's (or shred's) tail, a uid sweep of
     up to 10 s, spanned two passes after the pid file went; the abort then
     reported the crash the first pass had reported already."""
-    fake = FakeInstances([OK])
-    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_IN, pid=10)
-    reports: list[Any] = []
-    dog = _dog(fake, reports)
-    assert dog.run_once(now=1.0) == [OK]
+    fake, reports, dog = _reported_by_a_pass(VTPCMState.MIGRATING_IN)
     fake.crashed_now.clear()
     fake.held_by_an_operation.add(OK)
     for now in (3.0, 5.0, 7.0):
@@ -130,11 +143,7 @@ def test_a_crash_is_not_forgotten_while_an_operation_holds_its_instance():
 def test_a_settled_pass_is_counted_again_after_the_instance_crashed_again():
     """Review round 4, LOW 3: settled once, crashed (listed) again, settled
     once more: still one settled pass, not two."""
-    fake = FakeInstances([OK])
-    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_OUT, pid=10)
-    reports: list[Any] = []
-    dog = _dog(fake, reports)
-    assert dog.run_once(now=1.0) == [OK]
+    fake, reports, dog = _reported_by_a_pass(VTPCMState.MIGRATING_OUT)
     fake.crashed_now.clear()
     assert dog.run_once(now=3.0) == []
     fake.crashed_now.append(OK)
@@ -186,10 +195,9 @@ def test_a_failed_discard_s_retry_reports_its_outcome_once_more():
     fake = FakeInstances([])
     reports: list[Any] = []
     dog = _dog(fake, reports)
-    for outcome in ("discard-failed", "discard-failed", "discard-failed", "discarded",
-                    "discarded"):  # failing again reports nothing new (round 6)
-        fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_IN", 10, "the abort of m-1",
-                                     outcome=outcome))  # type: ignore[arg-type]
+    # failing again reports nothing new (round 6)
+    _abort_steps(fake, "discard-failed", "discard-failed", "discard-failed", "discarded",
+                 "discarded")
     dog.send_pending()
     assert ["failed and is retried" in r.detail for r in reports] == [True, False]
 
@@ -197,14 +205,8 @@ def test_a_failed_discard_s_retry_reports_its_outcome_once_more():
 def test_after_a_pass_s_report_failed_steps_and_their_outcome_add_nothing():
     """Review round 7: the pass reported the crash first; the discard's
     failures and its final outcome are the same crash."""
-    fake = FakeInstances([OK])
-    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_IN, pid=10)
-    reports: list[Any] = []
-    dog = _dog(fake, reports)
-    assert dog.run_once(now=1.0) == [OK]
-    for outcome in ("discard-failed", "discard-failed", "discarded"):
-        fake.on_found_dead(FoundDead(OK, VTPCM, "MIGRATING_IN", 10, "the abort of m-1",
-                                     outcome=outcome))  # type: ignore[arg-type]
+    fake, reports, dog = _reported_by_a_pass(VTPCMState.MIGRATING_IN)
+    _abort_steps(fake, "discard-failed", "discard-failed", "discarded")
     dog.send_pending()
     assert len(reports) == 1
 
@@ -253,11 +255,7 @@ def test_the_pass_keeps_an_entry_an_operation_wrote_while_it_judged():
     """Review round 5, NIT 4 (pinned in round 6): an operation reported a
     new crash of the instance while the pass asked whether it is busy; the
     pass forgets only the entry it judged."""
-    fake = FakeInstances([OK])
-    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_OUT, pid=10)
-    reports: list[Any] = []
-    dog = _dog(fake, reports)
-    assert dog.run_once(now=1.0) == [OK]
+    fake, reports, dog = _reported_by_a_pass(VTPCMState.MIGRATING_OUT)
     fake.crashed_now.clear()
     assert dog.run_once(now=3.0) == []  # settled once
     new = FoundDead(OK, VTPCM, "MIGRATING_IN", 20, "the abort of m-2", outcome="discarded")
@@ -378,11 +376,7 @@ def test_a_crash_a_pass_reported_and_then_pruned_is_not_reported_again_by_the_ab
     """Review of 291bf9c, LOW 1: a pass reported the crash while the vTPCM
     was MIGRATING_OUT; the abort wrote STOPPED, a pass then pruned its rate
     limit entry (no longer crashed), and only then did the abort report."""
-    fake = FakeInstances([OK])
-    fake.associations.held[OK] = FakeAssoc(state=VTPCMState.MIGRATING_OUT, pid=10)
-    reports: list[Any] = []
-    dog = _dog(fake, reports)
-    assert dog.run_once(now=1.0) == [OK]
+    fake, reports, dog = _reported_by_a_pass(VTPCMState.MIGRATING_OUT)
     fake.associations.held[OK] = FakeAssoc(state=VTPCMState.STOPPED, pid=None)
     fake.crashed_now.clear()
     assert dog.run_once(now=3.0) == []  # marks it settled once
