@@ -11,6 +11,7 @@ Order matters for safety and is the same everywhere:
   fills it from the migration stream.
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -18,7 +19,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol, TypeVar
 
@@ -336,7 +337,8 @@ class InstanceManager:
         leaving its pid file or socket behind (a clean exit, QEMU's
         CMD_SHUTDOWN, is no crash: the VM's next start starts it)."""
         return [a.instance_uuid for a in self.associations.list()
-                if a.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN) and self._died(a)]
+                if a.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN)
+                and self.swtpm_died(a)]
 
     def busy(self, instance_uuid: str) -> bool:
         """An operation holds the instance now (for the watchdog: a crash it
@@ -349,30 +351,35 @@ class InstanceManager:
         return False
 
     def swtpm_died(self, assoc: Association) -> bool:
-        """The record's swtpm crashed (for the watchdog, which rechecks
+        """The record's swtpm crashed (also for the watchdog, which rechecks
         what ``crashed`` listed: a hard reboot may have started it since)."""
-        return self._died(assoc)
-
-    def _died(self, assoc: Association) -> bool:
         return (assoc.pid is not None and not self.is_running(assoc)
                 and process.left_behind(self._paths_of(assoc)))
 
-    def _dead_swtpm(self, assoc: Association, found_by: str,
-                    outcome: FoundOutcome) -> FoundDead | None:
-        """The vTPCM's swtpm if it crashed (as ``crashed`` decides), for an
-        operation about to settle the vTPCM where no watchdog pass looks:
-        it reports it once the change is written (``_report_found``)."""
+    @contextlib.contextmanager
+    def _crash_reported(self, assoc: Association, found_by: str, outcome: FoundOutcome,
+                        failed: FoundOutcome | None = None) -> Iterator[None]:
+        """Around an operation that settles ``assoc`` where no watchdog pass
+        looks: a swtpm that had crashed (as ``crashed`` decides) is told to
+        ``on_found_dead`` once the operation is done, as ``outcome``; if it
+        raises, as ``failed`` (None: not told, its retry finds it again)."""
+        dead = None
         try:
-            if assoc.pid is None or not self._died(assoc):
-                return None
+            if assoc.pid is not None and self.swtpm_died(assoc):
+                dead = FoundDead(instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
+                                 state=assoc.state.value, pid=assoc.pid, found_by=found_by,
+                                 outcome=outcome)
         except OSError as err:  # a report must never fail the operation
             LOG.error("Could not tell whether the swtpm of instance %(instance)s crashed "
                       "(%(err)s); not reported", {"instance": assoc.instance_uuid,
                                                  "err": type(err).__name__})
-            return None
-        return FoundDead(instance_uuid=assoc.instance_uuid, vtpcm_id=assoc.vtpcm_id,
-                         state=assoc.state.value, pid=assoc.pid, found_by=found_by,
-                         outcome=outcome)
+        try:
+            yield
+        except BaseException:
+            if failed is not None:
+                self._report_found(dead, failed=failed)
+            raise
+        self._report_found(dead)
 
     def _report_found(self, dead: FoundDead | None,
                       failed: FoundOutcome | None = None) -> None:
@@ -400,12 +407,10 @@ class InstanceManager:
             return self.associations.transition(
                 assoc.instance_uuid, S.ACTIVE, expected=frozenset({S.MIGRATING_OUT}),
                 migration_id=None, **changes)
-        dead = self._dead_swtpm(assoc, found_by, "stopped")
-        settled = self.associations.transition(
-            assoc.instance_uuid, S.STOPPED, expected=frozenset({S.MIGRATING_OUT}),
-            migration_id=None, pid=None, **changes)
-        self._report_found(dead)
-        return settled
+        with self._crash_reported(assoc, found_by, "stopped"):
+            return self.associations.transition(
+                assoc.instance_uuid, S.STOPPED, expected=frozenset({S.MIGRATING_OUT}),
+                migration_id=None, pid=None, **changes)
 
     # --- lifecycle -----------------------------------------------------------
 
@@ -649,19 +654,14 @@ class InstanceManager:
         if assoc.state is S.DESTROYED and assoc.migration_id == ctx.migration_id:
             return assoc
         self._check_migration(assoc, ctx, S.MIGRATING_OUT)
-        dead = self._dead_swtpm(assoc, "the commit of migration %s" % ctx.migration_id,
-                                "shredded")
-        try:
+        # a shred that failed half-way took the pid file: reported as failed
+        with self._crash_reported(assoc, "the commit of migration %s" % ctx.migration_id,
+                                  "shredded", failed="shred-failed"):
             self._kill(assoc, shredding=True)
             self._shred(assoc)
-            shredded = self.associations.transition(
+            return self.associations.transition(
                 ctx.instance_uuid, S.DESTROYED, expected=frozenset({S.MIGRATING_OUT}),
                 pid=None)
-        except BaseException:  # a shred that failed half-way took the pid file
-            self._report_found(dead, failed="shred-failed")
-            raise
-        self._report_found(dead)
-        return shredded
 
     @serialized
     def abort_outgoing(self, ctx: sealing.SealContext) -> Association:
@@ -810,15 +810,11 @@ class InstanceManager:
                 migration_id=ctx.migration_id,
                 reason="the incoming vTPCM already received its state; refusing to "
                        "destroy it on a timeout")
-        dead = self._dead_swtpm(assoc, "the abort of migration %s" % ctx.migration_id,
-                                "discarded")
-        try:
+        # a retry may find no pid file left: a failure is reported as such
+        with self._crash_reported(assoc, "the abort of migration %s" % ctx.migration_id,
+                                  "discarded", failed="discard-failed"):
             self._kill(assoc)
             self._discard(ctx.instance_uuid, assoc.vtpcm_id, paths)
-        except BaseException:  # a retry may find no pid file left
-            self._report_found(dead, failed="discard-failed")
-            raise
-        self._report_found(dead)
 
     # --- the post-import check --------------------------------------------------
 

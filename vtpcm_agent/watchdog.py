@@ -24,12 +24,12 @@ an operation finds before a pass saw them (``found``: an abort leaves the
 source's vTPCM STOPPED, which no pass takes for a crash); one crash is
 reported at most once (and once more for the outcome of an operation's
 retry after it failed, when the failure was its first report): a pass
-forgets a crash only after two passes in a
-row found its vTPCM no longer crashed and no operation holding it, so an
-operation that reports once its settled state is written still finds the
-pass's own report of it. A crashed copy a commit shredded (or failed to)
-is only logged: the authority moved before the shred, so the engine would
-refuse its report. With no passes (interval 0) operations still report.
+forgets a crash only after two passes in a row found its vTPCM no longer
+crashed and no operation holding it, so an operation that reports once its
+settled state is written still finds the pass's own report of it. A
+crashed copy a commit shredded (or failed to) is only logged: the authority
+moved before the shred, so the engine would refuse its report. With no
+passes (interval 0) operations still report.
 """
 
 from __future__ import annotations
@@ -290,11 +290,11 @@ class SwtpmWatchdog:
             return
         try:
             self.reporter(report)
-        except (exception.VTPCMException, messaging.MessagingException) as err:
-            LOG.warning("Could not report the swtpm restart of instance %(instance)s "
-                        "to the engine (the agent log has it): %(err)s",
-                        {"instance": report.instance_uuid, "err": err})
         except Exception as err:  # noqa: BLE001 - the sender must outlive any one report
+            # ours and the RPC layer's name what failed; any other by its type only
+            said = err if isinstance(err, (exception.VTPCMException,
+                                           messaging.MessagingException)) \
+                else type(err).__name__
             LOG.warning("Could not report the swtpm restart of instance %(instance)s "
                         "to the engine (the agent log has it): %(err)s",
-                        {"instance": report.instance_uuid, "err": type(err).__name__})
+                        {"instance": report.instance_uuid, "err": said})
