@@ -7,7 +7,8 @@
 # the Nova functional tests in their own virtualenv (.venv-nova: Nova 34 and
 # its test requirements, pinned in tools/nova-constraints.txt), then every
 # benchmark once with tiny sizes (tools/bench.sh --smoke), so that they keep
-# working. Extra arguments (-k, -x, ...) go to both main pytest runs.
+# working. Extra arguments (-k, -x, ...) go to the three main pytest runs
+# (the groups below).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/install-deps.sh
@@ -24,36 +25,47 @@ echo "== layering"
 lint-imports
 echo "== docs (warnings are errors)"
 sphinx-build -E -W --keep-going -q -b html doc/source doc/build/html
-# Two groups of tests run at once. The lab's (tests/e2e, tests/e2e_nova,
-# tests/functional/libvirt_dac: libvirt, TCG guests, real Nova services)
-# mostly wait on guests and daemons (load ~0.7 on the 2 cores when they ran
-# alone), and nothing they start is shared with the other group: the lab has
-# its own users, namespaces, uid ranges, lock and RabbitMQ topics, every
-# functional deployment its own namespace. The benchmark smoke also uses the
-# lab, so it runs after both. Each line is prefixed with its group;
-# `grep '^\[lab\]'` reads one group alone.
+# Three groups of tests run at once, each line of their output prefixed
+# with its group (`grep '^\[lab\]'` reads one alone). Most tests wait on
+# guests, daemons, RPC and swtpm: a group alone keeps the 2 cores ~35-40 %
+# busy. Nothing one group starts is shared with another: the lab has its own
+# users, namespaces, uid ranges, lock and RabbitMQ topics; every functional
+# deployment its own namespace, directories and topics; the uid tests their
+# own reserved uids, in one group. The benchmark smoke uses the lab too, so it
+# runs after all three.
+#   lab:    the two-host lab, real Nova, privileged libvirtd; then Nova
+#           functional and the mutation smoke
+#   agents: tests/functional/agent, the fault matrix, the deployment check
+#   rest:   everything else (tests/functional/engine, tests/unit, and any
+#           new directory: nothing is left out by not being named)
 LAB_TESTS=(tests/e2e tests/e2e_nova tests/functional/libvirt_dac)
+AGENT_TESTS=(tests/functional/agent tests/functional/faults tests/functional/test_deploy.py)
 NOVA_VENV=${VTPCM_NOVA_VENV:-$PWD/.venv-nova}
 RUN_DIR=$(mktemp -d /tmp/vt-run.XXXXXX)  # short: tests make unix sockets below it
 PYTEST=(python -m pytest -p no:cacheprovider -q --timeout=600)
 
 lab_group() {
     echo "== $(date -u +%T) tests: the lab's"
-    "${PYTEST[@]}" --basetemp="$RUN_DIR/lab" "${LAB_TESTS[@]}" "$@"
-}
-
-other_group() {
-    echo "== $(date -u +%T) tests: unit and functional"
-    "${PYTEST[@]}" --basetemp="$RUN_DIR/other" tests --ignore=tests/nova_functional \
-        "${LAB_TESTS[@]/#/--ignore=}" "$@" || return
-    echo "== $(date -u +%T) mutation smoke (agent sealing; fails under 90% of mutants" \
-        "killed; tox -e mutation for all)"
-    nice -n 19 tools/mutation.sh --smoke || return
+    "${PYTEST[@]}" --basetemp="$RUN_DIR/lab" "${LAB_TESTS[@]}" "$@" || return
     echo "== $(date -u +%T) nova functional (Nova 34's own harness, this driver and" \
         "filter, real agents)"
     tools/install-nova-env.sh || return
     "$NOVA_VENV/bin/python" -m pytest -p no:cacheprovider -q --timeout=600 \
-        --basetemp="$RUN_DIR/nova" tests/nova_functional
+        --basetemp="$RUN_DIR/nova" tests/nova_functional || return
+    echo "== $(date -u +%T) mutation smoke (agent sealing; fails under 90% of mutants" \
+        "killed; tox -e mutation for all)"
+    nice -n 19 tools/mutation.sh --smoke
+}
+
+agents_group() {
+    echo "== $(date -u +%T) tests: agents, fault matrix"
+    "${PYTEST[@]}" --basetemp="$RUN_DIR/agents" "${AGENT_TESTS[@]}" "$@"
+}
+
+rest_group() {
+    echo "== $(date -u +%T) tests: the rest (engine, unit)"
+    "${PYTEST[@]}" --basetemp="$RUN_DIR/rest" tests --ignore=tests/nova_functional \
+        "${LAB_TESTS[@]/#/--ignore=}" "${AGENT_TESTS[@]/#/--ignore=}" "$@"
 }
 
 group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN_DIR/NAME.rc
@@ -64,19 +76,21 @@ group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN
     echo "${PIPESTATUS[0]}" >"$RUN_DIR/$name.rc"
 }
 
-group lab lab_group "$@" &
-lab_pid=$!
-group other other_group "$@" &
-other_pid=$!
-wait "$lab_pid" "$other_pid"
+GROUPS_RUN=(lab agents rest)
+pids=()
+for name in "${GROUPS_RUN[@]}"; do
+    group "$name" "${name}_group" "$@" &
+    pids+=($!)
+done
+wait "${pids[@]}"
 failed=()
-for name in lab other; do
+for name in "${GROUPS_RUN[@]}"; do
     rc=$(cat "$RUN_DIR/$name.rc" 2>/dev/null || echo missing)
     echo "== $(date -u +%T) group $name: exit status $rc"
     [ "$rc" = 0 ] || failed+=("$name")
 done
 if [ ${#failed[@]} -gt 0 ]; then
-    echo "FAILED: ${failed[*]} (its lines above are prefixed [NAME])" >&2
+    echo "FAILED: ${failed[*]} (their lines above are prefixed [NAME])" >&2
     exit 1
 fi
 rm -rf "$RUN_DIR"
