@@ -31,6 +31,7 @@ from oslo_config import cfg
 from oslo_log import log as logging
 
 from vtpcm_agent import conf as agent_conf
+from vtpcm_agent.swtpm import uidprocs
 from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent.rpcapi import AgentAPI
 from vtpcm_common.api.engine.rpcapi import EngineAPI
@@ -272,25 +273,47 @@ class EngineDaemon(Daemon):
 
 def kill_pidfiles(directory: Path) -> None:
     """SIGKILL every process named by a pid file in ``directory`` that still runs
-    one of our programs (python daemons, swtpm)."""
+    one of our programs (python daemons, swtpm) and started before its pid
+    file was written, then remove the pid files. Why the start time: a pid
+    file left by a crashed earlier run may name a pid the kernel has given
+    since to another test's swtpm or daemon (the test groups run at once),
+    whose command line matches too."""
     if not directory.exists():
         return
     # an unprivileged swtpm keeps its pid file in its own dir (vm/<uuid>/)
     for pidfile in [*directory.glob("*.pid"), *directory.glob("vm/*/*.pid")]:
         try:
             pid = int(pidfile.read_text().strip() or 0)
+            written = pidfile.stat().st_mtime
         except (OSError, ValueError):
             continue
-        if pid <= 1:
-            continue
-        try:
-            cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
-        except OSError:
-            continue
-        if b"swtpm" in cmdline or b"vtpcm" in cmdline:
+        if pid > 1 and _ours(pid, written):
             LOG.info("Stopping leftover process %(pid)d (%(file)s)",
                      {"pid": pid, "file": pidfile.name})
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        pidfile.unlink(missing_ok=True)
+
+
+def _ours(pid: int, written: float) -> bool:
+    """Whether ``pid`` runs one of our programs and started no later than
+    ``written`` (its pid file's mtime; /proc/stat's boot time is in whole
+    seconds, hence one second of slack): not a reused pid."""
+    try:
+        cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
+    except OSError:
+        return False
+    ticks = uidprocs.start_time(pid)
+    if ticks is None or not (b"swtpm" in cmdline or b"vtpcm" in cmdline):
+        return False
+    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK") <= written + 1.0
+
+
+def _boot_time() -> float:
+    """The boot time (seconds since the epoch) of /proc/stat's ``btime``."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        if line.startswith("btime "):
+            return float(line.split()[1])
+    raise LabError(reason="/proc/stat has no btime line")
