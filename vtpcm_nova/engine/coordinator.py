@@ -733,7 +733,13 @@ class Coordinator(ShelvingMixin):
                     # an abort moved it on meanwhile (the agents' "not
                     # found" was about a discarded incoming vTPCM): the
                     # commit lost that race, as a lost compare-and-set in
-                    # _advance would have told it
+                    # _advance would have told it. The agents' error is
+                    # logged: it may be more than the race (a reply that
+                    # did not verify; review of ba2b3ea, LOW 2)
+                    LOG.warning("Migration %(mig)s: its post-import check failed (%(err)s) "
+                                "while the migration moved from %(was)s to %(now)s",
+                                {"mig": migration_id, "err": err,
+                                 "was": proto.state.value, "now": now})
                     raise exception.MigrationError(
                         migration_id=migration_id,
                         reason="state changed concurrently (expected %s, now %s) while "
@@ -910,8 +916,9 @@ class Coordinator(ShelvingMixin):
         source, and both finish (answer or fail, each call bounded by the
         RPC timeout) before anything is decided, so nothing is left
         behind. Different digests:
-        ``ImportedStateMismatch``; a side that cannot tell, or an agent
-        older than API 1.12: ``ImportedStateUnverified`` (``commit``
+        ``ImportedStateMismatch``; an agent answering for the other side,
+        a side that cannot tell, or an agent older than API 1.12:
+        ``ImportedStateUnverified`` (``commit``
         audits both and leaves the migration as it is). A transport error
         or an answer that does not verify propagates: the caller retries."""
         nonce = os.urandom(statedigest.NONCE_SIZE)
@@ -931,12 +938,20 @@ class Coordinator(ShelvingMixin):
             ask(*sides[0])
         finally:
             other.join()
-        # a side's "cannot tell" is definitive whatever the other side's
-        # (retryable) error: a retry would only be refused again
+        # an agent answering for the other side, then a side's "cannot
+        # tell", are definitive whatever the other side's (retryable) error:
+        # a retry would only be refused again. The misdirection first: it
+        # is what the operator must see (review of 5b5c480, LOW 1)
         for side, host in sides:
             answer = outcomes[side]
-            if not isinstance(answer, BaseException) and answer.side == side \
-                    and answer.digest is None:
+            if not isinstance(answer, BaseException) and answer.side != side:
+                raise exception.ImportedStateUnverified(
+                    migration_id=ctx.migration_id,
+                    reason="the agent of %s answered the %s's digest when asked the %s's"
+                           % (host, answer.side, side))
+        for side, host in sides:
+            answer = outcomes[side]
+            if not isinstance(answer, BaseException) and answer.digest is None:
                 raise exception.ImportedStateUnverified(
                     migration_id=ctx.migration_id,
                     reason="the %s %s cannot tell its permanent state: %s"
@@ -945,15 +960,10 @@ class Coordinator(ShelvingMixin):
             LOG.warning("Migration %(mig)s: the destination's state digest failed too: "
                         "%(err)s", {"mig": ctx.migration_id, "err": outcomes["destination"]})
         digests = []
-        for side, host in sides:
+        for side, _ in sides:
             answer = outcomes[side]
             if isinstance(answer, BaseException):
                 raise answer
-            if answer.side != side:
-                raise exception.ImportedStateUnverified(
-                    migration_id=ctx.migration_id,
-                    reason="the agent of %s answered the %s's digest when asked the %s's"
-                           % (host, answer.side, side))
             assert answer.digest is not None  # a None answer was raised above
             digests.append(answer.digest)
         if not statedigest.same(digests[0], digests[1]):
