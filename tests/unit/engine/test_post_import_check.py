@@ -401,31 +401,43 @@ def test_a_destination_that_cannot_tell_is_definitive_though_the_source_failed(e
     _untouched(db, agents, mid, "PREPARED")
 
 
+MISDIRECTED = {"source": ("host-a", "destination"), "destination": ("host-b", "source")}
+
+
 @pytest.mark.parametrize("other", [
+    None,  # the other side answers its own digest (the same state)
     "no write seen since the import",  # the other side cannot tell
-    exception.ServiceUnreachable(service="vtpcm-agent.host-b", method="state_digest",
+    exception.ServiceUnreachable(service="vtpcm-agent", method="state_digest",
                                  reason="timed out")])
-def test_an_agent_answering_for_the_other_side_is_what_the_refusal_says(env, other):  # noqa: F811
-    """The source's agent answers the destination's digest: the refusal
-    names that misdirection, whatever the destination said or failed with
-    (review of 5b5c480, LOW 1: the destination's "cannot tell" hid it, and
-    an operator reading that is pointed at --despite-import-check)."""
+@pytest.mark.parametrize("wrong", ["source", "destination"])
+def test_an_agent_answering_for_the_other_side_is_what_the_refusal_says(
+        env, wrong, other):  # noqa: F811
+    """One side's agent answers the other side's digest (the same state:
+    equal digests): the refusal names that misdirection, whatever the other
+    side said or failed with, and it is definitive (review of 5b5c480,
+    LOW 1: the other side's "cannot tell" hid it, pointing the operator at
+    --despite-import-check; a transport error of the source hid a
+    misdirected destination as retryable)."""
     coord, db, agents, mid = _prepared(env)
     asked = agents.state_digest
 
     def misdirected(host, context, side, nonce):
-        if side == "source":
-            return asked(host, context, "destination", nonce)
+        if side == wrong:
+            return asked(host, context, MISDIRECTED[wrong][1], nonce)
         if isinstance(other, Exception):
             raise other
+        if other is None:
+            return asked(host, context, side, nonce)
         return am.StateDigest(side, None, other)
     agents.state_digest = misdirected
-    with pytest.raises(exception.ImportedStateUnverified,
-                       match="the agent of host-a answered the destination's digest when "
-                             "asked the source's"):
-        coord.commit(mid, requested_by="host-a")
-    _untouched(db, agents, mid, "PREPARED")
-    assert "answered the destination's digest" in _commit_refusals(db, mid)[0]
+    host, answered = MISDIRECTED[wrong]
+    for _ in range(2):  # definitive: a retry is refused the same way
+        with pytest.raises(exception.ImportedStateUnverified,
+                           match="the agent of %s answered the %s's digest when asked the "
+                                 "%s's" % (host, answered, wrong)):
+            coord.commit(mid, requested_by="host-a")
+        _untouched(db, agents, mid, "PREPARED")
+    assert "answered the %s's digest" % answered in _commit_refusals(db, mid)[0]
 
 
 def test_a_commit_whose_check_meets_an_abort_is_refused_as_a_lost_race(env, caplog):  # noqa: F811,E501
