@@ -299,8 +299,10 @@ def kill_pidfiles(directory: Path) -> None:
 
 def _ours(pid: int, written: float) -> bool:
     """Whether ``pid`` runs one of our programs and started no later than
-    ``written`` (its pid file's mtime; /proc/stat's boot time is in whole
-    seconds, hence one second of slack): not a reused pid."""
+    ``written`` (its pid file's mtime), with two seconds of slack for a
+    small wall-clock step since the write: not a reused pid. (The start
+    computed from /proc/stat's ``btime``, truncated to whole seconds, is at
+    most a second early, never late.)"""
     try:
         cmdline = Path("/proc/%d/cmdline" % pid).read_bytes()
     except OSError:
@@ -308,7 +310,7 @@ def _ours(pid: int, written: float) -> bool:
     ticks = uidprocs.start_time(pid)
     if ticks is None or not (b"swtpm" in cmdline or b"vtpcm" in cmdline):
         return False
-    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK") <= written + 1.0
+    return _boot_time() + ticks / os.sysconf("SC_CLK_TCK") <= written + 2.0
 
 
 def _boot_time() -> float:

@@ -247,10 +247,11 @@ def qemu_pre_save(paths: process.SwtpmPaths) -> list[ctrl.StateBlob]:
         try:
             blobs.append(client.get_stateblob(ctrl.BlobType.SAVESTATE, decrypted=True))
         except exception.CtrlChannelError as exc:
-            if framing.error_result(exc) != TPM_RETRY:  # a helper: pytest does not rewrite it
-                raise AssertionError("GET_STATEBLOB savestate failed with result %r, not "
-                                     "TPM_RETRY (no savestate)" % framing.error_result(exc)
-                                     ) from exc
+            result = framing.error_result(exc)
+            if result != TPM_RETRY:  # a helper: pytest does not rewrite its asserts
+                raise AssertionError("GET_STATEBLOB savestate failed with result %s, not "
+                                     "TPM_RETRY (no savestate)"
+                                     % ("none" if result is None else hex(result))) from exc
             blobs.append(ctrl.StateBlob(ctrl.BlobType.SAVESTATE, 0, b""))
     return blobs
 
