@@ -52,9 +52,16 @@ NOVA_VENV=${VTPCM_NOVA_VENV:-$PWD/.venv-nova}
 RUN_DIR=$(mktemp -d /tmp/vt-run.XXXXXX)  # short: tests make unix sockets below it
 PYTEST=(python -m pytest -p no:cacheprovider -q --timeout=600)
 
+selected() {  # a pytest run's status: 5 (nothing selected) is fine when -k and such were given
+    local rc=$1
+    [ "$rc" = 0 ] || { [ "$rc" = 5 ] && [ "$ARGS" -gt 0 ]; }
+}
+
 lab_group() {
     echo "== $(date -u +%T) tests: the lab's"
-    "${PYTEST[@]}" --basetemp="$RUN_DIR/lab" "${LAB_TESTS[@]}" "$@" || return
+    local rc=0
+    "${PYTEST[@]}" --basetemp="$RUN_DIR/lab" "${LAB_TESTS[@]}" "$@" || rc=$?
+    selected "$rc" || return "$rc"
     echo "== $(date -u +%T) nova functional (Nova 34's own harness, this driver and" \
         "filter, real agents)"
     "$NOVA_VENV/bin/python" -m pytest -p no:cacheprovider -q --timeout=600 \
@@ -63,13 +70,17 @@ lab_group() {
 
 agents_group() {
     echo "== $(date -u +%T) tests: agents, fault matrix"
-    "${PYTEST[@]}" --basetemp="$RUN_DIR/agents" "${AGENT_TESTS[@]}" "$@"
+    local rc=0
+    "${PYTEST[@]}" --basetemp="$RUN_DIR/agents" "${AGENT_TESTS[@]}" "$@" || rc=$?
+    selected "$rc"
 }
 
 rest_group() {
     echo "== $(date -u +%T) tests: the rest (engine, unit)"
+    local rc=0
     "${PYTEST[@]}" --basetemp="$RUN_DIR/rest" tests --ignore=tests/nova_functional \
-        "${LAB_TESTS[@]/#/--ignore=}" "${AGENT_TESTS[@]/#/--ignore=}" "$@"
+        "${LAB_TESTS[@]/#/--ignore=}" "${AGENT_TESTS[@]/#/--ignore=}" "$@" || rc=$?
+    selected "$rc"
 }
 
 group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN_DIR/NAME.rc
@@ -84,13 +95,21 @@ group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN
 # other groups' daemons read their entry points from
 echo "== $(date -u +%T) the Nova functional tests' virtualenv"
 tools/install-nova-env.sh
+ARGS=$#
 GROUPS_RUN=(lab agents rest)
 pids=()
+# Ctrl-C reaches every group's pytest (one process group; tests/conftest.py
+# turns the SIGINT a background job ignores back into KeyboardInterrupt),
+# which tears its fixtures down: wait for that. A SIGTERM or SIGKILL of this
+# script alone leaves the groups running, as it left pytest before.
+trap 'echo "run-tests.sh: interrupted, waiting for the groups to tear down" >&2' INT
 for name in "${GROUPS_RUN[@]}"; do
     group "$name" "${name}_group" "$@" &
     pids+=($!)
 done
-wait "${pids[@]}"
+wait "${pids[@]}" || true  # each group's status is in its .rc file (an INT ends this wait)
+wait "${pids[@]}" 2>/dev/null || true
+trap - INT
 failed=()
 for name in "${GROUPS_RUN[@]}"; do
     rc=$(cat "$RUN_DIR/$name.rc" 2>/dev/null || echo missing)
