@@ -1,7 +1,6 @@
 """Every test process runs native threads only, as the daemons do; no test
-skips silently (tests/skipguard.py); and Ctrl-C stops a run started in the
-background, as tools/run-tests.sh starts its groups, through pytest's own
-teardown."""
+skips silently (tests/skipguard.py); and Ctrl-C stops a run started with
+SIGINT ignored, through pytest's own teardown."""
 
 import signal
 
@@ -14,9 +13,10 @@ from vtpcm_common import concurrency
 
 concurrency.use_native_threads()
 
-# A shell starts a background job with SIGINT ignored, and Python then leaves
-# it ignored: Ctrl-C would stop run-tests.sh but not its groups, whose
-# processes (swtpm, agents, QEMU) would outlive it. KeyboardInterrupt runs
-# every fixture's teardown, which stops them by pid.
+# A run started with SIGINT ignored (``nohup ... &``; bash also starts a
+# simple background command so) would keep it ignored in Python: Ctrl-C
+# would not stop it, and what its tests started (swtpm, agents, QEMU) would
+# outlive an interrupted run. KeyboardInterrupt runs every fixture's
+# teardown, which stops them by pid.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)

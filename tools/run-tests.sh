@@ -52,42 +52,40 @@ NOVA_VENV=${VTPCM_NOVA_VENV:-$PWD/.venv-nova}
 RUN_DIR=$(mktemp -d /tmp/vt-run.XXXXXX)  # short: tests make unix sockets below it
 PYTEST=(python -m pytest -p no:cacheprovider -q --timeout=600)
 
-selected() {  # a pytest run's status: 5 (nothing selected) is fine when -k and such were given
-    local rc=$1
-    [ "$rc" = 0 ] || { [ "$rc" = 5 ] && [ "$ARGS" -gt 0 ]; }
+nothing_selected() {  # pytest's 5 with options given (-k): that group had nothing to run
+    [ "$1" = 5 ] && [ "$ARGS" -gt 0 ]
 }
 
 lab_group() {
     echo "== $(date -u +%T) tests: the lab's"
     local rc=0
     "${PYTEST[@]}" --basetemp="$RUN_DIR/lab" "${LAB_TESTS[@]}" "$@" || rc=$?
-    selected "$rc" || return "$rc"
+    [ "$rc" = 0 ] || nothing_selected "$rc" || return "$rc"
     echo "== $(date -u +%T) nova functional (Nova 34's own harness, this driver and" \
         "filter, real agents)"
     "$NOVA_VENV/bin/python" -m pytest -p no:cacheprovider -q --timeout=600 \
-        --basetemp="$RUN_DIR/nova" tests/nova_functional
+        --basetemp="$RUN_DIR/nova" tests/nova_functional || return
+    return "$rc"  # the lab's run says whether the options selected anything
 }
 
 agents_group() {
     echo "== $(date -u +%T) tests: agents, fault matrix"
-    local rc=0
-    "${PYTEST[@]}" --basetemp="$RUN_DIR/agents" "${AGENT_TESTS[@]}" "$@" || rc=$?
-    selected "$rc"
+    "${PYTEST[@]}" --basetemp="$RUN_DIR/agents" "${AGENT_TESTS[@]}" "$@"
 }
 
 rest_group() {
     echo "== $(date -u +%T) tests: the rest (engine, unit)"
-    local rc=0
     "${PYTEST[@]}" --basetemp="$RUN_DIR/rest" tests --ignore=tests/nova_functional \
-        "${LAB_TESTS[@]/#/--ignore=}" "${AGENT_TESTS[@]/#/--ignore=}" "$@" || rc=$?
-    selected "$rc"
+        "${LAB_TESTS[@]/#/--ignore=}" "${AGENT_TESTS[@]/#/--ignore=}" "$@"
 }
 
 group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN_DIR/NAME.rc
     local name=$1
     shift
     set +e
-    "$@" 2>&1 | sed -u "s/^/[$name] /"
+    # sed ignores Ctrl-C: it must carry the teardown's output, and pytest
+    # writing to a closed pipe would cut the teardown short
+    "$@" 2>&1 | (trap '' INT; exec sed -u "s/^/[$name] /")
     echo "${PIPESTATUS[0]}" >"$RUN_DIR/$name.rc"
 }
 
@@ -98,10 +96,10 @@ tools/install-nova-env.sh
 ARGS=$#
 GROUPS_RUN=(lab agents rest)
 pids=()
-# Ctrl-C reaches every group's pytest (one process group; tests/conftest.py
-# turns the SIGINT a background job ignores back into KeyboardInterrupt),
-# which tears its fixtures down: wait for that. A SIGTERM or SIGKILL of this
-# script alone leaves the groups running, as it left pytest before.
+# Ctrl-C reaches every group's pytest (one process group), which tears its
+# fixtures down: wait for that (a second Ctrl-C stops waiting). A SIGTERM or
+# SIGKILL of this script alone leaves the groups running, as it left pytest
+# before.
 trap 'echo "run-tests.sh: interrupted, waiting for the groups to tear down" >&2' INT
 for name in "${GROUPS_RUN[@]}"; do
     group "$name" "${name}_group" "$@" &
@@ -111,13 +109,22 @@ wait "${pids[@]}" || true  # each group's status is in its .rc file (an INT ends
 wait "${pids[@]}" 2>/dev/null || true
 trap - INT
 failed=()
+empty=0
 for name in "${GROUPS_RUN[@]}"; do
     rc=$(cat "$RUN_DIR/$name.rc" 2>/dev/null || echo missing)
     echo "== $(date -u +%T) group $name: exit status $rc"
-    [ "$rc" = 0 ] || failed+=("$name")
+    if nothing_selected "$rc"; then
+        empty=$((empty + 1))
+    elif [ "$rc" != 0 ]; then
+        failed+=("$name")
+    fi
 done
 if [ ${#failed[@]} -gt 0 ]; then
     echo "FAILED: ${failed[*]} (their lines above are prefixed [NAME])" >&2
+    exit 1
+fi
+if [ "$empty" = ${#GROUPS_RUN[@]} ]; then
+    echo "FAILED: no group selected a test with the options given ($*)" >&2
     exit 1
 fi
 rm -rf "$RUN_DIR"
