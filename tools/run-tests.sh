@@ -35,10 +35,11 @@ sphinx-build -E -W --keep-going -q -b html doc/source doc/build/html
 # Three groups of tests run at once, each line of their output prefixed
 # with its group (`grep '^\[lab\]'` reads one alone). Most tests wait on
 # guests, daemons, RPC and swtpm: the whole suite in one process left the 2
-# cores mostly idle (load average 0.3-1.2). Nothing one group starts is shared with another: the lab has its own
-# users, namespaces, uid ranges, lock and RabbitMQ topics; every functional
-# deployment its own namespace, directories and topics; the uid tests their
-# own reserved uids, in one group. The benchmark smoke uses the lab too, so it
+# cores mostly idle (load average 0.3-1.2). Nothing one group starts is
+# shared with another: the lab has its own users, namespaces, uid ranges,
+# lock and RabbitMQ topics; every functional deployment its own namespace,
+# directories and topics; the uid tests their own reserved uids, in one
+# group. The benchmark smoke uses the lab too, so it
 # runs after all three, and so does the mutation smoke (a mutant's test run
 # that times out counts as killed).
 #   lab:    the two-host lab, real Nova, privileged libvirtd; then Nova
@@ -50,7 +51,7 @@ LAB_TESTS=(tests/e2e tests/e2e_nova tests/functional/libvirt_dac)
 AGENT_TESTS=(tests/functional/agent tests/functional/faults tests/functional/test_deploy.py)
 NOVA_VENV=${VTPCM_NOVA_VENV:-$PWD/.venv-nova}
 RUN_DIR=$(mktemp -d /tmp/vt-run.XXXXXX)  # short: tests make unix sockets below it
-PYTEST=(python -m pytest -p no:cacheprovider -q --timeout=600)
+PYTEST_ARGS=(-m pytest -p no:cacheprovider -q --timeout=600)  # after either venv's python
 
 nothing_selected() {  # pytest's 5 with options given (-k): that group had nothing to run
     [ "$1" = 5 ] && [ "$ARGS" -gt 0 ]
@@ -59,23 +60,23 @@ nothing_selected() {  # pytest's 5 with options given (-k): that group had nothi
 lab_group() {
     echo "== $(date -u +%T) tests: the lab's"
     local rc=0
-    "${PYTEST[@]}" --basetemp="$RUN_DIR/lab" "${LAB_TESTS[@]}" "$@" || rc=$?
+    python "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/lab" "${LAB_TESTS[@]}" "$@" || rc=$?
     [ "$rc" = 0 ] || nothing_selected "$rc" || return "$rc"
     echo "== $(date -u +%T) nova functional (Nova 34's own harness, this driver and" \
         "filter, real agents)"
-    "$NOVA_VENV/bin/python" -m pytest -p no:cacheprovider -q --timeout=600 \
-        --basetemp="$RUN_DIR/nova" tests/nova_functional || return
+    "$NOVA_VENV/bin/python" "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/nova" tests/nova_functional \
+        || return
     return "$rc"  # the lab's run says whether the options selected anything
 }
 
 agents_group() {
     echo "== $(date -u +%T) tests: agents, fault matrix"
-    "${PYTEST[@]}" --basetemp="$RUN_DIR/agents" "${AGENT_TESTS[@]}" "$@"
+    python "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/agents" "${AGENT_TESTS[@]}" "$@"
 }
 
 rest_group() {
     echo "== $(date -u +%T) tests: the rest (engine, unit)"
-    "${PYTEST[@]}" --basetemp="$RUN_DIR/rest" tests --ignore=tests/nova_functional \
+    python "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/rest" tests --ignore=tests/nova_functional \
         "${LAB_TESTS[@]/#/--ignore=}" "${AGENT_TESTS[@]/#/--ignore=}" "$@"
 }
 
