@@ -21,20 +21,34 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Literal, NamedTuple, Protocol, TypeVar
 
 from oslo_log import log as logging
 
 from vtpcm_agent import sealing, uidranges
 from vtpcm_agent.association import Association, AssociationList, VTPCMState, floor_advice
 from vtpcm_agent.keystore import InstanceKeys, KeyStore
-from vtpcm_agent.swtpm import ctrl, firstwrite, isolation, permall, process, provision, uidprocs
+from vtpcm_agent.swtpm import (
+    ctrl,
+    ctrlproxy,
+    firstwrite,
+    isolation,
+    permall,
+    process,
+    provision,
+    proxyctl,
+    uidprocs,
+)
 from vtpcm_common import exception, fileutil, statedigest
 
 LOG = logging.getLogger(__name__)
 S = VTPCMState
 PERMANENT_STATE_FILE = "tpm2-00.permall"
 OWN_DIRS = "vm"  # <run_dir>/vm/<instance uuid>/: an unprivileged swtpm's sockets
+# in that dir with [agent] ctrl_proxy: the socket QEMU reaches (the proxy's)
+# and what the proxy saw (``ctrlproxy.read_record``)
+PROXY_SOCKET = "qemu.ctrl"
+PROXY_RECORD = "ctrlproxy.json"
 VOLATILE_STATE_FILE = "tpm2-00.volatilestate"
 # <state_root>/captures/: the first permanent state file each incoming
 # swtpm wrote (at-rest ciphertext, ``firstwrite``), or why it could not be
@@ -140,6 +154,23 @@ class AgentSettings:
     # /etc/subuid and /etc/subgid: no QEMU uid implied by the recorded qemu
     # FIRST while qemu_uids is None may fall in one of their blocks
     subid_files: tuple[Path, ...] = uidranges.SUBID_FILES
+    # [agent] ctrl_proxy: QEMU reaches each swtpm through ``ctrlproxy``
+    # (needs swtpm_uids)
+    ctrl_proxy: bool = False
+
+
+# a destination answer's reason when its proxy refused a request or swtpm a blob
+PROXY_REFUSED = "the control-channel proxy refused state"
+
+
+class StateDigests(NamedTuple):
+    """One side's answer to the post-import check: the permanent state's
+    digest and the proxy's stream digest, each None with a reason."""
+
+    digest: bytes | None
+    reason: str
+    stream: bytes | None
+    stream_reason: str
 
 
 def capture_owner(name: str) -> str:
@@ -195,6 +226,9 @@ class InstanceManager:
                 os.chmod(path, 0o711)  # noqa: S103
             (settings.run_dir / OWN_DIRS).mkdir(exist_ok=True)
             os.chmod(settings.run_dir / OWN_DIRS, 0o755)  # noqa: S103
+        if settings.ctrl_proxy and settings.swtpm_uids is None:
+            LOG.error("Refusing to start: [agent] ctrl_proxy needs swtpm_uid_range")
+            raise exception.InvalidInput(reason="[agent] ctrl_proxy needs swtpm_uid_range")
         try:
             if settings.swtpm_uids is None:
                 self._check_no_uid_held()
@@ -312,6 +346,14 @@ class InstanceManager:
     def public_ctrl_socket(self, instance_uuid: str) -> Path:
         """The control socket QEMU is given: ``<run_dir>/<instance uuid>.ctrl``."""
         return self.settings.run_dir / (instance_uuid + ".ctrl")
+
+    def proxy_socket(self, instance_uuid: str) -> Path:
+        """The control-channel proxy's socket, which the public path links
+        to with ``ctrl_proxy``."""
+        return self.settings.run_dir / OWN_DIRS / instance_uuid / PROXY_SOCKET
+
+    def proxy_record(self, instance_uuid: str) -> Path:
+        return self.settings.run_dir / OWN_DIRS / instance_uuid / PROXY_RECORD
 
     def _paths_of(self, assoc: Association) -> process.SwtpmPaths:
         return self.paths(assoc.instance_uuid, assoc.vtpcm_id)
@@ -544,7 +586,7 @@ class InstanceManager:
         if self.is_running(assoc):
             return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout,
                                            peer_uid=process.owner(paths))
-        pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id))
+        pid = self._spawn(assoc, self.keystore.get(assoc.vtpcm_id), with_proxy=False)
         try:
             return assoc, ctrl.export_state(paths.ctrl_socket, timeout=self.settings.timeout,
                                            peer_uid=process.owner(paths))
@@ -944,8 +986,8 @@ class InstanceManager:
             return None, LOST_IN_RESTART
         return None, "the state dir is not watched and holds no state"
 
-    def state_digest(self, ctx: sealing.SealContext, side: str,
-                     nonce: bytes) -> tuple[bytes | None, str]:
+    def state_digest(self, ctx: sealing.SealContext, side: str, nonce: bytes,
+                     streams: bool = False) -> StateDigests:
         """The post-import check's digest (``statedigest``) of this side's
         permanent state: the source's current one (its guest is paused by
         then), the destination's as its swtpm first wrote it after
@@ -965,11 +1007,11 @@ class InstanceManager:
                 % (self.settings.host, side, ctx.source_host, ctx.dest_host))
         if self.associations.find(ctx.instance_uuid) is None:
             raise exception.NotFound(what="vTPCM of instance", key=ctx.instance_uuid)
-        return self._state_digest(ctx, side, nonce)
+        return self._state_digest(ctx, side, nonce, streams)
 
     @serialized
-    def _state_digest(self, ctx: sealing.SealContext, side: str,
-                      nonce: bytes) -> tuple[bytes | None, str]:
+    def _state_digest(self, ctx: sealing.SealContext, side: str, nonce: bytes,
+                      streams: bool) -> StateDigests:
         assoc = self.associations.get(ctx.instance_uuid)
         if side == "source":
             self._check_migration(assoc, ctx, S.MIGRATING_OUT)
@@ -993,12 +1035,52 @@ class InstanceManager:
                 except exception.StateFileError as exc:
                     outcome = (None, "the captured first write does not decrypt: %s"
                                % exc.message)
+        stream: tuple[bytes | None, str] = (None, "not asked")
+        if streams:
+            stream = self._stream_digest(assoc, side, nonce)
+            if stream[1].startswith(PROXY_REFUSED):
+                # something tried to set state past the proxy's rules: the
+                # import is not the one the check may pass, whatever the
+                # permanent state says
+                outcome = (None, stream[1])
         LOG.info("State digest of vTPCM %(vtpcm)s (instance %(inst)s, migration %(mig)s, "
-                 "%(side)s): %(what)s",
+                 "%(side)s): %(what)s%(stream)s",
                  {"vtpcm": assoc.vtpcm_id, "inst": ctx.instance_uuid,
                   "mig": ctx.migration_id, "side": side,
-                  "what": "answered" if outcome[0] is not None else "none, " + outcome[1]})
-        return outcome
+                  "what": "answered" if outcome[0] is not None else "none, " + outcome[1],
+                  "stream": "" if not streams else "; blobs: " + (
+                      "answered" if stream[0] is not None else "none, " + stream[1])})
+        return StateDigests(outcome[0], outcome[1], stream[0], stream[1])
+
+    def _stream_digest(self, assoc: Association, side: str,
+                       nonce: bytes) -> tuple[bytes | None, str]:
+        """``statedigest.stream_digest`` of the blobs this side's QEMU read
+        (source) or set (destination) through the proxy, or None and why."""
+        if not self.settings.ctrl_proxy:
+            return None, "this host runs no control-channel proxy ([agent] ctrl_proxy)"
+        try:
+            record = ctrlproxy.read_record(self.proxy_record(assoc.instance_uuid))
+        except (OSError, ValueError) as exc:
+            return None, "the proxy record cannot be read: %s" % (
+                exc if isinstance(exc, ValueError) else exc.strerror)
+        if record is None:
+            return None, "no control-channel proxy serves this vTPCM (started before it?)"
+        if record["swtpm_pid"] != assoc.pid:
+            return None, "the proxy record is of another swtpm (pid %s, not %s)" % (
+                record["swtpm_pid"], assoc.pid)
+        if side == "destination":
+            refused = record["refused"] + record["failed"]  # type: ignore[operator]
+            if record["refused_count"] or record["failed"]:
+                return None, "%s: %s" % (PROXY_REFUSED, "; ".join(refused)[:600])
+            if not record["started"]:
+                return None, "the destination's QEMU has not started the TPM yet"
+        seen = record["got" if side == "source" else "set"]
+        assert isinstance(seen, dict)
+        blobs = {int(t): (v[0], v[1], v[2]) for t, v in seen.items() if v[1] > 0}
+        if sorted(blobs) != list(statedigest.STREAM_BLOB_TYPES):
+            return None, "the %s's QEMU %s no permanent and volatile blob through the proxy" % (
+                side, "read" if side == "source" else "set")
+        return statedigest.stream_digest(nonce, blobs), ""
 
     def _keyed_digest(self, assoc: Association, state_file: bytes, nonce: bytes) -> bytes:
         """``statedigest`` of the plaintext in one of this vTPCM's at-rest
@@ -1058,6 +1140,14 @@ class InstanceManager:
                 if pid != assoc.pid:
                     self.associations.set_pid(assoc.instance_uuid, pid)
                 report["adopted"].append(assoc.instance_uuid)
+                try:
+                    self._ensure_proxy(assoc.instance_uuid, paths, pid)
+                except (exception.VTPCMException, OSError, ValueError) as exc:
+                    LOG.error("Could not start the control-channel proxy of instance "
+                              "%(inst)s (its QEMU keeps what it has; a new QEMU cannot "
+                              "attach): %(err)s",
+                              {"inst": assoc.instance_uuid,
+                               "err": getattr(exc, "message", None) or str(exc)})
             elif assoc.state in (S.ACTIVE, S.MIGRATING_OUT, S.MIGRATING_IN):
                 report["crashed"].append(assoc.instance_uuid)
                 LOG.error("swtpm of instance %(instance)s (vTPCM %(vtpcm)s, %(state)s) "
@@ -1075,16 +1165,23 @@ class InstanceManager:
 
     # --- helpers ---------------------------------------------------------------
 
-    def _spawn(self, assoc: Association, keys: InstanceKeys) -> int:
-        return self._spawn_paths(assoc.instance_uuid, self._paths_of(assoc), keys)
+    def _spawn(self, assoc: Association, keys: InstanceKeys, with_proxy: bool = True) -> int:
+        return self._spawn_paths(assoc.instance_uuid, self._paths_of(assoc), keys,
+                                 with_proxy=with_proxy)
 
     def _spawn_paths(self, instance_uuid: str, paths: process.SwtpmPaths,
-                     keys: InstanceKeys, startup_clear: bool | None = None) -> int:
+                     keys: InstanceKeys, startup_clear: bool | None = None,
+                     with_proxy: bool = True) -> int:
+        """Start (or adopt) the instance's swtpm and, with ``ctrl_proxy``
+        and unless ``with_proxy`` is off (a swtpm only the agent talks
+        to), its control-channel proxy."""
         running = process.find_running(paths)
         if running is not None:
             pinned = self._pins.get(instance_uuid)
             if pinned is None or pinned[0] != running or uidprocs.gone(pinned):
                 self._pin(instance_uuid, running)
+            if with_proxy:
+                self._ensure_proxy(instance_uuid, paths, running)
             return running
         server = process.socket_server(paths.ctrl_socket)
         if server is not None:
@@ -1095,13 +1192,56 @@ class InstanceManager:
         if startup_clear is None:
             startup_clear = self.settings.expose_data_socket
         run_as = self._own_files(instance_uuid, paths)
+        proxied = self.settings.ctrl_proxy
+        # behind a proxy, swtpm's own socket is its uid's alone: QEMU (whose
+        # group may be that uid's gid) must not reach past the proxy
         pid = process.start(
             paths, keys.at_rest_key, keys.migration_key,
-            socket_mode=self.settings.socket_mode, socket_uid=self.settings.socket_uid,
-            socket_gid=self.settings.socket_gid, swtpm_binary=self.settings.swtpm_binary,
+            socket_mode=0o600 if proxied else self.settings.socket_mode,
+            socket_uid=None if proxied else self.settings.socket_uid,
+            socket_gid=None if proxied else self.settings.socket_gid,
+            swtpm_binary=self.settings.swtpm_binary,
             startup_clear=startup_clear, timeout=self.settings.timeout, run_as=run_as)
         self._pin(instance_uuid, pid)
+        if with_proxy:
+            try:
+                self._ensure_proxy(instance_uuid, paths, pid)
+            except exception.SwtpmError:
+                process.stop(pid, paths, timeout=self.settings.timeout)
+                raise
         return pid
+
+    def _ensure_proxy(self, instance_uuid: str, paths: process.SwtpmPaths,
+                      swtpm_pid: int) -> None:
+        """With ``ctrl_proxy``: the proxy of ``swtpm_pid`` runs and the
+        public path leads to it (started if missing: a proxy that died, or
+        a swtpm started before the option; a QEMU attached directly keeps
+        its connection)."""
+        if not self.settings.ctrl_proxy:
+            return
+        record = self.proxy_record(instance_uuid)
+        found = proxyctl.find(record)
+        if found is not None:
+            current = ctrlproxy.read_record(record)
+            if current is not None and current["swtpm_pid"] == swtpm_pid:
+                return
+            proxyctl.stop(found, record, timeout=self.settings.timeout)
+        uid = self.associations.uid_of(instance_uuid)
+        if uid is None:
+            raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
+                                       reason="no swtpm uid to run its proxy as")
+        public = self.proxy_socket(instance_uuid)
+        proxy_pid = proxyctl.start(
+            public, paths.ctrl_socket, swtpm_pid, record,
+            staging_dir=self.settings.run_dir, log_file=paths.log_file,
+            socket_mode=self.settings.socket_mode,
+            socket_uid=uid if self.settings.socket_uid is None else self.settings.socket_uid,
+            socket_gid=uid if self.settings.socket_gid is None else self.settings.socket_gid,
+            run_as=process.RunAs(uid=uid, gid=uid),
+            max_blob=self.settings.max_state_blob_bytes, timeout=self.settings.timeout)
+        isolation.link(self.public_ctrl_socket(instance_uuid), public)
+        LOG.info("Started the control-channel proxy pid %(pid)d of instance %(inst)s",
+                 {"pid": proxy_pid, "inst": instance_uuid})
 
     def _pin(self, instance_uuid: str, pid: int) -> None:
         """Record the identity of the instance's swtpm as it is now."""
@@ -1125,7 +1265,9 @@ class InstanceManager:
         run_as = process.RunAs(uid=uid, gid=uid)
         public = self.public_ctrl_socket(instance_uuid)
         isolation.hand_over(paths, run_as, public,
-                            public.with_suffix("") if paths.data_socket else None)
+                            public.with_suffix("") if paths.data_socket else None,
+                            ctrl_target=(self.proxy_socket(instance_uuid)
+                                         if self.settings.ctrl_proxy else None))
         return run_as
 
     def qemu_uid_for(self, swtpm_uid: int) -> int | None:

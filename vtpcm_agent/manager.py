@@ -224,6 +224,9 @@ class AgentManager:
     # 1.12 --------------------------------------------------------------------
     @endpoint(m.StateDigestRequest)
     def state_digest(self, req: m.StateDigestRequest) -> m.StateDigest:
-        digest, reason = self.instances.state_digest(context_from(req.context), req.side,
-                                                     req.nonce)
-        return m.StateDigest(side=req.side, digest=digest, reason=reason[:1000])
+        found = self.instances.state_digest(context_from(req.context), req.side, req.nonce,
+                                            streams=req.streams)
+        if not req.streams:
+            return m.StateDigest(side=req.side, digest=found.digest, reason=found.reason[:1000])
+        return m.StateDigest(side=req.side, digest=found.digest, reason=found.reason[:1000],
+                             stream=found.stream, stream_reason=found.stream_reason[:1000])

@@ -49,8 +49,13 @@ def settings_from(conf: cfg.ConfigOpts) -> AgentSettings:
         raise exception.InvalidInput(
             reason="[agent] qemu_uid_range needs socket_user and socket_group unset (each "
                    "socket then belongs to its VM's uid and gid)")
+    if a.ctrl_proxy and swtpm_uids is None:
+        # the proxy runs as the swtpm's uid and the swtpm's own socket is
+        # that uid's alone: without per-VM uids QEMU could bypass it
+        raise exception.InvalidInput(reason="[agent] ctrl_proxy needs swtpm_uid_range")
     return AgentSettings(
-        swtpm_uids=swtpm_uids, qemu_uids=qemu_uid_range(a.qemu_uid_range, swtpm_uids),
+        ctrl_proxy=a.ctrl_proxy, swtpm_uids=swtpm_uids,
+        qemu_uids=qemu_uid_range(a.qemu_uid_range, swtpm_uids),
         host=conf.host, state_root=Path(a.state_dir), run_dir=Path(a.run_dir),
         swtpm_binary=a.swtpm_binary, swtpm_setup_binary=a.swtpm_setup_binary,
         socket_mode=int(a.socket_mode, 8), socket_uid=uid, socket_gid=gid, create_ek=a.create_ek,

@@ -11,6 +11,7 @@ no use to another. Pure: no I/O.
 
 import hashlib
 import hmac
+import struct
 
 from vtpcm_common import exception
 
@@ -32,3 +33,26 @@ def permanent_state_digest(nonce: bytes, plaintext: bytes) -> bytes:
 def same(a: bytes, b: bytes) -> bool:
     """Constant-time equality of two digests."""
     return hmac.compare_digest(a, b)
+
+
+_STREAM_LABEL = b"vtpcm migration stream blobs digest v1\x00"
+STREAM_BLOB_TYPES = (1, 2)  # permanent, volatile (a TPM 2's savestate is empty)
+
+
+def stream_digest(nonce: bytes, blobs: dict[int, tuple[int, int, str]]) -> bytes:
+    """HMAC-SHA256 under ``nonce`` of the state blobs one side's QEMU read
+    or set through the control-channel proxy: ``{blob type: (state flags,
+    size, SHA-256 hex)}``, the permanent and the volatile one both required
+    (equal digests: the destination's QEMU set exactly the blobs the
+    source's QEMU last read, volatile state included)."""
+    if not isinstance(nonce, bytes) or len(nonce) != NONCE_SIZE:
+        raise exception.InvalidInput(reason="a state digest nonce must be %d bytes"
+                                     % NONCE_SIZE)
+    if sorted(blobs) != list(STREAM_BLOB_TYPES):
+        raise exception.InvalidInput(reason="a stream digest needs the permanent and the "
+                                            "volatile blob, got types %s" % sorted(blobs))
+    mac = hmac.new(nonce, _STREAM_LABEL, hashlib.sha256)
+    for blob_type in STREAM_BLOB_TYPES:
+        flags, size, sha256 = blobs[blob_type]
+        mac.update(struct.pack(">III", blob_type, flags, size) + bytes.fromhex(sha256))
+    return mac.digest()

@@ -71,6 +71,20 @@ AGENT_OPTS = [
                     "Reserve it as swtpm_uid_range (the same checks); it must not "
                     "overlap swtpm_uid_range. Empty: no QEMU uids (QEMU runs as "
                     "libvirt's user)."),
+    cfg.BoolOpt("ctrl_proxy", default=False,
+                help="Put a small proxy process (python -m vtpcm_agent.swtpm.ctrlproxy, "
+                     "run as the swtpm's uid, about 14 MB resident) between each VM's QEMU "
+                     "and its swtpm's control channel: it lets the state be set once per "
+                     "swtpm, migration-encrypted, before the TPM first starts (swtpm "
+                     "0.7.1 alone takes any older state under the same key, or a "
+                     "plaintext one, at any time), refuses commands QEMU does not use, "
+                     "and records a digest of each state blob QEMU read or set, which "
+                     "the engine's post-import check then compares (agent API 1.13: the "
+                     "volatile state too). Needs swtpm_uid_range. The swtpm's own socket "
+                     "becomes 0600 for its uid; <run_dir>/<instance uuid>.ctrl links to "
+                     "the proxy's (socket_mode, socket_user, socket_group apply to it). "
+                     "Applies to swtpms started from then on; guests whose QEMU is "
+                     "attached directly keep that until their next start."),
     cfg.BoolOpt("create_ek", default=True,
                 help="Create an EK with EK and platform certificates from this host's "
                      "local CA when a vTPCM is created (Windows 11 guests want them)."),

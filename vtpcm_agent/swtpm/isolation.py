@@ -23,8 +23,10 @@ OWN_DIR_MODE = 0o711  # QEMU traverses to its socket; nobody lists it
 
 
 def hand_over(paths: process.SwtpmPaths, run_as: process.RunAs, public_ctrl: Path,
-              public_data: Path | None) -> None:
-    """Give ``run_as`` its socket dir, state dir and log file; link the public paths."""
+              public_data: Path | None, ctrl_target: Path | None = None) -> None:
+    """Give ``run_as`` its socket dir, state dir and log file; link the
+    public paths (the control path to ``ctrl_target``, the proxy's socket,
+    if given, else to swtpm's own)."""
     for path in (paths.state_dir, paths.log_file, paths.ctrl_socket):
         _check_reachable(path, run_as, paths.state_dir.name)
     own = paths.ctrl_socket.parent
@@ -56,7 +58,7 @@ def hand_over(paths: process.SwtpmPaths, run_as: process.RunAs, public_ctrl: Pat
         os.fchown(fd, run_as.uid, run_as.gid)
     finally:
         os.close(fd)
-    link(public_ctrl, paths.ctrl_socket)
+    link(public_ctrl, paths.ctrl_socket if ctrl_target is None else ctrl_target)
     if public_data is not None and paths.data_socket is not None:
         link(public_data, paths.data_socket)
 

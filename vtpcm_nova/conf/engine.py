@@ -86,15 +86,28 @@ ENGINE_OPTS = [
                      "the destination cannot tell what it imported, or an agent is "
                      "older than API 1.12 (or [upgrade_levels] vtpcm_agent caps it "
                      "below), the commit is refused the same way "
-                     "(ImportedStateUnverified). It covers the permanent state only: "
-                     "not the volatile state (PCRs, loaded objects and sessions) that "
-                     "the stream also carries, and not a destination QEMU that sets an "
-                     "older blob after the check; protect the stream itself with "
-                     "libvirt's native migration TLS. Only live migrations are checked: "
+                     "(ImportedStateUnverified). Where both agents run [agent] "
+                     "ctrl_proxy (agent API 1.13) it also compares the state blobs the "
+                     "source's QEMU read with those the destination's QEMU set, the "
+                     "volatile state (PCRs, loaded objects and sessions) included, and the "
+                     "destination's proxy refuses a second import, plaintext blobs and "
+                     "state set after the TPM started; elsewhere only the permanent state "
+                     "is compared (see require_stream_check); protect the stream itself "
+                     "with libvirt's native migration TLS. Only live migrations are checked: "
                      "on a cold migration, resize or unshelve the engine carries the "
                      "state itself. Off: no check, and a live migration's permanent "
                      "state can be rolled back through a forged stream; turn it off "
                      "only while agents are upgraded."),
+    cfg.BoolOpt("require_stream_check", default=False,
+                help="With post_import_check: refuse the commit of a live migration "
+                     "(ImportedStateUnverified) unless both sides answer the digest of "
+                     "the state blobs their control-channel proxies saw ([agent] "
+                     "ctrl_proxy, agent API 1.13), so the volatile state is always "
+                     "compared. Off (the default, for hosts without the proxy and guests "
+                     "started before it): such a migration is checked on its permanent "
+                     "state alone and a WARNING says why the blobs were not compared. "
+                     "Turn it on once every host runs the proxy and every guest was "
+                     "started (or migrated) since."),
 ]
 
 attestation_group = cfg.OptGroup("attestation", title="Host attestation")

@@ -38,7 +38,7 @@ from oslo_log import log as logging
 
 from vtpcm_common import authn, exception, rpc, statedigest
 from vtpcm_common.api.agent import messages as am
-from vtpcm_common.api.agent.rpcapi import STATE_DIGEST_VERSION
+from vtpcm_common.api.agent.rpcapi import STATE_DIGEST_VERSION, STREAM_DIGEST_VERSION
 from vtpcm_nova.engine import protocol as p
 
 # re-exported (``x as x``): callers and tests name them on the coordinator
@@ -120,7 +120,7 @@ class AgentClient(Protocol):
     def incoming_state(self, host: str,
                        context: am.MigrationContext) -> am.IncomingState: ...
     def state_digest(self, host: str, context: am.MigrationContext, side: str,
-                     nonce: bytes) -> am.StateDigest: ...
+                     nonce: bytes, streams: bool = True) -> am.StateDigest: ...
 
 
 class TrustChecker(Protocol):
@@ -147,14 +147,18 @@ class Coordinator(ShelvingMixin):
                  reap_interval: float | None = None, reap_max_checks: int = 50,
                  reap_budget: float = 60.0,
                  witness: WitnessPolicy = NO_WITNESS,
-                 post_import_check: bool = True) -> None:
+                 post_import_check: bool = True,
+                 require_stream_check: bool = False) -> None:
         """``worker``: this engine run (``worker_id``), recorded by each
         ``begin`` and holding a lease (``service``); ``begin_step_bound``:
         the longest one begin step can take (the agent RPC timeout +
         ``BEGIN_STEP_SLACK``), for begins that recorded no run.
         ``post_import_check``: ``[engine] post_import_check``
-        (``_check_imported_state``)."""
+        (``_check_imported_state``); ``require_stream_check``: ``[engine]
+        require_stream_check`` (the proxies' stream digests must both be
+        there)."""
         self.post_import_check = post_import_check
+        self.require_stream_check = require_stream_check
         self.db = db
         self.agents = agents
         self.trust = trust
@@ -972,16 +976,47 @@ class Coordinator(ShelvingMixin):
                 reason="the permanent state the destination %s imported is not the "
                        "source's; the authority stays on %s (post-import check)"
                        % (ctx.dest_host, ctx.source_host))
-        LOG.info("Migration %(mig)s: post-import check passed, the destination %(dst)s "
-                 "imported the source's permanent state", {"mig": ctx.migration_id,
-                                                           "dst": ctx.dest_host})
+        answers = [outcomes[side] for side, _ in sides]
+        streams = [a.stream for a in answers if isinstance(a, am.StateDigest)]
+        if len(streams) == 2 and streams[0] is not None and streams[1] is not None:
+            if not statedigest.same(streams[0], streams[1]):
+                raise exception.ImportedStateMismatch(
+                    migration_id=ctx.migration_id,
+                    reason="the state blobs the destination %s's QEMU set are not the ones "
+                           "the source %s's QEMU read (the volatile state, PCRs included, "
+                           "may be older); the authority stays on %s (post-import check)"
+                           % (ctx.dest_host, ctx.source_host, ctx.source_host))
+            LOG.info("Migration %(mig)s: post-import check passed, the destination %(dst)s "
+                     "imported the source's permanent state and its QEMU set the blobs the "
+                     "source's QEMU read", {"mig": ctx.migration_id, "dst": ctx.dest_host})
+            return
+        why = "; ".join("the %s: %s" % (side, getattr(outcomes[side], "stream_reason", "")
+                                         or "no stream digest (agent below API 1.13)")
+                        for side, _ in sides
+                        if getattr(outcomes[side], "stream", None) is None)
+        if self.require_stream_check:
+            raise exception.ImportedStateUnverified(
+                migration_id=ctx.migration_id,
+                reason="the state blobs cannot be compared ([engine] require_stream_check): "
+                       + why)
+        LOG.warning("Migration %(mig)s: post-import check passed on the permanent state "
+                    "only; the state blobs (volatile state) were not compared: %(why)s",
+                    {"mig": ctx.migration_id, "why": why})
 
     def _state_digest(self, ctx: am.MigrationContext, side: str, host: str,
                       nonce: bytes) -> am.StateDigest:
         """One side's answer; an agent that cannot take API 1.12 (capped
         here, or an older agent) is ``ImportedStateUnverified``."""
         try:
-            return self.agents.state_digest(host, ctx, side, nonce)
+            try:
+                return self.agents.state_digest(host, ctx, side, nonce)
+            except (exception.RPCVersionUnsupported, exception.ReplyNotAuthenticated):
+                # a 1.12 agent refuses the 1.13 request (and a verifying
+                # client takes its unsigned refusal for no answer): its
+                # signed health says which; then it is asked as 1.12
+                if not self._agent_between(host, STATE_DIGEST_VERSION, STREAM_DIGEST_VERSION):
+                    raise
+                return self.agents.state_digest(host, ctx, side, nonce, streams=False)
         except (exception.RPCVersionCapped, exception.RPCVersionUnsupported) as err:
             raise exception.ImportedStateUnverified(
                 migration_id=ctx.migration_id,
@@ -995,6 +1030,17 @@ class Coordinator(ShelvingMixin):
             raise exception.ImportedStateUnverified(
                 migration_id=ctx.migration_id,
                 reason="the %s %s: %s" % (side, host, older)) from None
+
+    def _agent_between(self, host: str, lowest: str, above: str) -> bool:
+        """Whether an APPROVED ``host``'s signed health says its agent API is
+        at least ``lowest`` and below ``above``."""
+        try:
+            if self.db.get_host(host).status is not HostStatus.APPROVED:
+                return False
+            version = rpc.parse_version(self.agents.health(host).api_version)
+        except exception.VTPCMException:
+            return False
+        return rpc.parse_version(lowest) <= version < rpc.parse_version(above)
 
     def _older_than_digest(self, host: str) -> str | None:
         """Why ``host``'s agent cannot answer ``state_digest`` (its signed

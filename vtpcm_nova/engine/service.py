@@ -151,6 +151,8 @@ class EngineService:
         self.coordinator = Coordinator(self.db, self.agents, self.attestor,
                                        timeout=conf.migration.timeout,
                                        post_import_check=conf.engine.post_import_check,
+                                       require_stream_check=(
+                                           conf.engine.require_stream_check),
                                        nova=nova_from(conf),
                                        deleted_confirmations=conf.nova.deleted_confirmations,
                                        worker=self.worker,

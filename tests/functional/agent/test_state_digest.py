@@ -157,7 +157,7 @@ _set = tpmtools.qemu_post_load
 
 def _digest(host: Host, ctx: sealing.SealContext, side: str,
             nonce: bytes) -> tuple[bytes | None, str]:
-    return host.manager.state_digest(ctx, side, nonce)
+    return host.manager.state_digest(ctx, side, nonce)[:2]
 
 
 def _both(src: Host, dst: Host, ctx: sealing.SealContext,

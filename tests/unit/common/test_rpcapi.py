@@ -165,7 +165,7 @@ AGENT_CALLS: dict[str, tuple[str, Any]] = {
     # 1.8, signed
     "reclaim_outgoing": ("1.8", lambda api: api.reclaim_outgoing(HOST, CONTEXT, 6)),
     # 1.12, unsigned request (read-only; the reply is signed, bound to it)
-    "state_digest": ("1.12", lambda api: api.state_digest(HOST, CONTEXT, "source",
+    "state_digest": ("1.13", lambda api: api.state_digest(HOST, CONTEXT, "source",
                                                           b"n" * 32)),
 }
 AGENT_SIGNED = {"create", "start", "stop", "destroy", "export_state", "import_state",
@@ -301,6 +301,8 @@ def test_agent_client_capped_at_the_previous_minor_refuses_only_newer_methods(me
         version = "1.4"
     if method == "quote":  # asked in its 1.1 form: without the KEM report
         version = "1.1"
+    if method == "state_digest":  # asked in its 1.12 form: without the stream digest
+        version = "1.12"
     if method in agent_rpcapi.VOUCHED_METHODS:  # the engine vouches: 1.3 at least
         version = rpc._later(version, agent_rpcapi.VOUCHED_SINCE)
     if _older(version, cap):
@@ -315,6 +317,18 @@ def test_agent_client_capped_at_the_previous_minor_refuses_only_newer_methods(me
         "Not sent: %s needs vtpcm-agent RPC API %s, but [upgrade_levels] vtpcm_agent "
         "caps this client at 1.4 (some vtpcm-agent may still run an older release)"
         % (method, version))
+
+
+def test_state_digest_capped_at_1_12_is_asked_without_the_stream_digest():
+    api = agent_rpcapi.AgentAPI(_conf(), signer=_signer(), version_cap="1.12")
+    sent = _sent(api, AGENT_CALLS["state_digest"][1])
+    assert sent["version"] == "1.12" and "streams" not in sent["args"]["payload"]
+    uncapped = _sent(_agent_api(), AGENT_CALLS["state_digest"][1])
+    assert uncapped["version"] == "1.13" and uncapped["args"]["payload"]["streams"] is True
+    # asked without streams, an uncapped client sends the 1.12 form
+    plain = _sent(_agent_api(), lambda api: api.state_digest(HOST, CONTEXT, "source",
+                                                             b"n" * 32, streams=False))
+    assert plain["version"] == "1.12" and "streams" not in plain["args"]["payload"]
 
 
 @pytest.mark.parametrize("method", sorted(ENGINE_CALLS))

@@ -125,6 +125,10 @@ class FakeAgents:
         self.states = {}
         self.digest_calls = []
         self.api_version = {}  # host -> the agent API its health reports
+        # side -> the blobs its proxy saw ({type: (flags, size, sha256 hex)})
+        # or why it has none (str); (host, side, streams asked) of each call
+        self.streams = {}
+        self.digest_streams = []
 
     def _record(self, name, host, *args):
         self.calls.append((name, host))
@@ -186,21 +190,28 @@ class FakeAgents:
         self._record("reclaim_outgoing", host)
         self.reclaimed_at = generation
 
-    def state_digest(self, host, context, side, nonce):
+    def state_digest(self, host, context, side, nonce, streams=True):
         self.digest_calls.append((host, side, nonce))
         # both sides are asked at once: a failure for one host only
         err = self.fail.pop(("state_digest", host), None) or self.fail.pop("state_digest",
                                                                            None)
         if err is not None:
             raise err
+        self.digest_streams.append((host, side, streams))
         state = self.states.get(side, b"the permanent state")
         if isinstance(state, str):
             return am.StateDigest(side, None, state)
-        return am.StateDigest(side, statedigest.permanent_state_digest(nonce, state))
+        digest = statedigest.permanent_state_digest(nonce, state)
+        if not streams:
+            return am.StateDigest(side, digest)
+        blobs = self.streams.get(side, "no control-channel proxy")
+        if isinstance(blobs, str):
+            return am.StateDigest(side, digest, stream=None, stream_reason=blobs)
+        return am.StateDigest(side, digest, stream=statedigest.stream_digest(nonce, blobs))
 
     def health(self, host, timeout=None):
         self._record("health", host)
-        return am.Health(host, self.api_version.get(host, "1.12"), 1, 1, ())
+        return am.Health(host, self.api_version.get(host, "1.13"), 1, 1, ())
 
 
 def trusted_in_db(db, host):

@@ -250,6 +250,9 @@ class StateDigestRequest(Message):
     context: MigrationContext = field(wire.message_field(MigrationContext))
     side: str = field(wire.choice_field(*DIGEST_SIDES))
     nonce: bytes = field(wire.blob_field(32, 32))
+    # 1.13: also the digest of the state blobs QEMU read or set through the
+    # control-channel proxy (StateDigest.stream)
+    streams: bool = field(wire.bool_field, default=False, omit_default=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,6 +266,14 @@ class StateDigest(Message):
     side: str = field(wire.choice_field(*DIGEST_SIDES))
     digest: bytes | None = field(wire.optional(wire.blob_field(32, 32)))
     reason: str = field(wire.text_field(1000), default="")
+    # 1.13, when asked (StateDigestRequest.streams):
+    # ``statedigest.stream_digest(nonce, blobs)`` of the state blobs the
+    # source's QEMU last read (permanent, volatile) or the destination's
+    # QEMU set, as the control-channel proxy saw them; None with the reason
+    # when this side has no proxy or it saw no such blobs
+    stream: bytes | None = field(wire.optional(wire.blob_field(32, 32)), default=None,
+                                 omit_default=True)
+    stream_reason: str = field(wire.text_field(1000), default="", omit_default=True)
 
 
 # --- 1.8: an operator's rollback past the commit point ------------------------------

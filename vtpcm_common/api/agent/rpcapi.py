@@ -72,6 +72,12 @@ API version history:
           for the engine's post-import check before the commit point.
           Capped below 1.12 (or an older agent) the engine cannot check,
           and with ``[engine] post_import_check`` on it holds the commit.
+    1.13 - state_digest asked with ``streams`` also answers ``stream``: a
+          keyed digest of the state blobs (permanent and volatile) the
+          source's QEMU last read or the destination's QEMU set, as the
+          agent's control-channel proxy between QEMU and swtpm saw them
+          (``[agent] ctrl_proxy``), or why not. An older agent refuses the
+          request; the engine then asks as 1.12 (no stream digest).
 
 Every method sends one schema-checked message and checks the one it gets
 back; ``prepare(server=host)`` addresses the agent of one compute host.
@@ -95,9 +101,11 @@ from vtpcm_common import authn, rpc
 from vtpcm_common.api.agent import messages as m
 from vtpcm_common.wire import Message
 
-RPC_API_VERSION = "1.12"
+RPC_API_VERSION = "1.13"
 # state_digest: the post-import check
 STATE_DIGEST_VERSION = "1.12"
+# state_digest asked as this version also answers the proxy's stream digest
+STREAM_DIGEST_VERSION = "1.13"
 # get asked as this version reports the VM's QEMU uid and gid
 VM_IDS_VERSION = "1.11"
 # get_identity asked as this version carries the parents' certifications:
@@ -263,6 +271,13 @@ class AgentAPI(rpc.Client):
 
     # 1.12
     def state_digest(self, host: str, context: m.MigrationContext, side: str,
-                     nonce: bytes) -> m.StateDigest:
+                     nonce: bytes, streams: bool = True) -> m.StateDigest:
+        """Asked as 1.13 with the stream digest when ``streams`` and not
+        capped below (an older agent refuses it: ask again without), else
+        as 1.12."""
+        if streams and self.can_send_version(STREAM_DIGEST_VERSION):
+            return self._at(host, "state_digest", STREAM_DIGEST_VERSION,
+                            m.StateDigestRequest(context, side, nonce, streams=True),
+                            m.StateDigest)
         return self._at(host, "state_digest", STATE_DIGEST_VERSION,
                         m.StateDigestRequest(context, side, nonce), m.StateDigest)

@@ -1,0 +1,227 @@
+"""The post-import check's stream digests (agent API 1.13, ``[agent]
+ctrl_proxy``) with REAL swtpm 0.7.1, the agent's own proxies (each run as
+its swtpm's uid) and two InstanceManagers: QEMU's part (pre-save on the
+source, post-load on the destination) goes through each VM's public
+control socket, as QEMU's does.
+
+Shown: the same blobs on both sides give equal stream digests; the pairing
+a stream writer can make with swtpm 0.7.1 alone (review HIGH 2: today's
+permanent blob with an earlier volatile one of the same key epoch) passes
+the permanent-state digest (positive control) but not the stream digest;
+a second import through the public socket is refused and makes the
+destination's answer "refused"; the swtpm's own socket is its uid's alone
+and the public path leads to the proxy; the proxy outlives an agent
+restart and is adopted by it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import uuid
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from tpm2_pytss.constants import ESYS_TR, TPM2_ALG
+from tpm2_pytss.types import TPML_DIGEST_VALUES, TPMT_HA, TPMU_HA
+
+from tests.functional import tpmtools
+from tests.functional.agent.test_state_digest import (
+    WAIT,
+    Host,
+    _kill_hard,
+    _simulate_crash,
+    _wait_captured,
+)
+from tests.functional.hosttpm_fixture import (  # noqa: F401
+    TEST_KEY_AUTH,
+    HostTPMStandIn,
+    host_tpm_standin,
+)
+from tests.refusal import refused
+from vtpcm_agent import association, instances, sealing
+from vtpcm_agent.hosttpm import HostTPM
+from vtpcm_agent.keystore import DevKeyFileHostKey, KeyStore
+from vtpcm_agent.swtpm import ctrl, ctrlproxy, process, proxyctl, uidprocs
+from vtpcm_common import exception
+
+pytestmark = pytest.mark.functional
+
+OWN_UIDS = {"src": (1953000000, 1953000009), "dst": (1953000010, 1953000019)}
+assert WAIT > 0
+
+
+def _manager(root: Path, name: str, host_tpm: HostTPM | None) -> instances.InstanceManager:
+    settings = instances.AgentSettings(
+        host=name, state_root=root / "state", run_dir=root / "run", create_ek=False,
+        expose_data_socket=True, swtpm_uids=OWN_UIDS[name], ctrl_proxy=True)
+    settings.state_root.mkdir(exist_ok=True)
+    assoc = association.AssociationList(settings.state_root / "associations.sqlite")
+    keys = KeyStore(settings.state_root / "keys", DevKeyFileHostKey(root / "hostkey"))
+    return instances.InstanceManager(settings, assoc, keys, host_tpm)
+
+
+def _stop_all(manager: instances.InstanceManager) -> None:
+    for record in manager.list_vtpcms():
+        paths = manager.paths(record.instance_uuid, record.vtpcm_id)
+        pid = process.find_running(paths) or record.pid
+        proxy = proxyctl.find(manager.proxy_record(record.instance_uuid))
+        if pid is not None:
+            try:
+                process.stop(pid, paths, timeout=6.0)
+            finally:
+                _kill_hard(pid, paths)
+        if proxy is not None:
+            proxyctl.stop(proxy, manager.proxy_record(record.instance_uuid), timeout=5.0)
+
+
+@pytest.fixture
+def hosts(short_dir: Path, tmp_path: Path,
+          host_tpm_standin: HostTPMStandIn) -> Iterator[tuple[Host, Host]]:  # noqa: F811
+    os.chmod(short_dir, 0o711)  # noqa: S103  (the swtpm uids traverse it)
+    (short_dir / "s").mkdir()
+    (short_dir / "d").mkdir()
+    made: list[Host] = []
+    with HostTPM(host_tpm_standin.tcti, TEST_KEY_AUTH,
+                 key_file=tmp_path / "hostkeys.tpm") as tpm:
+        try:
+            made.append(Host("src", short_dir / "s", None,
+                             _manager(short_dir / "s", "src", None)))
+            made.append(Host("dst", short_dir / "d", tpm,
+                             _manager(short_dir / "d", "dst", tpm)))
+            yield made[0], made[1]
+        finally:
+            for host in made:
+                _simulate_crash(host)
+                _stop_all(host.manager)
+                host.manager.associations.close()
+
+
+def _paths(host: Host, instance: str) -> process.SwtpmPaths:
+    return host.manager.paths(instance, host.manager.get(instance).vtpcm_id)
+
+
+def _qemu(host: Host, instance: str) -> process.SwtpmPaths:
+    """The paths as QEMU sees them: its control channel is the public path."""
+    return replace(_paths(host, instance),
+                   ctrl_socket=host.manager.public_ctrl_socket(instance))
+
+
+def _source(src: Host) -> str:
+    instance = str(uuid.uuid4())
+    src.manager.create(instance)
+    src.manager.start(instance)
+    tpmtools.write_guest_state(_paths(src, instance), os.urandom(32), os.urandom(32),
+                               make_key=False)
+    return instance
+
+
+def _prepare(src: Host, dst: Host, instance: str) -> sealing.SealContext:
+    ctx = sealing.SealContext(migration_id=str(uuid.uuid4()), instance_uuid=instance,
+                              generation=src.manager.get(instance).generation,
+                              source_host=src.name, dest_host=dst.name)
+    assert dst.host_tpm is not None
+    envelope = src.manager.seal_migration_key(ctx, dst.host_tpm.identity(b"").kem_public)
+    dst.manager.prepare_incoming(ctx, envelope)
+    return ctx
+
+
+def _post_load(paths: process.SwtpmPaths, blobs: list[ctrl.StateBlob]) -> None:
+    """QEMU 7.2's post-load: empty blobs (a TPM 2's savestate) are not sent."""
+    tpmtools.qemu_post_load(paths, [b for b in blobs if b.data])
+
+
+def _extend_pcr(paths: process.SwtpmPaths) -> None:
+    """A guest's PCR extend: volatile state only (no NV write)."""
+    with tpmtools.esapi(paths) as esys:
+        digests = TPML_DIGEST_VALUES([TPMT_HA(hashAlg=TPM2_ALG.SHA256,
+                                              digest=TPMU_HA(sha256=os.urandom(32)))])
+        esys.pcr_extend(ESYS_TR.PCR16, digests)
+
+
+def _ask(host: Host, ctx: sealing.SealContext, side: str,
+         nonce: bytes) -> instances.StateDigests:
+    return host.manager.state_digest(ctx, side, nonce, streams=True)
+
+
+def test_a_live_migration_through_the_proxies_gives_equal_stream_digests(hosts):
+    src, dst = hosts
+    instance = _source(src)
+    # the public path leads to the proxy; swtpm's own socket is its uid's alone
+    public = src.manager.public_ctrl_socket(instance)
+    assert Path(os.readlink(public)) == src.manager.proxy_socket(instance)
+    uid = src.manager.associations.uid_of(instance)
+    own = os.stat(_paths(src, instance).ctrl_socket)
+    assert (stat.S_IMODE(own.st_mode), own.st_uid, own.st_gid) == (0o600, uid, uid)
+    proxy_pid = proxyctl.find(src.manager.proxy_record(instance))
+    assert proxy_pid is not None and uidprocs.pin(proxy_pid) is not None
+    assert os.stat("/proc/%d" % proxy_pid).st_uid == uid
+
+    ctx = _prepare(src, dst, instance)
+    _post_load(_qemu(dst, instance), tpmtools.qemu_pre_save(_qemu(src, instance)))
+    _wait_captured(dst, instance)
+    nonce = os.urandom(32)
+    source, dest = _ask(src, ctx, "source", nonce), _ask(dst, ctx, "destination", nonce)
+    assert source.stream_reason == dest.stream_reason == ""
+    assert source.stream is not None and source.stream == dest.stream
+    assert source.digest == dest.digest
+    assert _ask(src, ctx, "source", os.urandom(32)).stream != source.stream  # keyed
+
+
+def test_an_older_volatile_blob_passes_the_permanent_digest_but_not_the_stream_digest(hosts):
+    src, dst = hosts
+    instance = _source(src)
+    src_qemu = _qemu(src, instance)
+    old = tpmtools.qemu_pre_save(src_qemu)
+    _extend_pcr(_paths(src, instance))  # the guest measures something: PCR16 moves
+    new = tpmtools.qemu_pre_save(src_qemu)
+    ctx = _prepare(src, dst, instance)
+    # today's permanent blob, yesterday's volatile one (same key epoch)
+    _post_load(_qemu(dst, instance), [new[0], old[1]])
+    _wait_captured(dst, instance)
+    nonce = os.urandom(32)
+    source, dest = _ask(src, ctx, "source", nonce), _ask(dst, ctx, "destination", nonce)
+    assert source.digest == dest.digest  # the permanent check alone passes it
+    assert source.stream is not None and dest.stream is not None
+    assert source.stream != dest.stream  # seen equal when both sides digested "got"
+
+
+def test_a_second_import_through_the_public_socket_is_refused(hosts):
+    src, dst = hosts
+    instance = _source(src)
+    blobs = tpmtools.qemu_pre_save(_qemu(src, instance))
+    ctx = _prepare(src, dst, instance)
+    dst_qemu = _qemu(dst, instance)
+    _post_load(dst_qemu, blobs)
+    _wait_captured(dst, instance)
+    with ctrl.CtrlClient(dst_qemu.ctrl_socket) as client:
+        client.stop()
+        with refused(exception.CtrlChannelError,
+                     "swtpm control channel SET_STATEBLOB failed: swtpm returned "
+                     "0x00000003 TPM_BAD_PARAMETER"):
+            client.set_stateblob(blobs[1].blob_type, blobs[1].data, blobs[1].flags)
+    answer = _ask(dst, ctx, "destination", os.urandom(32))
+    assert answer.digest is None and answer.stream is None
+    assert answer.reason == answer.stream_reason == (
+        instances.PROXY_REFUSED + ": SET_STATEBLOB volatile after the TPM started: state "
+        "is set only before the first INIT (one import per swtpm)")
+    record = ctrlproxy.read_record(dst.manager.proxy_record(instance))
+    assert record is not None and record["refused_count"] == 1
+
+
+def test_the_proxy_outlives_an_agent_restart_and_is_adopted(hosts):
+    src, dst = hosts
+    instance = _source(src)
+    record = src.manager.proxy_record(instance)
+    before = proxyctl.find(record)
+    _simulate_crash(src)
+    src.manager.associations.close()
+    src.manager = _manager(src.root, src.name, None)
+    assert instance in src.manager.recover()["adopted"]
+    assert proxyctl.find(record) == before  # the same process, not a new one
+    blobs = tpmtools.qemu_pre_save(_qemu(src, instance))
+    assert len(blobs[0].data) > 0
+    got = ctrlproxy.read_record(record)
+    assert got is not None and set(got["got"]) == {"1", "2"}

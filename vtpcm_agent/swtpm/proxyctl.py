@@ -1,0 +1,143 @@
+"""Start, find and stop the control-channel proxy of one swtpm (agent side).
+
+Why apart from ``ctrlproxy``: that module is the proxy process and imports
+nothing of the agent; this one is what the agent runs to give QEMU a socket
+whose owner and mode are right before anyone can connect, and to start the
+proxy as the swtpm's uid, detached, so that it outlives the agent.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vtpcm_agent.swtpm import ctrlproxy, process, uidprocs
+from vtpcm_common import exception
+
+LISTEN_BACKLOG = 4
+
+
+def _bind(public: Path, staging_dir: Path, mode: int, uid: int | None,
+          gid: int | None) -> socket.socket:
+    """A listening socket at ``public``, its owner and mode set in
+    ``staging_dir`` (the agent's own, root-only writable) before it is
+    renamed into place: nobody can connect before it is right, and a link
+    planted at ``public`` is replaced, never followed."""
+    tmp = staging_dir / (".%s.%d.sock" % (public.name, os.getpid()))
+    tmp.unlink(missing_ok=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        listener.bind(str(tmp))
+        os.chmod(tmp, mode)
+        if uid is not None or gid is not None:
+            os.chown(tmp, -1 if uid is None else uid, -1 if gid is None else gid,
+                     follow_symlinks=False)
+        listener.listen(LISTEN_BACKLOG)
+        os.replace(tmp, public)
+    except OSError:
+        listener.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return listener
+
+
+def start(public: Path, upstream: Path, swtpm_pid: int, record: Path, *,
+          staging_dir: Path, log_file: Path, socket_mode: int = 0o660,
+          socket_uid: int | None = None, socket_gid: int | None = None,
+          run_as: process.RunAs | None = None, max_blob: int | None = None,
+          timeout: float = 10.0) -> int:
+    """Start the proxy for the swtpm ``swtpm_pid`` serving ``upstream``;
+    QEMU connects to ``public``. Returns the proxy's pid once its record is
+    written (SwtpmError naming why not otherwise)."""
+    vtpcm = upstream.parent.name
+    try:
+        listener = _bind(public, staging_dir, socket_mode, socket_uid, socket_gid)
+    except OSError as exc:
+        raise exception.SwtpmError(vtpcm_id=vtpcm, reason="cannot bind the proxy socket "
+                                   "%s: %s" % (public, exc.strerror)) from None
+    record.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", ctrlproxy.MODULE, "--listen-fd", str(listener.fileno()),
+           "--upstream", str(upstream), "--swtpm-pid", str(swtpm_pid),
+           "--record", str(record), "--daemon"]
+    if max_blob is not None:
+        cmd += ["--max-blob", str(max_blob)]
+    if run_as is not None:
+        # it drops to the uid itself once its imports are done: the uid
+        # need not read the interpreter's tree (``ctrlproxy.drop_to``)
+        cmd += ["--run-as", str(run_as.uid), str(run_as.gid)]
+    log = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        with listener:
+            proc = subprocess.Popen(
+                cmd, pass_fds=(listener.fileno(),), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL, stderr=log, start_new_session=True,
+                cwd="/")
+            try:
+                code = proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                code = None
+    finally:
+        os.close(log)
+    found = find(record)
+    if code != 0 or found is None:
+        if found is not None:
+            stop(found, record, timeout=timeout)
+        public.unlink(missing_ok=True)
+        raise exception.SwtpmError(
+            vtpcm_id=vtpcm, reason="the control-channel proxy did not start (%s); see %s"
+            % ("timed out" if code is None else "exit %d" % code, log_file))
+    return found
+
+
+def find(record: Path) -> int | None:
+    """The pid of the proxy that wrote ``record``, if it still runs as that
+    proxy (its command line names the record)."""
+    try:
+        data = ctrlproxy.read_record(record)
+    except (OSError, ValueError):
+        return None
+    if data is None:
+        return None
+    pid = data["proxy_pid"]
+    assert isinstance(pid, int)
+    return pid if _is_proxy(pid, record) else None
+
+
+def _is_proxy(pid: int, record: Path) -> bool:
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            argv = handle.read().split(b"\0")
+    except OSError:
+        return False
+    return (ctrlproxy.MODULE.encode() in argv
+            and str(record).encode() in argv)
+
+
+def stop(pid: int, record: Path, timeout: float = 10.0) -> None:
+    """Stop the proxy ``pid`` (it exits with its swtpm by itself; this is
+    for a swtpm that stays, or a proxy that did not notice)."""
+    try:
+        pin = uidprocs.pin(pid)
+    except OSError:
+        return
+    if pin is None or not _is_proxy(pid, record):
+        return
+    try:
+        os.kill(pid, 15)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if uidprocs.gone(pin):
+            return
+        time.sleep(0.02)
+    try:
+        os.kill(pid, 9)
+    except ProcessLookupError:
+        pass
