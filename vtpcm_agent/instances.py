@@ -161,6 +161,8 @@ class AgentSettings:
 
 # a destination answer's reason when its proxy refused a request or swtpm a blob
 PROXY_REFUSED = "the control-channel proxy refused state"
+# ... or when its proxy did not see a whole import of the stream
+PROXY_INCOMPLETE = "the control-channel proxy saw no complete import"
 
 
 class StateDigests(NamedTuple):
@@ -648,6 +650,11 @@ class InstanceManager:
             raise
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
+        if assoc.pid is not None:
+            # no stream may follow the agent's own import (a source that
+            # signs a transfer during a live migration): a proxy still open
+            # is replaced by a closed one
+            self._ensure_proxy(instance_uuid, paths, assoc.pid)
         # the only import it takes (a second is refused above): the guest's
         # start on it before the confirm (CMD_INIT) supersedes nothing
         watch = self._watches.get(assoc.vtpcm_id)
@@ -780,7 +787,8 @@ class InstanceManager:
             # watched before its swtpm exists: its first write is queued
             self._arm_capture(vtpcm_id, paths.state_dir)
             # Empty and never initialized: QEMU (or import_state) brings the state.
-            pid = self._spawn_paths(ctx.instance_uuid, paths, keys, startup_clear=False)
+            pid = self._spawn_paths(ctx.instance_uuid, paths, keys, startup_clear=False,
+                                    stream_import=True)
         except BaseException:
             self._discard(ctx.instance_uuid, vtpcm_id, paths)
             raise
@@ -1038,7 +1046,7 @@ class InstanceManager:
         stream: tuple[bytes | None, str] = (None, "not asked")
         if streams:
             stream = self._stream_digest(assoc, side, nonce)
-            if stream[1].startswith(PROXY_REFUSED):
+            if stream[1].startswith((PROXY_REFUSED, PROXY_INCOMPLETE)):
                 # something tried to set state past the proxy's rules: the
                 # import is not the one the check may pass, whatever the
                 # permanent state says
@@ -1058,28 +1066,41 @@ class InstanceManager:
         (source) or set (destination) through the proxy, or None and why."""
         if not self.settings.ctrl_proxy:
             return None, "this host runs no control-channel proxy ([agent] ctrl_proxy)"
+        # an incoming vTPCM of a host with the proxy always has one, open
+        # for its stream from prepare_incoming on: on the destination
+        # anything short of a complete import through it fails the check
+        # (PROXY_INCOMPLETE), whatever [engine] require_stream_check says
+        # (review of the proxy, HIGH 2: a stream with an empty volatile
+        # blob, which QEMU does not set, left a record without one). A
+        # source's QEMU may have attached before its proxy existed (started
+        # before the option): there it is only "cannot tell".
+        lacking = PROXY_INCOMPLETE + ": " if side == "destination" else ""
         try:
             record = ctrlproxy.read_record(self.proxy_record(assoc.instance_uuid))
         except (OSError, ValueError) as exc:
-            return None, "the proxy record cannot be read: %s" % (
-                exc if isinstance(exc, ValueError) else exc.strerror)
+            return None, "%sthe proxy record cannot be read: %s" % (
+                lacking, exc if isinstance(exc, ValueError) else exc.strerror)
         if record is None:
-            return None, "no control-channel proxy serves this vTPCM (started before it?)"
+            return None, "%sno control-channel proxy serves this vTPCM" % lacking
         if record["swtpm_pid"] != assoc.pid:
-            return None, "the proxy record is of another swtpm (pid %s, not %s)" % (
-                record["swtpm_pid"], assoc.pid)
+            return None, "%sthe proxy record is of another swtpm (pid %s, not %s)" % (
+                lacking, record["swtpm_pid"], assoc.pid)
         if side == "destination":
             refused = record["refused"] + record["failed"]  # type: ignore[operator]
             if record["refused_count"] or record["failed"]:
                 return None, "%s: %s" % (PROXY_REFUSED, "; ".join(refused)[:600])
+            if record["closed"]:
+                return None, lacking + ("its proxy takes no stream (the agent imported the "
+                                        "state, or the proxy was started again after the "
+                                        "import)")
             if not record["started"]:
-                return None, "the destination's QEMU has not started the TPM yet"
+                return None, lacking + "the destination's QEMU has not started the TPM"
         seen = record["got" if side == "source" else "set"]
         assert isinstance(seen, dict)
         blobs = {int(t): (v[0], v[1], v[2]) for t, v in seen.items() if v[1] > 0}
         if sorted(blobs) != list(statedigest.STREAM_BLOB_TYPES):
-            return None, "the %s's QEMU %s no permanent and volatile blob through the proxy" % (
-                side, "read" if side == "source" else "set")
+            return None, "%sthe %s's QEMU %s no permanent and volatile blob through the proxy" % (
+                lacking, side, "read" if side == "source" else "set")
         return statedigest.stream_digest(nonce, blobs), ""
 
     def _keyed_digest(self, assoc: Association, state_file: bytes, nonce: bytes) -> bytes:
@@ -1108,6 +1129,7 @@ class InstanceManager:
         if assoc.pid is not None and process.owns(assoc.pid, paths):
             process.stop(assoc.pid, paths, timeout=self.settings.timeout)
         (paths.state_dir / VOLATILE_STATE_FILE).unlink(missing_ok=True)
+        # it received its state: its proxy lets none through
         pid = self._spawn_paths(assoc.instance_uuid, paths,
                                 self.keystore.get(assoc.vtpcm_id), startup_clear=False)
         self.associations.set_pid(assoc.instance_uuid, pid)
@@ -1141,7 +1163,10 @@ class InstanceManager:
                     self.associations.set_pid(assoc.instance_uuid, pid)
                 report["adopted"].append(assoc.instance_uuid)
                 try:
-                    self._ensure_proxy(assoc.instance_uuid, paths, pid)
+                    self._ensure_proxy(
+                        assoc.instance_uuid, paths, pid,
+                        stream_import=(assoc.state is S.MIGRATING_IN
+                                       and not self._received_state(assoc)))
                 except (exception.VTPCMException, OSError, ValueError) as exc:
                     LOG.error("Could not start the control-channel proxy of instance "
                               "%(inst)s (its QEMU keeps what it has; a new QEMU cannot "
@@ -1171,17 +1196,19 @@ class InstanceManager:
 
     def _spawn_paths(self, instance_uuid: str, paths: process.SwtpmPaths,
                      keys: InstanceKeys, startup_clear: bool | None = None,
-                     with_proxy: bool = True) -> int:
+                     with_proxy: bool = True, stream_import: bool = False) -> int:
         """Start (or adopt) the instance's swtpm and, with ``ctrl_proxy``
         and unless ``with_proxy`` is off (a swtpm only the agent talks
-        to), its control-channel proxy."""
+        to), its control-channel proxy; ``stream_import``: an incoming
+        swtpm waiting for a live migration's stream (the only one whose
+        proxy lets state through)."""
         running = process.find_running(paths)
         if running is not None:
             pinned = self._pins.get(instance_uuid)
             if pinned is None or pinned[0] != running or uidprocs.gone(pinned):
                 self._pin(instance_uuid, running)
             if with_proxy:
-                self._ensure_proxy(instance_uuid, paths, running)
+                self._ensure_proxy(instance_uuid, paths, running, stream_import)
             return running
         server = process.socket_server(paths.ctrl_socket)
         if server is not None:
@@ -1205,25 +1232,30 @@ class InstanceManager:
         self._pin(instance_uuid, pid)
         if with_proxy:
             try:
-                self._ensure_proxy(instance_uuid, paths, pid)
+                self._ensure_proxy(instance_uuid, paths, pid, stream_import)
             except exception.SwtpmError:
                 process.stop(pid, paths, timeout=self.settings.timeout)
                 raise
         return pid
 
     def _ensure_proxy(self, instance_uuid: str, paths: process.SwtpmPaths,
-                      swtpm_pid: int) -> None:
+                      swtpm_pid: int, stream_import: bool = False) -> None:
         """With ``ctrl_proxy``: the proxy of ``swtpm_pid`` runs and the
         public path leads to it (started if missing: a proxy that died, or
         a swtpm started before the option; a QEMU attached directly keeps
-        its connection)."""
+        its connection). It lets a stream's state through only if
+        ``stream_import`` and it never closed: a proxy that lets state
+        through where none may pass is replaced by a closed one (its QEMU,
+        if one is attached, loses the channel: a stream loaded after the
+        agent's own import must fail, review of the cold path, LOW 2)."""
         if not self.settings.ctrl_proxy:
             return
         record = self.proxy_record(instance_uuid)
         found = proxyctl.find(record)
         if found is not None:
             current = ctrlproxy.read_record(record)
-            if current is not None and current["swtpm_pid"] == swtpm_pid:
+            if (current is not None and current["swtpm_pid"] == swtpm_pid
+                    and (current["closed"] or stream_import)):
                 return
             proxyctl.stop(found, record, timeout=self.settings.timeout)
         uid = self.associations.uid_of(instance_uuid)
@@ -1237,7 +1269,7 @@ class InstanceManager:
             socket_mode=self.settings.socket_mode,
             socket_uid=uid if self.settings.socket_uid is None else self.settings.socket_uid,
             socket_gid=uid if self.settings.socket_gid is None else self.settings.socket_gid,
-            run_as=process.RunAs(uid=uid, gid=uid),
+            run_as=process.RunAs(uid=uid, gid=uid), closed=not stream_import,
             max_blob=self.settings.max_state_blob_bytes, timeout=self.settings.timeout)
         isolation.link(self.public_ctrl_socket(instance_uuid), public)
         LOG.info("Started the control-channel proxy pid %(pid)d of instance %(inst)s",

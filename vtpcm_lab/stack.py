@@ -139,7 +139,9 @@ class Stack:
                     "agent": {"expose_data_socket": "false",
                               "register_with_engine": "false",
                               "socket_user": lab_host.user,
-                              "swtpm_uid_range": SWTPM_UID_RANGES[lab_host.name]},
+                              "swtpm_uid_range": SWTPM_UID_RANGES[lab_host.name],
+                              # QEMU reaches swtpm through the agent's proxy
+                              "ctrl_proxy": "true"},
                     "host_tpm": {"ek_ca_file": ek_cas}}
                 for section, values in self.agent_extra.get(lab_host.name, {}).items():
                     extra.setdefault(section, {}).update(values)
@@ -154,7 +156,10 @@ class Stack:
                 "attestation": {"verdict_ttl": 300, "ek_ca_file": ek_cas},
                 # as in production (the daemons' default of 0 keeps
                 # functional tests deterministic): the lab exercises it
-                "migration": {"reconcile_interval": RECONCILE_INTERVAL}}
+                "migration": {"reconcile_interval": RECONCILE_INTERVAL},
+                # every lab guest starts behind the proxies: the post-import
+                # check compares the blobs QEMU moved, volatile state included
+                "engine": {"require_stream_check": True}}
             for section, values in self.engine_extra.items():
                 engine_extra.setdefault(section, {}).update(values)
             self.engine_daemon = daemons.EngineDaemon(

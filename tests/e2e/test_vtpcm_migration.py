@@ -116,6 +116,11 @@ def test_round_trip_keeps_guest_tpm_and_moves_generation(stack, guest):
         # the post-import check ran on real QEMU's transfer and passed: the
         # destination's first write after the import is the source's state
         assert ("Migration %s: post-import check passed" % hop.migration_id) in engine_log
+        # ... and the blobs the destination's QEMU set through its proxy are
+        # those the source's QEMU read (volatile state included)
+        assert ("Migration %s: post-import check passed, the destination %s imported the "
+                "source's permanent state and its QEMU set the blobs the source's QEMU read"
+                % (hop.migration_id, (b if hop is there else a).name)) in engine_log
     assert stack.agents.get(b.name, instance).state == "DESTROYED"
 
 

@@ -94,7 +94,8 @@ class Request:
         return "Request(op=%s, size=%d)" % (self.op.name, len(self.raw))
 
 
-def frame(buffer: bytes, *, max_blob: int = MAX_BLOB_SIZE) -> tuple[Request | None, int]:
+def frame(buffer: bytes | bytearray, *,
+          max_blob: int = MAX_BLOB_SIZE) -> tuple[Request | None, int]:
     """The first complete request in ``buffer`` and its length, or (None, 0)
     while more bytes are needed. Raises ``Malformed`` for a command QEMU
     never sends or a blob larger than ``max_blob``."""
@@ -158,9 +159,12 @@ class Policy:
 
     ``started`` becomes true with the first INIT forwarded: from then on
     the TPM's state is the one it runs with, and only a new swtpm (a new
-    proxy) takes state again."""
+    proxy) takes state again. ``closed``: no state passes at all (every
+    swtpm but an incoming one still waiting for its stream: its state is
+    its own, or the agent imported it on a cold path)."""
 
-    def __init__(self) -> None:
+    def __init__(self, closed: bool = False) -> None:
+        self.closed = closed
         self.started = False
         self.got: dict[int, BlobSeen] = {}
         self.set: dict[int, BlobSeen] = {}
@@ -168,13 +172,32 @@ class Policy:
         self.refused_count = 0
         self.failed: list[str] = []
         self._failed_types: set[int] = set()
+        # a STOP this proxy forwarded succeeded and no INIT followed: only
+        # then is swtpm known to be stopped, so that it reads a whole
+        # SET_STATEBLOB (on a running TPM swtpm 0.7.1 answers after 4104
+        # bytes and reads the rest of the blob as more commands: review of
+        # the proxy, HIGH 1)
+        self.stopped = False
         self._in_flight: Request | None = None
         self._reply = bytearray()
         # bumped by every change of what ``record`` returns
         self.changes = 0
 
+    def _fail(self, blob_type: int, reason: str) -> None:
+        self._failed_types.add(blob_type)
+        self.failed = (self.failed + [reason])[-MAX_REASONS:]
+        self.changes += 1
+
     def disconnected(self) -> None:
-        """The client left: a reply still due belongs to no one now."""
+        """The client left: a reply still due belongs to no one now. A SET
+        whose answer it did not wait for may have reached swtpm: it counts
+        as failed (its type closed, the import incomplete), never as
+        unseen (review of the proxy, MEDIUM 3)."""
+        request = self._in_flight
+        if request is not None and request.op is Op.SET_STATEBLOB:
+            blob_type = _STATE_REQ.unpack_from(request.raw, 4)[1]
+            self._fail(blob_type, "the client left before swtpm answered SET_STATEBLOB %s"
+                       % BlobType(blob_type).name.lower())
         self._in_flight = None
         self._reply = bytearray()
 
@@ -189,9 +212,11 @@ class Policy:
             self.refused = (self.refused + [refusal])[-MAX_REASONS:]
             self.changes += 1
             return Refuse(_error(TPM_BAD_PARAMETER), refusal)
-        if request.op is Op.INIT and not self.started:
-            self.started = True
-            self.changes += 1
+        if request.op is Op.INIT:
+            self.stopped = False
+            if not self.started:
+                self.started = True
+                self.changes += 1
         self._in_flight = request
         self._reply = bytearray()
         return Forward()
@@ -204,6 +229,9 @@ class Policy:
         if blob_type not in (BlobType.PERMANENT, BlobType.VOLATILE, BlobType.SAVESTATE):
             return "SET_STATEBLOB of unknown blob type %d" % blob_type
         name = BlobType(blob_type).name.lower()
+        if self.closed:
+            return ("SET_STATEBLOB %s into a swtpm that takes no stream (not an incoming "
+                    "one waiting for its state)" % name)
         if self.started:
             return ("SET_STATEBLOB %s after the TPM started: state is set only before the "
                     "first INIT (one import per swtpm)" % name)
@@ -211,6 +239,9 @@ class Policy:
             return "a second SET_STATEBLOB %s (one import per swtpm)" % name
         if self.refused_count:
             return "SET_STATEBLOB %s after a refused one" % name
+        if not self.stopped:
+            return ("SET_STATEBLOB %s without a STOP before it (swtpm would read part of "
+                    "the blob as commands)" % name)
         if length == 0:
             return "an empty SET_STATEBLOB %s (it would clear a blob set before)" % name
         if flags & ~STATE_FLAG_ENCRYPTED:
@@ -237,27 +268,30 @@ class Policy:
         request = self._in_flight
         if request is None:
             return
-        if request.op not in (Op.GET_STATEBLOB, Op.SET_STATEBLOB):
+        if request.op not in (Op.GET_STATEBLOB, Op.SET_STATEBLOB, Op.STOP):
             self._in_flight = None
             return
         self._reply += chunk
         if len(self._reply) < 4:
             return
         (result,) = _U32.unpack_from(self._reply)
-        flags, blob_type, _ = _STATE_REQ.unpack_from(request.raw, 4)
+        if request.op is Op.STOP:
+            self._in_flight = None
+            self.stopped = result == TPM_SUCCESS
+            return
+        flags, blob_type, offset = _STATE_REQ.unpack_from(request.raw, 4)
         if request.op is Op.SET_STATEBLOB:
             self._in_flight = None
             data = request.raw[4 + _STATE_REQ.size:]
-            self.changes += 1
             if result == TPM_SUCCESS:
+                self.changes += 1
                 self.set[blob_type] = blob_seen(blob_type, flags, data)
             else:
-                self._failed_types.add(blob_type)
-                self.failed = (self.failed + ["swtpm refused SET_STATEBLOB %s: 0x%08x"
-                                              % (BlobType(blob_type).name.lower(), result)]
-                               )[-MAX_REASONS:]
+                self._fail(blob_type, "swtpm refused SET_STATEBLOB %s: 0x%08x"
+                           % (BlobType(blob_type).name.lower(), result))
             return
-        if result != TPM_SUCCESS:
+        if result != TPM_SUCCESS or offset != 0:
+            # a read of part of a blob is not the blob QEMU streams
             self._in_flight = None
             return
         if len(self._reply) < _GET_REPLY_HEADER.size:
@@ -279,6 +313,7 @@ class Policy:
         flags and refusals, never a blob."""
         return {
             "version": RECORD_VERSION, "swtpm_pid": swtpm_pid, "started": self.started,
+            "closed": self.closed,
             "got": {str(t): b.to_json() for t, b in sorted(self.got.items())},
             "set": {str(t): b.to_json() for t, b in sorted(self.set.items())},
             "refused_count": self.refused_count, "refused": list(self.refused),

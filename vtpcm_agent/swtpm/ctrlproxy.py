@@ -102,7 +102,13 @@ class Relay:
                     self._pump_requests()
                 if self.client.fileno() in ready:
                     data, fds, _, _ = socket.recv_fds(self.client, _CHUNK, _MAX_FDS)
-                    self._fds.extend(fds)
+                    # at most the one SET_DATAFD passes on: close the rest at
+                    # once (a client must not fill the proxy's fd table)
+                    for fd in fds:
+                        if self._fds:
+                            os.close(fd)
+                        else:
+                            self._fds.append(fd)
                     if not data:
                         return
                     self._buffer += data
@@ -111,13 +117,16 @@ class Relay:
                                                    % (2 * self.max_blob))
                     self._pump_requests()
         finally:
+            changes = self.policy.changes
             self.policy.disconnected()
+            if changes != self.policy.changes:
+                self.on_change()
             self._close_fds()
 
     def _pump_requests(self) -> None:
         """Forward or refuse complete requests, one in flight at a time."""
         while not self.policy.awaiting():
-            request, used = ctrlpolicy.frame(bytes(self._buffer), max_blob=self.max_blob)
+            request, used = ctrlpolicy.frame(self._buffer, max_blob=self.max_blob)
             if request is None:
                 return
             del self._buffer[:used]
@@ -220,11 +229,14 @@ def _check_record(record: object) -> None:
     for key in ("swtpm_pid", "proxy_pid", "refused_count"):
         if not isinstance(record.get(key), int) or isinstance(record.get(key), bool):
             raise ValueError("the proxy record's %s is not a number" % key)
-    if not isinstance(record.get("started"), bool):
-        raise ValueError("the proxy record's started is not a boolean")
+    for key in ("started", "closed"):
+        if not isinstance(record.get(key), bool):
+            raise ValueError("the proxy record's %s is not a boolean" % key)
     for key in ("refused", "failed"):
         value = record.get(key)
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        if (not isinstance(value, list) or len(value) > ctrlpolicy.MAX_REASONS
+                or not all(isinstance(v, str) and len(v) <= 300 and v.isprintable()
+                           for v in value)):
             raise ValueError("the proxy record's %s is not a list of reasons" % key)
     for key in ("got", "set"):
         blobs = record.get(key)
@@ -235,7 +247,7 @@ def _check_record(record: object) -> None:
                 raise ValueError("the proxy record names blob type %r" % blob_type[:8])
             if (not isinstance(seen, list) or len(seen) != 3
                     or not all(isinstance(v, int) and not isinstance(v, bool)
-                               for v in seen[:2])
+                               and 0 <= v < 2**32 for v in seen[:2])
                     or not isinstance(seen[2], str) or len(seen[2]) != 64
                     or any(c not in "0123456789abcdef" for c in seen[2])):
                 raise ValueError("the proxy record's %s entry for type %s is malformed"
@@ -261,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--record", type=Path, required=True)
     parser.add_argument("--max-blob", type=int, default=MAX_BLOB_SIZE)
     parser.add_argument("--run-as", type=int, nargs=2, metavar=("UID", "GID"))
+    parser.add_argument("--closed", action="store_true",
+                        help="let no state through (not an incoming swtpm)")
     parser.add_argument("--daemon", action="store_true")
     args = parser.parse_args(argv)
     listener = socket.socket(fileno=args.listen_fd)
@@ -275,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             _log("cannot run as uid %d gid %d: %s" % (*args.run_as, exc.strerror))
             return 1
-    policy = ctrlpolicy.Policy()
+    policy = ctrlpolicy.Policy(closed=args.closed)
     ready_r, ready_w = os.pipe() if args.daemon else (-1, -1)
     if args.daemon and os.fork() != 0:
         # the first process exits once the proxy is ready (its record

@@ -9,13 +9,14 @@ proxy as the swtpm's uid, detached, so that it outlives the agent.
 from __future__ import annotations
 
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from vtpcm_agent.swtpm import ctrlproxy, process, uidprocs
+from vtpcm_agent.swtpm import ctrlproxy, process
 from vtpcm_common import exception
 
 LISTEN_BACKLOG = 4
@@ -49,10 +50,11 @@ def start(public: Path, upstream: Path, swtpm_pid: int, record: Path, *,
           staging_dir: Path, log_file: Path, socket_mode: int = 0o660,
           socket_uid: int | None = None, socket_gid: int | None = None,
           run_as: process.RunAs | None = None, max_blob: int | None = None,
-          timeout: float = 10.0) -> int:
+          closed: bool = False, timeout: float = 10.0) -> int:
     """Start the proxy for the swtpm ``swtpm_pid`` serving ``upstream``;
-    QEMU connects to ``public``. Returns the proxy's pid once its record is
-    written (SwtpmError naming why not otherwise)."""
+    QEMU connects to ``public``. ``closed``: it lets no state through.
+    Returns the proxy's pid once its record is written (SwtpmError naming
+    why not otherwise)."""
     vtpcm = upstream.parent.name
     try:
         listener = _bind(public, staging_dir, socket_mode, socket_uid, socket_gid)
@@ -65,6 +67,8 @@ def start(public: Path, upstream: Path, swtpm_pid: int, record: Path, *,
            "--record", str(record), "--daemon"]
     if max_blob is not None:
         cmd += ["--max-blob", str(max_blob)]
+    if closed:
+        cmd.append("--closed")
     if run_as is not None:
         # it drops to the uid itself once its imports are done: the uid
         # need not read the interpreter's tree (``ctrlproxy.drop_to``)
@@ -123,21 +127,24 @@ def stop(pid: int, record: Path, timeout: float = 10.0) -> None:
     """Stop the proxy ``pid`` (it exits with its swtpm by itself; this is
     for a swtpm that stays, or a proxy that did not notice)."""
     try:
-        pin = uidprocs.pin(pid)
+        pidfd = os.pidfd_open(pid)
     except OSError:
         return
-    if pin is None or not _is_proxy(pid, record):
-        return
     try:
-        os.kill(pid, 15)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if uidprocs.gone(pin):
+        # checked through the pidfd: a pid reused after the check is not
+        # the process signalled
+        if not _is_proxy(pid, record):
             return
-        time.sleep(0.02)
-    try:
-        os.kill(pid, 9)
-    except ProcessLookupError:
-        pass
+        try:
+            signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        ready, _, _ = select.select([pidfd], [], [], timeout)
+        if not ready:
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            select.select([pidfd], [], [], timeout)
+    finally:
+        os.close(pidfd)

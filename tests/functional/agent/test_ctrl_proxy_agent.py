@@ -225,3 +225,57 @@ def test_the_proxy_outlives_an_agent_restart_and_is_adopted(hosts):
     assert len(blobs[0].data) > 0
     got = ctrlproxy.read_record(record)
     assert got is not None and set(got["got"]) == {"1", "2"}
+
+
+def test_a_stream_after_the_agents_own_import_is_refused(hosts):
+    """A source that signs a transfer during a live migration (the engine
+    then carries the blobs, cold): the incoming swtpm's open proxy is
+    replaced by a closed one, so the destination QEMU's later stream import
+    fails instead of passing unchecked (review of the agent side, LOW 2)."""
+    src, dst = hosts
+    instance = _source(src)
+    blobs = tpmtools.qemu_pre_save(_qemu(src, instance))
+    ctx = _prepare(src, dst, instance)
+    record = dst.manager.proxy_record(instance)
+    opened = ctrlproxy.read_record(record)
+    assert opened is not None and opened["closed"] is False  # waiting for the stream
+    _, exported = src.manager.export_state(instance)
+    dst.manager.import_state(instance, ctx.migration_id, ctx.generation, exported)
+    closed = ctrlproxy.read_record(record)
+    assert closed is not None and closed["closed"] is True
+    assert closed["proxy_pid"] != opened["proxy_pid"]
+    with ctrl.CtrlClient(_qemu(dst, instance).ctrl_socket) as client:
+        client.stop()
+        with refused(exception.CtrlChannelError,
+                     "swtpm control channel SET_STATEBLOB failed: swtpm returned "
+                     "0x00000003 TPM_BAD_PARAMETER"):
+            client.set_stateblob(blobs[0].blob_type, blobs[0].data, blobs[0].flags)
+
+
+def test_only_an_incoming_swtpm_waiting_for_its_stream_takes_state(hosts):
+    src, _ = hosts
+    instance = _source(src)
+    running = ctrlproxy.read_record(src.manager.proxy_record(instance))
+    assert running is not None and running["closed"] is True
+
+
+def test_a_stream_without_its_volatile_blob_fails_the_destination(hosts):
+    """A stream writer sets the volatile blob's size to 0: QEMU sets only
+    the permanent one and starts the TPM without volatile state. The
+    permanent digests agree (positive control); the destination answers
+    none, so the check fails whatever require_stream_check says (review of
+    the proxy, HIGH 2)."""
+    src, dst = hosts
+    instance = _source(src)
+    blobs = tpmtools.qemu_pre_save(_qemu(src, instance))
+    ctx = _prepare(src, dst, instance)
+    _post_load(_qemu(dst, instance), [blobs[0]])
+    _wait_captured(dst, instance)
+    nonce = os.urandom(32)
+    assert _ask(src, ctx, "source", nonce).stream is not None
+    source = _ask(src, ctx, "source", nonce)
+    dest = _ask(dst, ctx, "destination", nonce)
+    assert source.digest is not None and dest.digest is None
+    assert dest.reason == dest.stream_reason == (
+        instances.PROXY_INCOMPLETE + ": the destination's QEMU set no permanent and "
+        "volatile blob through the proxy")

@@ -32,6 +32,16 @@ def _req(raw):
 
 
 INIT = struct.pack(">II", 0x02, 1)
+STOP = struct.pack(">I", 0x0E)
+
+
+def _stopped(closed=False):
+    """A policy after QEMU's STOP succeeded (what post-load sends first)."""
+    policy = cp.Policy(closed=closed)
+    assert isinstance(policy.decide(_req(STOP)), cp.Forward)
+    policy.on_reply(OK)
+    assert policy.stopped
+    return policy
 
 
 def test_framing_takes_qemus_sizes_and_waits_for_the_rest():
@@ -89,7 +99,7 @@ def test_one_encrypted_import_before_the_first_init():
     (_set(1, b"short"), "SET_STATEBLOB permanent shorter than a blob header"),
 ])
 def test_a_blob_swtpm_would_take_against_the_design_is_refused(raw, reason):
-    policy = cp.Policy()
+    policy = _stopped()
     assert policy.decide(_req(raw)) == cp.Refuse(b"\0\0\0\x03", reason)
     # and closes the import: a good blob after it is refused too
     assert policy.decide(_req(_set(1, _blob()))).reason == (
@@ -98,7 +108,7 @@ def test_a_blob_swtpm_would_take_against_the_design_is_refused(raw, reason):
 
 
 def test_a_second_set_of_a_type_and_one_after_swtpm_failed_it_are_refused():
-    policy = cp.Policy()
+    policy = _stopped()
     policy.decide(_req(_set(1, _blob())))
     policy.on_reply(struct.pack(">I", 0x21))  # swtpm: decryption error
     assert policy.failed == ["swtpm refused SET_STATEBLOB permanent: 0x00000021"]
@@ -139,9 +149,55 @@ def test_a_failed_read_records_nothing_and_a_disconnect_forgets_the_reply():
 
 
 def test_the_record_holds_digests_never_blobs():
-    policy = cp.Policy()
+    policy = _stopped()
     secret = _blob(body=b"SECRET-STATE" * 10)
     policy.decide(_req(_set(1, secret)))
     policy.on_reply(OK)
     text = repr(policy.record(5))
     assert b"SECRET" not in text.encode() and "SECRET" not in repr(_req(_set(1, secret)))
+
+
+def test_a_closed_proxy_lets_no_state_through_even_before_init():
+    policy = _stopped(closed=True)
+    assert policy.decide(_req(_set(1, _blob()))) == cp.Refuse(
+        b"\0\0\0\x03", "SET_STATEBLOB permanent into a swtpm that takes no stream (not an "
+        "incoming one waiting for its state)")
+    assert policy.record(1)["closed"] is True
+    assert isinstance(policy.decide(_req(INIT)), cp.Forward)  # the guest still starts
+
+
+def test_state_passes_only_after_a_stop_that_succeeded_and_before_init():
+    """On a running TPM swtpm 0.7.1 answers SET_STATEBLOB after 4104 bytes
+    and reads the rest as commands (review of the proxy, HIGH 1)."""
+    policy = cp.Policy()
+    assert policy.decide(_req(_set(1, _blob()))).reason == (
+        "SET_STATEBLOB permanent without a STOP before it (swtpm would read part of the "
+        "blob as commands)")
+    policy = cp.Policy()
+    policy.decide(_req(STOP))
+    policy.on_reply(struct.pack(">I", 0x09))  # the STOP failed
+    assert not policy.stopped
+    policy = _stopped()
+    policy.decide(_req(INIT))
+    policy.on_reply(OK)
+    assert not policy.stopped and policy.started
+
+
+def test_a_set_whose_answer_the_client_did_not_wait_for_counts_as_failed():
+    """It may have reached swtpm: never unseen (review of the proxy, MEDIUM 3)."""
+    policy = _stopped()
+    policy.decide(_req(_set(2, _blob())))
+    changes = policy.changes
+    policy.disconnected()
+    assert policy.failed == ["the client left before swtpm answered SET_STATEBLOB volatile"]
+    assert policy.changes == changes + 1 and policy.set == {}
+    assert policy.decide(_req(_set(2, _blob()))).reason == (
+        "a second SET_STATEBLOB volatile (one import per swtpm)")
+
+
+def test_a_read_at_an_offset_is_not_recorded():
+    policy = cp.Policy()
+    data = _blob()
+    policy.decide(_req(struct.pack(">IIII", 0x0C, 1, 1, 8)))
+    policy.on_reply(struct.pack(">IIII", 0, 2, len(data) - 8, len(data) - 8) + data[8:])
+    assert policy.got == {} and not policy.awaiting()
