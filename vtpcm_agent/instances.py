@@ -633,6 +633,11 @@ class InstanceManager:
             assoc = self.associations.set_pid(
                 instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
                                                  startup_clear=False))
+        elif assoc.pid is not None:
+            # closed before the agent imports: no stream may reach swtpm
+            # around or after it (a source that signs a transfer during a
+            # live migration; review round 2, MEDIUM)
+            self._ensure_proxy(instance_uuid, paths, assoc.pid, close=True)
         try:
             ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout,
                               vtpcm_id=assoc.vtpcm_id,
@@ -650,11 +655,6 @@ class InstanceManager:
             raise
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
-        if assoc.pid is not None:
-            # no stream may follow the agent's own import (a source that
-            # signs a transfer during a live migration): a proxy still open
-            # is replaced by a closed one
-            self._ensure_proxy(instance_uuid, paths, assoc.pid)
         # the only import it takes (a second is refused above): the guest's
         # start on it before the confirm (CMD_INIT) supersedes nothing
         watch = self._watches.get(assoc.vtpcm_id)
@@ -1239,15 +1239,17 @@ class InstanceManager:
         return pid
 
     def _ensure_proxy(self, instance_uuid: str, paths: process.SwtpmPaths,
-                      swtpm_pid: int, stream_import: bool = False) -> None:
+                      swtpm_pid: int, stream_import: bool = False,
+                      close: bool = False) -> None:
         """With ``ctrl_proxy``: the proxy of ``swtpm_pid`` runs and the
         public path leads to it (started if missing: a proxy that died, or
         a swtpm started before the option; a QEMU attached directly keeps
-        its connection). It lets a stream's state through only if
-        ``stream_import`` and it never closed: a proxy that lets state
-        through where none may pass is replaced by a closed one (its QEMU,
-        if one is attached, loses the channel: a stream loaded after the
-        agent's own import must fail, review of the cold path, LOW 2)."""
+        its connection). A proxy started here lets a stream's state
+        through only if ``stream_import``. A running proxy of that swtpm is
+        adopted as it is (QEMU never reconnects: replacing it would cut the
+        guest's control channel, review round 2, HIGH), unless ``close``
+        and it is open: the agent is about to import itself, and a stream
+        after that must fail (its QEMU, if attached, loses the channel)."""
         if not self.settings.ctrl_proxy:
             return
         record = self.proxy_record(instance_uuid)
@@ -1255,7 +1257,7 @@ class InstanceManager:
         if found is not None:
             current = ctrlproxy.read_record(record)
             if (current is not None and current["swtpm_pid"] == swtpm_pid
-                    and (current["closed"] or stream_import)):
+                    and (current["closed"] or not close)):
                 return
             proxyctl.stop(found, record, timeout=self.settings.timeout)
         uid = self.associations.uid_of(instance_uuid)

@@ -200,6 +200,10 @@ class Policy:
                        % BlobType(blob_type).name.lower())
         self._in_flight = None
         self._reply = bytearray()
+        # swtpm's running state is its own, not the connection's: the
+        # agent may INIT it directly before the next client comes (review
+        # round 2, MEDIUM): a STOP counts on its own connection only
+        self.stopped = False
 
     def decide(self, request: Request) -> Forward | Refuse:
         """Whether ``request`` goes on to swtpm; a forwarded request is the
@@ -290,20 +294,18 @@ class Policy:
                 self._fail(blob_type, "swtpm refused SET_STATEBLOB %s: 0x%08x"
                            % (BlobType(blob_type).name.lower(), result))
             return
-        if result != TPM_SUCCESS or offset != 0:
-            # a read of part of a blob is not the blob QEMU streams
-            self._in_flight = None
-            return
+        # the whole reply is waited for (QEMU reads its 16-byte header even
+        # on an error), so that none of it is taken for the next request's
         if len(self._reply) < _GET_REPLY_HEADER.size:
             return
         _, reply_flags, total, length = _GET_REPLY_HEADER.unpack_from(self._reply)
-        if length != total:  # chunked: never on a unix socket; not recorded
-            self._in_flight = None
-            return
-        end = _GET_REPLY_HEADER.size + length
+        end = _GET_REPLY_HEADER.size + (length if result == TPM_SUCCESS else 0)
         if len(self._reply) < end:
             return
         self._in_flight = None
+        if result != TPM_SUCCESS or offset != 0 or length != total:
+            # a failed read, or part of a blob, is not the blob QEMU streams
+            return
         self.changes += 1
         self.got[blob_type] = blob_seen(blob_type, reply_flags,
                                         bytes(self._reply[_GET_REPLY_HEADER.size:end]))

@@ -139,12 +139,14 @@ def stop(pid: int, record: Path, timeout: float = 10.0) -> None:
             signal.pidfd_send_signal(pidfd, signal.SIGTERM)
         except ProcessLookupError:
             return
-        ready, _, _ = select.select([pidfd], [], [], timeout)
-        if not ready:
+        # poll, not select: the agent's descriptors may be above 1023
+        waiter = select.poll()
+        waiter.register(pidfd, select.POLLIN)
+        if not waiter.poll(timeout * 1000):
             try:
                 signal.pidfd_send_signal(pidfd, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-            select.select([pidfd], [], [], timeout)
+            waiter.poll(timeout * 1000)
     finally:
         os.close(pidfd)

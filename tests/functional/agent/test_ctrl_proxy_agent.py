@@ -257,6 +257,13 @@ def test_only_an_incoming_swtpm_waiting_for_its_stream_takes_state(hosts):
     instance = _source(src)
     running = ctrlproxy.read_record(src.manager.proxy_record(instance))
     assert running is not None and running["closed"] is True
+    blobs = tpmtools.qemu_pre_save(_qemu(src, instance))
+    with ctrl.CtrlClient(_qemu(src, instance).ctrl_socket) as client:
+        client.stop()  # a STOP that succeeds: only the closed proxy refuses
+        with refused(exception.CtrlChannelError,
+                     "swtpm control channel SET_STATEBLOB failed: swtpm returned "
+                     "0x00000003 TPM_BAD_PARAMETER"):
+            client.set_stateblob(blobs[0].blob_type, blobs[0].data, blobs[0].flags)
 
 
 def test_a_stream_without_its_volatile_blob_fails_the_destination(hosts):
@@ -279,3 +286,60 @@ def test_a_stream_without_its_volatile_blob_fails_the_destination(hosts):
     assert dest.reason == dest.stream_reason == (
         instances.PROXY_INCOMPLETE + ": the destination's QEMU set no permanent and "
         "volatile blob through the proxy")
+
+
+def test_an_agent_restart_keeps_a_migrated_vms_proxy_and_its_qemu_connection(hosts):
+    """QEMU never reconnects: the restarted agent adopts the proxy as it is,
+    before and after the commit (review round 2, HIGH: it was replaced by a
+    closed one, cutting the channel and failing the check)."""
+    src, dst = hosts
+    instance = _source(src)
+    blobs = tpmtools.qemu_pre_save(_qemu(src, instance))
+    ctx = _prepare(src, dst, instance)
+    record = dst.manager.proxy_record(instance)
+    with ctrl.CtrlClient(_qemu(dst, instance).ctrl_socket) as qemu:  # held open, as QEMU
+        qemu.stop()
+        for blob in blobs:
+            if blob.data:
+                qemu.set_stateblob(blob.blob_type, blob.data, blob.flags)
+        qemu.init(delete_volatile=True)
+        _wait_captured(dst, instance)
+        before = proxyctl.find(record)
+        for step in ("before the commit", "after the commit"):
+            _simulate_crash(dst)
+            dst.manager.associations.close()
+            dst.manager = _manager(dst.root, dst.name, dst.host_tpm)
+            assert instance in dst.manager.recover()["adopted"], step
+            assert proxyctl.find(record) == before, step
+            assert qemu.get_capability() > 0, step  # the same connection still works
+            if step == "before the commit":
+                nonce = os.urandom(32)
+                source = _ask(src, ctx, "source", nonce)
+                dest = _ask(dst, ctx, "destination", nonce)
+                assert source.stream is not None and source.stream == dest.stream
+                dst.manager.commit_incoming(ctx)
+
+
+def test_a_stop_sent_before_the_agents_import_opens_nothing(hosts):
+    """A client STOPs through the open proxy, leaves, the agent imports
+    (and starts the TPM) directly: the proxy is closed before that import,
+    so a SET whose tail swtpm would read as commands never reaches it
+    (review round 2, MEDIUM)."""
+    src, dst = hosts
+    instance = _source(src)
+    blobs = tpmtools.qemu_pre_save(_qemu(src, instance))
+    ctx = _prepare(src, dst, instance)
+    public = _qemu(dst, instance).ctrl_socket
+    with ctrl.CtrlClient(public) as client:
+        client.stop()
+    _, exported = src.manager.export_state(instance)
+    dst.manager.import_state(instance, ctx.migration_id, ctx.generation, exported)
+    with ctrl.CtrlClient(public) as client:
+        with refused(exception.CtrlChannelError,
+                     "swtpm control channel SET_STATEBLOB failed: swtpm returned "
+                     "0x00000003 TPM_BAD_PARAMETER"):
+            client.set_stateblob(blobs[0].blob_type, blobs[0].data, blobs[0].flags)
+    record = ctrlproxy.read_record(dst.manager.proxy_record(instance))
+    assert record is not None and record["refused"] == [
+        "SET_STATEBLOB permanent into a swtpm that takes no stream (not an incoming one "
+        "waiting for its state)"]

@@ -140,6 +140,8 @@ def test_a_failed_read_records_nothing_and_a_disconnect_forgets_the_reply():
     policy = cp.Policy()
     policy.decide(_req(_get(3)))
     policy.on_reply(struct.pack(">I", 0x800))
+    assert policy.awaiting()  # its 16-byte header is still due (QEMU reads it)
+    policy.on_reply(b"\0" * 12)
     assert policy.got == {} and not policy.awaiting()
     policy.decide(_req(_get(1)))
     policy.disconnected()
@@ -199,5 +201,18 @@ def test_a_read_at_an_offset_is_not_recorded():
     policy = cp.Policy()
     data = _blob()
     policy.decide(_req(struct.pack(">IIII", 0x0C, 1, 1, 8)))
-    policy.on_reply(struct.pack(">IIII", 0, 2, len(data) - 8, len(data) - 8) + data[8:])
+    reply = struct.pack(">IIII", 0, 2, len(data) - 8, len(data) - 8) + data[8:]
+    policy.on_reply(reply[:20])
+    assert policy.awaiting()  # its tail is not the next request's reply
+    policy.on_reply(reply[20:])
     assert policy.got == {} and not policy.awaiting()
+
+
+def test_a_stop_counts_on_its_own_connection_only():
+    """swtpm's running state is its own: the agent may start the TPM
+    between two connections (review round 2, MEDIUM)."""
+    policy = _stopped()
+    policy.disconnected()
+    assert not policy.stopped
+    assert policy.decide(_req(_set(1, _blob()))).reason.startswith(
+        "SET_STATEBLOB permanent without a STOP before it")
