@@ -629,15 +629,21 @@ class InstanceManager:
                 reason="state of %d bytes exceeds the limit of %d"
                 % (size, self.settings.max_state_blob_bytes))
         keys = self.keystore.get(assoc.vtpcm_id)
+        # no client may reach swtpm while the agent imports, nor a stream
+        # after it (a source that signs a transfer during a live migration):
+        # its proxy is stopped first and a closed one started only once the
+        # import is done (review rounds 2 and 3 of the proxy)
         if not self.is_running(assoc):
             assoc = self.associations.set_pid(
                 instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
-                                                 startup_clear=False))
-        elif assoc.pid is not None:
-            # closed before the agent imports: no stream may reach swtpm
-            # around or after it (a source that signs a transfer during a
-            # live migration; review round 2, MEDIUM)
-            self._ensure_proxy(instance_uuid, paths, assoc.pid, close=True)
+                                                 startup_clear=False, with_proxy=False))
+        else:
+            self._stop_proxy(instance_uuid)
+            if self._received_state(assoc):
+                # a stream landed between the check above and the stop: it
+                # stays as it is (the post-import check judges it)
+                raise exception.StateImportError(
+                    vtpcm_id=assoc.vtpcm_id, reason="this vTPCM already holds state")
         try:
             ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout,
                               vtpcm_id=assoc.vtpcm_id,
@@ -655,6 +661,8 @@ class InstanceManager:
             raise
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
+        if assoc.pid is not None:
+            self._ensure_proxy(instance_uuid, paths, assoc.pid)  # a closed one
         # the only import it takes (a second is refused above): the guest's
         # start on it before the confirm (CMD_INIT) supersedes nothing
         watch = self._watches.get(assoc.vtpcm_id)
@@ -1238,26 +1246,38 @@ class InstanceManager:
                 raise
         return pid
 
+    def _stop_proxy(self, instance_uuid: str) -> None:
+        """Stop the instance's proxy, if one runs (nobody reaches its swtpm
+        through the public path until one is started again)."""
+        if not self.settings.ctrl_proxy:
+            return
+        record = self.proxy_record(instance_uuid)
+        found = proxyctl.find(record)
+        if found is not None:
+            proxyctl.stop(found, record, timeout=self.settings.timeout)
+            if proxyctl.find(record) is not None:
+                raise exception.SwtpmError(
+                    vtpcm_id=instance_uuid,
+                    reason="its control-channel proxy pid %d did not stop" % found)
+        self.proxy_socket(instance_uuid).unlink(missing_ok=True)
+
     def _ensure_proxy(self, instance_uuid: str, paths: process.SwtpmPaths,
-                      swtpm_pid: int, stream_import: bool = False,
-                      close: bool = False) -> None:
+                      swtpm_pid: int, stream_import: bool = False) -> None:
         """With ``ctrl_proxy``: the proxy of ``swtpm_pid`` runs and the
         public path leads to it (started if missing: a proxy that died, or
         a swtpm started before the option; a QEMU attached directly keeps
         its connection). A proxy started here lets a stream's state
         through only if ``stream_import``. A running proxy of that swtpm is
-        adopted as it is (QEMU never reconnects: replacing it would cut the
-        guest's control channel, review round 2, HIGH), unless ``close``
-        and it is open: the agent is about to import itself, and a stream
-        after that must fail (its QEMU, if attached, loses the channel)."""
+        adopted as it is: QEMU never reconnects, and replacing it would cut
+        the guest's control channel (review round 2, HIGH); the agent's own
+        import stops it first (``_stop_proxy``)."""
         if not self.settings.ctrl_proxy:
             return
         record = self.proxy_record(instance_uuid)
         found = proxyctl.find(record)
         if found is not None:
             current = ctrlproxy.read_record(record)
-            if (current is not None and current["swtpm_pid"] == swtpm_pid
-                    and (current["closed"] or not close)):
+            if current is not None and current["swtpm_pid"] == swtpm_pid:
                 return
             proxyctl.stop(found, record, timeout=self.settings.timeout)
         uid = self.associations.uid_of(instance_uuid)

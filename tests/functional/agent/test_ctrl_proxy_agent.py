@@ -320,11 +320,13 @@ def test_an_agent_restart_keeps_a_migrated_vms_proxy_and_its_qemu_connection(hos
                 dst.manager.commit_incoming(ctx)
 
 
-def test_a_stop_sent_before_the_agents_import_opens_nothing(hosts):
-    """A client STOPs through the open proxy, leaves, the agent imports
-    (and starts the TPM) directly: the proxy is closed before that import,
-    so a SET whose tail swtpm would read as commands never reaches it
-    (review round 2, MEDIUM)."""
+def test_no_client_reaches_swtpm_while_the_agent_imports(hosts, monkeypatch):
+    """A client STOPs through the open proxy and leaves; while the agent
+    imports (and starts the TPM) directly, a client through the public path
+    must not get through at all (review round 3: it reached the closed
+    proxy, round 2: the open one, and a SET whose tail swtpm reads as
+    commands then hit a running TPM); after the import only a closed
+    proxy answers."""
     src, dst = hosts
     instance = _source(src)
     blobs = tpmtools.qemu_pre_save(_qemu(src, instance))
@@ -332,8 +334,22 @@ def test_a_stop_sent_before_the_agents_import_opens_nothing(hosts):
     public = _qemu(dst, instance).ctrl_socket
     with ctrl.CtrlClient(public) as client:
         client.stop()
+    real_import = instances.ctrl.import_state
+    during: list[str] = []
+
+    def racing_import(*args: object, **kwargs: object) -> object:
+        try:
+            with ctrl.CtrlClient(public, timeout=1.0) as client:
+                client.stop()
+            during.append("reached swtpm")
+        except exception.CtrlChannelError as exc:
+            during.append("refused: " + exc.message)
+        return real_import(*args, **kwargs)
+
+    monkeypatch.setattr(instances.ctrl, "import_state", racing_import)
     _, exported = src.manager.export_state(instance)
     dst.manager.import_state(instance, ctx.migration_id, ctx.generation, exported)
+    assert len(during) == 1 and during[0].startswith("refused: "), during  # no listener
     with ctrl.CtrlClient(public) as client:
         with refused(exception.CtrlChannelError,
                      "swtpm control channel SET_STATEBLOB failed: swtpm returned "
