@@ -495,6 +495,11 @@ class InstanceManager:
         stays MIGRATING_IN, at its generation, with its state."""
         assoc = self.associations.get(instance_uuid)
         if assoc.state in (S.ACTIVE, S.MIGRATING_IN) and self.is_running(assoc):
+            if assoc.pid is not None:
+                # one that went missing (a failed start after an import)
+                self._ensure_proxy(instance_uuid, self._paths_of(assoc), assoc.pid,
+                                   stream_import=(assoc.state is S.MIGRATING_IN
+                                                  and not self._received_state(assoc)))
             return assoc
         if assoc.state is S.MIGRATING_IN:
             if not self._received_state(assoc):
@@ -633,17 +638,25 @@ class InstanceManager:
         # after it (a source that signs a transfer during a live migration):
         # its proxy is stopped first and a closed one started only once the
         # import is done (review rounds 2 and 3 of the proxy)
+        if self.settings.ctrl_proxy and self.is_running(assoc):
+            # a fresh swtpm: the one prepare_incoming started behind an open
+            # proxy may hold a data channel a client of that proxy passed it
+            # (SET_DATAFD: the guest's TPM to whoever sent it, review round
+            # 4, MEDIUM 1), or a stream's INIT still queued (round 4, LOW 2)
+            self._stop_proxy(assoc)
+            self._kill(assoc)
+            if self._received_state(assoc):
+                # a stream's import landed before the kill: it stays as it
+                # is, behind a closed proxy (the post-import check judges it)
+                self.associations.set_pid(
+                    instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
+                                                     startup_clear=False))
+                raise exception.StateImportError(
+                    vtpcm_id=assoc.vtpcm_id, reason="this vTPCM already holds state")
         if not self.is_running(assoc):
             assoc = self.associations.set_pid(
                 instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
                                                  startup_clear=False, with_proxy=False))
-        else:
-            self._stop_proxy(instance_uuid)
-            if self._received_state(assoc):
-                # a stream landed between the check above and the stop: it
-                # stays as it is (the post-import check judges it)
-                raise exception.StateImportError(
-                    vtpcm_id=assoc.vtpcm_id, reason="this vTPCM already holds state")
         try:
             ctrl.import_state(paths.ctrl_socket, state, timeout=self.settings.timeout,
                               vtpcm_id=assoc.vtpcm_id,
@@ -662,7 +675,15 @@ class InstanceManager:
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
         if assoc.pid is not None:
-            self._ensure_proxy(instance_uuid, paths, assoc.pid)  # a closed one
+            try:
+                self._ensure_proxy(instance_uuid, paths, assoc.pid)  # a closed one
+            except (exception.VTPCMException, OSError, ValueError) as exc:
+                # the state is in: the import stands (a retry would be
+                # refused); the guest's start (``start``) tries again
+                LOG.warning("Imported state into vTPCM %(vtpcm)s, but its control-channel "
+                            "proxy did not start (the guest's start retries it): %(err)s",
+                            {"vtpcm": assoc.vtpcm_id,
+                             "err": getattr(exc, "message", None) or str(exc)})
         # the only import it takes (a second is refused above): the guest's
         # start on it before the confirm (CMD_INIT) supersedes nothing
         watch = self._watches.get(assoc.vtpcm_id)
@@ -1246,20 +1267,20 @@ class InstanceManager:
                 raise
         return pid
 
-    def _stop_proxy(self, instance_uuid: str) -> None:
+    def _stop_proxy(self, assoc: Association) -> None:
         """Stop the instance's proxy, if one runs (nobody reaches its swtpm
         through the public path until one is started again)."""
         if not self.settings.ctrl_proxy:
             return
-        record = self.proxy_record(instance_uuid)
+        record = self.proxy_record(assoc.instance_uuid)
         found = proxyctl.find(record)
         if found is not None:
             proxyctl.stop(found, record, timeout=self.settings.timeout)
             if proxyctl.find(record) is not None:
                 raise exception.SwtpmError(
-                    vtpcm_id=instance_uuid,
+                    vtpcm_id=assoc.vtpcm_id,
                     reason="its control-channel proxy pid %d did not stop" % found)
-        self.proxy_socket(instance_uuid).unlink(missing_ok=True)
+        self.proxy_socket(assoc.instance_uuid).unlink(missing_ok=True)
 
     def _ensure_proxy(self, instance_uuid: str, paths: process.SwtpmPaths,
                       swtpm_pid: int, stream_import: bool = False) -> None:

@@ -56,7 +56,9 @@ assert WAIT > 0
 def _manager(root: Path, name: str, host_tpm: HostTPM | None) -> instances.InstanceManager:
     settings = instances.AgentSettings(
         host=name, state_root=root / "state", run_dir=root / "run", create_ek=False,
-        expose_data_socket=True, swtpm_uids=OWN_UIDS[name], ctrl_proxy=True)
+        # the source's guest writes through a data socket; the destination
+        # is as in production (QEMU passes its data channel, SET_DATAFD)
+        expose_data_socket=name == "src", swtpm_uids=OWN_UIDS[name], ctrl_proxy=True)
     settings.state_root.mkdir(exist_ok=True)
     assoc = association.AssociationList(settings.state_root / "associations.sqlite")
     keys = KeyStore(settings.state_root / "keys", DevKeyFileHostKey(root / "hostkey"))
@@ -359,3 +361,44 @@ def test_no_client_reaches_swtpm_while_the_agent_imports(hosts, monkeypatch):
     assert record is not None and record["refused"] == [
         "SET_STATEBLOB permanent into a swtpm that takes no stream (not an incoming one "
         "waiting for its state)"]
+
+
+def test_a_data_channel_passed_before_the_agents_import_dies_with_the_old_swtpm(hosts):
+    """A client of the open proxy hands the incoming swtpm a data channel
+    (SET_DATAFD) and leaves; the agent then imports: it does so into a
+    fresh swtpm, so that channel reaches nothing and the guest's QEMU gets
+    its own (review round 4, MEDIUM 1: the stray kept the migrated TPM,
+    QEMU's SET_DATAFD got TPM_IOERROR)."""
+    import socket
+    import struct
+
+    src, dst = hosts
+    instance = _source(src)
+    ctx = _prepare(src, dst, instance)
+    public = _qemu(dst, instance).ctrl_socket
+
+    def set_datafd() -> tuple[bytes, socket.socket]:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as control:
+            control.settimeout(5)
+            control.connect(str(public))
+            socket.send_fds(control, [struct.pack(">I", 0x10)], [theirs.fileno()])
+            theirs.close()
+            result = control.recv(4)
+        ours.settimeout(5)
+        return result, ours
+
+    result, stray = set_datafd()
+    assert result == b"\0\0\0\0"  # positive control: the open proxy passed it on
+    _, exported = src.manager.export_state(instance)
+    dst.manager.import_state(instance, ctx.migration_id, ctx.generation, exported)
+    with stray:
+        try:
+            stray.sendall(bytes.fromhex("80010000000c0000017b0008"))  # TPM2_GetRandom
+            answer = stray.recv(64)
+        except (BrokenPipeError, ConnectionResetError):
+            answer = b""
+        assert answer == b""  # its swtpm is gone (seen answering before the fix)
+    result, data = set_datafd()
+    with data:
+        assert result == b"\0\0\0\0"  # the guest's QEMU gets the data channel
