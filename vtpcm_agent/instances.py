@@ -496,10 +496,18 @@ class InstanceManager:
         assoc = self.associations.get(instance_uuid)
         if assoc.state in (S.ACTIVE, S.MIGRATING_IN) and self.is_running(assoc):
             if assoc.pid is not None:
-                # one that went missing (a failed start after an import)
-                self._ensure_proxy(instance_uuid, self._paths_of(assoc), assoc.pid,
-                                   stream_import=(assoc.state is S.MIGRATING_IN
-                                                  and not self._received_state(assoc)))
+                # one that went missing (a failed start after an import); a
+                # guest whose QEMU attached before the option keeps starting
+                try:
+                    self._ensure_proxy(instance_uuid, self._paths_of(assoc), assoc.pid,
+                                       stream_import=(assoc.state is S.MIGRATING_IN
+                                                      and not self._received_state(assoc)))
+                except (exception.VTPCMException, OSError, ValueError) as exc:
+                    LOG.error("Could not start the control-channel proxy of instance "
+                              "%(inst)s (a QEMU attached to it before cannot tell; a new "
+                              "QEMU cannot attach): %(err)s",
+                              {"inst": instance_uuid,
+                               "err": getattr(exc, "message", None) or str(exc)})
             return assoc
         if assoc.state is S.MIGRATING_IN:
             if not self._received_state(assoc):
@@ -634,20 +642,30 @@ class InstanceManager:
                 reason="state of %d bytes exceeds the limit of %d"
                 % (size, self.settings.max_state_blob_bytes))
         keys = self.keystore.get(assoc.vtpcm_id)
+        # bad blobs are refused before anything is stopped (review round 5)
+        try:
+            ctrl.validate_import(state, self.settings.max_state_blob_bytes)
+        except exception.InvalidInput as exc:
+            raise exception.StateImportError(
+                vtpcm_id=assoc.vtpcm_id, reason=exc.kwargs.get("reason", exc.message)) from None
         # no client may reach swtpm while the agent imports, nor a stream
         # after it (a source that signs a transfer during a live migration):
         # its proxy is stopped first and a closed one started only once the
         # import is done (review rounds 2 and 3 of the proxy)
-        if self.settings.ctrl_proxy and self.is_running(assoc):
-            # a fresh swtpm: the one prepare_incoming started behind an open
-            # proxy may hold a data channel a client of that proxy passed it
-            # (SET_DATAFD: the guest's TPM to whoever sent it, review round
-            # 4, MEDIUM 1), or a stream's INIT still queued (round 4, LOW 2)
+        if self.settings.ctrl_proxy:
+            # a fresh swtpm, whatever the record's pid says: the one
+            # prepare_incoming started behind an open proxy may hold a data
+            # channel a client of that proxy passed it (SET_DATAFD: the
+            # guest's TPM to whoever sent it, review round 4, MEDIUM 1), or a
+            # stream's INIT still queued (round 4, LOW 2)
             self._stop_proxy(assoc)
             self._kill(assoc)
             if self._received_state(assoc):
-                # a stream's import landed before the kill: it stays as it
-                # is, behind a closed proxy (the post-import check judges it)
+                # a stream's import landed before the kill (a source that
+                # signed a transfer during its live migration): refused, and
+                # its swtpm restarted behind a closed proxy; its post-import
+                # check cannot pass (the proxy's record is new, the capture
+                # superseded): an operator resolves the migration
                 self.associations.set_pid(
                     instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
                                                      startup_clear=False))

@@ -57,7 +57,7 @@ from vtpcm_agent.swtpm.framing import (
     response_length,
     result_name,
 )
-from vtpcm_agent.swtpm.transfer import ExportedState, export_state, import_state
+from vtpcm_agent.swtpm.transfer import ExportedState, export_state, import_state, validate_import
 
 __all__ = [
     # framing
@@ -73,5 +73,5 @@ __all__ = [
     # client
     "CtrlClient",
     # transfer
-    "ExportedState", "export_state", "import_state",
+    "ExportedState", "export_state", "import_state", "validate_import",
 ]

@@ -99,7 +99,9 @@ def export_state(path: Path | str, timeout: float = 5.0, *,
     return ExportedState(permanent.data, volatile.data, permanent.flags, volatile.flags)
 
 
-def _validate_import(state: ExportedState, max_blob_size: int) -> None:
+def validate_import(state: ExportedState, max_blob_size: int) -> None:
+    """Refuse blobs no import may take (empty, oversized, unknown flags,
+    not sealed under a migration key) before anything is touched."""
     for blob, flags, what in ((state.permanent, state.permanent_flags, "permanent"),
                               (state.volatile, state.volatile_flags, "volatile")):
         if not blob:
@@ -134,7 +136,7 @@ def import_state(path: Path | str, state: ExportedState, timeout: float = 5.0, *
     first would manufacture a TPM. After a failure the caller discards it.
     """
     try:
-        _validate_import(state, max_blob_size)
+        validate_import(state, max_blob_size)
     except exception.InvalidInput as exc:
         raise exception.StateImportError(vtpcm_id=vtpcm_id, reason=exc.message) from None
     with CtrlClient(path, timeout, max_blob_size=max_blob_size, peer_uid=peer_uid) as client:

@@ -402,3 +402,64 @@ def test_a_data_channel_passed_before_the_agents_import_dies_with_the_old_swtpm(
     result, data = set_datafd()
     with data:
         assert result == b"\0\0\0\0"  # the guest's QEMU gets the data channel
+
+
+def test_a_stream_landing_as_the_agent_imports_is_refused_and_fails_the_check(hosts,
+                                                                              monkeypatch):
+    """The stream's import lands while the agent stops the proxy (a source
+    that signed a transfer during its live migration): the agent's import
+    is refused, nothing is wiped, and the destination's check cannot pass."""
+    src, dst = hosts
+    instance = _source(src)
+    blobs = tpmtools.qemu_pre_save(_qemu(src, instance))
+    ctx = _prepare(src, dst, instance)
+    real_stop = dst.manager._stop_proxy
+
+    def stream_lands_first(assoc: object) -> None:
+        _post_load(_qemu(dst, instance), blobs)
+        real_stop(assoc)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(dst.manager, "_stop_proxy", stream_lands_first)
+    _, exported = src.manager.export_state(instance)
+    vtpcm = dst.manager.get(instance).vtpcm_id
+    with refused(exception.StateImportError, "Importing state into vTPCM %s failed: this "
+                 "vTPCM already holds state" % vtpcm):
+        dst.manager.import_state(instance, ctx.migration_id, ctx.generation, exported)
+    incoming = _paths(dst, instance)
+    assert (incoming.state_dir / instances.PERMANENT_STATE_FILE).exists()  # not wiped
+    assert dst.manager.is_running(dst.manager.get(instance))
+    answer = _ask(dst, ctx, "destination", os.urandom(32))
+    assert answer.digest is None and answer.reason.startswith(instances.PROXY_INCOMPLETE)
+
+
+def test_bad_blobs_are_refused_before_the_incoming_swtpm_is_touched(hosts):
+    src, dst = hosts
+    instance = _source(src)
+    ctx = _prepare(src, dst, instance)
+    before = dst.manager.get(instance).pid
+    proxy = proxyctl.find(dst.manager.proxy_record(instance))
+    _, exported = src.manager.export_state(instance)
+    with refused(exception.StateImportError, "Importing state into vTPCM %s failed: volatile "
+                 "blob is empty" % dst.manager.get(instance).vtpcm_id):
+        dst.manager.import_state(instance, ctx.migration_id, ctx.generation,
+                                 replace(exported, volatile=b""))
+    assert dst.manager.get(instance).pid == before
+    assert proxyctl.find(dst.manager.proxy_record(instance)) == proxy  # still open
+
+
+def test_the_guests_start_brings_back_a_missing_proxy(hosts):
+    src, dst = hosts
+    instance = _source(src)
+    ctx = _prepare(src, dst, instance)
+    _, exported = src.manager.export_state(instance)
+    dst.manager.import_state(instance, ctx.migration_id, ctx.generation, exported)
+    record = dst.manager.proxy_record(instance)
+    found = proxyctl.find(record)
+    assert found is not None
+    proxyctl.stop(found, record, timeout=5.0)  # as if it had failed to start
+    assert proxyctl.find(record) is None
+    dst.manager.start(instance)
+    restarted = ctrlproxy.read_record(record)
+    assert proxyctl.find(record) is not None and restarted is not None
+    assert restarted["closed"] is True
+    assert restarted["swtpm_pid"] == dst.manager.get(instance).pid
