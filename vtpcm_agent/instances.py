@@ -503,9 +503,14 @@ class InstanceManager:
                                        stream_import=(assoc.state is S.MIGRATING_IN
                                                       and not self._received_state(assoc)))
                 except (exception.VTPCMException, OSError, ValueError) as exc:
+                    public = self.public_ctrl_socket(instance_uuid)
+                    if (public.is_symlink()
+                            and Path(os.readlink(public)) == self.proxy_socket(instance_uuid)):
+                        raise  # a new QEMU would find no one at its socket
+                    # a guest whose QEMU attached straight to swtpm (started
+                    # before the option) keeps running as it is
                     LOG.error("Could not start the control-channel proxy of instance "
-                              "%(inst)s (a QEMU attached to it before cannot tell; a new "
-                              "QEMU cannot attach): %(err)s",
+                              "%(inst)s; its guest keeps its direct connection: %(err)s",
                               {"inst": instance_uuid,
                                "err": getattr(exc, "message", None) or str(exc)})
             return assoc
@@ -646,8 +651,9 @@ class InstanceManager:
         try:
             ctrl.validate_import(state, self.settings.max_state_blob_bytes)
         except exception.InvalidInput as exc:
-            raise exception.StateImportError(
-                vtpcm_id=assoc.vtpcm_id, reason=exc.kwargs.get("reason", exc.message)) from None
+            # the same words as transfer.import_state's refusal
+            raise exception.StateImportError(vtpcm_id=assoc.vtpcm_id,
+                                             reason=exc.message) from None
         # no client may reach swtpm while the agent imports, nor a stream
         # after it (a source that signs a transfer during a live migration):
         # its proxy is stopped first and a closed one started only once the
@@ -660,15 +666,17 @@ class InstanceManager:
             # stream's INIT still queued (round 4, LOW 2)
             self._stop_proxy(assoc)
             self._kill(assoc)
+            assoc = self.associations.set_pid(instance_uuid, None)
             if self._received_state(assoc):
                 # a stream's import landed before the kill (a source that
                 # signed a transfer during its live migration): refused, and
                 # its swtpm restarted behind a closed proxy; its post-import
                 # check cannot pass (the proxy's record is new, the capture
                 # superseded): an operator resolves the migration
-                self.associations.set_pid(
+                assoc = self.associations.set_pid(
                     instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
-                                                     startup_clear=False))
+                                                     startup_clear=False, with_proxy=False))
+                self._proxy_or_warn(assoc, paths)
                 raise exception.StateImportError(
                     vtpcm_id=assoc.vtpcm_id, reason="this vTPCM already holds state")
         if not self.is_running(assoc):
@@ -692,16 +700,9 @@ class InstanceManager:
             raise
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})
-        if assoc.pid is not None:
-            try:
-                self._ensure_proxy(instance_uuid, paths, assoc.pid)  # a closed one
-            except (exception.VTPCMException, OSError, ValueError) as exc:
-                # the state is in: the import stands (a retry would be
-                # refused); the guest's start (``start``) tries again
-                LOG.warning("Imported state into vTPCM %(vtpcm)s, but its control-channel "
-                            "proxy did not start (the guest's start retries it): %(err)s",
-                            {"vtpcm": assoc.vtpcm_id,
-                             "err": getattr(exc, "message", None) or str(exc)})
+        # the state is in: the import stands even if its proxy does not
+        # start (a retry would be refused); the guest's start tries again
+        self._proxy_or_warn(assoc, paths)
         # the only import it takes (a second is refused above): the guest's
         # start on it before the confirm (CMD_INIT) supersedes nothing
         watch = self._watches.get(assoc.vtpcm_id)
@@ -1284,6 +1285,19 @@ class InstanceManager:
                 process.stop(pid, paths, timeout=self.settings.timeout)
                 raise
         return pid
+
+    def _proxy_or_warn(self, assoc: Association, paths: process.SwtpmPaths) -> None:
+        """A closed proxy for the running swtpm of ``assoc``; a failure is a
+        WARNING (the guest's ``start`` tries again)."""
+        if assoc.pid is None:
+            return
+        try:
+            self._ensure_proxy(assoc.instance_uuid, paths, assoc.pid)
+        except (exception.VTPCMException, OSError, ValueError) as exc:
+            LOG.warning("The control-channel proxy of vTPCM %(vtpcm)s did not start (the "
+                        "guest's start retries it): %(err)s",
+                        {"vtpcm": assoc.vtpcm_id,
+                         "err": getattr(exc, "message", None) or str(exc)})
 
     def _stop_proxy(self, assoc: Association) -> None:
         """Stop the instance's proxy, if one runs (nobody reaches its swtpm

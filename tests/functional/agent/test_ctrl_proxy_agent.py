@@ -430,6 +430,10 @@ def test_a_stream_landing_as_the_agent_imports_is_refused_and_fails_the_check(ho
     assert dst.manager.is_running(dst.manager.get(instance))
     answer = _ask(dst, ctx, "destination", os.urandom(32))
     assert answer.digest is None and answer.reason.startswith(instances.PROXY_INCOMPLETE)
+    record = ctrlproxy.read_record(dst.manager.proxy_record(instance))
+    assert proxyctl.find(dst.manager.proxy_record(instance)) is not None
+    assert record is not None and record["closed"] is True
+    assert record["swtpm_pid"] == dst.manager.get(instance).pid
 
 
 def test_bad_blobs_are_refused_before_the_incoming_swtpm_is_touched(hosts):
@@ -438,9 +442,10 @@ def test_bad_blobs_are_refused_before_the_incoming_swtpm_is_touched(hosts):
     ctx = _prepare(src, dst, instance)
     before = dst.manager.get(instance).pid
     proxy = proxyctl.find(dst.manager.proxy_record(instance))
+    assert proxy is not None
     _, exported = src.manager.export_state(instance)
-    with refused(exception.StateImportError, "Importing state into vTPCM %s failed: volatile "
-                 "blob is empty" % dst.manager.get(instance).vtpcm_id):
+    with refused(exception.StateImportError, "Importing state into vTPCM %s failed: Invalid "
+                 "input: volatile blob is empty" % dst.manager.get(instance).vtpcm_id):
         dst.manager.import_state(instance, ctx.migration_id, ctx.generation,
                                  replace(exported, volatile=b""))
     assert dst.manager.get(instance).pid == before
