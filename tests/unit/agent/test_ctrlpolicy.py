@@ -216,3 +216,17 @@ def test_a_stop_counts_on_its_own_connection_only():
     assert not policy.stopped
     assert policy.decide(_req(_set(1, _blob()))).reason.startswith(
         "SET_STATEBLOB permanent without a STOP before it")
+
+
+def test_the_proxys_command_line_is_checked():
+    from vtpcm_agent.swtpm import ctrlproxy
+
+    args = ctrlproxy.Args(["--listen-fd", "3", "--upstream", "/u", "--swtpm-pid", "9",
+                           "--record", "/r", "--run-as", "5", "6", "--closed", "--daemon"])
+    assert (args.listen_fd, args.upstream, args.swtpm_pid, str(args.record), args.run_as,
+            args.closed, args.daemon) == (3, "/u", 9, "/r", (5, 6), True, True)
+    with pytest.raises(ValueError, match="unknown argument '--bogus'"):
+        ctrlproxy.Args(["--bogus"])
+    with pytest.raises(ValueError, match="--listen-fd, --upstream, --swtpm-pid and --record"):
+        ctrlproxy.Args(["--listen-fd", "3"])
+    assert ctrlproxy.main(["--listen-fd"]) == 2  # an option without its value
