@@ -37,7 +37,7 @@ from vtpcm_common import authn  # noqa: E402
 from vtpcm_common.api.agent.rpcapi import AgentAPI  # noqa: E402
 from vtpcm_common.api.engine.rpcapi import EngineAPI  # noqa: E402
 from vtpcm_lab import daemons  # noqa: E402
-from vtpcm_lab.flood import Flood, SilentAgents  # noqa: E402
+from vtpcm_lab.flood import DEFAULT_WORKERS, Flood, SilentAgents  # noqa: E402
 from vtpcm_lab.hosttpm import HostTPMStandIn  # noqa: E402
 
 ENGINE_RPC_TIMEOUT = 30
@@ -158,6 +158,8 @@ def main() -> int:
         "smoke": args.smoke,
         "config": {"rounds": args.rounds, "ops_per_arm_and_round": args.ops,
                    "rate_per_endpoint": args.rate, "warm_s": args.warm,
+                   # 1 before 2026-12-02 (results before that date: one thread)
+                   "workers_per_endpoint": DEFAULT_WORKERS,
                    "engine_rpc_timeout_s": ENGINE_RPC_TIMEOUT, "silent_agents": 4,
                    "operation": "begin + abort, A -> B, signed by A's host key"},
         "flood": {

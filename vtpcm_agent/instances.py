@@ -690,13 +690,16 @@ class InstanceManager:
                               empty_target=True, peer_uid=process.owner(paths))
         except exception.VTPCMException:
             self._kill(assoc)
+            assoc = self.associations.set_pid(instance_uuid, None)
             self._drop_capture(assoc.vtpcm_id)
             shutil.rmtree(paths.state_dir)
             paths.state_dir.mkdir(mode=0o700)
             self._arm_capture(assoc.vtpcm_id, paths.state_dir)
-            self.associations.set_pid(
+            assoc = self.associations.set_pid(
                 instance_uuid, self._spawn_paths(instance_uuid, paths, keys,
-                                                 startup_clear=False))
+                                                 startup_clear=False, with_proxy=False))
+            # the import's error is what the caller sees, not the proxy's
+            self._proxy_or_warn(assoc, paths)
             raise
         LOG.info("Imported state into vTPCM %(vtpcm)s of instance %(instance)s",
                  {"vtpcm": assoc.vtpcm_id, "instance": instance_uuid})

@@ -69,6 +69,9 @@ class SilentAgents:
         self._transport.cleanup()
 
 
+DEFAULT_WORKERS = 8  # threads per kind of call
+
+
 class Flood:
     """Unsigned calls at ``rate`` per second per kind until ``stop``, from
     ``workers`` threads per kind: each waits for its answer, so on a loaded
@@ -76,7 +79,8 @@ class Flood:
     stayed below the agents' limit and the flood refused nothing."""
 
     def __init__(self, conf: cfg.ConfigOpts, hosts: Sequence[str], silent: Sequence[str],
-                 *, rate: float, call_timeout: float = 10.0, workers: int = 8) -> None:
+                 *, rate: float, call_timeout: float = 10.0,
+                 workers: int = DEFAULT_WORKERS) -> None:
         if workers < 1:
             raise ValueError("a flood needs at least one worker per kind")
         self.hosts, self.silent, self.rate = list(hosts), list(silent), rate

@@ -156,7 +156,7 @@ class Relay:
 
 
 def serve(listener: socket.socket, upstream_path: str, swtpm_pid: int, pidfd: int,
-          record: Path, policy: ctrlpolicy.Policy) -> int:
+          record: Path, policy: ctrlpolicy.Policy, max_blob: int = MAX_BLOB_SIZE) -> int:
     """Accept QEMU's connections until swtpm exits."""
     def changed() -> None:
         try:
@@ -185,7 +185,7 @@ def serve(listener: socket.socket, upstream_path: str, swtpm_pid: int, pidfd: in
             _log("client connected")
             try:
                 with upstream:
-                    Relay(client, upstream, policy, pidfd, changed).run()
+                    Relay(client, upstream, policy, pidfd, changed, max_blob).run()
             except _SwtpmGone:
                 _log("swtpm pid %d exited; stopping" % swtpm_pid)
                 return 0
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = Args(sys.argv[1:] if argv is None else argv)
     except (ValueError, StopIteration) as exc:
-        _log("bad command line: %s" % (exc or "an option lacks its value"))
+        _log("bad command line: %s" % (str(exc) or "an option lacks its value"))
         return 2
     listener = socket.socket(fileno=args.listen_fd)
     try:
@@ -339,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.daemon:
         os.write(ready_w, b"1")
         os.close(ready_w)
-    return serve(listener, args.upstream, args.swtpm_pid, pidfd, args.record, policy)
+    return serve(listener, args.upstream, args.swtpm_pid, pidfd, args.record, policy,
+                 args.max_blob)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,19 @@ LISTEN_BACKLOG = 4
 # starts without site (-S, -E: ~45 ms of .pth files in a venv), so that a
 # migration's prepare_incoming waits ~0.1 s for it rather than ~0.2 s
 _PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-_BOOT = ("import sys; sys.path.insert(0, %r); "
+# isolated (-I: no environment, no user site, no '' on the path): the root
+# goes after the standard library, so nothing there shadows it in a
+# process that starts as root (review round 7, LOW 3)
+_BOOT = ("import sys; sys.path.append(%r); "
          "from vtpcm_agent.swtpm.ctrlproxy import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _bytecode_options() -> list[str]:
+    """What the agent was told about bytecode, which -I would drop."""
+    options = ["-B"] if sys.dont_write_bytecode else []
+    if sys.pycache_prefix:
+        options += ["-X", "pycache_prefix=%s" % sys.pycache_prefix]
+    return options
 
 
 def _bind(public: Path, staging_dir: Path, mode: int, uid: int | None,
@@ -68,7 +79,8 @@ def start(public: Path, upstream: Path, swtpm_pid: int, record: Path, *,
         raise exception.SwtpmError(vtpcm_id=vtpcm, reason="cannot bind the proxy socket "
                                    "%s: %s" % (public, exc.strerror)) from None
     record.unlink(missing_ok=True)
-    cmd = [sys.executable, "-S", "-E", "-c", _BOOT % str(_PACKAGE_ROOT),
+    cmd = [sys.executable, "-I", "-S", *_bytecode_options(), "-c",
+           _BOOT % str(_PACKAGE_ROOT),
            "--listen-fd", str(listener.fileno()),
            "--upstream", str(upstream), "--swtpm-pid", str(swtpm_pid),
            "--record", str(record), "--daemon"]
@@ -110,8 +122,16 @@ def start(public: Path, upstream: Path, swtpm_pid: int, record: Path, *,
 
 
 def _wait_exit(pid: int, timeout: float) -> bool:
-    """Whether the child ``pid`` exited within ``timeout`` seconds."""
-    pidfd = os.pidfd_open(pid)
+    """Whether the child ``pid`` exited within ``timeout`` seconds (an
+    unreaped child keeps its pid, so its pidfd opens even after it exited)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # no descriptor left: the slower wait
+        try:
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # type: ignore[attr-defined]
+        except ChildProcessError:
+            pass
+        return True
     try:
         waiter = select.poll()
         waiter.register(pidfd, select.POLLIN)

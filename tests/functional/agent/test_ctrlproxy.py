@@ -54,7 +54,8 @@ def proxied(short_dir: Path, swtpm_paths: Callable[..., process.SwtpmPaths],
             swtpm_factory: Callable[..., int]) -> Iterator[Callable[..., Proxied]]:
     made: list[Proxied] = []
 
-    def make(name: str, at_rest: bytes, migration: bytes = MIGRATION) -> Proxied:
+    def make(name: str, at_rest: bytes, migration: bytes = MIGRATION,
+             max_blob: int | None = None) -> Proxied:
         paths = swtpm_paths(name, data_socket=False)
         paths.state_dir.mkdir()
         pid = swtpm_factory(paths, at_rest, migration, socket_mode=0o600)
@@ -62,7 +63,7 @@ def proxied(short_dir: Path, swtpm_paths: Callable[..., process.SwtpmPaths],
         record = short_dir / ("%s.record" % name)
         proxy_pid = proxyctl.start(public, paths.ctrl_socket, pid, record,
                                    staging_dir=short_dir, log_file=short_dir / (name + ".log"),
-                                   timeout=10.0)
+                                   max_blob=max_blob, timeout=10.0)
         made.append(Proxied(paths, pid, public, record, proxy_pid))
         return made[-1]
 
@@ -219,3 +220,21 @@ def test_the_proxy_exits_with_its_swtpm(proxied):
     while time.monotonic() < deadline and proxyctl.find(src.record) is not None:
         time.sleep(0.02)
     assert proxyctl.find(src.record) is None
+
+
+def test_the_proxy_frames_with_the_agents_blob_limit(proxied, short_dir):
+    """``--max-blob`` reaches the framing (review round 7: it was parsed and
+    dropped, the proxy always framed at 256 KiB)."""
+    src = proxied("src", AT_REST_A)
+    with ctrl.CtrlClient(src.public) as client:
+        client.init(delete_volatile=False)
+    blobs = _pre_save(src.public)
+    assert len(blobs[0].data) > 1024
+    dst = proxied("dst", AT_REST_B, max_blob=1024)
+    with ctrl.CtrlClient(dst.public) as client:
+        client.stop()
+        with pytest.raises(exception.CtrlChannelError, match="SET_STATEBLOB"):
+            client.set_stateblob(blobs[0].blob_type, blobs[0].data, blobs[0].flags)
+    log = (short_dir / "dst.log").read_text()
+    assert "closing the client: SET_STATEBLOB announces %d bytes, limit is 1024" % len(
+        blobs[0].data) in log
