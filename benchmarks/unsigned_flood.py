@@ -158,8 +158,9 @@ def main() -> int:
         "smoke": args.smoke,
         "config": {"rounds": args.rounds, "ops_per_arm_and_round": args.ops,
                    "rate_per_endpoint": args.rate, "warm_s": args.warm,
-                   # 1 before 2026-12-02 (results before that date: one thread)
-                   "workers_per_endpoint": DEFAULT_WORKERS,
+                   # threads per kind of call, spread over the hosts: 1
+                   # before 2026-12-02 (results of earlier dates: one)
+                   "workers_per_kind": DEFAULT_WORKERS,
                    "engine_rpc_timeout_s": ENGINE_RPC_TIMEOUT, "silent_agents": 4,
                    "operation": "begin + abort, A -> B, signed by A's host key"},
         "flood": {

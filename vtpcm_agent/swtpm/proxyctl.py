@@ -101,8 +101,7 @@ def start(public: Path, upstream: Path, swtpm_pid: int, record: Path, *,
                 cwd="/")
             # a pidfd, not Popen.wait(timeout), whose polling sleeps up to
             # 50 ms at a time: this wait is on a migration's path
-            exited = _wait_exit(proc.pid, timeout)
-            if exited:
+            if _wait_exit(proc, timeout):
                 code = proc.wait()
             else:
                 proc.kill()
@@ -121,16 +120,16 @@ def start(public: Path, upstream: Path, swtpm_pid: int, record: Path, *,
     return found
 
 
-def _wait_exit(pid: int, timeout: float) -> bool:
-    """Whether the child ``pid`` exited within ``timeout`` seconds (an
-    unreaped child keeps its pid, so its pidfd opens even after it exited)."""
+def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Whether the child exited within ``timeout`` seconds (an unreaped
+    child keeps its pid, so its pidfd opens even after it exited)."""
     try:
-        pidfd = os.pidfd_open(pid)
-    except OSError:  # no descriptor left: the slower wait
+        pidfd = os.pidfd_open(proc.pid)
+    except OSError:  # no descriptor left: Popen's slower wait, still bounded
         try:
-            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # type: ignore[attr-defined]
-        except ChildProcessError:
-            pass
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
         return True
     try:
         waiter = select.poll()
@@ -160,7 +159,11 @@ def _is_proxy(pid: int, record: Path) -> bool:
             argv = handle.read().split(b"\0")
     except OSError:
         return False
-    return (any(ctrlproxy.MODULE.encode() in arg for arg in argv[:6])
+    # the interpreter's options come before the boot code (-X
+    # pycache_prefix=... moves it: review round 8, MEDIUM), the proxy's own
+    # arguments after it
+    head = argv[:argv.index(b"--listen-fd")] if b"--listen-fd" in argv else argv
+    return (any(ctrlproxy.MODULE.encode() in arg for arg in head)
             and str(record).encode() in argv)
 
 

@@ -238,3 +238,11 @@ def test_the_proxy_frames_with_the_agents_blob_limit(proxied, short_dir):
     log = (short_dir / "dst.log").read_text()
     assert "closing the client: SET_STATEBLOB announces %d bytes, limit is 1024" % len(
         blobs[0].data) in log
+
+
+def test_a_proxy_started_with_a_pycache_prefix_is_found(proxied, monkeypatch):
+    """``-X pycache_prefix=...`` moves the boot code in the proxy's argv
+    (review round 8: ``find`` then missed it and every start failed)."""
+    monkeypatch.setattr(proxyctl.sys, "pycache_prefix", "/tmp/vtpcm-pycache-test")
+    src = proxied("src", AT_REST_A)
+    assert proxyctl.find(src.record) == src.proxy_pid
