@@ -159,12 +159,14 @@ def _is_proxy(pid: int, record: Path) -> bool:
             argv = handle.read().split(b"\0")
     except OSError:
         return False
-    # the interpreter's options come before the boot code (-X
-    # pycache_prefix=... moves it: review round 8, MEDIUM), the proxy's own
-    # arguments after it
-    head = argv[:argv.index(b"--listen-fd")] if b"--listen-fd" in argv else argv
-    return (any(ctrlproxy.MODULE.encode() in arg for arg in head)
-            and str(record).encode() in argv)
+    # the shape the agent gives it: "-c", the boot code naming the module,
+    # then its own arguments from "--listen-fd" on; the interpreter's
+    # options before may vary (-X pycache_prefix=...: review round 8)
+    if b"--listen-fd" not in argv:
+        return False
+    at = argv.index(b"--listen-fd")
+    return (at >= 2 and argv[at - 2] == b"-c" and ctrlproxy.MODULE.encode() in argv[at - 1]
+            and str(record).encode() in argv[at:])
 
 
 def stop(pid: int, record: Path, timeout: float = 10.0) -> None:
