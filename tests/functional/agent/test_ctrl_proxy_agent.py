@@ -31,10 +31,10 @@ from tests.functional import tpmtools
 from tests.functional.agent.test_state_digest import (
     WAIT,
     Host,
-    _kill_hard,
     _simulate_crash,
     _wait_captured,
 )
+from tests.functional.agent.test_state_digest import _stop_all as state_digest_stop_all
 from tests.functional.hosttpm_fixture import (  # noqa: F401
     TEST_KEY_AUTH,
     HostTPMStandIn,
@@ -66,17 +66,14 @@ def _manager(root: Path, name: str, host_tpm: HostTPM | None) -> instances.Insta
 
 
 def _stop_all(manager: instances.InstanceManager) -> None:
-    for record in manager.list_vtpcms():
-        paths = manager.paths(record.instance_uuid, record.vtpcm_id)
-        pid = process.find_running(paths) or record.pid
-        proxy = proxyctl.find(manager.proxy_record(record.instance_uuid))
+    """test_state_digest's, then the proxies found before (each exits with
+    its swtpm; one that did not is stopped by pid)."""
+    records = [manager.proxy_record(r.instance_uuid) for r in manager.list_vtpcms()]
+    proxies = [(proxyctl.find(record), record) for record in records]
+    state_digest_stop_all(manager)
+    for pid, record in proxies:
         if pid is not None:
-            try:
-                process.stop(pid, paths, timeout=6.0)
-            finally:
-                _kill_hard(pid, paths)
-        if proxy is not None:
-            proxyctl.stop(proxy, manager.proxy_record(record.instance_uuid), timeout=5.0)
+            proxyctl.stop(pid, record, timeout=5.0)
 
 
 @pytest.fixture

@@ -110,6 +110,15 @@ def _pre_save(path: Path) -> list[ctrl.StateBlob]:
                 for t in (ctrl.BlobType.PERMANENT, ctrl.BlobType.VOLATILE)]
 
 
+def _started_source(proxied: Callable[..., Proxied]) -> tuple[Proxied, list[ctrl.StateBlob]]:
+    """A source as QEMU leaves it at a migration's pre-save: its TPM started
+    (INIT through the proxy), then its permanent and volatile blobs read."""
+    src = proxied("src", AT_REST_A)
+    with ctrl.CtrlClient(src.public) as client:
+        client.init(delete_volatile=False)
+    return src, _pre_save(src.public)
+
+
 def test_a_live_migration_through_two_proxies_records_the_same_blobs(proxied):
     src = proxied("src", AT_REST_A)
     # QEMU at the source's start: INIT, the data channel, the guest's Startup
@@ -143,10 +152,7 @@ def test_a_live_migration_through_two_proxies_records_the_same_blobs(proxied):
 
 
 def test_a_second_import_or_one_into_a_started_tpm_is_refused(proxied):
-    src = proxied("src", AT_REST_A)
-    with ctrl.CtrlClient(src.public) as client:
-        client.init(delete_volatile=False)
-    blobs = _pre_save(src.public)
+    src, blobs = _started_source(proxied)
     # state set into the running source: what swtpm 0.7.1 would take
     with ctrl.CtrlClient(src.public) as client:
         client.stop()
@@ -174,10 +180,7 @@ def test_a_second_import_or_one_into_a_started_tpm_is_refused(proxied):
 
 
 def test_a_plaintext_blob_is_refused_and_an_encrypted_one_passes(proxied):
-    src = proxied("src", AT_REST_A)
-    with ctrl.CtrlClient(src.public) as client:
-        client.init(delete_volatile=False)
-    blobs = _pre_save(src.public)
+    src, blobs = _started_source(proxied)
     assert framing.parse_blob_header(blobs[0].data).migration_encrypted  # positive control
     header = bytearray(blobs[0].data)
     flags = struct.unpack_from(">H", header, 4)[0]
@@ -198,10 +201,7 @@ def test_a_plaintext_blob_is_refused_and_an_encrypted_one_passes(proxied):
 
 
 def test_a_blob_swtpm_refuses_is_recorded_and_closes_the_import(proxied):
-    src = proxied("src", AT_REST_A)
-    with ctrl.CtrlClient(src.public) as client:
-        client.init(delete_volatile=False)
-    blobs = _pre_save(src.public)
+    src, blobs = _started_source(proxied)
     dst = proxied("dst", AT_REST_B, migration=OTHER_MIGRATION)  # another key: undecryptable
     with ctrl.CtrlClient(dst.public) as client:
         client.stop()
@@ -225,10 +225,7 @@ def test_the_proxy_exits_with_its_swtpm(proxied):
 def test_the_proxy_frames_with_the_agents_blob_limit(proxied, short_dir):
     """``--max-blob`` reaches the framing (review round 7: it was parsed and
     dropped, the proxy always framed at 256 KiB)."""
-    src = proxied("src", AT_REST_A)
-    with ctrl.CtrlClient(src.public) as client:
-        client.init(delete_volatile=False)
-    blobs = _pre_save(src.public)
+    src, blobs = _started_source(proxied)
     assert len(blobs[0].data) > 1024
     dst = proxied("dst", AT_REST_B, max_blob=1024)
     with ctrl.CtrlClient(dst.public) as client:
