@@ -1,5 +1,6 @@
 """Every test process runs native threads only, as the daemons do; no test
-skips silently (tests/skipguard.py); and Ctrl-C stops a run started with
+skips silently (tests/skipguard.py); a thread a test left running is named
+at the end (tests/threadguard.py); and Ctrl-C stops a run started with
 SIGINT ignored, through pytest's own teardown."""
 
 import signal
@@ -9,6 +10,7 @@ from tests.skipguard import (  # noqa: F401  (pytest hooks)
     pytest_sessionfinish,
     pytest_terminal_summary,
 )
+from tests.threadguard import pytest_unconfigure  # noqa: F401  (pytest hook)
 from vtpcm_common import concurrency
 
 concurrency.use_native_threads()

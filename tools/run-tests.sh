@@ -51,7 +51,28 @@ LAB_TESTS=(tests/e2e tests/e2e_nova tests/functional/libvirt_dac)
 AGENT_TESTS=(tests/functional/agent tests/functional/faults tests/functional/test_deploy.py)
 NOVA_VENV=${VTPCM_NOVA_VENV:-$PWD/.venv-nova}
 RUN_DIR=$(mktemp -d /tmp/vt-run.XXXXXX)  # short: tests make unix sockets below it
-PYTEST_ARGS=(-m pytest -p no:cacheprovider -q --timeout=600)  # after either venv's python
+PYTEST_ARGS=(-m pytest -p no:cacheprovider -q --timeout=600 --durations=15)  # after either venv's python
+# Every pytest run of the groups ends by this many seconds after they start,
+# whatever hangs (a test that pytest-timeout's signal cannot interrupt, an
+# interpreter that never exits): SIGINT first, which tears the fixtures
+# down and names the test it stopped in, SIGKILL two minutes later. With
+# the installs before (~5 min) and the smokes after (~5 min) the whole run
+# stays inside CI's 90 minutes even then.
+GROUP_BOUND=${VTPCM_GROUP_BOUND:-3300}
+
+bounded() {  # COMMAND...: run it, stopped at the groups' deadline
+    local left=$((DEADLINE - SECONDS))
+    if [ "$left" -le 0 ]; then
+        echo "run-tests.sh: no time left for: $*" >&2
+        return 124
+    fi
+    local rc=0
+    timeout --foreground --signal=INT --kill-after=120 "$left" "$@" || rc=$?
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+        echo "run-tests.sh: stopped after the groups' ${GROUP_BOUND}s bound (status $rc): $*" >&2
+    fi
+    return "$rc"
+}
 
 nothing_selected() {  # pytest's 5 with options given (-k): that group had nothing to run
     [ "$1" = 5 ] && [ "$ARGS" -gt 0 ]
@@ -60,34 +81,60 @@ nothing_selected() {  # pytest's 5 with options given (-k): that group had nothi
 lab_group() {
     echo "== $(date -u +%T) tests: the lab's"
     local rc=0
-    python "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/lab" "${LAB_TESTS[@]}" "$@" || rc=$?
+    bounded python "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/lab" "${LAB_TESTS[@]}" "$@" || rc=$?
     [ "$rc" = 0 ] || nothing_selected "$rc" || return "$rc"
     echo "== $(date -u +%T) nova functional (Nova 34's own harness, this driver and" \
         "filter, real agents)"
-    "$NOVA_VENV/bin/python" "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/nova" tests/nova_functional \
-        || return
+    bounded "$NOVA_VENV/bin/python" "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/nova" \
+        tests/nova_functional || return
     return "$rc"  # the lab's run says whether the options selected anything
 }
 
 agents_group() {
     echo "== $(date -u +%T) tests: agents, fault matrix"
-    python "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/agents" "${AGENT_TESTS[@]}" "$@"
+    bounded python "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/agents" "${AGENT_TESTS[@]}" "$@"
 }
 
 rest_group() {
     echo "== $(date -u +%T) tests: the rest (engine, unit)"
-    python "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/rest" tests --ignore=tests/nova_functional \
+    bounded python "${PYTEST_ARGS[@]}" --basetemp="$RUN_DIR/rest" tests --ignore=tests/nova_functional \
         "${LAB_TESTS[@]/#/--ignore=}" "${AGENT_TESTS[@]/#/--ignore=}" "$@"
+}
+
+holders() {  # FIFO EXCEPT_PID: the pids of processes holding FIFO open, but EXCEPT_PID
+    find /proc/[0-9]*/fd -lname "$1" 2>/dev/null | cut -d/ -f3 | sort -u | grep -vx "$2"
 }
 
 group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN_DIR/NAME.rc
     local name=$1
     shift
-    set +e
+    local out="$RUN_DIR/$name.out" rc leaked pid
+    mkfifo "$out"
     # sed ignores Ctrl-C: it must carry the teardown's output, and pytest
     # writing to a closed pipe would cut the teardown short
-    "$@" 2>&1 | (trap '' INT; exec sed -u "s/^/[$name] /")
-    echo "${PIPESTATUS[0]}" >"$RUN_DIR/$name.rc"
+    (trap '' INT; exec sed -u "s/^/[$name] /" <"$out") &
+    local reader=$!
+    set +e
+    "$@" >"$out" 2>&1
+    rc=$?
+    # A process the tests started and left behind, still holding the
+    # group's output, keeps sed (and this run) waiting for its end: named,
+    # stopped, and the group fails (each test stops what it starts by pid)
+    leaked=$(holders "$out" "$reader")
+    if [ -n "$leaked" ]; then
+        for pid in $leaked; do
+            echo "[$name] run-tests.sh: process $pid outlived the group's tests, holding" \
+                "its output: $(tr '\0' ' ' </proc/"$pid"/cmdline 2>/dev/null | cut -c1-300)" >&2
+            kill -TERM "$pid" 2>/dev/null
+        done
+        sleep 5
+        for pid in $(holders "$out" "$reader"); do
+            kill -KILL "$pid" 2>/dev/null
+        done
+        [ "$rc" != 0 ] || rc=1
+    fi
+    wait "$reader"
+    echo "$rc" >"$RUN_DIR/$name.rc"
 }
 
 # before the groups: it may rewrite this tree's vtpcm.egg-info, which the
@@ -95,6 +142,7 @@ group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN
 echo "== $(date -u +%T) the Nova functional tests' virtualenv"
 tools/install-nova-env.sh
 ARGS=$#
+DEADLINE=$((SECONDS + GROUP_BOUND))
 GROUPS_RUN=(lab agents rest)
 pids=()
 # Ctrl-C reaches every group's pytest (one process group), which tears its
