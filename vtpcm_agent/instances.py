@@ -1330,10 +1330,10 @@ class InstanceManager:
         if not self.settings.ctrl_proxy:
             return
         record = self.proxy_record(instance_uuid)
-        found = proxyctl.find(record)
-        if found is not None:
-            current = ctrlproxy.read_record(record)
-            if current is not None and current["swtpm_pid"] == swtpm_pid:
+        running = proxyctl.find_with_record(record)
+        if running is not None:
+            found, current = running
+            if current["swtpm_pid"] == swtpm_pid:
                 return
             proxyctl.stop(found, record, timeout=self.settings.timeout)
         uid = self.associations.uid_of(instance_uuid)

@@ -142,6 +142,13 @@ def _wait_exit(proc: subprocess.Popen[bytes], timeout: float) -> bool:
 def find(record: Path) -> int | None:
     """The pid of the proxy that wrote ``record``, if it still runs as that
     proxy (its command line names the record)."""
+    running = find_with_record(record)
+    return None if running is None else running[0]
+
+
+def find_with_record(record: Path) -> tuple[int, dict[str, object]] | None:
+    """``find``'s pid with the record it was read from (one read: the
+    caller compares the record's swtpm pid with its own)."""
     try:
         data = ctrlproxy.read_record(record)
     except (OSError, ValueError):
@@ -150,7 +157,7 @@ def find(record: Path) -> int | None:
         return None
     pid = data["proxy_pid"]
     assert isinstance(pid, int)
-    return pid if _is_proxy(pid, record) else None
+    return (pid, data) if _is_proxy(pid, record) else None
 
 
 def _is_proxy(pid: int, record: Path) -> bool:
