@@ -5,12 +5,14 @@ SIGINT ignored, through pytest's own teardown."""
 
 import signal
 
+import pytest
+
+from tests import threadguard
 from tests.skipguard import (  # noqa: F401  (pytest hooks)
     pytest_runtest_logreport,
     pytest_sessionfinish,
     pytest_terminal_summary,
 )
-from tests.threadguard import pytest_unconfigure  # noqa: F401  (pytest hook)
 from vtpcm_common import concurrency
 
 concurrency.use_native_threads()
@@ -22,3 +24,7 @@ concurrency.use_native_threads()
 # teardown, which stops them by pid.
 if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(threadguard, "vtpcm-threadguard")

@@ -51,7 +51,12 @@ LAB_TESTS=(tests/e2e tests/e2e_nova tests/functional/libvirt_dac)
 AGENT_TESTS=(tests/functional/agent tests/functional/faults tests/functional/test_deploy.py)
 NOVA_VENV=${VTPCM_NOVA_VENV:-$PWD/.venv-nova}
 RUN_DIR=$(mktemp -d /tmp/vt-run.XXXXXX)  # short: tests make unix sockets below it
-PYTEST_ARGS=(-m pytest -p no:cacheprovider -q --timeout=600 --durations=15)  # after either venv's python
+# after either venv's python. faulthandler_timeout: a test still running
+# after 620 s gets every thread's stack printed, even when pytest-timeout's
+# signal cannot land (a C call that retries EINTR: a TPM or libvirt call to
+# a peer that stopped answering)
+PYTEST_ARGS=(-m pytest -p no:cacheprovider -q --timeout=600 -o faulthandler_timeout=620
+             --durations=15)
 # Every pytest run of the groups ends by this many seconds after they start,
 # whatever hangs (a test that pytest-timeout's signal cannot interrupt, an
 # interpreter that never exits): SIGINT first, which tears the fixtures
