@@ -207,11 +207,17 @@ def key_only_swtpm(state_dir: Path, at_rest_key: bytes, base: Path,
         if paths.data_socket is not None:
             argv += ["--server", "type=unixio,path=%s" % paths.data_socket]
         try:
-            subprocess.run(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL, check=True,
+            # no output to inherit: the daemonized swtpm would hold the test
+            # run's stdout (a CI group's pipe) for as long as it lives
+            subprocess.run(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
                            timeout=10)
         finally:
             os.close(read_fd)
-        pid = int(paths.pid_file.read_text())
+            if paths.pid_file.exists():  # also when the launcher failed after the fork
+                pid = int(paths.pid_file.read_text())
+        if pid is None:
+            raise RuntimeError("swtpm wrote no pid file %s" % paths.pid_file)
         yield paths
     finally:
         if pid is not None:

@@ -51,7 +51,10 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     base: str = request.getfixturevalue("pg_url")
     # one schema per test keeps tests independent inside the run's database
     schema = "t_" + uuid.uuid4().hex[:12]
-    eng = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
+    # a transaction a failed test left open would block the DROP below
+    # forever, inside libpq, where pytest-timeout's signal never lands
+    eng = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT",
+                                   connect_args={"options": "-c lock_timeout=60s"})
     with eng.connect() as conn:
         conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
     try:

@@ -68,6 +68,7 @@ SETTLE_BOUND = MIGRATION_TIMEOUT + 10 * RECONCILE_INTERVAL
 # caller's abort got lost) is aborted this long after the kill + a pass
 WORKER_LEASE_TTL = 10
 CALL_BOUND = 90.0  # a caller retries a commit/abort without an answer this long
+CALLERS_BOUND = 420.0  # every caller has returned by then (~60-130 s here)
 KINDS = (("live", 40), ("cold", 15), ("abort", 12), ("switch-abort", 8),
          ("begin-race", 10), ("commit-race", 10), ("commit-abort-race", 5))
 FINAL = {s.value for s in p.TERMINAL}
@@ -393,7 +394,9 @@ class Chaos:
         self.c, self.load = c, load
         self.done: list[str] = []
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, name="chaos")
+        # a daemon: a test failed by pytest-timeout must not keep the run
+        # alive with it (the test's finally stops it)
+        self.thread = threading.Thread(target=self._loop, name="chaos", daemon=True)
         self.error: BaseException | None = None
 
     def _loop(self) -> None:
@@ -451,17 +454,24 @@ def test_concurrent_runs_with_kills_converge(cluster: Cluster) -> None:
     load = Load(c, list(nv), seed=int.from_bytes(os.urandom(4), "big"))
     chaos = Chaos(c, load)
     errors: list[BaseException] = []
-    callers = [threading.Thread(target=_caller, args=(load, errors), name="caller-%d" % i)
+    callers = [threading.Thread(target=_caller, args=(load, errors), name="caller-%d" % i,
+                                daemon=True)
                for i in range(CALLERS)]
     t0 = time.monotonic()
-    chaos.thread.start()
-    for thread in callers:
-        thread.start()
-    for thread in callers:
-        thread.join(timeout=600)
-    wall = time.monotonic() - t0
-    chaos.stop.set()
-    chaos.thread.join(timeout=120)
+    try:
+        chaos.thread.start()
+        for thread in callers:
+            thread.start()
+        # one budget for all, inside pytest-timeout's 600 s with the setup
+        deadline = t0 + CALLERS_BOUND
+        for thread in callers:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        wall = time.monotonic() - t0
+    finally:
+        # chaos restarting a daemon after build() stopped it would leave
+        # that daemon running past the test
+        chaos.stop.set()
+        chaos.thread.join(timeout=120)
     assert not any(t.is_alive() for t in callers), "a caller never returned"
     assert not errors, errors
     assert chaos.error is None, chaos.error
