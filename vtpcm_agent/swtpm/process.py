@@ -452,10 +452,17 @@ def _launch(cmd: list[str], fds: tuple[int, int], paths: SwtpmPaths, deadline: f
         _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.01))
     except subprocess.TimeoutExpired:
         proc.kill()
-        proc.communicate()
         pid = _read_pid(paths)
         if pid is not None and _is_our_swtpm(pid, paths):
             os.kill(pid, signal.SIGKILL)
+        # bounded: a forked swtpm still holding stderr would keep an
+        # unbounded communicate() (and this RPC worker) waiting for its end
+        try:
+            proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            if proc.stderr is not None:
+                proc.stderr.close()
+            proc.wait(timeout=5)
         _remove_runtime_files(paths)
         raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
                                    reason="swtpm did not become ready in time") from None
