@@ -18,6 +18,7 @@ import dataclasses
 import os
 import shutil
 import signal
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -186,15 +187,28 @@ def permanent(state: dict[str, bytes]) -> dict[str, bytes]:
     return {k: v for k, v in state.items() if k != "pcr16"}
 
 
+FROZEN_AT_MOST = 300.0  # inside pytest-timeout's 600 s
+
+
 @contextlib.contextmanager
 def frozen(pid: int) -> Iterator[None]:
     """The process stopped (SIGSTOP) until the block ends (SIGCONT, also on
     failure; a process killed meanwhile is gone and that is fine): holds a
     step on the agent's side, e.g. ``begin`` between the seal and the
-    prepare."""
+    prepare. A timer resumes it after ``FROZEN_AT_MOST`` s in any case: a
+    block stuck in a TPM call that the frozen agent holds up (a C call
+    pytest-timeout cannot interrupt) would otherwise never reach the
+    finally."""
+    def resume() -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+    watchdog = threading.Timer(FROZEN_AT_MOST, resume)
+    watchdog.daemon = True
     os.kill(pid, signal.SIGSTOP)
+    watchdog.start()
     try:
         yield
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGCONT)
+        watchdog.cancel()
+        resume()

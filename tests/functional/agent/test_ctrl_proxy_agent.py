@@ -32,6 +32,7 @@ from tests.functional.agent.test_state_digest import (
     WAIT,
     Host,
     _simulate_crash,
+    _tear_down,
     _wait_captured,
 )
 from tests.functional.agent.test_state_digest import _stop_all as state_digest_stop_all
@@ -92,10 +93,7 @@ def hosts(short_dir: Path, tmp_path: Path,
                              _manager(short_dir / "d", "dst", tpm)))
             yield made[0], made[1]
         finally:
-            for host in made:
-                _simulate_crash(host)
-                _stop_all(host.manager)
-                host.manager.associations.close()
+            _tear_down(made, _stop_all)
 
 
 def _paths(host: Host, instance: str) -> process.SwtpmPaths:
