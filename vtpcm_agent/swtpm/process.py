@@ -29,6 +29,7 @@ QEMU needs no data socket: it passes its own through SET_DATAFD.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -451,19 +452,7 @@ def _launch(cmd: list[str], fds: tuple[int, int], paths: SwtpmPaths, deadline: f
     try:
         _, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.01))
     except subprocess.TimeoutExpired:
-        proc.kill()
-        pid = _read_pid(paths)
-        if pid is not None and _is_our_swtpm(pid, paths):
-            os.kill(pid, signal.SIGKILL)
-        # bounded: a forked swtpm still holding stderr would keep an
-        # unbounded communicate() (and this RPC worker) waiting for its end
-        try:
-            proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            if proc.stderr is not None:
-                proc.stderr.close()
-            proc.wait(timeout=5)
-        _remove_runtime_files(paths)
+        _give_up(proc, paths)
         raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
                                    reason="swtpm did not become ready in time") from None
     if proc.returncode != 0:
@@ -472,6 +461,43 @@ def _launch(cmd: list[str], fds: tuple[int, int], paths: SwtpmPaths, deadline: f
         raise exception.SwtpmError(vtpcm_id=paths.state_dir.name,
                                    reason="swtpm exited with %d: %s"
                                    % (proc.returncode, detail[-600:]))
+
+
+def _give_up(proc: subprocess.Popen[bytes], paths: SwtpmPaths) -> None:
+    """A launcher past its deadline, and every swtpm it forked, gone within
+    ~10 s, with what they wrote.
+
+    Its daemon may not have written its pid file yet (swtpm writes it late),
+    and holds stderr: so the daemon is found by what it runs (this state dir
+    and control socket), once now and once after the launcher's end, and
+    the launcher's own end is waited for within a bound (an unbounded
+    communicate() kept the RPC worker for as long as the daemon lived)."""
+    with contextlib.suppress(ProcessLookupError):
+        # the launcher's group (start_new_session): a child not yet setsid'd;
+        # the pid is not reused while the launcher is not waited for
+        os.killpg(proc.pid, signal.SIGKILL)
+    _kill_ours(paths)
+    try:
+        proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        if proc.stderr is not None:
+            proc.stderr.close()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            LOG.warning("swtpm launcher pid %(pid)d for %(dir)s did not end after SIGKILL",
+                        {"pid": proc.pid, "dir": str(paths.state_dir)})
+    _kill_ours(paths)
+    _remove_runtime_files(paths)
+
+
+def _kill_ours(paths: SwtpmPaths) -> None:
+    """SIGKILL every process that runs swtpm on ``paths`` (pidfd-pinned)."""
+    for name in os.listdir("/proc"):
+        if name.isdigit() and _is_our_swtpm(int(name), paths):
+            LOG.warning("swtpm pid %(pid)s for %(dir)s missed its start's deadline; killed",
+                        {"pid": name, "dir": str(paths.state_dir)})
+            _signal(int(name), paths, signal.SIGKILL)
 
 
 def _wait_config(paths: SwtpmPaths, deadline: float) -> None:
