@@ -8,7 +8,8 @@ stopped answering never comes back to Python) keeps a finished pytest run
 alive with its summary printed and nothing after it: CI saw a timeout and
 no cause (stop 22). At the very end this waits a little for such threads,
 then prints each one's name and stack to stderr and exits with the run's
-own status at once. Registered by tests/conftest.py.
+own status at once. Registered by tests/conftest.py when
+``VTPCM_THREADGUARD=1`` (tools/run-tests.sh sets it).
 """
 
 from __future__ import annotations
@@ -35,10 +36,20 @@ def _busy_futurist_workers() -> list[threading.Thread]:
     return [w for w in workers if w.is_alive() and not getattr(w, "idle", True)]
 
 
+def _idle_executor_worker(thread: threading.Thread) -> bool:
+    """A concurrent.futures worker waiting for work: exit ends it at once."""
+    frame = sys._current_frames().get(thread.ident or -1)  # noqa: SLF001
+    return (frame is not None and frame.f_code.co_name == "_worker"
+            and frame.f_code.co_filename.endswith(os.path.join("concurrent", "futures",
+                                                               "thread.py")))
+
+
 def _blocking() -> list[threading.Thread]:
     """Threads the interpreter's exit would wait for."""
     mine = threading.current_thread()
-    alive = [t for t in threading.enumerate() if t is not mine and not t.daemon and t.is_alive()]
+    alive = [t for t in threading.enumerate()
+             if t is not mine and not t.daemon and t.is_alive()
+             and not _idle_executor_worker(t)]
     return alive + [w for w in _busy_futurist_workers() if w not in alive]
 
 
