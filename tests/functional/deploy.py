@@ -195,20 +195,29 @@ def frozen(pid: int) -> Iterator[None]:
     """The process stopped (SIGSTOP) until the block ends (SIGCONT, also on
     failure; a process killed meanwhile is gone and that is fine): holds a
     step on the agent's side, e.g. ``begin`` between the seal and the
-    prepare. A timer resumes it after ``FROZEN_AT_MOST`` s in any case: a
-    block stuck in a TPM call that the frozen agent holds up (a C call
-    pytest-timeout cannot interrupt) would otherwise never reach the
-    finally."""
+    prepare. A timer resumes it after ``FROZEN_AT_MOST`` s in any case (a
+    block stuck in a TPM call that the frozen agent holds up, a C call
+    pytest-timeout cannot interrupt, would otherwise never reach the
+    finally), and the block then fails: it ran against a live agent."""
+    fired = threading.Event()
+
     def resume() -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
 
-    watchdog = threading.Timer(FROZEN_AT_MOST, resume)
+    def thaw() -> None:
+        fired.set()
+        resume()
+
+    watchdog = threading.Timer(FROZEN_AT_MOST, thaw)
     watchdog.daemon = True
-    os.kill(pid, signal.SIGSTOP)
-    watchdog.start()
+    watchdog.start()  # before the stop: a timer that cannot start stops nothing
     try:
+        os.kill(pid, signal.SIGSTOP)
         yield
     finally:
         watchdog.cancel()
         resume()
+    if fired.is_set():
+        raise AssertionError("pid %d was resumed after %ss, inside the frozen block"
+                             % (pid, FROZEN_AT_MOST))

@@ -209,13 +209,20 @@ def key_only_swtpm(state_dir: Path, at_rest_key: bytes, base: Path,
         try:
             # no output to inherit: the daemonized swtpm would hold the test
             # run's stdout (a CI group's pipe) for as long as it lives
-            subprocess.run(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True,
-                           timeout=10)
+            # (swtpm's own words are in its log file)
+            done = subprocess.run(argv, pass_fds=(read_fd,), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                  timeout=10, check=False)
+            if done.returncode != 0:
+                raise RuntimeError("swtpm exited with %d: %s" % (
+                    done.returncode, paths.log_file.read_text(errors="replace")[-600:]
+                    if paths.log_file.exists() else "no log"))
         finally:
             os.close(read_fd)
-            if paths.pid_file.exists():  # also when the launcher failed after the fork
-                pid = int(paths.pid_file.read_text())
+            # also when the launcher failed after the fork; a half-written
+            # file must not hide the launcher's own error
+            text = paths.pid_file.read_text().strip() if paths.pid_file.exists() else ""
+            pid = int(text) if text.isdigit() else None
         if pid is None:
             raise RuntimeError("swtpm wrote no pid file %s" % paths.pid_file)
         yield paths

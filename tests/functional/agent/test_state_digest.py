@@ -71,14 +71,21 @@ def _manager(root: Path, name: str, host_tpm: HostTPM | None,
 
 
 def _stop_all(manager: instances.InstanceManager) -> None:
+    """Every vTPCM's swtpm stopped, also after one whose stop failed (the
+    first error raised after)."""
+    errors: list[BaseException] = []
     for record in manager.list_vtpcms():
         paths = manager.paths(record.instance_uuid, record.vtpcm_id)
         pid = process.find_running(paths) or record.pid
         if pid is not None:
             try:
                 process.stop(pid, paths, timeout=6.0)
+            except BaseException as err:  # noqa: BLE001 - raised after the others
+                errors.append(err)
             finally:
                 _kill_hard(pid, paths)
+    if errors:
+        raise errors[0]
 
 
 def _simulate_crash(host: Host) -> None:
@@ -101,7 +108,7 @@ def _tear_down(made: list[Host],
                      host.manager.associations.close):
             try:
                 step()
-            except Exception as err:  # noqa: BLE001 - raised after the others ran
+            except BaseException as err:  # noqa: BLE001 - raised after the others ran
                 errors.append(err)
     if errors:
         raise errors[0]
