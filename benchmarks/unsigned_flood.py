@@ -1,9 +1,11 @@
 """Migrations while a broker client floods the unsigned endpoints (issue 9 point 3).
 
 One engine daemon, two agent daemons with swtpm host TPMs, RabbitMQ. Host
-A's Nova driver (its host command key) begins a migration of a vTPCM to B
-and aborts it (engine: begin re-attests B; agents: seal at A, ECDH_ZGen and
-prepare_incoming at B, abort on both): the operation measured. Arms,
+A's or B's Nova driver (its host command key) migrates a vTPCM to the
+other host, whole (engine: begin re-attests the destination, transfer_state
+moves the state, commit; agents: seal, ECDH_ZGen and prepare_incoming,
+export, import, commit on both and the source's shred), one way then back:
+the operation measured. Arms,
 interleaved round by round (order rotated): ``quiet`` and ``flood``, the
 latter while ``vtpcm_lab.flood`` throws ``--rate`` calls per second at each
 unsigned endpoint (register_agent casts for random names and for silent
@@ -11,13 +13,14 @@ agents' names, get_identity, quote, activate_credential to both agents,
 attest to the engine) from a client with broker credentials only.
 
 Writes ``unsigned-flood.json``: calls thrown per second and their outcomes,
-operations completed per arm and their latency. Measures; asserts nothing
+migrations completed per arm and their latency. Measures; asserts nothing
 (tests/functional/engine/test_unsigned_flood.py is the test).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
@@ -43,14 +46,32 @@ from vtpcm_lab.hosttpm import HostTPMStandIn  # noqa: E402
 ENGINE_RPC_TIMEOUT = 30
 
 
-def _round(api: EngineAPI, instance: str, a: str, b: str) -> float:
+def _migrate(at_source: EngineAPI, instance: str, source: str, dest: str) -> float:
+    """One whole cold migration of the vTPCM, signed by the source; ms."""
     started = time.perf_counter()
     mid = str(uuid.uuid4())
-    api.begin(mid, instance, a, b)
-    state = api.abort(mid, "benchmark").state
-    if state != "ABORTED":
+    at_source.begin(mid, instance, source, dest)
+    try:
+        transferred = at_source.transfer_state(mid).state
+        if transferred != "TRANSFERRED":
+            raise RuntimeError("migration %s: transfer ended %s" % (mid, transferred))
+    except Exception:
+        # before the commit point: abort, so the next round starts clean
+        with contextlib.suppress(Exception):
+            at_source.abort(mid, "benchmark: transfer failed")
+        raise
+    state = at_source.commit(mid).state
+    if state != "COMMITTED":
         raise RuntimeError("migration %s ended %s" % (mid, state))
     return (time.perf_counter() - started) * 1000
+
+
+def _holder(operator: EngineAPI, instance: str, last: str) -> str:
+    """Where the vTPCM is after a failed migration (the engine's record)."""
+    try:
+        return operator.get_vtpcm(instance).host
+    except Exception:  # noqa: BLE001 - the next round's begin will say
+        return last
 
 
 def main() -> int:
@@ -109,11 +130,21 @@ def main() -> int:
         for name in names:
             operator.assign_policy(name, "bench")
             operator.attest(name)
-        at_a = EngineAPI(conf, operator.transport, timeout=120,
-                         host_signer=authn.load_host_key(keys[0]))
+        at = {name: EngineAPI(conf, operator.transport, timeout=120,
+                              host_signer=authn.load_host_key(key))
+              for name, key in zip(names, keys, strict=True)}
         instance = str(uuid.uuid4())
-        at_a.create_vtpcm(instance, a)
-        _round(at_a, instance, a, b)  # warm-up
+        at[a].create_vtpcm(instance, a)
+        where = a
+
+        def migrate() -> float:
+            nonlocal where
+            dest = b if where == a else a
+            ms = _migrate(at[where], instance, where, dest)
+            where = dest
+            return ms
+
+        migrate()  # warm-up
         with SilentAgents(rogue_conf, 4) as silent:
             for r in range(args.rounds):
                 order = ("quiet", "flood") if r % 2 == 0 else ("flood", "quiet")
@@ -126,9 +157,10 @@ def main() -> int:
                     try:
                         for _ in range(args.ops):
                             try:
-                                latency[arm].append(_round(at_a, instance, a, b))
+                                latency[arm].append(migrate())
                             except Exception as err:  # noqa: BLE001 - counted, reported
                                 failures["%s %s" % (arm, type(err).__name__)] += 1
+                                where = _holder(operator, instance, where)
                     finally:
                         if flood is not None:
                             flood.stop()
@@ -137,7 +169,7 @@ def main() -> int:
                             flood_seconds += flood.stopped - flood.started
                     benchlib.progress("round %d %s: %d ops" % (r, arm, len(latency[arm])))
         enrolled = sorted(h.name for h in operator.list_hosts().hosts)
-        at_a.destroy_vtpcm(instance)
+        at[where].destroy_vtpcm(instance)
         operator.transport.cleanup()
         agents.transport.cleanup()
     finally:
@@ -162,7 +194,9 @@ def main() -> int:
                    # before 2026-12-02 (results of earlier dates: one)
                    "workers_per_kind": DEFAULT_WORKERS,
                    "engine_rpc_timeout_s": ENGINE_RPC_TIMEOUT, "silent_agents": 4,
-                   "operation": "begin + abort, A -> B, signed by A's host key"},
+                   # "begin + abort, A -> B" before 2026-12-03
+                   "operation": "begin + transfer_state + commit (a whole cold "
+                                "migration), A -> B then B -> A, signed by the source"},
         "flood": {
             "seconds": round(flood_seconds, 1),
             "calls_per_second": {k: round(sum(r.get(k, 0.0) for r in rates) / len(rates), 1)
