@@ -184,10 +184,15 @@ def _proc_state(pid: int) -> str | None:
     return fields[0] if fields else None
 
 
+CMDLINE_MAX = 64 * 1024  # swtpm's own argv is under 2 KiB
+
+
 def _cmdline(pid: int) -> list[str]:
+    """pid's argv, read up to CMDLINE_MAX: any local user's process may
+    carry megabytes of arguments, and reading them costs the reader."""
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as fh:
-            raw = fh.read()
+            raw = fh.read(CMDLINE_MAX)
     except (FileNotFoundError, ProcessLookupError):
         return []
     return [os.fsdecode(arg) for arg in raw.split(b"\0") if arg]
@@ -199,12 +204,13 @@ def _is_our_swtpm(pid: int, paths: SwtpmPaths) -> bool:
     state = _proc_state(pid)
     if state is None or state in ("Z", "X"):
         return False
-    argv = _cmdline(pid)
-    if not argv or os.path.basename(argv[0]) != "swtpm" or "socket" not in argv:
-        return False
     uids = uidprocs.uids_of(pid)
     if uids is None or set(uids) != {owner(paths)}:
         return False  # not the swtpm of this state dir's owner (a planted pid)
+    # the argv last, and bounded: only the owner's processes get that far
+    argv = _cmdline(pid)
+    if not argv or os.path.basename(argv[0]) != "swtpm" or "socket" not in argv:
+        return False
     want_state = "dir=%s," % paths.state_dir
     want_ctrl = "path=%s," % paths.ctrl_socket
     return (any(arg.startswith(want_state) for arg in argv)
@@ -476,19 +482,23 @@ def _give_up(proc: subprocess.Popen[bytes], paths: SwtpmPaths) -> None:
         # the launcher's group (start_new_session): a child not yet setsid'd;
         # the pid is not reused while the launcher is not waited for
         os.killpg(proc.pid, signal.SIGKILL)
-    _kill_ours(paths)
     try:
-        proc.communicate(timeout=5)
-    except subprocess.TimeoutExpired:
-        if proc.stderr is not None:
-            proc.stderr.close()
+        _kill_ours(paths)
         try:
-            proc.wait(timeout=5)
+            proc.communicate(timeout=5)
         except subprocess.TimeoutExpired:
-            LOG.warning("swtpm launcher pid %(pid)d for %(dir)s did not end after SIGKILL",
-                        {"pid": proc.pid, "dir": str(paths.state_dir)})
-    _kill_ours(paths)
-    _remove_runtime_files(paths)
+            if proc.stderr is not None:
+                proc.stderr.close()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                LOG.warning("swtpm launcher pid %(pid)d for %(dir)s did not end after "
+                            "SIGKILL", {"pid": proc.pid, "dir": str(paths.state_dir)})
+        _kill_ours(paths)
+        _remove_runtime_files(paths)
+    except OSError as exc:  # the caller gets the timeout, not this
+        LOG.warning("swtpm start for %(dir)s: cleanup after its timeout failed: %(err)s",
+                    {"dir": str(paths.state_dir), "err": exc.strerror or type(exc).__name__})
 
 
 def _kill_ours(paths: SwtpmPaths) -> None:
