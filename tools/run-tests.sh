@@ -17,7 +17,22 @@ for arg in "$@"; do  # a path would run in every group at once, outside its own
             "group would run it at once; run pytest on a path yourself" >&2
         exit 2
     fi
+    case $arg in --basetemp*)  # each group has its own, and its watchdog finds it by it
+        echo "run-tests.sh: --basetemp is set per group; leave it out" >&2
+        exit 2 ;;
+    esac
 done
+# Every pytest run of the groups ends by this many seconds after they start,
+# whatever hangs (a test that pytest-timeout's signal cannot interrupt, an
+# interpreter that never exits): SIGINT first, which tears the fixtures
+# down and names the test it stopped in, SIGKILL two minutes later. With
+# the installs before (~5 min) and the smokes after (~5 min) the whole run
+# stays inside CI's 90 minutes even then.
+GROUP_BOUND=${VTPCM_GROUP_BOUND:-3300}
+if ! [[ $GROUP_BOUND =~ ^[1-9][0-9]*$ ]]; then
+    echo "run-tests.sh: VTPCM_GROUP_BOUND must be a number of seconds, not '$GROUP_BOUND'" >&2
+    exit 2
+fi
 tools/install-deps.sh
 # the real-Nova lab's services (tests/e2e_nova): Nova 34, placement, glance
 tools/install-nova-services.sh
@@ -57,18 +72,6 @@ RUN_DIR=$(mktemp -d /tmp/vt-run.XXXXXX)  # short: tests make unix sockets below 
 # a peer that stopped answering)
 PYTEST_ARGS=(-m pytest -p no:cacheprovider -q --timeout=600 -o faulthandler_timeout=620
              --durations=15)
-# Every pytest run of the groups ends by this many seconds after they start,
-# whatever hangs (a test that pytest-timeout's signal cannot interrupt, an
-# interpreter that never exits): SIGINT first, which tears the fixtures
-# down and names the test it stopped in, SIGKILL two minutes later. With
-# the installs before (~5 min) and the smokes after (~5 min) the whole run
-# stays inside CI's 90 minutes even then.
-GROUP_BOUND=${VTPCM_GROUP_BOUND:-3300}
-if ! [[ $GROUP_BOUND =~ ^[1-9][0-9]*$ ]]; then
-    echo "run-tests.sh: VTPCM_GROUP_BOUND must be a number of seconds, not '$GROUP_BOUND'" >&2
-    exit 2
-fi
-
 bounded() {  # COMMAND... (a pytest run with --basetemp=DIR): run it, stopped at the groups' deadline
     local left=$((DEADLINE - SECONDS)) arg mark=""
     if [ "$left" -le 0 ]; then
@@ -174,20 +177,20 @@ group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN
         done
         [ "$rc" != 0 ] || rc=1
     fi
-    # bounded too: a holder this script cannot see or kill (another uid's
-    # /proc, a process in D state) must not keep the run waiting
+    # one that survives SIGKILL (D state) must not keep the run waiting
+    # either; sed itself may take its time (a slow reader of this output)
     local waited=0
-    while kill -0 "$reader" 2>/dev/null && [ "$waited" -lt 150 ]; do  # 30 s
+    while [ -n "$(holders "$out" "$reader")" ] && [ "$waited" -lt 150 ]; do  # 30 s
         sleep 0.2
         waited=$((waited + 1))
     done
-    if kill -0 "$reader" 2>/dev/null; then
+    if [ -n "$(holders "$out" "$reader")" ]; then
         echo "[$name] run-tests.sh: the group's output is still held open after its" \
             "tests; not waiting for it" >&2
         kill -KILL "$reader" 2>/dev/null
         [ "$rc" != 0 ] || rc=1
     fi
-    wait "$reader" 2>/dev/null
+    wait "$reader"
     echo "$rc" >"$RUN_DIR/$name.rc"
 }
 
@@ -212,6 +215,7 @@ done
 wait "${pids[@]}" || true  # each group's status is in its .rc file (an INT ends this wait)
 wait "${pids[@]}" 2>/dev/null || true
 trap - INT
+unset VTPCM_THREADGUARD  # not in the smokes: mutmut runs pytest inside itself
 failed=()
 empty=0
 for name in "${GROUPS_RUN[@]}"; do
