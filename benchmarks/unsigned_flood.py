@@ -50,13 +50,14 @@ def _migrate(at_source: EngineAPI, instance: str, source: str, dest: str) -> flo
     """One whole cold migration of the vTPCM, signed by the source; ms."""
     started = time.perf_counter()
     mid = str(uuid.uuid4())
-    at_source.begin(mid, instance, source, dest)
     try:
+        at_source.begin(mid, instance, source, dest)
         transferred = at_source.transfer_state(mid).state
         if transferred != "TRANSFERRED":
             raise RuntimeError("migration %s: transfer ended %s" % (mid, transferred))
     except Exception:
-        # before the commit point: abort, so the next round starts clean
+        # before the commit point (a begin that timed out may have taken
+        # effect): abort, so the next round starts clean
         with contextlib.suppress(Exception):
             at_source.abort(mid, "benchmark: transfer failed")
         raise
@@ -169,7 +170,7 @@ def main() -> int:
                             flood_seconds += flood.stopped - flood.started
                     benchlib.progress("round %d %s: %d ops" % (r, arm, len(latency[arm])))
         enrolled = sorted(h.name for h in operator.list_hosts().hosts)
-        at[where].destroy_vtpcm(instance)
+        at[_holder(operator, instance, where)].destroy_vtpcm(instance)
         operator.transport.cleanup()
         agents.transport.cleanup()
     finally:

@@ -37,7 +37,10 @@ def _busy_futurist_workers() -> list[threading.Thread]:
 
 
 def _idle_executor_worker(thread: threading.Thread) -> bool:
-    """A concurrent.futures worker waiting for work: exit ends it at once."""
+    """A concurrent.futures worker waiting for work: exit ends it at once.
+
+    A sample of its innermost frame: a worker stuck in a C initializer, or
+    given blocking work right after the sample, passes for idle."""
     frame = sys._current_frames().get(thread.ident or -1)  # noqa: SLF001
     return (frame is not None and frame.f_code.co_name == "_worker"
             and frame.f_code.co_filename.endswith(os.path.join("concurrent", "futures",
