@@ -38,6 +38,7 @@ import stat
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from oslo_log import log as logging
@@ -482,23 +483,31 @@ def _give_up(proc: subprocess.Popen[bytes], paths: SwtpmPaths) -> None:
         # the launcher's group (start_new_session): a child not yet setsid'd;
         # the pid is not reused while the launcher is not waited for
         os.killpg(proc.pid, signal.SIGKILL)
+    # each step on its own: one that fails (EMFILE, a directory where a
+    # runtime file should be) must not skip the others; the caller gets
+    # the timeout, not these
+    _cleanup_step(paths, "sweep", lambda: _kill_ours(paths))
     try:
-        _kill_ours(paths)
+        proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:
+        if proc.stderr is not None:
+            proc.stderr.close()
         try:
-            proc.communicate(timeout=5)
+            proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            if proc.stderr is not None:
-                proc.stderr.close()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                LOG.warning("swtpm launcher pid %(pid)d for %(dir)s did not end after "
-                            "SIGKILL", {"pid": proc.pid, "dir": str(paths.state_dir)})
-        _kill_ours(paths)
-        _remove_runtime_files(paths)
-    except OSError as exc:  # the caller gets the timeout, not this
-        LOG.warning("swtpm start for %(dir)s: cleanup after its timeout failed: %(err)s",
-                    {"dir": str(paths.state_dir), "err": exc.strerror or type(exc).__name__})
+            LOG.warning("swtpm launcher pid %(pid)d for %(dir)s did not end after "
+                        "SIGKILL", {"pid": proc.pid, "dir": str(paths.state_dir)})
+    _cleanup_step(paths, "second sweep", lambda: _kill_ours(paths))
+    _cleanup_step(paths, "runtime files", lambda: _remove_runtime_files(paths))
+
+
+def _cleanup_step(paths: SwtpmPaths, what: str, step: Callable[[], None]) -> None:
+    try:
+        step()
+    except OSError as exc:
+        LOG.warning("swtpm start for %(dir)s: %(what)s after its timeout failed: %(err)s",
+                    {"dir": str(paths.state_dir), "what": what,
+                     "err": exc.strerror or type(exc).__name__})
 
 
 def _kill_ours(paths: SwtpmPaths) -> None:
@@ -538,8 +547,8 @@ def _exiting(pid: int, paths: SwtpmPaths) -> bool:
     line is already gone (its memory was released), its uids are still the
     swtpm's. Waited for, so that nothing of the uid is left after stop()."""
     state = _proc_state(pid)
-    return (state is not None and state not in ("Z", "X") and not _cmdline(pid)
-            and uidprocs.uids_of(pid) == (owner(paths),) * 4)
+    return (state is not None and state not in ("Z", "X")
+            and uidprocs.uids_of(pid) == (owner(paths),) * 4 and not _cmdline(pid))
 
 
 def _wait_gone(pid: int, paths: SwtpmPaths, timeout: float) -> bool:

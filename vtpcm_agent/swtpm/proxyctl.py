@@ -163,7 +163,9 @@ def find_with_record(record: Path) -> tuple[int, dict[str, object]] | None:
 def _is_proxy(pid: int, record: Path) -> bool:
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as handle:
-            argv = handle.read().split(b"\0")
+            # bounded: the pid comes from a record the swtpm uid can write,
+            # and any local process may carry megabytes of arguments
+            argv = handle.read(process.CMDLINE_MAX).split(b"\0")
     except OSError:
         return False
     # the shape the agent gives it: "-c", the boot code naming the module,

@@ -92,3 +92,24 @@ def test_a_daemon_that_writes_its_pid_file_late_is_killed_with_its_launcher(
                 os.kill(int(holder.read_text()), signal.SIGKILL)
             except (ProcessLookupError, ValueError):
                 pass
+
+
+def test_a_failing_cleanup_step_skips_no_other_and_the_timeout_is_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    paths = process.SwtpmPaths(state, tmp_path / "ctrl", tmp_path / "swtpm.pid",
+                               tmp_path / "swtpm.log", None)
+    paths.pid_file.write_text("12345")  # a runtime file the cleanup must remove
+    sweeps: list[int] = []
+
+    def failing_sweep(_paths: process.SwtpmPaths) -> None:
+        sweeps.append(1)
+        raise OSError(24, "Too many open files")
+
+    monkeypatch.setattr(process, "_kill_ours", failing_sweep)
+    with pytest.raises(exception.SwtpmError) as err:
+        process._launch(["sleep", "30"], (), paths, time.monotonic() + 0.5)
+    assert "did not become ready in time" in str(err.value)
+    assert len(sweeps) == 2  # both sweeps tried
+    assert not paths.pid_file.exists()

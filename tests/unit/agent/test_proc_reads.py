@@ -4,6 +4,8 @@ that block the reader), so only the state dir owner's processes have their
 argv read, and then only up to a bound (review of the launch-timeout
 sweep, MEDIUM 1)."""
 
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,14 +23,16 @@ def big_argv_process() -> Iterator[int]:
     # 300 kB in all, 100 kB an argument (the kernel's limit is 128 kB);
     # ("; :" keeps the shell itself, with its argv, from exec'ing sleep)
     proc = subprocess.Popen(["/bin/sh", "-c", "sleep 60; :", *["x" * 100_000] * 3],
-                            user=NOBODY, group=NOBODY, extra_groups=[])
+                            user=NOBODY, group=NOBODY, extra_groups=[],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     try:
         deadline = time.monotonic() + 10
         while not process._cmdline(proc.pid) and time.monotonic() < deadline:
             time.sleep(0.02)  # its argv appears only after the exec
         yield proc.pid
     finally:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)  # the shell and its sleep
         proc.wait(timeout=10)
 
 
