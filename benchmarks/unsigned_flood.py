@@ -59,7 +59,8 @@ def _migrate(at_source: EngineAPI, instance: str, source: str, dest: str) -> flo
         # before the commit point (a begin that timed out may have taken
         # effect): abort, so the next round starts clean
         with contextlib.suppress(Exception):
-            at_source.abort(mid, "benchmark: transfer failed")
+            at_source.abort(mid, "benchmark: begin or transfer failed",
+                            instance_uuid=instance)  # tombstoned if never recorded
         raise
     state = at_source.commit(mid).state
     if state != "COMMITTED":

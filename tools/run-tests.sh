@@ -146,7 +146,9 @@ rest_group() {
 }
 
 holders() {  # FIFO EXCEPT_PID: the pids of processes holding FIFO open, but EXCEPT_PID
-    find /proc/[0-9]*/fd -lname "$1" 2>/dev/null | cut -d/ -f3 | sort -u | grep -vx "$2"
+    # every thread's fds: a process whose main thread ended shows none in /proc/PID/fd
+    find /proc/[0-9]*/task/[0-9]*/fd -lname "$1" 2>/dev/null | cut -d/ -f3 | sort -u |
+        grep -vx "$2"
 }
 
 group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN_DIR/NAME.rc
@@ -190,7 +192,7 @@ group() {  # NAME FUNCTION ARGS...: its lines prefixed [NAME], its status in RUN
         kill -KILL "$reader" 2>/dev/null
         [ "$rc" != 0 ] || rc=1
     fi
-    wait "$reader"
+    wait "$reader" 2>/dev/null
     echo "$rc" >"$RUN_DIR/$name.rc"
 }
 

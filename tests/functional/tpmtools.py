@@ -230,7 +230,8 @@ def key_only_swtpm(state_dir: Path, at_rest_key: bytes, base: Path,
         if pid is not None:
             process.stop(pid, paths)
         else:  # a launcher that failed or timed out may have left its daemon
-            process._kill_ours(paths)
+            with contextlib.suppress(OSError):  # the original error stands
+                process._kill_ours(paths)
         shutil.rmtree(copy, ignore_errors=True)
 
 
