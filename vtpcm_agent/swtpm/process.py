@@ -487,18 +487,26 @@ def _give_up(proc: subprocess.Popen[bytes], paths: SwtpmPaths) -> None:
     # runtime file should be) must not skip the others; the caller gets
     # the timeout, not these
     _cleanup_step(paths, "sweep", lambda: _kill_ours(paths))
+    end_killed(proc, "swtpm launcher for %s" % paths.state_dir)
+    _cleanup_step(paths, "second sweep", lambda: _kill_ours(paths))
+    _cleanup_step(paths, "runtime files", lambda: _remove_runtime_files(paths))
+
+
+def end_killed(proc: subprocess.Popen[bytes] | subprocess.Popen[str], what: str) -> None:
+    """The end of a process just SIGKILLed, waited for within ~10 s: a child
+    that left its session may hold its output pipe for as long as it lives,
+    so after 5 s the pipes are closed and only the process is waited for."""
     try:
         proc.communicate(timeout=5)
     except subprocess.TimeoutExpired:
-        if proc.stderr is not None:
-            proc.stderr.close()
+        for pipe in (proc.stdout, proc.stderr):
+            if pipe is not None:
+                pipe.close()
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
-            LOG.warning("swtpm launcher pid %(pid)d for %(dir)s did not end after "
-                        "SIGKILL", {"pid": proc.pid, "dir": str(paths.state_dir)})
-    _cleanup_step(paths, "second sweep", lambda: _kill_ours(paths))
-    _cleanup_step(paths, "runtime files", lambda: _remove_runtime_files(paths))
+            LOG.warning("%(what)s (pid %(pid)d) did not end after SIGKILL",
+                        {"what": what, "pid": proc.pid})
 
 
 def _cleanup_step(paths: SwtpmPaths, what: str, step: Callable[[], None]) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from oslo_log import log as logging
 
-from vtpcm_agent.swtpm import ctrl, localca
+from vtpcm_agent.swtpm import ctrl, localca, process
 from vtpcm_agent.swtpm.keypipe import key_pipe
 from vtpcm_common import exception
 
@@ -128,17 +128,7 @@ def _run_setup(cmd: list[str], key_fd: int, key: bytes, vtpcm_id: str, timeout: 
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-        try:
-            # bounded: a child that left the session would hold the pipe
-            proc.communicate(timeout=5)
-        except subprocess.TimeoutExpired:
-            if proc.stdout is not None:
-                proc.stdout.close()
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                LOG.warning("swtpm_setup pid %(pid)d for vTPCM %(id)s did not end after "
-                            "SIGKILL", {"pid": proc.pid, "id": vtpcm_id})
+        process.end_killed(proc, "swtpm_setup for vTPCM %s" % vtpcm_id)
         raise exception.SwtpmError(vtpcm_id=vtpcm_id,
                                    reason="swtpm_setup timed out after %.0fs" % timeout) from None
     if proc.returncode != 0:

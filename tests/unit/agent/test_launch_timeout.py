@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vtpcm_agent.swtpm import process
+from vtpcm_agent.swtpm import process, provision
 from vtpcm_common import exception
 
 
@@ -113,3 +113,24 @@ def test_a_failing_cleanup_step_skips_no_other_and_the_timeout_is_raised(
     assert "did not become ready in time" in str(err.value)
     assert len(sweeps) == 2  # both sweeps tried
     assert not paths.pid_file.exists()
+
+
+def test_a_swtpm_setup_timeout_does_not_wait_for_a_child_that_left_its_session(
+        tmp_path: Path) -> None:
+    holder = tmp_path / "holder.pid"
+    # its child leaves the session (killpg misses it) and keeps the output pipe
+    cmd = ["sh", "-c", 'setsid sleep 60 & echo $! > "$0"; sleep 60', str(holder)]
+    fd = os.open(os.devnull, os.O_RDONLY)
+    started = time.monotonic()
+    try:
+        with pytest.raises(exception.SwtpmError) as err:
+            provision._run_setup(cmd, fd, b"k" * 32, "vtpcm-x", 1.0)
+        assert "swtpm_setup timed out" in str(err.value)
+        assert time.monotonic() - started < 30  # not the child's 60 s
+    finally:
+        os.close(fd)
+        if holder.exists():
+            try:
+                os.kill(int(holder.read_text()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
