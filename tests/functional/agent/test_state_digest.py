@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,22 +70,32 @@ def _manager(root: Path, name: str, host_tpm: HostTPM | None,
     return instances.InstanceManager(settings, assoc, keys, host_tpm)
 
 
-def _stop_all(manager: instances.InstanceManager) -> None:
-    """Every vTPCM's swtpm stopped, also after one whose stop failed (the
-    first error raised after)."""
+def _every(steps: Iterable[Callable[[], object]]) -> None:
+    """Run every step, also after one that failed, then raise the first
+    error (teardown: an error that ended the loop left swtpms running)."""
     errors: list[BaseException] = []
-    for record in manager.list_vtpcms():
-        paths = manager.paths(record.instance_uuid, record.vtpcm_id)
-        pid = process.find_running(paths) or record.pid
-        if pid is not None:
-            try:
-                process.stop(pid, paths, timeout=6.0)
-            except BaseException as err:  # noqa: BLE001 - raised after the others
-                errors.append(err)
-            finally:
-                _kill_hard(pid, paths)
+    for step in steps:
+        try:
+            step()
+        except BaseException as err:  # noqa: BLE001 - raised after the others ran
+            errors.append(err)
     if errors:
         raise errors[0]
+
+
+def _stop_one(manager: instances.InstanceManager, record: association.Association) -> None:
+    paths = manager.paths(record.instance_uuid, record.vtpcm_id)
+    pid = process.find_running(paths) or record.pid
+    if pid is not None:
+        try:
+            process.stop(pid, paths, timeout=6.0)
+        finally:
+            _kill_hard(pid, paths)
+
+
+def _stop_all(manager: instances.InstanceManager) -> None:
+    """Every vTPCM's swtpm stopped, also after one whose stop failed."""
+    _every(lambda r=record: _stop_one(manager, r) for record in manager.list_vtpcms())
 
 
 def _simulate_crash(host: Host) -> None:
@@ -99,19 +109,12 @@ def _simulate_crash(host: Host) -> None:
 def _tear_down(made: list[Host],
                stop_all: Callable[[instances.InstanceManager], None] | None = None) -> None:
     """Every host's swtpms stopped and its list closed, even when a step
-    fails for one (raised after: an assert that ended the loop left the
-    other host's setsid'd swtpms running past the run)."""
-    errors: list[BaseException] = []
-    for host in made:
-        for step in (lambda h=host: _simulate_crash(h),
-                     lambda h=host: (stop_all or _stop_all)(h.manager),
-                     host.manager.associations.close):
-            try:
-                step()
-            except BaseException as err:  # noqa: BLE001 - raised after the others ran
-                errors.append(err)
-    if errors:
-        raise errors[0]
+    fails for one (an assert that ended the loop left the other host's
+    setsid'd swtpms running past the run)."""
+    _every(step for host in made
+           for step in (lambda h=host: _simulate_crash(h),
+                        lambda h=host: (stop_all or _stop_all)(h.manager),
+                        host.manager.associations.close))
 
 
 def _restart(host: Host) -> dict[str, list[str]]:
